@@ -1,0 +1,144 @@
+"""The root commands, plugin isolation, devices, errors and a fast --help."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tubcli.testing import check_plugin, invoke
+
+
+def test_broken_plugin_is_listed_and_others_work(toy_plugins, tmp_path):
+    result = invoke(["plugins", "--json"])
+    assert result.exit_code == 0
+    rows = {r["name"]: r for r in json.loads(result.stdout)}
+    assert "nonexistent_dependency" in rows["broken"]["error"]
+    assert rows["toy"]["error"] is None and {"train", "evaluate", "explain"} <= set(rows["toy"]["verbs"])
+    result = invoke(["broken", "anything"])
+    assert result.exit_code == 1 and "failed to load" in result.stderr
+    data = tmp_path / "d.csv"
+    data.write_text("1,0,2\n0,1,3\n")
+    result = invoke(["toy", "train", str(data), "--epochs", "1", "-o", tmp_path / "r"])
+    assert result.exit_code == 0, result.output
+
+
+def test_strict_plugins_makes_load_failures_fatal(toy_env, tmp_path):
+    code = ("import sys; from importlib.metadata import EntryPoint\n"
+            "from tubcli.plugins import Plugins, reset_plugins\n"
+            "p = Plugins(use_entry_points=False)\n"
+            "p.load_entry_point(EntryPoint(name='broken', value='tub_broken.plugin', group='tub'))\n"
+            "reset_plugins(p)\nfrom tubcli.cli import main\nmain(['plugins'])\n")
+    ok = subprocess.run([sys.executable, "-c", code], env=toy_env, capture_output=True, text=True)
+    assert ok.returncode == 0 and "broken" in ok.stdout
+    strict = subprocess.run([sys.executable, "-c", code], env={**toy_env, "TUB_STRICT_PLUGINS": "1"},
+                            capture_output=True, text=True)
+    assert strict.returncode == 1 and "broken" in strict.stderr
+
+
+def test_doctor_reports_requirements(toy_plugins):
+    result = invoke(["doctor", "--json"])
+    report = json.loads(result.stdout)
+    toy = next(p for p in report["plugins"] if p["name"] == "toy")
+    assert toy["requires"]["numpy"]["found"] is True
+    missing = toy["optional"]["nonexistent_optional_pkg"]
+    assert missing["found"] is False and "pip install" in missing["hint"]
+    assert report["torch"]["version"]
+    assert "library" in report["openslide"] or "error" in report["openslide"]
+    assert result.exit_code == 1  # the broken plugin makes the environment not ok
+
+
+def test_absent_device_is_a_clear_error(toy_plugins, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    data = tmp_path / "d.csv"
+    data.write_text("1,0,2\n")
+    result = invoke(["toy", "train", str(data), "--device", "cuda", "-o", tmp_path / "r"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: --device cuda: CUDA is not available here; use --device cpu or auto"
+    result = invoke(["toy", "train", str(data), "--device", "tpu", "-o", tmp_path / "r2"])
+    assert result.exit_code == 2 and "unknown device" in result.stderr
+
+
+def test_missing_input_is_one_line_exit_2(toy_plugins, tmp_path):
+    result = invoke(["toy", "train", str(tmp_path / "nope.csv"), "-o", tmp_path / "r"])
+    assert result.exit_code == 2 and "does not exist" in result.stderr
+    assert "Traceback" not in result.output and not (tmp_path / "r" / "DONE").exists()
+
+
+def test_unexpected_exception_is_one_line_unless_traceback(toy_plugins, tmp_path):
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"not safetensors")
+    result = invoke(["toy", "explain", str(weights), "-o", tmp_path / "r"])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_results_on_stdout_logs_on_stderr(toy_plugins, tmp_path):
+    data = tmp_path / "d.csv"
+    data.write_text("1,0,2\n0,1,3\n")
+    result = invoke(["toy", "train", str(data), "--epochs", "3", "--json", "-o", tmp_path / "r"])
+    assert result.exit_code == 0
+    metrics = json.loads(result.stdout)
+    assert metrics["epochs"] == 3
+    run = tmp_path / "r"
+    for name in ("config.yaml", "env.json", "metrics.json", "metrics.jsonl", "tub.log", "DONE",
+                 "checkpoints/last.pt", "checkpoints/model.safetensors", "checkpoints/model.json"):
+        assert (run / name).exists(), name
+    assert json.loads((run / "metrics.json").read_text()) == metrics
+    assert json.loads((run / "env.json").read_text())["argv"]
+
+
+def test_default_run_directory_layout(toy_plugins, tmp_path):
+    data = tmp_path / "d.csv"
+    data.write_text("1,0,2\n")
+    assert invoke(["toy", "train", str(data), "--epochs", "1"]).exit_code == 0
+    runs = list((tmp_path / "runs" / "toy" / "train").iterdir())
+    assert len(runs) == 1 and len(runs[0].name.split("_")[-1]) == 8 and (runs[0] / "DONE").exists()
+
+
+def test_demo_runs_into_one_directory(toy_plugins, tmp_path):
+    result = invoke(["demo", "toy", "-o", tmp_path / "demo", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert rows[0]["plugin"] == "toy" and rows[0]["status"] == "ok" and rows[0]["figures"]["loss"] < 1.0
+    assert (tmp_path / "demo" / "toy" / "DONE").exists()
+    assert invoke(["demo", "nope"]).exit_code == 2
+
+
+def test_patch_encoders_hook(toy_plugins):
+    import torch
+
+    from tubcli.plugins import get_patch_encoder, patch_encoders
+
+    assert "toy-mean" in patch_encoders()
+    encoder = get_patch_encoder("toy-mean").load(None, "cpu", torch.float32)
+    assert encoder(torch.ones(2, 3, 8, 8)).shape == (2, 3)
+    from tubcli.errors import TubError
+
+    with pytest.raises(TubError, match="toy-mean"):
+        get_patch_encoder("atlas-nonexistent")
+
+
+def test_check_plugin_on_toy(toy_plugins):
+    check_plugin("toy", subprocess_checks=False)
+
+
+def test_help_imports_no_torch():
+    code = ("import sys\nfrom tubcli.cli import main\n"
+            "for argv in (['--help'], ['plugins']):\n"
+            "    try:\n        main(argv)\n    except SystemExit as e:\n        assert e.code in (0, None)\n"
+            "assert 'torch' not in sys.modules\nassert 'numpy' not in sys.modules\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "TUB_NO_PROGRESS": "1"})
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_installed_plugins_load():
+    """Every plugin installed in this environment loads (CI also runs with TUB_STRICT_PLUGINS=1)."""
+    from tubcli.plugins import Plugins
+
+    errors = {r.name: r.error for r in Plugins().records.values() if r.error}
+    assert not errors

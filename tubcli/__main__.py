@@ -1,0 +1,3 @@
+from tubcli.cli import main
+
+main()

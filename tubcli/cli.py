@@ -1,0 +1,230 @@
+"""The ``tub`` command: the root Typer app, ``plugins``, ``doctor``, ``config`` and ``demo``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from tubcli.errors import TubError
+from tubcli.plugins import get_plugins
+
+app = typer.Typer(
+    name="tub",
+    help="tub: research methods from TU Berlin / BIFOLD as everyday tools. `tub <plugin> <verb> --help` for details.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _fail(exc: TubError) -> None:
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(exc.exit_code)
+
+
+@app.command("plugins")
+def plugins_command(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """List installed plugins, their verbs and any load error."""
+    rows = []
+    for record in get_plugins().records.values():
+        verbs = [v.name for v in record.app.verbs] if record.app else []
+        rows.append({"name": record.name, "distribution": record.distribution, "version": record.version,
+                     "verbs": verbs, "error": record.error})
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    if not rows:
+        typer.echo("no plugins installed (pip install -e plugins/tub-<name>)")
+    for row in rows:
+        status = f"ERROR {row['error']}" if row["error"] else " ".join(row["verbs"])
+        typer.echo(f"{row['name']:<12} {row['distribution'] or '-':<16} {row['version'] or '-':<8} {status}")
+
+
+def _module_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def doctor_report() -> dict:
+    """Versions, each plugin's requirements (found or missing with the hint), torch and OpenSlide."""
+    report: dict = {"python": platform.python_version(), "platform": platform.platform(), "tub": _module_version("tub"),
+                    "plugins": [], "ok": True}
+    for record in get_plugins().records.values():
+        entry = {"name": record.name, "version": record.version, "error": record.error, "requires": {}, "optional": {}}
+        if record.error:
+            report["ok"] = False
+        if record.app is not None:
+            for kind in ("requires", "optional"):
+                for module, hint in getattr(record.app, kind).items():
+                    found = importlib.util.find_spec(module) is not None
+                    entry[kind][module] = {"found": found, "hint": None if found else hint}
+                    if kind == "requires" and not found:
+                        report["ok"] = False
+        report["plugins"].append(entry)
+    try:
+        import torch
+
+        report["torch"] = {"version": torch.__version__, "cuda": torch.cuda.is_available(),
+                           "cuda_devices": torch.cuda.device_count(), "cuda_version": torch.version.cuda,
+                           "mps": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())}
+    except ImportError:
+        report["torch"] = None
+        report["ok"] = False
+    try:
+        import openslide
+
+        report["openslide"] = {"python": openslide.__version__, "library": openslide.__library_version__}
+    except Exception as exc:  # noqa: BLE001 - any failure means "not usable"
+        report["openslide"] = {"error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
+    return report
+
+
+@app.command("doctor")
+def doctor_command(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """Check versions, plugin requirements, torch/CUDA/MPS and the OpenSlide library."""
+    report = doctor_report()
+    if as_json:
+        typer.echo(json.dumps(report))
+    else:
+        typer.echo(f"python      {report['python']}  ({report['platform']})")
+        typer.echo(f"tub         {report['tub']}")
+        torch_info = report["torch"]
+        if torch_info:
+            typer.echo(f"torch       {torch_info['version']}  cuda={torch_info['cuda']} ({torch_info['cuda_devices']} devices)"
+                       f"  mps={torch_info['mps']}")
+        else:
+            typer.echo("torch       not installed (pip install torch==2.13.0, or your CUDA build)")
+        slide = report["openslide"]
+        typer.echo(f"openslide   {slide.get('library') or 'not usable: ' + slide.get('error', '')}")
+        for entry in report["plugins"]:
+            head = f"plugin {entry['name']:<10} {entry['version'] or '-'}"
+            typer.echo(head + (f"  LOAD ERROR: {entry['error']}" if entry["error"] else ""))
+            for kind in ("requires", "optional"):
+                for module, state in entry[kind].items():
+                    mark = "ok" if state["found"] else f"missing ({state['hint']})"
+                    typer.echo(f"  {kind[:-1] if kind == 'requires' else 'optional'} {module:<18} {mark}")
+    raise typer.Exit(0 if report["ok"] else 1)
+
+
+@app.command("config")
+def config_command(
+    plugin: str = typer.Argument(..., help="Plugin name."),
+    verb: str = typer.Argument(..., help="Verb name."),
+    config: Optional[Path] = typer.Option(None, "-c", "--config", help="Config file to validate."),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help="key.sub=value overrides."),
+    schema: bool = typer.Option(False, "--schema", help="Print the JSON schema instead."),
+):
+    """Print a verb's fully resolved config (defaults < file < TUB_* env < --set) and validate it."""
+    from tubcli.config import config_yaml, resolve_config
+
+    try:
+        plugin_app = get_app(plugin)
+        model = plugin_app.config_model(plugin_app.verb(verb))
+        if schema:
+            typer.echo(json.dumps(model.model_json_schema(), indent=2))
+            return
+        cfg = resolve_config(model, plugin_app.name, config, sets)
+    except TubError as exc:
+        _fail(exc)
+    sys.stdout.write(config_yaml(cfg))
+
+
+def get_app(name: str):
+    plugins = get_plugins()
+    record = plugins.records.get(name)
+    if record is None or (record.app is None and record.error is None):
+        known = ", ".join(sorted(plugins.apps)) or "none"
+        raise TubError(f"no plugin named {name!r}; installed: {known}")
+    if record.error:
+        raise TubError(f"plugin {name!r} failed to load: {record.error}", exit_code=1)
+    return record.app
+
+
+@app.command("demo")
+def demo_command(
+    plugin_names: Optional[list[str]] = typer.Argument(None, metavar="[PLUGIN]...", help="Plugins to demo [default: all]."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Run directory [default: runs/demo/<time>]."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:i] | mps"),
+    as_json: bool = typer.Option(False, "--json", help="Summary as JSON."),
+    traceback: bool = typer.Option(False, "--traceback", help="Show the full stack on errors."),
+):
+    """Run each plugin's quick-start pipeline on small generated data into one run directory."""
+    import datetime as _dt
+
+    from tubcli.config import TubConfig
+    from tubcli.runs import Run
+    from tubcli.verbs import report_error, resolve_ref
+
+    plugins = get_plugins()
+    try:
+        names = plugin_names or sorted(n for n, r in plugins.records.items() if r.app is not None and r.app.demo)
+        apps = [get_app(n) for n in names]
+        for plugin_app in apps:
+            if not plugin_app.demo:
+                raise TubError(f"plugin {plugin_app.name!r} declares no demo")
+    except TubError as exc:
+        _fail(exc)
+    root = out or Path("runs") / "demo" / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    summary = []
+    for plugin_app in apps:
+        start = time.perf_counter()
+        row = {"plugin": plugin_app.name, "status": "ok", "seconds": 0.0, "figures": {}, "dir": str(root / plugin_app.name)}
+        try:
+            run = Run(plugin_app.name, "demo", TubConfig(device=device), out=root / plugin_app.name,
+                      plugin_version=plugin_app.version)
+            figures = resolve_ref(plugin_app.demo, plugin_app.hints)(run) or {}
+            run.finish(figures)
+            row["figures"] = figures
+        except Exception as exc:  # one failing demo must not hide the others
+            report_error(exc, traceback)
+            row["status"] = f"failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        row["seconds"] = round(time.perf_counter() - start, 1)
+        summary.append(row)
+    if as_json:
+        typer.echo(json.dumps(summary, default=float))
+    else:
+        from tubcli.verbs import flatten, format_value
+
+        typer.echo(f"\ntub demo: {root}")
+        typer.echo(f"{'plugin':<12} {'status':<8} {'seconds':>8}  figures")
+        for row in summary:
+            figures = ", ".join(f"{k}={format_value(v)}" for k, v in flatten(row["figures"]) if not isinstance(v, (list, dict)))
+            typer.echo(f"{row['plugin']:<12} {row['status'][:60]:<8} {row['seconds']:>8}  {figures}")
+    raise typer.Exit(0 if all(r["status"] == "ok" for r in summary) else 1)
+
+
+def build_app():
+    """The root click group: core commands plus one lazily built group per plugin."""
+    from tubcli.verbs import BrokenPlugin
+
+    group = typer.main.get_group(app)
+    for name, record in get_plugins().records.items():
+        if record.app is not None:
+            group.add_command(record.app.click_group(), name)
+        elif record.error:
+            group.add_command(BrokenPlugin(name, record.error), name)
+    return group
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        get_plugins().check_strict()
+    except TubError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    build_app()(args=argv, prog_name="tub")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Configs: pydantic models with ``extra="forbid"`` and one precedence rule (DESIGN §4).
+
+Precedence: command-line flags and ``--set`` > ``TUB_*`` environment variables > config file >
+defaults. Only values the user actually gave are merged, so a default never overrides the file.
+Environment variables: ``TUB_DEVICE``, ``TUB_PRECISION``, ``TUB_SEED`` for the common fields and
+``TUB_<PLUGIN>_<FIELD>`` for a plugin's own (``__`` separates nested fields).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tubcli.errors import TubError
+
+Precision = Literal["fp32", "fp64", "bf16", "fp16"]
+COMMON_FIELDS = ("device", "precision", "seed")
+
+
+class Section(BaseModel):
+    """A block of a config; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class TubConfig(Section):
+    """Fields every verb config has."""
+
+    device: str = Field("auto", description="auto | cpu | cuda[:i] | mps")
+    precision: Precision = Field("fp32", description="compute dtype where it applies")
+    seed: int = Field(0, description="one seed for everything")
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """Read a YAML, TOML or JSON config file into a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise TubError(f"config file {path} does not exist; pass an existing YAML or TOML file to -c")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:
+        raise TubError(f"cannot parse config file {path}: {str(exc).splitlines()[0]}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TubError(f"config file {path} must hold a mapping of keys to values")
+    return data
+
+
+def field_model(model: type[BaseModel], name: str) -> type[BaseModel] | None:
+    """The nested model class of field ``name`` if it is one, else None."""
+    info = model.model_fields.get(name)
+    ann = getattr(info, "annotation", None)
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in getattr(ann, "__args__", ()) or ():  # Optional[Model]
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def check_keys(model: type[BaseModel], data: dict, source: str, prefix: str = "") -> None:
+    """Raise a TubError naming the first key of ``data`` that ``model`` does not know."""
+    for key, value in data.items():
+        if key not in model.model_fields:
+            known = ", ".join(sorted(model.model_fields))
+            raise TubError(f"unknown config key {prefix + key!r} in {source}; known keys here: {known}")
+        sub = field_model(model, key)
+        if sub is not None and isinstance(value, dict):
+            check_keys(sub, value, source, prefix + key + ".")
+
+
+def set_path(data: dict, dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise TubError(f"cannot set {dotted!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set``/environment value: YAML scalars and lists (``3``, ``true``, ``[1, 2]``)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except Exception:
+        return text
+
+
+def env_values(model: type[BaseModel], plugin: str, environ=None) -> dict:
+    """Values from ``TUB_*`` variables that name fields of ``model``."""
+    environ = os.environ if environ is None else environ
+    out: dict = {}
+    for name in COMMON_FIELDS:
+        key = f"TUB_{name.upper()}"
+        if key in environ and name in model.model_fields:
+            out[name] = parse_value(environ[key])
+    prefix = f"TUB_{plugin.upper()}_"
+    for key, text in environ.items():
+        if not key.startswith(prefix):
+            continue
+        path = [p.lower() for p in key[len(prefix):].split("__")]
+        node = model
+        for part in path[:-1]:
+            node = field_model(node, part) if node is not None and part in node.model_fields else None
+        if node is None or path[-1] not in node.model_fields:
+            continue  # belongs to another verb of the same plugin
+        set_path(out, ".".join(path), parse_value(text))
+    return out
+
+
+def parse_sets(sets: list[str] | None) -> dict:
+    out: dict = {}
+    for item in sets or []:
+        if "=" not in item:
+            raise TubError(f"--set expects key=value, got {item!r}")
+        key, _, text = item.partition("=")
+        set_path(out, key.strip(), parse_value(text))
+    return out
+
+
+def resolve_config(
+    model: type[BaseModel],
+    plugin: str,
+    file: str | os.PathLike | None = None,
+    sets: list[str] | None = None,
+    flags: dict | None = None,
+    environ=None,
+) -> BaseModel:
+    """Merge defaults < file < environment < ``--set`` < flags and validate."""
+    layers: list[tuple[str, dict]] = []
+    if file is not None:
+        data = read_config_file(file)
+        check_keys(model, data, str(file))
+        layers.append((str(file), data))
+    layers.append(("the environment", env_values(model, plugin, environ)))
+    set_data = parse_sets(sets)
+    check_keys(model, set_data, "--set")
+    layers.append(("--set", set_data))
+    flag_data: dict = {}
+    for dotted, value in (flags or {}).items():
+        set_path(flag_data, dotted, value)
+    layers.append(("command-line flags", flag_data))
+    merged: dict = {}
+    for _, data in layers:
+        merged = deep_merge(merged, data)
+    try:
+        return model.model_validate(merged)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        source = next((name for name, data in reversed(layers) if _has_path(data, err["loc"])), "defaults")
+        raise TubError(f"invalid config value for {loc!r} (from {source}): {err['msg']}") from None
+
+
+def _has_path(data: dict, loc) -> bool:
+    node: Any = data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            return False
+    return True
+
+
+def config_hash(cfg: BaseModel) -> str:
+    """Eight hex digits that identify a resolved config (run directory names)."""
+    text = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def config_yaml(cfg: BaseModel) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,149 @@
+"""Device, precision, seeding and distributed init (DESIGN §6). torch is imported lazily."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from dataclasses import dataclass
+
+from tubcli.errors import TubError
+
+DTYPES = {"fp32": "float32", "fp64": "float64", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def resolve_device(spec: str = "auto"):
+    """``auto`` picks cuda, then mps, then cpu; an explicit device that is absent is an error."""
+    import torch
+
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise TubError(f"--device {spec}: CUDA is not available here; use --device cpu or auto")
+        index = int(spec.split(":", 1)[1]) if ":" in spec else 0
+        if index >= torch.cuda.device_count():
+            raise TubError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s); pick one of them")
+        return torch.device("cuda", index)
+    if spec == "mps":
+        if not _mps_available():
+            raise TubError("--device mps: Apple MPS is not available here; use --device cpu or auto")
+        return torch.device("mps")
+    raise TubError(f"unknown device {spec!r}; use auto, cpu, cuda, cuda:N or mps")
+
+
+def _mps_available() -> bool:
+    import torch
+
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend and backend.is_available())
+
+
+def resolve_dtype(precision: str = "fp32"):
+    import torch
+
+    if precision not in DTYPES:
+        raise TubError(f"unknown precision {precision!r}; use one of {', '.join(DTYPES)}")
+    return getattr(torch, DTYPES[precision])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all of them, so a run repeats)."""
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        torch.manual_seed(seed)
+    except ImportError:
+        pass
+
+
+def item_seed(seed: int, item_id: str) -> int:
+    """A per-item seed derived from (seed, item id): the same on every shard and rerun."""
+    digest = hashlib.sha256(f"{seed}:{item_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands in a torchrun launch (world_size 1 otherwise)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def dist_info(environ=None) -> DistInfo:
+    env = os.environ if environ is None else environ
+    return DistInfo(
+        rank=int(env.get("RANK", 0)),
+        world_size=int(env.get("WORLD_SIZE", 1)),
+        local_rank=int(env.get("LOCAL_RANK", 0)),
+    )
+
+
+def init_distributed(device) -> DistInfo:
+    """Initialise the process group when launched by torchrun (gloo on CPU, nccl on CUDA)."""
+    info = dist_info()
+    if not info.enabled:
+        return info
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if getattr(device, "type", "cpu") == "cuda" else "gloo"
+        if backend == "nccl":
+            import torch
+
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend)
+    return info
+
+
+def wrap_ddp(model, device):
+    """Wrap ``model`` in DistributedDataParallel when running distributed; else return it."""
+    info = dist_info()
+    if not info.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if getattr(device, "type", "cpu") == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def distributed_sampler(dataset, shuffle: bool = True, seed: int = 0):
+    """A DistributedSampler that shards ``dataset`` over ranks, or None when not distributed."""
+    info = dist_info()
+    if not info.enabled:
+        return None
+    from torch.utils.data import DistributedSampler
+
+    return DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=shuffle, seed=seed)
+
+
+def barrier() -> None:
+    if dist_info().enabled:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()

@@ -1,0 +1,34 @@
+"""One error type for everything a user can fix (DESIGN §7)."""
+
+from __future__ import annotations
+
+
+class TubError(Exception):
+    """A one-line message that says what was wrong and what to do.
+
+    ``exit_code`` is 2 for bad usage or input (the default) and 1 for a run that failed.
+    """
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ItemFailures(TubError):
+    """Raised at the end of a batch verb when some items failed; the others were processed."""
+
+    def __init__(self, failed: int, total: int, path):
+        super().__init__(f"{failed} of {total} items failed; see {path}", exit_code=1)
+        self.failed = failed
+        self.total = total
+
+
+def one_line(exc: BaseException) -> str:
+    """Render any exception as a single line (pydantic errors included)."""
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(exc).__name__}: {first}" if not isinstance(exc, TubError) else first

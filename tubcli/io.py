@@ -1,0 +1,128 @@
+"""Atomic file writing and the few formats the core speaks (JSON, YAML, safetensors)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from tubcli.errors import TubError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; move it into place only if the block succeeds.
+
+    The temporary name keeps the final suffix (``.h5``, ``.png``) so writers that look at it work.
+    A killed process leaves only a ``.tmp-*`` file, never a complete-looking output.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = path.suffix if suffix is None else suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.stem}-", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        if tmp_path.is_dir():
+            if path.exists():
+                import shutil
+
+                shutil.rmtree(path)
+        os.replace(tmp_path, path)
+    except BaseException:
+        if tmp_path.is_dir():
+            import shutil
+
+            shutil.rmtree(tmp_path, ignore_errors=True)
+        else:
+            tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    return write_text(path, json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise TubError(f"{path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise TubError(f"{path} is not valid JSON: {exc}") from None
+
+
+def write_yaml(path: str | os.PathLike, data: Any) -> Path:
+    import yaml
+
+    return write_text(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def _json_default(obj):
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot write {type(obj).__name__} as JSON")
+
+
+def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> Path:
+    """Save tensors (contiguous, on CPU) with string metadata, atomically."""
+    from safetensors.torch import save_file
+
+    clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    with atomic_path(path) as tmp:
+        save_file(clean, str(tmp), metadata=meta)
+    return Path(path)
+
+
+def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict, dict]:
+    """Return ``(tensors, metadata)`` from a safetensors file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise TubError(f"weights file {path} does not exist; pass the path of a .safetensors file")
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise TubError(f"{path} is not a readable safetensors file: {str(exc).splitlines()[0]}") from None
+    return tensors, meta
+
+
+def load_torch_state(path: str | os.PathLike) -> Any:
+    """``torch.load(weights_only=True)``: plain dicts of tensors and numbers, never a pickled object."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise TubError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise TubError(
+            f"{path} cannot be loaded safely (weights_only): {str(exc).splitlines()[0]}; "
+            "re-save it as a plain state dict or safetensors"
+        ) from None

@@ -1,0 +1,80 @@
+"""Logging and progress: rich bars on a terminal, plain periodic lines in batch jobs (SLURM logs)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
+LOGGER_NAME = "tub"
+
+
+def setup_logging(verbosity: int = 0, logfile=None) -> logging.Logger:
+    """Configure the ``tub`` logger: stderr (WARNING with -q, INFO, DEBUG with -v) and ``tub.log``."""
+    log = logging.getLogger(LOGGER_NAME)
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    log.setLevel(logging.DEBUG)
+    log.propagate = False
+    level = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setLevel(level)
+    stream.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    log.addHandler(stream)
+    if logfile is not None:
+        fileh = logging.FileHandler(logfile)
+        fileh.setLevel(logging.DEBUG)
+        fileh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(fileh)
+    return log
+
+
+def get_logger() -> logging.Logger:
+    return logging.getLogger(LOGGER_NAME)
+
+
+def use_bars() -> bool:
+    """Bars only on an interactive terminal and when not quiet."""
+    if os.environ.get("TUB_NO_PROGRESS"):
+        return False
+    return sys.stderr.isatty() and get_logger().handlers[:1] != [] and _stream_level() <= logging.INFO
+
+
+def _stream_level() -> int:
+    for handler in get_logger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            return handler.level
+    return logging.INFO
+
+
+def track(iterable: Iterable[T], total: int | None = None, desc: str = "", every: float | None = None) -> Iterator[T]:
+    """Iterate with progress: a rich bar on a terminal, else a log line every ``every`` seconds."""
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)  # type: ignore[arg-type]
+    if use_bars():
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, transient=True) as bar:
+            task = bar.add_task(desc or "working", total=total)
+            for item in iterable:
+                yield item
+                bar.advance(task)
+        return
+    every = float(os.environ.get("TUB_LOG_EVERY", 30)) if every is None else every
+    log = get_logger()
+    start = last = time.monotonic()
+    done = 0
+    for item in iterable:
+        yield item
+        done += 1
+        now = time.monotonic()
+        if now - last >= every:
+            last = now
+            of = f"/{total}" if total else ""
+            rate = done / max(now - start, 1e-9)
+            log.info("%s %d%s (%.2f/s)", desc or "progress", done, of, rate)

@@ -1,0 +1,389 @@
+"""Run directories, sharding, per-item locks, failures and checkpoints (DESIGN §5).
+
+A run directory holds ``config.yaml``, ``env.json``, ``metrics.json(l)``, ``checkpoints/``,
+``outputs/``, ``tub.log`` and, written last, ``DONE``. Every file goes through
+:func:`tubcli.io.atomic_path`, so a killed run never leaves a complete-looking output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from tubcli import device as _device
+from tubcli.errors import ItemFailures, TubError
+from tubcli.io import atomic_path, write_json, write_text
+from tubcli.progress import get_logger, setup_logging, track
+
+DONE = "DONE"
+
+
+# --------------------------------------------------------------------------- sharding
+def parse_shard(text: str | None, environ=None) -> tuple[int, int]:
+    """``"i/n"`` (0-based i) or, when absent, SLURM array variables; ``(0, 1)`` otherwise."""
+    env = os.environ if environ is None else environ
+    if text:
+        try:
+            i_text, n_text = text.split("/")
+            i, n = int(i_text), int(n_text)
+        except ValueError:
+            raise TubError(f"--shard expects i/n with integers, e.g. 0/4; got {text!r}") from None
+    elif "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        i = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+        n = int(env["SLURM_ARRAY_TASK_COUNT"])
+    else:
+        return 0, 1
+    if n < 1 or not 0 <= i < n:
+        raise TubError(f"shard {i}/{n} is out of range; use i/n with 0 <= i < n")
+    return i, n
+
+
+def shard_items(items: Iterable, index: int, count: int, key: Callable = str) -> list:
+    """Sort ``items`` and take every ``count``-th from ``index``: shards partition the list exactly."""
+    ordered = sorted(dict.fromkeys(items), key=key)
+    return ordered[index::count]
+
+
+# --------------------------------------------------------------------------- locks
+class ItemLock:
+    """An ``O_CREAT|O_EXCL`` lock file beside an output: two jobs never process one item.
+
+    A lock left by a dead process on this host is stale and is taken over.
+    """
+
+    def __init__(self, output: str | os.PathLike):
+        self.path = Path(str(output) + ".lock")
+        self.held = False
+
+    def acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if self._stale():
+                    self.path.unlink(missing_ok=True)
+                    continue
+                return False
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{socket.gethostname()} {os.getpid()}\n")
+            self.held = True
+            return True
+        return False
+
+    def _stale(self) -> bool:
+        try:
+            host, pid = self.path.read_text().split()
+        except (OSError, ValueError):
+            return False
+        if host != socket.gethostname():
+            return False
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+# --------------------------------------------------------------------------- run directory
+def default_runs_root() -> Path:
+    return Path(os.environ.get("TUB_RUNS_DIR", "runs"))
+
+
+def find_resumable(parent: Path, chash: str) -> Path | None:
+    """The newest run under ``parent`` with this config hash and a ``checkpoints/last.pt``."""
+    if not parent.is_dir():
+        return None
+    candidates = [d for d in parent.iterdir() if d.name.endswith(chash) and (d / "checkpoints" / "last.pt").is_file()]
+    return max(candidates, key=lambda d: d.name) if candidates else None
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=2)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment_record(plugin_version: str = "") -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def ver(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    record = {
+        "argv": sys.argv,
+        "python": sys.version.split()[0],
+        "tub": ver("tub"),
+        "plugin": plugin_version,
+        "torch": ver("torch"),
+        "host": socket.gethostname(),
+        "git_commit": git_commit(),
+        "time": _dt.datetime.now().isoformat(timespec="seconds"),
+        "slurm": {k: v for k, v in os.environ.items() if k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")},
+    }
+    if "torch" in sys.modules:
+        import torch
+
+        record["cuda"] = torch.version.cuda if torch.cuda.is_available() else None
+    return record
+
+
+class Run:
+    """Everything a verb needs besides its config: directory, device, seeds, logging, batch, checkpoints."""
+
+    def __init__(
+        self,
+        plugin: str,
+        verb: str,
+        cfg,
+        out: str | os.PathLike | None = None,
+        resume: str | None = None,
+        shard: str | None = None,
+        overwrite: bool = False,
+        verbosity: int = 0,
+        plugin_version: str = "",
+    ):
+        from tubcli.config import config_hash
+
+        self.plugin, self.verb, self.cfg = plugin, verb, cfg
+        self.overwrite = overwrite
+        self.seed = int(getattr(cfg, "seed", 0))
+        self.shard = parse_shard(shard)
+        self.failures: list[dict] = []
+        self.batch_stats: dict = {}
+        self._device = None
+        self._dist = _device.dist_info()
+        chash = config_hash(cfg)
+        parent = default_runs_root() / plugin / verb
+        self.resume_from: Path | None = None
+        if getattr(cfg, "device", "auto") not in ("auto", None) or self._dist.enabled:
+            self.device  # an explicit device that is absent fails here, before any work
+        if self._dist.enabled:
+            _device.init_distributed(self.device)
+        run_dir = Path(out) if out else None
+        if resume:
+            self.resume_from, found_dir = self._resolve_resume(resume, run_dir, parent, chash)
+            run_dir = run_dir or found_dir
+        if run_dir is None:
+            if self.shard[1] > 1:
+                job = os.environ.get("SLURM_ARRAY_JOB_ID", "shards")
+                run_dir = parent / f"{job}_{chash}"
+            else:
+                stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+                run_dir = parent / f"{stamp}_{chash}"
+                run_dir = self._broadcast(run_dir)
+        self.dir = Path(run_dir)
+        self.outputs_dir = self.dir / "outputs"
+        self.checkpoints_dir = self.dir / "checkpoints"
+        if self.is_main:
+            self.outputs_dir.mkdir(parents=True, exist_ok=True)
+            self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / DONE).unlink(missing_ok=True)  # a reused directory is incomplete again
+        self.log = setup_logging(verbosity if self.is_main else -1, self.dir / "tub.log" if self.is_main else None)
+        _device.seed_everything(self.seed)
+        if self.is_main:
+            from tubcli.config import config_yaml
+
+            write_text(self.dir / "config.yaml", config_yaml(cfg))
+            write_json(self.dir / "env.json", environment_record(plugin_version))
+        self.log.debug("run directory %s", self.dir)
+
+    # ---- distributed
+    @property
+    def rank(self) -> int:
+        return self._dist.rank
+
+    @property
+    def world_size(self) -> int:
+        return self._dist.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self._dist.is_main
+
+    def _broadcast(self, value):
+        if not self._dist.enabled:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def ddp(self, model):
+        return _device.wrap_ddp(model, self.device)
+
+    def sampler(self, dataset, shuffle: bool = True):
+        return _device.distributed_sampler(dataset, shuffle=shuffle, seed=self.seed)
+
+    def barrier(self) -> None:
+        _device.barrier()
+
+    # ---- device
+    @property
+    def device(self):
+        if self._device is None:
+            self._device = _device.resolve_device(getattr(self.cfg, "device", "auto"))
+        return self._device
+
+    @property
+    def dtype(self):
+        return _device.resolve_dtype(getattr(self.cfg, "precision", "fp32"))
+
+    def item_seed(self, item_id) -> int:
+        return _device.item_seed(self.seed, str(item_id))
+
+    # ---- progress and metrics
+    def progress(self, iterable, total: int | None = None, desc: str = ""):
+        if not self.is_main:
+            return iter(iterable)
+        return track(iterable, total=total, desc=desc)
+
+    def write_metrics(self, metrics: dict) -> None:
+        if self.is_main:
+            write_json(self.dir / "metrics.json", metrics)
+
+    def log_metrics(self, row: dict) -> None:
+        if not self.is_main:
+            return
+        with open(self.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row, default=float) + "\n")
+
+    # ---- batch verbs
+    def batch(self, items: Iterable, output_for: Callable, key: Callable = str) -> Iterator[tuple]:
+        """Sorted, sharded, skip-existing, locked iteration over ``items``; yields ``(item, output)``.
+
+        Wrap the body in ``with run.item(item):`` so that one bad item is recorded in
+        ``failures.jsonl`` and the others go on.
+        """
+        index, count = self.shard
+        all_items = list(items)
+        mine = shard_items(all_items, index, count, key=key)
+        stats = {"items": len(dict.fromkeys(all_items)), "shard": f"{index}/{count}", "in_shard": len(mine),
+                 "processed": 0, "skipped_existing": 0, "skipped_locked": 0, "failed": 0}
+        self.batch_stats = stats
+        for item in self.progress(mine, total=len(mine), desc=f"{self.plugin} {self.verb}"):
+            out = Path(output_for(item))
+            if out.exists() and not self.overwrite:
+                stats["skipped_existing"] += 1
+                continue
+            lock = ItemLock(out)
+            if not lock.acquire():
+                stats["skipped_locked"] += 1
+                self.log.info("skipping %s: another job holds its lock", item)
+                continue
+            if out.exists() and not self.overwrite:  # finished by another job while we looked
+                lock.release()
+                stats["skipped_existing"] += 1
+                continue
+            failed_before = len(self.failures)
+            try:
+                yield item, out
+            finally:
+                lock.release()
+            if len(self.failures) > failed_before:
+                stats["failed"] += 1
+            else:
+                stats["processed"] += 1
+
+    @contextlib.contextmanager
+    def item(self, item):
+        """Record any exception of one item in ``failures.jsonl`` and go on with the next."""
+        try:
+            yield
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if not isinstance(exc, TubError):
+                message = f"{type(exc).__name__}: {message}"
+            self.failures.append({"item": str(item), "error": message})
+            self.log.error("%s: %s", item, message)
+            self.log.debug("traceback", exc_info=True)
+            with open(self.dir / "failures.jsonl", "a") as f:
+                f.write(json.dumps({"item": str(item), "error": message, "shard": f"{self.shard[0]}/{self.shard[1]}"}) + "\n")
+
+    # ---- checkpoints and weights
+    def _resolve_resume(self, resume: str, run_dir: Path | None, parent: Path, chash: str):
+        if resume == "auto":
+            if run_dir is not None:
+                ckpt = run_dir / "checkpoints" / "last.pt"
+                return (ckpt if ckpt.is_file() else None), run_dir
+            found = find_resumable(parent, chash)
+            return (found / "checkpoints" / "last.pt", found) if found else (None, None)
+        path = Path(resume)
+        if path.is_dir():
+            path = path / "checkpoints" / "last.pt"
+        if not path.is_file():
+            raise TubError(f"--resume {resume}: no checkpoint there; give a run directory or a last.pt file")
+        return path, path.parent.parent if path.parent.name == "checkpoints" else None
+
+    def save_checkpoint(self, state: dict, best: bool = False) -> None:
+        """``checkpoints/last.pt`` (and ``best.pt``): plain dicts of tensors and numbers, rank 0 only."""
+        if not self.is_main:
+            return
+        import torch
+
+        for name in ("last.pt",) + (("best.pt",) if best else ()):
+            with atomic_path(self.checkpoints_dir / name) as tmp:
+                torch.save(state, tmp)
+
+    def load_checkpoint(self) -> dict | None:
+        """The state to resume from (``--resume``), or None for a fresh start."""
+        if self.resume_from is None:
+            return None
+        from tubcli.io import load_torch_state
+
+        self.log.info("resuming from %s", self.resume_from)
+        return load_torch_state(self.resume_from)
+
+    def save_weights(self, tensors: dict, config: dict, name: str = "model") -> Path:
+        """``checkpoints/<name>.safetensors`` + ``<name>.json`` (weights and the model config)."""
+        from tubcli.io import save_safetensors
+
+        path = self.checkpoints_dir / f"{name}.safetensors"
+        if self.is_main:
+            save_safetensors(path, tensors)
+            write_json(self.checkpoints_dir / f"{name}.json", config)
+        return path
+
+    # ---- end of run
+    def finish(self, metrics: dict | None) -> dict:
+        """Write metrics and, when nothing failed, ``DONE``; raise when items failed."""
+        metrics = dict(metrics or {})
+        if self.batch_stats:
+            metrics.setdefault("batch", self.batch_stats)
+        if metrics:
+            self.write_metrics(metrics)
+        if self.failures:
+            raise ItemFailures(len(self.failures), self.batch_stats.get("in_shard", len(self.failures)),
+                               self.dir / "failures.jsonl")
+        if self.is_main:
+            name = DONE if self.shard[1] == 1 else f"{DONE}.{self.shard[0]}of{self.shard[1]}"
+            write_text(self.dir / name, "")
+        return metrics

@@ -1,0 +1,126 @@
+"""Test helpers: ``invoke`` (the real CLI in-process) and ``check_plugin`` (the conformance suite).
+
+Like scikit-learn's ``check_estimator``: every plugin's tests call ``check_plugin("<name>")``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from tubcli.errors import TubError
+
+
+def invoke(args: list[str], env: dict | None = None, catch_exceptions: bool = False):
+    """Run ``tub ARGS`` in-process with click's CliRunner; ``result.stdout``/``stderr`` are separate."""
+    from click.testing import CliRunner
+
+    from tubcli.cli import build_app
+
+    runner = CliRunner()
+    merged = {"TUB_NO_PROGRESS": "1", **(env or {})}
+    return runner.invoke(build_app(), [str(a) for a in args], env=merged, catch_exceptions=catch_exceptions)
+
+
+def _plugin(name: str):
+    from tubcli.plugins import get_plugins
+
+    record = get_plugins().records.get(name)
+    assert record is not None, f"plugin {name!r} is not installed (no entry point in group 'tub')"
+    assert record.error is None, f"plugin {name!r} failed to load: {record.error}"
+    assert record.app is not None, f"plugin {name!r} registered no PluginApp (implement tub_register)"
+    return record.app
+
+
+def check_plugin(name: str, subprocess_checks: bool = True) -> None:
+    """Assert that plugin ``name`` follows the contract of docs/plugin-guide.md.
+
+    - it loads, registers a PluginApp and has ``train``, ``evaluate`` and ``explain``;
+    - every verb's function and config resolve, its config is a ``TubConfig`` with ``extra="forbid"``,
+      and its defaults (where complete) round-trip through a YAML file;
+    - every verb builds a command whose ``--help`` works, and a misspelt config key is exit 2;
+    - a path argument that does not exist is a one-line error with exit 2, not a traceback;
+    - the demo resolves; ``tub <name> --help`` imports no torch (in a subprocess).
+    """
+    from tubcli.config import TubConfig, config_yaml, resolve_config
+    from tubcli.verbs import PluginApp, _field_info, _plain_type, build_verb_command, resolve_ref
+
+    app = _plugin(name)
+    assert isinstance(app, PluginApp)
+    names = [v.name for v in app.verbs]
+    assert len(names) == len(set(names)), f"duplicate verbs in {names}"
+    for required in ("train", "evaluate", "explain"):
+        assert required in names, f"plugin {name!r} lacks the verb {required!r}"
+    assert app.help, "the plugin needs a one-line help"
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for verb in app.verbs:
+            assert verb.help, f"{name} {verb.name}: missing help"
+            func = resolve_ref(verb.run)
+            assert callable(func), f"{name} {verb.name}: {verb.run} is not callable"
+            model = app.config_model(verb)
+            assert issubclass(model, TubConfig), f"{name} {verb.name}: config must subclass tubcli.config.TubConfig"
+            assert model.model_config.get("extra") == "forbid", f"{name} {verb.name}: config must forbid extra keys"
+            build_verb_command(app, verb)
+            result = invoke([name, verb.name, "--help"])
+            assert result.exit_code == 0, f"{name} {verb.name} --help failed: {result.output}"
+
+            try:
+                default = model()
+            except Exception:
+                default = None  # required fields: nothing to round-trip
+            if default is not None:
+                path = tmp / f"{verb.name}.yaml"
+                path.write_text(config_yaml(default))
+                again = resolve_config(model, name, path, environ={})
+                assert again == default, f"{name} {verb.name}: config does not round-trip through YAML"
+
+            bad = tmp / f"{verb.name}-bad.yaml"
+            bad.write_text("definitely_not_a_key: 1\n")
+            result = invoke([name, verb.name, "-c", str(bad), "--print-config"])
+            assert result.exit_code == 2, f"{name} {verb.name}: misspelt key gave exit {result.exit_code}"
+            assert "definitely_not_a_key" in result.stderr and str(bad) in result.stderr
+
+            for arg in verb.args:
+                base, _ = _plain_type(_field_info(model, arg).annotation)
+                if base is Path:
+                    missing = tmp / "does-not-exist" / "input.bin"
+                    result = invoke([name, verb.name, str(missing), "-o", str(tmp / "run" / verb.name)])
+                    assert result.exit_code == 2, (
+                        f"{name} {verb.name}: a missing input gave exit {result.exit_code}, want 2: {result.output}")
+                    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+                    assert lines, f"{name} {verb.name}: no 'error:' line for a missing input: {result.stderr}"
+                    assert "Traceback" not in result.output
+                    break
+
+    if app.demo:
+        assert callable(resolve_ref(app.demo)), f"{name}: demo {app.demo} is not callable"
+    for module in list(app.requires) + list(app.optional):
+        assert module.replace("_", "").replace(".", "").isalnum(), f"{name}: {module!r} is not a module name"
+
+    if subprocess_checks:
+        code = (
+            "import sys\n"
+            "from tubcli.cli import main\n"
+            "try:\n"
+            f"    main([{name!r}, '--help'])\n"
+            "except SystemExit as e:\n"
+            "    assert e.code in (0, None), e.code\n"
+            "assert 'torch' not in sys.modules, 'torch imported by tub --help'\n"
+        )
+        env = {**os.environ, "TUB_NO_PROGRESS": "1"}
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+        assert proc.returncode == 0, f"`tub {name} --help` imported torch or failed: {proc.stderr[-2000:]}"
+
+
+def raises_tub_error(func, *args, **kwargs) -> TubError:
+    """Call ``func`` and return the TubError it raised (assertion error otherwise)."""
+    try:
+        func(*args, **kwargs)
+    except TubError as exc:
+        return exc
+    raise AssertionError(f"{getattr(func, '__name__', func)} raised no TubError")

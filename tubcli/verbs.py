@@ -1,0 +1,351 @@
+"""``PluginApp``: a plugin's declaration, and the Typer commands the core builds from it (DESIGN §4).
+
+A plugin names everything lazily (``"module:function"``), so ``tub --help`` and
+``tub <plugin> --help`` import no verb code; a verb's module and config are imported only when
+that verb runs or its own ``--help`` is shown.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from typer.core import TyperCommand, TyperGroup
+
+from tubcli.errors import TubError
+
+SHARED_OPTIONS = ("config", "set", "device", "precision", "seed", "out", "resume", "shard", "overwrite",
+                  "print_config", "json", "quiet", "verbose", "traceback")
+
+
+def resolve_ref(ref: str, hints: dict | None = None) -> Any:
+    """Import ``"module:attr"``; a missing optional package becomes a TubError with its install hint."""
+    module_name, _, attr = ref.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").split(".")[0]
+        hint = (hints or {}).get(missing)
+        if hint:
+            raise TubError(f"this needs the package {missing!r}, which is not installed; {hint}") from None
+        raise
+    try:
+        return getattr(module, attr) if attr else module
+    except AttributeError:
+        raise TubError(f"{module_name} has no {attr!r} (plugin declaration out of date)") from None
+
+
+@dataclass
+class Verb:
+    """One verb of a plugin.
+
+    ``args`` are config fields bound to positional arguments (only the last may be a list);
+    ``options`` maps extra flag names to config field paths. ``batch`` verbs iterate with
+    ``run.batch``; ``training`` verbs checkpoint and honour ``--resume``.
+    """
+
+    name: str
+    run: str
+    config: str | None = None
+    help: str = ""
+    args: list[str] = field(default_factory=list)
+    options: dict[str, str] = field(default_factory=dict)
+    batch: bool = False
+    training: bool = False
+
+
+@dataclass
+class PluginApp:
+    """A plugin's table of contents: name, verbs, demo and requirements, all lazy."""
+
+    name: str
+    help: str
+    verbs: list[Verb]
+    demo: str | None = None
+    requires: dict[str, str] = field(default_factory=dict)
+    optional: dict[str, str] = field(default_factory=dict)
+    version: str = ""
+
+    def verb(self, name: str) -> Verb:
+        for verb in self.verbs:
+            if verb.name == name:
+                return verb
+        known = ", ".join(v.name for v in self.verbs)
+        raise TubError(f"{self.name} has no verb {name!r}; its verbs: {known}")
+
+    @property
+    def hints(self) -> dict:
+        return {**self.optional, **self.requires}
+
+    def config_model(self, verb: Verb):
+        if verb.config is None:
+            from tubcli.config import TubConfig
+
+            return TubConfig
+        return resolve_ref(verb.config, self.hints)
+
+    def click_group(self) -> TyperGroup:
+        return PluginGroup(self)
+
+
+# --------------------------------------------------------------------------- click glue
+class PluginGroup(TyperGroup):
+    """A plugin's sub-command group whose verb commands are built only when needed."""
+
+    def __init__(self, app: PluginApp):
+        super().__init__(name=app.name, help=app.help, no_args_is_help=True)
+        self.app = app
+
+    def list_commands(self, ctx):
+        return [v.name for v in self.app.verbs]
+
+    def get_command(self, ctx, name):
+        try:
+            verb = self.app.verb(name)
+        except TubError:
+            return None
+        return LazyVerbCommand(self.app, verb)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(v.name, v.help.split("\n")[0]) for v in self.app.verbs]
+        if rows:
+            with formatter.section("Verbs"):
+                formatter.write_dl(rows)
+
+
+class LazyVerbCommand(TyperCommand):
+    """Stands in for a verb until it is invoked or asked for help, then builds the real command."""
+
+    def __init__(self, app: PluginApp, verb: Verb):
+        super().__init__(name=verb.name, help=verb.help, short_help=verb.help.split("\n")[0])
+        self.app, self.verb = app, verb
+        self._real: TyperCommand | None = None
+
+    def real(self) -> TyperCommand:
+        if self._real is None:
+            self._real = build_verb_command(self.app, self.verb)
+        return self._real
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        return self.real().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx):
+        return self.real().invoke(ctx)
+
+    def get_params(self, ctx):
+        return self.real().get_params(ctx)
+
+    def get_help(self, ctx):
+        return self.real().get_help(ctx)
+
+    def main(self, *args, **kwargs):
+        return self.real().main(*args, **kwargs)
+
+
+class BrokenPlugin(TyperCommand):
+    """What a plugin that failed to load answers with, whatever it is asked."""
+
+    def __init__(self, name: str, error: str):
+        super().__init__(name=name, help=f"(failed to load: {error})", add_help_option=False,
+                         context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+        self.error = error
+
+    def invoke(self, ctx):
+        typer.echo(f"error: plugin {self.name!r} failed to load: {self.error}; run 'tub doctor'", err=True)
+        raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------- building a verb
+def _plain_type(annotation) -> tuple[Any, bool]:
+    """Map a pydantic field annotation to a type Typer understands; returns (type, is_list)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _plain_type(inner[0])
+        if all(a in (str, Path) or typing.get_origin(a) is typing.Literal for a in inner):
+            return str, False
+        return str, False
+    if origin in (list, tuple, set, typing.Sequence) or annotation in (list, tuple):
+        inner = args[0] if args else str
+        base, _ = _plain_type(inner)
+        return base, True
+    if origin is typing.Literal:
+        return str, False
+    if annotation in (str, int, float, bool, Path):
+        return annotation, False
+    return str, False
+
+
+def _field_info(model, dotted: str):
+    from tubcli.config import field_model
+
+    node = model
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        sub = field_model(node, part) if part in node.model_fields else None
+        if sub is None:
+            raise TubError(f"plugin declares option for unknown config field {dotted!r}")
+        node = sub
+    if parts[-1] not in node.model_fields:
+        raise TubError(f"plugin declares option for unknown config field {dotted!r}")
+    return node.model_fields[parts[-1]]
+
+
+def _describe(info) -> str:
+    text = info.description or ""
+    default = info.default
+    if default is not None and not callable(default) and repr(default) != "PydanticUndefined":
+        if hasattr(default, "model_dump"):
+            return text
+        text = f"{text} (config default: {default})".strip()
+    return text
+
+
+def build_verb_command(app: PluginApp, verb: Verb) -> TyperCommand:
+    """Build the Typer command of one verb: its positionals, its flags and the shared options."""
+    model = app.config_model(verb)
+    params: list[inspect.Parameter] = []
+    annotations: dict[str, Any] = {}
+    bindings: dict[str, str] = {}  # python parameter name -> config path
+
+    def add(pname, annotation, default):
+        params.append(inspect.Parameter(pname, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
+        annotations[pname] = annotation
+
+    for i, arg in enumerate(verb.args):
+        info = _field_info(model, arg)
+        base, is_list = _plain_type(info.annotation)
+        if is_list and i != len(verb.args) - 1:
+            raise TubError(f"{app.name} {verb.name}: only the last positional argument may take many values")
+        pname = "arg_" + arg.replace(".", "__")
+        annotation = Optional[list[base]] if is_list else Optional[base]
+        add(pname, annotation, typer.Argument(None, help=_describe(info), metavar=arg.split(".")[-1].upper() + ("..." if is_list else ""), show_default=False))
+        bindings[pname] = arg
+    for flag, path in verb.options.items():
+        if flag.replace("-", "_") in SHARED_OPTIONS:
+            raise TubError(f"{app.name} {verb.name}: option --{flag} clashes with a shared option")
+        info = _field_info(model, path)
+        base, is_list = _plain_type(info.annotation)
+        pname = "opt_" + flag.replace("-", "_")
+        if base is bool and not is_list:
+            add(pname, Optional[bool], typer.Option(None, f"--{flag}/--no-{flag}", help=_describe(info), show_default=False))
+        else:
+            annotation = Optional[list[base]] if is_list else Optional[base]
+            add(pname, annotation, typer.Option(None, f"--{flag}", help=_describe(info), show_default=False))
+        bindings[pname] = path
+
+    add("config", Optional[Path], typer.Option(None, "-c", "--config", help="YAML or TOML file with this verb's config.", rich_help_panel="Shared options"))
+    add("set", Optional[list[str]], typer.Option(None, "--set", help="Override any config field: key.sub=value (repeatable).", rich_help_panel="Shared options"))
+    add("device", Optional[str], typer.Option(None, "--device", help="auto | cpu | cuda[:i] | mps", rich_help_panel="Shared options"))
+    add("precision", Optional[str], typer.Option(None, "--precision", help="fp32 | fp64 | bf16 | fp16", rich_help_panel="Shared options"))
+    add("seed", Optional[int], typer.Option(None, "--seed", help="One seed for everything.", rich_help_panel="Shared options"))
+    add("out", Optional[Path], typer.Option(None, "-o", "--out", help="Run directory (default: runs/<plugin>/<verb>/<time>_<hash>).", rich_help_panel="Shared options"))
+    add("resume", Optional[str], typer.Option(None, "--resume", help="auto | PATH: continue from the last checkpoint.", rich_help_panel="Shared options", hidden=not verb.training))
+    add("shard", Optional[str], typer.Option(None, "--shard", help="i/n: process the i-th of n shards (default: from the SLURM array).", rich_help_panel="Shared options", hidden=not verb.batch))
+    add("overwrite", bool, typer.Option(False, "--overwrite", help="Recompute items whose outputs exist.", rich_help_panel="Shared options", hidden=not verb.batch))
+    add("print_config", bool, typer.Option(False, "--print-config", help="Print the resolved config and exit.", rich_help_panel="Shared options"))
+    add("json", bool, typer.Option(False, "--json", help="Results on stdout as JSON.", rich_help_panel="Shared options"))
+    add("quiet", bool, typer.Option(False, "-q", "--quiet", help="Warnings and errors only.", rich_help_panel="Shared options"))
+    add("verbose", int, typer.Option(0, "-v", "--verbose", count=True, help="More log detail.", rich_help_panel="Shared options"))
+    add("traceback", bool, typer.Option(False, "--traceback", help="Show the full stack on errors.", rich_help_panel="Shared options"))
+
+    def command(**kwargs):
+        flags = {path: kwargs[p] for p, path in bindings.items() if kwargs.get(p) is not None}
+        for common in ("device", "precision", "seed"):
+            if kwargs.get(common) is not None:
+                flags[common] = kwargs[common]
+        code = execute(app, verb, model, flags, kwargs)
+        raise typer.Exit(code)
+
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = annotations
+    command.__name__ = verb.name.replace("-", "_")
+    command.__doc__ = verb.help
+    sub = typer.Typer(add_completion=False)
+    sub.command(name=verb.name, help=verb.help)(command)
+    return typer.main.get_command(sub)
+
+
+def execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
+    """Resolve the config, run the verb in a run directory, print results; return the exit code."""
+    from tubcli.config import config_yaml, resolve_config
+    from tubcli.runs import Run
+
+    verbosity = -1 if opts.get("quiet") else int(opts.get("verbose") or 0)
+    try:
+        cfg = resolve_config(model, app.name, opts.get("config"), opts.get("set"), flags)
+        if opts.get("print_config"):
+            sys.stdout.write(config_yaml(cfg))
+            return 0
+        func = resolve_ref(verb.run, app.hints)
+        run = Run(app.name, verb.name, cfg, out=opts.get("out"), resume=opts.get("resume"), shard=opts.get("shard"),
+                  overwrite=bool(opts.get("overwrite")), verbosity=verbosity, plugin_version=app.version)
+        try:
+            metrics = run.finish(func(cfg, run))
+        except TubError as exc:
+            if run.batch_stats:
+                run.write_metrics({"batch": run.batch_stats})
+            raise exc
+        if run.is_main:
+            print_results(metrics, as_json=bool(opts.get("json")))
+        return 0
+    except TubError as exc:
+        report_error(exc, opts.get("traceback"))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted", err=True)
+        return 130
+    except Exception as exc:  # the last line of defence: one line, exit 1
+        report_error(exc, opts.get("traceback"))
+        return 1
+
+
+def report_error(exc: BaseException, traceback: bool | None) -> None:
+    from tubcli.errors import one_line
+
+    if traceback:
+        import traceback as tb
+
+        tb.print_exception(exc)
+    hint = "" if isinstance(exc, TubError) or traceback else " (rerun with --traceback for details)"
+    typer.echo(f"error: {one_line(exc)}{hint}", err=True)
+
+
+def flatten(metrics: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    rows = []
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows.extend(flatten(value, name + "."))
+        else:
+            rows.append((name, value))
+    return rows
+
+
+def format_value(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, tuple)) and len(value) > 8:
+        return f"[{len(value)} values]"
+    return str(value)
+
+
+def print_results(metrics: dict, as_json: bool = False) -> None:
+    """Results on stdout: JSON, or a two-column table."""
+    if as_json:
+        sys.stdout.write(json.dumps(metrics, default=float) + "\n")
+        return
+    rows = flatten(metrics)
+    width = max((len(k) for k, _ in rows), default=0)
+    for key, value in rows:
+        sys.stdout.write(f"{key.ljust(width)}  {format_value(value)}\n")
