@@ -1,0 +1,228 @@
+"""Thin verb functions: read inputs, call the science modules, write outputs atomically."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from tubcli.errors import TubError
+from tubcli.io import atomic_path
+
+
+def _need(value, what: str, hint: str):
+    if value is None:
+        raise TubError(f"no {what} given; {hint}")
+    return value
+
+
+def _load(cfg):
+    from tub_knnlrp.data import read_table
+    from tub_knnlrp.models import load_model
+
+    _need(cfg.model, "model", "pass --model RUN_DIR (from tub knnlrp train)")
+    _need(cfg.data, "data", "pass a CSV, Parquet or NPZ file with the rows")
+    table = read_table(cfg.data, cfg.target)  # validate the data before the (re)fit of the model
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tm = load_model(cfg.model, allow_pickle=cfg.allow_pickle)
+    d = len(tm.feature_names)
+    if table.X.shape[1] != d:
+        raise TubError(f"{Path(cfg.data).name} has {table.X.shape[1]} feature columns, the model expects {d} "
+                       f"({', '.join(tm.feature_names[:5])}{' ...' if d > 5 else ''})")
+    default = [f"x{i}" for i in range(d)]  # an NPZ without feature_names, a model fitted on bare arrays
+    unnamed = default in (table.feature_names, tm.feature_names)
+    if table.feature_names != tm.feature_names and not unnamed:
+        raise TubError(f"{Path(cfg.data).name}: feature columns differ from the model's; "
+                       f"first mismatch {next(a + ' vs ' + b for a, b in zip(table.feature_names, tm.feature_names) if a != b)}")
+    return tm, table, [str(w.message) for w in caught]
+
+
+def _explain_kwargs(section) -> dict:
+    return dict(rule=section.rule, eta=section.eta, kappa=section.kappa, beta=section.beta,
+                multiclass=section.multiclass, beta_mc=section.beta_mc)
+
+
+def _science(func, *args, **kwargs):
+    """Model/setting errors from the science modules become one-line TubErrors."""
+    try:
+        return func(*args, **kwargs)
+    except TubError:
+        raise
+    except ValueError as exc:
+        raise TubError(str(exc).splitlines()[0]) from None
+
+
+# ------------------------------------------------------------------------------------------ train
+def train(cfg, run) -> dict:
+    from tub_knnlrp.data import read_table
+    from tub_knnlrp.models import fit_model, save_model
+
+    _need(cfg.data, "training data", "pass a CSV, Parquet or NPZ file and name its label column with --target")
+    table = read_table(cfg.data, cfg.target, require_target=True)
+    t0 = time.perf_counter()
+    tm = _science(fit_model, table.X, table.y, kind=cfg.kind, scaler=cfg.scaler, k=cfg.k, gamma=cfg.gamma, C=cfg.C,
+                  folds=cfg.folds, seed=run.seed, feature_names=table.feature_names, log=run.log)
+    seconds = time.perf_counter() - t0
+    st, js = save_model(tm, run.checkpoints_dir)
+    run.log.info("stored %s and %s", st, js)
+    return {
+        "kind": cfg.kind,
+        "params": tm.params,
+        "cv_accuracy": tm.cv_score,
+        "train_accuracy": float(np.mean(tm.pipeline.predict(table.X) == table.y)),
+        "rows": int(len(table.X)),
+        "features": int(table.X.shape[1]),
+        "classes": [str(c) for c in tm.classes_],
+        "fit_seconds": round(seconds, 3),
+        "model": str(js),
+    }
+
+
+# ---------------------------------------------------------------------------------------- explain
+def _is_image(names: list[str]) -> int | None:
+    side = int(round(len(names) ** 0.5))
+    if side * side == len(names) and side >= 4 and all(n.lower().startswith("pixel") for n in names):
+        return side
+    return None
+
+
+def explain(cfg, run) -> dict:
+    from tub_knnlrp.explain import explain as explain_rows
+    from tub_knnlrp.fidelity import sign_agreement
+
+    tm, table, notes = _load(cfg)
+    for note in notes:
+        run.log.warning(note)
+    X_train = tm.X_train
+    t0 = time.perf_counter()
+    e = _science(explain_rows, tm.pipeline, table.X, X_train=X_train, y_train=tm.y_train if X_train is not None else None,
+                 feature_names=tm.feature_names, **_explain_kwargs(cfg.explain))
+    seconds = time.perf_counter() - t0
+    out = run.outputs_dir
+    with atomic_path(out / "relevances.csv") as tmp:
+        _write_relevance_csv(tmp, e)
+    with atomic_path(out / "relevances.npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, values=e.values, output=e.output, data=e.data,
+                     prediction=np.asarray(e.prediction).astype(str), positive=np.asarray(e.positive).astype(str),
+                     negative=np.asarray(e.negative).astype(str), feature_names=np.asarray(e.feature_names, dtype=str))
+    figures = {}
+    side = _is_image(e.feature_names)
+    has_mpl = importlib.util.find_spec("matplotlib") is not None
+    if cfg.heatmaps and not side:
+        raise TubError("heatmaps need a square number of pixel features (columns named pixel_*)")
+    if cfg.heatmaps and not has_mpl:
+        raise TubError("heatmaps need matplotlib: pip install matplotlib (or pass --no-heatmaps)")
+    if cfg.heatmaps is None and side and not has_mpl:
+        run.log.warning("matplotlib is not installed: no heatmaps.png (pip install matplotlib)")
+    if side and has_mpl and cfg.heatmaps is not False:
+        from tub_knnlrp.plots import relevance_heatmaps
+
+        with atomic_path(out / "heatmaps.png") as tmp:
+            relevance_heatmaps(tmp, e.data[: cfg.max_heatmaps], e.values[: cfg.max_heatmaps], side,
+                               titles=[f"pred {p}" for p in e.prediction[: cfg.max_heatmaps]])
+        figures["heatmaps"] = str(out / "heatmaps.png")
+    return {
+        "rows": int(len(e.values)),
+        "features": int(e.values.shape[1]),
+        "kind": e.kind,
+        "rule": e.rule,
+        "eta": e.eta,
+        "kappa": e.kappa,
+        "sign_agreement": sign_agreement(tm.pipeline, table.X, e),
+        "seconds": round(seconds, 4),
+        "outputs": {"csv": str(out / "relevances.csv"), "npz": str(out / "relevances.npz"), **figures},
+    }
+
+
+def _write_relevance_csv(path, e) -> None:
+    import csv
+
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(list(e.feature_names) + ["g", "pred", "positive", "negative"])
+        for i in range(len(e.values)):
+            w.writerow([repr(float(v)) for v in e.values[i]] + [repr(float(e.output[i])), e.prediction[i],
+                                                              e.positive[i], e.negative[i]])
+
+
+# --------------------------------------------------------------------------------------- evaluate
+def evaluate(cfg, run) -> dict:
+    from tub_knnlrp.fidelity import check_report
+    from tub_knnlrp.flipping import FlippingEvaluation
+    from tub_knnlrp.neuralize import split_pipeline, transform_steps
+
+    tm, table, notes = _load(cfg)
+    if tm.X_train is None:
+        raise TubError("this model carries no training set; evaluate needs one (train it with tub knnlrp train)")
+    X = table.X[: cfg.rows]
+    steps, est, _ = split_pipeline(tm.pipeline)
+    Z_train, Z = transform_steps(steps, tm.X_train), transform_steps(steps, X)
+    replacements = ["mean", "kde"] if cfg.replacement == "both" else [cfg.replacement]
+    metrics: dict = {"rows": int(len(X)), "score": cfg.score}
+    rows_out = []
+    for repl in replacements:
+        ev = _science(FlippingEvaluation, est, Z_train, tm.y_train, score=cfg.score, replacement=repl,
+                      n_samples=cfg.kde_samples, seed=run.seed, nsamples_shap=cfg.shap_samples,
+                      explainer_kwargs=_explain_kwargs(cfg.explain))
+        available = ev.available(Z.shape[1])
+        methods = cfg.methods or available
+        unknown = [m for m in methods if m not in available and not m.startswith("lrp_eta")]
+        if unknown:
+            raise TubError(f"unknown or unavailable method(s) {', '.join(unknown)}; available: {', '.join(available)}"
+                           " (and lrp_eta0.0 … lrp_eta1.0)")
+        results = _science(ev.run, Z, methods, log=run.log)
+        metrics[f"aupc_{repl}"] = {m: round(r.aupc, 6) for m, r in results.items()}
+        metrics[f"aupc_{repl}_normalised"] = {m: round(r.aupc_normalised, 6) for m, r in results.items()}
+        for m, r in results.items():
+            rows_out.append([repl, m, r.aupc, r.aupc_normalised, r.seconds] + list(map(float, r.curve)))
+    with atomic_path(run.outputs_dir / "flipping.csv") as tmp:
+        import csv
+
+        with open(tmp, "w", newline="") as fh:
+            w = csv.writer(fh)
+            n_points = max(len(r) for r in rows_out) - 5
+            w.writerow(["replacement", "method", "aupc", "aupc_normalised", "explain_seconds"]
+                       + [f"flip_{t}" for t in range(n_points)])
+            w.writerows(rows_out)
+    if importlib.util.find_spec("matplotlib") is not None:
+        from tub_knnlrp.plots import flipping_curves_plot
+
+        with atomic_path(run.outputs_dir / "flipping.png") as tmp:
+            flipping_curves_plot(tmp, rows_out)
+    else:
+        run.log.info("matplotlib is not installed; no flipping.png")
+    metrics["fidelity"] = _science(check_report, tm.pipeline, X, tm.X_train, tm.y_train, kappa=cfg.explain.kappa)
+    metrics["outputs"] = {"csv": str(run.outputs_dir / "flipping.csv")}
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------ check
+def check(cfg, run) -> dict:
+    from tub_knnlrp.fidelity import check_report
+
+    tm, table, _ = _load(cfg)
+    y = tm.y_train if tm.X_train is not None else None
+    return _science(check_report, tm.pipeline, table.X, tm.X_train, y, kappa=cfg.kappa)
+
+
+# -------------------------------------------------------------------------------------- make-data
+def make_data(cfg, run) -> dict:
+    from sklearn.model_selection import train_test_split
+
+    from tub_knnlrp.data import bundled, write_table_csv
+
+    t = bundled(cfg.name)
+    Xtr, Xte, ytr, yte = train_test_split(t.X, t.y, test_size=cfg.test_size, random_state=run.seed, stratify=t.y)
+    paths = {}
+    for split, X, y in (("train", Xtr, ytr), ("test", Xte, yte)):
+        path = run.outputs_dir / f"{split}.csv"
+        with atomic_path(path) as tmp:
+            write_table_csv(tmp, X, t.feature_names, y, "target")
+        paths[split] = str(path)
+    return {"name": cfg.name, "train_rows": int(len(Xtr)), "test_rows": int(len(Xte)), "features": int(t.X.shape[1]),
+            "outputs": paths}

@@ -1,0 +1,202 @@
+"""Tabular data: CSV/Parquet/NPZ files with a label column, and scikit-learn's bundled sets.
+
+Tables keep their feature names. NPZ files hold ``X`` (n, d) and optionally ``y`` (n,) and
+``feature_names`` (d,), read with ``allow_pickle=False``. Nothing here downloads anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tubcli.errors import TubError
+
+
+@dataclass
+class Table:
+    X: np.ndarray
+    y: np.ndarray | None
+    feature_names: list[str]
+    target: str | None = None
+
+
+def read_table(path, target: str | None = None, require_target: bool = False) -> Table:
+    """Read features (and the label column ``target``, if present) from CSV, Parquet or NPZ."""
+    path = Path(path)
+    if not path.is_file():
+        raise TubError(f"data file {path} does not exist; pass a CSV, Parquet or NPZ file")
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        return _read_npz(path, target, require_target)
+    if suffix in (".csv", ".tsv", ".txt", ".parquet", ".pq"):
+        return _read_frame(path, suffix, target, require_target)
+    raise TubError(f"{path.name}: unknown data format {suffix!r}; use .csv, .parquet or .npz")
+
+
+def _read_frame(path, suffix, target, require_target):
+    try:
+        import pandas as pd
+    except ImportError:  # pragma: no cover - pandas ships with the [shap] extra and most installs
+        pd = None
+    if suffix in (".parquet", ".pq"):
+        if pd is None:
+            raise TubError("reading Parquet needs pandas and pyarrow: pip install pandas pyarrow")
+        try:
+            frame = pd.read_parquet(path)
+        except Exception as exc:
+            raise TubError(f"cannot read {path.name} as Parquet: {str(exc).splitlines()[0]}") from None
+        header = [str(c) for c in frame.columns]
+        columns = {h: frame[c].to_numpy() for h, c in zip(header, frame.columns)}
+    else:
+        import csv
+
+        sep = "\t" if suffix == ".tsv" else ","
+        try:
+            with open(path, newline="") as fh:
+                rows = list(csv.reader(fh, delimiter=sep))
+        except UnicodeDecodeError:
+            raise TubError(f"{path.name} is not a text CSV file; pass a CSV, Parquet or NPZ file") from None
+        rows = [r for r in rows if r]
+        if len(rows) < 2:
+            raise TubError(f"{path.name} has no data rows; it needs a header line and at least one row")
+        header = [h.strip() for h in rows[0]]
+        if any(len(r) != len(header) for r in rows[1:]):
+            bad = next(i for i, r in enumerate(rows[1:], start=2) if len(r) != len(header))
+            raise TubError(f"{path.name} line {bad} has a different number of fields than the header")
+        cols = list(zip(*rows[1:]))
+        columns = {h: np.array([v.strip() for v in c]) for h, c in zip(header, cols)}
+    return _split_columns(path, header, columns, target, require_target)
+
+
+def _split_columns(path, header, columns, target, require_target):
+    if target is not None and target not in columns:
+        if require_target:
+            raise TubError(f"{path.name} has no column {target!r}; its columns are {', '.join(header[:8])}"
+                           + (" ..." if len(header) > 8 else "") + "; choose one with --target")
+        target = None
+    names = [h for h in header if h != target]
+    if not names:
+        raise TubError(f"{path.name} has no feature columns besides the target")
+    X = np.empty((len(columns[names[0]]), len(names)))
+    for i, name in enumerate(names):
+        try:
+            X[:, i] = np.asarray(columns[name], dtype=np.float64)
+        except (ValueError, TypeError):
+            raise TubError(f"{path.name}: column {name!r} is not numeric; encode it or drop it") from None
+    if not np.isfinite(X).all():
+        r, c = np.argwhere(~np.isfinite(X))[0]
+        raise TubError(f"{path.name}: missing or infinite value in column {names[c]!r} (row {r + 1}); impute it")
+    y = None
+    if target is not None:
+        y = _labels(np.asarray(columns[target]))
+    return Table(X, y, names, target)
+
+
+def _labels(raw: np.ndarray) -> np.ndarray:
+    """Integer labels when every value is an integer, otherwise strings."""
+    try:
+        f = raw.astype(np.float64)
+        if np.all(f == np.round(f)):
+            return f.astype(np.int64)
+    except (ValueError, TypeError):
+        pass
+    return raw.astype(str)
+
+
+def _read_npz(path, target, require_target):
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            files = set(z.files)
+            if "X" not in files:
+                raise TubError(f"{path.name} has no array 'X'; save features as X (and labels as y)")
+            X = np.asarray(z["X"], dtype=np.float64)
+            key = target if target in files else ("y" if "y" in files else None)
+            y = _labels(z[key]) if key is not None else None
+            names = [str(n) for n in z["feature_names"]] if "feature_names" in files else None
+    except TubError:
+        raise
+    except ValueError as exc:
+        raise TubError(f"cannot read {path.name} without pickle: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:
+        raise TubError(f"cannot read {path.name} as NPZ: {str(exc).splitlines()[0]}") from None
+    if X.ndim != 2:
+        raise TubError(f"{path.name}: X must be 2-D (rows, features), got shape {X.shape}")
+    if require_target and y is None:
+        raise TubError(f"{path.name} has no labels; store them as 'y' (or name the array with --target)")
+    if y is not None and len(y) != len(X):
+        raise TubError(f"{path.name}: X has {len(X)} rows but the labels {len(y)}")
+    if not np.isfinite(X).all():
+        raise TubError(f"{path.name}: X contains NaN or infinite values; impute them")
+    names = names or [f"x{i}" for i in range(X.shape[1])]
+    if len(names) != X.shape[1]:
+        raise TubError(f"{path.name}: {len(names)} feature names for {X.shape[1]} columns")
+    return Table(X, y, names, "y" if y is not None else None)
+
+
+def write_table_csv(path, X, feature_names, y=None, target="target") -> None:
+    import csv
+
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(list(feature_names) + ([target] if y is not None else []))
+        for i, row in enumerate(X):
+            w.writerow([repr(float(v)) for v in row] + ([y[i]] if y is not None else []))
+
+
+# ---------------------------------------------------------------- bundled data (spec §5)
+
+BUNDLED = {
+    "breast_cancer": "load_breast_cancer, binary (569 × 30)",
+    "digits49": "load_digits, 4 vs 9 (positive = 9; 8×8 pixels)",
+    "wine01": "load_wine, class 0 vs 1 (13 features)",
+    "iris_binary": "load_iris, versicolor vs virginica (4 features)",
+    "iris": "load_iris, 3 classes",
+    "wine": "load_wine, 3 classes",
+    "digits": "load_digits, 10 classes",
+}
+
+
+def bundled(name: str) -> Table:
+    """One of scikit-learn's bundled data sets (no download), as in spec §5."""
+    from sklearn import datasets
+
+    if name not in BUNDLED:
+        raise TubError(f"unknown data set {name!r}; choose one of {', '.join(BUNDLED)}")
+    if name == "breast_cancer":
+        b = datasets.load_breast_cancer()
+        return Table(b.data, b.target, [str(f) for f in b.feature_names], "target")
+    if name in ("digits49", "digits"):
+        b = datasets.load_digits()
+        X, y = b.data, b.target
+        if name == "digits49":
+            keep = np.isin(y, [4, 9])
+            X, y = X[keep], y[keep]
+        return Table(X.astype(np.float64), y, [f"pixel_{r}_{c}" for r in range(8) for c in range(8)], "target")
+    if name in ("wine01", "wine"):
+        b = datasets.load_wine()
+        X, y = b.data, b.target
+        if name == "wine01":
+            keep = y < 2
+            X, y = X[keep], y[keep]
+        return Table(X, y, [str(f) for f in b.feature_names], "target")
+    b = datasets.load_iris()
+    X, y = b.data, b.target
+    if name == "iris_binary":
+        keep = y > 0
+        X, y = X[keep], y[keep]
+    return Table(X, y, [str(f) for f in b.feature_names], "target")
+
+
+def standard_split(X, y, seed: int = 0, test_size: float = 0.3):
+    """train_test_split(test_size=0.3, random_state=seed, stratify=y) and a StandardScaler on train.
+
+    Returns (X_train, X_test, y_train, y_test) standardised with the training statistics.
+    """
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import StandardScaler
+
+    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=test_size, random_state=seed, stratify=y)
+    sc = StandardScaler().fit(Xtr)
+    return sc.transform(Xtr), sc.transform(Xte), ytr, yte

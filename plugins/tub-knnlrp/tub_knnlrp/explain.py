@@ -1,0 +1,222 @@
+"""The public API: explain a fitted kNN or RBF-SVM (or a Pipeline ending in one) by neuralized LRP.
+
+>>> from tub_knnlrp import explain
+>>> e = explain(knn, X_test, rule="hybrid")        # doctest: +SKIP
+>>> e.values.shape, e.output.shape                  # doctest: +SKIP
+((171, 30), (171,))
+>>> shap.plots.beeswarm(e.to_shap())                # doctest: +SKIP
+
+Binary models follow the paper (Bley et al., arXiv:2508.03913): g > 0 is ``classes_[1]`` and the
+relevances explain g. Multiclass models (our extension, spec §2.4) explain the *predicted* class c
+against its strongest competitor: g_c = min_{c'} g_{c,c'} over the binary networks of c against each
+other class c', with R from the arg-min pair (``multiclass="min"``), or a soft-min mixture
+R = Σ_{c'} w_{c'} R_{c,c'}, g = Σ_{c'} w_{c'} g_{c,c'}, w = softmin(β_mc g_{c,c'}) (``"softmin"``),
+which keeps the kNN midpoint rule conservative.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tub_knnlrp.neuralize import NeuralizedClassifier, UnsupportedModelError, neuralize, transform_steps
+from tub_knnlrp.rules import ETA_KNN, eta_svm, normalize_rule, relevance
+
+
+@dataclass
+class Explanation:
+    """Relevances for n rows and d features, with what they explain.
+
+    values : (n, d) relevance per input feature (sums to ``output`` for the kNN midpoint rule)
+    output : (n,) the neuralized output g being explained
+    prediction : (n,) the model's ``predict``
+    positive, negative : (n,) the class pair each row's g compares (g > 0 favours ``positive``)
+    data : (n, d) the inputs in the space of ``feature_names``
+    """
+
+    values: np.ndarray
+    output: np.ndarray
+    prediction: np.ndarray
+    positive: np.ndarray
+    negative: np.ndarray
+    data: np.ndarray
+    feature_names: list[str]
+    rule: str
+    eta: float
+    kappa: int | None = None
+    beta: float | None = None
+    kind: str = ""
+    info: dict = field(default_factory=dict)
+
+    @property
+    def base_values(self) -> np.ndarray:
+        return np.zeros(len(self.values))
+
+    def to_shap(self):
+        """A ``shap.Explanation`` (base value 0) for shap's waterfall, beeswarm and bar plots."""
+        try:
+            import shap
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError("to_shap() needs shap: pip install shap") from exc
+        return shap.Explanation(values=self.values, base_values=self.base_values, data=self.data,
+                                feature_names=list(self.feature_names))
+
+
+class NeuralizedExplainer:
+    """Estimator-style explainer: hyperparameters in ``__init__``, ``fit(model)``, ``explain(X)``.
+
+    Parameters
+    ----------
+    rule : "gi" | "midpoint" | "hybrid"
+    eta : hybrid mixing; default 0.8 for kNN and the γ heuristic for the SVM (spec §2.2)
+    kappa : kNN rank half-window, 0 … (k − 1)/2; default (k − 1)/2
+    beta : SVM pooling stiffness; default γ
+    with_intercept : SVM intercept as a virtual support vector (default, makes sign(g) = sign(f))
+    multiclass : "min" (hard min over competitors) or "softmin"
+    beta_mc : stiffness of the multiclass soft-min
+    """
+
+    def __init__(self, rule="hybrid", eta=None, kappa=None, beta=None, with_intercept=True,
+                 multiclass="min", beta_mc=1.0):
+        self.rule = rule
+        self.eta = eta
+        self.kappa = kappa
+        self.beta = beta
+        self.with_intercept = with_intercept
+        self.multiclass = multiclass
+        self.beta_mc = beta_mc
+
+    def fit(self, model, X_train=None, y_train=None, feature_names=None):
+        """Neuralize a fitted estimator or Pipeline; returns self."""
+        normalize_rule(self.rule)
+        if self.multiclass not in ("min", "softmin"):
+            raise ValueError(f"multiclass must be 'min' or 'softmin', got {self.multiclass!r}")
+        self.model_ = model
+        self.steps_, self.network_, self.per_feature_ = neuralize(model, X_train, y_train)
+        if self.network_.kind == "knn":
+            k = self.network_.k
+            if self.kappa is not None and not 0 <= int(self.kappa) <= (k - 1) // 2:
+                raise ValueError(f"kappa must be in 0..{(k - 1) // 2} for k={k}, got {self.kappa}")
+        self.feature_names_in_ = _feature_names(model, feature_names, self.steps_, self.per_feature_,
+                                                self.network_.n_features)
+        return self
+
+    @property
+    def eta_(self) -> float:
+        if self.eta is not None:
+            return float(self.eta)
+        if self.network_.kind == "knn":
+            return ETA_KNN
+        return eta_svm(self.network_.gamma, self.network_.median_sqdist)
+
+    def network(self, pos: int, neg: int):
+        """The binary network of class index ``pos`` against ``neg`` (for inspection and tests)."""
+        return self.network_.network(pos, neg, kappa=self.kappa, with_intercept=self.with_intercept)
+
+    def explain(self, X) -> Explanation:
+        if not hasattr(self, "network_"):
+            raise RuntimeError("call fit(model) before explain(X)")
+        X_in = _as_2d(X, self.network_.n_features if self.per_feature_ else None)
+        X_user = X if hasattr(X, "columns") else X_in  # a DataFrame goes to scikit-learn with its names
+        Z = transform_steps(self.steps_, X_user)
+        if Z.shape[1] != self.network_.n_features:
+            raise ValueError(f"X has {Z.shape[1]} features after preprocessing, the model expects "
+                             f"{self.network_.n_features}")
+        net: NeuralizedClassifier = self.network_
+        pred = np.asarray(self.model_.predict(X_user))
+        lookup = {c: n for n, c in enumerate(net.classes_.tolist())}
+        pred_idx = np.array([lookup[v] for v in pred.tolist()], dtype=int)
+        rule, eta = normalize_rule(self.rule), self.eta_
+        n, d = Z.shape
+        values, output = np.zeros((n, d)), np.zeros(n)
+        pos_idx, neg_idx = np.zeros(n, dtype=int), np.zeros(n, dtype=int)
+        info: dict = {"k": net.k} if net.kind == "knn" else {"gamma": net.gamma, "with_intercept": self.with_intercept}
+        if net.n_classes == 2:
+            m = self.network(1, 0).moments(Z, self.beta)
+            values, output = relevance(Z, m, rule, eta), m.output
+            pos_idx[:], neg_idx[:] = 1, 0
+        else:
+            for c in np.unique(pred_idx):
+                rows = np.flatnonzero(pred_idx == c)
+                Zc = Z[rows]
+                others = [o for o in range(net.n_classes) if o != c]
+                gs, Rs = [], []
+                for o in others:
+                    m = self.network(c, o).moments(Zc, self.beta)
+                    gs.append(m.output)
+                    Rs.append(relevance(Zc, m, rule, eta))
+                G, R = np.stack(gs, axis=1), np.stack(Rs, axis=1)  # (r, C-1), (r, C-1, d)
+                arg = G.argmin(axis=1)
+                if self.multiclass == "min":
+                    output[rows] = G[np.arange(len(rows)), arg]
+                    values[rows] = R[np.arange(len(rows)), arg]
+                else:
+                    a = -float(self.beta_mc) * G
+                    w = np.exp(a - a.max(axis=1, keepdims=True))
+                    w /= w.sum(axis=1, keepdims=True)
+                    output[rows] = (w * G).sum(axis=1)
+                    values[rows] = np.einsum("rc,rcd->rd", w, R)
+                pos_idx[rows] = c
+                neg_idx[rows] = np.asarray(others)[arg]
+        data = X_in if self.per_feature_ else Z
+        kappa = None
+        if net.kind == "knn":
+            kappa = (net.k - 1) // 2 if self.kappa is None else int(self.kappa)
+        beta = None if net.kind == "knn" else (net.gamma if self.beta is None else float(self.beta))
+        return Explanation(values=values, output=output, prediction=pred, positive=net.classes_[pos_idx],
+                           negative=net.classes_[neg_idx], data=np.asarray(data, dtype=np.float64),
+                           feature_names=list(self.feature_names_in_), rule=rule, eta=eta, kappa=kappa,
+                           beta=beta, kind=net.kind, info=info)
+
+    def transform(self, X) -> np.ndarray:
+        """The relevances alone, (n, d)."""
+        return self.explain(X).values
+
+    def __call__(self, X) -> Explanation:
+        return self.explain(X)
+
+
+def explain(model, X, rule="hybrid", eta=None, kappa=None, beta=None, *, with_intercept=True,
+            multiclass="min", beta_mc=1.0, X_train=None, y_train=None, feature_names=None) -> Explanation:
+    """Explain ``model.predict(X)`` for a fitted kNN/RBF-SVC or a Pipeline ending in one.
+
+    See :class:`NeuralizedExplainer` for the parameters; returns an :class:`Explanation`.
+    """
+    explainer = NeuralizedExplainer(rule=rule, eta=eta, kappa=kappa, beta=beta, with_intercept=with_intercept,
+                                    multiclass=multiclass, beta_mc=beta_mc)
+    if feature_names is None and hasattr(X, "columns"):
+        feature_names = [str(c) for c in X.columns]
+    return explainer.fit(model, X_train, y_train, feature_names=feature_names).explain(X)
+
+
+def _as_2d(X, n_features):
+    if hasattr(X, "to_numpy"):
+        X = X.to_numpy()
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim == 1:
+        X = X[None, :]
+    if X.ndim != 2:
+        raise ValueError(f"X must be 2-D (rows, features), got shape {X.shape}")
+    if n_features is not None and X.shape[1] != n_features:
+        raise ValueError(f"X has {X.shape[1]} features, the model expects {n_features}")
+    if not np.isfinite(X).all():
+        raise ValueError("X contains NaN or infinite values; impute them before explaining")
+    return X
+
+
+def _feature_names(model, given, steps, per_feature, d):
+    if given is not None:
+        names = [str(n) for n in given]
+        if len(names) != d:
+            raise UnsupportedModelError(f"{len(names)} feature names given for {d} features")
+        return names
+    if not per_feature:
+        try:
+            return [str(n) for n in steps[-1].get_feature_names_out()]
+        except Exception:
+            return [f"t{i}" for i in range(d)]
+    names = getattr(model, "feature_names_in_", None)
+    if names is not None and len(names) == d:
+        return [str(n) for n in names]
+    return [f"x{i}" for i in range(d)]

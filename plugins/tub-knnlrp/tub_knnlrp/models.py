@@ -1,0 +1,255 @@
+"""Fit reference models and store them without pickle.
+
+A stored model is two files: ``model.safetensors`` (plain float64/int64 arrays: the training set,
+the scaler's parameters and, for the SVM, support vectors, dual coefficients and intercepts) and
+``model.json`` (kind, hyperparameters, classes, feature names, versions). Loading never runs
+code from the file: the scikit-learn estimator is rebuilt by fitting the stored hyperparameters
+on the stored training set (kNN and libsvm fits are deterministic) and checked against the
+stored fitted arrays, so a version drift that changed the model is an error, not a surprise.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tubcli.errors import TubError
+
+FORMAT = "tub-knnlrp/1"
+SCALERS = ("standard", "minmax", "robust", "none")
+KNN_GRID = list(range(3, 28, 2))
+SVM_GAMMA_GRID = [1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0, 30.0, 100.0]
+SVM_C_GRID = [1e-4, 1e-2, 1.0, 1e2, 1e4]
+
+
+def make_scaler(name: str):
+    from sklearn.preprocessing import MinMaxScaler, RobustScaler, StandardScaler
+
+    if name not in SCALERS:
+        raise TubError(f"unknown scaler {name!r}; use one of {', '.join(SCALERS)}")
+    return {"standard": StandardScaler, "minmax": MinMaxScaler, "robust": RobustScaler}.get(name, lambda: None)()
+
+
+def make_estimator(kind: str, k: int = 5, gamma: float = 0.1, C: float = 1.0):
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.svm import SVC
+
+    if kind == "knn":
+        return KNeighborsClassifier(n_neighbors=int(k))
+    if kind == "svm":
+        return SVC(kernel="rbf", gamma=float(gamma), C=float(C))
+    raise TubError(f"unknown model kind {kind!r}; use knn or svm")
+
+
+def make_pipeline(kind: str, scaler: str = "standard", **params):
+    from sklearn.pipeline import Pipeline
+
+    est = make_estimator(kind, **params)
+    sc = make_scaler(scaler)
+    steps = ([("scaler", sc)] if sc is not None else []) + [("model", est)]
+    return Pipeline(steps)
+
+
+@dataclass
+class TrainedModel:
+    """A fitted pipeline with the data and hyperparameters that reproduce it."""
+
+    pipeline: object
+    kind: str
+    scaler: str
+    params: dict
+    X_train: np.ndarray
+    y_train: np.ndarray
+    feature_names: list[str]
+    cv_score: float | None = None
+    grid: list | None = None
+
+    @property
+    def classes_(self):
+        return self.pipeline.classes_
+
+
+def fit_model(X, y, kind="knn", scaler="standard", k=None, gamma=None, C=None, folds=5, seed=0,
+              feature_names=None, log=None) -> TrainedModel:
+    """Fit a kNN or RBF-SVC pipeline; hyperparameters left as None are chosen by 5-fold grid search.
+
+    Grids (spec §4): k ∈ {3, 5, …, 27}; γ ∈ {1e-2, 3e-2, …, 100} × C ∈ {1e-4, 1e-2, 1, 1e2, 1e4}.
+    """
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+
+    X = np.asarray(X, dtype=np.float64)
+    y = np.asarray(y)
+    classes, counts = np.unique(y, return_counts=True)
+    if len(classes) < 2:
+        raise TubError("the labels hold a single class; a classifier needs at least two")
+    if kind == "knn":
+        if k is not None and (int(k) < 1 or int(k) % 2 == 0):
+            raise TubError(f"k={k} is not supported; the neuralized kNN needs an odd k (e.g. 5)")
+        grid = {"model__n_neighbors": [int(k)] if k is not None else KNN_GRID}
+        # every class needs k_d + κ = k points for the default κ
+        grid["model__n_neighbors"] = [v for v in grid["model__n_neighbors"] if v <= counts.min()]
+        if not grid["model__n_neighbors"]:
+            raise TubError(f"the smallest class has {counts.min()} rows; k must not exceed it")
+    else:
+        grid = {"model__gamma": [float(gamma)] if gamma is not None else SVM_GAMMA_GRID,
+                "model__C": [float(C)] if C is not None else SVM_C_GRID}
+    pipe = make_pipeline(kind, scaler)
+    n_grid = int(np.prod([len(v) for v in grid.values()]))
+    cv_score = None
+    if n_grid > 1:
+        n_folds = min(int(folds), int(counts.min()))
+        if n_folds < 2:
+            raise TubError(f"the smallest class has {counts.min()} rows; grid search needs at least 2 per class")
+        if log:
+            log.info("grid search over %d settings, %d-fold", n_grid, n_folds)
+        search = GridSearchCV(pipe, grid, cv=StratifiedKFold(n_folds, shuffle=True, random_state=seed), n_jobs=1)
+        search.fit(X, y)
+        best = search.best_params_
+        cv_score = float(search.best_score_)
+    else:
+        best = {key: v[0] for key, v in grid.items()}
+    params = {key.split("__", 1)[1]: v for key, v in best.items()}
+    params = {"k": params["n_neighbors"]} if kind == "knn" else params
+    pipe = make_pipeline(kind, scaler, **params).fit(X, y)
+    names = list(feature_names) if feature_names is not None else [f"x{i}" for i in range(X.shape[1])]
+    return TrainedModel(pipe, kind, scaler, params, X, y, names, cv_score)
+
+
+# ------------------------------------------------------------------------------ storage
+def _class_encoding(y):
+    classes = np.unique(y)
+    return classes, np.searchsorted(classes, y).astype(np.int64)
+
+
+def save_model(tm: TrainedModel, directory, name: str = "model") -> tuple[Path, Path]:
+    """Write ``<name>.safetensors`` + ``<name>.json`` atomically; returns both paths."""
+    from safetensors.numpy import save_file
+    import sklearn
+
+    from tubcli.io import atomic_path, write_json
+    from tub_knnlrp import __version__
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    classes, y_idx = _class_encoding(tm.y_train)
+    arrays = {"X_train": np.ascontiguousarray(tm.X_train, dtype=np.float64), "y_train": y_idx}
+    steps = tm.pipeline.steps
+    if tm.scaler != "none":
+        sc = steps[0][1]
+        for attr in ("mean_", "scale_", "center_", "min_", "data_min_", "data_max_", "max_abs_"):
+            value = getattr(sc, attr, None)
+            if value is not None:
+                arrays[f"scaler.{attr}"] = np.asarray(value, dtype=np.float64)
+    est = steps[-1][1]
+    if tm.kind == "svm":
+        arrays["svm.support_vectors"] = np.ascontiguousarray(est.support_vectors_, dtype=np.float64)
+        arrays["svm.dual_coef"] = np.ascontiguousarray(est.dual_coef_, dtype=np.float64)
+        arrays["svm.intercept"] = np.asarray(est.intercept_, dtype=np.float64)
+        arrays["svm.n_support"] = np.asarray(est.n_support_, dtype=np.int64)
+    meta = {
+        "format": FORMAT,
+        "kind": tm.kind,
+        "scaler": tm.scaler,
+        "params": tm.params,
+        "classes": classes.tolist(),
+        "feature_names": list(tm.feature_names),
+        "cv_score": tm.cv_score,
+        "sklearn": sklearn.__version__,
+        "tub_knnlrp": __version__,
+    }
+    st_path, js_path = directory / f"{name}.safetensors", directory / f"{name}.json"
+    with atomic_path(st_path) as tmp:
+        save_file(arrays, str(tmp), metadata={"format": FORMAT})
+    write_json(js_path, meta)
+    return st_path, js_path
+
+
+def resolve_model_path(path) -> Path:
+    """The ``model.json`` for a run directory, its checkpoints folder, or either model file."""
+    p = Path(path)
+    for cand in (p, p.with_suffix(".json"), p / "model.json", p / "checkpoints" / "model.json"):
+        if cand.is_file() and cand.suffix == ".json":
+            return cand
+    if p.suffix in (".joblib", ".pkl", ".pickle") and p.is_file():
+        return p
+    raise TubError(f"no model found at {p}; pass the run directory of `tub knnlrp train` or its model.json")
+
+
+def load_model(path, allow_pickle: bool = False) -> TrainedModel:
+    """Rebuild a stored model (see the module docstring). ``.joblib`` files need ``allow_pickle``."""
+    p = resolve_model_path(path)
+    if p.suffix in (".joblib", ".pkl", ".pickle"):
+        return _load_pickled(p, allow_pickle)
+    from safetensors.numpy import load_file
+
+    try:
+        meta = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise TubError(f"{p} is not valid JSON: {exc}") from None
+    if meta.get("format") != FORMAT:
+        raise TubError(f"{p} is not a tub-knnlrp model (format {meta.get('format')!r}); train one with tub knnlrp train")
+    st = p.with_suffix(".safetensors")
+    if not st.is_file():
+        raise TubError(f"{st} is missing; a model is the pair model.json + model.safetensors")
+    try:
+        arrays = load_file(str(st))
+    except Exception as exc:
+        raise TubError(f"{st} is not a readable safetensors file: {str(exc).splitlines()[0]}") from None
+    classes = np.asarray(meta["classes"])
+    X, y = arrays["X_train"], classes[arrays["y_train"]]
+    pipe = make_pipeline(meta["kind"], meta["scaler"], **meta["params"]).fit(X, y)
+    _verify(pipe, arrays, meta, p)
+    return TrainedModel(pipe, meta["kind"], meta["scaler"], dict(meta["params"]), X, y, list(meta["feature_names"]),
+                        meta.get("cv_score"))
+
+
+def _verify(pipe, arrays, meta, path) -> None:
+    """The refitted estimator must reproduce the stored fitted arrays (1e-8 relative)."""
+
+    def close(a, b):
+        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        return a.shape == b.shape and np.allclose(a, b, rtol=1e-8, atol=1e-10 * max(1.0, np.abs(b).max(initial=0)))
+
+    bad = []
+    if meta["scaler"] != "none":
+        sc = pipe.steps[0][1]
+        for key, value in arrays.items():
+            if key.startswith("scaler.") and not close(getattr(sc, key[7:]), value):
+                bad.append(key)
+    if meta["kind"] == "svm":
+        est = pipe.steps[-1][1]
+        pairs = {"svm.support_vectors": est.support_vectors_, "svm.dual_coef": est.dual_coef_,
+                 "svm.intercept": est.intercept_, "svm.n_support": est.n_support_}
+        bad += [k for k, v in pairs.items() if not close(v, arrays[k])]
+    if bad:
+        raise TubError(f"{path}: refitting with scikit-learn {_sk()} does not reproduce the stored "
+                       f"{', '.join(bad)} (saved with {meta.get('sklearn')}); retrain the model", exit_code=1)
+
+
+def _sk():
+    import sklearn
+
+    return sklearn.__version__
+
+
+def _load_pickled(path: Path, allow_pickle: bool) -> TrainedModel:
+    if not allow_pickle:
+        raise TubError(f"{path.name} is a pickle, and loading it executes code; "
+                       "pass --allow-pickle if you trust it, or retrain with tub knnlrp train")
+    import joblib
+
+    warnings.warn(f"loading {path.name} with joblib executes code from the file", UserWarning, stacklevel=2)
+    model = joblib.load(path)
+    from tub_knnlrp.neuralize import split_pipeline
+
+    _, est, _ = split_pipeline(model)
+    kind = "knn" if type(est).__name__ == "KNeighborsClassifier" else "svm"
+    d = getattr(model, "n_features_in_", None) or getattr(est, "n_features_in_", 0)
+    names = [str(n) for n in getattr(model, "feature_names_in_", [f"x{i}" for i in range(d)])]
+    # the training set in the original input space is unknown here (a kNN keeps it after preprocessing):
+    # explain reads the kNN's own copy; evaluate needs a model trained by tub knnlrp train
+    return TrainedModel(model, kind, "unknown", {}, None, None, names)

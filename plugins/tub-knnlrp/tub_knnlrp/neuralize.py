@@ -1,0 +1,227 @@
+"""Read a fitted scikit-learn kNN or RBF-SVC (optionally inside a Pipeline) into networks.
+
+Accepted (spec §2.3–2.5):
+
+* ``KNeighborsClassifier`` with ``weights="uniform"``, Euclidean metric (``euclidean`` or
+  ``minkowski`` with p = 2), odd k, dense input;
+* ``SVC(kernel="rbf")``, binary or multiclass (one-vs-one pairs are rebuilt from the dual
+  coefficients), γ taken from the *fitted* numeric value (``"scale"`` and ``"auto"`` resolved);
+* either of them as the last step of a ``Pipeline`` whose earlier steps are per-feature affine
+  scalers (explained in model space, each relevance attached to its input feature) or other
+  transforms (explained in the transformed space, with a warning).
+
+Anything else raises :class:`UnsupportedModelError` with one line saying why.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from tubcli.errors import TubError
+from tub_knnlrp.networks import NeuralizedKNN, NeuralizedSVM
+
+AFFINE_SCALERS = ("StandardScaler", "MinMaxScaler", "RobustScaler", "MaxAbsScaler")
+
+
+class UnsupportedModelError(TubError, ValueError):
+    """The model, its metric or its settings are outside what the neuralization covers."""
+
+
+class MixingTransformWarning(UserWarning):
+    """A pipeline step mixes features; relevances are given in the transformed space."""
+
+
+def split_pipeline(model):
+    """(preprocessing steps, final estimator, per-feature?) for an estimator or a Pipeline."""
+    from sklearn.pipeline import Pipeline
+
+    if isinstance(model, Pipeline):
+        steps = [s for _, s in model.steps[:-1] if s is not None and s != "passthrough"]
+        final = model.steps[-1][1]
+        affine = all(type(s).__name__ in AFFINE_SCALERS for s in steps)
+        return steps, final, affine
+    return [], model, True
+
+
+def transform_steps(steps, X):
+    for s in steps:
+        X = s.transform(X)
+    return np.asarray(X, dtype=np.float64)
+
+
+def _check_fitted(est):
+    from sklearn.exceptions import NotFittedError
+    from sklearn.utils.validation import check_is_fitted
+
+    try:
+        check_is_fitted(est)
+    except NotFittedError as exc:
+        raise UnsupportedModelError(f"{type(est).__name__} is not fitted; call fit(X, y) first") from exc
+
+
+def check_knn(knn) -> None:
+    """Raise UnsupportedModelError for kNN settings the neuralization does not cover (§2.3)."""
+    _check_fitted(knn)
+    if callable(knn.weights) or knn.weights != "uniform":
+        raise UnsupportedModelError(
+            f"kNN weights={knn.weights!r} is not supported; only weights='uniform' has an exact neuralization"
+        )
+    metric = knn.effective_metric_ if hasattr(knn, "effective_metric_") else knn.metric
+    params = getattr(knn, "effective_metric_params_", None) or {}
+    p = params.get("p", knn.p if knn.metric == "minkowski" else None)
+    euclid = metric == "euclidean" or (metric == "minkowski" and p == 2)
+    if not euclid or params.get("w") is not None:
+        raise UnsupportedModelError(
+            f"kNN metric {knn.metric!r} (p={knn.p}) is not supported; use metric='euclidean' or minkowski with p=2"
+        )
+    if knn.n_neighbors % 2 == 0:
+        raise UnsupportedModelError(
+            f"kNN with even k={knn.n_neighbors} is not supported; the neuralization needs an odd k"
+        )
+    if getattr(knn, "outputs_2d_", False):
+        raise UnsupportedModelError("multi-output kNN is not supported; fit one classifier per target")
+
+
+def check_svc(svc) -> None:
+    _check_fitted(svc)
+    if svc.kernel != "rbf":
+        raise UnsupportedModelError(f"SVC kernel={svc.kernel!r} is not supported; only kernel='rbf' is")
+    if getattr(svc, "_sparse", False):
+        raise UnsupportedModelError("an SVC fitted on sparse input is not supported; fit it on a dense array")
+
+
+def svc_gamma(svc, X_train=None) -> float:
+    """The fitted numeric γ: ``"scale"`` → 1/(d·Var X), ``"auto"`` → 1/d, numbers as given."""
+    if isinstance(svc.gamma, (int, float, np.floating)) and not isinstance(svc.gamma, bool):
+        return float(svc.gamma)
+    fitted = getattr(svc, "_gamma", None)  # scikit-learn stores the resolved value here
+    if isinstance(fitted, (int, float, np.floating)) and fitted > 0:
+        return float(fitted)
+    if svc.gamma == "auto":
+        return 1.0 / svc.n_features_in_
+    if svc.gamma == "scale" and X_train is not None:
+        X = np.asarray(X_train, dtype=np.float64)
+        return 1.0 / (X.shape[1] * X.var())
+    raise UnsupportedModelError("cannot resolve the SVC's gamma='scale'; pass X_train or fit with a numeric gamma")
+
+
+class NeuralizedClassifier:
+    """All binary networks of one fitted classifier, in model space (after preprocessing).
+
+    ``network(pos, neg)`` gives the binary network of class index ``pos`` (positive) against
+    ``neg``. For a binary model the paper's convention is ``pos = 1`` (``classes_[1]``).
+    """
+
+    def __init__(self, kind, classes, *, gamma=None, pair_coef=None, support_vectors=None,
+                 sv_class=None, intercepts=None, X_train=None, y_train=None, k=None, median_sqdist=None):
+        self.kind = kind
+        self.classes_ = np.asarray(classes)
+        self.gamma = gamma
+        self.support_vectors = support_vectors
+        self.sv_class = sv_class
+        self.pair_coef = pair_coef  # {(i, j): coefficient vector over all SVs}, i < j, positive → i
+        self.intercepts = intercepts  # {(i, j): b}
+        self.X_train = X_train
+        self.y_train = y_train  # class indices
+        self.k = k
+        self.median_sqdist = median_sqdist
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes_)
+
+    @property
+    def n_features(self) -> int:
+        return (self.X_train if self.kind == "knn" else self.support_vectors).shape[1]
+
+    def network(self, pos: int, neg: int, *, kappa=None, with_intercept=True):
+        if pos == neg:
+            raise ValueError("a binary network needs two different classes")
+        if self.kind == "knn":
+            return NeuralizedKNN(self.X_train[self.y_train == pos], self.X_train[self.y_train == neg], self.k, kappa)
+        i, j = min(pos, neg), max(pos, neg)
+        sign = 1.0 if pos == i else -1.0  # OvO pair (i, j): positive decision → class i
+        coef = sign * self.pair_coef[(i, j)]
+        b = sign * self.intercepts[(i, j)]
+        sv = self.support_vectors
+        return NeuralizedSVM(sv[coef > 0], sv[coef < 0], coef[coef > 0], -coef[coef < 0], self.gamma, b, with_intercept)
+
+
+def neuralize(model, X_train=None, y_train=None) -> tuple[list, NeuralizedClassifier, bool]:
+    """(preprocessing steps, NeuralizedClassifier, per-feature?) for a fitted estimator.
+
+    ``X_train``/``y_train`` (original input space) are optional: the kNN's stored training set
+    is used otherwise (checked against ``n_samples_fit_``).
+    """
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.svm import SVC
+
+    steps, est, affine = split_pipeline(model)
+    if not affine:
+        names = ", ".join(type(s).__name__ for s in steps if type(s).__name__ not in AFFINE_SCALERS)
+        warnings.warn(
+            f"the pipeline step(s) {names} mix features; relevances are given in the transformed space",
+            MixingTransformWarning,
+            stacklevel=3,
+        )
+    Xt = None
+    if X_train is not None:
+        Xt = transform_steps(steps, X_train)
+    if isinstance(est, KNeighborsClassifier):
+        check_knn(est)
+        if Xt is None:
+            fit_X = getattr(est, "_fit_X", None)
+            fit_y = getattr(est, "_y", None)
+            if not isinstance(fit_X, np.ndarray) or fit_y is None or len(fit_X) != est.n_samples_fit_:
+                raise UnsupportedModelError(
+                    "cannot read the kNN's training set from the fitted model; pass X_train and y_train"
+                )
+            Xt, y_idx = np.asarray(fit_X, dtype=np.float64), np.asarray(fit_y).ravel()
+        else:
+            if y_train is None:
+                raise UnsupportedModelError("X_train was given without y_train; pass both")
+            y = np.asarray(y_train).ravel()
+            if len(y) != len(Xt):
+                raise UnsupportedModelError(f"X_train has {len(Xt)} rows but y_train {len(y)}; they must match")
+            lookup = {c: n for n, c in enumerate(est.classes_.tolist())}
+            try:
+                y_idx = np.array([lookup[v] for v in y.tolist()])
+            except KeyError as exc:
+                raise UnsupportedModelError(f"y_train holds label {exc.args[0]!r} that the model does not know") from None
+        return steps, NeuralizedClassifier("knn", est.classes_, X_train=Xt, y_train=y_idx, k=est.n_neighbors), affine
+    if isinstance(est, SVC):
+        check_svc(est)
+        gamma = svc_gamma(est, Xt)
+        sv = np.asarray(est.support_vectors_, dtype=np.float64)
+        n_sv = np.asarray(est.n_support_)
+        starts = np.r_[0, np.cumsum(n_sv)]
+        sv_class = np.repeat(np.arange(len(n_sv)), n_sv)
+        dual = np.asarray(est.dual_coef_, dtype=np.float64)
+        pair_coef, intercepts = {}, {}
+        n_classes = len(est.classes_)
+        if n_classes == 2:
+            # binary: decision > 0 → classes_[1], i.e. the OvO pair (1, 0) in our convention
+            pair_coef[(0, 1)] = -dual[0]
+            intercepts[(0, 1)] = -float(est.intercept_[0])
+        else:
+            col = 0
+            for i in range(n_classes):
+                for j in range(i + 1, n_classes):
+                    coef = np.zeros(len(sv))
+                    coef[starts[i] : starts[i + 1]] = dual[j - 1, starts[i] : starts[i + 1]]
+                    coef[starts[j] : starts[j + 1]] = dual[i, starts[j] : starts[j + 1]]
+                    pair_coef[(i, j)] = coef
+                    intercepts[(i, j)] = float(est.intercept_[col])
+                    col += 1
+        from tub_knnlrp.rules import median_pairwise_sqdist
+
+        m = median_pairwise_sqdist(Xt if Xt is not None else sv)
+        net = NeuralizedClassifier("svm", est.classes_, gamma=gamma, pair_coef=pair_coef, support_vectors=sv,
+                                   sv_class=sv_class, intercepts=intercepts, median_sqdist=m)
+        return steps, net, affine
+    raise UnsupportedModelError(
+        f"{type(est).__name__} is not supported; use KNeighborsClassifier or SVC(kernel='rbf'), "
+        "alone or as the last step of a Pipeline"
+    )

@@ -1,0 +1,199 @@
+"""Multiclass, pipelines, unsupported models, storage without pickle (spec §2.4, §2.5, §4)."""
+
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import MinMaxScaler, StandardScaler
+from sklearn.svm import SVC
+
+from tub_knnlrp.data import bundled, standard_split
+from tub_knnlrp.explain import NeuralizedExplainer, explain
+from tub_knnlrp.models import fit_model, load_model, save_model
+from tub_knnlrp.neuralize import MixingTransformWarning, UnsupportedModelError
+from tubcli.errors import TubError
+
+
+@pytest.fixture(scope="module")
+def wine():
+    t = bundled("wine")
+    return standard_split(t.X, t.y)
+
+
+@pytest.mark.parametrize("multiclass", ["min", "softmin"])
+def test_multiclass_knn_explains_predicted_class_and_conserves(wine, multiclass):
+    Xtr, Xte, ytr, _ = wine
+    knn = KNeighborsClassifier(5).fit(Xtr, ytr)
+    e = explain(knn, Xte, rule="midpoint", multiclass=multiclass, beta_mc=0.5)
+    np.testing.assert_array_equal(e.positive, e.prediction)
+    assert np.all(e.negative != e.positive)
+    err = np.abs(e.values.sum(axis=1) - e.output) / np.maximum(1.0, np.abs(e.output))
+    assert err.max() <= 1e-9
+    # the pairwise vote need not equal sklearn's multiclass vote: agreement is high, and reported
+    assert 0.9 <= np.mean(e.output > 0) <= 1.0
+
+
+def test_multiclass_hard_min_picks_the_strongest_competitor(wine):
+    Xtr, Xte, ytr, _ = wine
+    knn = KNeighborsClassifier(5).fit(Xtr, ytr)
+    ex = NeuralizedExplainer(rule="midpoint", kappa=0).fit(knn)
+    e = ex.explain(Xte)
+    for i in range(len(Xte)):
+        c = int(e.positive[i])
+        g = {o: ex.network(c, o).forward(Xte[i : i + 1])[0] for o in range(3) if o != c}
+        assert e.output[i] == pytest.approx(min(g.values()), abs=1e-12)
+        assert int(e.negative[i]) == min(g, key=g.get)
+
+
+def test_multiclass_svm_pairs_reproduce_ovo_decision_function(wine):
+    Xtr, Xte, ytr, _ = wine
+    svc = SVC(gamma=0.05, decision_function_shape="ovo").fit(Xtr, ytr)
+    ex = NeuralizedExplainer().fit(svc)
+    D = svc.decision_function(Xte)
+    col = 0
+    for i in range(3):
+        for j in range(i + 1, 3):
+            np.testing.assert_allclose(ex.network(i, j).decision_function(Xte), D[:, col], rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(ex.network(j, i).decision_function(Xte), -D[:, col], rtol=1e-10, atol=1e-12)
+            col += 1
+    e = ex.explain(Xte)
+    assert np.mean(e.output > 0) >= 0.9  # predicted class beats its strongest competitor
+
+
+def test_binary_labels_can_be_strings():
+    t = bundled("breast_cancer")
+    y = np.where(t.y == 1, "benign", "malignant")
+    Xtr, Xte, ytr, _ = standard_split(t.X, y)
+    knn = KNeighborsClassifier(5).fit(Xtr, ytr)
+    e = explain(knn, Xte, kappa=0)
+    assert set(e.positive) == {knn.classes_[1]}
+    assert np.mean((e.output > 0) == (e.prediction == knn.classes_[1])) == 1.0
+
+
+@pytest.mark.parametrize("scaler", [StandardScaler, MinMaxScaler])
+def test_pipeline_with_scaler_explains_in_model_space(scaler):
+    t = bundled("breast_cancer")
+    Xtr, Xte = t.X[:400], t.X[400:]
+    pipe = make_pipeline(scaler(), KNeighborsClassifier(5)).fit(Xtr, t.y[:400])
+    e = explain(pipe, Xte)
+    direct = explain(pipe[-1], pipe[0].transform(Xte))
+    np.testing.assert_allclose(e.values, direct.values, atol=1e-12)
+    np.testing.assert_array_equal(e.data, Xte)  # relevances attached to the original features
+
+
+def test_pipeline_with_pca_warns_and_uses_transformed_space():
+    t = bundled("breast_cancer")
+    pipe = make_pipeline(StandardScaler(), PCA(5), KNeighborsClassifier(5)).fit(t.X, t.y)
+    with pytest.warns(MixingTransformWarning):
+        e = explain(pipe, t.X[:10])
+    assert e.values.shape == (10, 5)
+    assert e.feature_names[0].lower().startswith("pca")
+
+
+@pytest.mark.parametrize(
+    "model, words",
+    [
+        (KNeighborsClassifier(5, weights="distance"), "weights"),
+        (KNeighborsClassifier(5, metric="manhattan"), "metric"),
+        (KNeighborsClassifier(4), "odd"),
+        (SVC(kernel="linear"), "kernel"),
+        (LogisticRegression(), "not supported"),
+    ],
+)
+def test_unsupported_models_raise_one_line_errors(model, words):
+    t = bundled("iris_binary")
+    model.fit(t.X, t.y)
+    with pytest.raises(UnsupportedModelError) as info:
+        explain(model, t.X)
+    msg = str(info.value)
+    assert words in msg and "\n" not in msg
+    assert isinstance(info.value, TubError)
+
+
+def test_unfitted_model_is_an_error():
+    with pytest.raises(UnsupportedModelError, match="not fitted"):
+        explain(KNeighborsClassifier(5), np.zeros((2, 3)))
+
+
+def test_too_few_points_per_class_is_an_error():
+    X = np.random.default_rng(0).normal(size=(12, 2))
+    y = np.array([0] * 8 + [1] * 4)
+    knn = KNeighborsClassifier(5).fit(X, y)
+    with pytest.raises(ValueError, match="needs at least 5 per class"):
+        explain(knn, X)  # κ = 2 needs ranks 1..5 in each class
+    assert explain(knn, X, kappa=0).values.shape == (12, 2)  # κ = 0 needs rank 3 only
+
+
+@pytest.mark.parametrize("kind, params", [("knn", {"k": 5}), ("svm", {"gamma": 0.1, "C": 1.0})])
+def test_stored_model_round_trips_without_pickle(tmp_path, kind, params):
+    t = bundled("wine01")
+    tm = fit_model(t.X, t.y, kind=kind, feature_names=t.feature_names, **params)
+    st, js = save_model(tm, tmp_path)
+    assert b"pickle" not in st.read_bytes()[:200]
+    again = load_model(tmp_path)
+    np.testing.assert_array_equal(again.pipeline.predict(t.X), tm.pipeline.predict(t.X))
+    a = explain(tm.pipeline, t.X[:20], X_train=tm.X_train, y_train=tm.y_train)
+    b = explain(again.pipeline, t.X[:20], X_train=again.X_train, y_train=again.y_train)
+    np.testing.assert_array_equal(a.values, b.values)
+    assert again.feature_names == t.feature_names
+
+
+def test_tampered_svm_model_is_detected(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    t = bundled("wine01")
+    tm = fit_model(t.X, t.y, kind="svm", gamma=0.1, C=1.0)
+    st, _ = save_model(tm, tmp_path)
+    arrays = load_file(str(st))
+    arrays["svm.dual_coef"] = arrays["svm.dual_coef"] * 1.01
+    save_file(arrays, str(st), metadata={"format": "tub-knnlrp/1"})
+    with pytest.raises(TubError, match="does not reproduce"):
+        load_model(tmp_path)
+
+
+def test_pickle_needs_explicit_permission(tmp_path):
+    import joblib
+
+    t = bundled("iris_binary")
+    path = tmp_path / "m.joblib"
+    joblib.dump(KNeighborsClassifier(3).fit(t.X, t.y), path)
+    with pytest.raises(TubError, match="executes code"):
+        load_model(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tm = load_model(path, allow_pickle=True)
+    assert any("executes code" in str(w.message) for w in caught)
+    assert tm.kind == "knn"
+
+
+def test_grid_search_picks_an_odd_k():
+    t = bundled("iris_binary")
+    tm = fit_model(t.X, t.y, kind="knn")
+    assert tm.params["k"] % 2 == 1 and 3 <= tm.params["k"] <= 27
+    assert 0.8 < tm.cv_score <= 1.0
+
+
+def test_to_shap_gives_a_shap_explanation():
+    shap = pytest.importorskip("shap")
+    t = bundled("iris_binary")
+    knn = KNeighborsClassifier(5).fit(t.X, t.y)
+    e = explain(knn, t.X[:7], feature_names=["a", "b", "c", "d"])
+    s = e.to_shap()
+    assert isinstance(s, shap.Explanation)
+    assert s.values.shape == (7, 4) and list(s.feature_names) == ["a", "b", "c", "d"]
+    np.testing.assert_array_equal(s.base_values, np.zeros(7))
+
+
+def test_dataframe_input_keeps_feature_names_without_warnings():
+    pd = pytest.importorskip("pandas")
+    t = bundled("wine01")
+    df = pd.DataFrame(t.X, columns=t.feature_names)
+    pipe = make_pipeline(StandardScaler(), KNeighborsClassifier(5)).fit(df, t.y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        e = explain(pipe, df.iloc[:5])
+    assert e.feature_names == t.feature_names
