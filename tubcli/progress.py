@@ -41,7 +41,7 @@ def use_bars() -> bool:
     """Bars only on an interactive terminal and when not quiet."""
     if os.environ.get("TUB_NO_PROGRESS"):
         return False
-    return sys.stderr.isatty() and get_logger().handlers[:1] != [] and _stream_level() <= logging.INFO
+    return sys.stderr.isatty() and _stream_level() <= logging.INFO
 
 
 def _stream_level() -> int:

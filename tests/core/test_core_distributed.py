@@ -1,15 +1,10 @@
 """A two-process torchrun (gloo, CPU) run: same final weights on both ranks, one run directory."""
 
-import shutil
 import subprocess
 import sys
 
-import pytest
-
 
 def test_torchrun_two_ranks_agree_and_write_once(toy_env, tmp_path):
-    if shutil.which("torchrun") is None:
-        pytest.skip("torchrun not on PATH")
     data = tmp_path / "d.csv"
     data.write_text("\n".join(f"{x},{x % 4},{3 * x - (x % 4)}" for x in range(1, 17)))
     weights = tmp_path / "weights"
