@@ -1,0 +1,302 @@
+"""Reading ViT checkpoints, converting them to timm's key layout and inferring their architecture.
+
+Spec §2.1 (key table and inference rules) and §2.6 (DINOv2 conversion). Everything is decided
+from tensor shapes; only the head count cannot be (qkv is (3D, D) for any head count), so it comes
+from a preset, a ``model.json`` next to the weights, or the width table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from tubcli.errors import TubError
+
+from .presets import HEADS_BY_WIDTH, NORMALISATIONS, Preset
+from .vit import ViTConfig, VisionTransformer
+
+WRAPPER_PREFIXES = ("module.", "backbone.", "teacher.", "student.", "_orig_mod.")
+NESTED_KEYS = ("teacher", "student", "model", "state_dict", "model_state_dict")
+BLOCK_KEYS = {
+    "norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias",
+    "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+    "ls1.gamma", "ls2.gamma",
+    "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias",
+}
+TOP_KEYS = {"cls_token", "reg_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias",
+            "norm.weight", "norm.bias"}
+BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from ``.safetensors`` or ``.pt/.pth/.bin`` (``weights_only``), nested dicts unwrapped."""
+    path = Path(path)
+    if not path.is_file():
+        raise TubError(f"checkpoint {path} does not exist; pass the path of a .safetensors/.pt file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file
+        raise TubError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0][:200]}") from exc
+    # unwrap {"teacher": {...}}, {"model": {...}}, {"state_dict": {...}}
+    while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        nested = [k for k in NESTED_KEYS if isinstance(obj.get(k), dict)]
+        if not nested:
+            raise TubError(f"{path} holds no tensors at its top level (keys {sorted(obj)[:8]}); "
+                           "pass the weights file itself")
+        obj = obj[nested[0]]
+    if not isinstance(obj, dict):
+        raise TubError(f"{path} is not a state dict; save model.state_dict(), never a pickled model")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def strip_wrappers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove ``module.``/``backbone.``/``teacher.`` prefixes and flatten ``blocks.{c}.{i}.``."""
+    out = {}
+    for key, val in sd.items():
+        changed = True
+        while changed:
+            changed = False
+            for pre in WRAPPER_PREFIXES:
+                if key.startswith(pre):
+                    key, changed = key[len(pre):], True
+        key = re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", key)
+        if key in out:
+            raise TubError(f"key {key!r} occurs twice after removing wrapper prefixes; check the checkpoint")
+        out[key] = val
+    return out
+
+
+def is_dinov2(sd: dict[str, torch.Tensor]) -> bool:
+    return "mask_token" in sd or "register_tokens" in sd or any(".mlp.w12." in k for k in sd)
+
+
+def convert_dinov2(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DINOv2 layout -> timm layout (spec §2.6); exact, no numerical change except the CLS fold.
+
+    With registers, DINOv2 adds positions to [CLS, patches] before inserting registers, so
+    cls_token + pos_embed[:, 0] and a patches-only table reproduce it exactly.
+    """
+    sd = dict(sd)
+    sd.pop("mask_token", None)
+    if "register_tokens" in sd:
+        sd["reg_token"] = sd.pop("register_tokens")
+        pos = sd["pos_embed"]
+        sd["cls_token"] = sd["cls_token"] + pos[:, :1]
+        sd["pos_embed"] = pos[:, 1:].contiguous()
+    out = {}
+    for key, val in sd.items():
+        key = key.replace(".mlp.w12.", ".mlp.fc1.").replace(".mlp.w3.", ".mlp.fc2.")
+        out[key] = val
+    return out
+
+
+def to_timm_layout(sd: dict[str, torch.Tensor], source: str = "auto") -> dict[str, torch.Tensor]:
+    """Wrapper prefixes stripped, DINOv2 converted (``source`` auto|dinov2|timm), head dropped."""
+    sd = strip_wrappers(sd)
+    if source == "dinov2" or (source == "auto" and is_dinov2(sd)):
+        if "pos_embed" not in sd or "cls_token" not in sd:
+            raise TubError("DINOv2 checkpoint lacks cls_token/pos_embed; is this a DINOv2 ViT?")
+        sd = convert_dinov2(sd)
+    return {k: v for k, v in sd.items() if not k.startswith("head.")}
+
+
+def _square(n: int) -> int | None:
+    r = int(round(math.sqrt(n)))
+    return r if r * r == n else None
+
+
+def infer_config(sd: dict[str, torch.Tensor], num_heads: int | None = None) -> ViTConfig:
+    """Architecture from shapes (spec §2.1 inference rules); unknown keys and bad shapes are errors."""
+    unknown = sorted(k for k in sd if not (k in TOP_KEYS or (BLOCK_RE.match(k) and BLOCK_RE.match(k).group(2) in BLOCK_KEYS)))
+    if unknown:
+        shown = ", ".join(unknown[:12]) + (f" … (+{len(unknown) - 12})" if len(unknown) > 12 else "")
+        raise TubError(f"checkpoint has keys the timm ViT layout does not know: {shown}; "
+                       "convert it (tub atlas convert) or remove them")
+    for req in ("cls_token", "pos_embed", "patch_embed.proj.weight", "norm.weight"):
+        if req not in sd:
+            raise TubError(f"checkpoint lacks {req!r}; is this a ViT in timm or DINOv2 layout?")
+    D = sd["cls_token"].shape[-1]
+    pe = sd["patch_embed.proj.weight"]
+    if pe.ndim != 4 or pe.shape[0] != D or pe.shape[1] != 3 or pe.shape[2] != pe.shape[3]:
+        raise TubError(f"patch_embed.proj.weight has shape {tuple(pe.shape)}, expected ({D}, 3, P, P)")
+    P = pe.shape[-1]
+    R = sd["reg_token"].shape[1] if "reg_token" in sd else 0
+    L = sd["pos_embed"].shape[1]
+    if sd["pos_embed"].shape[-1] != D:
+        raise TubError(f"pos_embed width {sd['pos_embed'].shape[-1]} differs from cls_token width {D}")
+    if _square(L):
+        layout, g = "patches", _square(L)
+    elif L > 1 + R and _square(L - 1 - R):
+        layout, g = "prefix", _square(L - 1 - R)
+    else:
+        raise TubError(f"pos_embed has {L} positions: neither a square patch grid nor 1 + {R} + square")
+    idx = sorted({int(BLOCK_RE.match(k).group(1)) for k in sd if k.startswith("blocks.")})
+    if not idx:
+        raise TubError("checkpoint has no transformer blocks (blocks.N.*)")
+    depth = idx[-1] + 1
+    if idx != list(range(depth)):
+        missing = sorted(set(range(depth)) - set(idx))
+        raise TubError(f"blocks {missing} are missing (found up to blocks.{depth - 1}); truncated checkpoint?")
+    b0 = {k[len("blocks.0."):] for k in sd if k.startswith("blocks.0.")}
+    h1 = sd["blocks.0.mlp.fc1.weight"].shape[0] if "mlp.fc1.weight" in b0 else None
+    h2 = sd["blocks.0.mlp.fc2.weight"].shape[1] if "mlp.fc2.weight" in b0 else None
+    if h1 is None or h2 is None:
+        raise TubError("blocks.0 lacks mlp.fc1/fc2 weights")
+    if h1 == 2 * h2:
+        mlp = "swiglu"
+    elif h1 == h2:
+        mlp = "gelu"
+    else:
+        raise TubError(f"MLP widths fc1 {h1} / fc2 {h2} are neither equal (GELU) nor 2:1 (packed SwiGLU)")
+    if num_heads is None:
+        num_heads = HEADS_BY_WIDTH.get(D)
+        if num_heads is None:
+            raise TubError(f"cannot infer the head count for width {D}; give --heads or a model.json")
+    cfg = ViTConfig(patch_size=P, embed_dim=D, depth=depth, num_heads=num_heads, reg_tokens=R,
+                    pos_layout=layout, pos_grid=g, mlp=mlp, mlp_hidden=h2,
+                    layer_scale="ls1.gamma" in b0, qkv_bias="attn.qkv.bias" in b0)
+    check_shapes(sd, cfg)
+    return cfg
+
+
+def expected_shapes(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
+    """Every key and shape a model of ``cfg`` has (timm layout)."""
+    with torch.device("meta"):
+        model = VisionTransformer(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_shapes(sd: dict[str, torch.Tensor], cfg: ViTConfig) -> None:
+    exp = expected_shapes(cfg)
+    missing = sorted(set(exp) - set(sd))
+    extra = sorted(set(sd) - set(exp))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:8])}" + (" …" if len(missing) > 8 else ""))
+        if extra:
+            parts.append(f"unexpected {', '.join(extra[:8])}" + (" …" if len(extra) > 8 else ""))
+        raise TubError(f"checkpoint keys are inconsistent across blocks: {'; '.join(parts)}")
+    bad = [f"{k} {tuple(sd[k].shape)} (expected {exp[k]})" for k in exp if tuple(sd[k].shape) != exp[k]]
+    if bad:
+        raise TubError(f"inconsistent tensor shapes: {'; '.join(bad[:4])}" + (" …" if len(bad) > 4 else ""))
+
+
+def apply_preset(cfg: ViTConfig, preset: Preset) -> ViTConfig:
+    """Check inferred shapes against a preset; take the head count from it.
+
+    Width, patch, registers, layout and MLP must match; a different depth is only logged (shallow
+    copies of a preset are what tests and quick experiments use).
+    """
+    if preset.depth is not None and cfg.depth != preset.depth:
+        import logging
+
+        logging.getLogger("tub.atlas").warning("checkpoint has %d blocks, preset %s has %d; using %d",
+                                               cfg.depth, preset.name, preset.depth, cfg.depth)
+    checks = {"patch_size": preset.patch_size, "embed_dim": preset.embed_dim,
+              "reg_tokens": preset.reg_tokens, "pos_layout": preset.pos_layout, "mlp": preset.mlp,
+              "mlp_hidden": preset.mlp_hidden, "layer_scale": preset.layer_scale}
+    diffs = [f"{k} {getattr(cfg, k)} (preset {v})" for k, v in checks.items()
+             if v is not None and getattr(cfg, k) != v]
+    if diffs:
+        raise TubError(f"checkpoint does not match preset {preset.name}: {', '.join(diffs)}; "
+                       "use --arch auto or the right preset")
+    if preset.num_heads is not None:
+        cfg.num_heads = preset.num_heads
+    return cfg
+
+
+def model_json_for(weights: Path) -> Path | None:
+    """``<stem>.json`` or ``model.json`` next to the weights, if present."""
+    for cand in (weights.with_suffix(".json"), weights.parent / "model.json"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def read_model_json(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise TubError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(meta, dict) or "vit" not in meta:
+        raise TubError(f"{path} is not a tub-atlas model.json (no 'vit' section)")
+    return meta
+
+
+def model_json(cfg: ViTConfig, norm: str | None = None, pool: str = "cls", img_size: int | None = None,
+               preset: str | None = None, source: str = "") -> dict:
+    """The JSON written next to converted or trained weights (spec §2.6 step 4)."""
+    mean, std = NORMALISATIONS[norm] if norm else (None, None)
+    return {
+        "format": "tub-atlas/vit-timm-layout/1",
+        "preset": preset,
+        "vit": cfg.to_dict(),
+        "norm": norm, "mean": mean, "std": std,
+        "img_size": img_size or cfg.img_size,
+        "pool": pool,
+        "params": cfg.num_params(),
+        "source": source,
+    }
+
+
+def describe(cfg: ViTConfig) -> dict:
+    """What ``inspect`` reports."""
+    return {
+        "patch_size": cfg.patch_size, "embed_dim": cfg.embed_dim, "depth": cfg.depth,
+        "num_heads": cfg.num_heads, "head_dim": cfg.embed_dim // cfg.num_heads,
+        "reg_tokens": cfg.reg_tokens, "pos_layout": cfg.pos_layout,
+        "pos_grid": f"{cfg.pos_grid}x{cfg.pos_grid}", "native_img_size": cfg.img_size,
+        "mlp": cfg.mlp, "fc1_out": cfg.fc1_out, "mlp_hidden": cfg.mlp_hidden,
+        "layer_scale": cfg.layer_scale, "qkv_bias": cfg.qkv_bias, "params": cfg.num_params(),
+    }
+
+
+def read_checkpoint(path: str | Path, source: str = "auto", num_heads: int | None = None,
+                    preset: Preset | None = None) -> tuple[ViTConfig, dict[str, torch.Tensor], dict]:
+    """Load, convert to timm layout and infer; returns (config, state dict, model.json or {})."""
+    path = Path(path)
+    sd = to_timm_layout(load_tensors(path), source)
+    meta = {}
+    mj = model_json_for(path)
+    if mj is not None:
+        meta = read_model_json(mj)
+        if num_heads is None:
+            num_heads = meta["vit"].get("num_heads")
+    if num_heads is None and preset is not None:
+        num_heads = preset.num_heads
+    cfg = infer_config(sd, num_heads)
+    if preset is not None:
+        cfg = apply_preset(cfg, preset)
+    return cfg, sd, meta
+
+
+def build_model(cfg: ViTConfig, sd: dict[str, torch.Tensor] | None = None) -> VisionTransformer:
+    model = VisionTransformer(cfg)
+    if sd is not None:
+        check_shapes(sd, cfg)
+        model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+def save_weights(path: Path, sd: dict[str, torch.Tensor], meta: dict) -> None:
+    """safetensors + ``model.json`` beside it, both written atomically."""
+    from safetensors.torch import save_file
+
+    from tubcli.io import atomic_path, write_json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp),
+                  metadata={"format": "tub-atlas", "config": json.dumps(meta["vit"])})
+    write_json(path.with_suffix(".json"), meta)

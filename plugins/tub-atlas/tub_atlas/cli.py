@@ -1,0 +1,236 @@
+"""The atlas verbs: thin functions ``verb(cfg, run) -> dict`` over the science modules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from tubcli.errors import TubError
+from tubcli.io import write_json
+
+from .config import (BenchConfig, ConvertConfig, EmbedConfig, EncoderSection, EvaluateConfig, ExplainConfig,
+                     InspectConfig, MakeDataConfig, TrainConfig)
+
+
+def _need(value, what: str):
+    if value is None or value == []:
+        raise TubError(f"missing {what}; see --help")
+    return value
+
+
+def _encoder(sec: EncoderSection, run):
+    from .encoder import load_encoder
+
+    return load_encoder(sec.arch, sec.weights, pool=sec.pool, heads=sec.heads, norm=sec.norm,
+                        img_size=sec.img_size, random_init=sec.random_init, seed=run.seed,
+                        device=run.device)
+
+
+# ------------------------------------------------------------------ inspect / convert
+def inspect(cfg: InspectConfig, run) -> dict:
+    from .checkpoint import describe, infer_config, load_tensors, model_json_for, read_model_json, to_timm_layout
+
+    path = _need(cfg.weights, "WEIGHTS (a checkpoint file)")
+    raw = load_tensors(path)
+    sd = to_timm_layout(raw, cfg.source)
+    heads = cfg.heads
+    mj = model_json_for(Path(path))
+    if heads is None and mj is not None:
+        heads = read_model_json(mj)["vit"].get("num_heads")
+    out = describe(infer_config(sd, heads))
+    out["checkpoint"] = str(path)
+    from .checkpoint import is_dinov2, strip_wrappers
+
+    stripped = strip_wrappers(raw)
+    out["layout"] = "dinov2" if (cfg.source == "dinov2" or (cfg.source == "auto" and is_dinov2(stripped))) else "timm"
+    out["ignored_keys"] = sorted(k for k in stripped if k.startswith("head."))
+    return out
+
+
+def convert(cfg: ConvertConfig, run) -> dict:
+    from .checkpoint import (apply_preset, describe, infer_config, load_tensors, model_json, save_weights,
+                             to_timm_layout)
+    from .presets import get_preset
+
+    src = Path(_need(cfg.weights, "WEIGHTS (input checkpoint)"))
+    dst = Path(_need(cfg.output, "OUTPUT (.safetensors path)"))
+    if dst.suffix != ".safetensors":
+        raise TubError(f"output {dst} must end in .safetensors")
+    if dst.resolve() == src.resolve():
+        raise TubError("output would overwrite the input checkpoint; choose another path")
+    preset = get_preset(cfg.preset) if cfg.preset else None
+    sd = to_timm_layout(load_tensors(src), cfg.source)
+    heads = cfg.heads or (preset.num_heads if preset else None)
+    vit_cfg = infer_config(sd, heads)
+    if preset is not None:
+        vit_cfg = apply_preset(vit_cfg, preset)
+    norm = cfg.norm or (preset.norm if preset else None)
+    pool = cfg.pool or (preset.pool if preset else "cls")
+    meta = model_json(vit_cfg, norm=norm, pool=pool, preset=preset.name if preset else None,
+                      img_size=preset.img_size if preset else None, source=f"converted from {src.name}")
+    save_weights(dst, sd, meta)
+    return {"output": str(dst), "model_json": str(dst.with_suffix(".json")), **describe(vit_cfg)}
+
+
+# ------------------------------------------------------------------ embed
+def embed(cfg: EmbedConfig, run) -> dict:
+    from .embedding import embed_tileset, output_path, slide_embeddings, write_embeddings
+    from .tiles import read_input, read_pathorob_metadata
+
+    if cfg.format == "pathorob":
+        if cfg.metadata is None:
+            raise TubError("--format pathorob needs --metadata (PathoROB CSV) and the image root")
+        if cfg.inputs:
+            raise TubError("--format pathorob reads its tiles from --metadata/--image-root; drop the TILES arguments")
+        sets = read_pathorob_metadata(cfg.metadata, cfg.image_root)
+    else:
+        if cfg.metadata is not None:
+            raise TubError("--metadata is only used with --format pathorob")
+        _need(cfg.inputs, "TILES (folders, .npz or .h5 files)")
+        sets = {}
+        for p in cfg.inputs:
+            ts = read_input(p)
+            if ts.name in sets:  # e.g. a folder 'tiles' and 'tiles.npz'
+                ts.name = f"{ts.name}_{Path(p).suffix.lstrip('.') or 'dir'}"
+            if ts.name in sets:
+                raise TubError(f"two inputs are named {ts.name!r}; their outputs would collide — rename one")
+            sets[ts.name] = ts
+    encoder, info = _encoder(cfg.encoder, run)
+    dtype = run.dtype if cfg.precision in ("bf16", "fp16") else None
+    if cfg.precision == "fp64":
+        import torch
+
+        encoder.double()
+    write_json(run.dir / "encoder.json", info)
+    if info["random_init"]:
+        run.log.warning("embedding with a RANDOMLY INITIALISED %s (no weights given)", info["arch"])
+    slides, n_tiles = {}, 0
+    for name, out in run.batch(sorted(sets), output_for=lambda n: output_path(cfg.format, run.outputs_dir, sets[n].name)):
+        with run.item(name):
+            ts = sets[name]
+            emb = embed_tileset(encoder, ts, cfg.batch_size, run.device, dtype)
+            write_embeddings(cfg.format, out, emb, ts, seed=run.seed)
+            slides.update(slide_embeddings(ts.rows, emb, cfg.slide_pool))
+            n_tiles += len(ts)
+    if slides:
+        from tubcli.io import atomic_path
+
+        with atomic_path(run.dir / "slides.npz") as tmp:
+            np.savez(tmp, **slides)
+    return {"tiles": n_tiles, "slides": len(slides), "dim": info["dim"], "pool": info["pool"],
+            "format": cfg.format, "arch": info["arch"], "random_init": info["random_init"],
+            "outputs": str(run.outputs_dir)}
+
+
+# ------------------------------------------------------------------ evaluate
+def evaluate(cfg: EvaluateConfig, run) -> dict:
+    from .features import concat, read_features
+    from .probing import run_probes
+
+    feats = concat([read_features(p, cfg.metadata) for p in _need(cfg.features, "FEATURES")])
+    return run_probes(feats, cfg, run)
+
+
+# ------------------------------------------------------------------ explain
+def explain(cfg: ExplainConfig, run) -> dict:
+    from .explaining import explain_inputs
+
+    _need(cfg.inputs, "TILES to explain")
+    encoder, info = _encoder(cfg.encoder, run)
+    write_json(run.dir / "encoder.json", info)
+    return explain_inputs(encoder, cfg, run)
+
+
+# ------------------------------------------------------------------ train (distillation)
+def train(cfg: TrainConfig, run) -> dict:
+    import torch
+
+    from .checkpoint import model_json, read_checkpoint
+    from .distill import train_student
+    from .encoder import Transform
+    from .presets import get_preset
+    from .synthetic import preset_config, random_vit
+    from .tiles import read_input
+    from .vit import VisionTransformer
+
+    sets = [read_input(p) for p in _need(cfg.tiles, "TILES (unlabelled tile folders or arrays)")]
+    teacher, t_info = _encoder(cfg.teacher, run)
+    sp = get_preset(cfg.student.arch)
+    if cfg.student.weights is not None:
+        s_cfg, sd, _ = read_checkpoint(cfg.student.weights, preset=sp)
+        student = VisionTransformer(s_cfg)
+        student.load_state_dict(sd)
+    else:
+        try:
+            s_cfg = preset_config(sp.name, depth=cfg.student.depth,
+                                  pos_grid=max(1, cfg.crop_size // (sp.patch_size or 1)))
+        except ValueError as exc:
+            raise TubError(f"{exc}; choose a student preset with fixed shapes") from None
+        student = random_vit(s_cfg, seed=run.seed)
+    tiles = np.concatenate([ts.read(0, len(ts)) for ts in sets]) if len(sets) > 1 else sets[0].read(0, len(sets[0]))
+    if cfg.crop_size % s_cfg.patch_size:
+        raise TubError(f"crop size {cfg.crop_size} is not divisible by the student patch size {s_cfg.patch_size}")
+    s_norm = Transform(img_size=cfg.crop_size, mean=sp.mean_std[0], std=sp.mean_std[1]).normalise
+    torch.manual_seed(run.seed)
+    result = train_student(teacher, student, s_norm, tiles, run, steps=cfg.steps, batch_size=cfg.batch_size,
+                           crop_size=cfg.crop_size, crop_scale_min=cfg.crop_scale_min, lr=cfg.lr,
+                           weight_decay=cfg.weight_decay, warmup=cfg.warmup, clip=cfg.clip,
+                           lambda_cls=cfg.lambda_cls, lambda_patch=cfg.lambda_patch,
+                           checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every)
+    distiller = result.pop("distiller")
+    meta = model_json(s_cfg, norm=sp.norm, pool=sp.pool, img_size=cfg.crop_size, preset=sp.name,
+                      source=f"distilled from {t_info['weights']}")
+    run.save_weights({k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}, meta)
+    run.save_weights({k: v.detach().cpu().contiguous() for k, v in
+                      {**{"proj_cls." + k: v for k, v in distiller.proj_cls.state_dict().items()},
+                       **{"proj_patch." + k: v for k, v in distiller.proj_patch.state_dict().items()}}.items()},
+                     {"teacher_dim": teacher.vit.cfg.embed_dim, "student_dim": s_cfg.embed_dim},
+                     name="projections")
+    result["teacher"] = t_info["weights"]
+    result["student"] = sp.name
+    labels = [r["label"] for ts in sets for r in ts.rows]
+    if len(set(labels) - {""}) >= 2:
+        from .probing import teacher_student_knn
+
+        result.update(teacher_student_knn(teacher, student, s_norm, tiles, sets, cfg, run))
+    return result
+
+
+# ------------------------------------------------------------------ bench / make-data
+def bench(cfg: BenchConfig, run) -> dict:
+    from .benchmark import time_models
+
+    return time_models(cfg.arch, depth=cfg.depth, batch_size=cfg.batch_size, img_size=cfg.img_size,
+                       threads=cfg.threads, repeats=cfg.repeats, compare_timm=cfg.compare_timm,
+                       device=run.device, precision=cfg.precision, log=run.log)
+
+
+def make_data(cfg: MakeDataConfig, run) -> dict:
+    from .synthetic import preset_config, random_vit, synthetic_tiles, write_pathorob_layout, write_tile_folder
+
+    out = Path(cfg.out) if cfg.out else run.outputs_dir
+    if out.exists() and any(out.iterdir()) and out != run.outputs_dir:
+        raise TubError(f"{out} exists and is not empty; choose a new folder")
+    data = synthetic_tiles(cfg.n_per_class, cfg.n_classes, cfg.n_centers, cfg.size, seed=run.seed)
+    write_tile_folder(out / "tiles", data)
+    np.savez(out / "tiles.npz", tiles=data["tiles"], labels=data["label"], slide_id=data["slide_id"],
+             patch_id=data["patch_id"], center=data["center"])
+    csv_path = write_pathorob_layout(out / "pathorob", data)
+    result = {"tiles": int(len(data["tiles"])), "folder": str(out / "tiles"), "npz": str(out / "tiles.npz"),
+              "pathorob_metadata": str(csv_path)}
+    if cfg.checkpoint:
+        from .checkpoint import model_json, save_weights
+        from .presets import get_preset
+
+        p = get_preset(cfg.checkpoint)
+        vcfg = preset_config(p.name, depth=cfg.depth)
+        model = random_vit(vcfg, seed=run.seed)
+        path = out / f"{p.name}-random.safetensors"
+        save_weights(path, model.state_dict(), model_json(vcfg, norm=p.norm, pool=p.pool, preset=p.name,
+                                                          img_size=p.img_size, source="RANDOM INIT (test data)"))
+        result["checkpoint"] = str(path)
+    (out / "README.txt").write_text("Synthetic tiles and random-weight checkpoints made by 'tub atlas make-data'; "
+                                    "not real tissue, not a pretrained model.\n")
+    return result

@@ -1,0 +1,126 @@
+"""Configs of the atlas verbs (pydantic; imports no torch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from tubcli.config import Section, TubConfig
+
+Pool = Literal["cls", "mean", "cls+mean"]
+Norm = Literal["imagenet", "h-optimus", "rudolfv-2"]
+
+
+class EncoderSection(Section):
+    arch: str = Field("auto", description="preset name (uni2-h, virchow2, h-optimus-0, vit-s8-reg8, …) or auto")
+    weights: Path | None = Field(None, description="local weights (.safetensors/.pt); never downloaded")
+    heads: int | None = Field(None, description="attention heads when neither preset nor model.json says")
+    pool: Pool | None = Field(None, description="cls | mean | cls+mean (registers excluded) [preset default]")
+    norm: Norm | None = Field(None, description="normalisation constants [preset/model.json default]")
+    img_size: int | None = Field(None, description="input side after resizing [preset default]")
+    random_init: bool = Field(False, description="random weights for tests/demos when no --weights (NOT a pretrained model)")
+
+
+class InspectConfig(TubConfig):
+    weights: Path | None = Field(None, description="checkpoint to inspect")
+    source: Literal["auto", "dinov2", "timm"] = Field("auto", description="key layout of the checkpoint")
+    heads: int | None = Field(None, description="attention heads (cannot be inferred from shapes)")
+
+
+class ConvertConfig(TubConfig):
+    weights: Path | None = Field(None, description="input checkpoint (DINOv2, wrapped or timm layout)")
+    output: Path | None = Field(None, description="output .safetensors (model.json is written beside it)")
+    source: Literal["auto", "dinov2", "timm"] = Field("auto", description="key layout of the input")
+    heads: int | None = Field(None, description="attention heads (cannot be inferred from shapes)")
+    preset: str | None = Field(None, description="preset whose shapes, normalisation and pooling to record")
+    norm: Norm | None = Field(None, description="normalisation constants to record in model.json")
+    pool: Pool | None = Field(None, description="default pooling to record in model.json")
+
+
+class EmbedConfig(TubConfig):
+    inputs: list[Path] = Field(default_factory=list, description="tile folders, ImageFolder trees, .npz/.h5 tile arrays")
+    encoder: EncoderSection = EncoderSection()
+    format: Literal["npy", "pathorob", "h5", "eva"] = Field("npy", description="output layout (spec §2.7)")
+    metadata: Path | None = Field(None, description="PathoROB metadata CSV (format pathorob: tiles per medical_center)")
+    image_root: Path | None = Field(None, description="image root for --metadata [default: the CSV's folder]")
+    batch_size: int = Field(32, ge=1, description="tiles per forward pass")
+    slide_pool: Literal["mean", "max"] = Field("mean", description="slide embedding from its tiles")
+
+
+class EvaluateConfig(TubConfig):
+    features: list[Path] = Field(default_factory=list, description="embed outputs (npy/eva folders, pathorob folder, .npz)")
+    metadata: Path | None = Field(None, description="PathoROB metadata CSV for pathorob feature folders")
+    method: Literal["linear", "knn", "both"] = Field("both", description="probe kind")
+    k: int = Field(20, ge=1, description="kNN neighbours")
+    vote: Literal["uniform", "weighted"] = Field("uniform", description="kNN vote (weighted: exp(s/T))")
+    temperature: float = Field(0.07, gt=0, description="kNN weighted-vote temperature")
+    runs: int = Field(5, ge=1, description="linear-probe repeats (seeds derived from --seed)")
+    lr: float = Field(3e-4, gt=0, description="linear-probe AdamW learning rate")
+    batch_size: int = Field(256, ge=1, description="linear-probe batch size")
+    max_steps: int = Field(12_500, ge=1, description="linear-probe step limit")
+    patience: int = Field(1_250, ge=1, description="early-stopping patience in steps")
+    eval_every: int = Field(50, ge=1, description="validation interval in steps")
+
+
+class ExplainConfig(TubConfig):
+    inputs: list[Path] = Field(default_factory=list, description="tiles to explain (folders, images, .npz/.h5)")
+    encoder: EncoderSection = EncoderSection()
+    method: Literal["rollout", "lrp"] = Field("lrp", description="attention rollout or conservative LRP")
+    target: Literal["dim", "probe", "similarity"] = Field("dim", description="what the map explains (LRP)")
+    index: int = Field(0, ge=0, description="embedding dimension or probe class index")
+    probe: Path | None = Field(None, description="probe.safetensors from 'tub atlas evaluate' (target probe)")
+    reference: Path | None = Field(None, description="reference tile image (target similarity)")
+    head_fusion: Literal["mean", "max", "min"] = Field("mean", description="rollout head fusion")
+    max_tiles: int = Field(64, ge=1, description="explain at most this many tiles per input")
+    alpha: float = Field(0.5, ge=0, le=1, description="overlay opacity")
+
+
+class TeacherSection(EncoderSection):
+    pass
+
+
+class StudentSection(Section):
+    arch: str = Field("vit-s8-reg8", description="student preset")
+    weights: Path | None = Field(None, description="initial student weights [default: from scratch]")
+    depth: int | None = Field(None, ge=1, description="override the preset depth")
+
+
+class TrainConfig(TubConfig):
+    tiles: list[Path] = Field(default_factory=list, description="unlabelled tiles (folders, .npz/.h5)")
+    teacher: TeacherSection = TeacherSection()
+    student: StudentSection = StudentSection()
+    crop_size: int = Field(224, ge=8, description="random-resized-crop side fed to both networks")
+    crop_scale_min: float = Field(0.4, gt=0, le=1, description="smallest crop area fraction")
+    steps: int = Field(1000, ge=1, description="optimisation steps")
+    batch_size: int = Field(64, ge=1, description="tiles per step (per process)")
+    lr: float = Field(5e-4, gt=0, description="base learning rate (scaled by batch/256)")
+    weight_decay: float = Field(0.05, ge=0)
+    warmup: float = Field(0.05, ge=0, lt=1, description="warm-up fraction of the steps")
+    clip: float = Field(3.0, gt=0, description="gradient-norm clip")
+    lambda_cls: float = Field(1.0, ge=0)
+    lambda_patch: float = Field(1.0, ge=0)
+    checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints")
+    log_every: int = Field(10, ge=1)
+    probe_k: int = Field(20, ge=1, description="kNN k of the final teacher-vs-student probe (labelled tiles)")
+
+
+class BenchConfig(TubConfig):
+    arch: str = Field("vit-s8-reg8", description="preset to time (random weights)")
+    depth: int | None = Field(None, ge=1, description="override the preset depth")
+    batch_size: int = Field(8, ge=1)
+    img_size: int = Field(224, ge=8)
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads")
+    repeats: int = Field(5, ge=1)
+    compare_timm: bool = Field(False, description="also time timm on the same weights (needs timm)")
+
+
+class MakeDataConfig(TubConfig):
+    out: str | None = Field(None, description="folder to create (must not exist or be empty)")
+    n_per_class: int = Field(32, ge=1)
+    n_classes: int = Field(2, ge=2)
+    n_centers: int = Field(2, ge=1)
+    size: int = Field(64, ge=8, description="tile side in pixels")
+    checkpoint: str | None = Field(None, description="also write a random-weight checkpoint of this preset")
+    depth: int | None = Field(None, ge=1, description="depth of that checkpoint")

@@ -1,0 +1,152 @@
+"""An encoder = preprocessing + ViT + pooling, built from a preset and/or a local checkpoint.
+
+Preprocessing (spec §2.4): RGB in [0, 1] -> resize (shorter side to ``img_size``) -> optional
+centre crop -> normalise with the model's mean/std. Pooling (spec §2.5) on final-normed tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tubcli.errors import TubError
+
+from .checkpoint import read_checkpoint
+from .presets import NORMALISATIONS, Preset, get_preset
+from .vit import ViTConfig, VisionTransformer, pool_tokens, pooled_dim
+
+log = logging.getLogger("tub.atlas")
+
+
+@dataclass
+class Transform:
+    """Tile preprocessing of one model: size, interpolation, crop, mean/std."""
+
+    img_size: int = 224
+    interpolation: str = "bilinear"  # bilinear | bicubic (both antialiased)
+    crop: bool = False
+    mean: tuple = NORMALISATIONS["imagenet"][0]
+    std: tuple = NORMALISATIONS["imagenet"][1]
+
+    def resize(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> shorter side ``img_size`` (+ centre crop when ``crop``)."""
+        H, W = x.shape[-2:]
+        s = self.img_size
+        if min(H, W) != s:
+            scale = s / min(H, W)
+            size = (s, round(W * scale)) if H <= W else (round(H * scale), s)
+            x = F.interpolate(x, size=size, mode=self.interpolation, antialias=True,
+                              align_corners=False).clamp_(0, 1)
+        if self.crop and x.shape[-2:] != (s, s):
+            H, W = x.shape[-2:]
+            top, left = (H - s) // 2, (W - s) // 2
+            x = x[..., top:top + s, left:left + s]
+        return x
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.normalise(self.resize(x))
+
+    def to_dict(self) -> dict:
+        return {"img_size": self.img_size, "interpolation": self.interpolation, "crop": self.crop,
+                "mean": list(self.mean), "std": list(self.std)}
+
+
+def uint8_to_float(tiles) -> torch.Tensor:
+    """(B, H, W, 3) uint8 array -> (B, 3, H, W) float32 in [0, 1]."""
+    t = torch.from_numpy(np.array(tiles))  # a copy: PIL arrays are read-only
+    if t.ndim != 4 or t.shape[-1] != 3:
+        raise TubError(f"tiles must be (N, H, W, 3) RGB, got shape {tuple(t.shape)}")
+    t = t.permute(0, 3, 1, 2).float()
+    return t / 255.0 if t.max() > 1.0 or tiles.dtype.kind in "ui" else t
+
+
+class Encoder(nn.Module):
+    """Maps RGB tiles in [0, 1] (B, 3, H, W) to pooled embeddings (B, dim); normalisation inside."""
+
+    def __init__(self, vit: VisionTransformer, transform: Transform, pool: str):
+        super().__init__()
+        self.vit = vit
+        self.transform = transform
+        self.pool = pool
+        self.dim = pooled_dim(vit.cfg.embed_dim, pool)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.transform(x.to(next(self.vit.parameters()).dtype))
+        return self.vit.forward_features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pool_tokens(self.tokens(x), self.vit.num_prefix_tokens, self.pool)
+
+
+def transform_for(preset: Preset | None, meta: dict, cfg: ViTConfig, norm: str | None = None,
+                  img_size: int | None = None) -> Transform:
+    mean, std = None, None
+    if norm:
+        mean, std = NORMALISATIONS[norm]
+    elif meta.get("mean"):
+        mean, std = tuple(meta["mean"]), tuple(meta["std"])
+    elif preset is not None:
+        mean, std = preset.mean_std
+    else:
+        mean, std = NORMALISATIONS["imagenet"]
+        log.warning("no preset or model.json gives the normalisation; using ImageNet mean/std")
+    size = img_size or meta.get("img_size") or (preset.img_size if preset else None) or cfg.img_size
+    return Transform(img_size=size, interpolation=preset.interpolation if preset else "bilinear",
+                     crop=preset.crop if preset else False, mean=tuple(mean), std=tuple(std))
+
+
+def load_encoder(arch: str = "auto", weights: str | Path | None = None, pool: str | None = None,
+                 heads: int | None = None, norm: str | None = None, img_size: int | None = None,
+                 random_init: bool = False, seed: int = 0, device="cpu", dtype=None) -> tuple[Encoder, dict]:
+    """Build an encoder; returns it (eval mode) and a description for ``config.yaml``.
+
+    ``weights=None`` is only allowed with ``random_init=True`` and a preset that fixes all shapes
+    (tests and demos): the result is a randomly initialised network and is reported as such.
+    """
+    from .synthetic import preset_config, random_vit
+
+    preset = None if arch in (None, "auto") else get_preset(arch)
+    meta: dict = {}
+    if weights is not None:
+        if preset is not None and not preset.timm_layout:
+            log.warning("preset %s: its published key layout is not timm's; expecting a converted checkpoint",
+                        preset.name)
+        cfg, sd, meta = read_checkpoint(weights, num_heads=heads, preset=preset)
+        if preset is None and meta.get("preset"):
+            from .presets import PRESETS
+
+            preset = PRESETS.get(meta["preset"])
+        vit = VisionTransformer(cfg)
+        vit.load_state_dict(sd, strict=True)
+        origin = str(weights)
+    elif random_init:
+        if preset is None:
+            raise TubError("random initialisation needs a preset (--arch), e.g. vit-t8-demo")
+        try:
+            cfg = preset_config(preset.name)
+        except ValueError as exc:
+            raise TubError(f"{exc}; give --weights") from None
+        vit = random_vit(cfg, seed=seed)
+        origin = f"RANDOM INIT (seed {seed}) - not a pretrained model"
+        log.warning("preset %s with random weights: embeddings are not meaningful features", preset.name)
+    else:
+        raise TubError("no weights given; pass --weights FILE (tub never downloads weights), "
+                       "or --random-init for a randomly initialised test model")
+    pool = pool or meta.get("pool") or (preset.pool if preset else "cls")
+    transform = transform_for(preset, meta, cfg, norm, img_size)
+    enc = Encoder(vit, transform, pool).eval()
+    enc.to(device=device, dtype=dtype) if dtype is not None else enc.to(device)
+    info = {"arch": preset.name if preset else "auto", "weights": origin, "pool": pool, "dim": enc.dim,
+            "vit": cfg.to_dict(), "transform": transform.to_dict(), "random_init": weights is None}
+    return enc, info

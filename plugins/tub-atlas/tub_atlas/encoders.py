@@ -1,0 +1,44 @@
+"""Loaders behind the ``tub_patch_encoders`` hook: ``load_<preset>(weights, device, dtype)``.
+
+Each returns an ``Encoder`` mapping RGB tiles in [0, 1] (B, 3, tile, tile) to (B, dim) with the
+preset's own normalisation and pooling. ``weights=None`` is an error except for ``vit-t8-demo``,
+which is documented as a randomly initialised demo/test encoder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tubcli.errors import TubError
+
+from .encoder import Encoder, load_encoder
+
+RANDOM_OK = {"vit-t8-demo"}
+
+
+def load_patch_encoder(name: str, weights: str | Path | None, device="cpu", dtype=None) -> Encoder:
+    if weights is None and name not in RANDOM_OK:
+        raise TubError(f"encoder {name} needs a local weights file (tub never downloads weights); "
+                       "pass its path")
+    enc, _ = load_encoder(name, weights, random_init=weights is None, device=device,
+                          dtype=dtype if dtype not in (None, torch.float32) else None)
+    return enc.requires_grad_(False)
+
+
+def _make(name: str):
+    def loader(weights=None, device="cpu", dtype=None):
+        return load_patch_encoder(name, weights, device, dtype)
+
+    loader.__name__ = f"load_{name.replace('-', '_')}"
+    loader.__doc__ = f"Patch encoder {name} (see tub_atlas.encoders)."
+    return loader
+
+
+load_uni2_h = _make("uni2-h")
+load_virchow2 = _make("virchow2")
+load_h_optimus_0 = _make("h-optimus-0")
+load_h_optimus_1 = _make("h-optimus-1")
+load_vit_s8_reg8 = _make("vit-s8-reg8")
+load_vit_t8_demo = _make("vit-t8-demo")

@@ -1,0 +1,83 @@
+"""The ``explain`` verb's pipeline: per-tile maps (rollout or LRP) written as ``.npy`` + PNG overlays."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tubcli.errors import TubError
+
+from .embedding import atomic_dir
+from .encoder import Encoder, uint8_to_float
+from .lrp import lrp, make_target, patch_map
+from .overlay import overlay, save_png
+from .rollout import attention_rollout
+from .tiles import read_image, read_input
+
+
+def build_target(encoder: Encoder, cfg, device):
+    if cfg.target == "dim":
+        if cfg.index >= encoder.dim:
+            raise TubError(f"--index {cfg.index} is outside the embedding (dim {encoder.dim})")
+        return make_target("dim", cfg.index), f"embedding dimension {cfg.index}"
+    if cfg.target == "probe":
+        if cfg.probe is None:
+            raise TubError("--target probe needs --probe probe.safetensors (from 'tub atlas evaluate')")
+        from tubcli.io import load_safetensors
+
+        tensors, _ = load_safetensors(cfg.probe)
+        W, b = tensors.get("weight"), tensors.get("bias")
+        if W is None or b is None or W.shape[1] != encoder.dim:
+            raise TubError(f"{cfg.probe} is not a linear probe for this encoder (dim {encoder.dim})")
+        if cfg.index >= W.shape[0]:
+            raise TubError(f"--index {cfg.index}: the probe has {W.shape[0]} classes")
+        return make_target("probe", cfg.index, probe=(W.to(device), b.to(device))), f"probe class {cfg.index}"
+    if cfg.reference is None:
+        raise TubError("--target similarity needs --reference TILE.png")
+    ref = uint8_to_float(read_image(Path(cfg.reference))[None]).to(device)
+    with torch.no_grad():
+        e = encoder(ref)[0]
+    return make_target("similarity", reference=e), f"similarity to {Path(cfg.reference).name}"
+
+
+def explain_inputs(encoder: Encoder, cfg, run) -> dict:
+    device = run.device
+    if cfg.precision == "fp64":
+        encoder.double()
+    target, what = build_target(encoder, cfg, device) if cfg.method == "lrp" else (None, "CLS attention flow")
+    if cfg.method == "rollout" and cfg.target != "dim":
+        run.log.warning("attention rollout is class-agnostic: it shows the CLS token's attention flow")
+    sets = {ts.name: ts for ts in (read_input(p) for p in cfg.inputs)}
+    P = encoder.vit.cfg.patch_size
+    n_done, worst = 0, 0.0
+    for name, out in run.batch(sorted(sets), output_for=lambda n: run.outputs_dir / n):
+        with run.item(name):
+            ts = sets[name]
+            n = min(len(ts), cfg.max_tiles)
+            tiles = ts.read(0, n)
+            maps = []
+            with atomic_dir(out) as tmp:
+                for i in range(n):
+                    x01 = uint8_to_float(tiles[i:i + 1]).to(device)
+                    if cfg.method == "rollout":
+                        with torch.no_grad():
+                            xn = encoder.transform(x01.to(next(encoder.vit.parameters()).dtype))
+                        heat = attention_rollout(encoder.vit, xn, cfg.head_fusion)[0].cpu().numpy()
+                        signed = False
+                    else:
+                        R, f, bias = lrp(encoder, x01, target, return_terms=True)
+                        worst = max(worst, abs(float(R.sum()) + bias - f) / max(abs(f), 1e-12))
+                        heat = patch_map(R.float(), P)[0].cpu().numpy()
+                        signed = True
+                    maps.append(heat)
+                    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", ts.rows[i]["patch_id"] or str(i))
+                    save_png(tmp / f"{i:04d}_{slug}.png", overlay(tiles[i], heat, signed, cfg.alpha))
+                np.save(tmp / "maps.npy", np.stack(maps).astype(np.float32))
+            n_done += n
+    out = {"method": cfg.method, "explains": what, "tiles": n_done, "outputs": str(run.outputs_dir)}
+    if cfg.method == "lrp":
+        out["conservation_max_rel_error"] = worst
+    return out

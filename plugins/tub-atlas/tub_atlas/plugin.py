@@ -1,0 +1,84 @@
+"""tub-atlas: the verbs and where they live (imports tubcli only)."""
+
+from __future__ import annotations
+
+from tubcli import PluginApp, Verb, hookimpl
+from tubcli.hookspecs import EncoderSpec
+
+ENC = {"arch": "encoder.arch", "weights": "encoder.weights", "pool": "encoder.pool", "heads": "encoder.heads",
+       "norm": "encoder.norm", "img-size": "encoder.img_size", "random-init": "encoder.random_init"}
+
+app = PluginApp(
+    name="atlas",
+    help="Offline, timm-free pathology ViT encoders (Atlas 2, UNI2-h, Virchow2, H-optimus, RudolfV-2): "
+         "inspect, convert, embed, probe, explain, distil.",
+    verbs=[
+        Verb("inspect", "tub_atlas.cli:inspect", config="tub_atlas.config:InspectConfig",
+             help="Infer a checkpoint's ViT architecture from its tensor shapes.", args=["weights"],
+             options={"from": "source", "heads": "heads"}),
+        Verb("convert", "tub_atlas.cli:convert", config="tub_atlas.config:ConvertConfig",
+             help="Convert DINOv2/wrapped checkpoints to timm layout (.safetensors + model.json).",
+             args=["weights", "output"],
+             options={"from": "source", "heads": "heads", "preset": "preset", "norm": "norm", "pool": "pool"}),
+        Verb("embed", "tub_atlas.cli:embed", config="tub_atlas.config:EmbedConfig",
+             help="Embed tile folders / ImageFolder trees / NPZ-HDF5 tile arrays (npy, pathorob, h5, eva layouts).",
+             args=["inputs"], batch=True,
+             options={**ENC, "format": "format", "metadata": "metadata", "image-root": "image_root",
+                      "batch-size": "batch_size", "slide-pool": "slide_pool"}),
+        Verb("evaluate", "tub_atlas.cli:evaluate", config="tub_atlas.config:EvaluateConfig",
+             help="Linear and kNN probes on frozen embeddings (balanced accuracy, repeated runs).",
+             args=["features"],
+             options={"metadata": "metadata", "method": "method", "k": "k", "vote": "vote", "runs": "runs",
+                      "max-steps": "max_steps", "patience": "patience"}),
+        Verb("explain", "tub_atlas.cli:explain", config="tub_atlas.config:ExplainConfig",
+             help="Heatmaps: attention rollout or conservative LRP (dim, probe class, similarity); PNG overlays.",
+             args=["inputs"], batch=True,
+             options={**ENC, "method": "method", "target": "target", "index": "index", "probe": "probe",
+                      "reference": "reference", "head-fusion": "head_fusion", "max-tiles": "max_tiles"}),
+        Verb("train", "tub_atlas.cli:train", config="tub_atlas.config:TrainConfig",
+             help="Distil a small student ViT from a frozen teacher on unlabelled tiles.", args=["tiles"],
+             training=True,
+             options={"teacher-arch": "teacher.arch", "teacher-weights": "teacher.weights",
+                      "teacher-random-init": "teacher.random_init", "student-arch": "student.arch",
+                      "student-weights": "student.weights", "student-depth": "student.depth",
+                      "steps": "steps", "batch-size": "batch_size", "crop-size": "crop_size", "lr": "lr"}),
+        Verb("bench", "tub_atlas.cli:bench", config="tub_atlas.config:BenchConfig",
+             help="Tiles/s of tub's ViT (and timm's on the same weights with --compare-timm).",
+             options={"arch": "arch", "depth": "depth", "batch-size": "batch_size", "threads": "threads",
+                      "repeats": "repeats", "img-size": "img_size", "compare-timm": "compare_timm"}),
+        Verb("make-data", "tub_atlas.cli:make_data", config="tub_atlas.config:MakeDataConfig",
+             help="Synthetic labelled tiles (folder, NPZ, PathoROB layout) and random-weight test checkpoints.",
+             args=["out"],
+             options={"n-per-class": "n_per_class", "n-classes": "n_classes", "n-centers": "n_centers",
+                      "size": "size", "checkpoint": "checkpoint", "depth": "depth"}),
+    ],
+    demo="tub_atlas.demo:run_demo",
+    requires={"torch": "pip install torch", "safetensors": "pip install safetensors", "h5py": "pip install h5py",
+              "PIL": "pip install pillow", "matplotlib": "pip install matplotlib"},
+    optional={"timm": "separate venv only: pip install timm torchvision (speed/parity comparison)"},
+)
+
+# Encoders other plugins can use by name (tub-xmil). Kept in step with presets.py by a test.
+ENCODERS = {
+    "uni2-h": (1536, 0.5, "UNI2-h ViT-g/14-reg8, CLS (weights: CC-BY-NC-ND-4.0, user-supplied)"),
+    "virchow2": (2560, 0.5, "Virchow2 ViT-H/14-reg4, CLS+mean (weights: CC-BY-NC-ND-4.0, user-supplied)"),
+    "h-optimus-0": (1536, 0.5, "H-optimus-0 ViT-g/14-reg4, CLS (weights: Apache-2.0, user-supplied)"),
+    "h-optimus-1": (1536, 0.5, "H-optimus-1 ViT-g/14-reg4, CLS (weights user-supplied)"),
+    "vit-s8-reg8": (768, 0.5, "ViT-S/8-reg8 student, CLS+mean (e.g. from 'tub atlas train')"),
+    "vit-t8-demo": (384, 0.5, "tiny ViT/8 for demos/tests; RANDOM weights when no weights path is given"),
+}
+TILE_SIZE = {"vit-t8-demo": 64}
+
+
+@hookimpl
+def tub_register(registry):
+    registry.add(app)
+
+
+@hookimpl
+def tub_patch_encoders():
+    return {
+        name: EncoderSpec(name=name, loader=f"tub_atlas.encoders:load_{name.replace('-', '_')}", dim=dim,
+                          tile_size=TILE_SIZE.get(name, 224), mpp=mpp, description=desc)
+        for name, (dim, mpp, desc) in ENCODERS.items()
+    }

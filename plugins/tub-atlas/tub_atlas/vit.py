@@ -1,0 +1,301 @@
+"""A timm-compatible Vision Transformer written from scratch (no timm, no torchvision).
+
+The parameter names follow timm's ``VisionTransformer`` key layout (spec §2.1) so that the
+pathology foundation models in that layout (UNI2-h, Virchow2, H-optimus-0/1, converted DINOv2
+checkpoints) load with ``load_state_dict(strict=True)``. The forward pass is spec §2.2:
+Dosovitskiy et al., *An Image is Worth 16x16 Words*, ICLR 2021 (arXiv 2010.11929), with register
+tokens (Darcet et al., arXiv 2309.16588), LayerScale (Touvron et al., CaiT, arXiv 2103.17239) and
+packed SwiGLU MLPs (Shazeer, arXiv 2002.05202) as used by DINOv2-derived pathology models.
+
+Two switches serve the explanation methods and are off by default:
+
+* ``keep_attention``: blocks compute attention explicitly and keep the softmax probabilities
+  (attention rollout needs them; the default path uses fused ``scaled_dot_product_attention``).
+* ``lrp``: conservative-LRP forward rules (Ali et al., ICML 2022, arXiv 2202.07304): attention
+  probabilities detached, LayerNorm's 1/σ detached, element-wise activations by the identity rule
+  and the SwiGLU product by the uniform rule (spec §2.9). The forward value is unchanged; only the
+  gradient graph becomes a linear map so that input x gradient conserves the output.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORM_EPS = 1e-6
+
+
+@dataclass
+class ViTConfig:
+    """Architecture of a timm-layout ViT; every field can be inferred from shapes except heads."""
+
+    patch_size: int = 16
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    reg_tokens: int = 0
+    pos_layout: str = "patches"  # "patches" (timm no_embed_class) | "prefix" (CLS+regs+patches)
+    pos_grid: int = 14  # stored positional grid side g (g*g patch positions)
+    mlp: str = "gelu"  # "gelu" | "swiglu" (packed: fc1 -> 2*hidden, gate first)
+    mlp_hidden: int = 1536  # width after the activation (fc2 input)
+    layer_scale: bool = True
+    qkv_bias: bool = True
+    norm_eps: float = NORM_EPS
+    extra: dict = field(default_factory=dict)  # free-form notes (e.g. source), not architecture
+
+    def __post_init__(self):
+        if self.pos_layout not in ("patches", "prefix"):
+            raise ValueError(f"pos_layout must be 'patches' or 'prefix', got {self.pos_layout!r}")
+        if self.mlp not in ("gelu", "swiglu"):
+            raise ValueError(f"mlp must be 'gelu' or 'swiglu', got {self.mlp!r}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+
+    @property
+    def img_size(self) -> int:
+        return self.pos_grid * self.patch_size
+
+    @property
+    def fc1_out(self) -> int:
+        return 2 * self.mlp_hidden if self.mlp == "swiglu" else self.mlp_hidden
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ViTConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown ViT config keys {unknown}")
+        return cls(**d)
+
+    def num_params(self) -> int:
+        """Parameter count from the config alone (no allocation), used to check presets."""
+        D, L = self.embed_dim, self.depth
+        P, h1, h2 = self.patch_size, self.fc1_out, self.mlp_hidden
+        n_pos = self.pos_grid**2 + (0 if self.pos_layout == "patches" else 1 + self.reg_tokens)
+        per_block = (
+            4 * D  # norm1, norm2
+            + 3 * D * D + (3 * D if self.qkv_bias else 0)
+            + D * D + D
+            + (2 * D if self.layer_scale else 0)
+            + h1 * D + h1 + D * h2 + D
+        )
+        return D * 3 * P * P + D + D + self.reg_tokens * D + n_pos * D + L * per_block + 2 * D
+
+
+def resample_pos_embed(pos: torch.Tensor, grid: tuple[int, int], n_prefix: int) -> torch.Tensor:
+    """Resample the patch part of a (1, L, D) table to ``grid`` (spec §2.2 step 2).
+
+    Bicubic with antialias in at least float32, prefix rows unchanged: the same operation as timm's
+    ``resample_abs_pos_embed`` so that ``dynamic_img_size`` outputs agree.
+    """
+    n_patch = pos.shape[1] - n_prefix
+    g = int(round(math.sqrt(n_patch)))
+    if (g, g) == tuple(grid):
+        return pos
+    prefix, patch = pos[:, :n_prefix], pos[:, n_prefix:]
+    dtype = patch.dtype
+    work = patch.float() if dtype in (torch.float16, torch.bfloat16) else patch
+    work = work.reshape(1, g, g, -1).permute(0, 3, 1, 2)
+    work = F.interpolate(work, size=tuple(grid), mode="bicubic", antialias=True)
+    work = work.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1).to(dtype)
+    return torch.cat([prefix, work], dim=1) if n_prefix else work
+
+
+class PatchEmbed(nn.Module):
+    """Conv2d with kernel = stride = P, flattened row-major to (B, N, D)."""
+
+    def __init__(self, patch_size: int, dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(3, dim, patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), 1e-5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+def layer_norm(norm: nn.LayerNorm, x: torch.Tensor, lrp: bool) -> torch.Tensor:
+    """LayerNorm; under LRP the 1/σ factor is detached (centring kept), Ali et al. 2022 §4."""
+    if not lrp:
+        return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    centred = x - x.mean(-1, keepdim=True)
+    inv_std = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + norm.eps)
+    return centred * inv_std.detach() * norm.weight + norm.bias
+
+
+def identity_rule(act, u: torch.Tensor, slope0: float = 0.5) -> torch.Tensor:
+    """act(u) -> u * (act(u)/u).detach(): same value, linear gradient graph (spec §2.9 iii).
+
+    ``slope0`` is act'(0), used where |u| < 1e-12 (0.5 for both GELU and SiLU).
+    """
+    out = act(u)
+    small = u.abs() < 1e-12
+    safe_u = torch.where(small, torch.ones_like(u), u)
+    ratio = torch.where(small, torch.full_like(u, slope0), out / safe_u)
+    return u * ratio.detach()
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, qkv_bias: bool):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, keep_attention: bool = False, lrp: bool = False):
+        B, T, D = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        probs = None
+        if keep_attention or lrp:
+            probs = torch.softmax((q * self.scale) @ k.transpose(-2, -1), dim=-1)
+            a = (probs.detach() if lrp else probs) @ v
+        else:
+            a = F.scaled_dot_product_attention(q, k, v)
+        a = a.transpose(1, 2).reshape(B, T, D)
+        return self.proj(a), probs
+
+
+class Mlp(nn.Module):
+    """fc1 -> act -> fc2; SwiGLU-packed when ``swiglu`` (fc1 gives [gate, value], gate first)."""
+
+    def __init__(self, dim: int, hidden: int, swiglu: bool):
+        super().__init__()
+        self.swiglu = swiglu
+        self.fc1 = nn.Linear(dim, 2 * hidden if swiglu else hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor, lrp: bool = False) -> torch.Tensor:
+        u = self.fc1(x)
+        if self.swiglu:
+            g, v = u.chunk(2, dim=-1)
+            if lrp:  # uniform rule for the product, identity rule for silu (spec §2.9 iv)
+                sg = identity_rule(F.silu, g)
+                u = 0.5 * (sg * v.detach() + sg.detach() * v)
+            else:
+                u = F.silu(g) * v
+        else:
+            u = identity_rule(F.gelu, u) if lrp else F.gelu(u)
+        return self.fc2(u)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        D = cfg.embed_dim
+        self.norm1 = nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.attn = Attention(D, cfg.num_heads, cfg.qkv_bias)
+        self.ls1 = LayerScale(D) if cfg.layer_scale else nn.Identity()
+        self.norm2 = nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.mlp = Mlp(D, cfg.mlp_hidden, cfg.mlp == "swiglu")
+        self.ls2 = LayerScale(D) if cfg.layer_scale else nn.Identity()
+
+    def forward(self, x: torch.Tensor, keep_attention: bool = False, lrp: bool = False):
+        a, probs = self.attn(layer_norm(self.norm1, x, lrp), keep_attention, lrp)
+        x = x + self.ls1(a)
+        x = x + self.ls2(self.mlp(layer_norm(self.norm2, x, lrp), lrp))
+        return x, probs
+
+
+class VisionTransformer(nn.Module):
+    """timm-layout ViT: ``forward_features`` returns the final-normed tokens [CLS, regs, patches]."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.embed_dim
+        self.patch_embed = PatchEmbed(cfg.patch_size, D)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.reg_token = nn.Parameter(torch.zeros(1, cfg.reg_tokens, D)) if cfg.reg_tokens else None
+        n_pos = cfg.pos_grid**2 + (0 if cfg.pos_layout == "patches" else 1 + cfg.reg_tokens)
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, D))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.keep_attention = False  # switched on by attention rollout
+        self.lrp = False  # switched on by conservative LRP
+        self.attentions: list[torch.Tensor] = []
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 + self.cfg.reg_tokens
+
+    def init_random(self, std: float = 0.02, generator: torch.Generator | None = None) -> "VisionTransformer":
+        """N(0, std) for every tensor (LayerScale and biases non-trivial), LayerNorm weights 1 + N(0, std).
+
+        Used for tests, demos and students trained from scratch; never mistaken for pretrained weights.
+        """
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                noise = torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p)
+                if ("norm" in name and name.endswith("weight")):
+                    p.copy_(1.0 + std * noise)
+                elif name.endswith("gamma"):
+                    p.copy_(0.1 + std * noise)
+                else:
+                    p.copy_(std * noise)
+        return self
+
+    def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        B = x.shape[0]
+        n_prefix = 0 if self.cfg.pos_layout == "patches" else self.num_prefix_tokens
+        pos = resample_pos_embed(self.pos_embed, grid, n_prefix)
+        prefix = [self.cls_token.expand(B, -1, -1)]
+        if self.reg_token is not None:
+            prefix.append(self.reg_token.expand(B, -1, -1))
+        if self.cfg.pos_layout == "patches":
+            return torch.cat(prefix + [x + pos], dim=1)
+        return torch.cat(prefix + [x], dim=1) + pos
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised pixels -> (B, 1 + R + N, D) final-normed tokens (spec §2.2)."""
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected (B, 3, H, W) input, got {tuple(x.shape)}")
+        P = self.cfg.patch_size
+        H, W = x.shape[-2:]
+        if H % P or W % P:
+            raise ValueError(f"image size {H}x{W} is not divisible by the patch size {P}")
+        x = self._pos_embed(self.patch_embed(x), (H // P, W // P))
+        keep = self.keep_attention
+        self.attentions = []
+        for blk in self.blocks:
+            x, probs = blk(x, keep, self.lrp)
+            if keep:
+                self.attentions.append(probs)
+        return layer_norm(self.norm, x, self.lrp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)
+
+
+def pool_tokens(tokens: torch.Tensor, n_prefix: int, pool: str) -> torch.Tensor:
+    """Pool final-normed tokens (spec §2.5); registers and CLS never enter the patch mean."""
+    if pool == "cls":
+        return tokens[:, 0]
+    if pool == "mean":
+        return tokens[:, n_prefix:].mean(1)
+    if pool in ("cls+mean", "clsmean"):
+        return torch.cat([tokens[:, 0], tokens[:, n_prefix:].mean(1)], dim=-1)
+    if pool == "tokens":
+        return tokens[:, n_prefix:]
+    raise ValueError(f"unknown pooling {pool!r}; use cls, mean, cls+mean or tokens")
+
+
+def pooled_dim(embed_dim: int, pool: str) -> int:
+    return 2 * embed_dim if pool in ("cls+mean", "clsmean") else embed_dim

@@ -1,0 +1,107 @@
+"""Configs of the tub-pathorob verbs (pydantic; extra keys are errors)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from tubcli.config import TubConfig
+
+Dataset = Optional[Literal["camelyon", "tcga", "tolkach_esca"]]
+
+
+class FeaturesConfig(TubConfig):
+    features: Optional[Path] = Field(None, description="features: folder of per-center .npz (official / tub atlas embed), "
+                                                        "a .npy/.npz matrix, or an atlas folder with embeddings.npy")
+    metadata: Optional[Path] = Field(None, description="PathoROB metadata CSV (subset, slide_id, patch_id, "
+                                                        "biological_class, medical_center)")
+    dataset: Dataset = Field(None, description="official dataset whose settings apply: camelyon | tcga | tolkach_esca")
+    model_name: str = Field("model", description="model name for the official results layout")
+    layout: Literal["flat", "official"] = Field("flat", description="flat files in outputs/, or the official "
+                                                                   "results/<metric>/<model>/<dataset>/ tree")
+    threads: int = Field(1, description="threads for the native libraries (OpenMP/BLAS); 0 = library default")
+
+
+class RIConfig(FeaturesConfig):
+    k: Optional[int] = Field(None, description="neighbours k (default per dataset: camelyon 11, tcga 61, tolkach_esca 46)")
+    k_search: bool = Field(False, description="choose k by kNN balanced accuracy over the official grid")
+    max_k: Optional[int] = Field(None, description="upper end of the k-search grid (default per dataset)")
+    paired: Optional[bool] = Field(None, description="evaluate each subset (2x2) separately and pool (default: tcga)")
+    max_patches_per_combi: int = Field(-1, description="keep at most M rows per (subset, class-center); -1 = all")
+    bootstrap: int = Field(0, description="bootstrap resamples for robustness_index-mean/-std (official 1000)")
+    auc: bool = Field(True, description="compute confounder_log_reg_AUC (logistic regression, 5 folds)")
+
+
+class APDConfig(FeaturesConfig):
+    iterations: int = Field(20, description="data resampling repetitions")
+    tolkach_splits: Optional[Path] = Field(None, description="tolkach_splits.json (tolkach_esca only)")
+
+
+class APDRawConfig(TubConfig):
+    raw: list[Path] = Field(default_factory=list, description="{dataset}_raw.json files")
+    aggregate: bool = Field(True, description="also write aggregated_summary.json over all given datasets")
+
+
+class ClusteringConfig(FeaturesConfig):
+    K: Optional[int] = Field(None, description="fixed number of clusters (default: silhouette over --min-k..--max-k)")
+    min_k: int = Field(2, description="smallest K tried")
+    max_k: int = Field(30, description="largest K tried")
+    trials: int = Field(50, description="k-means repetitions per experiment")
+
+
+class EvaluateConfig(RIConfig):
+    metrics: list[Literal["ri", "apd", "cs"]] = Field(default_factory=lambda: ["ri", "cs"],
+                                                       description="metrics to compute: ri, apd, cs")
+    iterations: int = Field(20, description="APD repetitions")
+    tolkach_splits: Optional[Path] = Field(None, description="tolkach_splits.json (APD on tolkach_esca)")
+    K: Optional[int] = Field(None, description="clustering: fixed K")
+    min_k: int = Field(2, description="clustering: smallest K")
+    max_k_clusters: int = Field(30, description="clustering: largest K")
+    trials: int = Field(50, description="clustering: k-means repetitions")
+
+
+class TrainConfig(FeaturesConfig):
+    method: Literal["combat", "center-mean"] = Field("combat", description="robustification: combat | center-mean")
+    covariates: list[str] = Field(default_factory=list, description="metadata columns kept as ComBat covariates "
+                                                                    "(e.g. biological_class; leaks labels)")
+    k: int = Field(11, description="k for the before/after robustness index on the training data")
+
+
+class RobustifyConfig(FeaturesConfig):
+    model: Optional[Path] = Field(None, description="fitted robustification (.safetensors with its .json)")
+
+
+class StainConfig(TubConfig):
+    tiles: list[Path] = Field(default_factory=list, description="tile images (PNG/JPEG/TIFF) or folders of them")
+    method: Literal["macenko", "reinhard"] = Field("macenko", description="macenko | reinhard")
+    target: Optional[Path] = Field(None, description="target tile whose stain appearance to match "
+                                                     "(Macenko: optional, default reference matrix)")
+
+
+class ExplainConfig(FeaturesConfig):
+    k: Optional[int] = Field(None, description="neighbours k (default per dataset)")
+    paired: Optional[bool] = Field(None, description="paired 2x2 evaluation (default: tcga)")
+    top: int = Field(20, description="most confounded slides to list")
+    plots: bool = Field(True, description="write PNG plots")
+    max_k_curve: int = Field(200, description="largest k of the RI(k) curve")
+
+
+class MakeDataConfig(TubConfig):
+    kind: Literal["features", "tiles"] = Field("features", description="features | tiles")
+    preset: Optional[Literal["camelyon", "camelyon_reduced", "tcga_4x4", "tolkach_esca", "tolkach_esca_reduced"]] = Field(
+        None, description="official dataset shape and names (default: a small custom design)")
+    classes: int = Field(2, description="biological classes (custom design)")
+    centers: int = Field(2, description="medical centers (custom design)")
+    slides_per_cell: int = Field(5, description="slides per class-center cell (custom design)")
+    tiles_per_slide: int = Field(40, description="tiles per slide (custom design)")
+    dim: int = Field(64, description="feature dimension")
+    bio: float = Field(0.5, description="biological signal a")
+    center: float = Field(0.5, description="center signal b")
+    slide: float = Field(0.3, description="slide signal c")
+    noise: float = Field(1.0, description="noise sigma")
+    center_scale: float = Field(0.0, description="log-sd of a per-center multiplicative scale")
+    paired: bool = Field(False, description="also write a paired (b1-b2-c1-c2 subsets) metadata CSV")
+    tile_size: int = Field(64, description="tile side in pixels (tiles)")
+    tiles_per_cell: int = Field(4, description="tiles per class-center cell (tiles)")

@@ -1,0 +1,204 @@
+"""Feature readers and writers for the layouts PathoROB users have.
+
+* **official**: a folder with one ``{medical_center}.npz`` per center (spaces -> ``_``), npz key
+  ``f"{slide_id}-{patch_id}"`` -> 1-D vector; rows assembled in metadata order (PathoROB
+  ``FeatureDataManager``; also what ``tub atlas embed --format pathorob`` writes).
+* **plain**: ``features.npy`` (N, D) or an ``.npz`` with one array (or key ``features``/``embeddings``),
+  row-aligned with the metadata CSV.
+* **atlas npy**: a folder with ``embeddings.npy`` + ``manifest.csv`` (``tub atlas embed --format npy``);
+  rows are matched to the metadata by ``(slide_id, patch_id)`` when the manifest has them.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from tubcli.errors import TubError
+
+from .metadata import Metadata, read_metadata
+
+ARRAY_KEYS = ("features", "embeddings", "X")
+
+
+def center_file_name(center: str) -> str:
+    return f"{center.replace(' ', '_')}.npz"
+
+
+def detect_layout(path: Path) -> str:
+    path = Path(path)
+    if not path.exists():
+        raise TubError(f"features not found: {path}; pass a .npy/.npz file or a folder of per-center .npz files")
+    if path.is_file():
+        if path.suffix in (".npy", ".npz"):
+            return "plain"
+        raise TubError(f"{path}: unsupported features file (expected .npy or .npz)")
+    if (path / "embeddings.npy").is_file():
+        return "atlas"
+    if any(path.glob("*.npz")):
+        return "official"
+    if (path / "features.npy").is_file():
+        return "plain-dir"
+    raise TubError(f"{path}: folder has no per-center .npz files and no embeddings.npy; check the path")
+
+
+def _load_plain_array(path: Path) -> np.ndarray:
+    try:
+        if path.suffix == ".npy":
+            X = np.load(path, allow_pickle=False)
+        else:
+            with np.load(path, allow_pickle=False) as z:
+                names = list(z.files)
+                key = next((k for k in ARRAY_KEYS if k in names), names[0] if len(names) == 1 else None)
+                if key is None:
+                    raise TubError(
+                        f"{path}: npz has {len(names)} arrays and none named {'/'.join(ARRAY_KEYS)}; "
+                        "for per-slide keys give the folder of per-center npz files instead"
+                    )
+                X = z[key]
+    except (ValueError, OSError, zipfile.BadZipFile) as e:
+        raise TubError(f"{path}: cannot read features ({str(e).splitlines()[0]})") from None
+    if X.ndim != 2:
+        raise TubError(f"{path}: features must be a 2-D (N, D) array, got shape {X.shape}")
+    return X
+
+
+def _load_official(folder: Path, meta: Metadata) -> np.ndarray:
+    keys = meta.keys()
+    centers = meta.medical_center
+    out = None
+    for center in dict.fromkeys(centers):  # first-appearance order, as the reference
+        f = folder / center_file_name(center)
+        if not f.is_file() and (folder / f"{center}.npz").is_file():
+            f = folder / f"{center}.npz"  # a writer that kept the spaces
+        if not f.is_file():
+            raise TubError(f"{folder}: no features for center {center!r} (expected {f.name}); check --features")
+        rows = np.flatnonzero(centers == center)
+        try:
+            with np.load(f, allow_pickle=False) as z:
+                have = set(z.files)
+                missing = [keys[i] for i in rows if keys[i] not in have]
+                if missing:
+                    raise TubError(
+                        f"{f}: {len(missing)} metadata row(s) have no feature, e.g. slide-patch {missing[0]!r}; "
+                        "the metadata and the features do not match (unknown slide id?)"
+                    )
+                for i in rows:
+                    v = z[keys[i]]
+                    if out is None:
+                        out = np.empty((len(meta), v.shape[-1]), dtype=v.dtype)
+                    if v.ndim != 1 or v.shape[0] != out.shape[1]:
+                        raise TubError(f"{f}: feature {keys[i]!r} has shape {v.shape}, expected ({out.shape[1]},)")
+                    out[i] = v
+        except (ValueError, OSError, zipfile.BadZipFile) as e:
+            raise TubError(f"{f}: cannot read npz ({str(e).splitlines()[0]})") from None
+    return out
+
+
+def _align_manifest(manifest: Metadata, meta: Metadata, X: np.ndarray, src: Path) -> np.ndarray:
+    if "slide_id" in manifest.columns and "patch_id" in manifest.columns:
+        index = {k: i for i, k in enumerate(manifest.keys())}
+        missing = [k for k in meta.keys() if k not in index]
+        if missing:
+            raise TubError(
+                f"{src}: {len(missing)} metadata row(s) are not in manifest.csv, e.g. {missing[0]!r} (unknown slide id?)"
+            )
+        return X[[index[k] for k in meta.keys()]]
+    if len(manifest) != len(meta):
+        raise TubError(f"{src}: manifest has {len(manifest)} rows but the metadata {len(meta)}; they must match")
+    return X
+
+
+def _read_manifest(path: Path) -> Metadata:
+    import csv
+
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        raise TubError(f"{path}: manifest.csv is empty")
+    header, body = rows[0], rows[1:]
+    return Metadata({h: np.array([r[j] for r in body], dtype=object) for j, h in enumerate(header)}, str(path))
+
+
+def load_features(path: Path | str, meta: Metadata | None) -> tuple[np.ndarray, Metadata]:
+    """Features (N, D) in metadata row order, and the metadata (from the atlas manifest if not given)."""
+    path = Path(path)
+    layout = detect_layout(path)
+    if layout == "atlas":
+        X = _load_plain_array(path / "embeddings.npy")
+        man_path = path / "manifest.csv"
+        if meta is None:
+            if not man_path.is_file():
+                raise TubError(f"{path}: embeddings.npy without manifest.csv; pass --metadata CSV")
+            man = _read_manifest(man_path)
+            if "biological_class" not in man.columns and "label" in man.columns:  # tub atlas manifest
+                man.columns["biological_class"] = man.columns["label"]
+            missing = [c for c in ("slide_id", "patch_id", "biological_class", "medical_center") if c not in man.columns]
+            if missing:
+                raise TubError(f"{man_path}: manifest lacks {', '.join(missing)}; pass --metadata CSV (PathoROB columns)")
+            meta = Metadata.from_columns(str(man_path), **man.columns)
+        elif man_path.is_file():
+            X = _align_manifest(_read_manifest(man_path), meta, X, path)
+    elif meta is None:
+        meta_guess = path / "metadata.csv" if path.is_dir() else path.with_name("metadata.csv")
+        if not meta_guess.is_file():
+            raise TubError(f"{path}: no metadata given; pass --metadata CSV (5 PathoROB columns)")
+        meta = read_metadata(meta_guess)
+    if layout == "official":
+        X = _load_official(path, meta)
+    elif layout in ("plain", "plain-dir"):
+        X = _load_plain_array(path if layout == "plain" else path / "features.npy")
+    if X.shape[0] != len(meta):
+        raise TubError(f"{path}: features have {X.shape[0]} rows but the metadata {len(meta)}; they must be row-aligned")
+    if not np.issubdtype(X.dtype, np.floating):
+        X = X.astype(np.float64)
+    if not np.all(np.isfinite(X)):
+        raise TubError(f"{path}: features contain NaN or inf values")
+    return X, meta
+
+
+def write_official(folder: Path, X: np.ndarray, meta: Metadata) -> list[Path]:
+    """One ``{center}.npz`` per medical center, key ``slide_id-patch_id`` (the reference layout)."""
+    from tubcli.io import atomic_path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = meta.keys()
+    written = []
+    for center in dict.fromkeys(meta.medical_center):
+        rows = np.flatnonzero(meta.medical_center == center)
+        out = folder / center_file_name(center)
+        with atomic_path(out) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **{keys[i]: X[i] for i in rows})
+        written.append(out)
+    return written
+
+
+def write_plain(path: Path, X: np.ndarray) -> None:
+    from tubcli.io import atomic_path
+
+    with atomic_path(Path(path)) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, X)
+
+
+def write_like(src: Path, dst: Path, X: np.ndarray, meta: Metadata) -> Path:
+    """Write features in the layout they were read from (official folder or plain .npy)."""
+    layout = detect_layout(Path(src))
+    dst = Path(dst)
+    if layout == "official":
+        write_official(dst, X, meta)
+        return dst
+    if layout == "atlas":
+        dst.mkdir(parents=True, exist_ok=True)
+        write_plain(dst / "embeddings.npy", X.astype(np.float32) if X.dtype == np.float32 else X)
+        meta.write_csv(dst / "manifest.csv")
+        return dst
+    out = dst / "features.npy" if dst.suffix != ".npy" else dst
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_plain(out, X)
+    meta.write_csv(out.with_name("metadata.csv"))
+    return out

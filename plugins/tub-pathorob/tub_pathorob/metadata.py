@@ -1,0 +1,150 @@
+"""PathoROB metadata tables: the 5-column CSV, read as strings, validated at the edge.
+
+Kömen et al., *Towards Robust Foundation Models for Digital Pathology*, arXiv 2507.17845 (2025).
+Columns: ``subset, slide_id, patch_id, biological_class, medical_center`` (spec §2.1).
+No pandas: a table is a dict of 1-D string arrays of equal length.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tubcli.errors import TubError
+
+COLUMNS = ("subset", "slide_id", "patch_id", "biological_class", "medical_center")
+REQUIRED = ("slide_id", "patch_id", "biological_class", "medical_center")
+
+
+@dataclass
+class Metadata:
+    """Row-aligned string columns; ``subset`` defaults to ``"ID"`` when the CSV has none."""
+
+    columns: dict[str, np.ndarray] = field(default_factory=dict)
+    source: str = "<memory>"
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values()))) if self.columns else 0
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.columns[name]
+
+    @property
+    def subset(self) -> np.ndarray:
+        return self.columns["subset"]
+
+    @property
+    def slide_id(self) -> np.ndarray:
+        return self.columns["slide_id"]
+
+    @property
+    def patch_id(self) -> np.ndarray:
+        return self.columns["patch_id"]
+
+    @property
+    def biological_class(self) -> np.ndarray:
+        return self.columns["biological_class"]
+
+    @property
+    def medical_center(self) -> np.ndarray:
+        return self.columns["medical_center"]
+
+    @property
+    def case_id(self) -> np.ndarray:
+        """TCGA case id = first 12 characters of the slide id (spec §2.1)."""
+        return np.array([s[:12] for s in self.slide_id], dtype=object)
+
+    def keys(self) -> np.ndarray:
+        """Feature keys of the official npz layout: ``f"{slide_id}-{patch_id}"``."""
+        return np.array([f"{s}-{p}" for s, p in zip(self.slide_id, self.patch_id)], dtype=object)
+
+    def take(self, index) -> "Metadata":
+        return Metadata({k: v[index] for k, v in self.columns.items()}, self.source)
+
+    def where(self, mask: np.ndarray) -> "Metadata":
+        return self.take(np.flatnonzero(mask))
+
+    @classmethod
+    def from_columns(cls, source: str = "<memory>", **cols) -> "Metadata":
+        n = {len(v) for v in cols.values()}
+        if len(n) != 1:
+            raise TubError(f"{source}: metadata columns have different lengths {sorted(n)}")
+        cols = {k: np.asarray(v, dtype=object) for k, v in cols.items()}
+        if "subset" not in cols:
+            cols["subset"] = np.full(n.pop(), "ID", dtype=object)
+        return cls(cols, source)
+
+    def write_csv(self, path: Path) -> None:
+        from tubcli.io import atomic_path
+
+        names = [c for c in COLUMNS if c in self.columns] + [c for c in self.columns if c not in COLUMNS]
+        with atomic_path(Path(path)) as tmp:
+            with open(tmp, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(names)
+                w.writerows(zip(*(self.columns[c] for c in names)))
+
+
+def read_metadata(path: Path | str) -> Metadata:
+    """Read a metadata CSV as strings (as the reference does with ``dtype=str``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TubError(f"metadata file not found: {path}; pass --metadata with an existing CSV")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise TubError(f"{path}: metadata CSV is empty; it needs the columns {', '.join(COLUMNS)}") from None
+        rows = list(reader)
+    header = [h.strip() for h in header]
+    missing = [c for c in REQUIRED if c not in header]
+    if missing:
+        raise TubError(
+            f"{path}: metadata is missing column(s) {', '.join(missing)}; "
+            f"a PathoROB metadata CSV has {', '.join(COLUMNS)}"
+        )
+    rows = [r for r in rows if any(x.strip() for x in r)]
+    if not rows:
+        raise TubError(f"{path}: metadata CSV has a header but no rows")
+    bad = [i + 2 for i, r in enumerate(rows) if len(r) != len(header)]
+    if bad:
+        raise TubError(f"{path}: line {bad[0]} has a different number of fields than the header; fix the CSV")
+    cols = {h: np.array([r[j] for r in rows], dtype=object) for j, h in enumerate(header)}
+    for c in REQUIRED:
+        empty = np.flatnonzero(cols[c] == "")
+        if len(empty):
+            raise TubError(f"{path}: column {c} is empty on line {empty[0] + 2}; every row needs a value")
+    return Metadata.from_columns(str(path), **cols)
+
+
+def check_evaluation_set(meta: Metadata, k: int | None = None, what: str = "robustness index") -> None:
+    """Reject metadata on which a metric would be meaningless, with a one-line reason."""
+    centers = np.unique(meta.medical_center)
+    classes, counts = np.unique(meta.biological_class, return_counts=True)
+    if len(meta) == 0:
+        raise TubError(f"{meta.source}: no ID rows left for the {what}; check the subset column")
+    if len(centers) < 2:
+        raise TubError(
+            f"{meta.source}: only one medical center ({centers[0]}) in the evaluation set; "
+            f"the {what} compares centers, so give features from at least two"
+        )
+    if len(classes) < 2:
+        raise TubError(
+            f"{meta.source}: only one biological class ({classes[0]}); the {what} needs at least two classes"
+        )
+    overlap = set(centers) & set(classes)
+    if overlap:
+        raise TubError(
+            f"{meta.source}: class and center names overlap ({sorted(overlap)[0]}); rename one of them"
+        )
+    if k is not None:
+        small = [(c, n) for c, n in zip(classes, counts) if n < k]
+        if small:
+            c, n = small[0]
+            raise TubError(
+                f"{meta.source}: class {c} has {n} samples, fewer than k={k}; lower --k or drop the class"
+            )

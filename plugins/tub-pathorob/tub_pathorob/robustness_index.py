@@ -1,0 +1,329 @@
+"""Robustness index (RI) of Kömen et al., arXiv 2507.17845 (2025), with the PathoROB protocol.
+
+For every tile (query) the k nearest tiles (Euclidean on L2-normalised features) from *other slides*
+are classified as SS (same class, same center), SO (same class, other center), OS (other class,
+same center) or OO; counts are pooled over all queries and
+
+    RI(k) = C_SO(k) / (C_SO(k) + C_OS(k))                                     (paper, Eq. 1)
+
+i.e. among neighbours that share exactly one of class/center, the share that shares the class.
+The protocol details (same-slide exclusion, truncation of all rows to the shortest remaining
+neighbour list, pooled cumulative counts, default k per dataset, k search by kNN balanced accuracy,
+paired 2×2 subsets, row shuffle with legacy seed 123) follow the official code (spec §2.2) so that
+values agree with it to floating-point rounding; the implementation is vectorised.
+Older ``bio_vs_confounding`` index: de Jong et al., arXiv 2501.18055.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tubcli.errors import TubError
+
+from .metadata import Metadata, check_evaluation_set
+
+DEFAULT_K = {"camelyon": 11, "tcga": 61, "tolkach_esca": 46}
+MAX_K_SEARCH = {"camelyon": 600, "tcga": 600, "tolkach_esca": 1000}
+MAX_K_SEARCH_PAIRED = 1200
+SHUFFLE_SEED = 123
+SUMMARY_KEYS = (
+    "k_opt", "balanced_accuracy", "robustness_index", "ID_performance", "OOD_performance",
+    "generalization_index", "bio_vs_confounding", "confounder_insensitivity",
+    "normalized_confounder_insensitivity", "prediction_performance", "confounder_log_reg_AUC",
+)
+
+
+def k_candidates(max_k: int) -> np.ndarray:
+    """The official k grid: 1, 3, 5, 7, 9, then 11, 21, … below ``max_k``."""
+    return np.array([1, 3, 5, 7, 9] + list(range(11, max_k, 10)))
+
+
+def l2_normalize(X: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalisation (sklearn ``normalize``, as the reference's ``Normalizer``)."""
+    from sklearn.preprocessing import normalize
+
+    norms = np.einsum("ij,ij->i", X, X)
+    zero = np.flatnonzero(norms == 0)
+    if len(zero):
+        raise TubError(f"feature row {zero[0]} is all zeros; the robustness index needs non-zero embeddings")
+    return normalize(X, norm="l2")
+
+
+def _codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique labels and integer codes (``LabelEncoder`` order)."""
+    labels, codes = np.unique(values.astype(str), return_inverse=True)
+    return labels, codes.astype(np.int64)
+
+
+@dataclass
+class NeighbourSet:
+    """Neighbours of every query in one evaluation set after same-slide exclusion and truncation."""
+
+    neighbours: np.ndarray          # (n, m) local row indices, nearest first
+    bio: np.ndarray                 # (n,) class codes (sorted order)
+    center: np.ndarray              # (n,) center codes
+    slide: np.ndarray               # (n,) slide codes
+    n_neighbors_queried: int
+
+    @property
+    def m(self) -> int:
+        return self.neighbours.shape[1]
+
+    def same_bio(self, m: int | None = None) -> np.ndarray:
+        nb = self.neighbours[:, :m]
+        return self.bio[nb] == self.bio[:, None]
+
+    def same_center(self, m: int | None = None) -> np.ndarray:
+        nb = self.neighbours[:, :m]
+        return self.center[nb] == self.center[:, None]
+
+    def category_counts(self, m: int | None = None) -> np.ndarray:
+        """(4, m) column counts of SS, SO, OS, OO over queries (neighbour rank j = column j)."""
+        sb, sc = self.same_bio(m), self.same_center(m)
+        return np.stack([
+            (sb & sc).sum(0), (sb & ~sc).sum(0), (~sb & sc).sum(0), (~sb & ~sc).sum(0),
+        ]).astype(np.int64)
+
+    def balanced_accuracies(self, ks) -> np.ndarray:
+        """kNN balanced accuracy of the class for each k (majority vote, ties -> smallest label)."""
+        ks = np.minimum(np.asarray(ks, dtype=np.int64), self.m)
+        labels = self.bio[self.neighbours[:, : int(ks.max())]]
+        n_cls = int(self.bio.max()) + 1
+        votes = np.empty((len(self.bio), len(ks), n_cls), dtype=np.int32)
+        for c in range(n_cls):
+            votes[:, :, c] = np.cumsum(labels == c, axis=1, dtype=np.int32)[:, ks - 1]
+        pred = votes.argmax(axis=2)  # first maximum = smallest label, as scipy.stats.mode
+        return np.array([balanced_accuracy(self.bio, pred[:, i]) for i in range(len(ks))])
+
+
+def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Mean per-class recall over the classes present in ``y_true`` (sklearn's definition)."""
+    classes, counts = np.unique(y_true, return_counts=True)
+    correct = np.bincount(y_true[y_true == y_pred], minlength=int(classes.max()) + 1)[classes]
+    return float(np.mean(correct / counts))
+
+
+def nearest_other_slide_neighbours(X: np.ndarray, slide: np.ndarray, k_required: int) -> tuple[np.ndarray, int]:
+    """kNN of every row among all rows, with the query's own slide removed and all rows truncated
+    to the shortest remaining list (spec §2.2 steps 2–3)."""
+    from .knn import nearest_neighbours
+
+    n = len(X)
+    max_tiles = int(np.bincount(slide).max())
+    n_nb = min(k_required + max_tiles, n)
+    idx = nearest_neighbours(X, n_nb)
+    keep = slide[idx] != slide[:, None]
+    m = int(keep.sum(1).min())
+    if m == 0:
+        raise TubError("a query has no neighbour from another slide; each set needs at least two slides")
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :m]
+    return np.take_along_axis(idx, order, axis=1), n_nb
+
+
+def neighbour_set(X: np.ndarray, meta: Metadata, k_required: int) -> NeighbourSet:
+    _, bio = _codes(meta.biological_class)
+    _, center = _codes(meta.medical_center)
+    _, slide = _codes(meta.slide_id)
+    nb, n_nb = nearest_other_slide_neighbours(X, slide, k_required)
+    return NeighbourSet(nb, bio, center, slide, n_nb)
+
+
+def metrics_from_counts(counts: np.ndarray) -> dict[str, np.ndarray]:
+    """All RI-family curves over k = 1..m from (4, m) per-rank counts (reference arithmetic)."""
+    cum = np.cumsum(counts, axis=1)
+    total = cum.sum(0)
+    SS, SO, OS, OO = (c / total for c in cum)
+    with np.errstate(invalid="ignore", divide="ignore"):  # e.g. no OO neighbour at small k
+        return {
+            "prediction_performance": (SS + SO) / (SS + SO + OS + OO),
+            "ID_performance": SS / (SS + OS),
+            "OOD_performance": SO / (SO + OO),
+            "confounder_insensitivity": (SO + OO) / (SS + OS),
+            "normalized_confounder_insensitivity": ((SO + OO) / (SO[-1] + OO[-1])) / ((SS + OS) / (SS[-1] + OS[-1])),
+            "bio_vs_confounding": (SS + SO) / (SS + OS),
+            "robustness_index": SO / (SO + OS),
+            "generalization_index": (SS * SO + SO * OS) / (SS * SO + SS * OO),
+        }
+
+
+def confounder_auc(X: np.ndarray, center: np.ndarray, groups: np.ndarray, n_splits: int = 5) -> float:
+    """Mean fold ROC AUC of a logistic regression predicting the center (spec §2.2)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedGroupKFold
+    from sklearn.preprocessing import StandardScaler
+
+    Xs = StandardScaler().fit_transform(X)
+    _, y = _codes(center)
+    if len(np.unique(groups)) < n_splits:
+        raise TubError(f"the confounder AUC needs at least {n_splits} slides/cases; got {len(np.unique(groups))}")
+    aucs = []
+    for tr, te in StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=42).split(Xs, y, groups):
+        ntr, nte = len(np.unique(y[tr])), len(np.unique(y[te]))
+        if not (ntr > 1 and nte > 1 and ntr == nte):
+            continue
+        clf = LogisticRegression(solver="lbfgs", max_iter=1000).fit(Xs[tr], y[tr])
+        p = clf.predict_proba(Xs[te])
+        auc = roc_auc_score(y[te], p[:, 1]) if nte == 2 else roc_auc_score(y[te], p, multi_class="ovr")
+        aucs.append(1.0 - auc if auc < 0.5 else auc)
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def shuffle_and_reduce(meta: Metadata, max_patches_per_combi: int = -1, shuffle: bool = True) -> np.ndarray:
+    """Row order of the reference: a fixed permutation (legacy seed 123), then optionally the first M
+    rows per (subset, class-center). Returns row indices into ``meta``."""
+    n = len(meta)
+    order = np.random.RandomState(SHUFFLE_SEED).permutation(n) if shuffle else np.arange(n)
+    if max_patches_per_combi is not None and max_patches_per_combi > 0:
+        seen: dict[tuple, int] = {}
+        keep = []
+        for i in order:
+            key = (meta.subset[i], meta.biological_class[i], meta.medical_center[i])
+            if seen.get(key, 0) < max_patches_per_combi:
+                seen[key] = seen.get(key, 0) + 1
+                keep.append(i)
+        order = np.array(keep, dtype=np.int64)
+    return order
+
+
+@dataclass
+class RobustnessResult:
+    summary: dict
+    k_grid: np.ndarray                      # k candidates evaluated for balanced accuracy
+    bal_acc: np.ndarray                     # balanced accuracy per k_grid (mean over subsets)
+    bal_acc_std: np.ndarray
+    curves: dict[str, np.ndarray]           # over k = 1..m
+    sets: list[tuple[str, np.ndarray, NeighbourSet]] = field(default_factory=list)  # (subset, rows, neighbours)
+    meta: Metadata | None = None
+
+
+def robustness_index(
+    X: np.ndarray,
+    meta: Metadata,
+    *,
+    k: int | None = None,
+    k_search: bool = False,
+    dataset: str | None = None,
+    paired: bool | None = None,
+    max_patches_per_combi: int = -1,
+    bootstrap: int = 0,
+    seed: int = 0,
+    auc: bool = True,
+    shuffle: bool = True,
+    max_k: int | None = None,
+    min_neighbours: int = 0,
+) -> RobustnessResult:
+    """PathoROB robustness index and its companion metrics (spec §2.2).
+
+    ``X`` (N, D) row-aligned with ``meta``; ``OOD`` rows are dropped. ``k`` defaults to the
+    dataset's value (camelyon 11, tcga 61, tolkach_esca 46); ``k_search`` picks k by kNN balanced
+    accuracy over the official grid. ``paired`` evaluates every ``subset`` separately and pools the
+    counts (default for ``tcga``). ``min_neighbours`` queries more neighbours (for RI(k) curves);
+    it changes only ``normalized_confounder_insensitivity``, which depends on the truncation length.
+    """
+    if X.shape[0] != len(meta):
+        raise TubError(f"features have {X.shape[0]} rows but the metadata {len(meta)}")
+    if paired is None:
+        paired = dataset == "tcga"
+    if paired and dataset in ("camelyon", "tolkach_esca"):
+        raise TubError(f"paired evaluation is defined for tcga only, not {dataset}; drop --paired")
+    if k_search:
+        grid_max = max_k or (MAX_K_SEARCH_PAIRED if paired else MAX_K_SEARCH.get(dataset or "", 0))
+        if not grid_max:
+            raise TubError("k search on a custom dataset needs --max-k (the official grids are 600/1000/1200)")
+        candidates = k_candidates(grid_max)
+    else:
+        if k is None:
+            if dataset not in DEFAULT_K:
+                raise TubError("no default k for a custom dataset; pass --k N or --k-search")
+            k = DEFAULT_K[dataset]
+        if k < 1:
+            raise TubError(f"k must be >= 1, got {k}")
+        candidates = np.array([k])
+
+    id_rows = np.flatnonzero(meta.subset != "OOD")
+    meta_id = meta.take(id_rows)
+    check_evaluation_set(meta_id, None if k_search else k)
+    order = shuffle_and_reduce(meta_id, max_patches_per_combi, shuffle)
+    rows_all = id_rows[order]
+    meta_s = meta.take(rows_all)
+    Xn = l2_normalize(np.asarray(X)[rows_all])
+
+    if paired:
+        names = np.unique(meta_s.subset)
+        groups = [(str(s), np.flatnonzero(meta_s.subset == s)) for s in names]
+    else:
+        groups = [("ID", np.arange(len(meta_s)))]
+
+    case_groups = dataset == "tcga"
+    sets, accs, counts, aucs, eff_k = [], [], [], [], None
+    for name, rows in groups:
+        sub = meta_s.take(rows)
+        if len(np.unique(sub.medical_center)) < 2 or len(np.unique(sub.biological_class)) < 2:
+            raise TubError(f"subset {name!r} needs two classes and two centers; fix the paired metadata")
+        ks = candidates[candidates <= len(rows)]
+        if len(ks) == 0:
+            raise TubError(f"subset {name!r} has {len(rows)} rows, fewer than k={candidates[0]}")
+        ns = neighbour_set(Xn[rows], sub, max(int(ks[-1]), min_neighbours))
+        if not paired:
+            ks = ks[ks <= ns.m]
+            if len(ks) == 0:
+                raise TubError(
+                    f"only {ns.m} neighbours remain after excluding each query's slide, fewer than k={candidates[0]}; "
+                    "lower k"
+                )
+        eff_k = np.minimum(ks, ns.m)
+        accs.append(ns.balanced_accuracies(ks))
+        counts.append(ns.category_counts())
+        sets.append((name, rows, ns))
+        if auc:
+            g = sub.case_id if case_groups else sub.slide_id
+            aucs.append(confounder_auc(Xn[rows], sub.medical_center, np.asarray(g, dtype=str)))
+
+    m = min(c.shape[1] for c in counts)
+    pooled = sum(c[:, :m] for c in counts)
+    curves = metrics_from_counts(pooled)
+    n_acc = min(len(a) for a in accs)
+    k_grid = (eff_k if paired else candidates[candidates <= m])[:n_acc]
+    n_acc = min(n_acc, len(k_grid))
+    acc_mat = np.array([a[:n_acc] for a in accs])
+    bal, bal_std = acc_mat.mean(0), acc_mat.std(0)
+    i_opt = int(np.argmax(bal))
+    k_opt = int(k_grid[i_opt])
+    if k_opt > m:
+        raise TubError(f"k={k_opt} exceeds the {m} neighbours left after same-slide exclusion; lower k")
+
+    j = k_opt - 1
+    summary = {"k_opt": k_opt, "balanced_accuracy": float(bal[i_opt])}
+    for key in ("robustness_index", "ID_performance", "OOD_performance", "generalization_index",
+                "bio_vs_confounding", "confounder_insensitivity", "normalized_confounder_insensitivity",
+                "prediction_performance"):
+        summary[key] = float(curves[key][j])
+    summary["confounder_log_reg_AUC"] = float(np.mean(aucs)) if auc else None
+    if bootstrap:
+        mean, std = bootstrap_robustness_index(sets, k_opt, bootstrap, seed)
+        summary["robustness_index-mean"] = mean
+        summary["robustness_index-std"] = std
+    return RobustnessResult(summary, k_grid[:n_acc], bal, bal_std, curves, sets, meta_s)
+
+
+def per_query_cumulative(ns: NeighbourSet, k: int) -> np.ndarray:
+    """(n, 4) counts of SS, SO, OS, OO among each query's first k neighbours."""
+    sb, sc = ns.same_bio(k), ns.same_center(k)
+    return np.stack([(sb & sc).sum(1), (sb & ~sc).sum(1), (~sb & sc).sum(1), (~sb & ~sc).sum(1)], axis=1)
+
+
+def bootstrap_robustness_index(sets, k: int, n_bootstrap: int, seed: int = 0) -> tuple[float, float]:
+    """Bootstrap over query rows (pooled over subsets): mean and std (ddof 1) of RI at k."""
+    q = np.concatenate([per_query_cumulative(ns, k) for _, _, ns in sets])
+    so, os_ = q[:, 1].astype(np.float64), q[:, 2].astype(np.float64)
+    n = len(q)
+    rng = np.random.default_rng(seed)
+    ri = np.empty(n_bootstrap)
+    for b in range(n_bootstrap):
+        w = np.bincount(rng.integers(0, n, n), minlength=n)
+        s, o = w @ so, w @ os_
+        ri[b] = s / (s + o)
+    return float(ri.mean()), float(ri.std(ddof=1)) if n_bootstrap > 1 else 0.0

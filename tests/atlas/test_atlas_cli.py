@@ -1,0 +1,253 @@
+"""End-to-end CLI tests of every atlas verb on tiny generated data, the conformance suite and the hook."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from tubcli.testing import check_plugin, invoke
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("atlas")
+    r = invoke(["atlas", "make-data", root / "d", "--n-per-class", "8", "--checkpoint", "vit-t8-demo",
+                "-o", root / "run"])
+    assert r.exit_code == 0, r.stderr
+    return root / "d"
+
+
+def ok(args):
+    r = invoke(["atlas", *map(str, args)])
+    assert r.exit_code == 0, r.stderr + r.stdout
+    return r
+
+
+def fails(args, code=2):
+    r = invoke(["atlas", *map(str, args)])
+    assert r.exit_code == code, r.stderr + r.stdout
+    assert "Traceback" not in r.stderr + r.stdout
+    return r
+
+
+def test_conformance():
+    check_plugin("atlas")
+
+
+def test_inspect_and_bad_checkpoints(data, tmp_path):
+    W = data / "vit-t8-demo-random.safetensors"
+    r = ok(["inspect", W, "--json", "-o", tmp_path / "i"])
+    info = json.loads(r.stdout)
+    assert (info["patch_size"], info["embed_dim"], info["depth"], info["reg_tokens"], info["mlp"]) == \
+        (8, 192, 2, 4, "gelu")
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(W))
+    sd["fc_norm.weight"] = torch.ones(192)
+    save_file(sd, str(tmp_path / "bad.safetensors"))
+    r = fails(["inspect", tmp_path / "bad.safetensors", "-o", tmp_path / "j"])
+    assert "fc_norm.weight" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_convert_dinov2_then_embed_identically(data, tmp_path):
+    from safetensors.torch import load_file
+
+    from tub_atlas.synthetic import to_dinov2
+
+    W = data / "vit-t8-demo-random.safetensors"
+    torch.save({"teacher": to_dinov2(load_file(str(W)))}, tmp_path / "dino.pth")
+    before = (tmp_path / "dino.pth").read_bytes()
+    ok(["convert", tmp_path / "dino.pth", tmp_path / "conv.safetensors", "--preset", "vit-t8-demo",
+        "-o", tmp_path / "c"])
+    assert (tmp_path / "dino.pth").read_bytes() == before  # input untouched
+    meta = json.loads((tmp_path / "conv.json").read_text())
+    assert meta["vit"]["reg_tokens"] == 4 and meta["preset"] == "vit-t8-demo"
+    outs = []
+    for w in (W, tmp_path / "conv.safetensors"):
+        out = tmp_path / f"e_{w.stem}"
+        ok(["embed", data / "tiles.npz", "--weights", w, "--arch", "vit-t8-demo", "-o", out])
+        outs.append(np.load(out / "outputs" / "tiles" / "embeddings.npy"))
+    assert np.abs(outs[0] - outs[1]).max() < 1e-5
+
+
+def test_embed_formats_and_skip_existing(data, tmp_path):
+    W = data / "vit-t8-demo-random.safetensors"
+    base = ["--arch", "vit-t8-demo", "--weights", W]
+    ok(["embed", data / "tiles", data / "tiles.npz", *base, "-o", tmp_path / "npy"])
+    a = np.load(tmp_path / "npy/outputs/tiles/embeddings.npy")
+    b = np.load(tmp_path / "npy/outputs/tiles_npz/embeddings.npy")
+    rows_a = list(csv.DictReader(open(tmp_path / "npy/outputs/tiles/manifest.csv")))
+    rows_b = list(csv.DictReader(open(tmp_path / "npy/outputs/tiles_npz/manifest.csv")))
+    key = {(r["slide_id"], r["patch_id"]): i for i, r in enumerate(rows_b)}
+    order = [key[(r["slide_id"], r["patch_id"])] for r in rows_a]
+    assert a.shape == (32, 384) and np.abs(a - b[order]).max() < 1e-5  # PNG folder == NPZ array
+    assert {r["label"] for r in rows_a} == {"class0", "class1"}  # ImageFolder labels
+    slides = np.load(tmp_path / "npy/slides.npz")
+    assert len(slides.files) == 16  # 2 classes x 2 centres x 4 slides
+    # second run on the same folder skips existing outputs
+    r = ok(["embed", data / "tiles", *base, "-o", tmp_path / "npy", "--json"])
+    assert json.loads(r.stdout)["batch"]["skipped_existing"] == 1
+    # h5 (CLAM/TRIDENT) from an HDF5 tile array with coords
+    with h5py.File(tmp_path / "slide1.h5", "w") as f:
+        f["imgs"] = np.load(data / "tiles.npz")["tiles"][:5]
+        f["coords"] = np.arange(10).reshape(5, 2) * 256
+    ok(["embed", tmp_path / "slide1.h5", *base, "--format", "h5", "-o", tmp_path / "h5"])
+    with h5py.File(tmp_path / "h5/outputs/slide1.h5") as f:
+        assert f["features"].shape == (5, 384) and f["coords"][4].tolist() == [2048, 2304]
+    # eva layout
+    ok(["embed", data / "tiles.npz", *base, "--format", "eva", "-o", tmp_path / "eva"])
+    man = list(csv.DictReader(open(tmp_path / "eva/outputs/tiles/manifest.csv")))
+    assert set(man[0]) == {"origin", "embeddings", "target", "split"}
+    assert torch.load(tmp_path / "eva/outputs/tiles" / man[0]["embeddings"]).shape == (384,)
+    # evaluate reads every layout embed writes
+    for feats in (tmp_path / "eva/outputs/tiles", tmp_path / "npy/outputs/tiles_npz"):
+        r = ok(["evaluate", feats, "--method", "knn", "--json", "-o", tmp_path / f"ev_{feats.parent.parent.name}"])
+        assert json.loads(r.stdout)["dim"] == 384
+
+
+def test_embed_pathorob_layout_is_read_by_metadata_order(data, tmp_path):
+    W = data / "vit-t8-demo-random.safetensors"
+    meta = data / "pathorob" / "metadata.csv"
+    ok(["embed", "--format", "pathorob", "--metadata", meta, "--arch", "vit-t8-demo", "--weights", W,
+        "--pool", "cls", "-o", tmp_path / "pr"])
+    rows = list(csv.DictReader(open(meta)))
+    for center in {r["medical_center"] for r in rows}:
+        z = np.load(tmp_path / "pr/outputs" / f"{center}.npz")
+        keys = {f"{r['slide_id']}-{r['patch_id']}" for r in rows if r["medical_center"] == center}
+        assert set(z.files) == keys and z[next(iter(keys))].shape == (192,)
+    # and evaluate reads it back through the metadata
+    r = ok(["evaluate", tmp_path / "pr/outputs", "--metadata", meta, "--method", "knn", "--json",
+            "-o", tmp_path / "ev"])
+    assert json.loads(r.stdout)["n_train"] + json.loads(r.stdout)["n_test"] <= 32
+
+
+def test_pathorob_ri_reads_the_embed_output(data, tmp_path):
+    pytest.importorskip("tub_pathorob")
+    from tubcli.plugins import get_plugins
+
+    if "pathorob" not in get_plugins().records:
+        pytest.skip("tub-pathorob not installed")
+    W = data / "vit-t8-demo-random.safetensors"
+    meta = data / "pathorob" / "metadata.csv"
+    ok(["embed", "--format", "pathorob", "--metadata", meta, "--arch", "vit-t8-demo", "--weights", W,
+        "-o", tmp_path / "pr"])
+    r = invoke(["pathorob", "ri", tmp_path / "pr/outputs", "--metadata", meta, "--k", "3",
+                "-o", tmp_path / "ri", "--json"])
+    assert r.exit_code == 0, r.stderr + r.stdout
+    assert 0 <= json.loads(r.stdout)["robustness_index"] <= 1
+
+
+def test_evaluate_probes_and_explain_probe_class(data, tmp_path):
+    W = data / "vit-t8-demo-random.safetensors"
+    ok(["embed", data / "tiles.npz", "--arch", "vit-t8-demo", "--weights", W, "-o", tmp_path / "e"])
+    r = ok(["evaluate", tmp_path / "e/outputs/tiles", "--runs", "2", "--max-steps", "200", "--json",
+            "-o", tmp_path / "ev"])
+    m = json.loads(r.stdout)
+    assert len(m["linear"]["runs"]) == 2 and 0 <= m["knn"]["balanced_accuracy"] <= 1
+    probe = tmp_path / "ev/outputs/probe.safetensors"
+    r = ok(["explain", data / "tiles.npz", "--arch", "vit-t8-demo", "--weights", W, "--method", "lrp",
+            "--target", "probe", "--probe", probe, "--index", "1", "--max-tiles", "2", "--json",
+            "-o", tmp_path / "x"])
+    assert json.loads(r.stdout)["conservation_max_rel_error"] < 1e-3  # fp32
+    maps = np.load(tmp_path / "x/outputs/tiles/maps.npy")
+    assert maps.shape == (2, 8, 8) and len(list((tmp_path / "x/outputs/tiles").glob("*.png"))) == 2
+    ok(["explain", data / "tiles.npz", "--arch", "vit-t8-demo", "--weights", W, "--method", "rollout",
+        "--max-tiles", "1", "-o", tmp_path / "y"])
+    roll = np.load(tmp_path / "y/outputs/tiles/maps.npy")
+    assert roll.shape == (1, 8, 8) and (roll > 0).all()
+    ref = next((data / "tiles" / "class0").glob("*.png"))
+    ok(["explain", ref, "--arch", "vit-t8-demo", "--weights", W, "--target", "similarity", "--reference", ref,
+        "-o", tmp_path / "z"])
+
+
+def test_train_distils_saves_loadable_student_and_resumes(data, tmp_path):
+    W = data / "vit-t8-demo-random.safetensors"
+    args = ["train", data / "tiles", "--teacher-arch", "vit-t8-demo", "--teacher-weights", W,
+            "--student-arch", "vit-t8-demo", "--student-depth", "1", "--batch-size", "8", "--crop-size", "64",
+            "--set", "checkpoint_every=3", "--json"]
+    r = ok([*args, "--steps", "6", "-o", tmp_path / "t"])
+    m = json.loads(r.stdout)
+    assert m["steps"] == 6 and "student_knn_balanced_accuracy" in m
+    student = tmp_path / "t/checkpoints/model.safetensors"
+    assert json.loads((tmp_path / "t/checkpoints/model.json").read_text())["vit"]["depth"] == 1
+    ok(["embed", data / "tiles.npz", "--weights", student, "-o", tmp_path / "se"])  # arch from model.json
+    assert np.load(tmp_path / "se/outputs/tiles/embeddings.npy").shape == (32, 384)
+    r = ok([*args, "--steps", "9", "-o", tmp_path / "t", "--resume", "auto"])
+    assert json.loads(r.stdout)["steps"] == 9
+    lines = (tmp_path / "t/metrics.jsonl").read_text().strip().splitlines()
+    assert json.loads(lines[-1])["step"] == 9
+
+
+def test_bench_and_random_init_policy(data, tmp_path):
+    r = ok(["bench", "--arch", "vit-t8-demo", "--img-size", "64", "--repeats", "1", "--batch-size", "2",
+            "--json", "-o", tmp_path / "b"])
+    assert json.loads(r.stdout)["tub_tiles_per_s"] > 0
+    r = fails(["embed", data / "tiles.npz", "--arch", "uni2-h", "-o", tmp_path / "n"])
+    assert "--weights" in r.stderr
+    ok(["embed", data / "tiles.npz", "--arch", "vit-t8-demo", "--random-init", "-o", tmp_path / "ri"])
+    assert json.loads((tmp_path / "ri/encoder.json").read_text())["random_init"] is True
+
+
+def test_bad_inputs_are_one_line_errors(data, tmp_path):
+    fails(["embed", tmp_path / "missing", "--arch", "vit-t8-demo", "--random-init", "-o", tmp_path / "a"])
+    fails(["inspect", tmp_path / "missing.safetensors", "-o", tmp_path / "b"])
+    fails(["embed", data / "tiles.npz", "--arch", "no-such-model", "--random-init", "-o", tmp_path / "c"])
+    (tmp_path / "empty").mkdir()
+    fails(["embed", tmp_path / "empty", "--arch", "vit-t8-demo", "--random-init", "-o", tmp_path / "d"])
+    fails(["evaluate", data / "tiles.npz", "-o", tmp_path / "e"])  # tiles, not features
+    fails(["convert", data / "vit-t8-demo-random.safetensors", data / "vit-t8-demo-random.safetensors",
+           "-o", tmp_path / "f"])
+
+
+def test_patch_encoder_hook_gives_dim_sized_embeddings(data):
+    from tubcli.plugins import patch_encoders
+
+    encs = patch_encoders()
+    spec = encs["vit-t8-demo"]
+    model = spec.load(None, "cpu", None)  # documented: random weights for this demo encoder only
+    x = torch.rand(2, 3, spec.tile_size, spec.tile_size)
+    with torch.no_grad():
+        assert model(x).shape == (2, spec.dim)
+    from tubcli.errors import TubError
+
+    with pytest.raises(TubError, match="weights"):
+        encs["uni2-h"].load(None, "cpu", None)
+    m = spec.load(data / "vit-t8-demo-random.safetensors", "cpu", torch.float32)
+    with torch.no_grad():
+        assert m(x).shape == (2, 384)
+
+
+def test_hook_table_matches_presets():
+    from tub_atlas.plugin import ENCODERS, TILE_SIZE
+    from tub_atlas.presets import PRESETS
+    from tub_atlas.vit import pooled_dim
+
+    for name, (dim, _, _) in ENCODERS.items():
+        p = PRESETS[name]
+        assert dim == pooled_dim(p.embed_dim, p.pool)
+        assert TILE_SIZE.get(name, 224) == p.img_size
+
+
+def test_demo_runs(tmp_path):
+    from tubcli.runs import Run
+    from tub_atlas.config import TrainConfig
+    from tub_atlas.demo import run_demo
+
+    res = run_demo(Run("atlas", "demo", TrainConfig(device="cpu"), out=tmp_path / "demo"))
+    assert res["reload_max_abs_diff"] == 0 and res["lrp_conservation_max_rel_error"] < 1e-3
+    assert res["distill_loss_reduction"] > 0.3
+    shutil.rmtree(tmp_path / "demo")

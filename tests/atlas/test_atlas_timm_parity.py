@@ -1,0 +1,68 @@
+"""Numerical parity with timm on identical weights (spec §6 target 1).
+
+timm is not a dependency (it imports torchvision, which cannot sit beside the project's CPU torch),
+so this file skips when timm is absent. Procedure used to run it (recorded in the plugin README):
+
+    python -m venv /tmp/timmenv
+    /tmp/timmenv/bin/pip install torch==2.14.1 torchvision==0.29.1 timm==1.0.31 safetensors numpy \
+        pytest pydantic pluggy
+    PYTHONPATH=.:plugins/tub-atlas /tmp/timmenv/bin/python -m pytest tests/atlas/test_atlas_timm_parity.py \
+        -q -p no:cacheprovider --import-mode=importlib -s
+
+Recorded on the 2-core CPU dev box (torch 2.14.1, timm 1.0.31), max |Δ| of forward_features, fp32:
+uni2-h (depth 2) 224 px 0.0, 448 px 0.0; virchow2 (depth 2) 0.0 / 0.0; h-optimus-0 (depth 2) 0.0 / 0.0;
+vit-s8-reg8 (depth 12) 0.0 / 0.0
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+
+from tub_atlas.synthetic import preset_config, random_vit  # noqa: E402
+
+
+def timm_model(name: str, depth: int, dynamic: bool):
+    from timm.layers import SwiGLUPacked
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    common = dict(num_classes=0, dynamic_img_size=dynamic, init_values=1e-5, global_pool="token")
+    if name == "uni2-h":
+        return TimmViT(img_size=224, patch_size=14, depth=depth, num_heads=24, embed_dim=1536,
+                       mlp_ratio=2.66667 * 2, mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU,
+                       reg_tokens=8, no_embed_class=True, **common)
+    if name == "virchow2":
+        return TimmViT(img_size=224, patch_size=14, depth=depth, num_heads=16, embed_dim=1280,
+                       mlp_ratio=5.3375, mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU,
+                       reg_tokens=4, **common)
+    if name == "h-optimus-0":  # vit_giant_patch14_reg4_dinov2 with img_size=224
+        return TimmViT(img_size=224, patch_size=14, depth=depth, num_heads=24, embed_dim=1536,
+                       mlp_ratio=2.66667 * 2, mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU,
+                       reg_tokens=4, no_embed_class=True, **common)
+    if name == "vit-s8-reg8":
+        return TimmViT(img_size=224, patch_size=8, depth=depth, num_heads=6, embed_dim=384, mlp_ratio=4,
+                       reg_tokens=8, no_embed_class=True, **common)
+    raise KeyError(name)
+
+
+CASES = [("uni2-h", 2), ("virchow2", 2), ("h-optimus-0", 2), ("vit-s8-reg8", 12)]
+
+
+@pytest.mark.parametrize("name,depth", CASES)
+@pytest.mark.parametrize("size", [224, 448])
+def test_forward_features_match_timm(name, depth, size):
+    torch.manual_seed(0)
+    ours = random_vit(preset_config(name, depth=depth), seed=1)
+    theirs = timm_model(name, depth, dynamic=size != 224).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)  # identical weights, timm key layout
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(2))
+    x = (x - 0.5) / 0.25
+    with torch.inference_mode():
+        a = ours.forward_features(x)
+        b = theirs.forward_features(x)
+    assert a.shape == b.shape
+    delta = (a - b).abs().max().item()
+    print(f"PARITY {name} depth={depth} {size}px max|d|={delta:.3e}")
+    assert delta <= 1e-5

@@ -1,0 +1,155 @@
+"""Conformance and end-to-end CLI runs of every verb on tiny data."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tubcli.testing import check_plugin, invoke
+
+
+def test_conformance():
+    check_plugin("pathorob")
+
+
+def _ok(args):
+    r = invoke(args)
+    assert r.exit_code == 0, r.output
+    return r
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pr")
+    _ok(["pathorob", "make-data", "features", "--classes", "2", "--centers", "3", "--slides-per-cell", "3",
+         "--tiles-per-slide", "20", "--dim", "16", "--paired", "-o", tmp / "md"])
+    return tmp, tmp / "md" / "outputs"
+
+
+def test_ri_evaluate_explain(made):
+    tmp, out = made
+    r = _ok(["pathorob", "ri", out / "features", "--metadata", out / "metadata.csv", "--k", "7", "--json",
+             "-o", tmp / "ri"])
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    from tub_pathorob.robustness_index import SUMMARY_KEYS
+
+    assert tuple(summary) == SUMMARY_KEYS
+    assert json.loads((tmp / "ri" / "outputs" / "results_summary.json").read_text()) == summary
+    # same numbers from the plain .npy layout
+    r2 = _ok(["pathorob", "ri", out / "features.npy", "--metadata", out / "metadata.csv", "--k", "7", "--json",
+              "--no-auc", "-o", tmp / "ri2"])
+    assert json.loads(r2.stdout.strip().splitlines()[-1])["robustness_index"] == summary["robustness_index"]
+    # paired subsets, bootstrap, official layout
+    r3 = _ok(["pathorob", "ri", out / "features", "--metadata", out / "metadata_paired.csv", "--k", "7", "--paired",
+              "--bootstrap", "20", "--no-auc", "--layout", "official", "--model-name", "m", "--json", "-o", tmp / "ri3"])
+    s3 = json.loads(r3.stdout.strip().splitlines()[-1])
+    assert "robustness_index-std" in s3
+    assert (tmp / "ri3" / "outputs" / "robustness_index" / "m" / "custom" / "-1_7" / "results_summary.json").is_file()
+    _ok(["pathorob", "evaluate", out / "features", "--metadata", out / "metadata.csv", "--k", "7", "--metrics", "ri",
+         "--metrics", "cs", "--K", "2", "--trials", "2", "--no-auc", "-o", tmp / "ev"])
+    res = json.loads((tmp / "ev" / "outputs" / "results.json").read_text())
+    assert set(res) == {"robustness_index", "clustering_score"}
+    assert (tmp / "ev" / "outputs" / "aris.csv").is_file()
+    _ok(["pathorob", "explain", out / "features", "--metadata", out / "metadata.csv", "--k", "7",
+         "--max-k-curve", "30", "-o", tmp / "ex"])
+    for f in ("breakdown.json", "slides.csv", "composition.png", "projection.png", "ri_curve.png", "center_pairs.png"):
+        assert (tmp / "ex" / "outputs" / f).stat().st_size > 0
+    bd = json.loads((tmp / "ex" / "outputs" / "breakdown.json").read_text())
+    assert set(bd["per_center"]) == {"center0", "center1", "center2"} and len(bd["center_pairs"]) == 3
+
+
+def test_clustering_verb(made):
+    tmp, out = made
+    r = _ok(["pathorob", "clustering", out / "features.npy", "--metadata", out / "metadata.csv", "--K", "2",
+             "--trials", "2", "--json", "-o", tmp / "cs"])
+    s = json.loads(r.stdout.strip().splitlines()[-1])
+    assert s["num_combinations"] == 3 and s["num_trials"] == 2
+
+
+def test_train_and_robustify(made):
+    tmp, out = made
+    r = _ok(["pathorob", "train", out / "features", "--metadata", out / "metadata.csv", "--method", "combat",
+             "--k", "7", "--json", "-o", tmp / "tr"])
+    s = json.loads(r.stdout.strip().splitlines()[-1])
+    assert s["robustness_index_after"] > s["robustness_index_before"]
+    model = tmp / "tr" / "checkpoints" / "robustification.safetensors"
+    assert model.is_file() and model.with_suffix(".json").is_file()
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "features").iterdir()}
+    _ok(["pathorob", "robustify", out / "features", "--metadata", out / "metadata.csv", "--model", model,
+         "-o", tmp / "rb"])
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "features").iterdir()} == before  # input untouched
+    assert sorted(p.name for p in (tmp / "rb" / "outputs" / "features").iterdir()) == sorted(before)
+    r = _ok(["pathorob", "ri", tmp / "rb" / "outputs" / "features", "--metadata", out / "metadata.csv", "--k", "7",
+             "--no-auc", "--json", "-o", tmp / "ri_rb"])
+    assert json.loads(r.stdout.strip().splitlines()[-1])["robustness_index"] == pytest.approx(s["robustness_index_after"])
+
+
+def test_apd_from_raw_verb(tmp_path):
+    rng = np.random.default_rng(0)
+    files = []
+    for d, s in (("camelyon", 8), ("tcga", 7)):
+        p = tmp_path / f"{d}_raw.json"
+        p.write_text(json.dumps({"ID_test_accuracies": (0.8 + 0.1 * rng.random((s, 3))).tolist(),
+                                 "OOD_test_accuracies": (0.7 + 0.1 * rng.random((s, 3))).tolist()}))
+        files.append(p)
+    r = _ok(["pathorob", "apd-from-raw", *files, "--json", "-o", tmp_path / "run"])
+    s = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(s) == {"camelyon", "tcga", "aggregated"}
+    assert (tmp_path / "run" / "outputs" / "aggregated_summary.json").is_file()
+
+
+def test_apd_verb(tmp_path):
+    _ok(["pathorob", "make-data", "features", "--preset", "tcga_4x4", "--dim", "4", "-o", tmp_path / "md"])
+    out = tmp_path / "md" / "outputs"
+    r = _ok(["pathorob", "apd", out / "features", "--metadata", out / "metadata.csv", "--dataset", "tcga",
+             "--iterations", "1", "--json", "-o", tmp_path / "apd"])
+    s = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(s) == {"apd_id", "apd_ood"}
+    raw = json.loads((tmp_path / "apd" / "outputs" / "tcga_raw.json").read_text())
+    assert np.asarray(raw["OOD_test_accuracies"]).shape == (7, 1)
+
+
+def test_stain_tiles(tmp_path):
+    _ok(["pathorob", "make-data", "tiles", "--centers", "2", "--classes", "1", "--tiles-per-cell", "2",
+         "--tile-size", "32", "-o", tmp_path / "t"])
+    tiles = tmp_path / "t" / "outputs" / "tiles"
+    target = sorted(tiles.iterdir())[0]
+    for method in ("macenko", "reinhard"):
+        _ok(["pathorob", "stainnorm", tiles, "--method", method, "--target", target, "-o", tmp_path / method])
+        assert len(list((tmp_path / method / "outputs").glob("*.png"))) == 4
+
+
+@pytest.mark.parametrize("case", ["missing_column", "single_center", "small_class", "unknown_slide"])
+def test_bad_metadata_exit_2(made, tmp_path, case):
+    _, out = made
+    lines = (out / "metadata.csv").read_text().splitlines()
+    header, rows = lines[0].split(","), [ln.split(",") for ln in lines[1:]]
+    ci = header.index("medical_center")
+    k = "7"
+    if case == "missing_column":
+        header, rows = header[:-1], [r[:-1] for r in rows]
+    elif case == "single_center":
+        rows = [r for r in rows if r[ci] == "center0"]
+    elif case == "small_class":
+        k = "500"
+    elif case == "unknown_slide":
+        rows[0][header.index("slide_id")] = "nope"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("\n".join(",".join(r) for r in [header] + rows) + "\n")
+    r = invoke(["pathorob", "ri", out / "features", "--metadata", bad, "--k", k, "-o", tmp_path / "run"])
+    assert r.exit_code == 2, r.output
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "Traceback" not in r.output
+    assert not (tmp_path / "run" / "outputs" / "results_summary.json").exists()
+
+
+def test_demo_runs(tmp_path):
+    from tubcli.runs import Run
+
+    from tub_pathorob.config import RIConfig
+    from tub_pathorob.demo import run_demo
+
+    run = Run("pathorob", "demo", RIConfig(), out=tmp_path / "demo")
+    res = run_demo(run)
+    assert res["RI after ComBat"] > res["RI before"] and res["RI after center-mean"] > res["RI before"]

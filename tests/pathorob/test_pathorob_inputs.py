@@ -1,0 +1,104 @@
+"""Input readers (official per-center npz, plain npy/npz, tub atlas embed output) and one-line errors."""
+
+import numpy as np
+import pytest
+
+from tub_pathorob.features import load_features, write_official, write_plain
+from tub_pathorob.metadata import Metadata, read_metadata
+from tub_pathorob.robustness_index import robustness_index
+from tub_pathorob.synthetic import synthetic_features
+from tubcli.errors import TubError
+
+
+@pytest.fixture
+def data(tmp_path):
+    X, meta = synthetic_features(centers=("Center A", "B"), slides_per_cell=3, tiles_per_slide=15, seed=1)
+    meta.write_csv(tmp_path / "metadata.csv")
+    return X, meta, tmp_path
+
+
+def test_official_layout_round_trip(data):
+    X, meta, tmp = data
+    files = write_official(tmp / "feats", X, meta)
+    assert sorted(f.name for f in files) == ["B.npz", "Center_A.npz"]  # spaces -> _
+    with np.load(tmp / "feats" / "B.npz") as z:
+        key = f"{meta.slide_id[-1]}-{meta.patch_id[-1]}"
+        assert np.array_equal(z[key], X[-1])
+    # rows follow the metadata order, whatever order it has
+    p = np.random.default_rng(0).permutation(len(X))
+    meta.take(p).write_csv(tmp / "shuffled.csv")
+    Y, m2 = load_features(tmp / "feats", read_metadata(tmp / "shuffled.csv"))
+    assert np.array_equal(Y, X[p]) and list(m2.slide_id) == list(meta.slide_id[p])
+
+
+def test_plain_npy_and_npz(data):
+    X, meta, tmp = data
+    write_plain(tmp / "X.npy", X)
+    Y, _ = load_features(tmp / "X.npy", read_metadata(tmp / "metadata.csv"))
+    assert np.array_equal(X, Y)
+    np.savez(tmp / "X.npz", features=X)
+    Y, _ = load_features(tmp / "X.npz", read_metadata(tmp / "metadata.csv"))
+    assert np.array_equal(X, Y)
+
+
+def test_atlas_embed_npy_output(data):
+    """`tub atlas embed --format npy`: embeddings.npy + manifest.csv, matched by slide/patch."""
+    X, meta, tmp = data
+    d = tmp / "atlas"
+    d.mkdir()
+    p = np.random.default_rng(1).permutation(len(X))
+    np.save(d / "embeddings.npy", X[p].astype(np.float32))
+    meta.take(p).write_csv(d / "manifest.csv")
+    Y, m = load_features(d, read_metadata(tmp / "metadata.csv"))
+    assert np.array_equal(Y, X.astype(np.float32)) and Y.dtype == np.float32
+    Y2, m2 = load_features(d, None)  # manifest doubles as metadata
+    assert len(m2) == len(X)
+
+
+def test_bad_metadata_errors_are_one_line(data, tmp_path):
+    X, meta, tmp = data
+    bad = tmp / "bad.csv"
+    bad.write_text("subset,slide_id,patch_id,medical_center\nID,s,0,A\n")
+    e = pytest.raises(TubError, read_metadata, bad).value
+    assert "biological_class" in str(e) and "\n" not in str(e)
+    # unknown slide ids: the metadata names a tile that has no feature
+    write_official(tmp / "feats", X, meta)
+    cols = {k: v.copy() for k, v in meta.columns.items()}
+    cols["slide_id"][0] = "NOT-A-SLIDE"
+    e = pytest.raises(TubError, load_features, tmp / "feats", Metadata(cols, "m.csv")).value
+    assert "NOT-A-SLIDE" in str(e) and "\n" not in str(e)
+    # row count mismatch for plain features
+    write_plain(tmp / "X.npy", X[:-1])
+    assert "rows" in str(pytest.raises(TubError, load_features, tmp / "X.npy", meta).value)
+
+
+def test_single_center_and_small_class_and_zero_rows():
+    X, meta = synthetic_features(centers=("only",), slides_per_cell=3, tiles_per_slide=10, seed=2)
+    assert "one medical center" in str(pytest.raises(TubError, robustness_index, X, meta, k=5).value)
+    X, meta = synthetic_features(slides_per_cell=1, tiles_per_slide=5, seed=2)
+    e = pytest.raises(TubError, robustness_index, X, meta, k=11).value
+    assert "fewer than k=11" in str(e)
+    X, meta = synthetic_features(slides_per_cell=3, tiles_per_slide=10, seed=2)
+    X[3] = 0
+    assert "all zeros" in str(pytest.raises(TubError, robustness_index, X, meta, k=5).value)
+    with pytest.raises(TubError, match="custom dataset"):
+        robustness_index(X, meta)
+
+
+def test_class_center_name_collision():
+    X, meta = synthetic_features(classes=("A", "B"), centers=("A", "C"), slides_per_cell=2, tiles_per_slide=10)
+    assert "overlap" in str(pytest.raises(TubError, robustness_index, X, meta, k=3).value)
+
+
+def test_atlas_manifest_with_label_column(tmp_path):
+    """tub atlas writes `label` (the class) and medical_center in manifest.csv; no --metadata needed."""
+    X, meta = synthetic_features(slides_per_cell=2, tiles_per_slide=5, seed=3)
+    d = tmp_path / "emb"
+    d.mkdir()
+    np.save(d / "embeddings.npy", X.astype(np.float32))
+    rows = ["tile_id,origin,label,slide_id,patch_id,x,y,medical_center"]
+    rows += [f"{i},img{i}.png,{b},{s},{p},0,0,{c}" for i, (b, s, p, c) in
+             enumerate(zip(meta.biological_class, meta.slide_id, meta.patch_id, meta.medical_center))]
+    (d / "manifest.csv").write_text("\n".join(rows) + "\n")
+    Y, m = load_features(d, None)
+    assert np.array_equal(Y, X.astype(np.float32)) and list(m.biological_class) == list(meta.biological_class)
