@@ -170,11 +170,7 @@ def _plain_type(annotation) -> tuple[Any, bool]:
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
-        if len(inner) == 1:
-            return _plain_type(inner[0])
-        if all(a in (str, Path) or typing.get_origin(a) is typing.Literal for a in inner):
-            return str, False
-        return str, False
+        return _plain_type(inner[0]) if len(inner) == 1 else (str, False)
     if origin in (list, tuple, set, typing.Sequence) or annotation in (list, tuple):
         inner = args[0] if args else str
         base, _ = _plain_type(inner)
