@@ -3,9 +3,9 @@
 For each configuration: random weights (N(0, 0.02), LayerScale non-trivial) are built by tub and
 loaded into timm with ``load_state_dict(strict=True)``; both run ``forward_features`` on the same
 batch under ``inference_mode``, one warm-up, then ``--repeats`` interleaved repeats (tub, timm,
-tub, timm, ...); the median tiles/s of each, the ratio and max |Δ| of the outputs are printed and
-written as JSON. Without timm (the project environment has none: it needs torchvision) only tub is
-timed. The comparison was run in a separate venv:
+timm, tub, ...: alternating order); the median tiles/s of each, the ratio and max |Δ| of the
+outputs are printed and written as JSON. Without timm (the project environment has none: it
+needs torchvision) only tub is timed. The comparison was run in a separate venv:
 
     python -m venv /tmp/timmenv
     /tmp/timmenv/bin/pip install torch==2.14.1 torchvision==0.29.1 timm==1.0.31 safetensors numpy pydantic pluggy

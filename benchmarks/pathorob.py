@@ -8,7 +8,7 @@ process around ``compute(...)``, which includes reading the features, as tub's d
 the same native thread limit.
 
     PYTHONPATH=plugins/tub-pathorob:. python benchmarks/pathorob.py --reference-repo /tmp/ref-pathorob \
-        --reference-python /tmp/pathorob-ref-venv/bin/python --threads 1 --out docs/benchmarks/pathorob.json
+        --reference-python /tmp/pathorob-ref-venv/bin/python --threads 1 --repeats 3 --out runs/benchmarks/pathorob.json
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def main(argv=None):
     ap.add_argument("--reference-python", default=sys.executable)
     ap.add_argument("--threads", type=int, default=1, help="native thread limit for both (0 = library default)")
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=Path("docs/benchmarks/pathorob.json"))
+    ap.add_argument("--out", type=Path, default=Path("runs/benchmarks/pathorob.json"))
     a = ap.parse_args(argv)
     # import what each side needs before timing (the reference imports at module load, outside its timer)
     import sklearn.linear_model, sklearn.model_selection, sklearn.neighbors, sklearn.preprocessing  # noqa: F401, E401

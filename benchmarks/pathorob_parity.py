@@ -5,7 +5,8 @@ metadata/<name>.csv), runs the reference in a separate interpreter (it needs pan
 this process, and prints/writes both values per key.
 
     python benchmarks/pathorob_parity.py --reference-repo /tmp/ref-pathorob \
-        --reference-python /tmp/pathorob-ref-venv/bin/python --out docs/benchmarks/pathorob_parity.json
+        --reference-python /tmp/pathorob-ref-venv/bin/python --k-search --cs --apd camelyon tcga \
+        --shipped-ri --real-metadata /tmp/ref-pathorob/data/metadata --out runs/benchmarks/pathorob_parity.json
 
 The reference repository is a checkout of bifold-pathomics/PathoROB (46594e9) outside this project.
 """
@@ -19,8 +20,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-import numpy as np
 
 from tub_pathorob.features import write_official
 from tub_pathorob.synthetic import PRESETS, paired_subsets, synthetic_features

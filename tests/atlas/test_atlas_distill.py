@@ -110,6 +110,7 @@ def test_distillation_lowers_loss_and_tracks_teacher_probe_short(tmp_path):
     assert s_acc >= t_acc - 0.15
 
 
+@pytest.mark.slow  # ~40 s on an idle 2-core box; run with -m slow
 def test_distillation_target_200_steps_512_tiles(tmp_path):
     """Spec §6 target 8: 200 steps, 512 tiles of 64 px: loss ≥ 50 % lower, kNN within 0.05."""
     res, t_acc, s_acc = _target_8(tmp_path, steps=200, n_per_class=64)

@@ -90,7 +90,7 @@ def test_plain_gradient_times_input_does_not_conserve():
     z = enc.vit.forward_features(xn)
     f = torch.cat([z[:, 0], z[:, 5:].mean(1)], -1)[0, 0]
     grads = torch.autograd.grad(f, [xn] + params)
-    total = float((xn * grads[0]).sum()) + sum(float((p.detach() * g).sum()) for p, g in zip(params, grads[1:]))
+    total = float((xn.detach() * grads[0]).sum()) + sum(float((p.detach() * g).sum()) for p, g in zip(params, grads[1:]))
     assert abs(total - float(f)) > 1e-3 * abs(float(f))
 
 

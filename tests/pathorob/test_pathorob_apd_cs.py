@@ -131,7 +131,6 @@ def test_cs_parity_with_reference_recorded():
     assert s["Ks"] == REFERENCE_CS["Ks"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["camelyon", "tcga"])
 def test_apd_parity_with_reference_recorded(dataset):
     mod = _parity_module()

@@ -1,7 +1,6 @@
 """Conformance and end-to-end CLI runs of every verb on tiny data."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

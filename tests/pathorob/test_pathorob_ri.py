@@ -7,7 +7,7 @@ import pytest
 from tub_pathorob.metadata import Metadata
 from tub_pathorob.robustness_index import (DEFAULT_K, k_candidates, metrics_from_counts, robustness_index,
                                            shuffle_and_reduce)
-from tub_pathorob.synthetic import PRESETS, paired_subsets, synthetic_features
+from tub_pathorob.synthetic import paired_subsets, synthetic_features
 from tubcli.errors import TubError
 
 
@@ -172,7 +172,18 @@ def test_parity_with_reference_recorded(dataset, search):
     assert abs(r["robustness_index"] - ref["robustness_index"]) <= 1e-9
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("dataset,search", [("camelyon", True), ("tcga", False)])
-def test_parity_with_reference_recorded_slow(dataset, search):
+def test_parity_with_reference_recorded_ksearch_paired(dataset, search):
     test_parity_with_reference_recorded(dataset, search)
+
+
+@pytest.mark.parametrize("n,N", [(40, 600), (595, 600), (600, 600)])
+def test_knn_equals_sklearn_brute(n, N):
+    from sklearn.neighbors import NearestNeighbors
+
+    from tub_pathorob.knn import nearest_neighbours
+
+    X = np.random.default_rng(n).standard_normal((N, 16))
+    ref = NearestNeighbors(n_neighbors=n, algorithm="brute").fit(X).kneighbors(X, return_distance=False)
+    got = nearest_neighbours(X, n, block=128)
+    assert np.array_equal(got, ref)

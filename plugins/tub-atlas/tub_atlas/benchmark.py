@@ -1,6 +1,6 @@
 """Throughput of tub's ViT, and of timm's on the same weights when timm is importable (spec §6.2).
 
-Both models run in one process on the same tiles, interleaved (tub, timm, tub, timm, …) after a
+Both models run in one process on the same tiles, interleaved (tub, timm, timm, tub, …) after a
 warm-up, under ``inference_mode``; the median tiles/s of each is reported with the ratio.
 """
 
@@ -66,9 +66,10 @@ def time_models(arch: str = "vit-s8-reg8", depth: int | None = None, batch_size:
 
     outs = {name: once(m)[1] for name, m in models.items()}  # warm-up
     times = {name: [] for name in models}
-    for _ in range(repeats):
-        for name, m in models.items():
-            times[name].append(once(m)[0])
+    names = list(models)
+    for i in range(repeats):  # interleaved, alternating order so neither model always runs first
+        for name in (names if i % 2 == 0 else names[::-1]):
+            times[name].append(once(models[name])[0])
     res = {"arch": arch, "depth": cfg.depth, "batch_size": batch_size, "img_size": img_size,
            "threads": torch.get_num_threads(), "device": str(device), "precision": precision,
            "repeats": repeats}

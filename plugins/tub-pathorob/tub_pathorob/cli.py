@@ -115,6 +115,10 @@ def _clustering_impl(cfg: ClusteringConfig, run) -> dict:
 
 def _evaluate_impl(cfg: EvaluateConfig, run) -> dict:
     """All selected metrics; the same files as the single-metric verbs, one combined results.json."""
+    if "apd" in cfg.metrics and cfg.dataset is None:
+        raise TubError("APD follows a dataset's split protocol; pass --dataset camelyon|tcga|tolkach_esca")
+    if "apd" in cfg.metrics and cfg.dataset == "tolkach_esca" and cfg.tolkach_splits is None:
+        raise TubError("tolkach_esca APD needs the case-split file; pass --tolkach-splits tolkach_splits.json")
     X, meta = _inputs(cfg)
     out = {}
     if "ri" in cfg.metrics:

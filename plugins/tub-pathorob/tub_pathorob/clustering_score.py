@@ -70,7 +70,7 @@ def clustering_score(X: np.ndarray, meta: Metadata, K: int | None = None, min_k:
                 cell_rows[(b, c)] = r
     experiments = list(product(combinations(classes, 2), combinations(centers, 2)))
     res = ClusteringResult({})
-    Ks, per_mean, per_std = [], [], []
+    Ks, per_mean = [], []
     todo = progress(experiments, total=len(experiments), desc="clustering") if progress else experiments
     for (b1, b2), (c1, c2) in todo:
         cells = [(b1, c1), (b1, c2), (b2, c1), (b2, c2)]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 
 def run_demo(run) -> dict:
     from .threads import limit_threads

@@ -65,6 +65,40 @@ def _load_plain_array(path: Path) -> np.ndarray:
     return X
 
 
+def _read_npz_vectors(path: Path, keys: list[str]) -> list[np.ndarray]:
+    """Read many same-shape 1-D arrays from an uncompressed ``np.savez`` file: the npy header of the
+    first member is parsed once and every member with an identical header is read as raw bytes;
+    anything else goes through ``np.load``. Missing keys raise ``KeyError``."""
+    with zipfile.ZipFile(path) as zf:
+        names = {i.filename: i for i in zf.infolist()}
+        out, header, dtype, shape = [], None, None, None
+        slow = None
+        for key in keys:
+            info = names.get(f"{key}.npy")
+            if info is None:
+                raise KeyError(key)
+            raw = zf.read(info)
+            if header is None and info.compress_type == zipfile.ZIP_STORED:
+                import io
+
+                fh = io.BytesIO(raw)
+                version = np.lib.format.read_magic(fh)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, fortran, dtype = read_header(fh)
+                if len(shape) == 1 and not dtype.hasobject and not fortran:
+                    header = raw[: fh.tell()]
+            if header is not None and raw.startswith(header) and len(raw) == len(header) + shape[0] * dtype.itemsize:
+                out.append(np.frombuffer(raw, dtype=dtype, offset=len(header)))
+            else:
+                if slow is None:
+                    slow = np.load(path, allow_pickle=False)
+                out.append(slow[key])
+        if slow is not None:
+            slow.close()
+    return out
+
+
 def _load_official(folder: Path, meta: Metadata) -> np.ndarray:
     keys = meta.keys()
     centers = meta.medical_center
@@ -77,23 +111,21 @@ def _load_official(folder: Path, meta: Metadata) -> np.ndarray:
             raise TubError(f"{folder}: no features for center {center!r} (expected {f.name}); check --features")
         rows = np.flatnonzero(centers == center)
         try:
-            with np.load(f, allow_pickle=False) as z:
-                have = set(z.files)
-                missing = [keys[i] for i in rows if keys[i] not in have]
-                if missing:
-                    raise TubError(
-                        f"{f}: {len(missing)} metadata row(s) have no feature, e.g. slide-patch {missing[0]!r}; "
-                        "the metadata and the features do not match (unknown slide id?)"
-                    )
-                for i in rows:
-                    v = z[keys[i]]
-                    if out is None:
-                        out = np.empty((len(meta), v.shape[-1]), dtype=v.dtype)
-                    if v.ndim != 1 or v.shape[0] != out.shape[1]:
-                        raise TubError(f"{f}: feature {keys[i]!r} has shape {v.shape}, expected ({out.shape[1]},)")
-                    out[i] = v
+            vectors = _read_npz_vectors(f, [keys[i] for i in rows])
+        except KeyError as e:
+            missing = [keys[i] for i in rows if keys[i] == e.args[0]]
+            raise TubError(
+                f"{f}: metadata row(s) have no feature, e.g. slide-patch {missing[0]!r}; "
+                "the metadata and the features do not match (unknown slide id?)"
+            ) from None
         except (ValueError, OSError, zipfile.BadZipFile) as e:
             raise TubError(f"{f}: cannot read npz ({str(e).splitlines()[0]})") from None
+        for i, v in zip(rows, vectors):
+            if out is None:
+                out = np.empty((len(meta), v.shape[-1]), dtype=v.dtype)
+            if v.ndim != 1 or v.shape[0] != out.shape[1]:
+                raise TubError(f"{f}: feature {keys[i]!r} has shape {v.shape}, expected ({out.shape[1]},)")
+            out[i] = v
     return out
 
 

@@ -1,0 +1,188 @@
+"""Battery-electrode quantities from energies: capacity, formation energy, convex hull, OCV.
+
+Conventions as in Islas-Vargas et al., arXiv:2603.22254 and standard anode studies (e.g. Aydinol
+et al., PRB 56, 1354 (1997) for the hull voltage):
+
+* formation energy per host formula unit  E_f(x) = E(Na_x Host) - E(Host) - x mu_Na,
+  mu_Na the energy per atom of bcc Na with the same potential;
+* open-circuit voltage between adjacent vertices of the lower convex hull of E_f(x):
+  V = -(E_f(x2) - E_f(x1)) / (x2 - x1) / e  (volts vs Na/Na+; V <= 0 means Na plating);
+* gravimetric capacity C = x_max n F / (3.6 M_host) mAh/g, F/3.6 = 26801.48 mAh/mol.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FARADAY = 96485.33212  # C/mol
+MAH_PER_MOL = FARADAY / 3.6  # 26801.48 mAh per mol of electrons
+
+
+def molar_mass(formula: str) -> float:
+    """Molar mass (g/mol) of a chemical formula such as 'C6' or 'C6H4NH2'."""
+    from ase.data import atomic_masses
+    from ase.formula import Formula
+
+    counts = Formula(formula).count()
+    from ase.data import atomic_numbers
+
+    return float(sum(atomic_masses[atomic_numbers[s]] * n for s, n in counts.items()))
+
+
+def capacity_mah_per_g(x_max: float, host_molar_mass: float, electrons_per_ion: int = 1) -> float:
+    """Theoretical gravimetric capacity of a host storing x_max ions per formula unit (mAh/g)."""
+    if host_molar_mass <= 0:
+        raise ValueError("host molar mass must be positive")
+    return MAH_PER_MOL * electrons_per_ion * float(x_max) / float(host_molar_mass)
+
+
+def formation_energy(e_loaded, e_host: float, x, mu_ion: float):
+    """E_f(x) = E(Na_x Host) - E(Host) - x mu_Na (eV per host formula unit)."""
+    return np.asarray(e_loaded, dtype=float) - e_host - np.asarray(x, dtype=float) * mu_ion
+
+
+def lower_convex_hull(x, e) -> np.ndarray:
+    """Indices of the vertices of the lower convex hull of points (x, e), sorted by x.
+
+    Andrew's monotone chain on the lower side; of points with equal x only the lowest counts.
+    Collinear interior points are not vertices.
+    """
+    x = np.asarray(x, dtype=float)
+    e = np.asarray(e, dtype=float)
+    order = np.lexsort((e, x))
+    hull: list[int] = []
+    last_x = None
+    for k in order:
+        if last_x is not None and x[k] == last_x:
+            continue  # a higher point at the same composition
+        last_x = x[k]
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            cross = (x[b] - x[a]) * (e[k] - e[a]) - (e[b] - e[a]) * (x[k] - x[a])
+            if cross <= 0:  # b is on or above the segment a-k
+                hull.pop()
+            else:
+                break
+        hull.append(int(k))
+    return np.asarray(hull, dtype=int)
+
+
+@dataclass
+class VoltageStep:
+    x_start: float
+    x_end: float
+    voltage: float
+
+    @property
+    def plating(self) -> bool:
+        return self.voltage <= 0.0
+
+
+def voltage_profile(x, e_formation) -> list[VoltageStep]:
+    """Hull voltages V = -dE_f/dx between adjacent hull vertices (V vs Na/Na+)."""
+    x = np.asarray(x, dtype=float)
+    e = np.asarray(e_formation, dtype=float)
+    idx = lower_convex_hull(x, e)
+    steps = []
+    for a, b in zip(idx[:-1], idx[1:]):
+        steps.append(VoltageStep(float(x[a]), float(x[b]), float(-(e[b] - e[a]) / (x[b] - x[a]))))
+    return steps
+
+
+def energy_above_hull(x, e) -> np.ndarray:
+    """Distance of each point above the lower hull (eV per formula unit)."""
+    x = np.asarray(x, dtype=float)
+    e = np.asarray(e, dtype=float)
+    idx = lower_convex_hull(x, e)
+    return e - np.interp(x, x[idx], e[idx])
+
+
+def volume_change(v, v0: float):
+    """Relative volume (or interlayer spacing) change (V - V0) / V0."""
+    return (np.asarray(v, dtype=float) - v0) / v0
+
+
+def average_voltage(steps: list[VoltageStep]) -> float:
+    """x-weighted mean hull voltage."""
+    w = np.array([s.x_end - s.x_start for s in steps])
+    v = np.array([s.voltage for s in steps])
+    return float((w * v).sum() / w.sum()) if len(steps) else float("nan")
+
+
+def bcc_sodium_chemical_potential(calc, a_grid=None) -> tuple[float, float]:
+    """mu_Na: energy per atom of bcc Na at the lattice constant that minimises it.
+
+    Scans the cubic lattice constant, fits a parabola around the minimum. Returns (mu, a0).
+    """
+    from ase.build import bulk
+
+    grid = np.asarray(a_grid if a_grid is not None else np.linspace(3.95, 4.5, 8))
+    energies = []
+    for a in grid:
+        atoms = bulk("Na", "bcc", a=float(a), cubic=True)
+        atoms.calc = calc
+        energies.append(atoms.get_potential_energy() / len(atoms))
+    energies = np.asarray(energies)
+    k = int(np.argmin(energies))
+    lo, hi = max(k - 2, 0), min(k + 3, len(grid))
+    if hi - lo >= 3 and 0 < k < len(grid) - 1:
+        c = np.polyfit(grid[lo:hi], energies[lo:hi], 2)
+        if c[0] > 0:
+            a0 = -c[1] / (2 * c[0])
+            return float(np.polyval(c, a0)), float(a0)
+    return float(energies[k]), float(grid[k])
+
+
+def relax(atoms, calc, steps: int, fmax: float):
+    """BFGS relaxation of positions (cell fixed); returns (relaxed copy, energy)."""
+    a = atoms.copy()
+    a.calc = calc
+    if steps > 0:
+        from ase.optimize import BFGS
+
+        BFGS(a, logfile=None).run(fmax=fmax, steps=steps)
+    return a, float(a.get_potential_energy())
+
+
+def sodiation_series(frames, calc_for, relax_steps: int = 50, fmax: float = 0.05, mu_na: float | None = None,
+                     na_symbol: str = "Na") -> dict:
+    """Formation energies, hull, voltages, capacity and volume change for Na_x host frames.
+
+    ``frames`` must contain the bare host (no Na) and loaded cells of the same host; x is Na per
+    aminophenyl group (``info['groups']``, default 1). ``calc_for(atoms)`` returns a calculator.
+    The lowest energy per x is used (several site sets per x sample the configurations).
+    """
+    na_z = 11 if na_symbol == "Na" else None
+    counts = [int((f.numbers == na_z).sum()) for f in frames]
+    if 0 not in counts:
+        raise ValueError("the structures need the bare host (a frame without Na)")
+    host = frames[counts.index(0)]
+    groups = int(host.info.get("groups", 1)) or 1
+    energies, volumes, spacings = {}, {}, {}
+    for f, c in zip(frames, counts):
+        relaxed, e = relax(f, calc_for(f), relax_steps, fmax)
+        if c not in energies or e < energies[c]:
+            energies[c] = e
+            volumes[c] = relaxed.get_volume() if relaxed.pbc.all() else float("nan")
+            spacings[c] = float(np.linalg.norm(relaxed.cell[2]))
+    if mu_na is None:
+        mu_na, _ = bcc_sodium_chemical_potential(calc_for(None))
+    cs = np.array(sorted(energies))
+    x = cs / groups
+    e_host = energies[0]
+    ef = formation_energy([energies[c] for c in cs], e_host, cs, mu_na) / groups
+    steps = voltage_profile(x, ef)
+    host_mass = molar_mass(host[[k for k in range(len(host)) if host[k].symbol != na_symbol]].get_chemical_formula()) / groups
+    positive = [s for s in steps if s.voltage > 0]
+    x_max = max((s.x_end for s in positive), default=0.0)
+    return {"x": x.tolist(), "formation_energy_eV": ef.tolist(), "mu_na_eV": mu_na,
+            "hull_vertices": lower_convex_hull(x, ef).tolist(),
+            "steps": [{"x_start": s.x_start, "x_end": s.x_end, "voltage_V": s.voltage} for s in steps],
+            "average_voltage_V": average_voltage(positive) if positive else float("nan"),
+            "x_max_before_plating": x_max, "host_molar_mass_g_mol": host_mass,
+            "capacity_mAh_g": capacity_mah_per_g(x_max, host_mass),
+            "capacity_per_x_mAh_g": capacity_mah_per_g(1.0, host_mass),
+            "volume_change": {str(c): float(volume_change(volumes[c], volumes[0])) for c in cs},
+            "spacing_change": {str(c): float(volume_change(spacings[c], spacings[0])) for c in cs}}

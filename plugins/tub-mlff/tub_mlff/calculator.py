@@ -1,0 +1,184 @@
+"""ASE calculator for SpookyNet models and committees of them.
+
+Properties: energy, free_energy, forces, stress (periodic), charges, dipole, energies (per atom),
+plus ``energy_std``/``forces_std``/``force_disagreement`` for committees (the spread of the members,
+Politis-style query-by-committee uncertainty). The neighbour list uses a Verlet skin: it is rebuilt
+only when an atom moved more than skin/2 or the cell, pbc, or atoms changed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from ase.calculators.calculator import Calculator, all_changes
+from ase.stress import full_3x3_to_voigt_6_stress
+
+from .neighbors import neighbor_list
+from .properties import compute
+from .validation import check_structure
+
+DEFAULT_PERIODIC_LR_CUTOFF = 10.0  # Angstrom
+
+
+class SpookyNetCalculator(Calculator):
+    """ASE calculator: ``SpookyNetCalculator(model_or_models_or_path, charge=0, spin=0)``.
+
+    ``spin`` is the number of unpaired electrons (0 singlet, 2 triplet). For periodic cells a
+    model without ``lr_cutoff`` gets ``lr_cutoff=10 A`` (a warning says so) so that Coulomb and
+    D4 end smoothly instead of at the neighbour-list radius.
+    """
+
+    implemented_properties = ["energy", "free_energy", "forces", "stress", "charges", "dipole", "energies",
+                              "hessian", "features"]
+
+    def __init__(self, model, charge: float = 0.0, spin: float = 0.0, dtype=torch.float32,
+                 device: str | torch.device = "cpu", lr_cutoff: float | str | None = "auto",
+                 skin: float = 0.5, elements: set[int] | None = None, check: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        from .checkpoints import load_model
+
+        members = model if isinstance(model, (list, tuple)) else [model]
+        models, metas = [], []
+        for m in members:
+            if isinstance(m, (str, Path)):
+                m, meta = load_model(m, dtype)
+                metas.append(meta)
+            models.append(m.to(device=device, dtype=dtype).eval())
+        self.models = models
+        self.charge, self.spin = float(charge), float(spin)
+        self.dtype, self.device = dtype, torch.device(device)
+        self.skin = float(skin)
+        self.lr_option = lr_cutoff
+        self.check = check
+        if elements is None:
+            sets = [set(meta["elements"]) for meta in metas if meta.get("elements")]
+            elements = set.intersection(*sets) if sets else None
+        self.elements = elements if elements is not None else models[0].supported_elements()
+        cut = {m.cutoff for m in models}
+        if len(cut) != 1:
+            raise ValueError("committee members must share the short-range cutoff")
+        self._nl_key = None
+        self._nl = None
+
+    # -- neighbour list ----------------------------------------------------------------------
+    def _configure_lr(self, periodic: bool) -> None:
+        for m in self.models:
+            if not m.uses_long_range:
+                continue
+            if self.lr_option not in ("auto", None):
+                if m.lr_cutoff != float(self.lr_option):
+                    m.set_lr_cutoff(float(self.lr_option))
+            elif periodic and m.lr_cutoff is None:
+                if self.lr_option == "auto":
+                    warnings.warn(f"periodic cell and no lr_cutoff: using lr_cutoff={DEFAULT_PERIODIC_LR_CUTOFF} A "
+                                  "for Coulomb and D4 (pass lr_cutoff= to choose)", stacklevel=3)
+                    m.set_lr_cutoff(DEFAULT_PERIODIC_LR_CUTOFF)
+                else:
+                    raise ValueError("periodic cells need an lr_cutoff for the long-range terms")
+
+    def _list_radius(self) -> float | None:
+        m = self.models[0]
+        radius = m.cutoff
+        for mm in self.models:
+            if mm.uses_long_range:
+                if mm.lr_cutoff is None:
+                    return None  # all pairs
+                radius = max(radius, mm.lr_cutoff)
+        return radius + self.skin
+
+    def _neighbors(self, atoms):
+        periodic = bool(np.any(atoms.pbc))
+        key = b"|".join([np.asarray(atoms.numbers, np.int64).tobytes(), np.asarray(atoms.pbc, bool).tobytes(),
+                         np.asarray(atoms.cell, np.float64).tobytes()])
+        pos = atoms.get_positions()
+        if self._nl is not None and self._nl_key == key:
+            moved = np.sqrt(((pos - self._nl_pos) ** 2).sum(-1).max())
+            if moved < 0.5 * self.skin:
+                return self._nl
+        self._configure_lr(periodic)
+        radius = self._list_radius()
+        if radius is None:  # molecule with untruncated long range: all pairs
+            n = len(atoms)
+            ii, jj = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+            keep = ii != jj
+            i, j, off = ii[keep], jj[keep], None
+            d = np.linalg.norm(pos[j] - pos[i], axis=1)
+        else:
+            i, j, off, d = neighbor_list(pos, atoms.cell if periodic else None, atoms.pbc, radius)
+            off = off if periodic else None
+        L = lambda a: torch.as_tensor(a, dtype=torch.long, device=self.device)  # noqa: E731
+        T = lambda a: None if a is None else torch.as_tensor(a, dtype=self.dtype, device=self.device)  # noqa: E731
+        # short-range list (both directions) and a half list for the long-range terms
+        sr = d < self.models[0].cutoff + self.skin
+        lr_pairs = None
+        if any(m.uses_long_range for m in self.models):
+            if off is None:
+                half = i < j
+            else:
+                image = (off[:, 0] * 4096 + off[:, 1]) * 4096 + off[:, 2]
+                half = (i < j) | ((i == j) & (image > 0))
+            lr_pairs = (L(i[half]), L(j[half]), T(None if off is None else off[half]))
+        self._nl = (L(i[sr]), L(j[sr]), T(None if off is None else off[sr]), lr_pairs)
+        self._nl_key, self._nl_pos = key, pos.copy()
+        return self._nl
+
+    def batch_for(self, atoms) -> dict:
+        """The model input for one structure (also used by `explain`)."""
+        i, j, off, lr_pairs = self._neighbors(atoms)
+        periodic = bool(np.any(atoms.pbc))
+        return {
+            "Z": torch.as_tensor(atoms.numbers, dtype=torch.long, device=self.device),
+            "Q": torch.tensor([self.charge], dtype=self.dtype, device=self.device),
+            "S": torch.tensor([self.spin], dtype=self.dtype, device=self.device),
+            "R": torch.as_tensor(atoms.get_positions(), dtype=self.dtype, device=self.device),
+            "idx_i": i, "idx_j": j, "cell_offsets": off, "lr_pairs": lr_pairs,
+            "cell": torch.as_tensor(np.asarray(atoms.cell)[None], dtype=self.dtype, device=self.device)
+            if periodic else None,
+            "num_batch": 1,
+        }
+
+    # -- ASE interface ---------------------------------------------------------------------------
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        atoms = self.atoms
+        if self.check and (self._nl is None or "numbers" in system_changes or "cell" in system_changes
+                           or "pbc" in system_changes or self._nl_key is None):
+            check_structure(atoms, self.elements)
+        batch = self.batch_for(atoms)
+        periodic = batch["cell"] is not None and abs(np.linalg.det(np.asarray(atoms.cell))) > 1e-9
+        want_stress = periodic and "stress" in properties
+        want_hessian = "hessian" in properties
+        outs = [compute(m, batch, forces=True, stress=want_stress, hessian=want_hessian) for m in self.models]
+        e = np.array([o["energy"].item() for o in outs])
+        f = np.stack([o["forces"].detach().cpu().numpy() for o in outs]).astype(np.float64)
+        q = np.stack([o["charges"].detach().cpu().numpy() for o in outs]).astype(np.float64)
+        ea = np.stack([o["atomic_energy"].detach().cpu().numpy() for o in outs]).astype(np.float64)
+        self.results["energy"] = float(e.mean())
+        self.results["free_energy"] = float(e.mean())
+        self.results["forces"] = f.mean(0)
+        self.results["charges"] = q.mean(0)
+        self.results["energies"] = ea.mean(0)
+        self.results["dipole"] = (q.mean(0)[:, None] * atoms.get_positions()).sum(0)
+        if want_stress:
+            s = np.stack([o["stress"][0].detach().cpu().numpy() for o in outs]).astype(np.float64)
+            self.results["stress"] = full_3x3_to_voigt_6_stress(s.mean(0))
+        self.results["features"] = np.mean([o["features"].detach().cpu().numpy() for o in outs], axis=0)
+        if want_hessian:
+            h = np.stack([o["hessian"].detach().cpu().numpy() for o in outs]).astype(np.float64)
+            self.results["hessian"] = h.mean(0)
+            if len(outs) > 1:
+                self.results["hessian_std"] = h.std(0)
+        for name in ("e_nn", "e_zbl", "e_coulomb", "e_d4"):
+            self.results[name] = np.mean([o[name].detach().cpu().numpy() for o in outs], axis=0)
+        if len(outs) > 1:
+            self.results["energy_std"] = float(e.std(ddof=0))
+            self.results["forces_std"] = f.std(0, ddof=0)
+            self.results["charges_std"] = q.std(0, ddof=0)
+            dip = (q[:, :, None] * atoms.get_positions()[None]).sum(1)
+            self.results["dipole_std"] = dip.std(0, ddof=0)
+            # per-atom force disagreement: RMS deviation of member force vectors from the mean
+            dev = np.sqrt(((f - f.mean(0)) ** 2).sum(-1).mean(0))
+            self.results["force_disagreement"] = dev

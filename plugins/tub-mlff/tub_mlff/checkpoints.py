@@ -1,0 +1,169 @@
+"""Model files: tub's safetensors + JSON, and the reference SpookyNet ``parameters.pth``.
+
+tub format: ``<name>.safetensors`` (tensors) and ``<name>.json`` ({"architecture": ...,
+"spookynet": config, "elements": [...], "energy_shift": ...}). The reference format (a dict of
+hyper-parameters plus ``state_dict``) is read with ``torch.load(weights_only=True)`` and mapped
+onto tub's module names with the explicit key mapping below; nothing is unpickled beyond tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from .physical_terms import D4_TABLES
+from .spookynet import SpookyNet, SpookyNetConfig
+
+# reference name -> tub name, applied in order to every state-dict key
+_KEY_RULES: list[tuple[str, str]] = [
+    (r"^nuclear_embedding\.element_embedding$", "nuclear.element"),
+    (r"^nuclear_embedding\.electron_config$", "nuclear.electron_config"),
+    (r"^nuclear_embedding\.config_linear\.", "nuclear.config_map."),
+    (r"^magmom_embedding\.", "spin_embedding."),
+    (r"_embedding\.linear_q\.", "_embedding.query."),
+    (r"_embedding\.linear_k\.", "_embedding.key."),
+    (r"_embedding\.linear_v\.", "_embedding.value."),
+    (r"_embedding\.resblock\.", "_embedding.mlp."),
+    (r"^radial_basis_functions\._alpha$", "rbf.alpha_raw"),
+    (r"^radial_basis_functions\.", "rbf."),
+    (r"^module\.(\d+)\.local_interaction\.radial_", r"interactions.\1.local.filter_"),
+    (r"^module\.(\d+)\.local_interaction\.resblock_", r"interactions.\1.local.mlp_"),
+    (r"^module\.(\d+)\.local_interaction\.resblock\.", r"interactions.\1.local.mlp_out."),
+    (r"^module\.(\d+)\.local_interaction\.projection_", r"interactions.\1.local.proj_"),
+    (r"^module\.(\d+)\.nonlocal_interaction\.resblock_", r"interactions.\1.nonlocal_.mlp_"),
+    (r"^module\.(\d+)\.nonlocal_interaction\.attention\.omega$", r"interactions.\1.nonlocal_.omega"),
+    (r"^module\.(\d+)\.residual_pre\.stack\.", r"interactions.\1.pre.blocks."),
+    (r"^module\.(\d+)\.residual_post\.stack\.", r"interactions.\1.post.blocks."),
+    (r"^module\.(\d+)\.resblock\.", r"interactions.\1.out."),
+    (r"\.residual\.stack\.", ".stack.blocks."),
+    (r"\.activation(\d?)\.", r".act\1."),
+    (r"\.linear(\d?)\.", r".lin\1."),
+    (r"^output\.weight$", "readout.weight"),
+    (r"^zbl_repulsion_energy\._adiv$", "zbl.adiv_raw"),
+    (r"^zbl_repulsion_energy\._apow$", "zbl.apow_raw"),
+    (r"^d4_dispersion_energy\._(s6|s8|a1|a2|scaleq)$", r"d4.\1_raw"),
+]
+_ZBL_VECTORS = {"c_raw": ["_c1", "_c2", "_c3", "_c4"], "a_raw": ["_a1", "_a2", "_a3", "_a4"]}
+_REF_HYPER = {"num_features", "num_basis_functions", "num_modules", "cutoff", "lr_cutoff",
+              "use_zbl_repulsion", "use_electrostatics", "use_d4_dispersion", "compute_d4_atomic",
+              "module_keep_prob"}
+
+
+class CheckpointError(ValueError):
+    """A model file that cannot be read as asked."""
+
+
+def map_reference_state_dict(sd: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """Translate a reference state dict; returns (tub state dict, D4 tables)."""
+    out: dict[str, torch.Tensor] = {}
+    tables: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if key == "keep_prob":
+            continue  # derived from module_keep_prob
+        if key.startswith("d4_dispersion_energy.") and key.split(".", 1)[1] in D4_TABLES:
+            tables[key.split(".", 1)[1]] = value
+            continue
+        if key.startswith("zbl_repulsion_energy._") and key.split(".")[1] in sum(_ZBL_VECTORS.values(), []):
+            continue
+        new = key
+        for pattern, repl in _KEY_RULES:
+            new = re.sub(pattern, repl, new)
+        out[new] = value
+    for name, parts in _ZBL_VECTORS.items():
+        keys = [f"zbl_repulsion_energy.{p}" for p in parts]
+        if all(k in sd for k in keys):
+            out[f"zbl.{name}"] = torch.cat([sd[k].reshape(1) for k in keys])
+    return out, tables
+
+
+def load_reference(path: str | Path, dtype: torch.dtype = torch.float32, lr_cutoff=None) -> SpookyNet:
+    """Load a ``parameters.pth`` written by the reference SpookyNet (OUnke/SpookyNet)."""
+    try:
+        saved = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - report the reason in one line
+        raise CheckpointError(f"cannot read reference checkpoint {path}: {exc}".splitlines()[0]) from exc
+    if not isinstance(saved, dict) or "state_dict" not in saved:
+        raise CheckpointError(f"{path} is not a SpookyNet parameter file (no 'state_dict')")
+    if saved.get("activation", "swish") != "swish" or saved.get("basis_functions", "exp-bernstein") != "exp-bernstein" \
+            or not saved.get("use_irreps", False) or saved.get("use_nonlinear_embedding", False) \
+            or not saved.get("exp_weighting", True):
+        raise CheckpointError(f"{path}: only swish / exp-bernstein / irreps models are supported")
+    sd = saved["state_dict"]
+    if any(".residual_" in k and "embedding" in k for k in sd):
+        raise CheckpointError(f"{path} uses the pre-2021 key layout; re-save it with the reference code first")
+    kw = {k: saved[k] for k in _REF_HYPER if k in saved}
+    kw["zmax"] = saved.get("Zmax", 87)
+    nr = {k[len("num_residual_"):]: int(v) for k, v in saved.items() if k.startswith("num_residual_")}
+    cfg = SpookyNetConfig.from_dict({**kw, "num_residual": nr})
+    if lr_cutoff is not None:
+        cfg.lr_cutoff = lr_cutoff
+    model = SpookyNet(cfg)
+    state, tables = map_reference_state_dict(sd)
+    _load_state(model, state, tables, path)
+    return model.to(dtype).eval()
+
+
+def _load_state(model: SpookyNet, state: dict, tables: dict, path) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: parameters do not match the architecture "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    if model.d4 is not None:
+        if not tables:
+            raise CheckpointError(f"{path}: D4 dispersion is on but the file has no D4 tables")
+        model.d4.load_tables(tables)
+
+
+def save_model(model: SpookyNet, path: str | Path, extra: dict | None = None) -> tuple[Path, Path]:
+    """Write ``path``.safetensors and ``path``.json (weights + architecture, no pickle)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    base = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if model.d4 is not None:
+        tensors.update({f"d4.{k}": v.detach().cpu().contiguous() for k, v in model.d4.tables().items()})
+    meta = {"architecture": "spookynet", "spookynet": model.config.to_dict(), **(extra or {})}
+    st, js = base.with_suffix(".safetensors"), base.with_suffix(".json")
+    tmp_st, tmp_js = st.with_name(st.name + ".tmp"), js.with_name(js.name + ".tmp")
+    save_file(tensors, str(tmp_st))
+    tmp_js.write_text(json.dumps(meta, indent=2))
+    tmp_st.replace(st)
+    tmp_js.replace(js)
+    return st, js
+
+
+def read_model_meta(path: str | Path) -> dict:
+    path = Path(path)
+    js = path.with_suffix(".json")
+    if not js.exists():
+        raise CheckpointError(f"{js} not found; a tub model is a .safetensors file with a .json beside it")
+    return json.loads(js.read_text())
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[SpookyNet, dict]:
+    """Load a tub model (.safetensors + .json) or a reference ``.pth``; returns (model, meta)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"model file {path} not found")
+    if path.suffix == ".pth" or path.suffix == ".pt" and not path.with_suffix(".json").exists():
+        return load_reference(path, dtype), {"architecture": "spookynet", "source": "reference"}
+    if path.suffix == ".json":
+        path = path.with_suffix(".safetensors")
+    meta = read_model_meta(path)
+    if meta.get("architecture") != "spookynet":
+        raise CheckpointError(f"{path}: unknown architecture {meta.get('architecture')!r}")
+    cfg = SpookyNetConfig.from_dict(meta["spookynet"])
+    model = SpookyNet(cfg)
+    tensors = load_file(str(path))
+    tables = {k[3:]: tensors.pop(k) for k in list(tensors) if k.startswith("d4.") and k[3:] in D4_TABLES}
+    _load_state(model, tensors, tables, path)
+    return model.to(dtype).eval(), meta

@@ -1,0 +1,401 @@
+"""Thin verb functions: validate inputs, call the science modules, write outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from tubcli.errors import TubError
+from tubcli.io import atomic_path, write_json
+
+DEMO_MODEL = Path(__file__).parent / "models" / "demo_nacnh.safetensors"
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def _dtype(run):
+    import torch
+
+    return torch.float64 if run.cfg.precision == "fp64" else torch.float32
+
+
+def _models(paths) -> list[Path]:
+    paths = [Path(p) for p in (paths or [])] or [DEMO_MODEL]
+    for p in paths:
+        if not p.exists():
+            raise TubError(f"model file {p} not found; give a .safetensors (with its .json) or a reference .pth")
+    return paths
+
+
+def _calculator(run, model_paths, atoms=None, charge=None, spin=None, lr_cutoff=None):
+    from .calculator import SpookyNetCalculator
+    from .checkpoints import CheckpointError
+
+    q = charge if charge is not None else float((atoms.info.get("charge", 0.0) if atoms is not None else 0.0))
+    s = spin
+    if s is None and atoms is not None:
+        s = atoms.info.get("spin")
+        if s is None:
+            s = float((int(atoms.numbers.sum()) - int(round(q))) % 2)
+    try:
+        return SpookyNetCalculator([str(p) for p in _models(model_paths)], charge=q, spin=float(s or 0.0),
+                                   dtype=_dtype(run), device=run.device,
+                                   lr_cutoff=lr_cutoff if lr_cutoff is not None else "auto")
+    except CheckpointError as exc:
+        raise TubError(str(exc)) from None
+
+
+def _write_extxyz(path: Path, frames) -> Path:
+    from ase.io import write
+
+    with atomic_path(path) as tmp:
+        write(str(tmp), frames, format="extxyz")
+    return path
+
+
+def _need(value, flag: str, what: str):
+    if value is None or (isinstance(value, list) and not value):
+        raise TubError(f"missing {flag}: give {what}")
+    return value
+
+
+# -- build ---------------------------------------------------------------------------------------
+def build(cfg, run) -> dict:
+    from .structures import add_sodium, host_formula, janus_graphene, spin_for
+
+    try:
+        host = janus_graphene(cfg.n, cfg.groups, cfg.stacking, cfg.interlayer, cfg.vacuum, seed=cfg.seed)
+    except ValueError as exc:
+        raise TubError(f"cannot build the host: {exc}") from None
+    frames = []
+    for x in cfg.x:
+        for v in range(cfg.variants if x > 0 else 1):
+            try:
+                a = add_sodium(host, x, cfg.sites, seed=run.item_seed(f"{x}-{v}")) if x > 0 else host.copy()
+            except ValueError as exc:
+                raise TubError(f"x={x}: {exc}") from None
+            if cfg.rattle > 0:
+                a.rattle(cfg.rattle, seed=run.item_seed(f"rattle-{x}-{v}") % (2 ** 31))
+            a.info.update({"x": x / max(cfg.groups, 1), "na_count": x, "charge": 0, "spin": spin_for(a)})
+            a.info["anchors"] = " ".join(map(str, host.info["anchors"]))
+            frames.append(a)
+    out = _write_extxyz(run.outputs_dir / "structures.extxyz", frames)
+    run.log.info("wrote %d structures to %s", len(frames), out)
+    return {"structures": len(frames), "atoms_per_host": len(host), "host_formula": host_formula(cfg.n, cfg.groups),
+            "output": str(out)}
+
+
+# -- label ---------------------------------------------------------------------------------------
+def label(cfg, run) -> dict:
+    from .data import read_structures
+    from .labelling import label_pyscf, label_xtb
+
+    files = _need(cfg.structures, "STRUCTURES", "one or more extxyz files")
+    items = []
+    for f in files:
+        frames = read_structures(f)
+        items += [f"{Path(f).stem}::{k:06d}::{f}" for k in range(len(frames))]
+    cache: dict[str, list] = {}
+    done = 0
+    for item, out in run.batch(items, output_for=lambda it: run.outputs_dir / f"{it.split('::')[0]}_{it.split('::')[1]}.extxyz"):
+        with run.item(item):
+            stem, idx, path = item.split("::", 2)
+            frames = cache.setdefault(path, read_structures(path))
+            atoms = frames[int(idx)]
+            labelled = label_xtb(atoms, cfg.method) if cfg.method != "dft" else label_pyscf(atoms, cfg.xc, cfg.basis)
+            _write_extxyz(out, labelled)
+            done += 1
+    # gather every finished item (also from other shards) into one file
+    from ase.io import read
+
+    parts = sorted(run.outputs_dir.glob("*_[0-9][0-9][0-9][0-9][0-9][0-9].extxyz"))
+    merged = [read(str(p)) for p in parts]
+    if merged:
+        _write_extxyz(run.dir / "labelled.extxyz", merged)
+    return {"labelled_now": done, "labelled_total": len(merged), "method": cfg.method,
+            "output": str(run.dir / "labelled.extxyz")}
+
+
+# -- train ---------------------------------------------------------------------------------------
+def _graphs(frames, radius, keys, name):
+    from .data import to_graph
+
+    return [to_graph(a, radius, keys, name=f"{name} frame {k}") for k, a in enumerate(frames)]
+
+
+def train(cfg, run) -> dict:
+    import torch
+
+    from .checkpoints import CheckpointError, load_model, save_model
+    from .data import Keys, read_structures, split_indices
+    from .spookynet import SpookyNet, SpookyNetConfig
+    from .training import TrainSettings, fit
+    from .validation import check_structure
+
+    data = _need(cfg.data, "DATA", "a labelled extxyz file")
+    frames = read_structures(data)
+    keys = Keys(**cfg.keys.model_dump())
+    for k, a in enumerate(frames):
+        check_structure(a, None, name=f"{data} frame {k}")
+    m = cfg.model
+    mcfg = SpookyNetConfig(num_features=m.num_features, num_basis_functions=m.num_basis_functions,
+                           num_modules=m.num_modules, cutoff=m.cutoff, lr_cutoff=m.lr_cutoff,
+                           use_zbl_repulsion=m.zbl, use_electrostatics=m.electrostatics, use_d4_dispersion=m.d4,
+                           module_keep_prob=m.module_keep_prob)
+    base = None
+    if cfg.init_from is not None:
+        try:
+            base, _ = load_model(cfg.init_from, torch.float32)
+        except CheckpointError as exc:
+            raise TubError(str(exc)) from None
+        mcfg = base.config
+        if m.lr_cutoff is not None:
+            base.set_lr_cutoff(m.lr_cutoff)
+    elif m.d4:
+        raise TubError("--set model.d4=true needs D4 tables: start from a reference model with --init-from")
+    periodic = any(np.any(a.pbc) for a in frames)
+    if periodic and (mcfg.use_electrostatics or mcfg.use_d4_dispersion) and mcfg.lr_cutoff is None:
+        raise TubError("periodic training data with Coulomb/D4 needs a long-range cutoff; "
+                       "--set model.lr_cutoff=10 (or turn the terms off)")
+    radius = max(mcfg.cutoff, mcfg.lr_cutoff or 0.0) if (mcfg.use_electrostatics or mcfg.use_d4_dispersion) else mcfg.cutoff
+    if not periodic and (mcfg.use_electrostatics or mcfg.use_d4_dispersion) and mcfg.lr_cutoff is None:
+        radius = 1e4  # molecules: all pairs
+    graphs = _graphs(frames, radius, keys, str(data))
+    if cfg.valid is not None:
+        valid = _graphs(read_structures(cfg.valid), radius, keys, str(cfg.valid))
+        tr, _, te = split_indices(len(graphs), 0.0, cfg.test_fraction, cfg.seed)
+        train_g, test_g = [graphs[i] for i in tr], [graphs[i] for i in te]
+    else:
+        tr, va, te = split_indices(len(graphs), cfg.valid_fraction, cfg.test_fraction, cfg.seed)
+        train_g, valid, test_g = [graphs[i] for i in tr], [graphs[i] for i in va], [graphs[i] for i in te]
+    if not train_g:
+        raise TubError(f"{data} has too few frames to train ({len(graphs)}); give more labelled structures")
+    settings = TrainSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, energy_weight=cfg.energy_weight,
+                             forces_weight=cfg.forces_weight, stress_weight=cfg.stress_weight,
+                             ema_decay=cfg.ema_decay, patience=cfg.patience, max_minutes=cfg.max_minutes,
+                             fit_element_energies=base is None)
+    elements = sorted({int(z) for a in frames for z in a.numbers})
+    dtype = _dtype(run)
+    state = run.load_checkpoint()
+    first_member = int(state["member"]) if state else 0
+    results = []
+    for member in range(cfg.ensemble):
+        name = "model" if cfg.ensemble == 1 else f"model_{member}"
+        if member < first_member and (run.checkpoints_dir / f"{name}.safetensors").exists():
+            continue  # finished before the interruption
+        torch.manual_seed(cfg.seed + member)
+        model = SpookyNet(SpookyNetConfig.from_dict(mcfg.to_dict()), seed=cfg.seed + member) if base is None \
+            else load_model(cfg.init_from, torch.float32)[0].train()
+        if base is not None and m.lr_cutoff is not None:
+            model.set_lr_cutoff(m.lr_cutoff)
+        res = fit(model, train_g, valid, settings, run, dtype=dtype, device=run.device, seed=cfg.seed,
+                  state=state if (state and int(state["member"]) == member) else None, member=member)
+        save_model(res["model"], run.checkpoints_dir / name,
+                   extra={"elements": elements, "trained_on": str(data), "member": member,
+                          "train_frames": len(train_g), "command": "tub mlff train (see config.yaml)"})
+        results.append(res)
+        state = None
+    from .evaluation import error_metrics, predict
+
+    metrics = {"members": cfg.ensemble, "train_frames": len(train_g), "valid_frames": len(valid),
+               "test_frames": len(test_g), "elements": elements}
+    if test_g:
+        preds = predict([r["model"] for r in results], test_g, dtype, run.device)
+        metrics["test"] = error_metrics(test_g, preds)
+    metrics["model"] = str(run.checkpoints_dir / ("model.safetensors" if cfg.ensemble == 1 else "model_0.safetensors"))
+    return metrics
+
+
+# -- evaluate ------------------------------------------------------------------------------------
+def evaluate(cfg, run) -> dict:
+    from .checkpoints import load_model
+    from .data import Keys, read_structures
+    from .evaluation import error_metrics, predict
+    from .plots import parity_plot
+    from .validation import check_structure
+
+    data = _need(cfg.data, "DATA", "a labelled extxyz file")
+    frames = read_structures(data)
+    models = [load_model(p, _dtype(run))[0] for p in _models(cfg.model)]
+    meta_elements = None
+    from .checkpoints import read_model_meta
+
+    for p in _models(cfg.model):
+        if p.suffix == ".safetensors":
+            meta_elements = set(read_model_meta(p).get("elements") or []) or None
+    for k, a in enumerate(frames):
+        check_structure(a, meta_elements, name=f"{data} frame {k}")
+    mc = models[0].config
+    radius = max(mc.cutoff, mc.lr_cutoff or 0.0)
+    periodic = any(np.any(a.pbc) for a in frames)
+    if (mc.use_electrostatics or mc.use_d4_dispersion) and mc.lr_cutoff is None:
+        if periodic:
+            for mm in models:
+                mm.set_lr_cutoff(10.0)
+            radius = 10.0
+        else:
+            radius = 1e4
+    graphs = _graphs(frames, radius, Keys(**cfg.keys.model_dump()), str(data))
+    preds = predict(models, graphs, _dtype(run), run.device)
+    metrics = error_metrics(graphs, preds)
+    if cfg.plots:
+        n = np.array([len(g.Z) for g in graphs])
+        parity_plot(run.outputs_dir / "parity_energy.png", [g.energy / len(g.Z) for g in graphs],
+                    preds["energy"] / n, "energy per atom", "eV")
+        parity_plot(run.outputs_dir / "parity_forces.png", np.concatenate([g.forces for g in graphs]),
+                    np.concatenate(preds["forces"]), "force", "eV/A")
+    write_json(run.outputs_dir / "predictions.json",
+               {"energy": preds["energy"].tolist(), "energy_ref": [g.energy for g in graphs]})
+    return metrics
+
+
+# -- md ------------------------------------------------------------------------------------------
+def md(cfg, run) -> dict:
+    from .data import read_structures
+    from .md import run_md
+
+    path = _need(cfg.structure, "STRUCTURE", "an extxyz file with the starting structure")
+    atoms = read_structures(path, index="-1")[0]
+    calc = _calculator(run, cfg.model, atoms, cfg.charge, cfg.spin, cfg.lr_cutoff)
+    from .validation import check_structure
+
+    check_structure(atoms, calc.elements, name=str(path))
+    last = [0]
+
+    def progress(done, total):
+        if done - last[0] >= max(total // 10, 1) or done == total:
+            run.log.info("md step %d / %d", done, total)
+            last[0] = done
+
+    summary = run_md(atoms, calc, run.outputs_dir / "trajectory.extxyz", run.outputs_dir / "thermo.csv",
+                     cfg.steps, cfg.ensemble, cfg.timestep, cfg.temp, cfg.friction, cfg.taut, cfg.pressure,
+                     cfg.taup, cfg.interval, seed=cfg.seed, log=run.log, progress=progress)
+    summary["trajectory"] = str(run.outputs_dir / "trajectory.extxyz")
+    summary["committee"] = len(calc.models)
+    return summary
+
+
+# -- ocv -----------------------------------------------------------------------------------------
+def ocv(cfg, run) -> dict:
+    from .battery import sodiation_series
+    from .plots import voltage_plot
+    from .structures import add_sodium, janus_graphene, spin_for
+
+    if cfg.structures is not None:
+        from .data import read_structures
+
+        frames = read_structures(cfg.structures)
+    else:
+        host = janus_graphene(cfg.n, cfg.groups, cfg.stacking, cfg.interlayer, seed=cfg.seed)
+        frames = [host]
+        for x in range(1, cfg.x_max + 1):
+            for v in range(cfg.variants):
+                frames.append(add_sodium(host, x, "random", seed=run.item_seed(f"ocv-{x}-{v}")))
+        for f in frames:
+            f.info["groups"] = cfg.groups
+    if not any(int((f.numbers == 11).sum()) == 0 for f in frames):
+        raise TubError("the structures need the bare host (a frame without Na) to define formation energies")
+    from .validation import check_structure
+
+    calcs = {}
+
+    def calc_for(atoms):
+        key = "bcc" if atoms is None else "host"
+        if key not in calcs:
+            calcs[key] = _calculator(run, cfg.model, atoms)
+        c = calcs[key]
+        if atoms is not None:
+            c.spin = float(spin_for(atoms))
+            check_structure(atoms, c.elements)
+        else:
+            c.spin = 0.0
+        return c
+
+    res = sodiation_series(frames, calc_for, cfg.relax_steps, cfg.fmax)
+    from .battery import VoltageStep
+
+    steps = [VoltageStep(s["x_start"], s["x_end"], s["voltage_V"]) for s in res["steps"]]
+    voltage_plot(run.outputs_dir / "voltage_profile.png", res["x"], res["formation_energy_eV"], steps,
+                 res["capacity_per_x_mAh_g"])
+    write_json(run.outputs_dir / "ocv.json", res)
+    return {"average_voltage_V": res["average_voltage_V"], "capacity_mAh_g": res["capacity_mAh_g"],
+            "mu_na_eV": res["mu_na_eV"], "hull_points": len(res["hull_vertices"]),
+            "plateaus": len(res["steps"]), "output": str(run.outputs_dir / "ocv.json")}
+
+
+# -- diffusion -----------------------------------------------------------------------------------
+def diffusion(cfg, run) -> dict:
+    from .data import read_structures
+    from .diffusion import arrhenius_fit, diffusion_coefficient, msd, unwrap
+    from .plots import msd_plot
+
+    paths = _need(cfg.trajectories, "TRAJECTORIES", "one or more MD trajectories (extxyz)")
+    per_run, curves = [], {}
+    for p in paths:
+        frames = read_structures(p)
+        if len(frames) < 5:
+            raise TubError(f"{p} has {len(frames)} frames; diffusion needs at least 5 saved frames")
+        times = [f.info.get("time_fs") for f in frames]
+        if any(t is None for t in times):
+            raise TubError(f"{p}: frames lack info['time_fs']; use trajectories written by `tub mlff md`")
+        dt = float(times[1] - times[0])
+        sel = np.where(np.array(frames[0].get_chemical_symbols()) == cfg.element)[0]
+        if len(sel) == 0:
+            raise TubError(f"{p} has no {cfg.element} atoms")
+        scaled = np.stack([f.get_scaled_positions(wrap=True) for f in frames])
+        cells = np.stack([f.cell.array for f in frames])
+        pos = unwrap(scaled, cells)
+        res = diffusion_coefficient(pos, dt, atoms=sel, axes=cfg.axes, fit_start=cfg.fit_start,
+                                    fit_end=cfg.fit_end, blocks=cfg.blocks)
+        temps = [f.info.get("temperature") for f in frames]
+        T = float(np.mean([t for t in temps if t is not None])) if any(t is not None for t in temps) else float("nan")
+        per_run.append({"trajectory": str(p), "temperature_K": T, "D_cm2_s": res.D_cm2_s,
+                        "D_err_cm2_s": res.D_err_cm2_s, "frames": len(frames)})
+        m = msd(pos, sel, cfg.axes)
+        curves[f"{Path(p).stem} ({T:.0f} K)"] = (np.arange(len(m)) * dt, m)
+    msd_plot(run.outputs_dir / "msd.png", curves)
+    out = {"runs": per_run}
+    Ts = [r["temperature_K"] for r in per_run]
+    if len(per_run) >= 2 and all(np.isfinite(Ts)) and all(r["D_cm2_s"] > 0 for r in per_run):
+        fit = arrhenius_fit(Ts, [r["D_cm2_s"] for r in per_run], [r["D_err_cm2_s"] for r in per_run])
+        out["arrhenius"] = {"Ea_eV": fit.Ea, "Ea_err_eV": fit.Ea_err, "D0_cm2_s": fit.D0,
+                            f"D_{cfg.target_temperature:.0f}K_cm2_s": fit.D(cfg.target_temperature)}
+    write_json(run.outputs_dir / "diffusion.json", out)
+    return out
+
+
+# -- explain -------------------------------------------------------------------------------------
+def explain(cfg, run) -> dict:
+    from .data import read_structures
+    from .explain import attention_maps, classify_sodium_sites, decompose, site_summary
+    from .validation import check_structure
+
+    path = _need(cfg.structures, "STRUCTURES", "an extxyz file")
+    frames = read_structures(path)
+    summary = {"structures": len(frames), "sites": {}}
+    rows = []
+    for k, atoms in enumerate(frames):
+        calc = _calculator(run, cfg.model, atoms, cfg.charge)
+        check_structure(atoms, calc.elements, name=f"{path} frame {k}")
+        dec = decompose(calc, atoms)
+        sites = classify_sodium_sites(atoms)
+        per_site = site_summary(dec, sites)
+        for label, v in per_site.items():
+            agg = summary["sites"].setdefault(label, {"count": 0, "energy_sum": 0.0, "charge_sum": 0.0})
+            agg["count"] += v["count"]
+            agg["energy_sum"] += v["mean_atomic_energy_eV"] * v["count"]
+            agg["charge_sum"] += v["mean_charge_e"] * v["count"]
+        out = atoms.copy()
+        for name in ("atomic_energy", "e_nn", "e_zbl", "e_coulomb", "e_d4", "charges"):
+            out.arrays[f"mlff_{name}"] = dec[name]
+        out.info["mlff_energy"] = dec["energy"]
+        rows.append(out)
+        if cfg.attention:
+            maps = attention_maps(calc, atoms)
+            np.savez_compressed(run.outputs_dir / f"attention_{k:04d}.npz", *maps)
+    _write_extxyz(run.outputs_dir / "explained.extxyz", rows)
+    for label, agg in summary["sites"].items():
+        agg["mean_atomic_energy_eV"] = agg.pop("energy_sum") / agg["count"]
+        agg["mean_charge_e"] = agg.pop("charge_sum") / agg["count"]
+    summary["output"] = str(run.outputs_dir / "explained.extxyz")
+    return summary

@@ -1,0 +1,122 @@
+"""Configs of the mlff verbs (pydantic; every field reachable with --set)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field
+from tubcli.config import Section, TubConfig
+
+
+class KeysSection(Section):
+    energy: str = Field("energy", description="extxyz info key of the energy (eV)")
+    forces: str = Field("forces", description="extxyz array key of the forces (eV/A)")
+    stress: str = Field("stress", description="extxyz info key of the stress (eV/A^3)")
+    charge: str = Field("charge", description="extxyz info key of the total charge (e)")
+    spin: str = Field("spin", description="extxyz info key of the unpaired electrons")
+
+
+class ModelSection(Section):
+    num_features: int = Field(64, description="feature size F")
+    num_basis_functions: int = Field(16, description="radial basis size K")
+    num_modules: int = Field(3, description="interaction modules T")
+    cutoff: float = Field(5.291772105638412, description="short-range cutoff (A)")
+    lr_cutoff: Optional[float] = Field(None, description="long-range cutoff for Coulomb/D4 (A)")
+    zbl: bool = Field(True, description="ZBL repulsion term")
+    electrostatics: bool = Field(True, description="Coulomb term of the predicted charges")
+    d4: bool = Field(False, description="D4 dispersion (needs tables from --init-from or d4_tables)")
+    module_keep_prob: float = Field(1.0, description="module dropout keep probability")
+
+
+class BuildConfig(TubConfig):
+    n: int = Field(4, description="graphene supercell n x n")
+    groups: int = Field(1, description="aminophenyl groups on the top face")
+    stacking: Literal["slab", "gallery"] = Field("gallery", description="slab (vacuum) or gallery (stacked sheets)")
+    interlayer: float = Field(9.5, description="sheet spacing for gallery cells (A)")
+    vacuum: float = Field(20.0, description="cell height for slabs (A)")
+    x: list[int] = Field([0, 1, 2], description="Na atoms per cell to build")
+    sites: Literal["ring", "amine", "top", "bottom", "gallery", "random"] = Field("random", description="Na sites")
+    variants: int = Field(1, description="structures per Na count (different seeds)")
+    rattle: float = Field(0.0, description="Gaussian displacement of all atoms (A)")
+
+
+class LabelConfig(TubConfig):
+    structures: list[Path] = Field(default_factory=list, description="extxyz files to label")
+    method: Literal["GFN1-xTB", "GFN2-xTB", "dft"] = Field("GFN1-xTB", description="labeller")
+    xc: str = Field("PBE", description="DFT functional (method=dft)")
+    basis: str = Field("def2-SVP", description="DFT basis (method=dft)")
+
+
+class TrainConfig(TubConfig):
+    data: Optional[Path] = Field(None, description="labelled extxyz training data")
+    valid: Optional[Path] = Field(None, description="separate validation extxyz (else split from data)")
+    valid_fraction: float = Field(0.1, description="validation share when no --valid")
+    test_fraction: float = Field(0.1, description="held-out test share (reported at the end)")
+    keys: KeysSection = KeysSection()
+    model: ModelSection = ModelSection()
+    init_from: Optional[Path] = Field(None, description="start from a model file (.safetensors or reference .pth)")
+    epochs: int = Field(200, description="maximum epochs")
+    batch_size: int = Field(8, description="structures per batch")
+    lr: float = Field(1e-3, description="learning rate")
+    energy_weight: float = Field(1.0, description="weight of MSE(E/N)")
+    forces_weight: float = Field(10.0, description="weight of MSE(F)")
+    stress_weight: float = Field(0.0, description="weight of MSE(stress)")
+    ema_decay: float = Field(0.99, description="EMA decay of the weights")
+    patience: int = Field(30, description="early-stopping patience (epochs)")
+    max_minutes: Optional[float] = Field(None, description="stop a member after this many minutes")
+    ensemble: int = Field(1, description="committee size (members differ by seed)")
+
+
+class EvaluateConfig(TubConfig):
+    data: Optional[Path] = Field(None, description="labelled extxyz test data")
+    model: list[Path] = Field(default_factory=list, description="model file(s); several = committee")
+    keys: KeysSection = KeysSection()
+    plots: bool = Field(True, description="write parity plots")
+
+
+class MDConfig(TubConfig):
+    structure: Optional[Path] = Field(None, description="starting structure (extxyz, last frame used)")
+    model: list[Path] = Field(default_factory=list, description="model file(s); several = committee")
+    temp: float = Field(300.0, description="temperature (K)")
+    steps: int = Field(1000, description="total MD steps (a resumed run continues to this)")
+    ensemble: Literal["nvt-langevin", "nvt-bussi", "nve", "npt"] = Field("nvt-langevin", description="ensemble")
+    timestep: float = Field(0.5, description="time step (fs)")
+    friction: float = Field(0.01, description="Langevin friction (1/fs)")
+    taut: float = Field(100.0, description="thermostat time constant (fs)")
+    pressure: float = Field(0.0, description="NPT pressure (GPa)")
+    taup: float = Field(1000.0, description="barostat time constant (fs)")
+    interval: int = Field(10, description="steps between saved frames")
+    charge: Optional[float] = Field(None, description="total charge (default: from the structure, else 0)")
+    spin: Optional[float] = Field(None, description="unpaired electrons (default: from the structure or parity)")
+    lr_cutoff: Optional[float] = Field(None, description="long-range cutoff for periodic runs (A; default 10)")
+
+
+class OCVConfig(TubConfig):
+    model: list[Path] = Field(default_factory=list, description="model file(s)")
+    structures: Optional[Path] = Field(None, description="extxyz of Na_x host cells incl. the bare host (x=0)")
+    n: int = Field(3, description="graphene supercell when building structures")
+    groups: int = Field(1, description="aminophenyl groups when building")
+    stacking: Literal["slab", "gallery"] = Field("gallery", description="stacking when building")
+    interlayer: float = Field(9.0, description="sheet spacing when building (A)")
+    x_max: int = Field(3, description="largest Na count per cell when building")
+    variants: int = Field(2, description="random site sets per Na count when building")
+    relax_steps: int = Field(50, description="BFGS steps per structure (0 = single points)")
+    fmax: float = Field(0.05, description="relaxation force threshold (eV/A)")
+
+
+class DiffusionConfig(TubConfig):
+    trajectories: list[Path] = Field(default_factory=list, description="MD trajectories (extxyz)")
+    element: str = Field("Na", description="diffusing species")
+    axes: Literal["x", "y", "z", "xy", "xz", "yz", "xyz"] = Field("xy", description="axes of the MSD")
+    fit_start: float = Field(0.2, description="fit from this fraction of the longest lag")
+    fit_end: float = Field(0.8, description="fit up to this fraction of the longest lag")
+    blocks: int = Field(4, description="blocks for error bars")
+    target_temperature: float = Field(300.0, description="Arrhenius extrapolation temperature (K)")
+
+
+class ExplainConfig(TubConfig):
+    structures: Optional[Path] = Field(None, description="extxyz structures to explain")
+    model: list[Path] = Field(default_factory=list, description="model file")
+    attention: bool = Field(True, description="also write attention maps")
+    charge: Optional[float] = Field(None, description="total charge (default: from the structure)")

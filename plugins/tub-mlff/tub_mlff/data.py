@@ -1,0 +1,169 @@
+"""Labelled structures (extxyz) -> model inputs: graphs with pair lists, and batches of them.
+
+extxyz keys are configurable (``--energy-key`` ...); defaults: info["energy"] (eV),
+arrays["forces"] (eV/A), info["stress"] (eV/A^3, 3x3 or Voigt-6; optional), info["charge"] (e),
+info["spin"] (unpaired electrons). ASE's own SinglePointCalculator results are accepted too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tubcli.errors import TubError
+
+from .neighbors import neighbor_list
+
+
+@dataclass
+class Keys:
+    energy: str = "energy"
+    forces: str = "forces"
+    stress: str = "stress"
+    charge: str = "charge"
+    spin: str = "spin"
+
+
+def read_structures(path: str | Path, index: str = ":"):
+    """Read all frames of an extxyz (or any ASE-readable) file, with a one-line error on failure."""
+    from ase.io import read
+
+    path = Path(path)
+    if not path.exists():
+        raise TubError(f"{path} not found; give an extxyz file with structures")
+    try:
+        frames = read(str(path), index=index)
+    except Exception as exc:  # noqa: BLE001
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TubError(f"cannot read {path} as structures ({msg}); give a valid extxyz file") from None
+    frames = frames if isinstance(frames, list) else [frames]
+    if not frames:
+        raise TubError(f"{path} contains no structures")
+    return frames
+
+
+def _get(atoms, key, where):
+    if where == "info" and key in atoms.info:
+        return atoms.info[key]
+    if where == "arrays" and key in atoms.arrays:
+        return atoms.arrays[key]
+    calc = atoms.calc
+    alias = {"energy": "energy", "forces": "forces", "stress": "stress"}
+    if calc is not None and key in alias and alias[key] in getattr(calc, "results", {}):
+        return calc.results[alias[key]]
+    return None
+
+
+def labels(atoms, keys: Keys, need_forces: bool = True, name: str = "frame"):
+    """(energy, forces, stress or None, charge, spin) of one labelled frame."""
+    e = _get(atoms, keys.energy, "info")
+    f = _get(atoms, keys.forces, "arrays")
+    if e is None:
+        raise TubError(f"{name} has no energy under '{keys.energy}'; set --energy-key to the info key that holds it")
+    if need_forces and f is None:
+        raise TubError(f"{name} has no forces under '{keys.forces}'; set --forces-key or train on energies only")
+    s = _get(atoms, keys.stress, "info")
+    if s is not None:
+        s = np.asarray(s, dtype=float)
+        if s.shape == (6,):
+            from ase.stress import voigt_6_to_full_3x3_stress
+
+            s = voigt_6_to_full_3x3_stress(s)
+        elif s.size == 9:
+            s = s.reshape(3, 3)
+        else:
+            raise TubError(f"{name}: stress under '{keys.stress}' must have 6 or 9 numbers")
+    q = float(atoms.info.get(keys.charge, 0.0))
+    spin = atoms.info.get(keys.spin)
+    if spin is None:
+        spin = float((int(atoms.numbers.sum()) - int(round(q))) % 2)
+    return float(e), (None if f is None else np.asarray(f, dtype=float)), s, q, float(spin)
+
+
+@dataclass
+class Graph:
+    """One structure with its pair list, ready to batch."""
+
+    Z: np.ndarray
+    R: np.ndarray
+    cell: np.ndarray | None
+    idx_i: np.ndarray
+    idx_j: np.ndarray
+    offsets: np.ndarray | None
+    Q: float
+    S: float
+    energy: float | None = None
+    forces: np.ndarray | None = None
+    stress: np.ndarray | None = None
+
+
+def to_graph(atoms, radius: float, keys: Keys | None = None, labelled: bool = True,
+             charge: float | None = None, spin: float | None = None, name: str = "frame") -> Graph:
+    """Pair list within ``radius`` (both directions, with cell offsets for periodic frames)."""
+    periodic = bool(np.any(atoms.pbc))
+    i, j, off, _ = neighbor_list(atoms.positions, atoms.cell if periodic else None, atoms.pbc, radius)
+    e = f = s = None
+    q = float(atoms.info.get((keys or Keys()).charge, 0.0)) if charge is None else float(charge)
+    sp = spin
+    if labelled:
+        e, f, s, q, sp0 = labels(atoms, keys or Keys(), name=name)
+        sp = sp0 if spin is None else spin
+    if sp is None:
+        sp = atoms.info.get((keys or Keys()).spin)
+        sp = float((int(atoms.numbers.sum()) - int(round(q))) % 2) if sp is None else float(sp)
+    return Graph(Z=atoms.numbers.astype(np.int64), R=atoms.positions.astype(np.float64),
+                 cell=np.asarray(atoms.cell, dtype=np.float64) if periodic else None,
+                 idx_i=i, idx_j=j, offsets=off if periodic else None, Q=q, S=float(sp),
+                 energy=e, forces=f, stress=s)
+
+
+def collate(graphs: list[Graph], dtype=torch.float32, device="cpu") -> dict:
+    """Concatenate graphs into one batch dict (pair indices shifted, batch_seg set)."""
+    offs = np.cumsum([0] + [len(g.Z) for g in graphs])
+    periodic = [g.cell is not None for g in graphs]
+    if any(periodic) and not all(periodic):
+        raise TubError("a batch mixes periodic and non-periodic structures; train them separately")
+    t = lambda a, dt=dtype: torch.as_tensor(np.asarray(a), dtype=dt, device=device)  # noqa: E731
+    batch = {
+        "Z": t(np.concatenate([g.Z for g in graphs]), torch.long),
+        "R": t(np.concatenate([g.R for g in graphs])),
+        "Q": t([g.Q for g in graphs]),
+        "S": t([g.S for g in graphs]),
+        "idx_i": t(np.concatenate([g.idx_i + o for g, o in zip(graphs, offs)]), torch.long),
+        "idx_j": t(np.concatenate([g.idx_j + o for g, o in zip(graphs, offs)]), torch.long),
+        "batch_seg": t(np.concatenate([np.full(len(g.Z), k) for k, g in enumerate(graphs)]), torch.long),
+        "num_batch": len(graphs),
+        "n_atoms": t([len(g.Z) for g in graphs]),
+    }
+    if all(periodic):
+        batch["cell"] = t(np.stack([g.cell for g in graphs]))
+        batch["cell_offsets"] = t(np.concatenate([g.offsets for g in graphs]))
+    if all(g.energy is not None for g in graphs):
+        batch["energy"] = t([g.energy for g in graphs])
+    if all(g.forces is not None for g in graphs):
+        batch["forces"] = t(np.concatenate([g.forces for g in graphs]))
+    if all(g.stress is not None for g in graphs) and all(periodic):
+        batch["stress"] = t(np.stack([g.stress for g in graphs]))
+    return batch
+
+
+def split_indices(n: int, valid_fraction: float, test_fraction: float, seed: int):
+    """Random train/valid/test split of n frames (reproducible from seed)."""
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
+    n_test = int(round(test_fraction * n))
+    n_val = max(int(round(valid_fraction * n)), 1 if n > 2 else 0)
+    return perm[n_test + n_val:], perm[n_test:n_test + n_val], perm[:n_test]
+
+
+def element_energies(graphs: list[Graph], zmax: int = 87) -> np.ndarray:
+    """Per-element reference energies E0[Z] by least squares on total energies (MACE's E0s)."""
+    elems = sorted({int(z) for g in graphs for z in g.Z})
+    A = np.array([[np.sum(g.Z == z) for z in elems] for g in graphs], dtype=float)
+    y = np.array([g.energy for g in graphs])
+    coef = np.linalg.lstsq(A, y, rcond=None)[0]
+    e0 = np.zeros(zmax)
+    e0[elems] = coef
+    return e0

@@ -1,0 +1,128 @@
+"""Explanations of a SpookyNet prediction.
+
+1. Per-atom decomposition (Unke et al. 2021 report the same split): E = sum_i (e_i + e_zbl,i +
+   e_coulomb,i + e_d4,i), with charges q_i and, where D4 tables are loaded, polarisabilities and
+   C6_ii. Pair terms are shared half-half between the two atoms.
+2. Per-site comparison for sodium: each Na is classed by its nearest feature (aromatic ring
+   centre within 3.2 A -> "ring" (cation-pi), amine N within 3.0 A -> "amine", otherwise
+   "graphene"), and its energy contribution and charge are averaged per class.
+3. Nonlocal attention maps per interaction module: A_ij = phi(q_i).phi(k_j) / sum_j phi(q_i).phi(k_j),
+   the row-normalised weights the Performer attention (Eq. 11) actually applies.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .properties import compute
+
+
+def decompose(calc, atoms) -> dict:
+    """Per-atom arrays (eV, e) for one structure, from the first committee member."""
+    model = calc.models[0]
+    batch = calc.batch_for(atoms)
+    old = model.config.compute_d4_atomic
+    model.config.compute_d4_atomic = model.d4 is not None
+    try:
+        out = compute(model, batch, forces=True)
+    finally:
+        model.config.compute_d4_atomic = old
+    arr = lambda k: out[k].detach().cpu().double().numpy()  # noqa: E731
+    res = {"e_nn": arr("e_nn"), "e_zbl": arr("e_zbl"), "e_coulomb": arr("e_coulomb"), "e_d4": arr("e_d4"),
+           "charges": arr("charges"), "forces": arr("forces")}
+    res["atomic_energy"] = res["e_nn"] + res["e_zbl"] + res["e_coulomb"] + res["e_d4"]
+    if model.d4 is not None:
+        res["polarizability_A3"] = arr("polarizabilities")
+        res["c6_eVA6"] = arr("c6")
+    res["energy"] = float(out["energy"].sum().item())
+    return res
+
+
+def classify_sodium_sites(atoms, ring_cutoff: float = 3.2, amine_cutoff: float = 3.0) -> dict[int, str]:
+    """Na index -> 'ring' | 'amine' | 'graphene' (minimum-image distances)."""
+    from ase.neighborlist import neighbor_list
+
+    sym = np.array(atoms.get_chemical_symbols())
+    na = np.where(sym == "Na")[0]
+    if len(na) == 0:
+        return {}
+    # aromatic rings: carbons with 2-3 carbon neighbours that bond to H or to a ring carbon above the sheet
+    i, j, D = neighbor_list("ijD", atoms, 1.6)
+    carbon = sym == "C"
+    z_sheet = np.median(atoms.positions[carbon, 2]) if carbon.any() else 0.0
+    ring_atoms = [k for k in np.where(carbon)[0] if abs(atoms.positions[k, 2] - z_sheet) > 1.0]
+    centres = []
+    if ring_atoms:
+        # group ring carbons by connectivity
+        ring_set = set(ring_atoms)
+        seen = set()
+        for r0 in ring_atoms:
+            if r0 in seen:
+                continue
+            comp, stack = [], [r0]
+            while stack:
+                a = stack.pop()
+                if a in seen:
+                    continue
+                seen.add(a)
+                comp.append(a)
+                stack += [int(b) for b in j[i == a] if int(b) in ring_set and int(b) not in seen]
+            if len(comp) >= 6:
+                ref = atoms.positions[comp[0]]
+                vec = atoms.positions[comp] - ref
+                from ase.geometry import find_mic
+
+                vec, _ = find_mic(vec, atoms.cell, atoms.pbc)
+                centres.append(ref + vec.mean(0))
+    nitrogens = atoms.positions[sym == "N"]
+    out = {}
+    for k in na:
+        label = "graphene"
+        p = atoms.positions[k]
+        from ase.geometry import find_mic
+
+        if centres:
+            d, dl = find_mic(np.asarray(centres) - p, atoms.cell, atoms.pbc)
+            if dl.min() < ring_cutoff:
+                label = "ring"
+        if label == "graphene" and len(nitrogens):
+            d, dl = find_mic(nitrogens - p, atoms.cell, atoms.pbc)
+            if dl.min() < amine_cutoff:
+                label = "amine"
+        out[int(k)] = label
+    return out
+
+
+def site_summary(decomposition: dict, sites: dict[int, str]) -> dict:
+    """Mean per-atom energy and charge of Na at each site class."""
+    summary = {}
+    for label in sorted(set(sites.values())):
+        idx = [k for k, v in sites.items() if v == label]
+        summary[label] = {"count": len(idx),
+                          "mean_atomic_energy_eV": float(np.mean(decomposition["atomic_energy"][idx])),
+                          "mean_charge_e": float(np.mean(decomposition["charges"][idx]))}
+    return summary
+
+
+def attention_maps(calc, atoms) -> list[np.ndarray]:
+    """Row-normalised nonlocal attention matrices [N, N], one per interaction module."""
+    model = calc.models[0]
+    mods = [m.nonlocal_ for m in model.interactions]
+    for m in mods:
+        m.keep_attention = True
+    try:
+        with torch.no_grad():
+            b = calc.batch_for(atoms)
+            model(b["Z"], b["Q"], b["S"], b["R"], b["idx_i"], b["idx_j"], b.get("cell"), b.get("cell_offsets"),
+                  None, 1, lr_pairs=b.get("lr_pairs"))
+        maps = []
+        for m in mods:
+            q, k = m.last_phi
+            a = (q @ k.T).double()
+            maps.append((a / a.sum(-1, keepdim=True)).cpu().numpy())
+    finally:
+        for m in mods:
+            m.keep_attention = False
+            m.last_phi = None
+    return maps

@@ -1,0 +1,56 @@
+"""tub-mlff: the verbs and where they live (imports tubcli only)."""
+
+from tubcli import PluginApp, Verb, hookimpl
+
+_C = "tub_mlff.config:"
+_F = "tub_mlff.cli:"
+_KEYS = {"energy-key": "keys.energy", "forces-key": "keys.forces", "stress-key": "keys.stress",
+         "charge-key": "keys.charge", "spin-key": "keys.spin"}
+
+app = PluginApp(
+    name="mlff",
+    help="SpookyNet force fields (charge/spin aware, nonlocal) and the Na-storage workflow: build, label, train, MD, OCV, diffusion.",
+    verbs=[
+        Verb("build", _F + "build", config=_C + "BuildConfig",
+             help="Build Na_x aminobenzene-functionalised Janus graphene cells (extxyz).",
+             options={"n": "n", "groups": "groups", "stacking": "stacking", "x": "x", "sites": "sites",
+                      "variants": "variants", "rattle": "rattle", "interlayer": "interlayer"}),
+        Verb("label", _F + "label", config=_C + "LabelConfig",
+             help="Reference energies/forces/stress with GFN-xTB (tblite) or DFT on clusters (PySCF).",
+             args=["structures"], options={"method": "method"}, batch=True),
+        Verb("train", _F + "train", config=_C + "TrainConfig",
+             help="Train SpookyNet on energies + forces (+ stress); EMA, early stopping, --ensemble N.",
+             args=["data"], options={"valid": "valid", "epochs": "epochs", "batch-size": "batch_size", "lr": "lr",
+                                     "ensemble": "ensemble", "init-from": "init_from", "max-minutes": "max_minutes",
+                                     **_KEYS},
+             training=True),
+        Verb("evaluate", _F + "evaluate", config=_C + "EvaluateConfig",
+             help="Energy/force/stress MAE and RMSE on a labelled set, parity plots.",
+             args=["data"], options={"model": "model", **_KEYS}),
+        Verb("md", _F + "md", config=_C + "MDConfig",
+             help="Molecular dynamics (NVT Langevin/Bussi, NVE, NPT); trajectory, thermo log, resume.",
+             args=["structure"], options={"model": "model", "temp": "temp", "steps": "steps",
+                                          "ensemble": "ensemble", "timestep": "timestep", "interval": "interval",
+                                          "pressure": "pressure"}),
+        Verb("ocv", _F + "ocv", config=_C + "OCVConfig",
+             help="Formation energies vs x, convex hull, voltage profile, capacity, volume change.",
+             options={"model": "model", "structures": "structures", "x-max": "x_max",
+                      "relax-steps": "relax_steps"}),
+        Verb("diffusion", _F + "diffusion", config=_C + "DiffusionConfig",
+             help="Na diffusivity from MD (unwrapped MSD, time origins, drift removed) and an Arrhenius fit.",
+             args=["trajectories"], options={"element": "element", "axes": "axes", "blocks": "blocks"}),
+        Verb("explain", _F + "explain", config=_C + "ExplainConfig",
+             help="Per-atom energy terms and charges, Na site comparison, attention maps.",
+             args=["structures"], options={"model": "model", "attention": "attention"}),
+    ],
+    demo="tub_mlff.demo:run_demo",
+    requires={"torch": "pip install torch", "ase": "pip install ase", "scipy": "pip install scipy",
+              "safetensors": "pip install safetensors"},
+    optional={"tblite": "pip install tblite  (GFN-xTB labels)", "pyscf": "pip install pyscf  (DFT labels)"},
+    version="0.1.0",
+)
+
+
+@hookimpl
+def tub_register(registry):
+    registry.add(app)

@@ -1,0 +1,444 @@
+"""SpookyNet: a force field with electronic degrees of freedom and nonlocal effects.
+
+O. T. Unke, S. Chmiela, M. Gastegger, K. T. Schuett, H. E. Sauceda, K.-R. Mueller,
+*SpookyNet: Learning force fields with electronic degrees of freedom and nonlocal effects*,
+Nat. Commun. 12, 7273 (2021), arXiv:2105.00304. Equation numbers below refer to the paper's
+Methods; the exact forms follow tub's spec (specs/mlff.md §2), written from the formulas.
+
+Energy E = sum_i (e_i + e_rep,i + e_ele,i + e_vdw,i); forces -dE/dR and the stress
+(1/V) dE/d(strain) come from autograd (:mod:`tub_mlff.properties`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .elements import ZMAX, electron_configuration_table
+from .layers import ResidualMLP, orthogonal_, ResidualStack, cutoff_function, scatter_sum, softplus_inverse
+from .physical_terms import D4Dispersion, Electrostatics, ZBLRepulsion, _split_half
+
+DEFAULT_CUTOFF = 5.291772105638412  # 10 bohr in Angstrom
+
+
+@dataclass
+class SpookyNetConfig:
+    """Architecture hyper-parameters (defaults = the paper's/reference's defaults)."""
+
+    num_features: int = 64
+    num_basis_functions: int = 16
+    num_modules: int = 3
+    cutoff: float = DEFAULT_CUTOFF
+    lr_cutoff: float | None = None
+    use_zbl_repulsion: bool = True
+    use_electrostatics: bool = True
+    use_d4_dispersion: bool = True
+    compute_d4_atomic: bool = False
+    module_keep_prob: float = 1.0
+    zmax: int = ZMAX
+    num_residual: dict = field(default_factory=lambda: {
+        k: 1 for k in ("electron", "pre", "local_x", "local_s", "local_p", "local_d", "local",
+                       "nonlocal_q", "nonlocal_k", "nonlocal_v", "post", "output")})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SpookyNetConfig":
+        d = dict(d)
+        nr = cls().num_residual
+        nr.update(d.pop("num_residual", {}) or {})
+        return cls(num_residual=nr, **d)
+
+
+class NuclearEmbedding(nn.Module):
+    """e_Z = E[Z] + M c(Z) (Eq. 3): free element vectors plus a map of the electron configuration."""
+
+    def __init__(self, num_features: int, zmax: int = ZMAX) -> None:
+        super().__init__()
+        self.register_buffer("electron_config", torch.tensor(electron_configuration_table(zmax)))
+        self.element = nn.Parameter(torch.zeros(zmax, num_features))
+        self.config_map = nn.Linear(20, num_features, bias=False)
+        nn.init.zeros_(self.config_map.weight)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        # recomputed on every call: no cached table that could go stale between train/eval
+        return self.element[z] + self.config_map(self.electron_config[z].to(self.element.dtype))
+
+
+class ElectronicEmbedding(nn.Module):
+    """Charge or spin embedding (Eq. 4-6): attention of atoms onto the molecule's Q or S.
+
+    q_i = W_q e_Z,i + b; k = W_k e/max(e,1); v = W_v e; a_i = softplus(q_i.k / sqrt(F));
+    out_i = ResMLP((a_i / (sum_mol a + eps)) v), with e = [relu(Q), relu(-Q)] or |S|.
+    """
+
+    def __init__(self, num_features: int, num_residual: int, is_charge: bool) -> None:
+        super().__init__()
+        self.is_charge = is_charge
+        n_in = 2 if is_charge else 1
+        self.query = nn.Linear(num_features, num_features)
+        self.key = nn.Linear(n_in, num_features, bias=False)
+        self.value = nn.Linear(n_in, num_features, bias=False)
+        orthogonal_(self.query.weight)
+        nn.init.zeros_(self.query.bias)
+        orthogonal_(self.key.weight)
+        orthogonal_(self.value.weight)
+        self.mlp = ResidualMLP(num_features, num_residual, bias=False, zero=True)
+
+    def forward(self, x: torch.Tensor, E: torch.Tensor, batch_seg: torch.Tensor, num_batch: int,
+                eps: float = 1e-8) -> torch.Tensor:
+        if self.is_charge:
+            e = F.relu(torch.stack([E, -E], dim=-1))
+        else:
+            e = torch.abs(E).unsqueeze(-1)
+        k = self.key(e / torch.clamp(e, min=1.0))[batch_seg]
+        v = self.value(e)[batch_seg]
+        q = self.query(x)
+        a = F.softplus((q * k).sum(-1) / math.sqrt(k.shape[-1]))
+        anorm = scatter_sum(a, batch_seg, num_batch)[batch_seg]
+        return self.mlp((a / (anorm + eps)).unsqueeze(-1) * v)
+
+
+class ExponentialBernstein(nn.Module):
+    """b_v(r) = C(K-1,v) e^{-a r (K-1-v)} (1 - e^{-a r})^v f_c(r) e^{-a r} (Eq. 7), in log space."""
+
+    def __init__(self, num_basis_functions: int, alpha: float = 0.9448630629184640) -> None:
+        super().__init__()
+        K = num_basis_functions
+        v = np.arange(K, dtype=np.float64)
+        logfact = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, K)))])
+        logc = logfact[K - 1] - logfact[v.astype(int)] - logfact[(K - 1 - v).astype(int)]
+        self.register_buffer("logc", torch.tensor(logc))
+        self.register_buffer("n", torch.tensor(K - 1 - v))
+        self.register_buffer("v", torch.tensor(v))
+        self.alpha_raw = nn.Parameter(torch.tensor(softplus_inverse(alpha), dtype=torch.float64))
+
+    def forward(self, r: torch.Tensor, fc: torch.Tensor) -> torch.Tensor:
+        ar = -F.softplus(self.alpha_raw) * r.view(-1, 1)
+        x = self.logc + self.n * ar + self.v * torch.log(-torch.expm1(ar))
+        return fc.view(-1, 1) * torch.exp(x) * torch.exp(ar)
+
+
+class LocalInteraction(nn.Module):
+    """Local s/p/d message passing (Eq. 8-10).
+
+    s_i = ResMLP_x(x_i) + sum_j g_s o ResMLP_s(x_j); p_i = sum_j g_p o ResMLP_p(x_j) [3,F];
+    d_i likewise [5,F]; l_i = ResMLP_zero(s_i + sum_m P_a o P_b + sum_m D_a o D_b).
+    """
+
+    def __init__(self, F_: int, K: int, nr: dict) -> None:
+        super().__init__()
+        self.filter_s = nn.Linear(K, F_, bias=False)
+        self.filter_p = nn.Linear(K, F_, bias=False)
+        self.filter_d = nn.Linear(K, F_, bias=False)
+        self.mlp_x = ResidualMLP(F_, nr["local_x"])
+        self.mlp_s = ResidualMLP(F_, nr["local_s"])
+        self.mlp_p = ResidualMLP(F_, nr["local_p"])
+        self.mlp_d = ResidualMLP(F_, nr["local_d"])
+        self.proj_p = nn.Linear(F_, 2 * F_, bias=False)
+        self.proj_d = nn.Linear(F_, 2 * F_, bias=False)
+        self.mlp_out = ResidualMLP(F_, nr["local"], zero=True)
+        for lin in (self.filter_s, self.filter_p, self.filter_d, self.proj_p, self.proj_d):
+            orthogonal_(lin.weight)
+
+    def forward(self, x, rbf, pij, dij, idx_i, idx_j):
+        n, F_ = x.shape
+        # one gather for the three neighbour branches, and the radial filter applied to the
+        # [P, F] messages before the angular outer product (one [P, 3|5, F] product, not two)
+        xj = torch.cat([self.mlp_s(x), self.mlp_p(x), self.mlp_d(x)], dim=-1)[idx_j]
+        filt = torch.cat([self.filter_s.weight, self.filter_p.weight, self.filter_d.weight], dim=0)
+        h = (rbf @ filt.T) * xj
+        hs, hp, hd = torch.split(h, F_, dim=-1)
+        s = self.mlp_x(x).index_add(0, idx_i, hs)
+        # p_i = sum_j p_ij (x) h_ij as a batched matmul over each atom's neighbour slots, which
+        # never materialises the [P, 3|5, F] outer products (same sums, far less memory traffic)
+        slot, kmax = neighbour_slots(idx_i, n)
+        at = (idx_i, slot)
+        ang = x.new_zeros(n, kmax, 8).index_put(at, torch.cat([pij, dij], dim=-1)).transpose(1, 2)
+        p = torch.bmm(ang[:, :3], x.new_zeros(n, kmax, F_).index_put(at, hp))
+        d = torch.bmm(ang[:, 3:], x.new_zeros(n, kmax, F_).index_put(at, hd))
+        pa, pb = torch.split(self.proj_p(p), F_, dim=-1)
+        da, db = torch.split(self.proj_d(d), F_, dim=-1)
+        return self.mlp_out(s + (pa * pb).sum(-2) + (da * db).sum(-2))
+
+
+def neighbour_slots(idx_i: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
+    """Position of each pair among its centre atom's pairs, and the largest neighbour count."""
+    P = idx_i.shape[0]
+    if P == 0:
+        return idx_i, 0
+    counts = torch.bincount(idx_i, minlength=n)
+    start = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(idx_i, stable=True)
+    slot = torch.empty_like(idx_i)
+    slot[order] = torch.arange(P, device=idx_i.device) - start[idx_i[order]]
+    return slot, int(counts.max())
+
+
+def random_features(num_features: int, num_random: int, generator: np.random.Generator) -> np.ndarray:
+    """omega [F, m] for FAVOR+ (Choromanski et al. 2021): orthogonal Gaussian random features.
+
+    Rows are stacked transposed QR factors of F x F Gaussian blocks, rescaled by the norms of
+    fresh Gaussian vectors; returned transposed so that U = X omega. Seeded, never global RNG.
+    """
+    from .layers import single_thread_blas
+
+    blocks = []
+    nblocks, rest = divmod(num_random, num_features)
+    with single_thread_blas():
+        for _ in range(nblocks):
+            qm, _ = np.linalg.qr(generator.normal(size=(num_features, num_features)))
+            blocks.append(qm.T)
+        if rest:
+            qm, _ = np.linalg.qr(generator.normal(size=(num_features, num_features)))
+            blocks.append(qm.T[:rest])
+    norms = np.linalg.norm(generator.normal(size=(num_random, num_features)), axis=1, keepdims=True)
+    return (norms * np.vstack(blocks)).T
+
+
+class NonlocalInteraction(nn.Module):
+    """Linear-scaling self-attention over all atoms of a molecule (Eq. 11; Performer FAVOR+).
+
+    phi(X) = (exp(X omega / d^1/4 - |X|^2/(2 sqrt d) - max) + 1e-4) / sqrt(m), the max taken per
+    row for queries and over the whole molecule for keys;
+    out_i = phi(q_i) sum_j phi(k_j)^T v_j / (phi(q_i) . sum_j phi(k_j) + 1e-8).
+    """
+
+    def __init__(self, F_: int, nr: dict, seed: int = 0) -> None:
+        super().__init__()
+        self.mlp_q = ResidualMLP(F_, nr["nonlocal_q"], zero=True)
+        self.mlp_k = ResidualMLP(F_, nr["nonlocal_k"], zero=True)
+        self.mlp_v = ResidualMLP(F_, nr["nonlocal_v"], zero=True)
+        omega = random_features(F_, F_, np.random.default_rng(seed))
+        self.register_buffer("omega", torch.tensor(omega, dtype=torch.float64))
+        self.keep_attention = False
+        self.last_phi: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _phi(self, X: torch.Tensor, is_query: bool, batch_seg: torch.Tensor, num_batch: int,
+             eps: float = 1e-4) -> torch.Tensor:
+        d = X.shape[-1]
+        m = self.omega.shape[-1]
+        U = (X / d ** 0.25) @ self.omega.to(X.dtype)
+        h = (X ** 2).sum(-1, keepdim=True) / (2 * d ** 0.5)
+        if is_query:
+            mx = U.max(dim=-1, keepdim=True).values
+        elif num_batch == 1:
+            mx = U.max()
+        else:
+            rowmax = U.max(dim=-1).values
+            segmax = rowmax.new_full((num_batch,), -torch.inf).scatter_reduce(
+                0, batch_seg, rowmax, reduce="amax", include_self=True)
+            mx = segmax[batch_seg].unsqueeze(-1)
+        return (torch.exp(U - h - mx) + eps) / math.sqrt(m)
+
+    def forward(self, x: torch.Tensor, batch_seg: torch.Tensor, num_batch: int, eps: float = 1e-8):
+        q = self._phi(self.mlp_q(x), True, batch_seg, num_batch)
+        k = self._phi(self.mlp_k(x), False, batch_seg, num_batch)
+        v = self.mlp_v(x)
+        if self.keep_attention:
+            self.last_phi = (q.detach(), k.detach())
+        if num_batch == 1:
+            norm = q @ k.sum(0) + eps
+            return (q @ (k.T @ v)) / norm.unsqueeze(-1)
+        kv = scatter_sum(k.unsqueeze(-1) * v.unsqueeze(-2), batch_seg, num_batch)  # [B, m, F]
+        ksum = scatter_sum(k, batch_seg, num_batch)  # [B, m]
+        num = torch.einsum("nm,nmf->nf", q, kv[batch_seg])
+        norm = (q * ksum[batch_seg]).sum(-1, keepdim=True) + eps
+        return num / norm
+
+
+class InteractionModule(nn.Module):
+    """One SpookyNet module (Eq. 12): x = R_post(R_pre(x) + l + n); output y = ResMLP_out(x)."""
+
+    def __init__(self, F_: int, K: int, nr: dict, seed: int = 0) -> None:
+        super().__init__()
+        self.pre = ResidualStack(F_, nr["pre"])
+        self.local = LocalInteraction(F_, K, nr)
+        self.nonlocal_ = NonlocalInteraction(F_, nr, seed)
+        self.post = ResidualStack(F_, nr["post"])
+        self.out = ResidualMLP(F_, nr["output"])
+
+    def forward(self, x, rbf, pij, dij, idx_i, idx_j, batch_seg, num_batch):
+        x = self.pre(x)
+        l = self.local(x, rbf, pij, dij, idx_i, idx_j)
+        n = self.nonlocal_(x, batch_seg, num_batch)
+        x = self.post(x + l + n)
+        return x, self.out(x)
+
+
+def half_pair_mask(idx_i: torch.Tensor, idx_j: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
+    """Select each unordered pair (i, j, image) once from a list that has both directions."""
+    if offsets is None:
+        return idx_i < idx_j
+    o = offsets.round().long()
+    key = (o[:, 0] * 4096 + o[:, 1]) * 4096 + o[:, 2]
+    return (idx_i < idx_j) | ((idx_i == idx_j) & (key > 0))
+
+
+class SpookyNet(nn.Module):
+    """The SpookyNet energy model (Unke et al. 2021). See module docstring.
+
+    Inputs follow the reference: Z [N] long, Q [B], S [B], R [N,3] (A), idx_i/idx_j [P] with every
+    pair in both directions, optional cell [B,3,3] and integer cell_offsets [P,3], batch_seg [N].
+    """
+
+    def __init__(self, config: SpookyNetConfig | None = None, seed: int = 0) -> None:
+        super().__init__()
+        cfg = config or SpookyNetConfig()
+        if not 0.0 <= cfg.module_keep_prob <= 1.0:
+            raise ValueError("module_keep_prob must lie in [0, 1]")
+        self.config = cfg
+        F_, K, T, nr = cfg.num_features, cfg.num_basis_functions, cfg.num_modules, cfg.num_residual
+        self.nuclear = NuclearEmbedding(F_, cfg.zmax)
+        self.charge_embedding = ElectronicEmbedding(F_, nr["electron"], is_charge=True)
+        self.spin_embedding = ElectronicEmbedding(F_, nr["electron"], is_charge=False)
+        self.rbf = ExponentialBernstein(K)
+        self.interactions = nn.ModuleList(InteractionModule(F_, K, nr, seed=seed * 1000 + t) for t in range(T))
+        self.readout = nn.Linear(F_, 2, bias=False)
+        orthogonal_(self.readout.weight)
+        self.element_bias = nn.Parameter(torch.zeros(cfg.zmax, 2))
+        self.zbl = ZBLRepulsion() if cfg.use_zbl_repulsion else None
+        self.electrostatics = Electrostatics(cfg.cutoff, cfg.lr_cutoff) if cfg.use_electrostatics else None
+        self.d4 = D4Dispersion(cfg.lr_cutoff, cfg.zmax) if cfg.use_d4_dispersion else None
+        self._sqrt3 = math.sqrt(3.0)
+        self.to(torch.float32)  # one dtype throughout; cast with .double() for float64
+
+    # -- bookkeeping -----------------------------------------------------------------------
+    @property
+    def cutoff(self) -> float:
+        return self.config.cutoff
+
+    @property
+    def lr_cutoff(self) -> float | None:
+        return self.config.lr_cutoff
+
+    @property
+    def uses_long_range(self) -> bool:
+        return self.electrostatics is not None or self.d4 is not None
+
+    def set_lr_cutoff(self, lr_cutoff: float | None) -> None:
+        self.config.lr_cutoff = lr_cutoff
+        if self.electrostatics is not None:
+            self.electrostatics.lr_cutoff = lr_cutoff
+        if self.d4 is not None:
+            self.d4.set_lr_cutoff(lr_cutoff)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.nuclear.element.dtype
+
+    def supported_elements(self) -> set[int]:
+        """Elements with a usable embedding (all of 1..zmax-1; D4 limits to its table rows)."""
+        return set(range(1, self.config.zmax))
+
+    # -- forward ---------------------------------------------------------------------------
+    def atomic_properties(self, Z, Q, S, R, idx_i, idx_j, cell=None, cell_offsets=None,
+                          batch_seg=None, num_batch: int | None = None, strain=None, lr_pairs=None) -> dict:
+        """Per-atom energies (network, ZBL, Coulomb, D4), charges and features.
+
+        ``strain`` ([B,3,3], symmetric, zero-valued, requires_grad) deforms R and the cell
+        as x -> x (1 + strain), so that dE/dstrain / V is the stress.
+        ``lr_pairs`` = (i, j, offsets): an optional precomputed *half* list for the long-range
+        terms (each pair once); then idx_i/idx_j only need the short-range pairs. Without it the
+        long-range pairs are taken from idx_i/idx_j (both directions, as in the reference).
+        """
+        n = Z.shape[0]
+        if batch_seg is None:
+            batch_seg = Z.new_zeros(n)
+        if num_batch is None:
+            num_batch = int(batch_seg.max().item()) + 1 if n else 1
+        if strain is not None:
+            R = R + torch.einsum("ni,nij->nj", R, strain[batch_seg])
+            if cell is not None:
+                cell = cell + torch.bmm(cell, strain)
+        def pair_vectors(ii, jj, off):
+            v = R[jj] - R[ii]
+            if cell is not None and off is not None:
+                if num_batch == 1:
+                    v = v + off.to(R.dtype) @ cell[0]
+                else:
+                    v = v + torch.einsum("pi,pij->pj", off.to(R.dtype), cell[batch_seg[ii]])
+            return v
+
+        vij = pair_vectors(idx_i, idx_j, cell_offsets)
+        rij = torch.linalg.norm(vij, dim=-1)
+
+        # short-range geometry
+        sr = rij < self.config.cutoff
+        sr_r, sr_v = rij[sr], vij[sr]
+        sr_i, sr_j = idx_i[sr], idx_j[sr]
+        pij = sr_v / sr_r.unsqueeze(-1)
+        x_, y_, z_ = pij[:, 0], pij[:, 1], pij[:, 2]
+        s3 = self._sqrt3
+        dij = torch.stack([s3 * x_ * y_, s3 * x_ * z_, s3 * y_ * z_, 0.5 * (3 * z_ * z_ - 1.0),
+                           0.5 * s3 * (x_ * x_ - y_ * y_)], dim=-1)
+        fc = cutoff_function(sr_r, self.config.cutoff)
+        rbf = self.rbf(sr_r, fc)
+
+        # embeddings and modules
+        e_z = self.nuclear(Z)
+        x = e_z + self.charge_embedding(e_z, Q, batch_seg, num_batch) \
+            + self.spin_embedding(e_z, S, batch_seg, num_batch)
+        f = torch.zeros_like(x)
+        keep = x.new_ones(num_batch, 1)
+        drop = self.training and self.config.module_keep_prob < 1.0
+        p_keep = self.config.module_keep_prob ** (1.0 / max(self.config.num_modules - 1, 1))
+        for module in self.interactions:
+            x, y = module(x, rbf, pij, dij, sr_i, sr_j, batch_seg, num_batch)
+            if drop:  # module dropout: module 1 always kept, a dropped module drops all later ones
+                y = y * keep[batch_seg]
+                keep = keep * torch.bernoulli(torch.full_like(keep, p_keep))
+            f = f + y
+        out = self.readout(f) + self.element_bias[Z]
+        ea, qa = out[:, 0], out[:, 1]
+        # charge conservation: spread the leftover charge uniformly (Eq. 15)
+        counts = scatter_sum(torch.ones_like(qa), batch_seg, num_batch)
+        leftover = Q.to(qa.dtype) - scatter_sum(qa, batch_seg, num_batch)
+        qa = qa + (leftover / counts)[batch_seg]
+
+        zeros = torch.zeros_like(ea)
+        e_rep = zeros
+        if self.zbl is not None:
+            half = sr_i < sr_j if cell_offsets is None else half_pair_mask(sr_i, sr_j, cell_offsets[sr])
+            hi, hj = sr_i[half], sr_j[half]
+            e_rep = _split_half(self.zbl.pair_energy(Z.to(ea.dtype), sr_r[half], fc[half], hi, hj), hi, hj, n)
+        e_ele = e_vdw = pol = c6 = zeros
+        if self.uses_long_range:
+            if lr_pairs is None:
+                lr = half_pair_mask(idx_i, idx_j, cell_offsets)
+                if self.config.lr_cutoff is not None:
+                    lr = lr & (rij < self.config.lr_cutoff)
+                li, lj, lrr = idx_i[lr], idx_j[lr], rij[lr]
+            else:
+                li, lj, loff = lr_pairs
+                lrr = torch.linalg.norm(pair_vectors(li, lj, loff), dim=-1)
+                if self.config.lr_cutoff is not None:
+                    keep = lrr < self.config.lr_cutoff
+                    li, lj, lrr = li[keep], lj[keep], lrr[keep]
+            if self.electrostatics is not None:
+                e_ele = _split_half(self.electrostatics.pair_energy(qa, lrr, li, lj), li, lj, n)
+            if self.d4 is not None:
+                if not self.d4.has_tables:
+                    raise RuntimeError("D4 dispersion is on but no D4 tables are loaded")
+                e_vdw, pol, c6 = self.d4.atomic_energy(n, Z, qa, lrr, li, lj, self.config.compute_d4_atomic)
+        return {"features": f, "e_nn": ea, "charges": qa, "e_zbl": e_rep, "e_coulomb": e_ele,
+                "e_d4": e_vdw, "polarizabilities": pol, "c6": c6, "batch_seg": batch_seg,
+                "num_batch": num_batch}
+
+    def forward(self, Z, Q, S, R, idx_i, idx_j, cell=None, cell_offsets=None, batch_seg=None,
+                num_batch=None, strain=None, lr_pairs=None) -> dict:
+        props = self.atomic_properties(Z, Q, S, R, idx_i, idx_j, cell, cell_offsets, batch_seg,
+                                       num_batch, strain, lr_pairs)
+        atomic = props["e_nn"] + props["e_zbl"] + props["e_coulomb"] + props["e_d4"]
+        props["atomic_energy"] = atomic
+        props["energy"] = scatter_sum(atomic, props["batch_seg"], props["num_batch"])
+        return props

@@ -1,0 +1,170 @@
+"""Na_x aminobenzene-functionalised Janus graphene (Na_xAB) cells, built with ASE.
+
+The host of Islas-Vargas et al. (arXiv:2603.22254): graphene with 4-aminophenyl groups
+(-C6H4-NH2) bonded covalently to *one* face (hence "Janus"), each on an sp3 carbon that is
+pulled slightly out of the sheet. Sodium sits at chosen sites: over an aromatic ring (cation-pi),
+at the amine, on the bare graphene of either face, or in the gallery between stacked sheets.
+
+Geometry is idealised (C-C 1.52 A to the ring, aromatic C-C 1.40 A, C-N 1.40 A, C-H 1.08 A,
+N-H 1.01 A); relax it with a force field before production use.
+
+``x`` counts Na per aminophenyl group; one host formula unit is C_(2n^2/m) + C6H4NH2 for an
+n x n graphene supercell carrying m groups.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+GRAPHENE_A = 2.46
+SITES = ("ring", "amine", "top", "bottom", "gallery", "random")
+
+
+def _aminophenyl(anchor: np.ndarray, phi: float) -> tuple[list[str], np.ndarray]:
+    """Atoms of -C6H4-NH2 standing on ``anchor`` (ring plane rotated by phi about z)."""
+    ex = np.array([np.cos(phi), np.sin(phi), 0.0])
+    ez = np.array([0.0, 0.0, 1.0])
+    ipso = anchor + 1.52 * ez
+    centre = ipso + 1.40 * ez
+    symbols, pos = [], []
+    ring = []
+    for k in range(6):
+        th = np.pi / 3 * k
+        radial = np.sin(th) * ex - np.cos(th) * ez
+        p = centre + 1.40 * radial
+        ring.append(p)
+        symbols.append("C")
+        pos.append(p)
+        if k in (1, 2, 4, 5):  # ortho/meta H
+            symbols.append("H")
+            pos.append(p + 1.08 * radial)
+    para = ring[3]
+    n_pos = para + 1.40 * ez
+    symbols.append("N")
+    pos.append(n_pos)
+    for sgn in (1, -1):
+        symbols.append("H")
+        pos.append(n_pos + 1.01 * (sgn * np.sin(np.pi / 3) * ex + np.cos(np.pi / 3) * ez))
+    return symbols, np.asarray(pos)
+
+
+def janus_graphene(n: int = 4, groups: int = 1, stacking: str = "slab", interlayer: float = 9.5,
+                   vacuum: float = 20.0, seed: int = 0):
+    """Aminophenyl-functionalised graphene cell (no Na). Returns ASE Atoms with pbc on.
+
+    stacking="slab": one sheet, periodic in-plane, ``vacuum`` cell height;
+    stacking="gallery": sheets stacked every ``interlayer`` A, so the groups stand in the gallery.
+    """
+    from ase import Atoms
+    from ase.build import graphene
+
+    if n < 2:
+        raise ValueError("n must be at least 2")
+    sheet = graphene(size=(n, n, 1), vacuum=None)
+    c = vacuum if stacking == "slab" else interlayer
+    if stacking not in ("slab", "gallery"):
+        raise ValueError("stacking must be 'slab' or 'gallery'")
+    sheet.cell[2, 2] = c
+    sheet.pbc = True
+    n_c = len(sheet)
+    if not 0 <= groups <= n_c // 8:
+        raise ValueError(f"at most {n_c // 8} groups fit on a {n}x{n} cell")
+    rng = np.random.default_rng(seed)
+    # spread anchors on one sublattice, as far apart as possible (farthest-point sampling)
+    cand = np.arange(0, n_c, 2)
+    anchors: list[int] = []
+    if groups:
+        anchors.append(int(cand[0]))
+        frac = sheet.get_scaled_positions()
+        while len(anchors) < groups:
+            d = frac[cand][:, None, :2] - frac[anchors][None, :, :2]
+            d -= np.round(d)
+            dist = np.linalg.norm(d @ sheet.cell.array[:2, :2], axis=-1).min(1)
+            anchors.append(int(cand[int(np.argmax(dist))]))
+    positions = sheet.positions.copy()
+    positions[:, 2] = 0.0 if stacking == "slab" else 0.0
+    symbols = list(sheet.get_chemical_symbols())
+    for a in anchors:
+        positions[a, 2] += 0.30  # sp3 pucker
+        s, p = _aminophenyl(positions[a], phi=rng.uniform(0, np.pi))
+        symbols += s
+        positions = np.vstack([positions, p])
+    atoms = Atoms(symbols, positions=positions, cell=sheet.cell, pbc=True)
+    if stacking == "slab":
+        atoms.positions[:, 2] += 0.5 * (vacuum - 6.5)  # sheet low in the box, groups above
+    atoms.info["anchors"] = anchors
+    atoms.info["groups"] = groups
+    atoms.info["stacking"] = stacking
+    atoms.info["n"] = n
+    return atoms
+
+
+def add_sodium(host, count: int, sites: str = "random", seed: int = 0, min_distance: float = 2.3):
+    """Place ``count`` Na atoms at ``sites`` (one of SITES); returns a new Atoms."""
+    from ase import Atoms
+
+    if sites not in SITES:
+        raise ValueError(f"sites must be one of {SITES}")
+    atoms = host.copy()
+    rng = np.random.default_rng(seed)
+    z_sheet = float(np.median(atoms.positions[: 2 * host.info.get("n", 4) ** 2, 2]))
+    ring_centres, amines = [], []
+    for k, sym in enumerate(atoms.get_chemical_symbols()):
+        if sym == "N":
+            amines.append(atoms.positions[k])
+    # ring centres: mean of each group's 6 ring carbons (13 atoms per group, the ring first)
+    n_c = 2 * host.info.get("n", 4) ** 2
+    for g in range(host.info.get("groups", 0)):
+        start = n_c + 13 * g
+        ring_idx = [start + i for i in range(13) if atoms[start + i].symbol == "C"][:6]
+        centre = atoms.positions[ring_idx].mean(0)
+        normal = np.cross(atoms.positions[ring_idx[1]] - centre, atoms.positions[ring_idx[0]] - centre)
+        ring_centres.append((centre, normal / np.linalg.norm(normal)))
+    cell = atoms.cell.array
+    c = cell[2, 2]
+    placed = []
+    tries = 0
+    while len(placed) < count:
+        tries += 1
+        if tries > 5000:
+            raise ValueError(f"could not place {count} Na at '{sites}' sites without overlaps; use fewer")
+        kind = sites
+        if kind == "random":
+            kind = rng.choice(["ring", "amine", "top", "bottom"] if ring_centres else ["top", "bottom"])
+        if kind == "ring" and ring_centres:
+            centre, normal = ring_centres[rng.integers(len(ring_centres))]
+            p = centre + rng.choice([-1, 1]) * 2.45 * normal + rng.normal(scale=0.2, size=3)
+        elif kind == "amine" and amines:
+            p = amines[rng.integers(len(amines))] + 2.4 * _unit(rng.normal(size=3) * [1, 1, 0.3])
+        elif kind == "gallery":
+            p = rng.uniform(0, 1, 3) @ cell
+            p[2] = z_sheet + 0.5 * c if host.info.get("stacking") == "gallery" else z_sheet + 3.2
+        elif kind == "bottom":
+            p = rng.uniform(0, 1, 3) @ cell
+            p[2] = z_sheet - 2.3
+        else:  # top face, between groups
+            p = rng.uniform(0, 1, 3) @ cell
+            p[2] = z_sheet + 2.3
+        trial = atoms + Atoms("Na", positions=[p])
+        d = trial.get_distances(len(trial) - 1, range(len(trial) - 1), mic=True)
+        need = np.where(np.array(trial.get_chemical_symbols()[:-1]) == "Na", 3.0, min_distance)
+        if np.all(d > need):
+            atoms = trial
+            placed.append(kind)
+    atoms.info["na_sites"] = ",".join(placed)
+    return atoms
+
+
+def _unit(v):
+    return v / np.linalg.norm(v)
+
+
+def spin_for(atoms, charge: int = 0) -> int:
+    """Unpaired electrons of the lowest spin state allowed by the electron count (0 or 1)."""
+    return int((int(atoms.numbers.sum()) - int(charge)) % 2)
+
+
+def host_formula(n: int, groups: int) -> str:
+    """Formula of one host unit (per aminophenyl group) for capacities."""
+    carbons = 2 * n * n // max(groups, 1)
+    return f"C{carbons + 6}H6N"

@@ -1,0 +1,203 @@
+"""Training SpookyNet on energies, forces and stress (the reference ships no training code).
+
+Loss (per batch): w_E MSE(E/N) + w_F MSE(F) + w_S MSE(sigma), with forces from autograd
+(create_graph=True so the force error trains the weights). AdamW, ReduceLROnPlateau, an
+exponential moving average (EMA) of the weights used for validation and the saved model, early
+stopping on the validation loss, and a checkpoint every epoch so a killed run resumes.
+Per-element energy offsets are fitted by least squares first and put into the element bias,
+so the network learns only the interaction energy (as MACE's E0s).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .data import Graph, collate, element_energies
+from .properties import compute
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 200
+    batch_size: int = 8
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.0
+    energy_weight: float = 1.0
+    forces_weight: float = 10.0
+    stress_weight: float = 0.0
+    ema_decay: float = 0.99
+    patience: int = 30
+    lr_patience: int = 10
+    lr_factor: float = 0.5
+    max_minutes: float | None = None
+    fit_element_energies: bool = True
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].mul_(self.decay).add_(v.detach(), alpha=1 - self.decay)
+            else:
+                self.shadow[k].copy_(v)
+
+    def copy_to(self, model: torch.nn.Module) -> torch.nn.Module:
+        m = copy.deepcopy(model)
+        m.load_state_dict(self.shadow)
+        return m
+
+
+def batch_loss(model, batch: dict, s: TrainSettings, create_graph: bool = True) -> tuple[torch.Tensor, dict]:
+    want_stress = s.stress_weight > 0 and "stress" in batch
+    out = compute(model, batch, forces=True, stress=want_stress, create_graph=create_graph)
+    n = batch["n_atoms"]
+    de = (out["energy"] - batch["energy"]) / n
+    loss = s.energy_weight * (de ** 2).mean()
+    parts = {"e_mae_atom": de.abs().mean().item()}
+    if "forces" in batch:
+        df = out["forces"] - batch["forces"]
+        loss = loss + s.forces_weight * (df ** 2).mean()
+        parts["f_mae"] = df.abs().mean().item()
+    if want_stress:
+        ds = out["stress"] - batch["stress"]
+        loss = loss + s.stress_weight * (ds ** 2).mean()
+        parts["s_mae"] = ds.abs().mean().item()
+    return loss, parts
+
+
+def _batches(graphs: list[Graph], size: int, rng: np.random.Generator | None):
+    order = rng.permutation(len(graphs)) if rng is not None else np.arange(len(graphs))
+    for k in range(0, len(order), size):
+        yield [graphs[i] for i in order[k:k + size]]
+
+
+def evaluate_loss(model, graphs: list[Graph], s: TrainSettings, dtype, device) -> dict:
+    """Mean loss and MAEs over ``graphs`` (forces still from autograd, no graph kept)."""
+    model.eval()
+    tot, n, e_abs, f_abs, f_cnt, atoms = 0.0, 0, 0.0, 0.0, 0, 0
+    for chunk in _batches(graphs, max(s.batch_size, 16), None):
+        batch = collate(chunk, dtype, device)
+        loss, _ = batch_loss(model, batch, s, create_graph=False)
+        with torch.no_grad():
+            out = compute(model, batch, forces=True)
+        tot += loss.item() * len(chunk)
+        n += len(chunk)
+        e_abs += ((out["energy"] - batch["energy"]).abs() / batch["n_atoms"]).sum().item()
+        if "forces" in batch:
+            f_abs += (out["forces"] - batch["forces"]).abs().sum().item()
+            f_cnt += batch["forces"].numel()
+        atoms += int(batch["n_atoms"].sum().item())
+    return {"loss": tot / max(n, 1), "energy_mae_per_atom": e_abs / max(n, 1),
+            "forces_mae": f_abs / max(f_cnt, 1)}
+
+
+def init_element_bias(model, graphs: list[Graph], dtype=torch.float32, device="cpu") -> None:
+    """Fit per-element energies to what the initial model misses (labels minus its prediction,
+    which includes the physical terms) and store them in the element bias."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        model.element_bias[:, 0] = 0.0
+        predicted = []
+        for chunk in _batches(graphs, 32, None):
+            b = collate(chunk, dtype, device)
+            predicted.append(model(b["Z"], b["Q"], b["S"], b["R"], b["idx_i"], b["idx_j"], b.get("cell"),
+                                   b.get("cell_offsets"), b["batch_seg"], b["num_batch"])["energy"].cpu().numpy())
+    predicted = np.concatenate(predicted)
+    residual = [Graph(g.Z, g.R, g.cell, g.idx_i, g.idx_j, g.offsets, g.Q, g.S, energy=g.energy - p)
+                for g, p in zip(graphs, predicted)]
+    e0 = element_energies(residual, model.config.zmax)
+    with torch.no_grad():
+        model.element_bias[:, 0] = torch.as_tensor(e0, dtype=model.element_bias.dtype)
+    model.train(was_training)
+
+
+def fit(model, train: list[Graph], valid: list[Graph], s: TrainSettings, run, dtype=torch.float32,
+        device="cpu", seed: int = 0, state: dict | None = None, member: int = 0, on_epoch=None) -> dict:
+    """Train ``model`` in place; returns the EMA model's validation metrics and the best EMA state.
+
+    ``state`` is a checkpoint dict from an earlier, interrupted call (resume). ``run`` provides
+    save_checkpoint/log_metrics/log; ``on_epoch(epoch, metrics)`` is an optional hook.
+    """
+    model.to(device=device, dtype=dtype)
+    if state is None and s.fit_element_energies:
+        init_element_bias(model, train, dtype, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, amsgrad=True)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=s.lr_factor, patience=s.lr_patience,
+                                                       min_lr=s.min_lr)
+    ema = EMA(model, s.ema_decay)
+    start, best, bad, best_state = 0, math.inf, 0, None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        ema.shadow = {k: v.to(device) for k, v in state["ema"].items()}
+        start, best, bad = int(state["epoch"]) + 1, float(state["best_val"]), int(state["bad_epochs"])
+        best_state = state.get("best_ema")
+    rng = np.random.default_rng(seed + 7919 * member)
+    for _ in range(start):  # replay the shuffles so a resumed run sees the same batches
+        rng.permutation(len(train))
+    t0 = time.time()
+    metrics = {}
+    for epoch in range(start, s.epochs):
+        model.train()
+        train_loss = 0.0
+        for chunk in _batches(train, s.batch_size, rng):
+            batch = collate(chunk, dtype, device)
+            opt.zero_grad(set_to_none=True)
+            loss, _ = batch_loss(model, batch, s)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 10.0)
+            opt.step()
+            ema.update(model)
+            train_loss += loss.item() * len(chunk)
+        if model.d4 is not None and model.d4.has_tables:
+            model.d4.compute_refc6()  # s_q may have changed
+        ema_model = ema.copy_to(model)
+        val = evaluate_loss(ema_model, valid, s, dtype, device) if valid else {"loss": train_loss / len(train)}
+        sched.step(val["loss"])
+        improved = val["loss"] < best - 1e-12
+        if improved:
+            best, bad = val["loss"], 0
+            best_state = {k: v.detach().clone() for k, v in ema.shadow.items()}
+        else:
+            bad += 1
+        metrics = {"member": member, "epoch": epoch, "train_loss": train_loss / len(train),
+                   "val_loss": val["loss"], "val_energy_mae_per_atom": val.get("energy_mae_per_atom"),
+                   "val_forces_mae": val.get("forces_mae"), "lr": opt.param_groups[0]["lr"]}
+        run.log_metrics(metrics)
+        run.log.info("member %d epoch %d train %.4g val %.4g E-MAE %.2f meV/atom F-MAE %.1f meV/A",
+                     member, epoch, metrics["train_loss"], val["loss"],
+                     1000 * (val.get("energy_mae_per_atom") or float("nan")),
+                     1000 * (val.get("forces_mae") or float("nan")))
+        ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "ema": ema.shadow, "epoch": epoch, "best_val": best, "bad_epochs": bad, "member": member,
+                "best_ema": best_state}
+        run.save_checkpoint(ckpt, best=improved)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+        if bad >= s.patience:
+            run.log.info("early stopping at epoch %d", epoch)
+            break
+        if s.max_minutes is not None and (time.time() - t0) / 60 > s.max_minutes:
+            run.log.info("time limit reached at epoch %d", epoch)
+            break
+    final = copy.deepcopy(model)
+    final.load_state_dict(best_state if best_state is not None else ema.shadow)
+    final.eval()
+    return {"model": final, "best_val_loss": best, "epochs": metrics.get("epoch", start) + 1}

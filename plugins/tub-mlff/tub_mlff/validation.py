@@ -1,0 +1,55 @@
+"""Checks on structures before a model sees them, each failing with a one-line TubError."""
+
+from __future__ import annotations
+
+import numpy as np
+from tubcli.errors import TubError
+
+MIN_DISTANCE = 0.5  # Angstrom; closer atoms are treated as overlapping
+
+
+def check_structure(atoms, elements: set[int] | None = None, name: str = "structure",
+                    min_distance: float = MIN_DISTANCE) -> None:
+    """Raise TubError for overlapping atoms, unknown elements, or a periodic cell without a cell."""
+    from scipy.spatial import cKDTree
+
+    n = len(atoms)
+    if n == 0:
+        raise TubError(f"{name} has no atoms; give a structure with at least one atom")
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    if pbc.any():
+        cell = np.asarray(atoms.cell)
+        vol = abs(np.linalg.det(cell)) if cell.shape == (3, 3) else 0.0
+        if vol < 1e-6 or any(np.linalg.norm(cell[k]) < 1e-6 for k in range(3) if pbc[k]):
+            raise TubError(f"{name} is periodic (pbc={pbc.tolist()}) but has no cell; "
+                           "set a Lattice= in the extxyz header or turn pbc off")
+    if elements is not None:
+        bad = sorted(set(int(z) for z in atoms.numbers) - set(elements))
+        if bad:
+            from ase.data import chemical_symbols
+
+            names = ", ".join(chemical_symbols[z] for z in bad)
+            known = ", ".join(chemical_symbols[z] for z in sorted(elements)) if len(elements) < 20 else "its training elements"
+            raise TubError(f"{name} contains {names}, which the model was not trained on "
+                           f"(it knows {known}); use a model trained on these elements")
+    pos = atoms.get_positions()
+    if pbc.any():
+        from .neighbors import neighbor_list
+
+        i, j, _, d = neighbor_list(pos, atoms.cell, pbc, min_distance)
+        # exact duplicates (d == 0) are missed by the sparse search; look for them directly
+        if len(i) == 0:
+            frac = atoms.get_scaled_positions(wrap=True)
+            tree = cKDTree(frac @ np.asarray(atoms.cell))
+            dup = tree.query_pairs(1e-8, output_type="ndarray")
+            if len(dup):
+                i, j, d = dup[:, 0], dup[:, 1], np.zeros(len(dup))
+    else:
+        tree = cKDTree(pos)
+        pairs = tree.query_pairs(min_distance, output_type="ndarray")
+        i, j = (pairs[:, 0], pairs[:, 1]) if len(pairs) else (np.zeros(0, int), np.zeros(0, int))
+        d = np.linalg.norm(pos[j] - pos[i], axis=1) if len(i) else np.zeros(0)
+    if len(i):
+        k = int(np.argmin(d))
+        raise TubError(f"{name}: atoms {int(i[k])} and {int(j[k])} overlap ({d[k]:.3f} A apart, "
+                       f"minimum {min_distance} A); fix the geometry")

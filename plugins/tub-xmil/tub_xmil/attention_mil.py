@@ -1,0 +1,103 @@
+"""Attention-based MIL (Ilse et al., ICML 2018), as used by xMIL (Hense et al., NeurIPS 2024).
+
+H = enc(X); a = softmax_i(w^T tanh(V h_i)) (gated: * sigmoid(U h_i)); z = sum_i a_i h_i; y = head(z).
+The first encoder layer always has a bias (as in the reference checkpoints).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tub_xmil.lrp import LRPParams, linear_block
+
+
+class AttentionMIL(nn.Module):
+    """Inputs are bags ``(B, N, D)`` (or one bag ``(N, D)``); outputs ``(B, head_dim)``."""
+
+    kind = "attnmil"
+
+    def __init__(self, input_dim: int, head_dim: int = 2, features_dim: int = 256,
+                 inner_attention_dim: int = 128, num_layers: int = 1, n_out_layers: int = 0,
+                 dropout: float = 0.0, dropout_strategy: str = "features", bias: bool = True,
+                 gated: bool = False):
+        super().__init__()
+        self.input_dim, self.head_dim, self.gated = input_dim, head_dim, gated
+        layers = [nn.Sequential(nn.Linear(input_dim, features_dim), nn.ReLU())]
+        layers += [nn.Sequential(nn.Linear(features_dim, features_dim, bias=bias), nn.ReLU())
+                   for _ in range(num_layers - 1)]
+        self.linear_layers = nn.Sequential(*layers)
+        self.attention = nn.Sequential(nn.Linear(features_dim, inner_attention_dim), nn.Tanh(),
+                                       nn.Linear(inner_attention_dim, 1))
+        self.attention_gate = (nn.Sequential(nn.Linear(features_dim, inner_attention_dim), nn.Sigmoid())
+                               if gated else None)
+        self.out_layers = nn.Sequential(*[
+            nn.Sequential(nn.Linear(features_dim, features_dim, bias=bias), nn.ReLU())
+            for _ in range(n_out_layers)])
+        self.linear_head = nn.Linear(features_dim, head_dim, bias=bias)
+        p = dropout or 0.0
+        self.feature_dropout = nn.Dropout(p if dropout_strategy in ("features", "all") else 0.0)
+        self.linear_dropout = nn.Dropout(p if dropout_strategy == "all" else 0.0)
+        self.classifier_dropout = nn.Dropout(p if dropout_strategy in ("all", "last") else 0.0)
+
+    def attention_logits(self, h: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            first, act, last = self.attention
+            return last(act(first(h)) * self.attention_gate(h))
+        return self.attention(h)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_dropout(self.linear_layers(self.feature_dropout(x)))
+
+    def head(self, z: torch.Tensor) -> torch.Tensor:
+        return self.linear_head(self.classifier_dropout(self.out_layers(z)))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x if x.dim() == 3 else x[None]
+        h = self.encode(x)
+        s = self.attention_logits(h)  # (B, N, 1)
+        if mask is not None:
+            s = s.masked_fill(~mask[..., None], float("-inf"))
+        a = torch.softmax(s, dim=1)
+        z = (a.transpose(1, 2) @ h)[:, 0]
+        return self.head(z)
+
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        x = x if x.dim() == 3 else x[None]
+        return torch.softmax(self.attention_logits(self.encode(x)), dim=1)[..., 0]
+
+    def lrp_blocks(self, params: LRPParams, **_):
+        """Blocks for :func:`tub_xmil.lrp.lrp_chain`; attention pooling uses the AH rule
+        (attention weights detached: R_id = a_i h_id / (sum_j a_j h_jd) R_d)."""
+        blocks = [(f"fc1-{i}", linear_block(b[0], params)) for i, b in enumerate(self.linear_layers)]
+
+        def agg(h):
+            a = torch.softmax(self.attention_logits(h.detach()), dim=1).detach()
+            return (a.transpose(1, 2) @ h)[:, 0], None
+
+        blocks.append(("aggregation", agg))
+        blocks += [(f"layerout-{i}", linear_block(b[0], params)) for i, b in enumerate(self.out_layers)]
+        blocks.append(("classifier", linear_block(self.linear_head, params, act=None)))
+        return blocks
+
+    def keep_one_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the N single-patch bags {x_i} in one pass (a bag of one has a = 1)."""
+        x = x if x.dim() == 2 else x[0]
+        return self.head(self.encode(x))
+
+    def drop_one_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the N bags X minus {x_i}, from one encoder pass (softmax renormalised)."""
+        x = x if x.dim() == 2 else x[0]
+        h = self.encode(x)
+        s = self.attention_logits(h)[:, 0]
+        n = len(s)
+        out = []
+        for start in range(0, n, 256):
+            idx = torch.arange(start, min(n, start + 256))
+            m = torch.ones(len(idx), n, dtype=torch.bool)
+            m[torch.arange(len(idx)), idx] = False
+            sm = s[None].expand(len(idx), n).masked_fill(~m, float("-inf"))
+            a = torch.softmax(sm, dim=1)
+            out.append(self.head(a @ h))
+        return torch.cat(out)

@@ -1,0 +1,92 @@
+"""Reading feature bags: tub/TRIDENT/CLAM ``.h5`` (``features`` + ``coords``), CLAM/xMIL ``.pt``
+tensors (N, D) in ascending patch_id order, ``.npz`` (``features``[, ``coords``] or patch_id ->
+vector), and xMIL directories of per-patch ``{idx}.pt`` files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tubcli.errors import TubError
+
+BAG_SUFFIXES = (".h5", ".pt", ".npz")
+
+
+def read_bag(path: str | Path) -> tuple[torch.Tensor, np.ndarray | None, dict]:
+    """(features (N, D) float32, level-0 coords (N, 2) or None, attributes)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.pt"), key=lambda p: int(p.stem) if p.stem.isdigit() else p.stem)
+        if not files:
+            raise TubError(f"{path}: folder has no per-patch .pt files")
+        feats = torch.stack([_load_tensor(p).reshape(-1) for p in files])
+        return feats.float(), None, {}
+    if not path.is_file():
+        raise TubError(f"{path}: no such feature file")
+    if path.suffix == ".h5":
+        import h5py
+        from tub_xmil.tiling import _py
+        try:
+            with h5py.File(path, "r") as f:
+                if "features" not in f:
+                    raise TubError(f"{path.name}: no 'features' dataset; expected a CLAM/TRIDENT/tub features .h5")
+                feats = np.asarray(f["features"][:], np.float32)
+                coords = np.asarray(f["coords"][:]).reshape(-1, 2).astype(np.int64) if "coords" in f else None
+                attrs = {k: _py(v) for k, v in f.attrs.items()}
+                if "coords" in f:
+                    attrs.update({k: _py(v) for k, v in f["coords"].attrs.items()})
+        except OSError as exc:
+            raise TubError(f"{path.name}: not a readable HDF5 file ({str(exc)[:80]})") from None
+        feats = feats.reshape(-1, feats.shape[-1])
+        return torch.from_numpy(feats), coords, attrs
+    if path.suffix == ".pt":
+        t = _load_tensor(path)
+        if t.dim() == 3 and t.shape[0] == 1:
+            t = t[0]
+        if t.dim() != 2:
+            raise TubError(f"{path.name}: expected a (N, D) tensor, got shape {tuple(t.shape)}")
+        return t.float(), None, {}
+    if path.suffix == ".npz":
+        z = np.load(path, allow_pickle=False)
+        if "features" in z:
+            coords = z["coords"].astype(np.int64) if "coords" in z else None
+            return torch.from_numpy(z["features"].astype(np.float32)), coords, {}
+        keys = sorted(z.files, key=lambda k: int(k) if k.isdigit() else k)
+        return torch.from_numpy(np.stack([z[k].reshape(-1) for k in keys]).astype(np.float32)), None, {}
+    raise TubError(f"{path.name}: unknown feature format; use .h5, .pt or .npz")
+
+
+def _load_tensor(path: Path) -> torch.Tensor:
+    try:
+        t = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise TubError(f"{path.name}: cannot read as a tensor file ({str(exc).splitlines()[0][:80]})") from None
+    if isinstance(t, dict):
+        t = t.get("features", next((v for v in t.values() if isinstance(v, torch.Tensor)), None))
+    if not isinstance(t, torch.Tensor):
+        raise TubError(f"{path.name}: holds no tensor")
+    return t
+
+
+def find_bag(folder: str | Path, slide_id: str) -> Path | None:
+    folder = Path(folder)
+    for sub in ("", "features", "h5_files", "pt_files"):
+        for suf in BAG_SUFFIXES:
+            p = folder / sub / f"{slide_id}{suf}"
+            if p.exists():
+                return p
+    p = folder / slide_id
+    return p if p.is_dir() else None
+
+
+def write_features_h5(path: str | Path, features: np.ndarray, coords: np.ndarray, attrs: dict) -> None:
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f.create_dataset("features", data=np.asarray(features, np.float32))
+        c = f.create_dataset("coords", data=np.asarray(coords, np.int64))
+        for k, v in attrs.items():
+            f.attrs[k] = v
+            c.attrs[k] = v

@@ -1,0 +1,111 @@
+"""Model construction and safe weight loading (tub safetensors, tub checkpoints, xMIL ``.pt``).
+
+xMIL checkpoints (``best_model.pt``) pickle numpy scalars next to ``model_state_dict``; they are
+read with ``torch.load(weights_only=True)`` and an allow-list of exactly those numpy types, never
+with unrestricted unpickling. Head keys ``classifier.*`` (xMIL main) map to ``linear_head.*``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tubcli.errors import TubError
+
+ARCHS = ("attnmil", "transmil", "mambamil")
+
+
+def build_model(arch: str, input_dim: int, head_dim: int, **kw) -> torch.nn.Module:
+    if arch == "attnmil":
+        from tub_xmil.attention_mil import AttentionMIL
+        return AttentionMIL(input_dim, head_dim, **kw)
+    if arch == "transmil":
+        from tub_xmil.transmil import TransMIL
+        return TransMIL(input_dim, head_dim, **kw)
+    if arch == "mambamil":
+        from tub_xmil.mamba_mil import MambaMIL
+        return MambaMIL(input_dim, head_dim, **kw)
+    raise TubError(f"unknown model {arch!r}; choose one of {', '.join(ARCHS)}")
+
+
+def _numpy_allow_list():
+    import numpy as np
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar
+    allow = [(scalar, "numpy.core.multiarray.scalar"), np.dtype]
+    allow += [type(np.dtype(c)) for c in ("f8", "f4", "i8", "i4", "bool")]
+    return allow
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a model from safetensors, a tub checkpoint or an xMIL/other ``.pt`` file (safe)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TubError(f"weights file {path} not found; pass a .safetensors or .pt file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    try:
+        with torch.serialization.safe_globals(_numpy_allow_list()):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TubError(f"cannot read {path} safely ({first[:120]}); re-save its model_state_dict "
+                       "with torch.save(state_dict) or as safetensors") from None
+    for key in ("model_state_dict", "state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise TubError(f"{path} holds no state dict of tensors; expected model_state_dict")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def map_reference_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """xMIL main uses ``classifier.*`` for the AttnMIL head; the journal branch ``linear_head.*``."""
+    return {("linear_head." + k[len("classifier."):] if k.startswith("classifier.") else k): v
+            for k, v in sd.items()}
+
+
+def infer_attnmil_config(sd: dict[str, torch.Tensor]) -> dict:
+    """AttnMIL hyper-parameters read off the shapes of a reference state dict."""
+    w0 = sd["linear_layers.0.0.weight"]
+    n_layers = len({k.split(".")[1] for k in sd if k.startswith("linear_layers.")})
+    n_out = len({k.split(".")[1] for k in sd if k.startswith("out_layers.")})
+    return {"input_dim": int(w0.shape[1]), "features_dim": int(w0.shape[0]),
+            "inner_attention_dim": int(sd["attention.0.weight"].shape[0]),
+            "head_dim": int(sd["linear_head.weight"].shape[0]), "num_layers": n_layers,
+            "n_out_layers": n_out, "bias": "linear_head.bias" in sd,
+            "gated": any(k.startswith("attention_gate.") for k in sd)}
+
+
+def load_model(path: str | Path, model_json: dict | None = None) -> tuple[torch.nn.Module, dict]:
+    """A model and its config from tub weights (``model.safetensors`` + ``model.json``) or an
+    xMIL AttnMIL checkpoint (architecture inferred from the tensor shapes)."""
+    import json
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    sd = map_reference_keys(read_state_dict(path))
+    if model_json is None:
+        mj = path.with_suffix(".json")
+        if mj.is_file():
+            model_json = json.loads(mj.read_text())
+    if model_json is None:
+        if "linear_layers.0.0.weight" not in sd:
+            raise TubError(f"{path} has no model.json next to it and is not an AttnMIL checkpoint; "
+                           "pass the run's checkpoints/ folder")
+        cfg = infer_attnmil_config(sd)
+        model_json = {"arch": "attnmil", "task": "classification", "kwargs": cfg}
+    kw = dict(model_json["kwargs"])
+    model = build_model(model_json["arch"], kw.pop("input_dim"), kw.pop("head_dim"), **kw)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise TubError(f"{path} does not fit a {model_json['arch']} model "
+                       f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+    model.eval()
+    return model, model_json

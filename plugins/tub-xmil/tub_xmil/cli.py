@@ -1,0 +1,226 @@
+"""Thin verb functions: validate, loop, call the science modules, write outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from tubcli.errors import TubError
+from tubcli.io import atomic_path, write_json
+
+HEAT_DOWNSAMPLE = 32  # PNG heatmaps at level-0 dimensions // 32 (QuPath overlay size)
+
+
+def make_data(cfg, run) -> dict:
+    from tub_xmil.synthetic import make_dataset
+
+    out = Path(cfg.out_dir) if cfg.out_dir is not None else run.outputs_dir
+    rows = make_dataset(out, cfg.n_slides, cfg.width, cfg.height, cfg.mpp, seed=cfg.seed, aperio=cfg.aperio)
+    return {"slides": len(rows), "positive": sum(r["label"] for r in rows), "dir": str(out)}
+
+
+def tile(cfg, run) -> dict:
+    from tub_xmil.pipeline import SLIDE_SUFFIXES, expand_inputs, tile_one
+
+    slides = expand_inputs(cfg.slides, SLIDE_SUFFIXES)
+    n = 0
+    for path, out in run.batch(slides, output_for=lambda p: run.outputs_dir / "patches" / f"{Path(p).stem}.h5"):
+        with run.item(path):
+            n += tile_one(Path(path), out, run.outputs_dir, cfg.tiling, cfg.mpp)["patches"]
+    return {**run.batch_stats, "patches": n}
+
+
+def features(cfg, run) -> dict:
+    from tub_xmil.features import get_encoder
+    from tub_xmil.pipeline import SLIDE_SUFFIXES, expand_inputs, features_one
+
+    slides = expand_inputs(cfg.slides, SLIDE_SUFFIXES)
+    spec, module = get_encoder(cfg.encoder, cfg.weights, run.device)
+    run.log.info("encoder %s (%d-d, %d px tiles)%s", spec.name, spec.dim, spec.tile_size,
+                 "" if cfg.weights else " -- no weights given: " + (spec.description or "preset defaults"))
+    n = 0
+    for path, out in run.batch(slides, output_for=lambda p: run.outputs_dir / "features" / f"{Path(p).stem}.h5"):
+        with run.item(path):
+            n += features_one(Path(path), out, cfg, spec, module, run.device)["patches"]
+    return {**run.batch_stats, "patches": n, "encoder": spec.name, "dim": spec.dim}
+
+
+def train(cfg, run) -> dict:
+    from tub_xmil.dataset import load_slides
+    from tub_xmil.training import predict, task_metrics, train_model
+
+    slides, classes = load_slides(cfg.features, cfg.labels, cfg.task)
+    train_s = [s for s in slides if s.split == "train"]
+    val_s = [s for s in slides if s.split in ("val", "valid", "validation")]
+    test_s = [s for s in slides if s.split == "test"]
+    if not train_s:
+        raise TubError(f"{cfg.labels}: no rows with split 'train' (or no split column)")
+    if not val_s and cfg.val_fraction > 0:
+        k = max(1, int(round(len(train_s) * cfg.val_fraction)))
+        rng = np.random.default_rng(run.seed)
+        idx = set(rng.permutation(len(train_s))[:k].tolist())
+        val_s = [s for i, s in enumerate(train_s) if i in idx]
+        train_s = [s for i, s in enumerate(train_s) if i not in idx]
+    model, meta = train_model(cfg, run, train_s, val_s, classes)
+    run.save_weights({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, meta)
+    out = {"train_slides": len(train_s), "val_slides": len(val_s), "test_slides": len(test_s)}
+    if test_s:
+        out.update({f"test_{k}": v for k, v in task_metrics(test_s, predict(model, test_s, cfg.task), cfg.task).items()})
+    out["weights"] = str(run.checkpoints_dir / "model.safetensors")
+    return out
+
+
+def _load(cfg):
+    from tub_xmil.checkpoint import load_model
+
+    if cfg.model is None:
+        raise TubError("no model given; pass --model RUN/checkpoints (or an xMIL best_model.pt)")
+    model, meta = load_model(cfg.model)
+    task = cfg.task or meta.get("task", "classification")
+    return model, meta, task
+
+
+def explain(cfg, run) -> dict:
+    from tub_xmil.bags import BAG_SUFFIXES, read_bag
+    from tub_xmil.pipeline import choose_target, expand_inputs, explain_bag
+    from tub_xmil.tasks import prediction_score
+
+    model, meta, task = _load(cfg)
+    bags = expand_inputs(cfg.bags, BAG_SUFFIXES)
+    for path, out in run.batch(bags, output_for=lambda p: run.outputs_dir / f"{Path(p).stem}.json"):
+        with run.item(path):
+            x, coords, _ = read_bag(path)
+            if x.shape[1] != meta["kwargs"]["input_dim"]:
+                raise TubError(f"{Path(path).name}: features are {x.shape[1]}-d, the model expects "
+                               f"{meta['kwargs']['input_dim']}-d")
+            target = choose_target(model, x, task, cfg.target)
+            import torch
+            with torch.no_grad():
+                pred = float(prediction_score(model(x[None]), task, target)[0])
+            rec = {"slide_id": Path(path).stem, "task": task, "target": target, "prediction": pred,
+                   "n_patches": int(len(x))}
+            for m in cfg.method:
+                rec[f"patch_scores_{m}"] = explain_bag(model, x, m, task, target, cfg,
+                                                       seed=run.item_seed(Path(path).stem)).tolist()
+            if coords is not None:
+                rec["coords"] = coords.tolist()
+            with atomic_path(out) as tmp:
+                tmp.write_text(json.dumps(rec))
+    # test_predictions.csv over everything this run directory holds
+    import csv
+    recs = [json.loads(p.read_text()) for p in sorted(run.outputs_dir.glob("*.json"))]
+    with atomic_path(run.dir / "test_predictions.csv") as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            cols = [f"patch_scores_{m}" for m in cfg.method]
+            w.writerow(["slide_id", "target", "prediction", *cols])
+            for r in recs:
+                w.writerow([r["slide_id"], r["target"], r["prediction"], *[json.dumps(r.get(c)) for c in cols]])
+    return {**run.batch_stats, "methods": ",".join(cfg.method)}
+
+
+def evaluate(cfg, run) -> dict:
+    from tub_xmil.dataset import load_slides
+    from tub_xmil.flipping import false_prediction, slide_flipping
+    from tub_xmil.pipeline import choose_target, explain_bag
+    from tub_xmil.training import predict, task_metrics
+
+    model, meta, task = _load(cfg)
+    slides, _ = load_slides(cfg.features, cfg.labels, task, split=cfg.split)
+    preds = predict(model, slides, task)
+    out = {"slides": len(slides), **task_metrics(slides, preds, task)}
+    if not cfg.flipping:
+        return out
+    per_slide = []
+    summary: dict = {}
+    for s in run.progress(slides, total=len(slides), desc="patch flipping"):
+        target = int(s.label) if task == "classification" else 0
+        if false_prediction(model, s.features, task, target):
+            per_slide.append({"slide_id": s.slide_id, "false_pred": True})
+            continue
+        rec = {"slide_id": s.slide_id, "false_pred": False}
+        for m in cfg.method:
+            scores = explain_bag(model, s.features, m, task, target, cfg, seed=run.item_seed(s.slide_id))
+            res = slide_flipping(model, s.features, scores, task, target, cfg.strategy)
+            rec[m] = {a: {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in r.items()}
+                      if isinstance(r, dict) else r for a, r in res.items()}
+        per_slide.append(rec)
+    kept = [r for r in per_slide if not r["false_pred"]]
+    out["flipping_slides"] = len(kept)
+    out["excluded_false_pred"] = len(per_slide) - len(kept)
+    for m in cfg.method:
+        if kept:
+            for a in ("drop", "add"):
+                for k in ("aupc_morf", "aupc_lerf", "srg"):
+                    out[f"{m}.{a}.{k}"] = float(np.mean([r[m][a][k] for r in kept]))
+            out[f"{m}.symmetric_gain"] = float(np.mean([r[m]["symmetric_gain"] for r in kept]))
+    write_json(run.outputs_dir / "flipping.json", per_slide)
+    return out
+
+
+def heatmap(cfg, run) -> dict:
+    import torch
+    from PIL import Image
+
+    from tub_xmil.bags import read_bag
+    from tub_xmil.explain import SIGNED
+    from tub_xmil.heatmap import write_heatmap
+    from tub_xmil.pipeline import (SLIDE_SUFFIXES, choose_target, explain_bag, expand_inputs, slide_coords,
+                                   thumbnail_for)
+    from tub_xmil.slides import open_slide
+
+    model, meta, task = _load(cfg)
+    inputs = expand_inputs(cfg.inputs, SLIDE_SUFFIXES | {".h5"})
+    needs_encoder = any(Path(p).suffix.lower() != ".h5" for p in inputs)
+    spec = module = None
+    if needs_encoder:
+        from tub_xmil.features import embed_tiles, get_encoder
+        spec, module = get_encoder(cfg.encoder, cfg.weights, run.device)
+        if spec.dim != meta["kwargs"]["input_dim"]:
+            raise TubError(f"encoder {spec.name} gives {spec.dim}-d features but the model expects "
+                           f"{meta['kwargs']['input_dim']}-d; use the encoder the model was trained on")
+    stem = lambda p: Path(p).stem  # noqa: E731
+    results = []
+    for path, out in run.batch(inputs, output_for=lambda p: run.outputs_dir / f"{stem(p)}_{cfg.method}.png"):
+        with run.item(path):
+            path = Path(path)
+            slide = None
+            if path.suffix.lower() == ".h5":
+                x, coords, attrs = read_bag(path)
+                if coords is None:
+                    raise TubError(f"{path.name}: no coords in the features file; cannot place the heatmap")
+                size0 = int(attrs.get("patch_size_level0") or attrs.get("patch_size"))
+                cand = [Path(cfg.slide_dir) / f"{path.stem}{s}" for s in sorted(SLIDE_SUFFIXES)] if cfg.slide_dir else []
+                found = next((c for c in cand if c.is_file()), None)
+                slide = open_slide(found) if found else None
+            else:
+                slide, coords, size0, _, _ = slide_coords(path, cfg, None)
+                x = torch.from_numpy(embed_tiles(slide, coords, size0, spec, module, 64, run.device))
+            try:
+                if x.shape[1] != meta["kwargs"]["input_dim"]:
+                    raise TubError(f"{path.name}: features are {x.shape[1]}-d, the model expects "
+                                   f"{meta['kwargs']['input_dim']}-d")
+                target = choose_target(model, x, task, cfg.target)
+                scores = explain_bag(model, x, cfg.method, task, target, cfg, seed=run.item_seed(path.stem))
+                if slide is not None:
+                    W, H = slide.dimensions
+                    thumb, _ = thumbnail_for(slide)
+                else:
+                    W = int(attrs.get("level0_width") or (coords[:, 0].max() + size0))
+                    H = int(attrs.get("level0_height") or (coords[:, 1].max() + size0))
+                    thumb = np.zeros((max(1, H // HEAT_DOWNSAMPLE), max(1, W // HEAT_DOWNSAMPLE), 3), np.uint8)
+            finally:
+                if slide is not None:
+                    slide.close()
+            size = (max(1, W // HEAT_DOWNSAMPLE), max(1, H // HEAT_DOWNSAMPLE))
+            thumb = np.asarray(Image.fromarray(thumb).resize(size, Image.BILINEAR))
+            with atomic_path(run.outputs_dir / f"{path.stem}_{cfg.method}_scores.json") as tmp:
+                tmp.write_text(json.dumps({"slide_id": path.stem, "method": cfg.method, "target": target,
+                                           "scores": scores.tolist(), "coords": coords.tolist(),
+                                           "patch_size_level0": size0}))
+            write_heatmap(run.outputs_dir, path.stem, thumb, coords, scores, size0, HEAT_DOWNSAMPLE,
+                          SIGNED[cfg.method], cfg.method)
+            results.append(path.stem)
+    return {**run.batch_stats, "method": cfg.method}

@@ -1,0 +1,106 @@
+"""Configs of the xmil verbs (pydantic; extra keys are errors)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from tubcli.config import Section, TubConfig
+
+Arch = Literal["attnmil", "transmil", "mambamil"]
+Task = Literal["classification", "regression", "survival"]
+Method = Literal["lrp", "ig", "single", "attention", "grad2", "gi", "drop", "random"]
+
+
+class TilingSection(Section):
+    target_mpp: float = Field(0.5, description="microns per pixel of the tiles (0.5 = 20x)")
+    patch_size: int = Field(256, description="tile side in pixels at target_mpp")
+    min_tissue: float = Field(0.5, description="minimum tissue fraction of a kept tile")
+    min_std: float = Field(8.0, description="minimum grey-level std of a kept tile (thumbnail pixels)")
+
+
+class LRPSection(Section):
+    gamma: float = Field(0.0, description="gamma rule: W + gamma W+")
+    eps: float = Field(1e-8, description="epsilon stabiliser")
+    no_bias: Optional[bool] = Field(None, description="drop biases in the rules (default: True, TransMIL False)")
+
+
+class ModelSection(Section):
+    arch: Arch = Field("attnmil", description="attnmil | transmil | mambamil")
+    features_dim: int = Field(256, description="hidden size (AttnMIL/TransMIL n_feat; MambaMIL d_model)")
+    num_layers: int = Field(1, description="AttnMIL encoder layers / MambaMIL layers (TransMIL: 2 layers)")
+    n_out_layers: int = Field(0, description="MLP layers before the head (AttnMIL, TransMIL)")
+    dropout: float = Field(0.0, description="dropout (AttnMIL strategy 'features'; MambaMIL after proj)")
+    gated: bool = Field(False, description="gated attention (AttnMIL)")
+
+
+class MakeDataConfig(TubConfig):
+    out_dir: Optional[Path] = Field(None, description="folder for slides/, masks/, labels.csv (default: the run's outputs/)")
+    n_slides: int = Field(8, description="number of slides (every second one carries the signal)")
+    width: int = Field(3072, description="level-0 width in px")
+    height: int = Field(2048, description="level-0 height in px")
+    mpp: float = Field(0.5, description="microns per pixel written into the slides")
+    aperio: bool = Field(False, description="write Aperio .svs files instead of generic tiled TIFF")
+
+
+class TileConfig(TubConfig):
+    slides: list[Path] = Field(default_factory=list, description="slide files or folders")
+    mpp: Optional[float] = Field(None, description="level-0 mpp for slides that lack it (overrides the file)")
+    tiling: TilingSection = TilingSection()
+
+
+class FeaturesConfig(TubConfig):
+    slides: list[Path] = Field(default_factory=list, description="slide files or folders")
+    encoder: str = Field("vit-t8-demo", description="patch encoder name from the tub_patch_encoders hook")
+    weights: Optional[Path] = Field(None, description="local weights file of the encoder")
+    coords_dir: Optional[Path] = Field(None, description="existing patches/*.h5 (tub, CLAM, TRIDENT) to reuse")
+    mpp: Optional[float] = Field(None, description="level-0 mpp override")
+    batch_size: int = Field(64, description="tiles per encoder batch")
+    tiling: TilingSection = TilingSection()
+
+
+class TrainConfig(TubConfig):
+    features: Optional[Path] = Field(None, description="folder of bags (.h5/.pt/.npz named by slide_id)")
+    labels: Optional[Path] = Field(None, description="CSV: slide_id, label|target|time+event, [split]")
+    task: Task = Field("classification", description="classification | regression | survival")
+    model: ModelSection = ModelSection()
+    epochs: int = Field(20, description="training epochs")
+    lr: float = Field(2e-4, description="Adam learning rate")
+    weight_decay: float = Field(1e-4, description="Adam weight decay")
+    val_fraction: float = Field(0.0, description="share of train slides held out when there is no 'val' split")
+    n_bins: int = Field(4, description="survival: number of time bins (training quartiles)")
+
+
+class ModelInput(TubConfig):
+    model: Optional[Path] = Field(None, description="weights: a run's checkpoints/ folder, model.safetensors, or an xMIL .pt")
+    task: Optional[Task] = Field(None, description="task (default: from model.json)")
+    target: Optional[int] = Field(None, description="explained class (default: predicted class)")
+    lrp: LRPSection = LRPSection()
+    ig_steps: int = Field(50, description="IG Gauss-Legendre steps")
+
+
+class ExplainConfig(ModelInput):
+    bags: list[Path] = Field(default_factory=list, description="bag files or folders")
+    method: list[Method] = Field(default_factory=lambda: ["lrp"], description="explanation method(s)")
+
+
+class EvaluateConfig(ModelInput):
+    features: Optional[Path] = Field(None, description="folder of bags")
+    labels: Optional[Path] = Field(None, description="labels CSV (as for train)")
+    split: Optional[str] = Field("test", description="rows of this split (None: all)")
+    method: list[Method] = Field(default_factory=lambda: ["lrp", "attention", "random"],
+                                 description="methods scored by patch flipping")
+    strategy: str = Field("10%-of-all", description="flipping blocks: 'P%-of-all' or 'one-by-one'")
+    flipping: bool = Field(True, description="run the label-free patch-flipping evaluation")
+
+
+class HeatmapConfig(ModelInput):
+    inputs: list[Path] = Field(default_factory=list, description="slides, feature .h5 files, or folders")
+    method: Method = Field("lrp", description="explanation method")
+    encoder: str = Field("vit-t8-demo", description="patch encoder (hook) used when starting from slides")
+    weights: Optional[Path] = Field(None, description="encoder weights file")
+    slide_dir: Optional[Path] = Field(None, description="where to find slides for feature-file inputs (thumbnail)")
+    mpp: Optional[float] = Field(None, description="level-0 mpp override")
+    tiling: TilingSection = TilingSection()

@@ -1,0 +1,37 @@
+"""Embedding tiles with a patch encoder offered through the ``tub_patch_encoders`` hook."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tubcli.errors import TubError
+
+
+def get_encoder(name: str, weights=None, device="cpu", dtype=None):
+    """(spec, module) for a hook-offered encoder; a missing provider is a clear error."""
+    from tubcli.plugins import patch_encoders
+
+    offered = patch_encoders()
+    if name not in offered:
+        if not offered:
+            raise TubError(f"no patch encoders are installed (encoder {name!r} requested); install "
+                           "the plugin that offers them: pip install -e plugins/tub-atlas")
+        raise TubError(f"unknown patch encoder {name!r}; installed: {', '.join(sorted(offered))}")
+    spec = offered[name]
+    module = spec.load(weights, device, dtype)
+    return spec, module
+
+
+def embed_tiles(slide, coords: np.ndarray, size_level0: int, spec, module, batch_size: int = 64,
+                device="cpu") -> np.ndarray:
+    """(n, dim) embeddings of the tiles at ``coords`` (level 0), resized to the encoder's tile size."""
+    from tub_xmil.slides import read_tile
+
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(coords), batch_size):
+            tiles = np.stack([read_tile(slide, x, y, size_level0, spec.tile_size) for x, y in coords[s:s + batch_size]])
+            x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float().div(255).to(device)
+            out.append(module(x).float().cpu().numpy())
+    return np.concatenate(out).astype(np.float32)

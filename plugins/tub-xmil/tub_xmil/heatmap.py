@@ -1,0 +1,97 @@
+"""Rendering patch scores: PNG overlay on the thumbnail and QuPath GeoJSON (spec §2.7 Rendering).
+
+Scores are clipped to the boxplot whiskers (most extreme data within 1.5 IQR); signed scores use
+``coolwarm`` with (s + max|s|) / (2 max|s|) so 0 is neutral; unsigned use ``Reds`` min-max. Patch
+rectangles are filled on a black canvas and blended onto the thumbnail with alpha 64/255 where
+tissue was scored. GeoJSON: one level-0 square Polygon per tile with the score as a measurement.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def whisker_clip(s: np.ndarray) -> np.ndarray:
+    q1, q3 = np.percentile(s, [25, 75])
+    lo, hi = q1 - 1.5 * (q3 - q1), q3 + 1.5 * (q3 - q1)
+    inside = s[(s >= lo) & (s <= hi)]
+    if inside.size == 0:
+        return s
+    return np.clip(s, inside.min(), inside.max())
+
+
+def normalise(scores: np.ndarray, signed: bool) -> np.ndarray:
+    s = whisker_clip(np.asarray(scores, float))
+    if signed:
+        m = np.abs(s).max()
+        return np.full_like(s, 0.5) if m == 0 else (s + m) / (2 * m)
+    lo, hi = s.min(), s.max()
+    return np.zeros_like(s) if hi == lo else (s - lo) / (hi - lo)
+
+
+def tile_boxes(coords: np.ndarray, size_level0: int, downsample: float) -> np.ndarray:
+    """Integer pixel boxes (x0, y0, x1, y1) of level-0 tiles on an image ``downsample`` x smaller."""
+    c = np.asarray(coords, float)
+    x0 = np.floor(c[:, 0] / downsample).astype(int)
+    y0 = np.floor(c[:, 1] / downsample).astype(int)
+    x1 = np.floor((c[:, 0] + size_level0) / downsample).astype(int)
+    y1 = np.floor((c[:, 1] + size_level0) / downsample).astype(int)
+    return np.stack([x0, y0, np.maximum(x1, x0 + 1), np.maximum(y1, y0 + 1)], 1)
+
+
+def render_overlay(thumb: np.ndarray, coords: np.ndarray, scores: np.ndarray, size_level0: int,
+                   downsample: float, signed: bool, alpha: float = 64 / 255):
+    """(overlay RGB uint8, heat RGB uint8 on black) at the thumbnail's resolution."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["coolwarm" if signed else "Reds"]
+    v = normalise(scores, signed)
+    colors = (np.asarray(cmap(v))[:, :3] * 255).astype(np.uint8)
+    h, w = thumb.shape[:2]
+    heat = np.zeros((h, w, 3), np.uint8)
+    covered = np.zeros((h, w), bool)
+    for (x0, y0, x1, y1), col in zip(tile_boxes(coords, size_level0, downsample), colors):
+        heat[y0:y1, x0:x1] = col
+        covered[y0:y1, x0:x1] = True
+    over = thumb.astype(np.float32).copy()
+    a = np.where(covered[..., None], 1 - alpha, 0.0)  # heat dominates where scored
+    over = (1 - a) * over + a * heat.astype(np.float32)
+    return over.clip(0, 255).astype(np.uint8), heat
+
+
+def geojson(coords: np.ndarray, scores: np.ndarray, size_level0: int, method: str) -> dict:
+    """QuPath-importable FeatureCollection of level-0 tile polygons with a score measurement."""
+    feats = []
+    for i, ((x, y), s) in enumerate(zip(np.asarray(coords, int).tolist(), np.asarray(scores, float).tolist())):
+        ring = [[x, y], [x + size_level0, y], [x + size_level0, y + size_level0], [x, y + size_level0], [x, y]]
+        feats.append({"type": "Feature", "id": str(i),
+                      "geometry": {"type": "Polygon", "coordinates": [ring]},
+                      "properties": {"objectType": "tile", "name": f"patch {i}",
+                                     "measurements": {f"xmil_{method}": s}}})
+    return {"type": "FeatureCollection", "features": feats}
+
+
+def geojson_coords(data: dict) -> np.ndarray:
+    """Top-left level-0 corners back from a GeoJSON written by :func:`geojson`."""
+    return np.asarray([f["geometry"]["coordinates"][0][0] for f in data["features"]], np.int64)
+
+
+def write_heatmap(out_dir: Path, name: str, thumb, coords, scores, size_level0, downsample, signed, method):
+    """Write ``{name}_{method}.png`` (overlay), ``{name}_{method}_heat.png`` and ``.geojson``
+    atomically; returns the paths."""
+    from PIL import Image
+    from tubcli.io import atomic_path
+
+    over, heat = render_overlay(thumb, coords, scores, size_level0, downsample, signed)
+    paths = {"overlay": out_dir / f"{name}_{method}.png", "heat": out_dir / f"{name}_{method}_heat.png",
+             "geojson": out_dir / f"{name}_{method}.geojson"}
+    with atomic_path(paths["heat"]) as tmp:
+        Image.fromarray(heat).save(tmp, format="PNG")
+    with atomic_path(paths["geojson"]) as tmp:
+        Path(tmp).write_text(json.dumps(geojson(coords, scores, size_level0, method)))
+    with atomic_path(paths["overlay"]) as tmp:
+        Image.fromarray(over).save(tmp, format="PNG")
+    return paths

@@ -1,0 +1,175 @@
+"""Mamba-based MIL (MambaMIL; Yang et al., MICCAI 2024) with a pure-PyTorch selective scan.
+
+Mamba block (Gu & Dao 2023, Alg. 2): in_proj -> (u, z); u -> causal depthwise conv (k=4) -> SiLU;
+x_proj -> (dt, B, C); dt = softplus(dt_proj(dt) + bias);
+x_t = exp(dt_t A) x_{t-1} + dt_t B_t u_t,  y_t = C_t x_t + D u_t,  A = -exp(A_log);
+out = out_proj(y * SiLU(z)). The CUDA ``mamba_ssm`` kernel is not needed.
+
+xMIL-LRP rules for Mamba (Jamshidi Idaji et al. 2026): SiLU(x) -> x sigma(x).detach(); the scan with
+dt, A, B, C detached; the gate y (z sigma(z).detach()); then the half rule y/2 + (y/2).detach().
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tub_xmil.lrp import LRPParams, gamma_module, layer_norm_rule, linear_block
+
+
+def selective_scan(u, delta, A, B, C, D, delta_bias=None, chunk: int | None = None):
+    """Selective scan. u, delta: (b, d, l); A: (d, n); B, C: (b, n, l); D: (d,). Returns (b, d, l).
+
+    Sequential over chunks of ``chunk`` steps; inside a chunk the recurrence is unrolled with
+    cumulative products of exp(dt A) in closed form, so the Python loop runs l/chunk times.
+    """
+    if delta_bias is not None:
+        delta = delta + delta_bias[None, :, None]
+    delta = F.softplus(delta)
+    b, d, l = u.shape
+    n = A.shape[1]
+    if chunk is None:  # keep the (b, c, c, d, n) intra-chunk tensor at ~4M elements
+        chunk = int(max(1, min(32, (4e6 / max(b * d * n, 1)) ** 0.5)))
+    dA = delta.permute(0, 2, 1)[..., None] * A  # (b, l, d, n) log-decay per step (<= 0)
+    dBu = (delta * u).permute(0, 2, 1)[..., None] * B.permute(0, 2, 1)[:, :, None, :]  # (b,l,d,n)
+    state = u.new_zeros(b, d, n)
+    ys = []
+    Ct = C.permute(0, 2, 1)  # (b, l, n)
+    for s in range(0, l, chunk):
+        e = min(l, s + chunk)
+        cum = torch.cumsum(dA[:, s:e], dim=1)  # (b, c, d, n): sum_{r<=t} dA_r
+        # x_t = exp(cum_t) state + sum_{j<=t} exp(cum_t - cum_j) dBu_j
+        diff = cum[:, :, None] - cum[:, None, :]  # (b, t, j, d, n)
+        c = e - s
+        tri = torch.ones(c, c, dtype=torch.bool, device=u.device).tril()
+        w = torch.where(tri[None, :, :, None, None], diff, torch.full_like(diff, float("-inf"))).exp()
+        xs = torch.exp(cum) * state[:, None] + (w * dBu[:, None, s:e]).sum(2)
+        ys.append(torch.einsum("btdn,btn->btd", xs, Ct[:, s:e]))
+        state = xs[:, -1]
+    y = torch.cat(ys, dim=1).permute(0, 2, 1)
+    return y + u * D[None, :, None]
+
+
+def selective_scan_sequential(u, delta, A, B, C, D, delta_bias=None):
+    """The recurrence step by step (the definition; used to test :func:`selective_scan`)."""
+    if delta_bias is not None:
+        delta = delta + delta_bias[None, :, None]
+    delta = F.softplus(delta)
+    b, d, l = u.shape
+    x = u.new_zeros(b, d, A.shape[1])
+    ys = []
+    for t in range(l):
+        x = torch.exp(delta[:, :, t, None] * A) * x + (delta[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t]
+        ys.append((x * C[:, None, :, t]).sum(-1))
+    return torch.stack(ys, dim=2) + u * D[None, :, None]
+
+
+class Mamba(nn.Module):
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4):
+        super().__init__()
+        self.d_inner = expand * d_model
+        self.d_state = d_state
+        self.dt_rank = math.ceil(d_model / 16)
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        std = self.dt_rank ** -0.5
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min))
+                       + math.log(dt_min)).clamp(min=dt_init_floor)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)
+                                            ).repeat(self.d_inner, 1))
+        self.D = nn.Parameter(torch.ones(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+
+    def forward(self, h, lrp: bool = False):
+        b, l, _ = h.shape
+        xz = self.in_proj(h).transpose(1, 2)  # (b, 2d, l)
+        A = -torch.exp(self.A_log.float())
+        u, z = xz.chunk(2, dim=1)
+        u = self.conv1d(u)[..., :l]
+        u = u * torch.sigmoid(u).detach() if lrp else F.silu(u)
+        x_dbl = self.x_proj(u.transpose(1, 2))  # (b, l, r + 2n)
+        dt, Bm, Cm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)
+        Bm, Cm = Bm.transpose(1, 2), Cm.transpose(1, 2)
+        if lrp:
+            dt, A, Bm, Cm = dt.detach(), A.detach(), Bm.detach(), Cm.detach()
+        y = selective_scan(u, dt, A, Bm, Cm, self.D.float(), delta_bias=self.dt_proj.bias.float())
+        if lrp:
+            y = y * (z * torch.sigmoid(z).detach())
+            y = y / 2.0 + (y / 2.0).detach()
+        else:
+            y = y * F.silu(z)
+        return self.out_proj(y.transpose(1, 2))
+
+
+class MambaLayer(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.mamba = Mamba(dim)
+
+
+class MambaBlock(nn.Module):
+    """Layers of LN -> Mamba; one residual h + h' after all layers."""
+
+    def __init__(self, dim: int, num_layers: int = 1):
+        super().__init__()
+        self.layers = nn.ModuleList([MambaLayer(dim) for _ in range(num_layers)])
+
+    def forward(self, h, lrp: bool = False):
+        h0 = h
+        for layer in self.layers:
+            h = layer_norm_rule(h, layer.norm.weight, layer.norm.bias) if lrp else layer.norm(h)
+            h = layer.mamba(h, lrp=lrp)
+        return h + h0
+
+
+class MambaMIL(nn.Module):
+    kind = "mambamil"
+
+    def __init__(self, input_dim: int, head_dim: int = 2, features_dim: int = 512, num_layers: int = 1,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.input_dim, self.head_dim = input_dim, head_dim
+        self.proj = nn.Sequential(nn.Linear(input_dim, features_dim), nn.ReLU())
+        self.dropout = nn.Dropout(dropout)
+        self.mamba_block = MambaBlock(features_dim, num_layers)
+        self.norm = nn.LayerNorm(features_dim)
+        self.attention = nn.Sequential(nn.Linear(features_dim, 128), nn.Tanh(), nn.Linear(128, 1))
+        self.linear_head = nn.Linear(features_dim, head_dim)
+
+    def _tokens(self, x):
+        return self.norm(self.mamba_block(self.dropout(self.proj(x))))
+
+    def forward(self, x):
+        x = x if x.dim() == 3 else x[None]
+        h = self._tokens(x.float())
+        a = torch.softmax(self.attention(h), dim=1)
+        return self.linear_head((a.transpose(1, 2) @ h)[:, 0])
+
+    def attention_weights(self, x):
+        x = x if x.dim() == 3 else x[None]
+        return torch.softmax(self.attention(self._tokens(x.float())), dim=1)[..., 0]
+
+    def lrp_blocks(self, params: LRPParams, **_):
+        def agg(h):
+            a = torch.softmax(self.attention(h.detach()), dim=1).detach()
+            return (a.transpose(1, 2) @ h)[:, 0], None
+
+        head_mod = gamma_module(self.linear_head, params.gamma, params.no_bias)
+        return [
+            ("projection", linear_block(self.proj[0], params)),
+            ("correlation", lambda a: (self.mamba_block(a, lrp=True), None)),
+            ("norm", lambda a: (layer_norm_rule(a, self.norm.weight, self.norm.bias), None)),
+            ("aggregation", agg),
+            ("classification", lambda a: (self.linear_head(a), head_mod(a))),
+        ]

@@ -1,0 +1,52 @@
+"""Task metrics: AUROC and balanced accuracy, R^2 and Pearson r, Harrell's C-index; AUPRC-2."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def classification_metrics(y_true, proba) -> dict:
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    y_true = np.asarray(y_true).astype(int)
+    proba = np.asarray(proba, float)
+    out = {"balanced_accuracy": float(balanced_accuracy_score(y_true, proba.argmax(1)))}
+    if len(np.unique(y_true)) > 1:
+        out["auroc"] = float(roc_auc_score(y_true, proba[:, 1]) if proba.shape[1] == 2
+                             else roc_auc_score(y_true, proba, multi_class="ovr"))
+    return out
+
+
+def regression_metrics(y_true, y_pred) -> dict:
+    y_true, y_pred = np.asarray(y_true, float), np.asarray(y_pred, float)
+    ss_res = ((y_true - y_pred) ** 2).sum()
+    ss_tot = ((y_true - y_true.mean()) ** 2).sum()
+    r = np.corrcoef(y_true, y_pred)[0, 1] if len(y_true) > 1 and y_pred.std() > 0 else float("nan")
+    return {"r2": float(1 - ss_res / ss_tot) if ss_tot > 0 else float("nan"), "pearson_r": float(r)}
+
+
+def concordance_index(times, events, risks) -> float:
+    """Harrell's C: over comparable pairs (t_i < t_j, event_i), the share with risk_i > risk_j
+    (ties count 1/2)."""
+    t, e, r = (np.asarray(a, float) for a in (times, events, risks))
+    num = den = 0.0
+    for i in range(len(t)):
+        if not e[i]:
+            continue
+        comp = t > t[i]
+        den += comp.sum()
+        num += (r[i] > r[comp]).sum() + 0.5 * (r[i] == r[comp]).sum()
+    return float(num / den) if den else float("nan")
+
+
+def auprc2(evidence: np.ndarray, scores: np.ndarray) -> float | None:
+    """Mean of AP(evidence > 0, s) and AP(evidence < 0, -s), each only when non-degenerate (spec §2.6)."""
+    from sklearn.metrics import average_precision_score
+
+    vals = []
+    pos, neg = evidence > 0, evidence < 0
+    if 0 < pos.sum() < len(pos):
+        vals.append(average_precision_score(pos, scores))
+    if 0 < neg.sum() < len(neg):
+        vals.append(average_precision_score(neg, -scores))
+    return float(np.mean(vals)) if vals else None

@@ -1,0 +1,141 @@
+"""Per-slide steps of the batch verbs: tile, embed, explain, render."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tubcli.errors import TubError
+from tubcli.io import atomic_path
+
+from tub_xmil.bags import BAG_SUFFIXES
+from tub_xmil.slides import SLIDE_SUFFIXES, open_slide, slide_mpp
+
+
+def expand_inputs(paths, suffixes) -> list[Path]:
+    """Files given directly, plus files with a known suffix inside given folders (not recursive)."""
+    out = []
+    for p in paths:
+        p = Path(p)
+        if not p.exists():
+            raise TubError(f"{p}: no such file or folder")
+        if p.is_dir() and not _is_pt_folder(p):
+            out += sorted(q for q in p.iterdir() if q.suffix.lower() in suffixes and q.is_file())
+        else:
+            out.append(p)
+    if not out:
+        raise TubError("no inputs; give slide/feature files or folders that contain them")
+    return out
+
+
+def _is_pt_folder(p: Path) -> bool:
+    return any(q.stem.isdigit() for q in p.glob("*.pt"))
+
+
+def save_png(path: Path, arr: np.ndarray) -> None:
+    from PIL import Image
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG")
+
+
+def tile_one(path: Path, out_h5: Path, out_dir: Path, tiling, mpp_override=None) -> dict:
+    from tub_xmil.tiling import tile_slide, write_patches_h5
+
+    slide = open_slide(path)
+    try:
+        mpp = slide_mpp(slide, path, mpp_override)
+        t = tile_slide(slide, mpp, tiling.target_mpp, tiling.patch_size, tiling.min_tissue, tiling.min_std,
+                       name=path.name)
+    finally:
+        slide.close()
+    save_png(out_dir / "thumbnails" / f"{path.stem}.png", t.thumbnail)
+    save_png(out_dir / "masks" / f"{path.stem}.png", (t.mask * 255).astype(np.uint8))
+    with atomic_path(out_h5) as tmp:
+        write_patches_h5(tmp, t, path.stem)
+    return {"patches": len(t.coords)}
+
+
+def slide_coords(path: Path, cfg, coords_dir: Path | None):
+    """(slide, coords, size_level0, mpp, tiling or None) from an existing patches .h5 or by tiling."""
+    from tub_xmil.tiling import read_coords_h5, tile_slide
+
+    slide = open_slide(path)
+    try:
+        mpp = slide_mpp(slide, path, cfg.mpp) if (cfg.mpp is not None or coords_dir is None) else None
+        if coords_dir is not None:
+            h5 = Path(coords_dir) / f"{path.stem}.h5"
+            if not h5.is_file():
+                h5 = Path(coords_dir) / "patches" / f"{path.stem}.h5"
+            if not h5.is_file():
+                raise TubError(f"{path.name}: no {path.stem}.h5 in {coords_dir}")
+            coords, attrs = read_coords_h5(h5)
+            size0 = int(attrs.get("patch_size_level0") or attrs["patch_size"])
+            return slide, coords, size0, mpp, None
+        t = tile_slide(slide, mpp, cfg.tiling.target_mpp, cfg.tiling.patch_size, cfg.tiling.min_tissue,
+                       cfg.tiling.min_std, name=path.name)
+        return slide, t.coords, t.patch_size_level0, mpp, t
+    except Exception:
+        slide.close()
+        raise
+
+
+def features_one(path: Path, out_h5: Path, cfg, spec, module, device) -> dict:
+    from tub_xmil.bags import write_features_h5
+    from tub_xmil.features import embed_tiles
+
+    slide, coords, size0, mpp, _ = slide_coords(path, cfg, cfg.coords_dir)
+    try:
+        feats = embed_tiles(slide, coords, size0, spec, module, cfg.batch_size, device)
+    finally:
+        slide.close()
+    with atomic_path(out_h5) as tmp:
+        write_features_h5(tmp, feats, coords, {"encoder": spec.name, "patch_size_level0": size0,
+                                               "mpp": mpp if mpp is not None else -1.0, "name": path.stem})
+    return {"patches": len(coords), "dim": int(feats.shape[1])}
+
+
+def choose_target(model, x, task, target):
+    if task != "classification":
+        return 0
+    if target is not None:
+        return int(target)
+    with torch.no_grad():
+        return int(model(x[None]).argmax(-1)[0])
+
+
+def lrp_params_for(model, section):
+    from tub_xmil.lrp import LRPParams
+
+    no_bias = section.no_bias
+    if no_bias is None:
+        no_bias = getattr(model, "kind", "") != "transmil"  # spec §3: TransMIL defaults to no_bias=False
+    elif no_bias and getattr(model, "kind", "") == "transmil":
+        import logging
+        logging.getLogger("tub").warning(
+            "TransMIL LRP with no_bias=True zeroes the attention biases in the explanation pass: the "
+            "explained logit differs from the model's; scores do not explain the real prediction exactly")
+    return LRPParams(gamma=section.gamma, eps=section.eps, no_bias=no_bias)
+
+
+def explain_bag(model, x, method, task, target, cfg, seed=0) -> np.ndarray:
+    from tub_xmil.explain import explain
+
+    return explain(model, x, method, task, target, lrp=lrp_params_for(model, cfg.lrp), ig_steps=cfg.ig_steps,
+                   seed=seed)
+
+
+def thumbnail_for(slide, max_side: int = 2048):
+    """(RGB thumbnail, downsample vs level 0) at the deepest level whose long side >= 256 px or /32."""
+    from PIL import Image
+
+    W, H = slide.dimensions
+    target_ds = max(1.0, max(W, H) / max_side, 32.0 if max(W, H) / 32 >= 256 else 1.0)
+    lvl = slide.get_best_level_for_downsample(target_ds)
+    lw, lh = slide.level_dimensions[lvl]
+    region = slide.read_region((0, 0), lvl, (lw, lh))
+    bg = Image.new("RGB", region.size, (255, 255, 255))
+    bg.paste(region, mask=region.split()[3])
+    return np.asarray(bg), slide.level_downsamples[lvl]

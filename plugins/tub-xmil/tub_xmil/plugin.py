@@ -1,0 +1,51 @@
+"""tub-xmil: the verbs and where they live."""
+
+from tubcli import PluginApp, Verb, hookimpl
+
+from tub_xmil import __version__
+
+MODEL = {"model": "model", "task": "task", "target": "target"}
+
+app = PluginApp(
+    name="xmil",
+    help="Whole-slide MIL (AttnMIL, TransMIL, MambaMIL) with xMIL-LRP and other heatmaps: tile, embed, "
+         "train, explain, evaluate (patch flipping), heatmap PNG + QuPath GeoJSON.",
+    version=__version__,
+    verbs=[
+        Verb("make-data", "tub_xmil.cli:make_data", config="tub_xmil.config:MakeDataConfig",
+             help="Write small synthetic pyramidal slides with a planted signal.",
+             options={"out-dir": "out_dir", "n-slides": "n_slides", "aperio": "aperio"}),
+        Verb("tile", "tub_xmil.cli:tile", config="tub_xmil.config:TileConfig",
+             help="Tissue detection (Otsu on HSV saturation) and a patch grid at a target mpp.",
+             args=["slides"], options={"mpp": "mpp", "target-mpp": "tiling.target_mpp",
+                                       "patch-size": "tiling.patch_size"}, batch=True),
+        Verb("features", "tub_xmil.cli:features", config="tub_xmil.config:FeaturesConfig",
+             help="Embed tiles with a patch encoder offered by a plugin (tub_patch_encoders).",
+             args=["slides"], options={"encoder": "encoder", "weights": "weights", "coords-dir": "coords_dir",
+                                       "mpp": "mpp"}, batch=True),
+        Verb("train", "tub_xmil.cli:train", config="tub_xmil.config:TrainConfig",
+             help="Train AttnMIL/TransMIL/MambaMIL for classification, regression or survival.",
+             options={"features": "features", "labels": "labels", "task": "task", "arch": "model.arch",
+                      "epochs": "epochs"}, training=True),
+        Verb("explain", "tub_xmil.cli:explain", config="tub_xmil.config:ExplainConfig",
+             help="Per-patch scores: lrp, ig, single, attention, grad2, gi, drop, random.",
+             args=["bags"], options={**MODEL, "method": "method"}, batch=True),
+        Verb("evaluate", "tub_xmil.cli:evaluate", config="tub_xmil.config:EvaluateConfig",
+             help="Task metrics and label-free patch flipping (AUPC, SRG, random baseline).",
+             options={**MODEL, "features": "features", "labels": "labels", "method": "method",
+                      "strategy": "strategy"}),
+        Verb("heatmap", "tub_xmil.cli:heatmap", config="tub_xmil.config:HeatmapConfig",
+             help="Slides or feature files -> explanation -> PNG overlay and QuPath GeoJSON.",
+             args=["inputs"], options={**MODEL, "method": "method", "encoder": "encoder", "weights": "weights",
+                                       "slide-dir": "slide_dir", "mpp": "mpp"}, batch=True),
+    ],
+    demo="tub_xmil.demo:run_demo",
+    requires={"openslide": "pip install openslide-python openslide-bin", "h5py": "pip install h5py",
+              "tifffile": "pip install tifffile", "sklearn": "pip install scikit-learn"},
+    optional={"captum": "pip install captum  (only for the parity checks against the reference)"},
+)
+
+
+@hookimpl
+def tub_register(registry):
+    registry.add(app)

@@ -1,0 +1,152 @@
+"""Tissue detection and the patch grid (spec §2.7 Tiling).
+
+Tissue: Otsu's threshold (Otsu 1979) on the HSV saturation of a thumbnail level; a grid of
+``patch_size`` px tiles at ``target_mpp`` (level-0 side = patch_size * target_mpp / mpp) keeps tiles
+whose tissue fraction >= ``min_tissue`` and whose thumbnail pixels have grey std >= ``min_std``.
+Coordinates are level-0 top-left corners, written like TRIDENT/CLAM ``patches/*.h5``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tubcli.errors import TubError
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Threshold maximising the between-class variance of a uint8-range histogram."""
+    hist, edges = np.histogram(values.ravel(), bins=bins, range=(0, 256))
+    hist = hist.astype(np.float64)
+    centers = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centers)
+    mu0 = np.divide(m0, w0, out=np.zeros_like(m0), where=w0 > 0)
+    mu1 = np.divide(m0[-1] - m0, w1, out=np.zeros_like(m0), where=w1 > 0)
+    between = w0 * w1 * (mu0 - mu1) ** 2
+    return float(edges[int(np.argmax(between)) + 1])
+
+
+def saturation(rgb: np.ndarray) -> np.ndarray:
+    """HSV saturation in 0..255 (max - min) / max."""
+    rgb = rgb.astype(np.float32)
+    mx, mn = rgb.max(-1), rgb.min(-1)
+    return np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0) * 255
+
+
+def tissue_mask(thumb: np.ndarray, min_saturation: float = 8.0) -> np.ndarray:
+    """Otsu on saturation; thumbnails with no contrast give an empty mask."""
+    s = saturation(thumb)
+    t = max(otsu_threshold(s), min_saturation)
+    return s > t
+
+
+@dataclass
+class Tiling:
+    coords: np.ndarray          # (n, 2) int64 level-0 top-left (x, y)
+    patch_size: int             # px at target mpp
+    patch_size_level0: int
+    mpp: float
+    target_mpp: float
+    level0_width: int
+    level0_height: int
+    thumbnail: np.ndarray       # RGB
+    mask: np.ndarray            # bool, thumbnail resolution
+    thumb_downsample: float
+
+
+def thumbnail_level(slide, patch_size_level0: int, min_px_per_tile: int = 8) -> int:
+    """Deepest level at which one tile still spans >= ``min_px_per_tile`` pixels."""
+    best = 0
+    for lvl, ds in enumerate(slide.level_downsamples):
+        if patch_size_level0 / ds >= min_px_per_tile:
+            best = lvl
+    return best
+
+
+def tile_slide(slide, mpp: float, target_mpp: float = 0.5, patch_size: int = 256,
+               min_tissue: float = 0.5, min_std: float = 8.0, name: str = "slide") -> Tiling:
+    size0 = int(round(patch_size * target_mpp / mpp))
+    if size0 < 1:
+        raise TubError(f"{name}: patch size at level 0 is < 1 px (mpp {mpp}); check --mpp")
+    W, H = slide.dimensions
+    lvl = thumbnail_level(slide, size0)
+    ds = slide.level_downsamples[lvl]
+    lw, lh = slide.level_dimensions[lvl]
+    if lw * lh > 64e6:
+        raise TubError(f"{name}: no pyramid level small enough for a thumbnail; the slide is not pyramidal")
+    region = slide.read_region((0, 0), lvl, (lw, lh))
+    from PIL import Image
+    bg = Image.new("RGB", region.size, (255, 255, 255))
+    bg.paste(region, mask=region.split()[3])
+    thumb = np.asarray(bg)
+    mask = tissue_mask(thumb)
+    grey = thumb.astype(np.float32).mean(-1)
+    coords = []
+    for y in range(0, H - size0 + 1, size0):
+        for x in range(0, W - size0 + 1, size0):
+            x0, y0 = int(x / ds), int(y / ds)
+            x1, y1 = max(x0 + 1, int(round((x + size0) / ds))), max(y0 + 1, int(round((y + size0) / ds)))
+            m = mask[y0:y1, x0:x1]
+            if m.size == 0 or m.mean() < min_tissue:
+                continue
+            if grey[y0:y1, x0:x1].std() < min_std:
+                continue
+            coords.append((x, y))
+    if not coords:
+        raise TubError(f"{name}: no tissue found (Otsu on saturation kept no tile); check the slide "
+                       "or lower --set min_tissue")
+    return Tiling(np.asarray(coords, np.int64), patch_size, size0, mpp, target_mpp, W, H, thumb, mask, ds)
+
+
+def write_patches_h5(path: str | Path, t: Tiling, name: str) -> None:
+    """TRIDENT-style ``coords`` (int64, level 0) with TRIDENT and CLAM attributes."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        d = f.create_dataset("coords", data=t.coords)
+        attrs = {"patch_size": t.patch_size, "patch_size_level0": t.patch_size_level0,
+                 "level0_magnification": 10.0 / t.mpp, "target_magnification": 10.0 / t.target_mpp,
+                 "overlap": 0, "level0_width": t.level0_width, "level0_height": t.level0_height,
+                 "mpp": t.mpp, "target_mpp": t.target_mpp, "name": name,
+                 # CLAM readers: coords at patch_level 0; CLAM's patch_size means size at patch_level
+                 "patch_level": 0, "downsample": [1.0, 1.0],
+                 "level_dim": [t.level0_width, t.level0_height]}
+        for k, v in attrs.items():
+            d.attrs[k] = v
+            f.attrs[k] = v
+        d.attrs["clam_patch_size"] = t.patch_size_level0
+
+
+def read_coords_h5(path: str | Path) -> tuple[np.ndarray, dict]:
+    """Coordinates and attributes from a tub, TRIDENT or CLAM patches/features ``.h5``."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            if "coords" not in f:
+                raise TubError(f"{Path(path).name}: no 'coords' dataset; expected a CLAM/TRIDENT patches file")
+            ds = f["coords"]
+            coords = np.asarray(ds[:]).reshape(-1, 2).astype(np.int64)
+            attrs = {**{k: _py(v) for k, v in f.attrs.items()}, **{k: _py(v) for k, v in ds.attrs.items()}}
+    except OSError as exc:
+        raise TubError(f"{Path(path).name}: not a readable HDF5 file ({str(exc)[:80]})") from None
+    if "patch_size_level0" not in attrs and "patch_level" in attrs and "patch_size" in attrs:
+        # CLAM: patch_size is at patch_level; level-0 size needs the level's downsample
+        ds_ = attrs.get("downsample", [1.0, 1.0])
+        ds_ = float(ds_[0]) if np.ndim(ds_) else float(ds_)
+        attrs["patch_size_level0"] = int(round(attrs["patch_size"] * ds_)) if attrs["patch_level"] else int(attrs["patch_size"])
+    return coords, attrs
+
+
+def _py(v):
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    return v

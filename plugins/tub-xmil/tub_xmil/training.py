@@ -1,0 +1,108 @@
+"""Training MIL models: one bag per step, Adam, best-on-validation weights, resumable checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tub_xmil.checkpoint import build_model
+from tub_xmil.metrics import classification_metrics, concordance_index, regression_metrics
+from tub_xmil.tasks import survival_bin_edges, survival_bins, survival_risk, task_loss
+
+
+def model_kwargs(arch: str, m) -> dict:
+    if arch == "attnmil":
+        return {"features_dim": m.features_dim, "num_layers": m.num_layers, "n_out_layers": m.n_out_layers,
+                "dropout": m.dropout, "gated": m.gated}
+    if arch == "transmil":
+        return {"n_feat": m.features_dim, "n_out_layers": m.n_out_layers}
+    return {"features_dim": m.features_dim, "num_layers": m.num_layers, "dropout": m.dropout}
+
+
+def predict(model, slides, task: str) -> np.ndarray:
+    """Per slide: class probabilities, the regression output, or the risk."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for s in slides:
+            z = model(s.features[None])
+            if task == "classification":
+                out.append(torch.softmax(z, -1)[0].numpy())
+            elif task == "regression":
+                out.append(z[0, :1].numpy())
+            else:
+                out.append(survival_risk(z).numpy())
+    return np.stack(out)
+
+
+def task_metrics(slides, preds, task: str) -> dict:
+    if task == "classification":
+        return classification_metrics([s.label for s in slides], preds)
+    if task == "regression":
+        return regression_metrics([s.label for s in slides], preds[:, 0])
+    return {"c_index": concordance_index([s.time for s in slides], [s.event for s in slides], preds[:, 0])}
+
+
+def selection_score(metrics: dict, task: str) -> float:
+    key = {"classification": "auroc", "regression": "r2", "survival": "c_index"}[task]
+    v = metrics.get(key, metrics.get("balanced_accuracy", float("nan")))
+    return -np.inf if v is None or np.isnan(v) else float(v)
+
+
+def train_model(cfg, run, train, val, classes) -> tuple[torch.nn.Module, dict]:
+    task = cfg.task
+    input_dim = int(train[0].features.shape[1])
+    edges = None
+    if task == "survival":
+        edges = survival_bin_edges([s.time for s in train], cfg.n_bins)
+        for s in train + val:
+            s.label = float(survival_bins([s.time], edges)[0])
+    head_dim = len(classes) if task == "classification" else (1 if task == "regression" else cfg.n_bins)
+    kwargs = model_kwargs(cfg.model.arch, cfg.model)
+    model = build_model(cfg.model.arch, input_dim, head_dim, **kwargs).to(run.device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = run.load_checkpoint()
+    start, best, best_state = 0, -np.inf, None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start, best = int(state["epoch"]) + 1, float(state["best"])
+        best_state = {k[5:]: v for k, v in state.items() if k.startswith("best.")} or None
+        run.log.info("resumed at epoch %d", start)
+    ddp = run.ddp(model)
+    gen = torch.Generator().manual_seed(run.seed)
+    for epoch in range(start, cfg.epochs):
+        model.train()
+        order = torch.randperm(len(train), generator=gen).tolist()
+        order = order[run.rank::run.world_size]
+        losses = []
+        for i in order:
+            s = train[i]
+            x = s.features[None].to(run.device)
+            y = torch.tensor([s.label], device=run.device)
+            c = torch.tensor([1 - s.event], device=run.device)
+            loss = task_loss(ddp(x), y, task, c)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan")}
+        eval_set = val or train
+        m = task_metrics(eval_set, predict(model, eval_set, task), task)
+        row.update({f"{'val' if val else 'train'}_{k}": v for k, v in m.items()})
+        score = selection_score(m, task)
+        if score >= best or best_state is None:  # ties: the later (further trained) epoch
+            best = score
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        run.log_metrics(row)
+        ck = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "best": best}
+        ck.update({f"best.{k}": v for k, v in best_state.items()})
+        run.save_checkpoint(ck)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    meta = {"arch": cfg.model.arch, "task": task,
+            "kwargs": {"input_dim": input_dim, "head_dim": head_dim, **kwargs},
+            "classes": [str(c) for c in classes], "bin_edges": None if edges is None else
+            [float(e) if np.isfinite(e) else "inf" for e in edges]}
+    return model, meta

@@ -1,0 +1,116 @@
+"""Battery quantities and diffusion analysis as plain functions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tub_mlff.battery import (capacity_mah_per_g, energy_above_hull, formation_energy, lower_convex_hull,
+                              molar_mass, voltage_profile)
+from tub_mlff.diffusion import arrhenius_fit, diffusion_coefficient, msd, unwrap
+
+
+def test_lic6_capacity_is_372():
+    assert round(capacity_mah_per_g(1.0, molar_mass("C6"))) == 372
+
+
+def test_nac8_and_multivalent_capacity():
+    # NaC8 (graphite-like) 279 mAh/g; two electrons per ion double it
+    assert capacity_mah_per_g(1.0, molar_mass("C8")) == pytest.approx(278.9, abs=0.2)
+    assert capacity_mah_per_g(1.0, molar_mass("C6"), electrons_per_ion=2) == pytest.approx(2 * 371.9, abs=0.5)
+
+
+def test_lower_hull_matches_scipy():
+    from scipy.spatial import ConvexHull
+
+    rng = np.random.default_rng(0)
+    x = np.sort(rng.uniform(0, 1, 40))
+    x[0], x[-1] = 0.0, 1.0
+    e = rng.normal(size=40) * 0.1 - 0.3 * x * (1 - x)
+    mine = set(lower_convex_hull(x, e).tolist())
+    hull = ConvexHull(np.c_[x, e])
+    lower = set()
+    for simplex, eq in zip(hull.simplices, hull.equations):
+        if eq[1] < 0:  # outward normal points down: a lower facet
+            lower.update(simplex.tolist())
+    assert mine == lower
+
+
+def test_voltage_profile_two_phase_plateau():
+    # E_f linear between x=0 and x=1 with slope -0.15 eV per Na -> a single 0.15 V plateau,
+    # the intermediate points above the line are not on the hull
+    x = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
+    ef = -0.15 * x + np.array([0, 0.02, 0.01, 0.03, 0])
+    steps = voltage_profile(x, ef)
+    assert len(steps) == 1
+    assert steps[0].voltage == pytest.approx(0.15)
+    assert np.all(energy_above_hull(x, ef) >= -1e-12)
+
+
+def test_voltage_steps_and_plating():
+    x = np.array([0, 1, 2, 3])
+    ef = np.array([0.0, -0.5, -0.7, -0.6])  # slopes -0.5, -0.2, +0.1
+    steps = voltage_profile(x, ef)
+    assert [round(s.voltage, 6) for s in steps] == [0.5, 0.2, -0.1]
+    assert steps[-1].plating and not steps[0].plating
+
+
+def test_formation_energy_definition():
+    assert formation_energy([-10.0], -8.0, [2.0], -1.2).tolist() == pytest.approx([0.4])
+
+
+def _random_walk(n_atoms=200, n_steps=400, D=0.05, dt=1.0, drift=(0.0, 0.0, 0.0), seed=0):
+    """Brownian walkers: each Cartesian step N(0, 2 D dt); MSD per axis = 2 D t."""
+    rng = np.random.default_rng(seed)
+    steps = rng.normal(scale=np.sqrt(2 * D * dt), size=(n_steps, n_atoms, 3))
+    pos = np.concatenate([np.zeros((1, n_atoms, 3)), np.cumsum(steps, axis=0)])
+    pos += np.arange(n_steps + 1)[:, None, None] * np.asarray(drift) * dt
+    return pos
+
+
+def test_diffusion_matches_ase_estimator_xy():
+    """Same trajectory, same axes (x, y), one time origin and a fit over all frames: tub's
+    estimator and ase.md.analysis.DiffusionCoefficient agree (required within 1 %)."""
+    from ase import Atoms, units
+    from ase.md.analysis import DiffusionCoefficient
+
+    pos = _random_walk(n_atoms=50, n_steps=200, D=0.02, seed=1)
+    traj = [Atoms(f"Na{pos.shape[1]}", positions=p) for p in pos]
+    dc = DiffusionCoefficient(traj, timestep=1.0 * units.fs)
+    dc.calculate(ignore_n_images=0, number_of_segments=1)
+    slopes = np.asarray(dc.slopes[0][0])  # per axis, A^2 per ASE time unit
+    ase_xy = slopes[:2].mean() * units.fs  # A^2/fs
+    # tub: one time origin (stride larger than the run), no drift removal, fit from lag 0..end
+    m = msd(pos, axes="xy", origin_stride=10**9, drift_atoms=[])
+    t = np.arange(len(m)) * 1.0
+    A = np.vstack([t, np.ones_like(t)]).T
+    tub_xy = np.linalg.lstsq(A, m, rcond=None)[0][0] / 4
+    assert tub_xy == pytest.approx(ase_xy, rel=1e-2)
+    assert tub_xy == pytest.approx(ase_xy, rel=1e-9)  # it is the same estimator
+
+
+def test_multiple_origins_and_drift_removal_recover_D():
+    D = 0.03
+    pos = _random_walk(n_atoms=300, n_steps=400, D=D, drift=(0.05, -0.02, 0.0), seed=2)
+    res = diffusion_coefficient(pos, 1.0, axes="xy", blocks=4)
+    assert res.D == pytest.approx(D, rel=0.1)
+    assert res.D_err > 0
+    kept = diffusion_coefficient(pos, 1.0, axes="xy", drift_atoms=[])
+    assert kept.D > 2 * D  # without drift removal the ballistic drift dominates
+
+
+def test_unwrap_restores_continuous_paths():
+    pos = _random_walk(n_atoms=5, n_steps=100, D=0.05, seed=3) + 1.0
+    cell = np.diag([3.0, 4.0, 5.0])
+    frac = pos @ np.linalg.inv(cell)
+    wrapped = frac - np.floor(frac)
+    np.testing.assert_allclose(unwrap(wrapped, cell), pos - (pos[0] - wrapped[0] @ cell), atol=1e-9)
+
+
+def test_arrhenius_fit_recovers_activation_energy():
+    T = np.array([500.0, 600.0, 700.0, 800.0, 900.0])
+    kB = 8.617333262e-5
+    D = 1e-3 * np.exp(-0.25 / (kB * T))
+    fit = arrhenius_fit(T, D)
+    assert fit.Ea == pytest.approx(0.25, rel=1e-9)
+    assert fit.D(300.0) == pytest.approx(1e-3 * np.exp(-0.25 / (kB * 300)), rel=1e-9)

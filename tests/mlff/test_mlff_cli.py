@@ -1,0 +1,228 @@
+"""End-to-end CLI tests of every mlff verb on tiny data, and the one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(1)  # small systems: threads only add overhead on a shared 2-core box
+from ase.io import read, write
+from tubcli.testing import check_plugin, invoke
+
+from tub_mlff.calculator import SpookyNetCalculator
+from tub_mlff.checkpoints import save_model
+from tub_mlff.spookynet import SpookyNet, SpookyNetConfig
+from tub_mlff.structures import add_sodium, janus_graphene, spin_for
+
+
+def test_conformance():
+    check_plugin("mlff")
+
+
+def _ok(result):
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    return result
+
+
+def _err(result):
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("mlff")
+
+
+@pytest.fixture(scope="module")
+def teacher(workdir):
+    """A random small SpookyNet that labels the tiny training set (stands in for xTB here)."""
+    torch.manual_seed(0)
+    m = SpookyNet(SpookyNetConfig(num_features=8, num_basis_functions=4, num_modules=1,
+                                  use_electrostatics=False, use_d4_dispersion=False), seed=0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_model(m.eval(), workdir / "teacher", extra={"elements": [1, 6, 7, 11]})
+    return workdir / "teacher.safetensors"
+
+
+@pytest.fixture(scope="module")
+def built(workdir):
+    out = workdir / "build"
+    _ok(invoke(["mlff", "build", "--n", "3", "--groups", "0", "--x", "0", "--x", "1", "--x", "2",
+                "--variants", "2", "--rattle", "0.03", "--sites", "top", "-o", out]))
+    return out / "outputs" / "structures.extxyz"
+
+
+@pytest.fixture(scope="module")
+def labelled(workdir, built, teacher):
+    frames = read(built, ":")
+    calc = SpookyNetCalculator(str(teacher), dtype=torch.float64)
+    out = []
+    for a in frames:
+        a = a.copy()
+        calc.spin = float(spin_for(a))
+        a.calc = calc
+        e, f, s = a.get_potential_energy(), a.get_forces(), a.get_stress(voigt=False)
+        a.calc = None
+        a.info["energy"], a.arrays["forces"], a.info["stress"] = e, f, s
+        out.append(a)
+    path = workdir / "labelled.extxyz"
+    write(path, out * 2, format="extxyz")
+    return path
+
+
+def test_build_makes_structures(built):
+    frames = read(built, ":")
+    assert len(frames) == 5  # x=0 once, x=1 and x=2 twice each
+    assert [int((f.numbers == 11).sum()) for f in frames] == [0, 1, 1, 2, 2]
+    assert all(f.pbc.all() for f in frames)
+
+
+def test_janus_host_has_aminophenyl_on_one_face():
+    host = janus_graphene(4, 2, stacking="slab")
+    assert host.get_chemical_formula() == "C44H12N2"
+    z_sheet = np.median(host.positions[:32, 2])
+    assert (host.positions[32:, 2] > z_sheet + 1.0).all()  # every group atom above the sheet
+    loaded = add_sodium(host, 3, "ring", seed=0)
+    assert (loaded.numbers == 11).sum() == 3
+
+
+@pytest.fixture(scope="module")
+def trained(workdir, labelled):
+    out = workdir / "train"
+    r = _ok(invoke(["mlff", "train", labelled, "-o", out, "--epochs", "2", "--batch-size", "4",
+                    "--set", "model.num_features=8", "--set", "model.num_modules=1",
+                    "--set", "model.num_basis_functions=4", "--set", "model.electrostatics=false",
+                    "--set", "valid_fraction=0.2", "--set", "test_fraction=0.2", "--json"]))
+    return out, json.loads(r.stdout)
+
+
+def test_train_writes_model_and_metrics(trained):
+    out, metrics = trained
+    assert (out / "checkpoints" / "model.safetensors").exists()
+    assert (out / "checkpoints" / "last.pt").exists()
+    assert metrics["test"]["forces_mae_meV_A"] > 0
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+
+
+def test_train_resumes_from_checkpoint(trained, labelled):
+    out, _ = trained
+    _ok(invoke(["mlff", "train", labelled, "-o", out, "--resume", "auto", "--epochs", "3", "--batch-size", "4",
+                "--set", "model.num_features=8", "--set", "model.num_modules=1",
+                "--set", "model.num_basis_functions=4", "--set", "model.electrostatics=false",
+                "--set", "valid_fraction=0.2", "--set", "test_fraction=0.2"]))
+    epochs = [json.loads(ln)["epoch"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2]  # only the missing epoch ran
+
+
+def test_train_ensemble_and_evaluate_committee(workdir, labelled):
+    out = workdir / "ens"
+    _ok(invoke(["mlff", "train", labelled, "-o", out, "--epochs", "1", "--ensemble", "2", "--batch-size", "8",
+                "--set", "model.num_features=8", "--set", "model.num_modules=1",
+                "--set", "model.num_basis_functions=4", "--set", "model.electrostatics=false"]))
+    models = [out / "checkpoints" / f"model_{k}.safetensors" for k in range(2)]
+    assert all(m.exists() for m in models)
+    r = _ok(invoke(["mlff", "evaluate", labelled, "--model", models[0], "--model", models[1],
+                    "-o", workdir / "eval", "--json"]))
+    m = json.loads(r.stdout)
+    assert m["forces_mae_meV_A"] > 0 and m["energy_rmse_meV_atom"] >= m["energy_mae_meV_atom"]
+    assert (workdir / "eval" / "outputs" / "parity_forces.png").exists()
+
+
+def test_md_runs_and_resumes_after_kill(workdir, built, trained):
+    model = trained[0] / "checkpoints" / "model.safetensors"
+    out = workdir / "md"
+    r = _ok(invoke(["mlff", "md", built, "--model", model, "--steps", "20", "--interval", "5",
+                    "--temp", "300", "-o", out, "--json"]))
+    assert json.loads(r.stdout)["frames"] == 5
+    traj = out / "outputs" / "trajectory.extxyz"
+    with open(traj, "a") as fh:  # a killed writer leaves half a frame behind
+        fh.write("37\nLattice=\"1 0 0 0 1 0 0 0 1\" Properties=species:S:1:pos:R:3\nC 0.0 0.0\n")
+    r = _ok(invoke(["mlff", "md", built, "--model", model, "--steps", "30", "--interval", "5",
+                    "--temp", "300", "-o", out, "--json"]))
+    res = json.loads(r.stdout)
+    assert res["resumed_from"] == 20 and res["steps_done"] == 30 and res["frames"] == 7
+    steps = [f.info["step"] for f in read(traj, ":")]
+    assert steps == [0, 5, 10, 15, 20, 25, 30]
+    thermo = (out / "outputs" / "thermo.csv").read_text().splitlines()
+    assert [int(ln.split(",")[0]) for ln in thermo[1:]] == steps
+
+
+def test_nve_conserves_energy(built, trained):
+    from tub_mlff.md import run_md
+
+    model = trained[0] / "checkpoints" / "model.safetensors"
+    atoms = read(built, "-1")
+    calc = SpookyNetCalculator(str(model), dtype=torch.float64, spin=spin_for(atoms))
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        run_md(atoms, calc, Path(d) / "t.extxyz", Path(d) / "th.csv", steps=60, ensemble="nve",
+               timestep_fs=0.25, temperature_K=300, interval=10)
+        rows = [ln.split(",") for ln in (Path(d) / "th.csv").read_text().splitlines()[1:]]
+    etot = np.array([float(r[4]) for r in rows])
+    ekin = np.array([float(r[3]) for r in rows])
+    assert np.ptp(etot) < 0.05 * max(np.ptp(ekin), 1e-3)
+
+
+def test_diffusion_and_explain_and_ocv(workdir, built, trained):
+    model = trained[0] / "checkpoints" / "model.safetensors"
+    traj = workdir / "md" / "outputs" / "trajectory.extxyz"
+    if not traj.exists():
+        pytest.skip("md test did not run")
+    r = _ok(invoke(["mlff", "diffusion", traj, "--blocks", "1", "-o", workdir / "diff", "--json"]))
+    assert "D_cm2_s" in json.loads(r.stdout)["runs"][0]
+    r = _ok(invoke(["mlff", "explain", built, "--model", model, "-o", workdir / "expl", "--json"]))
+    ex = read(workdir / "expl" / "outputs" / "explained.extxyz", ":")
+    for a in ex:  # the per-atom terms add up to the energy
+        assert abs(a.arrays["mlff_atomic_energy"].sum() - a.info["mlff_energy"]) < 1e-3
+    assert (workdir / "expl" / "outputs" / "attention_0000.npz").exists()
+    r = _ok(invoke(["mlff", "ocv", "--model", model, "--structures", built, "--relax-steps", "0",
+                    "-o", workdir / "ocv", "--json"]))
+    res = json.loads(r.stdout)
+    assert res["hull_points"] >= 2
+    assert (workdir / "ocv" / "outputs" / "voltage_profile.png").exists()
+
+
+def test_label_with_xtb(workdir):
+    pytest.importorskip("tblite")
+    from ase import Atoms
+
+    path = workdir / "mol.extxyz"
+    write(path, [Atoms("CH4", positions=[[0, 0, 0], [0.63, 0.63, 0.63], [-0.63, -0.63, 0.63],
+                                         [-0.63, 0.63, -0.63], [0.63, -0.63, -0.63]])], format="extxyz")
+    out = workdir / "label"
+    r = _ok(invoke(["mlff", "label", path, "-o", out, "--json"]))
+    a = read(out / "labelled.extxyz")
+    forces = a.get_forces()  # ASE's extxyz reader hands labels back through a calculator
+    assert a.info["label_method"] == "GFN1-xTB" and forces.shape == (5, 3)
+    assert np.abs(forces.sum(0)).max() < 1e-6  # no net force on a free molecule
+    assert a.get_potential_energy() < 0
+    r = _ok(invoke(["mlff", "label", path, "-o", out, "--json"]))  # skip-existing on rerun
+    assert json.loads(r.stdout)["labelled_now"] == 0
+
+
+def test_bad_structures_get_one_line_errors(workdir, trained):
+    from ase import Atoms
+
+    model = trained[0] / "checkpoints" / "model.safetensors"
+    overlap = workdir / "overlap.extxyz"
+    write(overlap, Atoms("CH", positions=[[0, 0, 0], [0.1, 0, 0]]), format="extxyz")
+    assert "overlap" in _err(invoke(["mlff", "md", overlap, "--model", model, "--steps", "2", "-o", workdir / "e1"]))
+    alien = workdir / "alien.extxyz"
+    write(alien, Atoms("CO", positions=[[0, 0, 0], [1.2, 0, 0]]), format="extxyz")
+    assert "not trained on" in _err(invoke(["mlff", "md", alien, "--model", model, "--steps", "2", "-o", workdir / "e2"]))
+    nocell = workdir / "nocell.extxyz"
+    a = Atoms("CH", positions=[[0, 0, 0], [1.1, 0, 0]], pbc=True)
+    write(nocell, a, format="extxyz")
+    assert "no cell" in _err(invoke(["mlff", "md", nocell, "--model", model, "--steps", "2", "-o", workdir / "e3"]))
+    assert "not found" in _err(invoke(["mlff", "train", workdir / "missing.extxyz", "-o", workdir / "e4"]))

@@ -1,0 +1,277 @@
+"""SpookyNet in tub: parity with the reference implementation, invariances, stress, neighbours."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(1)  # small systems: threads only add overhead on a shared 2-core box
+
+from tub_mlff.checkpoints import load_model, load_reference, save_model
+from tub_mlff.neighbors import neighbor_list
+from tub_mlff.properties import compute
+from tub_mlff.spookynet import SpookyNet, SpookyNetConfig
+
+REF = Path(__file__).parents[2].parent / "shared/reference/spookynet/parameters.pth"
+needs_ref = pytest.mark.skipif(not REF.exists(), reason="reference parameters.pth not available")
+
+CH2 = [(0.0, 0.0, 0.0), (-0.865, -0.584, 0.0), (0.865, -0.584, 0.0)]  # reference example.py
+
+# Figures from running the reference SpookyNet (OUnke/SpookyNet d57b1fc, checked out in /tmp):
+#   SpookyNet(load_from="parameters.pth").to(dtype); model.eval();
+#   model.energy_and_forces(Z=[6,1,1], Q=[0], S=[S], R=CH2, all ordered pairs)
+# (script: /tmp/mlff/ref_run.py in the development session; values copied verbatim).
+REFERENCE = {
+    (torch.float64, 0): dict(
+        E=-10.526101152662296,
+        F=[[0.0, 2.184293290429, 0.0], [-1.540152542407, -1.092146645214, 0.0],
+           [1.540152542407, -1.092146645214, 0.0]],
+        q=[-0.373468557852, 0.186734278926, 0.186734278926],
+        zbl=1.9864548398169295, coulomb=-1.138040575202399, d4=-0.013058947595481624),
+    (torch.float64, 2): dict(
+        E=-9.534636217756628,
+        F=[[0.0, 0.171655884565, 0.0], [-1.523800604811, -0.085827942283, 0.0],
+           [1.523800604811, -0.085827942283, 0.0]],
+        q=[-0.295900570725, 0.147950285363, 0.147950285363],
+        zbl=1.9864548398169295, coulomb=-0.7143996989123756, d4=-0.014027386362062931),
+    (torch.float32, 0): dict(E=-10.526100158691406,
+                             F=[[-2.250075e-06, 2.184294223785, 0.0], [-1.540151953697, -1.092146396637, 0.0],
+                                [1.540154099464, -1.092147707939, 0.0]]),
+    (torch.float32, 2): dict(E=-9.534636497497559,
+                             F=[[-2.38419e-07, 0.171655058861, 0.0], [-1.523800492287, -0.085827469826, 0.0],
+                                [1.523800730705, -0.08582764864, 0.0]]),
+}
+# Measured with this code (development run): float64 |dE| = 6e-12 eV, max|dF| = 6e-13 eV/A;
+# float32 |dE| <= 1e-6 eV, max|dF| <= 3e-6 eV/A.
+
+
+def _molecule_batch(pos, Z, S=0.0, Q=0.0, dtype=torch.float64):
+    n = len(Z)
+    idx = torch.arange(n)
+    ii, jj = idx.repeat_interleave(n), idx.repeat(n)
+    keep = ii != jj
+    return dict(Z=torch.tensor(Z), Q=torch.tensor([Q], dtype=dtype), S=torch.tensor([S], dtype=dtype),
+                R=torch.tensor(pos, dtype=dtype), idx_i=ii[keep], idx_j=jj[keep], num_batch=1)
+
+
+@needs_ref
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("spin", [0, 2])
+def test_reference_parity_carbene(dtype, spin):
+    model = load_reference(REF, dtype)
+    out = compute(model, _molecule_batch(CH2, [6, 1, 1], S=float(spin), dtype=dtype))
+    ref = REFERENCE[(dtype, spin)]
+    dE = abs(out["energy"].item() - ref["E"])
+    dF = np.abs(out["forces"].detach().numpy() - np.array(ref["F"])).max()
+    assert dE <= 1e-4 and dF <= 1e-4
+    if dtype == torch.float64:
+        assert dE < 1e-9 and dF < 1e-9
+        np.testing.assert_allclose(out["charges"].detach().numpy(), ref["q"], atol=1e-10)
+        assert abs(out["e_zbl"].sum().item() - ref["zbl"]) < 1e-10
+        assert abs(out["e_coulomb"].sum().item() - ref["coulomb"]) < 1e-10
+        assert abs(out["e_d4"].sum().item() - ref["d4"]) < 1e-9
+
+
+@needs_ref
+def test_reference_parity_periodic_cell():
+    """Graphene 2x2 + Na, triclinic, lr_cutoff 10 A: reference SpookyNetCalculator(dtype=float64,
+    lr_cutoff=10.0) gave E = -78.26333228121449 eV and these forces (script ref_periodic.py)."""
+    from ase.build import graphene
+
+    from tub_mlff.calculator import SpookyNetCalculator
+
+    a = graphene(size=(2, 2, 1), vacuum=None)
+    a.cell[2, 2] = 7.4
+    a.pbc = True
+    a.append("Na")
+    a.positions[-1] = [1.0, 0.7, 3.0]
+    a.rattle(0.05, seed=1)
+    a.cell[0, 1] += 0.3
+    a.calc = SpookyNetCalculator(str(REF), dtype=torch.float64, lr_cutoff=10.0)
+    assert abs(a.get_potential_energy() - (-78.26333228121449)) < 1e-6
+    f = a.get_forces()
+    np.testing.assert_allclose(f[-1], [0.01833842701848353, 0.042849838911651526, 0.7572252151498357], atol=1e-6)
+    np.testing.assert_allclose(f[0], [-5.259160119025658, -5.860301623452028, -0.3457439681338248], atol=1e-6)
+
+
+@needs_ref
+def test_reference_parameter_count_and_roundtrip(tmp_path):
+    model = load_reference(REF, torch.float64)
+    assert model.num_parameters() == 498_366
+    save_model(model, tmp_path / "m")
+    again, meta = load_model(tmp_path / "m.safetensors", torch.float64)
+    b = _molecule_batch(CH2, [6, 1, 1])
+    assert abs(compute(again, b)["energy"].item() - compute(model, b)["energy"].item()) < 1e-12
+
+
+def test_parameter_counts_match_paper_defaults():
+    assert SpookyNet().num_parameters() == 498_366
+    assert SpookyNet(SpookyNetConfig(num_features=128, num_modules=6)).num_parameters() == 3_696_702
+
+
+def _random_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    kw.setdefault("use_d4_dispersion", False)
+    cfg = SpookyNetConfig(num_features=16, num_basis_functions=8, num_modules=2, **kw)
+    model = SpookyNet(cfg, seed=seed).double()
+    with torch.no_grad():  # move away from the zero initialisation so every path matters
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_energy_invariant_under_rotation_translation_permutation():
+    model = _random_model()
+    rng = np.random.default_rng(0)
+    pos = rng.normal(scale=1.2, size=(6, 3))
+    Z = [6, 1, 1, 7, 1, 11]
+    e0 = compute(model, _molecule_batch(pos, Z))["energy"].item()
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    e1 = compute(model, _molecule_batch(pos @ q.T + 3.0, Z))["energy"].item()
+    perm = rng.permutation(6)
+    e2 = compute(model, _molecule_batch(pos[perm], [Z[k] for k in perm]))["energy"].item()
+    assert abs(e0 - e1) < 1e-9 and abs(e0 - e2) < 1e-9
+
+
+def test_charge_conservation_and_spin_dependence():
+    model = _random_model()
+    pos = np.random.default_rng(1).normal(scale=1.2, size=(5, 3))
+    out = compute(model, _molecule_batch(pos, [6, 1, 1, 1, 1], Q=1.0))
+    assert abs(out["charges"].sum().item() - 1.0) < 1e-12
+    e_singlet = compute(model, _molecule_batch(pos, [6, 1, 1, 1, 1], S=0.0))["energy"].item()
+    e_triplet = compute(model, _molecule_batch(pos, [6, 1, 1, 1, 1], S=2.0))["energy"].item()
+    assert abs(e_singlet - e_triplet) > 1e-6
+
+
+def test_batched_equals_separate():
+    model = _random_model()
+    rng = np.random.default_rng(2)
+    p1, p2 = rng.normal(scale=1.2, size=(4, 3)), rng.normal(scale=1.2, size=(3, 3))
+    b1, b2 = _molecule_batch(p1, [6, 1, 1, 1]), _molecule_batch(p2, [8, 1, 1], Q=-1.0)
+    o1, o2 = compute(model, b1), compute(model, b2)
+    batch = dict(Z=torch.cat([b1["Z"], b2["Z"]]), Q=torch.cat([b1["Q"], b2["Q"]]), S=torch.cat([b1["S"], b2["S"]]),
+                 R=torch.cat([b1["R"], b2["R"]]), idx_i=torch.cat([b1["idx_i"], b2["idx_i"] + 4]),
+                 idx_j=torch.cat([b1["idx_j"], b2["idx_j"] + 4]), batch_seg=torch.tensor([0] * 4 + [1] * 3),
+                 num_batch=2)
+    ob = compute(model, batch)
+    np.testing.assert_allclose(ob["energy"].detach().numpy(), [o1["energy"].item(), o2["energy"].item()], atol=1e-10)
+    np.testing.assert_allclose(ob["forces"].detach().numpy(),
+                               np.concatenate([o1["forces"].detach().numpy(), o2["forces"].detach().numpy()]), atol=1e-10)
+
+
+def _na_graphene(triclinic=True):
+    from ase.build import graphene
+
+    a = graphene(size=(2, 2, 1), vacuum=None)
+    a.cell[2, 2] = 7.4
+    a.pbc = True
+    a += __import__("ase").Atoms("NaH", positions=[[1.0, 0.7, 3.0], [2.0, 1.5, 1.2]])
+    a.rattle(0.05, seed=3)
+    if triclinic:
+        a.cell[0, 1] += 0.3
+    return a
+
+
+def test_stress_equals_finite_difference_strain():
+    from tub_mlff.calculator import SpookyNetCalculator
+
+    model = _random_model(use_d4_dispersion=False)
+    atoms = _na_graphene()
+    calc = SpookyNetCalculator(model, dtype=torch.float64, lr_cutoff=8.0)
+    atoms.calc = calc
+    s = atoms.get_stress(voigt=False)
+    # central differences of E under symmetric strain, d = 1e-5
+    V = atoms.get_volume()
+    cell0, pos0 = atoms.cell.array.copy(), atoms.positions.copy()
+    fd = np.zeros((3, 3))
+    for i in range(3):
+        for j in range(3):
+            e = []
+            for sign in (1, -1):
+                eps = np.zeros((3, 3))
+                eps[i, j] += sign * 0.5e-5
+                eps[j, i] += sign * 0.5e-5
+                b = atoms.copy()
+                b.set_cell(cell0 @ (np.eye(3) + eps), scale_atoms=False)
+                b.positions = pos0 @ (np.eye(3) + eps)
+                b.calc = SpookyNetCalculator(model, dtype=torch.float64, lr_cutoff=8.0)
+                e.append(b.get_potential_energy())
+            fd[i, j] = (e[0] - e[1]) / (2 * 1e-5) / V
+    rel = np.abs(s - fd).max() / np.abs(fd).max()
+    assert rel < 1e-4, rel
+
+
+def test_forces_equal_finite_difference():
+    from tub_mlff.calculator import SpookyNetCalculator
+
+    model = _random_model()
+    atoms = _na_graphene(triclinic=False)
+    atoms.calc = SpookyNetCalculator(model, dtype=torch.float64, lr_cutoff=8.0)
+    f = atoms.get_forces()
+    fn = np.zeros_like(f)
+    for k in (0, 8, 9):
+        for c in range(3):
+            e = []
+            for sign in (1, -1):
+                b = atoms.copy()
+                b.positions[k, c] += sign * 1e-5
+                b.calc = SpookyNetCalculator(model, dtype=torch.float64, lr_cutoff=8.0)
+                e.append(b.get_potential_energy())
+            fn[k, c] = -(e[0] - e[1]) / 2e-5
+    np.testing.assert_allclose(f[[0, 8, 9]], fn[[0, 8, 9]], atol=1e-6)
+
+
+@pytest.mark.parametrize("cutoff", [3.0, 10.6])
+def test_neighbor_list_matches_ase(cutoff):
+    from ase.neighborlist import neighbor_list as ase_nl
+
+    a = _na_graphene()
+    a.positions += [7.0, -5.0, 9.0]  # atoms outside the cell must keep their own image offsets
+    i, j, off, d = neighbor_list(a.positions, a.cell, a.pbc, cutoff)
+    I, J, S, D = ase_nl("ijSd", a, cutoff)
+    mine = sorted(zip(i.tolist(), j.tolist(), map(tuple, off.tolist())))
+    theirs = sorted(zip(I.tolist(), J.tolist(), map(tuple, S.tolist())))
+    assert mine == theirs
+    assert d.max() < cutoff
+
+
+def test_fresh_model_random_features_are_seeded():
+    a = SpookyNet(SpookyNetConfig(num_features=16), seed=5)
+    b = SpookyNet(SpookyNetConfig(num_features=16), seed=5)
+    c = SpookyNet(SpookyNetConfig(num_features=16), seed=6)
+    assert torch.equal(a.interactions[0].nonlocal_.omega, b.interactions[0].nonlocal_.omega)
+    assert not torch.equal(a.interactions[0].nonlocal_.omega, c.interactions[0].nonlocal_.omega)
+
+
+def test_committee_mean_and_spread_and_hessian():
+    from tub_mlff.calculator import SpookyNetCalculator
+
+    m1, m2 = _random_model(seed=1), _random_model(seed=2)
+    pos = np.array([[0.0, 0.0, 0.0], [1.1, 0.0, 0.0], [-0.4, 1.0, 0.1], [-0.3, -0.5, 0.9]])
+    from ase import Atoms
+
+    atoms = Atoms("CH3", positions=pos)
+    e = []
+    for m in (m1, m2):
+        atoms.calc = SpookyNetCalculator(m, dtype=torch.float64, spin=1)
+        e.append(atoms.get_potential_energy())
+    atoms.calc = SpookyNetCalculator([m1, m2], dtype=torch.float64, spin=1)
+    assert atoms.get_potential_energy() == pytest.approx(np.mean(e), abs=1e-10)
+    assert atoms.calc.results["energy_std"] == pytest.approx(np.std(e), abs=1e-10)
+    assert atoms.calc.results["force_disagreement"].shape == (4,)
+    calc = SpookyNetCalculator(m1, dtype=torch.float64, spin=1)
+    atoms.calc = calc
+    h = calc.get_property("hessian", atoms)
+    assert np.allclose(h, h.T, atol=1e-8)
+    # column k of the Hessian = -(dF/dx_k), by central differences of the forces
+    k = 4
+    fd = []
+    for sign in (1, -1):
+        b = atoms.copy()
+        b.positions.flat[k] += sign * 1e-5
+        b.calc = SpookyNetCalculator(m1, dtype=torch.float64, spin=1)
+        fd.append(-b.get_forces().reshape(-1))
+    np.testing.assert_allclose(h[:, k], (fd[0] - fd[1]) / 2e-5, atol=1e-5)

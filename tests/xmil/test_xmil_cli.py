@@ -1,0 +1,157 @@
+"""End-to-end: every xmil verb through the real CLI on tiny generated data."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from tubcli.testing import check_plugin, invoke
+
+
+def test_conformance():
+    check_plugin("xmil")
+
+
+def _ok(res):
+    assert res.exit_code == 0, (res.stdout, res.stderr)
+    return res
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("xmil")
+    _ok(invoke(["xmil", "make-data", "--out-dir", d / "data", "--n-slides", "4", "--set", "width=1024", "--set", "height=768",
+                "-o", d / "run_make"]))
+    return d
+
+
+def test_make_data_writes_readable_slides(data):
+    slides = sorted((data / "data" / "slides").glob("*.tiff"))
+    assert len(slides) == 4
+    assert (data / "data" / "labels.csv").read_text().startswith("slide_id,label,split")
+
+
+def test_tile_then_skip_existing_and_bad_slides_reported(data):
+    sl = data / "data" / "slides"
+    bad = data / "bad"
+    bad.mkdir()
+    (bad / "corrupt.svs").write_bytes(b"not a slide at all")
+    from tub_xmil.synthetic import render_slide, write_pyramid
+    img, _, _ = render_slide(512, 512, False)
+    write_pyramid(bad / "nompp.tiff", img, mpp=None, levels=2)
+    write_pyramid(bad / "blank.tiff", np.full((512, 512, 3), 240, np.uint8), mpp=0.5, levels=2)
+    res = invoke(["xmil", "tile", sl, bad, "-o", data / "tiles", "--patch-size", "128"])
+    assert res.exit_code == 1  # some items failed, the rest were processed
+    fails = [json.loads(line) for line in (data / "tiles" / "failures.jsonl").read_text().splitlines()]
+    assert sorted(f["item"].split("/")[-1] for f in fails) == ["blank.tiff", "corrupt.svs", "nompp.tiff"]
+    assert all("\n" not in f["error"] for f in fails)
+    patches = sorted((data / "tiles" / "outputs" / "patches").glob("*.h5"))
+    assert [p.stem for p in patches] == [f"slide_{i:03d}" for i in range(4)]  # nothing partial for bad ones
+    assert not list((data / "tiles" / "outputs").rglob(".tmp-*"))
+    with h5py.File(patches[0]) as f:
+        assert f["coords"].dtype == np.int64 and f["coords"].attrs["patch_size_level0"] == 128
+    # the nompp slide goes through with --mpp; finished slides are skipped
+    res = _ok(invoke(["xmil", "tile", sl, bad / "nompp.tiff", "--mpp", "0.5", "-o", data / "tiles2",
+                      "--patch-size", "128", "--json"]))
+    res = _ok(invoke(["xmil", "tile", sl, "-o", data / "tiles2", "--patch-size", "128", "--json"]))
+    assert json.loads(res.stdout)["skipped_existing"] == 4
+
+
+def test_features_without_encoder_plugin_is_a_clear_error(data):
+    res = invoke(["xmil", "features", data / "data" / "slides", "--encoder", "no-such-encoder", "-o", data / "f0"])
+    assert res.exit_code == 2 and "no-such-encoder" in res.stderr
+
+
+def test_pipeline_features_train_explain_evaluate_heatmap(data, tiny_encoder):
+    sl = data / "data" / "slides"
+    _ok(invoke(["xmil", "features", sl, "--encoder", tiny_encoder, "--set", "tiling.patch_size=128",
+                "-o", data / "feat"]))
+    fdir = data / "feat" / "outputs" / "features"
+    assert len(list(fdir.glob("*.h5"))) == 4
+    # reuse existing coordinates (CLAM/TRIDENT style) instead of tiling again
+    _ok(invoke(["xmil", "features", sl / "slide_000.tiff", "--encoder", tiny_encoder, "--coords-dir",
+                data / "tiles2" / "outputs" / "patches", "-o", data / "feat_reuse"]))
+    with h5py.File(data / "feat_reuse" / "outputs" / "features" / "slide_000.h5") as a, \
+            h5py.File(data / "tiles2" / "outputs" / "patches" / "slide_000.h5") as b:
+        assert np.array_equal(a["coords"][:], b["coords"][:])
+    labels = data / "data" / "labels.csv"
+    for task, arch in (("classification", "attnmil"), ("classification", "transmil"), ("classification", "mambamil")):
+        res = _ok(invoke(["xmil", "train", "--features", fdir, "--labels", labels, "--task", task, "--arch", arch,
+                          "--epochs", "2", "--set", "model.features_dim=16", "-o", data / f"train_{arch}", "--json"]))
+        out = json.loads(res.stdout)
+        assert out["train_slides"] == 2 and out["test_slides"] == 2
+    model = data / "train_attnmil" / "checkpoints"
+    assert (model / "model.safetensors").is_file() and json.loads((model / "model.json").read_text())["arch"] == "attnmil"
+    # resume: a finished run resumes at its last epoch and trains two more
+    _ok(invoke(["xmil", "train", "--features", fdir, "--labels", labels, "--epochs", "4",
+                "--set", "model.features_dim=16", "-o", data / "train_attnmil", "--resume", "auto"]))
+    lines = (data / "train_attnmil" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [0, 1, 2, 3]
+    # explain: all methods, test_predictions.csv with JSON columns
+    res = _ok(invoke(["xmil", "explain", fdir, "--model", model, "--method", "lrp", "--method", "ig",
+                      "--method", "single", "--method", "attention", "-o", data / "expl", "--json"]))
+    rec = json.loads((data / "expl" / "outputs" / "slide_001.json").read_text())
+    n = rec["n_patches"]
+    assert all(len(rec[f"patch_scores_{m}"]) == n for m in ("lrp", "ig", "single", "attention"))
+    csv_text = (data / "expl" / "test_predictions.csv").read_text()
+    assert csv_text.splitlines()[0] == "slide_id,target,prediction,patch_scores_lrp,patch_scores_ig,patch_scores_single,patch_scores_attention"
+    # evaluate: task metrics and patch flipping incl. random baseline
+    res = _ok(invoke(["xmil", "evaluate", "--model", model, "--features", fdir, "--labels", labels, "--set",
+                      "split=null", "--method", "lrp", "--method", "random", "-o", data / "eval", "--json"]))
+    ev = json.loads(res.stdout)
+    assert "balanced_accuracy" in ev and ev["slides"] == 4
+    if ev["flipping_slides"]:
+        assert "lrp.drop.srg" in ev and "random.drop.srg" in ev
+    # heatmap from slides (encoder via hook) and from feature files (+ slide dir)
+    _ok(invoke(["xmil", "heatmap", sl / "slide_001.tiff", "--model", model, "--method", "lrp", "--encoder",
+                tiny_encoder, "--set", "tiling.patch_size=128", "-o", data / "hm"]))
+    out = data / "hm" / "outputs"
+    gj = json.loads((out / "slide_001_lrp.geojson").read_text())
+    sc = json.loads((out / "slide_001_lrp_scores.json").read_text())
+    from tub_xmil.heatmap import geojson_coords
+    assert np.array_equal(geojson_coords(gj), np.array(sc["coords"]))
+    from PIL import Image
+    assert Image.open(out / "slide_001_lrp.png").size == (1024 // 32, 768 // 32)
+    _ok(invoke(["xmil", "heatmap", fdir / "slide_002.h5", "--model", model, "--method", "single",
+                "--slide-dir", sl, "-o", data / "hm2"]))
+    assert (data / "hm2" / "outputs" / "slide_002_single.geojson").is_file()
+
+
+def test_survival_and_regression_training(data, tiny_encoder, tmp_path):
+    fdir = data / "feat" / "outputs" / "features"
+    if not fdir.exists():
+        pytest.skip("needs the pipeline test's features")
+    rows = ["slide_id,time,event,target,split"]
+    for i in range(4):
+        rows.append(f"slide_{i:03d},{10 + 5 * i},{i % 2},{0.5 * i},{'train' if i < 3 else 'test'}")
+    (tmp_path / "surv.csv").write_text("\n".join(rows) + "\n")
+    res = _ok(invoke(["xmil", "train", "--features", fdir, "--labels", tmp_path / "surv.csv", "--task", "survival",
+                      "--epochs", "2", "--set", "model.features_dim=8", "-o", tmp_path / "surv", "--json"]))
+    assert "train_slides" in json.loads(res.stdout)
+    res = _ok(invoke(["xmil", "explain", fdir / "slide_000.h5", "--model", tmp_path / "surv" / "checkpoints",
+                      "--method", "lrp", "--method", "drop", "-o", tmp_path / "se"]))
+    rec = json.loads((tmp_path / "se" / "outputs" / "slide_000.json").read_text())
+    assert rec["task"] == "survival" and len(rec["patch_scores_lrp"]) == rec["n_patches"]
+    _ok(invoke(["xmil", "train", "--features", fdir, "--labels", tmp_path / "surv.csv", "--task", "regression",
+                "--epochs", "1", "--set", "model.features_dim=8", "-o", tmp_path / "reg"]))
+
+
+def test_reference_checkpoint_loads_and_explains(tmp_path):
+    from pathlib import Path
+
+    ck = Path(__file__).parents[2].parent / "shared/reference/xmil/camelyon_attnmil_best_model.pt"
+    if not ck.is_file():
+        pytest.skip("reference checkpoint not available")
+    import torch
+    torch.save(torch.randn(30, 768, generator=torch.Generator().manual_seed(0)), tmp_path / "bag.pt")
+    _ok(invoke(["xmil", "explain", tmp_path / "bag.pt", "--model", ck, "--method", "lrp", "--target", "1",
+                "-o", tmp_path / "e"]))
+    rec = json.loads((tmp_path / "e" / "outputs" / "bag.json").read_text())
+    assert len(rec["patch_scores_lrp"]) == 30
+
+
+def test_bad_model_and_bag_inputs_exit_2(tmp_path):
+    (tmp_path / "m.pt").write_bytes(b"junk")
+    res = invoke(["xmil", "explain", tmp_path / "m.pt", "--model", tmp_path / "m.pt", "-o", tmp_path / "x"])
+    assert res.exit_code == 2 and "Traceback" not in res.stderr

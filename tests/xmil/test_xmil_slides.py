@@ -1,0 +1,168 @@
+"""Slides, tiling, formats and rendering: synthetic pyramids OpenSlide reads, tissue IoU, exact
+round trips of heatmap coordinates, CLAM/TRIDENT/xMIL readers and one-line errors for bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tubcli.errors import TubError
+
+from tub_xmil.bags import read_bag, write_features_h5
+from tub_xmil.heatmap import geojson, geojson_coords, normalise, render_overlay, tile_boxes
+from tub_xmil.slides import open_slide, slide_mpp
+from tub_xmil.synthetic import render_slide, write_pyramid
+from tub_xmil.tiling import otsu_threshold, read_coords_h5, tile_slide, write_patches_h5
+
+
+@pytest.fixture(scope="module")
+def big_slide(tmp_path_factory):
+    d = tmp_path_factory.mktemp("slides")
+    img, tissue, signal = render_slide(3072, 2048, positive=True, seed=3)
+    return write_pyramid(d / "s.tiff", img, mpp=0.5), tissue
+
+
+def test_openslide_reads_synthetic_pyramid_with_mpp(big_slide):
+    path, _ = big_slide
+    s = open_slide(path)
+    assert s.properties["openslide.vendor"] == "generic-tiff"
+    assert s.level_count == 4 and [round(d) for d in s.level_downsamples] == [1, 2, 4, 8]
+    assert slide_mpp(s, path) == pytest.approx(0.5)
+    assert slide_mpp(s, path, override=0.25) == 0.25
+
+
+def test_aperio_variant(tmp_path):
+    img, _, _ = render_slide(1024, 768, positive=False, seed=0)
+    p = write_pyramid(tmp_path / "a.svs", img, mpp=0.5, aperio=True, levels=2)
+    s = open_slide(p)
+    assert s.properties["openslide.vendor"] == "aperio"
+    assert float(s.properties["openslide.objective-power"]) == 20
+    assert slide_mpp(s, p) == pytest.approx(0.5)
+
+
+def test_tissue_iou_with_planted_mask(big_slide):
+    path, tissue = big_slide
+    s = open_slide(path)
+    t = tile_slide(s, 0.5, target_mpp=0.5, patch_size=256, min_tissue=0.5)
+    assert t.patch_size_level0 == 256 and (t.coords % 256 == 0).all()
+    pred = np.zeros((2048 // 256, 3072 // 256), bool)
+    pred[t.coords[:, 1] // 256, t.coords[:, 0] // 256] = True
+    truth = tissue.reshape(8, 256, 12, 256).mean((1, 3)) >= 0.5  # ground-truth tiles
+    iou = (pred & truth).sum() / (pred | truth).sum()
+    assert iou >= 0.9, iou
+    # a pixel-level check of the Otsu mask on the thumbnail too
+    gt = tissue[:: int(t.thumb_downsample), :: int(t.thumb_downsample)][: t.mask.shape[0], : t.mask.shape[1]]
+    assert (t.mask & gt).sum() / (t.mask | gt).sum() >= 0.9
+
+
+def test_target_mpp_changes_level0_tile_size(big_slide):
+    path, _ = big_slide
+    t = tile_slide(open_slide(path), 0.5, target_mpp=1.0, patch_size=256)
+    assert t.patch_size_level0 == 512
+    t2 = tile_slide(open_slide(path), 0.25, target_mpp=0.5, patch_size=128)  # slide read as 40x
+    assert t2.patch_size_level0 == 256
+
+
+def test_otsu_splits_two_modes():
+    v = np.concatenate([np.full(500, 20.0), np.full(300, 200.0)])
+    t = otsu_threshold(v)
+    assert 20 < t <= 200
+    assert ((v > t) == (v == 200)).all()
+
+
+def test_heatmap_png_and_geojson_round_trip_to_level0(big_slide, tmp_path):
+    path, _ = big_slide
+    t = tile_slide(open_slide(path), 0.5)
+    scores = np.linspace(-1, 1, len(t.coords))
+    ds = 32
+    thumb = np.full((2048 // ds, 3072 // ds, 3), 255, np.uint8)
+    over, heat = render_overlay(thumb, t.coords, scores, t.patch_size_level0, ds, signed=True)
+    boxes = tile_boxes(t.coords, t.patch_size_level0, ds)
+    assert np.array_equal(boxes[:, :2] * ds, t.coords)  # exact: level-0 = PNG pixel * 32
+    covered = heat.any(-1)
+    expected = np.zeros_like(covered)
+    for x0, y0, x1, y1 in boxes:
+        expected[y0:y1, x0:x1] = True
+    assert np.array_equal(covered, expected)
+    gj = json.loads(json.dumps(geojson(t.coords, scores, t.patch_size_level0, "lrp")))
+    assert np.array_equal(geojson_coords(gj), t.coords)
+    f0 = gj["features"][0]
+    assert f0["geometry"]["type"] == "Polygon" and f0["properties"]["measurements"]["xmil_lrp"] == scores[0]
+
+
+def test_signed_colour_scale_centres_zero():
+    v = normalise(np.array([-2.0, 0.0, 1.0]), signed=True)
+    assert v[1] == 0.5 and v[0] == 0.0 and v[2] == 0.75
+    assert (normalise(np.zeros(4), signed=False) == 0).all()  # all-zero map guarded
+
+
+def test_bad_slides_give_one_line_errors(tmp_path):
+    (tmp_path / "corrupt.svs").write_bytes(b"II*\x00garbage" * 10)
+    with pytest.raises(TubError):
+        open_slide(tmp_path / "corrupt.svs")
+    from PIL import Image
+    Image.new("RGB", (64, 64)).save(tmp_path / "photo.png")
+    with pytest.raises(TubError, match="not a slide"):
+        open_slide(tmp_path / "photo.png")
+    img, _, _ = render_slide(1024, 768, positive=False)
+    p = write_pyramid(tmp_path / "nompp.tiff", img, mpp=None, levels=2)
+    with pytest.raises(TubError, match="--mpp"):
+        slide_mpp(open_slide(p), p)
+    blank = write_pyramid(tmp_path / "blank.tiff", np.full((768, 1024, 3), 240, np.uint8), mpp=0.5, levels=2)
+    with pytest.raises(TubError, match="no tissue"):
+        tile_slide(open_slide(blank), 0.5)
+    for err in (TubError("x"),):
+        assert "\n" not in str(err)
+
+
+def test_clam_and_trident_h5_and_xmil_pt_bags(tmp_path, big_slide):
+    import h5py
+
+    path, _ = big_slide
+    t = tile_slide(open_slide(path), 0.5)
+    write_patches_h5(tmp_path / "tub.h5", t, "s")
+    coords, attrs = read_coords_h5(tmp_path / "tub.h5")
+    assert np.array_equal(coords, t.coords) and attrs["patch_size_level0"] == 256
+    # CLAM patches at patch_level 1 (downsample 2): level-0 size = patch_size * 2
+    with h5py.File(tmp_path / "clam.h5", "w") as f:
+        d = f.create_dataset("coords", data=np.array([[0, 0], [512, 0]]))
+        d.attrs.update({"patch_size": 256, "patch_level": 1, "downsample": [2.0, 2.0], "name": "s"})
+    _, a = read_coords_h5(tmp_path / "clam.h5")
+    assert a["patch_size_level0"] == 512
+    # TRIDENT features file
+    feats = np.random.default_rng(0).normal(size=(len(t.coords), 5)).astype(np.float32)
+    with h5py.File(tmp_path / "trident.h5", "w") as f:
+        f.create_dataset("features", data=feats)
+        f.create_dataset("coords", data=t.coords)
+    x, c, _ = read_bag(tmp_path / "trident.h5")
+    assert torch.equal(x, torch.from_numpy(feats)) and np.array_equal(c, t.coords)
+    write_features_h5(tmp_path / "tubf.h5", feats, t.coords, {"patch_size_level0": 256})
+    assert read_bag(tmp_path / "tubf.h5")[2]["patch_size_level0"] == 256
+    # xMIL bag: (N, D) tensor in patch_id order; and a folder of per-patch files
+    torch.save(torch.from_numpy(feats), tmp_path / "s.pt")
+    assert torch.equal(read_bag(tmp_path / "s.pt")[0], torch.from_numpy(feats))
+    (tmp_path / "per_patch").mkdir()
+    for i in (0, 1, 10, 2):
+        torch.save(torch.from_numpy(feats[i]), tmp_path / "per_patch" / f"{i}.pt")
+    x = read_bag(tmp_path / "per_patch")[0]
+    assert torch.equal(x, torch.from_numpy(feats[[0, 1, 2, 10]]))
+    np.savez(tmp_path / "s.npz", features=feats, coords=t.coords)
+    assert np.array_equal(read_bag(tmp_path / "s.npz")[1], t.coords)
+
+
+def test_bag_reader_refuses_pickled_objects(tmp_path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump(Evil(), f)
+    with pytest.raises(TubError):
+        read_bag(tmp_path / "evil.pt")
+    from tub_xmil.checkpoint import read_state_dict
+    torch.save({"model_state_dict": {"w": torch.ones(1)}, "obj": Evil()}, tmp_path / "evil_ckpt.pt")
+    with pytest.raises(TubError, match="safely"):
+        read_state_dict(tmp_path / "evil_ckpt.pt")
