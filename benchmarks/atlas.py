@@ -8,7 +8,7 @@ outputs are printed and written as JSON. Without timm (the project environment h
 needs torchvision) only tub is timed. The comparison was run in a separate venv:
 
     python -m venv /tmp/timmenv
-    /tmp/timmenv/bin/pip install torch==2.14.1 torchvision==0.29.1 timm==1.0.31 safetensors numpy pydantic pluggy
+    /tmp/timmenv/bin/pip install torch==2.14.1 torchvision==0.29.1 timm==1.0.31 safetensors numpy pydantic pluggy typer rich pyyaml
     PYTHONPATH=.:plugins/tub-atlas /tmp/timmenv/bin/python benchmarks/atlas.py --threads 2 --json out.json
 
     python benchmarks/atlas.py [--configs vit-s8-reg8,uni2-h:2] [--batch-size 8] [--threads 2]

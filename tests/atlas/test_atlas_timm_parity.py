@@ -5,13 +5,14 @@ so this file skips when timm is absent. Procedure used to run it (recorded in th
 
     python -m venv /tmp/timmenv
     /tmp/timmenv/bin/pip install torch==2.14.1 torchvision==0.29.1 timm==1.0.31 safetensors numpy \
-        pytest pydantic pluggy
+        pytest pydantic pluggy typer rich pyyaml
     PYTHONPATH=.:plugins/tub-atlas /tmp/timmenv/bin/python -m pytest tests/atlas/test_atlas_timm_parity.py \
         -q -p no:cacheprovider --import-mode=importlib -s
 
 Recorded on the 2-core CPU dev box (torch 2.14.1, timm 1.0.31), max |Δ| of forward_features, fp32:
 uni2-h (depth 2) 224 px 0.0, 448 px 0.0; virchow2 (depth 2) 0.0 / 0.0; h-optimus-0 (depth 2) 0.0 / 0.0;
-vit-s8-reg8 (depth 12) 0.0 / 0.0
+vit-s8-reg8 (depth 12) 0.0 / 0.0; DINOv2 checkpoints with 518-px positions through timm's
+checkpoint_filter_fn vs tub's convert: h-optimus-0 and vit-s8-reg8 (depth 2) 0.0.
 """
 
 from __future__ import annotations
@@ -65,4 +66,33 @@ def test_forward_features_match_timm(name, depth, size):
     assert a.shape == b.shape
     delta = (a - b).abs().max().item()
     print(f"PARITY {name} depth={depth} {size}px max|d|={delta:.3e}")
+    assert delta <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["h-optimus-0", "vit-s8-reg8"])
+def test_dinov2_checkpoint_with_518px_positions_matches_timm_filter(name):
+    """A DINOv2 checkpoint (registers, 518-px position table) through timm's checkpoint_filter_fn
+    (its _convert_dinov2 + load-time position resampling) vs tub's convert + run-time resampling."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    from tub_atlas.checkpoint import infer_config, to_timm_layout
+    from tub_atlas.synthetic import to_dinov2
+    from tub_atlas.vit import VisionTransformer
+
+    P = 14 if name == "h-optimus-0" else 8
+    g = 518 // 14 if P == 14 else 448 // 8  # stored grid larger than the 224-px model grid
+    cfg = preset_config(name, depth=2, pos_grid=g)
+    src = random_vit(cfg, seed=4)
+    # un-chunk (chunks=1 writes blocks.0.{i}.…): timm's filter expects plain blocks.{i}
+    dino = {k.replace("blocks.0.", "blocks.", 1) if k.startswith("blocks.0.") else k: v
+            for k, v in to_dinov2(src.state_dict(), prefix="", chunks=1).items()}
+    theirs = timm_model(name, 2, dynamic=False).eval()
+    theirs.load_state_dict(checkpoint_filter_fn({k: v.clone() for k, v in dino.items()}, theirs), strict=True)
+    sd = to_timm_layout(dino)
+    ours = VisionTransformer(infer_config(sd, cfg.num_heads)).eval()
+    ours.load_state_dict(sd)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        delta = (ours.forward_features(x) - theirs.forward_features(x)).abs().max().item()
+    print(f"PARITY dinov2 {name} stored grid {g} -> 224px max|d|={delta:.3e}")
     assert delta <= 1e-5

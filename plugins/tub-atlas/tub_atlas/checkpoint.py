@@ -116,7 +116,11 @@ def _square(n: int) -> int | None:
 
 def infer_config(sd: dict[str, torch.Tensor], num_heads: int | None = None) -> ViTConfig:
     """Architecture from shapes (spec §2.1 inference rules); unknown keys and bad shapes are errors."""
-    unknown = sorted(k for k in sd if not (k in TOP_KEYS or (BLOCK_RE.match(k) and BLOCK_RE.match(k).group(2) in BLOCK_KEYS)))
+    def known(key: str) -> bool:
+        m = BLOCK_RE.match(key)
+        return key in TOP_KEYS or (m is not None and m.group(2) in BLOCK_KEYS)
+
+    unknown = sorted(k for k in sd if not known(k))
     if unknown:
         shown = ", ".join(unknown[:12]) + (f" … (+{len(unknown) - 12})" if len(unknown) > 12 else "")
         raise TubError(f"checkpoint has keys the timm ViT layout does not know: {shown}; "

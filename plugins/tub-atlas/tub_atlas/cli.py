@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -30,19 +29,21 @@ def _encoder(sec: EncoderSection, run):
 
 # ------------------------------------------------------------------ inspect / convert
 def inspect(cfg: InspectConfig, run) -> dict:
-    from .checkpoint import describe, infer_config, load_tensors, model_json_for, read_model_json, to_timm_layout
+    from .checkpoint import (describe, infer_config, is_dinov2, load_tensors, model_json_for, read_model_json,
+                             strip_wrappers, to_timm_layout)
 
     path = _need(cfg.weights, "WEIGHTS (a checkpoint file)")
     raw = load_tensors(path)
     sd = to_timm_layout(raw, cfg.source)
-    heads = cfg.heads
+    heads, heads_from = cfg.heads, "--heads"
     mj = model_json_for(Path(path))
     if heads is None and mj is not None:
-        heads = read_model_json(mj)["vit"].get("num_heads")
+        heads, heads_from = read_model_json(mj)["vit"].get("num_heads"), mj.name
+    if heads is None:
+        heads_from = "width table (heads cannot be inferred from shapes)"
     out = describe(infer_config(sd, heads))
+    out["heads_from"] = heads_from
     out["checkpoint"] = str(path)
-    from .checkpoint import is_dinov2, strip_wrappers
-
     stripped = strip_wrappers(raw)
     out["layout"] = "dinov2" if (cfg.source == "dinov2" or (cfg.source == "auto" and is_dinov2(stripped))) else "timm"
     out["ignored_keys"] = sorted(k for k in stripped if k.startswith("head."))
@@ -100,8 +101,6 @@ def embed(cfg: EmbedConfig, run) -> dict:
     encoder, info = _encoder(cfg.encoder, run)
     dtype = run.dtype if cfg.precision in ("bf16", "fp16") else None
     if cfg.precision == "fp64":
-        import torch
-
         encoder.double()
     write_json(run.dir / "encoder.json", info)
     if info["random_init"]:

@@ -85,7 +85,8 @@ def write_embeddings(fmt: str, out: Path, emb: np.ndarray, tiles: TileSet, seed:
     if fmt == "npy":
         with atomic_dir(out) as tmp:
             np.save(tmp / "embeddings.npy", emb.astype(np.float32))
-            _write_manifest(tmp / "manifest.csv", rows, MANIFEST_FIELDS + ["medical_center"] * ("medical_center" in rows[0]))
+            fields = MANIFEST_FIELDS + (["medical_center"] if "medical_center" in rows[0] else [])
+            _write_manifest(tmp / "manifest.csv", rows, fields)
     elif fmt == "pathorob":
         with atomic_path(out) as tmp:
             np.savez(tmp, **{f"{r['slide_id']}-{r['patch_id']}": e for r, e in zip(rows, emb)})
