@@ -1,7 +1,7 @@
 """Benchmark: tub-mlff's SpookyNet calculator vs the reference SpookyNetCalculator.
 
 Same model (the reference parameters.pth, F=64, T=3), same periodic cells (spec §5: AB bilayer
-graphene, c = 7.4 A, floor(n^2/4) Na at z = 5.55 A; n = 4, 6, 8 -> 68, 153, 272 atoms), same MD
+graphene, c = 7.4 A, floor(n^2/4) Na at z = 5.55 A, at least 3 A apart; n = 4, 6, 8 -> 68, 153, 272 atoms), same MD
 (Langevin 300 K, 0.5 fs, lr_cutoff = 10 A, float32), run back to back in one process.
 Prints ms/step and atom-steps/s for both and their ratio; writes JSON.
 
@@ -36,9 +36,13 @@ def cell(n: int, seed: int = 0):
     a += b
     rng = np.random.default_rng(seed)
     k = n * n // 4
-    frac = np.c_[rng.uniform(0, 1, (k, 2)), np.zeros(k)]
-    na = frac @ a.cell.array
-    na[:, 2] = 5.55
+    na = []
+    while len(na) < k:  # seeded random xy, redrawn when closer than 3 A to another Na (minimum image)
+        p = np.r_[rng.uniform(0, 1, 2), 0.0] @ a.cell.array
+        p[2] = 5.55
+        trial = Atoms(f"Na{len(na) + 1}", positions=na + [p], cell=a.cell, pbc=True)
+        if len(na) == 0 or trial.get_distances(len(na), range(len(na)), mic=True).min() > 3.0:
+            na.append(p)
     a += Atoms(f"Na{k}", positions=na)
     a.pbc = True
     a.wrap()

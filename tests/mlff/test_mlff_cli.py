@@ -226,3 +226,15 @@ def test_bad_structures_get_one_line_errors(workdir, trained):
     write(nocell, a, format="extxyz")
     assert "no cell" in _err(invoke(["mlff", "md", nocell, "--model", model, "--steps", "2", "-o", workdir / "e3"]))
     assert "not found" in _err(invoke(["mlff", "train", workdir / "missing.extxyz", "-o", workdir / "e4"]))
+
+
+def test_sodium_site_classes():
+    from tub_mlff.explain import classify_sodium_sites
+
+    host = janus_graphene(4, 1, stacking="slab")
+    ring = add_sodium(host, 1, "ring", seed=0)
+    amine = add_sodium(host, 1, "amine", seed=0)
+    below = add_sodium(host, 1, "bottom", seed=0)
+    assert list(classify_sodium_sites(ring).values()) == ["ring"]
+    assert list(classify_sodium_sites(amine).values()) == ["amine"]
+    assert list(classify_sodium_sites(below).values()) == ["graphene"]

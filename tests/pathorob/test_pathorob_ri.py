@@ -187,3 +187,17 @@ def test_knn_equals_sklearn_brute(n, N):
     ref = NearestNeighbors(n_neighbors=n, algorithm="brute").fit(X).kneighbors(X, return_distance=False)
     got = nearest_neighbours(X, n, block=128)
     assert np.array_equal(got, ref)
+
+
+def test_knn_exact_with_duplicates_and_ties():
+    """Duplicated points make the float32 certificate fail; those queries fall back to exact float64."""
+    from tub_pathorob.knn import nearest_neighbours
+
+    rng = np.random.default_rng(1)
+    base = rng.standard_normal((150, 8))
+    X = np.concatenate([base, base, base[:50] + 1e-12])
+    idx = nearest_neighbours(X, 20, block=64)
+    d = ((X[:, None, :] - X[None, :, :]) ** 2).sum(-1)
+    got = np.take_along_axis(d, idx, axis=1)
+    want = np.sort(d, axis=1)[:, :20]
+    assert np.allclose(got, want, atol=1e-12) and np.all(np.diff(got, axis=1) >= -1e-12)

@@ -147,3 +147,35 @@ def test_random_scores_are_seeded():
     m = AttentionMIL(24, 2, features_dim=8)
     assert np.array_equal(explain(m, x, "random", seed=3), explain(m, x, "random", seed=3))
     assert not np.array_equal(explain(m, x, "random", seed=3), explain(m, x, "random", seed=4))
+
+
+def test_softmax_and_contrastive_output_relevance():
+    z = torch.tensor([[1.0, -0.5, 0.3]])
+    p = torch.softmax(z, -1)[0]
+    R = output_relevance(z, "softmax", 0)[0]
+    assert torch.isclose(R[0], z[0, 0] * p[0] * (1 - p[0])) and R[1] == 0 and R[2] == 0
+    Rc = output_relevance(z[:, :2], "contrastive", 0)[0]  # two classes: contrast with the other one
+    assert Rc[0] > 0 and Rc[1] > 0
+    torch.manual_seed(0)
+    m = AttentionMIL(24, 3, features_dim=8).eval()
+    s = explain(m, _bag(), "lrp", target=0, explained_rel="softmax")
+    zz = m(_bag()).detach()
+    assert abs(s.sum() - output_relevance(zz, "softmax", 0).sum().item()) <= 1e-4
+
+
+def test_ig_linear_first_shortcut_equals_plain_path_integral():
+    torch.manual_seed(8)
+    m = AttentionMIL(24, 2, features_dim=16, num_layers=2).eval()
+
+    class Plain(torch.nn.Module):  # same function, no shortcut available
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    x = _bag()
+    fast = integrated_gradients(m, x, target=1)
+    plain = integrated_gradients(Plain(m).eval(), x, target=1)
+    assert np.abs(fast - plain).max() < 1e-6

@@ -95,6 +95,10 @@ def test_signed_colour_scale_centres_zero():
     v = normalise(np.array([-2.0, 0.0, 1.0]), signed=True)
     assert v[1] == 0.5 and v[0] == 0.0 and v[2] == 0.75
     assert (normalise(np.zeros(4), signed=False) == 0).all()  # all-zero map guarded
+    # a sparse map (two relevant tiles among many ~0) keeps its relevant tiles red, the rest neutral
+    s = np.concatenate([np.full(40, -3e-5), [1.4, 1.7]])
+    v = normalise(s, signed=True)
+    assert v[-1] == 1.0 and v[-2] > 0.9 and np.allclose(v[:40], 0.5, atol=1e-3)
 
 
 def test_bad_slides_give_one_line_errors(tmp_path):

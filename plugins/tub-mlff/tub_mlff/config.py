@@ -66,6 +66,7 @@ class TrainConfig(TubConfig):
     patience: int = Field(30, description="early-stopping patience (epochs)")
     max_minutes: Optional[float] = Field(None, description="stop a member after this many minutes")
     ensemble: int = Field(1, description="committee size (members differ by seed)")
+    keep: Literal["best", "last"] = Field("best", description="save the EMA weights of the best validation loss or the last epoch")
 
 
 class EvaluateConfig(TubConfig):

@@ -38,6 +38,7 @@ class TrainSettings:
     lr_factor: float = 0.5
     max_minutes: float | None = None
     fit_element_energies: bool = True
+    keep: str = "best"  # "best": EMA weights at the lowest validation loss; "last": final EMA weights
 
 
 class EMA:
@@ -198,6 +199,6 @@ def fit(model, train: list[Graph], valid: list[Graph], s: TrainSettings, run, dt
             run.log.info("time limit reached at epoch %d", epoch)
             break
     final = copy.deepcopy(model)
-    final.load_state_dict(best_state if best_state is not None else ema.shadow)
+    final.load_state_dict(best_state if (s.keep == "best" and best_state is not None) else ema.shadow)
     final.eval()
     return {"model": final, "best_val_loss": best, "epochs": metrics.get("epoch", start) + 1}

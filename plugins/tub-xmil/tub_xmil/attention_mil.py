@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from tub_xmil.lrp import LRPParams, linear_block
 
@@ -62,6 +61,19 @@ class AttentionMIL(nn.Module):
         a = torch.softmax(s, dim=1)
         z = (a.transpose(1, 2) @ h)[:, 0]
         return self.head(z)
+
+    @property
+    def first_linear(self) -> nn.Linear:
+        return self.linear_layers[0][0]
+
+    def forward_from_first(self, z: torch.Tensor) -> torch.Tensor:
+        """The forward pass from the first layer's pre-activation z = W x + b (eval mode)."""
+        h = torch.relu(z)
+        for block in self.linear_layers[1:]:
+            h = block(h)
+        h = self.linear_dropout(h)
+        a = torch.softmax(self.attention_logits(h), dim=1)
+        return self.head((a.transpose(1, 2) @ h)[:, 0])
 
     def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
         x = x if x.dim() == 3 else x[None]

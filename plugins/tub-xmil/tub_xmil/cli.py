@@ -124,7 +124,7 @@ def explain(cfg, run) -> dict:
 def evaluate(cfg, run) -> dict:
     from tub_xmil.dataset import load_slides
     from tub_xmil.flipping import false_prediction, slide_flipping
-    from tub_xmil.pipeline import choose_target, explain_bag
+    from tub_xmil.pipeline import explain_bag
     from tub_xmil.training import predict, task_metrics
 
     model, meta, task = _load(cfg)
@@ -134,7 +134,6 @@ def evaluate(cfg, run) -> dict:
     if not cfg.flipping:
         return out
     per_slide = []
-    summary: dict = {}
     for s in run.progress(slides, total=len(slides), desc="patch flipping"):
         target = int(s.label) if task == "classification" else 0
         if false_prediction(model, s.features, task, target):
@@ -182,7 +181,6 @@ def heatmap(cfg, run) -> dict:
             raise TubError(f"encoder {spec.name} gives {spec.dim}-d features but the model expects "
                            f"{meta['kwargs']['input_dim']}-d; use the encoder the model was trained on")
     stem = lambda p: Path(p).stem  # noqa: E731
-    results = []
     for path, out in run.batch(inputs, output_for=lambda p: run.outputs_dir / f"{stem(p)}_{cfg.method}.png"):
         with run.item(path):
             path = Path(path)
@@ -222,5 +220,4 @@ def heatmap(cfg, run) -> dict:
                                            "patch_size_level0": size0}))
             write_heatmap(run.outputs_dir, path.stem, thumb, coords, scores, size0, HEAT_DOWNSAMPLE,
                           SIGNED[cfg.method], cfg.method)
-            results.append(path.stem)
     return {**run.batch_stats, "method": cfg.method}

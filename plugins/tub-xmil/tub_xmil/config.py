@@ -25,6 +25,8 @@ class LRPSection(Section):
     gamma: float = Field(0.0, description="gamma rule: W + gamma W+")
     eps: float = Field(1e-8, description="epsilon stabiliser")
     no_bias: Optional[bool] = Field(None, description="drop biases in the rules (default: True, TransMIL False)")
+    explained_rel: Optional[Literal["logit", "softmax", "contrastive"]] = Field(
+        None, description="output relevance for classification (default: logit)")
 
 
 class ModelSection(Section):

@@ -65,6 +65,8 @@ def integrated_gradients(model, x, task="classification", target=0, n_steps: int
     R_if = x_if * sum_k w_k dy/dx_if(alpha_k x). Interpolated bags run in batches of steps."""
     x = _bag(x).detach()
     alphas, weights = gauss_legendre(n_steps)
+    if hasattr(model, "forward_from_first") and not model.training:
+        return _ig_linear_first(model, x, task, target, alphas, weights, max_elements, return_features)
     per_step = x.numel()
     chunk = max(1, min(n_steps, max_elements // max(per_step, 1)))
     total = torch.zeros_like(x[0])
@@ -77,6 +79,28 @@ def integrated_gradients(model, x, task="classification", target=0, n_steps: int
             (g,) = torch.autograd.grad(y.sum(), xs)
             total += (w[:, None, None] * g).sum(0)
     rel = total * x[0]
+    return rel.cpu().numpy() if return_features else rel.sum(-1).cpu().numpy()
+
+
+def _ig_linear_first(model, x, task, target, alphas, weights, max_elements, return_features):
+    """IG through a first Linear layer: W(alpha x) + b = alpha (W x) + b, so the path integral of
+    dy/dx equals W^T (sum_k w_k dy/dz(alpha_k)); the D-dimensional input is touched twice instead
+    of 2 n_steps times. Exact up to float rounding."""
+    lin = model.first_linear
+    W = lin.weight
+    h0 = x[0] @ W.t()  # (N, F)
+    b = lin.bias if lin.bias is not None else torch.zeros(W.shape[0], dtype=x.dtype, device=x.device)
+    chunk = max(1, min(len(alphas), max_elements // max(h0.numel(), 1)))
+    acc = torch.zeros_like(h0)
+    with torch.enable_grad():
+        for s in range(0, len(alphas), chunk):
+            a = torch.tensor(alphas[s:s + chunk], dtype=x.dtype, device=x.device)
+            w = torch.tensor(weights[s:s + chunk], dtype=x.dtype, device=x.device)
+            z = (a[:, None, None] * h0.detach()[None] + b.detach()).requires_grad_(True)
+            y = explained_output(model.forward_from_first(z), task, target)
+            (g,) = torch.autograd.grad(y.sum(), z)
+            acc += (w[:, None, None] * g).sum(0)
+    rel = (acc @ W.detach()) * x[0]
     return rel.cpu().numpy() if return_features else rel.sum(-1).cpu().numpy()
 
 
@@ -133,7 +157,8 @@ def random_scores(x, seed: int = 0) -> np.ndarray:
 
 
 def explain(model, x, method: str, task: str = "classification", target: int = 0,
-            lrp: LRPParams | None = None, ig_steps: int = 50, seed: int = 0) -> np.ndarray:
+            lrp: LRPParams | None = None, ig_steps: int = 50, seed: int = 0,
+            explained_rel: str | None = None) -> np.ndarray:
     """Dispatch one explanation method; the model is put in eval mode and left as found."""
     method = ALIASES.get(method, method)
     if method not in METHODS:
@@ -142,7 +167,7 @@ def explain(model, x, method: str, task: str = "classification", target: int = 0
     model.eval()
     try:
         if method == "lrp":
-            return lrp_scores(model, x, task, target, lrp)
+            return lrp_scores(model, x, task, target, lrp, explained_rel=explained_rel)
         if method == "ig":
             return integrated_gradients(model, x, task, target, ig_steps)
         if method == "gi":

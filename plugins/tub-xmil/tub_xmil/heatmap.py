@@ -1,6 +1,7 @@
 """Rendering patch scores: PNG overlay on the thumbnail and QuPath GeoJSON (spec §2.7 Rendering).
 
-Scores are clipped to the boxplot whiskers (most extreme data within 1.5 IQR); signed scores use
+Scores are clipped to the boxplot whiskers (most extreme data within 1.5 IQR; magnitudes for signed
+scores; never more than the 1% most extreme per side); signed scores use
 ``coolwarm`` with (s + max|s|) / (2 max|s|) so 0 is neutral; unsigned use ``Reds`` min-max. Patch
 rectangles are filled on a black canvas and blended onto the thumbnail with alpha 64/255 where
 tissue was scored. GeoJSON: one level-0 square Polygon per tile with the score as a measurement.
@@ -14,17 +15,25 @@ from pathlib import Path
 import numpy as np
 
 
-def whisker_clip(s: np.ndarray) -> np.ndarray:
+def whisker_clip(s: np.ndarray, keep_percent: float = 1.0) -> np.ndarray:
+    """Clip to the boxplot whiskers (most extreme data within 1.5 IQR), but never clip more than the
+    ``keep_percent`` % most extreme scores on a side: sparse maps (a few relevant tiles, IQR ~ 0)
+    would otherwise lose exactly the tiles that matter."""
     q1, q3 = np.percentile(s, [25, 75])
     lo, hi = q1 - 1.5 * (q3 - q1), q3 + 1.5 * (q3 - q1)
     inside = s[(s >= lo) & (s <= hi)]
     if inside.size == 0:
         return s
-    return np.clip(s, inside.min(), inside.max())
+    p_lo, p_hi = np.percentile(s, [keep_percent, 100 - keep_percent])
+    return np.clip(s, min(inside.min(), p_lo), max(inside.max(), p_hi))
 
 
 def normalise(scores: np.ndarray, signed: bool) -> np.ndarray:
-    s = whisker_clip(np.asarray(scores, float))
+    s = np.asarray(scores, float)
+    if signed:  # clip magnitudes, so that clipping never flips or moves a score across 0
+        s = np.sign(s) * whisker_clip(np.abs(s))
+    else:
+        s = whisker_clip(s)
     if signed:
         m = np.abs(s).max()
         return np.full_like(s, 0.5) if m == 0 else (s + m) / (2 * m)

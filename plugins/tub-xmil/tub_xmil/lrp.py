@@ -136,6 +136,15 @@ def lrp_chain(blocks: list[tuple[str, Block]], x: torch.Tensor, relevance_out: C
 
 def linear_block(layer: nn.Linear, params: LRPParams, act: Callable | None = F.relu) -> Block:
     """Linear (+ activation) with the gamma/eps rule: y = act(W a + b), y_p = W' a + b'."""
+    if params.gamma == 0:  # the modified map is W a (+ b): one matmul serves both outputs
+        def block(a):
+            z = F.linear(a, layer.weight)
+            b = layer.bias
+            y = z if b is None else z + b
+            y_p = z if (b is None or params.no_bias) else y
+            return (act(y) if act is not None else y), y_p
+
+        return block
     mod = gamma_module(layer, params.gamma, params.no_bias)
 
     def block(a):

@@ -10,8 +10,7 @@ import torch
 from tubcli.errors import TubError
 from tubcli.io import atomic_path
 
-from tub_xmil.bags import BAG_SUFFIXES
-from tub_xmil.slides import SLIDE_SUFFIXES, open_slide, slide_mpp
+from tub_xmil.slides import SLIDE_SUFFIXES, open_slide, slide_mpp  # noqa: F401 (SLIDE_SUFFIXES re-exported)
 
 
 def expand_inputs(paths, suffixes) -> list[Path]:
@@ -123,8 +122,9 @@ def lrp_params_for(model, section):
 def explain_bag(model, x, method, task, target, cfg, seed=0) -> np.ndarray:
     from tub_xmil.explain import explain
 
+    rel = cfg.lrp.explained_rel if task == "classification" else None
     return explain(model, x, method, task, target, lrp=lrp_params_for(model, cfg.lrp), ig_steps=cfg.ig_steps,
-                   seed=seed)
+                   seed=seed, explained_rel=rel)
 
 
 def thumbnail_for(slide, max_side: int = 2048):

@@ -75,7 +75,7 @@ def train(cfg: TrainConfig, run):
     if debug:
         Path(debug, f"rank{run.rank}.txt").write_text(" ".join(repr(float(v)) for v in model.weight.flatten()))
     run.save_weights({"weight": model.weight}, {"in_features": x.shape[1]})
-    return {"loss": loss.item(), "weights": [float(v) for v in model.weight.flatten()], "epochs": cfg.epochs}
+    return {"loss": loss.item(), "weights": model.weight.detach().flatten().tolist(), "epochs": cfg.epochs}
 
 
 def evaluate(cfg: SquareConfig, run):
