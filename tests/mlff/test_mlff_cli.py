@@ -238,3 +238,22 @@ def test_sodium_site_classes():
     assert list(classify_sodium_sites(ring).values()) == ["ring"]
     assert list(classify_sodium_sites(amine).values()) == ["amine"]
     assert list(classify_sodium_sites(below).values()) == ["graphene"]
+
+
+def test_shipped_demo_model_loads_and_predicts():
+    from tub_mlff.checkpoints import read_model_meta
+    from tub_mlff.cli import DEMO_MODEL
+
+    meta = read_model_meta(DEMO_MODEL)
+    assert meta["elements"] == [1, 6, 7, 11]
+    atoms = add_sodium(janus_graphene(3, 1, stacking="gallery", interlayer=9.0), 2, "random", seed=1)
+    atoms.calc = SpookyNetCalculator(str(DEMO_MODEL), spin=spin_for(atoms))
+    e = atoms.get_potential_energy()
+    assert np.isfinite(e) and -1700 < e < -1500  # GFN1-xTB scale of this cell (about -1573 eV)
+    assert np.abs(atoms.get_forces().sum(0)).max() < 1e-3  # no net force in a periodic cell
+
+
+@pytest.mark.slow
+def test_demo_runs(tmp_path):
+    r = _ok(invoke(["demo", "mlff"], env={"TUB_RUNS_DIR": str(tmp_path)}))
+    assert "mlff" in r.stdout

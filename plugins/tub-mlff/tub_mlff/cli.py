@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,9 @@ DEMO_MODEL = Path(__file__).parent / "models" / "demo_nacnh.safetensors"
 def _dtype(run):
     import torch
 
+    if run.cfg.precision not in ("fp32", "fp64"):
+        raise TubError(f"--precision {run.cfg.precision} is not supported by mlff (forces need fp32 or fp64); "
+                       "use --precision fp32 or fp64")
     return torch.float64 if run.cfg.precision == "fp64" else torch.float32
 
 

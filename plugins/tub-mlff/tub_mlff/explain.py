@@ -41,6 +41,7 @@ def decompose(calc, atoms) -> dict:
 
 def classify_sodium_sites(atoms, ring_cutoff: float = 3.2, amine_cutoff: float = 3.0) -> dict[int, str]:
     """Na index -> 'ring' | 'amine' | 'graphene' (minimum-image distances)."""
+    from ase.geometry import find_mic
     from ase.neighborlist import neighbor_list
 
     sym = np.array(atoms.get_chemical_symbols())
@@ -48,7 +49,7 @@ def classify_sodium_sites(atoms, ring_cutoff: float = 3.2, amine_cutoff: float =
     if len(na) == 0:
         return {}
     # aromatic rings: carbons with 2-3 carbon neighbours that bond to H or to a ring carbon above the sheet
-    i, j, D = neighbor_list("ijD", atoms, 1.6)
+    i, j = neighbor_list("ij", atoms, 1.6)
     carbon = sym == "C"
     z_sheet = np.median(atoms.positions[carbon, 2]) if carbon.any() else 0.0
     ring_atoms = [k for k in np.where(carbon)[0] if abs(atoms.positions[k, 2] - z_sheet) > 1.0]
@@ -70,18 +71,13 @@ def classify_sodium_sites(atoms, ring_cutoff: float = 3.2, amine_cutoff: float =
                 stack += [int(b) for b in j[i == a] if int(b) in ring_set and int(b) not in seen]
             if len(comp) >= 6:
                 ref = atoms.positions[comp[0]]
-                vec = atoms.positions[comp] - ref
-                from ase.geometry import find_mic
-
-                vec, _ = find_mic(vec, atoms.cell, atoms.pbc)
+                vec, _ = find_mic(atoms.positions[comp] - ref, atoms.cell, atoms.pbc)
                 centres.append(ref + vec.mean(0))
     nitrogens = atoms.positions[sym == "N"]
     out = {}
     for k in na:
         label = "graphene"
         p = atoms.positions[k]
-        from ase.geometry import find_mic
-
         if centres:
             d, dl = find_mic(np.asarray(centres) - p, atoms.cell, atoms.pbc)
             if dl.min() < ring_cutoff:
