@@ -55,7 +55,7 @@ def test_tile_then_skip_existing_and_bad_slides_reported(data):
     res = _ok(invoke(["xmil", "tile", sl, bad / "nompp.tiff", "--mpp", "0.5", "-o", data / "tiles2",
                       "--patch-size", "128", "--json"]))
     res = _ok(invoke(["xmil", "tile", sl, "-o", data / "tiles2", "--patch-size", "128", "--json"]))
-    assert json.loads(res.stdout)["skipped_existing"] == 4
+    assert json.loads(res.stdout)["batch"]["skipped_existing"] == 4
 
 
 def test_features_without_encoder_plugin_is_a_clear_error(data):

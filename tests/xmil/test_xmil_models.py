@@ -179,3 +179,19 @@ def test_ig_linear_first_shortcut_equals_plain_path_integral():
     fast = integrated_gradients(m, x, target=1)
     plain = integrated_gradients(Plain(m).eval(), x, target=1)
     assert np.abs(fast - plain).max() < 1e-6
+
+
+def test_transmil_lrp_relevance_budget_with_cls_token():
+    """With all biases zero every TransMIL block is linear once the AH and LN rules detach their
+    non-linear factors, so input relevance + relevance left on the CLS token = explained logit."""
+    torch.manual_seed(9)
+    m = TransMIL(24, 2, n_feat=32, bias=True).eval()
+    with torch.no_grad():
+        for mod in m.modules():
+            if getattr(mod, "bias", None) is not None and isinstance(mod.bias, torch.Tensor):
+                mod.bias.zero_()
+    x = _bag(n=16)
+    s, det = lrp_scores(m, x, target=1, params=LRPParams(no_bias=False), return_details=True)
+    total = s.sum() + det["cls_relevance"]
+    assert abs(total - det["output_relevance"].sum().item()) <= 1e-4
+    assert abs(det["cls_relevance"]) > 1e-3  # the CLS share is real, not negligible

@@ -170,3 +170,15 @@ def test_bag_reader_refuses_pickled_objects(tmp_path):
     torch.save({"model_state_dict": {"w": torch.ones(1)}, "obj": Evil()}, tmp_path / "evil_ckpt.pt")
     with pytest.raises(TubError, match="safely"):
         read_state_dict(tmp_path / "evil_ckpt.pt")
+
+
+def test_xmil_bag_with_patch_metadata_gives_coords(tmp_path):
+    (tmp_path / "features").mkdir()
+    meta = tmp_path / "patches" / "s1" / "metadata"
+    meta.mkdir(parents=True)
+    torch.save(torch.arange(6.0).reshape(3, 2), tmp_path / "features" / "s1.pt")
+    meta.joinpath("df.csv").write_text(
+        'patch_id,position_abs,position_rel,patch_size_abs,annotation_classes\n'
+        '2,"(512, 0)","(2, 0)",256,[]\n0,"(0, 0)","(0, 0)",256,[]\n1,"(256, 0)","(1, 0)",256,[]\n')
+    x, coords, attrs = read_bag(tmp_path / "features" / "s1.pt")
+    assert coords.tolist() == [[0, 0], [256, 0], [512, 0]] and attrs["patch_size_level0"] == 256

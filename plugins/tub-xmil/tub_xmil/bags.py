@@ -47,7 +47,8 @@ def read_bag(path: str | Path) -> tuple[torch.Tensor, np.ndarray | None, dict]:
             t = t[0]
         if t.dim() != 2:
             raise TubError(f"{path.name}: expected a (N, D) tensor, got shape {tuple(t.shape)}")
-        return t.float(), None, {}
+        coords, attrs = xmil_metadata(path, len(t))
+        return t.float(), coords, attrs
     if path.suffix == ".npz":
         z = np.load(path, allow_pickle=False)
         if "features" in z:
@@ -56,6 +57,26 @@ def read_bag(path: str | Path) -> tuple[torch.Tensor, np.ndarray | None, dict]:
         keys = sorted(z.files, key=lambda k: int(k) if k.isdigit() else k)
         return torch.from_numpy(np.stack([z[k].reshape(-1) for k in keys]).astype(np.float32)), None, {}
     raise TubError(f"{path.name}: unknown feature format; use .h5, .pt or .npz")
+
+
+def xmil_metadata(bag: Path, n: int) -> tuple[np.ndarray | None, dict]:
+    """Level-0 coords of an xMIL bag ``<root>/features/{slide}.pt`` from
+    ``<root>/patches/{slide}/metadata/df.csv`` (``patch_id``, ``position_abs "(x,y)"``,
+    ``patch_size_abs``), in ascending patch_id order; (None, {}) when there is no such file."""
+    import csv
+    import re
+
+    meta = bag.parent.parent / "patches" / bag.stem / "metadata" / "df.csv"
+    if not meta.is_file():
+        return None, {}
+    with open(meta, newline="") as f:
+        rows = sorted(csv.DictReader(f), key=lambda r: int(float(r["patch_id"])))
+    if len(rows) != n:
+        raise TubError(f"{meta}: {len(rows)} patches but the bag {bag.name} has {n}")
+    coords = np.array([[int(float(v)) for v in re.findall(r"-?\d+(?:\.\d+)?", r["position_abs"])[:2]]
+                       for r in rows], np.int64)
+    attrs = {"patch_size_level0": int(float(rows[0]["patch_size_abs"]))} if "patch_size_abs" in rows[0] else {}
+    return coords, attrs
 
 
 def _load_tensor(path: Path) -> torch.Tensor:

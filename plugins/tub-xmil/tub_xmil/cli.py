@@ -29,7 +29,7 @@ def tile(cfg, run) -> dict:
     for path, out in run.batch(slides, output_for=lambda p: run.outputs_dir / "patches" / f"{Path(p).stem}.h5"):
         with run.item(path):
             n += tile_one(Path(path), out, run.outputs_dir, cfg.tiling, cfg.mpp)["patches"]
-    return {**run.batch_stats, "patches": n}
+    return {"patches": n}
 
 
 def features(cfg, run) -> dict:
@@ -44,7 +44,7 @@ def features(cfg, run) -> dict:
     for path, out in run.batch(slides, output_for=lambda p: run.outputs_dir / "features" / f"{Path(p).stem}.h5"):
         with run.item(path):
             n += features_one(Path(path), out, cfg, spec, module, run.device)["patches"]
-    return {**run.batch_stats, "patches": n, "encoder": spec.name, "dim": spec.dim}
+    return {"patches": n, "encoder": spec.name, "dim": spec.dim}
 
 
 def train(cfg, run) -> dict:
@@ -104,6 +104,13 @@ def explain(cfg, run) -> dict:
             for m in cfg.method:
                 rec[f"patch_scores_{m}"] = explain_bag(model, x, m, task, target, cfg,
                                                        seed=run.item_seed(Path(path).stem)).tolist()
+            if "lrp" in cfg.method and getattr(model, "kind", "") == "transmil":
+                # spec §2.3: TransMIL leaves part of the relevance on the CLS token; report it
+                from tub_xmil.explain import lrp_scores
+                from tub_xmil.pipeline import lrp_params_for
+                _, det = lrp_scores(model, x, task, target, lrp_params_for(model, cfg.lrp), return_details=True)
+                rec["lrp_cls_relevance"] = det["cls_relevance"]
+                rec["lrp_output_relevance"] = float(det["output_relevance"].sum())
             if coords is not None:
                 rec["coords"] = coords.tolist()
             with atomic_path(out) as tmp:
@@ -118,7 +125,7 @@ def explain(cfg, run) -> dict:
             w.writerow(["slide_id", "target", "prediction", *cols])
             for r in recs:
                 w.writerow([r["slide_id"], r["target"], r["prediction"], *[json.dumps(r.get(c)) for c in cols]])
-    return {**run.batch_stats, "methods": ",".join(cfg.method)}
+    return {"methods": ",".join(cfg.method)}
 
 
 def evaluate(cfg, run) -> dict:
@@ -171,8 +178,9 @@ def heatmap(cfg, run) -> dict:
     from tub_xmil.slides import open_slide
 
     model, meta, task = _load(cfg)
-    inputs = expand_inputs(cfg.inputs, SLIDE_SUFFIXES | {".h5"})
-    needs_encoder = any(Path(p).suffix.lower() != ".h5" for p in inputs)
+    bag_suffixes = {".h5", ".pt", ".npz"}
+    inputs = expand_inputs(cfg.inputs, SLIDE_SUFFIXES | bag_suffixes)
+    needs_encoder = any(Path(p).suffix.lower() not in bag_suffixes for p in inputs)
     spec = module = None
     if needs_encoder:
         from tub_xmil.features import embed_tiles, get_encoder
@@ -185,11 +193,15 @@ def heatmap(cfg, run) -> dict:
         with run.item(path):
             path = Path(path)
             slide = None
-            if path.suffix.lower() == ".h5":
+            if path.suffix.lower() in bag_suffixes:
                 x, coords, attrs = read_bag(path)
                 if coords is None:
-                    raise TubError(f"{path.name}: no coords in the features file; cannot place the heatmap")
-                size0 = int(attrs.get("patch_size_level0") or attrs.get("patch_size"))
+                    raise TubError(f"{path.name}: no coords for the features (no 'coords' dataset or xMIL "
+                                   "patches/<slide>/metadata/df.csv); cannot place the heatmap")
+                size0 = attrs.get("patch_size_level0") or attrs.get("patch_size")
+                if size0 is None:
+                    raise TubError(f"{path.name}: tile size unknown (no patch_size_level0 attribute)")
+                size0 = int(size0)
                 cand = [Path(cfg.slide_dir) / f"{path.stem}{s}" for s in sorted(SLIDE_SUFFIXES)] if cfg.slide_dir else []
                 found = next((c for c in cand if c.is_file()), None)
                 slide = open_slide(found) if found else None
@@ -220,4 +232,4 @@ def heatmap(cfg, run) -> dict:
                                            "patch_size_level0": size0}))
             write_heatmap(run.outputs_dir, path.stem, thumb, coords, scores, size0, HEAT_DOWNSAMPLE,
                           SIGNED[cfg.method], cfg.method)
-    return {**run.batch_stats, "method": cfg.method}
+    return {"method": cfg.method}

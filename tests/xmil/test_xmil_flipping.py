@@ -1,0 +1,57 @@
+"""Patch flipping and task metrics (spec §2.5, §2.6)."""
+
+import numpy as np
+import torch
+
+from tub_xmil.attention_mil import AttentionMIL
+from tub_xmil.flipping import block_sizes, flip_curve, slide_flipping
+from tub_xmil.metrics import auprc2, concordance_index, regression_metrics
+
+
+def test_block_sizes_follow_ascending_histogram_bins():
+    s = np.arange(100, dtype=float)[::-1]  # order of the input does not matter
+    b = block_sizes(s, "10%-of-all")
+    assert b.sum() == 100 and len(b) == 10
+    assert b.tolist() == np.histogram(s, bins=np.append(s.min(), np.percentile(s, np.arange(10, 101, 10))))[0].tolist()
+    assert block_sizes(s, "one-by-one").tolist() == [1] * 100
+    assert block_sizes(np.arange(10.0), "30%-of-all").sum() == 10  # 30, 60, 90, +100
+
+
+def test_flip_curve_endpoints_and_planted_order():
+    torch.manual_seed(0)
+    m = AttentionMIL(4, 2, features_dim=8).eval()
+    x = torch.randn(20, 4)
+    f = lambda b: torch.softmax(m(b[None]), -1)[0, 1].item()  # noqa: E731
+    s = np.random.default_rng(0).normal(size=20)
+    drop = flip_curve(m, x, s, approach="drop", strategy="10%-of-all", target=1)
+    add = flip_curve(m, x, s, approach="add", strategy="10%-of-all", target=1)
+    with torch.no_grad():
+        assert np.isclose(drop[0], f(x)) and np.isclose(drop[-1], f(torch.zeros_like(x)))
+        assert np.isclose(add[0], f(torch.zeros_like(x))) and np.isclose(add[-1], f(x))
+        keep = np.sort(np.argsort(s)[::-1][2:])  # first MoRF block drops the 2 highest scores
+        assert np.isclose(drop[1], f(x[torch.as_tensor(keep)]))
+
+
+def test_srg_of_true_single_scores_beats_reversed():
+    torch.manual_seed(1)
+    m = AttentionMIL(4, 2, features_dim=8).eval()
+    x = torch.randn(30, 4)
+    from tub_xmil.explain import keep_one_scores
+    s = keep_one_scores(m, x, target=1)
+    good = slide_flipping(m, x, s, target=1, strategy="10%-of-all", approaches=("drop",))["drop"]["srg"]
+    bad = slide_flipping(m, x, -s, target=1, strategy="10%-of-all", approaches=("drop",))["drop"]["srg"]
+    assert good > 0 > bad and np.isclose(good, -bad)
+
+
+def test_metrics_against_definitions():
+    from sklearn.metrics import r2_score
+
+    y, p = np.array([1.0, 2, 3, 4]), np.array([1.1, 1.9, 3.2, 3.7])
+    r = regression_metrics(y, p)
+    assert np.isclose(r["r2"], r2_score(y, p)) and np.isclose(r["pearson_r"], np.corrcoef(y, p)[0, 1])
+    t, e = np.array([1, 2, 3, 4.0]), np.array([1, 1, 0, 1])
+    assert concordance_index(t, e, -t) == 1.0 and concordance_index(t, e, t) == 0.0
+    assert concordance_index(t, e, np.zeros(4)) == 0.5
+    ev = np.array([1, 1, 0, -1, -1])
+    assert auprc2(ev, np.array([2.0, 1, 0, -1, -2])) == 1.0
+    assert auprc2(np.zeros(5), np.arange(5.0)) is None
