@@ -3,9 +3,9 @@
 Both read the same official layout (one npz per center + camelyon metadata CSV) and compute the
 camelyon robustness index (k = 11, and the k search), once without the logistic-regression AUC
 ("RI core") and once with it (the reference then also fits two further AUCs it does not report).
-The reference runs in its own interpreter (it needs pandas); its time is measured inside that
-process around ``compute(...)``, which includes reading the features, as tub's does. Both run under
-the same native thread limit.
+Each side runs in a fresh interpreter per repeat (the reference needs pandas); its time is measured
+inside that process after the imports, around reading the features and computing the index. Both run
+under the same native thread limit; the minimum over the repeats is reported.
 
     PYTHONPATH=plugins/tub-pathorob:. python benchmarks/pathorob.py --reference-repo /tmp/ref-pathorob \
         --reference-python /tmp/pathorob-ref-venv/bin/python --threads 1 --repeats 3 --out runs/benchmarks/pathorob.json
@@ -19,14 +19,10 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from tub_pathorob.features import load_features, write_official
-from tub_pathorob.metadata import read_metadata
-from tub_pathorob.robustness_index import robustness_index
+from tub_pathorob.features import write_official
 from tub_pathorob.synthetic import PRESETS, synthetic_features
-from tub_pathorob.threads import limit_threads
 
 REF = r"""
 import json, sys, time, io, contextlib
@@ -46,6 +42,23 @@ print(json.dumps({{"seconds": dt, "summary": json.load(open(next(pathlib.Path({r
 """
 
 
+TUB = r"""
+import json, sys, time, contextlib
+sys.path.insert(0, {plugin!r})
+from tub_pathorob.features import load_features
+from tub_pathorob.metadata import read_metadata
+from tub_pathorob.robustness_index import robustness_index
+from tub_pathorob.threads import limit_threads
+import sklearn.linear_model, sklearn.model_selection, sklearn.preprocessing  # imported before timing, as the reference's
+with limit_threads({threads}):
+    t = time.perf_counter()
+    X, meta = load_features({features!r}, read_metadata({metadata!r}))
+    res = robustness_index(X, meta, dataset="camelyon", k_search={k_search}, auc={auc}).summary
+    dt = time.perf_counter() - t
+print(json.dumps({{"seconds": dt, "summary": res}}))
+"""
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--reference-repo", required=True)
@@ -54,8 +67,6 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("runs/benchmarks/pathorob.json"))
     a = ap.parse_args(argv)
-    # import what each side needs before timing (the reference imports at module load, outside its timer)
-    import sklearn.linear_model, sklearn.model_selection, sklearn.neighbors, sklearn.preprocessing  # noqa: F401, E401
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -74,11 +85,14 @@ def main(argv=None):
                 out = subprocess.run([a.reference_python, "-c", code], capture_output=True, text=True, check=True)
                 ref = json.loads(out.stdout.strip().splitlines()[-1])
                 ref_t.append(ref["seconds"])
-                with limit_threads(a.threads):
-                    t = time.perf_counter()
-                    Xl, ml = load_features(root / "features" / "bench" / "camelyon", read_metadata(root / "metadata" / "camelyon.csv"))
-                    res = robustness_index(Xl, ml, dataset="camelyon", k_search=k_param == -1, auc=auc).summary
-                    tub_t.append(time.perf_counter() - t)
+                # tub also runs in a fresh interpreter, timed after its imports, exactly like the reference
+                code = TUB.format(plugin=str(Path(__file__).resolve().parents[1] / "plugins" / "tub-pathorob"),
+                                  threads=a.threads, features=str(root / "features" / "bench" / "camelyon"),
+                                  metadata=str(root / "metadata" / "camelyon.csv"), k_search=k_param == -1, auc=auc)
+                out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+                tub = json.loads(out.stdout.strip().splitlines()[-1])
+                tub_t.append(tub["seconds"])
+                res = tub["summary"]
             diff = abs(res["robustness_index"] - ref["summary"]["robustness_index"])
             row = {"case": label, "rows": n_id, "reference_s": min(ref_t), "tub_s": min(tub_t),
                    "speedup": min(ref_t) / min(tub_t), "k_opt": [ref["summary"]["k_opt"], res["k_opt"]],

@@ -66,36 +66,43 @@ def _load_plain_array(path: Path) -> np.ndarray:
 
 
 def _read_npz_vectors(path: Path, keys: list[str]) -> list[np.ndarray]:
-    """Read many same-shape 1-D arrays from an uncompressed ``np.savez`` file: the npy header of the
-    first member is parsed once and every member with an identical header is read as raw bytes;
-    anything else goes through ``np.load``. Missing keys raise ``KeyError``."""
-    with zipfile.ZipFile(path) as zf:
-        names = {i.filename: i for i in zf.infolist()}
-        out, header, dtype, shape = [], None, None, None
-        slow = None
-        for key in keys:
-            info = names.get(f"{key}.npy")
-            if info is None:
-                raise KeyError(key)
-            raw = zf.read(info)
-            if header is None and info.compress_type == zipfile.ZIP_STORED:
-                import io
+    """Read many same-shape 1-D arrays from an ``np.savez`` file: the file is read once, the npy header
+    of the first member is parsed once, and every stored (uncompressed) member with an identical header
+    becomes a view of the file bytes; anything else goes through ``np.load``. Missing keys raise KeyError."""
+    import io
+    import struct
 
+    data = Path(path).read_bytes()
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        names = {i.filename: i for i in zf.infolist()}
+    out, header, dtype, shape, slow = [], None, None, None, None
+    for key in keys:
+        info = names.get(f"{key}.npy")
+        if info is None:
+            raise KeyError(key)
+        raw = None
+        if info.compress_type == zipfile.ZIP_STORED:
+            off = info.header_offset
+            name_len, extra_len = struct.unpack_from("<HH", data, off + 26)
+            begin = off + 30 + name_len + extra_len
+            raw = memoryview(data)[begin:begin + info.file_size]
+            if header is None:
                 fh = io.BytesIO(raw)
                 version = np.lib.format.read_magic(fh)
                 read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                                else np.lib.format.read_array_header_2_0)
                 shape, fortran, dtype = read_header(fh)
                 if len(shape) == 1 and not dtype.hasobject and not fortran:
-                    header = raw[: fh.tell()]
-            if header is not None and raw.startswith(header) and len(raw) == len(header) + shape[0] * dtype.itemsize:
-                out.append(np.frombuffer(raw, dtype=dtype, offset=len(header)))
-            else:
-                if slow is None:
-                    slow = np.load(path, allow_pickle=False)
-                out.append(slow[key])
-        if slow is not None:
-            slow.close()
+                    header = bytes(raw[: fh.tell()])
+        if (raw is not None and header is not None and len(raw) == len(header) + shape[0] * dtype.itemsize
+                and raw[: len(header)] == header):
+            out.append(np.frombuffer(raw, dtype=dtype, offset=len(header)))
+        else:
+            if slow is None:
+                slow = np.load(path, allow_pickle=False)
+            out.append(slow[key])
+    if slow is not None:
+        slow.close()
     return out
 
 
