@@ -74,7 +74,9 @@ def train_model(cfg, run, train, val, classes) -> tuple[torch.nn.Module, dict]:
     for epoch in range(start, cfg.epochs):
         model.train()
         order = torch.randperm(len(train), generator=gen).tolist()
-        order = order[run.rank::run.world_size]
+        if run.world_size > 1:  # equal step counts on every rank (DDP all-reduces each step): pad by wrapping
+            per_rank = -(-len(order) // run.world_size)
+            order = (order * run.world_size)[: per_rank * run.world_size][run.rank::run.world_size]
         losses = []
         for i in order:
             s = train[i]
