@@ -192,16 +192,20 @@ def train(cfg, run) -> dict:
             model.set_lr_cutoff(m.lr_cutoff)
         res = fit(model, train_g, valid, settings, run, dtype=dtype, device=run.device, seed=cfg.seed,
                   state=state if (state and int(state["member"]) == member) else None, member=member)
-        save_model(res["model"], run.checkpoints_dir / name,
-                   extra={"elements": elements, "trained_on": str(data), "member": member,
-                          "train_frames": len(train_g), "command": "tub mlff train (see config.yaml)"})
+        if run.is_main:  # torchrun: every rank holds the same weights; rank 0 writes them
+            save_model(res["model"], run.checkpoints_dir / name,
+                       extra={"elements": elements, "trained_on": str(data), "member": member,
+                              "train_frames": len(train_g), "world_size": run.world_size,
+                              "command": "tub mlff train (see config.yaml)"})
         results.append(res)
         state = None
     from .evaluation import error_metrics, predict
 
     metrics = {"members": cfg.ensemble, "train_frames": len(train_g), "valid_frames": len(valid),
                "test_frames": len(test_g), "elements": elements}
-    if test_g:
+    if run.world_size > 1:
+        metrics["world_size"] = run.world_size
+    if test_g and run.is_main:
         preds = predict([r["model"] for r in results], test_g, dtype, run.device)
         metrics["test"] = error_metrics(test_g, preds)
     metrics["model"] = str(run.checkpoints_dir / ("model.safetensors" if cfg.ensemble == 1 else "model_0.safetensors"))

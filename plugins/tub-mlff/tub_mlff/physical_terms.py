@@ -84,7 +84,8 @@ class Electrostatics(nn.Module):
             coulomb = torch.where(inside, coulomb + r / L ** 2 - 2.0 / L, torch.zeros_like(r))
             damped = torch.where(inside, damped + r * L / (L ** 2 + 1.0) ** 1.5
                                  - (2 * L ** 2 + 1.0) / (L ** 2 + 1.0) ** 1.5, torch.zeros_like(r))
-        return KE * q[idx_i] * q[idx_j] * (f * damped + (1.0 - f) * coulomb)
+        # index_select, not q[idx]: its backward is a fast index_add rather than index_put
+        return KE * q.index_select(0, idx_i) * q.index_select(0, idx_j) * (f * damped + (1.0 - f) * coulomb)
 
 
 D4_TABLES = ("refsys", "zeff", "refh", "sscale", "secaiw", "gam", "ascale", "alphaiw", "hcount",
@@ -198,13 +199,15 @@ class D4Dispersion(nn.Module):
         zeta = torch.where(qmod > 1e-8,
                            torch.exp(self.GA * (1 - torch.exp(gam * self.GC * (1 - qref / qmod_safe)))),
                            math.exp(self.GA) * torch.ones_like(qmod)) * gw
-        refc6 = self.refc6.to(dtype)
         # C6_ij = zeta_i^T refC6[Zi, Zj] zeta_j. Contract zeta_i with refC6 once per (atom, element
         # of j) -- [N, T, nref] -- so each pair only needs an nref-long dot product, not nref^2.
         types = torch.unique(z)
+        refc6 = self.refc6[types][:, types].to(dtype)  # [T, T, nref, nref]: only the elements present
         tj = torch.searchsorted(types, zj)
-        u = torch.einsum("nr,ntrs->nts", zeta, refc6[z][:, types])
-        c6 = (u[idx_i, tj] * zeta[idx_j]).sum(-1)
+        zt = torch.searchsorted(types, z)  # element index of each atom among those present
+        u = torch.einsum("nr,ntrs->nts", zeta, refc6[zt])
+        T = types.shape[0]
+        c6 = (u.reshape(n * T, -1).index_select(0, idx_i * T + tj) * zeta.index_select(0, idx_j)).sum(-1)
         sq = self.sqrt_r4r2.to(dtype)
         qij = math.sqrt(3.0) * sq[zi] * sq[zj]
         r0 = F.softplus(self.a1_raw).to(dtype) * qij + F.softplus(self.a2_raw).to(dtype)
@@ -225,6 +228,6 @@ class D4Dispersion(nn.Module):
         energy = _split_half(pair, idx_i, idx_j, n)
         if atomic_properties:
             pol = torch.sum(zeta * self.alpha[z, :, 0].to(dtype), -1) * BOHR ** 3
-            c6ii = torch.einsum("nr,nrs,ns->n", zeta, refc6[z, z], zeta) * HARTREE * BOHR ** 6
+            c6ii = torch.einsum("nr,nrs,ns->n", zeta, refc6[zt, zt], zeta) * HARTREE * BOHR ** 6
             return energy, pol, c6ii
         return energy, zeros, zeros

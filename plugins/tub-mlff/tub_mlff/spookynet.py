@@ -20,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .elements import ZMAX, electron_configuration_table
-from .layers import ResidualMLP, orthogonal_, ResidualStack, cutoff_function, scatter_sum, softplus_inverse
+from .layers import (ResidualMLP, ResidualStack, cutoff_function, orthogonal_, parallel_residual_mlps, scatter_sum,
+                     softplus_inverse)
 from .physical_terms import D4Dispersion, Electrostatics, ZBLRepulsion, _split_half
 
 DEFAULT_CUTOFF = 5.291772105638412  # 10 bohr in Angstrom
@@ -147,25 +148,50 @@ class LocalInteraction(nn.Module):
         for lin in (self.filter_s, self.filter_p, self.filter_d, self.proj_p, self.proj_d):
             orthogonal_(lin.weight)
 
-    def forward(self, x, rbf, pij, dij, idx_i, idx_j):
+    def forward(self, x, layout: "PairLayout", branches=None):
+        """``branches`` = (ResMLP_s(x), ResMLP_p(x), ResMLP_d(x), ResMLP_x(x)) if already computed."""
         n, F_ = x.shape
-        # one gather for the three neighbour branches, and the radial filter applied to the
-        # [P, F] messages before the angular outer product (one [P, 3|5, F] product, not two)
-        xj = torch.cat([self.mlp_s(x), self.mlp_p(x), self.mlp_d(x)], dim=-1)[idx_j]
-        filt = torch.cat([self.filter_s.weight, self.filter_p.weight, self.filter_d.weight], dim=0)
-        h = (rbf @ filt.T) * xj
-        hs, hp, hd = torch.split(h, F_, dim=-1)
-        s = self.mlp_x(x).index_add(0, idx_i, hs)
-        # p_i = sum_j p_ij (x) h_ij as a batched matmul over each atom's neighbour slots, which
-        # never materialises the [P, 3|5, F] outer products (same sums, far less memory traffic)
-        slot, kmax = neighbour_slots(idx_i, n)
-        at = (idx_i, slot)
-        ang = x.new_zeros(n, kmax, 8).index_put_(at, torch.cat([pij, dij], dim=-1)).transpose(1, 2)
-        p = torch.bmm(ang[:, :3], x.new_zeros(n, kmax, F_).index_put_(at, hp))
-        d = torch.bmm(ang[:, 3:], x.new_zeros(n, kmax, F_).index_put_(at, hd))
+        xs, xp, xd, xx = branches if branches is not None else \
+            [m(x) for m in (self.mlp_s, self.mlp_p, self.mlp_d, self.mlp_x)]
+        # everything per pair lives in the padded [atom, neighbour slot] layout built once per
+        # call (PairLayout): per branch one gather of the neighbour features and the radial filter,
+        # then s as a sum over slots and p/d as batched matmuls with the angular factors (never
+        # materialising [P, 3|5, F] outer products; no scatters, no slices of a wide tensor)
+        k = layout.kmax
+
+        def message(y, lin):
+            return ((layout.rbf @ lin.weight.T) * y.index_select(0, layout.j)).view(n, k, F_)
+
+        s = xx + message(xs, self.filter_s).sum(1)
+        p = torch.bmm(layout.ang_p, message(xp, self.filter_p))
+        d = torch.bmm(layout.ang_d, message(xd, self.filter_d))
         pa, pb = torch.split(self.proj_p(p), F_, dim=-1)
         da, db = torch.split(self.proj_d(d), F_, dim=-1)
         return self.mlp_out(s + (pa * pb).sum(-2) + (da * db).sum(-2))
+
+
+class PairLayout:
+    """Short-range pairs laid out as [atom i, neighbour slot] (padded to the largest neighbour
+    count), built once per forward call and shared by all modules.
+
+    ``j`` [n*kmax] the neighbour atom of each slot (0 in empty slots), ``rbf`` [n*kmax, K] the
+    radial basis (0 in empty slots, so they contribute nothing), ``ang_p`` [n, 3, kmax] and
+    ``ang_d`` [n, 5, kmax] the angular factors. Same sums as scattering over pairs, in another
+    order; every op is twice differentiable (forces in the training loss).
+    """
+
+    def __init__(self, idx_i, idx_j, rbf, pij, dij, n: int) -> None:
+        P = idx_i.shape[0]
+        slot, kmax = neighbour_slots(idx_i, n)
+        kmax = max(kmax, 1)
+        inv = torch.full((n * kmax,), P, dtype=torch.long, device=idx_i.device)
+        inv[idx_i * kmax + slot] = torch.arange(P, device=idx_i.device)
+        self.kmax = kmax
+        self.j = torch.cat([idx_j, idx_j.new_zeros(1)]).index_select(0, inv)
+        self.rbf = torch.cat([rbf, rbf.new_zeros(1, rbf.shape[1])]).index_select(0, inv)
+        ang = torch.cat([torch.cat([pij, dij], dim=-1), pij.new_zeros(1, 8)]).index_select(0, inv)
+        ang = ang.view(n, kmax, 8).transpose(1, 2)
+        self.ang_p, self.ang_d = ang[:, :3], ang[:, 3:]
 
 
 def neighbour_slots(idx_i: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
@@ -237,10 +263,12 @@ class NonlocalInteraction(nn.Module):
             mx = segmax[batch_seg].unsqueeze(-1)
         return (torch.exp(U - h - mx) + eps) / math.sqrt(m)
 
-    def forward(self, x: torch.Tensor, batch_seg: torch.Tensor, num_batch: int, eps: float = 1e-8):
-        q = self._phi(self.mlp_q(x), True, batch_seg, num_batch)
-        k = self._phi(self.mlp_k(x), False, batch_seg, num_batch)
-        v = self.mlp_v(x)
+    def forward(self, x: torch.Tensor, batch_seg: torch.Tensor, num_batch: int, eps: float = 1e-8,
+                qkv=None):
+        """``qkv`` = (ResMLP_q(x), ResMLP_k(x), ResMLP_v(x)) if already computed."""
+        xq, xk, v = qkv if qkv is not None else [m(x) for m in (self.mlp_q, self.mlp_k, self.mlp_v)]
+        q = self._phi(xq, True, batch_seg, num_batch)
+        k = self._phi(xk, False, batch_seg, num_batch)
         if self.keep_attention:
             self.last_phi = (q.detach(), k.detach())
         if num_batch == 1:
@@ -264,10 +292,13 @@ class InteractionModule(nn.Module):
         self.post = ResidualStack(F_, nr["post"])
         self.out = ResidualMLP(F_, nr["output"])
 
-    def forward(self, x, rbf, pij, dij, idx_i, idx_j, batch_seg, num_batch):
+    def forward(self, x, layout: PairLayout, batch_seg, num_batch):
         x = self.pre(x)
-        l = self.local(x, rbf, pij, dij, idx_i, idx_j)
-        n = self.nonlocal_(x, batch_seg, num_batch)
+        # the seven ResMLPs that read x (local s/p/d/x, attention q/k/v) as one batched pass
+        loc, nl = self.local, self.nonlocal_
+        ys = parallel_residual_mlps([loc.mlp_s, loc.mlp_p, loc.mlp_d, loc.mlp_x, nl.mlp_q, nl.mlp_k, nl.mlp_v], x)
+        l = self.local(x, layout, branches=ys[:4])
+        n = self.nonlocal_(x, batch_seg, num_batch, qkv=ys[4:])
         x = self.post(x + l + n)
         return x, self.out(x)
 
@@ -361,7 +392,7 @@ class SpookyNet(nn.Module):
             if cell is not None:
                 cell = cell + torch.bmm(cell, strain)
         def pair_vectors(ii, jj, off):
-            v = R[jj] - R[ii]
+            v = R.index_select(0, jj) - R.index_select(0, ii)  # backward: index_add, not index_put
             if cell is not None and off is not None:
                 if num_batch == 1:
                     v = v + off.to(R.dtype) @ cell[0]
@@ -392,8 +423,9 @@ class SpookyNet(nn.Module):
         keep = x.new_ones(num_batch, 1)
         drop = self.training and self.config.module_keep_prob < 1.0
         p_keep = self.config.module_keep_prob ** (1.0 / max(self.config.num_modules - 1, 1))
+        layout = PairLayout(sr_i, sr_j, rbf, pij, dij, n)
         for module in self.interactions:
-            x, y = module(x, rbf, pij, dij, sr_i, sr_j, batch_seg, num_batch)
+            x, y = module(x, layout, batch_seg, num_batch)
             if drop:  # module dropout: module 1 always kept, a dropped module drops all later ones
                 y = y * keep[batch_seg]
                 keep = keep * torch.bernoulli(torch.full_like(keep, p_keep))

@@ -4,6 +4,12 @@ Loss (per batch): w_E MSE(E/N) + w_F MSE(F) + w_S MSE(sigma), with forces from a
 (create_graph=True so the force error trains the weights). AdamW, ReduceLROnPlateau, an
 exponential moving average (EMA) of the weights used for validation and the saved model, early
 stopping on the validation loss, and a checkpoint every epoch so a killed run resumes.
+
+Under torchrun the loop is data-parallel through the core: the model is wrapped by ``run.ddp``
+(gradients averaged over ranks), each epoch's shuffled training frames are split over ranks by
+``run.sampler`` (a DistributedSampler, padded so every rank takes the same number of steps), and
+the validation sums are all-reduced so every rank sees the same loss and takes the same
+early-stopping and learning-rate decisions. Only rank 0 writes (the core's Run does that).
 Per-element energy offsets are fitted by least squares first and put into the element bias,
 so the network learns only the interaction energy (as MACE's E0s).
 """
@@ -80,15 +86,41 @@ def batch_loss(model, batch: dict, s: TrainSettings, create_graph: bool = True) 
     return loss, parts
 
 
-def _batches(graphs: list[Graph], size: int, rng: np.random.Generator | None):
-    order = rng.permutation(len(graphs)) if rng is not None else np.arange(len(graphs))
+def _batches(graphs: list[Graph], size: int, rng: np.random.Generator | None, order=None):
+    if order is None:
+        order = rng.permutation(len(graphs)) if rng is not None else np.arange(len(graphs))
     for k in range(0, len(order), size):
         yield [graphs[i] for i in order[k:k + size]]
 
 
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum ``values`` over ranks (float64, so every rank gets the same numbers); a no-op alone."""
+    if not _distributed():
+        return values
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=device)  # NCCL reduces CUDA tensors only
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu().tolist()
+
+
 def evaluate_loss(model, graphs: list[Graph], s: TrainSettings, dtype, device) -> dict:
-    """Mean loss and MAEs over ``graphs`` (forces still from autograd, no graph kept)."""
+    """Mean loss and MAEs over ``graphs`` (forces still from autograd, no graph kept).
+
+    Distributed: each rank evaluates every world_size-th frame and the sums are all-reduced, so
+    all ranks return the same figures (and agree on early stopping)."""
     model.eval()
+    if _distributed():
+        import torch.distributed as dist
+
+        graphs = graphs[dist.get_rank()::dist.get_world_size()]
     tot, n, e_abs, f_abs, f_cnt, atoms = 0.0, 0, 0.0, 0.0, 0, 0
     for chunk in _batches(graphs, max(s.batch_size, 16), None):
         batch = collate(chunk, dtype, device)
@@ -102,6 +134,7 @@ def evaluate_loss(model, graphs: list[Graph], s: TrainSettings, dtype, device) -
             f_abs += (out["forces"] - batch["forces"]).abs().sum().item()
             f_cnt += batch["forces"].numel()
         atoms += int(batch["n_atoms"].sum().item())
+    tot, n, e_abs, f_abs, f_cnt = _all_reduce_sum([tot, n, e_abs, f_abs, f_cnt])
     return {"loss": tot / max(n, 1), "energy_mae_per_atom": e_abs / max(n, 1),
             "forces_mae": f_abs / max(f_cnt, 1)}
 
@@ -153,20 +186,33 @@ def fit(model, train: list[Graph], valid: list[Graph], s: TrainSettings, run, dt
     rng = np.random.default_rng(seed + 7919 * member)
     for _ in range(start):  # replay the shuffles so a resumed run sees the same batches
         rng.permutation(len(train))
+    # torchrun: DDP wrapper (averages gradients) and a per-rank shard of the frames; both are
+    # no-ops in a single process, where the numpy shuffle above is used
+    net = run.ddp(model) if getattr(run, "world_size", 1) > 1 else model
+    sampler = run.sampler(train, shuffle=True) if getattr(run, "world_size", 1) > 1 else None
     t0 = time.time()
     metrics = {}
     for epoch in range(start, s.epochs):
         model.train()
-        train_loss = 0.0
-        for chunk in _batches(train, s.batch_size, rng):
+        net.train()
+        train_loss, seen = 0.0, 0
+        if sampler is not None:
+            sampler.set_epoch(epoch + 7919 * member)
+            order = list(sampler)
+        else:
+            order = None
+        for chunk in _batches(train, s.batch_size, rng, order):
             batch = collate(chunk, dtype, device)
             opt.zero_grad(set_to_none=True)
-            loss, _ = batch_loss(model, batch, s)
+            loss, _ = batch_loss(net, batch, s)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 10.0)
             opt.step()
             ema.update(model)
             train_loss += loss.item() * len(chunk)
+            seen += len(chunk)
+        train_loss, seen = _all_reduce_sum([train_loss, seen])
+        train_loss = train_loss * len(train) / max(seen, 1)  # per-frame mean, scaled as before
         if model.d4 is not None and model.d4.has_tables:
             model.d4.compute_refc6()  # s_q may have changed
         ema_model = ema.copy_to(model)
@@ -195,7 +241,8 @@ def fit(model, train: list[Graph], valid: list[Graph], s: TrainSettings, run, dt
         if bad >= s.patience:
             run.log.info("early stopping at epoch %d", epoch)
             break
-        if s.max_minutes is not None and (time.time() - t0) / 60 > s.max_minutes:
+        over = s.max_minutes is not None and (time.time() - t0) / 60 > s.max_minutes
+        if s.max_minutes is not None and _all_reduce_sum([float(over)])[0] > 0:  # any rank over: all stop
             run.log.info("time limit reached at epoch %d", epoch)
             break
     final = copy.deepcopy(model)
