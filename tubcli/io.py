@@ -126,3 +126,22 @@ def load_torch_state(path: str | os.PathLike) -> Any:
             f"{path} cannot be loaded safely (weights_only): {str(exc).splitlines()[0]}; "
             "re-save it as a plain state dict or safetensors"
         ) from None
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend: batch jobs have no display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Save a matplotlib figure atomically (format from the suffix) and close it."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
+    pyplot().close(fig)
+    return path

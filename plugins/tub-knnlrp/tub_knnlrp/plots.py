@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from tubcli.io import pyplot, save_figure
 
 
 def relevance_heatmaps(path, data, values, side: int, titles=None) -> None:
     """Input image (grey) above its relevance (red = for the explained class, blue = against)."""
-    plt = _plt()
+    plt = pyplot()
     n = len(values)
     fig, axes = plt.subplots(2, max(n, 1), figsize=(1.3 * max(n, 1), 2.8), squeeze=False)
     for i in range(n):
@@ -29,13 +22,12 @@ def relevance_heatmaps(path, data, values, side: int, titles=None) -> None:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def flipping_curves_plot(path, rows) -> None:
     """rows: [replacement, method, aupc, aupc_normalised, seconds, *curve] as written to flipping.csv."""
-    plt = _plt()
+    plt = pyplot()
     repls = sorted({r[0] for r in rows})
     fig, axes = plt.subplots(1, len(repls), figsize=(5 * len(repls), 3.6), squeeze=False)
     for ax, repl in zip(axes[0], repls):
@@ -50,5 +42,4 @@ def flipping_curves_plot(path, rows) -> None:
         ax.set_title(f"feature flipping ({repl})")
         ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)

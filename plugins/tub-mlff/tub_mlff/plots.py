@@ -6,26 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-
-def _fig():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    from tubcli.io import atomic_path
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    return path
+from tubcli.io import pyplot, save_figure
 
 
 def parity_plot(path: Path, ref, pred, label: str, unit: str) -> Path:
-    plt = _fig()
+    plt = pyplot()
     ref, pred = np.ravel(ref), np.ravel(pred)
     fig, ax = plt.subplots(figsize=(4, 4))
     ax.scatter(ref, pred, s=4, alpha=0.6)
@@ -35,13 +20,13 @@ def parity_plot(path: Path, ref, pred, label: str, unit: str) -> Path:
     ax.set_xlabel(f"reference {label} ({unit})")
     ax.set_ylabel(f"model {label} ({unit})")
     ax.set_title(f"{label}: MAE {mae:.3g} {unit}")
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
 
 def voltage_plot(path: Path, x, e_formation, steps, capacity_per_x: float | None = None) -> Path:
-    plt = _fig()
+    plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.5))
     a1.plot(x, e_formation, "o", label="structures")
     hx = [s.x_start for s in steps] + ([steps[-1].x_end] if steps else [])
@@ -59,19 +44,19 @@ def voltage_plot(path: Path, x, e_formation, steps, capacity_per_x: float | None
     a2.axhline(0, color="grey", lw=0.5)
     a2.set_xlabel("capacity (mAh/g)" if capacity_per_x else "x")
     a2.set_ylabel("V vs Na/Na$^+$")
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
 
 def msd_plot(path: Path, curves: dict) -> Path:
-    plt = _fig()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 3.5))
     for label, (t, m) in curves.items():
         ax.plot(t, m, label=label)
     ax.set_xlabel("lag (fs)")
     ax.set_ylabel("MSD (A$^2$)")
     ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     return path

@@ -7,29 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
+from tubcli.io import pyplot, save_figure
+
 COLORS = {"SS": "#4c72b0", "SO": "#55a868", "OS": "#c44e52", "OO": "#8c8c8c"}
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    from tubcli.io import atomic_path
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    _plt().close(fig)
-    return path
-
-
 def composition_bars(bd: dict, path: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     groups = [("class", bd["per_class"]), ("center", bd["per_center"])]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, (title, table) in zip(axes, groups):
@@ -46,11 +30,11 @@ def composition_bars(bd: dict, path: Path) -> Path:
         ax.set_ylim(0, 1.1)
     axes[0].set_ylabel("fraction of neighbours")
     axes[1].legend(loc="lower right", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=110)
 
 
 def ri_curve(curves: dict, k: int, path: Path, k_max: int = 200) -> Path:
-    plt = _plt()
+    plt = pyplot()
     ri = curves["robustness_index"][:k_max]
     ks = np.arange(1, len(ri) + 1)
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -61,11 +45,11 @@ def ri_curve(curves: dict, k: int, path: Path, k_max: int = 200) -> Path:
     ax.set_xlabel("k")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=110)
 
 
 def pair_heatmap(bd: dict, path: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     comp = bd["same_class_neighbour_composition"]
     M = np.array(comp["matrix"])
     names = comp["centers"]
@@ -77,7 +61,7 @@ def pair_heatmap(bd: dict, path: Path) -> Path:
     ax.set_ylabel("query center")
     ax.set_title("same-class neighbours by center")
     fig.colorbar(im, ax=ax, fraction=0.046)
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=110)
 
 
 def projection(X: np.ndarray, classes: np.ndarray, centers: np.ndarray, path: Path, seed: int = 0,
@@ -85,7 +69,7 @@ def projection(X: np.ndarray, classes: np.ndarray, centers: np.ndarray, path: Pa
     """PCA of the L2-normalised features, two panels coloured by class and by center."""
     from sklearn.decomposition import PCA
 
-    plt = _plt()
+    plt = pyplot()
     rng = np.random.default_rng(seed)
     idx = rng.permutation(len(X))[:max_points]
     Xn = X[idx] / np.linalg.norm(X[idx], axis=1, keepdims=True)
@@ -97,4 +81,4 @@ def projection(X: np.ndarray, classes: np.ndarray, centers: np.ndarray, path: Pa
             ax.scatter(Z[m, 0], Z[m, 1], s=4, alpha=0.6, label=name, color=plt.cm.tab10(i % 10))
         ax.set_title(f"PCA coloured by {title}")
         ax.legend(markerscale=3, fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=110)
