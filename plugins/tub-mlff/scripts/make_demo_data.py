@@ -19,16 +19,10 @@ from ase.io import write
 from tub_mlff.labelling import label_xtb
 from tub_mlff.structures import add_sodium, janus_graphene
 
-shard, nshard, per_x = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-outdir = Path(sys.argv[4]) if len(sys.argv) > 4 else Path(".")
-outdir.mkdir(parents=True, exist_ok=True)
-host = janus_graphene(3, 1, stacking="gallery", interlayer=9.0)
-jobs = [("host", x, k) for x in range(4) for k in range(per_x)] + [("bcc", 0, k) for k in range(per_x // 2)]
-out = outdir / f"xtb_{shard}.extxyz"
-for idx, (kind, x, k) in enumerate(jobs):
-    r = np.random.default_rng(10_000 + idx)
-    if idx % nshard != shard:
-        continue
+
+def labelled_frame(host, kind: str, x: int, seed: int):
+    """One xTB-labelled frame: Na_x on ``host`` (or bcc Na), random strain (+-2 %) and rattle."""
+    r = np.random.default_rng(seed)
     if kind == "host":
         a = add_sodium(host, x, "random", seed=int(r.integers(1 << 30)))
     else:
@@ -39,6 +33,19 @@ for idx, (kind, x, k) in enumerate(jobs):
     a.rattle(float(r.uniform(0.02, 0.1)), seed=int(r.integers(1 << 30)))
     a.info["x"] = x
     a.info["kind"] = kind
-    lab = label_xtb(a)
-    write(out, lab, format="extxyz", append=True)
-    print(idx, kind, x, lab.info["energy"], flush=True)
+    return label_xtb(a)
+
+
+if __name__ == "__main__":
+    shard, nshard, per_x = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    outdir = Path(sys.argv[4]) if len(sys.argv) > 4 else Path(".")
+    outdir.mkdir(parents=True, exist_ok=True)
+    host = janus_graphene(3, 1, stacking="gallery", interlayer=9.0)
+    jobs = [("host", x, k) for x in range(4) for k in range(per_x)] + [("bcc", 0, k) for k in range(per_x // 2)]
+    out = outdir / f"xtb_{shard}.extxyz"
+    for idx, (kind, x, k) in enumerate(jobs):
+        if idx % nshard != shard:
+            continue
+        lab = labelled_frame(host, kind, x, 10_000 + idx)
+        write(out, lab, format="extxyz", append=True)
+        print(idx, kind, x, lab.info["energy"], flush=True)

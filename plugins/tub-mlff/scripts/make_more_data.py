@@ -11,12 +11,10 @@ stopped at any time and its file is still usable. Run shards in parallel:
 import sys
 from pathlib import Path
 
-import numpy as np
-from ase.build import bulk
 from ase.io import write
+from make_demo_data import labelled_frame  # this folder is on sys.path when run as a script
 
-from tub_mlff.labelling import label_xtb
-from tub_mlff.structures import add_sodium, janus_graphene
+from tub_mlff.structures import janus_graphene
 
 shard, nshard, n_jobs = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 outdir = Path(sys.argv[4]) if len(sys.argv) > 4 else Path(".")
@@ -28,17 +26,6 @@ for idx in range(n_jobs):
     if idx % nshard != shard:
         continue
     kind, x = cycle[idx % len(cycle)]
-    r = np.random.default_rng(100_000 + idx)
-    if kind == "host":
-        a = add_sodium(host, x, "random", seed=int(r.integers(1 << 30)))
-    else:
-        a = bulk("Na", "bcc", a=float(r.uniform(3.95, 4.5)), cubic=True).repeat((2, 2, 2))
-    eps = r.uniform(-0.02, 0.02, (3, 3))
-    eps = (eps + eps.T) / 2
-    a.set_cell(a.cell.array @ (np.eye(3) + eps), scale_atoms=True)
-    a.rattle(float(r.uniform(0.02, 0.1)), seed=int(r.integers(1 << 30)))
-    a.info["x"] = x
-    a.info["kind"] = kind
-    lab = label_xtb(a)
+    lab = labelled_frame(host, kind, x, 100_000 + idx)
     write(out, lab, format="extxyz", append=True)
     print(idx, kind, x, lab.info["energy"], flush=True)
