@@ -17,14 +17,6 @@ from tub_atlas.probes import classification_metrics, knn_predict
 from tub_atlas.synthetic import preset_config, random_vit, synthetic_tiles
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _teacher():
     return Encoder(random_vit(preset_config("vit-t8-demo", depth=2), seed=0), Transform(img_size=64), "cls+mean")
 

@@ -12,14 +12,6 @@ from tub_atlas.synthetic import preset_config, random_vit
 from tub_atlas.vit import ViTConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _encoder(cfg: ViTConfig, pool="cls+mean", seed=0) -> Encoder:
     return Encoder(random_vit(cfg, seed=seed).double(), Transform(img_size=cfg.img_size), pool)
 

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(1)  # small systems: threads only add overhead on a shared 2-core box
 from ase.io import read, write
 from tubcli.testing import check_plugin, invoke
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(1)  # small systems: threads only add overhead on a shared 2-core box
 
 from tub_mlff.checkpoints import load_model, load_reference, save_model
 from tub_mlff.neighbors import neighbor_list

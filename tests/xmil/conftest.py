@@ -49,12 +49,3 @@ def tiny_encoder():
     yield "tiny-test"
     plugins.pm.unregister(obj)
     sys.modules.pop(ENC_MODULE, None)
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """The xmil tests use tiny models, for which one thread is far faster than two on a shared box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
