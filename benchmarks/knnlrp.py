@@ -19,12 +19,12 @@ RBF-SVC (C = 1, γ = 0.03) on breast_cancer:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import time
-from pathlib import Path
+
+from tubcli.io import write_json
 
 
 def machine() -> str:
@@ -109,10 +109,7 @@ def main() -> None:
             print("AUPC (KDE in-painting, normalised): " + ", ".join(
                 f"{m} {v:.3f}" for m, v in sorted(row["aupc_kde_normalised"].items(), key=lambda kv: kv[1])))
     print(f"\nmachine: {results['machine']}")
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2))
-    print(f"wrote {path}")
+    print(f"wrote {write_json(args.json, results)}")
 
 
 if __name__ == "__main__":

@@ -15,11 +15,12 @@ and max |Δg|. Shapley: Spearman correlation of kNN-LRP with exact Shapley value
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from tubcli.io import write_json
 
 
 def main() -> None:
@@ -83,10 +84,7 @@ def main() -> None:
     out["shapley_spearman"] = {"rows": len(rho), "mean": float(np.nanmean(rho)), "median": float(np.nanmedian(rho))}
     print(f"binary iris: Spearman(kNN-LRP, exact Shapley) mean {np.nanmean(rho):.3f}, median {np.nanmedian(rho):.3f} "
           f"over {len(rho)} rows with non-constant Shapley values")
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
-    print(f"wrote {path}")
+    print(f"wrote {write_json(args.json, out)}")
 
 
 if __name__ == "__main__":
