@@ -53,7 +53,7 @@ def main() -> None:
     from sklearn.svm import SVC
 
     from tub_knnlrp.data import bundled, standard_split
-    from tub_knnlrp.explain import NeuralizedExplainer
+    from tub_knnlrp.explanation import NeuralizedExplainer
     from tub_knnlrp.flipping import FlippingEvaluation
     from tub_knnlrp.rules import relevance
 

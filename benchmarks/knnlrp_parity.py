@@ -35,9 +35,9 @@ def main() -> None:
 
     from tub_knnlrp import baselines
     from tub_knnlrp.data import bundled, standard_split
-    from tub_knnlrp.explain import explain
+    from tub_knnlrp.explanation import explain
     from tub_knnlrp.scores import ClassScore
-    from tub_knnlrp.explain import NeuralizedExplainer
+    from tub_knnlrp.explanation import NeuralizedExplainer
 
     out: dict = {"parity": {}, "shapley_spearman": {}}
     if args.reference:

@@ -10,7 +10,7 @@ from sklearn.svm import SVC
 
 from tub_knnlrp import baselines
 from tub_knnlrp.data import bundled, standard_split
-from tub_knnlrp.flipping import FlippingEvaluation, aupc, flip_curves
+from tub_knnlrp.flipping import FlippingEvaluation, aupc, flip_curves, row_aupc
 from tub_knnlrp.kde import GaussianKDE
 from tub_knnlrp.networks import NeuralizedKNN
 from tub_knnlrp.rules import midpoint_relevance
@@ -100,6 +100,12 @@ def test_aupc_trapezoid():
     assert aupc(np.array([2.0, 1.0, 0.0]), normalise=True) == pytest.approx(0.5)
 
 
+def test_row_aupc_averages_to_the_aupc_of_the_mean_curve():
+    curves = np.array([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.5, -0.5, 0.0]])
+    np.testing.assert_allclose(row_aupc(curves), [0.25, 1.0, -0.125])
+    assert row_aupc(curves).mean() == pytest.approx(aupc(curves.mean(0)), abs=1e-15)
+
+
 class LinearScore:
     """F(x) = w·x with class index ignored: the best order is by w_d x_d."""
 
@@ -152,6 +158,8 @@ def test_knn_lrp_beats_occlusion_by_feature_flipping(cancer_eval):
     assert res["lrp"].aupc == pytest.approx(0.178, abs=0.005)
     assert res["lrp"].aupc <= 0.5 * res["occlusion"].aupc
     assert res["lrp"].aupc < res["random"].aupc
+    rows = res["lrp"].extra["row_aupc"]  # per-row values for paired comparisons
+    assert rows.shape == (60,) and rows.mean() == pytest.approx(res["lrp"].aupc, abs=1e-12)
 
 
 def test_kde_inpainting_flipping_runs_and_ranks_lrp_above_random(cancer_eval):

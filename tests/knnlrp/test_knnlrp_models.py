@@ -12,7 +12,7 @@ from sklearn.preprocessing import MinMaxScaler, StandardScaler
 from sklearn.svm import SVC
 
 from tub_knnlrp.data import bundled, standard_split
-from tub_knnlrp.explain import NeuralizedExplainer, explain
+from tub_knnlrp.explanation import NeuralizedExplainer, explain
 from tub_knnlrp.models import fit_model, load_model, save_model
 from tub_knnlrp.neuralize import MixingTransformWarning, UnsupportedModelError
 from tubcli.errors import TubError

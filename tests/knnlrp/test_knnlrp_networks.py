@@ -6,7 +6,7 @@ from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 from sklearn.svm import SVC
 
 from tub_knnlrp.data import bundled, standard_split
-from tub_knnlrp.explain import NeuralizedExplainer, explain
+from tub_knnlrp.explanation import NeuralizedExplainer, explain
 from tub_knnlrp.fidelity import svm_identity_residual, svm_midpoint_residual
 from tub_knnlrp.rules import eta_svm
 
@@ -174,3 +174,26 @@ def test_explicit_training_set_gives_the_same_result(cancer):
     a = explain(knn, Xte)
     b = explain(knn, Xte, X_train=Xtr, y_train=ytr)
     np.testing.assert_array_equal(a.values, b.values)
+
+
+def test_knn_gi_is_the_exact_single_feature_occlusion_of_g_with_frozen_neighbours():
+    """Why GI suits mean-baseline flipping (docs/benchmarks/knnlrp.md, wine discussion).
+
+    With the neighbour sets held fixed, g_κ(x) = mean_j ‖x − x_j‖² − mean_i ‖x − x_i‖² is affine in
+    x (the ‖x‖² terms cancel), so setting x_d to 0 changes it by exactly 2 x_d (x̄_i,d − x̄_j,d) = R^GI_d,
+    which is therefore also the exact Shapley value of that frozen game with baseline 0. Neighbours
+    from scikit-learn's NearestNeighbors, independently of the implementation.
+    """
+    t = bundled("wine01")
+    Xtr, Xte, ytr, _ = standard_split(t.X, t.y)
+    knn = KNeighborsClassifier(5).fit(Xtr, ytr)
+    R = explain(knn, Xte, rule="gi").values  # κ = 2: ranks 1…5 of each class
+    sets = {c: Xtr[ytr == c][NearestNeighbors(n_neighbors=5).fit(Xtr[ytr == c]).kneighbors(Xte)[1]] for c in (0, 1)}
+
+    def g_frozen(Z):
+        return (((Z[:, None, :] - sets[0]) ** 2).sum(-1).mean(1) - ((Z[:, None, :] - sets[1]) ** 2).sum(-1).mean(1))
+
+    for d in range(Xte.shape[1]):
+        Zd = Xte.copy()
+        Zd[:, d] = 0.0
+        np.testing.assert_allclose(g_frozen(Xte) - g_frozen(Zd), R[:, d], rtol=1e-9, atol=1e-9)

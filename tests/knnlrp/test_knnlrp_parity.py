@@ -21,7 +21,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.svm import SVC
 
 from tub_knnlrp.data import bundled, standard_split
-from tub_knnlrp.explain import explain
+from tub_knnlrp.explanation import explain
 
 REF = os.environ.get("KNNLRP_REFERENCE")
 

@@ -1,6 +1,7 @@
 """tub-knnlrp: explain scikit-learn kNN and RBF-SVM classifiers by LRP through their hidden network.
 
-Heavy imports happen lazily: ``from tub_knnlrp import explain`` loads numpy/scikit-learn on first use.
+Heavy imports happen lazily: ``from tub_knnlrp import explain`` loads numpy/scikit-learn on first use
+(the implementation lives in :mod:`tub_knnlrp.explanation`; no submodule shares a name with the API).
 """
 
 __version__ = "0.1.0"
@@ -10,7 +11,7 @@ __all__ = ["explain", "NeuralizedExplainer", "Explanation", "__version__"]
 
 def __getattr__(name):
     if name in ("explain", "NeuralizedExplainer", "Explanation"):
-        from tub_knnlrp import explain as _explain_module
+        import importlib
 
-        return getattr(_explain_module, name)
-    raise AttributeError(name)
+        return getattr(importlib.import_module("tub_knnlrp.explanation"), name)
+    raise AttributeError(f"module 'tub_knnlrp' has no attribute {name!r}")

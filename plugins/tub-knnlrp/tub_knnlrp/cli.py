@@ -91,7 +91,7 @@ def _is_image(names: list[str]) -> int | None:
 
 
 def explain(cfg, run) -> dict:
-    from tub_knnlrp.explain import explain as explain_rows
+    from tub_knnlrp.explanation import explain as explain_rows
     from tub_knnlrp.fidelity import sign_agreement
 
     tm, table, notes = _load(cfg)

@@ -14,7 +14,7 @@ def run_demo(run) -> dict:
     from sklearn.model_selection import train_test_split
 
     from tub_knnlrp.data import bundled, write_table_csv
-    from tub_knnlrp.explain import explain
+    from tub_knnlrp.explanation import explain
     from tub_knnlrp.fidelity import check_report
     from tub_knnlrp.flipping import FlippingEvaluation
     from tub_knnlrp.models import fit_model, load_model, save_model

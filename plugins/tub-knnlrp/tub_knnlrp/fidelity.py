@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tub_knnlrp.explain import NeuralizedExplainer
+from tub_knnlrp.explanation import NeuralizedExplainer
 from tub_knnlrp.networks import NeuralizedSVM
 from tub_knnlrp.neuralize import transform_steps
 from tub_knnlrp.rules import midpoint_relevance

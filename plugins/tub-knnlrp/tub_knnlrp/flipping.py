@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tub_knnlrp import baselines
-from tub_knnlrp.explain import NeuralizedExplainer
+from tub_knnlrp.explanation import NeuralizedExplainer
 from tub_knnlrp.kde import GaussianKDE
 from tub_knnlrp.scores import ClassScore
 
@@ -60,6 +60,17 @@ def flip_curves(score: ClassScore, Z, c, R, baseline, replacement="mean", kde: G
         vals = score(S.reshape(-1, d), np.full(S.shape[0] * S.shape[1], c[r]))
         curves[r] = vals.reshape(d + 1, n_samples).mean(axis=1)
     return curves
+
+
+def row_aupc(curves: np.ndarray) -> np.ndarray:
+    """Raw AUPC of each row's curve (n, m + 1); their mean is the raw AUPC of the mean curve.
+
+    The trapezoid is linear in the curve, so per-row values allow paired comparisons between
+    methods on the same rows without changing the reported figure.
+    """
+    curves = np.asarray(curves, dtype=np.float64)
+    m = curves.shape[1] - 1
+    return np.sum(curves[:, 1:] + curves[:, :-1], axis=1) / (2.0 * m)
 
 
 def aupc(curve: np.ndarray, normalise: bool = False) -> float:
@@ -185,7 +196,8 @@ class FlippingEvaluation:
                                  self.seed)
             curve = curves.mean(axis=0)
             norm = aupc(curve, normalise=True) if curve[0] != 0 else float("nan")
-            results[method] = FlippingResult(method, curve, aupc(curve), norm, seconds, {"relevance": R})
+            results[method] = FlippingResult(method, curve, aupc(curve), norm, seconds,
+                                             {"relevance": R, "row_aupc": row_aupc(curves)})
             if log:
                 log.info("%-14s AUPC %.4f (normalised %.4f), explained in %.3fs", method, results[method].aupc,
                          norm, seconds)
