@@ -1,29 +1,44 @@
 """tub-atlas ViT against timm's VisionTransformer on the same weights and tiles, in one process.
 
 For each configuration: random weights (N(0, 0.02), LayerScale non-trivial) are built by tub and
-loaded into timm with ``load_state_dict(strict=True)``; both run ``forward_features`` on the same
-batch under ``inference_mode``, one warm-up, then ``--repeats`` interleaved repeats (tub, timm,
-timm, tub, ...: alternating order); the median tiles/s of each, the ratio and max |Δ| of the
-outputs are printed and written as JSON. Without timm (the project environment has none: it
-needs torchvision) only tub is timed. The comparison was run in a separate venv:
+loaded into timm with ``load_state_dict(strict=True)``; both run on the same batch under
+``inference_mode``, one warm-up, then ``--rounds`` interleaved rounds (every model once per round,
+order alternating). Printed per config: median tiles/s of each, the **median of the per-round
+tub/timm ratios with its min and max**, and max |Δ| of the outputs; all of it goes to ``--json``.
+
+Modes (``--modes``): ``tokens`` = ``forward_features`` on both sides (same work); ``cls`` = the
+CLS embedding as users get it (tub ``forward_cls``, whose last block runs at the CLS position only,
+vs timm ``model(x)`` with ``global_pool="token"``). ``--reference`` adds tub's reference blocks
+(``fast_inference=False``) and the inference path with aten GEMMs (``--gemm aten``: bit-identical to
+the reference) to the rounds; ``--gemm`` picks tub's inference GEMMs (default auto = oneDNN on CPU). ``--precision-sweep`` times tub in fp32, bf16 autocast
+and bf16 weights instead (relative error against fp32 included).
+
+Without timm (the project environment has none: it needs torchvision) only tub is timed. The
+comparison runs in a separate venv:
 
     python -m venv /tmp/timmenv
     /tmp/timmenv/bin/pip install torch==2.14.1 torchvision==0.29.1 timm==1.0.31 safetensors numpy pydantic pluggy typer rich pyyaml
-    PYTHONPATH=.:plugins/tub-atlas /tmp/timmenv/bin/python benchmarks/atlas.py --threads 2 --json out.json
+    PYTHONPATH=.:plugins/tub-atlas /tmp/timmenv/bin/python benchmarks/atlas.py --threads 1 --json out.json
 
-    python benchmarks/atlas.py [--configs vit-s8-reg8,uni2-h:2] [--batch-size 8] [--threads 2]
-                               [--repeats 7] [--precision fp32|bf16|fp16] [--device cpu|cuda] [--json FILE]
+    python benchmarks/atlas.py [--configs vit-s8-reg8,uni2-h:2] [--batch-size 8] [--threads 1]
+        [--rounds 7] [--modes tokens,cls] [--reference] [--precision fp32|bf16|bf16-weights|fp16]
+        [--precision-sweep] [--device cpu|cuda] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 
 import torch
 
-from tub_atlas.benchmark import time_models
+from tub_atlas.benchmark import PRECISIONS, time_models, time_precisions
+
+
+def _fmt_ratio(r: dict, key: str) -> str:
+    return f"{r[key]:.3f} [{r[key + '_min']:.3f}-{r[key + '_max']:.3f}]"
 
 
 def main() -> None:
@@ -32,39 +47,58 @@ def main() -> None:
                     help="comma-separated preset[:depth]")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--img-size", type=int, default=224)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", "--repeats", dest="rounds", type=int, default=7)
+    ap.add_argument("--modes", default="tokens", help="tokens, cls or tokens,cls")
+    ap.add_argument("--reference", action="store_true",
+                    help="also time tub's reference blocks and its inference path with aten GEMMs")
+    ap.add_argument("--gemm", default="auto", choices=["auto", "onednn", "aten"], help="tub's inference GEMMs")
+    ap.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS))
+    ap.add_argument("--precision-sweep", action="store_true", help="tub only: fp32 vs bf16 autocast vs bf16 weights")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-timm", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    rows = []
-    for spec in args.configs.split(","):
-        name, _, depth = spec.partition(":")
-        rows.append(time_models(name, depth=int(depth) if depth else None, batch_size=args.batch_size,
-                                img_size=args.img_size, threads=args.threads, repeats=args.repeats,
-                                compare_timm=not args.no_timm, device=args.device, precision=args.precision))
-    have_timm = "timm_tiles_per_s" in rows[0]
-    head = f"{'config':<16} {'depth':>5} {'tub tiles/s':>12}"
-    if have_timm:
-        head += f" {'timm tiles/s':>13} {'tub/timm':>9} {'max|Δ|':>10}"
-    print(head)
-    for r in rows:
-        line = f"{r['arch']:<16} {r['depth']:>5} {r['tub_tiles_per_s']:>12.3f}"
-        if have_timm:
-            line += f" {r['timm_tiles_per_s']:>13.3f} {r['ratio_tub_over_timm']:>9.3f} {r['max_abs_diff']:>10.2e}"
-        print(line)
-    if not have_timm:
-        print("(timm not importable here: tub only; see the docstring for the comparison venv)")
     env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-           "threads": args.threads, "device": args.device, "precision": args.precision}
+           "threads": args.threads, "device": args.device, "precision": args.precision,
+           "load_average_start": os.getloadavg()}
     try:
         import timm
 
         env["timm"] = timm.__version__
     except Exception:  # noqa: BLE001
         env["timm"] = None
+    rows = []
+    for spec in args.configs.split(","):
+        name, _, depth = spec.partition(":")
+        depth = int(depth) if depth else None
+        if args.precision_sweep:
+            r = time_precisions(name, depth=depth, batch_size=args.batch_size, img_size=args.img_size,
+                                threads=args.threads, repeats=args.rounds, device=args.device)
+            print(f"{name:<14} depth {r['depth']:>2}: " + ", ".join(
+                f"{p} {r[p + '_tiles_per_s']:.3f} tiles/s (x{r[p + '_speedup']:.2f}, rel err {r[p + '_rel_error']:.1e})"
+                for p in ("fp32", "bf16", "bf16-weights")), flush=True)
+        else:
+            r = time_models(name, depth=depth, batch_size=args.batch_size, img_size=args.img_size,
+                            threads=args.threads, repeats=args.rounds, compare_timm=not args.no_timm,
+                            device=args.device, precision=args.precision, modes=tuple(args.modes.split(",")),
+                            reference=args.reference, gemm=args.gemm)
+            line = f"{name:<14} depth {r['depth']:>2} [{r['gemm_used']}]"
+            for mode, pre in (("tokens", ""), ("cls", "cls_")):
+                if f"{pre}tub_tiles_per_s" not in r:
+                    continue
+                line += f" | {mode}: tub {r[pre + 'tub_tiles_per_s']:.3f}"
+                if f"{pre}timm_tiles_per_s" in r:
+                    diff = r["max_abs_diff" if not pre else "cls_max_abs_diff"]
+                    line += (f" timm {r[pre + 'timm_tiles_per_s']:.3f} tiles/s, tub/timm "
+                             f"{_fmt_ratio(r, pre + 'ratio_tub_over_timm')} max|d| {diff:.1e}")
+            if "tub_ref_tiles_per_s" in r:
+                line += (f" | reference blocks {r['tub_ref_tiles_per_s']:.3f}, tub/ref "
+                         f"{_fmt_ratio(r, 'ratio_tub_over_reference')}; aten GEMMs {r['tub_aten_tiles_per_s']:.3f}, "
+                         f"aten/ref {_fmt_ratio(r, 'ratio_tub_aten_over_reference')}")
+            print(line, flush=True)
+        rows.append(r)
+    env["load_average_end"] = os.getloadavg()
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": env, "results": rows}, f, indent=2)

@@ -185,9 +185,13 @@ def test_train_distils_saves_loadable_student_and_resumes(data, tmp_path):
 
 
 def test_bench_and_random_init_policy(data, tmp_path):
-    r = ok(["bench", "--arch", "vit-t8-demo", "--img-size", "64", "--repeats", "1", "--batch-size", "2",
-            "--json", "-o", tmp_path / "b"])
-    assert json.loads(r.stdout)["tub_tiles_per_s"] > 0
+    r = ok(["bench", "--arch", "vit-t8-demo", "--img-size", "64", "--repeats", "2", "--batch-size", "2",
+            "--modes", "tokens,cls", "--reference", "--json", "-o", tmp_path / "b"])
+    res = json.loads(r.stdout)
+    assert res["tub_tiles_per_s"] > 0 and res["cls_tub_tiles_per_s"] > 0
+    assert res["max_abs_diff_aten_reference"] == 0.0  # inference path with aten GEMMs: bit-identical
+    assert res["max_abs_diff_reference"] < 1e-5  # default GEMMs (oneDNN on CPU): fp32 rounding only
+    assert res["ratio_tub_over_reference_min"] <= res["ratio_tub_over_reference"] <= res["ratio_tub_over_reference_max"]
     r = fails(["embed", data / "tiles.npz", "--arch", "uni2-h", "-o", tmp_path / "n"])
     assert "--weights" in r.stderr
     ok(["embed", data / "tiles.npz", "--arch", "vit-t8-demo", "--random-init", "-o", tmp_path / "ri"])
@@ -243,3 +247,29 @@ def test_demo_runs(tmp_path):
     assert res["reload_max_abs_diff"] == 0 and res["lrp_conservation_max_rel_error"] < 1e-3
     assert res["distill_loss_reduction"] > 0.3
     shutil.rmtree(tmp_path / "demo")
+
+
+@pytest.mark.parametrize("pool", ["cls", "cls+mean"])
+def test_embed_bf16_precision_is_close_to_fp32_and_really_reduced(data, tmp_path, pool):
+    """`embed --precision bf16` (autocast; weights stay fp32) on CPU: within 3 % relative L2 of fp32 per
+    tile, yet not identical (the GEMMs really ran in bf16)."""
+    W = data / "vit-t8-demo-random.safetensors"
+    common = ["embed", data / "tiles.npz", "--weights", W, "--pool", pool]
+    ok([*common, "-o", tmp_path / "f32"])
+    ok([*common, "--precision", "bf16", "-o", tmp_path / "b16"])
+    a = np.load(tmp_path / "f32/outputs/tiles/embeddings.npy")
+    b = np.load(tmp_path / "b16/outputs/tiles/embeddings.npy")
+    assert a.shape == b.shape and b.dtype == np.float32
+    rel = np.linalg.norm(b - a, axis=1) / np.linalg.norm(a, axis=1)
+    assert 0 < rel.max() < 0.03
+
+
+def test_embed_gemm_backends_agree_and_are_recorded(data, tmp_path):
+    W = data / "vit-t8-demo-random.safetensors"
+    ok(["embed", data / "tiles.npz", "--weights", W, "--gemm", "aten", "-o", tmp_path / "a"])
+    ok(["embed", data / "tiles.npz", "--weights", W, "-o", tmp_path / "d"])
+    a = np.load(tmp_path / "a/outputs/tiles/embeddings.npy")
+    d = np.load(tmp_path / "d/outputs/tiles/embeddings.npy")
+    assert np.abs(a - d).max() < 1e-5
+    assert json.loads((tmp_path / "a/encoder.json").read_text())["gemm"] == "aten"
+    fails(["embed", data / "tiles.npz", "--weights", W, "--gemm", "blas", "-o", tmp_path / "x"])

@@ -9,10 +9,13 @@ so this file skips when timm is absent. Procedure used to run it (recorded in th
     PYTHONPATH=.:plugins/tub-atlas /tmp/timmenv/bin/python -m pytest tests/atlas/test_atlas_timm_parity.py \
         -q -p no:cacheprovider --import-mode=importlib -s
 
-Recorded on the 2-core CPU dev box (torch 2.14.1, timm 1.0.31), max |Δ| of forward_features, fp32:
-uni2-h (depth 2) 224 px 0.0, 448 px 0.0; virchow2 (depth 2) 0.0 / 0.0; h-optimus-0 (depth 2) 0.0 / 0.0;
-vit-s8-reg8 (depth 12) 0.0 / 0.0; DINOv2 checkpoints with 518-px positions through timm's
-checkpoint_filter_fn vs tub's convert: h-optimus-0 and vit-s8-reg8 (depth 2) 0.0.
+Recorded on the 2-core CPU dev box (AMD EPYC; torch 2.14.1, timm 1.0.31), max |Δ| of forward_features,
+fp32, inference path. gemm="aten" (timm's BLAS kernels): 0.0 for uni2-h, virchow2, h-optimus-0 (depth 2)
+and vit-s8-reg8 (depth 12), at 224 and 448 px. gemm="auto" (oneDNN GEMMs, the default on CPU):
+224 px uni2-h 6.5e-6, virchow2 4.9e-6, h-optimus-0 7.4e-6, vit-s8-reg8 4.8e-6; 448 px 6.7e-6 / 5.2e-6 /
+7.2e-6 / 4.5e-6. DINOv2 checkpoints with 518-px positions through timm's checkpoint_filter_fn vs tub's
+convert: h-optimus-0 8.3e-6, vit-s8-reg8 3.0e-6 (depth 2). CLS embedding (tub forward_cls vs timm
+model(x)): uni2-h 4.8e-6, virchow2 4.1e-6, vit-s8-reg8 4.2e-6.
 """
 
 from __future__ import annotations
@@ -53,9 +56,12 @@ CASES = [("uni2-h", 2), ("virchow2", 2), ("h-optimus-0", 2), ("vit-s8-reg8", 12)
 
 @pytest.mark.parametrize("name,depth", CASES)
 @pytest.mark.parametrize("size", [224, 448])
-def test_forward_features_match_timm(name, depth, size):
+@pytest.mark.parametrize("gemm", ["auto", "aten"])
+def test_forward_features_match_timm(name, depth, size, gemm):
+    """gemm="auto" (oneDNN GEMMs on CPU) agrees to fp32 rounding; gemm="aten" runs timm's kernels."""
     torch.manual_seed(0)
     ours = random_vit(preset_config(name, depth=depth), seed=1)
+    ours.gemm = gemm
     theirs = timm_model(name, depth, dynamic=size != 224).eval()
     theirs.load_state_dict(ours.state_dict(), strict=True)  # identical weights, timm key layout
     x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(2))
@@ -65,7 +71,7 @@ def test_forward_features_match_timm(name, depth, size):
         b = theirs.forward_features(x)
     assert a.shape == b.shape
     delta = (a - b).abs().max().item()
-    print(f"PARITY {name} depth={depth} {size}px max|d|={delta:.3e}")
+    print(f"PARITY {name} depth={depth} {size}px gemm={gemm} max|d|={delta:.3e}")
     assert delta <= 1e-5
 
 
@@ -95,4 +101,17 @@ def test_dinov2_checkpoint_with_518px_positions_matches_timm_filter(name):
     with torch.inference_mode():
         delta = (ours.forward_features(x) - theirs.forward_features(x)).abs().max().item()
     print(f"PARITY dinov2 {name} stored grid {g} -> 224px max|d|={delta:.3e}")
+    assert delta <= 1e-5
+
+
+@pytest.mark.parametrize("name,depth", [("uni2-h", 2), ("virchow2", 2), ("vit-s8-reg8", 12)])
+def test_cls_embedding_matches_timm_pooled_output(name, depth):
+    """tub forward_cls (last block at the CLS position only) vs timm model(x), global_pool="token"."""
+    ours = random_vit(preset_config(name, depth=depth), seed=1)
+    theirs = timm_model(name, depth, dynamic=False).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        delta = (ours.forward_cls(x) - theirs(x)).abs().max().item()
+    print(f"PARITY cls {name} depth={depth} max|d|={delta:.3e}")
     assert delta <= 1e-5

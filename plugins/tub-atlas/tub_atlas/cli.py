@@ -22,9 +22,11 @@ def _need(value, what: str):
 def _encoder(sec: EncoderSection, run):
     from .encoder import load_encoder
 
-    return load_encoder(sec.arch, sec.weights, pool=sec.pool, heads=sec.heads, norm=sec.norm,
-                        img_size=sec.img_size, random_init=sec.random_init, seed=run.seed,
-                        device=run.device)
+    enc, info = load_encoder(sec.arch, sec.weights, pool=sec.pool, heads=sec.heads, norm=sec.norm,
+                             img_size=sec.img_size, random_init=sec.random_init, seed=run.seed,
+                             device=run.device)
+    enc.vit.gemm = info["gemm"] = sec.gemm
+    return enc, info
 
 
 # ------------------------------------------------------------------ inspect / convert
@@ -89,10 +91,12 @@ def embed(cfg: EmbedConfig, run) -> dict:
     else:
         if cfg.metadata is not None:
             raise TubError("--metadata is only used with --format pathorob")
-        _need(cfg.inputs, "TILES (folders, .npz or .h5 files)")
+        _need(cfg.inputs, "TILES (folders, .npz or .h5 files, whole slides)")
+        slide_options = {"tile_px": cfg.slide_tile_size, "mpp": cfg.slide_mpp, "level": cfg.slide_level,
+                         "tissue_min": cfg.slide_tissue_min}
         sets = {}
         for p in cfg.inputs:
-            ts = read_input(p)
+            ts = read_input(p, slide_options)
             if ts.name in sets:  # e.g. a folder 'tiles' and 'tiles.npz'
                 ts.name = f"{ts.name}_{Path(p).suffix.lstrip('.') or 'dir'}"
             if ts.name in sets:
@@ -118,9 +122,13 @@ def embed(cfg: EmbedConfig, run) -> dict:
 
         with atomic_path(run.dir / "slides.npz") as tmp:
             np.savez(tmp, **slides)
-    return {"tiles": n_tiles, "slides": len(slides), "dim": info["dim"], "pool": info["pool"],
-            "format": cfg.format, "arch": info["arch"], "random_init": info["random_init"],
-            "outputs": str(run.outputs_dir)}
+    result = {"tiles": n_tiles, "slides": len(slides), "dim": info["dim"], "pool": info["pool"],
+              "format": cfg.format, "arch": info["arch"], "random_init": info["random_init"],
+              "outputs": str(run.outputs_dir)}
+    tiling = [ts.extra["slide"] for ts in sets.values() if "slide" in ts.extra]
+    if tiling:  # whole-slide inputs: how each was tiled (level, footprint, tissue tiles)
+        result["whole_slides"] = tiling
+    return result
 
 
 # ------------------------------------------------------------------ evaluate
@@ -203,7 +211,8 @@ def bench(cfg: BenchConfig, run) -> dict:
 
     return time_models(cfg.arch, depth=cfg.depth, batch_size=cfg.batch_size, img_size=cfg.img_size,
                        threads=cfg.threads, repeats=cfg.repeats, compare_timm=cfg.compare_timm,
-                       device=run.device, precision=cfg.precision, log=run.log)
+                       device=run.device, precision=cfg.precision, modes=tuple(cfg.modes.split(",")),
+                       reference=cfg.reference, gemm=cfg.gemm, log=run.log)
 
 
 def make_data(cfg: MakeDataConfig, run) -> dict:

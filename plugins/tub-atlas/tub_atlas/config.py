@@ -21,6 +21,8 @@ class EncoderSection(Section):
     norm: Norm | None = Field(None, description="normalisation constants [preset/model.json default]")
     img_size: int | None = Field(None, description="input side after resizing [preset default]")
     random_init: bool = Field(False, description="random weights for tests/demos when no --weights (NOT a pretrained model)")
+    gemm: Literal["auto", "onednn", "aten"] = Field(
+        "auto", description="inference GEMMs: auto (oneDNN on CPU fp32/bf16), onednn, aten (bit-identical to timm)")
 
 
 class InspectConfig(TubConfig):
@@ -40,13 +42,18 @@ class ConvertConfig(TubConfig):
 
 
 class EmbedConfig(TubConfig):
-    inputs: list[Path] = Field(default_factory=list, description="tile folders, ImageFolder trees, .npz/.h5 tile arrays")
+    inputs: list[Path] = Field(default_factory=list,
+                               description="tile folders, ImageFolder trees, .npz/.h5 tile arrays, whole slides")
     encoder: EncoderSection = EncoderSection()
     format: Literal["npy", "pathorob", "h5", "eva"] = Field("npy", description="output layout (spec §2.7)")
     metadata: Path | None = Field(None, description="PathoROB metadata CSV (format pathorob: tiles per medical_center)")
     image_root: Path | None = Field(None, description="image root for --metadata [default: the CSV's folder]")
     batch_size: int = Field(32, ge=1, description="tiles per forward pass")
     slide_pool: Literal["mean", "max"] = Field("mean", description="slide embedding from its tiles")
+    slide_tile_size: int = Field(224, ge=8, description="whole slides: tile side in pixels (after resizing)")
+    slide_mpp: float | None = Field(None, gt=0, description="whole slides: tile resolution in µm/px (e.g. 0.5)")
+    slide_level: int = Field(0, ge=0, description="whole slides without --slide-mpp: pyramid level to tile")
+    slide_tissue_min: float = Field(0.25, ge=0, le=1, description="whole slides: min tissue fraction per tile")
 
 
 class EvaluateConfig(TubConfig):
@@ -114,6 +121,9 @@ class BenchConfig(TubConfig):
     threads: int | None = Field(None, ge=1, description="torch intra-op threads")
     repeats: int = Field(5, ge=1)
     compare_timm: bool = Field(False, description="also time timm on the same weights (needs timm)")
+    modes: str = Field("tokens", description="tokens (forward_features), cls (CLS embedding) or tokens,cls")
+    gemm: Literal["auto", "onednn", "aten"] = Field("auto", description="tub's inference GEMMs")
+    reference: bool = Field(False, description="also time tub's reference blocks (no inference path)")
 
 
 class MakeDataConfig(TubConfig):

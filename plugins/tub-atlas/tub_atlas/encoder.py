@@ -86,6 +86,8 @@ class Encoder(nn.Module):
         return self.vit.forward_features(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool == "cls":  # only the CLS token is needed: the last block runs on it alone
+            return self.vit.forward_cls(self.transform(x.to(next(self.vit.parameters()).dtype)))
         return pool_tokens(self.tokens(x), self.vit.num_prefix_tokens, self.pool)
 
 

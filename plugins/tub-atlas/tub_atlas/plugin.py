@@ -6,7 +6,8 @@ from tubcli import PluginApp, Verb, hookimpl
 from tubcli.hookspecs import EncoderSpec
 
 ENC = {"arch": "encoder.arch", "weights": "encoder.weights", "pool": "encoder.pool", "heads": "encoder.heads",
-       "norm": "encoder.norm", "img-size": "encoder.img_size", "random-init": "encoder.random_init"}
+       "norm": "encoder.norm", "img-size": "encoder.img_size", "random-init": "encoder.random_init",
+       "gemm": "encoder.gemm"}
 
 app = PluginApp(
     name="atlas",
@@ -21,10 +22,11 @@ app = PluginApp(
              args=["weights", "output"],
              options={"from": "source", "heads": "heads", "preset": "preset", "norm": "norm", "pool": "pool"}),
         Verb("embed", "tub_atlas.cli:embed", config="tub_atlas.config:EmbedConfig",
-             help="Embed tile folders / ImageFolder trees / NPZ-HDF5 tile arrays (npy, pathorob, h5, eva layouts).",
+             help="Embed tile folders, ImageFolder trees, NPZ/HDF5 tile arrays, whole slides (npy/pathorob/h5/eva).",
              args=["inputs"], batch=True,
              options={**ENC, "format": "format", "metadata": "metadata", "image-root": "image_root",
-                      "batch-size": "batch_size", "slide-pool": "slide_pool"}),
+                      "batch-size": "batch_size", "slide-pool": "slide_pool", "slide-tile-size": "slide_tile_size",
+                      "slide-mpp": "slide_mpp", "slide-level": "slide_level", "slide-tissue-min": "slide_tissue_min"}),
         Verb("evaluate", "tub_atlas.cli:evaluate", config="tub_atlas.config:EvaluateConfig",
              help="Linear and kNN probes on frozen embeddings (balanced accuracy, repeated runs).",
              args=["features"],
@@ -45,7 +47,8 @@ app = PluginApp(
         Verb("bench", "tub_atlas.cli:bench", config="tub_atlas.config:BenchConfig",
              help="Tiles/s of tub's ViT (and timm's on the same weights with --compare-timm).",
              options={"arch": "arch", "depth": "depth", "batch-size": "batch_size", "threads": "threads",
-                      "repeats": "repeats", "img-size": "img_size", "compare-timm": "compare_timm"}),
+                      "repeats": "repeats", "img-size": "img_size", "compare-timm": "compare_timm",
+                      "modes": "modes", "reference": "reference", "gemm": "gemm"}),
         Verb("make-data", "tub_atlas.cli:make_data", config="tub_atlas.config:MakeDataConfig",
              help="Synthetic labelled tiles (folder, NPZ, PathoROB layout) and random-weight test checkpoints.",
              args=["out"],

@@ -1,10 +1,12 @@
-"""Reading tile collections: PNG/JPEG folders, ImageFolder trees, NPZ and HDF5 tile arrays, and
-PathoROB metadata CSV + image root. Each input becomes a ``TileSet`` with per-tile metadata."""
+"""Reading tile collections: PNG/JPEG folders, ImageFolder trees, NPZ and HDF5 tile arrays, whole-slide
+images (``slides.py``), and PathoROB metadata CSV + image root. Each input becomes a ``TileSet`` with
+per-tile metadata."""
 
 from __future__ import annotations
 
 import csv
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,12 +30,15 @@ class TileSet:
     array_file: Path | None = None
     array_key: str | None = None
     extra: dict = field(default_factory=dict)
+    reader: Callable[[int, int], np.ndarray] | None = None  # e.g. a whole slide's tissue tiles
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Tiles [start, stop) as (n, H, W, 3) uint8 RGB."""
+        if self.reader is not None:
+            return self.reader(start, stop)
         if self.paths is not None:
             return np.stack([read_image(p) for p in self.paths[start:stop]])
         if self.array_file.suffix == ".npz":
@@ -139,17 +144,25 @@ def read_array_file(path: Path) -> TileSet:
     return TileSet(name=path.stem, rows=rows, array_file=path, array_key=key)
 
 
-def read_input(path: str | Path) -> TileSet:
+def read_input(path: str | Path, slide_options: dict | None = None) -> TileSet:
+    """One input -> TileSet; ``slide_options`` (tile_px, mpp, level, tissue_min) apply to whole slides."""
+    from .slides import SLIDE_EXT, is_whole_slide, read_slide
+
     path = Path(path)
     if not path.exists():
-        raise TubError(f"input {path} does not exist; give tile folders, .npz or .h5 files")
+        raise TubError(f"input {path} does not exist; give tile folders, .npz/.h5 files or whole slides")
     if path.is_dir():
         return read_folder(path)
     if path.suffix.lower() in (".npz", ".h5", ".hdf5"):
         return read_array_file(path)
+    if is_whole_slide(path):
+        return read_slide(path, **(slide_options or {}))
+    if path.suffix.lower() in SLIDE_EXT - IMAGE_EXT:
+        raise TubError(f"OpenSlide cannot read {path}; is it a complete whole-slide file?")
     if path.suffix.lower() in IMAGE_EXT:
         return TileSet(name=path.stem, rows=[_row_from_name(path, None, path.parent)], paths=[path])
-    raise TubError(f"{path}: unsupported input; use a tile folder, an ImageFolder tree, .npz or .h5")
+    raise TubError(f"{path}: unsupported input; use a tile folder, an ImageFolder tree, .npz/.h5 or a "
+                   "whole slide (.svs, .ndpi, .mrxs, pyramidal .tif, ...)")
 
 
 # ------------------------------------------------------------------ PathoROB metadata

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .inference import Workspace, cls_token_only, forward_tokens, onednn_linear, usable, use_onednn
+
 NORM_EPS = 1e-6
 
 
@@ -231,6 +233,9 @@ class VisionTransformer(nn.Module):
         self.keep_attention = False  # switched on by attention rollout
         self.lrp = False  # switched on by conservative LRP
         self.attentions: list[torch.Tensor] = []
+        self.fast_inference = True  # use inference.forward_tokens when no gradient is recorded
+        self.gemm = "auto"  # inference GEMMs: auto | onednn | aten (see inference.use_onednn)
+        self.workspace = Workspace()  # activation buffers of the inference path (not parameters)
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -263,14 +268,21 @@ class VisionTransformer(nn.Module):
             return torch.cat(prefix + [x + pos], dim=1)
         return torch.cat(prefix + [x], dim=1) + pos
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised pixels -> (B, 1 + R + N, D) final-normed tokens (spec §2.2)."""
+    def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected (B, 3, H, W) input, got {tuple(x.shape)}")
         P = self.cfg.patch_size
         H, W = x.shape[-2:]
         if H % P or W % P:
             raise ValueError(f"image size {H}x{W} is not divisible by the patch size {P}")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised pixels -> (B, 1 + R + N, D) final-normed tokens (spec §2.2)."""
+        self._check_input(x)
+        P = self.cfg.patch_size
+        H, W = x.shape[-2:]
+        if self.fast_inference and usable(self, x):
+            return layer_norm(self.norm, forward_tokens(self, x), False)
         x = self._pos_embed(self.patch_embed(x), (H // P, W // P))
         keep = self.keep_attention
         self.attentions = []
@@ -282,6 +294,31 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)
+
+    def forward_cls(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, D) final-normed CLS token = ``forward_features(x)[:, 0]``, cheaper.
+
+        The last block runs at the CLS position only (``inference.cls_token_only``): the result is
+        the same; the work saved is most of one block.
+        """
+        self._check_input(x)
+        if self.keep_attention or self.lrp:
+            return self.forward_features(x)[:, 0]
+        linear = F.linear
+        if self.fast_inference and usable(self, x):
+            tokens = forward_tokens(self, x, self.blocks[:-1])
+            if use_onednn(self.gemm, x):
+                linear = onednn_linear
+        else:
+            P = self.cfg.patch_size
+            tokens = self._pos_embed(self.patch_embed(x), (x.shape[-2] // P, x.shape[-1] // P))
+            for blk in self.blocks[:-1]:
+                tokens = blk(tokens)[0]
+        return layer_norm(self.norm, cls_token_only(self.blocks[-1], tokens, linear), False)[:, 0]
+
+    def release_workspace(self) -> None:
+        """Free the inference path's activation buffers (they are kept between calls)."""
+        self.workspace.clear()
 
 
 def pool_tokens(tokens: torch.Tensor, n_prefix: int, pool: str) -> torch.Tensor:

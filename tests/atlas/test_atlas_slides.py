@@ -1,0 +1,124 @@
+"""Whole-slide input: a small pyramidal TIFF (written here with tifffile, read through OpenSlide) is
+tiled on its tissue, tiles equal the known pixels, and `embed` turns it into per-slide h5 features."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+openslide = pytest.importorskip("openslide")
+tifffile = pytest.importorskip("tifffile")
+
+from tubcli.testing import invoke  # noqa: E402
+
+from tub_atlas.slides import SlideTiles, is_whole_slide, otsu_threshold, tissue_mask  # noqa: E402
+
+BG = 240
+
+
+def make_slide(path, mpp=0.25, tissue=(slice(128, 384), slice(192, 512)), blank=False):
+    """1024 x 768 RGB level 0 + a 2x mean-downsampled level 1, both 256-px tiled; returns both arrays."""
+    rng = np.random.default_rng(0)
+    img = np.full((768, 1024, 3), BG, np.uint8)
+    img += rng.integers(0, 6, img.shape, dtype=np.uint8)  # grey noise: unsaturated background
+    if not blank:
+        ys, xs = tissue
+        h, w = ys.stop - ys.start, xs.stop - xs.start
+        pink = np.array([200, 80, 150]) + rng.integers(-25, 26, (h, w, 3))
+        img[ys, xs] = np.clip(pink, 0, 255).astype(np.uint8)
+    l1 = img.reshape(384, 2, 512, 2, 3).mean((1, 3)).round().astype(np.uint8)
+    kw = dict(tile=(256, 256), photometric="rgb", compression="zlib")
+    res = dict(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER") if mpp else {}
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(img, subfiletype=0, **kw, **res)
+        tw.write(l1, subfiletype=1, **kw)
+    return img, l1
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory):
+    path = tmp_path_factory.mktemp("wsi") / "case01.tif"
+    img, l1 = make_slide(path)
+    return path, img, l1
+
+
+def test_otsu_and_tissue_mask_on_a_two_class_image():
+    vals = np.concatenate([np.full(300, 20), np.full(100, 200)]).astype(np.uint8)
+    t = otsu_threshold(vals)
+    assert 20 <= t < 200
+    rgb = np.full((10, 10, 3), 235, np.uint8)
+    rgb[:4] = (190, 70, 140)
+    assert tissue_mask(rgb)[:4].all() and not tissue_mask(rgb)[4:].any()
+    assert not tissue_mask(np.full((8, 8, 3), 230, np.uint8)).any()  # blank: no tissue at all
+
+
+def test_level0_tissue_grid_and_pixels(slide):
+    path, img, _ = slide
+    assert is_whole_slide(path)
+    tiler = SlideTiles(path, tile_px=64, level=0, tissue_min=0.25)
+    # tissue rows 128:384, columns 192:512 -> grid cells y 2..5, x 3..7 (64-px cells), all fully covered
+    expected = {(x * 64, y * 64) for y in range(2, 6) for x in range(3, 8)}
+    assert set(map(tuple, tiler.coords.tolist())) == expected and tiler.grid == (16, 12)
+    tiles = tiler.read(0, len(tiler))
+    for (x, y), t in zip(tiler.coords, tiles):
+        assert np.array_equal(t, img[y:y + 64, x:x + 64])
+
+
+def test_target_mpp_reads_the_matching_pyramid_level(slide):
+    path, img, l1 = slide
+    tiler = SlideTiles(path, tile_px=64, mpp=0.5, tissue_min=0.25)  # 0.25 µm/px slide: 2x -> level 1
+    assert (tiler.level, tiler.footprint0, tiler.read_px) == (1, 128, 64)
+    # 128-px level-0 cells: x cells 1 (half tissue), 2, 3; y cells 1, 2
+    assert set(map(tuple, tiler.coords.tolist())) == {(x * 128, y * 128) for y in (1, 2) for x in (1, 2, 3)}
+    for (x, y), t in zip(tiler.coords, tiler.read(0, len(tiler))):
+        assert np.array_equal(t, l1[y // 2:y // 2 + 64, x // 2:x // 2 + 64])
+    half = SlideTiles(path, tile_px=64, mpp=0.5, tissue_min=0.75)
+    assert len(half) == 4  # the half-covered column drops out
+
+
+def test_embed_whole_slide_to_h5_matches_embedding_the_crops(slide, tmp_path):
+    from tub_atlas.encoder import load_encoder
+
+    path, img, _ = slide
+    made = invoke(["atlas", "make-data", tmp_path / "d", "--n-per-class", "2", "--checkpoint", "vit-t8-demo",
+                   "-o", tmp_path / "mk"])
+    assert made.exit_code == 0, made.stderr
+    W = tmp_path / "d" / "vit-t8-demo-random.safetensors"
+    r = invoke(["atlas", "embed", str(path), "--weights", str(W), "--format", "h5", "--slide-tile-size", "64",
+                "--pool", "cls+mean", "--json", "-o", str(tmp_path / "e")])
+    assert r.exit_code == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["tiles"] == 20 and res["whole_slides"][0]["level"] == 0
+    with h5py.File(tmp_path / "e/outputs/case01.h5") as f:
+        feats, coords = f["features"][()], f["coords"][()]
+    assert feats.shape == (20, 2 * 192)
+    enc, _ = load_encoder("auto", W)
+    crops = np.stack([img[y:y + 64, x:x + 64] for x, y in coords])
+    with torch.inference_mode():
+        ref = enc(torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255.0).numpy()
+    assert np.abs(feats - ref).max() < 1e-5
+    slides = np.load(tmp_path / "e/slides.npz")
+    assert np.allclose(slides["case01"], feats.mean(0), atol=1e-6)
+
+
+def test_slide_errors_are_one_line(tmp_path):
+    no_res = tmp_path / "nores.tif"
+    make_slide(no_res, mpp=None)
+    blank = tmp_path / "blank.tif"
+    make_slide(blank, blank=True)
+    base = ["atlas", "embed", "--arch", "vit-t8-demo", "--random-init", "--slide-tile-size", "64"]
+    for extra, src, needle in ((["--slide-mpp", "0.5"], no_res, "resolution"),
+                               (["--slide-level", "5"], no_res, "levels 0..1"),
+                               ([], blank, "no tissue")):
+        r = invoke([*base, *extra, str(src), "-o", str(tmp_path / f"o{len(extra)}{src.stem}")])
+        assert r.exit_code == 2, r.stderr + r.stdout
+        assert needle in r.stderr and "Traceback" not in r.stderr
+    # a small plain TIFF tile is still one tile, not a slide
+    from PIL import Image
+
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(tmp_path / "tile.tif")
+    assert not is_whole_slide(tmp_path / "tile.tif")
