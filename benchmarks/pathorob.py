@@ -3,19 +3,28 @@
 Both read the same official layout (one npz per center + camelyon metadata CSV) and compute the
 camelyon robustness index (k = 11, and the k search), once without the logistic-regression AUC
 ("RI core") and once with it (the reference then also fits two further AUCs it does not report).
-Each side runs in a fresh interpreter per repeat (the reference needs pandas); its time is measured
+Each side runs in a fresh interpreter per round (the reference needs pandas); its time is measured
 inside that process after the imports, around reading the features and computing the index. Both run
-under the same native thread limit; the minimum over the repeats is reported.
+under the same native thread limit.
+
+The box this runs on is shared, so the two are interleaved: every round runs tub, the reference and
+tub again back to back and gives one ratio, reference time / mean of the two tub times (the two tub
+runs bracket the reference, so load that drifts during the round weighs on both sides alike); the
+table reports the median of the per-round ratios with their min and max, the median times, the
+1-minute load average seen during the rounds, and whether every run gave the identical robustness index
+and k_opt.
 
     PYTHONPATH=plugins/tub-pathorob:. python benchmarks/pathorob.py --reference-repo /tmp/ref-pathorob \
-        --reference-python /tmp/pathorob-ref-venv/bin/python --threads 1 --repeats 3 --out runs/benchmarks/pathorob.json
+        --reference-python /tmp/pathorob-ref-venv/bin/python --threads 1 --rounds 5 --out runs/benchmarks/pathorob.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -58,15 +67,30 @@ with limit_threads({threads}):
 print(json.dumps({{"seconds": dt, "summary": res}}))
 """
 
+CASES = {
+    "k11": ("RI core, k=11", 0, False),
+    "ksearch": ("RI core, k search", -1, False),
+    "auc": ("RI + AUC, k=11", 0, True),
+}
+
+
+def _run(cmd: list[str]) -> dict:
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{cmd[0]} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--reference-repo", required=True)
     ap.add_argument("--reference-python", default=sys.executable)
     ap.add_argument("--threads", type=int, default=1, help="native thread limit for both (0 = library default)")
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved reference/tub rounds per case (>= 3)")
+    ap.add_argument("--cases", default="k11,ksearch,auc", help=f"comma-separated subset of {','.join(CASES)}")
     ap.add_argument("--out", type=Path, default=Path("runs/benchmarks/pathorob.json"))
     a = ap.parse_args(argv)
+    plugin = str(Path(__file__).resolve().parents[1] / "plugins" / "tub-pathorob")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -75,41 +99,59 @@ def main(argv=None):
         (root / "metadata").mkdir()
         meta.write_csv(root / "metadata" / "camelyon.csv")
         n_id = int((meta.subset == "ID").sum())
-        for label, k_param, auc in (("RI core, k=11", 0, False), ("RI core, k search", -1, False),
-                                    ("RI + AUC, k=11", 0, True)):
-            ref_t, tub_t = [], []
-            for rep in range(a.repeats):
-                code = REF.format(repo=a.reference_repo, auc=auc, threads=a.threads, features=str(root / "features"),
-                                  metadata=str(root / "metadata"), results=str(root / f"res_{k_param}_{auc}_{rep}"),
-                                  k_param=k_param)
-                out = subprocess.run([a.reference_python, "-c", code], capture_output=True, text=True, check=True)
-                ref = json.loads(out.stdout.strip().splitlines()[-1])
-                ref_t.append(ref["seconds"])
-                # tub also runs in a fresh interpreter, timed after its imports, exactly like the reference
-                code = TUB.format(plugin=str(Path(__file__).resolve().parents[1] / "plugins" / "tub-pathorob"),
-                                  threads=a.threads, features=str(root / "features" / "bench" / "camelyon"),
-                                  metadata=str(root / "metadata" / "camelyon.csv"), k_search=k_param == -1, auc=auc)
-                out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-                tub = json.loads(out.stdout.strip().splitlines()[-1])
-                tub_t.append(tub["seconds"])
-                res = tub["summary"]
-            diff = abs(res["robustness_index"] - ref["summary"]["robustness_index"])
-            row = {"case": label, "rows": n_id, "reference_s": min(ref_t), "tub_s": min(tub_t),
-                   "speedup": min(ref_t) / min(tub_t), "k_opt": [ref["summary"]["k_opt"], res["k_opt"]],
-                   "robustness_index": res["robustness_index"], "abs_diff_ri": diff}
-            if auc:
-                row["abs_diff_auc"] = abs(res["confounder_log_reg_AUC"] - ref["summary"]["confounder_log_reg_AUC"])
-            rows.append(row)
-            print(f"{label:20s} rows {n_id}  reference {min(ref_t):7.2f}s  tub {min(tub_t):6.2f}s  "
-                  f"x{row['speedup']:.1f}  k_opt {row['k_opt']}  |dRI| {diff:.1e}", flush=True)
-    result = {"machine": f"{platform.node()} ({platform.machine()}, {__import__('os').cpu_count()} cpus)",
-              "threads": a.threads, "python": platform.python_version(), "results": rows}
+        for name in a.cases.split(","):
+            label, k_param, auc = CASES[name]
+            rounds = []
+            for rnd in range(a.rounds):
+                ref_code = REF.format(repo=a.reference_repo, auc=auc, threads=a.threads,
+                                      features=str(root / "features"), metadata=str(root / "metadata"),
+                                      results=str(root / f"res_{name}_{rnd}"), k_param=k_param)
+                tub_code = TUB.format(plugin=plugin, threads=a.threads,
+                                      features=str(root / "features" / "bench" / "camelyon"),
+                                      metadata=str(root / "metadata" / "camelyon.csv"), k_search=k_param == -1, auc=auc)
+                # tub, reference, tub: the mean of the two tub runs sees the same load drift as the reference
+                load = [os.getloadavg()[0]]
+                tub1 = _run([sys.executable, "-c", tub_code])
+                load.append(os.getloadavg()[0])
+                ref = _run([a.reference_python, "-c", ref_code])
+                load.append(os.getloadavg()[0])
+                tub = _run([sys.executable, "-c", tub_code])
+                load.append(os.getloadavg()[0])
+                r, t = ref["summary"], tub["summary"]
+                tub_s = (tub1["seconds"] + tub["seconds"]) / 2
+                rec = {"reference_s": ref["seconds"], "tub_s": tub_s, "tub_runs_s": [tub1["seconds"], tub["seconds"]],
+                       "ratio": ref["seconds"] / tub_s, "load_1min": load, "k_opt": [r["k_opt"], t["k_opt"]],
+                       "robustness_index": [r["robustness_index"], t["robustness_index"]],
+                       "identical": (r["robustness_index"] == t["robustness_index"] == tub1["summary"]["robustness_index"]
+                                     and r["k_opt"] == t["k_opt"])}
+                if auc:
+                    rec["abs_diff_auc"] = abs(t["confounder_log_reg_AUC"] - r["confounder_log_reg_AUC"])
+                rounds.append(rec)
+                print(f"{label:20s} round {rnd + 1}: reference {rec['reference_s']:6.2f}s  tub {rec['tub_s']:5.2f}s  "
+                      f"x{rec['ratio']:.1f}  load {max(load):.1f}  identical {rec['identical']}", flush=True)
+            ratios = [x["ratio"] for x in rounds]
+            rows.append({
+                "case": label, "rows": n_id, "rounds": rounds,
+                "reference_s_median": statistics.median(x["reference_s"] for x in rounds),
+                "tub_s_median": statistics.median(x["tub_s"] for x in rounds),
+                "speedup_median": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
+                "k_opt": rounds[0]["k_opt"], "robustness_index": rounds[0]["robustness_index"][1],
+                "abs_diff_ri_max": max(abs(x["robustness_index"][0] - x["robustness_index"][1]) for x in rounds),
+                "identical_all_rounds": all(x["identical"] for x in rounds),
+                "load_1min_range": [min(min(x["load_1min"]) for x in rounds), max(max(x["load_1min"]) for x in rounds)],
+            })
+    result = {"machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cpus)", "threads": a.threads,
+              "python": platform.python_version(), "rounds": a.rounds, "results": rows}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2))
-    print("| case | rows | reference (s) | tub (s) | speed-up | |ΔRI| |")
-    print("|---|---|---|---|---|---|")
+    print("| case | rows | reference (s, median) | tub (s, median) | speed-up median (min–max) | k_opt ref / tub "
+          "| identical RI | load avg |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} | {r['rows']} | {r['reference_s']:.2f} | {r['tub_s']:.2f} | {r['speedup']:.1f}× | {r['abs_diff_ri']:.1e} |")
+        print(f"| {r['case']} | {r['rows']:,} | {r['reference_s_median']:.2f} | {r['tub_s_median']:.2f} | "
+              f"**{r['speedup_median']:.1f}×** ({r['speedup_min']:.1f}–{r['speedup_max']:.1f}) | "
+              f"{r['k_opt'][0]} / {r['k_opt'][1]} | {'yes' if r['identical_all_rounds'] else 'NO'} "
+              f"(\\|Δ\\| {r['abs_diff_ri_max']:.0e}) | {r['load_1min_range'][0]:.1f}–{r['load_1min_range'][1]:.1f} |")
     return result
 
 

@@ -31,6 +31,31 @@ def test_official_layout_round_trip(data):
     assert np.array_equal(Y, X[p]) and list(m2.slide_id) == list(meta.slide_id[p])
 
 
+def test_official_layout_compressed_or_mixed_npz_takes_general_path(data):
+    """The fast reader (offsets from the zip central directory) declines compressed or mixed-dtype npz
+    files; the general reader then gives the same rows."""
+    from tub_pathorob.features import _read_npz_matrix
+
+    X, meta, tmp = data
+    keys = meta.keys()
+    folder = tmp / "feats_z"
+    folder.mkdir()
+    for center in dict.fromkeys(meta.medical_center):
+        rows = np.flatnonzero(meta.medical_center == center)
+        vec = {keys[i]: (X[i] if j else X[i].astype(np.float32)) for j, i in enumerate(rows)}  # one float32
+        save = np.savez_compressed if center == "B" else np.savez
+        save(folder / f"{center.replace(' ', '_')}.npz", **vec)
+        data = (folder / f"{center.replace(' ', '_')}.npz").read_bytes()
+        assert _read_npz_matrix(data, [keys[i] for i in rows]) is None  # mixed dtypes
+        rest = [keys[i] for i in rows[:0:-1]]  # float64 members only, in reverse order
+        if center == "B":
+            assert _read_npz_matrix(data, rest) is None  # compressed
+        else:
+            assert np.array_equal(_read_npz_matrix(data, rest), X[rows[:0:-1]])
+    Y, _ = load_features(folder, meta)
+    assert np.allclose(Y, X, atol=1e-6)
+
+
 def test_plain_npy_and_npz(data):
     X, meta, tmp = data
     write_plain(tmp / "X.npy", X)

@@ -189,6 +189,31 @@ def test_knn_equals_sklearn_brute(n, N):
     assert np.array_equal(got, ref)
 
 
+@pytest.mark.parametrize("N,D,n", [(3001, 64, 111), (2500, 24, 40)])
+def test_knn_normalised_near_ties_equal_sklearn_brute(N, D, n):
+    """L2-normalised rows (the RI's input: the float32 pass ranks by x·y alone) with clusters of points
+    closer than float32 can separate, so the float64 repair of near-tied runs decides their order;
+    N is not a multiple of the column-group count, so a remainder group is used."""
+    from sklearn.neighbors import NearestNeighbors
+    from sklearn.preprocessing import normalize
+
+    from tub_pathorob.knn import _groups, nearest_neighbours
+
+    rng = np.random.default_rng(N)
+    base = rng.standard_normal((N - 300, D))
+    near = base[:300] + 1e-7 * rng.standard_normal((300, D))  # near-duplicates of the first 300 rows
+    X = normalize(np.concatenate([base, near]))
+    G, L = _groups(N, n + 16)
+    assert L >= 2 and N % G
+    ref = NearestNeighbors(n_neighbors=n, algorithm="brute").fit(X).kneighbors(X, return_distance=False)
+    got = nearest_neighbours(X, n, block=96)
+    assert np.array_equal(got, ref)
+    # the same neighbours after scaling every row (norms no longer equal: the float32 pass subtracts ‖y‖²/2)
+    Y = X * rng.uniform(0.5, 2.0, (N, 1))
+    ref = NearestNeighbors(n_neighbors=n, algorithm="brute").fit(Y).kneighbors(Y, return_distance=False)
+    assert np.array_equal(nearest_neighbours(Y, n, block=96), ref)
+
+
 def test_knn_exact_with_duplicates_and_ties():
     """Duplicated points make the float32 certificate fail; those queries fall back to exact float64."""
     from tub_pathorob.knn import nearest_neighbours

@@ -28,6 +28,7 @@ DEFAULT_K = {"camelyon": 11, "tcga": 61, "tolkach_esca": 46}
 MAX_K_SEARCH = {"camelyon": 600, "tcga": 600, "tolkach_esca": 1000}
 MAX_K_SEARCH_PAIRED = 1200
 SHUFFLE_SEED = 123
+_CHUNK = 1 << 20  # entries per chunk of the (queries × neighbours) bookkeeping
 SUMMARY_KEYS = (
     "k_opt", "balanced_accuracy", "robustness_index", "ID_performance", "OOD_performance",
     "generalization_index", "bio_vs_confounding", "confounder_insensitivity",
@@ -54,7 +55,7 @@ def l2_normalize(X: np.ndarray) -> np.ndarray:
 def _codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sorted unique labels and integer codes (``LabelEncoder`` order)."""
     labels, codes = np.unique(values.astype(str), return_inverse=True)
-    return labels, codes.astype(np.int64)
+    return labels, codes.astype(np.int32)
 
 
 @dataclass
@@ -81,10 +82,18 @@ class NeighbourSet:
 
     def category_counts(self, m: int | None = None) -> np.ndarray:
         """(4, m) column counts of SS, SO, OS, OO over queries (neighbour rank j = column j)."""
-        sb, sc = self.same_bio(m), self.same_center(m)
-        return np.stack([
-            (sb & sc).sum(0), (sb & ~sc).sum(0), (~sb & sc).sum(0), (~sb & ~sc).sum(0),
-        ]).astype(np.int64)
+        nb = self.neighbours[:, :m]
+        out = np.zeros((4, nb.shape[1]), dtype=np.int64)
+        step = _CHUNK // max(nb.shape[1], 1) + 1  # row chunks keep the temporaries small
+        for s in range(0, len(nb), step):
+            q = slice(s, s + step)
+            sb = self.bio[nb[q]] == self.bio[q, None]
+            sc = self.center[nb[q]] == self.center[q, None]
+            ss = np.count_nonzero(sb & sc, axis=0)
+            so = np.count_nonzero(sb, axis=0) - ss
+            os_ = np.count_nonzero(sc, axis=0) - ss
+            out += np.stack([ss, so, os_, len(sb) - ss - so - os_])
+        return out
 
     def balanced_accuracies(self, ks) -> np.ndarray:
         """kNN balanced accuracy of the class for each k (majority vote, ties -> smallest label)."""
@@ -114,12 +123,21 @@ def nearest_other_slide_neighbours(X: np.ndarray, slide: np.ndarray, k_required:
     max_tiles = int(np.bincount(slide).max())
     n_nb = min(k_required + max_tiles, n)
     idx = nearest_neighbours(X, n_nb)
-    keep = slide[idx] != slide[:, None]
-    m = int(keep.sum(1).min())
+    step = _CHUNK // n_nb + 1  # row chunks keep the temporaries small (fresh memory is slow to fault in)
+    keep = np.empty(idx.shape, dtype=bool)
+    for s in range(0, n, step):
+        np.not_equal(slide[idx[s:s + step]], slide[s:s + step, None], out=keep[s:s + step])
+    count = np.count_nonzero(keep, axis=1)
+    m = int(count.min())
     if m == 0:
         raise TubError("a query has no neighbour from another slide; each set needs at least two slides")
-    order = np.argsort(~keep, axis=1, kind="stable")[:, :m]
-    return np.take_along_axis(idx, order, axis=1), n_nb
+    out = np.empty((n, m), dtype=idx.dtype)
+    for s in range(0, n, step):
+        # the first m kept entries of every row, in order: positions in the row-major list of kept entries
+        kept = np.flatnonzero(keep[s:s + step])
+        first = np.cumsum(count[s:s + step]) - count[s:s + step]
+        out[s:s + step] = idx[s:s + step].ravel()[kept[first[:, None] + np.arange(m)]]
+    return out, n_nb
 
 
 def neighbour_set(X: np.ndarray, meta: Metadata, k_required: int) -> NeighbourSet:
