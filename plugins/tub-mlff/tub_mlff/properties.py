@@ -37,8 +37,11 @@ def compute(model, batch: dict, forces: bool = True, stress: bool = False, creat
         energy = out["energy"]
         inputs = [R] + ([strain] if stress else [])
         if need_grad:
-            grads = torch.autograd.grad(energy.sum(), inputs, create_graph=create_graph or hessian,
-                                        allow_unused=True)
+            if energy.requires_grad:
+                grads = torch.autograd.grad(energy.sum(), inputs, create_graph=create_graph or hessian,
+                                            allow_unused=True)
+            else:  # frozen weights and no pair depends on R (e.g. one isolated atom): zero forces
+                grads = (None,) * len(inputs)
             if forces or hessian:
                 g = grads[0] if grads[0] is not None else torch.zeros_like(R)
                 out["forces"] = -g
@@ -50,6 +53,9 @@ def compute(model, batch: dict, forces: bool = True, stress: bool = False, creat
                 gflat = (-out["forces"]).reshape(-1)
                 rows = []
                 for k in range(gflat.shape[0]):
+                    if not gflat.requires_grad:  # forces independent of R: zero Hessian
+                        rows.append(torch.zeros_like(R).reshape(-1))
+                        continue
                     (h,) = torch.autograd.grad(gflat[k], R, retain_graph=True, allow_unused=True)
                     rows.append(torch.zeros_like(R).reshape(-1) if h is None else h.reshape(-1))
                 out["hessian"] = torch.stack(rows)
