@@ -27,17 +27,22 @@ def frames(path):
     return out
 
 
-old = frames(sys.argv[1])
-new = [f for p in sys.argv[2:-1] for f in frames(p)]
-outdir = Path(sys.argv[-1])
-outdir.mkdir(parents=True, exist_ok=True)
-tr, va, te = split_indices(len(old), 0.1, 0.1, 0)
-perm = np.random.default_rng(1).permutation(len(new))
-nte, nva = int(round(0.1 * len(new))), int(round(0.05 * len(new)))
-parts = {"train": ([old[i] for i in tr], [new[i] for i in perm[nte + nva:]]),
-         "valid": ([old[i] for i in va], [new[i] for i in perm[nte:nte + nva]]),
-         "test_old": ([old[i] for i in te], []),
-         "test_new": ([], [new[i] for i in perm[:nte]])}
-for name, (a, b) in parts.items():
-    (outdir / f"{name}.extxyz").write_text("".join(a + b))
-    print(name, len(a), len(b))
+def main():
+    old = frames(sys.argv[1])
+    new = [f for p in sys.argv[2:-1] for f in frames(p)]
+    outdir = Path(sys.argv[-1])
+    outdir.mkdir(parents=True, exist_ok=True)
+    tr, va, te = split_indices(len(old), 0.1, 0.1, 0)
+    perm = np.random.default_rng(1).permutation(len(new))
+    nte, nva = int(round(0.1 * len(new))), int(round(0.05 * len(new)))
+    parts = {"train": ([old[i] for i in tr], [new[i] for i in perm[nte + nva:]]),
+             "valid": ([old[i] for i in va], [new[i] for i in perm[nte:nte + nva]]),
+             "test_old": ([old[i] for i in te], []),
+             "test_new": ([], [new[i] for i in perm[:nte]])}
+    for name, (a, b) in parts.items():
+        (outdir / f"{name}.extxyz").write_text("".join(a + b))
+        print(name, len(a), len(b))
+
+
+if __name__ == "__main__":
+    main()

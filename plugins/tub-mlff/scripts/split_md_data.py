@@ -14,17 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def frames(path):
-    lines = Path(path).read_text().splitlines(keepends=True)
-    out, i = [], 0
-    while i < len(lines):
-        n = int(lines[i])
-        blk = lines[i:i + n + 2]
-        if len(blk) == n + 2:  # a shard stopped mid-write leaves a partial last frame
-            out.append("".join(blk))
-        i += n + 2
-    return out
+from split_demo_data import frames  # the same partial-frame-safe extxyz splitter
 
 
 def traj_id(frame: str) -> int:
