@@ -161,21 +161,29 @@ def budget_sweep(name: str, budgets: list[int], rows: int) -> dict:
     return out
 
 
+def spec_split_context(name: str, rows: int):
+    """The spec split of ``name`` with a 5-NN fitted on it: training data, the first ``rows`` test rows,
+    the flipping evaluation and its context (predicted class, competitor, sign)."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from tub_knnlrp.data import bundled, standard_split
+    from tub_knnlrp.flipping import FlippingEvaluation
+
+    t = bundled(name)
+    Xtr, Xte, ytr, _ = standard_split(t.X, t.y)
+    ev = FlippingEvaluation(KNeighborsClassifier(5).fit(Xtr, ytr), Xtr, ytr)
+    Z = Xte[:rows]
+    _, c, comp, s = ev.context(Z)
+    return Xtr, ytr, Z, ev, c, comp, s
+
+
 def occlusion_ties(name: str, rows: int, repeats: int = 20) -> dict:
     """Occlusion relevance of a kNN is mostly exactly 0 (one removed feature rarely changes the vote);
     the spec's order is silent on ties, the flipping code breaks them by feature index (stable sort).
     Compare with random tie-breaking (a 1e-9 jitter, ``repeats`` seeds) on the spec split."""
-    from sklearn.neighbors import KNeighborsClassifier
+    from tub_knnlrp.flipping import aupc, flip_curves
 
-    from tub_knnlrp.data import bundled, standard_split
-    from tub_knnlrp.flipping import FlippingEvaluation, aupc, flip_curves
-
-    t = bundled(name)
-    Xtr, Xte, ytr, _ = standard_split(t.X, t.y)
-    knn = KNeighborsClassifier(5).fit(Xtr, ytr)
-    Z = Xte[:rows]
-    ev = FlippingEvaluation(knn, Xtr, ytr)
-    _, c, comp, s = ev.context(Z)
+    Xtr, ytr, Z, ev, c, comp, s = spec_split_context(name, rows)
     R = ev.relevance("occlusion", Z, c, comp, s)
     lrp = aupc(flip_curves(ev.score, Z, c, ev.relevance("lrp", Z, c, comp, s), ev.baseline).mean(0))
     rng = np.random.default_rng(0)
@@ -194,17 +202,9 @@ def neighbour_drift(name: str, rows: int, steps: int = 5) -> dict:
     """How fast the frozen-neighbour picture goes stale: the mean fraction of the 2k selected
     neighbours (ranks 1…k of each class, κ = (k − 1)/2) that are replaced after t mean-baseline flips
     in the kNN-LRP and the KernelSHAP order (spec split)."""
-    from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
+    from sklearn.neighbors import NearestNeighbors
 
-    from tub_knnlrp.data import bundled, standard_split
-    from tub_knnlrp.flipping import FlippingEvaluation
-
-    t = bundled(name)
-    Xtr, Xte, ytr, _ = standard_split(t.X, t.y)
-    knn = KNeighborsClassifier(5).fit(Xtr, ytr)
-    Z = Xte[:rows]
-    ev = FlippingEvaluation(knn, Xtr, ytr)
-    _, c, comp, s = ev.context(Z)
+    Xtr, ytr, Z, ev, c, comp, s = spec_split_context(name, rows)
     nn = [NearestNeighbors(n_neighbors=5).fit(Xtr[ytr == k]) for k in np.unique(ytr)]
     out = {}
     for m in ("lrp", "kernelshap"):
@@ -217,7 +217,7 @@ def neighbour_drift(name: str, rows: int, steps: int = 5) -> dict:
             X[np.arange(len(X)), order[:, step]] = ev.baseline[order[:, step]]
             cur = [n.kneighbors(X, return_distance=False) for n in nn]
             kept = sum(len(set(a) & set(b)) for B, C in zip(base, cur) for a, b in zip(B, C))
-            frac.append(1.0 - kept / (10 * len(X)))
+            frac.append(1.0 - kept / (5 * len(nn) * len(X)))
         out[m] = frac
     print(f"  {name}: neighbours replaced after 1…{steps} flips: kNN-LRP order "
           + " ".join(f"{v:.2f}" for v in out["lrp"]) + "; KernelSHAP order " + " ".join(f"{v:.2f}" for v in out["kernelshap"]))

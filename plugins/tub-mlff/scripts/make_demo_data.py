@@ -20,19 +20,24 @@ from tub_mlff.labelling import label_xtb
 from tub_mlff.structures import add_sodium, janus_graphene
 
 
-def labelled_frame(host, kind: str, x: int, seed: int):
-    """One xTB-labelled frame: Na_x on ``host`` (or bcc Na), random strain (+-2 %) and rattle."""
-    r = np.random.default_rng(seed)
+def strained_cell(host, kind: str, x: int, r: np.random.Generator, bcc_a=(3.95, 4.5), strain=0.02):
+    """Na_x at random sites on ``host`` (or a 2x2x2 bcc Na cell), under a random symmetric strain."""
     if kind == "host":
         a = add_sodium(host, x, "random", seed=int(r.integers(1 << 30)))
     else:
-        a = bulk("Na", "bcc", a=float(r.uniform(3.95, 4.5)), cubic=True).repeat((2, 2, 2))
-    eps = r.uniform(-0.02, 0.02, (3, 3))
+        a = bulk("Na", "bcc", a=float(r.uniform(*bcc_a)), cubic=True).repeat((2, 2, 2))
+    eps = r.uniform(-strain, strain, (3, 3))
     eps = (eps + eps.T) / 2
     a.set_cell(a.cell.array @ (np.eye(3) + eps), scale_atoms=True)
+    a.info["x"], a.info["kind"] = x, kind
+    return a
+
+
+def labelled_frame(host, kind: str, x: int, seed: int):
+    """One xTB-labelled frame: Na_x on ``host`` (or bcc Na), random strain (+-2 %) and rattle."""
+    r = np.random.default_rng(seed)
+    a = strained_cell(host, kind, x, r)
     a.rattle(float(r.uniform(0.02, 0.1)), seed=int(r.integers(1 << 30)))
-    a.info["x"] = x
-    a.info["kind"] = kind
     return label_xtb(a)
 
 

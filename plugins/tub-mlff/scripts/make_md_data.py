@@ -28,29 +28,22 @@ from pathlib import Path
 
 import numpy as np
 from ase import units
-from ase.build import bulk
 from ase.io import read, write
 from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 from ase.optimize import FIRE
 
+from make_demo_data import strained_cell  # this folder is on sys.path when run as a script
+
 from tub_mlff.labelling import label_xtb
-from tub_mlff.structures import add_sodium, janus_graphene, spin_for
+from tub_mlff.structures import janus_graphene, spin_for
 
 DEFAULT_DRIVER = Path(__file__).resolve().parents[1] / "tub_mlff" / "models" / "demo_nacnh.safetensors"
 CYCLE = [("host", 0), ("host", 1), ("host", 2), ("host", 3)] * 2 + [("bcc", 0)]
 
 
 def build(host, kind: str, x: int, r: np.random.Generator):
-    if kind == "host":
-        a = add_sodium(host, x, "random", seed=int(r.integers(1 << 30)))
-    else:
-        a = bulk("Na", "bcc", a=float(r.uniform(4.1, 4.3)), cubic=True).repeat((2, 2, 2))
-    eps = r.uniform(-0.01, 0.01, (3, 3))
-    eps = (eps + eps.T) / 2
-    a.set_cell(a.cell.array @ (np.eye(3) + eps), scale_atoms=True)
-    a.info["x"], a.info["kind"] = x, kind
-    return a
+    return strained_cell(host, kind, x, r, bcc_a=(4.1, 4.3), strain=0.01)
 
 
 def driver_calc(a, driver: str, xtb: bool):
