@@ -123,6 +123,18 @@ def test_train_resumes_from_checkpoint(trained, labelled):
     assert epochs == [0, 1, 2]  # only the missing epoch ran
 
 
+def test_train_cosine_schedule_anneals_to_min_lr(workdir, labelled):
+    out = workdir / "cosine"
+    _ok(invoke(["mlff", "train", labelled, "-o", out, "--epochs", "3", "--batch-size", "8", "--lr", "1e-3",
+                "--set", "lr_schedule=cosine", "--set", "min_lr=1e-5",
+                "--set", "model.num_features=8", "--set", "model.num_modules=1",
+                "--set", "model.num_basis_functions=4", "--set", "model.electrostatics=false"]))
+    lrs = [json.loads(ln)["lr"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    # lr logged after epoch e's step: min + (max - min)(1 + cos(pi (e+1)/T))/2, T = 3
+    want = [1e-5 + (1e-3 - 1e-5) * (1 + np.cos(np.pi * (e + 1) / 3)) / 2 for e in range(3)]
+    assert np.allclose(lrs, want, rtol=1e-9) and abs(lrs[-1] - 1e-5) < 1e-12
+
+
 def test_train_ensemble_and_evaluate_committee(workdir, labelled):
     out = workdir / "ens"
     _ok(invoke(["mlff", "train", labelled, "-o", out, "--epochs", "1", "--ensemble", "2", "--batch-size", "8",

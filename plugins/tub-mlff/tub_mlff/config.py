@@ -59,6 +59,11 @@ class TrainConfig(TubConfig):
     epochs: int = Field(200, description="maximum epochs")
     batch_size: int = Field(8, description="structures per batch")
     lr: float = Field(1e-3, description="learning rate")
+    lr_schedule: Literal["plateau", "cosine"] = Field(
+        "plateau", description="plateau: multiply by lr_factor after lr_patience stalled epochs; cosine: anneal to min_lr over epochs")
+    lr_patience: int = Field(10, description="plateau schedule: stalled epochs before the learning rate drops")
+    lr_factor: float = Field(0.5, description="plateau schedule: factor applied to the learning rate")
+    min_lr: float = Field(1e-5, description="lowest learning rate of either schedule")
     energy_weight: float = Field(1.0, description="weight of MSE(E/N)")
     forces_weight: float = Field(10.0, description="weight of MSE(F)")
     stress_weight: float = Field(0.0, description="weight of MSE(stress)")

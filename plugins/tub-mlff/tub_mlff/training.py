@@ -40,6 +40,7 @@ class TrainSettings:
     stress_weight: float = 0.0
     ema_decay: float = 0.99
     patience: int = 30
+    lr_schedule: str = "plateau"  # "plateau": halve on a stalled validation loss; "cosine": to min_lr at `epochs`
     lr_patience: int = 10
     lr_factor: float = 0.5
     max_minutes: float | None = None
@@ -172,8 +173,13 @@ def fit(model, train: list[Graph], valid: list[Graph], s: TrainSettings, run, dt
         init_element_bias(model, train, dtype, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, amsgrad=True)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=s.lr_factor, patience=s.lr_patience,
-                                                       min_lr=s.min_lr)
+    if s.lr_schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(s.epochs, 1), eta_min=s.min_lr)
+    elif s.lr_schedule == "plateau":
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=s.lr_factor, patience=s.lr_patience,
+                                                           min_lr=s.min_lr)
+    else:
+        raise ValueError(f"unknown lr_schedule {s.lr_schedule!r}: use plateau or cosine")
     ema = EMA(model, s.ema_decay)
     start, best, bad, best_state = 0, math.inf, 0, None
     if state is not None:
@@ -217,7 +223,10 @@ def fit(model, train: list[Graph], valid: list[Graph], s: TrainSettings, run, dt
             model.d4.compute_refc6()  # s_q may have changed
         ema_model = ema.copy_to(model)
         val = evaluate_loss(ema_model, valid, s, dtype, device) if valid else {"loss": train_loss / len(train)}
-        sched.step(val["loss"])
+        if s.lr_schedule == "plateau":
+            sched.step(val["loss"])
+        else:
+            sched.step()
         improved = val["loss"] < best - 1e-12
         if improved:
             best, bad = val["loss"], 0
