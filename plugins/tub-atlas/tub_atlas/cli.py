@@ -10,7 +10,7 @@ from tubcli.errors import TubError
 from tubcli.io import write_json
 
 from .config import (BenchConfig, ConvertConfig, EmbedConfig, EncoderSection, EvaluateConfig, ExplainConfig,
-                     InspectConfig, MakeDataConfig, TrainConfig)
+                     InspectConfig, MakeDataConfig, TileConfig, TrainConfig)
 
 
 def _need(value, what: str):
@@ -80,6 +80,7 @@ def convert(cfg: ConvertConfig, run) -> dict:
 # ------------------------------------------------------------------ embed
 def embed(cfg: EmbedConfig, run) -> dict:
     from .embedding import embed_tileset, output_path, slide_embeddings, write_embeddings
+    from .slides import check_slide_options, write_slide_qc
     from .tiles import read_input, read_pathorob_metadata
 
     if cfg.format == "pathorob":
@@ -92,8 +93,8 @@ def embed(cfg: EmbedConfig, run) -> dict:
         if cfg.metadata is not None:
             raise TubError("--metadata is only used with --format pathorob")
         _need(cfg.inputs, "TILES (folders, .npz or .h5 files, whole slides)")
-        slide_options = {"tile_px": cfg.slide_tile_size, "mpp": cfg.slide_mpp, "level": cfg.slide_level,
-                         "tissue_min": cfg.slide_tissue_min}
+        slide_options = {**cfg.slide_options(), "qc": cfg.slide_qc, "coords": cfg.slide_coords}
+        check_slide_options(slide_options)
         sets = {}
         for p in cfg.inputs:
             ts = read_input(p, slide_options)
@@ -113,6 +114,8 @@ def embed(cfg: EmbedConfig, run) -> dict:
     for name, out in run.batch(sorted(sets), output_for=lambda n: output_path(cfg.format, run.outputs_dir, sets[n].name)):
         with run.item(name):
             ts = sets[name]
+            if cfg.slide_qc and "tiler" in ts.extra and ts.extra["tiler"].has_qc:
+                write_slide_qc(ts.extra["tiler"], run.dir / "qc", ts.name)
             emb = embed_tileset(encoder, ts, cfg.batch_size, run.device, dtype)
             write_embeddings(cfg.format, out, emb, ts, seed=run.seed)
             slides.update(slide_embeddings(ts.rows, emb, cfg.slide_pool))
@@ -129,6 +132,29 @@ def embed(cfg: EmbedConfig, run) -> dict:
     if tiling:  # whole-slide inputs: how each was tiled (level, footprint, tissue tiles)
         result["whole_slides"] = tiling
     return result
+
+
+# ------------------------------------------------------------------ tile (CLAM create_patches / TRIDENT coords)
+def tile(cfg: TileConfig, run) -> dict:
+    from .slides import check_slide_options, check_slide_path, tile_slide, tiler_from_options
+
+    slides = _need(cfg.inputs, "SLIDES (whole-slide images)")
+    opts = cfg.slide_options()
+    check_slide_options(opts)
+    done, by_name = [], {}
+    for p in slides:
+        check_slide_path(Path(p))
+        tiler_from_options(Path(p), opts, segment=False)  # settings vs this slide: one-line errors, exit 2
+        name = Path(p).stem
+        if name in by_name:
+            raise TubError(f"two slides are named {name!r}; their outputs would collide — rename one")
+        by_name[name] = Path(p)
+    for name, out in run.batch(sorted(by_name), output_for=lambda n: run.outputs_dir / "patches" / f"{n}.h5"):
+        with run.item(name):
+            done.append(tile_slide(by_name[name], out, run.outputs_dir, opts, log=run.log))
+    failed = [f["item"] for f in run.failures]
+    return {"slides": len(done), "tiles": int(sum(d["tissue_tiles"] for d in done)), "whole_slides": done,
+            "failed": failed, "outputs": str(run.outputs_dir)}
 
 
 # ------------------------------------------------------------------ evaluate

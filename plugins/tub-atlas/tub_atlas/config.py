@@ -41,7 +41,44 @@ class ConvertConfig(TubConfig):
     pool: Pool | None = Field(None, description="default pooling to record in model.json")
 
 
-class EmbedConfig(TubConfig):
+PenColour = Literal["blue", "green", "black", "red"]
+
+
+class SlideTiling(TubConfig):
+    """Whole-slide tiling shared by ``embed`` and ``tile`` (slides.py, tissue.py)."""
+
+    slide_tile_size: int = Field(224, ge=8, description="whole slides: tile side in pixels (after resizing)")
+    slide_mpp: float | None = Field(None, gt=0, description="whole slides: tile resolution in µm/px (e.g. 0.5)")
+    slide_level: int = Field(0, ge=0, description="whole slides without --slide-mpp: pyramid level to tile")
+    slide_base_mpp: float | None = Field(None, gt=0, description="level-0 µm/px for slides that do not record it")
+    slide_tissue_min: float = Field(0.25, ge=0, le=1, description="whole slides: min tissue fraction per tile")
+    slide_overlap: float = Field(0, ge=0, description="tile overlap: pixels at the tile resolution, or a fraction "
+                                                        "of the tile if < 1")
+    slide_threshold: int | None = Field(None, ge=0, le=255,
+                                        description="saturation threshold 0..255 (CLAM sthresh); default Otsu")
+    slide_median: int = Field(7, ge=1, description="median blur of the saturation, mask pixels (odd) (CLAM mthresh)")
+    slide_close: int = Field(4, ge=0, description="morphological closing, mask pixels (CLAM close)")
+    slide_min_area: float = Field(4000.0, ge=0, description="µm²: smaller tissue pieces are debris (CLAM a_t)")
+    slide_min_hole_area: float = Field(10000.0, ge=0, description="µm²: smaller holes are filled (CLAM a_h)")
+    slide_max_holes: int = Field(8, ge=0, description="largest holes kept per tissue piece (CLAM max_n_holes)")
+    slide_pen: list[PenColour] = Field(default_factory=list,
+                                       description="exclude pen ink of these colours (blue, green, black, red)")
+    slide_thumb_size: int = Field(2048, ge=64, description="long side of the segmentation thumbnail, pixels")
+
+    def slide_options(self) -> dict:
+        """Keyword arguments of ``slides.read_slide``."""
+        from .tissue import TissueParams
+
+        return {"tile_px": self.slide_tile_size, "mpp": self.slide_mpp, "level": self.slide_level,
+                "tissue_min": self.slide_tissue_min, "overlap": self.slide_overlap, "base_mpp": self.slide_base_mpp,
+                "thumb_max": self.slide_thumb_size,
+                "tissue": TissueParams(threshold=self.slide_threshold, median=self.slide_median,
+                                       close=self.slide_close, min_area=self.slide_min_area,
+                                       min_hole_area=self.slide_min_hole_area, max_holes=self.slide_max_holes,
+                                       pen=tuple(self.slide_pen))}
+
+
+class EmbedConfig(SlideTiling):
     inputs: list[Path] = Field(default_factory=list,
                                description="tile folders, ImageFolder trees, .npz/.h5 tile arrays, whole slides")
     encoder: EncoderSection = EncoderSection()
@@ -50,10 +87,13 @@ class EmbedConfig(TubConfig):
     image_root: Path | None = Field(None, description="image root for --metadata [default: the CSV's folder]")
     batch_size: int = Field(32, ge=1, description="tiles per forward pass")
     slide_pool: Literal["mean", "max"] = Field("mean", description="slide embedding from its tiles")
-    slide_tile_size: int = Field(224, ge=8, description="whole slides: tile side in pixels (after resizing)")
-    slide_mpp: float | None = Field(None, gt=0, description="whole slides: tile resolution in µm/px (e.g. 0.5)")
-    slide_level: int = Field(0, ge=0, description="whole slides without --slide-mpp: pyramid level to tile")
-    slide_tissue_min: float = Field(0.25, ge=0, le=1, description="whole slides: min tissue fraction per tile")
+    slide_qc: bool = Field(True, description="whole slides: write qc/<slide>.png (tissue + tiles) and contours")
+    slide_coords: Path | None = Field(None, description="whole slides: patch .h5 file(s) to tile at instead of "
+                                                        "segmenting ('tub atlas tile' run, TRIDENT or CLAM)")
+
+
+class TileConfig(SlideTiling):
+    inputs: list[Path] = Field(default_factory=list, description="whole slides (.svs, .ndpi, .mrxs, pyramidal .tif, …)")
 
 
 class EvaluateConfig(TubConfig):

@@ -3,7 +3,8 @@
 * ``npy``: ``<name>/embeddings.npy`` (N, D) float32 + ``manifest.csv`` row-aligned;
 * ``pathorob``: ``{center}.npz`` per ``medical_center``, key ``f"{slide_id}-{patch_id}"`` (the official
   PathoROB feature layout, read by ``tub pathorob ri`` and the official scripts);
-* ``h5``: ``<name>.h5`` with ``features`` (N, D) and ``coords`` (N, 2) level-0 pixels (CLAM/TRIDENT);
+* ``h5``: ``<name>.h5`` with ``features`` (N, D) and ``coords`` (N, 2) level-0 pixels (CLAM/TRIDENT; for
+  whole slides ``coords`` carries their attributes: patch_size, patch_level, target magnification, …);
 * ``eva``: ``<name>/embeddings/<i>.pt`` + ``manifest.csv`` (origin, embeddings, target, split).
 """
 
@@ -96,7 +97,9 @@ def write_embeddings(fmt: str, out: Path, emb: np.ndarray, tiles: TileSet, seed:
         with atomic_path(out) as tmp:
             with h5py.File(tmp, "w") as f:
                 f.create_dataset("features", data=emb.astype(np.float32))
-                f.create_dataset("coords", data=np.array([[r["x"], r["y"]] for r in rows], dtype=np.int64))
+                coords = f.create_dataset("coords", data=np.array([[r["x"], r["y"]] for r in rows], dtype=np.int64))
+                for k, v in tiles.extra.get("coords_attrs", {}).items():  # whole slides: CLAM/TRIDENT attrs
+                    coords.attrs[k] = v
                 f.create_dataset("slide_id", data=np.array([r["slide_id"] for r in rows], dtype="S"))
                 f.create_dataset("label", data=np.array([r["label"] for r in rows], dtype="S"))
     elif fmt == "eva":

@@ -8,6 +8,9 @@ from tubcli.hookspecs import EncoderSpec
 ENC = {"arch": "encoder.arch", "weights": "encoder.weights", "pool": "encoder.pool", "heads": "encoder.heads",
        "norm": "encoder.norm", "img-size": "encoder.img_size", "random-init": "encoder.random_init",
        "gemm": "encoder.gemm"}
+SLIDE = {f"slide-{k.replace('_', '-')}": f"slide_{k}" for k in (
+    "tile_size", "mpp", "level", "base_mpp", "tissue_min", "overlap", "threshold", "median", "close", "min_area",
+    "min_hole_area", "max_holes", "pen", "thumb_size")}
 
 app = PluginApp(
     name="atlas",
@@ -25,8 +28,11 @@ app = PluginApp(
              help="Embed tile folders, ImageFolder trees, NPZ/HDF5 tile arrays, whole slides (npy/pathorob/h5/eva).",
              args=["inputs"], batch=True,
              options={**ENC, "format": "format", "metadata": "metadata", "image-root": "image_root",
-                      "batch-size": "batch_size", "slide-pool": "slide_pool", "slide-tile-size": "slide_tile_size",
-                      "slide-mpp": "slide_mpp", "slide-level": "slide_level", "slide-tissue-min": "slide_tissue_min"}),
+                      "batch-size": "batch_size", "slide-pool": "slide_pool", "slide-qc": "slide_qc",
+                      "slide-coords": "slide_coords", **SLIDE}),
+        Verb("tile", "tub_atlas.cli:tile", config="tub_atlas.config:TileConfig",
+             help="Segment tissue and write tile coordinates of whole slides (CLAM/TRIDENT h5, QC PNG, GeoJSON).",
+             args=["inputs"], batch=True, options=SLIDE),
         Verb("evaluate", "tub_atlas.cli:evaluate", config="tub_atlas.config:EvaluateConfig",
              help="Linear and kNN probes on frozen embeddings (balanced accuracy, repeated runs).",
              args=["features"],
