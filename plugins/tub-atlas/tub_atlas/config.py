@@ -114,7 +114,8 @@ class EvaluateConfig(TubConfig):
 class ExplainConfig(TubConfig):
     inputs: list[Path] = Field(default_factory=list, description="tiles to explain (folders, images, .npz/.h5)")
     encoder: EncoderSection = EncoderSection()
-    method: Literal["rollout", "lrp"] = Field("lrp", description="attention rollout or conservative LRP")
+    method: Literal["rollout", "lrp", "attnlrp"] = Field(
+        "lrp", description="attention rollout, conservative LRP (CP-LRP) or AttnLRP (relevance through the softmax)")
     target: Literal["dim", "probe", "similarity"] = Field("dim", description="what the map explains (LRP)")
     index: int = Field(0, ge=0, description="embedding dimension or probe class index")
     probe: Path | None = Field(None, description="probe.safetensors from 'tub atlas evaluate' (target probe)")

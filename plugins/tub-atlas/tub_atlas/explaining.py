@@ -1,4 +1,4 @@
-"""The ``explain`` verb's pipeline: per-tile maps (rollout or LRP) written as ``.npy`` + PNG overlays."""
+"""The ``explain`` verb's pipeline: per-tile maps (rollout, CP-LRP or AttnLRP) written as ``.npy`` + PNG overlays."""
 
 from __future__ import annotations
 
@@ -43,15 +43,34 @@ def build_target(encoder: Encoder, cfg, device):
     return make_target("similarity", reference=e), f"similarity to {Path(cfg.reference).name}"
 
 
+LRP_RULES = {"lrp": "cp", "attnlrp": "attn"}  # --method -> lrp.lrp_rules rule set
+
+
+def patch_relevance(encoder: Encoder, x01: torch.Tensor, method: str, target=None, head_fusion: str = "mean"):
+    """One tile (1, 3, H, W) in [0, 1] -> ((H/P, W/P) map, signed, conservation rel. error or None).
+
+    ``rollout``: CLS attention flow (class-agnostic, >= 0); ``lrp`` / ``attnlrp``: relevance of
+    ``target`` summed per patch, with the relative error of its balance (see ``lrp.relevance_budget``).
+    """
+    if method == "rollout":
+        with torch.no_grad():
+            xn = encoder.transform(x01.to(next(encoder.vit.parameters()).dtype))
+        return attention_rollout(encoder.vit, xn, head_fusion)[0], False, None
+    if method not in LRP_RULES:
+        raise ValueError(f"unknown explanation method {method!r}; use rollout, lrp or attnlrp")
+    R, f, rest = lrp(encoder, x01, target, return_terms=True, rule=LRP_RULES[method])
+    err = abs(float(R.sum()) + rest - f) / max(abs(f), 1e-12)
+    return patch_map(R.float(), encoder.vit.cfg.patch_size)[0], True, err
+
+
 def explain_inputs(encoder: Encoder, cfg, run) -> dict:
     device = run.device
     if cfg.precision == "fp64":
         encoder.double()
-    target, what = build_target(encoder, cfg, device) if cfg.method == "lrp" else (None, "CLS attention flow")
+    target, what = build_target(encoder, cfg, device) if cfg.method in LRP_RULES else (None, "CLS attention flow")
     if cfg.method == "rollout" and cfg.target != "dim":
         run.log.warning("attention rollout is class-agnostic: it shows the CLS token's attention flow")
     sets = {ts.name: ts for ts in (read_input(p) for p in cfg.inputs)}
-    P = encoder.vit.cfg.patch_size
     n_done, worst = 0, 0.0
     for name, out in run.batch(sorted(sets), output_for=lambda n: run.outputs_dir / n):
         with run.item(name):
@@ -62,22 +81,16 @@ def explain_inputs(encoder: Encoder, cfg, run) -> dict:
             with atomic_dir(out) as tmp:
                 for i in range(n):
                     x01 = uint8_to_float(tiles[i:i + 1]).to(device)
-                    if cfg.method == "rollout":
-                        with torch.no_grad():
-                            xn = encoder.transform(x01.to(next(encoder.vit.parameters()).dtype))
-                        heat = attention_rollout(encoder.vit, xn, cfg.head_fusion)[0].cpu().numpy()
-                        signed = False
-                    else:
-                        R, f, bias = lrp(encoder, x01, target, return_terms=True)
-                        worst = max(worst, abs(float(R.sum()) + bias - f) / max(abs(f), 1e-12))
-                        heat = patch_map(R.float(), P)[0].cpu().numpy()
-                        signed = True
+                    heat, signed, err = patch_relevance(encoder, x01, cfg.method, target, cfg.head_fusion)
+                    heat = heat.cpu().numpy()
+                    if err is not None:
+                        worst = max(worst, err)
                     maps.append(heat)
                     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", ts.rows[i]["patch_id"] or str(i))
                     save_png(tmp / f"{i:04d}_{slug}.png", overlay(tiles[i], heat, signed, cfg.alpha))
                 np.save(tmp / "maps.npy", np.stack(maps).astype(np.float32))
             n_done += n
     out = {"method": cfg.method, "explains": what, "tiles": n_done, "outputs": str(run.outputs_dir)}
-    if cfg.method == "lrp":
+    if cfg.method in LRP_RULES:  # AttnLRP: the balance includes the softmax rule's Taylor biases
         out["conservation_max_rel_error"] = worst
     return out

@@ -9,7 +9,21 @@ by the uniform rule. The network is then a linear map of its input and of its ad
 
     f(x) = Σ_pixels R(x) + Σ_additive-terms b·∂f/∂b              (conservation)
 
-holds exactly; ``conservation`` returns both sides so tests can check it.
+holds exactly; ``lrp(..., return_terms=True)`` returns both sides so tests can check it.
+
+``rule="attn"`` gives AttnLRP (Achtibat et al., *AttnLRP: Attention-Aware Layer-Wise Relevance
+Propagation for Transformers*, ICML 2024, arXiv 2402.05602) on the same Gradient × Input footing:
+LayerNorm by the identity rule on 1/σ (Prop. 3.4, Eq. 9), linear layers by the ε-rule (Eq. 8) in
+its ε → 0 limit (Gradient × Input needs no division, hence no stabiliser), GELU/SiLU by the
+identity rule (Eq. 9), the SwiGLU product by the uniform rule (Prop. 3.2, Eq. 7), and, unlike
+CP-LRP, relevance through the attention: uniform ε-rule for q·kᵀ and attention·value
+(Prop. 3.3) and the softmax rule R_in = x ⊙ (R_out − s Σ R_out) (Prop. 3.1). The softmax rule is
+a Taylor expansion *with bias*: the bias β = s − J x keeps part of the relevance, so AttnLRP
+conserves
+
+    f(x) = Σ_pixels R(x) + Σ_additive-terms b·∂f/∂b + Σ_softmax β·∂f/∂s
+
+(``relevance_budget`` returns every part), not the first two terms alone.
 """
 
 from __future__ import annotations
@@ -24,15 +38,27 @@ from .encoder import Encoder
 from .vit import VisionTransformer, pool_tokens
 
 
+RULES = ("cp", "attn")  # conservative LRP (Ali et al. 2022) | AttnLRP (Achtibat et al. 2024)
+
+
 @contextlib.contextmanager
-def conservative_rules(model: VisionTransformer):
-    """Switch the ViT to the LRP forward rules; restores the model on exit (zennit-style)."""
+def lrp_rules(model: VisionTransformer, rule: str = "cp"):
+    """Switch the ViT to the LRP forward rules of ``rule``; restores the model on exit (zennit-style)."""
+    if rule not in RULES:
+        raise ValueError(f"unknown LRP rule set {rule!r}; use cp or attn")
     prev = model.lrp
-    model.lrp = True
+    model.lrp = True if rule == "cp" else "attn"
     try:
         yield model
     finally:
         model.lrp = prev
+        for blk in model.blocks:
+            blk.attn.softmax_bias = None
+
+
+def conservative_rules(model: VisionTransformer):
+    """CP-LRP forward rules (Ali et al. 2022), see ``lrp_rules``."""
+    return lrp_rules(model, "cp")
 
 
 class Target:
@@ -78,32 +104,60 @@ def additive_terms(model: VisionTransformer) -> list[torch.nn.Parameter]:
     return terms
 
 
-def lrp(encoder: Encoder, x01: torch.Tensor, target: Target, return_terms: bool = False):
-    """Relevance of each pixel (B, H, W) for ``target(pool(φ(x)))``; x01 RGB in [0, 1].
+def relevance_budget(encoder: Encoder, x01: torch.Tensor, target: Target, rule: str = "cp") -> dict:
+    """LRP of ``target(pool(φ(x)))`` with its full balance sheet (scalars summed over the batch).
 
-    Relevance is computed on the normalised input (the model's own input space). With
-    ``return_terms`` also returns (f(x), Σ relevance of additive terms) for conservation checks.
+    Returns ``pixels`` (B, H, W) relevance on the normalised input (the model's own input space)
+    and the scalars ``f`` (the explained output), ``input`` (Σ pixels), ``additive`` (biases, LN β,
+    CLS/registers, positions, a probe's bias) and ``softmax`` (what AttnLRP's softmax rule keeps in
+    its Taylor bias; 0 for CP-LRP). f = input + additive + softmax up to rounding. Works on frozen
+    encoders too (``requires_grad`` of the additive terms is switched on for the pass and restored).
     """
     model = encoder.vit
     with torch.no_grad():
         xn = encoder.transform(x01.to(next(model.parameters()).dtype))
     xn = xn.clone().requires_grad_(True)
-    terms = additive_terms(model) if return_terms else []
+    terms = additive_terms(model)
+    frozen = [p for p in terms if not p.requires_grad]
     was_training = model.training
     model.eval()
-    with conservative_rules(model), torch.enable_grad():
-        tokens = model.forward_features(xn)
-        f = target(pool_tokens(tokens, model.num_prefix_tokens, encoder.pool))
-        grads = torch.autograd.grad(f.sum(), [xn] + terms, allow_unused=True)
-    model.train(was_training)
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        with lrp_rules(model, rule), torch.enable_grad():
+            tokens = model.forward_features(xn)
+            f = target(pool_tokens(tokens, model.num_prefix_tokens, encoder.pool))
+            betas = [blk.attn.softmax_bias for blk in model.blocks if blk.attn.softmax_bias is not None]
+            grads = torch.autograd.grad(f.sum(), [xn] + terms + betas, allow_unused=True)
+    finally:
+        model.train(was_training)
+        for p in frozen:
+            p.requires_grad_(False)
     relevance = (xn * grads[0]).sum(1).detach()
+    n = len(terms)
+
+    def share(leaves, gs):
+        return sum(float((p.detach() * g).sum()) for p, g in zip(leaves, gs) if g is not None)
+
+    return {"pixels": relevance, "f": float(f.detach().sum()), "input": float(relevance.sum()),
+            "additive": share(terms, grads[1:1 + n]) + getattr(target, "offset", 0.0) * x01.shape[0],
+            "softmax": share(betas, grads[1 + n:])}
+
+
+def lrp(encoder: Encoder, x01: torch.Tensor, target: Target, return_terms: bool = False, rule: str = "cp"):
+    """Relevance of each pixel (B, H, W) for ``target(pool(φ(x)))``; x01 RGB in [0, 1].
+
+    ``rule``: ``cp`` (conservative LRP, Ali et al. 2022) or ``attn`` (AttnLRP, Achtibat et al. 2024).
+    Relevance is computed on the normalised input (the model's own input space). With
+    ``return_terms`` also returns (f(x), relevance of everything that is not a pixel: additive terms
+    and, for AttnLRP, the softmax biases) for conservation checks.
+    """
     if not return_terms:
-        return relevance
+        return relevance_budget(encoder, x01, target, rule)["pixels"]
     if x01.shape[0] != 1:
         raise ValueError("conservation terms are per tile; pass one tile")
-    bias_rel = sum(float((p.detach() * g).sum()) for p, g in zip(terms, grads[1:]) if g is not None)
-    bias_rel += getattr(target, "offset", 0.0)
-    return relevance, float(f.detach().sum()), bias_rel
+    b = relevance_budget(encoder, x01, target, rule)
+    return b["pixels"], b["f"], b["additive"] + b["softmax"]
 
 
 def patch_map(pixel_relevance: torch.Tensor, patch_size: int) -> torch.Tensor:

@@ -145,3 +145,44 @@ def write_pathorob_layout(root: Path, data: dict) -> Path:
         w.writeheader()
         w.writerows(rows)
     return csv_path
+
+
+def patch_insert_task(n: int, size: int = 32, patch_size: int = 8, seed: int = 0) -> dict:
+    """A majority task whose evidence patches are known (for explanation faithfulness tests).
+
+    Each tile is a synthetic H&E background (``synthetic_tiles``) with whole patches replaced by
+    one of two textures of the same colours and mean: a fine checker (evidence for class 1) or the
+    same checker at twice the scale (evidence for class 0). A tile holds 1–4 of each, never equally
+    many; label 1 iff fine patches are the majority. A class-agnostic map (attention rollout) can
+    point at both kinds; a faithful explanation of the class-1 logit ranks the fine ones first.
+    ``mask`` (n, g, g) marks the fine patches. Returns uint8 ``tiles`` (n, size, size, 3), int
+    ``label`` (n,) and bool ``mask``.
+    """
+    rng = np.random.default_rng(seed)
+    g, P = size // patch_size, patch_size
+    back = synthetic_tiles(n_per_class=(n + 1) // 2, n_classes=2, n_centers=1, size=size, seed=seed)["tiles"]
+    yy, xx = np.mgrid[0:P, 0:P]
+    fine = ((yy // 2 + xx // 2) % 2).astype(float)
+    coarse = ((yy // 4 + xx // 4) % 2).astype(float)
+    dark, light = np.array([90.0, 40.0, 120.0]), np.array([230.0, 170.0, 220.0])
+    tiles, labels, masks = [], [], []
+    order = rng.permutation(len(back))[:n]
+    for i, j in enumerate(order):
+        img = back[j].astype(float).copy()
+        label = i % 2
+        while True:
+            n_f, n_c = (int(v) for v in rng.integers(1, 5, 2))
+            if n_f != n_c and (n_f > n_c) == bool(label) and n_f + n_c <= g * g:
+                break
+        cells = rng.permutation(g * g)
+        mask = np.zeros((g, g), bool)
+        for c, is_fine in zip(cells[:n_f + n_c], [True] * n_f + [False] * n_c):
+            r, q = divmod(int(c), g)
+            tex = (fine if is_fine else coarse)[..., None]
+            noise = 8 * rng.standard_normal((P, P, 3))
+            img[r * P:(r + 1) * P, q * P:(q + 1) * P] = dark * tex + light * (1 - tex) + noise
+            mask[r, q] = is_fine
+        tiles.append(np.clip(img, 0, 255).astype(np.uint8))
+        labels.append(label)
+        masks.append(mask)
+    return {"tiles": np.stack(tiles), "label": np.array(labels), "mask": np.stack(masks)}

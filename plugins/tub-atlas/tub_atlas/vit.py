@@ -15,6 +15,9 @@ Two switches serve the explanation methods and are off by default:
   probabilities detached, LayerNorm's 1/σ detached, element-wise activations by the identity rule
   and the SwiGLU product by the uniform rule (spec §2.9). The forward value is unchanged; only the
   gradient graph becomes a linear map so that input x gradient conserves the output.
+  ``lrp = "attn"`` selects AttnLRP instead (Achtibat et al., ICML 2024, arXiv 2402.05602): the same
+  LayerNorm, activation and SwiGLU rules, but relevance flows *through* the attention: the softmax
+  rule (Prop. 3.1) and the uniform ε-rule for the q·kᵀ and attention·value matmuls (Prop. 3.3).
 """
 
 from __future__ import annotations
@@ -152,6 +155,35 @@ def identity_rule(act, u: torch.Tensor, slope0: float = 0.5) -> torch.Tensor:
     return u * ratio.detach()
 
 
+def uniform_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b whose gradient realises AttnLRP's rule for a bilinear matmul (Achtibat et al. 2024,
+    Prop. 3.3: ε-rule over the sum, then the uniform rule, Eq. 7, half to each factor).
+
+    Value a @ b; as Gradient × Input, R_a = a ⊙ ((R/2O) bᵀ) and R_b = b ⊙ (aᵀ (R/2O)) for O = a @ b:
+    the graph is linear in (a, b) jointly, so nothing leaks.
+    """
+    return 0.5 * (a @ b.detach() + a.detach() @ b)
+
+
+def softmax_rule(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Softmax with AttnLRP's softmax rule (Achtibat et al. 2024, Prop. 3.1; Taylor expansion at x
+    with bias, Eqs. 4-5): R_in = x ⊙ (R_out − s · Σ R_out).
+
+    In Gradient × Input form this *is* the ordinary softmax gradient: with R_out = s ⊙ g,
+    x ⊙ Jᵀg = x ⊙ s ⊙ (g − Σ s g) = x ⊙ (R_out − s Σ R_out). The rule is not conservative: the
+    Taylor bias β = s − J x = s ⊙ (1 − x + Σ s x) absorbs the rest. So that its share can be
+    counted, β is added as a zero-valued leaf (β − β.detach()); its gradient is ∂f/∂s, and
+    β · ∂f/∂s is the relevance the softmax absorbs. Returns (probabilities, β leaf or None).
+    """
+    s = torch.softmax(logits, dim=-1)
+    if not torch.is_grad_enabled():
+        return s, None
+    with torch.no_grad():
+        beta = s * (1 - logits + (s * logits).sum(-1, keepdim=True))
+    beta.requires_grad_(True)
+    return s + (beta - beta.detach()), beta
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, qkv_bias: bool):
         super().__init__()
@@ -160,15 +192,20 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        self.softmax_bias: torch.Tensor | None = None  # AttnLRP: the softmax rule's Taylor bias leaf
 
-    def forward(self, x: torch.Tensor, keep_attention: bool = False, lrp: bool = False):
+    def forward(self, x: torch.Tensor, keep_attention: bool = False, lrp: bool | str = False):
         B, T, D = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         probs = None
-        if keep_attention or lrp:
+        self.softmax_bias = None
+        if lrp == "attn":  # AttnLRP: softmax rule + uniform matmuls (Achtibat et al. 2024, Props. 3.1, 3.3)
+            probs, self.softmax_bias = softmax_rule(uniform_matmul(q * self.scale, k.transpose(-2, -1)))
+            a = uniform_matmul(probs, v)
+        elif keep_attention or lrp:
             probs = torch.softmax((q * self.scale) @ k.transpose(-2, -1), dim=-1)
-            a = (probs.detach() if lrp else probs) @ v
+            a = (probs.detach() if lrp else probs) @ v  # CP-LRP: attention is a constant (AH rule)
         else:
             a = F.scaled_dot_product_attention(q, k, v)
         a = a.transpose(1, 2).reshape(B, T, D)
@@ -231,7 +268,7 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
         self.keep_attention = False  # switched on by attention rollout
-        self.lrp = False  # switched on by conservative LRP
+        self.lrp: bool | str = False  # True/"cp": conservative LRP; "attn": AttnLRP (lrp.lrp_rules)
         self.attentions: list[torch.Tensor] = []
         self.fast_inference = True  # use inference.forward_tokens when no gradient is recorded
         self.gemm = "auto"  # inference GEMMs: auto | onednn | aten (see inference.use_onednn)
