@@ -176,36 +176,19 @@ def explain(cfg: ExplainConfig, run) -> dict:
     return explain_inputs(encoder, cfg, run)
 
 
-# ------------------------------------------------------------------ train (distillation)
+# ------------------------------------------------------------------ train (distillation or DINOv2)
 def train(cfg: TrainConfig, run) -> dict:
     import torch
 
-    from .checkpoint import model_json, read_checkpoint
+    from .checkpoint import model_json
     from .distill import train_student
-    from .encoder import Transform
-    from .presets import get_preset
-    from .synthetic import preset_config, random_vit
     from .tiles import read_input
-    from .vit import VisionTransformer
 
     sets = [read_input(p) for p in _need(cfg.tiles, "TILES (unlabelled tile folders or arrays)")]
+    if cfg.objective == "dinov2":
+        return _train_dinov2(cfg, run, sets)
     teacher, t_info = _encoder(cfg.teacher, run)
-    sp = get_preset(cfg.student.arch)
-    if cfg.student.weights is not None:
-        s_cfg, sd, _ = read_checkpoint(cfg.student.weights, preset=sp)
-        student = VisionTransformer(s_cfg)
-        student.load_state_dict(sd)
-    else:
-        try:
-            s_cfg = preset_config(sp.name, depth=cfg.student.depth,
-                                  pos_grid=max(1, cfg.crop_size // (sp.patch_size or 1)))
-        except ValueError as exc:
-            raise TubError(f"{exc}; choose a student preset with fixed shapes") from None
-        student = random_vit(s_cfg, seed=run.seed)
-    tiles = np.concatenate([ts.read(0, len(ts)) for ts in sets]) if len(sets) > 1 else sets[0].read(0, len(sets[0]))
-    if cfg.crop_size % s_cfg.patch_size:
-        raise TubError(f"crop size {cfg.crop_size} is not divisible by the student patch size {s_cfg.patch_size}")
-    s_norm = Transform(img_size=cfg.crop_size, mean=sp.mean_std[0], std=sp.mean_std[1]).normalise
+    sp, s_cfg, student, tiles, s_norm = _student(cfg, run, sets)
     torch.manual_seed(run.seed)
     result = train_student(teacher, student, s_norm, tiles, run, steps=cfg.steps, batch_size=cfg.batch_size,
                            crop_size=cfg.crop_size, crop_scale_min=cfg.crop_scale_min, lr=cfg.lr,
@@ -229,6 +212,78 @@ def train(cfg: TrainConfig, run) -> dict:
 
         result.update(teacher_student_knn(teacher, student, s_norm, tiles, sets, cfg, run))
     return result
+
+
+def _student(cfg: TrainConfig, run, sets):
+    """Student preset, config, network (given weights or from scratch), all tiles, its normalisation."""
+    from .checkpoint import read_checkpoint
+    from .encoder import Transform
+    from .presets import get_preset
+    from .synthetic import preset_config, random_vit
+    from .vit import VisionTransformer
+
+    sp = get_preset(cfg.student.arch)
+    if cfg.student.weights is not None:
+        s_cfg, sd, _ = read_checkpoint(cfg.student.weights, preset=sp)
+        student = VisionTransformer(s_cfg)
+        student.load_state_dict(sd)
+    else:
+        try:
+            s_cfg = preset_config(sp.name, depth=cfg.student.depth,
+                                  pos_grid=max(1, cfg.crop_size // (sp.patch_size or 1)))
+        except ValueError as exc:
+            raise TubError(f"{exc}; choose a student preset with fixed shapes") from None
+        student = random_vit(s_cfg, seed=run.seed)
+    tiles = np.concatenate([ts.read(0, len(ts)) for ts in sets]) if len(sets) > 1 else sets[0].read(0, len(sets[0]))
+    if cfg.crop_size % s_cfg.patch_size:
+        raise TubError(f"crop size {cfg.crop_size} is not divisible by the student patch size {s_cfg.patch_size}")
+    s_norm = Transform(img_size=cfg.crop_size, mean=sp.mean_std[0], std=sp.mean_std[1]).normalise
+    return sp, s_cfg, student, tiles, s_norm
+
+
+def _train_dinov2(cfg: TrainConfig, run, sets) -> dict:
+    """``--objective dinov2``: self-supervised student + EMA teacher (dinov2_ssl.py); no frozen teacher."""
+    import torch
+
+    from .checkpoint import model_json
+    from .dinov2_ssl import train_ssl
+
+    if cfg.teacher.weights is not None or cfg.teacher.random_init:
+        raise TubError("--objective dinov2 trains its own EMA teacher; drop --teacher-weights/--teacher-random-init")
+    d = cfg.dinov2
+    for name, (lo, hi) in (("global_scale", d.global_scale), ("local_scale", d.local_scale),
+                           ("mask_ratio", d.mask_ratio)):
+        if not 0 < lo <= hi <= 1:
+            raise TubError(f"dinov2.{name} must be two numbers 0 < low <= high <= 1, got {lo}, {hi}")
+    sp, s_cfg, student, tiles, s_norm = _student(cfg, run, sets)
+    if d.local_crops and d.local_crop_size % s_cfg.patch_size:
+        raise TubError(f"dinov2.local_crop_size {d.local_crop_size} is not divisible by the student patch size "
+                       f"{s_cfg.patch_size}")
+    torch.manual_seed(run.seed)
+    res = train_ssl(student, s_norm, tiles, run, d.model_dump(), steps=cfg.steps, batch_size=cfg.batch_size,
+                    global_size=cfg.crop_size, local_size=d.local_crop_size, clip=cfg.clip,
+                    checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every)
+    ssl_student, ssl_teacher = res.pop("student"), res.pop("teacher")
+    res.pop("history")
+    res.pop("parts")
+    for name, net, what in (("model", ssl_student, "student"), ("teacher", ssl_teacher, "EMA teacher")):
+        meta = model_json(s_cfg, norm=sp.norm, pool=sp.pool, img_size=cfg.crop_size, preset=sp.name,
+                          source=f"DINOv2 self-supervision ({what}), {cfg.steps} steps")
+        run.save_weights({k: v.detach().cpu().contiguous() for k, v in net.backbone.state_dict().items()}, meta,
+                         name=name)
+    res.update({"objective": "dinov2", "student": sp.name,
+                "weights": str(run.checkpoints_dir / "model.safetensors"),
+                "teacher_weights": str(run.checkpoints_dir / "teacher.safetensors")})
+    labels = [r["label"] for ts in sets for r in ts.rows]
+    if len(set(labels) - {""}) >= 2:
+        from .encoder import Encoder, Transform
+        from .probing import teacher_student_knn
+
+        ema = Encoder(ssl_teacher.backbone, Transform(img_size=cfg.crop_size, mean=sp.mean_std[0],
+                                                      std=sp.mean_std[1]), "cls+mean")
+        knn = teacher_student_knn(ema, ssl_student.backbone, s_norm, tiles, sets, cfg, run)
+        res.update({k.replace("teacher_", "ema_teacher_"): v for k, v in knn.items() if k != "knn_gap"})
+    return res
 
 
 # ------------------------------------------------------------------ bench / make-data

@@ -135,18 +135,71 @@ class StudentSection(Section):
     depth: int | None = Field(None, ge=1, description="override the preset depth")
 
 
+class DINOv2Section(Section):
+    """``--objective dinov2`` (ssl.py). Defaults: DINOv2 (Oquab et al., arXiv 2304.07193) and its public
+    ``dinov2/configs/ssl_default_config.yaml`` ("cfg" below); epochs of that config are turned into
+    fractions of ``steps`` (its 100 epochs: 10 warm-up, 30 teacher-temperature warm-up)."""
+
+    local_crops: int = Field(8, ge=0, description="local crops per tile (cfg crops.local_crops_number 8)")
+    local_crop_size: int = Field(96, ge=8, description="local crop side (cfg 96; 98 for patch 14)")
+    global_scale: tuple[float, float] = Field((0.32, 1.0), description="global crop area range (cfg 0.32-1.0)")
+    local_scale: tuple[float, float] = Field((0.05, 0.32), description="local crop area range (cfg 0.05-0.32)")
+    rotate: bool = Field(True, description="vertical flips and 90° rotations (pathology; not in cfg)")
+    brightness: float = Field(0.4, ge=0, description="colour jitter (cfg ColorJitter 0.4, 0.4, 0.2, 0.1)")
+    contrast: float = Field(0.4, ge=0)
+    saturation: float = Field(0.2, ge=0)
+    hue: float = Field(0.1, ge=0, le=0.5)
+    jitter_p: float = Field(0.8, ge=0, le=1, description="probability of colour jitter (cfg 0.8)")
+    grey_p: float = Field(0.2, ge=0, le=1, description="probability of greyscale (cfg 0.2)")
+    n_prototypes: int = Field(65536, ge=2, description="DINO head prototypes K (cfg dino.head_n_prototypes)")
+    head_hidden_dim: int = Field(2048, ge=1, description="head MLP width (cfg 2048)")
+    head_bottleneck_dim: int = Field(256, ge=1, description="head bottleneck (cfg 256)")
+    head_layers: int = Field(3, ge=2, description="head MLP layers (cfg 3)")
+    separate_ibot_head: bool = Field(False, description="own iBOT head (cfg default false; ViT-L/g configs true)")
+    ibot_prototypes: int = Field(65536, ge=2, description="iBOT head prototypes when separate (cfg 65536)")
+    dino_weight: float = Field(1.0, ge=0, description="DINO loss weight (cfg 1.0)")
+    ibot_weight: float = Field(1.0, ge=0, description="iBOT loss weight (cfg 1.0); 0 switches masking off")
+    koleo_weight: float = Field(0.1, ge=0, description="KoLeo weight (cfg dino.koleo_loss_weight 0.1)")
+    mask_probability: float = Field(0.5, ge=0, le=1, description="share of global crops masked (cfg 0.5)")
+    mask_ratio: tuple[float, float] = Field((0.1, 0.5), description="masked patch ratio range (cfg 0.1-0.5)")
+    mask_mode: Literal["block", "random"] = Field("block", description="BEiT block masking (cfg) or random")
+    centering: Literal["sinkhorn_knopp", "centering"] = Field(
+        "sinkhorn_knopp", description="teacher centring: Sinkhorn-Knopp, 3 iterations (paper §4; ViT-L/g "
+                                      "configs) or DINO's EMA centre (cfg default)")
+    center_momentum: float = Field(0.9, ge=0, lt=1, description="EMA of the classic centre (DINO 0.9)")
+    student_temp: float = Field(0.1, gt=0, description="τ_s (cfg 0.1)")
+    warmup_teacher_temp: float = Field(0.04, gt=0, description="τ_t at the start (cfg 0.04)")
+    teacher_temp: float = Field(0.07, gt=0, description="τ_t after warm-up (cfg 0.07)")
+    teacher_temp_warmup: float = Field(0.3, ge=0, le=1, description="τ_t warm-up fraction (cfg 30 of 100 epochs)")
+    momentum: float = Field(0.992, gt=0, le=1, description="EMA momentum at step 0, cosine to 1 (cfg 0.992)")
+    base_lr: float = Field(0.004, gt=0, description="lr for batch 1024, scaled by sqrt(batch/1024) (cfg)")
+    min_lr: float = Field(1e-6, ge=0, description="final lr (cfg 1e-6)")
+    warmup: float = Field(0.1, ge=0, lt=1, description="lr warm-up fraction (cfg 10 of 100 epochs)")
+    weight_decay: float = Field(0.04, ge=0, description="weight decay at the start (cfg 0.04)")
+    weight_decay_end: float = Field(0.4, ge=0, description="weight decay at the end, cosine (cfg 0.4)")
+    layer_decay: float = Field(0.9, gt=0, le=1, description="layer-wise lr decay (cfg 0.9; ViT-g 1.0)")
+    patch_embed_lr_mult: float = Field(0.2, gt=0, description="patch-embedding lr factor (cfg 0.2)")
+    freeze_last_layer_epochs: float = Field(1.0, ge=0, description="prototype layer lr 0 for this many "
+                                                                   "passes over the tiles (cfg 1)")
+    drop_path: float = Field(0.1, ge=0, lt=1, description="stochastic depth (DINO ViT-S 0.1; cfg ViT-L 0.3)")
+
+
 class TrainConfig(TubConfig):
     tiles: list[Path] = Field(default_factory=list, description="unlabelled tiles (folders, .npz/.h5)")
+    objective: Literal["distill", "dinov2"] = Field(
+        "distill", description="distill from a frozen teacher, or DINOv2 self-supervision (EMA teacher)")
+    dinov2: DINOv2Section = DINOv2Section()
     teacher: TeacherSection = TeacherSection()
     student: StudentSection = StudentSection()
-    crop_size: int = Field(224, ge=8, description="random-resized-crop side fed to both networks")
+    crop_size: int = Field(224, ge=8, description="random-resized-crop side fed to both networks "
+                                                  "(dinov2: global crop side, cfg 224)")
     crop_scale_min: float = Field(0.4, gt=0, le=1, description="smallest crop area fraction")
     steps: int = Field(1000, ge=1, description="optimisation steps")
     batch_size: int = Field(64, ge=1, description="tiles per step (per process)")
     lr: float = Field(5e-4, gt=0, description="base learning rate (scaled by batch/256)")
     weight_decay: float = Field(0.05, ge=0)
     warmup: float = Field(0.05, ge=0, lt=1, description="warm-up fraction of the steps")
-    clip: float = Field(3.0, gt=0, description="gradient-norm clip")
+    clip: float = Field(3.0, gt=0, description="gradient-norm clip (both objectives; DINOv2 cfg 3.0)")
     lambda_cls: float = Field(1.0, ge=0)
     lambda_patch: float = Field(1.0, ge=0)
     checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints")

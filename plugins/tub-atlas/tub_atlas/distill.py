@@ -131,6 +131,11 @@ def train_student(teacher: Encoder, student: VisionTransformer, student_norm, ti
     start, history = 0, []
     state = run.load_checkpoint()
     if state is not None:
+        if "distiller" not in state:
+            from tubcli.errors import TubError
+
+            raise TubError(f"the checkpoint to resume is a --objective {state.get('objective', '?')} run, not "
+                           "distillation; resume it with its own objective")
         distiller.load_state_dict(state["distiller"])
         opt.load_state_dict(state["optimizer"])
         start, history = int(state["step"]), list(state["history"])

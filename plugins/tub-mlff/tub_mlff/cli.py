@@ -88,34 +88,97 @@ def build(cfg, run) -> dict:
 
 
 # -- label ---------------------------------------------------------------------------------------
+_LABELLED = r".+_\d{6}(_c\d{5})?\.extxyz"
+
+
+def _label_items(cfg, files, run) -> tuple[list[str], int]:
+    """Batch items 'stem::frame::centre::path' (centre -1 = the whole frame); checks inputs first."""
+    from .clusters import ClusterError, centres_of
+    from .data import read_structures
+    from .labelling import check_dft_settings
+
+    if cfg.cluster_radius is not None and cfg.method != "dft":
+        raise TubError(f"--cluster-radius carves clusters for method=dft; {cfg.method} labels periodic cells "
+                       "directly, so drop --cluster-radius or use --set method=dft")
+    if cfg.cluster_radius is not None and cfg.cluster_radius <= 0:
+        raise TubError(f"--cluster-radius must be positive (got {cfg.cluster_radius}); give e.g. 5")
+    items, without, elements = [], 0, set()
+    for f in files:
+        for k, atoms in enumerate(read_structures(f)):
+            elements |= set(atoms.get_chemical_symbols())
+            head = f"{Path(f).stem}::{k:06d}"
+            if cfg.method != "dft" or cfg.cluster_radius is None:
+                if cfg.method == "dft" and np.any(atoms.pbc):
+                    raise TubError(f"{f} frame {k} is periodic and PySCF labels clusters; add --cluster-radius R "
+                                   "(e.g. 5) to carve H-capped clusters around --cluster-center (default Na)")
+                items.append(f"{head}::-1::{f}")
+                continue
+            try:
+                centres = centres_of(atoms, cfg.cluster_center)
+            except ClusterError as exc:
+                raise TubError(f"{f} frame {k}: {exc}") from None
+            without += not centres
+            items += [f"{head}::{c:05d}::{f}" for c in centres]
+    if not items:
+        raise TubError(f"no cluster centre '{cfg.cluster_center}' in any structure; give --cluster-center "
+                       "with an element present or atom indices")
+    if cfg.method == "dft":
+        check_dft_settings(cfg.xc, cfg.basis, elements)
+    if without:
+        run.log.warning("%d structure(s) have no %s atom; no cluster carved from them", without, cfg.cluster_center)
+    return items, without
+
+
+def _label_output(run, item: str) -> Path:
+    stem, idx, centre, _ = item.split("::", 3)
+    return run.outputs_dir / (f"{stem}_{idx}.extxyz" if centre == "-1" else f"{stem}_{idx}_c{centre}.extxyz")
+
+
 def label(cfg, run) -> dict:
+    import re
+
+    from .clusters import ClusterError, carve_cluster
     from .data import read_structures
     from .labelling import label_pyscf, label_xtb
 
     files = _need(cfg.structures, "STRUCTURES", "one or more extxyz files")
-    items = []
-    for f in files:
-        frames = read_structures(f)
-        items += [f"{Path(f).stem}::{k:06d}::{f}" for k in range(len(frames))]
+    items, without = _label_items(cfg, files, run)
     cache: dict[str, list] = {}
     done = 0
-    for item, out in run.batch(items, output_for=lambda it: run.outputs_dir / f"{it.split('::')[0]}_{it.split('::')[1]}.extxyz"):
+    for item, out in run.batch(items, output_for=lambda it: _label_output(run, it)):
         with run.item(item):
-            stem, idx, path = item.split("::", 2)
+            stem, idx, centre, path = item.split("::", 3)
             frames = cache.setdefault(path, read_structures(path))
             atoms = frames[int(idx)]
-            labelled = label_xtb(atoms, cfg.method) if cfg.method != "dft" else label_pyscf(atoms, cfg.xc, cfg.basis)
+            if centre != "-1":
+                try:
+                    atoms = carve_cluster(atoms, int(centre), cfg.cluster_radius)
+                except ClusterError as exc:
+                    raise TubError(f"{path} frame {int(idx)}: {exc}") from None
+                atoms.info["parent_frame"] = int(idx)
+                run.log.info("cluster around atom %d of frame %d: %d atoms (%s)", int(centre), int(idx),
+                             len(atoms), atoms.get_chemical_formula())
+            if cfg.method == "dft":
+                labelled = label_pyscf(atoms, cfg.xc, cfg.basis, density_fit=cfg.density_fit)
+            else:
+                labelled = label_xtb(atoms, cfg.method)
             _write_extxyz(out, labelled)
             done += 1
     # gather every finished item (also from other shards) into one file
     from ase.io import read
 
-    parts = sorted(run.outputs_dir.glob("*_[0-9][0-9][0-9][0-9][0-9][0-9].extxyz"))
+    parts = sorted(p for p in run.outputs_dir.glob("*.extxyz") if re.fullmatch(_LABELLED, p.name))
     merged = [read(str(p)) for p in parts]
     if merged:
         _write_extxyz(run.dir / "labelled.extxyz", merged)
-    return {"labelled_now": done, "labelled_total": len(merged), "method": cfg.method,
-            "output": str(run.dir / "labelled.extxyz")}
+    result = {"labelled_now": done, "labelled_total": len(merged), "method": cfg.method,
+              "output": str(run.dir / "labelled.extxyz")}
+    if cfg.method == "dft":
+        result["xc_basis"] = f"{cfg.xc}/{cfg.basis}"
+    if cfg.cluster_radius is not None:
+        result.update({"clusters": len(items), "frames_without_center": without,
+                       "cluster_radius": cfg.cluster_radius})
+    return result
 
 
 # -- train ---------------------------------------------------------------------------------------

@@ -46,6 +46,10 @@ class LabelConfig(TubConfig):
     method: Literal["GFN1-xTB", "GFN2-xTB", "dft"] = Field("GFN1-xTB", description="labeller")
     xc: str = Field("PBE", description="DFT functional (method=dft)")
     basis: str = Field("def2-SVP", description="DFT basis (method=dft)")
+    density_fit: bool = Field(False, description="RI density fitting for the DFT SCF (method=dft; faster)")
+    cluster_radius: Optional[float] = Field(
+        None, description="carve H-capped clusters of this radius (A) from periodic cells (method=dft)")
+    cluster_center: str = Field("Na", description="cluster centres: an element (one cluster per atom) or indices '0,12'")
 
 
 class TrainConfig(TubConfig):

@@ -36,8 +36,13 @@ def label_xtb(atoms, method: str = "GFN1-xTB", accuracy: float = 1.0, max_iterat
     out.calc = TBLite(method=method, charge=charge, multiplicity=spin + 1, accuracy=accuracy,
                       max_iterations=max_iterations, electronic_temperature=electronic_temperature,
                       verbosity=0)
-    energy = out.get_potential_energy()
-    forces = out.get_forces()
+    from ase.calculators.calculator import CalculationFailed
+
+    try:
+        energy = out.get_potential_energy()
+        forces = out.get_forces()
+    except CalculationFailed as exc:
+        raise TubError(f"tblite failed on {atoms.get_chemical_formula()} ({method}): {exc}", exit_code=1) from None
     stress = out.get_stress(voigt=False) if out.pbc.all() else None
     try:
         charges = out.get_charges()
@@ -46,10 +51,48 @@ def label_xtb(atoms, method: str = "GFN1-xTB", accuracy: float = 1.0, max_iterat
     return _finish(out, energy, forces, stress, charges, charge, spin, method)
 
 
-def label_pyscf(atoms, xc: str = "PBE", basis: str = "def2-SVP", max_memory_mb: int = 4000):
-    """All-electron Kohn-Sham DFT on a cluster (no periodic cell): energy and forces."""
+def check_dft_settings(xc: str, basis: str, elements) -> None:
+    """One-line TubError unless PySCF knows the functional and has the basis for every element."""
+    import warnings
+
+    try:
+        from pyscf import gto
+        from pyscf.dft import libxc
+    except ImportError:
+        raise TubError("DFT labels need pyscf; pip install pyscf  (or tub-mlff[dft])") from None
+    try:
+        libxc.parse_xc(xc)
+    except Exception:  # noqa: BLE001 - PySCF raises KeyError/ValueError for unknown names
+        raise TubError(f"PySCF does not know the functional '{xc}'; give e.g. PBE, B3LYP, PBE0 or r2SCAN") from None
+    for el in sorted(elements):
+        try:
+            with warnings.catch_warnings():  # an unknown basis also warns about basis-set-exchange
+                warnings.simplefilter("ignore")
+                shells = gto.basis.load(basis, el)
+        except Exception:  # noqa: BLE001
+            shells = None
+        if not shells:
+            raise TubError(f"PySCF has no basis '{basis}' for {el}; give a basis PySCF knows for it, e.g. def2-SVP")
+
+
+def label_pyscf(atoms, xc: str = "PBE", basis: str = "def2-SVP", density_fit: bool = False,
+                conv_tol: float = 1e-9, max_cycle: int = 50, max_memory_mb: int = 4000,
+                grid_level: int = 3):
+    """All-electron Kohn-Sham DFT on a cluster (no periodic cell) with PySCF: energy and forces.
+
+    PySCF (Sun et al., J. Chem. Phys. 153, 024109 (2020)) works in Hartree and Bohr: E[eV] =
+    E_h x 27.2114, F[eV/A] = -dE/dR[E_h/bohr] x 27.2114 / 0.529177. Charge and spin come from
+    ``atoms.info`` (spin = unpaired electrons = 2S = n_alpha - n_beta; missing spin = the lowest
+    allowed by the electron count); spin > 0 runs unrestricted Kohn-Sham (UKS), spin 0 restricted
+    (RKS). The SCF is DIIS; if it stalls, the same functional is converged with the second-order
+    (Newton) solver from where DIIS stopped; no convergence after that is an error. Mulliken
+    charges go to arrays["ref_charges"]; UKS adds info["s_squared"] (<S^2>, ideal S(S+1)).
+    ``density_fit`` uses RI-J with the basis' default auxiliary set: faster, the energy shifts slightly
+    from the exact-integral one, and the forces are the analytic derivatives of the fitted energy.
+    """
     if np.any(atoms.pbc):
-        raise TubError("PySCF labels are for clusters; give a non-periodic structure (pbc=False)")
+        raise TubError("PySCF labels are for clusters; give a non-periodic structure (pbc=False) "
+                       "or carve clusters with --cluster-radius")
     try:
         from pyscf import dft, gto
     except ImportError:
@@ -57,22 +100,45 @@ def label_pyscf(atoms, xc: str = "PBE", basis: str = "def2-SVP", max_memory_mb: 
     from ase.units import Bohr, Hartree
 
     charge, spin = _charge_spin(atoms)
-    mol = gto.M(atom=[(s, p) for s, p in zip(atoms.get_chemical_symbols(), atoms.positions)],
+    name = atoms.get_chemical_formula()
+    n_electrons = int(atoms.numbers.sum()) - charge
+    if spin < 0 or spin > n_electrons or (n_electrons - spin) % 2:
+        raise TubError(f"{name}: spin {spin} (unpaired electrons) is impossible with {n_electrons} electrons "
+                       f"(charge {charge}); set info['spin'] to {n_electrons % 2} or {n_electrons % 2 + 2}, ...")
+    check_dft_settings(xc, basis, set(atoms.get_chemical_symbols()))
+    mol = gto.M(atom=[(s, tuple(p)) for s, p in zip(atoms.get_chemical_symbols(), atoms.positions)],
                 unit="Angstrom", basis=basis, charge=charge, spin=spin, verbose=0, max_memory=max_memory_mb)
-    mf = (dft.UKS(mol) if spin else dft.RKS(mol))
+    mf = dft.UKS(mol) if spin else dft.RKS(mol)
     mf.xc = xc
-    e = mf.kernel()
+    mf.conv_tol = conv_tol
+    mf.max_cycle = max_cycle
+    mf.grids.level = grid_level
+    if density_fit:
+        mf = mf.density_fit()
+    try:
+        e = mf.kernel()
+        solver = "diis"
+        if not mf.converged:
+            dm = mf.make_rdm1()
+            mf = mf.newton()
+            mf.max_cycle = max(max_cycle, 50)
+            e = mf.kernel(dm)
+            solver = "newton"
+    except (KeyError, ValueError, RuntimeError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TubError(f"PySCF failed on {name} with xc '{xc}' ({msg}); check the functional name") from None
     if not mf.converged:
-        raise TubError(f"PySCF SCF did not converge for {atoms.get_chemical_formula()}", exit_code=1)
+        raise TubError(f"PySCF SCF did not converge for {name} ({xc}/{basis}); check charge/spin or the "
+                       "geometry", exit_code=1)
     grad = mf.nuc_grad_method().kernel()
     out = atoms.copy()
-    charges = None
-    try:
-        charges = np.asarray(mf.mulliken_pop(verbose=0)[1])
-    except Exception:  # noqa: BLE001
-        pass
-    return _finish(out, e * Hartree, -np.asarray(grad) * Hartree / Bohr, None, charges, charge, spin,
-                   f"{xc}/{basis}")
+    charges = np.asarray(mf.mulliken_pop(verbose=0)[1], dtype=float)
+    labelled = _finish(out, e * Hartree, -np.asarray(grad) * Hartree / Bohr, None, charges, charge, spin,
+                       f"{xc}/{basis}" + ("/RI" if density_fit else ""))
+    labelled.info["scf_solver"] = solver
+    if spin:
+        labelled.info["s_squared"] = float(mf.spin_square()[0])
+    return labelled
 
 
 def _finish(out, energy, forces, stress, charges, charge, spin, method):
