@@ -124,3 +124,17 @@ def raises_tub_error(func, *args, **kwargs) -> TubError:
     except TubError as exc:
         return exc
     raise AssertionError(f"{getattr(func, '__name__', func)} raised no TubError")
+
+
+def expect_ok(result):
+    """Assert a CLI result from :func:`invoke` exited 0 (shows stdout/stderr otherwise); returns it."""
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    return result
+
+
+def expect_one_line_error(result) -> str:
+    """Assert the project's bad-input contract: exit 2, one stderr line, no traceback; returns the line."""
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]

@@ -23,12 +23,21 @@ from tub_atlas.tissue import (TissueParams, close_mask, mask_outlines, otsu_thre
                               segment_tissue)
 
 
-def _scene():
-    here = Path(__file__).with_name("test_atlas_tissue.py")
-    spec = importlib.util.spec_from_file_location("atlas_tissue_scene", here)
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.draw_scene()
+    return mod
+
+
+def _scene():
+    return _load(Path(__file__).with_name("test_atlas_tissue.py"), "atlas_tissue_scene").draw_scene()
+
+
+def _clam_style_cv2(img, mpp, a_t, a_h, close):
+    """The CLAM-style OpenCV pipeline of benchmarks/atlas_tissue.py (one copy for both)."""
+    bench = _load(Path(__file__).parents[2] / "benchmarks" / "atlas_tissue.py", "atlas_tissue_bench")
+    return bench.opencv_clam_style(cv2, img, mpp, a_t, a_h, close=close)
 
 
 def test_saturation_median_otsu_and_closing_match_opencv():
@@ -50,26 +59,6 @@ def test_saturation_median_otsu_and_closing_match_opencv():
     for k in (3, 5):  # odd squares: same anchor in both libraries
         closed_cv = cv2.morphologyEx(m.astype(np.uint8), cv2.MORPH_CLOSE, np.ones((k, k), np.uint8)) > 0
         assert np.array_equal(close_mask(m, k), closed_cv)
-
-
-def _clam_style_cv2(img, mpp, a_t, a_h, max_holes=8, median=7, close=4):
-    s = cv2.medianBlur(cv2.cvtColor(img, cv2.COLOR_RGB2HSV)[..., 1], median)
-    _, fg = cv2.threshold(s, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, np.ones((close, close), np.uint8))
-    contours, hier = cv2.findContours(fg, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
-    hier = hier[0]
-    out = np.zeros(fg.shape, np.uint8)
-    px = mpp ** 2
-    for i in np.flatnonzero(hier[:, 3] == -1):
-        holes = [j for j in np.flatnonzero(hier[:, 3] == i)]
-        if (cv2.contourArea(contours[i]) - sum(cv2.contourArea(contours[j]) for j in holes)) * px < a_t:
-            continue
-        cv2.drawContours(out, contours, int(i), 1, thickness=-1)
-        big = sorted([j for j in holes if cv2.contourArea(contours[j]) * px > a_h],
-                     key=lambda j: -cv2.contourArea(contours[j]))[:max_holes]
-        for j in big:
-            cv2.drawContours(out, contours, int(j), 0, thickness=-1)
-    return out > 0
 
 
 def test_opencv_even_closing_shifts_the_mask_and_tub_does_not():

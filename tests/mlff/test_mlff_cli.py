@@ -11,6 +11,7 @@ import torch
 
 from ase.io import read, write
 from tubcli.testing import check_plugin, invoke
+from tubcli.testing import expect_ok as _ok, expect_one_line_error as _err
 
 from tub_mlff.calculator import SpookyNetCalculator
 from tub_mlff.checkpoints import save_model
@@ -20,18 +21,6 @@ from tub_mlff.structures import add_sodium, janus_graphene, spin_for
 
 def test_conformance():
     check_plugin("mlff")
-
-
-def _ok(result):
-    assert result.exit_code == 0, (result.stdout, result.stderr)
-    return result
-
-
-def _err(result):
-    assert result.exit_code == 2, (result.stdout, result.stderr)
-    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

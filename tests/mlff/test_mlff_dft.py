@@ -17,6 +17,7 @@ from ase.io import read, write
 from ase.neighborlist import neighbor_list
 from tubcli.errors import TubError
 from tubcli.testing import invoke
+from tubcli.testing import expect_ok as _ok, expect_one_line_error as _err
 
 from tub_mlff.clusters import ClusterError, bond_cutoffs, carve_cluster, centres_of
 from tub_mlff.structures import add_sodium, janus_graphene
@@ -191,16 +192,6 @@ def test_cluster_rules_on_the_aminophenyl_group():
 
 
 # -- CLI ----------------------------------------------------------------------------------------
-def _ok(result):
-    assert result.exit_code == 0, (result.stdout, result.stderr)
-    return result
-
-
-def _err(result):
-    assert result.exit_code == 2, (result.stdout, result.stderr)
-    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    return lines[0]
 
 
 def test_cli_labels_clusters_carved_from_periodic_cells(tmp_path):
