@@ -124,6 +124,31 @@ def test_train_cosine_schedule_anneals_to_min_lr(workdir, labelled):
     assert np.allclose(lrs, want, rtol=1e-9) and abs(lrs[-1] - 1e-5) < 1e-12
 
 
+def test_huber_penalty_is_quadratic_then_linear():
+    from tub_mlff.training import TrainSettings, _penalty
+
+    err = torch.tensor([0.001, -0.005, 0.2, -1.0], dtype=torch.float64)
+    s = TrainSettings(loss="huber", huber_delta=0.01)
+    a = err.abs()
+    want = torch.where(a < 0.01, a ** 2, 2 * 0.01 * a - 0.01 ** 2).mean()
+    assert torch.allclose(_penalty(err, s), want, rtol=1e-12)
+    assert torch.allclose(_penalty(err, TrainSettings(loss="mse")), (err ** 2).mean(), rtol=1e-12)
+
+
+def test_train_huber_loss_is_wired_through_the_config(workdir, labelled):
+    small = ["--set", "model.num_features=8", "--set", "model.num_modules=1", "--set", "model.num_basis_functions=4",
+             "--set", "model.electrostatics=false", "--epochs", "1", "--batch-size", "8", "--seed", "3"]
+
+    def first_loss(name, *extra):
+        _ok(invoke(["mlff", "train", labelled, "-o", workdir / name, *small, *extra]))
+        return json.loads((workdir / name / "metrics.jsonl").read_text().splitlines()[0])["train_loss"]
+
+    mse = first_loss("l_mse")
+    # a delta far above every error makes 2*Huber = err**2: the same run as MSE
+    assert first_loss("l_huge", "--set", "loss=huber", "--set", "huber_delta=1e6") == pytest.approx(mse, rel=1e-9)
+    assert first_loss("l_hub", "--set", "loss=huber", "--set", "huber_delta=0.01") < 0.5 * mse
+
+
 def test_train_ensemble_and_evaluate_committee(workdir, labelled):
     out = workdir / "ens"
     _ok(invoke(["mlff", "train", labelled, "-o", out, "--epochs", "1", "--ensemble", "2", "--batch-size", "8",

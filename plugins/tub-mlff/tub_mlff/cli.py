@@ -240,7 +240,8 @@ def train(cfg, run) -> dict:
                              energy_weight=cfg.energy_weight,
                              forces_weight=cfg.forces_weight, stress_weight=cfg.stress_weight,
                              ema_decay=cfg.ema_decay, patience=cfg.patience, max_minutes=cfg.max_minutes,
-                             fit_element_energies=base is None, keep=cfg.keep)
+                             fit_element_energies=base is None, keep=cfg.keep,
+                             loss=cfg.loss, huber_delta=cfg.huber_delta)
     elements = sorted({int(z) for a in frames for z in a.numbers})
     dtype = _dtype(run)
     state = run.load_checkpoint()

@@ -46,6 +46,8 @@ class TrainSettings:
     max_minutes: float | None = None
     fit_element_energies: bool = True
     keep: str = "best"  # "best": EMA weights at the lowest validation loss; "last": final EMA weights
+    loss: str = "mse"  # "mse", or "huber": quadratic below huber_delta, linear above (MACE's choice)
+    huber_delta: float = 0.01  # eV/atom, eV/A, eV/A^3
 
 
 class EMA:
@@ -69,20 +71,34 @@ class EMA:
         return m
 
 
+def _penalty(err: torch.Tensor, s: TrainSettings) -> torch.Tensor:
+    """Mean of err**2 ("mse"), or of 2*Huber(err; delta) ("huber"), so both equal err**2 for small errors.
+
+    Huber (Huber 1964) grows only linearly past delta, so the fit chases the mean absolute error
+    instead of the few largest errors; MACE trains its foundation models with it (Batatia et al.
+    2023). The factor 2 keeps the weights of an MSE run meaningful when switching.
+    """
+    if s.loss == "mse":
+        return (err ** 2).mean()
+    if s.loss == "huber":
+        return 2 * torch.nn.functional.huber_loss(err, torch.zeros_like(err), delta=s.huber_delta)
+    raise ValueError(f"unknown loss {s.loss!r}: use mse or huber")
+
+
 def batch_loss(model, batch: dict, s: TrainSettings, create_graph: bool = True) -> tuple[torch.Tensor, dict]:
     want_stress = s.stress_weight > 0 and "stress" in batch
     out = compute(model, batch, forces=True, stress=want_stress, create_graph=create_graph)
     n = batch["n_atoms"]
     de = (out["energy"] - batch["energy"]) / n
-    loss = s.energy_weight * (de ** 2).mean()
+    loss = s.energy_weight * _penalty(de, s)
     parts = {"e_mae_atom": de.abs().mean().item()}
     if "forces" in batch:
         df = out["forces"] - batch["forces"]
-        loss = loss + s.forces_weight * (df ** 2).mean()
+        loss = loss + s.forces_weight * _penalty(df, s)
         parts["f_mae"] = df.abs().mean().item()
     if want_stress:
         ds = out["stress"] - batch["stress"]
-        loss = loss + s.stress_weight * (ds ** 2).mean()
+        loss = loss + s.stress_weight * _penalty(ds, s)
         parts["s_mae"] = ds.abs().mean().item()
     return loss, parts
 
