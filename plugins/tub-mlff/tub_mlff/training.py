@@ -188,7 +188,8 @@ def fit(model, train: list[Graph], valid: list[Graph], s: TrainSettings, run, dt
     if state is None and s.fit_element_energies:
         init_element_bias(model, train, dtype, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, amsgrad=True)
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, amsgrad=True,
+                            foreach=True)  # one multi-tensor update, not ~400 small ones: ~13% of a CPU step
     if s.lr_schedule == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(s.epochs, 1), eta_min=s.min_lr)
     elif s.lr_schedule == "plateau":
