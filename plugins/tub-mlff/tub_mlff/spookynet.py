@@ -42,6 +42,7 @@ class SpookyNetConfig:
     compute_d4_atomic: bool = False
     module_keep_prob: float = 1.0
     zmax: int = ZMAX
+    num_random_features: int | None = None  # FAVOR+ features of the attention; None = num_features
     num_residual: dict = field(default_factory=lambda: {
         k: 1 for k in ("electron", "pre", "local_x", "local_s", "local_p", "local_d", "local",
                        "nonlocal_q", "nonlocal_k", "nonlocal_v", "post", "output")})
@@ -236,12 +237,12 @@ class NonlocalInteraction(nn.Module):
     out_i = phi(q_i) sum_j phi(k_j)^T v_j / (phi(q_i) . sum_j phi(k_j) + 1e-8).
     """
 
-    def __init__(self, F_: int, nr: dict, seed: int = 0) -> None:
+    def __init__(self, F_: int, nr: dict, seed: int = 0, num_random: int | None = None) -> None:
         super().__init__()
         self.mlp_q = ResidualMLP(F_, nr["nonlocal_q"], zero=True)
         self.mlp_k = ResidualMLP(F_, nr["nonlocal_k"], zero=True)
         self.mlp_v = ResidualMLP(F_, nr["nonlocal_v"], zero=True)
-        omega = random_features(F_, F_, np.random.default_rng(seed))
+        omega = random_features(F_, num_random or F_, np.random.default_rng(seed))
         self.register_buffer("omega", torch.tensor(omega, dtype=torch.float64))
         self.keep_attention = False
         self.last_phi: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -284,11 +285,11 @@ class NonlocalInteraction(nn.Module):
 class InteractionModule(nn.Module):
     """One SpookyNet module (Eq. 12): x = R_post(R_pre(x) + l + n); output y = ResMLP_out(x)."""
 
-    def __init__(self, F_: int, K: int, nr: dict, seed: int = 0) -> None:
+    def __init__(self, F_: int, K: int, nr: dict, seed: int = 0, num_random: int | None = None) -> None:
         super().__init__()
         self.pre = ResidualStack(F_, nr["pre"])
         self.local = LocalInteraction(F_, K, nr)
-        self.nonlocal_ = NonlocalInteraction(F_, nr, seed)
+        self.nonlocal_ = NonlocalInteraction(F_, nr, seed, num_random)
         self.post = ResidualStack(F_, nr["post"])
         self.out = ResidualMLP(F_, nr["output"])
 
@@ -330,7 +331,8 @@ class SpookyNet(nn.Module):
         self.charge_embedding = ElectronicEmbedding(F_, nr["electron"], is_charge=True)
         self.spin_embedding = ElectronicEmbedding(F_, nr["electron"], is_charge=False)
         self.rbf = ExponentialBernstein(K)
-        self.interactions = nn.ModuleList(InteractionModule(F_, K, nr, seed=seed * 1000 + t) for t in range(T))
+        self.interactions = nn.ModuleList(InteractionModule(F_, K, nr, seed=seed * 1000 + t,
+                                                             num_random=cfg.num_random_features) for t in range(T))
         self.readout = nn.Linear(F_, 2, bias=False)
         orthogonal_(self.readout.weight)
         self.element_bias = nn.Parameter(torch.zeros(cfg.zmax, 2))
