@@ -251,6 +251,10 @@ def test_bad_structures_get_one_line_errors(workdir, trained):
     write(nocell, a, format="extxyz")
     assert "no cell" in _err(invoke(["mlff", "md", nocell, "--model", model, "--steps", "2", "-o", workdir / "e3"]))
     assert "not found" in _err(invoke(["mlff", "train", workdir / "missing.extxyz", "-o", workdir / "e4"]))
+    cell = workdir / "cell.extxyz"
+    write(cell, Atoms("CH", positions=[[0, 0, 0], [1.1, 0, 0]], cell=[6, 6, 6], pbc=True), format="extxyz")
+    assert "no electrostatics" in _err(invoke(["mlff", "md", cell, "--model", model, "--steps", "2",
+                                               "--set", "ewald_kmax=4", "-o", workdir / "e5"]))
 
 
 def test_sodium_site_classes():

@@ -174,10 +174,12 @@ def _na_graphene(triclinic=True):
     return a
 
 
-def test_stress_equals_finite_difference_strain():
+@pytest.mark.parametrize("ewald", [None, 6], ids=["shifted-coulomb", "ewald"])
+def test_stress_equals_finite_difference_strain(ewald):
     from tub_mlff.calculator import SpookyNetCalculator
 
     model = _random_model(use_d4_dispersion=False)
+    model.set_ewald(ewald)
     atoms = _na_graphene()
     calc = SpookyNetCalculator(model, dtype=torch.float64, lr_cutoff=8.0)
     atoms.calc = calc

@@ -28,7 +28,8 @@ class SpookyNetCalculator(Calculator):
 
     ``spin`` is the number of unpaired electrons (0 singlet, 2 triplet). For periodic cells a
     model without ``lr_cutoff`` gets ``lr_cutoff=10 A`` (a warning says so) so that Coulomb and
-    D4 end smoothly instead of at the neighbour-list radius.
+    D4 end smoothly instead of at the neighbour-list radius. ``ewald_kmax`` switches the Coulomb
+    term of periodic cells to an Ewald sum (``SpookyNet.set_ewald``).
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "charges", "dipole", "energies",
@@ -36,7 +37,8 @@ class SpookyNetCalculator(Calculator):
 
     def __init__(self, model, charge: float = 0.0, spin: float = 0.0, dtype=torch.float32,
                  device: str | torch.device = "cpu", lr_cutoff: float | str | None = "auto",
-                 skin: float = 0.5, elements: set[int] | None = None, check: bool = True, **kwargs):
+                 skin: float = 0.5, elements: set[int] | None = None, check: bool = True,
+                 ewald_kmax: int | None = None, **kwargs):
         super().__init__(**kwargs)
         from .checkpoints import load_model
 
@@ -51,6 +53,9 @@ class SpookyNetCalculator(Calculator):
                 # ~10 % less time per MD step on small cells; forces (d/dR) are unchanged
                 m.requires_grad_(False)
             models.append(m.to(device=device, dtype=dtype).eval())
+        if ewald_kmax is not None:
+            for m in models:
+                m.set_ewald(ewald_kmax)
         self.models = models
         self.charge, self.spin = float(charge), float(spin)
         self.dtype, self.device = dtype, torch.device(device)

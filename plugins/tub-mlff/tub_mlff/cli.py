@@ -29,7 +29,7 @@ def _models(paths) -> list[Path]:
     return paths
 
 
-def _calculator(run, model_paths, atoms=None, charge=None, spin=None, lr_cutoff=None):
+def _calculator(run, model_paths, atoms=None, charge=None, spin=None, lr_cutoff=None, ewald_kmax=None):
     from .calculator import SpookyNetCalculator
     from .checkpoints import CheckpointError
 
@@ -42,9 +42,11 @@ def _calculator(run, model_paths, atoms=None, charge=None, spin=None, lr_cutoff=
     try:
         return SpookyNetCalculator([str(p) for p in _models(model_paths)], charge=q, spin=float(s or 0.0),
                                    dtype=_dtype(run), device=run.device,
-                                   lr_cutoff=lr_cutoff if lr_cutoff is not None else "auto")
+                                   lr_cutoff=lr_cutoff if lr_cutoff is not None else "auto", ewald_kmax=ewald_kmax)
     except CheckpointError as exc:
         raise TubError(str(exc)) from None
+    except ValueError as exc:
+        raise TubError(f"{exc}; check the model files and options") from None
 
 
 def _write_extxyz(path: Path, frames) -> Path:
@@ -328,7 +330,7 @@ def md(cfg, run) -> dict:
 
     path = _need(cfg.structure, "STRUCTURE", "an extxyz file with the starting structure")
     atoms = read_structures(path, index="-1")[0]
-    calc = _calculator(run, cfg.model, atoms, cfg.charge, cfg.spin, cfg.lr_cutoff)
+    calc = _calculator(run, cfg.model, atoms, cfg.charge, cfg.spin, cfg.lr_cutoff, cfg.ewald_kmax)
     from .validation import check_structure
 
     check_structure(atoms, calc.elements, name=str(path))

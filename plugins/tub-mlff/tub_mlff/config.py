@@ -103,6 +103,8 @@ class MDConfig(TubConfig):
     charge: Optional[float] = Field(None, description="total charge (default: from the structure, else 0)")
     spin: Optional[float] = Field(None, description="unpaired electrons (default: from the structure or parity)")
     lr_cutoff: Optional[float] = Field(None, description="long-range cutoff for periodic runs (A; default 10)")
+    ewald_kmax: Optional[int] = Field(
+        None, ge=1, description="Ewald-sum the Coulomb term over reciprocal vectors |n| <= kmax (periodic cells)")
 
 
 class OCVConfig(TubConfig):

@@ -362,6 +362,13 @@ class SpookyNet(nn.Module):
         if self.d4 is not None:
             self.d4.set_lr_cutoff(lr_cutoff)
 
+    def set_ewald(self, kmax: int | None, alpha: float | None = None) -> None:
+        """Ewald summation of the Coulomb term for periodic cells (kmax None: off); see
+        :class:`~tub_mlff.physical_terms.Electrostatics`. Molecules keep the plain pair sum."""
+        if self.electrostatics is None:
+            raise ValueError("this model has no electrostatics term; Ewald summation needs one")
+        self.electrostatics.set_ewald(kmax, alpha)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -460,6 +467,8 @@ class SpookyNet(nn.Module):
                     li, lj, lrr = li[keep], lj[keep], lrr[keep]
             if self.electrostatics is not None:
                 e_ele = _split_half(self.electrostatics.pair_energy(qa, lrr, li, lj), li, lj, n)
+                if self.electrostatics.ewald_kmax is not None and cell is not None:
+                    e_ele = e_ele + self.electrostatics.reciprocal_energy(qa, R, cell, batch_seg, num_batch)
             if self.d4 is not None:
                 if not self.d4.has_tables:
                     raise RuntimeError("D4 dispersion is on but no D4 tables are loaded")
