@@ -51,7 +51,7 @@ def deepen(model: SpookyNet, modules: int, seed: int = 1) -> SpookyNet:
     return _finish(model, deep, state)
 
 
-def _old_index(n_old: int, n_new: int, F: int, Fn: int) -> torch.Tensor | None:
+def _old_index(n_old: int, n_new: int, F: int, Fn: int) -> torch.Tensor:
     """Positions of old units along a grown axis: F-sized axes keep their prefix; 2F-sized ones
     (the [P_a; P_b] projections of Eq. 10) are two halves that move apart."""
     if (n_old, n_new) == (F, Fn):

@@ -366,6 +366,8 @@ class SpookyNet(nn.Module):
         """Ewald summation of the Coulomb term for periodic cells (kmax None: off); see
         :class:`~tub_mlff.physical_terms.Electrostatics`. Molecules keep the plain pair sum."""
         if self.electrostatics is None:
+            if kmax is None:
+                return
             raise ValueError("this model has no electrostatics term; Ewald summation needs one")
         self.electrostatics.set_ewald(kmax, alpha)
 
