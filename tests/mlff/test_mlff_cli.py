@@ -149,7 +149,7 @@ def test_train_huber_loss_is_wired_through_the_config(workdir, labelled):
     assert first_loss("l_hub", "--set", "loss=huber", "--set", "huber_delta=0.01") < 0.5 * mse
 
 
-def test_train_ensemble_and_evaluate_committee(workdir, labelled):
+def test_train_ensemble_and_evaluate_committee(workdir, labelled, trained):
     out = workdir / "ens"
     _ok(invoke(["mlff", "train", labelled, "-o", out, "--epochs", "1", "--ensemble", "2", "--batch-size", "8",
                 "--set", "model.num_features=8", "--set", "model.num_modules=1",
@@ -161,6 +161,15 @@ def test_train_ensemble_and_evaluate_committee(workdir, labelled):
     m = json.loads(r.stdout)
     assert m["forces_mae_meV_A"] > 0 and m["energy_rmse_meV_atom"] >= m["energy_mae_meV_atom"]
     assert (workdir / "eval" / "outputs" / "parity_forces.png").exists()
+    # a committee of members that learned for different times (one epoch leaves forces mostly ZBL)
+    longer = trained[0] / "checkpoints" / "model.safetensors"
+    r = _ok(invoke(["mlff", "explain", labelled, "--model", models[0], "--model", longer, "--set", "attention=false",
+                    "-o", workdir / "ens_expl", "--json"]))
+    worst = json.loads(r.stdout)["most_uncertain_atom"]
+    frames = read(workdir / "ens_expl" / "outputs" / "explained.extxyz", ":")
+    dis = frames[worst["structure"]].arrays["mlff_force_disagreement"]
+    assert worst["force_disagreement_eV_A"] == pytest.approx(dis.max(), abs=1e-7) and dis.max() > 0
+    assert max(a.arrays["mlff_force_disagreement"].max() for a in frames) == pytest.approx(dis.max(), abs=1e-7)
 
 
 def test_md_runs_and_resumes_after_kill(workdir, built, trained):

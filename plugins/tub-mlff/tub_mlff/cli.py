@@ -441,7 +441,7 @@ def diffusion(cfg, run) -> dict:
 # -- explain -------------------------------------------------------------------------------------
 def explain(cfg, run) -> dict:
     from .data import read_structures
-    from .explain import attention_maps, classify_sodium_sites, decompose, site_summary
+    from .explain import attention_maps, classify_sodium_sites, committee_disagreement, decompose, site_summary
     from .validation import check_structure
 
     path = _need(cfg.structures, "STRUCTURES", "an extxyz file")
@@ -463,6 +463,14 @@ def explain(cfg, run) -> dict:
         for name in ("atomic_energy", "e_nn", "e_zbl", "e_coulomb", "e_d4", "charges"):
             out.arrays[f"mlff_{name}"] = dec[name]
         out.info["mlff_energy"] = dec["energy"]
+        if len(calc.models) > 1:  # committee: where do the members disagree on the forces?
+            dis = committee_disagreement(calc, atoms)
+            out.arrays["mlff_force_disagreement"] = dis
+            worst = summary.get("most_uncertain_atom")
+            if worst is None or dis.max() > worst["force_disagreement_eV_A"]:
+                i = int(dis.argmax())
+                summary["most_uncertain_atom"] = {"structure": k, "atom": i, "element": atoms[i].symbol,
+                                                  "force_disagreement_eV_A": float(dis[i])}
         rows.append(out)
         if cfg.attention:
             maps = attention_maps(calc, atoms)

@@ -132,6 +132,7 @@ class DiffusionConfig(TubConfig):
 
 class ExplainConfig(TubConfig):
     structures: Optional[Path] = Field(None, description="extxyz structures to explain")
-    model: list[Path] = Field(default_factory=list, description="model file")
+    model: list[Path] = Field(default_factory=list,
+                              description="model file(s); several = committee, adds each atom's force disagreement")
     attention: bool = Field(True, description="also write attention maps")
     charge: Optional[float] = Field(None, description="total charge (default: from the structure)")

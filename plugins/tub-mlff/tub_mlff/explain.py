@@ -8,6 +8,9 @@
    "graphene"), and its energy contribution and charge are averaged per class.
 3. Nonlocal attention maps per interaction module: A_ij = phi(q_i).phi(k_j) / sum_j phi(q_i).phi(k_j),
    the row-normalised weights the Performer attention (Eq. 11) actually applies.
+4. Committee disagreement (several models): per atom, the RMS deviation of the members' force
+   vectors from their mean, the usual uncertainty signal of active learning (e.g. Smith et
+   al. 2018, "Less is more: sampling chemical space with active learning").
 """
 
 from __future__ import annotations
@@ -37,6 +40,14 @@ def decompose(calc, atoms) -> dict:
         res["c6_eVA6"] = arr("c6")
     res["energy"] = float(out["energy"].sum().item())
     return res
+
+
+def committee_disagreement(calc, atoms) -> np.ndarray:
+    """Per-atom force disagreement (eV/A) of the calculator's committee members."""
+    b = atoms.copy()
+    b.calc = calc
+    b.get_forces()
+    return np.asarray(calc.results["force_disagreement"], dtype=np.float64)
 
 
 def classify_sodium_sites(atoms, ring_cutoff: float = 3.2, amine_cutoff: float = 3.0) -> dict[int, str]:
