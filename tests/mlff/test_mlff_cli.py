@@ -160,6 +160,11 @@ def test_train_ensemble_and_evaluate_committee(workdir, labelled, trained):
                     "-o", workdir / "eval", "--json"]))
     m = json.loads(r.stdout)
     assert m["forces_mae_meV_A"] > 0 and m["energy_rmse_meV_atom"] >= m["energy_mae_meV_atom"]
+    # the per-element force MAEs, weighted by atom counts, add up to the overall one
+    symbols = np.concatenate([a.get_chemical_symbols() for a in read(labelled, ":")])
+    by = m["forces_mae_meV_A_by_element"]
+    assert set(by) == set(symbols) and len(by) > 1
+    assert sum(by[e] * (symbols == e).sum() for e in by) / len(symbols) == pytest.approx(m["forces_mae_meV_A"])
     assert (workdir / "eval" / "outputs" / "parity_forces.png").exists()
     # a committee of members that learned for different times (one epoch leaves forces mostly ZBL)
     longer = trained[0] / "checkpoints" / "model.safetensors"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from ase.data import chemical_symbols
 
 from .data import collate
 from .properties import compute
@@ -37,7 +38,7 @@ def predict(models, graphs, dtype=torch.float32, device="cpu", batch_size: int =
 
 
 def error_metrics(graphs, preds) -> dict:
-    """Energy MAE/RMSE per atom (meV/atom), force MAE/RMSE (meV/A), stress MAE (meV/A^3)."""
+    """Energy MAE/RMSE per atom (meV/atom), force MAE/RMSE (meV/A), also per element, stress MAE (meV/A^3)."""
     n = np.array([len(g.Z) for g in graphs], dtype=float)
     de = (preds["energy"] - np.array([g.energy for g in graphs])) / n
     out = {"frames": len(graphs),
@@ -47,6 +48,10 @@ def error_metrics(graphs, preds) -> dict:
         df = np.concatenate([p - g.forces for p, g in zip(preds["forces"], graphs)])
         out["forces_mae_meV_A"] = float(1000 * np.abs(df).mean())
         out["forces_rmse_meV_A"] = float(1000 * np.sqrt((df ** 2).mean()))
+        # per element, as NequIP reports it: where the force error sits (e.g. stiff C-C bonds vs Na)
+        z = np.concatenate([g.Z for g in graphs])
+        out["forces_mae_meV_A_by_element"] = {chemical_symbols[int(e)]: float(1000 * np.abs(df[z == e]).mean())
+                                              for e in np.unique(z)}
     if "stress" in preds and all(g.stress is not None for g in graphs):
         ds = preds["stress"] - np.stack([g.stress for g in graphs])
         out["stress_mae_meV_A3"] = float(1000 * np.abs(ds).mean())
