@@ -56,8 +56,8 @@ def driver_calc(a, driver: str, xtb: bool):
     return SpookyNetCalculator(driver, spin=spin_for(a))
 
 
-def trajectory(host, job: int, n_frames: int, every: int, driver: str, xtb: bool):
-    """Yield xTB-labelled frames of one driver-MD trajectory."""
+def start_md(host, job: int, driver: str, xtb: bool):
+    """Job ``job``'s cell, relaxed by the driver and thermalised: (atoms, Langevin, kind, x, temp)."""
     r = np.random.default_rng(200_000 + job)
     kind, x = CYCLE[job % len(CYCLE)]
     temp = 600.0 if job % 4 == 3 else 300.0
@@ -66,6 +66,12 @@ def trajectory(host, job: int, n_frames: int, every: int, driver: str, xtb: bool
     FIRE(a, logfile=None).run(fmax=0.1, steps=30 if xtb else 150)
     MaxwellBoltzmannDistribution(a, temperature_K=temp, rng=r)
     dyn = Langevin(a, 0.5 * units.fs, temperature_K=temp, friction=0.02 / units.fs, rng=r)
+    return a, dyn, kind, x, temp
+
+
+def trajectory(host, job: int, n_frames: int, every: int, driver: str, xtb: bool):
+    """Yield xTB-labelled frames of one driver-MD trajectory."""
+    a, dyn, kind, x, temp = start_md(host, job, driver, xtb)
     dyn.run(100)
     for k in range(n_frames):
         dyn.run(every)

@@ -13,13 +13,9 @@ import argparse
 import sys
 
 import numpy as np
-from ase import units
-from ase.md.langevin import Langevin
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 from ase.neighborlist import neighbor_list
-from ase.optimize import FIRE
 
-from make_md_data import CYCLE, build, driver_calc
+from make_md_data import CYCLE, start_md
 
 from tub_mlff.structures import janus_graphene
 
@@ -44,13 +40,7 @@ def main(argv=None):
         kind, x = CYCLE[job % len(CYCLE)]
         if kind != "host" or x == 0:
             continue
-        r = np.random.default_rng(200_000 + job)
-        temp = 600.0 if job % 4 == 3 else 300.0
-        a = build(host, kind, x, r)
-        a.calc = driver_calc(a, args.model, False)
-        FIRE(a, logfile=None).run(fmax=0.1, steps=150)
-        MaxwellBoltzmannDistribution(a, temperature_K=temp, rng=r)
-        dyn = Langevin(a, 0.5 * units.fs, temperature_K=temp, friction=0.02 / units.fs, rng=r)
+        a, dyn, kind, x, temp = start_md(host, job, args.model, False)
         closest = [shortest_na_c(a)]
         dyn.attach(lambda: closest.append(shortest_na_c(a)), interval=10)
         dyn.run(args.steps)
