@@ -439,6 +439,30 @@ def diffusion(cfg, run) -> dict:
 
 
 # -- explain -------------------------------------------------------------------------------------
+def _explain_walks(calc, atoms, cfg, path) -> dict:
+    """GNN-LRP n-body relevances of one structure: NPZ to ``path``, a summary back."""
+    from .relevant_walks import walk_relevances
+
+    d = atoms.get_all_distances(mic=bool(np.any(atoms.pbc)))
+    w = walk_relevances(calc.models[0], calc.batch_for(atoms), d, order=cfg.walks, radius=cfg.walk_radius)
+    np.savez_compressed(path, one_body=w.one_body, two_body=w.two_body, triples=w.triples, three_body=w.three_body,
+                        walks_total=w.walks_total, bias=w.bias, reference=w.reference, e_nn=w.e_nn, distances=d)
+    sym = atoms.get_chemical_symbols()
+    iu, ju = np.triu_indices(len(atoms), 1)
+    by_elements: dict[str, float] = {}
+    for i, j in zip(iu, ju):
+        key = "-".join(sorted((sym[i], sym[j])))
+        by_elements[key] = by_elements.get(key, 0.0) + float(w.two_body[i, j])
+    strongest = np.argsort(-np.abs(w.two_body[iu, ju]))[:5]
+    return {"e_nn_eV": w.e_nn, "element_reference_eV": w.reference, "bias_eV": w.bias,
+            "one_body_eV": float(w.one_body.sum()), "two_body_eV": float(w.two_body[iu, ju].sum()),
+            "three_body_eV": float(w.three_body.sum()), "triples": len(w.triples),
+            "higher_order_eV": float(w.higher_order), "two_body_by_elements_eV": dict(sorted(by_elements.items())),
+            "strongest_pairs": {f"{sym[iu[s]]}{iu[s]}-{sym[ju[s]]}{ju[s]}": {
+                "distance_A": float(d[iu[s], ju[s]]), "relevance_eV": float(w.two_body[iu[s], ju[s]])} for s in strongest},
+            "output": str(path), "one_body": w.one_body}
+
+
 def explain(cfg, run) -> dict:
     from .data import read_structures
     from .explain import attention_maps, classify_sodium_sites, committee_disagreement, decompose, site_summary
@@ -475,6 +499,10 @@ def explain(cfg, run) -> dict:
         if cfg.attention:
             maps = attention_maps(calc, atoms)
             np.savez_compressed(run.outputs_dir / f"attention_{k:04d}.npz", *maps)
+        if cfg.walks:
+            walks = _explain_walks(calc, atoms, cfg, run.outputs_dir / f"walks_{k:04d}.npz")
+            out.arrays["mlff_walk_1body"] = walks.pop("one_body")
+            summary.setdefault("walks", {})[str(k)] = walks
     _write_extxyz(run.outputs_dir / "explained.extxyz", rows)
     for label, agg in summary["sites"].items():
         agg["mean_atomic_energy_eV"] = agg.pop("energy_sum") / agg["count"]

@@ -135,4 +135,6 @@ class ExplainConfig(TubConfig):
     model: list[Path] = Field(default_factory=list,
                               description="model file(s); several = committee, adds each atom's force disagreement")
     attention: bool = Field(True, description="also write attention maps")
+    walks: int = Field(0, ge=0, le=3, description="GNN-LRP relevant walks: 0 off, 2 = 1- and 2-body, 3 = also 3-body")
+    walk_radius: float = Field(3.0, gt=0, description="3-body terms only for triples closer than this (A)")
     charge: Optional[float] = Field(None, description="total charge (default: from the structure)")

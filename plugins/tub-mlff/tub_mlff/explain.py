@@ -11,6 +11,7 @@
 4. Committee disagreement (several models): per atom, the RMS deviation of the members' force
    vectors from their mean, the usual uncertainty signal of active learning (e.g. Smith et
    al. 2018, "Less is more: sampling chemical space with active learning").
+5. GNN-LRP 1-, 2- and 3-body relevances from relevant walks: :mod:`tub_mlff.relevant_walks`.
 """
 
 from __future__ import annotations
