@@ -237,10 +237,16 @@ def train(cfg, run) -> dict:
         train_g, valid, test_g = [graphs[i] for i in tr], [graphs[i] for i in va], [graphs[i] for i in te]
     if not train_g:
         raise TubError(f"{data} has too few frames to train ({len(graphs)}); give more labelled structures")
+    for weight, field, key, what in ((cfg.charges_weight, "charges", cfg.keys.charges, "atomic charges (array)"),
+                                     (cfg.dipole_weight, "dipole", cfg.keys.dipole, "dipoles (info; molecules only)")):
+        if weight > 0 and any(getattr(g, field) is None for g in train_g + valid):
+            raise TubError(f"{field}_weight > 0 but not every frame has {what} under '{key}'; "
+                           f"set --set keys.{field}=KEY or drop the weight")
     settings = TrainSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, lr_schedule=cfg.lr_schedule,
                              lr_patience=cfg.lr_patience, lr_factor=cfg.lr_factor, min_lr=cfg.min_lr,
                              energy_weight=cfg.energy_weight,
                              forces_weight=cfg.forces_weight, stress_weight=cfg.stress_weight,
+                             charges_weight=cfg.charges_weight, dipole_weight=cfg.dipole_weight,
                              ema_decay=cfg.ema_decay, patience=cfg.patience, max_minutes=cfg.max_minutes,
                              fit_element_energies=base is None, keep=cfg.keep,
                              loss=cfg.loss, huber_delta=cfg.huber_delta)

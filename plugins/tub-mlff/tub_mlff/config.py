@@ -15,6 +15,8 @@ class KeysSection(Section):
     stress: str = Field("stress", description="extxyz info key of the stress (eV/A^3)")
     charge: str = Field("charge", description="extxyz info key of the total charge (e)")
     spin: str = Field("spin", description="extxyz info key of the unpaired electrons")
+    charges: str = Field("ref_charges", description="extxyz array key of reference atomic charges (e; optional)")
+    dipole: str = Field("dipole", description="extxyz info key of the reference dipole (e A; molecules; optional)")
 
 
 class ModelSection(Section):
@@ -74,6 +76,8 @@ class TrainConfig(TubConfig):
     energy_weight: float = Field(1.0, description="weight of the energy-per-atom loss")
     forces_weight: float = Field(10.0, description="weight of the force loss")
     stress_weight: float = Field(0.0, description="weight of the stress loss")
+    charges_weight: float = Field(0.0, description="weight of the atomic-charge loss (needs reference charges)")
+    dipole_weight: float = Field(0.0, description="weight of the dipole loss, as SpookyNet's paper trains (molecules)")
     ema_decay: float = Field(0.99, description="EMA decay of the weights")
     patience: int = Field(30, description="early-stopping patience (epochs)")
     max_minutes: Optional[float] = Field(None, description="stop a member after this many minutes")

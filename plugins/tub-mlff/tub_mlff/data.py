@@ -2,7 +2,8 @@
 
 extxyz keys are configurable (``--energy-key`` ...); defaults: info["energy"] (eV),
 arrays["forces"] (eV/A), info["stress"] (eV/A^3, 3x3 or Voigt-6; optional), info["charge"] (e),
-info["spin"] (unpaired electrons). ASE's own SinglePointCalculator results are accepted too.
+info["spin"] (unpaired electrons); optional arrays["ref_charges"] (e, what `tub mlff label` writes) and
+info["dipole"] (e A, molecules). ASE's own SinglePointCalculator results are accepted too.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ class Keys:
     stress: str = "stress"
     charge: str = "charge"
     spin: str = "spin"
+    charges: str = "ref_charges"
+    dipole: str = "dipole"
 
 
 def read_structures(path: str | Path, index: str = ":"):
@@ -97,6 +100,25 @@ class Graph:
     energy: float | None = None
     forces: np.ndarray | None = None
     stress: np.ndarray | None = None
+    charges: np.ndarray | None = None
+    dipole: np.ndarray | None = None
+
+
+def _charge_labels(atoms, keys: Keys, periodic: bool, name: str):
+    """Reference atomic charges [N] and dipole [3] (molecules only), each None when absent."""
+    q = atoms.arrays.get(keys.charges)
+    if q is not None:
+        q = np.asarray(q, dtype=float).reshape(-1)
+        if q.shape != (len(atoms),):
+            raise TubError(f"{name}: '{keys.charges}' must hold one charge per atom")
+    mu = None if periodic else atoms.info.get(keys.dipole)
+    if mu is None and not periodic and atoms.calc is not None:
+        mu = getattr(atoms.calc, "results", {}).get("dipole")
+    if mu is not None:
+        mu = np.asarray(mu, dtype=float).reshape(-1)
+        if mu.shape != (3,):
+            raise TubError(f"{name}: the dipole under '{keys.dipole}' must have 3 components")
+    return q, mu
 
 
 def to_graph(atoms, radius: float, keys: Keys | None = None, labelled: bool = True,
@@ -105,18 +127,20 @@ def to_graph(atoms, radius: float, keys: Keys | None = None, labelled: bool = Tr
     periodic = bool(np.any(atoms.pbc))
     i, j, off, _ = neighbor_list(atoms.positions, atoms.cell if periodic else None, atoms.pbc, radius)
     e = f = s = None
+    charges = dipole = None
     q = float(atoms.info.get((keys or Keys()).charge, 0.0)) if charge is None else float(charge)
     sp = spin
     if labelled:
         e, f, s, q, sp0 = labels(atoms, keys or Keys(), name=name)
         sp = sp0 if spin is None else spin
+        charges, dipole = _charge_labels(atoms, keys or Keys(), periodic, name)
     if sp is None:
         sp = atoms.info.get((keys or Keys()).spin)
         sp = float((int(atoms.numbers.sum()) - int(round(q))) % 2) if sp is None else float(sp)
     return Graph(Z=atoms.numbers.astype(np.int64), R=atoms.positions.astype(np.float64),
                  cell=np.asarray(atoms.cell, dtype=np.float64) if periodic else None,
                  idx_i=i, idx_j=j, offsets=off if periodic else None, Q=q, S=float(sp),
-                 energy=e, forces=f, stress=s)
+                 energy=e, forces=f, stress=s, charges=charges, dipole=dipole)
 
 
 def collate(graphs: list[Graph], dtype=torch.float32, device="cpu") -> dict:
@@ -146,6 +170,10 @@ def collate(graphs: list[Graph], dtype=torch.float32, device="cpu") -> dict:
         batch["forces"] = t(np.concatenate([g.forces for g in graphs]))
     if all(g.stress is not None for g in graphs) and all(periodic):
         batch["stress"] = t(np.stack([g.stress for g in graphs]))
+    if all(g.charges is not None for g in graphs):
+        batch["charges"] = t(np.concatenate([g.charges for g in graphs]))
+    if all(g.dipole is not None for g in graphs):
+        batch["dipole"] = t(np.stack([g.dipole for g in graphs]))
     return batch
 
 

@@ -10,35 +10,50 @@ from .data import collate
 from .properties import compute
 
 
+TERMS = {"network": "e_nn", "zbl": "e_zbl", "coulomb": "e_coulomb", "d4": "e_d4"}
+
+
 def predict(models, graphs, dtype=torch.float32, device="cpu", batch_size: int = 16) -> dict:
-    """Committee-mean energies [M], forces (list of [N,3]), stresses and energy spread."""
-    energies, forces, stresses = [], [], []
+    """Committee means: energies [M], forces and charges (lists of [N,3], [N]), dipoles [M,3],
+    stresses, the energy terms of the decomposition [M] each, and the energy spread."""
+    energies, forces, stresses, charges, dipoles, terms = [], [], [], [], [], []
     for model in models:
         model.to(device=device, dtype=dtype).eval()
-        e_m, f_m, s_m = [], [], []
+        e_m, f_m, s_m, q_m, mu_m, t_m = [], [], [], [], [], {k: [] for k in TERMS}
         for k in range(0, len(graphs), batch_size):
             chunk = graphs[k:k + batch_size]
             b = collate(chunk, dtype, device)
             out = compute(model, b, forces=True, stress="cell" in b)
-            e_m.append(out["energy"].detach().cpu().double().numpy())
-            f = out["forces"].detach().cpu().double().numpy()
+            arr = lambda key: out[key].detach().cpu().double().numpy()  # noqa: E731
+            e_m.append(arr("energy"))
             sizes = np.cumsum([0] + [len(g.Z) for g in chunk])
+            f, q = arr("forces"), arr("charges")
             f_m += [f[a:z] for a, z in zip(sizes[:-1], sizes[1:])]
+            q_m += [q[a:z] for a, z in zip(sizes[:-1], sizes[1:])]
+            mu_m.append(arr("dipole"))
+            for name, key in TERMS.items():
+                t_m[name].append(np.add.reduceat(arr(key), sizes[:-1]))
             if "stress" in out:
-                s_m.append(out["stress"].detach().cpu().double().numpy())
+                s_m.append(arr("stress"))
         energies.append(np.concatenate(e_m))
         forces.append(f_m)
+        charges.append(q_m)
+        dipoles.append(np.concatenate(mu_m))
+        terms.append({name: np.concatenate(v) for name, v in t_m.items()})
         stresses.append(np.concatenate(s_m) if s_m else None)
     e = np.stack(energies)
-    res = {"energy": e.mean(0), "energy_std": e.std(0),
-           "forces": [np.mean([fm[k] for fm in forces], axis=0) for k in range(len(graphs))]}
+    per_frame = lambda lists: [np.mean([m[k] for m in lists], axis=0) for k in range(len(graphs))]  # noqa: E731
+    res = {"energy": e.mean(0), "energy_std": e.std(0), "forces": per_frame(forces), "charges": per_frame(charges),
+           "dipole": np.mean(dipoles, axis=0), "terms": {n: np.mean([t[n] for t in terms], axis=0) for n in TERMS}}
     if all(s is not None for s in stresses):
         res["stress"] = np.mean(stresses, axis=0)
     return res
 
 
 def error_metrics(graphs, preds) -> dict:
-    """Energy MAE/RMSE per atom (meV/atom), force MAE/RMSE (meV/A), also per element, stress MAE (meV/A^3)."""
+    """Energy MAE/RMSE per atom (meV/atom), force MAE/RMSE (meV/A), also per element, stress MAE (meV/A^3),
+    atomic-charge MAE/RMSE (e) and dipole MAE (e A) where the frames carry them, and the mean energy
+    terms per atom (meV/atom: network, ZBL, Coulomb, D4)."""
     n = np.array([len(g.Z) for g in graphs], dtype=float)
     de = (preds["energy"] - np.array([g.energy for g in graphs])) / n
     out = {"frames": len(graphs),
@@ -55,4 +70,11 @@ def error_metrics(graphs, preds) -> dict:
     if "stress" in preds and all(g.stress is not None for g in graphs):
         ds = preds["stress"] - np.stack([g.stress for g in graphs])
         out["stress_mae_meV_A3"] = float(1000 * np.abs(ds).mean())
+    if all(g.charges is not None for g in graphs):
+        dq = np.concatenate([p - g.charges for p, g in zip(preds["charges"], graphs)])
+        out["charges_mae_e"] = float(np.abs(dq).mean())
+        out["charges_rmse_e"] = float(np.sqrt((dq ** 2).mean()))
+    if all(g.dipole is not None for g in graphs):
+        out["dipole_mae_eA"] = float(np.abs(preds["dipole"] - np.stack([g.dipole for g in graphs])).mean())
+    out["energy_terms_meV_atom"] = {name: float(1000 * np.mean(v / n)) for name, v in preds["terms"].items()}
     return out

@@ -1,6 +1,6 @@
 """Training SpookyNet on energies, forces and stress (the reference ships no training code).
 
-Loss (per batch): w_E MSE(E/N) + w_F MSE(F) + w_S MSE(sigma), with forces from autograd
+Loss (per batch): w_E MSE(E/N) + w_F MSE(F) + w_S MSE(sigma) [+ w_q MSE(q_i) + w_mu MSE(mu)], with forces from autograd
 (create_graph=True so the force error trains the weights). AdamW, ReduceLROnPlateau, an
 exponential moving average (EMA) of the weights used for validation and the saved model, early
 stopping on the validation loss, and a checkpoint every epoch so a killed run resumes.
@@ -38,6 +38,8 @@ class TrainSettings:
     energy_weight: float = 1.0
     forces_weight: float = 10.0
     stress_weight: float = 0.0
+    charges_weight: float = 0.0  # atomic charges against reference charges (e)
+    dipole_weight: float = 0.0  # dipole sum_i q_i r_i against the reference (e A), as the SpookyNet paper trains
     ema_decay: float = 0.99
     patience: int = 30
     lr_schedule: str = "plateau"  # "plateau": halve on a stalled validation loss; "cosine": to min_lr at `epochs`
@@ -100,6 +102,14 @@ def batch_loss(model, batch: dict, s: TrainSettings, create_graph: bool = True) 
         ds = out["stress"] - batch["stress"]
         loss = loss + s.stress_weight * _penalty(ds, s)
         parts["s_mae"] = ds.abs().mean().item()
+    if s.charges_weight > 0 and "charges" in batch:
+        dq = out["charges"] - batch["charges"]
+        loss = loss + s.charges_weight * _penalty(dq, s)
+        parts["q_mae"] = dq.abs().mean().item()
+    if s.dipole_weight > 0 and "dipole" in batch:
+        dmu = out["dipole"] - batch["dipole"]  # sum_i q_i r_i: trains the charges
+        loss = loss + s.dipole_weight * _penalty(dmu, s)
+        parts["mu_mae"] = dmu.abs().mean().item()
     return loss, parts
 
 
