@@ -122,3 +122,31 @@ def test_slide_errors_are_one_line(tmp_path):
 
     Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(tmp_path / "tile.tif")
     assert not is_whole_slide(tmp_path / "tile.tif")
+
+
+def test_target_magnification_follows_trident(tmp_path):
+    """--slide-mag uses the slide's nominal magnification (TRIDENT's mpp bins): a 0.2527 µm/px scan is
+    40x, so 20x means exactly 2x footprints; --slide-mpp 0.5 gives round(64 * 0.5 / 0.2527) = 127 instead."""
+    from tub_atlas.slides import nominal_magnification
+
+    assert [nominal_magnification(m, None) for m in (0.12, 0.18, 0.2527, 0.5, 1.0, 2.0)] == [80, 60, 40, 20, 10, 5]
+    assert nominal_magnification(None, "20") == 20 and nominal_magnification(None, None) is None
+    path = tmp_path / "scan.tif"
+    make_slide(path, mpp=0.2527)
+    by_mag = SlideTiles(path, tile_px=64, mag=20, tissue_min=0.25)
+    assert (by_mag.mag0, by_mag.footprint0, by_mag.level, by_mag.read_px) == (40.0, 128, 1, 64)
+    a = by_mag.coords_attrs()
+    assert (a["level0_magnification"], a["target_magnification"], a["patch_size_level0"]) == (40.0, 20, 128)
+    by_mpp = SlideTiles(path, tile_px=64, mpp=0.5, tissue_min=0.25)
+    assert by_mpp.footprint0 == 127
+    base = ["atlas", "tile", str(path), "--slide-tile-size", "64"]
+    r = invoke([*base, "--slide-mag", "20", "--slide-mpp", "0.5", "-o", str(tmp_path / "both")])
+    assert r.exit_code == 2 and "either" in r.stderr
+    r = invoke([*base, "--slide-mag", "80", "-o", str(tmp_path / "high")])
+    assert r.exit_code == 2 and "above the slide's 40x" in r.stderr
+    no_res = tmp_path / "nores.tif"
+    make_slide(no_res, mpp=None)
+    r = invoke(["atlas", "tile", str(no_res), "--slide-mag", "20", "-o", str(tmp_path / "nores")])
+    assert r.exit_code == 2 and "objective power" in r.stderr
+    r = invoke([*base, "--slide-mag", "20", "--json", "-o", str(tmp_path / "ok")])
+    assert r.exit_code == 0, r.stderr

@@ -49,7 +49,9 @@ class SlideTiling(TubConfig):
 
     slide_tile_size: int = Field(224, ge=8, description="whole slides: tile side in pixels (after resizing)")
     slide_mpp: float | None = Field(None, gt=0, description="whole slides: tile resolution in µm/px (e.g. 0.5)")
-    slide_level: int = Field(0, ge=0, description="whole slides without --slide-mpp: pyramid level to tile")
+    slide_mag: float | None = Field(None, gt=0, description="whole slides: target magnification (TRIDENT's --mag, "
+                                                            "e.g. 20), instead of --slide-mpp")
+    slide_level: int = Field(0, ge=0, description="whole slides without --slide-mpp/--slide-mag: pyramid level")
     slide_base_mpp: float | None = Field(None, gt=0, description="level-0 µm/px for slides that do not record it")
     slide_tissue_min: float = Field(0.25, ge=0, le=1, description="whole slides: min tissue fraction per tile")
     slide_overlap: float = Field(0, ge=0, description="tile overlap: pixels at the tile resolution, or a fraction "
@@ -69,7 +71,7 @@ class SlideTiling(TubConfig):
         """Keyword arguments of ``slides.read_slide``."""
         from .tissue import TissueParams
 
-        return {"tile_px": self.slide_tile_size, "mpp": self.slide_mpp, "level": self.slide_level,
+        return {"tile_px": self.slide_tile_size, "mpp": self.slide_mpp, "mag": self.slide_mag, "level": self.slide_level,
                 "tissue_min": self.slide_tissue_min, "overlap": self.slide_overlap, "base_mpp": self.slide_base_mpp,
                 "thumb_max": self.slide_thumb_size,
                 "tissue": TissueParams(threshold=self.slide_threshold, median=self.slide_median,

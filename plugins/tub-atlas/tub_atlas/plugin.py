@@ -9,7 +9,7 @@ ENC = {"arch": "encoder.arch", "weights": "encoder.weights", "pool": "encoder.po
        "norm": "encoder.norm", "img-size": "encoder.img_size", "random-init": "encoder.random_init",
        "gemm": "encoder.gemm"}
 SLIDE = {f"slide-{k.replace('_', '-')}": f"slide_{k}" for k in (
-    "tile_size", "mpp", "level", "base_mpp", "tissue_min", "overlap", "threshold", "median", "close", "min_area",
+    "tile_size", "mpp", "mag", "level", "base_mpp", "tissue_min", "overlap", "threshold", "median", "close", "min_area",
     "min_hole_area", "max_holes", "pen", "thumb_size")}
 
 app = PluginApp(

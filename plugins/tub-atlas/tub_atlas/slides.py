@@ -5,7 +5,10 @@ The usual CLAM / TRIDENT patching, reimplemented for ``embed`` and ``tile``:
 1. **Level and tile footprint.** With a target resolution ``mpp`` (microns per pixel) a tile covers
    ``round(tile_px * mpp / mpp0)`` level-0 pixels (mpp0 from the slide's ``openslide.mpp-x``) and is read
    from the deepest level whose downsample does not exceed that factor, then resized to ``tile_px``
-   (bilinear). Without ``mpp`` tiles are ``tile_px`` pixels of ``level``.
+   (bilinear). A target magnification ``mag`` (TRIDENT's ``--mag``) uses the factor mag0 / mag instead,
+   with mag0 the slide's nominal magnification as TRIDENT estimates it (:func:`nominal_magnification`),
+   so a 0.2527 µm/px scan at 20x gets 2 x 224 = 448-px footprints, not round(224 * 0.5 / 0.2527) = 443.
+   Without either, tiles are ``tile_px`` pixels of ``level``.
 2. **Tissue** is segmented on a thumbnail (long side ≤ ``thumb_max`` px, read from a low pyramid
    level) by :func:`tub_atlas.tissue.segment_tissue`: median-blurred saturation, Otsu or a fixed
    threshold, closing, debris and hole filters in µm², optional pen-mark exclusion.
@@ -49,6 +52,22 @@ def is_whole_slide(path: Path) -> bool:
     return openslide.OpenSlide.detect_format(str(path)) is not None
 
 
+def nominal_magnification(mpp0: float | None, objective_power: str | None) -> float | None:
+    """The slide's nominal objective magnification, as TRIDENT estimates it: binned from the level-0
+    resolution (< 0.16 µm/px: 80x, < 0.2: 60x, < 0.3: 40x, < 0.6: 20x, < 1.2: 10x, < 2.4: 5x), else the
+    scanner's ``openslide.objective-power``; None when neither is known."""
+    if mpp0 is not None:
+        for limit, mag in ((0.16, 80), (0.2, 60), (0.3, 40), (0.6, 20), (1.2, 10), (2.4, 5)):
+            if mpp0 < limit:
+                return float(mag)
+        return None
+    try:
+        power = float(objective_power) if objective_power else None
+    except ValueError:
+        return None
+    return power if power and power > 0 else None
+
+
 def overlap_pixels(overlap: float, tile_px: int) -> int:
     """``--slide-overlap`` in pixels at the tile resolution: a value in (0, 1) is a fraction of the tile,
     a value ≥ 1 a whole number of pixels."""
@@ -68,6 +87,8 @@ def overlap_pixels(overlap: float, tile_px: int) -> int:
 def check_slide_options(options: dict) -> None:
     """Reject impossible tiling settings before any slide is opened (one-line TubError)."""
     overlap_pixels(options.get("overlap", 0), options["tile_px"])
+    if options.get("mpp") is not None and options.get("mag") is not None:
+        raise TubError("give either --slide-mpp or --slide-mag, not both")
     tissue = options.get("tissue")
     if tissue is not None:
         try:
@@ -105,7 +126,8 @@ class SlideTiles:
 
     def __init__(self, path: Path, tile_px: int = 224, mpp: float | None = None, level: int = 0,
                  tissue_min: float = 0.25, thumb_max: int = 2048, overlap: float = 0,
-                 tissue: TissueParams | None = None, base_mpp: float | None = None, segment: bool = True):
+                 tissue: TissueParams | None = None, base_mpp: float | None = None, segment: bool = True,
+                 mag: float | None = None):
         """Opens the slide and checks the settings against it; ``segment=False`` stops there (a cheap
         check of every slide before a batch starts)."""
         import openslide
@@ -120,7 +142,20 @@ class SlideTiles:
         self.tissue_min = tissue_min
         recorded = s.properties.get(openslide.PROPERTY_NAME_MPP_X)
         self.mpp0 = float(base_mpp) if base_mpp is not None else (float(recorded) if recorded else None)
-        if mpp is not None:
+        self.mag0 = nominal_magnification(self.mpp0, s.properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
+        self.target_mag = mag
+        if mpp is not None and mag is not None:
+            raise TubError("give either --slide-mpp or --slide-mag, not both")
+        if mag is not None:
+            if self.mag0 is None:
+                raise TubError(f"{path} records neither its resolution (openslide.mpp-x) nor its objective power; "
+                               "give --slide-base-mpp, or use --slide-level instead of --slide-mag")
+            factor = self.mag0 / mag
+            if factor < 1 - 1e-6:
+                raise TubError(f"--slide-mag {mag:g} is above the slide's {self.mag0:g}x; use <= {self.mag0:g}")
+            self.level = s.get_best_level_for_downsample(factor + 1e-6)
+            self.footprint0 = int(round(tile_px * factor))
+        elif mpp is not None:
             if self.mpp0 is None:
                 raise TubError(f"{path} does not record its resolution (openslide.mpp-x); give --slide-base-mpp, "
                                "or drop --slide-mpp and choose --slide-level instead")
@@ -216,6 +251,8 @@ class SlideTiles:
         recorded = s.properties.get(openslide.PROPERTY_NAME_MPP_X)
         self.mpp0 = float(recorded) if recorded else attrs.get("level0_mpp")
         self.target_mpp = self.mpp0 * factor if self.mpp0 else None
+        self.mag0 = nominal_magnification(self.mpp0, s.properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
+        self.target_mag = self.mag0 / factor if self.mag0 else None
         self.overlap_px = int(attrs.get("overlap", 0) or 0)
         self.overlap0 = int(round(self.overlap_px * factor))
         self.step0 = self.footprint0 - self.overlap0
@@ -286,12 +323,15 @@ class SlideTiles:
         if self.target_mpp is not None:
             a["target_mpp"] = self.target_mpp
             a["target_magnification"] = round(10.0 / self.target_mpp, 6)
+        if getattr(self, "target_mag", None) is not None:  # --slide-mag: the nominal magnifications, as TRIDENT
+            a["level0_magnification"], a["target_magnification"] = self.mag0, self.target_mag
         return a
 
     def describe(self) -> dict:
         return {"slide": str(self.path), "level": self.level, "tile_px": self.tile_px,
                 "footprint_level0_px": self.footprint0, "step_level0_px": self.step0, "overlap_px": self.overlap_px,
-                "mpp0": self.mpp0, "target_mpp": self.target_mpp, "grid": list(self.grid) if self.grid else None,
+                "mpp0": self.mpp0, "target_mpp": self.target_mpp, "mag0": self.mag0,
+                "target_mag": self.target_mag, "grid": list(self.grid) if self.grid else None,
                 "tissue_tiles": len(self), **self.tissue_summary}
 
     def qc_image(self, max_side: int = 1024):
@@ -363,7 +403,7 @@ def _to_rgb(im) -> np.ndarray:
 def read_slide(path: Path, tile_px: int = 224, mpp: float | None = None, level: int = 0,
                tissue_min: float = 0.25, overlap: float = 0, tissue: TissueParams | None = None,
                base_mpp: float | None = None, thumb_max: int = 2048, qc: bool = True,
-               coords: Path | None = None):
+               coords: Path | None = None, mag: float | None = None):
     """A ``TileSet`` of the slide's tissue tiles (rows carry level-0 coords; patch_id = "x_y"); the
     compacted tiler is in ``extra["tiler"]`` (QC image and contours if ``qc``, h5 attributes). With
     ``coords`` (a patch file or a folder of them) the tiles come from there, without segmentation."""
@@ -373,7 +413,7 @@ def read_slide(path: Path, tile_px: int = 224, mpp: float | None = None, level: 
         tiler = SlideTiles.from_coords(path, find_coords_file(Path(path), Path(coords)))
     else:
         tiler = SlideTiles(path, tile_px=tile_px, mpp=mpp, level=level, tissue_min=tissue_min, overlap=overlap,
-                           tissue=tissue, base_mpp=base_mpp, thumb_max=thumb_max)
+                           tissue=tissue, base_mpp=base_mpp, thumb_max=thumb_max, mag=mag)
     tiler.compact(qc=qc)
     if len(tiler) == 0:
         raise TubError(f"{path.name}: no tissue tiles found (lower --slide-tissue-min, now {tissue_min}, "
@@ -424,7 +464,7 @@ def tiler_from_options(path: Path, options: dict, segment: bool = True) -> Slide
     o = options
     return SlideTiles(path, tile_px=o["tile_px"], mpp=o["mpp"], level=o["level"], tissue_min=o["tissue_min"],
                       overlap=o["overlap"], tissue=o["tissue"], base_mpp=o["base_mpp"], thumb_max=o["thumb_max"],
-                      segment=segment)
+                      segment=segment, mag=o.get("mag"))
 
 
 def check_slide_path(path: Path) -> None:
