@@ -149,3 +149,13 @@ def test_explain_a_joblib_model_only_with_allow_pickle(data_dir, tmp_path):
                   "-o", str(tmp_path / "b"), "--json"])
     assert res.exit_code == 0, res.stderr
     assert json.loads(res.stdout)["rows"] == 39
+
+
+def test_lower_precision_is_reported_not_silently_ignored(knn_run, data_dir, tmp_path):
+    args = ["knnlrp", "check", str(data_dir / "test.csv"), "--model", str(knn_run), "--json"]
+    quiet = invoke([*args, "-o", str(tmp_path / "a")])
+    asked = invoke([*args, "--precision", "bf16", "-o", str(tmp_path / "b")])
+    assert quiet.exit_code == asked.exit_code == 0
+    assert "numpy in float64" not in quiet.stderr
+    assert "numpy in float64 on the CPU" in asked.stderr and "--precision bf16" in asked.stderr
+    assert json.loads(asked.stdout) == json.loads(quiet.stdout)

@@ -46,6 +46,15 @@ def _explain_kwargs(section) -> dict:
                 multiclass=section.multiclass, beta_mc=section.beta_mc)
 
 
+def _numpy_notice(cfg, run) -> None:
+    """tub-knnlrp computes with numpy in float64 on the CPU; say so when a verb is asked for another
+    device or a lower precision instead of ignoring the flag silently."""
+    device, precision = getattr(cfg, "device", "auto"), getattr(cfg, "precision", "fp32")
+    if device not in ("auto", "cpu") or precision not in ("fp32", "fp64"):
+        run.log.warning("tub-knnlrp computes with numpy in float64 on the CPU: --device %s --precision %s "
+                        "do not change that", device, precision)
+
+
 def _science(func, *args, **kwargs):
     """Model/setting errors from the science modules become one-line TubErrors."""
     try:
@@ -58,6 +67,7 @@ def _science(func, *args, **kwargs):
 
 # ------------------------------------------------------------------------------------------ train
 def train(cfg, run) -> dict:
+    _numpy_notice(cfg, run)
     from tub_knnlrp.data import read_table
     from tub_knnlrp.models import fit_model, save_model
 
@@ -91,6 +101,7 @@ def _is_image(names: list[str]) -> int | None:
 
 
 def explain(cfg, run) -> dict:
+    _numpy_notice(cfg, run)
     from tub_knnlrp.explanation import explain as explain_rows
     from tub_knnlrp.fidelity import sign_agreement
 
@@ -152,6 +163,7 @@ def _write_relevance_csv(path, e) -> None:
 
 # --------------------------------------------------------------------------------------- evaluate
 def evaluate(cfg, run) -> dict:
+    _numpy_notice(cfg, run)
     from tub_knnlrp.fidelity import check_report
     from tub_knnlrp.flipping import FlippingEvaluation
     from tub_knnlrp.neuralize import split_pipeline, transform_steps
@@ -203,6 +215,7 @@ def evaluate(cfg, run) -> dict:
 
 # ------------------------------------------------------------------------------------------ check
 def check(cfg, run) -> dict:
+    _numpy_notice(cfg, run)
     from tub_knnlrp.fidelity import check_report
 
     tm, table, _ = _load(cfg)
