@@ -11,6 +11,7 @@ MODEL = Path(__file__).parent / "models" / "demo_nacnh.safetensors"
 
 def run_demo(run) -> dict:
     import torch
+    from ase.io import read
 
     from .battery import sodiation_series
     from .calculator import SpookyNetCalculator
@@ -28,6 +29,9 @@ def run_demo(run) -> dict:
                 steps=400, ensemble="nvt-langevin", timestep_fs=0.5, temperature_K=300.0,
                 friction_per_fs=0.02, interval=20, seed=run.seed, log=run.log)
     run.log.info("MD: %d steps, mean T %.0f K", md["steps_done"], md["mean_temperature_K"])
+    na_pairs = _sodium_pair_relevance(calc, read(run.outputs_dir / "trajectory.extxyz", -1))
+    run.log.info("GNN-LRP 2-body relevance of Na with its partners (last MD frame): %s",
+                 ", ".join(f"{k} {v:+.3f} eV" for k, v in na_pairs.items()))
     frames = [host] + [add_sodium(host, x, "random", seed=run.seed + 10 * x + v) for x in (1, 2, 3) for v in range(2)]
     for f in frames:
         f.info["groups"] = 1
@@ -42,4 +46,15 @@ def run_demo(run) -> dict:
     write_json(run.outputs_dir / "ocv.json", ocv)
     return {"md_steps": md["steps_done"], "md_mean_T_K": round(md["mean_temperature_K"], 1),
             "ocv_average_V": round(ocv["average_voltage_V"], 3) if np.isfinite(ocv["average_voltage_V"]) else None,
-            "capacity_mAh_g": round(ocv["capacity_mAh_g"], 1), "model": MODEL.name}
+            "capacity_mAh_g": round(ocv["capacity_mAh_g"], 1), "na_pair_relevance_eV": na_pairs, "model": MODEL.name}
+
+
+def _sodium_pair_relevance(calc, atoms) -> dict:
+    """Summed 2-body relevance (relevant_walks) of the Na atoms with each element."""
+    from .relevant_walks import walk_relevances
+
+    res = walk_relevances(calc.models[0], calc.batch_for(atoms), order=2)
+    sym = np.array(atoms.get_chemical_symbols())
+    na = sym == "Na"
+    return {f"Na-{el}": round(float(res.two_body[np.ix_(na, sym == el)].sum() / (2 if el == "Na" else 1)), 4)
+            for el in sorted(set(sym))}
