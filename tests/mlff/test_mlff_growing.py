@@ -10,7 +10,7 @@ from tub_mlff.calculator import SpookyNetCalculator
 from tub_mlff.growing import deepen, widen
 from tub_mlff.properties import compute
 from tub_mlff.spookynet import SpookyNet, SpookyNetConfig
-from tub_mlff.structures import add_sodium, janus_graphene, spin_for
+from tub_mlff.structures import spin_for
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +24,6 @@ def trained_like():
         for p in model.parameters():
             p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     return model.eval()
-
-
-@pytest.fixture(scope="module")
-def cell():
-    a = add_sodium(janus_graphene(2, 1, stacking="gallery", interlayer=9.0), 1, "random", seed=1)
-    a.rattle(0.05, seed=0)
-    return a
 
 
 def _predict(model, atoms):

@@ -18,7 +18,7 @@ from tub_mlff.cli import DEMO_MODEL
 from tub_mlff.properties import compute
 from tub_mlff.relevant_walks import WalkExplainer, _module, walk_relevances
 from tub_mlff.spookynet import SpookyNet, SpookyNetConfig
-from tub_mlff.structures import add_sodium, janus_graphene, spin_for
+from tub_mlff.structures import spin_for
 
 
 def _trained_like(modules=2, seed=0):
@@ -30,13 +30,6 @@ def _trained_like(modules=2, seed=0):
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))
     return model.eval()
-
-
-@pytest.fixture(scope="module")
-def cell():
-    a = add_sodium(janus_graphene(2, 1, stacking="gallery", interlayer=9.0), 1, "random", seed=1)
-    a.rattle(0.05, seed=0)
-    return a
 
 
 def test_walks_plus_biases_plus_references_are_the_network_energy(cell):
