@@ -13,7 +13,7 @@ import torch
 
 from tubcli.errors import TubError
 
-ARCHS = ("attnmil", "transmil", "mambamil")
+ARCHS = ("attnmil", "transmil", "mambamil", "additivemil")
 
 
 def build_model(arch: str, input_dim: int, head_dim: int, **kw) -> torch.nn.Module:
@@ -23,6 +23,9 @@ def build_model(arch: str, input_dim: int, head_dim: int, **kw) -> torch.nn.Modu
     if arch == "transmil":
         from tub_xmil.transmil import TransMIL
         return TransMIL(input_dim, head_dim, **kw)
+    if arch == "additivemil":
+        from tub_xmil.additive_mil import AdditiveMIL
+        return AdditiveMIL(input_dim, head_dim, **kw)
     if arch == "mambamil":
         from tub_xmil.mamba_mil import MambaMIL
         return MambaMIL(input_dim, head_dim, **kw)

@@ -79,6 +79,13 @@ def _load(cfg):
         raise TubError("no model given; pass --model RUN/checkpoints (or an xMIL best_model.pt)")
     model, meta = load_model(cfg.model)
     task = cfg.task or meta.get("task", "classification")
+    methods = cfg.method if isinstance(cfg.method, list) else [cfg.method]
+    if "patch_scores" in methods:  # before any output: the method exists only for additive models
+        if not hasattr(model, "patch_logits"):
+            raise TubError(f"--method patch_scores needs an AdditiveMIL model (train with --arch additivemil); "
+                           f"this one is {meta.get('arch', getattr(model, 'kind', '?'))}")
+        if task == "survival":
+            raise TubError("--method patch_scores adds up to logits, not to the survival risk; use lrp or ig")
     return model, meta, task
 
 

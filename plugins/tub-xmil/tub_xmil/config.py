@@ -9,9 +9,9 @@ from pydantic import Field
 
 from tubcli.config import Section, TubConfig
 
-Arch = Literal["attnmil", "transmil", "mambamil"]
+Arch = Literal["attnmil", "transmil", "mambamil", "additivemil"]
 Task = Literal["classification", "regression", "survival"]
-Method = Literal["lrp", "ig", "single", "attention", "grad2", "gi", "drop", "random"]
+Method = Literal["lrp", "ig", "single", "attention", "grad2", "gi", "drop", "random", "patch_scores"]
 
 
 class TilingSection(Section):
@@ -30,12 +30,12 @@ class LRPSection(Section):
 
 
 class ModelSection(Section):
-    arch: Arch = Field("attnmil", description="attnmil | transmil | mambamil")
+    arch: Arch = Field("attnmil", description="attnmil | transmil | mambamil | additivemil")
     features_dim: int = Field(256, description="hidden size (AttnMIL/TransMIL n_feat; MambaMIL d_model)")
     num_layers: int = Field(1, description="AttnMIL encoder layers / MambaMIL layers (TransMIL: 2 layers)")
     n_out_layers: int = Field(0, description="MLP layers before the head (AttnMIL, TransMIL)")
     dropout: float = Field(0.0, description="dropout (AttnMIL strategy 'features'; MambaMIL after proj)")
-    gated: bool = Field(False, description="gated attention (AttnMIL)")
+    gated: bool = Field(False, description="gated attention (AttnMIL, AdditiveMIL)")
 
 
 class MakeDataConfig(TubConfig):

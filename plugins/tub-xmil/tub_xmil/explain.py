@@ -14,9 +14,9 @@ import torch
 from tub_xmil.lrp import LRPParams, lrp_chain, output_relevance
 from tub_xmil.tasks import explained_output, prediction_score
 
-METHODS = ("lrp", "ig", "single", "attention", "grad2", "gi", "drop", "random")
+METHODS = ("lrp", "ig", "single", "attention", "grad2", "gi", "drop", "random", "patch_scores")
 SIGNED = {"lrp": True, "ig": True, "single": True, "drop": True, "gi": True,
-          "attention": False, "grad2": False, "random": True}
+          "attention": False, "grad2": False, "random": True, "patch_scores": True}
 ALIASES = {"perturbation_keep": "single", "perturbation_drop": "drop", "keep": "single",
            "attention_rollout": "attention", "rollout": "attention"}
 
@@ -150,6 +150,18 @@ def lrp_scores(model, x, task="classification", target=0, params: LRPParams | No
     return scores
 
 
+def additive_patch_scores(model, x, task="classification", target=0) -> np.ndarray:
+    """AdditiveMIL's own explanation: s_i = c_i[y], the patch's term in the bag logit (they sum to it)."""
+    if not hasattr(model, "patch_logits"):
+        raise ValueError("patch_scores are the terms of an additive model; train one with --arch additivemil "
+                         "or pick another method")
+    if task == "survival":
+        raise ValueError("patch_scores add up to logits, not to the survival risk; use lrp or ig for survival")
+    with torch.no_grad():
+        c = model.patch_logits(_bag(x))[0]
+    return c[:, target if task == "classification" else 0].cpu().numpy()
+
+
 def random_scores(x, seed: int = 0) -> np.ndarray:
     """Rand: N(0, 1) per patch from a seeded generator."""
     n = _bag(x).shape[1]
@@ -180,6 +192,8 @@ def explain(model, x, method: str, task: str = "classification", target: int = 0
             return drop_one_scores(model, x, task, target)
         if method == "attention":
             return attention_scores(model, x)
+        if method == "patch_scores":
+            return additive_patch_scores(model, x, task, target)
         return random_scores(x, seed)
     finally:
         model.train(was_training)

@@ -11,7 +11,7 @@ from tub_xmil.tasks import survival_bin_edges, survival_bins, survival_risk, tas
 
 
 def model_kwargs(arch: str, m) -> dict:
-    if arch == "attnmil":
+    if arch in ("attnmil", "additivemil"):
         return {"features_dim": m.features_dim, "num_layers": m.num_layers, "n_out_layers": m.n_out_layers,
                 "dropout": m.dropout, "gated": m.gated}
     if arch == "transmil":
