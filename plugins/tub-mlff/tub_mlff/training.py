@@ -1,9 +1,10 @@
 """Training SpookyNet on energies, forces and stress (the reference ships no training code).
 
-Loss (per batch): w_E MSE(E/N) + w_F MSE(F) + w_S MSE(sigma) [+ w_q MSE(q_i) + w_mu MSE(mu)], with forces from autograd
-(create_graph=True so the force error trains the weights). AdamW, ReduceLROnPlateau, an
-exponential moving average (EMA) of the weights used for validation and the saved model, early
-stopping on the validation loss, and a checkpoint every epoch so a killed run resumes.
+Loss (per batch): w_E MSE(E/N) + w_F MSE(F) + w_S MSE(sigma) [+ w_q MSE(q_i) + w_mu MSE(mu)], with
+forces from autograd (create_graph=True so the force error trains the weights). AdamW,
+ReduceLROnPlateau, an exponential moving average (EMA) of the weights used for validation and the
+saved model, early stopping on the validation loss, and a checkpoint every epoch so a killed run
+resumes.
 
 Under torchrun the loop is data-parallel through the core: the model is wrapped by ``run.ddp``
 (gradients averaged over ranks), each epoch's shuffled training frames are split over ranks by
