@@ -8,7 +8,7 @@ import torch
 from tubcli.testing import expect_ok, invoke
 
 from tub_xmil.additive_mil import AdditiveMIL
-from tub_xmil.explain import additive_patch_scores, drop_one_scores, explain, keep_one_scores, lrp_scores
+from tub_xmil.explain import additive_patch_scores, explain, lrp_scores
 from tub_xmil.lrp import LRPParams
 
 
@@ -46,22 +46,14 @@ def test_masked_patches_contribute_nothing():
     assert torch.allclose(padded, alone, atol=1e-6)
 
 
-def test_lrp_conserves_the_logit_and_drop_one_matches_the_loop():
+def test_lrp_conserves_the_logit():
+    """(single/drop on AdditiveMIL: test_xmil_models.py::test_single_batched_equals_one_bag_at_a_time)"""
     torch.manual_seed(2)
     m = AdditiveMIL(24, 2, features_dim=16, n_out_layers=1).eval()
     x = _bag()
     s = lrp_scores(m, x, target=1, params=LRPParams(no_bias=True))  # biases give their share on
     assert abs(s.sum() - m(x)[0, 1].item()) < 1e-4
-    d = drop_one_scores(m, x, target=1)
-    with torch.no_grad():
-        full = torch.softmax(m(x[None]), -1)[0, 1].item()
-        loop = np.array([full - torch.softmax(m(torch.cat([x[:i], x[i + 1:]])[None]), -1)[0, 1].item()
-                         for i in range(len(x))])
-    assert np.abs(d - loop).max() < 1e-6
-    k = keep_one_scores(m, x, target=1)
-    with torch.no_grad():
-        loop = np.array([torch.softmax(m(x[i:i + 1][None]), -1)[0, 1].item() for i in range(len(x))])
-    assert np.abs(k - loop).max() < 1e-6
+    assert np.abs(s).max() > 1e-4
 
 
 def test_patch_scores_refuse_other_models_and_survival():

@@ -62,12 +62,13 @@ def test_ig_completeness_attnmil():
     assert abs(s.sum() - diff) < 1e-3 * max(1.0, abs(diff))
 
 
-@pytest.mark.parametrize("arch", ["attnmil", "transmil", "mambamil"])
+@pytest.mark.parametrize("arch", ["attnmil", "transmil", "mambamil", "additivemil"])
 def test_single_batched_equals_one_bag_at_a_time(arch):
     from tub_xmil.checkpoint import build_model
 
     torch.manual_seed(5)
-    kw = {"attnmil": {"features_dim": 16}, "transmil": {"n_feat": 32}, "mambamil": {"features_dim": 16}}[arch]
+    kw = {"attnmil": {"features_dim": 16}, "transmil": {"n_feat": 32}, "mambamil": {"features_dim": 16},
+          "additivemil": {"features_dim": 16, "n_out_layers": 1}}[arch]
     m = build_model(arch, 24, 2, **kw).eval()
     x = _bag(n=12)
     s = keep_one_scores(m, x, target=1)

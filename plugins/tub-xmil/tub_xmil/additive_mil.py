@@ -40,20 +40,11 @@ class AdditiveMIL(AttentionMIL):
         h = self.linear_dropout(h)
         return self.head(torch.softmax(self.attention_logits(h), dim=1) * h).sum(1)
 
-    def drop_one_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of the N bags X minus {x_i}: attention renormalised over the rest, psi re-run."""
-        x = x if x.dim() == 2 else x[0]
-        h = self.encode(x)
-        s = self.attention_logits(h)[:, 0]
-        n = len(s)
-        out = []
-        for start in range(0, n, 64):
-            idx = torch.arange(start, min(n, start + 64))
-            keep = torch.ones(len(idx), n, dtype=torch.bool, device=x.device)
-            keep[torch.arange(len(idx)), idx] = False
-            a = torch.softmax(s[None].expand(len(idx), n).masked_fill(~keep, float("-inf")), dim=1)
-            out.append((self.head(a[..., None] * h[None]) * keep[..., None]).sum(1))
-        return torch.cat(out)
+    drop_chunk = 64  # psi runs on (bags, N, F) here
+
+    def pool_kept(self, a: torch.Tensor, h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Drop-one bags: psi re-run on the renormalised a_j h_j, the dropped patch contributing nothing."""
+        return (self.head(a[..., None] * h[None]) * keep[..., None]).sum(1)
 
     def lrp_blocks(self, params: LRPParams, **_):
         """Encoder, attention scaling with a detached (AH rule), psi per patch, then the sum."""

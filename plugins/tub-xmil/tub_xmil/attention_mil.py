@@ -98,6 +98,8 @@ class AttentionMIL(nn.Module):
         x = x if x.dim() == 2 else x[0]
         return self.head(self.encode(x))
 
+    drop_chunk = 256  # bags per batch in drop_one_logits
+
     def drop_one_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the N bags X minus {x_i}, from one encoder pass (softmax renormalised)."""
         x = x if x.dim() == 2 else x[0]
@@ -105,11 +107,14 @@ class AttentionMIL(nn.Module):
         s = self.attention_logits(h)[:, 0]
         n = len(s)
         out = []
-        for start in range(0, n, 256):
-            idx = torch.arange(start, min(n, start + 256))
-            m = torch.ones(len(idx), n, dtype=torch.bool)
-            m[torch.arange(len(idx)), idx] = False
-            sm = s[None].expand(len(idx), n).masked_fill(~m, float("-inf"))
-            a = torch.softmax(sm, dim=1)
-            out.append(self.head(a @ h))
+        for start in range(0, n, self.drop_chunk):
+            idx = torch.arange(start, min(n, start + self.drop_chunk))
+            keep = torch.ones(len(idx), n, dtype=torch.bool, device=x.device)
+            keep[torch.arange(len(idx)), idx] = False
+            a = torch.softmax(s[None].expand(len(idx), n).masked_fill(~keep, float("-inf")), dim=1)
+            out.append(self.pool_kept(a, h, keep))
         return torch.cat(out)
+
+    def pool_kept(self, a: torch.Tensor, h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Logits of bags given their attention ``a`` (B, N) over the patches ``h`` (N, F) they keep."""
+        return self.head(a @ h)
