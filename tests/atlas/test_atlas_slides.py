@@ -148,5 +148,9 @@ def test_target_magnification_follows_trident(tmp_path):
     make_slide(no_res, mpp=None)
     r = invoke(["atlas", "tile", str(no_res), "--slide-mag", "20", "-o", str(tmp_path / "nores")])
     assert r.exit_code == 2 and "objective power" in r.stderr
+    coarse = tmp_path / "coarse.tif"
+    make_slide(coarse, mpp=3.0)
+    r = invoke(["atlas", "tile", str(coarse), "--slide-mag", "5", "-o", str(tmp_path / "coarse")])
+    assert r.exit_code == 2 and "coarser than any nominal magnification" in r.stderr
     r = invoke([*base, "--slide-mag", "20", "--json", "-o", str(tmp_path / "ok")])
     assert r.exit_code == 0, r.stderr

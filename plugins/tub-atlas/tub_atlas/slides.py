@@ -147,6 +147,9 @@ class SlideTiles:
         if mpp is not None and mag is not None:
             raise TubError("give either --slide-mpp or --slide-mag, not both")
         if mag is not None:
+            if self.mag0 is None and self.mpp0 is not None:
+                raise TubError(f"{path.name}: {self.mpp0:g} µm/px is coarser than any nominal magnification (5x needs "
+                               "< 2.4 µm/px); use --slide-mpp or --slide-level instead of --slide-mag")
             if self.mag0 is None:
                 raise TubError(f"{path} records neither its resolution (openslide.mpp-x) nor its objective power; "
                                "give --slide-base-mpp, or use --slide-level instead of --slide-mag")
@@ -323,7 +326,7 @@ class SlideTiles:
         if self.target_mpp is not None:
             a["target_mpp"] = self.target_mpp
             a["target_magnification"] = round(10.0 / self.target_mpp, 6)
-        if getattr(self, "target_mag", None) is not None:  # --slide-mag: the nominal magnifications, as TRIDENT
+        if self.target_mag is not None:  # --slide-mag: the nominal magnifications, as TRIDENT writes them
             a["level0_magnification"], a["target_magnification"] = self.mag0, self.target_mag
         return a
 
