@@ -117,7 +117,19 @@ def init_distributed(device) -> DistInfo:
 
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
+        import atexit
+
+        atexit.register(_destroy_process_group)
     return info
+
+
+def _destroy_process_group() -> None:
+    """Tear the process group down before the interpreter exits: a gloo group left alive can abort
+    a rank at exit ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def wrap_ddp(model, device):
