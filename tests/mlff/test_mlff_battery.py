@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tub_mlff.battery import (capacity_mah_per_g, energy_above_hull, formation_energy, lower_convex_hull,
-                              molar_mass, voltage_profile)
+                              max_voltage_difference, molar_mass, voltage_at, voltage_profile)
 from tub_mlff.diffusion import arrhenius_fit, diffusion_coefficient, msd, unwrap
 
 
@@ -53,6 +53,17 @@ def test_voltage_steps_and_plating():
     steps = voltage_profile(x, ef)
     assert [round(s.voltage, 6) for s in steps] == [0.5, 0.2, -0.1]
     assert steps[-1].plating and not steps[0].plating
+
+
+def test_max_voltage_difference_of_two_hull_profiles():
+    a = [{"x_start": 0.0, "x_end": 1.0, "voltage_V": 0.5}, {"x_start": 1.0, "x_end": 2.0, "voltage_V": 0.2}]
+    b = [{"x_start": 0.0, "x_end": 2.0, "voltage_V": 0.3}]
+    assert max_voltage_difference(a, b) == pytest.approx(0.2)
+    assert max_voltage_difference(a, a) == 0.0
+    short = [{"x_start": 0.0, "x_end": 0.5, "voltage_V": 0.45}, {"x_start": 0.5, "x_end": 1.5, "voltage_V": 0.1}]
+    # [0, 0.5]: 0.05, [0.5, 1]: 0.4, [1, 1.5]: 0.1; beyond 1.5 only one profile has a voltage
+    assert max_voltage_difference(a, short) == pytest.approx(0.4)
+    assert voltage_at(a, 1.0) == 0.2 and np.isnan(voltage_at(a, 2.5))
 
 
 def test_formation_energy_definition():

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from ase.build import bulk
 from ase.io import read, write
 from tubcli.testing import check_plugin, invoke
 from tubcli.testing import expect_ok as _ok, expect_one_line_error as _err
@@ -230,6 +231,30 @@ def test_diffusion_and_explain_and_ocv(workdir, built, trained):
     res = json.loads(r.stdout)
     assert res["hull_points"] >= 2
     assert (workdir / "ocv" / "outputs" / "voltage_profile.png").exists()
+
+
+def test_ocv_reference_hull_is_xtb_on_the_same_structures(workdir, built, trained):
+    pytest.importorskip("tblite")
+    from tub_mlff.battery import bcc_sodium_chemical_potential
+    from tub_mlff.labelling import label_xtb, xtb_calculator
+
+    model = trained[0] / "checkpoints" / "model.safetensors"
+    r = _ok(invoke(["mlff", "ocv", "--model", model, "--structures", built, "--relax-steps", "0",
+                    "--reference", "xtb", "-o", workdir / "ocv_xtb", "--json"]))
+    summary = json.loads(r.stdout)
+    ref = json.loads((workdir / "ocv_xtb" / "outputs" / "ocv.json").read_text())["reference"]
+    frames = read(built, ":")
+    lowest = {}
+    for a in frames:  # independent xTB single points of the very same (unrelaxed) structures
+        c, e = int((a.numbers == 11).sum()), label_xtb(a).info["energy"]
+        lowest[c] = min(lowest.get(c, np.inf), e)
+    bcc = bulk("Na", "bcc", a=4.2, cubic=True).repeat(2)
+    mu, _ = bcc_sodium_chemical_potential(xtb_calculator(bcc))
+    expected = [lowest[c] - lowest[0] - c * mu for c in sorted(lowest)]
+    np.testing.assert_allclose(ref["formation_energy_eV"], expected, atol=1e-6)
+    assert abs(ref["mu_na_eV"] - mu) < 1e-9
+    assert summary["max_voltage_difference_V"] == pytest.approx(ref["max_voltage_difference_V"])
+    assert summary["max_voltage_difference_V"] >= 0
 
 
 def test_label_with_xtb(workdir):

@@ -111,17 +111,19 @@ def average_voltage(steps: list[VoltageStep]) -> float:
     return float((w * v).sum() / w.sum()) if len(steps) else float("nan")
 
 
-def bcc_sodium_chemical_potential(calc, a_grid=None) -> tuple[float, float]:
+def bcc_sodium_chemical_potential(calc, a_grid=None, repeat: int = 2) -> tuple[float, float]:
     """mu_Na: energy per atom of bcc Na at the lattice constant that minimises it.
 
-    Scans the cubic lattice constant, fits a parabola around the minimum. Returns (mu, a0).
+    Scans the cubic lattice constant of a ``repeat``^3 supercell of the 2-atom cubic cell (default
+    16 atoms: a Gamma-point reference such as tblite needs more than 2 atoms, and the demo model's
+    bcc training cells are these) and fits a parabola around the minimum. Returns (mu, a0).
     """
     from ase.build import bulk
 
     grid = np.asarray(a_grid if a_grid is not None else np.linspace(3.95, 4.5, 8))
     energies = []
     for a in grid:
-        atoms = bulk("Na", "bcc", a=float(a), cubic=True)
+        atoms = bulk("Na", "bcc", a=float(a), cubic=True).repeat(repeat)
         atoms.calc = calc
         energies.append(atoms.get_potential_energy() / len(atoms))
     energies = np.asarray(energies)
@@ -146,33 +148,32 @@ def relax(atoms, calc, steps: int, fmax: float):
     return a, float(a.get_potential_energy())
 
 
-def sodiation_series(frames, calc_for, relax_steps: int = 50, fmax: float = 0.05, mu_na: float | None = None,
-                     na_symbol: str = "Na") -> dict:
-    """Formation energies, hull, voltages, capacity and volume change for Na_x host frames.
-
-    ``frames`` must contain the bare host (no Na) and loaded cells of the same host; x is Na per
-    aminophenyl group (``info['groups']``, default 1). ``calc_for(atoms)`` returns a calculator.
-    The lowest energy per x is used (several site sets per x sample the configurations).
-    """
-    na_z = 11 if na_symbol == "Na" else None
-    counts = [int((f.numbers == na_z).sum()) for f in frames]
+def _sodium_counts(frames, na_symbol: str = "Na") -> list[int]:
+    counts = [sum(1 for s in f.get_chemical_symbols() if s == na_symbol) for f in frames]
     if 0 not in counts:
         raise ValueError("the structures need the bare host (a frame without Na)")
-    host = frames[counts.index(0)]
+    return counts
+
+
+def hull_report(structures, energies, mu_na: float, na_symbol: str = "Na") -> dict:
+    """Formation energies, hull, voltages, capacity and volume change of Na_x host structures.
+
+    ``structures`` (with their ``energies``) must contain the bare host (no Na) and loaded cells of
+    the same host; x is Na per aminophenyl group (``info['groups']``, default 1). The lowest
+    energy per x is used (several site sets per x sample the configurations).
+    """
+    counts = _sodium_counts(structures, na_symbol)
+    host = structures[counts.index(0)]
     groups = int(host.info.get("groups", 1)) or 1
-    energies, volumes, spacings = {}, {}, {}
-    for f, c in zip(frames, counts):
-        relaxed, e = relax(f, calc_for(f), relax_steps, fmax)
-        if c not in energies or e < energies[c]:
-            energies[c] = e
-            volumes[c] = relaxed.get_volume() if relaxed.pbc.all() else float("nan")
-            spacings[c] = float(np.linalg.norm(relaxed.cell[2]))
-    if mu_na is None:
-        mu_na, _ = bcc_sodium_chemical_potential(calc_for(None))
-    cs = np.array(sorted(energies))
+    lowest, volumes, spacings = {}, {}, {}
+    for a, e, c in zip(structures, energies, counts):
+        if c not in lowest or e < lowest[c]:
+            lowest[c] = float(e)
+            volumes[c] = a.get_volume() if a.pbc.all() else float("nan")
+            spacings[c] = float(np.linalg.norm(a.cell[2]))
+    cs = np.array(sorted(lowest))
     x = cs / groups
-    e_host = energies[0]
-    ef = formation_energy([energies[c] for c in cs], e_host, cs, mu_na) / groups
+    ef = formation_energy([lowest[c] for c in cs], lowest[0], cs, mu_na) / groups
     steps = voltage_profile(x, ef)
     host_mass = molar_mass(host[[k for k in range(len(host)) if host[k].symbol != na_symbol]].get_chemical_formula()) / groups
     positive = [s for s in steps if s.voltage > 0]
@@ -186,3 +187,39 @@ def sodiation_series(frames, calc_for, relax_steps: int = 50, fmax: float = 0.05
             "capacity_per_x_mAh_g": capacity_mah_per_g(1.0, host_mass),
             "volume_change": {str(c): float(volume_change(volumes[c], volumes[0])) for c in cs},
             "spacing_change": {str(c): float(volume_change(spacings[c], spacings[0])) for c in cs}}
+
+
+def sodiation_series(frames, calc_for, relax_steps: int = 50, fmax: float = 0.05, mu_na: float | None = None,
+                     na_symbol: str = "Na") -> tuple[dict, list]:
+    """Relax every frame with ``calc_for(frame)`` and report the hull (``hull_report``).
+
+    ``calc_for(None)`` gives the calculator of the bcc Na reference (unless ``mu_na`` is given).
+    Returns (report, relaxed structures in the order of ``frames``).
+    """
+    _sodium_counts(frames, na_symbol)
+    relaxed = [relax(f, calc_for(f), relax_steps, fmax) for f in frames]
+    if mu_na is None:
+        mu_na, _ = bcc_sodium_chemical_potential(calc_for(None))
+    structures = [a for a, _ in relaxed]
+    return hull_report(structures, [e for _, e in relaxed], mu_na, na_symbol), structures
+
+
+def voltage_at(steps: list[dict], x: float) -> float:
+    """The hull voltage at composition x (steps as in ``hull_report``); NaN outside them."""
+    for s in steps:
+        if s["x_start"] <= x < s["x_end"]:
+            return float(s["voltage_V"])
+    return float("nan")
+
+
+def max_voltage_difference(steps_a: list[dict], steps_b: list[dict]) -> float:
+    """Largest |V_a(x) - V_b(x)| over the x range both hull profiles cover.
+
+    Both voltages are piecewise constant, so comparing them at the midpoint of every interval
+    between consecutive breakpoints of either profile is exact.
+    """
+    breaks = sorted({s[k] for s in steps_a + steps_b for k in ("x_start", "x_end")})
+    diffs = [abs(voltage_at(steps_a, m) - voltage_at(steps_b, m)) for m in
+             ((lo + hi) / 2 for lo, hi in zip(breaks[:-1], breaks[1:]))]
+    diffs = [d for d in diffs if np.isfinite(d)]
+    return float(max(diffs)) if diffs else float("nan")

@@ -361,6 +361,11 @@ def ocv(cfg, run) -> dict:
     from .plots import voltage_plot
     from .structures import add_sodium, janus_graphene, spin_for
 
+    if cfg.reference == "xtb":
+        try:
+            import tblite.ase  # noqa: F401 - a missing tblite is an error before any work
+        except ImportError:
+            raise TubError("--reference xtb needs tblite; pip install tblite  (or tub-mlff[xtb])") from None
     if cfg.structures is not None:
         from .data import read_structures
 
@@ -391,16 +396,44 @@ def ocv(cfg, run) -> dict:
             c.spin = 0.0
         return c
 
-    res = sodiation_series(frames, calc_for, cfg.relax_steps, cfg.fmax)
-    from .battery import VoltageStep
-
-    steps = [VoltageStep(s["x_start"], s["x_end"], s["voltage_V"]) for s in res["steps"]]
-    voltage_plot(run.outputs_dir / "voltage_profile.png", res["x"], res["formation_energy_eV"], steps,
-                 res["capacity_per_x_mAh_g"])
+    res, relaxed = sodiation_series(frames, calc_for, cfg.relax_steps, cfg.fmax)
+    summary = {"average_voltage_V": res["average_voltage_V"], "capacity_mAh_g": res["capacity_mAh_g"],
+               "mu_na_eV": res["mu_na_eV"], "hull_points": len(res["hull_vertices"]),
+               "plateaus": len(res["steps"])}
+    if cfg.reference == "xtb":
+        res["reference"] = _xtb_reference_hull(relaxed, res, cfg, run)
+        summary.update({"reference": "GFN1-xTB",
+                        "reference_average_voltage_V": res["reference"]["average_voltage_V"],
+                        "max_voltage_difference_V": res["reference"]["max_voltage_difference_V"]})
+    voltage_plot(run.outputs_dir / "voltage_profile.png", res["x"], res["formation_energy_eV"], res["steps"],
+                 res["capacity_per_x_mAh_g"], reference=res.get("reference"))
     write_json(run.outputs_dir / "ocv.json", res)
-    return {"average_voltage_V": res["average_voltage_V"], "capacity_mAh_g": res["capacity_mAh_g"],
-            "mu_na_eV": res["mu_na_eV"], "hull_points": len(res["hull_vertices"]),
-            "plateaus": len(res["steps"]), "output": str(run.outputs_dir / "ocv.json")}
+    return {**summary, "output": str(run.outputs_dir / "ocv.json")}
+
+
+def _xtb_reference_hull(relaxed, res, cfg, run) -> dict:
+    """The GFN1-xTB hull of the structures the model relaxed (spec target: within 0.05 V).
+
+    Single points by default (the same structures); ``reference_relax_steps`` relaxes them further
+    with xTB first. mu_Na comes from xTB's own bcc scan (16-atom cells, Gamma point, as the labels).
+    """
+    from ase.build import bulk
+    from ase.calculators.calculator import CalculationFailed
+
+    from .battery import max_voltage_difference, sodiation_series
+    from .labelling import xtb_calculator
+
+    bcc = bulk("Na", "bcc", a=4.2, cubic=True).repeat(2)
+    run.log.info("GFN1-xTB reference hull: %d structures and the bcc Na scan", len(relaxed))
+    try:
+        ref, _ = sodiation_series(relaxed, lambda a: xtb_calculator(bcc if a is None else a),
+                                  cfg.reference_relax_steps, cfg.fmax)
+    except CalculationFailed as exc:
+        raise TubError(f"tblite failed on the reference hull: {exc}", exit_code=1) from None
+    ref["method"] = "GFN1-xTB (tblite), " + (f"relaxed {cfg.reference_relax_steps} BFGS steps further"
+                                            if cfg.reference_relax_steps else "single points on the model's structures")
+    ref["max_voltage_difference_V"] = max_voltage_difference(res["steps"], ref["steps"])
+    return ref
 
 
 # -- diffusion -----------------------------------------------------------------------------------

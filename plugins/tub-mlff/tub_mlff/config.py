@@ -122,6 +122,9 @@ class OCVConfig(TubConfig):
     variants: int = Field(2, description="random site sets per Na count when building")
     relax_steps: int = Field(50, description="BFGS steps per structure (0 = single points)")
     fmax: float = Field(0.05, description="relaxation force threshold (eV/A)")
+    reference: Optional[Literal["xtb"]] = Field(
+        None, description="also compute the GFN1-xTB hull on the same structures and the largest voltage difference")
+    reference_relax_steps: int = Field(0, ge=0, description="BFGS steps of xTB on each structure (0 = single points)")
 
 
 class DiffusionConfig(TubConfig):

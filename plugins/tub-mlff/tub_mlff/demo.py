@@ -17,7 +17,6 @@ def run_demo(run) -> dict:
     from .calculator import SpookyNetCalculator
     from .md import run_md
     from .plots import voltage_plot
-    from .battery import VoltageStep
     from .structures import add_sodium, janus_graphene, spin_for
     from tubcli.io import write_json
 
@@ -39,9 +38,8 @@ def run_demo(run) -> dict:
     def calc_for(a):
         return SpookyNetCalculator(str(MODEL), spin=0 if a is None else spin_for(a), dtype=torch.float32)
 
-    ocv = sodiation_series(frames, calc_for, relax_steps=20, fmax=0.1)
-    steps = [VoltageStep(s["x_start"], s["x_end"], s["voltage_V"]) for s in ocv["steps"]]
-    voltage_plot(run.outputs_dir / "voltage_profile.png", ocv["x"], ocv["formation_energy_eV"], steps,
+    ocv, _ = sodiation_series(frames, calc_for, relax_steps=20, fmax=0.1)
+    voltage_plot(run.outputs_dir / "voltage_profile.png", ocv["x"], ocv["formation_energy_eV"], ocv["steps"],
                  ocv["capacity_per_x_mAh_g"])
     write_json(run.outputs_dir / "ocv.json", ocv)
     return {"md_steps": md["steps_done"], "md_mean_T_K": round(md["mean_temperature_K"], 1),

@@ -24,18 +24,24 @@ def _charge_spin(atoms) -> tuple[int, int]:
     return charge, spin
 
 
-def label_xtb(atoms, method: str = "GFN1-xTB", accuracy: float = 1.0, max_iterations: int = 250,
-              electronic_temperature: float = 300.0):
-    """Return a copy of ``atoms`` labelled with tblite (energy eV, forces eV/A, stress eV/A^3)."""
+def xtb_calculator(atoms, method: str = "GFN1-xTB", accuracy: float = 1.0, max_iterations: int = 250,
+                   electronic_temperature: float = 300.0):
+    """A tblite calculator for ``atoms``' charge and spin (as ``label_xtb`` labels)."""
     try:
         from tblite.ase import TBLite
     except ImportError:
         raise TubError("xTB labels need tblite; pip install tblite  (or tub-mlff[xtb])") from None
     charge, spin = _charge_spin(atoms)
+    return TBLite(method=method, charge=charge, multiplicity=spin + 1, accuracy=accuracy,
+                  max_iterations=max_iterations, electronic_temperature=electronic_temperature, verbosity=0)
+
+
+def label_xtb(atoms, method: str = "GFN1-xTB", accuracy: float = 1.0, max_iterations: int = 250,
+              electronic_temperature: float = 300.0):
+    """Return a copy of ``atoms`` labelled with tblite (energy eV, forces eV/A, stress eV/A^3)."""
+    charge, spin = _charge_spin(atoms)
     out = atoms.copy()
-    out.calc = TBLite(method=method, charge=charge, multiplicity=spin + 1, accuracy=accuracy,
-                      max_iterations=max_iterations, electronic_temperature=electronic_temperature,
-                      verbosity=0)
+    out.calc = xtb_calculator(atoms, method, accuracy, max_iterations, electronic_temperature)
     from ase.calculators.calculator import CalculationFailed
 
     try:

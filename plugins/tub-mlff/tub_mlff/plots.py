@@ -25,25 +25,34 @@ def parity_plot(path: Path, ref, pred, label: str, unit: str) -> Path:
     return path
 
 
-def voltage_plot(path: Path, x, e_formation, steps, capacity_per_x: float | None = None) -> Path:
+def voltage_plot(path: Path, x, e_formation, steps: list[dict], capacity_per_x: float | None = None,
+                 reference: dict | None = None) -> Path:
+    """Formation energies with their lower hull, and the hull voltage profile (steps as in
+    ``battery.hull_report``); ``reference`` (another hull report, e.g. xTB's) is drawn dashed."""
     plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.5))
-    a1.plot(x, e_formation, "o", label="structures")
-    hx = [s.x_start for s in steps] + ([steps[-1].x_end] if steps else [])
-    order = np.argsort(x)
-    hull_e = np.interp(hx, np.asarray(x)[order], np.asarray(e_formation)[order]) if steps else []
-    a1.plot(hx, hull_e, "k-", label="lower hull")
+    curves = [("model", x, e_formation, steps, "b")]
+    if reference is not None:
+        curves.append(("reference", reference["x"], reference["formation_energy_eV"], reference["steps"], "r"))
+    for label, xs, ef, st, color in curves:
+        dash = "--" if label == "reference" else "-"
+        xs, ef = np.asarray(xs), np.asarray(ef)
+        a1.plot(xs, ef, "o" if label == "model" else "x", color=color, label=f"{label} structures")
+        hx = [s["x_start"] for s in st] + ([st[-1]["x_end"]] if st else [])
+        order = np.argsort(xs)
+        a1.plot(hx, np.interp(hx, xs[order], ef[order]) if st else [], dash, color=color, label=f"{label} hull")
+        scale = capacity_per_x or 1.0
+        for k, s in enumerate(st):
+            a2.plot([s["x_start"] * scale, s["x_end"] * scale], [s["voltage_V"]] * 2, dash, color=color,
+                    label=label if k == 0 else None)
     a1.set_xlabel("x in Na$_x$AB")
     a1.set_ylabel("formation energy (eV per AB)")
     a1.legend()
-    for s in steps:
-        xs = [s.x_start, s.x_end]
-        if capacity_per_x:
-            xs = [v * capacity_per_x for v in xs]
-        a2.plot(xs, [s.voltage, s.voltage], "b-")
     a2.axhline(0, color="grey", lw=0.5)
     a2.set_xlabel("capacity (mAh/g)" if capacity_per_x else "x")
     a2.set_ylabel("V vs Na/Na$^+$")
+    if reference is not None:
+        a2.legend()
     save_figure(fig, path)
     plt.close(fig)
     return path

@@ -37,7 +37,7 @@ app = PluginApp(
         Verb("ocv", _F + "ocv", config=_C + "OCVConfig",
              help="Formation energies vs x, convex hull, voltage profile, capacity, volume change.",
              options={"model": "model", "structures": "structures", "x-max": "x_max",
-                      "relax-steps": "relax_steps"}),
+                      "relax-steps": "relax_steps", "reference": "reference"}),
         Verb("diffusion", _F + "diffusion", config=_C + "DiffusionConfig",
              help="Na diffusivity from MD (unwrapped MSD, time origins, drift removed) and an Arrhenius fit.",
              args=["trajectories"], options={"element": "element", "axes": "axes", "blocks": "blocks"}),
