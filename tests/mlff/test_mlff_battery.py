@@ -125,3 +125,20 @@ def test_arrhenius_fit_recovers_activation_energy():
     fit = arrhenius_fit(T, D)
     assert fit.Ea == pytest.approx(0.25, rel=1e-9)
     assert fit.D(300.0) == pytest.approx(1e-3 * np.exp(-0.25 / (kB * 300)), rel=1e-9)
+
+
+def test_arrhenius_errors_two_points_analytic():
+    """Two temperatures with relative errors s1, s2: var(Ea) = (s1^2 + s2^2) / (x2 - x1)^2 and the
+    line passes through both points, so D_err(T1) = D1 s1."""
+    kB = 8.617333262e-5
+    T = np.array([500.0, 900.0])
+    D = np.array([2e-6, 3e-5])
+    s = np.array([0.1, 0.05])
+    fit = arrhenius_fit(T, D, errors=s * D)
+    x = 1 / (kB * T)
+    assert fit.Ea == pytest.approx(-(np.log(D[1]) - np.log(D[0])) / (x[1] - x[0]), rel=1e-9)
+    assert fit.Ea_err == pytest.approx(np.sqrt(s[0] ** 2 + s[1] ** 2) / abs(x[1] - x[0]), rel=1e-9)
+    assert fit.D_err(500.0) == pytest.approx(D[0] * s[0], rel=1e-9)
+    assert fit.D_err(900.0) == pytest.approx(D[1] * s[1], rel=1e-9)
+    assert fit.D_err(300.0) > fit.D(300.0) * s.max()  # extrapolation widens the error
+    assert np.isnan(arrhenius_fit(T, D).D_err(300.0))  # two points, no errors: no covariance

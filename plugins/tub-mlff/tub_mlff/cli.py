@@ -472,7 +472,8 @@ def diffusion(cfg, run) -> dict:
     if len(per_run) >= 2 and all(np.isfinite(Ts)) and all(r["D_cm2_s"] > 0 for r in per_run):
         fit = arrhenius_fit(Ts, [r["D_cm2_s"] for r in per_run], [r["D_err_cm2_s"] for r in per_run])
         out["arrhenius"] = {"Ea_eV": fit.Ea, "Ea_err_eV": fit.Ea_err, "D0_cm2_s": fit.D0,
-                            f"D_{cfg.target_temperature:.0f}K_cm2_s": fit.D(cfg.target_temperature)}
+                            f"D_{cfg.target_temperature:.0f}K_cm2_s": fit.D(cfg.target_temperature),
+                            f"D_{cfg.target_temperature:.0f}K_err_cm2_s": fit.D_err(cfg.target_temperature)}
     write_json(run.outputs_dir / "diffusion.json", out)
     return out
 

@@ -124,13 +124,26 @@ class ArrheniusFit:
     D0: float  # same units as the input D
     Ea: float  # eV
     Ea_err: float
+    cov: np.ndarray | None = None  # covariance of (slope, intercept) of ln D vs 1/(kB T)
 
     def D(self, T: float) -> float:
         return self.D0 * np.exp(-self.Ea / (KB_EV * T))
 
+    def D_err(self, T: float) -> float:
+        """Standard error of D(T) from the fit's covariance (first order in ln D); NaN without one."""
+        if self.cov is None:
+            return float("nan")
+        g = np.array([1.0 / (KB_EV * T), 1.0])
+        return float(self.D(T) * np.sqrt(g @ self.cov @ g))
+
 
 def arrhenius_fit(temperatures, diffusivities, errors=None) -> ArrheniusFit:
-    """Weighted least squares of ln D = ln D0 - Ea / (kB T)."""
+    """Weighted least squares of ln D = ln D0 - Ea / (kB T).
+
+    With ``errors`` (standard errors of D, e.g. from blocks) the points are weighted by
+    (D / err)^2 and the covariance is the absolute one, (A^T W A)^-1, as for measured errors
+    (any number of temperatures >= 2); without, it is scaled by the residual variance (needs >= 3).
+    """
     T = np.asarray(temperatures, dtype=float)
     D = np.asarray(diffusivities, dtype=float)
     if np.any(D <= 0):
@@ -138,17 +151,18 @@ def arrhenius_fit(temperatures, diffusivities, errors=None) -> ArrheniusFit:
     x = 1.0 / (KB_EV * T)
     y = np.log(D)
     w = np.ones_like(y)
-    if errors is not None:
-        rel = np.asarray(errors, dtype=float) / D
-        w = np.where(np.isfinite(rel) & (rel > 0), 1.0 / np.maximum(rel, 1e-12) ** 2, 1.0)
+    rel = None if errors is None else np.asarray(errors, dtype=float) / D
+    measured = rel is not None and bool(np.all(np.isfinite(rel) & (rel > 0)))
+    if measured:
+        w = 1.0 / rel ** 2
     A = np.vstack([x, np.ones_like(x)]).T * np.sqrt(w)[:, None]
-    coef, res, *_ = np.linalg.lstsq(A, y * np.sqrt(w), rcond=None)
+    coef, *_ = np.linalg.lstsq(A, y * np.sqrt(w), rcond=None)
     slope, intercept = coef
-    if len(T) > 2:
+    cov = None
+    if measured:
+        cov = np.linalg.inv(A.T @ A)
+    elif len(T) > 2:
         resid = y - (slope * x + intercept)
-        s2 = (w * resid ** 2).sum() / (len(T) - 2)
-        cov = s2 * np.linalg.inv(A.T @ A)
-        err = float(np.sqrt(cov[0, 0]))
-    else:
-        err = float("nan")
-    return ArrheniusFit(float(np.exp(intercept)), float(-slope), err)
+        cov = (w * resid ** 2).sum() / (len(T) - 2) * np.linalg.inv(A.T @ A)
+    err = float(np.sqrt(cov[0, 0])) if cov is not None else float("nan")
+    return ArrheniusFit(float(np.exp(intercept)), float(-slope), err, cov)
