@@ -221,6 +221,14 @@ def test_diffusion_and_explain_and_ocv(workdir, built, trained):
         pytest.skip("md test did not run")
     r = _ok(invoke(["mlff", "diffusion", traj, "--blocks", "1", "-o", workdir / "diff", "--json"]))
     assert "D_cm2_s" in json.loads(r.stdout)["runs"][0]
+    r = _ok(invoke(["mlff", "diffusion", traj, "--blocks", "1", "--equilibration", "0.005", "-o", workdir / "diff2",
+                    "--json"]))
+    kept = [a for a in read(traj, ":") if a.info["time_fs"] >= 5.0]
+    run = json.loads(r.stdout)["runs"][0]
+    assert run["frames"] == len(kept) == 5
+    assert run["temperature_K"] == pytest.approx(np.mean([a.info["temperature"] for a in kept]))
+    assert "equilibration" in _err(invoke(["mlff", "diffusion", traj, "--equilibration", "0.011",
+                                          "-o", workdir / "diff3"]))
     r = _ok(invoke(["mlff", "explain", built, "--model", model, "-o", workdir / "expl", "--json"]))
     ex = read(workdir / "expl" / "outputs" / "explained.extxyz", ":")
     for a in ex:  # the per-atom terms add up to the energy

@@ -446,11 +446,14 @@ def diffusion(cfg, run) -> dict:
     per_run, curves = [], {}
     for p in paths:
         frames = read_structures(p)
-        if len(frames) < 5:
-            raise TubError(f"{p} has {len(frames)} frames; diffusion needs at least 5 saved frames")
         times = [f.info.get("time_fs") for f in frames]
         if any(t is None for t in times):
             raise TubError(f"{p}: frames lack info['time_fs']; use trajectories written by `tub mlff md`")
+        frames = [f for f, t in zip(frames, times) if t >= 1000 * cfg.equilibration]
+        times = [f.info["time_fs"] for f in frames]
+        if len(frames) < 5:
+            raise TubError(f"{p} has {len(frames)} frames after {cfg.equilibration:g} ps of equilibration; "
+                           "diffusion needs at least 5: run longer or lower --equilibration")
         dt = float(times[1] - times[0])
         sel = np.where(np.array(frames[0].get_chemical_symbols()) == cfg.element)[0]
         if len(sel) == 0:
