@@ -241,6 +241,35 @@ def test_diffusion_and_explain_and_ocv(workdir, built, trained):
     assert (workdir / "ocv" / "outputs" / "voltage_profile.png").exists()
 
 
+def test_diffusion_removes_the_framework_drift(workdir):
+    """A host that drifts rigidly and 40 Na walkers riding on it: the CLI removes the host's mean
+    displacement (default), recovers D of the walk, and equals the library call to 1e-12."""
+    from ase import Atoms
+    from tub_mlff.diffusion import diffusion_coefficient
+
+    rng = np.random.default_rng(0)
+    T, D, dt = 400, 0.02, 10.0  # frames, A^2/fs, fs
+    drift = np.arange(T)[:, None] * np.array([0.05, -0.03, 0.0]) * dt
+    host = np.tile(rng.uniform(0, 20, (10, 3)), (T, 1, 1)) + drift[:, None]
+    na = np.cumsum(rng.normal(0, np.sqrt(2 * D * dt), (T, 40, 3)), 0) + drift[:, None] + 10
+    path = workdir / "walk.extxyz"
+    frames = []
+    for t in range(T):
+        a = Atoms("C10Na40", positions=np.vstack([host[t], na[t]]), cell=[200, 200, 200], pbc=True)
+        a.info.update(time_fs=t * dt, temperature=300.0)
+        frames.append(a)
+    write(path, frames, format="extxyz")
+    r = _ok(invoke(["mlff", "diffusion", path, "--axes", "xy", "--blocks", "4", "-o", workdir / "dwalk", "--json"]))
+    got = json.loads(r.stdout)["runs"][0]["D_cm2_s"]
+    pos = np.concatenate([host, na], axis=1)
+    ref = diffusion_coefficient(pos, dt, atoms=np.arange(10, 50), axes="xy", blocks=4, drift_atoms=np.arange(10))
+    assert got == pytest.approx(ref.D_cm2_s, rel=1e-12)
+    assert got == pytest.approx(D * 0.1, rel=0.15)  # A^2/fs -> cm^2/s
+    r = _ok(invoke(["mlff", "diffusion", path, "--axes", "xy", "--blocks", "4", "--set", "drift=none",
+                    "-o", workdir / "dwalk2", "--json"]))
+    assert json.loads(r.stdout)["runs"][0]["D_cm2_s"] > 3 * got  # the host's drift swamps the walk
+
+
 def test_ocv_reference_hull_is_xtb_on_the_same_structures(workdir, built, trained):
     pytest.importorskip("tblite")
     from tub_mlff.battery import bcc_sodium_chemical_potential

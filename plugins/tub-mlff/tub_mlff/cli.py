@@ -455,19 +455,22 @@ def diffusion(cfg, run) -> dict:
             raise TubError(f"{p} has {len(frames)} frames after {cfg.equilibration:g} ps of equilibration; "
                            "diffusion needs at least 5: run longer or lower --equilibration")
         dt = float(times[1] - times[0])
-        sel = np.where(np.array(frames[0].get_chemical_symbols()) == cfg.element)[0]
+        symbols = np.array(frames[0].get_chemical_symbols())
+        sel = np.where(symbols == cfg.element)[0]
         if len(sel) == 0:
             raise TubError(f"{p} has no {cfg.element} atoms")
+        host = np.where(symbols != cfg.element)[0]
+        drift = {"framework": host if len(host) else None, "all": None, "none": []}[cfg.drift]
         scaled = np.stack([f.get_scaled_positions(wrap=True) for f in frames])
         cells = np.stack([f.cell.array for f in frames])
         pos = unwrap(scaled, cells)
         res = diffusion_coefficient(pos, dt, atoms=sel, axes=cfg.axes, fit_start=cfg.fit_start,
-                                    fit_end=cfg.fit_end, blocks=cfg.blocks)
+                                    fit_end=cfg.fit_end, blocks=cfg.blocks, drift_atoms=drift)
         temps = [f.info.get("temperature") for f in frames]
         T = float(np.mean([t for t in temps if t is not None])) if any(t is not None for t in temps) else float("nan")
         per_run.append({"trajectory": str(p), "temperature_K": T, "D_cm2_s": res.D_cm2_s,
                         "D_err_cm2_s": res.D_err_cm2_s, "frames": len(frames)})
-        m = msd(pos, sel, cfg.axes)
+        m = msd(pos, sel, cfg.axes, drift_atoms=drift)
         curves[f"{Path(p).stem} ({T:.0f} K)"] = (np.arange(len(m)) * dt, m)
     msd_plot(run.outputs_dir / "msd.png", curves)
     out = {"runs": per_run}

@@ -131,6 +131,8 @@ class DiffusionConfig(TubConfig):
     trajectories: list[Path] = Field(default_factory=list, description="MD trajectories (extxyz)")
     element: str = Field("Na", description="diffusing species")
     equilibration: float = Field(0.0, ge=0, description="discard the frames of the first this many ps (equilibration)")
+    drift: Literal["framework", "all", "none"] = Field(
+        "framework", description="drift removed: mean displacement of the host (the other elements), of all atoms, or none")
     axes: Literal["x", "y", "z", "xy", "xz", "yz", "xyz"] = Field("xy", description="axes of the MSD")
     fit_start: float = Field(0.2, description="fit from this fraction of the longest lag")
     fit_end: float = Field(0.8, description="fit up to this fraction of the longest lag")

@@ -1,9 +1,10 @@
 """Tracer diffusion from MD: unwrapped mean-squared displacement and the Einstein relation.
 
 D = lim_{t->inf} MSD(t) / (2 d t) for d Cartesian axes (d = 2, x and y, for in-plane motion in a
-layered host). MSD is averaged over atoms and over several time origins; the centre-of-mass drift
-of the reference group (all atoms by default) is removed; the fit skips the early (ballistic)
-part. Error bars come from fitting the MSD of independent blocks of the trajectory. Temperature
+layered host). MSD is averaged over atoms and over several time origins; the drift (mean displacement)
+of a reference group is removed: all atoms by default here, the host framework (every other
+element) in ``tub mlff diffusion``, as pymatgen's DiffusionAnalyzer does, so that a few fast ions
+in a small cell do not drag the reference along; the fit skips the early (ballistic) part. Error bars come from fitting the MSD of independent blocks of the trajectory. Temperature
 dependence: Arrhenius, ln D = ln D0 - Ea / (kB T).
 
 Units: positions in Angstrom, time in fs; 1 A^2/fs = 0.1 cm^2/s, 1 A^2/ps = 1e-4 cm^2/s.
