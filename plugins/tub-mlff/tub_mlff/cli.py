@@ -471,7 +471,8 @@ def diffusion(cfg, run) -> dict:
         per_run.append({"trajectory": str(p), "temperature_K": T, "D_cm2_s": res.D_cm2_s,
                         "D_err_cm2_s": res.D_err_cm2_s, "frames": len(frames)})
         m = msd(pos, sel, cfg.axes, drift_atoms=drift)
-        curves[f"{Path(p).stem} ({T:.0f} K)"] = (np.arange(len(m)) * dt, m)
+        name = Path(p).parent.parent.name if Path(p).stem == "trajectory" else Path(p).stem  # tub md's layout
+        curves[f"{name} ({T:.0f} K)"] = (np.arange(len(m)) * dt, m)
     msd_plot(run.outputs_dir / "msd.png", curves)
     out = {"runs": per_run}
     Ts = [r["temperature_K"] for r in per_run]
