@@ -142,3 +142,30 @@ def test_arrhenius_errors_two_points_analytic():
     assert fit.D_err(900.0) == pytest.approx(D[1] * s[1], rel=1e-9)
     assert fit.D_err(300.0) > fit.D(300.0) * s.max()  # extrapolation widens the error
     assert np.isnan(arrhenius_fit(T, D).D_err(300.0))  # two points, no errors: no covariance
+
+
+def test_bcc_scan_edge_is_flagged():
+    """mu_Na from a bcc scan whose energy keeps falling is flagged (not passed off as a minimum)."""
+    from ase import Atoms
+    from ase.calculators.calculator import Calculator, all_changes
+
+    from tub_mlff.battery import sodiation_series
+
+    class PerAtom(Calculator):
+        implemented_properties = ["energy"]
+
+        def __init__(self, f):
+            super().__init__()
+            self.f = f
+
+        def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+            super().calculate(atoms, properties, system_changes)
+            a = (atoms.get_volume() / len(atoms) * 2) ** (1 / 3)  # bcc: 2 atoms per cubic cell
+            self.results["energy"] = len(atoms) * self.f(a)
+
+    host = Atoms("C", positions=[[0, 0, 0]], cell=[3, 3, 3], pbc=True)
+    loaded = Atoms("CNa", positions=[[0, 0, 0], [1.5, 1.5, 1.5]], cell=[3, 3, 3], pbc=True)
+    falling, _ = sodiation_series([host, loaded], lambda a: PerAtom(lambda x: -x), relax_steps=0)
+    assert falling["mu_na_at_scan_edge"] and falling["mu_na_lattice_A"] == pytest.approx(4.5)
+    bowl, _ = sodiation_series([host, loaded], lambda a: PerAtom(lambda x: (x - 4.2) ** 2), relax_steps=0)
+    assert not bowl["mu_na_at_scan_edge"] and bowl["mu_na_lattice_A"] == pytest.approx(4.2, abs=1e-6)

@@ -111,16 +111,21 @@ def average_voltage(steps: list[VoltageStep]) -> float:
     return float((w * v).sum() / w.sum()) if len(steps) else float("nan")
 
 
+BCC_SCAN = np.linspace(3.95, 4.5, 8)  # A, around experiment's 4.23 A (and the demo data's 4.1-4.3 A)
+
+
 def bcc_sodium_chemical_potential(calc, a_grid=None, repeat: int = 2) -> tuple[float, float]:
     """mu_Na: energy per atom of bcc Na at the lattice constant that minimises it.
 
     Scans the cubic lattice constant of a ``repeat``^3 supercell of the 2-atom cubic cell (default
     16 atoms: a Gamma-point reference such as tblite needs more than 2 atoms, and the demo model's
-    bcc training cells are these) and fits a parabola around the minimum. Returns (mu, a0).
+    bcc training cells are these) and fits a parabola around the minimum. Returns (mu, a0); a0 at
+    an end of the grid means the energy was still falling there (GFN1-xTB's Gamma-point bcc Na,
+    for one, keeps falling to a = 5.6 A), and mu is the value at that end.
     """
     from ase.build import bulk
 
-    grid = np.asarray(a_grid if a_grid is not None else np.linspace(3.95, 4.5, 8))
+    grid = np.asarray(a_grid if a_grid is not None else BCC_SCAN)
     energies = []
     for a in grid:
         atoms = bulk("Na", "bcc", a=float(a), cubic=True).repeat(repeat)
@@ -198,10 +203,14 @@ def sodiation_series(frames, calc_for, relax_steps: int = 50, fmax: float = 0.05
     """
     _sodium_counts(frames, na_symbol)
     relaxed = [relax(f, calc_for(f), relax_steps, fmax) for f in frames]
+    a0 = None
     if mu_na is None:
-        mu_na, _ = bcc_sodium_chemical_potential(calc_for(None))
+        mu_na, a0 = bcc_sodium_chemical_potential(calc_for(None))
     structures = [a for a, _ in relaxed]
-    return hull_report(structures, [e for _, e in relaxed], mu_na, na_symbol), structures
+    report = hull_report(structures, [e for _, e in relaxed], mu_na, na_symbol)
+    if a0 is not None:  # a minimum at the edge of the lattice scan is not a minimum: say so
+        report.update(mu_na_lattice_A=a0, mu_na_at_scan_edge=bool(a0 <= BCC_SCAN[0] or a0 >= BCC_SCAN[-1]))
+    return report, structures
 
 
 def voltage_at(steps: list[dict], x: float) -> float:

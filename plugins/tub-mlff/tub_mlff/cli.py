@@ -397,6 +397,7 @@ def ocv(cfg, run) -> dict:
         return c
 
     res, relaxed = sodiation_series(frames, calc_for, cfg.relax_steps, cfg.fmax)
+    _warn_scan_edge(res, "the model", run)
     summary = {"average_voltage_V": res["average_voltage_V"], "capacity_mAh_g": res["capacity_mAh_g"],
                "mu_na_eV": res["mu_na_eV"], "hull_points": len(res["hull_vertices"]),
                "plateaus": len(res["steps"])}
@@ -409,6 +410,12 @@ def ocv(cfg, run) -> dict:
                  res["capacity_per_x_mAh_g"], reference=res.get("reference"))
     write_json(run.outputs_dir / "ocv.json", res)
     return {**summary, "output": str(run.outputs_dir / "ocv.json")}
+
+
+def _warn_scan_edge(report: dict, who: str, run) -> None:
+    if report.get("mu_na_at_scan_edge"):
+        run.log.warning("bcc Na: %s's energy still falls at the end of the lattice scan (a = %.2f A); mu_Na is "
+                        "taken there, so the voltages depend on that choice", who, report["mu_na_lattice_A"])
 
 
 def _xtb_reference_hull(relaxed, res, cfg, run) -> dict:
@@ -430,6 +437,7 @@ def _xtb_reference_hull(relaxed, res, cfg, run) -> dict:
                                   cfg.reference_relax_steps, cfg.fmax)
     except CalculationFailed as exc:
         raise TubError(f"tblite failed on the reference hull: {exc}", exit_code=1) from None
+    _warn_scan_edge(ref, "GFN1-xTB", run)
     ref["method"] = "GFN1-xTB (tblite), " + (f"relaxed {cfg.reference_relax_steps} BFGS steps further"
                                             if cfg.reference_relax_steps else "single points on the model's structures")
     ref["max_voltage_difference_V"] = max_voltage_difference(res["steps"], ref["steps"])
