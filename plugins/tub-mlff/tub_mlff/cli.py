@@ -362,10 +362,9 @@ def ocv(cfg, run) -> dict:
     from .structures import add_sodium, janus_graphene, spin_for
 
     if cfg.reference == "xtb":
-        try:
-            import tblite.ase  # noqa: F401 - a missing tblite is an error before any work
-        except ImportError:
-            raise TubError("--reference xtb needs tblite; pip install tblite  (or tub-mlff[xtb])") from None
+        from .labelling import require_tblite
+
+        require_tblite()  # a missing tblite is an error before any work
     if cfg.structures is not None:
         from .data import read_structures
 

@@ -1,10 +1,11 @@
 """Tracer diffusion from MD: unwrapped mean-squared displacement and the Einstein relation.
 
 D = lim_{t->inf} MSD(t) / (2 d t) for d Cartesian axes (d = 2, x and y, for in-plane motion in a
-layered host). MSD is averaged over atoms and over several time origins; the drift (mean displacement)
-of a reference group is removed: all atoms by default here, the host framework (every other
-element) in ``tub mlff diffusion``, as pymatgen's DiffusionAnalyzer does, so that a few fast ions
-in a small cell do not drag the reference along; the fit skips the early (ballistic) part. Error bars come from fitting the MSD of independent blocks of the trajectory. Temperature
+layered host). MSD is averaged over atoms and over several time origins; the drift (mean
+displacement) of a reference group is removed: all atoms by default here, the host framework
+(every other element) in ``tub mlff diffusion``, as pymatgen's DiffusionAnalyzer does, so that a
+few fast ions in a small cell do not drag the reference along; the fit skips the early (ballistic)
+part. Error bars come from fitting the MSD of independent blocks of the trajectory. Temperature
 dependence: Arrhenius, ln D = ln D0 - Ea / (kB T).
 
 Units: positions in Angstrom, time in fs; 1 A^2/fs = 0.1 cm^2/s, 1 A^2/ps = 1e-4 cm^2/s.
@@ -143,7 +144,9 @@ def arrhenius_fit(temperatures, diffusivities, errors=None) -> ArrheniusFit:
 
     With ``errors`` (standard errors of D, e.g. from blocks) the points are weighted by
     (D / err)^2 and the covariance is the absolute one, (A^T W A)^-1, as for measured errors
-    (any number of temperatures >= 2); without, it is scaled by the residual variance (needs >= 3).
+    (any number of temperatures >= 2). Without errors, or unless every one is finite and positive
+    (e.g. NaN from a single block), the points weigh equally and the covariance is scaled by the
+    residual variance (needs >= 3 temperatures).
     """
     T = np.asarray(temperatures, dtype=float)
     D = np.asarray(diffusivities, dtype=float)

@@ -24,15 +24,20 @@ def _charge_spin(atoms) -> tuple[int, int]:
     return charge, spin
 
 
-def xtb_calculator(atoms, method: str = "GFN1-xTB", accuracy: float = 1.0, max_iterations: int = 250,
-                   electronic_temperature: float = 300.0):
-    """A tblite calculator for ``atoms``' charge and spin (as ``label_xtb`` labels)."""
+def require_tblite():
+    """tblite's ASE calculator class, or a one-line TubError when tblite is not installed."""
     try:
         from tblite.ase import TBLite
     except ImportError:
-        raise TubError("xTB labels need tblite; pip install tblite  (or tub-mlff[xtb])") from None
+        raise TubError("xTB needs tblite; pip install tblite  (or tub-mlff[xtb])") from None
+    return TBLite
+
+
+def xtb_calculator(atoms, method: str = "GFN1-xTB", accuracy: float = 1.0, max_iterations: int = 250,
+                   electronic_temperature: float = 300.0):
+    """A tblite calculator for ``atoms``' charge and spin (as ``label_xtb`` labels)."""
     charge, spin = _charge_spin(atoms)
-    return TBLite(method=method, charge=charge, multiplicity=spin + 1, accuracy=accuracy,
+    return require_tblite()(method=method, charge=charge, multiplicity=spin + 1, accuracy=accuracy,
                   max_iterations=max_iterations, electronic_temperature=electronic_temperature, verbosity=0)
 
 

@@ -31,13 +31,13 @@ def voltage_plot(path: Path, x, e_formation, steps: list[dict], capacity_per_x: 
     ``battery.hull_report``); ``reference`` (another hull report, e.g. xTB's) is drawn dashed."""
     plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.5))
-    curves = [("model", x, e_formation, steps, "b")]
+    curves = [("model", x, e_formation, steps, "b", "o", "-")]
     if reference is not None:
-        curves.append(("reference", reference["x"], reference["formation_energy_eV"], reference["steps"], "r"))
-    for label, xs, ef, st, color in curves:
-        dash = "--" if label == "reference" else "-"
+        curves.append(("reference", reference["x"], reference["formation_energy_eV"], reference["steps"],
+                       "r", "x", "--"))
+    for label, xs, ef, st, color, marker, dash in curves:
         xs, ef = np.asarray(xs), np.asarray(ef)
-        a1.plot(xs, ef, "o" if label == "model" else "x", color=color, label=f"{label} structures")
+        a1.plot(xs, ef, marker, color=color, label=f"{label} structures")
         hx = [s["x_start"] for s in st] + ([st[-1]["x_end"]] if st else [])
         order = np.argsort(xs)
         a1.plot(hx, np.interp(hx, xs[order], ef[order]) if st else [], dash, color=color, label=f"{label} hull")
