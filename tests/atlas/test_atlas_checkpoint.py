@@ -19,6 +19,8 @@ SHAPES = {  # preset -> (P, D, R, layout, mlp, fc1, hidden)
     "h-optimus-0": (14, 1536, 4, "patches", "swiglu", 8192, 4096),
     "h-optimus-1": (14, 1536, 4, "patches", "swiglu", 8192, 4096),
     "vit-s8-reg8": (8, 384, 8, "patches", "gelu", 1536, 1536),
+    "rudolfv-2-s": (8, 384, 8, "rope", "swiglu", 2048, 1024),
+    "rudolfv-2-b": (8, 768, 8, "rope", "swiglu", 4096, 2048),
     "vit-t8-demo": (8, 192, 4, "patches", "gelu", 768, 768),
 }
 
@@ -91,8 +93,15 @@ def test_dinov2_conversion_without_registers_keeps_prefix_layout(tmp_path):
 def test_unknown_keys_are_listed_not_dropped():
     sd = random_vit(preset_config("vit-t8-demo", depth=1)).state_dict()
     sd["fc_norm.weight"] = torch.ones(192)
+    sd["blocks.0.attn.norm.weight"] = torch.ones(192)  # EVA's scale-norm: not a layout tub knows
+    with pytest.raises(TubError, match=r"blocks\.0\.attn\.norm\.weight, fc_norm\.weight"):
+        infer_config(sd)
+
+
+def test_qk_norm_in_one_block_only_is_inconsistent():
+    sd = random_vit(preset_config("vit-t8-demo", depth=2)).state_dict()
     sd["blocks.0.attn.q_norm.weight"] = torch.ones(64)
-    with pytest.raises(TubError, match=r"blocks\.0\.attn\.q_norm\.weight, fc_norm\.weight"):
+    with pytest.raises(TubError, match="inconsistent across blocks"):
         infer_config(sd)
 
 

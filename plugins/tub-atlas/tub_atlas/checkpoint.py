@@ -1,8 +1,11 @@
 """Reading ViT checkpoints, converting them to timm's key layout and inferring their architecture.
 
-Spec §2.1 (key table and inference rules) and §2.6 (DINOv2 conversion). Everything is decided
-from tensor shapes; only the head count cannot be (qkv is (3D, D) for any head count), so it comes
-from a preset, a ``model.json`` next to the weights, or the width table.
+Spec §2.1 (key table and inference rules) and §2.6 (DINOv2 conversion), plus RoPE checkpoints in
+DINOv3's layout (``storage_tokens``, ``rope_embed.periods``, ``w1/w2/w3`` SwiGLU, masked k bias) and
+the register/q-k-norm layout RudolfV-2 is described with. Everything is decided from tensor shapes;
+only the head count cannot be for learned-position ViTs (qkv is (3D, D) for any head count), so it
+comes from a preset, a ``model.json`` next to the weights, or the width table. RoPE checkpoints give
+it away: their period buffer has head_dim / 4 entries.
 """
 
 from __future__ import annotations
@@ -17,18 +20,20 @@ import torch
 from tubcli.errors import TubError
 
 from .presets import HEADS_BY_WIDTH, NORMALISATIONS, Preset
-from .vit import ViTConfig, VisionTransformer
+from .vit import NORM_EPS, ViTConfig, VisionTransformer
 
-WRAPPER_PREFIXES = ("module.", "backbone.", "teacher.", "student.", "_orig_mod.")
+WRAPPER_PREFIXES = ("module.", "backbone.", "teacher.", "student.", "_orig_mod.", "model.")
 NESTED_KEYS = ("teacher", "student", "model", "state_dict", "model_state_dict")
 BLOCK_KEYS = {
     "norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias",
     "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
     "ls1.gamma", "ls2.gamma",
+    "attn.q_norm.weight", "attn.q_norm.bias", "attn.k_norm.weight", "attn.k_norm.bias",
     "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias",
 }
-TOP_KEYS = {"cls_token", "reg_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias",
-            "norm.weight", "norm.bias"}
+TOP_KEYS = {"cls_token", "reg_token", "pos_embed", "rope_embed.periods", "patch_embed.proj.weight",
+            "patch_embed.proj.bias", "norm.weight", "norm.bias"}
+DINOV3_NORM_EPS = 1e-5  # DINOv3's LayerNorms (timm's DINOv3 models use the same)
 BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
@@ -99,10 +104,77 @@ def convert_dinov2(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def is_rope(sd: dict[str, torch.Tensor]) -> bool:
+    """No learned position table but a RoPE period buffer (DINOv3, RudolfV-2)."""
+    return "pos_embed" not in sd and any(k.endswith("periods") for k in sd)
+
+
+def detect_layout(sd: dict[str, torch.Tensor], source: str = "auto") -> str:
+    """timm | dinov2 | dinov3 (RoPE layouts) of a wrapper-stripped state dict."""
+    if source != "auto":
+        return source
+    if is_rope(sd):
+        return "dinov3"
+    return "dinov2" if is_dinov2(sd) else "timm"
+
+
+def native_norm_eps(sd: dict[str, torch.Tensor]) -> float | None:
+    """The LayerNorm eps a layout implies where shapes cannot tell: DINOv3 (``storage_tokens``) 1e-5."""
+    return DINOV3_NORM_EPS if "storage_tokens" in strip_wrappers(sd) else None
+
+
+def convert_rope(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DINOv3-style RoPE layout -> tub's (timm names + ``rope_embed.periods`` + q/k norms); exact.
+
+    ``storage_tokens``/``register_tokens`` -> ``reg_token``; the period buffer (one, or one per
+    block if all equal) -> ``rope_embed.periods``; a ``qkv.bias_mask`` (DINOv3's masked k bias)
+    multiplied into the bias; SwiGLU ``w1, w2, w3`` (silu(w1 x) * w2 x) and ``w12, w3`` -> packed
+    gate-first ``fc1, fc2``; the pretraining-only ``mask_token`` and ``local_cls_norm`` dropped.
+    """
+    sd = dict(sd)
+    for k in ("mask_token", "local_cls_norm.weight", "local_cls_norm.bias"):
+        sd.pop(k, None)
+    for name in ("storage_tokens", "register_tokens"):
+        if name in sd:
+            sd["reg_token"] = sd.pop(name)
+    periods = {k: sd.pop(k) for k in [k for k in sd if k.endswith("periods")]}
+    first = next(iter(periods.values()))
+    if first.ndim != 1 or any(v.shape != first.shape or not torch.equal(v, first) for v in periods.values()):
+        raise TubError(f"RoPE period buffers {sorted(periods)} differ or are not 1-D; cannot convert")
+    sd["rope_embed.periods"] = first.float()
+    out = {}
+    for key, val in sd.items():
+        if key.endswith("attn.qkv.bias_mask"):
+            continue
+        if key.endswith("attn.qkv.bias") and key + "_mask" in sd:
+            mask = sd[key + "_mask"]
+            if torch.isnan(mask).any():
+                raise TubError(f"{key}_mask is uninitialised (NaN); the checkpoint was saved before training")
+            val = val * mask.to(val.dtype)
+        m = re.match(r"^(blocks\.\d+\.mlp\.)w([123])\.(weight|bias)$", key)
+        if m:
+            pre, which, kind = m.groups()
+            if which == "1":
+                if f"{pre}w2.{kind}" not in sd:
+                    raise TubError(f"{key} has no {pre}w2.{kind} beside it; a SwiGLU needs w1, w2 and w3")
+                out[f"{pre}fc1.{kind}"] = torch.cat([val, sd[f"{pre}w2.{kind}"]], dim=0)
+            elif which == "3":
+                out[f"{pre}fc2.{kind}"] = val
+            continue
+        out[key.replace(".mlp.w12.", ".mlp.fc1.").replace(".mlp.w3.", ".mlp.fc2.")] = val
+    return out
+
+
 def to_timm_layout(sd: dict[str, torch.Tensor], source: str = "auto") -> dict[str, torch.Tensor]:
-    """Wrapper prefixes stripped, DINOv2 converted (``source`` auto|dinov2|timm), head dropped."""
+    """Wrapper prefixes stripped, DINOv2 or DINOv3/RoPE converted (``source`` auto|dinov2|dinov3|timm),
+    head dropped."""
     sd = strip_wrappers(sd)
-    if source == "dinov2" or (source == "auto" and is_dinov2(sd)):
+    layout = detect_layout(sd, source)
+    if layout == "dinov3":
+        if not is_rope(sd):
+            raise TubError("not a RoPE checkpoint (it has pos_embed or no RoPE period buffer); use --from auto")
+        sd = convert_rope(sd)
+    elif layout == "dinov2":
         if "pos_embed" not in sd or "cls_token" not in sd:
             raise TubError("DINOv2 checkpoint lacks cls_token/pos_embed; is this a DINOv2 ViT?")
         sd = convert_dinov2(sd)
@@ -114,7 +186,8 @@ def _square(n: int) -> int | None:
     return r if r * r == n else None
 
 
-def infer_config(sd: dict[str, torch.Tensor], num_heads: int | None = None) -> ViTConfig:
+def infer_config(sd: dict[str, torch.Tensor], num_heads: int | None = None,
+                 norm_eps: float | None = None) -> ViTConfig:
     """Architecture from shapes (spec §2.1 inference rules); unknown keys and bad shapes are errors."""
     def known(key: str) -> bool:
         m = BLOCK_RE.match(key)
@@ -125,24 +198,40 @@ def infer_config(sd: dict[str, torch.Tensor], num_heads: int | None = None) -> V
         shown = ", ".join(unknown[:12]) + (f" … (+{len(unknown) - 12})" if len(unknown) > 12 else "")
         raise TubError(f"checkpoint has keys the timm ViT layout does not know: {shown}; "
                        "convert it (tub atlas convert) or remove them")
-    for req in ("cls_token", "pos_embed", "patch_embed.proj.weight", "norm.weight"):
+    rope = "pos_embed" not in sd and "rope_embed.periods" in sd
+    for req in ("cls_token", "patch_embed.proj.weight", "norm.weight") + (() if rope else ("pos_embed",)):
         if req not in sd:
-            raise TubError(f"checkpoint lacks {req!r}; is this a ViT in timm or DINOv2 layout?")
+            raise TubError(f"checkpoint lacks {req!r}; is this a ViT in timm, DINOv2 or DINOv3 layout?")
     D = sd["cls_token"].shape[-1]
     pe = sd["patch_embed.proj.weight"]
     if pe.ndim != 4 or pe.shape[0] != D or pe.shape[1] != 3 or pe.shape[2] != pe.shape[3]:
         raise TubError(f"patch_embed.proj.weight has shape {tuple(pe.shape)}, expected ({D}, 3, P, P)")
     P = pe.shape[-1]
     R = sd["reg_token"].shape[1] if "reg_token" in sd else 0
-    L = sd["pos_embed"].shape[1]
-    if sd["pos_embed"].shape[-1] != D:
-        raise TubError(f"pos_embed width {sd['pos_embed'].shape[-1]} differs from cls_token width {D}")
-    if _square(L):
-        layout, g = "patches", _square(L)
-    elif L > 1 + R and _square(L - 1 - R):
-        layout, g = "prefix", _square(L - 1 - R)
+    rope_base = 100.0
+    if rope:
+        periods = sd["rope_embed.periods"]
+        head_dim = 4 * periods.shape[0]
+        if periods.ndim != 1 or D % head_dim:
+            raise TubError(f"rope_embed.periods has shape {tuple(periods.shape)}: width {D} is not a multiple "
+                           f"of the head width 4 x {periods.shape[0]}")
+        if num_heads is not None and num_heads != D // head_dim:
+            raise TubError(f"{num_heads} heads contradict the RoPE periods (head width {head_dim}, "
+                           f"{D // head_dim} heads)")
+        num_heads = D // head_dim
+        if periods.shape[0] > 1:  # p_m = base^(4m/d): the base of a fresh model of this config
+            rope_base = float(periods[1]) ** (head_dim / 4)
+        layout, g = "rope", max(1, 224 // P)  # native grid: no table to read it from; 224 px
     else:
-        raise TubError(f"pos_embed has {L} positions: neither a square patch grid nor 1 + {R} + square")
+        L = sd["pos_embed"].shape[1]
+        if sd["pos_embed"].shape[-1] != D:
+            raise TubError(f"pos_embed width {sd['pos_embed'].shape[-1]} differs from cls_token width {D}")
+        if _square(L):
+            layout, g = "patches", _square(L)
+        elif L > 1 + R and _square(L - 1 - R):
+            layout, g = "prefix", _square(L - 1 - R)
+        else:
+            raise TubError(f"pos_embed has {L} positions: neither a square patch grid nor 1 + {R} + square")
     idx = sorted({int(BLOCK_RE.match(k).group(1)) for k in sd if k.startswith("blocks.")})
     if not idx:
         raise TubError("checkpoint has no transformer blocks (blocks.N.*)")
@@ -167,7 +256,9 @@ def infer_config(sd: dict[str, torch.Tensor], num_heads: int | None = None) -> V
             raise TubError(f"cannot infer the head count for width {D}; give --heads or a model.json")
     cfg = ViTConfig(patch_size=P, embed_dim=D, depth=depth, num_heads=num_heads, reg_tokens=R,
                     pos_layout=layout, pos_grid=g, mlp=mlp, mlp_hidden=h2,
-                    layer_scale="ls1.gamma" in b0, qkv_bias="attn.qkv.bias" in b0)
+                    layer_scale="ls1.gamma" in b0, qkv_bias="attn.qkv.bias" in b0,
+                    qk_norm="attn.q_norm.weight" in b0, rope_base=rope_base,
+                    norm_eps=norm_eps if norm_eps is not None else NORM_EPS)
     check_shapes(sd, cfg)
     return cfg
 
@@ -208,7 +299,8 @@ def apply_preset(cfg: ViTConfig, preset: Preset) -> ViTConfig:
                                                cfg.depth, preset.name, preset.depth, cfg.depth)
     checks = {"patch_size": preset.patch_size, "embed_dim": preset.embed_dim,
               "reg_tokens": preset.reg_tokens, "pos_layout": preset.pos_layout, "mlp": preset.mlp,
-              "mlp_hidden": preset.mlp_hidden, "layer_scale": preset.layer_scale}
+              "mlp_hidden": preset.mlp_hidden, "layer_scale": preset.layer_scale,
+              "qk_norm": preset.qk_norm if preset.pos_layout == "rope" else None}
     diffs = [f"{k} {getattr(cfg, k)} (preset {v})" for k, v in checks.items()
              if v is not None and getattr(cfg, k) != v]
     if diffs:
@@ -261,7 +353,8 @@ def describe(cfg: ViTConfig) -> dict:
         "reg_tokens": cfg.reg_tokens, "pos_layout": cfg.pos_layout,
         "pos_grid": f"{cfg.pos_grid}x{cfg.pos_grid}", "native_img_size": cfg.img_size,
         "mlp": cfg.mlp, "fc1_out": cfg.fc1_out, "mlp_hidden": cfg.mlp_hidden,
-        "layer_scale": cfg.layer_scale, "qkv_bias": cfg.qkv_bias, "params": cfg.num_params(),
+        "layer_scale": cfg.layer_scale, "qkv_bias": cfg.qkv_bias, "qk_norm": cfg.qk_norm,
+        "norm_eps": cfg.norm_eps, "params": cfg.num_params(),
     }
 
 
@@ -269,16 +362,19 @@ def read_checkpoint(path: str | Path, source: str = "auto", num_heads: int | Non
                     preset: Preset | None = None) -> tuple[ViTConfig, dict[str, torch.Tensor], dict]:
     """Load, convert to timm layout and infer; returns (config, state dict, model.json or {})."""
     path = Path(path)
-    sd = to_timm_layout(load_tensors(path), source)
+    raw = load_tensors(path)
+    sd = to_timm_layout(raw, source)
     meta = {}
+    eps = native_norm_eps(raw)
     mj = model_json_for(path)
     if mj is not None:
         meta = read_model_json(mj)
         if num_heads is None:
             num_heads = meta["vit"].get("num_heads")
+        eps = meta["vit"].get("norm_eps", eps)
     if num_heads is None and preset is not None:
         num_heads = preset.num_heads
-    cfg = infer_config(sd, num_heads)
+    cfg = infer_config(sd, num_heads, eps)
     if preset is not None:
         cfg = apply_preset(cfg, preset)
     return cfg, sd, meta

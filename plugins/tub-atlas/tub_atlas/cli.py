@@ -31,8 +31,8 @@ def _encoder(sec: EncoderSection, run):
 
 # ------------------------------------------------------------------ inspect / convert
 def inspect(cfg: InspectConfig, run) -> dict:
-    from .checkpoint import (describe, infer_config, is_dinov2, load_tensors, model_json_for, read_model_json,
-                             strip_wrappers, to_timm_layout)
+    from .checkpoint import (describe, detect_layout, infer_config, load_tensors, model_json_for, native_norm_eps,
+                             read_model_json, strip_wrappers, to_timm_layout)
 
     path = _need(cfg.weights, "WEIGHTS (a checkpoint file)")
     raw = load_tensors(path)
@@ -43,30 +43,35 @@ def inspect(cfg: InspectConfig, run) -> dict:
         heads, heads_from = read_model_json(mj)["vit"].get("num_heads"), mj.name
     if heads is None:
         heads_from = "width table (heads cannot be inferred from shapes)"
-    out = describe(infer_config(sd, heads))
+    out = describe(infer_config(sd, heads, native_norm_eps(raw)))
+    if heads is None and out["pos_layout"] == "rope":
+        heads_from = "RoPE periods (head width = 4 x their count)"
     out["heads_from"] = heads_from
     out["checkpoint"] = str(path)
     stripped = strip_wrappers(raw)
-    out["layout"] = "dinov2" if (cfg.source == "dinov2" or (cfg.source == "auto" and is_dinov2(stripped))) else "timm"
+    out["layout"] = detect_layout(stripped, cfg.source)
     out["ignored_keys"] = sorted(k for k in stripped if k.startswith("head."))
     return out
 
 
 def convert(cfg: ConvertConfig, run) -> dict:
-    from .checkpoint import (apply_preset, describe, infer_config, load_tensors, model_json, save_weights,
-                             to_timm_layout)
+    from .checkpoint import (apply_preset, describe, infer_config, load_tensors, model_json, native_norm_eps,
+                             save_weights, to_timm_layout)
     from .presets import get_preset
 
     src = Path(_need(cfg.weights, "WEIGHTS (input checkpoint)"))
     dst = Path(_need(cfg.output, "OUTPUT (.safetensors path)"))
     if dst.suffix != ".safetensors":
         raise TubError(f"output {dst} must end in .safetensors")
+    if dst.is_dir():
+        raise TubError(f"output {dst} is a directory; give a file path ending in .safetensors")
     if dst.resolve() == src.resolve():
         raise TubError("output would overwrite the input checkpoint; choose another path")
     preset = get_preset(cfg.preset) if cfg.preset else None
-    sd = to_timm_layout(load_tensors(src), cfg.source)
+    raw = load_tensors(src)
+    sd = to_timm_layout(raw, cfg.source)
     heads = cfg.heads or (preset.num_heads if preset else None)
-    vit_cfg = infer_config(sd, heads)
+    vit_cfg = infer_config(sd, heads, native_norm_eps(raw))
     if preset is not None:
         vit_cfg = apply_preset(vit_cfg, preset)
     norm = cfg.norm or (preset.norm if preset else None)

@@ -27,14 +27,14 @@ class EncoderSection(Section):
 
 class InspectConfig(TubConfig):
     weights: Path | None = Field(None, description="checkpoint to inspect")
-    source: Literal["auto", "dinov2", "timm"] = Field("auto", description="key layout of the checkpoint")
+    source: Literal["auto", "dinov2", "dinov3", "timm"] = Field("auto", description="key layout of the checkpoint")
     heads: int | None = Field(None, description="attention heads (cannot be inferred from shapes)")
 
 
 class ConvertConfig(TubConfig):
-    weights: Path | None = Field(None, description="input checkpoint (DINOv2, wrapped or timm layout)")
+    weights: Path | None = Field(None, description="input checkpoint (DINOv2, DINOv3/RoPE, wrapped or timm layout)")
     output: Path | None = Field(None, description="output .safetensors (model.json is written beside it)")
-    source: Literal["auto", "dinov2", "timm"] = Field("auto", description="key layout of the input")
+    source: Literal["auto", "dinov2", "dinov3", "timm"] = Field("auto", description="key layout of the input")
     heads: int | None = Field(None, description="attention heads (cannot be inferred from shapes)")
     preset: str | None = Field(None, description="preset whose shapes, normalisation and pooling to record")
     norm: Norm | None = Field(None, description="normalisation constants to record in model.json")

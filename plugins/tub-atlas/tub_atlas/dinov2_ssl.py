@@ -220,10 +220,13 @@ def backbone_tokens(vit: VisionTransformer, x: torch.Tensor, masks: torch.Tensor
     t = vit.patch_embed(x)
     if masks is not None:
         t = torch.where(masks.unsqueeze(-1), mask_token.to(t.dtype).view(1, 1, -1), t)
-    t = vit._pos_embed(t, (x.shape[-2] // P, x.shape[-1] // P))
+    grid = (x.shape[-2] // P, x.shape[-1] // P)
+    t = vit._pos_embed(t, grid)
+    rope = vit.rope(grid, t)  # RoPE backbones: positions enter every attention
     for blk in vit.blocks:
         n1 = blk.norm1
-        a, _ = blk.attn(F.layer_norm(t, n1.normalized_shape, n1.weight, n1.bias, n1.eps))
+        a, _ = blk.attn(F.layer_norm(t, n1.normalized_shape, n1.weight, n1.bias, n1.eps), rope=rope,
+                        n_prefix=vit.num_prefix_tokens)
         t = t + drop_path(blk.ls1(a), drop, generator)
         n2 = blk.norm2
         t = t + drop_path(blk.ls2(blk.mlp(F.layer_norm(t, n2.normalized_shape, n2.weight, n2.bias, n2.eps))),

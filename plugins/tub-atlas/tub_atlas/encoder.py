@@ -121,9 +121,6 @@ def load_encoder(arch: str = "auto", weights: str | Path | None = None, pool: st
     preset = None if arch in (None, "auto") else get_preset(arch)
     meta: dict = {}
     if weights is not None:
-        if preset is not None and not preset.timm_layout:
-            log.warning("preset %s: its published key layout is not timm's; expecting a converted checkpoint",
-                        preset.name)
         cfg, sd, meta = read_checkpoint(weights, num_heads=heads, preset=preset)
         if preset is None and meta.get("preset"):
             from .presets import PRESETS

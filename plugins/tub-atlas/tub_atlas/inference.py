@@ -152,7 +152,12 @@ def _patch_tokens_into(model, x: torch.Tensor, tokens: torch.Tensor) -> None:
     grid = (x.shape[-2] // P, x.shape[-1] // P)
     n_pre = model.num_prefix_tokens
     t = model.patch_embed(x)  # (B, N, D) view of the conv output
-    if cfg.pos_layout == "patches":
+    if cfg.pos_layout == "rope":  # no position table: RoPE acts inside the attention
+        tokens[:, :1] = model.cls_token
+        if model.reg_token is not None:
+            tokens[:, 1:n_pre] = model.reg_token
+        tokens[:, n_pre:] = t
+    elif cfg.pos_layout == "patches":
         pos = resample_pos_embed(model.pos_embed, grid, 0)
         tokens[:, :1] = model.cls_token
         if model.reg_token is not None:
@@ -166,13 +171,15 @@ def _patch_tokens_into(model, x: torch.Tensor, tokens: torch.Tensor) -> None:
         torch.add(t, pos[:, n_pre:], out=tokens[:, n_pre:])
 
 
-def _block_(blk, x2: torch.Tensor, B: int, T: int, ws: Workspace, onednn: bool) -> None:
+def _block_(blk, x2: torch.Tensor, B: int, T: int, ws: Workspace, onednn: bool, rope=None,
+            n_prefix: int = 0) -> None:
     """One block, in place on the (B*T, D) residual stream: same formulas as ``Block.forward``."""
     attn, mlp = blk.attn, blk.mlp
     D = x2.shape[1]
     h = _layer_norm_into(ws, x2, blk.norm1)
     qkv = _linear_into(ws, "qkv", h, attn.qkv, onednn)
     q, k, v = qkv.view(B, T, 3, attn.heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.position_qk(q, k, rope, n_prefix)
     a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B * T, D)
     _residual_(ws, x2, a, attn.proj, blk.ls1, onednn)
     h = _layer_norm_into(ws, x2, blk.norm2)
@@ -199,8 +206,9 @@ def forward_tokens(model, x: torch.Tensor, blocks=None) -> torch.Tensor:
     _patch_tokens_into(model, x, tokens)
     x2 = tokens.view(B * T, -1)
     onednn = use_onednn(model.gemm, x)
+    rope = model.rope((H // P, W // P), x)
     for blk in (model.blocks if blocks is None else blocks):
-        _block_(blk, x2, B, T, ws, onednn)
+        _block_(blk, x2, B, T, ws, onednn, rope, model.num_prefix_tokens)
     return tokens
 
 
@@ -208,7 +216,7 @@ def onednn_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(h, weight, bias, "none", [], "")
 
 
-def cls_token_only(blk, x: torch.Tensor, linear=F.linear) -> torch.Tensor:
+def cls_token_only(blk, x: torch.Tensor, linear=F.linear, rope=None, n_prefix: int = 0) -> torch.Tensor:
     """The last block evaluated at the CLS position only: (B, T, D) -> (B, 1, D), exact.
 
     Attention: one query (CLS) against keys/values of all T tokens; projection, LayerScale and MLP on
@@ -225,6 +233,7 @@ def cls_token_only(blk, x: torch.Tensor, linear=F.linear) -> torch.Tensor:
     kv = linear(h.reshape(B * T, D), W[D:], None if b is None else b[D:])  # the one full-width GEMM left
     q = q.view(B, 1, attn.heads, attn.head_dim).transpose(1, 2)
     k, v = kv.view(B, T, 2, attn.heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.position_qk(q, k, rope, n_prefix, cls_query=True)
     a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, 1, D)
     c = x[:, :1] + blk.ls1(attn.proj(a))
     return c + blk.ls2(blk.mlp(layer_norm(blk.norm2, c, False)))

@@ -21,7 +21,7 @@ app = PluginApp(
              help="Infer a checkpoint's ViT architecture from its tensor shapes.", args=["weights"],
              options={"from": "source", "heads": "heads"}),
         Verb("convert", "tub_atlas.cli:convert", config="tub_atlas.config:ConvertConfig",
-             help="Convert DINOv2/wrapped checkpoints to timm layout (.safetensors + model.json).",
+             help="Convert DINOv2, DINOv3 (RoPE) and wrapped checkpoints to timm layout (.safetensors + model.json).",
              args=["weights", "output"],
              options={"from": "source", "heads": "heads", "preset": "preset", "norm": "norm", "pool": "pool"}),
         Verb("embed", "tub_atlas.cli:embed", config="tub_atlas.config:EmbedConfig",
@@ -76,6 +76,10 @@ ENCODERS = {
     "virchow2": (2560, 0.5, "Virchow2 ViT-H/14-reg4, CLS+mean (weights: CC-BY-NC-ND-4.0, user-supplied)"),
     "h-optimus-0": (1536, 0.5, "H-optimus-0 ViT-g/14-reg4, CLS (weights: Apache-2.0, user-supplied)"),
     "h-optimus-1": (1536, 0.5, "H-optimus-1 ViT-g/14-reg4, CLS (weights user-supplied)"),
+    "rudolfv-2": (3072, 0.5, "RudolfV-2 ViT-g/8-reg8, 2-D RoPE, CLS+mean (gated weights, user-supplied; "
+                              "RoPE layout assumed DINOv3's)"),
+    "rudolfv-2-b": (1536, 0.5, "RudolfV-2-B ViT-B/8-reg8, CLS+mean (as RudolfV-2)"),
+    "rudolfv-2-s": (768, 0.5, "RudolfV-2-S ViT-S/8-reg8, CLS+mean (as RudolfV-2)"),
     "vit-s8-reg8": (768, 0.5, "ViT-S/8-reg8 student, CLS+mean (e.g. from 'tub atlas train')"),
     "vit-t8-demo": (384, 0.5, "tiny ViT/8 for demos/tests; RANDOM weights when no weights path is given"),
 }

@@ -40,7 +40,7 @@ class Preset:
     licence: str = ""
     description: str = ""
     verified: bool = True
-    timm_layout: bool = True
+    qk_norm: bool = False
 
     @property
     def mean_std(self):
@@ -58,16 +58,16 @@ PRESETS: dict[str, Preset] = {
                licence="Apache-2.0", description="H-optimus-0 (Bioptimus), ViT-g/14, 4 registers; 1134.8M"),
         Preset("h-optimus-1", 14, 1536, 40, 24, 4, "patches", "swiglu", 4096, True, "h-optimus", "cls",
                licence="check the model card", description="H-optimus-1 (Bioptimus), same shapes as -0"),
-        Preset("rudolfv-2", 8, 1536, None, 24, 8, None, None, None, None, "rudolfv-2", "cls+mean",
-               interpolation="bicubic", crop=True, licence="gated; check the model card",
-               description="RudolfV-2 ViT-g/8 (shapes inferred; its own key layout is not timm's)",
-               verified=False, timm_layout=False),
-        Preset("rudolfv-2-b", 8, 768, None, 12, 8, None, None, None, None, "rudolfv-2", "cls+mean",
-               interpolation="bicubic", crop=True, licence="gated; check the model card",
-               description="RudolfV-2-B ViT-B/8", verified=False, timm_layout=False),
-        Preset("rudolfv-2-s", 8, 384, None, 6, 8, None, None, None, None, "rudolfv-2", "cls+mean",
-               interpolation="bicubic", crop=True, licence="gated; check the model card",
-               description="RudolfV-2-S ViT-S/8 (distilled)", verified=False, timm_layout=False),
+        Preset("rudolfv-2", 8, 1536, 40, 24, 8, "rope", "swiglu", 4096, True, "rudolfv-2", "cls+mean",
+               interpolation="bicubic", crop=True, licence="gated; check the model card", qk_norm=True,
+               description="RudolfV-2 ViT-g/8, 8 registers, 2-D RoPE, q/k LayerNorm; 1133.8M "
+                           "(RoPE layout assumed DINOv3's: unverified)", verified=False),
+        Preset("rudolfv-2-b", 8, 768, 12, 12, 8, "rope", "swiglu", 2048, True, "rudolfv-2", "cls+mean",
+               interpolation="bicubic", crop=True, licence="gated; check the model card", qk_norm=True,
+               description="RudolfV-2-B ViT-B/8 (as RudolfV-2; unverified)", verified=False),
+        Preset("rudolfv-2-s", 8, 384, 12, 6, 8, "rope", "swiglu", 1024, True, "rudolfv-2", "cls+mean",
+               interpolation="bicubic", crop=True, licence="gated; check the model card", qk_norm=True,
+               description="RudolfV-2-S ViT-S/8, distilled (as RudolfV-2; unverified)", verified=False),
         Preset("atlas2", None, None, None, None, None, None, None, None, None, "h-optimus", "cls+mean",
                licence="not public", description="Atlas 2 placeholder: shapes from inspect (unverified)",
                verified=False),

@@ -4,6 +4,7 @@ and labelled synthetic tissue tiles (spec §5). Nothing here pretends to be a pr
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ def preset_config(name: str, depth: int | None = None, **overrides) -> ViTConfig
         raise ValueError(f"preset {name} does not fix its shapes; they come from a checkpoint")
     cfg = dict(patch_size=p.patch_size, embed_dim=p.embed_dim, depth=depth or p.depth, num_heads=p.num_heads,
                reg_tokens=p.reg_tokens, pos_layout=p.pos_layout, pos_grid=p.img_size // p.patch_size,
-               mlp=p.mlp, mlp_hidden=p.mlp_hidden, layer_scale=bool(p.layer_scale))
+               mlp=p.mlp, mlp_hidden=p.mlp_hidden, layer_scale=bool(p.layer_scale), qk_norm=p.qk_norm)
     cfg.update(overrides)
     return ViTConfig(**cfg)
 
@@ -59,6 +60,42 @@ def to_dinov2(sd: dict[str, torch.Tensor], prefix: str = "teacher.backbone.", ch
                 rest = rest.replace("mlp.fc1.", "mlp.w12.").replace("mlp.fc2.", "mlp.w3.")
             k = f"blocks.{i // per}.{i}.{rest}"
         out[prefix + k] = v
+    return out
+
+
+def to_dinov3(sd: dict[str, torch.Tensor], prefix: str = "", k_bias_seed: int | None = 3) -> dict:
+    """Rewrite a RoPE model's state dict as a DINOv3 checkpoint (inverse of ``convert_rope``).
+
+    ``reg_token`` -> ``storage_tokens``; packed SwiGLU ``fc1`` -> ``w1, w2`` (gate, value) and
+    ``fc2`` -> ``w3``; a ``mask_token``; with ``k_bias_seed`` the k third of every qkv bias is
+    overwritten by noise and a ``bias_mask`` (1, 0, 1) that cancels it is added, as DINOv3 stores
+    its masked k bias. The model must have a zero k bias for the outputs to agree.
+    """
+    out = {}
+    g = torch.Generator().manual_seed(k_bias_seed or 0)
+    for k, v in sd.items():
+        v = v.clone()
+        if k == "reg_token":
+            k = "storage_tokens"
+        m = re.match(r"^(blocks\.\d+\.mlp\.)fc([12])\.(weight|bias)$", k)
+        if m and sd[f"{m.group(1)}fc1.weight"].shape[0] == 2 * sd[f"{m.group(1)}fc2.weight"].shape[1]:
+            pre, which, kind = m.groups()
+            if which == "1":
+                gate, value = v.chunk(2, dim=0)
+                out[f"{prefix}{pre}w1.{kind}"], out[f"{prefix}{pre}w2.{kind}"] = gate, value
+            else:
+                out[f"{prefix}{pre}w3.{kind}"] = v
+            continue
+        if k.endswith("attn.qkv.bias") and k_bias_seed is not None:
+            n = v.shape[0] // 3
+            if v[n:2 * n].abs().max() > 0:
+                raise ValueError("DINOv3 masks the k bias: zero it in the model first")
+            v[n:2 * n] = torch.randn(n, generator=g)
+            mask = torch.ones_like(v)
+            mask[n:2 * n] = 0
+            out[prefix + k + "_mask"] = mask
+        out[prefix + k] = v
+    out[prefix + "mask_token"] = torch.zeros(1, sd["cls_token"].shape[-1])
     return out
 
 

@@ -6,6 +6,10 @@ checkpoints) load with ``load_state_dict(strict=True)``. The forward pass is spe
 Dosovitskiy et al., *An Image is Worth 16x16 Words*, ICLR 2021 (arXiv 2010.11929), with register
 tokens (Darcet et al., arXiv 2309.16588), LayerScale (Touvron et al., CaiT, arXiv 2103.17239) and
 packed SwiGLU MLPs (Shazeer, arXiv 2002.05202) as used by DINOv2-derived pathology models.
+``pos_layout="rope"`` replaces the learned position table by DINOv3's 2-D rotary embedding
+(Siméoni et al., arXiv 2508.10104; Su et al., RoFormer, arXiv 2104.09864) applied to queries and
+keys of the patch tokens, optionally after a per-head LayerNorm of q and k (``qk_norm``; Dehghani
+et al., ViT-22B, arXiv 2302.05442): the layout of DINOv3 and (assumed) RudolfV-2.
 
 Two switches serve the explanation methods and are off by default:
 
@@ -43,22 +47,26 @@ class ViTConfig:
     depth: int = 12
     num_heads: int = 6
     reg_tokens: int = 0
-    pos_layout: str = "patches"  # "patches" (timm no_embed_class) | "prefix" (CLS+regs+patches)
-    pos_grid: int = 14  # stored positional grid side g (g*g patch positions)
+    pos_layout: str = "patches"  # "patches" (timm no_embed_class) | "prefix" (CLS+regs+patches) | "rope"
+    pos_grid: int = 14  # stored positional grid side g (g*g patch positions); rope: native grid
     mlp: str = "gelu"  # "gelu" | "swiglu" (packed: fc1 -> 2*hidden, gate first)
     mlp_hidden: int = 1536  # width after the activation (fc2 input)
     layer_scale: bool = True
     qkv_bias: bool = True
+    qk_norm: bool = False  # per-head LayerNorm of q and k before attention (and before RoPE)
+    rope_base: float = 100.0  # rope only: periods base**(2j/(head_dim/2)) of a new model (DINOv3)
     norm_eps: float = NORM_EPS
     extra: dict = field(default_factory=dict)  # free-form notes (e.g. source), not architecture
 
     def __post_init__(self):
-        if self.pos_layout not in ("patches", "prefix"):
-            raise ValueError(f"pos_layout must be 'patches' or 'prefix', got {self.pos_layout!r}")
+        if self.pos_layout not in ("patches", "prefix", "rope"):
+            raise ValueError(f"pos_layout must be 'patches', 'prefix' or 'rope', got {self.pos_layout!r}")
         if self.mlp not in ("gelu", "swiglu"):
             raise ValueError(f"mlp must be 'gelu' or 'swiglu', got {self.mlp!r}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.pos_layout == "rope" and (self.embed_dim // self.num_heads) % 4:
+            raise ValueError(f"2-D RoPE needs a head width divisible by 4, got {self.embed_dim // self.num_heads}")
 
     @property
     def img_size(self) -> int:
@@ -83,15 +91,23 @@ class ViTConfig:
         """Parameter count from the config alone (no allocation), used to check presets."""
         D, L = self.embed_dim, self.depth
         P, h1, h2 = self.patch_size, self.fc1_out, self.mlp_hidden
-        n_pos = self.pos_grid**2 + (0 if self.pos_layout == "patches" else 1 + self.reg_tokens)
+        n_pos = self.n_positions
         per_block = (
             4 * D  # norm1, norm2
+            + (4 * D // self.num_heads if self.qk_norm else 0)
             + 3 * D * D + (3 * D if self.qkv_bias else 0)
             + D * D + D
             + (2 * D if self.layer_scale else 0)
             + h1 * D + h1 + D * h2 + D
         )
         return D * 3 * P * P + D + D + self.reg_tokens * D + n_pos * D + L * per_block + 2 * D
+
+    @property
+    def n_positions(self) -> int:
+        """Rows of the learned position table (none for RoPE)."""
+        if self.pos_layout == "rope":
+            return 0
+        return self.pos_grid**2 + (0 if self.pos_layout == "patches" else 1 + self.reg_tokens)
 
 
 def resample_pos_embed(pos: torch.Tensor, grid: tuple[int, int], n_prefix: int) -> torch.Tensor:
@@ -123,6 +139,65 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class RopeEmbedding(nn.Module):
+    """DINOv3's 2-D rotary position embedding (Siméoni et al. 2025, ``RopePositionEmbedding``).
+
+    Patch (i, j) of an H x W grid sits at y = 2 (i + ½)/H − 1, x = 2 (j + ½)/W − 1 (both in
+    [−1, 1], so any input size keeps the range). With ``periods`` p_0..p_{d/4−1}
+    (p_m = base^{2m/(d/2)}, stored in checkpoints as ``rope_embed.periods``) the angles are
+    θ = 2π [y/p, x/p] (d/2 values, rows first), tiled twice to the head width d; a vector is rotated
+    as v cos θ + rotate_half(v) sin θ, pairing dimension m with m + d/2 (Su et al., RoFormer).
+    Rotations preserve norms, and q·k of two rotated vectors depends on their positions only
+    through the difference of their coordinates.
+    """
+
+    def __init__(self, head_dim: int, base: float = 100.0):
+        super().__init__()
+        m = torch.arange(head_dim // 4, dtype=torch.float32)
+        self.register_buffer("periods", base ** (2 * m / (head_dim // 2)))
+        self._cache: tuple | None = None
+
+    def _apply(self, fn, recurse=True):
+        """``.half()``/``.to(bf16)`` leave the periods in fp32 (angles up to 2π·d/4 need the bits)."""
+        periods = self.periods
+        super()._apply(fn, recurse)
+        if self.periods.dtype in (torch.float16, torch.bfloat16):
+            self.periods = periods.to(self.periods.device)
+        return self
+
+    def forward(self, grid: tuple[int, int], dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sin, cos), each (H*W, head_dim), for row-major patch tokens."""
+        key = (tuple(grid), dtype, torch.device(device), self.periods.data_ptr(), self.periods._version)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        H, W = grid
+        # constants, made outside inference mode so that a later autograd pass may reuse them
+        with torch.inference_mode(False), torch.no_grad():
+            work = torch.promote_types(dtype, torch.float32)  # fp32 as DINOv3; fp64 models in fp64
+            periods = self.periods.to(device=device, dtype=work)
+            ys = 2 * (torch.arange(H, device=device, dtype=work) + 0.5) / H - 1
+            xs = 2 * (torch.arange(W, device=device, dtype=work) + 0.5) / W - 1
+            coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).reshape(H * W, 2)
+            angles = (2 * math.pi * coords[:, :, None] / periods).flatten(1).tile(2)
+            out = (angles.sin().to(dtype), angles.cos().to(dtype))
+        self._cache = (key, out)
+        return out
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([-b, a], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, n_prefix: int) -> torch.Tensor:
+    """Rotate the patch tokens of (B, heads, T, d) q or k; CLS and registers stay unrotated."""
+    if rope is None:
+        return x
+    sin, cos = rope
+    patches = x[:, :, n_prefix:]
+    return torch.cat([x[:, :, :n_prefix], patches * cos + rotate_half(patches) * sin], dim=2)
 
 
 class LayerScale(nn.Module):
@@ -185,19 +260,34 @@ def softmax_rule(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | Non
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, qkv_bias: bool):
+    def __init__(self, dim: int, heads: int, qkv_bias: bool, qk_norm: bool = False, eps: float = NORM_EPS):
         super().__init__()
         self.heads = heads
         self.head_dim = dim // heads
         self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=eps) if qk_norm else None
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=eps) if qk_norm else None
         self.proj = nn.Linear(dim, dim)
         self.softmax_bias: torch.Tensor | None = None  # AttnLRP: the softmax rule's Taylor bias leaf
 
-    def forward(self, x: torch.Tensor, keep_attention: bool = False, lrp: bool | str = False):
+    def position_qk(self, q: torch.Tensor, k: torch.Tensor, rope=None, n_prefix: int = 0, lrp: bool | str = False,
+                    cls_query: bool = False):
+        """q/k LayerNorm (if any), then RoPE on the patch tokens (if any); identity for timm ViTs.
+
+        ``cls_query``: q holds the CLS row only (prefix tokens are never rotated). The rotation is
+        a fixed linear map, so every LRP rule passes through it unchanged.
+        """
+        if self.q_norm is not None:
+            q, k = layer_norm(self.q_norm, q, bool(lrp)), layer_norm(self.k_norm, k, bool(lrp))
+        return (q if cls_query else apply_rope(q, rope, n_prefix)), apply_rope(k, rope, n_prefix)
+
+    def forward(self, x: torch.Tensor, keep_attention: bool = False, lrp: bool | str = False, rope=None,
+                n_prefix: int = 0):
         B, T, D = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
+        q, k = self.position_qk(q, k, rope, n_prefix, lrp)
         probs = None
         self.softmax_bias = None
         if lrp == "attn":  # AttnLRP: softmax rule + uniform matmuls (Achtibat et al. 2024, Props. 3.1, 3.3)
@@ -240,14 +330,15 @@ class Block(nn.Module):
         super().__init__()
         D = cfg.embed_dim
         self.norm1 = nn.LayerNorm(D, eps=cfg.norm_eps)
-        self.attn = Attention(D, cfg.num_heads, cfg.qkv_bias)
+        self.attn = Attention(D, cfg.num_heads, cfg.qkv_bias, cfg.qk_norm, cfg.norm_eps)
         self.ls1 = LayerScale(D) if cfg.layer_scale else nn.Identity()
         self.norm2 = nn.LayerNorm(D, eps=cfg.norm_eps)
         self.mlp = Mlp(D, cfg.mlp_hidden, cfg.mlp == "swiglu")
         self.ls2 = LayerScale(D) if cfg.layer_scale else nn.Identity()
 
-    def forward(self, x: torch.Tensor, keep_attention: bool = False, lrp: bool = False):
-        a, probs = self.attn(layer_norm(self.norm1, x, lrp), keep_attention, lrp)
+    def forward(self, x: torch.Tensor, keep_attention: bool = False, lrp: bool = False, rope=None,
+                n_prefix: int = 0):
+        a, probs = self.attn(layer_norm(self.norm1, x, lrp), keep_attention, lrp, rope, n_prefix)
         x = x + self.ls1(a)
         x = x + self.ls2(self.mlp(layer_norm(self.norm2, x, lrp), lrp))
         return x, probs
@@ -263,8 +354,9 @@ class VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(cfg.patch_size, D)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.reg_token = nn.Parameter(torch.zeros(1, cfg.reg_tokens, D)) if cfg.reg_tokens else None
-        n_pos = cfg.pos_grid**2 + (0 if cfg.pos_layout == "patches" else 1 + cfg.reg_tokens)
-        self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, D))
+        rope = cfg.pos_layout == "rope"
+        self.pos_embed = None if rope else nn.Parameter(torch.zeros(1, cfg.n_positions, D))
+        self.rope_embed = RopeEmbedding(D // cfg.num_heads, cfg.rope_base) if rope else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
         self.keep_attention = False  # switched on by attention rollout
@@ -294,8 +386,17 @@ class VisionTransformer(nn.Module):
                     p.copy_(std * noise)
         return self
 
+    def rope(self, grid: tuple[int, int], like: torch.Tensor):
+        """(sin, cos) tables of the patch grid, or None without RoPE."""
+        return None if self.rope_embed is None else self.rope_embed(grid, like.dtype, like.device)
+
     def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         B = x.shape[0]
+        if self.pos_embed is None:  # RoPE: positions enter in every attention instead
+            prefix = [self.cls_token.expand(B, -1, -1)]
+            if self.reg_token is not None:
+                prefix.append(self.reg_token.expand(B, -1, -1))
+            return torch.cat(prefix + [x], dim=1)
         n_prefix = 0 if self.cfg.pos_layout == "patches" else self.num_prefix_tokens
         pos = resample_pos_embed(self.pos_embed, grid, n_prefix)
         prefix = [self.cls_token.expand(B, -1, -1)]
@@ -321,10 +422,11 @@ class VisionTransformer(nn.Module):
         if self.fast_inference and usable(self, x):
             return layer_norm(self.norm, forward_tokens(self, x), False)
         x = self._pos_embed(self.patch_embed(x), (H // P, W // P))
+        rope = self.rope((H // P, W // P), x)
         keep = self.keep_attention
         self.attentions = []
         for blk in self.blocks:
-            x, probs = blk(x, keep, self.lrp)
+            x, probs = blk(x, keep, self.lrp, rope, self.num_prefix_tokens)
             if keep:
                 self.attentions.append(probs)
         return layer_norm(self.norm, x, self.lrp)
@@ -342,16 +444,19 @@ class VisionTransformer(nn.Module):
         if self.keep_attention or self.lrp:
             return self.forward_features(x)[:, 0]
         linear = F.linear
+        P = self.cfg.patch_size
+        grid = (x.shape[-2] // P, x.shape[-1] // P)
+        rope = self.rope(grid, x)
         if self.fast_inference and usable(self, x):
             tokens = forward_tokens(self, x, self.blocks[:-1])
             if use_onednn(self.gemm, x):
                 linear = onednn_linear
         else:
-            P = self.cfg.patch_size
-            tokens = self._pos_embed(self.patch_embed(x), (x.shape[-2] // P, x.shape[-1] // P))
+            tokens = self._pos_embed(self.patch_embed(x), grid)
             for blk in self.blocks[:-1]:
-                tokens = blk(tokens)[0]
-        return layer_norm(self.norm, cls_token_only(self.blocks[-1], tokens, linear), False)[:, 0]
+                tokens = blk(tokens, rope=rope, n_prefix=self.num_prefix_tokens)[0]
+        last = cls_token_only(self.blocks[-1], tokens, linear, rope, self.num_prefix_tokens)
+        return layer_norm(self.norm, last, False)[:, 0]
 
     def release_workspace(self) -> None:
         """Free the inference path's activation buffers (they are kept between calls)."""
