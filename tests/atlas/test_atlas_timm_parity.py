@@ -118,46 +118,13 @@ def test_cls_embedding_matches_timm_pooled_output(name, depth):
 
 
 # ------------------------------------------------------------------ 2-D RoPE (DINOv3 layout)
-def timm_rope_model(kind: str, depth: int):
-    """timm's Eva with DINOv3 RoPE: the DINOv3 ViT-S/16 recipe (vit_small_patch16_dinov3, qkv bias
-    with its fixed-zero k part, SwiGLU here so the w1/w2/w3 path is covered) and the RudolfV-2-S
-    shapes (patch 8, 8 registers, q/k LayerNorm before the rotation)."""
-    from functools import partial
-
-    from timm.layers import LayerNorm
-    from timm.models.eva import Eva
-
-    common = dict(num_classes=0, dynamic_img_size=True, init_values=1e-5, rope_type="dinov3",
-                  rope_temperature=100, rope_rotate_half=True, use_rot_pos_emb=True, use_abs_pos_emb=False,
-                  use_fc_norm=False, global_pool="token", qkv_bias=True, swiglu_mlp=True, depth=depth)
-    if kind == "dinov3-s16":
-        return Eva(patch_size=16, embed_dim=384, num_heads=6, num_reg_tokens=4, mlp_ratio=4,
-                   norm_layer=partial(LayerNorm, eps=1e-5), **common)
-    if kind == "rudolfv-2-s":
-        return Eva(patch_size=8, embed_dim=384, num_heads=6, num_reg_tokens=8, mlp_ratio=1024 / 384,
-                   qk_norm=True, norm_layer=partial(LayerNorm, eps=1e-6), **common)
-    raise KeyError(kind)
-
-
-def to_eva(sd: dict) -> dict:
-    """tub RoPE layout -> timm Eva names (k bias must be zero: Eva fixes it)."""
-    out = {}
-    for k, v in sd.items():
-        if k == "rope_embed.periods":
-            continue
-        if k.endswith("attn.qkv.bias"):
-            q, kb, vb = v.chunk(3)
-            assert kb.abs().max() == 0
-            out[k.replace("qkv.bias", "q_bias")], out[k.replace("qkv.bias", "v_bias")] = q, vb
-            continue
-        out[k.replace("ls1.gamma", "gamma_1").replace("ls2.gamma", "gamma_2")] = v
-    return out
-
-
 @pytest.mark.parametrize("kind", ["dinov3-s16", "rudolfv-2-s"])
 @pytest.mark.parametrize("size", [224, 320])
-def test_rope_vit_matches_timm_eva(kind, size):
-    """A DINOv3-layout checkpoint through tub's convert vs the same weights in timm's Eva."""
+def test_rope_vit_matches_timm_eva(tmp_path, kind, size):
+    """A DINOv3-layout checkpoint through tub's convert vs the same weights in timm's Eva DINOv3 port
+    (``benchmark.timm_twin``: rope_type="dinov3", temperature 100, rotate-half; the DINOv3 ViT-S/16
+    recipe with SwiGLU so the w1/w2/w3 path is covered, and RudolfV-2-S shapes with q/k LayerNorm)."""
+    from tub_atlas.benchmark import timm_state_dict, timm_twin
     from tub_atlas.checkpoint import read_checkpoint
     from tub_atlas.presets import PRESETS
     from tub_atlas.synthetic import to_dinov3
@@ -172,18 +139,13 @@ def test_rope_vit_matches_timm_eva(kind, size):
     with torch.no_grad():
         for blk in src.blocks:
             blk.attn.qkv.bias[384:768] = 0
-    theirs = timm_rope_model(kind, 2).eval()
-    theirs.load_state_dict(to_eva(src.state_dict()), strict=True)
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "ckpt.pth"
-        ckpt = to_dinov3(src.state_dict())
-        if kind == "rudolfv-2-s":  # the HF wrapper's names: model. prefix, DINOv2's register_tokens
-            ckpt = {"model." + k.replace("storage_tokens", "register_tokens"): v for k, v in ckpt.items()}
-        torch.save(ckpt, path)
-        got, sd, _ = read_checkpoint(path, preset=PRESETS.get(kind))
+    theirs = timm_twin(cfg).eval()
+    theirs.load_state_dict(timm_state_dict(cfg, src.state_dict()), strict=True)
+    ckpt = to_dinov3(src.state_dict())
+    if kind == "rudolfv-2-s":  # the HF wrapper's names: model. prefix, DINOv2's register_tokens
+        ckpt = {"model." + k.replace("storage_tokens", "register_tokens"): v for k, v in ckpt.items()}
+    torch.save(ckpt, tmp_path / "ckpt.pth")
+    got, sd, _ = read_checkpoint(tmp_path / "ckpt.pth", preset=PRESETS.get(kind))
     ours = VisionTransformer(got).eval()
     ours.load_state_dict(sd)
     assert torch.allclose(ours.rope_embed.periods, theirs.rope.periods)

@@ -36,12 +36,26 @@ PRECISIONS = {"fp32": (None, False), "bf16": (torch.bfloat16, False), "fp16": (t
 
 
 def timm_twin(cfg):
-    """A timm VisionTransformer with the same architecture as a tub ViTConfig (None without timm)."""
+    """A timm model with the same architecture as a tub ViTConfig (None without timm): its
+    VisionTransformer, or for RoPE configs its ``Eva`` DINOv3 port (k bias fixed at zero there)."""
     try:
         from timm.layers import SwiGLUPacked
         from timm.models.vision_transformer import VisionTransformer as TimmViT
     except Exception:  # noqa: BLE001 - timm absent or its torchvision import failed
         return None
+    if cfg.pos_layout == "rope":
+        from functools import partial
+
+        from timm.layers import LayerNorm
+        from timm.models.eva import Eva
+
+        return Eva(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
+                   num_heads=cfg.num_heads, num_reg_tokens=cfg.reg_tokens, qkv_bias=cfg.qkv_bias,
+                   qk_norm=cfg.qk_norm, swiglu_mlp=cfg.mlp == "swiglu", mlp_ratio=cfg.mlp_hidden / cfg.embed_dim,
+                   init_values=1e-5 if cfg.layer_scale else None, norm_layer=partial(LayerNorm, eps=cfg.norm_eps),
+                   rope_type="dinov3", rope_temperature=cfg.rope_base, rope_rotate_half=True,
+                   use_rot_pos_emb=True, use_abs_pos_emb=False, use_fc_norm=False, num_classes=0,
+                   global_pool="token", dynamic_img_size=True)
     kw = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
               num_heads=cfg.num_heads, reg_tokens=cfg.reg_tokens, no_embed_class=cfg.pos_layout == "patches",
               init_values=1e-5 if cfg.layer_scale else None, qkv_bias=cfg.qkv_bias, num_classes=0,
@@ -51,6 +65,25 @@ def timm_twin(cfg):
     else:
         kw.update(mlp_ratio=cfg.mlp_hidden / cfg.embed_dim)
     return TimmViT(**kw)
+
+
+def timm_state_dict(cfg, sd: dict) -> dict:
+    """tub weights in the twin's names: identical for timm ViTs; for Eva ``gamma_1/2``, ``q_bias``/``v_bias``
+    (the k bias must be zero: Eva fixes it) and no stored periods (Eva computes the same ones)."""
+    if cfg.pos_layout != "rope":
+        return sd
+    out = {}
+    for k, v in sd.items():
+        if k == "rope_embed.periods":
+            continue
+        if k.endswith("attn.qkv.bias"):
+            q, kb, vb = v.chunk(3)
+            if kb.abs().max() > 0:
+                raise ValueError("timm's Eva has no k bias; zero it before loading")
+            out[k.replace("qkv.bias", "q_bias")], out[k.replace("qkv.bias", "v_bias")] = q, vb
+            continue
+        out[k.replace("ls1.gamma", "gamma_1").replace("ls2.gamma", "gamma_2")] = v
+    return out
 
 
 def _sync(device):
@@ -93,6 +126,10 @@ def time_models(arch: str = "vit-s8-reg8", depth: int | None = None, batch_size:
     cfg = preset_config(arch, depth=depth)
     ours = random_vit(cfg, seed=0)
     ours.gemm = gemm
+    if cfg.pos_layout == "rope":  # the twin (timm's Eva) fixes the k bias at zero
+        with torch.no_grad():
+            for blk in ours.blocks:
+                blk.attn.qkv.bias[cfg.embed_dim:2 * cfg.embed_dim] = 0
     theirs = None
     if compare_timm:
         theirs = timm_twin(cfg)
@@ -100,7 +137,7 @@ def time_models(arch: str = "vit-s8-reg8", depth: int | None = None, batch_size:
             if log:
                 log.warning("timm is not importable here; timing tub only")
         else:
-            theirs.load_state_dict(ours.state_dict(), strict=True)
+            theirs.load_state_dict(timm_state_dict(cfg, ours.state_dict()), strict=True)
             theirs = theirs.eval().to(device)
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
