@@ -163,3 +163,12 @@ def test_periods_stay_fp32_under_half_precision():
     with torch.no_grad():
         out = model(torch.randn(1, 3, 32, 32, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_unverified_preset_says_so(caplog):
+    from tub_atlas.encoder import load_encoder
+
+    with caplog.at_level("WARNING", logger="tub.atlas"):
+        enc, info = load_encoder("rudolfv-2-s", random_init=True)
+    assert "unverified" in caplog.text and "DINOv3 layout assumed" in caplog.text
+    assert enc.dim == 768 and info["vit"]["pos_layout"] == "rope"

@@ -142,6 +142,8 @@ def load_encoder(arch: str = "auto", weights: str | Path | None = None, pool: st
     else:
         raise TubError("no weights given; pass --weights FILE (tub never downloads weights), "
                        "or --random-init for a randomly initialised test model")
+    if preset is not None and not preset.verified:
+        log.warning("preset %s is unverified against published weights: %s", preset.name, preset.description)
     pool = pool or meta.get("pool") or (preset.pool if preset else "cls")
     transform = transform_for(preset, meta, cfg, norm, img_size)
     enc = Encoder(vit, transform, pool).eval()

@@ -60,14 +60,16 @@ PRESETS: dict[str, Preset] = {
                licence="check the model card", description="H-optimus-1 (Bioptimus), same shapes as -0"),
         Preset("rudolfv-2", 8, 1536, 40, 24, 8, "rope", "swiglu", 4096, True, "rudolfv-2", "cls+mean",
                interpolation="bicubic", crop=True, licence="gated; check the model card", qk_norm=True,
-               description="RudolfV-2 ViT-g/8, 8 registers, 2-D RoPE, q/k LayerNorm; 1133.8M "
-                           "(RoPE layout assumed DINOv3's: unverified)", verified=False),
+               description="RudolfV-2 ViT-g/8, 8 registers, 2-D RoPE (DINOv3 layout assumed), "
+                           "q/k LayerNorm; 1133.8M", verified=False),
         Preset("rudolfv-2-b", 8, 768, 12, 12, 8, "rope", "swiglu", 2048, True, "rudolfv-2", "cls+mean",
                interpolation="bicubic", crop=True, licence="gated; check the model card", qk_norm=True,
-               description="RudolfV-2-B ViT-B/8 (as RudolfV-2; unverified)", verified=False),
+               description="RudolfV-2-B ViT-B/8, 8 registers, 2-D RoPE (DINOv3 layout assumed), "
+                           "q/k LayerNorm; 85.2M", verified=False),
         Preset("rudolfv-2-s", 8, 384, 12, 6, 8, "rope", "swiglu", 1024, True, "rudolfv-2", "cls+mean",
                interpolation="bicubic", crop=True, licence="gated; check the model card", qk_norm=True,
-               description="RudolfV-2-S ViT-S/8, distilled (as RudolfV-2; unverified)", verified=False),
+               description="RudolfV-2-S ViT-S/8, distilled, 8 registers, 2-D RoPE (DINOv3 layout "
+                           "assumed), q/k LayerNorm; 21.4M", verified=False),
         Preset("atlas2", None, None, None, None, None, None, None, None, None, "h-optimus", "cls+mean",
                licence="not public", description="Atlas 2 placeholder: shapes from inspect (unverified)",
                verified=False),
