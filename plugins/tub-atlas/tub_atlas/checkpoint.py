@@ -220,7 +220,7 @@ def infer_config(sd: dict[str, torch.Tensor], num_heads: int | None = None,
                            f"{D // head_dim} heads)")
         num_heads = D // head_dim
         if periods.shape[0] > 1:  # p_m = base^(4m/d): the base of a fresh model of this config
-            rope_base = float(periods[1]) ** (head_dim / 4)
+            rope_base = float(f"{float(periods[1]) ** (head_dim / 4):.6g}")  # fp32 periods: 6 digits
         layout, g = "rope", max(1, 224 // P)  # native grid: no table to read it from; 224 px
     else:
         L = sd["pos_embed"].shape[1]
