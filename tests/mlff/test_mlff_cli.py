@@ -272,7 +272,7 @@ def test_diffusion_removes_the_framework_drift(workdir):
 
 def test_ocv_reference_hull_is_xtb_on_the_same_structures(workdir, built, trained):
     pytest.importorskip("tblite")
-    from tub_mlff.battery import bcc_sodium_chemical_potential
+    from tub_mlff.battery import bcc_sodium_chemical_potential, max_voltage_difference, voltage_profile
     from tub_mlff.labelling import label_xtb, xtb_calculator
 
     model = trained[0] / "checkpoints" / "model.safetensors"
@@ -292,6 +292,15 @@ def test_ocv_reference_hull_is_xtb_on_the_same_structures(workdir, built, traine
     assert abs(ref["mu_na_eV"] - mu) < 1e-9
     assert summary["max_voltage_difference_V"] == pytest.approx(ref["max_voltage_difference_V"])
     assert summary["max_voltage_difference_V"] >= 0
+    # with xTB's mu_Na on both sides: recompute the model's hull from its own formation energies
+    model_report = json.loads((workdir / "ocv_xtb" / "outputs" / "ocv.json").read_text())
+    d_mu = model_report["mu_na_eV"] - ref["mu_na_eV"]
+    assert ref["mu_na_difference_eV"] == pytest.approx(d_mu)
+    x = np.array(model_report["x"])
+    shifted = [{"x_start": st.x_start, "x_end": st.x_end, "voltage_V": st.voltage}
+               for st in voltage_profile(x, np.array(model_report["formation_energy_eV"]) + x * d_mu)]
+    assert ref["max_voltage_difference_same_mu_V"] == pytest.approx(max_voltage_difference(shifted, ref["steps"]))
+    assert summary["max_voltage_difference_same_mu_V"] == pytest.approx(ref["max_voltage_difference_same_mu_V"])
 
 
 def test_label_with_xtb(workdir):

@@ -404,7 +404,8 @@ def ocv(cfg, run) -> dict:
         res["reference"] = _xtb_reference_hull(relaxed, res, cfg, run)
         summary.update({"reference": "GFN1-xTB",
                         "reference_average_voltage_V": res["reference"]["average_voltage_V"],
-                        "max_voltage_difference_V": res["reference"]["max_voltage_difference_V"]})
+                        "max_voltage_difference_V": res["reference"]["max_voltage_difference_V"],
+                        "max_voltage_difference_same_mu_V": res["reference"]["max_voltage_difference_same_mu_V"]})
     voltage_plot(run.outputs_dir / "voltage_profile.png", res["x"], res["formation_energy_eV"], res["steps"],
                  res["capacity_per_x_mAh_g"], reference=res.get("reference"))
     write_json(run.outputs_dir / "ocv.json", res)
@@ -440,6 +441,12 @@ def _xtb_reference_hull(relaxed, res, cfg, run) -> dict:
     ref["method"] = "GFN1-xTB (tblite), " + (f"relaxed {cfg.reference_relax_steps} BFGS steps further"
                                             if cfg.reference_relax_steps else "single points on the model's structures")
     ref["max_voltage_difference_V"] = max_voltage_difference(res["steps"], ref["steps"])
+    # the same comparison with xTB's mu_Na for both: what the Na_x host energetics alone contribute
+    # (a shift of mu_Na by d moves every hull voltage by -d and leaves the hull vertices unchanged)
+    d_mu = res["mu_na_eV"] - ref["mu_na_eV"]
+    ref["mu_na_difference_eV"] = d_mu
+    ref["max_voltage_difference_same_mu_V"] = max_voltage_difference(
+        [{**s, "voltage_V": s["voltage_V"] - d_mu} for s in res["steps"]], ref["steps"])
     return ref
 
 
