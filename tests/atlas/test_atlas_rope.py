@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from tubcli.errors import TubError
 from tub_atlas.checkpoint import build_model, infer_config, read_checkpoint, to_timm_layout
 from tub_atlas.presets import PRESETS
-from tub_atlas.synthetic import preset_config, random_vit, to_dinov3
+from tub_atlas.synthetic import preset_config, random_vit, to_dinov3, zero_k_bias
 from tub_atlas.vit import RopeEmbedding, ViTConfig, apply_rope
 
 
@@ -21,14 +21,6 @@ def _rope_cfg(**kw) -> ViTConfig:
                 mlp="swiglu", mlp_hidden=96, qk_norm=True)
     base.update(kw)
     return ViTConfig(**base)
-
-
-def _zero_k_bias(model):
-    with torch.no_grad():
-        for blk in model.blocks:
-            n = blk.attn.qkv.bias.shape[0] // 3
-            blk.attn.qkv.bias[n:2 * n] = 0
-    return model
 
 
 def test_rope_scores_depend_only_on_the_offset_and_norms_are_kept():
@@ -92,7 +84,7 @@ def test_lrp_balance_holds_through_rope_and_qk_norm(rule):
 
 def test_dinov3_checkpoint_converts_exactly(tmp_path):
     cfg = _rope_cfg(qk_norm=False, norm_eps=1e-5)
-    model = _zero_k_bias(random_vit(cfg, seed=3)).double()
+    model = zero_k_bias(random_vit(cfg, seed=3)).double()
     dino = to_dinov3(model.state_dict())
     assert {"storage_tokens", "mask_token", "rope_embed.periods", "blocks.0.mlp.w1.weight",
             "blocks.0.attn.qkv.bias_mask"} <= set(dino)
@@ -107,7 +99,7 @@ def test_dinov3_checkpoint_converts_exactly(tmp_path):
 
 
 def test_masked_k_bias_is_applied_not_loaded():
-    model = _zero_k_bias(random_vit(_rope_cfg(qk_norm=False), seed=3))
+    model = zero_k_bias(random_vit(_rope_cfg(qk_norm=False), seed=3))
     dino = to_dinov3(model.state_dict())
     sd = to_timm_layout(dino)
     n = sd["blocks.0.attn.qkv.bias"].shape[0] // 3
@@ -166,9 +158,16 @@ def test_periods_stay_fp32_under_half_precision():
 
 
 def test_unverified_preset_says_so(caplog):
+    import logging
+
     from tub_atlas.encoder import load_encoder
 
-    with caplog.at_level("WARNING", logger="tub.atlas"):
-        enc, info = load_encoder("rudolfv-2-s", random_init=True)
+    log = logging.getLogger("tub.atlas")  # after a CLI run the "tub" logger no longer propagates
+    log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("WARNING", logger="tub.atlas"):
+            enc, info = load_encoder("rudolfv-2-s", random_init=True)
+    finally:
+        log.removeHandler(caplog.handler)
     assert "unverified" in caplog.text and "DINOv3 layout assumed" in caplog.text
     assert enc.dim == 768 and info["vit"]["pos_layout"] == "rope"

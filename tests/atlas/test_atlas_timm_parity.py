@@ -127,7 +127,7 @@ def test_rope_vit_matches_timm_eva(tmp_path, kind, size):
     from tub_atlas.benchmark import timm_state_dict, timm_twin
     from tub_atlas.checkpoint import read_checkpoint
     from tub_atlas.presets import PRESETS
-    from tub_atlas.synthetic import to_dinov3
+    from tub_atlas.synthetic import to_dinov3, zero_k_bias
     from tub_atlas.vit import ViTConfig, VisionTransformer
 
     if kind == "rudolfv-2-s":
@@ -135,10 +135,7 @@ def test_rope_vit_matches_timm_eva(tmp_path, kind, size):
     else:
         cfg = ViTConfig(patch_size=16, embed_dim=384, depth=2, num_heads=6, reg_tokens=4, pos_layout="rope",
                         pos_grid=14, mlp="swiglu", mlp_hidden=1536, norm_eps=1e-5)
-    src = random_vit(cfg, seed=6)
-    with torch.no_grad():
-        for blk in src.blocks:
-            blk.attn.qkv.bias[384:768] = 0
+    src = zero_k_bias(random_vit(cfg, seed=6))
     theirs = timm_twin(cfg).eval()
     theirs.load_state_dict(timm_state_dict(cfg, src.state_dict()), strict=True)
     ckpt = to_dinov3(src.state_dict())

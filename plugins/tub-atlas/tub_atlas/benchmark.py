@@ -27,7 +27,7 @@ import time
 import torch
 
 from .inference import use_onednn
-from .synthetic import preset_config, random_vit
+from .synthetic import preset_config, random_vit, zero_k_bias
 
 # name -> (dtype, weights cast to it); without the cast the dtype is an autocast (weights stay fp32)
 PRECISIONS = {"fp32": (None, False), "bf16": (torch.bfloat16, False), "fp16": (torch.float16, False),
@@ -127,9 +127,7 @@ def time_models(arch: str = "vit-s8-reg8", depth: int | None = None, batch_size:
     ours = random_vit(cfg, seed=0)
     ours.gemm = gemm
     if cfg.pos_layout == "rope":  # the twin (timm's Eva) fixes the k bias at zero
-        with torch.no_grad():
-            for blk in ours.blocks:
-                blk.attn.qkv.bias[cfg.embed_dim:2 * cfg.embed_dim] = 0
+        zero_k_bias(ours)
     theirs = None
     if compare_timm:
         theirs = timm_twin(cfg)

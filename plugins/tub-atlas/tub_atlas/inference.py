@@ -152,17 +152,14 @@ def _patch_tokens_into(model, x: torch.Tensor, tokens: torch.Tensor) -> None:
     grid = (x.shape[-2] // P, x.shape[-1] // P)
     n_pre = model.num_prefix_tokens
     t = model.patch_embed(x)  # (B, N, D) view of the conv output
-    if cfg.pos_layout == "rope":  # no position table: RoPE acts inside the attention
+    if cfg.pos_layout in ("patches", "rope"):  # prefix tokens without positions
         tokens[:, :1] = model.cls_token
         if model.reg_token is not None:
             tokens[:, 1:n_pre] = model.reg_token
-        tokens[:, n_pre:] = t
-    elif cfg.pos_layout == "patches":
-        pos = resample_pos_embed(model.pos_embed, grid, 0)
-        tokens[:, :1] = model.cls_token
-        if model.reg_token is not None:
-            tokens[:, 1:n_pre] = model.reg_token
-        torch.add(t, pos, out=tokens[:, n_pre:])
+        if model.pos_embed is None:  # RoPE: positions act inside the attention
+            tokens[:, n_pre:] = t
+        else:
+            torch.add(t, resample_pos_embed(model.pos_embed, grid, 0), out=tokens[:, n_pre:])
     else:
         pos = resample_pos_embed(model.pos_embed, grid, n_pre)
         tokens[:, :1] = model.cls_token + pos[:, :1]  # broadcast over the batch

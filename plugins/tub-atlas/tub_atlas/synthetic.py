@@ -63,13 +63,23 @@ def to_dinov2(sd: dict[str, torch.Tensor], prefix: str = "teacher.backbone.", ch
     return out
 
 
-def to_dinov3(sd: dict[str, torch.Tensor], prefix: str = "", k_bias_seed: int | None = 3) -> dict:
+def zero_k_bias(model: VisionTransformer) -> VisionTransformer:
+    """Zero the k third of every qkv bias (DINOv3 masks it; timm's Eva has none), in place."""
+    with torch.no_grad():
+        for blk in model.blocks:
+            if blk.attn.qkv.bias is not None:
+                D = blk.attn.qkv.bias.shape[0] // 3
+                blk.attn.qkv.bias[D:2 * D] = 0
+    return model
+
+
+def to_dinov3(sd: dict[str, torch.Tensor], k_bias_seed: int | None = 3) -> dict:
     """Rewrite a RoPE model's state dict as a DINOv3 checkpoint (inverse of ``convert_rope``).
 
     ``reg_token`` -> ``storage_tokens``; packed SwiGLU ``fc1`` -> ``w1, w2`` (gate, value) and
     ``fc2`` -> ``w3``; a ``mask_token``; with ``k_bias_seed`` the k third of every qkv bias is
     overwritten by noise and a ``bias_mask`` (1, 0, 1) that cancels it is added, as DINOv3 stores
-    its masked k bias. The model must have a zero k bias for the outputs to agree.
+    its masked k bias. The model must have a zero k bias (``zero_k_bias``) for the outputs to agree.
     """
     out = {}
     g = torch.Generator().manual_seed(k_bias_seed or 0)
@@ -82,9 +92,9 @@ def to_dinov3(sd: dict[str, torch.Tensor], prefix: str = "", k_bias_seed: int | 
             pre, which, kind = m.groups()
             if which == "1":
                 gate, value = v.chunk(2, dim=0)
-                out[f"{prefix}{pre}w1.{kind}"], out[f"{prefix}{pre}w2.{kind}"] = gate, value
+                out[f"{pre}w1.{kind}"], out[f"{pre}w2.{kind}"] = gate, value
             else:
-                out[f"{prefix}{pre}w3.{kind}"] = v
+                out[f"{pre}w3.{kind}"] = v
             continue
         if k.endswith("attn.qkv.bias") and k_bias_seed is not None:
             n = v.shape[0] // 3
@@ -93,9 +103,9 @@ def to_dinov3(sd: dict[str, torch.Tensor], prefix: str = "", k_bias_seed: int | 
             v[n:2 * n] = torch.randn(n, generator=g)
             mask = torch.ones_like(v)
             mask[n:2 * n] = 0
-            out[prefix + k + "_mask"] = mask
-        out[prefix + k] = v
-    out[prefix + "mask_token"] = torch.zeros(1, sd["cls_token"].shape[-1])
+            out[k + "_mask"] = mask
+        out[k] = v
+    out["mask_token"] = torch.zeros(1, sd["cls_token"].shape[-1])
     return out
 
 

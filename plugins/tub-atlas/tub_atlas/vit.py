@@ -392,16 +392,13 @@ class VisionTransformer(nn.Module):
 
     def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         B = x.shape[0]
-        if self.pos_embed is None:  # RoPE: positions enter in every attention instead
-            prefix = [self.cls_token.expand(B, -1, -1)]
-            if self.reg_token is not None:
-                prefix.append(self.reg_token.expand(B, -1, -1))
-            return torch.cat(prefix + [x], dim=1)
-        n_prefix = 0 if self.cfg.pos_layout == "patches" else self.num_prefix_tokens
-        pos = resample_pos_embed(self.pos_embed, grid, n_prefix)
         prefix = [self.cls_token.expand(B, -1, -1)]
         if self.reg_token is not None:
             prefix.append(self.reg_token.expand(B, -1, -1))
+        if self.pos_embed is None:  # RoPE: positions enter in every attention instead
+            return torch.cat(prefix + [x], dim=1)
+        n_prefix = 0 if self.cfg.pos_layout == "patches" else self.num_prefix_tokens
+        pos = resample_pos_embed(self.pos_embed, grid, n_prefix)
         if self.cfg.pos_layout == "patches":
             return torch.cat(prefix + [x + pos], dim=1)
         return torch.cat(prefix + [x], dim=1) + pos

@@ -38,7 +38,8 @@ def xtb_calculator(atoms, method: str = "GFN1-xTB", accuracy: float = 1.0, max_i
     """A tblite calculator for ``atoms``' charge and spin (as ``label_xtb`` labels)."""
     charge, spin = _charge_spin(atoms)
     return require_tblite()(method=method, charge=charge, multiplicity=spin + 1, accuracy=accuracy,
-                  max_iterations=max_iterations, electronic_temperature=electronic_temperature, verbosity=0)
+                            max_iterations=max_iterations, electronic_temperature=electronic_temperature,
+                            verbosity=0)
 
 
 def label_xtb(atoms, method: str = "GFN1-xTB", accuracy: float = 1.0, max_iterations: int = 250,
