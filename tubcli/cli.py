@@ -192,7 +192,9 @@ def demo_command(
         row["seconds"] = round(time.perf_counter() - start, 1)
         summary.append(row)
     if as_json:
-        typer.echo(json.dumps(summary, default=float))
+        from tubcli.io import to_json
+
+        typer.echo(to_json(summary))
     else:
         from tubcli.verbs import flatten, format_value
 

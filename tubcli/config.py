@@ -39,9 +39,14 @@ class TubConfig(Section):
 def read_config_file(path: str | os.PathLike) -> dict:
     """Read a YAML, TOML or JSON config file into a dict."""
     path = Path(path)
+    if path.is_dir():
+        raise TubError(f"config file {path} is a directory; pass a YAML or TOML file to -c")
     if not path.is_file():
         raise TubError(f"config file {path} does not exist; pass an existing YAML or TOML file to -c")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise TubError(f"config file {path} is not UTF-8 text; pass a YAML or TOML file to -c") from None
     try:
         if path.suffix == ".toml":
             import tomllib
@@ -186,6 +191,8 @@ def _has_path(data: dict, loc) -> bool:
     for part in loc:
         if isinstance(node, dict) and part in node:
             node = node[part]
+        elif isinstance(node, (list, tuple)) and isinstance(part, int) and -len(node) <= part < len(node):
+            node = node[part]  # an item of a list-valued field
         else:
             return False
     return True

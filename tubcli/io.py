@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -32,6 +33,9 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
                 import shutil
 
                 shutil.rmtree(path)
+        # mkstemp makes the file 0600; give the output the mode a plain open() would (shared
+        # group directories on clusters rely on the umask)
+        os.chmod(tmp_path, (0o777 if tmp_path.is_dir() else 0o666) & ~_umask())
         os.replace(tmp_path, path)
     except BaseException:
         if tmp_path.is_dir():
@@ -41,6 +45,12 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         else:
             tmp_path.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -55,8 +65,25 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return Path(path)
 
 
+def to_json(data: Any, **kwargs) -> str:
+    """Strict JSON text: numpy values as numbers, NaN/inf as null (bare NaN breaks jq and JSON readers)."""
+    return json.dumps(_finite(data), allow_nan=False, default=_json_default, **kwargs)
+
+
+def _finite(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if hasattr(obj, "tolist") or hasattr(obj, "item"):  # numpy / torch arrays and scalars
+        return _finite(obj.tolist() if hasattr(obj, "tolist") else obj.item())
+    return obj
+
+
 def write_json(path: str | os.PathLike, data: Any) -> Path:
-    return write_text(path, json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
+    return write_text(path, to_json(data, indent=2, sort_keys=True) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:

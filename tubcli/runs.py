@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator
 
 from tubcli import device as _device
 from tubcli.errors import ItemFailures, TubError
-from tubcli.io import atomic_path, write_json, write_text
+from tubcli.io import atomic_path, to_json, write_json, write_text
 from tubcli.progress import get_logger, setup_logging, track
 
 DONE = "DONE"
@@ -153,6 +153,20 @@ def environment_record(plugin_version: str = "") -> dict:
     return record
 
 
+def new_run_dir(base: Path) -> Path:
+    """Create ``base`` (or ``base-2``, ``base-3``, ...) exclusively: two runs of the same config
+    started in the same second never share a directory."""
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise TubError(f"cannot create a new run directory beside {base}; pass -o DIR")
+
+
 class Run:
     """Everything a verb needs besides its config: directory, device, seeds, logging, batch, checkpoints."""
 
@@ -186,6 +200,8 @@ class Run:
         if self._dist.enabled:
             _device.init_distributed(self.device)
         run_dir = Path(out) if out else None
+        if run_dir is not None and run_dir.exists() and not run_dir.is_dir():
+            raise TubError(f"-o {run_dir} is a file; pass a directory for the run (a new or an earlier run's)")
         if resume:
             self.resume_from, found_dir = self._resolve_resume(resume, run_dir, parent, chash)
             run_dir = run_dir or found_dir
@@ -195,7 +211,7 @@ class Run:
                 run_dir = parent / f"{job}_{chash}"
             else:
                 stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-                run_dir = parent / f"{stamp}_{chash}"
+                run_dir = new_run_dir(parent / f"{stamp}_{chash}") if self.is_main else None
                 run_dir = self._broadcast(run_dir)
         self.dir = Path(run_dir)
         self.outputs_dir = self.dir / "outputs"
@@ -272,7 +288,7 @@ class Run:
         if not self.is_main:
             return
         with open(self.dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row, default=float) + "\n")
+            f.write(to_json(row) + "\n")
 
     # ---- batch verbs
     def batch(self, items: Iterable, output_for: Callable, key: Callable = str) -> Iterator[tuple]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import json
+import os
 import sys
 import types
 import typing
@@ -21,6 +21,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from tubcli.errors import TubError
+from tubcli.io import to_json
 
 SHARED_OPTIONS = ("config", "set", "device", "precision", "seed", "out", "resume", "shard", "overwrite",
                   "print_config", "json", "quiet", "verbose", "traceback")
@@ -284,7 +285,10 @@ def execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
             sys.stdout.write(config_yaml(cfg))
             return 0
         func = resolve_ref(verb.run, app.hints)
-        run = Run(app.name, verb.name, cfg, out=opts.get("out"), resume=opts.get("resume"), shard=opts.get("shard"),
+        if opts.get("shard") and not verb.batch:
+            raise TubError(f"--shard applies to batch verbs only; '{verb.name}' does its whole input in one run")
+        shard = opts.get("shard") if verb.batch else "0/1"  # a SLURM array does not split a non-batch verb
+        run = Run(app.name, verb.name, cfg, out=opts.get("out"), resume=opts.get("resume"), shard=shard,
                   overwrite=bool(opts.get("overwrite")), verbosity=verbosity, plugin_version=app.version)
         try:
             metrics = run.finish(func(cfg, run))
@@ -293,7 +297,10 @@ def execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
                 run.write_metrics({"batch": run.batch_stats})
             raise exc
         if run.is_main:
-            print_results(metrics, as_json=bool(opts.get("json")))
+            try:
+                print_results(metrics, as_json=bool(opts.get("json")))
+            except BrokenPipeError:  # the reader closed stdout early (`| head`); the run itself is complete
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
     except TubError as exc:
         report_error(exc, opts.get("traceback"))
@@ -339,7 +346,7 @@ def format_value(value) -> str:
 def print_results(metrics: dict, as_json: bool = False) -> None:
     """Results on stdout: JSON, or a two-column table."""
     if as_json:
-        sys.stdout.write(json.dumps(metrics, default=float) + "\n")
+        sys.stdout.write(to_json(metrics) + "\n")
         return
     rows = flatten(metrics)
     width = max((len(k) for k, _ in rows), default=0)

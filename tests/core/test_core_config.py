@@ -1,7 +1,9 @@
 """Config precedence: flag > TUB_* env > file > default; misspelt keys name the key and the file."""
 
+import pytest
 import yaml
 
+from tubcli.errors import TubError
 from tubcli.testing import invoke
 
 
@@ -62,3 +64,31 @@ def test_config_command_validates(toy_plugins, tmp_path):
     assert result.exit_code == 2 and "epochz" in result.stderr
     result = invoke(["config", "toy", "nope"])
     assert result.exit_code == 2 and "train" in result.stderr
+
+
+def test_config_file_that_is_binary_or_a_directory_is_a_one_line_error(tmp_path):
+    from tubcli.config import read_config_file
+
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\xff\xfe\x00\x01")
+    with pytest.raises(TubError, match="is not UTF-8 text"):
+        read_config_file(binary)
+    with pytest.raises(TubError, match="is a directory"):
+        read_config_file(tmp_path)
+    bom = tmp_path / "bom.yaml"
+    bom.write_text("seed: 3\n", encoding="utf-8-sig")  # Windows editors' UTF-8 with a byte-order mark
+    assert read_config_file(bom) == {"seed": 3}
+
+
+def test_a_bad_list_item_names_the_layer_it_came_from():
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    from tubcli.config import resolve_config
+
+    class Cfg(BaseModel):
+        metrics: list[Literal["ri", "cs"]] = ["ri"]
+
+    with pytest.raises(TubError, match=r"'metrics.1' \(from command-line flags\)"):
+        resolve_config(Cfg, "toy", flags={"metrics": ["ri", "foo"]}, environ={})

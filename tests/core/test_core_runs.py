@@ -100,6 +100,18 @@ def test_two_processes_on_one_folder_never_share_an_item(toy_env, tmp_path):
     assert len(list((tmp_path / "run" / "outputs").glob("*.txt"))) == 12
 
 
+def test_results_into_a_closed_pipe_end_quietly(toy_env, tmp_path):
+    inputs = make_inputs(tmp_path / "in", 3)
+    env = {**toy_env, "TOY_SLOW": "0.05"}
+    proc = subprocess.Popen(toy_cli(["toy", "evaluate", *inputs, "-o", tmp_path / "run", "--json"], env), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # like `tub ... | head -0`: the reader is gone before the results come
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, stderr
+    assert "error" not in stderr and "Broken pipe" not in stderr
+    assert (tmp_path / "run" / "DONE").exists()
+
+
 def test_killed_run_leaves_nothing_that_looks_complete(toy_env, tmp_path):
     inputs = make_inputs(tmp_path / "in", 20)
     env = {**toy_env, "TOY_SLOW": "0.05"}
@@ -148,3 +160,59 @@ def test_resume_path_must_exist(toy_plugins, tmp_path):
     data.write_text("1,0,2\n")
     result = invoke(["toy", "train", data, "--resume", tmp_path / "nowhere"])
     assert result.exit_code == 2 and "--resume" in result.stderr
+
+
+def test_atomic_outputs_get_the_umask_mode_not_mkstemps_0600(tmp_path):
+    from tubcli.io import atomic_path, write_text
+
+    old = os.umask(0o022)
+    try:
+        out = write_text(tmp_path / "a.txt", "x")
+        with atomic_path(tmp_path / "d.out") as tmp:
+            tmp.unlink()
+            tmp.mkdir()
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d.out").stat().st_mode & 0o777 == 0o755
+
+
+def test_json_results_are_strict_json_with_nan_as_null(capsys, tmp_path):
+    import numpy as np
+
+    from tubcli.io import read_json, write_json
+    from tubcli.verbs import print_results
+
+    metrics = {"r2": float("nan"), "mae": np.float32(0.5), "curve": np.array([1.0, np.inf])}
+    print_results(metrics, as_json=True)
+    out = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
+    assert out == {"r2": None, "mae": 0.5, "curve": [1.0, None]}
+    assert read_json(write_json(tmp_path / "m.json", metrics)) == out
+
+
+def test_default_run_directories_are_created_exclusively(tmp_path):
+    from tubcli.runs import new_run_dir
+
+    base = tmp_path / "runs" / "toy" / "evaluate" / "20261127-080000_abc"
+    dirs = [new_run_dir(base) for _ in range(3)]  # three runs of one config in the same second
+    assert [d.name for d in dirs] == [base.name, base.name + "-2", base.name + "-3"]
+    assert all(d.is_dir() for d in dirs)
+
+
+def test_non_batch_verbs_ignore_slurm_arrays_and_refuse_shard(toy_plugins, tmp_path):
+    data = tmp_path / "d.csv"
+    data.write_text("1,0,2\n0,1,3\n")
+    slurm = {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "2"}
+    result = invoke(["toy", "train", data, "--epochs", "1", "-o", tmp_path / "r"], env=slurm)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "r" / "DONE").exists() and not list((tmp_path / "r").glob("DONE.*"))
+    result = invoke(["toy", "train", data, "--epochs", "1", "--shard", "0/2", "-o", tmp_path / "r2"])
+    assert result.exit_code == 2 and "--shard applies to batch verbs only" in result.stderr
+
+
+def test_output_path_that_is_a_file_is_a_one_line_error(toy_plugins, tmp_path):
+    target = tmp_path / "afile"
+    target.write_text("keep me")
+    result = invoke(["toy", "evaluate", *make_inputs(tmp_path / "in", 1), "-o", target])
+    assert result.exit_code == 2 and "is a file; pass a directory" in result.stderr
+    assert target.read_text() == "keep me"
