@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -127,7 +128,7 @@ def env_values(model: type[BaseModel], plugin: str, environ=None) -> dict:
     for name in COMMON_FIELDS:
         key = f"TUB_{name.upper()}"
         if key in environ and name in model.model_fields:
-            out[name] = parse_value(environ[key])
+            out[name] = typed_value(model, name, environ[key])
     prefix = f"TUB_{plugin.upper()}_"
     for key, text in environ.items():
         if not key.startswith(prefix):
@@ -138,18 +139,37 @@ def env_values(model: type[BaseModel], plugin: str, environ=None) -> dict:
             node = field_model(node, part) if node is not None and part in node.model_fields else None
         if node is None or path[-1] not in node.model_fields:
             continue  # belongs to another verb of the same plugin
-        set_path(out, ".".join(path), parse_value(text))
+        set_path(out, ".".join(path), typed_value(model, ".".join(path), text))
     return out
 
 
-def parse_sets(sets: list[str] | None) -> dict:
+def parse_sets(sets: list[str] | None, model: type[BaseModel] | None = None) -> dict:
     out: dict = {}
     for item in sets or []:
         if "=" not in item:
             raise TubError(f"--set expects key=value, got {item!r}")
         key, _, text = item.partition("=")
-        set_path(out, key.strip(), parse_value(text))
+        set_path(out, key.strip(), typed_value(model, key.strip(), text))
     return out
+
+
+def typed_value(model: type[BaseModel] | None, dotted: str, text: str) -> Any:
+    """``parse_value``, except that a text field keeps the text: ``target=2020`` or
+    ``device=on`` are strings, not the number or boolean YAML would make of them."""
+    value = parse_value(text)
+    node, parts = model, dotted.split(".")
+    for part in parts[:-1]:
+        node = field_model(node, part) if node is not None and part in node.model_fields else None
+    info = node.model_fields.get(parts[-1]) if node is not None else None
+    if info is None or isinstance(value, str) or value is None:
+        return value
+    ann = info.annotation
+    options = [a for a in (getattr(ann, "__args__", None) or (ann,)) if a is not type(None)]
+    literal = typing.get_origin(ann) is typing.Literal
+    if ann is str or (literal and all(isinstance(a, str) for a in options)) \
+            or (options == [str]):  # str, Literal["a", "b"], Optional[str]
+        return text.strip()
+    return value
 
 
 def resolve_config(
@@ -167,7 +187,7 @@ def resolve_config(
         check_keys(model, data, str(file))
         layers.append((str(file), data))
     layers.append(("the environment", env_values(model, plugin, environ)))
-    set_data = parse_sets(sets)
+    set_data = parse_sets(sets, model)
     check_keys(model, set_data, "--set")
     layers.append(("--set", set_data))
     flag_data: dict = {}

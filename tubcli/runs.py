@@ -216,6 +216,8 @@ class Run:
         self.dir = Path(run_dir)
         self.outputs_dir = self.dir / "outputs"
         self.checkpoints_dir = self.dir / "checkpoints"
+        # a directory this run creates (or finds empty) is removed again if the run fails before any output
+        self.fresh = self.is_main and not (self.dir.is_dir() and any(self.dir.iterdir()))
         if self.is_main:
             self.outputs_dir.mkdir(parents=True, exist_ok=True)
             self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
@@ -228,6 +230,18 @@ class Run:
             write_text(self.dir / "config.yaml", config_yaml(cfg))
             write_json(self.dir / "env.json", environment_record(plugin_version))
         self.log.debug("run directory %s", self.dir)
+
+    def discard_if_unused(self) -> None:
+        """Remove a directory this run made when it failed before writing anything (e.g. a bad input
+        path), so failed invocations leave no run directories that look like results."""
+        if not self.fresh or any(self.outputs_dir.iterdir()) or any(self.checkpoints_dir.iterdir()):
+            return
+        if any((self.dir / name).exists() for name in ("metrics.json", "metrics.jsonl", "failures.jsonl")):
+            return
+        import shutil
+
+        setup_logging(-1)  # closes tub.log
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     # ---- distributed
     @property

@@ -292,10 +292,11 @@ def execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
                   overwrite=bool(opts.get("overwrite")), verbosity=verbosity, plugin_version=app.version)
         try:
             metrics = run.finish(func(cfg, run))
-        except TubError as exc:
-            if run.batch_stats:
+        except BaseException as exc:
+            if isinstance(exc, TubError) and run.batch_stats:
                 run.write_metrics({"batch": run.batch_stats})
-            raise exc
+            run.discard_if_unused()
+            raise
         if run.is_main:
             try:
                 print_results(metrics, as_json=bool(opts.get("json")))

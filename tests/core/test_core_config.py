@@ -92,3 +92,25 @@ def test_a_bad_list_item_names_the_layer_it_came_from():
 
     with pytest.raises(TubError, match=r"'metrics.1' \(from command-line flags\)"):
         resolve_config(Cfg, "toy", flags={"metrics": ["ri", "foo"]}, environ={})
+
+
+def test_set_values_for_text_fields_stay_text():
+    from typing import Literal, Optional
+
+    from pydantic import BaseModel
+
+    from tubcli.config import resolve_config
+
+    class Inner(BaseModel):
+        column: Optional[str] = None
+
+    class Cfg(BaseModel):
+        target: str = "y"
+        mode: Literal["on", "off"] = "off"
+        k: int = 3
+        inner: Inner = Inner()
+
+    cfg = resolve_config(Cfg, "toy", sets=["target=2020", "mode=on", "k=5", "inner.column=yes"], environ={})
+    assert (cfg.target, cfg.mode, cfg.k, cfg.inner.column) == ("2020", "on", 5, "yes")
+    cfg = resolve_config(Cfg, "toy", environ={"TUB_TOY_TARGET": "1e3"})
+    assert cfg.target == "1e3"

@@ -216,3 +216,16 @@ def test_output_path_that_is_a_file_is_a_one_line_error(toy_plugins, tmp_path):
     result = invoke(["toy", "evaluate", *make_inputs(tmp_path / "in", 1), "-o", target])
     assert result.exit_code == 2 and "is a file; pass a directory" in result.stderr
     assert target.read_text() == "keep me"
+
+
+def test_a_run_that_fails_before_any_output_leaves_no_directory(toy_plugins, tmp_path):
+    missing = tmp_path / "in" / "missing.txt"
+    result = invoke(["toy", "explain", missing, "-o", tmp_path / "fresh"])
+    assert result.exit_code == 2 and not (tmp_path / "fresh").exists()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "notes.txt").write_text("mine")  # a directory the user had: never removed
+    result = invoke(["toy", "explain", missing, "-o", tmp_path / "old"])
+    assert result.exit_code == 2 and (tmp_path / "old" / "notes.txt").read_text() == "mine"
+    bad = make_inputs(tmp_path / "bad", 2, bad=(1,))
+    result = invoke(["toy", "evaluate", *bad, "-o", tmp_path / "partial"])
+    assert result.exit_code == 1 and (tmp_path / "partial" / "failures.jsonl").exists()  # partial results stay
