@@ -15,8 +15,23 @@ BAG_SUFFIXES = (".h5", ".pt", ".npz")
 
 
 def read_bag(path: str | Path) -> tuple[torch.Tensor, np.ndarray | None, dict]:
-    """(features (N, D) float32, level-0 coords (N, 2) or None, attributes)."""
+    """(features (N, D) float32, level-0 coords (N, 2) or None, attributes).
+
+    Checked at load time: a NaN/inf feature would otherwise turn every score, prediction and
+    GeoJSON value of the slide into NaN, and an array of tiles is not a bag of features."""
     path = Path(path)
+    feats, coords, attrs = _read(path)
+    if feats.dim() != 2 or len(feats) == 0:
+        raise TubError(f"{path.name}: features have shape {tuple(feats.shape)}, expected (patches, dim); "
+                       "give a features file (tub xmil features), not tiles")
+    bad = int((~torch.isfinite(feats)).any(1).sum())
+    if bad:
+        raise TubError(f"{path.name}: {bad} of {len(feats)} patches have NaN or infinite features; "
+                       "re-extract the features of this slide")
+    return feats, coords, attrs
+
+
+def _read(path: Path) -> tuple[torch.Tensor, np.ndarray | None, dict]:
     if path.is_dir():
         files = sorted(path.glob("*.pt"), key=lambda p: int(p.stem) if p.stem.isdigit() else p.stem)
         if not files:
@@ -39,7 +54,8 @@ def read_bag(path: str | Path) -> tuple[torch.Tensor, np.ndarray | None, dict]:
                     attrs.update({k: _py(v) for k, v in f["coords"].attrs.items()})
         except OSError as exc:
             raise TubError(f"{path.name}: not a readable HDF5 file ({str(exc)[:80]})") from None
-        feats = feats.reshape(-1, feats.shape[-1])
+        if feats.ndim == 3 and feats.shape[0] == 1:  # CLAM writes (1, N, D)
+            feats = feats[0]
         return torch.from_numpy(feats), coords, attrs
     if path.suffix == ".pt":
         t = _load_tensor(path)
@@ -54,8 +70,14 @@ def read_bag(path: str | Path) -> tuple[torch.Tensor, np.ndarray | None, dict]:
         if "features" in z:
             coords = z["coords"].astype(np.int64) if "coords" in z else None
             return torch.from_numpy(z["features"].astype(np.float32)), coords, {}
-        keys = sorted(z.files, key=lambda k: int(k) if k.isdigit() else k)
-        return torch.from_numpy(np.stack([z[k].reshape(-1) for k in keys]).astype(np.float32)), None, {}
+        if not z.files or not all(k.isdigit() for k in z.files):
+            raise TubError(f"{path.name}: no 'features' array and the keys ({', '.join(z.files[:4])}) are not "
+                           "patch ids; give a features .npz (features[, coords]), not tiles")
+        vecs = [z[k].reshape(-1) for k in sorted(z.files, key=int)]
+        if len({len(v) for v in vecs}) > 1:
+            raise TubError(f"{path.name}: the per-patch vectors differ in length; expected one feature "
+                           "vector per patch")
+        return torch.from_numpy(np.stack(vecs).astype(np.float32)), None, {}
     raise TubError(f"{path.name}: unknown feature format; use .h5, .pt or .npz")
 
 

@@ -50,7 +50,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise TubError(f"weights file {path} not found; pass a .safetensors or .pt file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 (SafetensorError and friends: a corrupt or truncated file)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TubError(f"cannot read {path} as safetensors ({first[:120]}); is the file complete?") from None
     try:
         with torch.serialization.safe_globals(_numpy_allow_list()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -85,6 +89,14 @@ def infer_attnmil_config(sd: dict[str, torch.Tensor]) -> dict:
             "gated": any(k.startswith("attention_gate.") for k in sd)}
 
 
+def _is_model_json(mj) -> bool:
+    """What :func:`load_model` needs of a model.json; other tools write model.json files too."""
+    if not isinstance(mj, dict):
+        return False
+    kw = mj.get("kwargs")
+    return mj.get("arch") in ARCHS and isinstance(kw, dict) and {"input_dim", "head_dim"} <= set(kw)
+
+
 def load_model(path: str | Path, model_json: dict | None = None) -> tuple[torch.nn.Module, dict]:
     """A model and its config from tub weights (``model.safetensors`` + ``model.json``) or an
     xMIL AttnMIL checkpoint (architecture inferred from the tensor shapes)."""
@@ -97,16 +109,26 @@ def load_model(path: str | Path, model_json: dict | None = None) -> tuple[torch.
     if model_json is None:
         mj = path.with_suffix(".json")
         if mj.is_file():
-            model_json = json.loads(mj.read_text())
+            try:
+                model_json = json.loads(mj.read_text())
+            except ValueError:
+                model_json = {}  # reported just below as not an xmil model.json
     if model_json is None:
         if "linear_layers.0.0.weight" not in sd:
             raise TubError(f"{path} has no model.json next to it and is not an AttnMIL checkpoint; "
                            "pass the run's checkpoints/ folder")
         cfg = infer_attnmil_config(sd)
         model_json = {"arch": "attnmil", "task": "classification", "kwargs": cfg}
+    if not _is_model_json(model_json):
+        raise TubError(f"{path.with_suffix('.json')} is not the model.json of an xmil model (no arch/kwargs); "
+                       "pass the checkpoints/ folder of a 'tub xmil train' run")
     kw = dict(model_json["kwargs"])
     model = build_model(model_json["arch"], kw.pop("input_dim"), kw.pop("head_dim"), **kw)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError:  # same keys, other tensor shapes
+        raise TubError(f"{path}: tensor shapes do not fit the {model_json['arch']} model its model.json "
+                       "describes") from None
     if missing or unexpected:
         raise TubError(f"{path} does not fit a {model_json['arch']} model "
                        f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")

@@ -72,21 +72,34 @@ def train(cfg, run) -> dict:
     return out
 
 
+def _classes(meta: dict) -> list[str]:
+    """Class names in output order; a reference checkpoint (no names stored) has its output indices."""
+    return meta.get("classes") or [str(i) for i in range(meta["kwargs"]["head_dim"])]
+
+
 def _load(cfg):
+    """(model, meta, task, methods) with every model-dependent option checked before any slide is read."""
     from tub_xmil.checkpoint import load_model
 
     if cfg.model is None:
         raise TubError("no model given; pass --model RUN/checkpoints (or an xMIL best_model.pt)")
     model, meta = load_model(cfg.model)
     task = cfg.task or meta.get("task", "classification")
-    methods = cfg.method if isinstance(cfg.method, list) else [cfg.method]
+    methods = list(dict.fromkeys(cfg.method))  # a method named twice runs once
     if "patch_scores" in methods:  # before any output: the method exists only for additive models
         if not hasattr(model, "patch_logits"):
             raise TubError(f"--method patch_scores needs an AdditiveMIL model (train with --arch additivemil); "
                            f"this one is {meta.get('arch', getattr(model, 'kind', '?'))}")
         if task == "survival":
             raise TubError("--method patch_scores adds up to logits, not to the survival risk; use lrp or ig")
-    return model, meta, task
+    if cfg.target is not None:
+        if task != "classification":
+            raise TubError(f"--target picks a class to explain; a {task} model has none, drop --target")
+        classes = _classes(meta)
+        if not 0 <= cfg.target < len(classes):
+            raise TubError(f"--target {cfg.target} is not a class of this model; use an index 0..{len(classes) - 1} "
+                           f"(classes {', '.join(classes)})")
+    return model, meta, task, methods
 
 
 def explain(cfg, run) -> dict:
@@ -94,7 +107,7 @@ def explain(cfg, run) -> dict:
     from tub_xmil.pipeline import choose_target, expand_inputs, explain_bag
     from tub_xmil.tasks import prediction_score
 
-    model, meta, task = _load(cfg)
+    model, meta, task, methods = _load(cfg)
     bags = expand_inputs(cfg.bags, BAG_SUFFIXES)
     for path, out in run.batch(bags, output_for=lambda p: run.outputs_dir / f"{Path(p).stem}.json"):
         with run.item(path):
@@ -108,10 +121,10 @@ def explain(cfg, run) -> dict:
                 pred = float(prediction_score(model(x[None]), task, target)[0])
             rec = {"slide_id": Path(path).stem, "task": task, "target": target, "prediction": pred,
                    "n_patches": int(len(x))}
-            for m in cfg.method:
+            for m in methods:
                 rec[f"patch_scores_{m}"] = explain_bag(model, x, m, task, target, cfg,
                                                        seed=run.item_seed(Path(path).stem)).tolist()
-            if "lrp" in cfg.method and getattr(model, "kind", "") == "transmil":
+            if "lrp" in methods and getattr(model, "kind", "") == "transmil":
                 # spec §2.3: TransMIL leaves part of the relevance on the CLS token; report it
                 from tub_xmil.explain import lrp_scores
                 from tub_xmil.pipeline import lrp_params_for
@@ -128,11 +141,11 @@ def explain(cfg, run) -> dict:
     with atomic_path(run.dir / "test_predictions.csv") as tmp:
         with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
-            cols = [f"patch_scores_{m}" for m in cfg.method]
+            cols = [f"patch_scores_{m}" for m in methods]
             w.writerow(["slide_id", "target", "prediction", *cols])
             for r in recs:
                 w.writerow([r["slide_id"], r["target"], r["prediction"], *[json.dumps(r.get(c)) for c in cols]])
-    return {"methods": ",".join(cfg.method)}
+    return {"methods": ",".join(methods)}
 
 
 def evaluate(cfg, run) -> dict:
@@ -141,8 +154,9 @@ def evaluate(cfg, run) -> dict:
     from tub_xmil.pipeline import explain_bag
     from tub_xmil.training import predict, task_metrics
 
-    model, meta, task = _load(cfg)
-    slides, _ = load_slides(cfg.features, cfg.labels, task, split=cfg.split)
+    model, meta, task, methods = _load(cfg)
+    classes = _classes(meta) if task == "classification" else None
+    slides, _ = load_slides(cfg.features, cfg.labels, task, split=cfg.split, classes=classes)
     preds = predict(model, slides, task)
     out = {"slides": len(slides), **task_metrics(slides, preds, task)}
     if not cfg.flipping:
@@ -154,7 +168,7 @@ def evaluate(cfg, run) -> dict:
             per_slide.append({"slide_id": s.slide_id, "false_pred": True})
             continue
         rec = {"slide_id": s.slide_id, "false_pred": False}
-        for m in cfg.method:
+        for m in methods:
             scores = explain_bag(model, s.features, m, task, target, cfg, seed=run.item_seed(s.slide_id))
             res = slide_flipping(model, s.features, scores, task, target, cfg.strategy)
             rec[m] = {a: {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in r.items()}
@@ -163,7 +177,7 @@ def evaluate(cfg, run) -> dict:
     kept = [r for r in per_slide if not r["false_pred"]]
     out["flipping_slides"] = len(kept)
     out["excluded_false_pred"] = len(per_slide) - len(kept)
-    for m in cfg.method:
+    for m in methods:
         if kept:
             for a in ("drop", "add"):
                 for k in ("aupc_morf", "aupc_lerf", "srg"):
@@ -184,7 +198,7 @@ def heatmap(cfg, run) -> dict:
                                    thumbnail_for)
     from tub_xmil.slides import open_slide
 
-    model, meta, task = _load(cfg)
+    model, meta, task, methods = _load(cfg)
     bag_suffixes = {".h5", ".pt", ".npz"}
     inputs = expand_inputs(cfg.inputs, SLIDE_SUFFIXES | bag_suffixes)
     needs_encoder = any(Path(p).suffix.lower() not in bag_suffixes for p in inputs)
@@ -195,8 +209,13 @@ def heatmap(cfg, run) -> dict:
         if spec.dim != meta["kwargs"]["input_dim"]:
             raise TubError(f"encoder {spec.name} gives {spec.dim}-d features but the model expects "
                            f"{meta['kwargs']['input_dim']}-d; use the encoder the model was trained on")
-    stem = lambda p: Path(p).stem  # noqa: E731
-    for path, out in run.batch(inputs, output_for=lambda p: run.outputs_dir / f"{stem(p)}_{cfg.method}.png"):
+
+    def pending(p):
+        """The first method overlay of this input still missing (the item is done when none is), else the last."""
+        outs = [run.outputs_dir / f"{Path(p).stem}_{m}.png" for m in methods]
+        return next((o for o in outs if not o.exists()), outs[-1])
+
+    for path, out in run.batch(inputs, output_for=pending):
         with run.item(path):
             path = Path(path)
             slide = None
@@ -220,7 +239,8 @@ def heatmap(cfg, run) -> dict:
                     raise TubError(f"{path.name}: features are {x.shape[1]}-d, the model expects "
                                    f"{meta['kwargs']['input_dim']}-d")
                 target = choose_target(model, x, task, cfg.target)
-                scores = explain_bag(model, x, cfg.method, task, target, cfg, seed=run.item_seed(path.stem))
+                scores = {m: explain_bag(model, x, m, task, target, cfg, seed=run.item_seed(path.stem))
+                          for m in methods}
                 if slide is not None:
                     W, H = slide.dimensions
                     thumb, _ = thumbnail_for(slide)
@@ -233,10 +253,10 @@ def heatmap(cfg, run) -> dict:
                     slide.close()
             size = (max(1, W // HEAT_DOWNSAMPLE), max(1, H // HEAT_DOWNSAMPLE))
             thumb = np.asarray(Image.fromarray(thumb).resize(size, Image.BILINEAR))
-            with atomic_path(run.outputs_dir / f"{path.stem}_{cfg.method}_scores.json") as tmp:
-                tmp.write_text(json.dumps({"slide_id": path.stem, "method": cfg.method, "target": target,
-                                           "scores": scores.tolist(), "coords": coords.tolist(),
-                                           "patch_size_level0": size0}))
-            write_heatmap(run.outputs_dir, path.stem, thumb, coords, scores, size0, HEAT_DOWNSAMPLE,
-                          SIGNED[cfg.method], cfg.method)
-    return {"method": cfg.method}
+            for m, sc in scores.items():
+                with atomic_path(run.outputs_dir / f"{path.stem}_{m}_scores.json") as tmp:
+                    tmp.write_text(json.dumps({"slide_id": path.stem, "method": m, "target": target,
+                                               "scores": sc.tolist(), "coords": coords.tolist(),
+                                               "patch_size_level0": size0}))
+                write_heatmap(run.outputs_dir, path.stem, thumb, coords, sc, size0, HEAT_DOWNSAMPLE, SIGNED[m], m)
+    return {"methods": ",".join(methods)}

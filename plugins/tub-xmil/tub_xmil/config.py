@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from tubcli.config import Section, TubConfig
 
@@ -15,10 +15,10 @@ Method = Literal["lrp", "ig", "single", "attention", "grad2", "gi", "drop", "ran
 
 
 class TilingSection(Section):
-    target_mpp: float = Field(0.5, description="microns per pixel of the tiles (0.5 = 20x)")
-    patch_size: int = Field(256, description="tile side in pixels at target_mpp")
-    min_tissue: float = Field(0.5, description="minimum tissue fraction of a kept tile")
-    min_std: float = Field(8.0, description="minimum grey-level std of a kept tile (thumbnail pixels)")
+    target_mpp: float = Field(0.5, gt=0, description="microns per pixel of the tiles (0.5 = 20x)")
+    patch_size: int = Field(256, gt=0, description="tile side in pixels at target_mpp")
+    min_tissue: float = Field(0.5, ge=0, le=1, description="minimum tissue fraction of a kept tile")
+    min_std: float = Field(8.0, ge=0, description="minimum grey-level std of a kept tile (thumbnail pixels)")
 
 
 class LRPSection(Section):
@@ -49,7 +49,7 @@ class MakeDataConfig(TubConfig):
 
 class TileConfig(TubConfig):
     slides: list[Path] = Field(default_factory=list, description="slide files or folders")
-    mpp: Optional[float] = Field(None, description="level-0 mpp for slides that lack it (overrides the file)")
+    mpp: Optional[float] = Field(None, gt=0, description="level-0 mpp for slides that lack it (overrides the file)")
     tiling: TilingSection = TilingSection()
 
 
@@ -58,7 +58,7 @@ class FeaturesConfig(TubConfig):
     encoder: str = Field("vit-t8-demo", description="patch encoder name from the tub_patch_encoders hook")
     weights: Optional[Path] = Field(None, description="local weights file of the encoder")
     coords_dir: Optional[Path] = Field(None, description="existing patches/*.h5 (tub, CLAM, TRIDENT) to reuse")
-    mpp: Optional[float] = Field(None, description="level-0 mpp override")
+    mpp: Optional[float] = Field(None, gt=0, description="level-0 mpp override")
     batch_size: int = Field(64, description="tiles per encoder batch")
     tiling: TilingSection = TilingSection()
 
@@ -97,12 +97,22 @@ class EvaluateConfig(ModelInput):
     strategy: str = Field("10%-of-all", description="flipping blocks: 'P%-of-all' or 'one-by-one'")
     flipping: bool = Field(True, description="run the label-free patch-flipping evaluation")
 
+    @field_validator("strategy")
+    @classmethod
+    def _strategy(cls, v: str) -> str:
+        """Checked here so that a typo is a usage error before the model runs."""
+        p = v[: -len("%-of-all")] if v.endswith("%-of-all") else ""
+        if v != "one-by-one" and not (p.isdigit() and 1 <= int(p) <= 100):
+            raise ValueError(f"unknown strategy {v!r}; use 'P%-of-all' with P in 1..100 (e.g. 10%-of-all) "
+                             "or 'one-by-one'")
+        return v
+
 
 class HeatmapConfig(ModelInput):
     inputs: list[Path] = Field(default_factory=list, description="slides, feature .h5 files, or folders")
-    method: Method = Field("lrp", description="explanation method")
+    method: list[Method] = Field(default_factory=lambda: ["lrp"], description="explanation method(s); files per method")
     encoder: str = Field("vit-t8-demo", description="patch encoder (hook) used when starting from slides")
     weights: Optional[Path] = Field(None, description="encoder weights file")
     slide_dir: Optional[Path] = Field(None, description="where to find slides for feature-file inputs (thumbnail)")
-    mpp: Optional[float] = Field(None, description="level-0 mpp override")
+    mpp: Optional[float] = Field(None, gt=0, description="level-0 mpp override")
     tiling: TilingSection = TilingSection()

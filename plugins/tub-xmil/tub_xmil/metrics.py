@@ -11,9 +11,10 @@ def classification_metrics(y_true, proba) -> dict:
     y_true = np.asarray(y_true).astype(int)
     proba = np.asarray(proba, float)
     out = {"balanced_accuracy": float(balanced_accuracy_score(y_true, proba.argmax(1)))}
-    if len(np.unique(y_true)) > 1:
+    present = np.unique(y_true)
+    if len(present) > 1:  # multi-class: macro one-vs-rest over the classes present (an evaluation set may lack some)
         out["auroc"] = float(roc_auc_score(y_true, proba[:, 1]) if proba.shape[1] == 2
-                             else roc_auc_score(y_true, proba, multi_class="ovr"))
+                             else np.mean([roc_auc_score(y_true == c, proba[:, c]) for c in present]))
     return out
 
 

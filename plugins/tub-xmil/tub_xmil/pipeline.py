@@ -14,19 +14,31 @@ from tub_xmil.slides import SLIDE_SUFFIXES, open_slide, slide_mpp  # noqa: F401 
 
 
 def expand_inputs(paths, suffixes) -> list[Path]:
-    """Files given directly, plus files with a known suffix inside given folders (not recursive)."""
-    out = []
+    """Files given directly, plus files with a known suffix inside given folders (not recursive).
+
+    Outputs are named by file stem, so two different inputs with one stem (``a/s.tiff`` and
+    ``b/s.tiff``, or ``s.tiff`` and ``s.svs``) are an error before any work starts; otherwise the
+    second would be silently skipped as already done."""
+    out: dict[Path, Path] = {}  # resolved -> as given; the same file named twice counts once
     for p in paths:
         p = Path(p)
         if not p.exists():
             raise TubError(f"{p}: no such file or folder")
         if p.is_dir() and not _is_pt_folder(p):
-            out += sorted(q for q in p.iterdir() if q.suffix.lower() in suffixes and q.is_file())
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in suffixes and q.is_file())
         else:
-            out.append(p)
+            found = [p]
+        for q in found:
+            out.setdefault(q.resolve(), q)
     if not out:
         raise TubError("no inputs; give slide/feature files or folders that contain them")
-    return out
+    by_stem: dict[str, Path] = {}
+    for q in out.values():
+        if q.stem in by_stem:
+            raise TubError(f"two inputs are named {q.stem!r} ({by_stem[q.stem]}, {q}); their outputs would "
+                           "collide — rename one")
+        by_stem[q.stem] = q
+    return list(out.values())
 
 
 def _is_pt_folder(p: Path) -> bool:

@@ -71,8 +71,12 @@ def tile_slide(slide, mpp: float, target_mpp: float = 0.5, patch_size: int = 256
                min_tissue: float = 0.5, min_std: float = 8.0, name: str = "slide") -> Tiling:
     size0 = int(round(patch_size * target_mpp / mpp))
     if size0 < 1:
-        raise TubError(f"{name}: patch size at level 0 is < 1 px (mpp {mpp}); check --mpp")
+        raise TubError(f"{name}: a {patch_size} px tile at {target_mpp} mpp is < 1 px at the slide's {mpp} mpp; "
+                       "check --mpp or raise tiling.patch_size / tiling.target_mpp")
     W, H = slide.dimensions
+    if W < size0 or H < size0:  # not a tissue problem: no tile fits at all
+        raise TubError(f"{name}: the slide ({W}x{H} px at {mpp} mpp) is smaller than one {size0} px tile "
+                       f"({patch_size} px at {target_mpp} mpp); lower tiling.patch_size or tiling.target_mpp")
     lvl = thumbnail_level(slide, size0)
     ds = slide.level_downsamples[lvl]
     lw, lh = slide.level_dimensions[lvl]
@@ -98,7 +102,7 @@ def tile_slide(slide, mpp: float, target_mpp: float = 0.5, patch_size: int = 256
             coords.append((x, y))
     if not coords:
         raise TubError(f"{name}: no tissue found (Otsu on saturation kept no tile); check the slide "
-                       "or lower --set min_tissue")
+                       "or lower --set tiling.min_tissue")
     return Tiling(np.asarray(coords, np.int64), patch_size, size0, mpp, target_mpp, W, H, thumb, mask, ds)
 
 

@@ -1,0 +1,231 @@
+"""Bad input is a one-line error before work starts (or a one-line per-slide failure), never a
+traceback, a crash per slide or a silently wrong result: name collisions, labels and classes, NaN,
+tiling parameters, explanation targets and methods, foreign model files."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tubcli.errors import TubError
+from tubcli.testing import invoke
+
+from tub_xmil.bags import read_bag, write_features_h5
+from tub_xmil.synthetic import render_slide, write_pyramid
+
+N_SLIDES = 4
+
+
+def _ok(res):
+    assert res.exit_code == 0, (res.stdout, res.stderr)
+    return res
+
+
+def _usage_error(res, *needles):
+    """Exit 2 with one line of error naming every needle, and no traceback."""
+    assert res.exit_code == 2, (res.stdout, res.stderr)
+    lines = [x for x in res.stderr.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert all(n in lines[0] for n in needles), lines[0]
+    return lines[0]
+
+
+def _bag(path, seed=0, n=6, dim=8):
+    rng = np.random.default_rng(seed)
+    coords = np.stack([np.arange(n) * 64, np.zeros(n)], 1).astype(np.int64)
+    write_features_h5(path, rng.standard_normal((n, dim)).astype(np.float32), coords,
+                      {"patch_size_level0": 64, "level0_width": 64 * n, "level0_height": 64})
+    return path
+
+
+def _csv(path, header, rows):
+    path.write_text("\n".join([header, *(",".join(map(str, r)) for r in rows)]) + "\n")
+    return path
+
+
+def _train(tmp, feats, labels, *extra):
+    return invoke(["xmil", "train", "--features", feats, "--labels", labels, "--epochs", "1",
+                   "--set", "model.features_dim=8", "-o", tmp, "--json", *extra])
+
+
+@pytest.fixture(scope="module")
+def bags(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bags")
+    for i in range(N_SLIDES):
+        _bag(d / f"s{i}.h5", seed=i)
+    return d
+
+
+@pytest.fixture(scope="module")
+def model(bags, tmp_path_factory):
+    """A 2-class model whose labels are the strings 'neg'/'pos'."""
+    d = tmp_path_factory.mktemp("model")
+    labels = _csv(d / "labels.csv", "slide_id,label,split", [(f"s{i}", ["neg", "pos"][i % 2], "train")
+                                                            for i in range(N_SLIDES)])
+    _ok(_train(d / "run", bags, labels))
+    return d / "run" / "checkpoints"
+
+
+# ---------------------------------------------------------------- 1: outputs keyed by stem
+def test_inputs_with_one_stem_are_an_error_before_any_work(tmp_path, bags, model):
+    img, _, _ = render_slide(256, 256, False)
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        write_pyramid(tmp_path / sub / "s.tiff", img, mpp=0.5, levels=1)
+    res = invoke(["xmil", "tile", tmp_path / "a", tmp_path / "b", "-o", tmp_path / "t"])
+    _usage_error(res, "two inputs are named 's'", "collide")
+    assert not (tmp_path / "t" / "outputs" / "patches").exists()
+    _bag(tmp_path / "a" / "s.h5")
+    np.savez(tmp_path / "a" / "s.npz", features=np.zeros((3, 8), np.float32))
+    _usage_error(invoke(["xmil", "explain", tmp_path / "a", "--model", model, "-o", tmp_path / "e"]),
+                 "two inputs are named 's'")
+    # the same file named twice (folder + file) is one input, not a collision
+    res = _ok(invoke(["xmil", "explain", bags, bags / "s0.h5", "--model", model, "-o", tmp_path / "e2", "--json"]))
+    assert json.loads(res.stdout)["batch"]["items"] == N_SLIDES
+
+
+# ---------------------------------------------------------------- 2, 3: classes
+def test_train_maps_labels_through_sorted_classes(tmp_path, bags):
+    labels = _csv(tmp_path / "l.csv", "slide_id,label,split", [(f"s{i}", 1 + i % 2, "train") for i in range(N_SLIDES)])
+    _ok(_train(tmp_path / "r", bags, labels))  # labels 1/2 used to be class indices: IndexError
+    assert json.loads((tmp_path / "r" / "checkpoints" / "model.json").read_text())["classes"] == ["1", "2"]
+    one = _csv(tmp_path / "one.csv", "slide_id,label", [(f"s{i}", 1) for i in range(N_SLIDES)])
+    _usage_error(_train(tmp_path / "r1", bags, one), "at least 2 classes")
+
+
+def test_evaluate_uses_the_model_classes(tmp_path, bags, model):
+    from tub_xmil.checkpoint import load_model
+
+    rows = [(f"s{i}", "pos", "test") for i in range(3)]  # a subset: only the model's class 1
+    labels = _csv(tmp_path / "pos.csv", "slide_id,label,split", rows)
+    res = _ok(invoke(["xmil", "evaluate", "--model", model, "--features", bags, "--labels", labels,
+                      "--set", "flipping=false", "-o", tmp_path / "ev", "--json"]))
+    m, _ = load_model(model)
+    with torch.no_grad():
+        said_pos = [int(m(read_bag(bags / f"{sid}.h5")[0][None]).argmax()) == 1 for sid, _, _ in rows]
+    assert json.loads(res.stdout)["balanced_accuracy"] == pytest.approx(np.mean(said_pos))
+    unknown = _csv(tmp_path / "u.csv", "slide_id,label,split", [("s0", "maybe", "test")])
+    _usage_error(invoke(["xmil", "evaluate", "--model", model, "--features", bags, "--labels", unknown,
+                         "-o", tmp_path / "ev2"]), "'maybe' is not a class of the model", "line 2")
+
+
+def test_multiclass_auroc_over_the_classes_present():
+    from sklearn.metrics import roc_auc_score
+
+    from tub_xmil.metrics import classification_metrics
+
+    rng = np.random.default_rng(0)
+    p, y = rng.dirichlet([1, 1, 1], 30), rng.integers(0, 3, 30)
+    assert classification_metrics(y, p)["auroc"] == pytest.approx(roc_auc_score(y, p, multi_class="ovr"))
+    sub = y != 2  # an evaluation set without class 2 used to raise in sklearn
+    assert 0 <= classification_metrics(y[sub], p[sub])["auroc"] <= 1
+
+
+# ---------------------------------------------------------------- 4: NaN, empty and duplicate labels
+@pytest.mark.parametrize("header,rows,task,needle", [
+    ("slide_id,target", [("s0", 1.0), ("s1", "nan")], "regression", "line 3 (slide s1): target 'nan'"),
+    ("slide_id,time,event", [("s0", 3, 1), ("s1", "inf", 0)], "survival", "line 3 (slide s1): time 'inf'"),
+    ("slide_id,label", [("s0", 1), ("s1", "")], "classification", "line 3 (slide s1): missing label"),
+    ("slide_id,label", [("s0", 1), ("s1", 0), ("s0", 0)], "classification", "'s0' is on lines 2 and 4"),
+])
+def test_bad_label_rows_are_one_line_errors(tmp_path, bags, header, rows, task, needle):
+    labels = _csv(tmp_path / "l.csv", header, rows)
+    _usage_error(_train(tmp_path / "r", bags, labels, "--task", task), needle)
+
+
+def test_non_finite_features_are_refused_at_load(tmp_path, bags, model):
+    bad = _bag(tmp_path / "nan.h5")
+    import h5py
+    with h5py.File(bad, "r+") as f:
+        f["features"][2, 3] = np.nan
+    with pytest.raises(TubError, match="nan.h5: 1 of 6 patches have NaN"):
+        read_bag(bad)
+    res = invoke(["xmil", "explain", bad, "--model", model, "-o", tmp_path / "e"])
+    assert res.exit_code == 1 and not list((tmp_path / "e" / "outputs").glob("*.json"))
+    fail = json.loads((tmp_path / "e" / "failures.jsonl").read_text())
+    assert "NaN" in fail["error"] and "Error:" not in fail["error"]
+
+
+# ---------------------------------------------------------------- 5: tiling parameters
+@pytest.mark.parametrize("args,key", [
+    (["--mpp", "0"], "'mpp'"), (["--set", "tiling.patch_size=0"], "'tiling.patch_size'"),
+    (["--set", "tiling.target_mpp=0"], "'tiling.target_mpp'"),
+    (["--set", "tiling.min_tissue=2"], "'tiling.min_tissue'"),
+])
+def test_tiling_parameters_are_checked_up_front(tmp_path, args, key):
+    _usage_error(invoke(["xmil", "tile", tmp_path, *args, "-o", tmp_path / "t"]), key)
+
+
+def test_slide_smaller_than_a_tile_and_no_tissue_messages(tmp_path):
+    from tub_xmil.slides import open_slide
+    from tub_xmil.tiling import tile_slide
+
+    img, _, _ = render_slide(256, 256, True)
+    s = open_slide(write_pyramid(tmp_path / "s.tiff", img, mpp=0.5, levels=1))
+    with pytest.raises(TubError, match="smaller than one 512 px tile"):
+        tile_slide(s, 0.5, patch_size=512, min_tissue=0.0)
+    blank = open_slide(write_pyramid(tmp_path / "b.tiff", np.full((256, 256, 3), 240, np.uint8), mpp=0.5, levels=1))
+    with pytest.raises(TubError, match="tiling.min_tissue"):
+        tile_slide(blank, 0.5, patch_size=64)
+
+
+# ---------------------------------------------------------------- 6: several heatmap methods
+def test_heatmap_writes_each_method_and_skips_only_when_all_exist(tmp_path, bags, model):
+    out = tmp_path / "hm"
+    cmd = ["xmil", "heatmap", bags / "s1.h5", "--model", model, "-o", out, "--json"]
+    _ok(invoke([*cmd, "--method", "lrp", "--method", "ig"]))
+    for m in ("lrp", "ig"):
+        for suffix in (".png", "_heat.png", ".geojson", "_scores.json"):
+            assert (out / "outputs" / f"s1_{m}{suffix}").is_file(), (m, suffix)
+    res = _ok(invoke([*cmd, "--method", "lrp", "--method", "attention"]))  # attention is missing: run
+    assert json.loads(res.stdout)["batch"]["processed"] == 1 and (out / "outputs" / "s1_attention.png").is_file()
+    res = _ok(invoke([*cmd, "--method", "ig", "--method", "attention"]))
+    assert json.loads(res.stdout)["batch"]["skipped_existing"] == 1
+
+
+# ---------------------------------------------------------------- 7: explained target
+@pytest.mark.parametrize("target", ["2", "-1"])
+def test_target_outside_the_model_classes(tmp_path, bags, model, target):
+    _usage_error(invoke(["xmil", "explain", bags, "--model", model, "--target", target, "-o", tmp_path / "e"]),
+                 f"--target {target}", "0..1", "neg, pos")
+    assert not (tmp_path / "e" / "outputs").exists() or not list((tmp_path / "e" / "outputs").iterdir())
+
+
+# ---------------------------------------------------------------- 8: foreign or broken inputs
+def test_foreign_model_files_and_tile_arrays(tmp_path, bags, model):
+    from safetensors.torch import save_file
+
+    vit = tmp_path / "vit"
+    vit.mkdir()
+    save_file({"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, str(vit / "model.safetensors"))
+    (vit / "model.json").write_text(json.dumps({"arch": "vit_small", "dim": 384}))
+    _usage_error(invoke(["xmil", "explain", bags, "--model", vit, "-o", tmp_path / "e1"]),
+                 "not the model.json of an xmil model")
+    (vit / "bad.safetensors").write_bytes(b"\x00" * 40)
+    _usage_error(invoke(["xmil", "explain", bags, "--model", vit / "bad.safetensors", "-o", tmp_path / "e2"]),
+                 "cannot read", "as safetensors")
+    np.savez(tmp_path / "tiles.npz", tiles=np.zeros((4, 16, 16, 3), np.uint8), labels=np.zeros(4))
+    with pytest.raises(TubError, match="not tiles"):
+        read_bag(tmp_path / "tiles.npz")
+    np.savez(tmp_path / "t2.npz", features=np.zeros((4, 16, 16, 3), np.float32))
+    with pytest.raises(TubError, match=r"shape \(4, 16, 16, 3\)"):
+        read_bag(tmp_path / "t2.npz")
+
+
+@pytest.mark.parametrize("strategy,ok", [("bogus", False), ("0%-of-all", False), ("25%-of-all", True),
+                                         ("one-by-one", True)])
+def test_flipping_strategy_is_a_config_error(strategy, ok):
+    from pydantic import ValidationError
+
+    from tub_xmil.config import EvaluateConfig
+
+    if ok:
+        assert EvaluateConfig(strategy=strategy).strategy == strategy
+    else:
+        with pytest.raises(ValidationError, match="P%-of-all"):
+            EvaluateConfig(strategy=strategy)
+
+
+def test_bogus_strategy_exits_2(tmp_path):
+    _usage_error(invoke(["xmil", "evaluate", "--strategy", "bogus", "-o", tmp_path / "e"]), "'strategy'")
