@@ -34,7 +34,7 @@ class TubConfig(Section):
 
     device: str = Field("auto", description="auto | cpu | cuda[:i] | mps")
     precision: Precision = Field("fp32", description="compute dtype where it applies")
-    seed: int = Field(0, description="one seed for everything")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="one seed for everything (0 … 2**32 − 1, the range numpy and scikit-learn take)")
 
 
 def read_config_file(path: str | os.PathLike) -> dict:

@@ -50,7 +50,8 @@ class Verb:
 
     ``args`` are config fields bound to positional arguments (only the last may be a list);
     ``options`` maps extra flag names to config field paths. ``batch`` verbs iterate with
-    ``run.batch``; ``training`` verbs checkpoint and honour ``--resume``.
+    ``run.batch``; ``training`` verbs checkpoint and honour ``--resume``; ``overwrite`` verbs
+    (and batch verbs) honour ``--overwrite`` (``run.overwrite``) for outputs that exist.
     """
 
     name: str
@@ -61,6 +62,7 @@ class Verb:
     options: dict[str, str] = field(default_factory=dict)
     batch: bool = False
     training: bool = False
+    overwrite: bool = False
 
 
 @dataclass
@@ -249,7 +251,7 @@ def build_verb_command(app: PluginApp, verb: Verb) -> TyperCommand:
     add("out", Optional[Path], typer.Option(None, "-o", "--out", help="Run directory (default: runs/<plugin>/<verb>/<time>_<hash>).", rich_help_panel="Shared options"))
     add("resume", Optional[str], typer.Option(None, "--resume", help="auto | PATH: continue from the last checkpoint.", rich_help_panel="Shared options", hidden=not verb.training))
     add("shard", Optional[str], typer.Option(None, "--shard", help="i/n: process the i-th of n shards (default: from the SLURM array).", rich_help_panel="Shared options", hidden=not verb.batch))
-    add("overwrite", bool, typer.Option(False, "--overwrite", help="Recompute items whose outputs exist.", rich_help_panel="Shared options", hidden=not verb.batch))
+    add("overwrite", bool, typer.Option(False, "--overwrite", help="Recompute items whose outputs exist." if verb.batch else "Replace outputs that exist.", rich_help_panel="Shared options", hidden=not (verb.batch or verb.overwrite)))
     add("print_config", bool, typer.Option(False, "--print-config", help="Print the resolved config and exit.", rich_help_panel="Shared options"))
     add("json", bool, typer.Option(False, "--json", help="Results on stdout as JSON.", rich_help_panel="Shared options"))
     add("quiet", bool, typer.Option(False, "-q", "--quiet", help="Warnings and errors only.", rich_help_panel="Shared options"))

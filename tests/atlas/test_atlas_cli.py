@@ -79,11 +79,12 @@ def test_convert_dinov2_then_embed_identically(data, tmp_path):
 def test_embed_formats_and_skip_existing(data, tmp_path):
     W = data / "vit-t8-demo-random.safetensors"
     base = ["--arch", "vit-t8-demo", "--weights", W]
-    ok(["embed", data / "tiles", data / "tiles.npz", *base, "-o", tmp_path / "npy"])
+    ok(["embed", data / "tiles", *base, "-o", tmp_path / "npy"])
+    ok(["embed", data / "tiles.npz", *base, "-o", tmp_path / "npz"])  # same slides: one input per run
     a = np.load(tmp_path / "npy/outputs/tiles/embeddings.npy")
-    b = np.load(tmp_path / "npy/outputs/tiles_npz/embeddings.npy")
+    b = np.load(tmp_path / "npz/outputs/tiles/embeddings.npy")
     rows_a = list(csv.DictReader(open(tmp_path / "npy/outputs/tiles/manifest.csv")))
-    rows_b = list(csv.DictReader(open(tmp_path / "npy/outputs/tiles_npz/manifest.csv")))
+    rows_b = list(csv.DictReader(open(tmp_path / "npz/outputs/tiles/manifest.csv")))
     key = {(r["slide_id"], r["patch_id"]): i for i, r in enumerate(rows_b)}
     order = [key[(r["slide_id"], r["patch_id"])] for r in rows_a]
     assert a.shape == (32, 384) and np.abs(a - b[order]).max() < 1e-5  # PNG folder == NPZ array
@@ -106,7 +107,7 @@ def test_embed_formats_and_skip_existing(data, tmp_path):
     assert set(man[0]) == {"origin", "embeddings", "target", "split"}
     assert torch.load(tmp_path / "eva/outputs/tiles" / man[0]["embeddings"]).shape == (384,)
     # evaluate reads every layout embed writes
-    for feats in (tmp_path / "eva/outputs/tiles", tmp_path / "npy/outputs/tiles_npz"):
+    for feats in (tmp_path / "eva/outputs/tiles", tmp_path / "npz/outputs/tiles"):
         r = ok(["evaluate", feats, "--method", "knn", "--json", "-o", tmp_path / f"ev_{feats.parent.parent.name}"])
         assert json.loads(r.stdout)["dim"] == 384
 
@@ -202,8 +203,9 @@ def test_bad_inputs_are_one_line_errors(data, tmp_path):
     fails(["embed", tmp_path / "missing", "--arch", "vit-t8-demo", "--random-init", "-o", tmp_path / "a"])
     fails(["inspect", tmp_path / "missing.safetensors", "-o", tmp_path / "b"])
     fails(["embed", data / "tiles.npz", "--arch", "no-such-model", "--random-init", "-o", tmp_path / "c"])
-    (tmp_path / "empty").mkdir()
-    fails(["embed", tmp_path / "empty", "--arch", "vit-t8-demo", "--random-init", "-o", tmp_path / "d"])
+    (tmp_path / "empty").mkdir()  # a problem of one input's contents: its line in failures.jsonl, exit 1
+    fails(["embed", tmp_path / "empty", "--arch", "vit-t8-demo", "--random-init", "-o", tmp_path / "d"], code=1)
+    assert "contains no PNG/JPEG/TIFF tiles" in (tmp_path / "d/failures.jsonl").read_text()
     fails(["evaluate", data / "tiles.npz", "-o", tmp_path / "e"])  # tiles, not features
     fails(["convert", data / "vit-t8-demo-random.safetensors", data / "vit-t8-demo-random.safetensors",
            "-o", tmp_path / "f"])

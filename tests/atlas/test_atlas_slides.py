@@ -105,7 +105,9 @@ def test_embed_whole_slide_to_h5_matches_embedding_the_crops(slide, tmp_path):
     assert np.allclose(slides["case01"], feats.mean(0), atol=1e-6)
 
 
-def test_slide_errors_are_one_line(tmp_path):
+def test_slide_errors_are_item_failures(tmp_path):
+    """Settings that do not fit a slide, or a slide without tissue, fail that slide (its line in
+    failures.jsonl, exit 1), not the whole batch."""
     no_res = tmp_path / "nores.tif"
     make_slide(no_res, mpp=None)
     blank = tmp_path / "blank.tif"
@@ -114,9 +116,10 @@ def test_slide_errors_are_one_line(tmp_path):
     for extra, src, needle in ((["--slide-mpp", "0.5"], no_res, "resolution"),
                                (["--slide-level", "5"], no_res, "levels 0..1"),
                                ([], blank, "no tissue")):
-        r = invoke([*base, *extra, str(src), "-o", str(tmp_path / f"o{len(extra)}{src.stem}")])
-        assert r.exit_code == 2, r.stderr + r.stdout
-        assert needle in r.stderr and "Traceback" not in r.stderr
+        out = tmp_path / f"o{len(extra)}{src.stem}"
+        r = invoke([*base, *extra, str(src), "-o", str(out)])
+        assert r.exit_code == 1, r.stderr + r.stdout
+        assert needle in (out / "failures.jsonl").read_text() and "Traceback" not in r.stderr
     # a small plain TIFF tile is still one tile, not a slide
     from PIL import Image
 

@@ -40,6 +40,8 @@ BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors from ``.safetensors`` or ``.pt/.pth/.bin`` (``weights_only``), nested dicts unwrapped."""
     path = Path(path)
+    if path.is_dir():
+        raise TubError(f"checkpoint {path} is a directory; pass the weights file (.safetensors/.pt) itself")
     if not path.is_file():
         raise TubError(f"checkpoint {path} does not exist; pass the path of a .safetensors/.pt file")
     try:
@@ -254,6 +256,9 @@ def infer_config(sd: dict[str, torch.Tensor], num_heads: int | None = None,
         num_heads = HEADS_BY_WIDTH.get(D)
         if num_heads is None:
             raise TubError(f"cannot infer the head count for width {D}; give --heads or a model.json")
+    if num_heads < 1 or D % num_heads:
+        raise TubError(f"{num_heads} attention heads (from --heads, model.json or the preset) do not divide the "
+                       f"width {D}; give --heads with a divisor of {D}")
     cfg = ViTConfig(patch_size=P, embed_dim=D, depth=depth, num_heads=num_heads, reg_tokens=R,
                     pos_layout=layout, pos_grid=g, mlp=mlp, mlp_hidden=h2,
                     layer_scale="ls1.gamma" in b0, qkv_bias="attn.qkv.bias" in b0,

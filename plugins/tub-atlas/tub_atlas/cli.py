@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,9 @@ def convert(cfg: ConvertConfig, run) -> dict:
         raise TubError(f"output {dst} is a directory; give a file path ending in .safetensors")
     if dst.resolve() == src.resolve():
         raise TubError("output would overwrite the input checkpoint; choose another path")
+    existing = [p for p in (dst, dst.with_suffix(".json")) if p.exists()]
+    if existing and not run.overwrite:
+        raise TubError(f"{existing[0]} exists; choose another output path or pass --overwrite")
     preset = get_preset(cfg.preset) if cfg.preset else None
     raw = load_tensors(src)
     sd = to_timm_layout(raw, cfg.source)
@@ -84,7 +88,9 @@ def convert(cfg: ConvertConfig, run) -> dict:
 
 # ------------------------------------------------------------------ embed
 def embed(cfg: EmbedConfig, run) -> dict:
-    from .embedding import embed_tileset, output_path, slide_embeddings, write_embeddings
+    """Options, input paths and the encoder are checked up front (one-line errors, exit 2); each input is
+    read, tiled and embedded inside the batch loop, so a bad one becomes its line in failures.jsonl."""
+    from .embedding import SlideTables, embed_tileset, output_path, slide_embeddings, write_embeddings
     from .slides import check_slide_options, write_slide_qc
     from .tiles import read_input, read_pathorob_metadata
 
@@ -94,20 +100,16 @@ def embed(cfg: EmbedConfig, run) -> dict:
         if cfg.inputs:
             raise TubError("--format pathorob reads its tiles from --metadata/--image-root; drop the TILES arguments")
         sets = read_pathorob_metadata(cfg.metadata, cfg.image_root)
+        names = {center: ts.name for center, ts in sets.items()}
+        load = sets.__getitem__
     else:
         if cfg.metadata is not None:
             raise TubError("--metadata is only used with --format pathorob")
         _need(cfg.inputs, "TILES (folders, .npz or .h5 files, whole slides)")
         slide_options = {**cfg.slide_options(), "qc": cfg.slide_qc, "coords": cfg.slide_coords}
         check_slide_options(slide_options)
-        sets = {}
-        for p in cfg.inputs:
-            ts = read_input(p, slide_options)
-            if ts.name in sets:  # e.g. a folder 'tiles' and 'tiles.npz'
-                ts.name = f"{ts.name}_{Path(p).suffix.lstrip('.') or 'dir'}"
-            if ts.name in sets:
-                raise TubError(f"two inputs are named {ts.name!r}; their outputs would collide — rename one")
-            sets[ts.name] = ts
+        names = _input_names(cfg.inputs)
+        load = partial(read_input, slide_options=slide_options)
     encoder, info = _encoder(cfg.encoder, run)
     dtype = run.dtype if cfg.precision in ("bf16", "fp16") else None
     if cfg.precision == "fp64":
@@ -115,28 +117,45 @@ def embed(cfg: EmbedConfig, run) -> dict:
     write_json(run.dir / "encoder.json", info)
     if info["random_init"]:
         run.log.warning("embedding with a RANDOMLY INITIALISED %s (no weights given)", info["arch"])
-    slides, n_tiles = {}, 0
-    for name, out in run.batch(sorted(sets), output_for=lambda n: output_path(cfg.format, run.outputs_dir, sets[n].name)):
-        with run.item(name):
-            ts = sets[name]
+    out_for = partial(output_path, cfg.format, run.outputs_dir)
+    tables = SlideTables(run.dir, has_output=lambda name: out_for(name).exists())
+    n_tiles, tiling = 0, []
+    for item, out in run.batch(names, output_for=lambda item: out_for(names[item])):
+        with run.item(item):
+            name, ts = names[item], load(item)
+            if "slide" in ts.extra:  # whole slides: how each was tiled (level, footprint, tissue tiles)
+                tiling.append(ts.extra["slide"])
             if cfg.slide_qc and "tiler" in ts.extra and ts.extra["tiler"].has_qc:
-                write_slide_qc(ts.extra["tiler"], run.dir / "qc", ts.name)
+                write_slide_qc(ts.extra["tiler"], run.dir / "qc", name)
             emb = embed_tileset(encoder, ts, cfg.batch_size, run.device, dtype)
+            tables.add(name, slide_embeddings(ts.rows, emb, cfg.slide_pool))
             write_embeddings(cfg.format, out, emb, ts, seed=run.seed)
-            slides.update(slide_embeddings(ts.rows, emb, cfg.slide_pool))
             n_tiles += len(ts)
-    if slides:
-        from tubcli.io import atomic_path
-
-        with atomic_path(run.dir / "slides.npz") as tmp:
-            np.savez(tmp, **slides)
-    result = {"tiles": n_tiles, "slides": len(slides), "dim": info["dim"], "pool": info["pool"],
+    result = {"tiles": n_tiles, "slides": tables.write(), "dim": info["dim"], "pool": info["pool"],
               "format": cfg.format, "arch": info["arch"], "random_init": info["random_init"],
               "outputs": str(run.outputs_dir)}
-    tiling = [ts.extra["slide"] for ts in sets.values() if "slide" in ts.extra]
-    if tiling:  # whole-slide inputs: how each was tiled (level, footprint, tissue tiles)
+    if tiling:
         result["whole_slides"] = tiling
     return result
+
+
+def _input_names(paths: list[Path]) -> dict[Path, str]:
+    """Input path -> output name; the same file given twice counts once, two inputs with one output
+    name are an error naming both."""
+    from .tiles import check_input, input_name
+
+    names, claimed, seen = {}, {}, set()
+    for p in paths:
+        check_input(p)
+        if p.resolve() in seen:
+            continue
+        seen.add(p.resolve())
+        name = input_name(p)
+        if name in claimed:
+            raise TubError(f"inputs {claimed[name]} and {p} would both write outputs/{name}; "
+                           "rename one or embed them in separate runs (-o)")
+        names[p], claimed[name] = name, p
+    return names
 
 
 # ------------------------------------------------------------------ tile (CLAM create_patches / TRIDENT coords)

@@ -82,7 +82,8 @@ class SlideTiling(TubConfig):
 
 class EmbedConfig(SlideTiling):
     inputs: list[Path] = Field(default_factory=list,
-                               description="tile folders, ImageFolder trees, .npz/.h5 tile arrays, whole slides")
+                               description="tile folders, ImageFolder trees, .npz/.h5 tile arrays (uint8, uint16 "
+                                           "or float RGB in [0, 1]), whole slides")
     encoder: EncoderSection = EncoderSection()
     format: Literal["npy", "pathorob", "h5", "eva"] = Field("npy", description="output layout (spec §2.7)")
     metadata: Path | None = Field(None, description="PathoROB metadata CSV (format pathorob: tiles per medical_center)")

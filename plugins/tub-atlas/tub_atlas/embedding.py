@@ -14,12 +14,16 @@ import contextlib
 import csv
 import hashlib
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from tubcli.errors import TubError
 from tubcli.io import atomic_path
+from tubcli.runs import ItemLock
 
 from .encoder import Encoder, uint8_to_float
 from .tiles import TileSet
@@ -41,7 +45,9 @@ def embed_tileset(encoder: Encoder, tiles: TileSet, batch_size: int = 32, device
     device = torch.device(device)
     out = []
     for start in range(0, len(tiles), batch_size):
-        x = uint8_to_float(tiles.read(start, min(start + batch_size, len(tiles)))).to(device)
+        batch = tiles.read(start, min(start + batch_size, len(tiles)))
+        encoder.check_tile_size(*batch.shape[1:3], tiles.rows[start]["origin"])
+        x = uint8_to_float(batch).to(device)
         with autocast_for(device, dtype):
             out.append(encoder(x).float().cpu().numpy())
     return np.concatenate(out, axis=0)
@@ -114,6 +120,72 @@ def write_embeddings(fmt: str, out: Path, emb: np.ndarray, tiles: TileSet, seed:
             _write_manifest(tmp / "manifest.csv", man, ["origin", "embeddings", "target", "split"])
     else:
         raise ValueError(fmt)
+
+
+class SlideTables:
+    """Slide embeddings of a run folder: one table per input (``slides/<input>.npz``, written with its
+    output) and their union ``slides.npz``, rebuilt at the end of every invocation from the tables of
+    all inputs whose output is present, so that it covers earlier invocations and other shards too.
+    A slide may come from one input only: its embedding pools that input's tiles."""
+
+    def __init__(self, run_dir: Path, has_output: Callable[[str], bool]):
+        self.folder = run_dir / "slides"
+        self.path = run_dir / "slides.npz"
+        self.has_output = has_output
+        self.tables = self._read()
+
+    def _read(self) -> dict[str, dict[str, np.ndarray]]:
+        tables = {}
+        for f in sorted(self.folder.glob("*.npz")):
+            if self.has_output(f.stem):
+                with np.load(f) as z:
+                    tables[f.stem] = {k: z[k] for k in z.files}
+        return tables
+
+    def add(self, name: str, slides: dict[str, np.ndarray]) -> None:
+        """Record one input's slides (before its output is written); a slide that another input already
+        holds is an error."""
+        _union({**self.tables, name: slides})
+        with atomic_path(self.folder / f"{name}.npz") as tmp:
+            np.savez(tmp, **slides)
+        self.tables[name] = slides
+
+    def write(self) -> int:
+        """Rebuild ``slides.npz``; returns its number of slides. Under a lock, so that when shards finish
+        together the last one to write has read every table."""
+        with waiting_lock(self.path):
+            merged = _union(self._read())
+            if merged:
+                with atomic_path(self.path) as tmp:
+                    np.savez(tmp, **merged)
+        return len(merged)
+
+
+def _union(tables: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    merged, source = {}, {}
+    for name, slides in tables.items():
+        for sid, e in slides.items():
+            if sid in source:
+                raise TubError(f"slide {sid!r} is in two inputs, {source[sid]!r} and {name!r}; a slide's tiles "
+                               "must come from one input: embed them in separate runs (-o)")
+            merged[sid], source[sid] = e, name
+    return merged
+
+
+@contextlib.contextmanager
+def waiting_lock(path: Path, timeout: float = 600.0):
+    """Hold ``<path>.lock`` (:class:`tubcli.runs.ItemLock`), waiting while another job holds it."""
+    lock = ItemLock(path)
+    deadline = time.monotonic() + timeout
+    while not lock.acquire():
+        if time.monotonic() > deadline:
+            raise TubError(f"{lock.path} has been held by another job for {timeout:.0f} s; "
+                           "delete it if no job is running")
+        time.sleep(0.2)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def slide_embeddings(rows: list[dict], emb: np.ndarray, how: str = "mean") -> dict[str, np.ndarray]:

@@ -34,13 +34,24 @@ class Transform:
     mean: tuple = NORMALISATIONS["imagenet"][0]
     std: tuple = NORMALISATIONS["imagenet"][1]
 
+    def resized_size(self, H: int, W: int) -> tuple[int, int]:
+        """(H, W) after scaling the shorter side to ``img_size``."""
+        s = self.img_size
+        if min(H, W) == s:
+            return H, W
+        scale = s / min(H, W)
+        return (s, round(W * scale)) if H <= W else (round(H * scale), s)
+
+    def output_size(self, H: int, W: int) -> tuple[int, int]:
+        """(H, W) of an H x W tile after :meth:`resize`, i.e. what the ViT sees."""
+        return (self.img_size, self.img_size) if self.crop else self.resized_size(H, W)
+
     def resize(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> shorter side ``img_size`` (+ centre crop when ``crop``)."""
         H, W = x.shape[-2:]
         s = self.img_size
-        if min(H, W) != s:
-            scale = s / min(H, W)
-            size = (s, round(W * scale)) if H <= W else (round(H * scale), s)
+        size = self.resized_size(H, W)
+        if size != (H, W):
             x = F.interpolate(x, size=size, mode=self.interpolation, antialias=True,
                               align_corners=False).clamp_(0, 1)
         if self.crop and x.shape[-2:] != (s, s):
@@ -81,6 +92,16 @@ class Encoder(nn.Module):
         self.pool = pool
         self.dim = pooled_dim(vit.cfg.embed_dim, pool)
 
+    def check_tile_size(self, H: int, W: int, src) -> None:
+        """An H x W tile that this model's preprocessing cannot turn into whole patches is a one-line
+        error naming ``src`` (otherwise the ViT would fail on the resized size, without the file)."""
+        h, w = self.transform.output_size(H, W)
+        P = self.vit.cfg.patch_size
+        if h % P or w % P:
+            raise TubError(f"{src}: {W}x{H} px tiles become {w}x{h} px after resizing to the model's "
+                           f"{self.transform.img_size} px (shorter side), not whole {P}-px patches; "
+                           "crop the tiles square")
+
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         x = self.transform(x.to(next(self.vit.parameters()).dtype))
         return self.vit.forward_features(x)
@@ -103,6 +124,9 @@ def transform_for(preset: Preset | None, meta: dict, cfg: ViTConfig, norm: str |
     else:
         mean, std = NORMALISATIONS["imagenet"]
         log.warning("no preset or model.json gives the normalisation; using ImageNet mean/std")
+    if img_size is not None and (img_size < 1 or img_size % cfg.patch_size):
+        raise TubError(f"--img-size {img_size} is not a positive multiple of the patch size {cfg.patch_size}; "
+                       f"use e.g. {max(1, round(img_size / cfg.patch_size)) * cfg.patch_size}")
     size = img_size or meta.get("img_size") or (preset.img_size if preset else None) or cfg.img_size
     return Transform(img_size=size, interpolation=preset.interpolation if preset else "bilinear",
                      crop=preset.crop if preset else False, mean=tuple(mean), std=tuple(std))

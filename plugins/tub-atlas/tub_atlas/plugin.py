@@ -21,8 +21,9 @@ app = PluginApp(
              help="Infer a checkpoint's ViT architecture from its tensor shapes.", args=["weights"],
              options={"from": "source", "heads": "heads"}),
         Verb("convert", "tub_atlas.cli:convert", config="tub_atlas.config:ConvertConfig",
-             help="Convert DINOv2, DINOv3 (RoPE) and wrapped checkpoints to timm layout (.safetensors + model.json).",
-             args=["weights", "output"],
+             help="Convert DINOv2, DINOv3 (RoPE) and wrapped checkpoints to timm layout (.safetensors + model.json); "
+                  "an existing OUTPUT is replaced only with --overwrite.",
+             args=["weights", "output"], overwrite=True,
              options={"from": "source", "heads": "heads", "preset": "preset", "norm": "norm", "pool": "pool"}),
         Verb("embed", "tub_atlas.cli:embed", config="tub_atlas.config:EmbedConfig",
              help="Embed tile folders, ImageFolder trees, NPZ/HDF5 tile arrays, whole slides (npy/pathorob/h5/eva).",

@@ -34,8 +34,15 @@ def run_probes(feats: LabelledFeatures, cfg, run) -> dict:
         run.log.warning("no validation rows: early stopping uses the training rows")
         va = tr
     x = feats.x
+    support = {part: dict(zip(classes, np.bincount(y[split == part], minlength=len(classes)).tolist()))
+               for part in ("train", "val", "test")}
+    for part in ("train", "test"):
+        missing = [c for c, n in support[part].items() if n == 0]
+        if missing:  # balanced accuracy then averages the recall of the other classes only
+            run.log.warning("class(es) %s have no %s rows, so the scores say nothing about them; add slides "
+                            "of those classes or give a split column", ", ".join(missing), part)
     out: dict = {"classes": classes, "n_train": int(tr.sum()), "n_val": int((split == "val").sum()),
-                 "n_test": int(te.sum()), "dim": int(x.shape[1])}
+                 "n_test": int(te.sum()), "dim": int(x.shape[1]), "support": support}
     if cfg.method in ("knn", "both"):
         pred = knn_predict(x[tr], y[tr], x[te], len(classes), cfg.k, cfg.vote, cfg.temperature)
         m = classification_metrics(y[te], pred, len(classes))

@@ -89,6 +89,10 @@ def check_slide_options(options: dict) -> None:
     overlap_pixels(options.get("overlap", 0), options["tile_px"])
     if options.get("mpp") is not None and options.get("mag") is not None:
         raise TubError("give either --slide-mpp or --slide-mag, not both")
+    coords = options.get("coords")
+    if coords is not None and not Path(coords).exists():
+        raise TubError(f"--slide-coords {coords}: no patch file or folder there; give a 'tub atlas tile' run "
+                       "folder or a patch .h5 file")
     tissue = options.get("tissue")
     if tissue is not None:
         try:
@@ -275,7 +279,7 @@ class SlideTiles:
 
     def compact(self, qc: bool = True) -> None:
         """Render the QC image and outlines now (if ``qc``) and drop the thumbnail and masks, so that
-        tiling many slides up front keeps only coordinates and small outputs in memory."""
+        a tiled slide keeps only coordinates and small outputs in memory."""
         if qc and self.tissue is not None:
             import io
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import re
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,14 +41,53 @@ class TileSet:
         if self.reader is not None:
             return self.reader(start, stop)
         if self.paths is not None:
-            return np.stack([read_image(p) for p in self.paths[start:stop]])
-        if self.array_file.suffix == ".npz":
-            arr = self.extra.setdefault("_cache", np.load(self.array_file)[self.array_key])
-            return _hwc(arr[start:stop], self.array_file)
+            return self._stack(self.paths[start:stop])
+        if "array" in self.extra:  # NPZ: loaded (and checked) by read_array_file
+            return _hwc(self.extra["array"][start:stop], self.array_file)
         import h5py
 
         with h5py.File(self.array_file, "r") as f:
             return _hwc(f[self.array_key][start:stop], self.array_file)
+
+    def _stack(self, paths: list[Path]) -> np.ndarray:
+        """Image files as one array; all tiles of an input must have the size of its first one, so a
+        stray file of another size is named instead of failing inside ``np.stack``."""
+        images = [read_image(p) for p in paths]
+        first, shape = self.extra.setdefault("first_tile", (paths[0], images[0].shape))
+        for p, im in zip(paths, images):
+            if im.shape != shape:
+                raise TubError(f"{p} is {im.shape[1]}x{im.shape[0]} px but {first} is {shape[1]}x{shape[0]}; "
+                               "the tiles of one input must share one size: resize them or embed them separately")
+        return np.stack(images)
+
+
+FLOAT_TOLERANCE = 1e-3  # float tiles may overshoot [0, 1] by rounding (e.g. after resampling)
+
+
+def to_uint8(arr: np.ndarray, src) -> np.ndarray:
+    """Pixels as uint8, by one rule for every input: uint8 as is; uint16 scaled by 255/65535 (its full
+    range, e.g. 16-bit PNGs); other integers must already lie in 0..255; floats must be finite and in
+    [0, 1] (the encoder's input range). Anything else is a one-line error naming ``src``."""
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype.kind == "u" and arr.dtype.itemsize == 2:
+        return np.round(arr / 257.0).astype(np.uint8)
+    if arr.dtype.kind in "ui":
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > 255:
+            raise TubError(f"{src}: {arr.dtype} pixel values span {lo}..{hi}, outside 0..255; "
+                           "store tiles as uint8 (0..255), uint16 (0..65535) or float (0..1)")
+        return arr.astype(np.uint8)
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all():
+            raise TubError(f"{src}: tiles contain NaN or infinite values; fix or drop those tiles")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < -FLOAT_TOLERANCE or hi > 1 + FLOAT_TOLERANCE:
+            raise TubError(f"{src}: float tiles must be RGB in [0, 1], found {lo:g}..{hi:g}; "
+                           "divide 0..255 data by 255 or store uint8")
+        return np.round(np.clip(arr, 0, 1) * 255).astype(np.uint8)
+    raise TubError(f"{src}: tile pixels of dtype {arr.dtype} are not supported; "
+                   "store uint8, uint16 or float (0..1)")
 
 
 def _hwc(arr: np.ndarray, src) -> np.ndarray:
@@ -55,21 +95,23 @@ def _hwc(arr: np.ndarray, src) -> np.ndarray:
         arr = arr.transpose(0, 2, 3, 1)
     if arr.ndim != 4 or arr.shape[-1] != 3:
         raise TubError(f"{src}: tile array must be (N, H, W, 3) or (N, 3, H, W), got {arr.shape}")
-    if arr.dtype != np.uint8:
-        if np.issubdtype(arr.dtype, np.floating) and arr.max() <= 1.0:
-            arr = (arr * 255).round()
-        arr = np.clip(arr, 0, 255).astype(np.uint8)
-    return arr
+    return to_uint8(arr, src)
 
 
 def read_image(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB. 8-bit modes go through PIL's RGB conversion; 16-bit, 32-bit and float
+    greyscale (modes I;16, I, F), which PIL would saturate, through :func:`to_uint8`."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            high = im.mode.startswith("I") or im.mode == "F"
+            arr = np.asarray(im) if high else np.asarray(im.convert("RGB"))
     except Exception as exc:  # noqa: BLE001
         raise TubError(f"cannot read image {path}: {exc}") from exc
+    if high:
+        arr = np.repeat(to_uint8(arr, path)[..., None], 3, axis=-1)
+    return arr
 
 
 def _row_from_name(path: Path, label: str | None, root: Path) -> dict:
@@ -107,29 +149,59 @@ def _strings(arr, n: int, default: str) -> list[str]:
     return [a.decode() if isinstance(a, bytes) else str(a) for a in arr.tolist()]
 
 
-def read_array_file(path: Path) -> TileSet:
-    """NPZ (``tiles``/``imgs``/``images``) or HDF5 (``imgs``/``tiles`` + ``coords``) tile arrays."""
-    if path.suffix == ".npz":
-        with np.load(path) as z:
-            keys = list(z.keys())
-            key = next((k for k in ARRAY_KEYS if k in keys), None)
-            if key is None:
-                raise TubError(f"{path}: no tile array (one of {ARRAY_KEYS}); keys are {keys}")
-            n = z[key].shape[0]
-            meta = {k: z[k] for k in keys if k != key and z[k].shape[:1] == (n,)}
-    else:
-        import h5py
+def _npz_arrays(path: Path, wanted) -> tuple[str, dict[str, np.ndarray]]:
+    """The tile array's key and the arrays of ``wanted`` keys that an NPZ holds; unreadable files and
+    pickled (object) arrays are one-line errors."""
+    if not zipfile.is_zipfile(path):
+        raise TubError(f"{path} is not an .npz archive (a zip of .npy arrays); write it with numpy.savez")
+    with np.load(path) as z:
+        keys = list(z.keys())
+        key = next((k for k in ARRAY_KEYS if k in keys), None)
+        if key is None:
+            raise TubError(f"{path}: no tile array (one of {ARRAY_KEYS}); keys are {keys}")
+        arrays = {}
+        for k in [key, *(k for k in keys if k in wanted)]:
+            try:
+                arrays[k] = z[k]
+            except Exception as exc:  # noqa: BLE001 - numpy's reasons (pickled objects, corrupt member)
+                raise TubError(f"{path}: cannot load array {k!r} ({str(exc).splitlines()[0]}); store numbers, "
+                               "and text as a numpy string array (dtype=str)") from None
+    return key, arrays
 
-        try:
-            f = h5py.File(path, "r")
-        except OSError as exc:
-            raise TubError(f"cannot open HDF5 file {path}: {exc}") from exc
-        with f:
-            key = next((k for k in ARRAY_KEYS if k in f), None)
-            if key is None:
-                raise TubError(f"{path}: no tile dataset (one of {ARRAY_KEYS}); datasets are {list(f)}")
-            n = f[key].shape[0]
-            meta = {k: f[k][()] for k in f if k != key and hasattr(f[k], "shape") and f[k].shape[:1] == (n,)}
+
+def _h5_arrays(path: Path, wanted) -> tuple[str, int, dict[str, np.ndarray]]:
+    """The tile dataset's key and length (tiles are read lazily) and the ``wanted`` datasets."""
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise TubError(f"cannot open HDF5 file {path}: {exc}") from exc
+    with f:
+        key = next((k for k in ARRAY_KEYS if k in f), None)
+        if key is None:
+            raise TubError(f"{path}: no tile dataset (one of {ARRAY_KEYS}); datasets are {list(f)}")
+        return key, len(f[key]), {k: f[k][()] for k in f if k in wanted and hasattr(f[k], "shape")}
+
+
+META_KEYS = LABEL_KEYS + ("slide_id", "patch_id", "coords")
+
+
+def read_array_file(path: Path) -> TileSet:
+    """NPZ (``tiles``/``imgs``/``images``) or HDF5 (``imgs``/``tiles`` + ``coords``) tile arrays, with
+    optional per-tile ``labels``, ``slide_id``, ``patch_id``, ``coords`` (one entry per tile)."""
+    if path.suffix.lower() == ".npz":
+        key, meta = _npz_arrays(path, META_KEYS)
+        array = meta.pop(key)
+        n, extra = len(array), {"array": array}
+    else:
+        key, n, meta = _h5_arrays(path, META_KEYS)
+        extra = {}
+    if n == 0:
+        raise TubError(f"{path}: the tile array {key!r} is empty (0 tiles)")
+    for k, v in meta.items():
+        if np.ndim(v) == 0 or len(v) != n:
+            raise TubError(f"{path}: {k!r} has {np.size(v)} entries for {n} tiles; give one per tile or drop it")
     label = next((meta[k] for k in LABEL_KEYS if k in meta), None)
     coords = meta.get("coords")
     slides = _strings(meta.get("slide_id"), n, path.stem)
@@ -141,7 +213,29 @@ def read_array_file(path: Path) -> TileSet:
         pid = patches[i] or (f"{x}_{y}" if coords is not None else str(i))
         rows.append({"tile_id": f"{path.name}:{i}", "origin": f"{path}:{i}", "label": labels[i],
                      "slide_id": slides[i], "patch_id": pid, "x": x, "y": y})
-    return TileSet(name=path.stem, rows=rows, array_file=path, array_key=key)
+    return TileSet(name=path.stem, rows=rows, array_file=path, array_key=key, extra=extra)
+
+
+ARRAY_EXT = (".npz", ".h5", ".hdf5")
+
+
+def input_name(path: Path) -> str:
+    """The name of an input's outputs: a folder's name or a file's stem. It depends on the path alone,
+    so a rerun with other arguments finds the same outputs."""
+    path = Path(path)
+    return path.resolve().name if path.is_dir() else path.stem
+
+
+def check_input(path: Path) -> None:
+    """Before any reading: the input exists and is of a kind tub reads (a folder, .npz/.h5, a whole
+    slide or an image). Problems with its contents show up when it is read."""
+    from .slides import SLIDE_EXT
+
+    if not path.exists():
+        raise TubError(f"input {path} does not exist; give tile folders, .npz/.h5 files or whole slides")
+    if not (path.is_dir() or path.suffix.lower() in ARRAY_EXT + tuple(SLIDE_EXT | IMAGE_EXT)):
+        raise TubError(f"{path}: unsupported input; use a tile folder, an ImageFolder tree, .npz/.h5 or a "
+                       "whole slide (.svs, .ndpi, .mrxs, pyramidal .tif, ...)")
 
 
 def read_input(path: str | Path, slide_options: dict | None = None) -> TileSet:
@@ -149,20 +243,16 @@ def read_input(path: str | Path, slide_options: dict | None = None) -> TileSet:
     from .slides import SLIDE_EXT, is_whole_slide, read_slide
 
     path = Path(path)
-    if not path.exists():
-        raise TubError(f"input {path} does not exist; give tile folders, .npz/.h5 files or whole slides")
+    check_input(path)
     if path.is_dir():
         return read_folder(path)
-    if path.suffix.lower() in (".npz", ".h5", ".hdf5"):
+    if path.suffix.lower() in ARRAY_EXT:
         return read_array_file(path)
     if is_whole_slide(path):
         return read_slide(path, **(slide_options or {}))
     if path.suffix.lower() in SLIDE_EXT - IMAGE_EXT:
         raise TubError(f"OpenSlide cannot read {path}; is it a complete whole-slide file?")
-    if path.suffix.lower() in IMAGE_EXT:
-        return TileSet(name=path.stem, rows=[_row_from_name(path, None, path.parent)], paths=[path])
-    raise TubError(f"{path}: unsupported input; use a tile folder, an ImageFolder tree, .npz/.h5 or a "
-                   "whole slide (.svs, .ndpi, .mrxs, pyramidal .tif, ...)")
+    return TileSet(name=path.stem, rows=[_row_from_name(path, None, path.parent)], paths=[path])
 
 
 # ------------------------------------------------------------------ PathoROB metadata

@@ -1,0 +1,225 @@
+"""`tub atlas embed` as a batch verb and its input checks: slides.npz covers the whole run folder, one bad
+input is one line in failures.jsonl, pixel dtypes and tile sizes, output names; plus the small input
+checks of inspect, convert and evaluate. Tiny generated inputs, the random-weight demo ViT."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from tubcli.errors import TubError
+from tubcli.testing import invoke
+from tub_atlas.tiles import read_input
+
+ENC = ["--arch", "vit-t8-demo", "--random-init"]
+
+
+def tile_folder(folder: Path, slide: str, n: int = 2, size=(64, 64), seed: int = 0) -> Path:
+    """``n`` random RGB tiles ``<slide>_<x>_0.png`` of ``size`` (width, height)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
+            folder / f"{slide}_{64 * i}_0.png")
+    return folder
+
+
+def atlas(*args, code: int = 0):
+    r = invoke(["atlas", *map(str, args)])
+    assert r.exit_code == code, r.stderr + r.stdout
+    assert "Traceback" not in r.stderr + r.stdout
+    return r
+
+
+def slides_in(run: Path) -> list[str]:
+    with np.load(run / "slides.npz") as z:
+        return sorted(z.files)
+
+
+def failures(run: Path) -> dict[str, str]:
+    lines = (run / "failures.jsonl").read_text().splitlines()
+    return {Path(json.loads(line)["item"]).name: json.loads(line)["error"] for line in lines}
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    from tub_atlas.checkpoint import model_json, save_weights
+    from tub_atlas.presets import get_preset
+    from tub_atlas.synthetic import preset_config, random_vit
+
+    p = get_preset("vit-t8-demo")
+    cfg = preset_config(p.name)
+    path = tmp_path_factory.mktemp("w") / "demo.safetensors"
+    save_weights(path, random_vit(cfg, seed=0).state_dict(),
+                 model_json(cfg, norm=p.norm, pool=p.pool, preset=p.name, img_size=p.img_size))
+    return path
+
+
+# ------------------------------------------------------------------ defect 1: slides.npz
+def test_slides_npz_covers_every_output_of_the_run_folder(tmp_path):
+    a, b = tile_folder(tmp_path / "a", "sA"), tile_folder(tmp_path / "b", "sB", seed=1)
+    run = tmp_path / "r"
+    atlas("embed", a, *ENC, "-o", run)
+    atlas("embed", a, b, *ENC, "-o", run)  # a is skipped, b is added
+    assert slides_in(run) == ["sA", "sB"]
+    r = atlas("embed", a, b, *ENC, "-o", run, "--json")  # all skipped: the table stays whole
+    assert json.loads(r.stdout)["batch"]["skipped_existing"] == 2 and slides_in(run) == ["sA", "sB"]
+    with np.load(run / "slides.npz") as z:  # mean of the slide's tile embeddings
+        assert np.allclose(z["sB"], np.load(run / "outputs/b/embeddings.npy").mean(0), atol=1e-6)
+    for i in range(2):  # two shards of one job array, one run folder
+        atlas("embed", a, b, *ENC, "--shard", f"{i}/2", "-o", tmp_path / "s")
+    assert slides_in(tmp_path / "s") == ["sA", "sB"]
+
+
+def test_a_slide_in_two_inputs_is_a_failure_not_an_overwrite(tmp_path):
+    a, c = tile_folder(tmp_path / "a", "sA"), tile_folder(tmp_path / "c", "sA", seed=2)
+    run = tmp_path / "r"
+    atlas("embed", a, c, *ENC, "-o", run, code=1)
+    assert "slide 'sA' is in two inputs" in failures(run)["c"]
+    assert not (run / "outputs/c").exists() and slides_in(run) == ["sA"]
+
+
+# ------------------------------------------------------------------ defect 2: per-input failures
+def test_one_bad_input_is_one_failure_and_the_others_are_embedded(tmp_path):
+    a = tile_folder(tmp_path / "a", "sA")
+    (tmp_path / "slide.svs").write_bytes(b"not a slide" * 10)
+    (tmp_path / "tiles.npz").write_bytes(b"junk" * 100)
+    run = tmp_path / "r"
+    r = atlas("embed", a, tmp_path / "slide.svs", tmp_path / "tiles.npz", *ENC, "-o", run, code=1)
+    assert "2 of 3 items failed" in r.stderr
+    assert set(failures(run)) == {"slide.svs", "tiles.npz"}
+    assert "not an .npz archive" in failures(run)["tiles.npz"]
+    assert (run / "outputs/a/embeddings.npy").is_file() and slides_in(run) == ["sA"]
+    # a path that does not exist or a kind tub cannot read is a mistake in the command: exit 2, nothing run
+    (tmp_path / "notes.txt").write_text("x")
+    for bad in (tmp_path / "missing", tmp_path / "notes.txt"):
+        atlas("embed", a, bad, *ENC, "-o", tmp_path / "x", code=2)
+    assert not (tmp_path / "x/outputs/a").exists()
+
+
+# ------------------------------------------------------------------ defect 3: pixel dtypes
+def test_16_bit_tiles_scale_by_their_range_like_8_bit_ones(tmp_path):
+    v8 = np.random.default_rng(0).integers(0, 256, (2, 16, 16), dtype=np.uint8)
+    v16 = v8.astype(np.uint16) * 257  # the same grey levels, 16-bit
+    (tmp_path / "g").mkdir()
+    Image.fromarray(v16[0]).save(tmp_path / "g/s_0_0.png")
+    assert Image.open(tmp_path / "g/s_0_0.png").mode == "I;16"
+    rgb8 = np.repeat(v8[..., None], 3, axis=-1)
+    assert np.array_equal(read_input(tmp_path / "g").read(0, 1)[0], rgb8[0])
+    np.savez(tmp_path / "u16.npz", tiles=np.repeat(v16[..., None], 3, axis=-1))
+    assert np.array_equal(read_input(tmp_path / "u16.npz").read(0, 2), rgb8)
+    np.savez(tmp_path / "i64.npz", tiles=rgb8.astype(np.int64))  # plain integers 0..255 stay as they are
+    assert np.array_equal(read_input(tmp_path / "i64.npz").read(0, 2), rgb8)
+
+
+@pytest.mark.parametrize("values, needle", [(np.nan, "NaN or infinite"), (np.inf, "NaN or infinite"),
+                                            (200.0, r"float tiles must be RGB in \[0, 1\]")])
+def test_float_tiles_must_be_finite_and_in_0_1(tmp_path, values, needle):
+    arr = np.random.default_rng(0).random((2, 8, 8, 3)).astype(np.float32)
+    arr[1, 2, 3, 0] = values
+    np.savez(tmp_path / "f.npz", tiles=arr)
+    ts = read_input(tmp_path / "f.npz")
+    with pytest.raises(TubError, match=needle) as exc:
+        ts.read(0, 2)
+    assert str(tmp_path / "f.npz") in str(exc.value)
+
+
+def test_integer_tiles_outside_0_255_are_an_error(tmp_path):
+    np.savez(tmp_path / "i.npz", tiles=np.full((1, 8, 8, 3), 300, np.int32))
+    with pytest.raises(TubError, match=r"outside 0\.\.255"):
+        read_input(tmp_path / "i.npz").read(0, 1)
+
+
+# ------------------------------------------------------------------ defect 4: tile sizes
+def test_tile_sizes_the_model_cannot_take_name_the_file(tmp_path):
+    mixed = tile_folder(tmp_path / "mixed", "sM", n=1)
+    tile_folder(tmp_path / "odd", "sM", n=1, size=(100, 40))
+    (tmp_path / "odd/sM_0_0.png").rename(mixed / "sM_64_0.png")
+    thin = tile_folder(tmp_path / "thin", "sT", n=1, size=(30, 100))
+    run = tmp_path / "r"
+    atlas("embed", mixed, thin, *ENC, "-o", run, code=1)
+    err = failures(run)
+    assert "sM_64_0.png is 100x40 px but" in err["mixed"] and "sM_0_0.png is 64x64" in err["mixed"]
+    assert "sT_0_0.png: 30x100 px tiles become 64x213 px" in err["thin"] and "8-px patches" in err["thin"]
+
+
+# ------------------------------------------------------------------ defect 5: output names
+def test_output_names_depend_on_each_input_alone(tmp_path):
+    one, two = tile_folder(tmp_path / "p/one", "s1"), tmp_path / "q/two.npz"
+    two.parent.mkdir()
+    np.savez(two, tiles=np.zeros((2, 64, 64, 3), np.uint8), slide_id=np.array(["s2", "s2"]))
+    run = tmp_path / "r"
+    atlas("embed", two, one, *ENC, "-o", run)
+    r = atlas("embed", one, two, f"{one}/", *ENC, "-o", run, "--json")  # other order; one given twice
+    batch = json.loads(r.stdout)["batch"]
+    assert batch["items"] == 2 and batch["skipped_existing"] == 2
+    assert sorted(p.name for p in (run / "outputs").iterdir()) == ["one", "two"]
+    # a folder and a file with the same stem would write one output: an error before anything runs
+    np.savez(tmp_path / "p/one.npz", tiles=np.zeros((1, 64, 64, 3), np.uint8))
+    r = atlas("embed", tmp_path / "p/one.npz", one, *ENC, "-o", tmp_path / "c", code=2)
+    assert "would both write outputs/one" in r.stderr and "one.npz" in r.stderr
+    assert not (tmp_path / "c/outputs/one").exists()
+
+
+# ------------------------------------------------------------------ defect 6: array files, heads
+def test_bad_array_files_are_one_line_errors(tmp_path):
+    tiles = np.zeros((3, 8, 8, 3), np.uint8)
+    (tmp_path / "junk.npz").write_bytes(b"junk" * 100)
+    np.savez(tmp_path / "obj.npz", tiles=tiles, labels=np.array(["a", None, "b"], dtype=object))
+    np.savez(tmp_path / "empty.npz", tiles=tiles[:0])
+    np.savez(tmp_path / "labels.npz", tiles=tiles, labels=np.array(["a", "b"]))
+    with h5py.File(tmp_path / "labels.h5", "w") as f:
+        f["imgs"] = tiles
+        f["label"] = np.array([b"a"])
+    cases = {"junk.npz": "not an .npz archive", "obj.npz": "cannot load array 'labels'",
+             "empty.npz": r"empty \(0 tiles\)", "labels.npz": "'labels' has 2 entries for 3 tiles",
+             "labels.h5": "'label' has 1 entries for 3 tiles"}
+    for name, needle in cases.items():
+        with pytest.raises(TubError, match=needle):
+            read_input(tmp_path / name)
+
+
+def test_heads_that_do_not_divide_the_width_are_an_error(tmp_path, weights):
+    r = atlas("inspect", weights, "--heads", "5", "-o", tmp_path / "i", code=2)
+    assert "5 attention heads" in r.stderr and "width 192" in r.stderr
+    tile_folder(tmp_path / "a", "sA")
+    atlas("embed", tmp_path / "a", "--weights", weights, "--heads", "5", "-o", tmp_path / "e", code=2)
+
+
+# ------------------------------------------------------------------ defect 7: small input checks
+def test_convert_keeps_an_existing_output_unless_overwrite(tmp_path, weights):
+    out = tmp_path / "conv.safetensors"
+    args = ["convert", weights, out, "--preset", "vit-t8-demo"]
+    atlas(*args, "-o", tmp_path / "c1")
+    before = out.read_bytes()
+    r = atlas(*args, "-o", tmp_path / "c2", code=2)
+    assert "exists" in r.stderr and "--overwrite" in r.stderr and out.read_bytes() == before
+    atlas(*args, "--overwrite", "-o", tmp_path / "c3")
+
+
+def test_directory_weights_and_bad_img_size_are_errors(tmp_path, weights):
+    r = atlas("inspect", tmp_path, "-o", tmp_path / "i", code=2)
+    assert "is a directory" in r.stderr
+    a = tile_folder(tmp_path / "a", "sA")
+    r = atlas("embed", a, "--weights", tmp_path, "-o", tmp_path / "e", code=2)
+    assert "is a directory" in r.stderr
+    for size in ("0", "60"):
+        r = atlas("embed", a, "--weights", weights, "--img-size", size, "-o", tmp_path / f"s{size}", code=2)
+        assert "--img-size" in r.stderr
+
+
+def test_evaluate_warns_when_the_test_split_lacks_a_class(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.array(["a", "b"] * 6)
+    split = np.array(["train"] * 6 + ["val", "val", "test", "val", "test", "val"])  # test rows: two 'a'
+    np.savez(tmp_path / "f.npz", features=rng.normal(size=(12, 4)).astype(np.float32), labels=labels,
+             split=split, slide_id=np.arange(12).astype(str))
+    r = atlas("evaluate", tmp_path / "f.npz", "--method", "knn", "--k", "1", "--json", "-o", tmp_path / "e")
+    res = json.loads(r.stdout)
+    assert res["support"]["test"] == {"a": 2, "b": 0} and res["support"]["train"] == {"a": 3, "b": 3}
+    assert "class(es) b have no test rows" in r.stderr
