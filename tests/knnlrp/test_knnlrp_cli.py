@@ -159,3 +159,106 @@ def test_lower_precision_is_reported_not_silently_ignored(knn_run, data_dir, tmp
     assert "numpy in float64" not in quiet.stderr
     assert "numpy in float64 on the CPU" in asked.stderr and "--precision bf16" in asked.stderr
     assert json.loads(asked.stdout) == json.loads(quiet.stdout)
+
+
+def _one_line_exit_2(res, words):
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and words in lines[0], res.stderr
+    assert "Traceback" not in res.output
+
+
+@pytest.fixture
+def tiny_csv(tmp_path):
+    X = np.random.default_rng(0).normal(size=(40, 3))
+    path = tmp_path / "tiny.csv"
+    path.write_text("a,b,c,target\n" + "".join(f"{a},{b},{c},{int(a > 0)}\n" for a, b, c in X))
+    return path
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["train", "{gap}", "--k", "3"], "missing label in column 'target' (row 2); drop or fill it"),
+        (["train", "{tiny}", "--model", "svm", "--k", "4"], "--k: not used by --model svm"),
+        (["train", "{tiny}", "--k", "3", "--gamma", "1", "--C", "2"], "--gamma, --C: not used by --model knn"),
+        (["make-data", "iris", "--set", "test_size=0.01"], "choose test_size in [0.02, 0.98]"),
+        (["make-data", "iris", "--seed", str(10**23)], "'seed'"),
+    ],
+)
+def test_bad_values_are_one_line_exit_2(args, words, tiny_csv, tmp_path):
+    gap = tmp_path / "gap.csv"
+    gap.write_text("a,target\n1,0\n2,\n3,1\n")
+    subs = {"{tiny}": tiny_csv, "{gap}": gap}
+    res = invoke(["knnlrp"] + [str(subs.get(a, a)) for a in args] + ["-o", str(tmp_path / "run")])
+    _one_line_exit_2(res, words)
+
+
+def test_unknown_eta_sweep_method_is_named(knn_run, data_dir, tmp_path):
+    res = invoke(["knnlrp", "evaluate", str(data_dir / "test.csv"), "--model", str(knn_run), "--rows", "2",
+                  "--methods", "lrp_etaabc", "-o", str(tmp_path / "e")])
+    _one_line_exit_2(res, "unknown or unavailable method(s) lrp_etaabc")
+
+
+def test_heatmaps_on_non_pixel_data_fail_before_writing(knn_run, data_dir, tmp_path):
+    out = tmp_path / "ex"
+    res = invoke(["knnlrp", "explain", str(data_dir / "test.csv"), "--model", str(knn_run), "--heatmaps",
+                  "-o", str(out)])
+    _one_line_exit_2(res, "heatmaps need a square number of pixel features")
+    assert not (out / "outputs" / "relevances.csv").exists() and not (out / "outputs" / "relevances.npz").exists()
+
+
+def test_an_edited_model_is_a_one_line_error(knn_run, data_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(knn_run / "checkpoints", model)
+    meta = json.loads((model / "model.json").read_text())
+    meta["scaler"] = "minmax"
+    (model / "model.json").write_text(json.dumps(meta))
+    res = invoke(["knnlrp", "check", str(data_dir / "test.csv"), "--model", str(model), "-o", str(tmp_path / "c")])
+    _one_line_exit_2(res, "is not a valid tub-knnlrp model")
+
+
+def test_check_reports_multiclass_vote_ties(tmp_path):
+    from sklearn.datasets import make_blobs
+
+    X, y = make_blobs(300, centers=4, cluster_std=4, random_state=0)
+    for name, rows in (("train", slice(0, 200)), ("test", slice(200, 300))):
+        (tmp_path / f"{name}.csv").write_text("a,b,target\n" + "".join(f"{a},{b},{t}\n" for (a, b), t in
+                                                                       zip(X[rows], y[rows])))
+    res = invoke(["knnlrp", "train", str(tmp_path / "train.csv"), "--k", "3", "--scaler", "none",
+                  "-o", str(tmp_path / "t")])
+    assert res.exit_code == 0, res.stderr
+    res = invoke(["knnlrp", "check", str(tmp_path / "test.csv"), "--model", str(tmp_path / "t"),
+                  "-o", str(tmp_path / "c"), "--json"])
+    assert res.exit_code == 0, res.stderr
+    m = json.loads(res.stdout)
+    assert m["vote_ties"] > 0 and m["no_majority"] == m["vote_ties"]  # k = 3: no plurality without a tie
+    assert m["kappa0"]["sign_agreement"] < 1.0  # sklearn breaks a tie by class order, the networks cannot
+    assert m["kappa0"]["sign_agreement_without_ties"] == m["kappa0"]["sign_agreement_majority"] == 1.0
+
+
+def test_a_pickled_dataframe_pipeline_runs_without_feature_name_warnings(data_dir, tmp_path):
+    pd = pytest.importorskip("pandas")
+    import warnings
+
+    import joblib
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+
+    from tub_knnlrp.data import read_table
+
+    t = read_table(data_dir / "train.csv", "target")
+    path = tmp_path / "user.joblib"
+    joblib.dump(make_pipeline(StandardScaler(), SVC(gamma=0.05)).fit(pd.DataFrame(t.X, columns=t.feature_names), t.y),
+                path)
+    for verb in ("explain", "check"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = invoke(["knnlrp", verb, str(data_dir / "test.csv"), "--model", str(path), "--allow-pickle", "-q",
+                          "-o", str(tmp_path / verb)])
+        assert res.exit_code == 0, res.stderr
+        noisy = [str(w.message) for w in caught if "feature names" in str(w.message)]
+        assert not noisy and "feature names" not in res.stderr, noisy[:1] or res.stderr

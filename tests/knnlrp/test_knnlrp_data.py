@@ -42,10 +42,14 @@ def test_parquet(tmp_path):
     "text, words",
     [
         ("a,b,target\n1,x,0\n", "not numeric"),
-        ("a,b,target\n1,,0\n", "not numeric"),
+        ("a,b,target\n1,x,0\n2,,1\n", "not numeric"),  # a text column with a gap: encode it first
+        ("a,b,target\n1,2,0\n1,,0\n", r"missing value in column 'b' \(row 2\)"),
+        ("a,b,target\n1,NA,0\n", r"missing value in column 'b' \(row 1\)"),
         ("a,b,target\n1,2\n", "number of fields"),
         ("a,b,target\n", "no data rows"),
-        ("a,b,target\n1,nan,0\n", "missing or infinite"),
+        ("a,b,target\n1,nan,0\n", "missing value"),
+        ("a,b,target\n1,-inf,0\n", "infinite value"),
+        ("a,a,c,target\n1,2,3,0\n", "two columns named 'a'"),
     ],
 )
 def test_bad_csv_is_a_one_line_error(tmp_path, text, words):
@@ -61,3 +65,47 @@ def test_missing_target_is_named(tmp_path):
     path.write_text("a,b\n1,2\n")
     with pytest.raises(TubError, match="no column 'y'"):
         read_table(path, "y", require_target=True)
+
+
+@pytest.mark.parametrize("cell", ["", "nan"])
+def test_missing_label_is_an_error_not_a_class(tmp_path, cell):
+    path = tmp_path / "d.csv"
+    path.write_text(f"a,target\n1,0\n2,{cell}\n3,1\n")
+    with pytest.raises(TubError, match=r"missing label in column 'target' \(row 2\); drop or fill it"):
+        read_table(path, "target", require_target=True)
+    assert read_table(path, "target").y is None  # when the labels are only dropped, the rows still count
+
+
+def test_missing_npz_label_is_an_error(tmp_path):
+    path = tmp_path / "d.npz"
+    np.savez(path, X=np.eye(3), y=np.array([0.0, np.nan, 1.0]))
+    with pytest.raises(TubError, match=r"missing label in column 'y' \(row 2\)"):
+        read_table(path, require_target=True)
+
+
+def test_duplicate_npz_feature_names_are_an_error(tmp_path):
+    path = tmp_path / "d.npz"
+    np.savez(path, X=np.eye(3), feature_names=np.array(["a", "a", "b"]))
+    with pytest.raises(TubError, match="two columns named 'a'"):
+        read_table(path)
+
+
+def test_excel_byte_order_mark_is_not_part_of_the_first_name(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_bytes("target,a,b\n1,2,3\n0,4,5\n".encode("utf-8-sig"))
+    t = read_table(path, "target", require_target=True)
+    assert t.feature_names == ["a", "b"] and t.y.tolist() == [1, 0]
+
+
+def test_parquet_without_an_engine_names_the_package(tmp_path, monkeypatch):
+    pd = pytest.importorskip("pandas")
+
+    def no_engine(*args, **kwargs):
+        raise ImportError("Unable to find a usable engine; tried using: 'pyarrow', 'fastparquet'.\nmore")
+
+    monkeypatch.setattr(pd, "read_parquet", no_engine)
+    path = tmp_path / "d.parquet"
+    path.write_bytes(b"PAR1")
+    with pytest.raises(TubError, match="pip install pyarrow") as info:
+        read_table(path, "target")
+    assert "\n" not in str(info.value)

@@ -98,7 +98,8 @@ def test_pipeline_with_pca_warns_and_uses_transformed_space():
     "model, words",
     [
         (KNeighborsClassifier(5, weights="distance"), "weights"),
-        (KNeighborsClassifier(5, metric="manhattan"), "metric"),
+        (KNeighborsClassifier(5, metric="manhattan"), "metric 'manhattan' is not supported"),
+        (KNeighborsClassifier(5, p=3), "metric 'minkowski' with p=3 is not supported"),
         (KNeighborsClassifier(4), "odd"),
         (SVC(kernel="linear"), "kernel"),
         (LogisticRegression(), "not supported"),
@@ -197,3 +198,118 @@ def test_dataframe_input_keeps_feature_names_without_warnings():
         warnings.simplefilter("error")
         e = explain(pipe, df.iloc[:5])
     assert e.feature_names == t.feature_names
+
+
+@pytest.mark.parametrize("kw", [{"metric": "l2"}, {"metric": "minkowski", "p": 2}, {"metric": "euclidean"}])
+def test_euclidean_metric_aliases_are_accepted(kw):
+    t = bundled("iris_binary")
+    a = explain(KNeighborsClassifier(5, **kw).fit(t.X, t.y), t.X[:10])
+    b = explain(KNeighborsClassifier(5).fit(t.X, t.y), t.X[:10])
+    np.testing.assert_array_equal(a.values, b.values)
+
+
+def test_manhattan_message_does_not_claim_p2():
+    t = bundled("iris_binary")
+    with pytest.raises(UnsupportedModelError) as info:
+        explain(KNeighborsClassifier(5, metric="manhattan").fit(t.X, t.y), t.X)
+    assert "p=2)" not in str(info.value).split(";")[0]
+
+
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        ({"beta": -1.0}, "beta must be a number > 0"),
+        ({"kappa": 1.7}, "kappa must be an integer"),
+        ({"kappa": -1}, "kappa must be an integer >= 0"),
+        ({"eta": 1.5}, "eta must be a number in"),
+        ({"beta_mc": 0.0}, "beta_mc must be a number > 0"),
+    ],
+)
+def test_explainer_parameters_are_validated(kw, words):
+    t = bundled("iris_binary")
+    model = SVC(gamma=0.1).fit(t.X, t.y) if "beta" in kw else KNeighborsClassifier(5).fit(t.X, t.y)
+    with pytest.raises(ValueError, match=words):
+        explain(model, t.X[:5], **kw)
+
+
+def test_explainer_is_a_scikit_learn_estimator():
+    from sklearn.base import clone
+
+    ex = NeuralizedExplainer(rule="midpoint", kappa=1)
+    assert clone(ex).get_params() == ex.get_params()
+    assert ex.set_params(kappa=0).kappa == 0
+
+
+def test_sparse_input_is_a_clear_error():
+    sparse = pytest.importorskip("scipy.sparse")
+    t = bundled("iris_binary")
+    knn = KNeighborsClassifier(5).fit(t.X, t.y)
+    with pytest.raises(UnsupportedModelError, match=r"sparse matrix; pass a dense array \(X.toarray\(\)\)"):
+        explain(knn, sparse.csr_matrix(t.X[:5]))
+    with pytest.raises(UnsupportedModelError, match="fitted on a sparse matrix"):
+        explain(KNeighborsClassifier(5).fit(sparse.csr_matrix(t.X), t.y), t.X[:5])
+
+
+def test_svm_on_identical_rows_asks_for_eta():
+    X, y = np.ones((10, 2)), np.arange(10) % 2
+    svc = SVC().fit(X, y)
+    with pytest.raises(ValueError, match="pass eta explicitly"):
+        explain(svc, X)
+    assert explain(svc, X, rule="midpoint").eta == 1.0  # the η heuristic is only needed by the hybrid rule
+    assert explain(svc, X, eta=0.5).values.shape == (10, 2)
+
+
+def test_options_of_the_other_model_are_errors():
+    t = bundled("iris_binary")
+    with pytest.raises(TubError, match="--k: not used by --model svm"):
+        fit_model(t.X, t.y, kind="svm", k=4, gamma=0.1, C=1.0)
+    with pytest.raises(TubError, match="--gamma, --C: not used by --model knn"):
+        fit_model(t.X, t.y, kind="knn", k=5, gamma=0.1, C=1.0)
+
+
+def _edit(meta: dict, arrays: dict, case: str):
+    if case == "no params":
+        del meta["params"]
+    elif case == "json list":
+        meta = [meta]
+    elif case == "fewer classes":
+        meta["classes"] = meta["classes"][:1]
+    elif case == "swapped classes":
+        meta["classes"] = meta["classes"][::-1]
+    elif case == "other scaler":
+        meta["scaler"] = "minmax"
+    elif case == "extra parameter":
+        meta["params"]["p"] = 1
+    elif case == "even k":
+        meta["params"]["k"] = 4
+    elif case == "no y_train":
+        del arrays["y_train"]
+    elif case == "y_train rows":
+        arrays["y_train"] = arrays["y_train"][:-1]
+    return meta, arrays
+
+
+@pytest.mark.parametrize("case", ["no params", "json list", "fewer classes", "swapped classes", "other scaler",
+                                  "extra parameter", "even k", "no y_train", "y_train rows"])
+def test_edited_model_files_are_one_line_errors(tmp_path, case):
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    X = np.random.default_rng(0).normal(size=(30, 3))
+    st, js = save_model(fit_model(X, (X[:, 0] > 0).astype(int), kind="knn", k=3), tmp_path)
+    meta, arrays = _edit(json.loads(js.read_text()), load_file(str(st)), case)
+    js.write_text(json.dumps(meta))
+    save_file(arrays, str(st), metadata={"format": "tub-knnlrp/1"})
+    with pytest.raises(TubError, match="is not a valid tub-knnlrp model: .*; retrain it") as info:
+        load_model(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_a_pickle_that_is_no_model_is_named(tmp_path):
+    import joblib
+
+    path = tmp_path / "d.joblib"
+    joblib.dump({"a": 1}, path)
+    with pytest.warns(UserWarning, match="executes code"), pytest.raises(TubError, match="holds a dict, not a"):
+        load_model(path, allow_pickle=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import time
 import warnings
 from pathlib import Path
@@ -19,7 +20,8 @@ def _need(value, what: str, hint: str):
     return value
 
 
-def _load(cfg):
+def _load(cfg, run):
+    """The stored model and the rows (a DataFrame if the model was fitted on one), loading notes logged."""
     from tub_knnlrp.data import read_table
     from tub_knnlrp.models import load_model
 
@@ -38,7 +40,15 @@ def _load(cfg):
     if table.feature_names != tm.feature_names and not unnamed:
         raise TubError(f"{Path(cfg.data).name}: feature columns differ from the model's; "
                        f"first mismatch {next(a + ' vs ' + b for a, b in zip(table.feature_names, tm.feature_names) if a != b)}")
-    return tm, table, [str(w.message) for w in caught]
+    X = table.X
+    names_in = getattr(tm.pipeline, "feature_names_in_", None)
+    if names_in is not None:  # a user's model fitted on a DataFrame gets one (scikit-learn warns on bare arrays)
+        import pandas as pd
+
+        X = pd.DataFrame(table.X, columns=list(names_in))
+    for w in caught:
+        run.log.warning(str(w.message))
+    return tm, X
 
 
 def _explain_kwargs(section) -> dict:
@@ -105,14 +115,18 @@ def explain(cfg, run) -> dict:
     from tub_knnlrp.explanation import explain as explain_rows
     from tub_knnlrp.fidelity import sign_agreement
 
-    tm, table, notes = _load(cfg)
-    for note in notes:
-        run.log.warning(note)
+    tm, X = _load(cfg, run)
     X_train = tm.X_train
     t0 = time.perf_counter()
-    e = _science(explain_rows, tm.pipeline, table.X, X_train=X_train, y_train=tm.y_train if X_train is not None else None,
+    e = _science(explain_rows, tm.pipeline, X, X_train=X_train, y_train=tm.y_train if X_train is not None else None,
                  feature_names=tm.feature_names, **_explain_kwargs(cfg.explain))
     seconds = time.perf_counter() - t0
+    side = _is_image(e.feature_names)
+    has_mpl = importlib.util.find_spec("matplotlib") is not None
+    if cfg.heatmaps and not side:  # checked before anything is written
+        raise TubError("heatmaps need a square number of pixel features (columns named pixel_*); drop --heatmaps")
+    if cfg.heatmaps and not has_mpl:
+        raise TubError("heatmaps need matplotlib: pip install matplotlib (or pass --no-heatmaps)")
     out = run.outputs_dir
     with atomic_path(out / "relevances.csv") as tmp:
         _write_relevance_csv(tmp, e)
@@ -122,12 +136,6 @@ def explain(cfg, run) -> dict:
                      prediction=np.asarray(e.prediction).astype(str), positive=np.asarray(e.positive).astype(str),
                      negative=np.asarray(e.negative).astype(str), feature_names=np.asarray(e.feature_names, dtype=str))
     figures = {}
-    side = _is_image(e.feature_names)
-    has_mpl = importlib.util.find_spec("matplotlib") is not None
-    if cfg.heatmaps and not side:
-        raise TubError("heatmaps need a square number of pixel features (columns named pixel_*)")
-    if cfg.heatmaps and not has_mpl:
-        raise TubError("heatmaps need matplotlib: pip install matplotlib (or pass --no-heatmaps)")
     if cfg.heatmaps is None and side and not has_mpl:
         run.log.warning("matplotlib is not installed: no heatmaps.png (pip install matplotlib)")
     if side and has_mpl and cfg.heatmaps is not False:
@@ -144,7 +152,7 @@ def explain(cfg, run) -> dict:
         "rule": e.rule,
         "eta": e.eta,
         "kappa": e.kappa,
-        "sign_agreement": sign_agreement(tm.pipeline, table.X, e),
+        "sign_agreement": sign_agreement(tm.pipeline, X, e),
         "seconds": round(seconds, 4),
         "outputs": {"csv": str(out / "relevances.csv"), "npz": str(out / "relevances.npz"), **figures},
     }
@@ -165,13 +173,13 @@ def _write_relevance_csv(path, e) -> None:
 def evaluate(cfg, run) -> dict:
     _numpy_notice(cfg, run)
     from tub_knnlrp.fidelity import check_report
-    from tub_knnlrp.flipping import FlippingEvaluation
+    from tub_knnlrp.flipping import FlippingEvaluation, sweep_eta
     from tub_knnlrp.neuralize import split_pipeline, transform_steps
 
-    tm, table, notes = _load(cfg)
+    tm, X = _load(cfg, run)
     if tm.X_train is None:
         raise TubError("this model carries no training set; evaluate needs one (train it with tub knnlrp train)")
-    X = table.X[: cfg.rows]
+    X = X[: cfg.rows]
     steps, est, _ = split_pipeline(tm.pipeline)
     Z_train, Z = transform_steps(steps, tm.X_train), transform_steps(steps, X)
     replacements = ["mean", "kde"] if cfg.replacement == "both" else [cfg.replacement]
@@ -183,7 +191,7 @@ def evaluate(cfg, run) -> dict:
                       explainer_kwargs=_explain_kwargs(cfg.explain))
         available = ev.available(Z.shape[1])
         methods = cfg.methods or available
-        unknown = [m for m in methods if m not in available and not m.startswith("lrp_eta")]
+        unknown = [m for m in methods if m not in available and sweep_eta(m) is None]
         if unknown:
             raise TubError(f"unknown or unavailable method(s) {', '.join(unknown)}; available: {', '.join(available)}"
                            " (and lrp_eta0.0 … lrp_eta1.0)")
@@ -218,9 +226,9 @@ def check(cfg, run) -> dict:
     _numpy_notice(cfg, run)
     from tub_knnlrp.fidelity import check_report
 
-    tm, table, _ = _load(cfg)
+    tm, X = _load(cfg, run)
     y = tm.y_train if tm.X_train is not None else None
-    return _science(check_report, tm.pipeline, table.X, tm.X_train, y, kappa=cfg.kappa)
+    return _science(check_report, tm.pipeline, X, tm.X_train, y, kappa=cfg.kappa)
 
 
 # -------------------------------------------------------------------------------------- make-data
@@ -230,6 +238,12 @@ def make_data(cfg, run) -> dict:
     from tub_knnlrp.data import bundled, write_table_csv
 
     t = bundled(cfg.name)
+    n, n_classes = len(t.y), len(np.unique(t.y))
+    n_test = math.ceil(cfg.test_size * n)  # as train_test_split counts
+    if min(n_test, n - n_test) < n_classes:
+        raise TubError(f"test_size={cfg.test_size} leaves {n_test} test and {n - n_test} training rows of {n}; "
+                       f"a stratified split needs {n_classes} (one per class) in each: choose test_size in "
+                       f"[{math.ceil(1000 * n_classes / n) / 1000}, {math.floor(1000 * (n - n_classes) / n) / 1000}]")
     Xtr, Xte, ytr, yte = train_test_split(t.X, t.y, test_size=cfg.test_size, random_state=run.seed, stratify=t.y)
     paths = {}
     for split, X, y in (("train", Xtr, ytr), ("test", Xte, yte)):

@@ -2,6 +2,11 @@
 
 Tables keep their feature names. NPZ files hold ``X`` (n, d) and optionally ``y`` (n,) and
 ``feature_names`` (d,), read with ``allow_pickle=False``. Nothing here downloads anything.
+
+Missing values are errors, never data: in a feature column an empty cell or one of
+:data:`MISSING_FEATURE` (NA, NaN, null, ...) asks for imputation; in the label column an empty
+cell or NaN asks to drop or fill the row (other strings, "NA" included, are class names there).
+Column names must be unique.
 """
 
 from __future__ import annotations
@@ -14,6 +19,10 @@ import numpy as np
 from tubcli.errors import TubError
 
 
+MISSING_LABEL = ("", "nan")
+MISSING_FEATURE = MISSING_LABEL + ("na", "n/a", "#n/a", "null", "none")
+
+
 @dataclass
 class Table:
     X: np.ndarray
@@ -23,7 +32,11 @@ class Table:
 
 
 def read_table(path, target: str | None = None, require_target: bool = False) -> Table:
-    """Read features (and the label column ``target``, if present) from CSV, Parquet or NPZ."""
+    """Read features (and the label column ``target``, if present) from CSV, Parquet or NPZ.
+
+    With ``require_target`` the labels must be present and complete; otherwise the label column is
+    only dropped from the features, and ``y`` is None when it is absent or has missing labels.
+    """
     path = Path(path)
     if not path.is_file():
         raise TubError(f"data file {path} does not exist; pass a CSV, Parquet or NPZ file")
@@ -45,16 +58,20 @@ def _read_frame(path, suffix, target, require_target):
             raise TubError("reading Parquet needs pandas and pyarrow: pip install pandas pyarrow")
         try:
             frame = pd.read_parquet(path)
+        except ImportError:
+            raise TubError(f"reading {path.name} needs a Parquet engine: pip install pyarrow") from None
         except Exception as exc:
             raise TubError(f"cannot read {path.name} as Parquet: {str(exc).splitlines()[0]}") from None
         header = [str(c) for c in frame.columns]
-        columns = {h: frame[c].to_numpy() for h, c in zip(header, frame.columns)}
+        # pandas' missing values (NaN, None, NA) all become None
+        columns = {h: frame[c].astype(object).where(frame[c].notna(), None).to_numpy()
+                   for h, c in zip(header, frame.columns)}
     else:
         import csv
 
         sep = "\t" if suffix == ".tsv" else ","
         try:
-            with open(path, newline="") as fh:
+            with open(path, newline="", encoding="utf-8-sig") as fh:  # an Excel byte-order mark
                 rows = list(csv.reader(fh, delimiter=sep))
         except UnicodeDecodeError:
             raise TubError(f"{path.name} is not a text CSV file; pass a CSV, Parquet or NPZ file") from None
@@ -70,7 +87,32 @@ def _read_frame(path, suffix, target, require_target):
     return _split_columns(path, header, columns, target, require_target)
 
 
+def _check_unique(path, names) -> None:
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise TubError(f"{path.name} has two columns named {name!r}; rename or drop one")
+        seen.add(name)
+
+
+def _missing(values, tokens) -> np.ndarray:
+    """Mask of missing entries: None, float NaN, or a string in ``tokens`` (case-insensitive)."""
+    values = np.asarray(values)
+    if values.dtype.kind == "f":
+        return np.isnan(values)
+    if values.dtype.kind not in "OU":
+        return np.zeros(len(values), dtype=bool)
+
+    def missing(v):
+        if isinstance(v, str):
+            return v.strip().lower() in tokens
+        return v is None or (isinstance(v, float) and v != v)
+
+    return np.fromiter((missing(v) for v in values.tolist()), dtype=bool, count=len(values))
+
+
 def _split_columns(path, header, columns, target, require_target):
+    _check_unique(path, header)
     if target is not None and target not in columns:
         if require_target:
             raise TubError(f"{path.name} has no column {target!r}; its columns are {', '.join(header[:8])}"
@@ -81,21 +123,31 @@ def _split_columns(path, header, columns, target, require_target):
         raise TubError(f"{path.name} has no feature columns besides the target")
     X = np.empty((len(columns[names[0]]), len(names)))
     for i, name in enumerate(names):
+        values = np.asarray(columns[name], dtype=object)
+        values[_missing(values, MISSING_FEATURE)] = np.nan  # reported as missing below, not as non-numeric
         try:
-            X[:, i] = np.asarray(columns[name], dtype=np.float64)
+            X[:, i] = values.astype(np.float64)
         except (ValueError, TypeError):
             raise TubError(f"{path.name}: column {name!r} is not numeric; encode it or drop it") from None
     if not np.isfinite(X).all():
         r, c = np.argwhere(~np.isfinite(X))[0]
-        raise TubError(f"{path.name}: missing or infinite value in column {names[c]!r} (row {r + 1}); impute it")
-    y = None
-    if target is not None:
-        y = _labels(np.asarray(columns[target]))
+        what = "missing" if np.isnan(X[r, c]) else "infinite"
+        raise TubError(f"{path.name}: {what} value in column {names[c]!r} (row {r + 1}); impute it or drop the row")
+    y = _labels(path, columns[target], target, require_target) if target is not None else None
     return Table(X, y, names, target)
 
 
-def _labels(raw: np.ndarray) -> np.ndarray:
-    """Integer labels when every value is an integer, otherwise strings."""
+def _labels(path, raw, column: str, required: bool) -> np.ndarray | None:
+    """Integer labels when every value is an integer, otherwise strings.
+
+    A missing label is an error when the labels are ``required``; otherwise there are no labels (None).
+    """
+    raw = np.asarray(raw)
+    missing = np.flatnonzero(_missing(raw, MISSING_LABEL))
+    if len(missing):
+        if not required:
+            return None
+        raise TubError(f"{path.name}: missing label in column {column!r} (row {missing[0] + 1}); drop or fill it")
     try:
         f = raw.astype(np.float64)
         if np.all(f == np.round(f)):
@@ -113,7 +165,7 @@ def _read_npz(path, target, require_target):
                 raise TubError(f"{path.name} has no array 'X'; save features as X (and labels as y)")
             X = np.asarray(z["X"], dtype=np.float64)
             key = target if target in files else ("y" if "y" in files else None)
-            y = _labels(z[key]) if key is not None else None
+            y = _labels(path, z[key], key, require_target) if key is not None else None
             names = [str(n) for n in z["feature_names"]] if "feature_names" in files else None
     except TubError:
         raise
@@ -132,6 +184,7 @@ def _read_npz(path, target, require_target):
     names = names or [f"x{i}" for i in range(X.shape[1])]
     if len(names) != X.shape[1]:
         raise TubError(f"{path.name}: {len(names)} feature names for {X.shape[1]} columns")
+    _check_unique(path, names)
     return Table(X, y, names, "y" if y is not None else None)
 
 

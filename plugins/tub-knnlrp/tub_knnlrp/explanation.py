@@ -11,17 +11,24 @@ relevances explain g. Multiclass models (our extension, spec §2.4) explain the 
 against its strongest competitor: g_c = min_{c'} g_{c,c'} over the binary networks of c against each
 other class c', with R from the arg-min pair (``multiclass="min"``), or a soft-min mixture
 R = Σ_{c'} w_{c'} R_{c,c'}, g = Σ_{c'} w_{c'} g_{c,c'}, w = softmin(β_mc g_{c,c'}) (``"softmin"``),
-which keeps the kNN midpoint rule conservative.
+which keeps the kNN midpoint rule conservative. For the kNN at κ = 0, g_c > 0 on every row where c holds
+a majority of the k votes; on a vote tie scikit-learn picks the tied class first in ``classes_`` and g_c
+may be negative (see :mod:`tub_knnlrp.fidelity`, which reports such rows).
 """
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
+from sklearn.base import BaseEstimator
 
-from tub_knnlrp.neuralize import NeuralizedClassifier, UnsupportedModelError, neuralize, transform_steps
+from tub_knnlrp.neuralize import NeuralizedClassifier, UnsupportedModelError, dense, neuralize, transform_steps
 from tub_knnlrp.rules import ETA_KNN, eta_svm, normalize_rule, relevance
+
+RULE_ETA = {"gi": 0.0, "midpoint": 1.0}
+"""The η at which the hybrid rule equals the gi or the midpoint rule (reported for those rules)."""
 
 
 @dataclass
@@ -63,8 +70,11 @@ class Explanation:
                                 feature_names=list(self.feature_names))
 
 
-class NeuralizedExplainer:
+class NeuralizedExplainer(BaseEstimator):
     """Estimator-style explainer: hyperparameters in ``__init__``, ``fit(model)``, ``explain(X)``.
+
+    A scikit-learn estimator as far as parameters go: ``get_params``/``set_params`` and
+    ``sklearn.base.clone`` work; the parameters are validated by ``fit``.
 
     Parameters
     ----------
@@ -87,16 +97,28 @@ class NeuralizedExplainer:
         self.multiclass = multiclass
         self.beta_mc = beta_mc
 
-    def fit(self, model, X_train=None, y_train=None, feature_names=None):
-        """Neuralize a fitted estimator or Pipeline; returns self."""
+    def _check_params(self) -> None:
         normalize_rule(self.rule)
         if self.multiclass not in ("min", "softmin"):
             raise ValueError(f"multiclass must be 'min' or 'softmin', got {self.multiclass!r}")
+        if self.eta is not None and not (_is_real(self.eta) and 0 <= self.eta <= 1):
+            raise ValueError(f"eta must be a number in [0, 1] (or None for the default), got {self.eta!r}")
+        if self.kappa is not None and not (isinstance(self.kappa, numbers.Integral) and not isinstance(self.kappa, bool)
+                                           and self.kappa >= 0):
+            raise ValueError(f"kappa must be an integer >= 0 (or None for the default), got {self.kappa!r}")
+        if self.beta is not None and not (_is_real(self.beta) and self.beta > 0):
+            raise ValueError(f"beta must be a number > 0 (or None for the default γ), got {self.beta!r}")
+        if not (_is_real(self.beta_mc) and self.beta_mc > 0):
+            raise ValueError(f"beta_mc must be a number > 0, got {self.beta_mc!r}")
+
+    def fit(self, model, X_train=None, y_train=None, feature_names=None):
+        """Neuralize a fitted estimator or Pipeline; returns self."""
+        self._check_params()
         self.model_ = model
         self.steps_, self.network_, self.per_feature_ = neuralize(model, X_train, y_train)
         if self.network_.kind == "knn":
             k = self.network_.k
-            if self.kappa is not None and not 0 <= int(self.kappa) <= (k - 1) // 2:
+            if self.kappa is not None and not self.kappa <= (k - 1) // 2:
                 raise ValueError(f"kappa must be in 0..{(k - 1) // 2} for k={k}, got {self.kappa}")
         self.feature_names_in_ = _feature_names(model, feature_names, self.steps_, self.per_feature_,
                                                 self.network_.n_features)
@@ -117,6 +139,7 @@ class NeuralizedExplainer:
     def explain(self, X) -> Explanation:
         if not hasattr(self, "network_"):
             raise RuntimeError("call fit(model) before explain(X)")
+        X = dense(X)
         X_in = _as_2d(X, self.network_.n_features if self.per_feature_ else None)
         X_user = X if hasattr(X, "columns") else X_in  # a DataFrame goes to scikit-learn with its names
         Z = transform_steps(self.steps_, X_user)
@@ -127,7 +150,8 @@ class NeuralizedExplainer:
         pred = np.asarray(self.model_.predict(X_user))
         lookup = {c: n for n, c in enumerate(net.classes_.tolist())}
         pred_idx = np.array([lookup[v] for v in pred.tolist()], dtype=int)
-        rule, eta = normalize_rule(self.rule), self.eta_
+        rule = normalize_rule(self.rule)
+        eta = self.eta_ if rule == "hybrid" else RULE_ETA[rule]
         n, d = Z.shape
         values, output = np.zeros((n, d)), np.zeros(n)
         pos_idx, neg_idx = np.zeros(n, dtype=int), np.zeros(n, dtype=int)
@@ -188,6 +212,10 @@ def explain(model, X, rule="hybrid", eta=None, kappa=None, beta=None, *, with_in
     if feature_names is None and hasattr(X, "columns"):
         feature_names = [str(c) for c in X.columns]
     return explainer.fit(model, X_train, y_train, feature_names=feature_names).explain(X)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value)
 
 
 def _as_2d(X, n_features):

@@ -3,6 +3,14 @@
 * **sign agreement**: binary, sign(g) against the model's ``predict`` (kNN) or
   sign(``decision_function``) (SVM); multiclass, the fraction of rows whose predicted class wins
   every pairwise network (g_c > 0), which need not be 100% (spec §2.4).
+* **vote ties** (multiclass kNN): rows where several classes share the most votes among the k
+  neighbours. scikit-learn then predicts the tied class listed first in ``classes_``; the pairwise
+  networks know nothing of that tie-break (each one compares its two classes on their own k nearest
+  points, which reach past the tied neighbourhood), so g_c may be negative there. At κ = 0, g_c > 0
+  is guaranteed on rows where the predicted class holds a majority, ≥ (k + 1)/2 of the k votes (every
+  row of a binary model): its k_d nearest points are then also its k_d nearest against each single
+  competitor. Rows with a plurality but no majority can disagree without a tie. ``check`` reports
+  both counts and the sign agreement without ties and on majority rows (1.0 at κ = 0).
 * **conservation** (kNN, midpoint rule): |Σ_d R_d − g_κ| / max(1, |g_κ|), exact for every κ.
 * **SVM identity** (β = γ): γ(Σp⁻z⁻ − Σp⁺z⁺) = g − (H(p⁺) − H(p⁻)); the midpoint relevances sum
   to Σp⁻z⁻ − Σp⁺z⁺ minus the pooled constants (log-α terms and the intercept), so
@@ -67,6 +75,18 @@ def _n_classes(model) -> int:
     return len(model.classes_)
 
 
+def vote_structure(model, X) -> tuple[np.ndarray, np.ndarray]:
+    """Masks (tie, majority) of a uniform kNN's vote, from predict_proba = votes / k: several classes
+    share the top vote; the top class holds more than half of the votes."""
+    P = np.asarray(model.predict_proba(X))
+    top = P.max(axis=1)
+    return (P == top[:, None]).sum(axis=1) > 1, top > 0.5
+
+
+def _share_positive(g: np.ndarray) -> float | None:
+    return float(np.mean(g > 0)) if len(g) else None
+
+
 def check_report(model, X, X_train=None, y_train=None, kappa=None, beta=None, with_intercept=True) -> dict:
     """Sign agreement and conservation figures for one model on rows X (original input space)."""
     base = NeuralizedExplainer(rule="midpoint", kappa=kappa, beta=beta, with_intercept=with_intercept)
@@ -75,18 +95,25 @@ def check_report(model, X, X_train=None, y_train=None, kappa=None, beta=None, wi
     report: dict = {"kind": net.kind, "classes": len(net.classes_), "rows": int(len(X))}
     if net.kind == "knn":
         kd = (net.k - 1) // 2
+        multiclass = len(net.classes_) > 2
+        if multiclass:
+            ties, majority = vote_structure(model, X)
+            report.update(vote_ties=int(ties.sum()), no_majority=int((~majority).sum()))
         for kap in sorted({0, kd if kappa is None else int(kappa)}):
             ex = NeuralizedExplainer(rule="midpoint", kappa=kap).fit(model, X_train, y_train)
             e = ex.explain(X)
             err = conservation_error(e.values, e.output)
-            report[f"kappa{kap}"] = {"sign_agreement": sign_agreement(model, X, e),
-                                     "conservation_max_rel_error": float(err.max())}
+            entry = {"sign_agreement": sign_agreement(model, X, e), "conservation_max_rel_error": float(err.max())}
+            if multiclass:
+                entry["sign_agreement_without_ties"] = _share_positive(e.output[~ties])
+                entry["sign_agreement_majority"] = _share_positive(e.output[majority])
+            report[f"kappa{kap}"] = entry
         report["k"] = int(net.k)
         return report
     e = base.explain(X)
     report["gamma"] = float(net.gamma)
     report["sign_agreement"] = sign_agreement(model, X, e)
-    Z = transform_steps(base.steps_, np.asarray(X, dtype=np.float64))
+    Z = transform_steps(base.steps_, X)
     ident, mid = [], []
     pairs = {(int(a), int(b)) for a, b in zip(np.searchsorted(net.classes_, e.positive),
                                                np.searchsorted(net.classes_, e.negative))}

@@ -31,6 +31,18 @@ METHODS_COMMON = ["lrp", "gi", "midpoint", "neuralized_ig", "occlusion", "random
 METHODS_SVM = ["grad_x_input", "ig", "sensitivity"]
 
 
+def sweep_eta(method: str) -> float | None:
+    """η of an η-sweep method name ``lrp_eta<η>``, η a number in [0, 1]; None for any other name."""
+    if method.startswith("lrp_eta"):
+        try:
+            eta = float(method[len("lrp_eta"):])
+        except ValueError:
+            return None
+        if 0.0 <= eta <= 1.0:
+            return eta
+    return None
+
+
 def flip_curves(score: ClassScore, Z, c, R, baseline, replacement="mean", kde: GaussianKDE | None = None,
                 n_samples: int = 50, seed: int = 0) -> np.ndarray:
     """Per-row curves (n, d + 1): the score after flipping the t most relevant features."""
@@ -147,10 +159,11 @@ class FlippingEvaluation:
 
     def relevance(self, method: str, Z, c, competitor, s) -> np.ndarray:
         """Relevance for the explained class of each row (larger = more evidence for c)."""
-        if method == "lrp" or method.startswith("lrp_eta"):
+        eta = sweep_eta(method)
+        if method == "lrp" or eta is not None:
             kw = dict(self.kwargs)
-            if method.startswith("lrp_eta"):
-                kw["eta"] = float(method[len("lrp_eta"):])
+            if eta is not None:
+                kw["eta"] = eta
             kw.setdefault("rule", "hybrid")
             return s[:, None] * NeuralizedExplainer(**kw).fit(self.estimator, self.Z_train, self.y_train).transform(Z)
         if method in ("gi", "midpoint"):

@@ -24,6 +24,9 @@ SCALERS = ("standard", "minmax", "robust", "none")
 KNN_GRID = list(range(3, 28, 2))
 SVM_GAMMA_GRID = [1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0, 30.0, 100.0]
 SVM_C_GRID = [1e-4, 1e-2, 1.0, 1e2, 1e4]
+PARAMS = {"knn": ("k",), "svm": ("C", "gamma")}  # the stored hyperparameters of each kind
+SCALER_ATTRS = ("mean_", "scale_", "center_", "min_", "data_min_", "data_max_", "max_abs_")
+SVM_ARRAYS = ("svm.support_vectors", "svm.dual_coef", "svm.intercept", "svm.n_support")
 
 
 def make_scaler(name: str):
@@ -81,6 +84,12 @@ def fit_model(X, y, kind="knn", scaler="standard", k=None, gamma=None, C=None, f
     """
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
+    given = {"k": k, "gamma": gamma, "C": C}
+    foreign = [f"--{n}" for n, value in given.items() if value is not None and n not in PARAMS.get(kind, given)]
+    if foreign:
+        other = "svm" if kind == "knn" else "knn"
+        raise TubError(f"{', '.join(foreign)}: not used by --model {kind} (only by --model {other}); "
+                       f"drop {'it' if len(foreign) == 1 else 'them'}")
     X = np.asarray(X, dtype=np.float64)
     y = np.asarray(y)
     classes, counts = np.unique(y, return_counts=True)
@@ -140,7 +149,7 @@ def save_model(tm: TrainedModel, directory, name: str = "model") -> tuple[Path, 
     steps = tm.pipeline.steps
     if tm.scaler != "none":
         sc = steps[0][1]
-        for attr in ("mean_", "scale_", "center_", "min_", "data_min_", "data_max_", "max_abs_"):
+        for attr in SCALER_ATTRS:
             value = getattr(sc, attr, None)
             if value is not None:
                 arrays[f"scaler.{attr}"] = np.asarray(value, dtype=np.float64)
@@ -188,8 +197,10 @@ def load_model(path, allow_pickle: bool = False) -> TrainedModel:
 
     try:
         meta = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise TubError(f"{p} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise _invalid(p, f"it holds a JSON {type(meta).__name__}, not an object")
     if meta.get("format") != FORMAT:
         raise TubError(f"{p} is not a tub-knnlrp model (format {meta.get('format')!r}); train one with tub knnlrp train")
     st = p.with_suffix(".safetensors")
@@ -199,12 +210,55 @@ def load_model(path, allow_pickle: bool = False) -> TrainedModel:
         arrays = load_file(str(st))
     except Exception as exc:
         raise TubError(f"{st} is not a readable safetensors file: {str(exc).splitlines()[0]}") from None
+    _check_stored(meta, arrays, p)
     classes = np.asarray(meta["classes"])
     X, y = arrays["X_train"], classes[arrays["y_train"]]
     pipe = make_pipeline(meta["kind"], meta["scaler"], **meta["params"]).fit(X, y)
     _verify(pipe, arrays, meta, p)
     return TrainedModel(pipe, meta["kind"], meta["scaler"], dict(meta["params"]), X, y, list(meta["feature_names"]),
                         meta.get("cv_score"))
+
+
+def _invalid(path, reason: str) -> TubError:
+    return TubError(f"{path} is not a valid tub-knnlrp model: {reason}; retrain it")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+
+def _check_stored(meta: dict, arrays: dict, path) -> None:
+    """What the refit relies on, so that a damaged or edited model is one line, not a traceback."""
+
+    def need(ok, reason):
+        if not ok:
+            raise _invalid(path, reason)
+
+    kind, scaler, params = meta.get("kind"), meta.get("scaler"), meta.get("params")
+    need(kind in PARAMS, f"kind {kind!r} is not knn or svm")
+    need(scaler in SCALERS, f"scaler {scaler!r} is not one of {', '.join(SCALERS)}")
+    need(isinstance(params, dict), "params is missing")
+    need(sorted(params) == list(PARAMS[kind]), f"params {params} must hold exactly {', '.join(PARAMS[kind])}")
+    if kind == "knn":
+        k = params["k"]
+        need(isinstance(k, int) and not isinstance(k, bool) and k >= 1 and k % 2 == 1, f"k={k!r} is not an odd k >= 1")
+    else:
+        need(all(_is_number(v) and v > 0 for v in params.values()), f"params {params} must be numbers > 0")
+    classes = meta.get("classes")
+    same_type = isinstance(classes, list) and (all(isinstance(c, str) for c in classes)
+                                               or all(isinstance(c, (int, float)) and np.isfinite(c) for c in classes))
+    need(same_type and len(classes) >= 2 and classes == sorted(set(classes)),
+         "classes must list at least two distinct labels of one type, sorted")
+    names = meta.get("feature_names")
+    need(isinstance(names, list) and all(isinstance(n, str) for n in names), "feature_names must be a list of strings")
+    absent = [key for key in ("X_train", "y_train") + (SVM_ARRAYS if kind == "svm" else ()) if key not in arrays]
+    need(not absent, f"array(s) {', '.join(absent)} missing")
+    X, y = arrays["X_train"], arrays["y_train"]
+    need(X.ndim == 2 and X.shape[1] == len(names) and X.dtype.kind == "f" and np.isfinite(X).all(),
+         f"X_train must be a finite float array with {len(names)} columns (one per feature name)")
+    need(y.ndim == 1 and len(y) == len(X) and y.dtype.kind in "iu", "y_train must hold one class index per X_train row")
+    need(np.array_equal(np.unique(y), np.arange(len(classes))),
+         f"y_train must use each of the {len(classes)} listed classes")
 
 
 def _verify(pipe, arrays, meta, path) -> None:
@@ -214,9 +268,15 @@ def _verify(pipe, arrays, meta, path) -> None:
         a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
         return a.shape == b.shape and np.allclose(a, b, rtol=1e-8, atol=1e-10 * max(1.0, np.abs(b).max(initial=0)))
 
+    sc = pipe.steps[0][1] if meta["scaler"] != "none" else None
+    expected = {"X_train", "y_train", *(SVM_ARRAYS if meta["kind"] == "svm" else ()),
+                *(f"scaler.{a}" for a in SCALER_ATTRS if getattr(sc, a, None) is not None)}
+    if set(arrays) != expected:
+        raise _invalid(path, f"its arrays do not fit a {meta['kind']} model with scaler {meta['scaler']!r} "
+                             f"(missing: {', '.join(sorted(expected - set(arrays))) or '-'}; "
+                             f"unexpected: {', '.join(sorted(set(arrays) - expected)) or '-'})")
     bad = []
-    if meta["scaler"] != "none":
-        sc = pipe.steps[0][1]
+    if sc is not None:
         for key, value in arrays.items():
             if key.startswith("scaler.") and not close(getattr(sc, key[7:]), value):
                 bad.append(key)
@@ -241,13 +301,22 @@ def _load_pickled(path: Path, allow_pickle: bool) -> TrainedModel:
         raise TubError(f"{path.name} is a pickle, and loading it executes code; "
                        "pass --allow-pickle if you trust it, or retrain with tub knnlrp train")
     import joblib
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.svm import SVC
 
-    warnings.warn(f"loading {path.name} with joblib executes code from the file", UserWarning, stacklevel=2)
-    model = joblib.load(path)
     from tub_knnlrp.neuralize import split_pipeline
 
+    warnings.warn(f"loading {path.name} with joblib executes code from the file", UserWarning, stacklevel=2)
+    try:
+        model = joblib.load(path)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise TubError(f"cannot load {path.name} with joblib ({type(exc).__name__}: {first}); is it a model file?") from None
     _, est, _ = split_pipeline(model)
-    kind = "knn" if type(est).__name__ == "KNeighborsClassifier" else "svm"
+    if not isinstance(est, (KNeighborsClassifier, SVC)):
+        raise TubError(f"{path.name} holds a {type(est).__name__}, not a scikit-learn model this explains; "
+                       "save a fitted KNeighborsClassifier or SVC (alone or at the end of a Pipeline)")
+    kind = "knn" if isinstance(est, KNeighborsClassifier) else "svm"
     d = getattr(model, "n_features_in_", None) or getattr(est, "n_features_in_", 0)
     names = [str(n) for n in getattr(model, "feature_names_in_", [f"x{i}" for i in range(d)])]
     # the training set in the original input space is unknown here (a kNN keeps it after preprocessing):

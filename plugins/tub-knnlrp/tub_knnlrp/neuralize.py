@@ -2,8 +2,8 @@
 
 Accepted (spec §2.3–2.5):
 
-* ``KNeighborsClassifier`` with ``weights="uniform"``, Euclidean metric (``euclidean`` or
-  ``minkowski`` with p = 2), odd k, dense input;
+* ``KNeighborsClassifier`` with ``weights="uniform"``, Euclidean metric (``euclidean``, its alias
+  ``l2``, or ``minkowski`` with p = 2), odd k, dense input;
 * ``SVC(kernel="rbf")``, binary or multiclass (one-vs-one pairs are rebuilt from the dual
   coefficients), γ taken from the *fitted* numeric value (``"scale"`` and ``"auto"`` resolved);
 * either of them as the last step of a ``Pipeline`` whose earlier steps are per-feature affine
@@ -45,6 +45,17 @@ def split_pipeline(model):
     return [], model, True
 
 
+def _is_sparse(X) -> bool:
+    return hasattr(X, "toarray") and hasattr(X, "nnz")  # scipy.sparse matrices and arrays
+
+
+def dense(X, name: str = "X"):
+    """X unchanged, or a clear error for a scipy sparse matrix (the networks need dense rows)."""
+    if _is_sparse(X):
+        raise UnsupportedModelError(f"{name} is a sparse matrix; pass a dense array ({name}.toarray())")
+    return X
+
+
 def transform_steps(steps, X):
     for s in steps:
         X = s.transform(X)
@@ -68,13 +79,13 @@ def check_knn(knn) -> None:
         raise UnsupportedModelError(
             f"kNN weights={knn.weights!r} is not supported; only weights='uniform' has an exact neuralization"
         )
-    metric = knn.effective_metric_ if hasattr(knn, "effective_metric_") else knn.metric
-    params = getattr(knn, "effective_metric_params_", None) or {}
-    p = params.get("p", knn.p if knn.metric == "minkowski" else None)
-    euclid = metric == "euclidean" or (metric == "minkowski" and p == 2)
-    if not euclid or params.get("w") is not None:
+    metric = knn.effective_metric_  # scikit-learn resolves minkowski with p = 1, 2 to manhattan, euclidean
+    params = {k: v for k, v in (knn.effective_metric_params_ or {}).items() if v is not None}
+    if metric not in ("euclidean", "l2") or params:
+        settings = " and ".join(f"p={v}" if k == "p" else f"{k} weights" for k, v in params.items())
+        shown = repr(metric) + (f" with {settings}" if settings else "")
         raise UnsupportedModelError(
-            f"kNN metric {knn.metric!r} (p={knn.p}) is not supported; use metric='euclidean' or minkowski with p=2"
+            f"kNN metric {shown} is not supported; use metric='euclidean' (or 'l2', or 'minkowski' with p=2)"
         )
     if knn.n_neighbors % 2 == 0:
         raise UnsupportedModelError(
@@ -168,12 +179,14 @@ def neuralize(model, X_train=None, y_train=None) -> tuple[list, NeuralizedClassi
         )
     Xt = None
     if X_train is not None:
-        Xt = transform_steps(steps, X_train)
+        Xt = transform_steps(steps, dense(X_train, "X_train"))
     if isinstance(est, KNeighborsClassifier):
         check_knn(est)
         if Xt is None:
             fit_X = getattr(est, "_fit_X", None)
             fit_y = getattr(est, "_y", None)
+            if _is_sparse(fit_X):
+                raise UnsupportedModelError("the kNN was fitted on a sparse matrix; pass X_train (dense) and y_train")
             if not isinstance(fit_X, np.ndarray) or fit_y is None or len(fit_X) != est.n_samples_fit_:
                 raise UnsupportedModelError(
                     "cannot read the kNN's training set from the fitted model; pass X_train and y_train"

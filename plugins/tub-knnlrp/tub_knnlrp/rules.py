@@ -59,9 +59,14 @@ def eta_svm(gamma: float, median_sqdist: float = 1.0) -> float:
 
     With data scaled so that the median pairwise squared distance m is 1 and ℓ = log₁₀ γ:
     η = 0 if ℓ < −0.5, 1 if ℓ > 1.5, else round(0.4ℓ + 0.4, 2). It jumps from 0 to 0.2 at
-    ℓ = −0.5, as published. For unscaled data we evaluate it at γ·m (our reading).
+    ℓ = −0.5, as published. For unscaled data we evaluate it at γ·m (our reading). With m = 0 (most
+    training rows identical) it is undefined: a ValueError asks for an explicit η.
     """
-    ell = math.log10(float(gamma) * float(median_sqdist))
+    scale = float(gamma) * float(median_sqdist)
+    if not scale > 0:
+        raise ValueError("the SVM's eta heuristic needs distinct training rows (their median pairwise squared "
+                         "distance is 0); pass eta explicitly")
+    ell = math.log10(scale)
     if ell < -0.5:
         return 0.0
     if ell > 1.5:
