@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator
 
 from tubcli import device as _device
 from tubcli.errors import ItemFailures, TubError
-from tubcli.io import atomic_path, to_json, write_json, write_text
+from tubcli.io import atomic_path, to_json, write_bytes, write_json, write_text
 from tubcli.progress import get_logger, setup_logging, track
 
 DONE = "DONE"
@@ -218,6 +218,7 @@ class Run:
         self.checkpoints_dir = self.dir / "checkpoints"
         # a directory this run creates (or finds empty) is removed again if the run fails before any output
         self.fresh = self.is_main and not (self.dir.is_dir() and any(self.dir.iterdir()))
+        self._before = None if self.fresh or not self.is_main else self._snapshot()
         if self.is_main:
             self.outputs_dir.mkdir(parents=True, exist_ok=True)
             self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
@@ -231,12 +232,33 @@ class Run:
             write_json(self.dir / "env.json", environment_record(plugin_version))
         self.log.debug("run directory %s", self.dir)
 
-    def discard_if_unused(self) -> None:
-        """Remove a directory this run made when it failed before writing anything (e.g. a bad input
-        path), so failed invocations leave no run directories that look like results."""
-        if not self.fresh or any(self.outputs_dir.iterdir()) or any(self.checkpoints_dir.iterdir()):
+    RECORDS = ("config.yaml", "env.json", "metrics.json", DONE)
+
+    def _snapshot(self) -> tuple[dict, list]:
+        """The run records and the outputs' names and times of a directory this run reuses."""
+        records = {n: (self.dir / n).read_bytes() for n in self.RECORDS if (self.dir / n).is_file()}
+        return records, self._product_state()
+
+    def _product_state(self) -> list:
+        folders = [self.outputs_dir, self.checkpoints_dir]
+        files = [self.dir / "metrics.jsonl", self.dir / "failures.jsonl"]
+        paths = [p for d in folders if d.is_dir() for p in d.rglob("*")] + [p for p in files if p.exists()]
+        return sorted((str(p), p.stat().st_mtime_ns) for p in paths)
+
+    def undo_if_unused(self) -> None:
+        """After a failure before any output: remove the directory if this run made it, or put back an
+        earlier run's records (config.yaml, env.json, DONE) if it reused one, so that a refused command
+        leaves no run directory that looks like results and does not rewrite another run's history."""
+        if not self.is_main:
             return
-        if any((self.dir / name).exists() for name in ("metrics.json", "metrics.jsonl", "failures.jsonl")):
+        if self._before is not None:
+            records, state = self._before
+            if self._product_state() == state:
+                for name in self.RECORDS:
+                    if name in records:
+                        write_bytes(self.dir / name, records[name])
+            return
+        if self._product_state() or (self.dir / "metrics.json").exists():
             return
         import shutil
 

@@ -297,7 +297,7 @@ def execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
         except BaseException as exc:
             if isinstance(exc, TubError) and run.batch_stats:
                 run.write_metrics({"batch": run.batch_stats})
-            run.discard_if_unused()
+            run.undo_if_unused()
             raise
         if run.is_main:
             try:

@@ -226,6 +226,12 @@ def test_a_run_that_fails_before_any_output_leaves_no_directory(toy_plugins, tmp
     (tmp_path / "old" / "notes.txt").write_text("mine")  # a directory the user had: never removed
     result = invoke(["toy", "explain", missing, "-o", tmp_path / "old"])
     assert result.exit_code == 2 and (tmp_path / "old" / "notes.txt").read_text() == "mine"
+    done = make_inputs(tmp_path / "ok", 2)  # an earlier, finished run reused by a refused command
+    assert invoke(["toy", "evaluate", *done, "-o", tmp_path / "earlier"]).exit_code == 0
+    records = {n: (tmp_path / "earlier" / n).read_bytes() for n in ("config.yaml", "DONE")}
+    result = invoke(["toy", "explain", missing, "-o", tmp_path / "earlier"])
+    assert result.exit_code == 2
+    assert {n: (tmp_path / "earlier" / n).read_bytes() for n in records} == records
     bad = make_inputs(tmp_path / "bad", 2, bad=(1,))
     result = invoke(["toy", "evaluate", *bad, "-o", tmp_path / "partial"])
     assert result.exit_code == 1 and (tmp_path / "partial" / "failures.jsonl").exists()  # partial results stay
