@@ -116,7 +116,7 @@ def test_stain_tiles(tmp_path):
     target = sorted(tiles.iterdir())[0]
     for method in ("macenko", "reinhard"):
         _ok(["pathorob", "stainnorm", tiles, "--method", method, "--target", target, "-o", tmp_path / method])
-        assert len(list((tmp_path / method / "outputs").glob("*.png"))) == 4
+        assert len(list((tmp_path / method / "outputs" / "tiles").glob("*.png"))) == 4  # outputs/<folder name>/
 
 
 @pytest.mark.parametrize("case", ["missing_column", "single_center", "small_class", "unknown_slide"])

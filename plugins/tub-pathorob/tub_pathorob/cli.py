@@ -13,6 +13,28 @@ from .config import (APDConfig, APDRawConfig, ClusteringConfig, EvaluateConfig, 
                      RIConfig, RobustifyConfig, StainConfig, TrainConfig)
 
 
+def _given_paths(cfg) -> list[Path]:
+    """Every path the user gave in the config: inputs that a verb must never write to."""
+    out = []
+    for name in type(cfg).model_fields:
+        value = getattr(cfg, name)
+        out += [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, Path)]
+    return out
+
+
+def _refuse_overwrite(cfg, written, inputs=()) -> None:
+    """One-line error if a path this verb writes is, lies inside, or holds a path the user gave (or one of
+    ``inputs``, e.g. the metadata found beside the features)."""
+    given = {p.resolve(): p for p in _given_paths(cfg) + [Path(i) for i in inputs]}
+    holders = {parent: p for r, p in given.items() for parent in r.parents}
+    for w in written:
+        wr = Path(w).resolve()
+        hit = given.get(wr) or holders.get(wr) or next((given[q] for q in wr.parents if q in given), None)
+        if hit is not None:
+            raise TubError(f"the output {w} would overwrite or go inside the input {hit}; "
+                           "pass a run directory (-o) apart from the inputs")
+
+
 def _inputs(cfg):
     from .features import load_features
     from .metadata import read_metadata
@@ -28,17 +50,19 @@ def _dataset_key(cfg) -> str:
 
 
 def _ri(cfg, run, X, meta):
-    from .results import metric_dir, write_ri
+    from .results import RI_FILES, metric_dir, write_ri
     from .robustness_index import robustness_index
 
+    k_param = -1 if cfg.k_search else (cfg.k or 0)
+    max_patches = -1 if cfg.max_patches_per_combi is None else cfg.max_patches_per_combi  # the reference's "all"
+    folder = metric_dir(run.outputs_dir, "robustness_index", cfg.layout, cfg.model_name, _dataset_key(cfg),
+                        f"{max_patches}_{k_param}")
+    _refuse_overwrite(cfg, [folder / name for name in RI_FILES])
     run.log.info("robustness index on %d rows (dataset %s)", len(meta), _dataset_key(cfg))
     res = robustness_index(X, meta, k=cfg.k, k_search=cfg.k_search, dataset=cfg.dataset, paired=cfg.paired,
                            max_patches_per_combi=cfg.max_patches_per_combi, bootstrap=cfg.bootstrap, seed=run.seed,
                            auc=cfg.auc, max_k=cfg.max_k)
-    k_param = -1 if cfg.k_search else (cfg.k or 0)
-    folder = metric_dir(run.outputs_dir, "robustness_index", cfg.layout, cfg.model_name, _dataset_key(cfg),
-                        f"{cfg.max_patches_per_combi}_{k_param}")
-    write_ri(folder, res, k_param, cfg.max_patches_per_combi)
+    write_ri(folder, res)
     return res
 
 
@@ -60,18 +84,18 @@ def _apd(cfg, run, X, meta) -> dict:
         if not Path(cfg.tolkach_splits).is_file():
             raise TubError(f"tolkach splits file not found: {cfg.tolkach_splits}")
         splits = json.loads(Path(cfg.tolkach_splits).read_text())
+    folder = metric_dir(run.outputs_dir, "apd", cfg.layout, cfg.model_name, None)
+    raw_file, summary_file = folder / f"{cfg.dataset}_raw.json", folder / f"{cfg.dataset}_summary.json"
+    _refuse_overwrite(cfg, [raw_file, summary_file])
     raw = apd_accuracies(X, meta, cfg.dataset, cfg.iterations, splits, progress=run.progress)
     summary = dataset_summary(raw)
-    folder = metric_dir(run.outputs_dir, "apd", cfg.layout, cfg.model_name, None)
-    write_json(folder / f"{cfg.dataset}_raw.json", raw)
-    write_json(folder / f"{cfg.dataset}_summary.json", summary)
+    write_json(raw_file, raw)
+    write_json(summary_file, summary)
     return summary
 
 
 def _apd_impl(cfg: APDConfig, run) -> dict:
     X, meta = _inputs(cfg)
-    if cfg.iterations < 1:
-        raise TubError("--iterations must be at least 1")
     s = _apd(cfg, run, X, meta)
     return {"apd_id": s["apd_id"], "apd_ood": s["apd_ood"]}
 
@@ -81,12 +105,17 @@ def apd_from_raw(cfg: APDRawConfig, run) -> dict:
 
     if not cfg.raw:
         raise TubError("no raw files given; pass one or more {dataset}_raw.json")
-    raws = {}
+    raws, sources = {}, {}
     for p in cfg.raw:
         if not Path(p).is_file():
             raise TubError(f"raw APD file not found: {p}")
         name, raw = read_raw(p)
-        raws[name] = raw
+        if name in raws:
+            raise TubError(f"{sources[name]} and {p} are both dataset {name!r}; their summaries would collide — "
+                           "give one raw file per dataset")
+        raws[name], sources[name] = raw, p
+    written = [run.outputs_dir / f"{name}_summary.json" for name in raws]
+    _refuse_overwrite(cfg, written + [run.outputs_dir / "aggregated_summary.json"])
     out = {}
     for name, raw in raws.items():
         s = dataset_summary(raw)
@@ -101,10 +130,12 @@ def apd_from_raw(cfg: APDRawConfig, run) -> dict:
 
 def _cs(cfg, run, X, meta, K, min_k, max_k, trials) -> dict:
     from .clustering_score import clustering_score
-    from .results import metric_dir, write_cs
+    from .results import CS_FILES, metric_dir, write_cs
 
+    folder = metric_dir(run.outputs_dir, "clustering_score", cfg.layout, cfg.model_name, _dataset_key(cfg))
+    _refuse_overwrite(cfg, [folder / name for name in CS_FILES])
     res = clustering_score(X, meta, K=K, min_k=min_k, max_k=max_k, trials=trials, progress=run.progress)
-    write_cs(metric_dir(run.outputs_dir, "clustering_score", cfg.layout, cfg.model_name, _dataset_key(cfg)), res)
+    write_cs(folder, res)
     return res.summary
 
 
@@ -119,6 +150,7 @@ def _evaluate_impl(cfg: EvaluateConfig, run) -> dict:
         raise TubError("APD follows a dataset's split protocol; pass --dataset camelyon|tcga|tolkach_esca")
     if "apd" in cfg.metrics and cfg.dataset == "tolkach_esca" and cfg.tolkach_splits is None:
         raise TubError("tolkach_esca APD needs the case-split file; pass --tolkach-splits tolkach_splits.json")
+    _refuse_overwrite(cfg, [run.outputs_dir / "results.json"])
     X, meta = _inputs(cfg)
     out = {}
     if "ri" in cfg.metrics:
@@ -153,9 +185,11 @@ def _train_impl(cfg: TrainConfig, run) -> dict:
     if cfg.method == "center-mean" and cfg.covariates:
         raise TubError("center-mean alignment takes no covariates; drop --covariates or use --method combat")
     model = METHODS[cfg.method]()
+    stem = run.checkpoints_dir / "robustification"
+    _refuse_overwrite(cfg, [stem.with_suffix(".safetensors"), stem.with_suffix(".json")])
     covs = {c: mf[c] for c in cfg.covariates} or None
     Y = model.fit_transform(Xf, mf.medical_center, covs)
-    st, js = model.save(run.checkpoints_dir / "robustification")
+    st, js = model.save(stem)
     before, after = _robustness_pair(Xf, Y, mf, cfg.k)
     out = {"method": cfg.method, "centers": len(model.centers_), "rows": int(len(Xf)), "saved": str(st),
            "robustness_index_before": before["robustness_index"], "robustness_index_after": after["robustness_index"],
@@ -166,13 +200,16 @@ def _train_impl(cfg: TrainConfig, run) -> dict:
 
 def _robustify_impl(cfg: RobustifyConfig, run) -> dict:
     """Apply a fitted robustification; writes the features in the layout they came in."""
-    from .features import write_like
+    from .features import like_paths, write_like
     from .robustify import ComBat, load_robustification
 
     if cfg.model is None:
-        raise TubError("no fitted robustification; pass --model PATH.safetensors (from `tub pathorob train`)")
+        raise TubError("no fitted robustification; pass --model RUN_DIR or its robustification.safetensors "
+                       "(from `tub pathorob train`)")
     model = load_robustification(cfg.model)
     X, meta = _inputs(cfg)
+    dst = run.outputs_dir / "features"
+    _refuse_overwrite(cfg, like_paths(cfg.features, dst)[1], inputs=[meta.source])
     covs = None
     if isinstance(model, ComBat) and model.covariate_levels_:
         missing = [c for c in model.covariate_levels_ if c not in meta.columns]
@@ -181,31 +218,46 @@ def _robustify_impl(cfg: RobustifyConfig, run) -> dict:
         covs = {c: meta[c] for c in model.covariate_levels_}
     Y = model.transform(X, meta.medical_center, covs)
     Y = Y.astype(X.dtype) if X.dtype == np.float32 else Y
-    dst = write_like(cfg.features, run.outputs_dir / "features", Y, meta)
-    return {"method": model.method, "rows": int(len(Y)), "output": str(dst),
+    out = write_like(cfg.features, dst, Y, meta)
+    return {"method": model.method, "rows": int(len(Y)), "output": str(out),
             "mean_abs_change": float(np.abs(Y - X).mean())}
 
 
+def _tile_outputs(tiles: list[Path], root: Path) -> dict[str, Path]:
+    """``{tile file: output PNG}``. A folder's tiles go to ``root/<folder name>/``, a tile given as a file to
+    ``root/``; the output keeps the file name (``x.png``) and appends ``.png`` to other extensions
+    (``x.jpg.png``). Two different tiles with one output name are an error, found before any work."""
+    exts = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
+    by_output: dict[Path, Path] = {}
+    for p in map(Path, tiles):
+        if p.is_dir():
+            files = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in exts)
+            folder = root / p.resolve().name
+        elif p.is_file():
+            files, folder = [p], root
+        else:
+            raise TubError(f"tile not found: {p}")
+        for f in files:
+            out = folder / (f.name if f.suffix == ".png" else f.name + ".png")
+            other = by_output.setdefault(out, f)
+            if other.resolve() != f.resolve():
+                raise TubError(f"tiles {other} and {f} would both be written to {out.relative_to(root)}; "
+                               "rename one or normalise them in separate runs")
+    return {str(f): out for out, f in by_output.items()}
+
+
 def stainnorm(cfg: StainConfig, run) -> dict:
-    """Stain-normalise tile images (Macenko or Reinhard) into outputs/, one file per tile."""
+    """Stain-normalise tile images (Macenko or Reinhard) into outputs/, one PNG per tile (see _tile_outputs)."""
     from PIL import Image
 
     from tubcli.io import atomic_path
 
     from .stain import NORMALIZERS
 
-    exts = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
-    files = []
-    for p in cfg.tiles:
-        p = Path(p)
-        if p.is_dir():
-            files += sorted(q for q in p.iterdir() if q.suffix.lower() in exts)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise TubError(f"tile not found: {p}")
-    if not files:
+    outputs = _tile_outputs(cfg.tiles, run.outputs_dir)
+    if not outputs:
         raise TubError("no tile images given (PNG/JPEG/TIFF files or folders of them)")
+    _refuse_overwrite(cfg, outputs.values())
     norm = NORMALIZERS[cfg.method]()
     if cfg.target is not None:
         if not Path(cfg.target).is_file():
@@ -214,13 +266,13 @@ def stainnorm(cfg: StainConfig, run) -> dict:
     elif cfg.method == "reinhard":
         raise TubError("Reinhard normalisation needs --target IMG")
     done = 0
-    for item, out in run.batch([str(f) for f in files], output_for=lambda p: run.outputs_dir / (Path(p).stem + ".png")):
+    for item, out in run.batch(outputs, output_for=outputs.get):
         with run.item(item):
             img = norm.transform(_read_rgb(Path(item)))
             with atomic_path(out) as tmp:
                 Image.fromarray(img).save(tmp, format="PNG")
             done += 1
-    return {"method": cfg.method, "tiles": len(files), "written": done}
+    return {"method": cfg.method, "tiles": len(outputs), "written": done}
 
 
 def _read_rgb(path: Path) -> np.ndarray:
@@ -245,21 +297,24 @@ def _explain_impl(cfg: ExplainConfig, run) -> dict:
     k = cfg.k or DEFAULT_K.get(cfg.dataset or "", None)
     if k is None:
         raise TubError("no default k for a custom dataset; pass --k N")
+    names = ("breakdown.json", "slides.csv", "robustness_curves.json", "composition.png", "ri_curve.png",
+             "center_pairs.png", "projection.png")
+    f = {name.split(".")[0]: run.outputs_dir / name for name in names}
+    _refuse_overwrite(cfg, f.values())
     res = robustness_index(X, meta, k=k, dataset=cfg.dataset, paired=cfg.paired, auc=False,
                            min_neighbours=cfg.max_k_curve)
     bd = breakdown(res, k, cfg.top)
-    out = run.outputs_dir
-    write_json(out / "breakdown.json", {kk: v for kk, v in bd.items() if kk != "all_slides"})
-    write_text(out / "slides.csv", _csv([(s["slide_id"], s["medical_center"], s["biological_class"], s["OS_share"],
-                                          s["neighbours"]) for s in bd["all_slides"]],
-                                        ["slide_id", "medical_center", "biological_class", "OS_share", "neighbours"]))
-    write_json(out / "robustness_curves.json", {kk: np.asarray(v).tolist() for kk, v in res.curves.items()})
+    write_json(f["breakdown"], {kk: v for kk, v in bd.items() if kk != "all_slides"})
+    write_text(f["slides"], _csv([(s["slide_id"], s["medical_center"], s["biological_class"], s["OS_share"],
+                                   s["neighbours"]) for s in bd["all_slides"]],
+                                 ["slide_id", "medical_center", "biological_class", "OS_share", "neighbours"]))
+    write_json(f["robustness_curves"], {kk: np.asarray(v).tolist() for kk, v in res.curves.items()})
     if cfg.plots:
-        composition_bars(bd, out / "composition.png")
-        ri_curve(res.curves, k, out / "ri_curve.png", cfg.max_k_curve)
-        pair_heatmap(bd, out / "center_pairs.png")
+        composition_bars(bd, f["composition"])
+        ri_curve(res.curves, k, f["ri_curve"], cfg.max_k_curve)
+        pair_heatmap(bd, f["center_pairs"])
         ID = meta.subset != "OOD"
-        projection(X[ID], meta.biological_class[ID], meta.medical_center[ID], out / "projection.png", seed=run.seed)
+        projection(X[ID], meta.biological_class[ID], meta.medical_center[ID], f["projection"], seed=run.seed)
     worst = bd["center_pairs"][0] if bd["center_pairs"] else None
     summary = {"k": k, "robustness_index": res.summary["robustness_index"],
                "ri_per_class": {c: v["robustness_index"] for c, v in bd["per_class"].items()},
@@ -283,8 +338,6 @@ def make_data(cfg: MakeDataConfig, run) -> dict:
         X, meta = synthetic_features(design=PRESETS[cfg.preset], dim=cfg.dim, bio=cfg.bio, center=cfg.center,
                                      slide=cfg.slide, noise=cfg.noise, center_scale=cfg.center_scale, seed=run.seed)
     else:
-        if cfg.classes < 1 or cfg.centers < 1 or cfg.slides_per_cell < 1 or cfg.tiles_per_slide < 1:
-            raise TubError("classes, centers, slides-per-cell and tiles-per-slide must be >= 1")
         X, meta = synthetic_features(tuple(f"class{i}" for i in range(cfg.classes)),
                                      tuple(f"center{i}" for i in range(cfg.centers)), cfg.slides_per_cell,
                                      cfg.tiles_per_slide, cfg.dim, cfg.bio, cfg.center, cfg.slide, cfg.noise,

@@ -16,6 +16,7 @@ import numpy as np
 from tubcli.errors import TubError
 
 from .metadata import Metadata
+from .robustness_index import check_nonzero_rows
 
 
 @dataclass
@@ -57,6 +58,7 @@ def clustering_score(X: np.ndarray, meta: Metadata, K: int | None = None, min_k:
     if trials < 1:
         raise TubError("--trials must be at least 1")
     keep = np.flatnonzero(meta.subset != "OOD")
+    check_nonzero_rows(X, meta, keep)
     bio, cen = meta.biological_class[keep], meta.medical_center[keep]
     classes, centers = list(dict.fromkeys(bio)), list(dict.fromkeys(cen))
     if len(classes) < 2 or len(centers) < 2:
@@ -69,17 +71,22 @@ def clustering_score(X: np.ndarray, meta: Metadata, K: int | None = None, min_k:
             if len(r):
                 cell_rows[(b, c)] = r
     experiments = list(product(combinations(classes, 2), combinations(centers, 2)))
+    runnable = []  # (name, rows) of the experiments with all four cells, in the reference's order
+    for (b1, b2), (c1, c2) in experiments:
+        cells = [(b1, c1), (b1, c2), (b2, c1), (b2, c2)]
+        if all(cc in cell_rows for cc in cells):
+            runnable.append((f"{b1}-{b2}-{c1}-{c2}", np.concatenate([cell_rows[cc] for cc in cells])))
+    if not runnable:
+        raise TubError(f"{meta.source}: no 2×2 class/center experiment has all four cells; check the metadata")
+    smallest, rows = min(runnable, key=lambda e: len(e[1]))
+    if K is None and max_k >= len(rows):
+        raise TubError(f"experiment {smallest} has {len(rows)} rows; lower --max-k below that")
+    if K is not None and K > len(rows):
+        raise TubError(f"experiment {smallest} has {len(rows)} rows, fewer than --K {K}; lower --K")
     res = ClusteringResult({})
     Ks, per_mean = [], []
-    todo = progress(experiments, total=len(experiments), desc="clustering") if progress else experiments
-    for (b1, b2), (c1, c2) in todo:
-        cells = [(b1, c1), (b1, c2), (b2, c1), (b2, c2)]
-        if not all(cc in cell_rows for cc in cells):
-            continue
-        rows = np.concatenate([cell_rows[cc] for cc in cells])
-        if max_k >= len(rows) and K is None:
-            raise TubError(f"experiment {b1}-{b2}-{c1}-{c2} has {len(rows)} rows; lower --max-k below that")
-        name = f"{b1}-{b2}-{c1}-{c2}"
+    todo = progress(runnable, total=len(runnable), desc="clustering") if progress else runnable
+    for name, rows in todo:
         k_sel, sil, out = clustering_score_experiment(X[rows], meta.biological_class[rows],
                                                       meta.medical_center[rows], K, min_k, max_k, trials)
         Ks.append(k_sel)
@@ -87,8 +94,6 @@ def clustering_score(X: np.ndarray, meta: Metadata, K: int | None = None, min_k:
         res.aris += [(name, t, a, b, c) for t, (a, b, c) in enumerate(out)]
         cs = np.array([o[2] for o in out])
         per_mean.append((name, cs.mean(), cs.std(ddof=1) if trials > 1 else np.nan))
-    if not Ks:
-        raise TubError(f"{meta.source}: no 2×2 class/center experiment has all four cells; check the metadata")
     per_mean.sort(key=lambda x: x[0])  # the reference groups by combination name (sorted)
     res.summary = {
         "clustering_score_mean": float(np.mean([m for _, m, _ in per_mean])),

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from tubcli.config import TubConfig
 
 Dataset = Optional[Literal["camelyon", "tcga", "tolkach_esca"]]
+Metric = Literal["ri", "apd", "cs"]
 
 
 class FeaturesConfig(TubConfig):
@@ -21,21 +22,31 @@ class FeaturesConfig(TubConfig):
     model_name: str = Field("model", description="model name for the official results layout")
     layout: Literal["flat", "official"] = Field("flat", description="flat files in outputs/, or the official "
                                                                    "results/<metric>/<model>/<dataset>/ tree")
-    threads: int = Field(1, description="threads for the native libraries (OpenMP/BLAS); 0 = library default")
+    threads: int = Field(1, ge=0, description="threads for the native libraries (OpenMP/BLAS); 0 = library default")
 
 
 class RIConfig(FeaturesConfig):
-    k: Optional[int] = Field(None, description="neighbours k (default per dataset: camelyon 11, tcga 61, tolkach_esca 46)")
+    k: Optional[int] = Field(None, ge=1, description="neighbours k (default per dataset: camelyon 11, tcga 61, "
+                                                      "tolkach_esca 46)")
     k_search: bool = Field(False, description="choose k by kNN balanced accuracy over the official grid")
-    max_k: Optional[int] = Field(None, description="upper end of the k-search grid (default per dataset)")
+    max_k: Optional[int] = Field(None, ge=1, description="largest k of the k-search grid, inclusive (with --k-search; "
+                                                          "default per dataset)")
     paired: Optional[bool] = Field(None, description="evaluate each subset (2x2) separately and pool (default: tcga)")
-    max_patches_per_combi: int = Field(-1, description="keep at most M rows per (subset, class-center); -1 = all")
-    bootstrap: int = Field(0, description="bootstrap resamples for robustness_index-mean/-std (official 1000)")
+    max_patches_per_combi: Optional[int] = Field(None, description="keep at most M (>= 1) rows per (subset, "
+                                                                    "class-center); omit to keep all rows")
+    bootstrap: int = Field(0, ge=0, description="bootstrap resamples for robustness_index-mean/-std (official 1000)")
     auc: bool = Field(True, description="compute confounder_log_reg_AUC (logistic regression, 5 folds)")
+
+    @field_validator("max_patches_per_combi")
+    @classmethod
+    def _row_count(cls, value):
+        if value is not None and value < 1:  # the reference's -1 means "all rows": here that is the default
+            raise ValueError(f"{value} is not a row count; give M >= 1, or omit the option to keep all rows")
+        return value
 
 
 class APDConfig(FeaturesConfig):
-    iterations: int = Field(20, description="data resampling repetitions")
+    iterations: int = Field(20, ge=1, description="data resampling repetitions")
     tolkach_splits: Optional[Path] = Field(None, description="tolkach_splits.json (tolkach_esca only)")
 
 
@@ -45,63 +56,83 @@ class APDRawConfig(TubConfig):
 
 
 class ClusteringConfig(FeaturesConfig):
-    K: Optional[int] = Field(None, description="fixed number of clusters (default: silhouette over --min-k..--max-k)")
-    min_k: int = Field(2, description="smallest K tried")
-    max_k: int = Field(30, description="largest K tried")
-    trials: int = Field(50, description="k-means repetitions per experiment")
+    K: Optional[int] = Field(None, ge=2, description="fixed number of clusters (default: silhouette over "
+                                                      "--min-k..--max-k)")
+    min_k: int = Field(2, ge=2, description="smallest K tried")
+    max_k: int = Field(30, ge=2, description="largest K tried")
+    trials: int = Field(50, ge=1, description="k-means repetitions per experiment")
 
 
 class EvaluateConfig(RIConfig):
-    metrics: list[Literal["ri", "apd", "cs"]] = Field(default_factory=lambda: ["ri", "cs"],
-                                                       description="metrics to compute: ri, apd, cs")
-    iterations: int = Field(20, description="APD repetitions")
+    metrics: list[Metric] = Field(default_factory=lambda: ["ri", "cs"],
+                                  description="metrics to compute: ri, apd, cs (comma-separated or repeated: "
+                                              "--metrics ri,apd,cs)")
+    iterations: int = Field(20, ge=1, description="APD repetitions")
     tolkach_splits: Optional[Path] = Field(None, description="tolkach_splits.json (APD on tolkach_esca)")
-    K: Optional[int] = Field(None, description="clustering: fixed K")
-    min_k: int = Field(2, description="clustering: smallest K")
-    max_k_clusters: int = Field(30, description="clustering: largest K")
-    trials: int = Field(50, description="clustering: k-means repetitions")
+    K: Optional[int] = Field(None, ge=2, description="clustering: fixed K")
+    min_k: int = Field(2, ge=2, description="clustering: smallest K")
+    max_k_clusters: int = Field(30, ge=2, description="clustering: largest K")
+    trials: int = Field(50, ge=1, description="clustering: k-means repetitions")
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _split_commas(cls, value):
+        """``--metrics ri,cs`` and ``--metrics ri --metrics cs`` (and a YAML list or string) mean the same."""
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list):
+            return value
+        out = []
+        for item in items:
+            out += [m.strip() for m in item.split(",") if m.strip()] if isinstance(item, str) else [item]
+        unknown = [m for m in out if m not in get_args(Metric)]
+        if unknown or not out:
+            what = f"unknown metric {unknown[0]!r}" if unknown else "no metric given"
+            raise ValueError(f"{what}; choose from {', '.join(get_args(Metric))}, e.g. --metrics ri,cs")
+        return list(dict.fromkeys(out))
 
 
 class TrainConfig(FeaturesConfig):
     method: Literal["combat", "center-mean"] = Field("combat", description="robustification: combat | center-mean")
     covariates: list[str] = Field(default_factory=list, description="metadata columns kept as ComBat covariates "
                                                                     "(e.g. biological_class; leaks labels)")
-    k: int = Field(11, description="k for the before/after robustness index on the training data")
+    k: int = Field(11, ge=1, description="k for the before/after robustness index on the training data")
 
 
 class RobustifyConfig(FeaturesConfig):
-    model: Optional[Path] = Field(None, description="fitted robustification (.safetensors with its .json)")
+    model: Optional[Path] = Field(None, description="fitted robustification: the run directory of `tub pathorob "
+                                                     "train` or its .safetensors (with the .json beside it)")
 
 
 class StainConfig(TubConfig):
-    tiles: list[Path] = Field(default_factory=list, description="tile images (PNG/JPEG/TIFF) or folders of them")
+    tiles: list[Path] = Field(default_factory=list, description="tile images (PNG/JPEG/TIFF) or folders of them; "
+                                                                "a folder's tiles go to outputs/<folder name>/")
     method: Literal["macenko", "reinhard"] = Field("macenko", description="macenko | reinhard")
     target: Optional[Path] = Field(None, description="target tile whose stain appearance to match "
                                                      "(Macenko: optional, default reference matrix)")
 
 
 class ExplainConfig(FeaturesConfig):
-    k: Optional[int] = Field(None, description="neighbours k (default per dataset)")
+    k: Optional[int] = Field(None, ge=1, description="neighbours k (default per dataset)")
     paired: Optional[bool] = Field(None, description="paired 2x2 evaluation (default: tcga)")
-    top: int = Field(20, description="most confounded slides to list")
+    top: int = Field(20, ge=0, description="most confounded slides to list")
     plots: bool = Field(True, description="write PNG plots")
-    max_k_curve: int = Field(200, description="largest k of the RI(k) curve")
+    max_k_curve: int = Field(200, ge=1, description="largest k of the RI(k) curve")
 
 
 class MakeDataConfig(TubConfig):
     kind: Literal["features", "tiles"] = Field("features", description="features | tiles")
     preset: Optional[Literal["camelyon", "camelyon_reduced", "tcga_4x4", "tolkach_esca", "tolkach_esca_reduced"]] = Field(
         None, description="official dataset shape and names (default: a small custom design)")
-    classes: int = Field(2, description="biological classes (custom design)")
-    centers: int = Field(2, description="medical centers (custom design)")
-    slides_per_cell: int = Field(5, description="slides per class-center cell (custom design)")
-    tiles_per_slide: int = Field(40, description="tiles per slide (custom design)")
-    dim: int = Field(64, description="feature dimension")
+    classes: int = Field(2, ge=1, description="biological classes (custom design)")
+    centers: int = Field(2, ge=1, description="medical centers (custom design)")
+    slides_per_cell: int = Field(5, ge=1, description="slides per class-center cell (custom design)")
+    tiles_per_slide: int = Field(40, ge=1, description="tiles per slide (custom design)")
+    dim: int = Field(64, ge=1, description="feature dimension")
     bio: float = Field(0.5, description="biological signal a")
     center: float = Field(0.5, description="center signal b")
     slide: float = Field(0.3, description="slide signal c")
-    noise: float = Field(1.0, description="noise sigma")
-    center_scale: float = Field(0.0, description="log-sd of a per-center multiplicative scale")
+    noise: float = Field(1.0, ge=0, description="noise sigma")
+    center_scale: float = Field(0.0, ge=0, description="log-sd of a per-center multiplicative scale")
     paired: bool = Field(False, description="also write a paired (b1-b2-c1-c2 subsets) metadata CSV")
-    tile_size: int = Field(64, description="tile side in pixels (tiles)")
-    tiles_per_cell: int = Field(4, description="tiles per class-center cell (tiles)")
+    tile_size: int = Field(64, ge=1, description="tile side in pixels (tiles)")
+    tiles_per_cell: int = Field(4, ge=1, description="tiles per class-center cell (tiles)")

@@ -306,20 +306,29 @@ def write_plain(path: Path, X: np.ndarray) -> None:
             np.save(f, X)
 
 
-def write_like(src: Path, dst: Path, X: np.ndarray, meta: Metadata) -> Path:
-    """Write features in the layout they were read from (official folder or plain .npy)."""
+def like_paths(src: Path, dst: Path) -> tuple[str, list[Path]]:
+    """The layout of ``src`` and the paths :func:`write_like` writes for it under ``dst`` (a folder for the
+    official and atlas layouts; the ``.npy`` and the ``metadata.csv`` beside it for the plain layout)."""
     layout = detect_layout(Path(src))
     dst = Path(dst)
-    if layout == "official":
-        write_official(dst, X, meta)
-        return dst
-    if layout == "atlas":
-        dst.mkdir(parents=True, exist_ok=True)
-        write_plain(dst / "embeddings.npy", X.astype(np.float32) if X.dtype == np.float32 else X)
-        meta.write_csv(dst / "manifest.csv")
-        return dst
+    if layout in ("official", "atlas"):
+        return layout, [dst]
     out = dst / "features.npy" if dst.suffix != ".npy" else dst
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_plain(out, X)
-    meta.write_csv(out.with_name("metadata.csv"))
+    return layout, [out, out.with_name("metadata.csv")]
+
+
+def write_like(src: Path, dst: Path, X: np.ndarray, meta: Metadata) -> Path:
+    """Write features in the layout they were read from (official folder, atlas folder or plain .npy)."""
+    layout, paths = like_paths(src, dst)
+    out = paths[0]
+    if layout == "official":
+        write_official(out, X, meta)
+    elif layout == "atlas":
+        out.mkdir(parents=True, exist_ok=True)
+        write_plain(out / "embeddings.npy", X)
+        meta.write_csv(out / "manifest.csv")
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_plain(out, X)
+        meta.write_csv(paths[1])
     return out

@@ -15,7 +15,7 @@ app = PluginApp(
     version=__version__,
     verbs=[
         Verb("evaluate", "tub_pathorob.cli:evaluate", config="tub_pathorob.config:EvaluateConfig",
-             help="Robustness index, APD and clustering score (--metrics ri apd cs) with the reference's result keys.",
+             help="Robustness index, APD and clustering score (--metrics ri,apd,cs) with the reference's result keys.",
              args=["features"], options={**_F, **_RI, "metrics": "metrics", "iterations": "iterations",
                                          "tolkach-splits": "tolkach_splits", "K": "K", "min-k": "min_k",
                                          "max-k-clusters": "max_k_clusters", "trials": "trials"}),
@@ -35,7 +35,7 @@ app = PluginApp(
              help="Fit a robustification (ComBat or center-mean alignment) on features and save it.",
              args=["features"], options={**_F, "method": "method", "covariates": "covariates", "k": "k"}),
         Verb("robustify", "tub_pathorob.cli:robustify", config="tub_pathorob.config:RobustifyConfig",
-             help="Apply a fitted robustification to features (output in the input layout).",
+             help="Apply a fitted robustification (--model RUN_DIR of train) to features (output in the input layout).",
              args=["features"], options={**_F, "model": "model"}),
         Verb("stainnorm", "tub_pathorob.cli:stainnorm", config="tub_pathorob.config:StainConfig",
              help="Stain-normalise tile images (Macenko, Reinhard) before embedding.",

@@ -16,6 +16,9 @@ import numpy as np
 
 from tubcli.io import write_json, write_text
 
+RI_FILES = ("results_summary.json", "balanced-accuracies-bio.csv", "robustness_curves.json")
+CS_FILES = ("results_summary.json", "aris.csv", "silhouette_scores.csv")
+
 
 def _csv(rows, header) -> str:
     buf = io.StringIO()
@@ -34,20 +37,24 @@ def metric_dir(root: Path, metric: str, layout: str, model: str, dataset: str | 
     return d / leaf if leaf else d
 
 
-def write_ri(folder: Path, result, k_opt_param: int, max_patches: int) -> None:
+def write_ri(folder: Path, result) -> None:
+    """The files ``RI_FILES`` in ``folder``."""
+    summary, bal_acc, curves_file = (folder / name for name in RI_FILES)
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / "results_summary.json", result.summary)
-    write_text(folder / "balanced-accuracies-bio.csv",
-               _csv(zip(result.k_grid.tolist(), result.bal_acc.tolist(), result.bal_acc_std.tolist()), ["k", "bal_acc", "std"]))
+    write_json(summary, result.summary)
+    write_text(bal_acc, _csv(zip(result.k_grid.tolist(), result.bal_acc.tolist(), result.bal_acc_std.tolist()),
+                             ["k", "bal_acc", "std"]))
     curves = {k: np.asarray(v).tolist() for k, v in result.curves.items()}
-    write_json(folder / "robustness_curves.json", {"k": list(range(1, len(curves["robustness_index"]) + 1)), **curves})
+    write_json(curves_file, {"k": list(range(1, len(curves["robustness_index"]) + 1)), **curves})
 
 
 def write_cs(folder: Path, res) -> None:
+    """The files ``CS_FILES`` in ``folder``."""
+    summary, aris, silhouettes = (folder / name for name in CS_FILES)
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / "results_summary.json", res.summary)
-    write_text(folder / "aris.csv", _csv(res.aris, ["combination", "trial", "ari_bio", "ari_mc", "clustering_score"]))
-    write_text(folder / "silhouette_scores.csv", _csv(res.silhouettes, ["combination", "K", "silhouette_score"]))
+    write_json(summary, res.summary)
+    write_text(aris, _csv(res.aris, ["combination", "trial", "ari_bio", "ari_mc", "clustering_score"]))
+    write_text(silhouettes, _csv(res.silhouettes, ["combination", "K", "silhouette_score"]))
 
 
 def read_aris(path: Path) -> list[tuple[str, float]]:

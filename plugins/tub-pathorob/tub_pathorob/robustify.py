@@ -26,6 +26,10 @@ def _as_str(a) -> np.ndarray:
 
 class _CenterModel:
     method = ""
+    # the saved arrays (attribute name without the trailing "_") and their shapes in C centers, D dimensions
+    # and P covariate columns; those in positive_tensors are variances (> 0)
+    tensor_shapes: dict[str, tuple[str, ...]] = {}
+    positive_tensors: tuple[str, ...] = ()
 
     def _check_fitted(self):
         if not hasattr(self, "centers_"):
@@ -34,7 +38,7 @@ class _CenterModel:
     def _center_index(self, centers) -> np.ndarray:
         centers = _as_str(centers)
         lookup = {c: i for i, c in enumerate(self.centers_)}
-        unseen = sorted({c for c in centers if c not in lookup})
+        unseen = sorted({str(c) for c in centers if c not in lookup})
         if unseen:
             raise TubError(
                 f"center {unseen[0]!r} was not seen when the {self.method} robustification was fitted "
@@ -47,7 +51,7 @@ class _CenterModel:
 
     # -- persistence -------------------------------------------------------------------------
     def _tensors(self) -> dict:
-        raise NotImplementedError
+        return {name: getattr(self, name + "_") for name in self.tensor_shapes}
 
     def _config(self) -> dict:
         return {"method": self.method, "centers": list(self.centers_)}
@@ -70,11 +74,12 @@ class CenterMeanAlignment(_CenterModel):
     """Shift every center's mean onto the pooled mean: x′ = x − μ_center + μ_all."""
 
     method = "center-mean"
+    tensor_shapes = {"mean": ("D",), "center_means": ("C", "D")}
 
     def fit(self, X, centers, covariates=None):
         X = np.asarray(X, dtype=np.float64)
         centers = _as_str(centers)
-        self.centers_ = sorted(set(centers))
+        self.centers_ = [str(c) for c in sorted(set(centers))]
         if len(self.centers_) < 2:
             raise TubError("center-mean alignment needs at least two medical centers")
         self.mean_ = X.mean(0)
@@ -88,9 +93,6 @@ class CenterMeanAlignment(_CenterModel):
             raise TubError(f"features have {X.shape[1]} dimensions; the robustification was fitted on {self.mean_.shape[0]}")
         return X - self.center_means_[self._center_index(centers)] + self.mean_
 
-    def _tensors(self):
-        return {"mean": self.mean_, "center_means": self.center_means_}
-
 
 class ComBat(_CenterModel):
     """Parametric empirical-Bayes ComBat (Johnson et al. 2007), batch = medical center.
@@ -102,6 +104,9 @@ class ComBat(_CenterModel):
     """
 
     method = "combat"
+    tensor_shapes = {"grand_mean": ("D",), "var_pooled": ("D",), "gamma_star": ("C", "D"), "delta_star": ("C", "D"),
+                     "beta_covariates": ("P", "D")}
+    positive_tensors = ("var_pooled", "delta_star")
 
     def __init__(self, tol: float = 1e-4, max_iter: int = 10_000):
         self.tol = tol
@@ -121,7 +126,7 @@ class ComBat(_CenterModel):
         for name in sorted(self.covariate_levels_):
             levels = self.covariate_levels_[name]
             vals = _as_str(covariates[name])
-            unknown = sorted(set(vals) - set(levels))
+            unknown = sorted(str(v) for v in set(vals) - set(levels))
             if unknown:
                 raise TubError(f"covariate {name} has level {unknown[0]!r} not seen at fit time")
             onehot = (vals[:, None] == np.array(levels)[None, :]).astype(np.float64)
@@ -134,7 +139,7 @@ class ComBat(_CenterModel):
         """Estimate the standardisation and the EB batch effects (spec §2.5 steps 1–4)."""
         X = np.asarray(X, dtype=np.float64)
         centers = _as_str(centers)
-        self.centers_ = sorted(set(centers))
+        self.centers_ = [str(c) for c in sorted(set(centers))]
         nb = len(self.centers_)
         if nb < 2:
             raise TubError("ComBat needs at least two medical centers")
@@ -201,11 +206,6 @@ class ComBat(_CenterModel):
         S = (S - self.gamma_star_[cidx]) / np.sqrt(self.delta_star_[cidx])
         return S * sd + self.grand_mean_ + mod
 
-    def _tensors(self):
-        return {"grand_mean": self.grand_mean_, "var_pooled": self.var_pooled_, "gamma_star": self.gamma_star_,
-                "delta_star": self.delta_star_,
-                "beta_covariates": self.beta_covariates_ if self.beta_covariates_.size else np.zeros((0, len(self.grand_mean_)))}
-
     def _config(self):
         return super()._config() | {"covariate_levels": self.covariate_levels_, "tol": self.tol}
 
@@ -213,29 +213,75 @@ class ComBat(_CenterModel):
 METHODS = {"combat": ComBat, "center-mean": CenterMeanAlignment}
 
 
+def resolve_robustification(path: Path) -> Path:
+    """The ``.safetensors`` of a robustification, given it (or its ``.json``), or the run directory of
+    `tub pathorob train` (or that run's checkpoints folder)."""
+    p = Path(path)
+    name = "robustification.safetensors"
+    for cand in ((p / name, p / "checkpoints" / name) if p.is_dir() else (p.with_suffix(".safetensors"),)):
+        if cand.is_file():
+            return cand
+    raise TubError(f"no robustification found at {p}; pass the run directory of `tub pathorob train` "
+                   f"or its checkpoints/{name}")
+
+
+def _check_saved(cfg, arrays: dict, js: Path, st: Path) -> None:
+    """One-line error unless the saved JSON and arrays describe a complete, consistent robustification."""
+
+    def bad(what: str, where: Path = js):
+        raise TubError(f"{where}: {what}; the file was changed or damaged, refit with `tub pathorob train`")
+
+    if not isinstance(cfg, dict):
+        bad("not a JSON object")
+    if cfg.get("method") not in METHODS:
+        bad(f"unknown robustification method {cfg.get('method')!r}")
+    centers = cfg.get("centers")
+    if not (isinstance(centers, list) and all(isinstance(c, str) for c in centers)
+            and 2 <= len(centers) == len(set(centers))):
+        bad("'centers' must list at least two distinct center names")
+    levels = cfg.get("covariate_levels", {})
+    if not (isinstance(levels, dict) and all(isinstance(v, list) and v and all(isinstance(x, str) for x in v)
+                                             for v in levels.values())):
+        bad("'covariate_levels' must map each covariate to its list of levels")
+    tol = cfg.get("tol", 1e-4)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
+        bad("'tol' must be a positive number")
+    sizes = {"C": len(centers), "P": sum(len(v) - 1 for v in levels.values())}
+    for name, dims in METHODS[cfg["method"]].tensor_shapes.items():
+        a = arrays.get(name)
+        if a is None:
+            bad(f"the array {name!r} is missing", st)
+        if a.ndim != len(dims) or any(sizes.setdefault(d, n) != n for d, n in zip(dims, a.shape)):
+            bad(f"the array {name!r} has shape {a.shape}, expected ({', '.join(str(sizes.get(d, d)) for d in dims)})"
+                f" for {sizes['C']} centers", st)
+        if not np.all(np.isfinite(a)):
+            bad(f"the array {name!r} holds NaN or inf", st)
+        if name in METHODS[cfg["method"]].positive_tensors and not np.all(a > 0):
+            bad(f"the array {name!r} must be positive (variances)", st)
+
+
 def load_robustification(path: Path):
-    """Load a robustification saved by :meth:`save` (``.safetensors`` + ``.json``)."""
+    """Load a robustification saved by :meth:`save` (``.safetensors`` + ``.json``; or the run directory)."""
     from safetensors.numpy import load_file
 
-    path = Path(path)
-    st, js = path.with_suffix(".safetensors"), path.with_suffix(".json")
-    if not st.is_file() or not js.is_file():
-        raise TubError(f"robustification not found: expected {st.name} and {js.name} next to each other in {path.parent}")
+    st = resolve_robustification(path)
+    js = st.with_suffix(".json")
+    if not js.is_file():
+        raise TubError(f"robustification {st} has no {js.name} beside it; copy both files of `tub pathorob train`")
     try:
         cfg = json.loads(js.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TubError(f"{js}: cannot read robustification ({str(e).splitlines()[0]})") from None
+    try:
         arrays = load_file(str(st))
     except Exception as e:  # noqa: BLE001 - any unreadable file is a user error here
         raise TubError(f"{st}: cannot read robustification ({str(e).splitlines()[0]})") from None
-    if cfg.get("method") not in METHODS:
-        raise TubError(f"{js}: unknown robustification method {cfg.get('method')!r}")
-    if cfg["method"] == "combat":
-        model = ComBat(tol=cfg.get("tol", 1e-4))
-        model.grand_mean_, model.var_pooled_ = arrays["grand_mean"], arrays["var_pooled"]
-        model.gamma_star_, model.delta_star_ = arrays["gamma_star"], arrays["delta_star"]
-        model.beta_covariates_ = arrays["beta_covariates"]
+    _check_saved(cfg, arrays, js, st)
+    model = METHODS[cfg["method"]]()
+    for name in model.tensor_shapes:
+        setattr(model, name + "_", np.asarray(arrays[name], dtype=np.float64))
+    if isinstance(model, ComBat):
+        model.tol = cfg.get("tol", model.tol)
         model.covariate_levels_ = cfg.get("covariate_levels", {})
-    else:
-        model = CenterMeanAlignment()
-        model.mean_, model.center_means_ = arrays["mean"], arrays["center_means"]
     model.centers_ = list(cfg["centers"])
     return model

@@ -37,18 +37,28 @@ SUMMARY_KEYS = (
 
 
 def k_candidates(max_k: int) -> np.ndarray:
-    """The official k grid: 1, 3, 5, 7, 9, then 11, 21, … below ``max_k``."""
-    return np.array([1, 3, 5, 7, 9] + list(range(11, max_k, 10)))
+    """The official k grid up to ``max_k`` inclusive: 1, 3, 5, 7, 9, then 11, 21, … (the official ``max_k``
+    600, 1000 and 1200 give the reference's ``range(11, max_k, 10)``)."""
+    if max_k < 1:
+        raise TubError(f"--max-k must be >= 1, got {max_k}")
+    return np.array([k for k in (1, 3, 5, 7, 9) if k <= max_k] + list(range(11, max_k + 1, 10)))
+
+
+def check_nonzero_rows(X: np.ndarray, meta: Metadata, rows: np.ndarray) -> None:
+    """One-line error naming the first all-zero row of ``X`` among ``rows`` (row numbers as the user gave
+    them: the metadata/feature row, with its slide, patch and center)."""
+    X = np.asarray(X)
+    zero = rows[np.einsum("ij,ij->i", X[rows], X[rows]) == 0]
+    if len(zero):
+        r = int(zero.min())
+        raise TubError(f"feature row {r} (slide {meta.slide_id[r]}, patch {meta.patch_id[r]}, center "
+                       f"{meta.medical_center[r]}) is all zeros; the metrics need non-zero embeddings")
 
 
 def l2_normalize(X: np.ndarray) -> np.ndarray:
     """Row-wise L2 normalisation (sklearn ``normalize``, as the reference's ``Normalizer``)."""
     from sklearn.preprocessing import normalize
 
-    norms = np.einsum("ij,ij->i", X, X)
-    zero = np.flatnonzero(norms == 0)
-    if len(zero):
-        raise TubError(f"feature row {zero[0]} is all zeros; the robustness index needs non-zero embeddings")
     return normalize(X, norm="l2")
 
 
@@ -189,12 +199,14 @@ def confounder_auc(X: np.ndarray, center: np.ndarray, groups: np.ndarray, n_spli
     return float(np.mean(aucs)) if aucs else float("nan")
 
 
-def shuffle_and_reduce(meta: Metadata, max_patches_per_combi: int = -1, shuffle: bool = True) -> np.ndarray:
-    """Row order of the reference: a fixed permutation (legacy seed 123), then optionally the first M
-    rows per (subset, class-center). Returns row indices into ``meta``."""
+def shuffle_and_reduce(meta: Metadata, max_patches_per_combi: int | None = None, shuffle: bool = True) -> np.ndarray:
+    """Row order of the reference: a fixed permutation (legacy seed 123), then optionally (M >= 1) the first
+    M rows per (subset, class-center); None keeps all rows. Returns row indices into ``meta``."""
     n = len(meta)
     order = np.random.RandomState(SHUFFLE_SEED).permutation(n) if shuffle else np.arange(n)
-    if max_patches_per_combi is not None and max_patches_per_combi > 0:
+    if max_patches_per_combi is not None:
+        if max_patches_per_combi < 1:
+            raise TubError(f"--max-patches-per-combi must be >= 1, got {max_patches_per_combi}; omit it to keep all rows")
         seen: dict[tuple, int] = {}
         keep = []
         for i in order:
@@ -225,7 +237,7 @@ def robustness_index(
     k_search: bool = False,
     dataset: str | None = None,
     paired: bool | None = None,
-    max_patches_per_combi: int = -1,
+    max_patches_per_combi: int | None = None,
     bootstrap: int = 0,
     seed: int = 0,
     auc: bool = True,
@@ -238,7 +250,8 @@ def robustness_index(
     ``X`` (N, D) row-aligned with ``meta``; ``OOD`` rows are dropped. ``k`` defaults to the
     dataset's value (camelyon 11, tcga 61, tolkach_esca 46); ``k_search`` picks k by kNN balanced
     accuracy over the official grid. ``paired`` evaluates every ``subset`` separately and pools the
-    counts (default for ``tcga``). ``min_neighbours`` queries more neighbours (for RI(k) curves);
+    counts (default for ``tcga``). ``max_patches_per_combi`` (None: all rows) keeps the first M rows per
+    (subset, class-center). ``min_neighbours`` queries more neighbours (for RI(k) curves);
     it changes only ``normalized_confounder_insensitivity``, which depends on the truncation length.
     """
     if X.shape[0] != len(meta):
@@ -247,9 +260,13 @@ def robustness_index(
         paired = dataset == "tcga"
     if paired and dataset in ("camelyon", "tolkach_esca"):
         raise TubError(f"paired evaluation is defined for tcga only, not {dataset}; drop --paired")
+    if k_search and k is not None:
+        raise TubError("give --k N or --k-search, not both")
+    if max_k is not None and not k_search:
+        raise TubError("--max-k sets the k-search grid; add --k-search or drop --max-k")
     if k_search:
-        grid_max = max_k or (MAX_K_SEARCH_PAIRED if paired else MAX_K_SEARCH.get(dataset or "", 0))
-        if not grid_max:
+        grid_max = max_k if max_k is not None else (MAX_K_SEARCH_PAIRED if paired else MAX_K_SEARCH.get(dataset or ""))
+        if grid_max is None:
             raise TubError("k search on a custom dataset needs --max-k (the official grids are 600/1000/1200)")
         candidates = k_candidates(grid_max)
     else:
@@ -266,6 +283,7 @@ def robustness_index(
     check_evaluation_set(meta_id, None if k_search else k)
     order = shuffle_and_reduce(meta_id, max_patches_per_combi, shuffle)
     rows_all = id_rows[order]
+    check_nonzero_rows(X, meta, rows_all)
     meta_s = meta.take(rows_all)
     Xn = l2_normalize(np.asarray(X)[rows_all])
 

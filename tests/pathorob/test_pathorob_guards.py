@@ -1,0 +1,315 @@
+"""Guards found by an audit: inputs are never overwritten, output names never collide, documented option
+syntax works, bad values are one-line errors (exit 2), and error messages name what the user gave."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from tub_pathorob.clustering_score import clustering_score
+from tub_pathorob.config import EvaluateConfig, RIConfig
+from tub_pathorob.robustify import ComBat, load_robustification
+from tub_pathorob.robustness_index import k_candidates, robustness_index, shuffle_and_reduce
+from tub_pathorob.stain import HE_REF, synthetic_tile
+from tub_pathorob.synthetic import synthetic_features
+from tubcli.errors import TubError
+from tubcli.testing import expect_ok, invoke
+
+
+def _one_error(result) -> str:
+    """Exit 2 and exactly one ``error:`` line (log lines may precede it), no traceback."""
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.stderr
+    return errors[0]
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """make-data output (official folder + features.npy + metadata.csv) and a train run on it."""
+    tmp = tmp_path_factory.mktemp("guards")
+    expect_ok(invoke(["pathorob", "make-data", "features", "--classes", "2", "--centers", "2", "--slides-per-cell",
+                      "3", "--tiles-per-slide", "10", "--dim", "8", "-o", tmp / "md"]))
+    out = tmp / "md" / "outputs"
+    expect_ok(invoke(["pathorob", "train", out / "features", "--metadata", out / "metadata.csv", "--k", "5",
+                      "-o", tmp / "tr"]))
+    return tmp, out
+
+
+# ----------------------------------------------------------------- 1: outputs never overwrite inputs
+def test_robustify_refuses_to_write_into_the_input_folder(data, tmp_path):
+    tmp, out = data
+    copy = tmp_path / "copy"
+    shutil.copytree(out.parent, copy)
+    before = _snapshot(copy / "outputs")
+    r = invoke(["pathorob", "robustify", copy / "outputs" / "features", "--metadata", copy / "outputs" / "metadata.csv",
+                "--model", tmp / "tr", "-o", copy])
+    assert "would overwrite" in _one_error(r)
+    assert _snapshot(copy / "outputs") == before
+
+
+def test_robustify_refuses_to_overwrite_a_plain_npy_and_its_metadata(data, tmp_path):
+    tmp, out = data
+    folder = tmp_path / "run" / "outputs" / "features"
+    folder.mkdir(parents=True)
+    shutil.copy(out / "features.npy", folder / "features.npy")
+    shutil.copy(out / "metadata.csv", folder / "metadata.csv")
+    before = _snapshot(folder)
+    r = invoke(["pathorob", "robustify", folder / "features.npy", "--metadata", folder / "metadata.csv",
+                "--model", tmp / "tr", "-o", tmp_path / "run"])
+    assert "would overwrite" in _one_error(r)
+    assert _snapshot(folder) == before
+    # a separate run directory is fine, and the model may be given as the train run directory (defect 8)
+    expect_ok(invoke(["pathorob", "robustify", folder / "features.npy", "--metadata", folder / "metadata.csv",
+                      "--model", tmp / "tr", "-o", tmp_path / "other"]))
+    assert (tmp_path / "other" / "outputs" / "features" / "features.npy").is_file()
+    assert _snapshot(folder) == before
+
+
+def test_robustify_refuses_to_overwrite_the_metadata_found_beside_the_features(data, tmp_path):
+    tmp, out = data
+    folder = tmp_path / "run" / "outputs" / "features"
+    folder.mkdir(parents=True)
+    shutil.copy(out / "features.npy", folder / "x.npy")
+    shutil.copy(out / "metadata.csv", folder / "metadata.csv")  # used when --metadata is not given
+    before = _snapshot(folder)
+    r = invoke(["pathorob", "robustify", folder / "x.npy", "--model", tmp / "tr", "-o", tmp_path / "run"])
+    assert "metadata.csv would overwrite" in _one_error(r)
+    assert _snapshot(folder) == before
+
+
+def test_stainnorm_refuses_to_write_over_its_input_tiles(tmp_path):
+    tiles = tmp_path / "run" / "outputs" / "a"
+    _write_tiles(tiles, ["x.png"])
+    before = _snapshot(tiles)
+    r = invoke(["pathorob", "stainnorm", tiles, "--overwrite", "-o", tmp_path / "run"])
+    assert "would overwrite" in _one_error(r)
+    assert _snapshot(tiles) == before
+
+
+def test_metric_files_never_overwrite_an_input(data, tmp_path):
+    """A metadata CSV that sits where `ri` writes balanced-accuracies-bio.csv is refused, not replaced."""
+    _, out = data
+    meta = tmp_path / "run" / "outputs" / "balanced-accuracies-bio.csv"
+    meta.parent.mkdir(parents=True)
+    shutil.copy(out / "metadata.csv", meta)
+    before = meta.read_bytes()
+    r = invoke(["pathorob", "ri", out / "features.npy", "--metadata", meta, "--k", "5", "--no-auc",
+                "-o", tmp_path / "run"])
+    assert "would overwrite" in _one_error(r)
+    assert meta.read_bytes() == before
+
+
+# ----------------------------------------------------------------- 2: stainnorm output names
+def _write_tiles(folder, names):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        Image.fromarray(synthetic_tile(HE_REF, 16, seed=i)).save(folder / name)
+
+
+def test_stainnorm_keeps_folder_and_extension_in_output_names(tmp_path):
+    st = tmp_path / "st"
+    _write_tiles(st / "a", ["x.png", "y.png", "y.jpg"])
+    _write_tiles(st / "b", ["x.png"])
+    r = expect_ok(invoke(["pathorob", "stainnorm", st / "a", st / "b", "--json", "-o", tmp_path / "pst"]))
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["written"] == 4 and res["batch"]["skipped_existing"] == 0
+    outputs = sorted(str(p.relative_to(tmp_path / "pst" / "outputs")) for p in (tmp_path / "pst" / "outputs").rglob("*.png"))
+    assert outputs == ["a/x.png", "a/y.jpg.png", "a/y.png", "b/x.png"]
+
+
+def test_stainnorm_name_collision_is_an_upfront_error(tmp_path):
+    st = tmp_path / "st"
+    _write_tiles(st / "a", ["x.png"])
+    _write_tiles(st / "b", ["x.png"])
+    r = invoke(["pathorob", "stainnorm", st / "a" / "x.png", st / "b" / "x.png", "-o", tmp_path / "pst"])
+    assert "would both be written to x.png" in _one_error(r)
+    assert not list((tmp_path / "pst" / "outputs").rglob("*.png"))
+
+
+def test_apd_from_raw_same_dataset_twice_is_an_error(tmp_path):
+    raw = {"ID_test_accuracies": [[0.8, 0.9], [0.7, 0.8]], "OOD_test_accuracies": [[0.7, 0.8], [0.6, 0.7]]}
+    for model in ("m1", "m2"):
+        (tmp_path / model).mkdir()
+        (tmp_path / model / "camelyon_raw.json").write_text(json.dumps(raw))
+    r = invoke(["pathorob", "apd-from-raw", tmp_path / "m1" / "camelyon_raw.json", tmp_path / "m2" / "camelyon_raw.json",
+                "-o", tmp_path / "run"])
+    assert "both dataset 'camelyon'" in _one_error(r)
+
+
+# ----------------------------------------------------------------- 3: --metrics syntax
+def test_metrics_accept_commas_and_repeats():
+    assert EvaluateConfig(metrics=["ri,apd,cs"]).metrics == ["ri", "apd", "cs"]
+    assert EvaluateConfig(metrics=["ri", "cs"]).metrics == ["ri", "cs"]
+    assert EvaluateConfig(metrics="ri, cs").metrics == ["ri", "cs"]  # a YAML string
+    for bad in (["ri,xx"], [","]):
+        with pytest.raises(ValueError):
+            EvaluateConfig(metrics=bad)
+
+
+def test_evaluate_with_comma_separated_metrics(data, tmp_path):
+    _, out = data
+    expect_ok(invoke(["pathorob", "evaluate", out / "features.npy", "--metadata", out / "metadata.csv", "--k", "5",
+                      "--metrics", "ri,cs", "--K", "2", "--trials", "2", "--no-auc", "-o", tmp_path / "ev"]))
+    assert set(json.loads((tmp_path / "ev" / "outputs" / "results.json").read_text())) == {"robustness_index",
+                                                                                           "clustering_score"}
+
+
+def test_docs_show_the_metrics_syntax_that_works():
+    from pathlib import Path
+
+    import tub_pathorob
+    from tub_pathorob.plugin import app
+
+    readme = (Path(tub_pathorob.__file__).parents[1] / "README.md").read_text()
+    assert "--metrics ri apd cs" not in readme and "--metrics ri,apd,cs" in readme
+    assert "--metrics ri,apd,cs" in app.verb("evaluate").help
+
+
+# ----------------------------------------------------------------- 4: zero rows named as the user numbers them
+def test_zero_row_error_names_the_users_row():
+    X, meta = synthetic_features(slides_per_cell=3, tiles_per_slide=10, seed=2)
+    X[7] = 0
+    msg = str(pytest.raises(TubError, robustness_index, X, meta, k=5).value)
+    assert msg.startswith("feature row 7 ") and meta.slide_id[7] in msg and meta.patch_id[7] in msg
+    msg = str(pytest.raises(TubError, clustering_score, X, meta, K=2, trials=1).value)
+    assert msg.startswith("feature row 7 ")
+
+
+# ----------------------------------------------------------------- 5 and 8: saved robustifications
+@pytest.fixture
+def saved(tmp_path):
+    X, meta = synthetic_features(centers=("a", "b", "c"), slides_per_cell=2, tiles_per_slide=10, dim=4, seed=5)
+    ComBat().fit(X, meta.medical_center).save(tmp_path / "checkpoints" / "robustification")
+    return tmp_path, X, meta
+
+
+def _tamper_json(js, change):
+    cfg = json.loads(js.read_text())
+    change(cfg)
+    js.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("change", [
+    lambda c: c.pop("centers"),
+    lambda c: c.update(centers="a"),
+    lambda c: c.update(centers=["a", "b"]),  # the arrays have 3 rows
+    lambda c: c.update(covariate_levels=[]),
+    lambda c: c.update(tol="x"),
+    lambda c: c.update(method="zz"),
+    lambda c: c.clear(),
+])
+def test_tampered_json_is_a_one_line_error(saved, change):
+    tmp, _, _ = saved
+    _tamper_json(tmp / "checkpoints" / "robustification.json", change)
+    e = pytest.raises(TubError, load_robustification, tmp / "checkpoints" / "robustification.safetensors").value
+    assert len(str(e).splitlines()) == 1 and "robustification" in str(e)
+
+
+@pytest.mark.parametrize("change", ["drop", "shape", "nan", "negative"])
+def test_tampered_arrays_are_a_one_line_error(saved, change):
+    from safetensors.numpy import load_file, save_file
+
+    tmp, _, _ = saved
+    st = tmp / "checkpoints" / "robustification.safetensors"
+    arrays = load_file(str(st))
+    if change == "drop":
+        arrays.pop("gamma_star")
+    elif change == "shape":
+        arrays["gamma_star"] = arrays["gamma_star"][:, :2].copy()
+    elif change == "nan":
+        arrays["grand_mean"][0] = np.nan
+    else:
+        arrays["var_pooled"][0] = -1.0
+    save_file(arrays, str(st))
+    with pytest.raises(TubError, match="refit"):
+        load_robustification(st)
+
+
+def test_model_given_as_run_dir_checkpoints_or_file(saved):
+    tmp, X, meta = saved
+    ref = load_robustification(tmp / "checkpoints" / "robustification.safetensors").transform(X, meta.medical_center)
+    for path in (tmp, tmp / "checkpoints", tmp / "checkpoints" / "robustification.json"):
+        assert np.array_equal(load_robustification(path).transform(X, meta.medical_center), ref)
+    with pytest.raises(TubError, match="no robustification found"):
+        load_robustification(tmp / "nothing")
+
+
+def test_unseen_center_is_named_plainly(saved):
+    tmp, X, _ = saved
+    model = load_robustification(tmp / "checkpoints" / "robustification.safetensors")
+    e = pytest.raises(TubError, model.transform, X[:2], np.array(["newcenter", "a"])).value
+    assert "center 'newcenter' was not seen" in str(e) and "np.str_" not in str(e)
+
+
+# ----------------------------------------------------------------- 6 and 7: option values
+@pytest.mark.parametrize("args", [
+    ["ri", "--no-auc", "--k", "5", "--bootstrap", "-3"],
+    ["ri", "--no-auc", "--k", "5", "--seed", "100000000000000000000000"],
+    ["ri", "--no-auc", "--k", "5", "--seed", "-1"],
+    ["ri", "--no-auc", "--k", "5", "--threads", "-2"],
+    ["ri", "--no-auc", "--k-search", "--max-k", "-5"],
+    ["ri", "--no-auc", "--k-search", "--max-k", "0"],
+    ["ri", "--no-auc", "--k", "5", "--max-k", "5"],
+    ["ri", "--no-auc", "--k", "5", "--k-search", "--max-k", "9"],
+    ["ri", "--no-auc", "--k", "5", "--max-patches-per-combi", "0"],
+    ["ri", "--no-auc", "--k", "5", "--max-patches-per-combi", "-7"],
+    ["clustering", "--K", "5000"],
+    ["clustering", "--K", "1"],
+    ["clustering", "--trials", "0"],
+    ["evaluate", "--k", "5", "--metrics", "ri", "--iterations", "0"],
+    ["apd", "--dataset", "camelyon", "--iterations", "0"],
+])
+def test_bad_option_values_are_one_line_errors(data, tmp_path, args):
+    _, out = data
+    verb, *opts = args
+    _one_error(invoke(["pathorob", verb, out / "features.npy", "--metadata", out / "metadata.csv", *opts,
+                       "-o", tmp_path / "run"]))
+
+
+@pytest.mark.parametrize("args", [["tiles", "--tile-size", "0"], ["features", "--classes", "0"],
+                                  ["features", "--noise", "-1"]])
+def test_bad_make_data_values_are_one_line_errors(tmp_path, args):
+    _one_error(invoke(["pathorob", "make-data", *args, "-o", tmp_path / "run"]))
+
+
+def test_k_search_grid_respects_max_k():
+    assert list(k_candidates(5)) == [1, 3, 5]
+    assert list(k_candidates(21)) == [1, 3, 5, 7, 9, 11, 21]
+    for official in (600, 1000, 1200):  # the reference's range(11, max_k, 10)
+        assert list(k_candidates(official)) == [1, 3, 5, 7, 9] + list(range(11, official, 10))
+    with pytest.raises(TubError):
+        k_candidates(0)
+    X, meta = synthetic_features(slides_per_cell=3, tiles_per_slide=10, seed=6)
+    r = robustness_index(X, meta, k_search=True, max_k=5, auc=False)
+    assert list(r.k_grid) == [1, 3, 5] and r.summary["k_opt"] <= 5
+
+
+def test_max_patches_per_combi_must_be_a_row_count():
+    X, meta = synthetic_features(slides_per_cell=3, tiles_per_slide=10, seed=6)
+    assert np.array_equal(shuffle_and_reduce(meta), shuffle_and_reduce(meta, None))
+    for bad in (0, -1, -7):
+        with pytest.raises(TubError, match="omit"):
+            robustness_index(X, meta, k=5, max_patches_per_combi=bad, auc=False)
+    with pytest.raises(ValueError, match="omit"):
+        RIConfig(max_patches_per_combi=-1)
+
+
+def test_fixed_K_above_the_rows_fails_before_any_clustering():
+    X, meta = synthetic_features(slides_per_cell=2, tiles_per_slide=10, seed=6)
+    with pytest.raises(TubError, match="fewer than --K 5000"):
+        clustering_score(X, meta, K=5000, trials=1)
+
+
+def test_seed_bounds():
+    RIConfig(seed=2 ** 32 - 1)
+    for bad in (2 ** 32, -1):
+        with pytest.raises(ValueError):
+            RIConfig(seed=bad)
