@@ -197,6 +197,91 @@ def test_md_runs_and_resumes_after_kill(workdir, built, trained):
     assert [int(ln.split(",")[0]) for ln in thermo[1:]] == steps
 
 
+def _md(structure, model, out, *args):
+    return invoke(["mlff", "md", structure, "--model", model, "-o", out, "-q", *args])
+
+
+def _saved_steps(out) -> tuple[list[int], list[int]]:
+    """Steps of the trajectory's frames and of the thermo rows (every row must parse)."""
+    frames = [int(f.info["step"]) for f in read(out / "outputs" / "trajectory.extxyz", ":")]
+    rows = np.loadtxt(out / "outputs" / "thermo.csv", delimiter=",", skiprows=1, ndmin=2)
+    return frames, rows[:, 0].astype(int).tolist()
+
+
+def test_md_resume_needs_the_same_structure_and_settings(workdir, built, trained):
+    model = trained[0] / "checkpoints" / "model.safetensors"
+    out = workdir / "md_same"
+    _ok(_md(built, model, out, "--steps", "4", "--interval", "2"))
+    traj = out / "outputs" / "trajectory.extxyz"
+    before = traj.read_bytes()
+    atoms = read(built, "-1")
+    write(workdir / "reordered.extxyz", atoms[::-1], format="extxyz")
+    write(workdir / "fewer.extxyz", atoms[:-1], format="extxyz")
+    assert "another order" in _err(_md(workdir / "reordered.extxyz", model, out, "--steps", "8", "--interval", "2"))
+    assert "atoms" in _err(_md(workdir / "fewer.extxyz", model, out, "--steps", "8", "--interval", "2"))
+    assert "timestep_fs" in _err(_md(built, model, out, "--steps", "8", "--interval", "2", "--timestep", "1"))
+    # a finished run rerun with other physics is an error, not a silent no-op
+    assert "temperature_K" in _err(_md(built, model, out, "--steps", "4", "--interval", "2", "--temp", "900"))
+    assert traj.read_bytes() == before
+
+
+def test_md_extension_keeps_frames_on_the_interval_grid(workdir, built, trained):
+    model = trained[0] / "checkpoints" / "model.safetensors"
+    out = workdir / "md_grid"
+    _ok(_md(built, model, out, "--steps", "5", "--interval", "2"))
+    assert _saved_steps(out) == ([0, 2, 4, 5], [0, 2, 4, 5])
+    _ok(_md(built, model, out, "--steps", "9", "--interval", "2"))
+    assert _saved_steps(out) == ([0, 2, 4, 6, 8, 9], [0, 2, 4, 6, 8, 9])
+    r = _ok(invoke(["mlff", "diffusion", out / "outputs" / "trajectory.extxyz", "--blocks", "1", "--element", "C",
+                    "--set", "drift=none", "-o", workdir / "md_grid_diff", "--json"]))
+    assert json.loads(r.stdout)["runs"][0]["frames"] == 5  # the grid; the off-grid final frame is left out
+
+
+def test_md_resume_repairs_the_thermo_log_after_a_kill(workdir, built, trained):
+    model = trained[0] / "checkpoints" / "model.safetensors"
+    out = workdir / "md_thermo"
+    _ok(_md(built, model, out, "--steps", "4", "--interval", "2"))
+    thermo = out / "outputs" / "thermo.csv"
+    lines = thermo.read_text().splitlines(keepends=True)
+    # killed after frame 4 but before its row (as runs that wrote the frame first could be), then a
+    # half-written row: the resume writes row 4 again and drops the fragment
+    thermo.write_text("".join(lines[:-1]) + "6,3.000,-12.3")
+    _ok(_md(built, model, out, "--steps", "6", "--interval", "2"))
+    assert _saved_steps(out) == ([0, 2, 4, 6], [0, 2, 4, 6])
+    row4 = thermo.read_text().splitlines()[3].split(",")
+    assert float(row4[2]) == pytest.approx(float(lines[-1].split(",")[2]), abs=1e-3)  # the same epot
+
+
+def test_md_stops_before_an_unstable_frame(workdir, built, trained):
+    model = trained[0] / "checkpoints" / "model.safetensors"
+    out = workdir / "md_blowup"
+    r = _md(built, model, out, "--steps", "150", "--interval", "2", "--timestep", "8", "--temp", "3000")
+    assert r.exit_code == 1 and "unstable at step" in r.stderr and "Traceback" not in r.stderr
+    frames = read(out / "outputs" / "trajectory.extxyz", ":")
+    assert all(np.isfinite(f.positions).all() and f.info["temperature"] < 30000 for f in frames)
+    steps, rows = _saved_steps(out)
+    assert steps == rows
+    bad = frames[-1].copy()  # a NaN frame, as runs before this check could leave: no resume from it
+    bad.positions[0] = np.nan
+    bad.info["step"], bad.info["time_fs"] = steps[-1] + 2, (steps[-1] + 2) * 8.0
+    write(out / "outputs" / "trajectory.extxyz", bad, format="extxyz", append=True)
+    assert "not finite" in _err(_md(built, model, out, "--steps", "150", "--interval", "2", "--timestep", "8",
+                                    "--temp", "3000"))
+
+
+def test_md_on_a_sheet_without_c_vector(workdir, trained):
+    from ase.build import graphene
+
+    model = trained[0] / "checkpoints" / "model.safetensors"
+    sheet = graphene(size=(3, 3, 1), vacuum=None)  # pbc (T, T, F), c = 0: open along z
+    sheet.rattle(0.02, seed=0)
+    write(workdir / "sheet.extxyz", sheet, format="extxyz")
+    _ok(_md(workdir / "sheet.extxyz", model, workdir / "md_sheet", "--steps", "2", "--interval", "1"))
+    out = workdir / "md_sheet_npt"
+    assert "NPT needs" in _err(_md(workdir / "sheet.extxyz", model, out, "--steps", "2", "--ensemble", "npt"))
+    assert not (out / "outputs" / "thermo.csv").exists()
+
+
 def test_nve_conserves_energy(built, trained):
     from tub_mlff.md import run_md
 

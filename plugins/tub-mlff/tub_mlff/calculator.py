@@ -1,7 +1,7 @@
 """ASE calculator for SpookyNet models and committees of them.
 
 Properties: energy, free_energy, forces, stress (periodic), charges, dipole, energies (per atom),
-plus ``energy_std``/``forces_std``/``force_disagreement`` for committees (the spread of the members,
+features (the members' mean; left out for a committee whose members differ in width), plus ``energy_std``/``forces_std``/``force_disagreement`` for committees (the spread of the members,
 Politis-style query-by-committee uncertainty). The neighbour list uses a Verlet skin: it is rebuilt
 only when an atom moved more than skin/2 or the cell, pbc, or atoms changed.
 """
@@ -174,7 +174,9 @@ class SpookyNetCalculator(Calculator):
         if want_stress:
             s = np.stack([o["stress"][0].detach().cpu().numpy() for o in outs]).astype(np.float64)
             self.results["stress"] = full_3x3_to_voigt_6_stress(s.mean(0))
-        self.results["features"] = np.mean([o["features"].detach().cpu().numpy() for o in outs], axis=0)
+        feats = [o["features"].detach().cpu().numpy() for o in outs]
+        if len({f.shape for f in feats}) == 1:  # members of different widths have no common feature space
+            self.results["features"] = np.mean(feats, axis=0)
         if want_hessian:
             h = np.stack([o["hessian"].detach().cpu().numpy() for o in outs]).astype(np.float64)
             self.results["hessian"] = h.mean(0)

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import torch
+from tubcli.errors import TubError
 
 from .physical_terms import D4_TABLES
 from .spookynet import SpookyNet, SpookyNetConfig
@@ -52,8 +53,8 @@ _REF_HYPER = {"num_features", "num_basis_functions", "num_modules", "cutoff", "l
               "module_keep_prob"}
 
 
-class CheckpointError(ValueError):
-    """A model file that cannot be read as asked."""
+class CheckpointError(TubError, ValueError):
+    """A model file that cannot be read as asked (a one-line TubError, exit 2)."""
 
 
 def map_reference_state_dict(sd: dict[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -144,7 +145,13 @@ def read_model_meta(path: str | Path) -> dict:
     js = path.with_suffix(".json")
     if not js.exists():
         raise CheckpointError(f"{js} not found; a tub model is a .safetensors file with a .json beside it")
-    return json.loads(js.read_text())
+    try:
+        meta = json.loads(js.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{js} is not valid JSON ({exc}); restore the .json written with the model") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{js} is not a tub model description; restore the .json written with the model")
+    return meta
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[SpookyNet, dict]:
@@ -161,9 +168,17 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Sp
     meta = read_model_meta(path)
     if meta.get("architecture") != "spookynet":
         raise CheckpointError(f"{path}: unknown architecture {meta.get('architecture')!r}")
-    cfg = SpookyNetConfig.from_dict(meta["spookynet"])
+    try:
+        cfg = SpookyNetConfig.from_dict(meta["spookynet"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path.with_suffix('.json')} has no valid 'spookynet' model config ({exc}); "
+                              "restore the .json written with the model") from None
     model = SpookyNet(cfg)
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for empty/truncated files
+        raise CheckpointError(f"cannot read {path} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                              "the file is damaged or not a safetensors file: copy or train it again") from None
     tables = {k[3:]: tensors.pop(k) for k in list(tensors) if k.startswith("d4.") and k[3:] in D4_TABLES}
     _load_state(model, tensors, tables, path)
     return model.to(dtype).eval(), meta

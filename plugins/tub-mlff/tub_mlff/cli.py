@@ -49,6 +49,16 @@ def _calculator(run, model_paths, atoms=None, charge=None, spin=None, lr_cutoff=
         raise TubError(f"{exc}; check the model files and options") from None
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _write_extxyz(path: Path, frames) -> Path:
     from ase.io import write
 
@@ -66,6 +76,7 @@ def _need(value, flag: str, what: str):
 # -- build ---------------------------------------------------------------------------------------
 def build(cfg, run) -> dict:
     from .structures import add_sodium, host_formula, janus_graphene, spin_for
+    from .validation import check_structure
 
     try:
         host = janus_graphene(cfg.n, cfg.groups, cfg.stacking, cfg.interlayer, cfg.vacuum, seed=cfg.seed)
@@ -82,6 +93,8 @@ def build(cfg, run) -> dict:
                 a.rattle(cfg.rattle, seed=run.item_seed(f"rattle-{x}-{v}") % (2 ** 31))
             a.info.update({"x": x / max(cfg.groups, 1), "na_count": x, "charge": 0, "spin": spin_for(a)})
             a.info["anchors"] = " ".join(map(str, host.info["anchors"]))
+            check_structure(a, name=f"the built cell with x={x}", fix="raise --interlayer (gallery) or "
+                            "--set vacuum= (slab), or lower --rattle")
             frames.append(a)
     out = _write_extxyz(run.outputs_dir / "structures.extxyz", frames)
     run.log.info("wrote %d structures to %s", len(frames), out)
@@ -98,15 +111,27 @@ def _label_items(cfg, files, run) -> tuple[list[str], int]:
     from .clusters import ClusterError, centres_of
     from .data import read_structures
     from .labelling import check_dft_settings
+    from .validation import check_structure
 
     if cfg.cluster_radius is not None and cfg.method != "dft":
         raise TubError(f"--cluster-radius carves clusters for method=dft; {cfg.method} labels periodic cells "
                        "directly, so drop --cluster-radius or use --set method=dft")
     if cfg.cluster_radius is not None and cfg.cluster_radius <= 0:
         raise TubError(f"--cluster-radius must be positive (got {cfg.cluster_radius}); give e.g. 5")
+    unique: dict[Path, Path] = {}
+    for f in files:  # the same file given twice is one input
+        unique.setdefault(Path(f).resolve(), f)
+    files = list(unique.values())
+    stems: dict[str, Path] = {}
+    for f in files:  # outputs are named <stem>_<frame>.extxyz, so two inputs may not share a stem
+        if Path(f).stem in stems:
+            raise TubError(f"{stems[Path(f).stem]} and {f} would both write {Path(f).stem}_<frame>.extxyz; "
+                           "rename one of them or label them into separate -o folders")
+        stems[Path(f).stem] = f
     items, without, elements = [], 0, set()
     for f in files:
         for k, atoms in enumerate(read_structures(f)):
+            check_structure(atoms, None, name=f"{f} frame {k}")
             elements |= set(atoms.get_chemical_symbols())
             head = f"{Path(f).stem}::{k:06d}"
             if cfg.method != "dft" or cfg.cluster_radius is None:
@@ -184,10 +209,21 @@ def label(cfg, run) -> dict:
 
 
 # -- train ---------------------------------------------------------------------------------------
-def _graphs(frames, radius, keys, name):
+def _graphs(frames, radius, keys, name, need_forces: bool = True):
     from .data import to_graph
 
-    return [to_graph(a, radius, keys, name=f"{name} frame {k}") for k, a in enumerate(frames)]
+    return [to_graph(a, radius, keys, name=f"{name} frame {k}", need_forces=need_forces) for k, a in enumerate(frames)]
+
+
+def _check_architecture(state: dict, model, path) -> None:
+    """TubError unless a training checkpoint's weights fit ``model`` (the architecture of the config)."""
+    own, saved = model.state_dict(), state["model"]
+    for key in sorted(set(own) | set(saved)):
+        if key not in own or key not in saved or tuple(own[key].shape) != tuple(saved[key].shape):
+            got = list(saved[key].shape) if key in saved else "absent"
+            want = list(own[key].shape) if key in own else "absent"
+            raise TubError(f"the checkpoint {path} holds another architecture than the config ({key}: {got} there, "
+                           f"{want} from the config); resume with that run's --set model.* options or use a new -o")
 
 
 def train(cfg, run) -> dict:
@@ -200,6 +236,9 @@ def train(cfg, run) -> dict:
     from .validation import check_structure
 
     data = _need(cfg.data, "DATA", "a labelled extxyz file")
+    if cfg.valid is None and cfg.valid_fraction + cfg.test_fraction >= 1:
+        raise TubError(f"valid_fraction + test_fraction is {cfg.valid_fraction + cfg.test_fraction:g}, which leaves no "
+                       "training frames; keep their sum below 1")
     frames = read_structures(data)
     keys = Keys(**cfg.keys.model_dump())
     for k, a in enumerate(frames):
@@ -227,9 +266,10 @@ def train(cfg, run) -> dict:
     radius = max(mcfg.cutoff, mcfg.lr_cutoff or 0.0) if (mcfg.use_electrostatics or mcfg.use_d4_dispersion) else mcfg.cutoff
     if not periodic and (mcfg.use_electrostatics or mcfg.use_d4_dispersion) and mcfg.lr_cutoff is None:
         radius = 1e4  # molecules: all pairs
-    graphs = _graphs(frames, radius, keys, str(data))
+    need_forces = cfg.forces_weight > 0
+    graphs = _graphs(frames, radius, keys, str(data), need_forces)
     if cfg.valid is not None:
-        valid = _graphs(read_structures(cfg.valid), radius, keys, str(cfg.valid))
+        valid = _graphs(read_structures(cfg.valid), radius, keys, str(cfg.valid), need_forces)
         tr, _, te = split_indices(len(graphs), 0.0, cfg.test_fraction, cfg.seed)
         train_g, test_g = [graphs[i] for i in tr], [graphs[i] for i in te]
     else:
@@ -237,6 +277,9 @@ def train(cfg, run) -> dict:
         train_g, valid, test_g = [graphs[i] for i in tr], [graphs[i] for i in va], [graphs[i] for i in te]
     if not train_g:
         raise TubError(f"{data} has too few frames to train ({len(graphs)}); give more labelled structures")
+    if not valid:
+        run.log.warning("no validation frames (%d frames in all): early stopping and keep=best follow the training "
+                        "loss and the validation errors are not measured; give --valid or more frames", len(graphs))
     for weight, field, key, what in ((cfg.charges_weight, "charges", cfg.keys.charges, "atomic charges (array)"),
                                      (cfg.dipole_weight, "dipole", cfg.keys.dipole, "dipoles (info; molecules only)")):
         if weight > 0 and any(getattr(g, field) is None for g in train_g + valid):
@@ -253,6 +296,8 @@ def train(cfg, run) -> dict:
     elements = sorted({int(z) for a in frames for z in a.numbers})
     dtype = _dtype(run)
     state = run.load_checkpoint()
+    if state is not None:
+        _check_architecture(state, SpookyNet(SpookyNetConfig.from_dict(mcfg.to_dict())), run.resume_from)
     first_member = int(state["member"]) if state else 0
     results = []
     for member in range(cfg.ensemble):
@@ -296,13 +341,10 @@ def evaluate(cfg, run) -> dict:
 
     data = _need(cfg.data, "DATA", "a labelled extxyz file")
     frames = read_structures(data)
-    models = [load_model(p, _dtype(run))[0] for p in _models(cfg.model)]
-    meta_elements = None
-    from .checkpoints import read_model_meta
-
-    for p in _models(cfg.model):
-        if p.suffix == ".safetensors":
-            meta_elements = set(read_model_meta(p).get("elements") or []) or None
+    loaded = [load_model(p, _dtype(run)) for p in _models(cfg.model)]  # CheckpointError: one line, exit 2
+    models = [m for m, _ in loaded]
+    known = [set(meta["elements"]) for _, meta in loaded if meta.get("elements")]
+    meta_elements = set.intersection(*known) if known else None
     for k, a in enumerate(frames):
         check_structure(a, meta_elements, name=f"{data} frame {k}")
     mc = models[0].config
@@ -315,13 +357,18 @@ def evaluate(cfg, run) -> dict:
             radius = 10.0
         else:
             radius = 1e4
-    graphs = _graphs(frames, radius, Keys(**cfg.keys.model_dump()), str(data))
+    graphs = _graphs(frames, radius, Keys(**cfg.keys.model_dump()), str(data), need_forces=False)
+    with_forces = all(g.forces is not None for g in graphs)
+    if not with_forces:
+        run.log.warning("not every frame of %s has forces under '%s': energy errors only (set --forces-key if "
+                        "they are stored under another name)", data, cfg.keys.forces)
     preds = predict(models, graphs, _dtype(run), run.device)
     metrics = error_metrics(graphs, preds)
     if cfg.plots:
         n = np.array([len(g.Z) for g in graphs])
         parity_plot(run.outputs_dir / "parity_energy.png", [g.energy / len(g.Z) for g in graphs],
                     preds["energy"] / n, "energy per atom", "eV")
+    if cfg.plots and with_forces:
         parity_plot(run.outputs_dir / "parity_forces.png", np.concatenate([g.forces for g in graphs]),
                     np.concatenate(preds["forces"]), "force", "eV/A")
     write_json(run.outputs_dir / "predictions.json",
@@ -336,10 +383,16 @@ def md(cfg, run) -> dict:
 
     path = _need(cfg.structure, "STRUCTURE", "an extxyz file with the starting structure")
     atoms = read_structures(path, index="-1")[0]
+    if cfg.ewald_kmax is not None and not atoms.pbc.all():
+        raise TubError(f"{path}: Ewald summation needs a cell periodic in all three directions "
+                       f"(pbc={atoms.pbc.tolist()}); drop ewald_kmax")
     calc = _calculator(run, cfg.model, atoms, cfg.charge, cfg.spin, cfg.lr_cutoff, cfg.ewald_kmax)
     from .validation import check_structure
 
     check_structure(atoms, calc.elements, name=str(path))
+    models = _models(cfg.model)
+    settings = {"model": [str(p) for p in models], "model_sha256": [_sha256(p) for p in models],
+                "charge": calc.charge, "spin": calc.spin, "lr_cutoff": cfg.lr_cutoff, "ewald_kmax": cfg.ewald_kmax}
     last = [0]
 
     def progress(done, total):
@@ -349,7 +402,7 @@ def md(cfg, run) -> dict:
 
     summary = run_md(atoms, calc, run.outputs_dir / "trajectory.extxyz", run.outputs_dir / "thermo.csv",
                      cfg.steps, cfg.ensemble, cfg.timestep, cfg.temp, cfg.friction, cfg.taut, cfg.pressure,
-                     cfg.taup, cfg.interval, seed=cfg.seed, log=run.log, progress=progress)
+                     cfg.taup, cfg.interval, seed=cfg.seed, log=run.log, progress=progress, settings=settings)
     summary["trajectory"] = str(run.outputs_dir / "trajectory.extxyz")
     summary["committee"] = len(calc.models)
     return summary
@@ -377,8 +430,8 @@ def ocv(cfg, run) -> dict:
                 frames.append(add_sodium(host, x, "random", seed=run.item_seed(f"ocv-{x}-{v}")))
         for f in frames:
             f.info["groups"] = cfg.groups
-    if not any(int((f.numbers == 11).sum()) == 0 for f in frames):
-        raise TubError("the structures need the bare host (a frame without Na) to define formation energies")
+    _check_host_series(frames, str(cfg.structures) if cfg.structures is not None
+                       else f"the built series (--x-max {cfg.x_max})")
     from .validation import check_structure
 
     calcs = {}
@@ -388,13 +441,11 @@ def ocv(cfg, run) -> dict:
         if key not in calcs:
             calcs[key] = _calculator(run, cfg.model, atoms)
         c = calcs[key]
-        if atoms is not None:
-            c.spin = float(spin_for(atoms))
-            check_structure(atoms, c.elements)
-        else:
-            c.spin = 0.0
+        c.spin = 0.0 if atoms is None else float(spin_for(atoms))
         return c
 
+    for k, f in enumerate(frames):  # every structure is checked before the first relaxation
+        check_structure(f, calc_for(f).elements, name=f"{cfg.structures or 'built structure'} frame {k}")
     res, relaxed = sodiation_series(frames, calc_for, cfg.relax_steps, cfg.fmax)
     _warn_scan_edge(res, "the model", run)
     summary = {"average_voltage_V": res["average_voltage_V"], "capacity_mAh_g": res["capacity_mAh_g"],
@@ -410,6 +461,25 @@ def ocv(cfg, run) -> dict:
                  res["capacity_per_x_mAh_g"], reference=res.get("reference"))
     write_json(run.outputs_dir / "ocv.json", res)
     return {**summary, "output": str(run.outputs_dir / "ocv.json")}
+
+
+def _check_host_series(frames, name: str, cell_tolerance: float = 0.2) -> None:
+    """TubError unless ``frames`` are one host, Na-free and Na-loaded: the same non-Na atoms, pbc and
+    cell (each periodic vector within ``cell_tolerance``, so that loading may swell the cell)."""
+    counts = [int((f.numbers == 11).sum()) for f in frames]
+    if 0 not in counts or max(counts) == 0:
+        missing = "no Na-free frame" if 0 not in counts else "no frame with Na"
+        raise TubError(f"ocv needs at least one Na-loaded structure and the Na-free host; {name} has {missing}")
+    h = counts.index(0)
+    host = frames[h]
+    for k, f in enumerate(frames):
+        if sorted(f.numbers[f.numbers != 11]) != sorted(host.numbers):
+            raise TubError(f"{name}: frame {k} ({f.get_chemical_formula()}) is not the host of frame {h} "
+                           f"({host.get_chemical_formula()}) plus Na; give the structures of one host only")
+        moved = np.linalg.norm(f.cell.array - host.cell.array, axis=1)
+        if (f.pbc != host.pbc).any() or (moved > cell_tolerance * np.linalg.norm(host.cell.array, axis=1))[host.pbc].any():
+            raise TubError(f"{name}: frame {k} has another cell than the host (frame {h}) beyond "
+                           f"{cell_tolerance:.0%}; give the structures of one host cell only")
 
 
 def _warn_scan_edge(report: dict, who: str, run) -> None:
@@ -451,23 +521,64 @@ def _xtb_reference_hull(relaxed, res, cfg, run) -> dict:
 
 
 # -- diffusion -----------------------------------------------------------------------------------
+def _one_trajectory(frames, times, path) -> tuple[list, list]:
+    """The frames and times of one trajectory at evenly spaced times; TubError for anything else.
+
+    A final frame off the saving grid (a run whose --steps is no multiple of --interval) is left out.
+    """
+    t = np.asarray(times, dtype=float)
+    dt = np.diff(t)
+    if len(dt) > 2 and 0 < dt[-1] < dt[0] and np.isclose(dt[:-1], dt[0], rtol=1e-4).all():
+        frames, times, dt = frames[:-1], times[:-1], dt[:-1]
+    bad = np.where((dt <= 0) | ~np.isclose(dt, dt[0], rtol=1e-4))[0] if len(dt) else []
+    if len(bad):
+        k = int(bad[0]) + 1
+        raise TubError(f"{path}: frame {k} is at {t[k]:g} fs after {t[k - 1]:g} fs, but diffusion needs frames at "
+                       f"evenly spaced, increasing times (every {dt[0]:g} fs here); give one trajectory from "
+                       "`tub mlff md`, not runs joined together")
+    for k, f in enumerate(frames):
+        if len(f) != len(frames[0]) or (f.numbers != frames[0].numbers).any() or (f.pbc != frames[0].pbc).any():
+            raise TubError(f"{path}: frame {k} has other atoms or pbc than frame 0; give one trajectory per file")
+    return frames, times
+
+
+def _arrhenius_problem(runs: list[dict]) -> str | None:
+    """Why the runs cannot be fitted to ln D = ln D0 - Ea/kT (None: they can)."""
+    T = np.array([r["temperature_K"] for r in runs], dtype=float)
+    if not np.isfinite(T).all():
+        return "a trajectory has no temperatures in its frames"
+    if any(r["D_cm2_s"] <= 0 for r in runs):
+        return "a trajectory has D <= 0 (too short to leave the ballistic regime?)"
+    if T.max() < 1.05 * T.min():  # one temperature, within the thermostat's fluctuation
+        return (f"all trajectories are at about the same temperature ({T.min():.0f}-{T.max():.0f} K); an Arrhenius "
+                "fit needs runs at two or more temperatures (e.g. 500-900 K)")
+    return None
+
+
 def diffusion(cfg, run) -> dict:
     from .data import read_structures
     from .diffusion import arrhenius_fit, diffusion_coefficient, msd, unwrap
     from .plots import msd_plot
 
     paths = _need(cfg.trajectories, "TRAJECTORIES", "one or more MD trajectories (extxyz)")
+    if cfg.fit_start >= cfg.fit_end:
+        raise TubError(f"fit_start ({cfg.fit_start:g}) must be below fit_end ({cfg.fit_end:g}): the fit runs from "
+                       "fit_start to fit_end times the longest lag; e.g. --set fit_start=0.2 --set fit_end=0.8")
     per_run, curves = [], {}
     for p in paths:
         frames = read_structures(p)
         times = [f.info.get("time_fs") for f in frames]
         if any(t is None for t in times):
             raise TubError(f"{p}: frames lack info['time_fs']; use trajectories written by `tub mlff md`")
+        frames, times = _one_trajectory(frames, times, p)
         frames = [f for f, t in zip(frames, times) if t >= 1000 * cfg.equilibration]
         times = [f.info["time_fs"] for f in frames]
         if len(frames) < 5:
             raise TubError(f"{p} has {len(frames)} frames after {cfg.equilibration:g} ps of equilibration; "
                            "diffusion needs at least 5: run longer or lower --equilibration")
+        if len(frames) // cfg.blocks < 4:
+            raise TubError(f"{p}: {len(frames)} frames in {cfg.blocks} blocks leave fewer than 4 frames per block; "
+                           "lower --blocks or run longer")
         dt = float(times[1] - times[0])
         symbols = np.array(frames[0].get_chemical_symbols())
         sel = np.where(symbols == cfg.element)[0]
@@ -475,9 +586,9 @@ def diffusion(cfg, run) -> dict:
             raise TubError(f"{p} has no {cfg.element} atoms")
         host = np.where(symbols != cfg.element)[0]
         drift = {"framework": host if len(host) else None, "all": None, "none": []}[cfg.drift]
-        scaled = np.stack([f.get_scaled_positions(wrap=True) for f in frames])
-        cells = np.stack([f.cell.array for f in frames])
-        pos = unwrap(scaled, cells)
+        scaled = np.stack([f.get_scaled_positions(wrap=True) for f in frames])  # wraps periodic directions only
+        cells = np.stack([f.cell.complete().array for f in frames])  # a missing (open-direction) vector as a unit one
+        pos = unwrap(scaled, cells, pbc=frames[0].pbc)
         res = diffusion_coefficient(pos, dt, atoms=sel, axes=cfg.axes, fit_start=cfg.fit_start,
                                     fit_end=cfg.fit_end, blocks=cfg.blocks, drift_atoms=drift)
         temps = [f.info.get("temperature") for f in frames]
@@ -489,8 +600,12 @@ def diffusion(cfg, run) -> dict:
         curves[f"{name} ({T:.0f} K)"] = (np.arange(len(m)) * dt, m)
     msd_plot(run.outputs_dir / "msd.png", curves)
     out = {"runs": per_run}
-    Ts = [r["temperature_K"] for r in per_run]
-    if len(per_run) >= 2 and all(np.isfinite(Ts)) and all(r["D_cm2_s"] > 0 for r in per_run):
+    problem = _arrhenius_problem(per_run) if len(per_run) >= 2 else None
+    if problem:
+        run.log.warning("no Arrhenius fit: %s; D is reported per trajectory", problem)
+        out["arrhenius_skipped"] = problem
+    elif len(per_run) >= 2:
+        Ts = [r["temperature_K"] for r in per_run]
         fit = arrhenius_fit(Ts, [r["D_cm2_s"] for r in per_run], [r["D_err_cm2_s"] for r in per_run])
         out["arrhenius"] = {"Ea_eV": fit.Ea, "Ea_err_eV": fit.Ea_err, "D0_cm2_s": fit.D0,
                             f"D_{cfg.target_temperature:.0f}K_cm2_s": fit.D(cfg.target_temperature),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from tubcli.config import Section, TubConfig
 
 
@@ -32,15 +32,22 @@ class ModelSection(Section):
 
 
 class BuildConfig(TubConfig):
-    n: int = Field(4, description="graphene supercell n x n")
-    groups: int = Field(1, description="aminophenyl groups on the top face")
+    n: int = Field(4, ge=2, description="graphene supercell n x n")
+    groups: int = Field(1, ge=0, description="aminophenyl groups on the top face")
     stacking: Literal["slab", "gallery"] = Field("gallery", description="slab (vacuum) or gallery (stacked sheets)")
-    interlayer: float = Field(9.5, description="sheet spacing for gallery cells (A)")
-    vacuum: float = Field(20.0, description="cell height for slabs (A)")
-    x: list[int] = Field([0, 1, 2], description="Na atoms per cell to build")
+    interlayer: float = Field(9.5, gt=0, description="sheet spacing for gallery cells (A)")
+    vacuum: float = Field(20.0, gt=0, description="cell height for slabs (A)")
+    x: list[int] = Field([0, 1, 2], min_length=1, description="Na atoms per cell to build")
     sites: Literal["ring", "amine", "top", "bottom", "gallery", "random"] = Field("random", description="Na sites")
-    variants: int = Field(1, description="structures per Na count (different seeds)")
-    rattle: float = Field(0.0, description="Gaussian displacement of all atoms (A)")
+    variants: int = Field(1, ge=1, description="structures per Na count (different seeds)")
+    rattle: float = Field(0.0, ge=0, description="Gaussian displacement of all atoms (A)")
+
+    @field_validator("x")
+    @classmethod
+    def _counts(cls, v: list[int]) -> list[int]:
+        if any(x < 0 for x in v):
+            raise ValueError(f"Na counts must be 0 or more, got {min(v)}")
+        return v
 
 
 class LabelConfig(TubConfig):
@@ -57,14 +64,14 @@ class LabelConfig(TubConfig):
 class TrainConfig(TubConfig):
     data: Optional[Path] = Field(None, description="labelled extxyz training data")
     valid: Optional[Path] = Field(None, description="separate validation extxyz (else split from data)")
-    valid_fraction: float = Field(0.1, description="validation share when no --valid")
-    test_fraction: float = Field(0.1, description="held-out test share (reported at the end)")
+    valid_fraction: float = Field(0.1, ge=0, lt=1, description="validation share when no --valid")
+    test_fraction: float = Field(0.1, ge=0, lt=1, description="held-out test share (reported at the end)")
     keys: KeysSection = KeysSection()
     model: ModelSection = ModelSection()
     init_from: Optional[Path] = Field(None, description="start from a model file (.safetensors or reference .pth)")
-    epochs: int = Field(200, description="maximum epochs")
-    batch_size: int = Field(8, description="structures per batch")
-    lr: float = Field(1e-3, description="learning rate")
+    epochs: int = Field(200, ge=1, description="maximum epochs")
+    batch_size: int = Field(8, ge=1, description="structures per batch")
+    lr: float = Field(1e-3, gt=0, description="learning rate")
     lr_schedule: Literal["plateau", "cosine"] = Field(
         "plateau", description="plateau: multiply by lr_factor after lr_patience stalled epochs; cosine: anneal to min_lr over epochs")
     lr_patience: int = Field(10, description="plateau schedule: stalled epochs before the learning rate drops")
@@ -79,9 +86,9 @@ class TrainConfig(TubConfig):
     charges_weight: float = Field(0.0, description="weight of the atomic-charge loss (needs reference charges)")
     dipole_weight: float = Field(0.0, description="weight of the dipole loss, as SpookyNet's paper trains (molecules)")
     ema_decay: float = Field(0.99, description="EMA decay of the weights")
-    patience: int = Field(30, description="early-stopping patience (epochs)")
+    patience: int = Field(30, ge=1, description="early-stopping patience (epochs)")
     max_minutes: Optional[float] = Field(None, description="stop a member after this many minutes")
-    ensemble: int = Field(1, description="committee size (members differ by seed)")
+    ensemble: int = Field(1, ge=1, description="committee size (members differ by seed)")
     keep: Literal["best", "last"] = Field("best", description="save the EMA weights of the best validation loss or the last epoch")
 
 
@@ -95,15 +102,15 @@ class EvaluateConfig(TubConfig):
 class MDConfig(TubConfig):
     structure: Optional[Path] = Field(None, description="starting structure (extxyz, last frame used)")
     model: list[Path] = Field(default_factory=list, description="model file(s); several = committee")
-    temp: float = Field(300.0, description="temperature (K)")
-    steps: int = Field(1000, description="total MD steps (a resumed run continues to this)")
+    temp: float = Field(300.0, ge=0, allow_inf_nan=False, description="temperature (K)")
+    steps: int = Field(1000, ge=1, description="total MD steps (a resumed run continues to this)")
     ensemble: Literal["nvt-langevin", "nvt-bussi", "nve", "npt"] = Field("nvt-langevin", description="ensemble")
-    timestep: float = Field(0.5, description="time step (fs)")
-    friction: float = Field(0.01, description="Langevin friction (1/fs)")
-    taut: float = Field(100.0, description="thermostat time constant (fs)")
-    pressure: float = Field(0.0, description="NPT pressure (GPa)")
-    taup: float = Field(1000.0, description="barostat time constant (fs)")
-    interval: int = Field(10, description="steps between saved frames")
+    timestep: float = Field(0.5, gt=0, allow_inf_nan=False, description="time step (fs)")
+    friction: float = Field(0.01, gt=0, allow_inf_nan=False, description="Langevin friction (1/fs)")
+    taut: float = Field(100.0, gt=0, allow_inf_nan=False, description="thermostat time constant (fs)")
+    pressure: float = Field(0.0, allow_inf_nan=False, description="NPT pressure (GPa)")
+    taup: float = Field(1000.0, gt=0, allow_inf_nan=False, description="barostat time constant (fs)")
+    interval: int = Field(10, ge=1, description="steps between saved frames")
     charge: Optional[float] = Field(None, description="total charge (default: from the structure, else 0)")
     spin: Optional[float] = Field(None, description="unpaired electrons (default: from the structure or parity)")
     lr_cutoff: Optional[float] = Field(None, description="long-range cutoff for periodic runs (A; default 10)")
@@ -119,9 +126,9 @@ class OCVConfig(TubConfig):
     stacking: Literal["slab", "gallery"] = Field("gallery", description="stacking when building")
     interlayer: float = Field(9.0, description="sheet spacing when building (A)")
     x_max: int = Field(3, description="largest Na count per cell when building")
-    variants: int = Field(2, description="random site sets per Na count when building")
-    relax_steps: int = Field(50, description="BFGS steps per structure (0 = single points)")
-    fmax: float = Field(0.05, description="relaxation force threshold (eV/A)")
+    variants: int = Field(2, ge=1, description="random site sets per Na count when building")
+    relax_steps: int = Field(50, ge=0, description="BFGS steps per structure (0 = single points)")
+    fmax: float = Field(0.05, gt=0, description="relaxation force threshold (eV/A)")
     reference: Optional[Literal["xtb"]] = Field(
         None, description="also compute the GFN1-xTB hull on the same structures and the largest voltage difference")
     reference_relax_steps: int = Field(0, ge=0, description="BFGS steps of xTB on each structure (0 = single points)")
@@ -134,10 +141,10 @@ class DiffusionConfig(TubConfig):
     drift: Literal["framework", "all", "none"] = Field(
         "framework", description="drift removed: mean displacement of the host (the other elements), of all atoms, or none")
     axes: Literal["x", "y", "z", "xy", "xz", "yz", "xyz"] = Field("xy", description="axes of the MSD")
-    fit_start: float = Field(0.2, description="fit from this fraction of the longest lag")
-    fit_end: float = Field(0.8, description="fit up to this fraction of the longest lag")
-    blocks: int = Field(4, description="blocks for error bars")
-    target_temperature: float = Field(300.0, description="Arrhenius extrapolation temperature (K)")
+    fit_start: float = Field(0.2, ge=0, le=1, description="fit from this fraction of the longest lag")
+    fit_end: float = Field(0.8, ge=0, le=1, description="fit up to this fraction of the longest lag (above fit_start)")
+    blocks: int = Field(4, ge=1, description="blocks for error bars")
+    target_temperature: float = Field(300.0, gt=0, description="Arrhenius extrapolation temperature (K)")
 
 
 class ExplainConfig(TubConfig):
@@ -145,6 +152,13 @@ class ExplainConfig(TubConfig):
     model: list[Path] = Field(default_factory=list,
                               description="model file(s); several = committee, adds each atom's force disagreement")
     attention: bool = Field(True, description="also write attention maps")
-    walks: int = Field(0, ge=0, le=3, description="GNN-LRP relevant walks: 0 off, 2 = 1- and 2-body, 3 = also 3-body")
+    walks: int = Field(0, description="GNN-LRP relevant walks: 0 off, 2 = 1- and 2-body, 3 = also 3-body")
     walk_radius: float = Field(3.0, gt=0, description="3-body terms only for triples closer than this (A)")
     charge: Optional[float] = Field(None, description="total charge (default: from the structure)")
+
+    @field_validator("walks")
+    @classmethod
+    def _walk_order(cls, v: int) -> int:
+        if v not in (0, 2, 3):
+            raise ValueError(f"walks must be 0 (off), 2 (1- and 2-body) or 3 (also 3-body), not {v}")
+        return v

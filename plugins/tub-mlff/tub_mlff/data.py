@@ -66,7 +66,8 @@ def labels(atoms, keys: Keys, need_forces: bool = True, name: str = "frame"):
     if e is None:
         raise TubError(f"{name} has no energy under '{keys.energy}'; set --energy-key to the info key that holds it")
     if need_forces and f is None:
-        raise TubError(f"{name} has no forces under '{keys.forces}'; set --forces-key or train on energies only")
+        raise TubError(f"{name} has no forces under '{keys.forces}'; set --forces-key to the array that holds them, "
+                       "or train on energies only with --set forces_weight=0")
     s = _get(atoms, keys.stress, "info")
     if s is not None:
         s = np.asarray(s, dtype=float)
@@ -122,7 +123,8 @@ def _charge_labels(atoms, keys: Keys, periodic: bool, name: str):
 
 
 def to_graph(atoms, radius: float, keys: Keys | None = None, labelled: bool = True,
-             charge: float | None = None, spin: float | None = None, name: str = "frame") -> Graph:
+             charge: float | None = None, spin: float | None = None, name: str = "frame",
+             need_forces: bool = True) -> Graph:
     """Pair list within ``radius`` (both directions, with cell offsets for periodic frames)."""
     periodic = bool(np.any(atoms.pbc))
     i, j, off, _ = neighbor_list(atoms.positions, atoms.cell if periodic else None, atoms.pbc, radius)
@@ -131,7 +133,7 @@ def to_graph(atoms, radius: float, keys: Keys | None = None, labelled: bool = Tr
     q = float(atoms.info.get((keys or Keys()).charge, 0.0)) if charge is None else float(charge)
     sp = spin
     if labelled:
-        e, f, s, q, sp0 = labels(atoms, keys or Keys(), name=name)
+        e, f, s, q, sp0 = labels(atoms, keys or Keys(), need_forces=need_forces, name=name)
         sp = sp0 if spin is None else spin
         charges, dipole = _charge_labels(atoms, keys or Keys(), periodic, name)
     if sp is None:

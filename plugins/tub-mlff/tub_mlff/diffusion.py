@@ -23,16 +23,18 @@ A2_PER_FS_TO_CM2_PER_S = 0.1
 AXES = {"x": [0], "y": [1], "z": [2], "xy": [0, 1], "xz": [0, 2], "yz": [1, 2], "xyz": [0, 1, 2]}
 
 
-def unwrap(scaled_positions: np.ndarray, cells: np.ndarray) -> np.ndarray:
+def unwrap(scaled_positions: np.ndarray, cells: np.ndarray, pbc=(True, True, True)) -> np.ndarray:
     """Unwrapped Cartesian positions [T,N,3] from wrapped fractional ones [T,N,3] and cells [T,3,3].
 
-    Frame-to-frame fractional jumps are taken as the minimum image (valid while no atom moves
-    more than half a cell between saved frames).
+    Frame-to-frame fractional jumps along the periodic directions (``pbc``) are taken as the
+    minimum image (valid while no atom moves more than half a cell between saved frames); open
+    directions are left as they are. The cells must be complete (a molecule or a sheet without a
+    c vector: ASE's ``cell.complete()``, whose stand-in vectors make fractional = Cartesian there).
     """
     s = np.asarray(scaled_positions, dtype=float)
     cells = np.broadcast_to(np.asarray(cells, dtype=float), (len(s), 3, 3))
     ds = np.diff(s, axis=0)
-    ds -= np.round(ds)
+    ds -= np.round(ds) * np.asarray(pbc, dtype=bool)
     s_unwrapped = np.concatenate([s[:1], s[:1] + np.cumsum(ds, axis=0)], axis=0)
     return np.einsum("tni,tij->tnj", s_unwrapped, cells)
 

@@ -2,34 +2,43 @@
 
 Integrators are ASE's: Langevin (BBK), Bussi stochastic velocity rescaling (Bussi, Donadio,
 Parrinello, JCP 126, 014101 (2007)), velocity Verlet, and Langevin-BAOAB with a Langevin
-barostat for NPT (needs the model's stress). Every ``interval`` steps one extxyz frame (positions,
-momenta, energies, step in info) is appended and flushed, and one line goes to the thermo log;
-a killed run resumes from the last complete frame. Committees log their energy spread and the
-largest per-atom force disagreement as an uncertainty signal.
+barostat for NPT (needs the model's stress). At every multiple of ``interval`` steps (and at the
+last step) one line goes to the thermo log and then one extxyz frame (positions, momenta,
+energies, step in info) is appended, each flushed to disk; a killed run resumes from the last
+complete frame, and an extended run keeps its frames on the ``interval`` grid. The settings that
+define the trajectory (integrator, time step, interval, temperature, ..., model) are kept in
+``<trajectory>.json``; a resume must use the same settings and structure. Every step is checked:
+non-finite energies, forces or positions, or a runaway temperature, stop the run before a bad
+frame is written. Committees log their energy spread and the largest per-atom force disagreement
+as an uncertainty signal.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 from tubcli.errors import TubError
+from tubcli.io import write_text
 
 ENSEMBLES = ("nvt-langevin", "nvt-bussi", "nve", "npt")
 THERMO_HEADER = "step,time_fs,epot_eV,ekin_eV,etot_eV,temperature_K,volume_A3,pressure_GPa,energy_std_eV,max_force_disagreement_eVA\n"
 
 
 def read_complete_frames(path: Path):
-    """Frames of an extxyz trajectory, dropping a truncated last frame (killed writer)."""
+    """Frames of an extxyz trajectory, dropping a truncated last frame (killed writer).
+
+    Returns (frames, ends, size): ``ends[k]`` is the file offset just past frame k.
+    """
     from ase.io import read
 
     text = path.read_text()
-    frames = []
+    frames, ends = [], []
     lines = text.splitlines(keepends=True)
-    k = 0
-    good_end = 0
+    k = pos = 0
     while k < len(lines):
         try:
             n = int(lines[k].strip())
@@ -38,24 +47,31 @@ def read_complete_frames(path: Path):
         if k + 2 + n > len(lines):
             break
         block = "".join(lines[k:k + 2 + n])
+        if not block.endswith("\n"):
+            break  # the writer was killed inside the last line
         try:
             frames.append(read(io.StringIO(block), format="extxyz"))
         except Exception:  # noqa: BLE001 - an incomplete frame ends the usable part
             break
         k += 2 + n
-        good_end = sum(len(x) for x in lines[:k])
-    return frames, good_end, len(text)
+        pos += len(block)
+        ends.append(pos)
+    return frames, ends, len(text)
 
 
-def _append_frame(path: Path, atoms) -> None:
+def _append(path: Path, text: str) -> None:
+    with open(path, "a") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _frame_text(atoms) -> str:
     from ase.io import write
 
     buf = io.StringIO()
     write(buf, atoms, format="extxyz")
-    with open(path, "a") as fh:
-        fh.write(buf.getvalue())
-        fh.flush()
-        os.fsync(fh.fileno())
+    return buf.getvalue()
 
 
 def make_dynamics(atoms, ensemble: str, timestep_fs: float, temperature_K: float, friction_per_fs: float,
@@ -72,6 +88,9 @@ def make_dynamics(atoms, ensemble: str, timestep_fs: float, temperature_K: float
     if ensemble == "nvt-bussi":
         from ase.md.bussi import Bussi
 
+        if temperature_K <= 0 or atoms.get_kinetic_energy() <= 0:
+            raise TubError("nvt-bussi rescales the velocities to the target temperature and needs --temp above 0; "
+                           "use nvt-langevin (or nve) for a run at 0 K")
         return Bussi(atoms, dt, temperature_K=temperature_K, taut=taut_fs * units.fs, rng=rng)
     if ensemble == "nve":
         from ase.md.verlet import VelocityVerlet
@@ -87,49 +106,109 @@ def make_dynamics(atoms, ensemble: str, timestep_fs: float, temperature_K: float
     raise TubError(f"unknown ensemble {ensemble!r}; choose one of {', '.join(ENSEMBLES)}")
 
 
+def settings_path(traj: Path) -> Path:
+    """Where the settings that define a trajectory are kept: ``trajectory.extxyz`` -> ``trajectory.json``."""
+    return Path(traj).with_suffix(".json")
+
+
+def _check_resume(frames, atoms, settings: dict, traj: Path) -> None:
+    """TubError unless ``atoms`` and ``settings`` are those the trajectory was made with."""
+    first, last = frames[0], frames[-1]
+    diffs = []
+    if len(first) != len(atoms):
+        diffs.append(f"{len(first)} atoms (the input has {len(atoms)})")
+    elif (first.numbers != atoms.numbers).any():
+        same = sorted(first.numbers) == sorted(atoms.numbers)
+        diffs.append("the same atoms in another order" if same else
+                     f"{first.get_chemical_formula()} (the input is {atoms.get_chemical_formula()})")
+    if (first.pbc != atoms.pbc).any():
+        diffs.append(f"pbc={first.pbc.tolist()} (the input has {atoms.pbc.tolist()})")
+    elif not np.allclose(first.cell.array, atoms.cell.array, atol=1e-4):
+        diffs.append("another cell")
+    stored_path = settings_path(traj)
+    if stored_path.exists():
+        stored = json.loads(stored_path.read_text())
+        now = json.loads(json.dumps(settings))
+        for key in now:
+            if key in stored and stored[key] != now[key] and key != "model":
+                if key == "model_sha256":
+                    diffs.append(f"model {stored.get('model')} (now {now.get('model')})")
+                else:
+                    diffs.append(f"{key}={stored[key]} (now {now[key]})")
+    elif len(frames) > 1:  # an older run without the settings file: check what the frames tell
+        step = int(frames[1].info.get("step", 0))
+        dt = float(frames[1].info.get("time_fs", 0.0)) / max(step, 1)
+        if not np.isclose(dt, settings["timestep_fs"], rtol=1e-6):
+            diffs.append(f"timestep_fs={dt:g} (now {settings['timestep_fs']:g})")
+        if step != settings["interval"] and len(frames) > 2:
+            diffs.append(f"interval={step} (now {settings['interval']})")
+    if diffs:
+        raise TubError(f"the trajectory {traj} was made with {'; '.join(diffs)}; "
+                       "use a new -o or the same structure and settings")
+    if not (np.isfinite(last.positions).all() and np.isfinite(last.get_momenta()).all()):
+        raise TubError(f"the last frame of {traj} is not finite (the run became unstable); "
+                       "start again in a new -o with a smaller --timestep")
+
+
+def _thermo_rows(thermo: Path, steps: set[int]) -> list[str]:
+    """The header and the complete thermo lines of the given steps (a killed writer leaves a partial line)."""
+    rows, seen = [THERMO_HEADER], set()
+    text = thermo.read_text() if thermo.exists() else ""
+    for line in text.splitlines(keepends=True):
+        fields = line.split(",")
+        if not line.endswith("\n") or len(fields) != THERMO_HEADER.count(",") + 1 or not fields[0].isdigit():
+            continue
+        step = int(fields[0])
+        if step in steps and step not in seen:
+            rows.append(line)
+            seen.add(step)
+    return rows
+
+
 def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "nvt-langevin",
            timestep_fs: float = 0.5, temperature_K: float = 300.0, friction_per_fs: float = 0.01,
            taut_fs: float = 100.0, pressure_GPa: float = 0.0, taup_fs: float = 1000.0,
-           interval: int = 10, seed: int = 0, log=None, progress=None) -> dict:
-    """Run (or resume) MD up to ``steps`` total steps; returns a summary dict."""
+           interval: int = 10, seed: int = 0, log=None, progress=None, settings: dict | None = None) -> dict:
+    """Run (or resume) MD up to ``steps`` total steps; returns a summary dict.
+
+    ``settings`` (e.g. the model files and their digests, charge, spin) are stored with the
+    integrator settings in ``settings_path(traj)``; resuming with other values is an error.
+    """
     from ase import units
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 
+    if steps < 1 or interval < 1 or timestep_fs <= 0:
+        raise ValueError("steps and interval must be at least 1 and timestep_fs positive")
     traj, thermo = Path(traj), Path(thermo)
-    start = 0
+    settings = {"ensemble": ensemble, "timestep_fs": timestep_fs, "interval": interval,
+                "temperature_K": temperature_K, "friction_per_fs": friction_per_fs, "taut_fs": taut_fs,
+                "pressure_GPa": pressure_GPa, "taup_fs": taup_fs, "seed": seed, **(settings or {})}
+    frames, ends = [], []
     if traj.exists() and traj.stat().st_size > 0:
-        frames, good_end, size = read_complete_frames(traj)
+        frames, ends, _ = read_complete_frames(traj)
         if not frames:
             raise TubError(f"{traj} exists but holds no complete frame; remove it or choose another --out")
-        if good_end < size:  # cut a half-written last frame left by a killed run
-            with open(traj, "r+") as fh:
-                fh.truncate(good_end)
+        _check_resume(frames, atoms, {k: v for k, v in settings.items() if k != "seed"}, traj)
+    atoms = atoms.copy()
+    start = int(frames[-1].info.get("step", 0)) if frames else 0
+    if frames:
         last = frames[-1]
-        start = int(last.info.get("step", 0))
-        atoms = atoms.copy()
         atoms.positions = last.positions
         atoms.cell = last.cell
         atoms.set_momenta(last.get_momenta())
-        if log:
-            log.info("resuming from step %d (%s)", start, traj)
-        if thermo.exists():  # drop thermo lines beyond the last saved frame
-            kept = [ln for ln in thermo.read_text().splitlines(keepends=True)
-                    if ln.startswith("step") or int(ln.split(",")[0]) <= start]
-            thermo.write_text("".join(kept))
     else:
-        atoms = atoms.copy()
         MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=np.random.default_rng(seed))
         Stationary(atoms)
-        thermo.write_text(THERMO_HEADER)
     atoms.calc = calc
     if start >= steps:
-        return {"steps_done": start, "resumed_from": start, "frames": _count(traj)}
+        if log:
+            log.info("%s already reached step %d; give a larger --steps to extend it", traj, start)
+        return {"steps_done": start, "resumed_from": start, "frames": len(frames)}
     dyn = make_dynamics(atoms, ensemble, timestep_fs, temperature_K, friction_per_fs, taut_fs,
-                        pressure_GPa, taup_fs, seed + start)
-    temps, epots, stds = [], [], []
+                        pressure_GPa, taup_fs, seed + start)  # checks the ensemble before anything is written
     periodic3 = bool(atoms.pbc.all())
 
-    def record(step: int) -> None:
+    def thermo_line(step: int) -> tuple[str, float, float, float]:
         epot = atoms.get_potential_energy()
         ekin = atoms.get_kinetic_energy()
         T = atoms.get_temperature()
@@ -141,35 +220,73 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
         std = calc.results.get("energy_std", float("nan"))
         dis = calc.results.get("force_disagreement")
         dmax = float(np.max(dis)) if dis is not None else float("nan")
+        line = (f"{step},{step * timestep_fs:.3f},{epot:.8f},{ekin:.8f},{epot + ekin:.8f},{T:.3f},"
+                f"{vol:.4f},{press:.6f},{std:.6g},{dmax:.6g}\n")
+        return line, epot, T, std
+
+    if frames:
+        kept = len(frames)
+        if start % interval:  # an off-grid final frame: continue from it, but keep the saved frames on the grid
+            kept -= 1
+            if log:
+                log.info("extending: the final frame at step %d is replaced by the frames on the %d-step grid",
+                         start, interval)
+        with open(traj, "r+") as fh:  # cut a half-written frame (killed run) and an off-grid final frame
+            fh.truncate(ends[kept - 1] if kept else 0)
+        kept_steps = {int(f.info.get("step", 0)) for f in frames[:kept]}
+        rows = _thermo_rows(thermo, kept_steps)
+        if kept == len(frames) and start not in {int(r.split(",")[0]) for r in rows[1:]}:
+            rows.append(thermo_line(start)[0])  # killed between frame and row (runs that wrote the frame first)
+        write_text(thermo, "".join(rows))
+        if not settings_path(traj).exists():
+            write_text(settings_path(traj), json.dumps(settings, indent=2) + "\n")
+        if log:
+            log.info("resuming from step %d (%s)", start, traj)
+    else:
+        kept = 0
+        write_text(settings_path(traj), json.dumps(settings, indent=2) + "\n")
+        write_text(thermo, THERMO_HEADER)
+    temps, epots, stds = [], [], []
+    written = [kept]
+
+    def record(step: int) -> None:
+        line, epot, T, std = thermo_line(step)
         frame = atoms.copy()
         frame.calc = None
         frame.info.update({"step": step, "time_fs": step * timestep_fs, "epot": epot, "temperature": T})
         frame.set_momenta(atoms.get_momenta())
-        _append_frame(traj, frame)
-        with open(thermo, "a") as fh:
-            fh.write(f"{step},{step * timestep_fs:.3f},{epot:.8f},{ekin:.8f},{epot + ekin:.8f},{T:.3f},"
-                     f"{vol:.4f},{press:.6f},{std:.6g},{dmax:.6g}\n")
+        _append(thermo, line)  # the row first: a kill between the two leaves a row without a frame, dropped on resume
+        _append(traj, _frame_text(frame))
+        written[0] += 1
         temps.append(T)
         epots.append(epot)
         stds.append(std)
 
+    hot = max(10.0 * temperature_K, 10_000.0)  # K; far beyond any thermostat's fluctuation
+
+    def guard() -> None:  # after every step: a blown-up run stops before it writes a bad frame
+        step = start + dyn.nsteps
+        e, f = calc.results.get("energy"), calc.results.get("forces")
+        finite = (np.isfinite(atoms.positions).all() and e is not None and np.isfinite(e)
+                  and f is not None and np.isfinite(f).all())
+        T = atoms.get_temperature() if finite else float("nan")
+        if not finite or T > hot:
+            what = "non-finite energy, forces or positions" if not finite else f"temperature {T:.3g} K"
+            raise TubError(f"MD became unstable at step {step} ({what}); lower --timestep (now {timestep_fs:g} fs) "
+                           "and start again in a new -o", exit_code=1)
+
+    dyn.attach(guard, interval=1)
     if start == 0:
         record(0)
     done = start
     while done < steps:
-        n = min(interval, steps - done)
+        n = min(interval - done % interval, steps - done)  # to the next grid point (or the end)
         dyn.run(n)
         done += n
-        if done % interval == 0 or done == steps:
-            record(done)
+        record(done)
         if progress is not None:
             progress(done, steps)
-    return {"steps_done": done, "resumed_from": start, "frames": _count(traj),
+    return {"steps_done": done, "resumed_from": start, "frames": written[0],
             "mean_temperature_K": float(np.mean(temps)) if temps else float("nan"),
             "final_epot_eV": float(epots[-1]) if epots else float("nan"),
             "max_energy_std_eV": float(np.nanmax(stds)) if stds and np.isfinite(stds).any() else None}
-
-
-def _count(traj: Path) -> int:
-    frames, _, _ = read_complete_frames(traj)
-    return len(frames)

@@ -43,7 +43,13 @@ def neighbor_list(positions: np.ndarray, cell: np.ndarray | None, pbc, cutoff: f
         order = np.lexsort((j, i))
         return i[order], j[order], np.zeros((len(i), 3), dtype=np.int64), d[order]
 
+    # a zero cell vector along an open direction (a sheet with c = 0) gets a unit stand-in: positions
+    # are never shifted along it, so it only serves the fractional coordinates
     cell = np.asarray(cell, dtype=np.float64)
+    if not (np.linalg.norm(cell, axis=1)[pbc] < 1e-12).any():
+        from ase.geometry import complete_cell
+
+        cell = complete_cell(cell)
     inv = _inv3(cell)
     frac = pos @ inv
     shift = np.where(pbc, np.floor(frac), 0.0)

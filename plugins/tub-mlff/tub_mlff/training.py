@@ -90,7 +90,7 @@ def _penalty(err: torch.Tensor, s: TrainSettings) -> torch.Tensor:
 
 def batch_loss(model, batch: dict, s: TrainSettings, create_graph: bool = True) -> tuple[torch.Tensor, dict]:
     want_stress = s.stress_weight > 0 and "stress" in batch
-    out = compute(model, batch, forces=True, stress=want_stress, create_graph=create_graph)
+    out = compute(model, batch, forces="forces" in batch, stress=want_stress, create_graph=create_graph)
     n = batch["n_atoms"]
     de = (out["energy"] - batch["energy"]) / n
     loss = s.energy_weight * _penalty(de, s)
@@ -161,7 +161,7 @@ def evaluate_loss(model, graphs: list[Graph], s: TrainSettings, dtype, device) -
             f_cnt += batch["forces"].numel()
     tot, n, e_abs, f_abs, f_cnt = _all_reduce_sum([tot, n, e_abs, f_abs, f_cnt])
     return {"loss": tot / max(n, 1), "energy_mae_per_atom": e_abs / max(n, 1),
-            "forces_mae": f_abs / max(f_cnt, 1)}
+            "forces_mae": f_abs / f_cnt if f_cnt else None}  # None: frames without forces (energies only)
 
 
 def init_element_bias(model, graphs: list[Graph], dtype=torch.float32, device="cpu") -> None:

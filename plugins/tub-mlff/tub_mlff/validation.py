@@ -9,20 +9,22 @@ MIN_DISTANCE = 0.5  # Angstrom; closer atoms are treated as overlapping
 
 
 def check_structure(atoms, elements: set[int] | None = None, name: str = "structure",
-                    min_distance: float = MIN_DISTANCE) -> None:
-    """Raise TubError for overlapping atoms, unknown elements, or a periodic cell without a cell."""
+                    min_distance: float = MIN_DISTANCE, fix: str = "fix the geometry") -> None:
+    """Raise TubError for non-finite or overlapping atoms, unknown elements, or a bad periodic cell.
+
+    A cell vector may be zero only along a non-periodic direction (e.g. a sheet periodic in x and
+    y with c = 0, as ``ase.build.graphene(vacuum=None)`` makes): that direction is open.
+    """
     from scipy.spatial import cKDTree
 
     n = len(atoms)
     if n == 0:
         raise TubError(f"{name} has no atoms; give a structure with at least one atom")
+    if not (np.isfinite(atoms.positions).all() and np.isfinite(np.asarray(atoms.cell)).all()):
+        raise TubError(f"{name} has non-finite (NaN or inf) coordinates or cell; fix the structure")
     pbc = np.asarray(atoms.pbc, dtype=bool)
     if pbc.any():
-        cell = np.asarray(atoms.cell)
-        vol = abs(np.linalg.det(cell)) if cell.shape == (3, 3) else 0.0
-        if vol < 1e-6 or any(np.linalg.norm(cell[k]) < 1e-6 for k in range(3) if pbc[k]):
-            raise TubError(f"{name} is periodic (pbc={pbc.tolist()}) but has no cell; "
-                           "set a Lattice= in the extxyz header or turn pbc off")
+        check_cell(atoms.cell, pbc, name)
     if elements is not None:
         bad = sorted(set(int(z) for z in atoms.numbers) - set(elements))
         if bad:
@@ -52,4 +54,19 @@ def check_structure(atoms, elements: set[int] | None = None, name: str = "struct
     if len(i):
         k = int(np.argmin(d))
         raise TubError(f"{name}: atoms {int(i[k])} and {int(j[k])} overlap ({d[k]:.3f} A apart, "
-                       f"minimum {min_distance} A); fix the geometry")
+                       f"minimum {min_distance} A); {fix}")
+
+
+def check_cell(cell, pbc, name: str = "structure") -> None:
+    """TubError unless every periodic direction has a cell vector and the periodic vectors span a lattice."""
+    from ase.geometry import complete_cell
+
+    cell = np.asarray(cell, dtype=float)
+    empty = np.linalg.norm(cell, axis=1) < 1e-6
+    if (empty & pbc).any():
+        axes = ", ".join("abc"[k] for k in range(3) if empty[k] and pbc[k])
+        raise TubError(f"{name} is periodic (pbc={pbc.tolist()}) but has no cell vector {axes}; "
+                       "set a Lattice= in the extxyz header or turn pbc off along it")
+    if abs(np.linalg.det(complete_cell(cell))) < 1e-6:
+        raise TubError(f"{name} has a degenerate cell (its vectors are linearly dependent); fix the Lattice= "
+                       "in the extxyz header")

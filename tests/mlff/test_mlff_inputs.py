@@ -1,0 +1,276 @@
+"""Bad input to the mlff verbs gets a one-line error (exit 2) before anything is written, and inputs
+that used to give silently wrong numbers give the right ones. Tiny inputs, random small models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import graphene, molecule
+from ase.io import read, write
+from tubcli.testing import expect_ok as _ok, expect_one_line_error as _err, invoke
+
+from tub_mlff.calculator import SpookyNetCalculator
+from tub_mlff.checkpoints import save_model
+from tub_mlff.spookynet import SpookyNet, SpookyNetConfig
+from tub_mlff.structures import add_sodium, janus_graphene
+
+
+def _written(out) -> list[str]:
+    """Files a failed verb left in its outputs folder (none expected)."""
+    return sorted(p.name for p in (out / "outputs").glob("*")) if (out / "outputs").exists() else []
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Two random small models of different feature widths (8 and 16)."""
+    d = tmp_path_factory.mktemp("models")
+    for width in (8, 16):
+        m = SpookyNet(SpookyNetConfig(num_features=width, num_basis_functions=4, num_modules=1,
+                                      use_electrostatics=False, use_d4_dispersion=False), seed=0)
+        save_model(m.eval(), d / f"w{width}", extra={"elements": [1, 6, 7, 11]})
+    return d
+
+
+@pytest.fixture(scope="module")
+def methane(tmp_path_factory, models):
+    """Four rattled CH4 labelled by the width-8 model: with forces, and energies only."""
+    d = tmp_path_factory.mktemp("ch4")
+    calc = SpookyNetCalculator(str(models / "w8.safetensors"), dtype=torch.float64)
+    full, energies = [], []
+    for k in range(4):
+        a = molecule("CH4")
+        a.rattle(0.05, seed=k)
+        a.calc = calc
+        e, f = a.get_potential_energy(), a.get_forces()
+        a.calc = None
+        a.info["energy"] = e
+        energies.append(a.copy())
+        a.arrays["forces"] = f
+        full.append(a)
+    write(d / "full.extxyz", full, format="extxyz")
+    write(d / "energies.extxyz", energies, format="extxyz")
+    return d
+
+
+# -- config bounds (pydantic): exit 2 before any run folder content ---------------------------------
+@pytest.mark.parametrize("args, key", [
+    (["build", "--interlayer", "0"], "interlayer"),
+    (["build", "--x", "-1"], "x"),
+    (["build", "--variants", "0", "--x", "2"], "variants"),
+    (["md", "s.extxyz", "--interval", "-3"], "interval"),
+    (["md", "s.extxyz", "--interval", "0"], "interval"),
+    (["md", "s.extxyz", "--steps", "0"], "steps"),
+    (["md", "s.extxyz", "--steps", "-5"], "steps"),
+    (["md", "s.extxyz", "--temp", "-1"], "temp"),
+    (["md", "s.extxyz", "--timestep", "0"], "timestep"),
+    (["md", "s.extxyz", "--set", "friction=0"], "friction"),
+    (["train", "d.extxyz", "--ensemble", "0"], "ensemble"),
+    (["train", "d.extxyz", "--batch-size", "0"], "batch_size"),
+    (["train", "d.extxyz", "--set", "valid_fraction=1.0"], "valid_fraction"),
+    (["diffusion", "t.extxyz", "--blocks", "0"], "blocks"),
+    (["diffusion", "t.extxyz", "--blocks", "-2"], "blocks"),
+    (["diffusion", "t.extxyz", "--set", "fit_end=1.5"], "fit_end"),
+    (["explain", "s.extxyz", "--walks", "1"], "walks"),
+])
+def test_out_of_range_options_are_one_line_errors(tmp_path, args, key):
+    out = tmp_path / "run"
+    line = _err(invoke(["mlff", *args, "-o", out]))
+    assert f"'{key}'" in line and not _written(out)
+
+
+def test_md_checks_its_settings_before_writing(tmp_path, models):
+    path = tmp_path / "ch4.extxyz"
+    write(path, molecule("CH4"), format="extxyz")
+    model = models / "w8.safetensors"
+    out = tmp_path / "bussi"
+    assert "--temp above 0" in _err(invoke(["mlff", "md", path, "--model", model, "--ensemble", "nvt-bussi",
+                                            "--temp", "0", "--steps", "2", "-o", out]))
+    assert not _written(out)
+    bad = Atoms("CH", positions=[[0, 0, 0], [np.nan, 0, 0]])
+    write(tmp_path / "nan.extxyz", bad, format="extxyz")
+    out = tmp_path / "nan"
+    assert "non-finite" in _err(invoke(["mlff", "md", tmp_path / "nan.extxyz", "--model", model, "--steps", "2",
+                                        "-o", out]))
+    assert not _written(out)
+
+
+def test_build_rejects_cells_whose_atoms_overlap(tmp_path):
+    out = tmp_path / "b"
+    line = _err(invoke(["mlff", "build", "--n", "2", "--interlayer", "3", "-o", out]))
+    assert "overlap" in line and "--interlayer" in line and not _written(out)
+
+
+# -- label -----------------------------------------------------------------------------------------
+def test_label_checks_structures_and_output_names_first(tmp_path):
+    write(tmp_path / "overlap.extxyz", Atoms("CH", positions=[[0, 0, 0], [0.1, 0, 0]]), format="extxyz")
+    write(tmp_path / "nocell.extxyz", Atoms("CH", positions=[[0, 0, 0], [1.1, 0, 0]], pbc=True), format="extxyz")
+    for name, expect in (("overlap", "overlap"), ("nocell", "no cell")):
+        out = tmp_path / f"l_{name}"
+        assert expect in _err(invoke(["mlff", "label", tmp_path / f"{name}.extxyz", "-o", out]))
+        assert not _written(out)
+    for sub in ("sa", "sb"):  # both would be written as cells_000000.extxyz: one would be lost
+        (tmp_path / sub).mkdir()
+        write(tmp_path / sub / "cells.extxyz", molecule("CH4"), format="extxyz")
+    out = tmp_path / "l_clash"
+    line = _err(invoke(["mlff", "label", tmp_path / "sa" / "cells.extxyz", tmp_path / "sb" / "cells.extxyz", "-o", out]))
+    assert "cells_<frame>.extxyz" in line and not _written(out)
+
+
+# -- train -----------------------------------------------------------------------------------------
+SMALL = ["--set", "model.num_features=8", "--set", "model.num_modules=1", "--set", "model.num_basis_functions=4",
+         "--set", "model.electrostatics=false", "--batch-size", "2"]
+
+
+def test_train_energies_only_and_resume_with_another_architecture(tmp_path, methane, models):
+    energies = methane / "energies.extxyz"
+    assert "forces_weight=0" in _err(invoke(["mlff", "train", energies, *SMALL, "--epochs", "1", "-o", tmp_path / "e"]))
+    out = tmp_path / "t"
+    r = _ok(invoke(["mlff", "train", energies, *SMALL, "--epochs", "1", "--set", "forces_weight=0",
+                    "--set", "test_fraction=0", "-o", out, "--json"]))
+    assert (out / "checkpoints" / "model.safetensors").exists() and json.loads(r.stdout)["valid_frames"] == 1
+    wider = [a.replace("num_features=8", "num_features=16") for a in SMALL]
+    line = _err(invoke(["mlff", "train", energies, *wider, "--epochs", "2", "--set", "forces_weight=0",
+                        "--set", "test_fraction=0", "-o", out, "--resume", "auto", "-q"]))
+    assert "architecture" in line and "[8" in line and "[16" in line
+    r = _ok(invoke(["mlff", "evaluate", energies, "--model", models / "w8.safetensors", "-o", tmp_path / "ev", "--json"]))
+    assert "energy_mae_meV_atom" in json.loads(r.stdout) and "forces_mae_meV_A" not in json.loads(r.stdout)
+    assert "leaves no training frames" in _err(invoke(["mlff", "train", energies, "--set", "valid_fraction=0.5",
+                                                       "--set", "test_fraction=0.5", "-o", tmp_path / "f"]))
+
+
+def test_train_without_validation_frames_warns_once(tmp_path, methane):
+    two = tmp_path / "two.extxyz"
+    write(two, read(methane / "full.extxyz", ":2"), format="extxyz")
+    r = _ok(invoke(["mlff", "train", two, *SMALL, "--epochs", "2", "--set", "test_fraction=0", "-o", tmp_path / "t"]))
+    assert r.stderr.count("no validation frames") == 1
+
+
+# -- model files -----------------------------------------------------------------------------------
+def test_damaged_model_files_are_one_line_errors_in_evaluate_and_md(tmp_path, models, methane):
+    good = (models / "w8.safetensors").read_bytes()
+    meta = (models / "w8.json").read_text()
+    cases = {"nojson": (good, None), "badjson": (good, "{oops"), "empty": (b"", meta),
+             "truncated": (good[: len(good) * 9 // 10], meta)}
+    data = methane / "full.extxyz"
+    for name, (tensors, js) in cases.items():
+        (tmp_path / f"{name}.safetensors").write_bytes(tensors)
+        if js is not None:
+            (tmp_path / f"{name}.json").write_text(js)
+        for verb in (["evaluate", data], ["md", data, "--steps", "2"]):
+            out = tmp_path / f"{verb[0]}_{name}"
+            line = _err(invoke(["mlff", *verb, "--model", tmp_path / f"{name}.safetensors", "-o", out]))
+            assert name in line and not _written(out)
+
+
+def test_committee_of_different_widths_runs(models):
+    a = molecule("CH4")
+    calc = SpookyNetCalculator([str(models / "w8.safetensors"), str(models / "w16.safetensors")])
+    a.calc = calc
+    assert np.isfinite(a.get_forces()).all() and "features" not in calc.results  # no common feature space
+    same = SpookyNetCalculator([str(models / "w8.safetensors")] * 2)
+    a.calc = same
+    a.get_forces()
+    assert same.results["features"].shape == (5, 8)
+
+
+# -- 2-D periodic sheets ---------------------------------------------------------------------------
+def test_sheet_without_c_vector_is_open_along_z(models):
+    from tub_mlff.validation import check_structure
+    from tubcli.errors import TubError
+
+    sheet = graphene(size=(3, 3, 1), vacuum=None)  # pbc (T, T, F), c = 0
+    sheet.rattle(0.05, seed=1)
+    check_structure(sheet)
+    boxed = sheet.copy()
+    boxed.cell[2] = [0, 0, 25.0]
+    energies = []
+    for a in (sheet, boxed):
+        a.calc = SpookyNetCalculator(str(models / "w8.safetensors"), dtype=torch.float64)
+        energies.append((a.get_potential_energy(), a.get_forces()))
+    assert energies[0][0] == pytest.approx(energies[1][0], abs=1e-9)
+    assert np.abs(energies[0][1] - energies[1][1]).max() < 1e-9
+    bad = sheet.copy()
+    bad.pbc = True  # periodic along c, but c = 0
+    with pytest.raises(TubError, match="no cell vector c"):
+        check_structure(bad)
+
+
+# -- ocv -------------------------------------------------------------------------------------------
+def test_ocv_needs_one_host_with_and_without_sodium(tmp_path):
+    h3 = janus_graphene(3, 1, "gallery", 9.0)
+    h4 = janus_graphene(4, 1, "gallery", 9.0)
+    taller = h3.copy()
+    taller.cell[2, 2] = 15.0
+    cases = {"mixed": ([h3, add_sodium(h4, 2, seed=1)], "not the host"),
+             "cell": ([h3, add_sodium(taller, 1, seed=1)], "another cell"),
+             "hostonly": ([h3], "Na-loaded structure and the Na-free host")}
+    for name, (frames, expect) in cases.items():
+        write(tmp_path / f"{name}.extxyz", frames, format="extxyz")
+        out = tmp_path / f"o_{name}"
+        assert expect in _err(invoke(["mlff", "ocv", "--structures", tmp_path / f"{name}.extxyz",
+                                      "--relax-steps", "0", "-o", out]))
+        assert not _written(out)
+    assert "Na-free host" in _err(invoke(["mlff", "ocv", "--x-max", "0", "-o", tmp_path / "o_x0"]))
+
+
+# -- diffusion -------------------------------------------------------------------------------------
+def _walk(path, temperature, D, periodic, frames=200, dt=10.0, seed=0):
+    """20 Na random walkers (D in A^2/fs) saved every dt fs; periodic in a 12 A box or a free cluster."""
+    rng = np.random.default_rng(seed)
+    pos = np.cumsum(rng.normal(0, np.sqrt(2 * D * dt), (frames, 20, 3)), 0) + 6.0
+    out = []
+    for t in range(frames):
+        a = Atoms("Na20", positions=pos[t], cell=[12, 12, 12] if periodic else None, pbc=periodic)
+        if periodic:
+            a.wrap()
+        a.info.update(time_fs=t * dt, temperature=temperature)
+        out.append(a)
+    write(path, out, format="extxyz")
+    return pos
+
+
+def test_diffusion_of_a_cluster_without_cell(tmp_path):
+    from tub_mlff.diffusion import diffusion_coefficient
+
+    pos = _walk(tmp_path / "free.extxyz", 600.0, 0.02, periodic=False)
+    r = _ok(invoke(["mlff", "diffusion", tmp_path / "free.extxyz", "-o", tmp_path / "d", "--json"]))
+    got = json.loads(r.stdout)["runs"][0]["D_cm2_s"]
+    ref = diffusion_coefficient(pos, 10.0, atoms=np.arange(20), blocks=4)
+    assert got == pytest.approx(ref.D_cm2_s, rel=1e-9) and got > 0.5 * 0.02 * 0.1
+
+
+def test_diffusion_unwraps_the_periodic_directions_only():
+    from tub_mlff.diffusion import unwrap
+
+    s = np.array([[[0.95, 0.95, 0.2]], [[0.05, 0.05, 0.9]]])  # jumps across x and y; z is open
+    cells = np.eye(3) * 10
+    got = unwrap(s, cells, pbc=(True, True, False))
+    assert got[1, 0] == pytest.approx([10.5, 10.5, 9.0])
+
+
+def test_diffusion_rejects_joined_trajectories_and_bad_fit_settings(tmp_path):
+    _walk(tmp_path / "a.extxyz", 600.0, 0.02, periodic=True)
+    write(tmp_path / "twice.extxyz", read(tmp_path / "a.extxyz", ":") * 2, format="extxyz")
+    assert "evenly spaced" in _err(invoke(["mlff", "diffusion", tmp_path / "twice.extxyz", "-o", tmp_path / "d1"]))
+    assert "fit_start" in _err(invoke(["mlff", "diffusion", tmp_path / "a.extxyz", "--set", "fit_start=0.9",
+                                       "--set", "fit_end=0.1", "-o", tmp_path / "d2"]))
+    assert "--blocks" in _err(invoke(["mlff", "diffusion", tmp_path / "a.extxyz", "--blocks", "60",
+                                      "-o", tmp_path / "d3"]))
+
+
+def test_arrhenius_fit_needs_two_temperatures(tmp_path):
+    _walk(tmp_path / "a.extxyz", 600.0, 0.02, periodic=True)
+    _walk(tmp_path / "b.extxyz", 603.0, 0.02, periodic=True, seed=1)
+    _walk(tmp_path / "c.extxyz", 900.0, 0.05, periodic=True, seed=2)
+    for blocks in ("1", "4"):
+        r = _ok(invoke(["mlff", "diffusion", tmp_path / "a.extxyz", tmp_path / "b.extxyz", "--blocks", blocks,
+                        "-o", tmp_path / f"same{blocks}", "--json"]))
+        res = json.loads(r.stdout)
+        assert "arrhenius" not in res and "same temperature" in res["arrhenius_skipped"] and len(res["runs"]) == 2
+    r = _ok(invoke(["mlff", "diffusion", tmp_path / "a.extxyz", tmp_path / "c.extxyz", "-o", tmp_path / "two",
+                    "--json"]))
+    assert json.loads(r.stdout)["arrhenius"]["Ea_eV"] > 0
