@@ -162,7 +162,7 @@ def test_output_names_depend_on_each_input_alone(tmp_path):
     # a folder and a file with the same stem would write one output: an error before anything runs
     np.savez(tmp_path / "p/one.npz", tiles=np.zeros((1, 64, 64, 3), np.uint8))
     r = atlas("embed", tmp_path / "p/one.npz", one, *ENC, "-o", tmp_path / "c", code=2)
-    assert "would both write outputs/one" in r.stderr and "one.npz" in r.stderr
+    assert "would both write outputs named 'one'" in r.stderr and "one.npz" in r.stderr
     assert not (tmp_path / "c/outputs/one").exists()
 
 

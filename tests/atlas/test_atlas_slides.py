@@ -4,6 +4,7 @@ tiled on its tissue, tiles equal the known pixels, and `embed` turns it into per
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -37,6 +38,12 @@ def make_slide(path, mpp=0.25, tissue=(slice(128, 384), slice(192, 512)), blank=
         tw.write(img, subfiletype=0, **kw, **res)
         tw.write(l1, subfiletype=1, **kw)
     return img, l1
+
+
+def failures(run) -> dict[str, str]:
+    """failures.jsonl of a run folder as {file name: error}."""
+    lines = (run / "failures.jsonl").read_text().splitlines()
+    return {Path(json.loads(line)["item"]).name: json.loads(line)["error"] for line in lines}
 
 
 @pytest.fixture(scope="module")
@@ -145,15 +152,66 @@ def test_target_magnification_follows_trident(tmp_path):
     base = ["atlas", "tile", str(path), "--slide-tile-size", "64"]
     r = invoke([*base, "--slide-mag", "20", "--slide-mpp", "0.5", "-o", str(tmp_path / "both")])
     assert r.exit_code == 2 and "either" in r.stderr
+    # settings that do not fit one slide fail that slide (exit 1), as in embed
     r = invoke([*base, "--slide-mag", "80", "-o", str(tmp_path / "high")])
-    assert r.exit_code == 2 and "above the slide's 40x" in r.stderr
+    assert r.exit_code == 1 and "above the slide's 40x" in failures(tmp_path / "high")["scan.tif"]
     no_res = tmp_path / "nores.tif"
     make_slide(no_res, mpp=None)
     r = invoke(["atlas", "tile", str(no_res), "--slide-mag", "20", "-o", str(tmp_path / "nores")])
-    assert r.exit_code == 2 and "objective power" in r.stderr
+    assert r.exit_code == 1 and "objective power" in failures(tmp_path / "nores")["nores.tif"]
     coarse = tmp_path / "coarse.tif"
     make_slide(coarse, mpp=3.0)
     r = invoke(["atlas", "tile", str(coarse), "--slide-mag", "5", "-o", str(tmp_path / "coarse")])
-    assert r.exit_code == 2 and "coarser than any nominal magnification" in r.stderr
+    assert r.exit_code == 1 and "coarser than any nominal magnification" in failures(tmp_path / "coarse")["coarse.tif"]
     r = invoke([*base, "--slide-mag", "20", "--json", "-o", str(tmp_path / "ok")])
     assert r.exit_code == 0, r.stderr
+
+
+def test_tile_one_bad_slide_is_one_failure_and_shards_open_only_their_own(tmp_path):
+    """Junk bytes named .svs and a slide whose resolution the settings need but it does not record are
+    their lines in failures.jsonl while the good slide is tiled (exit 1); a shard that does not own the
+    junk file never opens it."""
+    good, junk, no_res = tmp_path / "case01.tif", tmp_path / "junk.svs", tmp_path / "nores.tif"
+    make_slide(good)
+    junk.write_bytes(b"not a slide" * 10)
+    make_slide(no_res, mpp=None)
+    base = ["atlas", "tile", "--slide-tile-size", "64", "--slide-mpp", "0.5"]
+    run = tmp_path / "r"
+    r = invoke([*base, str(good), str(junk), str(no_res), "--json", "-o", str(run)])
+    assert r.exit_code == 1 and "Traceback" not in r.stderr, r.stderr
+    assert set(failures(run)) == {"junk.svs", "nores.tif"} and "resolution" in failures(run)["nores.tif"]
+    assert (run / "outputs/patches/case01.h5").is_file() and (run / "outputs/visualization/case01.png").is_file()
+    assert not (run / "outputs/patches/junk.h5").exists()
+    # sorted paths case01.tif, junk.svs: shard 0/2 owns the good slide only and does not look at junk.svs
+    r = invoke([*base, str(good), str(junk), "--shard", "0/2", "-o", str(tmp_path / "s")])
+    assert r.exit_code == 0, r.stderr
+    r = invoke([*base, str(good), str(junk), "--shard", "1/2", "-o", str(tmp_path / "s")])
+    assert r.exit_code == 1 and set(failures(tmp_path / "s")) == {"junk.svs"}
+    # missing paths, non-slides and two slides with one name are mistakes in the command: exit 2
+    twin = tmp_path / "twin" / "case01.svs"
+    twin.parent.mkdir()
+    twin.write_bytes(b"x")
+    for bad, needle in ((tmp_path / "missing.svs", "does not exist"), (tmp_path, "not a whole-slide image"),
+                        (twin, "would both write outputs named 'case01'")):
+        r = invoke([*base, str(good), str(bad), "-o", str(tmp_path / "x")])
+        assert r.exit_code == 2 and needle in r.stderr, r.stderr
+    assert not (tmp_path / "x/outputs/patches").exists()
+
+
+def test_explain_one_bad_input_is_one_failure(slide, tmp_path):
+    """explain reads each input inside its batch item: a blank slide and junk bytes named .svs are their
+    lines in failures.jsonl, the good slide is explained (exit 1); a missing path stops it up front."""
+    good = slide[0]
+    blank, junk = tmp_path / "blank.tif", tmp_path / "junk.svs"
+    make_slide(blank, blank=True)
+    junk.write_bytes(b"not a slide" * 10)
+    base = ["atlas", "explain", "--arch", "vit-t8-demo", "--random-init", "--method", "rollout", "--max-tiles", "2"]
+    run = tmp_path / "r"
+    r = invoke([*base, str(good), str(blank), str(junk), "-o", str(run)])
+    assert r.exit_code == 1 and "Traceback" not in r.stderr, r.stderr
+    assert set(failures(run)) == {"blank.tif", "junk.svs"} and "no tissue" in failures(run)["blank.tif"]
+    assert np.load(run / "outputs/case01/maps.npy").shape[0] == 2
+    assert sorted(p.name for p in (run / "outputs").iterdir()) == ["case01"]
+    r = invoke([*base, str(good), str(tmp_path / "missing.svs"), "-o", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "does not exist" in r.stderr
+    assert not (tmp_path / "x/outputs/case01").exists()

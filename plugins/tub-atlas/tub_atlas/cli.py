@@ -139,43 +139,41 @@ def embed(cfg: EmbedConfig, run) -> dict:
     return result
 
 
-def _input_names(paths: list[Path]) -> dict[Path, str]:
-    """Input path -> output name; the same file given twice counts once, two inputs with one output
-    name are an error naming both."""
+def _input_names(paths: list[Path], check=None) -> dict[Path, str]:
+    """Input path -> output name, after ``check`` (default ``tiles.check_input``) of every path, which
+    must not open it: the same file given twice counts once, two inputs with one output name are an
+    error naming both."""
     from .tiles import check_input, input_name
 
     names, claimed, seen = {}, {}, set()
     for p in paths:
-        check_input(p)
+        (check or check_input)(p)
         if p.resolve() in seen:
             continue
         seen.add(p.resolve())
         name = input_name(p)
         if name in claimed:
-            raise TubError(f"inputs {claimed[name]} and {p} would both write outputs/{name}; "
-                           "rename one or embed them in separate runs (-o)")
+            raise TubError(f"inputs {claimed[name]} and {p} would both write outputs named {name!r}; "
+                           "rename one or process them in separate runs (-o)")
         names[p], claimed[name] = name, p
     return names
 
 
 # ------------------------------------------------------------------ tile (CLAM create_patches / TRIDENT coords)
 def tile(cfg: TileConfig, run) -> dict:
-    from .slides import check_slide_options, check_slide_path, tile_slide, tiler_from_options
+    """Options, slide paths and output names are checked up front (exit 2); each slide is opened and
+    segmented inside the batch loop, only by the shard that owns it, so a bad one (unreadable, or
+    settings that do not fit it) becomes its line in failures.jsonl."""
+    from .slides import check_slide_file, check_slide_options, tile_slide
 
     slides = _need(cfg.inputs, "SLIDES (whole-slide images)")
     opts = cfg.slide_options()
     check_slide_options(opts)
-    done, by_name = [], {}
-    for p in slides:
-        check_slide_path(Path(p))
-        tiler_from_options(Path(p), opts, segment=False)  # settings vs this slide: one-line errors, exit 2
-        name = Path(p).stem
-        if name in by_name:
-            raise TubError(f"two slides are named {name!r}; their outputs would collide — rename one")
-        by_name[name] = Path(p)
-    for name, out in run.batch(sorted(by_name), output_for=lambda n: run.outputs_dir / "patches" / f"{n}.h5"):
-        with run.item(name):
-            done.append(tile_slide(by_name[name], out, run.outputs_dir, opts, log=run.log))
+    names = _input_names(slides, check=check_slide_file)
+    done = []
+    for path, out in run.batch(names, output_for=lambda p: run.outputs_dir / "patches" / f"{names[p]}.h5"):
+        with run.item(path):
+            done.append(tile_slide(path, out, run.outputs_dir, opts, log=run.log))
     failed = [f["item"] for f in run.failures]
     return {"slides": len(done), "tiles": int(sum(d["tissue_tiles"] for d in done)), "whole_slides": done,
             "failed": failed, "outputs": str(run.outputs_dir)}
@@ -192,12 +190,14 @@ def evaluate(cfg: EvaluateConfig, run) -> dict:
 
 # ------------------------------------------------------------------ explain
 def explain(cfg: ExplainConfig, run) -> dict:
+    """Input paths and the encoder are checked up front (exit 2); each input is read inside its batch
+    item (``explain_inputs``), so a bad one becomes its line in failures.jsonl."""
     from .explaining import explain_inputs
 
-    _need(cfg.inputs, "TILES to explain")
+    names = _input_names(_need(cfg.inputs, "TILES to explain"))
     encoder, info = _encoder(cfg.encoder, run)
     write_json(run.dir / "encoder.json", info)
-    return explain_inputs(encoder, cfg, run)
+    return explain_inputs(encoder, names, cfg, run)
 
 
 # ------------------------------------------------------------------ train (distillation or DINOv2)

@@ -63,18 +63,19 @@ def patch_relevance(encoder: Encoder, x01: torch.Tensor, method: str, target=Non
     return patch_map(R.float(), encoder.vit.cfg.patch_size)[0], True, err
 
 
-def explain_inputs(encoder: Encoder, cfg, run) -> dict:
+def explain_inputs(encoder: Encoder, names: dict[Path, str], cfg, run) -> dict:
+    """Maps of each input (path -> output name, checked by the caller) in ``outputs/<name>/``. Each
+    input is read inside its batch item, so a bad one is its line in failures.jsonl and the rest go on."""
     device = run.device
     if cfg.precision == "fp64":
         encoder.double()
     target, what = build_target(encoder, cfg, device) if cfg.method in LRP_RULES else (None, "CLS attention flow")
     if cfg.method == "rollout" and cfg.target != "dim":
         run.log.warning("attention rollout is class-agnostic: it shows the CLS token's attention flow")
-    sets = {ts.name: ts for ts in (read_input(p) for p in cfg.inputs)}
     n_done, worst = 0, 0.0
-    for name, out in run.batch(sorted(sets), output_for=lambda n: run.outputs_dir / n):
-        with run.item(name):
-            ts = sets[name]
+    for path, out in run.batch(names, output_for=lambda p: run.outputs_dir / names[p]):
+        with run.item(path):
+            ts = read_input(path)
             n = min(len(ts), cfg.max_tiles)
             tiles = ts.read(0, n)
             maps = []

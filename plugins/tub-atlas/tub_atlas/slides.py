@@ -130,10 +130,8 @@ class SlideTiles:
 
     def __init__(self, path: Path, tile_px: int = 224, mpp: float | None = None, level: int = 0,
                  tissue_min: float = 0.25, thumb_max: int = 2048, overlap: float = 0,
-                 tissue: TissueParams | None = None, base_mpp: float | None = None, segment: bool = True,
-                 mag: float | None = None):
-        """Opens the slide and checks the settings against it; ``segment=False`` stops there (a cheap
-        check of every slide before a batch starts)."""
+                 tissue: TissueParams | None = None, base_mpp: float | None = None, mag: float | None = None):
+        """Opens the slide, checks the settings against it (one-line TubErrors) and segments its tissue."""
         import openslide
 
         self.path = Path(path)
@@ -192,8 +190,6 @@ class SlideTiles:
         if self.mpp0 is None and (self.params.min_area > 0 or self.params.min_hole_area > 0):
             raise TubError(f"{path.name} does not record its resolution (openslide.mpp-x), so the µm² area "
                            "filters cannot apply; give --slide-base-mpp or --slide-min-area 0 --slide-min-hole-area 0")
-        if not segment:
-            return
         self.thumb = self._thumbnail(thumb_max)
         th, tw = self.thumb.shape[:2]
         self.scale = (tw / W0, th / H0)  # mask px per level-0 px
@@ -466,17 +462,26 @@ def write_coords_h5(path: Path, coords: np.ndarray, attrs: dict) -> None:
                 d.attrs[k] = v
 
 
-def tiler_from_options(path: Path, options: dict, segment: bool = True) -> SlideTiles:
+def tiler_from_options(path: Path, options: dict) -> SlideTiles:
     """``SlideTiles`` from a ``SlideTiling.slide_options()`` dict."""
     o = options
     return SlideTiles(path, tile_px=o["tile_px"], mpp=o["mpp"], level=o["level"], tissue_min=o["tissue_min"],
                       overlap=o["overlap"], tissue=o["tissue"], base_mpp=o["base_mpp"], thumb_max=o["thumb_max"],
-                      segment=segment, mag=o.get("mag"))
+                      mag=o.get("mag"))
+
+
+def check_slide_file(path: Path) -> None:
+    """Before any slide is opened: the path is a file with a whole-slide suffix. Whether OpenSlide can
+    read it is found out by the shard that tiles it, so a bad slide fails alone."""
+    if not path.exists():
+        raise TubError(f"slide {path} does not exist")
+    if not path.is_file() or path.suffix.lower() not in SLIDE_EXT:
+        raise TubError(f"{path} is not a whole-slide image (.svs, .ndpi, .mrxs, pyramidal .tif, …)")
 
 
 def check_slide_path(path: Path) -> None:
-    if not path.exists():
-        raise TubError(f"slide {path} does not exist")
+    """When the slide's turn comes: also that OpenSlide opens it."""
+    check_slide_file(path)
     if not is_whole_slide(path):
         raise TubError(f"{path} is not a whole-slide image OpenSlide can open "
                        "(.svs, .ndpi, .mrxs, pyramidal .tif, …)")
