@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tubcli.errors import TubError
 
@@ -35,6 +36,14 @@ class TubConfig(Section):
     device: str = Field("auto", description="auto | cpu | cuda[:i] | mps")
     precision: Precision = Field("fp32", description="compute dtype where it applies")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="one seed for everything (0 … 2**32 − 1, the range numpy and scikit-learn take)")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        """Checked here too, so that `tub config` rejects what the verb would."""
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+            raise ValueError(f"unknown device {value!r}; use auto, cpu, cuda, cuda:N or mps")
+        return value
 
 
 def read_config_file(path: str | os.PathLike) -> dict:
@@ -203,7 +212,8 @@ def resolve_config(
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
         source = next((name for name, data in reversed(layers) if _has_path(data, err["loc"])), "defaults")
-        raise TubError(f"invalid config value for {loc!r} (from {source}): {err['msg']}") from None
+        msg = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own message
+        raise TubError(f"invalid config value for {loc!r} (from {source}): {msg}") from None
 
 
 def _has_path(data: dict, loc) -> bool:

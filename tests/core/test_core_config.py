@@ -114,3 +114,9 @@ def test_set_values_for_text_fields_stay_text():
     assert (cfg.target, cfg.mode, cfg.k, cfg.inner.column) == ("2020", "on", 5, "yes")
     cfg = resolve_config(Cfg, "toy", environ={"TUB_TOY_TARGET": "1e3"})
     assert cfg.target == "1e3"
+
+
+def test_tub_config_rejects_an_unknown_device_as_the_verb_would(toy_plugins):
+    result = invoke(["config", "toy", "train", "--set", "device=tpu"])
+    assert result.exit_code == 2
+    assert "'device' (from --set): unknown device 'tpu'; use auto, cpu, cuda, cuda:N or mps" in result.stderr
