@@ -262,3 +262,34 @@ def test_a_pickled_dataframe_pipeline_runs_without_feature_name_warnings(data_di
         assert res.exit_code == 0, res.stderr
         noisy = [str(w.message) for w in caught if "feature names" in str(w.message)]
         assert not noisy and "feature names" not in res.stderr, noisy[:1] or res.stderr
+
+
+def test_a_shap_that_fails_to_import_is_skipped_with_a_reason(knn_run, data_dir, tmp_path, monkeypatch):
+    import importlib.machinery
+    import sys
+
+    from tub_knnlrp.flipping import shap_problem
+
+    class BrokenShap(importlib.machinery.PathFinder):  # a shap that is installed but raises on import
+        @classmethod
+        def find_spec(cls, name, path=None, target=None):
+            if name == "shap":
+                return importlib.machinery.ModuleSpec("shap", BrokenLoader())
+            return None
+
+    class BrokenLoader:
+        def create_module(self, spec):
+            return None
+
+        def exec_module(self, module):
+            raise ImportError("numba needs numpy < 3")
+
+    monkeypatch.delitem(sys.modules, "shap", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [BrokenShap, *sys.meta_path])
+    assert "does not import (ImportError: numba needs numpy < 3)" in shap_problem()
+    base = ["knnlrp", "evaluate", str(data_dir / "test.csv"), "--model", str(knn_run), "--rows", "4"]
+    res = invoke([*base, "-o", str(tmp_path / "ev"), "--json"])  # the default method list runs without it
+    assert res.exit_code == 0, res.stderr
+    assert "kernelshap" not in json.loads(res.stdout)["aupc_mean"] and "KernelSHAP skipped" in res.stderr
+    res = invoke([*base, "--methods", "kernelshap", "-o", str(tmp_path / "ev2")])
+    assert res.exit_code == 2 and "method kernelshap: shap is installed but does not import" in res.stderr

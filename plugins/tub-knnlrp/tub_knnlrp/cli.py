@@ -173,7 +173,7 @@ def _write_relevance_csv(path, e) -> None:
 def evaluate(cfg, run) -> dict:
     _numpy_notice(cfg, run)
     from tub_knnlrp.fidelity import check_report
-    from tub_knnlrp.flipping import FlippingEvaluation, sweep_eta
+    from tub_knnlrp.flipping import FlippingEvaluation, shap_problem, sweep_eta
     from tub_knnlrp.neuralize import split_pipeline, transform_steps
 
     tm, X = _load(cfg, run)
@@ -191,6 +191,11 @@ def evaluate(cfg, run) -> dict:
                       explainer_kwargs=_explain_kwargs(cfg.explain))
         available = ev.available(Z.shape[1])
         methods = cfg.methods or available
+        problem = None if "kernelshap" in available else shap_problem()
+        if problem and "kernelshap" in methods:
+            raise TubError(f"method kernelshap: {problem}")
+        if problem:  # the default list without KernelSHAP: say why
+            (run.log.warning if "does not import" in problem else run.log.info)("KernelSHAP skipped: %s", problem)
         unknown = [m for m in methods if m not in available and sweep_eta(m) is None]
         if unknown:
             raise TubError(f"unknown or unavailable method(s) {', '.join(unknown)}; available: {', '.join(available)}"

@@ -107,6 +107,20 @@ class FlippingResult:
     extra: dict = field(default_factory=dict)
 
 
+def shap_problem() -> str | None:
+    """Why KernelSHAP cannot run here (None if it can): shap absent, or installed but failing to
+    import (e.g. a numba that does not match numpy), which would otherwise abort the whole evaluation."""
+    import importlib.util
+
+    if importlib.util.find_spec("shap") is None:
+        return "shap is not installed (pip install shap)"
+    try:
+        import shap  # noqa: F401
+    except Exception as exc:  # a broken optional dependency
+        return f"shap is installed but does not import ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    return None
+
+
 class FlippingEvaluation:
     """Compare explanation methods for one fitted kNN/SVC by feature flipping, in model space.
 
@@ -141,9 +155,7 @@ class FlippingEvaluation:
             methods += METHODS_SVM
         if d > self.max_shapley_features:
             methods.remove("shapley")
-        import importlib.util
-
-        if importlib.util.find_spec("shap") is None:
+        if shap_problem() is not None:
             methods.remove("kernelshap")
         return methods
 
