@@ -153,6 +153,36 @@ def environment_record(plugin_version: str = "") -> dict:
     return record
 
 
+EXECUTION_FIELDS = frozenset({"device", "batch_size", "threads", "num_workers"})
+
+
+def changed_settings(earlier: dict, now: dict, ignore: set[str], prefix: str = "") -> str:
+    """``key: old -> new`` for the first settings that differ, ignoring the top-level ``ignore`` keys
+    (a batch verb's inputs, execution-only fields); empty if none."""
+    diffs = []
+    for key in sorted(set(earlier) | set(now)):
+        if not prefix and key in ignore:
+            continue
+        a, b = earlier.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = changed_settings(a, b, ignore, f"{prefix}{key}.")
+            diffs += [inner] if inner else []
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a} -> {b}")
+    return "; ".join(diffs[:3])
+
+
+def archive_config(run_dir: Path) -> Path:
+    """Move ``config.yaml`` to ``config.<n>.yaml`` (first free n): a rerun with other settings keeps
+    the record of the earlier ones."""
+    for n in range(1, 10_000):
+        target = run_dir / f"config.{n}.yaml"
+        if not target.exists():
+            os.replace(run_dir / "config.yaml", target)
+            return target
+    raise TubError(f"too many archived configs in {run_dir}")
+
+
 def new_run_dir(base: Path) -> Path:
     """Create ``base`` (or ``base-2``, ``base-3``, ...) exclusively: two runs of the same config
     started in the same second never share a directory."""
@@ -181,6 +211,8 @@ class Run:
         overwrite: bool = False,
         verbosity: int = 0,
         plugin_version: str = "",
+        same_outputs_except: set[str] | None = None,
+        training: bool = False,
     ):
         from tubcli.config import config_hash
 
@@ -216,10 +248,28 @@ class Run:
         self.dir = Path(run_dir)
         self.outputs_dir = self.dir / "outputs"
         self.checkpoints_dir = self.dir / "checkpoints"
+        earlier = self._earlier_config()
+        if earlier is not None and same_outputs_except is not None and not overwrite:
+            changed = changed_settings(earlier, cfg.model_dump(mode="json"), same_outputs_except)
+            if changed:  # skip-existing would keep outputs that these settings no longer describe
+                raise TubError(f"{self.dir} holds outputs made with other settings ({changed}); use a new -o, "
+                               "the same settings, or --overwrite to recompute")
+        fresh_start = training and not resume and (self.checkpoints_dir / "last.pt").exists()
+        if fresh_start and not overwrite:
+            raise TubError(f"{self.dir} holds a training checkpoint; pass --resume auto to continue it, "
+                           "--overwrite to start again, or a new -o")
         # a directory this run creates (or finds empty) is removed again if the run fails before any output
         self.fresh = self.is_main and not (self.dir.is_dir() and any(self.dir.iterdir()))
         self._before = None if self.fresh or not self.is_main else self._snapshot()
+        self._archived: Path | None = None
         if self.is_main:
+            if fresh_start:  # --overwrite: the old training's checkpoints and log rows go
+                import shutil
+
+                shutil.rmtree(self.checkpoints_dir, ignore_errors=True)
+                (self.dir / "metrics.jsonl").unlink(missing_ok=True)
+            if earlier is not None and earlier != cfg.model_dump(mode="json"):
+                self._archived = archive_config(self.dir)  # keep the record of the earlier settings
             self.outputs_dir.mkdir(parents=True, exist_ok=True)
             self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
             (self.dir / DONE).unlink(missing_ok=True)  # a reused directory is incomplete again
@@ -231,6 +281,18 @@ class Run:
             write_text(self.dir / "config.yaml", config_yaml(cfg))
             write_json(self.dir / "env.json", environment_record(plugin_version))
         self.log.debug("run directory %s", self.dir)
+
+    def _earlier_config(self) -> dict | None:
+        path = self.dir / "config.yaml"
+        if not path.is_file():
+            return None
+        import yaml
+
+        try:
+            data = yaml.safe_load(path.read_text())
+        except Exception:
+            return None
+        return data if isinstance(data, dict) else None
 
     RECORDS = ("config.yaml", "env.json", "metrics.json", DONE)
 
@@ -257,6 +319,8 @@ class Run:
                 for name in self.RECORDS:
                     if name in records:
                         write_bytes(self.dir / name, records[name])
+                if self._archived is not None:
+                    self._archived.unlink(missing_ok=True)
             return
         if self._product_state() or (self.dir / "metrics.json").exists():
             return

@@ -251,7 +251,7 @@ def build_verb_command(app: PluginApp, verb: Verb) -> TyperCommand:
     add("out", Optional[Path], typer.Option(None, "-o", "--out", help="Run directory (default: runs/<plugin>/<verb>/<time>_<hash>).", rich_help_panel="Shared options"))
     add("resume", Optional[str], typer.Option(None, "--resume", help="auto | PATH: continue from the last checkpoint.", rich_help_panel="Shared options", hidden=not verb.training))
     add("shard", Optional[str], typer.Option(None, "--shard", help="i/n: process the i-th of n shards (default: from the SLURM array).", rich_help_panel="Shared options", hidden=not verb.batch))
-    add("overwrite", bool, typer.Option(False, "--overwrite", help="Recompute items whose outputs exist." if verb.batch else "Replace outputs that exist.", rich_help_panel="Shared options", hidden=not (verb.batch or verb.overwrite)))
+    add("overwrite", bool, typer.Option(False, "--overwrite", help=_overwrite_help(verb), rich_help_panel="Shared options", hidden=not (verb.batch or verb.training or verb.overwrite)))
     add("print_config", bool, typer.Option(False, "--print-config", help="Print the resolved config and exit.", rich_help_panel="Shared options"))
     add("json", bool, typer.Option(False, "--json", help="Results on stdout as JSON.", rich_help_panel="Shared options"))
     add("quiet", bool, typer.Option(False, "-q", "--quiet", help="Warnings and errors only.", rich_help_panel="Shared options"))
@@ -275,10 +275,18 @@ def build_verb_command(app: PluginApp, verb: Verb) -> TyperCommand:
     return typer.main.get_command(sub)
 
 
+def _overwrite_help(verb: Verb) -> str:
+    if verb.batch:
+        return "Recompute items whose outputs exist (also when the settings changed)."
+    if verb.training:
+        return "Start again in a run directory that holds a checkpoint."
+    return "Replace outputs that exist."
+
+
 def execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
     """Resolve the config, run the verb in a run directory, print results; return the exit code."""
     from tubcli.config import config_yaml, resolve_config
-    from tubcli.runs import Run
+    from tubcli.runs import EXECUTION_FIELDS, Run
 
     verbosity = -1 if opts.get("quiet") else int(opts.get("verbose") or 0)
     try:
@@ -291,7 +299,9 @@ def execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
             raise TubError(f"--shard applies to batch verbs only; '{verb.name}' does its whole input in one run")
         shard = opts.get("shard") if verb.batch else "0/1"  # a SLURM array does not split a non-batch verb
         run = Run(app.name, verb.name, cfg, out=opts.get("out"), resume=opts.get("resume"), shard=shard,
-                  overwrite=bool(opts.get("overwrite")), verbosity=verbosity, plugin_version=app.version)
+                  overwrite=bool(opts.get("overwrite")), verbosity=verbosity, plugin_version=app.version,
+                  same_outputs_except=set(verb.args) | EXECUTION_FIELDS if verb.batch else None,
+                  training=verb.training)
         try:
             metrics = run.finish(func(cfg, run))
         except BaseException as exc:

@@ -235,3 +235,29 @@ def test_a_run_that_fails_before_any_output_leaves_no_directory(toy_plugins, tmp
     bad = make_inputs(tmp_path / "bad", 2, bad=(1,))
     result = invoke(["toy", "evaluate", *bad, "-o", tmp_path / "partial"])
     assert result.exit_code == 1 and (tmp_path / "partial" / "failures.jsonl").exists()  # partial results stay
+
+
+def test_a_batch_run_directory_refuses_other_settings_and_keeps_their_record(toy_plugins, tmp_path):
+    import yaml
+
+    inputs, out = make_inputs(tmp_path / "in", 3), tmp_path / "run"
+    assert invoke(["toy", "evaluate", *inputs[:2], "-o", out]).exit_code == 0
+    assert invoke(["toy", "evaluate", *inputs, "-o", out]).exit_code == 0  # more inputs, same settings: fine
+    result = invoke(["toy", "evaluate", *inputs, "--precision", "fp64", "-o", out])
+    assert result.exit_code == 2 and "other settings (precision: fp32 -> fp64)" in result.stderr
+    assert yaml.safe_load((out / "config.yaml").read_text())["precision"] == "fp32" and (out / "DONE").exists()
+    assert invoke(["toy", "evaluate", *inputs, "--precision", "fp64", "--overwrite", "-o", out]).exit_code == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["precision"] == "fp64"
+    assert yaml.safe_load((out / "config.1.yaml").read_text())["precision"] == "fp32"
+
+
+def test_training_into_a_run_with_a_checkpoint_needs_resume_or_overwrite(toy_plugins, tmp_path):
+    data, out = tmp_path / "d.csv", tmp_path / "t"
+    data.write_text("1,0,2\n0,1,3\n")
+    assert invoke(["toy", "train", data, "--epochs", "3", "-o", out]).exit_code == 0
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    result = invoke(["toy", "train", data, "--epochs", "2", "-o", out])
+    assert result.exit_code == 2 and "--resume auto" in result.stderr
+    assert (out / "metrics.jsonl").read_text().splitlines() == rows
+    assert invoke(["toy", "train", data, "--epochs", "2", "--overwrite", "-o", out]).exit_code == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # only the new training's rows
