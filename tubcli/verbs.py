@@ -52,6 +52,9 @@ class Verb:
     ``options`` maps extra flag names to config field paths. ``batch`` verbs iterate with
     ``run.batch``; ``training`` verbs checkpoint and honour ``--resume``; ``overwrite`` verbs
     (and batch verbs) honour ``--overwrite`` (``run.overwrite``) for outputs that exist.
+    ``item_fields`` are config fields that, like the inputs, only choose which items a batch run
+    produces (e.g. a per-method output, a fallback for inputs that lack a value), so a rerun into
+    the same directory with other values adds outputs instead of being refused.
     """
 
     name: str
@@ -63,6 +66,7 @@ class Verb:
     batch: bool = False
     training: bool = False
     overwrite: bool = False
+    item_fields: tuple[str, ...] = ()
 
 
 @dataclass
@@ -300,7 +304,7 @@ def execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
         shard = opts.get("shard") if verb.batch else "0/1"  # a SLURM array does not split a non-batch verb
         run = Run(app.name, verb.name, cfg, out=opts.get("out"), resume=opts.get("resume"), shard=shard,
                   overwrite=bool(opts.get("overwrite")), verbosity=verbosity, plugin_version=app.version,
-                  same_outputs_except=set(verb.args) | EXECUTION_FIELDS if verb.batch else None,
+                  same_outputs_except={*verb.args, *verb.item_fields, *EXECUTION_FIELDS} if verb.batch else None,
                   training=verb.training)
         try:
             metrics = run.finish(func(cfg, run))

@@ -18,15 +18,17 @@ class _ColourEncoder(torch.nn.Module):
     def __init__(self):
         super().__init__()
         g = torch.Generator().manual_seed(0)
-        self.proj = torch.randn(6, 2, generator=g)
+        self.proj = torch.nn.Parameter(torch.randn(6, 2, generator=g), requires_grad=False)
 
     def forward(self, x):
+        x = x.to(self.proj.dtype)  # as tub-atlas encoders: the input in the weights' dtype
         stats = torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
         return torch.cat([stats, stats @ self.proj], 1)
 
 
 def _load(weights=None, device="cpu", dtype=None):
-    return _ColourEncoder().to(device)
+    """Weights in the run's dtype, as the tub-atlas loaders do."""
+    return _ColourEncoder().to(device=device, dtype=dtype)
 
 
 class _EncoderPlugin:

@@ -155,3 +155,49 @@ def test_bad_model_and_bag_inputs_exit_2(tmp_path):
     (tmp_path / "m.pt").write_bytes(b"junk")
     res = invoke(["xmil", "explain", tmp_path / "m.pt", "--model", tmp_path / "m.pt", "-o", tmp_path / "x"])
     assert res.exit_code == 2 and "Traceback" not in res.stderr
+
+
+def test_resume_after_a_stop_repeats_the_uninterrupted_run(tmp_path):
+    """Each epoch's shuffle and dropout come from (seed, epoch): resuming after epoch k must not
+    replay epoch 0's order (it did: the generator restarted from the seed)."""
+    import torch
+    from safetensors.torch import load_file
+
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        np.savez(tmp_path / f"s{i}.npz", features=rng.standard_normal((5, 6)).astype(np.float32))
+    (tmp_path / "l.csv").write_text("slide_id,label\n" + "".join(f"s{i},{i % 2}\n" for i in range(8)))
+    base = ["xmil", "train", "--features", tmp_path, "--labels", tmp_path / "l.csv", "--set", "model.features_dim=8",
+            "--set", "model.dropout=0.3"]
+    _ok(invoke([*base, "--epochs", "4", "-o", tmp_path / "full"]))
+    _ok(invoke([*base, "--epochs", "2", "-o", tmp_path / "cut"]))  # stopped after epoch 1
+    _ok(invoke([*base, "--epochs", "4", "-o", tmp_path / "cut", "--resume", "auto"]))
+    for name in ("model.safetensors", "last.pt"):
+        load = load_file if name.endswith(".safetensors") else (lambda p: torch.load(p)["model"])
+        a, b = (load(str(tmp_path / run / "checkpoints" / name)) for run in ("full", "cut"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    losses = [[json.loads(x)["train_loss"] for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+              for run in ("full", "cut")]
+    assert losses[0] == losses[1]
+
+
+def test_features_precision_and_slide_metadata(tmp_path, tiny_encoder):
+    """--precision bf16 reaches the encoder (features close to, not equal to fp32) and is recorded;
+    features from reused coords carry the slide's mpp and the tiling attributes."""
+    from tub_xmil.synthetic import render_slide, write_pyramid
+
+    img, _, _ = render_slide(1024, 768, True)
+    write_pyramid(tmp_path / "s.tiff", img, mpp=0.5, levels=3)
+    _ok(invoke(["xmil", "tile", tmp_path / "s.tiff", "--patch-size", "128", "-o", tmp_path / "t"]))
+    feats = {}
+    for prec in ("fp32", "bf16"):
+        _ok(invoke(["xmil", "features", tmp_path / "s.tiff", "--encoder", tiny_encoder, "--coords-dir",
+                    tmp_path / "t" / "outputs" / "patches", "--precision", prec, "-o", tmp_path / prec]))
+        with h5py.File(tmp_path / prec / "outputs" / "features" / "s.h5") as f:
+            feats[prec] = f["features"][:]
+            attrs = dict(f.attrs)
+        assert attrs["precision"] == prec and attrs["mpp"] == 0.5
+        assert attrs["patch_size_level0"] == 128 and attrs["patch_size"] == 128
+        assert (attrs["level0_width"], attrs["level0_height"]) == (1024, 768)
+    assert not np.array_equal(feats["fp32"], feats["bf16"])
+    np.testing.assert_allclose(feats["bf16"], feats["fp32"], rtol=0.02, atol=0.02)

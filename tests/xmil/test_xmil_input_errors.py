@@ -128,6 +128,11 @@ def test_multiclass_auroc_over_the_classes_present():
     ("slide_id,time,event", [("s0", 3, 1), ("s1", "inf", 0)], "survival", "line 3 (slide s1): time 'inf'"),
     ("slide_id,label", [("s0", 1), ("s1", "")], "classification", "line 3 (slide s1): missing label"),
     ("slide_id,label", [("s0", 1), ("s1", 0), ("s0", 0)], "classification", "'s0' is on lines 2 and 4"),
+    # R's Surv coding (1 censored, 2 dead) and fractions used to train silently
+    ("slide_id,time,event", [("s0", 3, 1), ("s1", 5, 2)], "survival", "line 3 (slide s1): event '2' is not 0 or 1"),
+    ("slide_id,time,event", [("s0", 3, 0.7), ("s1", 5, 1)], "survival", "line 2 (slide s0): event '0.7'"),
+    ("slide_id,label,split", [("s0", 1, "train"), ("s1", 0, "dev")], "classification",
+     "line 3 (slide s1): unknown split 'dev'; accepted (any case): train: train, training; val: val"),
 ])
 def test_bad_label_rows_are_one_line_errors(tmp_path, bags, header, rows, task, needle):
     labels = _csv(tmp_path / "l.csv", header, rows)
@@ -229,3 +234,76 @@ def test_flipping_strategy_is_a_config_error(strategy, ok):
 
 def test_bogus_strategy_exits_2(tmp_path):
     _usage_error(invoke(["xmil", "evaluate", "--strategy", "bogus", "-o", tmp_path / "e"]), "'strategy'")
+
+
+# ---------------------------------------------------------------- second audit
+def test_survival_events_written_as_floats_are_fine(tmp_path, bags):
+    labels = _csv(tmp_path / "l.csv", "slide_id,time,event", [(f"s{i}", 3 + i, f"{i % 2}.0") for i in range(N_SLIDES)])
+    _ok(_train(tmp_path / "r", bags, labels, "--task", "survival"))
+
+
+@pytest.fixture(scope="module")
+def regression_model(bags, tmp_path_factory):
+    d = tmp_path_factory.mktemp("regression")
+    labels = _csv(d / "labels.csv", "slide_id,target", [(f"s{i}", 0.5 * i) for i in range(N_SLIDES)])
+    _ok(_train(d / "run", bags, labels, "--task", "regression"))
+    return d / "run" / "checkpoints"
+
+
+def test_task_other_than_the_models_is_an_error(tmp_path, bags, model, regression_model):
+    labels = _csv(tmp_path / "l.csv", "slide_id,label,target,split",
+                  [(f"s{i}", ["neg", "pos"][i % 2], i, "test") for i in range(N_SLIDES)])
+    ev = ["xmil", "evaluate", "--features", bags, "--labels", labels, "--set", "flipping=false"]
+    _usage_error(invoke([*ev, "--model", model, "--task", "regression", "-o", tmp_path / "e1"]),
+                 "--task regression", "trained for classification")
+    _usage_error(invoke(["xmil", "explain", bags, "--model", model, "--task", "regression", "--target", "1",
+                         "-o", tmp_path / "e2"]), "trained for classification")
+    _usage_error(invoke(["xmil", "explain", bags, "--model", regression_model, "--task", "classification",
+                         "-o", tmp_path / "e3"]), "trained for regression")
+    # without --task: the model's own; naming the same task is fine
+    res = _ok(invoke([*ev, "--model", regression_model, "-o", tmp_path / "e4", "--json"]))
+    assert "r2" in json.loads(res.stdout)
+    _ok(invoke([*ev, "--model", model, "--task", "classification", "-o", tmp_path / "e5"]))
+
+
+def test_split_names_are_normalised_in_train_and_evaluate(tmp_path, bags, model):
+    splits = ["Train", "TRAINING", "Valid", "holdout"]
+    labels = _csv(tmp_path / "l.csv", "slide_id,label,split",
+                  [(f"s{i}", ["neg", "pos"][i % 2], sp) for i, sp in enumerate(splits)])
+    out = json.loads(_ok(_train(tmp_path / "r", bags, labels)).stdout)
+    assert (out["train_slides"], out["val_slides"], out["test_slides"]) == (2, 1, 1)
+    ev = ["xmil", "evaluate", "--model", model, "--features", bags, "--labels", labels, "--set", "flipping=false",
+          "--json"]
+    for split, n in (("valid", 1), ("Validation", 1), ("val", 1), ("train", 2), ("all", 4), (None, 1)):
+        args = [] if split is None else ["--split", split]  # default: the test rows only
+        res = _ok(invoke([*ev, *args, "-o", tmp_path / f"e_{split}"]))
+        assert json.loads(res.stdout)["slides"] == n, split
+    _usage_error(invoke([*ev, "--split", "dev", "-o", tmp_path / "e_dev"]), "'split'", "unknown split 'dev'")
+
+
+def _help(verb) -> str:
+    """The --help text as one line, without the panel borders."""
+    return " ".join(_ok(invoke(["xmil", verb, "--help"])).stdout.replace("│", " ").split())
+
+
+def test_evaluate_help_names_the_split_option_and_its_default():
+    text = _help("evaluate")
+    assert "--split" in text and "by default the test rows" in text
+
+
+def test_help_strings_survive_rich_markup():
+    """Typer renders help with rich markup: '[split]' in a description used to vanish."""
+    from rich.text import Text
+
+    from tub_xmil.plugin import app
+
+    def texts(model):
+        for f in model.model_fields.values():
+            yield f.description or ""
+            if isinstance(f.annotation, type) and hasattr(f.annotation, "model_fields"):
+                yield from texts(f.annotation)
+
+    for verb in app.verbs:
+        for t in [verb.help, *texts(app.config_model(verb))]:
+            assert Text.from_markup(t).plain == t, (verb.name, t)
+    assert "time+event (event 0/1), optional split (train" in _help("train")

@@ -37,13 +37,13 @@ def features(cfg, run) -> dict:
     from tub_xmil.pipeline import SLIDE_SUFFIXES, expand_inputs, features_one
 
     slides = expand_inputs(cfg.slides, SLIDE_SUFFIXES)
-    spec, module = get_encoder(cfg.encoder, cfg.weights, run.device)
+    spec, module = get_encoder(cfg.encoder, cfg.weights, run.device, run.dtype)
     run.log.info("encoder %s (%d-d, %d px tiles)%s", spec.name, spec.dim, spec.tile_size,
                  "" if cfg.weights else " -- no weights given: " + (spec.description or "preset defaults"))
     n = 0
     for path, out in run.batch(slides, output_for=lambda p: run.outputs_dir / "features" / f"{Path(p).stem}.h5"):
         with run.item(path):
-            n += features_one(Path(path), out, cfg, spec, module, run.device)["patches"]
+            n += features_one(Path(path), out, cfg, spec, module, run.device, run.dtype)["patches"]
     return {"patches": n, "encoder": spec.name, "dim": spec.dim}
 
 
@@ -52,11 +52,9 @@ def train(cfg, run) -> dict:
     from tub_xmil.training import predict, task_metrics, train_model
 
     slides, classes = load_slides(cfg.features, cfg.labels, cfg.task)
-    train_s = [s for s in slides if s.split == "train"]
-    val_s = [s for s in slides if s.split in ("val", "valid", "validation")]
-    test_s = [s for s in slides if s.split == "test"]
+    train_s, val_s, test_s = ([s for s in slides if s.split == name] for name in ("train", "val", "test"))
     if not train_s:
-        raise TubError(f"{cfg.labels}: no rows with split 'train' (or no split column)")
+        raise TubError(f"{cfg.labels}: no rows with split 'train' (or an empty split cell, or no split column)")
     if not val_s and cfg.val_fraction > 0:
         k = max(1, int(round(len(train_s) * cfg.val_fraction)))
         rng = np.random.default_rng(run.seed)
@@ -85,6 +83,9 @@ def _load(cfg):
         raise TubError("no model given; pass --model RUN/checkpoints (or an xMIL best_model.pt)")
     model, meta = load_model(cfg.model)
     task = cfg.task or meta.get("task", "classification")
+    if "task" in meta and task != meta["task"]:  # the output would be read as another task's numbers
+        raise TubError(f"--task {task} does not match the model, which was trained for {meta['task']}; "
+                       "drop --task (it defaults to the model's task)")
     methods = list(dict.fromkeys(cfg.method))  # a method named twice runs once
     if "patch_scores" in methods:  # before any output: the method exists only for additive models
         if not hasattr(model, "patch_logits"):
@@ -205,7 +206,7 @@ def heatmap(cfg, run) -> dict:
     spec = module = None
     if needs_encoder:
         from tub_xmil.features import embed_tiles, get_encoder
-        spec, module = get_encoder(cfg.encoder, cfg.weights, run.device)
+        spec, module = get_encoder(cfg.encoder, cfg.weights, run.device, run.dtype)
         if spec.dim != meta["kwargs"]["input_dim"]:
             raise TubError(f"encoder {spec.name} gives {spec.dim}-d features but the model expects "
                            f"{meta['kwargs']['input_dim']}-d; use the encoder the model was trained on")
@@ -233,7 +234,7 @@ def heatmap(cfg, run) -> dict:
                 slide = open_slide(found) if found else None
             else:
                 slide, coords, size0, _, _ = slide_coords(path, cfg, None)
-                x = torch.from_numpy(embed_tiles(slide, coords, size0, spec, module, 64, run.device))
+                x = torch.from_numpy(embed_tiles(slide, coords, size0, spec, module, 64, run.device, run.dtype))
             try:
                 if x.shape[1] != meta["kwargs"]["input_dim"]:
                     raise TubError(f"{path.name}: features are {x.shape[1]}-d, the model expects "

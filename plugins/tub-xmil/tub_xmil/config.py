@@ -9,6 +9,8 @@ from pydantic import Field, field_validator
 
 from tubcli.config import Section, TubConfig
 
+from tub_xmil.splits import ACCEPTED, split_name
+
 Arch = Literal["attnmil", "transmil", "mambamil", "additivemil"]
 Task = Literal["classification", "regression", "survival"]
 Method = Literal["lrp", "ig", "single", "attention", "grad2", "gi", "drop", "random", "patch_scores"]
@@ -65,7 +67,8 @@ class FeaturesConfig(TubConfig):
 
 class TrainConfig(TubConfig):
     features: Optional[Path] = Field(None, description="folder of bags (.h5/.pt/.npz named by slide_id)")
-    labels: Optional[Path] = Field(None, description="CSV: slide_id, label|target|time+event, [split]")
+    labels: Optional[Path] = Field(None, description="CSV: slide_id, label|target|time+event (event 0/1), "
+                                   "optional split (train | val | test, aliases as for evaluate --split)")
     task: Task = Field("classification", description="classification | regression | survival")
     model: ModelSection = ModelSection()
     epochs: int = Field(20, description="training epochs")
@@ -77,7 +80,7 @@ class TrainConfig(TubConfig):
 
 class ModelInput(TubConfig):
     model: Optional[Path] = Field(None, description="weights: a run's checkpoints/ folder, model.safetensors, or an xMIL .pt")
-    task: Optional[Task] = Field(None, description="task (default: from model.json)")
+    task: Optional[Task] = Field(None, description="the model's task (default: from model.json; another is an error)")
     target: Optional[int] = Field(None, description="explained class (default: predicted class)")
     lrp: LRPSection = LRPSection()
     ig_steps: int = Field(50, description="IG Gauss-Legendre steps")
@@ -91,11 +94,23 @@ class ExplainConfig(ModelInput):
 class EvaluateConfig(ModelInput):
     features: Optional[Path] = Field(None, description="folder of bags")
     labels: Optional[Path] = Field(None, description="labels CSV (as for train)")
-    split: Optional[str] = Field("test", description="rows of this split (None: all)")
+    split: Optional[str] = Field("test", description="evaluate only the CSV rows of this split, by default the "
+                                 f"test rows; 'all' for every row. Names, any case: {ACCEPTED}")
     method: list[Method] = Field(default_factory=lambda: ["lrp", "attention", "random"],
                                  description="methods scored by patch flipping")
     strategy: str = Field("10%-of-all", description="flipping blocks: 'P%-of-all' or 'one-by-one'")
     flipping: bool = Field(True, description="run the label-free patch-flipping evaluation")
+
+    @field_validator("split")
+    @classmethod
+    def _split(cls, v: Optional[str]) -> Optional[str]:
+        """The canonical name, so that --split valid finds the rows train reads as validation."""
+        if v is None or v.strip().lower() == "all":
+            return None
+        name = split_name(v) if v.strip() else None  # an empty cell means train, an empty --split nothing
+        if name is None:
+            raise ValueError(f"unknown split {v!r}; use 'all' or one of (any case) {ACCEPTED}")
+        return name
 
     @field_validator("strategy")
     @classmethod

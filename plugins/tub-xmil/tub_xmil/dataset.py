@@ -1,4 +1,4 @@
-"""Labelled bags from a features folder and a labels CSV (slide_id, label | target | time+event, [split])."""
+"""Labelled bags from a features folder and a labels CSV (slide_id, label | target | time+event, optional split)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from tubcli.errors import TubError
 
 from tub_xmil.bags import find_bag, read_bag
+from tub_xmil.splits import ACCEPTED, split_name
 
 
 @dataclass
@@ -76,6 +77,24 @@ def _number(path, line: int, r: dict, col: str) -> float:
     return f
 
 
+def _event(path, line: int, r: dict) -> int:
+    """0 (censored) or 1 (event); other codings (R's Surv 1/2) would train a wrong loss silently."""
+    e = _number(path, line, r, "event")
+    if e not in (0.0, 1.0):
+        raise TubError(f"{path} line {line} (slide {r['slide_id']}): event {r['event'].strip()!r} is not 0 or 1 "
+                       "(1 = event/death, 0 = censored; recode R's Surv 1/2 as 0/1)")
+    return int(e)
+
+
+def _split(path, line: int, r: dict) -> str:
+    """The row's canonical split; an unknown name is an error, not a slide silently left out."""
+    name = split_name(r.get("split"))
+    if name is None:
+        raise TubError(f"{path} line {line} (slide {r['slide_id']}): unknown split {r['split'].strip()!r}; "
+                       f"accepted (any case): {ACCEPTED}")
+    return name
+
+
 def _check_rows(path, rows: list[tuple[int, dict]], task: str) -> None:
     """One row per slide_id and no empty labels (a duplicate would count a slide twice, or twice differently)."""
     seen: dict[str, int] = {}
@@ -104,8 +123,9 @@ def load_slides(features: Path, labels: Path, task: str, split: str | None = Non
         if len(classes) < 2:
             raise TubError(f"{labels}: classification needs at least 2 classes, the labels are all "
                            f"{classes[0]!r}; use --task regression or add slides of another class")
-    if split is not None and "split" in rows[0][1]:
-        rows = [(line, r) for line, r in rows if r["split"] == split]
+    splits = {line: _split(labels, line, r) for line, r in rows}
+    if split is not None:
+        rows = [(line, r) for line, r in rows if splits[line] == split_name(split)]
     slides = []
     for line, r in rows:
         sid, label, time, event = r["slide_id"], 0.0, float("nan"), 1
@@ -118,12 +138,12 @@ def load_slides(features: Path, labels: Path, task: str, split: str | None = Non
         elif task == "regression":
             label = _number(labels, line, r, "target" if "target" in r else "label")
         else:
-            time, event = _number(labels, line, r, "time"), int(_number(labels, line, r, "event"))
+            time, event = _number(labels, line, r, "time"), _event(labels, line, r)
         p = find_bag(features, sid)
         if p is None:
             raise TubError(f"no bag for slide {sid} in {features} (.h5, .pt or .npz)")
         x, coords, _ = read_bag(p)
-        slides.append(Slide(sid, x, coords, label, time, event, split=r.get("split", "train") or "train"))
+        slides.append(Slide(sid, x, coords, label, time, event, split=splits[line]))
     if not slides:
         raise TubError(f"{labels}: no slides{' in split ' + split if split else ''}")
     return slides, classes or []

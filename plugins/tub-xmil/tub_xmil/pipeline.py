@@ -70,41 +70,52 @@ def tile_one(path: Path, out_h5: Path, out_dir: Path, tiling, mpp_override=None)
 
 
 def slide_coords(path: Path, cfg, coords_dir: Path | None):
-    """(slide, coords, size_level0, mpp, tiling or None) from an existing patches .h5 or by tiling."""
-    from tub_xmil.tiling import read_coords_h5, tile_slide
+    """(slide, coords, size_level0, mpp, tiling attributes) from an existing patches .h5 or by tiling.
+
+    Reused coordinates need no mpp, so a slide without one goes through; its mpp (or the patches
+    file's) is still recorded when known."""
+    from tub_xmil.tiling import TILING_KEYS, read_coords_h5, tile_slide, tiling_attrs
 
     slide = open_slide(path)
     try:
-        mpp = slide_mpp(slide, path, cfg.mpp) if (cfg.mpp is not None or coords_dir is None) else None
-        if coords_dir is not None:
-            h5 = Path(coords_dir) / f"{path.stem}.h5"
-            if not h5.is_file():
-                h5 = Path(coords_dir) / "patches" / f"{path.stem}.h5"
-            if not h5.is_file():
-                raise TubError(f"{path.name}: no {path.stem}.h5 in {coords_dir}")
-            coords, attrs = read_coords_h5(h5)
-            size0 = int(attrs.get("patch_size_level0") or attrs["patch_size"])
-            return slide, coords, size0, mpp, None
-        t = tile_slide(slide, mpp, cfg.tiling.target_mpp, cfg.tiling.patch_size, cfg.tiling.min_tissue,
-                       cfg.tiling.min_std, name=path.name)
-        return slide, t.coords, t.patch_size_level0, mpp, t
+        if coords_dir is None:
+            t = tile_slide(slide, slide_mpp(slide, path, cfg.mpp), cfg.tiling.target_mpp, cfg.tiling.patch_size,
+                           cfg.tiling.min_tissue, cfg.tiling.min_std, name=path.name)
+            return slide, t.coords, t.patch_size_level0, t.mpp, tiling_attrs(t)
+        h5 = Path(coords_dir) / f"{path.stem}.h5"
+        if not h5.is_file():
+            h5 = Path(coords_dir) / "patches" / f"{path.stem}.h5"
+        if not h5.is_file():
+            raise TubError(f"{path.name}: no {path.stem}.h5 in {coords_dir}")
+        coords, found = read_coords_h5(h5)
+        attrs = {k: found[k] for k in TILING_KEYS if k in found}
+        attrs["patch_size_level0"] = int(found.get("patch_size_level0") or found["patch_size"])
+        try:
+            attrs["mpp"] = slide_mpp(slide, path, cfg.mpp)
+        except TubError:
+            pass  # no mpp in the slide: keep the patches file's, if any
+        attrs.setdefault("level0_width", slide.dimensions[0])
+        attrs.setdefault("level0_height", slide.dimensions[1])
+        return slide, coords, attrs["patch_size_level0"], attrs.get("mpp"), attrs
     except Exception:
         slide.close()
         raise
 
 
-def features_one(path: Path, out_h5: Path, cfg, spec, module, device) -> dict:
+def features_one(path: Path, out_h5: Path, cfg, spec, module, device, dtype=None) -> dict:
+    """Features of one slide, with how its tiles were cut (TRIDENT/CLAM attributes) and the
+    encoder and precision that embedded them."""
     from tub_xmil.bags import write_features_h5
     from tub_xmil.features import embed_tiles
 
-    slide, coords, size0, mpp, _ = slide_coords(path, cfg, cfg.coords_dir)
+    slide, coords, size0, _, attrs = slide_coords(path, cfg, cfg.coords_dir)
     try:
-        feats = embed_tiles(slide, coords, size0, spec, module, cfg.batch_size, device)
+        feats = embed_tiles(slide, coords, size0, spec, module, cfg.batch_size, device, dtype)
     finally:
         slide.close()
     with atomic_path(out_h5) as tmp:
-        write_features_h5(tmp, feats, coords, {"encoder": spec.name, "patch_size_level0": size0,
-                                               "mpp": mpp if mpp is not None else -1.0, "name": path.stem})
+        write_features_h5(tmp, feats, coords, {**attrs, "encoder": spec.name, "precision": cfg.precision,
+                                               "name": path.stem})
     return {"patches": len(coords), "dim": int(feats.shape[1])}
 
 

@@ -106,20 +106,28 @@ def tile_slide(slide, mpp: float, target_mpp: float = 0.5, patch_size: int = 256
     return Tiling(np.asarray(coords, np.int64), patch_size, size0, mpp, target_mpp, W, H, thumb, mask, ds)
 
 
+# how the tiles were cut (TRIDENT and CLAM names); features .h5 files carry them on, too
+TILING_KEYS = ("patch_size", "patch_size_level0", "level0_magnification", "target_magnification", "overlap",
+               "level0_width", "level0_height", "mpp", "target_mpp", "patch_level", "downsample", "level_dim")
+
+
+def tiling_attrs(t: Tiling) -> dict:
+    return {"patch_size": t.patch_size, "patch_size_level0": t.patch_size_level0,
+            "level0_magnification": 10.0 / t.mpp, "target_magnification": 10.0 / t.target_mpp,
+            "overlap": 0, "level0_width": t.level0_width, "level0_height": t.level0_height,
+            "mpp": t.mpp, "target_mpp": t.target_mpp,
+            # CLAM readers: coords at patch_level 0; CLAM's patch_size means size at patch_level
+            "patch_level": 0, "downsample": [1.0, 1.0],
+            "level_dim": [t.level0_width, t.level0_height]}
+
+
 def write_patches_h5(path: str | Path, t: Tiling, name: str) -> None:
     """TRIDENT-style ``coords`` (int64, level 0) with TRIDENT and CLAM attributes."""
     import h5py
 
     with h5py.File(path, "w") as f:
         d = f.create_dataset("coords", data=t.coords)
-        attrs = {"patch_size": t.patch_size, "patch_size_level0": t.patch_size_level0,
-                 "level0_magnification": 10.0 / t.mpp, "target_magnification": 10.0 / t.target_mpp,
-                 "overlap": 0, "level0_width": t.level0_width, "level0_height": t.level0_height,
-                 "mpp": t.mpp, "target_mpp": t.target_mpp, "name": name,
-                 # CLAM readers: coords at patch_level 0; CLAM's patch_size means size at patch_level
-                 "patch_level": 0, "downsample": [1.0, 1.0],
-                 "level_dim": [t.level0_width, t.level0_height]}
-        for k, v in attrs.items():
+        for k, v in {**tiling_attrs(t), "name": name}.items():
             d.attrs[k] = v
             f.attrs[k] = v
         d.attrs["clam_patch_size"] = t.patch_size_level0

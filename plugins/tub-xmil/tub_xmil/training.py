@@ -70,10 +70,14 @@ def train_model(cfg, run, train, val, classes) -> tuple[torch.nn.Module, dict]:
         best_state = {k[5:]: v for k, v in state.items() if k.startswith("best.")} or None
         run.log.info("resumed at epoch %d", start)
     ddp = run.ddp(model)
-    gen = torch.Generator().manual_seed(run.seed)
     for epoch in range(start, cfg.epochs):
-        model.train()
+        # randomness drawn from (seed, epoch), as tub-atlas does per step: a resumed run repeats the
+        # uninterrupted one exactly. The shuffle is the same on every rank (ranks take slices of it);
+        # dropout draws differ per rank.
+        torch.manual_seed(run.item_seed(f"epoch{epoch}-rank{run.rank}"))
+        gen = torch.Generator().manual_seed(run.item_seed(f"epoch{epoch}"))
         order = torch.randperm(len(train), generator=gen).tolist()
+        model.train()
         if run.world_size > 1:  # equal step counts on every rank (DDP all-reduces each step): pad by wrapping
             per_rank = -(-len(order) // run.world_size)
             order = (order * run.world_size)[: per_rank * run.world_size][run.rank::run.world_size]
