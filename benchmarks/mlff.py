@@ -97,12 +97,13 @@ def main(argv=None) -> dict:
         atoms = cell(n)
         N = len(atoms)
         row = {"n": n, "atoms": N}
-        tub_md = make_md(atoms, SpookyNetCalculator(str(args.params), dtype=torch.float32, lr_cutoff=10.0))
+        # spin 0 on both sides: the reference calculator's default (magmom 0), not tub's electron-count parity
+        tub_md = make_md(atoms, SpookyNetCalculator(str(args.params), spin=0, dtype=torch.float32, lr_cutoff=10.0))
         ref_md = None
         if ref_cls is not None:
             # same physics check before timing: energies and forces of the two codes on this cell
             a1, a2 = atoms.copy(), atoms.copy()
-            a1.calc, a2.calc = SpookyNetCalculator(str(args.params), dtype=torch.float64, lr_cutoff=10.0), \
+            a1.calc, a2.calc = SpookyNetCalculator(str(args.params), spin=0, dtype=torch.float64, lr_cutoff=10.0), \
                 ref_cls(load_from=str(args.params), dtype=torch.float64, lr_cutoff=10.0, use_gpu=False)
             row["abs_dE_eV_fp64"] = abs(a1.get_potential_energy() - a2.get_potential_energy())
             row["max_dF_eV_A_fp64"] = float(np.abs(a1.get_forces() - a2.get_forces()).max())

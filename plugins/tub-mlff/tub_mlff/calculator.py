@@ -18,15 +18,18 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from .neighbors import neighbor_list
 from .properties import compute
+from .structures import spin_for
 from .validation import check_structure
 
 DEFAULT_PERIODIC_LR_CUTOFF = 10.0  # Angstrom
 
 
 class SpookyNetCalculator(Calculator):
-    """ASE calculator: ``SpookyNetCalculator(model_or_models_or_path, charge=0, spin=0)``.
+    """ASE calculator: ``SpookyNetCalculator(model_or_models_or_path, charge=0, spin=None)``.
 
-    ``spin`` is the number of unpaired electrons (0 singlet, 2 triplet). For periodic cells a
+    ``spin`` is the number of unpaired electrons (0 singlet, 2 triplet). None (the default) takes
+    the lowest multiplicity the electron count allows (0 or 1, ``structures.spin_for``), as the CLI
+    verbs do, so that an odd-electron cell is not run as an impossible singlet. For periodic cells a
     model without ``lr_cutoff`` gets ``lr_cutoff=10 A`` (a warning says so) so that Coulomb and
     D4 end smoothly instead of at the neighbour-list radius. ``ewald_kmax`` switches the Coulomb
     term of periodic cells to an Ewald sum (``SpookyNet.set_ewald``).
@@ -35,7 +38,7 @@ class SpookyNetCalculator(Calculator):
     implemented_properties = ["energy", "free_energy", "forces", "stress", "charges", "dipole", "energies",
                               "hessian", "features"]
 
-    def __init__(self, model, charge: float = 0.0, spin: float = 0.0, dtype=torch.float32,
+    def __init__(self, model, charge: float = 0.0, spin: float | None = None, dtype=torch.float32,
                  device: str | torch.device = "cpu", lr_cutoff: float | str | None = "auto",
                  skin: float = 0.5, elements: set[int] | None = None, check: bool = True,
                  ewald_kmax: int | None = None, **kwargs):
@@ -57,7 +60,7 @@ class SpookyNetCalculator(Calculator):
             for m in models:
                 m.set_ewald(ewald_kmax)
         self.models = models
-        self.charge, self.spin = float(charge), float(spin)
+        self.charge, self.spin = float(charge), None if spin is None else float(spin)
         self.dtype, self.device = dtype, torch.device(device)
         self.skin = float(skin)
         self.lr_option = lr_cutoff
@@ -138,10 +141,11 @@ class SpookyNetCalculator(Calculator):
         """The model input for one structure (also used by `explain`)."""
         i, j, off, lr_pairs = self._neighbors(atoms)
         periodic = bool(np.any(atoms.pbc))
+        spin = spin_for(atoms, round(self.charge)) if self.spin is None else self.spin
         return {
             "Z": torch.as_tensor(atoms.numbers, dtype=torch.long, device=self.device),
             "Q": torch.tensor([self.charge], dtype=self.dtype, device=self.device),
-            "S": torch.tensor([self.spin], dtype=self.dtype, device=self.device),
+            "S": torch.tensor([float(spin)], dtype=self.dtype, device=self.device),
             "R": torch.as_tensor(atoms.get_positions(), dtype=self.dtype, device=self.device),
             "idx_i": i, "idx_j": j, "cell_offsets": off, "lr_pairs": lr_pairs,
             "cell": torch.as_tensor(np.asarray(atoms.cell)[None], dtype=self.dtype, device=self.device)

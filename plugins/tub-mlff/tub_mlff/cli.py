@@ -215,6 +215,30 @@ def _graphs(frames, radius, keys, name, need_forces: bool = True):
     return [to_graph(a, radius, keys, name=f"{name} frame {k}", need_forces=need_forces) for k, a in enumerate(frames)]
 
 
+def _default_lr_cutoff(models, run) -> float:
+    """Periodic data and no lr_cutoff: Coulomb/D4 end smoothly at 10 A, as in the calculator (a warning
+    says so), instead of at the neighbour-list radius; sets it on ``models`` and returns it."""
+    from .calculator import DEFAULT_PERIODIC_LR_CUTOFF as lr_cutoff
+
+    run.log.warning("periodic structures and no lr_cutoff: using lr_cutoff=%g A for Coulomb and D4, as the "
+                    "calculator does (--set model.lr_cutoff=L to choose)", lr_cutoff)
+    for mm in models:
+        mm.set_lr_cutoff(lr_cutoff)
+    return lr_cutoff
+
+
+def _stress_coverage(graphs, key: str, what: str, run) -> int:
+    """How many frames have a cell and a stress label; warns when some periodic frames lack one
+    (``what`` then uses the others; molecules never have stress)."""
+    from .data import stress_frames
+
+    n, cells = len(stress_frames(graphs)), sum(g.cell is not None for g in graphs)
+    if 0 < n < cells:
+        run.log.warning("%d of %d periodic frames have no stress under '%s'; %s uses the other %d",
+                        cells - n, cells, key, what, n)
+    return n
+
+
 def _check_architecture(state: dict, model, path) -> None:
     """TubError unless a training checkpoint's weights fit ``model`` (the architecture of the config)."""
     own, saved = model.state_dict(), state["model"]
@@ -259,17 +283,17 @@ def train(cfg, run) -> dict:
             base.set_lr_cutoff(m.lr_cutoff)
     elif m.d4:
         raise TubError("--set model.d4=true needs D4 tables: start from a reference model with --init-from")
-    periodic = any(np.any(a.pbc) for a in frames)
+    valid_frames = read_structures(cfg.valid) if cfg.valid is not None else []
+    periodic = any(np.any(a.pbc) for a in frames + valid_frames)
     if periodic and (mcfg.use_electrostatics or mcfg.use_d4_dispersion) and mcfg.lr_cutoff is None:
-        raise TubError("periodic training data with Coulomb/D4 needs a long-range cutoff; "
-                       "--set model.lr_cutoff=10 (or turn the terms off)")
+        mcfg.lr_cutoff = _default_lr_cutoff([base] if base is not None else [], run)
     radius = max(mcfg.cutoff, mcfg.lr_cutoff or 0.0) if (mcfg.use_electrostatics or mcfg.use_d4_dispersion) else mcfg.cutoff
     if not periodic and (mcfg.use_electrostatics or mcfg.use_d4_dispersion) and mcfg.lr_cutoff is None:
         radius = 1e4  # molecules: all pairs
     need_forces = cfg.forces_weight > 0
     graphs = _graphs(frames, radius, keys, str(data), need_forces)
-    if cfg.valid is not None:
-        valid = _graphs(read_structures(cfg.valid), radius, keys, str(cfg.valid), need_forces)
+    if cfg.valid is not None:  # the file replaces the validation share: none is taken from DATA
+        valid = _graphs(valid_frames, radius, keys, str(cfg.valid), need_forces)
         tr, _, te = split_indices(len(graphs), 0.0, cfg.test_fraction, cfg.seed)
         train_g, test_g = [graphs[i] for i in tr], [graphs[i] for i in te]
     else:
@@ -285,6 +309,9 @@ def train(cfg, run) -> dict:
         if weight > 0 and any(getattr(g, field) is None for g in train_g + valid):
             raise TubError(f"{field}_weight > 0 but not every frame has {what} under '{key}'; "
                            f"set --set keys.{field}=KEY or drop the weight")
+    if cfg.stress_weight > 0 and not _stress_coverage(train_g + valid, cfg.keys.stress, "the stress loss", run):
+        raise TubError(f"stress_weight > 0 but no periodic frame has a stress (info) under '{cfg.keys.stress}'; "
+                       "set --set keys.stress=KEY or drop the weight")
     settings = TrainSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, lr_schedule=cfg.lr_schedule,
                              lr_patience=cfg.lr_patience, lr_factor=cfg.lr_factor, min_lr=cfg.min_lr,
                              energy_weight=cfg.energy_weight,
@@ -303,12 +330,14 @@ def train(cfg, run) -> dict:
     for member in range(cfg.ensemble):
         name = "model" if cfg.ensemble == 1 else f"model_{member}"
         if member < first_member and (run.checkpoints_dir / f"{name}.safetensors").exists():
-            continue  # finished before the interruption
+            # finished before the interruption: loaded, so that the test metrics cover the whole committee
+            results.append({"model": load_model(run.checkpoints_dir / f"{name}.safetensors", dtype)[0]})
+            continue
         torch.manual_seed(cfg.seed + member)
         model = SpookyNet(SpookyNetConfig.from_dict(mcfg.to_dict()), seed=cfg.seed + member) if base is None \
             else load_model(cfg.init_from, torch.float32)[0].train()
-        if base is not None and m.lr_cutoff is not None:
-            model.set_lr_cutoff(m.lr_cutoff)
+        if base is not None and mcfg.lr_cutoff is not None:
+            model.set_lr_cutoff(mcfg.lr_cutoff)
         res = fit(model, train_g, valid, settings, run, dtype=dtype, device=run.device, seed=cfg.seed,
                   state=state if (state and int(state["member"]) == member) else None, member=member)
         if run.is_main:  # torchrun: every rank holds the same weights; rank 0 writes them
@@ -333,8 +362,10 @@ def train(cfg, run) -> dict:
 
 # -- evaluate ------------------------------------------------------------------------------------
 def evaluate(cfg, run) -> dict:
+    from ase.stress import full_3x3_to_voigt_6_stress
+
     from .checkpoints import load_model
-    from .data import Keys, read_structures
+    from .data import Keys, read_structures, stress_frames
     from .evaluation import error_metrics, predict
     from .plots import parity_plot
     from .validation import check_structure
@@ -351,19 +382,16 @@ def evaluate(cfg, run) -> dict:
     radius = max(mc.cutoff, mc.lr_cutoff or 0.0)
     periodic = any(np.any(a.pbc) for a in frames)
     if (mc.use_electrostatics or mc.use_d4_dispersion) and mc.lr_cutoff is None:
-        if periodic:
-            for mm in models:
-                mm.set_lr_cutoff(10.0)
-            radius = 10.0
-        else:
-            radius = 1e4
+        radius = _default_lr_cutoff(models, run) if periodic else 1e4  # molecules only: all pairs
     graphs = _graphs(frames, radius, Keys(**cfg.keys.model_dump()), str(data), need_forces=False)
     with_forces = all(g.forces is not None for g in graphs)
     if not with_forces:
         run.log.warning("not every frame of %s has forces under '%s': energy errors only (set --forces-key if "
                         "they are stored under another name)", data, cfg.keys.forces)
+    _stress_coverage(graphs, cfg.keys.stress, "the stress MAE", run)
     preds = predict(models, graphs, _dtype(run), run.device)
     metrics = error_metrics(graphs, preds)
+    stressed = stress_frames(graphs) if "stress_mae_meV_A3" in metrics else []
     if cfg.plots:
         n = np.array([len(g.Z) for g in graphs])
         parity_plot(run.outputs_dir / "parity_energy.png", [g.energy / len(g.Z) for g in graphs],
@@ -371,8 +399,16 @@ def evaluate(cfg, run) -> dict:
     if cfg.plots and with_forces:
         parity_plot(run.outputs_dir / "parity_forces.png", np.concatenate([g.forces for g in graphs]),
                     np.concatenate(preds["forces"]), "force", "eV/A")
+    if cfg.plots and stressed:
+        parity_plot(run.outputs_dir / "parity_stress.png", np.stack([graphs[k].stress for k in stressed]),
+                    preds["stress"][stressed], "stress", "eV/A^3")
+    # per frame; forces to 1e-6 eV/A, stress as ASE's Voigt-6 (xx yy zz yz xz xy, eV/A^3), null without a cell
+    stress = preds.get("stress")
     write_json(run.outputs_dir / "predictions.json",
-               {"energy": preds["energy"].tolist(), "energy_ref": [g.energy for g in graphs]})
+               {"energy": preds["energy"].tolist(), "energy_ref": [g.energy for g in graphs],
+                "forces": [np.round(f, 6).tolist() for f in preds["forces"]],
+                "stress": [None if stress is None or g.cell is None else full_3x3_to_voigt_6_stress(stress[k]).tolist()
+                           for k, g in enumerate(graphs)]})
     return metrics
 
 
@@ -674,7 +710,8 @@ def explain(cfg, run) -> dict:
         rows.append(out)
         if cfg.attention:
             maps = attention_maps(calc, atoms)
-            np.savez_compressed(run.outputs_dir / f"attention_{k:04d}.npz", *maps)
+            np.savez_compressed(run.outputs_dir / f"attention_{k:04d}.npz",
+                                **{f"module_{t + 1}": a for t, a in enumerate(maps)})
         if cfg.walks:
             walks = _explain_walks(calc, atoms, cfg, run.outputs_dir / f"walks_{k:04d}.npz")
             out.arrays["mlff_walk_1body"] = walks.pop("one_body")

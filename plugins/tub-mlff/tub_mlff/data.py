@@ -145,12 +145,20 @@ def to_graph(atoms, radius: float, keys: Keys | None = None, labelled: bool = Tr
                  energy=e, forces=f, stress=s, charges=charges, dipole=dipole)
 
 
+def stress_frames(graphs: list[Graph]) -> list[int]:
+    """Indices of the frames that have a cell and a stress label: the ones stress is trained and scored on."""
+    return [k for k, g in enumerate(graphs) if g.stress is not None and g.cell is not None]
+
+
 def collate(graphs: list[Graph], dtype=torch.float32, device="cpu") -> dict:
-    """Concatenate graphs into one batch dict (pair indices shifted, batch_seg set)."""
+    """Concatenate graphs into one batch dict (pair indices shifted, batch_seg set).
+
+    A batch that mixes cells and molecules gives the molecules a zero cell and zero offsets (their
+    pair vectors are then plain differences); the model reads such a cell as "not periodic". Labels
+    that only some frames carry (stress) come with ``<name>_index``, the frames that have them.
+    """
     offs = np.cumsum([0] + [len(g.Z) for g in graphs])
     periodic = [g.cell is not None for g in graphs]
-    if any(periodic) and not all(periodic):
-        raise TubError("a batch mixes periodic and non-periodic structures; train them separately")
     t = lambda a, dt=dtype: torch.as_tensor(np.asarray(a), dtype=dt, device=device)  # noqa: E731
     batch = {
         "Z": t(np.concatenate([g.Z for g in graphs]), torch.long),
@@ -163,15 +171,19 @@ def collate(graphs: list[Graph], dtype=torch.float32, device="cpu") -> dict:
         "num_batch": len(graphs),
         "n_atoms": t([len(g.Z) for g in graphs]),
     }
-    if all(periodic):
-        batch["cell"] = t(np.stack([g.cell for g in graphs]))
-        batch["cell_offsets"] = t(np.concatenate([g.offsets for g in graphs]))
+    if any(periodic):
+        batch["cell"] = t(np.stack([g.cell if g.cell is not None else np.zeros((3, 3)) for g in graphs]))
+        batch["cell_offsets"] = t(np.concatenate([g.offsets if g.offsets is not None else np.zeros((len(g.idx_i), 3))
+                                                  for g in graphs]))
     if all(g.energy is not None for g in graphs):
         batch["energy"] = t([g.energy for g in graphs])
     if all(g.forces is not None for g in graphs):
         batch["forces"] = t(np.concatenate([g.forces for g in graphs]))
-    if all(g.stress is not None for g in graphs) and all(periodic):
-        batch["stress"] = t(np.stack([g.stress for g in graphs]))
+    stressed = stress_frames(graphs)
+    if stressed:
+        batch["stress"] = t(np.stack([graphs[k].stress for k in stressed]))
+        if len(stressed) < len(graphs):
+            batch["stress_index"] = t(stressed, torch.long)
     if all(g.charges is not None for g in graphs):
         batch["charges"] = t(np.concatenate([g.charges for g in graphs]))
     if all(g.dipole is not None for g in graphs):
@@ -180,11 +192,15 @@ def collate(graphs: list[Graph], dtype=torch.float32, device="cpu") -> dict:
 
 
 def split_indices(n: int, valid_fraction: float, test_fraction: float, seed: int):
-    """Random train/valid/test split of n frames (reproducible from seed)."""
+    """Random train/valid/test split of n frames (reproducible from seed).
+
+    A positive ``valid_fraction`` keeps at least one validation frame (from 3 frames on); 0 keeps
+    none, as with ``--valid``, whose file replaces the validation share.
+    """
     rng = np.random.default_rng(seed)
     perm = rng.permutation(n)
     n_test = int(round(test_fraction * n))
-    n_val = max(int(round(valid_fraction * n)), 1 if n > 2 else 0)
+    n_val = max(int(round(valid_fraction * n)), 1 if n > 2 and valid_fraction > 0 else 0)
     return perm[n_test + n_val:], perm[n_test:n_test + n_val], perm[:n_test]
 
 

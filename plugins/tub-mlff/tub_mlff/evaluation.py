@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from ase.data import chemical_symbols
 
-from .data import collate
+from .data import collate, stress_frames
 from .properties import compute
 
 
@@ -15,7 +15,8 @@ TERMS = {"network": "e_nn", "zbl": "e_zbl", "coulomb": "e_coulomb", "d4": "e_d4"
 
 def predict(models, graphs, dtype=torch.float32, device="cpu", batch_size: int = 16) -> dict:
     """Committee means: energies [M], forces and charges (lists of [N,3], [N]), dipoles [M,3],
-    stresses, the energy terms of the decomposition [M] each, and the energy spread."""
+    stresses [M,3,3] (NaN for frames without a cell; absent when none has one), the energy terms of
+    the decomposition [M] each, and the energy spread."""
     energies, forces, stresses, charges, dipoles, terms = [], [], [], [], [], []
     for model in models:
         model.to(device=device, dtype=dtype).eval()
@@ -33,25 +34,26 @@ def predict(models, graphs, dtype=torch.float32, device="cpu", batch_size: int =
             mu_m.append(arr("dipole"))
             for name, key in TERMS.items():
                 t_m[name].append(np.add.reduceat(arr(key), sizes[:-1]))
-            if "stress" in out:
-                s_m.append(arr("stress"))
+            s_m.append(arr("stress") if "stress" in out else np.full((len(chunk), 3, 3), np.nan))
         energies.append(np.concatenate(e_m))
         forces.append(f_m)
         charges.append(q_m)
         dipoles.append(np.concatenate(mu_m))
         terms.append({name: np.concatenate(v) for name, v in t_m.items()})
-        stresses.append(np.concatenate(s_m) if s_m else None)
+        stresses.append(np.concatenate(s_m))
     e = np.stack(energies)
     per_frame = lambda lists: [np.mean([m[k] for m in lists], axis=0) for k in range(len(graphs))]  # noqa: E731
     res = {"energy": e.mean(0), "energy_std": e.std(0), "forces": per_frame(forces), "charges": per_frame(charges),
            "dipole": np.mean(dipoles, axis=0), "terms": {n: np.mean([t[n] for t in terms], axis=0) for n in TERMS}}
-    if all(s is not None for s in stresses):
-        res["stress"] = np.mean(stresses, axis=0)
+    stress = np.mean(stresses, axis=0)
+    if np.isfinite(stress).any():
+        res["stress"] = stress
     return res
 
 
 def error_metrics(graphs, preds) -> dict:
-    """Energy MAE/RMSE per atom (meV/atom), force MAE/RMSE (meV/A), also per element, stress MAE (meV/A^3),
+    """Energy MAE/RMSE per atom (meV/atom), force MAE/RMSE (meV/A), also per element, stress MAE (meV/A^3,
+    over the periodic frames with stress labels; ``stress_frames`` says how many),
     atomic-charge MAE/RMSE (e) and dipole MAE (e A) where the frames carry them, and the mean energy
     terms per atom (meV/atom: network, ZBL, Coulomb, D4)."""
     n = np.array([len(g.Z) for g in graphs], dtype=float)
@@ -67,9 +69,11 @@ def error_metrics(graphs, preds) -> dict:
         z = np.concatenate([g.Z for g in graphs])
         out["forces_mae_meV_A_by_element"] = {chemical_symbols[int(e)]: float(1000 * np.abs(df[z == e]).mean())
                                               for e in np.unique(z)}
-    if "stress" in preds and all(g.stress is not None for g in graphs):
-        ds = preds["stress"] - np.stack([g.stress for g in graphs])
+    stressed = stress_frames(graphs)
+    if "stress" in preds and stressed:
+        ds = preds["stress"][stressed] - np.stack([graphs[k].stress for k in stressed])
         out["stress_mae_meV_A3"] = float(1000 * np.abs(ds).mean())
+        out["stress_frames"] = len(stressed)
     if all(g.charges is not None for g in graphs):
         dq = np.concatenate([p - g.charges for p, g in zip(preds["charges"], graphs)])
         out["charges_mae_e"] = float(np.abs(dq).mean())

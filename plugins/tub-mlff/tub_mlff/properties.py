@@ -2,8 +2,9 @@
 
 Forces F = -dE/dR. Stress (tub's addition; the reference has none): apply a symmetric strain
 eps to both the positions and the cell, R -> R (1 + eps), and take sigma = (1/V) dE/d eps at
-eps = 0 (ASE's sign convention: positive = tensile). The pair list is held fixed, which is exact
-because every term goes smoothly to zero at its cutoff.
+eps = 0 (ASE's sign convention: positive = tensile); structures without a cell (the molecules of
+a mixed batch) get NaN. The pair list is held fixed, which is exact because every term goes
+smoothly to zero at its cutoff.
 """
 
 from __future__ import annotations
@@ -45,10 +46,12 @@ def compute(model, batch: dict, forces: bool = True, stress: bool = False, creat
             if forces or hessian:
                 g = grads[0] if grads[0] is not None else torch.zeros_like(R)
                 out["forces"] = -g
-            if stress:
-                vol = torch.abs(torch.linalg.det(cell))
+            if stress:  # NaN for the molecules of a mixed batch (zero cell, see data.collate)
+                vol = torch.abs(torch.linalg.det(cell)).view(-1, 1, 1)
                 gs = grads[1] if grads[1] is not None else torch.zeros_like(strain)
-                out["stress"] = gs / vol.view(-1, 1, 1)
+                cells = vol > 0
+                out["stress"] = torch.where(cells, gs / torch.where(cells, vol, torch.ones_like(vol)),
+                                            torch.full_like(gs, float("nan")))
             if hessian:
                 gflat = (-out["forces"]).reshape(-1)
                 rows = []

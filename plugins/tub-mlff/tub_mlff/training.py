@@ -99,8 +99,9 @@ def batch_loss(model, batch: dict, s: TrainSettings, create_graph: bool = True) 
         df = out["forces"] - batch["forces"]
         loss = loss + s.forces_weight * _penalty(df, s)
         parts["f_mae"] = df.abs().mean().item()
-    if want_stress:
-        ds = out["stress"] - batch["stress"]
+    if want_stress:  # only the frames with stress labels (stress_index: some of them)
+        pred = out["stress"] if "stress_index" not in batch else out["stress"][batch["stress_index"]]
+        ds = pred - batch["stress"]
         loss = loss + s.stress_weight * _penalty(ds, s)
         parts["s_mae"] = ds.abs().mean().item()
     if s.charges_weight > 0 and "charges" in batch:
