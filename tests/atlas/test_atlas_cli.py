@@ -199,6 +199,18 @@ def test_bench_and_random_init_policy(data, tmp_path):
     assert json.loads((tmp_path / "ri/encoder.json").read_text())["random_init"] is True
 
 
+def test_bench_weight_precision_and_bad_options(tmp_path):
+    r = ok(["bench", "--arch", "vit-t8-demo", "--img-size", "64", "--repeats", "1", "--batch-size", "1",
+            "--precision", "bf16-weights", "--json", "-o", tmp_path / "b"])  # the README's documented mode
+    res = json.loads(r.stdout)
+    assert res["precision"] == "bf16-weights" and res["tub_tiles_per_s"] > 0
+    base = ["bench", "--arch", "vit-t8-demo", "--img-size", "64", "--repeats", "1"]
+    assert "'bogus'" in fails([*base, "--modes", "tokens,bogus", "-o", tmp_path / "m"]).stderr
+    assert "vit-t8-demo" in fails(["bench", "--arch", "nosuch", "-o", tmp_path / "a"]).stderr
+    assert "patch size 8" in fails([*base[:3], "--img-size", "60", "-o", tmp_path / "i"]).stderr
+    assert "shapes" in fails(["bench", "--arch", "atlas2", "-o", tmp_path / "s"]).stderr
+
+
 def test_bad_inputs_are_one_line_errors(data, tmp_path):
     fails(["embed", tmp_path / "missing", "--arch", "vit-t8-demo", "--random-init", "-o", tmp_path / "a"])
     fails(["inspect", tmp_path / "missing.safetensors", "-o", tmp_path / "b"])
@@ -227,6 +239,25 @@ def test_patch_encoder_hook_gives_dim_sized_embeddings(data):
     m = spec.load(data / "vit-t8-demo-random.safetensors", "cpu", torch.float32)
     with torch.no_grad():
         assert m(x).shape == (2, 384)
+
+
+def test_every_advertised_encoder_loads_through_the_hook(tmp_path):
+    """Each name of the hook loads, via tubcli, random depth-1 weights of its preset and gives (B, dim)."""
+    from safetensors.torch import save_file
+
+    from tubcli.plugins import get_patch_encoder, patch_encoders
+    from tub_atlas.synthetic import preset_config, random_vit
+
+    names = sorted(n for n, spec in patch_encoders().items() if spec.loader.startswith("tub_atlas."))
+    assert {"rudolfv-2", "rudolfv-2-b", "rudolfv-2-s", "uni2-h", "vit-t8-demo"} <= set(names)
+    for name in names:
+        path = tmp_path / f"{name}.safetensors"
+        save_file(random_vit(preset_config(name, depth=1), seed=0).state_dict(), path)  # no model.json
+        spec = get_patch_encoder(name)
+        model = spec.load(path, "cpu", None)
+        with torch.no_grad():
+            assert model(torch.rand(1, 3, spec.tile_size, spec.tile_size)).shape == (1, spec.dim), name
+        path.unlink()
 
 
 def test_hook_table_matches_presets():

@@ -97,6 +97,17 @@ def test_koleo_on_configurations_with_known_neighbour_distances():
     assert float(koleo(x)) == pytest.approx(-math.log(2 * math.sin(d / 2)), rel=1e-5)
 
 
+def test_koleo_is_skipped_for_a_batch_of_one(tmp_path):
+    """One crop has no nearest neighbour: KoLeo would add the constant −log 2ε ≈ 31 to every step."""
+    assert float(koleo(torch.randn(1, 8))) == 0.0
+    tiles = synthetic_tiles(4, 2, 1, 64, seed=0)["tiles"]
+    res = train_ssl(random_vit(TINY), Transform(img_size=32).normalise, tiles, _run(tmp_path, "b1"), _hp(),
+                    steps=2, batch_size=1, global_size=32, local_size=16, clip=3.0, checkpoint_every=100,
+                    log_every=1)
+    assert all(p["loss_koleo"] == 0.0 for p in res["parts"])
+    assert "KoLeo is skipped" in (tmp_path / "b1" / "tub.log").read_text()
+
+
 def test_ema_update_equals_the_formula():
     s, t = _net(seed=0), _net(seed=1)
     before = {k: v.clone() for k, v in t.state_dict().items()}

@@ -120,10 +120,10 @@ def test_slide_errors_are_item_failures(tmp_path):
     blank = tmp_path / "blank.tif"
     make_slide(blank, blank=True)
     base = ["atlas", "embed", "--arch", "vit-t8-demo", "--random-init", "--slide-tile-size", "64"]
-    for extra, src, needle in ((["--slide-mpp", "0.5"], no_res, "resolution"),
-                               (["--slide-level", "5"], no_res, "levels 0..1"),
-                               ([], blank, "no tissue")):
-        out = tmp_path / f"o{len(extra)}{src.stem}"
+    for i, (extra, src, needle) in enumerate(((["--slide-mpp", "0.5"], no_res, "resolution"),
+                                              (["--slide-level", "5"], no_res, "levels 0..1"),
+                                              ([], blank, "no tissue"))):
+        out = tmp_path / f"o{i}{src.stem}"  # one run folder per setting (a reused one must keep its settings)
         r = invoke([*base, *extra, str(src), "-o", str(out)])
         assert r.exit_code == 1, r.stderr + r.stdout
         assert needle in (out / "failures.jsonl").read_text() and "Traceback" not in r.stderr

@@ -29,6 +29,7 @@ import torch
 from .inference import use_onednn
 from .synthetic import preset_config, random_vit, zero_k_bias
 
+MODES = ("tokens", "cls")
 # name -> (dtype, weights cast to it); without the cast the dtype is an autocast (weights stay fp32)
 PRECISIONS = {"fp32": (None, False), "bf16": (torch.bfloat16, False), "fp16": (torch.float16, False),
               "bf16-weights": (torch.bfloat16, True), "fp16-weights": (torch.float16, True),

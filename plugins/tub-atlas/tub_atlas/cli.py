@@ -312,11 +312,24 @@ def _train_dinov2(cfg: TrainConfig, run, sets) -> dict:
 
 # ------------------------------------------------------------------ bench / make-data
 def bench(cfg: BenchConfig, run) -> dict:
-    from .benchmark import time_models
+    """Preset, tile size and modes are checked first: a wrong one would otherwise time nothing or fail
+    deep inside the model."""
+    from .benchmark import MODES, time_models
+    from .presets import get_preset
 
-    return time_models(cfg.arch, depth=cfg.depth, batch_size=cfg.batch_size, img_size=cfg.img_size,
+    p = get_preset(cfg.arch)
+    if p.patch_size is None:
+        raise TubError(f"preset {p.name} takes its shapes from a checkpoint; bench a preset with fixed shapes")
+    if cfg.img_size % p.patch_size:
+        raise TubError(f"--img-size {cfg.img_size} is not a multiple of {p.name}'s patch size {p.patch_size}")
+    modes = tuple(m.strip() for m in cfg.modes.split(","))
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise TubError(f"unknown --modes {', '.join(map(repr, unknown))}; use {' or '.join(MODES)}, "
+                       "comma-separated")
+    return time_models(p.name, depth=cfg.depth, batch_size=cfg.batch_size, img_size=cfg.img_size,
                        threads=cfg.threads, repeats=cfg.repeats, compare_timm=cfg.compare_timm,
-                       device=run.device, precision=cfg.precision, modes=tuple(cfg.modes.split(",")),
+                       device=run.device, precision=cfg.precision, modes=modes,
                        reference=cfg.reference, gemm=cfg.gemm, log=run.log)
 
 

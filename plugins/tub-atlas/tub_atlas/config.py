@@ -211,6 +211,10 @@ class TrainConfig(TubConfig):
 
 
 class BenchConfig(TubConfig):
+    # bench also times reduced-precision *weights* (benchmark.PRECISIONS), beyond the shared autocast dtypes
+    precision: Literal["fp32", "fp64", "bf16", "fp16", "bf16-weights", "fp16-weights"] = Field(
+        "fp32", description="bf16/fp16: autocast over fp32 weights; bf16-weights/fp16-weights: weights and "
+                            "input cast to that dtype; fp64: both cast")
     arch: str = Field("vit-s8-reg8", description="preset to time (random weights)")
     depth: int | None = Field(None, ge=1, description="override the preset depth")
     batch_size: int = Field(8, ge=1)

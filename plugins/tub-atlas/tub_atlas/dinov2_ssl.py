@@ -156,7 +156,10 @@ def ibot_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, masks: 
 
 def koleo(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Kozachenko–Leonenko regulariser (Sablayrolles et al. 2019, §3): −mean_i log(min_{j≠i}‖x̂_i − x̂_j‖ + ε)
-    on L2-normalised rows x̂. Minimising it spreads the features uniformly over the sphere."""
+    on L2-normalised rows x̂. Minimising it spreads the features uniformly over the sphere. Zero for
+    fewer than two rows: a lone row has no neighbour (DINOv2's formula would return the constant −log 2ε)."""
+    if x.shape[0] < 2:
+        return torch.zeros((), device=x.device)
     x = F.normalize(x.float(), p=2, dim=-1, eps=eps)
     dots = x @ x.t()
     dots.fill_diagonal_(-2.0)  # never one's own neighbour
@@ -554,6 +557,9 @@ def train_ssl(backbone: VisionTransformer, normalise, tiles: np.ndarray, run, hp
     Returns the loss summary plus ``student`` and ``teacher`` (SSLNetwork) for saving.
     """
     device = run.device
+    if batch_size < 2 and hp["koleo_weight"] > 0:
+        run.log.warning("KoLeo is skipped: it needs a nearest neighbour within each process's batch of global "
+                        "crops, and --batch-size is 1 (use at least 2 to regularise with it)")
     student, teacher = build_networks(backbone, hp, run.seed)
     student.to(device)
     teacher.to(device).eval()

@@ -14,6 +14,7 @@ import torch
 from tubcli.errors import TubError
 
 from .encoder import Encoder, load_encoder
+from .plugin import ENCODERS, loader_name
 
 RANDOM_OK = {"vit-t8-demo"}
 
@@ -31,14 +32,10 @@ def _make(name: str):
     def loader(weights=None, device="cpu", dtype=None):
         return load_patch_encoder(name, weights, device, dtype)
 
-    loader.__name__ = f"load_{name.replace('-', '_')}"
+    loader.__name__ = loader_name(name)
     loader.__doc__ = f"Patch encoder {name} (see tub_atlas.encoders)."
     return loader
 
 
-load_uni2_h = _make("uni2-h")
-load_virchow2 = _make("virchow2")
-load_h_optimus_0 = _make("h-optimus-0")
-load_h_optimus_1 = _make("h-optimus-1")
-load_vit_s8_reg8 = _make("vit-s8-reg8")
-load_vit_t8_demo = _make("vit-t8-demo")
+# one loader per advertised encoder, from the hook's own table (never a hand-kept list that can fall behind)
+globals().update({loader_name(name): _make(name) for name in ENCODERS})

@@ -87,6 +87,12 @@ ENCODERS = {
 TILE_SIZE = {"vit-t8-demo": 64}
 
 
+def loader_name(name: str) -> str:
+    """The function in ``tub_atlas.encoders`` that loads encoder ``name``; that module defines one for
+    every entry of ``ENCODERS`` from this same table, so an advertised encoder is always loadable."""
+    return f"load_{name.replace('-', '_')}"
+
+
 @hookimpl
 def tub_register(registry):
     registry.add(app)
@@ -95,7 +101,7 @@ def tub_register(registry):
 @hookimpl
 def tub_patch_encoders():
     return {
-        name: EncoderSpec(name=name, loader=f"tub_atlas.encoders:load_{name.replace('-', '_')}", dim=dim,
+        name: EncoderSpec(name=name, loader=f"tub_atlas.encoders:{loader_name(name)}", dim=dim,
                           tile_size=TILE_SIZE.get(name, 224), mpp=mpp, description=desc)
         for name, (dim, mpp, desc) in ENCODERS.items()
     }

@@ -12,16 +12,25 @@ from .probes import classification_metrics, knn_predict, predict_linear, summari
 
 
 def resolve_splits(feats: LabelledFeatures, seed: int) -> list[str]:
-    """The manifest's ``split`` column when complete, else a seeded 70/15/15 group split by slide."""
-    if all(s in ("train", "val", "test") for s in feats.split):
-        return list(feats.split)
-    return group_split(feats.slide_id, seed)
+    """The input's ``split`` column (checked by ``features.split_column``), else a seeded 70/15/15 group
+    split by slide."""
+    return list(feats.split) if feats.split is not None else group_split(feats.slide_id, seed)
+
+
+def sorted_classes(labels) -> list[str]:
+    """Sorted class names: numerically when all are integers (1, 2, 10, as scikit-learn orders integer
+    labels, so kNN ties go to the same class), else as text."""
+    names = set(labels)
+    try:
+        return sorted(names, key=int)
+    except ValueError:
+        return sorted(names)
 
 
 def run_probes(feats: LabelledFeatures, cfg, run) -> dict:
     if any(lab == "" for lab in feats.labels):
         raise TubError("some embeddings have no label; probing needs a label for every row")
-    classes = sorted(set(feats.labels))
+    classes = sorted_classes(feats.labels)
     if len(classes) < 2:
         raise TubError(f"probing needs at least two classes, found {classes}")
     index = {c: i for i, c in enumerate(classes)}
@@ -44,9 +53,12 @@ def run_probes(feats: LabelledFeatures, cfg, run) -> dict:
     out: dict = {"classes": classes, "n_train": int(tr.sum()), "n_val": int((split == "val").sum()),
                  "n_test": int(te.sum()), "dim": int(x.shape[1]), "support": support}
     if cfg.method in ("knn", "both"):
-        pred = knn_predict(x[tr], y[tr], x[te], len(classes), cfg.k, cfg.vote, cfg.temperature)
+        k = min(cfg.k, int(tr.sum()))
+        if k < cfg.k:
+            run.log.warning("--k %d is more than the %d training rows; kNN uses k = %d", cfg.k, k, k)
+        pred = knn_predict(x[tr], y[tr], x[te], len(classes), k, cfg.vote, cfg.temperature)
         m = classification_metrics(y[te], pred, len(classes))
-        out["knn"] = {"k": cfg.k, "vote": cfg.vote, **m}
+        out["knn"] = {"k": k, "k_requested": cfg.k, "vote": cfg.vote, **m}
     if cfg.method in ("linear", "both"):
         runs, best = [], None
         for i in range(cfg.runs):
@@ -77,7 +89,7 @@ def teacher_student_knn(teacher, student, student_norm, tiles: np.ndarray, sets,
 
     rows = [r for ts in sets for r in ts.rows]
     labels = [r["label"] for r in rows]
-    classes = sorted(set(labels))
+    classes = sorted_classes(labels)
     y = np.array([classes.index(c) for c in labels])
     split = np.array(group_split([r["slide_id"] for r in rows], run.seed, (0.7, 0.0, 0.3)))
     tr, te = split == "train", split == "test"
