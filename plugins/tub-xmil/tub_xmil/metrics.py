@@ -14,6 +14,7 @@ def classification_metrics(y_true, proba) -> dict:
     proba = np.asarray(proba, float)
     with warnings.catch_warnings():  # balanced accuracy averages recall over the classes present, as intended
         warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        warnings.filterwarnings("ignore", message="A single label was found")
         out = {"balanced_accuracy": float(balanced_accuracy_score(y_true, proba.argmax(1)))}
     present = np.unique(y_true)
     if len(present) > 1:  # multi-class: macro one-vs-rest over the classes present (an evaluation set may lack some)
