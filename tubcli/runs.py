@@ -167,9 +167,15 @@ def changed_settings(earlier: dict, now: dict, ignore: set[str], prefix: str = "
         if isinstance(a, dict) and isinstance(b, dict):
             inner = changed_settings(a, b, ignore, f"{prefix}{key}.")
             diffs += [inner] if inner else []
-        elif a != b:
+        elif a != b and not _same_file(a, b):
             diffs.append(f"{prefix}{key}: {a} -> {b}")
     return "; ".join(diffs[:3])
+
+
+def _same_file(a, b) -> bool:
+    """Two spellings of one existing path (relative and absolute, a symlink)."""
+    return isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b) \
+        and os.path.samefile(a, b)
 
 
 def archive_config(run_dir: Path) -> Path:
@@ -262,13 +268,12 @@ class Run:
         self.fresh = self.is_main and not (self.dir.is_dir() and any(self.dir.iterdir()))
         self._before = None if self.fresh or not self.is_main else self._snapshot()
         self._archived: Path | None = None
+        self._previous: Path | None = None
         if self.is_main:
-            if fresh_start:  # --overwrite: the old training's checkpoints and log rows go
-                import shutil
-
-                shutil.rmtree(self.checkpoints_dir, ignore_errors=True)
-                (self.dir / "metrics.jsonl").unlink(missing_ok=True)
-            if earlier is not None and earlier != cfg.model_dump(mode="json"):
+            if fresh_start:  # --overwrite: the old training moves aside until this one has produced something
+                self._previous = self._set_aside(("checkpoints", "metrics.jsonl"))
+            ignore = same_outputs_except if same_outputs_except is not None else EXECUTION_FIELDS
+            if earlier is not None and changed_settings(earlier, cfg.model_dump(mode="json"), ignore):
                 self._archived = archive_config(self.dir)  # keep the record of the earlier settings
             self.outputs_dir.mkdir(parents=True, exist_ok=True)
             self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
@@ -307,12 +312,41 @@ class Run:
         paths = [p for d in folders if d.is_dir() for p in d.rglob("*")] + [p for p in files if p.exists()]
         return sorted((str(p), p.stat().st_mtime_ns) for p in paths)
 
+    def _set_aside(self, names: tuple[str, ...]) -> Path:
+        """Move ``names`` of the run directory into ``.previous/`` (cleared when this run finishes,
+        moved back when it fails before producing anything)."""
+        import shutil
+
+        aside = self.dir / ".previous"
+        shutil.rmtree(aside, ignore_errors=True)
+        aside.mkdir()
+        for name in names:
+            if (self.dir / name).exists():
+                os.replace(self.dir / name, aside / name)
+        return aside
+
+    def _restore_aside(self) -> None:
+        import shutil
+
+        if self._previous is None or not self._previous.is_dir():
+            return
+        produced = (self.dir / "metrics.jsonl").exists() or (
+            self.checkpoints_dir.is_dir() and any(self.checkpoints_dir.iterdir()))
+        if not produced:
+            for item in self._previous.iterdir():
+                target = self.dir / item.name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                os.replace(item, target)
+            shutil.rmtree(self._previous, ignore_errors=True)
+
     def undo_if_unused(self) -> None:
         """After a failure before any output: remove the directory if this run made it, or put back an
         earlier run's records (config.yaml, env.json, DONE) if it reused one, so that a refused command
         leaves no run directory that looks like results and does not rewrite another run's history."""
         if not self.is_main:
             return
+        self._restore_aside()
         if self._before is not None:
             records, state = self._before
             if self._product_state() == state:
@@ -502,4 +536,8 @@ class Run:
         if self.is_main:
             name = DONE if self.shard[1] == 1 else f"{DONE}.{self.shard[0]}of{self.shard[1]}"
             write_text(self.dir / name, "")
+            if self._previous is not None:
+                import shutil
+
+                shutil.rmtree(self._previous, ignore_errors=True)
         return metrics

@@ -53,8 +53,8 @@ class Verb:
     ``run.batch``; ``training`` verbs checkpoint and honour ``--resume``; ``overwrite`` verbs
     (and batch verbs) honour ``--overwrite`` (``run.overwrite``) for outputs that exist.
     ``item_fields`` are config fields that, like the inputs, only choose which items a batch run
-    produces (e.g. a per-method output, a fallback for inputs that lack a value), so a rerun into
-    the same directory with other values adds outputs instead of being refused.
+    produces (e.g. one set of files per method), so a rerun into the same directory with other
+    values adds outputs instead of being refused.
     """
 
     name: str

@@ -249,6 +249,9 @@ def test_a_batch_run_directory_refuses_other_settings_and_keeps_their_record(toy
     assert invoke(["toy", "evaluate", *inputs, "--precision", "fp64", "--overwrite", "-o", out]).exit_code == 0
     assert yaml.safe_load((out / "config.yaml").read_text())["precision"] == "fp64"
     assert yaml.safe_load((out / "config.1.yaml").read_text())["precision"] == "fp32"
+    relative = os.path.relpath(inputs[0])  # only the inputs differ (one spelled relative): no new record
+    assert invoke(["toy", "evaluate", relative, *inputs[1:], "--precision", "fp64", "-o", out]).exit_code == 0
+    assert not (out / "config.2.yaml").exists()
 
 
 def test_training_into_a_run_with_a_checkpoint_needs_resume_or_overwrite(toy_plugins, tmp_path):
@@ -259,5 +262,10 @@ def test_training_into_a_run_with_a_checkpoint_needs_resume_or_overwrite(toy_plu
     result = invoke(["toy", "train", data, "--epochs", "2", "-o", out])
     assert result.exit_code == 2 and "--resume auto" in result.stderr
     assert (out / "metrics.jsonl").read_text().splitlines() == rows
+    before = {p: p.read_bytes() for p in [*(out / "checkpoints").iterdir(), out / "metrics.jsonl", out / "DONE"]}
+    result = invoke(["toy", "train", tmp_path / "missing.csv", "--overwrite", "-o", out])
+    assert result.exit_code == 2  # refused before training: the earlier run is left whole
+    assert {p: p.read_bytes() for p in before} == before and not (out / ".previous").exists()
     assert invoke(["toy", "train", data, "--epochs", "2", "--overwrite", "-o", out]).exit_code == 0
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # only the new training's rows
+    assert not (out / ".previous").exists()

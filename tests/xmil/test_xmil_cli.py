@@ -54,7 +54,7 @@ def test_tile_then_skip_existing_and_bad_slides_reported(data):
     # the nompp slide goes through with --mpp; finished slides are skipped
     res = _ok(invoke(["xmil", "tile", sl, bad / "nompp.tiff", "--mpp", "0.5", "-o", data / "tiles2",
                       "--patch-size", "128", "--json"]))
-    res = _ok(invoke(["xmil", "tile", sl, "-o", data / "tiles2", "--patch-size", "128", "--json"]))
+    res = _ok(invoke(["xmil", "tile", sl, "--mpp", "0.5", "-o", data / "tiles2", "--patch-size", "128", "--json"]))
     assert json.loads(res.stdout)["batch"]["skipped_existing"] == 4
 
 

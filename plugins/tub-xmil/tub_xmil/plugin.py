@@ -18,11 +18,11 @@ app = PluginApp(
         Verb("tile", "tub_xmil.cli:tile", config="tub_xmil.config:TileConfig",
              help="Tissue detection (Otsu on HSV saturation) and a patch grid at a target mpp.",
              args=["slides"], options={"mpp": "mpp", "target-mpp": "tiling.target_mpp",
-                                       "patch-size": "tiling.patch_size"}, batch=True, item_fields=("mpp",)),
+                                       "patch-size": "tiling.patch_size"}, batch=True),
         Verb("features", "tub_xmil.cli:features", config="tub_xmil.config:FeaturesConfig",
              help="Embed tiles with a patch encoder offered by a plugin (tub_patch_encoders).",
              args=["slides"], options={"encoder": "encoder", "weights": "weights", "coords-dir": "coords_dir",
-                                       "mpp": "mpp"}, batch=True, item_fields=("mpp", "coords_dir")),
+                                       "mpp": "mpp"}, batch=True),
         Verb("train", "tub_xmil.cli:train", config="tub_xmil.config:TrainConfig",
              help="Train AttnMIL/TransMIL/MambaMIL for classification, regression or survival.",
              options={"features": "features", "labels": "labels", "task": "task", "arch": "model.arch",
@@ -38,7 +38,7 @@ app = PluginApp(
              help="Slides or feature files -> explanation -> PNG overlay and QuPath GeoJSON.",
              args=["inputs"], options={**MODEL, "method": "method", "encoder": "encoder", "weights": "weights",
                                        "slide-dir": "slide_dir", "mpp": "mpp"}, batch=True,
-             item_fields=("method", "mpp", "slide_dir")),  # one set of files per method
+             item_fields=("method",)),  # one set of files per method
     ],
     demo="tub_xmil.demo:run_demo",
     requires={"openslide": "pip install openslide-python openslide-bin", "h5py": "pip install h5py",
