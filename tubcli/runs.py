@@ -499,6 +499,9 @@ class Run:
             return
         import torch
 
+        log = self.dir / "metrics.jsonl"
+        rows = len(log.read_text().splitlines()) if log.exists() else 0
+        state = {**state, "_tub_metrics_rows": rows}  # so that a resume drops rows logged after this save
         for name in ("last.pt",) + (("best.pt",) if best else ()):
             with atomic_path(self.checkpoints_dir / name) as tmp:
                 torch.save(state, tmp)
@@ -510,7 +513,14 @@ class Run:
         from tubcli.io import load_torch_state
 
         self.log.info("resuming from %s", self.resume_from)
-        return load_torch_state(self.resume_from)
+        state = load_torch_state(self.resume_from)
+        rows = state.pop("_tub_metrics_rows", None)
+        log = self.dir / "metrics.jsonl"
+        if self.is_main and rows is not None and log.exists():  # rows of steps after the checkpoint come again
+            lines = log.read_text().splitlines(keepends=True)
+            if len(lines) > rows:
+                write_text(log, "".join(lines[:rows]))
+        return state
 
     def save_weights(self, tensors: dict, config: dict, name: str = "model") -> Path:
         """``checkpoints/<name>.safetensors`` + ``<name>.json`` (weights and the model config)."""

@@ -120,3 +120,11 @@ def test_k_above_the_training_rows_is_clamped_and_reported(tmp_path):
     m = _ok(_npz(tmp_path / "k.npz", split=_split(200)), "--method", "knn", "--k", "1000", "-o", tmp_path / "r")
     assert m["n_train"] == 140 and m["knn"]["k"] == 140 and m["knn"]["k_requested"] == 1000
     assert "kNN uses k = 140" in (tmp_path / "r" / "tub.log").read_text()
+
+
+def test_a_class_without_test_rows_has_no_recall():
+    from tub_atlas.probes import classification_metrics
+
+    m = classification_metrics(np.array([0, 0, 0]), np.array([0, 0, 1]), n_classes=2)
+    assert m["recall_per_class"][0] == pytest.approx(2 / 3) and np.isnan(m["recall_per_class"][1])
+    assert m["balanced_accuracy"] == pytest.approx(2 / 3) and m["support"] == [3, 0]

@@ -153,6 +153,14 @@ def test_resume_auto_continues_from_last_epoch(toy_env, tmp_path):
     assert epochs == [0, 1, 2, 3, 4, 5]  # 0-2 before the kill, 3-5 after resuming
     assert json.loads(resumed.stdout)["weights"] == json.loads(full.stdout)["weights"]
     assert (tmp_path / "killed" / "DONE").exists()
+    late = subprocess.run(toy_cli(common + ["-o", tmp_path / "late"], toy_env),
+                          env={**toy_env, "TOY_CRASH_AFTER_LOG": "3"}, capture_output=True, text=True, timeout=120)
+    assert late.returncode == 3  # epoch 3 logged, its checkpoint never written
+    resumed = subprocess.run(toy_cli(common + ["-o", tmp_path / "late", "--resume", "auto"], toy_env),
+                             env=toy_env, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "late" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2, 3, 4, 5]  # the orphan row of epoch 3 is dropped, not logged twice
 
 
 def test_resume_path_must_exist(toy_plugins, tmp_path):

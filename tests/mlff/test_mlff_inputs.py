@@ -274,3 +274,5 @@ def test_arrhenius_fit_needs_two_temperatures(tmp_path):
     r = _ok(invoke(["mlff", "diffusion", tmp_path / "a.extxyz", tmp_path / "c.extxyz", "-o", tmp_path / "two",
                     "--json"]))
     assert json.loads(r.stdout)["arrhenius"]["Ea_eV"] > 0
+    one = json.loads(_ok(invoke(["mlff", "diffusion", tmp_path / "a.extxyz", "-o", tmp_path / "one", "--json"])).stdout)
+    assert "arrhenius" not in one and "one trajectory" in one["arrhenius_skipped"]

@@ -162,6 +162,13 @@ def test_tiling_parameters_are_checked_up_front(tmp_path, args, key):
     _usage_error(invoke(["xmil", "tile", tmp_path, *args, "-o", tmp_path / "t"]), key)
 
 
+@pytest.mark.parametrize("args,key", [(["--epochs", "0"], "'epochs'"), (["--set", "lr=-1"], "'lr'"),
+                                      (["--set", "val_fraction=1"], "'val_fraction'")])
+def test_training_options_are_checked_up_front(tmp_path, args, key):
+    _usage_error(invoke(["xmil", "train", "--features", tmp_path, "--labels", tmp_path / "l.csv", *args,
+                         "-o", tmp_path / "m"]), key)
+
+
 def test_slide_smaller_than_a_tile_and_no_tissue_messages(tmp_path):
     from tub_xmil.slides import open_slide
     from tub_xmil.tiling import tile_slide

@@ -23,16 +23,17 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndar
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> dict:
-    """Balanced accuracy (mean recall over classes present), accuracy, macro-F1 and per-class recall."""
+    """Balanced accuracy (mean recall over classes present), accuracy, macro-F1 and per-class recall
+    (NaN, written as null, for a class with no rows in this split)."""
     cm = confusion(np.asarray(y_true), np.asarray(y_pred), n_classes)
     support = cm.sum(1)
     predicted = cm.sum(0)
     tp = np.diag(cm).astype(float)
     present = support > 0
-    recall = np.divide(tp, support, out=np.zeros(n_classes), where=support > 0)
+    recall = np.divide(tp, support, out=np.full(n_classes, np.nan), where=support > 0)  # NaN: no rows to recall
     precision = np.divide(tp, predicted, out=np.zeros(n_classes), where=predicted > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(n_classes),
-                   where=(precision + recall) > 0)
+    r0 = np.nan_to_num(recall)
+    f1 = np.divide(2 * precision * r0, precision + r0, out=np.zeros(n_classes), where=(precision + r0) > 0)
     labels_seen = present | (predicted > 0)
     return {
         "balanced_accuracy": float(recall[present].mean()) if present.any() else float("nan"),

@@ -636,11 +636,14 @@ def diffusion(cfg, run) -> dict:
         curves[f"{name} ({T:.0f} K)"] = (np.arange(len(m)) * dt, m)
     msd_plot(run.outputs_dir / "msd.png", curves)
     out = {"runs": per_run}
-    problem = _arrhenius_problem(per_run) if len(per_run) >= 2 else None
-    if problem:
+    if len(per_run) < 2:
+        problem = "one trajectory; an Arrhenius fit needs runs at two or more temperatures"
+        run.log.info("no Arrhenius fit: %s", problem)
+    elif problem := _arrhenius_problem(per_run):
         run.log.warning("no Arrhenius fit: %s; D is reported per trajectory", problem)
+    if problem:
         out["arrhenius_skipped"] = problem
-    elif len(per_run) >= 2:
+    else:
         Ts = [r["temperature_K"] for r in per_run]
         fit = arrhenius_fit(Ts, [r["D_cm2_s"] for r in per_run], [r["D_err_cm2_s"] for r in per_run])
         out["arrhenius"] = {"Ea_eV": fit.Ea, "Ea_err_eV": fit.Ea_err, "D0_cm2_s": fit.D0,

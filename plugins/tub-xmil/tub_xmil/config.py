@@ -71,11 +71,11 @@ class TrainConfig(TubConfig):
                                    "optional split (train | val | test, aliases as for evaluate --split)")
     task: Task = Field("classification", description="classification | regression | survival")
     model: ModelSection = ModelSection()
-    epochs: int = Field(20, description="training epochs")
-    lr: float = Field(2e-4, description="Adam learning rate")
-    weight_decay: float = Field(1e-4, description="Adam weight decay")
-    val_fraction: float = Field(0.0, description="share of train slides held out when there is no 'val' split")
-    n_bins: int = Field(4, description="survival: number of time bins (training quartiles)")
+    epochs: int = Field(20, ge=1, description="training epochs")
+    lr: float = Field(2e-4, gt=0, description="Adam learning rate")
+    weight_decay: float = Field(1e-4, ge=0, description="Adam weight decay")
+    val_fraction: float = Field(0.0, ge=0, lt=1, description="share of train slides held out when there is no 'val' split")
+    n_bins: int = Field(4, ge=1, description="survival: number of time bins (training quartiles)")
 
 
 class ModelInput(TubConfig):

@@ -70,6 +70,8 @@ def train(cfg: TrainConfig, run):
             loss.backward()
             opt.step()
         run.log_metrics({"epoch": epoch, "loss": loss.item()})
+        if epoch == int(os.environ.get("TOY_CRASH_AFTER_LOG", -1)):
+            os._exit(3)  # killed between logging an epoch and checkpointing it
         run.save_checkpoint({"model": model.state_dict(), "optim": opt.state_dict(), "epoch": epoch})
     debug = os.environ.get("TOY_WEIGHTS_DIR")
     if debug:
