@@ -313,3 +313,11 @@ def test_seed_bounds():
     for bad in (2 ** 32, -1):
         with pytest.raises(ValueError):
             RIConfig(seed=bad)
+
+
+def test_evaluate_checks_the_apd_protocol_before_computing_any_metric(data, tmp_path):
+    _, out = data  # make-data's centers/classes are no APD protocol's
+    r = invoke(["pathorob", "evaluate", out / "features", "--metadata", out / "metadata.csv", "--metrics", "ri,apd",
+                "--k", "5", "--dataset", "camelyon", "-o", tmp_path / "ev"])
+    assert "camelyon APD protocol" in _one_error(r)
+    assert not (tmp_path / "ev").exists()  # nothing half-written: the run directory is gone again

@@ -110,16 +110,15 @@ def _cells(meta: Metadata, proto: APDProtocol, dataset: str) -> list[list[list[i
     return cells
 
 
-def apd_accuracies(X: np.ndarray, meta: Metadata, dataset: str, iterations: int = 20,
-                   tolkach_splits: dict | None = None, progress=None) -> dict:
-    """Raw test accuracies ``{"ID_test_accuracies", "OOD_test_accuracies"}`` (S × iterations)."""
+def apd_inputs(meta: Metadata, dataset: str, tolkach_splits: dict | None = None):
+    """The protocol, its ID cells, the OOD rows and the class index: every check APD makes on its
+    input, so that a combined evaluation can run them before computing any other metric."""
     if dataset not in PROTOCOLS:
         raise TubError(f"APD is defined for camelyon, tcga, tolkach_esca; got {dataset!r} (pass --dataset)")
     if dataset == "tolkach_esca" and tolkach_splits is None:
         raise TubError("tolkach_esca APD needs the case-split file; pass --tolkach-splits tolkach_splits.json")
     proto = PROTOCOLS[dataset]
     cells = _cells(meta, proto, dataset)
-    T = proto.tiles_per_slide
     bj = {b: j for j, b in enumerate(proto.classes)}
     ood = np.flatnonzero(meta.subset == "OOD")
     if len(ood) == 0:
@@ -127,6 +126,14 @@ def apd_accuracies(X: np.ndarray, meta: Metadata, dataset: str, iterations: int 
     unknown = [b for b in meta.biological_class[ood] if b not in bj]
     if unknown:
         raise TubError(f"{meta.source}: OOD row with class {unknown[0]!r} not in the {dataset} protocol")
+    return proto, cells, ood, bj
+
+
+def apd_accuracies(X: np.ndarray, meta: Metadata, dataset: str, iterations: int = 20,
+                   tolkach_splits: dict | None = None, progress=None) -> dict:
+    """Raw test accuracies ``{"ID_test_accuracies", "OOD_test_accuracies"}`` (S × iterations)."""
+    proto, cells, ood, bj = apd_inputs(meta, dataset, tolkach_splits)
+    T = proto.tiles_per_slide
     ood_x, ood_y = X[ood], np.array([bj[b] for b in meta.biological_class[ood]])
 
     random.seed(1000)

@@ -71,19 +71,23 @@ def _ri_impl(cfg: RIConfig, run) -> dict:
     return _ri(cfg, run, X, meta).summary
 
 
-def _apd(cfg, run, X, meta) -> dict:
+def _tolkach_splits(cfg) -> dict | None:
     import json
 
+    if cfg.tolkach_splits is None:
+        return None
+    if not Path(cfg.tolkach_splits).is_file():
+        raise TubError(f"tolkach splits file not found: {cfg.tolkach_splits}")
+    return json.loads(Path(cfg.tolkach_splits).read_text())
+
+
+def _apd(cfg, run, X, meta) -> dict:
     from .apd import apd_accuracies, dataset_summary
     from .results import metric_dir
 
     if cfg.dataset is None:
         raise TubError("APD follows a dataset's split protocol; pass --dataset camelyon|tcga|tolkach_esca")
-    splits = None
-    if cfg.tolkach_splits is not None:
-        if not Path(cfg.tolkach_splits).is_file():
-            raise TubError(f"tolkach splits file not found: {cfg.tolkach_splits}")
-        splits = json.loads(Path(cfg.tolkach_splits).read_text())
+    splits = _tolkach_splits(cfg)
     folder = metric_dir(run.outputs_dir, "apd", cfg.layout, cfg.model_name, None)
     raw_file, summary_file = folder / f"{cfg.dataset}_raw.json", folder / f"{cfg.dataset}_summary.json"
     _refuse_overwrite(cfg, [raw_file, summary_file])
@@ -152,6 +156,10 @@ def _evaluate_impl(cfg: EvaluateConfig, run) -> dict:
         raise TubError("tolkach_esca APD needs the case-split file; pass --tolkach-splits tolkach_splits.json")
     _refuse_overwrite(cfg, [run.outputs_dir / "results.json"])
     X, meta = _inputs(cfg)
+    if "apd" in cfg.metrics:  # its protocol checks first: no half-written results when APD cannot run
+        from .apd import apd_inputs
+
+        apd_inputs(meta, cfg.dataset, _tolkach_splits(cfg))
     out = {}
     if "ri" in cfg.metrics:
         out["robustness_index"] = _ri(cfg, run, X, meta).summary
