@@ -153,8 +153,8 @@ def get_app(name: str):
 
 @app.command("demo")
 def demo_command(
-    plugin_names: Optional[list[str]] = typer.Argument(None, metavar="[PLUGIN]...", help="Plugins to demo [default: all]."),
-    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Run directory [default: runs/demo/<time>]."),
+    plugin_names: Optional[list[str]] = typer.Argument(None, metavar="[PLUGIN]...", help="Plugins to demo (default: all)."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Run directory (default: runs/demo/<time>)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:i] | mps"),
     as_json: bool = typer.Option(False, "--json", help="Summary as JSON."),
     traceback: bool = typer.Option(False, "--traceback", help="Show the full stack on errors."),

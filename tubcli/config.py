@@ -46,6 +46,18 @@ class TubConfig(Section):
         return value
 
 
+def split_commas(value):
+    """A list option given as ``--x a,b``, ``--x a --x b``, a YAML list or one string: one list, each
+    item once (for a ``field_validator(..., mode="before")``); other values pass through."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        return value
+    out = []
+    for item in items:
+        out += [v.strip() for v in item.split(",") if v.strip()] if isinstance(item, str) else [item]
+    return list(dict.fromkeys(out))
+
+
 def read_config_file(path: str | os.PathLike) -> dict:
     """Read a YAML, TOML or JSON config file into a dict."""
     path = Path(path)

@@ -205,7 +205,7 @@ def _field_info(model, dotted: str):
 
 
 def _describe(info) -> str:
-    text = info.description or ""
+    text = (info.description or "").replace("[", "\\[")  # rich markup would swallow "[default: …]"
     default = info.default
     if default is not None and not callable(default) and repr(default) != "PydanticUndefined":
         if hasattr(default, "model_dump"):

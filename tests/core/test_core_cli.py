@@ -142,3 +142,8 @@ def test_installed_plugins_load():
 
     errors = {r.name: r.error for r in Plugins().records.values() if r.error}
     assert not errors
+
+
+def test_square_brackets_in_field_descriptions_survive_the_help(toy_plugins):
+    result = invoke(["toy", "train", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "epochs [one pass over the data each]" in result.stdout

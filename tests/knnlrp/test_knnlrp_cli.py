@@ -293,3 +293,10 @@ def test_a_shap_that_fails_to_import_is_skipped_with_a_reason(knn_run, data_dir,
     assert "kernelshap" not in json.loads(res.stdout)["aupc_mean"] and "KernelSHAP skipped" in res.stderr
     res = invoke([*base, "--methods", "kernelshap", "-o", str(tmp_path / "ev2")])
     assert res.exit_code == 2 and "method kernelshap: shap is installed but does not import" in res.stderr
+
+
+def test_methods_take_a_comma_list(knn_run, data_dir, tmp_path):
+    res = invoke(["knnlrp", "evaluate", str(data_dir / "test.csv"), "--model", str(knn_run), "--rows", "4",
+                  "--methods", "lrp,random", "--methods", "occlusion", "-o", str(tmp_path / "ev"), "--json"])
+    assert res.exit_code == 0, res.stderr
+    assert set(json.loads(res.stdout)["aupc_mean"]) == {"lrp", "random", "occlusion"}

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from tubcli.config import Section, TubConfig
+from tubcli.config import Section, TubConfig, split_commas
 
 
 class ExplainSection(Section):
@@ -48,7 +48,13 @@ class EvaluateConfig(TubConfig):
     rows: int = Field(100, ge=1, description="evaluate the first N rows")
     replacement: Literal["mean", "kde", "both"] = Field("mean", description="flipped features: training mean, KDE in-painting, or both")
     score: Literal["soft", "hard"] = Field("soft", description="soft score (probability or decision margin) or hard ±1")
-    methods: Optional[list[str]] = Field(None, description="methods to compare [default: all available]")
+    methods: Optional[list[str]] = Field(None, description="methods to compare, e.g. lrp,occlusion "
+                                                             "[default: all available]")
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _split_commas(cls, value):  # --methods lrp,occlusion as well as repeated --methods
+        return split_commas(value)
     kde_samples: int = Field(50, ge=1, description="conditional samples per flip for KDE in-painting")
     shap_samples: int = Field(500, ge=10, description="KernelSHAP samples per row")
     allow_pickle: bool = Field(False, description="allow a .joblib/.pkl model (executes code from the file)")

@@ -224,6 +224,6 @@ class FlippingEvaluation:
             results[method] = FlippingResult(method, curve, aupc(curve), norm, seconds,
                                              {"relevance": R, "row_aupc": row_aupc(curves)})
             if log:
-                log.info("%-14s AUPC %.4f (normalised %.4f), explained in %.3fs", method, results[method].aupc,
-                         norm, seconds)
+                log.info("%-14s AUPC %.4f (normalised %.4f, %s baseline), explained in %.3fs", method,
+                         results[method].aupc, norm, self.replacement, seconds)
         return results

@@ -7,7 +7,7 @@ from typing import Literal, Optional, get_args
 
 from pydantic import Field, field_validator
 
-from tubcli.config import TubConfig
+from tubcli.config import TubConfig, split_commas
 
 Dataset = Optional[Literal["camelyon", "tcga", "tolkach_esca"]]
 Metric = Literal["ri", "apd", "cs"]
@@ -78,17 +78,14 @@ class EvaluateConfig(RIConfig):
     @classmethod
     def _split_commas(cls, value):
         """``--metrics ri,cs`` and ``--metrics ri --metrics cs`` (and a YAML list or string) mean the same."""
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list):
+        out = split_commas(value)
+        if not isinstance(out, list):
             return value
-        out = []
-        for item in items:
-            out += [m.strip() for m in item.split(",") if m.strip()] if isinstance(item, str) else [item]
         unknown = [m for m in out if m not in get_args(Metric)]
         if unknown or not out:
             what = f"unknown metric {unknown[0]!r}" if unknown else "no metric given"
             raise ValueError(f"{what}; choose from {', '.join(get_args(Metric))}, e.g. --metrics ri,cs")
-        return list(dict.fromkeys(out))
+        return out
 
 
 class TrainConfig(FeaturesConfig):

@@ -19,7 +19,7 @@ class Optim(Section):
 
 class TrainConfig(TubConfig):
     data: Path | None = Field(None, description="CSV of x1,x2,y rows")
-    epochs: int = Field(5, description="epochs")
+    epochs: int = Field(5, description="epochs [one pass over the data each]")
     optim: Optim = Optim()
     note: str = "default"
 
