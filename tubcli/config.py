@@ -35,7 +35,8 @@ class TubConfig(Section):
 
     device: str = Field("auto", description="auto | cpu | cuda[:i] | mps")
     precision: Precision = Field("fp32", description="compute dtype where it applies")
-    seed: int = Field(0, ge=0, le=2**32 - 1, description="one seed for everything (0 … 2**32 − 1, the range numpy and scikit-learn take)")
+    seed: int = Field(0, ge=0, le=2**32 - 1,
+                      description="one seed for everything (0 … 2**32 − 1, the range numpy and scikit-learn take)")
 
     @field_validator("device")
     @classmethod
@@ -154,14 +155,19 @@ def env_values(model: type[BaseModel], plugin: str, environ=None) -> dict:
     for key, text in environ.items():
         if not key.startswith(prefix):
             continue
-        path = [p.lower() for p in key[len(prefix):].split("__")]
-        node = model
-        for part in path[:-1]:
-            node = field_model(node, part) if node is not None and part in node.model_fields else None
-        if node is None or path[-1] not in node.model_fields:
+        dotted = ".".join(p.lower() for p in key[len(prefix):].split("__"))
+        if field_info(model, dotted) is None:
             continue  # belongs to another verb of the same plugin
-        set_path(out, ".".join(path), typed_value(model, ".".join(path), text))
+        set_path(out, dotted, typed_value(model, dotted, text))
     return out
+
+
+def field_info(model: type[BaseModel] | None, dotted: str):
+    """The pydantic FieldInfo of ``a.b.c`` in ``model`` (through nested sections), or None."""
+    node, parts = model, dotted.split(".")
+    for part in parts[:-1]:
+        node = field_model(node, part) if node is not None and part in node.model_fields else None
+    return node.model_fields.get(parts[-1]) if node is not None else None
 
 
 def parse_sets(sets: list[str] | None, model: type[BaseModel] | None = None) -> dict:
@@ -178,10 +184,7 @@ def typed_value(model: type[BaseModel] | None, dotted: str, text: str) -> Any:
     """``parse_value``, except that a text field keeps the text: ``target=2020`` or
     ``device=on`` are strings, not the number or boolean YAML would make of them."""
     value = parse_value(text)
-    node, parts = model, dotted.split(".")
-    for part in parts[:-1]:
-        node = field_model(node, part) if node is not None and part in node.model_fields else None
-    info = node.model_fields.get(parts[-1]) if node is not None else None
+    info = field_info(model, dotted)
     if info is None or isinstance(value, str) or value is None:
         return value
     ann = info.annotation

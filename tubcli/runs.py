@@ -11,6 +11,7 @@ import contextlib
 import datetime as _dt
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -254,9 +255,9 @@ class Run:
         self.dir = Path(run_dir)
         self.outputs_dir = self.dir / "outputs"
         self.checkpoints_dir = self.dir / "checkpoints"
-        earlier = self._earlier_config()
+        earlier, now = self._earlier_config(), cfg.model_dump(mode="json")
         if earlier is not None and same_outputs_except is not None and not overwrite:
-            changed = changed_settings(earlier, cfg.model_dump(mode="json"), same_outputs_except)
+            changed = changed_settings(earlier, now, same_outputs_except)
             if changed:  # skip-existing would keep outputs that these settings no longer describe
                 raise TubError(f"{self.dir} holds outputs made with other settings ({changed}); use a new -o, "
                                "the same settings, or --overwrite to recompute")
@@ -273,7 +274,7 @@ class Run:
             if fresh_start:  # --overwrite: the old training moves aside until this one has produced something
                 self._previous = self._set_aside(("checkpoints", "metrics.jsonl"))
             ignore = same_outputs_except if same_outputs_except is not None else EXECUTION_FIELDS
-            if earlier is not None and changed_settings(earlier, cfg.model_dump(mode="json"), ignore):
+            if earlier is not None and changed_settings(earlier, now, ignore):
                 self._archived = archive_config(self.dir)  # keep the record of the earlier settings
             self.outputs_dir.mkdir(parents=True, exist_ok=True)
             self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
@@ -315,8 +316,6 @@ class Run:
     def _set_aside(self, names: tuple[str, ...]) -> Path:
         """Move ``names`` of the run directory into ``.previous/`` (cleared when this run finishes,
         moved back when it fails before producing anything)."""
-        import shutil
-
         aside = self.dir / ".previous"
         shutil.rmtree(aside, ignore_errors=True)
         aside.mkdir()
@@ -326,8 +325,6 @@ class Run:
         return aside
 
     def _restore_aside(self) -> None:
-        import shutil
-
         if self._previous is None or not self._previous.is_dir():
             return
         produced = (self.dir / "metrics.jsonl").exists() or (
@@ -358,8 +355,6 @@ class Run:
             return
         if self._product_state() or (self.dir / "metrics.json").exists():
             return
-        import shutil
-
         setup_logging(-1)  # closes tub.log
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -547,7 +542,5 @@ class Run:
             name = DONE if self.shard[1] == 1 else f"{DONE}.{self.shard[0]}of{self.shard[1]}"
             write_text(self.dir / name, "")
             if self._previous is not None:
-                import shutil
-
                 shutil.rmtree(self._previous, ignore_errors=True)
         return metrics

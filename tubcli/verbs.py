@@ -190,18 +190,12 @@ def _plain_type(annotation) -> tuple[Any, bool]:
 
 
 def _field_info(model, dotted: str):
-    from tubcli.config import field_model
+    from tubcli.config import field_info
 
-    node = model
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        sub = field_model(node, part) if part in node.model_fields else None
-        if sub is None:
-            raise TubError(f"plugin declares option for unknown config field {dotted!r}")
-        node = sub
-    if parts[-1] not in node.model_fields:
+    info = field_info(model, dotted)
+    if info is None:
         raise TubError(f"plugin declares option for unknown config field {dotted!r}")
-    return node.model_fields[parts[-1]]
+    return info
 
 
 def _describe(info) -> str:

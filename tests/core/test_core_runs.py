@@ -133,7 +133,6 @@ def test_killed_run_leaves_nothing_that_looks_complete(toy_env, tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert len(list((out / "outputs").glob("item*.txt"))) == 20 and (out / "DONE").exists()
-    assert not list((out / "outputs").glob(".tmp-*")) or True  # leftovers of the killed write may stay hidden
 
 
 def test_resume_auto_continues_from_last_epoch(toy_env, tmp_path):
