@@ -54,6 +54,19 @@ def resolve_dtype(precision: str = "fp32"):
     return getattr(torch, DTYPES[precision])
 
 
+def autocast(device, dtype):
+    """bf16/fp16 autocast for inference (weights stay fp32, also for encoders whose loader ignores the
+    dtype); a no-op context for fp32/fp64."""
+    import contextlib
+
+    import torch
+
+    device = torch.device(device)
+    if dtype in (torch.bfloat16, torch.float16) and device.type in ("cuda", "mps", "cpu"):
+        return torch.autocast(device_type=device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all of them, so a run repeats)."""
     random.seed(seed)

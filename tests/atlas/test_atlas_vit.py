@@ -141,13 +141,13 @@ def test_every_preset_names_its_normalisation():
 
 def test_bf16_autocast_path_stays_close_to_fp32():
     """The reduced-precision path used on GPUs (autocast; weights stay fp32), exercised on CPU."""
-    from tub_atlas.embedding import autocast_for
+    from tubcli.device import autocast
 
     m = random_vit(preset_config("vit-t8-demo"), seed=0)
     x = torch.randn(4, 3, 64, 64)
     with torch.inference_mode():
         ref = m(x)
-        with autocast_for(torch.device("cpu"), torch.bfloat16):
+        with autocast(torch.device("cpu"), torch.bfloat16):
             low = m(x)
     rel = (low.float() - ref).norm() / ref.norm()
     assert 0 < rel < 0.02  # really computed in bf16 (not identical), and close

@@ -294,7 +294,7 @@ def test_k_search_grid_respects_max_k():
 
 def test_max_patches_per_combi_must_be_a_row_count():
     X, meta = synthetic_features(slides_per_cell=3, tiles_per_slide=10, seed=6)
-    assert np.array_equal(shuffle_and_reduce(meta), shuffle_and_reduce(meta, None))
+    assert len(shuffle_and_reduce(meta)) == len(meta)  # no cap: every row kept
     for bad in (0, -1, -7):
         with pytest.raises(TubError, match="omit"):
             robustness_index(X, meta, k=5, max_patches_per_combi=bad, auc=False)

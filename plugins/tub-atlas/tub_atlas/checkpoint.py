@@ -363,20 +363,26 @@ def describe(cfg: ViTConfig) -> dict:
     }
 
 
+def stored_settings(path: Path, raw: dict, num_heads: int | None = None) -> tuple[int | None, float, dict]:
+    """(heads, LayerNorm eps, model.json or {}) for a checkpoint: ``num_heads`` if given, else the
+    model.json beside it; its eps, else the one the checkpoint's native format implies."""
+    meta, eps = {}, native_norm_eps(raw)
+    mj = model_json_for(Path(path))
+    if mj is not None:
+        meta = read_model_json(mj)
+        if num_heads is None:
+            num_heads = meta["vit"].get("num_heads")
+        eps = meta["vit"].get("norm_eps", eps)
+    return num_heads, eps, meta
+
+
 def read_checkpoint(path: str | Path, source: str = "auto", num_heads: int | None = None,
                     preset: Preset | None = None) -> tuple[ViTConfig, dict[str, torch.Tensor], dict]:
     """Load, convert to timm layout and infer; returns (config, state dict, model.json or {})."""
     path = Path(path)
     raw = load_tensors(path)
     sd = to_timm_layout(raw, source)
-    meta = {}
-    eps = native_norm_eps(raw)
-    mj = model_json_for(path)
-    if mj is not None:
-        meta = read_model_json(mj)
-        if num_heads is None:
-            num_heads = meta["vit"].get("num_heads")
-        eps = meta["vit"].get("norm_eps", eps)
+    num_heads, eps, meta = stored_settings(path, raw, num_heads)
     if num_heads is None and preset is not None:
         num_heads = preset.num_heads
     cfg = infer_config(sd, num_heads, eps)

@@ -32,19 +32,16 @@ def _encoder(sec: EncoderSection, run):
 
 # ------------------------------------------------------------------ inspect / convert
 def inspect(cfg: InspectConfig, run) -> dict:
-    from .checkpoint import (describe, detect_layout, infer_config, load_tensors, model_json_for, native_norm_eps,
-                             read_model_json, strip_wrappers, to_timm_layout)
+    from .checkpoint import (describe, detect_layout, infer_config, load_tensors, model_json_for, stored_settings,
+                             strip_wrappers, to_timm_layout)
 
     path = _need(cfg.weights, "WEIGHTS (a checkpoint file)")
     raw = load_tensors(path)
     sd = to_timm_layout(raw, cfg.source)
-    heads, heads_from = cfg.heads, "--heads"
-    mj = model_json_for(Path(path))
-    if heads is None and mj is not None:
-        heads, heads_from = read_model_json(mj)["vit"].get("num_heads"), mj.name
-    if heads is None:
-        heads_from = "width table (heads cannot be inferred from shapes)"
-    out = describe(infer_config(sd, heads, native_norm_eps(raw)))
+    heads, eps, _ = stored_settings(Path(path), raw, cfg.heads)  # as embed/explain read it
+    heads_from = "--heads" if cfg.heads is not None else model_json_for(Path(path)).name if heads is not None \
+        else "width table (heads cannot be inferred from shapes)"
+    out = describe(infer_config(sd, heads, eps))
     if heads is None and out["pos_layout"] == "rope":
         heads_from = "RoPE periods (head width = 4 x their count)"
     out["heads_from"] = heads_from

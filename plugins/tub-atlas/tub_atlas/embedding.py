@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tubcli.device import autocast
 from tubcli.errors import TubError
 from tubcli.io import atomic_path
 from tubcli.runs import ItemLock
@@ -29,13 +30,6 @@ from .encoder import Encoder, uint8_to_float
 from .tiles import TileSet
 
 MANIFEST_FIELDS = ["tile_id", "origin", "label", "slide_id", "patch_id", "x", "y"]
-
-
-def autocast_for(device: torch.device, dtype: torch.dtype | None):
-    """bf16/fp16 autocast on accelerators (weights stay fp32); nothing on CPU fp32."""
-    if dtype in (torch.bfloat16, torch.float16) and device.type in ("cuda", "mps", "cpu"):
-        return torch.autocast(device_type=device.type, dtype=dtype)
-    return contextlib.nullcontext()
 
 
 @torch.inference_mode()
@@ -48,7 +42,7 @@ def embed_tileset(encoder: Encoder, tiles: TileSet, batch_size: int = 32, device
         batch = tiles.read(start, min(start + batch_size, len(tiles)))
         encoder.check_tile_size(*batch.shape[1:3], tiles.rows[start]["origin"])
         x = uint8_to_float(batch).to(device)
-        with autocast_for(device, dtype):
+        with autocast(device, dtype):
             out.append(encoder(x).float().cpu().numpy())
     return np.concatenate(out, axis=0)
 

@@ -185,17 +185,18 @@ def evaluate(cfg, run) -> dict:
     replacements = ["mean", "kde"] if cfg.replacement == "both" else [cfg.replacement]
     metrics: dict = {"rows": int(len(X)), "score": cfg.score}
     rows_out = []
+    problem = shap_problem() if cfg.methods is None or "kernelshap" in cfg.methods else None  # imports shap once
+    if problem and cfg.methods is not None:
+        raise TubError(f"method kernelshap: {problem}")
+    if problem:  # the default list without KernelSHAP: say why
+        broken = importlib.util.find_spec("shap") is not None
+        (run.log.warning if broken else run.log.info)("KernelSHAP skipped: %s", problem)
     for repl in replacements:
         ev = _science(FlippingEvaluation, est, Z_train, tm.y_train, score=cfg.score, replacement=repl,
                       n_samples=cfg.kde_samples, seed=run.seed, nsamples_shap=cfg.shap_samples,
                       explainer_kwargs=_explain_kwargs(cfg.explain))
-        available = ev.available(Z.shape[1])
+        available = [m for m in ev.available(Z.shape[1]) if not (problem and m == "kernelshap")]
         methods = cfg.methods or available
-        problem = None if "kernelshap" in available else shap_problem()
-        if problem and "kernelshap" in methods:
-            raise TubError(f"method kernelshap: {problem}")
-        if problem:  # the default list without KernelSHAP: say why
-            (run.log.warning if "does not import" in problem else run.log.info)("KernelSHAP skipped: %s", problem)
         unknown = [m for m in methods if m not in available and sweep_eta(m) is None]
         if unknown:
             raise TubError(f"unknown or unavailable method(s) {', '.join(unknown)}; available: {', '.join(available)}"

@@ -155,7 +155,9 @@ class FlippingEvaluation:
             methods += METHODS_SVM
         if d > self.max_shapley_features:
             methods.remove("shapley")
-        if shap_problem() is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("shap") is None:  # cheap; whether it imports is checked once by the caller
             methods.remove("kernelshap")
         return methods
 

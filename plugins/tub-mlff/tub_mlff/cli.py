@@ -33,18 +33,20 @@ def _calculator(run, model_paths, atoms=None, charge=None, spin=None, lr_cutoff=
     from .calculator import SpookyNetCalculator
     from .checkpoints import CheckpointError
 
+    from .structures import spin_for
+
     q = charge if charge is not None else float((atoms.info.get("charge", 0.0) if atoms is not None else 0.0))
     s = spin
     if s is None and atoms is not None:
         s = atoms.info.get("spin")
         if s is None:
-            s = float((int(atoms.numbers.sum()) - int(round(q))) % 2)
+            s = spin_for(atoms, round(q))
     try:
         return SpookyNetCalculator([str(p) for p in _models(model_paths)], charge=q, spin=float(s or 0.0),
                                    dtype=_dtype(run), device=run.device,
                                    lr_cutoff=lr_cutoff if lr_cutoff is not None else "auto", ewald_kmax=ewald_kmax)
-    except CheckpointError as exc:
-        raise TubError(str(exc)) from None
+    except CheckpointError:  # already a one-line TubError (and a ValueError: keep it out of the next clause)
+        raise
     except ValueError as exc:
         raise TubError(f"{exc}; check the model files and options") from None
 
@@ -253,7 +255,7 @@ def _check_architecture(state: dict, model, path) -> None:
 def train(cfg, run) -> dict:
     import torch
 
-    from .checkpoints import CheckpointError, load_model, save_model
+    from .checkpoints import load_model, save_model
     from .data import Keys, read_structures, split_indices
     from .spookynet import SpookyNet, SpookyNetConfig
     from .training import TrainSettings, fit
@@ -274,10 +276,7 @@ def train(cfg, run) -> dict:
                            module_keep_prob=m.module_keep_prob)
     base = None
     if cfg.init_from is not None:
-        try:
-            base, _ = load_model(cfg.init_from, torch.float32)
-        except CheckpointError as exc:
-            raise TubError(str(exc)) from None
+        base, _ = load_model(cfg.init_from, torch.float32)
         mcfg = base.config
         if m.lr_cutoff is not None:
             base.set_lr_cutoff(m.lr_cutoff)

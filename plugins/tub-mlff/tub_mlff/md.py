@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from tubcli.errors import TubError
-from tubcli.io import write_text
+from tubcli.io import read_json, write_json, write_text
 
 ENSEMBLES = ("nvt-langevin", "nvt-bussi", "nve", "npt")
 THERMO_HEADER = "step,time_fs,epot_eV,ekin_eV,etot_eV,temperature_K,volume_A3,pressure_GPa,energy_std_eV,max_force_disagreement_eVA\n"
@@ -31,7 +31,7 @@ THERMO_HEADER = "step,time_fs,epot_eV,ekin_eV,etot_eV,temperature_K,volume_A3,pr
 def read_complete_frames(path: Path):
     """Frames of an extxyz trajectory, dropping a truncated last frame (killed writer).
 
-    Returns (frames, ends, size): ``ends[k]`` is the file offset just past frame k.
+    Returns (frames, ends): ``ends[k]`` is the file offset just past frame k.
     """
     from ase.io import read
 
@@ -56,7 +56,7 @@ def read_complete_frames(path: Path):
         k += 2 + n
         pos += len(block)
         ends.append(pos)
-    return frames, ends, len(text)
+    return frames, ends
 
 
 def _append(path: Path, text: str) -> None:
@@ -127,7 +127,7 @@ def _check_resume(frames, atoms, settings: dict, traj: Path) -> None:
         diffs.append("another cell")
     stored_path = settings_path(traj)
     if stored_path.exists():
-        stored = json.loads(stored_path.read_text())
+        stored = read_json(stored_path)
         now = json.loads(json.dumps(settings))
         for key in now:
             if key in stored and stored[key] != now[key] and key != "model":
@@ -185,7 +185,7 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
                 "pressure_GPa": pressure_GPa, "taup_fs": taup_fs, "seed": seed, **(settings or {})}
     frames, ends = [], []
     if traj.exists() and traj.stat().st_size > 0:
-        frames, ends, _ = read_complete_frames(traj)
+        frames, ends = read_complete_frames(traj)
         if not frames:
             raise TubError(f"{traj} exists but holds no complete frame; remove it or choose another --out")
         _check_resume(frames, atoms, {k: v for k, v in settings.items() if k != "seed"}, traj)
@@ -239,15 +239,14 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
             rows.append(thermo_line(start)[0])  # killed between frame and row (runs that wrote the frame first)
         write_text(thermo, "".join(rows))
         if not settings_path(traj).exists():
-            write_text(settings_path(traj), json.dumps(settings, indent=2) + "\n")
+            write_json(settings_path(traj), settings)
         if log:
             log.info("resuming from step %d (%s)", start, traj)
     else:
         kept = 0
-        write_text(settings_path(traj), json.dumps(settings, indent=2) + "\n")
+        write_json(settings_path(traj), settings)
         write_text(thermo, THERMO_HEADER)
-    temps, epots, stds = [], [], []
-    written = [kept]
+    temps, epots, stds = [], [], []  # one entry per frame this call writes
 
     def record(step: int) -> None:
         line, epot, T, std = thermo_line(step)
@@ -257,7 +256,6 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
         frame.set_momenta(atoms.get_momenta())
         _append(thermo, line)  # the row first: a kill between the two leaves a row without a frame, dropped on resume
         _append(traj, _frame_text(frame))
-        written[0] += 1
         temps.append(T)
         epots.append(epot)
         stds.append(std)
@@ -286,7 +284,7 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
         record(done)
         if progress is not None:
             progress(done, steps)
-    return {"steps_done": done, "resumed_from": start, "frames": written[0],
+    return {"steps_done": done, "resumed_from": start, "frames": kept + len(temps),
             "mean_temperature_K": float(np.mean(temps)) if temps else float("nan"),
             "final_epot_eV": float(epots[-1]) if epots else float("nan"),
             "max_energy_std_eV": float(np.nanmax(stds)) if stds and np.isfinite(stds).any() else None}

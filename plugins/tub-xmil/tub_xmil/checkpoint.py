@@ -43,6 +43,12 @@ def _numpy_allow_list():
     return allow
 
 
+def _first_line(exc: Exception) -> str:
+    """The first line of an error message (at most 120 characters), or the error's type when it has none."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:120]
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a model from safetensors, a tub checkpoint or an xMIL/other ``.pt`` file (safe)."""
     path = Path(path)
@@ -53,14 +59,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except Exception as exc:  # noqa: BLE001 (SafetensorError and friends: a corrupt or truncated file)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise TubError(f"cannot read {path} as safetensors ({first[:120]}); is the file complete?") from None
+            raise TubError(f"cannot read {path} as safetensors ({_first_line(exc)}); is the file complete?") from None
     try:
         with torch.serialization.safe_globals(_numpy_allow_list()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TubError(f"cannot read {path} safely ({first[:120]}); re-save its model_state_dict "
+        raise TubError(f"cannot read {path} safely ({_first_line(exc)}); re-save its model_state_dict "
                        "with torch.save(state_dict) or as safetensors") from None
     for key in ("model_state_dict", "state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):

@@ -76,7 +76,7 @@ def _classes(meta: dict) -> list[str]:
 
 
 def _load(cfg):
-    """(model, meta, task, methods) with every model-dependent option checked before any slide is read."""
+    """(model, meta, task) with every model-dependent option checked before any slide is read."""
     from tub_xmil.checkpoint import load_model
 
     if cfg.model is None:
@@ -86,8 +86,7 @@ def _load(cfg):
     if "task" in meta and task != meta["task"]:  # the output would be read as another task's numbers
         raise TubError(f"--task {task} does not match the model, which was trained for {meta['task']}; "
                        "drop --task (it defaults to the model's task)")
-    methods = list(dict.fromkeys(cfg.method))  # a method named twice runs once
-    if "patch_scores" in methods:  # before any output: the method exists only for additive models
+    if "patch_scores" in cfg.method:  # before any output: the method exists only for additive models
         if not hasattr(model, "patch_logits"):
             raise TubError(f"--method patch_scores needs an AdditiveMIL model (train with --arch additivemil); "
                            f"this one is {meta.get('arch', getattr(model, 'kind', '?'))}")
@@ -100,7 +99,7 @@ def _load(cfg):
         if not 0 <= cfg.target < len(classes):
             raise TubError(f"--target {cfg.target} is not a class of this model; use an index 0..{len(classes) - 1} "
                            f"(classes {', '.join(classes)})")
-    return model, meta, task, methods
+    return model, meta, task
 
 
 def explain(cfg, run) -> dict:
@@ -108,7 +107,7 @@ def explain(cfg, run) -> dict:
     from tub_xmil.pipeline import choose_target, expand_inputs, explain_bag
     from tub_xmil.tasks import prediction_score
 
-    model, meta, task, methods = _load(cfg)
+    model, meta, task = _load(cfg)
     bags = expand_inputs(cfg.bags, BAG_SUFFIXES)
     for path, out in run.batch(bags, output_for=lambda p: run.outputs_dir / f"{Path(p).stem}.json"):
         with run.item(path):
@@ -122,10 +121,10 @@ def explain(cfg, run) -> dict:
                 pred = float(prediction_score(model(x[None]), task, target)[0])
             rec = {"slide_id": Path(path).stem, "task": task, "target": target, "prediction": pred,
                    "n_patches": int(len(x))}
-            for m in methods:
+            for m in cfg.method:
                 rec[f"patch_scores_{m}"] = explain_bag(model, x, m, task, target, cfg,
                                                        seed=run.item_seed(Path(path).stem)).tolist()
-            if "lrp" in methods and getattr(model, "kind", "") == "transmil":
+            if "lrp" in cfg.method and getattr(model, "kind", "") == "transmil":
                 # spec §2.3: TransMIL leaves part of the relevance on the CLS token; report it
                 from tub_xmil.explain import lrp_scores
                 from tub_xmil.pipeline import lrp_params_for
@@ -142,11 +141,11 @@ def explain(cfg, run) -> dict:
     with atomic_path(run.dir / "test_predictions.csv") as tmp:
         with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
-            cols = [f"patch_scores_{m}" for m in methods]
+            cols = [f"patch_scores_{m}" for m in cfg.method]
             w.writerow(["slide_id", "target", "prediction", *cols])
             for r in recs:
                 w.writerow([r["slide_id"], r["target"], r["prediction"], *[json.dumps(r.get(c)) for c in cols]])
-    return {"methods": ",".join(methods)}
+    return {"methods": ",".join(cfg.method)}
 
 
 def evaluate(cfg, run) -> dict:
@@ -155,7 +154,7 @@ def evaluate(cfg, run) -> dict:
     from tub_xmil.pipeline import explain_bag
     from tub_xmil.training import predict, task_metrics
 
-    model, meta, task, methods = _load(cfg)
+    model, meta, task = _load(cfg)
     classes = _classes(meta) if task == "classification" else None
     slides, _ = load_slides(cfg.features, cfg.labels, task, split=cfg.split, classes=classes)
     preds = predict(model, slides, task)
@@ -169,7 +168,7 @@ def evaluate(cfg, run) -> dict:
             per_slide.append({"slide_id": s.slide_id, "false_pred": True})
             continue
         rec = {"slide_id": s.slide_id, "false_pred": False}
-        for m in methods:
+        for m in cfg.method:
             scores = explain_bag(model, s.features, m, task, target, cfg, seed=run.item_seed(s.slide_id))
             res = slide_flipping(model, s.features, scores, task, target, cfg.strategy)
             rec[m] = {a: {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in r.items()}
@@ -178,7 +177,7 @@ def evaluate(cfg, run) -> dict:
     kept = [r for r in per_slide if not r["false_pred"]]
     out["flipping_slides"] = len(kept)
     out["excluded_false_pred"] = len(per_slide) - len(kept)
-    for m in methods:
+    for m in cfg.method:
         if kept:
             for a in ("drop", "add"):
                 for k in ("aupc_morf", "aupc_lerf", "srg"):
@@ -199,7 +198,7 @@ def heatmap(cfg, run) -> dict:
                                    thumbnail_for)
     from tub_xmil.slides import open_slide
 
-    model, meta, task, methods = _load(cfg)
+    model, meta, task = _load(cfg)
     bag_suffixes = {".h5", ".pt", ".npz"}
     inputs = expand_inputs(cfg.inputs, SLIDE_SUFFIXES | bag_suffixes)
     needs_encoder = any(Path(p).suffix.lower() not in bag_suffixes for p in inputs)
@@ -213,12 +212,15 @@ def heatmap(cfg, run) -> dict:
 
     def pending(p):
         """The first method overlay of this input still missing (the item is done when none is), else the last."""
-        outs = [run.outputs_dir / f"{Path(p).stem}_{m}.png" for m in methods]
+        outs = [run.outputs_dir / f"{Path(p).stem}_{m}.png" for m in cfg.method]
         return next((o for o in outs if not o.exists()), outs[-1])
 
     for path, out in run.batch(inputs, output_for=pending):
         with run.item(path):
             path = Path(path)
+            # only the methods whose overlay is missing (all of them with --overwrite)
+            todo = [m for m in cfg.method
+                    if run.overwrite or not (run.outputs_dir / f"{path.stem}_{m}.png").exists()]
             slide = None
             if path.suffix.lower() in bag_suffixes:
                 x, coords, attrs = read_bag(path)
@@ -233,7 +235,7 @@ def heatmap(cfg, run) -> dict:
                 found = next((c for c in cand if c.is_file()), None)
                 slide = open_slide(found) if found else None
             else:
-                slide, coords, size0, _, _ = slide_coords(path, cfg, None)
+                slide, coords, size0, _ = slide_coords(path, cfg, None)
                 x = torch.from_numpy(embed_tiles(slide, coords, size0, spec, module, 64, run.device, run.dtype))
             try:
                 if x.shape[1] != meta["kwargs"]["input_dim"]:
@@ -241,7 +243,7 @@ def heatmap(cfg, run) -> dict:
                                    f"{meta['kwargs']['input_dim']}-d")
                 target = choose_target(model, x, task, cfg.target)
                 scores = {m: explain_bag(model, x, m, task, target, cfg, seed=run.item_seed(path.stem))
-                          for m in methods}
+                          for m in todo}
                 if slide is not None:
                     W, H = slide.dimensions
                     thumb, _ = thumbnail_for(slide)
@@ -260,4 +262,4 @@ def heatmap(cfg, run) -> dict:
                                                "scores": sc.tolist(), "coords": coords.tolist(),
                                                "patch_size_level0": size0}))
                 write_heatmap(run.outputs_dir, path.stem, thumb, coords, sc, size0, HEAT_DOWNSAMPLE, SIGNED[m], m)
-    return {"methods": ",".join(methods)}
+    return {"methods": ",".join(cfg.method)}

@@ -7,7 +7,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, field_validator
 
-from tubcli.config import Section, TubConfig
+from tubcli.config import Section, TubConfig, split_commas
 
 from tub_xmil.splits import ACCEPTED, split_name
 
@@ -84,6 +84,12 @@ class ModelInput(TubConfig):
     target: Optional[int] = Field(None, description="explained class (default: predicted class)")
     lrp: LRPSection = LRPSection()
     ig_steps: int = Field(50, description="IG Gauss-Legendre steps")
+
+    @field_validator("method", mode="before", check_fields=False)
+    @classmethod
+    def _method(cls, value):
+        """--method lrp,ig as well as repeated --method; a method named twice runs once."""
+        return split_commas(value)
 
 
 class ExplainConfig(ModelInput):

@@ -125,7 +125,8 @@ def load_slides(features: Path, labels: Path, task: str, split: str | None = Non
                            f"{classes[0]!r}; use --task regression or add slides of another class")
     splits = {line: _split(labels, line, r) for line, r in rows}
     if split is not None:
-        rows = [(line, r) for line, r in rows if splits[line] == split_name(split)]
+        wanted = split_name(split)
+        rows = [(line, r) for line, r in rows if splits[line] == wanted]
     slides = []
     for line, r in rows:
         sid, label, time, event = r["slide_id"], 0.0, float("nan"), 1

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 
+from tubcli.device import autocast
 from tubcli.errors import TubError
 
 
@@ -25,14 +24,6 @@ def get_encoder(name: str, weights=None, device="cpu", dtype=None):
     return spec, module
 
 
-def autocast_for(device, dtype):
-    """bf16/fp16 autocast (as tub-atlas embeds), also for encoders whose loader ignores the dtype."""
-    device = torch.device(device)
-    if dtype in (torch.bfloat16, torch.float16) and device.type in ("cuda", "mps", "cpu"):
-        return torch.autocast(device_type=device.type, dtype=dtype)
-    return contextlib.nullcontext()
-
-
 def embed_tiles(slide, coords: np.ndarray, size_level0: int, spec, module, batch_size: int = 64,
                 device="cpu", dtype=None) -> np.ndarray:
     """(n, dim) float32 embeddings of the tiles at ``coords`` (level 0), resized to the encoder's
@@ -40,7 +31,7 @@ def embed_tiles(slide, coords: np.ndarray, size_level0: int, spec, module, batch
     from tub_xmil.slides import read_tile
 
     out = []
-    with torch.no_grad(), autocast_for(device, dtype):
+    with torch.no_grad(), autocast(device, dtype):
         for s in range(0, len(coords), batch_size):
             tiles = np.stack([read_tile(slide, x, y, size_level0, spec.tile_size) for x, y in coords[s:s + batch_size]])
             x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float().div(255).to(device)

@@ -70,7 +70,7 @@ def tile_one(path: Path, out_h5: Path, out_dir: Path, tiling, mpp_override=None)
 
 
 def slide_coords(path: Path, cfg, coords_dir: Path | None):
-    """(slide, coords, size_level0, mpp, tiling attributes) from an existing patches .h5 or by tiling.
+    """(slide, coords, size_level0, tiling attributes) from an existing patches .h5 or by tiling.
 
     Reused coordinates need no mpp, so a slide without one goes through; its mpp (or the patches
     file's) is still recorded when known."""
@@ -81,7 +81,7 @@ def slide_coords(path: Path, cfg, coords_dir: Path | None):
         if coords_dir is None:
             t = tile_slide(slide, slide_mpp(slide, path, cfg.mpp), cfg.tiling.target_mpp, cfg.tiling.patch_size,
                            cfg.tiling.min_tissue, cfg.tiling.min_std, name=path.name)
-            return slide, t.coords, t.patch_size_level0, t.mpp, tiling_attrs(t)
+            return slide, t.coords, t.patch_size_level0, tiling_attrs(t)
         h5 = Path(coords_dir) / f"{path.stem}.h5"
         if not h5.is_file():
             h5 = Path(coords_dir) / "patches" / f"{path.stem}.h5"
@@ -96,7 +96,7 @@ def slide_coords(path: Path, cfg, coords_dir: Path | None):
             pass  # no mpp in the slide: keep the patches file's, if any
         attrs.setdefault("level0_width", slide.dimensions[0])
         attrs.setdefault("level0_height", slide.dimensions[1])
-        return slide, coords, attrs["patch_size_level0"], attrs.get("mpp"), attrs
+        return slide, coords, attrs["patch_size_level0"], attrs
     except Exception:
         slide.close()
         raise
@@ -108,7 +108,7 @@ def features_one(path: Path, out_h5: Path, cfg, spec, module, device, dtype=None
     from tub_xmil.bags import write_features_h5
     from tub_xmil.features import embed_tiles
 
-    slide, coords, size0, _, attrs = slide_coords(path, cfg, cfg.coords_dir)
+    slide, coords, size0, attrs = slide_coords(path, cfg, cfg.coords_dir)
     try:
         feats = embed_tiles(slide, coords, size0, spec, module, cfg.batch_size, device, dtype)
     finally:
