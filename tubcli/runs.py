@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -104,6 +105,21 @@ class ItemLock:
 
     def __exit__(self, *exc):
         self.release()
+
+    @contextlib.contextmanager
+    def waiting(self, timeout: float = 600.0):
+        """Hold the lock, waiting while another job holds it (for a shared file that several shards
+        update in turn, e.g. a table merged at the end of each)."""
+        deadline = time.monotonic() + timeout
+        while not self.acquire():
+            if time.monotonic() > deadline:
+                raise TubError(f"{self.path} has been held by another job for {timeout:.0f} s; "
+                               "delete it if no job is running")
+            time.sleep(0.2)
+        try:
+            yield
+        finally:
+            self.release()
 
 
 # --------------------------------------------------------------------------- run directory

@@ -14,7 +14,6 @@ import contextlib
 import csv
 import hashlib
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -147,7 +146,7 @@ class SlideTables:
     def write(self) -> int:
         """Rebuild ``slides.npz``; returns its number of slides. Under a lock, so that when shards finish
         together the last one to write has read every table."""
-        with waiting_lock(self.path):
+        with ItemLock(self.path).waiting():
             merged = _union(self._read())
             if merged:
                 with atomic_path(self.path) as tmp:
@@ -164,22 +163,6 @@ def _union(tables: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
                                "must come from one input: embed them in separate runs (-o)")
             merged[sid], source[sid] = e, name
     return merged
-
-
-@contextlib.contextmanager
-def waiting_lock(path: Path, timeout: float = 600.0):
-    """Hold ``<path>.lock`` (:class:`tubcli.runs.ItemLock`), waiting while another job holds it."""
-    lock = ItemLock(path)
-    deadline = time.monotonic() + timeout
-    while not lock.acquire():
-        if time.monotonic() > deadline:
-            raise TubError(f"{lock.path} has been held by another job for {timeout:.0f} s; "
-                           "delete it if no job is running")
-        time.sleep(0.2)
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def slide_embeddings(rows: list[dict], emb: np.ndarray, how: str = "mean") -> dict[str, np.ndarray]:

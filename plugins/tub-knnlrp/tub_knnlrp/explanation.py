@@ -25,7 +25,7 @@ import numpy as np
 from sklearn.base import BaseEstimator
 
 from tub_knnlrp.neuralize import NeuralizedClassifier, UnsupportedModelError, dense, neuralize, transform_steps
-from tub_knnlrp.rules import ETA_KNN, eta_svm, normalize_rule, relevance
+from tub_knnlrp.rules import ETA_KNN, eta_svm, is_real, normalize_rule, relevance
 
 RULE_ETA = {"gi": 0.0, "midpoint": 1.0}
 """The η at which the hybrid rule equals the gi or the midpoint rule (reported for those rules)."""
@@ -101,14 +101,14 @@ class NeuralizedExplainer(BaseEstimator):
         normalize_rule(self.rule)
         if self.multiclass not in ("min", "softmin"):
             raise ValueError(f"multiclass must be 'min' or 'softmin', got {self.multiclass!r}")
-        if self.eta is not None and not (_is_real(self.eta) and 0 <= self.eta <= 1):
+        if self.eta is not None and not (is_real(self.eta) and 0 <= self.eta <= 1):
             raise ValueError(f"eta must be a number in [0, 1] (or None for the default), got {self.eta!r}")
         if self.kappa is not None and not (isinstance(self.kappa, numbers.Integral) and not isinstance(self.kappa, bool)
                                            and self.kappa >= 0):
             raise ValueError(f"kappa must be an integer >= 0 (or None for the default), got {self.kappa!r}")
-        if self.beta is not None and not (_is_real(self.beta) and self.beta > 0):
+        if self.beta is not None and not (is_real(self.beta) and self.beta > 0):
             raise ValueError(f"beta must be a number > 0 (or None for the default γ), got {self.beta!r}")
-        if not (_is_real(self.beta_mc) and self.beta_mc > 0):
+        if not (is_real(self.beta_mc) and self.beta_mc > 0):
             raise ValueError(f"beta_mc must be a number > 0, got {self.beta_mc!r}")
 
     def fit(self, model, X_train=None, y_train=None, feature_names=None):
@@ -212,10 +212,6 @@ def explain(model, X, rule="hybrid", eta=None, kappa=None, beta=None, *, with_in
     if feature_names is None and hasattr(X, "columns"):
         feature_names = [str(c) for c in X.columns]
     return explainer.fit(model, X_train, y_train, feature_names=feature_names).explain(X)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value)
 
 
 def _as_2d(X, n_features):

@@ -19,6 +19,8 @@ import numpy as np
 
 from tubcli.errors import TubError
 
+from tub_knnlrp.rules import is_real
+
 FORMAT = "tub-knnlrp/1"
 SCALERS = ("standard", "minmax", "robust", "none")
 KNN_GRID = list(range(3, 28, 2))
@@ -223,10 +225,6 @@ def _invalid(path, reason: str) -> TubError:
     return TubError(f"{path} is not a valid tub-knnlrp model: {reason}; retrain it")
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
-
-
 def _check_stored(meta: dict, arrays: dict, path) -> None:
     """What the refit relies on, so that a damaged or edited model is one line, not a traceback."""
 
@@ -243,7 +241,7 @@ def _check_stored(meta: dict, arrays: dict, path) -> None:
         k = params["k"]
         need(isinstance(k, int) and not isinstance(k, bool) and k >= 1 and k % 2 == 1, f"k={k!r} is not an odd k >= 1")
     else:
-        need(all(_is_number(v) and v > 0 for v in params.values()), f"params {params} must be numbers > 0")
+        need(all(is_real(v) and v > 0 for v in params.values()), f"params {params} must be numbers > 0")
     classes = meta.get("classes")
     same_type = isinstance(classes, list) and (all(isinstance(c, str) for c in classes)
                                                or all(isinstance(c, (int, float)) and np.isfinite(c) for c in classes))

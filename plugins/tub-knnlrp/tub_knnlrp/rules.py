@@ -15,6 +15,7 @@ Relevances are in squared-distance units (not multiplied by γ), as in the autho
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
@@ -22,6 +23,10 @@ from tub_knnlrp.networks import PooledMoments
 
 RULES = ("gi", "midpoint", "hybrid")
 
+
+def is_real(value) -> bool:
+    """A finite real number, not a bool (numpy scalars included): for user-given and stored parameters."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and bool(np.isfinite(value))
 
 def normalize_rule(rule: str) -> str:
     r = str(rule).lower().replace("-", "").replace("_", "")

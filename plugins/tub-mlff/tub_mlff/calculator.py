@@ -43,7 +43,7 @@ class SpookyNetCalculator(Calculator):
                  skin: float = 0.5, elements: set[int] | None = None, check: bool = True,
                  ewald_kmax: int | None = None, **kwargs):
         super().__init__(**kwargs)
-        from .checkpoints import load_model
+        from .checkpoints import load_model, model_elements
 
         members = model if isinstance(model, (list, tuple)) else [model]
         models, metas = [], []
@@ -66,8 +66,7 @@ class SpookyNetCalculator(Calculator):
         self.lr_option = lr_cutoff
         self.check = check
         if elements is None:
-            sets = [set(meta["elements"]) for meta in metas if meta.get("elements")]
-            elements = set.intersection(*sets) if sets else None
+            elements = model_elements(metas)
         self.elements = elements if elements is not None else models[0].supported_elements()
         cut = {m.cutoff for m in models}
         if len(cut) != 1:

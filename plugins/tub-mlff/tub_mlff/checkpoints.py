@@ -154,6 +154,12 @@ def read_model_meta(path: str | Path) -> dict:
     return meta
 
 
+def model_elements(metas: list[dict]) -> set[int] | None:
+    """Elements every committee member was trained on (from their model.json), None if none says."""
+    sets = [set(meta["elements"]) for meta in metas if meta.get("elements")]
+    return set.intersection(*sets) if sets else None
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[SpookyNet, dict]:
     """Load a tub model (.safetensors + .json) or a reference ``.pth``; returns (model, meta)."""
     from safetensors.torch import load_file

@@ -363,7 +363,7 @@ def train(cfg, run) -> dict:
 def evaluate(cfg, run) -> dict:
     from ase.stress import full_3x3_to_voigt_6_stress
 
-    from .checkpoints import load_model
+    from .checkpoints import load_model, model_elements
     from .data import Keys, read_structures, stress_frames
     from .evaluation import error_metrics, predict
     from .plots import parity_plot
@@ -373,8 +373,7 @@ def evaluate(cfg, run) -> dict:
     frames = read_structures(data)
     loaded = [load_model(p, _dtype(run)) for p in _models(cfg.model)]  # CheckpointError: one line, exit 2
     models = [m for m, _ in loaded]
-    known = [set(meta["elements"]) for _, meta in loaded if meta.get("elements")]
-    meta_elements = set.intersection(*known) if known else None
+    meta_elements = model_elements([meta for _, meta in loaded])
     for k, a in enumerate(frames):
         check_structure(a, meta_elements, name=f"{data} frame {k}")
     mc = models[0].config

@@ -81,13 +81,13 @@ def _tolkach_splits(cfg) -> dict | None:
     return json.loads(Path(cfg.tolkach_splits).read_text())
 
 
-def _apd(cfg, run, X, meta) -> dict:
+def _apd(cfg, run, X, meta, splits: dict | None = None) -> dict:
     from .apd import apd_accuracies, dataset_summary
     from .results import metric_dir
 
     if cfg.dataset is None:
         raise TubError("APD follows a dataset's split protocol; pass --dataset camelyon|tcga|tolkach_esca")
-    splits = _tolkach_splits(cfg)
+    splits = splits if splits is not None else _tolkach_splits(cfg)
     folder = metric_dir(run.outputs_dir, "apd", cfg.layout, cfg.model_name, None)
     raw_file, summary_file = folder / f"{cfg.dataset}_raw.json", folder / f"{cfg.dataset}_summary.json"
     _refuse_overwrite(cfg, [raw_file, summary_file])
@@ -156,15 +156,16 @@ def _evaluate_impl(cfg: EvaluateConfig, run) -> dict:
         raise TubError("tolkach_esca APD needs the case-split file; pass --tolkach-splits tolkach_splits.json")
     _refuse_overwrite(cfg, [run.outputs_dir / "results.json"])
     X, meta = _inputs(cfg)
+    splits = _tolkach_splits(cfg) if "apd" in cfg.metrics else None
     if "apd" in cfg.metrics:  # its protocol checks first: no half-written results when APD cannot run
         from .apd import apd_inputs
 
-        apd_inputs(meta, cfg.dataset, _tolkach_splits(cfg))
+        apd_inputs(meta, cfg.dataset, splits)
     out = {}
     if "ri" in cfg.metrics:
         out["robustness_index"] = _ri(cfg, run, X, meta).summary
     if "apd" in cfg.metrics:
-        out["apd"] = _apd(cfg, run, X, meta)
+        out["apd"] = _apd(cfg, run, X, meta, splits)
         out["apd"] = {k: out["apd"][k] for k in ("apd_id", "apd_ood")}
     if "cs" in cfg.metrics:
         out["clustering_score"] = _cs(cfg, run, X, meta, cfg.K, cfg.min_k, cfg.max_k_clusters, cfg.trials)
