@@ -139,6 +139,16 @@ def test_hf_style_rudolfv2_s_checkpoint_loads_with_its_preset(tmp_path):
         assert torch.equal(build_model(got, lsd)(x), model(x))
 
 
+def test_rope_checkpoint_without_periods_is_a_clear_error(tmp_path):
+    """No pos_embed and no period buffer: positions live in code; say so instead of blaming DINOv2."""
+    model = random_vit(preset_config("rudolfv-2-s", depth=1), seed=4)
+    sd = {("model." + k).replace("reg_token", "register_tokens"): v.contiguous()
+          for k, v in model.state_dict().items() if not k.endswith("periods")}
+    save_file(sd, str(tmp_path / "noperiods.safetensors"))
+    with pytest.raises(TubError, match=r"neither a position table \(pos_embed\) nor a RoPE period buffer"):
+        read_checkpoint(tmp_path / "noperiods.safetensors", preset=PRESETS["rudolfv-2-s"])
+
+
 def test_ssl_backbone_pass_uses_rope():
     """DINOv2-style self-supervision trains RoPE students with the same forward as inference."""
     from tub_atlas.dinov2_ssl import backbone_tokens

@@ -177,6 +177,10 @@ def to_timm_layout(sd: dict[str, torch.Tensor], source: str = "auto") -> dict[st
             raise TubError("not a RoPE checkpoint (it has pos_embed or no RoPE period buffer); use --from auto")
         sd = convert_rope(sd)
     elif layout == "dinov2":
+        if "cls_token" in sd and "pos_embed" not in sd:
+            raise TubError("checkpoint has neither a position table (pos_embed) nor a RoPE period buffer "
+                           "(*.periods), so its position encoding is computed in code tub cannot read; add the "
+                           "RoPE periods as 'rope_embed.periods' (head_dim/4 values) or convert it with its own code")
         if "pos_embed" not in sd or "cls_token" not in sd:
             raise TubError("DINOv2 checkpoint lacks cls_token/pos_embed; is this a DINOv2 ViT?")
         sd = convert_dinov2(sd)
