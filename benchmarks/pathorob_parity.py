@@ -122,8 +122,8 @@ def make_apd_case(dataset: str):
     return synthetic_features(design=PRESETS[preset], dim=APD_DIM, bio=0.3, center=0.3, slide=0.3, seed=10)
 
 
-def make_cs_case():
-    return synthetic_features(design=PRESETS[CS_CASE["preset"]], seed=CS_CASE["seed"], **CS_CASE["signal"])
+def make_cs_case(preset: str = CS_CASE["preset"]):
+    return synthetic_features(design=PRESETS[preset], seed=CS_CASE["seed"], **CS_CASE["signal"])
 
 
 def run_apd(python, repo, root: Path, dataset: str, iterations: int) -> dict:
@@ -150,25 +150,34 @@ def run_apd(python, repo, root: Path, dataset: str, iterations: int) -> dict:
             "max_abs_accuracy_diff": diff, "reference_seconds": ref["seconds"], "tub_seconds": dt}
 
 
-def run_cs(python, repo, root: Path) -> dict:
+def run_cs(python, repo, root: Path, preset: str, max_k: int, trials: int) -> dict:
+    """Clustering score and every silhouette; the reference always reads ``camelyon_reduced.csv``."""
     from tub_pathorob.clustering_score import clustering_score
 
-    X, meta = make_cs_case()
+    X, meta = make_cs_case(preset)
     write_official(root / "features" / "cs" / "camelyon", X, meta)
     (root / "metadata").mkdir(parents=True, exist_ok=True)
     meta.write_csv(root / "metadata" / "camelyon_reduced.csv")
     code = CS_SNIPPET.format(repo=repo, model="cs", dataset="camelyon", features=str(root / "features"),
                              metadata=str(root / "metadata"), results=str(root / "cs_results"),
-                             max_k=CS_CASE["max_k"], trials=CS_CASE["trials"])
+                             max_k=max_k, trials=trials)
     out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True)
     ref = json.loads(out.stdout.strip().splitlines()[-1])
     t = time.perf_counter()
-    tub = clustering_score(X, meta, max_k=CS_CASE["max_k"], trials=CS_CASE["trials"]).summary
+    res = clustering_score(X, meta, max_k=max_k, trials=trials)
     dt = time.perf_counter() - t
-    print(f"CS camelyon: ref {ref['summary']['clustering_score_mean']!r} K {ref['summary']['Ks']} tub "
-          f"{tub['clustering_score_mean']!r} K {tub['Ks']}; time ref {ref['seconds']:.1f}s tub {dt:.1f}s", flush=True)
-    return {"metric": "clustering_score", "dataset": "camelyon", "reference": ref["summary"], "tub": tub,
-            "reference_seconds": ref["seconds"], "tub_seconds": dt}
+    tub = res.summary
+    ref_sil = {}
+    for path in (root / "cs_results").rglob("silhouette_scores.csv"):
+        for line in path.read_text().splitlines()[1:]:
+            name, k, value = line.split(",")
+            ref_sil[(name, int(k))] = float(value)
+    sil_diff = max(abs(ref_sil[(name, k)] - value) for name, k, value in res.silhouettes)
+    print(f"CS {preset} ({len(X)} rows, K<={max_k}, {trials} trials): ref {ref['summary']['clustering_score_mean']!r} K {ref['summary']['Ks']} tub "
+          f"{tub['clustering_score_mean']!r} K {tub['Ks']}; silhouettes ({len(res.silhouettes)}) max|diff| "
+          f"{sil_diff:.3g}; time ref {ref['seconds']:.1f}s tub {dt:.1f}s", flush=True)
+    return {"metric": "clustering_score", "dataset": preset, "max_k": max_k, "trials": trials, "reference": ref["summary"], "tub": tub,
+            "max_abs_silhouette_diff": sil_diff, "reference_seconds": ref["seconds"], "tub_seconds": dt}
 
 
 def run_real_metadata(python, repo, root: Path, dataset: str, metadata_dir: Path) -> dict:
@@ -240,7 +249,11 @@ def main(argv=None):
                     help="the reference's data/metadata folder: also compare RI on the official CSVs (camelyon, tolkach)")
     ap.add_argument("--shipped-ri", action="store_true",
                     help="recompute the published RI from the reference's shipped curves (in the reference interpreter)")
-    ap.add_argument("--cs", action="store_true", help="also compare the clustering score (camelyon, 5 trials, K<=10)")
+    ap.add_argument("--cs", action="store_true", help="also compare the clustering score and its silhouettes")
+    ap.add_argument("--cs-preset", choices=["camelyon_reduced", "camelyon"], default=CS_CASE["preset"],
+                    help="synthetic design of the clustering case (camelyon: 20,400 ID rows)")
+    ap.add_argument("--cs-max-k", type=int, default=CS_CASE["max_k"])
+    ap.add_argument("--cs-trials", type=int, default=CS_CASE["trials"])
     a = ap.parse_args(argv)
     report = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -264,7 +277,7 @@ def main(argv=None):
             for d in ("tolkach_esca", "camelyon"):
                 report.append(run_real_metadata(a.reference_python, a.reference_repo, root, d, a.real_metadata))
         if a.cs:
-            report.append(run_cs(a.reference_python, a.reference_repo, root))
+            report.append(run_cs(a.reference_python, a.reference_repo, root, a.cs_preset, a.cs_max_k, a.cs_trials))
         for d in a.apd:
             report.append(run_apd(a.reference_python, a.reference_repo, root, d, a.apd_iterations))
     if a.out:

@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 
 from tub_pathorob.apd import PROTOCOLS, aggregate, apd_accuracies, dataset_summary, performance_drops, training_slides
-from tub_pathorob.clustering_score import clustering_score, summary_from_aris
+from tub_pathorob.clustering_score import clustering_score, cosine_silhouette, summary_from_aris
 from tub_pathorob.results import read_aris
 from tub_pathorob.synthetic import PRESETS, synthetic_features
 from tubcli.errors import TubError
@@ -101,6 +101,20 @@ def test_clustering_score_signs():
     assert clustering_score(X, meta, K=2, trials=3).summary["clustering_score_mean"] < -0.9
     res = clustering_score(X, meta, min_k=2, max_k=4, trials=2)
     assert res.summary["Ks"]["min"] >= 2 and len(res.silhouettes) == 3 and res.summary["num_combinations"] == 1
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_closed_form_cosine_silhouette_equals_scikit_learn(dtype):
+    """The O(N·K·D) silhouette against scikit-learn's pairwise one, incl. unnormalised rows and a singleton."""
+    from sklearn.metrics import silhouette_score
+
+    rng = np.random.default_rng(3)
+    X = (rng.normal(size=(400, 12)) + 2.0 * rng.integers(0, 3, 400)[:, None]).astype(dtype)
+    for labels in (rng.integers(0, 2, 400), rng.integers(0, 9, 400), np.r_[np.zeros(399, int), [5]]):
+        expected = silhouette_score(X, labels, metric="cosine")
+        assert abs(cosine_silhouette(X, labels) - expected) <= (1e-12 if dtype == np.float64 else 1e-6)
+    with pytest.raises(TubError, match="clusters"):
+        cosine_silhouette(X, np.zeros(400, int))
 
 
 # Reference figures: official PathoROB (46594e9) apd.compute / clustering_score.compute on the same synthetic
