@@ -13,7 +13,10 @@ DTYPES = {"fp32": "float32", "fp64": "float64", "bf16": "bfloat16", "fp16": "flo
 
 
 def resolve_device(spec: str = "auto"):
-    """``auto`` picks cuda, then mps, then cpu; an explicit device that is absent is an error."""
+    """``auto`` picks cuda, then mps, then cpu; an explicit device that is absent is an error.
+
+    Under torchrun, ``auto`` and ``cuda`` give rank i of a node the GPU of its ``LOCAL_RANK``.
+    """
     import torch
 
     spec = (spec or "auto").strip().lower()
@@ -28,7 +31,13 @@ def resolve_device(spec: str = "auto"):
     if spec.startswith("cuda"):
         if not torch.cuda.is_available():
             raise TubError(f"--device {spec}: CUDA is not available here; use --device cpu or auto")
-        index = int(spec.split(":", 1)[1]) if ":" in spec else 0
+        if ":" not in spec:  # under torchrun each local rank takes its own GPU, as with auto
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        index = int(spec.split(":", 1)[1])
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        if ranks_here > 1:
+            raise TubError(f"--device {spec} would put all {ranks_here} torchrun ranks of this node on one GPU; "
+                           "use --device cuda (each rank takes the GPU of its LOCAL_RANK)")
         if index >= torch.cuda.device_count():
             raise TubError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s); pick one of them")
         return torch.device("cuda", index)

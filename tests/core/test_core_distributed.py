@@ -21,3 +21,25 @@ def test_torchrun_two_ranks_agree_and_write_once(toy_env, tmp_path):
     lines = (runs[0] / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 4  # rank 0 only: one line per epoch
     assert (runs[0] / "DONE").exists() and (runs[0] / "checkpoints" / "model.safetensors").exists()
+
+
+def test_torchrun_ranks_take_their_own_gpu(monkeypatch):
+    """`--device cuda` under torchrun: rank i of a node gets cuda:LOCAL_RANK (as auto does), and a
+    fixed `cuda:N` that would stack every local rank on one GPU is refused (NCCL would fail later)."""
+    import pytest
+    import torch
+
+    from tubcli.device import resolve_device
+    from tubcli.errors import TubError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert resolve_device("cuda") == torch.device("cuda", 2)
+    assert resolve_device("auto") == torch.device("cuda", 2)
+    with pytest.raises(TubError, match="would put all 4 torchrun ranks of this node on one GPU"):
+        resolve_device("cuda:1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one rank per node (or no torchrun): cuda:N as asked
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert resolve_device("cuda:3") == torch.device("cuda", 3)
