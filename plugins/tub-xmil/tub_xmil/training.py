@@ -22,16 +22,18 @@ def model_kwargs(arch: str, m) -> dict:
 def predict(model, slides, task: str) -> np.ndarray:
     """Per slide: class probabilities, the regression output, or the risk."""
     model.eval()
+    device = next(model.parameters()).device
     out = []
     with torch.no_grad():
         for s in slides:
-            z = model(s.features[None])
+            z = model(s.features[None].to(device))
             if task == "classification":
-                out.append(torch.softmax(z, -1)[0].numpy())
+                z = torch.softmax(z, -1)[0]
             elif task == "regression":
-                out.append(z[0, :1].numpy())
+                z = z[0, :1]
             else:
-                out.append(survival_risk(z).numpy())
+                z = survival_risk(z)
+            out.append(z.cpu().numpy())
     return np.stack(out)
 
 

@@ -192,7 +192,7 @@ class TransMIL(nn.Module):
             result = None
             for attn, _ in attns:
                 a = attn.mean(1)
-                eye = torch.eye(a.shape[-1], dtype=a.dtype)
+                eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
                 a = (a + eye) / 2
                 a = a / (a.sum(-1)[:, None, :] if column_scaling else a.sum(-1, keepdim=True))
                 result = a if result is None else a @ result
