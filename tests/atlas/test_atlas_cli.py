@@ -306,3 +306,14 @@ def test_embed_gemm_backends_agree_and_are_recorded(data, tmp_path):
     assert np.abs(a - d).max() < 1e-5
     assert json.loads((tmp_path / "a/encoder.json").read_text())["gemm"] == "aten"
     fails(["embed", data / "tiles.npz", "--weights", W, "--gemm", "blas", "-o", tmp_path / "x"])
+
+
+def test_onednn_gemm_on_a_gpu_device_is_refused_up_front():
+    """`--gemm onednn` is a CPU kernel: on a GPU device it is an error before any work (not ignored)."""
+    from tub_atlas.cli import _check_gemm
+    from tubcli.errors import TubError
+
+    _check_gemm("onednn", torch.device("cpu"))
+    _check_gemm("auto", torch.device("cuda", 1))
+    with pytest.raises(TubError, match="onednn runs on the CPU only"):
+        _check_gemm("onednn", torch.device("cuda", 1))

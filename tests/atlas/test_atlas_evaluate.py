@@ -128,3 +128,21 @@ def test_a_class_without_test_rows_has_no_recall():
     m = classification_metrics(np.array([0, 0, 0]), np.array([0, 0, 1]), n_classes=2)
     assert m["recall_per_class"][0] == pytest.approx(2 / 3) and np.isnan(m["recall_per_class"][1])
     assert m["balanced_accuracy"] == pytest.approx(2 / 3) and m["support"] == [3, 0]
+
+
+def test_eva_manifest_with_bf16_embeddings_is_read(tmp_path):
+    """eva may store bf16 (or GPU) tensors: they load onto the CPU and widen to float32."""
+    import torch
+
+    from tub_atlas.features import read_features
+
+    rows = []
+    for i in range(4):
+        torch.save(torch.full((3,), i + 0.5, dtype=torch.bfloat16), tmp_path / f"e{i}.pt")
+        rows.append({"origin": f"t{i}", "embeddings": f"e{i}.pt", "target": str(i % 2), "split": "train"})
+    with open(tmp_path / "manifest.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    feats = read_features(tmp_path)
+    assert feats.x.dtype == np.float32 and feats.x[:, 0].tolist() == [0.5, 1.5, 2.5, 3.5]

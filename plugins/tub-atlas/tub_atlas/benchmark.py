@@ -89,7 +89,7 @@ def timm_state_dict(cfg, sd: dict) -> dict:
 
 def _sync(device):
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)  # the device timed, not the current one (cuda:1)
 
 
 def _rounds(calls: dict, rounds: int, device) -> tuple[dict, dict]:

@@ -20,9 +20,15 @@ def _need(value, what: str):
     return value
 
 
+def _check_gemm(gemm: str, device) -> None:
+    if gemm == "onednn" and device.type != "cpu":
+        raise TubError(f"--gemm onednn runs on the CPU only (device is {device}); use --gemm auto or --device cpu")
+
+
 def _encoder(sec: EncoderSection, run):
     from .encoder import load_encoder
 
+    _check_gemm(sec.gemm, run.device)
     enc, info = load_encoder(sec.arch, sec.weights, pool=sec.pool, heads=sec.heads, norm=sec.norm,
                              img_size=sec.img_size, random_init=sec.random_init, seed=run.seed,
                              device=run.device)
@@ -324,6 +330,7 @@ def bench(cfg: BenchConfig, run) -> dict:
     if unknown:
         raise TubError(f"unknown --modes {', '.join(map(repr, unknown))}; use {' or '.join(MODES)}, "
                        "comma-separated")
+    _check_gemm(cfg.gemm, run.device)
     return time_models(p.name, depth=cfg.depth, batch_size=cfg.batch_size, img_size=cfg.img_size,
                        threads=cfg.threads, repeats=cfg.repeats, compare_timm=cfg.compare_timm,
                        device=run.device, precision=cfg.precision, modes=modes,

@@ -51,8 +51,8 @@ def _demo(run) -> dict:
     enc, info = load_encoder("vit-t8-demo", ckpt, device=run.device)
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        roundtrip = float((enc.vit.forward_features(enc.transform(x)) - model.forward_features(enc.transform(x)))
-                          .abs().max())
+        loaded = enc.vit.forward_features(enc.transform(x.to(run.device))).cpu()
+        roundtrip = float((loaded - model.forward_features(enc.transform(x))).abs().max())
     # 2. synthetic tiles -> embeddings
     data = synthetic_tiles(n_per_class=32, n_classes=3, n_centers=2, size=64, seed=run.seed)
     rows = [{"tile_id": str(i), "origin": "synthetic", "label": lab, "slide_id": s, "patch_id": p, "x": -1, "y": -1}
@@ -73,15 +73,15 @@ def _demo(run) -> dict:
                                   patience=100, eval_every=20)
     lin_bacc = classification_metrics(y[te], predict_linear(probe, emb[te]), len(classes))["balanced_accuracy"]
     # 4. explanations of the probe's class for two tiles
-    x01 = torch.as_tensor(data["tiles"][:2]).permute(0, 3, 1, 2).float().div(255)
+    x01 = torch.as_tensor(data["tiles"][:2]).permute(0, 3, 1, 2).float().div(255).to(run.device)
     target = make_target("probe", int(y[0]), probe=(probe.weight.detach(), probe.bias.detach()))
     worst = 0.0
     for i in range(2):
         R, f, bias = lrp(enc, x01[i:i + 1], target, return_terms=True)
         worst = max(worst, abs(float(R.sum()) + bias - f) / max(abs(f), 1e-12))
-        heat = R[0].view(8, 8, 8, 8).sum((1, 3)).numpy()
+        heat = R[0].view(8, 8, 8, 8).sum((1, 3)).cpu().numpy()
         save_png(out / f"lrp_{i}.png", overlay(data["tiles"][i], heat, signed=True))
-        roll = attention_rollout(enc.vit, enc.transform(x01[i:i + 1]))[0].numpy()
+        roll = attention_rollout(enc.vit, enc.transform(x01[i:i + 1]))[0].cpu().numpy()
         save_png(out / f"rollout_{i}.png", overlay(data["tiles"][i], roll, signed=False))
     # 5. distil a depth-1 student from the random teacher
     student = random_vit(preset_config("vit-t8-demo", depth=1), seed=run.seed + 1)

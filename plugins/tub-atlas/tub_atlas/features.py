@@ -114,7 +114,9 @@ def _read_features(path: Path, metadata: Path | None) -> LabelledFeatures:
         rows = _csv(path / "manifest.csv")
         if not rows or "embeddings" not in rows[0]:
             raise TubError(f"{path}/manifest.csv is not an eva manifest (origin, embeddings, target, split)")
-        x = np.stack([torch.load(path / r["embeddings"], weights_only=True).numpy() for r in rows])
+        # eva may have saved GPU or bf16 tensors: load onto the CPU, widen before numpy
+        x = np.stack([torch.load(path / r["embeddings"], map_location="cpu", weights_only=True).float().numpy()
+                      for r in rows])
         return LabelledFeatures(x.astype(np.float32), [r["target"] for r in rows],
                                 [r["origin"] for r in rows], _csv_split(path / "manifest.csv", rows))
     if path.is_dir() and list(path.glob("*.npz")):
