@@ -242,7 +242,9 @@ def train(cfg: TrainConfig, run) -> dict:
 
 
 def _student(cfg: TrainConfig, run, sets):
-    """Student preset, config, network (given weights or from scratch), all tiles, its normalisation."""
+    """Student preset, config, network (given weights or from scratch), all tiles (a ``TileStream`` over
+    ``sets``), its normalisation."""
+    from . import tiles as tiles_mod
     from .checkpoint import read_checkpoint
     from .encoder import Transform
     from .presets import get_preset
@@ -261,7 +263,8 @@ def _student(cfg: TrainConfig, run, sets):
         except ValueError as exc:
             raise TubError(f"{exc}; choose a student preset with fixed shapes") from None
         student = random_vit(s_cfg, seed=run.seed)
-    tiles = np.concatenate([ts.read(0, len(ts)) for ts in sets]) if len(sets) > 1 else sets[0].read(0, len(sets[0]))
+    # read on demand: each step decodes the tiles it samples, never the whole corpus up front
+    tiles = tiles_mod.TileStream(sets)
     if cfg.crop_size % s_cfg.patch_size:
         raise TubError(f"crop size {cfg.crop_size} is not divisible by the student patch size {s_cfg.patch_size}")
     s_norm = Transform(img_size=cfg.crop_size, mean=sp.mean_std[0], std=sp.mean_std[1]).normalise

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .tiles import take_tiles
 from .vit import VisionTransformer
 
 
@@ -547,10 +548,11 @@ def build_networks(backbone: VisionTransformer, hp: dict, seed: int) -> tuple[SS
     return student, teacher
 
 
-def train_ssl(backbone: VisionTransformer, normalise, tiles: np.ndarray, run, hp: dict, *, steps: int,
+def train_ssl(backbone: VisionTransformer, normalise, tiles, run, hp: dict, *, steps: int,
               batch_size: int, global_size: int, local_size: int, clip: float, checkpoint_every: int,
               log_every: int) -> dict:
-    """DINOv2 pre-training of ``backbone`` (modified in place = the student) on uint8 ``tiles``.
+    """DINOv2 pre-training of ``backbone`` (modified in place = the student) on uint8 ``tiles`` (an
+    (n, H, W, 3) array, or a ``tiles.TileStream`` that reads each step's sampled tiles only).
 
     ``hp``: the ``DINOv2Section`` fields. Resumes from ``run``'s checkpoint; every random draw of a
     step comes from a generator seeded by (seed, step, rank), so a resumed run repeats the same steps.
@@ -595,7 +597,7 @@ def train_ssl(backbone: VisionTransformer, normalise, tiles: np.ndarray, run, hp
         g = torch.Generator().manual_seed(run.item_seed(f"ssl-step{step}-rank{run.rank}"))
         rng = np.random.default_rng(run.item_seed(f"ssl-mask{step}-rank{run.rank}"))
         idx = torch.randint(0, n, (batch_size,), generator=g).numpy()
-        glob, local = multi_crop([tiles[i] for i in idx], g, global_size, local_size, hp["local_crops"],
+        glob, local = multi_crop(take_tiles(tiles, idx), g, global_size, local_size, hp["local_crops"],
                                  tuple(hp["global_scale"]), tuple(hp["local_scale"]), aug)
         glob = normalise(glob).to(device)
         local = normalise(local).to(device) if local is not None else None

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .encoder import Encoder
+from .tiles import take_tiles
 from .vit import VisionTransformer
 
 
@@ -114,11 +115,12 @@ def teacher_tokens(teacher: Encoder, x01: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ training loop
-def train_student(teacher: Encoder, student: VisionTransformer, student_norm, tiles: np.ndarray, run, *,
+def train_student(teacher: Encoder, student: VisionTransformer, student_norm, tiles, run, *,
                   steps: int, batch_size: int, crop_size: int, crop_scale_min: float, lr: float,
                   weight_decay: float, warmup: float, clip: float, lambda_cls: float, lambda_patch: float,
                   checkpoint_every: int, log_every: int) -> dict:
-    """Distil ``student`` from the frozen ``teacher`` on uint8 ``tiles``; resumes from ``run``.
+    """Distil ``student`` from the frozen ``teacher`` on uint8 ``tiles`` (an (n, H, W, 3) array, or a
+    ``tiles.TileStream`` that reads each step's sampled tiles only); resumes from ``run``.
 
     Returns the loss history summary. ``student_norm`` is the student's own normalisation.
     """
@@ -147,7 +149,7 @@ def train_student(teacher: Encoder, student: VisionTransformer, student_norm, ti
         # per-step generator from (seed, step, rank): a resumed run draws the same batches
         g = torch.Generator().manual_seed(run.item_seed(f"step{step}-rank{run.rank}"))
         idx = torch.randint(0, n, (batch_size,), generator=g).numpy()
-        x01 = augment([tiles[i] for i in idx], crop_size, g, scale=(crop_scale_min, 1.0)).to(device)
+        x01 = augment(take_tiles(tiles, idx), crop_size, g, scale=(crop_scale_min, 1.0)).to(device)
         t_tokens = teacher_tokens(teacher, x01)
         t_grid = tuple(s // t_cfg.patch_size for s in teacher.transform.resize(x01[:1]).shape[-2:])
         for group in opt.param_groups:

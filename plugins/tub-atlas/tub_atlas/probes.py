@@ -51,23 +51,58 @@ def balanced_accuracy(y_true, y_pred, n_classes: int | None = None) -> float:
 
 
 # ------------------------------------------------------------------ kNN
+KNN_CHUNK = 4096  # test rows per similarity block at most
+KNN_MEMORY = 256 << 20  # bytes of float64 similarities per block
+
+
+def top_k_stable(sim: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row the indices of the ``k`` largest values, ordered by (value descending, index ascending):
+    exactly ``torch.sort(-sim, dim=1, stable=True).indices[:, :k]``, without sorting whole rows.
+
+    ``torch.topk`` keeps ``m = 2k + 32`` candidates; where the m-th is below the k-th, every value tied
+    with the k-th is among them, so a stable sort of the candidates (taken in index order) gives the
+    full sort's first k. Rows whose ties reach past the candidates (or hold NaN) get the full sort."""
+    n = sim.shape[1]
+    m = min(n, 2 * k + 32)
+    if k <= 0 or m >= n:
+        return torch.sort(-sim, dim=1, stable=True).indices[:, :k]
+    vals, idx = torch.topk(sim, m, dim=1, largest=True, sorted=True)
+    short = ~(vals[:, m - 1] < vals[:, k - 1]) | torch.isnan(sim).any(1)  # ties may continue past the m-th
+    idx, by_index = torch.sort(idx, dim=1)  # candidates in training-index order (indices are distinct)
+    vals = torch.gather(vals, 1, by_index)
+    order = torch.gather(idx, 1, torch.sort(-vals, dim=1, stable=True).indices[:, :k])
+    if short.any():
+        rows = short.nonzero().squeeze(1)
+        order[rows] = torch.sort(-sim[rows], dim=1, stable=True).indices[:, :k]
+    return order
+
+
 def knn_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n_classes: int, k: int = 20,
-                vote: str = "uniform", temperature: float = 0.07, chunk: int = 4096) -> np.ndarray:
-    """Cosine kNN on L2-normalised embeddings; labels are ints 0..n_classes-1."""
+                vote: str = "uniform", temperature: float = 0.07, chunk: int | None = None,
+                memory_budget: int = KNN_MEMORY) -> np.ndarray:
+    """Cosine kNN on L2-normalised embeddings; labels are ints 0..n_classes-1.
+
+    Test rows go in blocks of ``chunk`` (default: as many as fit ``memory_budget`` bytes of float64
+    similarities, at most ``KNN_CHUNK``); neighbours are the k most similar training rows, equal
+    similarities in training-index order (as a stable sort of distances), whatever the block size."""
     tr = F.normalize(torch.as_tensor(train_x, dtype=torch.float64), dim=1)
     te = F.normalize(torch.as_tensor(test_x, dtype=torch.float64), dim=1)
     ty = torch.as_tensor(train_y, dtype=torch.long)
     k = min(k, tr.shape[0])
+    if chunk is None:
+        chunk = max(1, min(KNN_CHUNK, memory_budget // (8 * max(1, tr.shape[0]))))
     preds = []
     for s in range(0, te.shape[0], chunk):
         sim = te[s:s + chunk] @ tr.T
-        # stable order among equal similarities: by training index (as a stable sort of distances)
-        order = torch.sort(-sim, dim=1, stable=True).indices[:, :k]
+        order = top_k_stable(sim, k)
         top_sim = torch.gather(sim, 1, order)
+        del sim
         labels = ty[order]
         w = torch.ones_like(top_sim) if vote == "uniform" else torch.exp(top_sim / temperature)
-        scores = torch.zeros(sim.shape[0], n_classes, dtype=torch.float64).scatter_add_(1, labels, w)
+        scores = torch.zeros(top_sim.shape[0], n_classes, dtype=torch.float64).scatter_add_(1, labels, w)
         preds.append(scores.argmax(1))  # argmax returns the first maximum: ties -> smallest label
+    if not preds:
+        return np.zeros(0, dtype=np.int64)
     return torch.cat(preds).numpy()
 
 

@@ -81,8 +81,9 @@ def run_probes(feats: LabelledFeatures, cfg, run) -> dict:
     return out
 
 
-def teacher_student_knn(teacher, student, student_norm, tiles: np.ndarray, sets, cfg, run) -> dict:
-    """kNN balanced accuracy of teacher and student embeddings (cls+mean) on labelled tiles."""
+def teacher_student_knn(teacher, student, student_norm, tiles, sets, cfg, run) -> dict:
+    """kNN balanced accuracy of teacher and student embeddings (cls+mean) on labelled tiles (an array or a
+    ``tiles.TileStream``, read 64 at a time)."""
     import torch
 
     from .encoder import Encoder, Transform, uint8_to_float
@@ -99,16 +100,16 @@ def teacher_student_knn(teacher, student, student_norm, tiles: np.ndarray, sets,
     s_enc = Encoder(student, Transform(img_size=cfg.crop_size, mean=t.mean, std=t.std), "cls+mean").eval()
     s_enc.transform.normalise = student_norm  # the student's own normalisation
     t_enc = Encoder(teacher.vit, teacher.transform, "cls+mean").eval()
-    feats = {}
-    with torch.inference_mode():
-        for name, enc in (("teacher", t_enc), ("student", s_enc)):
-            xs = []
-            for s in range(0, len(tiles), 64):
-                x01 = uint8_to_float(tiles[s:s + 64]).to(run.device)
-                x01 = torch.nn.functional.interpolate(x01, size=(cfg.crop_size, cfg.crop_size), mode="bilinear",
-                                                      antialias=True, align_corners=False)
-                xs.append(enc(x01).float().cpu().numpy())
-            feats[name] = np.concatenate(xs)
+    encoders = {"teacher": t_enc, "student": s_enc}
+    xs: dict[str, list] = {name: [] for name in encoders}
+    with torch.inference_mode():  # 64 tiles at a time (``tiles`` may read them on demand), both encoders
+        for s in range(0, len(tiles), 64):
+            x01 = uint8_to_float(tiles[s:s + 64]).to(run.device)
+            x01 = torch.nn.functional.interpolate(x01, size=(cfg.crop_size, cfg.crop_size), mode="bilinear",
+                                                  antialias=True, align_corners=False)
+            for name, enc in encoders.items():
+                xs[name].append(enc(x01).float().cpu().numpy())
+    feats = {name: np.concatenate(x) for name, x in xs.items()}
     out = {}
     for name, x in feats.items():
         pred = knn_predict(x[tr], y[tr], x[te], len(classes), cfg.probe_k)

@@ -42,12 +42,33 @@ class TileSet:
             return self.reader(start, stop)
         if self.paths is not None:
             return self._stack(self.paths[start:stop])
-        if "array" in self.extra:  # NPZ: loaded (and checked) by read_array_file
-            return _hwc(self.extra["array"][start:stop], self.array_file)
+        if "array" in self.extra:  # NPZ: memory-mapped (or loaded) by read_array_file
+            return _hwc(np.array(self.extra["array"][start:stop]), self.array_file)  # a copy, not a view of the file
         import h5py
 
         with h5py.File(self.array_file, "r") as f:
             return _hwc(f[self.array_key][start:stop], self.array_file)
+
+    def read_indices(self, indices) -> np.ndarray:
+        """The tiles at sorted, distinct ``indices`` as (n, H, W, 3) uint8 RGB, equal to those rows of
+        ``read(0, len(self))`` but decoding only them: image files one by one, HDF5 and whole slides in
+        runs of consecutive indices, NPZ rows of the array ``read_array_file`` memory-mapped (a
+        compressed NPZ is loaded whole by ``read_array_file``)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if self.paths is not None and self.reader is None:
+            return self._stack([self.paths[i] for i in idx])
+        if self.reader is None and "array" in self.extra:
+            return _hwc(np.asarray(self.extra["array"][idx]), self.array_file)
+        runs = _runs(idx)
+        if self.reader is not None:
+            parts = [self.reader(a, b) for a, b in runs]
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        import h5py
+
+        with h5py.File(self.array_file, "r") as f:
+            d = f[self.array_key]
+            raw = d[runs[0][0]:runs[0][1]] if len(runs) == 1 else np.concatenate([d[a:b] for a, b in runs])
+        return _hwc(raw, self.array_file)
 
     def _stack(self, paths: list[Path]) -> np.ndarray:
         """Image files as one array; all tiles of an input must have the size of its first one, so a
@@ -59,6 +80,86 @@ class TileSet:
                 raise TubError(f"{p} is {im.shape[1]}x{im.shape[0]} px but {first} is {shape[1]}x{shape[0]}; "
                                "the tiles of one input must share one size: resize them or embed them separately")
         return np.stack(images)
+
+
+def _runs(idx: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted distinct indices as [start, stop) runs of consecutive ones."""
+    if not len(idx):
+        return [(0, 0)]
+    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    return [(int(r[0]), int(r[-1]) + 1) for r in np.split(idx, breaks)]
+
+
+class TileStream:
+    """The tiles of one or more inputs as one sequence (input after input, as concatenating them would
+    give), decoded on demand: ``take(idx)`` reads only the tiles at ``idx`` (each distinct one once),
+    ``stream[a:b]`` a range, so training holds one step's tiles instead of the whole corpus. With
+    several inputs each tile is C-contiguous, as a row of ``np.concatenate`` of them was."""
+
+    def __init__(self, sets: list[TileSet]):
+        self.sets = list(sets)
+        self.starts = np.cumsum([0] + [len(ts) for ts in self.sets])
+        self.contiguous = len(self.sets) > 1
+        self.shape = None
+        if len(self.sets) > 1:  # as concatenating would have: every input's tiles of one size, checked up front
+            for ts in self.sets:
+                self._check(ts, ts.read(0, 1))
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def _check(self, ts: TileSet, arr: np.ndarray) -> None:
+        if self.shape is None:
+            self.shape = (ts.name, arr.shape[1:])
+        elif arr.shape[1:] != self.shape[1]:
+            (h, w), (h0, w0) = arr.shape[1:3], self.shape[1][:2]
+            raise TubError(f"the tiles of input {ts.name} are {w}x{h} px but those of {self.shape[0]} are {w0}x{h0}; "
+                           "the tiles of all training inputs must share one size: resize them or train on one")
+
+    def take(self, indices) -> list[np.ndarray]:
+        """The tiles at ``indices`` (any order, repeats allowed), in that order."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"tile index out of range 0..{len(self) - 1}")
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        which = np.searchsorted(self.starts, uniq, side="right") - 1
+        got: list = [None] * len(uniq)
+        for k in np.unique(which):
+            pos = np.flatnonzero(which == k)
+            ts = self.sets[k]
+            arr = ts.read_indices(uniq[pos] - self.starts[k])
+            if self.contiguous:
+                self._check(ts, arr)
+            for j, tile in zip(pos, arr):
+                got[j] = np.ascontiguousarray(tile) if self.contiguous else tile
+        return [got[i] for i in inverse.reshape(-1)]
+
+    def __getitem__(self, key):
+        if not isinstance(key, slice):
+            i = int(key)
+            return self.take([i + len(self) if i < 0 else i])[0]
+        a, b, step = key.indices(len(self))
+        if step != 1:
+            return np.stack(self.take(np.arange(a, b, step)))
+        parts = []
+        for k, ts in enumerate(self.sets):
+            lo, hi = max(a, int(self.starts[k])), min(b, int(self.starts[k + 1]))
+            if lo < hi:
+                arr = ts.read(lo - int(self.starts[k]), hi - int(self.starts[k]))
+                if self.contiguous:
+                    self._check(ts, arr)
+                parts.append(arr)
+        if not parts:
+            return np.zeros((0, *(self.shape[1] if self.shape else (0, 0, 3))), np.uint8)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def take_tiles(tiles, indices) -> list[np.ndarray]:
+    """The tiles at ``indices`` in order: rows of an in-memory (n, H, W, 3) array, or read on demand from a
+    ``TileStream``."""
+    if isinstance(tiles, np.ndarray):
+        return [tiles[i] for i in indices]
+    return tiles.take(indices)
 
 
 FLOAT_TOLERANCE = 1e-3  # float tiles may overshoot [0, 1] by rounding (e.g. after resampling)
@@ -160,13 +261,46 @@ def _npz_arrays(path: Path, wanted) -> tuple[str, dict[str, np.ndarray]]:
         if key is None:
             raise TubError(f"{path}: no tile array (one of {ARRAY_KEYS}); keys are {keys}")
         arrays = {}
-        for k in [key, *(k for k in keys if k in wanted)]:
+        mapped = _npz_memmap(path, key)
+        if mapped is not None:  # stored uncompressed (numpy.savez): tiles are read from the file when used
+            arrays[key] = mapped
+        for k in [*([] if mapped is not None else [key]), *(k for k in keys if k in wanted)]:
             try:
                 arrays[k] = z[k]
             except Exception as exc:  # noqa: BLE001 - numpy's reasons (pickled objects, corrupt member)
                 raise TubError(f"{path}: cannot load array {k!r} ({str(exc).splitlines()[0]}); store numbers, "
                                "and text as a numpy string array (dtype=str)") from None
     return key, arrays
+
+
+def _npz_memmap(path: Path, key: str) -> np.ndarray | None:
+    """The NPZ member ``key`` memory-mapped (read-only) when it is stored uncompressed and holds no
+    Python objects (what ``numpy.savez`` writes), so a large tile array is not loaded whole; None
+    otherwise (compressed members are loaded)."""
+    import struct
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            info = zf.getinfo(f"{key}.npy")
+        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+            return None
+        with open(path, "rb") as f:
+            f.seek(info.header_offset)
+            local = f.read(30)
+            if local[:4] != b"PK\x03\x04":
+                return None
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(f)
+            offset = f.tell()
+        if dtype.hasobject or 0 in shape or offset + dtype.itemsize * int(np.prod(shape)) > path.stat().st_size:
+            return None
+        return np.memmap(path, dtype=dtype, mode="r", shape=shape, order="F" if fortran else "C", offset=offset)
+    except (KeyError, ValueError, OSError, struct.error):
+        return None
 
 
 def _h5_arrays(path: Path, wanted) -> tuple[str, int, dict[str, np.ndarray]]:
