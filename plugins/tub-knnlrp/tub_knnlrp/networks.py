@@ -10,6 +10,13 @@ soft (log-sum-exp with stiffness γ) for the SVM and an order statistic for the 
 here holds the class points as plain arrays, so it needs neither the fitted scikit-learn object
 nor pickle; :mod:`tub_knnlrp.neuralize` builds networks from fitted estimators.
 
+Every quantity is computed independently per input row, so the networks process the rows in blocks
+(:func:`rows_per_block`): the (rows × class points) distance, index and pooling matrices exist only
+for one block at a time (about :data:`BLOCK_BYTES`), whatever the number of rows explained. Blocking
+leaves the kNN bit-for-bit unchanged (per-row distances, neighbour selection and reductions) and the SVM's
+g too; the SVM's pooled moments go through matrix products whose last-bit rounding may depend on a
+block's row count (≤ 1e-12 relative; see ``tests/knnlrp/test_knnlrp_blocks.py``).
+
 A network returns, for each input row, its output ``g`` and its *pooled moments*:
 
 * ``mean_pos``/``mean_neg``: Σ_i p_i x_i (+ p_b x for the virtual support vector), the pooled
@@ -26,6 +33,26 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.special import logsumexp, softmax
+
+
+BLOCK_BYTES = 256 * 2**20
+"""Memory budget for the per-block (rows × class points) work arrays of one network call."""
+
+BLOCK_ROWS: int | None = None
+"""Fixed rows per block, overriding :data:`BLOCK_BYTES` (None: from the budget). For tests."""
+
+
+def rows_per_block(n_points: int, arrays: int) -> int:
+    """Rows per block so that ``arrays`` float64/int64 matrices of (rows × n_points) fit in BLOCK_BYTES."""
+    if BLOCK_ROWS is not None:
+        return max(1, int(BLOCK_ROWS))
+    return max(1, int(BLOCK_BYTES // (max(1, int(n_points)) * 8 * max(1, int(arrays)))))
+
+
+def row_blocks(n: int, rows: int):
+    """Consecutive row slices of at most ``rows`` rows covering 0 … n − 1."""
+    for start in range(0, n, rows):
+        yield slice(start, min(n, start + rows))
 
 
 def squared_distances(X: np.ndarray, P: np.ndarray) -> np.ndarray:
@@ -115,38 +142,68 @@ class NeuralizedSVM:
             z_neg = np.hstack([z_neg, col])
         return z_pos, z_neg
 
-    def forward(self, X) -> np.ndarray:
-        """g(x) = LSE(−γ z⁺) − LSE(−γ z⁻) = log(f⁺(x)/f⁻(x)); sign(g) = sign(f)."""
-        z_pos, z_neg = self.units(X)
+    def block_rows(self, arrays: int) -> int:
+        """Rows per block for ``arrays`` work matrices of (rows × all units)."""
+        return rows_per_block(len(self.points_pos) + len(self.points_neg) + 1, arrays)
+
+    def _output(self, z_pos, z_neg) -> np.ndarray:
         return logsumexp(-self.gamma * z_pos, axis=1) - logsumexp(-self.gamma * z_neg, axis=1)
 
-    def decision_function(self, X) -> np.ndarray:
-        """f(x) itself, from the stored arrays (equals SVC.decision_function)."""
+    def forward(self, X) -> np.ndarray:
+        """g(x) = LSE(−γ z⁺) − LSE(−γ z⁻) = log(f⁺(x)/f⁻(x)); sign(g) = sign(f). Row blocks."""
         X = np.asarray(X, dtype=np.float64)
-        k_pos = np.exp(-self.gamma * squared_distances(X, self.points_pos))
-        k_neg = np.exp(-self.gamma * squared_distances(X, self.points_neg))
-        return k_pos @ self.alpha_pos - k_neg @ self.alpha_neg + self.intercept
+        g = np.empty(len(X))
+        for sl in row_blocks(len(X), self.block_rows(4)):
+            g[sl] = self._output(*self.units(X[sl]))
+        return g
 
-    def pooling(self, X, beta=None):
-        """p± = softmax(−β z±) including the virtual SV's column (§2.2, 'pooling weights')."""
+    def decision_function(self, X) -> np.ndarray:
+        """f(x) itself, from the stored arrays (equals SVC.decision_function). Row blocks."""
+        X = np.asarray(X, dtype=np.float64)
+        f = np.empty(len(X))
+        for sl in row_blocks(len(X), self.block_rows(3)):
+            k_pos = np.exp(-self.gamma * squared_distances(X[sl], self.points_pos))
+            k_neg = np.exp(-self.gamma * squared_distances(X[sl], self.points_neg))
+            f[sl] = k_pos @ self.alpha_pos - k_neg @ self.alpha_neg + self.intercept
+        return f
+
+    def _pool(self, z_pos, z_neg, beta):
         beta = self.gamma if beta is None else float(beta)
-        z_pos, z_neg = self.units(X)
         return softmax(-beta * z_pos, axis=1), softmax(-beta * z_neg, axis=1)
 
+    def pooling(self, X, beta=None):
+        """p± = softmax(−β z±) including the virtual SV's column (§2.2, 'pooling weights').
+
+        Returns the full (n, m±[+1]) matrices; the explain path uses :meth:`moments`, which pools
+        block by block and keeps per-row results only.
+        """
+        return self._pool(*self.units(X), beta)
+
     def moments(self, X, beta=None) -> PooledMoments:
-        """Pooled class points and squared differences; the virtual SV sits at x itself."""
+        """Pooled class points and squared differences; the virtual SV sits at x itself.
+
+        Rows are processed in blocks; per block the units are computed once and give both the
+        output g and the pooling weights.
+        """
         X = np.asarray(X, dtype=np.float64)
-        p_pos, p_neg = self.pooling(X, beta)
-        out = []
-        for p, pts, side in ((p_pos, self.points_pos, 1), (p_neg, self.points_neg, -1)):
-            m = len(pts)
-            p_real = p[:, :m]
-            p_virtual = p[:, m] if p.shape[1] > m else np.zeros(len(X))
-            mean = p_real @ pts + p_virtual[:, None] * X
-            # Σ_i p_i (x − x_i)² = (Σ p_i) x² − 2 x Σ p_i x_i + Σ p_i x_i², over the real SVs only
-            sq = (1.0 - p_virtual)[:, None] * X**2 - 2.0 * X * (p_real @ pts) + p_real @ (pts**2)
-            out.append((mean, sq))
-        return PooledMoments(self.forward(X), out[0][0], out[1][0], out[0][1], out[1][1])
+        n, d = X.shape
+        g = np.empty(n)
+        res = {side: (np.empty((n, d)), np.empty((n, d))) for side in (1, -1)}
+        for sl in row_blocks(n, self.block_rows(6)):
+            Xb = X[sl]
+            z_pos, z_neg = self.units(Xb)
+            g[sl] = self._output(z_pos, z_neg)
+            p_pos, p_neg = self._pool(z_pos, z_neg, beta)
+            del z_pos, z_neg
+            for p, pts, side in ((p_pos, self.points_pos, 1), (p_neg, self.points_neg, -1)):
+                m = len(pts)
+                p_real = p[:, :m]
+                p_virtual = p[:, m] if p.shape[1] > m else np.zeros(len(Xb))
+                mean, sq = res[side]
+                mean[sl] = p_real @ pts + p_virtual[:, None] * Xb
+                # Σ_i p_i (x − x_i)² = (Σ p_i) x² − 2 x Σ p_i x_i + Σ p_i x_i², over the real SVs only
+                sq[sl] = (1.0 - p_virtual)[:, None] * Xb**2 - 2.0 * Xb * (p_real @ pts) + p_real @ (pts**2)
+        return PooledMoments(g, res[1][0], res[-1][0], res[1][1], res[-1][1])
 
     def gradient(self, X) -> np.ndarray:
         """∇g(x) = 2γ(Σp⁺x_i + p⁺_b x − Σp⁻x_j − p⁻_b x) with p at β = γ (the true gradient)."""
@@ -157,15 +214,20 @@ class NeuralizedSVM:
         """Σp⁻c⁻ − Σp⁺c⁺, c the constant part of each unit (−log α/γ, or z_b for the virtual SV).
 
         Σ_d R^mid + this = Σp⁻z⁻ − Σp⁺z⁺: what the midpoint rule leaves out (§2.2 identity).
+        Row blocks.
         """
-        p_pos, p_neg = self.pooling(X, beta)
+        X = np.asarray(X, dtype=np.float64)
         c_pos = -np.log(self.alpha_pos) / self.gamma
         c_neg = -np.log(self.alpha_neg) / self.gamma
         if self.virtual_side > 0:
             c_pos = np.append(c_pos, self.z_intercept)
         elif self.virtual_side < 0:
             c_neg = np.append(c_neg, self.z_intercept)
-        return p_neg @ c_neg - p_pos @ c_pos
+        out = np.empty(len(X))
+        for sl in row_blocks(len(X), self.block_rows(4)):
+            p_pos, p_neg = self.pooling(X[sl], beta)
+            out[sl] = p_neg @ c_neg - p_pos @ c_pos
+        return out
 
     def to_arrays(self) -> dict:
         return {
@@ -219,11 +281,17 @@ class NeuralizedKNN:
         return (self.k + 1) // 2
 
     def _window(self, X, pts):
-        """Indices and squared distances (n, 2κ+1) of the points at ranks k_d − κ … k_d + κ."""
+        """Indices and squared distances (n, 2κ+1) of the points at ranks k_d − κ … k_d + κ.
+
+        Selection is per row (``np.argpartition`` along axis 1, then a stable sort of the selected
+        distances), so a row's window does not depend on the other rows passed with it: equidistant
+        points are resolved the same way whatever the block of rows (checked with exact ties in
+        ``tests/knnlrp/test_knnlrp_blocks.py``). :meth:`moments` calls this one row block at a time.
+        """
         D = squared_distances(X, pts)
         hi = self.k_decisive + self.kappa  # ranks 1..hi are needed
         if hi < D.shape[1]:
-            part = np.argpartition(D, hi - 1, axis=1)[:, :hi]
+            part = np.argpartition(D, hi - 1, axis=1)[:, :hi].copy()  # copy: free the (rows × points) indices
         else:
             part = np.broadcast_to(np.arange(D.shape[1]), D.shape).copy()
         order = np.argsort(np.take_along_axis(D, part, axis=1), axis=1, kind="stable")
@@ -231,15 +299,24 @@ class NeuralizedKNN:
         return ranked, np.take_along_axis(D, ranked, axis=1)
 
     def moments(self, X, beta=None) -> PooledMoments:
-        """Pooled moments over the rank window; ``beta`` is accepted and unused (no soft pooling)."""
+        """Pooled moments over the rank window; ``beta`` is accepted and unused (no soft pooling).
+
+        Rows are processed in blocks (distances, selection, gather and pooling), keeping only the
+        per-row results.
+        """
         X = np.asarray(X, dtype=np.float64)
-        out = []
-        for pts in (self.points_pos, self.points_neg):
-            idx, dist = self._window(X, pts)
-            sel = pts[idx]  # (n, 2κ+1, d)
-            diff2 = (X[:, None, :] - sel) ** 2
-            out.append((sel.mean(axis=1), diff2.mean(axis=1), dist.mean(axis=1)))
-        (mean_pos, sq_pos, d_pos), (mean_neg, sq_neg, d_neg) = out
+        n, d = X.shape
+        res = [(np.empty((n, d)), np.empty((n, d)), np.empty(n)) for _ in range(2)]
+        # per block: the distance matrix and argpartition's index matrix, (rows × points) each
+        rows = rows_per_block(max(len(self.points_pos), len(self.points_neg)), 2)
+        for sl in row_blocks(n, rows):
+            Xb = X[sl]
+            for (mean, sq, dmean), pts in zip(res, (self.points_pos, self.points_neg)):
+                idx, dist = self._window(Xb, pts)
+                sel = pts[idx]  # (rows, 2κ+1, d)
+                diff2 = (Xb[:, None, :] - sel) ** 2
+                mean[sl], sq[sl], dmean[sl] = sel.mean(axis=1), diff2.mean(axis=1), dist.mean(axis=1)
+        (mean_pos, sq_pos, d_pos), (mean_neg, sq_neg, d_neg) = res
         g = d_neg - d_pos  # g_κ from the order statistics themselves
         return PooledMoments(g, mean_pos, mean_neg, sq_pos, sq_neg)
 
