@@ -104,10 +104,12 @@ def _load(cfg):
 
 def explain(cfg, run) -> dict:
     from tub_xmil.bags import BAG_SUFFIXES, read_bag
-    from tub_xmil.pipeline import choose_target, expand_inputs, explain_bag
+    from tub_xmil.explain import explain as explain_scores, lrp_scores
+    from tub_xmil.pipeline import choose_target, expand_inputs, explain_bag, lrp_params_for
     from tub_xmil.tasks import prediction_score
 
     model, meta, task = _load(cfg)
+    rel = cfg.lrp.explained_rel if task == "classification" else None  # as explain_bag passes it
     bags = expand_inputs(cfg.bags, BAG_SUFFIXES)
     for path, out in run.batch(bags, output_for=lambda p: run.outputs_dir / f"{Path(p).stem}.json"):
         with run.item(path):
@@ -121,14 +123,22 @@ def explain(cfg, run) -> dict:
                 pred = float(prediction_score(model(x[None]), task, target)[0])
             rec = {"slide_id": Path(path).stem, "task": task, "target": target, "prediction": pred,
                    "n_patches": int(len(x))}
+            # spec §2.3: TransMIL leaves part of the relevance on the CLS token; report it
+            cls_report = "lrp" in cfg.method and getattr(model, "kind", "") == "transmil"
+            det = None
             for m in cfg.method:
-                rec[f"patch_scores_{m}"] = explain_bag(model, x, m, task, target, cfg,
-                                                       seed=run.item_seed(Path(path).stem)).tolist()
-            if "lrp" in cfg.method and getattr(model, "kind", "") == "transmil":
-                # spec §2.3: TransMIL leaves part of the relevance on the CLS token; report it
-                from tub_xmil.explain import lrp_scores
-                from tub_xmil.pipeline import lrp_params_for
-                _, det = lrp_scores(model, x, task, target, lrp_params_for(model, cfg.lrp), return_details=True)
+                seed = run.item_seed(Path(path).stem)
+                if m == "lrp" and cls_report and det is None and rel in (None, "logit"):
+                    # the LRP pass that gives the scores also gives the CLS relevance (one pass)
+                    sc, det = explain_scores(model, x, m, task, target, lrp=lrp_params_for(model, cfg.lrp),
+                                             ig_steps=cfg.ig_steps, seed=seed, explained_rel=rel,
+                                             return_details=True)
+                else:
+                    sc = explain_bag(model, x, m, task, target, cfg, seed=seed)
+                rec[f"patch_scores_{m}"] = sc.tolist()
+            if cls_report:
+                if det is None:  # scores explain softmax/contrastive; the CLS report is for the logit
+                    _, det = lrp_scores(model, x, task, target, lrp_params_for(model, cfg.lrp), return_details=True)
                 rec["lrp_cls_relevance"] = det["cls_relevance"]
                 rec["lrp_output_relevance"] = float(det["output_relevance"].sum())
             if coords is not None:
@@ -156,7 +166,10 @@ def evaluate(cfg, run) -> dict:
 
     model, meta, task = _load(cfg)
     classes = _classes(meta) if task == "classification" else None
-    slides, _ = load_slides(cfg.features, cfg.labels, task, split=cfg.split, classes=classes)
+    # every bag is checked here (also against the model's input dimension) before any output; the
+    # slides are lazy: each bag is read again when it is predicted / flipped, one at a time
+    slides, _ = load_slides(cfg.features, cfg.labels, task, split=cfg.split, classes=classes,
+                            input_dim=meta["kwargs"].get("input_dim"))
     preds = predict(model, slides, task)
     out = {"slides": len(slides), **task_metrics(slides, preds, task)}
     if not cfg.flipping:
@@ -164,16 +177,18 @@ def evaluate(cfg, run) -> dict:
     per_slide = []
     for s in run.progress(slides, total=len(slides), desc="patch flipping"):
         target = int(s.label) if task == "classification" else 0
-        if false_prediction(model, s.features, task, target):
+        x = s.features  # read once per slide, used by every method
+        if false_prediction(model, x, task, target):
             per_slide.append({"slide_id": s.slide_id, "false_pred": True})
-            continue
-        rec = {"slide_id": s.slide_id, "false_pred": False}
-        for m in cfg.method:
-            scores = explain_bag(model, s.features, m, task, target, cfg, seed=run.item_seed(s.slide_id))
-            res = slide_flipping(model, s.features, scores, task, target, cfg.strategy)
-            rec[m] = {a: {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in r.items()}
-                      if isinstance(r, dict) else r for a, r in res.items()}
-        per_slide.append(rec)
+        else:
+            rec = {"slide_id": s.slide_id, "false_pred": False}
+            for m in cfg.method:
+                scores = explain_bag(model, x, m, task, target, cfg, seed=run.item_seed(s.slide_id))
+                res = slide_flipping(model, x, scores, task, target, cfg.strategy)
+                rec[m] = {a: {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in r.items()}
+                          if isinstance(r, dict) else r for a, r in res.items()}
+            per_slide.append(rec)
+        del x  # before the next slide's bag is read
     kept = [r for r in per_slide if not r["false_pred"]]
     out["flipping_slides"] = len(kept)
     out["excluded_false_pred"] = len(per_slide) - len(kept)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,16 +14,70 @@ from tub_xmil.bags import find_bag, read_bag
 from tub_xmil.splits import ACCEPTED, split_name
 
 
-@dataclass
 class Slide:
-    slide_id: str
-    features: torch.Tensor
-    coords: np.ndarray | None
-    label: float
-    time: float = float("nan")
-    event: int = 1
-    split: str = "train"
-    extra: dict = field(default_factory=dict)
+    """A labelled slide and its bag of patch features.
+
+    ``load_slides`` gives lazy slides: they keep the bag's ``path`` and its (patches, dim) ``shape``
+    and read the features from disk each time ``features`` is asked for (one bag per training step,
+    as CLAM/TRIDENT do), so a cohort costs about one bag of memory, not all of them. A slide made with
+    a ``features`` tensor (the demo, tests) holds it, as before."""
+
+    def __init__(self, slide_id: str, features: torch.Tensor | None = None, coords: np.ndarray | None = None,
+                 label: float = 0.0, time: float = float("nan"), event: int = 1, split: str = "train",
+                 extra: dict | None = None, *, path: str | Path | None = None,
+                 shape: tuple[int, int] | None = None):
+        if features is None and path is None:
+            raise ValueError("a Slide needs its features or the path of its bag")
+        self.slide_id, self.label, self.time, self.event, self.split = slide_id, label, time, event, split
+        self.extra = {} if extra is None else extra
+        self._features, self._coords = features, coords
+        self.path = None if path is None else Path(path)
+        self._shape = None if shape is None else tuple(int(n) for n in shape)
+
+    @property
+    def lazy(self) -> bool:
+        """True when the features are read from ``path`` on each use, not held."""
+        return self._features is None
+
+    @property
+    def features(self) -> torch.Tensor:
+        """(patches, dim) float32: the held tensor, or the bag read from disk now (not kept)."""
+        return self._features if self._features is not None else self.load()[0]
+
+    @features.setter
+    def features(self, value: torch.Tensor) -> None:
+        self._features = value
+        self._shape = None if value is None else tuple(value.shape)
+
+    @property
+    def coords(self) -> np.ndarray | None:
+        if self._features is not None or self._coords is not None:
+            return self._coords
+        return self.load()[1]
+
+    @coords.setter
+    def coords(self, value: np.ndarray | None) -> None:
+        self._coords = value
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(patches, dim) without reading the bag when it was recorded at load time."""
+        return self._shape if self._shape is not None else tuple(self.features.shape)
+
+    def load(self) -> tuple[torch.Tensor, np.ndarray | None]:
+        """(features, coords) of the bag, read from disk (checked by ``read_bag``: NaN/inf, empty)."""
+        if self._features is not None:
+            return self._features, self._coords
+        x, coords, _ = read_bag(self.path)
+        if self._shape is not None and tuple(x.shape) != self._shape:
+            raise TubError(f"{self.path.name}: the bag changed while running: features are now {tuple(x.shape)}, "
+                           f"they were {self._shape} when the slides were loaded")
+        return x, coords
+
+    def __repr__(self) -> str:
+        where = f"path={str(self.path)!r}" if self.lazy else "features=<held>"
+        return (f"Slide(slide_id={self.slide_id!r}, {where}, shape={self._shape}, label={self.label!r}, "
+                f"time={self.time!r}, event={self.event!r}, split={self.split!r})")
 
 
 def read_labels(path: Path, task: str) -> list[tuple[int, dict]]:
@@ -110,8 +163,12 @@ def _check_rows(path, rows: list[tuple[int, dict]], task: str) -> None:
 
 
 def load_slides(features: Path, labels: Path, task: str, split: str | None = None,
-                classes: list[str] | None = None) -> tuple[list[Slide], list[str]]:
-    """Slides with their bags. Classification labels become indices into ``classes``: those of a
+                classes: list[str] | None = None,
+                input_dim: int | None = None) -> tuple[list[Slide], list[str]]:
+    """Lazy slides (see ``Slide``) with every check done here, before any training step or output:
+    labels, splits, one row per slide, a bag per slide, and each bag read once (read, check, drop:
+    about one bag of memory) for NaN/inf features, empty bags and one feature dimension for all slides
+    (``input_dim``: a model's). Classification labels become indices into ``classes``: those of a
     trained model when given (so evaluation uses the model's class order), else the sorted label
     values of the CSV, which must hold at least two."""
     if features is None or not Path(features).exists():
@@ -143,8 +200,15 @@ def load_slides(features: Path, labels: Path, task: str, split: str | None = Non
         p = find_bag(features, sid)
         if p is None:
             raise TubError(f"no bag for slide {sid} in {features} (.h5, .pt or .npz)")
-        x, coords, _ = read_bag(p)
-        slides.append(Slide(sid, x, coords, label, time, event, split=splits[line]))
+        x, _, _ = read_bag(p)  # raises on NaN/inf, empty or non-(patches, dim) features
+        shape = tuple(x.shape)
+        del x  # keep only the path: the bag is read again when a step needs it
+        if input_dim is not None and shape[1] != input_dim:
+            raise TubError(f"{p.name}: features are {shape[1]}-d, the model expects {input_dim}-d")
+        if slides and shape[1] != slides[0].shape[1]:
+            raise TubError(f"{p.name}: features are {shape[1]}-d, those of slide {slides[0].slide_id} are "
+                           f"{slides[0].shape[1]}-d; all bags must come from one encoder")
+        slides.append(Slide(sid, None, None, label, time, event, split=splits[line], path=p, shape=shape))
     if not slides:
         raise TubError(f"{labels}: no slides{' in split ' + split if split else ''}")
     return slides, classes or []

@@ -170,16 +170,22 @@ def random_scores(x, seed: int = 0) -> np.ndarray:
 
 def explain(model, x, method: str, task: str = "classification", target: int = 0,
             lrp: LRPParams | None = None, ig_steps: int = 50, seed: int = 0,
-            explained_rel: str | None = None) -> np.ndarray:
-    """Dispatch one explanation method; the model is put in eval mode and left as found."""
+            explained_rel: str | None = None, return_details: bool = False):
+    """Dispatch one explanation method; the model is put in eval mode and left as found.
+
+    ``return_details`` (method lrp only) returns (scores, details) as :func:`lrp_scores` does, so
+    that a caller needing the CLS/output relevance does not run LRP a second time."""
     method = ALIASES.get(method, method)
     if method not in METHODS:
         raise ValueError(f"unknown explanation method {method!r}; choose from {', '.join(METHODS)}")
+    if return_details and method != "lrp":
+        raise ValueError("return_details is available for method lrp only")
     was_training = model.training
     model.eval()
     try:
         if method == "lrp":
-            return lrp_scores(model, x, task, target, lrp, explained_rel=explained_rel)
+            return lrp_scores(model, x, task, target, lrp, explained_rel=explained_rel,
+                              return_details=return_details)
         if method == "ig":
             return integrated_gradients(model, x, task, target, ig_steps)
         if method == "gi":

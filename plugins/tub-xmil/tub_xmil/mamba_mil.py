@@ -20,11 +20,103 @@ import torch.nn.functional as F
 from tub_xmil.lrp import LRPParams, gamma_module, layer_norm_rule, linear_block
 
 
-def selective_scan(u, delta, A, B, C, D, delta_bias=None, chunk: int | None = None):
+def _scan_chunk(state, du, dt, A, B, C):
+    """One chunk of the scan. state: (b, d, n); du = dt * u, dt: (b, c, d); A: (d, n); B, C: (b, c, n).
+
+    x_t = exp(cum_t) state + sum_{j<=t} exp(cum_t - cum_j) dt_j B_j u_j with cum_t = sum_{r<=t} dt_r A.
+    Returns (y, x_last): y_t = C_t x_t (b, c, d) and the state after the chunk (b, d, n).
+    """
+    cum = torch.cumsum(dt[..., None] * A, dim=1)  # (b, c, d, n): sum_{r<=t} dA_r, dA <= 0
+    dBu = du[..., None] * B[:, :, None, :]  # (b, c, d, n)
+    diff = cum[:, :, None] - cum[:, None, :]  # (b, t, j, d, n)
+    c = dt.shape[1]
+    tri = torch.ones(c, c, dtype=torch.bool, device=dt.device).tril()
+    w = torch.where(tri[None, :, :, None, None], diff, torch.full_like(diff, float("-inf"))).exp()
+    xs = torch.exp(cum) * state[:, None] + (w * dBu[:, None]).sum(2)
+    return torch.einsum("btdn,btn->btd", xs, C), xs[:, -1]
+
+
+def _scan_forward(du, dt, A, B, C, chunk):
+    """All chunks in order, into preallocated outputs (no autograd). Returns y (b, l, d) and the
+    state entering every chunk (k, b, d, n)."""
+    b, l, d = du.shape
+    dtype = torch.promote_types(torch.promote_types(du.dtype, dt.dtype), torch.promote_types(A.dtype, B.dtype))
+    dtype = torch.promote_types(dtype, C.dtype)
+    starts = range(0, l, chunk)
+    y = du.new_empty(b, l, d, dtype=dtype)
+    states = du.new_empty(len(starts), b, d, A.shape[1], dtype=dtype)
+    state = states[0].zero_()
+    for i, s in enumerate(starts):
+        e = min(l, s + chunk)
+        if i:
+            states[i] = state
+        y[:, s:e], state = _scan_chunk(states[i], du[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e])
+    return y, states
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """The chunked scan with chunk-wise recomputation in backward (activation checkpointing).
+
+    Forward keeps only its inputs and the (b, d, n) state entering each chunk; backward walks the
+    chunks in reverse, rebuilds each chunk's autograd graph from its saved entering state and
+    differentiates it (the carried state's gradient flows into the previous chunk). Only one
+    chunk's (b, c, c, d, n) tensors exist at any time, and every long-lived buffer is allocated
+    before the chunk loop (no heap fragmentation from interleaved allocations). The recomputed
+    graph is the plain one of :func:`_scan_chunk`; inputs that do not require a gradient (the
+    LRP rule detaches dt, A, B, C) get none, as in plain autograd.
+    """
+
+    @staticmethod
+    def forward(ctx, du, dt, A, B, C, chunk):
+        y, states = _scan_forward(du, dt, A, B, C, chunk)
+        ctx.save_for_backward(du, dt, A, B, C, states)
+        ctx.chunk = chunk
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        du, dt, A, B, C, states = ctx.saved_tensors
+        need = ctx.needs_input_grad[:5]
+        full = (du, dt, A, B, C)
+        grads = [torch.zeros_like(t) if nd else None for t, nd in zip(full, need)]
+        l, chunk = du.shape[1], ctx.chunk
+        gstate = None
+        for i in reversed(range(len(states))):
+            s = i * chunk
+            e = min(l, s + chunk)
+            with torch.enable_grad():
+                state = states[i].detach().requires_grad_(i > 0)
+                parts = [t.detach() if t.dim() == 2 else t[:, s:e].detach() for t in full]  # A is (d, n)
+                parts = [t.requires_grad_(nd) for t, nd in zip(parts, need)]
+                y, x_last = _scan_chunk(state, *parts)
+                inputs = [t for t in [state] + parts if t.requires_grad]
+                outs, gouts = [y], [gy[:, s:e]]
+                if gstate is not None:
+                    outs.append(x_last), gouts.append(gstate)
+                g = list(torch.autograd.grad(outs, inputs, gouts))
+            gstate = g.pop(0) if i > 0 else None
+            for k, nd in enumerate(need):
+                if nd:
+                    gk = g.pop(0)
+                    if k == 2:
+                        grads[k] += gk
+                    else:
+                        grads[k][:, s:e] = gk
+        return (*grads, None)
+
+
+def selective_scan(u, delta, A, B, C, D, delta_bias=None, chunk: int | None = None,
+                   checkpoint: bool = True):
     """Selective scan. u, delta: (b, d, l); A: (d, n); B, C: (b, n, l); D: (d,). Returns (b, d, l).
 
     Sequential over chunks of ``chunk`` steps; inside a chunk the recurrence is unrolled with
     cumulative products of exp(dt A) in closed form, so the Python loop runs l/chunk times.
+    The 4-D (b, c, d, n) / (b, c, c, d, n) tensors are built per chunk only. With ``checkpoint``
+    (default) a gradient is computed by recomputing the chunks in backward (:class:`_ChunkedScan`):
+    memory O(b l (d + n) + b c^2 d n) instead of O(b l c d n) for training and LRP, with the
+    gradients of plain autograd. ``checkpoint=False``: plain autograd through every chunk (keeps
+    all chunk tensors; for tests).
     """
     if delta_bias is not None:
         delta = delta + delta_bias[None, :, None]
@@ -33,24 +125,24 @@ def selective_scan(u, delta, A, B, C, D, delta_bias=None, chunk: int | None = No
     n = A.shape[1]
     if chunk is None:  # keep the (b, c, c, d, n) intra-chunk tensor at ~4M elements
         chunk = int(max(1, min(32, (4e6 / max(b * d * n, 1)) ** 0.5)))
-    dA = delta.permute(0, 2, 1)[..., None] * A  # (b, l, d, n) log-decay per step (<= 0)
-    dBu = (delta * u).permute(0, 2, 1)[..., None] * B.permute(0, 2, 1)[:, :, None, :]  # (b,l,d,n)
-    state = u.new_zeros(b, d, n)
-    ys = []
-    Ct = C.permute(0, 2, 1)  # (b, l, n)
-    for s in range(0, l, chunk):
-        e = min(l, s + chunk)
-        cum = torch.cumsum(dA[:, s:e], dim=1)  # (b, c, d, n): sum_{r<=t} dA_r
-        # x_t = exp(cum_t) state + sum_{j<=t} exp(cum_t - cum_j) dBu_j
-        diff = cum[:, :, None] - cum[:, None, :]  # (b, t, j, d, n)
-        c = e - s
-        tri = torch.ones(c, c, dtype=torch.bool, device=u.device).tril()
-        w = torch.where(tri[None, :, :, None, None], diff, torch.full_like(diff, float("-inf"))).exp()
-        xs = torch.exp(cum) * state[:, None] + (w * dBu[:, None, s:e]).sum(2)
-        ys.append(torch.einsum("btdn,btn->btd", xs, Ct[:, s:e]))
-        state = xs[:, -1]
-    y = torch.cat(ys, dim=1).permute(0, 2, 1)
-    return y + u * D[None, :, None]
+    # one cast (not one per chunk) so A's gradient is summed over all chunks in the scan's dtype
+    A = A.to(torch.promote_types(A.dtype, delta.dtype))
+    dt = delta.permute(0, 2, 1)  # (b, l, d)
+    du = (delta * u).permute(0, 2, 1)  # (b, l, d)
+    Bt, Ct = B.permute(0, 2, 1), C.permute(0, 2, 1)  # (b, l, n)
+    args = (du, dt, A, Bt, Ct)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in args)):
+        y = _scan_forward(*args, chunk)[0]
+    elif checkpoint:
+        y = _ChunkedScan.apply(*args, chunk)
+    else:
+        state, ys = du.new_zeros(b, d, n), []
+        for s in range(0, l, chunk):
+            e = min(l, s + chunk)
+            yc, state = _scan_chunk(state, du[:, s:e], dt[:, s:e], A, Bt[:, s:e], Ct[:, s:e])
+            ys.append(yc)
+        y = torch.cat(ys, dim=1)
+    return y.permute(0, 2, 1) + u * D[None, :, None]
 
 
 def selective_scan_sequential(u, delta, A, B, C, D, delta_bias=None):

@@ -20,7 +20,8 @@ def model_kwargs(arch: str, m) -> dict:
 
 
 def predict(model, slides, task: str) -> np.ndarray:
-    """Per slide: class probabilities, the regression output, or the risk."""
+    """Per slide: class probabilities, the regression output, or the risk. Lazy slides are read one at a
+    time (each bag is dropped before the next is read)."""
     model.eval()
     device = next(model.parameters()).device
     out = []
@@ -53,7 +54,8 @@ def selection_score(metrics: dict, task: str) -> float:
 
 def train_model(cfg, run, train, val, classes) -> tuple[torch.nn.Module, dict]:
     task = cfg.task
-    input_dim = int(train[0].features.shape[1])
+    # a lazy slide (dataset.load_slides) knows its shape without reading the bag
+    input_dim = int(train[0].shape[1] if hasattr(train[0], "shape") else train[0].features.shape[1])
     edges = None
     if task == "survival":
         edges = survival_bin_edges([s.time for s in train], cfg.n_bins)
@@ -86,7 +88,7 @@ def train_model(cfg, run, train, val, classes) -> tuple[torch.nn.Module, dict]:
         losses = []
         for i in order:
             s = train[i]
-            x = s.features[None].to(run.device)
+            x = s.features[None].to(run.device)  # a lazy slide reads its bag from disk here
             y = torch.tensor([s.label], device=run.device)
             c = torch.tensor([1 - s.event], device=run.device)
             loss = task_loss(ddp(x), y, task, c)
@@ -94,6 +96,7 @@ def train_model(cfg, run, train, val, classes) -> tuple[torch.nn.Module, dict]:
             loss.backward()
             opt.step()
             losses.append(loss.item())
+            del x, loss  # before the next bag is read: about one bag in memory at a time
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan")}
         eval_set = val or train
         m = task_metrics(eval_set, predict(model, eval_set, task), task)

@@ -48,7 +48,13 @@ class NystromAttention(nn.Module):
         self.res_conv = nn.Conv2d(heads, heads, (k, 1), padding=(k // 2, 0), groups=heads, bias=False)
 
     def _attention(self, x, to_qkv, mode):
-        """mode: 'forward' | 'scores' (also return the n'xn' attention) | 'lrp' (AH rule)."""
+        """mode: 'forward' | 'scores' (also return the attention as factors) | 'lrp' (AH rule).
+
+        The Nystrom attention A = a1 a2^+ a3 (n'xm, mxm, mxn') is never formed: the output is
+        (a1 a2^+)(a3 v) and 'scores' returns the pair (a1 a2^+, a3), O(n' m) memory. The AH rule
+        treats A as constant, so the LRP output (a1 a2^+).detach() (a3.detach() v) equals
+        A.detach() v in value and in its gradient with respect to v. Full attention returns
+        (A, None)."""
         b, n, _ = x.shape
         m = self.num_landmarks
         pad = 0
@@ -66,16 +72,18 @@ class NystromAttention(nn.Module):
             a2 = (ql @ kl.transpose(-1, -2)).softmax(-1)
             a3 = (ql @ k.transpose(-1, -2)).softmax(-1)
             a2_inv = moore_penrose_pinv(a2, self.pinv_iterations)
+            b_fac = a1 @ a2_inv
             if mode == "forward":
-                return (a1 @ a2_inv) @ (a3 @ v), v, None, pad
-            attn = a1 @ a2_inv @ a3
-        else:
-            attn = (q @ k.transpose(-1, -2)).softmax(-1)
-            if mode == "forward":
-                return attn @ v, v, None, pad
+                return b_fac @ (a3 @ v), v, None, pad
+            if mode == "lrp":
+                return b_fac.detach() @ (a3.detach() @ v), v, None, pad
+            return b_fac @ (a3 @ v), v, (b_fac, a3), pad
+        attn = (q @ k.transpose(-1, -2)).softmax(-1)
+        if mode == "forward":
+            return attn @ v, v, None, pad
         if mode == "lrp":
             return attn.detach() @ v, v, None, pad
-        return attn @ v, v, attn, pad
+        return attn @ v, v, (attn, None), pad
 
     def forward(self, x, return_attention: bool = False, lrp: LRPParams | None = None):
         n = x.shape[1]
@@ -91,6 +99,19 @@ class NystromAttention(nn.Module):
         b, h, n2, d = out.shape
         out = to_out(out.transpose(1, 2).reshape(b, n2, h * d))[:, -n:]
         return (out, attn, pad) if return_attention else out
+
+
+def _head_mean_apply(bf: torch.Tensor, cf: torch.Tensor | None, r: torch.Tensor | None) -> torch.Tensor:
+    """With A = mean_h B_h C_h (C None: A = mean_h B_h): r A for a row vector r (b, n'), or the
+    row sums A 1 when r is None; (b, n') either way, without forming A."""
+    if r is None:
+        if cf is None:
+            return bf.sum(-1).mean(1)
+        return (bf @ cf.sum(-1, keepdim=True)).squeeze(-1).mean(1)
+    rb = (r[:, None, None, :] @ bf)  # (b, h, 1, m) or (b, h, 1, n')
+    if cf is not None:
+        rb = rb @ cf
+    return rb.squeeze(2).mean(1)
 
 
 class TransLayer(nn.Module):
@@ -184,20 +205,31 @@ class TransMIL(nn.Module):
         """Attention rollout (Abnar & Zuidema 2020) over both layers, heads averaged, with
         A~ = (A + I)/2 row-normalised; read the CLS row (index p, the Nyström padding) over the N
         patch columns. ``column_scaling`` reproduces the reference's division by a.sum(-1) without
-        keepdim (for parity checks only)."""
+        keepdim (for parity checks only).
+
+        The rollout is A~_L ... A~_1 and only its CLS row e_p^T A~_L ... A~_1 is read, so the row
+        vector r is carried from the last layer to the first, r <- r A~_l, with the head-mean
+        A = mean_h B_h C_h kept in its Nyström factors (B_h = a1 a2^+, C_h = a3): r A =
+        mean_h (r B_h) C_h and the row sums A 1 = mean_h B_h (C_h 1). With d = (A 1 + 1)/2 the
+        row sums of (A + I)/2, row normalisation gives r A~ = ((r/d) A + r/d)/2 and column
+        scaling (column j divided by d_j) gives r A~ = ((r A + r)/2)/d. O(n' m) memory instead
+        of n'^2 per head."""
         x = x if x.dim() == 3 else x[None]
         n = x.shape[1]
         with torch.no_grad():
             _, attns = self.forward(x, return_attention=True)
-            result = None
-            for attn, _ in attns:
-                a = attn.mean(1)
-                eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-                a = (a + eye) / 2
-                a = a / (a.sum(-1)[:, None, :] if column_scaling else a.sum(-1, keepdim=True))
-                result = a if result is None else a @ result
-        p = attns[0][1]
-        return result[:, p, p + 1: p + 1 + n]
+            p = attns[0][1]
+            (b0, _), _ = attns[0]
+            r = torch.zeros(b0.shape[0], b0.shape[2], dtype=b0.dtype, device=b0.device)
+            r[:, p] = 1
+            for (bf, cf), _ in reversed(attns):
+                d = (_head_mean_apply(bf, cf, None) + 1) / 2
+                if column_scaling:
+                    r = (_head_mean_apply(bf, cf, r) + r) / 2 / d
+                else:
+                    r = r / d
+                    r = (_head_mean_apply(bf, cf, r) + r) / 2
+        return r[:, p + 1: p + 1 + n]
 
     def lrp_blocks(self, params: LRPParams, **_):
         fc1 = self._fc1[0]
