@@ -629,7 +629,7 @@ def diffusion(cfg, run) -> dict:
         T = float(np.mean([t for t in temps if t is not None])) if any(t is not None for t in temps) else float("nan")
         per_run.append({"trajectory": str(p), "temperature_K": T, "D_cm2_s": res.D_cm2_s,
                         "D_err_cm2_s": res.D_err_cm2_s, "frames": len(frames)})
-        m = msd(pos, sel, cfg.axes, drift_atoms=drift)
+        m = msd(pos, sel, cfg.axes, drift_atoms=drift)  # whole run, all origins: FFT, O(T log T)
         name = Path(p).parent.parent.name if Path(p).stem == "trajectory" else Path(p).stem  # tub md's layout
         curves[f"{name} ({T:.0f} K)"] = (np.arange(len(m)) * dt, m)
     msd_plot(run.outputs_dir / "msd.png", curves)
