@@ -69,11 +69,13 @@ def test_pipeline_features_train_explain_evaluate_heatmap(data, tiny_encoder):
                 "-o", data / "feat"]))
     fdir = data / "feat" / "outputs" / "features"
     assert len(list(fdir.glob("*.h5"))) == 4
-    # reuse existing coordinates (CLAM/TRIDENT style) instead of tiling again
+    # reuse existing coordinates (CLAM/TRIDENT style) instead of tiling again (this test's own tiling,
+    # so it does not depend on another test having run)
+    _ok(invoke(["xmil", "tile", sl / "slide_000.tiff", "--mpp", "0.5", "-o", data / "coords", "--patch-size", "128"]))
     _ok(invoke(["xmil", "features", sl / "slide_000.tiff", "--encoder", tiny_encoder, "--coords-dir",
-                data / "tiles2" / "outputs" / "patches", "-o", data / "feat_reuse"]))
+                data / "coords" / "outputs" / "patches", "-o", data / "feat_reuse"]))
     with h5py.File(data / "feat_reuse" / "outputs" / "features" / "slide_000.h5") as a, \
-            h5py.File(data / "tiles2" / "outputs" / "patches" / "slide_000.h5") as b:
+            h5py.File(data / "coords" / "outputs" / "patches" / "slide_000.h5") as b:
         assert np.array_equal(a["coords"][:], b["coords"][:])
     labels = data / "data" / "labels.csv"
     for task, arch in (("classification", "attnmil"), ("classification", "transmil"), ("classification", "mambamil")):

@@ -104,7 +104,7 @@ def _load(cfg):
 
 def explain(cfg, run) -> dict:
     from tub_xmil.bags import BAG_SUFFIXES, read_bag
-    from tub_xmil.explain import explain as explain_scores, lrp_scores
+    from tub_xmil.explain import explain as explain_scores
     from tub_xmil.pipeline import choose_target, expand_inputs, explain_bag, lrp_params_for
     from tub_xmil.tasks import prediction_score
 
@@ -128,8 +128,9 @@ def explain(cfg, run) -> dict:
             det = None
             for m in cfg.method:
                 seed = run.item_seed(Path(path).stem)
-                if m == "lrp" and cls_report and det is None and rel in (None, "logit"):
-                    # the LRP pass that gives the scores also gives the CLS relevance (one pass)
+                if m == "lrp" and cls_report:
+                    # the LRP pass that gives the scores also gives the CLS relevance, for the same
+                    # explained output (logit, softmax or contrastive): scores + CLS = output relevance
                     sc, det = explain_scores(model, x, m, task, target, lrp=lrp_params_for(model, cfg.lrp),
                                              ig_steps=cfg.ig_steps, seed=seed, explained_rel=rel,
                                              return_details=True)
@@ -137,8 +138,6 @@ def explain(cfg, run) -> dict:
                     sc = explain_bag(model, x, m, task, target, cfg, seed=seed)
                 rec[f"patch_scores_{m}"] = sc.tolist()
             if cls_report:
-                if det is None:  # scores explain softmax/contrastive; the CLS report is for the logit
-                    _, det = lrp_scores(model, x, task, target, lrp_params_for(model, cfg.lrp), return_details=True)
                 rec["lrp_cls_relevance"] = det["cls_relevance"]
                 rec["lrp_output_relevance"] = float(det["output_relevance"].sum())
             if coords is not None:
