@@ -22,18 +22,6 @@ FIELDS = ("output", "mean_pos", "mean_neg", "sqdiff_pos", "sqdiff_neg")
 
 
 @pytest.fixture(scope="module")
-def cancer():
-    t = bundled("breast_cancer")
-    return standard_split(t.X, t.y)
-
-
-@pytest.fixture(scope="module")
-def digits49():
-    t = bundled("digits49")
-    return standard_split(t.X, t.y)
-
-
-@pytest.fixture(scope="module")
 def wine():
     t = bundled("wine")
     return standard_split(t.X, t.y)

@@ -11,18 +11,6 @@ from tub_knnlrp.fidelity import svm_identity_residual, svm_midpoint_residual
 from tub_knnlrp.rules import eta_svm
 
 
-@pytest.fixture(scope="module")
-def cancer():
-    t = bundled("breast_cancer")
-    return standard_split(t.X, t.y)
-
-
-@pytest.fixture(scope="module")
-def digits49():
-    t = bundled("digits49")
-    return standard_split(t.X, t.y)
-
-
 @pytest.mark.parametrize("dataset", ["cancer", "digits49"])
 @pytest.mark.parametrize("kappa", [0, 1, 2])
 def test_knn_midpoint_conserves_smoothed_output(dataset, kappa, request):

@@ -20,7 +20,6 @@ import pytest
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.svm import SVC
 
-from tub_knnlrp.data import bundled, standard_split
 from tub_knnlrp.explanation import explain
 
 REF = os.environ.get("KNNLRP_REFERENCE")
@@ -35,12 +34,6 @@ def reference():
         yield importlib.import_module("neuralised_svm"), importlib.import_module("neuralised_knn")
     finally:
         sys.path.remove(REF)
-
-
-@pytest.fixture(scope="module")
-def cancer():
-    t = bundled("breast_cancer")
-    return standard_split(t.X, t.y)
 
 
 RULES = [("GI", "gi", 0.0), ("midpoint", "midpoint", 1.0), ("hybrid", "hybrid", 0.8)]
