@@ -132,6 +132,16 @@ def expect_ok(result):
     return result
 
 
+def expect_error_line(result, *needles: str) -> str:
+    """Exit 2 with exactly one ``error:`` line naming every needle and no traceback; log lines before it
+    are allowed (a verb may log progress before it meets the bad input). Returns the line."""
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert all(n in lines[0] for n in needles), lines[0]
+    return lines[0]
+
+
 def expect_one_line_error(result) -> str:
     """Assert the project's bad-input contract: exit 2, one stderr line, no traceback; returns the line."""
     assert result.exit_code == 2, (result.stdout, result.stderr)

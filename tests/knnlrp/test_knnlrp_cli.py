@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from tubcli.testing import check_plugin, invoke
+from tubcli.testing import check_plugin, expect_error_line, invoke
 
 
 def test_conformance():
@@ -112,7 +112,7 @@ def test_explain_digits_draws_heatmaps(tmp_path):
         (["explain", "{test}"], "no model given"),
     ],
 )
-def test_bad_input_is_one_line_exit_2(args, words, knn_run, data_dir, tmp_path):
+def test_bad_input_isexpect_error_line(args, words, knn_run, data_dir, tmp_path):
     wrong = tmp_path / "wrong.csv"
     wrong.write_text("a,b\n1,2\n")
     subs = {"{train}": data_dir / "train.csv", "{test}": data_dir / "test.csv", "{missing}": tmp_path / "none",
@@ -161,13 +161,6 @@ def test_lower_precision_is_reported_not_silently_ignored(knn_run, data_dir, tmp
     assert json.loads(asked.stdout) == json.loads(quiet.stdout)
 
 
-def _one_line_exit_2(res, words):
-    assert res.exit_code == 2, res.output
-    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and words in lines[0], res.stderr
-    assert "Traceback" not in res.output
-
-
 @pytest.fixture
 def tiny_csv(tmp_path):
     X = np.random.default_rng(0).normal(size=(40, 3))
@@ -186,25 +179,25 @@ def tiny_csv(tmp_path):
         (["make-data", "iris", "--seed", str(10**23)], "'seed'"),
     ],
 )
-def test_bad_values_are_one_line_exit_2(args, words, tiny_csv, tmp_path):
+def test_bad_values_areexpect_error_line(args, words, tiny_csv, tmp_path):
     gap = tmp_path / "gap.csv"
     gap.write_text("a,target\n1,0\n2,\n3,1\n")
     subs = {"{tiny}": tiny_csv, "{gap}": gap}
     res = invoke(["knnlrp"] + [str(subs.get(a, a)) for a in args] + ["-o", str(tmp_path / "run")])
-    _one_line_exit_2(res, words)
+    expect_error_line(res, words)
 
 
 def test_unknown_eta_sweep_method_is_named(knn_run, data_dir, tmp_path):
     res = invoke(["knnlrp", "evaluate", str(data_dir / "test.csv"), "--model", str(knn_run), "--rows", "2",
                   "--methods", "lrp_etaabc", "-o", str(tmp_path / "e")])
-    _one_line_exit_2(res, "unknown or unavailable method(s) lrp_etaabc")
+    expect_error_line(res, "unknown or unavailable method(s) lrp_etaabc")
 
 
 def test_heatmaps_on_non_pixel_data_fail_before_writing(knn_run, data_dir, tmp_path):
     out = tmp_path / "ex"
     res = invoke(["knnlrp", "explain", str(data_dir / "test.csv"), "--model", str(knn_run), "--heatmaps",
                   "-o", str(out)])
-    _one_line_exit_2(res, "heatmaps need a square number of pixel features")
+    expect_error_line(res, "heatmaps need a square number of pixel features")
     assert not (out / "outputs" / "relevances.csv").exists() and not (out / "outputs" / "relevances.npz").exists()
 
 
@@ -217,7 +210,7 @@ def test_an_edited_model_is_a_one_line_error(knn_run, data_dir, tmp_path):
     meta["scaler"] = "minmax"
     (model / "model.json").write_text(json.dumps(meta))
     res = invoke(["knnlrp", "check", str(data_dir / "test.csv"), "--model", str(model), "-o", str(tmp_path / "c")])
-    _one_line_exit_2(res, "is not a valid tub-knnlrp model")
+    expect_error_line(res, "is not a valid tub-knnlrp model")
 
 
 def test_check_reports_multiclass_vote_ties(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tubcli.errors import TubError
-from tubcli.testing import invoke
+from tubcli.testing import expect_error_line, invoke
 
 from tub_xmil.bags import read_bag, write_features_h5
 from tub_xmil.synthetic import render_slide, write_pyramid
@@ -20,15 +20,6 @@ N_SLIDES = 4
 def _ok(res):
     assert res.exit_code == 0, (res.stdout, res.stderr)
     return res
-
-
-def _usage_error(res, *needles):
-    """Exit 2 with one line of error naming every needle, and no traceback."""
-    assert res.exit_code == 2, (res.stdout, res.stderr)
-    lines = [x for x in res.stderr.splitlines() if x.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
-    assert all(n in lines[0] for n in needles), lines[0]
-    return lines[0]
 
 
 def _bag(path, seed=0, n=6, dim=8):
@@ -74,11 +65,11 @@ def test_inputs_with_one_stem_are_an_error_before_any_work(tmp_path, bags, model
         (tmp_path / sub).mkdir()
         write_pyramid(tmp_path / sub / "s.tiff", img, mpp=0.5, levels=1)
     res = invoke(["xmil", "tile", tmp_path / "a", tmp_path / "b", "-o", tmp_path / "t"])
-    _usage_error(res, "two inputs are named 's'", "collide")
+    expect_error_line(res, "two inputs are named 's'", "collide")
     assert not (tmp_path / "t" / "outputs" / "patches").exists()
     _bag(tmp_path / "a" / "s.h5")
     np.savez(tmp_path / "a" / "s.npz", features=np.zeros((3, 8), np.float32))
-    _usage_error(invoke(["xmil", "explain", tmp_path / "a", "--model", model, "-o", tmp_path / "e"]),
+    expect_error_line(invoke(["xmil", "explain", tmp_path / "a", "--model", model, "-o", tmp_path / "e"]),
                  "two inputs are named 's'")
     # the same file named twice (folder + file) is one input, not a collision
     res = _ok(invoke(["xmil", "explain", bags, bags / "s0.h5", "--model", model, "-o", tmp_path / "e2", "--json"]))
@@ -91,7 +82,7 @@ def test_train_maps_labels_through_sorted_classes(tmp_path, bags):
     _ok(_train(tmp_path / "r", bags, labels))  # labels 1/2 used to be class indices: IndexError
     assert json.loads((tmp_path / "r" / "checkpoints" / "model.json").read_text())["classes"] == ["1", "2"]
     one = _csv(tmp_path / "one.csv", "slide_id,label", [(f"s{i}", 1) for i in range(N_SLIDES)])
-    _usage_error(_train(tmp_path / "r1", bags, one), "at least 2 classes")
+    expect_error_line(_train(tmp_path / "r1", bags, one), "at least 2 classes")
 
 
 def test_evaluate_uses_the_model_classes(tmp_path, bags, model):
@@ -106,7 +97,7 @@ def test_evaluate_uses_the_model_classes(tmp_path, bags, model):
         said_pos = [int(m(read_bag(bags / f"{sid}.h5")[0][None]).argmax()) == 1 for sid, _, _ in rows]
     assert json.loads(res.stdout)["balanced_accuracy"] == pytest.approx(np.mean(said_pos))
     unknown = _csv(tmp_path / "u.csv", "slide_id,label,split", [("s0", "maybe", "test")])
-    _usage_error(invoke(["xmil", "evaluate", "--model", model, "--features", bags, "--labels", unknown,
+    expect_error_line(invoke(["xmil", "evaluate", "--model", model, "--features", bags, "--labels", unknown,
                          "-o", tmp_path / "ev2"]), "'maybe' is not a class of the model", "line 2")
 
 
@@ -136,7 +127,7 @@ def test_multiclass_auroc_over_the_classes_present():
 ])
 def test_bad_label_rows_are_one_line_errors(tmp_path, bags, header, rows, task, needle):
     labels = _csv(tmp_path / "l.csv", header, rows)
-    _usage_error(_train(tmp_path / "r", bags, labels, "--task", task), needle)
+    expect_error_line(_train(tmp_path / "r", bags, labels, "--task", task), needle)
 
 
 def test_non_finite_features_are_refused_at_load(tmp_path, bags, model):
@@ -159,13 +150,13 @@ def test_non_finite_features_are_refused_at_load(tmp_path, bags, model):
     (["--set", "tiling.min_tissue=2"], "'tiling.min_tissue'"),
 ])
 def test_tiling_parameters_are_checked_up_front(tmp_path, args, key):
-    _usage_error(invoke(["xmil", "tile", tmp_path, *args, "-o", tmp_path / "t"]), key)
+    expect_error_line(invoke(["xmil", "tile", tmp_path, *args, "-o", tmp_path / "t"]), key)
 
 
 @pytest.mark.parametrize("args,key", [(["--epochs", "0"], "'epochs'"), (["--set", "lr=-1"], "'lr'"),
                                       (["--set", "val_fraction=1"], "'val_fraction'")])
 def test_training_options_are_checked_up_front(tmp_path, args, key):
-    _usage_error(invoke(["xmil", "train", "--features", tmp_path, "--labels", tmp_path / "l.csv", *args,
+    expect_error_line(invoke(["xmil", "train", "--features", tmp_path, "--labels", tmp_path / "l.csv", *args,
                          "-o", tmp_path / "m"]), key)
 
 
@@ -199,7 +190,7 @@ def test_heatmap_writes_each_method_and_skips_only_when_all_exist(tmp_path, bags
 # ---------------------------------------------------------------- 7: explained target
 @pytest.mark.parametrize("target", ["2", "-1"])
 def test_target_outside_the_model_classes(tmp_path, bags, model, target):
-    _usage_error(invoke(["xmil", "explain", bags, "--model", model, "--target", target, "-o", tmp_path / "e"]),
+    expect_error_line(invoke(["xmil", "explain", bags, "--model", model, "--target", target, "-o", tmp_path / "e"]),
                  f"--target {target}", "0..1", "neg, pos")
     assert not (tmp_path / "e" / "outputs").exists() or not list((tmp_path / "e" / "outputs").iterdir())
 
@@ -212,10 +203,10 @@ def test_foreign_model_files_and_tile_arrays(tmp_path, bags, model):
     vit.mkdir()
     save_file({"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, str(vit / "model.safetensors"))
     (vit / "model.json").write_text(json.dumps({"arch": "vit_small", "dim": 384}))
-    _usage_error(invoke(["xmil", "explain", bags, "--model", vit, "-o", tmp_path / "e1"]),
+    expect_error_line(invoke(["xmil", "explain", bags, "--model", vit, "-o", tmp_path / "e1"]),
                  "not the model.json of an xmil model")
     (vit / "bad.safetensors").write_bytes(b"\x00" * 40)
-    _usage_error(invoke(["xmil", "explain", bags, "--model", vit / "bad.safetensors", "-o", tmp_path / "e2"]),
+    expect_error_line(invoke(["xmil", "explain", bags, "--model", vit / "bad.safetensors", "-o", tmp_path / "e2"]),
                  "cannot read", "as safetensors")
     np.savez(tmp_path / "tiles.npz", tiles=np.zeros((4, 16, 16, 3), np.uint8), labels=np.zeros(4))
     with pytest.raises(TubError, match="not tiles"):
@@ -240,7 +231,7 @@ def test_flipping_strategy_is_a_config_error(strategy, ok):
 
 
 def test_bogus_strategy_exits_2(tmp_path):
-    _usage_error(invoke(["xmil", "evaluate", "--strategy", "bogus", "-o", tmp_path / "e"]), "'strategy'")
+    expect_error_line(invoke(["xmil", "evaluate", "--strategy", "bogus", "-o", tmp_path / "e"]), "'strategy'")
 
 
 # ---------------------------------------------------------------- second audit
@@ -261,11 +252,11 @@ def test_task_other_than_the_models_is_an_error(tmp_path, bags, model, regressio
     labels = _csv(tmp_path / "l.csv", "slide_id,label,target,split",
                   [(f"s{i}", ["neg", "pos"][i % 2], i, "test") for i in range(N_SLIDES)])
     ev = ["xmil", "evaluate", "--features", bags, "--labels", labels, "--set", "flipping=false"]
-    _usage_error(invoke([*ev, "--model", model, "--task", "regression", "-o", tmp_path / "e1"]),
+    expect_error_line(invoke([*ev, "--model", model, "--task", "regression", "-o", tmp_path / "e1"]),
                  "--task regression", "trained for classification")
-    _usage_error(invoke(["xmil", "explain", bags, "--model", model, "--task", "regression", "--target", "1",
+    expect_error_line(invoke(["xmil", "explain", bags, "--model", model, "--task", "regression", "--target", "1",
                          "-o", tmp_path / "e2"]), "trained for classification")
-    _usage_error(invoke(["xmil", "explain", bags, "--model", regression_model, "--task", "classification",
+    expect_error_line(invoke(["xmil", "explain", bags, "--model", regression_model, "--task", "classification",
                          "-o", tmp_path / "e3"]), "trained for regression")
     # without --task: the model's own; naming the same task is fine
     res = _ok(invoke([*ev, "--model", regression_model, "-o", tmp_path / "e4", "--json"]))
@@ -285,7 +276,7 @@ def test_split_names_are_normalised_in_train_and_evaluate(tmp_path, bags, model)
         args = [] if split is None else ["--split", split]  # default: the test rows only
         res = _ok(invoke([*ev, *args, "-o", tmp_path / f"e_{split}"]))
         assert json.loads(res.stdout)["slides"] == n, split
-    _usage_error(invoke([*ev, "--split", "dev", "-o", tmp_path / "e_dev"]), "'split'", "unknown split 'dev'")
+    expect_error_line(invoke([*ev, "--split", "dev", "-o", tmp_path / "e_dev"]), "'split'", "unknown split 'dev'")
 
 
 def _help(verb) -> str:

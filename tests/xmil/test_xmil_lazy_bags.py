@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tubcli.errors import TubError
-from tubcli.testing import invoke
+from tubcli.testing import expect_error_line, invoke
 
 import tub_xmil.dataset as dataset
 from tub_xmil.bags import read_bag, write_features_h5
@@ -25,14 +25,6 @@ DIM = 8
 def _ok(res):
     assert res.exit_code == 0, (res.stdout, res.stderr)
     return res
-
-
-def _usage_error(res, *needles):
-    assert res.exit_code == 2, (res.stdout, res.stderr)
-    lines = [x for x in res.stderr.splitlines() if x.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
-    assert all(n in lines[0] for n in needles), lines[0]
-    return lines[0]
 
 
 def _bag(path, seed, n, dim=DIM, label=0):
@@ -247,7 +239,7 @@ def test_bad_bags_are_one_line_errors_before_training(tmp_path, data, bad, needl
     monkeypatch.setattr(training, "task_loss", lambda *a: steps.append(1))
     res = invoke(["xmil", "train", "--features", bags, "--labels", labels, "--epochs", "1",
                   "--set", "model.features_dim=8", "-o", tmp_path / "r"])
-    _usage_error(res, needle)
+    expect_error_line(res, needle)
     assert not steps and not (tmp_path / "r" / "metrics.jsonl").exists()
     assert not (tmp_path / "r" / "checkpoints").exists() or not list((tmp_path / "r" / "checkpoints").iterdir())
 
@@ -260,5 +252,5 @@ def test_evaluate_checks_bags_against_the_model_before_any_output(tmp_path, data
     labels = _labels(tmp_path / "l.csv", {"s0": (0, "test"), "s1": (1, "test")})
     res = invoke(["xmil", "evaluate", "--model", tmp_path / "r" / "checkpoints", "--features", tmp_path / "bags",
                   "--labels", labels, "-o", tmp_path / "ev"])
-    _usage_error(res, "s1.h5: features are 4-d, the model expects 8-d")
+    expect_error_line(res, "s1.h5: features are 4-d, the model expects 8-d")
     assert not (tmp_path / "ev" / "outputs" / "flipping.json").exists()
