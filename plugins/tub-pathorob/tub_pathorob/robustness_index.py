@@ -126,27 +126,18 @@ def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 def nearest_other_slide_neighbours(X: np.ndarray, slide: np.ndarray, k_required: int) -> tuple[np.ndarray, int]:
     """kNN of every row among all rows, with the query's own slide removed and all rows truncated
-    to the shortest remaining list (spec §2.2 steps 2–3)."""
-    from .knn import nearest_neighbours
+    to the shortest remaining list (spec §2.2 steps 2–3). The result is that of querying
+    ``n_nb = k_required + max tiles per slide`` neighbours and dropping the own slide, but the own slide is
+    excluded before the selection (``nearest_other_group_neighbours``), so the cost does not grow with
+    the largest slide."""
+    from .knn import nearest_other_group_neighbours
 
     n = len(X)
     max_tiles = int(np.bincount(slide).max())
     n_nb = min(k_required + max_tiles, n)
-    idx = nearest_neighbours(X, n_nb)
-    step = _CHUNK // n_nb + 1  # row chunks keep the temporaries small (fresh memory is slow to fault in)
-    keep = np.empty(idx.shape, dtype=bool)
-    for s in range(0, n, step):
-        np.not_equal(slide[idx[s:s + step]], slide[s:s + step, None], out=keep[s:s + step])
-    count = np.count_nonzero(keep, axis=1)
-    m = int(count.min())
+    out, m = nearest_other_group_neighbours(X, slide, n_nb)
     if m == 0:
         raise TubError("a query has no neighbour from another slide; each set needs at least two slides")
-    out = np.empty((n, m), dtype=idx.dtype)
-    for s in range(0, n, step):
-        # the first m kept entries of every row, in order: positions in the row-major list of kept entries
-        kept = np.flatnonzero(keep[s:s + step])
-        first = np.cumsum(count[s:s + step]) - count[s:s + step]
-        out[s:s + step] = idx[s:s + step].ravel()[kept[first[:, None] + np.arange(m)]]
     return out, n_nb
 
 
