@@ -40,11 +40,59 @@ class AdditiveMIL(AttentionMIL):
         h = self.linear_dropout(h)
         return self.head(torch.softmax(self.attention_logits(h), dim=1) * h).sum(1)
 
-    drop_chunk = 64  # psi runs on (bags, N, F) here
+    drop_chunk = 64  # at most this many bags per (bags, N, F) block of the batched drop-one
+    drop_budget_bytes = 512 * 2 ** 20  # and at most this much per block
 
     def pool_kept(self, a: torch.Tensor, h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Drop-one bags: psi re-run on the renormalised a_j h_j, the dropped patch contributing nothing."""
         return (self.head(a[..., None] * h[None]) * keep[..., None]).sum(1)
+
+    def _psi_affine(self):
+        """(g, b) with psi(a h) = a g(h) + b for every a >= 0, or None where psi is not of that form.
+
+        Eval mode only (dropout off). No hidden layer: psi(a h) = W (a h) + b = a (W h) + b. Hidden
+        ReLU layers without biases and a bias-free head: psi is positively homogeneous, psi(a h) = a psi(h)."""
+        if self.training:
+            return None
+        if len(self.out_layers) == 0:
+            w = self.linear_head.weight
+            return (lambda h: h @ w.t()), self.linear_head.bias
+        if self.linear_head.bias is None and all(block[0].bias is None for block in self.out_layers):
+            return self.head, None
+        return None
+
+    def drop_one_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the N bags X minus {x_i}.
+
+        Where psi(a h) = a g(h) + b (:meth:`_psi_affine`), the bag without patch i has the logits
+        sum_{j != i} (a^(i)_j g_j + b) = (sum_{j != i} e^{s_j} g_j) / (sum_{j != i} e^{s_j}) + (N - 1) b,
+        a^(i) the softmax over the kept patches: O(N F) in all (:func:`drop_one_closed_form`).
+        Otherwise psi is re-run on (bags, N, F) blocks, O(N^2 F) (:meth:`drop_one_logits_batched`)."""
+        x = x if x.dim() == 2 else x[0]
+        form = self._psi_affine()
+        if form is None:
+            return self.drop_one_logits_batched(x)
+        g_of, b = form
+        h = self.encode(x)
+        return drop_one_closed_form(self.attention_logits(h)[:, 0], g_of(h), b)
+
+    def drop_one_logits_batched(self, x: torch.Tensor) -> torch.Tensor:
+        """Drop-one logits by re-running psi on every kept a^(i)_j h_j (any psi); blocks of at most
+        ``drop_chunk`` bags and ``drop_budget_bytes`` of (bags, N, F) tensors."""
+        x = x if x.dim() == 2 else x[0]
+        h = self.encode(x)
+        s = self.attention_logits(h)[:, 0]
+        n, f = h.shape
+        per_bag = n * f * h.element_size() * (3 + len(self.out_layers))  # a h, hidden layers, masks
+        chunk = int(max(1, min(self.drop_chunk, self.drop_budget_bytes // max(per_bag, 1))))
+        out = []
+        for start in range(0, n, chunk):
+            idx = torch.arange(start, min(n, start + chunk), device=x.device)
+            keep = torch.ones(len(idx), n, dtype=torch.bool, device=x.device)
+            keep[torch.arange(len(idx), device=x.device), idx] = False
+            a = torch.softmax(s[None].expand(len(idx), n).masked_fill(~keep, float("-inf")), dim=1)
+            out.append(self.pool_kept(a, h, keep))
+        return torch.cat(out)
 
     def lrp_blocks(self, params: LRPParams, **_):
         """Encoder, attention scaling with a detached (AH rule), psi per patch, then the sum."""
@@ -59,3 +107,29 @@ class AdditiveMIL(AttentionMIL):
         blocks.append(("classifier", linear_block(self.linear_head, params, act=None)))
         blocks.append(("sum", lambda c: (c.sum(1), None)))
         return blocks
+
+
+def drop_one_closed_form(s: torch.Tensor, g: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of the N drop-one bags of an additive model with psi(a h) = a g + b: row i is
+    (sum_{j != i} e^{s_j} g_j) / (sum_{j != i} e^{s_j}) + (N - 1) b.  s: (N,) attention logits,
+    g: (N, K). Accumulated in float64 (at least) after shifting s by its maximum (log-sum-exp); the
+    sums over j != i are the full sums minus term i. Where patch i holds more than half the softmax
+    mass, Z - e_i cancels: that row (at most one) is summed directly over the other patches with
+    their own maximum shift. N = 1 leaves an empty bag: NaN, as the softmax over no patch."""
+    n = s.shape[0]
+    acc = torch.promote_types(g.dtype, torch.float64)
+    s64, g64 = s.to(acc), g.to(acc)
+    e = torch.exp(s64 - s64.max())
+    z = e.sum()
+    out = ((e @ g64)[None] - e[:, None] * g64) / (z - e)[:, None]
+    for i in torch.nonzero(e > 0.5 * z).flatten().tolist():
+        if n == 1:
+            out[i] = float("nan")
+            continue
+        keep = torch.ones(n, dtype=torch.bool, device=s.device)
+        keep[i] = False
+        ek = torch.exp(s64[keep] - s64[keep].max())
+        out[i] = (ek @ g64[keep]) / ek.sum()
+    if b is not None:
+        out = out + (n - 1) * b.to(acc)
+    return out.to(g.dtype)

@@ -1,0 +1,187 @@
+"""Drop-one (occlusion) at scale: AdditiveMIL's O(N F) closed form equals re-running psi on every
+drop-one bag; the generic path's bags per forward follow a memory budget without changing scores."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from tub_xmil.additive_mil import AdditiveMIL, drop_one_closed_form
+from tub_xmil.checkpoint import build_model
+from tub_xmil.explain import drop_bags_per_forward, drop_one_scores
+
+
+def _x(n, d=24, seed=0, dtype=torch.float64):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=dtype) * 0.5 + 0.2
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("out_layers,bias,gated", [(0, True, False), (0, True, True), (2, False, False)])
+@pytest.mark.parametrize("n", [2, 3, 17, 400])
+def test_additive_closed_form_equals_batched_drop(out_layers, bias, gated, n):
+    torch.manual_seed(n)
+    m = AdditiveMIL(24, 3, features_dim=16, n_out_layers=out_layers, bias=bias, gated=gated).double().eval()
+    assert m._psi_affine() is not None
+    x = _x(n, seed=n)
+    with torch.no_grad():
+        closed, batched = m.drop_one_logits(x), m.drop_one_logits_batched(x)
+    assert _rel(closed, batched) < 1e-10
+    s = drop_one_scores(m, x, target=2)  # through the scores as the CLI computes them
+    with torch.no_grad():
+        full = torch.softmax(m(x[None]), -1)[0, 2]
+        ref = (full - torch.softmax(batched, -1)[:, 2]).numpy()
+    assert np.abs(s - ref).max() < 1e-12
+
+
+def test_additive_closed_form_float32_within_rounding():
+    torch.manual_seed(0)
+    m = AdditiveMIL(24, 2, features_dim=16).eval()
+    x = _x(3000, dtype=torch.float32)
+    with torch.no_grad():
+        closed, batched = m.drop_one_logits(x), m.drop_one_logits_batched(x)
+    assert closed.dtype == torch.float32
+    assert _rel(closed, batched) < 1e-6
+
+
+@pytest.mark.parametrize("dominant", [5.0, 40.0, 800.0])
+def test_additive_closed_form_with_a_dominant_patch(dominant):
+    """One patch holding (almost) all the softmax mass: Z - e_i cancels, the row is summed directly."""
+    g = torch.Generator().manual_seed(1)
+    n = 50
+    s = torch.randn(n, generator=g, dtype=torch.float64)
+    s[7] += dominant
+    c = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(3, generator=g, dtype=torch.float64)
+    out = drop_one_closed_form(s, c, b)
+    ref = []
+    for i in range(n):
+        keep = torch.arange(n) != i
+        a = torch.softmax(s[keep], 0)
+        ref.append((a[:, None] * c[keep] + b).sum(0))
+    ref = torch.stack(ref)
+    assert torch.isfinite(out).all()
+    assert _rel(out, ref) < 1e-10
+    assert (out[7] - ref[7]).abs().max() < 1e-10 * ref[7].abs().max()  # the dominant row itself
+
+
+def test_additive_dominant_patch_through_the_model():
+    torch.manual_seed(3)
+    m = AdditiveMIL(24, 2, features_dim=16).double().eval()
+    with torch.no_grad():
+        m.attention[-1].weight.mul_(1000.0)  # a sharply peaked softmax
+    x = _x(60, seed=3)
+    with torch.no_grad():
+        a = m.attention_weights(x[None])[0]
+        closed, batched = m.drop_one_logits(x), m.drop_one_logits_batched(x)
+    assert a.max() > 0.99  # > 1/2: the row summed directly
+    assert _rel(closed, batched) < 1e-10
+
+
+def test_additive_single_patch_bag_is_nan_as_before():
+    m = AdditiveMIL(24, 2, features_dim=16).double().eval()
+    with torch.no_grad():
+        assert torch.isnan(m.drop_one_logits(_x(1))).all()
+        assert torch.isnan(m.drop_one_logits_batched(_x(1))).all()
+
+
+def test_additive_keeps_the_batched_path_where_psi_is_not_affine(monkeypatch):
+    m = AdditiveMIL(24, 2, features_dim=16, n_out_layers=1, bias=True).eval()
+    assert m._psi_affine() is None  # ReLU(W a h + b) is not a (.) + b
+    assert m.train()._psi_affine() is None  # dropout
+    m.eval()
+    calls = []
+    monkeypatch.setattr(m, "drop_one_logits_batched", lambda x: calls.append(1) or torch.zeros(len(x), 2))
+    m.drop_one_logits(_x(5, dtype=torch.float32))
+    assert calls == [1]
+
+
+def test_additive_batched_block_follows_the_budget(monkeypatch):
+    torch.manual_seed(0)
+    m = AdditiveMIL(24, 2, features_dim=16, n_out_layers=1).double().eval()
+    x = _x(40)
+    with torch.no_grad():
+        ref = m.drop_one_logits_batched(x)
+        shapes = []
+        pool = m.pool_kept
+        monkeypatch.setattr(m, "pool_kept", lambda a, h, k: shapes.append(a.shape[0]) or pool(a, h, k))
+        m.drop_budget_bytes = 1
+        small = m.drop_one_logits_batched(x)
+    assert set(shapes) == {1} and len(shapes) == 40
+    assert _rel(small, ref) < 1e-12
+
+
+def _generic(arch):
+    torch.manual_seed(7)
+    kw = {"transmil": {"n_feat": 32}, "mambamil": {"features_dim": 16}}[arch]
+    return build_model(arch, 24, 2, **kw).eval()
+
+
+@pytest.mark.parametrize("arch", ["transmil", "mambamil"])
+def test_generic_drop_tiny_budget_equals_default(arch):
+    m = _generic(arch)
+    x = _x(23, dtype=torch.float32)
+    default = drop_one_scores(m, x, target=1)
+    one_bag = drop_one_scores(m, x, target=1, budget=1)
+    fixed64 = drop_one_scores(m, x, target=1, batch=64)  # the former fixed batch
+    with torch.no_grad():
+        full = torch.softmax(m(x[None]), -1)[0, 1]
+        loop = np.array([(full - torch.softmax(m(torch.cat([x[:i], x[i + 1:]])[None]), -1)[0, 1]).item()
+                         for i in range(len(x))])
+    for s in (default, one_bag, fixed64):
+        assert np.abs(s - loop).max() < 1e-6
+
+
+@pytest.mark.parametrize("arch", ["transmil", "mambamil"])
+def test_generic_bags_per_forward_shrink_with_n(arch, monkeypatch):
+    m = _generic(arch)
+    widest = max([24] + [p.shape[0] for p in m.parameters() if p.dim() >= 2])
+    budget = 40 * widest * 4 * 14  # room for ~40 tokens of activations
+    counts = {n: drop_bags_per_forward(m, n, 24, 4, budget) for n in (5, 11, 21, 41, 81)}
+    assert counts[5] == 5 and counts[81] == 1
+    assert all(counts[a] >= counts[b] for a, b in zip(list(counts)[:-1], list(counts)[1:]))
+    assert counts[11] > counts[41]
+    seen = {}
+    forward = m.forward
+
+    def record(x, *a, **k):
+        seen.setdefault(x.shape[1], []).append(x.shape[0])  # bag length -> bags per forward
+        return forward(x, *a, **k)
+
+    monkeypatch.setattr(m, "forward", record)
+    for n in (11, 41):
+        seen.clear()
+        drop_one_scores(m, _x(n, dtype=torch.float32), budget=budget)
+        sizes = seen[n - 1]
+        assert max(sizes) == counts[n] and sum(sizes) == n
+    # a large budget keeps at most the former 64 bags per forward
+    assert drop_bags_per_forward(m, 100, 24, 4, 2 ** 40) == 64
+
+
+def test_generic_drop_warns_on_large_bags(monkeypatch):
+    import tub_xmil.explain as ex
+
+    class _Keep(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    m = _generic("transmil")
+    monkeypatch.setattr(ex, "DROP_WARN_PATCHES", 8)
+    keep, log = _Keep(), logging.getLogger("tub")  # the CLI may have stopped "tub" propagating
+    log.addHandler(keep)
+    try:
+        drop_one_scores(m, _x(9, dtype=torch.float32))
+        warned = [msg for msg in keep.messages if "forward passes" in msg]
+        assert len(warned) == 1 and "lrp or ig" in warned[0]
+        keep.messages.clear()
+        drop_one_scores(m, _x(8, dtype=torch.float32))
+        assert not [msg for msg in keep.messages if "forward passes" in msg]
+    finally:
+        log.removeHandler(keep)
