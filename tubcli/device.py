@@ -22,7 +22,7 @@ def resolve_device(spec: str = "auto"):
     spec = (spec or "auto").strip().lower()
     if spec == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+            return torch.device("cuda", _local_gpu(torch))
         if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -32,7 +32,7 @@ def resolve_device(spec: str = "auto"):
         if not torch.cuda.is_available():
             raise TubError(f"--device {spec}: CUDA is not available here; use --device cpu or auto")
         if ":" not in spec:  # under torchrun each local rank takes its own GPU, as with auto
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+            return torch.device("cuda", _local_gpu(torch))
         index = int(spec.split(":", 1)[1])
         ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         if ranks_here > 1:
@@ -46,6 +46,16 @@ def resolve_device(spec: str = "auto"):
             raise TubError("--device mps: Apple MPS is not available here; use --device cpu or auto")
         return torch.device("mps")
     raise TubError(f"unknown device {spec!r}; use auto, cpu, cuda, cuda:N or mps")
+
+
+def _local_gpu(torch) -> int:
+    """This torchrun rank's GPU: its LOCAL_RANK; more ranks on a node than GPUs is an error (NCCL would
+    refuse two ranks on one GPU later, with a less clear message)."""
+    ranks_here, count = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count()
+    if ranks_here > count:
+        raise TubError(f"{ranks_here} torchrun ranks on this node but {count} GPU(s); start at most {count} "
+                       "per node (--nproc-per-node) or use --device cpu")
+    return int(os.environ.get("LOCAL_RANK", 0)) % count
 
 
 def _mps_available() -> bool:

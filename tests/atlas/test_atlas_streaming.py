@@ -152,6 +152,26 @@ def test_inputs_of_different_tile_sizes_are_a_clear_error(data, tmp_path):
         TileStream([read_input(data / "d" / "tiles"), read_input(small)])
 
 
+def test_a_stray_or_broken_image_in_one_folder_fails_before_any_step(tmp_path):
+    """Tiles are read on demand, but a file of another size or one PIL cannot open is an error when
+    the stream is built (headers only), not when a step happens to draw it."""
+    from PIL import Image
+
+    from tubcli.errors import TubError
+
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray(np.full((32, 32, 3), i, np.uint8)).save(folder / f"t{i}.png")
+    TileStream([read_input(folder)])
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(folder / "t9.png")
+    with pytest.raises(TubError, match=r"t9.png is 40x40 px but .*t0.png is 32x32"):
+        TileStream([read_input(folder)])
+    (folder / "t9.png").write_bytes(b"not an image")
+    with pytest.raises(TubError, match="cannot read image .*t9.png"):
+        TileStream([read_input(folder)])
+
+
 # ------------------------------------------------------------------ kNN
 def _knn_reference(train_x, train_y, test_x, n_classes, k, vote="uniform", temperature=0.07):
     """The previous implementation: a full stable sort of every row of the similarity matrix."""

@@ -40,6 +40,9 @@ def test_torchrun_ranks_take_their_own_gpu(monkeypatch):
     assert resolve_device("auto") == torch.device("cuda", 2)
     with pytest.raises(TubError, match="would put all 4 torchrun ranks of this node on one GPU"):
         resolve_device("cuda:1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # more ranks than GPUs: two would share one
+    with pytest.raises(TubError, match="8 torchrun ranks on this node but 4 GPU"):
+        resolve_device("cuda")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one rank per node (or no torchrun): cuda:N as asked
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert resolve_device("cuda:3") == torch.device("cuda", 3)

@@ -112,17 +112,13 @@ def test_explain_digits_draws_heatmaps(tmp_path):
         (["explain", "{test}"], "no model given"),
     ],
 )
-def test_bad_input_isexpect_error_line(args, words, knn_run, data_dir, tmp_path):
+def test_bad_input_is_one_line_exit_2(args, words, knn_run, data_dir, tmp_path):
     wrong = tmp_path / "wrong.csv"
     wrong.write_text("a,b\n1,2\n")
     subs = {"{train}": data_dir / "train.csv", "{test}": data_dir / "test.csv", "{missing}": tmp_path / "none",
             "{run}": knn_run, "{wrong}": wrong}
     argv = ["knnlrp"] + [str(subs.get(a, a)) for a in args] + ["-o", str(tmp_path / "run")]
-    res = invoke(argv)
-    assert res.exit_code == 2, res.output
-    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and words in lines[0], res.stderr
-    assert "Traceback" not in res.output
+    expect_error_line(invoke(argv), words)
 
 
 def test_user_files_are_not_modified(knn_run, data_dir, tmp_path):
@@ -179,7 +175,7 @@ def tiny_csv(tmp_path):
         (["make-data", "iris", "--seed", str(10**23)], "'seed'"),
     ],
 )
-def test_bad_values_areexpect_error_line(args, words, tiny_csv, tmp_path):
+def test_bad_values_are_one_line_exit_2(args, words, tiny_csv, tmp_path):
     gap = tmp_path / "gap.csv"
     gap.write_text("a,target\n1,0\n2,\n3,1\n")
     subs = {"{tiny}": tiny_csv, "{gap}": gap}

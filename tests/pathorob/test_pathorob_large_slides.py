@@ -101,6 +101,18 @@ def test_single_slide_has_no_neighbours():
     assert m == 0 and got.shape == (50, 0)
 
 
+@pytest.mark.parametrize("sample", [0, 32])
+def test_n_total_below_the_largest_group(sample):
+    """A group larger than n_total + 16 leaves some rows no other-group neighbour among their n_total
+    nearest: m = 0 ... or small, the same with and without probe rows (sample=0 crashed)."""
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((200, 4))
+    groups = np.r_[np.zeros(150, int), np.ones(50, int)]
+    got, m = nearest_other_group_neighbours(X, groups, 100, sample=sample)
+    ref, m_ref = nearest_other_group_neighbours(X, groups, 100, sample=200)
+    assert m == m_ref and np.array_equal(got, ref)
+
+
 def _meta(slide, rng):
     n_sl = int(slide.max()) + 1
     bio = rng.integers(0, 2, n_sl)

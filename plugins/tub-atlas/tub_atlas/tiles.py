@@ -70,6 +70,24 @@ class TileSet:
             raw = d[runs[0][0]:runs[0][1]] if len(runs) == 1 else np.concatenate([d[a:b] for a, b in runs])
         return _hwc(raw, self.array_file)
 
+    def check_image_sizes(self) -> None:
+        """Every image file opens and has the first one's size, read from the headers (nothing decoded):
+        training reads tiles on demand, and a stray file must fail before step 1, not when drawn."""
+        from PIL import Image
+
+        first = None
+        for p in self.paths or []:
+            try:
+                with Image.open(p) as im:
+                    size = im.size
+            except Exception as exc:  # noqa: BLE001 - any reason PIL gives is the user's file
+                raise TubError(f"cannot read image {p}: {str(exc).splitlines()[0][:200]}") from None
+            if first is None:
+                first = (p, size)
+            elif size != first[1]:
+                raise TubError(f"{p} is {size[0]}x{size[1]} px but {first[0]} is {first[1][0]}x{first[1][1]}; "
+                               "the tiles of one input must share one size: resize them or embed them separately")
+
     def _stack(self, paths: list[Path]) -> np.ndarray:
         """Image files as one array; all tiles of an input must have the size of its first one, so a
         stray file of another size is named instead of failing inside ``np.stack``."""
@@ -101,6 +119,9 @@ class TileStream:
         self.starts = np.cumsum([0] + [len(ts) for ts in self.sets])
         self.contiguous = len(self.sets) > 1
         self.shape = None
+        for ts in self.sets:  # image folders: every file's size from its header, before any step
+            if ts.paths is not None and ts.reader is None:
+                ts.check_image_sizes()
         if len(self.sets) > 1:  # as concatenating would have: every input's tiles of one size, checked up front
             for ts in self.sets:
                 self._check(ts, ts.read(0, 1))

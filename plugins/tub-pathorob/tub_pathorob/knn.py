@@ -286,7 +286,7 @@ def nearest_other_group_neighbours(X: np.ndarray, groups: np.ndarray, n_total: i
         m = int(min(p[1].min() for p in parts))
         return np.concatenate([p[0][:, :m] for p in parts]), m  # int64, as there
     if sample < 1:  # no probe rows (tests): start just above the lower bound
-        R = min(rmax, int(low.min()) + 16)
+        R = max(1, min(rmax, int(low.min()) + 16))
     else:
         probe = np.flatnonzero(low == low.min())
         probe = probe[np.linspace(0, len(probe) - 1, min(sample, len(probe))).astype(np.int64)]

@@ -54,8 +54,7 @@ def selection_score(metrics: dict, task: str) -> float:
 
 def train_model(cfg, run, train, val, classes) -> tuple[torch.nn.Module, dict]:
     task = cfg.task
-    # a lazy slide (dataset.load_slides) knows its shape without reading the bag
-    input_dim = int(train[0].shape[1] if hasattr(train[0], "shape") else train[0].features.shape[1])
+    input_dim = int(train[0].shape[1])  # a lazy slide knows its shape without reading the bag
     edges = None
     if task == "survival":
         edges = survival_bin_edges([s.time for s in train], cfg.n_bins)
