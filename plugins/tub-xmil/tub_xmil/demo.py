@@ -64,6 +64,7 @@ def run_demo(run) -> dict:
         torch.set_num_threads(threads)
     run.save_weights({k: v.contiguous() for k, v in model.state_dict().items()}, meta)
     test_metrics = task_metrics(test, predict(model, test, "classification"), "classification")
+    model = model.cpu()  # explanations run on the CPU, as `tub xmil explain` does (training may use a GPU)
     from PIL import Image
     for s, thumb, (W, H), size0 in slides:
         if s.split != "test":
