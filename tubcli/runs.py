@@ -297,6 +297,7 @@ class Run:
             (self.dir / DONE).unlink(missing_ok=True)  # a reused directory is incomplete again
         self.log = setup_logging(verbosity if self.is_main else -1, self.dir / "tub.log" if self.is_main else None)
         _device.seed_everything(self.seed)
+        _device.exact_fp32()
         if self.is_main:
             from tubcli.config import config_yaml
 
