@@ -278,14 +278,17 @@ def test_training_into_a_run_with_a_checkpoint_needs_resume_or_overwrite(toy_plu
     assert not (out / ".previous").exists()
 
 
-def test_a_run_turns_tf32_off(toy_plugins, tmp_path, monkeypatch):
+def test_a_run_turns_tf32_off(toy_plugins, tmp_path):
     """fp32 is fp32 on GPUs too: a run switches cuDNN's and cuBLAS's TF32 shortcuts off."""
     import torch
 
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    data = tmp_path / "d.csv"
-    data.write_text("1,0,2\n")
-    result = invoke(["toy", "train", data, "--epochs", "1", "-o", tmp_path / "r"])
-    assert result.exit_code == 0, result.stderr
-    assert torch.backends.cudnn.allow_tf32 is False and torch.backends.cuda.matmul.allow_tf32 is False
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        data = tmp_path / "d.csv"
+        data.write_text("1,0,2\n")
+        result = invoke(["toy", "train", data, "--epochs", "1", "-o", tmp_path / "r"])
+        assert result.exit_code == 0, result.stderr
+        assert torch.backends.cudnn.allow_tf32 is False and torch.backends.cuda.matmul.allow_tf32 is False
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
