@@ -12,38 +12,20 @@ import h5py
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import tub_xmil.explain as xexplain
 from tub_xmil.explain import explain, gradient_x_input, lrp_scores
 from tub_xmil.lrp import LRPParams
-from tub_xmil.transmil import NystromAttention, TransMIL, moore_penrose_pinv
+from tub_xmil.transmil import NystromAttention, TransMIL
 
 
 def _dense_attention(self, x, to_qkv, mode):
-    """Reference: the dense n'xn' attention a1 @ a2_inv @ a3 (mode 'scores' returns it)."""
-    b, n, _ = x.shape
-    m = self.num_landmarks
-    pad = 0
-    if self.method == "nystrom" and n % m:
-        pad = m - n % m
-        x = F.pad(x, (0, 0, pad, 0), value=0.0)
-    q, k, v = to_qkv(x).chunk(3, dim=-1)
-    q, k, v = (t.reshape(b, -1, self.heads, self.dim_head).transpose(1, 2) for t in (q, k, v))
-    q = q * self.scale
-    if self.method == "nystrom":
-        l = math.ceil(n / m)
-        ql = q.reshape(b, self.heads, m, l, self.dim_head).sum(3) / l
-        kl = k.reshape(b, self.heads, m, l, self.dim_head).sum(3) / l
-        a1 = (q @ kl.transpose(-1, -2)).softmax(-1)
-        a2 = (ql @ kl.transpose(-1, -2)).softmax(-1)
-        a3 = (ql @ k.transpose(-1, -2)).softmax(-1)
-        a2_inv = moore_penrose_pinv(a2, self.pinv_iterations)
-        attn = a1 @ a2_inv @ a3
-    else:
-        attn = (q @ k.transpose(-1, -2)).softmax(-1)
+    """Reference: the same factors multiplied out to the dense n'xn' attention (the former
+    implementation; mode 'scores' returns it)."""
+    v, bf, cf, pad = self._factors(x, to_qkv)
+    attn = bf if cf is None else bf @ cf
     if mode == "forward":
         return attn @ v, v, None, pad
     if mode == "lrp":

@@ -47,14 +47,9 @@ class NystromAttention(nn.Module):
         k = residual_conv_kernel
         self.res_conv = nn.Conv2d(heads, heads, (k, 1), padding=(k // 2, 0), groups=heads, bias=False)
 
-    def _attention(self, x, to_qkv, mode):
-        """mode: 'forward' | 'scores' (also return the attention as factors) | 'lrp' (AH rule).
-
-        The Nystrom attention A = a1 a2^+ a3 (n'xm, mxm, mxn') is never formed: the output is
-        (a1 a2^+)(a3 v) and 'scores' returns the pair (a1 a2^+, a3), O(n' m) memory. The AH rule
-        treats A as constant, so the LRP output (a1 a2^+).detach() (a3.detach() v) equals
-        A.detach() v in value and in its gradient with respect to v. Full attention returns
-        (A, None)."""
+    def _factors(self, x, to_qkv):
+        """(v, B, C, pad) with the attention A = B C: Nystrom B = a1 a2^+ (n'xm), C = a3 (mxn');
+        full attention B = A, C = None. A itself (n'xn') is never formed."""
         b, n, _ = x.shape
         m = self.num_landmarks
         pad = 0
@@ -64,26 +59,27 @@ class NystromAttention(nn.Module):
         q, k, v = to_qkv(x).chunk(3, dim=-1)
         q, k, v = (t.reshape(b, -1, self.heads, self.dim_head).transpose(1, 2) for t in (q, k, v))
         q = q * self.scale
-        if self.method == "nystrom":
-            l = math.ceil(n / m)
-            ql = q.reshape(b, self.heads, m, l, self.dim_head).sum(3) / l
-            kl = k.reshape(b, self.heads, m, l, self.dim_head).sum(3) / l
-            a1 = (q @ kl.transpose(-1, -2)).softmax(-1)
-            a2 = (ql @ kl.transpose(-1, -2)).softmax(-1)
-            a3 = (ql @ k.transpose(-1, -2)).softmax(-1)
-            a2_inv = moore_penrose_pinv(a2, self.pinv_iterations)
-            b_fac = a1 @ a2_inv
-            if mode == "forward":
-                return b_fac @ (a3 @ v), v, None, pad
-            if mode == "lrp":
-                return b_fac.detach() @ (a3.detach() @ v), v, None, pad
-            return b_fac @ (a3 @ v), v, (b_fac, a3), pad
-        attn = (q @ k.transpose(-1, -2)).softmax(-1)
-        if mode == "forward":
-            return attn @ v, v, None, pad
+        if self.method != "nystrom":
+            return v, (q @ k.transpose(-1, -2)).softmax(-1), None, pad
+        l = math.ceil(n / m)
+        ql = q.reshape(b, self.heads, m, l, self.dim_head).sum(3) / l
+        kl = k.reshape(b, self.heads, m, l, self.dim_head).sum(3) / l
+        a1 = (q @ kl.transpose(-1, -2)).softmax(-1)
+        a2 = (ql @ kl.transpose(-1, -2)).softmax(-1)
+        a3 = (ql @ k.transpose(-1, -2)).softmax(-1)
+        return v, a1 @ moore_penrose_pinv(a2, self.pinv_iterations), a3, pad
+
+    def _attention(self, x, to_qkv, mode):
+        """mode: 'forward' | 'scores' (also return the attention as its factors) | 'lrp' (AH rule).
+
+        The output is B (C v), O(n' m) memory; 'scores' returns the pair (B, C). The AH rule treats
+        A as constant, so the LRP output B.detach() (C.detach() v) equals A.detach() v in value and
+        in its gradient with respect to v."""
+        v, bf, cf, pad = self._factors(x, to_qkv)
         if mode == "lrp":
-            return attn.detach() @ v, v, None, pad
-        return attn @ v, v, (attn, None), pad
+            bf, cf = bf.detach(), (None if cf is None else cf.detach())
+        out = bf @ (v if cf is None else cf @ v)
+        return out, v, ((bf, cf) if mode == "scores" else None), pad
 
     def forward(self, x, return_attention: bool = False, lrp: LRPParams | None = None):
         n = x.shape[1]
