@@ -77,22 +77,15 @@ class AdditiveMIL(AttentionMIL):
         return drop_one_closed_form(self.attention_logits(h)[:, 0], g_of(h), b)
 
     def drop_one_logits_batched(self, x: torch.Tensor) -> torch.Tensor:
-        """Drop-one logits by re-running psi on every kept a^(i)_j h_j (any psi); blocks of at most
-        ``drop_chunk`` bags and ``drop_budget_bytes`` of (bags, N, F) tensors."""
-        x = x if x.dim() == 2 else x[0]
-        h = self.encode(x)
-        s = self.attention_logits(h)[:, 0]
+        """Drop-one logits by re-running psi on every kept a^(i)_j h_j (any psi): AttentionMIL's
+        drop-one, in blocks of :meth:`drop_bags_per_block` bags."""
+        return super().drop_one_logits(x)
+
+    def drop_bags_per_block(self, h: torch.Tensor) -> int:
+        """At most ``drop_chunk`` bags and ``drop_budget_bytes`` of (bags, N, F) tensors per block."""
         n, f = h.shape
         per_bag = n * f * h.element_size() * (3 + len(self.out_layers))  # a h, hidden layers, masks
-        chunk = int(max(1, min(self.drop_chunk, self.drop_budget_bytes // max(per_bag, 1))))
-        out = []
-        for start in range(0, n, chunk):
-            idx = torch.arange(start, min(n, start + chunk), device=x.device)
-            keep = torch.ones(len(idx), n, dtype=torch.bool, device=x.device)
-            keep[torch.arange(len(idx), device=x.device), idx] = False
-            a = torch.softmax(s[None].expand(len(idx), n).masked_fill(~keep, float("-inf")), dim=1)
-            out.append(self.pool_kept(a, h, keep))
-        return torch.cat(out)
+        return int(max(1, min(self.drop_chunk, self.drop_budget_bytes // max(per_bag, 1))))
 
     def lrp_blocks(self, params: LRPParams, **_):
         """Encoder, attention scaling with a detached (AH rule), psi per patch, then the sum."""

@@ -106,14 +106,19 @@ class AttentionMIL(nn.Module):
         h = self.encode(x)
         s = self.attention_logits(h)[:, 0]
         n = len(s)
+        chunk = self.drop_bags_per_block(h)
         out = []
-        for start in range(0, n, self.drop_chunk):
-            idx = torch.arange(start, min(n, start + self.drop_chunk))
+        for start in range(0, n, chunk):
+            idx = torch.arange(start, min(n, start + chunk), device=x.device)
             keep = torch.ones(len(idx), n, dtype=torch.bool, device=x.device)
-            keep[torch.arange(len(idx)), idx] = False
+            keep[torch.arange(len(idx), device=x.device), idx] = False
             a = torch.softmax(s[None].expand(len(idx), n).masked_fill(~keep, float("-inf")), dim=1)
             out.append(self.pool_kept(a, h, keep))
         return torch.cat(out)
+
+    def drop_bags_per_block(self, h: torch.Tensor) -> int:
+        """Drop-one bags per block of :meth:`drop_one_logits` (pooling is (bags, N) x (N, F) here)."""
+        return self.drop_chunk
 
     def pool_kept(self, a: torch.Tensor, h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Logits of bags given their attention ``a`` (B, N) over the patches ``h`` (N, F) they keep."""
