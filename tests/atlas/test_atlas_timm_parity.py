@@ -16,6 +16,11 @@ and vit-s8-reg8 (depth 12), at 224 and 448 px. gemm="auto" (oneDNN GEMMs, the de
 7.2e-6 / 4.5e-6. DINOv2 checkpoints with 518-px positions through timm's checkpoint_filter_fn vs tub's
 convert: h-optimus-0 8.3e-6, vit-s8-reg8 3.0e-6 (depth 2). CLS embedding (tub forward_cls vs timm
 model(x)): uni2-h 4.8e-6, virchow2 4.1e-6, vit-s8-reg8 4.2e-6.
+
+timm versions: the RoPE cases need timm's Eva DINOv3 port; RudolfV-2's q/k LayerNorm can be passed
+to Eva only from timm 1.0.30 on, so that case skips on older timm. Checked on this box: timm 1.0.29
+(DINOv3-S/16 case), 1.0.30 and 1.0.31 give the same RoPE figures (periods equal, max |Δ| 1.6e-6 at
+224 px); the RoPE maths of timm's DINOv3 embedding is the same in the three versions.
 """
 
 from __future__ import annotations
@@ -136,7 +141,10 @@ def test_rope_vit_matches_timm_eva(tmp_path, kind, size):
         cfg = ViTConfig(patch_size=16, embed_dim=384, depth=2, num_heads=6, reg_tokens=4, pos_layout="rope",
                         pos_grid=14, mlp="swiglu", mlp_hidden=1536, norm_eps=1e-5)
     src = zero_k_bias(random_vit(cfg, seed=6))
-    theirs = timm_twin(cfg).eval()
+    try:
+        theirs = timm_twin(cfg).eval()
+    except RuntimeError as err:  # timm < 1.0.30: Eva(qk_norm=...) missing (the RoPE maths is the same)
+        pytest.skip(str(err))
     theirs.load_state_dict(timm_state_dict(cfg, src.state_dict()), strict=True)
     ckpt = to_dinov3(src.state_dict())
     if kind == "rudolfv-2-s":  # the HF wrapper's names: model. prefix, DINOv2's register_tokens

@@ -47,16 +47,25 @@ def timm_twin(cfg):
     if cfg.pos_layout == "rope":
         from functools import partial
 
+        import inspect
+
+        import timm
         from timm.layers import LayerNorm
         from timm.models.eva import Eva
 
+        extra = {}
+        if cfg.qk_norm:  # Eva takes qk_norm only from timm 1.0.30 on (its attention had it before)
+            if "qk_norm" not in inspect.signature(Eva.__init__).parameters:
+                raise RuntimeError(f"timm {timm.__version__}'s Eva has no qk_norm argument; comparing a q/k-norm "
+                                   "RoPE ViT (RudolfV-2) needs timm>=1.0.30")
+            extra["qk_norm"] = True
         return Eva(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
                    num_heads=cfg.num_heads, num_reg_tokens=cfg.reg_tokens, qkv_bias=cfg.qkv_bias,
-                   qk_norm=cfg.qk_norm, swiglu_mlp=cfg.mlp == "swiglu", mlp_ratio=cfg.mlp_hidden / cfg.embed_dim,
+                   swiglu_mlp=cfg.mlp == "swiglu", mlp_ratio=cfg.mlp_hidden / cfg.embed_dim,
                    init_values=1e-5 if cfg.layer_scale else None, norm_layer=partial(LayerNorm, eps=cfg.norm_eps),
                    rope_type="dinov3", rope_temperature=cfg.rope_base, rope_rotate_half=True,
                    use_rot_pos_emb=True, use_abs_pos_emb=False, use_fc_norm=False, num_classes=0,
-                   global_pool="token", dynamic_img_size=True)
+                   global_pool="token", dynamic_img_size=True, **extra)
     kw = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
               num_heads=cfg.num_heads, reg_tokens=cfg.reg_tokens, no_embed_class=cfg.pos_layout == "patches",
               init_values=1e-5 if cfg.layer_scale else None, qkv_bias=cfg.qkv_bias, num_classes=0,
