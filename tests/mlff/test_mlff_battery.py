@@ -98,6 +98,13 @@ def test_diffusion_matches_ase_estimator_xy():
     tub_xy = np.linalg.lstsq(A, m, rcond=None)[0][0] / 4
     assert tub_xy == pytest.approx(ase_xy, rel=1e-2)
     assert tub_xy == pytest.approx(ase_xy, rel=1e-9)  # it is the same estimator
+    from tub_mlff.diffusion import ase_diffusion_coefficient
+
+    for segments in (1, 3):  # `tub mlff diffusion --estimator ase`: ASE's segments, slopes and std
+        dc.calculate(ignore_n_images=0, number_of_segments=segments)
+        slopes = np.asarray(dc.slopes[0])[:, :2] * units.fs  # [segment, axis], A^2/fs
+        res = ase_diffusion_coefficient(pos, 1.0, axes="xy", segments=segments)
+        assert res.D == pytest.approx(slopes.mean(), rel=1e-10) and res.D_std == pytest.approx(slopes.std(), rel=1e-10)
 
 
 def test_multiple_origins_and_drift_removal_recover_D():
@@ -166,6 +173,37 @@ def test_bcc_scan_edge_is_flagged():
     host = Atoms("C", positions=[[0, 0, 0]], cell=[3, 3, 3], pbc=True)
     loaded = Atoms("CNa", positions=[[0, 0, 0], [1.5, 1.5, 1.5]], cell=[3, 3, 3], pbc=True)
     falling, _ = sodiation_series([host, loaded], lambda a: PerAtom(lambda x: -x), relax_steps=0)
-    assert falling["mu_na_at_scan_edge"] and falling["mu_na_lattice_A"] == pytest.approx(4.5)
+    assert falling["mu_na_at_scan_edge"] and falling["mu_na_lattice_A"] == pytest.approx(6.2)
     bowl, _ = sodiation_series([host, loaded], lambda a: PerAtom(lambda x: (x - 4.2) ** 2), relax_steps=0)
     assert not bowl["mu_na_at_scan_edge"] and bowl["mu_na_lattice_A"] == pytest.approx(4.2, abs=1e-6)
+    wide, _ = sodiation_series([host, loaded], lambda a: PerAtom(lambda x: (x - 5.7) ** 2 - 8.0), relax_steps=0)
+    assert wide["mu_na_lattice_A"] == pytest.approx(5.7, abs=1e-6) and wide["mu_na_eV"] == pytest.approx(-8.0)
+    fixed, _ = sodiation_series([host, loaded], lambda a: PerAtom(lambda x: (x - 5.7) ** 2 - 8.0), relax_steps=0,
+                                mu_na_lattice=4.23)
+    assert fixed["mu_na_eV"] == pytest.approx(1.47 ** 2 - 8.0) and fixed["mu_na_choice"] == "fixed lattice"
+    assert not fixed["mu_na_at_scan_edge"]
+
+
+def test_relax_moves_the_stacking_axis_only_with_cell_c():
+    """`ocv --cell c`: the interlayer spacing relaxes to zero normal stress, the in-plane cell stays;
+    `fixed` keeps the cell (the volume change of sodiation then is zero by construction)."""
+    from ase import Atoms
+    from ase.calculators.lj import LennardJones
+
+    from tub_mlff.battery import relax
+
+    sheet = [[i * 1.1, j * 1.1, 0.0] for i in range(3) for j in range(3)]
+    layered = Atoms("Ar18", positions=sheet + [[x + 0.55, y + 0.55, 1.0] for x, y, _ in sheet],
+                    cell=[3.3, 3.3, 1.6], pbc=True)  # strained along c: strong zz stress
+    calc = LennardJones(sigma=1.0, epsilon=1.0, rc=2.5, smooth=True)
+    layered.calc = calc
+    assert abs(layered.get_stress()[2]) > 0.05
+    fixed, _ = relax(layered, LennardJones(sigma=1.0, epsilon=1.0, rc=2.5, smooth=True), 200, 1e-3, cell="fixed")
+    assert np.allclose(fixed.cell.array, layered.cell.array)
+    out, _ = relax(layered, LennardJones(sigma=1.0, epsilon=1.0, rc=2.5, smooth=True), 300, 1e-3, cell="c")
+    assert np.allclose(out.cell.array[:2], layered.cell.array[:2])  # a, b untouched
+    assert abs(out.cell.array[2, 2] / 1.6 - 1) > 0.02  # the spacing moved
+    stress = out.get_stress()
+    assert abs(stress[2]) < 1e-3 and abs(stress[0]) > 1e-3  # zz relaxed, in-plane stress left as it was
+    full, _ = relax(layered, LennardJones(sigma=1.0, epsilon=1.0, rc=2.5, smooth=True), 500, 1e-3, cell="full")
+    assert np.abs(full.get_stress()).max() < 2e-3

@@ -70,8 +70,8 @@ def labelled(workdir, built, teacher):
 
 def test_build_makes_structures(built):
     frames = read(built, ":")
-    assert len(frames) == 5  # x=0 once, x=1 and x=2 twice each
-    assert [int((f.numbers == 11).sum()) for f in frames] == [0, 1, 1, 2, 2]
+    assert len(frames) == 6  # with --rattle every x gets its variants, x=0 too
+    assert [int((f.numbers == 11).sum()) for f in frames] == [0, 0, 1, 1, 2, 2]
     assert all(f.pbc.all() for f in frames)
 
 
@@ -322,8 +322,13 @@ def test_diffusion_and_explain_and_ocv(workdir, built, trained):
     r = _ok(invoke(["mlff", "ocv", "--model", model, "--structures", built, "--relax-steps", "0",
                     "-o", workdir / "ocv", "--json"]))
     res = json.loads(r.stdout)
-    assert res["hull_points"] >= 2
+    assert res["hull_points"] >= 2 and res["cell_relaxation"] == "fixed"  # single points keep the cells
     assert (workdir / "ocv" / "outputs" / "voltage_profile.png").exists()
+    r = _ok(invoke(["mlff", "ocv", "--model", model, "--structures", built, "--relax-steps", "3", "--cell", "c",
+                    "--mu-na-lattice", "4.23", "-o", workdir / "ocv_c", "--json"]))
+    res = json.loads(r.stdout)
+    assert res["cell_relaxation"] == "c" and res["mu_na_lattice_A"] == 4.23
+    assert res["max_spacing_change"] != 0.0 and res["max_volume_change"] == pytest.approx(res["max_spacing_change"])
 
 
 def test_diffusion_removes_the_framework_drift(workdir):

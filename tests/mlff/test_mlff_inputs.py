@@ -104,7 +104,31 @@ def test_build_rejects_cells_whose_atoms_overlap(tmp_path):
     assert "overlap" in line and "--interlayer" in line and not _written(out)
 
 
+def test_build_gives_x0_its_variants_when_rattled(tmp_path):
+    def counts(*extra):
+        out = tmp_path / f"b{len(list(tmp_path.iterdir()))}"
+        _ok(invoke(["mlff", "build", "--n", "2", "--groups", "0", "--x", "0", "--x", "1", "--variants", "3", "-o", out,
+                    "-q", *extra]))
+        frames = read(out / "outputs" / "structures.extxyz", ":")
+        return frames, [int(f.info["na_count"]) for f in frames]
+
+    frames, x = counts("--rattle", "0.05")
+    assert x == [0, 0, 0, 1, 1, 1]  # rattled copies of the bare host: three different structures
+    assert not np.allclose(frames[0].positions, frames[1].positions)
+    assert counts()[1] == [0, 1, 1, 1]  # unrattled copies of the host would be identical: one
+
+
 # -- label -----------------------------------------------------------------------------------------
+def test_label_rejects_elements_beyond_xtb_before_any_work(tmp_path):
+    write(tmp_path / "ok.extxyz", molecule("CH4"), format="extxyz")
+    write(tmp_path / "heavy.extxyz", [molecule("CH4"), Atoms("UH", positions=[[0, 0, 0], [0, 0, 2.0]])],
+          format="extxyz")
+    out = tmp_path / "l_heavy"
+    line = _err(invoke(["mlff", "label", tmp_path / "ok.extxyz", tmp_path / "heavy.extxyz", "-o", out]))
+    assert "heavy.extxyz frame 1" in line and "U" in line and "Rn" in line and "GFN1-xTB" in line
+    assert not _written(out) and not list(out.rglob("failures.jsonl"))
+
+
 def test_label_checks_structures_and_output_names_first(tmp_path):
     write(tmp_path / "overlap.extxyz", Atoms("CH", positions=[[0, 0, 0], [0.1, 0, 0]]), format="extxyz")
     write(tmp_path / "nocell.extxyz", Atoms("CH", positions=[[0, 0, 0], [1.1, 0, 0]], pbc=True), format="extxyz")
@@ -140,6 +164,24 @@ def test_train_energies_only_and_resume_with_another_architecture(tmp_path, meth
     assert "energy_mae_meV_atom" in json.loads(r.stdout) and "forces_mae_meV_A" not in json.loads(r.stdout)
     assert "leaves no training frames" in _err(invoke(["mlff", "train", energies, "--set", "valid_fraction=0.5",
                                                        "--set", "test_fraction=0.5", "-o", tmp_path / "f"]))
+
+
+def test_init_from_keeps_its_architecture_and_applies_training_switches(tmp_path, methane, models):
+    full, base = methane / "full.extxyz", models / "w8.safetensors"
+    init = ["train", full, "--init-from", base, "--epochs", "1", "--set", "test_fraction=0", "-o"]
+    for extra, flags in ((["--set", "model.num_features=16", "--set", "model.d4=true"], ("num_features", "d4")),
+                         (["--set", "model.electrostatics=true"], ("electrostatics",)),
+                         (["--set", "model.cutoff=4"], ("cutoff",))):
+        out = tmp_path / f"bad{len(flags)}{flags[0]}"
+        line = _err(invoke(["mlff", *init, out, *SMALL, *extra]))
+        assert "--init-from takes the architecture from" in line and "train from scratch" in line
+        assert all(f"--set model.{f}" in line for f in flags) and not (out / "checkpoints").exists()
+    # the same architecture given explicitly is fine; dropout and lr_cutoff are training-time switches
+    out = tmp_path / "ok"
+    _ok(invoke(["mlff", *init, out, *SMALL, "--set", "model.module_keep_prob=0.5", "--set", "model.lr_cutoff=7",
+                "-q"]))
+    saved = json.loads((out / "checkpoints" / "model.json").read_text())["spookynet"]
+    assert saved["num_features"] == 8 and saved["module_keep_prob"] == 0.5 and saved["lr_cutoff"] == 7
 
 
 def test_train_without_validation_frames_warns_once(tmp_path, methane):

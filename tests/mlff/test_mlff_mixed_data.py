@@ -109,6 +109,21 @@ def test_resumed_committee_reports_the_whole_committee(tmp_path, data, monkeypat
 
 
 # -- 3. stress on some frames only ----------------------------------------------------------------------
+def test_evaluate_reports_stress_rmse_beside_the_mae(tmp_path, data):
+    """Labels off by exactly +1 (xx) and -2 (yy) meV/A^3: MAE (1 + 2) / 9, RMSE sqrt((1 + 4) / 9) over 3x3."""
+    frames = read(data / "cells.extxyz", ":")
+    for a in frames:
+        a.calc.results["stress"] = a.calc.results["stress"] + np.array([1e-3, -2e-3, 0, 0, 0, 0])
+    write(tmp_path / "off.extxyz", frames, format="extxyz")
+    args = ["mlff", "evaluate", tmp_path / "off.extxyz", "--model", data / "teacher.safetensors", "--precision",
+            "fp64", "--set", "plots=false"]
+    m = json.loads(_ok(invoke([*args, "-o", tmp_path / "ev", "--json"])).stdout)
+    assert m["stress_mae_meV_A3"] == pytest.approx(3 / 9, abs=1e-6)
+    assert m["stress_rmse_meV_A3"] == pytest.approx(np.sqrt(5 / 9), abs=1e-6)
+    table = _ok(invoke([*args, "-o", tmp_path / "ev2"])).stdout
+    assert any(ln.split()[:1] == ["stress_rmse_meV_A3"] for ln in table.splitlines())
+
+
 def test_stress_is_trained_and_scored_on_the_frames_that_have_it(tmp_path, data):
     frames = read(data / "cells.extxyz", ":")
     frames[3].calc.results.pop("stress")  # ase reads energy/forces/stress into a SinglePointCalculator

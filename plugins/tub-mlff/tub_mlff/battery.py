@@ -111,27 +111,33 @@ def average_voltage(steps: list[VoltageStep]) -> float:
     return float((w * v).sum() / w.sum()) if len(steps) else float("nan")
 
 
-BCC_SCAN = np.linspace(3.95, 4.5, 8)  # A, around experiment's 4.23 A (and the demo data's 4.1-4.3 A)
+BCC_SCAN = np.round(np.arange(3.8, 6.21, 0.1), 2)  # A: wide, so that a poor Na metal's minimum is bracketed too
+BCC_NA_EXPERIMENT = 4.23  # A, bcc Na at low temperature (4.29 A at room temperature)
 
 
-def bcc_sodium_chemical_potential(calc, a_grid=None, repeat: int = 2) -> tuple[float, float]:
-    """mu_Na: energy per atom of bcc Na at the lattice constant that minimises it.
+def bcc_sodium_chemical_potential(calc, a_grid=None, repeat: int = 2, lattice: float | None = None
+                                  ) -> tuple[float, float]:
+    """mu_Na: energy per atom of bcc Na at the lattice constant that minimises it (or at ``lattice``).
 
     Scans the cubic lattice constant of a ``repeat``^3 supercell of the 2-atom cubic cell (default
     16 atoms: a Gamma-point reference such as tblite needs more than 2 atoms, and the demo model's
-    bcc training cells are these) and fits a parabola around the minimum. Returns (mu, a0); a0 at
-    an end of the grid means the energy was still falling there (GFN1-xTB's Gamma-point bcc Na,
-    for one, keeps falling to a = 5.6 A), and mu is the value at that end.
+    bcc training cells are these) over 3.8-6.2 A and fits a parabola around the minimum. Returns
+    (mu, a0); a0 at an end of the grid means the energy was still falling there and mu is the value
+    at that end (the caller flags it). A minimum far from experiment's 4.23 A means the potential's
+    Na metal is poor (GFN1-xTB's Gamma-point bcc Na has its minimum near 5.7 A): then ``lattice``
+    takes mu at a fixed lattice constant instead, the same for every method compared.
     """
     from ase.build import bulk
 
-    grid = np.asarray(a_grid if a_grid is not None else BCC_SCAN)
-    energies = []
-    for a in grid:
+    def per_atom(a: float) -> float:
         atoms = bulk("Na", "bcc", a=float(a), cubic=True).repeat(repeat)
         atoms.calc = calc
-        energies.append(atoms.get_potential_energy() / len(atoms))
-    energies = np.asarray(energies)
+        return atoms.get_potential_energy() / len(atoms)
+
+    if lattice is not None:
+        return float(per_atom(lattice)), float(lattice)
+    grid = np.asarray(a_grid if a_grid is not None else BCC_SCAN)
+    energies = np.array([per_atom(a) for a in grid])
     k = int(np.argmin(energies))
     lo, hi = max(k - 2, 0), min(k + 3, len(grid))
     if hi - lo >= 3 and 0 < k < len(grid) - 1:
@@ -142,14 +148,27 @@ def bcc_sodium_chemical_potential(calc, a_grid=None, repeat: int = 2) -> tuple[f
     return float(energies[k]), float(grid[k])
 
 
-def relax(atoms, calc, steps: int, fmax: float):
-    """BFGS relaxation of positions (cell fixed); returns (relaxed copy, energy)."""
+CELL_MASKS = {"c": [0, 0, 1, 0, 0, 0], "full": None}  # Voigt strain components the relaxation may change
+
+
+def relax(atoms, calc, steps: int, fmax: float, cell: str = "fixed"):
+    """BFGS relaxation; returns (relaxed copy, energy).
+
+    ``cell``: "fixed" moves the atoms only; "c" also the stacking axis under zero stress (the
+    interlayer spacing of a layered host: the Δd/d of sodiation); "full" every cell parameter.
+    The cell moves through ASE's FrechetCellFilter (the calculator must give stress).
+    """
     a = atoms.copy()
     a.calc = calc
     if steps > 0:
         from ase.optimize import BFGS
 
-        BFGS(a, logfile=None).run(fmax=fmax, steps=steps)
+        target = a
+        if cell != "fixed":
+            from ase.filters import FrechetCellFilter
+
+            target = FrechetCellFilter(a, mask=CELL_MASKS[cell])
+        BFGS(target, logfile=None).run(fmax=fmax, steps=steps)
     return a, float(a.get_potential_energy())
 
 
@@ -195,21 +214,24 @@ def hull_report(structures, energies, mu_na: float, na_symbol: str = "Na") -> di
 
 
 def sodiation_series(frames, calc_for, relax_steps: int = 50, fmax: float = 0.05, mu_na: float | None = None,
-                     na_symbol: str = "Na") -> tuple[dict, list]:
+                     na_symbol: str = "Na", cell: str = "fixed", mu_na_lattice: float | None = None
+                     ) -> tuple[dict, list]:
     """Relax every frame with ``calc_for(frame)`` and report the hull (``hull_report``).
 
     ``calc_for(None)`` gives the calculator of the bcc Na reference (unless ``mu_na`` is given).
     Returns (report, relaxed structures in the order of ``frames``).
     """
     _sodium_counts(frames, na_symbol)
-    relaxed = [relax(f, calc_for(f), relax_steps, fmax) for f in frames]
+    relaxed = [relax(f, calc_for(f), relax_steps, fmax, cell) for f in frames]
     a0 = None
     if mu_na is None:
-        mu_na, a0 = bcc_sodium_chemical_potential(calc_for(None))
+        mu_na, a0 = bcc_sodium_chemical_potential(calc_for(None), lattice=mu_na_lattice)
     structures = [a for a, _ in relaxed]
     report = hull_report(structures, [e for _, e in relaxed], mu_na, na_symbol)
+    report["cell_relaxation"] = cell if relax_steps > 0 else "fixed"
     if a0 is not None:  # a minimum at the edge of the lattice scan is not a minimum: say so
-        report.update(mu_na_lattice_A=a0, mu_na_at_scan_edge=bool(a0 <= BCC_SCAN[0] or a0 >= BCC_SCAN[-1]))
+        report.update(mu_na_lattice_A=a0, mu_na_choice="fixed lattice" if mu_na_lattice is not None else "minimum",
+                      mu_na_at_scan_edge=bool(mu_na_lattice is None and (a0 <= BCC_SCAN[0] or a0 >= BCC_SCAN[-1])))
     return report, structures
 
 

@@ -21,6 +21,14 @@ def _dtype(run):
     return torch.float64 if run.cfg.precision == "fp64" else torch.float32
 
 
+def _command_line() -> str:
+    """The command that is running, as a user would type it (recorded in a trained model's JSON)."""
+    import shlex
+    import sys
+
+    return shlex.join(["tub", *sys.argv[1:]] if Path(sys.argv[0]).name == "tub" else sys.argv)
+
+
 def _models(paths) -> list[Path]:
     paths = [Path(p) for p in (paths or [])] or [DEMO_MODEL]
     for p in paths:
@@ -86,7 +94,7 @@ def build(cfg, run) -> dict:
         raise TubError(f"cannot build the host: {exc}") from None
     frames = []
     for x in cfg.x:
-        for v in range(cfg.variants if x > 0 else 1):
+        for v in range(cfg.variants if x > 0 or cfg.rattle > 0 else 1):  # unrattled x=0 copies are all the host
             try:
                 a = add_sodium(host, x, cfg.sites, seed=run.item_seed(f"{x}-{v}")) if x > 0 else host.copy()
             except ValueError as exc:
@@ -106,6 +114,7 @@ def build(cfg, run) -> dict:
 
 # -- label ---------------------------------------------------------------------------------------
 _LABELLED = r".+_\d{6}(_c\d{5})?\.extxyz"
+XTB_MAX_Z = 86  # GFN1-/GFN2-xTB (tblite) are parametrised for H..Rn
 
 
 def _label_items(cfg, files, run) -> tuple[list[str], int]:
@@ -153,6 +162,16 @@ def _label_items(cfg, files, run) -> tuple[list[str], int]:
                        "with an element present or atom indices")
     if cfg.method == "dft":
         check_dft_settings(cfg.xc, cfg.basis, elements)
+    else:  # tblite's GFN1/GFN2-xTB parameters end at Rn: fail before any work, not once per item
+        from ase.data import atomic_numbers
+
+        beyond = sorted((el for el in elements if atomic_numbers[el] > XTB_MAX_Z), key=atomic_numbers.get)
+        if beyond:
+            where = next(f"{f} frame {k}" for f in files for k, a in enumerate(read_structures(f))
+                         if set(a.get_chemical_symbols()) & set(beyond))
+            raise TubError(f"{cfg.method} (tblite) has parameters up to Rn (Z={XTB_MAX_Z}) but {where} contains "
+                           f"{', '.join(beyond)}; leave out the structures with {', '.join(beyond)} or label them with "
+                           "--set method=dft and a basis that covers them")
     if without:
         run.log.warning("%d structure(s) have no %s atom; no cluster carved from them", without, cfg.cluster_center)
     return items, without
@@ -252,6 +271,33 @@ def _check_architecture(state: dict, model, path) -> None:
                            f"{want} from the config); resume with that run's --set model.* options or use a new -o")
 
 
+# model.* options that define the architecture (weights and what they mean) -> SpookyNetConfig field;
+# lr_cutoff and module_keep_prob are not among them: --init-from applies those
+_ARCHITECTURE = {"num_features": "num_features", "num_basis_functions": "num_basis_functions",
+                 "num_modules": "num_modules", "cutoff": "cutoff", "zbl": "use_zbl_repulsion",
+                 "electrostatics": "use_electrostatics", "d4": "use_d4_dispersion"}
+
+
+def _check_init_architecture(m, mcfg, path) -> None:
+    """TubError when an explicitly given model.* architecture option differs from the --init-from model's."""
+    import math
+
+    diffs = []
+    for field, attr in _ARCHITECTURE.items():
+        if field not in m.model_fields_set:
+            continue
+        want, have = getattr(m, field), getattr(mcfg, attr)
+        same = math.isclose(want, have, rel_tol=1e-9) if isinstance(want, float) else want == have
+        if not same:
+            diffs.append((field, want, have))
+    if diffs:
+        said = ", ".join(f"model.{f}={str(w).lower() if isinstance(w, bool) else w} "
+                         f"(the model has {str(h).lower() if isinstance(h, bool) else h})" for f, w, h in diffs)
+        drop = " and ".join(f"--set model.{f}" for f, _, _ in diffs)
+        raise TubError(f"--init-from takes the architecture from {path}, which differs from {said}; "
+                       f"drop {drop} or train from scratch")
+
+
 def train(cfg, run) -> dict:
     import torch
 
@@ -278,8 +324,11 @@ def train(cfg, run) -> dict:
     if cfg.init_from is not None:
         base, _ = load_model(cfg.init_from, torch.float32)
         mcfg = base.config
+        _check_init_architecture(m, mcfg, cfg.init_from)
         if m.lr_cutoff is not None:
             base.set_lr_cutoff(m.lr_cutoff)
+        if "module_keep_prob" in m.model_fields_set:  # a training-time switch: applied, not taken from the file
+            mcfg.module_keep_prob = m.module_keep_prob
     elif m.d4:
         raise TubError("--set model.d4=true needs D4 tables: start from a reference model with --init-from")
     valid_frames = read_structures(cfg.valid) if cfg.valid is not None else []
@@ -337,13 +386,15 @@ def train(cfg, run) -> dict:
             else load_model(cfg.init_from, torch.float32)[0].train()
         if base is not None and mcfg.lr_cutoff is not None:
             model.set_lr_cutoff(mcfg.lr_cutoff)
+        if base is not None:
+            model.config.module_keep_prob = mcfg.module_keep_prob
         res = fit(model, train_g, valid, settings, run, dtype=dtype, device=run.device, seed=cfg.seed,
                   state=state if (state and int(state["member"]) == member) else None, member=member)
         if run.is_main:  # torchrun: every rank holds the same weights; rank 0 writes them
             save_model(res["model"], run.checkpoints_dir / name,
                        extra={"elements": elements, "trained_on": str(data), "member": member,
                               "train_frames": len(train_g), "world_size": run.world_size,
-                              "command": "tub mlff train (see config.yaml)"})
+                              "command": _command_line(), "train_config": cfg.model_dump(mode="json")})
         results.append(res)
         state = None
     from .evaluation import error_metrics, predict
@@ -386,7 +437,7 @@ def evaluate(cfg, run) -> dict:
     if not with_forces:
         run.log.warning("not every frame of %s has forces under '%s': energy errors only (set --forces-key if "
                         "they are stored under another name)", data, cfg.keys.forces)
-    _stress_coverage(graphs, cfg.keys.stress, "the stress MAE", run)
+    _stress_coverage(graphs, cfg.keys.stress, "the stress MAE/RMSE", run)
     preds = predict(models, graphs, _dtype(run), run.device)
     metrics = error_metrics(graphs, preds)
     stressed = stress_frames(graphs) if "stress_mae_meV_A3" in metrics else []
@@ -480,11 +531,19 @@ def ocv(cfg, run) -> dict:
 
     for k, f in enumerate(frames):  # every structure is checked before the first relaxation
         check_structure(f, calc_for(f).elements, name=f"{cfg.structures or 'built structure'} frame {k}")
-    res, relaxed = sodiation_series(frames, calc_for, cfg.relax_steps, cfg.fmax)
+    cell = cfg.cell
+    if cell == "auto":
+        layered = all(f.pbc.all() and f.info.get("stacking") != "slab" for f in frames)
+        cell = "c" if layered else "fixed"
+    res, relaxed = sodiation_series(frames, calc_for, cfg.relax_steps, cfg.fmax, cell=cell,
+                                    mu_na_lattice=cfg.mu_na_lattice)
     _warn_scan_edge(res, "the model", run)
     summary = {"average_voltage_V": res["average_voltage_V"], "capacity_mAh_g": res["capacity_mAh_g"],
-               "mu_na_eV": res["mu_na_eV"], "hull_points": len(res["hull_vertices"]),
-               "plateaus": len(res["steps"])}
+               "mu_na_eV": res["mu_na_eV"], "mu_na_lattice_A": res.get("mu_na_lattice_A"),
+               "hull_points": len(res["hull_vertices"]), "plateaus": len(res["steps"]),
+               "cell_relaxation": res["cell_relaxation"],
+               "max_volume_change": max(res["volume_change"].values(), key=abs),
+               "max_spacing_change": max(res["spacing_change"].values(), key=abs)}
     if cfg.reference == "xtb":
         res["reference"] = _xtb_reference_hull(relaxed, res, cfg, run)
         summary.update({"reference": "GFN1-xTB",
@@ -517,9 +576,16 @@ def _check_host_series(frames, name: str, cell_tolerance: float = 0.2) -> None:
 
 
 def _warn_scan_edge(report: dict, who: str, run) -> None:
+    from .battery import BCC_NA_EXPERIMENT
+
+    a0 = report.get("mu_na_lattice_A")
     if report.get("mu_na_at_scan_edge"):
         run.log.warning("bcc Na: %s's energy still falls at the end of the lattice scan (a = %.2f A); mu_Na is "
-                        "taken there, so the voltages depend on that choice", who, report["mu_na_lattice_A"])
+                        "taken there, so the voltages depend on that choice", who, a0)
+    elif report.get("mu_na_choice") == "minimum" and abs(a0 / BCC_NA_EXPERIMENT - 1) > 0.05:
+        run.log.warning("bcc Na: %s's minimum is at a = %.2f A (experiment %.2f A), so its Na metal is poor and the "
+                        "voltages shift with mu_Na; --mu-na-lattice %.2f takes mu_Na at experiment's lattice constant",
+                        who, a0, BCC_NA_EXPERIMENT, BCC_NA_EXPERIMENT)
 
 
 def _xtb_reference_hull(relaxed, res, cfg, run) -> dict:
@@ -538,7 +604,8 @@ def _xtb_reference_hull(relaxed, res, cfg, run) -> dict:
     run.log.info("GFN1-xTB reference hull: %d structures and the bcc Na scan", len(relaxed))
     try:
         ref, _ = sodiation_series(relaxed, lambda a: xtb_calculator(bcc if a is None else a),
-                                  cfg.reference_relax_steps, cfg.fmax)
+                                  cfg.reference_relax_steps, cfg.fmax, cell=res["cell_relaxation"],
+                                  mu_na_lattice=cfg.mu_na_lattice)
     except CalculationFailed as exc:
         raise TubError(f"tblite failed on the reference hull: {exc}", exit_code=1) from None
     _warn_scan_edge(ref, "GFN1-xTB", run)
@@ -590,23 +657,56 @@ def _arrhenius_problem(runs: list[dict]) -> str | None:
 
 
 def diffusion(cfg, run) -> dict:
+    """D of ``cfg.element`` per trajectory (cm^2/s, with an error bar) and an Arrhenius fit over temperatures.
+
+    Both estimators use the Einstein relation, D = MSD(t) / (2 d t) over the d = len(axes) axes, on
+    positions unwrapped across the periodic directions:
+
+    - ``einstein`` (default): the MSD is averaged over the atoms and every time origin, the drift
+      (mean displacement of the host framework, ``drift``) is removed, and the straight line is fitted
+      from fit_start to fit_end times the longest lag, after the ballistic start and before the noisy
+      tail. D is the mean over ``blocks`` blocks, D_err its standard error.
+    - ``ase``: ``ase.md.analysis.DiffusionCoefficient``'s estimator, with ``blocks`` as its segments:
+      per segment the MSD from the segment's first frame only, no drift removal, a line fitted over
+      the whole segment from lag 0. D is the mean of the slopes over segments and axes and equals
+      ASE's on the same frames to rounding (2-D: the mean of ``dc.slopes[k][:, :2]`` x ``units.fs``
+      x 0.1 = cm^2/s); D_err is the standard error over segments, ``D_std_ase_cm2_s`` ASE's std.
+
+    They differ because one origin per segment is a noisier average than all of them, because a
+    drift of the centre of mass adds to ASE's MSD, and because ASE's fit includes the ballistic start
+    and the long lags. Times are info['time_fs'] (``tub mlff md``) or k x ``timestep`` fs (ASE .traj,
+    LAMMPS); temperatures info['temperature'] or, failing that, the saved momenta.
+    """
     from .data import read_structures
-    from .diffusion import arrhenius_fit, diffusion_coefficient, msd, unwrap
+    from .diffusion import (A2_PER_FS_TO_CM2_PER_S, arrhenius_fit, ase_diffusion_coefficient, diffusion_coefficient,
+                            msd, unwrap)
     from .plots import msd_plot
 
-    paths = _need(cfg.trajectories, "TRAJECTORIES", "one or more MD trajectories (extxyz)")
-    if cfg.fit_start >= cfg.fit_end:
+    paths = _need(cfg.trajectories, "TRAJECTORIES", "one or more MD trajectories (extxyz or ASE .traj)")
+    ase_style = cfg.estimator == "ase"
+    if ase_style and (fixed := sorted({"drift", "fit_start", "fit_end"} & cfg.model_fields_set)):
+        raise TubError(f"--estimator ase has no {'/'.join(fixed)} setting (one time origin per block, no drift "
+                       "removal, fit over the whole block, as ASE); drop it or use --estimator einstein")
+    if not ase_style and cfg.fit_start >= cfg.fit_end:
         raise TubError(f"fit_start ({cfg.fit_start:g}) must be below fit_end ({cfg.fit_end:g}): the fit runs from "
                        "fit_start to fit_end times the longest lag; e.g. --set fit_start=0.2 --set fit_end=0.8")
     per_run, curves = [], {}
     for p in paths:
         frames = read_structures(p)
-        times = [f.info.get("time_fs") for f in frames]
-        if any(t is None for t in times):
-            raise TubError(f"{p}: frames lack info['time_fs']; use trajectories written by `tub mlff md`")
+        stamps = [f.info.get("time_fs") for f in frames]
+        if all(t is not None for t in stamps):
+            times = [float(t) for t in stamps]
+        elif cfg.timestep is None:
+            raise TubError(f"{p}: frames lack info['time_fs']; pass --timestep FS (fs between saved frames)")
+        else:
+            times = [k * cfg.timestep for k in range(len(frames))]
         frames, times = _one_trajectory(frames, times, p)
-        frames = [f for f, t in zip(frames, times) if t >= 1000 * cfg.equilibration]
-        times = [f.info["time_fs"] for f in frames]
+        if cfg.timestep is not None and len(times) > 1 and not np.isclose(times[1] - times[0], cfg.timestep,
+                                                                           rtol=1e-4):
+            raise TubError(f"{p}: info['time_fs'] puts frames {times[1] - times[0]:g} fs apart, but --timestep is "
+                           f"{cfg.timestep:g}; drop --timestep or correct it")
+        kept = [k for k, t in enumerate(times) if t >= 1000 * cfg.equilibration]
+        frames, times = [frames[k] for k in kept], [times[k] for k in kept]
         if len(frames) < 5:
             raise TubError(f"{p} has {len(frames)} frames after {cfg.equilibration:g} ps of equilibration; "
                            "diffusion needs at least 5: run longer or lower --equilibration")
@@ -619,16 +719,23 @@ def diffusion(cfg, run) -> dict:
         if len(sel) == 0:
             raise TubError(f"{p} has no {cfg.element} atoms")
         host = np.where(symbols != cfg.element)[0]
-        drift = {"framework": host if len(host) else None, "all": None, "none": []}[cfg.drift]
+        drift = [] if ase_style else {"framework": host if len(host) else None, "all": None, "none": []}[cfg.drift]
         scaled = np.stack([f.get_scaled_positions(wrap=True) for f in frames])  # wraps periodic directions only
         cells = np.stack([f.cell.complete().array for f in frames])  # a missing (open-direction) vector as a unit one
         pos = unwrap(scaled, cells, pbc=frames[0].pbc)
-        res = diffusion_coefficient(pos, dt, atoms=sel, axes=cfg.axes, fit_start=cfg.fit_start,
-                                    fit_end=cfg.fit_end, blocks=cfg.blocks, drift_atoms=drift)
+        if ase_style:
+            res = ase_diffusion_coefficient(pos, dt, atoms=sel, axes=cfg.axes, segments=cfg.blocks)
+        else:
+            res = diffusion_coefficient(pos, dt, atoms=sel, axes=cfg.axes, fit_start=cfg.fit_start,
+                                        fit_end=cfg.fit_end, blocks=cfg.blocks, drift_atoms=drift)
         temps = [f.info.get("temperature") for f in frames]
+        if all(t is None for t in temps) and frames[0].has("momenta"):
+            temps = [f.get_temperature() for f in frames]  # e.g. ASE .traj: kinetic temperature of the saved momenta
         T = float(np.mean([t for t in temps if t is not None])) if any(t is not None for t in temps) else float("nan")
         per_run.append({"trajectory": str(p), "temperature_K": T, "D_cm2_s": res.D_cm2_s,
-                        "D_err_cm2_s": res.D_err_cm2_s, "frames": len(frames)})
+                        "D_err_cm2_s": res.D_err_cm2_s, "frames": len(frames), "estimator": cfg.estimator})
+        if ase_style:
+            per_run[-1]["D_std_ase_cm2_s"] = res.D_std * A2_PER_FS_TO_CM2_PER_S
         m = msd(pos, sel, cfg.axes, drift_atoms=drift)  # whole run, all origins: FFT, O(T log T)
         name = Path(p).parent.parent.name if Path(p).stem == "trajectory" else Path(p).stem  # tub md's layout
         curves[f"{name} ({T:.0f} K)"] = (np.arange(len(m)) * dt, m)

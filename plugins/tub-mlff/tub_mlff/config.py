@@ -27,7 +27,8 @@ class ModelSection(Section):
     lr_cutoff: Optional[float] = Field(None, description="long-range cutoff for Coulomb/D4 (A)")
     zbl: bool = Field(True, description="ZBL repulsion term")
     electrostatics: bool = Field(True, description="Coulomb term of the predicted charges")
-    d4: bool = Field(False, description="D4 dispersion (needs tables from --init-from or d4_tables)")
+    d4: bool = Field(False, description="D4 dispersion; its tables are buffers of a model file with D4 (a "
+                     "reference .pth or a tub model made from one): use --init-from that file; from scratch d4=false")
     module_keep_prob: float = Field(1.0, description="module dropout keep probability")
 
 
@@ -39,7 +40,8 @@ class BuildConfig(TubConfig):
     vacuum: float = Field(20.0, gt=0, description="cell height for slabs (A)")
     x: list[int] = Field([0, 1, 2], min_length=1, description="Na atoms per cell to build")
     sites: Literal["ring", "amine", "top", "bottom", "gallery", "random"] = Field("random", description="Na sites")
-    variants: int = Field(1, ge=1, description="structures per Na count (different seeds)")
+    variants: int = Field(1, ge=1, description="structures per Na count (different Na sites and rattles); x=0 "
+                          "gets them only with rattle > 0, else one bare host (its copies would be identical)")
     rattle: float = Field(0.0, ge=0, description="Gaussian displacement of all atoms (A)")
 
     @field_validator("x")
@@ -129,13 +131,21 @@ class OCVConfig(TubConfig):
     variants: int = Field(2, ge=1, description="random site sets per Na count when building")
     relax_steps: int = Field(50, ge=0, description="BFGS steps per structure (0 = single points)")
     fmax: float = Field(0.05, gt=0, description="relaxation force threshold (eV/A)")
+    cell: Literal["auto", "fixed", "c", "full"] = Field(
+        "auto", description="cell relaxation: fixed (atoms only), c (also the stacking axis under zero stress: the "
+        "interlayer spacing and volume change of sodiation), full (every cell parameter); auto = c for cells periodic "
+        "in 3-D that are not slabs, fixed otherwise")
+    mu_na_lattice: Optional[float] = Field(
+        None, gt=0, description="take mu_Na at this bcc Na lattice constant (A; experiment: 4.23) instead of at the "
+        "potential's minimum, for the --reference hull too")
     reference: Optional[Literal["xtb"]] = Field(
         None, description="also compute the GFN1-xTB hull on the same structures and the largest voltage difference")
     reference_relax_steps: int = Field(0, ge=0, description="BFGS steps of xTB on each structure (0 = single points)")
 
 
 class DiffusionConfig(TubConfig):
-    trajectories: list[Path] = Field(default_factory=list, description="MD trajectories (extxyz)")
+    trajectories: list[Path] = Field(default_factory=list,
+                                     description="MD trajectories (extxyz, ASE .traj or any file ASE reads)")
     element: str = Field("Na", description="diffusing species")
     equilibration: float = Field(0.0, ge=0, description="discard the frames of the first this many ps (equilibration)")
     drift: Literal["framework", "all", "none"] = Field(
@@ -143,7 +153,13 @@ class DiffusionConfig(TubConfig):
     axes: Literal["x", "y", "z", "xy", "xz", "yz", "xyz"] = Field("xy", description="axes of the MSD")
     fit_start: float = Field(0.2, ge=0, le=1, description="fit from this fraction of the longest lag")
     fit_end: float = Field(0.8, ge=0, le=1, description="fit up to this fraction of the longest lag (above fit_start)")
-    blocks: int = Field(4, ge=1, description="blocks for error bars")
+    blocks: int = Field(4, ge=1, description="blocks for error bars (segments for --estimator ase)")
+    estimator: Literal["einstein", "ase"] = Field(
+        "einstein", description="einstein: MSD averaged over all time origins, drift removed, fit from fit_start to "
+        "fit_end (past the ballistic start); ase: ASE DiffusionCoefficient's estimator, same D as ASE on the same "
+        "frames: one origin per block, no drift removal, fit over the whole block (noisier, can differ by ~10 %)")
+    timestep: Optional[float] = Field(
+        None, gt=0, description="fs between saved frames, for frames without info['time_fs'] (ASE .traj, LAMMPS)")
     target_temperature: float = Field(300.0, gt=0, description="Arrhenius extrapolation temperature (K)")
 
 

@@ -44,7 +44,8 @@ def run_demo(run) -> dict:
     write_json(run.outputs_dir / "ocv.json", ocv)
     return {"md_steps": md["steps_done"], "md_mean_T_K": round(md["mean_temperature_K"], 1),
             "ocv_average_V": round(ocv["average_voltage_V"], 3) if np.isfinite(ocv["average_voltage_V"]) else None,
-            "capacity_mAh_g": round(ocv["capacity_mAh_g"], 1), "na_pair_relevance_eV": na_pairs, "model": MODEL.name}
+            "capacity_mAh_g": round(ocv["capacity_mAh_g"], 1), "mu_na_lattice_A": round(ocv["mu_na_lattice_A"], 2),
+            "na_pair_relevance_eV": na_pairs, "model": MODEL.name}
 
 
 def _sodium_pair_relevance(calc, atoms) -> dict:

@@ -8,6 +8,14 @@ few fast ions in a small cell do not drag the reference along; the fit skips the
 part. Error bars come from fitting the MSD of independent blocks of the trajectory. Temperature
 dependence: Arrhenius, ln D = ln D0 - Ea / (kB T).
 
+``ase_diffusion_coefficient`` is the other estimator, ASE's ``DiffusionCoefficient``: one time
+origin per segment (its first frame), no drift removal, and a straight-line fit over the whole
+segment from lag 0, ballistic start included. On the same frames it gives the same D as ASE to
+rounding; it differs from the estimator above by the statistics of one origin (noisier), by any
+drift of the centre of mass, and by the fit window (the short-time ballistic part and the long
+lags that only the few early origins reach weigh in), typically by a few to tens of per cent on
+a short run.
+
 Units: positions in Angstrom, time in fs; 1 A^2/fs = 0.1 cm^2/s, 1 A^2/ps = 1e-4 cm^2/s.
 """
 
@@ -179,6 +187,7 @@ class DiffusionResult:
     dims: int
     fit_start_fs: float
     fit_end_fs: float
+    D_std: float = float("nan")  # A^2/fs; ``ase_diffusion_coefficient`` only: ASE's std over segments and axes
 
     @property
     def D_cm2_s(self) -> float:
@@ -226,6 +235,45 @@ def diffusion_coefficient(positions: np.ndarray, timestep_fs: float, atoms=None,
     values = np.asarray(values)
     err = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
     return DiffusionResult(float(values.mean()), err, d, t0, t1)
+
+
+def ase_diffusion_coefficient(positions: np.ndarray, timestep_fs: float, atoms=None, axes="xy",
+                              segments: int = 1) -> DiffusionResult:
+    """D as ASE's ``ase.md.analysis.DiffusionCoefficient`` computes it, from unwrapped positions [T,N,3].
+
+    ASE's estimator (as in ASE 3.29), written here from its formulas: the trajectory is cut into
+    ``segments`` consecutive segments of L = T // segments frames (a remainder at the end is
+    dropped); in each, the MSD along each axis a is taken from the segment's first frame only (one
+    time origin, no drift removal), averaged over the atoms, for every frame of the segment
+    including the first (MSD = 0 there); MSD_a / 2 is fitted with a straight line (slope and
+    intercept, least squares) against time over the whole segment, ballistic start included. The
+    slope is D along a; D is the mean of the slopes over the segments and the chosen ``axes``.
+    ``DiffusionCoefficient.get_diffusion_coefficients`` averages over x, y and z; for a 2-D
+    estimate take the mean of ``dc.slopes[k][:, :2]`` (x and y), which is what ``axes="xy"`` gives
+    here. ASE's slopes are in A^2 per ASE time unit: x ``units.fs`` gives A^2/fs, x 0.1 cm^2/s.
+
+    Returns D and, like ``diffusion_coefficient``, D_err = the standard error of the mean of the
+    per-segment D (NaN with one segment); ``D_std`` is ASE's second number, the population standard
+    deviation (ddof 0) of the slopes over segments and axes.
+    """
+    pos = np.asarray(positions, dtype=float)
+    ax = AXES[axes] if isinstance(axes, str) else list(axes)
+    d = len(ax)
+    sel = pos[:, atoms][:, :, ax] if atoms is not None else pos[:, :, ax]
+    L = pos.shape[0] // segments
+    if L < 2:
+        raise ValueError("trajectory too short for the requested number of segments")
+    t = np.arange(L) * float(timestep_fs)
+    A = np.vstack([t, np.ones_like(t)]).T
+    slopes = np.empty((segments, d))
+    for k in range(segments):
+        seg = sel[k * L:(k + 1) * L]
+        msd_axis = ((seg - seg[:1]) ** 2).mean(axis=1)  # [L, d]: one origin, mean over atoms
+        slopes[k] = np.linalg.lstsq(A, msd_axis / 2.0, rcond=None)[0][0]
+    per_segment = slopes.mean(axis=1)
+    err = float(per_segment.std(ddof=1) / np.sqrt(segments)) if segments > 1 else float("nan")
+    return DiffusionResult(float(slopes.mean()), err, d, 0.0, (L - 1) * float(timestep_fs),
+                           D_std=float(slopes.std()))
 
 
 @dataclass

@@ -52,7 +52,7 @@ def predict(models, graphs, dtype=torch.float32, device="cpu", batch_size: int =
 
 
 def error_metrics(graphs, preds) -> dict:
-    """Energy MAE/RMSE per atom (meV/atom), force MAE/RMSE (meV/A), also per element, stress MAE (meV/A^3,
+    """Energy MAE/RMSE per atom (meV/atom), force MAE/RMSE (meV/A), also per element, stress MAE/RMSE (meV/A^3,
     over the periodic frames with stress labels; ``stress_frames`` says how many),
     atomic-charge MAE/RMSE (e) and dipole MAE (e A) where the frames carry them, and the mean energy
     terms per atom (meV/atom: network, ZBL, Coulomb, D4)."""
@@ -73,6 +73,7 @@ def error_metrics(graphs, preds) -> dict:
     if "stress" in preds and stressed:
         ds = preds["stress"][stressed] - np.stack([graphs[k].stress for k in stressed])
         out["stress_mae_meV_A3"] = float(1000 * np.abs(ds).mean())
+        out["stress_rmse_meV_A3"] = float(1000 * np.sqrt((ds ** 2).mean()))
         out["stress_frames"] = len(stressed)
     if all(g.charges is not None for g in graphs):
         dq = np.concatenate([p - g.charges for p, g in zip(preds["charges"], graphs)])

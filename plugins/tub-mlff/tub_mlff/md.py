@@ -7,7 +7,12 @@ last step) one line goes to the thermo log and then one extxyz frame (positions,
 energies, step in info) is appended, each flushed to disk; a killed run resumes from the last
 complete frame, and an extended run keeps its frames on the ``interval`` grid. The settings that
 define the trajectory (integrator, time step, interval, temperature, ..., model) are kept in
-``<trajectory>.json``; a resume must use the same settings and structure. Every step is checked:
+``<trajectory>.json``; a resume must use the same settings and structure. With every frame the
+integrator's full state goes to ``<trajectory>.state.json`` (written atomically): positions, momenta
+and cell in full precision, the thermostat's random-number state and, for NPT, the barostat's cell
+momentum and the forces it integrates with; a resume restores it, so that a killed and resumed run
+continues as the uninterrupted one would (to rounding; runs without the file continue statistically
+from the last frame). Every step is checked:
 non-finite energies, forces or positions, or a runaway temperature, stop the run before a bad
 frame is written. Committees log their energy spread and the largest per-atom force disagreement
 as an uncertainty signal.
@@ -22,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 from tubcli.errors import TubError
-from tubcli.io import read_json, write_json, write_text
+from tubcli.io import read_json, to_json, write_json, write_text
 
 ENSEMBLES = ("nvt-langevin", "nvt-bussi", "nve", "npt")
 THERMO_HEADER = "step,time_fs,epot_eV,ekin_eV,etot_eV,temperature_K,volume_A3,pressure_GPa,energy_std_eV,max_force_disagreement_eVA\n"
@@ -111,6 +116,59 @@ def settings_path(traj: Path) -> Path:
     return Path(traj).with_suffix(".json")
 
 
+def state_path(traj: Path) -> Path:
+    """The integrator state at the last saved frame: ``trajectory.extxyz`` -> ``trajectory.state.json``."""
+    return Path(traj).with_suffix(".state.json")
+
+
+# integrator attributes beyond the atoms and the random stream: LangevinBAOAB's barostat momentum p_eps
+# and the accelerations/cell force it carries from one step to the next; Bussi's energy tally
+_DYN_STATE = ("p_eps", "accel", "force_eps", "transferred_energy")
+
+
+def _save_state(path: Path, dyn, atoms, step: int) -> None:
+    """The state that makes a resume an exact continuation (JSON floats round-trip exactly)."""
+    state = {"format": 1, "step": step, "positions": atoms.get_positions(), "momenta": atoms.get_momenta(),
+             "cell": np.asarray(atoms.cell)}
+    rng = getattr(dyn, "rng", None)
+    if isinstance(rng, np.random.Generator):
+        state["rng"] = rng.bit_generator.state
+    for name in _DYN_STATE:
+        if hasattr(dyn, name):
+            state[name] = getattr(dyn, name)
+    write_text(path, to_json(state) + "\n")  # temp file + os.replace: never half written
+
+
+def _load_state(path: Path, step: int, frame) -> tuple[dict | None, str]:
+    """The saved state if it belongs to ``frame`` (the last one, at ``step``), else (None, why not)."""
+    if not path.exists():
+        return None, f"no {path.name} (a run made before it was written)"
+    try:
+        state = json.loads(path.read_text())
+        n = len(frame)
+        pos, mom = (np.array(state[k], dtype=float) for k in ("positions", "momenta"))
+        cell = np.array(state["cell"], dtype=float)
+        saved_step = int(state["step"])
+    except (ValueError, KeyError, TypeError):
+        return None, f"{path.name} is unreadable"
+    if saved_step != step:
+        return None, f"{path.name} is of step {saved_step}, not of the last frame's step {step}"
+    if pos.shape != (n, 3) or mom.shape != (n, 3) or cell.shape != (3, 3) or not (
+            np.allclose(pos, frame.positions, atol=1e-5) and np.allclose(cell, frame.cell.array, atol=1e-5)):
+        return None, f"{path.name} does not match the last frame"
+    state.update(positions=pos, momenta=mom, cell=cell)
+    return state, ""
+
+
+def _restore_dynamics(dyn, state: dict) -> None:
+    if "rng" in state and isinstance(getattr(dyn, "rng", None), np.random.Generator):
+        dyn.rng.bit_generator.state = state["rng"]
+    for name in _DYN_STATE:
+        if name in state and hasattr(dyn, name):
+            value = state[name]
+            setattr(dyn, name, np.array(value, dtype=float) if isinstance(value, list) else float(value))
+
+
 def _check_resume(frames, atoms, settings: dict, traj: Path) -> None:
     """TubError unless ``atoms`` and ``settings`` are those the trajectory was made with."""
     first, last = frames[0], frames[-1]
@@ -191,11 +249,13 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
         _check_resume(frames, atoms, {k: v for k, v in settings.items() if k != "seed"}, traj)
     atoms = atoms.copy()
     start = int(frames[-1].info.get("step", 0)) if frames else 0
+    saved, why = None, ""
     if frames:
         last = frames[-1]
-        atoms.positions = last.positions
-        atoms.cell = last.cell
-        atoms.set_momenta(last.get_momenta())
+        saved, why = _load_state(state_path(traj), start, last)
+        atoms.cell = saved["cell"] if saved else last.cell
+        atoms.positions = saved["positions"] if saved else last.positions
+        atoms.set_momenta(saved["momenta"] if saved else last.get_momenta())
     else:
         MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=np.random.default_rng(seed))
         Stationary(atoms)
@@ -206,6 +266,8 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
         return {"steps_done": start, "resumed_from": start, "frames": len(frames)}
     dyn = make_dynamics(atoms, ensemble, timestep_fs, temperature_K, friction_per_fs, taut_fs,
                         pressure_GPa, taup_fs, seed + start)  # checks the ensemble before anything is written
+    if saved:
+        _restore_dynamics(dyn, saved)
     periodic3 = bool(atoms.pbc.all())
 
     def thermo_line(step: int) -> tuple[str, float, float, float]:
@@ -235,13 +297,20 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
             fh.truncate(ends[kept - 1] if kept else 0)
         kept_steps = {int(f.info.get("step", 0)) for f in frames[:kept]}
         rows = _thermo_rows(thermo, kept_steps)
+        line = thermo_line(start)[0]  # also leaves the calculator's results as record() left them (stress too)
         if kept == len(frames) and start not in {int(r.split(",")[0]) for r in rows[1:]}:
-            rows.append(thermo_line(start)[0])  # killed between frame and row (runs that wrote the frame first)
+            rows.append(line)  # killed between frame and row (runs that wrote the frame first)
         write_text(thermo, "".join(rows))
         if not settings_path(traj).exists():
             write_json(settings_path(traj), settings)
-        if log:
-            log.info("resuming from step %d (%s)", start, traj)
+        if log and saved:
+            log.info("resuming from step %d (%s) with the saved integrator state: an exact continuation", start, traj)
+        elif log:
+            lost = {"nve": " (NVE: close to, not exactly, the uninterrupted run)",
+                    "npt": ", a new random stream and the barostat's cell momentum at 0"}.get(ensemble, ", a new random stream")
+            log.info("resuming from step %d (%s) without the integrator state (%s): from the last frame's "
+                     "8-decimal positions and momenta%s; the continuation is statistical, not the run an "
+                     "uninterrupted one would have made", start, traj, why, lost)
     else:
         kept = 0
         write_json(settings_path(traj), settings)
@@ -256,6 +325,7 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
         frame.set_momenta(atoms.get_momenta())
         _append(thermo, line)  # the row first: a kill between the two leaves a row without a frame, dropped on resume
         _append(traj, _frame_text(frame))
+        _save_state(state_path(traj), dyn, atoms, step)  # after the frame: a kill between leaves a stale state
         temps.append(T)
         epots.append(epot)
         stds.append(std)

@@ -1,0 +1,74 @@
+"""A killed and resumed MD run continues as the uninterrupted run would: the thermostat's random stream,
+the NPT barostat's cell momentum and the full-precision positions, momenta and cell are restored from
+``trajectory.state.json``; runs without that file still resume (statistically). Tiny model, 8 Na atoms."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from ase.build import bulk
+from ase.io import read, write
+from tubcli.testing import expect_ok as _ok, invoke
+
+from tub_mlff.checkpoints import save_model
+from tub_mlff.spookynet import SpookyNet, SpookyNetConfig
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mdres")
+    torch.manual_seed(0)
+    m = SpookyNet(SpookyNetConfig(num_features=8, num_basis_functions=4, num_modules=1, use_electrostatics=False,
+                                  use_d4_dispersion=False), seed=0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_model(m.eval(), d / "tiny", extra={"elements": [1, 6, 7, 11]})
+    a = bulk("Na", "bcc", a=4.23, cubic=True).repeat((2, 2, 1))
+    a.rattle(0.05, seed=0)
+    write(d / "na.extxyz", a, format="extxyz")
+    return d
+
+
+def _md(d, out, ensemble, steps, *extra):
+    return invoke(["mlff", "md", d / "na.extxyz", "--model", d / "tiny.safetensors", "--ensemble", ensemble,
+                   "--steps", str(steps), "--interval", "5", "--timestep", "1", "--temp", "300",
+                   "--set", "taut=20", "--set", "taup=100", "--precision", "fp64", "--seed", "3", "-o", out, *extra])
+
+
+@pytest.mark.parametrize("ensemble", ["nvt-langevin", "nvt-bussi", "npt"])
+def test_resumed_md_is_the_uninterrupted_run(tmp_path, setup, ensemble):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    _ok(_md(setup, whole, ensemble, 20))
+    _ok(_md(setup, split, ensemble, 10))  # killed at step 10 (its last frame) ...
+    r = _ok(_md(setup, split, ensemble, 20))  # ... and resumed
+    fa, fb = (read(out / "outputs" / "trajectory.extxyz", "-1") for out in (whole, split))
+    assert fa.info["step"] == fb.info["step"] == 20
+    # the trajectories' frames (8 decimals) agree, and so do the full-precision states (bitwise in practice;
+    # the bound allows for the pair order of a neighbour list rebuilt at the resume)
+    assert np.abs(fa.positions - fb.positions).max() <= 1e-6
+    assert np.abs(fa.get_momenta() - fb.get_momenta()).max() <= 1e-6
+    assert np.abs(fa.cell.array - fb.cell.array).max() <= 1e-6
+    assert "exact continuation" in r.stderr
+    sa, sb = (json.loads((out / "outputs" / "trajectory.state.json").read_text()) for out in (whole, split))
+    assert sa["step"] == sb["step"] == 20
+    for key in ("positions", "momenta", "cell"):
+        assert np.abs(np.array(sa[key]) - np.array(sb[key])).max() <= 1e-9, key
+    assert sa["rng"] == sb["rng"]
+    if ensemble == "npt":
+        assert np.abs(np.array(sa["p_eps"]) - np.array(sb["p_eps"])).max() <= 1e-12
+        start = read(setup / "na.extxyz").cell.array
+        assert np.abs(np.array(sa["cell"]) - start).max() > 1e-6  # the barostat moved the cell
+
+
+def test_run_without_the_state_file_still_resumes(tmp_path, setup):
+    out = tmp_path / "old"
+    _ok(_md(setup, out, "nvt-langevin", 10))
+    (out / "outputs" / "trajectory.state.json").unlink()  # as runs made before the file existed
+    r = _ok(_md(setup, out, "nvt-langevin", 20, "--json"))
+    assert json.loads(r.stdout)["resumed_from"] == 10 and "statistical" in r.stderr
+    assert [int(f.info["step"]) for f in read(out / "outputs" / "trajectory.extxyz", ":")] == [0, 5, 10, 15, 20]
+    assert json.loads((out / "outputs" / "trajectory.state.json").read_text())["step"] == 20
