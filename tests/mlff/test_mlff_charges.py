@@ -90,3 +90,24 @@ def test_train_with_charge_weight_needs_reference_charges(tmp_path):
                           "--set", "model.num_features=8", "--set", "model.num_modules=1",
                           "--set", "model.num_basis_functions=4", "-o", tmp_path / "t2", "--json"]))
     assert json.loads(r.stdout)["test"]["dipole_mae_eA"] >= 0.0
+
+
+def test_explain_warns_when_the_model_never_learned_charges(tmp_path):
+    """The shipped demo model was trained on energies and forces only: `explain` says its charges are
+    uncalibrated; the same weights with a training config that fitted charges get no warning."""
+    import shutil
+
+    from tub_mlff.cli import DEMO_MODEL
+    from tub_mlff.structures import add_sodium, janus_graphene
+
+    atoms = add_sodium(janus_graphene(3, 1, stacking="gallery", interlayer=9.0), 1, "random", seed=0)
+    write(tmp_path / "s.extxyz", atoms)
+    r = expect_ok(invoke(["mlff", "explain", tmp_path / "s.extxyz", "-o", tmp_path / "e1"]))
+    assert "learned no charges" in r.stderr
+    shutil.copy(DEMO_MODEL, tmp_path / "m.safetensors")
+    meta = json.loads(DEMO_MODEL.with_suffix(".json").read_text())
+    meta["train_config"]["charges_weight"] = 1.0
+    (tmp_path / "m.json").write_text(json.dumps(meta))
+    r = expect_ok(invoke(["mlff", "explain", tmp_path / "s.extxyz", "--model", tmp_path / "m.safetensors",
+                          "-o", tmp_path / "e2"]))
+    assert "learned no charges" not in r.stderr

@@ -409,6 +409,17 @@ def test_label_with_xtb(workdir):
     assert a.get_potential_energy() < 0
     r = _ok(invoke(["mlff", "label", path, "-o", out, "--json"]))  # skip-existing on rerun
     assert json.loads(r.stdout)["labelled_now"] == 0
+    assert "Gamma point only" not in r.stderr  # a molecule: no k-point warning
+
+
+def test_label_warns_that_small_periodic_cells_are_gamma_only(workdir):
+    pytest.importorskip("tblite")
+    from ase.build import bulk
+
+    path = workdir / "na_bcc.extxyz"
+    write(path, bulk("Na", "bcc", a=4.23, cubic=True).repeat(2), format="extxyz")  # 8.5 A edges
+    r = _ok(invoke(["mlff", "label", path, "-o", workdir / "label_bcc", "--json"]))
+    assert "Gamma point only" in r.stderr and "8.5 A" in r.stderr
 
 
 def test_bad_structures_get_one_line_errors(workdir, trained):

@@ -115,6 +115,7 @@ def build(cfg, run) -> dict:
 # -- label ---------------------------------------------------------------------------------------
 _LABELLED = r".+_\d{6}(_c\d{5})?\.extxyz"
 XTB_MAX_Z = 86  # GFN1-/GFN2-xTB (tblite) are parametrised for H..Rn
+GAMMA_ONLY_WARN_A = 15.0  # periodic cells shorter than this get a k-point convergence warning (tblite: Gamma only)
 
 
 def _label_items(cfg, files, run) -> tuple[list[str], int]:
@@ -139,11 +140,13 @@ def _label_items(cfg, files, run) -> tuple[list[str], int]:
             raise TubError(f"{stems[Path(f).stem]} and {f} would both write {Path(f).stem}_<frame>.extxyz; "
                            "rename one of them or label them into separate -o folders")
         stems[Path(f).stem] = f
-    items, without, elements = [], 0, set()
+    items, without, elements, shortest = [], 0, set(), np.inf
     for f in files:
         for k, atoms in enumerate(read_structures(f)):
             check_structure(atoms, None, name=f"{f} frame {k}")
             elements |= set(atoms.get_chemical_symbols())
+            if atoms.pbc.any():
+                shortest = min(shortest, float(atoms.cell.lengths()[atoms.pbc].min()))
             head = f"{Path(f).stem}::{k:06d}"
             if cfg.method != "dft" or cfg.cluster_radius is None:
                 if cfg.method == "dft" and np.any(atoms.pbc):
@@ -172,6 +175,11 @@ def _label_items(cfg, files, run) -> tuple[list[str], int]:
             raise TubError(f"{cfg.method} (tblite) has parameters up to Rn (Z={XTB_MAX_Z}) but {where} contains "
                            f"{', '.join(beyond)}; leave out the structures with {', '.join(beyond)} or label them with "
                            "--set method=dft and a basis that covers them")
+        if shortest < GAMMA_ONLY_WARN_A:
+            run.log.warning("tblite computes periodic cells at the Gamma point only, and the shortest periodic cell "
+                            "vector here is %.1f A: energies per atom are not k-point converged (graphene: 0.27 eV/atom "
+                            "between 3x3 and 4x4 cells), so label every cell size you will simulate, or supercells",
+                            shortest)
     if without:
         run.log.warning("%d structure(s) have no %s atom; no cluster carved from them", without, cfg.cluster_center)
     return items, without
@@ -783,6 +791,18 @@ def _explain_walks(calc, atoms, cfg, path) -> dict:
             "output": str(path), "one_body": w.one_body}
 
 
+def _untrained_charges(model_paths) -> str | None:
+    """The first tub model whose recorded training config fitted neither charges nor dipoles (None if all did,
+    or if a model records no training config, e.g. a reference parameters.pth)."""
+    from .checkpoints import read_model_meta
+
+    for p in _models(model_paths):
+        if p.suffix == ".safetensors" and isinstance(tc := read_model_meta(p).get("train_config"), dict) \
+                and not tc.get("charges_weight") and not tc.get("dipole_weight"):
+            return p.name
+    return None
+
+
 def explain(cfg, run) -> dict:
     from .data import read_structures
     from .explain import attention_maps, classify_sodium_sites, committee_disagreement, decompose, site_summary
@@ -790,6 +810,10 @@ def explain(cfg, run) -> dict:
 
     path = _need(cfg.structures, "STRUCTURES", "an extxyz file")
     frames = read_structures(path)
+    if untrained := _untrained_charges(cfg.model):
+        run.log.warning("%s learned no charges (charges_weight and dipole_weight 0 in its training config): its "
+                        "atomic charges only carry the total charge, so read the per-atom and per-site charges "
+                        "as uncalibrated", untrained)
     summary = {"structures": len(frames), "sites": {}}
     rows = []
     for k, atoms in enumerate(frames):
