@@ -318,3 +318,34 @@ def test_arrhenius_fit_needs_two_temperatures(tmp_path):
     assert json.loads(r.stdout)["arrhenius"]["Ea_eV"] > 0
     one = json.loads(_ok(invoke(["mlff", "diffusion", tmp_path / "a.extxyz", "-o", tmp_path / "one", "--json"])).stdout)
     assert "arrhenius" not in one and "one trajectory" in one["arrhenius_skipped"]
+
+
+def test_grouped_split_keeps_each_trajectory_in_one_split():
+    """split_by=traj: no trajectory has frames in two of train/valid/test (MD neighbours are near copies)."""
+    from tub_mlff.data import split_indices
+
+    groups = np.repeat(np.arange(20), 10)  # 20 trajectories of 10 frames
+    for seed in range(5):
+        tr, va, te = split_indices(200, 0.1, 0.1, seed, groups)
+        assert sorted(np.concatenate([tr, va, te])) == list(range(200))
+        sets = [set(groups[ix]) for ix in (tr, va, te)]
+        assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+        assert len(te) == 20 and len(va) == 20  # whole groups filling the 10 % shares
+    tr, va, te = split_indices(200, 0.1, 0.1, 0)  # frame by frame: trajectories straddle the splits
+    assert set(groups[tr]) & set(groups[te])
+    tr, va, te = split_indices(20, 0.1, 0.1, 0, np.repeat([0, 1], 10))  # two groups: one for test, one to train
+    assert len(tr) == 10 and len(te) == 10 and len(va) == 0
+
+
+def test_train_split_by_needs_the_key_on_every_frame(tmp_path):
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    frames = []
+    for k in range(6):
+        a = molecule("CH4")
+        a.rattle(0.05, seed=k)
+        a.calc = SinglePointCalculator(a, energy=-1.0 - 0.01 * k, forces=np.zeros((5, 3)))
+        frames.append(a)
+    write(tmp_path / "d.extxyz", frames)
+    msg = _err(invoke(["mlff", "train", tmp_path / "d.extxyz", "-o", tmp_path / "o", "--set", "split_by=traj"]))
+    assert "info['traj']" in msg and "split_by=none" in msg

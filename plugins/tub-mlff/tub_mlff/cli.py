@@ -306,6 +306,20 @@ def _check_init_architecture(m, mcfg, path) -> None:
                        f"drop {drop} or train from scratch")
 
 
+def _split_groups(frames, split_by: str, data, run) -> list | None:
+    """The group label of every frame for ``split_indices`` (None: split frame by frame)."""
+    if split_by == "none" or (split_by == "auto" and not all("traj" in f.info for f in frames)):
+        return None
+    key = "traj" if split_by == "auto" else split_by
+    missing = sum(key not in f.info for f in frames)
+    if missing:
+        raise TubError(f"{data}: {missing} of {len(frames)} frames have no info['{key}'] to split by; "
+                       "give --set split_by=KEY with a key every frame has, or --set split_by=none")
+    groups = [f.info[key] for f in frames]
+    run.log.info("splitting by info['%s']: %d groups, each in one of train/valid/test", key, len(set(map(str, groups))))
+    return groups
+
+
 def train(cfg, run) -> dict:
     import torch
 
@@ -348,12 +362,13 @@ def train(cfg, run) -> dict:
         radius = 1e4  # molecules: all pairs
     need_forces = cfg.forces_weight > 0
     graphs = _graphs(frames, radius, keys, str(data), need_forces)
+    groups = _split_groups(frames, cfg.split_by, data, run)
     if cfg.valid is not None:  # the file replaces the validation share: none is taken from DATA
         valid = _graphs(valid_frames, radius, keys, str(cfg.valid), need_forces)
-        tr, _, te = split_indices(len(graphs), 0.0, cfg.test_fraction, cfg.seed)
+        tr, _, te = split_indices(len(graphs), 0.0, cfg.test_fraction, cfg.seed, groups)
         train_g, test_g = [graphs[i] for i in tr], [graphs[i] for i in te]
     else:
-        tr, va, te = split_indices(len(graphs), cfg.valid_fraction, cfg.test_fraction, cfg.seed)
+        tr, va, te = split_indices(len(graphs), cfg.valid_fraction, cfg.test_fraction, cfg.seed, groups)
         train_g, valid, test_g = [graphs[i] for i in tr], [graphs[i] for i in va], [graphs[i] for i in te]
     if not train_g:
         raise TubError(f"{data} has too few frames to train ({len(graphs)}); give more labelled structures")

@@ -68,6 +68,9 @@ class TrainConfig(TubConfig):
     valid: Optional[Path] = Field(None, description="separate validation extxyz (else split from data)")
     valid_fraction: float = Field(0.1, ge=0, lt=1, description="validation share when no --valid")
     test_fraction: float = Field(0.1, ge=0, lt=1, description="held-out test share (reported at the end)")
+    split_by: str = Field("auto", description="frames with the same info[KEY] stay in one split (e.g. traj: one MD "
+                          "trajectory, whose consecutive frames are near copies); auto = traj when every frame has "
+                          "it, none = frame by frame")
     keys: KeysSection = KeysSection()
     model: ModelSection = ModelSection()
     init_from: Optional[Path] = Field(None, description="start from a model file (.safetensors or reference .pth)")

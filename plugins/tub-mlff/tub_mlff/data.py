@@ -191,17 +191,33 @@ def collate(graphs: list[Graph], dtype=torch.float32, device="cpu") -> dict:
     return batch
 
 
-def split_indices(n: int, valid_fraction: float, test_fraction: float, seed: int):
+def split_indices(n: int, valid_fraction: float, test_fraction: float, seed: int, groups=None):
     """Random train/valid/test split of n frames (reproducible from seed).
 
     A positive ``valid_fraction`` keeps at least one validation frame (from 3 frames on); 0 keeps
-    none, as with ``--valid``, whose file replaces the validation share.
+    none, as with ``--valid``, whose file replaces the validation share. ``groups`` (one label per
+    frame, e.g. the MD trajectory) keeps each group in one split: consecutive MD frames are near
+    copies, and a test frame whose neighbours were trained on measures interpolation, not the
+    model. Whole groups in random order fill the test share, then the validation share (each at
+    least one group when its fraction is positive and there are three groups or more).
     """
     rng = np.random.default_rng(seed)
-    perm = rng.permutation(n)
     n_test = int(round(test_fraction * n))
     n_val = max(int(round(valid_fraction * n)), 1 if n > 2 and valid_fraction > 0 else 0)
-    return perm[n_test + n_val:], perm[n_test:n_test + n_val], perm[:n_test]
+    if groups is None:
+        perm = rng.permutation(n)
+        return perm[n_test + n_val:], perm[n_test:n_test + n_val], perm[:n_test]
+    labels = np.unique(np.asarray(groups, dtype=str), return_inverse=True)[1]
+    members = [np.flatnonzero(labels == g) for g in rng.permutation(labels.max() + 1)]
+    parts, k = [], 0
+    for want, fraction in ((n_test, test_fraction), (n_val, valid_fraction)):
+        taken = []
+        while k < len(members) - 1 and fraction > 0 and (sum(map(len, taken)) < want or not taken):
+            taken.append(members[k])
+            k += 1
+        parts.append(np.concatenate(taken) if taken else np.array([], dtype=int))
+    train = np.concatenate(members[k:]) if k < len(members) else np.array([], dtype=int)
+    return train, parts[1], parts[0]
 
 
 def element_energies(graphs: list[Graph], zmax: int = 87) -> np.ndarray:
