@@ -21,10 +21,11 @@ from tub_mlff.spookynet import SpookyNet, SpookyNetConfig
 from tub_mlff.structures import spin_for
 
 
-def _trained_like(modules=2, seed=0):
+def _trained_like(modules=2, seed=0, activation="swish"):
     """Every weight non-zero (fresh models have zero-initialised layers that would hide leaks)."""
     torch.manual_seed(seed)
-    cfg = SpookyNetConfig(num_features=8, num_basis_functions=4, num_modules=modules, use_d4_dispersion=False)
+    cfg = SpookyNetConfig(num_features=8, num_basis_functions=4, num_modules=modules, use_d4_dispersion=False,
+                          activation=activation)
     model = SpookyNet(cfg, seed=seed).double()
     with torch.no_grad():
         for p in model.parameters():
@@ -32,9 +33,11 @@ def _trained_like(modules=2, seed=0):
     return model.eval()
 
 
-def test_walks_plus_biases_plus_references_are_the_network_energy(cell):
-    """Euler's theorem for the frozen-gate network: exact in float64, in a charged periodic cell."""
-    model = _trained_like(modules=3)
+@pytest.mark.parametrize("activation", ["swish", "ssp"])
+def test_walks_plus_biases_plus_references_are_the_network_energy(cell, activation):
+    """Euler's theorem for the frozen-gate network: exact in float64, in a charged periodic cell
+    (also for a reference model with shifted-softplus activations, gate sigma(h)/h)."""
+    model = _trained_like(modules=3, activation=activation)
     batch = SpookyNetCalculator(model, charge=1.0, spin=spin_for(cell) + 2, dtype=torch.float64).batch_for(cell)
     ex = WalkExplainer(model, batch)
     e_nn = float(compute(model, batch, forces=False)["e_nn"].detach().sum())

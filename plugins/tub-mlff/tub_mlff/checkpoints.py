@@ -16,7 +16,7 @@ import torch
 from tubcli.errors import TubError
 
 from .physical_terms import D4_TABLES
-from .spookynet import SpookyNet, SpookyNetConfig
+from .spookynet import ACTIVATION_NAMES, BASIS_FUNCTIONS, SpookyNet, SpookyNetConfig
 
 # reference name -> tub name, applied in order to every state-dict key
 _KEY_RULES: list[tuple[str, str]] = [
@@ -28,6 +28,10 @@ _KEY_RULES: list[tuple[str, str]] = [
     (r"_embedding\.linear_k\.", "_embedding.key."),
     (r"_embedding\.linear_v\.", "_embedding.value."),
     (r"_embedding\.resblock\.", "_embedding.mlp."),
+    (r"_embedding\.featurize_k\.", "_embedding.key."),  # use_nonlinear_embedding=True
+    (r"_embedding\.featurize_v\.", "_embedding.value."),
+    (r"_embedding\.resblock_k\.", "_embedding.key_mlp."),
+    (r"_embedding\.resblock_v\.", "_embedding.value_mlp."),
     (r"^radial_basis_functions\._alpha$", "rbf.alpha_raw"),
     (r"^radial_basis_functions\.", "rbf."),
     (r"^module\.(\d+)\.local_interaction\.radial_", r"interactions.\1.local.filter_"),
@@ -50,7 +54,7 @@ _KEY_RULES: list[tuple[str, str]] = [
 _ZBL_VECTORS = {"c_raw": ["_c1", "_c2", "_c3", "_c4"], "a_raw": ["_a1", "_a2", "_a3", "_a4"]}
 _REF_HYPER = {"num_features", "num_basis_functions", "num_modules", "cutoff", "lr_cutoff",
               "use_zbl_repulsion", "use_electrostatics", "use_d4_dispersion", "compute_d4_atomic",
-              "module_keep_prob"}
+              "module_keep_prob", "activation", "basis_functions", "exp_weighting"}
 
 
 class CheckpointError(TubError, ValueError):
@@ -88,20 +92,25 @@ def load_reference(path: str | Path, dtype: torch.dtype = torch.float32, lr_cuto
         raise CheckpointError(f"cannot read reference checkpoint {path}: {exc}".splitlines()[0]) from exc
     if not isinstance(saved, dict) or "state_dict" not in saved:
         raise CheckpointError(f"{path} is not a SpookyNet parameter file (no 'state_dict')")
-    if saved.get("activation", "swish") != "swish" or saved.get("basis_functions", "exp-bernstein") != "exp-bernstein" \
-            or not saved.get("use_irreps", False) or saved.get("use_nonlinear_embedding", False) \
-            or not saved.get("exp_weighting", True):
-        raise CheckpointError(f"{path}: only swish / exp-bernstein / irreps models are supported")
+    if saved.get("activation", "swish") not in ACTIVATION_NAMES:
+        raise CheckpointError(f"{path}: activation={saved['activation']!r} is not supported "
+                              f"(one of {', '.join(ACTIVATION_NAMES)})")
+    if saved.get("basis_functions", "exp-bernstein") not in BASIS_FUNCTIONS:
+        raise CheckpointError(f"{path}: basis_functions={saved['basis_functions']!r} is not supported "
+                              f"(one of {', '.join(BASIS_FUNCTIONS)})")
     sd = saved["state_dict"]
     if any(".residual_" in k and "embedding" in k for k in sd):
         raise CheckpointError(f"{path} uses the pre-2021 key layout; re-save it with the reference code first")
     kw = {k: saved[k] for k in _REF_HYPER if k in saved}
     kw["zmax"] = saved.get("Zmax", 87)
+    # files written before these switches existed mean the old architecture (the reference's reading)
+    kw["use_irreps"] = bool(saved.get("use_irreps", False))
+    kw["use_nonlinear_embedding"] = bool(saved.get("use_nonlinear_embedding", True))
     nr = {k[len("num_residual_"):]: int(v) for k, v in saved.items() if k.startswith("num_residual_")}
     cfg = SpookyNetConfig.from_dict({**kw, "num_residual": nr})
     if lr_cutoff is not None:
         cfg.lr_cutoff = lr_cutoff
-    model = SpookyNet(cfg)
+    model = SpookyNet(cfg).to(dtype)  # in the target dtype first: float64 weights stay float64
     state, tables = map_reference_state_dict(sd)
     _load_state(model, state, tables, path)
     return model.to(dtype).eval()
@@ -176,10 +185,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Sp
         raise CheckpointError(f"{path}: unknown architecture {meta.get('architecture')!r}")
     try:
         cfg = SpookyNetConfig.from_dict(meta["spookynet"])
+        model = SpookyNet(cfg).to(dtype)  # unknown activation/basis names raise ValueError here
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path.with_suffix('.json')} has no valid 'spookynet' model config ({exc}); "
                               "restore the .json written with the model") from None
-    model = SpookyNet(cfg)
     try:
         tensors = load_file(str(path))
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for empty/truncated files

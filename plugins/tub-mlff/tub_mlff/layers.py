@@ -1,4 +1,4 @@
-"""Building blocks of SpookyNet: Swish, residual blocks, residual MLPs, smooth cutoffs.
+"""Building blocks of SpookyNet: Swish / shifted softplus, residual blocks, residual MLPs, smooth cutoffs.
 
 Unke et al., *SpookyNet*, Nat. Commun. 12, 7273 (2021), Methods ("Activation function",
 "Residual blocks"); tub spec §2.1 and §2.3.
@@ -59,18 +59,51 @@ class Swish(nn.Module):
         self.alpha = nn.Parameter(torch.full((num_features,), float(alpha)))
         self.beta = nn.Parameter(torch.full((num_features,), float(beta)))
 
+    @staticmethod
+    def function(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        return alpha * x * torch.sigmoid(beta * x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.alpha * x * torch.sigmoid(self.beta * x)
+        return self.function(x, self.alpha, self.beta)
+
+
+class ShiftedSoftplus(nn.Module):
+    """sigma(x) = alpha (softplus(beta x) - ln 2) / beta (alpha x / 2 where beta = 0), alpha and
+    beta learnable per feature (the reference's 'ssp' activation, initialised alpha = beta = 1)."""
+
+    def __init__(self, num_features: int, alpha: float = 1.0, beta: float = 1.0) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.full((num_features,), float(alpha)))
+        self.beta = nn.Parameter(torch.full((num_features,), float(beta)))
+
+    @staticmethod
+    def function(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        nonzero = beta != 0
+        beta_safe = torch.where(nonzero, beta, torch.ones_like(beta))  # no 0/0 in the unused branch
+        return alpha * torch.where(nonzero, (F.softplus(beta_safe * x) - math.log(2.0)) / beta_safe, 0.5 * x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.function(x, self.alpha, self.beta)
+
+
+ACTIVATIONS = {"swish": Swish, "ssp": ShiftedSoftplus}
+
+
+def make_activation(name: str, num_features: int) -> nn.Module:
+    try:
+        return ACTIVATIONS[name](num_features)
+    except KeyError:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, not {name!r}") from None
 
 
 class ResidualBlock(nn.Module):
     """Pre-activation residual block x + W2 s2(W1 s1(x)); W1 orthogonal, W2 and biases zero."""
 
-    def __init__(self, num_features: int, bias: bool = True) -> None:
+    def __init__(self, num_features: int, bias: bool = True, activation: str = "swish") -> None:
         super().__init__()
-        self.act1 = Swish(num_features)
+        self.act1 = make_activation(activation, num_features)
         self.lin1 = nn.Linear(num_features, num_features, bias=bias)
-        self.act2 = Swish(num_features)
+        self.act2 = make_activation(activation, num_features)
         self.lin2 = nn.Linear(num_features, num_features, bias=bias)
         orthogonal_(self.lin1.weight)
         nn.init.zeros_(self.lin2.weight)
@@ -85,9 +118,9 @@ class ResidualBlock(nn.Module):
 class ResidualStack(nn.Module):
     """R_n: n residual blocks applied in sequence."""
 
-    def __init__(self, num_features: int, num_blocks: int = 1, bias: bool = True) -> None:
+    def __init__(self, num_features: int, num_blocks: int = 1, bias: bool = True, activation: str = "swish") -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(ResidualBlock(num_features, bias) for _ in range(num_blocks))
+        self.blocks = nn.ModuleList(ResidualBlock(num_features, bias, activation) for _ in range(num_blocks))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
@@ -102,10 +135,10 @@ class ResidualMLP(nn.Module):
     """
 
     def __init__(self, num_features: int, num_blocks: int = 1, bias: bool = True,
-                 zero: bool = False) -> None:
+                 zero: bool = False, activation: str = "swish") -> None:
         super().__init__()
-        self.stack = ResidualStack(num_features, num_blocks, bias)
-        self.act = Swish(num_features)
+        self.stack = ResidualStack(num_features, num_blocks, bias, activation)
+        self.act = make_activation(activation, num_features)
         self.lin = nn.Linear(num_features, num_features, bias=bias)
         if zero:
             nn.init.zeros_(self.lin.weight)
@@ -131,11 +164,13 @@ def parallel_residual_mlps(mlps, x: torch.Tensor) -> list[torch.Tensor]:
                             or m.stack.blocks[0].lin1.bias is None for m in mlps):
         return [m(x) for m in mlps]
     blocks = [m.stack.blocks[0] for m in mlps]
+    if len({type(a) for m in mlps for a in (m.act, m.stack.blocks[0].act1, m.stack.blocks[0].act2)}) != 1:
+        return [m(x) for m in mlps]
 
-    def swish(h, acts):
+    def activation(h, acts):
         alpha = torch.stack([a.alpha for a in acts]).unsqueeze(1)
         beta = torch.stack([a.beta for a in acts]).unsqueeze(1)
-        return alpha * h * torch.sigmoid(beta * h)
+        return type(acts[0]).function(h, alpha, beta)
 
     def linear(h, lins):
         weight = torch.stack([lin.weight for lin in lins]).transpose(1, 2)
@@ -143,9 +178,9 @@ def parallel_residual_mlps(mlps, x: torch.Tensor) -> list[torch.Tensor]:
         return torch.baddbmm(bias, h, weight)
 
     X = x.unsqueeze(0).expand(len(mlps), -1, -1)
-    h = linear(swish(X, [b.act1 for b in blocks]), [b.lin1 for b in blocks])
-    h = X + linear(swish(h, [b.act2 for b in blocks]), [b.lin2 for b in blocks])
-    out = linear(swish(h, [m.act for m in mlps]), [m.lin for m in mlps])
+    h = linear(activation(X, [b.act1 for b in blocks]), [b.lin1 for b in blocks])
+    h = X + linear(activation(h, [b.act2 for b in blocks]), [b.lin2 for b in blocks])
+    out = linear(activation(h, [m.act for m in mlps]), [m.lin for m in mlps])
     return list(out.unbind(0))
 
 

@@ -6,7 +6,8 @@ arXiv:2410.13833, and Bonneau et al., Nat. Commun. 16, 9898 (2025) (tub spec mlf
 
 Relevance flows backwards through the node features of the network part of the energy,
 E_nn = sum_i e_i. Every nonlinear factor is frozen at its forward value (LRP-0 with conservative
-rules, as Ali et al., ICML 2022, do for transformers): the swish gate alpha*sigmoid(beta*h), the
+rules, as Ali et al., ICML 2022, do for transformers): the activation's gate sigma(h)/h (swish:
+alpha*sigmoid(beta*h); shifted softplus: its ratio, alpha/2 at h = 0), the
 attention weights A_ij, and one factor of each p/d product, each product giving half its
 relevance to either factor. The explained network is then linear in the embeddings x0 and in its
 biases, so Euler's theorem makes the decomposition exact:
@@ -34,6 +35,8 @@ from itertools import combinations
 import numpy as np
 import torch
 
+from .layers import Swish
+
 
 @dataclass
 class WalkRelevance:
@@ -55,18 +58,24 @@ class WalkRelevance:
 
 
 # -- the network with frozen gates ------------------------------------------------------------
-def _swish(act, h):
-    return h * (act.alpha * torch.sigmoid(act.beta * h)).detach()
+def _gated(act, h):
+    """sigma(h) as h times its frozen gate sigma(h)/h (both activations are 0 at 0 with slope alpha/2)."""
+    if isinstance(act, Swish):
+        gate = act.alpha * torch.sigmoid(act.beta * h)
+    else:
+        small = h.abs() < 1e-6
+        gate = torch.where(small, act.alpha / 2, act(h) / torch.where(small, torch.ones_like(h), h))
+    return h * gate.detach()
 
 
 def _stack(stack, h):
     for b in stack.blocks:
-        h = h + b.lin2(_swish(b.act2, b.lin1(_swish(b.act1, h))))
+        h = h + b.lin2(_gated(b.act2, b.lin1(_gated(b.act1, h))))
     return h
 
 
 def _mlp(mlp, h):
-    return mlp.lin(_swish(mlp.act, _stack(mlp.stack, h)))
+    return mlp.lin(_gated(mlp.act, _stack(mlp.stack, h)))
 
 
 def _product(a, b):

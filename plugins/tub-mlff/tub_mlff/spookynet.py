@@ -43,6 +43,15 @@ class SpookyNetConfig:
     module_keep_prob: float = 1.0
     zmax: int = ZMAX
     num_random_features: int | None = None  # FAVOR+ features of the attention; None = num_features
+    # the reference's further options (its defaults = these): activation 'swish' | 'ssp'; radial basis
+    # 'exp-bernstein' | 'exp-gaussian' | 'bernstein' | 'gaussian' | 'sinc' (exp_weighting: the exp-
+    # variants times e^{-alpha r}); irreducible (5) or Cartesian (6) d-type angular functions; the
+    # charge/spin embedding of Eq. 4-6 or the reference's older nonlinear (softmax) embedding
+    activation: str = "swish"
+    basis_functions: str = "exp-bernstein"
+    exp_weighting: bool = True
+    use_irreps: bool = True
+    use_nonlinear_embedding: bool = False
     num_residual: dict = field(default_factory=lambda: {
         k: 1 for k in ("electron", "pre", "local_x", "local_s", "local_p", "local_d", "local",
                        "nonlocal_q", "nonlocal_k", "nonlocal_v", "post", "output")})
@@ -80,7 +89,7 @@ class ElectronicEmbedding(nn.Module):
     out_i = ResMLP((a_i / (sum_mol a + eps)) v), with e = [relu(Q), relu(-Q)] or |S|.
     """
 
-    def __init__(self, num_features: int, num_residual: int, is_charge: bool) -> None:
+    def __init__(self, num_features: int, num_residual: int, is_charge: bool, activation: str = "swish") -> None:
         super().__init__()
         self.is_charge = is_charge
         n_in = 2 if is_charge else 1
@@ -91,7 +100,7 @@ class ElectronicEmbedding(nn.Module):
         nn.init.zeros_(self.query.bias)
         orthogonal_(self.key.weight)
         orthogonal_(self.value.weight)
-        self.mlp = ResidualMLP(num_features, num_residual, bias=False, zero=True)
+        self.mlp = ResidualMLP(num_features, num_residual, bias=False, zero=True, activation=activation)
 
     def forward(self, x: torch.Tensor, E: torch.Tensor, batch_seg: torch.Tensor, num_batch: int,
                 eps: float = 1e-8) -> torch.Tensor:
@@ -107,10 +116,50 @@ class ElectronicEmbedding(nn.Module):
         return self.mlp((a / (anorm + eps)).unsqueeze(-1) * v)
 
 
-class ExponentialBernstein(nn.Module):
-    """b_v(r) = C(K-1,v) e^{-a r (K-1-v)} (1 - e^{-a r})^v f_c(r) e^{-a r} (Eq. 7), in log space."""
+class NonlinearElectronicEmbedding(nn.Module):
+    """The reference's older charge/spin embedding (``use_nonlinear_embedding=True``): softmax attention.
 
-    def __init__(self, num_basis_functions: int, alpha: float = 0.9448630629184640) -> None:
+    k = ResMLP_k(w_k E + b_k), v = ResMLP_v(w_v E) (E = Q or S, signed); q_i = W_q e_Z,i;
+    a_i = exp((q_i.k - m) / sqrt(F)); out_i = (a_i / (sum_mol a + eps)) v. The shift m is the
+    molecule's largest q.k, as in the reference also counting 0 when the batch holds other molecules
+    (the reference masks them with zeros); it cancels up to eps.
+    """
+
+    def __init__(self, num_features: int, num_residual: int, activation: str = "swish") -> None:
+        super().__init__()
+        self.query = nn.Linear(num_features, num_features, bias=False)
+        self.key = nn.Linear(1, num_features)
+        self.key_mlp = ResidualMLP(num_features, num_residual, zero=True, activation=activation)
+        self.value = nn.Linear(1, num_features, bias=False)
+        self.value_mlp = ResidualMLP(num_features, num_residual, bias=False, zero=True, activation=activation)
+        orthogonal_(self.query.weight)
+        orthogonal_(self.key.weight)
+        nn.init.zeros_(self.key.bias)
+        orthogonal_(self.value.weight)
+
+    def forward(self, x: torch.Tensor, E: torch.Tensor, batch_seg: torch.Tensor, num_batch: int,
+                eps: float = 1e-8) -> torch.Tensor:
+        e = E.unsqueeze(-1)
+        k = self.key_mlp(self.key(e))[batch_seg]
+        v = self.value_mlp(self.value(e))[batch_seg]
+        dot = (self.query(x) * k).sum(-1)
+        if num_batch == 1:
+            shift = dot.max()
+        else:
+            segmax = dot.new_full((num_batch,), -torch.inf).scatter_reduce(0, batch_seg, dot, reduce="amax")
+            others = torch.bincount(batch_seg, minlength=num_batch) < dot.shape[0]
+            shift = torch.where(others, segmax.clamp(min=0.0), segmax)[batch_seg]
+        a = torch.exp((dot - shift) / math.sqrt(k.shape[-1]))
+        anorm = scatter_sum(a, batch_seg, num_batch)[batch_seg]
+        return (a / (anorm + eps)).unsqueeze(-1) * v
+
+
+class ExponentialBernstein(nn.Module):
+    """b_v(r) = C(K-1,v) e^{-a r (K-1-v)} (1 - e^{-a r})^v f_c(r) [e^{-a r}] (Eq. 7), in log space;
+    the last factor only with ``exp_weighting`` (the default)."""
+
+    def __init__(self, num_basis_functions: int, alpha: float = 0.9448630629184640,
+                 exp_weighting: bool = True) -> None:
         super().__init__()
         K = num_basis_functions
         v = np.arange(K, dtype=np.float64)
@@ -120,11 +169,98 @@ class ExponentialBernstein(nn.Module):
         self.register_buffer("n", torch.tensor(K - 1 - v))
         self.register_buffer("v", torch.tensor(v))
         self.alpha_raw = nn.Parameter(torch.tensor(softplus_inverse(alpha), dtype=torch.float64))
+        self.exp_weighting = exp_weighting
 
     def forward(self, r: torch.Tensor, fc: torch.Tensor) -> torch.Tensor:
         ar = -F.softplus(self.alpha_raw) * r.view(-1, 1)
         x = self.logc + self.n * ar + self.v * torch.log(-torch.expm1(ar))
-        return fc.view(-1, 1) * torch.exp(x) * torch.exp(ar)
+        rbf = fc.view(-1, 1) * torch.exp(x)
+        return rbf * torch.exp(ar) if self.exp_weighting else rbf
+
+
+class ExponentialGaussian(nn.Module):
+    """g_k(r) = exp(-K (e^{-a r} - mu_k)^2) f_c(r) [e^{-a r}], mu_k = 1 - k/(K-1) (reference 'exp-gaussian')."""
+
+    def __init__(self, num_basis_functions: int, alpha: float = 0.9448630629184640,
+                 exp_weighting: bool = True) -> None:
+        super().__init__()
+        K = num_basis_functions
+        self.register_buffer("center", torch.linspace(1.0, 0.0, K, dtype=torch.float64))
+        self.register_buffer("width", torch.tensor(float(K), dtype=torch.float64))
+        self.alpha_raw = nn.Parameter(torch.tensor(softplus_inverse(alpha), dtype=torch.float64))
+        self.exp_weighting = exp_weighting
+
+    def forward(self, r: torch.Tensor, fc: torch.Tensor) -> torch.Tensor:
+        y = torch.exp(-F.softplus(self.alpha_raw) * r.view(-1, 1))
+        rbf = fc.view(-1, 1) * torch.exp(-self.width * (y - self.center) ** 2)
+        return rbf * y if self.exp_weighting else rbf
+
+
+class Gaussian(nn.Module):
+    """g_k(r) = exp(-(K/r_c) (r - mu_k)^2) f_c(r), mu_k = k r_c/(K-1) (reference 'gaussian'; the width
+    is K/r_c as the reference has it, not its square)."""
+
+    def __init__(self, num_basis_functions: int, cutoff: float) -> None:
+        super().__init__()
+        K = num_basis_functions
+        self.register_buffer("cutoff", torch.tensor(float(cutoff), dtype=torch.float64))
+        self.register_buffer("center", torch.linspace(0.0, float(cutoff), K, dtype=torch.float64))
+        self.register_buffer("width", torch.tensor(K / float(cutoff), dtype=torch.float64))
+
+    def forward(self, r: torch.Tensor, fc: torch.Tensor) -> torch.Tensor:
+        return fc.view(-1, 1) * torch.exp(-self.width * (r.view(-1, 1) - self.center) ** 2)
+
+
+class Bernstein(nn.Module):
+    """b_v(r) = C(K-1,v) x^{K-1-v} (1 - x)^v f_c(r), x = r/r_c (reference 'bernstein'), in log space."""
+
+    def __init__(self, num_basis_functions: int, cutoff: float) -> None:
+        super().__init__()
+        K = num_basis_functions
+        v = np.arange(K, dtype=np.float64)
+        logfact = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, K)))])
+        logc = logfact[K - 1] - logfact[v.astype(int)] - logfact[(K - 1 - v).astype(int)]
+        self.register_buffer("cutoff", torch.tensor(float(cutoff), dtype=torch.float64))
+        self.register_buffer("logc", torch.tensor(logc))
+        self.register_buffer("n", torch.tensor(K - 1 - v))
+        self.register_buffer("v", torch.tensor(v))
+
+    def forward(self, r: torch.Tensor, fc: torch.Tensor) -> torch.Tensor:
+        x = r.view(-1, 1) / self.cutoff
+        x = torch.log(torch.where(x < 1.0, x, torch.full_like(x, 0.5)))  # f_c = 0 there; no log(0)
+        return fc.view(-1, 1) * torch.exp(self.logc + self.n * x + self.v * torch.log(-torch.expm1(x)))
+
+
+class Sinc(nn.Module):
+    """g_k(r) = sinc((k+1) r / r_c) f_c(r), sinc(x) = sin(pi x)/(pi x) (reference 'sinc')."""
+
+    def __init__(self, num_basis_functions: int, cutoff: float) -> None:
+        super().__init__()
+        K = num_basis_functions
+        self.register_buffer("factor", torch.arange(1, K + 1, dtype=torch.float64) / float(cutoff))
+
+    def forward(self, r: torch.Tensor, fc: torch.Tensor) -> torch.Tensor:
+        return fc.view(-1, 1) * torch.sinc(self.factor * r.view(-1, 1))
+
+
+BASIS_FUNCTIONS = ("exp-bernstein", "exp-gaussian", "bernstein", "gaussian", "sinc")
+ACTIVATION_NAMES = ("swish", "ssp")
+
+
+def radial_basis(cfg: SpookyNetConfig) -> nn.Module:
+    """The radial basis module named by ``cfg.basis_functions`` (buffer names as in the reference)."""
+    K, name = cfg.num_basis_functions, cfg.basis_functions
+    if name == "exp-bernstein":
+        return ExponentialBernstein(K, exp_weighting=cfg.exp_weighting)
+    if name == "exp-gaussian":
+        return ExponentialGaussian(K, exp_weighting=cfg.exp_weighting)
+    if name == "bernstein":
+        return Bernstein(K, cfg.cutoff)
+    if name == "gaussian":
+        return Gaussian(K, cfg.cutoff)
+    if name == "sinc":
+        return Sinc(K, cfg.cutoff)
+    raise ValueError(f"basis_functions must be one of {', '.join(BASIS_FUNCTIONS)}, not {name!r}")
 
 
 class LocalInteraction(nn.Module):
@@ -134,18 +270,19 @@ class LocalInteraction(nn.Module):
     d_i likewise [5,F]; l_i = ResMLP_zero(s_i + sum_m P_a o P_b + sum_m D_a o D_b).
     """
 
-    def __init__(self, F_: int, K: int, nr: dict) -> None:
+    def __init__(self, F_: int, K: int, nr: dict, activation: str = "swish") -> None:
         super().__init__()
+        act = activation
         self.filter_s = nn.Linear(K, F_, bias=False)
         self.filter_p = nn.Linear(K, F_, bias=False)
         self.filter_d = nn.Linear(K, F_, bias=False)
-        self.mlp_x = ResidualMLP(F_, nr["local_x"])
-        self.mlp_s = ResidualMLP(F_, nr["local_s"])
-        self.mlp_p = ResidualMLP(F_, nr["local_p"])
-        self.mlp_d = ResidualMLP(F_, nr["local_d"])
+        self.mlp_x = ResidualMLP(F_, nr["local_x"], activation=act)
+        self.mlp_s = ResidualMLP(F_, nr["local_s"], activation=act)
+        self.mlp_p = ResidualMLP(F_, nr["local_p"], activation=act)
+        self.mlp_d = ResidualMLP(F_, nr["local_d"], activation=act)
         self.proj_p = nn.Linear(F_, 2 * F_, bias=False)
         self.proj_d = nn.Linear(F_, 2 * F_, bias=False)
-        self.mlp_out = ResidualMLP(F_, nr["local"], zero=True)
+        self.mlp_out = ResidualMLP(F_, nr["local"], zero=True, activation=act)
         for lin in (self.filter_s, self.filter_p, self.filter_d, self.proj_p, self.proj_d):
             orthogonal_(lin.weight)
 
@@ -177,7 +314,7 @@ class PairLayout:
 
     ``j`` [n*kmax] the neighbour atom of each slot (0 in empty slots), ``rbf`` [n*kmax, K] the
     radial basis (0 in empty slots, so they contribute nothing), ``ang_p`` [n, 3, kmax] and
-    ``ang_d`` [n, 5, kmax] the angular factors. Same sums as scattering over pairs, in another
+    ``ang_d`` [n, 5 (irreps) or 6 (Cartesian), kmax] the angular factors. Same sums as scattering over pairs, in another
     order; every op is twice differentiable (forces in the training loss).
     """
 
@@ -190,8 +327,9 @@ class PairLayout:
         self.kmax = kmax
         self.j = torch.cat([idx_j, idx_j.new_zeros(1)]).index_select(0, inv)
         self.rbf = torch.cat([rbf, rbf.new_zeros(1, rbf.shape[1])]).index_select(0, inv)
-        ang = torch.cat([torch.cat([pij, dij], dim=-1), pij.new_zeros(1, 8)]).index_select(0, inv)
-        ang = ang.view(n, kmax, 8).transpose(1, 2)
+        width = 3 + dij.shape[1]
+        ang = torch.cat([torch.cat([pij, dij], dim=-1), pij.new_zeros(1, width)]).index_select(0, inv)
+        ang = ang.view(n, kmax, width).transpose(1, 2)
         self.ang_p, self.ang_d = ang[:, :3], ang[:, 3:]
 
 
@@ -237,11 +375,12 @@ class NonlocalInteraction(nn.Module):
     out_i = phi(q_i) sum_j phi(k_j)^T v_j / (phi(q_i) . sum_j phi(k_j) + 1e-8).
     """
 
-    def __init__(self, F_: int, nr: dict, seed: int = 0, num_random: int | None = None) -> None:
+    def __init__(self, F_: int, nr: dict, seed: int = 0, num_random: int | None = None,
+                 activation: str = "swish") -> None:
         super().__init__()
-        self.mlp_q = ResidualMLP(F_, nr["nonlocal_q"], zero=True)
-        self.mlp_k = ResidualMLP(F_, nr["nonlocal_k"], zero=True)
-        self.mlp_v = ResidualMLP(F_, nr["nonlocal_v"], zero=True)
+        self.mlp_q = ResidualMLP(F_, nr["nonlocal_q"], zero=True, activation=activation)
+        self.mlp_k = ResidualMLP(F_, nr["nonlocal_k"], zero=True, activation=activation)
+        self.mlp_v = ResidualMLP(F_, nr["nonlocal_v"], zero=True, activation=activation)
         omega = random_features(F_, num_random or F_, np.random.default_rng(seed))
         self.register_buffer("omega", torch.tensor(omega, dtype=torch.float64))
         self.keep_attention = False
@@ -285,13 +424,14 @@ class NonlocalInteraction(nn.Module):
 class InteractionModule(nn.Module):
     """One SpookyNet module (Eq. 12): x = R_post(R_pre(x) + l + n); output y = ResMLP_out(x)."""
 
-    def __init__(self, F_: int, K: int, nr: dict, seed: int = 0, num_random: int | None = None) -> None:
+    def __init__(self, F_: int, K: int, nr: dict, seed: int = 0, num_random: int | None = None,
+                 activation: str = "swish") -> None:
         super().__init__()
-        self.pre = ResidualStack(F_, nr["pre"])
-        self.local = LocalInteraction(F_, K, nr)
-        self.nonlocal_ = NonlocalInteraction(F_, nr, seed, num_random)
-        self.post = ResidualStack(F_, nr["post"])
-        self.out = ResidualMLP(F_, nr["output"])
+        self.pre = ResidualStack(F_, nr["pre"], activation=activation)
+        self.local = LocalInteraction(F_, K, nr, activation)
+        self.nonlocal_ = NonlocalInteraction(F_, nr, seed, num_random, activation)
+        self.post = ResidualStack(F_, nr["post"], activation=activation)
+        self.out = ResidualMLP(F_, nr["output"], activation=activation)
 
     def forward(self, x, layout: PairLayout, batch_seg, num_batch):
         x = self.pre(x)
@@ -325,14 +465,22 @@ class SpookyNet(nn.Module):
         cfg = config or SpookyNetConfig()
         if not 0.0 <= cfg.module_keep_prob <= 1.0:
             raise ValueError("module_keep_prob must lie in [0, 1]")
+        if cfg.activation not in ACTIVATION_NAMES:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATION_NAMES)}, not {cfg.activation!r}")
         self.config = cfg
         F_, K, T, nr = cfg.num_features, cfg.num_basis_functions, cfg.num_modules, cfg.num_residual
+        act = cfg.activation
         self.nuclear = NuclearEmbedding(F_, cfg.zmax)
-        self.charge_embedding = ElectronicEmbedding(F_, nr["electron"], is_charge=True)
-        self.spin_embedding = ElectronicEmbedding(F_, nr["electron"], is_charge=False)
-        self.rbf = ExponentialBernstein(K)
+        if cfg.use_nonlinear_embedding:
+            self.charge_embedding = NonlinearElectronicEmbedding(F_, nr["electron"], act)
+            self.spin_embedding = NonlinearElectronicEmbedding(F_, nr["electron"], act)
+        else:
+            self.charge_embedding = ElectronicEmbedding(F_, nr["electron"], is_charge=True, activation=act)
+            self.spin_embedding = ElectronicEmbedding(F_, nr["electron"], is_charge=False, activation=act)
+        self.rbf = radial_basis(cfg)
         self.interactions = nn.ModuleList(InteractionModule(F_, K, nr, seed=seed * 1000 + t,
-                                                             num_random=cfg.num_random_features) for t in range(T))
+                                                             num_random=cfg.num_random_features, activation=act)
+                                          for t in range(T))
         self.readout = nn.Linear(F_, 2, bias=False)
         orthogonal_(self.readout.weight)
         self.element_bias = nn.Parameter(torch.zeros(cfg.zmax, 2))
@@ -421,8 +569,12 @@ class SpookyNet(nn.Module):
         pij = sr_v / sr_r.unsqueeze(-1)
         x_, y_, z_ = pij[:, 0], pij[:, 1], pij[:, 2]
         s3 = self._sqrt3
-        dij = torch.stack([s3 * x_ * y_, s3 * x_ * z_, s3 * y_ * z_, 0.5 * (3 * z_ * z_ - 1.0),
-                           0.5 * s3 * (x_ * x_ - y_ * y_)], dim=-1)
+        if self.config.use_irreps:  # the five real l=2 harmonics
+            dij = torch.stack([s3 * x_ * y_, s3 * x_ * z_, s3 * y_ * z_, 0.5 * (3 * z_ * z_ - 1.0),
+                               0.5 * s3 * (x_ * x_ - y_ * y_)], dim=-1)
+        else:  # the reference's older reducible Cartesian set: x2, y2, z2, sqrt2 xy, xz, yz
+            s2 = math.sqrt(2.0)
+            dij = torch.stack([x_ * x_, y_ * y_, z_ * z_, s2 * x_ * y_, s2 * x_ * z_, s2 * y_ * z_], dim=-1)
         fc = cutoff_function(sr_r, self.config.cutoff)
         rbf = self.rbf(sr_r, fc)
 
