@@ -84,6 +84,31 @@ def test_janus_host_has_aminophenyl_on_one_face():
     assert (loaded.numbers == 11).sum() == 3
 
 
+def test_build_bilayer_is_two_ab_stacked_janus_sheets_with_vacuum(workdir):
+    """`--stacking bilayer`: two sheets --interlayer apart in Bernal registry, the groups of both on
+    their upper faces, gallery Na between the sheets, vacuum outside; x counts Na per group of the cell."""
+    out = workdir / "bilayer"
+    _ok(invoke(["mlff", "build", "--n", "3", "--groups", "1", "--stacking", "bilayer", "--x", "0", "--x", "2",
+                "--sites", "gallery", "-o", out]))
+    host, loaded = read(out / "outputs" / "structures.extxyz", ":")
+    assert host.get_chemical_formula() == "C48H12N2" and host.info["groups"] == 2
+    lower, upper = host.positions[:18], host.positions[31:49]  # the sheet carbons of each block
+    assert np.ptp(lower[:, 2]) < 0.31 and np.ptp(upper[:, 2]) < 0.31  # flat sheets (one puckered anchor)
+    assert np.median(upper[:, 2]) - np.median(lower[:, 2]) == pytest.approx(9.5)
+    # AB: half of the upper carbons sit over lower carbons, half over hexagon centres
+    from ase.geometry import find_mic
+
+    over = 0
+    for p in upper:
+        v, dist = find_mic(lower - p, host.cell, [True, True, False])
+        over += np.min(np.linalg.norm(v[:, :2], axis=1)) < 0.1
+    assert over == 9
+    assert host.cell.lengths()[2] == pytest.approx(9.5 + 20.0)
+    na = loaded.positions[loaded.numbers == 11]
+    assert ((na[:, 2] > np.median(lower[:, 2])) & (na[:, 2] < np.median(upper[:, 2]))).all()
+    assert loaded.info["x"] == 1.0  # 2 Na / 2 groups
+
+
 @pytest.fixture(scope="module")
 def trained(workdir, labelled):
     out = workdir / "train"

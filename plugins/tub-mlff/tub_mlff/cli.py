@@ -101,10 +101,10 @@ def build(cfg, run) -> dict:
                 raise TubError(f"x={x}: {exc}") from None
             if cfg.rattle > 0:
                 a.rattle(cfg.rattle, seed=run.item_seed(f"rattle-{x}-{v}") % (2 ** 31))
-            a.info.update({"x": x / max(cfg.groups, 1), "na_count": x, "charge": 0, "spin": spin_for(a)})
+            a.info.update({"x": x / max(host.info["groups"], 1), "na_count": x, "charge": 0, "spin": spin_for(a)})
             a.info["anchors"] = " ".join(map(str, host.info["anchors"]))
-            check_structure(a, name=f"the built cell with x={x}", fix="raise --interlayer (gallery) or "
-                            "--set vacuum= (slab), or lower --rattle")
+            check_structure(a, name=f"the built cell with x={x}", fix="raise --interlayer (gallery, bilayer) "
+                            "or --set vacuum= (slab), or lower --rattle")
             frames.append(a)
     out = _write_extxyz(run.outputs_dir / "structures.extxyz", frames)
     run.log.info("wrote %d structures to %s", len(frames), out)
@@ -537,7 +537,7 @@ def ocv(cfg, run) -> dict:
             for v in range(cfg.variants):
                 frames.append(add_sodium(host, x, "random", seed=run.item_seed(f"ocv-{x}-{v}")))
         for f in frames:
-            f.info["groups"] = cfg.groups
+            f.info["groups"] = host.info["groups"]
     _check_host_series(frames, str(cfg.structures) if cfg.structures is not None
                        else f"the built series (--x-max {cfg.x_max})")
     from .validation import check_structure
@@ -556,7 +556,7 @@ def ocv(cfg, run) -> dict:
         check_structure(f, calc_for(f).elements, name=f"{cfg.structures or 'built structure'} frame {k}")
     cell = cfg.cell
     if cell == "auto":
-        layered = all(f.pbc.all() and f.info.get("stacking") != "slab" for f in frames)
+        layered = all(f.pbc.all() and f.info.get("stacking") not in ("slab", "bilayer") for f in frames)
         cell = "c" if layered else "fixed"
     res, relaxed = sodiation_series(frames, calc_for, cfg.relax_steps, cfg.fmax, cell=cell,
                                     mu_na_lattice=cfg.mu_na_lattice)

@@ -34,10 +34,12 @@ class ModelSection(Section):
 
 class BuildConfig(TubConfig):
     n: int = Field(4, ge=2, description="graphene supercell n x n")
-    groups: int = Field(1, ge=0, description="aminophenyl groups on the top face")
-    stacking: Literal["slab", "gallery"] = Field("gallery", description="slab (vacuum) or gallery (stacked sheets)")
-    interlayer: float = Field(9.5, gt=0, description="sheet spacing for gallery cells (A)")
-    vacuum: float = Field(20.0, gt=0, description="cell height for slabs (A)")
+    groups: int = Field(1, ge=0, description="aminophenyl groups on the top face (of each sheet)")
+    stacking: Literal["slab", "gallery", "bilayer"] = Field(
+        "gallery", description="slab (one sheet, vacuum), gallery (sheets stacked every --interlayer) or bilayer (two "
+        "AB-stacked sheets --interlayer apart, vacuum outside)")
+    interlayer: float = Field(9.5, gt=0, description="sheet spacing for gallery and bilayer cells (A)")
+    vacuum: float = Field(20.0, gt=0, description="cell height for slabs, added to --interlayer for bilayers (A)")
     x: list[int] = Field([0, 1, 2], min_length=1, description="Na atoms per cell to build")
     sites: Literal["ring", "amine", "top", "bottom", "gallery", "random"] = Field("random", description="Na sites")
     variants: int = Field(1, ge=1, description="structures per Na count (different Na sites and rattles); x=0 "
@@ -128,7 +130,7 @@ class OCVConfig(TubConfig):
     structures: Optional[Path] = Field(None, description="extxyz of Na_x host cells incl. the bare host (x=0)")
     n: int = Field(3, description="graphene supercell when building structures")
     groups: int = Field(1, description="aminophenyl groups when building")
-    stacking: Literal["slab", "gallery"] = Field("gallery", description="stacking when building")
+    stacking: Literal["slab", "gallery", "bilayer"] = Field("gallery", description="stacking when building")
     interlayer: float = Field(9.0, description="sheet spacing when building (A)")
     x_max: int = Field(3, description="largest Na count per cell when building")
     variants: int = Field(2, ge=1, description="random site sets per Na count when building")

@@ -51,6 +51,18 @@ def committee_disagreement(calc, atoms) -> np.ndarray:
     return np.asarray(calc.results["force_disagreement"], dtype=np.float64)
 
 
+def _sheet_planes(atoms, carbon) -> np.ndarray:
+    """z of the graphene sheets: 0.5-A bins holding a quarter of the carbons or more (a bilayer has
+    two; the ring carbons of the groups spread over several bins and never reach that)."""
+    z = atoms.positions[carbon, 2]
+    if len(z) == 0:
+        return np.zeros(1)
+    bins = np.round(z / 0.5)
+    values, counts = np.unique(bins, return_counts=True)
+    planes = [float(np.median(z[bins == v])) for v, c in zip(values, counts) if c >= 0.25 * len(z)]
+    return np.array(planes or [float(np.median(z))])
+
+
 def classify_sodium_sites(atoms, ring_cutoff: float = 3.2, amine_cutoff: float = 3.0) -> dict[int, str]:
     """Na index -> 'ring' | 'amine' | 'graphene' (minimum-image distances)."""
     from ase.geometry import find_mic
@@ -63,8 +75,7 @@ def classify_sodium_sites(atoms, ring_cutoff: float = 3.2, amine_cutoff: float =
     # aromatic rings: carbons with 2-3 carbon neighbours that bond to H or to a ring carbon above the sheet
     i, j = neighbor_list("ij", atoms, 1.6)
     carbon = sym == "C"
-    z_sheet = np.median(atoms.positions[carbon, 2]) if carbon.any() else 0.0
-    ring_atoms = [k for k in np.where(carbon)[0] if abs(atoms.positions[k, 2] - z_sheet) > 1.0]
+    ring_atoms = [k for k in np.where(carbon)[0] if np.abs(atoms.positions[k, 2] - _sheet_planes(atoms, carbon)).min() > 1.0]
     centres = []
     if ring_atoms:
         # group ring carbons by connectivity

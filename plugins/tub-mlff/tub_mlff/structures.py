@@ -18,6 +18,7 @@ import numpy as np
 
 GRAPHENE_A = 2.46
 SITES = ("ring", "amine", "top", "bottom", "gallery", "random")
+STACKINGS = ("slab", "gallery", "bilayer")
 
 
 def _aminophenyl(anchor: np.ndarray, phi: float) -> tuple[list[str], np.ndarray]:
@@ -53,18 +54,24 @@ def janus_graphene(n: int = 4, groups: int = 1, stacking: str = "slab", interlay
     """Aminophenyl-functionalised graphene cell (no Na). Returns ASE Atoms with pbc on.
 
     stacking="slab": one sheet, periodic in-plane, ``vacuum`` cell height;
-    stacking="gallery": sheets stacked every ``interlayer`` A, so the groups stand in the gallery.
+    stacking="gallery": sheets stacked every ``interlayer`` A, so the groups stand in the gallery;
+    stacking="bilayer": two sheets ``interlayer`` apart (Bernal AB registry, ``groups`` each on
+    the upper faces, so the lower sheet's groups stand in the gallery between them) with ``vacuum``
+    between the upper groups and the periodic image of the lower sheet.
+
+    Atoms come in sheet blocks (info["sheets"] of them, info["block"] atoms each): the sheet's 2 n^2
+    carbons, then 13 atoms per group (the 6 ring carbons first). info["groups"] counts the groups
+    of the whole cell.
     """
     from ase import Atoms
     from ase.build import graphene
 
     if n < 2:
         raise ValueError("n must be at least 2")
+    if stacking not in STACKINGS:
+        raise ValueError(f"stacking must be one of {', '.join(STACKINGS)}")
     sheet = graphene(size=(n, n, 1), vacuum=None)
-    c = vacuum if stacking == "slab" else interlayer
-    if stacking not in ("slab", "gallery"):
-        raise ValueError("stacking must be 'slab' or 'gallery'")
-    sheet.cell[2, 2] = c
+    sheet.cell[2, 2] = {"slab": vacuum, "gallery": interlayer, "bilayer": interlayer + vacuum}[stacking]
     sheet.pbc = True
     n_c = len(sheet)
     if not 0 <= groups <= n_c // 8:
@@ -82,7 +89,7 @@ def janus_graphene(n: int = 4, groups: int = 1, stacking: str = "slab", interlay
             dist = np.linalg.norm(d @ sheet.cell.array[:2, :2], axis=-1).min(1)
             anchors.append(int(cand[int(np.argmax(dist))]))
     positions = sheet.positions.copy()
-    positions[:, 2] = 0.0 if stacking == "slab" else 0.0
+    positions[:, 2] = 0.0
     symbols = list(sheet.get_chemical_symbols())
     for a in anchors:
         positions[a, 2] += 0.30  # sp3 pucker
@@ -90,13 +97,41 @@ def janus_graphene(n: int = 4, groups: int = 1, stacking: str = "slab", interlay
         symbols += s
         positions = np.vstack([positions, p])
     atoms = Atoms(symbols, positions=positions, cell=sheet.cell, pbc=True)
-    if stacking == "slab":
-        atoms.positions[:, 2] += 0.5 * (vacuum - 6.5)  # sheet low in the box, groups above
+    block = len(atoms)
+    if stacking == "bilayer":  # a copy of the sheet one interlayer up, AB-shifted by one C-C bond
+        top = atoms.copy()
+        bond = sheet.positions[1] - sheet.positions[0]  # the two basis atoms of the primitive cell
+        top.positions += [bond[0], bond[1], interlayer]
+        atoms += top
+        anchors = anchors + [a + block for a in anchors]
+    if stacking in ("slab", "bilayer"):
+        atoms.positions[:, 2] += 0.5 * (vacuum - 6.5)  # lowest sheet low in the box, groups above
     atoms.info["anchors"] = anchors
-    atoms.info["groups"] = groups
+    atoms.info["groups"] = len(anchors)
     atoms.info["stacking"] = stacking
     atoms.info["n"] = n
+    atoms.info["sheets"] = 2 if stacking == "bilayer" else 1
+    atoms.info["block"] = block
     return atoms
+
+
+def _sheets(host) -> tuple[list[float], list[tuple[np.ndarray, np.ndarray]]]:
+    """z of every sheet and (centre, unit normal) of every group ring of a ``janus_graphene`` cell."""
+    n_c = 2 * host.info.get("n", 4) ** 2
+    sheets = int(host.info.get("sheets", 1))
+    block = int(host.info.get("block", len(host)))
+    per_sheet = int(host.info.get("groups", 0)) // sheets
+    z, rings = [], []
+    for sh in range(sheets):
+        start = sh * block
+        z.append(float(np.median(host.positions[start:start + n_c, 2])))
+        for g in range(per_sheet):
+            first = start + n_c + 13 * g
+            ring_idx = [first + i for i in range(13) if host[first + i].symbol == "C"][:6]
+            centre = host.positions[ring_idx].mean(0)
+            normal = np.cross(host.positions[ring_idx[1]] - centre, host.positions[ring_idx[0]] - centre)
+            rings.append((centre, normal / np.linalg.norm(normal)))
+    return z, rings
 
 
 def add_sodium(host, count: int, sites: str = "random", seed: int = 0, min_distance: float = 2.3):
@@ -107,19 +142,9 @@ def add_sodium(host, count: int, sites: str = "random", seed: int = 0, min_dista
         raise ValueError(f"sites must be one of {SITES}")
     atoms = host.copy()
     rng = np.random.default_rng(seed)
-    z_sheet = float(np.median(atoms.positions[: 2 * host.info.get("n", 4) ** 2, 2]))
-    ring_centres, amines = [], []
-    for k, sym in enumerate(atoms.get_chemical_symbols()):
-        if sym == "N":
-            amines.append(atoms.positions[k])
-    # ring centres: mean of each group's 6 ring carbons (13 atoms per group, the ring first)
-    n_c = 2 * host.info.get("n", 4) ** 2
-    for g in range(host.info.get("groups", 0)):
-        start = n_c + 13 * g
-        ring_idx = [start + i for i in range(13) if atoms[start + i].symbol == "C"][:6]
-        centre = atoms.positions[ring_idx].mean(0)
-        normal = np.cross(atoms.positions[ring_idx[1]] - centre, atoms.positions[ring_idx[0]] - centre)
-        ring_centres.append((centre, normal / np.linalg.norm(normal)))
+    sheet_z, ring_centres = _sheets(host)
+    z_sheet, z_top = sheet_z[0], sheet_z[-1]
+    amines = [atoms.positions[k] for k, sym in enumerate(atoms.get_chemical_symbols()) if sym == "N"]
     cell = atoms.cell.array
     c = cell[2, 2]
     placed = []
@@ -136,15 +161,16 @@ def add_sodium(host, count: int, sites: str = "random", seed: int = 0, min_dista
             p = centre + rng.choice([-1, 1]) * 2.45 * normal + rng.normal(scale=0.2, size=3)
         elif kind == "amine" and amines:
             p = amines[rng.integers(len(amines))] + 2.4 * _unit(rng.normal(size=3) * [1, 1, 0.3])
-        elif kind == "gallery":
+        elif kind == "gallery":  # midway between two sheets (a slab: 3.2 A above its sheet)
             p = rng.uniform(0, 1, 3) @ cell
-            p[2] = z_sheet + 0.5 * c if host.info.get("stacking") == "gallery" else z_sheet + 3.2
+            p[2] = {"gallery": z_sheet + 0.5 * c, "bilayer": 0.5 * (z_sheet + z_top)}.get(
+                host.info.get("stacking"), z_sheet + 3.2)
         elif kind == "bottom":
             p = rng.uniform(0, 1, 3) @ cell
             p[2] = z_sheet - 2.3
-        else:  # top face, between groups
+        else:  # top face (of the upper sheet), between groups
             p = rng.uniform(0, 1, 3) @ cell
-            p[2] = z_sheet + 2.3
+            p[2] = z_top + 2.3
         trial = atoms + Atoms("Na", positions=[p])
         d = trial.get_distances(len(trial) - 1, range(len(trial) - 1), mic=True)
         need = np.where(np.array(trial.get_chemical_symbols()[:-1]) == "Na", 3.0, min_distance)
