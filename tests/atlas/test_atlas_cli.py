@@ -15,12 +15,8 @@ from tubcli.testing import check_plugin, invoke
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("atlas")
-    r = invoke(["atlas", "make-data", root / "d", "--n-per-class", "8", "--checkpoint", "vit-t8-demo",
-                "-o", root / "run"])
-    assert r.exit_code == 0, r.stderr
-    return root / "d"
+def data(atlas_demo_tiles):
+    return atlas_demo_tiles
 
 
 def ok(args):

@@ -75,7 +75,8 @@ def classify_sodium_sites(atoms, ring_cutoff: float = 3.2, amine_cutoff: float =
     # aromatic rings: carbons with 2-3 carbon neighbours that bond to H or to a ring carbon above the sheet
     i, j = neighbor_list("ij", atoms, 1.6)
     carbon = sym == "C"
-    ring_atoms = [k for k in np.where(carbon)[0] if np.abs(atoms.positions[k, 2] - _sheet_planes(atoms, carbon)).min() > 1.0]
+    planes = _sheet_planes(atoms, carbon)
+    ring_atoms = [k for k in np.where(carbon)[0] if np.abs(atoms.positions[k, 2] - planes).min() > 1.0]
     centres = []
     if ring_atoms:
         # group ring carbons by connectivity

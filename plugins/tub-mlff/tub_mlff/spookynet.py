@@ -20,8 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .elements import ZMAX, electron_configuration_table
-from .layers import (ResidualMLP, ResidualStack, cutoff_function, orthogonal_, parallel_residual_mlps, scatter_sum,
-                     softplus_inverse)
+from .layers import (ACTIVATIONS, ResidualMLP, ResidualStack, cutoff_function, orthogonal_, parallel_residual_mlps,
+                     scatter_sum, softplus_inverse)
 from .physical_terms import D4Dispersion, Electrostatics, ZBLRepulsion, _split_half
 
 DEFAULT_CUTOFF = 5.291772105638412  # 10 bohr in Angstrom
@@ -244,7 +244,7 @@ class Sinc(nn.Module):
 
 
 BASIS_FUNCTIONS = ("exp-bernstein", "exp-gaussian", "bernstein", "gaussian", "sinc")
-ACTIVATION_NAMES = ("swish", "ssp")
+ACTIVATION_NAMES = tuple(ACTIVATIONS)  # the activations layers.py implements
 
 
 def radial_basis(cfg: SpookyNetConfig) -> nn.Module:
