@@ -209,3 +209,31 @@ def test_explain_names_the_attention_maps(tmp_path, data):
     _ok(invoke(["mlff", "explain", one, "--model", data / "teacher.safetensors", "-o", tmp_path / "x", "-q"]))
     with np.load(tmp_path / "x" / "outputs" / "attention_0000.npz") as z:
         assert sorted(z.files) == ["module_1"] and z["module_1"].shape == (5, 5)
+
+
+# -- 7. per-element energies that the data cannot determine ------------------------------------------
+def test_dependent_element_counts_finds_a_fixed_stoichiometry():
+    """Frames of one host stoichiometry (plus a varying Na count and pure Na) fix H:C:N, so E0 of H, C
+    and N is not identifiable; a second host ratio frees C but H:N stays 6:1 (every group has NH2 + 4 H)."""
+    from ase.data import atomic_numbers
+
+    from tub_mlff.data import Graph, dependent_element_counts
+
+    def frames(*counts):
+        Zs = [np.repeat([atomic_numbers[s] for s in c], list(c.values())) for c in counts]
+        return [Graph(Z, np.zeros((len(Z), 3)), None, None, None, None, 0, 0, energy=0.0) for Z in Zs]
+
+    host = [dict(H=6, C=24, N=1, Na=x) for x in range(4)] + [dict(Na=16)]
+    assert dependent_element_counts(frames(*host)) == "H6 C24 N1"
+    assert dependent_element_counts(frames(*host, dict(H=6, C=38, N=1), dict(H=12, C=44, N=2))) == "H12 N2"
+    assert dependent_element_counts(frames(dict(H=2, O=1), dict(H=2), dict(O=2))) is None
+    assert dependent_element_counts(frames(dict(Na=2), dict(Na=4))) is None
+
+
+def test_train_warns_when_the_data_fix_an_element_ratio(tmp_path, data):
+    r = _ok(invoke(["mlff", "train", data / "molecules.extxyz", "--epochs", "1", *SMALL, *NO_COULOMB,
+                    "-o", tmp_path / "m"]))
+    assert "element counts (H4 C1) are linearly dependent" in r.stderr
+    r = _ok(invoke(["mlff", "train", data / "cells.extxyz", "--epochs", "1", *SMALL, *NO_COULOMB,
+                    "-o", tmp_path / "c"]))
+    assert "linearly dependent" not in r.stderr

@@ -220,6 +220,28 @@ def split_indices(n: int, valid_fraction: float, test_fraction: float, seed: int
     return train, parts[1], parts[0]
 
 
+def dependent_element_counts(graphs: list[Graph]) -> str | None:
+    """The elements whose counts are linearly dependent over all frames ("H6 C24 N1", as in the frame
+    with most of them), or None.
+
+    Their per-element energies are then not identifiable: any split of their energy among them fits
+    the data equally well, so a model trained on one host stoichiometry can be off by eV on another
+    (measured: ~1 eV/atom on a 4x4 sheet for a model trained on 3x3 cells only). Found from the null
+    space of the frames' element-count matrix (the least-squares system of ``element_energies``).
+    """
+    from ase.data import chemical_symbols
+
+    elems = sorted({int(z) for g in graphs for z in g.Z})
+    A = np.array([[np.sum(g.Z == z) for z in elems] for g in graphs], dtype=float)
+    _, sv, vt = np.linalg.svd(A, full_matrices=True)
+    null = vt[int(np.sum(sv > sv.max() * 1e-10)):]
+    if not len(null):
+        return None
+    involved = np.abs(null).max(0) > 1e-8
+    example = A[np.argmax(A[:, involved].sum(1))]
+    return " ".join(f"{chemical_symbols[z]}{int(n)}" for z, n, k in zip(elems, example, involved) if k)
+
+
 def element_energies(graphs: list[Graph], zmax: int = 87) -> np.ndarray:
     """Per-element reference energies E0[Z] by least squares on total energies (MACE's E0s)."""
     elems = sorted({int(z) for g in graphs for z in g.Z})

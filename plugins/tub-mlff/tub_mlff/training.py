@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import Graph, collate, element_energies
+from .data import Graph, collate, element_energies, dependent_element_counts
 from .properties import compute
 
 
@@ -195,6 +195,11 @@ def fit(model, train: list[Graph], valid: list[Graph], s: TrainSettings, run, dt
     """
     model.to(device=device, dtype=dtype)
     if state is None and s.fit_element_energies:
+        dependent = dependent_element_counts(train)
+        if dependent:
+            run.log.warning("the element counts (%s) are linearly dependent over the training frames, so their "
+                            "per-element energies are not identifiable and the model's energy can be off by eV on "
+                            "other stoichiometries; add frames of other compositions", dependent)
         init_element_bias(model, train, dtype, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, amsgrad=True,
