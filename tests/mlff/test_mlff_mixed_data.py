@@ -237,3 +237,30 @@ def test_train_warns_when_the_data_fix_an_element_ratio(tmp_path, data):
     r = _ok(invoke(["mlff", "train", data / "cells.extxyz", "--epochs", "1", *SMALL, *NO_COULOMB,
                     "-o", tmp_path / "c"]))
     assert "linearly dependent" not in r.stderr
+
+
+def test_fine_tuning_corrects_the_element_bias_by_the_shift_of_the_new_labels():
+    """--init-from keeps the model's element bias and adds the least-squares correction: labels that
+    are the model's own energies shifted per element (+0.5 eV per H, -1.0 eV per C) give exactly that
+    shift, and elements absent from the data keep theirs; a new model's fit (keep=False) replaces
+    the whole bias instead."""
+    model = _model(use_electrostatics=False, use_d4_dispersion=False).double()
+    calc = SpookyNetCalculator(model, dtype=torch.float64)
+    frames = []
+    for k, name in enumerate(["CH4", "C2H6", "C2H4", "C2H2", "C6H6", "CH4"]):
+        a = molecule(name)
+        a.rattle(0.05, seed=k)
+        a.calc = calc
+        e = a.get_potential_energy() + 0.5 * (a.numbers == 1).sum() - 1.0 * (a.numbers == 6).sum()
+        a.calc = None
+        a.info["energy"] = e
+        frames.append(to_graph(a, model.config.cutoff, need_forces=False))
+    before = model.element_bias[:, 0].clone()
+    training.init_element_bias(model, frames, torch.float64, keep=True)
+    delta = (model.element_bias[:, 0] - before).detach().numpy()
+    assert delta[1] == pytest.approx(0.5, abs=1e-8) and delta[6] == pytest.approx(-1.0, abs=1e-8)
+    assert np.abs(np.delete(delta, [1, 6])).max() == 0.0  # Na, absent from the data, keeps its bias
+    assert before[11].item() != 0.0
+    training.init_element_bias(model, frames, torch.float64, keep=False)  # a new model: bias replaced
+    assert model.element_bias[1, 0].item() == pytest.approx(before[1].item() + 0.5, abs=1e-8)
+    assert model.element_bias[11, 0].item() == 0.0

@@ -389,7 +389,7 @@ def train(cfg, run) -> dict:
                              forces_weight=cfg.forces_weight, stress_weight=cfg.stress_weight,
                              charges_weight=cfg.charges_weight, dipole_weight=cfg.dipole_weight,
                              ema_decay=cfg.ema_decay, patience=cfg.patience, max_minutes=cfg.max_minutes,
-                             fit_element_energies=base is None, keep=cfg.keep,
+                             fine_tune=base is not None, keep=cfg.keep,
                              loss=cfg.loss, huber_delta=cfg.huber_delta)
     elements = sorted({int(z) for a in frames for z in a.numbers})
     dtype = _dtype(run)

@@ -48,6 +48,7 @@ class TrainSettings:
     lr_factor: float = 0.5
     max_minutes: float | None = None
     fit_element_energies: bool = True
+    fine_tune: bool = False  # the model came from --init-from: its element bias is corrected, not replaced
     keep: str = "best"  # "best": EMA weights at the lowest validation loss; "last": final EMA weights
     loss: str = "mse"  # "mse", or "huber": quadratic below huber_delta, linear above (MACE's choice)
     huber_delta: float = 0.01  # eV/atom, eV/A, eV/A^3
@@ -165,13 +166,20 @@ def evaluate_loss(model, graphs: list[Graph], s: TrainSettings, dtype, device) -
             "forces_mae": f_abs / f_cnt if f_cnt else None}  # None: frames without forces (energies only)
 
 
-def init_element_bias(model, graphs: list[Graph], dtype=torch.float32, device="cpu") -> None:
+def init_element_bias(model, graphs: list[Graph], dtype=torch.float32, device="cpu", keep: bool = False) -> None:
     """Fit per-element energies to what the initial model misses (labels minus its prediction,
-    which includes the physical terms) and store them in the element bias."""
+    which includes the physical terms) and store them in the element bias.
+
+    A new model (``keep=False``) starts from a zero bias. A model being fine-tuned (``keep=True``,
+    ``--init-from``) keeps its bias and gets the least-norm correction, as MACE re-estimates E0s for
+    new data: new compositions or a shifted reference are fixed before the first step, while element
+    ratios the data cannot separate keep the initial model's split.
+    """
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        model.element_bias[:, 0] = 0.0
+        if not keep:
+            model.element_bias[:, 0] = 0.0
         predicted = []
         for chunk in _batches(graphs, 32, None):
             b = collate(chunk, dtype, device)
@@ -182,7 +190,7 @@ def init_element_bias(model, graphs: list[Graph], dtype=torch.float32, device="c
                 for g, p in zip(graphs, predicted)]
     e0 = element_energies(residual, model.config.zmax)
     with torch.no_grad():
-        model.element_bias[:, 0] = torch.as_tensor(e0, dtype=model.element_bias.dtype)
+        model.element_bias[:, 0] += torch.as_tensor(e0, dtype=model.element_bias.dtype, device=model.element_bias.device)
     model.train(was_training)
 
 
@@ -194,13 +202,14 @@ def fit(model, train: list[Graph], valid: list[Graph], s: TrainSettings, run, dt
     save_checkpoint/log_metrics/log; ``on_epoch(epoch, metrics)`` is an optional hook.
     """
     model.to(device=device, dtype=dtype)
-    if state is None and s.fit_element_energies:
+    if state is None:
         dependent = dependent_element_counts(train)
         if dependent:
             run.log.warning("the element counts (%s) are linearly dependent over the training frames, so their "
                             "per-element energies are not identifiable and the model's energy can be off by eV on "
                             "other stoichiometries; add frames of other compositions", dependent)
-        init_element_bias(model, train, dtype, device)
+    if state is None and s.fit_element_energies:
+        init_element_bias(model, train, dtype, device, keep=s.fine_tune)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, amsgrad=True,
                             foreach=True)  # one multi-tensor update, not ~400 small ones: ~13% of a CPU step
