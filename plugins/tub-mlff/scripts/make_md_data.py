@@ -41,8 +41,8 @@ from ase.optimize import FIRE
 from make_demo_data import strained_cell  # this folder is on sys.path when run as a script
 
 from tub_mlff.labelling import label_xtb
-from tubcli.errors import TubError
 from tub_mlff.structures import janus_graphene, spin_for
+from tubcli.errors import TubError
 
 DEFAULT_DRIVER = Path(__file__).resolve().parents[1] / "tub_mlff" / "models" / "demo_nacnh.safetensors"
 CYCLE = [("host", 0), ("host", 1), ("host", 2), ("host", 3)] * 2 + [("bcc", 0)]
