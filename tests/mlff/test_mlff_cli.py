@@ -497,3 +497,14 @@ def test_shipped_demo_model_loads_and_predicts():
 def test_demo_runs(tmp_path):
     r = _ok(invoke(["demo", "mlff"], env={"TUB_RUNS_DIR": str(tmp_path)}))
     assert "mlff" in r.stdout
+
+
+def test_md_warns_when_the_structure_lies_outside_the_models_training_compositions(tmp_path):
+    """The demo model learned from C24H6N hosts (+ Na) and bcc Na only: a 4x4 sheet (C38H6N) has an
+    energy its data do not determine (measured ~1 eV/atom off), a 3x3 bilayer (2 x C24H6N) does not."""
+    four = add_sodium(janus_graphene(4, 1, stacking="gallery", interlayer=9.0), 1, "random", seed=1)
+    two = janus_graphene(3, 1, stacking="bilayer", interlayer=9.0)
+    for name, atoms, warned in (("four", four, True), ("bilayer", two, False)):
+        write(tmp_path / f"{name}.extxyz", atoms)
+        r = _ok(invoke(["mlff", "md", tmp_path / f"{name}.extxyz", "--steps", "1", "-o", tmp_path / name]))
+        assert ("no combination of the model's training compositions" in r.stderr) is warned, name

@@ -217,7 +217,7 @@ def test_dependent_element_counts_finds_a_fixed_stoichiometry():
     and N is not identifiable; a second host ratio frees C but H:N stays 6:1 (every group has NH2 + 4 H)."""
     from ase.data import atomic_numbers
 
-    from tub_mlff.data import Graph, dependent_element_counts
+    from tub_mlff.data import Graph, composition_span, dependent_element_counts, outside_composition_span
 
     def frames(*counts):
         Zs = [np.repeat([atomic_numbers[s] for s in c], list(c.values())) for c in counts]
@@ -228,6 +228,12 @@ def test_dependent_element_counts_finds_a_fixed_stoichiometry():
     assert dependent_element_counts(frames(*host, dict(H=6, C=38, N=1), dict(H=12, C=44, N=2))) == "H12 N2"
     assert dependent_element_counts(frames(dict(H=2, O=1), dict(H=2), dict(O=2))) is None
     assert dependent_element_counts(frames(dict(Na=2), dict(Na=4))) is None
+    span = composition_span(frames(*host))  # what train keeps in model.json
+    inside = [dict(H=6, C=24, N=1, Na=7), dict(H=12, C=48, N=2, Na=1), dict(Na=3)]
+    outside = [dict(H=6, C=38, N=1), dict(H=12, C=44, N=2, Na=2), dict(H=6, C=24, N=2)]
+    for c in inside + outside:
+        Z = np.repeat([atomic_numbers[s] for s in c], list(c.values()))
+        assert outside_composition_span(Z, span) is (c in outside), c
 
 
 def test_train_warns_when_the_data_fix_an_element_ratio(tmp_path, data):
@@ -237,6 +243,8 @@ def test_train_warns_when_the_data_fix_an_element_ratio(tmp_path, data):
     r = _ok(invoke(["mlff", "train", data / "cells.extxyz", "--epochs", "1", *SMALL, *NO_COULOMB,
                     "-o", tmp_path / "c"]))
     assert "linearly dependent" not in r.stderr
+    assert json.loads((tmp_path / "c" / "checkpoints" / "model.json").read_text())["composition_span"] == \
+        {"elements": [11], "basis": [[1.0]]}
 
 
 def test_fine_tuning_corrects_the_element_bias_by_the_shift_of_the_new_labels():

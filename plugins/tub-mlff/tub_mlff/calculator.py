@@ -43,7 +43,7 @@ class SpookyNetCalculator(Calculator):
                  skin: float = 0.5, elements: set[int] | None = None, check: bool = True,
                  ewald_kmax: int | None = None, **kwargs):
         super().__init__(**kwargs)
-        from .checkpoints import load_model, model_elements
+        from .checkpoints import load_model, model_composition_span, model_elements
 
         members = model if isinstance(model, (list, tuple)) else [model]
         models, metas = [], []
@@ -68,6 +68,7 @@ class SpookyNetCalculator(Calculator):
         if elements is None:
             elements = model_elements(metas)
         self.elements = elements if elements is not None else models[0].supported_elements()
+        self.composition_span = model_composition_span(metas)  # None: the model does not record it
         cut = {m.cutoff for m in models}
         if len(cut) != 1:
             raise ValueError("committee members must share the short-range cutoff")

@@ -169,6 +169,12 @@ def model_elements(metas: list[dict]) -> set[int] | None:
     return set.intersection(*sets) if sets else None
 
 
+def model_composition_span(metas: list[dict]) -> dict | None:
+    """The span of the training compositions (``data.composition_span``) from model.json, None for
+    models that do not record it (reference files, older tub models)."""
+    return next((meta["composition_span"] for meta in metas if meta.get("composition_span")), None)
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[SpookyNet, dict]:
     """Load a tub model (.safetensors + .json) or a reference ``.pth``; returns (model, meta)."""
     from safetensors.torch import load_file

@@ -59,6 +59,22 @@ def _calculator(run, model_paths, atoms=None, charge=None, spin=None, lr_cutoff=
         raise TubError(f"{exc}; check the model files and options") from None
 
 
+def _warn_composition(run, span: dict | None, frames, name: str) -> None:
+    """Warn (once) when a structure's element counts are not a combination of the model's training
+    compositions: the training data then do not determine its energy (per-element energies that
+    the data could not separate), as for the demo model on any host but its 3x3 one."""
+    from .data import outside_composition_span
+
+    if span is None:
+        return
+    outside = [a for a in frames if outside_composition_span(a.numbers, span)]
+    if outside:
+        run.log.warning("%s: %d structure(s) (e.g. %s) have element counts that are no combination of the model's "
+                        "training compositions, so its energies there are not determined by the training data and "
+                        "can be off by eV; use a model trained on such compositions", name, len(outside),
+                        outside[0].get_chemical_formula())
+
+
 def _sha256(path: Path) -> str:
     import hashlib
 
@@ -324,7 +340,7 @@ def train(cfg, run) -> dict:
     import torch
 
     from .checkpoints import load_model, save_model
-    from .data import Keys, read_structures, split_indices
+    from .data import Keys, composition_span, read_structures, split_indices
     from .spookynet import SpookyNet, SpookyNetConfig
     from .training import TrainSettings, fit
     from .validation import check_structure
@@ -415,7 +431,8 @@ def train(cfg, run) -> dict:
                   state=state if (state and int(state["member"]) == member) else None, member=member)
         if run.is_main:  # torchrun: every rank holds the same weights; rank 0 writes them
             save_model(res["model"], run.checkpoints_dir / name,
-                       extra={"elements": elements, "trained_on": str(data), "member": member,
+                       extra={"elements": elements, "composition_span": composition_span(train_g),
+                              "trained_on": str(data), "member": member,
                               "train_frames": len(train_g), "world_size": run.world_size,
                               "command": _command_line(), "train_config": cfg.model_dump(mode="json")})
         results.append(res)
@@ -437,7 +454,7 @@ def train(cfg, run) -> dict:
 def evaluate(cfg, run) -> dict:
     from ase.stress import full_3x3_to_voigt_6_stress
 
-    from .checkpoints import load_model, model_elements
+    from .checkpoints import load_model, model_composition_span, model_elements
     from .data import Keys, read_structures, stress_frames
     from .evaluation import error_metrics, predict
     from .plots import parity_plot
@@ -450,6 +467,7 @@ def evaluate(cfg, run) -> dict:
     meta_elements = model_elements([meta for _, meta in loaded])
     for k, a in enumerate(frames):
         check_structure(a, meta_elements, name=f"{data} frame {k}")
+    _warn_composition(run, model_composition_span([meta for _, meta in loaded]), frames, str(data))
     mc = models[0].config
     radius = max(mc.cutoff, mc.lr_cutoff or 0.0)
     periodic = any(np.any(a.pbc) for a in frames)
@@ -498,6 +516,7 @@ def md(cfg, run) -> dict:
     from .validation import check_structure
 
     check_structure(atoms, calc.elements, name=str(path))
+    _warn_composition(run, calc.composition_span, [atoms], str(path))
     models = _models(cfg.model)
     settings = {"model": [str(p) for p in models], "model_sha256": [_sha256(p) for p in models],
                 "charge": calc.charge, "spin": calc.spin, "lr_cutoff": cfg.lr_cutoff, "ewald_kmax": cfg.ewald_kmax}
@@ -554,6 +573,7 @@ def ocv(cfg, run) -> dict:
 
     for k, f in enumerate(frames):  # every structure is checked before the first relaxation
         check_structure(f, calc_for(f).elements, name=f"{cfg.structures or 'built structure'} frame {k}")
+    _warn_composition(run, calc_for(frames[0]).composition_span, frames, str(cfg.structures or "the built series"))
     cell = cfg.cell
     if cell == "auto":
         layered = all(f.pbc.all() and f.info.get("stacking") not in ("slab", "bilayer") for f in frames)
@@ -834,6 +854,8 @@ def explain(cfg, run) -> dict:
     for k, atoms in enumerate(frames):
         calc = _calculator(run, cfg.model, atoms, cfg.charge)
         check_structure(atoms, calc.elements, name=f"{path} frame {k}")
+        if k == 0:
+            _warn_composition(run, calc.composition_span, frames, str(path))
         dec = decompose(calc, atoms)
         sites = classify_sodium_sites(atoms)
         per_site = site_summary(dec, sites)

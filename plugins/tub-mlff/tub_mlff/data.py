@@ -220,6 +220,14 @@ def split_indices(n: int, valid_fraction: float, test_fraction: float, seed: int
     return train, parts[1], parts[0]
 
 
+def _composition_svd(graphs: list[Graph]):
+    """Elements, element-count matrix (frames x elements), its rank and right singular vectors."""
+    elems = sorted({int(z) for g in graphs for z in g.Z})
+    A = np.array([[np.sum(g.Z == z) for z in elems] for g in graphs], dtype=float)
+    _, sv, vt = np.linalg.svd(A, full_matrices=True)
+    return elems, A, int(np.sum(sv > sv.max() * 1e-10)) if sv.size else 0, vt
+
+
 def dependent_element_counts(graphs: list[Graph]) -> str | None:
     """The elements whose counts are linearly dependent over all frames ("H6 C24 N1", as in the frame
     with most of them), or None.
@@ -231,15 +239,29 @@ def dependent_element_counts(graphs: list[Graph]) -> str | None:
     """
     from ase.data import chemical_symbols
 
-    elems = sorted({int(z) for g in graphs for z in g.Z})
-    A = np.array([[np.sum(g.Z == z) for z in elems] for g in graphs], dtype=float)
-    _, sv, vt = np.linalg.svd(A, full_matrices=True)
-    null = vt[int(np.sum(sv > sv.max() * 1e-10)):]
+    elems, A, rank, vt = _composition_svd(graphs)
+    null = vt[rank:]
     if not len(null):
         return None
     involved = np.abs(null).max(0) > 1e-8
     example = A[np.argmax(A[:, involved].sum(1))]
     return " ".join(f"{chemical_symbols[z]}{int(n)}" for z, n, k in zip(elems, example, involved) if k)
+
+
+def composition_span(graphs: list[Graph]) -> dict:
+    """The span of the training frames' element-count vectors (orthonormal basis), kept in model.json:
+    a structure whose counts lie outside it has an energy the training data do not determine."""
+    elems, _, rank, vt = _composition_svd(graphs)
+    basis = vt[:rank] * np.sign(vt[:rank, :].sum(1, keepdims=True) + 1e-300)  # sign fixed: same file everywhere
+    return {"elements": elems, "basis": np.round(basis, 12).tolist()}
+
+
+def outside_composition_span(numbers, span: dict) -> bool:
+    """True when the element counts of ``numbers`` are not a linear combination of the training
+    compositions in ``span`` (``composition_span``); elements the model lacks are another check."""
+    counts = np.array([np.sum(np.asarray(numbers) == z) for z in span["elements"]], dtype=float)
+    B = np.asarray(span["basis"], dtype=float).reshape(-1, len(counts))
+    return bool(np.linalg.norm(counts - B.T @ (B @ counts)) > 1e-6 * max(np.linalg.norm(counts), 1.0))
 
 
 def element_energies(graphs: list[Graph], zmax: int = 87) -> np.ndarray:
