@@ -193,5 +193,4 @@ def test_heavy_duplicates_certificate_fallback(monkeypatch, metric):
         ref, m_ref = pairwise_other_slide_neighbours(X, slide, n_nb)
         assert m == m_ref == want.shape[1]
         assert np.array_equal(got, ref)
-        assert np.mean(np.all(got == want, axis=1)) > 0.99
     assert len(calls) > 2  # the fallback ran inside the pass, not only for the probe rows
