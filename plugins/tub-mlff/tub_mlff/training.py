@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import Graph, collate, element_energies, dependent_element_counts
+from .data import Graph, collate, dependent_element_counts, element_energies
 from .properties import compute
 
 
@@ -202,7 +202,7 @@ def fit(model, train: list[Graph], valid: list[Graph], s: TrainSettings, run, dt
     save_checkpoint/log_metrics/log; ``on_epoch(epoch, metrics)`` is an optional hook.
     """
     model.to(device=device, dtype=dtype)
-    if state is None:
+    if state is None and member == 0:  # once per run, not per committee member
         dependent = dependent_element_counts(train)
         if dependent:
             run.log.warning("the element counts (%s) are linearly dependent over the training frames, so their "
