@@ -408,6 +408,7 @@ def train(cfg, run) -> dict:
                              fine_tune=base is not None, keep=cfg.keep,
                              loss=cfg.loss, huber_delta=cfg.huber_delta)
     elements = sorted({int(z) for a in frames for z in a.numbers})
+    span = composition_span(train_g)  # kept in model.json: md/ocv/evaluate/explain warn outside it
     dtype = _dtype(run)
     state = run.load_checkpoint()
     if state is not None:
@@ -431,7 +432,7 @@ def train(cfg, run) -> dict:
                   state=state if (state and int(state["member"]) == member) else None, member=member)
         if run.is_main:  # torchrun: every rank holds the same weights; rank 0 writes them
             save_model(res["model"], run.checkpoints_dir / name,
-                       extra={"elements": elements, "composition_span": composition_span(train_g),
+                       extra={"elements": elements, "composition_span": span,
                               "trained_on": str(data), "member": member,
                               "train_frames": len(train_g), "world_size": run.world_size,
                               "command": _command_line(), "train_config": cfg.model_dump(mode="json")})

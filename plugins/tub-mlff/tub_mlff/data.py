@@ -220,10 +220,15 @@ def split_indices(n: int, valid_fraction: float, test_fraction: float, seed: int
     return train, parts[1], parts[0]
 
 
+def composition_matrix(graphs: list[Graph]) -> tuple[list[int], np.ndarray]:
+    """The elements present and the element-count matrix (frames x elements)."""
+    elems = sorted({int(z) for g in graphs for z in g.Z})
+    return elems, np.array([[np.sum(g.Z == z) for z in elems] for g in graphs], dtype=float)
+
+
 def _composition_svd(graphs: list[Graph]):
     """Elements, element-count matrix (frames x elements), its rank and right singular vectors."""
-    elems = sorted({int(z) for g in graphs for z in g.Z})
-    A = np.array([[np.sum(g.Z == z) for z in elems] for g in graphs], dtype=float)
+    elems, A = composition_matrix(graphs)
     _, sv, vt = np.linalg.svd(A, full_matrices=True)
     return elems, A, int(np.sum(sv > sv.max() * 1e-10)) if sv.size else 0, vt
 
@@ -266,8 +271,7 @@ def outside_composition_span(numbers, span: dict) -> bool:
 
 def element_energies(graphs: list[Graph], zmax: int = 87) -> np.ndarray:
     """Per-element reference energies E0[Z] by least squares on total energies (MACE's E0s)."""
-    elems = sorted({int(z) for g in graphs for z in g.Z})
-    A = np.array([[np.sum(g.Z == z) for z in elems] for g in graphs], dtype=float)
+    elems, A = composition_matrix(graphs)
     y = np.array([g.energy for g in graphs])
     coef = np.linalg.lstsq(A, y, rcond=None)[0]
     e0 = np.zeros(zmax)
