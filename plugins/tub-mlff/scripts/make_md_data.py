@@ -18,7 +18,8 @@ the MD with xTB itself instead, for a small test set from xTB's own ensemble).
 ``--coverage`` (the data of v11) samples hosts the earlier rounds lacked, one kind per job in turn:
 the 3x3 gallery with its interlayer drawn from 8.0-10.5 A (c-axis strains of -11..+17 %, which
 ``ocv --cell c`` reaches), a 4x4 gallery (one or two groups), a 3x3 monolayer slab (20 A vacuum) and
-a 3x3 bilayer with vacuum, x = 0..3 (0..4 on 4x4) Na at random sites.
+a 3x3 bilayer with vacuum, x = 0..3 (0..4 on 4x4) Na at random sites; ``--kinds`` picks some of them
+(v12: ``--kinds gallery-c``).
 
 Frames are appended one by one with info["traj"] = job index, so the train/valid/test split can be
 made by trajectory (split_md_data.py) and a stopped shard resumes (jobs already in the file are
@@ -75,11 +76,13 @@ def driver_calc(a, driver: str, xtb: bool):
     return SpookyNetCalculator(driver, spin=spin_for(a))
 
 
-def start_md(host, job: int, driver: str, xtb: bool, coverage: bool = False):
-    """Job ``job``'s cell, relaxed by the driver and thermalised: (atoms, Langevin, kind, x, temp)."""
+def start_md(host, job: int, driver: str, xtb: bool, coverage: list[str] | None = None):
+    """Job ``job``'s cell, relaxed by the driver and thermalised: (atoms, Langevin, kind, x, temp).
+
+    ``coverage``: the COVERAGE kinds to cycle through (None: the 3x3 gallery and bcc Na of CYCLE)."""
     r = np.random.default_rng(200_000 + job)
     if coverage:
-        kind = COVERAGE[job % len(COVERAGE)]
+        kind = coverage[job % len(coverage)]
         host, x_max = coverage_host(kind, r)
         x = int(r.integers(0, x_max + 1))
         a = strained_cell(host, "host", x, r, strain=0.01)
@@ -95,7 +98,7 @@ def start_md(host, job: int, driver: str, xtb: bool, coverage: bool = False):
     return a, dyn, kind, x, temp
 
 
-def trajectory(host, job: int, n_frames: int, every: int, driver: str, xtb: bool, coverage: bool = False):
+def trajectory(host, job: int, n_frames: int, every: int, driver: str, xtb: bool, coverage: list[str] | None = None):
     """Yield xTB-labelled frames of one driver-MD trajectory."""
     a, dyn, kind, x, temp = start_md(host, job, driver, xtb, coverage)
     dyn.run(100)
@@ -127,7 +130,10 @@ def main(argv=None):
     p.add_argument("--xtb-driven", action="store_true", help="run the MD with xTB itself")
     p.add_argument("--first-job", type=int, default=0, help="job index to start at (seed offset)")
     p.add_argument("--coverage", action="store_true", help="the COVERAGE hosts instead of the 3x3 gallery")
+    p.add_argument("--kinds", nargs="+", choices=sorted(set(COVERAGE)), default=COVERAGE,
+                   help="with --coverage: only these host kinds, one per job in turn")
     args = p.parse_args(argv)
+    kinds = args.kinds if args.coverage else None
     args.outdir.mkdir(parents=True, exist_ok=True)
     out = args.outdir / f"{'xtbmd' if args.xtb_driven else 'md'}_{args.shard}.extxyz"
     done = {int(f.info["traj"]) for f in read(out, ":")} if out.exists() and out.stat().st_size else set()
@@ -135,7 +141,7 @@ def main(argv=None):
     for job in range(args.first_job, args.first_job + args.n_jobs):
         if job % args.nshard != args.shard or job in done:
             continue
-        for lab in trajectory(host, job, args.frames, args.every, args.driver, args.xtb_driven, args.coverage):
+        for lab in trajectory(host, job, args.frames, args.every, args.driver, args.xtb_driven, kinds):
             write(out, lab, format="extxyz", append=True)
             f = np.linalg.norm(lab.arrays["forces"], axis=1)
             print(job, lab.info["frame"], lab.info["kind"], lab.info["x"], lab.info["temp"],
