@@ -68,17 +68,33 @@ class ItemLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(2):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                self._create()
             except FileExistsError:
                 if self._stale():
                     self.path.unlink(missing_ok=True)
                     continue
                 return False
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{socket.gethostname()} {os.getpid()}\n")
             self.held = True
             return True
         return False
+
+    def _create(self) -> None:
+        """Create the lock with its owner already inside: the owner is written to a private file that
+        is then hard-linked to the lock name (atomic, fails if the lock exists). A job killed between
+        an ``O_EXCL`` create and its write would leave an empty lock that no one could prove stale."""
+        owner = f"{socket.gethostname()} {os.getpid()}\n"
+        private = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        private.write_text(owner)
+        try:
+            os.link(private, self.path)
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links: exclusive create, then write
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(fd, "w") as f:
+                f.write(owner)
+        finally:
+            private.unlink(missing_ok=True)
 
     def _stale(self) -> bool:
         try:
@@ -244,6 +260,7 @@ class Run:
         self.seed = int(getattr(cfg, "seed", 0))
         self.shard = parse_shard(shard)
         self.failures: list[dict] = []
+        self._held_elsewhere: list[Path] = []  # batch outputs another job's lock kept this run from
         self.batch_stats: dict = {}
         self._device = None
         self._dist = _device.dist_info()
@@ -457,6 +474,7 @@ class Run:
             lock = ItemLock(out)
             if not lock.acquire():
                 stats["skipped_locked"] += 1
+                self._held_elsewhere.append(out)
                 self.log.info("skipping %s: another job holds its lock", item)
                 continue
             if out.exists() and not self.overwrite:  # finished by another job while we looked
@@ -546,7 +564,8 @@ class Run:
 
     # ---- end of run
     def finish(self, metrics: dict | None) -> dict:
-        """Write metrics and, when nothing failed, ``DONE``; raise when items failed."""
+        """Write metrics and ``DONE`` when nothing failed and no item is left to another job's lock;
+        raise when items failed."""
         metrics = dict(metrics or {})
         if self.batch_stats:
             metrics.setdefault("batch", self.batch_stats)
@@ -555,7 +574,11 @@ class Run:
         if self.failures:
             raise ItemFailures(len(self.failures), self.batch_stats.get("in_shard", len(self.failures)),
                                self.dir / "failures.jsonl")
-        if self.is_main:
+        unfinished = [out for out in self._held_elsewhere if not out.exists()]
+        if unfinished:  # another job (or a dead one's lock) still holds these: the run is not complete
+            self.log.warning("%d item(s) were locked by another job and have no output yet (e.g. %s); "
+                             "%s not written: rerun when that job has ended", len(unfinished), unfinished[0].name, DONE)
+        elif self.is_main:
             name = DONE if self.shard[1] == 1 else f"{DONE}.{self.shard[0]}of{self.shard[1]}"
             write_text(self.dir / name, "")
             if self._previous is not None:

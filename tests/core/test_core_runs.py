@@ -46,6 +46,39 @@ def test_item_lock_is_exclusive_and_stale_locks_are_taken(tmp_path):
     assert ItemLock(out).acquire()
 
 
+def test_a_job_killed_while_taking_its_lock_never_blocks_the_item(tmp_path):
+    # a SLURM kill can land at any instruction; the lock it leaves must always be provably stale
+    out = tmp_path / "a.h5"
+    loop = ("import sys; from tubcli.runs import ItemLock\n"
+            "lock = ItemLock(sys.argv[1]); print('go', flush=True)\n"
+            "while True:\n    lock.acquire(); lock.release()\n")
+    rng = random.Random(1)
+    for _ in range(15):
+        proc = subprocess.Popen([sys.executable, "-c", loop, str(out)], stdout=subprocess.PIPE)
+        proc.stdout.readline()
+        time.sleep(rng.uniform(0.0, 0.05))
+        proc.kill()
+        proc.wait()
+        lock = ItemLock(out)
+        assert lock.acquire(), Path(str(out) + ".lock").read_bytes()
+        lock.release()
+
+
+def test_done_waits_for_items_another_job_holds(toy_plugins, tmp_path):
+    inputs = make_inputs(tmp_path / "in", 3)
+    out = tmp_path / "run"
+    held = ItemLock(out / "outputs" / "item001.txt")
+    assert held.acquire()  # a live job (this one) is working on item001
+    result = invoke(["toy", "evaluate", *map(str, inputs), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (out / "outputs").glob("*.txt")) == ["item000.txt", "item002.txt"]
+    assert not (out / "DONE").exists() and "locked by another job" in result.output
+    held.release()
+    result = invoke(["toy", "evaluate", *map(str, inputs), "-o", str(out)])
+    assert result.exit_code == 0 and (out / "DONE").exists()
+    assert len(list((out / "outputs").glob("*.txt"))) == 3
+
+
 def make_inputs(folder: Path, n: int, bad: tuple = ()) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
