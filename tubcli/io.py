@@ -6,6 +6,8 @@ import contextlib
 import json
 import math
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,8 +32,6 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         yield tmp_path
         if tmp_path.is_dir():
             if path.exists():
-                import shutil
-
                 shutil.rmtree(path)
         # mkstemp makes the file 0600; give the output the mode a plain open() would (shared
         # group directories on clusters rely on the umask)
@@ -39,12 +39,29 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         os.replace(tmp_path, path)
     except BaseException:
         if tmp_path.is_dir():
-            import shutil
-
             shutil.rmtree(tmp_path, ignore_errors=True)
         else:
             tmp_path.unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temporaries(path: str | os.PathLike, suffix: str | None = None) -> int:
+    """Delete the ``.tmp-*`` files that :func:`atomic_path` left beside ``path`` when a writer was
+    killed. Call it only while holding the output's lock (no live writer then). Returns how many.
+
+    Matches exactly ``.tmp-<stem>-<8 mkstemp characters><suffix>``, so the temporaries of an output
+    whose name merely starts with the same stem are never touched.
+    """
+    path = Path(path)
+    suffix = path.suffix if suffix is None else suffix
+    pattern = re.compile(re.escape(f".tmp-{path.stem}-") + r"[a-z0-9_]{8}" + re.escape(suffix))
+    removed = 0
+    if path.parent.is_dir():
+        for stale in path.parent.glob(f".tmp-{path.stem}-*"):
+            if pattern.fullmatch(stale.name):
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 def _umask() -> int:

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator
 
 from tubcli import device as _device
 from tubcli.errors import ItemFailures, TubError
-from tubcli.io import atomic_path, to_json, write_bytes, write_json, write_text
+from tubcli.io import atomic_path, remove_stale_temporaries, to_json, write_bytes, write_json, write_text
 from tubcli.progress import get_logger, setup_logging, track
 
 DONE = "DONE"
@@ -481,6 +481,8 @@ class Run:
                 lock.release()
                 stats["skipped_existing"] += 1
                 continue
+            if remove_stale_temporaries(out):  # a killed job's half-written output of this item
+                self.log.info("%s: removed the partial output of an earlier, interrupted job", item)
             failed_before = len(self.failures)
             try:
                 yield item, out

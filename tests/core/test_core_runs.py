@@ -166,6 +166,7 @@ def test_killed_run_leaves_nothing_that_looks_complete(toy_env, tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert len(list((out / "outputs").glob("item*.txt"))) == 20 and (out / "DONE").exists()
+    assert not list((out / "outputs").glob(".tmp-*"))  # the killed job's partial output is gone
 
 
 def test_resume_auto_continues_from_last_epoch(toy_env, tmp_path):
@@ -215,6 +216,20 @@ def test_atomic_outputs_get_the_umask_mode_not_mkstemps_0600(tmp_path):
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "d.out").stat().st_mode & 0o777 == 0o755
+
+
+def test_stale_temporaries_of_exactly_one_output_are_removed(tmp_path):
+    from tubcli.io import atomic_path, remove_stale_temporaries
+
+    names = [".tmp-a-abc_1234.txt", ".tmp-a-b-abc_1234.txt", ".tmp-ab-abc_1234.txt", ".tmp-a-abc_1234.csv"]
+    for name in names:
+        (tmp_path / name).write_text("partial")
+    (tmp_path / ".tmp-a-dir_5678.txt").mkdir()  # a directory output's temporary
+    assert remove_stale_temporaries(tmp_path / "a.txt") == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
+    with atomic_path(tmp_path / "a.txt") as tmp:  # the pattern is the one atomic_path really writes
+        assert remove_stale_temporaries(tmp_path / "a.txt") == 1 and not tmp.exists()
+        tmp.write_text("x")
 
 
 def test_json_results_are_strict_json_with_nan_as_null(capsys, tmp_path):
