@@ -96,11 +96,21 @@ class ItemLock:
         finally:
             private.unlink(missing_ok=True)
 
+    UNREADABLE_STALE_AFTER = 60.0  # s; a live owner fills its lock within microseconds of creating it
+
     def _stale(self) -> bool:
         try:
-            host, pid = self.path.read_text().split()
-        except (OSError, ValueError):
+            text = self.path.read_text()
+        except OSError:
             return False
+        try:
+            host, pid = text.split()
+            int(pid)
+        except ValueError:  # empty or garbled: written by an O_EXCL create that was killed before its write
+            try:
+                return time.time() - self.path.stat().st_mtime > self.UNREADABLE_STALE_AFTER
+            except OSError:
+                return False
         if host != socket.gethostname():
             return False
         try:

@@ -44,6 +44,11 @@ def test_item_lock_is_exclusive_and_stale_locks_are_taken(tmp_path):
     second.release()
     Path(str(out) + ".lock").write_text(f"{os.uname().nodename} 999999999\n")  # a dead process's lock
     assert ItemLock(out).acquire()
+    empty = Path(str(out) + ".lock")
+    empty.write_text("")  # an exclusive create killed before its write (other file systems, older tub)
+    assert not ItemLock(out).acquire()  # could still be a live owner about to write
+    os.utime(empty, (time.time() - 120, time.time() - 120))
+    assert ItemLock(out).acquire()
 
 
 def test_a_job_killed_while_taking_its_lock_never_blocks_the_item(tmp_path):
