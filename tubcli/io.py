@@ -45,7 +45,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         raise
 
 
-def remove_stale_temporaries(path: str | os.PathLike, suffix: str | None = None) -> int:
+def remove_stale_temporaries(path: str | os.PathLike) -> int:
     """Delete the ``.tmp-*`` files that :func:`atomic_path` left beside ``path`` when a writer was
     killed. Call it only while holding the output's lock (no live writer then). Returns how many.
 
@@ -53,8 +53,7 @@ def remove_stale_temporaries(path: str | os.PathLike, suffix: str | None = None)
     whose name merely starts with the same stem are never touched.
     """
     path = Path(path)
-    suffix = path.suffix if suffix is None else suffix
-    pattern = re.compile(re.escape(f".tmp-{path.stem}-") + r"[a-z0-9_]{8}" + re.escape(suffix))
+    pattern = re.compile(re.escape(f".tmp-{path.stem}-") + r"[a-z0-9_]{8}" + re.escape(path.suffix))
     removed = 0
     if path.parent.is_dir():
         for stale in path.parent.glob(f".tmp-{path.stem}-*"):

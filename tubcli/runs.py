@@ -100,21 +100,18 @@ class ItemLock:
 
     def _stale(self) -> bool:
         try:
-            text = self.path.read_text()
+            host, pid = self.path.read_text().split()
+            pid = int(pid)
+        except ValueError:  # empty or garbled: an O_EXCL create killed before its write
+            with contextlib.suppress(OSError):
+                return time.time() - self.path.stat().st_mtime > self.UNREADABLE_STALE_AFTER
+            return False
         except OSError:
             return False
-        try:
-            host, pid = text.split()
-            int(pid)
-        except ValueError:  # empty or garbled: written by an O_EXCL create that was killed before its write
-            try:
-                return time.time() - self.path.stat().st_mtime > self.UNREADABLE_STALE_AFTER
-            except OSError:
-                return False
         if host != socket.gethostname():
             return False
         try:
-            os.kill(int(pid), 0)
+            os.kill(pid, 0)
         except ProcessLookupError:
             return True
         except PermissionError:
