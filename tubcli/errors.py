@@ -21,10 +21,11 @@ class TubError(Exception):
 class ItemFailures(TubError):
     """Raised at the end of a batch verb when some items failed; the others were processed."""
 
-    def __init__(self, failed: int, total: int, path):
+    def __init__(self, failed: int, total: int, path, metrics: dict | None = None):
         super().__init__(f"{failed} of {total} items failed; see {path}", exit_code=1)
         self.failed = failed
         self.total = total
+        self.metrics = metrics or {}  # the results of the items that did not fail (printed, then this error)
 
 
 def one_line(exc: BaseException) -> str:

@@ -218,6 +218,13 @@ def _same_file(a, b) -> bool:
         and os.path.samefile(a, b)
 
 
+def _failure_item(line: str) -> str | None:
+    try:
+        return json.loads(line).get("item")
+    except (ValueError, AttributeError):
+        return None
+
+
 def archive_config(run_dir: Path) -> Path:
     """Move ``config.yaml`` to ``config.<n>.yaml`` (first free n): a rerun with other settings keeps
     the record of the earlier ones."""
@@ -499,6 +506,7 @@ class Run:
                 stats["failed"] += 1
             else:
                 stats["processed"] += 1
+                self._forget_failures(item)
 
     @contextlib.contextmanager
     def item(self, item):
@@ -514,8 +522,24 @@ class Run:
             self.failures.append({"item": str(item), "error": message})
             self.log.error("%s: %s", item, message)
             self.log.debug("traceback", exc_info=True)
-            with open(self.dir / "failures.jsonl", "a") as f:
+            with ItemLock(self.dir / "failures.jsonl").waiting(), open(self.dir / "failures.jsonl", "a") as f:
                 f.write(json.dumps({"item": str(item), "error": message, "shard": f"{self.shard[0]}/{self.shard[1]}"}) + "\n")
+
+    def _forget_failures(self, item) -> None:
+        """Drop an earlier run's ``failures.jsonl`` lines of an item that has now succeeded, so that the
+        file lists only what is still failed (under its lock: other shards append to it)."""
+        path = self.dir / "failures.jsonl"
+        if not path.exists():
+            return
+        with ItemLock(path).waiting():
+            lines = path.read_text().splitlines(keepends=True)
+            keep = [line for line in lines if _failure_item(line) != str(item)]
+            if len(keep) == len(lines):
+                return
+            if keep:
+                write_text(path, "".join(keep))
+            else:
+                path.unlink()
 
     # ---- checkpoints and weights
     def _resolve_resume(self, resume: str, run_dir: Path | None, parent: Path, chash: str):
@@ -582,7 +606,7 @@ class Run:
             self.write_metrics(metrics)
         if self.failures:
             raise ItemFailures(len(self.failures), self.batch_stats.get("in_shard", len(self.failures)),
-                               self.dir / "failures.jsonl")
+                               self.dir / "failures.jsonl", metrics)
         unfinished = [out for out in self._held_elsewhere if not out.exists()]
         if unfinished:  # another job (or a dead one's lock) still holds these: the run is not complete
             self.log.warning("%d item(s) were locked by another job and have no output yet (e.g. %s); "

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from tubcli.errors import TubError
+from tubcli.errors import ItemFailures, TubError
 from tubcli.io import to_json
 
 SHARED_OPTIONS = ("config", "set", "device", "precision", "seed", "out", "resume", "shard", "overwrite",
@@ -300,8 +300,11 @@ def execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
                   overwrite=bool(opts.get("overwrite")), verbosity=verbosity, plugin_version=app.version,
                   same_outputs_except={*verb.args, *verb.item_fields, *EXECUTION_FIELDS} if verb.batch else None,
                   training=verb.training)
+        failures = None
         try:
             metrics = run.finish(func(cfg, run))
+        except ItemFailures as exc:  # the other items' results are real: metrics.json has them, stdout too
+            failures, metrics = exc, exc.metrics
         except BaseException as exc:
             if isinstance(exc, TubError) and run.batch_stats:
                 run.write_metrics({"batch": run.batch_stats})
@@ -312,6 +315,8 @@ def execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
                 print_results(metrics, as_json=bool(opts.get("json")))
             except BrokenPipeError:  # the reader closed stdout early (`| head`); the run itself is complete
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        if failures is not None:
+            raise failures
         return 0
     except TubError as exc:
         report_error(exc, opts.get("traceback"))

@@ -99,6 +99,10 @@ def test_batch_skips_existing_and_reports_failures(toy_plugins, tmp_path):
     out = tmp_path / "run"
     result = invoke(["toy", "evaluate", *inputs, "-o", out, "--json"])
     assert result.exit_code == 1 and "1 of 6 items failed" in result.stderr
+    # the other items' results are kept: on stdout and in metrics.json, not just the batch counts
+    printed = json.loads(result.stdout)
+    assert printed["squared"] == 5 and printed["batch"]["failed"] == 1
+    assert json.loads((out / "metrics.json").read_text()) == printed
     failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
     assert [Path(f["item"]).name for f in failures] == ["item002.txt"] and "ValueError" in failures[0]["error"]
     assert sorted(p.name for p in (out / "outputs").glob("*.txt")) == [f"item{i:03d}.txt" for i in (0, 1, 3, 4, 5)]
@@ -109,6 +113,18 @@ def test_batch_skips_existing_and_reports_failures(toy_plugins, tmp_path):
     assert result.exit_code == 0
     batch = json.loads(result.stdout)["batch"]
     assert batch["processed"] == 1 and batch["skipped_existing"] == 5 and (out / "DONE").exists()
+    assert not (out / "failures.jsonl").exists()  # the item that failed before has succeeded now
+
+
+def test_a_retry_drops_only_the_failures_that_now_succeed(toy_plugins, tmp_path):
+    inputs = make_inputs(tmp_path / "in", 4, bad=(1, 2))
+    out = tmp_path / "run"
+    assert invoke(["toy", "evaluate", *inputs, "-o", out]).exit_code == 1
+    inputs[1].write_text("1")
+    assert invoke(["toy", "evaluate", *inputs, "-o", out]).exit_code == 1
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert [Path(f["item"]).name for f in failures] == ["item002.txt", "item002.txt"]  # one line per try
+    assert not list(out.glob("*.lock"))
 
 
 def test_shards_cover_all_items_once(toy_plugins, tmp_path):
