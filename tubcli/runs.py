@@ -166,7 +166,7 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def environment_record(plugin_version: str = "") -> dict:
+def environment_record(plugin_version: str = "", command: str = "") -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     def ver(name):
@@ -176,6 +176,7 @@ def environment_record(plugin_version: str = "") -> dict:
             return None
 
     record = {
+        "command": command,  # `tub <plugin> <verb>`: a run directory belongs to one verb
         "argv": sys.argv,
         "python": sys.version.split()[0],
         "tub": ver("tub"),
@@ -300,6 +301,11 @@ class Run:
                 run_dir = new_run_dir(parent / f"{stamp}_{chash}") if self.is_main else None
                 run_dir = self._broadcast(run_dir)
         self.dir = Path(run_dir)
+        self.command = f"tub {plugin} {verb}"
+        earlier_command = self._earlier_command()
+        if earlier_command and earlier_command != self.command:
+            raise TubError(f"{self.dir} is the run directory of `{earlier_command}`; give this `{self.command}` "
+                           "run its own -o (its records and outputs would mix with that run's)")
         self.outputs_dir = self.dir / "outputs"
         self.checkpoints_dir = self.dir / "checkpoints"
         earlier, now = self._earlier_config(), cfg.model_dump(mode="json")
@@ -333,8 +339,15 @@ class Run:
             from tubcli.config import config_yaml
 
             write_text(self.dir / "config.yaml", config_yaml(cfg))
-            write_json(self.dir / "env.json", environment_record(plugin_version))
+            write_json(self.dir / "env.json", environment_record(plugin_version, self.command))
         self.log.debug("run directory %s", self.dir)
+
+    def _earlier_command(self) -> str | None:
+        """The verb an existing run directory was made by (None: new, or written before tub recorded it)."""
+        try:
+            return json.loads((self.dir / "env.json").read_text()).get("command") or None
+        except (OSError, ValueError, AttributeError):
+            return None
 
     def _earlier_config(self) -> dict | None:
         path = self.dir / "config.yaml"

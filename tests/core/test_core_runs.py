@@ -361,3 +361,15 @@ def test_a_run_turns_tf32_off(toy_plugins, tmp_path):
         assert torch.backends.cudnn.allow_tf32 is False and torch.backends.cuda.matmul.allow_tf32 is False
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_a_run_directory_belongs_to_one_verb(toy_plugins, tmp_path):
+    inputs = make_inputs(tmp_path / "in", 2)
+    out = tmp_path / "run"
+    assert invoke(["toy", "evaluate", *inputs, "-o", out]).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    result = invoke(["toy", "train", "-o", out])
+    assert result.exit_code == 2 and "run directory of `tub toy evaluate`" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # its records untouched
+    assert invoke(["toy", "evaluate", *inputs, "-o", out]).exit_code == 0  # the same verb may come back

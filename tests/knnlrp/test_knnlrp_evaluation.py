@@ -223,3 +223,13 @@ def test_flipping_bar_against_kernelshap(name, beats_shap):
     res = ev.run(Xte[:60], ["lrp", "occlusion", "kernelshap"])
     assert res["lrp"].aupc <= 0.5 * res["occlusion"].aupc
     assert (res["lrp"].aupc < res["kernelshap"].aupc) == beats_shap
+
+
+def test_kernelshap_on_fewer_training_rows_than_background_centres():
+    """shap.kmeans needs at least as many rows as centres: a 6-row training set uses every row."""
+    pytest.importorskip("shap")
+    X = np.array([[1, 2], [3, 4], [5, 6], [7, 8], [9, 1], [2, 2]], dtype=float)
+    y = np.array([0, 1, 0, 1, 0, 1])
+    ev = FlippingEvaluation(KNeighborsClassifier(3).fit(X, y), X, y)
+    res = ev.run(X[:3], ["kernelshap", "random"])
+    assert np.isfinite(res["kernelshap"].aupc)

@@ -282,6 +282,8 @@ def _edit(meta: dict, arrays: dict, case: str):
         meta["params"]["p"] = 1
     elif case == "even k":
         meta["params"]["k"] = 4
+    elif case == "k above the rows":
+        meta["params"]["k"] = 31
     elif case == "no y_train":
         del arrays["y_train"]
     elif case == "y_train rows":
@@ -290,7 +292,8 @@ def _edit(meta: dict, arrays: dict, case: str):
 
 
 @pytest.mark.parametrize("case", ["no params", "json list", "fewer classes", "swapped classes", "other scaler",
-                                  "extra parameter", "even k", "no y_train", "y_train rows"])
+                                  "extra parameter", "even k", "k above the rows", "no y_train",
+                                  "y_train rows"])
 def test_edited_model_files_are_one_line_errors(tmp_path, case):
     import json
 

@@ -129,6 +129,28 @@ def test_label_rejects_elements_beyond_xtb_before_any_work(tmp_path):
     assert not _written(out) and not list(out.rglob("failures.jsonl"))
 
 
+@pytest.mark.parametrize("setting, expect", [("spin=0", "spin 0 (unpaired electrons) is impossible with 9"),
+                                              ("spin=-1", "spin -1"), ("charge=0.5", "not a whole number"),
+                                              ("charge=30", "removes more electrons")])
+def test_md_refuses_a_charge_or_spin_the_electrons_cannot_make(tmp_path, models, setting, expect):
+    path = tmp_path / "ch3.extxyz"  # CH3: 9 electrons, so no singlet
+    write(path, Atoms("CH3", positions=[[0, 0, 0], [1.09, 0, 0], [-0.55, 0.94, 0], [-0.55, -0.94, 0]]),
+          format="extxyz")
+    out = tmp_path / "md"
+    assert expect in _err(invoke(["mlff", "md", path, "--model", models / "w8.safetensors", "--steps", "2",
+                                  "--set", setting, "-o", out]))
+    assert not _written(out)
+
+
+def test_label_checks_charge_and_spin_of_every_frame_first(tmp_path):
+    water, ion = molecule("H2O"), molecule("H2O")
+    ion.info["charge"] = 30
+    write(tmp_path / "mols.extxyz", [water, ion], format="extxyz")
+    out = tmp_path / "l_charge"
+    line = _err(invoke(["mlff", "label", tmp_path / "mols.extxyz", "-o", out]))
+    assert "frame 1 (H2O): charge 30 removes more electrons than its 10" in line and not _written(out)
+
+
 def test_label_checks_structures_and_output_names_first(tmp_path):
     write(tmp_path / "overlap.extxyz", Atoms("CH", positions=[[0, 0, 0], [0.1, 0, 0]]), format="extxyz")
     write(tmp_path / "nocell.extxyz", Atoms("CH", positions=[[0, 0, 0], [1.1, 0, 0]], pbc=True), format="extxyz")
@@ -349,3 +371,28 @@ def test_train_split_by_needs_the_key_on_every_frame(tmp_path):
     write(tmp_path / "d.extxyz", frames)
     msg = _err(invoke(["mlff", "train", tmp_path / "d.extxyz", "-o", tmp_path / "o", "--set", "split_by=traj"]))
     assert "info['traj']" in msg and "split_by=none" in msg
+
+
+def test_model_may_be_a_train_run_directory(tmp_path, models):
+    import shutil
+
+    path = tmp_path / "ch4.extxyz"
+    write(path, molecule("CH4"), format="extxyz")
+    for run, names in (("single", ["model"]), ("committee", ["model_0", "model_1"])):
+        (tmp_path / run / "checkpoints").mkdir(parents=True)
+        for name in names:
+            for ext in (".safetensors", ".json"):
+                shutil.copy(models / f"w8{ext}", tmp_path / run / "checkpoints" / f"{name}{ext}")
+        result = json.loads(_ok(invoke(["mlff", "md", path, "--model", tmp_path / run, "--steps", "2", "--json",
+                                        "-o", tmp_path / f"md_{run}"])).stdout)
+        assert result["committee"] == len(names)
+    (tmp_path / "empty").mkdir()
+    assert "without a trained model" in _err(invoke(["mlff", "md", path, "--model", tmp_path / "empty",
+                                                     "--steps", "2", "-o", tmp_path / "md_empty"]))
+
+
+def test_ring_sites_hold_two_sodium_per_group_ring():
+    host = janus_graphene(n=4, groups=1)
+    assert len(add_sodium(host, 2, "ring")) == len(host) + 2
+    with pytest.raises(ValueError, match="at most 2 ring sites"):
+        add_sodium(host, 3, "ring")

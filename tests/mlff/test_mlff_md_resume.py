@@ -72,3 +72,13 @@ def test_run_without_the_state_file_still_resumes(tmp_path, setup):
     assert json.loads(r.stdout)["resumed_from"] == 10 and "statistical" in r.stderr
     assert [int(f.info["step"]) for f in read(out / "outputs" / "trajectory.extxyz", ":")] == [0, 5, 10, 15, 20]
     assert json.loads((out / "outputs" / "trajectory.state.json").read_text())["step"] == 20
+
+
+def test_a_resume_in_another_precision_is_refused(tmp_path, setup):
+    out = tmp_path / "run"
+    _ok(_md(setup, out, "nvt-langevin", 5))
+    later = invoke(["mlff", "md", setup / "na.extxyz", "--model", setup / "tiny.safetensors", "--ensemble",
+                    "nvt-langevin", "--steps", "10", "--interval", "5", "--timestep", "1", "--temp", "300",
+                    "--set", "taut=20", "--set", "taup=100", "--precision", "fp32", "--seed", "3", "-o", out])
+    assert later.exit_code == 2 and "precision=fp64 (now fp32)" in later.stderr
+    assert len(read(out / "outputs" / "trajectory.extxyz", index=":")) == 2  # frames 0 and 5, untouched

@@ -132,7 +132,7 @@ def kernel_shap(score: ClassScore, Z, c, competitor, Z_train, nsamples: int = 50
         import shap
     except ImportError as exc:
         raise ImportError("KernelSHAP needs shap: pip install shap") from exc
-    background = shap.kmeans(Z_train, n_background)
+    background = shap.kmeans(Z_train, min(n_background, len(Z_train)))  # a tiny training set: every row
     phi = np.zeros_like(Z)
     for cls, comp in sorted({(int(a), int(b)) for a, b in zip(c, competitor)}):
         rows = np.flatnonzero((c == cls) & (competitor == comp))

@@ -257,6 +257,8 @@ def _check_stored(meta: dict, arrays: dict, path) -> None:
     need(y.ndim == 1 and len(y) == len(X) and y.dtype.kind in "iu", "y_train must hold one class index per X_train row")
     need(np.array_equal(np.unique(y), np.arange(len(classes))),
          f"y_train must use each of the {len(classes)} listed classes")
+    if kind == "knn":
+        need(params["k"] <= len(X), f"k={params['k']} exceeds its {len(X)} training rows")
 
 
 def _verify(pipe, arrays, meta, path) -> None:

@@ -30,25 +30,37 @@ def _command_line() -> str:
 
 
 def _models(paths) -> list[Path]:
-    paths = [Path(p) for p in (paths or [])] or [DEMO_MODEL]
-    for p in paths:
-        if not p.exists():
-            raise TubError(f"model file {p} not found; give a .safetensors (with its .json) or a reference .pth")
-    return paths
+    """The model files; a `tub mlff train` run directory stands for its model (all members of a committee)."""
+    found = []
+    for p in [Path(p) for p in (paths or [])] or [DEMO_MODEL]:
+        if p.is_dir():
+            ckpt = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+            members = sorted(ckpt.glob("model_*.safetensors"), key=lambda m: int(m.stem[6:]) if m.stem[6:].isdigit()
+                             else -1) or sorted(ckpt.glob("model.safetensors"))
+            if not members:
+                raise TubError(f"{p} is a folder without a trained model (checkpoints/model.safetensors); give the "
+                               "run directory of `tub mlff train` or a .safetensors file")
+            found += members
+        elif not p.exists():
+            raise TubError(f"model file {p} not found; give a .safetensors (with its .json), a reference .pth or "
+                           "the run directory of `tub mlff train`")
+        else:
+            found.append(p)
+    return found
 
 
 def _calculator(run, model_paths, atoms=None, charge=None, spin=None, lr_cutoff=None, ewald_kmax=None):
     from .calculator import SpookyNetCalculator
     from .checkpoints import CheckpointError
 
-    from .structures import spin_for
-
     q = charge if charge is not None else float((atoms.info.get("charge", 0.0) if atoms is not None else 0.0))
     s = spin
     if s is None and atoms is not None:
         s = atoms.info.get("spin")
-        if s is None:
-            s = spin_for(atoms, round(q))
+    if atoms is not None:  # before any output: the calculator would refuse them only at its first step
+        from .validation import check_charge_spin
+
+        q, s = check_charge_spin(atoms, q, s)
     try:
         return SpookyNetCalculator([str(p) for p in _models(model_paths)], charge=q, spin=float(s or 0.0),
                                    dtype=_dtype(run), device=run.device,
@@ -139,7 +151,7 @@ def _label_items(cfg, files, run) -> tuple[list[str], int]:
     from .clusters import ClusterError, centres_of
     from .data import read_structures
     from .labelling import check_dft_settings
-    from .validation import check_structure
+    from .validation import check_charge_spin, check_structure
 
     if cfg.cluster_radius is not None and cfg.method != "dft":
         raise TubError(f"--cluster-radius carves clusters for method=dft; {cfg.method} labels periodic cells "
@@ -165,6 +177,7 @@ def _label_items(cfg, files, run) -> tuple[list[str], int]:
                 shortest = min(shortest, float(atoms.cell.lengths()[atoms.pbc].min()))
             head = f"{Path(f).stem}::{k:06d}"
             if cfg.method != "dft" or cfg.cluster_radius is None:
+                check_charge_spin(atoms, atoms.info.get("charge", 0), atoms.info.get("spin"), f"{f} frame {k}")
                 if cfg.method == "dft" and np.any(atoms.pbc):
                     raise TubError(f"{f} frame {k} is periodic and PySCF labels clusters; add --cluster-radius R "
                                    "(e.g. 5) to carve H-capped clusters around --cluster-center (default Na)")
@@ -520,7 +533,8 @@ def md(cfg, run) -> dict:
     _warn_composition(run, calc.composition_span, [atoms], str(path))
     models = _models(cfg.model)
     settings = {"model": [str(p) for p in models], "model_sha256": [_sha256(p) for p in models],
-                "charge": calc.charge, "spin": calc.spin, "lr_cutoff": cfg.lr_cutoff, "ewald_kmax": cfg.ewald_kmax}
+                "charge": calc.charge, "spin": calc.spin, "lr_cutoff": cfg.lr_cutoff, "ewald_kmax": cfg.ewald_kmax,
+                "precision": cfg.precision}  # an fp32 continuation of an fp64 run would not be the exact one
     last = [0]
 
     def progress(done, total):

@@ -14,14 +14,12 @@ from __future__ import annotations
 import numpy as np
 from tubcli.errors import TubError
 
-from .structures import spin_for
+from .validation import check_charge_spin
 
 
 def _charge_spin(atoms) -> tuple[int, int]:
-    charge = int(round(float(atoms.info.get("charge", 0))))
-    spin = atoms.info.get("spin")
-    spin = spin_for(atoms, charge) if spin is None else int(round(float(spin)))
-    return charge, spin
+    """info['charge'] and info['spin'] (unpaired electrons; default the lowest state), checked."""
+    return check_charge_spin(atoms, atoms.info.get("charge", 0), atoms.info.get("spin"))
 
 
 def require_tblite():
@@ -113,10 +111,6 @@ def label_pyscf(atoms, xc: str = "PBE", basis: str = "def2-SVP", density_fit: bo
 
     charge, spin = _charge_spin(atoms)
     name = atoms.get_chemical_formula()
-    n_electrons = int(atoms.numbers.sum()) - charge
-    if spin < 0 or spin > n_electrons or (n_electrons - spin) % 2:
-        raise TubError(f"{name}: spin {spin} (unpaired electrons) is impossible with {n_electrons} electrons "
-                       f"(charge {charge}); set info['spin'] to {n_electrons % 2} or {n_electrons % 2 + 2}, ...")
     check_dft_settings(xc, basis, set(atoms.get_chemical_symbols()))
     mol = gto.M(atom=[(s, tuple(p)) for s, p in zip(atoms.get_chemical_symbols(), atoms.positions)],
                 unit="Angstrom", basis=basis, charge=charge, spin=spin, verbose=0, max_memory=max_memory_mb)

@@ -147,6 +147,9 @@ def add_sodium(host, count: int, sites: str = "random", seed: int = 0, min_dista
     amines = [atoms.positions[k] for k, sym in enumerate(atoms.get_chemical_symbols()) if sym == "N"]
     cell = atoms.cell.array
     c = cell[2, 2]
+    if sites == "ring" and count > 2 * len(ring_centres):  # one Na over each face of each group ring
+        raise ValueError(f"{count} Na do not fit at 'ring' sites: this cell has {len(ring_centres)} group ring(s), "
+                         f"so at most {2 * len(ring_centres)} ring sites; use more --groups or other --sites")
     placed = []
     tries = 0
     while len(placed) < count:

@@ -70,3 +70,28 @@ def check_cell(cell, pbc, name: str = "structure") -> None:
     if abs(np.linalg.det(complete_cell(cell))) < 1e-6:
         raise TubError(f"{name} has a degenerate cell (its vectors are linearly dependent); fix the Lattice= "
                        "in the extxyz header")
+
+
+def check_charge_spin(atoms, charge: float, spin: float | None, name: str = "structure") -> tuple[int, int]:
+    """The total charge and unpaired-electron count as integers, or a one-line TubError when they are
+    impossible for this structure's electron count (fractional, negative electron count, or a spin whose
+    parity or size the electrons cannot make). ``spin`` None: the lowest state the count allows (0 or 1)."""
+    formula = atoms.get_chemical_formula()
+    if abs(float(charge) - round(float(charge))) > 1e-6:
+        raise TubError(f"{name} ({formula}): total charge {charge} is not a whole number of electrons; "
+                       "give an integer charge")
+    q = int(round(float(charge)))
+    n_electrons = int(atoms.numbers.sum()) - q
+    if n_electrons < 0:
+        raise TubError(f"{name} ({formula}): charge {q} removes more electrons than its "
+                       f"{int(atoms.numbers.sum())}; give a charge of at most {int(atoms.numbers.sum())}")
+    if spin is None:
+        return q, n_electrons % 2
+    if abs(float(spin) - round(float(spin))) > 1e-6:
+        raise TubError(f"{name} ({formula}): spin {spin} is not a whole number of unpaired electrons; "
+                       f"give {n_electrons % 2}, {n_electrons % 2 + 2}, ...")
+    s = int(round(float(spin)))
+    if s < 0 or s > n_electrons or (n_electrons - s) % 2:
+        raise TubError(f"{name} ({formula}): spin {s} (unpaired electrons) is impossible with {n_electrons} "
+                       f"electrons (charge {q}); give {n_electrons % 2}, {n_electrons % 2 + 2}, ...")
+    return q, s
