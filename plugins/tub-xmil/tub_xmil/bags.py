@@ -36,13 +36,16 @@ def _read(path: Path) -> tuple[torch.Tensor, np.ndarray | None, dict]:
         files = sorted(path.glob("*.pt"), key=lambda p: int(p.stem) if p.stem.isdigit() else p.stem)
         if not files:
             raise TubError(f"{path}: folder has no per-patch .pt files")
+        if not is_patch_folder(path):
+            raise TubError(f"{path}: the .pt files hold (patches, dim) bags, one per slide, not one vector per "
+                           "patch; give the files (or the folder) as bags")
         feats = torch.stack([_load_tensor(p).reshape(-1) for p in files])
         return feats.float(), None, {}
     if not path.is_file():
         raise TubError(f"{path}: no such feature file")
     if path.suffix == ".h5":
         import h5py
-        from tub_xmil.tiling import _py
+        from tub_xmil.tiling import _py, with_level0_size
         try:
             with h5py.File(path, "r") as f:
                 if "features" not in f:
@@ -56,7 +59,7 @@ def _read(path: Path) -> tuple[torch.Tensor, np.ndarray | None, dict]:
             raise TubError(f"{path.name}: not a readable HDF5 file ({str(exc)[:80]})") from None
         if feats.ndim == 3 and feats.shape[0] == 1:  # CLAM writes (1, N, D)
             feats = feats[0]
-        return torch.from_numpy(feats), coords, attrs
+        return torch.from_numpy(feats), coords, with_level0_size(attrs)
     if path.suffix == ".pt":
         t = _load_tensor(path)
         if t.dim() == 3 and t.shape[0] == 1:
@@ -68,8 +71,9 @@ def _read(path: Path) -> tuple[torch.Tensor, np.ndarray | None, dict]:
     if path.suffix == ".npz":
         z = np.load(path, allow_pickle=False)
         if "features" in z:
-            coords = z["coords"].astype(np.int64) if "coords" in z else None
-            return torch.from_numpy(z["features"].astype(np.float32)), coords, {}
+            coords = z["coords"].reshape(-1, 2).astype(np.int64) if "coords" in z else None
+            attrs = {"patch_size_level0": int(z["patch_size_level0"])} if "patch_size_level0" in z else {}
+            return torch.from_numpy(z["features"].astype(np.float32)), coords, attrs
         if not z.files or not all(k.isdigit() for k in z.files):
             raise TubError(f"{path.name}: no 'features' array and the keys ({', '.join(z.files[:4])}) are not "
                            "patch ids; give a features .npz (features[, coords]), not tiles")
@@ -79,6 +83,26 @@ def _read(path: Path) -> tuple[torch.Tensor, np.ndarray | None, dict]:
                            "vector per patch")
         return torch.from_numpy(np.stack(vecs).astype(np.float32)), None, {}
     raise TubError(f"{path.name}: unknown feature format; use .h5, .pt or .npz")
+
+
+def is_patch_folder(folder: Path) -> bool:
+    """True for an xMIL folder of per-patch ``{idx}.pt`` files (one bag), False for a folder of
+    per-slide bags (CLAM ``pt_files/1001.pt``: numeric slide ids are common).
+
+    Numeric names alone cannot tell the two apart; the contents can: a per-patch file holds one
+    feature vector (1-D, or (1, D)), a per-slide bag a (N, D) tensor. Only the first file is read
+    (memory-mapped). A (1, D) tensor is either a one-patch slide or a patch vector: the names decide,
+    0..N-1 being xMIL's patch ids."""
+    files = [q for q in folder.glob("*.pt") if q.is_file()]
+    if not files or not all(q.stem.isdigit() for q in files):
+        return False
+    ids = sorted(int(q.stem) for q in files)
+    first = _load_tensor(min(files, key=lambda q: int(q.stem)), mmap=True)
+    if first.dim() <= 1:
+        return True
+    if first.dim() == 2 and first.shape[0] == 1:
+        return ids == list(range(len(ids)))
+    return False
 
 
 def xmil_metadata(bag: Path, n: int) -> tuple[np.ndarray | None, dict]:
@@ -101,9 +125,11 @@ def xmil_metadata(bag: Path, n: int) -> tuple[np.ndarray | None, dict]:
     return coords, attrs
 
 
-def _load_tensor(path: Path) -> torch.Tensor:
+def _load_tensor(path: Path, mmap: bool = False) -> torch.Tensor:
     try:
-        t = torch.load(path, map_location="cpu", weights_only=True)
+        import zipfile
+        mmap = mmap and zipfile.is_zipfile(path)  # legacy (non-zip) torch files cannot be memory-mapped
+        t = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # noqa: BLE001
         raise TubError(f"{path.name}: cannot read as a tensor file ({str(exc).splitlines()[0][:80]})") from None
     if isinstance(t, dict):

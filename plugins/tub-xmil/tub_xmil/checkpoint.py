@@ -33,20 +33,31 @@ def build_model(arch: str, input_dim: int, head_dim: int, **kw) -> torch.nn.Modu
 
 
 def _numpy_allow_list():
+    """numpy scalars and their dtypes, under both module names: numpy < 2 pickles scalars as
+    ``numpy.core.multiarray.scalar``, numpy >= 2 as ``numpy._core.multiarray.scalar``."""
     import numpy as np
     try:
         from numpy._core.multiarray import scalar
     except ImportError:  # numpy < 2
         from numpy.core.multiarray import scalar
-    allow = [(scalar, "numpy.core.multiarray.scalar"), np.dtype]
-    allow += [type(np.dtype(c)) for c in ("f8", "f4", "i8", "i4", "bool")]
+    allow = [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype]
+    allow += [type(np.dtype(c)) for c in ("f8", "f4", "f2", "i8", "i4", "i2", "i1", "u1", "bool")]
     return allow
 
 
-def _first_line(exc: Exception) -> str:
-    """The first line of an error message (at most 120 characters), or the error's type when it has none."""
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:120]
+def _first_line(exc: Exception, limit: int = 160) -> str:
+    """A clean one-line reason: the object a weights-only load refused, else the error's first line
+    (colour codes removed, shortened at a word), else the error's type."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if refused:
+        return f"it pickles {refused.group(1)}, which is not a tensor, number or allow-listed numpy scalar"
+    line = text.splitlines()[0].strip() if text else type(exc).__name__
+    if len(line) > limit:
+        line = line[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
+    return line
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -122,7 +133,8 @@ def load_model(path: str | Path, model_json: dict | None = None) -> tuple[torch.
             raise TubError(f"{path} has no model.json next to it and is not an AttnMIL checkpoint; "
                            "pass the run's checkpoints/ folder")
         cfg = infer_attnmil_config(sd)
-        model_json = {"arch": "attnmil", "task": "classification", "kwargs": cfg}
+        # no "task": shapes cannot tell a 1-logit regression head from a survival or 1-class head
+        model_json = {"arch": "attnmil", "kwargs": cfg, "inferred": True}
     if not _is_model_json(model_json):
         raise TubError(f"{path.with_suffix('.json')} is not the model.json of an xmil model (no arch/kwargs); "
                        "pass the checkpoints/ folder of a 'tub xmil train' run")

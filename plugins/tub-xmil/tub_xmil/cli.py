@@ -61,6 +61,8 @@ def train(cfg, run) -> dict:
         idx = set(rng.permutation(len(train_s))[:k].tolist())
         val_s = [s for i, s in enumerate(train_s) if i in idx]
         train_s = [s for i, s in enumerate(train_s) if i not in idx]
+    if cfg.task == "classification":
+        _check_trained_classes(cfg.labels, classes, train_s, val_s, test_s)
     model, meta = train_model(cfg, run, train_s, val_s, classes)
     run.save_weights({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, meta)
     out = {"train_slides": len(train_s), "val_slides": len(val_s), "test_slides": len(test_s)}
@@ -70,9 +72,48 @@ def train(cfg, run) -> dict:
     return out
 
 
+def _check_trained_classes(labels, classes, train_s, val_s, test_s) -> None:
+    """Every class must have training slides. A label found only in val/test would become an output
+    the model never learns (its slides always wrong, and a test set of one class has no AUROC);
+    a pathologist would rather hear that the split is wrong than read such metrics."""
+    seen = {int(s.label) for s in train_s}
+    for c, name in enumerate(classes):
+        if c not in seen:
+            held = [(split, s.slide_id) for split, group in (("val", val_s), ("test", test_s))
+                    for s in group if int(s.label) == c]
+            where = sorted({split for split, _ in held})
+            ids = [sid for _, sid in held]
+            raise TubError(f"{labels}: label {name!r} has no training slide (only {'/'.join(where)}: "
+                           f"{', '.join(ids[:3])}{' ...' if len(ids) > 3 else ''}); move some of its slides "
+                           "to the train split or drop them")
+
+
 def _classes(meta: dict) -> list[str]:
     """Class names in output order; a reference checkpoint (no names stored) has its output indices."""
     return meta.get("classes") or [str(i) for i in range(meta["kwargs"]["head_dim"])]
+
+
+def _task(cfg, meta: dict) -> str:
+    """The model's task: from model.json (another --task is an error), else --task. A reference
+    checkpoint stores none; its head size alone cannot tell regression from classification, and one
+    logit read as a 1-class classifier would give probability 1.0 for every slide."""
+    head_dim = meta["kwargs"]["head_dim"]
+    if "task" in meta:
+        if cfg.task is not None and cfg.task != meta["task"]:  # the output would be read as another task's numbers
+            raise TubError(f"--task {cfg.task} does not match the model, which was trained for {meta['task']}; "
+                           "drop --task (it defaults to the model's task)")
+        return meta["task"]
+    if cfg.task is None:
+        if head_dim == 1:
+            raise TubError(f"{cfg.model}: a checkpoint without model.json and with one output; pass --task "
+                           "regression or --task survival (a 1-class classifier explains nothing)")
+        return "classification"  # several outputs and no task stored: xMIL's classifiers
+    if cfg.task == "regression" and head_dim != 1:
+        raise TubError(f"--task regression needs a model with one output; this one has {head_dim}")
+    if cfg.task == "classification" and head_dim < 2:
+        raise TubError("--task classification needs a model with at least 2 outputs; this one has 1 "
+                       "(pass --task regression or --task survival)")
+    return cfg.task
 
 
 def _load(cfg):
@@ -82,10 +123,7 @@ def _load(cfg):
     if cfg.model is None:
         raise TubError("no model given; pass --model RUN/checkpoints (or an xMIL best_model.pt)")
     model, meta = load_model(cfg.model)
-    task = cfg.task or meta.get("task", "classification")
-    if "task" in meta and task != meta["task"]:  # the output would be read as another task's numbers
-        raise TubError(f"--task {task} does not match the model, which was trained for {meta['task']}; "
-                       "drop --task (it defaults to the model's task)")
+    task = _task(cfg, meta)
     if "patch_scores" in cfg.method:  # before any output: the method exists only for additive models
         if not hasattr(model, "patch_logits"):
             raise TubError(f"--method patch_scores needs an AdditiveMIL model (train with --arch additivemil); "
@@ -175,12 +213,13 @@ def evaluate(cfg, run) -> dict:
         return out
     per_slide = []
     for s in run.progress(slides, total=len(slides), desc="patch flipping"):
-        target = int(s.label) if task == "classification" else 0
+        # classification explains --target when given, else the slide's label class (spec §2.2)
+        target = (int(s.label) if cfg.target is None else cfg.target) if task == "classification" else 0
         x = s.features  # read once per slide, used by every method
         if false_prediction(model, x, task, target):
-            per_slide.append({"slide_id": s.slide_id, "false_pred": True})
+            per_slide.append({"slide_id": s.slide_id, "target": target, "false_pred": True})
         else:
-            rec = {"slide_id": s.slide_id, "false_pred": False}
+            rec = {"slide_id": s.slide_id, "target": target, "false_pred": False}
             for m in cfg.method:
                 scores = explain_bag(model, x, m, task, target, cfg, seed=run.item_seed(s.slide_id))
                 res = slide_flipping(model, x, scores, task, target, cfg.strategy)
@@ -211,8 +250,11 @@ def heatmap(cfg, run) -> dict:
     from tub_xmil.pipeline import (SLIDE_SUFFIXES, choose_target, explain_bag, expand_inputs, slide_coords,
                                    thumbnail_for)
     from tub_xmil.slides import open_slide
+    from tub_xmil.tiling import tile_size_level0
 
     model, meta, task = _load(cfg)
+    if cfg.slide_dir is not None and not Path(cfg.slide_dir).is_dir():
+        raise TubError(f"--slide-dir {cfg.slide_dir} is not a folder; give the folder that holds the slides")
     bag_suffixes = {".h5", ".pt", ".npz"}
     inputs = expand_inputs(cfg.inputs, SLIDE_SUFFIXES | bag_suffixes)
     needs_encoder = any(Path(p).suffix.lower() not in bag_suffixes for p in inputs)
@@ -241,15 +283,22 @@ def heatmap(cfg, run) -> dict:
                 if coords is None:
                     raise TubError(f"{path.name}: no coords for the features (no 'coords' dataset or xMIL "
                                    "patches/<slide>/metadata/df.csv); cannot place the heatmap")
-                size0 = attrs.get("patch_size_level0") or attrs.get("patch_size")
-                if size0 is None:
-                    raise TubError(f"{path.name}: tile size unknown (no patch_size_level0 attribute)")
-                size0 = int(size0)
+                size0 = tile_size_level0(attrs, coords, cfg.patch_size_level0, name=path.name, log=run.log)
                 cand = [Path(cfg.slide_dir) / f"{path.stem}{s}" for s in sorted(SLIDE_SUFFIXES)] if cfg.slide_dir else []
                 found = next((c for c in cand if c.is_file()), None)
+                if cfg.slide_dir and found is None:
+                    background = f"black: no {path.stem}.<slide suffix> in {cfg.slide_dir}"
+                    run.log.warning("%s: no slide %s.* in %s; the heatmap is drawn on a black canvas",
+                                    path.name, path.stem, cfg.slide_dir)
+                else:
+                    background = str(found) if found else "black: no --slide-dir given"
                 slide = open_slide(found) if found else None
             else:
+                background = str(path)
                 slide, coords, size0, _ = slide_coords(path, cfg, None)
+                if cfg.patch_size_level0 is not None and cfg.patch_size_level0 != size0:
+                    run.log.warning("%s: --patch-size-level0 is for feature files; this slide is tiled at "
+                                    "%d px (level 0) from --target-mpp/--patch-size", path.name, size0)
                 x = torch.from_numpy(embed_tiles(slide, coords, size0, spec, module, 64, run.device, run.dtype))
             try:
                 if x.shape[1] != meta["kwargs"]["input_dim"]:
@@ -274,6 +323,6 @@ def heatmap(cfg, run) -> dict:
                 with atomic_path(run.outputs_dir / f"{path.stem}_{m}_scores.json") as tmp:
                     tmp.write_text(json.dumps({"slide_id": path.stem, "method": m, "target": target,
                                                "scores": sc.tolist(), "coords": coords.tolist(),
-                                               "patch_size_level0": size0}))
+                                               "patch_size_level0": size0, "background": background}))
                 write_heatmap(run.outputs_dir, path.stem, thumb, coords, sc, size0, HEAT_DOWNSAMPLE, SIGNED[m], m)
     return {"methods": ",".join(cfg.method)}

@@ -81,7 +81,7 @@ class TrainConfig(TubConfig):
 class ModelInput(TubConfig):
     model: Optional[Path] = Field(None, description="weights: a run's checkpoints/ folder, model.safetensors, or an xMIL .pt")
     task: Optional[Task] = Field(None, description="the model's task (default: from model.json; another is an error)")
-    target: Optional[int] = Field(None, description="explained class (default: predicted class)")
+    target: Optional[int] = Field(None, description="explained class index (default: the predicted class)")
     lrp: LRPSection = LRPSection()
     ig_steps: int = Field(50, description="IG Gauss-Legendre steps")
 
@@ -102,6 +102,8 @@ class EvaluateConfig(ModelInput):
     labels: Optional[Path] = Field(None, description="labels CSV (as for train)")
     split: Optional[str] = Field("test", description="evaluate only the CSV rows of this split, by default the "
                                  f"test rows; 'all' for every row. Names, any case: {ACCEPTED}")
+    target: Optional[int] = Field(None, description="explained class index for every slide (default: each "
+                                  "slide's label class)")
     method: list[Method] = Field(default_factory=lambda: ["lrp", "attention", "random"],
                                  description="methods scored by patch flipping")
     strategy: str = Field("10%-of-all", description="flipping blocks: 'P%-of-all' or 'one-by-one'")
@@ -135,5 +137,8 @@ class HeatmapConfig(ModelInput):
     encoder: str = Field("vit-t8-demo", description="patch encoder (hook) used when starting from slides")
     weights: Optional[Path] = Field(None, description="encoder weights file")
     slide_dir: Optional[Path] = Field(None, description="where to find slides for feature-file inputs (thumbnail)")
+    patch_size_level0: Optional[int] = Field(
+        None, gt=0, description="tile side in level-0 px of feature-file inputs (default: from the file's "
+        "attributes, else inferred from the coords grid)")
     mpp: Optional[float] = Field(None, gt=0, description="level-0 mpp override")
     tiling: TilingSection = TilingSection()

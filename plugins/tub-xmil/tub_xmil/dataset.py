@@ -82,8 +82,10 @@ class Slide:
 
 def read_labels(path: Path, task: str) -> list[tuple[int, dict]]:
     """(line number in the file, row) pairs, so that errors can point at the line."""
-    if path is None or not Path(path).is_file():
-        raise TubError(f"labels CSV {path} not found; pass --set labels=labels.csv")
+    if path is None:
+        raise TubError("no labels CSV given; pass --labels labels.csv (slide_id + label|target|time,event)")
+    if not Path(path).is_file():
+        raise TubError(f"labels CSV {path} not found; pass --labels with an existing CSV file")
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         rows = [(reader.line_num, r) for r in reader]
@@ -171,8 +173,10 @@ def load_slides(features: Path, labels: Path, task: str, split: str | None = Non
     (``input_dim``: a model's). Classification labels become indices into ``classes``: those of a
     trained model when given (so evaluation uses the model's class order), else the sorted label
     values of the CSV, which must hold at least two."""
-    if features is None or not Path(features).exists():
-        raise TubError(f"features folder {features} not found; pass --set features=DIR")
+    if features is None:
+        raise TubError("no features folder given; pass --features DIR (bags named by slide_id)")
+    if not Path(features).exists():
+        raise TubError(f"features folder {features} not found; pass --features with an existing folder")
     rows = read_labels(labels, task)
     _check_rows(labels, rows, task)
     if task == "classification" and classes is None:

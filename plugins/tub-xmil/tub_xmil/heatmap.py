@@ -3,8 +3,9 @@
 Scores are clipped to the boxplot whiskers (most extreme data within 1.5 IQR; magnitudes for signed
 scores; never more than the 1% most extreme per side); signed scores use
 ``coolwarm`` with (s + max|s|) / (2 max|s|) so 0 is neutral; unsigned use ``Reds`` min-max. Patch
-rectangles are filled on a black canvas and blended onto the thumbnail with alpha 64/255 where
-tissue was scored. GeoJSON: one level-0 square Polygon per tile with the score as a measurement.
+rectangles are filled on a black canvas, and the canvas is blended onto the thumbnail with opacity
+alpha = 64/255 (overlay = (1 - alpha) thumbnail + alpha canvas). GeoJSON: one level-0 square
+Polygon per tile with the score as a measurement.
 """
 
 from __future__ import annotations
@@ -61,14 +62,12 @@ def render_overlay(thumb: np.ndarray, coords: np.ndarray, scores: np.ndarray, si
     colors = (np.asarray(cmap(v))[:, :3] * 255).astype(np.uint8)
     h, w = thumb.shape[:2]
     heat = np.zeros((h, w, 3), np.uint8)
-    covered = np.zeros((h, w), bool)
     for (x0, y0, x1, y1), col in zip(tile_boxes(coords, size_level0, downsample), colors):
         heat[y0:y1, x0:x1] = col
-        covered[y0:y1, x0:x1] = True
-    over = thumb.astype(np.float32).copy()
-    a = np.where(covered[..., None], 1 - alpha, 0.0)  # heat dominates where scored
-    over = (1 - a) * over + a * heat.astype(np.float32)
-    return over.clip(0, 255).astype(np.uint8), heat
+    # spec §2.7: the black canvas with its tiles is blended onto the thumbnail with opacity alpha,
+    # so the tissue stays readable under the colours (and unscored areas dim by alpha)
+    over = (1 - alpha) * thumb.astype(np.float32) + alpha * heat.astype(np.float32)
+    return np.rint(over).clip(0, 255).astype(np.uint8), heat
 
 
 def geojson(coords: np.ndarray, scores: np.ndarray, size_level0: int, method: str) -> dict:

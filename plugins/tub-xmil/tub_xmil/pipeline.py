@@ -42,7 +42,10 @@ def expand_inputs(paths, suffixes) -> list[Path]:
 
 
 def _is_pt_folder(p: Path) -> bool:
-    return any(q.stem.isdigit() for q in p.glob("*.pt"))
+    """An xMIL per-patch folder is one bag; a folder of per-slide .pt bags is a folder of inputs."""
+    from tub_xmil.bags import is_patch_folder
+
+    return is_patch_folder(p)
 
 
 def save_png(path: Path, arr: np.ndarray) -> None:
@@ -69,12 +72,24 @@ def tile_one(path: Path, out_h5: Path, out_dir: Path, tiling, mpp_override=None)
     return {"patches": len(t.coords)}
 
 
+def coords_file(coords_dir: Path, stem: str) -> Path:
+    """The patches .h5 of a slide in ``--coords-dir``: tub/CLAM name it ``{stem}.h5``, TRIDENT
+    ``{stem}_patches.h5``, either directly in the folder or in its ``patches/``."""
+    names = [f"{stem}.h5", f"{stem}_patches.h5"]
+    for sub in ("", "patches"):
+        for n in names:
+            if (coords_dir / sub / n).is_file():
+                return coords_dir / sub / n
+    raise TubError(f"{stem}: no {' or '.join(names)} in {coords_dir} or its patches/; give the folder "
+                   "that holds the slide's patches .h5")
+
+
 def slide_coords(path: Path, cfg, coords_dir: Path | None):
     """(slide, coords, size_level0, tiling attributes) from an existing patches .h5 or by tiling.
 
     Reused coordinates need no mpp, so a slide without one goes through; its mpp (or the patches
     file's) is still recorded when known."""
-    from tub_xmil.tiling import TILING_KEYS, read_coords_h5, tile_slide, tiling_attrs
+    from tub_xmil.tiling import TILING_KEYS, read_coords_h5, tile_size_level0, tile_slide, tiling_attrs
 
     slide = open_slide(path)
     try:
@@ -82,14 +97,10 @@ def slide_coords(path: Path, cfg, coords_dir: Path | None):
             t = tile_slide(slide, slide_mpp(slide, path, cfg.mpp), cfg.tiling.target_mpp, cfg.tiling.patch_size,
                            cfg.tiling.min_tissue, cfg.tiling.min_std, name=path.name)
             return slide, t.coords, t.patch_size_level0, tiling_attrs(t)
-        h5 = Path(coords_dir) / f"{path.stem}.h5"
-        if not h5.is_file():
-            h5 = Path(coords_dir) / "patches" / f"{path.stem}.h5"
-        if not h5.is_file():
-            raise TubError(f"{path.name}: no {path.stem}.h5 in {coords_dir}")
+        h5 = coords_file(Path(coords_dir), path.stem)
         coords, found = read_coords_h5(h5)
         attrs = {k: found[k] for k in TILING_KEYS if k in found}
-        attrs["patch_size_level0"] = int(found.get("patch_size_level0") or found["patch_size"])
+        attrs["patch_size_level0"] = tile_size_level0(found, coords, name=h5.name)
         try:
             attrs["mpp"] = slide_mpp(slide, path, cfg.mpp)
         except TubError:

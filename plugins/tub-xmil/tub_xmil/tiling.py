@@ -146,12 +146,72 @@ def read_coords_h5(path: str | Path) -> tuple[np.ndarray, dict]:
             attrs = {**{k: _py(v) for k, v in f.attrs.items()}, **{k: _py(v) for k, v in ds.attrs.items()}}
     except OSError as exc:
         raise TubError(f"{Path(path).name}: not a readable HDF5 file ({str(exc)[:80]})") from None
-    if "patch_size_level0" not in attrs and "patch_level" in attrs and "patch_size" in attrs:
-        # CLAM: patch_size is at patch_level; level-0 size needs the level's downsample
-        ds_ = attrs.get("downsample", [1.0, 1.0])
-        ds_ = float(ds_[0]) if np.ndim(ds_) else float(ds_)
-        attrs["patch_size_level0"] = int(round(attrs["patch_size"] * ds_)) if attrs["patch_level"] else int(attrs["patch_size"])
-    return coords, attrs
+    return coords, with_level0_size(attrs)
+
+
+def with_level0_size(attrs: dict) -> dict:
+    """``attrs`` plus ``patch_size_level0`` (see :func:`size_from_attrs`) where the attributes tell it."""
+    size = size_from_attrs(attrs)
+    if size is not None:
+        attrs["patch_size_level0"] = size
+    return attrs
+
+
+def size_from_attrs(attrs: dict) -> int | None:
+    """Level-0 tile side from coords attributes, the one conversion every reader uses.
+
+    TRIDENT and tub write ``patch_size_level0``. CLAM's ``patch_size`` is the size at ``patch_level``,
+    so at level > 0 it is scaled by that level's ``downsample`` (coords are level 0 either way).
+    None when the attributes do not say (CLAM ``h5_files``, ``.npz``)."""
+    if attrs.get("patch_size_level0"):
+        return int(round(float(attrs["patch_size_level0"])))
+    if not attrs.get("patch_size"):
+        return None
+    ds = attrs.get("downsample", 1.0) if attrs.get("patch_level") else 1.0
+    ds = float(np.ravel(ds)[0]) if np.ndim(ds) else float(ds)
+    return int(round(float(attrs["patch_size"]) * ds))
+
+
+def size_from_grid(coords: np.ndarray) -> int | None:
+    """Level-0 tile side read off a regular, non-overlapping grid of top-left corners: the smallest
+    positive spacing of the x and of the y values, which must agree (one axis suffices when the tiles
+    lie in one row or column) and divide every offset from the first corner. None when ambiguous."""
+    c = np.asarray(coords, np.int64).reshape(-1, 2)
+    steps = []
+    for axis in (0, 1):
+        d = np.diff(np.unique(c[:, axis]))
+        if len(d):
+            steps.append(int(d.min()))
+    if not steps or len(set(steps)) != 1:
+        return None
+    step = steps[0]
+    if ((c - c.min(0)) % step).any():  # off-grid tiles: the spacing is not the tile size
+        return None
+    return step
+
+
+def tile_size_level0(attrs: dict, coords: np.ndarray | None = None, override: int | None = None,
+                     name: str = "bag", log=None) -> int:
+    """Level-0 tile side of a bag: ``override`` (what the user stated) wins, then the coords
+    attributes (:func:`size_from_attrs`), then the coordinate grid (:func:`size_from_grid`, logged);
+    a TubError when none of them tells."""
+    import logging
+
+    log = log or logging.getLogger("tub")
+    found = size_from_attrs(attrs)
+    if override is not None:
+        if found is not None and found != int(override):
+            log.warning("%s: --patch-size-level0 %d overrides the file's tile size %d", name, override, found)
+        return int(override)
+    if found is not None:
+        return found
+    step = size_from_grid(coords) if coords is not None and len(coords) else None
+    if step is None:
+        raise TubError(f"{name}: tile size unknown (no patch_size_level0/patch_size attribute, and the coords "
+                       "are not one regular grid); pass --patch-size-level0 N (tile side in level-0 pixels)")
+    log.info("%s: no tile-size attribute; level-0 tile size %d px inferred from the coordinate grid "
+             "(tiles assumed adjacent, no overlap; pass --patch-size-level0 to state it)", name, step)
+    return step
 
 
 def _py(v):
