@@ -35,6 +35,15 @@ TOP_KEYS = {"cls_token", "reg_token", "pos_embed", "rope_embed.periods", "patch_
             "patch_embed.proj.bias", "norm.weight", "norm.bias"}
 DINOV3_NORM_EPS = 1e-5  # DINOv3's LayerNorms (timm's DINOv3 models use the same)
 BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+# How a verb's user sets each encoder setting (embed, explain, inspect). A verb with other options
+# passes its own (train's teacher: --teacher-arch, …) so that an error names options it has.
+OPTION_NAMES = {"arch": "--arch", "weights": "--weights", "random_init": "--random-init", "heads": "--heads",
+                "img_size": "--img-size", "arch_auto": True}
+
+
+def option_names(options: dict | None = None) -> dict:
+    """``OPTION_NAMES`` with a caller's own option names over them."""
+    return {**OPTION_NAMES, **(options or {})}
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -193,8 +202,11 @@ def _square(n: int) -> int | None:
 
 
 def infer_config(sd: dict[str, torch.Tensor], num_heads: int | None = None,
-                 norm_eps: float | None = None) -> ViTConfig:
-    """Architecture from shapes (spec §2.1 inference rules); unknown keys and bad shapes are errors."""
+                 norm_eps: float | None = None, options: dict | None = None) -> ViTConfig:
+    """Architecture from shapes (spec §2.1 inference rules); unknown keys and bad shapes are errors
+    (naming the caller's ``options``, see ``OPTION_NAMES``)."""
+    heads_opt = option_names(options)["heads"]
+
     def known(key: str) -> bool:
         m = BLOCK_RE.match(key)
         return key in TOP_KEYS or (m is not None and m.group(2) in BLOCK_KEYS)
@@ -259,10 +271,10 @@ def infer_config(sd: dict[str, torch.Tensor], num_heads: int | None = None,
     if num_heads is None:
         num_heads = HEADS_BY_WIDTH.get(D)
         if num_heads is None:
-            raise TubError(f"cannot infer the head count for width {D}; give --heads or a model.json")
+            raise TubError(f"cannot infer the head count for width {D}; give {heads_opt} or a model.json")
     if num_heads < 1 or D % num_heads:
-        raise TubError(f"{num_heads} attention heads (from --heads, model.json or the preset) do not divide the "
-                       f"width {D}; give --heads with a divisor of {D}")
+        raise TubError(f"{num_heads} attention heads (from {heads_opt}, model.json or the preset) do not divide "
+                       f"the width {D}; give {heads_opt} with a divisor of {D}")
     cfg = ViTConfig(patch_size=P, embed_dim=D, depth=depth, num_heads=num_heads, reg_tokens=R,
                     pos_layout=layout, pos_grid=g, mlp=mlp, mlp_hidden=h2,
                     layer_scale="ls1.gamma" in b0, qkv_bias="attn.qkv.bias" in b0,
@@ -295,7 +307,7 @@ def check_shapes(sd: dict[str, torch.Tensor], cfg: ViTConfig) -> None:
         raise TubError(f"inconsistent tensor shapes: {'; '.join(bad[:4])}" + (" …" if len(bad) > 4 else ""))
 
 
-def apply_preset(cfg: ViTConfig, preset: Preset) -> ViTConfig:
+def apply_preset(cfg: ViTConfig, preset: Preset, options: dict | None = None) -> ViTConfig:
     """Check inferred shapes against a preset; take the head count from it.
 
     Width, patch, registers, layout and MLP must match; a different depth is only logged (shallow
@@ -313,8 +325,9 @@ def apply_preset(cfg: ViTConfig, preset: Preset) -> ViTConfig:
     diffs = [f"{k} {getattr(cfg, k)} (preset {v})" for k, v in checks.items()
              if v is not None and getattr(cfg, k) != v]
     if diffs:
-        raise TubError(f"checkpoint does not match preset {preset.name}: {', '.join(diffs)}; "
-                       "use --arch auto or the right preset")
+        opt = option_names(options)
+        fix = f"{opt['arch']} auto or the right preset" if opt["arch_auto"] else f"the right {opt['arch']}"
+        raise TubError(f"checkpoint does not match preset {preset.name}: {', '.join(diffs)}; use {fix}")
     if preset.num_heads is not None:
         cfg.num_heads = preset.num_heads
     return cfg
@@ -381,17 +394,19 @@ def stored_settings(path: Path, raw: dict, num_heads: int | None = None) -> tupl
 
 
 def read_checkpoint(path: str | Path, source: str = "auto", num_heads: int | None = None,
-                    preset: Preset | None = None) -> tuple[ViTConfig, dict[str, torch.Tensor], dict]:
-    """Load, convert to timm layout and infer; returns (config, state dict, model.json or {})."""
+                    preset: Preset | None = None,
+                    options: dict | None = None) -> tuple[ViTConfig, dict[str, torch.Tensor], dict]:
+    """Load, convert to timm layout and infer; returns (config, state dict, model.json or {}). Errors
+    name the caller's ``options`` (see ``OPTION_NAMES``)."""
     path = Path(path)
     raw = load_tensors(path)
     sd = to_timm_layout(raw, source)
     num_heads, eps, meta = stored_settings(path, raw, num_heads)
     if num_heads is None and preset is not None:
         num_heads = preset.num_heads
-    cfg = infer_config(sd, num_heads, eps)
+    cfg = infer_config(sd, num_heads, eps, options)
     if preset is not None:
-        cfg = apply_preset(cfg, preset)
+        cfg = apply_preset(cfg, preset, options)
     return cfg, sd, meta
 
 

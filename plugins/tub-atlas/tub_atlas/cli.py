@@ -20,18 +20,24 @@ def _need(value, what: str):
     return value
 
 
-def _check_gemm(gemm: str, device) -> None:
+def _check_gemm(gemm: str, device, flag: str = "--gemm") -> None:
     if gemm == "onednn" and device.type != "cpu":
-        raise TubError(f"--gemm onednn runs on the CPU only (device is {device}); use --gemm auto or --device cpu")
+        raise TubError(f"{flag} onednn runs on the CPU only (device is {device}); use {flag} auto or --device cpu")
 
 
-def _encoder(sec: EncoderSection, run):
+# train's frozen teacher: its own option names (error messages must name options train has)
+TEACHER_OPTIONS = {"arch": "--teacher-arch", "weights": "--teacher-weights", "random_init": "--teacher-random-init",
+                   "heads": "--set teacher.heads", "img_size": "--set teacher.img_size", "gemm": "--set teacher.gemm"}
+STUDENT_OPTIONS = {"arch": "--student-arch", "arch_auto": False}
+
+
+def _encoder(sec: EncoderSection, run, options: dict | None = None):
     from .encoder import load_encoder
 
-    _check_gemm(sec.gemm, run.device)
+    _check_gemm(sec.gemm, run.device, (options or {}).get("gemm", "--gemm"))
     enc, info = load_encoder(sec.arch, sec.weights, pool=sec.pool, heads=sec.heads, norm=sec.norm,
                              img_size=sec.img_size, random_init=sec.random_init, seed=run.seed,
-                             device=run.device)
+                             device=run.device, options=options)
     enc.vit.gemm = info["gemm"] = sec.gemm
     return enc, info
 
@@ -93,8 +99,9 @@ def convert(cfg: ConvertConfig, run) -> dict:
 def embed(cfg: EmbedConfig, run) -> dict:
     """Options, input paths and the encoder are checked up front (one-line errors, exit 2); each input is
     read, tiled and embedded inside the batch loop, so a bad one becomes its line in failures.jsonl."""
-    from .embedding import SlideTables, embed_tileset, output_path, slide_embeddings, write_embeddings
-    from .slides import check_slide_options, write_slide_qc
+    from .embedding import (SlideTables, check_existing_output, embed_tileset, output_path, slide_embeddings,
+                            write_embeddings)
+    from .slides import check_coords_file, check_slide_options, write_slide_qc
     from .tiles import read_input, read_pathorob_metadata
 
     if cfg.format == "pathorob":
@@ -104,7 +111,7 @@ def embed(cfg: EmbedConfig, run) -> dict:
             raise TubError("--format pathorob reads its tiles from --metadata/--image-root; drop the TILES arguments")
         sets = read_pathorob_metadata(cfg.metadata, cfg.image_root)
         names = {center: ts.name for center, ts in sets.items()}
-        load = sets.__getitem__
+        load = sources = sets.__getitem__  # an existing center file must hold this center's tiles
     else:
         if cfg.metadata is not None:
             raise TubError("--metadata is only used with --format pathorob")
@@ -112,7 +119,15 @@ def embed(cfg: EmbedConfig, run) -> dict:
         slide_options = {**cfg.slide_options(), "qc": cfg.slide_qc, "coords": cfg.slide_coords}
         check_slide_options(slide_options)
         names = _input_names(cfg.inputs)
+        if cfg.slide_coords is not None:
+            check_coords_file(Path(cfg.slide_coords), list(names))
         load = partial(read_input, slide_options=slide_options)
+        sources = Path  # an existing output must come from this input path
+    out_for = partial(output_path, cfg.format, run.outputs_dir)
+    for item, name in names.items():  # every output name is safe, and an existing output is this input's
+        out = out_for(name)
+        if not run.overwrite:
+            check_existing_output(cfg.format, out, sources(item), run.log)
     encoder, info = _encoder(cfg.encoder, run)
     dtype = run.dtype if cfg.precision in ("bf16", "fp16") else None
     if cfg.precision == "fp64":
@@ -120,7 +135,6 @@ def embed(cfg: EmbedConfig, run) -> dict:
     write_json(run.dir / "encoder.json", info)
     if info["random_init"]:
         run.log.warning("embedding with a RANDOMLY INITIALISED %s (no weights given)", info["arch"])
-    out_for = partial(output_path, cfg.format, run.outputs_dir)
     tables = SlideTables(run.dir, has_output=lambda name: out_for(name).exists())
     n_tiles, tiling = 0, []
     for item, out in run.batch(names, output_for=lambda item: out_for(names[item])):
@@ -139,6 +153,8 @@ def embed(cfg: EmbedConfig, run) -> dict:
               "outputs": str(run.outputs_dir)}
     if tiling:
         result["whole_slides"] = tiling
+    if cfg.format == "pathorob":  # center -> file, as tub pathorob and the official scripts look it up
+        result["centers"] = {center: out_for(name).name for center, name in names.items()}
     return result
 
 
@@ -214,7 +230,7 @@ def train(cfg: TrainConfig, run) -> dict:
     sets = [read_input(p) for p in _need(cfg.tiles, "TILES (unlabelled tile folders or arrays)")]
     if cfg.objective == "dinov2":
         return _train_dinov2(cfg, run, sets)
-    teacher, t_info = _encoder(cfg.teacher, run)
+    teacher, t_info = _encoder(cfg.teacher, run, TEACHER_OPTIONS)
     sp, s_cfg, student, tiles, s_norm = _student(cfg, run, sets)
     torch.manual_seed(run.seed)
     result = train_student(teacher, student, s_norm, tiles, run, steps=cfg.steps, batch_size=cfg.batch_size,
@@ -253,7 +269,7 @@ def _student(cfg: TrainConfig, run, sets):
 
     sp = get_preset(cfg.student.arch)
     if cfg.student.weights is not None:
-        s_cfg, sd, _ = read_checkpoint(cfg.student.weights, preset=sp)
+        s_cfg, sd, _ = read_checkpoint(cfg.student.weights, preset=sp, options=STUDENT_OPTIONS)
         student = VisionTransformer(s_cfg)
         student.load_state_dict(sd)
     else:

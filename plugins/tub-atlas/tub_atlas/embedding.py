@@ -14,6 +14,7 @@ import contextlib
 import csv
 import hashlib
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -76,6 +77,9 @@ def atomic_dir(path: Path):
 
 
 def output_path(fmt: str, outputs: Path, name: str) -> Path:
+    """Where the output of the input (or center) ``name`` goes: always directly inside ``outputs``."""
+    if name in ("", ".", "..") or any(c in name for c in ("/", "\\", "\0")):
+        raise TubError(f"{name!r} cannot name an output file inside {outputs}; rename that input or center")
     return {"npy": outputs / name, "eva": outputs / name, "h5": outputs / f"{name}.h5",
             "pathorob": outputs / f"{name}.npz"}[fmt]
 
@@ -95,6 +99,7 @@ def write_embeddings(fmt: str, out: Path, emb: np.ndarray, tiles: TileSet, seed:
 
         with atomic_path(out) as tmp:
             with h5py.File(tmp, "w") as f:
+                f.attrs["origin"] = rows[0]["origin"]  # checked before a rerun skips this output
                 f.create_dataset("features", data=emb.astype(np.float32))
                 coords = f.create_dataset("coords", data=np.array([[r["x"], r["y"]] for r in rows], dtype=np.int64))
                 for k, v in tiles.extra.get("coords_attrs", {}).items():  # whole slides: CLAM/TRIDENT attrs
@@ -113,6 +118,73 @@ def write_embeddings(fmt: str, out: Path, emb: np.ndarray, tiles: TileSet, seed:
             _write_manifest(tmp / "manifest.csv", man, ["origin", "embeddings", "target", "split"])
     else:
         raise ValueError(fmt)
+
+
+_ORIGIN = re.compile(r"^(?P<file>.+?)(?::\d+|@-?\d+,-?\d+)?$")  # "<array>:<i>", "<slide>@<x>,<y>" or a file
+
+
+def recorded_origin(fmt: str, out: Path) -> str | None:
+    """The origin of the first tile of an existing ``npy``/``eva``/``h5`` output (its manifest's
+    ``origin`` column, the h5 ``origin`` attribute); None for an h5 written before tub recorded it."""
+    if fmt == "h5":
+        import h5py
+
+        try:
+            with h5py.File(out, "r") as f:
+                origin = f.attrs.get("origin")
+        except OSError as exc:
+            raise TubError(f"{out} exists but cannot be read ({exc}); pass --overwrite to replace it") from None
+        return None if origin is None else (origin.decode() if isinstance(origin, bytes) else str(origin))
+    try:
+        with open(out / "manifest.csv", newline="") as f:
+            row = next(csv.DictReader(f), None)
+    except OSError:
+        row = None
+    if row is None or not row.get("origin"):
+        raise TubError(f"{out} exists but its manifest.csv records no origin; pass --overwrite to replace it")
+    return row["origin"]
+
+
+def same_source(origin: str, source: Path) -> bool:
+    """Whether a tile's recorded ``origin`` lies in the input ``source`` (that file, or inside that
+    folder); relative origins are taken from the current folder, as they were written."""
+    tile_file, src = Path(_ORIGIN.match(origin)["file"]), Path(source)
+    for norm in (lambda q: Path(os.path.abspath(q)), Path.resolve):  # as spelt (symlinked tiles), then real
+        f, s = norm(tile_file), norm(src)
+        if f == s or (src.is_dir() and s in f.parents):
+            return True
+    return False
+
+
+def check_existing_output(fmt: str, out: Path, source: Path | TileSet, log=None) -> None:
+    """An existing output is skipped only if it came from this input: a skip would otherwise let another
+    input's embeddings (``tiles/`` for ``tiles.npz``, another metadata CSV's center) stand in for it.
+    ``source`` is the input path, or for ``pathorob`` the center's tiles (their keys must be the file's)."""
+    if not out.exists():
+        return
+    if fmt == "pathorob":
+        import zipfile
+
+        want = {f"{r['slide_id']}-{r['patch_id']}" for r in source.rows}
+        try:
+            with zipfile.ZipFile(out) as z:
+                have = {n[:-4] for n in z.namelist() if n.endswith(".npy")}
+        except (OSError, zipfile.BadZipFile) as exc:
+            raise TubError(f"{out} exists but cannot be read ({exc}); pass --overwrite to replace it") from None
+        if have != want:
+            other = sorted(have - want) or sorted(want - have)
+            center = source.rows[0].get("medical_center", source.name) if source.rows else source.name
+            raise TubError(f"{out} holds other tiles than center {center!r} of this metadata (e.g. "
+                           f"{other[0]!r}); give a new -o for this metadata, or pass --overwrite to replace it")
+        return
+    origin = recorded_origin(fmt, out)
+    if origin is None:
+        if log is not None:
+            log.warning("%s records no origin (written by an older tub); cannot check it came from %s", out, source)
+        return
+    if not same_source(origin, source):
+        raise TubError(f"{out} holds the embeddings of another input (first tile {_ORIGIN.match(origin)['file']}), "
+                       f"not of {source}; give this input a new -o, or pass --overwrite to replace it")
 
 
 class SlideTables:

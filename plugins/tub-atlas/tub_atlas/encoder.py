@@ -17,7 +17,7 @@ from torch import nn
 
 from tubcli.errors import TubError
 
-from .checkpoint import read_checkpoint
+from .checkpoint import option_names, read_checkpoint
 from .presets import NORMALISATIONS, Preset, get_preset
 from .vit import ViTConfig, VisionTransformer, pool_tokens, pooled_dim
 
@@ -113,7 +113,7 @@ class Encoder(nn.Module):
 
 
 def transform_for(preset: Preset | None, meta: dict, cfg: ViTConfig, norm: str | None = None,
-                  img_size: int | None = None) -> Transform:
+                  img_size: int | None = None, options: dict | None = None) -> Transform:
     mean, std = None, None
     if norm:
         mean, std = NORMALISATIONS[norm]
@@ -125,8 +125,8 @@ def transform_for(preset: Preset | None, meta: dict, cfg: ViTConfig, norm: str |
         mean, std = NORMALISATIONS["imagenet"]
         log.warning("no preset or model.json gives the normalisation; using ImageNet mean/std")
     if img_size is not None and (img_size < 1 or img_size % cfg.patch_size):
-        raise TubError(f"--img-size {img_size} is not a positive multiple of the patch size {cfg.patch_size}; "
-                       f"use e.g. {max(1, round(img_size / cfg.patch_size)) * cfg.patch_size}")
+        raise TubError(f"{option_names(options)['img_size']} {img_size} is not a positive multiple of the patch "
+                       f"size {cfg.patch_size}; use e.g. {max(1, round(img_size / cfg.patch_size)) * cfg.patch_size}")
     size = img_size or meta.get("img_size") or (preset.img_size if preset else None) or cfg.img_size
     return Transform(img_size=size, interpolation=preset.interpolation if preset else "bilinear",
                      crop=preset.crop if preset else False, mean=tuple(mean), std=tuple(std))
@@ -134,18 +134,22 @@ def transform_for(preset: Preset | None, meta: dict, cfg: ViTConfig, norm: str |
 
 def load_encoder(arch: str = "auto", weights: str | Path | None = None, pool: str | None = None,
                  heads: int | None = None, norm: str | None = None, img_size: int | None = None,
-                 random_init: bool = False, seed: int = 0, device="cpu", dtype=None) -> tuple[Encoder, dict]:
+                 random_init: bool = False, seed: int = 0, device="cpu", dtype=None,
+                 options: dict | None = None) -> tuple[Encoder, dict]:
     """Build an encoder; returns it (eval mode) and a description for ``config.yaml``.
 
     ``weights=None`` is only allowed with ``random_init=True`` and a preset that fixes all shapes
-    (tests and demos): the result is a randomly initialised network and is reported as such.
+    (tests and demos): the result is a randomly initialised network and is reported as such. Errors
+    name the caller's ``options`` (``checkpoint.OPTION_NAMES``: train's teacher has --teacher-weights …).
     """
     from .synthetic import preset_config, random_vit
+
+    opt = option_names(options)
 
     preset = None if arch in (None, "auto") else get_preset(arch)
     meta: dict = {}
     if weights is not None:
-        cfg, sd, meta = read_checkpoint(weights, num_heads=heads, preset=preset)
+        cfg, sd, meta = read_checkpoint(weights, num_heads=heads, preset=preset, options=options)
         if preset is None and meta.get("preset"):
             from .presets import PRESETS
 
@@ -155,21 +159,21 @@ def load_encoder(arch: str = "auto", weights: str | Path | None = None, pool: st
         origin = str(weights)
     elif random_init:
         if preset is None:
-            raise TubError("random initialisation needs a preset (--arch), e.g. vit-t8-demo")
+            raise TubError(f"random initialisation needs a preset ({opt['arch']}), e.g. vit-t8-demo")
         try:
             cfg = preset_config(preset.name)
         except ValueError as exc:
-            raise TubError(f"{exc}; give --weights") from None
+            raise TubError(f"{exc}; give {opt['weights']}") from None
         vit = random_vit(cfg, seed=seed)
         origin = f"RANDOM INIT (seed {seed}) - not a pretrained model"
         log.warning("preset %s with random weights: embeddings are not meaningful features", preset.name)
     else:
-        raise TubError("no weights given; pass --weights FILE (tub never downloads weights), "
-                       "or --random-init for a randomly initialised test model")
+        raise TubError(f"no weights given; pass {opt['weights']} FILE (tub never downloads weights), "
+                       f"or {opt['random_init']} for a randomly initialised test model")
     if preset is not None and not preset.verified:
         log.warning("preset %s is unverified against published weights: %s", preset.name, preset.description)
     pool = pool or meta.get("pool") or (preset.pool if preset else "cls")
-    transform = transform_for(preset, meta, cfg, norm, img_size)
+    transform = transform_for(preset, meta, cfg, norm, img_size, options)
     enc = Encoder(vit, transform, pool).eval()
     enc.to(device=device, dtype=dtype) if dtype is not None else enc.to(device)
     info = {"arch": preset.name if preset else "auto", "weights": origin, "pool": pool, "dim": enc.dim,

@@ -379,10 +379,46 @@ class SlideTiles:
         return gj
 
 
+def recorded_slide_name(h5_path: Path) -> str | None:
+    """The slide name a patch file records (``coords`` attribute ``name``, written by tub, CLAM and
+    TRIDENT), or None."""
+    import h5py
+
+    try:
+        with h5py.File(h5_path, "r") as f:
+            name = f["coords"].attrs.get("name") if "coords" in f else None
+    except OSError as exc:
+        raise TubError(f"--slide-coords {h5_path}: cannot read it as HDF5 ({exc})") from None
+    return None if name is None else (name.decode() if isinstance(name, bytes) else str(name))
+
+
+def check_coords_file(coords: Path, inputs: list[Path]) -> None:
+    """Before any slide is opened: one patch FILE holds one slide's coordinates, so it may serve one
+    whole-slide input only, and only the slide it records (a folder is searched per slide by name)."""
+    if not coords.is_file():
+        return
+    slides = [p for p in inputs if p.is_file() and p.suffix.lower() in SLIDE_EXT]
+    if len(slides) > 1:
+        raise TubError(f"--slide-coords {coords} is one slide's patch file but {len(slides)} slides are given "
+                       f"({', '.join(p.name for p in slides[:3])}{', …' if len(slides) > 3 else ''}); give a "
+                       "folder of <slide>.h5 patch files or embed one slide per run")
+    for p in slides:
+        _check_coords_name(coords, p)
+
+
+def _check_coords_name(h5_path: Path, slide: Path) -> None:
+    name = recorded_slide_name(h5_path)
+    if name is not None and name != slide.stem:
+        raise TubError(f"--slide-coords {h5_path} holds the coordinates of slide {name!r}, not of {slide.name}; "
+                       "give that slide's patch file (or a folder of them)")
+
+
 def find_coords_file(slide: Path, where: Path) -> Path:
-    """The patch file of ``slide`` in ``where``: the file itself, or ``<stem>.h5`` / ``<stem>_patches.h5``
-    (TRIDENT) directly there or in ``patches/`` (a ``tub atlas tile`` run folder or its outputs)."""
+    """The patch file of ``slide`` in ``where``: the file itself (if it records no other slide's name),
+    or ``<stem>.h5`` / ``<stem>_patches.h5`` (TRIDENT) directly there or in ``patches/`` (a
+    ``tub atlas tile`` run folder or its outputs)."""
     if where.is_file():
+        _check_coords_name(where, slide)
         return where
     stem = slide.stem
     for d in (where, where / "patches", where / "outputs" / "patches"):

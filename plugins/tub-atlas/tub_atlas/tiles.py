@@ -434,7 +434,16 @@ def read_pathorob_metadata(csv_path: Path, image_root: Path | None) -> dict[str,
     root = Path(image_root) if image_root else csv_path.parent
     path_col = next((c for c in ("path", "image_path", "filename") if c in rows[0]), None)
     groups: dict[str, TileSet] = {}
+    stems: dict[str, str] = {}  # file stem -> the center written there
     for r in rows:
+        center = r["medical_center"]
+        if center not in groups:
+            stem = center_file_stem(center, csv_path)
+            if stem in stems:
+                raise TubError(f"{csv_path}: medical centers {stems[stem]!r} and {center!r} would both be written "
+                               f"to {stem}.npz (spaces become '_'); rename one of them in the metadata")
+            stems[stem] = center
+            groups[center] = TileSet(name=stem, rows=[], paths=[])
         if path_col:
             p = root / r[path_col]
         else:
@@ -442,13 +451,25 @@ def read_pathorob_metadata(csv_path: Path, image_root: Path | None) -> dict[str,
         if not p.is_file():
             raise TubError(f"no image for slide {r['slide_id']} patch {r['patch_id']} under {root}; "
                            "add a 'path' column or use {root}/{slide_id}/{patch_id}.png")
-        center = r["medical_center"]
-        ts = groups.setdefault(center, TileSet(name=center.replace(" ", "_"), rows=[], paths=[]))
+        ts = groups[center]
         ts.rows.append({"tile_id": f"{r['slide_id']}-{r['patch_id']}", "origin": str(p),
                         "label": r["biological_class"], "slide_id": r["slide_id"], "patch_id": r["patch_id"],
                         "x": -1, "y": -1, "medical_center": center, "subset": r.get("subset", "")})
         ts.paths.append(p)
     return groups
+
+
+def center_file_stem(center: str, source: Path | str = "metadata") -> str:
+    """The stem of a center's ``{center}.npz``: spaces become '_', as ``tub pathorob`` and the official
+    scripts look the file up. A center that is not one plain file name (empty, '.', '..', a path
+    separator) is an error, so that nothing is written outside the run's outputs folder."""
+    stem = center.replace(" ", "_")
+    bad = next((c for c in ("/", "\\", "\0") if c in stem), None)
+    if not stem or stem in (".", "..") or bad:
+        why = f"it contains {bad!r}" if bad else "it is empty" if not stem else f"{stem!r} names a folder"
+        raise TubError(f"{source}: medical_center {center!r} cannot name a {{center}}.npz file ({why}); "
+                       "rename the center in the metadata")
+    return stem
 
 
 def _find_image(root: Path, r: dict) -> Path:
