@@ -152,3 +152,31 @@ def test_demo_runs(tmp_path):
     run = Run("pathorob", "demo", RIConfig(), out=tmp_path / "demo")
     res = run_demo(run)
     assert res["RI after ComBat"] > res["RI before"] and res["RI after center-mean"] > res["RI before"]
+
+
+def test_make_data_tiles_metadata_is_pathorob_and_feeds_atlas_embed_and_ri(tmp_path):
+    """tiles.csv has the PathoROB columns (slides nested in center x class, several tiles per slide), so
+    `tub atlas embed --format pathorob --metadata tiles.csv` embeds the tiles and `ri` scores them."""
+    import csv
+
+    pytest.importorskip("tub_atlas")
+    _ok(["pathorob", "make-data", "tiles", "--classes", "2", "--centers", "2", "--tiles-per-cell", "4",
+         "--tile-size", "16", "-o", tmp_path / "pt"])
+    out = tmp_path / "pt" / "outputs"
+    with open(out / "tiles.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["subset", "slide_id", "patch_id", "biological_class", "medical_center", "path"]
+    slides = {}
+    for r in rows:
+        assert (out / r["path"]).is_file() and r["subset"] == "ID"
+        slides.setdefault(r["slide_id"], set()).add((r["biological_class"], r["medical_center"]))
+    assert len(slides) == 8 and all(len(cells) == 1 for cells in slides.values())  # a slide lies in one cell
+    assert len({(r["slide_id"], r["patch_id"]) for r in rows}) == len(rows) == 16
+    _ok(["atlas", "make-data", tmp_path / "a", "--n-per-class", "1", "--checkpoint", "vit-t8-demo",
+         "-o", tmp_path / "a_run"])
+    _ok(["atlas", "embed", "--format", "pathorob", "--metadata", out / "tiles.csv", "--image-root", out,
+         "--weights", tmp_path / "a" / "vit-t8-demo-random.safetensors", "-o", tmp_path / "emb"])
+    r = _ok(["pathorob", "ri", tmp_path / "emb" / "outputs", "--metadata", out / "tiles.csv", "--k", "3", "--no-auc",
+             "--json", "-o", tmp_path / "ri"])
+    s = json.loads(r.stdout.strip().splitlines()[-1])
+    assert s["k_opt"] == 3 and 0.0 <= s["robustness_index"] <= 1.0

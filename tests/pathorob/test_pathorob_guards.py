@@ -3,10 +3,12 @@ syntax works, bad values are one-line errors (exit 2), and error messages name w
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tub_pathorob.cli import _read_rgb
 from tub_pathorob.clustering_score import clustering_score
 from tub_pathorob.config import EvaluateConfig, RIConfig
 from tub_pathorob.robustify import ComBat, load_robustification
@@ -46,6 +48,7 @@ def test_robustify_refuses_to_write_into_the_input_folder(data, tmp_path):
     tmp, out = data
     copy = tmp_path / "copy"
     shutil.copytree(out.parent, copy)
+    _strip_command(copy)  # the plugin's own guard, also for run directories whose env.json names no verb
     before = _snapshot(copy / "outputs")
     r = invoke(["pathorob", "robustify", copy / "outputs" / "features", "--metadata", copy / "outputs" / "metadata.csv",
                 "--model", tmp / "tr", "-o", copy])
@@ -321,3 +324,123 @@ def test_evaluate_checks_the_apd_protocol_before_computing_any_metric(data, tmp_
                 "--k", "5", "--dataset", "camelyon", "-o", tmp_path / "ev"])
     assert "camelyon APD protocol" in _one_error(r)
     assert not (tmp_path / "ev").exists()  # nothing half-written: the run directory is gone again
+
+
+# ----------------------------------------------------------------- QA sweep: stainnorm inputs, -o of another verb
+def _outputs(run):
+    return sorted(str(p.relative_to(run / "outputs")) for p in (run / "outputs").rglob("*")
+                  if p.suffix.lower() == ".png")
+
+
+def test_stainnorm_reads_image_folder_trees_and_mirrors_their_sub_folders(tmp_path):
+    """An ImageFolder tree (as `tub atlas make-data` writes) is read recursively; one tile name in two class
+    folders gives two outputs; an upper-case .PNG keeps its name."""
+    tiles = tmp_path / "data" / "tiles"
+    _write_tiles(tiles / "class0", ["x.png", "A.PNG"])
+    _write_tiles(tiles / "class1", ["x.png"])
+    _write_tiles(tiles / "class1" / "deep", ["y.jpg"])
+    _write_tiles(tiles / "class1" / ".tmp-half", ["z.png"])  # an unfinished write is no tile
+    r = expect_ok(invoke(["pathorob", "stainnorm", tiles, "--json", "-o", tmp_path / "run"]))
+    assert json.loads(r.stdout.strip().splitlines()[-1])["written"] == 4
+    assert _outputs(tmp_path / "run") == ["tiles/class0/A.PNG", "tiles/class0/x.png", "tiles/class1/deep/y.jpg.png",
+                                          "tiles/class1/x.png"]
+    expect_ok(invoke(["pathorob", "stainnorm", tiles / "class0" / "A.PNG", "-o", tmp_path / "file"]))
+    assert _outputs(tmp_path / "file") == ["A.PNG"]
+
+
+def test_stainnorm_of_a_folder_without_tiles_is_a_one_line_error(tmp_path):
+    (tmp_path / "empty" / "class0").mkdir(parents=True)
+    assert "no tile images found" in _one_error(invoke(["pathorob", "stainnorm", tmp_path / "empty",
+                                                        "-o", tmp_path / "run"]))
+
+
+def _normalised(tmp_path, name, pixels):
+    from PIL import Image
+
+    folder = tmp_path / name
+    folder.mkdir()
+    Image.fromarray(pixels).save(folder / "t.png")
+    expect_ok(invoke(["pathorob", "stainnorm", folder, "-o", tmp_path / f"run_{name}"]))
+    return _read_rgb(folder / "t.png"), _read_rgb(tmp_path / f"run_{name}" / "outputs" / name / "t.png")
+
+
+def test_stainnorm_scales_16_bit_greyscale_tiles_instead_of_saturating_them(tmp_path):
+    grey = synthetic_tile(HE_REF, 32, seed=3).mean(-1).astype(np.uint8)  # 8-bit greyscale tile, 40..240
+    read8, out8 = _normalised(tmp_path, "g8", grey)
+    read16, out16 = _normalised(tmp_path, "g16", grey.astype(np.uint16) * 257)  # PIL mode I;16
+    assert read16.min() < 200 and np.array_equal(read16, read8)  # was all white (PIL clips 16-bit to 255)
+    assert np.array_equal(out16, out8)
+
+
+def test_stainnorm_16_bit_rgb_tiff_normalises_like_its_8_bit_tile(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+
+    tile = synthetic_tile(HE_REF, 32, seed=4)
+    tifffile.imwrite(tmp_path / "t16.tif", tile.astype(np.uint16) * 257, photometric="rgb")
+    assert np.array_equal(_read_rgb(tmp_path / "t16.tif"), tile)
+
+
+def test_stainnorm_32_bit_integer_tiles_out_of_range_are_reported_not_clipped(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.full((16, 16), 70000, np.int32), "I").save(tmp_path / "t.tif")
+    r = invoke(["pathorob", "stainnorm", tmp_path / "t.tif", "-o", tmp_path / "run"])
+    assert r.exit_code == 1 and not _outputs(tmp_path / "run")  # a batch verb: the bad item is listed
+    failure = json.loads((tmp_path / "run" / "failures.jsonl").read_text().splitlines()[0])
+    assert "outside 0..255" in json.dumps(failure) and "t.tif" in json.dumps(failure)
+
+
+def _strip_command(run_dir):
+    """A run directory as tub wrote it before env.json recorded the verb (what QA's folders hold)."""
+    env = json.loads((run_dir / "env.json").read_text())
+    env.pop("command", None)
+    (run_dir / "env.json").write_text(json.dumps(env))
+
+
+def test_robustify_refuses_the_run_directory_of_another_verb(data, tmp_path):
+    """`robustify pdc/outputs/features.npy -o pdc` once wrote into make-data's outputs/features (beside its
+    center npz files), replaced its metrics.json and moved its config.yaml aside, with exit 0."""
+    tmp, out = data
+    pdc = tmp_path / "pdc"
+    shutil.copytree(out.parent, pdc)
+    _strip_command(pdc)
+    before = {k: v for k, v in _snapshot(pdc).items() if k.name != "tub.log"}
+    r = invoke(["pathorob", "robustify", pdc / "outputs" / "features.npy", "--metadata",
+                pdc / "outputs" / "metadata.csv", "--model", tmp / "tr", "-o", pdc])
+    assert "another verb's run directory" in _one_error(r)
+    assert {k: v for k, v in _snapshot(pdc).items() if k.name != "tub.log"} == before
+    # without any record of the verb, outputs robustify does not write give it away
+    (pdc / "config.yaml").unlink()
+    r = invoke(["pathorob", "robustify", pdc / "outputs" / "features.npy", "--metadata",
+                pdc / "outputs" / "metadata.csv", "--model", tmp / "tr", "-o", pdc])
+    assert "already holds outputs/features/center0.npz" in _one_error(r)
+    assert not (pdc / "outputs" / "features" / "features.npy").exists()
+    assert (pdc / "metrics.json").read_bytes() == before[Path("metrics.json")]
+
+
+def test_robustify_may_come_back_to_its_own_run_directory(data, tmp_path):
+    tmp, out = data
+    args = ["pathorob", "robustify", out / "features.npy", "--metadata", out / "metadata.csv", "--model", tmp / "tr",
+            "-o", tmp_path / "rb"]
+    expect_ok(invoke(args))
+    _strip_command(tmp_path / "rb")
+    expect_ok(invoke(args))
+    assert sorted(_snapshot(tmp_path / "rb" / "outputs")) == [Path("features/features.npy"),
+                                                               Path("features/metadata.csv")]
+    # the official layout would mix its center files with the plain ones
+    r = invoke(["pathorob", "robustify", out / "features", "--metadata", out / "metadata.csv", "--model", tmp / "tr",
+                "-o", tmp_path / "rb"])
+    assert "already holds outputs/features/features.npy" in _one_error(r)
+
+
+def test_make_data_refuses_the_run_directory_of_another_verb(data, tmp_path):
+    tmp, out = data
+    run = tmp_path / "rb"
+    expect_ok(invoke(["pathorob", "robustify", out / "features", "--metadata", out / "metadata.csv",
+                      "--model", tmp / "tr", "-o", run]))
+    _strip_command(run)
+    before = {k: v for k, v in _snapshot(run).items() if k.name != "tub.log"}
+    r = invoke(["pathorob", "make-data", "features", "--classes", "2", "--centers", "2", "--slides-per-cell", "2",
+                "--tiles-per-slide", "3", "-o", run])
+    assert "another verb's run directory" in _one_error(r)
+    assert {k: v for k, v in _snapshot(run).items() if k.name != "tub.log"} == before

@@ -35,6 +35,49 @@ def _refuse_overwrite(cfg, written, inputs=()) -> None:
                            "pass a run directory (-o) apart from the inputs")
 
 
+def _config_files(run_dir: Path) -> list[Path]:
+    return [run_dir / "config.yaml", *sorted(run_dir.glob("config.*.yaml"))]
+
+
+def _refuse_foreign_run(cfg, run, verb: str, marker: set[str], products: tuple[str, ...]) -> None:
+    """One-line error if ``-o`` is another verb's run directory, so that its records (config.yaml,
+    metrics.json) and outputs are never replaced or mixed with this verb's: one of its config files
+    (config.yaml, or an archived config.N.yaml) holds settings this verb does not have or lacks the
+    ``marker`` settings, or ``outputs/`` holds a file that matches none of the ``products`` patterns
+    (paths relative to outputs/, ``*`` within one folder level) that this verb writes."""
+    import fnmatch
+
+    import yaml
+
+    fields = set(type(cfg).model_fields)
+    for f in _config_files(run.dir):
+        if not f.is_file():
+            continue
+        try:
+            data = yaml.safe_load(f.read_text())
+        except (yaml.YAMLError, ValueError):
+            data = None
+        if not isinstance(data, dict):
+            raise TubError(f"-o {run.dir}: {f.name} is not a readable run config; pass a new -o for "
+                           f"`tub pathorob {verb}`")
+        keys = set(data)
+        if keys - fields or marker - keys:
+            what = (f"has the setting {min(keys - fields)!r}, unknown to {verb}" if keys - fields
+                    else f"lacks {verb}'s setting {min(marker - keys)!r}")
+            raise TubError(f"-o {run.dir} is another verb's run directory (its config {what}); pass a new -o "
+                           f"for `tub pathorob {verb}`")
+    if not run.outputs_dir.is_dir():
+        return
+    patterns = [pat.split("/") for pat in products]
+    for q in sorted(run.outputs_dir.rglob("*")):
+        parts = q.relative_to(run.outputs_dir).parts
+        if q.is_dir() or any(part.startswith(".") for part in parts):
+            continue  # folders, and unfinished .tmp-* writes of an interrupted run
+        if not any(len(pat) == len(parts) and all(map(fnmatch.fnmatchcase, parts, pat)) for pat in patterns):
+            raise TubError(f"-o {run.dir} already holds outputs/{'/'.join(parts)}, which `tub pathorob {verb}` "
+                           "does not write here (another run's data); pass a new -o")
+
+
 def _inputs(cfg):
     from .features import load_features
     from .metadata import read_metadata
@@ -218,7 +261,11 @@ def _robustify_impl(cfg: RobustifyConfig, run) -> dict:
     model = load_robustification(cfg.model)
     X, meta = _inputs(cfg)
     dst = run.outputs_dir / "features"
-    _refuse_overwrite(cfg, like_paths(cfg.features, dst)[1], inputs=[meta.source])
+    layout, written = like_paths(cfg.features, dst)
+    _refuse_overwrite(cfg, written, inputs=[meta.source])
+    products = {"official": ("features/*.npz",), "atlas": ("features/embeddings.npy", "features/manifest.csv")}
+    _refuse_foreign_run(cfg, run, "robustify", {"features", "model"},
+                        products.get(layout, ("features/features.npy", "features/metadata.csv")))
     covs = None
     if isinstance(model, ComBat) and model.covariate_levels_:
         missing = [c for c in model.covariate_levels_ if c not in meta.columns]
@@ -232,22 +279,32 @@ def _robustify_impl(cfg: RobustifyConfig, run) -> dict:
             "mean_abs_change": float(np.abs(Y - X).mean())}
 
 
+TILE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+def _folder_tiles(folder: Path) -> list[Path]:
+    """Tile images anywhere below ``folder`` (flat folders and ImageFolder trees ``class/**/x.png``, as
+    ``tub atlas embed`` reads them); hidden files and folders (e.g. unfinished ``.tmp-*`` writes) are left out."""
+    return sorted(q for q in folder.rglob("*") if q.suffix.lower() in TILE_EXTENSIONS and q.is_file()
+                  and not any(part.startswith(".") for part in q.relative_to(folder).parts))
+
+
 def _tile_outputs(tiles: list[Path], root: Path) -> dict[str, Path]:
-    """``{tile file: output PNG}``. A folder's tiles go to ``root/<folder name>/``, a tile given as a file to
-    ``root/``; the output keeps the file name (``x.png``) and appends ``.png`` to other extensions
-    (``x.jpg.png``). Two different tiles with one output name are an error, found before any work."""
-    exts = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
+    """``{tile file: output PNG}``. A folder's tiles go to ``root/<folder name>/`` with their sub-folders
+    (``tiles/class0/x.png`` -> ``root/tiles/class0/x.png``), a tile given as a file to ``root/``; the output
+    keeps a ``.png`` name (any case: ``X.PNG``) and appends ``.png`` to other extensions (``x.jpg.png``).
+    Two different tiles with one output name are an error, found before any work."""
     by_output: dict[Path, Path] = {}
     for p in map(Path, tiles):
         if p.is_dir():
-            files = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in exts)
             folder = root / p.resolve().name
+            files = [(f, folder / f.relative_to(p).parent) for f in _folder_tiles(p)]
         elif p.is_file():
-            files, folder = [p], root
+            files = [(p, root)]
         else:
             raise TubError(f"tile not found: {p}")
-        for f in files:
-            out = folder / (f.name if f.suffix == ".png" else f.name + ".png")
+        for f, folder in files:
+            out = folder / (f.name if f.suffix.lower() == ".png" else f.name + ".png")
             other = by_output.setdefault(out, f)
             if other.resolve() != f.resolve():
                 raise TubError(f"tiles {other} and {f} would both be written to {out.relative_to(root)}; "
@@ -265,7 +322,7 @@ def stainnorm(cfg: StainConfig, run) -> dict:
 
     outputs = _tile_outputs(cfg.tiles, run.outputs_dir)
     if not outputs:
-        raise TubError("no tile images given (PNG/JPEG/TIFF files or folders of them)")
+        raise TubError("no tile images found (PNG/JPEG/TIFF files, or folders searched recursively); check the paths")
     _refuse_overwrite(cfg, outputs.values())
     norm = NORMALIZERS[cfg.method]()
     if cfg.target is not None:
@@ -284,14 +341,41 @@ def stainnorm(cfg: StainConfig, run) -> dict:
     return {"method": cfg.method, "tiles": len(outputs), "written": done}
 
 
+def _pixels_uint8(arr: np.ndarray, path: Path) -> np.ndarray:
+    """High-bit-depth greyscale pixels as uint8 by tub atlas's rule (PIL's RGB conversion would saturate
+    them to white): uint16 scaled by v/257 (its full range, e.g. 16-bit PNG/TIFF); other integers must already
+    lie in 0..255; floats in [0, 1]."""
+    if arr.dtype.kind == "u" and arr.dtype.itemsize == 2:
+        return np.round(arr / 257.0).astype(np.uint8)
+    if arr.dtype.kind in "ui":
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > 255:
+            raise TubError(f"{path}: {arr.dtype} pixel values span {lo}..{hi}, outside 0..255; "
+                           "store tiles as 8-bit or 16-bit images")
+        return arr.astype(np.uint8)
+    if not np.isfinite(arr).all() or arr.min() < -1e-3 or arr.max() > 1 + 1e-3:
+        raise TubError(f"{path}: float pixels must be finite and in [0, 1]; store tiles as 8-bit or 16-bit images")
+    return np.round(np.clip(arr, 0, 1) * 255).astype(np.uint8)
+
+
 def _read_rgb(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB, read as ``tub atlas embed`` reads tiles: 8-bit modes through PIL's RGB conversion,
+    16-bit/32-bit/float greyscale (modes I;16*, I, F) through :func:`_pixels_uint8`. PIL reads 16-bit RGB(A)
+    PNG/TIFF as 8-bit RGB(A) by keeping the high byte (within one grey level of v/257)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
+            high = im.mode.startswith("I") or im.mode == "F"
+            arr = np.asarray(im) if high else np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as e:
         raise TubError(f"{path}: not a readable image ({str(e).splitlines()[0]})") from None
+    if high:
+        if arr.ndim != 2:
+            raise TubError(f"{path}: {arr.ndim}-D pixel array of mode {im.mode}; store tiles as 8-bit or 16-bit "
+                           "greyscale/RGB images")
+        arr = np.repeat(_pixels_uint8(arr, path)[..., None], 3, axis=-1)
+    return arr
 
 
 def _explain_impl(cfg: ExplainConfig, run) -> dict:
@@ -338,6 +422,9 @@ def _explain_impl(cfg: ExplainConfig, run) -> dict:
 
 def make_data(cfg: MakeDataConfig, run) -> dict:
     """Synthetic feature sets (official layout + plain .npy + metadata CSV) or synthetic H&E tiles."""
+    products = (("tiles/*.png", "tiles.csv", "stain_matrices.json") if cfg.kind == "tiles" else
+                ("features/*.npz", "features.npy", "metadata.csv", "metadata_paired.csv"))
+    _refuse_foreign_run(cfg, run, "make-data", {"kind"}, products)
     if cfg.kind == "tiles":
         return _make_tiles(cfg, run)
     from .features import write_official, write_plain
@@ -366,16 +453,29 @@ def make_data(cfg: MakeDataConfig, run) -> dict:
     return res
 
 
+def tile_slides(tiles_per_cell: int, slides_per_cell: int) -> list[int]:
+    """Slide number of each tile of a class-center cell: contiguous blocks, at most ``slides_per_cell``
+    slides and at least two tiles per slide (one slide for a single tile), so that RI's same-slide exclusion
+    has slides to exclude."""
+    n = max(1, min(slides_per_cell, tiles_per_cell // 2))
+    return [t * n // tiles_per_cell for t in range(tiles_per_cell)]
+
+
 def _make_tiles(cfg: MakeDataConfig, run) -> dict:
+    """Synthetic H&E tiles and ``tiles.csv`` in the PathoROB metadata format (subset, slide_id, patch_id,
+    biological_class, medical_center, plus path), so that ``tub atlas embed --format pathorob --metadata``
+    reads them as they are; slides are nested in the center x class cells."""
     from PIL import Image
 
     from tubcli.io import atomic_path
     from tubcli.io import write_text
 
+    from .metadata import COLUMNS
     from .stain import HE_REF, synthetic_tile
     from .results import _csv
 
     rng = np.random.default_rng(run.seed)
+    slides = tile_slides(cfg.tiles_per_cell, cfg.slides_per_cell)
     rows, mats = [], {}
     for ci in range(cfg.centers):
         S = np.clip(HE_REF + 0.12 * rng.standard_normal(HE_REF.shape), 0.05, None)
@@ -384,13 +484,15 @@ def _make_tiles(cfg: MakeDataConfig, run) -> dict:
         for bi in range(cfg.classes):
             for t in range(cfg.tiles_per_cell):
                 img = synthetic_tile(S, cfg.tile_size, seed=int(rng.integers(1 << 31)), cls=bi)
-                name = f"center{ci}_class{bi}_{t:03d}.png"
+                slide, patch = f"center{ci}_class{bi}_s{slides[t]}", f"{t:03d}"
+                name = f"{slide}_{patch}.png"
                 with atomic_path(run.outputs_dir / "tiles" / name) as tmp:
                     Image.fromarray(img).save(tmp, format="PNG")
-                rows.append((f"tiles/{name}", f"center{ci}", f"class{bi}"))
-    write_text(run.outputs_dir / "tiles.csv", _csv(rows, ["path", "medical_center", "biological_class"]))
+                rows.append(("ID", slide, patch, f"class{bi}", f"center{ci}", f"tiles/{name}"))
+    write_text(run.outputs_dir / "tiles.csv", _csv(rows, [*COLUMNS, "path"]))
     write_json(run.outputs_dir / "stain_matrices.json", mats)
-    return {"tiles": len(rows), "folder": str(run.outputs_dir / "tiles")}
+    return {"tiles": len(rows), "slides": cfg.centers * cfg.classes * (slides[-1] + 1),
+            "folder": str(run.outputs_dir / "tiles"), "metadata": str(run.outputs_dir / "tiles.csv")}
 
 
 def _threaded(impl):

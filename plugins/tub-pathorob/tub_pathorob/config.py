@@ -101,8 +101,9 @@ class RobustifyConfig(FeaturesConfig):
 
 
 class StainConfig(TubConfig):
-    tiles: list[Path] = Field(default_factory=list, description="tile images (PNG/JPEG/TIFF) or folders of them; "
-                                                                "a folder's tiles go to outputs/<folder name>/")
+    tiles: list[Path] = Field(default_factory=list, description="tile images (PNG/JPEG/TIFF) or folders of them, "
+                                                                "read recursively; a folder's tiles go to "
+                                                                "outputs/<folder name>/<sub-folders>/")
     method: Literal["macenko", "reinhard"] = Field("macenko", description="macenko | reinhard")
     target: Optional[Path] = Field(None, description="target tile whose stain appearance to match "
                                                      "(Macenko: optional, default reference matrix)")
@@ -122,7 +123,8 @@ class MakeDataConfig(TubConfig):
         None, description="official dataset shape and names (default: a small custom design)")
     classes: int = Field(2, ge=1, description="biological classes (custom design)")
     centers: int = Field(2, ge=1, description="medical centers (custom design)")
-    slides_per_cell: int = Field(5, ge=1, description="slides per class-center cell (custom design)")
+    slides_per_cell: int = Field(5, ge=1, description="slides per class-center cell (custom design; tiles: at most "
+                                                       "this many, each of at least two tiles)")
     tiles_per_slide: int = Field(40, ge=1, description="tiles per slide (custom design)")
     dim: int = Field(64, ge=1, description="feature dimension")
     bio: float = Field(0.5, description="biological signal a")
