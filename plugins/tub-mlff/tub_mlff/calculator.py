@@ -19,7 +19,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from .neighbors import neighbor_list
 from .properties import compute
 from .structures import spin_for
-from .validation import check_charge_spin, check_structure
+from .validation import check_structure
 
 DEFAULT_PERIODIC_LR_CUTOFF = 10.0  # Angstrom
 
@@ -160,7 +160,6 @@ class SpookyNetCalculator(Calculator):
         if self.check and (self._nl is None or "numbers" in system_changes or "cell" in system_changes
                            or "pbc" in system_changes or self._nl_key is None):
             check_structure(atoms, self.elements)
-            check_charge_spin(atoms, self.charge, self.spin)  # e.g. no singlet of an odd electron count
         batch = self.batch_for(atoms)
         periodic = batch["cell"] is not None and abs(np.linalg.det(np.asarray(atoms.cell))) > 1e-9
         want_stress = periodic and "stress" in properties
