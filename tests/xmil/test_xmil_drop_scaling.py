@@ -81,11 +81,15 @@ def test_additive_dominant_patch_through_the_model():
     assert _rel(closed, batched) < 1e-10
 
 
-def test_additive_single_patch_bag_is_nan_as_before():
+def test_additive_single_patch_bag_scores_the_zero_bag():
+    """Spec §2.5: the empty bag left by dropping the only patch is the zero bag of the original size
+    (the closed form alone stays NaN there, the softmax over no patch)."""
     m = AdditiveMIL(24, 2, features_dim=16).double().eval()
     with torch.no_grad():
-        assert torch.isnan(m.drop_one_logits(_x(1))).all()
-        assert torch.isnan(m.drop_one_logits_batched(_x(1))).all()
+        zero = m(torch.zeros(1, 1, 24, dtype=torch.float64))
+        assert torch.equal(m.drop_one_logits(_x(1)), zero)
+        assert torch.equal(m.drop_one_logits_batched(_x(1)), zero)
+        assert torch.isnan(drop_one_closed_form(torch.zeros(1), torch.ones(1, 2))).all()
 
 
 def test_additive_keeps_the_batched_path_where_psi_is_not_affine(monkeypatch):

@@ -67,8 +67,11 @@ class AdditiveMIL(AttentionMIL):
         Where psi(a h) = a g(h) + b (:meth:`_psi_affine`), the bag without patch i has the logits
         sum_{j != i} (a^(i)_j g_j + b) = (sum_{j != i} e^{s_j} g_j) / (sum_{j != i} e^{s_j}) + (N - 1) b,
         a^(i) the softmax over the kept patches: O(N F) in all (:func:`drop_one_closed_form`).
-        Otherwise psi is re-run on (bags, N, F) blocks, O(N^2 F) (:meth:`drop_one_logits_batched`)."""
+        Otherwise psi is re-run on (bags, N, F) blocks, O(N^2 F) (:meth:`drop_one_logits_batched`).
+        A bag of one leaves the empty bag: spec §2.5's zero bag of the original size, f(zeros(1, D))."""
         x = x if x.dim() == 2 else x[0]
+        if len(x) == 1:
+            return self(torch.zeros_like(x)[None])
         form = self._psi_affine()
         if form is None:
             return self.drop_one_logits_batched(x)
@@ -108,7 +111,8 @@ def drop_one_closed_form(s: torch.Tensor, g: torch.Tensor, b: torch.Tensor | Non
     g: (N, K). Accumulated in float64 (at least) after shifting s by its maximum (log-sum-exp); the
     sums over j != i are the full sums minus term i. Where patch i holds more than half the softmax
     mass, Z - e_i cancels: that row (at most one) is summed directly over the other patches with
-    their own maximum shift. N = 1 leaves an empty bag: NaN, as the softmax over no patch."""
+    their own maximum shift. N = 1 leaves an empty bag: NaN, as the softmax over no patch
+    (:meth:`AdditiveMIL.drop_one_logits` scores that bag by spec §2.5's zero-bag rule instead)."""
     n = s.shape[0]
     acc = torch.promote_types(g.dtype, torch.float64)
     s64, g64 = s.to(acc), g.to(acc)

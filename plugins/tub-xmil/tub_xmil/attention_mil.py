@@ -101,8 +101,13 @@ class AttentionMIL(nn.Module):
     drop_chunk = 256  # bags per batch in drop_one_logits
 
     def drop_one_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of the N bags X minus {x_i}, from one encoder pass (softmax renormalised)."""
+        """Logits of the N bags X minus {x_i}, from one encoder pass (softmax renormalised).
+
+        A bag of one leaves the empty bag, whose softmax over no patch is NaN; spec §2.5 scores the
+        empty bag as the all-zero bag of the original size, f(zeros(1, D))."""
         x = x if x.dim() == 2 else x[0]
+        if len(x) == 1:
+            return self(torch.zeros_like(x)[None])
         h = self.encode(x)
         s = self.attention_logits(h)[:, 0]
         n = len(s)

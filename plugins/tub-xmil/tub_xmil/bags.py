@@ -39,19 +39,18 @@ def _read(path: Path) -> tuple[torch.Tensor, np.ndarray | None, dict]:
         if not is_patch_folder(path):
             raise TubError(f"{path}: the .pt files hold (patches, dim) bags, one per slide, not one vector per "
                            "patch; give the files (or the folder) as bags")
-        feats = torch.stack([_load_tensor(p).reshape(-1) for p in files])
-        return feats.float(), None, {}
+        return _stack_patch_vectors(files), None, {}
     if not path.is_file():
         raise TubError(f"{path}: no such feature file")
     if path.suffix == ".h5":
         import h5py
-        from tub_xmil.tiling import _py, with_level0_size
+        from tub_xmil.tiling import _py, int_coords, with_level0_size
         try:
             with h5py.File(path, "r") as f:
                 if "features" not in f:
                     raise TubError(f"{path.name}: no 'features' dataset; expected a CLAM/TRIDENT/tub features .h5")
                 feats = np.asarray(f["features"][:], np.float32)
-                coords = np.asarray(f["coords"][:]).reshape(-1, 2).astype(np.int64) if "coords" in f else None
+                coords = int_coords(f["coords"][:]) if "coords" in f else None
                 attrs = {k: _py(v) for k, v in f.attrs.items()}
                 if "coords" in f:
                     attrs.update({k: _py(v) for k, v in f["coords"].attrs.items()})
@@ -71,8 +70,10 @@ def _read(path: Path) -> tuple[torch.Tensor, np.ndarray | None, dict]:
     if path.suffix == ".npz":
         z = np.load(path, allow_pickle=False)
         if "features" in z:
-            coords = z["coords"].reshape(-1, 2).astype(np.int64) if "coords" in z else None
-            attrs = {"patch_size_level0": int(z["patch_size_level0"])} if "patch_size_level0" in z else {}
+            from tub_xmil.tiling import int_coords
+            coords = int_coords(z["coords"]) if "coords" in z else None
+            attrs = ({"patch_size_level0": int(np.rint(float(z["patch_size_level0"])))}
+                     if "patch_size_level0" in z else {})
             return torch.from_numpy(z["features"].astype(np.float32)), coords, attrs
         if not z.files or not all(k.isdigit() for k in z.files):
             raise TubError(f"{path.name}: no 'features' array and the keys ({', '.join(z.files[:4])}) are not "
@@ -89,20 +90,38 @@ def is_patch_folder(folder: Path) -> bool:
     """True for an xMIL folder of per-patch ``{idx}.pt`` files (one bag), False for a folder of
     per-slide bags (CLAM ``pt_files/1001.pt``: numeric slide ids are common).
 
-    Numeric names alone cannot tell the two apart; the contents can: a per-patch file holds one
-    feature vector (1-D, or (1, D)), a per-slide bag a (N, D) tensor. Only the first file is read
-    (memory-mapped). A (1, D) tensor is either a one-patch slide or a patch vector: the names decide,
-    0..N-1 being xMIL's patch ids."""
+    Numeric names alone cannot tell the two apart; the contents can, but only all of them: a
+    one-patch slide (1, D) may sort first among (N, D) slides. So every file's shape is read
+    (memory-mapped, no data): any file with more than one row means per-slide bags; all 1-D means
+    per-patch vectors; all single rows (1, D) are per-patch only under xMIL's 0..N-1 patch names."""
     files = [q for q in folder.glob("*.pt") if q.is_file()]
     if not files or not all(q.stem.isdigit() for q in files):
         return False
-    ids = sorted(int(q.stem) for q in files)
-    first = _load_tensor(min(files, key=lambda q: int(q.stem)), mmap=True)
-    if first.dim() <= 1:
+    shapes = [tuple(_load_tensor(q, mmap=True).shape) for q in files]
+    if any(len(s) >= 2 and s[-2] > 1 for s in shapes):
+        return False
+    if all(len(s) <= 1 for s in shapes):
         return True
-    if first.dim() == 2 and first.shape[0] == 1:
-        return ids == list(range(len(ids)))
-    return False
+    return sorted(int(q.stem) for q in files) == list(range(len(files)))
+
+
+def _stack_patch_vectors(files: list[Path]) -> torch.Tensor:
+    """(N, D) from per-patch files, each 1-D or (1, D) of one length D; checked before stacking so
+    that an odd file is named instead of surfacing as torch.stack's RuntimeError."""
+    vecs, dim = [], None
+    for q in files:
+        t = _load_tensor(q)
+        if t.dim() > 2 or (t.dim() == 2 and t.shape[0] != 1) or t.dim() == 0:
+            raise TubError(f"{q.name}: holds a tensor of shape {tuple(t.shape)} in a folder of per-patch "
+                           "vectors (1-D or (1, D)); keep one feature vector per file")
+        t = t.reshape(-1)
+        if dim is None:
+            dim = len(t)
+        elif len(t) != dim:
+            raise TubError(f"{q.name}: a {len(t)}-d vector, but {files[0].name} is {dim}-d; every per-patch "
+                           "file needs the same feature dimension")
+        vecs.append(t)
+    return torch.stack(vecs).float()
 
 
 def xmil_metadata(bag: Path, n: int) -> tuple[np.ndarray | None, dict]:
@@ -119,9 +138,12 @@ def xmil_metadata(bag: Path, n: int) -> tuple[np.ndarray | None, dict]:
         rows = sorted(csv.DictReader(f), key=lambda r: int(float(r["patch_id"])))
     if len(rows) != n:
         raise TubError(f"{meta}: {len(rows)} patches but the bag {bag.name} has {n}")
-    coords = np.array([[int(float(v)) for v in re.findall(r"-?\d+(?:\.\d+)?", r["position_abs"])[:2]]
-                       for r in rows], np.int64)
-    attrs = {"patch_size_level0": int(float(rows[0]["patch_size_abs"]))} if "patch_size_abs" in rows[0] else {}
+    from tub_xmil.tiling import int_coords
+
+    coords = int_coords([[float(v) for v in re.findall(r"-?\d+(?:\.\d+)?", r["position_abs"])[:2]]
+                         for r in rows])
+    attrs = ({"patch_size_level0": int(np.rint(float(rows[0]["patch_size_abs"])))}
+             if "patch_size_abs" in rows[0] else {})
     return coords, attrs
 
 

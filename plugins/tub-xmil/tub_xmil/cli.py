@@ -145,6 +145,7 @@ def explain(cfg, run) -> dict:
     from tub_xmil.explain import explain as explain_scores
     from tub_xmil.pipeline import choose_target, expand_inputs, explain_bag, lrp_params_for
     from tub_xmil.tasks import prediction_score
+    from tubcli.io import to_json
 
     model, meta, task = _load(cfg)
     rel = cfg.lrp.explained_rel if task == "classification" else None  # as explain_bag passes it
@@ -181,7 +182,7 @@ def explain(cfg, run) -> dict:
             if coords is not None:
                 rec["coords"] = coords.tolist()
             with atomic_path(out) as tmp:
-                tmp.write_text(json.dumps(rec))
+                tmp.write_text(to_json(rec))  # strict JSON: a NaN score would be null, never bare NaN
     # test_predictions.csv over everything this run directory holds
     import csv
     recs = [json.loads(p.read_text()) for p in sorted(run.outputs_dir.glob("*.json"))]
@@ -250,7 +251,8 @@ def heatmap(cfg, run) -> dict:
     from tub_xmil.pipeline import (SLIDE_SUFFIXES, choose_target, explain_bag, expand_inputs, slide_coords,
                                    thumbnail_for)
     from tub_xmil.slides import open_slide
-    from tub_xmil.tiling import tile_size_level0
+    from tub_xmil.tiling import tile_size_level0_source
+    from tubcli.io import to_json
 
     model, meta, task = _load(cfg)
     if cfg.slide_dir is not None and not Path(cfg.slide_dir).is_dir():
@@ -283,7 +285,8 @@ def heatmap(cfg, run) -> dict:
                 if coords is None:
                     raise TubError(f"{path.name}: no coords for the features (no 'coords' dataset or xMIL "
                                    "patches/<slide>/metadata/df.csv); cannot place the heatmap")
-                size0 = tile_size_level0(attrs, coords, cfg.patch_size_level0, name=path.name, log=run.log)
+                size0, size_source = tile_size_level0_source(attrs, coords, cfg.patch_size_level0, name=path.name,
+                                                             log=run.log)
                 cand = [Path(cfg.slide_dir) / f"{path.stem}{s}" for s in sorted(SLIDE_SUFFIXES)] if cfg.slide_dir else []
                 found = next((c for c in cand if c.is_file()), None)
                 if cfg.slide_dir and found is None:
@@ -296,6 +299,7 @@ def heatmap(cfg, run) -> dict:
             else:
                 background = str(path)
                 slide, coords, size0, _ = slide_coords(path, cfg, None)
+                size_source = "tiled from the slide (--target-mpp, --patch-size)"
                 if cfg.patch_size_level0 is not None and cfg.patch_size_level0 != size0:
                     run.log.warning("%s: --patch-size-level0 is for feature files; this slide is tiled at "
                                     "%d px (level 0) from --target-mpp/--patch-size", path.name, size0)
@@ -321,8 +325,10 @@ def heatmap(cfg, run) -> dict:
             thumb = np.asarray(Image.fromarray(thumb).resize(size, Image.BILINEAR))
             for m, sc in scores.items():
                 with atomic_path(run.outputs_dir / f"{path.stem}_{m}_scores.json") as tmp:
-                    tmp.write_text(json.dumps({"slide_id": path.stem, "method": m, "target": target,
-                                               "scores": sc.tolist(), "coords": coords.tolist(),
-                                               "patch_size_level0": size0, "background": background}))
-                write_heatmap(run.outputs_dir, path.stem, thumb, coords, sc, size0, HEAT_DOWNSAMPLE, SIGNED[m], m)
+                    tmp.write_text(to_json({"slide_id": path.stem, "method": m, "target": target,
+                                            "scores": sc.tolist(), "coords": coords.tolist(),
+                                            "patch_size_level0": size0, "patch_size_level0_source": size_source,
+                                            "background": background}))
+                write_heatmap(run.outputs_dir, path.stem, thumb, coords, sc, size0, HEAT_DOWNSAMPLE, SIGNED[m], m,
+                              size_source)
     return {"methods": ",".join(cfg.method)}

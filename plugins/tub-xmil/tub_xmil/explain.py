@@ -149,12 +149,18 @@ def drop_one_scores(model, x, task="classification", target=0, batch: int | None
     Models with ``drop_one_logits`` (AttnMIL, AdditiveMIL) compute the N bags' logits themselves;
     any other model runs the N bags of N-1 patches, ``batch`` bags per forward (default: from the
     memory budget ``budget`` bytes, :func:`drop_bags_per_forward`). Batching changes the scores
-    only by float rounding."""
+    only by float rounding.
+
+    A bag of one patch leaves the empty bag, which no model can run (NaN softmax in AttnMIL, a crash
+    in TransMIL's padding and Mamba's conv); spec §2.5 scores the empty bag as f(all-zero features,
+    original N), so s_0 = f(X) - f(zeros(1, D)), for every architecture."""
     x = _bag(x)[0]
     n = len(x)
     with torch.no_grad():
         full = prediction_score(model(x[None]), task, target)
-        if hasattr(model, "drop_one_logits"):
+        if n == 1:
+            logits = model(torch.zeros_like(x)[None])
+        elif hasattr(model, "drop_one_logits"):
             logits = model.drop_one_logits(x)
         else:
             if n > DROP_WARN_PATCHES:

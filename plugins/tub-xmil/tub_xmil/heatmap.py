@@ -10,7 +10,6 @@ Polygon per tile with the score as a measurement.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -43,13 +42,17 @@ def normalise(scores: np.ndarray, signed: bool) -> np.ndarray:
 
 
 def tile_boxes(coords: np.ndarray, size_level0: int, downsample: float) -> np.ndarray:
-    """Integer pixel boxes (x0, y0, x1, y1) of level-0 tiles on an image ``downsample`` x smaller."""
+    """Integer pixel boxes (x0, y0, x1, y1) of level-0 tiles on an image ``downsample`` x smaller.
+
+    Boxes are clipped at 0: a tile with a negative level-0 corner (padded tiling) would otherwise be
+    sliced as heat[y0:y1, -2:6], an empty slice, and vanish from the PNG. A tile wholly left of or
+    above the canvas gets an empty box. Slicing clips the right and bottom edges."""
     c = np.asarray(coords, float)
     x0 = np.floor(c[:, 0] / downsample).astype(int)
     y0 = np.floor(c[:, 1] / downsample).astype(int)
-    x1 = np.floor((c[:, 0] + size_level0) / downsample).astype(int)
-    y1 = np.floor((c[:, 1] + size_level0) / downsample).astype(int)
-    return np.stack([x0, y0, np.maximum(x1, x0 + 1), np.maximum(y1, y0 + 1)], 1)
+    x1 = np.maximum(np.floor((c[:, 0] + size_level0) / downsample).astype(int), x0 + 1)
+    y1 = np.maximum(np.floor((c[:, 1] + size_level0) / downsample).astype(int), y0 + 1)
+    return np.stack([np.maximum(x0, 0), np.maximum(y0, 0), np.maximum(x1, 0), np.maximum(y1, 0)], 1)
 
 
 def render_overlay(thumb: np.ndarray, coords: np.ndarray, scores: np.ndarray, size_level0: int,
@@ -70,16 +73,24 @@ def render_overlay(thumb: np.ndarray, coords: np.ndarray, scores: np.ndarray, si
     return np.rint(over).clip(0, 255).astype(np.uint8), heat
 
 
-def geojson(coords: np.ndarray, scores: np.ndarray, size_level0: int, method: str) -> dict:
-    """QuPath-importable FeatureCollection of level-0 tile polygons with a score measurement."""
+def geojson(coords: np.ndarray, scores: np.ndarray, size_level0: int, method: str,
+            size_source: str | None = None) -> dict:
+    """QuPath-importable FeatureCollection of level-0 tile polygons with a score measurement.
+
+    A non-finite score becomes null (strict JSON has no NaN; see :func:`write_heatmap`).
+    ``size_source`` (where the tile side came from) goes into the collection's ``properties``, so a
+    reviewer sees when the polygons' size was only inferred from the coordinate grid."""
     feats = []
     for i, ((x, y), s) in enumerate(zip(np.asarray(coords, int).tolist(), np.asarray(scores, float).tolist())):
         ring = [[x, y], [x + size_level0, y], [x + size_level0, y + size_level0], [x, y + size_level0], [x, y]]
         feats.append({"type": "Feature", "id": str(i),
                       "geometry": {"type": "Polygon", "coordinates": [ring]},
                       "properties": {"objectType": "tile", "name": f"patch {i}",
-                                     "measurements": {f"xmil_{method}": s}}})
-    return {"type": "FeatureCollection", "features": feats}
+                                     "measurements": {f"xmil_{method}": s if np.isfinite(s) else None}}})
+    out = {"type": "FeatureCollection", "features": feats}
+    if size_source is not None:
+        out["properties"] = {"patch_size_level0": int(size_level0), "patch_size_level0_source": size_source}
+    return out
 
 
 def geojson_coords(data: dict) -> np.ndarray:
@@ -87,11 +98,12 @@ def geojson_coords(data: dict) -> np.ndarray:
     return np.asarray([f["geometry"]["coordinates"][0][0] for f in data["features"]], np.int64)
 
 
-def write_heatmap(out_dir: Path, name: str, thumb, coords, scores, size_level0, downsample, signed, method):
+def write_heatmap(out_dir: Path, name: str, thumb, coords, scores, size_level0, downsample, signed, method,
+                  size_source: str | None = None):
     """Write ``{name}_{method}.png`` (overlay), ``{name}_{method}_heat.png`` and ``.geojson``
-    atomically; returns the paths."""
+    atomically; returns the paths. The GeoJSON is strict JSON (``tubcli.io.to_json``: NaN -> null)."""
     from PIL import Image
-    from tubcli.io import atomic_path
+    from tubcli.io import atomic_path, to_json
 
     over, heat = render_overlay(thumb, coords, scores, size_level0, downsample, signed)
     paths = {"overlay": out_dir / f"{name}_{method}.png", "heat": out_dir / f"{name}_{method}_heat.png",
@@ -99,7 +111,7 @@ def write_heatmap(out_dir: Path, name: str, thumb, coords, scores, size_level0, 
     with atomic_path(paths["heat"]) as tmp:
         Image.fromarray(heat).save(tmp, format="PNG")
     with atomic_path(paths["geojson"]) as tmp:
-        Path(tmp).write_text(json.dumps(geojson(coords, scores, size_level0, method)))
+        Path(tmp).write_text(to_json(geojson(coords, scores, size_level0, method, size_source)))
     with atomic_path(paths["overlay"]) as tmp:
         Image.fromarray(over).save(tmp, format="PNG")
     return paths

@@ -89,7 +89,8 @@ def slide_coords(path: Path, cfg, coords_dir: Path | None):
 
     Reused coordinates need no mpp, so a slide without one goes through; its mpp (or the patches
     file's) is still recorded when known."""
-    from tub_xmil.tiling import TILING_KEYS, read_coords_h5, tile_size_level0, tile_slide, tiling_attrs
+    from tub_xmil.tiling import (SIZE_FROM_GRID, TILING_KEYS, read_coords_h5, tile_size_level0_source, tile_slide,
+                                 tiling_attrs)
 
     slide = open_slide(path)
     try:
@@ -100,7 +101,9 @@ def slide_coords(path: Path, cfg, coords_dir: Path | None):
         h5 = coords_file(Path(coords_dir), path.stem)
         coords, found = read_coords_h5(h5)
         attrs = {k: found[k] for k in TILING_KEYS if k in found}
-        attrs["patch_size_level0"] = tile_size_level0(found, coords, name=h5.name)
+        attrs["patch_size_level0"], source = tile_size_level0_source(found, coords, name=h5.name)
+        if source == SIZE_FROM_GRID:  # carried into the features file, so heatmap can still say so
+            attrs["patch_size_level0_source"] = source
         try:
             attrs["mpp"] = slide_mpp(slide, path, cfg.mpp)
         except TubError:

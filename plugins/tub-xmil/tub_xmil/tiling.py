@@ -142,11 +142,20 @@ def read_coords_h5(path: str | Path) -> tuple[np.ndarray, dict]:
             if "coords" not in f:
                 raise TubError(f"{Path(path).name}: no 'coords' dataset; expected a CLAM/TRIDENT patches file")
             ds = f["coords"]
-            coords = np.asarray(ds[:]).reshape(-1, 2).astype(np.int64)
+            coords = int_coords(ds[:])
             attrs = {**{k: _py(v) for k, v in f.attrs.items()}, **{k: _py(v) for k, v in ds.attrs.items()}}
     except OSError as exc:
         raise TubError(f"{Path(path).name}: not a readable HDF5 file ({str(exc)[:80]})") from None
     return coords, with_level0_size(attrs)
+
+
+def int_coords(values) -> np.ndarray:
+    """(n, 2) int64 pixel coords, float values rounded to the nearest pixel: casting would truncate
+    (127.6 -> 127) and shift every tile of a float-coords file up-left by up to a pixel."""
+    a = np.asarray(values).reshape(-1, 2)
+    if np.issubdtype(a.dtype, np.integer):
+        return a.astype(np.int64)
+    return np.rint(a.astype(np.float64)).astype(np.int64)
 
 
 def with_level0_size(attrs: dict) -> dict:
@@ -190,11 +199,27 @@ def size_from_grid(coords: np.ndarray) -> int | None:
     return step
 
 
+# where a bag's level-0 tile size came from; recorded in heatmap outputs (_scores.json, GeoJSON)
+SIZE_FROM_OVERRIDE = "--patch-size-level0"
+SIZE_FROM_ATTRIBUTE = "attribute"
+SIZE_FROM_GRID = "inferred from the coordinate grid"
+
+
 def tile_size_level0(attrs: dict, coords: np.ndarray | None = None, override: int | None = None,
                      name: str = "bag", log=None) -> int:
-    """Level-0 tile side of a bag: ``override`` (what the user stated) wins, then the coords
-    attributes (:func:`size_from_attrs`), then the coordinate grid (:func:`size_from_grid`, logged);
-    a TubError when none of them tells."""
+    """Level-0 tile side of a bag; see :func:`tile_size_level0_source`."""
+    return tile_size_level0_source(attrs, coords, override, name, log)[0]
+
+
+def tile_size_level0_source(attrs: dict, coords: np.ndarray | None = None, override: int | None = None,
+                            name: str = "bag", log=None) -> tuple[int, str]:
+    """(level-0 tile side, its source): ``override`` (what the user stated) wins, then the coords
+    attributes (:func:`size_from_attrs`), then the coordinate grid (:func:`size_from_grid`); a
+    TubError when none of them tells.
+
+    The grid inference assumes adjacent tiles: sparse (stride > size) or overlapping tiles make it
+    silently wrong, so it is a WARNING, and the source goes into the outputs for a reviewer. A size
+    that a tub ``--coords-dir`` run itself inferred keeps that source (``patch_size_level0_source``)."""
     import logging
 
     log = log or logging.getLogger("tub")
@@ -202,16 +227,20 @@ def tile_size_level0(attrs: dict, coords: np.ndarray | None = None, override: in
     if override is not None:
         if found is not None and found != int(override):
             log.warning("%s: --patch-size-level0 %d overrides the file's tile size %d", name, override, found)
-        return int(override)
+        return int(override), SIZE_FROM_OVERRIDE
     if found is not None:
-        return found
+        recorded = attrs.get("patch_size_level0_source")
+        if recorded == SIZE_FROM_GRID and attrs.get("patch_size_level0"):
+            return found, f"{SIZE_FROM_ATTRIBUTE} ({SIZE_FROM_GRID} when the features were extracted)"
+        return found, SIZE_FROM_ATTRIBUTE
     step = size_from_grid(coords) if coords is not None and len(coords) else None
     if step is None:
         raise TubError(f"{name}: tile size unknown (no patch_size_level0/patch_size attribute, and the coords "
                        "are not one regular grid); pass --patch-size-level0 N (tile side in level-0 pixels)")
-    log.info("%s: no tile-size attribute; level-0 tile size %d px inferred from the coordinate grid "
-             "(tiles assumed adjacent, no overlap; pass --patch-size-level0 to state it)", name, step)
-    return step
+    log.warning("%s: no tile-size attribute; level-0 tile size %d px inferred from the coordinate grid "
+                "(tiles assumed adjacent, no overlap: wrong for sparse or overlapping tiles; pass "
+                "--patch-size-level0 to state it)", name, step)
+    return step, SIZE_FROM_GRID
 
 
 def _py(v):
