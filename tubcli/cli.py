@@ -176,6 +176,9 @@ def demo_command(
     except TubError as exc:
         _fail(exc)
     root = out or Path("runs") / "demo" / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    if (root / "env.json").exists() or (root.exists() and not root.is_dir()):  # another verb's run, or a file
+        _fail(TubError(f"-o {root} is {'a file' if not root.is_dir() else 'the run directory of another verb'}; "
+                       "give the demo a new folder"))
     summary = []
     for plugin_app in apps:
         start = time.perf_counter()

@@ -38,8 +38,16 @@ def parse_shard(text: str | None, environ=None) -> tuple[int, int]:
         except ValueError:
             raise TubError(f"--shard expects i/n with integers, e.g. 0/4; got {text!r}") from None
     elif "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        i = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-        n = int(env["SLURM_ARRAY_TASK_COUNT"])
+        names = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP", "SLURM_ARRAY_TASK_COUNT")
+        try:
+            task, first, step, n = (int(env.get(k, d)) for k, d in zip(names, ("", 0, 1, "")))
+        except ValueError:
+            raise TubError("the SLURM array variables (" + ", ".join(f"{k}={env.get(k)}" for k in names if k in env)
+                           + ") are not integers; run inside a SLURM array job or pass --shard i/n") from None
+        if step < 1 or (task - first) % step:
+            raise TubError(f"SLURM array task {task} is not on the array's grid (min {first}, step {step}); "
+                           "pass --shard i/n")
+        i = (task - first) // step  # --array=0-8:2 gives tasks 0, 2, ..., 8 -> shards 0..4
     else:
         return 0, 1
     if n < 1 or not 0 <= i < n:
@@ -117,6 +125,13 @@ class ItemLock:
         except PermissionError:
             return False
         return False
+
+    def owner(self) -> str:
+        """``host pid`` of the job holding the lock, as far as the file tells."""
+        try:
+            return " ".join(self.path.read_text().split()) or "owner unknown"
+        except OSError:
+            return "owner unknown"
 
     def release(self) -> None:
         if self.held:
@@ -302,6 +317,15 @@ class Run:
                 run_dir = self._broadcast(run_dir)
         self.dir = Path(run_dir)
         self.command = f"tub {plugin} {verb}"
+        self._training_lock: ItemLock | None = None
+        # two jobs started together on one new -o: the second waits here and then sees the first's records
+        claim = ItemLock(self.dir.parent / f".{self.dir.name}.claim") if self.is_main else None
+        with claim.waiting(timeout=120) if claim else contextlib.nullcontext():
+            self._claim(cfg, resume, overwrite, verbosity, plugin_version, same_outputs_except, training)
+        self.log.debug("run directory %s", self.dir)
+
+    def _claim(self, cfg, resume, overwrite, verbosity, plugin_version, same_outputs_except, training) -> None:
+        """Check the directory's earlier records against this run and write this run's."""
         earlier_command = self._earlier_command()
         if earlier_command and earlier_command != self.command:
             raise TubError(f"{self.dir} is the run directory of `{earlier_command}`; give this `{self.command}` "
@@ -323,6 +347,11 @@ class Run:
         self._before = None if self.fresh or not self.is_main else self._snapshot()
         self._archived: Path | None = None
         self._previous: Path | None = None
+        if training and self.is_main:  # one training job per directory (its checkpoints, metrics.jsonl)
+            self._training_lock = ItemLock(self.dir / "training")
+            if not self._training_lock.acquire():
+                raise TubError(f"another job is training in {self.dir} ({self._training_lock.owner()}); wait for it "
+                               f"to end or use a new -o (if no job is running, delete {self._training_lock.path})")
         if self.is_main:
             if fresh_start:  # --overwrite: the old training moves aside until this one has produced something
                 self._previous = self._set_aside(("checkpoints", "metrics.jsonl"))
@@ -332,6 +361,8 @@ class Run:
             self.outputs_dir.mkdir(parents=True, exist_ok=True)
             self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
             (self.dir / DONE).unlink(missing_ok=True)  # a reused directory is incomplete again
+            if self.shard[1] > 1:
+                (self.dir / f"{DONE}.{self.shard[0]}of{self.shard[1]}").unlink(missing_ok=True)
         self.log = setup_logging(verbosity if self.is_main else -1, self.dir / "tub.log" if self.is_main else None)
         _device.seed_everything(self.seed)
         _device.exact_fp32()
@@ -340,7 +371,6 @@ class Run:
 
             write_text(self.dir / "config.yaml", config_yaml(cfg))
             write_json(self.dir / "env.json", environment_record(plugin_version, self.command))
-        self.log.debug("run directory %s", self.dir)
 
     def _earlier_command(self) -> str | None:
         """The verb an existing run directory was made by (None: new, or written before tub recorded it)."""
@@ -404,6 +434,7 @@ class Run:
         leaves no run directory that looks like results and does not rewrite another run's history."""
         if not self.is_main:
             return
+        self._release_training()
         self._restore_aside()
         if self._before is not None:
             records, state = self._before
@@ -418,6 +449,10 @@ class Run:
             return
         setup_logging(-1)  # closes tub.log
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _release_training(self) -> None:
+        if self._training_lock is not None:
+            self._training_lock.release()
 
     # ---- distributed
     @property
@@ -535,19 +570,22 @@ class Run:
             self.failures.append({"item": str(item), "error": message})
             self.log.error("%s: %s", item, message)
             self.log.debug("traceback", exc_info=True)
-            with ItemLock(self.dir / "failures.jsonl").waiting(), open(self.dir / "failures.jsonl", "a") as f:
-                f.write(json.dumps({"item": str(item), "error": message, "shard": f"{self.shard[0]}/{self.shard[1]}"}) + "\n")
+            line = json.dumps({"item": str(item), "error": message, "shard": f"{self.shard[0]}/{self.shard[1]}"})
+            self._rewrite_failures(item, line)
 
     def _forget_failures(self, item) -> None:
-        """Drop an earlier run's ``failures.jsonl`` lines of an item that has now succeeded, so that the
-        file lists only what is still failed (under its lock: other shards append to it)."""
+        """Drop an earlier run's ``failures.jsonl`` lines of an item that has now succeeded."""
+        if (self.dir / "failures.jsonl").exists():
+            self._rewrite_failures(item, None)
+
+    def _rewrite_failures(self, item, line: str | None) -> None:
+        """Replace the item's lines in ``failures.jsonl`` by ``line`` (None: by nothing), so that the file
+        lists what is still failed, once (under its lock: other shards write to it too)."""
         path = self.dir / "failures.jsonl"
-        if not path.exists():
-            return
         with ItemLock(path).waiting():
-            lines = path.read_text().splitlines(keepends=True)
-            keep = [line for line in lines if _failure_item(line) != str(item)]
-            if len(keep) == len(lines):
+            lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+            keep = [x for x in lines if _failure_item(x) != str(item)] + ([line + "\n"] if line else [])
+            if keep == lines:
                 return
             if keep:
                 write_text(path, "".join(keep))
@@ -579,6 +617,7 @@ class Run:
         rows = len(log.read_text().splitlines()) if log.exists() else 0
         state = {**state, "_tub_metrics_rows": rows}  # so that a resume drops rows logged after this save
         for name in ("last.pt",) + (("best.pt",) if best else ()):
+            remove_stale_temporaries(self.checkpoints_dir / name)  # what a killed save of this file left
             with atomic_path(self.checkpoints_dir / name) as tmp:
                 torch.save(state, tmp)
 
@@ -612,6 +651,7 @@ class Run:
     def finish(self, metrics: dict | None) -> dict:
         """Write metrics and ``DONE`` when nothing failed and no item is left to another job's lock;
         raise when items failed."""
+        self._release_training()
         metrics = dict(metrics or {})
         if self.batch_stats:
             metrics.setdefault("batch", self.batch_stats)
@@ -622,8 +662,11 @@ class Run:
                                self.dir / "failures.jsonl", metrics)
         unfinished = [out for out in self._held_elsewhere if not out.exists()]
         if unfinished:  # another job (or a dead one's lock) still holds these: the run is not complete
-            self.log.warning("%d item(s) were locked by another job and have no output yet (e.g. %s); "
-                             "%s not written: rerun when that job has ended", len(unfinished), unfinished[0].name, DONE)
+            lock = ItemLock(unfinished[0])
+            self.log.warning("%d item(s) were locked by another job and have no output yet (e.g. %s, held by %s); "
+                             "%s not written: rerun when that job has ended, or delete its lock %s if no job is "
+                             "running (a job killed on another host leaves one)", len(unfinished), unfinished[0].name,
+                             lock.owner(), DONE, lock.path)
         elif self.is_main:
             name = DONE if self.shard[1] == 1 else f"{DONE}.{self.shard[0]}of{self.shard[1]}"
             write_text(self.dir / name, "")

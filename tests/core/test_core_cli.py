@@ -106,6 +106,9 @@ def test_demo_runs_into_one_directory(toy_plugins, tmp_path):
     assert rows[0]["plugin"] == "toy" and rows[0]["status"] == "ok" and rows[0]["figures"]["loss"] < 1.0
     assert (tmp_path / "demo" / "toy" / "DONE").exists()
     assert invoke(["demo", "nope"]).exit_code == 2
+    result = invoke(["demo", "toy", "-o", tmp_path / "demo" / "toy"])  # a verb's run directory is not a demo folder
+    assert result.exit_code == 2 and "run directory of another verb" in result.stderr
+    assert not (tmp_path / "demo" / "toy" / "toy").exists()
 
 
 def test_patch_encoders_hook(toy_plugins):

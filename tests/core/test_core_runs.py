@@ -33,6 +33,11 @@ def test_shard_from_slurm_and_flags():
     for bad in ("5/5", "a/b", "1"):
         with pytest.raises(TubError):
             parse_shard(bad)
+    # --array=0-4:2 runs tasks 0, 2, 4: shards 0, 1, 2 of 3
+    stepped = {"SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_STEP": "2", "SLURM_ARRAY_TASK_COUNT": "3"}
+    assert [parse_shard(None, {**stepped, "SLURM_ARRAY_TASK_ID": t}) for t in ("0", "2", "4")] == [(0, 3), (1, 3), (2, 3)]
+    with pytest.raises(TubError, match="not integers"):
+        parse_shard(None, {"SLURM_ARRAY_TASK_ID": "abc", "SLURM_ARRAY_TASK_COUNT": "3"})
 
 
 def test_item_lock_is_exclusive_and_stale_locks_are_taken(tmp_path):
@@ -123,8 +128,29 @@ def test_a_retry_drops_only_the_failures_that_now_succeed(toy_plugins, tmp_path)
     inputs[1].write_text("1")
     assert invoke(["toy", "evaluate", *inputs, "-o", out]).exit_code == 1
     failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
-    assert [Path(f["item"]).name for f in failures] == ["item002.txt", "item002.txt"]  # one line per try
-    assert not list(out.glob("*.lock"))
+    assert [Path(f["item"]).name for f in failures] == ["item002.txt"]  # still failed, listed once
+    assert not list(out.glob("*.lock")) and not list(tmp_path.glob(".*.lock"))
+
+
+def test_a_shard_that_fails_on_a_rerun_is_not_marked_done(toy_plugins, tmp_path):
+    inputs = make_inputs(tmp_path / "in", 4)
+    out = tmp_path / "run"
+    assert invoke(["toy", "evaluate", *inputs, "--shard", "0/2", "-o", out]).exit_code == 0
+    assert (out / "DONE.0of2").exists()
+    inputs[0].write_text("oops")
+    assert invoke(["toy", "evaluate", *inputs, "--shard", "0/2", "--overwrite", "-o", out]).exit_code == 1
+    assert not (out / "DONE.0of2").exists()
+
+
+def test_one_training_job_per_run_directory(tmp_path):
+    from tubcli.config import TubConfig
+    from tubcli.runs import Run
+
+    first = Run("toy", "train", TubConfig(), out=tmp_path / "r", training=True)
+    with pytest.raises(TubError, match="another job is training in"):
+        Run("toy", "train", TubConfig(), out=tmp_path / "r", training=True)
+    first.finish({})
+    Run("toy", "train", TubConfig(), out=tmp_path / "r", training=True).finish({})
 
 
 def test_shards_cover_all_items_once(toy_plugins, tmp_path):

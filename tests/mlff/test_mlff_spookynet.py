@@ -107,6 +107,18 @@ def test_reference_parameter_count_and_roundtrip(tmp_path):
     assert abs(compute(again, b)["energy"].item() - compute(model, b)["energy"].item()) < 1e-12
 
 
+def test_saved_model_files_get_the_umask_mode(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        st, js = save_model(SpookyNet(SpookyNetConfig(num_features=8, num_modules=1, num_basis_functions=4)), tmp_path / "m")
+    finally:
+        os.umask(old)
+    assert [oct(p.stat().st_mode & 0o777) for p in (st, js)] == ["0o644", "0o644"]  # colleagues can read it
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
 def test_parameter_counts_match_paper_defaults():
     assert SpookyNet().num_parameters() == 498_366
     assert SpookyNet(SpookyNetConfig(num_features=128, num_modules=6)).num_parameters() == 3_696_702

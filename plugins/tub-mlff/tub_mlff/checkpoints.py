@@ -133,6 +133,7 @@ def _load_state(model: SpookyNet, state: dict, tables: dict, path) -> None:
 def save_model(model: SpookyNet, path: str | Path, extra: dict | None = None) -> tuple[Path, Path]:
     """Write ``path``.safetensors and ``path``.json (weights + architecture, no pickle)."""
     from safetensors.torch import save_file
+    from tubcli.io import atomic_path
 
     path = Path(path)
     base = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
@@ -141,11 +142,9 @@ def save_model(model: SpookyNet, path: str | Path, extra: dict | None = None) ->
         tensors.update({f"d4.{k}": v.detach().cpu().contiguous() for k, v in model.d4.tables().items()})
     meta = {"architecture": "spookynet", "spookynet": model.config.to_dict(), **(extra or {})}
     st, js = base.with_suffix(".safetensors"), base.with_suffix(".json")
-    tmp_st, tmp_js = st.with_name(st.name + ".tmp"), js.with_name(js.name + ".tmp")
-    save_file(tensors, str(tmp_st))
-    tmp_js.write_text(json.dumps(meta, indent=2))
-    tmp_st.replace(st)
-    tmp_js.replace(js)
+    with atomic_path(st) as tmp_st, atomic_path(js) as tmp_js:  # the umask's mode, never half-written
+        save_file(tensors, str(tmp_st))
+        tmp_js.write_text(json.dumps(meta, indent=2))
     return st, js
 
 

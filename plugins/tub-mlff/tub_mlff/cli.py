@@ -252,10 +252,13 @@ def label(cfg, run) -> dict:
     # gather every finished item (also from other shards) into one file
     from ase.io import read
 
-    parts = sorted(p for p in run.outputs_dir.glob("*.extxyz") if re.fullmatch(_LABELLED, p.name))
-    merged = [read(str(p)) for p in parts]
-    if merged:
-        _write_extxyz(run.dir / "labelled.extxyz", merged)
+    from tubcli.runs import ItemLock
+
+    with ItemLock(run.dir / "labelled.extxyz").waiting():  # shards ending together: the last gathers all
+        parts = sorted(p for p in run.outputs_dir.glob("*.extxyz") if re.fullmatch(_LABELLED, p.name))
+        merged = [read(str(p)) for p in parts]
+        if merged:
+            _write_extxyz(run.dir / "labelled.extxyz", merged)
     result = {"labelled_now": done, "labelled_total": len(merged), "method": cfg.method,
               "output": str(run.dir / "labelled.extxyz")}
     if cfg.method == "dft":

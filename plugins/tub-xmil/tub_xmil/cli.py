@@ -185,14 +185,18 @@ def explain(cfg, run) -> dict:
                 tmp.write_text(to_json(rec))  # strict JSON: a NaN score would be null, never bare NaN
     # test_predictions.csv over everything this run directory holds
     import csv
-    recs = [json.loads(p.read_text()) for p in sorted(run.outputs_dir.glob("*.json"))]
-    with atomic_path(run.dir / "test_predictions.csv") as tmp:
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            cols = [f"patch_scores_{m}" for m in cfg.method]
-            w.writerow(["slide_id", "target", "prediction", *cols])
-            for r in recs:
-                w.writerow([r["slide_id"], r["target"], r["prediction"], *[json.dumps(r.get(c)) for c in cols]])
+
+    from tubcli.runs import ItemLock
+
+    with ItemLock(run.dir / "test_predictions.csv").waiting():  # shards ending together: the last gathers all
+        recs = [json.loads(p.read_text()) for p in sorted(run.outputs_dir.glob("*.json"))]
+        with atomic_path(run.dir / "test_predictions.csv") as tmp:
+            with open(tmp, "w", newline="") as f:
+                w = csv.writer(f)
+                cols = [f"patch_scores_{m}" for m in cfg.method]
+                w.writerow(["slide_id", "target", "prediction", *cols])
+                for r in recs:
+                    w.writerow([r["slide_id"], r["target"], r["prediction"], *[json.dumps(r.get(c)) for c in cols]])
     return {"methods": ",".join(cfg.method)}
 
 
