@@ -348,8 +348,12 @@ class Run:
         self._archived: Path | None = None
         self._previous: Path | None = None
         if training and self.is_main:  # one training job per directory (its checkpoints, metrics.jsonl)
-            self._training_lock = ItemLock(self.dir / "training")
-            if not self._training_lock.acquire():
+            self._training_lock = lock = ItemLock(self.dir / "training")
+            if not lock.acquire() and resume and lock.owner().split()[0] != socket.gethostname():
+                # a requeued job resuming on another node: the lock's owner there was killed with its job
+                lock.path.unlink(missing_ok=True)
+                lock.acquire()
+            if not lock.held:
                 raise TubError(f"another job is training in {self.dir} ({self._training_lock.owner()}); wait for it "
                                f"to end or use a new -o (if no job is running, delete {self._training_lock.path})")
         if self.is_main:

@@ -399,3 +399,15 @@ def test_a_run_directory_belongs_to_one_verb(toy_plugins, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # its records untouched
     assert invoke(["toy", "evaluate", *inputs, "-o", out]).exit_code == 0  # the same verb may come back
+
+
+def test_a_resumed_training_takes_over_a_lock_from_another_host(tmp_path):
+    from tubcli.config import TubConfig
+    from tubcli.runs import Run
+
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "training.lock").write_text("othernode 4242\n")  # the job was preempted on another node
+    with pytest.raises(TubError, match=r"othernode 4242.*delete .*training.lock"):
+        Run("toy", "train", TubConfig(), out=tmp_path / "r", training=True)
+    Run("toy", "train", TubConfig(), out=tmp_path / "r", training=True, resume="auto").finish({})
+    assert not (tmp_path / "r" / "training.lock").exists()
