@@ -39,12 +39,37 @@ def _config_files(run_dir: Path) -> list[Path]:
     return [run_dir / "config.yaml", *sorted(run_dir.glob("config.*.yaml"))]
 
 
-def _refuse_foreign_run(cfg, run, verb: str, marker: set[str], products: tuple[str, ...]) -> None:
+def _product_files(run, products: tuple[str, ...]) -> list[Path]:
+    """Files under ``outputs/`` matching one of ``products`` (paths relative to outputs/, ``*`` within one
+    folder level); hidden files and folders are left out."""
+    import fnmatch
+
+    patterns = [pat.split("/") for pat in products]
+    if not run.outputs_dir.is_dir():
+        return []
+    return [q for q in sorted(run.outputs_dir.rglob("*"))
+            if q.is_file() and not any(p.startswith(".") for p in q.relative_to(run.outputs_dir).parts)
+            and any(len(pat) == len(q.relative_to(run.outputs_dir).parts)
+                    and all(map(fnmatch.fnmatchcase, q.relative_to(run.outputs_dir).parts, pat)) for pat in patterns)]
+
+
+def _clear_products(cfg, run, products: tuple[str, ...], inputs=()) -> None:
+    """Remove an earlier run's outputs of this verb (files matching ``products``) before a rerun writes its
+    own, so that no stale file (e.g. a center the new data lacks) is left beside them; never an input."""
+    files = _product_files(run, products)
+    _refuse_overwrite(cfg, files, inputs)
+    for f in files:
+        f.unlink()
+
+
+def _refuse_foreign_run(cfg, run, verb: str, marker: set[str], products: tuple[str, ...],
+                        other_products: tuple[str, ...] = (), other_what: str = "") -> None:
     """One-line error if ``-o`` is another verb's run directory, so that its records (config.yaml,
     metrics.json) and outputs are never replaced or mixed with this verb's: one of its config files
     (config.yaml, or an archived config.N.yaml) holds settings this verb does not have or lacks the
     ``marker`` settings, or ``outputs/`` holds a file that matches none of the ``products`` patterns
-    (paths relative to outputs/, ``*`` within one folder level) that this verb writes."""
+    (paths relative to outputs/, ``*`` within one folder level) that this verb writes; one matching
+    ``other_products`` (this verb's outputs in another mode) is named as ``other_what``."""
     import fnmatch
 
     import yaml
@@ -74,8 +99,11 @@ def _refuse_foreign_run(cfg, run, verb: str, marker: set[str], products: tuple[s
         if q.is_dir() or any(part.startswith(".") for part in parts):
             continue  # folders, and unfinished .tmp-* writes of an interrupted run
         if not any(len(pat) == len(parts) and all(map(fnmatch.fnmatchcase, parts, pat)) for pat in patterns):
+            other = any(len(pat) == len(parts) and all(map(fnmatch.fnmatchcase, parts, pat))
+                        for pat in (o.split("/") for o in other_products))
+            why = other_what if other else "another run's data"
             raise TubError(f"-o {run.dir} already holds outputs/{'/'.join(parts)}, which `tub pathorob {verb}` "
-                           "does not write here (another run's data); pass a new -o")
+                           f"does not write here ({why}); pass a new -o")
 
 
 def _inputs(cfg):
@@ -229,7 +257,7 @@ def _train_impl(cfg: TrainConfig, run) -> dict:
     from .robustify import METHODS
 
     X, meta = _inputs(cfg)
-    ID = meta.subset != "OOD"
+    ID = np.ones(len(meta), bool) if cfg.include_ood else meta.subset != "OOD"
     Xf, mf = X[ID], meta.where(ID)
     for c in cfg.covariates:
         if c not in mf.columns:
@@ -241,12 +269,15 @@ def _train_impl(cfg: TrainConfig, run) -> dict:
     _refuse_overwrite(cfg, [stem.with_suffix(".safetensors"), stem.with_suffix(".json")])
     covs = {c: mf[c] for c in cfg.covariates} or None
     Y = model.fit_transform(Xf, mf.medical_center, covs)
+    model.ood_centers_ = sorted({str(c) for c in meta.medical_center[~ID]} - set(model.centers_))
     st, js = model.save(stem)
     before, after = _robustness_pair(Xf, Y, mf, cfg.k)
     out = {"method": cfg.method, "centers": len(model.centers_), "rows": int(len(Xf)), "saved": str(st),
            "robustness_index_before": before["robustness_index"], "robustness_index_after": after["robustness_index"],
            "knn_balanced_accuracy_before": before["balanced_accuracy"],
            "knn_balanced_accuracy_after": after["balanced_accuracy"], "k": cfg.k}
+    if model.ood_centers_:
+        out["ood_centers_excluded"] = model.ood_centers_
     return out
 
 
@@ -263,9 +294,12 @@ def _robustify_impl(cfg: RobustifyConfig, run) -> dict:
     dst = run.outputs_dir / "features"
     layout, written = like_paths(cfg.features, dst)
     _refuse_overwrite(cfg, written, inputs=[meta.source])
-    products = {"official": ("features/*.npz",), "atlas": ("features/embeddings.npy", "features/manifest.csv")}
-    _refuse_foreign_run(cfg, run, "robustify", {"features", "model"},
-                        products.get(layout, ("features/features.npy", "features/metadata.csv")))
+    products = {"official": ("features/*.npz",), "atlas": ("features/embeddings.npy", "features/manifest.csv"),
+                "plain": ("features/features.npy", "features/metadata.csv")}
+    mine = products["plain"] if layout not in products else products[layout]
+    others = tuple(p for v in products.values() for p in v if p not in mine)
+    _refuse_foreign_run(cfg, run, "robustify", {"features", "model"}, mine, others,
+                        "robustify's output for features in another layout")
     covs = None
     if isinstance(model, ComBat) and model.covariate_levels_:
         missing = [c for c in model.covariate_levels_ if c not in meta.columns]
@@ -274,12 +308,14 @@ def _robustify_impl(cfg: RobustifyConfig, run) -> dict:
         covs = {c: meta[c] for c in model.covariate_levels_}
     Y = model.transform(X, meta.medical_center, covs)
     Y = Y.astype(X.dtype) if X.dtype == np.float32 else Y
+    _clear_products(cfg, run, mine, inputs=[meta.source])
     out = write_like(cfg.features, dst, Y, meta)
     return {"method": model.method, "rows": int(len(Y)), "output": str(out),
             "mean_abs_change": float(np.abs(Y - X).mean())}
 
 
-TILE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+TILE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")  # tub atlas's tiles.IMAGE_EXT
+STAIN_MANIFEST = "stainnorm_manifest.jsonl"
 
 
 def _folder_tiles(folder: Path) -> list[Path]:
@@ -312,8 +348,79 @@ def _tile_outputs(tiles: list[Path], root: Path) -> dict[str, Path]:
     return {str(f): out for out, f in by_output.items()}
 
 
+def _tile_record(tile: str, out: Path, root: Path, method: str, target: str) -> dict:
+    """What an output tile is made from: its input (absolute path, size, mtime), the method and the target hash."""
+    st = Path(tile).stat()
+    return {"output": out.relative_to(root).as_posix(), "input": str(Path(tile).resolve()), "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns, "method": method, "target": target}
+
+
+def _read_manifest(path: Path) -> dict[str, dict]:
+    """The last record of each output in a stainnorm manifest (JSON lines); unreadable lines are ignored."""
+    import json
+
+    records = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rec = json.loads(line)
+            records[rec["output"]] = rec
+        except (ValueError, TypeError, KeyError):
+            continue
+    return records
+
+
+def _refuse_foreign_tiles(run, outputs: dict[str, Path], method: str, target: str) -> None:
+    """One-line error if an existing output of this run's shard was made from another tile, a changed tile,
+    another method or another target (per the manifest), so that it is not skipped as done."""
+    from tubcli.runs import shard_items
+
+    records = _read_manifest(run.outputs_dir / STAIN_MANIFEST)
+    for item in shard_items(outputs, *run.shard):
+        out = outputs[item]
+        if not out.exists():
+            continue
+        want = _tile_record(item, out, run.outputs_dir, method, target)
+        rec = records.get(want["output"])
+        if rec == want:
+            continue
+        name = f"outputs/{want['output']}"
+        why = ("has no record of the tile it was made from" if rec is None
+               else f"was made from {rec.get('input')}, not {want['input']}" if rec.get("input") != want["input"]
+               else f"was made from an earlier version of {item}" if (rec.get("size"), rec.get("mtime_ns"))
+               != (want["size"], want["mtime_ns"]) else "was made with another method or --target image")
+        raise TubError(f"-o {run.dir}: {name} {why}; pass a new -o, or --overwrite to remake it")
+
+
+def _append_records(path: Path, records: list[dict]) -> None:
+    """Append manifest records under the manifest's lock (shards share it)."""
+    import json
+
+    from tubcli.runs import ItemLock
+
+    with ItemLock(path).waiting(), open(path, "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def _compact_manifest(path: Path) -> None:
+    """Keep one record per output that exists (the last), under the manifest's lock."""
+    import json
+
+    from tubcli.io import write_text
+    from tubcli.runs import ItemLock
+
+    if not path.is_file():
+        return
+    with ItemLock(path).waiting():
+        recs = [r for r in _read_manifest(path).values() if (path.parent / r["output"]).is_file()]
+        write_text(path, "".join(json.dumps(r) + "\n" for r in recs))
+
+
 def stainnorm(cfg: StainConfig, run) -> dict:
-    """Stain-normalise tile images (Macenko or Reinhard) into outputs/, one PNG per tile (see _tile_outputs)."""
+    """Stain-normalise tile images (Macenko or Reinhard) into outputs/, one PNG per tile (see _tile_outputs).
+    ``outputs/stainnorm_manifest.jsonl`` records what each output was made from; an existing output is
+    skipped only if its record matches this run's tile and target, otherwise the run is refused."""
+    import hashlib
+
     from PIL import Image
 
     from tubcli.io import atomic_path
@@ -322,22 +429,32 @@ def stainnorm(cfg: StainConfig, run) -> dict:
 
     outputs = _tile_outputs(cfg.tiles, run.outputs_dir)
     if not outputs:
-        raise TubError("no tile images found (PNG/JPEG/TIFF files, or folders searched recursively); check the paths")
-    _refuse_overwrite(cfg, outputs.values())
+        raise TubError("no tile images found (PNG/JPEG/TIFF/BMP files, or folders searched recursively); "
+                       "check the paths")
+    manifest = run.outputs_dir / STAIN_MANIFEST
+    _refuse_overwrite(cfg, [*outputs.values(), manifest])
     norm = NORMALIZERS[cfg.method]()
+    target = "default"
     if cfg.target is not None:
         if not Path(cfg.target).is_file():
             raise TubError(f"target tile not found: {cfg.target}")
-        norm.fit(_read_rgb(cfg.target))
+        target = "sha256:" + hashlib.sha256(Path(cfg.target).read_bytes()).hexdigest()
     elif cfg.method == "reinhard":
         raise TubError("Reinhard normalisation needs --target IMG")
+    if not run.overwrite:
+        _refuse_foreign_tiles(run, outputs, cfg.method, target)
+    if cfg.target is not None:
+        norm.fit(_read_rgb(cfg.target))
     done = 0
     for item, out in run.batch(outputs, output_for=outputs.get):
         with run.item(item):
+            record = _tile_record(item, out, run.outputs_dir, cfg.method, target)
             img = norm.transform(_read_rgb(Path(item)))
             with atomic_path(out) as tmp:
                 Image.fromarray(img).save(tmp, format="PNG")
+            _append_records(manifest, [record])
             done += 1
+    _compact_manifest(manifest)
     return {"method": cfg.method, "tiles": len(outputs), "written": done}
 
 
@@ -422,10 +539,14 @@ def _explain_impl(cfg: ExplainConfig, run) -> dict:
 
 def make_data(cfg: MakeDataConfig, run) -> dict:
     """Synthetic feature sets (official layout + plain .npy + metadata CSV) or synthetic H&E tiles."""
-    products = (("tiles/*.png", "tiles.csv", "stain_matrices.json") if cfg.kind == "tiles" else
-                ("features/*.npz", "features.npy", "metadata.csv", "metadata_paired.csv"))
-    _refuse_foreign_run(cfg, run, "make-data", {"kind"}, products)
+    kinds = {"tiles": ("tiles/*.png", "tiles.csv", "stain_matrices.json"),
+             "features": ("features/*.npz", "features.npy", "metadata.csv", "metadata_paired.csv")}
+    products = kinds[cfg.kind]
+    _refuse_foreign_run(cfg, run, "make-data", {"kind"}, products,
+                        tuple(p for k, v in kinds.items() if k != cfg.kind for p in v),
+                        f"make-data's output of another kind than {cfg.kind}")
     if cfg.kind == "tiles":
+        _clear_products(cfg, run, products)
         return _make_tiles(cfg, run)
     from .features import write_official, write_plain
     from .synthetic import PRESETS, paired_subsets, synthetic_features
@@ -439,6 +560,7 @@ def make_data(cfg: MakeDataConfig, run) -> dict:
                                      cfg.tiles_per_slide, cfg.dim, cfg.bio, cfg.center, cfg.slide, cfg.noise,
                                      cfg.center_scale, run.seed)
     out = run.outputs_dir
+    _clear_products(cfg, run, products)
     write_official(out / "features", X, meta)
     write_plain(out / "features.npy", X)
     meta.write_csv(out / "metadata.csv")

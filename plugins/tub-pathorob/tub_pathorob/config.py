@@ -93,6 +93,8 @@ class TrainConfig(FeaturesConfig):
     covariates: list[str] = Field(default_factory=list, description="metadata columns kept as ComBat covariates "
                                                                     "(e.g. biological_class; leaks labels)")
     k: int = Field(11, ge=1, description="k for the before/after robustness index on the training data")
+    include_ood: bool = Field(False, description="fit on all rows, OOD included (default: ID rows only, as the "
+                                                 "protocol keeps OOD centers unseen)")
 
 
 class RobustifyConfig(FeaturesConfig):
@@ -101,7 +103,7 @@ class RobustifyConfig(FeaturesConfig):
 
 
 class StainConfig(TubConfig):
-    tiles: list[Path] = Field(default_factory=list, description="tile images (PNG/JPEG/TIFF) or folders of them, "
+    tiles: list[Path] = Field(default_factory=list, description="tile images (PNG/JPEG/TIFF/BMP) or folders of them, "
                                                                 "read recursively; a folder's tiles go to "
                                                                 "outputs/<folder name>/<sub-folders>/")
     method: Literal["macenko", "reinhard"] = Field("macenko", description="macenko | reinhard")

@@ -40,9 +40,13 @@ class _CenterModel:
         lookup = {c: i for i, c in enumerate(self.centers_)}
         unseen = sorted({str(c) for c in centers if c not in lookup})
         if unseen:
+            ood = getattr(self, "ood_centers_", None)
+            why = (f"; its OOD rows ({', '.join(ood)}) were excluded at fit time, as the protocol keeps OOD "
+                   "centers unseen" if ood and unseen[0] in ood else "")
             raise TubError(
                 f"center {unseen[0]!r} was not seen when the {self.method} robustification was fitted "
-                f"(fitted on {', '.join(self.centers_)}); refit including it"
+                f"(fitted on {', '.join(self.centers_)}{why}); refit with `tub pathorob train --include-ood` "
+                "(fits on all rows) or with features that include it, or robustify only the fitted centers' rows"
             )
         return np.array([lookup[c] for c in centers], dtype=np.int64)
 
@@ -54,7 +58,10 @@ class _CenterModel:
         return {name: getattr(self, name + "_") for name in self.tensor_shapes}
 
     def _config(self) -> dict:
-        return {"method": self.method, "centers": list(self.centers_)}
+        out = {"method": self.method, "centers": list(self.centers_)}
+        if getattr(self, "ood_centers_", None):
+            out["ood_centers_excluded"] = list(self.ood_centers_)
+        return out
 
     def save(self, path: Path) -> tuple[Path, Path]:
         """``path.safetensors`` (arrays) + ``path.json`` (method, center names, levels)."""
@@ -284,4 +291,6 @@ def load_robustification(path: Path):
         model.tol = cfg.get("tol", model.tol)
         model.covariate_levels_ = cfg.get("covariate_levels", {})
     model.centers_ = list(cfg["centers"])
+    ood = cfg.get("ood_centers_excluded", [])
+    model.ood_centers_ = [str(c) for c in ood] if isinstance(ood, list) else []
     return model
