@@ -127,7 +127,7 @@ def embed(cfg: EmbedConfig, run) -> dict:
     for item, name in names.items():  # every output name is safe, and an existing output is this input's
         out = out_for(name)
         if not run.overwrite:
-            check_existing_output(cfg.format, out, sources(item), run.log)
+            check_existing_output(cfg.format, out, sources(item))
     encoder, info = _encoder(cfg.encoder, run)
     dtype = run.dtype if cfg.precision in ("bf16", "fp16") else None
     if cfg.precision == "fp64":

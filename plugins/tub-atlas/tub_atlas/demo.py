@@ -38,8 +38,7 @@ def _demo(run) -> dict:
     from .synthetic import preset_config, random_vit, synthetic_tiles
     from .tiles import TileSet
 
-    print(NOTICE)
-    run.log.warning(NOTICE)
+    run.log.warning(NOTICE)  # stderr: `tub demo --json` stays one JSON document on stdout
     out = run.outputs_dir
     # 1. a random-weight checkpoint, saved, inspected from shapes and reloaded
     cfg = preset_config("vit-t8-demo")

@@ -27,7 +27,7 @@ from tubcli.io import atomic_path
 from tubcli.runs import ItemLock
 
 from .encoder import Encoder, uint8_to_float
-from .tiles import TileSet
+from .tiles import TileSet, too_long
 
 MANIFEST_FIELDS = ["tile_id", "origin", "label", "slide_id", "patch_id", "x", "y"]
 
@@ -80,8 +80,12 @@ def output_path(fmt: str, outputs: Path, name: str) -> Path:
     """Where the output of the input (or center) ``name`` goes: always directly inside ``outputs``."""
     if name in ("", ".", "..") or any(c in name for c in ("/", "\\", "\0")):
         raise TubError(f"{name!r} cannot name an output file inside {outputs}; rename that input or center")
-    return {"npy": outputs / name, "eva": outputs / name, "h5": outputs / f"{name}.h5",
-            "pathorob": outputs / f"{name}.npz"}[fmt]
+    out = {"npy": outputs / name, "eva": outputs / name, "h5": outputs / f"{name}.h5",
+           "pathorob": outputs / f"{name}.npz"}[fmt]
+    if too_long(name):
+        raise TubError(f"{name[:32]!r}... is too long to name output files ({too_long(name)}); "
+                       "rename that input or center")
+    return out
 
 
 def write_embeddings(fmt: str, out: Path, emb: np.ndarray, tiles: TileSet, seed: int = 0) -> None:
@@ -90,7 +94,8 @@ def write_embeddings(fmt: str, out: Path, emb: np.ndarray, tiles: TileSet, seed:
         with atomic_dir(out) as tmp:
             np.save(tmp / "embeddings.npy", emb.astype(np.float32))
             fields = MANIFEST_FIELDS + (["medical_center"] if "medical_center" in rows[0] else [])
-            _write_manifest(tmp / "manifest.csv", rows, fields)
+            absolute = [{**r, "origin": absolute_origin(r["origin"])} for r in rows]
+            _write_manifest(tmp / "manifest.csv", absolute, fields)
     elif fmt == "pathorob":
         with atomic_path(out) as tmp:
             np.savez(tmp, **{f"{r['slide_id']}-{r['patch_id']}": e for r, e in zip(rows, emb)})
@@ -99,7 +104,7 @@ def write_embeddings(fmt: str, out: Path, emb: np.ndarray, tiles: TileSet, seed:
 
         with atomic_path(out) as tmp:
             with h5py.File(tmp, "w") as f:
-                f.attrs["origin"] = rows[0]["origin"]  # checked before a rerun skips this output
+                f.attrs["origin"] = absolute_origin(rows[0]["origin"])  # checked before a rerun skips this output
                 f.create_dataset("features", data=emb.astype(np.float32))
                 coords = f.create_dataset("coords", data=np.array([[r["x"], r["y"]] for r in rows], dtype=np.int64))
                 for k, v in tiles.extra.get("coords_attrs", {}).items():  # whole slides: CLAM/TRIDENT attrs
@@ -114,13 +119,21 @@ def write_embeddings(fmt: str, out: Path, emb: np.ndarray, tiles: TileSet, seed:
             for i, (r, e, s) in enumerate(zip(rows, emb, splits)):
                 rel = f"embeddings/{i:06d}.pt"
                 torch.save(torch.from_numpy(np.ascontiguousarray(e, dtype=np.float32)), tmp / rel)
-                man.append({"origin": r["origin"], "embeddings": rel, "target": r["label"], "split": s})
+                man.append({"origin": absolute_origin(r["origin"]), "embeddings": rel, "target": r["label"],
+                            "split": s})
             _write_manifest(tmp / "manifest.csv", man, ["origin", "embeddings", "target", "split"])
     else:
         raise ValueError(fmt)
 
 
 _ORIGIN = re.compile(r"^(?P<file>.+?)(?::\d+|@-?\d+,-?\d+)?$")  # "<array>:<i>", "<slide>@<x>,<y>" or a file
+
+
+def absolute_origin(origin: str) -> str:
+    """``origin`` with its file part made absolute (``os.path.abspath``: symlinks kept as spelt), so a
+    rerun from another folder compares it with the right input."""
+    m = _ORIGIN.match(origin)
+    return os.path.abspath(m["file"]) + origin[m.end("file"):]
 
 
 def recorded_origin(fmt: str, out: Path) -> str | None:
@@ -147,7 +160,7 @@ def recorded_origin(fmt: str, out: Path) -> str | None:
 
 def same_source(origin: str, source: Path) -> bool:
     """Whether a tile's recorded ``origin`` lies in the input ``source`` (that file, or inside that
-    folder); relative origins are taken from the current folder, as they were written."""
+    folder). Outputs record absolute origins; a relative one (older tub) is taken from the current folder."""
     tile_file, src = Path(_ORIGIN.match(origin)["file"]), Path(source)
     for norm in (lambda q: Path(os.path.abspath(q)), Path.resolve):  # as spelt (symlinked tiles), then real
         f, s = norm(tile_file), norm(src)
@@ -156,7 +169,37 @@ def same_source(origin: str, source: Path) -> bool:
     return False
 
 
-def check_existing_output(fmt: str, out: Path, source: Path | TileSet, log=None) -> None:
+def _redo(out: Path, why: str) -> TubError:
+    return TubError(f"{out} {why}; give this input a new -o, or pass --overwrite to replace it")
+
+
+def _check_unrecorded_h5(out: Path, source: Path) -> None:
+    """An h5 of an older tub (no ``origin``): its ``slide_id``, ``label``, ``coords`` and tile count must be
+    this input's (a folder or tile array, whose names are read without decoding tiles)."""
+    import h5py
+
+    from .tiles import ARRAY_EXT, read_array_file, read_folder
+
+    src = Path(source)
+    if not (src.is_dir() or src.suffix.lower() in ARRAY_EXT):
+        raise _redo(out, f"records no origin (written by an older tub) and cannot be checked against {src} "
+                         "without tiling it")
+    rows = (read_folder(src) if src.is_dir() else read_array_file(src)).rows
+    try:
+        with h5py.File(out, "r") as f:
+            n = len(f["features"])
+            have = [(a.decode(), b.decode(), int(x), int(y))
+                    for a, b, (x, y) in zip(f["slide_id"][()], f["label"][()], f["coords"][()])]
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise _redo(out, f"records no origin and its tiles cannot be read ({exc})") from None
+    want = [(r["slide_id"], r["label"], r["x"], r["y"]) for r in rows]
+    if n != len(rows) or have != want:
+        first = next((h for h, w in zip(have, want) if h != w), None)
+        diff = f"first differing tile of slide {first[0]!r}" if first else f"{n} tiles, {len(rows)} here"
+        raise _redo(out, f"records no origin (written by an older tub) and holds other tiles than {src} ({diff})")
+
+
+def check_existing_output(fmt: str, out: Path, source: Path | TileSet) -> None:
     """An existing output is skipped only if it came from this input: a skip would otherwise let another
     input's embeddings (``tiles/`` for ``tiles.npz``, another metadata CSV's center) stand in for it.
     ``source`` is the input path, or for ``pathorob`` the center's tiles (their keys must be the file's)."""
@@ -179,12 +222,17 @@ def check_existing_output(fmt: str, out: Path, source: Path | TileSet, log=None)
         return
     origin = recorded_origin(fmt, out)
     if origin is None:
-        if log is not None:
-            log.warning("%s records no origin (written by an older tub); cannot check it came from %s", out, source)
+        _check_unrecorded_h5(out, source)
+        return
+    tile_file = _ORIGIN.match(origin)["file"]
+    if not os.path.isabs(tile_file):  # older tub: relative to a folder this run cannot know
+        if not (same_source(origin, source) and os.path.exists(tile_file)):
+            raise _redo(out, f"records the relative origin {tile_file} (written by an older tub from an unknown "
+                             f"folder), which is not in {source} from the current folder")
         return
     if not same_source(origin, source):
-        raise TubError(f"{out} holds the embeddings of another input (first tile {_ORIGIN.match(origin)['file']}), "
-                       f"not of {source}; give this input a new -o, or pass --overwrite to replace it")
+        raise _redo(out, f"holds the embeddings of another input (first tile {tile_file}), not of "
+                         f"{os.path.abspath(source)}")
 
 
 class SlideTables:

@@ -5,6 +5,7 @@ per-tile metadata."""
 from __future__ import annotations
 
 import csv
+import os
 import re
 import zipfile
 from collections.abc import Callable
@@ -250,9 +251,10 @@ def _row_from_name(path: Path, label: str | None, root: Path) -> dict:
 
 
 def read_folder(root: Path) -> TileSet:
-    """Flat image folder, or an ImageFolder tree ``root/<class>/**/*.png`` (label = class folder)."""
+    """Flat image folder, or an ImageFolder tree ``root/<class>/**/*.png`` (label = class folder). Hidden
+    files and everything under hidden folders below ``root`` (``.ipynb_checkpoints/``) are skipped."""
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXT and p.is_file()
-                   and not p.name.startswith("."))
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
     if not files:
         raise TubError(f"{root} contains no PNG/JPEG/TIFF tiles")
     top_level = [p for p in files if p.parent == root]
@@ -459,6 +461,17 @@ def read_pathorob_metadata(csv_path: Path, image_root: Path | None) -> dict[str,
     return groups
 
 
+NAME_MAX = 255  # bytes in one file name (ext4, xfs, btrfs, ...)
+# longest name written per input or center: atomic_path's temporary ".tmp-<stem>-<8 random>.geojson" (QC)
+MAX_STEM_BYTES = NAME_MAX - len(".tmp--XXXXXXXX.geojson")
+
+
+def too_long(stem: str) -> str:
+    """Why ``stem`` is too long to name output files ('' when it is not)."""
+    size = len(os.fsencode(stem))
+    return f"{size} bytes in UTF-8, at most {MAX_STEM_BYTES}" if size > MAX_STEM_BYTES else ""
+
+
 def center_file_stem(center: str, source: Path | str = "metadata") -> str:
     """The stem of a center's ``{center}.npz``: spaces become '_', as ``tub pathorob`` and the official
     scripts look the file up. A center that is not one plain file name (empty, '.', '..', a path
@@ -469,6 +482,9 @@ def center_file_stem(center: str, source: Path | str = "metadata") -> str:
         why = f"it contains {bad!r}" if bad else "it is empty" if not stem else f"{stem!r} names a folder"
         raise TubError(f"{source}: medical_center {center!r} cannot name a {{center}}.npz file ({why}); "
                        "rename the center in the metadata")
+    if too_long(stem):
+        raise TubError(f"{source}: medical_center {center[:32]!r}... is too long for a file name "
+                       f"({too_long(stem)}); rename the center in the metadata")
     return stem
 
 
