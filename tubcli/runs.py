@@ -510,8 +510,21 @@ class Run:
         return track(iterable, total=total, desc=desc)
 
     def write_metrics(self, metrics: dict) -> None:
-        if self.is_main:
-            write_json(self.dir / "metrics.json", metrics)
+        """``metrics.json``; the shards of an array job share it as ``{"shards": {"i/n": metrics}}`` (each
+        shard replaces its own entry under the file's lock), so no shard's figures overwrite another's."""
+        if not self.is_main:
+            return
+        path = self.dir / "metrics.json"
+        if self.shard[1] == 1:
+            write_json(path, metrics)
+            return
+        with ItemLock(path).waiting():
+            try:
+                shards = json.loads(path.read_text()).get("shards", {})
+            except (OSError, ValueError, AttributeError):
+                shards = {}
+            shards[f"{self.shard[0]}/{self.shard[1]}"] = metrics
+            write_json(path, {"shards": dict(sorted(shards.items()))})
 
     def log_metrics(self, row: dict) -> None:
         if not self.is_main:

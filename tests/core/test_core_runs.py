@@ -132,6 +132,18 @@ def test_a_retry_drops_only_the_failures_that_now_succeed(toy_plugins, tmp_path)
     assert not list(out.glob("*.lock")) and not list(tmp_path.glob(".*.lock"))
 
 
+def test_shards_keep_their_own_metrics(toy_plugins, tmp_path):
+    inputs = make_inputs(tmp_path / "in", 5)
+    out = tmp_path / "run"
+    for i in range(2):
+        assert invoke(["toy", "evaluate", *inputs, "--shard", f"{i}/2", "-o", out]).exit_code == 0
+    shards = json.loads((out / "metrics.json").read_text())["shards"]
+    assert {k: v["squared"] for k, v in shards.items()} == {"0/2": 3, "1/2": 2}
+    assert invoke(["toy", "evaluate", *inputs, "--shard", "1/2", "-o", out]).exit_code == 0  # all skipped now
+    shards = json.loads((out / "metrics.json").read_text())["shards"]
+    assert shards["0/2"]["squared"] == 3 and shards["1/2"]["batch"]["skipped_existing"] == 2
+
+
 def test_a_shard_that_fails_on_a_rerun_is_not_marked_done(toy_plugins, tmp_path):
     inputs = make_inputs(tmp_path / "in", 4)
     out = tmp_path / "run"
