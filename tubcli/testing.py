@@ -132,6 +132,15 @@ def expect_ok(result):
     return result
 
 
+def expect_exit(result, code: int = 0):
+    """Assert the exit ``code`` with no traceback (exit 2: exactly one ``error:`` line); returns the result."""
+    assert result.exit_code == code, result.stderr + result.stdout
+    assert "Traceback" not in result.stderr + result.stdout
+    if code == 2:
+        assert len([ln for ln in result.stderr.splitlines() if ln.startswith("error:")]) == 1, result.stderr
+    return result
+
+
 def expect_error_line(result, *needles: str) -> str:
     """Exit 2 with exactly one ``error:`` line naming every needle and no traceback; log lines before it
     are allowed (a verb may log progress before it meets the bad input). Returns the line."""

@@ -14,18 +14,13 @@ import pytest
 from PIL import Image
 
 from tubcli.errors import TubError
-from tubcli.testing import invoke
+from tubcli.testing import expect_exit, invoke
 
 ENC = ["--arch", "vit-t8-demo", "--random-init"]
 
 
 def atlas(*args, code: int = 0):
-    r = invoke(["atlas", *map(str, args)])
-    assert r.exit_code == code, r.stderr + r.stdout
-    assert "Traceback" not in r.stderr + r.stdout
-    if code == 2:
-        assert len([ln for ln in r.stderr.splitlines() if ln.startswith("error:")]) == 1, r.stderr
-    return r
+    return expect_exit(invoke(["atlas", *args]), code)
 
 
 def tiles(folder: Path, slide: str, n: int = 2, seed: int = 0) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tub_pathorob.cli import _read_rgb
+from tubcli.images import read_rgb as _read_rgb
 from tub_pathorob.clustering_score import clustering_score
 from tub_pathorob.config import EvaluateConfig, RIConfig
 from tub_pathorob.robustify import ComBat, load_robustification

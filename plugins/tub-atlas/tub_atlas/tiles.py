@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from tubcli.errors import TubError
+from tubcli.images import read_rgb as read_image, to_uint8  # one tile rule, shared with pathorob
 
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 ARRAY_KEYS = ("tiles", "imgs", "images", "x")
@@ -184,57 +185,12 @@ def take_tiles(tiles, indices) -> list[np.ndarray]:
     return tiles.take(indices)
 
 
-FLOAT_TOLERANCE = 1e-3  # float tiles may overshoot [0, 1] by rounding (e.g. after resampling)
-
-
-def to_uint8(arr: np.ndarray, src) -> np.ndarray:
-    """Pixels as uint8, by one rule for every input: uint8 as is; uint16 scaled by 255/65535 (its full
-    range, e.g. 16-bit PNGs); other integers must already lie in 0..255; floats must be finite and in
-    [0, 1] (the encoder's input range). Anything else is a one-line error naming ``src``."""
-    if arr.dtype == np.uint8:
-        return arr
-    if arr.dtype.kind == "u" and arr.dtype.itemsize == 2:
-        return np.round(arr / 257.0).astype(np.uint8)
-    if arr.dtype.kind in "ui":
-        lo, hi = int(arr.min()), int(arr.max())
-        if lo < 0 or hi > 255:
-            raise TubError(f"{src}: {arr.dtype} pixel values span {lo}..{hi}, outside 0..255; "
-                           "store tiles as uint8 (0..255), uint16 (0..65535) or float (0..1)")
-        return arr.astype(np.uint8)
-    if arr.dtype.kind == "f":
-        if not np.isfinite(arr).all():
-            raise TubError(f"{src}: tiles contain NaN or infinite values; fix or drop those tiles")
-        lo, hi = float(arr.min()), float(arr.max())
-        if lo < -FLOAT_TOLERANCE or hi > 1 + FLOAT_TOLERANCE:
-            raise TubError(f"{src}: float tiles must be RGB in [0, 1], found {lo:g}..{hi:g}; "
-                           "divide 0..255 data by 255 or store uint8")
-        return np.round(np.clip(arr, 0, 1) * 255).astype(np.uint8)
-    raise TubError(f"{src}: tile pixels of dtype {arr.dtype} are not supported; "
-                   "store uint8, uint16 or float (0..1)")
-
-
 def _hwc(arr: np.ndarray, src) -> np.ndarray:
     if arr.ndim == 4 and arr.shape[1] == 3 and arr.shape[-1] != 3:
         arr = arr.transpose(0, 2, 3, 1)
     if arr.ndim != 4 or arr.shape[-1] != 3:
         raise TubError(f"{src}: tile array must be (N, H, W, 3) or (N, 3, H, W), got {arr.shape}")
     return to_uint8(arr, src)
-
-
-def read_image(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB. 8-bit modes go through PIL's RGB conversion; 16-bit, 32-bit and float
-    greyscale (modes I;16, I, F), which PIL would saturate, through :func:`to_uint8`."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            high = im.mode.startswith("I") or im.mode == "F"
-            arr = np.asarray(im) if high else np.asarray(im.convert("RGB"))
-    except Exception as exc:  # noqa: BLE001
-        raise TubError(f"cannot read image {path}: {exc}") from exc
-    if high:
-        arr = np.repeat(to_uint8(arr, path)[..., None], 3, axis=-1)
-    return arr
 
 
 def _row_from_name(path: Path, label: str | None, root: Path) -> dict:

@@ -423,6 +423,7 @@ def stainnorm(cfg: StainConfig, run) -> dict:
 
     from PIL import Image
 
+    from tubcli.images import read_rgb
     from tubcli.io import atomic_path
 
     from .stain import NORMALIZERS
@@ -444,55 +445,18 @@ def stainnorm(cfg: StainConfig, run) -> dict:
     if not run.overwrite:
         _refuse_foreign_tiles(run, outputs, cfg.method, target)
     if cfg.target is not None:
-        norm.fit(_read_rgb(cfg.target))
+        norm.fit(read_rgb(cfg.target))
     done = 0
     for item, out in run.batch(outputs, output_for=outputs.get):
         with run.item(item):
             record = _tile_record(item, out, run.outputs_dir, cfg.method, target)
-            img = norm.transform(_read_rgb(Path(item)))
+            img = norm.transform(read_rgb(Path(item)))
             with atomic_path(out) as tmp:
                 Image.fromarray(img).save(tmp, format="PNG")
             _append_records(manifest, [record])
             done += 1
     _compact_manifest(manifest)
     return {"method": cfg.method, "tiles": len(outputs), "written": done}
-
-
-def _pixels_uint8(arr: np.ndarray, path: Path) -> np.ndarray:
-    """High-bit-depth greyscale pixels as uint8 by tub atlas's rule (PIL's RGB conversion would saturate
-    them to white): uint16 scaled by v/257 (its full range, e.g. 16-bit PNG/TIFF); other integers must already
-    lie in 0..255; floats in [0, 1]."""
-    if arr.dtype.kind == "u" and arr.dtype.itemsize == 2:
-        return np.round(arr / 257.0).astype(np.uint8)
-    if arr.dtype.kind in "ui":
-        lo, hi = int(arr.min()), int(arr.max())
-        if lo < 0 or hi > 255:
-            raise TubError(f"{path}: {arr.dtype} pixel values span {lo}..{hi}, outside 0..255; "
-                           "store tiles as 8-bit or 16-bit images")
-        return arr.astype(np.uint8)
-    if not np.isfinite(arr).all() or arr.min() < -1e-3 or arr.max() > 1 + 1e-3:
-        raise TubError(f"{path}: float pixels must be finite and in [0, 1]; store tiles as 8-bit or 16-bit images")
-    return np.round(np.clip(arr, 0, 1) * 255).astype(np.uint8)
-
-
-def _read_rgb(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB, read as ``tub atlas embed`` reads tiles: 8-bit modes through PIL's RGB conversion,
-    16-bit/32-bit/float greyscale (modes I;16*, I, F) through :func:`_pixels_uint8`. PIL reads 16-bit RGB(A)
-    PNG/TIFF as 8-bit RGB(A) by keeping the high byte (within one grey level of v/257)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            high = im.mode.startswith("I") or im.mode == "F"
-            arr = np.asarray(im) if high else np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise TubError(f"{path}: not a readable image ({str(e).splitlines()[0]})") from None
-    if high:
-        if arr.ndim != 2:
-            raise TubError(f"{path}: {arr.ndim}-D pixel array of mode {im.mode}; store tiles as 8-bit or 16-bit "
-                           "greyscale/RGB images")
-        arr = np.repeat(_pixels_uint8(arr, path)[..., None], 3, axis=-1)
-    return arr
 
 
 def _explain_impl(cfg: ExplainConfig, run) -> dict:

@@ -205,12 +205,6 @@ SIZE_FROM_ATTRIBUTE = "attribute"
 SIZE_FROM_GRID = "inferred from the coordinate grid"
 
 
-def tile_size_level0(attrs: dict, coords: np.ndarray | None = None, override: int | None = None,
-                     name: str = "bag", log=None) -> int:
-    """Level-0 tile side of a bag; see :func:`tile_size_level0_source`."""
-    return tile_size_level0_source(attrs, coords, override, name, log)[0]
-
-
 def tile_size_level0_source(attrs: dict, coords: np.ndarray | None = None, override: int | None = None,
                             name: str = "bag", log=None) -> tuple[int, str]:
     """(level-0 tile side, its source): ``override`` (what the user stated) wins, then the coords

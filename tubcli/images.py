@@ -1,0 +1,63 @@
+"""Tile images as uint8 RGB by one rule for every plugin that reads pathology tiles (atlas, pathorob).
+
+PIL's RGB conversion saturates 16-bit, 32-bit and float greyscale to white, so those go through
+:func:`to_uint8` instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from tubcli.errors import TubError
+
+FLOAT_TOLERANCE = 1e-3  # float tiles may overshoot [0, 1] by rounding (e.g. after resampling)
+
+
+def to_uint8(arr: np.ndarray, src) -> np.ndarray:
+    """Pixels as uint8: uint8 as is; uint16 scaled by 255/65535 (its full range, e.g. 16-bit PNGs);
+    other integers must already lie in 0..255; floats must be finite and in [0, 1]. Anything else is a
+    one-line error naming ``src``."""
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype.kind == "u" and arr.dtype.itemsize == 2:
+        return np.round(arr / 257.0).astype(np.uint8)
+    if arr.dtype.kind in "ui":
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > 255:
+            raise TubError(f"{src}: {arr.dtype} pixel values span {lo}..{hi}, outside 0..255; "
+                           "store tiles as uint8 (0..255), uint16 (0..65535) or float (0..1)")
+        return arr.astype(np.uint8)
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all():
+            raise TubError(f"{src}: tiles contain NaN or infinite values; fix or drop those tiles")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < -FLOAT_TOLERANCE or hi > 1 + FLOAT_TOLERANCE:
+            raise TubError(f"{src}: float tiles must be RGB in [0, 1], found {lo:g}..{hi:g}; "
+                           "divide 0..255 data by 255 or store uint8")
+        return np.round(np.clip(arr, 0, 1) * 255).astype(np.uint8)
+    raise TubError(f"{src}: tile pixels of dtype {arr.dtype} are not supported; "
+                   "store uint8, uint16 or float (0..1)")
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB. 8-bit modes go through PIL's RGB conversion (which reads 16-bit RGB PNG/TIFF
+    by their high byte, within one grey level of v/257); greyscale modes I;16*, I and F through
+    :func:`to_uint8`."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            high = mode.startswith("I") or mode == "F"
+            arr = np.asarray(im) if high else np.asarray(im.convert("RGB"))
+    except Exception as exc:  # noqa: BLE001  (PIL raises many types for a damaged file)
+        raise TubError(f"cannot read image {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") \
+            from None
+    if high:
+        if arr.ndim != 2:
+            raise TubError(f"{path}: {arr.ndim}-D pixel array of mode {mode}; store tiles as 8-bit or 16-bit "
+                           "greyscale/RGB images")
+        arr = np.repeat(to_uint8(arr, path)[..., None], 3, axis=-1)
+    return arr
