@@ -224,8 +224,13 @@ def changed_settings(earlier: dict, now: dict, ignore: set[str], prefix: str = "
             inner = changed_settings(a, b, ignore, f"{prefix}{key}.")
             diffs += [inner] if inner else []
         elif a != b and not _same_file(a, b):
-            diffs.append(f"{prefix}{key}: {a} -> {b}")
+            diffs.append(f"{prefix}{key}: {_shown(a)} -> {_shown(b)}")
     return "; ".join(diffs[:3])
+
+
+def _shown(value) -> str:
+    """A setting as the user gave it: ``None`` is a default the verb resolves (e.g. from a preset)."""
+    return "(default)" if value is None else str(value)
 
 
 def _same_file(a, b) -> bool:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tubcli.errors import TubError
-from tubcli.runs import ItemLock, parse_shard, shard_items
+from tubcli.runs import ItemLock, changed_settings, parse_shard, shard_items
 from tubcli.testing import invoke
 
 
@@ -366,6 +366,14 @@ def test_a_batch_run_directory_refuses_other_settings_and_keeps_their_record(toy
     relative = os.path.relpath(inputs[0])  # only the inputs differ (one spelled relative): no new record
     assert invoke(["toy", "evaluate", relative, *inputs[1:], "--precision", "fp64", "-o", out]).exit_code == 0
     assert not (out / "config.2.yaml").exists()
+
+
+def test_changed_settings_name_a_left_out_option_as_its_default():
+    earlier = {"model": {"pool": None, "arch": "uni2-h"}, "inputs": ["a"], "device": "cpu"}
+    now = {"model": {"pool": "cls+mean", "arch": "uni2-h"}, "inputs": ["b"], "device": "cuda"}
+    assert changed_settings(earlier, now, {"inputs", "device"}) == "model.pool: (default) -> cls+mean"
+    assert changed_settings(now, earlier, {"inputs", "device"}) == "model.pool: cls+mean -> (default)"
+    assert changed_settings(earlier, earlier, set()) == ""
 
 
 def test_training_into_a_run_with_a_checkpoint_needs_resume_or_overwrite(toy_plugins, tmp_path):
