@@ -147,6 +147,25 @@ def test_explain_a_joblib_model_only_with_allow_pickle(data_dir, tmp_path):
     assert json.loads(res.stdout)["rows"] == 39
 
 
+def test_explain_a_joblib_pipeline_with_a_mixing_step_names_its_components(data_dir, tmp_path):
+    import joblib
+    from sklearn.decomposition import PCA
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from tub_knnlrp.data import read_table
+
+    t = read_table(data_dir / "train.csv", "target")
+    path = tmp_path / "pca.joblib"
+    joblib.dump(make_pipeline(StandardScaler(), PCA(3), KNeighborsClassifier(3)).fit(t.X, t.y), path)
+    res = invoke(["knnlrp", "explain", str(data_dir / "test.csv"), "--model", str(path), "--allow-pickle",
+                  "-o", str(tmp_path / "e")])
+    assert res.exit_code == 0, res.stderr
+    header = (tmp_path / "e" / "outputs" / "relevances.csv").read_text().splitlines()[0]
+    assert header.startswith("pca0,pca1,pca2,g,")
+
+
 def test_lower_precision_is_reported_not_silently_ignored(knn_run, data_dir, tmp_path):
     args = ["knnlrp", "check", str(data_dir / "test.csv"), "--model", str(knn_run), "--json"]
     quiet = invoke([*args, "-o", str(tmp_path / "a")])

@@ -50,6 +50,7 @@ def test_parquet(tmp_path):
         ("a,b,target\n1,nan,0\n", "missing value"),
         ("a,b,target\n1,-inf,0\n", "infinite value"),
         ("a,a,c,target\n1,2,3,0\n", "two columns named 'a'"),
+        ("6.3,2.9,5.6,1\n5.1,3.5,1.4,0\n", "first line holds numbers"),  # no header line
     ],
 )
 def test_bad_csv_is_a_one_line_error(tmp_path, text, words):
@@ -58,6 +59,13 @@ def test_bad_csv_is_a_one_line_error(tmp_path, text, words):
     with pytest.raises(TubError, match=words) as info:
         read_table(path, "target")
     assert "\n" not in str(info.value)
+
+
+def test_integer_column_names_are_names_not_data(tmp_path):
+    path = tmp_path / "pixels.csv"
+    path.write_text("0,1,2,target\n0.5,0.25,1,0\n")
+    t = read_table(path, "target")
+    assert t.feature_names == ["0", "1", "2"] and t.X.shape == (1, 3)
 
 
 def test_missing_target_is_named(tmp_path):

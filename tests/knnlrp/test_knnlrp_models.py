@@ -5,6 +5,8 @@ import warnings
 import numpy as np
 import pytest
 from sklearn.decomposition import PCA
+from sklearn.feature_selection import SelectKBest
+from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
@@ -92,6 +94,69 @@ def test_pipeline_with_pca_warns_and_uses_transformed_space():
         e = explain(pipe, t.X[:10])
     assert e.values.shape == (10, 5)
     assert e.feature_names[0].lower().startswith("pca")
+
+
+def test_dataframe_through_a_mixing_pipeline_names_the_transformed_features():
+    pd = pytest.importorskip("pandas")
+    t = bundled("wine")
+    X = pd.DataFrame(t.X, columns=t.feature_names)
+    pca = make_pipeline(StandardScaler(), PCA(3), KNeighborsClassifier(5)).fit(X, t.y)
+    with pytest.warns(MixingTransformWarning):
+        e = explain(pca, X.iloc[:4])  # the DataFrame's 13 columns name the inputs, not the 3 components
+    assert e.feature_names == ["pca0", "pca1", "pca2"]
+    with pytest.warns(MixingTransformWarning):
+        np.testing.assert_allclose(e.values, explain(pca, X.iloc[:4].to_numpy()).values, atol=1e-12)
+    select = make_pipeline(SelectKBest(k=4), StandardScaler(), KNeighborsClassifier(5)).fit(X, t.y)
+    with pytest.warns(MixingTransformWarning):
+        e = explain(select, X.iloc[:4])
+    assert e.feature_names == list(select[0].get_feature_names_out())  # the kept columns, not x0..x3
+    assert len(set(e.feature_names) - set(t.feature_names)) == 0
+    with pytest.raises(UnsupportedModelError, match="2 feature names given for 13 input features"):
+        explain(select, X.iloc[:4].to_numpy(), feature_names=["a", "b"])
+
+
+def test_imputer_pipeline_is_per_feature_and_explains_rows_with_missing_values(wine):
+    Xtr, Xte, ytr, _ = wine
+    pipe = make_pipeline(make_pipeline(SimpleImputer(), StandardScaler()), KNeighborsClassifier(5)).fit(Xtr, ytr)
+    holes = Xte[:5].copy()
+    holes[0, 2] = holes[3, 7] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MixingTransformWarning)  # nested scalers and an imputer mix nothing
+        e = explain(pipe, holes, rule="midpoint")
+    np.testing.assert_array_equal(e.prediction, pipe.predict(holes))
+    filled = pipe[0].transform(holes)
+    np.testing.assert_allclose(e.values, explain(pipe[-1], filled, rule="midpoint").values, atol=1e-12)
+    with pytest.raises(ValueError, match="infinite"):
+        explain(pipe, np.where(np.isnan(holes), np.inf, holes))
+
+
+def test_a_training_set_that_is_not_the_fitted_one_is_refused(wine):
+    Xtr, Xte, ytr, _ = wine
+    knn = make_pipeline(StandardScaler(), KNeighborsClassifier(5)).fit(Xtr, ytr)
+    order = np.random.default_rng(0).permutation(len(Xtr))  # the same set in another order is fine
+    np.testing.assert_allclose(explain(knn, Xte, X_train=Xtr[order], y_train=ytr[order]).values,
+                               explain(knn, Xte).values, atol=1e-12)
+    with pytest.raises(UnsupportedModelError, match="fitted on"):
+        explain(knn, Xte, X_train=Xtr[:60], y_train=ytr[:60])
+    other = ytr.copy()
+    other[:3] = (other[:3] + 1) % 3
+    with pytest.raises(UnsupportedModelError, match="not the set the kNN was fitted on"):
+        explain(knn, Xte, X_train=Xtr, y_train=other)
+
+
+def test_svm_default_eta_without_the_training_set_warns(wine):
+    Xtr, Xte, ytr, _ = wine
+    svc = make_pipeline(StandardScaler(), SVC(gamma=0.05)).fit(Xtr, ytr)
+    with pytest.warns(UserWarning, match="support vectors"):
+        fallback = explain(svc, Xte)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spec = explain(svc, Xte, X_train=Xtr, y_train=ytr)  # the training-set median (the CLI's η)
+        explain(svc, Xte, eta=0.5)
+    from tub_knnlrp.rules import eta_svm, median_pairwise_sqdist
+
+    assert spec.eta == eta_svm(0.05, median_pairwise_sqdist(svc[0].transform(Xtr)))
+    assert fallback.eta == eta_svm(0.05, median_pairwise_sqdist(svc[-1].support_vectors_))
 
 
 @pytest.mark.parametrize(
@@ -307,6 +372,21 @@ def test_edited_model_files_are_one_line_errors(tmp_path, case):
     with pytest.raises(TubError, match="is not a valid tub-knnlrp model: .*; retrain it") as info:
         load_model(tmp_path)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("edit", [("params", {"k": 5}), ("feature_names", ["c", "b", "a"])])
+def test_a_valid_looking_edit_of_model_json_is_refused(tmp_path, edit):
+    import json
+
+    X = np.random.default_rng(0).normal(size=(30, 3))
+    st, js = save_model(fit_model(X, (X[:, 0] > 0).astype(int), kind="knn", k=3, feature_names=["a", "b", "c"]),
+                        tmp_path)
+    assert load_model(tmp_path).params == {"k": 3}
+    meta = json.loads(js.read_text())
+    meta[edit[0]] = edit[1]  # well-formed, so only the digest in model.safetensors can tell
+    js.write_text(json.dumps(meta))
+    with pytest.raises(TubError, match="not a valid tub-knnlrp model: .*edited after training"):
+        load_model(tmp_path)
 
 
 def test_a_pickle_that_is_no_model_is_named(tmp_path):

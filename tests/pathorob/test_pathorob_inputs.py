@@ -56,6 +56,21 @@ def test_official_layout_compressed_or_mixed_npz_takes_general_path(data):
     assert np.allclose(Y, X, atol=1e-6)
 
 
+def test_official_layout_names_the_vector_of_odd_length(data):
+    X, meta, tmp = data
+    keys = meta.keys()
+    folder = tmp / "odd"
+    folder.mkdir()
+    for center in dict.fromkeys(meta.medical_center):
+        rows = np.flatnonzero(meta.medical_center == center)
+        vec = {keys[i]: X[i] for i in rows}
+        if center == "Center A":
+            vec[keys[rows[0]]] = X[rows[0], :3]  # the first vector read is the odd one
+        np.savez(folder / f"{center.replace(' ', '_')}.npz", **vec)
+    with pytest.raises(TubError, match=f"feature '{keys[0]}' has shape \\(3,\\), expected \\({X.shape[1]},\\)"):
+        load_features(folder, meta)
+
+
 def test_plain_npy_and_npz(data):
     X, meta, tmp = data
     write_plain(tmp / "X.npy", X)
@@ -86,6 +101,12 @@ def test_bad_metadata_errors_are_one_line(data, tmp_path):
     bad.write_text("subset,slide_id,patch_id,medical_center\nID,s,0,A\n")
     e = pytest.raises(TubError, read_metadata, bad).value
     assert "biological_class" in str(e) and "\n" not in str(e)
+    twice = "subset,slide_id,patch_id,biological_class,medical_center\nID,s,0,x,A\nID,s,1,x,A\nID,s,0,x,A\n"
+    bad.write_text(twice)
+    with pytest.raises(TubError, match="lines 2 and 4 are the same tile"):
+        read_metadata(bad)
+    bad.write_text(twice.replace("ID,s,0,x,A\n", "S1,s,0,x,A\n", 1))  # paired subsets may share a tile
+    assert len(read_metadata(bad)) == 3
     # unknown slide ids: the metadata names a tile that has no feature
     write_official(tmp / "feats", X, meta)
     cols = {k: v.copy() for k, v in meta.columns.items()}

@@ -79,12 +79,28 @@ def _read_frame(path, suffix, target, require_target):
         if len(rows) < 2:
             raise TubError(f"{path.name} has no data rows; it needs a header line and at least one row")
         header = [h.strip() for h in rows[0]]
+        if _looks_like_data(header):  # a file without a header line would silently lose its first row
+            raise TubError(f"{path.name}: the first line holds numbers ({', '.join(header[:3])} ...), not column "
+                           "names; add a header line with the feature names (and the label column's)")
         if any(len(r) != len(header) for r in rows[1:]):
             bad = next(i for i, r in enumerate(rows[1:], start=2) if len(r) != len(header))
             raise TubError(f"{path.name} line {bad} has a different number of fields than the header")
         cols = list(zip(*rows[1:]))
         columns = {h: np.array([v.strip() for v in c]) for h, c in zip(header, cols)}
     return _split_columns(path, header, columns, target, require_target)
+
+
+def _looks_like_data(header: list[str]) -> bool:
+    """All fields numbers and one at least not an integer: no one names columns 6.3, -0.5, 1e-3
+    (integer names such as pixel indices 0, 1, 2 stay allowed)."""
+    def number(v):
+        try:
+            float(v)
+            return True
+        except ValueError:
+            return False
+
+    return all(number(h) for h in header) and any(not h.lstrip("+-").isdigit() for h in header)
 
 
 def _check_unique(path, names) -> None:

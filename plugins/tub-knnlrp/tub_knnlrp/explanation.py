@@ -19,12 +19,14 @@ may be negative (see :mod:`tub_knnlrp.fidelity`, which reports such rows).
 from __future__ import annotations
 
 import numbers
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 from sklearn.base import BaseEstimator
 
-from tub_knnlrp.neuralize import NeuralizedClassifier, UnsupportedModelError, dense, neuralize, transform_steps
+from tub_knnlrp.neuralize import (NeuralizedClassifier, UnsupportedModelError, dense, imputes, neuralize,
+                                  transform_steps)
 from tub_knnlrp.rules import ETA_KNN, eta_svm, is_real, normalize_rule, relevance
 
 RULE_ETA = {"gi": 0.0, "midpoint": 1.0}
@@ -112,7 +114,14 @@ class NeuralizedExplainer(BaseEstimator):
             raise ValueError(f"beta_mc must be a number > 0, got {self.beta_mc!r}")
 
     def fit(self, model, X_train=None, y_train=None, feature_names=None):
-        """Neuralize a fitted estimator or Pipeline; returns self."""
+        """Neuralize a fitted estimator or Pipeline; returns self.
+
+        ``feature_names`` names the model's *input* features (default: the model's
+        ``feature_names_in_``); after a mixing step the transformed features are named from them
+        by the pipeline's ``get_feature_names_out``. ``X_train``/``y_train``: the kNN's training set
+        (default: read from the fitted model), or the SVM's, whose median distance sets the
+        default η (default: the support vectors', with a warning).
+        """
         self._check_params()
         self.model_ = model
         self.steps_, self.network_, self.per_feature_ = neuralize(model, X_train, y_train)
@@ -140,7 +149,7 @@ class NeuralizedExplainer(BaseEstimator):
         if not hasattr(self, "network_"):
             raise RuntimeError("call fit(model) before explain(X)")
         X = dense(X)
-        X_in = _as_2d(X, self.network_.n_features if self.per_feature_ else None)
+        X_in = _as_2d(X, self.network_.n_features if self.per_feature_ else None, allow_nan=imputes(self.steps_))
         X_user = X if hasattr(X, "columns") else X_in  # a DataFrame goes to scikit-learn with its names
         Z = transform_steps(self.steps_, X_user)
         if Z.shape[1] != self.network_.n_features:
@@ -152,6 +161,10 @@ class NeuralizedExplainer(BaseEstimator):
         pred_idx = np.array([lookup[v] for v in pred.tolist()], dtype=int)
         rule = normalize_rule(self.rule)
         eta = self.eta_ if rule == "hybrid" else RULE_ETA[rule]
+        if rule == "hybrid" and self.eta is None and net.kind == "svm" and net.median_from != "training set":
+            warnings.warn(f"default η = {eta:.2f} from the support vectors' median distance (the heuristic takes the "
+                          "training set's); pass X_train to fit/explain for the spec's η, or give eta",
+                          UserWarning, stacklevel=2)
         n, d = Z.shape
         values, output = np.zeros((n, d)), np.zeros(n)
         pos_idx, neg_idx = np.zeros(n, dtype=int), np.zeros(n, dtype=int)
@@ -209,12 +222,12 @@ def explain(model, X, rule="hybrid", eta=None, kappa=None, beta=None, *, with_in
     """
     explainer = NeuralizedExplainer(rule=rule, eta=eta, kappa=kappa, beta=beta, with_intercept=with_intercept,
                                     multiclass=multiclass, beta_mc=beta_mc)
-    if feature_names is None and hasattr(X, "columns"):
+    if feature_names is None and hasattr(X, "columns"):  # the input features, by the DataFrame's columns
         feature_names = [str(c) for c in X.columns]
     return explainer.fit(model, X_train, y_train, feature_names=feature_names).explain(X)
 
 
-def _as_2d(X, n_features):
+def _as_2d(X, n_features, allow_nan=False):
     if hasattr(X, "to_numpy"):
         X = X.to_numpy()
     X = np.asarray(X, dtype=np.float64)
@@ -224,23 +237,31 @@ def _as_2d(X, n_features):
         raise ValueError(f"X must be 2-D (rows, features), got shape {X.shape}")
     if n_features is not None and X.shape[1] != n_features:
         raise ValueError(f"X has {X.shape[1]} features, the model expects {n_features}")
-    if not np.isfinite(X).all():
-        raise ValueError("X contains NaN or infinite values; impute them before explaining")
+    bad = np.isinf(X) if allow_nan else ~np.isfinite(X)  # NaN passes when the pipeline imputes it
+    if bad.any():
+        raise ValueError("X contains infinite values" if allow_nan else
+                         "X contains NaN or infinite values; impute them before explaining")
     return X
 
 
 def _feature_names(model, given, steps, per_feature, d):
+    """Names of the d model-space features: the input names for per-feature pipelines, else the
+    names the preprocessing steps give their outputs (from the input names)."""
+    inputs = getattr(model, "feature_names_in_", None)
+    n_in = getattr(steps[0] if steps else model, "n_features_in_", None)
     if given is not None:
-        names = [str(n) for n in given]
+        inputs = [str(n) for n in given]
+        if n_in is not None and len(inputs) != n_in:
+            raise UnsupportedModelError(f"{len(inputs)} feature names given for {n_in} input features")
+    if per_feature:
+        names = [str(n) for n in inputs] if inputs is not None else [f"x{i}" for i in range(d)]
         if len(names) != d:
             raise UnsupportedModelError(f"{len(names)} feature names given for {d} features")
         return names
-    if not per_feature:
-        try:
-            return [str(n) for n in steps[-1].get_feature_names_out()]
-        except Exception:
-            return [f"t{i}" for i in range(d)]
-    names = getattr(model, "feature_names_in_", None)
-    if names is not None and len(names) == d:
-        return [str(n) for n in names]
-    return [f"x{i}" for i in range(d)]
+    names = None if inputs is None else np.asarray(inputs, dtype=object)
+    try:
+        for s in steps:
+            names = s.get_feature_names_out(names)
+    except Exception:  # a step without get_feature_names_out
+        return [f"t{i}" for i in range(d)]
+    return [str(n) for n in names] if len(names) == d else [f"t{i}" for i in range(d)]

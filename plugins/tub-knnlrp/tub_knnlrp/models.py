@@ -174,7 +174,7 @@ def save_model(tm: TrainedModel, directory, name: str = "model") -> tuple[Path, 
     }
     st_path, js_path = directory / f"{name}.safetensors", directory / f"{name}.json"
     with atomic_path(st_path) as tmp:
-        save_file(arrays, str(tmp), metadata={"format": FORMAT})
+        save_file(arrays, str(tmp), metadata={"format": FORMAT, "settings_sha256": _settings_digest(meta)})
     write_json(js_path, meta)
     return st_path, js_path
 
@@ -213,12 +213,33 @@ def load_model(path, allow_pickle: bool = False) -> TrainedModel:
     except Exception as exc:
         raise TubError(f"{st} is not a readable safetensors file: {str(exc).splitlines()[0]}") from None
     _check_stored(meta, arrays, p)
+    stored = _stored_digest(st)
+    if stored is not None and stored != _settings_digest(meta):  # older models carry no digest
+        raise _invalid(p, "its kind, scaler, params, classes or feature names differ from those it was trained "
+                          f"with (edited after training; {st.name} records them)")
     classes = np.asarray(meta["classes"])
     X, y = arrays["X_train"], classes[arrays["y_train"]]
     pipe = make_pipeline(meta["kind"], meta["scaler"], **meta["params"]).fit(X, y)
     _verify(pipe, arrays, meta, p)
     return TrainedModel(pipe, meta["kind"], meta["scaler"], dict(meta["params"]), X, y, list(meta["feature_names"]),
                         meta.get("cv_score"))
+
+
+def _settings_digest(meta: dict) -> str:
+    """SHA-256 of the settings in model.json that the stored arrays were fitted with: an edit of
+    k, γ, C, the classes or the names would otherwise load as a different, silently wrong model."""
+    import hashlib
+
+    keys = ("kind", "scaler", "params", "classes", "feature_names")
+    text = json.dumps({k: meta.get(k) for k in keys}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _stored_digest(st: Path) -> str | None:
+    from safetensors import safe_open
+
+    with safe_open(str(st), framework="np") as f:
+        return (f.metadata() or {}).get("settings_sha256")
 
 
 def _invalid(path, reason: str) -> TubError:

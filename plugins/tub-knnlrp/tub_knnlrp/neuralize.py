@@ -6,9 +6,9 @@ Accepted (spec §2.3–2.5):
   ``l2``, or ``minkowski`` with p = 2), odd k, dense input;
 * ``SVC(kernel="rbf")``, binary or multiclass (one-vs-one pairs are rebuilt from the dual
   coefficients), γ taken from the *fitted* numeric value (``"scale"`` and ``"auto"`` resolved);
-* either of them as the last step of a ``Pipeline`` whose earlier steps are per-feature affine
-  scalers (explained in model space, each relevance attached to its input feature) or other
-  transforms (explained in the transformed space, with a warning).
+* either of them as the last step of a ``Pipeline`` whose earlier steps are per-feature (affine
+  scalers, a mean/median imputer: explained in model space, each relevance attached to its input
+  feature) or other transforms (explained in the transformed space, with a warning).
 
 Anything else raises :class:`UnsupportedModelError` with one line saying why.
 """
@@ -34,15 +34,46 @@ class MixingTransformWarning(UserWarning):
 
 
 def split_pipeline(model):
-    """(preprocessing steps, final estimator, per-feature?) for an estimator or a Pipeline."""
+    """(preprocessing steps, final estimator, per-feature?) for an estimator or a Pipeline.
+
+    Nested Pipelines are flattened. Per-feature steps keep one model-space feature per input
+    feature: the affine scalers, and a ``SimpleImputer`` that drops no column and adds no indicator.
+    """
     from sklearn.pipeline import Pipeline
 
     if isinstance(model, Pipeline):
-        steps = [s for _, s in model.steps[:-1] if s is not None and s != "passthrough"]
+        steps = _flat_steps(model.steps[:-1])
         final = model.steps[-1][1]
-        affine = all(type(s).__name__ in AFFINE_SCALERS for s in steps)
-        return steps, final, affine
+        return steps, final, all(_per_feature(s) for s in steps)
     return [], model, True
+
+
+def _flat_steps(named_steps) -> list:
+    from sklearn.pipeline import Pipeline
+
+    flat = []
+    for _, s in named_steps:
+        if isinstance(s, Pipeline):
+            flat += _flat_steps(s.steps)
+        elif s is not None and not (isinstance(s, str) and s == "passthrough"):
+            flat.append(s)
+    return flat
+
+
+def _per_feature(step) -> bool:
+    if type(step).__name__ in AFFINE_SCALERS:
+        return True
+    if type(step).__name__ == "SimpleImputer":  # identity on observed values, one column per column
+        stats = np.asarray(getattr(step, "statistics_", [np.nan]), dtype=object)
+        keeps_all = getattr(step, "keep_empty_features", False) or not any(
+            isinstance(v, float) and np.isnan(v) for v in stats)
+        return keeps_all and getattr(step, "indicator_", None) is None
+    return False
+
+
+def imputes(steps) -> bool:
+    """Whether a step fills missing values (rows with NaN may then be explained)."""
+    return any(type(s).__name__ == "SimpleImputer" for s in steps)
 
 
 def _is_sparse(X) -> bool:
@@ -138,6 +169,7 @@ class NeuralizedClassifier:
         self.y_train = y_train  # class indices
         self.k = k
         self.median_sqdist = median_sqdist
+        self.median_from = "training set"  # the SVM's η heuristic: rows its median distance comes from
 
     @property
     def n_classes(self) -> int:
@@ -160,6 +192,26 @@ class NeuralizedClassifier:
         return NeuralizedSVM(sv[coef > 0], sv[coef < 0], coef[coef > 0], -coef[coef < 0], self.gamma, b, with_intercept)
 
 
+def _check_fitted_set(knn, Xt, y_idx) -> None:
+    """A given training set must be the one the kNN was fitted on (in any row order): any other
+    set describes another classifier than the one that predicts."""
+    if len(Xt) != knn.n_samples_fit_:
+        raise UnsupportedModelError(f"X_train has {len(Xt)} rows but the kNN was fitted on {knn.n_samples_fit_}; "
+                                    "pass the training set it was fitted on")
+    fit_X, fit_y = getattr(knn, "_fit_X", None), getattr(knn, "_y", None)
+    if not isinstance(fit_X, np.ndarray) or fit_y is None:
+        return  # nothing stored to compare with (e.g. a sparse fit)
+
+    def rows(X, y):
+        table = np.column_stack([np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.float64).ravel()])
+        return table[np.lexsort(table.T[::-1])]
+
+    a, b = rows(Xt, y_idx), rows(fit_X, fit_y)
+    if a.shape != b.shape or not np.allclose(a, b, rtol=1e-9, atol=1e-12):
+        raise UnsupportedModelError("X_train/y_train are not the set the kNN was fitted on; pass that set "
+                                    "(or leave both out: the fitted model's own set is used)")
+
+
 def neuralize(model, X_train=None, y_train=None) -> tuple[list, NeuralizedClassifier, bool]:
     """(preprocessing steps, NeuralizedClassifier, per-feature?) for a fitted estimator.
 
@@ -171,7 +223,7 @@ def neuralize(model, X_train=None, y_train=None) -> tuple[list, NeuralizedClassi
 
     steps, est, affine = split_pipeline(model)
     if not affine:
-        names = ", ".join(type(s).__name__ for s in steps if type(s).__name__ not in AFFINE_SCALERS)
+        names = ", ".join(type(s).__name__ for s in steps if not _per_feature(s))
         warnings.warn(
             f"the pipeline step(s) {names} mix features; relevances are given in the transformed space",
             MixingTransformWarning,
@@ -203,6 +255,7 @@ def neuralize(model, X_train=None, y_train=None) -> tuple[list, NeuralizedClassi
                 y_idx = np.array([lookup[v] for v in y.tolist()])
             except KeyError as exc:
                 raise UnsupportedModelError(f"y_train holds label {exc.args[0]!r} that the model does not know") from None
+            _check_fitted_set(est, Xt, y_idx)
         return steps, NeuralizedClassifier("knn", est.classes_, X_train=Xt, y_train=y_idx, k=est.n_neighbors), affine
     if isinstance(est, SVC):
         check_svc(est)
@@ -233,6 +286,7 @@ def neuralize(model, X_train=None, y_train=None) -> tuple[list, NeuralizedClassi
         m = median_pairwise_sqdist(Xt if Xt is not None else sv)
         net = NeuralizedClassifier("svm", est.classes_, gamma=gamma, pair_coef=pair_coef, support_vectors=sv,
                                    sv_class=sv_class, intercepts=intercepts, median_sqdist=m)
+        net.median_from = "training set" if Xt is not None else "support vectors"
         return steps, net, affine
     raise UnsupportedModelError(
         f"{type(est).__name__} is not supported; use KNeighborsClassifier or SVC(kernel='rbf'), "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import struct
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -209,11 +210,13 @@ def _load_official(folder: Path, meta: Metadata) -> np.ndarray:
             ) from None
         except (ValueError, OSError, zipfile.BadZipFile) as e:
             raise TubError(f"{f}: cannot read npz ({str(e).splitlines()[0]})") from None
+        if out is None and vectors:  # the common length, so the odd vector out is the one named
+            dim = Counter(v.shape[0] for v in vectors if v.ndim == 1).most_common(1)
+            out = np.empty((len(meta), dim[0][0] if dim else 0), dtype=vectors[0].dtype)
         for i, v in zip(rows, vectors):
-            if out is None:
-                out = np.empty((len(meta), v.shape[-1]), dtype=v.dtype)
             if v.ndim != 1 or v.shape[0] != out.shape[1]:
-                raise TubError(f"{f}: feature {keys[i]!r} has shape {v.shape}, expected ({out.shape[1]},)")
+                raise TubError(f"{f}: feature {keys[i]!r} has shape {v.shape}, expected ({out.shape[1]},) "
+                               "like the others")
             out[i] = v
     return out
 

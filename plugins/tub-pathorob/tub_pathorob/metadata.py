@@ -118,6 +118,14 @@ def read_metadata(path: Path | str) -> Metadata:
         empty = np.flatnonzero(cols[c] == "")
         if len(empty):
             raise TubError(f"{path}: column {c} is empty on line {empty[0] + 2}; every row needs a value")
+    # one tile twice in one subset would count its vector twice (paired subsets may share tiles)
+    subsets = cols.get("subset", np.full(len(rows), "", dtype=object))
+    seen: dict = {}
+    for line, key in enumerate(zip(subsets, cols["slide_id"], cols["patch_id"]), start=2):
+        if key in seen:
+            raise TubError(f"{path}: lines {seen[key]} and {line} are the same tile (slide_id {key[1]}, patch_id "
+                           f"{key[2]}{', subset ' + key[0] if key[0] else ''}); drop the duplicate")
+        seen[key] = line
     return Metadata.from_columns(str(path), **cols)
 
 
