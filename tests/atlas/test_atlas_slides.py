@@ -112,6 +112,40 @@ def test_embed_whole_slide_to_h5_matches_embedding_the_crops(slide, tmp_path):
     assert np.allclose(slides["case01"], feats.mean(0), atol=1e-6)
 
 
+def test_a_folder_of_slides_is_tiled_slide_by_slide(slide, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    path, _, _ = slide
+    folder = tmp_path / "wsis"
+    folder.mkdir()
+    for name in ("a.tif", "b.tiff"):
+        shutil.copy(path, folder / name)
+    W = tmp_path / "w.safetensors"
+    assert invoke(["atlas", "make-data", tmp_path / "d", "--n-per-class", "2", "--checkpoint", "vit-t8-demo",
+                   "-o", tmp_path / "mk"]).exit_code == 0
+    shutil.copy(tmp_path / "d" / "vit-t8-demo-random.safetensors", W)
+    r = invoke(["atlas", "embed", folder, "--weights", W, "--format", "h5", "--slide-tile-size", "64", "--json",
+                "-o", tmp_path / "e"])
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["tiles"] == 40  # 20 tissue tiles per slide, not one "tile" per slide
+    for name in ("a", "b"):
+        with h5py.File(tmp_path / "e" / "outputs" / f"{name}.h5") as f:
+            assert f["features"].shape[0] == 20 and (f["coords"][()] >= 0).all()
+    r = invoke(["atlas", "tile", folder, "--slide-tile-size", "64", "--json", "-o", tmp_path / "t"])
+    assert r.exit_code == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "t" / "outputs" / "patches").iterdir()) == ["a.h5", "b.h5"]
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "tile.png")
+    r = invoke(["atlas", "embed", folder, "--weights", W, "-o", tmp_path / "mixed"])
+    assert r.exit_code == 2 and "holds whole slides (a.tif) and tile images (tile.png)" in r.stderr
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tiles / "x.tif")  # a plain TIFF tile, not a slide
+    r = invoke(["atlas", "tile", tiles, "-o", tmp_path / "t2"])
+    assert r.exit_code == 2 and "holds no whole-slide images" in r.stderr
+
+
 def test_slide_errors_are_item_failures(tmp_path):
     """Settings that do not fit a slide, or a slide without tissue, fail that slide (its line in
     failures.jsonl, exit 1), not the whole batch."""

@@ -115,10 +115,10 @@ def embed(cfg: EmbedConfig, run) -> dict:
     else:
         if cfg.metadata is not None:
             raise TubError("--metadata is only used with --format pathorob")
-        _need(cfg.inputs, "TILES (folders, .npz or .h5 files, whole slides)")
+        inputs = _slide_folders_opened(_need(cfg.inputs, "TILES (folders, .npz or .h5 files, whole slides)"))
         slide_options = {**cfg.slide_options(), "qc": cfg.slide_qc, "coords": cfg.slide_coords}
         check_slide_options(slide_options)
-        names = _input_names(cfg.inputs)
+        names = _input_names(inputs)
         if cfg.slide_coords is not None:
             check_coords_file(Path(cfg.slide_coords), list(names))
         load = partial(read_input, slide_options=slide_options)
@@ -158,6 +158,20 @@ def embed(cfg: EmbedConfig, run) -> dict:
     return result
 
 
+def _slide_folders_opened(paths: list[Path], tiles_allowed: bool = True) -> list[Path]:
+    """Each folder of whole slides replaced by its slides; tile folders kept (``tiles_allowed``) or
+    refused."""
+    from .slides import slides_in_folder
+
+    out = []
+    for p in paths:
+        slides = slides_in_folder(p) if p.is_dir() else None
+        if p.is_dir() and slides is None and not tiles_allowed:
+            raise TubError(f"{p} holds no whole-slide images (.svs, .ndpi, .mrxs, pyramidal .tif, …)")
+        out += slides if slides is not None else [p]
+    return out
+
+
 def _input_names(paths: list[Path], check=None) -> dict[Path, str]:
     """Input path -> output name, after ``check`` (default ``tiles.check_input``) of every path, which
     must not open it: the same file given twice counts once, two inputs with one output name are an
@@ -185,7 +199,8 @@ def tile(cfg: TileConfig, run) -> dict:
     settings that do not fit it) becomes its line in failures.jsonl."""
     from .slides import check_slide_file, check_slide_options, tile_slide
 
-    slides = _need(cfg.inputs, "SLIDES (whole-slide images)")
+    slides = _slide_folders_opened(_need(cfg.inputs, "SLIDES (whole-slide images or folders of them)"),
+                                   tiles_allowed=False)
     opts = cfg.slide_options()
     check_slide_options(opts)
     names = _input_names(slides, check=check_slide_file)

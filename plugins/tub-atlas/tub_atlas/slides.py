@@ -506,6 +506,26 @@ def tiler_from_options(path: Path, options: dict) -> SlideTiles:
                       mag=o.get("mag"))
 
 
+def slides_in_folder(folder: Path) -> list[Path] | None:
+    """The whole slides directly in ``folder`` (sorted, as CLAM/TRIDENT read a slide folder), or None
+    for a folder of tiles. A tile folder may hold plain (strip) TIFF tiles, so a .tif counts as a slide
+    only when OpenSlide opens it as one; a folder of slides and tiles together is an error."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    candidates = [p for p in files if p.suffix.lower() in SLIDE_EXT]
+    tiffs = [p for p in candidates if p.suffix.lower() in (".tif", ".tiff")]
+    definite = [p for p in candidates if p not in tiffs]  # .svs, .ndpi, .mrxs …: never tiles
+    if not definite and not (tiffs and is_whole_slide(tiffs[0])):
+        return None
+    slides = definite + [p for p in tiffs if is_whole_slide(p)]
+    from .tiles import IMAGE_EXT
+
+    tiles = [p for p in files if p.suffix.lower() in IMAGE_EXT and p not in slides]
+    if tiles:
+        raise TubError(f"{folder} holds whole slides ({slides[0].name}) and tile images ({tiles[0].name}); "
+                       "put them in separate folders")
+    return sorted(slides)
+
+
 def check_slide_file(path: Path) -> None:
     """Before any slide is opened: the path is a file with a whole-slide suffix. Whether OpenSlide can
     read it is found out by the shard that tiles it, so a bad slide fails alone."""
