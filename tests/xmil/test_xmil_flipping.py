@@ -52,6 +52,10 @@ def test_metrics_against_definitions():
     t, e = np.array([1, 2, 3, 4.0]), np.array([1, 1, 0, 1])
     assert concordance_index(t, e, -t) == 1.0 and concordance_index(t, e, t) == 0.0
     assert concordance_index(t, e, np.zeros(4)) == 0.5
+    # tied times: an event and a censoring at one time are comparable (lifelines, scikit-survival: 0.5
+    # here), two events at one time are not
+    assert concordance_index([5, 5, 10], [1, 0, 1], [1, 2, 0.5]) == 0.5
+    assert concordance_index([5, 5, 10], [1, 1, 1], [1, 2, 0.5]) == 1.0
     ev = np.array([1, 1, 0, -1, -1])
     assert auprc2(ev, np.array([2.0, 1, 0, -1, -2])) == 1.0
     assert auprc2(np.zeros(5), np.arange(5.0)) is None

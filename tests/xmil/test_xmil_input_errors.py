@@ -130,6 +130,22 @@ def test_bad_label_rows_are_one_line_errors(tmp_path, bags, header, rows, task, 
     expect_error_line(_train(tmp_path / "r", bags, labels, "--task", task), needle)
 
 
+def test_labels_from_excel_with_other_header_case_and_padded_ids_train(tmp_path, bags):
+    rows = [(f" s{i} ", i % 2, "Train") for i in range(N_SLIDES)]
+    labels = _csv(tmp_path / "l.csv", "Slide_ID , Label,SPLIT", rows)
+    labels.write_bytes(b"\xef\xbb\xbf" + labels.read_bytes())  # Excel's "CSV UTF-8" byte-order mark
+    res = _ok(_train(tmp_path / "r", bags, labels))
+    assert json.loads(res.stdout)["train_slides"] == N_SLIDES
+    both = _csv(tmp_path / "both.csv", "slide_id,Slide_ID,label", [("s0", "s0", 0), ("s1", "s1", 1)])
+    expect_error_line(_train(tmp_path / "r2", bags, both), "two columns read as 'slide_id'")
+
+
+def test_every_slide_without_a_bag_is_named_at_once(tmp_path, bags):
+    rows = [(f"s{i}", i % 2) for i in range(N_SLIDES)] + [("gone0", 0), ("gone1", 1), ("gone2", 0)]
+    res = _train(tmp_path / "r", bags, _csv(tmp_path / "l.csv", "slide_id,label", rows))
+    expect_error_line(res, "for 3 slide(s) of", "gone0, gone1, gone2; drop their rows")
+
+
 def test_non_finite_features_are_refused_at_load(tmp_path, bags, model):
     bad = _bag(tmp_path / "nan.h5")
     import h5py

@@ -209,7 +209,7 @@ def test_slides_holding_a_tensor_behave_as_before():
     ("nan", "s9.h5: 1 of 32 patches have NaN or infinite features"),
     ("empty", "s9.h5: features have shape (0, 8), expected (patches, dim)"),
     ("dim", "s9.h5: features are 4-d, those of slide s0 are 8-d; all bags must come from one encoder"),
-    ("missing", "no bag for slide s9"),
+    ("missing", "for 1 slide(s) of"),
     ("duplicate", "slide_id 's9' is on lines 11 and 12"),
 ])
 def test_bad_bags_are_one_line_errors_before_training(tmp_path, data, bad, needle, monkeypatch):

@@ -86,9 +86,12 @@ def read_labels(path: Path, task: str) -> list[tuple[int, dict]]:
         raise TubError("no labels CSV given; pass --labels labels.csv (slide_id + label|target|time,event)")
     if not Path(path).is_file():
         raise TubError(f"labels CSV {path} not found; pass --labels with an existing CSV file")
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # an Excel "CSV UTF-8" byte-order mark
         reader = csv.DictReader(f)
+        reader.fieldnames = _column_names(path, reader.fieldnames or [])
         rows = [(reader.line_num, r) for r in reader]
+    for _, r in rows:  # " sl000 " names the bag sl000, as label cells are read without their spaces
+        r["slide_id"] = (r.get("slide_id") or "").strip()
     if not rows or "slide_id" not in rows[0][1]:
         raise TubError(f"{path}: needs a header with a slide_id column")
     need = {"classification": ["label"], "regression": ["target"], "survival": ["time", "event"]}[task]
@@ -98,6 +101,22 @@ def read_labels(path: Path, task: str) -> list[tuple[int, dict]]:
             if alt is None:
                 raise TubError(f"{path}: a {task} task needs the column(s) {', '.join(need)}")
     return rows
+
+
+LABEL_COLUMNS = ("slide_id", "label", "target", "time", "event", "split")
+
+
+def _column_names(path, header: list[str]) -> list[str]:
+    """The header with the columns tub reads matched without regard to case or spaces (Slide_ID)."""
+    names = []
+    for h in header:
+        key = (h or "").strip().lower()
+        names.append(key if key in LABEL_COLUMNS else h)
+    twice = next((n for n in LABEL_COLUMNS if names.count(n) > 1), None)
+    if twice:
+        raise TubError(f"{path}: two columns read as {twice!r} ({', '.join(h for h, n in zip(header, names) if n == twice)}); "
+                       "keep one")
+    return names
 
 
 def class_name(value: str) -> str:
@@ -188,6 +207,12 @@ def load_slides(features: Path, labels: Path, task: str, split: str | None = Non
     if split is not None:
         wanted = split_name(split)
         rows = [(line, r) for line, r in rows if splits[line] == wanted]
+    bags = {r["slide_id"]: find_bag(features, r["slide_id"]) for _, r in rows}
+    missing = [sid for sid, p in bags.items() if p is None]
+    if missing:  # all of them at once: tile/features skip bad slides, so several may lack a bag
+        shown = ", ".join(missing[:5]) + (f" … ({len(missing)} in all)" if len(missing) > 5 else "")
+        raise TubError(f"no bag in {features} (.h5, .pt or .npz) for {len(missing)} slide(s) of {labels}: {shown}; "
+                       "drop their rows (or give a labels CSV of the slides that have features)")
     slides = []
     for line, r in rows:
         sid, label, time, event = r["slide_id"], 0.0, float("nan"), 1
@@ -201,9 +226,7 @@ def load_slides(features: Path, labels: Path, task: str, split: str | None = Non
             label = _number(labels, line, r, "target" if "target" in r else "label")
         else:
             time, event = _number(labels, line, r, "time"), _event(labels, line, r)
-        p = find_bag(features, sid)
-        if p is None:
-            raise TubError(f"no bag for slide {sid} in {features} (.h5, .pt or .npz)")
+        p = bags[sid]
         x, _, _ = read_bag(p)  # raises on NaN/inf, empty or non-(patches, dim) features
         shape = tuple(x.shape)
         del x  # keep only the path: the bag is read again when a step needs it

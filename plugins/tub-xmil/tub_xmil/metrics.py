@@ -32,14 +32,18 @@ def regression_metrics(y_true, y_pred) -> dict:
 
 
 def concordance_index(times, events, risks) -> float:
-    """Harrell's C: over comparable pairs (t_i < t_j, event_i), the share with risk_i > risk_j
-    (ties count 1/2)."""
+    """Harrell's C: over comparable pairs, the share with risk_i > risk_j (risk ties count 1/2).
+
+    A pair is comparable when i has the event and t_i < t_j, or t_i = t_j and j is censored (the
+    censored patient outlived the event time): the convention of lifelines and scikit-survival's
+    ``concordance_index_censored``, which survival MIL papers report. Two events at one time are not
+    comparable."""
     t, e, r = (np.asarray(a, float) for a in (times, events, risks))
     num = den = 0.0
     for i in range(len(t)):
         if not e[i]:
             continue
-        comp = t > t[i]
+        comp = (t > t[i]) | ((t == t[i]) & (e == 0))
         den += comp.sum()
         num += (r[i] > r[comp]).sum() + 0.5 * (r[i] == r[comp]).sum()
     return float(num / den) if den else float("nan")
