@@ -106,9 +106,21 @@ def test_pipeline_features_train_explain_evaluate_heatmap(data, tiny_encoder):
     if ev["flipping_slides"]:
         assert "lrp.drop.srg" in ev and "random.drop.srg" in ev
     # heatmap from slides (encoder via hook) and from feature files (+ slide dir)
-    _ok(invoke(["xmil", "heatmap", sl / "slide_001.tiff", "--model", model, "--method", "lrp", "--encoder",
-                tiny_encoder, "--set", "tiling.patch_size=128", "-o", data / "hm"]))
+    meta = json.loads((model / "model.json").read_text())
+    assert meta["features"] == {"encoder": tiny_encoder, "target_mpp": 0.5, "patch_size": 128}
+    # from a slide, the encoder and tiling default to the training features' (model.json)
+    res = _ok(invoke(["xmil", "heatmap", sl / "slide_001.tiff", "--model", model, "--method", "lrp", "-o", data / "hm",
+                      "--json"]))
+    used = json.loads(res.stdout)["slides"]
+    assert (used["encoder"], used["patch_size"], used["source"]["patch_size"]) == \
+        (tiny_encoder, 128, "model.json (training features)")
     out = data / "hm" / "outputs"
+    with h5py.File(fdir / "slide_001.h5") as f:  # the very tiles the model was trained on
+        assert np.array_equal(np.array(json.loads((out / "slide_001_lrp_scores.json").read_text())["coords"]),
+                              f["coords"][:])
+    res = _ok(invoke(["xmil", "heatmap", sl / "slide_001.tiff", "--model", model, "--method", "lrp",
+                      "--patch-size", "256", "-o", data / "hm256"]))
+    assert "trained on features with patch_size 128; --patch-size 256" in res.stderr
     gj = json.loads((out / "slide_001_lrp.geojson").read_text())
     sc = json.loads((out / "slide_001_lrp_scores.json").read_text())
     from tub_xmil.heatmap import geojson_coords

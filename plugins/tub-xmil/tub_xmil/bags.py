@@ -161,6 +161,29 @@ def _load_tensor(path: Path, mmap: bool = False) -> torch.Tensor:
     return t
 
 
+PROVENANCE_KEYS = ("encoder", "target_mpp", "patch_size")
+
+
+def features_provenance(paths) -> dict:
+    """How the bags were made (encoder, tile µm/px and size), where every .h5 bag records the same:
+    ``heatmap`` tiles and embeds slides the same way for the model trained on them."""
+    import h5py
+
+    from tub_xmil.tiling import _py
+
+    seen: dict = {}
+    for p in paths:
+        if p is None or Path(p).suffix != ".h5":  # bags held in memory, .pt/.npz: nothing recorded
+            return {}
+        with h5py.File(p, "r") as f:
+            attrs = {k: _py(v) for k, v in f.attrs.items()}
+            if "coords" in f:
+                attrs.update({k: _py(v) for k, v in f["coords"].attrs.items()})
+        for k in PROVENANCE_KEYS:
+            seen.setdefault(k, set()).add(attrs.get(k))
+    return {k: v.pop() for k, v in seen.items() if len(v) == 1 and None not in v}
+
+
 def find_bag(folder: str | Path, slide_id: str) -> Path | None:
     folder = Path(folder)
     for sub in ("", "features", "h5_files", "pt_files"):

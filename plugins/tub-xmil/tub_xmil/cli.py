@@ -64,6 +64,11 @@ def train(cfg, run) -> dict:
     if cfg.task == "classification":
         _check_trained_classes(cfg.labels, classes, train_s, val_s, test_s)
     model, meta = train_model(cfg, run, train_s, val_s, classes)
+    from tub_xmil.bags import features_provenance
+
+    provenance = features_provenance([s.path for s in train_s + val_s])
+    if provenance:
+        meta["features"] = provenance
     run.save_weights({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, meta)
     out = {"train_slides": len(train_s), "val_slides": len(val_s), "test_slides": len(test_s)}
     if test_s:
@@ -245,6 +250,32 @@ def evaluate(cfg, run) -> dict:
     return out
 
 
+SLIDE_DEFAULTS = {"encoder": "vit-t8-demo", "target_mpp": 0.5, "patch_size": 256}
+
+
+def _slide_settings(cfg, trained: dict, log):
+    """``cfg`` with the encoder and tiling for slides filled in: given, else those of the features
+    the model was trained on (model.json), else the defaults; a given value that differs from the
+    training features' is warned about (the model never saw such features)."""
+    given = {"encoder": cfg.encoder, "target_mpp": cfg.tiling.target_mpp, "patch_size": cfg.tiling.patch_size}
+    flags = {"encoder": "--encoder", "target_mpp": "--target-mpp", "patch_size": "--patch-size"}
+    used, source = {}, {}
+    for key, value in given.items():
+        if value is not None:
+            used[key], source[key] = value, "given"
+            if key in trained and trained[key] != value:
+                log.warning("the model was trained on features with %s %s; %s %s gives it other inputs",
+                            key, trained[key], flags[key], value)
+        elif key in trained:
+            used[key], source[key] = trained[key], "model.json (training features)"
+        else:
+            used[key], source[key] = SLIDE_DEFAULTS[key], "default"
+    tiling = cfg.tiling.model_copy(update={"target_mpp": float(used["target_mpp"]),
+                                           "patch_size": int(used["patch_size"])})
+    cfg = cfg.model_copy(update={"encoder": str(used["encoder"]), "tiling": tiling})
+    return cfg, {**used, "source": source}
+
+
 def heatmap(cfg, run) -> dict:
     import torch
     from PIL import Image
@@ -265,7 +296,9 @@ def heatmap(cfg, run) -> dict:
     inputs = expand_inputs(cfg.inputs, SLIDE_SUFFIXES | bag_suffixes)
     needs_encoder = any(Path(p).suffix.lower() not in bag_suffixes for p in inputs)
     spec = module = None
+    tiling_used = None
     if needs_encoder:
+        cfg, tiling_used = _slide_settings(cfg, meta.get("features", {}), run.log)
         from tub_xmil.features import embed_tiles, get_encoder
         spec, module = get_encoder(cfg.encoder, cfg.weights, run.device, run.dtype)
         if spec.dim != meta["kwargs"]["input_dim"]:
@@ -335,4 +368,7 @@ def heatmap(cfg, run) -> dict:
                                             "background": background}))
                 write_heatmap(run.outputs_dir, path.stem, thumb, coords, sc, size0, HEAT_DOWNSAMPLE, SIGNED[m], m,
                               size_source)
-    return {"methods": ",".join(cfg.method)}
+    out = {"methods": ",".join(cfg.method)}
+    if tiling_used:  # how slides were tiled and embedded, and where each setting came from
+        out["slides"] = tiling_used
+    return out

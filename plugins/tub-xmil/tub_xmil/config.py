@@ -131,14 +131,24 @@ class EvaluateConfig(ModelInput):
         return v
 
 
+class HeatmapTiling(TilingSection):
+    """Tiling of slides for a heatmap: by default the model's training features' (model.json)."""
+
+    target_mpp: Optional[float] = Field(None, gt=0, description="microns per pixel of the tiles (default: the "
+                                        "training features', else 0.5)")
+    patch_size: Optional[int] = Field(None, gt=0, description="tile side in pixels at target_mpp (default: the "
+                                      "training features', else 256)")
+
+
 class HeatmapConfig(ModelInput):
     inputs: list[Path] = Field(default_factory=list, description="slides, feature .h5 files, or folders")
     method: list[Method] = Field(default_factory=lambda: ["lrp"], description="explanation method(s); files per method")
-    encoder: str = Field("vit-t8-demo", description="patch encoder (hook) used when starting from slides")
+    encoder: Optional[str] = Field(None, description="patch encoder (hook) used when starting from slides (default: "
+                                   "the training features', else vit-t8-demo)")
     weights: Optional[Path] = Field(None, description="encoder weights file")
     slide_dir: Optional[Path] = Field(None, description="where to find slides for feature-file inputs (thumbnail)")
     patch_size_level0: Optional[int] = Field(
         None, gt=0, description="tile side in level-0 px of feature-file inputs (default: from the file's "
         "attributes, else inferred from the coords grid)")
     mpp: Optional[float] = Field(None, gt=0, description="level-0 mpp override")
-    tiling: TilingSection = TilingSection()
+    tiling: HeatmapTiling = HeatmapTiling()
