@@ -82,3 +82,22 @@ def test_a_resume_in_another_precision_is_refused(tmp_path, setup):
                     "--set", "taut=20", "--set", "taup=100", "--precision", "fp32", "--seed", "3", "-o", out])
     assert later.exit_code == 2 and "precision=fp64 (now fp32)" in later.stderr
     assert len(read(out / "outputs" / "trajectory.extxyz", index=":")) == 2  # frames 0 and 5, untouched
+
+
+def test_npt_pressure_compresses_and_the_log_reads_it_back(tmp_path, setup):
+    """ASE's barostat takes a stress (−P): +P must shrink the cell, −P swell it, and the logged
+    pressure (−tr σ/3 with the kinetic part) must follow (the cell starts at about +1.6 GPa)."""
+    import csv
+
+    volumes, pressures = {}, {}
+    for p in (-2.0, 0.0, 2.0):
+        out = tmp_path / f"p{p}"
+        _ok(_md(setup, out, "npt", 60, "--pressure", str(p)))
+        rows = list(csv.DictReader(open(out / "outputs" / "thermo.csv")))
+        volumes[p] = float(rows[-1]["volume_A3"])
+        pressures[p] = np.mean([float(r["pressure_GPa"]) for r in rows[len(rows) // 2:]])
+    assert volumes[2.0] < volumes[0.0] < volumes[-2.0]
+    assert pressures[2.0] > pressures[0.0] > pressures[-2.0] and abs(pressures[2.0] - 2.0) < 0.3
+    wrong = invoke(["mlff", "md", setup / "na.extxyz", "--model", setup / "tiny.safetensors", "--pressure", "1",
+                    "--steps", "2", "-o", tmp_path / "nvt"])
+    assert wrong.exit_code == 2 and "act on NPT only" in wrong.stderr

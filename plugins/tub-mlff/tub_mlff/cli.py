@@ -525,6 +525,8 @@ def md(cfg, run) -> dict:
     from .md import run_md
 
     path = _need(cfg.structure, "STRUCTURE", "an extxyz file with the starting structure")
+    if cfg.ensemble != "npt" and (cfg.pressure != 0 or cfg.npt_cell != "full"):
+        raise TubError(f"--pressure and npt_cell act on NPT only; add --ensemble npt (now {cfg.ensemble}) or drop them")
     atoms = read_structures(path, index="-1")[0]
     if cfg.ewald_kmax is not None and not atoms.pbc.all():
         raise TubError(f"{path}: Ewald summation needs a cell periodic in all three directions "
@@ -547,7 +549,8 @@ def md(cfg, run) -> dict:
 
     summary = run_md(atoms, calc, run.outputs_dir / "trajectory.extxyz", run.outputs_dir / "thermo.csv",
                      cfg.steps, cfg.ensemble, cfg.timestep, cfg.temp, cfg.friction, cfg.taut, cfg.pressure,
-                     cfg.taup, cfg.interval, seed=cfg.seed, log=run.log, progress=progress, settings=settings)
+                     cfg.taup, cfg.interval, seed=cfg.seed, log=run.log, progress=progress, settings=settings,
+                     npt_cell=cfg.npt_cell)
     summary["trajectory"] = str(run.outputs_dir / "trajectory.extxyz")
     summary["committee"] = len(calc.models)
     return summary

@@ -115,7 +115,10 @@ class MDConfig(TubConfig):
     timestep: float = Field(0.5, gt=0, allow_inf_nan=False, description="time step (fs)")
     friction: float = Field(0.01, gt=0, allow_inf_nan=False, description="Langevin friction (1/fs)")
     taut: float = Field(100.0, gt=0, allow_inf_nan=False, description="thermostat time constant (fs)")
-    pressure: float = Field(0.0, allow_inf_nan=False, description="NPT pressure (GPa)")
+    pressure: float = Field(0.0, allow_inf_nan=False, description="NPT pressure (GPa; positive compresses)")
+    npt_cell: Literal["full", "iso"] = Field(
+        "full", description="NPT cell: full (every cell parameter moves: layered cells swell along c) or iso "
+        "(the shape is kept, only the volume changes)")
     taup: float = Field(1000.0, gt=0, allow_inf_nan=False, description="barostat time constant (fs)")
     interval: int = Field(10, ge=1, description="steps between saved frames")
     charge: Optional[float] = Field(None, description="total charge (default: from the structure, else 0)")

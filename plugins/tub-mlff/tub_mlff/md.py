@@ -80,7 +80,10 @@ def _frame_text(atoms) -> str:
 
 
 def make_dynamics(atoms, ensemble: str, timestep_fs: float, temperature_K: float, friction_per_fs: float,
-                  taut_fs: float, pressure_GPa: float, taup_fs: float, seed: int):
+                  taut_fs: float, pressure_GPa: float, taup_fs: float, seed: int, hydrostatic: bool = False):
+    """The ASE integrator of ``ensemble``. NPT is ASE's Langevin BAOAB barostat (every cell component
+    moves; ``hydrostatic`` keeps the cell's shape), driven at the external stress −P (ASE's stress
+    sign: positive = tensile), so a positive pressure compresses."""
     from ase import units
 
     rng = np.random.default_rng(seed)
@@ -106,8 +109,8 @@ def make_dynamics(atoms, ensemble: str, timestep_fs: float, temperature_K: float
 
         if not atoms.pbc.all():
             raise TubError("NPT needs a cell periodic in all three directions; use nvt-* for slabs")
-        return LangevinBAOAB(atoms, dt, temperature_K=temperature_K, externalstress=pressure_GPa * units.GPa,
-                             T_tau=taut_fs * units.fs, P_tau=taup_fs * units.fs, rng=rng)
+        return LangevinBAOAB(atoms, dt, temperature_K=temperature_K, externalstress=-pressure_GPa * units.GPa,
+                             hydrostatic=hydrostatic, T_tau=taut_fs * units.fs, P_tau=taup_fs * units.fs, rng=rng)
     raise TubError(f"unknown ensemble {ensemble!r}; choose one of {', '.join(ENSEMBLES)}")
 
 
@@ -226,7 +229,8 @@ def _thermo_rows(thermo: Path, steps: set[int]) -> list[str]:
 def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "nvt-langevin",
            timestep_fs: float = 0.5, temperature_K: float = 300.0, friction_per_fs: float = 0.01,
            taut_fs: float = 100.0, pressure_GPa: float = 0.0, taup_fs: float = 1000.0,
-           interval: int = 10, seed: int = 0, log=None, progress=None, settings: dict | None = None) -> dict:
+           interval: int = 10, seed: int = 0, log=None, progress=None, settings: dict | None = None,
+           npt_cell: str = "full") -> dict:
     """Run (or resume) MD up to ``steps`` total steps; returns a summary dict.
 
     ``settings`` (e.g. the model files and their digests, charge, spin) are stored with the
@@ -241,6 +245,8 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
     settings = {"ensemble": ensemble, "timestep_fs": timestep_fs, "interval": interval,
                 "temperature_K": temperature_K, "friction_per_fs": friction_per_fs, "taut_fs": taut_fs,
                 "pressure_GPa": pressure_GPa, "taup_fs": taup_fs, "seed": seed, **(settings or {})}
+    if ensemble == "npt":  # (runs before this setting drove the barostat at the opposite pressure)
+        settings["npt_cell"] = npt_cell
     frames, ends = [], []
     if traj.exists() and traj.stat().st_size > 0:
         frames, ends = read_complete_frames(traj)
@@ -265,7 +271,8 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
             log.info("%s already reached step %d; give a larger --steps to extend it", traj, start)
         return {"steps_done": start, "resumed_from": start, "frames": len(frames)}
     dyn = make_dynamics(atoms, ensemble, timestep_fs, temperature_K, friction_per_fs, taut_fs,
-                        pressure_GPa, taup_fs, seed + start)  # checks the ensemble before anything is written
+                        pressure_GPa, taup_fs, seed + start,
+                        hydrostatic=npt_cell == "iso")  # checks the ensemble before anything is written
     if saved:
         _restore_dynamics(dyn, saved)
     periodic3 = bool(atoms.pbc.all())
@@ -331,6 +338,7 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
         stds.append(std)
 
     hot = max(10.0 * temperature_K, 10_000.0)  # K; far beyond any thermostat's fluctuation
+    volume0 = atoms.get_volume() if ensemble == "npt" else None
 
     def guard() -> None:  # after every step: a blown-up run stops before it writes a bad frame
         step = start + dyn.nsteps
@@ -338,8 +346,10 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
         finite = (np.isfinite(atoms.positions).all() and e is not None and np.isfinite(e)
                   and f is not None and np.isfinite(f).all())
         T = atoms.get_temperature() if finite else float("nan")
-        if not finite or T > hot:
-            what = "non-finite energy, forces or positions" if not finite else f"temperature {T:.3g} K"
+        grown = atoms.get_volume() / volume0 if volume0 and finite else 1.0
+        if not finite or T > hot or not 0.25 < grown < 4.0:
+            what = ("non-finite energy, forces or positions" if not finite else f"temperature {T:.3g} K" if T > hot
+                    else f"the cell volume changed {grown:.3g}-fold")
             raise TubError(f"MD became unstable at step {step} ({what}); lower --timestep (now {timestep_fs:g} fs) "
                            "and start again in a new -o", exit_code=1)
 
