@@ -207,3 +207,22 @@ def test_relax_moves_the_stacking_axis_only_with_cell_c():
     assert abs(stress[2]) < 1e-3 and abs(stress[0]) > 1e-3  # zz relaxed, in-plane stress left as it was
     full, _ = relax(layered, LennardJones(sigma=1.0, epsilon=1.0, rc=2.5, smooth=True), 500, 1e-3, cell="full")
     assert np.abs(full.get_stress()).max() < 2e-3
+
+
+def test_cell_relaxation_converges_on_the_stress_and_says_when_it_did_not():
+    """The cell is relaxed until |σ| ≤ stress_tol (ASE's default scaling would stop at ~0.5 GPa);
+    an unconverged relaxation is flagged, not passed off as a minimum."""
+    from ase import units
+    from ase.build import bulk
+    from ase.calculators.lj import LennardJones
+
+    from tub_mlff.battery import relax
+
+    a = bulk("Ar", "fcc", a=5.6, cubic=True)  # strained: the LJ minimum is near 5.26 A
+    calc = LennardJones(sigma=3.4, epsilon=0.0104, rc=8.0, smooth=True)
+    done, _ = relax(a, calc, 300, fmax=0.01, cell="full", stress_tol=0.001)
+    assert done.info["relax_converged"]
+    assert np.abs(done.get_stress()).max() / units.GPa <= 0.001
+    assert done.info["relax_max_stress_GPa"] <= 0.001
+    short, _ = relax(a, calc, 1, fmax=0.01, cell="full")
+    assert not short.info["relax_converged"] and short.info["relax_max_stress_GPa"] > 0.02

@@ -151,15 +151,22 @@ def bcc_sodium_chemical_potential(calc, a_grid=None, repeat: int = 2, lattice: f
 CELL_MASKS = {"c": [0, 0, 1, 0, 0, 0], "full": None}  # Voigt strain components the relaxation may change
 
 
-def relax(atoms, calc, steps: int, fmax: float, cell: str = "fixed"):
-    """BFGS relaxation; returns (relaxed copy, energy).
+def relax(atoms, calc, steps: int, fmax: float, cell: str = "fixed", stress_tol: float = 0.02):
+    """BFGS relaxation; returns (relaxed copy, energy). The copy's ``info`` records whether it
+    converged (``relax_converged``) and its residual max force (eV/A) and stress (GPa).
 
     ``cell``: "fixed" moves the atoms only; "c" also the stacking axis under zero stress (the
     interlayer spacing of a layered host: the Δd/d of sodiation); "full" every cell parameter.
-    The cell moves through ASE's FrechetCellFilter (the calculator must give stress).
+    The cell moves through ASE's FrechetCellFilter, whose cell "forces" are the virial V·σ over
+    ``exp_cell_factor``: it is set so that ``fmax`` on them means |σ| ≤ ``stress_tol`` GPa (ASE's
+    default, the atom count, would leave ~0.5 GPa in a 30-atom cell: a percent of volume, more
+    than the volume changes of sodiation being measured).
     """
+    from ase import units
+
     a = atoms.copy()
     a.calc = calc
+    converged = False
     if steps > 0:
         from ase.optimize import BFGS
 
@@ -167,8 +174,16 @@ def relax(atoms, calc, steps: int, fmax: float, cell: str = "fixed"):
         if cell != "fixed":
             from ase.filters import FrechetCellFilter
 
-            target = FrechetCellFilter(a, mask=CELL_MASKS[cell])
-        BFGS(target, logfile=None).run(fmax=fmax, steps=steps)
+            factor = stress_tol * units.GPa * a.get_volume() / fmax
+            target = FrechetCellFilter(a, mask=CELL_MASKS[cell], exp_cell_factor=factor)
+        converged = bool(BFGS(target, logfile=None).run(fmax=fmax, steps=steps))
+    if steps <= 0:  # single points
+        return a, float(a.get_potential_energy())
+    a.info["relax_converged"] = converged
+    a.info["relax_max_force_eV_A"] = float(np.linalg.norm(a.get_forces(), axis=1).max()) if len(a) else 0.0
+    if cell != "fixed":
+        relaxed = np.asarray(CELL_MASKS[cell] or [1] * 6, dtype=bool)
+        a.info["relax_max_stress_GPa"] = float(np.abs(a.get_stress()[relaxed]).max() / units.GPa)
     return a, float(a.get_potential_energy())
 
 
@@ -214,21 +229,25 @@ def hull_report(structures, energies, mu_na: float, na_symbol: str = "Na") -> di
 
 
 def sodiation_series(frames, calc_for, relax_steps: int = 50, fmax: float = 0.05, mu_na: float | None = None,
-                     na_symbol: str = "Na", cell: str = "fixed", mu_na_lattice: float | None = None
-                     ) -> tuple[dict, list]:
+                     na_symbol: str = "Na", cell: str = "fixed", mu_na_lattice: float | None = None,
+                     stress_tol: float = 0.02) -> tuple[dict, list]:
     """Relax every frame with ``calc_for(frame)`` and report the hull (``hull_report``).
 
     ``calc_for(None)`` gives the calculator of the bcc Na reference (unless ``mu_na`` is given).
     Returns (report, relaxed structures in the order of ``frames``).
     """
     _sodium_counts(frames, na_symbol)
-    relaxed = [relax(f, calc_for(f), relax_steps, fmax, cell) for f in frames]
+    relaxed = [relax(f, calc_for(f), relax_steps, fmax, cell, stress_tol) for f in frames]
     a0 = None
     if mu_na is None:
         mu_na, a0 = bcc_sodium_chemical_potential(calc_for(None), lattice=mu_na_lattice)
     structures = [a for a, _ in relaxed]
     report = hull_report(structures, [e for _, e in relaxed], mu_na, na_symbol)
     report["cell_relaxation"] = cell if relax_steps > 0 else "fixed"
+    if relax_steps > 0:  # what the energies and volumes rest on, per structure in the given order
+        report["relaxation"] = [{k: a.info[k] for k in ("relax_converged", "relax_max_force_eV_A",
+                                                         "relax_max_stress_GPa") if k in a.info} for a in structures]
+        report["relaxations_unconverged"] = sum(not a.info["relax_converged"] for a in structures)
     if a0 is not None:  # a minimum at the edge of the lattice scan is not a minimum: say so
         report.update(mu_na_lattice_A=a0, mu_na_choice="fixed lattice" if mu_na_lattice is not None else "minimum",
                       mu_na_at_scan_edge=bool(mu_na_lattice is None and (a0 <= BCC_SCAN[0] or a0 >= BCC_SCAN[-1])))

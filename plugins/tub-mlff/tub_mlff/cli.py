@@ -600,14 +600,20 @@ def ocv(cfg, run) -> dict:
         layered = all(f.pbc.all() and f.info.get("stacking") not in ("slab", "bilayer") for f in frames)
         cell = "c" if layered else "fixed"
     res, relaxed = sodiation_series(frames, calc_for, cfg.relax_steps, cfg.fmax, cell=cell,
-                                    mu_na_lattice=cfg.mu_na_lattice)
+                                    mu_na_lattice=cfg.mu_na_lattice, stress_tol=cfg.stress_tol)
     _warn_scan_edge(res, "the model", run)
+    if res.get("relaxations_unconverged"):
+        run.log.warning("%d of %d relaxations did not reach fmax %g eV/A%s within %d steps (ocv.json: relaxation); "
+                        "their energies and volumes are not minima: raise --relax-steps", res["relaxations_unconverged"],
+                        len(frames), cfg.fmax, f" and {cfg.stress_tol:g} GPa" if cell != "fixed" else "",
+                        cfg.relax_steps)
     summary = {"average_voltage_V": res["average_voltage_V"], "capacity_mAh_g": res["capacity_mAh_g"],
                "mu_na_eV": res["mu_na_eV"], "mu_na_lattice_A": res.get("mu_na_lattice_A"),
                "hull_points": len(res["hull_vertices"]), "plateaus": len(res["steps"]),
                "cell_relaxation": res["cell_relaxation"],
                "max_volume_change": max(res["volume_change"].values(), key=abs),
-               "max_spacing_change": max(res["spacing_change"].values(), key=abs)}
+               "max_spacing_change": max(res["spacing_change"].values(), key=abs),
+               "relaxations_unconverged": res.get("relaxations_unconverged", 0)}
     if cfg.reference == "xtb":
         res["reference"] = _xtb_reference_hull(relaxed, res, cfg, run)
         summary.update({"reference": "GFN1-xTB",
@@ -669,7 +675,7 @@ def _xtb_reference_hull(relaxed, res, cfg, run) -> dict:
     try:
         ref, _ = sodiation_series(relaxed, lambda a: xtb_calculator(bcc if a is None else a),
                                   cfg.reference_relax_steps, cfg.fmax, cell=res["cell_relaxation"],
-                                  mu_na_lattice=cfg.mu_na_lattice)
+                                  mu_na_lattice=cfg.mu_na_lattice, stress_tol=cfg.stress_tol)
     except CalculationFailed as exc:
         raise TubError(f"tblite failed on the reference hull: {exc}", exit_code=1) from None
     _warn_scan_edge(ref, "GFN1-xTB", run)

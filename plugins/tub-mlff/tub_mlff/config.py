@@ -137,8 +137,9 @@ class OCVConfig(TubConfig):
     interlayer: float = Field(9.0, description="sheet spacing when building (A)")
     x_max: int = Field(3, description="largest Na count per cell when building")
     variants: int = Field(2, ge=1, description="random site sets per Na count when building")
-    relax_steps: int = Field(50, ge=0, description="BFGS steps per structure (0 = single points)")
+    relax_steps: int = Field(200, ge=0, description="most BFGS steps per structure (0 = single points)")
     fmax: float = Field(0.05, gt=0, description="relaxation force threshold (eV/A)")
+    stress_tol: float = Field(0.02, gt=0, description="cell relaxation: residual stress threshold (GPa)")
     cell: Literal["auto", "fixed", "c", "full"] = Field(
         "auto", description="cell relaxation: fixed (atoms only), c (also the stacking axis under zero stress: the "
         "interlayer spacing and volume change of sodiation), full (every cell parameter); auto = c for cells periodic "
