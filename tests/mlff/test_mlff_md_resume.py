@@ -101,3 +101,25 @@ def test_npt_pressure_compresses_and_the_log_reads_it_back(tmp_path, setup):
     wrong = invoke(["mlff", "md", setup / "na.extxyz", "--model", setup / "tiny.safetensors", "--pressure", "1",
                     "--steps", "2", "-o", tmp_path / "nvt"])
     assert wrong.exit_code == 2 and "act on NPT only" in wrong.stderr
+
+
+def test_frames_carry_energy_and_forces_and_bussi_counts_3n_minus_3(tmp_path, setup):
+    from ase import units
+
+    from tub_mlff.md import degrees_of_freedom, make_dynamics
+
+    out = tmp_path / "b"
+    _ok(_md(setup, out, "nvt-bussi", 10))
+    frames = read(out / "outputs" / "trajectory.extxyz", ":")
+    n = len(frames[0])
+    for f in frames:  # a frame is usable as ASE/training data without recomputing it
+        assert f.get_potential_energy() == pytest.approx(f.info["epot"], abs=1e-6)
+        assert f.get_forces().shape == (n, 3)
+        assert abs(f.get_momenta().sum(0)).max() < 1e-6  # the centre of mass stays at rest ...
+        ekin = f.get_kinetic_energy()  # ... so the temperature counts 3N - 3 degrees of freedom
+        assert f.info["temperature"] == pytest.approx(2 * ekin / ((3 * n - 3) * units.kB), rel=1e-6)
+    a = frames[0].copy()
+    assert degrees_of_freedom(a, "nvt-bussi") == degrees_of_freedom(a, "nve") == 3 * n - 3
+    assert degrees_of_freedom(a, "nvt-langevin") == 3 * n
+    dyn = make_dynamics(a, "nvt-bussi", 1.0, 300.0, 0.01, 20.0, 0.0, 100.0, 0)
+    assert dyn.target_kinetic_energy == pytest.approx(0.5 * 300 * units.kB * (3 * n - 3))

@@ -79,6 +79,12 @@ def _frame_text(atoms) -> str:
     return buf.getvalue()
 
 
+def degrees_of_freedom(atoms, ensemble: str) -> int:
+    """Degrees of freedom that carry kinetic energy: 3N − 3 where the centre of mass stays at rest
+    (Bussi and NVE start from zero total momentum and conserve it), 3N where Langevin noise moves it."""
+    return max(3 * len(atoms) - (3 if ensemble in ("nvt-bussi", "nve") and len(atoms) > 1 else 0), 1)
+
+
 def make_dynamics(atoms, ensemble: str, timestep_fs: float, temperature_K: float, friction_per_fs: float,
                   taut_fs: float, pressure_GPa: float, taup_fs: float, seed: int, hydrostatic: bool = False):
     """The ASE integrator of ``ensemble``. NPT is ASE's Langevin BAOAB barostat (every cell component
@@ -99,7 +105,12 @@ def make_dynamics(atoms, ensemble: str, timestep_fs: float, temperature_K: float
         if temperature_K <= 0 or atoms.get_kinetic_energy() <= 0:
             raise TubError("nvt-bussi rescales the velocities to the target temperature and needs --temp above 0; "
                            "use nvt-langevin (or nve) for a run at 0 K")
-        return Bussi(atoms, dt, temperature_K=temperature_K, taut=taut_fs * units.fs, rng=rng)
+        dyn = Bussi(atoms, dt, temperature_K=temperature_K, taut=taut_fs * units.fs, rng=rng)
+        # the centre-of-mass momentum starts at zero and Bussi's rescaling keeps it there: 3N - 3
+        # degrees of freedom carry the kinetic energy (ASE counts 3N, which runs 3/(3N-3) too hot)
+        dyn.ndof = degrees_of_freedom(atoms, ensemble)
+        dyn.target_kinetic_energy = 0.5 * dyn.temp * dyn.ndof
+        return dyn
     if ensemble == "nve":
         from ase.md.verlet import VelocityVerlet
 
@@ -276,11 +287,12 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
     if saved:
         _restore_dynamics(dyn, saved)
     periodic3 = bool(atoms.pbc.all())
+    ndof = degrees_of_freedom(atoms, ensemble)
 
     def thermo_line(step: int) -> tuple[str, float, float, float]:
         epot = atoms.get_potential_energy()
         ekin = atoms.get_kinetic_energy()
-        T = atoms.get_temperature()
+        T = 2.0 * ekin / (ndof * units.kB)
         vol = atoms.get_volume() if periodic3 else float("nan")
         press = float("nan")
         if periodic3:
@@ -326,10 +338,18 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
 
     def record(step: int) -> None:
         line, epot, T, std = thermo_line(step)
+        from ase.calculators.singlepoint import SinglePointCalculator
+
         frame = atoms.copy()
-        frame.calc = None
         frame.info.update({"step": step, "time_fs": step * timestep_fs, "epot": epot, "temperature": T})
         frame.set_momenta(atoms.get_momenta())
+        # energy, forces (and stress) with the frame, as ASE readers and training sets expect them
+        res = calc.results
+        frame.calc = SinglePointCalculator(frame, energy=epot, forces=res["forces"],
+                                           **({"stress": res["stress"]} if "stress" in res else {}))
+        if res.get("force_disagreement") is not None:  # committee: per-atom spread, for picking frames to label
+            frame.arrays["force_disagreement"] = np.asarray(res["force_disagreement"], dtype=float)
+            frame.info["energy_std"] = float(res.get("energy_std", float("nan")))
         _append(thermo, line)  # the row first: a kill between the two leaves a row without a frame, dropped on resume
         _append(traj, _frame_text(frame))
         _save_state(state_path(traj), dyn, atoms, step)  # after the frame: a kill between leaves a stale state
@@ -345,7 +365,7 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
         e, f = calc.results.get("energy"), calc.results.get("forces")
         finite = (np.isfinite(atoms.positions).all() and e is not None and np.isfinite(e)
                   and f is not None and np.isfinite(f).all())
-        T = atoms.get_temperature() if finite else float("nan")
+        T = 2.0 * atoms.get_kinetic_energy() / (ndof * units.kB) if finite else float("nan")
         grown = atoms.get_volume() / volume0 if volume0 and finite else 1.0
         if not finite or T > hot or not 0.25 < grown < 4.0:
             what = ("non-finite energy, forces or positions" if not finite else f"temperature {T:.3g} K" if T > hot
