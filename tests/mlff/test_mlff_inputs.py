@@ -396,3 +396,27 @@ def test_ring_sites_hold_two_sodium_per_group_ring():
     assert len(add_sodium(host, 2, "ring")) == len(host) + 2
     with pytest.raises(ValueError, match="at most 2 ring sites"):
         add_sodium(host, 3, "ring")
+
+
+def test_labels_under_ase_calculator_keys_and_bad_labels(tmp_path):
+    """ASE's extxyz reader moves free_energy (VASP's usual target) into the calculator results: it is
+    found by its key; a NaN or text label is a one-line error naming the frame, not a lost metric."""
+    import io
+
+    from ase import Atoms
+    from ase.io import read
+    from tubcli.errors import TubError
+
+    from tub_mlff.data import Keys, labels
+
+    text = ('2\nLattice="5 0 0 0 5 0 0 0 5" Properties=species:S:1:pos:R:3:forces:R:3 free_energy=-3.5 '
+            'pbc="T T T"\nNa 0 0 0 0.1 0 0\nNa 2 2 2 -0.1 0 0\n')
+    frame = read(io.StringIO(text), format="extxyz")
+    e, f, _, _, _ = labels(frame, Keys(energy="free_energy"))
+    assert e == -3.5 and f[0, 0] == pytest.approx(0.1)
+    bad = Atoms("Na2", positions=[[0, 0, 0], [2, 2, 2]], cell=[5, 5, 5], pbc=True)
+    bad.arrays["forces"] = np.zeros((2, 3))
+    for value in (float("nan"), "abc"):
+        bad.info["energy"] = value
+        with pytest.raises(TubError, match="frame 7: .*fix or drop the frame"):
+            labels(bad, Keys(), name="frame 7")

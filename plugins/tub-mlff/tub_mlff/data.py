@@ -52,11 +52,8 @@ def _get(atoms, key, where):
         return atoms.info[key]
     if where == "arrays" and key in atoms.arrays:
         return atoms.arrays[key]
-    calc = atoms.calc
-    alias = {"energy": "energy", "forces": "forces", "stress": "stress"}
-    if calc is not None and key in alias and alias[key] in getattr(calc, "results", {}):
-        return calc.results[alias[key]]
-    return None
+    results = getattr(atoms.calc, "results", {}) if atoms.calc is not None else {}
+    return results.get(key)  # ASE's extxyz reader moves energy, free_energy, forces, stress … here
 
 
 def labels(atoms, keys: Keys, need_forces: bool = True, name: str = "frame"):
@@ -83,7 +80,15 @@ def labels(atoms, keys: Keys, need_forces: bool = True, name: str = "frame"):
     spin = atoms.info.get(keys.spin)
     if spin is None:
         spin = float((int(atoms.numbers.sum()) - int(round(q))) % 2)
-    return float(e), (None if f is None else np.asarray(f, dtype=float)), s, q, float(spin)
+    try:  # one bad label would silently drop a metric (NaN) or end in a bare ValueError
+        e = float(e)
+        f = None if f is None else np.asarray(f, dtype=float)
+    except (TypeError, ValueError):
+        raise TubError(f"{name}: the energy under '{keys.energy}' or the forces under '{keys.forces}' are not "
+                       "numbers; fix or drop the frame") from None
+    if not np.isfinite(e) or (f is not None and not np.isfinite(f).all()) or (s is not None and not np.isfinite(s).all()):
+        raise TubError(f"{name}: non-finite energy, forces or stress (NaN or inf); fix or drop the frame")
+    return e, f, s, q, float(spin)
 
 
 @dataclass
