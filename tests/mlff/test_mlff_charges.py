@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from ase.build import molecule
-from ase.io import write
+from ase.io import read, write
 from tubcli.testing import expect_ok, expect_one_line_error, invoke
 
 from tub_mlff.data import Keys, collate, to_graph
@@ -111,3 +111,22 @@ def test_explain_warns_when_the_model_never_learned_charges(tmp_path):
     r = expect_ok(invoke(["mlff", "explain", tmp_path / "s.extxyz", "--model", tmp_path / "m.safetensors",
                           "-o", tmp_path / "e2"]))
     assert "learned no charges" not in r.stderr
+
+
+def test_explain_takes_the_spin_with_the_charge(tmp_path):
+    """A built cell records its spin: another --set charge needs --set spin (as md has), and the
+    charge and spin used are written with the explained frame."""
+    from tub_mlff.structures import add_sodium, janus_graphene
+
+    atoms = add_sodium(janus_graphene(3, 1, stacking="gallery", interlayer=9.0), 1, "random", seed=0)
+    atoms.info["spin"] = float(atoms.numbers.sum() % 2)  # as build records it
+    write(tmp_path / "s.extxyz", atoms)
+    r = invoke(["mlff", "explain", tmp_path / "s.extxyz", "--set", "charge=1", "--set", "attention=false",
+                "-o", tmp_path / "e1"])
+    assert r.exit_code == 2 and "impossible" in r.stderr
+    spin = float((atoms.numbers.sum() - 1) % 2)
+    expect_ok(invoke(["mlff", "explain", tmp_path / "s.extxyz", "--set", "charge=1", "--set", f"spin={spin:g}",
+                      "--set", "attention=false", "-o", tmp_path / "e2", "-q"]))
+    out = read(tmp_path / "e2" / "outputs" / "explained.extxyz")
+    assert (out.info["mlff_charge"], out.info["mlff_spin"]) == (1.0, spin)
+    assert out.arrays["mlff_charges"].sum() == pytest.approx(1.0, abs=1e-4)

@@ -201,6 +201,15 @@ def test_train_ensemble_and_evaluate_committee(workdir, labelled, trained):
     dis = frames[worst["structure"]].arrays["mlff_force_disagreement"]
     assert worst["force_disagreement_eV_A"] == pytest.approx(dis.max(), abs=1e-7) and dis.max() > 0
     assert max(a.arrays["mlff_force_disagreement"].max() for a in frames) == pytest.approx(dis.max(), abs=1e-7)
+    # the decomposition is the committee's mean: it sums to the energy md and evaluate use
+    from tub_mlff.calculator import SpookyNetCalculator
+
+    calc = SpookyNetCalculator([str(models[0]), str(longer)], check=False)
+    for a in frames:
+        b = a.copy()
+        b.calc = calc
+        assert a.info["mlff_energy"] == pytest.approx(b.get_potential_energy(), abs=1e-3)
+        assert a.arrays["mlff_atomic_energy"].sum() == pytest.approx(a.info["mlff_energy"], abs=1e-3)
 
 
 def test_md_runs_and_resumes_after_kill(workdir, built, trained):
@@ -354,6 +363,17 @@ def test_diffusion_and_explain_and_ocv(workdir, built, trained):
     res = json.loads(r.stdout)
     assert res["cell_relaxation"] == "c" and res["mu_na_lattice_A"] == 4.23
     assert res["max_spacing_change"] != 0.0 and res["max_volume_change"] == pytest.approx(res["max_spacing_change"])
+    assert res["relaxations_unconverged"] > 0 and "did not reach fmax" in r.stderr  # 3 steps: flagged, not hidden
+    relaxed = read(workdir / "ocv_c" / "outputs" / "relaxed.extxyz", ":")
+    report = json.loads((workdir / "ocv_c" / "outputs" / "ocv.json").read_text())
+    assert len(relaxed) == len(read(built, ":")) == len(report["relaxation"])
+    lowest = {}  # per Na count the lowest-energy relaxed cell, whose volume ocv reports against the host's
+    for a in relaxed:
+        n = a.info["n_na"]
+        if n not in lowest or a.get_potential_energy() < lowest[n].get_potential_energy():
+            lowest[n] = a
+    for n, a in lowest.items():
+        assert a.get_volume() / lowest[0].get_volume() - 1 == pytest.approx(report["volume_change"][str(n)], abs=1e-9)
 
 
 def test_diffusion_removes_the_framework_drift(workdir):

@@ -123,3 +123,14 @@ def test_frames_carry_energy_and_forces_and_bussi_counts_3n_minus_3(tmp_path, se
     assert degrees_of_freedom(a, "nvt-langevin") == 3 * n
     dyn = make_dynamics(a, "nvt-bussi", 1.0, 300.0, 0.01, 20.0, 0.0, 100.0, 0)
     assert dyn.target_kinetic_energy == pytest.approx(0.5 * 300 * units.kB * (3 * n - 3))
+
+
+def test_npt_refuses_a_slab(tmp_path, setup):
+    from tub_mlff.structures import janus_graphene
+
+    slab = janus_graphene(3, 1, stacking="slab")
+    assert slab.pbc.all() and slab.info["stacking"] == "slab"
+    write(tmp_path / "slab.extxyz", slab, format="extxyz")
+    r = invoke(["mlff", "md", tmp_path / "slab.extxyz", "--model", setup / "tiny.safetensors", "--ensemble", "npt",
+                "--steps", "2", "-o", tmp_path / "o"])
+    assert r.exit_code == 2 and "without a vacuum gap" in r.stderr

@@ -622,8 +622,22 @@ def ocv(cfg, run) -> dict:
                         "max_voltage_difference_same_mu_V": res["reference"]["max_voltage_difference_same_mu_V"]})
     voltage_plot(run.outputs_dir / "voltage_profile.png", res["x"], res["formation_energy_eV"], res["steps"],
                  res["capacity_per_x_mAh_g"], reference=res.get("reference"))
+    _write_extxyz(run.outputs_dir / "relaxed.extxyz", _relaxed_frames(relaxed))
     write_json(run.outputs_dir / "ocv.json", res)
     return {**summary, "output": str(run.outputs_dir / "ocv.json")}
+
+
+def _relaxed_frames(relaxed) -> list:
+    """The relaxed structures with their model energy and Na count, to check, run MD on or label."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    frames = []
+    for k, a in enumerate(relaxed):
+        f = a.copy()
+        f.calc = SinglePointCalculator(f, energy=float(a.get_potential_energy()))
+        f.info.update({"ocv_input_frame": k, "n_na": int((a.numbers == 11).sum())})
+        frames.append(f)
+    return frames
 
 
 def _check_host_series(frames, name: str, cell_tolerance: float = 0.2) -> None:
@@ -879,7 +893,7 @@ def explain(cfg, run) -> dict:
     summary = {"structures": len(frames), "sites": {}}
     rows = []
     for k, atoms in enumerate(frames):
-        calc = _calculator(run, cfg.model, atoms, cfg.charge)
+        calc = _calculator(run, cfg.model, atoms, cfg.charge, cfg.spin)
         check_structure(atoms, calc.elements, name=f"{path} frame {k}")
         if k == 0:
             _warn_composition(run, calc.composition_span, frames, str(path))
@@ -895,6 +909,7 @@ def explain(cfg, run) -> dict:
         for name in ("atomic_energy", "e_nn", "e_zbl", "e_coulomb", "e_d4", "charges"):
             out.arrays[f"mlff_{name}"] = dec[name]
         out.info["mlff_energy"] = dec["energy"]
+        out.info["mlff_charge"], out.info["mlff_spin"] = calc.charge, calc.spin
         if len(calc.models) > 1:  # committee: where do the members disagree on the forces?
             dis = committee_disagreement(calc, atoms)
             out.arrays["mlff_force_disagreement"] = dis

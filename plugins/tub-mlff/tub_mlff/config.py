@@ -180,6 +180,7 @@ class ExplainConfig(TubConfig):
     walks: int = Field(0, description="GNN-LRP relevant walks: 0 off, 2 = 1- and 2-body, 3 = also 3-body")
     walk_radius: float = Field(3.0, gt=0, description="3-body terms only for triples closer than this (A)")
     charge: Optional[float] = Field(None, description="total charge (default: from the structure)")
+    spin: Optional[float] = Field(None, description="unpaired electrons (default: from the structure or parity)")
 
     @field_validator("walks")
     @classmethod

@@ -23,23 +23,30 @@ from .properties import compute
 
 
 def decompose(calc, atoms) -> dict:
-    """Per-atom arrays (eV, e) for one structure, from the first committee member."""
-    model = calc.models[0]
+    """Per-atom arrays (eV, e) for one structure: the committee members' mean (each term is
+    per-atom additive, so the mean arrays still sum to the committee's mean energy, the energy
+    that ``md`` and ``evaluate`` use)."""
     batch = calc.batch_for(atoms)
-    old = model.config.compute_d4_atomic
-    model.config.compute_d4_atomic = model.d4 is not None
-    try:
-        out = compute(model, batch, forces=True)
-    finally:
-        model.config.compute_d4_atomic = old
-    arr = lambda k: out[k].detach().cpu().double().numpy()  # noqa: E731
-    res = {"e_nn": arr("e_nn"), "e_zbl": arr("e_zbl"), "e_coulomb": arr("e_coulomb"), "e_d4": arr("e_d4"),
-           "charges": arr("charges"), "forces": arr("forces")}
+    members = []
+    for model in calc.models:
+        old = model.config.compute_d4_atomic
+        model.config.compute_d4_atomic = model.d4 is not None
+        try:
+            out = compute(model, batch, forces=True)
+        finally:
+            model.config.compute_d4_atomic = old
+        arr = lambda k: out[k].detach().cpu().double().numpy()  # noqa: E731
+        res = {"e_nn": arr("e_nn"), "e_zbl": arr("e_zbl"), "e_coulomb": arr("e_coulomb"), "e_d4": arr("e_d4"),
+               "charges": arr("charges"), "forces": arr("forces")}
+        if model.d4 is not None:
+            res["polarizability_A3"] = arr("polarizabilities")
+            res["c6_eVA6"] = arr("c6")
+        res["energy"] = float(out["energy"].sum().item())
+        members.append(res)
+    shared = set.intersection(*(set(m) for m in members))  # D4 arrays only where every member has D4
+    res = {k: np.mean([m[k] for m in members], axis=0) for k in shared}
+    res["energy"] = float(res["energy"])
     res["atomic_energy"] = res["e_nn"] + res["e_zbl"] + res["e_coulomb"] + res["e_d4"]
-    if model.d4 is not None:
-        res["polarizability_A3"] = arr("polarizabilities")
-        res["c6_eVA6"] = arr("c6")
-    res["energy"] = float(out["energy"].sum().item())
     return res
 
 

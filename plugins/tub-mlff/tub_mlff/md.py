@@ -118,8 +118,9 @@ def make_dynamics(atoms, ensemble: str, timestep_fs: float, temperature_K: float
     if ensemble == "npt":
         from ase.md.langevinbaoab import LangevinBAOAB
 
-        if not atoms.pbc.all():
-            raise TubError("NPT needs a cell periodic in all three directions; use nvt-* for slabs")
+        if not atoms.pbc.all() or atoms.info.get("stacking") == "slab":  # a vacuum gap has no restoring stress
+            raise TubError("NPT needs a cell periodic in all three directions without a vacuum gap (this one is "
+                           "a slab); use nvt-* for slabs")
         return LangevinBAOAB(atoms, dt, temperature_K=temperature_K, externalstress=-pressure_GPa * units.GPa,
                              hydrostatic=hydrostatic, T_tau=taut_fs * units.fs, P_tau=taup_fs * units.fs, rng=rng)
     raise TubError(f"unknown ensemble {ensemble!r}; choose one of {', '.join(ENSEMBLES)}")
