@@ -82,6 +82,16 @@ def test_out_of_range_options_are_one_line_errors(tmp_path, args, key):
     assert f"'{key}'" in line and not _written(out)
 
 
+@pytest.mark.parametrize("stacking, interlayer", [("gallery", "7.0"), ("bilayer", "6.5"), ("gallery", "2.0")])
+def test_a_gallery_too_narrow_for_the_groups_is_refused(tmp_path, stacking, interlayer):
+    out = tmp_path / "run"
+    line = _err(invoke(["mlff", "build", "--n", "3", "--stacking", stacking, "--interlayer", interlayer,
+                        "--x", "1", "-o", out]))
+    assert "too narrow" in line and "raise --interlayer" in line and not _written(out)
+    _ok(invoke(["mlff", "build", "--n", "3", "--stacking", stacking, "--interlayer", "8.0", "--x", "1",
+                "-o", tmp_path / "ok", "-q"]))
+
+
 def test_md_checks_its_settings_before_writing(tmp_path, models):
     path = tmp_path / "ch4.extxyz"
     write(path, molecule("CH4"), format="extxyz")

@@ -113,13 +113,20 @@ def _need(value, flag: str, what: str):
 
 # -- build ---------------------------------------------------------------------------------------
 def build(cfg, run) -> dict:
-    from .structures import add_sodium, host_formula, janus_graphene, spin_for
+    from .structures import add_sodium, close_contact, host_formula, janus_graphene, spin_for
     from .validation import check_structure
 
     try:
         host = janus_graphene(cfg.n, cfg.groups, cfg.stacking, cfg.interlayer, cfg.vacuum, seed=cfg.seed)
+        apart = janus_graphene(cfg.n, cfg.groups, cfg.stacking, max(cfg.interlayer, 40.0), max(cfg.vacuum, 40.0),
+                               seed=cfg.seed)
     except ValueError as exc:
         raise TubError(f"cannot build the host: {exc}") from None
+    if len(apart) == len(host) and (hit := close_contact(host, apart)):
+        i, j, d = hit
+        raise TubError(f"the host is too narrow: {host[i].symbol} and {host[j].symbol} of different sheets or groups "
+                       f"come {d:.2f} A apart (--interlayer {cfg.interlayer:g}, --set vacuum={cfg.vacuum:g}); the "
+                       "aminophenyl groups need about 8 A between sheets: raise --interlayer (or vacuum)")
     frames = []
     for x in cfg.x:
         for v in range(cfg.variants if x > 0 or cfg.rattle > 0 else 1):  # unrattled x=0 copies are all the host

@@ -197,3 +197,27 @@ def host_formula(n: int, groups: int) -> str:
     """Formula of one host unit (per aminophenyl group) for capacities."""
     carbons = 2 * n * n // max(groups, 1)
     return f"C{carbons + 6}H6N"
+
+
+def close_contact(atoms, apart, factor: float = 1.3):
+    """The closest pair of ``atoms`` that is not bonded in ``apart`` (the same cell built with its
+    sheets and images far apart: same atoms, same order), as (i, j, distance), if it is closer
+    than ``factor`` × the sum of covalent radii; else None. A gallery too narrow for the
+    aminophenyl groups pushes them through the next sheet: C–N 0.8 Å at 6.5 Å, C···H 1.2 Å at 7.5 Å."""
+    from ase.data import covalent_radii
+    from ase.neighborlist import neighbor_list
+
+    def pairs(a, cutoff):
+        i, j, d = neighbor_list("ijd", a, cutoff)
+        return i, j, d, covalent_radii[a.numbers[i]] + covalent_radii[a.numbers[j]]
+
+    i, j, d, r = pairs(apart, 3.0)
+    bonded = set(zip(i[d < 1.25 * r].tolist(), j[d < 1.25 * r].tolist()))
+    i, j, d, r = pairs(atoms, 4.0)
+    free = np.array([(a, b) not in bonded for a, b in zip(i.tolist(), j.tolist())], dtype=bool)
+    if not free.any():
+        return None
+    ratio = np.where(free, d / r, np.inf)
+    k = int(ratio.argmin())
+    return (int(i[k]), int(j[k]), float(d[k])) if ratio[k] < factor else None
+
