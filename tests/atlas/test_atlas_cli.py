@@ -49,6 +49,9 @@ def test_inspect_and_bad_checkpoints(data, tmp_path):
     save_file(sd, str(tmp_path / "bad.safetensors"))
     r = fails(["inspect", tmp_path / "bad.safetensors", "-o", tmp_path / "j"])
     assert "fc_norm.weight" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")  # torch.save(model): a pickle, not tensors
+    r = fails(["inspect", tmp_path / "module.pt", "-o", tmp_path / "k"])
+    assert "pickled Python object" in r.stderr and "model.state_dict()" in r.stderr
 
 
 def test_convert_dinov2_then_embed_identically(data, tmp_path):
@@ -154,6 +157,14 @@ def test_evaluate_probes_and_explain_probe_class(data, tmp_path):
     assert json.loads(r.stdout)["conservation_max_rel_error"] < 1e-3  # fp32
     maps = np.load(tmp_path / "x/outputs/tiles/maps.npy")
     assert maps.shape == (2, 8, 8) and len(list((tmp_path / "x/outputs/tiles").glob("*.png"))) == 2
+    import csv
+
+    with open(tmp_path / "x/outputs/tiles/manifest.csv", newline="") as f:
+        manifest = list(csv.DictReader(f))  # row i of maps.npy, by tile
+    with np.load(data / "tiles.npz") as z:
+        first = [str(s) for s in z["slide_id"][:2]]
+    assert [r["row"] for r in manifest] == ["0", "1"] and [r["slide_id"] for r in manifest] == first
+    assert all((tmp_path / "x/outputs/tiles" / r["overlay"]).is_file() for r in manifest)
     ok(["explain", data / "tiles.npz", "--arch", "vit-t8-demo", "--weights", W, "--method", "rollout",
         "--max-tiles", "1", "-o", tmp_path / "y"])
     roll = np.load(tmp_path / "y/outputs/tiles/maps.npy")

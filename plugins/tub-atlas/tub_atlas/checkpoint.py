@@ -61,6 +61,9 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file
+        if "Weights only load failed" in str(exc):  # a pickled object (torch.save(model)), not tensors
+            raise TubError(f"{path} holds a pickled Python object, which tub does not load (it would run code); "
+                           "save the weights instead: torch.save(model.state_dict(), 'w.pt') or safetensors") from exc
         raise TubError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0][:200]}") from exc
     # unwrap {"teacher": {...}}, {"model": {...}}, {"state_dict": {...}}
     while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):

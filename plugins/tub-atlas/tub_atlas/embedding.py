@@ -60,7 +60,7 @@ def group_split(slide_ids: list[str], seed: int, fractions=(0.7, 0.15, 0.15)) ->
     return [split[s] for s in slide_ids]
 
 
-def _write_manifest(path: Path, rows: list[dict], fields: list[str]) -> None:
+def write_manifest(path: Path, rows: list[dict], fields: list[str]) -> None:
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
@@ -95,7 +95,7 @@ def write_embeddings(fmt: str, out: Path, emb: np.ndarray, tiles: TileSet, seed:
             np.save(tmp / "embeddings.npy", emb.astype(np.float32))
             fields = MANIFEST_FIELDS + (["medical_center"] if "medical_center" in rows[0] else [])
             absolute = [{**r, "origin": absolute_origin(r["origin"])} for r in rows]
-            _write_manifest(tmp / "manifest.csv", absolute, fields)
+            write_manifest(tmp / "manifest.csv", absolute, fields)
     elif fmt == "pathorob":
         with atomic_path(out) as tmp:
             np.savez(tmp, **{f"{r['slide_id']}-{r['patch_id']}": e for r, e in zip(rows, emb)})
@@ -121,7 +121,7 @@ def write_embeddings(fmt: str, out: Path, emb: np.ndarray, tiles: TileSet, seed:
                 torch.save(torch.from_numpy(np.ascontiguousarray(e, dtype=np.float32)), tmp / rel)
                 man.append({"origin": absolute_origin(r["origin"]), "embeddings": rel, "target": r["label"],
                             "split": s})
-            _write_manifest(tmp / "manifest.csv", man, ["origin", "embeddings", "target", "split"])
+            write_manifest(tmp / "manifest.csv", man, ["origin", "embeddings", "target", "split"])
     else:
         raise ValueError(fmt)
 

@@ -10,7 +10,7 @@ import torch
 
 from tubcli.errors import TubError
 
-from .embedding import atomic_dir
+from .embedding import MANIFEST_FIELDS, write_manifest, atomic_dir
 from .encoder import Encoder, uint8_to_float
 from .lrp import lrp, make_target, patch_map
 from .overlay import overlay, save_png
@@ -88,8 +88,13 @@ def explain_inputs(encoder: Encoder, names: dict[Path, str], cfg, run) -> dict:
                         worst = max(worst, err)
                     maps.append(heat)
                     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", ts.rows[i]["patch_id"] or str(i))
-                    save_png(tmp / f"{i:04d}_{slug}.png", overlay(tiles[i], heat, signed, cfg.alpha))
+                    png = f"{i:04d}_{slug}.png"
+                    save_png(tmp / png, overlay(tiles[i], heat, signed, cfg.alpha))
+                    ts.rows[i]["overlay"] = png
                 np.save(tmp / "maps.npy", np.stack(maps).astype(np.float32))
+                # row i of maps.npy is the tile of manifest row i (joins on tile_id / slide_id, x, y)
+                write_manifest(tmp / "manifest.csv", [{**r, "row": k} for k, r in enumerate(ts.rows[:n])],
+                                ["row", *MANIFEST_FIELDS, "overlay"])
             n_done += n
     out = {"method": cfg.method, "explains": what, "tiles": n_done, "outputs": str(run.outputs_dir)}
     if cfg.method in LRP_RULES:  # AttnLRP: the balance includes the softmax rule's Taylor biases
