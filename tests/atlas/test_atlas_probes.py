@@ -83,6 +83,22 @@ def test_group_split_keeps_slides_together_and_is_seeded():
     assert group_split(slides, seed=1) == split and group_split(slides, seed=2) != split
 
 
+def test_group_split_with_labels_puts_every_class_in_test():
+    rng = np.random.default_rng(0)
+    slides = [f"s{i // 6}" for i in range(120)]  # 20 slides: 16 of class a, 4 of class b
+    labels = ["a" if int(s[1:]) < 16 else "b" for s in slides]
+    for seed in range(20):
+        split = group_split(slides, seed, labels=labels)
+        assert {lab for lab, sp in zip(labels, split) if sp == "test"} == {"a", "b"}
+        by_slide = {}
+        for s, sp in zip(slides, split):
+            by_slide.setdefault(s, set()).add(sp)
+        assert all(len(v) == 1 for v in by_slide.values())  # still grouped by slide
+    p = rng.permutation(len(slides))  # stable under reordering of the rows
+    shuffled = group_split([slides[i] for i in p], 3, labels=[labels[i] for i in p])
+    assert shuffled == [group_split(slides, 3, labels=labels)[i] for i in p]
+
+
 def test_summarise_mean_std():
     s = summarise([{"a": 1.0}, {"a": 3.0}])
     assert s["a"]["mean"] == 2.0 and s["a"]["std"] == pytest.approx(np.sqrt(2))

@@ -47,16 +47,31 @@ def embed_tileset(encoder: Encoder, tiles: TileSet, batch_size: int = 32, device
     return np.concatenate(out, axis=0)
 
 
-def group_split(slide_ids: list[str], seed: int, fractions=(0.7, 0.15, 0.15)) -> list[str]:
-    """Seeded 70/15/15 train/val/test split by slide (spec §2.8), stable under reordering."""
+def group_split(slide_ids: list[str], seed: int, fractions=(0.7, 0.15, 0.15), labels=None) -> list[str]:
+    """Seeded 70/15/15 train/val/test split by slide (spec §2.8), stable under reordering.
+
+    With ``labels`` (one per row) the slides are split within each class (a slide's class: its most
+    common label), as scikit-learn's StratifiedGroupKFold does, so that every class with two or
+    more slides has test rows: one class left out of the test split would make balanced accuracy
+    the recall of the others alone."""
     slides = sorted(set(slide_ids))
-    order = sorted(slides, key=lambda s: hashlib.sha256(f"{seed}:{s}".encode()).hexdigest())
-    n = len(order)
-    n_train = max(1, round(fractions[0] * n))
-    n_val = round(fractions[1] * n) if n >= 3 else 0
+    strata: dict = {None: slides}
+    if labels is not None:
+        counts: dict = {}
+        for s, lab in zip(slide_ids, labels):
+            counts.setdefault(s, {}).setdefault(lab, 0)
+            counts[s][lab] += 1
+        strata = {}
+        for s in slides:  # ties broken by the label's text, so the result does not depend on row order
+            strata.setdefault(max(sorted(counts[s]), key=counts[s].get), []).append(s)
     split = {}
-    for i, s in enumerate(order):
-        split[s] = "train" if i < n_train else ("val" if i < n_train + n_val else "test")
+    for members in strata.values():
+        order = sorted(members, key=lambda s: hashlib.sha256(f"{seed}:{s}".encode()).hexdigest())
+        n = len(order)
+        n_train = max(1, round(fractions[0] * n))
+        n_val = round(fractions[1] * n) if n >= 3 else 0
+        for i, s in enumerate(order):
+            split[s] = "train" if i < n_train else ("val" if i < n_train + n_val else "test")
     return [split[s] for s in slide_ids]
 
 

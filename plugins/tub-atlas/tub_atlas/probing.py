@@ -13,8 +13,8 @@ from .probes import classification_metrics, knn_predict, predict_linear, summari
 
 def resolve_splits(feats: LabelledFeatures, seed: int) -> list[str]:
     """The input's ``split`` column (checked by ``features.split_column``), else a seeded 70/15/15 group
-    split by slide."""
-    return list(feats.split) if feats.split is not None else group_split(feats.slide_id, seed)
+    split by slide, stratified by class."""
+    return list(feats.split) if feats.split is not None else group_split(feats.slide_id, seed, labels=feats.labels)
 
 
 def sorted_classes(labels) -> list[str]:
