@@ -70,6 +70,8 @@ def group_split(slide_ids: list[str], seed: int, fractions=(0.7, 0.15, 0.15), la
         n = len(order)
         n_train = max(1, round(fractions[0] * n))
         n_val = round(fractions[1] * n) if n >= 3 else 0
+        if labels is not None and n >= 2 and fractions[2] > 0 and n_train + n_val >= n:
+            n_train, n_val = (n_train, n_val - 1) if n_val > 1 or n_train == 1 else (n_train - 1, n_val)
         for i, s in enumerate(order):
             split[s] = "train" if i < n_train else ("val" if i < n_train + n_val else "test")
     return [split[s] for s in slide_ids]
