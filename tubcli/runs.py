@@ -219,7 +219,7 @@ def changed_settings(earlier: dict, now: dict, ignore: set[str], prefix: str = "
     for key in sorted(set(earlier) | set(now)):
         if not prefix and key in ignore:
             continue
-        a, b = earlier.get(key), now.get(key)
+        a, b = earlier.get(key, _ABSENT), now.get(key, _ABSENT)
         if isinstance(a, dict) and isinstance(b, dict):
             inner = changed_settings(a, b, ignore, f"{prefix}{key}.")
             diffs += [inner] if inner else []
@@ -228,9 +228,12 @@ def changed_settings(earlier: dict, now: dict, ignore: set[str], prefix: str = "
     return "; ".join(diffs[:3])
 
 
+_ABSENT = object()  # a key the record does not have (a setting added in a later version)
+
+
 def _shown(value) -> str:
     """A setting as the user gave it: ``None`` is a default the verb resolves (e.g. from a preset)."""
-    return "(default)" if value is None else str(value)
+    return "(default)" if value is None else "(not recorded)" if value is _ABSENT else str(value)
 
 
 def _same_file(a, b) -> bool:

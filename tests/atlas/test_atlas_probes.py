@@ -99,6 +99,11 @@ def test_group_split_with_labels_puts_every_class_in_test():
     assert shuffled == [group_split(slides, 3, labels=labels)[i] for i in p]
 
 
+def test_group_split_with_one_slide_per_class_still_has_a_test_split():
+    slides, labels = ["a", "a", "b", "b", "c"], ["x", "x", "y", "y", "z"]
+    assert "test" in group_split(slides, 0, labels=labels)  # nothing to stratify: the plain split
+
+
 def test_summarise_mean_std():
     s = summarise([{"a": 1.0}, {"a": 3.0}])
     assert s["a"]["mean"] == 2.0 and s["a"]["std"] == pytest.approx(np.sqrt(2))

@@ -225,7 +225,10 @@ def test_tile_one_bad_slide_is_one_failure_and_shards_open_only_their_own(tmp_pa
     twin = tmp_path / "twin" / "case01.svs"
     twin.parent.mkdir()
     twin.write_bytes(b"x")
-    for bad, needle in ((tmp_path / "missing.svs", "does not exist"), (tmp_path, "not a whole-slide image"),
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    for bad, needle in ((tmp_path / "missing.svs", "does not exist"), (tmp_path / "notes.txt", "not a whole-slide image"),
+                        (tmp_path / "notes", "holds no whole-slide images"),
                         (twin, "would both write outputs named 'case01'")):
         r = invoke([*base, str(good), str(bad), "-o", str(tmp_path / "x")])
         assert r.exit_code == 2 and needle in r.stderr, r.stderr

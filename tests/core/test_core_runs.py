@@ -374,6 +374,8 @@ def test_changed_settings_name_a_left_out_option_as_its_default():
     assert changed_settings(earlier, now, {"inputs", "device"}) == "model.pool: (default) -> cls+mean"
     assert changed_settings(now, earlier, {"inputs", "device"}) == "model.pool: cls+mean -> (default)"
     assert changed_settings(earlier, earlier, set()) == ""
+    newer = {**now, "model": {**now["model"], "stride": 2}}  # a setting the older record does not have
+    assert changed_settings(now, newer, {"inputs", "device"}) == "model.stride: (not recorded) -> 2"
 
 
 def test_training_into_a_run_with_a_checkpoint_needs_resume_or_overwrite(toy_plugins, tmp_path):

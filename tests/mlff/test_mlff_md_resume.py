@@ -134,3 +134,19 @@ def test_npt_refuses_a_slab(tmp_path, setup):
     r = invoke(["mlff", "md", tmp_path / "slab.extxyz", "--model", setup / "tiny.safetensors", "--ensemble", "npt",
                 "--steps", "2", "-o", tmp_path / "o"])
     assert r.exit_code == 2 and "without a vacuum gap" in r.stderr
+
+
+def test_md_frames_are_not_training_labels_and_old_runs_are_not_resumed_across_fixes(tmp_path, setup):
+    out = tmp_path / "b"
+    _ok(_md(setup, out, "nvt-bussi", 10))
+    traj = out / "outputs" / "trajectory.extxyz"
+    r = invoke(["mlff", "evaluate", traj, "--model", setup / "tiny.safetensors", "-o", tmp_path / "ev"])
+    assert r.exit_code == 2 and "not reference labels" in r.stderr  # the model's own predictions
+    stored = out / "outputs" / "trajectory.json"
+    settings = json.loads(stored.read_text())
+    del settings["ndof"]  # as a Bussi run made before the 3N - 3 fix recorded it
+    stored.write_text(json.dumps(settings))
+    r = invoke(["mlff", "md", setup / "na.extxyz", "--model", setup / "tiny.safetensors", "--ensemble", "nvt-bussi",
+                "--steps", "20", "--interval", "5", "--timestep", "1", "--temp", "300", "--set", "taut=20",
+                "--set", "taup=100", "--precision", "fp64", "--seed", "3", "-o", out])
+    assert r.exit_code == 2 and "degrees of freedom" in r.stderr

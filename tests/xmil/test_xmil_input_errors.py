@@ -138,6 +138,8 @@ def test_labels_from_excel_with_other_header_case_and_padded_ids_train(tmp_path,
     assert json.loads(res.stdout)["train_slides"] == N_SLIDES
     both = _csv(tmp_path / "both.csv", "slide_id,Slide_ID,label", [("s0", "s0", 0), ("s1", "s1", 1)])
     expect_error_line(_train(tmp_path / "r2", bags, both), "two columns read as 'slide_id'")
+    no_id = _csv(tmp_path / "noid.csv", "id,label", [("s0", 0), ("s1", 1)])
+    expect_error_line(_train(tmp_path / "r3", bags, no_id), "needs a header with a slide_id column")
 
 
 def test_every_slide_without_a_bag_is_named_at_once(tmp_path, bags):

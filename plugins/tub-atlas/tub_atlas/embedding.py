@@ -74,6 +74,8 @@ def group_split(slide_ids: list[str], seed: int, fractions=(0.7, 0.15, 0.15), la
             n_train, n_val = (n_train, n_val - 1) if n_val > 1 or n_train == 1 else (n_train - 1, n_val)
         for i, s in enumerate(order):
             split[s] = "train" if i < n_train else ("val" if i < n_train + n_val else "test")
+    if labels is not None and fractions[2] > 0 and "test" not in split.values():
+        return group_split(slide_ids, seed, fractions)  # one slide per class: nothing to stratify
     return [split[s] for s in slide_ids]
 
 
@@ -129,7 +131,8 @@ def write_embeddings(fmt: str, out: Path, emb: np.ndarray, tiles: TileSet, seed:
                 f.create_dataset("slide_id", data=np.array([r["slide_id"] for r in rows], dtype="S"))
                 f.create_dataset("label", data=np.array([r["label"] for r in rows], dtype="S"))
     elif fmt == "eva":
-        splits = group_split([r["slide_id"] for r in rows], seed)
+        labels = [r["label"] for r in rows]
+        splits = group_split([r["slide_id"] for r in rows], seed, labels=labels if all(labels) else None)
         with atomic_dir(out) as tmp:
             (tmp / "embeddings").mkdir()
             man = []

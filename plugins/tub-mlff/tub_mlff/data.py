@@ -58,6 +58,9 @@ def _get(atoms, key, where):
 
 def labels(atoms, keys: Keys, need_forces: bool = True, name: str = "frame"):
     """(energy, forces, stress or None, charge, spin) of one labelled frame."""
+    if atoms.info.get("predicted_by"):  # its energy and forces are a model's, not reference labels
+        raise TubError(f"{name} holds the predictions of `{atoms.info['predicted_by']}` (an MD trajectory), not "
+                       "reference labels; label the frames first (tub mlff label)")
     e = _get(atoms, keys.energy, "info")
     f = _get(atoms, keys.forces, "arrays")
     if e is None:

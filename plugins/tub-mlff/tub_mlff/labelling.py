@@ -149,6 +149,7 @@ def label_pyscf(atoms, xc: str = "PBE", basis: str = "def2-SVP", density_fit: bo
 
 def _finish(out, energy, forces, stress, charges, charge, spin, method):
     out.calc = None
+    out.info.pop("predicted_by", None)  # an MD frame's model predictions are replaced by these labels
     out.info["energy"] = float(energy)
     out.arrays["forces"] = np.asarray(forces, dtype=float)
     if stress is not None:

@@ -80,9 +80,12 @@ def _frame_text(atoms) -> str:
 
 
 def degrees_of_freedom(atoms, ensemble: str) -> int:
-    """Degrees of freedom that carry kinetic energy: 3N − 3 where the centre of mass stays at rest
-    (Bussi and NVE start from zero total momentum and conserve it), 3N where Langevin noise moves it."""
-    return max(3 * len(atoms) - (3 if ensemble in ("nvt-bussi", "nve") and len(atoms) > 1 else 0), 1)
+    """Degrees of freedom that carry kinetic energy: ASE's count (3N less constrained ones), less 3
+    where the centre of mass stays at rest (Bussi and NVE start from zero total momentum and
+    conserve it, unless constraints such as FixAtoms take momentum out), not where Langevin noise
+    moves it."""
+    at_rest = ensemble in ("nvt-bussi", "nve") and not atoms.constraints and len(atoms) > 1
+    return max(atoms.get_number_of_degrees_of_freedom() - (3 if at_rest else 0), 1)
 
 
 def make_dynamics(atoms, ensemble: str, timestep_fs: float, temperature_K: float, friction_per_fs: float,
@@ -118,9 +121,9 @@ def make_dynamics(atoms, ensemble: str, timestep_fs: float, temperature_K: float
     if ensemble == "npt":
         from ase.md.langevinbaoab import LangevinBAOAB
 
-        if not atoms.pbc.all() or atoms.info.get("stacking") == "slab":  # a vacuum gap has no restoring stress
+        if not atoms.pbc.all() or atoms.info.get("stacking") in ("slab", "bilayer"):  # vacuum: no restoring stress
             raise TubError("NPT needs a cell periodic in all three directions without a vacuum gap (this one is "
-                           "a slab); use nvt-* for slabs")
+                           f"a {atoms.info.get('stacking', 'slab')}); use nvt-* for slabs and bilayers")
         return LangevinBAOAB(atoms, dt, temperature_K=temperature_K, externalstress=-pressure_GPa * units.GPa,
                              hydrostatic=hydrostatic, T_tau=taut_fs * units.fs, P_tau=taup_fs * units.fs, rng=rng)
     raise TubError(f"unknown ensemble {ensemble!r}; choose one of {', '.join(ENSEMBLES)}")
@@ -202,6 +205,12 @@ def _check_resume(frames, atoms, settings: dict, traj: Path) -> None:
     if stored_path.exists():
         stored = read_json(stored_path)
         now = json.loads(json.dumps(settings))
+        if "npt_cell" in now and "npt_cell" not in stored and now.get("pressure_GPa"):
+            diffs.append("the barostat's pressure sign (this run was made before the NPT pressure fix, with the "
+                         "opposite pressure)")
+        if now.get("ensemble") == "nvt-bussi" and "ndof" not in stored:
+            diffs.append("Bussi's degrees of freedom (this run was made before the 3N - 3 fix and ran "
+                         f"{3 * len(atoms)}/{now['ndof']} too hot)")
         for key in now:
             if key in stored and stored[key] != now[key] and key != "model":
                 if key == "model_sha256":
@@ -259,6 +268,7 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
                 "pressure_GPa": pressure_GPa, "taup_fs": taup_fs, "seed": seed, **(settings or {})}
     if ensemble == "npt":  # (runs before this setting drove the barostat at the opposite pressure)
         settings["npt_cell"] = npt_cell
+    settings["ndof"] = degrees_of_freedom(atoms, ensemble)  # (Bussi and the logged T counted 3N before)
     frames, ends = [], []
     if traj.exists() and traj.stat().st_size > 0:
         frames, ends = read_complete_frames(traj)
@@ -342,9 +352,10 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
         from ase.calculators.singlepoint import SinglePointCalculator
 
         frame = atoms.copy()
-        frame.info.update({"step": step, "time_fs": step * timestep_fs, "epot": epot, "temperature": T})
+        frame.info.update({"step": step, "time_fs": step * timestep_fs, "epot": epot, "temperature": T,
+                           "predicted_by": "tub mlff md"})  # train/evaluate refuse them as labels
         frame.set_momenta(atoms.get_momenta())
-        # energy, forces (and stress) with the frame, as ASE readers and training sets expect them
+        # energy, forces (and stress) with the frame, as ASE readers expect them
         res = calc.results
         frame.calc = SinglePointCalculator(frame, energy=epot, forces=res["forces"],
                                            **({"stress": res["stress"]} if "stress" in res else {}))

@@ -179,8 +179,11 @@ def features_provenance(paths) -> dict:
             attrs = {k: _py(v) for k, v in f.attrs.items()}
             if "coords" in f:
                 attrs.update({k: _py(v) for k, v in f["coords"].attrs.items()})
+        if "target_mpp" not in attrs:  # CLAM's patch_size is at its patch_level, not at a µm/px
+            attrs = {k: v for k, v in attrs.items() if k == "encoder"}
         for k in PROVENANCE_KEYS:
-            seen.setdefault(k, set()).add(attrs.get(k))
+            v = attrs.get(k)
+            seen.setdefault(k, set()).add(v if isinstance(v, (str, int, float)) else None)
     return {k: v.pop() for k, v in seen.items() if len(v) == 1 and None not in v}
 
 

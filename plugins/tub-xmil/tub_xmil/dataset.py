@@ -90,10 +90,10 @@ def read_labels(path: Path, task: str) -> list[tuple[int, dict]]:
         reader = csv.DictReader(f)
         reader.fieldnames = _column_names(path, reader.fieldnames or [])
         rows = [(reader.line_num, r) for r in reader]
-    for _, r in rows:  # " sl000 " names the bag sl000, as label cells are read without their spaces
-        r["slide_id"] = (r.get("slide_id") or "").strip()
     if not rows or "slide_id" not in rows[0][1]:
         raise TubError(f"{path}: needs a header with a slide_id column")
+    for _, r in rows:  # " sl000 " names the bag sl000, as label cells are read without their spaces
+        r["slide_id"] = (r.get("slide_id") or "").strip()
     need = {"classification": ["label"], "regression": ["target"], "survival": ["time", "event"]}[task]
     for col in need:
         if col not in rows[0][1]:
