@@ -105,6 +105,9 @@ def test_bad_metadata_errors_are_one_line(data, tmp_path):
     bad.write_text(twice)
     with pytest.raises(TubError, match="lines 2 and 4 are the same tile"):
         read_metadata(bad)
+    bad.write_text(twice.replace("ID,s,1,x,A\n", "ID,s,1,x,A\n\n"))  # a blank line: lines still count
+    with pytest.raises(TubError, match="lines 2 and 5 are the same tile"):
+        read_metadata(bad)
     bad.write_text(twice.replace("ID,s,0,x,A\n", "S1,s,0,x,A\n", 1))  # paired subsets may share a tile
     assert len(read_metadata(bad)) == 3
     # unknown slide ids: the metadata names a tile that has no feature

@@ -258,10 +258,13 @@ def _feature_names(model, given, steps, per_feature, d):
         if len(names) != d:
             raise UnsupportedModelError(f"{len(names)} feature names given for {d} features")
         return names
-    names = None if inputs is None else np.asarray(inputs, dtype=object)
-    try:
-        for s in steps:
-            names = s.get_feature_names_out(names)
-    except Exception:  # a step without get_feature_names_out
-        return [f"t{i}" for i in range(d)]
-    return [str(n) for n in names] if len(names) == d else [f"t{i}" for i in range(d)]
+    for start in ([None] if inputs is None else [np.asarray(inputs, dtype=object), None]):
+        names = start  # the given names; else (a step fitted with other names refuses them) the fitted ones
+        try:
+            for s in steps:
+                names = s.get_feature_names_out(names)
+        except Exception:  # noqa: BLE001 - a step without get_feature_names_out, or names it refuses
+            continue
+        if len(names) == d:
+            return [str(n) for n in names]
+    return [f"t{i}" for i in range(d)]

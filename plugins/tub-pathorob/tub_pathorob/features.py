@@ -212,7 +212,7 @@ def _load_official(folder: Path, meta: Metadata) -> np.ndarray:
             raise TubError(f"{f}: cannot read npz ({str(e).splitlines()[0]})") from None
         if out is None and vectors:  # the common length, so the odd vector out is the one named
             dim = Counter(v.shape[0] for v in vectors if v.ndim == 1).most_common(1)
-            out = np.empty((len(meta), dim[0][0] if dim else 0), dtype=vectors[0].dtype)
+            out = np.empty((len(meta), dim[0][0] if dim else vectors[0].shape[-1]), dtype=vectors[0].dtype)
         for i, v in zip(rows, vectors):
             if v.ndim != 1 or v.shape[0] != out.shape[1]:
                 raise TubError(f"{f}: feature {keys[i]!r} has shape {v.shape}, expected ({out.shape[1]},) "

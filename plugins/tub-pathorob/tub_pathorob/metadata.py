@@ -107,21 +107,22 @@ def read_metadata(path: Path | str) -> Metadata:
             f"{path}: metadata is missing column(s) {', '.join(missing)}; "
             f"a PathoROB metadata CSV has {', '.join(COLUMNS)}"
         )
+    lines = [i + 2 for i, r in enumerate(rows) if any(x.strip() for x in r)]  # file line of each kept row
     rows = [r for r in rows if any(x.strip() for x in r)]
     if not rows:
         raise TubError(f"{path}: metadata CSV has a header but no rows")
-    bad = [i + 2 for i, r in enumerate(rows) if len(r) != len(header)]
+    bad = [lines[i] for i, r in enumerate(rows) if len(r) != len(header)]
     if bad:
         raise TubError(f"{path}: line {bad[0]} has a different number of fields than the header; fix the CSV")
     cols = {h: np.array([r[j] for r in rows], dtype=object) for j, h in enumerate(header)}
     for c in REQUIRED:
         empty = np.flatnonzero(cols[c] == "")
         if len(empty):
-            raise TubError(f"{path}: column {c} is empty on line {empty[0] + 2}; every row needs a value")
+            raise TubError(f"{path}: column {c} is empty on line {lines[empty[0]]}; every row needs a value")
     # one tile twice in one subset would count its vector twice (paired subsets may share tiles)
     subsets = cols.get("subset", np.full(len(rows), "", dtype=object))
     seen: dict = {}
-    for line, key in enumerate(zip(subsets, cols["slide_id"], cols["patch_id"]), start=2):
+    for line, key in zip(lines, zip(subsets, cols["slide_id"], cols["patch_id"])):
         if key in seen:
             raise TubError(f"{path}: lines {seen[key]} and {line} are the same tile (slide_id {key[1]}, patch_id "
                            f"{key[2]}{', subset ' + key[0] if key[0] else ''}); drop the duplicate")
