@@ -111,7 +111,7 @@ def test_md_checks_its_settings_before_writing(tmp_path, models):
 def test_build_rejects_cells_whose_atoms_overlap(tmp_path):
     out = tmp_path / "b"
     line = _err(invoke(["mlff", "build", "--n", "2", "--interlayer", "3", "-o", out]))
-    assert "overlap" in line and "--interlayer" in line and not _written(out)
+    assert "too narrow" in line and "--interlayer" in line and not _written(out)
 
 
 def test_build_gives_x0_its_variants_when_rattled(tmp_path):
