@@ -166,20 +166,17 @@ def relax(atoms, calc, steps: int, fmax: float, cell: str = "fixed", stress_tol:
 
     a = atoms.copy()
     a.calc = calc
-    converged = False
-    if steps > 0:
-        from ase.optimize import BFGS
-
-        target = a
-        if cell != "fixed":
-            from ase.filters import FrechetCellFilter
-
-            factor = stress_tol * units.GPa * a.get_volume() / fmax
-            target = FrechetCellFilter(a, mask=CELL_MASKS[cell], exp_cell_factor=factor)
-        converged = bool(BFGS(target, logfile=None).run(fmax=fmax, steps=steps))
     if steps <= 0:  # single points
         return a, float(a.get_potential_energy())
-    a.info["relax_converged"] = converged
+    from ase.optimize import BFGS
+
+    target = a
+    if cell != "fixed":
+        from ase.filters import FrechetCellFilter
+
+        factor = stress_tol * units.GPa * a.get_volume() / fmax
+        target = FrechetCellFilter(a, mask=CELL_MASKS[cell], exp_cell_factor=factor)
+    a.info["relax_converged"] = bool(BFGS(target, logfile=None).run(fmax=fmax, steps=steps))
     a.info["relax_max_force_eV_A"] = float(np.linalg.norm(a.get_forces(), axis=1).max()) if len(a) else 0.0
     if cell != "fixed":
         relaxed = np.asarray(CELL_MASKS[cell] or [1] * 6, dtype=bool)
