@@ -248,7 +248,7 @@ def build_verb_command(app: PluginApp, verb: Verb) -> TyperCommand:
     add("seed", Optional[int], typer.Option(None, "--seed", help="One seed for everything.", rich_help_panel="Shared options"))
     add("out", Optional[Path], typer.Option(None, "-o", "--out", help="Run directory (default: runs/<plugin>/<verb>/<time>_<hash>).", rich_help_panel="Shared options"))
     add("resume", Optional[str], typer.Option(None, "--resume", help="auto | PATH: continue from the last checkpoint.", rich_help_panel="Shared options", hidden=not verb.training))
-    add("shard", Optional[str], typer.Option(None, "--shard", help="i/n: process the i-th of n shards (default: from the SLURM array).", rich_help_panel="Shared options", hidden=not verb.batch))
+    add("shard", Optional[str], typer.Option(None, "--shard", help="i/n: process shard i of n, counted from 0 (0/4 … 3/4; default: from the SLURM array).", rich_help_panel="Shared options", hidden=not verb.batch))
     add("overwrite", bool, typer.Option(False, "--overwrite", help=_overwrite_help(verb), rich_help_panel="Shared options", hidden=not (verb.batch or verb.training or verb.overwrite)))
     add("print_config", bool, typer.Option(False, "--print-config", help="Print the resolved config and exit.", rich_help_panel="Shared options"))
     add("json", bool, typer.Option(False, "--json", help="Results on stdout as JSON.", rich_help_panel="Shared options"))

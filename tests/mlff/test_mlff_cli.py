@@ -138,6 +138,20 @@ def test_train_resumes_from_checkpoint(trained, labelled):
     assert epochs == [0, 1, 2]  # only the missing epoch ran
 
 
+def test_a_train_run_directory_is_a_calculator_model_and_zero_loss_weights_are_refused(trained, labelled, workdir):
+    from tub_mlff.calculator import SpookyNetCalculator
+
+    out, _ = trained
+    frame = read(labelled)
+    a, b = frame.copy(), frame.copy()
+    a.calc = SpookyNetCalculator(str(out))  # as `--model RUN_DIR` on the command line
+    b.calc = SpookyNetCalculator(str(out / "checkpoints" / "model.safetensors"))
+    assert a.get_potential_energy() == b.get_potential_energy()
+    r = invoke(["mlff", "train", labelled, "--set", "energy_weight=0", "--set", "forces_weight=0",
+                "-o", workdir / "zero"])
+    assert r.exit_code == 2 and "every loss weight is 0" in r.stderr
+
+
 def test_train_cosine_schedule_anneals_to_min_lr(workdir, labelled):
     out = workdir / "cosine"
     _ok(invoke(["mlff", "train", labelled, "-o", out, "--epochs", "3", "--batch-size", "8", "--lr", "1e-3",
@@ -455,6 +469,23 @@ def test_label_with_xtb(workdir):
     r = _ok(invoke(["mlff", "label", path, "-o", out, "--json"]))  # skip-existing on rerun
     assert json.loads(r.stdout)["labelled_now"] == 0
     assert "Gamma point only" not in r.stderr  # a molecule: no k-point warning
+    moved = read(path)
+    moved.positions[1] += 0.05
+    write(path, moved, format="extxyz")  # the input replaced under the same name: not skipped as done
+    r = invoke(["mlff", "label", path, "-o", out])
+    assert r.exit_code == 2 and "the input changed under the same name" in r.stderr
+    r = _ok(invoke(["mlff", "label", path, "-o", out, "--overwrite", "--json"]))
+    assert json.loads(r.stdout)["labelled_now"] == 1
+    assert np.allclose(read(out / "labelled.extxyz").positions, moved.positions)
+    # a shard's merge is labelled.partial.extxyz until every item is done
+    two = workdir / "two.extxyz"
+    write(two, [moved, moved.copy()], format="extxyz")
+    r = _ok(invoke(["mlff", "label", two, "-o", workdir / "sh", "--shard", "0/2"]))
+    assert (workdir / "sh" / "labelled.partial.extxyz").exists() and not (workdir / "sh" / "labelled.extxyz").exists()
+    assert "1 of 2 items are not labelled yet" in r.stderr
+    _ok(invoke(["mlff", "label", two, "-o", workdir / "sh", "--shard", "1/2"]))
+    assert len(read(workdir / "sh" / "labelled.extxyz", ":")) == 2
+    assert not (workdir / "sh" / "labelled.partial.extxyz").exists()
 
 
 def test_label_warns_that_small_periodic_cells_are_gamma_only(workdir):

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
+from tubcli.errors import TubError
 
 from .neighbors import neighbor_list
 from .properties import compute
@@ -43,9 +44,13 @@ class SpookyNetCalculator(Calculator):
                  skin: float = 0.5, elements: set[int] | None = None, check: bool = True,
                  ewald_kmax: int | None = None, **kwargs):
         super().__init__(**kwargs)
-        from .checkpoints import load_model, model_composition_span, model_elements
+        from .checkpoints import load_model, model_composition_span, model_elements, model_files
 
         members = model if isinstance(model, (list, tuple)) else [model]
+        # a `tub mlff train` run directory stands for its model (every member of a committee)
+        members = [f for m in members for f in (model_files(m) if isinstance(m, (str, Path)) else [m])]
+        if not members:
+            raise TubError(f"{model} holds no trained model (checkpoints/model.safetensors)")
         models, metas = [], []
         for m in members:
             if isinstance(m, (str, Path)):

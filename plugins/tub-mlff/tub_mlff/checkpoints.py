@@ -202,3 +202,15 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Sp
     tables = {k[3:]: tensors.pop(k) for k in list(tensors) if k.startswith("d4.") and k[3:] in D4_TABLES}
     _load_state(model, tensors, tables, path)
     return model.to(dtype).eval(), meta
+
+
+def model_files(path) -> list[Path]:
+    """The model files a path stands for: a file itself, or the members of a `tub mlff train` run
+    directory (or its checkpoints/ folder): model_0…model_N-1 of a committee, else model.safetensors."""
+    p = Path(path)
+    if not p.is_dir():
+        return [p]
+    ckpt = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    return sorted(ckpt.glob("model_*.safetensors"), key=lambda m: int(m.stem[6:]) if m.stem[6:].isdigit() else -1) \
+        or sorted(ckpt.glob("model.safetensors"))
+

@@ -31,12 +31,12 @@ def _command_line() -> str:
 
 def _models(paths) -> list[Path]:
     """The model files; a `tub mlff train` run directory stands for its model (all members of a committee)."""
+    from .checkpoints import model_files
+
     found = []
     for p in [Path(p) for p in (paths or [])] or [DEMO_MODEL]:
         if p.is_dir():
-            ckpt = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-            members = sorted(ckpt.glob("model_*.safetensors"), key=lambda m: int(m.stem[6:]) if m.stem[6:].isdigit()
-                             else -1) or sorted(ckpt.glob("model.safetensors"))
+            members = model_files(p)
             if not members:
                 raise TubError(f"{p} is a folder without a trained model (checkpoints/model.safetensors); give the "
                                "run directory of `tub mlff train` or a .safetensors file")
@@ -221,6 +221,40 @@ def _label_items(cfg, files, run) -> tuple[list[str], int]:
     return items, without
 
 
+def structure_digest(atoms) -> str:
+    """SHA-256 of a structure (elements, positions and cell to 1e-6 A, pbc): a labelled output
+    records the input it was made from, so a rerun notices an input replaced under the same name."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in (atoms.numbers.astype(np.int64), np.round(atoms.positions, 6) + 0.0,
+              np.round(np.asarray(atoms.cell), 6) + 0.0, np.asarray(atoms.pbc, dtype=np.int8)):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _check_label_sources(items, run, cache) -> None:
+    """Outputs a rerun would skip must come from the same input structures (skip-existing goes by
+    name; an input file replaced by other structures would otherwise keep its old labels)."""
+    from ase.io import read
+
+    from .data import read_structures
+
+    for item in items:
+        out = _label_output(run, item)
+        if not out.exists():
+            continue
+        stored = read(str(out)).info.get("source_digest")
+        if stored is None:  # labelled before outputs recorded their source
+            continue
+        _, idx, _, path = item.split("::", 3)
+        frames = cache.setdefault(path, read_structures(path))
+        if stored != structure_digest(frames[int(idx)]):
+            raise TubError(f"{out.name} in {run.outputs_dir} was labelled from another structure than frame "
+                           f"{int(idx)} of {path} now holds (the input changed under the same name); use a new -o, "
+                           "or --overwrite to label it again")
+
+
 def _label_output(run, item: str) -> Path:
     stem, idx, centre, _ = item.split("::", 3)
     return run.outputs_dir / (f"{stem}_{idx}.extxyz" if centre == "-1" else f"{stem}_{idx}_c{centre}.extxyz")
@@ -236,6 +270,8 @@ def label(cfg, run) -> dict:
     files = _need(cfg.structures, "STRUCTURES", "one or more extxyz files")
     items, without = _label_items(cfg, files, run)
     cache: dict[str, list] = {}
+    if not run.overwrite:
+        _check_label_sources(items, run, cache)
     done = 0
     for item, out in run.batch(items, output_for=lambda it: _label_output(run, it)):
         with run.item(item):
@@ -254,6 +290,7 @@ def label(cfg, run) -> dict:
                 labelled = label_pyscf(atoms, cfg.xc, cfg.basis, density_fit=cfg.density_fit)
             else:
                 labelled = label_xtb(atoms, cfg.method)
+            labelled.info["source_digest"] = structure_digest(frames[int(idx)])
             _write_extxyz(out, labelled)
             done += 1
     # gather every finished item (also from other shards) into one file
@@ -264,10 +301,20 @@ def label(cfg, run) -> dict:
     with ItemLock(run.dir / "labelled.extxyz").waiting():  # shards ending together: the last gathers all
         parts = sorted(p for p in run.outputs_dir.glob("*.extxyz") if re.fullmatch(_LABELLED, p.name))
         merged = [read(str(p)) for p in parts]
+        pending = sum(not _label_output(run, it).exists() for it in items)
+        # while shards (or failed items) are missing, the merge is labelled.partial.extxyz: a file named
+        # labelled.extxyz is the whole data set, never half of it
+        full, partial = run.dir / "labelled.extxyz", run.dir / "labelled.partial.extxyz"
+        target = partial if pending else full
         if merged:
-            _write_extxyz(run.dir / "labelled.extxyz", merged)
-    result = {"labelled_now": done, "labelled_total": len(merged), "method": cfg.method,
-              "output": str(run.dir / "labelled.extxyz")}
+            _write_extxyz(target, merged)
+        if not pending:
+            partial.unlink(missing_ok=True)
+    if pending:
+        run.log.warning("%d of %d items are not labelled yet (other shards, or failures): %s holds the %d done; "
+                        "labelled.extxyz is written when all are", pending, len(items), partial.name, len(merged))
+    result = {"labelled_now": done, "labelled_total": len(merged), "items": len(items), "method": cfg.method,
+              "output": str(target)}
     if cfg.method == "dft":
         result["xc_basis"] = f"{cfg.xc}/{cfg.basis}"
     if cfg.cluster_radius is not None:
@@ -369,6 +416,8 @@ def train(cfg, run) -> dict:
     from .validation import check_structure
 
     data = _need(cfg.data, "DATA", "a labelled extxyz file")
+    if not any((cfg.energy_weight, cfg.forces_weight, cfg.stress_weight, cfg.charges_weight, cfg.dipole_weight)):
+        raise TubError("every loss weight is 0, so nothing would be learned; give energy_weight or forces_weight > 0")
     if cfg.valid is None and cfg.valid_fraction + cfg.test_fraction >= 1:
         raise TubError(f"valid_fraction + test_fraction is {cfg.valid_fraction + cfg.test_fraction:g}, which leaves no "
                        "training frames; keep their sum below 1")

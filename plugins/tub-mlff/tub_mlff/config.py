@@ -87,12 +87,14 @@ class TrainConfig(TubConfig):
     loss: Literal["mse", "huber"] = Field(
         "mse", description="mse, or huber: quadratic below huber_delta and linear above, to fit the MAE rather than outliers")
     huber_delta: float = Field(0.01, gt=0, description="huber loss: error (eV/atom, eV/A, eV/A^3) where it turns linear")
-    energy_weight: float = Field(1.0, description="weight of the energy-per-atom loss")
-    forces_weight: float = Field(10.0, description="weight of the force loss")
-    stress_weight: float = Field(0.0, description="weight of the stress loss")
-    charges_weight: float = Field(0.0, description="weight of the atomic-charge loss (needs reference charges)")
-    dipole_weight: float = Field(0.0, description="weight of the dipole loss, as SpookyNet's paper trains (molecules)")
-    ema_decay: float = Field(0.99, description="EMA decay of the weights")
+    energy_weight: float = Field(1.0, ge=0, allow_inf_nan=False, description="weight of the energy-per-atom loss")
+    forces_weight: float = Field(10.0, ge=0, allow_inf_nan=False, description="weight of the force loss")
+    stress_weight: float = Field(0.0, ge=0, allow_inf_nan=False, description="weight of the stress loss")
+    charges_weight: float = Field(0.0, ge=0, allow_inf_nan=False,
+                                  description="weight of the atomic-charge loss (needs reference charges)")
+    dipole_weight: float = Field(0.0, ge=0, allow_inf_nan=False,
+                                 description="weight of the dipole loss, as SpookyNet's paper trains (molecules)")
+    ema_decay: float = Field(0.99, ge=0, lt=1, description="EMA decay of the weights (0 = no averaging)")
     patience: int = Field(30, ge=1, description="early-stopping patience (epochs)")
     max_minutes: Optional[float] = Field(None, description="stop a member after this many minutes")
     ensemble: int = Field(1, ge=1, description="committee size (members differ by seed)")
