@@ -290,6 +290,7 @@ class Run:
         plugin_version: str = "",
         same_outputs_except: set[str] | None = None,
         training: bool = False,
+        resume_may_change: set[str] | None = None,
     ):
         from tubcli.config import config_hash
 
@@ -329,10 +330,12 @@ class Run:
         # two jobs started together on one new -o: the second waits here and then sees the first's records
         claim = ItemLock(self.dir.parent / f".{self.dir.name}.claim") if self.is_main else None
         with claim.waiting(timeout=120) if claim else contextlib.nullcontext():
-            self._claim(cfg, resume, overwrite, verbosity, plugin_version, same_outputs_except, training)
+            self._claim(cfg, resume, overwrite, verbosity, plugin_version, same_outputs_except, training,
+                        resume_may_change or set())
         self.log.debug("run directory %s", self.dir)
 
-    def _claim(self, cfg, resume, overwrite, verbosity, plugin_version, same_outputs_except, training) -> None:
+    def _claim(self, cfg, resume, overwrite, verbosity, plugin_version, same_outputs_except, training,
+               resume_may_change) -> None:
         """Check the directory's earlier records against this run and write this run's."""
         earlier_command = self._earlier_command()
         if earlier_command and earlier_command != self.command:
@@ -346,7 +349,14 @@ class Run:
             if changed:  # skip-existing would keep outputs that these settings no longer describe
                 raise TubError(f"{self.dir} holds outputs made with other settings ({changed}); use a new -o, "
                                "the same settings, or --overwrite to recompute")
-        fresh_start = training and not resume and (self.checkpoints_dir / "last.pt").exists()
+        checkpoint = (self.checkpoints_dir / "last.pt").exists()
+        if training and resume and checkpoint and earlier is not None and not overwrite:
+            changed = changed_settings(earlier, now, {"device", "threads", "num_workers", *resume_may_change})
+            if changed:  # the checkpoint continues the training its recorded settings describe
+                allowed = f" (only {', '.join(sorted(resume_may_change))} may change)" if resume_may_change else ""
+                raise TubError(f"{self.dir} was trained with other settings ({changed}); --resume continues that "
+                               f"training: give the same settings{allowed}, or a new -o")
+        fresh_start = training and not resume and checkpoint
         if fresh_start and not overwrite:
             raise TubError(f"{self.dir} holds a training checkpoint; pass --resume auto to continue it, "
                            "--overwrite to start again, or a new -o")
@@ -367,6 +377,8 @@ class Run:
         if self.is_main:
             if fresh_start:  # --overwrite: the old training moves aside until this one has produced something
                 self._previous = self._set_aside(("checkpoints", "metrics.jsonl"))
+            elif training and not checkpoint:  # a training killed before its first checkpoint starts over:
+                (self.dir / "metrics.jsonl").unlink(missing_ok=True)  # its rows would repeat the new ones
             ignore = same_outputs_except if same_outputs_except is not None else EXECUTION_FIELDS
             if earlier is not None and changed_settings(earlier, now, ignore):
                 self._archived = archive_config(self.dir)  # keep the record of the earlier settings

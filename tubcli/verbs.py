@@ -54,7 +54,9 @@ class Verb:
     (and batch verbs) honour ``--overwrite`` (``run.overwrite``) for outputs that exist.
     ``item_fields`` are config fields that, like the inputs, only choose which items a batch run
     produces (e.g. one set of files per method), so a rerun into the same directory with other
-    values adds outputs instead of being refused.
+    values adds outputs instead of being refused. ``resume_may_change`` are the settings a resumed
+    training may change (how long it runs, how often it logs or saves); any other change is
+    refused, since the checkpoint continues the training that the recorded settings describe.
     """
 
     name: str
@@ -67,6 +69,7 @@ class Verb:
     training: bool = False
     overwrite: bool = False
     item_fields: tuple[str, ...] = ()
+    resume_may_change: tuple[str, ...] = ()
 
 
 @dataclass
@@ -299,7 +302,7 @@ def execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
         run = Run(app.name, verb.name, cfg, out=opts.get("out"), resume=opts.get("resume"), shard=shard,
                   overwrite=bool(opts.get("overwrite")), verbosity=verbosity, plugin_version=app.version,
                   same_outputs_except={*verb.args, *verb.item_fields, *EXECUTION_FIELDS} if verb.batch else None,
-                  training=verb.training)
+                  training=verb.training, resume_may_change=set(verb.resume_may_change))
         failures = None
         try:
             metrics = run.finish(func(cfg, run))

@@ -395,6 +395,27 @@ def test_training_into_a_run_with_a_checkpoint_needs_resume_or_overwrite(toy_plu
     assert not (out / ".previous").exists()
 
 
+def test_a_resume_continues_the_recorded_training_only(toy_plugins, tmp_path):
+    data, out = tmp_path / "d.csv", tmp_path / "t"
+    data.write_text("1,0,2\n0,1,3\n")
+    assert invoke(["toy", "train", data, "--epochs", "2", "-o", out]).exit_code == 0
+    record = (out / "config.yaml").read_text()
+    result = invoke(["toy", "train", data, "--epochs", "3", "--lr", "0.5", "-o", out, "--resume", "auto"])
+    assert result.exit_code == 2 and "trained with other settings (optim.lr: 0.1 -> 0.5)" in result.stderr
+    assert "only epochs may change" in result.stderr and (out / "config.yaml").read_text() == record
+    assert invoke(["toy", "train", data, "--epochs", "3", "-o", out, "--resume", "auto"]).exit_code == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_training_killed_before_its_first_checkpoint_starts_its_log_over(toy_plugins, tmp_path):
+    data, out = tmp_path / "d.csv", tmp_path / "t"
+    data.write_text("1,0,2\n0,1,3\n")
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"epoch": 0, "loss": 9}\n')  # what the killed run logged, no checkpoint
+    assert invoke(["toy", "train", data, "--epochs", "2", "-o", out]).exit_code == 0
+    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+
+
 def test_a_run_turns_tf32_off(toy_plugins, tmp_path):
     """fp32 is fp32 on GPUs too: a run switches cuDNN's and cuBLAS's TF32 shortcuts off."""
     import torch

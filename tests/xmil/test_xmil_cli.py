@@ -83,6 +83,9 @@ def test_pipeline_features_train_explain_evaluate_heatmap(data, tiny_encoder):
                           "--epochs", "2", "--set", "model.features_dim=16", "-o", data / f"train_{arch}", "--json"]))
         out = json.loads(res.stdout)
         assert out["train_slides"] == 2 and out["test_slides"] == 2
+        rows = [json.loads(x) for x in (data / f"train_{arch}" / "metrics.jsonl").read_text().splitlines()]
+        score = [r["train_auroc"] for r in rows]  # no validation slides: chosen on the training slides
+        assert out["selected_on"].startswith("training") and score[out["best_epoch"]] == max(score)
     model = data / "train_attnmil" / "checkpoints"
     assert (model / "model.safetensors").is_file() and json.loads((model / "model.json").read_text())["arch"] == "attnmil"
     # resume: a finished run resumes at its last epoch and trains two more

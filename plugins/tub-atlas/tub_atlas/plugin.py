@@ -47,7 +47,7 @@ app = PluginApp(
         Verb("train", "tub_atlas.cli:train", config="tub_atlas.config:TrainConfig",
              help="Distil a small student ViT from a frozen teacher, or pre-train it DINOv2-style "
                   "(--objective dinov2), on unlabelled tiles.", args=["tiles"],
-             training=True,
+             training=True, resume_may_change=("steps", "checkpoint_every", "log_every"),
              options={"objective": "objective", "local-crops": "dinov2.local_crops",
                       "local-crop-size": "dinov2.local_crop_size", "centering": "dinov2.centering",
                       "teacher-arch": "teacher.arch", "teacher-weights": "teacher.weights",

@@ -25,7 +25,7 @@ app = PluginApp(
              args=["data"], options={"valid": "valid", "epochs": "epochs", "batch-size": "batch_size", "lr": "lr",
                                      "ensemble": "ensemble", "init-from": "init_from", "max-minutes": "max_minutes",
                                      **_KEYS},
-             training=True),
+             training=True, resume_may_change=("epochs", "max_minutes")),
         Verb("evaluate", _F + "evaluate", config=_C + "EvaluateConfig",
              help="Energy/force/stress MAE and RMSE on a labelled set, parity plots.",
              args=["data"], options={"model": "model", **_KEYS}),

@@ -70,7 +70,8 @@ def train(cfg, run) -> dict:
     if provenance:
         meta["features"] = provenance
     run.save_weights({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, meta)
-    out = {"train_slides": len(train_s), "val_slides": len(val_s), "test_slides": len(test_s)}
+    out = {"train_slides": len(train_s), "val_slides": len(val_s), "test_slides": len(test_s),
+           "best_epoch": meta["best_epoch"], "selected_on": meta["selected_on"]}
     if test_s:
         out.update({f"test_{k}": v for k, v in task_metrics(test_s, predict(model, test_s, cfg.task), cfg.task).items()})
     out["weights"] = str(run.checkpoints_dir / "model.safetensors")

@@ -26,7 +26,7 @@ app = PluginApp(
         Verb("train", "tub_xmil.cli:train", config="tub_xmil.config:TrainConfig",
              help="Train AttnMIL/TransMIL/MambaMIL for classification, regression or survival.",
              options={"features": "features", "labels": "labels", "task": "task", "arch": "model.arch",
-                      "epochs": "epochs"}, training=True),
+                      "epochs": "epochs"}, training=True, resume_may_change=("epochs",)),
         Verb("explain", "tub_xmil.cli:explain", config="tub_xmil.config:ExplainConfig",
              help="Per-patch scores: lrp, ig, single, attention, grad2, gi, drop, random.",
              args=["bags"], options={**MODEL, "method": "method"}, batch=True),

@@ -65,11 +65,12 @@ def train_model(cfg, run, train, val, classes) -> tuple[torch.nn.Module, dict]:
     model = build_model(cfg.model.arch, input_dim, head_dim, **kwargs).to(run.device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = run.load_checkpoint()
-    start, best, best_state = 0, -np.inf, None
+    start, best, best_state, best_epoch = 0, -np.inf, None, None
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start, best = int(state["epoch"]) + 1, float(state["best"])
+        best_epoch = int(state["best_epoch"]) if "best_epoch" in state else None
         best_state = {k[5:]: v for k, v in state.items() if k.startswith("best.")} or None
         run.log.info("resumed at epoch %d", start)
     ddp = run.ddp(model)
@@ -102,10 +103,11 @@ def train_model(cfg, run, train, val, classes) -> tuple[torch.nn.Module, dict]:
         row.update({f"{'val' if val else 'train'}_{k}": v for k, v in m.items()})
         score = selection_score(m, task)
         if score >= best or best_state is None:  # ties: the later (further trained) epoch
-            best = score
+            best, best_epoch = score, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         run.log_metrics(row)
-        ck = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "best": best}
+        ck = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "best": best,
+              "best_epoch": best_epoch}
         ck.update({f"best.{k}": v for k, v in best_state.items()})
         run.save_checkpoint(ck)
     if best_state is not None:
@@ -114,5 +116,8 @@ def train_model(cfg, run, train, val, classes) -> tuple[torch.nn.Module, dict]:
     meta = {"arch": cfg.model.arch, "task": task,
             "kwargs": {"input_dim": input_dim, "head_dim": head_dim, **kwargs},
             "classes": [str(c) for c in classes], "bin_edges": None if edges is None else
-            [float(e) if np.isfinite(e) else "inf" for e in edges]}
+            [float(e) if np.isfinite(e) else "inf" for e in edges],
+            # the saved weights are the best epoch's (AUROC, R² or C-index; ties: the later epoch) on
+            # the validation slides, or on the training slides when there are none
+            "best_epoch": best_epoch, "selected_on": "validation" if val else "training (no validation slides)"}
     return model, meta

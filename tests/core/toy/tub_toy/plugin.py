@@ -7,7 +7,8 @@ app = PluginApp(
     help="A toy plugin: least-squares training, a batch verb and an explanation.",
     verbs=[
         Verb("train", "tub_toy.verbs:train", config="tub_toy.verbs:TrainConfig", help="Fit y = w.x by gradient descent.",
-             args=["data"], options={"epochs": "epochs", "lr": "optim.lr"}, training=True),
+             args=["data"], options={"epochs": "epochs", "lr": "optim.lr"}, training=True,
+             resume_may_change=("epochs",)),
         Verb("evaluate", "tub_toy.verbs:evaluate", config="tub_toy.verbs:SquareConfig",
              help="Square the number in each input file.", args=["inputs"], batch=True),
         Verb("explain", "tub_toy.verbs:explain", config="tub_toy.verbs:ExplainConfig",
