@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 
 import h5py
@@ -157,14 +158,13 @@ def test_evaluate_probes_and_explain_probe_class(data, tmp_path):
     assert json.loads(r.stdout)["conservation_max_rel_error"] < 1e-3  # fp32
     maps = np.load(tmp_path / "x/outputs/tiles/maps.npy")
     assert maps.shape == (2, 8, 8) and len(list((tmp_path / "x/outputs/tiles").glob("*.png"))) == 2
-    import csv
-
     with open(tmp_path / "x/outputs/tiles/manifest.csv", newline="") as f:
         manifest = list(csv.DictReader(f))  # row i of maps.npy, by tile
     with np.load(data / "tiles.npz") as z:
         first = [str(s) for s in z["slide_id"][:2]]
     assert [r["row"] for r in manifest] == ["0", "1"] and [r["slide_id"] for r in manifest] == first
     assert all((tmp_path / "x/outputs/tiles" / r["overlay"]).is_file() for r in manifest)
+    assert all(os.path.isabs(r["origin"]) for r in manifest)  # as embed's manifests: joins from any folder
     ok(["explain", data / "tiles.npz", "--arch", "vit-t8-demo", "--weights", W, "--method", "rollout",
         "--max-tiles", "1", "-o", tmp_path / "y"])
     roll = np.load(tmp_path / "y/outputs/tiles/maps.npy")

@@ -10,7 +10,7 @@ import torch
 
 from tubcli.errors import TubError
 
-from .embedding import MANIFEST_FIELDS, write_manifest, atomic_dir
+from .embedding import MANIFEST_FIELDS, absolute_origin, atomic_dir, write_manifest
 from .encoder import Encoder, uint8_to_float
 from .lrp import lrp, make_target, patch_map
 from .overlay import overlay, save_png
@@ -93,8 +93,9 @@ def explain_inputs(encoder: Encoder, names: dict[Path, str], cfg, run) -> dict:
                     ts.rows[i]["overlay"] = png
                 np.save(tmp / "maps.npy", np.stack(maps).astype(np.float32))
                 # row i of maps.npy is the tile of manifest row i (joins on tile_id / slide_id, x, y)
-                write_manifest(tmp / "manifest.csv", [{**r, "row": k} for k, r in enumerate(ts.rows[:n])],
-                                ["row", *MANIFEST_FIELDS, "overlay"])
+                write_manifest(tmp / "manifest.csv", [{**r, "row": k, "origin": absolute_origin(r["origin"])}
+                                                      for k, r in enumerate(ts.rows[:n])],
+                               ["row", *MANIFEST_FIELDS, "overlay"])
             n_done += n
     out = {"method": cfg.method, "explains": what, "tiles": n_done, "outputs": str(run.outputs_dir)}
     if cfg.method in LRP_RULES:  # AttnLRP: the balance includes the softmax rule's Taylor biases
