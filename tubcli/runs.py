@@ -351,7 +351,7 @@ class Run:
                                "the same settings, or --overwrite to recompute")
         checkpoint = (self.checkpoints_dir / "last.pt").exists()
         if training and resume and checkpoint and earlier is not None and not overwrite:
-            changed = changed_settings(earlier, now, {"device", "threads", "num_workers", *resume_may_change})
+            changed = changed_settings(earlier, now, (EXECUTION_FIELDS - {"batch_size"}) | resume_may_change)
             if changed:  # the checkpoint continues the training its recorded settings describe
                 allowed = f" (only {', '.join(sorted(resume_may_change))} may change)" if resume_may_change else ""
                 raise TubError(f"{self.dir} was trained with other settings ({changed}); --resume continues that "

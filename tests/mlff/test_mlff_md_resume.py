@@ -146,7 +146,5 @@ def test_md_frames_are_not_training_labels_and_old_runs_are_not_resumed_across_f
     settings = json.loads(stored.read_text())
     del settings["ndof"]  # as a Bussi run made before the 3N - 3 fix recorded it
     stored.write_text(json.dumps(settings))
-    r = invoke(["mlff", "md", setup / "na.extxyz", "--model", setup / "tiny.safetensors", "--ensemble", "nvt-bussi",
-                "--steps", "20", "--interval", "5", "--timestep", "1", "--temp", "300", "--set", "taut=20",
-                "--set", "taup=100", "--precision", "fp64", "--seed", "3", "-o", out])
+    r = _md(setup, out, "nvt-bussi", 20)
     assert r.exit_code == 2 and "degrees of freedom" in r.stderr

@@ -258,6 +258,7 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
     integrator settings in ``settings_path(traj)``; resuming with other values is an error.
     """
     from ase import units
+    from ase.calculators.singlepoint import SinglePointCalculator
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 
     if steps < 1 or interval < 1 or timestep_fs <= 0:
@@ -349,8 +350,6 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
 
     def record(step: int) -> None:
         line, epot, T, std = thermo_line(step)
-        from ase.calculators.singlepoint import SinglePointCalculator
-
         frame = atoms.copy()
         frame.info.update({"step": step, "time_fs": step * timestep_fs, "epot": epot, "temperature": T,
                            "predicted_by": "tub mlff md"})  # train/evaluate refuse them as labels

@@ -107,8 +107,8 @@ def read_metadata(path: Path | str) -> Metadata:
             f"{path}: metadata is missing column(s) {', '.join(missing)}; "
             f"a PathoROB metadata CSV has {', '.join(COLUMNS)}"
         )
-    lines = [i + 2 for i, r in enumerate(rows) if any(x.strip() for x in r)]  # file line of each kept row
-    rows = [r for r in rows if any(x.strip() for x in r)]
+    kept = [(i + 2, r) for i, r in enumerate(rows) if any(x.strip() for x in r)]  # (file line, row)
+    lines, rows = [line for line, _ in kept], [r for _, r in kept]
     if not rows:
         raise TubError(f"{path}: metadata CSV has a header but no rows")
     bad = [lines[i] for i, r in enumerate(rows) if len(r) != len(header)]
