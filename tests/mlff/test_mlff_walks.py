@@ -147,3 +147,32 @@ def test_explain_cli_writes_walks(tmp_path, cell):
     frame = read(tmp_path / "ex" / "outputs" / "explained.extxyz")
     assert np.allclose(frame.arrays["mlff_walk_1body"], z["one_body"])
     assert "walks" in expect_one_line_error(invoke(["mlff", "explain", path, "--walks", "4", "-o", tmp_path / "bad"]))
+
+
+def test_committee_explain_gives_the_members_mean_walks_and_attention(tmp_path, cell):
+    """A committee's walks are the members' mean (linear in the output, so still exact for the
+    committee's mean e_nn); its attention file holds each member's maps and their mean."""
+    from tub_mlff.checkpoints import save_model
+
+    models = [_trained_like(modules=2, seed=s) for s in (0, 1)]
+    for s, m in enumerate(models):
+        save_model(m.float(), tmp_path / f"m{s}", extra={"elements": [1, 6, 7, 11]})
+    path = tmp_path / "cell.extxyz"
+    write(path, cell)
+    args = ["mlff", "explain", path, "--walks", "2", "--precision", "fp64", "--json"]
+    one = [json.loads(expect_ok(invoke(args + ["--model", tmp_path / f"m{s}.safetensors", "-o", tmp_path / f"x{s}"]))
+                      .stdout)["walks"]["0"] for s in (0, 1)]
+    both = json.loads(expect_ok(invoke(args + ["--model", tmp_path / "m0.safetensors", "--model",
+                                               tmp_path / "m1.safetensors", "-o", tmp_path / "x"])).stdout)["walks"]["0"]
+    assert abs(one[0]["e_nn_eV"] - one[1]["e_nn_eV"]) > 1e-2  # the members differ
+    for key in ("e_nn_eV", "bias_eV", "one_body_eV", "two_body_eV"):
+        assert both[key] == pytest.approx((one[0][key] + one[1][key]) / 2, abs=1e-9)
+    parts = ["element_reference_eV", "bias_eV", "one_body_eV", "two_body_eV", "higher_order_eV"]
+    assert sum(both[k] for k in parts) == pytest.approx(both["e_nn_eV"], abs=1e-6)
+    with np.load(tmp_path / "x" / "outputs" / "attention_0000.npz") as z, \
+            np.load(tmp_path / "x1" / "outputs" / "attention_0000.npz") as z1:
+        assert sorted(z.files) == ["member_0_module_1", "member_0_module_2", "member_1_module_1",
+                                   "member_1_module_2", "module_1", "module_2"]
+        assert np.allclose(z["member_1_module_2"], z1["module_2"])
+        assert np.allclose(z["module_1"], (z["member_0_module_1"] + z["member_1_module_1"]) / 2)
+        assert np.allclose(z["module_1"].sum(1), 1.0)

@@ -900,11 +900,13 @@ def diffusion(cfg, run) -> dict:
 
 # -- explain -------------------------------------------------------------------------------------
 def _explain_walks(calc, atoms, cfg, path) -> dict:
-    """GNN-LRP n-body relevances of one structure: NPZ to ``path``, a summary back."""
-    from .relevant_walks import walk_relevances
+    """GNN-LRP n-body relevances of one structure (a committee: the members' mean, which explains the
+    committee's mean e_nn exactly): NPZ to ``path``, a summary back."""
+    from .relevant_walks import committee_mean, walk_relevances
 
     d = atoms.get_all_distances(mic=bool(np.any(atoms.pbc)))
-    w = walk_relevances(calc.models[0], calc.batch_for(atoms), d, order=cfg.walks, radius=cfg.walk_radius)
+    batch = calc.batch_for(atoms)
+    w = committee_mean([walk_relevances(m, batch, d, order=cfg.walks, radius=cfg.walk_radius) for m in calc.models])
     np.savez_compressed(path, one_body=w.one_body, two_body=w.two_body, triples=w.triples, three_body=w.three_body,
                         walks_total=w.walks_total, bias=w.bias, reference=w.reference, e_nn=w.e_nn, distances=d)
     sym = atoms.get_chemical_symbols()
@@ -976,9 +978,7 @@ def explain(cfg, run) -> dict:
                                                   "force_disagreement_eV_A": float(dis[i])}
         rows.append(out)
         if cfg.attention:
-            maps = attention_maps(calc, atoms)
-            np.savez_compressed(run.outputs_dir / f"attention_{k:04d}.npz",
-                                **{f"module_{t + 1}": a for t, a in enumerate(maps)})
+            np.savez_compressed(run.outputs_dir / f"attention_{k:04d}.npz", **attention_maps(calc, atoms))
         if cfg.walks:
             walks = _explain_walks(calc, atoms, cfg, run.outputs_dir / f"walks_{k:04d}.npz")
             out.arrays["mlff_walk_1body"] = walks.pop("one_body")

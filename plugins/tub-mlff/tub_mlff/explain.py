@@ -7,7 +7,8 @@
    centre within 3.2 A -> "ring" (cation-pi), amine N within 3.0 A -> "amine", otherwise
    "graphene"), and its energy contribution and charge are averaged per class.
 3. Nonlocal attention maps per interaction module: A_ij = phi(q_i).phi(k_j) / sum_j phi(q_i).phi(k_j),
-   the row-normalised weights the Performer attention (Eq. 11) actually applies.
+   the row-normalised weights the Performer attention (Eq. 11) actually applies (a committee:
+   each member's and their mean).
 4. Committee disagreement (several models): per atom, the RMS deviation of the members' force
    vectors from their mean, the usual uncertainty signal of active learning (e.g. Smith et
    al. 2018, "Less is more: sampling chemical space with active learning").
@@ -132,15 +133,28 @@ def site_summary(decomposition: dict, sites: dict[int, str]) -> dict:
     return summary
 
 
-def attention_maps(calc, atoms) -> list[np.ndarray]:
-    """Row-normalised nonlocal attention matrices [N, N], one per interaction module."""
-    model = calc.models[0]
+def attention_maps(calc, atoms) -> dict[str, np.ndarray]:
+    """Row-normalised nonlocal attention matrices [N, N] per interaction module: ``module_t``.
+
+    A committee gets each member's maps (``member_m_module_t``) and, as ``module_t``, their mean
+    (still row-stochastic), when all members have the same number of modules."""
+    b = calc.batch_for(atoms)
+    per_member = [_member_attention(model, b) for model in calc.models]
+    if len(per_member) == 1:
+        return {f"module_{t + 1}": a for t, a in enumerate(per_member[0])}
+    out = {f"member_{m}_module_{t + 1}": a for m, maps in enumerate(per_member) for t, a in enumerate(maps)}
+    if len({len(maps) for maps in per_member}) == 1:
+        out.update({f"module_{t + 1}": np.mean([maps[t] for maps in per_member], axis=0)
+                    for t in range(len(per_member[0]))})
+    return out
+
+
+def _member_attention(model, b) -> list[np.ndarray]:
     mods = [m.nonlocal_ for m in model.interactions]
     for m in mods:
         m.keep_attention = True
     try:
         with torch.no_grad():
-            b = calc.batch_for(atoms)
             model(b["Z"], b["Q"], b["S"], b["R"], b["idx_i"], b["idx_j"], b.get("cell"), b.get("cell_offsets"),
                   None, 1, lr_pairs=b.get("lr_pairs"))
         maps = []

@@ -201,6 +201,18 @@ class WalkExplainer:
         return out
 
 
+def committee_mean(parts: list[WalkRelevance]) -> WalkRelevance:
+    """The members' mean relevances: LRP is linear in the explained output, so the mean of the
+    members' walks explains the committee's mean network energy with the same exact bookkeeping."""
+    if len(parts) == 1:
+        return parts[0]
+    mean = lambda name: np.mean([getattr(p, name) for p in parts], axis=0)  # noqa: E731
+    return WalkRelevance(one_body=mean("one_body"), two_body=mean("two_body"), triples=parts[0].triples,
+                         three_body=mean("three_body") if len(parts[0].triples) else parts[0].three_body,
+                         walks_total=float(mean("walks_total")), bias=float(mean("bias")),
+                         reference=float(mean("reference")), e_nn=float(mean("e_nn")))
+
+
 def nearby_triples(distances: np.ndarray, radius: float) -> list[tuple[int, int, int]]:
     """Triples i < j < k whose three distances are all below ``radius``."""
     close = distances < radius
