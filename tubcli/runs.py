@@ -193,6 +193,7 @@ def environment_record(plugin_version: str = "", command: str = "") -> dict:
     record = {
         "command": command,  # `tub <plugin> <verb>`: a run directory belongs to one verb
         "argv": sys.argv,
+        "cwd": os.getcwd(),  # relative paths in config.yaml are relative to it
         "python": sys.version.split()[0],
         "tub": ver("tub"),
         "plugin": plugin_version,
@@ -212,18 +213,19 @@ def environment_record(plugin_version: str = "", command: str = "") -> dict:
 EXECUTION_FIELDS = frozenset({"device", "batch_size", "threads", "num_workers"})
 
 
-def changed_settings(earlier: dict, now: dict, ignore: set[str], prefix: str = "") -> str:
+def changed_settings(earlier: dict, now: dict, ignore: set[str], prefix: str = "", earlier_cwd: str | None = None) -> str:
     """``key: old -> new`` for the first settings that differ, ignoring the top-level ``ignore`` keys
-    (a batch verb's inputs, execution-only fields); empty if none."""
+    (a batch verb's inputs, execution-only fields); empty if none. A relative path recorded by a run
+    started in ``earlier_cwd`` is read from there (a rerun from another folder spells it otherwise)."""
     diffs = []
     for key in sorted(set(earlier) | set(now)):
         if not prefix and key in ignore:
             continue
         a, b = earlier.get(key, _ABSENT), now.get(key, _ABSENT)
         if isinstance(a, dict) and isinstance(b, dict):
-            inner = changed_settings(a, b, ignore, f"{prefix}{key}.")
+            inner = changed_settings(a, b, ignore, f"{prefix}{key}.", earlier_cwd)
             diffs += [inner] if inner else []
-        elif a != b and not _same_file(a, b):
+        elif a != b and not _same_file(a, b, earlier_cwd):
             diffs.append(f"{prefix}{key}: {_shown(a)} -> {_shown(b)}")
     return "; ".join(diffs[:3])
 
@@ -236,10 +238,16 @@ def _shown(value) -> str:
     return "(default)" if value is None else "(not recorded)" if value is _ABSENT else str(value)
 
 
-def _same_file(a, b) -> bool:
-    """Two spellings of one existing path (relative and absolute, a symlink)."""
-    return isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b) \
-        and os.path.samefile(a, b)
+def _same_file(a, b, a_cwd: str | None = None) -> bool:
+    """Two spellings of one existing path (relative and absolute, a symlink, relative to another
+    folder: ``a`` as given in ``a_cwd``); lists of paths element by element."""
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(x == y or _same_file(x, y, a_cwd) for x, y in zip(a, b))
+    if not (isinstance(a, str) and isinstance(b, str)):
+        return False
+    if a_cwd and not os.path.isabs(a):
+        a = os.path.join(a_cwd, a)
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
 
 
 def _failure_item(line: str) -> str | None:
@@ -344,14 +352,16 @@ class Run:
         self.outputs_dir = self.dir / "outputs"
         self.checkpoints_dir = self.dir / "checkpoints"
         earlier, now = self._earlier_config(), cfg.model_dump(mode="json")
+        cwd = self._earlier_env().get("cwd")
         if earlier is not None and same_outputs_except is not None and not overwrite:
-            changed = changed_settings(earlier, now, same_outputs_except)
+            changed = changed_settings(earlier, now, same_outputs_except, earlier_cwd=cwd)
             if changed:  # skip-existing would keep outputs that these settings no longer describe
                 raise TubError(f"{self.dir} holds outputs made with other settings ({changed}); use a new -o, "
                                "the same settings, or --overwrite to recompute")
         checkpoint = (self.checkpoints_dir / "last.pt").exists()
         if training and resume and checkpoint and earlier is not None and not overwrite:
-            changed = changed_settings(earlier, now, (EXECUTION_FIELDS - {"batch_size"}) | resume_may_change)
+            changed = changed_settings(earlier, now, (EXECUTION_FIELDS - {"batch_size"}) | resume_may_change,
+                                       earlier_cwd=cwd)
             if changed:  # the checkpoint continues the training its recorded settings describe
                 allowed = f" (only {', '.join(sorted(resume_may_change))} may change)" if resume_may_change else ""
                 raise TubError(f"{self.dir} was trained with other settings ({changed}); --resume continues that "
@@ -380,7 +390,7 @@ class Run:
             elif training and not checkpoint:  # a training killed before its first checkpoint starts over:
                 (self.dir / "metrics.jsonl").unlink(missing_ok=True)  # its rows would repeat the new ones
             ignore = same_outputs_except if same_outputs_except is not None else EXECUTION_FIELDS
-            if earlier is not None and changed_settings(earlier, now, ignore):
+            if earlier is not None and changed_settings(earlier, now, ignore, earlier_cwd=cwd):
                 self._archived = archive_config(self.dir)  # keep the record of the earlier settings
             self.outputs_dir.mkdir(parents=True, exist_ok=True)
             self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
@@ -398,10 +408,14 @@ class Run:
 
     def _earlier_command(self) -> str | None:
         """The verb an existing run directory was made by (None: new, or written before tub recorded it)."""
+        return self._earlier_env().get("command") or None
+
+    def _earlier_env(self) -> dict:
         try:
-            return json.loads((self.dir / "env.json").read_text()).get("command") or None
-        except (OSError, ValueError, AttributeError):
-            return None
+            env = json.loads((self.dir / "env.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return env if isinstance(env, dict) else {}
 
     def _earlier_config(self) -> dict | None:
         path = self.dir / "config.yaml"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tubcli.errors import TubError
-from tubcli.runs import ItemLock, changed_settings, parse_shard, shard_items
+from tubcli.runs import ItemLock, changed_settings, environment_record, parse_shard, shard_items
 from tubcli.testing import invoke
 
 
@@ -454,3 +454,20 @@ def test_a_resumed_training_takes_over_a_lock_from_another_host(tmp_path):
         Run("toy", "train", TubConfig(), out=tmp_path / "r", training=True)
     Run("toy", "train", TubConfig(), out=tmp_path / "r", training=True, resume="auto").finish({})
     assert not (tmp_path / "r" / "training.lock").exists()
+
+
+def test_a_relative_path_is_read_from_the_folder_the_earlier_run_started_in(tmp_path, monkeypatch):
+    """A rerun from another folder spells the same file otherwise (`w.bin` from a/, `../a/w.bin` from b/)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "w.bin").write_bytes(b"w")
+    (tmp_path / "a" / "v.bin").write_bytes(b"v")
+    monkeypatch.chdir(tmp_path / "b")
+    earlier = {"weights": "w.bin", "models": ["w.bin", "v.bin"]}
+    same = {"weights": "../a/w.bin", "models": ["../a/w.bin", str(tmp_path / "a" / "v.bin")]}
+    assert changed_settings(earlier, same, set(), earlier_cwd=str(tmp_path / "a")) == ""
+    assert changed_settings(earlier, same, set()) != ""  # without the recorded folder: not the same files
+    other = {"weights": "../a/v.bin", "models": ["../a/v.bin", "../a/w.bin"]}
+    assert changed_settings(earlier, other, set(), earlier_cwd=str(tmp_path / "a")) == \
+        "models: ['w.bin', 'v.bin'] -> ['../a/v.bin', '../a/w.bin']; weights: w.bin -> ../a/v.bin"
+    assert environment_record()["cwd"] == str(tmp_path / "b")
