@@ -51,21 +51,37 @@ def _stream_level() -> int:
     return logging.INFO
 
 
+def log_every() -> float:
+    """Seconds between progress lines in batch jobs: ``TUB_LOG_EVERY`` (default 30)."""
+    value = os.environ.get("TUB_LOG_EVERY", "30")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0:
+        from tubcli.errors import TubError
+
+        raise TubError(f"TUB_LOG_EVERY={value!r} is not a number of seconds > 0; set it like TUB_LOG_EVERY=60 or unset it")
+    return seconds
+
+
 def track(iterable: Iterable[T], total: int | None = None, desc: str = "", every: float | None = None) -> Iterator[T]:
     """Iterate with progress: a rich bar on a terminal, else a log line every ``every`` seconds."""
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)  # type: ignore[arg-type]
     if use_bars():
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*columns, transient=True) as bar:
+        # on stderr, where use_bars() found the terminal: stdout carries only the results
+        with Progress(*columns, transient=True, console=Console(stderr=True)) as bar:
             task = bar.add_task(desc or "working", total=total)
             for item in iterable:
                 yield item
                 bar.advance(task)
         return
-    every = float(os.environ.get("TUB_LOG_EVERY", 30)) if every is None else every
+    every = log_every() if every is None else every
     log = get_logger()
     start = last = time.monotonic()
     done = 0

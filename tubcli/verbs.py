@@ -284,14 +284,38 @@ def _overwrite_help(verb: Verb) -> str:
     return "Replace outputs that exist."
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch system's time limit or preemption): unwinds like Ctrl-C, so item locks are
+    released and temporary outputs removed, and a requeued job finds nothing held."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
     """Resolve the config, run the verb in a run directory, print results; return the exit code."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # signal handlers: main thread only
+        return _execute(app, verb, model, flags, opts)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _execute(app, verb, model, flags, opts)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
     from tubcli.config import config_yaml, resolve_config
+    from tubcli.progress import log_every
     from tubcli.runs import EXECUTION_FIELDS, Run
 
     verbosity = -1 if opts.get("quiet") else int(opts.get("verbose") or 0)
     try:
         cfg = resolve_config(model, app.name, opts.get("config"), opts.get("set"), flags)
+        log_every()  # a bad TUB_LOG_EVERY is refused before a run directory exists
         if opts.get("print_config"):
             sys.stdout.write(config_yaml(cfg))
             return 0
@@ -324,6 +348,9 @@ def execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
     except TubError as exc:
         report_error(exc, opts.get("traceback"))
         return exc.exit_code
+    except Terminated:
+        typer.echo("error: terminated (SIGTERM); rerun the same command to continue where it stopped", err=True)
+        return 143
     except KeyboardInterrupt:
         typer.echo("error: interrupted", err=True)
         return 130

@@ -228,6 +228,25 @@ def test_killed_run_leaves_nothing_that_looks_complete(toy_env, tmp_path):
     assert not list((out / "outputs").glob(".tmp-*"))  # the killed job's partial output is gone
 
 
+def test_sigterm_releases_the_item_locks_and_exits_143(toy_env, tmp_path):
+    """A batch system's time limit (SIGTERM) unwinds like Ctrl-C: no lock is left that a rerun on another
+    node would take for a live job (and skip), no temporary output, no DONE."""
+    inputs = make_inputs(tmp_path / "in", 20)
+    env = {**toy_env, "TOY_SLOW": "0.05"}
+    out = tmp_path / "run"
+    proc = subprocess.Popen(toy_cli(["toy", "evaluate", *inputs, "-o", out, "-q"], env), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list((out / "outputs").glob("item*.txt"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    assert stderr.decode().strip().splitlines()[-1].startswith("error: terminated (SIGTERM)")
+    assert not list((out / "outputs").glob("*.lock")) and not list((out / "outputs").glob(".tmp-*"))
+    assert not (out / "DONE").exists()
+
+
 def test_resume_auto_continues_from_last_epoch(toy_env, tmp_path):
     data = tmp_path / "d.csv"
     data.write_text("\n".join(f"{x},{x % 3},{2 * x - (x % 3)}" for x in range(1, 9)))

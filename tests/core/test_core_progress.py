@@ -1,0 +1,45 @@
+"""Progress: bars on the terminal's stderr, never on stdout (which carries the results); plain lines in batch logs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tubcli.errors import TubError
+from tubcli.progress import log_every
+
+BAR = ("import time; from tubcli.progress import setup_logging, track; setup_logging()\n"
+       "for _ in track(range(30), desc='tiles'): time.sleep(0.01)\n"
+       "print('{\"result\": 1}')")
+
+
+def test_bars_are_drawn_on_the_terminal_stderr_and_stdout_keeps_only_the_results():
+    master, slave = os.openpty()  # stderr is a terminal, stdout a pipe (`tub ... --json > out.json`)
+    env = {k: v for k, v in os.environ.items() if k != "TUB_NO_PROGRESS"}
+    proc = subprocess.run([sys.executable, "-c", BAR], stdout=subprocess.PIPE, stderr=slave, env=env, timeout=60)
+    os.close(slave)
+    terminal = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the terminal is closed and drained
+            break
+        if not chunk:
+            break
+        terminal += chunk
+    os.close(master)
+    assert proc.returncode == 0
+    assert proc.stdout == b'{"result": 1}\n'
+    assert b"tiles" in terminal
+
+
+@pytest.mark.parametrize("value", ["30s", "0", "-5", "nan"])
+def test_a_bad_log_interval_is_a_one_line_error_naming_the_variable(monkeypatch, value):
+    monkeypatch.setenv("TUB_LOG_EVERY", value)
+    with pytest.raises(TubError, match="TUB_LOG_EVERY"):
+        log_every()
+    monkeypatch.setenv("TUB_LOG_EVERY", "2.5")
+    assert log_every() == 2.5
