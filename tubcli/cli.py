@@ -228,7 +228,29 @@ def main(argv: list[str] | None = None) -> None:
     except TubError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
-    build_app()(args=argv, prog_name="tub")
+    on_devnull = _stdout_is_devnull()
+    try:
+        build_app()(args=argv, prog_name="tub")
+    except SystemExit as exc:
+        # the reader closed stdout early (`tub plugins | head -1`): click (typer's copy) then wraps
+        # stdout, rich (help pages) points it at /dev/null, and both exit 1; end quietly with 0, as the
+        # verbs do, so that a `set -o pipefail` script goes on
+        closed = type(sys.stdout).__name__ == "PacifyFlushWrapper" or (not on_devnull and _stdout_is_devnull())
+        if exc.code == 1 and closed:
+            sys.exit(0)
+        raise
+    except OSError as exc:  # e.g. a full disk under `tub plugins > out.txt`
+        typer.echo(f"error: cannot write the output: {exc.strerror or exc}", err=True)
+        sys.exit(1)
+
+
+def _stdout_is_devnull() -> bool:
+    import os
+
+    try:
+        return os.path.samestat(os.fstat(sys.stdout.fileno()), os.stat(os.devnull))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 if __name__ == "__main__":

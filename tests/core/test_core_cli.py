@@ -150,3 +150,24 @@ def test_installed_plugins_load():
 def test_square_brackets_in_field_descriptions_survive_the_help(toy_plugins):
     result = invoke(["toy", "train", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "epochs [one pass over the data each]" in result.stdout
+
+
+@pytest.mark.parametrize("args", [["plugins"], ["doctor"], ["toy", "train", "--help"], ["--help"]])
+def test_core_commands_into_a_closed_pipe_exit_0(toy_env, args):
+    """`tub plugins | head -1` under `set -o pipefail`: the early reader is not an error (the verbs agree)."""
+    proc = subprocess.Popen([sys.executable, "-m", "tub_toy.run_cli", *args], env=toy_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the output comes
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, stderr
+    assert "Traceback" not in stderr
+
+
+def test_a_full_disk_is_a_one_line_error(toy_env):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "tub_toy.run_cli", "plugins"], env=toy_env, stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == \
+        ["error: cannot write the output: No space left on device"]
