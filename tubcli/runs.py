@@ -250,6 +250,38 @@ def _same_file(a, b, a_cwd: str | None = None) -> bool:
     return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
 
 
+def given_paths(cfg) -> list[Path]:
+    """The existing paths among the config's top-level fields: what the user gave to be read (fields
+    marked ``json_schema_extra={"output": True}`` name what a verb writes and are left out)."""
+    out = []
+    for name, info in type(cfg).model_fields.items():
+        if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("output"):
+            continue
+        value = getattr(cfg, name, None)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, (str, Path)) and str(v) and os.path.exists(v):
+                out.append(Path(v))
+    return out
+
+
+def _is_run_directory(path: Path) -> bool:
+    return (path / "env.json").is_file() and (path / "config.yaml").is_file()
+
+
+def refuse_output_among_inputs(cfg, run_dir: Path) -> None:
+    """No run directory may be an input, lie inside an input folder (a tub run directory given as a
+    model excepted: that is tub's own output, not the user's data), or hold an input in its outputs."""
+    here = run_dir.resolve()
+    for given in given_paths(cfg):
+        g = given.resolve()
+        if g == here or (g.is_dir() and g in here.parents and not _is_run_directory(g)):
+            raise TubError(f"-o {run_dir} is or lies inside the input {given}; its records and outputs would mix "
+                           "with your data: pass a run directory apart from the inputs")
+        if g.is_file() and (here / "outputs") in g.parents:
+            raise TubError(f"the input {given} lies in the outputs of the run directory {run_dir}, where this "
+                           "run's results could replace it; copy it elsewhere or pass another -o")
+
+
 def _failure_item(line: str) -> str | None:
     try:
         return json.loads(line).get("item")
@@ -333,6 +365,7 @@ class Run:
                 run_dir = new_run_dir(parent / f"{stamp}_{chash}") if self.is_main else None
                 run_dir = self._broadcast(run_dir)
         self.dir = Path(run_dir)
+        refuse_output_among_inputs(cfg, self.dir)
         self.command = f"tub {plugin} {verb}"
         self._training_lock: ItemLock | None = None
         # two jobs started together on one new -o: the second waits here and then sees the first's records

@@ -490,3 +490,40 @@ def test_a_relative_path_is_read_from_the_folder_the_earlier_run_started_in(tmp_
     assert changed_settings(earlier, other, set(), earlier_cwd=str(tmp_path / "a")) == \
         "models: ['w.bin', 'v.bin'] -> ['../a/v.bin', '../a/w.bin']; weights: w.bin -> ../a/v.bin"
     assert environment_record()["cwd"] == str(tmp_path / "b")
+
+
+def test_a_run_directory_is_never_an_input_nor_inside_an_input_folder(tmp_path):
+    """Docs/architecture: no output path may be an input or lie inside an input folder; a tub run directory
+    given as a model is tub's own and may hold later runs; an input in the run's outputs could be replaced."""
+    from pydantic import BaseModel, Field
+
+    from tubcli.runs import refuse_output_among_inputs
+
+    class Cfg(BaseModel):
+        inputs: list[Path] = []
+        model: Path | None = None
+        output: Path | None = Field(None, json_schema_extra={"output": True})
+
+    data, model_run = tmp_path / "slides", tmp_path / "train"
+    data.mkdir()
+    (data / "a.svs").write_bytes(b"x")
+    model_run.mkdir()
+    for name in ("env.json", "config.yaml"):
+        (model_run / name).write_text("{}")
+    for out in (data, data / "heatmaps"):
+        with pytest.raises(TubError, match="inside the input"):
+            refuse_output_among_inputs(Cfg(inputs=[data]), out)
+    refuse_output_among_inputs(Cfg(inputs=[data / "a.svs"], model=model_run), model_run / "heatmaps")
+    refuse_output_among_inputs(Cfg(inputs=[data], output=data / "w.safetensors"), tmp_path / "run")
+    (tmp_path / "ex" / "outputs").mkdir(parents=True)
+    (tmp_path / "ex" / "outputs" / "relevances.csv").write_text("a\n1\n")
+    with pytest.raises(TubError, match="lies in the outputs"):
+        refuse_output_among_inputs(Cfg(inputs=[tmp_path / "ex" / "outputs" / "relevances.csv"]), tmp_path / "ex")
+
+
+def test_an_input_in_the_run_outputs_is_refused_before_any_record(toy_plugins, tmp_path):
+    inputs = make_inputs(tmp_path / "run" / "outputs", 1)
+    before = sorted(p.name for p in (tmp_path / "run").rglob("*"))
+    result = invoke(["toy", "evaluate", *inputs, "-o", tmp_path / "run"])
+    assert result.exit_code == 2 and "lies in the outputs of the run directory" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == before

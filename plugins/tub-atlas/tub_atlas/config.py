@@ -33,7 +33,7 @@ class InspectConfig(TubConfig):
 
 class ConvertConfig(TubConfig):
     weights: Path | None = Field(None, description="input checkpoint (DINOv2, DINOv3/RoPE, wrapped or timm layout)")
-    output: Path | None = Field(None, description="output .safetensors (model.json is written beside it)")
+    output: Path | None = Field(None, description="output .safetensors (model.json is written beside it)", json_schema_extra={"output": True})
     source: Literal["auto", "dinov2", "dinov3", "timm"] = Field("auto", description="key layout of the input")
     heads: int | None = Field(None, description="attention heads (cannot be inferred from shapes)")
     preset: str | None = Field(None, description="preset whose shapes, normalisation and pooling to record")

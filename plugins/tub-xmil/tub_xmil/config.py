@@ -41,7 +41,7 @@ class ModelSection(Section):
 
 
 class MakeDataConfig(TubConfig):
-    out_dir: Optional[Path] = Field(None, description="folder for slides/, masks/, labels.csv (default: the run's outputs/)")
+    out_dir: Optional[Path] = Field(None, description="folder for slides/, masks/, labels.csv (default: the run's outputs/)", json_schema_extra={"output": True})
     n_slides: int = Field(8, description="number of slides (every second one carries the signal)")
     width: int = Field(3072, description="level-0 width in px")
     height: int = Field(2048, description="level-0 height in px")
