@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import typing
@@ -222,13 +223,31 @@ def resolve_config(
     for _, data in layers:
         merged = deep_merge(merged, data)
     try:
-        return model.model_validate(merged)
+        cfg = model.model_validate(merged)
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
         source = next((name for name, data in reversed(layers) if _has_path(data, err["loc"])), "defaults")
         msg = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own message
         raise TubError(f"invalid config value for {loc!r} (from {source}): {msg}") from None
+    for loc, value in _non_finite(cfg.model_dump()):
+        source = next((name for name, data in reversed(layers) if _has_path(data, loc)), None)
+        if source is not None:  # a user's inf/nan (a default may be inf on purpose, e.g. no time limit)
+            raise TubError(f"invalid config value for {'.'.join(map(str, loc))!r} (from {source}): {value} is not "
+                           "a finite number")
+    return cfg
+
+
+def _non_finite(node, loc=()):
+    """(path, value) of every inf/nan float in a dumped config."""
+    if isinstance(node, float) and not math.isfinite(node):
+        yield loc, node
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield from _non_finite(value, (*loc, key))
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            yield from _non_finite(value, (*loc, i))
 
 
 def _has_path(data: dict, loc) -> bool:

@@ -155,6 +155,49 @@ def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict
     return tensors, meta
 
 
+def load_numpy(path: str | os.PathLike):
+    """``np.load(path, allow_pickle=False)`` of a .npy array or .npz archive, with a one-line error for
+    anything else (an empty, cut-short or text file; numpy's own message would suggest unpickling it)."""
+    import zipfile
+
+    import numpy as np
+
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError as exc:
+        raise TubError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if head != b"\x93NUMPY" and not head.startswith(b"PK"):
+        why = "it is empty" if not head else "no NumPy header"
+        raise TubError(f"{path} is not a NumPy .npy/.npz file ({why}); give the file np.save/np.savez wrote")
+    try:
+        out = np.load(path, allow_pickle=False)
+        if isinstance(out, np.ndarray):
+            return out
+        out.files  # noqa: B018 - the archive's directory is read here
+        return out
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise TubError(f"{path} is a damaged or cut-short NumPy file ({reason}); write it again") from None
+
+
+def check_torch_file(path: str | os.PathLike) -> None:
+    """One-line error unless ``path`` starts like a file torch.save wrote (a zip archive, or the
+    legacy pickle format); torch's own errors for other files say little ("105", "list index")."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise TubError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not head:
+        raise TubError(f"{path} is empty; give the checkpoint file that torch.save wrote")
+    if not head.startswith(b"PK") and head[:1] != b"\x80":
+        raise TubError(f"{path} is not a PyTorch checkpoint (no torch.save header); give a .pt/.pth written by "
+                       "torch.save, or a .safetensors file")
+
+
 def load_torch_state(path: str | os.PathLike) -> Any:
     """``torch.load(weights_only=True)``: plain dicts of tensors and numbers, never a pickled object."""
     import torch
@@ -162,6 +205,7 @@ def load_torch_state(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.is_file():
         raise TubError(f"checkpoint {path} does not exist")
+    check_torch_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

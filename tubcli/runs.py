@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import math
 import os
 import shutil
 import socket
@@ -250,6 +251,28 @@ def _same_file(a, b, a_cwd: str | None = None) -> bool:
     return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
 
 
+def require_finite_loss(loss, step) -> float:
+    """The loss as a float; a training whose loss turned inf/NaN stops here (exit 1), before the
+    step that would carry it into the weights."""
+    value = float(loss.detach() if hasattr(loss, "detach") else loss)
+    if not math.isfinite(value):
+        raise TubError(f"training diverged: the loss is {value} at step {step}; lower the learning rate (--lr) or "
+                       "check the data, and start again with --overwrite", exit_code=1)
+    return value
+
+
+def _holds_nan(state) -> bool:
+    import torch
+
+    if isinstance(state, torch.Tensor):
+        return bool(state.is_floating_point() and torch.isnan(state).any())
+    if isinstance(state, dict):
+        return any(_holds_nan(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return any(_holds_nan(v) for v in state)
+    return False
+
+
 def given_paths(cfg) -> list[Path]:
     """The existing paths among the config's top-level fields: what the user gave to be read (fields
     marked ``json_schema_extra={"output": True}`` name what a verb writes and are left out)."""
@@ -353,6 +376,11 @@ class Run:
         run_dir = Path(out) if out else None
         if run_dir is not None and run_dir.exists() and not run_dir.is_dir():
             raise TubError(f"-o {run_dir} is a file; pass a directory for the run (a new or an earlier run's)")
+        target = run_dir if run_dir is not None else parent
+        for folder in target.parents:
+            if folder.exists() and not folder.is_dir():
+                what = f"-o {run_dir}" if run_dir is not None else f"the runs folder {default_runs_root()} (TUB_RUNS_DIR)"
+                raise TubError(f"{what}: {folder} is a file, not a folder; pass a run directory under a folder")
         if resume:
             self.resume_from, found_dir = self._resolve_resume(resume, run_dir, parent, chash)
             run_dir = run_dir or found_dir
@@ -365,7 +393,8 @@ class Run:
                 run_dir = new_run_dir(parent / f"{stamp}_{chash}") if self.is_main else None
                 run_dir = self._broadcast(run_dir)
         self.dir = Path(run_dir)
-        refuse_output_among_inputs(cfg, self.dir)
+        if not _is_run_directory(self.dir):  # before the claim lock makes any folder; an earlier run's
+            refuse_output_among_inputs(cfg, self.dir)  # directory: after the check of its verb (_claim)
         self.command = f"tub {plugin} {verb}"
         self._training_lock: ItemLock | None = None
         # two jobs started together on one new -o: the second waits here and then sees the first's records
@@ -382,6 +411,7 @@ class Run:
         if earlier_command and earlier_command != self.command:
             raise TubError(f"{self.dir} is the run directory of `{earlier_command}`; give this `{self.command}` "
                            "run its own -o (its records and outputs would mix with that run's)")
+        refuse_output_among_inputs(cfg, self.dir)
         self.outputs_dir = self.dir / "outputs"
         self.checkpoints_dir = self.dir / "checkpoints"
         earlier, now = self._earlier_config(), cfg.model_dump(mode="json")
@@ -697,6 +727,9 @@ class Run:
             return
         import torch
 
+        if _holds_nan(state):  # a diverged training is stopped before its broken weights are kept
+            raise TubError("training diverged: the weights hold NaN; lower the learning rate (--lr) or check the "
+                           "data, and start again with --overwrite", exit_code=1)
         log = self.dir / "metrics.jsonl"
         rows = len(log.read_text().splitlines()) if log.exists() else 0
         state = {**state, "_tub_metrics_rows": rows}  # so that a resume drops rows logged after this save
@@ -754,6 +787,7 @@ class Run:
         elif self.is_main:
             name = DONE if self.shard[1] == 1 else f"{DONE}.{self.shard[0]}of{self.shard[1]}"
             write_text(self.dir / name, "")
+            self.log.info("run directory %s", self.dir)  # where the outputs are (a default -o is not named elsewhere)
             if self._previous is not None:
                 shutil.rmtree(self._previous, ignore_errors=True)
         return metrics

@@ -203,10 +203,12 @@ def test_convert_keeps_an_existing_output_unless_overwrite(tmp_path, weights):
 
 
 def test_directory_weights_and_bad_img_size_are_errors(tmp_path, weights):
-    r = atlas("inspect", tmp_path, "-o", tmp_path / "i", code=2)
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    r = atlas("inspect", folder, "-o", tmp_path / "i", code=2)
     assert "is a directory" in r.stderr
     a = tile_folder(tmp_path / "a", "sA")
-    r = atlas("embed", a, "--weights", tmp_path, "-o", tmp_path / "e", code=2)
+    r = atlas("embed", a, "--weights", folder, "-o", tmp_path / "e", code=2)
     assert "is a directory" in r.stderr
     for size in ("0", "60"):
         r = atlas("embed", a, "--weights", weights, "--img-size", size, "-o", tmp_path / f"s{size}", code=2)

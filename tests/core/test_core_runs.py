@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from tubcli.errors import TubError
 from tubcli.runs import ItemLock, changed_settings, environment_record, parse_shard, shard_items
@@ -527,3 +528,24 @@ def test_an_input_in_the_run_outputs_is_refused_before_any_record(toy_plugins, t
     result = invoke(["toy", "evaluate", *inputs, "-o", tmp_path / "run"])
     assert result.exit_code == 2 and "lies in the outputs of the run directory" in result.stderr
     assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == before
+
+
+def test_a_non_finite_loss_or_nan_weights_stop_a_training(tmp_path):
+    import torch
+
+    from tubcli.runs import Run, require_finite_loss
+
+    assert require_finite_loss(torch.tensor(0.5), 3) == 0.5
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(TubError, match="training diverged: the loss is .* at step 3") as exc:
+            require_finite_loss(torch.tensor(bad), 3)
+        assert exc.value.exit_code == 1
+
+    class Cfg(BaseModel):
+        seed: int = 0
+
+    run = Run("toy", "train", Cfg(), out=tmp_path / "run", training=True)
+    run.save_checkpoint({"model": {"w": torch.ones(2)}, "best": float("inf")})  # an inf number is no weight
+    with pytest.raises(TubError, match="weights hold NaN"):
+        run.save_checkpoint({"model": {"w": torch.tensor([1.0, float("nan")])}})
+    assert torch.equal(torch.load(tmp_path / "run" / "checkpoints" / "last.pt")["model"]["w"], torch.ones(2))

@@ -44,6 +44,11 @@ def data(tmp_path_factory):
 
 
 # ----------------------------------------------------------------- 1: outputs never overwrite inputs
+def _refused_as_input(message: str) -> bool:
+    """The plugin's guard, or the core's (an input inside the run's outputs), which now comes first."""
+    return "would overwrite" in message or "lies in the outputs of the run directory" in message
+
+
 def test_robustify_refuses_to_write_into_the_input_folder(data, tmp_path):
     tmp, out = data
     copy = tmp_path / "copy"
@@ -52,7 +57,7 @@ def test_robustify_refuses_to_write_into_the_input_folder(data, tmp_path):
     before = _snapshot(copy / "outputs")
     r = invoke(["pathorob", "robustify", copy / "outputs" / "features", "--metadata", copy / "outputs" / "metadata.csv",
                 "--model", tmp / "tr", "-o", copy])
-    assert "would overwrite" in _one_error(r)
+    assert _refused_as_input(_one_error(r))
     assert _snapshot(copy / "outputs") == before
 
 
@@ -65,7 +70,7 @@ def test_robustify_refuses_to_overwrite_a_plain_npy_and_its_metadata(data, tmp_p
     before = _snapshot(folder)
     r = invoke(["pathorob", "robustify", folder / "features.npy", "--metadata", folder / "metadata.csv",
                 "--model", tmp / "tr", "-o", tmp_path / "run"])
-    assert "would overwrite" in _one_error(r)
+    assert _refused_as_input(_one_error(r))
     assert _snapshot(folder) == before
     # a separate run directory is fine, and the model may be given as the train run directory (defect 8)
     expect_ok(invoke(["pathorob", "robustify", folder / "features.npy", "--metadata", folder / "metadata.csv",
@@ -82,7 +87,7 @@ def test_robustify_refuses_to_overwrite_the_metadata_found_beside_the_features(d
     shutil.copy(out / "metadata.csv", folder / "metadata.csv")  # used when --metadata is not given
     before = _snapshot(folder)
     r = invoke(["pathorob", "robustify", folder / "x.npy", "--model", tmp / "tr", "-o", tmp_path / "run"])
-    assert "metadata.csv would overwrite" in _one_error(r)
+    assert _refused_as_input(_one_error(r))
     assert _snapshot(folder) == before
 
 
@@ -91,7 +96,7 @@ def test_stainnorm_refuses_to_write_over_its_input_tiles(tmp_path):
     _write_tiles(tiles, ["x.png"])
     before = _snapshot(tiles)
     r = invoke(["pathorob", "stainnorm", tiles, "--overwrite", "-o", tmp_path / "run"])
-    assert "would overwrite" in _one_error(r)
+    assert _refused_as_input(_one_error(r))
     assert _snapshot(tiles) == before
 
 
@@ -104,7 +109,7 @@ def test_metric_files_never_overwrite_an_input(data, tmp_path):
     before = meta.read_bytes()
     r = invoke(["pathorob", "ri", out / "features.npy", "--metadata", meta, "--k", "5", "--no-auc",
                 "-o", tmp_path / "run"])
-    assert "would overwrite" in _one_error(r)
+    assert _refused_as_input(_one_error(r))
     assert meta.read_bytes() == before
 
 
@@ -407,13 +412,13 @@ def test_robustify_refuses_the_run_directory_of_another_verb(data, tmp_path):
     before = {k: v for k, v in _snapshot(pdc).items() if k.name != "tub.log"}
     r = invoke(["pathorob", "robustify", pdc / "outputs" / "features.npy", "--metadata",
                 pdc / "outputs" / "metadata.csv", "--model", tmp / "tr", "-o", pdc])
-    assert "another verb's run directory" in _one_error(r)
+    assert "another verb's run directory" in _one_error(r) or _refused_as_input(_one_error(r))
     assert {k: v for k, v in _snapshot(pdc).items() if k.name != "tub.log"} == before
     # without any record of the verb, outputs robustify does not write give it away
     (pdc / "config.yaml").unlink()
     r = invoke(["pathorob", "robustify", pdc / "outputs" / "features.npy", "--metadata",
                 pdc / "outputs" / "metadata.csv", "--model", tmp / "tr", "-o", pdc])
-    assert "already holds outputs/features/center0.npz" in _one_error(r)
+    assert "already holds outputs/features/center0.npz" in _one_error(r) or _refused_as_input(_one_error(r))
     assert not (pdc / "outputs" / "features" / "features.npy").exists()
     assert (pdc / "metrics.json").read_bytes() == before[Path("metrics.json")]
 

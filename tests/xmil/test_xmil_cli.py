@@ -181,10 +181,12 @@ def test_resume_after_a_stop_repeats_the_uninterrupted_run(tmp_path):
     from safetensors.torch import load_file
 
     rng = np.random.default_rng(0)
+    bags = tmp_path / "bags"
+    bags.mkdir()
     for i in range(8):
-        np.savez(tmp_path / f"s{i}.npz", features=rng.standard_normal((5, 6)).astype(np.float32))
+        np.savez(bags / f"s{i}.npz", features=rng.standard_normal((5, 6)).astype(np.float32))
     (tmp_path / "l.csv").write_text("slide_id,label\n" + "".join(f"s{i},{i % 2}\n" for i in range(8)))
-    base = ["xmil", "train", "--features", tmp_path, "--labels", tmp_path / "l.csv", "--set", "model.features_dim=8",
+    base = ["xmil", "train", "--features", bags, "--labels", tmp_path / "l.csv", "--set", "model.features_dim=8",
             "--set", "model.dropout=0.3"]
     _ok(invoke([*base, "--epochs", "4", "-o", tmp_path / "full"]))
     _ok(invoke([*base, "--epochs", "2", "-o", tmp_path / "cut"]))  # stopped after epoch 1
@@ -218,3 +220,20 @@ def test_features_precision_and_slide_metadata(tmp_path, tiny_encoder):
         assert (attrs["level0_width"], attrs["level0_height"]) == (1024, 768)
     assert not np.array_equal(feats["fp32"], feats["bf16"])
     np.testing.assert_allclose(feats["bf16"], feats["fp32"], rtol=0.02, atol=0.02)
+
+
+def test_a_diverging_training_stops_with_exit_1_and_keeps_no_model(tmp_path):
+    """A learning rate that blows the loss up ends the run (exit 1, one line) instead of saving NaN weights."""
+    rng = np.random.default_rng(0)
+    bags = tmp_path / "bags"
+    bags.mkdir()
+    for i in range(6):
+        np.savez(bags / f"s{i}.npz", features=(1e3 * rng.standard_normal((5, 6))).astype(np.float32))
+    (tmp_path / "l.csv").write_text("slide_id,label\n" + "".join(f"s{i},{i % 2}\n" for i in range(6)))
+    res = invoke(["xmil", "train", "--features", bags, "--labels", tmp_path / "l.csv", "--set", "lr=1e30",
+                  "--epochs", "3", "-o", tmp_path / "run"])
+    assert res.exit_code == 1 and res.stderr.strip().splitlines()[-1].startswith("error: training diverged")
+    assert not (tmp_path / "run" / "checkpoints" / "model.safetensors").exists()
+    res = invoke(["xmil", "train", "--features", bags, "--labels", tmp_path / "l.csv", "--set", "lr=.inf",
+                  "-o", tmp_path / "inf"])
+    assert res.exit_code == 2 and "not a finite number" in res.stderr

@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tubcli.runs import require_finite_loss
+
 from .tiles import take_tiles
 from .vit import VisionTransformer
 
@@ -614,6 +616,7 @@ def train_ssl(backbone: VisionTransformer, normalise, tiles, run, hp: dict, *, s
         t_out = teacher.teacher_outputs(glob, masks)
         s_out = model(glob, local, masks, hp["drop_path"], g)
         loss, parts = ssl_losses(s_out, t_out, masks, batch_size, hp["local_crops"], tt, hp, centres)
+        require_finite_loss(loss, step + 1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = 0.0

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tubcli.runs import require_finite_loss
+
 from .encoder import Encoder
 from .tiles import take_tiles
 from .vit import VisionTransformer
@@ -157,6 +159,7 @@ def train_student(teacher: Encoder, student: VisionTransformer, student_norm, ti
         distiller.train()
         loss, parts = model(student_norm(x01), t_tokens, teacher.vit.num_prefix_tokens, t_grid,
                             lambda_cls, lambda_patch)
+        require_finite_loss(loss, step + 1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(distiller.parameters(), clip)

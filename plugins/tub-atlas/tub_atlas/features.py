@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from tubcli.errors import TubError
+from tubcli.io import load_numpy
 
 
 # accepted split names (compared case-insensitively, surrounding spaces ignored) -> the split
@@ -79,7 +80,7 @@ def _read_features(path: Path, metadata: Path | None) -> LabelledFeatures:
     if not path.exists():
         raise TubError(f"features {path} do not exist; give the output folder of 'tub atlas embed' or an .npz")
     if path.is_file() and path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
+        with load_numpy(path) as z:
             key = next((k for k in ("features", "embeddings", "x") if k in z), None)
             lab = next((k for k in ("labels", "label", "y", "target") if k in z), None)
             if key is None or lab is None:
@@ -102,7 +103,7 @@ def _read_features(path: Path, metadata: Path | None) -> LabelledFeatures:
             slides = dec(f["slide_id"][()]) if "slide_id" in f else [path.stem] * len(x)
         return LabelledFeatures(x.astype(np.float32), labels, slides, None)
     if path.is_dir() and (path / "embeddings.npy").is_file():
-        x = np.load(path / "embeddings.npy")
+        x = load_numpy(path / "embeddings.npy")
         rows = _csv(path / "manifest.csv")
         if len(rows) != len(x):
             raise TubError(f"{path}: manifest.csv has {len(rows)} rows for {len(x)} embeddings")
@@ -135,7 +136,7 @@ def _read_features(path: Path, metadata: Path | None) -> LabelledFeatures:
                 f = path / f"{center}.npz"
                 if not f.is_file():
                     raise TubError(f"no features {f} for medical_center {r['medical_center']!r}")
-                files[center] = np.load(f)
+                files[center] = load_numpy(f)
             key = f"{r['slide_id']}-{r['patch_id']}"
             if key not in files[center]:
                 raise TubError(f"{path}/{center}.npz has no key {key!r}")

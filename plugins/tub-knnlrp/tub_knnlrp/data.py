@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from tubcli.errors import TubError
+from tubcli.io import load_numpy
 
 
 MISSING_LABEL = ("", "nan")
@@ -39,7 +40,8 @@ def read_table(path, target: str | None = None, require_target: bool = False) ->
     """
     path = Path(path)
     if not path.is_file():
-        raise TubError(f"data file {path} does not exist; pass a CSV, Parquet or NPZ file")
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise TubError(f"data file {path} {what}; pass a CSV, Parquet or NPZ file")
     suffix = path.suffix.lower()
     if suffix == ".npz":
         return _read_npz(path, target, require_target)
@@ -175,7 +177,7 @@ def _labels(path, raw, column: str, required: bool) -> np.ndarray | None:
 
 def _read_npz(path, target, require_target):
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with load_numpy(path) as z:
             files = set(z.files)
             if "X" not in files:
                 raise TubError(f"{path.name} has no array 'X'; save features as X (and labels as y)")

@@ -49,6 +49,11 @@ def _models(paths) -> list[Path]:
     return found
 
 
+def _model_names(model_paths) -> list[str]:
+    """The model files that made a verb's numbers, for its results (the shipped demo model when none was given)."""
+    return [str(p) for p in model_paths] or [f"{DEMO_MODEL.name} (the shipped demo model)"]
+
+
 def _calculator(run, model_paths, atoms=None, charge=None, spin=None, lr_cutoff=None, ewald_kmax=None):
     from .calculator import SpookyNetCalculator
     from .checkpoints import CheckpointError
@@ -572,7 +577,7 @@ def evaluate(cfg, run) -> dict:
                 "forces": [np.round(f, 6).tolist() for f in preds["forces"]],
                 "stress": [None if stress is None or g.cell is None else full_3x3_to_voigt_6_stress(stress[k]).tolist()
                            for k, g in enumerate(graphs)]})
-    return metrics
+    return {**metrics, "model": _model_names(cfg.model)}
 
 
 # -- md ------------------------------------------------------------------------------------------
@@ -584,6 +589,9 @@ def md(cfg, run) -> dict:
     if cfg.ensemble != "npt" and (cfg.pressure != 0 or cfg.npt_cell != "full"):
         raise TubError(f"--pressure and npt_cell act on NPT only; add --ensemble npt (now {cfg.ensemble}) or drop them")
     atoms = read_structures(path, index="-1")[0]
+    if len(atoms) < 2:  # 3N - 3 = 0: no temperature once the centre of mass is at rest
+        raise TubError(f"{path}: MD needs at least 2 atoms (one atom has no degrees of freedom once its "
+                       "centre-of-mass motion is removed); give a larger structure")
     if cfg.ewald_kmax is not None and not atoms.pbc.all():
         raise TubError(f"{path}: Ewald summation needs a cell periodic in all three directions "
                        f"(pbc={atoms.pbc.tolist()}); drop ewald_kmax")
@@ -609,6 +617,7 @@ def md(cfg, run) -> dict:
                      npt_cell=cfg.npt_cell)
     summary["trajectory"] = str(run.outputs_dir / "trajectory.extxyz")
     summary["committee"] = len(calc.models)
+    summary["model"] = _model_names(cfg.model)
     return summary
 
 
@@ -680,7 +689,7 @@ def ocv(cfg, run) -> dict:
                  res["capacity_per_x_mAh_g"], reference=res.get("reference"))
     _write_extxyz(run.outputs_dir / "relaxed.extxyz", _relaxed_frames(relaxed))
     write_json(run.outputs_dir / "ocv.json", res)
-    return {**summary, "output": str(run.outputs_dir / "ocv.json")}
+    return {**summary, "model": _model_names(cfg.model), "output": str(run.outputs_dir / "ocv.json")}
 
 
 def _relaxed_frames(relaxed) -> list:
@@ -988,4 +997,5 @@ def explain(cfg, run) -> dict:
         agg["mean_atomic_energy_eV"] = agg.pop("energy_sum") / agg["count"]
         agg["mean_charge_e"] = agg.pop("charge_sum") / agg["count"]
     summary["output"] = str(run.outputs_dir / "explained.extxyz")
+    summary["model"] = _model_names(cfg.model)
     return summary

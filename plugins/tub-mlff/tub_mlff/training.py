@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tubcli.runs import require_finite_loss
+
 from .data import Graph, collate, dependent_element_counts, element_energies
 from .properties import compute
 
@@ -251,6 +253,7 @@ def fit(model, train: list[Graph], valid: list[Graph], s: TrainSettings, run, dt
             batch = collate(chunk, dtype, device)
             opt.zero_grad(set_to_none=True)
             loss, _ = batch_loss(net, batch, s)
+            require_finite_loss(loss, f"{epoch + 1} (epoch)")
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 10.0)
             opt.step()

@@ -445,7 +445,10 @@ def stainnorm(cfg: StainConfig, run) -> dict:
     if not run.overwrite:
         _refuse_foreign_tiles(run, outputs, cfg.method, target)
     if cfg.target is not None:
-        norm.fit(read_rgb(cfg.target))
+        try:
+            norm.fit(read_rgb(cfg.target))
+        except TubError as exc:
+            raise TubError(f"--target {cfg.target}: {exc}; choose a target tile with tissue") from None
     done = 0
     for item, out in run.batch(outputs, output_for=outputs.get):
         with run.item(item):

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from tubcli.errors import TubError
+from tubcli.io import load_numpy
 
 from .metadata import Metadata, read_metadata
 
@@ -49,9 +50,9 @@ def detect_layout(path: Path) -> str:
 def _load_plain_array(path: Path) -> np.ndarray:
     try:
         if path.suffix == ".npy":
-            X = np.load(path, allow_pickle=False)
+            X = load_numpy(path)
         else:
-            with np.load(path, allow_pickle=False) as z:
+            with load_numpy(path) as z:
                 names = list(z.files)
                 key = next((k for k in ARRAY_KEYS if k in names), names[0] if len(names) == 1 else None)
                 if key is None:
@@ -60,8 +61,8 @@ def _load_plain_array(path: Path) -> np.ndarray:
                         "for per-slide keys give the folder of per-center npz files instead"
                     )
                 X = z[key]
-    except (ValueError, OSError, zipfile.BadZipFile) as e:
-        raise TubError(f"{path}: cannot read features ({str(e).splitlines()[0]})") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise TubError(f"{path}: cannot read features ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
     if X.ndim != 2:
         raise TubError(f"{path}: features must be a 2-D (N, D) array, got shape {X.shape}")
     return X

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from tubcli.errors import TubError
+from tubcli.io import load_numpy
 
 BAG_SUFFIXES = (".h5", ".pt", ".npz")
 
@@ -68,7 +69,7 @@ def _read(path: Path) -> tuple[torch.Tensor, np.ndarray | None, dict]:
         coords, attrs = xmil_metadata(path, len(t))
         return t.float(), coords, attrs
     if path.suffix == ".npz":
-        z = np.load(path, allow_pickle=False)
+        z = load_numpy(path)
         if "features" in z:
             from tub_xmil.tiling import int_coords
             coords = int_coords(z["coords"]) if "coords" in z else None

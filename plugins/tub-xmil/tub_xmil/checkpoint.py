@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from tubcli.errors import TubError
+from tubcli.io import check_torch_file
 
 ARCHS = ("attnmil", "transmil", "mambamil", "additivemil")
 
@@ -71,6 +72,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as exc:  # noqa: BLE001 (SafetensorError and friends: a corrupt or truncated file)
             raise TubError(f"cannot read {path} as safetensors ({_first_line(exc)}); is the file complete?") from None
+    check_torch_file(path)
     try:
         with torch.serialization.safe_globals(_numpy_allow_list()):
             obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -90,6 +90,8 @@ def read_labels(path: Path, task: str) -> list[tuple[int, dict]]:
         reader = csv.DictReader(f)
         reader.fieldnames = _column_names(path, reader.fieldnames or [])
         rows = [(reader.line_num, r) for r in reader]
+    if not rows and "slide_id" in (reader.fieldnames or []):
+        raise TubError(f"{path} has a header but no rows; add one row per slide (slide_id, label|target|time,event)")
     if not rows or "slide_id" not in rows[0][1]:
         raise TubError(f"{path}: needs a header with a slide_id column")
     for _, r in rows:  # " sl000 " names the bag sl000, as label cells are read without their spaces
@@ -196,6 +198,8 @@ def load_slides(features: Path, labels: Path, task: str, split: str | None = Non
         raise TubError("no features folder given; pass --features DIR (bags named by slide_id)")
     if not Path(features).exists():
         raise TubError(f"features folder {features} not found; pass --features with an existing folder")
+    if not Path(features).is_dir():
+        raise TubError(f"--features {features} is a file; pass the folder of bags (one per slide_id)")
     rows = read_labels(labels, task)
     _check_rows(labels, rows, task)
     if task == "classification" and classes is None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from tubcli.runs import require_finite_loss
+
 from tub_xmil.checkpoint import build_model
 from tub_xmil.metrics import classification_metrics, concordance_index, regression_metrics
 from tub_xmil.tasks import survival_bin_edges, survival_bins, survival_risk, task_loss
@@ -92,6 +94,7 @@ def train_model(cfg, run, train, val, classes) -> tuple[torch.nn.Module, dict]:
             y = torch.tensor([s.label], device=run.device)
             c = torch.tensor([1 - s.event], device=run.device)
             loss = task_loss(ddp(x), y, task, c)
+            require_finite_loss(loss, f"{epoch + 1} (epoch)")
             opt.zero_grad()
             loss.backward()
             opt.step()
