@@ -787,6 +787,9 @@ class Run:
         elif self.is_main:
             name = DONE if self.shard[1] == 1 else f"{DONE}.{self.shard[0]}of{self.shard[1]}"
             write_text(self.dir / name, "")
+            if self.shard[1] == 1:  # the whole input is done: markers of earlier sharded runs are stale
+                for marker in self.dir.glob(f"{DONE}.*of*"):
+                    marker.unlink(missing_ok=True)
             self.log.info("run directory %s", self.dir)  # where the outputs are (a default -o is not named elsewhere)
             if self._previous is not None:
                 shutil.rmtree(self._previous, ignore_errors=True)

@@ -201,9 +201,26 @@ def _field_info(model, dotted: str):
     return info
 
 
+def _choices(annotation) -> list[str]:
+    """The allowed values of a Literal field (also inside list[...] / Optional[...])."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return [str(a) for a in typing.get_args(annotation)]
+    return [c for a in typing.get_args(annotation) for c in _choices(a)]
+
+
 def _describe(info) -> str:
     text = (info.description or "").replace("[", "\\[")  # rich markup would swallow "[default: …]"
+    choices = _choices(info.annotation)
+    if choices and not all(c in text for c in choices):
+        text = f"{text} (one of {', '.join(choices)})".strip()
     default = info.default
+    if info.default_factory is not None and (repr(default) == "PydanticUndefined" or default is None):
+        try:
+            default = info.default_factory()
+        except TypeError:  # a factory that needs the validated data
+            default = None
+        if default in ([], {}, ()):
+            default = None
     if default is not None and not callable(default) and repr(default) != "PydanticUndefined":
         if hasattr(default, "model_dump"):
             return text

@@ -320,7 +320,8 @@ def test_cli_train_dinov2_end_to_end(tmp_path):
     # bad input: one-line errors, exit 2
     for extra, words in ((["--teacher-weights", ck / "model.safetensors"], "EMA teacher"),
                          (["--local-crop-size", "18"], "local_crop_size"),
-                         (["--set", "dinov2.mask_ratio=[0.5,0.1]"], "mask_ratio")):
+                         (["--set", "dinov2.mask_ratio=[0.5,0.1]"], "mask_ratio"),
+                         (["--lr", "1000"], "lr act on --objective distill only")):  # was ignored silently
         r = invoke([*args, "--steps", "2", *extra, "-o", tmp_path / "bad"])
         assert r.exit_code == 2, r.stderr + r.stdout
         assert words in r.stderr and "Traceback" not in r.stderr + r.stdout

@@ -243,7 +243,8 @@ def test_bad_tiling_parameters_are_one_line_errors(scene_slide, tmp_path):
         assert r.exit_code == 2, (extra, r.stderr, r.stdout)
         err = r.stderr.strip()
         assert needle in err and "Traceback" not in err and len(err.splitlines()) == 1, (extra, err)
-    r = invoke(["atlas", "tile", str(tmp_path), "-o", str(tmp_path / "nd")])
+    (tmp_path / "empty").mkdir()
+    r = invoke(["atlas", "tile", str(tmp_path / "empty"), "-o", str(tmp_path / "nd")])
     assert r.exit_code == 2 and "holds no whole-slide images" in r.stderr  # a folder without slides
 
 

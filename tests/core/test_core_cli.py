@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import Literal
 
 import pytest
 
@@ -171,3 +172,23 @@ def test_a_full_disk_is_a_one_line_error(toy_env):
                               stderr=subprocess.PIPE, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == \
         ["error: cannot write the output: No space left on device"]
+
+
+def test_help_lists_a_literal_field_choices_and_a_list_default():
+    from pydantic import BaseModel, Field
+
+    from tubcli.verbs import _describe
+
+    class Cfg(BaseModel):
+        method: list[Literal["lrp", "ig"]] = Field(default_factory=lambda: ["lrp"], description="method(s)")
+        ensemble: Literal["nve", "npt"] = Field("nve", description="ensemble")
+
+    assert _describe(Cfg.model_fields["method"]) == "method(s) (one of lrp, ig) (config default: ['lrp'])"
+    assert _describe(Cfg.model_fields["ensemble"]) == "ensemble (one of nve, npt) (config default: nve)"
+
+
+def test_a_device_error_names_the_variable_that_asked_for_it(monkeypatch):
+    from tubcli.device import _origin
+
+    monkeypatch.setenv("TUB_DEVICE", "cuda")
+    assert _origin("cuda") == " (from TUB_DEVICE)" and _origin("mps") == ""

@@ -173,6 +173,8 @@ def test_shards_cover_all_items_once(toy_plugins, tmp_path):
         assert invoke(["toy", "evaluate", *inputs, "-o", out, "--shard", f"{i}/3"]).exit_code == 0
     assert len(list((out / "outputs").glob("*.txt"))) == 7
     assert sorted(p.name for p in out.glob("DONE*")) == ["DONE.0of3", "DONE.1of3", "DONE.2of3"]
+    assert invoke(["toy", "evaluate", *inputs, "-o", out]).exit_code == 0  # a whole run after the shards
+    assert sorted(p.name for p in out.glob("DONE*")) == ["DONE"]  # their markers are stale now
 
 
 def toy_cli(args, env):

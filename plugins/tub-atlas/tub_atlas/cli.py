@@ -311,6 +311,11 @@ def _train_dinov2(cfg: TrainConfig, run, sets) -> dict:
 
     if cfg.teacher.weights is not None or cfg.teacher.random_init:
         raise TubError("--objective dinov2 trains its own EMA teacher; drop --teacher-weights/--teacher-random-init")
+    distill_only = sorted({"lr", "weight_decay", "warmup", "lambda_cls", "lambda_patch", "crop_scale_min"}
+                          & cfg.model_fields_set)
+    if distill_only:  # DINOv2 takes its schedule from the dinov2 section (dinov2.base_lr, …); these would be ignored
+        raise TubError(f"{', '.join(distill_only)} act on --objective distill only; for dinov2 set the dinov2 "
+                       "section instead (e.g. --set dinov2.base_lr=…, see `tub config atlas train`)")
     d = cfg.dinov2
     for name, (lo, hi) in (("global_scale", d.global_scale), ("local_scale", d.local_scale),
                            ("mask_ratio", d.mask_ratio)):
@@ -365,6 +370,11 @@ def bench(cfg: BenchConfig, run) -> dict:
         raise TubError(f"unknown --modes {', '.join(map(repr, unknown))}; use {' or '.join(MODES)}, "
                        "comma-separated")
     _check_gemm(cfg.gemm, run.device)
+    import importlib.util
+
+    if cfg.compare_timm and importlib.util.find_spec("timm") is None:
+        raise TubError("--compare-timm needs timm (pip install timm, beside a torchvision that matches torch); "
+                       "drop the flag to time tub alone")
     return time_models(p.name, depth=cfg.depth, batch_size=cfg.batch_size, img_size=cfg.img_size,
                        threads=cfg.threads, repeats=cfg.repeats, compare_timm=cfg.compare_timm,
                        device=run.device, precision=cfg.precision, modes=modes,

@@ -77,6 +77,8 @@ def explain_inputs(encoder: Encoder, names: dict[Path, str], cfg, run) -> dict:
         with run.item(path):
             ts = read_input(path)
             n = min(len(ts), cfg.max_tiles)
+            if n < len(ts):
+                run.log.warning("%s: explaining its first %d of %d tiles (--max-tiles)", path, n, len(ts))
             tiles = ts.read(0, n)
             maps = []
             with atomic_dir(out) as tmp:

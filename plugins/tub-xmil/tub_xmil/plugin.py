@@ -8,7 +8,7 @@ MODEL = {"model": "model", "task": "task", "target": "target"}
 
 app = PluginApp(
     name="xmil",
-    help="Whole-slide MIL (AttnMIL, TransMIL, MambaMIL) with xMIL-LRP and other heatmaps: tile, embed, "
+    help="Whole-slide MIL (AttnMIL, TransMIL, MambaMIL, AdditiveMIL) with xMIL-LRP and other heatmaps: tile, embed, "
          "train, explain, evaluate (patch flipping), heatmap PNG + QuPath GeoJSON.",
     version=__version__,
     verbs=[
@@ -24,11 +24,11 @@ app = PluginApp(
              args=["slides"], options={"encoder": "encoder", "weights": "weights", "coords-dir": "coords_dir",
                                        "mpp": "mpp"}, batch=True),
         Verb("train", "tub_xmil.cli:train", config="tub_xmil.config:TrainConfig",
-             help="Train AttnMIL/TransMIL/MambaMIL for classification, regression or survival.",
+             help="Train AttnMIL/TransMIL/MambaMIL/AdditiveMIL for classification, regression or survival.",
              options={"features": "features", "labels": "labels", "task": "task", "arch": "model.arch",
                       "epochs": "epochs"}, training=True, resume_may_change=("epochs",)),
         Verb("explain", "tub_xmil.cli:explain", config="tub_xmil.config:ExplainConfig",
-             help="Per-patch scores: lrp, ig, single, attention, grad2, gi, drop, random.",
+             help="Per-patch scores: lrp, ig, single, attention, grad2, gi, drop, random, patch_scores.",
              args=["bags"], options={**MODEL, "method": "method"}, batch=True),
         Verb("evaluate", "tub_xmil.cli:evaluate", config="tub_xmil.config:EvaluateConfig",
              help="Task metrics and label-free patch flipping (AUPC, SRG, random baseline).",
