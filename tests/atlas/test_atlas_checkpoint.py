@@ -138,3 +138,13 @@ def test_unreadable_and_missing_files(tmp_path):
         read_checkpoint(bad)
     with pytest.raises(TubError, match="does not exist"):
         read_checkpoint(tmp_path / "nope.pt")
+
+
+def test_an_empty_or_foreign_checkpoint_is_named(tmp_path):
+    from tubcli.testing import expect_error_line, invoke
+
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "labels.pth").write_text("slide_id,label\n")
+    expect_error_line(invoke(["atlas", "inspect", tmp_path / "empty.pth", "-o", tmp_path / "a"]), "is empty")
+    expect_error_line(invoke(["atlas", "inspect", tmp_path / "labels.pth", "-o", tmp_path / "b"]),
+                      "not a PyTorch checkpoint")

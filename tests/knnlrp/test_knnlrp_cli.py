@@ -110,13 +110,17 @@ def test_explain_digits_draws_heatmaps(tmp_path):
         (["explain", "{wrong}", "--model", "{run}"], "feature columns"),
         (["evaluate", "{test}", "--model", "{run}", "--methods", "magic"], "unknown or unavailable method"),
         (["explain", "{test}"], "no model given"),
+        (["train", "{folder}"], "is a folder"),
+        (["train", "{text_npz}"], "no NumPy header"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(args, words, knn_run, data_dir, tmp_path):
     wrong = tmp_path / "wrong.csv"
     wrong.write_text("a,b\n1,2\n")
+    (tmp_path / "folder.csv").mkdir()
+    (tmp_path / "text.npz").write_text("a,b\n1,2\n")
     subs = {"{train}": data_dir / "train.csv", "{test}": data_dir / "test.csv", "{missing}": tmp_path / "none",
-            "{run}": knn_run, "{wrong}": wrong}
+            "{run}": knn_run, "{wrong}": wrong, "{folder}": tmp_path / "folder.csv", "{text_npz}": tmp_path / "text.npz"}
     argv = ["knnlrp"] + [str(subs.get(a, a)) for a in args] + ["-o", str(tmp_path / "run")]
     expect_error_line(invoke(argv), words)
 

@@ -109,6 +109,13 @@ def test_md_checks_its_settings_before_writing(tmp_path, models):
     assert "non-finite" in _err(invoke(["mlff", "md", tmp_path / "nan.extxyz", "--model", model, "--steps", "2",
                                         "-o", out]))
     assert not _written(out)
+    write(tmp_path / "na.extxyz", Atoms("Na", positions=[[0, 0, 0]]), format="extxyz")  # its momenta became NaN
+    out = tmp_path / "one"
+    assert "at least 2 atoms" in _err(invoke(["mlff", "md", tmp_path / "na.extxyz", "--model", model, "--steps", "2",
+                                              "-o", out]))
+    assert not _written(out)
+    (tmp_path / "dir.extxyz").mkdir()
+    assert "is a folder" in _err(invoke(["mlff", "md", tmp_path / "dir.extxyz", "--model", model, "-o", tmp_path / "d"]))
 
 
 def test_build_rejects_cells_whose_atoms_overlap(tmp_path):

@@ -237,3 +237,15 @@ def test_a_diverging_training_stops_with_exit_1_and_keeps_no_model(tmp_path):
     res = invoke(["xmil", "train", "--features", bags, "--labels", tmp_path / "l.csv", "--set", "lr=.inf",
                   "-o", tmp_path / "inf"])
     assert res.exit_code == 2 and "not a finite number" in res.stderr
+
+
+def test_labels_without_rows_and_features_given_as_a_file_are_named(tmp_path):
+    bags = tmp_path / "bags"
+    bags.mkdir()
+    np.savez(bags / "s0.npz", features=np.ones((3, 4), np.float32))
+    (tmp_path / "h.csv").write_text("slide_id,label\n")
+    res = invoke(["xmil", "train", "--features", bags, "--labels", tmp_path / "h.csv", "-o", tmp_path / "a"])
+    assert res.exit_code == 2 and "has a header but no rows" in res.stderr
+    (tmp_path / "l.csv").write_text("slide_id,label\ns0,0\n")
+    res = invoke(["xmil", "train", "--features", tmp_path / "l.csv", "--labels", tmp_path / "l.csv", "-o", tmp_path / "b"])
+    assert res.exit_code == 2 and "is a file; pass the folder of bags" in res.stderr

@@ -1,0 +1,40 @@
+"""Readers of the formats every plugin takes (NumPy arrays, torch checkpoints): other files are one-line errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tubcli.errors import TubError
+from tubcli.io import check_torch_file, load_numpy, load_torch_state
+
+
+def test_load_numpy_reads_arrays_and_archives_and_names_what_else_it_got(tmp_path):
+    np.save(tmp_path / "a.npy", np.arange(3))
+    np.savez(tmp_path / "b.npz", x=np.ones(2))
+    assert load_numpy(tmp_path / "a.npy").tolist() == [0, 1, 2]
+    with load_numpy(tmp_path / "b.npz") as z:
+        assert z["x"].tolist() == [1.0, 1.0]
+    (tmp_path / "empty.npz").write_bytes(b"")
+    (tmp_path / "text.npy").write_text("slide_id,label\n")
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "b.npz").read_bytes()[:40])
+    for name, words in (("empty.npz", "it is empty"), ("text.npy", "no NumPy header"), ("cut.npz", "cut-short")):
+        with pytest.raises(TubError, match=words) as exc:
+            load_numpy(tmp_path / name)
+        assert "pickle" not in str(exc.value)  # numpy's own message suggests unpickling a text file
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(TubError, match="obj.npy"):
+        load_numpy(tmp_path / "obj.npy")  # never unpickled
+
+
+def test_torch_files_are_checked_before_torch_reads_them(tmp_path):
+    torch.save({"w": torch.ones(2)}, tmp_path / "ok.pt")
+    check_torch_file(tmp_path / "ok.pt")
+    assert torch.equal(load_torch_state(tmp_path / "ok.pt")["w"], torch.ones(2))
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "labels.csv").write_text("a,b\n")
+    with pytest.raises(TubError, match="is empty"):
+        load_torch_state(tmp_path / "empty.pth")
+    with pytest.raises(TubError, match="not a PyTorch checkpoint"):
+        check_torch_file(tmp_path / "labels.csv")
