@@ -235,8 +235,10 @@ def main(argv: list[str] | None = None) -> None:
         # the reader closed stdout early (`tub plugins | head -1`): click (typer's copy) then wraps
         # stdout, rich (help pages) points it at /dev/null, and both exit 1; end quietly with 0, as the
         # verbs do, so that a `set -o pipefail` script goes on
+        from tubcli import verbs
+
         closed = type(sys.stdout).__name__ == "PacifyFlushWrapper" or (not on_devnull and _stdout_is_devnull())
-        if exc.code == 1 and closed:
+        if exc.code == 1 and closed and not verbs.RESULTS_PIPE_CLOSED:  # a verb's own code stands (failed items)
             sys.exit(0)
         raise
     except OSError as exc:  # e.g. a full disk under `tub plugins > out.txt`

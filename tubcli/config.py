@@ -230,12 +230,26 @@ def resolve_config(
         source = next((name for name, data in reversed(layers) if _has_path(data, err["loc"])), "defaults")
         msg = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own message
         raise TubError(f"invalid config value for {loc!r} (from {source}): {msg}") from None
+    global _DEVICE_SOURCE
+    _DEVICE_SOURCE = next((name for name, data in reversed(layers) if "device" in data), None)
+    if _DEVICE_SOURCE == "the environment":  # name the variable (a plugin's own wins over TUB_DEVICE)
+        env = os.environ if environ is None else environ
+        _DEVICE_SOURCE = next(k for k in (f"TUB_{plugin.upper()}_DEVICE", "TUB_DEVICE") if k in env)
     for loc, value in _non_finite(cfg.model_dump()):
         source = next((name for name, data in reversed(layers) if _has_path(data, loc)), None)
         if source is not None:  # a user's inf/nan (a default may be inf on purpose, e.g. no time limit)
             raise TubError(f"invalid config value for {'.'.join(map(str, loc))!r} (from {source}): {value} is not "
                            "a finite number")
     return cfg
+
+
+_DEVICE_SOURCE: str | None = None  # where the last resolved config's device came from
+
+
+def device_source() -> str | None:
+    """The layer (a config file, a TUB_* variable, --set) that set the device of the last resolved
+    config; None for a flag or the default. Device errors name it: the user may not have typed --device."""
+    return None if _DEVICE_SOURCE == "command-line flags" else _DEVICE_SOURCE
 
 
 def _non_finite(node, loc=()):

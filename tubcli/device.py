@@ -30,7 +30,7 @@ def resolve_device(spec: str = "auto"):
         return torch.device("cpu")
     if spec.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise TubError(f"--device {spec}{_origin(spec)}: CUDA is not available here; use --device cpu or auto")
+            raise TubError(f"--device {spec}{_origin()}: CUDA is not available here; use --device cpu or auto")
         if ":" not in spec:  # under torchrun each local rank takes its own GPU, as with auto
             return torch.device("cuda", _local_gpu(torch))
         index = int(spec.split(":", 1)[1])
@@ -39,22 +39,22 @@ def resolve_device(spec: str = "auto"):
             raise TubError(f"--device {spec} would put all {ranks_here} torchrun ranks of this node on one GPU; "
                            "use --device cuda (each rank takes the GPU of its LOCAL_RANK)")
         if index >= torch.cuda.device_count():
-            raise TubError(f"--device {spec}{_origin(spec)}: only {torch.cuda.device_count()} CUDA device(s); pick one "
+            raise TubError(f"--device {spec}{_origin()}: only {torch.cuda.device_count()} CUDA device(s); pick one "
                            "of them")
         return torch.device("cuda", index)
     if spec == "mps":
         if not _mps_available():
-            raise TubError(f"--device mps{_origin(spec)}: Apple MPS is not available here; use --device cpu or auto")
+            raise TubError(f"--device mps{_origin()}: Apple MPS is not available here; use --device cpu or auto")
         return torch.device("mps")
-    raise TubError(f"unknown device {spec!r}{_origin(spec)}; use auto, cpu, cuda, cuda:N or mps")
+    raise TubError(f"unknown device {spec!r}{_origin()}; use auto, cpu, cuda, cuda:N or mps")
 
 
-def _origin(spec: str) -> str:
-    """`` (from TUB_DEVICE)`` when an environment variable asks for this device: the user may not
-    have typed --device at all."""
-    names = [k for k, v in os.environ.items() if (k == "TUB_DEVICE" or (k.startswith("TUB_") and k.endswith("_DEVICE")))
-             and v.strip().lower() == spec]
-    return f" (from {names[0]})" if names else ""
+def _origin() -> str:
+    """`` (from TUB_DEVICE)`` (or a config file, --set) when the device was not asked for by --device."""
+    from tubcli.config import device_source
+
+    source = device_source()
+    return f" (from {source})" if source else ""
 
 
 def _local_gpu(torch) -> int:

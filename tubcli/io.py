@@ -179,6 +179,9 @@ def load_numpy(path: str | os.PathLike):
         return out
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if "allow_pickle" in reason:
+            raise TubError(f"{path} holds Python objects (dtype object), which tub does not unpickle (that could "
+                           "run code); save numeric or string arrays") from None
         raise TubError(f"{path} is a damaged or cut-short NumPy file ({reason}); write it again") from None
 
 

@@ -39,7 +39,7 @@ def get_logger() -> logging.Logger:
 
 def use_bars() -> bool:
     """Bars only on an interactive terminal and when not quiet."""
-    if os.environ.get("TUB_NO_PROGRESS"):
+    if os.environ.get("TUB_NO_PROGRESS", "").strip().lower() not in ("", "0", "false", "no"):
         return False
     return sys.stderr.isatty() and _stream_level() <= logging.INFO
 

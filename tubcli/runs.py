@@ -226,7 +226,9 @@ def changed_settings(earlier: dict, now: dict, ignore: set[str], prefix: str = "
         if isinstance(a, dict) and isinstance(b, dict):
             inner = changed_settings(a, b, ignore, f"{prefix}{key}.", earlier_cwd)
             diffs += [inner] if inner else []
-        elif a != b and not _same_file(a, b, earlier_cwd):
+        elif not _same_setting(a, b, earlier_cwd):
+            if a == b and isinstance(a, str):  # one relative spelling, two files: say which
+                a, b = os.path.join(earlier_cwd, a), os.path.abspath(b)
             diffs.append(f"{prefix}{key}: {_shown(a)} -> {_shown(b)}")
     return "; ".join(diffs[:3])
 
@@ -239,11 +241,18 @@ def _shown(value) -> str:
     return "(default)" if value is None else "(not recorded)" if value is _ABSENT else str(value)
 
 
-def _same_file(a, b, a_cwd: str | None = None) -> bool:
-    """Two spellings of one existing path (relative and absolute, a symlink, relative to another
-    folder: ``a`` as given in ``a_cwd``); lists of paths element by element."""
+def _same_setting(a, b, a_cwd: str | None = None) -> bool:
+    """Equal settings; a path counts as the same when it names the same file, however spelt (relative
+    and absolute, a symlink, relative to the folder ``a_cwd`` the earlier run started in), and as
+    another when one relative spelling names another file from here. Lists element by element."""
     if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(x == y or _same_file(x, y, a_cwd) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_same_setting(x, y, a_cwd) for x, y in zip(a, b))
+    if a == b:
+        return not _other_file_from_here(a, a_cwd)
+    return _same_file(a, b, a_cwd)
+
+
+def _same_file(a, b, a_cwd: str | None = None) -> bool:
     if not (isinstance(a, str) and isinstance(b, str)):
         return False
     if a_cwd and not os.path.isabs(a):
@@ -251,13 +260,21 @@ def _same_file(a, b, a_cwd: str | None = None) -> bool:
     return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
 
 
+def _other_file_from_here(path, cwd: str | None) -> bool:
+    """``path``, relative, names two different existing files from ``cwd`` and from here."""
+    if not (isinstance(path, str) and path and cwd and not os.path.isabs(path)):
+        return False
+    there = os.path.join(cwd, path)
+    return os.path.exists(there) and os.path.exists(path) and not os.path.samefile(there, path)
+
+
 def require_finite_loss(loss, step) -> float:
     """The loss as a float; a training whose loss turned inf/NaN stops here (exit 1), before the
     step that would carry it into the weights."""
     value = float(loss.detach() if hasattr(loss, "detach") else loss)
     if not math.isfinite(value):
-        raise TubError(f"training diverged: the loss is {value} at step {step}; lower the learning rate (--lr) or "
-                       "check the data, and start again with --overwrite", exit_code=1)
+        raise TubError(f"training diverged: the loss is {value} at step {step}; lower the learning rate (the lr "
+                       "setting) or check the data for extreme values", exit_code=1)
     return value
 
 
@@ -273,12 +290,23 @@ def _holds_nan(state) -> bool:
     return False
 
 
+def _is_path_type(annotation) -> bool:
+    """Path, Optional[Path], list[Path] …: a field that names a file or folder (not a setting such as
+    ``kind: svm`` whose value may happen to name a folder)."""
+    import typing
+
+    if annotation is Path:
+        return True
+    return any(_is_path_type(a) for a in typing.get_args(annotation))
+
+
 def given_paths(cfg) -> list[Path]:
-    """The existing paths among the config's top-level fields: what the user gave to be read (fields
-    marked ``json_schema_extra={"output": True}`` name what a verb writes and are left out)."""
+    """The existing paths among the config's top-level path fields: what the user gave to be read
+    (fields marked ``json_schema_extra={"output": True}`` name what a verb writes and are left out)."""
     out = []
     for name, info in type(cfg).model_fields.items():
-        if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("output"):
+        if not _is_path_type(info.annotation) or (
+                isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("output")):
             continue
         value = getattr(cfg, name, None)
         for v in value if isinstance(value, (list, tuple)) else [value]:
@@ -291,15 +319,16 @@ def _is_run_directory(path: Path) -> bool:
     return (path / "env.json").is_file() and (path / "config.yaml").is_file()
 
 
-def refuse_output_among_inputs(cfg, run_dir: Path) -> None:
+def refuse_output_among_inputs(cfg, run_dir: Path, given_o: bool = True) -> None:
     """No run directory may be an input, lie inside an input folder (a tub run directory given as a
     model excepted: that is tub's own output, not the user's data), or hold an input in its outputs."""
     here = run_dir.resolve()
     for given in given_paths(cfg):
         g = given.resolve()
         if g == here or (g.is_dir() and g in here.parents and not _is_run_directory(g)):
-            raise TubError(f"-o {run_dir} is or lies inside the input {given}; its records and outputs would mix "
-                           "with your data: pass a run directory apart from the inputs")
+            what = f"-o {run_dir}" if given_o else f"the default run directory {run_dir}"
+            raise TubError(f"{what} is or lies inside the input {given}; its records and outputs would mix "
+                           "with your data: pass -o with a run directory apart from the inputs")
         if g.is_file() and (here / "outputs") in g.parents:
             raise TubError(f"the input {given} lies in the outputs of the run directory {run_dir}, where this "
                            "run's results could replace it; copy it elsewhere or pass another -o")
@@ -393,8 +422,9 @@ class Run:
                 run_dir = new_run_dir(parent / f"{stamp}_{chash}") if self.is_main else None
                 run_dir = self._broadcast(run_dir)
         self.dir = Path(run_dir)
+        self._given_o = out is not None
         if not _is_run_directory(self.dir):  # before the claim lock makes any folder; an earlier run's
-            refuse_output_among_inputs(cfg, self.dir)  # directory: after the check of its verb (_claim)
+            refuse_output_among_inputs(cfg, self.dir, self._given_o)  # directory: after the check of its verb
         self.command = f"tub {plugin} {verb}"
         self._training_lock: ItemLock | None = None
         # two jobs started together on one new -o: the second waits here and then sees the first's records
@@ -411,7 +441,7 @@ class Run:
         if earlier_command and earlier_command != self.command:
             raise TubError(f"{self.dir} is the run directory of `{earlier_command}`; give this `{self.command}` "
                            "run its own -o (its records and outputs would mix with that run's)")
-        refuse_output_among_inputs(cfg, self.dir)
+        refuse_output_among_inputs(cfg, self.dir, self._given_o)
         self.outputs_dir = self.dir / "outputs"
         self.checkpoints_dir = self.dir / "checkpoints"
         earlier, now = self._earlier_config(), cfg.model_dump(mode="json")
@@ -728,8 +758,8 @@ class Run:
         import torch
 
         if _holds_nan(state):  # a diverged training is stopped before its broken weights are kept
-            raise TubError("training diverged: the weights hold NaN; lower the learning rate (--lr) or check the "
-                           "data, and start again with --overwrite", exit_code=1)
+            raise TubError("training diverged: the weights hold NaN; lower the learning rate (the lr setting) or "
+                           "check the data for extreme values", exit_code=1)
         log = self.dir / "metrics.jsonl"
         rows = len(log.read_text().splitlines()) if log.exists() else 0
         state = {**state, "_tub_metrics_rows": rows}  # so that a resume drops rows logged after this save

@@ -301,6 +301,9 @@ def _overwrite_help(verb: Verb) -> str:
     return "Replace outputs that exist."
 
 
+RESULTS_PIPE_CLOSED = False  # a verb found stdout closed and handled it itself
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a batch system's time limit or preemption): unwinds like Ctrl-C, so item locks are
     released and temporary outputs removed, and a requeued job finds nothing held."""
@@ -325,6 +328,7 @@ def execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
 
 
 def _execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
+    global RESULTS_PIPE_CLOSED
     from tubcli.config import config_yaml, resolve_config
     from tubcli.progress import log_every
     from tubcli.runs import EXECUTION_FIELDS, Run
@@ -359,6 +363,7 @@ def _execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
                 print_results(metrics, as_json=bool(opts.get("json")))
             except BrokenPipeError:  # the reader closed stdout early (`| head`); the run itself is complete
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+                RESULTS_PIPE_CLOSED = True  # main() keeps this run's own exit code (failed items: 1)
         if failures is not None:
             raise failures
         return 0
@@ -366,7 +371,8 @@ def _execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
         report_error(exc, opts.get("traceback"))
         return exc.exit_code
     except Terminated:
-        typer.echo("error: terminated (SIGTERM); rerun the same command to continue where it stopped", err=True)
+        typer.echo("error: terminated (SIGTERM); rerun with the same -o to continue where it stopped (training "
+                   "verbs: with --resume auto)", err=True)
         return 143
     except KeyboardInterrupt:
         typer.echo("error: interrupted", err=True)

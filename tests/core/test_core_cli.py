@@ -188,7 +188,16 @@ def test_help_lists_a_literal_field_choices_and_a_list_default():
 
 
 def test_a_device_error_names_the_variable_that_asked_for_it(monkeypatch):
+    """The user may not have typed --device: the error says where the device came from (not another plugin's)."""
+    from tubcli.config import TubConfig, resolve_config
     from tubcli.device import _origin
 
+    monkeypatch.setenv("TUB_ATLAS_DEVICE", "cuda")  # another plugin's variable
+    resolve_config(TubConfig, "knnlrp", flags={"device": "cuda"})
+    assert _origin() == ""
     monkeypatch.setenv("TUB_DEVICE", "cuda")
-    assert _origin("cuda") == " (from TUB_DEVICE)" and _origin("mps") == ""
+    resolve_config(TubConfig, "knnlrp")
+    assert _origin() == " (from TUB_DEVICE)"
+    monkeypatch.setenv("TUB_KNNLRP_DEVICE", "cuda")
+    resolve_config(TubConfig, "knnlrp")
+    assert _origin() == " (from TUB_KNNLRP_DEVICE)"

@@ -207,6 +207,18 @@ def test_results_into_a_closed_pipe_end_quietly(toy_env, tmp_path):
     assert (tmp_path / "run" / "DONE").exists()
 
 
+def test_failed_items_keep_exit_1_when_the_reader_closed_the_pipe(toy_env, tmp_path):
+    """`tub ... | head` under pipefail: a closed pipe is not an error, but failed items still are."""
+    inputs = make_inputs(tmp_path / "in", 3, bad=(1,))
+    env = {**toy_env, "TOY_SLOW": "0.05"}
+    proc = subprocess.Popen(toy_cli(["toy", "evaluate", *inputs, "-o", tmp_path / "run", "--json"], env), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1, stderr
+    assert "1 of 3 items failed" in stderr
+
+
 def test_killed_run_leaves_nothing_that_looks_complete(toy_env, tmp_path):
     inputs = make_inputs(tmp_path / "in", 20)
     env = {**toy_env, "TOY_SLOW": "0.05"}
@@ -493,6 +505,10 @@ def test_a_relative_path_is_read_from_the_folder_the_earlier_run_started_in(tmp_
     assert changed_settings(earlier, other, set(), earlier_cwd=str(tmp_path / "a")) == \
         "models: ['w.bin', 'v.bin'] -> ['../a/v.bin', '../a/w.bin']; weights: w.bin -> ../a/v.bin"
     assert environment_record()["cwd"] == str(tmp_path / "b")
+    (tmp_path / "b" / "w.bin").write_bytes(b"other")  # the same spelling names another file from here
+    assert changed_settings(earlier, {"weights": "w.bin", "models": ["../a/w.bin", "../a/v.bin"]}, set(),
+                            earlier_cwd=str(tmp_path / "a")) == f"weights: {tmp_path}/a/w.bin -> {tmp_path}/b/w.bin"
+    assert changed_settings({"kind": "svm"}, {"kind": "svm"}, set(), earlier_cwd=str(tmp_path / "a")) == ""
 
 
 def test_a_run_directory_is_never_an_input_nor_inside_an_input_folder(tmp_path):
@@ -506,6 +522,7 @@ def test_a_run_directory_is_never_an_input_nor_inside_an_input_folder(tmp_path):
         inputs: list[Path] = []
         model: Path | None = None
         output: Path | None = Field(None, json_schema_extra={"output": True})
+        kind: str = "svm"  # a setting, not a path, even where a folder of that name exists
 
     data, model_run = tmp_path / "slides", tmp_path / "train"
     data.mkdir()
@@ -518,6 +535,10 @@ def test_a_run_directory_is_never_an_input_nor_inside_an_input_folder(tmp_path):
             refuse_output_among_inputs(Cfg(inputs=[data]), out)
     refuse_output_among_inputs(Cfg(inputs=[data / "a.svs"], model=model_run), model_run / "heatmaps")
     refuse_output_among_inputs(Cfg(inputs=[data], output=data / "w.safetensors"), tmp_path / "run")
+    (tmp_path / "svm").mkdir()
+    refuse_output_among_inputs(Cfg(kind=str(tmp_path / "svm")), tmp_path / "svm" / "run1")
+    with pytest.raises(TubError, match="the default run directory"):  # no -o given: the message says so
+        refuse_output_among_inputs(Cfg(inputs=[data]), data / "runs", given_o=False)
     (tmp_path / "ex" / "outputs").mkdir(parents=True)
     (tmp_path / "ex" / "outputs" / "relevances.csv").write_text("a\n1\n")
     with pytest.raises(TubError, match="lies in the outputs"):

@@ -116,6 +116,14 @@ def test_md_checks_its_settings_before_writing(tmp_path, models):
     assert not _written(out)
     (tmp_path / "dir.extxyz").mkdir()
     assert "is a folder" in _err(invoke(["mlff", "md", tmp_path / "dir.extxyz", "--model", model, "-o", tmp_path / "d"]))
+    from ase.io.bundletrajectory import BundleTrajectory
+
+    from tub_mlff.data import read_structures
+
+    bundle = BundleTrajectory(str(tmp_path / "md.bundle"), "w")  # ASE's folder format is read, not refused
+    bundle.write(molecule("CH4"))
+    bundle.close()
+    assert len(read_structures(tmp_path / "md.bundle")) == 1
 
 
 def test_build_rejects_cells_whose_atoms_overlap(tmp_path):

@@ -311,8 +311,9 @@ def _train_dinov2(cfg: TrainConfig, run, sets) -> dict:
 
     if cfg.teacher.weights is not None or cfg.teacher.random_init:
         raise TubError("--objective dinov2 trains its own EMA teacher; drop --teacher-weights/--teacher-random-init")
-    distill_only = sorted({"lr", "weight_decay", "warmup", "lambda_cls", "lambda_patch", "crop_scale_min"}
-                          & cfg.model_fields_set)
+    fields = type(cfg).model_fields  # a dumped config (--print-config, config.yaml) repeats the defaults: fine
+    distill_only = sorted(f for f in ("lr", "weight_decay", "warmup", "lambda_cls", "lambda_patch", "crop_scale_min")
+                          if getattr(cfg, f) != fields[f].default)
     if distill_only:  # DINOv2 takes its schedule from the dinov2 section (dinov2.base_lr, …); these would be ignored
         raise TubError(f"{', '.join(distill_only)} act on --objective distill only; for dinov2 set the dinov2 "
                        "section instead (e.g. --set dinov2.base_lr=…, see `tub config atlas train`)")

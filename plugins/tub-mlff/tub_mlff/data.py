@@ -36,8 +36,8 @@ def read_structures(path: str | Path, index: str = ":"):
     path = Path(path)
     if not path.exists():
         raise TubError(f"{path} not found; give an extxyz file with structures")
-    if path.is_dir():
-        raise TubError(f"{path} is a folder; give an extxyz file with structures")
+    if path.is_dir() and not (path / "metadata.json").is_file():  # an ASE BundleTrajectory is a folder
+        raise TubError(f"{path} is a folder; give an extxyz file (or an ASE BundleTrajectory) with structures")
     try:
         frames = read(str(path), index=index)
     except Exception as exc:  # noqa: BLE001
