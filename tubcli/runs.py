@@ -300,38 +300,50 @@ def _is_path_type(annotation) -> bool:
     return any(_is_path_type(a) for a in typing.get_args(annotation))
 
 
-def given_paths(cfg) -> list[Path]:
-    """The existing paths among the config's top-level path fields: what the user gave to be read
-    (fields marked ``json_schema_extra={"output": True}`` name what a verb writes and are left out)."""
+MODEL_FIELDS = frozenset({"model", "init_from"})  # may name a tub run directory (tub's output, not user data)
+
+
+def given_paths(cfg) -> list[tuple[str, Path]]:
+    """(field, path) of the existing paths among the config's top-level path fields: what the user gave
+    to be read (fields marked ``json_schema_extra={"output": True}`` name what a verb writes and are
+    left out)."""
     out = []
     for name, info in type(cfg).model_fields.items():
-        if not _is_path_type(info.annotation) or (
-                isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("output")):
+        if not _is_path_type(info.annotation) or _marked(info, "output"):
             continue
         value = getattr(cfg, name, None)
         for v in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(v, (str, Path)) and str(v) and os.path.exists(v):
-                out.append(Path(v))
+                out.append((name, Path(v)))
     return out
 
 
-def _is_run_directory(path: Path) -> bool:
+def _marked(info, key: str) -> bool:
+    return isinstance(info.json_schema_extra, dict) and bool(info.json_schema_extra.get(key))
+
+
+def is_run_directory(path: Path) -> bool:
     return (path / "env.json").is_file() and (path / "config.yaml").is_file()
 
 
 def refuse_output_among_inputs(cfg, run_dir: Path, given_o: bool = True) -> None:
-    """No run directory may be an input, lie inside an input folder (a tub run directory given as a
-    model excepted: that is tub's own output, not the user's data), or hold an input in its outputs."""
+    """No run directory may be an input, lie inside an input folder, or hold an input. Excepted: a tub
+    run directory (or its checkpoints/) given as a model, which is tub's output and not scanned as
+    data, and folders marked ``json_schema_extra={"lookup": True}`` (files are looked up there by name,
+    never listed, e.g. an image root)."""
     here = run_dir.resolve()
-    for given in given_paths(cfg):
+    fields = type(cfg).model_fields
+    for name, given in given_paths(cfg):
         g = given.resolve()
-        if g == here or (g.is_dir() and g in here.parents and not _is_run_directory(g)):
+        exempt = _marked(fields[name], "lookup") or (
+            name in MODEL_FIELDS and (is_run_directory(g) or is_run_directory(g.parent)))
+        if g == here or (g.is_dir() and g in here.parents and not exempt):
             what = f"-o {run_dir}" if given_o else f"the default run directory {run_dir}"
             raise TubError(f"{what} is or lies inside the input {given}; its records and outputs would mix "
                            "with your data: pass -o with a run directory apart from the inputs")
-        if g.is_file() and (here / "outputs") in g.parents:
-            raise TubError(f"the input {given} lies in the outputs of the run directory {run_dir}, where this "
-                           "run's results could replace it; copy it elsewhere or pass another -o")
+        if here in g.parents:
+            raise TubError(f"the input {given} lies inside the run directory {run_dir}, where this run's results "
+                           "could replace it; copy it elsewhere or pass another -o")
 
 
 def _failure_item(line: str) -> str | None:
@@ -419,11 +431,12 @@ class Run:
                 run_dir = parent / f"{job}_{chash}"
             else:
                 stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+                refuse_output_among_inputs(cfg, parent / f"{stamp}_{chash}", given_o=False)  # before it is made
                 run_dir = new_run_dir(parent / f"{stamp}_{chash}") if self.is_main else None
                 run_dir = self._broadcast(run_dir)
         self.dir = Path(run_dir)
         self._given_o = out is not None
-        if not _is_run_directory(self.dir):  # before the claim lock makes any folder; an earlier run's
+        if not is_run_directory(self.dir):  # before the claim lock makes any folder; an earlier run's
             refuse_output_among_inputs(cfg, self.dir, self._given_o)  # directory: after the check of its verb
         self.command = f"tub {plugin} {verb}"
         self._training_lock: ItemLock | None = None
@@ -442,6 +455,10 @@ class Run:
             raise TubError(f"{self.dir} is the run directory of `{earlier_command}`; give this `{self.command}` "
                            "run its own -o (its records and outputs would mix with that run's)")
         refuse_output_among_inputs(cfg, self.dir, self._given_o)
+        if self.is_main and (self.dir / "config.yaml").exists() and not (self.dir / "env.json").exists():
+            # a folder of the user's (e.g. -o . in a project): its config.yaml would be archived and replaced
+            raise TubError(f"-o {self.dir} holds a config.yaml but no tub run records (env.json); pass a new or "
+                           "empty folder, or an earlier run directory")
         self.outputs_dir = self.dir / "outputs"
         self.checkpoints_dir = self.dir / "checkpoints"
         earlier, now = self._earlier_config(), cfg.model_dump(mode="json")

@@ -539,17 +539,28 @@ def test_a_run_directory_is_never_an_input_nor_inside_an_input_folder(tmp_path):
     refuse_output_among_inputs(Cfg(kind=str(tmp_path / "svm")), tmp_path / "svm" / "run1")
     with pytest.raises(TubError, match="the default run directory"):  # no -o given: the message says so
         refuse_output_among_inputs(Cfg(inputs=[data]), data / "runs", given_o=False)
-    (tmp_path / "ex" / "outputs").mkdir(parents=True)
+    (tmp_path / "ex" / "outputs" / "mine").mkdir(parents=True)
     (tmp_path / "ex" / "outputs" / "relevances.csv").write_text("a\n1\n")
-    with pytest.raises(TubError, match="lies in the outputs"):
-        refuse_output_among_inputs(Cfg(inputs=[tmp_path / "ex" / "outputs" / "relevances.csv"]), tmp_path / "ex")
+    (tmp_path / "ex" / "labelled.extxyz").write_text("")
+    for inside in ("outputs/relevances.csv", "outputs/mine", "labelled.extxyz"):  # --overwrite would replace them
+        with pytest.raises(TubError, match="lies inside the run directory"):
+            refuse_output_among_inputs(Cfg(inputs=[tmp_path / "ex" / inside]), tmp_path / "ex")
+    (model_run / "checkpoints").mkdir()  # a model given as its run's checkpoints/ folder: the same exception
+    refuse_output_among_inputs(Cfg(model=model_run / "checkpoints"), model_run / "checkpoints" / "x")
+    with pytest.raises(TubError, match="inside the input"):  # a run directory given as data, not as a model
+        refuse_output_among_inputs(Cfg(inputs=[model_run]), model_run / "explain")
+
+    class Lookup(BaseModel):
+        image_root: Path | None = Field(None, json_schema_extra={"lookup": True})  # files found by name only
+
+    refuse_output_among_inputs(Lookup(image_root=data), data / "runs" / "x", given_o=False)
 
 
 def test_an_input_in_the_run_outputs_is_refused_before_any_record(toy_plugins, tmp_path):
     inputs = make_inputs(tmp_path / "run" / "outputs", 1)
     before = sorted(p.name for p in (tmp_path / "run").rglob("*"))
     result = invoke(["toy", "evaluate", *inputs, "-o", tmp_path / "run"])
-    assert result.exit_code == 2 and "lies in the outputs of the run directory" in result.stderr
+    assert result.exit_code == 2 and "lies inside the run directory" in result.stderr
     assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == before
 
 
@@ -572,3 +583,16 @@ def test_a_non_finite_loss_or_nan_weights_stop_a_training(tmp_path):
     with pytest.raises(TubError, match="weights hold NaN"):
         run.save_checkpoint({"model": {"w": torch.tensor([1.0, float("nan")])}})
     assert torch.equal(torch.load(tmp_path / "run" / "checkpoints" / "last.pt")["model"]["w"], torch.ones(2))
+
+
+def test_a_folder_of_the_users_is_not_taken_over_as_a_run_directory(toy_plugins, tmp_path):
+    """`-o .` in a project folder once renamed the user's config.yaml to config.1.yaml (with --overwrite)."""
+    project = tmp_path / "project"
+    project.mkdir()
+    inputs = make_inputs(tmp_path / "in", 2)
+    (project / "config.yaml").write_text("seed: 1\n")
+    result = invoke(["toy", "evaluate", *inputs, "-o", project, "--overwrite"])
+    assert result.exit_code == 2 and "holds a config.yaml but no tub run records" in result.stderr
+    assert (project / "config.yaml").read_text() == "seed: 1\n" and not (project / "config.1.yaml").exists()
+    (tmp_path / "empty").mkdir()  # an empty folder made beforehand is fine
+    assert invoke(["toy", "evaluate", *inputs, "-o", tmp_path / "empty"]).exit_code == 0

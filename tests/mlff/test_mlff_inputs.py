@@ -448,3 +448,15 @@ def test_labels_under_ase_calculator_keys_and_bad_labels(tmp_path):
         bad.info["energy"] = value
         with pytest.raises(TubError, match="frame 7: .*fix or drop the frame"):
             labels(bad, Keys(), name="frame 7")
+
+
+def test_a_rerun_of_a_finished_md_reports_what_the_run_did(tmp_path, models):
+    """`tub demo` twice into one folder failed: the rerun of a complete MD returned no mean temperature."""
+    path = tmp_path / "ch4.extxyz"
+    write(path, molecule("CH4"), format="extxyz")
+    args = ["mlff", "md", path, "--model", models / "w8.safetensors", "--steps", "4", "--interval", "2", "--json",
+            "-o", tmp_path / "md"]
+    first, again = (json.loads(_ok(invoke(args)).stdout) for _ in range(2))
+    assert again["steps_done"] == 4 and again["resumed_from"] == 4
+    assert again["mean_temperature_K"] == pytest.approx(first["mean_temperature_K"], rel=1e-6)
+    assert again["final_epot_eV"] == pytest.approx(first["final_epot_eV"], rel=1e-6)

@@ -46,7 +46,7 @@ def data(tmp_path_factory):
 # ----------------------------------------------------------------- 1: outputs never overwrite inputs
 def _refused_as_input(message: str) -> bool:
     """The plugin's guard, or the core's (an input inside the run's outputs), which now comes first."""
-    return "would overwrite" in message or "lies in the outputs of the run directory" in message
+    return "would overwrite" in message or "lies inside the run directory" in message
 
 
 def test_robustify_refuses_to_write_into_the_input_folder(data, tmp_path):

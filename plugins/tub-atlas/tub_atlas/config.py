@@ -87,7 +87,7 @@ class EmbedConfig(SlideTiling):
     encoder: EncoderSection = EncoderSection()
     format: Literal["npy", "pathorob", "h5", "eva"] = Field("npy", description="output layout (spec §2.7)")
     metadata: Path | None = Field(None, description="PathoROB metadata CSV (format pathorob: tiles per medical_center)")
-    image_root: Path | None = Field(None, description="image root for --metadata [default: the CSV's folder]")
+    image_root: Path | None = Field(None, description="image root for --metadata [default: the CSV's folder]", json_schema_extra={"lookup": True})
     batch_size: int = Field(32, ge=1, description="tiles per forward pass")
     slide_pool: Literal["mean", "max"] = Field("mean", description="slide embedding from its tiles")
     slide_qc: bool = Field(True, description="whole slides: write qc/<slide>.png (tissue + tiles) and contours")

@@ -247,6 +247,18 @@ def _thermo_rows(thermo: Path, steps: set[int]) -> list[str]:
     return rows
 
 
+def _thermo_summary(thermo: Path) -> dict:
+    """Mean temperature and last potential energy of a finished run, from its thermo log (a rerun of a
+    complete run reports what the run did)."""
+    import csv
+
+    with open(thermo, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("temperature_K")]
+    temps = [float(r["temperature_K"]) for r in rows]
+    return {"mean_temperature_K": float(np.mean(temps)) if temps else float("nan"),
+            "final_epot_eV": float(rows[-1]["epot_eV"]) if rows else float("nan")}
+
+
 def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "nvt-langevin",
            timestep_fs: float = 0.5, temperature_K: float = 300.0, friction_per_fs: float = 0.01,
            taut_fs: float = 100.0, pressure_GPa: float = 0.0, taup_fs: float = 1000.0,
@@ -292,7 +304,7 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
     if start >= steps:
         if log:
             log.info("%s already reached step %d; give a larger --steps to extend it", traj, start)
-        return {"steps_done": start, "resumed_from": start, "frames": len(frames)}
+        return {"steps_done": start, "resumed_from": start, "frames": len(frames), **_thermo_summary(thermo)}
     dyn = make_dynamics(atoms, ensemble, timestep_fs, temperature_K, friction_per_fs, taut_fs,
                         pressure_GPa, taup_fs, seed + start,
                         hydrostatic=npt_cell == "iso")  # checks the ensemble before anything is written

@@ -14,11 +14,15 @@ from .config import (APDConfig, APDRawConfig, ClusteringConfig, EvaluateConfig, 
 
 
 def _given_paths(cfg) -> list[Path]:
-    """Every path the user gave in the config: inputs that a verb must never write to."""
+    """Every path the user gave in the config: inputs that a verb must never write to (a fitted model
+    given as its run directory excepted: a later run may live inside it, as the core allows)."""
+    from tubcli.runs import is_run_directory
+
     out = []
     for name in type(cfg).model_fields:
         value = getattr(cfg, name)
-        out += [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, Path)]
+        paths = [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, Path)]
+        out += [v for v in paths if not (name == "model" and v.is_dir() and is_run_directory(v))]
     return out
 
 

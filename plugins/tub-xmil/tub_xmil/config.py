@@ -59,7 +59,7 @@ class FeaturesConfig(TubConfig):
     slides: list[Path] = Field(default_factory=list, description="slide files or folders")
     encoder: str = Field("vit-t8-demo", description="patch encoder name from the tub_patch_encoders hook")
     weights: Optional[Path] = Field(None, description="local weights file of the encoder")
-    coords_dir: Optional[Path] = Field(None, description="existing patches/*.h5 (tub, CLAM, TRIDENT) to reuse")
+    coords_dir: Optional[Path] = Field(None, description="existing patches/*.h5 (tub, CLAM, TRIDENT) to reuse", json_schema_extra={"lookup": True})
     mpp: Optional[float] = Field(None, gt=0, description="level-0 mpp override")
     batch_size: int = Field(64, description="tiles per encoder batch")
     tiling: TilingSection = TilingSection()
@@ -146,7 +146,7 @@ class HeatmapConfig(ModelInput):
     encoder: Optional[str] = Field(None, description="patch encoder (hook) used when starting from slides (default: "
                                    "the training features', else vit-t8-demo)")
     weights: Optional[Path] = Field(None, description="encoder weights file")
-    slide_dir: Optional[Path] = Field(None, description="where to find slides for feature-file inputs (thumbnail)")
+    slide_dir: Optional[Path] = Field(None, description="where to find slides for feature-file inputs (thumbnail)", json_schema_extra={"lookup": True})
     patch_size_level0: Optional[int] = Field(
         None, gt=0, description="tile side in level-0 px of feature-file inputs (default: from the file's "
         "attributes, else inferred from the coords grid)")
