@@ -155,6 +155,15 @@ def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict
     return tensors, meta
 
 
+def _head(path: Path, n: int) -> bytes:
+    """The first ``n`` bytes of a file (its format's signature), a one-line error if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError as exc:
+        raise TubError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
 def load_numpy(path: str | os.PathLike):
     """``np.load(path, allow_pickle=False)`` of a .npy array or .npz archive, with a one-line error for
     anything else (an empty, cut-short or text file; numpy's own message would suggest unpickling it)."""
@@ -163,20 +172,12 @@ def load_numpy(path: str | os.PathLike):
     import numpy as np
 
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(6)
-    except OSError as exc:
-        raise TubError(f"cannot read {path}: {exc.strerror or exc}") from None
+    head = _head(path, 6)
     if head != b"\x93NUMPY" and not head.startswith(b"PK"):
         why = "it is empty" if not head else "no NumPy header"
         raise TubError(f"{path} is not a NumPy .npy/.npz file ({why}); give the file np.save/np.savez wrote")
     try:
-        out = np.load(path, allow_pickle=False)
-        if isinstance(out, np.ndarray):
-            return out
-        out.files  # noqa: B018 - the archive's directory is read here
-        return out
+        return np.load(path, allow_pickle=False)  # an .npz's directory is read here: a cut-off zip fails now
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if "allow_pickle" in reason:
@@ -189,11 +190,7 @@ def check_torch_file(path: str | os.PathLike) -> None:
     """One-line error unless ``path`` starts like a file torch.save wrote (a zip archive, or the
     legacy pickle format); torch's own errors for other files say little ("105", "list index")."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError as exc:
-        raise TubError(f"cannot read {path}: {exc.strerror or exc}") from None
+    head = _head(path, 4)
     if not head:
         raise TubError(f"{path} is empty; give the checkpoint file that torch.save wrote")
     if not head.startswith(b"PK") and head[:1] != b"\x80":

@@ -219,7 +219,8 @@ def test_failed_items_keep_exit_1_when_the_reader_closed_the_pipe(toy_env, tmp_p
     assert "1 of 3 items failed" in stderr
 
 
-def test_killed_run_leaves_nothing_that_looks_complete(toy_env, tmp_path):
+def _stopped_after_two_items(toy_env, tmp_path, sig):
+    """A slow 20-item batch run sent ``sig`` once two outputs exist: (process, run dir, inputs, env)."""
     inputs = make_inputs(tmp_path / "in", 20)
     env = {**toy_env, "TOY_SLOW": "0.05"}
     out = tmp_path / "run"
@@ -228,7 +229,12 @@ def test_killed_run_leaves_nothing_that_looks_complete(toy_env, tmp_path):
     deadline = time.time() + 60
     while time.time() < deadline and len(list((out / "outputs").glob("item*.txt"))) < 2:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    proc.send_signal(sig)
+    return proc, out, inputs, env
+
+
+def test_killed_run_leaves_nothing_that_looks_complete(toy_env, tmp_path):
+    proc, out, inputs, env = _stopped_after_two_items(toy_env, tmp_path, signal.SIGKILL)
     proc.wait()
     assert not (out / "DONE").exists()
     finished = list((out / "outputs").glob("item*.txt"))
@@ -246,15 +252,7 @@ def test_killed_run_leaves_nothing_that_looks_complete(toy_env, tmp_path):
 def test_sigterm_releases_the_item_locks_and_exits_143(toy_env, tmp_path):
     """A batch system's time limit (SIGTERM) unwinds like Ctrl-C: no lock is left that a rerun on another
     node would take for a live job (and skip), no temporary output, no DONE."""
-    inputs = make_inputs(tmp_path / "in", 20)
-    env = {**toy_env, "TOY_SLOW": "0.05"}
-    out = tmp_path / "run"
-    proc = subprocess.Popen(toy_cli(["toy", "evaluate", *inputs, "-o", out, "-q"], env), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 60
-    while time.time() < deadline and len(list((out / "outputs").glob("item*.txt"))) < 2:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc, out, _, _ = _stopped_after_two_items(toy_env, tmp_path, signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 143, stderr
     assert stderr.decode().strip().splitlines()[-1].startswith("error: terminated (SIGTERM)")
