@@ -264,3 +264,12 @@ def test_overlay_blends_the_heat_canvas_with_alpha_64():
     a = 64 / 255
     assert np.array_equal(over[0, 0], np.rint((1 - a) * 255 + a * heat[0, 0].astype(float)).astype(np.uint8))
     assert (over[0, 7] == round((1 - a) * 255)).all()  # the black canvas dims unscored areas by alpha
+
+
+def test_coords_dir_may_be_the_run_directory_of_tile(tmp_path):
+    """`--coords-dir runs/tile` (tile's run directory) failed every slide; its patches lie in outputs/patches."""
+    from tub_xmil.pipeline import coords_file
+
+    (tmp_path / "outputs" / "patches").mkdir(parents=True)
+    (tmp_path / "outputs" / "patches" / "s1.h5").write_bytes(b"")
+    assert coords_file(tmp_path, "s1") == tmp_path / "outputs" / "patches" / "s1.h5"

@@ -49,6 +49,17 @@ def _models(paths) -> list[Path]:
     return found
 
 
+def _init_model(path) -> Path | None:
+    """The one model file ``--init-from`` stands for: a file, or a `tub mlff train` run directory of one model."""
+    if path is None or not Path(path).is_dir():
+        return path
+    files = _models([path])
+    if len(files) > 1:
+        raise TubError(f"--init-from {path} holds a committee of {len(files)} models; give one member's "
+                       f"file, e.g. {files[0]}")
+    return files[0]
+
+
 def _model_names(model_paths) -> list[str]:
     """The model files that made a verb's numbers, for its results (the shipped demo model when none was given)."""
     return [str(p) for p in model_paths] or [f"{DEMO_MODEL.name} (the shipped demo model)"]
@@ -436,8 +447,9 @@ def train(cfg, run) -> dict:
                            use_zbl_repulsion=m.zbl, use_electrostatics=m.electrostatics, use_d4_dispersion=m.d4,
                            module_keep_prob=m.module_keep_prob)
     base = None
-    if cfg.init_from is not None:
-        base, _ = load_model(cfg.init_from, torch.float32)
+    init_from = _init_model(cfg.init_from)
+    if init_from is not None:
+        base, _ = load_model(init_from, torch.float32)
         mcfg = base.config
         _check_init_architecture(m, mcfg, cfg.init_from)
         if m.lr_cutoff is not None:
@@ -500,7 +512,7 @@ def train(cfg, run) -> dict:
             continue
         torch.manual_seed(cfg.seed + member)
         model = SpookyNet(SpookyNetConfig.from_dict(mcfg.to_dict()), seed=cfg.seed + member) if base is None \
-            else load_model(cfg.init_from, torch.float32)[0].train()
+            else load_model(init_from, torch.float32)[0].train()
         if base is not None and mcfg.lr_cutoff is not None:
             model.set_lr_cutoff(mcfg.lr_cutoff)
         if base is not None:

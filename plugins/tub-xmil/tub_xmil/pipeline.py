@@ -74,9 +74,10 @@ def tile_one(path: Path, out_h5: Path, out_dir: Path, tiling, mpp_override=None)
 
 def coords_file(coords_dir: Path, stem: str) -> Path:
     """The patches .h5 of a slide in ``--coords-dir``: tub/CLAM name it ``{stem}.h5``, TRIDENT
-    ``{stem}_patches.h5``, either directly in the folder or in its ``patches/``."""
+    ``{stem}_patches.h5``, directly in the folder, in its ``patches/`` or, for the run directory of
+    `tub xmil tile`, in ``outputs/patches/``."""
     names = [f"{stem}.h5", f"{stem}_patches.h5"]
-    for sub in ("", "patches"):
+    for sub in ("", "patches", "outputs/patches"):
         for n in names:
             if (coords_dir / sub / n).is_file():
                 return coords_dir / sub / n
