@@ -333,6 +333,8 @@ def _execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
     from tubcli.progress import log_every
     from tubcli.runs import EXECUTION_FIELDS, Run
 
+    RESULTS_PIPE_CLOSED = False  # per command (tests run many in one process)
+
     verbosity = -1 if opts.get("quiet") else int(opts.get("verbose") or 0)
     try:
         cfg = resolve_config(model, app.name, opts.get("config"), opts.get("set"), flags)
