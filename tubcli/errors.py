@@ -28,6 +28,11 @@ class ItemFailures(TubError):
         self.metrics = metrics or {}  # the results of the items that did not fail (printed, then this error)
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def one_line(exc: BaseException) -> str:
     """Render any exception as a single line (pydantic errors included)."""
     text = str(exc).strip().splitlines()

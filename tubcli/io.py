@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from tubcli.errors import TubError
+from tubcli.errors import TubError, first_line
 
 
 @contextlib.contextmanager
@@ -179,7 +179,7 @@ def load_numpy(path: str | os.PathLike):
     try:
         return np.load(path, allow_pickle=False)  # an .npz's directory is read here: a cut-off zip fails now
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = first_line(exc)
         if "allow_pickle" in reason:
             raise TubError(f"{path} holds Python objects (dtype object), which tub does not unpickle (that could "
                            "run code); save numeric or string arrays") from None

@@ -425,19 +425,21 @@ class Run:
         if resume:
             self.resume_from, found_dir = self._resolve_resume(resume, run_dir, parent, chash)
             run_dir = run_dir or found_dir
+        checked = False  # the run directory against the inputs
         if run_dir is None:
             if self.shard[1] > 1:
                 job = os.environ.get("SLURM_ARRAY_JOB_ID", "shards")
                 run_dir = parent / f"{job}_{chash}"
             else:
-                stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-                refuse_output_among_inputs(cfg, parent / f"{stamp}_{chash}", given_o=False)  # before it is made
-                run_dir = new_run_dir(parent / f"{stamp}_{chash}") if self.is_main else None
+                base = parent / f"{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}_{chash}"
+                refuse_output_among_inputs(cfg, base, given_o=False)  # before new_run_dir makes it
+                run_dir = new_run_dir(base) if self.is_main else None
                 run_dir = self._broadcast(run_dir)
+                checked = True
         self.dir = Path(run_dir)
         self._given_o = out is not None
-        if not is_run_directory(self.dir):  # before the claim lock makes any folder; an earlier run's
-            refuse_output_among_inputs(cfg, self.dir, self._given_o)  # directory: after the check of its verb
+        if not checked and not is_run_directory(self.dir):  # before the claim lock makes any folder (an
+            refuse_output_among_inputs(cfg, self.dir, self._given_o)  # earlier run's: in _claim, after its verb)
         self.command = f"tub {plugin} {verb}"
         self._training_lock: ItemLock | None = None
         # two jobs started together on one new -o: the second waits here and then sees the first's records
@@ -454,7 +456,8 @@ class Run:
         if earlier_command and earlier_command != self.command:
             raise TubError(f"{self.dir} is the run directory of `{earlier_command}`; give this `{self.command}` "
                            "run its own -o (its records and outputs would mix with that run's)")
-        refuse_output_among_inputs(cfg, self.dir, self._given_o)
+        if is_run_directory(self.dir):  # a new folder was checked before the claim
+            refuse_output_among_inputs(cfg, self.dir, self._given_o)
         if self.is_main and (self.dir / "config.yaml").exists() and not (self.dir / "env.json").exists():
             # a folder of the user's (e.g. -o . in a project): its config.yaml would be archived and replaced
             raise TubError(f"-o {self.dir} holds a config.yaml but no tub run records (env.json); pass a new or "

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from tubcli.errors import ItemFailures, TubError
+from tubcli.errors import ItemFailures, TubError, first_line
 from tubcli.io import to_json
 
 SHARED_OPTIONS = ("config", "set", "device", "precision", "seed", "out", "resume", "shard", "overwrite",
@@ -380,16 +380,12 @@ def _execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
         typer.echo("error: interrupted", err=True)
         return 130
     except MemoryError as exc:
-        typer.echo(f"error: not enough memory ({one_line_reason(exc)}); ask for less: smaller sizes, fewer items or "
+        typer.echo(f"error: not enough memory ({first_line(exc)}); ask for less: smaller sizes, fewer items or "
                    "a smaller --batch-size", err=True)
         return 1
     except Exception as exc:  # the last line of defence: one line, exit 1
         report_error(exc, opts.get("traceback"))
         return 1
-
-
-def one_line_reason(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def report_error(exc: BaseException, traceback: bool | None) -> None:

@@ -233,8 +233,10 @@ def test_init_from_keeps_its_architecture_and_applies_training_switches(tmp_path
     saved = json.loads((out / "checkpoints" / "model.json").read_text())["spookynet"]
     assert saved["num_features"] == 8 and saved["module_keep_prob"] == 0.5 and saved["lr_cutoff"] == 7
     # a train run directory stands for its model, as for --model ("runs/train.json not found" before)
-    again = ["train", full, "--init-from", out, "--epochs", "1", "--set", "test_fraction=0", *SMALL, "-q", "--json"]
-    assert json.loads(_ok(invoke(["mlff", *again, "-o", tmp_path / "again"])).stdout)
+    _ok(invoke(["mlff", "train", full, "--init-from", out, "--epochs", "1", "--set", "test_fraction=0", *SMALL, "-q",
+                "-o", tmp_path / "again"]))
+    saved = json.loads((tmp_path / "again" / "checkpoints" / "model.json").read_text())["spookynet"]
+    assert saved["num_features"] == 8 and saved["lr_cutoff"] == 7  # the run's model, not a fresh default
 
 
 def test_train_without_validation_frames_warns_once(tmp_path, methane):

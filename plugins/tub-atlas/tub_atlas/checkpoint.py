@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from tubcli.errors import TubError
+from tubcli.errors import TubError, first_line
 from tubcli.io import check_torch_file
 
 from .presets import HEADS_BY_WIDTH, NORMALISATIONS, Preset
@@ -68,8 +68,7 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         if "Weights only load failed" in str(exc):  # a pickled object (torch.save(model)), not tensors
             raise TubError(f"{path} holds a pickled Python object, which tub does not load (it would run code); "
                            "save the weights instead: torch.save(model.state_dict(), 'w.pt') or safetensors") from exc
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise TubError(f"cannot read checkpoint {path}: {reason}") from exc
+        raise TubError(f"cannot read checkpoint {path}: {first_line(exc)[:200]}") from exc
     # unwrap {"teacher": {...}}, {"model": {...}}, {"state_dict": {...}}
     while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         nested = [k for k in NESTED_KEYS if isinstance(obj.get(k), dict)]

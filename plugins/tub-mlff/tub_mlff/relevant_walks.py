@@ -208,7 +208,7 @@ def committee_mean(parts: list[WalkRelevance]) -> WalkRelevance:
         return parts[0]
     mean = lambda name: np.mean([getattr(p, name) for p in parts], axis=0)  # noqa: E731
     return WalkRelevance(one_body=mean("one_body"), two_body=mean("two_body"), triples=parts[0].triples,
-                         three_body=mean("three_body") if len(parts[0].triples) else parts[0].three_body,
+                         three_body=mean("three_body"),
                          walks_total=float(mean("walks_total")), bias=float(mean("bias")),
                          reference=float(mean("reference")), e_nn=float(mean("e_nn")))
 

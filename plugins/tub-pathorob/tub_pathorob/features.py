@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tubcli.errors import TubError
+from tubcli.errors import TubError, first_line
 from tubcli.io import load_numpy
 
 from .metadata import Metadata, read_metadata
@@ -62,7 +62,7 @@ def _load_plain_array(path: Path) -> np.ndarray:
                     )
                 X = z[key]
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise TubError(f"{path}: cannot read features ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
+        raise TubError(f"{path}: cannot read features ({first_line(e)})") from None
     if X.ndim != 2:
         raise TubError(f"{path}: features must be a 2-D (N, D) array, got shape {X.shape}")
     return X
