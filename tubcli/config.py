@@ -163,6 +163,15 @@ def env_values(model: type[BaseModel], plugin: str, environ=None) -> dict:
     return out
 
 
+def unknown_env_vars(models: list[type[BaseModel]], plugin: str, environ=None) -> list[str]:
+    """``TUB_<PLUGIN>_*`` variables that name no field of any of the plugin's verbs: a typo
+    (``TUB_XMIL_EPOCS``) would otherwise be ignored without a word."""
+    environ = os.environ if environ is None else environ
+    prefix = f"TUB_{plugin.upper()}_"
+    return sorted(key for key in environ if key.startswith(prefix) and not any(
+        field_info(m, ".".join(p.lower() for p in key[len(prefix):].split("__"))) for m in models))
+
+
 def field_info(model: type[BaseModel] | None, dotted: str):
     """The pydantic FieldInfo of ``a.b.c`` in ``model`` (through nested sections), or None."""
     node, parts = model, dotted.split(".")

@@ -329,7 +329,7 @@ def execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
 
 def _execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
     global RESULTS_PIPE_CLOSED
-    from tubcli.config import config_yaml, resolve_config
+    from tubcli.config import config_yaml, resolve_config, unknown_env_vars
     from tubcli.progress import log_every
     from tubcli.runs import EXECUTION_FIELDS, Run
 
@@ -350,6 +350,9 @@ def _execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
                   overwrite=bool(opts.get("overwrite")), verbosity=verbosity, plugin_version=app.version,
                   same_outputs_except={*verb.args, *verb.item_fields, *EXECUTION_FIELDS} if verb.batch else None,
                   training=verb.training, resume_may_change=set(verb.resume_may_change))
+        for key in unknown_env_vars([app.config_model(v) for v in app.verbs], app.name):
+            run.log.warning("%s names no setting of 'tub %s' and is ignored; see 'tub %s <verb> --help' for the "
+                            "settings", key, app.name, app.name)
         failures = None
         try:
             metrics = run.finish(func(cfg, run))

@@ -120,3 +120,13 @@ def test_tub_config_rejects_an_unknown_device_as_the_verb_would(toy_plugins):
     result = invoke(["config", "toy", "train", "--set", "device=tpu"])
     assert result.exit_code == 2
     assert "'device' (from --set): unknown device 'tpu'; use auto, cpu, cuda, cuda:N or mps" in result.stderr
+
+
+def test_a_misspelt_plugin_variable_is_named_not_ignored(toy_plugins, tmp_path):
+    data = tmp_path / "d.csv"
+    data.write_text("1,0,2\n0,1,3\n")
+    env = {"TUB_TOY_EPOCS": "9", "TUB_TOY_WEIGHTS": "w.pt"}  # a typo; a setting of another verb (explain)
+    result = invoke(["toy", "train", data, "--epochs", "1", "-o", tmp_path / "r"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "TUB_TOY_EPOCS names no setting of 'tub toy'" in result.stderr
+    assert "TUB_TOY_WEIGHTS" not in result.stderr
