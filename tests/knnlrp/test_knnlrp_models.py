@@ -4,6 +4,7 @@ import warnings
 
 import numpy as np
 import pytest
+from sklearn.datasets import load_iris
 from sklearn.decomposition import PCA
 from sklearn.feature_selection import SelectKBest
 from sklearn.impute import SimpleImputer
@@ -192,6 +193,36 @@ def test_too_few_points_per_class_is_an_error():
     with pytest.raises(ValueError, match="needs at least 5 per class"):
         explain(knn, X)  # κ = 2 needs ranks 1..5 in each class
     assert explain(knn, X, kappa=0).values.shape == (12, 2)  # κ = 0 needs rank 3 only
+
+
+def test_a_small_class_of_a_multiclass_knn_is_named_with_the_kappa_that_works():
+    X, y = load_iris(return_X_y=True)
+    keep = np.r_[np.flatnonzero(y != 2), np.flatnonzero(y == 2)[:3]]
+    knn = KNeighborsClassifier(5).fit(X[keep], y[keep])
+    with pytest.raises(ValueError, match="class 2 has 3 training point.*pass kappa=0"):
+        explain(knn, X[:3])  # rows of class 0 too: min pooling compares against every other class
+    assert explain(knn, X[:3], kappa=0).values.shape == (3, 4)
+
+
+def test_api_misuse_is_an_error_not_ignored():
+    import pandas as pd
+    from sklearn.exceptions import NotFittedError
+
+    X, y = load_iris(return_X_y=True)
+    knn, svc = KNeighborsClassifier(5).fit(X, y), SVC(gamma=0.5).fit(X, y)
+    with pytest.raises(UnsupportedModelError, match="X_train has 2 features but the SVC was fitted on 4"):
+        explain(svc, X[:3], X_train=X[:, :2])  # it would set the default eta from other data
+    with pytest.raises(ValueError, match="beta is the SVM's"):
+        explain(knn, X[:3], beta=1e-9)
+    with pytest.raises(UnsupportedModelError, match="y_train was given without X_train"):
+        explain(knn, X[:3], y_train=y)
+    with pytest.raises(NotFittedError):
+        NeuralizedExplainer().explain(X)
+    frame = pd.DataFrame(X[:3]).astype("Float64")  # pandas' nullable dtype
+    assert np.allclose(explain(knn, frame).values, explain(knn, X[:3]).values)
+    frame.iloc[0, 0] = pd.NA
+    with pytest.raises(ValueError, match="NaN or infinite values; impute"):
+        explain(knn, frame)
 
 
 @pytest.mark.parametrize("kind, params", [("knn", {"k": 5}), ("svm", {"gamma": 0.1, "C": 1.0})])

@@ -372,6 +372,12 @@ def test_diffusion_and_explain_and_ocv(workdir, built, trained):
     res = json.loads(r.stdout)
     assert res["hull_points"] >= 2 and res["cell_relaxation"] == "fixed"  # single points keep the cells
     assert (workdir / "ocv" / "outputs" / "voltage_profile.png").exists()
+    relaxed = read(workdir / "ocv" / "outputs" / "relaxed.extxyz", ":")
+    assert {spin_for(a) for a in relaxed} == {0, 1}  # both parities share one calculator, which changes its spin
+    for a in relaxed:  # each written energy is the frame's own, with its own spin
+        b = a.copy()
+        b.calc = SpookyNetCalculator(str(model), spin=spin_for(b))
+        assert a.get_potential_energy() == pytest.approx(b.get_potential_energy(), abs=1e-5)  # wrong spin: 2e-4
     r = _ok(invoke(["mlff", "ocv", "--model", model, "--structures", built, "--relax-steps", "3", "--cell", "c",
                     "--mu-na-lattice", "4.23", "-o", workdir / "ocv_c", "--json"]))
     res = json.loads(r.stdout)

@@ -28,7 +28,7 @@ def trained_like():
 
 def _predict(model, atoms):
     b = atoms.copy()
-    b.calc = SpookyNetCalculator(model, charge=1.0, spin=spin_for(atoms) + 2, dtype=torch.float64)
+    b.calc = SpookyNetCalculator(model, charge=1.0, spin=spin_for(atoms, 1) + 2, dtype=torch.float64)
     return b.get_potential_energy(), b.get_forces(), b.get_stress(), b.get_charges()
 
 

@@ -274,6 +274,24 @@ def test_committee_of_different_widths_runs(models):
     assert same.results["features"].shape == (5, 8)
 
 
+def test_calculator_refuses_impossible_charge_spin_and_names_dtype_errors(models):
+    from tubcli.errors import TubError
+
+    path = str(models / "w8.safetensors")
+    ch4 = molecule("CH4")  # 10 electrons
+    for kw, match in (({"spin": 1}, "spin 1 .* impossible with 10 electrons"), ({"charge": 0.5}, "not a whole"),
+                      ({"charge": 100}, "removes more electrons")):
+        ch4.calc = SpookyNetCalculator(path, **kw)
+        with pytest.raises(TubError, match=match):
+            ch4.get_potential_energy()
+    ch4.calc = SpookyNetCalculator(path, charge=1, spin=1)  # CH4+: 9 electrons, a doublet
+    assert np.isfinite(ch4.get_potential_energy())
+    for spelling in ("float64", np.float64, torch.float64):  # the usual spellings, not a "bad model file"
+        assert SpookyNetCalculator(path, dtype=spelling).dtype == torch.float64
+    with pytest.raises(ValueError, match="use torch.float32 or torch.float64"):
+        SpookyNetCalculator(path, dtype="float16")
+
+
 # -- 2-D periodic sheets ---------------------------------------------------------------------------
 def test_sheet_without_c_vector_is_open_along_z(models):
     from tub_mlff.validation import check_structure

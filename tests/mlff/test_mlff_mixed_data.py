@@ -198,7 +198,7 @@ def test_calculator_default_spin_follows_the_electron_count(data):
         return a.get_potential_energy()
 
     assert energy() == pytest.approx(energy(spin=1), abs=1e-12)
-    assert abs(energy() - energy(spin=0)) > 1e-6  # an explicit spin still counts
+    assert abs(energy() - energy(spin=3)) > 1e-6  # an explicit spin still counts (a quartet)
     assert energy(charge=1) == pytest.approx(energy(charge=1, spin=0), abs=1e-12)  # CH3+: 8 electrons
 
 

@@ -38,7 +38,7 @@ def test_walks_plus_biases_plus_references_are_the_network_energy(cell, activati
     """Euler's theorem for the frozen-gate network: exact in float64, in a charged periodic cell
     (also for a reference model with shifted-softplus activations, gate sigma(h)/h)."""
     model = _trained_like(modules=3, activation=activation)
-    batch = SpookyNetCalculator(model, charge=1.0, spin=spin_for(cell) + 2, dtype=torch.float64).batch_for(cell)
+    batch = SpookyNetCalculator(model, charge=1.0, spin=spin_for(cell, 1) + 2, dtype=torch.float64).batch_for(cell)
     ex = WalkExplainer(model, batch)
     e_nn = float(compute(model, batch, forces=False)["e_nn"].detach().sum())
     assert ex.e_nn == pytest.approx(e_nn, abs=1e-12)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from sklearn.base import BaseEstimator
+from sklearn.exceptions import NotFittedError
 
 from tub_knnlrp.neuralize import (NeuralizedClassifier, UnsupportedModelError, dense, imputes, neuralize,
                                   transform_steps)
@@ -126,6 +127,8 @@ class NeuralizedExplainer(BaseEstimator):
         self.model_ = model
         self.steps_, self.network_, self.per_feature_ = neuralize(model, X_train, y_train)
         if self.network_.kind == "knn":
+            if self.beta is not None:
+                raise ValueError("beta is the SVM's pooling stiffness; a kNN has none (kappa sets its pooling)")
             k = self.network_.k
             if self.kappa is not None and not self.kappa <= (k - 1) // 2:
                 raise ValueError(f"kappa must be in 0..{(k - 1) // 2} for k={k}, got {self.kappa}")
@@ -147,7 +150,7 @@ class NeuralizedExplainer(BaseEstimator):
 
     def explain(self, X) -> Explanation:
         if not hasattr(self, "network_"):
-            raise RuntimeError("call fit(model) before explain(X)")
+            raise NotFittedError("call fit(model) before explain(X)")
         X = dense(X)
         X_in = _as_2d(X, self.network_.n_features if self.per_feature_ else None, allow_nan=imputes(self.steps_))
         X_user = X if hasattr(X, "columns") else X_in  # a DataFrame goes to scikit-learn with its names
@@ -229,7 +232,10 @@ def explain(model, X, rule="hybrid", eta=None, kappa=None, beta=None, *, with_in
 
 def _as_2d(X, n_features, allow_nan=False):
     if hasattr(X, "to_numpy"):
-        X = X.to_numpy()
+        try:  # pandas' nullable dtypes hold pd.NA, which numpy cannot make a float of
+            X = X.to_numpy(dtype=np.float64, na_value=np.nan)
+        except (TypeError, ValueError):
+            X = X.to_numpy()  # non-numeric columns: the float conversion below names the problem
     X = np.asarray(X, dtype=np.float64)
     if X.ndim == 1:
         X = X[None, :]

@@ -183,6 +183,14 @@ class NeuralizedClassifier:
         if pos == neg:
             raise ValueError("a binary network needs two different classes")
         if self.kind == "knn":
+            small = min((pos, neg), key=lambda c: int((self.y_train == c).sum()))
+            count, decisive = int((self.y_train == small).sum()), (self.k + 1) // 2
+            kappa_now = (self.k - 1) // 2 if kappa is None else int(kappa)
+            if count < decisive + kappa_now:  # the order-statistic pooling needs k_d + kappa points per class
+                fix = (f"pass kappa={count - decisive}{' or less' if count > decisive else ''}" if count >= decisive
+                       else f"fit the kNN with k <= {2 * count - 1}")
+                raise ValueError(f"class {self.classes_.tolist()[small]!r} has {count} training point(s); k={self.k}, "
+                                 f"kappa={kappa_now} needs at least {decisive + kappa_now} per class: {fix}")
             return NeuralizedKNN(self.X_train[self.y_train == pos], self.X_train[self.y_train == neg], self.k, kappa)
         i, j = min(pos, neg), max(pos, neg)
         sign = 1.0 if pos == i else -1.0  # OvO pair (i, j): positive decision → class i
@@ -234,6 +242,8 @@ def neuralize(model, X_train=None, y_train=None) -> tuple[list, NeuralizedClassi
         Xt = transform_steps(steps, dense(X_train, "X_train"))
     if isinstance(est, KNeighborsClassifier):
         check_knn(est)
+        if Xt is None and y_train is not None:
+            raise UnsupportedModelError("y_train was given without X_train; pass both")
         if Xt is None:
             fit_X = getattr(est, "_fit_X", None)
             fit_y = getattr(est, "_y", None)
@@ -259,6 +269,9 @@ def neuralize(model, X_train=None, y_train=None) -> tuple[list, NeuralizedClassi
         return steps, NeuralizedClassifier("knn", est.classes_, X_train=Xt, y_train=y_idx, k=est.n_neighbors), affine
     if isinstance(est, SVC):
         check_svc(est)
+        if Xt is not None and Xt.shape[1] != est.shape_fit_[1]:
+            raise UnsupportedModelError(f"X_train has {Xt.shape[1]} features but the SVC was fitted on "
+                                        f"{est.shape_fit_[1]}; pass the training set it was fitted on")
         gamma = svc_gamma(est, Xt)
         sv = np.asarray(est.support_vectors_, dtype=np.float64)
         n_sv = np.asarray(est.n_support_)

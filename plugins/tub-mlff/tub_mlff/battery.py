@@ -167,7 +167,7 @@ def relax(atoms, calc, steps: int, fmax: float, cell: str = "fixed", stress_tol:
     a = atoms.copy()
     a.calc = calc
     if steps <= 0:  # single points
-        return a, float(a.get_potential_energy())
+        return _detached(a)
     from ase.optimize import BFGS
 
     target = a
@@ -181,7 +181,19 @@ def relax(atoms, calc, steps: int, fmax: float, cell: str = "fixed", stress_tol:
     if cell != "fixed":
         relaxed = np.asarray(CELL_MASKS[cell] or [1] * 6, dtype=bool)
         a.info["relax_max_stress_GPa"] = float(np.abs(a.get_stress()[relaxed]).max() / units.GPa)
-    return a, float(a.get_potential_energy())
+    return _detached(a)
+
+
+def _detached(a):
+    """(a, energy) with its results kept on a single-point calculator: the calculator that computed it
+    is shared by the series and takes the next frame's spin, so asking it again later would
+    recompute this structure with another frame's spin."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    energy = float(a.get_potential_energy())
+    kept = {k: a.calc.results[k] for k in ("forces", "stress") if k in a.calc.results}  # those of `a` too
+    a.calc = SinglePointCalculator(a, energy=energy, **kept)
+    return a, energy
 
 
 def _sodium_counts(frames, na_symbol: str = "Na") -> list[int]:

@@ -15,12 +15,13 @@ import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
+from tubcli.device import resolve_device
 from tubcli.errors import TubError
 
 from .neighbors import neighbor_list
 from .properties import compute
 from .structures import spin_for
-from .validation import check_structure
+from .validation import check_charge_spin, check_structure
 
 DEFAULT_PERIODIC_LR_CUTOFF = 10.0  # Angstrom
 
@@ -30,7 +31,13 @@ class SpookyNetCalculator(Calculator):
 
     ``spin`` is the number of unpaired electrons (0 singlet, 2 triplet). None (the default) takes
     the lowest multiplicity the electron count allows (0 or 1, ``structures.spin_for``), as the CLI
-    verbs do, so that an odd-electron cell is not run as an impossible singlet. For periodic cells a
+    verbs do, so that an odd-electron cell is not run as an impossible singlet; a charge or spin the
+    electron count cannot make is a TubError (``check=False`` skips this and the structure checks:
+    for parity with codes that take any spin). The spin is a property of the whole cell (SpookyNet's
+    electronic embedding spreads it over the atoms), as in the Gamma-point xTB labels: a small
+    odd-electron cell of a metal (one bcc Na atom) gets a different energy per atom than its even
+    supercell. Take references such as mu_Na from a cell large enough for that to vanish (`ocv` uses
+    16 atoms) or pass ``spin=0`` for a closed-shell picture. For periodic cells a
     model without ``lr_cutoff`` gets ``lr_cutoff=10 A`` (a warning says so) so that Coulomb and
     D4 end smoothly instead of at the neighbour-list radius. ``ewald_kmax`` switches the Coulomb
     term of periodic cells to an Ewald sum (``SpookyNet.set_ewald``).
@@ -45,6 +52,9 @@ class SpookyNetCalculator(Calculator):
                  ewald_kmax: int | None = None, **kwargs):
         super().__init__(**kwargs)
         from .checkpoints import load_model, model_composition_span, model_elements, model_files
+
+        dtype = _torch_dtype(dtype)
+        device = device if isinstance(device, torch.device) else resolve_device(str(device))
 
         members = model if isinstance(model, (list, tuple)) else [model]
         # a `tub mlff train` run directory stands for its model (every member of a committee)
@@ -165,6 +175,7 @@ class SpookyNetCalculator(Calculator):
         if self.check and (self._nl is None or "numbers" in system_changes or "cell" in system_changes
                            or "pbc" in system_changes or self._nl_key is None):
             check_structure(atoms, self.elements)
+            check_charge_spin(atoms, self.charge, self.spin)
         batch = self.batch_for(atoms)
         periodic = batch["cell"] is not None and abs(np.linalg.det(np.asarray(atoms.cell))) > 1e-9
         want_stress = periodic and "stress" in properties
@@ -202,3 +213,11 @@ class SpookyNetCalculator(Calculator):
             # per-atom force disagreement: RMS deviation of member force vectors from the mean
             dev = np.sqrt(((f - f.mean(0)) ** 2).sum(-1).mean(0))
             self.results["force_disagreement"] = dev
+
+
+def _torch_dtype(dtype):
+    """``torch.float64``, ``"float64"``, ``np.float64``: the torch dtype (float32 or float64), or a clear error."""
+    name = dtype if isinstance(dtype, str) else str(getattr(dtype, "__name__", dtype)).removeprefix("torch.")
+    if name not in ("float32", "float64"):
+        raise ValueError(f"dtype {dtype!r} is not supported; use torch.float32 or torch.float64")
+    return getattr(torch, name)

@@ -190,10 +190,11 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Sp
         raise CheckpointError(f"{path}: unknown architecture {meta.get('architecture')!r}")
     try:
         cfg = SpookyNetConfig.from_dict(meta["spookynet"])
-        model = SpookyNet(cfg).to(dtype)  # unknown activation/basis names raise ValueError here
+        model = SpookyNet(cfg)  # unknown activation/basis names raise ValueError here
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path.with_suffix('.json')} has no valid 'spookynet' model config ({exc}); "
                               "restore the .json written with the model") from None
+    model = model.to(dtype)  # in the target dtype first: float64 weights stay float64
     try:
         tensors = load_file(str(path))
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for empty/truncated files
