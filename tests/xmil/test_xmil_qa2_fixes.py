@@ -170,3 +170,62 @@ def test_inferred_tile_size_warns_and_is_recorded(tmp_path, caplog):
                 "--patch-size-level0", "256", "-o", tmp_path / "h2"]))
     rec = json.loads((tmp_path / "h2" / "outputs" / "s_attention_scores.json").read_text())
     assert rec["patch_size_level0_source"] == "--patch-size-level0"
+
+
+# ---------------------------------------------------------------- fifth QA sweep: files of other scans and tools
+def test_coords_of_another_scan_are_refused_not_embedded_as_white(tmp_path, tiny_encoder):
+    """40x tiles reused on the 20x scan of the same slide lay outside it: every feature was white padding
+    (exit 0) and the heatmap blank. Now features and heatmap --slide-dir name the mismatch."""
+    import h5py
+
+    from tub_xmil.synthetic import render_slide, write_pyramid
+
+    img, _, _ = render_slide(1024, 768, True)
+    (tmp_path / "x40").mkdir()
+    (tmp_path / "x20").mkdir()
+    write_pyramid(tmp_path / "x40" / "s.tiff", img, mpp=0.25, levels=2)
+    write_pyramid(tmp_path / "x20" / "s.tiff", img[::2, ::2], mpp=0.5, levels=2)
+    _ok(invoke(["xmil", "tile", tmp_path / "x40" / "s.tiff", "--patch-size", "128", "-o", tmp_path / "t40"]))
+    res = invoke(["xmil", "features", tmp_path / "x20" / "s.tiff", "--encoder", tiny_encoder, "--coords-dir",
+                  tmp_path / "t40", "-o", tmp_path / "f20"])
+    assert res.exit_code == 1 and "made for a 1024x768 slide, but s.tiff is 512x384" in res.stderr
+    _ok(invoke(["xmil", "features", tmp_path / "x40" / "s.tiff", "--encoder", tiny_encoder, "--coords-dir",
+                tmp_path / "t40", "-o", tmp_path / "f40"]))
+    bag = tmp_path / "f40" / "outputs" / "features" / "s.h5"
+    with h5py.File(bag) as f:
+        assert (f.attrs["level0_width"], f.attrs["level0_height"]) == (1024, 768)
+    model = _tub_model(tmp_path / "m")
+    res = invoke(["xmil", "heatmap", bag, "--model", model, "--slide-dir", tmp_path / "x20", "-o", tmp_path / "h"])
+    assert res.exit_code == 1 and "is 512x384" in res.stderr and not list((tmp_path / "h" / "outputs").glob("*.png"))
+    plain = tmp_path / "plain.h5"  # a CLAM file records no slide size: the coords themselves must fit
+    with h5py.File(bag) as f, h5py.File(plain, "w") as g:
+        g["features"], g["coords"] = f["features"][:], f["coords"][:]
+        g["coords"].attrs["patch_size"], g["coords"].attrs["patch_level"] = 128, 0
+    (tmp_path / "x20" / "plain.tiff").symlink_to(tmp_path / "x20" / "s.tiff")
+    res = invoke(["xmil", "heatmap", plain, "--model", model, "--slide-dir", tmp_path / "x20", "-o", tmp_path / "h2"])
+    assert res.exit_code == 1 and "coordinates lie outside plain.tiff (512x384" in res.stderr
+
+
+def test_bags_whose_coords_are_ambiguous_or_miscounted_are_refused(tmp_path):
+    import h5py
+
+    torch.save({"coords": torch.zeros(5, 2), "feats": torch.randn(5, DIM)}, tmp_path / "a.pt")
+    with pytest.raises(TubError, match=r"a dict without 'features' \(keys: coords, feats\)"):
+        read_bag(tmp_path / "a.pt")  # the first tensor was taken: a model of 2-d "features" (the coords)
+    coords = torch.tensor([[0, 0], [256, 0], [512, 0], [0, 256], [256, 256]])
+    torch.save({"features": torch.randn(5, DIM), "coords": coords}, tmp_path / "b.PT")
+    feats, got, _ = read_bag(tmp_path / "b.PT")  # upper-case suffix; the dict's coords are kept
+    assert feats.shape == (5, DIM) and np.array_equal(got, coords.numpy())
+    with h5py.File(tmp_path / "c.H5", "w") as f:
+        f["features"], f["coords"] = _feats(20), np.zeros((15, 2), np.int64)
+    with pytest.raises(TubError, match="20 feature rows but 15 coords"):
+        read_bag(tmp_path / "c.H5")
+
+
+def test_heatmap_finds_a_slide_with_an_upper_case_suffix(tmp_path):
+    from tub_xmil.cli import _slide_named
+
+    (tmp_path / "S1.SVS").write_bytes(b"")
+    (tmp_path / "cm.tif").write_bytes(b"")
+    assert _slide_named(tmp_path, "S1") == tmp_path / "S1.SVS"
+    assert _slide_named(tmp_path, "cm") == tmp_path / "cm.tif" and _slide_named(tmp_path, "x") is None

@@ -29,6 +29,9 @@ def read_bag(path: str | Path) -> tuple[torch.Tensor, np.ndarray | None, dict]:
     if bad:
         raise TubError(f"{path.name}: {bad} of {len(feats)} patches have NaN or infinite features; "
                        "re-extract the features of this slide")
+    if coords is not None and len(coords) != len(feats):  # scores would land on the wrong tiles
+        raise TubError(f"{path.name}: {len(feats)} feature rows but {len(coords)} coords; each patch needs "
+                       "one of each: re-extract the features of this slide")
     return feats, coords, attrs
 
 
@@ -43,7 +46,8 @@ def _read(path: Path) -> tuple[torch.Tensor, np.ndarray | None, dict]:
         return _stack_patch_vectors(files), None, {}
     if not path.is_file():
         raise TubError(f"{path}: no such feature file")
-    if path.suffix == ".h5":
+    suffix = path.suffix.lower()
+    if suffix == ".h5":
         import h5py
         from tub_xmil.tiling import _py, int_coords, with_level0_size
         try:
@@ -60,15 +64,18 @@ def _read(path: Path) -> tuple[torch.Tensor, np.ndarray | None, dict]:
         if feats.ndim == 3 and feats.shape[0] == 1:  # CLAM writes (1, N, D)
             feats = feats[0]
         return torch.from_numpy(feats), coords, with_level0_size(attrs)
-    if path.suffix == ".pt":
-        t = _load_tensor(path)
+    if suffix == ".pt":
+        t, pt_coords = _load_tensor(path, with_coords=True)
         if t.dim() == 3 and t.shape[0] == 1:
             t = t[0]
         if t.dim() != 2:
             raise TubError(f"{path.name}: expected a (N, D) tensor, got shape {tuple(t.shape)}")
         coords, attrs = xmil_metadata(path, len(t))
+        if pt_coords is not None:
+            from tub_xmil.tiling import int_coords
+            coords = int_coords(pt_coords.numpy())
         return t.float(), coords, attrs
-    if path.suffix == ".npz":
+    if suffix == ".npz":
         z = load_numpy(path)
         if "features" in z:
             from tub_xmil.tiling import int_coords
@@ -148,18 +155,24 @@ def xmil_metadata(bag: Path, n: int) -> tuple[np.ndarray | None, dict]:
     return coords, attrs
 
 
-def _load_tensor(path: Path, mmap: bool = False) -> torch.Tensor:
+def _load_tensor(path: Path, mmap: bool = False, with_coords: bool = False):
     try:
         import zipfile
         mmap = mmap and zipfile.is_zipfile(path)  # legacy (non-zip) torch files cannot be memory-mapped
         t = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # noqa: BLE001
         raise TubError(f"{path.name}: cannot read as a tensor file ({str(exc).splitlines()[0][:80]})") from None
+    coords = None
     if isinstance(t, dict):
-        t = t.get("features", next((v for v in t.values() if isinstance(v, torch.Tensor)), None))
+        tensors = {k: v for k, v in t.items() if isinstance(v, torch.Tensor)}
+        if "features" not in tensors and len(tensors) > 1:  # which one? the first may be the coords
+            raise TubError(f"{path.name}: a dict without 'features' (keys: {', '.join(map(str, tensors))}); "
+                           "save the (N, D) feature matrix under 'features'")
+        coords = tensors.get("coords")
+        t = tensors.get("features", next(iter(tensors.values()), None))
     if not isinstance(t, torch.Tensor):
         raise TubError(f"{path.name}: holds no tensor")
-    return t
+    return (t, coords) if with_coords else t
 
 
 PROVENANCE_KEYS = ("encoder", "target_mpp", "patch_size")
@@ -174,7 +187,7 @@ def features_provenance(paths) -> dict:
 
     seen: dict = {}
     for p in paths:
-        if p is None or Path(p).suffix != ".h5":  # bags held in memory, .pt/.npz: nothing recorded
+        if p is None or Path(p).suffix.lower() != ".h5":  # bags held in memory, .pt/.npz: nothing recorded
             return {}
         with h5py.File(p, "r") as f:
             attrs = {k: _py(v) for k, v in f.attrs.items()}
@@ -191,7 +204,7 @@ def features_provenance(paths) -> dict:
 def find_bag(folder: str | Path, slide_id: str) -> Path | None:
     folder = Path(folder)
     for sub in ("", "features", "h5_files", "pt_files"):
-        for suf in BAG_SUFFIXES:
+        for suf in (*BAG_SUFFIXES, *(s.upper() for s in BAG_SUFFIXES)):
             p = folder / sub / f"{slide_id}{suf}"
             if p.exists():
                 return p

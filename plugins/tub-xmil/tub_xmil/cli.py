@@ -284,8 +284,8 @@ def heatmap(cfg, run) -> dict:
     from tub_xmil.bags import read_bag
     from tub_xmil.explain import SIGNED
     from tub_xmil.heatmap import write_heatmap
-    from tub_xmil.pipeline import (SLIDE_SUFFIXES, choose_target, explain_bag, expand_inputs, slide_coords,
-                                   thumbnail_for)
+    from tub_xmil.pipeline import (SLIDE_SUFFIXES, check_coords_fit, choose_target, explain_bag, expand_inputs,
+                                   slide_coords, thumbnail_for)
     from tub_xmil.slides import open_slide
     from tub_xmil.tiling import tile_size_level0_source
     from tubcli.io import to_json
@@ -325,8 +325,7 @@ def heatmap(cfg, run) -> dict:
                                    "patches/<slide>/metadata/df.csv); cannot place the heatmap")
                 size0, size_source = tile_size_level0_source(attrs, coords, cfg.patch_size_level0, name=path.name,
                                                              log=run.log)
-                cand = [Path(cfg.slide_dir) / f"{path.stem}{s}" for s in sorted(SLIDE_SUFFIXES)] if cfg.slide_dir else []
-                found = next((c for c in cand if c.is_file()), None)
+                found = _slide_named(Path(cfg.slide_dir), path.stem) if cfg.slide_dir else None
                 if cfg.slide_dir and found is None:
                     background = f"black: no {path.stem}.<slide suffix> in {cfg.slide_dir}"
                     run.log.warning("%s: no slide %s.* in %s; the heatmap is drawn on a black canvas",
@@ -334,6 +333,12 @@ def heatmap(cfg, run) -> dict:
                 else:
                     background = str(found) if found else "black: no --slide-dir given"
                 slide = open_slide(found) if found else None
+                if slide is not None:
+                    try:
+                        check_coords_fit(coords, attrs, slide.dimensions, path.name, found.name)
+                    except TubError:
+                        slide.close()
+                        raise
             else:
                 background = str(path)
                 slide, coords, size0, _ = slide_coords(path, cfg, None)
@@ -373,3 +378,13 @@ def heatmap(cfg, run) -> dict:
     if tiling_used:  # how slides were tiled and embedded, and where each setting came from
         out["slides"] = tiling_used
     return out
+
+
+
+def _slide_named(folder: Path, stem: str) -> Path | None:
+    """The slide ``<stem>.<slide suffix>`` in ``folder``, the suffix in lower or upper case (``S1.SVS``)."""
+    from tub_xmil.pipeline import SLIDE_SUFFIXES
+
+    cand = [folder / f"{stem}{s}" for s in sorted(SLIDE_SUFFIXES)] + [folder / f"{stem}{s.upper()}"
+                                                                       for s in sorted(SLIDE_SUFFIXES)]
+    return next((c for c in cand if c.is_file()), None)

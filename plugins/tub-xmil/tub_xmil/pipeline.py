@@ -85,6 +85,20 @@ def coords_file(coords_dir: Path, stem: str) -> Path:
                    "that holds the slide's patches .h5")
 
 
+def check_coords_fit(coords, attrs: dict, dims, source, slide_name: str) -> None:
+    """TubError unless the coordinates of ``source`` (a patches or features file) belong to this slide:
+    made for a slide of its level-0 size (when recorded) and inside it. Coordinates of another scan
+    (40x tiles on the 20x slide) would embed white padding and draw a blank heatmap without a word."""
+    W, H = (int(v) for v in dims)
+    made_for = (attrs.get("level0_width"), attrs.get("level0_height"))
+    if None not in made_for and (int(made_for[0]), int(made_for[1])) != (W, H):
+        raise TubError(f"{source}: made for a {int(made_for[0])}x{int(made_for[1])} slide, but {slide_name} is "
+                       f"{W}x{H} (level 0); is it the file of another slide or scan?")
+    if len(coords) and ((coords < 0).any() or (coords[:, 0] >= W).any() or (coords[:, 1] >= H).any()):
+        raise TubError(f"{source}: coordinates lie outside {slide_name} ({W}x{H} level-0 px); is it the file of "
+                       "another slide or scan?")
+
+
 def slide_coords(path: Path, cfg, coords_dir: Path | None):
     """(slide, coords, size_level0, tiling attributes) from an existing patches .h5 or by tiling.
 
@@ -105,12 +119,12 @@ def slide_coords(path: Path, cfg, coords_dir: Path | None):
         attrs["patch_size_level0"], source = tile_size_level0_source(found, coords, name=h5.name)
         if source == SIZE_FROM_GRID:  # carried into the features file, so heatmap can still say so
             attrs["patch_size_level0_source"] = source
+        check_coords_fit(coords, found, slide.dimensions, h5, path.name)
         try:
             attrs["mpp"] = slide_mpp(slide, path, cfg.mpp)
         except TubError:
             pass  # no mpp in the slide: keep the patches file's, if any
-        attrs.setdefault("level0_width", slide.dimensions[0])
-        attrs.setdefault("level0_height", slide.dimensions[1])
+        attrs["level0_width"], attrs["level0_height"] = slide.dimensions
         return slide, coords, attrs["patch_size_level0"], attrs
     except Exception:
         slide.close()
