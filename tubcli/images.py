@@ -1,17 +1,21 @@
 """Tile images as uint8 RGB by one rule for every plugin that reads pathology tiles (atlas, pathorob).
 
 PIL's RGB conversion saturates 16-bit, 32-bit and float greyscale to white, so those go through
-:func:`to_uint8` instead.
+:func:`to_uint8` instead. Transparent pixels are composited on white, as a slide's area outside its
+scan is read (OpenSlide's transparent RGBA), so a tile cut from a slide and saved as RGBA PNG embeds
+like the slide region. EXIF orientation is not applied (torchvision's loaders do not either).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
 from tubcli.errors import TubError
 
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
 FLOAT_TOLERANCE = 1e-3  # float tiles may overshoot [0, 1] by rounding (e.g. after resampling)
 
 
@@ -51,7 +55,7 @@ def read_rgb(path: Path) -> np.ndarray:
         with Image.open(path) as im:
             mode = im.mode
             high = mode.startswith("I") or mode == "F"
-            arr = np.asarray(im) if high else np.asarray(im.convert("RGB"))
+            arr = np.asarray(im) if high else np.asarray(_on_white(im))
     except Exception as exc:  # noqa: BLE001  (PIL raises many types for a damaged file)
         raise TubError(f"cannot read image {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") \
             from None
@@ -61,3 +65,32 @@ def read_rgb(path: Path) -> np.ndarray:
                            "greyscale/RGB images")
         arr = np.repeat(to_uint8(arr, path)[..., None], 3, axis=-1)
     return arr
+
+
+def _on_white(im):
+    """An 8-bit PIL image as RGB, transparent pixels composited on white (``convert("RGB")`` alone
+    drops the alpha and keeps whatever colour a transparent pixel stores, often black)."""
+    from PIL import Image
+
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def image_files(root: Path) -> list[Path]:
+    """Tile images anywhere below ``root``, sorted: flat folders and ImageFolder trees. Symlinked
+    folders are followed (a tree of linked class folders, as torchvision's ImageFolder reads it), each
+    real folder once; hidden files and folders (``.ipynb_checkpoints/``, ``._x.png``) are left out."""
+    out, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link back up the tree, or a second link to one folder
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        out += [Path(dirpath) / f for f in filenames
+                if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS
+                and (Path(dirpath) / f).is_file()]
+    return sorted(out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -94,3 +95,21 @@ def test_patch_map_sums_pixels_per_patch():
     assert pm.shape == (2, 2, 2)
     assert torch.allclose(pm[1, 0, 1], R[1, :8, 8:].sum())
     assert torch.allclose(pm.sum((1, 2)), R.sum((1, 2)))
+
+
+def test_overlay_of_a_centre_cropping_model_covers_the_crop_only():
+    """A 224 x 320 tile seen by a centre-cropping preset: the map covers columns 48..271, not the whole width."""
+    from tub_atlas.encoder import Transform
+    from tub_atlas.overlay import overlay
+
+    t = Transform(img_size=224, crop=True)
+    assert t.seen_box(224, 320) == (0.0, 48.0, 224.0, 224.0)
+    assert Transform(img_size=112, crop=True).seen_box(224, 320) == (0.0, 48.0, 224.0, 224.0)
+    assert Transform(img_size=224).seen_box(224, 320) == (0.0, 0.0, 224.0, 320.0)  # no crop: all of it
+    tile = np.full((224, 320, 3), 200, np.uint8)
+    heat = np.zeros((28, 28))
+    heat[:, 0] = 1.0  # the left-most patch column of the crop
+    blend = overlay(tile, heat, signed=False, alpha=0.5, box=t.seen_box(224, 320))[:, 320:]
+    assert (blend[:, :48] == 200).all() and (blend[:, 272:] == 200).all()  # outside the crop: the tile
+    hot = blend[100, 48:56].astype(int)
+    assert (np.abs(hot - blend[100, 200]).sum(-1) > 30).all()  # the hot column sits at tile x 48..55

@@ -252,3 +252,32 @@ def test_explain_one_bad_input_is_one_failure(slide, tmp_path):
     r = invoke([*base, str(good), str(tmp_path / "missing.svs"), "-o", str(tmp_path / "x")])
     assert r.exit_code == 2 and "does not exist" in r.stderr
     assert not (tmp_path / "x/outputs/case01").exists()
+
+
+def test_explain_tiles_a_slide_at_the_asked_resolution(slide, tmp_path):
+    """explain read whole slides at level 0, 224 px, whatever the probe was trained on; it takes the tiling
+    settings of embed: --slide-mpp 0.5 on this 0.25 µm/px slide reads 64-px tiles from level 1."""
+    import csv
+
+    path, _, l1 = slide
+    run = tmp_path / "r"
+    r = invoke(["atlas", "explain", str(path), "--arch", "vit-t8-demo", "--random-init", "--method", "rollout",
+                "--slide-mpp", "0.5", "--slide-tile-size", "64", "-o", str(run)])
+    assert r.exit_code == 0, r.stderr
+    rows = list(csv.DictReader(open(run / "outputs/case01/manifest.csv")))
+    # tissue rows 128:384, columns 192:512 at level 0 -> level-1 rows 64:192, columns 96:256: 64-px cells
+    # 2 rows x 3 columns (the half-covered column passes the 0.25 tissue minimum), 128 level-0 px apart
+    assert {(int(r["x"]), int(r["y"])) for r in rows} == {(x, y) for x in (128, 256, 384) for y in (128, 256)}
+    assert np.load(run / "outputs/case01/maps.npy").shape == (6, 8, 8)
+
+
+def test_coords_from_a_features_file_do_not_carry_its_encoder(slide, tmp_path):
+    from tub_atlas.slides import read_slide
+
+    path = slide[0]
+    coords = tmp_path / "case01.h5"
+    with h5py.File(coords, "w") as f:
+        f["coords"] = np.array([[192, 128], [256, 128]], np.int64)
+        f["coords"].attrs.update({"patch_size": 64, "patch_level": 0, "encoder": "geo", "precision": "bf16"})
+    attrs = read_slide(path, tile_px=64, coords=coords).extra["tiler"].coords_attrs()
+    assert "encoder" not in attrs and "precision" not in attrs and attrs["patch_size"] == 64

@@ -38,3 +38,34 @@ def test_torch_files_are_checked_before_torch_reads_them(tmp_path):
         load_torch_state(tmp_path / "empty.pth")
     with pytest.raises(TubError, match="not a PyTorch checkpoint"):
         check_torch_file(tmp_path / "labels.csv")
+
+
+def test_tile_images_transparent_pixels_are_white_like_a_slide_outside_its_scan(tmp_path):
+    from PIL import Image
+
+    from tubcli.images import read_rgb
+
+    rgba = np.zeros((4, 4, 4), np.uint8)  # transparent black, as a slide-edge tile saved from read_region
+    rgba[2:] = (200, 80, 150, 255)
+    rgba[1] = (0, 0, 0, 128)  # half transparent black -> mid grey
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    got = read_rgb(tmp_path / "a.png")
+    assert (got[0] == 255).all() and (got[2:] == (200, 80, 150)).all() and (np.abs(got[1].astype(int) - 127) <= 1).all()
+    Image.fromarray(rgba[..., :3]).save(tmp_path / "b.png")  # no alpha: unchanged
+    assert (read_rgb(tmp_path / "b.png")[0] == 0).all()
+
+
+def test_image_files_follow_linked_class_folders_once_and_skip_hidden(tmp_path):
+    from PIL import Image
+
+    from tubcli.images import image_files
+
+    (tmp_path / "store" / "tumor").mkdir(parents=True)
+    (tmp_path / "tree" / "normal" / ".ipynb_checkpoints").mkdir(parents=True)
+    tile = Image.fromarray(np.zeros((4, 4, 3), np.uint8))
+    for name in ("store/tumor/t.png", "tree/normal/n.WEBP", "tree/normal/._n.png", "tree/normal/.ipynb_checkpoints/c.png"):
+        tile.save(tmp_path / name, format="PNG" if name.endswith("png") else "WEBP")
+    (tmp_path / "tree" / "tumor").symlink_to(tmp_path / "store" / "tumor")
+    (tmp_path / "tree" / "normal" / "loop").symlink_to(tmp_path / "tree")  # a link back up: read once
+    assert [p.relative_to(tmp_path).as_posix() for p in image_files(tmp_path / "tree")] == \
+        ["tree/normal/n.WEBP", "tree/tumor/t.png"]

@@ -117,3 +117,14 @@ def test_parquet_without_an_engine_names_the_package(tmp_path, monkeypatch):
     with pytest.raises(TubError, match="pip install pyarrow") as info:
         read_table(path, "target")
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name, text, needle", [
+    ("idx.csv", ",a,b,target\n0,1,3,0\n1,2,4,1\n", "column 1 has no name"),  # pandas' df.to_csv()
+    ("semi.csv", "a;b;target\n1;3;0\n2;4;1\n", "is not comma-separated"),  # European Excel
+    ("semi.tsv", "a;b;target\n1;3;0\n2;4;1\n", "is not tab-separated"),
+])
+def test_an_index_column_or_another_delimiter_is_named(tmp_path, name, text, needle):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(TubError, match=needle):
+        read_table(tmp_path / name, target="target", require_target=True)

@@ -229,3 +229,13 @@ def test_heatmap_finds_a_slide_with_an_upper_case_suffix(tmp_path):
     (tmp_path / "cm.tif").write_bytes(b"")
     assert _slide_named(tmp_path, "S1") == tmp_path / "S1.SVS"
     assert _slide_named(tmp_path, "cm") == tmp_path / "cm.tif" and _slide_named(tmp_path, "x") is None
+
+
+def test_a_semicolon_labels_csv_is_named_as_such(tmp_path):
+    from pathlib import Path
+
+    from tub_xmil.dataset import read_labels
+
+    (tmp_path / "l.csv").write_text("slide_id;label\na;0\nb;1\n")
+    with pytest.raises(TubError, match="is not comma-separated"):
+        read_labels(Path(tmp_path / "l.csv"), "classification")

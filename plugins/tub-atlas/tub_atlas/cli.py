@@ -227,8 +227,12 @@ def explain(cfg: ExplainConfig, run) -> dict:
     """Input paths and the encoder are checked up front (exit 2); each input is read inside its batch
     item (``explain_inputs``), so a bad one becomes its line in failures.jsonl."""
     from .explaining import explain_inputs
+    from .slides import check_coords_file, check_slide_options
 
-    names = _input_names(_need(cfg.inputs, "TILES to explain"))
+    names = _input_names(_slide_folders_opened(_need(cfg.inputs, "TILES to explain")))
+    check_slide_options({**cfg.slide_options(), "coords": cfg.slide_coords})
+    if cfg.slide_coords is not None:
+        check_coords_file(Path(cfg.slide_coords), list(names))
     encoder, info = _encoder(cfg.encoder, run)
     write_json(run.dir / "encoder.json", info)
     return explain_inputs(encoder, names, cfg, run)

@@ -114,8 +114,9 @@ class EvaluateConfig(TubConfig):
     eval_every: int = Field(50, ge=1, description="validation interval in steps")
 
 
-class ExplainConfig(TubConfig):
-    inputs: list[Path] = Field(default_factory=list, description="tiles to explain (folders, images, .npz/.h5)")
+class ExplainConfig(SlideTiling):
+    inputs: list[Path] = Field(default_factory=list, description="tiles to explain (folders, images, .npz/.h5 "
+                                                                 "tile arrays, whole slides)")
     encoder: EncoderSection = EncoderSection()
     method: Literal["rollout", "lrp", "attnlrp"] = Field(
         "lrp", description="attention rollout, conservative LRP (CP-LRP) or AttnLRP (relevance through the softmax)")
@@ -126,6 +127,8 @@ class ExplainConfig(TubConfig):
     head_fusion: Literal["mean", "max", "min"] = Field("mean", description="rollout head fusion")
     max_tiles: int = Field(64, ge=1, description="explain at most this many tiles per input")
     alpha: float = Field(0.5, ge=0, le=1, description="overlay opacity")
+    slide_coords: Path | None = Field(None, description="whole slides: patch .h5 file(s) to tile at instead of "
+                                                        "segmenting ('tub atlas tile' run, TRIDENT or CLAM)")
 
 
 class TeacherSection(EncoderSection):

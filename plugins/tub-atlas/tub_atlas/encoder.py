@@ -46,6 +46,15 @@ class Transform:
         """(H, W) of an H x W tile after :meth:`resize`, i.e. what the ViT sees."""
         return (self.img_size, self.img_size) if self.crop else self.resized_size(H, W)
 
+    def seen_box(self, H: int, W: int) -> tuple[float, float, float, float]:
+        """(top, left, height, width) in tile pixels of the part of an H x W tile the ViT sees: the
+        whole tile, or the centre crop of the resized tile mapped back (where a map belongs)."""
+        h, w = self.resized_size(H, W)
+        if not self.crop or (h, w) == (self.img_size, self.img_size):
+            return 0.0, 0.0, float(H), float(W)
+        s = self.img_size
+        return (h - s) // 2 * H / h, (w - s) // 2 * W / w, s * H / h, s * W / w
+
     def resize(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> shorter side ``img_size`` (+ centre crop when ``crop``)."""
         H, W = x.shape[-2:]

@@ -75,7 +75,7 @@ def explain_inputs(encoder: Encoder, names: dict[Path, str], cfg, run) -> dict:
     n_done, worst = 0, 0.0
     for path, out in run.batch(names, output_for=lambda p: run.outputs_dir / names[p]):
         with run.item(path):
-            ts = read_input(path)
+            ts = read_input(path, slide_options={**cfg.slide_options(), "qc": False, "coords": cfg.slide_coords})
             n = min(len(ts), cfg.max_tiles)
             if n < len(ts):
                 run.log.warning("%s: explaining its first %d of %d tiles (--max-tiles)", path, n, len(ts))
@@ -91,7 +91,8 @@ def explain_inputs(encoder: Encoder, names: dict[Path, str], cfg, run) -> dict:
                     maps.append(heat)
                     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", ts.rows[i]["patch_id"] or str(i))
                     png = f"{i:04d}_{slug}.png"
-                    save_png(tmp / png, overlay(tiles[i], heat, signed, cfg.alpha))
+                    box = encoder.transform.seen_box(*tiles.shape[1:3])
+                    save_png(tmp / png, overlay(tiles[i], heat, signed, cfg.alpha, box))
                     ts.rows[i]["overlay"] = png
                 np.save(tmp / "maps.npy", np.stack(maps).astype(np.float32))
                 # row i of maps.npy is the tile of manifest row i (joins on tile_id / slide_id, x, y)

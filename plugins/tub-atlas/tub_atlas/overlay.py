@@ -32,11 +32,20 @@ def colourise(heat: np.ndarray, signed: bool) -> np.ndarray:
     return (rgba[..., :3] * 255).astype(np.uint8)
 
 
-def overlay(tile: np.ndarray, heat: np.ndarray, signed: bool, alpha: float = 0.5) -> np.ndarray:
-    """Blend a colourised map over an (H, W, 3) uint8 tile, side by side with the tile itself."""
+def overlay(tile: np.ndarray, heat: np.ndarray, signed: bool, alpha: float = 0.5, box=None) -> np.ndarray:
+    """Blend a colourised map over an (H, W, 3) uint8 tile, side by side with the tile itself.
+
+    ``box`` (top, left, height, width in tile pixels; ``Transform.seen_box``) is the part of the tile
+    the map covers (a centre-cropping model sees only the middle of a non-square tile); the rest of
+    the tile is shown without heat. Default: the whole tile."""
     H, W = tile.shape[:2]
-    colour = colourise(upsample(heat, (H, W)), signed)
-    blend = ((1 - alpha) * tile.astype(float) + alpha * colour.astype(float)).astype(np.uint8)
+    top, left, h, w = box if box is not None else (0, 0, H, W)
+    r0, c0 = int(round(top)), int(round(left))
+    r1, c1 = min(H, int(round(top + h))), min(W, int(round(left + w)))
+    blend = tile.copy()
+    colour = colourise(upsample(heat, (r1 - r0, c1 - c0)), signed)
+    region = tile[r0:r1, c0:c1].astype(float)
+    blend[r0:r1, c0:c1] = ((1 - alpha) * region + alpha * colour.astype(float)).astype(np.uint8)
     return np.concatenate([tile, blend], axis=1)
 
 

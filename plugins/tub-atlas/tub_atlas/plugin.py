@@ -40,10 +40,12 @@ app = PluginApp(
              options={"metadata": "metadata", "method": "method", "k": "k", "vote": "vote", "runs": "runs",
                       "max-steps": "max_steps", "patience": "patience"}),
         Verb("explain", "tub_atlas.cli:explain", config="tub_atlas.config:ExplainConfig",
-             help="Heatmaps: attention rollout, conservative LRP or AttnLRP (dim, probe class, similarity); PNG overlays.",
+             help="Heatmaps of tiles or whole slides: attention rollout, conservative LRP or AttnLRP (dim, probe class, "
+                  "similarity); PNG overlays.",
              args=["inputs"], batch=True,
              options={**ENC, "method": "method", "target": "target", "index": "index", "probe": "probe",
-                      "reference": "reference", "head-fusion": "head_fusion", "max-tiles": "max_tiles"}),
+                      "reference": "reference", "head-fusion": "head_fusion", "max-tiles": "max_tiles",
+                      "slide-coords": "slide_coords", **SLIDE}),
         Verb("train", "tub_atlas.cli:train", config="tub_atlas.config:TrainConfig",
              help="Distil a small student ViT from a frozen teacher, or pre-train it DINOv2-style "
                   "(--objective dinov2), on unlabelled tiles.", args=["tiles"],

@@ -84,6 +84,10 @@ def overlap_pixels(overlap: float, tile_px: int) -> int:
     return px
 
 
+# attributes a features file (xmil features, an embed h5) records about its features, not its tiles
+FEATURE_PROVENANCE = ("encoder", "precision", "weights")
+
+
 def check_slide_options(options: dict) -> None:
     """Reject impossible tiling settings before any slide is opened (one-line TubError)."""
     overlap_pixels(options.get("overlap", 0), options["tile_px"])
@@ -314,7 +318,8 @@ class SlideTiles:
         W0, H0 = s.dimensions
         ds = float(s.level_downsamples[self.level])
         if getattr(self, "_attrs_in", None) is not None:  # coordinates from a patch file: keep its attributes
-            return {**self._attrs_in, "patch_level": self.level, "patch_size_level0": self.footprint0}
+            kept = {k: v for k, v in self._attrs_in.items() if k not in FEATURE_PROVENANCE}  # not of these tiles' features
+            return {**kept, "patch_level": self.level, "patch_size_level0": self.footprint0}
         a = {"patch_size": self.tile_px, "patch_level": self.level, "patch_size_level0": self.footprint0,
              "read_size": self.read_px,
              "downsample": [ds, ds], "downsampled_level_dim": list(s.level_dimensions[self.level]),

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from tubcli.errors import TubError
+from tubcli.images import IMAGE_EXTENSIONS as IMAGE_EXT, image_files
 from tubcli.images import read_rgb as read_image, to_uint8  # one tile rule, shared with pathorob
 
-IMAGE_EXT = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 ARRAY_KEYS = ("tiles", "imgs", "images", "x")
 LABEL_KEYS = ("labels", "label", "y", "target")
 COORD_RE = re.compile(r"^(?P<slide>.+?)[_-](?:x)?(?P<x>\d+)[_-](?:y)?(?P<y>\d+)$")
@@ -207,10 +207,9 @@ def _row_from_name(path: Path, label: str | None, root: Path) -> dict:
 
 
 def read_folder(root: Path) -> TileSet:
-    """Flat image folder, or an ImageFolder tree ``root/<class>/**/*.png`` (label = class folder). Hidden
-    files and everything under hidden folders below ``root`` (``.ipynb_checkpoints/``) are skipped."""
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXT and p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    """Flat image folder, or an ImageFolder tree ``root/<class>/**/*.png`` (label = class folder), read
+    as ``tubcli.images.image_files`` finds them (symlinked folders followed, hidden ones skipped)."""
+    files = image_files(root)
     if not files:
         raise TubError(f"{root} contains no PNG/JPEG/TIFF tiles")
     top_level = [p for p in files if p.parent == root]

@@ -81,6 +81,11 @@ def _read_frame(path, suffix, target, require_target):
         if len(rows) < 2:
             raise TubError(f"{path.name} has no data rows; it needs a header line and at least one row")
         header = [h.strip() for h in rows[0]]
+        other = next((d for d in (";", "\t", "|") if d != sep and len(header) == 1 and d in header[0]), None)
+        if other is not None:  # one column whose name holds another delimiter: European Excel, TSV as .csv
+            raise TubError(f"{path.name} is not {'tab' if sep == chr(9) else 'comma'}-separated (its header "
+                           f"{rows[0][0][:40]!r} is split by {other!r}); save it with commas (.csv) or tabs (.tsv), "
+                           "or as Parquet")
         if _looks_like_data(header):  # a file without a header line would silently lose its first row
             raise TubError(f"{path.name}: the first line holds numbers ({', '.join(header[:3])} ...), not column "
                            "names; add a header line with the feature names (and the label column's)")
@@ -131,6 +136,10 @@ def _missing(values, tokens) -> np.ndarray:
 
 def _split_columns(path, header, columns, target, require_target):
     _check_unique(path, header)
+    if "" in header or "Unnamed: 0" in header:  # pandas' df.to_csv() writes its row index this way
+        k = header.index("") if "" in header else header.index("Unnamed: 0")
+        raise TubError(f"{path.name}: column {k + 1} has no name (a row index, as pandas' to_csv writes it?); "
+                       "it would count as a feature: write the file with index=False or name the column")
     if target is not None and target not in columns:
         if require_target:
             raise TubError(f"{path.name} has no column {target!r}; its columns are {', '.join(header[:8])}"

@@ -318,15 +318,15 @@ def _robustify_impl(cfg: RobustifyConfig, run) -> dict:
             "mean_abs_change": float(np.abs(Y - X).mean())}
 
 
-TILE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")  # tub atlas's tiles.IMAGE_EXT
 STAIN_MANIFEST = "stainnorm_manifest.jsonl"
 
 
 def _folder_tiles(folder: Path) -> list[Path]:
     """Tile images anywhere below ``folder`` (flat folders and ImageFolder trees ``class/**/x.png``, as
     ``tub atlas embed`` reads them); hidden files and folders (e.g. unfinished ``.tmp-*`` writes) are left out."""
-    return sorted(q for q in folder.rglob("*") if q.suffix.lower() in TILE_EXTENSIONS and q.is_file()
-                  and not any(part.startswith(".") for part in q.relative_to(folder).parts))
+    from tubcli.images import image_files
+
+    return image_files(folder)
 
 
 def _tile_outputs(tiles: list[Path], root: Path) -> dict[str, Path]:

@@ -92,6 +92,9 @@ def read_labels(path: Path, task: str) -> list[tuple[int, dict]]:
         rows = [(reader.line_num, r) for r in reader]
     if not rows and "slide_id" in (reader.fieldnames or []):
         raise TubError(f"{path} has a header but no rows; add one row per slide (slide_id, label|target|time,event)")
+    names = reader.fieldnames or []
+    if len(names) == 1 and any(d in names[0] for d in ";\t|"):  # European Excel (;) or a TSV named .csv
+        raise TubError(f"{path} is not comma-separated (its header is {names[0][:40]!r}); save it with commas")
     if not rows or "slide_id" not in rows[0][1]:
         raise TubError(f"{path}: needs a header with a slide_id column")
     for _, r in rows:  # " sl000 " names the bag sl000, as label cells are read without their spaces
