@@ -91,6 +91,40 @@ def read_config_file(path: str | os.PathLike) -> dict:
     return data
 
 
+def is_path_type(annotation) -> bool:
+    """Path, Optional[Path], list[Path] …: a field that names a file or folder (not a setting such as
+    ``kind: svm`` whose value may happen to name a folder)."""
+    if annotation is Path:
+        return True
+    return any(is_path_type(a) for a in typing.get_args(annotation))
+
+
+def run_config_paths_from_anywhere(model: type[BaseModel], data: dict, file) -> dict:
+    """A run's own ``config.yaml`` (``env.json`` beside it) given with ``-c`` from another folder: its
+    relative paths are relative to the folder the run was started in (env.json's ``cwd``), so they are
+    made absolute against that folder. Any other config file: paths as written, from here."""
+    env = Path(file).parent / "env.json"
+    try:
+        cwd = json.loads(env.read_text()).get("cwd") if env.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        cwd = None
+    if not cwd or os.path.realpath(cwd) == os.path.realpath(os.getcwd()):
+        return data
+
+    def anchor(node: type[BaseModel], values: dict) -> dict:
+        out = dict(values)
+        for key, value in values.items():
+            info, sub = node.model_fields.get(key), field_model(node, key)
+            if sub is not None and isinstance(value, dict):
+                out[key] = anchor(sub, value)
+            elif info is not None and is_path_type(info.annotation):
+                fix = lambda v: os.path.join(cwd, v) if isinstance(v, str) and v and not os.path.isabs(v) else v  # noqa: E731
+                out[key] = [fix(v) for v in value] if isinstance(value, list) else fix(value)
+        return out
+
+    return anchor(model, data)
+
+
 def field_model(model: type[BaseModel], name: str) -> type[BaseModel] | None:
     """The nested model class of field ``name`` if it is one, else None."""
     info = model.model_fields.get(name)
@@ -219,6 +253,7 @@ def resolve_config(
     if file is not None:
         data = read_config_file(file)
         check_keys(model, data, str(file))
+        data = run_config_paths_from_anywhere(model, data, file)
         layers.append((str(file), data))
     layers.append(("the environment", env_values(model, plugin, environ)))
     set_data = parse_sets(sets, model)

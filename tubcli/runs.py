@@ -290,16 +290,6 @@ def _holds_nan(state) -> bool:
     return False
 
 
-def _is_path_type(annotation) -> bool:
-    """Path, Optional[Path], list[Path] …: a field that names a file or folder (not a setting such as
-    ``kind: svm`` whose value may happen to name a folder)."""
-    import typing
-
-    if annotation is Path:
-        return True
-    return any(_is_path_type(a) for a in typing.get_args(annotation))
-
-
 MODEL_FIELDS = frozenset({"model", "init_from"})  # may name a tub run directory (tub's output, not user data)
 
 
@@ -307,9 +297,11 @@ def given_paths(cfg) -> list[tuple[str, Path]]:
     """(field, path) of the existing paths among the config's top-level path fields: what the user gave
     to be read (fields marked ``json_schema_extra={"output": True}`` name what a verb writes and are
     left out)."""
+    from tubcli.config import is_path_type
+
     out = []
     for name, info in type(cfg).model_fields.items():
-        if not _is_path_type(info.annotation) or _marked(info, "output"):
+        if not is_path_type(info.annotation) or _marked(info, "output"):
             continue
         value = getattr(cfg, name, None)
         for v in value if isinstance(value, (list, tuple)) else [value]:
@@ -785,8 +777,8 @@ class Run:
         state = {**state, "_tub_metrics_rows": rows}  # so that a resume drops rows logged after this save
         for name in ("last.pt",) + (("best.pt",) if best else ()):
             remove_stale_temporaries(self.checkpoints_dir / name)  # what a killed save of this file left
-            with atomic_path(self.checkpoints_dir / name) as tmp:
-                torch.save(state, tmp)
+            with atomic_path(self.checkpoints_dir / name) as tmp, open(tmp, "wb") as fh:
+                torch.save(state, fh)  # a file object: the archive is not named after the random temporary
 
     def load_checkpoint(self) -> dict | None:
         """The state to resume from (``--resume``), or None for a fresh start."""

@@ -130,3 +130,22 @@ def test_a_misspelt_plugin_variable_is_named_not_ignored(toy_plugins, tmp_path):
     assert result.exit_code == 0, result.output
     assert "TUB_TOY_EPOCS names no setting of 'tub toy'" in result.stderr
     assert "TUB_TOY_WEIGHTS" not in result.stderr
+
+
+def test_a_runs_config_yaml_reruns_it_from_another_folder(toy_plugins, tmp_path, monkeypatch):
+    """Relative paths in a run's config.yaml are relative to where the run started (env.json's cwd); from
+    elsewhere `-c run/config.yaml` failed (no such file) or could read another file of the same name."""
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "d.csv").write_text("1,0,2\n0,1,3\n")
+    monkeypatch.chdir(project)
+    assert invoke(["toy", "train", "data/d.csv", "--epochs", "2", "-o", "run"]).exit_code == 0
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "data").mkdir(parents=True)
+    (elsewhere / "data" / "d.csv").write_text("5,5,5\n")  # same relative name, other data
+    monkeypatch.chdir(elsewhere)
+    cfg = resolved(invoke(["toy", "train", "-c", project / "run" / "config.yaml", "--print-config"]))
+    assert cfg["data"] == str(project / "data" / "d.csv")
+    mine = elsewhere / "mine.yaml"  # a user's own config file: its paths are read from here, as written
+    mine.write_text("data: data/d.csv\n")
+    assert resolved(invoke(["toy", "train", "-c", mine, "--print-config"]))["data"] == "data/d.csv"

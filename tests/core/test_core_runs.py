@@ -594,3 +594,12 @@ def test_a_folder_of_the_users_is_not_taken_over_as_a_run_directory(toy_plugins,
     assert (project / "config.yaml").read_text() == "seed: 1\n" and not (project / "config.1.yaml").exists()
     (tmp_path / "empty").mkdir()  # an empty folder made beforehand is fine
     assert invoke(["toy", "evaluate", *inputs, "-o", tmp_path / "empty"]).exit_code == 0
+
+
+def test_identical_trainings_write_identical_checkpoint_files(toy_plugins, tmp_path):
+    """torch.save on the temporary path named the archive after it: identical runs differed in bytes."""
+    data = tmp_path / "d.csv"
+    data.write_text("1,0,2\n0,1,3\n")
+    for run in ("a", "b"):
+        assert invoke(["toy", "train", data, "--epochs", "2", "-o", tmp_path / run]).exit_code == 0
+    assert (tmp_path / "a/checkpoints/last.pt").read_bytes() == (tmp_path / "b/checkpoints/last.pt").read_bytes()

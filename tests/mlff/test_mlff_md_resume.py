@@ -42,9 +42,12 @@ def _md(d, out, ensemble, steps, *extra):
 @pytest.mark.parametrize("ensemble", ["nvt-langevin", "nvt-bussi", "npt"])
 def test_resumed_md_is_the_uninterrupted_run(tmp_path, setup, ensemble):
     whole, split = tmp_path / "whole", tmp_path / "split"
-    _ok(_md(setup, whole, ensemble, 20))
+    w = _ok(_md(setup, whole, ensemble, 20, "--json"))
     _ok(_md(setup, split, ensemble, 10))  # killed at step 10 (its last frame) ...
-    r = _ok(_md(setup, split, ensemble, 20))  # ... and resumed
+    r = _ok(_md(setup, split, ensemble, 20, "--json"))  # ... and resumed
+    sw, sr = json.loads(w.stdout), json.loads(r.stdout)
+    assert sr["frames"] == sw["frames"] == 5
+    assert sr["mean_temperature_K"] == pytest.approx(sw["mean_temperature_K"], abs=1e-9)  # all 5 frames
     fa, fb = (read(out / "outputs" / "trajectory.extxyz", "-1") for out in (whole, split))
     assert fa.info["step"] == fb.info["step"] == 20
     # the trajectories' frames (8 decimals) agree, and so do the full-precision states (bitwise in practice;

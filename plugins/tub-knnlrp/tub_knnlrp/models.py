@@ -174,7 +174,9 @@ def save_model(tm: TrainedModel, directory, name: str = "model") -> tuple[Path, 
     }
     st_path, js_path = directory / f"{name}.safetensors", directory / f"{name}.json"
     with atomic_path(st_path) as tmp:
-        save_file(arrays, str(tmp), metadata={"format": FORMAT, "settings_sha256": _settings_digest(meta)})
+        # one metadata key: safetensors writes several in a random order, and identical runs should give
+        # identical files (the format is in the .json)
+        save_file(arrays, str(tmp), metadata={"settings_sha256": _settings_digest(meta)})
     write_json(js_path, meta)
     return st_path, js_path
 

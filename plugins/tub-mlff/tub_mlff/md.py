@@ -248,15 +248,17 @@ def _thermo_rows(thermo: Path, steps: set[int]) -> list[str]:
 
 
 def _thermo_summary(thermo: Path) -> dict:
-    """Mean temperature and last potential energy of a finished run, from its thermo log (a rerun of a
-    complete run reports what the run did)."""
+    """Mean temperature, last potential energy and largest committee energy spread of the whole run,
+    from its thermo log: a resumed or rerun run reports all of its frames, not only this call's."""
     import csv
 
     with open(thermo, newline="") as f:
         rows = [r for r in csv.DictReader(f) if r.get("temperature_K")]
     temps = [float(r["temperature_K"]) for r in rows]
+    stds = np.array([float(r.get("energy_std_eV") or "nan") for r in rows])
     return {"mean_temperature_K": float(np.mean(temps)) if temps else float("nan"),
-            "final_epot_eV": float(rows[-1]["epot_eV"]) if rows else float("nan")}
+            "final_epot_eV": float(rows[-1]["epot_eV"]) if rows else float("nan"),
+            "max_energy_std_eV": float(np.nanmax(stds)) if np.isfinite(stds).any() else None}
 
 
 def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "nvt-langevin",
@@ -358,10 +360,10 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
         kept = 0
         write_json(settings_path(traj), settings)
         write_text(thermo, THERMO_HEADER)
-    temps, epots, stds = [], [], []  # one entry per frame this call writes
+    written = 0  # frames this call writes
 
     def record(step: int) -> None:
-        line, epot, T, std = thermo_line(step)
+        line, epot, T, _ = thermo_line(step)
         frame = atoms.copy()
         frame.info.update({"step": step, "time_fs": step * timestep_fs, "epot": epot, "temperature": T,
                            "predicted_by": "tub mlff md"})  # train/evaluate refuse them as labels
@@ -376,9 +378,8 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
         _append(thermo, line)  # the row first: a kill between the two leaves a row without a frame, dropped on resume
         _append(traj, _frame_text(frame))
         _save_state(state_path(traj), dyn, atoms, step)  # after the frame: a kill between leaves a stale state
-        temps.append(T)
-        epots.append(epot)
-        stds.append(std)
+        nonlocal written
+        written += 1
 
     hot = max(10.0 * temperature_K, 10_000.0)  # K; far beyond any thermostat's fluctuation
     volume0 = atoms.get_volume() if ensemble == "npt" else None
@@ -407,7 +408,4 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
         record(done)
         if progress is not None:
             progress(done, steps)
-    return {"steps_done": done, "resumed_from": start, "frames": kept + len(temps),
-            "mean_temperature_K": float(np.mean(temps)) if temps else float("nan"),
-            "final_epot_eV": float(epots[-1]) if epots else float("nan"),
-            "max_energy_std_eV": float(np.nanmax(stds)) if stds and np.isfinite(stds).any() else None}
+    return {"steps_done": done, "resumed_from": start, "frames": kept + written, **_thermo_summary(thermo)}
