@@ -226,3 +226,27 @@ def test_cell_relaxation_converges_on_the_stress_and_says_when_it_did_not():
     assert done.info["relax_max_stress_GPa"] <= 0.001
     short, _ = relax(a, calc, 1, fmax=0.01, cell="full")
     assert not short.info["relax_converged"] and short.info["relax_max_stress_GPa"] > 0.02
+
+
+def test_bcc_mu_na_is_the_minimum_of_computed_energies_not_of_a_fitted_parabola():
+    """A Morse-like energy per atom (steep inside, soft outside) of the lattice constant: the parabola
+    through five grid points undershot its minimum and shifted it; mu is now the curve's own minimum."""
+    from ase.calculators.calculator import Calculator, all_changes
+
+    from tub_mlff.battery import bcc_sodium_chemical_potential
+
+    a_min, depth = 5.4, -7.632
+
+    def per_atom(a):
+        return depth * (1 - (1 - np.exp(-1.6 * (a - a_min))) ** 2)
+
+    class Morse(Calculator):
+        implemented_properties = ["energy"]
+
+        def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+            super().calculate(atoms, properties, system_changes)
+            self.results["energy"] = len(self.atoms) * per_atom(self.atoms.cell[0, 0] / 2)  # 2x2x2 cubic cells
+
+    mu, a0 = bcc_sodium_chemical_potential(Morse())
+    assert a0 == pytest.approx(a_min, abs=1e-3) and mu == pytest.approx(depth, abs=1e-7)
+    assert mu >= depth - 1e-12  # never below the curve's own minimum

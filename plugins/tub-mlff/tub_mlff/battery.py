@@ -121,7 +121,8 @@ def bcc_sodium_chemical_potential(calc, a_grid=None, repeat: int = 2, lattice: f
 
     Scans the cubic lattice constant of a ``repeat``^3 supercell of the 2-atom cubic cell (default
     16 atoms: a Gamma-point reference such as tblite needs more than 2 atoms, and the demo model's
-    bcc training cells are these) over 3.8-6.2 A and fits a parabola around the minimum. Returns
+    bcc training cells are these) over 3.8-6.2 A and minimises between the grid points around the
+    lowest (Brent's method on computed energies, to 1e-4 A). Returns
     (mu, a0); a0 at an end of the grid means the energy was still falling there and mu is the value
     at that end (the caller flags it). A minimum far from experiment's 4.23 A means the potential's
     Na metal is poor (GFN1-xTB's Gamma-point bcc Na has its minimum near 5.7 A): then ``lattice``
@@ -139,12 +140,13 @@ def bcc_sodium_chemical_potential(calc, a_grid=None, repeat: int = 2, lattice: f
     grid = np.asarray(a_grid if a_grid is not None else BCC_SCAN)
     energies = np.array([per_atom(a) for a in grid])
     k = int(np.argmin(energies))
-    lo, hi = max(k - 2, 0), min(k + 3, len(grid))
-    if hi - lo >= 3 and 0 < k < len(grid) - 1:
-        c = np.polyfit(grid[lo:hi], energies[lo:hi], 2)
-        if c[0] > 0:
-            a0 = -c[1] / (2 * c[0])
-            return float(np.polyval(c, a0)), float(a0)
+    if 0 < k < len(grid) - 1:  # bracketed: Brent's method on the computed energies between the neighbours
+        from scipy.optimize import minimize_scalar
+
+        best = minimize_scalar(per_atom, bounds=(grid[k - 1], grid[k + 1]), method="bounded",
+                               options={"xatol": 1e-4})
+        if best.fun <= energies[k]:  # a computed energy, not a fitted curve's (a parabola over +-0.2 A
+            return float(best.fun), float(best.x)  # undershot the model's minimum by 0.3 meV/atom)
     return float(energies[k]), float(grid[k])
 
 
