@@ -111,6 +111,9 @@ def run_config_paths_from_anywhere(model: type[BaseModel], data: dict, file) -> 
     if not cwd or os.path.realpath(cwd) == os.path.realpath(os.getcwd()):
         return data
 
+    def fix(v):
+        return os.path.join(cwd, v) if isinstance(v, str) and v and not os.path.isabs(v) else v
+
     def anchor(node: type[BaseModel], values: dict) -> dict:
         out = dict(values)
         for key, value in values.items():
@@ -118,7 +121,6 @@ def run_config_paths_from_anywhere(model: type[BaseModel], data: dict, file) -> 
             if sub is not None and isinstance(value, dict):
                 out[key] = anchor(sub, value)
             elif info is not None and is_path_type(info.annotation):
-                fix = lambda v: os.path.join(cwd, v) if isinstance(v, str) and v and not os.path.isabs(v) else v  # noqa: E731
                 out[key] = [fix(v) for v in value] if isinstance(value, list) else fix(value)
         return out
 

@@ -63,7 +63,8 @@ def test_image_files_follow_linked_class_folders_once_and_skip_hidden(tmp_path):
     (tmp_path / "store" / "tumor").mkdir(parents=True)
     (tmp_path / "tree" / "normal" / ".ipynb_checkpoints").mkdir(parents=True)
     tile = Image.fromarray(np.zeros((4, 4, 3), np.uint8))
-    for name in ("store/tumor/t.png", "tree/normal/n.WEBP", "tree/normal/._n.png", "tree/normal/.ipynb_checkpoints/c.png"):
+    for name in ("store/tumor/t.png", "tree/normal/n.WEBP", "tree/normal/._n.png",
+                 "tree/normal/.ipynb_checkpoints/c.png"):
         tile.save(tmp_path / name, format="PNG" if name.endswith("png") else "WEBP")
     (tmp_path / "tree" / "tumor").symlink_to(tmp_path / "store" / "tumor")
     (tmp_path / "tree" / "normal" / "loop").symlink_to(tmp_path / "tree")  # a link back up: read once

@@ -40,8 +40,8 @@ app = PluginApp(
              options={"metadata": "metadata", "method": "method", "k": "k", "vote": "vote", "runs": "runs",
                       "max-steps": "max_steps", "patience": "patience"}),
         Verb("explain", "tub_atlas.cli:explain", config="tub_atlas.config:ExplainConfig",
-             help="Heatmaps of tiles or whole slides: attention rollout, conservative LRP or AttnLRP (dim, probe class, "
-                  "similarity); PNG overlays.",
+             help="Heatmaps of tiles or whole slides: attention rollout, conservative LRP or AttnLRP (dim, "
+                  "probe class, similarity); PNG overlays.",
              args=["inputs"], batch=True,
              options={**ENC, "method": "method", "target": "target", "index": "index", "probe": "probe",
                       "reference": "reference", "head-fusion": "head_fusion", "max-tiles": "max_tiles",

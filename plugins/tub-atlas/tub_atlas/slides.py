@@ -318,7 +318,7 @@ class SlideTiles:
         W0, H0 = s.dimensions
         ds = float(s.level_downsamples[self.level])
         if getattr(self, "_attrs_in", None) is not None:  # coordinates from a patch file: keep its attributes
-            kept = {k: v for k, v in self._attrs_in.items() if k not in FEATURE_PROVENANCE}  # not of these tiles' features
+            kept = {k: v for k, v in self._attrs_in.items() if k not in FEATURE_PROVENANCE}  # not these features'
             return {**kept, "patch_level": self.level, "patch_size_level0": self.footprint0}
         a = {"patch_size": self.tile_px, "patch_level": self.level, "patch_size_level0": self.footprint0,
              "read_size": self.read_px,

@@ -380,7 +380,6 @@ def heatmap(cfg, run) -> dict:
     return out
 
 
-
 def _slide_named(folder: Path, stem: str) -> Path | None:
     """The slide ``<stem>.<slide suffix>`` in ``folder``, the suffix in lower or upper case (``S1.SVS``)."""
     from tub_xmil.pipeline import SLIDE_SUFFIXES
