@@ -135,7 +135,9 @@ class ItemLock:
             return "owner unknown"
 
     def release(self) -> None:
-        if self.held:
+        """Remove the lock if this process holds it, also when a signal (SIGTERM, Ctrl-C) interrupted
+        ``acquire`` after the lock file was made but before ``held`` was set."""
+        if self.held or self.owner() == f"{socket.gethostname()} {os.getpid()}":
             self.path.unlink(missing_ok=True)
             self.held = False
 
@@ -690,19 +692,18 @@ class Run:
                 stats["skipped_existing"] += 1
                 continue
             lock = ItemLock(out)
-            if not lock.acquire():
-                stats["skipped_locked"] += 1
-                self._held_elsewhere.append(out)
-                self.log.info("skipping %s: another job holds its lock", item)
-                continue
-            if out.exists() and not self.overwrite:  # finished by another job while we looked
-                lock.release()
-                stats["skipped_existing"] += 1
-                continue
-            if remove_stale_temporaries(out):  # a killed job's half-written output of this item
-                self.log.info("%s: removed the partial output of an earlier, interrupted job", item)
             failed_before = len(self.failures)
-            try:
+            try:  # from the lock's creation on: a signal at any point must not leave it behind
+                if not lock.acquire():
+                    stats["skipped_locked"] += 1
+                    self._held_elsewhere.append(out)
+                    self.log.info("skipping %s: another job holds its lock", item)
+                    continue
+                if out.exists() and not self.overwrite:  # finished by another job while we looked
+                    stats["skipped_existing"] += 1
+                    continue
+                if remove_stale_temporaries(out):  # a killed job's half-written output of this item
+                    self.log.info("%s: removed the partial output of an earlier, interrupted job", item)
                 yield item, out
             finally:
                 lock.release()

@@ -603,3 +603,19 @@ def test_identical_trainings_write_identical_checkpoint_files(toy_plugins, tmp_p
     for run in ("a", "b"):
         assert invoke(["toy", "train", data, "--epochs", "2", "-o", tmp_path / run]).exit_code == 0
     assert (tmp_path / "a/checkpoints/last.pt").read_bytes() == (tmp_path / "b/checkpoints/last.pt").read_bytes()
+
+
+def test_a_lock_made_just_before_a_signal_is_still_released(tmp_path):
+    """SIGTERM between the lock file's creation and ``held = True`` left the lock (a flaky CI run): a rerun
+    elsewhere would skip the item as taken. release() removes a lock that names this process."""
+    from tubcli.runs import ItemLock
+
+    lock = ItemLock(tmp_path / "a.txt")
+    lock._create()  # ... and interrupted before acquire() set held
+    assert lock.path.exists() and not lock.held
+    lock.release()
+    assert not lock.path.exists()
+    other = ItemLock(tmp_path / "b.txt")
+    other.path.write_text("another-host 1\n")  # another job's lock is never ours to remove
+    other.release()
+    assert other.path.exists()
