@@ -608,8 +608,6 @@ def test_identical_trainings_write_identical_checkpoint_files(toy_plugins, tmp_p
 def test_a_lock_made_just_before_a_signal_is_still_released(tmp_path):
     """SIGTERM between the lock file's creation and ``held = True`` left the lock (a flaky CI run): a rerun
     elsewhere would skip the item as taken. release() removes a lock that names this process."""
-    from tubcli.runs import ItemLock
-
     lock = ItemLock(tmp_path / "a.txt")
     lock._create()  # ... and interrupted before acquire() set held
     assert lock.path.exists() and not lock.held
