@@ -145,6 +145,15 @@ def test_md_frames_are_not_training_labels_and_old_runs_are_not_resumed_across_f
     traj = out / "outputs" / "trajectory.extxyz"
     r = invoke(["mlff", "evaluate", traj, "--model", setup / "tiny.safetensors", "-o", tmp_path / "ev"])
     assert r.exit_code == 2 and "not reference labels" in r.stderr  # the model's own predictions
+    relabelled = tmp_path / "relabelled.extxyz"  # by another code (new energies and forces): the mark stays
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    frames = read(traj, ":")
+    for a in frames:
+        a.calc = SinglePointCalculator(a, energy=1.01 * a.get_potential_energy() - 0.3, forces=1.01 * a.get_forces())
+    write(relabelled, frames, format="extxyz")
+    assert all(a.info.get("predicted_by") for a in read(relabelled, ":"))
+    _ok(invoke(["mlff", "evaluate", relabelled, "--model", setup / "tiny.safetensors", "-o", tmp_path / "ev2"]))
     stored = out / "outputs" / "trajectory.json"
     settings = json.loads(stored.read_text())
     del settings["ndof"]  # as a Bussi run made before the 3N - 3 fix recorded it

@@ -5,6 +5,7 @@ the calculator's default spin. Tiny random models label tiny structures."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -272,3 +273,69 @@ def test_fine_tuning_corrects_the_element_bias_by_the_shift_of_the_new_labels():
     training.init_element_bias(model, frames, torch.float64, keep=False)  # a new model: bias replaced
     assert model.element_bias[1, 0].item() == pytest.approx(before[1].item() + 0.5, abs=1e-8)
     assert model.element_bias[11, 0].item() == 0.0
+
+
+# -- 8. training-workflow QA: elements of the training split, schedules, committees --------------------
+def _with_traj(data, tmp_path, labels) -> Path:
+    frames = read(data / "mixed.extxyz", ":")
+    for a in frames:
+        a.info["traj"] = labels(a)
+    path = tmp_path / "traj.extxyz"
+    write(path, frames, format="extxyz")
+    return path
+
+
+def test_elements_are_those_of_the_training_frames(tmp_path, data):
+    """A split by trajectory that sends every CH4 frame to valid/test left H and C untrained, yet model.json
+    listed them, so evaluate and md ran on them without a word."""
+    path = _with_traj(data, tmp_path, lambda a: "ch4" if "C" in a.get_chemical_symbols() else f"na{len(a) % 2}")
+    frames = read(path, ":")
+    groups = [a.info["traj"] for a in frames]
+    seed = next(s for s in range(100) if all("C" not in frames[i].get_chemical_symbols()
+                                             for i in split_indices(len(frames), 0.2, 0.3, s, groups)[0]))
+    r = invoke(["mlff", "train", path, "--epochs", "1", "--seed", str(seed), "--set", "test_fraction=0.3", *SMALL,
+                *NO_COULOMB, "-o", tmp_path / "t"])
+    assert r.exit_code == 0, r.stderr
+    assert "H, C appear only in the validation/test frames" in r.stderr or \
+        "C, H appear only in the validation/test frames" in r.stderr
+    assert json.loads((tmp_path / "t" / "checkpoints" / "model.json").read_text())["elements"] == [11]
+
+
+def test_two_trajectories_are_named_as_too_few_groups(tmp_path, data):
+    path = _with_traj(data, tmp_path, lambda a: "ch4" if "C" in a.get_chemical_symbols() else "na")
+    r = invoke(["mlff", "train", path, "--epochs", "1", *SMALL, *NO_COULOMB, "-o", tmp_path / "t"])
+    assert r.exit_code == 0, r.stderr
+    assert "only 2 group(s) in info['traj']" in r.stderr
+
+
+def test_cosine_schedule_extended_by_a_resume_anneals_to_the_new_end(tmp_path, data):
+    args = ["train", data / "cells.extxyz", "--set", "lr_schedule=cosine", *SMALL, *NO_COULOMB]
+    _ok(invoke(["mlff", *map(str, args), "--epochs", "8", "-o", tmp_path / "long"]))
+    _ok(invoke(["mlff", *map(str, args), "--epochs", "4", "-o", tmp_path / "ext"]))
+    _ok(invoke(["mlff", *map(str, args), "--epochs", "8", "-o", tmp_path / "ext", "--resume", "auto"]))
+
+    def lrs(run):
+        return [json.loads(x)["lr"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"lr"' in x]
+
+    long, ext = lrs(tmp_path / "long"), lrs(tmp_path / "ext")
+    assert len(long) == len(ext) == 8
+    assert ext[4:] == pytest.approx(long[4:], rel=1e-9)  # not restarted: ends at min_lr like the 8-epoch run
+    assert ext[-1] < ext[3] * 5  # the old restart climbed back to the full rate (1e-3 from 1e-5)
+
+
+@pytest.mark.parametrize("setting, needle", [("lr_factor=2", "lr_factor"), ("lr_patience=-1", "lr_patience"),
+                                              ("min_lr=-1", "min_lr")])
+def test_schedule_settings_are_checked(tmp_path, data, setting, needle):
+    line = _err(invoke(["mlff", "train", data / "cells.extxyz", "--set", setting, *SMALL, "-o", tmp_path / "t"]))
+    assert needle in line
+    line = _err(invoke(["mlff", "train", data / "cells.extxyz", "--set", "lr_schedule=cosine", "--set", "min_lr=0.1",
+                        *SMALL, "-o", tmp_path / "c"]))
+    assert "would raise the learning rate" in line
+
+
+def test_a_committee_fine_tuned_from_one_model_is_warned_about(tmp_path, data):
+    _ok(invoke(["mlff", "train", data / "cells.extxyz", "--epochs", "1", *SMALL, *NO_COULOMB, "-o", tmp_path / "m"]))
+    r = invoke(["mlff", "train", data / "cells.extxyz", "--epochs", "1", "--ensemble", "2", "--init-from",
+                tmp_path / "m", "--batch-size", "4", "-o", tmp_path / "ft"])
+    assert r.exit_code == 0, r.stderr
+    assert "spread (the MD uncertainty) will be near zero" in r.stderr

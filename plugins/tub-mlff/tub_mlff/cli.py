@@ -418,7 +418,11 @@ def _split_groups(frames, split_by: str, data, run) -> list | None:
         raise TubError(f"{data}: {missing} of {len(frames)} frames have no info['{key}'] to split by; "
                        "give --set split_by=KEY with a key every frame has, or --set split_by=none")
     groups = [f.info[key] for f in frames]
-    run.log.info("splitting by info['%s']: %d groups, each in one of train/valid/test", key, len(set(map(str, groups))))
+    n = len(set(map(str, groups)))
+    run.log.info("splitting by info['%s']: %d groups, each in one of train/valid/test", key, n)
+    if n < 3:
+        run.log.warning("only %d group(s) in info['%s']: whole groups go to test first, so validation (and maybe "
+                        "training) gets none; give --valid, more %s groups, or --set split_by=none", n, key, key)
     return groups
 
 
@@ -434,6 +438,9 @@ def train(cfg, run) -> dict:
     data = _need(cfg.data, "DATA", "a labelled extxyz file")
     if not any((cfg.energy_weight, cfg.forces_weight, cfg.stress_weight, cfg.charges_weight, cfg.dipole_weight)):
         raise TubError("every loss weight is 0, so nothing would be learned; give energy_weight or forces_weight > 0")
+    if cfg.lr_schedule == "cosine" and cfg.min_lr >= cfg.lr:
+        raise TubError(f"min_lr {cfg.min_lr:g} is not below lr {cfg.lr:g}: the cosine schedule would raise the "
+                       "learning rate; give a smaller min_lr")
     if cfg.valid is None and cfg.valid_fraction + cfg.test_fraction >= 1:
         raise TubError(f"valid_fraction + test_fraction is {cfg.valid_fraction + cfg.test_fraction:g}, which leaves no "
                        "training frames; keep their sum below 1")
@@ -446,10 +453,15 @@ def train(cfg, run) -> dict:
                            num_modules=m.num_modules, cutoff=m.cutoff, lr_cutoff=m.lr_cutoff,
                            use_zbl_repulsion=m.zbl, use_electrostatics=m.electrostatics, use_d4_dispersion=m.d4,
                            module_keep_prob=m.module_keep_prob)
-    base = None
+    base, base_meta = None, {}
     init_from = _init_model(cfg.init_from)
     if init_from is not None:
-        base, _ = load_model(init_from, torch.float32)
+        base, base_meta = load_model(init_from, torch.float32)
+        if cfg.ensemble > 1:
+            run.log.warning("--init-from with --ensemble: every member starts from the same weights and they differ "
+                            "only by batch order, so their spread (the MD uncertainty) will be near zero; fine-tune "
+                            "each member of a committee (--init-from RUN_DIR of a committee per member) or train "
+                            "the committee from scratch")
         mcfg = base.config
         _check_init_architecture(m, mcfg, cfg.init_from)
         if m.lr_cutoff is not None:
@@ -496,7 +508,15 @@ def train(cfg, run) -> dict:
                              ema_decay=cfg.ema_decay, patience=cfg.patience, max_minutes=cfg.max_minutes,
                              fine_tune=base is not None, keep=cfg.keep,
                              loss=cfg.loss, huber_delta=cfg.huber_delta)
-    elements = sorted({int(z) for a in frames for z in a.numbers})
+    # the elements the model learned: those of its training frames (and of the model it started from)
+    elements = sorted({int(z) for g in train_g for z in g.Z} | set(base_meta.get("elements") or []))
+    unseen = sorted({int(z) for a in frames for z in a.numbers} - set(elements))
+    if unseen:
+        from ase.data import chemical_symbols
+        run.log.warning("%s appear only in the validation/test frames (the split by %s put them there): the model "
+                        "is not trained on them and md/evaluate will refuse them; use another --seed or "
+                        "--set split_by=none", ", ".join(chemical_symbols[z] for z in unseen),
+                        "trajectory" if groups is not None else "frame")
     span = composition_span(train_g)  # kept in model.json: md/ocv/evaluate/explain warn outside it
     dtype = _dtype(run)
     state = run.load_checkpoint()

@@ -81,9 +81,9 @@ class TrainConfig(TubConfig):
     lr: float = Field(1e-3, gt=0, description="learning rate")
     lr_schedule: Literal["plateau", "cosine"] = Field(
         "plateau", description="plateau: multiply by lr_factor after lr_patience stalled epochs; cosine: anneal to min_lr over epochs")
-    lr_patience: int = Field(10, description="plateau schedule: stalled epochs before the learning rate drops")
-    lr_factor: float = Field(0.5, description="plateau schedule: factor applied to the learning rate")
-    min_lr: float = Field(1e-5, description="lowest learning rate of either schedule")
+    lr_patience: int = Field(10, ge=0, description="plateau schedule: stalled epochs before the learning rate drops")
+    lr_factor: float = Field(0.5, gt=0, lt=1, description="plateau schedule: factor applied to the learning rate")
+    min_lr: float = Field(1e-5, ge=0, description="lowest learning rate of either schedule")
     loss: Literal["mse", "huber"] = Field(
         "mse", description="mse, or huber: quadratic below huber_delta and linear above, to fit the MAE rather than outliers")
     huber_delta: float = Field(0.01, gt=0, description="huber loss: error (eV/atom, eV/A, eV/A^3) where it turns linear")

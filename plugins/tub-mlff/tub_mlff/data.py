@@ -60,10 +60,14 @@ def _get(atoms, key, where):
 
 def labels(atoms, keys: Keys, need_forces: bool = True, name: str = "frame"):
     """(energy, forces, stress or None, charge, spin) of one labelled frame."""
-    if atoms.info.get("predicted_by"):  # its energy and forces are a model's, not reference labels
-        raise TubError(f"{name} holds the predictions of `{atoms.info['predicted_by']}` (an MD trajectory), not "
-                       "reference labels; label the frames first (tub mlff label)")
     e = _get(atoms, keys.energy, "info")
+    predicted = atoms.info.get("epot")  # the model's energy, which `md` writes beside its mark
+    if atoms.info.get("predicted_by") and (e is None or predicted is None or abs(float(e) - float(predicted)) < 1e-9):
+        # its energy and forces are a model's, not reference labels (frames relabelled by any code keep the
+        # mark, but their energy is no longer the prediction)
+        raise TubError(f"{name} holds the predictions of `{atoms.info['predicted_by']}` (an MD trajectory), not "
+                       "reference labels; label the frames first (tub mlff label, or any code that writes new "
+                       "energies and forces)")
     f = _get(atoms, keys.forces, "arrays")
     if e is None:
         raise TubError(f"{name} has no energy under '{keys.energy}'; set --energy-key to the info key that holds it")

@@ -228,6 +228,10 @@ def fit(model, train: list[Graph], valid: list[Graph], s: TrainSettings, run, dt
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        if s.lr_schedule == "cosine" and sched.T_max != max(s.epochs, 1):  # resumed to extend (or cut) the run
+            sched.T_max, e = max(s.epochs, 1), sched.last_epoch  # anneal to min_lr at the new end, from the
+            for group, base in zip(opt.param_groups, sched.base_lrs):  # new curve's value at this epoch
+                group["lr"] = s.min_lr + (base - s.min_lr) * (1 + math.cos(math.pi * e / sched.T_max)) / 2
         ema.shadow = {k: v.to(device) for k, v in state["ema"].items()}
         start, best, bad = int(state["epoch"]) + 1, float(state["best_val"]), int(state["bad_epochs"])
         best_state = state.get("best_ema")
