@@ -339,3 +339,11 @@ def test_a_committee_fine_tuned_from_one_model_is_warned_about(tmp_path, data):
                 tmp_path / "m", "--batch-size", "4", "-o", tmp_path / "ft"])
     assert r.exit_code == 0, r.stderr
     assert "spread (the MD uncertainty) will be near zero" in r.stderr
+
+
+def test_a_finished_committee_is_not_extended_member_by_member(tmp_path, data):
+    """--resume auto with more --epochs extended only the last member; the first kept its weights."""
+    args = ["mlff", "train", data / "cells.extxyz", "--ensemble", "2", *SMALL, *NO_COULOMB, "-o", tmp_path / "c"]
+    _ok(invoke([*args, "--epochs", "2"]))
+    line = _err(invoke([*args, "--epochs", "4", "--resume", "auto"]))
+    assert "only the last would train on" in line

@@ -523,6 +523,10 @@ def train(cfg, run) -> dict:
     if state is not None:
         _check_architecture(state, SpookyNet(SpookyNetConfig.from_dict(mcfg.to_dict())), run.resume_from)
     first_member = int(state["member"]) if state else 0
+    if first_member > 0 and state.get("epochs") not in (None, cfg.epochs):
+        raise TubError(f"--epochs {cfg.epochs} on a committee trained for {state['epochs']}: members "
+                       f"0..{first_member - 1} are finished, so only the last would train on; resume with the same "
+                       "--epochs, or train a new committee (or fine-tune each member with --init-from)")
     results = []
     for member in range(cfg.ensemble):
         name = "model" if cfg.ensemble == 1 else f"model_{member}"

@@ -290,7 +290,7 @@ def fit(model, train: list[Graph], valid: list[Graph], s: TrainSettings, run, dt
                      1000 * (val.get("forces_mae") or float("nan")))
         ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "ema": ema.shadow, "epoch": epoch, "best_val": best, "bad_epochs": bad, "member": member,
-                "best_ema": best_state}
+                "best_ema": best_state, "epochs": s.epochs}
         run.save_checkpoint(ckpt, best=improved)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
