@@ -449,3 +449,16 @@ def test_make_data_refuses_the_run_directory_of_another_verb(data, tmp_path):
                 "--tiles-per-slide", "3", "-o", run])
     assert "another verb's run directory" in _one_error(r)
     assert {k: v for k, v in _snapshot(run).items() if k.name != "tub.log"} == before
+
+
+def test_paired_k_beyond_the_neighbours_left_is_refused_not_lowered(tmp_path):
+    """--paired --k 60 with 55 neighbours left ran at k 55 (exit 0), and explain crashed on the same k."""
+    from tubcli.testing import expect_one_line_error, invoke
+
+    assert invoke(["pathorob", "make-data", "features", "--classes", "2", "--centers", "3", "--slides-per-cell", "3",
+                   "--tiles-per-slide", "5", "--paired", "-o", tmp_path / "dp", "-q"]).exit_code == 0
+    base = [tmp_path / "dp" / "outputs" / "features", "--metadata", tmp_path / "dp" / "outputs" / "metadata_paired.csv",
+            "--paired", "--k"]
+    for verb, extra in (("ri", ["60", "--no-auc"]), ("explain", ["58", "--no-plots"])):
+        line = expect_one_line_error(invoke(["pathorob", verb, *base, *extra, "-q", "-o", tmp_path / verb]))
+        assert "only 55 neighbours remain" in line

@@ -294,7 +294,7 @@ def robustness_index(
         if len(ks) == 0:
             raise TubError(f"subset {name!r} has {len(rows)} rows, fewer than k={candidates[0]}")
         ns = neighbour_set(Xn[rows], sub, max(int(ks[-1]), min_neighbours))
-        if not paired:
+        if not paired or len(candidates) == 1:  # (a k search of paired subsets keeps one grid for all)
             ks = ks[ks <= ns.m]
             if len(ks) == 0:
                 raise TubError(
