@@ -323,3 +323,49 @@ def test_help_strings_survive_rich_markup():
         for t in [verb.help, *texts(app.config_model(verb))]:
             assert Text.from_markup(t).plain == t, (verb.name, t)
     assert "time+event (event 0/1), optional split (train" in _help("train")
+
+
+# ---------------------------------------------------------------- undefined validation / test metrics
+@pytest.mark.parametrize("task,rows,rule", [
+    ("classification", [("neg", "train"), ("pos", "train"), ("neg", "val"), ("neg", "val")], "balanced_accuracy"),
+    ("regression", [(1.0, "train"), (2.0, "train"), (3.0, "val"), (3.0, "val")], "last epoch"),
+])
+def test_an_undefined_validation_metric_is_said_and_recorded(tmp_path, bags, task, rows, rule):
+    """A one-class validation split (no AUROC) or a constant target (no R²) used to switch the best-epoch
+    rule silently (model.json still said "validation" as if AUROC had chosen it)."""
+    labels = _csv(tmp_path / "l.csv", "slide_id,label,split", [(f"s{i}", y, sp) for i, (y, sp) in enumerate(rows)])
+    res = _ok(_train(tmp_path / "r", bags, labels, "--task", task, "--epochs", "3"))
+    out = json.loads(res.stdout)
+    assert out["selected_by"] == rule and out["selected_on"] == "validation"
+    assert "undefined" in res.stderr and rule.replace("_", " ") in res.stderr
+    meta = json.loads((tmp_path / "r" / "checkpoints" / "model.json").read_text())
+    assert meta["selected_by"] == rule
+    if rule == "last epoch":
+        assert out["best_epoch"] == 2
+    ev = _ok(invoke(["xmil", "evaluate", "--model", tmp_path / "r" / "checkpoints", "--features", bags,
+                     "--labels", labels, "--split", "val", "--set", "flipping=false", "-o", tmp_path / "ev",
+                     "--json"]))
+    key = "auroc" if task == "classification" else "r2"
+    assert json.loads(ev.stdout)[key] is None and "undefined" in ev.stderr and "null" in ev.stderr
+
+
+def test_survival_validation_without_comparable_pairs_is_said(tmp_path, bags):
+    labels = _csv(tmp_path / "l.csv", "slide_id,time,event,split",
+                  [("s0", 5, 1, "train"), ("s1", 9, 0, "train"), ("s2", 4, 0, "val"), ("s3", 7, 0, "val")])
+    res = _ok(_train(tmp_path / "r", bags, labels, "--task", "survival", "--epochs", "2",
+                     "--set", "n_bins=2"))
+    assert json.loads(res.stdout)["selected_by"] == "last epoch" and "C-index is undefined" in res.stderr
+
+
+def test_defined_metrics_keep_their_rule_and_constant_targets_raise_no_numpy_warning():
+    import warnings
+
+    from tub_xmil.metrics import regression_metrics, undefined_reason
+
+    assert undefined_reason("classification", labels=[0, 1, 1]) is None
+    assert undefined_reason("survival", times=[1, 2], events=[1, 0]) is None
+    assert undefined_reason("survival", times=[1, 1], events=[1, 1]) is not None  # tied events: not comparable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = regression_metrics([2.0, 2.0, 2.0], [1.0, 2.0, 3.0])
+    assert np.isnan(m["r2"]) and np.isnan(m["pearson_r"])

@@ -71,11 +71,21 @@ def train(cfg, run) -> dict:
         meta["features"] = provenance
     run.save_weights({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, meta)
     out = {"train_slides": len(train_s), "val_slides": len(val_s), "test_slides": len(test_s),
-           "best_epoch": meta["best_epoch"], "selected_on": meta["selected_on"]}
+           "best_epoch": meta["best_epoch"], "selected_on": meta["selected_on"], "selected_by": meta["selected_by"]}
     if test_s:
+        _warn_undefined(run, test_s, cfg.task, "test")
         out.update({f"test_{k}": v for k, v in task_metrics(test_s, predict(model, test_s, cfg.task), cfg.task).items()})
     out["weights"] = str(run.checkpoints_dir / "model.safetensors")
     return out
+
+
+def _warn_undefined(run, slides, task: str, which: str) -> None:
+    """A metric that cannot be computed is reported as null; the log says why."""
+    from tub_xmil.training import slides_undefined_reason
+
+    why = slides_undefined_reason(slides, task)
+    if why is not None:
+        run.log.warning("on the %s slides %s (reported as null)", which, why)
 
 
 def _check_trained_classes(labels, classes, train_s, val_s, test_s) -> None:
@@ -219,6 +229,7 @@ def evaluate(cfg, run) -> dict:
     slides, _ = load_slides(cfg.features, cfg.labels, task, split=cfg.split, classes=classes,
                             input_dim=meta["kwargs"].get("input_dim"))
     preds = predict(model, slides, task)
+    _warn_undefined(run, slides, task, "evaluated")
     out = {"slides": len(slides), **task_metrics(slides, preds, task)}
     if not cfg.flipping:
         return out

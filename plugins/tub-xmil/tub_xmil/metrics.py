@@ -17,6 +17,7 @@ def classification_metrics(y_true, proba) -> dict:
         warnings.filterwarnings("ignore", message="A single label was found")
         out = {"balanced_accuracy": float(balanced_accuracy_score(y_true, proba.argmax(1)))}
     present = np.unique(y_true)
+    out["auroc"] = float("nan")  # undefined on one class: reported as null, and said why (undefined_reason)
     if len(present) > 1:  # multi-class: macro one-vs-rest over the classes present (an evaluation set may lack some)
         out["auroc"] = float(roc_auc_score(y_true, proba[:, 1]) if proba.shape[1] == 2
                              else np.mean([roc_auc_score(y_true == c, proba[:, c]) for c in present]))
@@ -27,8 +28,26 @@ def regression_metrics(y_true, y_pred) -> dict:
     y_true, y_pred = np.asarray(y_true, float), np.asarray(y_pred, float)
     ss_res = ((y_true - y_pred) ** 2).sum()
     ss_tot = ((y_true - y_true.mean()) ** 2).sum()
-    r = np.corrcoef(y_true, y_pred)[0, 1] if len(y_true) > 1 and y_pred.std() > 0 else float("nan")
+    defined = len(y_true) > 1 and y_pred.std() > 0 and y_true.std() > 0  # else Pearson's r divides by zero
+    r = np.corrcoef(y_true, y_pred)[0, 1] if defined else float("nan")
     return {"r2": float(1 - ss_res / ss_tot) if ss_tot > 0 else float("nan"), "pearson_r": float(r)}
+
+
+def undefined_reason(task: str, labels=None, times=None, events=None) -> str | None:
+    """Why the task's headline metric (AUROC, R², C-index) cannot be computed on these slides, or None.
+
+    A validation or test set of one class, a constant target or no comparable pair gives no number;
+    the caller says so instead of letting a fallback (or a missing key) pass unnoticed."""
+    if task == "classification":
+        present = np.unique(np.asarray(labels).astype(int))
+        return None if len(present) > 1 else f"AUROC is undefined: all {len(labels)} slides have one class"
+    if task == "regression":
+        y = np.asarray(labels, float)
+        return None if len(y) > 1 and y.std() > 0 else f"R² is undefined: the target is constant over {len(y)} slides"
+    t, e = np.asarray(times, float), np.asarray(events, float)
+    comparable = any(((t > t[i]) | ((t == t[i]) & (e == 0))).any() for i in range(len(t)) if e[i])
+    return None if comparable else (f"C-index is undefined: no comparable pair among {len(t)} slides "
+                                    f"({int(e.sum())} events)")
 
 
 def concordance_index(times, events, risks) -> float:

@@ -8,7 +8,7 @@ import torch
 from tubcli.runs import require_finite_loss
 
 from tub_xmil.checkpoint import build_model
-from tub_xmil.metrics import classification_metrics, concordance_index, regression_metrics
+from tub_xmil.metrics import classification_metrics, concordance_index, regression_metrics, undefined_reason
 from tub_xmil.tasks import survival_bin_edges, survival_bins, survival_risk, task_loss
 
 
@@ -48,10 +48,27 @@ def task_metrics(slides, preds, task: str) -> dict:
     return {"c_index": concordance_index([s.time for s in slides], [s.event for s in slides], preds[:, 0])}
 
 
-def selection_score(metrics: dict, task: str) -> float:
-    key = {"classification": "auroc", "regression": "r2", "survival": "c_index"}[task]
-    v = metrics.get(key, metrics.get("balanced_accuracy", float("nan")))
-    return -np.inf if v is None or np.isnan(v) else float(v)
+def slides_undefined_reason(slides, task: str) -> str | None:
+    """Why the task's headline metric cannot be computed on these slides (see metrics.undefined_reason)."""
+    if task == "survival":
+        return undefined_reason(task, times=[s.time for s in slides], events=[s.event for s in slides])
+    return undefined_reason(task, labels=[s.label for s in slides])
+
+
+def selection_rule(slides, task: str) -> tuple[str, str | None]:
+    """The metric the best epoch is chosen by, and why the headline one cannot be (or None).
+
+    AUROC / R² / C-index; on a one-class set balanced accuracy; where no metric is defined (a constant
+    target, no comparable pair) the last epoch."""
+    why = slides_undefined_reason(slides, task)
+    if why is None:
+        return {"classification": "auroc", "regression": "r2", "survival": "c_index"}[task], None
+    return ("balanced_accuracy" if task == "classification" else "last epoch"), why
+
+
+def selection_score(metrics: dict, key: str) -> float:
+    v = metrics.get(key, float("nan"))  # "last epoch": every epoch scores the same, ties go to the later one
+    return 0.0 if key == "last epoch" else (-np.inf if v is None or np.isnan(v) else float(v))
 
 
 def train_model(cfg, run, train, val, classes) -> tuple[torch.nn.Module, dict]:
@@ -76,6 +93,12 @@ def train_model(cfg, run, train, val, classes) -> tuple[torch.nn.Module, dict]:
         best_state = {k[5:]: v for k, v in state.items() if k.startswith("best.")} or None
         run.log.info("resumed at epoch %d", start)
     ddp = run.ddp(model)
+    eval_set = val or train
+    selection_set = "validation" if val else "training (no validation slides)"
+    rule, why = selection_rule(eval_set, task)
+    if why is not None:  # the best epoch would otherwise be chosen by another rule without a word
+        run.log.warning("on the %s slides %s; the best epoch is chosen by %s instead -- give a validation "
+                        "split that holds both outcomes", selection_set.split(" ")[0], why, rule.replace("_", " "))
     for epoch in range(start, cfg.epochs):
         # randomness drawn from (seed, epoch), as tub-atlas does per step: a resumed run repeats the
         # uninterrupted one exactly. The shuffle is the same on every rank (ranks take slices of it);
@@ -101,10 +124,9 @@ def train_model(cfg, run, train, val, classes) -> tuple[torch.nn.Module, dict]:
             losses.append(loss.item())
             del x, loss  # before the next bag is read: about one bag in memory at a time
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan")}
-        eval_set = val or train
         m = task_metrics(eval_set, predict(model, eval_set, task), task)
         row.update({f"{'val' if val else 'train'}_{k}": v for k, v in m.items()})
-        score = selection_score(m, task)
+        score = selection_score(m, rule)
         if score >= best or best_state is None:  # ties: the later (further trained) epoch
             best, best_epoch = score, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -122,5 +144,5 @@ def train_model(cfg, run, train, val, classes) -> tuple[torch.nn.Module, dict]:
             [float(e) if np.isfinite(e) else "inf" for e in edges],
             # the saved weights are the best epoch's (AUROC, R² or C-index; ties: the later epoch) on
             # the validation slides, or on the training slides when there are none
-            "best_epoch": best_epoch, "selected_on": "validation" if val else "training (no validation slides)"}
+            "best_epoch": best_epoch, "selected_on": selection_set, "selected_by": rule}
     return model, meta
