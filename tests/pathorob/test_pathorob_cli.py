@@ -49,7 +49,7 @@ def test_ri_evaluate_explain(made):
          "--metrics", "cs", "--K", "2", "--trials", "2", "--no-auc", "-o", tmp / "ev"])
     res = json.loads((tmp / "ev" / "outputs" / "results.json").read_text())
     assert set(res) == {"robustness_index", "clustering_score"}
-    assert (tmp / "ev" / "outputs" / "aris.csv").is_file()
+    assert (tmp / "ev" / "outputs" / "clustering_score" / "aris.csv").is_file()
     _ok(["pathorob", "explain", out / "features", "--metadata", out / "metadata.csv", "--k", "7",
          "--max-k-curve", "30", "-o", tmp / "ex"])
     for f in ("breakdown.json", "slides.csv", "composition.png", "projection.png", "ri_curve.png", "center_pairs.png"):

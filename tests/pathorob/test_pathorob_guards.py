@@ -166,8 +166,11 @@ def test_evaluate_with_comma_separated_metrics(data, tmp_path):
     _, out = data
     expect_ok(invoke(["pathorob", "evaluate", out / "features.npy", "--metadata", out / "metadata.csv", "--k", "5",
                       "--metrics", "ri,cs", "--K", "2", "--trials", "2", "--no-auc", "-o", tmp_path / "ev"]))
-    assert set(json.loads((tmp_path / "ev" / "outputs" / "results.json").read_text())) == {"robustness_index",
-                                                                                           "clustering_score"}
+    res = json.loads((tmp_path / "ev" / "outputs" / "results.json").read_text())
+    assert set(res) == {"robustness_index", "clustering_score"}
+    # each metric keeps its own results_summary.json (the clustering one used to overwrite the RI one)
+    for metric in res:
+        assert json.loads((tmp_path / "ev" / "outputs" / metric / "results_summary.json").read_text()) == res[metric]
 
 
 def test_docs_show_the_metrics_syntax_that_works():
@@ -462,3 +465,12 @@ def test_paired_k_beyond_the_neighbours_left_is_refused_not_lowered(tmp_path):
     for verb, extra in (("ri", ["60", "--no-auc"]), ("explain", ["58", "--no-plots"])):
         line = expect_one_line_error(invoke(["pathorob", verb, *base, *extra, "-q", "-o", tmp_path / verb]))
         assert "only 55 neighbours remain" in line
+
+
+def test_train_whose_report_fails_leaves_no_robustification(data, tmp_path):
+    """The RI report before/after used to run after the save: exit 2 with a usable model left behind."""
+    _, out = data
+    r = invoke(["pathorob", "train", out / "features", "--metadata", out / "metadata.csv", "--k", "500",
+                "-o", tmp_path / "tr"])
+    assert "k" in _one_error(r)
+    assert not list((tmp_path / "tr").rglob("robustification.*"))

@@ -124,13 +124,13 @@ def _dataset_key(cfg) -> str:
     return cfg.dataset or "custom"
 
 
-def _ri(cfg, run, X, meta):
+def _ri(cfg, run, X, meta, root: Path | None = None):
     from .results import RI_FILES, metric_dir, write_ri
     from .robustness_index import robustness_index
 
     k_param = -1 if cfg.k_search else (cfg.k or 0)
     max_patches = -1 if cfg.max_patches_per_combi is None else cfg.max_patches_per_combi  # the reference's "all"
-    folder = metric_dir(run.outputs_dir, "robustness_index", cfg.layout, cfg.model_name, _dataset_key(cfg),
+    folder = metric_dir(root or run.outputs_dir, "robustness_index", cfg.layout, cfg.model_name, _dataset_key(cfg),
                         f"{max_patches}_{k_param}")
     _refuse_overwrite(cfg, [folder / name for name in RI_FILES])
     run.log.info("robustness index on %d rows (dataset %s)", len(meta), _dataset_key(cfg))
@@ -156,14 +156,14 @@ def _tolkach_splits(cfg) -> dict | None:
     return json.loads(Path(cfg.tolkach_splits).read_text())
 
 
-def _apd(cfg, run, X, meta, splits: dict | None = None) -> dict:
+def _apd(cfg, run, X, meta, splits: dict | None = None, root: Path | None = None) -> dict:
     from .apd import apd_accuracies, dataset_summary
     from .results import metric_dir
 
     if cfg.dataset is None:
         raise TubError("APD follows a dataset's split protocol; pass --dataset camelyon|tcga|tolkach_esca")
     splits = splits if splits is not None else _tolkach_splits(cfg)
-    folder = metric_dir(run.outputs_dir, "apd", cfg.layout, cfg.model_name, None)
+    folder = metric_dir(root or run.outputs_dir, "apd", cfg.layout, cfg.model_name, None)
     raw_file, summary_file = folder / f"{cfg.dataset}_raw.json", folder / f"{cfg.dataset}_summary.json"
     _refuse_overwrite(cfg, [raw_file, summary_file])
     raw = apd_accuracies(X, meta, cfg.dataset, cfg.iterations, splits, progress=run.progress)
@@ -207,11 +207,11 @@ def apd_from_raw(cfg: APDRawConfig, run) -> dict:
     return out
 
 
-def _cs(cfg, run, X, meta, K, min_k, max_k, trials) -> dict:
+def _cs(cfg, run, X, meta, K, min_k, max_k, trials, root: Path | None = None) -> dict:
     from .clustering_score import clustering_score
     from .results import CS_FILES, metric_dir, write_cs
 
-    folder = metric_dir(run.outputs_dir, "clustering_score", cfg.layout, cfg.model_name, _dataset_key(cfg))
+    folder = metric_dir(root or run.outputs_dir, "clustering_score", cfg.layout, cfg.model_name, _dataset_key(cfg))
     _refuse_overwrite(cfg, [folder / name for name in CS_FILES])
     res = clustering_score(X, meta, K=K, min_k=min_k, max_k=max_k, trials=trials, progress=run.progress)
     write_cs(folder, res)
@@ -237,13 +237,18 @@ def _evaluate_impl(cfg: EvaluateConfig, run) -> dict:
 
         apd_inputs(meta, cfg.dataset, splits)
     out = {}
+
+    def root(metric: str) -> Path | None:  # flat layout: one folder per metric (RI and CS both write results_summary.json)
+        return None if cfg.layout == "official" else run.outputs_dir / metric
+
     if "ri" in cfg.metrics:
-        out["robustness_index"] = _ri(cfg, run, X, meta).summary
+        out["robustness_index"] = _ri(cfg, run, X, meta, root("robustness_index")).summary
     if "apd" in cfg.metrics:
-        out["apd"] = _apd(cfg, run, X, meta, splits)
+        out["apd"] = _apd(cfg, run, X, meta, splits, root("apd"))
         out["apd"] = {k: out["apd"][k] for k in ("apd_id", "apd_ood")}
     if "cs" in cfg.metrics:
-        out["clustering_score"] = _cs(cfg, run, X, meta, cfg.K, cfg.min_k, cfg.max_k_clusters, cfg.trials)
+        out["clustering_score"] = _cs(cfg, run, X, meta, cfg.K, cfg.min_k, cfg.max_k_clusters, cfg.trials,
+                                      root("clustering_score"))
     write_json(run.outputs_dir / "results.json", out)
     return out
 
@@ -274,8 +279,8 @@ def _train_impl(cfg: TrainConfig, run) -> dict:
     covs = {c: mf[c] for c in cfg.covariates} or None
     Y = model.fit_transform(Xf, mf.medical_center, covs)
     model.ood_centers_ = sorted({str(c) for c in meta.medical_center[~ID]} - set(model.centers_))
+    before, after = _robustness_pair(Xf, Y, mf, cfg.k)  # before saving: a failing report leaves no model behind
     st, js = model.save(stem)
-    before, after = _robustness_pair(Xf, Y, mf, cfg.k)
     out = {"method": cfg.method, "centers": len(model.centers_), "rows": int(len(Xf)), "saved": str(st),
            "robustness_index_before": before["robustness_index"], "robustness_index_after": after["robustness_index"],
            "knn_balanced_accuracy_before": before["balanced_accuracy"],
