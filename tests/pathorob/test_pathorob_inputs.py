@@ -151,3 +151,31 @@ def test_atlas_manifest_with_label_column(tmp_path):
     (d / "manifest.csv").write_text("\n".join(rows) + "\n")
     Y, m = load_features(d, None)
     assert np.array_equal(Y, X.astype(np.float32)) and list(m.biological_class) == list(meta.biological_class)
+
+
+def test_robustified_atlas_folder_keeps_the_atlas_manifest(tmp_path):
+    """`robustify` on a `tub atlas embed --format npy` folder replaced manifest.csv by the PathoROB metadata
+    (no `label`/`origin`), so `tub atlas evaluate` on the output failed; the manifest is now the input's,
+    with its rows in the order of the written embeddings."""
+    from tub_pathorob.features import write_like
+
+    X, meta = synthetic_features(slides_per_cell=2, tiles_per_slide=5, seed=3)
+    d = tmp_path / "emb"
+    d.mkdir()
+    p = np.random.default_rng(0).permutation(len(X))  # the manifest in another order than the metadata
+    np.save(d / "embeddings.npy", X[p].astype(np.float32))
+    rows = ["tile_id,origin,label,slide_id,patch_id,x,y,split"]
+    rows += [f"{i},img{i}.png,{meta.biological_class[i]},{meta.slide_id[i]},{meta.patch_id[i]},0,0,train" for i in p]
+    (d / "manifest.csv").write_text("\n".join(rows) + "\n")
+    Y, m = load_features(d, meta)
+    write_like(d, tmp_path / "out", Y + 1.0, m)
+    written = (tmp_path / "out" / "manifest.csv").read_text().splitlines()
+    assert written[0] == rows[0]
+    assert sorted(written[1:]) == sorted(rows[1:])
+    Z, _ = load_features(tmp_path / "out", meta)  # read back through the manifest: rows match by key
+    assert np.allclose(Z, X + 1.0, atol=1e-5)  # float32 embeddings
+    pytest.importorskip("tub_atlas")
+    from tub_atlas.features import read_features
+
+    got = read_features(tmp_path / "out")
+    assert list(got.labels) == list(m.biological_class) and np.allclose(got.x, Y + 1.0, atol=1e-5)  # row j = manifest row j

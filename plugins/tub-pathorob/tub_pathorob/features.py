@@ -236,6 +236,26 @@ def _align_manifest(manifest: Metadata, meta: Metadata, X: np.ndarray, src: Path
     return X
 
 
+def _write_manifest_like(src: Path, dst: Path, meta: Metadata) -> None:
+    """The input manifest's own columns (tub atlas reads ``label``, ``origin``, ``split`` from them), its rows
+    in the order of the features written (the metadata's): a robustified atlas folder stays an atlas folder."""
+    import csv
+    import io
+
+    from tubcli.io import write_text
+
+    with open(src, newline="") as f:
+        rows = list(csv.reader(f))
+    header, body = rows[0], rows[1:]
+    manifest = _read_manifest(src)
+    if "slide_id" in manifest.columns and "patch_id" in manifest.columns:  # rows matched by key on reading
+        index = {k: i for i, k in enumerate(manifest.keys())}
+        body = [body[index[k]] for k in meta.keys()]
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows([header, *body])
+    write_text(dst, buf.getvalue())
+
+
 def _read_manifest(path: Path) -> Metadata:
     import csv
 
@@ -330,7 +350,10 @@ def write_like(src: Path, dst: Path, X: np.ndarray, meta: Metadata) -> Path:
     elif layout == "atlas":
         out.mkdir(parents=True, exist_ok=True)
         write_plain(out / "embeddings.npy", X)
-        meta.write_csv(out / "manifest.csv")
+        if (Path(src) / "manifest.csv").is_file():
+            _write_manifest_like(Path(src) / "manifest.csv", out / "manifest.csv", meta)
+        else:
+            meta.write_csv(out / "manifest.csv")
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_plain(out, X)
