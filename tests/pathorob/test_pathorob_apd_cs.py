@@ -152,3 +152,20 @@ def test_apd_parity_with_reference_recorded(dataset):
     s = dataset_summary(apd_accuracies(X, meta, dataset, iterations=2))
     assert abs(s["apd_id"] - REFERENCE_APD[dataset][0]) <= 1e-9
     assert abs(s["apd_ood"] - REFERENCE_APD[dataset][1]) <= 1e-9
+
+
+def test_apd_refuses_rows_whose_blocks_are_not_one_slide():
+    """APD takes each run of T rows of a cell as one slide. Metadata sorted by tile instead of slide used to
+    run, mixing slides across the train/test split (tiles of one slide on both sides)."""
+    from tub_pathorob.metadata import Metadata
+
+    X, meta = synthetic_features(design=PRESETS["tcga_4x4"], dim=4, seed=3)
+    order = np.array(sorted(range(len(meta)), key=lambda r: (meta.patch_id[r], meta.slide_id[r])))  # by tile
+    shuffled = Metadata({k: v[order] for k, v in meta.columns.items()}, "m.csv")
+    with pytest.raises(TubError, match="share one block of 30 consecutive rows"):
+        apd_accuracies(X[order], shuffled, "tcga", iterations=1)
+    cols = {k: v.copy() for k, v in meta.columns.items()}
+    first = cols["slide_id"][0]
+    cols["slide_id"][cols["slide_id"] == cols["slide_id"][30]] = first  # one slide of 60 tiles
+    with pytest.raises(TubError, match=f"slide '{first}' fills more than one block"):
+        apd_accuracies(X, Metadata(cols, "m.csv"), "tcga", iterations=1)

@@ -102,12 +102,29 @@ def _cells(meta: Metadata, proto: APDProtocol, dataset: str) -> list[list[list[i
     need = (proto.max_train_slides + 1) * proto.tiles_per_slide
     for i, row in enumerate(cells):
         for j, cell in enumerate(row):
+            name = f"cell {proto.classes[j]}-{proto.centers[i]}"
             if len(cell) <= need:
                 raise TubError(
-                    f"{meta.source}: cell {proto.classes[j]}-{proto.centers[i]} has {len(cell)} ID tiles; the {dataset} "
+                    f"{meta.source}: {name} has {len(cell)} ID tiles; the {dataset} "
                     f"protocol needs more than {need} ({proto.slides_per_cell} slides × {proto.tiles_per_slide})"
                 )
+            _check_slide_blocks(meta, cell, proto.tiles_per_slide, name)
     return cells
+
+
+def _check_slide_blocks(meta: Metadata, cell: list[int], T: int, name: str) -> None:
+    """The protocol splits slides, not tiles: it takes each run of T consecutive rows of a cell as one slide
+    (the reference's data layout). Rows not in that layout would put tiles of one slide in both the
+    training and the test set, and APD would reward memorising slides."""
+    seen = set()
+    for k in range(0, len(cell), T):
+        slides = list(dict.fromkeys(meta.slide_id[r] for r in cell[k:k + T]))
+        if len(slides) > 1 or slides[0] in seen:
+            detail = (f"slides {slides[0]!r} and {slides[1]!r} share one block" if len(slides) > 1
+                      else f"slide {slides[0]!r} fills more than one block")
+            raise TubError(f"{meta.source}: {name}: {detail} of {T} consecutive rows; APD takes each slide as "
+                           f"{T} consecutive rows of its cell -- sort the metadata by slide with {T} tiles per slide")
+        seen.add(slides[0])
 
 
 def apd_inputs(meta: Metadata, dataset: str, tolkach_splits: dict | None = None):
