@@ -263,6 +263,8 @@ def test_unseen_center_is_named_plainly(saved):
 # ----------------------------------------------------------------- 6 and 7: option values
 @pytest.mark.parametrize("args", [
     ["ri", "--no-auc", "--k", "5", "--bootstrap", "-3"],
+    ["ri", "--no-auc", "--k", "5", "--bootstrap", "1"],  # no spread: its std was 0.0, read as an exact RI
+    ["evaluate", "--k", "5", "--metrics", "ri", "--bootstrap", "1"],
     ["ri", "--no-auc", "--k", "5", "--seed", "100000000000000000000000"],
     ["ri", "--no-auc", "--k", "5", "--seed", "-1"],
     ["ri", "--no-auc", "--k", "5", "--threads", "-2"],

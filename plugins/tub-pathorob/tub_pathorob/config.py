@@ -37,6 +37,14 @@ class RIConfig(FeaturesConfig):
     bootstrap: int = Field(0, ge=0, description="bootstrap resamples for robustness_index-mean/-std (official 1000)")
     auc: bool = Field(True, description="compute confounder_log_reg_AUC (logistic regression, 5 folds)")
 
+    @field_validator("bootstrap")
+    @classmethod
+    def _resamples(cls, value):
+        if value == 1:  # one resample has no spread: its std would read as an exact RI
+            raise ValueError("1 resample gives no standard deviation; give 0 (no bootstrap) or at least 2 "
+                             "(official 1000)")
+        return value
+
     @field_validator("max_patches_per_combi")
     @classmethod
     def _row_count(cls, value):

@@ -353,4 +353,4 @@ def bootstrap_robustness_index(sets, k: int, n_bootstrap: int, seed: int = 0) ->
         w = np.bincount(rng.integers(0, n, n), minlength=n)
         s, o = w @ so, w @ os_
         ri[b] = s / (s + o)
-    return float(ri.mean()), float(ri.std(ddof=1)) if n_bootstrap > 1 else 0.0
+    return float(ri.mean()), float(ri.std(ddof=1)) if n_bootstrap > 1 else float("nan")
