@@ -275,6 +275,8 @@ def resolve_config(
         loc = ".".join(str(p) for p in err["loc"])
         source = next((name for name, data in reversed(layers) if _has_path(data, err["loc"])), "defaults")
         msg = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own message
+        if not loc:  # a check across fields (a model validator): its message names the options
+            raise TubError(f"invalid config: {msg}") from None
         raise TubError(f"invalid config value for {loc!r} (from {source}): {msg}") from None
     global _DEVICE_SOURCE
     _DEVICE_SOURCE = next((name for name, data in reversed(layers) if "device" in data), None)

@@ -293,6 +293,25 @@ def test_bad_make_data_values_are_one_line_errors(tmp_path, args):
     _one_error(invoke(["pathorob", "make-data", *args, "-o", tmp_path / "run"]))
 
 
+@pytest.mark.parametrize("args,named", [
+    (["features", "--preset", "camelyon", "--classes", "3"], "--classes"),  # the preset's design was used silently
+    (["features", "--tile-size", "32"], "--tile-size"),
+    (["tiles", "--dim", "8", "--paired"], "--dim, --paired"),
+    (["tiles", "--preset", "tcga_4x4"], "--preset"),
+])
+def test_make_data_options_that_do_not_apply_are_named(tmp_path, args, named):
+    line = _one_error(invoke(["pathorob", "make-data", *args, "-o", tmp_path / "run"]))
+    assert line.startswith("error: invalid config: ") and f"does not use {named}; drop it" in line
+    assert not (tmp_path / "run" / "outputs").exists()
+
+
+def test_make_data_reruns_from_its_saved_config(tmp_path):
+    """The saved config.yaml lists every field (defaults included): it must not trip the check above."""
+    expect_ok(invoke(["pathorob", "make-data", "features", "--preset", "camelyon_reduced", "-o", tmp_path / "a"]))
+    expect_ok(invoke(["pathorob", "make-data", "-c", tmp_path / "a" / "config.yaml", "-o", tmp_path / "b"]))
+    assert (tmp_path / "b" / "outputs" / "features.npy").read_bytes() == (tmp_path / "a" / "outputs" / "features.npy").read_bytes()
+
+
 def test_k_search_grid_respects_max_k():
     assert list(k_candidates(5)) == [1, 3, 5]
     assert list(k_candidates(21)) == [1, 3, 5, 7, 9, 11, 21]

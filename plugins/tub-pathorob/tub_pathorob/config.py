@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional, get_args
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from tubcli.config import TubConfig, split_commas
 
@@ -145,3 +145,20 @@ class MakeDataConfig(TubConfig):
     paired: bool = Field(False, description="also write a paired (b1-b2-c1-c2 subsets) metadata CSV")
     tile_size: int = Field(64, ge=1, description="tile side in pixels (tiles)")
     tiles_per_cell: int = Field(4, ge=1, description="tiles per class-center cell (tiles)")
+
+    @model_validator(mode="after")
+    def _options_apply(self):
+        """An option the chosen kind/preset does not read is an error, not silently ignored (a preset fixes
+        its own classes and centers). Only values other than the default count, so that a run's saved
+        config.yaml, which lists every field, reruns."""
+        design = ("classes", "centers", "slides_per_cell", "tiles_per_slide")
+        signal = ("dim", "bio", "center", "slide", "noise", "center_scale", "paired")
+        unused = {"tiles": ("preset", "tiles_per_slide") + signal,
+                  "features": ("tile_size", "tiles_per_cell") + (design if self.preset else ())}[self.kind]
+        given = [f for f in unused if getattr(self, f) != type(self).model_fields[f].default]
+        if given:
+            preset = self.kind == "features" and self.preset
+            raise ValueError(f"make-data {self.kind}{f' --preset {self.preset}' if preset else ''} does not use "
+                             f"{', '.join('--' + f.replace('_', '-') for f in given)}; drop it"
+                             f"{' (a preset fixes its own design)' if preset else ''}")
+        return self
