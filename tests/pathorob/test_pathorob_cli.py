@@ -180,3 +180,20 @@ def test_make_data_tiles_metadata_is_pathorob_and_feeds_atlas_embed_and_ri(tmp_p
              "--json", "-o", tmp_path / "ri"])
     s = json.loads(r.stdout.strip().splitlines()[-1])
     assert s["k_opt"] == 3 and 0.0 <= s["robustness_index"] <= 1.0
+
+
+def test_robustify_with_a_class_covariate_warns_that_it_reads_labels(made):
+    """ComBat with `--covariates biological_class` adds each row's class effect back when applied, so
+    robustify reads the labels of the tiles it transforms: said in the log, and the labels do matter."""
+    tmp, out = made
+    _ok(["pathorob", "train", out / "features.npy", "--metadata", out / "metadata.csv", "--method", "combat",
+         "--covariates", "biological_class", "--k", "7", "-o", tmp / "trc"])
+    r = _ok(["pathorob", "robustify", out / "features.npy", "--metadata", out / "metadata.csv", "--model", tmp / "trc",
+             "-o", tmp / "rbc"])
+    assert "biological_class" in r.stderr and "labels" in r.stderr
+    flipped = (out / "metadata.csv").read_text().replace("class0", "tmp").replace("class1", "class0").replace("tmp", "class1")
+    (tmp / "flipped.csv").write_text(flipped)
+    _ok(["pathorob", "robustify", out / "features.npy", "--metadata", tmp / "flipped.csv", "--model", tmp / "trc",
+         "-o", tmp / "rbf"])
+    a, b = (np.load(tmp / d / "outputs" / "features" / "features.npy") for d in ("rbc", "rbf"))
+    assert np.abs(a - b).max() > 1e-3  # through the per-center scaling of the class-adjusted residuals

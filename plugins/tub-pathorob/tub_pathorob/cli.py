@@ -315,6 +315,10 @@ def _robustify_impl(cfg: RobustifyConfig, run) -> dict:
         if missing:
             raise TubError(f"the robustification needs covariate column {missing[0]!r} in the metadata")
         covs = {c: meta[c] for c in model.covariate_levels_}
+        # ComBat adds each row's covariate effect back: on held-out tiles that reads their labels
+        run.log.warning("ComBat applies covariate(s) %s from %s to every row: on evaluation tiles this uses the "
+                        "labels being evaluated (an upper bound, as in PathoROB); fit without --covariates for a "
+                        "robustification that needs no labels", ", ".join(model.covariate_levels_), meta.source)
     Y = model.transform(X, meta.medical_center, covs)
     Y = Y.astype(X.dtype) if X.dtype == np.float32 else Y
     _clear_products(cfg, run, mine, inputs=[meta.source])
