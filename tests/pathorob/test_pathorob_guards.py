@@ -485,7 +485,8 @@ def test_paired_k_beyond_the_neighbours_left_is_refused_not_lowered(tmp_path):
             "--paired", "--k"]
     for verb, extra in (("ri", ["60", "--no-auc"]), ("explain", ["58", "--no-plots"])):
         line = expect_one_line_error(invoke(["pathorob", verb, *base, *extra, "-q", "-o", tmp_path / verb]))
-        assert "only 55 neighbours remain" in line
+        # refused by the per-subset class size (30 tiles per class and subset) or the neighbours left (55)
+        assert ("class0 has 30 samples, fewer than k" in line or "only 55 neighbours remain" in line) and "lower" in line
 
 
 def test_train_whose_report_fails_leaves_no_robustification(data, tmp_path):
@@ -495,3 +496,20 @@ def test_train_whose_report_fails_leaves_no_robustification(data, tmp_path):
                 "-o", tmp_path / "tr"])
     assert "k" in _one_error(r)
     assert not list((tmp_path / "tr").rglob("robustification.*"))
+
+
+def test_paired_subset_with_a_class_smaller_than_k_is_named():
+    """Paired RI runs one kNN per subset; a class with fewer than k tiles in one subset (while the pooled
+    class is large enough) used to pass the pooled check and run."""
+    from tub_pathorob.synthetic import paired_subsets
+
+    X, meta = synthetic_features(classes=("a", "b"), centers=("m0", "m1", "m2"), slides_per_cell=3,
+                                 tiles_per_slide=4, dim=8, seed=0)
+    paired, index = paired_subsets(meta)
+    sub = "a-b-m0-m1"
+    small = np.flatnonzero((paired.subset == sub) & (paired.biological_class == "a"))[8:]  # keep 8 of 24
+    keep = np.setdiff1d(np.arange(len(paired)), small)
+    paired, index = paired.take(keep), index[keep]
+    with pytest.raises(TubError, match=f"subset '{sub}'.*class a has 8 samples, fewer than k=9"):
+        robustness_index(X[index], paired, k=9, paired=True, auc=False)
+    assert robustness_index(X[index], paired, k=7, paired=True, auc=False).summary["k_opt"] == 7

@@ -290,6 +290,8 @@ def robustness_index(
         sub = meta_s.take(rows)
         if len(np.unique(sub.medical_center)) < 2 or len(np.unique(sub.biological_class)) < 2:
             raise TubError(f"subset {name!r} needs two classes and two centers; fix the paired metadata")
+        if paired and not k_search:  # each subset is its own kNN problem: the pooled class sizes do not tell
+            check_evaluation_set(Metadata(sub.columns, f"{meta.source}: subset {name!r}"), k)
         ks = candidates[candidates <= len(rows)]
         if len(ks) == 0:
             raise TubError(f"subset {name!r} has {len(rows)} rows, fewer than k={candidates[0]}")
