@@ -175,7 +175,9 @@ def demo_command(
                 raise TubError(f"plugin {plugin_app.name!r} declares no demo")
     except TubError as exc:
         _fail(exc)
-    root = out or Path("runs") / "demo" / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    from tubcli.runs import default_runs_root
+
+    root = out or default_runs_root() / "demo" / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     if (root / "env.json").exists() or (root.exists() and not root.is_dir()):  # another verb's run, or a file
         _fail(TubError(f"-o {root} is {'a file' if not root.is_dir() else 'the run directory of another verb'}; "
                        "give the demo a new folder"))
@@ -223,6 +225,11 @@ def build_app():
 
 
 def main(argv: list[str] | None = None) -> None:
+    import os
+
+    for name in ("stdout", "stderr"):  # closed by the caller (`tub ... >&-`): the output is not wanted
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))
     try:
         get_plugins().check_strict()
     except TubError as exc:

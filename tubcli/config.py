@@ -30,6 +30,17 @@ class Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def _expand_home(cls, value):
+        """``~`` in a path the shell did not expand (``--out=~/x``, a quoted value, a YAML file) means the home
+        folder, as in the shell; taken literally it would make a folder named ``~``."""
+        if isinstance(value, Path):
+            return value.expanduser()
+        if isinstance(value, list) and value and all(isinstance(v, Path) for v in value):
+            return [v.expanduser() for v in value]
+        return value
+
 
 class TubConfig(Section):
     """Fields every verb config has."""
@@ -333,4 +344,4 @@ def config_hash(cfg: BaseModel) -> str:
 def config_yaml(cfg: BaseModel) -> str:
     import yaml
 
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)  # é, not \xE9

@@ -115,7 +115,7 @@ def read_json(path: str | os.PathLike) -> Any:
 def write_yaml(path: str | os.PathLike, data: Any) -> Path:
     import yaml
 
-    return write_text(path, yaml.safe_dump(data, sort_keys=False))
+    return write_text(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
 
 
 def _json_default(obj):

@@ -26,7 +26,7 @@ def setup_logging(verbosity: int = 0, logfile=None) -> logging.Logger:
     stream.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     log.addHandler(stream)
     if logfile is not None:
-        fileh = logging.FileHandler(logfile)
+        fileh = logging.FileHandler(logfile, encoding="utf-8")  # file names in any locale
         fileh.setLevel(logging.DEBUG)
         fileh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(fileh)

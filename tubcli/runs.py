@@ -165,7 +165,7 @@ class ItemLock:
 
 # --------------------------------------------------------------------------- run directory
 def default_runs_root() -> Path:
-    return Path(os.environ.get("TUB_RUNS_DIR", "runs"))
+    return Path(os.environ.get("TUB_RUNS_DIR", "runs")).expanduser()  # a quoted '~/runs' means home
 
 
 def find_resumable(parent: Path, chash: str) -> Path | None:
@@ -184,6 +184,13 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def _cwd() -> str:
+    try:
+        return os.getcwd()
+    except FileNotFoundError:  # the job's working folder was deleted under it
+        raise TubError("the current folder no longer exists; cd into an existing folder and rerun") from None
+
+
 def environment_record(plugin_version: str = "", command: str = "") -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -196,7 +203,7 @@ def environment_record(plugin_version: str = "", command: str = "") -> dict:
     record = {
         "command": command,  # `tub <plugin> <verb>`: a run directory belongs to one verb
         "argv": sys.argv,
-        "cwd": os.getcwd(),  # relative paths in config.yaml are relative to it
+        "cwd": _cwd(),  # relative paths in config.yaml are relative to it
         "python": sys.version.split()[0],
         "tub": ver("tub"),
         "plugin": plugin_version,
@@ -408,7 +415,7 @@ class Run:
             self.device  # an explicit device that is absent fails here, before any work
         if self._dist.enabled:
             _device.init_distributed(self.device)
-        run_dir = Path(out) if out else None
+        run_dir = Path(out).expanduser() if out else None  # --out=~/x: the shell leaves that ~ alone
         if run_dir is not None and run_dir.exists() and not run_dir.is_dir():
             raise TubError(f"-o {run_dir} is a file; pass a directory for the run (a new or an earlier run's)")
         target = run_dir if run_dir is not None else parent
@@ -437,11 +444,21 @@ class Run:
         self.command = f"tub {plugin} {verb}"
         self._training_lock: ItemLock | None = None
         # two jobs started together on one new -o: the second waits here and then sees the first's records
-        claim = ItemLock(self.dir.parent / f".{self.dir.name}.claim") if self.is_main else None
+        claim = self._claim_lock() if self.is_main else None
         with claim.waiting(timeout=120) if claim else contextlib.nullcontext():
             self._claim(cfg, resume, overwrite, verbosity, plugin_version, same_outputs_except, training,
                         resume_may_change or set())
         self.log.debug("run directory %s", self.dir)
+
+    CLAIM = ".claim"
+
+    def _claim_lock(self) -> ItemLock:
+        """Beside the run directory (a new one does not exist yet); inside an existing one whose parent
+        this user cannot write (``-o ~``, ``-o /scratch/$USER``). Every job on that -o sees the same parent
+        permissions, so all take the same lock."""
+        if self.dir.is_dir() and not os.access(self.dir.parent, os.W_OK):
+            return ItemLock(self.dir / self.CLAIM)
+        return ItemLock(self.dir.parent / f".{self.dir.name}.claim")
 
     def _claim(self, cfg, resume, overwrite, verbosity, plugin_version, same_outputs_except, training,
                resume_may_change) -> None:
@@ -478,40 +495,46 @@ class Run:
             raise TubError(f"{self.dir} holds a training checkpoint; pass --resume auto to continue it, "
                            "--overwrite to start again, or a new -o")
         # a directory this run creates (or finds empty) is removed again if the run fails before any output
-        self.fresh = self.is_main and not (self.dir.is_dir() and any(self.dir.iterdir()))
+        self.fresh = self.is_main and not (self.dir.is_dir() and any(
+            p.name != f"{self.CLAIM}.lock" and not p.name.startswith(f".{self.CLAIM}.lock.") for p in self.dir.iterdir()))
         self._before = None if self.fresh or not self.is_main else self._snapshot()
         self._archived: Path | None = None
         self._previous: Path | None = None
-        if training and self.is_main:  # one training job per directory (its checkpoints, metrics.jsonl)
-            self._training_lock = lock = ItemLock(self.dir / "training")
-            if not lock.acquire() and resume and lock.owner().split()[0] != socket.gethostname():
-                # a requeued job resuming on another node: the lock's owner there was killed with its job
-                lock.path.unlink(missing_ok=True)
-                lock.acquire()
-            if not lock.held:
-                raise TubError(f"another job is training in {self.dir} ({self._training_lock.owner()}); wait for it "
-                               f"to end or use a new -o (if no job is running, delete {self._training_lock.path})")
-        if self.is_main:
-            if fresh_start:  # --overwrite: the old training moves aside until this one has produced something
-                self._previous = self._set_aside(("checkpoints", "metrics.jsonl"))
-            elif training and not checkpoint:  # a training killed before its first checkpoint starts over:
-                (self.dir / "metrics.jsonl").unlink(missing_ok=True)  # its rows would repeat the new ones
-            ignore = same_outputs_except if same_outputs_except is not None else EXECUTION_FIELDS
-            if earlier is not None and changed_settings(earlier, now, ignore, earlier_cwd=cwd):
-                self._archived = archive_config(self.dir)  # keep the record of the earlier settings
-            self.outputs_dir.mkdir(parents=True, exist_ok=True)
-            self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
-            (self.dir / DONE).unlink(missing_ok=True)  # a reused directory is incomplete again
-            if self.shard[1] > 1:
-                (self.dir / f"{DONE}.{self.shard[0]}of{self.shard[1]}").unlink(missing_ok=True)
-        self.log = setup_logging(verbosity if self.is_main else -1, self.dir / "tub.log" if self.is_main else None)
-        _device.seed_everything(self.seed)
-        _device.exact_fp32()
-        if self.is_main:
-            from tubcli.config import config_yaml
+        try:  # a failure while the records are written (disk full, a deleted working folder) leaves no
+            # half-made run directory that a rerun would refuse
+            if training and self.is_main:  # one training job per directory (its checkpoints, metrics.jsonl)
+                self._training_lock = lock = ItemLock(self.dir / "training")
+                if not lock.acquire() and resume and lock.owner().split()[0] != socket.gethostname():
+                    # a requeued job resuming on another node: the lock's owner there was killed with its job
+                    lock.path.unlink(missing_ok=True)
+                    lock.acquire()
+                if not lock.held:
+                    raise TubError(f"another job is training in {self.dir} ({self._training_lock.owner()}); wait for it "
+                                   f"to end or use a new -o (if no job is running, delete {self._training_lock.path})")
+            if self.is_main:
+                if fresh_start:  # --overwrite: the old training moves aside until this one has produced something
+                    self._previous = self._set_aside(("checkpoints", "metrics.jsonl"))
+                elif training and not checkpoint:  # a training killed before its first checkpoint starts over:
+                    (self.dir / "metrics.jsonl").unlink(missing_ok=True)  # its rows would repeat the new ones
+                ignore = same_outputs_except if same_outputs_except is not None else EXECUTION_FIELDS
+                if earlier is not None and changed_settings(earlier, now, ignore, earlier_cwd=cwd):
+                    self._archived = archive_config(self.dir)  # keep the record of the earlier settings
+                self.outputs_dir.mkdir(parents=True, exist_ok=True)
+                self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+                (self.dir / DONE).unlink(missing_ok=True)  # a reused directory is incomplete again
+                if self.shard[1] > 1:
+                    (self.dir / f"{DONE}.{self.shard[0]}of{self.shard[1]}").unlink(missing_ok=True)
+            self.log = setup_logging(verbosity if self.is_main else -1, self.dir / "tub.log" if self.is_main else None)
+            _device.seed_everything(self.seed)
+            _device.exact_fp32()
+            if self.is_main:
+                from tubcli.config import config_yaml
 
-            write_text(self.dir / "config.yaml", config_yaml(cfg))
-            write_json(self.dir / "env.json", environment_record(plugin_version, self.command))
+                write_text(self.dir / "config.yaml", config_yaml(cfg))
+                write_json(self.dir / "env.json", environment_record(plugin_version, self.command))
+        except BaseException:
+            self.undo_if_unused()
+            raise
 
     def _earlier_command(self) -> str | None:
         """The verb an existing run directory was made by (None: new, or written before tub recorded it)."""

@@ -386,9 +386,35 @@ def _execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
         typer.echo(f"error: not enough memory ({first_line(exc)}); ask for less: smaller sizes, fewer items or "
                    "a smaller --batch-size", err=True)
         return 1
+    except OSError as exc:
+        hint = None if opts.get("traceback") else os_error_hint(exc)
+        if hint is None:
+            report_error(exc, opts.get("traceback"))
+        else:
+            typer.echo(f"error: {hint}", err=True)
+        return 1
     except Exception as exc:  # the last line of defence: one line, exit 1
         report_error(exc, opts.get("traceback"))
         return 1
+
+
+def os_error_hint(exc: OSError) -> str | None:
+    """What to do about a file system refusal (permissions, read-only, full disk, quota); None for others."""
+    import errno
+
+    shown = Path(exc.filename) if exc.filename else None
+    if shown is not None and shown.name.startswith("."):  # tub's own temporary or lock file: name its folder
+        shown = shown.parent
+    where = f": {shown}" if shown is not None else ""
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return (f"permission denied{where}; check that the inputs are readable and that the run directory "
+                "(-o, or TUB_RUNS_DIR for the default one) lies in a folder you can write")
+    if exc.errno == errno.EROFS:
+        return f"read-only file system{where}; give -o (or TUB_RUNS_DIR) a writable folder"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on the device or quota exceeded{where}; free some space or give -o a folder "
+                "on another file system")
+    return None
 
 
 def report_error(exc: BaseException, traceback: bool | None) -> None:

@@ -201,3 +201,11 @@ def test_a_device_error_names_the_variable_that_asked_for_it(monkeypatch):
     monkeypatch.setenv("TUB_KNNLRP_DEVICE", "cuda")
     resolve_config(TubConfig, "knnlrp")
     assert _origin() == " (from TUB_KNNLRP_DEVICE)"
+
+
+def test_demo_without_o_goes_under_tub_runs_dir(toy_plugins, tmp_path, monkeypatch):
+    """The README says TUB_RUNS_DIR sets where default run directories go; the demo wrote ./runs/demo."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TUB_RUNS_DIR", str(tmp_path / "elsewhere"))
+    assert invoke(["demo", "toy"]).exit_code == 0
+    assert not (tmp_path / "runs").exists() and list((tmp_path / "elsewhere" / "demo").glob("*/toy/DONE"))

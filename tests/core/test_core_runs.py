@@ -617,3 +617,83 @@ def test_a_lock_made_just_before_a_signal_is_still_released(tmp_path):
     other.path.write_text("another-host 1\n")  # another job's lock is never ours to remove
     other.release()
     assert other.path.exists()
+
+
+def test_an_existing_run_directory_in_a_folder_not_ours_to_write(toy_plugins, tmp_path, monkeypatch):
+    """`-o ~` or `-o /scratch/$USER`: the directory is writable, its parent is not. The claim lock used to
+    be made beside the directory, so such a run failed with a PermissionError on a lock file."""
+    import tubcli.runs as runs
+
+    (tmp_path / "scratch" / "me").mkdir(parents=True)
+    parent = str(tmp_path / "scratch")
+    real_access = os.access
+    monkeypatch.setattr(runs.os, "access", lambda p, mode: False if str(p) == parent else real_access(p, mode))
+    seen = []
+    real_create = ItemLock._create
+    monkeypatch.setattr(ItemLock, "_create", lambda self: (seen.append(self.path), real_create(self))[1])
+    result = invoke(["toy", "evaluate", *make_inputs(tmp_path / "in", 2), "-o", tmp_path / "scratch" / "me"])
+    assert result.exit_code == 0, result.stderr
+    assert seen[0].parent == tmp_path / "scratch" / "me"  # the claim lock inside the run directory
+    assert sorted(p.name for p in (tmp_path / "scratch").iterdir()) == ["me"]
+    assert not list((tmp_path / "scratch" / "me").glob("*.claim*")) and (tmp_path / "scratch" / "me" / "DONE").exists()
+
+
+def test_a_failure_while_writing_the_records_leaves_no_half_made_run(toy_plugins, tmp_path, monkeypatch):
+    """A full disk (or quota) while config.yaml/env.json were written left a run directory that the rerun
+    refused ("holds a config.yaml but no tub run records"); the error now says what to do."""
+    import errno
+
+    import tubcli.runs as runs
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "env.json"))
+
+    inputs = make_inputs(tmp_path / "in", 2)
+    with monkeypatch.context() as m:
+        m.setattr(runs, "write_json", full)
+        result = invoke(["toy", "evaluate", *inputs, "-o", tmp_path / "run"])
+    assert result.exit_code == 1 and not (tmp_path / "run").exists()
+    assert result.stderr.strip().splitlines()[-1].startswith("error: no space left on the device or quota exceeded: ")
+    assert invoke(["toy", "evaluate", *inputs, "-o", tmp_path / "run"]).exit_code == 0  # the rerun works
+
+
+def test_home_in_paths_the_shell_left_alone_is_expanded(toy_plugins, tmp_path, monkeypatch):
+    """`--out=~/x`, a quoted TUB_RUNS_DIR='~/runs' or `data: ~/x` in YAML made a folder literally named `~`."""
+    from tubcli.config import resolve_config
+    from tubcli.runs import default_runs_root
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TUB_RUNS_DIR", "~/runs")
+    assert default_runs_root() == tmp_path / "home" / "runs"
+    result = invoke(["toy", "evaluate", *make_inputs(tmp_path / "in", 1), "--out=~/r"])
+    assert result.exit_code == 0 and (tmp_path / "home" / "r" / "DONE").exists() and not (tmp_path / "~").exists()
+
+    from tubcli.config import TubConfig
+
+    class WithPaths(TubConfig):
+        data: Path | None = None
+        many: list[Path] = []
+
+    cfg = resolve_config(WithPaths, "toy", None, ["data=~/d.csv", "many=[~/a, b]"], {})
+    assert cfg.data == tmp_path / "home" / "d.csv" and cfg.many == [tmp_path / "home" / "a", Path("b")]
+
+
+def test_unicode_paths_are_recorded_as_written():
+    from tubcli.config import TubConfig, config_yaml
+
+    class WithPath(TubConfig):
+        data: Path = Path("té中 🧪.csv")
+
+    assert "data: té中 🧪.csv" in config_yaml(WithPath())
+
+
+def test_a_closed_stdout_is_not_an_error(toy_env, tmp_path):
+    """`tub ... >&-`: sys.stdout is None; the results are not wanted (was: AttributeError, exit 1)."""
+    import shlex
+
+    cmd = " ".join(map(shlex.quote, toy_cli(["toy", "evaluate", *make_inputs(tmp_path / "in", 1), "-o", tmp_path / "r"],
+                                            toy_env)))
+    proc = subprocess.run(["sh", "-c", f"{cmd} >&-"], env=toy_env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "error" not in proc.stderr, proc.stderr
+    assert (tmp_path / "r" / "DONE").exists()
