@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from tubcli.errors import TubError
+from tubcli.io import refuse_broken_link
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
 FLOAT_TOLERANCE = 1e-3  # float tiles may overshoot [0, 1] by rounding (e.g. after resampling)
@@ -90,7 +91,10 @@ def image_files(root: Path) -> list[Path]:
             continue
         seen.add(real)
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        out += [Path(dirpath) / f for f in filenames
-                if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS
-                and (Path(dirpath) / f).is_file()]
+        tiles = [Path(dirpath) / f for f in filenames
+                 if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+        for tile in tiles:
+            refuse_broken_link(tile)
+        out += [tile for tile in tiles if tile.is_file()]
     return sorted(out)
+

@@ -232,3 +232,10 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
     pyplot().close(fig)
     return path
+
+
+def refuse_broken_link(path: Path) -> None:
+    """A link to a file that is gone, found in an input folder, is an error: left out silently, the run
+    would cover fewer inputs than the folder lists and still report success."""
+    if path.is_symlink() and not path.exists():
+        raise TubError(f"{path} is a broken link (to {os.readlink(path)}); restore its target or remove the link")

@@ -225,3 +225,25 @@ def test_evaluate_warns_when_the_test_split_lacks_a_class(tmp_path):
     res = json.loads(r.stdout)
     assert res["support"]["test"] == {"a": 2, "b": 0} and res["support"]["train"] == {"a": 3, "b": 3}
     assert "class(es) b have no test rows" in r.stderr
+
+
+def test_make_data_with_a_preset_of_no_fixed_shape_writes_nothing(tmp_path):
+    """`--checkpoint atlas2` wrote the tiles, then failed with a ValueError (exit 1), and its half-made
+    folder blocked the rerun."""
+    from tubcli.testing import expect_one_line_error
+
+    line = expect_one_line_error(invoke(["atlas", "make-data", tmp_path / "d", "--checkpoint", "atlas2",
+                                         "-o", tmp_path / "run"]))
+    assert "does not fix its shapes" in line and "vit-t8-demo" in line
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_broken_link_in_a_tile_folder_is_an_error_not_a_missing_tile(tmp_path):
+    """A dangling symlink among the tiles was left out of the manifest silently (exit 0)."""
+    folder = tmp_path / "tiles" / "tumor"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (32, 32), (200, 100, 150)).save(folder / "a.png")
+    (folder / "b.png").symlink_to(tmp_path / "gone.png")
+    r = invoke(["atlas", "embed", tmp_path / "tiles", *ENC, "-o", tmp_path / "run"])
+    assert r.exit_code == 1 and "b.png is a broken link (to " in r.stderr and "Traceback" not in r.stderr
+    assert not list((tmp_path / "run" / "outputs").rglob("manifest.csv"))  # the folder is a failed item

@@ -369,3 +369,13 @@ def test_defined_metrics_keep_their_rule_and_constant_targets_raise_no_numpy_war
         warnings.simplefilter("error")
         m = regression_metrics([2.0, 2.0, 2.0], [1.0, 2.0, 3.0])
     assert np.isnan(m["r2"]) and np.isnan(m["pearson_r"])
+
+
+def test_a_broken_link_in_a_slide_folder_is_an_error(tmp_path):
+    """A dangling symlink to a slide was skipped silently: fewer slides tiled, exit 0, DONE."""
+    img, _, _ = render_slide(256, 256, False)
+    (tmp_path / "slides").mkdir()
+    write_pyramid(tmp_path / "slides" / "a.tiff", img, mpp=0.5, levels=1)
+    (tmp_path / "slides" / "b.tiff").symlink_to(tmp_path / "moved" / "b.tiff")
+    expect_error_line(invoke(["xmil", "tile", tmp_path / "slides", "-o", tmp_path / "t"]),
+                      "b.tiff is a broken link", "restore its target or remove the link")

@@ -389,13 +389,20 @@ def bench(cfg: BenchConfig, run) -> dict:
 def make_data(cfg: MakeDataConfig, run) -> dict:
     from .synthetic import preset_config, random_vit, synthetic_tiles, write_pathorob_layout, write_tile_folder
 
+    from tubcli.io import atomic_path
+
     out = Path(cfg.out) if cfg.out else run.outputs_dir
     if out.exists() and any(out.iterdir()) and out != run.outputs_dir:
         raise TubError(f"{out} exists and is not empty; choose a new folder")
+    if cfg.checkpoint:  # before anything is written: a preset without fixed shapes is refused
+        from .presets import get_preset
+
+        preset_config(get_preset(cfg.checkpoint).name, depth=cfg.depth)
     data = synthetic_tiles(cfg.n_per_class, cfg.n_classes, cfg.n_centers, cfg.size, seed=run.seed)
     write_tile_folder(out / "tiles", data)
-    np.savez(out / "tiles.npz", tiles=data["tiles"], labels=data["label"], slide_id=data["slide_id"],
-             patch_id=data["patch_id"], center=data["center"])
+    with atomic_path(out / "tiles.npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, tiles=data["tiles"], labels=data["label"], slide_id=data["slide_id"],
+                 patch_id=data["patch_id"], center=data["center"])
     csv_path = write_pathorob_layout(out / "pathorob", data)
     result = {"tiles": int(len(data["tiles"])), "folder": str(out / "tiles"), "npz": str(out / "tiles.npz"),
               "pathorob_metadata": str(csv_path)}

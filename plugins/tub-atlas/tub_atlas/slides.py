@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from tubcli.errors import TubError
+from tubcli.io import refuse_broken_link
 
 from .tissue import TissueParams, otsu_threshold, saturation, segment_tissue, tissue_mask  # noqa: F401 (API)
 
@@ -515,6 +516,9 @@ def slides_in_folder(folder: Path) -> list[Path] | None:
     """The whole slides directly in ``folder`` (sorted, as CLAM/TRIDENT read a slide folder), or None
     for a folder of tiles. A tile folder may hold plain (strip) TIFF tiles, so a .tif counts as a slide
     only when OpenSlide opens it as one; a folder of slides and tiles together is an error."""
+    for p in folder.iterdir():
+        if p.suffix.lower() in SLIDE_EXT:
+            refuse_broken_link(p)
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     candidates = [p for p in files if p.suffix.lower() in SLIDE_EXT]
     tiffs = [p for p in candidates if p.suffix.lower() in (".tif", ".tiff")]

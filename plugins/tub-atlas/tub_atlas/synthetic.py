@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tubcli.errors import TubError
+
 from .presets import PRESETS
 from .vit import ViTConfig, VisionTransformer
 
@@ -18,7 +20,10 @@ def preset_config(name: str, depth: int | None = None, **overrides) -> ViTConfig
     """The ViTConfig of a fully specified preset, optionally shallower (tests use depth 1-2)."""
     p = PRESETS[name]
     if None in (p.patch_size, p.embed_dim, p.num_heads, p.reg_tokens, p.pos_layout, p.mlp, p.mlp_hidden):
-        raise ValueError(f"preset {name} does not fix its shapes; they come from a checkpoint")
+        fixed = [n for n, q in PRESETS.items() if None not in (q.patch_size, q.embed_dim, q.num_heads, q.reg_tokens,
+                                                               q.pos_layout, q.mlp, q.mlp_hidden)]
+        raise TubError(f"preset {name} does not fix its shapes (they come from its checkpoint), so no random model "
+                       f"can be made of it; use one of {', '.join(fixed)}")
     cfg = dict(patch_size=p.patch_size, embed_dim=p.embed_dim, depth=depth or p.depth, num_heads=p.num_heads,
                reg_tokens=p.reg_tokens, pos_layout=p.pos_layout, pos_grid=p.img_size // p.patch_size,
                mlp=p.mlp, mlp_hidden=p.mlp_hidden, layer_scale=bool(p.layer_scale), qk_norm=p.qk_norm)

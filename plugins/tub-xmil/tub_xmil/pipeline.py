@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from tubcli.errors import TubError
-from tubcli.io import atomic_path
+from tubcli.io import atomic_path, refuse_broken_link
 
 from tub_xmil.slides import SLIDE_SUFFIXES, open_slide, slide_mpp  # noqa: F401 (SLIDE_SUFFIXES re-exported)
 
@@ -25,7 +25,10 @@ def expand_inputs(paths, suffixes) -> list[Path]:
         if not p.exists():
             raise TubError(f"{p}: no such file or folder")
         if p.is_dir() and not _is_pt_folder(p):
-            found = sorted(q for q in p.iterdir() if q.suffix.lower() in suffixes and q.is_file())
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in suffixes)
+            for q in found:
+                refuse_broken_link(q)
+            found = [q for q in found if q.is_file()]
         else:
             found = [p]
         for q in found:
