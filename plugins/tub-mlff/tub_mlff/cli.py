@@ -113,6 +113,18 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _data_sha256(path: Path) -> str:
+    """sha256 of a data file's bytes; of a folder (an ASE BundleTrajectory), of its files' names and bytes."""
+    if not path.is_dir():
+        return _sha256(path)
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path)}\0{_sha256(f)}\0".encode())
+    return h.hexdigest()
+
+
 def _write_extxyz(path: Path, frames) -> Path:
     from ase.io import write
 
@@ -381,6 +393,40 @@ def _check_architecture(state: dict, model, path) -> None:
                            f"{want} from the config); resume with that run's --set model.* options or use a new -o")
 
 
+def _training_data(data, valid) -> list[dict]:
+    """The files a training reads, each with the sha256 of its bytes: kept in every checkpoint (a resume on
+    edited or replaced files would train one model on two data sets) and in model.json (evaluate notices
+    a test file that is one of them). Hashing the bytes is cheap and needs no choice of what a frame is."""
+    return [{"role": role, "path": str(path), "sha256": _data_sha256(Path(path))}
+            for role, path in (("train", data), ("valid", valid)) if path is not None]
+
+
+def _check_training_data(state: dict, now: list[dict], ckpt) -> None:
+    """TubError when a training file's bytes differ from those the checkpoint was trained on (checkpoints
+    written before the fingerprint was kept have none and resume unchecked)."""
+    then = {d["role"]: d["sha256"] for d in state.get("training_data") or []}
+    for d in now:
+        if d["role"] in then and then[d["role"]] != d["sha256"]:
+            raise TubError(f"{d['path']} changed since the checkpoint {ckpt} was written (another sha256), so the "
+                           "resumed run would mix two data sets; train on it in a new -o (or drop --resume and "
+                           "pass --overwrite to start this run again), or restore the file")
+
+
+def _warn_training_files(run, metas: list[dict], data) -> None:
+    """Warn when the file to evaluate is one of the model's training files (same bytes, from model.json):
+    its errors then measure the fit, not the model. Models without the record (reference, demo) pass."""
+    if not any(meta.get("training_data") for meta in metas):
+        return
+    digest = _data_sha256(Path(data))
+    seen = {(d.get("role"), d.get("path")) for meta in metas for d in meta.get("training_data") or []
+            if d.get("sha256") == digest}
+    for role, path in sorted(seen, key=str):
+        what = "trained on (most of) these frames" if role == "train" else "chose its epoch on these frames (--valid)"
+        run.log.warning("%s has the same bytes as the model's %s file %s: the model was %s, so these errors "
+                        "flatter it; evaluate on frames it never saw (train's own test share is in its "
+                        "metrics.json 'test')", data, "training" if role == "train" else "validation", path, what)
+
+
 # model.* options that define the architecture (weights and what they mean) -> SpookyNetConfig field;
 # lr_cutoff and module_keep_prob are not among them: --init-from applies those
 _ARCHITECTURE = {"num_features": "num_features", "num_basis_functions": "num_basis_functions",
@@ -410,7 +456,15 @@ def _check_init_architecture(m, mcfg, path) -> None:
 
 def _split_groups(frames, split_by: str, data, run) -> list | None:
     """The group label of every frame for ``split_indices`` (None: split frame by frame)."""
-    if split_by == "none" or (split_by == "auto" and not all("traj" in f.info for f in frames)):
+    if split_by == "none":
+        return None
+    if split_by == "auto" and not all("traj" in f.info for f in frames):
+        tagged = sum("traj" in f.info for f in frames)
+        if tagged:  # e.g. labelled MD frames pooled with built cells: the MD runs' near-copies get split up
+            run.log.warning("%s: %d of %d frames carry info['traj'] (an MD run's name), the others none, so the "
+                            "split goes frame by frame and one run's correlated frames can land in both train and "
+                            "test; give every frame an info['traj'] (e.g. its file's name) to split by run, or "
+                            "--set split_by=none to split by frame knowingly", data, tagged, len(frames))
         return None
     key = "traj" if split_by == "auto" else split_by
     missing = sum(key not in f.info for f in frames)
@@ -519,9 +573,11 @@ def train(cfg, run) -> dict:
                         "trajectory" if groups is not None else "frame")
     span = composition_span(train_g)  # kept in model.json: md/ocv/evaluate/explain warn outside it
     dtype = _dtype(run)
+    training_data = _training_data(data, cfg.valid)
     state = run.load_checkpoint()
     if state is not None:
         _check_architecture(state, SpookyNet(SpookyNetConfig.from_dict(mcfg.to_dict())), run.resume_from)
+        _check_training_data(state, training_data, run.resume_from)
     first_member = int(state["member"]) if state else 0
     if first_member > 0 and state.get("epochs") not in (None, cfg.epochs):
         raise TubError(f"--epochs {cfg.epochs} on a committee trained for {state['epochs']}: members "
@@ -542,11 +598,14 @@ def train(cfg, run) -> dict:
         if base is not None:
             model.config.module_keep_prob = mcfg.module_keep_prob
         res = fit(model, train_g, valid, settings, run, dtype=dtype, device=run.device, seed=cfg.seed,
-                  state=state if (state and int(state["member"]) == member) else None, member=member)
+                  state=state if (state and int(state["member"]) == member) else None, member=member,
+                  record={"training_data": training_data})
         if run.is_main:  # torchrun: every rank holds the same weights; rank 0 writes them
             save_model(res["model"], run.checkpoints_dir / name,
                        extra={"elements": elements, "composition_span": span,
                               "trained_on": str(data), "member": member,
+                              # with the --init-from model's: evaluate warns on any file the weights saw
+                              "training_data": (base_meta.get("training_data") or []) + training_data,
                               "train_frames": len(train_g), "world_size": run.world_size,
                               "command": _command_line(), "train_config": cfg.model_dump(mode="json")})
         results.append(res)
@@ -582,6 +641,7 @@ def evaluate(cfg, run) -> dict:
     for k, a in enumerate(frames):
         check_structure(a, meta_elements, name=f"{data} frame {k}")
     _warn_composition(run, model_composition_span([meta for _, meta in loaded]), frames, str(data))
+    _warn_training_files(run, [meta for _, meta in loaded], data)
     mc = models[0].config
     radius = max(mc.cutoff, mc.lr_cutoff or 0.0)
     periodic = any(np.any(a.pbc) for a in frames)

@@ -4,8 +4,8 @@ Integrators are ASE's: Langevin (BBK), Bussi stochastic velocity rescaling (Buss
 Parrinello, JCP 126, 014101 (2007)), velocity Verlet, and Langevin-BAOAB with a Langevin
 barostat for NPT (needs the model's stress). At every multiple of ``interval`` steps (and at the
 last step) one line goes to the thermo log and then one extxyz frame (positions, momenta,
-energies, step in info) is appended, each flushed to disk; a killed run resumes from the last
-complete frame, and an extended run keeps its frames on the ``interval`` grid. The settings that
+energies, step and the run's name ``traj`` in info) is appended, each flushed to disk; a killed
+run resumes from the last complete frame, and an extended run keeps its frames on the ``interval`` grid. The settings that
 define the trajectory (integrator, time step, interval, temperature, ..., model) are kept in
 ``<trajectory>.json``; a resume must use the same settings and structure. With every frame the
 integrator's full state goes to ``<trajectory>.state.json`` (written atomically): positions, momenta
@@ -232,6 +232,21 @@ def _check_resume(frames, atoms, settings: dict, traj: Path) -> None:
                        "start again in a new -o with a smaller --timestep")
 
 
+def trajectory_id(atoms, settings: dict) -> str:
+    """The name of one MD run, written into every frame as info["traj"]: the key `train` splits by, so that
+    the correlated frames of one run, once labelled, land together in train, valid or test. A digest of the
+    starting structure and the settings (seed and model digest included, model paths not): another run gets
+    another name, and a resume or a rerun of the same run the same one."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in (atoms.numbers.astype(np.int64), np.round(atoms.positions, 6) + 0.0,
+              np.round(np.asarray(atoms.cell), 6) + 0.0, np.asarray(atoms.pbc, dtype=np.int8)):
+        h.update(np.ascontiguousarray(a).tobytes())
+    h.update(to_json({k: settings[k] for k in sorted(settings) if k != "model"}).encode())
+    return f"md-{h.hexdigest()[:16]}"
+
+
 def _thermo_rows(thermo: Path, steps: set[int]) -> list[str]:
     """The header and the complete thermo lines of the given steps (a killed writer leaves a partial line)."""
     rows, seen = [THERMO_HEADER], set()
@@ -290,6 +305,8 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
         if not frames:
             raise TubError(f"{traj} exists but holds no complete frame; remove it or choose another --out")
         _check_resume(frames, atoms, {k: v for k, v in settings.items() if k != "seed"}, traj)
+    # a resumed run keeps its frames' name (runs made before frames carried one get it from here on)
+    traj_id = str(frames[0].info["traj"]) if frames and "traj" in frames[0].info else trajectory_id(atoms, settings)
     atoms = atoms.copy()
     start = int(frames[-1].info.get("step", 0)) if frames else 0
     saved, why = None, ""
@@ -366,6 +383,7 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
         line, epot, T, _ = thermo_line(step)
         frame = atoms.copy()
         frame.info.update({"step": step, "time_fs": step * timestep_fs, "epot": epot, "temperature": T,
+                           "traj": traj_id,  # train's split keeps this run's frames in one share
                            "predicted_by": "tub mlff md"})  # train/evaluate refuse them as labels
         frame.set_momenta(atoms.get_momenta())
         # energy, forces (and stress) with the frame, as ASE readers expect them

@@ -197,11 +197,14 @@ def init_element_bias(model, graphs: list[Graph], dtype=torch.float32, device="c
 
 
 def fit(model, train: list[Graph], valid: list[Graph], s: TrainSettings, run, dtype=torch.float32,
-        device="cpu", seed: int = 0, state: dict | None = None, member: int = 0, on_epoch=None) -> dict:
+        device="cpu", seed: int = 0, state: dict | None = None, member: int = 0, on_epoch=None,
+        record: dict | None = None) -> dict:
     """Train ``model`` in place; returns the EMA model's validation metrics and the best EMA state.
 
     ``state`` is a checkpoint dict from an earlier, interrupted call (resume). ``run`` provides
-    save_checkpoint/log_metrics/log; ``on_epoch(epoch, metrics)`` is an optional hook.
+    save_checkpoint/log_metrics/log; ``on_epoch(epoch, metrics)`` is an optional hook. ``record``
+    (strings and numbers, e.g. the training files' fingerprints) goes into every checkpoint, so that
+    a resume can check it.
     """
     model.to(device=device, dtype=dtype)
     if state is None and member == 0:  # once per run, not per committee member
@@ -290,7 +293,7 @@ def fit(model, train: list[Graph], valid: list[Graph], s: TrainSettings, run, dt
                      1000 * (val.get("forces_mae") or float("nan")))
         ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "ema": ema.shadow, "epoch": epoch, "best_val": best, "bad_epochs": bad, "member": member,
-                "best_ema": best_state, "epochs": s.epochs}
+                "best_ema": best_state, "epochs": s.epochs, **(record or {})}
         run.save_checkpoint(ckpt, best=improved)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
