@@ -160,3 +160,36 @@ def test_md_frames_are_not_training_labels_and_old_runs_are_not_resumed_across_f
     stored.write_text(json.dumps(settings))
     r = _md(setup, out, "nvt-bussi", 20)
     assert r.exit_code == 2 and "degrees of freedom" in r.stderr
+
+
+def test_a_resume_indexes_the_trajectory_without_parsing_every_frame(tmp_path, monkeypatch):
+    """A resume read and parsed the whole trajectory (10^5 frames of 800 atoms: ~37 GB of memory); the
+    index keeps offsets and steps only, parses frames on demand and still drops a half-written last frame."""
+    import io
+
+    import ase.io
+
+    from tub_mlff.md import SavedFrames, _frame_text
+
+    a = bulk("Na", "bcc", a=4.23, cubic=True).repeat((2, 2, 2))
+    a.set_momenta(np.random.default_rng(0).normal(size=(len(a), 3)))
+    texts = []
+    for step in range(0, 200, 5):
+        b = a.copy()
+        b.positions += 0.001 * step
+        b.info.update({"step": step, "time_fs": step * 0.5})
+        texts.append(_frame_text(b))
+    path = tmp_path / "t.extxyz"
+    whole = "".join(texts)
+    path.write_text(whole + texts[-1][: len(texts[-1]) // 2])  # killed while writing one more frame
+    calls = []
+    real = ase.io.read
+    monkeypatch.setattr(ase.io, "read", lambda *x, **k: (calls.append(1), real(*x, **k))[1])
+    frames = SavedFrames(path)
+    assert len(frames) == 40 and frames.steps == list(range(0, 200, 5)) and frames.ends[-1] == len(whole.encode())
+    assert len(calls) == 1  # the last frame only, to check it reads
+    for k in (0, 1, -1):
+        expected = real(io.StringIO(texts[k]), format="extxyz")
+        assert np.array_equal(frames[k].positions, expected.positions)
+        assert np.array_equal(frames[k].get_momenta(), expected.get_momenta())
+    assert len(calls) <= 4

@@ -33,35 +33,66 @@ ENSEMBLES = ("nvt-langevin", "nvt-bussi", "nve", "npt")
 THERMO_HEADER = "step,time_fs,epot_eV,ekin_eV,etot_eV,temperature_K,volume_A3,pressure_GPa,energy_std_eV,max_force_disagreement_eVA\n"
 
 
-def read_complete_frames(path: Path):
-    """Frames of an extxyz trajectory, dropping a truncated last frame (killed writer).
+class SavedFrames:
+    """The complete frames of an extxyz trajectory, indexed without being held in memory.
 
-    Returns (frames, ends): ``ends[k]`` is the file offset just past frame k.
+    A resume needs only the first frames (structure and settings), the last one (where to go on), each
+    frame's step and byte offsets; a long run's file (10^5 frames of 800 atoms: 12 GB) would not fit in
+    memory parsed. One pass over the lines records where each frame starts and ends and its ``step``;
+    ``frames[k]`` parses frame k from the file on demand. A truncated last frame (killed writer) is
+    dropped: fewer lines than its atom count, no final newline, or a frame ASE cannot read.
     """
-    from ase.io import read
 
-    text = path.read_text()
-    frames, ends = [], []
-    lines = text.splitlines(keepends=True)
-    k = pos = 0
-    while k < len(lines):
-        try:
-            n = int(lines[k].strip())
-        except ValueError:
-            break
-        if k + 2 + n > len(lines):
-            break
-        block = "".join(lines[k:k + 2 + n])
-        if not block.endswith("\n"):
-            break  # the writer was killed inside the last line
-        try:
-            frames.append(read(io.StringIO(block), format="extxyz"))
-        except Exception:  # noqa: BLE001 - an incomplete frame ends the usable part
-            break
-        k += 2 + n
-        pos += len(block)
-        ends.append(pos)
-    return frames, ends
+    def __init__(self, path: Path):
+        from itertools import islice
+
+        from ase.io.extxyz import key_val_str_to_dict
+
+        self.path, self.starts, self.ends, self.steps = Path(path), [], [], []
+        self._parsed: dict[int, object] = {}
+        pos = 0
+        with open(self.path, "rb") as fh:
+            while head := fh.readline():
+                try:
+                    n = int(head.strip())
+                except ValueError:
+                    break
+                comment = fh.readline()
+                size, lines, last = len(head) + len(comment), 0, comment
+                for last in islice(fh, n):
+                    size, lines = size + len(last), lines + 1
+                if lines < n or not last.endswith(b"\n"):
+                    break  # the writer was killed inside this frame
+                try:
+                    step = int(key_val_str_to_dict(comment.decode()).get("step", 0))
+                except (ValueError, TypeError, UnicodeDecodeError):
+                    break
+                self.starts.append(pos)
+                pos += size
+                self.ends.append(pos)
+                self.steps.append(step)
+        while self.starts:  # damage the line count cannot see ends the usable part
+            try:
+                self[-1]
+                break
+            except Exception:  # noqa: BLE001
+                for a in (self.starts, self.ends, self.steps):
+                    a.pop()
+                self._parsed.clear()
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, k: int):
+        from ase.io import read
+
+        k = range(len(self))[k]
+        if k not in self._parsed:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.starts[k])
+                text = fh.read(self.ends[k] - self.starts[k]).decode()
+            self._parsed[k] = read(io.StringIO(text), format="extxyz")
+        return self._parsed[k]
 
 
 def _append(path: Path, text: str) -> None:
@@ -299,16 +330,16 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
     if ensemble == "npt":  # (runs before this setting drove the barostat at the opposite pressure)
         settings["npt_cell"] = npt_cell
     settings["ndof"] = degrees_of_freedom(atoms, ensemble)  # (Bussi and the logged T counted 3N before)
-    frames, ends = [], []
+    frames: SavedFrames | list = []
     if traj.exists() and traj.stat().st_size > 0:
-        frames, ends = read_complete_frames(traj)
+        frames = SavedFrames(traj)
         if not frames:
             raise TubError(f"{traj} exists but holds no complete frame; remove it or choose another --out")
         _check_resume(frames, atoms, {k: v for k, v in settings.items() if k != "seed"}, traj)
     # a resumed run keeps its frames' name (runs made before frames carried one get it from here on)
     traj_id = str(frames[0].info["traj"]) if frames and "traj" in frames[0].info else trajectory_id(atoms, settings)
     atoms = atoms.copy()
-    start = int(frames[-1].info.get("step", 0)) if frames else 0
+    start = frames.steps[-1] if frames else 0
     saved, why = None, ""
     if frames:
         last = frames[-1]
@@ -356,8 +387,8 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
                 log.info("extending: the final frame at step %d is replaced by the frames on the %d-step grid",
                          start, interval)
         with open(traj, "r+") as fh:  # cut a half-written frame (killed run) and an off-grid final frame
-            fh.truncate(ends[kept - 1] if kept else 0)
-        kept_steps = {int(f.info.get("step", 0)) for f in frames[:kept]}
+            fh.truncate(frames.ends[kept - 1] if kept else 0)
+        kept_steps = set(frames.steps[:kept])
         rows = _thermo_rows(thermo, kept_steps)
         line = thermo_line(start)[0]  # also leaves the calculator's results as record() left them (stress too)
         if kept == len(frames) and start not in {int(r.split(",")[0]) for r in rows[1:]}:
