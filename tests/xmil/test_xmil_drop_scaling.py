@@ -189,3 +189,23 @@ def test_generic_drop_warns_on_large_bags(monkeypatch):
         assert not [msg for msg in keep.messages if "forward passes" in msg]
     finally:
         log.removeHandler(keep)
+
+
+def test_ig_batches_its_steps_within_the_activation_budget(monkeypatch):
+    """IG sized its batches of steps from the input alone: TransMIL ran all 50 steps of a 1000-patch bag
+    in one forward (~6 GB). The steps now share drop-one's activation budget; batching changes only
+    float rounding."""
+    import tub_xmil.explain as ex
+    from tub_xmil.transmil import TransMIL
+
+    torch.manual_seed(0)
+    m = TransMIL(input_dim=24, head_dim=2, n_feat=32).eval()
+    x = torch.randn(1, 40, 24)
+    whole = ex.integrated_gradients(m, x, target=1, n_steps=12)
+    calls = []
+    monkeypatch.setattr(ex, "DROP_BUDGET_BYTES", 41 * ex._widest_layer(m, 24) * 4 * ex.DROP_ACTIVATION_FACTOR * 3)
+    handle = m.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    batched = ex.integrated_gradients(m, x, target=1, n_steps=12)
+    handle.remove()
+    assert max(calls) < 12 and sum(calls) == 12
+    np.testing.assert_allclose(batched, whole, rtol=1e-4, atol=1e-6)

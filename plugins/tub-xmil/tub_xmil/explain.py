@@ -71,6 +71,10 @@ def integrated_gradients(model, x, task="classification", target=0, n_steps: int
         return _ig_linear_first(model, x, task, target, alphas, weights, max_elements, return_features)
     per_step = x.numel()
     chunk = max(1, min(n_steps, max_elements // max(per_step, 1)))
+    # a model's activations can outgrow the interpolated inputs many times (TransMIL's attention: ~6 GB
+    # for 50 steps of a 1000-patch bag): at most as many steps per forward as drop-one runs bags of that
+    # size within its activation budget
+    chunk = min(chunk, drop_bags_per_forward(model, x.shape[1] + 1, x.shape[-1], x.element_size()))
     total = torch.zeros_like(x[0])
     with torch.enable_grad():
         for s in range(0, n_steps, chunk):
