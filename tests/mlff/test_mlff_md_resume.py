@@ -34,9 +34,10 @@ def setup(tmp_path_factory):
 
 
 def _md(d, out, ensemble, steps, *extra):
+    constants = {"nvt-bussi": ["--set", "taut=20"], "npt": ["--set", "taut=20", "--set", "taup=100"]}
     return invoke(["mlff", "md", d / "na.extxyz", "--model", d / "tiny.safetensors", "--ensemble", ensemble,
                    "--steps", str(steps), "--interval", "5", "--timestep", "1", "--temp", "300",
-                   "--set", "taut=20", "--set", "taup=100", "--precision", "fp64", "--seed", "3", "-o", out, *extra])
+                   *constants.get(ensemble, []), "--precision", "fp64", "--seed", "3", "-o", out, *extra])
 
 
 @pytest.mark.parametrize("ensemble", ["nvt-langevin", "nvt-bussi", "npt"])
@@ -82,7 +83,7 @@ def test_a_resume_in_another_precision_is_refused(tmp_path, setup):
     _ok(_md(setup, out, "nvt-langevin", 5))
     later = invoke(["mlff", "md", setup / "na.extxyz", "--model", setup / "tiny.safetensors", "--ensemble",
                     "nvt-langevin", "--steps", "10", "--interval", "5", "--timestep", "1", "--temp", "300",
-                    "--set", "taut=20", "--set", "taup=100", "--precision", "fp32", "--seed", "3", "-o", out])
+                    "--precision", "fp32", "--seed", "3", "-o", out])
     assert later.exit_code == 2 and "precision=fp64 (now fp32)" in later.stderr
     assert len(read(out / "outputs" / "trajectory.extxyz", index=":")) == 2  # frames 0 and 5, untouched
 
@@ -104,6 +105,14 @@ def test_npt_pressure_compresses_and_the_log_reads_it_back(tmp_path, setup):
     wrong = invoke(["mlff", "md", setup / "na.extxyz", "--model", setup / "tiny.safetensors", "--pressure", "1",
                     "--steps", "2", "-o", tmp_path / "nvt"])
     assert wrong.exit_code == 2 and "act on NPT only" in wrong.stderr
+    # thermostat/barostat constants of another ensemble were ignored silently (and recorded as if used)
+    for ensemble, extra, named in (("nve", ["--set", "friction=0.5", "--set", "taut=5"], "friction, taut"),
+                                   ("nvt-langevin", ["--set", "taup=5"], "taup"),
+                                   ("nvt-bussi", ["--set", "friction=0.5"], "friction")):
+        wrong = invoke(["mlff", "md", setup / "na.extxyz", "--model", setup / "tiny.safetensors", "--ensemble",
+                        ensemble, *extra, "--steps", "2", "-o", tmp_path / f"idle_{ensemble}"])
+        assert wrong.exit_code == 2 and f"{ensemble} does not use {named} (" in wrong.stderr
+        assert not (tmp_path / f"idle_{ensemble}").exists()
 
 
 def test_frames_carry_energy_and_forces_and_bussi_counts_3n_minus_3(tmp_path, setup):

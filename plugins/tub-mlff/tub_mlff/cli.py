@@ -684,6 +684,13 @@ def md(cfg, run) -> dict:
     path = _need(cfg.structure, "STRUCTURE", "an extxyz file with the starting structure")
     if cfg.ensemble != "npt" and (cfg.pressure != 0 or cfg.npt_cell != "full"):
         raise TubError(f"--pressure and npt_cell act on NPT only; add --ensemble npt (now {cfg.ensemble}) or drop them")
+    # the thermostat/barostat constants of another ensemble would be ignored (and recorded as if used)
+    acts_on = {"friction": ("nvt-langevin",), "taut": ("nvt-bussi", "npt"), "taup": ("npt",)}
+    idle = [k for k, ens in acts_on.items()
+            if cfg.ensemble not in ens and getattr(cfg, k) != type(cfg).model_fields[k].default]
+    if idle:
+        raise TubError(f"{cfg.ensemble} does not use {', '.join(idle)} ("
+                       + "; ".join(f"{k} acts on {'/'.join(acts_on[k])}" for k in idle) + "); drop it or choose that ensemble")
     atoms = read_structures(path, index="-1")[0]
     if len(atoms) < 2:  # 3N - 3 = 0: no temperature once the centre of mass is at rest
         raise TubError(f"{path}: MD needs at least 2 atoms (one atom has no degrees of freedom once its "
