@@ -379,3 +379,13 @@ def test_a_broken_link_in_a_slide_folder_is_an_error(tmp_path):
     (tmp_path / "slides" / "b.tiff").symlink_to(tmp_path / "moved" / "b.tiff")
     expect_error_line(invoke(["xmil", "tile", tmp_path / "slides", "-o", tmp_path / "t"]),
                       "b.tiff is a broken link", "restore its target or remove the link")
+
+
+def test_tiling_settings_with_coords_dir_are_refused(tmp_path):
+    """`features --coords-dir … --set tiling.patch_size=128` used the patches files' 256-px tiles and recorded
+    patch_size 128 in config.yaml."""
+    (tmp_path / "coords").mkdir()
+    expect_error_line(invoke(["xmil", "features", tmp_path / "s.tiff", "--coords-dir", tmp_path / "coords",
+                              "--set", "tiling.patch_size=128", "--set", "tiling.min_std=2", "-o", tmp_path / "f"]),
+                      "tiling.patch_size, tiling.min_std do not apply with --coords-dir")
+    assert not (tmp_path / "f").exists()

@@ -34,8 +34,14 @@ def tile(cfg, run) -> dict:
 
 def features(cfg, run) -> dict:
     from tub_xmil.features import get_encoder
+    from tub_xmil.config import TilingSection
     from tub_xmil.pipeline import SLIDE_SUFFIXES, expand_inputs, features_one
 
+    if cfg.coords_dir is not None:  # the patches files fix the tiles: these settings would be recorded, not used
+        given = [k for k, v in cfg.tiling.model_dump().items() if v != TilingSection.model_fields[k].default]
+        if given:
+            raise TubError(f"tiling.{', tiling.'.join(given)} do not apply with --coords-dir (the tiles are those "
+                           "of its patches files); drop them, or drop --coords-dir to tile anew")
     slides = expand_inputs(cfg.slides, SLIDE_SUFFIXES)
     spec, module = get_encoder(cfg.encoder, cfg.weights, run.device, run.dtype)
     run.log.info("encoder %s (%d-d, %d px tiles)%s", spec.name, spec.dim, spec.tile_size,
