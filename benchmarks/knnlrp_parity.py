@@ -61,7 +61,7 @@ def main() -> None:
                         ref = NeuralisedSVM(est)
                         R_ref = ref.explain(Xte, rule=ref_rule, eta=eta, with_intercept=True)
                         g_ref = ref.forward(Xte, with_intercept=True)
-                    e = explain(est, Xte, rule=rule, eta=eta)
+                    e = explain(est, Xte, rule=rule, eta=eta if rule == "hybrid" else None)
                     dR = float(np.abs(e.values - R_ref).max() / np.abs(R_ref).max())
                     dg = float(np.abs(e.output - g_ref).max())
                     out["parity"][f"{name}/{label}/{rule}"] = {"rel_dR": dR, "abs_dg": dg}

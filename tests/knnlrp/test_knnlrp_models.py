@@ -31,7 +31,7 @@ def wine():
 def test_multiclass_knn_explains_predicted_class_and_conserves(wine, multiclass):
     Xtr, Xte, ytr, _ = wine
     knn = KNeighborsClassifier(5).fit(Xtr, ytr)
-    e = explain(knn, Xte, rule="midpoint", multiclass=multiclass, beta_mc=0.5)
+    e = explain(knn, Xte, rule="midpoint", multiclass=multiclass, **({"beta_mc": 0.5} if multiclass == "softmin" else {}))
     np.testing.assert_array_equal(e.positive, e.prediction)
     assert np.all(e.negative != e.positive)
     err = np.abs(e.values.sum(axis=1) - e.output) / np.maximum(1.0, np.abs(e.output))
@@ -214,6 +214,12 @@ def test_api_misuse_is_an_error_not_ignored():
         explain(svc, X[:3], X_train=X[:, :2])  # it would set the default eta from other data
     with pytest.raises(ValueError, match="beta is the SVM's"):
         explain(knn, X[:3], beta=1e-9)
+    # eta with gi/midpoint and beta_mc with the hard min were ignored (config.yaml recorded them as used)
+    with pytest.raises(ValueError, match="eta mixes the hybrid rule; the gi rule is η = 0"):
+        explain(knn, X[:3], rule="gi", eta=0.1)
+    with pytest.raises(ValueError, match="beta_mc is the stiffness of the softmin"):
+        explain(knn, X[:3], beta_mc=3.0)
+    assert explain(knn, X[:3], rule="hybrid", eta=0.1).values.shape == (3, 4)
     with pytest.raises(UnsupportedModelError, match="y_train was given without X_train"):
         explain(knn, X[:3], y_train=y)
     with pytest.raises(NotFittedError):

@@ -101,7 +101,7 @@ class NeuralizedExplainer(BaseEstimator):
         self.beta_mc = beta_mc
 
     def _check_params(self) -> None:
-        normalize_rule(self.rule)
+        rule = normalize_rule(self.rule)
         if self.multiclass not in ("min", "softmin"):
             raise ValueError(f"multiclass must be 'min' or 'softmin', got {self.multiclass!r}")
         if self.eta is not None and not (is_real(self.eta) and 0 <= self.eta <= 1):
@@ -113,6 +113,12 @@ class NeuralizedExplainer(BaseEstimator):
             raise ValueError(f"beta must be a number > 0 (or None for the default γ), got {self.beta!r}")
         if not (is_real(self.beta_mc) and self.beta_mc > 0):
             raise ValueError(f"beta_mc must be a number > 0, got {self.beta_mc!r}")
+        if self.eta is not None and rule != "hybrid":  # it would be ignored: gi is η = 0, midpoint η = 1
+            raise ValueError(f"eta mixes the hybrid rule; the {rule} rule is η = {RULE_ETA[rule]:g}: drop eta or "
+                             "use the hybrid rule")
+        if self.multiclass == "min" and self.beta_mc != 1.0:
+            raise ValueError("beta_mc is the stiffness of the softmin multiclass mode; the hard min has none: drop "
+                             "beta_mc or use multiclass softmin")
 
     def fit(self, model, X_train=None, y_train=None, feature_names=None):
         """Neuralize a fitted estimator or Pipeline; returns self.

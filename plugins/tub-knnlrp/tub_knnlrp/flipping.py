@@ -176,12 +176,12 @@ class FlippingEvaluation:
         eta = sweep_eta(method)
         if method == "lrp" or eta is not None:
             kw = dict(self.kwargs)
-            if eta is not None:
-                kw["eta"] = eta
+            if eta is not None:  # an η sweep is the hybrid rule at that η
+                kw.update(eta=eta, rule="hybrid")
             kw.setdefault("rule", "hybrid")
             return s[:, None] * NeuralizedExplainer(**kw).fit(self.estimator, self.Z_train, self.y_train).transform(Z)
         if method in ("gi", "midpoint"):
-            kw = dict(self.kwargs, rule=method)
+            kw = dict(self.kwargs, rule=method, eta=None)  # the fixed-η rules (a user's --eta is the hybrid's)
             return s[:, None] * NeuralizedExplainer(**kw).fit(self.estimator, self.Z_train, self.y_train).transform(Z)
         if method == "neuralized_ig":
             return baselines.neuralized_ig(self.explainer, Z, c, competitor)
