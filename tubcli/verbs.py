@@ -345,6 +345,9 @@ def _execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
         func = resolve_ref(verb.run, app.hints)
         if opts.get("shard") and not verb.batch:
             raise TubError(f"--shard applies to batch verbs only; '{verb.name}' does its whole input in one run")
+        if opts.get("resume") and not verb.training:  # it would be ignored (or start a fresh run elsewhere)
+            raise TubError(f"--resume continues a training; '{verb.name}' does not train: rerun it with the same -o "
+                           "to continue where it stopped")
         shard = opts.get("shard") if verb.batch else "0/1"  # a SLURM array does not split a non-batch verb
         run = Run(app.name, verb.name, cfg, out=opts.get("out"), resume=opts.get("resume"), shard=shard,
                   overwrite=bool(opts.get("overwrite")), verbosity=verbosity, plugin_version=app.version,

@@ -697,3 +697,11 @@ def test_a_closed_stdout_is_not_an_error(toy_env, tmp_path):
     proc = subprocess.run(["sh", "-c", f"{cmd} >&-"], env=toy_env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "error" not in proc.stderr, proc.stderr
     assert (tmp_path / "r" / "DONE").exists()
+
+
+def test_resume_on_a_verb_that_does_not_train_is_refused(toy_plugins, tmp_path):
+    """--resume was accepted and ignored on non-training verbs (mlff md --resume auto started a fresh run
+    elsewhere), while --shard on a non-batch verb was refused."""
+    result = invoke(["toy", "evaluate", *make_inputs(tmp_path / "in", 1), "--resume", "auto", "-o", tmp_path / "r"])
+    assert result.exit_code == 2 and "--resume continues a training; 'evaluate' does not train" in result.stderr
+    assert not (tmp_path / "r").exists()
