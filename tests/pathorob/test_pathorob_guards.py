@@ -513,3 +513,14 @@ def test_paired_subset_with_a_class_smaller_than_k_is_named():
     with pytest.raises(TubError, match=f"subset '{sub}'.*class a has 8 samples, fewer than k=9"):
         robustness_index(X[index], paired, k=9, paired=True, auc=False)
     assert robustness_index(X[index], paired, k=7, paired=True, auc=False).summary["k_opt"] == 7
+
+
+def test_precision_and_device_that_do_not_apply_are_said(data, tmp_path):
+    """`ri --precision bf16` ran in numpy's own precision and config.yaml recorded bf16 without a word."""
+    _, out = data
+    r = invoke(["pathorob", "ri", out / "features.npy", "--metadata", out / "metadata.csv", "--k", "5", "--no-auc",
+                "--precision", "bf16", "-o", tmp_path / "r"])
+    assert r.exit_code == 0 and "--precision bf16 do not change that" in r.stderr
+    r = invoke(["pathorob", "ri", out / "features.npy", "--metadata", out / "metadata.csv", "--k", "5", "--no-auc",
+                "-o", tmp_path / "r2"])
+    assert "do not change that" not in r.stderr

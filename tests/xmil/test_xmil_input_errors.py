@@ -389,3 +389,9 @@ def test_tiling_settings_with_coords_dir_are_refused(tmp_path):
                               "--set", "tiling.patch_size=128", "--set", "tiling.min_std=2", "-o", tmp_path / "f"]),
                       "tiling.patch_size, tiling.min_std do not apply with --coords-dir")
     assert not (tmp_path / "f").exists()
+
+
+def test_a_train_run_directory_is_a_model(tmp_path, bags, model):
+    """`--model RUN` (the train run directory, as knnlrp takes it) failed: "RUN/model.safetensors not found"."""
+    res = _ok(invoke(["xmil", "explain", bags / "s0.h5", "--model", model.parent, "-o", tmp_path / "e", "--json"]))
+    assert json.loads(res.stdout)["batch"]["processed"] == 1

@@ -601,6 +601,10 @@ def _threaded(impl):
     def verb(cfg, run):
         from .threads import limit_threads
 
+        device, precision = getattr(cfg, "device", "auto"), getattr(cfg, "precision", "fp32")
+        if device not in ("auto", "cpu") or precision != "fp32":  # recorded in config.yaml, so say it is not used
+            run.log.warning("tub-pathorob computes with numpy/scikit-learn on the CPU: "
+                            "--device %s --precision %s do not change that", device, precision)
         with limit_threads(cfg.threads):
             return impl(cfg, run)
 

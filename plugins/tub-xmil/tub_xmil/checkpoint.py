@@ -120,6 +120,8 @@ def load_model(path: str | Path, model_json: dict | None = None) -> tuple[torch.
     import json
 
     path = Path(path)
+    if path.is_dir() and not (path / "model.safetensors").exists() and (path / "checkpoints" / "model.safetensors").exists():
+        path = path / "checkpoints"  # a train run directory: its weights are in checkpoints/
     if path.is_dir():
         path = path / "model.safetensors"
     sd = map_reference_keys(read_state_dict(path))
