@@ -395,3 +395,13 @@ def test_a_train_run_directory_is_a_model(tmp_path, bags, model):
     """`--model RUN` (the train run directory, as knnlrp takes it) failed: "RUN/model.safetensors not found"."""
     res = _ok(invoke(["xmil", "explain", bags / "s0.h5", "--model", model.parent, "-o", tmp_path / "e", "--json"]))
     assert json.loads(res.stdout)["batch"]["processed"] == 1
+
+
+def test_settings_of_a_method_that_does_not_run_are_refused(tmp_path, bags, model):
+    """`--method ig --set lrp.gamma=5` gave byte-identical output to no gamma (and recorded gamma 5)."""
+    for extra, named in ((["--method", "ig", "--set", "lrp.gamma=5"], "lrp.gamma (lrp)"),
+                         (["--method", "attention", "--set", "ig_steps=7"], "ig_steps (ig)")):
+        expect_error_line(invoke(["xmil", "explain", bags / "s0.h5", "--model", model, *extra, "-o", tmp_path / "e"]),
+                          named, "does not use them")
+    _ok(invoke(["xmil", "explain", bags / "s0.h5", "--model", model, "--method", "lrp,ig", "--set", "ig_steps=7",
+                "--set", "lrp.gamma=0.5", "-o", tmp_path / "ok"]))

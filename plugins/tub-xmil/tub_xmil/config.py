@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from tubcli.config import Section, TubConfig, split_commas
 
@@ -90,6 +90,19 @@ class ModelInput(TubConfig):
     def _method(cls, value):
         """--method lrp,ig as well as repeated --method; a method named twice runs once."""
         return split_commas(value)
+
+    @model_validator(mode="after")
+    def _settings_of_a_method_not_run(self):
+        """lrp.* or ig_steps with no LRP or IG among the methods would be recorded but not used."""
+        methods = getattr(self, "method", None) or []
+        unused = ([f"lrp.{k}" for k, v in self.lrp.model_dump().items() if v != LRPSection.model_fields[k].default]
+                  if "lrp" not in methods else [])
+        unused += ["ig_steps"] if "ig" not in methods and self.ig_steps != type(self).model_fields["ig_steps"].default else []
+        if unused:
+            named = ", ".join(f"{k} ({'lrp' if k.startswith('lrp') else 'ig'})" for k in unused)
+            raise ValueError(f"{named} set but --method is {','.join(methods)}, which does not use them; add the "
+                             "method in brackets or drop them")
+        return self
 
 
 class ExplainConfig(ModelInput):
