@@ -97,4 +97,3 @@ def image_files(root: Path) -> list[Path]:
             refuse_broken_link(tile)
         out += [tile for tile in tiles if tile.is_file()]
     return sorted(out)
-
