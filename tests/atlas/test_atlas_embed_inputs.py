@@ -247,3 +247,15 @@ def test_a_broken_link_in_a_tile_folder_is_an_error_not_a_missing_tile(tmp_path)
     r = invoke(["atlas", "embed", tmp_path / "tiles", *ENC, "-o", tmp_path / "run"])
     assert r.exit_code == 1 and "b.png is a broken link (to " in r.stderr and "Traceback" not in r.stderr
     assert not list((tmp_path / "run" / "outputs").rglob("manifest.csv"))  # the folder is a failed item
+
+
+def test_a_precision_a_verb_does_not_compute_in_is_said(tmp_path):
+    """`explain --precision bf16` gave maps bit-identical to fp32 and recorded bf16 without a word."""
+    folder = tmp_path / "tiles" / "a"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (32, 32), (200, 100, 150)).save(folder / "x.png")
+    r = atlas("explain", tmp_path / "tiles", *ENC, "--max-tiles", "1", "--method", "lrp", "--precision", "bf16",
+              "-o", tmp_path / "e")
+    assert "does not compute in --precision bf16" in r.stderr
+    r = atlas("explain", tmp_path / "tiles", *ENC, "--max-tiles", "1", "--method", "lrp", "-o", tmp_path / "e2")
+    assert "does not compute in" not in r.stderr

@@ -20,6 +20,14 @@ def _need(value, what: str):
     return value
 
 
+def _warn_precision(cfg, run, honoured: tuple[str, ...] = ("fp32",)) -> None:
+    """A --precision this verb does not compute in is said, not only recorded in config.yaml (embed and
+    bench honour bf16/fp16; explain also fp64)."""
+    if cfg.precision not in honoured:
+        run.log.warning("tub atlas %s does not compute in --precision %s (it keeps its own precision; only %s "
+                        "apply here)", run.verb, cfg.precision, "/".join(honoured))
+
+
 def _check_gemm(gemm: str, device, flag: str = "--gemm") -> None:
     if gemm == "onednn" and device.type != "cpu":
         raise TubError(f"{flag} onednn runs on the CPU only (device is {device}); use {flag} auto or --device cpu")
@@ -65,6 +73,7 @@ def inspect(cfg: InspectConfig, run) -> dict:
 
 
 def convert(cfg: ConvertConfig, run) -> dict:
+    _warn_precision(cfg, run, ("fp32",))
     from .checkpoint import (apply_preset, describe, infer_config, load_tensors, model_json, native_norm_eps,
                              save_weights, to_timm_layout)
     from .presets import get_preset
@@ -197,6 +206,7 @@ def tile(cfg: TileConfig, run) -> dict:
     """Options, slide paths and output names are checked up front (exit 2); each slide is opened and
     segmented inside the batch loop, only by the shard that owns it, so a bad one (unreadable, or
     settings that do not fit it) becomes its line in failures.jsonl."""
+    _warn_precision(cfg, run, ("fp32",))
     from .slides import check_slide_file, check_slide_options, tile_slide
 
     slides = _slide_folders_opened(_need(cfg.inputs, "SLIDES (whole-slide images or folders of them)"),
@@ -215,6 +225,7 @@ def tile(cfg: TileConfig, run) -> dict:
 
 # ------------------------------------------------------------------ evaluate
 def evaluate(cfg: EvaluateConfig, run) -> dict:
+    _warn_precision(cfg, run, ("fp32",))
     from .features import concat, read_features
     from .probing import run_probes
 
@@ -226,6 +237,7 @@ def evaluate(cfg: EvaluateConfig, run) -> dict:
 def explain(cfg: ExplainConfig, run) -> dict:
     """Input paths and the encoder are checked up front (exit 2); each input is read inside its batch
     item (``explain_inputs``), so a bad one becomes its line in failures.jsonl."""
+    _warn_precision(cfg, run, ("fp32", "fp64"))
     from .explaining import explain_inputs
     from .slides import check_coords_file, check_slide_options
 
@@ -240,6 +252,7 @@ def explain(cfg: ExplainConfig, run) -> dict:
 
 # ------------------------------------------------------------------ train (distillation or DINOv2)
 def train(cfg: TrainConfig, run) -> dict:
+    _warn_precision(cfg, run, ("fp32",))
     import torch
 
     from .checkpoint import model_json
@@ -387,6 +400,7 @@ def bench(cfg: BenchConfig, run) -> dict:
 
 
 def make_data(cfg: MakeDataConfig, run) -> dict:
+    _warn_precision(cfg, run, ("fp32",))
     from .synthetic import preset_config, random_vit, synthetic_tiles, write_pathorob_layout, write_tile_folder
 
     from tubcli.io import atomic_path
