@@ -8,25 +8,15 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from ase.build import bulk
 from ase.io import read, write
 from tubcli.testing import expect_ok as _ok, invoke
 
-from tub_mlff.checkpoints import save_model
-from tub_mlff.spookynet import SpookyNet, SpookyNetConfig
-
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_model):
     d = tmp_path_factory.mktemp("mdres")
-    torch.manual_seed(0)
-    m = SpookyNet(SpookyNetConfig(num_features=8, num_basis_functions=4, num_modules=1, use_electrostatics=False,
-                                  use_d4_dispersion=False), seed=0)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    save_model(m.eval(), d / "tiny", extra={"elements": [1, 6, 7, 11]})
+    tiny_model(d / "tiny")
     a = bulk("Na", "bcc", a=4.23, cubic=True).repeat((2, 2, 1))
     a.rattle(0.05, seed=0)
     write(d / "na.extxyz", a, format="extxyz")

@@ -18,10 +18,8 @@ from ase.io import read, write
 from tubcli.testing import expect_ok as _ok, expect_one_line_error as _err, invoke
 
 from tub_mlff.calculator import SpookyNetCalculator
-from tub_mlff.checkpoints import save_model
 from tub_mlff.cli import _split_groups
 from tub_mlff.data import split_indices
-from tub_mlff.spookynet import SpookyNet, SpookyNetConfig
 
 SMALL = ["--set", "model.num_features=8", "--set", "model.num_modules=1", "--set", "model.num_basis_functions=4",
          "--set", "model.electrostatics=false", "--batch-size", "2", "--set", "valid_fraction=0.2",
@@ -30,16 +28,10 @@ DEMO = Path(__file__).parents[2] / "plugins/tub-mlff/tub_mlff/models/demo_nacnh.
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_model):
     """A random tiny model, six CH4 frames it labelled (and six others), and a rattled bcc Na cell."""
     d = tmp_path_factory.mktemp("prov")
-    torch.manual_seed(0)
-    m = SpookyNet(SpookyNetConfig(num_features=8, num_basis_functions=4, num_modules=1, use_electrostatics=False,
-                                  use_d4_dispersion=False), seed=0)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    save_model(m.eval(), d / "tiny", extra={"elements": [1, 6, 7, 11]})
+    tiny_model(d / "tiny")
     calc = SpookyNetCalculator(str(d / "tiny.safetensors"), dtype=torch.float64)
     for name, seeds in (("ch4.extxyz", range(6)), ("other.extxyz", range(10, 16))):
         frames = []
