@@ -129,7 +129,8 @@ def _json_default(obj):
 
 
 def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> Path:
-    """Save tensors (contiguous, on CPU) with string metadata, atomically."""
+    """Save tensors (contiguous, on CPU) with string metadata, atomically. safetensors writes several
+    metadata keys in a random order: give one key where identical runs must give identical files."""
     from safetensors.torch import save_file
 
     clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}

@@ -259,3 +259,12 @@ def test_a_precision_a_verb_does_not_compute_in_is_said(tmp_path):
     assert "does not compute in --precision bf16" in r.stderr
     r = atlas("explain", tmp_path / "tiles", *ENC, "--max-tiles", "1", "--method", "lrp", "-o", tmp_path / "e2")
     assert "does not compute in" not in r.stderr
+
+
+def test_identical_make_data_runs_write_identical_weight_files(tmp_path):
+    """Two metadata keys came out of safetensors in a random order: same seed, different bytes."""
+    for name in ("a", "b"):
+        atlas("make-data", tmp_path / name, "--n-per-class", "1", "--checkpoint", "vit-t8-demo", "--seed", "1",
+              "-o", tmp_path / f"run_{name}")
+    a, b = ((tmp_path / n / "vit-t8-demo-random.safetensors").read_bytes() for n in ("a", "b"))
+    assert a == b

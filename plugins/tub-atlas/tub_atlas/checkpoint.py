@@ -434,6 +434,8 @@ def save_weights(path: Path, sd: dict[str, torch.Tensor], meta: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
+        # one metadata key: safetensors writes several in a random order, and identical runs should
+        # give identical files (model.json beside it says what made them)
         save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp),
-                  metadata={"format": "tub-atlas", "config": json.dumps(meta["vit"])})
+                  metadata={"config": json.dumps(meta["vit"], sort_keys=True)})
     write_json(path.with_suffix(".json"), meta)
