@@ -268,3 +268,16 @@ def test_identical_make_data_runs_write_identical_weight_files(tmp_path):
               "-o", tmp_path / f"run_{name}")
     a, b = ((tmp_path / n / "vit-t8-demo-random.safetensors").read_bytes() for n in ("a", "b"))
     assert a == b
+
+
+def test_dinov2_settings_with_the_distill_objective_are_refused(tmp_path):
+    """`train --local-crops 2 --set dinov2.base_lr=0.5` (objective distill) ran and recorded them unused."""
+    from tubcli.testing import expect_one_line_error
+
+    folder = tmp_path / "tiles" / "a"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (32, 32), (200, 100, 150)).save(folder / "x.png")
+    line = expect_one_line_error(invoke(["atlas", "train", tmp_path / "tiles", "--teacher-arch", "vit-t8-demo",
+                                         "--teacher-random-init", "--student-arch", "vit-t8-demo", "--steps", "1",
+                                         "--local-crops", "2", "--set", "dinov2.base_lr=0.5", "-o", tmp_path / "t"]))
+    assert "dinov2.local_crops, dinov2.base_lr act on --objective dinov2 only" in line

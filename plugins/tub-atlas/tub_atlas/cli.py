@@ -262,6 +262,12 @@ def train(cfg: TrainConfig, run) -> dict:
     sets = [read_input(p) for p in _need(cfg.tiles, "TILES (unlabelled tile folders or arrays)")]
     if cfg.objective == "dinov2":
         return _train_dinov2(cfg, run, sets)
+    from .config import DINOv2Section
+
+    dinov2_only = [k for k, v in cfg.dinov2.model_dump().items() if v != DINOv2Section().model_dump()[k]]
+    if dinov2_only:  # the distill objective never reads the dinov2 section: these would be recorded, not used
+        raise TubError(f"dinov2.{', dinov2.'.join(dinov2_only)} act on --objective dinov2 only; drop them or add "
+                       "--objective dinov2")
     teacher, t_info = _encoder(cfg.teacher, run, TEACHER_OPTIONS)
     sp, s_cfg, student, tiles, s_norm = _student(cfg, run, sets)
     torch.manual_seed(run.seed)
