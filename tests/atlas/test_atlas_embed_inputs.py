@@ -281,3 +281,18 @@ def test_dinov2_settings_with_the_distill_objective_are_refused(tmp_path):
                                          "--teacher-random-init", "--student-arch", "vit-t8-demo", "--steps", "1",
                                          "--local-crops", "2", "--set", "dinov2.base_lr=0.5", "-o", tmp_path / "t"]))
     assert "dinov2.local_crops, dinov2.base_lr act on --objective dinov2 only" in line
+
+
+def test_options_of_the_probe_or_model_that_is_not_made_are_refused(tmp_path):
+    """`evaluate --method knn --runs 3` and `make-data --depth 5` without --checkpoint ran and recorded them."""
+    from tubcli.testing import expect_one_line_error
+
+    np.savez(tmp_path / "f.npz", embeddings=np.zeros((4, 3), np.float32), labels=np.array(["a", "b"] * 2))
+    line = expect_one_line_error(invoke(["atlas", "evaluate", tmp_path / "f.npz", "--method", "knn", "--runs", "3",
+                                         "--max-steps", "10", "-o", tmp_path / "e"]))
+    assert "--method knn does not use --runs, --max-steps" in line
+    line = expect_one_line_error(invoke(["atlas", "evaluate", tmp_path / "f.npz", "--method", "linear", "--k", "3",
+                                         "-o", tmp_path / "e2"]))
+    assert "--method linear does not use --k" in line
+    line = expect_one_line_error(invoke(["atlas", "make-data", tmp_path / "d", "--depth", "5", "-o", tmp_path / "m"]))
+    assert "--depth sets the depth of the --checkpoint model" in line and not (tmp_path / "d").exists()

@@ -229,6 +229,13 @@ def evaluate(cfg: EvaluateConfig, run) -> dict:
     from .features import concat, read_features
     from .probing import run_probes
 
+    other = {"knn": ("runs", "lr", "batch_size", "max_steps", "patience", "eval_every"),
+             "linear": ("k", "vote", "temperature")}.get(cfg.method, ())
+    idle = [f for f in other if getattr(cfg, f) != type(cfg).model_fields[f].default]
+    if idle:  # settings of the probe that does not run would be recorded, not used
+        raise TubError(f"--method {cfg.method} does not use {', '.join('--' + f.replace('_', '-') for f in idle)}; "
+                       "drop them or use --method both")
+
     feats = concat([read_features(p, cfg.metadata) for p in _need(cfg.features, "FEATURES")])
     return run_probes(feats, cfg, run)
 
@@ -414,6 +421,8 @@ def make_data(cfg: MakeDataConfig, run) -> dict:
     out = Path(cfg.out) if cfg.out else run.outputs_dir
     if out.exists() and any(out.iterdir()) and out != run.outputs_dir:
         raise TubError(f"{out} exists and is not empty; choose a new folder")
+    if cfg.depth is not None and not cfg.checkpoint:
+        raise TubError("--depth sets the depth of the --checkpoint model; add --checkpoint PRESET or drop --depth")
     if cfg.checkpoint:  # before anything is written: a preset without fixed shapes is refused
         from .presets import get_preset
 
