@@ -59,6 +59,14 @@ class TubConfig(Section):
         return value
 
 
+def given_fields(section: BaseModel, names=None) -> list[str]:
+    """The fields of ``section`` (all, or ``names``) whose value differs from the default: the settings a
+    user gave. A dumped config (config.yaml, --print-config) repeats the defaults, so a default counts as
+    not given and a run's saved config reruns. For refusing settings that the chosen mode would ignore."""
+    fields = type(section).model_fields
+    return [n for n in (names or fields) if getattr(section, n) != fields[n].get_default(call_default_factory=True)]
+
+
 def split_commas(value):
     """A list option given as ``--x a,b``, ``--x a --x b``, a YAML list or one string: one list, each
     item once (for a ``field_validator(..., mode="before")``); other values pass through."""

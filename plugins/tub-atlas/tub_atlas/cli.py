@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tubcli.config import given_fields
 from tubcli.errors import TubError
 from tubcli.io import write_json
 
@@ -231,7 +232,7 @@ def evaluate(cfg: EvaluateConfig, run) -> dict:
 
     other = {"knn": ("runs", "lr", "batch_size", "max_steps", "patience", "eval_every"),
              "linear": ("k", "vote", "temperature")}.get(cfg.method, ())
-    idle = [f for f in other if getattr(cfg, f) != type(cfg).model_fields[f].default]
+    idle = given_fields(cfg, other)
     if idle:  # settings of the probe that does not run would be recorded, not used
         raise TubError(f"--method {cfg.method} does not use {', '.join('--' + f.replace('_', '-') for f in idle)}; "
                        "drop them or use --method both")
@@ -269,9 +270,7 @@ def train(cfg: TrainConfig, run) -> dict:
     sets = [read_input(p) for p in _need(cfg.tiles, "TILES (unlabelled tile folders or arrays)")]
     if cfg.objective == "dinov2":
         return _train_dinov2(cfg, run, sets)
-    from .config import DINOv2Section
-
-    dinov2_only = [k for k, v in cfg.dinov2.model_dump().items() if v != DINOv2Section().model_dump()[k]]
+    dinov2_only = given_fields(cfg.dinov2)
     if dinov2_only:  # the distill objective never reads the dinov2 section: these would be recorded, not used
         raise TubError(f"dinov2.{', dinov2.'.join(dinov2_only)} act on --objective dinov2 only; drop them or add "
                        "--objective dinov2")

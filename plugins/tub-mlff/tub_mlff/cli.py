@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from tubcli.config import given_fields
 from tubcli.errors import TubError
 from tubcli.io import atomic_path, write_json
 
@@ -686,8 +687,7 @@ def md(cfg, run) -> dict:
         raise TubError(f"--pressure and npt_cell act on NPT only; add --ensemble npt (now {cfg.ensemble}) or drop them")
     # the thermostat/barostat constants of another ensemble would be ignored (and recorded as if used)
     acts_on = {"friction": ("nvt-langevin",), "taut": ("nvt-bussi", "npt"), "taup": ("npt",)}
-    idle = [k for k, ens in acts_on.items()
-            if cfg.ensemble not in ens and getattr(cfg, k) != type(cfg).model_fields[k].default]
+    idle = given_fields(cfg, [k for k, ens in acts_on.items() if cfg.ensemble not in ens])
     if idle:
         raise TubError(f"{cfg.ensemble} does not use {', '.join(idle)} ("
                        + "; ".join(f"{k} acts on {'/'.join(acts_on[k])}" for k in idle) + "); drop it or choose that ensemble")

@@ -7,7 +7,7 @@ from typing import Literal, Optional, get_args
 
 from pydantic import Field, field_validator, model_validator
 
-from tubcli.config import TubConfig, split_commas
+from tubcli.config import TubConfig, given_fields, split_commas
 
 Dataset = Optional[Literal["camelyon", "tcga", "tolkach_esca"]]
 Metric = Literal["ri", "apd", "cs"]
@@ -155,7 +155,7 @@ class MakeDataConfig(TubConfig):
         signal = ("dim", "bio", "center", "slide", "noise", "center_scale", "paired")
         unused = {"tiles": ("preset", "tiles_per_slide") + signal,
                   "features": ("tile_size", "tiles_per_cell") + (design if self.preset else ())}[self.kind]
-        given = [f for f in unused if getattr(self, f) != type(self).model_fields[f].default]
+        given = given_fields(self, unused)
         if given:
             preset = self.kind == "features" and self.preset
             raise ValueError(f"make-data {self.kind}{f' --preset {self.preset}' if preset else ''} does not use "

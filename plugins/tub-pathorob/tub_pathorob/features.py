@@ -247,9 +247,9 @@ def _write_manifest_like(src: Path, dst: Path, meta: Metadata) -> None:
     with open(src, newline="") as f:
         rows = list(csv.reader(f))
     header, body = rows[0], rows[1:]
-    manifest = _read_manifest(src)
-    if "slide_id" in manifest.columns and "patch_id" in manifest.columns:  # rows matched by key on reading
-        index = {k: i for i, k in enumerate(manifest.keys())}
+    if "slide_id" in header and "patch_id" in header:  # rows matched by key on reading (Metadata.keys)
+        s, p = header.index("slide_id"), header.index("patch_id")
+        index = {f"{r[s]}-{r[p]}": i for i, r in enumerate(body)}
         body = [body[index[k]] for k in meta.keys()]
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows([header, *body])

@@ -34,11 +34,11 @@ def tile(cfg, run) -> dict:
 
 def features(cfg, run) -> dict:
     from tub_xmil.features import get_encoder
-    from tub_xmil.config import TilingSection
+    from tubcli.config import given_fields
     from tub_xmil.pipeline import SLIDE_SUFFIXES, expand_inputs, features_one
 
     if cfg.coords_dir is not None:  # the patches files fix the tiles: these settings would be recorded, not used
-        given = [k for k, v in cfg.tiling.model_dump().items() if v != TilingSection.model_fields[k].default]
+        given = given_fields(cfg.tiling)
         if given:
             raise TubError(f"tiling.{', tiling.'.join(given)} do not apply with --coords-dir (the tiles are those "
                            "of its patches files); drop them, or drop --coords-dir to tile anew")

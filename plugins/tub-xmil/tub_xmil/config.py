@@ -7,7 +7,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from tubcli.config import Section, TubConfig, split_commas
+from tubcli.config import Section, TubConfig, given_fields, split_commas
 
 from tub_xmil.splits import ACCEPTED, split_name
 
@@ -95,9 +95,8 @@ class ModelInput(TubConfig):
     def _settings_of_a_method_not_run(self):
         """lrp.* or ig_steps with no LRP or IG among the methods would be recorded but not used."""
         methods = getattr(self, "method", None) or []
-        unused = ([f"lrp.{k}" for k, v in self.lrp.model_dump().items() if v != LRPSection.model_fields[k].default]
-                  if "lrp" not in methods else [])
-        unused += ["ig_steps"] if "ig" not in methods and self.ig_steps != type(self).model_fields["ig_steps"].default else []
+        unused = [f"lrp.{k}" for k in given_fields(self.lrp)] if "lrp" not in methods else []
+        unused += given_fields(self, ["ig_steps"]) if "ig" not in methods else []
         if unused:
             named = ", ".join(f"{k} ({'lrp' if k.startswith('lrp') else 'ig'})" for k in unused)
             raise ValueError(f"{named} set but --method is {','.join(methods)}, which does not use them; add the "
