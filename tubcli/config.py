@@ -64,7 +64,8 @@ def given_fields(section: BaseModel, names=None) -> list[str]:
     user gave. A dumped config (config.yaml, --print-config) repeats the defaults, so a default counts as
     not given and a run's saved config reruns. For refusing settings that the chosen mode would ignore."""
     fields = type(section).model_fields
-    return [n for n in (names or fields) if getattr(section, n) != fields[n].get_default(call_default_factory=True)]
+    return [n for n in (fields if names is None else names)
+            if getattr(section, n) != fields[n].get_default(call_default_factory=True)]
 
 
 def split_commas(value):
