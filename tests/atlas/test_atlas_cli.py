@@ -175,6 +175,21 @@ def test_evaluate_probes_and_explain_probe_class(data, tmp_path):
         "-o", tmp_path / "z"])
 
 
+@pytest.mark.parametrize("method, extra, named", [
+    ("rollout", ["--target", "probe"], "--target"),
+    ("rollout", ["--index", "3"], "--index"),
+    ("lrp", ["--head-fusion", "max"], "--head-fusion"),
+    ("lrp", ["--reference", "REF"], "--reference"),  # target dim reads --index only
+    ("attnlrp", ["--target", "similarity", "--reference", "REF", "--index", "2"], "--index"),
+])
+def test_explain_refuses_settings_its_method_and_target_never_read(data, tmp_path, method, extra, named):
+    ref = next((data / "tiles" / "class0").glob("*.png"))
+    extra = [str(ref) if a == "REF" else a for a in extra]
+    r = fails(["explain", ref, "--arch", "vit-t8-demo", "--random-init", "--method", method, *extra,
+               "-o", tmp_path / "x"])
+    assert named in r.output and f"--method {method}" in r.output and not (tmp_path / "x").exists()
+
+
 def test_train_distils_saves_loadable_student_and_resumes(data, tmp_path):
     W = data / "vit-t8-demo-random.safetensors"
     args = ["train", data / "tiles", "--teacher-arch", "vit-t8-demo", "--teacher-weights", W,

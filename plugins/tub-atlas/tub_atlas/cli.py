@@ -249,6 +249,7 @@ def explain(cfg: ExplainConfig, run) -> dict:
     from .explaining import explain_inputs
     from .slides import check_coords_file, check_slide_options
 
+    _refuse_idle_explain_options(cfg)
     names = _input_names(_slide_folders_opened(_need(cfg.inputs, "TILES to explain")))
     check_slide_options({**cfg.slide_options(), "coords": cfg.slide_coords})
     if cfg.slide_coords is not None:
@@ -256,6 +257,24 @@ def explain(cfg: ExplainConfig, run) -> dict:
     encoder, info = _encoder(cfg.encoder, run)
     write_json(run.dir / "encoder.json", info)
     return explain_inputs(encoder, names, cfg, run)
+
+
+# What each --method/--target reads; any other of these settings would be recorded, not used.
+_EXPLAIN_READS = {"rollout": {"head_fusion"}, "dim": {"target", "index"}, "probe": {"target", "index", "probe"},
+                  "similarity": {"target", "reference"}}
+
+
+def _refuse_idle_explain_options(cfg: ExplainConfig) -> None:
+    reads = _EXPLAIN_READS["rollout" if cfg.method == "rollout" else cfg.target]
+    idle = given_fields(cfg, [f for f in ("target", "index", "probe", "reference", "head_fusion") if f not in reads])
+    if not idle:
+        return
+    flags = ", ".join("--" + f.replace("_", "-") for f in idle)
+    if cfg.method == "rollout":
+        raise TubError(f"--method rollout does not use {flags}: attention rollout is class-agnostic (the CLS "
+                       "token's attention flow); drop them or use --method lrp or attnlrp")
+    raise TubError(f"--method {cfg.method} --target {cfg.target} does not use {flags}; drop them or choose "
+                   "the --method/--target that reads them")
 
 
 # ------------------------------------------------------------------ train (distillation or DINOv2)

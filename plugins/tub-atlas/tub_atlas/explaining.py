@@ -70,8 +70,6 @@ def explain_inputs(encoder: Encoder, names: dict[Path, str], cfg, run) -> dict:
     if cfg.precision == "fp64":
         encoder.double()
     target, what = build_target(encoder, cfg, device) if cfg.method in LRP_RULES else (None, "CLS attention flow")
-    if cfg.method == "rollout" and cfg.target != "dim":
-        run.log.warning("attention rollout is class-agnostic: it shows the CLS token's attention flow")
     n_done, worst = 0, 0.0
     for path, out in run.batch(names, output_for=lambda p: run.outputs_dir / names[p]):
         with run.item(path):
