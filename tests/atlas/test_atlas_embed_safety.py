@@ -200,3 +200,25 @@ def test_readme_first_embed_example_inputs_are_accepted(tmp_path, monkeypatch):
         Path(a).mkdir() if a.endswith("/") else Path(a).touch()
     assert len(inputs) >= 3
     assert len(_input_names([Path(a) for a in inputs])) == len(inputs)
+
+
+@pytest.mark.parametrize("verb, extra, named", [
+    ("embed", ["--slide-mpp", "0.5"], "--slide-mpp"),
+    ("embed", ["--slide-tile-size", "64", "--no-slide-qc"], "--slide-tile-size, --slide-qc"),
+    ("explain", ["--slide-pen", "blue"], "--slide-pen"),
+    ("embed", ["--image-root", "."], "--image-root"),
+])
+def test_whole_slide_and_pathorob_settings_on_plain_tiles_are_refused(tmp_path, verb, extra, named):
+    """Tiling settings with no slide among the inputs (and --image-root without --format pathorob) would be
+    recorded in config.yaml as if they had shaped the tiles."""
+    (tmp_path / "tiles").mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "tiles" / "a.png")
+    r = atlas(verb, tmp_path / "tiles", *ENC, *extra, "-o", tmp_path / "r", code=2)
+    assert named in r.output and not (tmp_path / "r").exists()
+
+
+def test_slide_settings_on_a_pathorob_embed_are_refused(tmp_path):
+    meta = pathorob_layout(tmp_path / "data", ["c1"])
+    r = atlas("embed", *ENC, "--format", "pathorob", "--metadata", meta, "--slide-mag", "20",
+              "-o", tmp_path / "r", code=2)
+    assert "--slide-mag" in r.output and "pathorob" in r.output

@@ -119,13 +119,15 @@ def embed(cfg: EmbedConfig, run) -> dict:
             raise TubError("--format pathorob needs --metadata (PathoROB CSV) and the image root")
         if cfg.inputs:
             raise TubError("--format pathorob reads its tiles from --metadata/--image-root; drop the TILES arguments")
+        _refuse_slide_options(cfg, [], "--format pathorob reads tiles, not whole slides")
         sets = read_pathorob_metadata(cfg.metadata, cfg.image_root)
         names = {center: ts.name for center, ts in sets.items()}
         load = sources = sets.__getitem__  # an existing center file must hold this center's tiles
     else:
-        if cfg.metadata is not None:
-            raise TubError("--metadata is only used with --format pathorob")
+        if cfg.metadata is not None or cfg.image_root is not None:
+            raise TubError("--metadata and --image-root are only used with --format pathorob")
         inputs = _slide_folders_opened(_need(cfg.inputs, "TILES (folders, .npz or .h5 files, whole slides)"))
+        _refuse_slide_options(cfg, inputs)
         slide_options = {**cfg.slide_options(), "qc": cfg.slide_qc, "coords": cfg.slide_coords}
         check_slide_options(slide_options)
         names = _input_names(inputs)
@@ -180,6 +182,19 @@ def _slide_folders_opened(paths: list[Path], tiles_allowed: bool = True) -> list
             raise TubError(f"{p} holds no whole-slide images (.svs, .ndpi, .mrxs, pyramidal .tif, …)")
         out += slides if slides is not None else [p]
     return out
+
+
+def _refuse_slide_options(cfg, inputs: list[Path], why: str = "none of the inputs is a whole slide") -> None:
+    """Whole-slide settings (``--slide-*``) when no input can be a slide would be recorded, not used. A
+    slide suffix counts (a .tif may be a tile): the file itself is read later, inside its batch item."""
+    from .slides import SLIDE_EXT
+
+    if any(p.suffix.lower() in SLIDE_EXT for p in inputs):
+        return
+    idle = given_fields(cfg, [f for f in type(cfg).model_fields if f.startswith("slide_") and f != "slide_pool"])
+    if idle:
+        raise TubError(f"{', '.join('--' + f.replace('_', '-') for f in idle)} act on whole slides only and {why}; "
+                       "drop them")
 
 
 def _input_names(paths: list[Path], check=None) -> dict[Path, str]:
@@ -250,7 +265,9 @@ def explain(cfg: ExplainConfig, run) -> dict:
     from .slides import check_coords_file, check_slide_options
 
     _refuse_idle_explain_options(cfg)
-    names = _input_names(_slide_folders_opened(_need(cfg.inputs, "TILES to explain")))
+    inputs = _slide_folders_opened(_need(cfg.inputs, "TILES to explain"))
+    _refuse_slide_options(cfg, inputs)
+    names = _input_names(inputs)
     check_slide_options({**cfg.slide_options(), "coords": cfg.slide_coords})
     if cfg.slide_coords is not None:
         check_coords_file(Path(cfg.slide_coords), list(names))
