@@ -264,7 +264,8 @@ def build_verb_command(app: PluginApp, verb: Verb) -> TyperCommand:
     add("config", Optional[Path], typer.Option(None, "-c", "--config", help="YAML or TOML file with this verb's config.", rich_help_panel="Shared options"))
     add("set", Optional[list[str]], typer.Option(None, "--set", help="Override any config field: key.sub=value (repeatable).", rich_help_panel="Shared options"))
     add("device", Optional[str], typer.Option(None, "--device", help="auto | cpu | cuda[:i] | mps", rich_help_panel="Shared options"))
-    add("precision", Optional[str], typer.Option(None, "--precision", help="fp32 | fp64 | bf16 | fp16", rich_help_panel="Shared options"))
+    precisions = " | ".join(_choices(model.model_fields["precision"].annotation))  # a verb may allow more
+    add("precision", Optional[str], typer.Option(None, "--precision", help=precisions, rich_help_panel="Shared options"))
     add("seed", Optional[int], typer.Option(None, "--seed", help="One seed for everything.", rich_help_panel="Shared options"))
     add("out", Optional[Path], typer.Option(None, "-o", "--out", help="Run directory (default: runs/<plugin>/<verb>/<time>_<hash>).", rich_help_panel="Shared options"))
     add("resume", Optional[str], typer.Option(None, "--resume", help="auto | PATH: continue from the last checkpoint.", rich_help_panel="Shared options", hidden=not verb.training))

@@ -227,6 +227,7 @@ def test_bench_weight_precision_and_bad_options(tmp_path):
             "--precision", "bf16-weights", "--json", "-o", tmp_path / "b"])  # the README's documented mode
     res = json.loads(r.stdout)
     assert res["precision"] == "bf16-weights" and res["tub_tiles_per_s"] > 0
+    assert "fp16-weights" in " ".join(ok(["bench", "--help"]).stdout.split())  # --help lists bench's own modes
     base = ["bench", "--arch", "vit-t8-demo", "--img-size", "64", "--repeats", "1"]
     assert "'bogus'" in fails([*base, "--modes", "tokens,bogus", "-o", tmp_path / "m"]).stderr
     assert "vit-t8-demo" in fails(["bench", "--arch", "nosuch", "-o", tmp_path / "a"]).stderr
