@@ -166,6 +166,13 @@ def test_reference_checkpoint_loads_and_explains(tmp_path):
                 "-o", tmp_path / "e"]))
     rec = json.loads((tmp_path / "e" / "outputs" / "bag.json").read_text())
     assert len(rec["patch_scores_lrp"]) == 30
+    # attention maps are the same for every class: --target is said to change only the prediction
+    r = _ok(invoke(["xmil", "explain", tmp_path / "bag.pt", "--model", ck, "--method", "attention", "--target", "1",
+                    "-o", tmp_path / "a"]))
+    assert "same map for every class" in r.stderr
+    r = _ok(invoke(["xmil", "explain", tmp_path / "bag.pt", "--model", ck, "--method", "attention,lrp",
+                    "--target", "1", "-o", tmp_path / "b"]))
+    assert "same map for every class" not in r.stderr
 
 
 def test_bad_model_and_bag_inputs_exit_2(tmp_path):

@@ -138,8 +138,9 @@ def _task(cfg, meta: dict) -> str:
     return cfg.task
 
 
-def _load(cfg):
-    """(model, meta, task) with every model-dependent option checked before any slide is read."""
+def _load(cfg, log=None):
+    """(model, meta, task) with every model-dependent option checked before any slide is read; ``log``
+    (explain, heatmap) warns when --target cannot change any of the maps asked for."""
     from tub_xmil.checkpoint import load_model
 
     if cfg.model is None:
@@ -159,6 +160,11 @@ def _load(cfg):
         if not 0 <= cfg.target < len(classes):
             raise TubError(f"--target {cfg.target} is not a class of this model; use an index 0..{len(classes) - 1} "
                            f"(classes {', '.join(classes)})")
+        from tub_xmil.explain import CLASS_AGNOSTIC
+
+        if log is not None and set(cfg.method) <= CLASS_AGNOSTIC:
+            log.warning("--method %s gives the same map for every class: --target %d only picks the prediction "
+                        "reported beside it", ",".join(cfg.method), cfg.target)
     return model, meta, task
 
 
@@ -169,7 +175,7 @@ def explain(cfg, run) -> dict:
     from tub_xmil.tasks import prediction_score
     from tubcli.io import to_json
 
-    model, meta, task = _load(cfg)
+    model, meta, task = _load(cfg, run.log)
     rel = cfg.lrp.explained_rel if task == "classification" else None  # as explain_bag passes it
     bags = expand_inputs(cfg.bags, BAG_SUFFIXES)
     for path, out in run.batch(bags, output_for=lambda p: run.outputs_dir / f"{Path(p).stem}.json"):
@@ -307,7 +313,7 @@ def heatmap(cfg, run) -> dict:
     from tub_xmil.tiling import tile_size_level0_source
     from tubcli.io import to_json
 
-    model, meta, task = _load(cfg)
+    model, meta, task = _load(cfg, run.log)
     if cfg.slide_dir is not None and not Path(cfg.slide_dir).is_dir():
         raise TubError(f"--slide-dir {cfg.slide_dir} is not a folder; give the folder that holds the slides")
     bag_suffixes = {".h5", ".pt", ".npz"}

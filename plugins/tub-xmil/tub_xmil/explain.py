@@ -19,6 +19,7 @@ from tub_xmil.tasks import explained_output, prediction_score
 METHODS = ("lrp", "ig", "single", "attention", "grad2", "gi", "drop", "random", "patch_scores")
 SIGNED = {"lrp": True, "ig": True, "single": True, "drop": True, "gi": True,
           "attention": False, "grad2": False, "random": True, "patch_scores": True}
+CLASS_AGNOSTIC = {"attention", "random"}  # their scores do not depend on the explained class
 ALIASES = {"perturbation_keep": "single", "perturbation_drop": "drop", "keep": "single",
            "attention_rollout": "attention", "rollout": "attention"}
 
