@@ -312,3 +312,17 @@ def test_methods_take_a_comma_list(knn_run, data_dir, tmp_path):
                   "--methods", "lrp,random", "--methods", "occlusion", "-o", str(tmp_path / "ev"), "--json"])
     assert res.exit_code == 0, res.stderr
     assert set(json.loads(res.stdout)["aupc_mean"]) == {"lrp", "random", "occlusion"}
+
+
+def test_demo_meets_the_conservation_and_flipping_bars_and_says_it_ignores_the_device(tmp_path):
+    """`tub demo knnlrp` (breast cancer, kNN): exact conservation, kNN-LRP far below occlusion (spec §6.3),
+    and --device cuda / --precision named as unused, as every knnlrp verb does."""
+    from tubcli.config import TubConfig
+    from tubcli.runs import Run
+
+    from tub_knnlrp.demo import run_demo
+
+    res = run_demo(Run("knnlrp", "demo", TubConfig(precision="bf16"), out=tmp_path / "demo"))
+    assert res["conservation_max_rel_error"] < 1e-9 and res["sign_agreement_kappa0"] == 1
+    assert res["aupc_knn_lrp"] <= 0.5 * res["aupc_occlusion"]
+    assert "--precision bf16 do not change that" in (tmp_path / "demo" / "tub.log").read_text()

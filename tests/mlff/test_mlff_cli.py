@@ -550,6 +550,27 @@ def test_shipped_demo_model_loads_and_predicts():
     assert np.abs(atoms.get_forces().sum(0)).max() < 1e-3  # no net force in a periodic cell
 
 
+def test_demo_computes_on_the_devices_it_is_given(tmp_path, monkeypatch):
+    """`tub demo --device cuda:1` must put the demo's calculators there (they were always on the CPU)."""
+    from tubcli.config import TubConfig
+    from tubcli.runs import Run
+
+    import tub_mlff.calculator
+    from tub_mlff.demo import run_demo
+
+    class Asked(Exception):
+        pass
+
+    def spy(*args, device="cpu", **kwargs):
+        raise Asked(device)
+
+    monkeypatch.setattr(tub_mlff.calculator, "SpookyNetCalculator", spy)
+    run = Run("mlff", "demo", TubConfig(device="cpu"), out=tmp_path / "demo")
+    with pytest.raises(Asked) as asked:
+        run_demo(run)
+    assert asked.value.args[0] is run.device
+
+
 @pytest.mark.slow
 def test_demo_runs(tmp_path):
     r = _ok(invoke(["demo", "mlff"], env={"TUB_RUNS_DIR": str(tmp_path)}))

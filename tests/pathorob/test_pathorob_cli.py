@@ -149,9 +149,10 @@ def test_demo_runs(tmp_path):
     from tub_pathorob.config import RIConfig
     from tub_pathorob.demo import run_demo
 
-    run = Run("pathorob", "demo", RIConfig(), out=tmp_path / "demo")
+    run = Run("pathorob", "demo", RIConfig(precision="bf16"), out=tmp_path / "demo")
     res = run_demo(run)
     assert res["RI after ComBat"] > res["RI before"] and res["RI after center-mean"] > res["RI before"]
+    assert "--precision bf16 do not change that" in (tmp_path / "demo" / "tub.log").read_text()  # not silent
 
 
 def test_make_data_tiles_metadata_is_pathorob_and_feeds_atlas_embed_and_ri(tmp_path):

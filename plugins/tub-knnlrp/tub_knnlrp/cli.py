@@ -56,7 +56,7 @@ def _explain_kwargs(section) -> dict:
                 multiclass=section.multiclass, beta_mc=section.beta_mc)
 
 
-def _numpy_notice(cfg, run) -> None:
+def numpy_notice(cfg, run) -> None:
     """tub-knnlrp computes with numpy in float64 on the CPU; say so when a verb is asked for another
     device or a lower precision instead of ignoring the flag silently."""
     device, precision = getattr(cfg, "device", "auto"), getattr(cfg, "precision", "fp32")
@@ -77,7 +77,7 @@ def _science(func, *args, **kwargs):
 
 # ------------------------------------------------------------------------------------------ train
 def train(cfg, run) -> dict:
-    _numpy_notice(cfg, run)
+    numpy_notice(cfg, run)
     from tub_knnlrp.data import read_table
     from tub_knnlrp.models import fit_model, save_model
 
@@ -111,7 +111,7 @@ def _is_image(names: list[str]) -> int | None:
 
 
 def explain(cfg, run) -> dict:
-    _numpy_notice(cfg, run)
+    numpy_notice(cfg, run)
     from tub_knnlrp.explanation import explain as explain_rows
     from tub_knnlrp.fidelity import sign_agreement
 
@@ -171,7 +171,7 @@ def _write_relevance_csv(path, e) -> None:
 
 # --------------------------------------------------------------------------------------- evaluate
 def evaluate(cfg, run) -> dict:
-    _numpy_notice(cfg, run)
+    numpy_notice(cfg, run)
     from tub_knnlrp.fidelity import check_report
     from tub_knnlrp.flipping import FlippingEvaluation, shap_problem, sweep_eta
     from tub_knnlrp.neuralize import split_pipeline, transform_steps
@@ -229,7 +229,7 @@ def evaluate(cfg, run) -> dict:
 
 # ------------------------------------------------------------------------------------------ check
 def check(cfg, run) -> dict:
-    _numpy_notice(cfg, run)
+    numpy_notice(cfg, run)
     from tub_knnlrp.fidelity import check_report
 
     tm, X = _load(cfg, run)

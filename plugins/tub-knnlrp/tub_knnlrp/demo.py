@@ -13,6 +13,7 @@ import numpy as np
 def run_demo(run) -> dict:
     from sklearn.model_selection import train_test_split
 
+    from tub_knnlrp.cli import numpy_notice
     from tub_knnlrp.data import bundled, write_table_csv
     from tub_knnlrp.explanation import explain
     from tub_knnlrp.fidelity import check_report
@@ -20,6 +21,7 @@ def run_demo(run) -> dict:
     from tub_knnlrp.models import fit_model, load_model, save_model
     from tub_knnlrp.neuralize import split_pipeline, transform_steps
 
+    numpy_notice(run.cfg, run)
     out = run.outputs_dir
     t = bundled("breast_cancer")
     Xtr, Xte, ytr, yte = train_test_split(t.X, t.y, test_size=0.3, random_state=0, stratify=t.y)

@@ -597,14 +597,19 @@ def _make_tiles(cfg: MakeDataConfig, run) -> dict:
             "folder": str(run.outputs_dir / "tiles"), "metadata": str(run.outputs_dir / "tiles.csv")}
 
 
+def cpu_notice(cfg, run) -> None:
+    """--device/--precision are recorded in config.yaml, so say that they are not used."""
+    device, precision = getattr(cfg, "device", "auto"), getattr(cfg, "precision", "fp32")
+    if device not in ("auto", "cpu") or precision != "fp32":
+        run.log.warning("tub-pathorob computes with numpy/scikit-learn on the CPU: "
+                        "--device %s --precision %s do not change that", device, precision)
+
+
 def _threaded(impl):
     def verb(cfg, run):
         from .threads import limit_threads
 
-        device, precision = getattr(cfg, "device", "auto"), getattr(cfg, "precision", "fp32")
-        if device not in ("auto", "cpu") or precision != "fp32":  # recorded in config.yaml, so say it is not used
-            run.log.warning("tub-pathorob computes with numpy/scikit-learn on the CPU: "
-                            "--device %s --precision %s do not change that", device, precision)
+        cpu_notice(cfg, run)
         with limit_threads(cfg.threads):
             return impl(cfg, run)
 

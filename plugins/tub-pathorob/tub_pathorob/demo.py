@@ -4,8 +4,10 @@ from __future__ import annotations
 
 
 def run_demo(run) -> dict:
+    from .cli import cpu_notice
     from .threads import limit_threads
 
+    cpu_notice(run.cfg, run)
     with limit_threads(1):
         return _demo(run)
 
