@@ -76,7 +76,7 @@ def test_convert_dinov2_then_embed_identically(data, tmp_path):
     assert np.abs(outs[0] - outs[1]).max() < 1e-5
 
 
-def test_embed_formats_and_skip_existing(data, tmp_path):
+def test_embed_formats_and_skip_existing(data, tmp_path, monkeypatch):
     W = data / "vit-t8-demo-random.safetensors"
     base = ["--arch", "vit-t8-demo", "--weights", W]
     ok(["embed", data / "tiles", *base, "-o", tmp_path / "npy"])
@@ -110,6 +110,11 @@ def test_embed_formats_and_skip_existing(data, tmp_path):
     for feats in (tmp_path / "eva/outputs/tiles", tmp_path / "npz/outputs/tiles"):
         r = ok(["evaluate", feats, "--method", "knn", "--json", "-o", tmp_path / f"ev_{feats.parent.parent.name}"])
         assert json.loads(r.stdout)["dim"] == 384
+    # the probes run on the CPU: a GPU asked for is said to be unused (torch here only claims to have one)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    r = ok(["evaluate", feats, "--method", "knn", "--device", "cuda:1", "-o", tmp_path / "ev_cuda"])
+    assert "computes on the CPU: --device cuda:1" in r.stderr
 
 
 def test_embed_pathorob_layout_is_read_by_metadata_order(data, tmp_path):

@@ -21,12 +21,15 @@ def _need(value, what: str):
     return value
 
 
-def _warn_precision(cfg, run, honoured: tuple[str, ...] = ("fp32",)) -> None:
-    """A --precision this verb does not compute in is said, not only recorded in config.yaml (embed and
-    bench honour bf16/fp16; explain also fp64)."""
+def _warn_ignored_compute(cfg, run, honoured: tuple[str, ...] = ("fp32",), uses_device: bool = True) -> None:
+    """A --precision this verb does not compute in, or a --device it never computes on, is said, not only
+    recorded in config.yaml (embed and bench honour bf16/fp16; explain also fp64; evaluate's probes, tiny
+    layers, and the file verbs run on the CPU)."""
     if cfg.precision not in honoured:
         run.log.warning("tub atlas %s does not compute in --precision %s (it keeps its own precision; only %s "
                         "apply here)", run.verb, cfg.precision, "/".join(honoured))
+    if not uses_device and cfg.device not in ("auto", "cpu"):
+        run.log.warning("tub atlas %s computes on the CPU: --device %s does not change that", run.verb, cfg.device)
 
 
 def _check_gemm(gemm: str, device, flag: str = "--gemm") -> None:
@@ -74,7 +77,7 @@ def inspect(cfg: InspectConfig, run) -> dict:
 
 
 def convert(cfg: ConvertConfig, run) -> dict:
-    _warn_precision(cfg, run, ("fp32",))
+    _warn_ignored_compute(cfg, run, ("fp32",), uses_device=False)
     from .checkpoint import (apply_preset, describe, infer_config, load_tensors, model_json, native_norm_eps,
                              save_weights, to_timm_layout)
     from .presets import get_preset
@@ -222,7 +225,7 @@ def tile(cfg: TileConfig, run) -> dict:
     """Options, slide paths and output names are checked up front (exit 2); each slide is opened and
     segmented inside the batch loop, only by the shard that owns it, so a bad one (unreadable, or
     settings that do not fit it) becomes its line in failures.jsonl."""
-    _warn_precision(cfg, run, ("fp32",))
+    _warn_ignored_compute(cfg, run, ("fp32",), uses_device=False)
     from .slides import check_slide_file, check_slide_options, tile_slide
 
     slides = _slide_folders_opened(_need(cfg.inputs, "SLIDES (whole-slide images or folders of them)"),
@@ -241,7 +244,7 @@ def tile(cfg: TileConfig, run) -> dict:
 
 # ------------------------------------------------------------------ evaluate
 def evaluate(cfg: EvaluateConfig, run) -> dict:
-    _warn_precision(cfg, run, ("fp32",))
+    _warn_ignored_compute(cfg, run, ("fp32",), uses_device=False)
     from .features import concat, read_features
     from .probing import run_probes
 
@@ -260,7 +263,7 @@ def evaluate(cfg: EvaluateConfig, run) -> dict:
 def explain(cfg: ExplainConfig, run) -> dict:
     """Input paths and the encoder are checked up front (exit 2); each input is read inside its batch
     item (``explain_inputs``), so a bad one becomes its line in failures.jsonl."""
-    _warn_precision(cfg, run, ("fp32", "fp64"))
+    _warn_ignored_compute(cfg, run, ("fp32", "fp64"))
     from .explaining import explain_inputs
     from .slides import check_coords_file, check_slide_options
 
@@ -296,7 +299,7 @@ def _refuse_idle_explain_options(cfg: ExplainConfig) -> None:
 
 # ------------------------------------------------------------------ train (distillation or DINOv2)
 def train(cfg: TrainConfig, run) -> dict:
-    _warn_precision(cfg, run, ("fp32",))
+    _warn_ignored_compute(cfg, run, ("fp32",))
     import torch
 
     from .checkpoint import model_json
@@ -448,7 +451,7 @@ def bench(cfg: BenchConfig, run) -> dict:
 
 
 def make_data(cfg: MakeDataConfig, run) -> dict:
-    _warn_precision(cfg, run, ("fp32",))
+    _warn_ignored_compute(cfg, run, ("fp32",), uses_device=False)
     from .synthetic import preset_config, random_vit, synthetic_tiles, write_pathorob_layout, write_tile_folder
 
     from tubcli.io import atomic_path
