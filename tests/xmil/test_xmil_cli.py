@@ -63,7 +63,9 @@ def test_features_without_encoder_plugin_is_a_clear_error(data):
     assert res.exit_code == 2 and "no-such-encoder" in res.stderr
 
 
-def test_pipeline_features_train_explain_evaluate_heatmap(data, tiny_encoder):
+def test_pipeline_features_train_explain_evaluate_heatmap(data, tiny_encoder, monkeypatch):
+    import torch
+
     sl = data / "data" / "slides"
     _ok(invoke(["xmil", "features", sl, "--encoder", tiny_encoder, "--set", "tiling.patch_size=128",
                 "-o", data / "feat"]))
@@ -133,6 +135,15 @@ def test_pipeline_features_train_explain_evaluate_heatmap(data, tiny_encoder):
     _ok(invoke(["xmil", "heatmap", fdir / "slide_002.h5", "--model", model, "--method", "single",
                 "--slide-dir", sl, "-o", data / "hm2"]))
     assert (data / "hm2" / "outputs" / "slide_002_single.geojson").is_file()
+    # the MIL model runs on the CPU in fp32 outside training: a GPU or precision asked for is said to be
+    # unused (torch here only claims to have a GPU, so any tensor sent there would fail)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for verb in (["explain", fdir], ["evaluate", "--features", fdir, "--labels", labels, "--set", "split=null"],
+                 ["heatmap", fdir / "slide_002.h5"]):
+        res = _ok(invoke(["xmil", *verb, "--model", model, "--method", "lrp", "--device", "cuda:1",
+                          "--precision", "bf16", "-o", data / f"cuda_{verb[0]}"]))
+        assert "computes on the CPU: --device cuda:1" in res.stderr and "--precision bf16" in res.stderr
 
 
 def test_survival_and_regression_training(data, tiny_encoder, tmp_path):

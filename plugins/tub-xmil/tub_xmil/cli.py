@@ -13,8 +13,21 @@ from tubcli.io import atomic_path, write_json
 HEAT_DOWNSAMPLE = 32  # PNG heatmaps at level-0 dimensions // 32 (QuPath overlay size)
 
 
+def _warn_ignored_compute(cfg, run, device: bool = True, precision: bool = True) -> None:
+    """A --device or --precision the verb does not use is said, not only recorded in config.yaml: the
+    tile encoder honours both; training runs on --device in fp32; the MIL model otherwise runs on the CPU
+    in fp32 (it is small)."""
+    if device and cfg.device not in ("auto", "cpu"):
+        run.log.warning("tub xmil %s computes on the CPU: --device %s does not change that", run.verb, cfg.device)
+    if precision and cfg.precision != "fp32":
+        run.log.warning("tub xmil %s computes in fp32: --precision %s does not change that", run.verb,
+                        cfg.precision)
+
+
 def make_data(cfg, run) -> dict:
     from tub_xmil.synthetic import make_dataset
+
+    _warn_ignored_compute(cfg, run)
 
     out = Path(cfg.out_dir) if cfg.out_dir is not None else run.outputs_dir
     rows = make_dataset(out, cfg.n_slides, cfg.width, cfg.height, cfg.mpp, seed=cfg.seed, aperio=cfg.aperio)
@@ -24,6 +37,7 @@ def make_data(cfg, run) -> dict:
 def tile(cfg, run) -> dict:
     from tub_xmil.pipeline import SLIDE_SUFFIXES, expand_inputs, tile_one
 
+    _warn_ignored_compute(cfg, run)
     slides = expand_inputs(cfg.slides, SLIDE_SUFFIXES)
     n = 0
     for path, out in run.batch(slides, output_for=lambda p: run.outputs_dir / "patches" / f"{Path(p).stem}.h5"):
@@ -57,6 +71,7 @@ def train(cfg, run) -> dict:
     from tub_xmil.dataset import load_slides
     from tub_xmil.training import predict, task_metrics, train_model
 
+    _warn_ignored_compute(cfg, run, device=False)
     slides, classes = load_slides(cfg.features, cfg.labels, cfg.task)
     train_s, val_s, test_s = ([s for s in slides if s.split == name] for name in ("train", "val", "test"))
     if not train_s:
@@ -175,6 +190,7 @@ def explain(cfg, run) -> dict:
     from tub_xmil.tasks import prediction_score
     from tubcli.io import to_json
 
+    _warn_ignored_compute(cfg, run)
     model, meta, task = _load(cfg, run.log)
     rel = cfg.lrp.explained_rel if task == "classification" else None  # as explain_bag passes it
     bags = expand_inputs(cfg.bags, BAG_SUFFIXES)
@@ -234,6 +250,7 @@ def evaluate(cfg, run) -> dict:
     from tub_xmil.pipeline import explain_bag
     from tub_xmil.training import predict, task_metrics
 
+    _warn_ignored_compute(cfg, run)
     model, meta, task = _load(cfg)
     classes = _classes(meta) if task == "classification" else None
     # every bag is checked here (also against the model's input dimension) before any output; the
@@ -319,6 +336,8 @@ def heatmap(cfg, run) -> dict:
     bag_suffixes = {".h5", ".pt", ".npz"}
     inputs = expand_inputs(cfg.inputs, SLIDE_SUFFIXES | bag_suffixes)
     needs_encoder = any(Path(p).suffix.lower() not in bag_suffixes for p in inputs)
+    if not needs_encoder:  # feature files only: no tile encoder to move or cast
+        _warn_ignored_compute(cfg, run)
     spec = module = None
     tiling_used = None
     if needs_encoder:
