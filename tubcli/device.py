@@ -12,10 +12,11 @@ from tubcli.errors import TubError
 DTYPES = {"fp32": "float32", "fp64": "float64", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def resolve_device(spec: str = "auto"):
+def resolve_device(spec: str = "auto", precision: str = "fp32"):
     """``auto`` picks cuda, then mps, then cpu; an explicit device that is absent is an error.
 
-    Under torchrun, ``auto`` and ``cuda`` give rank i of a node the GPU of its ``LOCAL_RANK``.
+    Under torchrun, ``auto`` and ``cuda`` give rank i of a node the GPU of its ``LOCAL_RANK``. Apple MPS
+    has no float64: ``auto`` passes it over for ``precision`` fp64, and ``mps`` with fp64 is an error.
     """
     import torch
 
@@ -23,7 +24,7 @@ def resolve_device(spec: str = "auto"):
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", _local_gpu(torch))
-        if _mps_available():
+        if _mps_available() and precision != "fp64":
             return torch.device("mps")
         return torch.device("cpu")
     if spec == "cpu":
@@ -45,6 +46,8 @@ def resolve_device(spec: str = "auto"):
     if spec == "mps":
         if not _mps_available():
             raise TubError(f"--device mps{_origin()}: Apple MPS is not available here; use --device cpu or auto")
+        if precision == "fp64":
+            raise TubError(f"--device mps{_origin()} has no float64; use --precision fp32, or --device cpu for fp64")
         return torch.device("mps")
     raise TubError(f"unknown device {spec!r}{_origin()}; use auto, cpu, cuda, cuda:N or mps")
 

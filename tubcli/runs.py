@@ -657,7 +657,8 @@ class Run:
     @property
     def device(self):
         if self._device is None:
-            self._device = _device.resolve_device(getattr(self.cfg, "device", "auto"))
+            self._device = _device.resolve_device(getattr(self.cfg, "device", "auto"),
+                                                  getattr(self.cfg, "precision", "fp32"))
         return self._device
 
     @property

@@ -46,3 +46,19 @@ def test_torchrun_ranks_take_their_own_gpu(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one rank per node (or no torchrun): cuda:N as asked
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert resolve_device("cuda:3") == torch.device("cuda", 3)
+
+
+def test_mps_has_no_float64(monkeypatch):
+    """Apple MPS cannot hold float64: auto passes it over for fp64, an explicit mps with fp64 is one line."""
+    import pytest
+    import torch
+
+    from tubcli import device
+    from tubcli.errors import TubError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(device, "_mps_available", lambda: True)
+    assert device.resolve_device("auto") == torch.device("mps")
+    assert device.resolve_device("auto", "fp64") == torch.device("cpu")
+    with pytest.raises(TubError, match="--device mps has no float64; use --precision fp32"):
+        device.resolve_device("mps", "fp64")

@@ -54,7 +54,8 @@ class SpookyNetCalculator(Calculator):
         from .checkpoints import load_model, model_composition_span, model_elements, model_files
 
         dtype = _torch_dtype(dtype)
-        device = device if isinstance(device, torch.device) else resolve_device(str(device))
+        device = device if isinstance(device, torch.device) else \
+            resolve_device(str(device), "fp64" if dtype == torch.float64 else "fp32")
 
         members = model if isinstance(model, (list, tuple)) else [model]
         # a `tub mlff train` run directory stands for its model (every member of a committee)
