@@ -124,3 +124,42 @@ def test_diffusion_needs_times_and_consistent_settings(md, tmp_path):
                                                  tmp_path / "ok2")["D_cm2_s"], rel=1e-12)
     assert "fit_start" in _err(invoke(["mlff", "diffusion", tmp_path / "stamped.extxyz", "--estimator", "ase",
                                        "--set", "fit_start=0.1", "-o", tmp_path / "e3"]))
+
+
+def _lammps_dump(frames, path, velocities: bool) -> None:
+    """A LAMMPS text dump (metal units) of ``frames`` with atom types 1 and 2 (first and second half)."""
+    n = len(frames[0])
+    with open(path, "w") as f:
+        for k, a in enumerate(frames):
+            L = a.cell.lengths()
+            f.write(f"ITEM: TIMESTEP\n{4 * k}\nITEM: NUMBER OF ATOMS\n{n}\nITEM: BOX BOUNDS pp pp pp\n"
+                    + "".join(f"0 {x}\n" for x in L) + "ITEM: ATOMS id type x y z" + (" vx vy vz" if velocities else "") + "\n")
+            v = a.get_velocities() * 1000 * units.fs  # A/ps
+            for i, p in enumerate(a.positions):
+                f.write(f"{i + 1} {1 + 2 * i // n} {p[0]:.8f} {p[1]:.8f} {p[2]:.8f}"
+                        + (" {:.8f} {:.8f} {:.8f}".format(*v[i]) if velocities else "") + "\n")
+
+
+def test_lammps_dumps_take_their_elements_from_species_and_temperatures_from_the_user(md, tmp_path):
+    """ASE reads LAMMPS type n as atomic number n (1 = H), so masses and temperatures were those of H/He:
+    --species maps the types (velocities kept), --temperature serves dumps without velocities."""
+    traj = read(md / "na.traj", ":")
+    _lammps_dump(traj, tmp_path / "v.lammpstrj", velocities=True)
+    _lammps_dump(traj, tmp_path / "x.lammpstrj", velocities=False)
+    ref = _run([md / "na.traj", "--estimator", "ase", "--timestep", DT_FS, "--blocks", 1], tmp_path / "ref")
+    r = invoke(["mlff", "diffusion", tmp_path / "v.lammpstrj", "--timestep", DT_FS, "--element", "H",
+                "-o", tmp_path / "raw"])
+    assert r.exit_code == 0 and "type 1 = H, type 2 = He" in r.stderr and "--species" in r.stderr
+    got = _run([tmp_path / "v.lammpstrj", "--species", "Na,Na", "--estimator", "ase", "--timestep", DT_FS,
+                "--blocks", 1], tmp_path / "mapped")
+    assert got["D_cm2_s"] == pytest.approx(ref["D_cm2_s"], rel=1e-6)
+    assert got["temperature_K"] == pytest.approx(ref["temperature_K"], rel=1e-6)
+    given = _run([tmp_path / "x.lammpstrj", "--species", "Na", "--species", "Na", "--temperature", 700,
+                  "--timestep", DT_FS], tmp_path / "given")
+    assert given["temperature_K"] == 700
+    assert "types up to 2" in _err(invoke(["mlff", "diffusion", tmp_path / "x.lammpstrj", "--species", "Na",
+                                           "--timestep", DT_FS, "-o", tmp_path / "e1"]))
+    assert "no trajectory is a LAMMPS dump" in _err(invoke(["mlff", "diffusion", md / "na.traj", "--species", "Na",
+                                                            "--timestep", DT_FS, "-o", tmp_path / "e2"]))
+    assert "one per trajectory" in _err(invoke(["mlff", "diffusion", md / "na.traj", "--temperature", 300,
+                                                "--temperature", 400, "--timestep", DT_FS, "-o", tmp_path / "e3"]))

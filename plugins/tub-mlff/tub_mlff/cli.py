@@ -942,9 +942,18 @@ def diffusion(cfg, run) -> dict:
     if not ase_style and cfg.fit_start >= cfg.fit_end:
         raise TubError(f"fit_start ({cfg.fit_start:g}) must be below fit_end ({cfg.fit_end:g}): the fit runs from "
                        "fit_start to fit_end times the longest lag; e.g. --set fit_start=0.2 --set fit_end=0.8")
+    if cfg.temperatures and len(cfg.temperatures) != len(paths):
+        raise TubError(f"{len(cfg.temperatures)} --temperature value(s) for {len(paths)} trajectories; give one per "
+                       "trajectory, in order, or none")
+    if any(t <= 0 for t in cfg.temperatures):
+        raise TubError("--temperature must be positive kelvin, one per trajectory")
+    dumps = {p for p in paths if _is_lammps_dump(p)}
+    if cfg.species and not dumps:
+        raise TubError("--species names the elements of LAMMPS atom types, and no trajectory is a LAMMPS dump; "
+                       "drop it")
     per_run, curves = [], {}
-    for p in paths:
-        frames = read_structures(p)
+    for k_run, p in enumerate(paths):
+        frames = _read_trajectory(p, (cfg.species or None) if p in dumps else None, run.log)
         stamps = [f.info.get("time_fs") for f in frames]
         if all(t is not None for t in stamps):
             times = [float(t) for t in stamps]
@@ -984,6 +993,10 @@ def diffusion(cfg, run) -> dict:
         if all(t is None for t in temps) and frames[0].has("momenta"):
             temps = [f.get_temperature() for f in frames]  # e.g. ASE .traj: kinetic temperature of the saved momenta
         T = float(np.mean([t for t in temps if t is not None])) if any(t is not None for t in temps) else float("nan")
+        if cfg.temperatures:
+            if np.isfinite(T) and abs(T - cfg.temperatures[k_run]) > 0.1 * cfg.temperatures[k_run]:
+                run.log.warning("%s: its frames say %.0f K; --temperature %g K is used", p, T, cfg.temperatures[k_run])
+            T = float(cfg.temperatures[k_run])
         per_run.append({"trajectory": str(p), "temperature_K": T, "D_cm2_s": res.D_cm2_s,
                         "D_err_cm2_s": res.D_err_cm2_s, "frames": len(frames), "estimator": cfg.estimator})
         if ase_style:
@@ -1008,6 +1021,47 @@ def diffusion(cfg, run) -> dict:
                             f"D_{cfg.target_temperature:.0f}K_err_cm2_s": fit.D_err(cfg.target_temperature)}
     write_json(run.outputs_dir / "diffusion.json", out)
     return out
+
+
+def _is_lammps_dump(path) -> bool:
+    from ase.io.formats import filetype
+
+    try:
+        return filetype(str(path), guess=False).startswith("lammps-dump")
+    except Exception:  # noqa: BLE001 -- unknown or unreadable: read_structures says what is wrong
+        return False
+
+
+def _read_trajectory(path, species: list[str] | None, log):
+    """Frames of one trajectory. ASE reads a LAMMPS dump's atom type n as atomic number n (its momenta
+    from those masses): ``species`` names the element of each type, and the velocities are kept."""
+    from .data import read_structures
+
+    frames = read_structures(path)
+    if not _is_lammps_dump(path):
+        return frames
+    types = sorted(set(frames[0].numbers.tolist()))
+    if species is None:
+        if types == list(range(1, len(types) + 1)):  # plain type ids, not elements from an element column
+            log.warning("%s: LAMMPS atom types read as atomic numbers (%s), and masses, temperature and --element "
+                        "follow them; give --species (e.g. C,Na) with the element of each type", path,
+                        ", ".join(f"type {t} = {frames[0].symbols[list(frames[0].numbers).index(t)]}" for t in types))
+        return frames
+    from ase.data import atomic_numbers
+
+    unknown = [s for s in species if s not in atomic_numbers]
+    if unknown:
+        raise TubError(f"--species {','.join(unknown)}: not element symbols; give one per LAMMPS atom type, e.g. C,Na")
+    if types[-1] > len(species):
+        raise TubError(f"{path} has atom types up to {types[-1]}, --species names {len(species)}; give the element "
+                       "of every type, in type order")
+    z = np.array([0] + [atomic_numbers[s] for s in species])
+    for a in frames:
+        v = a.get_velocities() if a.has("momenta") else None
+        a.numbers = z[a.numbers]
+        if v is not None:
+            a.set_velocities(v)  # the dump's velocities, now with the right masses
+    return frames
 
 
 # -- explain -------------------------------------------------------------------------------------

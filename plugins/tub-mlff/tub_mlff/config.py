@@ -172,6 +172,21 @@ class DiffusionConfig(TubConfig):
     timestep: Optional[float] = Field(
         None, gt=0, description="fs between saved frames, for frames without info['time_fs'] (ASE .traj, LAMMPS)")
     target_temperature: float = Field(300.0, gt=0, description="Arrhenius extrapolation temperature (K)")
+    species: list[str] = Field(default_factory=list, description="LAMMPS dumps: the element of each atom type in "
+                               "type order, e.g. C,Na (ASE would read type n as atomic number n: 1 = H, 2 = He)")
+    temperatures: list[float] = Field(default_factory=list, description="K of each trajectory in order (repeat "
+                                      "--temperature), for frames that record none (LAMMPS dumps without "
+                                      "velocities); replaces the frames' own")
+
+    @field_validator("species", "temperatures", mode="before")
+    @classmethod
+    def _comma_lists(cls, value):
+        """C,Na as well as repeated options; kept in order and with repeats (two types may be one element)."""
+        items = [value] if isinstance(value, (str, int, float)) else value
+        if not isinstance(items, list):
+            return value
+        parts = [v for item in items for v in (item.split(",") if isinstance(item, str) else [item])]
+        return [v.strip() if isinstance(v, str) else v for v in parts if not isinstance(v, str) or v.strip()]
 
 
 class ExplainConfig(TubConfig):
