@@ -149,6 +149,10 @@ def test_explain_a_joblib_model_only_with_allow_pickle(data_dir, tmp_path):
                   "-o", str(tmp_path / "b"), "--json"])
     assert res.exit_code == 0, res.stderr
     assert json.loads(res.stdout)["rows"] == 39
+    # fitted on a bare array, the model has no names: the table's columns name the relevances
+    with open(tmp_path / "b/outputs/relevances.csv", newline="") as f:
+        header = next(csv.reader(f))
+    assert [h for h in header if h in t.feature_names] == t.feature_names and "x0" not in header
 
 
 def test_explain_a_joblib_pipeline_with_a_mixing_step_names_its_components(data_dir, tmp_path):

@@ -6,6 +6,7 @@ import importlib.util
 import math
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,8 @@ def _load(cfg, run):
     if table.feature_names != tm.feature_names and not unnamed:
         raise TubError(f"{Path(cfg.data).name}: feature columns differ from the model's; "
                        f"first mismatch {next(a + ' vs ' + b for a, b in zip(table.feature_names, tm.feature_names) if a != b)}")
+    if tm.feature_names == default and table.feature_names != default:  # a model fitted on bare arrays:
+        tm = replace(tm, feature_names=table.feature_names)               # the table names its columns
     X = table.X
     names_in = getattr(tm.pipeline, "feature_names_in_", None)
     if names_in is not None:  # a user's model fitted on a DataFrame gets one (scikit-learn warns on bare arrays)

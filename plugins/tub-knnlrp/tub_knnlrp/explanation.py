@@ -64,7 +64,9 @@ class Explanation:
         return np.zeros(len(self.values))
 
     def to_shap(self):
-        """A ``shap.Explanation`` (base value 0) for shap's waterfall, beeswarm and bar plots."""
+        """A ``shap.Explanation`` (base value 0) for shap's waterfall, beeswarm and bar plots. The values
+        add up to ``output`` only under a conservative rule (``midpoint``, or the kNN's η = 1): with
+        ``hybrid`` or ``gi`` the f(x) a waterfall prints is Σ R, not the explained g."""
         try:
             import shap
         except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -172,7 +174,8 @@ class NeuralizedExplainer(BaseEstimator):
         eta = self.eta_ if rule == "hybrid" else RULE_ETA[rule]
         if rule == "hybrid" and self.eta is None and net.kind == "svm" and net.median_from != "training set":
             warnings.warn(f"default η = {eta:.2f} from the support vectors' median distance (the heuristic takes the "
-                          "training set's); pass X_train to fit/explain for the spec's η, or give eta",
+                          "training set's); pass X_train to fit/explain for the spec's η, or give eta (--eta; a model from "
+                          "`tub knnlrp train` keeps its training set)",
                           UserWarning, stacklevel=2)
         n, d = Z.shape
         values, output = np.zeros((n, d)), np.zeros(n)
