@@ -33,6 +33,15 @@ def setup_logging(verbosity: int = 0, logfile=None) -> logging.Logger:
     return log
 
 
+def log_file_only(log: logging.Logger, message: str, level: int = logging.ERROR) -> None:
+    """A line for ``tub.log`` alone: the terminal gets its own one-line error, the log must not end
+    silently (a job killed at walltime would read as one still running)."""
+    record = log.makeRecord(log.name, level, __file__, 0, message, None, None)
+    for handler in log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def get_logger() -> logging.Logger:
     return logging.getLogger(LOGGER_NAME)
 

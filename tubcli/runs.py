@@ -754,6 +754,23 @@ class Run:
             line = json.dumps({"item": str(item), "error": message, "shard": f"{self.shard[0]}/{self.shard[1]}"})
             self._rewrite_failures(item, line)
 
+    def record_item(self, output: Path, record: dict) -> None:
+        """Keep one item's results beside the run (``items/<output>.json``), written *before* its output,
+        so that a verb's totals (``item_records``) cover earlier invocations and other shards, as an
+        uninterrupted run's would."""
+        rel = Path(output).resolve().relative_to(self.dir.resolve())
+        write_json(self.dir / "items" / (str(rel).replace(os.sep, "__") + ".json"), {"output": str(rel), **record})
+
+    def item_records(self) -> list[dict]:
+        """The records of every item whose output exists (an item whose output is gone no longer counts),
+        in output order; each without its ``output`` key."""
+        records = []
+        for path in sorted((self.dir / "items").glob("*.json")):
+            rec = json.loads(path.read_text())
+            if (self.dir / rec.pop("output")).exists():
+                records.append(rec)
+        return records
+
     def _forget_failures(self, item) -> None:
         """Drop an earlier run's ``failures.jsonl`` lines of an item that has now succeeded."""
         if (self.dir / "failures.jsonl").exists():

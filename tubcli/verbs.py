@@ -22,6 +22,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from tubcli.errors import ItemFailures, TubError, first_line
 from tubcli.io import to_json
+from tubcli.progress import log_file_only
 
 SHARED_OPTIONS = ("config", "set", "device", "precision", "seed", "out", "resume", "shard", "overwrite",
                   "print_config", "json", "quiet", "verbose", "traceback")
@@ -365,6 +366,9 @@ def _execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
         except BaseException as exc:
             if isinstance(exc, TubError) and run.batch_stats:
                 run.write_metrics({"batch": run.batch_stats})
+            log_file_only(run.log, "stopped: " + ("terminated (SIGTERM)" if isinstance(exc, Terminated) else
+                                                  "interrupted (SIGINT)" if isinstance(exc, KeyboardInterrupt) else
+                                                  f"{type(exc).__name__}: {first_line(exc)}"))
             run.undo_if_unused()
             raise
         if run.is_main:

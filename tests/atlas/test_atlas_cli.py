@@ -93,7 +93,9 @@ def test_embed_formats_and_skip_existing(data, tmp_path, monkeypatch):
     assert len(slides.files) == 16  # 2 classes x 2 centres x 4 slides
     # second run on the same folder skips existing outputs
     r = ok(["embed", data / "tiles", *base, "-o", tmp_path / "npy", "--json"])
-    assert json.loads(r.stdout)["batch"]["skipped_existing"] == 1
+    rerun = json.loads(r.stdout)
+    assert rerun["batch"]["skipped_existing"] == 1
+    assert rerun["tiles"] == 32  # the run's total, not this invocation's (which embedded none)
     # h5 (CLAM/TRIDENT) from an HDF5 tile array with coords
     with h5py.File(tmp_path / "slide1.h5", "w") as f:
         f["imgs"] = np.load(data / "tiles.npz")["tiles"][:5]

@@ -181,6 +181,8 @@ def test_tile_verb_writes_trident_coords_qc_and_contours(scene_slide, tmp_path):
     assert (attrs["overlap"], attrs["step_level0"], attrs["target_mpp"], attrs["level0_mpp"]) == (32, 64, 1.0, 0.5)
     assert (attrs["level0_magnification"], attrs["target_magnification"]) == (20.0, 10.0)
     assert res["grid"] == [3072 // 64, 2048 // 64] and res["tissue_tiles"] == len(coords) > 0
+    again = invoke(["atlas", "tile", str(path), *TILE_ARGS, "--slide-overlap", "0.5", "--json", "-o", str(tmp_path / "t")])
+    assert json.loads(again.stdout)["whole_slides"] == [res]  # a rerun reports the run's slides, not none
     assert (coords % 64 == 0).all()
     # every kept tile is on drawn tissue at level 0 (>= 25 % up to mask rounding), none on ink or debris
     tissue0 = truth["tissue"] & ~truth["blue"] & ~truth["black"]

@@ -258,6 +258,9 @@ def test_sigterm_releases_the_item_locks_and_exits_143(toy_env, tmp_path):
     assert stderr.decode().strip().splitlines()[-1].startswith("error: terminated (SIGTERM)")
     assert not list((out / "outputs").glob("*.lock")) and not list((out / "outputs").glob(".tmp-*"))
     assert not (out / "DONE").exists()
+    # tub.log says how the run ended (it stopped at the last progress line: a killed job read as a running one)
+    assert (out / "tub.log").read_text().splitlines()[-1].endswith("ERROR stopped: terminated (SIGTERM)")
+    assert stderr.decode().count("terminated") == 1  # the terminal gets its one line, not a second
 
 
 def test_resume_auto_continues_from_last_epoch(toy_env, tmp_path):
@@ -705,3 +708,21 @@ def test_resume_on_a_verb_that_does_not_train_is_refused(toy_plugins, tmp_path):
     result = invoke(["toy", "evaluate", *make_inputs(tmp_path / "in", 1), "--resume", "auto", "-o", tmp_path / "r"])
     assert result.exit_code == 2 and "--resume continues a training; 'evaluate' does not train" in result.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_item_records_count_the_items_whose_output_exists(tmp_path):
+    """A verb's totals come from per-item records, so a rerun that completes an interrupted run reports
+    the run's total; a record whose output is gone (never written, or removed) does not count."""
+    from tubcli.config import TubConfig
+    from tubcli.runs import Run
+
+    run = Run("toy", "evaluate", TubConfig(), out=tmp_path / "r")
+    for name in ("a", "b", "c"):
+        out = run.outputs_dir / "sub" / f"{name}.txt"
+        run.record_item(out, {"n": len(name) + 1, "name": name})
+        if name != "b":  # b: killed between its record and its output
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text("done")
+    assert run.item_records() == [{"n": 2, "name": "a"}, {"n": 2, "name": "c"}]
+    (run.outputs_dir / "sub" / "a.txt").unlink()
+    assert [r["name"] for r in run.item_records()] == ["c"]

@@ -54,8 +54,10 @@ def test_tile_then_skip_existing_and_bad_slides_reported(data):
     # the nompp slide goes through with --mpp; finished slides are skipped
     res = _ok(invoke(["xmil", "tile", sl, bad / "nompp.tiff", "--mpp", "0.5", "-o", data / "tiles2",
                       "--patch-size", "128", "--json"]))
+    first = json.loads(res.stdout)["patches"]
     res = _ok(invoke(["xmil", "tile", sl, "--mpp", "0.5", "-o", data / "tiles2", "--patch-size", "128", "--json"]))
     assert json.loads(res.stdout)["batch"]["skipped_existing"] == 4
+    assert json.loads(res.stdout)["patches"] == first > 0  # the run's patches, not this invocation's (none)
 
 
 def test_features_without_encoder_plugin_is_a_clear_error(data):

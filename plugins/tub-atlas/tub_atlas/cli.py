@@ -151,19 +151,19 @@ def embed(cfg: EmbedConfig, run) -> dict:
     if info["random_init"]:
         run.log.warning("embedding with a RANDOMLY INITIALISED %s (no weights given)", info["arch"])
     tables = SlideTables(run.dir, has_output=lambda name: out_for(name).exists())
-    n_tiles, tiling = 0, []
     for item, out in run.batch(names, output_for=lambda item: out_for(names[item])):
         with run.item(item):
             name, ts = names[item], load(item)
-            if "slide" in ts.extra:  # whole slides: how each was tiled (level, footprint, tissue tiles)
-                tiling.append(ts.extra["slide"])
             if cfg.slide_qc and "tiler" in ts.extra and ts.extra["tiler"].has_qc:
                 write_slide_qc(ts.extra["tiler"], run.dir / "qc", name)
             emb = embed_tileset(encoder, ts, cfg.batch_size, run.device, dtype)
             tables.add(name, slide_embeddings(ts.rows, emb, cfg.slide_pool))
+            # whole slides: how each was tiled (level, footprint, tissue tiles)
+            run.record_item(out, {"tiles": len(ts), "slide": ts.extra.get("slide")})
             write_embeddings(cfg.format, out, emb, ts, seed=run.seed)
-            n_tiles += len(ts)
-    result = {"tiles": n_tiles, "slides": tables.write(), "dim": info["dim"], "pool": info["pool"],
+    done = run.item_records()  # the run's, also of earlier invocations and other shards
+    tiling = [r["slide"] for r in done if r["slide"] is not None]
+    result = {"tiles": sum(r["tiles"] for r in done), "slides": tables.write(), "dim": info["dim"], "pool": info["pool"],
               "format": cfg.format, "arch": info["arch"], "random_init": info["random_init"],
               "outputs": str(run.outputs_dir)}
     if tiling:
@@ -233,10 +233,10 @@ def tile(cfg: TileConfig, run) -> dict:
     opts = cfg.slide_options()
     check_slide_options(opts)
     names = _input_names(slides, check=check_slide_file)
-    done = []
     for path, out in run.batch(names, output_for=lambda p: run.outputs_dir / "patches" / f"{names[p]}.h5"):
         with run.item(path):
-            done.append(tile_slide(path, out, run.outputs_dir, opts, log=run.log))
+            tile_slide(path, out, run.outputs_dir, opts, log=run.log, record=partial(run.record_item, out))
+    done = run.item_records()  # the run's, also of earlier invocations and other shards
     failed = [f["item"] for f in run.failures]
     return {"slides": len(done), "tiles": int(sum(d["tissue_tiles"] for d in done)), "whole_slides": done,
             "failed": failed, "outputs": str(run.outputs_dir)}

@@ -552,9 +552,10 @@ def check_slide_path(path: Path) -> None:
                        "(.svs, .ndpi, .mrxs, pyramidal .tif, …)")
 
 
-def tile_slide(path: Path, out_h5: Path, outputs: Path, options: dict, log=None) -> dict:
+def tile_slide(path: Path, out_h5: Path, outputs: Path, options: dict, log=None, record=None) -> dict:
     """``tub atlas tile`` for one slide: ``patches/<slide>.h5`` (coords), ``visualization/<slide>.png``
-    (QC) and ``contours_geojson/<slide>.geojson``, the folders TRIDENT writes."""
+    (QC) and ``contours_geojson/<slide>.geojson``, the folders TRIDENT writes. ``record`` gets the
+    summary before the patch file is written (``Run.record_item``)."""
     path = Path(path)
     check_slide_path(path)
     tiler = tiler_from_options(path, options)
@@ -565,5 +566,8 @@ def tile_slide(path: Path, out_h5: Path, outputs: Path, options: dict, log=None)
     qc["contours"] = str(outputs / "contours_geojson" / f"{name}.geojson")
     if len(tiler) == 0 and log is not None:
         log.warning("%s: no tile reaches --slide-tissue-min %s; see %s", name, tiler.tissue_min, qc["qc_png"])
+    summary = {**tiler.describe(), "coords_h5": str(out_h5), **qc}
+    if record is not None:
+        record(summary)
     write_coords_h5(out_h5, tiler.coords, tiler.coords_attrs())
-    return {**tiler.describe(), "coords_h5": str(out_h5), **qc}
+    return summary

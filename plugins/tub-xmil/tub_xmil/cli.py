@@ -39,11 +39,22 @@ def tile(cfg, run) -> dict:
 
     _warn_ignored_compute(cfg, run)
     slides = expand_inputs(cfg.slides, SLIDE_SUFFIXES)
-    n = 0
     for path, out in run.batch(slides, output_for=lambda p: run.outputs_dir / "patches" / f"{Path(p).stem}.h5"):
         with run.item(path):
-            n += tile_one(Path(path), out, run.outputs_dir, cfg.tiling, cfg.mpp)["patches"]
-    return {"patches": n}
+            tile_one(Path(path), out, run.outputs_dir, cfg.tiling, cfg.mpp)
+    return {"patches": _patches_in(run.outputs_dir / "patches")}
+
+
+def _patches_in(folder: Path) -> int:
+    """Tiles over every output of the run directory: a rerun that completes an interrupted run reports the
+    run's total, not the part it did itself."""
+    import h5py
+
+    n = 0
+    for path in sorted(folder.glob("*.h5")):
+        with h5py.File(path, "r") as f:
+            n += len(f["coords"])
+    return n
 
 
 def features(cfg, run) -> dict:
@@ -60,11 +71,10 @@ def features(cfg, run) -> dict:
     spec, module = get_encoder(cfg.encoder, cfg.weights, run.device, run.dtype)
     run.log.info("encoder %s (%d-d, %d px tiles)%s", spec.name, spec.dim, spec.tile_size,
                  "" if cfg.weights else " -- no weights given: " + (spec.description or "preset defaults"))
-    n = 0
     for path, out in run.batch(slides, output_for=lambda p: run.outputs_dir / "features" / f"{Path(p).stem}.h5"):
         with run.item(path):
-            n += features_one(Path(path), out, cfg, spec, module, run.device, run.dtype)["patches"]
-    return {"patches": n, "encoder": spec.name, "dim": spec.dim}
+            features_one(Path(path), out, cfg, spec, module, run.device, run.dtype)
+    return {"patches": _patches_in(run.outputs_dir / "features"), "encoder": spec.name, "dim": spec.dim}
 
 
 def train(cfg, run) -> dict:
