@@ -953,7 +953,7 @@ def diffusion(cfg, run) -> dict:
                        "drop it")
     per_run, curves = [], {}
     for k_run, p in enumerate(paths):
-        frames = _read_trajectory(p, (cfg.species or None) if p in dumps else None, run.log)
+        frames = _read_trajectory(p, p in dumps, cfg.species or None, run.log)
         stamps = [f.info.get("time_fs") for f in frames]
         if all(t is not None for t in stamps):
             times = [float(t) for t in stamps]
@@ -1032,13 +1032,13 @@ def _is_lammps_dump(path) -> bool:
         return False
 
 
-def _read_trajectory(path, species: list[str] | None, log):
+def _read_trajectory(path, lammps_dump: bool, species: list[str] | None, log):
     """Frames of one trajectory. ASE reads a LAMMPS dump's atom type n as atomic number n (its momenta
     from those masses): ``species`` names the element of each type, and the velocities are kept."""
     from .data import read_structures
 
     frames = read_structures(path)
-    if not _is_lammps_dump(path):
+    if not lammps_dump:
         return frames
     types = sorted(set(frames[0].numbers.tolist()))
     if species is None:
