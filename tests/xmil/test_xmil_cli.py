@@ -167,6 +167,30 @@ def test_survival_and_regression_training(data, tiny_encoder, tmp_path):
                 "--epochs", "1", "--set", "model.features_dim=8", "-o", tmp_path / "reg"]))
 
 
+def test_model_settings_reach_the_architecture_or_are_refused(data, tiny_encoder, tmp_path):
+    """Spec §2.1 settings: TransMIL layers/attention/dropout and AttnMIL's dropout strategy reach the model;
+    settings an architecture has no use for (they were recorded in config.yaml and ignored) are refused."""
+    fdir = data / "feat" / "outputs" / "features"
+    if not fdir.exists():
+        pytest.skip("needs the pipeline test's features")
+    labels = data / "data" / "labels.csv"
+    base = ["xmil", "train", "--features", fdir, "--labels", labels, "--epochs", "1"]
+    _ok(invoke([*base, "--arch", "transmil", "--set", "model.features_dim=16", "--set", "model.num_layers=3",
+                "--set", "model.attention=dot_prod", "--set", "model.dropout=0.2", "-o", tmp_path / "t"]))
+    kw = json.loads((tmp_path / "t" / "checkpoints" / "model.json").read_text())["kwargs"]
+    assert (kw["n_layers"], kw["attention"], kw["dropout_feat"]) == (3, "dot_prod", 0.2)
+    _ok(invoke([*base, "--set", "model.features_dim=8", "--set", "model.dropout=0.3", "--set",
+                "model.dropout_strategy=last", "-o", tmp_path / "a"]))
+    from tub_xmil.checkpoint import load_model
+    model, _ = load_model(tmp_path / "a" / "checkpoints")
+    assert (model.feature_dropout.p, model.classifier_dropout.p) == (0.0, 0.3)
+    for arch, setting in (("transmil", "model.gated=true"), ("mambamil", "model.n_out_layers=1"),
+                          ("attnmil", "model.attention=dot_prod"), ("transmil", "model.num_layers=1")):
+        res = invoke([*base, "--arch", arch, "--set", setting, "-o", tmp_path / "x"])
+        assert res.exit_code == 2 and setting.split("=")[0] in res.stderr, res.stderr
+        assert not (tmp_path / "x").exists()
+
+
 def test_reference_checkpoint_loads_and_explains(tmp_path):
     from pathlib import Path
 

@@ -182,11 +182,13 @@ def test_ig_linear_first_shortcut_equals_plain_path_integral():
     assert np.abs(fast - plain).max() < 1e-6
 
 
-def test_transmil_lrp_relevance_budget_with_cls_token():
+@pytest.mark.parametrize("attention", ["nystrom", "dot_prod"])
+def test_transmil_lrp_relevance_budget_with_cls_token(attention):
     """With all biases zero every TransMIL block is linear once the AH and LN rules detach their
-    non-linear factors, so input relevance + relevance left on the CLS token = explained logit."""
+    non-linear factors, so input relevance + relevance left on the CLS token = explained logit (Nyström
+    and exact softmax attention, `model.attention`)."""
     torch.manual_seed(9)
-    m = TransMIL(24, 2, n_feat=32, bias=True).eval()
+    m = TransMIL(24, 2, n_feat=32, bias=True, attention=attention).eval()
     with torch.no_grad():
         for mod in m.modules():
             if getattr(mod, "bias", None) is not None and isinstance(mod.bias, torch.Tensor):

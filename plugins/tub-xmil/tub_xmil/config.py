@@ -32,12 +32,24 @@ class LRPSection(Section):
 
 
 class ModelSection(Section):
+    """Architecture settings (spec §2.1); a setting the chosen arch has no use for is an error
+    (``training.model_kwargs``)."""
+
     arch: Arch = Field("attnmil", description="attnmil | transmil | mambamil | additivemil")
-    features_dim: int = Field(256, description="hidden size (AttnMIL/TransMIL n_feat; MambaMIL d_model)")
-    num_layers: int = Field(1, description="AttnMIL encoder layers / MambaMIL layers (TransMIL: 2 layers)")
-    n_out_layers: int = Field(0, description="MLP layers before the head (AttnMIL, TransMIL)")
-    dropout: float = Field(0.0, description="dropout (AttnMIL strategy 'features'; MambaMIL after proj)")
+    features_dim: Optional[int] = Field(None, ge=1, description="hidden size: AttnMIL/AdditiveMIL/TransMIL n_feat "
+                                                                "(256), MambaMIL d_model (512)")
+    num_layers: Optional[int] = Field(None, ge=1, description="AttnMIL/AdditiveMIL encoder layers (1), MambaMIL "
+                                                              "layers (1), TransMIL transformer layers (2, at least 2)")
+    n_out_layers: int = Field(0, ge=0, description="MLP layers before the head (AttnMIL, AdditiveMIL, TransMIL)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout rate: AttnMIL/AdditiveMIL where dropout_strategy "
+                                                        "says, TransMIL after its first layer, MambaMIL after the "
+                                                        "projection")
+    dropout_strategy: Literal["features", "all", "last"] = Field(
+        "features", description="AttnMIL/AdditiveMIL: features (inputs), all (inputs, after the encoder, before "
+                                "the head), last (before the head)")
     gated: bool = Field(False, description="gated attention (AttnMIL, AdditiveMIL)")
+    attention: Literal["nystrom", "dot_prod"] = Field(
+        "nystrom", description="TransMIL attention: Nyström approximation or exact softmax (dot_prod)")
 
 
 class MakeDataConfig(TubConfig):

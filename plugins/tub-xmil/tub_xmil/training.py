@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from tubcli.errors import TubError
 from tubcli.runs import require_finite_loss
 
 from tub_xmil.checkpoint import build_model
@@ -12,13 +13,34 @@ from tub_xmil.metrics import classification_metrics, concordance_index, regressi
 from tub_xmil.tasks import survival_bin_edges, survival_bins, survival_risk, task_loss
 
 
+# the model settings each architecture reads (spec §2.1); the others would be recorded, not used
+ARCH_SETTINGS = {"attnmil": {"features_dim", "num_layers", "n_out_layers", "dropout", "dropout_strategy", "gated"},
+                 "transmil": {"features_dim", "num_layers", "n_out_layers", "dropout", "attention"},
+                 "mambamil": {"features_dim", "num_layers", "dropout"}}
+ARCH_SETTINGS["additivemil"] = ARCH_SETTINGS["attnmil"]
+
+
 def model_kwargs(arch: str, m) -> dict:
-    if arch in ("attnmil", "additivemil"):
-        return {"features_dim": m.features_dim, "num_layers": m.num_layers, "n_out_layers": m.n_out_layers,
-                "dropout": m.dropout, "gated": m.gated}
+    """Constructor arguments of ``arch`` from the model section; a setting it does not read is an error."""
+    from tubcli.config import given_fields
+
+    idle = given_fields(m, sorted(set(type(m).model_fields) - ARCH_SETTINGS[arch] - {"arch"}))
+    if idle:
+        raise TubError(f"model.{', model.'.join(idle)} do not apply to {arch} (it reads model."
+                       f"{', model.'.join(sorted(ARCH_SETTINGS[arch]))}); drop them or choose another --arch")
     if arch == "transmil":
-        return {"n_feat": m.features_dim, "n_out_layers": m.n_out_layers}
-    return {"features_dim": m.features_dim, "num_layers": m.num_layers, "dropout": m.dropout}
+        layers = 2 if m.num_layers is None else m.num_layers
+        if layers < 2:
+            raise TubError(f"TransMIL needs model.num_layers >= 2 (TransLayer, PPEG, TransLayer), got {layers}")
+        n_feat = m.features_dim or 256
+        if n_feat % 8:
+            raise TubError(f"TransMIL splits model.features_dim into 8 heads: {n_feat} is not a multiple of 8")
+        return {"n_feat": n_feat, "n_layers": layers, "n_out_layers": m.n_out_layers, "dropout_feat": m.dropout,
+                "attention": m.attention}
+    if arch == "mambamil":
+        return {"features_dim": m.features_dim or 512, "num_layers": m.num_layers or 1, "dropout": m.dropout}
+    return {"features_dim": m.features_dim or 256, "num_layers": m.num_layers or 1, "n_out_layers": m.n_out_layers,
+            "dropout": m.dropout, "dropout_strategy": m.dropout_strategy, "gated": m.gated}
 
 
 def predict(model, slides, task: str) -> np.ndarray:
