@@ -109,6 +109,55 @@ def test_apd_verb(tmp_path):
     assert np.asarray(raw["OOD_test_accuracies"]).shape == (7, 1)
 
 
+def test_each_metric_reads_the_metadata_file_of_the_official_protocol(made, tmp_path):
+    """Spec §2.1: the official CS uses the reduced files (`<class>-<center>` subsets), tolkach's RI too; one
+    --metadata for every metric gave numbers labelled as the paper's. A file of another shape warns, and
+    evaluate takes each metric's own file (--ri-metadata, --cs-metadata) over the same features."""
+    import csv
+
+    _, out = made
+    with open(out / "metadata.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    reduced = tmp_path / "reduced.csv"  # 10 tiles per class-center cell, as camelyon_reduced
+    kept, per_cell = [], {}
+    for r in rows:
+        cell = f"{r['biological_class']}-{r['medical_center']}"
+        if r["subset"] == "ID" and per_cell.get(cell, 0) < 10:
+            per_cell[cell] = per_cell.get(cell, 0) + 1
+            kept.append({**r, "subset": cell})
+    with open(reduced, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(kept)
+    base = ["pathorob", "evaluate", out / "features", "--metadata", out / "metadata.csv", "--dataset", "camelyon",
+            "--k", "5", "--K", "2", "--trials", "2", "--no-auc", "--json"]
+    r = _ok([*base, "--metrics", "ri,cs", "-o", tmp_path / "one"])
+    assert "official CS on camelyon uses camelyon_reduced" in r.stderr and "official RI" not in r.stderr
+    r = _ok([*base, "--metrics", "ri,cs", "--cs-metadata", reduced, "-o", tmp_path / "own"])
+    assert "official" not in r.stderr
+    cs = json.loads(r.stdout)["clustering_score"]
+    alone = _ok(["pathorob", "clustering", out / "features", "--metadata", reduced, "--K", "2", "--trials", "2",
+                 "--json", "-o", tmp_path / "cs"])
+    assert cs == json.loads(alone.stdout)  # the clustering score of the reduced file's 60 rows
+    assert json.loads(r.stdout)["robustness_index"] == json.loads(_ok([*base, "--metrics", "ri", "-o",
+                                                                        tmp_path / "ri"]).stdout)["robustness_index"]
+    bad = invoke([*base, "--metrics", "ri", "--cs-metadata", reduced, "-o", tmp_path / "idle"])
+    assert bad.exit_code == 2 and "--cs-metadata is for --metrics cs" in bad.stderr
+
+
+def test_tcga_4x4_is_evaluated_unpaired(tmp_path):
+    """tcga_4x4 (ID/OOD subsets) is the unpaired TCGA file: paired mode (the tcga default for tcga_2x2)
+    ran on its one subset, with the paired k grid; --paired on it has nothing to pair."""
+    _ok(["pathorob", "make-data", "features", "--preset", "tcga_4x4", "--dim", "4", "-o", tmp_path / "md"])
+    out = tmp_path / "md" / "outputs"
+    base = ["pathorob", "ri", out / "features", "--metadata", out / "metadata.csv", "--dataset", "tcga", "--no-auc",
+            "--json"]
+    auto = json.loads(_ok([*base, "-o", tmp_path / "a"]).stdout)
+    assert auto == json.loads(_ok([*base, "--no-paired", "-o", tmp_path / "u"]).stdout)
+    bad = invoke([*base, "--paired", "-o", tmp_path / "p"])
+    assert bad.exit_code == 2 and "nothing to pair" in bad.stderr
+
+
 def test_stain_tiles(tmp_path):
     _ok(["pathorob", "make-data", "tiles", "--centers", "2", "--classes", "1", "--tiles-per-cell", "2",
          "--tile-size", "32", "-o", tmp_path / "t"])

@@ -120,6 +120,15 @@ def _inputs(cfg):
     return load_features(cfg.features, meta)
 
 
+def _warn_unofficial_file(run, meta, metric: str, dataset: str | None) -> None:
+    from .metadata import official_file_mismatch
+
+    why = official_file_mismatch(meta, metric, dataset)
+    if why:
+        run.log.warning("%s%s", why, " (evaluate: give it with --ri-metadata/--cs-metadata)" if run.verb == "evaluate"
+                        else "")
+
+
 def _dataset_key(cfg) -> str:
     return cfg.dataset or "custom"
 
@@ -133,6 +142,7 @@ def _ri(cfg, run, X, meta, root: Path | None = None):
     folder = metric_dir(root or run.outputs_dir, "robustness_index", cfg.layout, cfg.model_name, _dataset_key(cfg),
                         f"{max_patches}_{k_param}")
     _refuse_overwrite(cfg, [folder / name for name in RI_FILES])
+    _warn_unofficial_file(run, meta, "ri", cfg.dataset)
     run.log.info("robustness index on %d rows (dataset %s)", len(meta), _dataset_key(cfg))
     res = robustness_index(X, meta, k=cfg.k, k_search=cfg.k_search, dataset=cfg.dataset, paired=cfg.paired,
                            max_patches_per_combi=cfg.max_patches_per_combi, bootstrap=cfg.bootstrap, seed=run.seed,
@@ -213,6 +223,7 @@ def _cs(cfg, run, X, meta, K, min_k, max_k, trials, root: Path | None = None) ->
 
     folder = metric_dir(root or run.outputs_dir, "clustering_score", cfg.layout, cfg.model_name, _dataset_key(cfg))
     _refuse_overwrite(cfg, [folder / name for name in CS_FILES])
+    _warn_unofficial_file(run, meta, "cs", cfg.dataset)
     res = clustering_score(X, meta, K=K, min_k=min_k, max_k=max_k, trials=trials, progress=run.progress)
     write_cs(folder, res)
     return res.summary
@@ -223,14 +234,31 @@ def _clustering_impl(cfg: ClusteringConfig, run) -> dict:
     return _cs(cfg, run, X, meta, cfg.K, cfg.min_k, cfg.max_k, cfg.trials)
 
 
+def _rows_of(features, metadata: Path | None, X, meta):
+    """The features of a metric's own metadata file (the official layout keys them by slide and patch),
+    or ``X, meta`` when it has none."""
+    if metadata is None:
+        return X, meta
+    from .features import load_features
+    from .metadata import read_metadata
+
+    return load_features(features, read_metadata(metadata))
+
+
 def _evaluate_impl(cfg: EvaluateConfig, run) -> dict:
     """All selected metrics; the same files as the single-metric verbs, one combined results.json."""
     if "apd" in cfg.metrics and cfg.dataset is None:
         raise TubError("APD follows a dataset's split protocol; pass --dataset camelyon|tcga|tolkach_esca")
     if "apd" in cfg.metrics and cfg.dataset == "tolkach_esca" and cfg.tolkach_splits is None:
         raise TubError("tolkach_esca APD needs the case-split file; pass --tolkach-splits tolkach_splits.json")
+    idle = [m for m in ("ri", "cs") if getattr(cfg, f"{m}_metadata") is not None and m not in cfg.metrics]
+    if idle:
+        raise TubError(f"--{idle[0]}-metadata is for --metrics {idle[0]}, which is not among {','.join(cfg.metrics)}; "
+                       "drop it or add the metric")
     _refuse_overwrite(cfg, [run.outputs_dir / "results.json"])
     X, meta = _inputs(cfg)
+    own = {m: _rows_of(cfg.features, getattr(cfg, f"{m}_metadata"), X, meta) for m in ("ri", "cs")
+           if m in cfg.metrics}  # each metric's own metadata file (spec §2.1), read before any output
     splits = _tolkach_splits(cfg) if "apd" in cfg.metrics else None
     if "apd" in cfg.metrics:  # its protocol checks first: no half-written results when APD cannot run
         from .apd import apd_inputs
@@ -242,12 +270,12 @@ def _evaluate_impl(cfg: EvaluateConfig, run) -> dict:
         return None if cfg.layout == "official" else run.outputs_dir / metric
 
     if "ri" in cfg.metrics:
-        out["robustness_index"] = _ri(cfg, run, X, meta, root("robustness_index")).summary
+        out["robustness_index"] = _ri(cfg, run, *own["ri"], root("robustness_index")).summary
     if "apd" in cfg.metrics:
         out["apd"] = _apd(cfg, run, X, meta, splits, root("apd"))
         out["apd"] = {k: out["apd"][k] for k in ("apd_id", "apd_ood")}
     if "cs" in cfg.metrics:
-        out["clustering_score"] = _cs(cfg, run, X, meta, cfg.K, cfg.min_k, cfg.max_k_clusters, cfg.trials,
+        out["clustering_score"] = _cs(cfg, run, *own["cs"], cfg.K, cfg.min_k, cfg.max_k_clusters, cfg.trials,
                                       root("clustering_score"))
     write_json(run.outputs_dir / "results.json", out)
     return out

@@ -77,6 +77,11 @@ class EvaluateConfig(RIConfig):
                                               "--metrics ri,apd,cs)")
     iterations: int = Field(20, ge=1, description="APD repetitions")
     tolkach_splits: Optional[Path] = Field(None, description="tolkach_splits.json (APD on tolkach_esca)")
+    ri_metadata: Optional[Path] = Field(None, description="metadata CSV for the robustness index when it is not "
+                                                           "--metadata's (official tolkach_esca: tolkach_esca_reduced)")
+    cs_metadata: Optional[Path] = Field(None, description="metadata CSV for the clustering score when it is not "
+                                                           "--metadata's (official: camelyon_reduced, tcga_4x4, "
+                                                           "tolkach_esca_reduced)")
     K: Optional[int] = Field(None, ge=2, description="clustering: fixed K")
     min_k: int = Field(2, ge=2, description="clustering: smallest K")
     max_k_clusters: int = Field(30, ge=2, description="clustering: largest K")

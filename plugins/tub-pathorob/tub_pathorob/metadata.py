@@ -130,6 +130,35 @@ def read_metadata(path: Path | str) -> Metadata:
     return Metadata.from_columns(str(path), **cols)
 
 
+# spec §2.1: which metadata file each metric uses per dataset, by the shape of its subset column
+OFFICIAL_FILES = {("ri", "camelyon"): ("camelyon", "id"), ("ri", "tolkach_esca"): ("tolkach_esca_reduced", "reduced"),
+                  ("ri", "tcga"): ("tcga_2x2 or tcga_4x4", "paired or id"),
+                  ("cs", "camelyon"): ("camelyon_reduced", "reduced"), ("cs", "tcga"): ("tcga_4x4", "id"),
+                  ("cs", "tolkach_esca"): ("tolkach_esca_reduced", "reduced")}
+
+
+def subset_kind(meta: Metadata) -> str:
+    """``id`` (ID/OOD subsets: the full files), ``reduced`` (``<class>-<center>``) or ``paired``
+    (``b1-b2-c1-c2``, tcga_2x2)."""
+    names = set(meta.subset.tolist()) - {"ID", "OOD"}
+    if not names:
+        return "id"
+    return "paired" if all(n.count("-") >= 3 for n in names) else "reduced"
+
+
+def official_file_mismatch(meta: Metadata, metric: str, dataset: str | None) -> str | None:
+    """Why ``meta`` is not the file the official protocol uses for ``metric`` on ``dataset`` (None: it is,
+    or the dataset is custom): a result on another file is not the paper's number."""
+    want = OFFICIAL_FILES.get((metric, dataset))
+    if want is None:
+        return None
+    kind = subset_kind(meta)
+    if kind in want[1].split(" or "):
+        return None
+    return (f"{meta.source} has {kind} subsets, but the official {metric.upper()} on {dataset} uses {want[0]} "
+            f"({want[1]} subsets): the result is not comparable with the paper's")
+
+
 def check_evaluation_set(meta: Metadata, k: int | None = None, what: str = "robustness index") -> None:
     """Reject metadata on which a metric would be meaningless, with a one-line reason."""
     centers = np.unique(meta.medical_center)

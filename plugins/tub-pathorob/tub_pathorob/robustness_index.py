@@ -247,10 +247,16 @@ def robustness_index(
     """
     if X.shape[0] != len(meta):
         raise TubError(f"features have {X.shape[0]} rows but the metadata {len(meta)}")
-    if paired is None:
-        paired = dataset == "tcga"
+    from .metadata import subset_kind
+
+    subsets = subset_kind(meta) != "id"
+    if paired is None:  # tcga_2x2 is evaluated paired, tcga_4x4 (ID/OOD) unpaired (spec §2.1)
+        paired = dataset == "tcga" and subsets
     if paired and dataset in ("camelyon", "tolkach_esca"):
         raise TubError(f"paired evaluation is defined for tcga only, not {dataset}; drop --paired")
+    if paired and not subsets:
+        raise TubError(f"{meta.source} has only ID/OOD subsets, nothing to pair (tcga_2x2 has b1-b2-c1-c2 "
+                       "subsets); drop --paired")
     if k_search and k is not None:
         raise TubError("give --k N or --k-search, not both")
     if max_k is not None and not k_search:
