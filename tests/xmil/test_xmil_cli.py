@@ -110,6 +110,26 @@ def test_pipeline_features_train_explain_evaluate_heatmap(data, tiny_encoder, mo
                       "split=null", "--method", "lrp", "--method", "random", "-o", data / "eval", "--json"]))
     ev = json.loads(res.stdout)
     assert "balanced_accuracy" in ev and ev["slides"] == 4
+    # spec §2.5: by default 1%-of-all blocks (101 points); --score-order absolute ranks by |score|
+    res = _ok(invoke(["xmil", "evaluate", "--model", model, "--features", fdir, "--labels", labels, "--set",
+                      "split=null", "--method", "lrp", "--score-order", "absolute", "-o", data / "eval_abs", "--json"]))
+    assert json.loads(res.stdout)["score_order"] == "absolute"
+    from tub_xmil.bags import read_bag
+    from tub_xmil.checkpoint import load_model
+    from tub_xmil.config import EvaluateConfig
+    from tub_xmil.flipping import slide_flipping
+    from tub_xmil.pipeline import explain_bag
+
+    net, _ = load_model(model)
+    kept = [r for r in json.loads((data / "eval_abs" / "outputs" / "flipping.json").read_text()) if not r["false_pred"]]
+    assert kept  # the trained model gets some slides right
+    for rec in kept:
+        x = read_bag(fdir / f"{rec['slide_id']}.h5")[0]
+        lrp = explain_bag(net, x, "lrp", "classification", rec["target"], EvaluateConfig(), seed=0)
+        want = slide_flipping(net, x, np.abs(lrp), "classification", rec["target"], "1%-of-all")
+        assert len(rec["lrp"]["drop"]["morf"]) == 101
+        assert np.allclose(rec["lrp"]["drop"]["morf"], want["drop"]["morf"])
+        assert np.allclose(rec["lrp"]["add"]["lerf"], want["add"]["lerf"])
     if ev["flipping_slides"]:
         assert "lrp.drop.srg" in ev and "random.drop.srg" in ev
     # heatmap from slides (encoder via hook) and from feature files (+ slide dir)

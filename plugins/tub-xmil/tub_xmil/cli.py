@@ -283,12 +283,15 @@ def evaluate(cfg, run) -> dict:
             rec = {"slide_id": s.slide_id, "target": target, "false_pred": False}
             for m in cfg.method:
                 scores = explain_bag(model, x, m, task, target, cfg, seed=run.item_seed(s.slide_id))
+                if cfg.score_order == "absolute":  # ranks and blocks by magnitude (spec §2.5)
+                    scores = np.abs(scores)
                 res = slide_flipping(model, x, scores, task, target, cfg.strategy)
                 rec[m] = {a: {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in r.items()}
                           if isinstance(r, dict) else r for a, r in res.items()}
             per_slide.append(rec)
         del x  # before the next slide's bag is read
     kept = [r for r in per_slide if not r["false_pred"]]
+    out["score_order"] = cfg.score_order
     out["flipping_slides"] = len(kept)
     out["excluded_false_pred"] = len(per_slide) - len(kept)
     for m in cfg.method:

@@ -130,7 +130,11 @@ class EvaluateConfig(ModelInput):
                                   "slide's label class)")
     method: list[Method] = Field(default_factory=lambda: ["lrp", "attention", "random"],
                                  description="methods scored by patch flipping")
-    strategy: str = Field("10%-of-all", description="flipping blocks: 'P%-of-all' or 'one-by-one'")
+    strategy: str = Field("1%-of-all", description="flipping blocks: 'P%-of-all' (1%: 101 points, spec §2.5 for "
+                                                   "real slides; 10% for a quick look) or 'one-by-one'")
+    score_order: Literal["original", "absolute"] = Field(
+        "original", description="rank patches by their signed score or by its magnitude (spec §2.5; random "
+                                "order: --method random)")
     flipping: bool = Field(True, description="run the label-free patch-flipping evaluation")
 
     @field_validator("split")

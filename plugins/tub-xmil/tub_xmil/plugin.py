@@ -33,7 +33,7 @@ app = PluginApp(
         Verb("evaluate", "tub_xmil.cli:evaluate", config="tub_xmil.config:EvaluateConfig",
              help="Task metrics and label-free patch flipping (AUPC, SRG, random baseline).",
              options={**MODEL, "features": "features", "labels": "labels", "split": "split",
-                      "method": "method", "strategy": "strategy"}),
+                      "method": "method", "strategy": "strategy", "score-order": "score_order"}),
         Verb("heatmap", "tub_xmil.cli:heatmap", config="tub_xmil.config:HeatmapConfig",
              help="Slides or feature files -> explanation -> PNG overlay and QuPath GeoJSON.",
              args=["inputs"], options={**MODEL, "method": "method", "encoder": "encoder", "weights": "weights",
