@@ -250,3 +250,21 @@ def test_bcc_mu_na_is_the_minimum_of_computed_energies_not_of_a_fitted_parabola(
     mu, a0 = bcc_sodium_chemical_potential(Morse())
     assert a0 == pytest.approx(a_min, abs=1e-3) and mu == pytest.approx(depth, abs=1e-7)
     assert mu >= depth - 1e-12  # never below the curve's own minimum
+
+
+def test_interlayer_spacing_is_measured_where_there_is_one():
+    """Δd/d (spec §2.8): a bilayer's d is the distance of its two sheets' mean planes, whatever the
+    cell; a periodic stack's d its c length once the cell relaxes; none for one sheet or a fixed stack
+    (ocv reported 0 there by construction)."""
+    from tub_mlff.battery import interlayer_spacing
+    from tub_mlff.structures import add_sodium, janus_graphene
+
+    bi = add_sodium(janus_graphene(3, 1, stacking="bilayer", interlayer=9.0), 2, "gallery", seed=0)
+    assert interlayer_spacing(bi, cell_relaxed=False) == pytest.approx(9.0, abs=1e-9)
+    top = np.arange(bi.info["block"], bi.info["block"] + 2 * 3 ** 2)
+    bi.positions[top, 2] += 0.25
+    assert interlayer_spacing(bi, cell_relaxed=False) == pytest.approx(9.25, abs=1e-9)
+    gallery = janus_graphene(3, 1, stacking="gallery", interlayer=9.5)
+    assert np.isnan(interlayer_spacing(gallery, cell_relaxed=False))
+    assert interlayer_spacing(gallery, cell_relaxed=True) == pytest.approx(9.5)
+    assert np.isnan(interlayer_spacing(janus_graphene(3, 1, stacking="slab"), cell_relaxed=True))

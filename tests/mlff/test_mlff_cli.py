@@ -371,6 +371,7 @@ def test_diffusion_and_explain_and_ocv(workdir, built, trained):
                     "-o", workdir / "ocv", "--json"]))
     res = json.loads(r.stdout)
     assert res["hull_points"] >= 2 and res["cell_relaxation"] == "fixed"  # single points keep the cells
+    assert res["max_volume_change"] is None  # a fixed cell's volume is not a measured change (was 0)
     assert (workdir / "ocv" / "outputs" / "voltage_profile.png").exists()
     relaxed = read(workdir / "ocv" / "outputs" / "relaxed.extxyz", ":")
     assert {spin_for(a) for a in relaxed} == {0, 1}  # both parities share one calculator, which changes its spin

@@ -205,12 +205,28 @@ def _sodium_counts(frames, na_symbol: str = "Na") -> list[int]:
     return counts
 
 
-def hull_report(structures, energies, mu_na: float, na_symbol: str = "Na") -> dict:
+def interlayer_spacing(atoms, cell_relaxed: bool) -> float:
+    """The interlayer spacing d (A) of a layered host, for Δd/d (spec §2.8): the distance between the
+    mean planes of the two sheets of a ``janus_graphene`` bilayer (whatever the cell does); the c
+    length of a periodic stack whose cell was relaxed. NaN where there is none to measure: a single
+    sheet in vacuum, or a stack held at a fixed cell (its d is the input's by construction)."""
+    stacking = atoms.info.get("stacking")
+    if stacking == "bilayer" and {"n", "block"} <= set(atoms.info):
+        sheet = np.arange(2 * int(atoms.info["n"]) ** 2)  # each sheet block starts with its carbons
+        z = atoms.positions[:, 2]
+        return float(z[sheet + int(atoms.info["block"])].mean() - z[sheet].mean())
+    if stacking == "slab" or not cell_relaxed or not atoms.pbc[2]:
+        return float("nan")
+    return float(np.linalg.norm(atoms.cell[2]))
+
+
+def hull_report(structures, energies, mu_na: float, na_symbol: str = "Na", cell_relaxed: bool = False) -> dict:
     """Formation energies, hull, voltages, capacity and volume change of Na_x host structures.
 
     ``structures`` (with their ``energies``) must contain the bare host (no Na) and loaded cells of
     the same host; x is Na per aminophenyl group (``info['groups']``, default 1). The lowest
-    energy per x is used (several site sets per x sample the configurations).
+    energy per x is used (several site sets per x sample the configurations). ΔV/V needs relaxed
+    cells (``cell_relaxed``; NaN otherwise: a fixed cell's volume does not change by construction).
     """
     counts = _sodium_counts(structures, na_symbol)
     host = structures[counts.index(0)]
@@ -219,8 +235,8 @@ def hull_report(structures, energies, mu_na: float, na_symbol: str = "Na") -> di
     for a, e, c in zip(structures, energies, counts):
         if c not in lowest or e < lowest[c]:
             lowest[c] = float(e)
-            volumes[c] = a.get_volume() if a.pbc.all() else float("nan")
-            spacings[c] = float(np.linalg.norm(a.cell[2]))
+            volumes[c] = a.get_volume() if a.pbc.all() and cell_relaxed else float("nan")
+            spacings[c] = interlayer_spacing(a, cell_relaxed)
     cs = np.array(sorted(lowest))
     x = cs / groups
     ef = formation_energy([lowest[c] for c in cs], lowest[0], cs, mu_na) / groups
@@ -253,8 +269,10 @@ def sodiation_series(frames, calc_for, relax_steps: int = 50, fmax: float = 0.05
     if mu_na is None:
         mu_na, a0 = bcc_sodium_chemical_potential(calc_for(None), lattice=mu_na_lattice)
     structures = [a for a, _ in relaxed]
-    report = hull_report(structures, [e for _, e in relaxed], mu_na, na_symbol)
-    report["cell_relaxation"] = cell if relax_steps > 0 else "fixed"
+    cell_relaxation = cell if relax_steps > 0 else "fixed"
+    report = hull_report(structures, [e for _, e in relaxed], mu_na, na_symbol,
+                         cell_relaxed=cell_relaxation != "fixed")
+    report["cell_relaxation"] = cell_relaxation
     if relax_steps > 0:  # what the energies and volumes rest on, per structure in the given order
         report["relaxation"] = [{k: a.info[k] for k in ("relax_converged", "relax_max_force_eV_A",
                                                          "relax_max_stress_GPa") if k in a.info} for a in structures]

@@ -779,8 +779,8 @@ def ocv(cfg, run) -> dict:
                "mu_na_eV": res["mu_na_eV"], "mu_na_lattice_A": res.get("mu_na_lattice_A"),
                "hull_points": len(res["hull_vertices"]), "plateaus": len(res["steps"]),
                "cell_relaxation": res["cell_relaxation"],
-               "max_volume_change": max(res["volume_change"].values(), key=abs),
-               "max_spacing_change": max(res["spacing_change"].values(), key=abs),
+               "max_volume_change": _largest(res["volume_change"].values()),
+               "max_spacing_change": _largest(res["spacing_change"].values()),
                "relaxations_unconverged": res.get("relaxations_unconverged", 0)}
     if cfg.reference == "xtb":
         res["reference"] = _xtb_reference_hull(relaxed, res, cfg, run)
@@ -825,6 +825,12 @@ def _check_host_series(frames, name: str, cell_tolerance: float = 0.2) -> None:
         if (f.pbc != host.pbc).any() or (moved > cell_tolerance * np.linalg.norm(host.cell.array, axis=1))[host.pbc].any():
             raise TubError(f"{name}: frame {k} has another cell than the host (frame {h}) beyond "
                            f"{cell_tolerance:.0%}; give the structures of one host cell only")
+
+
+def _largest(changes) -> float:
+    """The change of largest magnitude; NaN when none was measured (fixed cell, no interlayer)."""
+    measured = [v for v in changes if np.isfinite(v)]
+    return max(measured, key=abs) if measured else float("nan")
 
 
 def _warn_scan_edge(report: dict, who: str, run) -> None:
