@@ -108,6 +108,29 @@ def test_reference_parameter_count_and_roundtrip(tmp_path):
     assert abs(compute(again, b)["energy"].item() - compute(model, b)["energy"].item()) < 1e-12
 
 
+@needs_ref
+def test_explain_writes_the_d4_polarisabilities_and_c6_of_a_d4_model(tmp_path):
+    """Spec §2.6/§4: the per-atom D4 polarisability α_i and C6_ii are explain outputs (they were computed
+    and dropped); they are the ones the model's D4 term used."""
+    from ase.build import molecule
+    from ase.io import read, write
+    from tubcli.testing import expect_ok, invoke
+
+    from tub_mlff.calculator import SpookyNetCalculator
+    from tub_mlff.explain import decompose
+
+    a = molecule("CH2NHCH2")
+    a.info["charge"], a.info["spin"] = 0, 0
+    write(tmp_path / "m.extxyz", a)
+    expect_ok(invoke(["mlff", "explain", tmp_path / "m.extxyz", "--model", REF, "--set", "attention=false",
+                      "-o", tmp_path / "e"]))
+    out = read(tmp_path / "e" / "outputs" / "explained.extxyz")
+    dec = decompose(SpookyNetCalculator(str(REF), spin=0, dtype=torch.float64), a)
+    assert np.allclose(out.arrays["mlff_polarizability_A3"], dec["polarizability_A3"], rtol=1e-5)
+    assert np.allclose(out.arrays["mlff_c6_eVA6"], dec["c6_eVA6"], rtol=1e-5)
+    assert (out.arrays["mlff_polarizability_A3"] > 0).all() and (out.arrays["mlff_c6_eVA6"] > 0).all()
+
+
 def test_saved_model_files_get_the_umask_mode(tmp_path):
     import os
 

@@ -1136,8 +1136,10 @@ def explain(cfg, run) -> dict:
             agg["energy_sum"] += v["mean_atomic_energy_eV"] * v["count"]
             agg["charge_sum"] += v["mean_charge_e"] * v["count"]
         out = atoms.copy()
-        for name in ("atomic_energy", "e_nn", "e_zbl", "e_coulomb", "e_d4", "charges"):
-            out.arrays[f"mlff_{name}"] = dec[name]
+        for name in ("atomic_energy", "e_nn", "e_zbl", "e_coulomb", "e_d4", "charges", "polarizability_A3",
+                     "c6_eVA6"):  # the last two: D4 models only
+            if name in dec:
+                out.arrays[f"mlff_{name}"] = dec[name]
         out.info["mlff_energy"] = dec["energy"]
         out.info["mlff_charge"], out.info["mlff_spin"] = calc.charge, calc.spin
         if len(calc.models) > 1:  # committee: where do the members disagree on the forces?
