@@ -268,3 +268,37 @@ def test_interlayer_spacing_is_measured_where_there_is_one():
     assert np.isnan(interlayer_spacing(gallery, cell_relaxed=False))
     assert interlayer_spacing(gallery, cell_relaxed=True) == pytest.approx(9.5)
     assert np.isnan(interlayer_spacing(janus_graphene(3, 1, stacking="slab"), cell_relaxed=True))
+
+
+def test_md_average_takes_the_mean_energy_per_x_and_the_thermal_mu_na():
+    """Finite T (spec §2.8): the mean potential energy per x (not the lowest frame), against
+    μ_Na + 3/2 k_B T; NPT frames' mean volumes give ΔV/V₀, NVT frames (one cell) none; V <= 0 is plating."""
+    from ase import Atoms, units
+
+    from tub_mlff.battery import hull_report, sodiation_series
+
+    def frame(n_na, volume_scale):
+        a = Atoms("C2" + ("Na" * n_na if n_na else ""), positions=[[0, 0, 0]] * (2 + n_na),
+                  cell=np.eye(3) * 10 * volume_scale ** (1 / 3), pbc=True)
+        a.info["groups"] = 1
+        return a
+
+    # x = 0: -10, -12 (mean -11); x = 1: -14.0, -13.0 (mean -13.5); x = 2: -13.0 (one frame, above: plating)
+    frames = [frame(0, 1.00), frame(0, 1.02), frame(1, 1.05), frame(1, 1.07), frame(2, 1.2)]
+    energies = [-10.0, -12.0, -14.0, -13.0, -13.0]
+    mean = hull_report(frames, energies, mu_na=-1.0, per_x="mean")
+    assert mean["formation_energy_eV"] == pytest.approx([0.0, -13.5 + 11 + 1, -13.0 + 11 + 2])
+    assert mean["volume_change"]["1"] == pytest.approx(1.06 / 1.01 - 1)  # NPT: the mean volumes
+    lowest = hull_report(frames, energies, mu_na=-1.0)
+    assert lowest["formation_energy_eV"] == pytest.approx([0.0, -14 + 12 + 1, -13.0 + 12 + 2])
+    nvt = [frame(n, 1.0) for n in (0, 0, 1, 1, 2)]
+    assert np.isnan(hull_report(nvt, energies, mu_na=-1.0, per_x="mean")["volume_change"]["1"])
+    assert mean["plating_from_x"] == 1.0 and [s["plating"] for s in mean["steps"]] == [False, True]
+
+    def calc_for(a):  # the frame's given energy
+        from ase.calculators.singlepoint import SinglePointCalculator
+        return SinglePointCalculator(a, energy=energies[frames.index(a)], forces=np.zeros((len(a), 3)))
+
+    rep, _ = sodiation_series(frames, calc_for, relax_steps=0, mu_na=-1.0, temperature_K=300.0)
+    assert rep["mu_na_eV"] == pytest.approx(-1.0 + 1.5 * units.kB * 300.0)
+    assert rep["formation_energy_eV"][1] == pytest.approx(-13.5 + 11 - rep["mu_na_eV"])

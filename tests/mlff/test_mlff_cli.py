@@ -372,6 +372,10 @@ def test_diffusion_and_explain_and_ocv(workdir, built, trained):
     res = json.loads(r.stdout)
     assert res["hull_points"] >= 2 and res["cell_relaxation"] == "fixed"  # single points keep the cells
     assert res["max_volume_change"] is None  # a fixed cell's volume is not a measured change (was 0)
+    assert "info['temperature']" in _err(invoke(["mlff", "ocv", "--model", model, "--structures", built,
+                                                 "--md-average", "-o", workdir / "ocv_md"]))  # not MD frames
+    assert "relax_steps" in _err(invoke(["mlff", "ocv", "--model", model, "--structures", built, "--md-average",
+                                         "--relax-steps", "5", "-o", workdir / "ocv_md2"]))
     assert (workdir / "ocv" / "outputs" / "voltage_profile.png").exists()
     relaxed = read(workdir / "ocv" / "outputs" / "relaxed.extxyz", ":")
     assert {spin_for(a) for a in relaxed} == {0, 1}  # both parities share one calculator, which changes its spin

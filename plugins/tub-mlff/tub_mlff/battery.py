@@ -220,23 +220,35 @@ def interlayer_spacing(atoms, cell_relaxed: bool) -> float:
     return float(np.linalg.norm(atoms.cell[2]))
 
 
-def hull_report(structures, energies, mu_na: float, na_symbol: str = "Na", cell_relaxed: bool = False) -> dict:
+def hull_report(structures, energies, mu_na: float, na_symbol: str = "Na", cell_relaxed: bool = False,
+                per_x: str = "lowest") -> dict:
     """Formation energies, hull, voltages, capacity and volume change of Na_x host structures.
 
     ``structures`` (with their ``energies``) must contain the bare host (no Na) and loaded cells of
-    the same host; x is Na per aminophenyl group (``info['groups']``, default 1). The lowest
-    energy per x is used (several site sets per x sample the configurations). ΔV/V needs relaxed
-    cells (``cell_relaxed``; NaN otherwise: a fixed cell's volume does not change by construction).
+    the same host; x is Na per aminophenyl group (``info['groups']``, default 1). ``per_x``: the
+    ``lowest`` energy per x (relaxed structures: several site sets sample the configurations) or the
+    ``mean`` over the frames of each x (MD frames: the finite-T potential energy, ΔG ≈ ΔU, spec §2.8;
+    with their mean volume and spacing, so NPT frames give ΔV/V₀ from NPT). ΔV/V needs cells that
+    could change (relaxed, or varying over the frames); NaN otherwise, as 0 would be by construction.
     """
     counts = _sodium_counts(structures, na_symbol)
     host = structures[counts.index(0)]
     groups = int(host.info.get("groups", 1)) or 1
-    lowest, volumes, spacings = {}, {}, {}
+    by_count: dict[int, list] = {}
     for a, e, c in zip(structures, energies, counts):
-        if c not in lowest or e < lowest[c]:
-            lowest[c] = float(e)
-            volumes[c] = a.get_volume() if a.pbc.all() and cell_relaxed else float("nan")
-            spacings[c] = interlayer_spacing(a, cell_relaxed)
+        by_count.setdefault(c, []).append((a, float(e)))
+    if per_x == "mean":
+        cells_moved = cell_relaxed or any(np.ptp([a.get_volume() for a, _ in g]) > 1e-9 for g in by_count.values()
+                                          if g[0][0].pbc.all())
+        chosen = {c: g for c, g in by_count.items()}
+    else:
+        cells_moved = cell_relaxed
+        chosen = {c: [min(g, key=lambda ae: ae[1])] for c, g in by_count.items()}
+    lowest, volumes, spacings = {}, {}, {}
+    for c, g in chosen.items():
+        lowest[c] = float(np.mean([e for _, e in g]))
+        volumes[c] = float(np.mean([a.get_volume() for a, _ in g])) if host.pbc.all() and cells_moved else float("nan")
+        spacings[c] = float(np.mean([interlayer_spacing(a, cells_moved) for a, _ in g]))
     cs = np.array(sorted(lowest))
     x = cs / groups
     ef = formation_energy([lowest[c] for c in cs], lowest[0], cs, mu_na) / groups
@@ -244,10 +256,13 @@ def hull_report(structures, energies, mu_na: float, na_symbol: str = "Na", cell_
     host_mass = molar_mass(host[[k for k in range(len(host)) if host[k].symbol != na_symbol]].get_chemical_formula()) / groups
     positive = [s for s in steps if s.voltage > 0]
     x_max = max((s.x_end for s in positive), default=0.0)
-    return {"x": x.tolist(), "formation_energy_eV": ef.tolist(), "mu_na_eV": mu_na,
+    plating = [s.x_start for s in steps if s.plating]
+    return {"x": x.tolist(), "formation_energy_eV": ef.tolist(), "mu_na_eV": mu_na, "energy_per_x": per_x,
             "hull_vertices": lower_convex_hull(x, ef).tolist(),
-            "steps": [{"x_start": s.x_start, "x_end": s.x_end, "voltage_V": s.voltage} for s in steps],
+            "steps": [{"x_start": s.x_start, "x_end": s.x_end, "voltage_V": s.voltage, "plating": s.plating}
+                      for s in steps],
             "average_voltage_V": average_voltage(positive) if positive else float("nan"),
+            "plating_from_x": min(plating) if plating else None,  # V <= 0: Na plates instead of inserting
             "x_max_before_plating": x_max, "host_molar_mass_g_mol": host_mass,
             "capacity_mAh_g": capacity_mah_per_g(x_max, host_mass),
             "capacity_per_x_mAh_g": capacity_mah_per_g(1.0, host_mass),
@@ -257,10 +272,13 @@ def hull_report(structures, energies, mu_na: float, na_symbol: str = "Na", cell_
 
 def sodiation_series(frames, calc_for, relax_steps: int = 50, fmax: float = 0.05, mu_na: float | None = None,
                      na_symbol: str = "Na", cell: str = "fixed", mu_na_lattice: float | None = None,
-                     stress_tol: float = 0.02) -> tuple[dict, list]:
+                     stress_tol: float = 0.02, temperature_K: float | None = None) -> tuple[dict, list]:
     """Relax every frame with ``calc_for(frame)`` and report the hull (``hull_report``).
 
     ``calc_for(None)`` gives the calculator of the bcc Na reference (unless ``mu_na`` is given).
+    ``temperature_K``: the frames are MD frames at that temperature (with ``relax_steps`` 0): the mean
+    energy per x, against μ_Na(T) = μ_Na + 3/2 k_B T, the potential energy per atom of harmonic bcc
+    Na at T, so that the thermal energy of the inserted atoms cancels as it does in the hosts.
     Returns (report, relaxed structures in the order of ``frames``).
     """
     _sodium_counts(frames, na_symbol)
@@ -268,11 +286,17 @@ def sodiation_series(frames, calc_for, relax_steps: int = 50, fmax: float = 0.05
     a0 = None
     if mu_na is None:
         mu_na, a0 = bcc_sodium_chemical_potential(calc_for(None), lattice=mu_na_lattice)
+    if temperature_K is not None:
+        from ase import units
+
+        mu_na = mu_na + 1.5 * units.kB * temperature_K
     structures = [a for a, _ in relaxed]
     cell_relaxation = cell if relax_steps > 0 else "fixed"
     report = hull_report(structures, [e for _, e in relaxed], mu_na, na_symbol,
-                         cell_relaxed=cell_relaxation != "fixed")
+                         cell_relaxed=cell_relaxation != "fixed", per_x="lowest" if temperature_K is None else "mean")
     report["cell_relaxation"] = cell_relaxation
+    if temperature_K is not None:
+        report.update(temperature_K=temperature_K, cell_relaxation="none (MD frames)")
     if relax_steps > 0:  # what the energies and volumes rest on, per structure in the given order
         report["relaxation"] = [{k: a.info[k] for k in ("relax_converged", "relax_max_force_eV_A",
                                                          "relax_max_stress_GPa") if k in a.info} for a in structures]

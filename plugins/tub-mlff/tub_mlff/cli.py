@@ -748,6 +748,7 @@ def ocv(cfg, run) -> dict:
             f.info["groups"] = host.info["groups"]
     _check_host_series(frames, str(cfg.structures) if cfg.structures is not None
                        else f"the built series (--x-max {cfg.x_max})")
+    temperature = _md_temperature(cfg, frames) if cfg.md_average else None
     from .validation import check_structure
 
     calcs = {}
@@ -767,8 +768,9 @@ def ocv(cfg, run) -> dict:
     if cell == "auto":
         layered = all(f.pbc.all() and f.info.get("stacking") not in ("slab", "bilayer") for f in frames)
         cell = "c" if layered else "fixed"
-    res, relaxed = sodiation_series(frames, calc_for, cfg.relax_steps, cfg.fmax, cell=cell,
-                                    mu_na_lattice=cfg.mu_na_lattice, stress_tol=cfg.stress_tol)
+    res, relaxed = sodiation_series(frames, calc_for, 0 if cfg.md_average else cfg.relax_steps, cfg.fmax, cell=cell,
+                                    mu_na_lattice=cfg.mu_na_lattice, stress_tol=cfg.stress_tol,
+                                    temperature_K=temperature)
     _warn_scan_edge(res, "the model", run)
     if res.get("relaxations_unconverged"):
         run.log.warning("%d of %d relaxations did not reach fmax %g eV/A%s within %d steps (ocv.json: relaxation); "
@@ -781,7 +783,10 @@ def ocv(cfg, run) -> dict:
                "cell_relaxation": res["cell_relaxation"],
                "max_volume_change": _largest(res["volume_change"].values()),
                "max_spacing_change": _largest(res["spacing_change"].values()),
-               "relaxations_unconverged": res.get("relaxations_unconverged", 0)}
+               "relaxations_unconverged": res.get("relaxations_unconverged", 0),
+               "plating_from_x": res["plating_from_x"], "energy_per_x": res["energy_per_x"]}
+    if "temperature_K" in res:
+        summary["temperature_K"] = res["temperature_K"]
     if cfg.reference == "xtb":
         res["reference"] = _xtb_reference_hull(relaxed, res, cfg, run)
         summary.update({"reference": "GFN1-xTB",
@@ -793,6 +798,34 @@ def ocv(cfg, run) -> dict:
     _write_extxyz(run.outputs_dir / "relaxed.extxyz", _relaxed_frames(relaxed))
     write_json(run.outputs_dir / "ocv.json", res)
     return {**summary, "model": _model_names(cfg.model), "output": str(run.outputs_dir / "ocv.json")}
+
+
+def _md_temperature(cfg, frames) -> float:
+    """The one temperature of MD frames (their mean kinetic temperature, info['temperature'] as
+    `tub mlff md` writes it) for ``--md-average``; frames that are not MD frames are an error."""
+    from tubcli.config import given_fields
+
+    if cfg.structures is None:
+        raise TubError("--md-average reads MD frames: give --structures (frames of tub mlff md runs at each x)")
+    idle = given_fields(cfg, ["relax_steps", "cell", "fmax", "stress_tol", "reference"])
+    if idle:
+        raise TubError(f"--md-average averages MD frames as they are; {', '.join(idle)} would not be used: drop them")
+    temps = [f.info.get("temperature") for f in frames]
+    if any(t is None for t in temps):
+        raise TubError(f"{cfg.structures}: --md-average needs MD frames with info['temperature'] (as tub mlff md "
+                       "writes them); these are not all MD frames")
+    by_x: dict[int, list[float]] = {}
+    for f, t in zip(frames, temps):
+        by_x.setdefault(int((f.numbers == 11).sum()), []).append(float(t))
+    means = {x: float(np.mean(ts)) for x, ts in by_x.items()}
+    T = float(np.mean(temps))
+    # a small cell's kinetic temperature fluctuates by sqrt(2 / 3N) (14 % at 33 atoms): runs at one set
+    # temperature differ by that over a few frames, runs at 300 and 500 K by far more
+    if max(means.values()) - min(means.values()) > 0.25 * T:
+        raise TubError(f"{cfg.structures}: the MD frames are at different temperatures per Na count "
+                       f"({', '.join(f'{x} Na: {t:.0f} K' for x, t in sorted(means.items()))}); average runs at "
+                       "one temperature")
+    return T
 
 
 def _relaxed_frames(relaxed) -> list:

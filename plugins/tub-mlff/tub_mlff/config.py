@@ -152,6 +152,9 @@ class OCVConfig(TubConfig):
     reference: Optional[Literal["xtb"]] = Field(
         None, description="also compute the GFN1-xTB hull on the same structures and the largest voltage difference")
     reference_relax_steps: int = Field(0, ge=0, description="BFGS steps of xTB on each structure (0 = single points)")
+    md_average: bool = Field(False, description="STRUCTURES are MD frames (tub mlff md, NVT or NPT) at one "
+                             "temperature: the mean energy per x (ΔG ≈ ΔU) against μ_Na + 3/2 k_B T, mean volumes and "
+                             "spacings (NPT: ΔV/V₀); no relaxation")
 
 
 class DiffusionConfig(TubConfig):

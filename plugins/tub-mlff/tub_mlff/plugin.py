@@ -38,7 +38,7 @@ app = PluginApp(
              help="Formation energies vs x, convex hull, voltage profile, capacity, volume change.",
              options={"model": "model", "structures": "structures", "x-max": "x_max",
                       "relax-steps": "relax_steps", "cell": "cell", "mu-na-lattice": "mu_na_lattice",
-                      "reference": "reference"}),
+                      "reference": "reference", "md-average": "md_average"}),
         Verb("diffusion", _F + "diffusion", config=_C + "DiffusionConfig",
              help="Na diffusivity from MD (unwrapped MSD, time origins, drift removed; or --estimator ase, "
                   "ASE DiffusionCoefficient's one-origin fit) and an Arrhenius fit.",
