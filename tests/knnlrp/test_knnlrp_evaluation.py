@@ -188,6 +188,26 @@ def test_svm_baselines_gradient_is_analytic():
                                rtol=1e-3, atol=1e-4)
 
 
+def test_gradient_baselines_take_the_zero_reference_also_without_standard_scaling():
+    """Spec §2.7: GI is x ⊙ ∇f and IG integrates from 0. The flipping baseline (the training mean) is the
+    same point only after a StandardScaler; on unscaled features the two used to be mixed up."""
+    from sklearn.model_selection import train_test_split
+
+    t = bundled("wine01")
+    Xtr, Xte, ytr, _ = train_test_split(t.X, t.y, test_size=0.3, random_state=0, stratify=t.y)
+    top = Xtr.max(0)
+    Xtr, Xte = Xtr / top, Xte / top  # positive features in [0, 1] (MinMax-like), mean far from 0
+    ev = FlippingEvaluation(SVC(gamma=1.0).fit(Xtr, ytr), Xtr, ytr)
+    assert np.abs(ev.baseline).max() > 0.1
+    Z = Xte[:4]
+    _, c, comp, s = ev.context(Z)
+    gi = ev.relevance("grad_x_input", Z, c, comp, s)
+    np.testing.assert_allclose(gi, Z * baselines.svm_score_gradient(ev.network, Z, c, comp), rtol=1e-12)
+    ig = ev.relevance("ig", Z, c, comp, s)  # completeness against F(0), not F(mean)
+    np.testing.assert_allclose(ig.sum(1), ev.score.soft(Z, c) - ev.score.soft(np.zeros_like(Z), c), rtol=2e-2,
+                               atol=1e-3)
+
+
 def test_all_default_methods_run_on_wine():
     t = bundled("wine01")
     Xtr, Xte, ytr, _ = standard_split(t.X, t.y)

@@ -199,9 +199,11 @@ class FlippingEvaluation:
         if method == "kernelshap":
             return baselines.kernel_shap(self.score, Z, c, competitor, self.Z_train, self.nsamples_shap, seed=self.seed)
         if method == "grad_x_input":
-            return baselines.gradient_x_input(self.network, Z, c, competitor, self.baseline)
+            return baselines.gradient_x_input(self.network, Z, c, competitor, np.zeros_like(self.baseline))
         if method == "ig":
-            return baselines.integrated_gradients(self.network, Z, c, competitor, self.baseline)
+            # spec §2.7: the zero reference of GI and IG, as neuralized IG's (the flipping baseline is the
+            # training mean: the same point after a StandardScaler, not after MinMax or no scaling)
+            return baselines.integrated_gradients(self.network, Z, c, competitor, np.zeros_like(self.baseline))
         if method == "sensitivity":
             return baselines.sensitivity(self.network, Z, c, competitor)
         raise ValueError(f"unknown method {method!r}")
