@@ -136,6 +136,13 @@ def test_a_folder_of_slides_is_tiled_slide_by_slide(slide, tmp_path):
     r = invoke(["atlas", "tile", folder, "--slide-tile-size", "64", "--json", "-o", tmp_path / "t"])
     assert r.exit_code == 0, r.stderr
     assert sorted(p.name for p in (tmp_path / "t" / "outputs" / "patches").iterdir()) == ["a.h5", "b.h5"]
+    # an unreadable slide (sorted first) fails alone; the folder is still one of slides (it was refused)
+    (folder / "0_truncated.tiff").write_bytes(b"garbage")
+    r = invoke(["atlas", "tile", folder, "--slide-tile-size", "64", "--json", "-o", tmp_path / "t3"])
+    assert r.exit_code == 1 and json.loads(r.stdout)["slides"] == 2, r.stderr
+    failed = [json.loads(x)["item"] for x in (tmp_path / "t3" / "failures.jsonl").read_text().splitlines()]
+    assert [Path(f).name for f in failed] == ["0_truncated.tiff"]
+    (folder / "0_truncated.tiff").unlink()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "tile.png")
     r = invoke(["atlas", "embed", folder, "--weights", W, "-o", tmp_path / "mixed"])
     assert r.exit_code == 2 and "holds whole slides (a.tif) and tile images (tile.png)" in r.stderr

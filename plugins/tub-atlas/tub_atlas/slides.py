@@ -514,8 +514,10 @@ def tiler_from_options(path: Path, options: dict) -> SlideTiles:
 
 def slides_in_folder(folder: Path) -> list[Path] | None:
     """The whole slides directly in ``folder`` (sorted, as CLAM/TRIDENT read a slide folder), or None
-    for a folder of tiles. A tile folder may hold plain (strip) TIFF tiles, so a .tif counts as a slide
-    only when OpenSlide opens it as one; a folder of slides and tiles together is an error."""
+    for a folder of tiles. A tile folder may hold plain (strip) TIFF tiles, so a folder of .tif files is
+    one of slides when OpenSlide opens one of its first few as a slide; then every file with a slide
+    suffix is a slide, and an unreadable one fails alone, in its batch item (as a slide given by name).
+    A folder of slides and tile images together is an error."""
     for p in folder.iterdir():
         if p.suffix.lower() in SLIDE_EXT:
             refuse_broken_link(p)
@@ -523,9 +525,9 @@ def slides_in_folder(folder: Path) -> list[Path] | None:
     candidates = [p for p in files if p.suffix.lower() in SLIDE_EXT]
     tiffs = [p for p in candidates if p.suffix.lower() in (".tif", ".tiff")]
     definite = [p for p in candidates if p not in tiffs]  # .svs, .ndpi, .mrxs …: never tiles
-    if not definite and not (tiffs and is_whole_slide(tiffs[0])):
+    if not definite and not any(is_whole_slide(p) for p in tiffs[:8]):
         return None
-    slides = definite + [p for p in tiffs if is_whole_slide(p)]
+    slides = definite + tiffs
     from .tiles import IMAGE_EXT
 
     tiles = [p for p in files if p.suffix.lower() in IMAGE_EXT and p not in slides]
