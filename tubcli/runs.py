@@ -758,18 +758,18 @@ class Run:
         """Keep one item's results beside the run (``items/<output>.json``), written *before* its output,
         so that a verb's totals (``item_records``) cover earlier invocations and other shards, as an
         uninterrupted run's would."""
-        rel = Path(output).resolve().relative_to(self.dir.resolve())
-        write_json(self.dir / "items" / (str(rel).replace(os.sep, "__") + ".json"), {"output": str(rel), **record})
+        import hashlib
+
+        rel = Path(output).resolve().relative_to(self.dir.resolve()).as_posix()
+        name = hashlib.sha256(rel.encode()).hexdigest()[:24]  # any output name, within file-name limits
+        write_json(self.dir / "items" / f"{name}.json", {"output": rel, **record})
 
     def item_records(self) -> list[dict]:
         """The records of every item whose output exists (an item whose output is gone no longer counts),
         in output order; each without its ``output`` key."""
-        records = []
-        for path in sorted((self.dir / "items").glob("*.json")):
-            rec = json.loads(path.read_text())
-            if (self.dir / rec.pop("output")).exists():
-                records.append(rec)
-        return records
+        records = [json.loads(p.read_text()) for p in (self.dir / "items").glob("*.json")]
+        return [{k: v for k, v in r.items() if k != "output"}
+                for r in sorted(records, key=lambda r: r["output"]) if (self.dir / r["output"]).exists()]
 
     def _forget_failures(self, item) -> None:
         """Drop an earlier run's ``failures.jsonl`` lines of an item that has now succeeded."""
