@@ -249,6 +249,7 @@ def build_verb_command(app: PluginApp, verb: Verb) -> TyperCommand:
         annotation = Optional[list[base]] if is_list else Optional[base]
         add(pname, annotation, typer.Argument(None, help=_describe(info), metavar=arg.split(".")[-1].upper() + ("..." if is_list else ""), show_default=False))
         bindings[pname] = arg
+    comma_lists: set[str] = set()  # list options that also take a,b (not paths: a file name may hold a comma)
     for flag, path in verb.options.items():
         if flag.replace("-", "_") in SHARED_OPTIONS:
             raise TubError(f"{app.name} {verb.name}: option --{flag} clashes with a shared option")
@@ -257,6 +258,11 @@ def build_verb_command(app: PluginApp, verb: Verb) -> TyperCommand:
         pname = "opt_" + flag.replace("-", "_")
         if base is bool and not is_list:
             add(pname, Optional[bool], typer.Option(None, f"--{flag}/--no-{flag}", help=_describe(info), show_default=False))
+        elif is_list and base is not Path:  # the config model converts the items (numbers, choices)
+            comma_lists.add(pname)
+            add(pname, Optional[list[str]], typer.Option(None, f"--{flag}", show_default=False,
+                                                         metavar=f"<{base.__name__}>",
+                                                         help=f"{_describe(info)} (a,b or repeated)".strip()))
         else:
             annotation = Optional[list[base]] if is_list else Optional[base]
             add(pname, annotation, typer.Option(None, f"--{flag}", help=_describe(info), show_default=False))
@@ -279,6 +285,8 @@ def build_verb_command(app: PluginApp, verb: Verb) -> TyperCommand:
     add("traceback", bool, typer.Option(False, "--traceback", help="Show the full stack on errors.", rich_help_panel="Shared options"))
 
     def command(**kwargs):
+        for p in comma_lists & {k for k, v in kwargs.items() if v is not None}:
+            kwargs[p] = [part.strip() for v in kwargs[p] for part in v.split(",") if part.strip()]
         flags = {path: kwargs[p] for p, path in bindings.items() if kwargs.get(p) is not None}
         for common in ("device", "precision", "seed"):
             if kwargs.get(common) is not None:

@@ -330,3 +330,14 @@ def test_demo_meets_the_conservation_and_flipping_bars_and_says_it_ignores_the_d
     assert res["conservation_max_rel_error"] < 1e-9 and res["sign_agreement_kappa0"] == 1
     assert res["aupc_knn_lrp"] <= 0.5 * res["aupc_occlusion"]
     assert "--precision bf16 do not change that" in (tmp_path / "demo" / "tub.log").read_text()
+
+
+def test_a_run_directory_is_read_even_beside_a_json_file_of_its_name(knn_run, data_dir, tmp_path):
+    """`train -o run1 --json > run1.json` left run1.json beside run1/: --model run1 read that file."""
+    import shutil
+
+    run = tmp_path / "run1"
+    shutil.copytree(knn_run, run)
+    (tmp_path / "run1.json").write_text('{"results": "of the train command"}')
+    r = invoke(["knnlrp", "explain", str(data_dir / "test.csv"), "--model", str(run), "-o", str(tmp_path / "e")])
+    assert r.exit_code == 0, r.stderr

@@ -90,6 +90,10 @@ def test_build_bilayer_is_two_ab_stacked_janus_sheets_with_vacuum(workdir):
     out = workdir / "bilayer"
     _ok(invoke(["mlff", "build", "--n", "3", "--groups", "1", "--stacking", "bilayer", "--x", "0", "--x", "2",
                 "--sites", "gallery", "-o", out]))
+    _ok(invoke(["mlff", "build", "--n", "3", "--groups", "1", "--stacking", "bilayer", "--x", "0,2",  # a,b too
+                "--sites", "gallery", "-o", workdir / "bilayer_commas"]))
+    assert (workdir / "bilayer_commas/outputs/structures.extxyz").read_text() == \
+        (out / "outputs/structures.extxyz").read_text()
     host, loaded = read(out / "outputs" / "structures.extxyz", ":")
     assert host.get_chemical_formula() == "C48H12N2" and host.info["groups"] == 2
     lower, upper = host.positions[:18], host.positions[31:49]  # the sheet carbons of each block

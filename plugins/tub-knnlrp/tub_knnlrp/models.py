@@ -184,7 +184,9 @@ def save_model(tm: TrainedModel, directory, name: str = "model") -> tuple[Path, 
 def resolve_model_path(path) -> Path:
     """The ``model.json`` for a run directory, its checkpoints folder, or either model file."""
     p = Path(path)
-    for cand in (p, p.with_suffix(".json"), p / "model.json", p / "checkpoints" / "model.json"):
+    # a folder is a run (or its checkpoints): never a sibling file with its name and another suffix
+    cands = (p / "model.json", p / "checkpoints" / "model.json") if p.is_dir() else (p, p.with_suffix(".json"))
+    for cand in cands:
         if cand.is_file() and cand.suffix == ".json":
             return cand
     if p.suffix in (".joblib", ".pkl", ".pickle") and p.is_file():

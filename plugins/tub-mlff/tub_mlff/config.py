@@ -177,9 +177,8 @@ class DiffusionConfig(TubConfig):
     target_temperature: float = Field(300.0, gt=0, description="Arrhenius extrapolation temperature (K)")
     species: list[str] = Field(default_factory=list, description="LAMMPS dumps: the element of each atom type in "
                                "type order, e.g. C,Na (ASE would read type n as atomic number n: 1 = H, 2 = He)")
-    temperatures: list[float] = Field(default_factory=list, description="K of each trajectory in order (repeat "
-                                      "--temperature), for frames that record none (LAMMPS dumps without "
-                                      "velocities); replaces the frames' own")
+    temperatures: list[float] = Field(default_factory=list, description="K of each trajectory, in order, for frames "
+                                      "that record none (LAMMPS dumps without velocities); replaces the frames' own")
 
     @field_validator("species", "temperatures", mode="before")
     @classmethod
