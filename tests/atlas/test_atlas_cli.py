@@ -112,6 +112,11 @@ def test_embed_formats_and_skip_existing(data, tmp_path, monkeypatch):
     for feats in (tmp_path / "eva/outputs/tiles", tmp_path / "npz/outputs/tiles"):
         r = ok(["evaluate", feats, "--method", "knn", "--json", "-o", tmp_path / f"ev_{feats.parent.parent.name}"])
         assert json.loads(r.stdout)["dim"] == 384
+    # the embed run directory itself stands for its embeddings (it was taken for a PathoROB folder)
+    whole = json.loads(ok(["evaluate", tmp_path / "npy", "--method", "knn", "--json", "-o", tmp_path / "ev_run"]).stdout)
+    part = json.loads(ok(["evaluate", tmp_path / "npy/outputs/tiles", "--method", "knn", "--json",
+                          "-o", tmp_path / "ev_part"]).stdout)
+    assert whole["knn"] == part["knn"] and whole["n_test"] == part["n_test"] > 0
     # the probes run on the CPU: a GPU asked for is said to be unused (torch here only claims to have one)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

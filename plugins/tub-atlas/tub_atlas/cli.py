@@ -255,8 +255,24 @@ def evaluate(cfg: EvaluateConfig, run) -> dict:
         raise TubError(f"--method {cfg.method} does not use {', '.join('--' + f.replace('_', '-') for f in idle)}; "
                        "drop them or use --method both")
 
-    feats = concat([read_features(p, cfg.metadata) for p in _need(cfg.features, "FEATURES")])
+    paths = [q for p in _need(cfg.features, "FEATURES") for q in _embed_outputs(Path(p))]
+    feats = concat([read_features(p, cfg.metadata) for p in paths])
     return run_probes(feats, cfg, run)
+
+
+def _embed_outputs(path: Path) -> list[Path]:
+    """An ``embed`` run directory (or its ``outputs/``) stands for the embeddings in it: its pathorob
+    folder of {center}.npz, or each npy/eva folder and h5 file; anything else is itself."""
+    outputs = path / "outputs" if (path / "env.json").is_file() and (path / "outputs").is_dir() else path
+    if not (outputs.name == "outputs" and (outputs.parent / "env.json").is_file()):
+        return [path]
+    if list(outputs.glob("*.npz")):
+        return [outputs]
+    found = sorted(q for q in outputs.iterdir() if not q.name.startswith(".")
+                   and (q.is_dir() or q.suffix in (".h5", ".npz")))
+    if not found:
+        raise TubError(f"{path} is a run directory with no embeddings in outputs/; give an 'atlas embed' run")
+    return found
 
 
 # ------------------------------------------------------------------ explain

@@ -100,7 +100,8 @@ class TileConfig(SlideTiling):
 
 
 class EvaluateConfig(TubConfig):
-    features: list[Path] = Field(default_factory=list, description="embed outputs (npy/eva folders, pathorob folder, .npz)")
+    features: list[Path] = Field(default_factory=list, description="embed outputs (an embed run directory, npy/eva folders, h5 files, "
+                                                                  "pathorob folder, .npz)")
     metadata: Path | None = Field(None, description="PathoROB metadata CSV for pathorob feature folders")
     method: Literal["linear", "knn", "both"] = Field("both", description="probe kind")
     k: int = Field(20, ge=1, description="kNN neighbours")
@@ -220,10 +221,10 @@ class BenchConfig(TubConfig):
                             "input cast to that dtype; fp64: both cast")
     arch: str = Field("vit-s8-reg8", description="preset to time (random weights)")
     depth: int | None = Field(None, ge=1, description="override the preset depth")
-    batch_size: int = Field(8, ge=1)
-    img_size: int = Field(224, ge=8)
+    batch_size: int = Field(8, ge=1, description="tiles per forward pass")
+    img_size: int = Field(224, ge=8, description="tile side in pixels")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads")
-    repeats: int = Field(5, ge=1)
+    repeats: int = Field(5, ge=1, description="timed rounds (medians reported)")
     compare_timm: bool = Field(False, description="also time timm on the same weights (needs timm)")
     modes: str = Field("tokens", description="tokens (forward_features), cls (CLS embedding) or tokens,cls")
     gemm: Literal["auto", "onednn", "aten"] = Field("auto", description="tub's inference GEMMs")
@@ -232,9 +233,9 @@ class BenchConfig(TubConfig):
 
 class MakeDataConfig(TubConfig):
     out: str | None = Field(None, description="folder to create (must not exist or be empty)")
-    n_per_class: int = Field(32, ge=1)
-    n_classes: int = Field(2, ge=2)
-    n_centers: int = Field(2, ge=1)
+    n_per_class: int = Field(32, ge=1, description="tiles per class")
+    n_classes: int = Field(2, ge=2, description="tissue classes (the labels)")
+    n_centers: int = Field(2, ge=1, description="medical centres (stain styles, the confounder)")
     size: int = Field(64, ge=8, description="tile side in pixels")
     checkpoint: str | None = Field(None, description="also write a random-weight checkpoint of this preset")
     depth: int | None = Field(None, ge=1, description="depth of that checkpoint")
