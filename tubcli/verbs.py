@@ -460,6 +460,8 @@ def format_value(value) -> str:
         return f"{value:.6g}"
     if isinstance(value, (list, tuple)) and len(value) > 8:
         return f"[{len(value)} values]"
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return ", ".join(value)  # names (methods, files): as a user would write them
     return str(value)
 
 

@@ -251,7 +251,7 @@ def explain(cfg, run) -> dict:
                 w.writerow(["slide_id", "target", "prediction", *cols])
                 for r in recs:
                     w.writerow([r["slide_id"], r["target"], r["prediction"], *[json.dumps(r.get(c)) for c in cols]])
-    return {"methods": ",".join(cfg.method)}
+    return {"methods": list(cfg.method)}
 
 
 def evaluate(cfg, run) -> dict:
@@ -429,7 +429,7 @@ def heatmap(cfg, run) -> dict:
                                             "background": background}))
                 write_heatmap(run.outputs_dir, path.stem, thumb, coords, sc, size0, HEAT_DOWNSAMPLE, SIGNED[m], m,
                               size_source)
-    out = {"methods": ",".join(cfg.method)}
+    out = {"methods": list(cfg.method)}
     if tiling_used:  # how slides were tiled and embedded, and where each setting came from
         out["slides"] = tiling_used
     return out
