@@ -378,7 +378,7 @@ def test_diffusion_and_explain_and_ocv(workdir, built, trained):
     assert res["max_volume_change"] is None  # a fixed cell's volume is not a measured change (was 0)
     assert "info['temperature']" in _err(invoke(["mlff", "ocv", "--model", model, "--structures", built,
                                                  "--md-average", "-o", workdir / "ocv_md"]))  # not MD frames
-    assert "relax_steps" in _err(invoke(["mlff", "ocv", "--model", model, "--structures", built, "--md-average",
+    assert "--relax-steps" in _err(invoke(["mlff", "ocv", "--model", model, "--structures", built, "--md-average",
                                          "--relax-steps", "5", "-o", workdir / "ocv_md2"]))
     assert (workdir / "ocv" / "outputs" / "voltage_profile.png").exists()
     relaxed = read(workdir / "ocv" / "outputs" / "relaxed.extxyz", ":")

@@ -58,6 +58,9 @@ def test_tile_then_skip_existing_and_bad_slides_reported(data):
     res = _ok(invoke(["xmil", "tile", sl, "--mpp", "0.5", "-o", data / "tiles2", "--patch-size", "128", "--json"]))
     assert json.loads(res.stdout)["batch"]["skipped_existing"] == 4
     assert json.loads(res.stdout)["patches"] == first > 0  # the run's patches, not this invocation's (none)
+    (data / "tiles2" / "outputs" / "patches" / ".tmp-slide_001-abcd1234.h5").write_bytes(b"")  # a killed writer's
+    res = _ok(invoke(["xmil", "tile", sl, "--mpp", "0.5", "-o", data / "tiles2", "--patch-size", "128", "--json"]))
+    assert json.loads(res.stdout)["patches"] == first
 
 
 def test_features_without_encoder_plugin_is_a_clear_error(data):

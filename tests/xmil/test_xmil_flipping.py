@@ -32,6 +32,25 @@ def test_flip_curve_endpoints_and_planted_order():
         assert np.isclose(drop[1], f(x[torch.as_tensor(keep)]))
 
 
+def test_flip_curve_of_a_small_bag_at_1_percent_equals_the_bag_by_bag_definition():
+    """1%-of-all on 20 patches: 101 points, most blocks empty (each distinct bag is scored once); every
+    point is f of the bag left after its block, as spec §2.5 defines it."""
+    torch.manual_seed(2)
+    m = AttentionMIL(4, 2, features_dim=8).eval()
+    x = torch.randn(20, 4)
+    s = np.random.default_rng(1).normal(size=20)
+    ranked = np.argsort(s, kind="quicksort")[::-1]
+    for approach in ("drop", "add"):
+        curve = flip_curve(m, x, s, approach=approach, strategy="1%-of-all", target=1)
+        want = []
+        with torch.no_grad():
+            for k in np.cumsum(block_sizes(s, "1%-of-all")):
+                keep = np.sort(ranked[k:] if approach == "drop" else ranked[:k])
+                bag = x[torch.as_tensor(keep)] if len(keep) else torch.zeros_like(x)
+                want.append(torch.softmax(m(bag[None]), -1)[0, 1].item())
+        assert len(curve) == 101 and np.allclose(curve[1:], want, atol=1e-6)
+
+
 def test_srg_of_true_single_scores_beats_reversed():
     torch.manual_seed(1)
     m = AttentionMIL(4, 2, features_dim=8).eval()

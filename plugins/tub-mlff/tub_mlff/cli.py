@@ -807,9 +807,12 @@ def _md_temperature(cfg, frames) -> float:
 
     if cfg.structures is None:
         raise TubError("--md-average reads MD frames: give --structures (frames of tub mlff md runs at each x)")
-    idle = given_fields(cfg, ["relax_steps", "cell", "fmax", "stress_tol", "reference"])
+    flags = {"relax_steps": "--relax-steps", "cell": "--cell", "fmax": "--set fmax", "stress_tol": "--set stress_tol",
+             "reference": "--reference"}
+    idle = given_fields(cfg, list(flags))
     if idle:
-        raise TubError(f"--md-average averages MD frames as they are; {', '.join(idle)} would not be used: drop them")
+        raise TubError(f"--md-average averages MD frames as they are; {', '.join(flags[f] for f in idle)} would not "
+                       "be used: drop them")
     temps = [f.info.get("temperature") for f in frames]
     if any(t is None for t in temps):
         raise TubError(f"{cfg.structures}: --md-average needs MD frames with info['temperature'] (as tub mlff md "

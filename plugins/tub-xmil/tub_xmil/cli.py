@@ -51,7 +51,7 @@ def _patches_in(folder: Path) -> int:
     import h5py
 
     n = 0
-    for path in sorted(folder.glob("*.h5")):
+    for path in sorted(q for q in folder.glob("*.h5") if not q.name.startswith(".")):  # not a writer's temporary
         with h5py.File(path, "r") as f:
             n += len(f["coords"])
     return n

@@ -51,32 +51,22 @@ def flip_curve(model, x: torch.Tensor, scores: np.ndarray, task: str = "classifi
     f_full = float(f(x[None])[0])
     f_zero = float(f(torch.zeros_like(x)[None])[0])
     curve = [f_full if approach == "drop" else f_zero]
-    subsets, consumed = [], 0
-    for k in block_sizes(scores, strategy):
-        consumed += int(k)
-        if approach == "drop":
-            keep = np.sort(ranked[consumed:])
-        else:
-            keep = np.sort(ranked[:consumed])
-        subsets.append(keep)
-    # evaluate subsets, batching those of equal size
-    values = [None] * len(subsets)
-    for i, keep in enumerate(subsets):
-        if len(keep) == 0:
-            values[i] = f_zero
-        elif len(keep) == n:
-            values[i] = f_full
-    todo = [i for i, v in enumerate(values) if v is None]
-    by_len: dict[int, list[int]] = {}
-    for i in todo:
-        by_len.setdefault(len(subsets[i]), []).append(i)
-    for length, idxs in by_len.items():
-        for s in range(0, len(idxs), batch):
-            chunk = idxs[s:s + batch]
-            bags = torch.stack([x[torch.as_tensor(subsets[i])] for i in chunk])
-            for i, v in zip(chunk, f(bags)):
-                values[i] = float(v)
-    return np.asarray(curve + values, float)
+    consumed = np.cumsum(block_sizes(scores, strategy)).tolist()
+    # the bag after each block; an empty block (1%-of-all on a bag of < 100 patches) repeats the bag before
+    # it, so each distinct bag is scored once
+    subsets = {k: np.sort(ranked[k:] if approach == "drop" else ranked[:k]) for k in dict.fromkeys(consumed)}
+    values = {k: f_zero if len(keep) == 0 else f_full for k, keep in subsets.items() if len(keep) in (0, n)}
+    by_len: dict[int, list[int]] = {}  # the others, batched by bag size
+    for k, keep in subsets.items():
+        if k not in values:
+            by_len.setdefault(len(keep), []).append(k)
+    for ks in by_len.values():
+        for s in range(0, len(ks), batch):
+            chunk = ks[s:s + batch]
+            bags = torch.stack([x[torch.as_tensor(subsets[k])] for k in chunk])
+            for k, v in zip(chunk, f(bags)):
+                values[k] = float(v)
+    return np.asarray(curve + [values[k] for k in consumed], float)
 
 
 def slide_flipping(model, x, scores, task="classification", target=0, strategy="1%-of-all",

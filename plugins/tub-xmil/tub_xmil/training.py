@@ -30,8 +30,9 @@ def model_kwargs(arch: str, m) -> dict:
                        f"{', model.'.join(sorted(ARCH_SETTINGS[arch]))}); drop them or choose another --arch")
     if arch == "transmil":
         layers = 2 if m.num_layers is None else m.num_layers
-        if layers < 2:
-            raise TubError(f"TransMIL needs model.num_layers >= 2 (TransLayer, PPEG, TransLayer), got {layers}")
+        if layers < 2:  # a config.yaml written before 2026-11-28 holds num_layers: 1, then unused by TransMIL
+            raise TubError(f"TransMIL needs model.num_layers >= 2 (TransLayer, PPEG, TransLayer), got {layers}; a "
+                           "config.yaml of an earlier tub recorded 1 unused: drop it (2 layers) or set 2 or more")
         n_feat = m.features_dim or 256
         if n_feat % 8:
             raise TubError(f"TransMIL splits model.features_dim into 8 heads: {n_feat} is not a multiple of 8")
