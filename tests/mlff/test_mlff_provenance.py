@@ -117,14 +117,27 @@ def test_md_frames_name_their_run_so_a_split_keeps_each_run_together(tmp_path, s
 def test_evaluate_warns_when_the_test_file_is_the_models_training_file(tmp_path, setup):
     data = tmp_path / "train.extxyz"
     shutil.copy(setup / "ch4.extxyz", data)
-    _ok(_train(data, tmp_path / "run"))
+    _ok(_train(data, tmp_path / "run", "--set", "valid_fraction=0.2", "--set", "test_fraction=0.2"))
     model = tmp_path / "run" / "checkpoints" / "model.safetensors"
     shutil.copy(data, tmp_path / "renamed.extxyz")  # same bytes under another name
     for test in (data, tmp_path / "renamed.extxyz"):
         r = _ok(invoke(["mlff", "evaluate", test, "--model", model, "-o", tmp_path / f"ev_{test.stem}"]))
-        assert "same bytes as the model's training file" in r.stderr and str(data) in r.stderr
+        assert "of 6 frames of" in r.stderr and "the model was trained on" in r.stderr
+    # frames it was fitted on, re-written in another format, are found too (a whole-file check missed them)
+    from tub_mlff.data import frame_fingerprints
+
+    frames = read(data, ":")
+    with np.load(tmp_path / "run" / "checkpoints" / "model.frames.npz") as z:
+        fitted = [a for a in frames if frame_fingerprints([a])[0] in z["train"]]
+        assert 0 < len(fitted) < 6 and len(z["valid"]) >= 1  # the test share is in neither
+    write(tmp_path / "fitted.traj", fitted)
+    r = _ok(invoke(["mlff", "evaluate", tmp_path / "fitted.traj", "--model", model, "-o", tmp_path / "ev_traj"]))
+    assert f"{len(fitted)} of {len(fitted)} frames of" in r.stderr
     r = _ok(invoke(["mlff", "evaluate", setup / "other.extxyz", "--model", model, "-o", tmp_path / "ev_other"]))
-    assert "same bytes" not in r.stderr
+    assert "the model was" not in r.stderr
+    (tmp_path / "run" / "checkpoints" / "model.frames.npz").unlink()  # a model trained before the prints
+    r = _ok(invoke(["mlff", "evaluate", data, "--model", model, "-o", tmp_path / "ev_old"]))
+    assert "same bytes as the model's training file" in r.stderr and str(data) in r.stderr
     # models without the record (the shipped demo model) evaluate as before
     r = _ok(invoke(["mlff", "evaluate", data, "--model", DEMO, "-o", tmp_path / "ev_demo", "--json"]))
     assert "same bytes" not in r.stderr and np.isfinite(json.loads(r.stdout)["energy_mae_meV_atom"])

@@ -413,6 +413,44 @@ def _check_training_data(state: dict, now: list[dict], ckpt) -> None:
                            "pass --overwrite to start this run again), or restore the file")
 
 
+def _save_fitted_frames(path: Path, seen: dict, init_from) -> None:
+    """Beside each model file, the fingerprints of the frames it was fitted on and validated with (with
+    those of an --init-from model), so that evaluate notices test frames among them in any file."""
+    from .data import frame_fingerprints
+
+    prints = {role: frame_fingerprints(frames) for role, frames in seen.items()}
+    base = _fitted_frames_file(Path(init_from)) if init_from is not None else None
+    if base is not None:
+        with np.load(base) as z:
+            prints = {role: np.concatenate([z[role], prints[role]]) for role in prints}
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **prints)
+
+
+def _fitted_frames_file(model_file: Path) -> Path | None:
+    path = model_file.with_name(model_file.name.replace(".safetensors", "") + ".frames.npz")
+    return path if model_file.suffix == ".safetensors" and path.is_file() else None
+
+
+def _warn_fitted_frames(run, model_files: list[Path], frames, data) -> bool:
+    """Warn when test frames are frames a model was fitted on or chose its epoch on (same atoms and
+    positions, in any file): their errors measure the fit, not the model. False for models trained
+    before the fingerprints were kept (the whole-file check serves them)."""
+    from .data import frame_fingerprints
+
+    files = [f for f in (_fitted_frames_file(Path(m)) for m in model_files) if f is not None]
+    if not files:
+        return False
+    test = frame_fingerprints(frames)
+    for role, what in (("train", "trained on"), ("valid", "validated on (its epoch was chosen on them)")):
+        seen = np.concatenate([np.load(f)[role] for f in files])
+        hits = int(np.isin(test, seen).sum())
+        if hits:
+            run.log.warning("%d of %d frames of %s are frames the model was %s (same atoms and positions): their "
+                            "errors flatter it; evaluate on frames it never saw", hits, len(test), data, what)
+    return True
+
+
 def _warn_training_files(run, metas: list[dict], data) -> None:
     """Warn when the file to evaluate is one of the model's training files (same bytes, from model.json):
     its errors then measure the fit, not the model. Models without the record (reference, demo) pass."""
@@ -575,6 +613,8 @@ def train(cfg, run) -> dict:
     span = composition_span(train_g)  # kept in model.json: md/ocv/evaluate/explain warn outside it
     dtype = _dtype(run)
     training_data = _training_data(data, cfg.valid)
+    seen_frames = {"train": [frames[i] for i in tr],  # the frames the weights or their epoch depend on
+                   "valid": valid_frames if cfg.valid is not None else [frames[i] for i in va]}
     state = run.load_checkpoint()
     if state is not None:
         _check_architecture(state, SpookyNet(SpookyNetConfig.from_dict(mcfg.to_dict())), run.resume_from)
@@ -602,6 +642,8 @@ def train(cfg, run) -> dict:
                   state=state if (state and int(state["member"]) == member) else None, member=member,
                   record={"training_data": training_data})
         if run.is_main:  # torchrun: every rank holds the same weights; rank 0 writes them
+            _save_fitted_frames(run.checkpoints_dir / f"{name}.frames.npz", seen_frames,
+                                init_from if base is not None else None)
             save_model(res["model"], run.checkpoints_dir / name,
                        extra={"elements": elements, "composition_span": span,
                               "trained_on": str(data), "member": member,
@@ -642,7 +684,8 @@ def evaluate(cfg, run) -> dict:
     for k, a in enumerate(frames):
         check_structure(a, meta_elements, name=f"{data} frame {k}")
     _warn_composition(run, model_composition_span([meta for _, meta in loaded]), frames, str(data))
-    _warn_training_files(run, [meta for _, meta in loaded], data)
+    if not _warn_fitted_frames(run, _models(cfg.model), frames, data):
+        _warn_training_files(run, [meta for _, meta in loaded], data)
     mc = models[0].config
     radius = max(mc.cutoff, mc.lr_cutoff or 0.0)
     periodic = any(np.any(a.pbc) for a in frames)

@@ -49,6 +49,23 @@ def read_structures(path: str | Path, index: str = ":"):
     return frames
 
 
+def frame_fingerprints(frames) -> np.ndarray:
+    """One uint64 per frame from its atomic numbers, positions (to 1e-4 A) and periodic cell: the same
+    structure in any file (a copy, a subset, a re-split, another format) has the same print. For noticing
+    test frames a model was fitted or validated on (data leakage), not for telling structures apart."""
+    import hashlib
+
+    prints = np.empty(len(frames), dtype=np.uint64)
+    for k, a in enumerate(frames):
+        h = hashlib.blake2b(digest_size=8)
+        h.update(np.ascontiguousarray(a.numbers, dtype=np.int64).tobytes())
+        h.update(np.round(np.asarray(a.positions, dtype=np.float64) * 1e4).astype(np.int64).tobytes())
+        cell = np.where(np.asarray(a.pbc)[:, None], a.cell.array, 0.0)
+        h.update(np.round(cell * 1e4).astype(np.int64).tobytes())
+        prints[k] = np.frombuffer(h.digest(), dtype=np.uint64)[0]
+    return prints
+
+
 def _get(atoms, key, where):
     if where == "info" and key in atoms.info:
         return atoms.info[key]
