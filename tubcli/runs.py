@@ -755,9 +755,9 @@ class Run:
             self._rewrite_failures(item, line)
 
     def record_item(self, output: Path, record: dict) -> None:
-        """Keep one item's results beside the run (``items/<output>.json``), written *before* its output,
-        so that a verb's totals (``item_records``) cover earlier invocations and other shards, as an
-        uninterrupted run's would."""
+        """Keep one item's results beside the run (``items/<digest of the output path>.json``), written
+        *before* its output, so that a verb's totals (``item_records``) cover earlier invocations and
+        other shards, as an uninterrupted run's would."""
         import hashlib
 
         rel = Path(output).resolve().relative_to(self.dir.resolve()).as_posix()
