@@ -117,6 +117,16 @@ def test_embed_formats_and_skip_existing(data, tmp_path, monkeypatch):
     part = json.loads(ok(["evaluate", tmp_path / "npy/outputs/tiles", "--method", "knn", "--json",
                           "-o", tmp_path / "ev_part"]).stdout)
     assert whole["knn"] == part["knn"] and whole["n_test"] == part["n_test"] > 0
+    # --metadata labels an npy folder's rows by slide_id/patch_id (it was accepted and ignored)
+    with open(tmp_path / "npy/outputs/tiles/manifest.csv", newline="") as f:
+        man = list(csv.DictReader(f))
+    with open(tmp_path / "meta.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["slide_id", "patch_id", "biological_class", "medical_center"])
+        w.writerows([r["slide_id"], r["patch_id"], "tissue_" + r["label"], "c"] for r in man[::-1])
+    relabelled = json.loads(ok(["evaluate", tmp_path / "npy", "--metadata", tmp_path / "meta.csv", "--method", "knn",
+                                "--json", "-o", tmp_path / "ev_meta"]).stdout)
+    assert relabelled["classes"] == ["tissue_class0", "tissue_class1"] and relabelled["knn"] == whole["knn"]
     # the probes run on the CPU: a GPU asked for is said to be unused (torch here only claims to have one)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

@@ -284,6 +284,10 @@ def test_embed_at_coordinates_from_tile_and_clam_patch_files(scene_slide, tmp_pa
     assert np.array_equal(tiles[0], lvl2[64:96, 64:96]) and np.array_equal(tiles[1], lvl2[320:352, 128:160])
     bad = invoke([*emb, "--slide-coords", str(tmp_path / "nowhere"), "-o", str(tmp_path / "e3")])
     assert bad.exit_code == 2 and "no patch file" in bad.stderr
+    # tiling settings beside a patch file would be recorded in config.yaml, not used
+    bad = invoke([*emb, "--slide-coords", str(tmp_path / "t"), "--slide-mpp", "0.5", "--slide-pen", "blue",
+                  "-o", str(tmp_path / "e4")])
+    assert bad.exit_code == 2 and "--slide-mpp, --slide-pen do not apply with --slide-coords" in bad.stderr
 
 
 def test_slides_without_resolution_need_base_mpp_or_no_area_filters(tmp_path):

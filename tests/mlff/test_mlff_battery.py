@@ -289,6 +289,7 @@ def test_md_average_takes_the_mean_energy_per_x_and_the_thermal_mu_na():
     mean = hull_report(frames, energies, mu_na=-1.0, per_x="mean")
     assert mean["formation_energy_eV"] == pytest.approx([0.0, -13.5 + 11 + 1, -13.0 + 11 + 2])
     assert mean["volume_change"]["1"] == pytest.approx(1.06 / 1.01 - 1)  # NPT: the mean volumes
+    assert np.isnan(mean["volume_change"]["2"])  # one cell (NVT, or one frame): its volume is not a measurement
     lowest = hull_report(frames, energies, mu_na=-1.0)
     assert lowest["formation_energy_eV"] == pytest.approx([0.0, -14 + 12 + 1, -13.0 + 12 + 2])
     nvt = [frame(n, 1.0) for n in (0, 0, 1, 1, 2)]
@@ -302,3 +303,32 @@ def test_md_average_takes_the_mean_energy_per_x_and_the_thermal_mu_na():
     rep, _ = sodiation_series(frames, calc_for, relax_steps=0, mu_na=-1.0, temperature_K=300.0)
     assert rep["mu_na_eV"] == pytest.approx(-1.0 + 1.5 * units.kB * 300.0)
     assert rep["formation_energy_eV"][1] == pytest.approx(-13.5 + 11 - rep["mu_na_eV"])
+
+
+def test_md_average_takes_the_thermostat_temperature_and_refuses_runs_at_two(caplog):
+    """MD frames record their thermostat's temperature: runs at 300 and 360 K (kinetic means within the
+    fluctuation of small cells) are refused; frames without it fall back to the kinetic mean, with a warning."""
+    import logging
+    from types import SimpleNamespace
+
+    from ase import Atoms
+    from tubcli.errors import TubError
+
+    from tub_mlff.cli import _md_temperature
+    from tub_mlff.config import OCVConfig
+
+    def frame(n_na, set_t, kinetic):
+        a = Atoms("C2" + "Na" * n_na, positions=[[0, 0, 0]] * (2 + n_na))
+        a.info["temperature"] = kinetic
+        if set_t is not None:
+            a.info["temperature_set_K"] = set_t
+        return a
+
+    cfg = OCVConfig(structures="frames.extxyz", md_average=True)
+    run = SimpleNamespace(log=logging.getLogger("md-average-test"))
+    assert _md_temperature(cfg, [frame(0, 300.0, 310), frame(1, 300.0, 280)], run) == 300.0
+    with pytest.raises(TubError, match="300, 360 K"):
+        _md_temperature(cfg, [frame(0, 300.0, 300), frame(1, 360.0, 330)], run)
+    with caplog.at_level(logging.WARNING, logger="md-average-test"):
+        assert _md_temperature(cfg, [frame(0, None, 300), frame(1, None, 320)], run) == 310.0
+    assert "do not record their thermostat's temperature" in caplog.text

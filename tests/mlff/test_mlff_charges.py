@@ -82,7 +82,10 @@ def test_train_with_charge_weight_needs_reference_charges(tmp_path):
     for a in frames:
         del a.arrays["ref_charges"]
     path = tmp_path / "mols.extxyz"
-    write(path, frames * 2)
+    moved = [a.copy() for a in frames]  # translated copies: other frames (the split keeps repeats out of
+    for a in moved:                     # valid/test), the same labels (energies and forces do not change)
+        a.positions += [0.37, 0.0, 0.0]
+    write(path, frames + moved)
     line = expect_one_line_error(invoke(["mlff", "train", path, "--set", "charges_weight=1", "-o", tmp_path / "t",
                                          "--epochs", "1", "--set", "model.num_features=8"]))
     assert "ref_charges" in line

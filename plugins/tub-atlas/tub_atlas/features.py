@@ -107,7 +107,8 @@ def _read_features(path: Path, metadata: Path | None) -> LabelledFeatures:
         rows = _csv(path / "manifest.csv")
         if len(rows) != len(x):
             raise TubError(f"{path}: manifest.csv has {len(rows)} rows for {len(x)} embeddings")
-        return LabelledFeatures(x.astype(np.float32), [r.get("label", "") for r in rows],
+        labels = [r.get("label", "") for r in rows] if metadata is None else _metadata_labels(path, rows, metadata)
+        return LabelledFeatures(x.astype(np.float32), labels,
                                 [r.get("slide_id", "") for r in rows], _csv_split(path / "manifest.csv", rows))
     if path.is_dir() and (path / "manifest.csv").is_file():
         import torch
@@ -144,6 +145,22 @@ def _read_features(path: Path, metadata: Path | None) -> LabelledFeatures:
         return LabelledFeatures(np.stack(xs).astype(np.float32), [r["biological_class"] for r in rows],
                                 [r["slide_id"] for r in rows], _csv_split(Path(metadata), rows))
     raise TubError(f"{path}: not an embeddings folder (embeddings.npy, eva manifest, {{center}}.npz) or .npz")
+
+
+def _metadata_labels(path: Path, rows: list[dict], metadata) -> list[str]:
+    """Labels of an npy folder's rows from a PathoROB metadata CSV (biological_class), matched on slide_id and
+    patch_id: a folder of flat tiles has none of its own (e.g. `tub pathorob robustify` output)."""
+    if not rows or "slide_id" not in rows[0] or "patch_id" not in rows[0]:
+        raise TubError(f"{path}/manifest.csv has no slide_id/patch_id columns to match --metadata on")
+    meta = _csv(Path(metadata))
+    if not meta or not {"slide_id", "patch_id", "biological_class"} <= set(meta[0]):
+        raise TubError(f"{metadata}: --metadata needs slide_id, patch_id and biological_class columns")
+    label = {(m["slide_id"], m["patch_id"]): m["biological_class"] for m in meta}
+    missing = [r for r in rows if (r["slide_id"], r["patch_id"]) not in label]
+    if missing:
+        raise TubError(f"{metadata} has no row for {len(missing)} embedded tile(s) of {path}, e.g. slide "
+                       f"{missing[0]['slide_id']} patch {missing[0]['patch_id']}")
+    return [label[(r["slide_id"], r["patch_id"])] for r in rows]
 
 
 def concat(parts: list[LabelledFeatures]) -> LabelledFeatures:

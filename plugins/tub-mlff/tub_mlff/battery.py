@@ -238,17 +238,18 @@ def hull_report(structures, energies, mu_na: float, na_symbol: str = "Na", cell_
     for a, e, c in zip(structures, energies, counts):
         by_count.setdefault(c, []).append((a, float(e)))
     if per_x == "mean":
-        cells_moved = cell_relaxed or any(np.ptp([a.get_volume() for a, _ in g]) > 1e-9 for g in by_count.values()
-                                          if g[0][0].pbc.all())
-        chosen = {c: g for c, g in by_count.items()}
+        chosen = by_count
+        # per x: did its cell move (NPT frames)? an NVT group's volume is its input cell's, not a measurement
+        moved = {c: cell_relaxed or (len(g) > 1 and np.ptp([a.get_volume() for a, _ in g]) > 1e-9)
+                 for c, g in by_count.items()}
     else:
-        cells_moved = cell_relaxed
         chosen = {c: [min(g, key=lambda ae: ae[1])] for c, g in by_count.items()}
+        moved = dict.fromkeys(by_count, cell_relaxed)
     lowest, volumes, spacings = {}, {}, {}
     for c, g in chosen.items():
         lowest[c] = float(np.mean([e for _, e in g]))
-        volumes[c] = float(np.mean([a.get_volume() for a, _ in g])) if host.pbc.all() and cells_moved else float("nan")
-        spacings[c] = float(np.mean([interlayer_spacing(a, cells_moved) for a, _ in g]))
+        volumes[c] = float(np.mean([a.get_volume() for a, _ in g])) if host.pbc.all() and moved[c] else float("nan")
+        spacings[c] = float(np.mean([interlayer_spacing(a, moved[c]) for a, _ in g]))
     cs = np.array(sorted(lowest))
     x = cs / groups
     ef = formation_energy([lowest[c] for c in cs], lowest[0], cs, mu_na) / groups

@@ -413,6 +413,24 @@ def _check_training_data(state: dict, now: list[dict], ckpt) -> None:
                            "pass --overwrite to start this run again), or restore the file")
 
 
+def _without_repeats(frames, tr, va, te, run):
+    """The validation and test shares without frames that repeat a training frame (or, for test, a
+    validation frame): same atoms and positions, as the common start structure of MD runs from one cell
+    that a split by run puts in every share. Their errors would measure the fit, not the model."""
+    from .data import frame_fingerprints
+
+    prints = frame_fingerprints(frames)
+    seen = set(prints[list(tr)].tolist())
+    va_kept = [i for i in va if prints[i] not in seen]
+    seen |= set(prints[va_kept].tolist())
+    te_kept = [i for i in te if prints[i] not in seen]
+    dropped = len(va) - len(va_kept) + len(te) - len(te_kept)
+    if dropped:
+        run.log.warning("%d validation/test frame(s) repeat a training or validation frame (same atoms and positions, "
+                        "e.g. the start structure of several MD runs): left out of those shares", dropped)
+    return va_kept, te_kept
+
+
 def _save_fitted_frames(path: Path, seen: dict, init_from) -> None:
     """Beside each model file, the fingerprints of the frames it was fitted on and validated with (with
     those of an --init-from model), so that evaluate notices test frames among them in any file."""
@@ -576,9 +594,11 @@ def train(cfg, run) -> dict:
     if cfg.valid is not None:  # the file replaces the validation share: none is taken from DATA
         valid = _graphs(valid_frames, radius, keys, str(cfg.valid), need_forces)
         tr, _, te = split_indices(len(graphs), 0.0, cfg.test_fraction, cfg.seed, groups)
+        _, te = _without_repeats(frames, tr, [], te, run)
         train_g, test_g = [graphs[i] for i in tr], [graphs[i] for i in te]
     else:
         tr, va, te = split_indices(len(graphs), cfg.valid_fraction, cfg.test_fraction, cfg.seed, groups)
+        va, te = _without_repeats(frames, tr, va, te, run)
         train_g, valid, test_g = [graphs[i] for i in tr], [graphs[i] for i in va], [graphs[i] for i in te]
     if not train_g:
         raise TubError(f"{data} has too few frames to train ({len(graphs)}); give more labelled structures")
@@ -699,6 +719,9 @@ def evaluate(cfg, run) -> dict:
     _stress_coverage(graphs, cfg.keys.stress, "the stress MAE/RMSE", run)
     preds = predict(models, graphs, _dtype(run), run.device)
     metrics = error_metrics(graphs, preds)
+    if "charges_mae_e" in metrics and (untrained := _untrained_charges(cfg.model)):
+        run.log.warning("%s learned no charges (charges_weight and dipole_weight 0 in its training config): "
+                        "charges_mae_e measures charges that only carry the total charge", untrained)
     stressed = stress_frames(graphs) if "stress_mae_meV_A3" in metrics else []
     if cfg.plots:
         n = np.array([len(g.Z) for g in graphs])
@@ -791,7 +814,7 @@ def ocv(cfg, run) -> dict:
             f.info["groups"] = host.info["groups"]
     _check_host_series(frames, str(cfg.structures) if cfg.structures is not None
                        else f"the built series (--x-max {cfg.x_max})")
-    temperature = _md_temperature(cfg, frames) if cfg.md_average else None
+    temperature = _md_temperature(cfg, frames, run) if cfg.md_average else None
     from .validation import check_structure
 
     calcs = {}
@@ -843,7 +866,7 @@ def ocv(cfg, run) -> dict:
     return {**summary, "model": _model_names(cfg.model), "output": str(run.outputs_dir / "ocv.json")}
 
 
-def _md_temperature(cfg, frames) -> float:
+def _md_temperature(cfg, frames, run) -> float:
     """The one temperature of MD frames (their mean kinetic temperature, info['temperature'] as
     `tub mlff md` writes it) for ``--md-average``; frames that are not MD frames are an error."""
     from tubcli.config import given_fields
@@ -856,6 +879,12 @@ def _md_temperature(cfg, frames) -> float:
     if idle:
         raise TubError(f"--md-average averages MD frames as they are; {', '.join(flags[f] for f in idle)} would not "
                        "be used: drop them")
+    set_temps = {f.info.get("temperature_set_K") for f in frames}
+    if None not in set_temps:  # the thermostats' temperatures (tub mlff md writes them)
+        if len(set_temps) > 1:
+            raise TubError(f"{cfg.structures}: the MD frames come from runs at {', '.join(f'{t:g}' for t in sorted(set_temps))}"
+                           " K; average runs at one temperature")
+        return float(set_temps.pop())
     temps = [f.info.get("temperature") for f in frames]
     if any(t is None for t in temps):
         raise TubError(f"{cfg.structures}: --md-average needs MD frames with info['temperature'] (as tub mlff md "
@@ -871,6 +900,9 @@ def _md_temperature(cfg, frames) -> float:
         raise TubError(f"{cfg.structures}: the MD frames are at different temperatures per Na count "
                        f"({', '.join(f'{x} Na: {t:.0f} K' for x, t in sorted(means.items()))}); average runs at "
                        "one temperature")
+    run.log.warning("%s: the frames do not record their thermostat's temperature (info['temperature_set_K'], "
+                    "written by tub mlff md): their mean kinetic temperature, %.0f K, is used, and runs whose set "
+                    "temperatures differ by less than about 25 %% cannot be told apart", cfg.structures, T)
     return T
 
 

@@ -155,8 +155,12 @@ def make_dynamics(atoms, ensemble: str, timestep_fs: float, temperature_K: float
         if not atoms.pbc.all() or atoms.info.get("stacking") in ("slab", "bilayer"):  # vacuum: no restoring stress
             raise TubError("NPT needs a cell periodic in all three directions without a vacuum gap (this one is "
                            f"a {atoms.info.get('stacking', 'slab')}); use nvt-* for slabs and bilayers")
-        return LangevinBAOAB(atoms, dt, temperature_K=temperature_K, externalstress=-pressure_GPa * units.GPa,
-                             hydrostatic=hydrostatic, T_tau=taut_fs * units.fs, P_tau=taup_fs * units.fs, rng=rng)
+        import warnings
+
+        with warnings.catch_warnings():  # ASE's note that it sets the barostat mass from P_tau (in its units)
+            warnings.filterwarnings("ignore", message="Using heuristic P_mass", category=UserWarning)
+            return LangevinBAOAB(atoms, dt, temperature_K=temperature_K, externalstress=-pressure_GPa * units.GPa,
+                                 hydrostatic=hydrostatic, T_tau=taut_fs * units.fs, P_tau=taup_fs * units.fs, rng=rng)
     raise TubError(f"unknown ensemble {ensemble!r}; choose one of {', '.join(ENSEMBLES)}")
 
 
@@ -416,6 +420,8 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
         frame.info.update({"step": step, "time_fs": step * timestep_fs, "epot": epot, "temperature": T,
                            "traj": traj_id,  # train's split keeps this run's frames in one share
                            "predicted_by": "tub mlff md"})  # train/evaluate refuse them as labels
+        if ensemble != "nve":  # the thermostat's temperature (ocv --md-average averages runs at one)
+            frame.info["temperature_set_K"] = float(temperature_K)
         frame.set_momenta(atoms.get_momenta())
         # energy, forces (and stress) with the frame, as ASE readers expect them
         res = calc.results

@@ -224,7 +224,8 @@ def _cs(cfg, run, X, meta, K, min_k, max_k, trials, root: Path | None = None) ->
     folder = metric_dir(root or run.outputs_dir, "clustering_score", cfg.layout, cfg.model_name, _dataset_key(cfg))
     _refuse_overwrite(cfg, [folder / name for name in CS_FILES])
     _warn_unofficial_file(run, meta, "cs", cfg.dataset)
-    res = clustering_score(X, meta, K=K, min_k=min_k, max_k=max_k, trials=trials, progress=run.progress)
+    res = clustering_score(X, meta, K=K, min_k=min_k, max_k=max_k, trials=trials, progress=run.progress,
+                           max_k_flag="--max-k-clusters" if run.verb == "evaluate" else "--max-k")
     write_cs(folder, res)
     return res.summary
 
@@ -260,6 +261,11 @@ def _evaluate_impl(cfg: EvaluateConfig, run) -> dict:
     own = {m: _rows_of(cfg.features, getattr(cfg, f"{m}_metadata"), X, meta) for m in ("ri", "cs")
            if m in cfg.metrics}  # each metric's own metadata file (spec §2.1), read before any output
     splits = _tolkach_splits(cfg) if "apd" in cfg.metrics else None
+    if "cs" in cfg.metrics:  # its input checks too: no RI files left behind by a clustering score that cannot run
+        from .clustering_score import clustering_score
+
+        clustering_score(*own["cs"], K=cfg.K, min_k=cfg.min_k, max_k=cfg.max_k_clusters, trials=cfg.trials,
+                         check_only=True, max_k_flag="--max-k-clusters")
     if "apd" in cfg.metrics:  # its protocol checks first: no half-written results when APD cannot run
         from .apd import apd_inputs
 

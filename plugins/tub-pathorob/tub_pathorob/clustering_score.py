@@ -80,12 +80,14 @@ def clustering_score_experiment(Z: np.ndarray, bio: np.ndarray, center: np.ndarr
 
 
 def clustering_score(X: np.ndarray, meta: Metadata, K: int | None = None, min_k: int = 2, max_k: int = 30,
-                     trials: int = 50, progress=None) -> ClusteringResult:
-    """Clustering score over all 2×2 class/center experiments (OOD rows dropped)."""
+                     trials: int = 50, progress=None, check_only: bool = False,
+                     max_k_flag: str = "--max-k") -> ClusteringResult | None:
+    """Clustering score over all 2×2 class/center experiments (OOD rows dropped). ``check_only``: the
+    input checks alone (``evaluate`` runs them before any metric writes); ``max_k_flag`` names the option."""
     if K is not None and K < 2:
         raise TubError(f"--K must be >= 2, got {K}")
     if min_k < 2 or min_k > max_k:
-        raise TubError(f"--min-k must be >= 2 and <= --max-k; got {min_k}..{max_k}")
+        raise TubError(f"--min-k must be >= 2 and <= {max_k_flag}; got {min_k}..{max_k}")
     if trials < 1:
         raise TubError("--trials must be at least 1")
     keep = np.flatnonzero(meta.subset != "OOD")
@@ -111,9 +113,11 @@ def clustering_score(X: np.ndarray, meta: Metadata, K: int | None = None, min_k:
         raise TubError(f"{meta.source}: no 2×2 class/center experiment has all four cells; check the metadata")
     smallest, rows = min(runnable, key=lambda e: len(e[1]))
     if K is None and max_k >= len(rows):
-        raise TubError(f"experiment {smallest} has {len(rows)} rows; lower --max-k below that")
+        raise TubError(f"experiment {smallest} has {len(rows)} rows; lower {max_k_flag} below that")
     if K is not None and K > len(rows):
         raise TubError(f"experiment {smallest} has {len(rows)} rows, fewer than --K {K}; lower --K")
+    if check_only:
+        return None
     res = ClusteringResult({})
     Ks, per_mean = [], []
     todo = progress(runnable, total=len(runnable), desc="clustering") if progress else runnable
