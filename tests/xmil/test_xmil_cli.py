@@ -316,3 +316,20 @@ def test_labels_without_rows_and_features_given_as_a_file_are_named(tmp_path):
     (tmp_path / "l.csv").write_text("slide_id,label\ns0,0\n")
     res = invoke(["xmil", "train", "--features", tmp_path / "l.csv", "--labels", tmp_path / "l.csv", "-o", tmp_path / "b"])
     assert res.exit_code == 2 and "is a file; pass the folder of bags" in res.stderr
+
+
+def test_heatmap_from_slides_needs_the_encoder_of_the_training_features():
+    """A model trained on features that record no encoder (atlas h5, CLAM) got slides embedded by the
+    default random-weight encoder: features it never saw. Now that needs --encoder."""
+    import logging
+
+    from tubcli.errors import TubError
+
+    from tub_xmil.cli import _slide_settings
+    from tub_xmil.config import HeatmapConfig
+
+    log = logging.getLogger("heatmap-test")
+    with pytest.raises(TubError, match="record no encoder"):
+        _slide_settings(HeatmapConfig(), {"target_mpp": 0.5, "patch_size": 64}, log)
+    cfg, used = _slide_settings(HeatmapConfig(encoder="uni2-h"), {"target_mpp": 0.5, "patch_size": 64}, log)
+    assert cfg.encoder == "uni2-h" and used["source"]["patch_size"] == "model.json (training features)"

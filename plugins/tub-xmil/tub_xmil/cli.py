@@ -322,6 +322,9 @@ def _slide_settings(cfg, trained: dict, log):
                             key, trained[key], flags[key], value)
         elif key in trained:
             used[key], source[key] = trained[key], "model.json (training features)"
+        elif key == "encoder":  # a default (random-weight) encoder would give the model features it never saw
+            raise TubError("the model's training features record no encoder (e.g. embedded by another tool); give "
+                           "--encoder (and --weights) as they were made, or heatmap their feature files instead")
         else:
             used[key], source[key] = SLIDE_DEFAULTS[key], "default"
     tiling = cfg.tiling.model_copy(update={"target_mpp": float(used["target_mpp"]),
