@@ -34,6 +34,9 @@ def test_ri_evaluate_explain(made):
     from tub_pathorob.robustness_index import SUMMARY_KEYS
 
     assert tuple(summary) == SUMMARY_KEYS
+    # a run directory is not features (its slides.npz-like files were read as centers): say where they are
+    r = invoke(["pathorob", "ri", out.parent, "--metadata", out / "metadata.csv", "-o", tmp / "ri_run"])
+    assert r.exit_code == 2 and f"give the features in it ({out})" in r.stderr
     assert json.loads((tmp / "ri" / "outputs" / "results_summary.json").read_text()) == summary
     # same numbers from the plain .npy layout
     r2 = _ok(["pathorob", "ri", out / "features.npy", "--metadata", out / "metadata.csv", "--k", "7", "--json",

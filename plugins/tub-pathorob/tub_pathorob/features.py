@@ -38,6 +38,11 @@ def detect_layout(path: Path) -> str:
         if path.suffix in (".npy", ".npz"):
             return "plain"
         raise TubError(f"{path}: unsupported features file (expected .npy or .npz)")
+    if (path / "env.json").is_file() and (path / "outputs").is_dir():  # a tub run: its files are not features
+        out = path / "outputs"
+        holds = any(out.glob("*.npz")) or (out / "embeddings.npy").is_file() or (out / "features.npy").is_file()
+        where = [out] if holds else sorted(d for d in out.iterdir() if d.is_dir() and not d.name.startswith("."))
+        raise TubError(f"{path} is a run directory; give the features in it ({', '.join(map(str, where[:3])) or out})")
     if (path / "embeddings.npy").is_file():
         return "atlas"
     if any(path.glob("*.npz")):
@@ -191,7 +196,7 @@ def _load_official(folder: Path, meta: Metadata) -> np.ndarray:
         if not f.is_file() and (folder / f"{center}.npz").is_file():
             f = folder / f"{center}.npz"  # a writer that kept the spaces
         if not f.is_file():
-            raise TubError(f"{folder}: no features for center {center!r} (expected {f.name}); check --features")
+            raise TubError(f"{folder}: no features for center {center!r} (expected {f.name}); check FEATURES")
         rows = np.flatnonzero(centers == center)
         fast = _read_npz_matrix(f.read_bytes(), [keys[i] for i in rows])
         if fast is not None:
