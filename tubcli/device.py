@@ -52,6 +52,15 @@ def resolve_device(spec: str = "auto", precision: str = "fp32"):
     raise TubError(f"unknown device {spec!r}{_origin()}; use auto, cpu, cuda, cuda:N or mps")
 
 
+def say_device_unused(cfg, run) -> None:
+    """A verb that computes on the CPU whatever --device says: the device, recorded in config.yaml, is
+    said not to be used (a GPU asked for would otherwise look honoured)."""
+    device = getattr(cfg, "device", "auto")
+    if device not in ("auto", "cpu"):
+        run.log.warning("tub %s %s computes on the CPU: --device %s does not change that", run.plugin, run.verb,
+                        device)
+
+
 def _origin() -> str:
     """`` (from TUB_DEVICE)`` (or a config file, --set) when the device was not asked for by --device."""
     from tubcli.config import device_source

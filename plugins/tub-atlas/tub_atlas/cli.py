@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from tubcli.config import given_fields
+from tubcli.device import say_device_unused
 from tubcli.errors import TubError
 from tubcli.io import write_json
 
@@ -28,8 +29,8 @@ def _warn_ignored_compute(cfg, run, honoured: tuple[str, ...] = ("fp32",), uses_
     if cfg.precision not in honoured:
         run.log.warning("tub atlas %s does not compute in --precision %s (it keeps its own precision; only %s "
                         "apply here)", run.verb, cfg.precision, "/".join(honoured))
-    if not uses_device and cfg.device not in ("auto", "cpu"):
-        run.log.warning("tub atlas %s computes on the CPU: --device %s does not change that", run.verb, cfg.device)
+    if not uses_device:
+        say_device_unused(cfg, run)
 
 
 def _check_gemm(gemm: str, device, flag: str = "--gemm") -> None:

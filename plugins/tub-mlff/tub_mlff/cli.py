@@ -413,13 +413,11 @@ def _check_training_data(state: dict, now: list[dict], ckpt) -> None:
                            "pass --overwrite to start this run again), or restore the file")
 
 
-def _without_repeats(frames, tr, va, te, run):
+def _without_repeats(prints, tr, va, te, run):
     """The validation and test shares without frames that repeat a training frame (or, for test, a
-    validation frame): same atoms and positions, as the common start structure of MD runs from one cell
-    that a split by run puts in every share. Their errors would measure the fit, not the model."""
-    from .data import frame_fingerprints
-
-    prints = frame_fingerprints(frames)
+    validation frame): same atoms and positions (``prints``: ``data.frame_fingerprints``), as the common
+    start structure of MD runs from one cell that a split by run puts in every share. Their errors would
+    measure the fit, not the model."""
     seen = set(prints[list(tr)].tolist())
     va_kept = [i for i in va if prints[i] not in seen]
     seen |= set(prints[va_kept].tolist())
@@ -431,12 +429,9 @@ def _without_repeats(frames, tr, va, te, run):
     return va_kept, te_kept
 
 
-def _save_fitted_frames(path: Path, seen: dict, init_from) -> None:
+def _save_fitted_frames(path: Path, prints: dict, init_from) -> None:
     """Beside each model file, the fingerprints of the frames it was fitted on and validated with (with
     those of an --init-from model), so that evaluate notices test frames among them in any file."""
-    from .data import frame_fingerprints
-
-    prints = {role: frame_fingerprints(frames) for role, frames in seen.items()}
     base = _fitted_frames_file(Path(init_from)) if init_from is not None else None
     if base is not None:
         with np.load(base) as z:
@@ -460,9 +455,13 @@ def _warn_fitted_frames(run, model_files: list[Path], frames, data) -> bool:
     if not files:
         return False
     test = frame_fingerprints(frames)
+    seen = {"train": [], "valid": []}
+    for f in files:
+        with np.load(f) as z:
+            for role in seen:
+                seen[role].append(z[role])
     for role, what in (("train", "trained on"), ("valid", "validated on (its epoch was chosen on them)")):
-        seen = np.concatenate([np.load(f)[role] for f in files])
-        hits = int(np.isin(test, seen).sum())
+        hits = int(np.isin(test, np.concatenate(seen[role])).sum())
         if hits:
             run.log.warning("%d of %d frames of %s are frames the model was %s (same atoms and positions): their "
                             "errors flatter it; evaluate on frames it never saw", hits, len(test), data, what)
@@ -541,7 +540,7 @@ def train(cfg, run) -> dict:
     import torch
 
     from .checkpoints import load_model, save_model
-    from .data import Keys, composition_span, read_structures, split_indices
+    from .data import Keys, composition_span, frame_fingerprints, read_structures, split_indices
     from .spookynet import SpookyNet, SpookyNetConfig
     from .training import TrainSettings, fit
     from .validation import check_structure
@@ -591,14 +590,15 @@ def train(cfg, run) -> dict:
     need_forces = cfg.forces_weight > 0
     graphs = _graphs(frames, radius, keys, str(data), need_forces)
     groups = _split_groups(frames, cfg.split_by, data, run)
+    prints = frame_fingerprints(frames)
     if cfg.valid is not None:  # the file replaces the validation share: none is taken from DATA
         valid = _graphs(valid_frames, radius, keys, str(cfg.valid), need_forces)
         tr, _, te = split_indices(len(graphs), 0.0, cfg.test_fraction, cfg.seed, groups)
-        _, te = _without_repeats(frames, tr, [], te, run)
+        _, te = _without_repeats(prints, tr, [], te, run)
         train_g, test_g = [graphs[i] for i in tr], [graphs[i] for i in te]
     else:
         tr, va, te = split_indices(len(graphs), cfg.valid_fraction, cfg.test_fraction, cfg.seed, groups)
-        va, te = _without_repeats(frames, tr, va, te, run)
+        va, te = _without_repeats(prints, tr, va, te, run)
         train_g, valid, test_g = [graphs[i] for i in tr], [graphs[i] for i in va], [graphs[i] for i in te]
     if not train_g:
         raise TubError(f"{data} has too few frames to train ({len(graphs)}); give more labelled structures")
@@ -633,8 +633,8 @@ def train(cfg, run) -> dict:
     span = composition_span(train_g)  # kept in model.json: md/ocv/evaluate/explain warn outside it
     dtype = _dtype(run)
     training_data = _training_data(data, cfg.valid)
-    seen_frames = {"train": [frames[i] for i in tr],  # the frames the weights or their epoch depend on
-                   "valid": valid_frames if cfg.valid is not None else [frames[i] for i in va]}
+    seen_prints = {"train": prints[list(tr)],  # the frames the weights or their epoch depend on
+                   "valid": frame_fingerprints(valid_frames) if cfg.valid is not None else prints[list(va)]}
     state = run.load_checkpoint()
     if state is not None:
         _check_architecture(state, SpookyNet(SpookyNetConfig.from_dict(mcfg.to_dict())), run.resume_from)
@@ -662,7 +662,7 @@ def train(cfg, run) -> dict:
                   state=state if (state and int(state["member"]) == member) else None, member=member,
                   record={"training_data": training_data})
         if run.is_main:  # torchrun: every rank holds the same weights; rank 0 writes them
-            _save_fitted_frames(run.checkpoints_dir / f"{name}.frames.npz", seen_frames,
+            _save_fitted_frames(run.checkpoints_dir / f"{name}.frames.npz", seen_prints,
                                 init_from if base is not None else None)
             save_model(res["model"], run.checkpoints_dir / name,
                        extra={"elements": elements, "composition_span": span,
@@ -869,8 +869,6 @@ def ocv(cfg, run) -> dict:
 def _md_temperature(cfg, frames, run) -> float:
     """The one temperature of MD frames (their mean kinetic temperature, info['temperature'] as
     `tub mlff md` writes it) for ``--md-average``; frames that are not MD frames are an error."""
-    from tubcli.config import given_fields
-
     if cfg.structures is None:
         raise TubError("--md-average reads MD frames: give --structures (frames of tub mlff md runs at each x)")
     flags = {"relax_steps": "--relax-steps", "cell": "--cell", "fmax": "--set fmax", "stress_tol": "--set stress_tol",

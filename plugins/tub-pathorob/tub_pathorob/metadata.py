@@ -131,10 +131,11 @@ def read_metadata(path: Path | str) -> Metadata:
 
 
 # spec §2.1: which metadata file each metric uses per dataset, by the shape of its subset column
-OFFICIAL_FILES = {("ri", "camelyon"): ("camelyon", "id"), ("ri", "tolkach_esca"): ("tolkach_esca_reduced", "reduced"),
-                  ("ri", "tcga"): ("tcga_2x2 or tcga_4x4", "paired or id"),
-                  ("cs", "camelyon"): ("camelyon_reduced", "reduced"), ("cs", "tcga"): ("tcga_4x4", "id"),
-                  ("cs", "tolkach_esca"): ("tolkach_esca_reduced", "reduced")}
+OFFICIAL_FILES = {("ri", "camelyon"): ("camelyon", ("id",)),
+                  ("ri", "tolkach_esca"): ("tolkach_esca_reduced", ("reduced",)),
+                  ("ri", "tcga"): ("tcga_2x2 or tcga_4x4", ("paired", "id")),
+                  ("cs", "camelyon"): ("camelyon_reduced", ("reduced",)), ("cs", "tcga"): ("tcga_4x4", ("id",)),
+                  ("cs", "tolkach_esca"): ("tolkach_esca_reduced", ("reduced",))}
 
 
 def subset_kind(meta: Metadata) -> str:
@@ -152,11 +153,12 @@ def official_file_mismatch(meta: Metadata, metric: str, dataset: str | None) -> 
     want = OFFICIAL_FILES.get((metric, dataset))
     if want is None:
         return None
+    file, kinds = want
     kind = subset_kind(meta)
-    if kind in want[1].split(" or "):
+    if kind in kinds:
         return None
-    return (f"{meta.source} has {kind} subsets, but the official {metric.upper()} on {dataset} uses {want[0]} "
-            f"({want[1]} subsets): the result is not comparable with the paper's")
+    return (f"{meta.source} has {kind} subsets, but the official {metric.upper()} on {dataset} uses {file} "
+            f"({' or '.join(kinds)} subsets): the result is not comparable with the paper's")
 
 
 def check_evaluation_set(meta: Metadata, k: int | None = None, what: str = "robustness index") -> None:

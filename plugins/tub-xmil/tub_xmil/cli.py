@@ -17,8 +17,10 @@ def _warn_ignored_compute(cfg, run, device: bool = True, precision: bool = True)
     """A --device or --precision the verb does not use is said, not only recorded in config.yaml: the
     tile encoder honours both; training runs on --device in fp32; the MIL model otherwise runs on the CPU
     in fp32 (it is small)."""
-    if device and cfg.device not in ("auto", "cpu"):
-        run.log.warning("tub xmil %s computes on the CPU: --device %s does not change that", run.verb, cfg.device)
+    from tubcli.device import say_device_unused
+
+    if device:
+        say_device_unused(cfg, run)
     if precision and cfg.precision != "fp32":
         run.log.warning("tub xmil %s computes in fp32: --precision %s does not change that", run.verb,
                         cfg.precision)
