@@ -72,8 +72,9 @@ def test_pipeline_features_train_explain_evaluate_heatmap(data, tiny_encoder, mo
     import torch
 
     sl = data / "data" / "slides"
+    # a tissue filter of its own: heatmap must tile slides with it too (the bags the model saw)
     _ok(invoke(["xmil", "features", sl, "--encoder", tiny_encoder, "--set", "tiling.patch_size=128",
-                "-o", data / "feat"]))
+                "--set", "tiling.min_tissue=0.2", "-o", data / "feat"]))
     fdir = data / "feat" / "outputs" / "features"
     assert len(list(fdir.glob("*.h5"))) == 4
     # reuse existing coordinates (CLAM/TRIDENT style) instead of tiling again (this test's own tiling,
@@ -137,13 +138,14 @@ def test_pipeline_features_train_explain_evaluate_heatmap(data, tiny_encoder, mo
         assert "lrp.drop.srg" in ev and "random.drop.srg" in ev
     # heatmap from slides (encoder via hook) and from feature files (+ slide dir)
     meta = json.loads((model / "model.json").read_text())
-    assert meta["features"] == {"encoder": tiny_encoder, "target_mpp": 0.5, "patch_size": 128}
+    assert meta["features"] == {"encoder": tiny_encoder, "target_mpp": 0.5, "patch_size": 128, "min_tissue": 0.2,
+                                "min_std": 8.0}
     # from a slide, the encoder and tiling default to the training features' (model.json)
     res = _ok(invoke(["xmil", "heatmap", sl / "slide_001.tiff", "--model", model, "--method", "lrp", "-o", data / "hm",
                       "--json"]))
     used = json.loads(res.stdout)["slides"]
-    assert (used["encoder"], used["patch_size"], used["source"]["patch_size"]) == \
-        (tiny_encoder, 128, "model.json (training features)")
+    assert (used["encoder"], used["patch_size"], used["min_tissue"], used["source"]["min_tissue"]) == \
+        (tiny_encoder, 128, 0.2, "model.json (training features)")
     out = data / "hm" / "outputs"
     with h5py.File(fdir / "slide_001.h5") as f:  # the very tiles the model was trained on
         assert np.array_equal(np.array(json.loads((out / "slide_001_lrp_scores.json").read_text())["coords"]),

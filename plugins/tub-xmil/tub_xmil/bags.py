@@ -175,11 +175,11 @@ def _load_tensor(path: Path, mmap: bool = False, with_coords: bool = False):
     return (t, coords) if with_coords else t
 
 
-PROVENANCE_KEYS = ("encoder", "target_mpp", "patch_size")
+PROVENANCE_KEYS = ("encoder", "target_mpp", "patch_size", "min_tissue", "min_std")
 
 
 def features_provenance(paths) -> dict:
-    """How the bags were made (encoder, tile µm/px and size), where every .h5 bag records the same:
+    """How the bags were made (encoder, tile µm/px and size, tissue filter), where every .h5 bag records the same:
     ``heatmap`` tiles and embeds slides the same way for the model trained on them."""
     import h5py
 

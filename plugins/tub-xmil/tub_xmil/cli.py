@@ -306,22 +306,23 @@ def evaluate(cfg, run) -> dict:
     return out
 
 
-SLIDE_DEFAULTS = {"encoder": "vit-t8-demo", "target_mpp": 0.5, "patch_size": 256}
+SLIDE_DEFAULTS = {"encoder": "vit-t8-demo", "target_mpp": 0.5, "patch_size": 256, "min_tissue": 0.5, "min_std": 8.0}
 
 
 def _slide_settings(cfg, trained: dict, log):
     """``cfg`` with the encoder and tiling for slides filled in: given, else those of the features
     the model was trained on (model.json), else the defaults; a given value that differs from the
-    training features' is warned about (the model never saw such features)."""
-    given = {"encoder": cfg.encoder, "target_mpp": cfg.tiling.target_mpp, "patch_size": cfg.tiling.patch_size}
-    flags = {"encoder": "--encoder", "target_mpp": "--target-mpp", "patch_size": "--patch-size"}
+    training features' is warned about (the model never saw such features or bags)."""
+    given = {"encoder": cfg.encoder, **{k: getattr(cfg.tiling, k) for k in SLIDE_DEFAULTS if k != "encoder"}}
     used, source = {}, {}
     for key, value in given.items():
+        flag = "--encoder" if key == "encoder" else ("--" + key.replace("_", "-") if key in ("target_mpp", "patch_size")
+                                                     else f"tiling.{key}")
         if value is not None:
             used[key], source[key] = value, "given"
             if key in trained and trained[key] != value:
                 log.warning("the model was trained on features with %s %s; %s %s gives it other inputs",
-                            key, trained[key], flags[key], value)
+                            key, trained[key], flag, value)
         elif key in trained:
             used[key], source[key] = trained[key], "model.json (training features)"
         elif key == "encoder":  # a default (random-weight) encoder would give the model features it never saw
@@ -329,8 +330,8 @@ def _slide_settings(cfg, trained: dict, log):
                            "--encoder (and --weights) as they were made, or heatmap their feature files instead")
         else:
             used[key], source[key] = SLIDE_DEFAULTS[key], "default"
-    tiling = cfg.tiling.model_copy(update={"target_mpp": float(used["target_mpp"]),
-                                           "patch_size": int(used["patch_size"])})
+    tiling = cfg.tiling.model_copy(update={"target_mpp": float(used["target_mpp"]), "patch_size": int(used["patch_size"]),
+                                           "min_tissue": float(used["min_tissue"]), "min_std": float(used["min_std"])})
     cfg = cfg.model_copy(update={"encoder": str(used["encoder"]), "tiling": tiling})
     return cfg, {**used, "source": source}
 

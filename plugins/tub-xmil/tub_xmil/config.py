@@ -166,6 +166,10 @@ class HeatmapTiling(TilingSection):
                                         "training features', else 0.5)")
     patch_size: Optional[int] = Field(None, gt=0, description="tile side in pixels at target_mpp (default: the "
                                       "training features', else 256)")
+    min_tissue: Optional[float] = Field(None, ge=0, le=1, description="minimum tissue fraction of a kept tile "
+                                        "(default: the training features', else 0.5)")
+    min_std: Optional[float] = Field(None, ge=0, description="minimum grey-level std of a kept tile (default: the "
+                                     "training features', else 8)")
 
 
 class HeatmapConfig(ModelInput):

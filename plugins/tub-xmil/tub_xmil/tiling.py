@@ -56,6 +56,8 @@ class Tiling:
     thumbnail: np.ndarray       # RGB
     mask: np.ndarray            # bool, thumbnail resolution
     thumb_downsample: float
+    min_tissue: float           # the tissue filter that kept these tiles
+    min_std: float
 
 
 def thumbnail_level(slide, patch_size_level0: int, min_px_per_tile: int = 8) -> int:
@@ -103,12 +105,14 @@ def tile_slide(slide, mpp: float, target_mpp: float = 0.5, patch_size: int = 256
     if not coords:
         raise TubError(f"{name}: no tissue found (Otsu on saturation kept no tile); check the slide "
                        "or lower --set tiling.min_tissue")
-    return Tiling(np.asarray(coords, np.int64), patch_size, size0, mpp, target_mpp, W, H, thumb, mask, ds)
+    return Tiling(np.asarray(coords, np.int64), patch_size, size0, mpp, target_mpp, W, H, thumb, mask, ds,
+                  float(min_tissue), float(min_std))
 
 
-# how the tiles were cut (TRIDENT and CLAM names); features .h5 files carry them on, too
+# how the tiles were cut (TRIDENT and CLAM names, plus tub's tissue filter); features .h5 files carry them on, too
 TILING_KEYS = ("patch_size", "patch_size_level0", "level0_magnification", "target_magnification", "overlap",
-               "level0_width", "level0_height", "mpp", "target_mpp", "patch_level", "downsample", "level_dim")
+               "level0_width", "level0_height", "mpp", "target_mpp", "patch_level", "downsample", "level_dim",
+               "min_tissue", "min_std")
 
 
 def tiling_attrs(t: Tiling) -> dict:
@@ -118,7 +122,8 @@ def tiling_attrs(t: Tiling) -> dict:
             "mpp": t.mpp, "target_mpp": t.target_mpp,
             # CLAM readers: coords at patch_level 0; CLAM's patch_size means size at patch_level
             "patch_level": 0, "downsample": [1.0, 1.0],
-            "level_dim": [t.level0_width, t.level0_height]}
+            "level_dim": [t.level0_width, t.level0_height],
+            "min_tissue": t.min_tissue, "min_std": t.min_std}
 
 
 def write_patches_h5(path: str | Path, t: Tiling, name: str) -> None:
