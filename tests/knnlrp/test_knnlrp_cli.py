@@ -341,3 +341,82 @@ def test_a_run_directory_is_read_even_beside_a_json_file_of_its_name(knn_run, da
     (tmp_path / "run1.json").write_text('{"results": "of the train command"}')
     r = invoke(["knnlrp", "explain", str(data_dir / "test.csv"), "--model", str(run), "-o", str(tmp_path / "e")])
     assert r.exit_code == 0, r.stderr
+
+
+def _colour_table(tmp_path, pd, n=80):
+    """A table with a text column (colour) that decides the class together with x."""
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"x": rng.normal(size=n), "w": rng.normal(size=n), "colour": rng.choice(["red", "green"], n)})
+    df["target"] = np.where((df.x > 0) ^ (df.colour == "red"), "yes", "no")
+    df.to_csv(tmp_path / "colour.csv", index=False)
+    return df
+
+
+def test_a_pipeline_that_encodes_a_text_column_is_explained_and_evaluated(tmp_path):
+    """One-hot encoding in a user's pipeline: the text column goes to the model raw (the relevances are
+    the encoded columns'); a user's kNN is evaluated on the training set it keeps, an SVC on --train-data."""
+    pd = pytest.importorskip("pandas")
+    import joblib
+    from sklearn.compose import make_column_transformer
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+    from sklearn.svm import SVC
+
+    from tub_knnlrp import explain
+
+    df = _colour_table(tmp_path, pd)
+    X, y = df.drop(columns="target"), df.target
+    encode = make_column_transformer((StandardScaler(), ["x", "w"]), (OneHotEncoder(), ["colour"]))
+    for name, est, exact in (("knn", KNeighborsClassifier(5), ["--kappa", "0"]), ("svm", SVC(gamma=0.5), [])):
+        model = make_pipeline(encode, est).fit(X, y)
+        with pytest.warns(UserWarning, match="mix features"):
+            e = explain(model, X[:5], rule="midpoint")  # the raw rows, text included
+        assert e.feature_names[-2:] == ["onehotencoder__colour_green", "onehotencoder__colour_red"]
+        assert list(e.prediction) == list(model.predict(X[:5]))
+        joblib.dump(model, tmp_path / f"{name}.joblib")
+        res = invoke(["knnlrp", "explain", str(tmp_path / "colour.csv"), "--model", str(tmp_path / f"{name}.joblib"),
+                      "--allow-pickle", "-o", str(tmp_path / f"ex_{name}"), "--json", *exact])
+        assert res.exit_code == 0, res.stderr
+        assert json.loads(res.stdout)["sign_agreement"] == 1.0 and "mix features" in res.stderr
+        assert "UserWarning" not in res.stderr  # logged as one line, not Python's warning with its source line
+    ev = ["knnlrp", "evaluate", str(tmp_path / "colour.csv"), "--allow-pickle", "--methods", "lrp,occlusion",
+          "--rows", "20", "--json"]
+    res = invoke(ev + ["--model", str(tmp_path / "knn.joblib"), "-o", str(tmp_path / "ev_knn")])
+    assert res.exit_code == 0, res.stderr
+    assert set(json.loads(res.stdout)["aupc_mean"]) == {"lrp", "occlusion"}
+    expect_error_line(invoke(ev + ["--model", str(tmp_path / "svm.joblib"), "-o", str(tmp_path / "ev_svm0")]),
+                      "--train-data")
+    res = invoke(ev + ["--model", str(tmp_path / "svm.joblib"), "--train-data", str(tmp_path / "colour.csv"),
+                       "-o", str(tmp_path / "ev_svm")])
+    assert res.exit_code == 0, res.stderr
+    # the SVM's default η from the training set, as the spec's heuristic says: no warning about it
+    res = invoke(["knnlrp", "explain", str(tmp_path / "colour.csv"), "--model", str(tmp_path / "svm.joblib"),
+                  "--allow-pickle", "--train-data", str(tmp_path / "colour.csv"), "-o", str(tmp_path / "ex_svm2")])
+    assert res.exit_code == 0 and "support vectors' median" not in res.stderr, res.stderr
+
+
+def test_a_text_column_without_an_encoding_step_and_train_data_misuse_are_one_line_errors(knn_run, data_dir, tmp_path):
+    pd = pytest.importorskip("pandas")
+    df = pd.read_csv(data_dir / "test.csv")
+    df["alcohol"] = "high"
+    df.to_csv(tmp_path / "text.csv", index=False)
+    expect_error_line(invoke(["knnlrp", "explain", str(tmp_path / "text.csv"), "--model", str(knn_run),
+                              "-o", str(tmp_path / "a")]), "column 'alcohol' is not numeric")
+    expect_error_line(invoke(["knnlrp", "explain", str(data_dir / "test.csv"), "--model", str(knn_run),
+                              "--train-data", str(data_dir / "train.csv"), "-o", str(tmp_path / "b")]),
+                      "carries its training set")
+
+
+def test_features_named_like_the_output_columns_keep_the_csv_readable(tmp_path):
+    pd = pytest.importorskip("pandas")
+    rng = np.random.default_rng(1)
+    df = pd.DataFrame({"g": rng.normal(size=40), "pred": rng.normal(size=40)})
+    df["target"] = (df.g > 0).astype(int)
+    df.to_csv(tmp_path / "d.csv", index=False)
+    assert invoke(["knnlrp", "train", str(tmp_path / "d.csv"), "--k", "3", "-o", str(tmp_path / "m")]).exit_code == 0
+    res = invoke(["knnlrp", "explain", str(tmp_path / "d.csv"), "--model", str(tmp_path / "m"), "-o", str(tmp_path / "e")])
+    assert res.exit_code == 0 and "knnlrp_g" in res.stderr
+    back = pd.read_csv(tmp_path / "e" / "outputs" / "relevances.csv")
+    assert list(back.columns) == ["g", "pred", "knnlrp_g", "knnlrp_pred", "knnlrp_positive", "knnlrp_negative"]
+    assert back["knnlrp_pred"].isin([0, 1]).all()

@@ -25,8 +25,12 @@ def test_npz_without_pickle(tmp_path):
     assert t.feature_names == ["a", "b", "c"] and t.y.tolist() == [0, 1, 1]
     bad = tmp_path / "obj.npz"
     np.savez(bad, X=np.array([{"a": 1}], dtype=object))
-    with pytest.raises(TubError, match="without pickle"):
+    with pytest.raises(TubError, match="array 'X' holds Python objects"):
         read_table(bad)
+    # labels straight from pandas (string labels are an object array): the message names the array and the fix
+    np.savez(bad, X=np.eye(3), y=np.array(["a", "b", "b"], dtype=object))
+    with pytest.raises(TubError, match=r"array 'y' holds Python objects .*astype\(str\)"):
+        read_table(bad, require_target=True)
 
 
 def test_parquet(tmp_path):

@@ -204,6 +204,36 @@ def test_a_small_class_of_a_multiclass_knn_is_named_with_the_kappa_that_works():
     assert explain(knn, X[:3], kappa=0).values.shape == (3, 4)
 
 
+def test_a_class_below_the_decisive_count_is_told_a_k_that_works_with_the_default_kappa():
+    X = np.random.default_rng(0).normal(size=(12, 2))
+    y = np.array([0] * 10 + [1] * 2)
+    knn = KNeighborsClassifier(5).fit(X, y)
+    with pytest.raises(ValueError, match=r"k <= 1 \(default kappa\), or k <= 3 with kappa=0"):
+        explain(knn, X)
+    assert explain(KNeighborsClassifier(1).fit(X, y), X).values.shape == (12, 2)  # both advices hold
+    assert explain(KNeighborsClassifier(3).fit(X, y), X, kappa=0).values.shape == (12, 2)
+
+
+def test_a_column_transformer_of_scalers_is_per_feature_and_keeps_the_input_names():
+    pd = pytest.importorskip("pandas")
+    from sklearn.compose import make_column_transformer
+
+    t = bundled("wine01")
+    df = pd.DataFrame(t.X[:, :4], columns=t.feature_names[:4])
+    blocks = make_column_transformer((StandardScaler(), list(df.columns[:2])), (MinMaxScaler(), list(df.columns[2:])))
+    pipe = make_pipeline(blocks, KNeighborsClassifier(5)).fit(df, t.y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MixingTransformWarning)
+        e = explain(pipe, df[:10])
+    assert e.feature_names == list(df.columns)
+    np.testing.assert_allclose(e.values, explain(pipe[-1], blocks.transform(df[:10])).values, atol=1e-12)
+    # columns moved by the transformer (remainder last) mix the order: the transformed space, with a warning
+    moved = make_pipeline(make_column_transformer((StandardScaler(), [df.columns[1]]), remainder="passthrough"),
+                          KNeighborsClassifier(5)).fit(df, t.y)
+    with pytest.warns(MixingTransformWarning):
+        explain(moved, df[:3])
+
+
 def test_api_misuse_is_an_error_not_ignored():
     import pandas as pd
     from sklearn.exceptions import NotFittedError

@@ -28,30 +28,72 @@ def _load(cfg, run):
 
     _need(cfg.model, "model", "pass --model RUN_DIR (from tub knnlrp train)")
     _need(cfg.data, "data", "pass a CSV, Parquet or NPZ file with the rows")
-    table = read_table(cfg.data, cfg.target)  # validate the data before the (re)fit of the model
+    table = read_table(cfg.data, cfg.target, text_ok=True)  # validate the data before the (re)fit of the model
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tm = load_model(cfg.model, allow_pickle=cfg.allow_pickle)
-    d = len(tm.feature_names)
-    if table.X.shape[1] != d:
-        raise TubError(f"{Path(cfg.data).name} has {table.X.shape[1]} feature columns, the model expects {d} "
-                       f"({', '.join(tm.feature_names[:5])}{' ...' if d > 5 else ''})")
-    default = [f"x{i}" for i in range(d)]  # an NPZ without feature_names, a model fitted on bare arrays
-    unnamed = default in (table.feature_names, tm.feature_names)
-    if table.feature_names != tm.feature_names and not unnamed:
-        raise TubError(f"{Path(cfg.data).name}: feature columns differ from the model's; "
-                       f"first mismatch {next(a + ' vs ' + b for a, b in zip(table.feature_names, tm.feature_names) if a != b)}")
-    if tm.feature_names == default and table.feature_names != default:  # a model fitted on bare arrays:
-        tm = replace(tm, feature_names=table.feature_names)               # the table names its columns
-    X = table.X
-    names_in = getattr(tm.pipeline, "feature_names_in_", None)
-    if names_in is not None:  # a user's model fitted on a DataFrame gets one (scikit-learn warns on bare arrays)
-        import pandas as pd
-
-        X = pd.DataFrame(table.X, columns=list(names_in))
     for w in caught:
         run.log.warning(str(w.message))
-    return tm, X
+    d = len(tm.feature_names)
+    default = [f"x{i}" for i in range(d)]  # an NPZ without feature_names, a model fitted on bare arrays
+    if tm.feature_names == default and table.feature_names != default and table.X.shape[1] == d:
+        tm = replace(tm, feature_names=table.feature_names)  # a model fitted on bare arrays: the table names its columns
+    return tm, _model_rows(tm, table, cfg.data)
+
+
+def _model_rows(tm, table, path):
+    """The table's feature columns as the model takes them: checked against the model's features, a
+    DataFrame when it was fitted on one (text columns only where a pipeline step encodes them)."""
+    from tub_knnlrp.data import not_numeric
+    from tub_knnlrp.neuralize import split_pipeline
+
+    d = len(tm.feature_names)
+    if table.X.shape[1] != d:
+        raise TubError(f"{Path(path).name} has {table.X.shape[1]} feature columns, the model expects {d} "
+                       f"({', '.join(tm.feature_names[:5])}{' ...' if d > 5 else ''})")
+    default = [f"x{i}" for i in range(d)]
+    if table.feature_names != tm.feature_names and default not in (table.feature_names, tm.feature_names):
+        raise TubError(f"{Path(path).name}: feature columns differ from the model's; "
+                       f"first mismatch {next(a + ' vs ' + b for a, b in zip(table.feature_names, tm.feature_names) if a != b)}")
+    names_in = getattr(tm.pipeline, "feature_names_in_", None)
+    if table.text and (names_in is None or split_pipeline(tm.pipeline)[2]):  # no step of the model encodes text
+        raise TubError(not_numeric(path, next(iter(table.text))))
+    if names_in is None:
+        return table.X
+    import pandas as pd  # a user's model fitted on a DataFrame gets one (scikit-learn warns on bare arrays)
+
+    X = pd.DataFrame(table.X, columns=list(names_in))
+    for name, values in table.text.items():
+        X[name] = values
+    return X
+
+
+def _training_set(cfg, tm):
+    """(X_train, y_train) in the input space: the model's own (tub knnlrp train), the rows of --train-data
+    (a user's model), or (None, None)."""
+    if getattr(cfg, "train_data", None) is None:
+        return tm.X_train, tm.y_train
+    if tm.X_train is not None:
+        raise TubError("the model from tub knnlrp train carries its training set; drop --train-data")
+    from tub_knnlrp.data import read_table
+
+    table = read_table(cfg.train_data, cfg.target, require_target=True, text_ok=True)
+    unknown = sorted(set(table.y.tolist()) - set(tm.classes_.tolist()), key=str)
+    if unknown:
+        raise TubError(f"{Path(cfg.train_data).name}: label(s) {', '.join(map(repr, unknown[:3]))} in column "
+                       f"{cfg.target!r} are not classes of the model ({', '.join(map(str, tm.classes_[:5]))}); "
+                       "pass the rows it was fitted on")
+    return _model_rows(tm, table, cfg.train_data), table.y
+
+
+def _logged(run, func, *args, **kwargs):
+    """``_science(func, ...)`` with its Python warnings (η heuristic, mixing steps) as one log line each."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = _science(func, *args, **kwargs)
+    for message in dict.fromkeys(str(w.message) for w in caught):
+        run.log.warning(message)
+    return out
 
 
 def _explain_kwargs(section) -> dict:
@@ -119,10 +161,10 @@ def explain(cfg, run) -> dict:
     from tub_knnlrp.fidelity import sign_agreement
 
     tm, X = _load(cfg, run)
-    X_train = tm.X_train
+    X_train, y_train = _training_set(cfg, tm)
     t0 = time.perf_counter()
-    e = _science(explain_rows, tm.pipeline, X, X_train=X_train, y_train=tm.y_train if X_train is not None else None,
-                 feature_names=tm.feature_names, **_explain_kwargs(cfg.explain))
+    e = _logged(run, explain_rows, tm.pipeline, X, X_train=X_train, y_train=y_train if X_train is not None else None,
+                feature_names=tm.feature_names, **_explain_kwargs(cfg.explain))
     seconds = time.perf_counter() - t0
     side = _is_image(e.feature_names)
     has_mpl = importlib.util.find_spec("matplotlib") is not None
@@ -131,6 +173,9 @@ def explain(cfg, run) -> dict:
     if cfg.heatmaps and not has_mpl:
         raise TubError("heatmaps need matplotlib: pip install matplotlib (or pass --no-heatmaps)")
     out = run.outputs_dir
+    if relevance_columns(e.feature_names)[0] != "g":
+        run.log.warning("a feature is named g, pred, positive or negative: relevances.csv names the output columns "
+                        "knnlrp_g, knnlrp_pred, knnlrp_positive, knnlrp_negative")
     with atomic_path(out / "relevances.csv") as tmp:
         _write_relevance_csv(tmp, e)
     with atomic_path(out / "relevances.npz") as tmp:
@@ -161,12 +206,19 @@ def explain(cfg, run) -> dict:
     }
 
 
+def relevance_columns(feature_names) -> list[str]:
+    """The columns after the features in relevances.csv: g, pred, positive, negative, or knnlrp_g, ... when
+    a feature already has one of those names (a CSV with two columns of one name reads back wrong)."""
+    extra = ["g", "pred", "positive", "negative"]
+    return [f"knnlrp_{c}" for c in extra] if set(extra) & set(feature_names) else extra
+
+
 def _write_relevance_csv(path, e) -> None:
     import csv
 
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(list(e.feature_names) + ["g", "pred", "positive", "negative"])
+        w.writerow(list(e.feature_names) + relevance_columns(e.feature_names))
         for i in range(len(e.values)):
             w.writerow([repr(float(v)) for v in e.values[i]] + [repr(float(e.output[i])), e.prediction[i],
                                                               e.positive[i], e.negative[i]])
@@ -180,11 +232,17 @@ def evaluate(cfg, run) -> dict:
     from tub_knnlrp.neuralize import split_pipeline, transform_steps
 
     tm, X = _load(cfg, run)
-    if tm.X_train is None:
-        raise TubError("this model carries no training set; evaluate needs one (train it with tub knnlrp train)")
+    X_train, y_train = _training_set(cfg, tm)
     X = X[: cfg.rows]
     steps, est, _ = split_pipeline(tm.pipeline)
-    Z_train, Z = transform_steps(steps, tm.X_train), transform_steps(steps, X)
+    if X_train is not None:
+        Z_train = transform_steps(steps, X_train)
+    elif tm.kind == "knn":  # a user's kNN: the training set it keeps, already in model space
+        Z_train, y_train = np.asarray(est._fit_X, dtype=np.float64), est.classes_[np.asarray(est._y).ravel()]
+    else:
+        raise TubError("an SVC keeps only its support vectors, and feature flipping needs the rows it was fitted on "
+                       "(mean baseline, KDE, KernelSHAP background): pass them with --train-data (label column --target)")
+    Z = transform_steps(steps, X)
     replacements = ["mean", "kde"] if cfg.replacement == "both" else [cfg.replacement]
     metrics: dict = {"rows": int(len(X)), "score": cfg.score}
     rows_out = []
@@ -195,7 +253,7 @@ def evaluate(cfg, run) -> dict:
         broken = importlib.util.find_spec("shap") is not None
         (run.log.warning if broken else run.log.info)("KernelSHAP skipped: %s", problem)
     for repl in replacements:
-        ev = _science(FlippingEvaluation, est, Z_train, tm.y_train, score=cfg.score, replacement=repl,
+        ev = _logged(run, FlippingEvaluation, est, Z_train, y_train, score=cfg.score, replacement=repl,
                       n_samples=cfg.kde_samples, seed=run.seed, nsamples_shap=cfg.shap_samples,
                       explainer_kwargs=_explain_kwargs(cfg.explain))
         available = [m for m in ev.available(Z.shape[1]) if not (problem and m == "kernelshap")]
@@ -204,7 +262,7 @@ def evaluate(cfg, run) -> dict:
         if unknown:
             raise TubError(f"unknown or unavailable method(s) {', '.join(unknown)}; available: {', '.join(available)}"
                            " (and lrp_eta0.0 … lrp_eta1.0)")
-        results = _science(ev.run, Z, methods, log=run.log)
+        results = _logged(run, ev.run, Z, methods, log=run.log)
         metrics[f"aupc_{repl}"] = {m: round(r.aupc, 6) for m, r in results.items()}
         metrics[f"aupc_{repl}_normalised"] = {m: round(r.aupc_normalised, 6) for m, r in results.items()}
         for m, r in results.items():
@@ -225,7 +283,8 @@ def evaluate(cfg, run) -> dict:
             flipping_curves_plot(tmp, rows_out)
     else:
         run.log.info("matplotlib is not installed; no flipping.png")
-    metrics["fidelity"] = _science(check_report, tm.pipeline, X, tm.X_train, tm.y_train, kappa=cfg.explain.kappa)
+    metrics["fidelity"] = _logged(run, check_report, tm.pipeline, X, X_train, y_train if X_train is not None else None,
+                                  kappa=cfg.explain.kappa)
     metrics["outputs"] = {"csv": str(run.outputs_dir / "flipping.csv")}
     return metrics
 
@@ -237,7 +296,7 @@ def check(cfg, run) -> dict:
 
     tm, X = _load(cfg, run)
     y = tm.y_train if tm.X_train is not None else None
-    return _science(check_report, tm.pipeline, X, tm.X_train, y, kappa=cfg.kappa)
+    return _logged(run, check_report, tm.pipeline, X, tm.X_train, y, kappa=cfg.kappa)
 
 
 # -------------------------------------------------------------------------------------- make-data

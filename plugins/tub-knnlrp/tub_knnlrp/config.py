@@ -37,6 +37,8 @@ class ExplainConfig(TubConfig):
     explain: ExplainSection = ExplainSection()
     heatmaps: Optional[bool] = Field(None, description="draw image heatmaps [default: when the features are square pixel grids]")
     max_heatmaps: int = Field(16, ge=0, description="rows drawn in heatmaps.png")
+    train_data: Optional[Path] = Field(None, description="the rows a model of your own (--allow-pickle) was fitted on, "
+                                       "with the label column: sets the SVM's default η")
     allow_pickle: bool = Field(False, description="allow a .joblib/.pkl model (executes code from the file)")
 
 
@@ -57,6 +59,8 @@ class EvaluateConfig(TubConfig):
         return split_commas(value)
     kde_samples: int = Field(50, ge=1, description="conditional samples per flip for KDE in-painting")
     shap_samples: int = Field(500, ge=10, description="KernelSHAP samples per row")
+    train_data: Optional[Path] = Field(None, description="the rows a model of your own (--allow-pickle) was fitted on, "
+                                       "with the label column: sets the SVM's default η; an SVC needs it (a kNN keeps its own)")
     allow_pickle: bool = Field(False, description="allow a .joblib/.pkl model (executes code from the file)")
 
 

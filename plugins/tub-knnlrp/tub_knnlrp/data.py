@@ -6,12 +6,13 @@ Tables keep their feature names. NPZ files hold ``X`` (n, d) and optionally ``y`
 Missing values are errors, never data: in a feature column an empty cell or one of
 :data:`MISSING_FEATURE` (NA, NaN, null, ...) asks for imputation; in the label column an empty
 cell or NaN asks to drop or fill the row (other strings, "NA" included, are class names there).
-Column names must be unique.
+Column names must be unique. Text (non-numeric) feature columns are errors too, unless the caller
+reads them for a model whose pipeline encodes them (``text_ok``: kept raw in ``Table.text``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +31,15 @@ class Table:
     y: np.ndarray | None
     feature_names: list[str]
     target: str | None = None
+    text: dict = field(default_factory=dict)  # name -> raw values of a text column (NaN in X), with text_ok
 
 
-def read_table(path, target: str | None = None, require_target: bool = False) -> Table:
+def read_table(path, target: str | None = None, require_target: bool = False, text_ok: bool = False) -> Table:
     """Read features (and the label column ``target``, if present) from CSV, Parquet or NPZ.
 
     With ``require_target`` the labels must be present and complete; otherwise the label column is
     only dropped from the features, and ``y`` is None when it is absent or has missing labels.
+    ``text_ok`` keeps text feature columns (raw, in ``Table.text``) instead of refusing them.
     """
     path = Path(path)
     if not path.is_file():
@@ -46,11 +49,11 @@ def read_table(path, target: str | None = None, require_target: bool = False) ->
     if suffix == ".npz":
         return _read_npz(path, target, require_target)
     if suffix in (".csv", ".tsv", ".txt", ".parquet", ".pq"):
-        return _read_frame(path, suffix, target, require_target)
+        return _read_frame(path, suffix, target, require_target, text_ok)
     raise TubError(f"{path.name}: unknown data format {suffix!r}; use .csv, .parquet or .npz")
 
 
-def _read_frame(path, suffix, target, require_target):
+def _read_frame(path, suffix, target, require_target, text_ok=False):
     try:
         import pandas as pd
     except ImportError:  # pragma: no cover - pandas ships with the [shap] extra and most installs
@@ -94,7 +97,7 @@ def _read_frame(path, suffix, target, require_target):
             raise TubError(f"{path.name} line {bad} has a different number of fields than the header")
         cols = list(zip(*rows[1:]))
         columns = {h: np.array([v.strip() for v in c]) for h, c in zip(header, cols)}
-    return _split_columns(path, header, columns, target, require_target)
+    return _split_columns(path, header, columns, target, require_target, text_ok)
 
 
 def _looks_like_data(header: list[str]) -> bool:
@@ -134,7 +137,7 @@ def _missing(values, tokens) -> np.ndarray:
     return np.fromiter((missing(v) for v in values.tolist()), dtype=bool, count=len(values))
 
 
-def _split_columns(path, header, columns, target, require_target):
+def _split_columns(path, header, columns, target, require_target, text_ok=False):
     _check_unique(path, header)
     if "" in header or "Unnamed: 0" in header:  # pandas' df.to_csv() writes its row index this way
         k = header.index("") if "" in header else header.index("Unnamed: 0")
@@ -149,19 +152,28 @@ def _split_columns(path, header, columns, target, require_target):
     if not names:
         raise TubError(f"{path.name} has no feature columns besides the target")
     X = np.empty((len(columns[names[0]]), len(names)))
+    text = {}
     for i, name in enumerate(names):
         values = np.asarray(columns[name], dtype=object)
         values[_missing(values, MISSING_FEATURE)] = np.nan  # reported as missing below, not as non-numeric
         try:
             X[:, i] = values.astype(np.float64)
         except (ValueError, TypeError):
-            raise TubError(f"{path.name}: column {name!r} is not numeric; encode it or drop it") from None
-    if not np.isfinite(X).all():
-        r, c = np.argwhere(~np.isfinite(X))[0]
+            if not text_ok:
+                raise TubError(not_numeric(path, name)) from None
+            text[name], X[:, i] = values, np.nan
+    numeric = np.array([n not in text for n in names])
+    if not np.isfinite(X[:, numeric]).all():
+        r, c = np.argwhere(~np.isfinite(X[:, numeric]))[0]
+        c = np.flatnonzero(numeric)[c]
         what = "missing" if np.isnan(X[r, c]) else "infinite"
         raise TubError(f"{path.name}: {what} value in column {names[c]!r} (row {r + 1}); impute it or drop the row")
     y = _labels(path, columns[target], target, require_target) if target is not None else None
-    return Table(X, y, names, target)
+    return Table(X, y, names, target, text)
+
+
+def not_numeric(path, name: str) -> str:
+    return f"{Path(path).name}: column {name!r} is not numeric; encode it or drop it"
 
 
 def _labels(path, raw, column: str, required: bool) -> np.ndarray | None:
@@ -185,19 +197,27 @@ def _labels(path, raw, column: str, required: bool) -> np.ndarray | None:
 
 
 def _read_npz(path, target, require_target):
+    def array(z, name):
+        try:
+            return z[name]
+        except ValueError as exc:
+            if "allow_pickle" not in str(exc):
+                raise
+            raise TubError(f"{path.name}: array {name!r} holds Python objects (dtype object, as pandas' "
+                           "to_numpy() gives for text), which tub does not unpickle (that could run code); save it "
+                           "with .astype(str) for labels and names, or as numbers") from None
+
     try:
         with load_numpy(path) as z:
             files = set(z.files)
             if "X" not in files:
                 raise TubError(f"{path.name} has no array 'X'; save features as X (and labels as y)")
-            X = np.asarray(z["X"], dtype=np.float64)
+            X = np.asarray(array(z, "X"), dtype=np.float64)
             key = target if target in files else ("y" if "y" in files else None)
-            y = _labels(path, z[key], key, require_target) if key is not None else None
-            names = [str(n) for n in z["feature_names"]] if "feature_names" in files else None
+            y = _labels(path, array(z, key), key, require_target) if key is not None else None
+            names = [str(n) for n in array(z, "feature_names")] if "feature_names" in files else None
     except TubError:
         raise
-    except ValueError as exc:
-        raise TubError(f"cannot read {path.name} without pickle: {str(exc).splitlines()[0]}") from None
     except Exception as exc:
         raise TubError(f"cannot read {path.name} as NPZ: {str(exc).splitlines()[0]}") from None
     if X.ndim != 2:

@@ -160,8 +160,11 @@ class NeuralizedExplainer(BaseEstimator):
         if not hasattr(self, "network_"):
             raise NotFittedError("call fit(model) before explain(X)")
         X = dense(X)
-        X_in = _as_2d(X, self.network_.n_features if self.per_feature_ else None, allow_nan=imputes(self.steps_))
-        X_user = X if hasattr(X, "columns") else X_in  # a DataFrame goes to scikit-learn with its names
+        if self.per_feature_:
+            X_in = _as_2d(X, self.network_.n_features, allow_nan=imputes(self.steps_))
+            X_user = X if hasattr(X, "columns") else X_in  # a DataFrame goes to scikit-learn with its names
+        else:  # a mixing step (one-hot encoding, dropped columns, PCA) reads the raw rows, strings included:
+            X_user = X if hasattr(X, "columns") else np.atleast_2d(np.asarray(X))  # only its output is explained
         Z = transform_steps(self.steps_, X_user)
         if Z.shape[1] != self.network_.n_features:
             raise ValueError(f"X has {Z.shape[1]} features after preprocessing, the model expects "
@@ -174,8 +177,8 @@ class NeuralizedExplainer(BaseEstimator):
         eta = self.eta_ if rule == "hybrid" else RULE_ETA[rule]
         if rule == "hybrid" and self.eta is None and net.kind == "svm" and net.median_from != "training set":
             warnings.warn(f"default η = {eta:.2f} from the support vectors' median distance (the heuristic takes the "
-                          "training set's); pass X_train to fit/explain for the spec's η, or give eta (--eta; a model from "
-                          "`tub knnlrp train` keeps its training set)",
+                          "training set's); pass X_train to fit/explain (--train-data) for the spec's η, or give eta (--eta; a "
+                          "model from `tub knnlrp train` keeps its training set)",
                           UserWarning, stacklevel=2)
         n, d = Z.shape
         values, output = np.zeros((n, d)), np.zeros(n)

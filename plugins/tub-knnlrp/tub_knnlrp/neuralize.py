@@ -63,6 +63,23 @@ def _flat_steps(named_steps) -> list:
 def _per_feature(step) -> bool:
     if type(step).__name__ in AFFINE_SCALERS:
         return True
+    if isinstance(step, str):  # "passthrough" inside a ColumnTransformer
+        return step == "passthrough"
+    if type(step).__name__ == "FunctionTransformer":  # the identity (a ColumnTransformer's passthrough remainder)
+        return step.func is None
+    if type(step).__name__ == "Pipeline":
+        return all(_per_feature(s) for s in _flat_steps(step.steps))
+    if type(step).__name__ == "ColumnTransformer":  # per-feature parts that keep every column in its place
+        where = getattr(step, "_transformer_to_input_indices", None)
+        if where is None:
+            return False
+        order = []
+        for name, part, _ in step.transformers_:
+            columns = list(where.get(name, []))
+            if columns and not _per_feature(part):
+                return False
+            order += columns
+        return order == list(range(step.n_features_in_))
     if type(step).__name__ == "SimpleImputer":  # identity on observed values, one column per column
         stats = np.asarray(getattr(step, "statistics_", [np.nan]), dtype=object)
         keeps_all = getattr(step, "keep_empty_features", False) or not any(
@@ -187,8 +204,9 @@ class NeuralizedClassifier:
             count, decisive = int((self.y_train == small).sum()), (self.k + 1) // 2
             kappa_now = (self.k - 1) // 2 if kappa is None else int(kappa)
             if count < decisive + kappa_now:  # the order-statistic pooling needs k_d + kappa points per class
+                odd = count if count % 2 else count - 1  # the default kappa = (k-1)/2 needs k points per class
                 fix = (f"pass kappa={count - decisive}{' or less' if count > decisive else ''}" if count >= decisive
-                       else f"fit the kNN with k <= {2 * count - 1}")
+                       else f"fit the kNN with k <= {odd} (default kappa), or k <= {2 * count - 1} with kappa=0")
                 raise ValueError(f"class {self.classes_.tolist()[small]!r} has {count} training point(s); k={self.k}, "
                                  f"kappa={kappa_now} needs at least {decisive + kappa_now} per class: {fix}")
             return NeuralizedKNN(self.X_train[self.y_train == pos], self.X_train[self.y_train == neg], self.k, kappa)

@@ -11,6 +11,7 @@ _EXPLAIN_OPTIONS = {
     "beta": "explain.beta",
     "multiclass": "explain.multiclass",
     "allow-pickle": "allow_pickle",
+    "train-data": "train_data",
 }
 
 app = PluginApp(
