@@ -225,6 +225,8 @@ def _describe(info) -> str:
     if default is not None and not callable(default) and repr(default) != "PydanticUndefined":
         if hasattr(default, "model_dump"):
             return text
+        if isinstance(default, list):  # as it is typed: ri,cs, not ['ri', 'cs']
+            default = ",".join(map(str, default))
         text = f"{text} (config default: {default})".strip()
     return text
 
@@ -450,6 +452,9 @@ def flatten(metrics: dict, prefix: str = "") -> list[tuple[str, Any]]:
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             rows.extend(flatten(value, name + "."))
+        elif isinstance(value, list) and 0 < len(value) <= 8 and all(isinstance(v, dict) for v in value):
+            for i, item in enumerate(value):  # a few records (runs, folds): one row per field, not a repr
+                rows.extend(flatten(item, f"{name}.{i}."))
         else:
             rows.append((name, value))
     return rows

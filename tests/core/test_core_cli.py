@@ -183,7 +183,7 @@ def test_help_lists_a_literal_field_choices_and_a_list_default():
         method: list[Literal["lrp", "ig"]] = Field(default_factory=lambda: ["lrp"], description="method(s)")
         ensemble: Literal["nve", "npt"] = Field("nve", description="ensemble")
 
-    assert _describe(Cfg.model_fields["method"]) == "method(s) (one of lrp, ig) (config default: ['lrp'])"
+    assert _describe(Cfg.model_fields["method"]) == "method(s) (one of lrp, ig) (config default: lrp)"
     assert _describe(Cfg.model_fields["ensemble"]) == "ensemble (one of nve, npt) (config default: nve)"
 
 
@@ -209,3 +209,12 @@ def test_demo_without_o_goes_under_tub_runs_dir(toy_plugins, tmp_path, monkeypat
     monkeypatch.setenv("TUB_RUNS_DIR", str(tmp_path / "elsewhere"))
     assert invoke(["demo", "toy"]).exit_code == 0
     assert not (tmp_path / "runs").exists() and list((tmp_path / "elsewhere" / "demo").glob("*/toy/DONE"))
+
+
+def test_a_few_records_in_the_results_table_are_rows_not_a_python_repr():
+    from tubcli.verbs import flatten, format_value
+
+    rows = flatten({"linear": {"runs": [{"seed": 0, "acc": 0.5}, {"seed": 1, "acc": 0.75}]}, "n": 2})
+    assert rows == [("linear.runs.0.seed", 0), ("linear.runs.0.acc", 0.5), ("linear.runs.1.seed", 1),
+                    ("linear.runs.1.acc", 0.75), ("n", 2)]
+    assert format_value([1.0] * 9) == "[9 values]"

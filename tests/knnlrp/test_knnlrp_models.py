@@ -405,6 +405,9 @@ def test_options_of_the_other_model_are_errors():
         fit_model(t.X, t.y, kind="svm", k=4, gamma=0.1, C=1.0)
     with pytest.raises(TubError, match="--gamma, --C: not used by --model knn"):
         fit_model(t.X, t.y, kind="knn", k=5, gamma=0.1, C=1.0)
+    svc = SVC(gamma=0.1).fit(t.X, t.y)  # kappa is the kNN's, as beta is the SVM's: refused, not ignored
+    with pytest.raises(ValueError, match="kappa is the kNN's rank half-window; an SVM has none"):
+        explain(svc, t.X[:2], kappa=1)
 
 
 def _edit(meta: dict, arrays: dict, case: str):

@@ -142,10 +142,16 @@ def test_each_metric_reads_the_metadata_file_of_the_official_protocol(made, tmp_
     alone = _ok(["pathorob", "clustering", out / "features", "--metadata", reduced, "--K", "2", "--trials", "2",
                  "--json", "-o", tmp_path / "cs"])
     assert cs == json.loads(alone.stdout)  # the clustering score of the reduced file's 60 rows
-    assert json.loads(r.stdout)["robustness_index"] == json.loads(_ok([*base, "--metrics", "ri", "-o",
+    ri_only = [a for a in base if a not in ("--K", "--trials", "2")]  # the clustering's options would be idle
+    assert json.loads(r.stdout)["robustness_index"] == json.loads(_ok([*ri_only, "--metrics", "ri", "-o",
                                                                         tmp_path / "ri"]).stdout)["robustness_index"]
-    bad = invoke([*base, "--metrics", "ri", "--cs-metadata", reduced, "-o", tmp_path / "idle"])
+    bad = invoke([*ri_only, "--metrics", "ri", "--cs-metadata", reduced, "-o", tmp_path / "idle"])
     assert bad.exit_code == 2 and "--cs-metadata is for --metrics cs" in bad.stderr
+    # every option of a metric not asked for is refused, not recorded unused (--max-k is RI's k-search grid)
+    bad = invoke([*base, "--metrics", "ri", "-o", tmp_path / "idle2"])
+    assert bad.exit_code == 2 and "--K, --trials are for --metrics cs, which is not among ri" in bad.stderr
+    bad = invoke([*base[:base.index("--k")], "--K", "2", "--metrics", "cs", "--max-k", "4", "-o", tmp_path / "idle3"])
+    assert bad.exit_code == 2 and "--max-k is for --metrics ri" in bad.stderr and "--max-k-clusters" in bad.stderr
     # a clustering score that cannot run (K grid above the 40-row experiments) stops before RI writes anything
     no_K = base[:base.index("--K")] + base[base.index("--K") + 2:]
     bad = invoke([*no_K, "--metrics", "ri,cs", "--cs-metadata", reduced, "--max-k-clusters", "45",

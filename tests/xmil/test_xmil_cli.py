@@ -63,6 +63,19 @@ def test_tile_then_skip_existing_and_bad_slides_reported(data):
     assert json.loads(res.stdout)["patches"] == first
 
 
+def test_features_tile_like_tile_with_the_same_options(data, tiny_encoder):
+    """features takes --target-mpp/--patch-size as tile does: the same grid, and its .h5 records the tissue filter."""
+    slide = data / "data" / "slides" / "slide_002.tiff"
+    tiled = _ok(invoke(["xmil", "tile", slide, "--target-mpp", "0.5", "--patch-size", "128", "-o", data / "t_opts"]))
+    assert tiled.exit_code == 0
+    _ok(invoke(["xmil", "features", slide, "--encoder", tiny_encoder, "--target-mpp", "0.5", "--patch-size", "128",
+                "-o", data / "f_opts"]))
+    with h5py.File(data / "t_opts" / "outputs" / "patches" / "slide_002.h5") as a, \
+            h5py.File(data / "f_opts" / "outputs" / "features" / "slide_002.h5") as b:
+        assert np.array_equal(a["coords"][:], b["coords"][:])
+        assert (b.attrs["patch_size"], b.attrs["min_tissue"], b.attrs["min_std"]) == (128, 0.5, 8.0)
+
+
 def test_features_without_encoder_plugin_is_a_clear_error(data):
     res = invoke(["xmil", "features", data / "data" / "slides", "--encoder", "no-such-encoder", "-o", data / "f0"])
     assert res.exit_code == 2 and "no-such-encoder" in res.stderr

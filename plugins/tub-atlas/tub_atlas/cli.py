@@ -122,7 +122,7 @@ def embed(cfg: EmbedConfig, run) -> dict:
         if cfg.metadata is None:
             raise TubError("--format pathorob needs --metadata (PathoROB CSV) and the image root")
         if cfg.inputs:
-            raise TubError("--format pathorob reads its tiles from --metadata/--image-root; drop the TILES arguments")
+            raise TubError("--format pathorob reads its tiles from --metadata/--image-root; drop the INPUTS arguments")
         _refuse_slide_options(cfg, [], "--format pathorob reads tiles, not whole slides")
         sets = read_pathorob_metadata(cfg.metadata, cfg.image_root)
         names = {center: ts.name for center, ts in sets.items()}
@@ -130,7 +130,7 @@ def embed(cfg: EmbedConfig, run) -> dict:
     else:
         if cfg.metadata is not None or cfg.image_root is not None:
             raise TubError("--metadata and --image-root are only used with --format pathorob")
-        inputs = _slide_folders_opened(_need(cfg.inputs, "TILES (folders, .npz or .h5 files, whole slides)"))
+        inputs = _slide_folders_opened(_need(cfg.inputs, "INPUTS (tile folders, .npz or .h5 files, whole slides)"))
         _refuse_slide_options(cfg, inputs)
         slide_options = {**cfg.slide_options(), "qc": cfg.slide_qc, "coords": cfg.slide_coords}
         check_slide_options(slide_options)
@@ -239,7 +239,7 @@ def tile(cfg: TileConfig, run) -> dict:
     _warn_ignored_compute(cfg, run, ("fp32",), uses_device=False)
     from .slides import check_slide_file, check_slide_options, tile_slide
 
-    slides = _slide_folders_opened(_need(cfg.inputs, "SLIDES (whole-slide images or folders of them)"),
+    slides = _slide_folders_opened(_need(cfg.inputs, "INPUTS (whole-slide images or folders of them)"),
                                    tiles_allowed=False)
     opts = cfg.slide_options()
     check_slide_options(opts)
@@ -295,7 +295,8 @@ def explain(cfg: ExplainConfig, run) -> dict:
     from .slides import check_coords_file, check_slide_options
 
     _refuse_idle_explain_options(cfg)
-    inputs = _slide_folders_opened(_need(cfg.inputs, "TILES to explain"))
+    inputs = _slide_folders_opened(_need(cfg.inputs, "INPUTS to explain (tile folders, .npz or .h5 files, "
+                                                     "whole slides)"))
     _refuse_slide_options(cfg, inputs)
     names = _input_names(inputs)
     check_slide_options({**cfg.slide_options(), "coords": cfg.slide_coords})

@@ -133,7 +133,8 @@ class ExplainConfig(SlideTiling):
 
 
 class TeacherSection(EncoderSection):
-    pass
+    random_init: bool = Field(False, description="random teacher weights for tests/demos when no --teacher-weights "
+                                                 "(NOT a pretrained model)")
 
 
 class StudentSection(Section):
@@ -171,8 +172,8 @@ class DINOv2Section(Section):
     mask_ratio: tuple[float, float] = Field((0.1, 0.5), description="masked patch ratio range (cfg 0.1-0.5)")
     mask_mode: Literal["block", "random"] = Field("block", description="BEiT block masking (cfg) or random")
     centering: Literal["sinkhorn_knopp", "centering"] = Field(
-        "sinkhorn_knopp", description="teacher centring: Sinkhorn-Knopp, 3 iterations (paper §4; ViT-L/g "
-                                      "configs) or DINO's EMA centre (cfg default)")
+        "sinkhorn_knopp", description="teacher centring: sinkhorn_knopp, 3 iterations (paper §4; the DINOv2 ViT-L/g "
+                                      "configs), or centering, DINO's EMA centre (the DINOv2 base config's choice)")
     center_momentum: float = Field(0.9, ge=0, lt=1, description="EMA of the classic centre (DINO 0.9)")
     student_temp: float = Field(0.1, gt=0, description="τ_s (cfg 0.1)")
     warmup_teacher_temp: float = Field(0.04, gt=0, description="τ_t at the start (cfg 0.04)")
@@ -233,7 +234,7 @@ class BenchConfig(TubConfig):
 
 class MakeDataConfig(TubConfig):
     out: str | None = Field(None, description="folder to create (must not exist or be empty)")
-    n_per_class: int = Field(32, ge=1, description="tiles per class")
+    n_per_class: int = Field(32, ge=1, description="tiles per class and centre")
     n_classes: int = Field(2, ge=2, description="tissue classes (the labels)")
     n_centers: int = Field(2, ge=1, description="medical centres (stain styles, the confounder)")
     size: int = Field(64, ge=8, description="tile side in pixels")

@@ -134,6 +134,8 @@ class NeuralizedExplainer(BaseEstimator):
         self._check_params()
         self.model_ = model
         self.steps_, self.network_, self.per_feature_ = neuralize(model, X_train, y_train)
+        if self.network_.kind == "svm" and self.kappa is not None:
+            raise ValueError("kappa is the kNN's rank half-window; an SVM has none (beta sets its pooling)")
         if self.network_.kind == "knn":
             if self.beta is not None:
                 raise ValueError("beta is the SVM's pooling stiffness; a kNN has none (kappa sets its pooling)")

@@ -103,14 +103,16 @@ class TrainConfig(TubConfig):
 
 class EvaluateConfig(TubConfig):
     data: Optional[Path] = Field(None, description="labelled extxyz test data")
-    model: list[Path] = Field(default_factory=list, description="model file(s); several = committee")
+    model: list[Path] = Field(default_factory=list, description="model file(s) or train run directories; several = "
+                              "committee [default: the shipped demo model, demo_nacnh: Na/C/N/H]")
     keys: KeysSection = KeysSection()
     plots: bool = Field(True, description="write parity plots")
 
 
 class MDConfig(TubConfig):
     structure: Optional[Path] = Field(None, description="starting structure (extxyz, last frame used)")
-    model: list[Path] = Field(default_factory=list, description="model file(s); several = committee")
+    model: list[Path] = Field(default_factory=list, description="model file(s) or train run directories; several = "
+                              "committee [default: the shipped demo model, demo_nacnh: Na/C/N/H]")
     temp: float = Field(300.0, ge=0, allow_inf_nan=False, description="temperature (K)")
     steps: int = Field(1000, ge=1, description="total MD steps (a resumed run continues to this)")
     ensemble: Literal["nvt-langevin", "nvt-bussi", "nve", "npt"] = Field("nvt-langevin", description="ensemble")
@@ -131,7 +133,8 @@ class MDConfig(TubConfig):
 
 
 class OCVConfig(TubConfig):
-    model: list[Path] = Field(default_factory=list, description="model file(s)")
+    model: list[Path] = Field(default_factory=list, description="model file(s) or train run directories [default: "
+                              "the shipped demo model, demo_nacnh: Na/C/N/H]")
     structures: Optional[Path] = Field(None, description="extxyz of Na_x host cells incl. the bare host (x=0)")
     n: int = Field(3, description="graphene supercell when building structures")
     groups: int = Field(1, description="aminophenyl groups when building")
@@ -152,7 +155,7 @@ class OCVConfig(TubConfig):
     reference: Optional[Literal["xtb"]] = Field(
         None, description="also compute the GFN1-xTB hull on the same structures and the largest voltage difference")
     reference_relax_steps: int = Field(0, ge=0, description="BFGS steps of xTB on each structure (0 = single points)")
-    md_average: bool = Field(False, description="STRUCTURES are MD frames (tub mlff md, NVT or NPT) at one "
+    md_average: bool = Field(False, description="--structures holds MD frames (tub mlff md, NVT or NPT) at one "
                              "temperature: the mean energy per x (ΔG ≈ ΔU) against μ_Na + 3/2 k_B T, mean volumes and "
                              "spacings (NPT: ΔV/V₀); no relaxation")
 
@@ -194,7 +197,8 @@ class DiffusionConfig(TubConfig):
 class ExplainConfig(TubConfig):
     structures: Optional[Path] = Field(None, description="extxyz structures to explain")
     model: list[Path] = Field(default_factory=list,
-                              description="model file(s); several = committee, adds each atom's force disagreement")
+                              description="model file(s) or train run directories; several = committee, adds each "
+                              "atom's force disagreement [default: the shipped demo model, demo_nacnh: Na/C/N/H]")
     attention: bool = Field(True, description="also write attention maps")
     walks: int = Field(0, description="GNN-LRP relevant walks: 0 off, 2 = 1- and 2-body, 3 = also 3-body")
     walk_radius: float = Field(3.0, gt=0, description="3-body terms only for triples closer than this (A)")

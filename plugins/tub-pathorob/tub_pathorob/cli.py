@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tubcli.config import given_fields
 from tubcli.errors import TubError
 from tubcli.io import write_json
 
@@ -246,16 +247,30 @@ def _rows_of(features, metadata: Path | None, X, meta):
     return load_features(features, read_metadata(metadata))
 
 
+# evaluate's options that only one metric reads
+METRIC_OPTIONS = {
+    "ri": {"ri_metadata": "--ri-metadata", "k": "--k", "k_search": "--k-search", "max_k": "--max-k",
+           "paired": "--paired", "max_patches_per_combi": "--max-patches-per-combi", "bootstrap": "--bootstrap",
+           "auc": "--no-auc"},
+    "apd": {"iterations": "--iterations", "tolkach_splits": "--tolkach-splits"},
+    "cs": {"cs_metadata": "--cs-metadata", "K": "--K", "min_k": "--min-k", "max_k_clusters": "--max-k-clusters",
+           "trials": "--trials"},
+}
+
+
 def _evaluate_impl(cfg: EvaluateConfig, run) -> dict:
     """All selected metrics; the same files as the single-metric verbs, one combined results.json."""
     if "apd" in cfg.metrics and cfg.dataset is None:
         raise TubError("APD follows a dataset's split protocol; pass --dataset camelyon|tcga|tolkach_esca")
     if "apd" in cfg.metrics and cfg.dataset == "tolkach_esca" and cfg.tolkach_splits is None:
         raise TubError("tolkach_esca APD needs the case-split file; pass --tolkach-splits tolkach_splits.json")
-    idle = [m for m in ("ri", "cs") if getattr(cfg, f"{m}_metadata") is not None and m not in cfg.metrics]
-    if idle:
-        raise TubError(f"--{idle[0]}-metadata is for --metrics {idle[0]}, which is not among {','.join(cfg.metrics)}; "
-                       "drop it or add the metric")
+    for metric, flags in METRIC_OPTIONS.items():  # a metric's settings without the metric would be recorded, not used
+        idle = given_fields(cfg, list(flags)) if metric not in cfg.metrics else []
+        if idle:
+            hint = " (the clustering's largest K is --max-k-clusters)" if "max_k" in idle and "cs" in cfg.metrics else ""
+            raise TubError(f"{', '.join(flags[f] for f in idle)} {'is' if len(idle) == 1 else 'are'} for --metrics "
+                           f"{metric}, which is not among {','.join(cfg.metrics)}{hint}; drop "
+                           f"{'it' if len(idle) == 1 else 'them'} or add the metric")
     _refuse_overwrite(cfg, [run.outputs_dir / "results.json"])
     X, meta = _inputs(cfg)
     own = {m: _rows_of(cfg.features, getattr(cfg, f"{m}_metadata"), X, meta) for m in ("ri", "cs")

@@ -73,8 +73,7 @@ class ClusteringConfig(FeaturesConfig):
 
 class EvaluateConfig(RIConfig):
     metrics: list[Metric] = Field(default_factory=lambda: ["ri", "cs"],
-                                  description="metrics to compute: ri, apd, cs (comma-separated or repeated: "
-                                              "--metrics ri,apd,cs)")
+                                  description="metrics to compute: ri, apd, cs")
     iterations: int = Field(20, ge=1, description="APD repetitions")
     tolkach_splits: Optional[Path] = Field(None, description="tolkach_splits.json (APD on tolkach_esca)")
     ri_metadata: Optional[Path] = Field(None, description="metadata CSV for the robustness index when it is not "

@@ -63,7 +63,8 @@ class MakeDataConfig(TubConfig):
 
 class TileConfig(TubConfig):
     slides: list[Path] = Field(default_factory=list, description="slide files or folders")
-    mpp: Optional[float] = Field(None, gt=0, description="level-0 mpp for slides that lack it (overrides the file)")
+    mpp: Optional[float] = Field(None, gt=0, description="level-0 µm/px, used instead of the slide's own (for slides "
+                                 "that lack it or record it wrong)")
     tiling: TilingSection = TilingSection()
 
 
@@ -72,7 +73,8 @@ class FeaturesConfig(TubConfig):
     encoder: str = Field("vit-t8-demo", description="patch encoder name from the tub_patch_encoders hook")
     weights: Optional[Path] = Field(None, description="local weights file of the encoder")
     coords_dir: Optional[Path] = Field(None, description="existing patches/*.h5 (tub, CLAM, TRIDENT) to reuse", json_schema_extra={"lookup": True})
-    mpp: Optional[float] = Field(None, gt=0, description="level-0 mpp override")
+    mpp: Optional[float] = Field(None, gt=0, description="level-0 µm/px, used instead of the slide's own (for "
+                                 "slides that lack it or record it wrong)")
     batch_size: int = Field(64, description="tiles per encoder batch")
     tiling: TilingSection = TilingSection()
 
@@ -182,5 +184,6 @@ class HeatmapConfig(ModelInput):
     patch_size_level0: Optional[int] = Field(
         None, gt=0, description="tile side in level-0 px of feature-file inputs (default: from the file's "
         "attributes, else inferred from the coords grid)")
-    mpp: Optional[float] = Field(None, gt=0, description="level-0 mpp override")
+    mpp: Optional[float] = Field(None, gt=0, description="level-0 µm/px, used instead of the slide's own (for "
+                                 "slides that lack it or record it wrong)")
     tiling: HeatmapTiling = HeatmapTiling()
