@@ -154,9 +154,19 @@ def test_softmax_and_contrastive_output_relevance():
     z = torch.tensor([[1.0, -0.5, 0.3]])
     p = torch.softmax(z, -1)[0]
     R = output_relevance(z, "softmax", 0)[0]
-    assert torch.isclose(R[0], z[0, 0] * p[0] * (1 - p[0])) and R[1] == 0 and R[2] == 0
+    assert torch.isclose(R[0], z[0, 0] * p[0] * (1 - p[0]))
+    assert torch.allclose(R[1:], -z[0, 1:] * p[1:] * p[0])  # spec §2.3: the other classes' terms too
+    zr = z.clone().requires_grad_(True)  # R = z * d p_c / d z
+    (g,) = torch.autograd.grad(torch.softmax(zr, -1)[0, 0], zr)
+    assert torch.allclose(R, (z * g)[0], atol=1e-7)
     Rc = output_relevance(z[:, :2], "contrastive", 0)[0]  # two classes: contrast with the other one
-    assert Rc[0] > 0 and Rc[1] > 0
+    assert torch.allclose(Rc, torch.tensor([1.0, 0.5])) and torch.isclose(Rc.sum(), z[0, 0] - z[0, 1])
+    # three classes: the softmin of the differences, whose weights sum to 1 (Montavon et al. 2019, p. 202)
+    R3 = output_relevance(z, "contrastive", 0)[0]
+    d = z[0, 0] - z[0, 1:]
+    w = torch.softmax(-d, 0)
+    assert torch.isclose(R3[0], z[0, 0]) and torch.isclose(R3.sum(), (w * d).sum())
+    assert torch.allclose(output_relevance(z, "contrastive", 0, contrastive=2)[0], torch.tensor([1.0, 0.0, -0.3]))
     torch.manual_seed(0)
     m = AttentionMIL(24, 3, features_dim=8).eval()
     s = explain(m, _bag(), "lrp", target=0, explained_rel="softmax")
@@ -198,3 +208,24 @@ def test_transmil_lrp_relevance_budget_with_cls_token(attention):
     total = s.sum() + det["cls_relevance"]
     assert abs(total - det["output_relevance"].sum().item()) <= 1e-4
     assert abs(det["cls_relevance"]) > 1e-3  # the CLS share is real, not negligible
+
+
+def test_validation_split_is_stratified_and_keeps_patients_together():
+    """An imbalanced cohort (6 vs 2 slides): every seed keeps both classes in training and puts each class's
+    share in validation; slides of one patient never straddle the split."""
+    from tub_xmil.dataset import Slide
+    from tub_xmil.splits import validation_split
+
+    slides = [Slide(f"s{i}", torch.zeros(1, 2), label=float(i >= 6)) for i in range(8)]
+    for seed in range(20):
+        train, val = validation_split(slides, 0.25, "classification", seed)
+        assert sorted(s.label for s in val) == [0.0, 0.0] or sorted(s.label for s in val) == [0.0, 0.0, 1.0]
+        assert {s.label for s in train} == {0.0, 1.0} and len(train) + len(val) == 8
+    assert [s.slide_id for s in validation_split(slides, 0.5, "classification", 3)[1]] == \
+        [s.slide_id for s in validation_split(slides, 0.5, "classification", 3)[1]]  # seeded
+    cases = [Slide(f"p{i // 2}_{i % 2}", torch.zeros(1, 2), label=float(i >= 8), extra={"case_id": f"p{i // 2}"})
+             for i in range(12)]
+    for seed in range(20):
+        train, val = validation_split(cases, 0.34, "classification", seed)
+        assert not {s.extra["case_id"] for s in train} & {s.extra["case_id"] for s in val}
+        assert {s.label for s in val} == {0.0, 1.0}

@@ -89,11 +89,9 @@ def train(cfg, run) -> dict:
     if not train_s:
         raise TubError(f"{cfg.labels}: no rows with split 'train' (or an empty split cell, or no split column)")
     if not val_s and cfg.val_fraction > 0:
-        k = max(1, int(round(len(train_s) * cfg.val_fraction)))
-        rng = np.random.default_rng(run.seed)
-        idx = set(rng.permutation(len(train_s))[:k].tolist())
-        val_s = [s for i, s in enumerate(train_s) if i in idx]
-        train_s = [s for i, s in enumerate(train_s) if i not in idx]
+        from tub_xmil.splits import validation_split
+
+        train_s, val_s = validation_split(train_s, cfg.val_fraction, cfg.task, run.seed)
     if cfg.task == "classification":
         _check_trained_classes(cfg.labels, classes, train_s, val_s, test_s)
     model, meta = train_model(cfg, run, train_s, val_s, classes)
@@ -195,6 +193,15 @@ def _load(cfg, log=None):
     return model, meta, task
 
 
+def _with_lrp_settings(out: dict, model, cfg, task: str) -> dict:
+    """``out`` plus ``lrp``: the LRP settings used (defaults resolved), when LRP is among the methods."""
+    if "lrp" in cfg.method:
+        from tub_xmil.pipeline import lrp_settings
+
+        out["lrp"] = lrp_settings(model, cfg.lrp, task)
+    return out
+
+
 def explain(cfg, run) -> dict:
     from tub_xmil.bags import BAG_SUFFIXES, read_bag
     from tub_xmil.explain import explain as explain_scores
@@ -253,7 +260,7 @@ def explain(cfg, run) -> dict:
                 w.writerow(["slide_id", "target", "prediction", *cols])
                 for r in recs:
                     w.writerow([r["slide_id"], r["target"], r["prediction"], *[json.dumps(r.get(c)) for c in cols]])
-    return {"methods": list(cfg.method)}
+    return _with_lrp_settings({"methods": list(cfg.method)}, model, cfg, task)
 
 
 def evaluate(cfg, run) -> dict:
@@ -293,6 +300,10 @@ def evaluate(cfg, run) -> dict:
             per_slide.append(rec)
         del x  # before the next slide's bag is read
     kept = [r for r in per_slide if not r["false_pred"]]
+    if per_slide and not kept:
+        run.log.warning("every slide (%d) was excluded as a false prediction (p(target) <= 0.5, spec §2.5): no "
+                        "faithfulness metrics; check --target, or evaluate slides the model gets right", len(per_slide))
+    _with_lrp_settings(out, model, cfg, task)
     out["score_order"] = cfg.score_order
     out["flipping_slides"] = len(kept)
     out["excluded_false_pred"] = len(per_slide) - len(kept)
@@ -435,7 +446,7 @@ def heatmap(cfg, run) -> dict:
                                             "background": background}))
                 write_heatmap(run.outputs_dir, path.stem, thumb, coords, sc, size0, HEAT_DOWNSAMPLE, SIGNED[m], m,
                               size_source)
-    out = {"methods": list(cfg.method)}
+    out = _with_lrp_settings({"methods": list(cfg.method)}, model, cfg, task)
     if tiling_used:  # how slides were tiled and embedded, and where each setting came from
         out["slides"] = tiling_used
     return out

@@ -88,7 +88,9 @@ class TrainConfig(TubConfig):
     epochs: int = Field(20, ge=1, description="training epochs")
     lr: float = Field(2e-4, gt=0, description="Adam learning rate")
     weight_decay: float = Field(1e-4, ge=0, description="Adam weight decay")
-    val_fraction: float = Field(0.0, ge=0, lt=1, description="share of train slides held out when there is no 'val' split")
+    val_fraction: float = Field(0.0, ge=0, lt=1, description="share of train slides held out when there is no 'val' "
+                                "split (stratified by class; a case_id/patient_id column keeps a patient's slides "
+                                "together)")
     n_bins: int = Field(4, ge=1, description="survival: number of time bins (training quartiles)")
 
 

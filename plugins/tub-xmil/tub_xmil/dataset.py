@@ -188,6 +188,11 @@ def _check_rows(path, rows: list[tuple[int, dict]], task: str) -> None:
             raise TubError(f"{path} line {line} (slide {sid}): missing label; fill it in or drop the row")
 
 
+# a labels column naming the patient/case of each slide (TCGA, xMIL's case metadata): the validation split
+# that train makes keeps one patient's slides together
+CASE_COLUMNS = ("case_id", "patient_id", "patient")
+
+
 def load_slides(features: Path, labels: Path, task: str, split: str | None = None,
                 classes: list[str] | None = None,
                 input_dim: int | None = None) -> tuple[list[Slide], list[str]]:
@@ -242,7 +247,9 @@ def load_slides(features: Path, labels: Path, task: str, split: str | None = Non
         if slides and shape[1] != slides[0].shape[1]:
             raise TubError(f"{p.name}: features are {shape[1]}-d, those of slide {slides[0].slide_id} are "
                            f"{slides[0].shape[1]}-d; all bags must come from one encoder")
-        slides.append(Slide(sid, None, None, label, time, event, split=splits[line], path=p, shape=shape))
+        case = next((str(r[c]).strip() for c in CASE_COLUMNS if str(r.get(c) or "").strip()), None)
+        slides.append(Slide(sid, None, None, label, time, event, split=splits[line], path=p, shape=shape,
+                            extra={"case_id": case} if case else None))
     if not slides:
         raise TubError(f"{labels}: no slides{' in split ' + split if split else ''}")
     return slides, classes or []

@@ -63,9 +63,15 @@ def output_relevance(logits: torch.Tensor, mode: str, target: int | None,
                      contrastive: int | None = None) -> torch.Tensor:
     """Relevance put on the output layer (spec §2.3).
 
-    ``logit``: z_c, other classes zeroed; ``softmax``: R_k = -z_k p_k p_c (k != c),
-    R_c = z_c p_c (1 - p_c); ``contrastive``: Montavon et al. 2019, p. 202; ``survival``:
-    R = z * d risk / d z with risk = -sum_k prod_{t<=k} (1 - sigma(z_t)).
+    ``logit``: z_c, other classes zeroed. ``softmax``: R = z * d p_c / d z, i.e. R_k = -z_k p_k p_c
+    (k != c) and R_c = z_c p_c (1 - p_c). ``contrastive`` (Montavon et al. 2019, *Layer-wise relevance
+    propagation: an overview*, p. 202): the evidence for c against the others, eta_c = log p_c / (1 - p_c)
+    = -log sum_k exp(-(z_c - z_k)), a soft minimum of the differences z_c - z_k; each difference gets the
+    softmin weight w_k = softmax_k(-(z_c - z_k)), so R_c = z_c, R_k = -w_k z_k and the total is
+    sum_k w_k (z_c - z_k) (two classes: z_c - z_k). With ``contrastive`` = k only that difference
+    (w_k = 1). The reference code rescales [z_c, -z_k] by sum exp(-R) / sum exp(-(z_c - z_k)), which
+    does not sum to any of these; tub follows the paper. ``survival``: R = z * d risk / d z with
+    risk = -sum_k prod_{t<=k} (1 - sigma(z_t)).
     """
     logits = logits.detach().clone()
     n = logits.shape[1]
@@ -80,20 +86,18 @@ def output_relevance(logits: torch.Tensor, mode: str, target: int | None,
         pc = p[:, target][:, None]
         rel = -logits * p * pc
         rel[:, target] += logits[:, target] * pc[:, 0]
-        rel[:, others] = 0
         return rel
     if mode == "contrastive":
-        if contrastive is None:
-            if len(others) != 1:
-                raise ValueError("contrastive relevance needs a contrastive class")
-            contrastive = others[0]
-        onehot = torch.zeros_like(logits)
-        onehot[:, target] = 1
-        onehot[:, contrastive] = 1
-        rel = onehot * logits
-        rel[:, contrastive] *= -1
-        zc_all = logits[:, target:target + 1] - logits[:, others]
-        return rel * torch.exp(-rel).sum(-1, keepdim=True) / torch.exp(-zc_all).sum(-1, keepdim=True)
+        if not others:
+            raise ValueError("contrastive relevance needs at least two classes")
+        weights = torch.zeros_like(logits)
+        if contrastive is not None:
+            weights[:, contrastive] = 1.0
+        else:  # softmin over the differences z_c - z_k
+            weights[:, others] = torch.softmax(-(logits[:, target:target + 1] - logits[:, others]), dim=-1)
+        rel = -weights * logits
+        rel[:, target] = logits[:, target]
+        return rel
     if mode == "survival":
         z = logits.clone().requires_grad_(True)
         with torch.enable_grad():

@@ -160,13 +160,24 @@ def choose_target(model, x, task, target):
         return int(model(x[None]).argmax(-1)[0])
 
 
+def _no_bias(model, section) -> bool:
+    # spec §3: TransMIL defaults to no_bias=False, the others to True
+    return getattr(model, "kind", "") != "transmil" if section.no_bias is None else bool(section.no_bias)
+
+
+def lrp_settings(model, section, task: str) -> dict:
+    """The LRP settings a run used, defaults resolved for this architecture and task: for its results
+    (a methods section needs them; config.yaml keeps only what was asked, ``null`` for a default)."""
+    mode = (section.explained_rel if task == "classification" else None) or \
+        {"classification": "logit", "regression": "logit", "survival": "survival"}[task]
+    return {"gamma": section.gamma, "eps": section.eps, "no_bias": _no_bias(model, section), "output_relevance": mode}
+
+
 def lrp_params_for(model, section):
     from tub_xmil.lrp import LRPParams
 
-    no_bias = section.no_bias
-    if no_bias is None:
-        no_bias = getattr(model, "kind", "") != "transmil"  # spec §3: TransMIL defaults to no_bias=False
-    elif no_bias and getattr(model, "kind", "") == "transmil":
+    no_bias = _no_bias(model, section)
+    if section.no_bias and getattr(model, "kind", "") == "transmil":
         import logging
         logging.getLogger("tub").warning(
             "TransMIL LRP with no_bias=True zeroes the attention biases in the explanation pass: the "
