@@ -62,6 +62,10 @@ def shard_items(items: Iterable, index: int, count: int, key: Callable = str) ->
     return ordered[index::count]
 
 
+# an output's name, so that `.{name}.lock.{pid}` and `.tmp-{stem}-XXXXXXXX{suffix}` stay within NAME_MAX (255)
+MAX_OUTPUT_NAME = 255 - len("..lock.") - 9
+
+
 # --------------------------------------------------------------------------- locks
 class ItemLock:
     """An ``O_CREAT|O_EXCL`` lock file beside an output: two jobs never process one item.
@@ -469,10 +473,17 @@ class Run:
                            "run its own -o (its records and outputs would mix with that run's)")
         if is_run_directory(self.dir):  # a new folder was checked before the claim
             refuse_output_among_inputs(cfg, self.dir, self._given_o)
-        if self.is_main and (self.dir / "config.yaml").exists() and not (self.dir / "env.json").exists():
-            # a folder of the user's (e.g. -o . in a project): its config.yaml would be archived and replaced
-            raise TubError(f"-o {self.dir} holds a config.yaml but no tub run records (env.json); pass a new or "
-                           "empty folder, or an earlier run directory")
+        if self.is_main and not (self.dir / "env.json").exists():
+            # a folder of the user's (e.g. -o . in a project): files of tub's names there would be replaced
+            def results_in(folder: Path) -> bool:  # another job's item locks and temporaries do not count
+                return folder.is_dir() and any(not (c.name.startswith(".") or c.name.endswith(".lock"))
+                                               for c in folder.iterdir())
+
+            mine = [n for n in ("config.yaml", "metrics.json", "metrics.jsonl", DONE, "failures.jsonl", "outputs")
+                    if (self.dir / n).is_file() or (n == "outputs" and results_in(self.dir / n))]
+            if mine:
+                raise TubError(f"-o {self.dir} holds {', '.join(mine)} but no tub run records (env.json), which this "
+                               "run would replace; pass a new or empty folder, or an earlier run directory")
         self.outputs_dir = self.dir / "outputs"
         self.checkpoints_dir = self.dir / "checkpoints"
         earlier, now = self._earlier_config(), cfg.model_dump(mode="json")
@@ -712,6 +723,13 @@ class Run:
         self.batch_stats = stats
         for item in self.progress(mine, total=len(mine), desc=f"{self.plugin} {self.verb}"):
             out = Path(output_for(item))
+            if len(os.fsencode(out.name)) > MAX_OUTPUT_NAME:  # its lock or temporary name would not fit
+                with self.item(item):
+                    raise TubError(f"the output name {out.name[:40]}... is {len(os.fsencode(out.name))} bytes; "
+                                   f"at most {MAX_OUTPUT_NAME} fit beside tub's lock and temporary names (255 in all)"
+                                   "; rename the input")
+                stats["failed"] += 1
+                continue
             if out.exists() and not self.overwrite:
                 stats["skipped_existing"] += 1
                 continue

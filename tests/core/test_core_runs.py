@@ -100,6 +100,19 @@ def make_inputs(folder: Path, n: int, bad: tuple = ()) -> list[Path]:
     return paths
 
 
+def test_an_input_whose_output_name_is_too_long_fails_alone(toy_plugins, tmp_path):
+    """A name legal on disk (245 bytes) whose lock/temporary names would not be: that item fails with a
+    one-line reason, the others are processed (it used to abort the batch with a raw OSError)."""
+    inputs = make_inputs(tmp_path / "in", 2)
+    long = tmp_path / "in" / ("s" * 241 + ".txt")
+    long.write_text("3")
+    out = tmp_path / "run"
+    result = invoke(["toy", "evaluate", *inputs, long, "-o", out, "--json"])
+    assert result.exit_code == 1 and json.loads(result.stdout)["squared"] == 2
+    fails = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
+    assert len(fails) == 1 and "is 245 bytes; at most 239 fit" in fails[0]["error"]
+
+
 def test_batch_skips_existing_and_reports_failures(toy_plugins, tmp_path):
     inputs = make_inputs(tmp_path / "in", 6, bad=(2,))
     out = tmp_path / "run"
@@ -446,6 +459,7 @@ def test_a_training_killed_before_its_first_checkpoint_starts_its_log_over(toy_p
     data, out = tmp_path / "d.csv", tmp_path / "t"
     data.write_text("1,0,2\n0,1,3\n")
     out.mkdir()
+    (out / "env.json").write_text("{}")  # the records the killed run wrote when it started
     (out / "metrics.jsonl").write_text('{"epoch": 0, "loss": 9}\n')  # what the killed run logged, no checkpoint
     assert invoke(["toy", "train", data, "--epochs", "2", "-o", out]).exit_code == 0
     assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]
@@ -593,8 +607,20 @@ def test_a_folder_of_the_users_is_not_taken_over_as_a_run_directory(toy_plugins,
     inputs = make_inputs(tmp_path / "in", 2)
     (project / "config.yaml").write_text("seed: 1\n")
     result = invoke(["toy", "evaluate", *inputs, "-o", project, "--overwrite"])
-    assert result.exit_code == 2 and "holds a config.yaml but no tub run records" in result.stderr
+    assert result.exit_code == 2 and "holds config.yaml but no tub run records" in result.stderr
     assert (project / "config.yaml").read_text() == "seed: 1\n" and not (project / "config.1.yaml").exists()
+    # nor a metrics.json or outputs/ of the user's (they were overwritten, without --overwrite)
+    other = tmp_path / "other"
+    (other / "outputs").mkdir(parents=True)
+    (other / "metrics.json").write_text('{"accuracy": 0.93}')
+    (other / "outputs" / "item000.txt").write_text("mine")
+    result = invoke(["toy", "evaluate", *inputs, "-o", other])
+    assert result.exit_code == 2 and "holds metrics.json, outputs but no tub run records" in result.stderr
+    assert (other / "metrics.json").read_text() == '{"accuracy": 0.93}'
+    assert (other / "outputs" / "item000.txt").read_text() == "mine"
+    (tmp_path / "notes").mkdir()  # other files of the user's are no obstacle
+    (tmp_path / "notes" / "README.md").write_text("mine")
+    assert invoke(["toy", "evaluate", *inputs, "-o", tmp_path / "notes"]).exit_code == 0
     (tmp_path / "empty").mkdir()  # an empty folder made beforehand is fine
     assert invoke(["toy", "evaluate", *inputs, "-o", tmp_path / "empty"]).exit_code == 0
 

@@ -261,3 +261,30 @@ def test_robustify_with_a_class_covariate_warns_that_it_reads_labels(made):
          "-o", tmp / "rbf"])
     a, b = (np.load(tmp / d / "outputs" / "features" / "features.npy") for d in ("rbc", "rbf"))
     assert np.abs(a - b).max() > 1e-3  # through the per-center scaling of the class-adjusted residuals
+
+
+def test_a_center_named_by_a_path_is_refused_never_read_or_overwritten(tmp_path):
+    """A metadata cell holding a path (or '..') would read and, in robustify, overwrite a file outside the
+    features folder; it is a one-line error, and the file is untouched."""
+    import csv
+    import shutil
+
+    _ok(["pathorob", "make-data", "features", "--slides-per-cell", "3", "--tiles-per-slide", "10", "--dim", "8",
+         "-o", tmp_path / "d"])
+    (tmp_path / "in" / "features").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(tmp_path / "d/outputs/features/center1.npz", tmp_path / "in/features")
+    victim = tmp_path / "elsewhere" / "center0.npz"
+    shutil.copy(tmp_path / "d/outputs/features/center0.npz", victim)
+    before = victim.read_bytes()
+    rows = list(csv.reader(open(tmp_path / "d/outputs/metadata.csv")))
+    col = rows[0].index("medical_center")
+    with open(tmp_path / "in" / "meta.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(rows[0])
+        for r in rows[1:]:
+            w.writerow([str(victim.with_suffix("")) if i == col and v == "center0" else v for i, v in enumerate(r)])
+    res = invoke(["pathorob", "train", tmp_path / "in" / "features", "--metadata", tmp_path / "in" / "meta.csv",
+                  "-o", tmp_path / "t"])
+    assert res.exit_code == 2 and "cannot name a {center}.npz file in the features folder" in res.stderr
+    assert victim.read_bytes() == before

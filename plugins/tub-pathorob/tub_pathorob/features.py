@@ -27,7 +27,16 @@ ARRAY_KEYS = ("features", "embeddings", "X")
 
 
 def center_file_name(center: str) -> str:
-    return f"{center.replace(' ', '_')}.npz"
+    """``{center}.npz`` (spaces become '_', as the official scripts name them). A center that is not one
+    plain file name ('..', a path, a separator) is an error: features are read and written inside the
+    features folder only, never at a path a metadata cell names."""
+    stem = center.replace(" ", "_")
+    bad = next((c for c in ("/", "\\", "\0") if c in stem), None)
+    if not stem or stem in (".", "..") or bad:
+        why = f"it contains {bad!r}" if bad else "it is empty" if not stem else f"{stem!r} names a folder"
+        raise TubError(f"medical_center {center!r} cannot name a {{center}}.npz file in the features folder "
+                       f"({why}); rename the center in the metadata")
+    return f"{stem}.npz"
 
 
 def detect_layout(path: Path) -> str:
