@@ -483,3 +483,24 @@ def test_a_rerun_of_a_finished_md_reports_what_the_run_did(tmp_path, models):
     assert again["steps_done"] == 4 and again["resumed_from"] == 4
     assert again["mean_temperature_K"] == pytest.approx(first["mean_temperature_K"], rel=1e-6)
     assert again["final_epot_eV"] == pytest.approx(first["final_epot_eV"], rel=1e-6)
+
+
+def test_a_count_line_beyond_the_end_of_the_file_is_a_one_line_error_not_an_hour(tmp_path):
+    """ASE reads one line per declared atom even past the end of the file: a corrupt count (10^9) ran for
+    hours. Every verb reads structures through read_structures, which checks the counts first."""
+    from ase.build import bulk
+
+    from tub_mlff.data import read_structures
+    from tubcli.errors import TubError
+
+    a = bulk("Na", "bcc", a=4.2) * (2, 2, 2)
+    a.info["energy"] = 0.0
+    write(tmp_path / "ok.extxyz", [a, a])
+    assert len(read_structures(tmp_path / "ok.extxyz")) == 2
+    lines = (tmp_path / "ok.extxyz").read_text().splitlines(keepends=True)
+    (tmp_path / "bad.extxyz").write_text("1000000000\n" + "".join(lines[1:]))
+    with pytest.raises(TubError, match=r"line 1 declares 1000000000 atoms but only \d+ atom lines follow"):
+        read_structures(tmp_path / "bad.extxyz")
+    (tmp_path / "cut.extxyz").write_text("".join(lines[:-3]))  # the second frame cut short
+    with pytest.raises(TubError, match="line 11 declares 8 atoms but only 5 atom lines follow"):
+        read_structures(tmp_path / "cut.extxyz")

@@ -38,6 +38,8 @@ def read_structures(path: str | Path, index: str = ":"):
         raise TubError(f"{path} not found; give an extxyz file with structures")
     if path.is_dir() and not (path / "metadata.json").is_file():  # an ASE BundleTrajectory is a folder
         raise TubError(f"{path} is a folder; give an extxyz file (or an ASE BundleTrajectory) with structures")
+    if path.suffix.lower() in (".xyz", ".extxyz"):
+        check_xyz_counts(path)
     try:
         frames = read(str(path), index=index)
     except Exception as exc:  # noqa: BLE001
@@ -47,6 +49,30 @@ def read_structures(path: str | Path, index: str = ":"):
     if not frames:
         raise TubError(f"{path} contains no structures")
     return frames
+
+
+def check_xyz_counts(path: Path) -> None:
+    """TubError when a frame's atom-count line declares more atoms than the file holds lines for: ASE reads
+    one line per declared atom even past the end, so a cut-short file or a corrupt count (10^9) would run for
+    hours instead of failing. One pass over the lines; anything else is left to ASE's reader."""
+    import itertools
+
+    with open(path, "rb") as f:
+        line_no = 0
+        for first in f:
+            line_no += 1
+            if not first.strip():  # blank lines between or after frames
+                continue
+            try:
+                n = int(first.split()[0])
+            except ValueError:
+                return  # not a count line: ASE says what is wrong
+            need = n + 1  # the comment line and one line per atom
+            got = sum(1 for _ in itertools.islice(f, need))
+            if got < need:
+                raise TubError(f"{path.name} line {line_no} declares {n} atoms but only {max(got - 1, 0)} atom "
+                               "lines follow; the file is cut short or its count line is wrong")
+            line_no += got
 
 
 def frame_fingerprints(frames) -> np.ndarray:
