@@ -50,13 +50,20 @@ def read_rgb(path: Path) -> np.ndarray:
     """(H, W, 3) uint8 RGB. 8-bit modes go through PIL's RGB conversion (which reads 16-bit RGB PNG/TIFF
     by their high byte, within one grey level of v/257); greyscale modes I;16*, I and F through
     :func:`to_uint8`."""
+    import warnings
+
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            mode = im.mode
-            high = mode.startswith("I") or mode == "F"
-            arr = np.asarray(im) if high else np.asarray(_on_white(im))
+        with warnings.catch_warnings():  # PIL only warns between 1x and 2x its pixel limit: a tile is never that big
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                mode = im.mode
+                high = mode.startswith("I") or mode == "F"
+                arr = np.asarray(im) if high else np.asarray(_on_white(im))
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise TubError(f"{path} has more pixels than PIL reads safely ({Image.MAX_IMAGE_PIXELS} at most); tiles are "
+                       "expected here (whole slides go through the slide readers)") from None
     except Exception as exc:  # noqa: BLE001  (PIL raises many types for a damaged file)
         raise TubError(f"cannot read image {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") \
             from None

@@ -14,6 +14,7 @@ import torch
 openslide = pytest.importorskip("openslide")
 tifffile = pytest.importorskip("tifffile")
 
+from tubcli.errors import TubError  # noqa: E402
 from tubcli.testing import invoke  # noqa: E402
 
 from tub_atlas.slides import SlideTiles, is_whole_slide, otsu_threshold, tissue_mask  # noqa: E402
@@ -73,6 +74,16 @@ def test_level0_tissue_grid_and_pixels(slide):
     tiles = tiler.read(0, len(tiler))
     for (x, y), t in zip(tiler.coords, tiles):
         assert np.array_equal(t, img[y:y + 64, x:x + 64])
+
+
+def test_a_slide_without_a_small_level_is_refused_before_openslide_reads_it_whole(slide, monkeypatch):
+    """OpenSlide makes a thumbnail from a whole level: a single-level 100k x 100k TIFF asked for ~40 GB."""
+    import tub_atlas.slides as slides
+
+    path, _, _ = slide
+    monkeypatch.setattr(slides, "MAX_THUMBNAIL_SOURCE_PX", 100)  # this test slide's smallest level is larger
+    with pytest.raises(TubError, match="no pyramid level small enough for a thumbnail .* not pyramidal"):
+        SlideTiles(path, tile_px=64, level=0, tissue_min=0.25)
 
 
 def test_target_mpp_reads_the_matching_pyramid_level(slide):

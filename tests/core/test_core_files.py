@@ -70,3 +70,14 @@ def test_image_files_follow_linked_class_folders_once_and_skip_hidden(tmp_path):
     (tmp_path / "tree" / "normal" / "loop").symlink_to(tmp_path / "tree")  # a link back up: read once
     assert [p.relative_to(tmp_path).as_posix() for p in image_files(tmp_path / "tree")] == \
         ["tree/normal/n.WEBP", "tree/tumor/t.png"]
+
+
+def test_an_image_past_pils_pixel_limit_is_an_error_not_a_warning_and_gigabytes(tmp_path):
+    """Between 1x and 2x its limit PIL only warns and decodes (a 25 KB PNG took 3 GB as one 'tile')."""
+    from PIL import Image
+
+    from tubcli.images import read_rgb
+
+    Image.new("1", (10000, 10000), 1).save(tmp_path / "b.png")  # 100 Mpx > 89.5 Mpx
+    with pytest.raises(TubError, match="more pixels than PIL reads safely"):
+        read_rgb(tmp_path / "b.png")
