@@ -199,21 +199,45 @@ def check_torch_file(path: str | os.PathLike) -> None:
                        "torch.save, or a .safetensors file")
 
 
-def load_torch_state(path: str | os.PathLike) -> Any:
-    """``torch.load(weights_only=True)``: plain dicts of tensors and numbers, never a pickled object."""
+def weights_only_reason(exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in a few words: the pickled object it names
+    (torch's own message opens with a banner that suggests ``weights_only=False``, i.e. running the file's
+    code), a plain pickle that is no torch file, or the error's first line."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    found = re.search(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) ([\w.]+)", text)
+    if found:
+        return (f"it pickles {found.group(1)}, Python code rather than tensors, which tub does not run")
+    if "Unsupported operand" in text or "WeightsUnpickler error" in text:
+        return "it is a plain Python pickle, not a torch.save file of tensors"
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+def torch_load_weights(path: str | os.PathLike, **kwargs) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True, **kwargs)`` without torch's pickle-protocol
+    warning (the refusal, if any, says what matters); errors are torch's, for the caller to word."""
+    import warnings
+
     import torch
 
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+
+
+def load_torch_state(path: str | os.PathLike) -> Any:
+    """``torch.load(weights_only=True)``: plain dicts of tensors and numbers, never a pickled object."""
     path = Path(path)
     if not path.is_file():
         raise TubError(f"checkpoint {path} does not exist")
     check_torch_file(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch_load_weights(path)
     except Exception as exc:
-        raise TubError(
-            f"{path} cannot be loaded safely (weights_only): {str(exc).splitlines()[0]}; "
-            "re-save it as a plain state dict or safetensors"
-        ) from None
+        raise TubError(f"{path} cannot be loaded safely: {weights_only_reason(exc)}; re-save it as a plain state "
+                       "dict or safetensors") from None
 
 
 def pyplot():

@@ -81,3 +81,29 @@ def test_an_image_past_pils_pixel_limit_is_an_error_not_a_warning_and_gigabytes(
     Image.new("1", (10000, 10000), 1).save(tmp_path / "b.png")  # 100 Mpx > 89.5 Mpx
     with pytest.raises(TubError, match="more pixels than PIL reads safely"):
         read_rgb(tmp_path / "b.png")
+
+
+def test_a_refused_pickle_is_named_without_torchs_banner_or_warning(tmp_path):
+    """torch's refusal opens with 'Re-running torch.load with weights_only set to False will likely succeed'
+    (i.e. run the file's code); tub names what the file pickles instead, and no pickle-protocol warning."""
+    import os
+    import pickle
+    import warnings
+
+    from tubcli.io import load_torch_state
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo ran > " + str(tmp_path / "marker"),))
+
+    torch.save({"a": Payload()}, tmp_path / "evil.pth")
+    with open(tmp_path / "plain.pt", "wb") as f:
+        pickle.dump({"w": 1}, f, protocol=4)
+    with pytest.raises(TubError, match=r"it pickles posix\.system, Python code rather than tensors") as err:
+        load_torch_state(tmp_path / "evil.pth")
+    assert "weights_only set to False" not in str(err.value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(TubError, match="a plain Python pickle, not a torch.save file"):
+            load_torch_state(tmp_path / "plain.pt")
+    assert not (tmp_path / "marker").exists()

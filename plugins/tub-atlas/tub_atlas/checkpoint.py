@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from tubcli.errors import TubError, first_line
-from tubcli.io import check_torch_file
+from tubcli.io import check_torch_file, torch_load_weights, weights_only_reason
 
 from .presets import HEADS_BY_WIDTH, NORMALISATIONS, Preset
 from .vit import NORM_EPS, ViTConfig, VisionTransformer
@@ -61,13 +61,13 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
             obj = load_file(str(path))
         else:
             check_torch_file(path)
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch_load_weights(path)
     except TubError:
         raise
     except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file
         if "Weights only load failed" in str(exc):  # a pickled object (torch.save(model)), not tensors
-            raise TubError(f"{path} holds a pickled Python object, which tub does not load (it would run code); "
-                           "save the weights instead: torch.save(model.state_dict(), 'w.pt') or safetensors") from exc
+            raise TubError(f"{path} cannot be loaded safely: {weights_only_reason(exc)}; save the weights instead: "
+                           "torch.save(model.state_dict(), 'w.pt') or safetensors") from exc
         raise TubError(f"cannot read checkpoint {path}: {first_line(exc)[:200]}") from exc
     # unwrap {"teacher": {...}}, {"model": {...}}, {"state_dict": {...}}
     while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):

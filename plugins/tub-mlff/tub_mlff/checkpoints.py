@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from tubcli.errors import TubError
+from tubcli.io import torch_load_weights, weights_only_reason
 
 from .physical_terms import D4_TABLES
 from .spookynet import ACTIVATION_NAMES, BASIS_FUNCTIONS, SpookyNet, SpookyNetConfig
@@ -87,9 +88,9 @@ def map_reference_state_dict(sd: dict[str, torch.Tensor]) -> tuple[dict, dict]:
 def load_reference(path: str | Path, dtype: torch.dtype = torch.float32, lr_cutoff=None) -> SpookyNet:
     """Load a ``parameters.pth`` written by the reference SpookyNet (OUnke/SpookyNet)."""
     try:
-        saved = torch.load(str(path), map_location="cpu", weights_only=True)
+        saved = torch_load_weights(str(path))
     except Exception as exc:  # noqa: BLE001 - report the reason in one line
-        raise CheckpointError(f"cannot read reference checkpoint {path}: {exc}".splitlines()[0]) from exc
+        raise CheckpointError(f"cannot read reference checkpoint {path}: {weights_only_reason(exc)}") from exc
     if not isinstance(saved, dict) or "state_dict" not in saved:
         raise CheckpointError(f"{path} is not a SpookyNet parameter file (no 'state_dict')")
     if saved.get("activation", "swish") not in ACTIVATION_NAMES:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from tubcli.errors import TubError
-from tubcli.io import check_torch_file
+from tubcli.io import check_torch_file, torch_load_weights, weights_only_reason
 
 ARCHS = ("attnmil", "transmil", "mambamil", "additivemil")
 
@@ -52,9 +52,8 @@ def _first_line(exc: Exception, limit: int = 160) -> str:
     import re
 
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
-    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-    if refused:
-        return f"it pickles {refused.group(1)}, which is not a tensor, number or allow-listed numpy scalar"
+    if "Weights only load failed" in text:
+        return weights_only_reason(exc)
     line = text.splitlines()[0].strip() if text else type(exc).__name__
     if len(line) > limit:
         line = line[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
@@ -75,7 +74,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     check_torch_file(path)
     try:
         with torch.serialization.safe_globals(_numpy_allow_list()):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch_load_weights(path)
     except Exception as exc:  # noqa: BLE001
         raise TubError(f"cannot read {path} safely ({_first_line(exc)}); re-save its model_state_dict "
                        "with torch.save(state_dict) or as safetensors") from None
