@@ -473,6 +473,11 @@ class Run:
                            "run its own -o (its records and outputs would mix with that run's)")
         if is_run_directory(self.dir):  # a new folder was checked before the claim
             refuse_output_among_inputs(cfg, self.dir, self._given_o)
+        linked = [n for n in ("tub.log", "metrics.jsonl", "failures.jsonl", "config.yaml", "env.json", "metrics.json",
+                              DONE) if (self.dir / n).is_symlink()]
+        if self.is_main and linked:  # appends would go through the link into another file
+            raise TubError(f"{self.dir}/{linked[0]} is a symbolic link; tub writes its own run records there: "
+                           "remove the link, or use a new -o")
         if self.is_main and not (self.dir / "env.json").exists():
             # a folder of the user's (e.g. -o . in a project): files of tub's names there would be replaced
             def results_in(folder: Path) -> bool:  # another job's item locks and temporaries do not count

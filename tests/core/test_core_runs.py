@@ -752,3 +752,18 @@ def test_item_records_count_the_items_whose_output_exists(tmp_path):
     assert run.item_records() == [{"n": 2, "name": "a"}, {"n": 2, "name": "c"}]
     (run.outputs_dir / "sub" / "a.txt").unlink()
     assert [r["name"] for r in run.item_records()] == ["c"]
+
+
+def test_a_run_record_that_is_a_symlink_is_refused_not_written_through(toy_plugins, tmp_path):
+    """tub.log and metrics.jsonl are appended to: a link planted in a reused run folder would route them into
+    another file."""
+    inputs = make_inputs(tmp_path / "in", 2)
+    out = tmp_path / "run"
+    assert invoke(["toy", "evaluate", *inputs, "-o", out]).exit_code == 0
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (out / "tub.log").unlink()
+    (out / "tub.log").symlink_to(victim)
+    result = invoke(["toy", "evaluate", *inputs, "-o", out, "--overwrite"])
+    assert result.exit_code == 2 and "tub.log is a symbolic link" in result.stderr
+    assert victim.read_text() == "precious"
