@@ -178,6 +178,7 @@ def load_numpy(path: str | os.PathLike):
         why = "it is empty" if not head else "no NumPy header"
         raise TubError(f"{path} is not a NumPy .npy/.npz file ({why}); give the file np.save/np.savez wrote")
     try:
+        _check_npy_sizes(path, head == b"\x93NUMPY")
         return np.load(path, allow_pickle=False)  # an .npz's directory is read here: a cut-off zip fails now
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         reason = first_line(exc)
@@ -185,6 +186,37 @@ def load_numpy(path: str | os.PathLike):
             raise TubError(f"{path} holds Python objects (dtype object), which tub does not unpickle (that could "
                            "run code); save numeric or string arrays") from None
         raise TubError(f"{path} is a damaged or cut-short NumPy file ({reason}); write it again") from None
+
+
+def _check_npy_sizes(path: Path, single: bool) -> None:
+    """ValueError when an array's header declares more data than its file (or .npz member) holds: numpy
+    would first try to allocate the declared size (terabytes for a corrupt shape) and fail with a memory
+    error that reads like a batch-size problem."""
+    import zipfile
+
+    import numpy as np
+
+    def check(f, stored: int, name: str) -> None:
+        fmt = np.lib.format
+        version = fmt.read_magic(f)
+        shape, _, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
+        if dtype.hasobject:
+            return  # refused later, with its own message
+        need = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+        have = stored - f.tell()
+        if need > have:
+            raise ValueError(f"{name}header declares shape {shape} of {dtype} ({need:.3g} bytes) but {have} bytes "
+                             "follow")
+
+    if single:
+        with open(path, "rb") as f:
+            check(f, path.stat().st_size, "")
+        return
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            if info.filename.endswith(".npy"):
+                with z.open(info) as f:
+                    check(f, info.file_size, f"array {info.filename[:-4]!r}: ")
 
 
 def check_torch_file(path: str | os.PathLike) -> None:

@@ -107,3 +107,23 @@ def test_a_refused_pickle_is_named_without_torchs_banner_or_warning(tmp_path):
         with pytest.raises(TubError, match="a plain Python pickle, not a torch.save file"):
             load_torch_state(tmp_path / "plain.pt")
     assert not (tmp_path / "marker").exists()
+
+
+def test_an_array_header_declaring_more_than_the_file_holds_is_named_not_a_memory_error(tmp_path):
+    """A corrupt shape (10^9 x 1024) made numpy try to allocate 4 TB: a 'not enough memory, lower
+    --batch-size' error for a damaged file."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": (10**9, 1024)})
+    (tmp_path / "huge.npy").write_bytes(buf.getvalue() + bytes(256))
+    with pytest.raises(TubError, match=r"cut-short NumPy file \(header declares shape \(1000000000, 1024\)"):
+        load_numpy(tmp_path / "huge.npy")
+    with zipfile.ZipFile(tmp_path / "huge.npz", "w") as z:
+        z.writestr("X.npy", (tmp_path / "huge.npy").read_bytes())
+    with pytest.raises(TubError, match="array 'X': header declares"):
+        load_numpy(tmp_path / "huge.npz")
+    np.savez_compressed(tmp_path / "ok.npz", X=np.eye(3), y=np.array(["a", "b", "c"]))
+    with load_numpy(tmp_path / "ok.npz") as z:  # whole archives, compressed ones too, still read
+        assert z["X"].shape == (3, 3) and z["y"].tolist() == ["a", "b", "c"]
