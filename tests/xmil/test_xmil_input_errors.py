@@ -427,3 +427,16 @@ def test_results_name_the_lrp_settings_used_and_evaluate_warns_when_no_slide_is_
             warned.append("every slide (4) was excluded as a false prediction" in res.stderr)
         assert out["lrp"]["no_bias"] is True
     assert warned == [True]
+
+
+def test_an_edited_model_json_is_named_before_it_allocates_its_model(tmp_path, bags, model):
+    """features_dim 1e9 in model.json once allocated (or failed to allocate) 64 GB before any check."""
+    import shutil
+
+    edited = tmp_path / "ck"
+    shutil.copytree(model, edited)
+    meta = json.loads((edited / "model.json").read_text())
+    meta["kwargs"]["features_dim"] = 10**9
+    (edited / "model.json").write_text(json.dumps(meta))
+    res = invoke(["xmil", "explain", bags / "s0.h5", "--model", edited, "-o", tmp_path / "e"])
+    expect_error_line(res, "but the attnmil model its model.json describes has")

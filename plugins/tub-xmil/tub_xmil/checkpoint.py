@@ -142,7 +142,15 @@ def load_model(path: str | Path, model_json: dict | None = None) -> tuple[torch.
         raise TubError(f"{path.with_suffix('.json')} is not the model.json of an xmil model (no arch/kwargs); "
                        "pass the checkpoints/ folder of a 'tub xmil train' run")
     kw = dict(model_json["kwargs"])
-    model = build_model(model_json["arch"], kw.pop("input_dim"), kw.pop("head_dim"), **kw)
+    input_dim, head_dim = kw.pop("input_dim"), kw.pop("head_dim")
+    with torch.device("meta"):  # shapes first, no memory: an edited model.json (features_dim 1e9) would allocate
+        shapes = {k: tuple(v.shape) for k, v in build_model(model_json["arch"], input_dim, head_dim, **kw)
+                  .state_dict().items()}
+    wrong = next((k for k, v in sd.items() if k in shapes and tuple(v.shape) != shapes[k]), None)
+    if wrong is not None:
+        raise TubError(f"{path}: tensor {wrong} is {tuple(sd[wrong].shape)}, but the {model_json['arch']} model its "
+                       f"model.json describes has {shapes[wrong]}; use the model.json saved with these weights")
+    model = build_model(model_json["arch"], input_dim, head_dim, **kw)
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError:  # same keys, other tensor shapes
