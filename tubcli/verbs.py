@@ -467,6 +467,8 @@ def format_value(value) -> str:
         return f"[{len(value)} values]"
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
         return ", ".join(value)  # names (methods, files): as a user would write them
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, float) for v in value):
+        return "[" + ", ".join(f"{v:.6g}" for v in value) + "]"  # an interval, a few coordinates
     return str(value)
 
 

@@ -411,10 +411,10 @@ def test_results_name_the_lrp_settings_used_and_evaluate_warns_when_no_slide_is_
     """config.yaml keeps `no_bias: null`; the results say what it resolved to (AttnMIL: True, logit)."""
     res = _ok(invoke(["xmil", "explain", bags / "s0.h5", "--model", model, "--method", "lrp", "-o", tmp_path / "e",
                       "--json"]))
-    assert json.loads(res.stdout)["lrp"] == {"gamma": 0.0, "eps": 1e-8, "no_bias": True, "output_relevance": "logit"}
+    assert json.loads(res.stdout)["lrp_settings"] == {"gamma": 0.0, "eps": 1e-8, "no_bias": True, "output_relevance": "logit"}
     res = _ok(invoke(["xmil", "explain", bags / "s0.h5", "--model", model, "--method", "lrp", "-o", tmp_path / "e2",
                       "--set", "lrp.explained_rel=softmax", "--json"]))
-    assert json.loads(res.stdout)["lrp"]["output_relevance"] == "softmax"
+    assert json.loads(res.stdout)["lrp_settings"]["output_relevance"] == "softmax"
     # both targets: for one of them every slide is a false prediction (p <= 0.5), said, not silent
     labels = _csv(tmp_path / "l.csv", "slide_id,label,split", [(f"s{i}", ["neg", "pos"][i % 2], "test")
                                                                for i in range(N_SLIDES)])
@@ -425,7 +425,8 @@ def test_results_name_the_lrp_settings_used_and_evaluate_warns_when_no_slide_is_
         out = json.loads(res.stdout)
         if out["flipping_slides"] == 0:
             warned.append("every slide (4) was excluded as a false prediction" in res.stderr)
-        assert out["lrp"]["no_bias"] is True
+        assert out["lrp_settings"]["no_bias"] is True
+        assert out["ci"]["resamples"] == 1000 and len(out["ci"]["balanced_accuracy"]) == 2  # bootstrap over slides
     assert warned == [True]
 
 

@@ -229,3 +229,16 @@ def test_validation_split_is_stratified_and_keeps_patients_together():
         train, val = validation_split(cases, 0.34, "classification", seed)
         assert not {s.extra["case_id"] for s in train} & {s.extra["case_id"] for s in val}
         assert {s.label for s in val} == {0.0, 1.0}
+
+
+def test_bootstrap_intervals_match_the_normal_theory_of_a_mean_and_skip_undefined_draws():
+    from tub_xmil.metrics import bootstrap_intervals
+
+    x = np.random.default_rng(0).normal(size=400)
+    ci = bootstrap_intervals(lambda idx: {"mean": float(x[idx].mean())}, len(x), 2000, seed=1)
+    half = 1.96 * x.std() / np.sqrt(len(x))
+    assert abs(ci["mean"][0] - (x.mean() - half)) < 0.02 and abs(ci["mean"][1] - (x.mean() + half)) < 0.02
+    labels = np.array([0] * 19 + [1])  # AUROC-like: undefined (NaN) when a draw misses the one positive
+    ci = bootstrap_intervals(lambda idx: {"m": float("nan") if labels[idx].min() == labels[idx].max() else 1.0},
+                             len(labels), 400, seed=0)
+    assert 0 < ci["resamples_used"]["m"] < 400 and ci["m"] == [1.0, 1.0]  # P(draw has it) = 1 - 0.95^20 = 0.64

@@ -194,11 +194,11 @@ def _load(cfg, log=None):
 
 
 def _with_lrp_settings(out: dict, model, cfg, task: str) -> dict:
-    """``out`` plus ``lrp``: the LRP settings used (defaults resolved), when LRP is among the methods."""
+    """``out`` plus ``lrp_settings``: the LRP settings used (defaults resolved), when LRP is among the methods."""
     if "lrp" in cfg.method:
         from tub_xmil.pipeline import lrp_settings
 
-        out["lrp"] = lrp_settings(model, cfg.lrp, task)
+        out["lrp_settings"] = lrp_settings(model, cfg.lrp, task)
     return out
 
 
@@ -279,6 +279,11 @@ def evaluate(cfg, run) -> dict:
     preds = predict(model, slides, task)
     _warn_undefined(run, slides, task, "evaluated")
     out = {"slides": len(slides), **task_metrics(slides, preds, task)}
+    if cfg.bootstrap and len(slides) > 1:  # how far the slides' sample leaves the metrics uncertain
+        from tub_xmil.metrics import bootstrap_intervals
+
+        out["ci"] = bootstrap_intervals(lambda idx: task_metrics([slides[i] for i in idx], preds[idx], task),
+                                        len(slides), cfg.bootstrap, seed=run.seed)
     if not cfg.flipping:
         return out
     per_slide = []

@@ -140,6 +140,8 @@ class EvaluateConfig(ModelInput):
         "original", description="rank patches by their signed score or by its magnitude (spec §2.5; random "
                                 "order: --method random)")
     flipping: bool = Field(True, description="run the label-free patch-flipping evaluation")
+    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples of the slides for 95% intervals of the task "
+                                                   "metrics (0: none)")
 
     @field_validator("split")
     @classmethod
