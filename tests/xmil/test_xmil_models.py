@@ -242,3 +242,13 @@ def test_bootstrap_intervals_match_the_normal_theory_of_a_mean_and_skip_undefine
     ci = bootstrap_intervals(lambda idx: {"m": float("nan") if labels[idx].min() == labels[idx].max() else 1.0},
                              len(labels), 400, seed=0)
     assert 0 < ci["resamples_used"]["m"] < 400 and ci["m"] == [1.0, 1.0]  # P(draw has it) = 1 - 0.95^20 = 0.64
+
+
+def test_balanced_class_weights_give_each_class_the_same_total():
+    from tub_xmil.dataset import Slide
+    from tub_xmil.training import class_weights
+
+    slides = [Slide(f"s{i}", torch.zeros(1, 2), label=float(i >= 6)) for i in range(8)]  # 6 vs 2
+    w = class_weights(slides, 3)  # a third class without training slides
+    assert w == [8 / (3 * 6), 8 / (3 * 2), 0.0] and np.isclose(6 * w[0], 2 * w[1])
+    assert class_weights(slides[2:], 2) == [1.0, 1.0]  # balanced data: unchanged losses

@@ -84,6 +84,8 @@ def train(cfg, run) -> dict:
     from tub_xmil.training import predict, task_metrics, train_model
 
     _warn_ignored_compute(cfg, run, device=False)
+    if cfg.class_weight != "none" and cfg.task != "classification":
+        raise TubError(f"--class-weight weighs classes; a {cfg.task} task has none: drop it")
     slides, classes = load_slides(cfg.features, cfg.labels, cfg.task)
     train_s, val_s, test_s = ([s for s in slides if s.split == name] for name in ("train", "val", "test"))
     if not train_s:

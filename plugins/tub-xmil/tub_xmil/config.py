@@ -92,6 +92,9 @@ class TrainConfig(TubConfig):
                                 "split (stratified by class; a case_id/patient_id column keeps a patient's slides "
                                 "together)")
     n_bins: int = Field(4, ge=1, description="survival: number of time bins (training quartiles)")
+    class_weight: Literal["none", "balanced"] = Field(
+        "none", description="classification: weight each slide's loss by n / (classes x n_class) of the training "
+                            "slides (balanced, as scikit-learn's), so a rare class counts as much as a common one")
 
 
 class ModelInput(TubConfig):

@@ -94,6 +94,13 @@ def selection_score(metrics: dict, key: str) -> float:
     return 0.0 if key == "last epoch" else (-np.inf if v is None or np.isnan(v) else float(v))
 
 
+def class_weights(slides, n_classes: int) -> list[float]:
+    """w_c = n / (C n_c) over the training slides (scikit-learn's "balanced"; a class without training
+    slides gets 0): with them, each class adds the same total to an epoch's loss."""
+    counts = np.bincount([int(s.label) for s in slides], minlength=n_classes)
+    return [len(slides) / (n_classes * c) if c else 0.0 for c in counts]
+
+
 def train_model(cfg, run, train, val, classes) -> tuple[torch.nn.Module, dict]:
     task = cfg.task
     input_dim = int(train[0].shape[1])  # a lazy slide knows its shape without reading the bag
@@ -115,6 +122,7 @@ def train_model(cfg, run, train, val, classes) -> tuple[torch.nn.Module, dict]:
         best_epoch = int(state["best_epoch"]) if "best_epoch" in state else None
         best_state = {k[5:]: v for k, v in state.items() if k.startswith("best.")} or None
         run.log.info("resumed at epoch %d", start)
+    weights = class_weights(train, head_dim) if cfg.class_weight == "balanced" else None
     ddp = run.ddp(model)
     eval_set = val or train
     selection_set = "validation" if val else "training (no validation slides)"
@@ -140,6 +148,8 @@ def train_model(cfg, run, train, val, classes) -> tuple[torch.nn.Module, dict]:
             y = torch.tensor([s.label], device=run.device)
             c = torch.tensor([1 - s.event], device=run.device)
             loss = task_loss(ddp(x), y, task, c)
+            if weights is not None:
+                loss = loss * weights[int(s.label)]
             require_finite_loss(loss, f"{epoch + 1} (epoch)")
             opt.zero_grad()
             loss.backward()
