@@ -251,4 +251,4 @@ def test_balanced_class_weights_give_each_class_the_same_total():
     slides = [Slide(f"s{i}", torch.zeros(1, 2), label=float(i >= 6)) for i in range(8)]  # 6 vs 2
     w = class_weights(slides, 3)  # a third class without training slides
     assert w == [8 / (3 * 6), 8 / (3 * 2), 0.0] and np.isclose(6 * w[0], 2 * w[1])
-    assert class_weights(slides[2:], 2) == [1.0, 1.0]  # balanced data: unchanged losses
+    assert class_weights(slides[4:], 2) == [1.0, 1.0]  # balanced data (2 and 2): unchanged losses
