@@ -255,6 +255,13 @@ def test_bench_weight_precision_and_bad_options(tmp_path):
     assert "vit-t8-demo" in fails(["bench", "--arch", "nosuch", "-o", tmp_path / "a"]).stderr
     assert "patch size 8" in fails([*base[:3], "--img-size", "60", "-o", tmp_path / "i"]).stderr
     assert "shapes" in fails(["bench", "--arch", "atlas2", "-o", tmp_path / "s"]).stderr
+    # under autocast the fast (oneDNN) inference path is off: reported as aten, and --gemm onednn refused
+    r = ok([*base, "--batch-size", "1", "--precision", "bf16", "--json", "-o", tmp_path / "ac"])
+    assert json.loads(r.stdout)["gemm_used"] == "aten"
+    err = fails([*base, "--precision", "fp16", "--gemm", "onednn", "-o", tmp_path / "g"]).stderr
+    assert "--gemm onednn does not run under autocast" in err and "ValueError" not in err
+    err = fails([*base, "--precision", "fp16-weights", "--gemm", "onednn", "-o", tmp_path / "g2"]).stderr
+    assert "use --gemm aten or auto" in err and "ValueError" not in err
 
 
 def test_bad_inputs_are_one_line_errors(data, tmp_path):

@@ -26,6 +26,8 @@ import time
 
 import torch
 
+from tubcli.errors import TubError
+
 from .inference import use_onednn
 from .synthetic import preset_config, random_vit, zero_k_bias
 
@@ -155,7 +157,15 @@ def time_models(arch: str = "vit-s8-reg8", depth: int | None = None, batch_size:
     if cast_weights:
         ours, x = ours.to(dtype), x.to(dtype)
         theirs = theirs.to(dtype) if theirs is not None else None
-    ctx = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype and not cast_weights else contextlib.nullcontext
+    autocast = bool(dtype) and not cast_weights
+    if autocast and gemm == "onednn":  # inference.usable(): the oneDNN path is off under autocast
+        raise TubError(f"--gemm onednn does not run under autocast (--precision {precision}); use --gemm auto or "
+                       "aten, or --precision bf16-weights (weights cast to bf16, run by oneDNN)")
+    try:
+        onednn = use_onednn(gemm, x) and not autocast
+    except ValueError as exc:  # --gemm onednn where oneDNN cannot run (fp16, fp64, not a CPU)
+        raise TubError(str(exc)) from None
+    ctx = (lambda: torch.autocast(device.type, dtype=dtype)) if autocast else contextlib.nullcontext
 
     def call(fn):
         def run():
@@ -192,7 +202,7 @@ def time_models(arch: str = "vit-s8-reg8", depth: int | None = None, batch_size:
     res = {"arch": arch, "depth": cfg.depth, "batch_size": batch_size, "img_size": img_size,
            "threads": torch.get_num_threads(), "device": str(device), "precision": precision,
            "rounds": repeats, "gemm": gemm,
-           "gemm_used": "onednn" if use_onednn(gemm, x) else "aten"}
+           "gemm_used": "onednn" if onednn else "aten"}
     for name, ts in times.items():
         res[f"{name}_tiles_per_s"] = batch_size / statistics.median(ts)
     if "timm" in times:

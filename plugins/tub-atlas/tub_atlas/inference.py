@@ -104,7 +104,7 @@ def use_onednn(gemm: str, x: torch.Tensor) -> bool:
     ok = x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and onednn_available()
     if gemm == "onednn" and not ok:
         raise ValueError(f"the oneDNN GEMM needs a CPU tensor in fp32/bf16 and a torch built with oneDNN "
-                         f"(got {x.dtype} on {x.device.type}); use gemm='aten' or 'auto'")
+                         f"(got {x.dtype} on {x.device.type}); use --gemm aten or auto")
     return ok
 
 

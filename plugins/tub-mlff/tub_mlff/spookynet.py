@@ -637,5 +637,17 @@ class SpookyNet(nn.Module):
                                        num_batch, strain, lr_pairs)
         atomic = props["e_nn"] + props["e_zbl"] + props["e_coulomb"] + props["e_d4"]
         props["atomic_energy"] = atomic
-        props["energy"] = scatter_sum(atomic, props["batch_seg"], props["num_batch"])
+        props["energy"] = total_energy(atomic, props["batch_seg"], props["num_batch"])
         return props
+
+
+def total_energy(atomic: torch.Tensor, batch_seg: torch.Tensor, num_batch: int) -> torch.Tensor:
+    """Sum of the atomic energies per structure, accurate in float32 too: ``index_add_`` adds one atom after
+    another into a total near -6e4 eV (a 1000-atom cell), where a float32 step is 4 meV, and was 0.68 eV off.
+    One structure: ``torch.sum`` (pairwise summation); a batch: accumulated in float64 (not on Apple MPS, which
+    has none), then rounded to the model's dtype once."""
+    if num_batch == 1:
+        return atomic.sum().reshape(1)
+    if atomic.dtype == torch.float64 or atomic.device.type == "mps":
+        return scatter_sum(atomic, batch_seg, num_batch)
+    return scatter_sum(atomic.double(), batch_seg, num_batch).to(atomic.dtype)
