@@ -252,3 +252,14 @@ def test_balanced_class_weights_give_each_class_the_same_total():
     w = class_weights(slides, 3)  # a third class without training slides
     assert w == [8 / (3 * 6), 8 / (3 * 2), 0.0] and np.isclose(6 * w[0], 2 * w[1])
     assert class_weights(slides[4:], 2) == [1.0, 1.0]  # balanced data (2 and 2): unchanged losses
+
+
+def test_r2_of_a_constant_target_is_undefined_even_when_its_mean_rounds():
+    """The mean of three 0.1s misses 0.1 by a rounding step: ss_tot = 6e-34, and R² came out near -1e32
+    (bootstrap resamples of a few regression slides hit this)."""
+    from tub_xmil.metrics import regression_metrics, undefined_reason
+
+    m = regression_metrics([0.1, 0.1, 0.1], [0.2, 0.3, 0.1])
+    assert np.isnan(m["r2"]) and np.isnan(m["pearson_r"])
+    assert undefined_reason("regression", labels=[0.1, 0.1, 0.1]).startswith("R² is undefined")
+    assert regression_metrics([0.1, 0.2], [0.2, 0.2])["r2"] == pytest.approx(-1.0)

@@ -28,9 +28,12 @@ def regression_metrics(y_true, y_pred) -> dict:
     y_true, y_pred = np.asarray(y_true, float), np.asarray(y_pred, float)
     ss_res = ((y_true - y_pred) ** 2).sum()
     ss_tot = ((y_true - y_true.mean()) ** 2).sum()
-    defined = len(y_true) > 1 and y_pred.std() > 0 and y_true.std() > 0  # else Pearson's r divides by zero
+    # a constant target (or prediction) has no R² (Pearson r): np.ptp, not the sum of squares, decides, since
+    # the mean of equal floats can miss them by a rounding step (ss_tot ~1e-33 gave R² = -7e29)
+    varied = len(y_true) > 1 and np.ptp(y_true) > 0
+    defined = varied and np.ptp(y_pred) > 0
     r = np.corrcoef(y_true, y_pred)[0, 1] if defined else float("nan")
-    return {"r2": float(1 - ss_res / ss_tot) if ss_tot > 0 else float("nan"), "pearson_r": float(r)}
+    return {"r2": float(1 - ss_res / ss_tot) if varied else float("nan"), "pearson_r": float(r)}
 
 
 def undefined_reason(task: str, labels=None, times=None, events=None) -> str | None:
@@ -43,7 +46,7 @@ def undefined_reason(task: str, labels=None, times=None, events=None) -> str | N
         return None if len(present) > 1 else f"AUROC is undefined: all {len(labels)} slides have one class"
     if task == "regression":
         y = np.asarray(labels, float)
-        return None if len(y) > 1 and y.std() > 0 else f"R² is undefined: the target is constant over {len(y)} slides"
+        return None if len(y) > 1 and np.ptp(y) > 0 else f"R² is undefined: the target is constant over {len(y)} slides"
     t, e = np.asarray(times, float), np.asarray(events, float)
     comparable = any(((t > t[i]) | ((t == t[i]) & (e == 0))).any() for i in range(len(t)) if e[i])
     return None if comparable else (f"C-index is undefined: no comparable pair among {len(t)} slides "
