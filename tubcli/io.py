@@ -165,6 +165,17 @@ def _head(path: Path, n: int) -> bytes:
         raise TubError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
+def plain_name_problem(name: str) -> str:
+    """Why ``name`` cannot be one file name inside a folder ('' when it can): a name taken from data (a
+    medical center, a slide id) must never reach outside the folder it is written to or read from."""
+    bad = next((c for c in ("/", "\\", "\0") if c in name), None)
+    if bad:
+        return f"it contains {bad!r}"
+    if not name:
+        return "it is empty"
+    return f"{name!r} names a folder" if name in (".", "..") else ""
+
+
 def load_numpy(path: str | os.PathLike):
     """``np.load(path, allow_pickle=False)`` of a .npy array or .npz archive, with a one-line error for
     anything else (an empty, cut-short or text file; numpy's own message would suggest unpickling it)."""

@@ -17,6 +17,7 @@ import numpy as np
 from tubcli.errors import TubError
 from tubcli.images import IMAGE_EXTENSIONS as IMAGE_EXT, image_files
 from tubcli.images import read_rgb as read_image, to_uint8  # one tile rule, shared with pathorob
+from tubcli.io import plain_name_problem
 
 ARRAY_KEYS = ("tiles", "imgs", "images", "x")
 LABEL_KEYS = ("labels", "label", "y", "target")
@@ -432,9 +433,8 @@ def center_file_stem(center: str, source: Path | str = "metadata") -> str:
     scripts look the file up. A center that is not one plain file name (empty, '.', '..', a path
     separator) is an error, so that nothing is written outside the run's outputs folder."""
     stem = center.replace(" ", "_")
-    bad = next((c for c in ("/", "\\", "\0") if c in stem), None)
-    if not stem or stem in (".", "..") or bad:
-        why = f"it contains {bad!r}" if bad else "it is empty" if not stem else f"{stem!r} names a folder"
+    why = plain_name_problem(stem)
+    if why:
         raise TubError(f"{source}: medical_center {center!r} cannot name a {{center}}.npz file ({why}); "
                        "rename the center in the metadata")
     if too_long(stem):

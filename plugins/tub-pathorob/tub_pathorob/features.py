@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from tubcli.errors import TubError, first_line
-from tubcli.io import load_numpy
+from tubcli.io import load_numpy, plain_name_problem
 
 from .metadata import Metadata, read_metadata
 
@@ -31,9 +31,8 @@ def center_file_name(center: str) -> str:
     plain file name ('..', a path, a separator) is an error: features are read and written inside the
     features folder only, never at a path a metadata cell names."""
     stem = center.replace(" ", "_")
-    bad = next((c for c in ("/", "\\", "\0") if c in stem), None)
-    if not stem or stem in (".", "..") or bad:
-        why = f"it contains {bad!r}" if bad else "it is empty" if not stem else f"{stem!r} names a folder"
+    why = plain_name_problem(stem)
+    if why:
         raise TubError(f"medical_center {center!r} cannot name a {{center}}.npz file in the features folder "
                        f"({why}); rename the center in the metadata")
     return f"{stem}.npz"

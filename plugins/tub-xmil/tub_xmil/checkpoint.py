@@ -151,11 +151,7 @@ def load_model(path: str | Path, model_json: dict | None = None) -> tuple[torch.
         raise TubError(f"{path}: tensor {wrong} is {tuple(sd[wrong].shape)}, but the {model_json['arch']} model its "
                        f"model.json describes has {shapes[wrong]}; use the model.json saved with these weights")
     model = build_model(model_json["arch"], input_dim, head_dim, **kw)
-    try:
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-    except RuntimeError:  # same keys, other tensor shapes
-        raise TubError(f"{path}: tensor shapes do not fit the {model_json['arch']} model its model.json "
-                       "describes") from None
+    missing, unexpected = model.load_state_dict(sd, strict=False)  # shapes of shared keys checked above
     if missing or unexpected:
         raise TubError(f"{path} does not fit a {model_json['arch']} model "
                        f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")

@@ -325,6 +325,8 @@ def evaluate(cfg, run) -> dict:
 
 
 SLIDE_DEFAULTS = {"encoder": "vit-t8-demo", "target_mpp": 0.5, "patch_size": 256, "min_tissue": 0.5, "min_std": 8.0}
+SLIDE_FLAGS = {"encoder": "--encoder", "target_mpp": "--target-mpp", "patch_size": "--patch-size",
+               "min_tissue": "tiling.min_tissue", "min_std": "tiling.min_std"}
 
 
 def _slide_settings(cfg, trained: dict, log):
@@ -334,13 +336,11 @@ def _slide_settings(cfg, trained: dict, log):
     given = {"encoder": cfg.encoder, **{k: getattr(cfg.tiling, k) for k in SLIDE_DEFAULTS if k != "encoder"}}
     used, source = {}, {}
     for key, value in given.items():
-        flag = "--encoder" if key == "encoder" else ("--" + key.replace("_", "-") if key in ("target_mpp", "patch_size")
-                                                     else f"tiling.{key}")
         if value is not None:
             used[key], source[key] = value, "given"
             if key in trained and trained[key] != value:
                 log.warning("the model was trained on features with %s %s; %s %s gives it other inputs",
-                            key, trained[key], flag, value)
+                            key, trained[key], SLIDE_FLAGS[key], value)
         elif key in trained:
             used[key], source[key] = trained[key], "model.json (training features)"
         elif key == "encoder":  # a default (random-weight) encoder would give the model features it never saw

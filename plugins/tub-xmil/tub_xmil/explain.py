@@ -13,7 +13,7 @@ import logging
 import numpy as np
 import torch
 
-from tub_xmil.lrp import LRPParams, lrp_chain, output_relevance
+from tub_xmil.lrp import DEFAULT_OUTPUT_RELEVANCE, LRPParams, lrp_chain, output_relevance
 from tub_xmil.tasks import explained_output, prediction_score
 
 METHODS = ("lrp", "ig", "single", "attention", "grad2", "gi", "drop", "random", "patch_scores")
@@ -187,7 +187,7 @@ def lrp_scores(model, x, task="classification", target=0, params: LRPParams | No
                explained_rel: str | None = None, return_details: bool = False):
     """xMIL-LRP (AH rule for attention, LN rule, gamma/eps rules; Mamba rules) via :mod:`tub_xmil.lrp`."""
     params = params or LRPParams()
-    mode = explained_rel or {"classification": "logit", "regression": "logit", "survival": "survival"}[task]
+    mode = explained_rel or DEFAULT_OUTPUT_RELEVANCE[task]
     tgt = target if task == "classification" else 0
     blocks = model.lrp_blocks(params)
     R, rels, out = lrp_chain(blocks, _bag(x), lambda z: output_relevance(z, mode, tgt), params.eps)

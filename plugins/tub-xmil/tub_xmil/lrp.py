@@ -59,6 +59,10 @@ def layer_norm_rule(x: torch.Tensor, weight, bias, eps: float = 1e-5) -> torch.T
     return (x - mean) / (std + sgn_eps(std, eps)) * weight + bias
 
 
+# the output relevance LRP starts from when none is asked for (``lrp.explained_rel`` is for classification)
+DEFAULT_OUTPUT_RELEVANCE = {"classification": "logit", "regression": "logit", "survival": "survival"}
+
+
 def output_relevance(logits: torch.Tensor, mode: str, target: int | None,
                      contrastive: int | None = None) -> torch.Tensor:
     """Relevance put on the output layer (spec §2.3).

@@ -168,8 +168,9 @@ def _no_bias(model, section) -> bool:
 def lrp_settings(model, section, task: str) -> dict:
     """The LRP settings a run used, defaults resolved for this architecture and task: for its results
     (a methods section needs them; config.yaml keeps only what was asked, ``null`` for a default)."""
-    mode = (section.explained_rel if task == "classification" else None) or \
-        {"classification": "logit", "regression": "logit", "survival": "survival"}[task]
+    from tub_xmil.lrp import DEFAULT_OUTPUT_RELEVANCE
+
+    mode = (section.explained_rel if task == "classification" else None) or DEFAULT_OUTPUT_RELEVANCE[task]
     return {"gamma": section.gamma, "eps": section.eps, "no_bias": _no_bias(model, section), "output_relevance": mode}
 
 
