@@ -164,8 +164,11 @@ def test_bag_reader_refuses_pickled_objects(tmp_path):
 
     with open(tmp_path / "evil.pt", "wb") as f:
         pickle.dump(Evil(), f)
-    with pytest.raises(TubError):
+    with pytest.raises(TubError, match="plain Python pickle, not a torch.save file"):
         read_bag(tmp_path / "evil.pt")
+    torch.save({"features": torch.ones(2, 3), "obj": Evil()}, tmp_path / "evil_bag.pt")
+    with pytest.raises(TubError, match="it pickles print, Python code rather than tensors"):
+        read_bag(tmp_path / "evil_bag.pt")
     from tub_xmil.checkpoint import read_state_dict
     torch.save({"model_state_dict": {"w": torch.ones(1)}, "obj": Evil()}, tmp_path / "evil_ckpt.pt")
     with pytest.raises(TubError, match="safely"):

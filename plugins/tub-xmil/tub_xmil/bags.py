@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from tubcli.errors import TubError
-from tubcli.io import load_numpy
+from tubcli.io import load_numpy, torch_load_weights, weights_only_reason
 
 BAG_SUFFIXES = (".h5", ".pt", ".npz")
 
@@ -159,9 +159,9 @@ def _load_tensor(path: Path, mmap: bool = False, with_coords: bool = False):
     try:
         import zipfile
         mmap = mmap and zipfile.is_zipfile(path)  # legacy (non-zip) torch files cannot be memory-mapped
-        t = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        t = torch_load_weights(path, mmap=mmap)
     except Exception as exc:  # noqa: BLE001
-        raise TubError(f"{path.name}: cannot read as a tensor file ({str(exc).splitlines()[0][:80]})") from None
+        raise TubError(f"{path.name}: cannot read as a tensor file ({weights_only_reason(exc)})") from None
     coords = None
     if isinstance(t, dict):
         tensors = {k: v for k, v in t.items() if isinstance(v, torch.Tensor)}
