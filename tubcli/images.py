@@ -18,6 +18,16 @@ from tubcli.io import refuse_broken_link
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
 FLOAT_TOLERANCE = 1e-3  # float tiles may overshoot [0, 1] by rounding (e.g. after resampling)
+MAX_THUMBNAIL_SOURCE_PX = 64_000_000  # the largest slide level read whole for a thumbnail (8000x8000 RGBA: 256 MB)
+
+
+def check_thumbnail_level(name: str, width: int, height: int) -> None:
+    """OpenSlide reads the whole level a thumbnail is made from: on a single-level giant slide that takes
+    GBs, so a level above :data:`MAX_THUMBNAIL_SOURCE_PX` is a one-line error (xmil and atlas tiling)."""
+    if width * height > MAX_THUMBNAIL_SOURCE_PX:
+        raise TubError(f"{name}: no pyramid level small enough for a thumbnail (the nearest is {width}x{height} px); "
+                       "the slide is not pyramidal: convert it to a tiled pyramidal TIFF (e.g. vips tiffsave "
+                       "in.tif out.tif --tile --pyramid)")
 
 
 def to_uint8(arr: np.ndarray, src) -> np.ndarray:

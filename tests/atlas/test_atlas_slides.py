@@ -78,10 +78,10 @@ def test_level0_tissue_grid_and_pixels(slide):
 
 def test_a_slide_without_a_small_level_is_refused_before_openslide_reads_it_whole(slide, monkeypatch):
     """OpenSlide makes a thumbnail from a whole level: a single-level 100k x 100k TIFF asked for ~40 GB."""
-    import tub_atlas.slides as slides
+    import tubcli.images
 
     path, _, _ = slide
-    monkeypatch.setattr(slides, "MAX_THUMBNAIL_SOURCE_PX", 100)  # this test slide's smallest level is larger
+    monkeypatch.setattr(tubcli.images, "MAX_THUMBNAIL_SOURCE_PX", 100)  # this test slide's smallest level is larger
     with pytest.raises(TubError, match="no pyramid level small enough for a thumbnail .* not pyramidal"):
         SlideTiles(path, tile_px=64, level=0, tissue_min=0.25)
 

@@ -191,6 +191,19 @@ def test_slide_smaller_than_a_tile_and_no_tissue_messages(tmp_path):
         tile_slide(blank, 0.5, patch_size=64)
 
 
+def test_a_slide_without_a_small_level_is_refused_with_the_conversion_to_make(tmp_path, monkeypatch):
+    """A single-level giant would be read whole for the tissue thumbnail: refused, naming vips tiffsave."""
+    import tubcli.images
+    from tub_xmil.slides import open_slide
+    from tub_xmil.tiling import tile_slide
+
+    img, _, _ = render_slide(256, 256, True)
+    s = open_slide(write_pyramid(tmp_path / "s.tiff", img, mpp=0.5, levels=1))
+    monkeypatch.setattr(tubcli.images, "MAX_THUMBNAIL_SOURCE_PX", 100)  # the test slide's only level is larger
+    with pytest.raises(TubError, match=r"no pyramid level small enough .*256x256 px.* vips tiffsave"):
+        tile_slide(s, 0.5, patch_size=64)
+
+
 # ---------------------------------------------------------------- 6: several heatmap methods
 def test_heatmap_writes_each_method_and_skips_only_when_all_exist(tmp_path, bags, model):
     out = tmp_path / "hm"

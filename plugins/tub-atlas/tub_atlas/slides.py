@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from tubcli.errors import TubError
+from tubcli.images import check_thumbnail_level
 from tubcli.io import refuse_broken_link
 
 from .tissue import TissueParams, otsu_threshold, saturation, segment_tissue, tissue_mask  # noqa: F401 (API)
@@ -87,7 +88,6 @@ def overlap_pixels(overlap: float, tile_px: int) -> int:
 
 # attributes a features file (xmil features, an embed h5) records about its features, not its tiles
 FEATURE_PROVENANCE = ("encoder", "precision", "weights")
-MAX_THUMBNAIL_SOURCE_PX = 64_000_000  # the largest level read whole for a thumbnail (an 8000x8000 RGBA level: 256 MB)
 
 
 def check_slide_options(options: dict) -> None:
@@ -295,12 +295,7 @@ class SlideTiles:
         W0, H0 = s.dimensions
         scale = min(1.0, thumb_max / max(W0, H0))
         size = (max(1, int(W0 * scale)), max(1, int(H0 * scale)))
-        # OpenSlide reads the whole level it makes the thumbnail from: a single-level giant would take GBs
-        lw, lh = s.level_dimensions[s.get_best_level_for_downsample(1 / scale)]
-        if lw * lh > MAX_THUMBNAIL_SOURCE_PX:
-            raise TubError(f"{self.path.name}: no pyramid level small enough for a thumbnail (the nearest is {lw}x{lh} "
-                           "px); the slide is not pyramidal: convert it to a tiled pyramidal TIFF (e.g. "
-                           "vips tiffsave in.tif out.tif --tile --pyramid)")
+        check_thumbnail_level(self.path.name, *s.level_dimensions[s.get_best_level_for_downsample(1 / scale)])
         return _to_rgb(s.get_thumbnail(size))
 
     def __len__(self) -> int:

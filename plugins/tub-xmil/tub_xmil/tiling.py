@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from tubcli.errors import TubError
+from tubcli.images import check_thumbnail_level
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -82,8 +83,7 @@ def tile_slide(slide, mpp: float, target_mpp: float = 0.5, patch_size: int = 256
     lvl = thumbnail_level(slide, size0)
     ds = slide.level_downsamples[lvl]
     lw, lh = slide.level_dimensions[lvl]
-    if lw * lh > 64e6:
-        raise TubError(f"{name}: no pyramid level small enough for a thumbnail; the slide is not pyramidal")
+    check_thumbnail_level(name, lw, lh)
     region = slide.read_region((0, 0), lvl, (lw, lh))
     from PIL import Image
     bg = Image.new("RGB", region.size, (255, 255, 255))
