@@ -24,6 +24,20 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"tub {_module_version('tub') or 'unknown'}")
+        for record in get_plugins().records.values():
+            typer.echo(f"{record.name} {record.version or '-'}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                      help="Print the versions of tub and its plugins and exit.")):
+    pass
+
+
 def _fail(exc: TubError) -> None:
     typer.echo(f"error: {exc}", err=True)
     raise typer.Exit(exc.exit_code)
@@ -41,7 +55,7 @@ def plugins_command(as_json: bool = typer.Option(False, "--json", help="Machine-
         typer.echo(json.dumps(rows))
         return
     if not rows:
-        typer.echo("no plugins installed (pip install -e plugins/tub-<name>)")
+        typer.echo("no plugins installed (pip install tub-<name>; in a clone: pip install -e plugins/tub-<name>)")
     for row in rows:
         status = f"ERROR {row['error']}" if row["error"] else " ".join(row["verbs"])
         typer.echo(f"{row['name']:<12} {row['distribution'] or '-':<16} {row['version'] or '-':<8} {status}")
@@ -78,9 +92,8 @@ def doctor_report() -> dict:
         report["torch"] = {"version": torch.__version__, "cuda": torch.cuda.is_available(),
                            "cuda_devices": torch.cuda.device_count(), "cuda_version": torch.version.cuda,
                            "mps": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())}
-    except ImportError:
+    except ImportError:  # only a problem for plugins that require it, which their requirements say
         report["torch"] = None
-        report["ok"] = False
     try:
         import openslide
 
@@ -169,6 +182,9 @@ def demo_command(
     plugins = get_plugins()
     try:
         names = plugin_names or sorted(n for n, r in plugins.records.items() if r.app is not None and r.app.demo)
+        if not names:
+            raise TubError("no installed plugin has a demo; install one (pip install tub-<name>; in a clone: "
+                           "pip install -e plugins/tub-<name>)")
         apps = [get_app(n) for n in names]
         for plugin_app in apps:
             if not plugin_app.demo:

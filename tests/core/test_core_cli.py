@@ -218,3 +218,28 @@ def test_a_few_records_in_the_results_table_are_rows_not_a_python_repr():
     assert rows == [("linear.runs.0.seed", 0), ("linear.runs.0.acc", 0.5), ("linear.runs.1.seed", 1),
                     ("linear.runs.1.acc", 0.75), ("n", 2)]
     assert format_value([1.0] * 9) == "[9 values]"
+
+
+@pytest.fixture
+def no_plugins(monkeypatch, tmp_path):
+    from tubcli.plugins import Plugins, reset_plugins
+
+    previous = reset_plugins(Plugins(use_entry_points=False))
+    monkeypatch.chdir(tmp_path)
+    yield
+    reset_plugins(previous)
+
+
+def test_a_core_without_plugins_refuses_demo_and_without_torch_is_healthy(no_plugins, monkeypatch, tmp_path):
+    result = invoke(["demo"])
+    assert result.exit_code == 2 and "no installed plugin has a demo" in result.stderr
+    assert not (tmp_path / "runs").exists()  # no run directory was promised or made
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` fails: a core-only install
+    report = json.loads(invoke(["doctor", "--json"]).stdout)
+    assert report["torch"] is None and report["ok"] is True  # torch matters only to plugins that require it
+
+
+def test_version_lists_tub_and_each_plugin(toy_plugins):
+    result = invoke(["--version"])
+    lines = result.stdout.splitlines()
+    assert result.exit_code == 0 and lines[0].startswith("tub ") and any(line.startswith("toy ") for line in lines)

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -153,6 +154,22 @@ def test_explain_a_joblib_model_only_with_allow_pickle(data_dir, tmp_path):
     with open(tmp_path / "b/outputs/relevances.csv", newline="") as f:
         header = next(csv.reader(f))
     assert [h for h in header if h in t.feature_names] == t.feature_names and "x0" not in header
+
+
+def test_a_model_fitted_on_a_dataframe_without_pandas_here_is_a_clear_error(data_dir, tmp_path, monkeypatch):
+    import joblib
+    import pandas as pd
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from tub_knnlrp.data import read_table
+
+    t = read_table(data_dir / "train.csv", "target")
+    path = tmp_path / "frame.joblib"
+    joblib.dump(KNeighborsClassifier(3).fit(pd.DataFrame(t.X, columns=t.feature_names), t.y), path)
+    monkeypatch.setitem(sys.modules, "pandas", None)  # unpickling the model does not need pandas; passing rows does
+    res = invoke(["knnlrp", "explain", str(data_dir / "test.csv"), "--model", str(path), "--allow-pickle",
+                  "-o", str(tmp_path / "a")])
+    assert res.exit_code == 2 and "fitted on a pandas DataFrame" in res.stderr and "pip install pandas" in res.stderr
 
 
 def test_explain_a_joblib_pipeline_with_a_mixing_step_names_its_components(data_dir, tmp_path):

@@ -454,3 +454,14 @@ def test_an_edited_model_json_is_named_before_it_allocates_its_model(tmp_path, b
     (edited / "model.json").write_text(json.dumps(meta))
     res = invoke(["xmil", "explain", bags / "s0.h5", "--model", edited, "-o", tmp_path / "e"])
     expect_error_line(res, "but the attnmil model its model.json describes has")
+
+
+def test_features_without_an_encoder_plugin_name_the_install(monkeypatch):
+    """pip install tub-xmil alone offers no patch encoder: the error names the extra that brings tub-atlas."""
+    import tubcli.plugins
+
+    from tub_xmil.features import get_encoder
+
+    monkeypatch.setattr(tubcli.plugins, "patch_encoders", lambda: {})
+    with pytest.raises(TubError, match=r"no patch encoders are installed .*pip install 'tub-xmil\[encoders\]'"):
+        get_encoder("vit-t8-demo")

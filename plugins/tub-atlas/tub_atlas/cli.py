@@ -470,8 +470,8 @@ def bench(cfg: BenchConfig, run) -> dict:
     import importlib.util
 
     if cfg.compare_timm and importlib.util.find_spec("timm") is None:
-        raise TubError("--compare-timm needs timm (pip install timm, beside a torchvision that matches torch); "
-                       "drop the flag to time tub alone")
+        raise TubError("--compare-timm needs timm, which brings torchvision and its own torch: run it in a separate "
+                       "venv (tub-atlas README, Parity procedure) or drop the flag to time tub alone")
     return time_models(p.name, depth=cfg.depth, batch_size=cfg.batch_size, img_size=cfg.img_size,
                        threads=cfg.threads, repeats=cfg.repeats, compare_timm=cfg.compare_timm,
                        device=run.device, precision=cfg.precision, modes=modes,

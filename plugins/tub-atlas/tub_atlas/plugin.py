@@ -68,9 +68,10 @@ app = PluginApp(
                       "size": "size", "checkpoint": "checkpoint", "depth": "depth"}),
     ],
     demo="tub_atlas.demo:run_demo",
-    requires={"torch": "pip install torch", "safetensors": "pip install safetensors", "h5py": "pip install h5py",
+    requires={"torch": "pip install torch==2.13.0 (CPU build; on a GPU the build for your CUDA)", "safetensors": "pip install safetensors", "h5py": "pip install h5py",
               "PIL": "pip install pillow", "matplotlib": "pip install matplotlib"},
-    optional={"timm": "separate venv only: pip install timm torchvision (speed/parity comparison)"},
+    optional={"timm": "a separate venv only (it brings torchvision and its own torch): README, Parity procedure",
+              "openslide": "pip install 'tub-atlas[slides]'  (whole-slide images)"},
 )
 
 # Encoders other plugins can use by name (tub-xmil). Kept in step with presets.py by a test.

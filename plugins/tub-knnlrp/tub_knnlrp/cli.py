@@ -60,7 +60,11 @@ def _model_rows(tm, table, path):
         raise TubError(not_numeric(path, next(iter(table.text))))
     if names_in is None:
         return table.X
-    import pandas as pd  # a user's model fitted on a DataFrame gets one (scikit-learn warns on bare arrays)
+    try:
+        import pandas as pd  # a user's model fitted on a DataFrame gets one (scikit-learn warns on bare arrays)
+    except ImportError:
+        raise TubError("the model was fitted on a pandas DataFrame (it names its columns), so its rows are "
+                       "passed as one; pip install pandas") from None
 
     X = pd.DataFrame(table.X, columns=list(names_in))
     for name, values in table.text.items():

@@ -42,7 +42,6 @@ app = PluginApp(
     requires={"sklearn": "pip install scikit-learn", "scipy": "pip install scipy"},
     optional={"shap": "pip install shap  (KernelSHAP baseline, to_shap())",
               "matplotlib": "pip install matplotlib  (heatmaps, flipping plots)"},
-    version="0.1.0",
 )
 
 

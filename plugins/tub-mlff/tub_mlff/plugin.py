@@ -52,10 +52,9 @@ app = PluginApp(
                                            "walk-radius": "walk_radius"}),
     ],
     demo="tub_mlff.demo:run_demo",
-    requires={"torch": "pip install torch", "ase": "pip install ase", "scipy": "pip install scipy",
-              "safetensors": "pip install safetensors"},
+    requires={"torch": "pip install torch==2.13.0 (CPU build; on a GPU the build for your CUDA)",
+              "ase": "pip install ase", "scipy": "pip install scipy", "safetensors": "pip install safetensors"},
     optional={"tblite": "pip install tblite  (GFN-xTB labels)", "pyscf": "pip install pyscf  (DFT labels)"},
-    version="0.1.0",
 )
 
 

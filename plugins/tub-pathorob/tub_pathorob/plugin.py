@@ -2,7 +2,6 @@
 
 from tubcli import PluginApp, Verb, hookimpl
 
-from . import __version__
 
 _F = {"metadata": "metadata", "dataset": "dataset", "model-name": "model_name", "layout": "layout",
       "threads": "threads"}
@@ -12,7 +11,6 @@ _RI = {"k": "k", "k-search": "k_search", "max-k": "max_k", "paired": "paired",
 app = PluginApp(
     name="pathorob",
     help="PathoROB robustness of pathology foundation-model features to medical centers (RI, APD, clustering score).",
-    version=__version__,
     verbs=[
         Verb("evaluate", "tub_pathorob.cli:evaluate", config="tub_pathorob.config:EvaluateConfig",
              help="Robustness index, APD and clustering score (--metrics ri,apd,cs) with the reference's result keys.",

@@ -30,7 +30,7 @@ def run_demo(run) -> dict:
     t0 = time.perf_counter()
     if DEMO_ENCODER not in patch_encoders():
         raise TubError(f"the xmil demo embeds tiles with the {DEMO_ENCODER!r} encoder offered by tub-atlas, "
-                       "which is not installed; pip install -e plugins/tub-atlas")
+                       "which is not installed; pip install 'tub-xmil[encoders]' (in a clone: pip install -e plugins/tub-atlas)")
     spec, module = get_encoder(DEMO_ENCODER, None, "cpu")
     run.log.info("encoder %s: RANDOM-INIT demo weights (%s); features carry colour/texture only",
                  spec.name, spec.description)

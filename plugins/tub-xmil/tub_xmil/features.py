@@ -17,7 +17,8 @@ def get_encoder(name: str, weights=None, device="cpu", dtype=None):
     if name not in offered:
         if not offered:
             raise TubError(f"no patch encoders are installed (encoder {name!r} requested); install "
-                           "the plugin that offers them: pip install -e plugins/tub-atlas")
+                           "the plugin that offers them: pip install 'tub-xmil[encoders]' (in a clone: pip install -e "
+                           "plugins/tub-atlas)")
         raise TubError(f"unknown patch encoder {name!r}; installed: {', '.join(sorted(offered))}")
     spec = offered[name]
     module = spec.load(weights, device, dtype)

@@ -2,7 +2,6 @@
 
 from tubcli import PluginApp, Verb, hookimpl
 
-from tub_xmil import __version__
 
 MODEL = {"model": "model", "task": "task", "target": "target"}
 
@@ -10,7 +9,6 @@ app = PluginApp(
     name="xmil",
     help="Whole-slide MIL (AttnMIL, TransMIL, MambaMIL, AdditiveMIL) with xMIL-LRP and other heatmaps: tile, embed, "
          "train, explain, evaluate (patch flipping), heatmap PNG + QuPath GeoJSON.",
-    version=__version__,
     verbs=[
         Verb("make-data", "tub_xmil.cli:make_data", config="tub_xmil.config:MakeDataConfig",
              help="Write small synthetic pyramidal slides with a planted signal.",
@@ -46,9 +44,11 @@ app = PluginApp(
              item_fields=("method",)),  # one set of files per method
     ],
     demo="tub_xmil.demo:run_demo",
-    requires={"openslide": "pip install openslide-python openslide-bin", "h5py": "pip install h5py",
+    requires={"torch": "pip install torch==2.13.0 (CPU build; on a GPU the build for your CUDA)",
+              "openslide": "pip install openslide-python openslide-bin", "h5py": "pip install h5py",
               "tifffile": "pip install tifffile", "sklearn": "pip install scikit-learn"},
-    optional={"captum": "pip install captum  (only for the parity checks against the reference)"},
+    optional={"tub_atlas": "pip install 'tub-xmil[encoders]'  (patch encoders for features, slide heatmaps, demo)",
+              "captum": "pip install captum  (only for the parity checks against the reference)"},
 )
 
 
