@@ -112,6 +112,18 @@ def read_json(path: str | os.PathLike) -> Any:
         raise TubError(f"{path} is not valid JSON: {exc}") from None
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 1 MiB chunks: recorded with outputs so that a rerun notices
+    another file at the same path (e.g. weights replaced in place)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def write_yaml(path: str | os.PathLike, data: Any) -> Path:
     import yaml
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from tubcli.config import given_fields
 from tubcli.errors import TubError
-from tubcli.io import atomic_path, write_json
+from tubcli.io import atomic_path, file_sha256, write_json
 
 DEMO_MODEL = Path(__file__).parent / "models" / "demo_nacnh.safetensors"
 
@@ -104,25 +104,15 @@ def _warn_composition(run, span: dict | None, frames, name: str) -> None:
                         outside[0].get_chemical_formula())
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _data_sha256(path: Path) -> str:
     """sha256 of a data file's bytes; of a folder (an ASE BundleTrajectory), of its files' names and bytes."""
     if not path.is_dir():
-        return _sha256(path)
+        return file_sha256(path)
     import hashlib
 
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(f"{f.relative_to(path)}\0{_sha256(f)}\0".encode())
+        h.update(f"{f.relative_to(path)}\0{file_sha256(f)}\0".encode())
     return h.hexdigest()
 
 
@@ -770,7 +760,7 @@ def md(cfg, run) -> dict:
     check_structure(atoms, calc.elements, name=str(path))
     _warn_composition(run, calc.composition_span, [atoms], str(path))
     models = _models(cfg.model)
-    settings = {"model": [str(p) for p in models], "model_sha256": [_sha256(p) for p in models],
+    settings = {"model": [str(p) for p in models], "model_sha256": [file_sha256(p) for p in models],
                 "charge": calc.charge, "spin": calc.spin, "lr_cutoff": cfg.lr_cutoff, "ewald_kmax": cfg.ewald_kmax,
                 "precision": cfg.precision}  # an fp32 continuation of an fp64 run would not be the exact one
     last = [0]
