@@ -777,6 +777,25 @@ class Run:
             line = json.dumps({"item": str(item), "error": message, "shard": f"{self.shard[0]}/{self.shard[1]}"})
             self._rewrite_failures(item, line)
 
+    def refuse_replaced_file(self, option: str, path) -> str:
+        """The sha256 of a file the settings name by path only (``--weights``), recorded in the run
+        folder's ``file_digests.json``: outputs a rerun would skip must come from the same bytes, and
+        weights are often replaced in place (a model retrained into the same file). A copy with the
+        same bytes is the same file."""
+        from tubcli.io import file_sha256
+
+        digest = file_sha256(path)
+        record = self.dir / "file_digests.json"
+        digests = json.loads(record.read_text()) if record.is_file() else {}
+        earlier = digests.get(option)
+        outputs = self.outputs_dir.is_dir() and any(self.outputs_dir.iterdir())
+        if earlier is not None and earlier != digest and outputs and not self.overwrite:
+            raise TubError(f"{option} {path} is not the file {self.dir} was made with (its sha256 changed); use a "
+                           "new -o, or --overwrite to compute again")
+        if self.is_main and earlier != digest:
+            write_json(record, {**digests, option: digest})
+        return digest
+
     def record_item(self, output: Path, record: dict) -> None:
         """Keep one item's results beside the run (``items/<digest of the output path>.json``), written
         *before* its output, so that a verb's totals (``item_records``) cover earlier invocations and

@@ -767,3 +767,28 @@ def test_a_run_record_that_is_a_symlink_is_refused_not_written_through(toy_plugi
     result = invoke(["toy", "evaluate", *inputs, "-o", out, "--overwrite"])
     assert result.exit_code == 2 and "tub.log is a symbolic link" in result.stderr
     assert victim.read_text() == "precious"
+
+
+def test_a_file_replaced_in_place_is_refused_once_outputs_exist(tmp_path):
+    from tubcli.config import TubConfig
+    from tubcli.runs import Run
+
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"first")
+    run = Run("toy", "label", TubConfig(), out=tmp_path / "r")
+    first = run.refuse_replaced_file("--weights", weights)
+    (run.outputs_dir / "a.txt").write_text("made with the first weights")
+    run.finish({})
+    weights.write_bytes(b"first")  # rewritten with the same bytes: the same file
+    again = Run("toy", "label", TubConfig(), out=tmp_path / "r")
+    assert again.refuse_replaced_file("--weights", weights) == first
+    again.finish({})
+    weights.write_bytes(b"second")
+    later = Run("toy", "label", TubConfig(), out=tmp_path / "r")
+    with pytest.raises(TubError, match=r"--weights .*w.bin is not the file .* \(its sha256 changed\)"):
+        later.refuse_replaced_file("--weights", weights)
+    later.finish({})
+    redo = Run("toy", "label", TubConfig(), out=tmp_path / "r", overwrite=True)
+    assert redo.refuse_replaced_file("--weights", weights) != first
+    redo.finish({})
+    assert json.loads((tmp_path / "r" / "file_digests.json").read_text())["--weights"] != first

@@ -73,6 +73,8 @@ def features(cfg, run) -> dict:
     spec, module = get_encoder(cfg.encoder, cfg.weights, run.device, run.dtype)
     run.log.info("encoder %s (%d-d, %d px tiles)%s", spec.name, spec.dim, spec.tile_size,
                  "" if cfg.weights else " -- no weights given: " + (spec.description or "preset defaults"))
+    if cfg.weights is not None:
+        run.refuse_replaced_file("--weights", cfg.weights)
     for path, out in run.batch(slides, output_for=lambda p: run.outputs_dir / "features" / f"{Path(p).stem}.h5"):
         with run.item(path):
             features_one(Path(path), out, cfg, spec, module, run.device, run.dtype)
