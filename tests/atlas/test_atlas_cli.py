@@ -37,6 +37,45 @@ def test_conformance():
     check_plugin("atlas")
 
 
+def test_eva_manifest_splits_slides_over_all_inputs(data, tmp_path):
+    """One ImageFolder per slide (the CLAM/TRIDENT organisation): each input's own split is all train,
+    the run's eva_manifest.csv splits the 16 slides 70/15/15 by class over all of them."""
+    from tub_atlas.tiles import read_folder
+
+    for row in read_folder(data / "tiles").rows:
+        dest = tmp_path / "perslide" / row["slide_id"] / row["label"]
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copy(row["origin"], dest)
+    inputs = sorted((tmp_path / "perslide").iterdir())
+    ok(["embed", *inputs, "--weights", data / "vit-t8-demo-random.safetensors", "--format", "eva",
+        "-o", tmp_path / "eva"])
+    per_input = {r["split"] for p in inputs for r in csv.DictReader(open(tmp_path / "eva/outputs" / p.name / "manifest.csv"))}
+    assert per_input == {"train"}
+    union = list(csv.DictReader(open(tmp_path / "eva/eva_manifest.csv")))
+    split = {r["slide_id"]: r["split"] for r in union}
+    assert len(split) == 16 and sorted(split.values()).count("test") >= 2
+    assert {r["target"] for r in union if r["split"] == "test"} == {"0", "1"}  # both classes tested
+
+
+def test_weights_replaced_at_the_same_path_are_not_taken_for_the_embedded_ones(data, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    W = tmp_path / "w.safetensors"
+    shutil.copy(data / "vit-t8-demo-random.safetensors", W)
+    args = ["embed", data / "tiles.npz", "--weights", W, "-o", tmp_path / "e"]
+    ok(args)
+    assert len(json.loads((tmp_path / "e/encoder.json").read_text())["weights_sha256"]) == 64
+    shutil.copy(W, tmp_path / "copy.safetensors")  # a copy (new mtime, same bytes) is the same weights
+    shutil.copy(tmp_path / "copy.safetensors", W)
+    assert json.loads(ok([*args, "--json"]).stdout)["batch"]["skipped_existing"] == 1
+    sd = load_file(str(W))
+    sd["cls_token"] = sd["cls_token"] + 1.0  # retrained in place
+    save_file(sd, str(W))
+    r = fails(args)
+    assert "--weights" in r.stderr and "is not the file" in r.stderr and "its sha256 changed" in r.stderr
+    assert json.loads(ok([*args, "--overwrite", "--json"]).stdout)["batch"]["processed"] == 1
+
+
 def test_inspect_and_bad_checkpoints(data, tmp_path):
     W = data / "vit-t8-demo-random.safetensors"
     r = ok(["inspect", W, "--json", "-o", tmp_path / "i"])
@@ -103,11 +142,24 @@ def test_embed_formats_and_skip_existing(data, tmp_path, monkeypatch):
     ok(["embed", tmp_path / "slide1.h5", *base, "--format", "h5", "-o", tmp_path / "h5"])
     with h5py.File(tmp_path / "h5/outputs/slide1.h5") as f:
         assert f["features"].shape == (5, 384) and f["coords"][4].tolist() == [2048, 2304]
+    # non-ASCII slide and class names (numpy's "S" strings are ASCII only: the item failed)
+    (tmp_path / "uni" / "Tumör").mkdir(parents=True)
+    for p in sorted((data / "tiles" / "class0").iterdir())[:2]:
+        shutil.copy(p, tmp_path / "uni" / "Tumör" / f"Fall-ü_{p.name}")
+    ok(["embed", tmp_path / "uni", *base, "--format", "h5", "-o", tmp_path / "h5u"])
+    with h5py.File(tmp_path / "h5u/outputs/uni.h5") as f:
+        assert {x.decode() for x in f["label"][()]} == {"Tumör"} and f["slide_id"][0].decode().startswith("Fall-ü")
+    ok(["embed", tmp_path / "uni", *base, "--format", "h5", "-o", tmp_path / "h5u"])  # the rerun's check reads them
     # eva layout
     ok(["embed", data / "tiles.npz", *base, "--format", "eva", "-o", tmp_path / "eva"])
     man = list(csv.DictReader(open(tmp_path / "eva/outputs/tiles/manifest.csv")))
-    assert set(man[0]) == {"origin", "embeddings", "target", "split"}
+    assert set(man[0]) == {"origin", "embeddings", "target", "split", "slide_id"}
     assert torch.load(tmp_path / "eva/outputs/tiles" / man[0]["embeddings"]).shape == (384,)
+    # the run's manifest for eva: integer targets (eva's loader takes int64), embeddings relative to the run
+    union = list(csv.DictReader(open(tmp_path / "eva/eva_manifest.csv")))
+    classes = json.loads((tmp_path / "eva/eva_classes.json").read_text())
+    assert classes == ["class0", "class1"] and [classes[int(u["target"])] for u in union] == [m["target"] for m in man]
+    assert torch.load(tmp_path / "eva" / union[0]["embeddings"]).shape == (384,)
     # evaluate reads every layout embed writes
     for feats in (tmp_path / "eva/outputs/tiles", tmp_path / "npz/outputs/tiles"):
         r = ok(["evaluate", feats, "--method", "knn", "--json", "-o", tmp_path / f"ev_{feats.parent.parent.name}"])

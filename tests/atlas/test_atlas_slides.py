@@ -121,6 +121,12 @@ def test_embed_whole_slide_to_h5_matches_embedding_the_crops(slide, tmp_path):
     assert np.abs(feats - ref).max() < 1e-5
     slides = np.load(tmp_path / "e/slides.npz")
     assert np.allclose(slides["case01"], feats.mean(0), atol=1e-6)
+    assert "resized" not in r.stderr
+    # 128-px tiles at 0.5 µm/px go into the 64-px encoder at 1 µm/px: said, not only recorded as 0.5
+    r = invoke(["atlas", "embed", str(path), "--weights", str(W), "--slide-tile-size", "128", "--slide-mpp", "0.5",
+                "-o", str(tmp_path / "e2")])
+    assert r.exit_code == 0 and "whole-slide tiles of 128 px are resized to the encoder's 64 px input (at 0.5 " \
+        "µm/px the encoder sees 1)" in r.stderr, r.stderr
 
 
 def test_a_folder_of_slides_is_tiled_slide_by_slide(slide, tmp_path):
@@ -162,6 +168,44 @@ def test_a_folder_of_slides_is_tiled_slide_by_slide(slide, tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tiles / "x.tif")  # a plain TIFF tile, not a slide
     r = invoke(["atlas", "tile", tiles, "-o", tmp_path / "t2"])
     assert r.exit_code == 2 and "holds no whole-slide images" in r.stderr
+
+
+def test_slides_in_class_folders_are_not_taken_for_tiles(slide, tmp_path):
+    """A Camelyon-style tree root/<class>/*.tif made each whole slide one resized "tile" labelled by its class."""
+    import shutil
+
+    path, _, _ = slide
+    for cls in ("normal", "tumor"):
+        (tmp_path / "tree" / cls).mkdir(parents=True)
+        shutil.copy(path, tmp_path / "tree" / cls / f"{cls}_001.tif")
+    r = invoke(["atlas", "embed", tmp_path / "tree", "--arch", "vit-t8-demo", "--random-init", "-o", tmp_path / "e"])
+    assert r.exit_code == 1 and "normal_001.tif is a whole slide, not a tile; give the folders that hold" in r.stderr
+    assert not [p for p in (tmp_path / "e").rglob("*") if p.suffix in (".npy", ".h5", ".npz")]  # nothing embedded
+    svs = tmp_path / "svstree" / "tumor"
+    svs.mkdir(parents=True)
+    (svs / "t.svs").write_bytes(b"")  # no tile image at all: the slide is still named
+    r = invoke(["atlas", "embed", tmp_path / "svstree", "--arch", "vit-t8-demo", "--random-init", "-o", tmp_path / "s"])
+    assert r.exit_code == 1 and "t.svs is a whole slide, not a tile" in r.stderr
+
+
+def test_a_20x_scan_at_0504_um_per_px_is_read_as_is_for_05(tmp_path):
+    """Aperio 20x scans record 0.504 µm/px: --slide-mpp 0.5 reads level 0 unscaled and records 0.504;
+    beyond the 5% tolerance it is refused, naming --slide-mag."""
+    path = tmp_path / "aperio.tif"
+    make_slide(path, mpp=0.504)
+    tiler = SlideTiles(path, tile_px=64, mpp=0.5, tissue_min=0.25)
+    assert (tiler.level, tiler.footprint0, tiler.read_px, tiler.target_mpp) == (0, 64, 64, 0.504)
+    with pytest.raises(TubError, match=r"finer than the slide's 0.504 µm/px by more than 5%; .*--slide-mag 20"):
+        SlideTiles(path, tile_px=64, mpp=0.45, tissue_min=0.25)
+
+
+def test_a_slide_without_openslide_names_the_install(slide, monkeypatch):
+    """Without OpenSlide a pyramidal .tif was called "not a whole-slide image OpenSlide can open"."""
+    import tub_atlas.slides as slides
+
+    monkeypatch.setattr(slides, "openslide_available", lambda: False)
+    with pytest.raises(TubError, match=r"case01.tif: reading whole slides needs OpenSlide: pip install 'tub-atlas\[slides\]'"):
+        slides.check_slide_path(slide[0])
 
 
 def test_slide_errors_are_item_failures(tmp_path):

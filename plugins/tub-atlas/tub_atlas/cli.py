@@ -114,7 +114,7 @@ def embed(cfg: EmbedConfig, run) -> dict:
     """Options, input paths and the encoder are checked up front (one-line errors, exit 2); each input is
     read, tiled and embedded inside the batch loop, so a bad one becomes its line in failures.jsonl."""
     from .embedding import (SlideTables, check_existing_output, embed_tileset, output_path, slide_embeddings,
-                            write_embeddings)
+                            write_embeddings, write_eva_manifest)
     from .slides import check_coords_file, check_slide_options, write_slide_qc
     from .tiles import read_input, read_pathorob_metadata
 
@@ -148,13 +148,18 @@ def embed(cfg: EmbedConfig, run) -> dict:
     dtype = run.dtype if cfg.precision in ("bf16", "fp16") else None
     if cfg.precision == "fp64":
         encoder.double()
+    if cfg.encoder.weights is not None:
+        info["weights_sha256"] = run.refuse_replaced_file("--weights", cfg.encoder.weights)
     write_json(run.dir / "encoder.json", info)
     if info["random_init"]:
         run.log.warning("embedding with a RANDOMLY INITIALISED %s (no weights given)", info["arch"])
     tables = SlideTables(run.dir, has_output=lambda name: out_for(name).exists())
+    resized_said = False
     for item, out in run.batch(names, output_for=lambda item: out_for(names[item])):
         with run.item(item):
             name, ts = names[item], load(item)
+            if not resized_said and "tiler" in ts.extra:
+                resized_said = _say_slide_tiles_resized(ts.extra["tiler"], info["transform"]["img_size"], run.log)
             if cfg.slide_qc and "tiler" in ts.extra and ts.extra["tiler"].has_qc:
                 write_slide_qc(ts.extra["tiler"], run.dir / "qc", name)
             emb = embed_tileset(encoder, ts, cfg.batch_size, run.device, dtype)
@@ -169,6 +174,12 @@ def embed(cfg: EmbedConfig, run) -> dict:
               "outputs": str(run.outputs_dir)}
     if tiling:
         result["whole_slides"] = tiling
+    if cfg.format == "eva":
+        # every eva output of the run folder: also of earlier invocations and other shards
+        rows = write_eva_manifest(run.dir, sorted(p.parent for p in run.outputs_dir.glob("*/manifest.csv")), run.seed)
+        if rows is None:
+            run.log.warning("no eva_manifest.csv: some tiles have no label (eva's classification tasks need one)")
+        result["eva_manifest"] = None if rows is None else str(run.dir / "eva_manifest.csv")
     if cfg.format == "pathorob":  # center -> file, as tub pathorob and the official scripts look it up
         result["centers"] = {center: out_for(name).name for center, name in names.items()}
     return result
@@ -209,6 +220,18 @@ def _refuse_slide_options(cfg, inputs: list[Path], why: str = "none of the input
     if idle:
         raise TubError(f"{', '.join('--' + f.replace('_', '-') for f in idle)} act on whole slides only and {why}; "
                        "drop them")
+
+
+def _say_slide_tiles_resized(tiler, img_size: int, log) -> bool:
+    """A slide tile of another side than the encoder's input is resized: the resolution the encoder sees
+    is not the recorded target_mpp. Said once per run; True when said."""
+    if tiler.tile_px == img_size:
+        return False
+    seen = f" (at {tiler.target_mpp:.4g} µm/px the encoder sees {tiler.target_mpp * tiler.tile_px / img_size:.4g})" \
+        if tiler.target_mpp else ""
+    log.warning("whole-slide tiles of %d px are resized to the encoder's %d px input%s; give --slide-tile-size %d "
+                "to embed at the tiling resolution", tiler.tile_px, img_size, seen, img_size)
+    return True
 
 
 def _input_names(paths: list[Path], check=None) -> dict[Path, str]:
@@ -256,7 +279,7 @@ def tile(cfg: TileConfig, run) -> dict:
 # ------------------------------------------------------------------ evaluate
 def evaluate(cfg: EvaluateConfig, run) -> dict:
     _warn_ignored_compute(cfg, run, ("fp32",), uses_device=False)
-    from .features import concat, read_features
+    from .features import LabelTable, common_encoder, concat, read_features
     from .probing import run_probes
 
     other = {"knn": ("runs", "lr", "batch_size", "max_steps", "patience", "eval_every"),
@@ -267,8 +290,9 @@ def evaluate(cfg: EvaluateConfig, run) -> dict:
                        "drop them or use --method both")
 
     paths = [q for p in _need(cfg.features, "FEATURES") for q in _embed_outputs(Path(p))]
-    feats = concat([read_features(p, cfg.metadata) for p in paths])
-    return run_probes(feats, cfg, run)
+    labels = LabelTable(cfg.labels) if cfg.labels is not None else None
+    feats = concat([read_features(p, cfg.metadata, labels) for p in paths])
+    return run_probes(feats, cfg, run, encoder=common_encoder(paths))
 
 
 def _embed_outputs(path: Path) -> list[Path]:
@@ -304,7 +328,7 @@ def explain(cfg: ExplainConfig, run) -> dict:
         check_coords_file(Path(cfg.slide_coords), list(names))
     encoder, info = _encoder(cfg.encoder, run)
     write_json(run.dir / "encoder.json", info)
-    return explain_inputs(encoder, names, cfg, run)
+    return explain_inputs(encoder, names, cfg, run, info)
 
 
 # What each --method/--target reads; any other of these settings would be recorded, not used.

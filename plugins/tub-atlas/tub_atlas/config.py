@@ -102,7 +102,11 @@ class TileConfig(SlideTiling):
 class EvaluateConfig(TubConfig):
     features: list[Path] = Field(default_factory=list, description="embed outputs (an embed run directory, npy/eva folders, h5 files, "
                                                                   "pathorob folder, .npz)")
-    metadata: Path | None = Field(None, description="PathoROB metadata CSV for pathorob feature folders")
+    metadata: Path | None = Field(None, description="PathoROB metadata CSV for pathorob feature folders (and npy folders)")
+    labels: Path | None = Field(None, description="CSV slide_id[,patch_id],label[,split]: labels (and splits) for any "
+                                                  "input, matched by slide_id (and patch_id)")
+    bootstrap: int = Field(0, ge=0, description="slide-level bootstrap resamples for 95% intervals of the test "
+                                                "scores (0: none)")
     method: Literal["linear", "knn", "both"] = Field("both", description="probe kind")
     k: int = Field(20, ge=1, description="kNN neighbours")
     vote: Literal["uniform", "weighted"] = Field("uniform", description="kNN vote (weighted: exp(s/T))")

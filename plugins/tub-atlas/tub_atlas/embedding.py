@@ -23,7 +23,7 @@ import torch
 
 from tubcli.device import autocast
 from tubcli.errors import TubError
-from tubcli.io import atomic_path
+from tubcli.io import atomic_path, write_json
 from tubcli.runs import ItemLock
 
 from .encoder import Encoder, uint8_to_float
@@ -128,8 +128,9 @@ def write_embeddings(fmt: str, out: Path, emb: np.ndarray, tiles: TileSet, seed:
                 coords = f.create_dataset("coords", data=np.array([[r["x"], r["y"]] for r in rows], dtype=np.int64))
                 for k, v in tiles.extra.get("coords_attrs", {}).items():  # whole slides: CLAM/TRIDENT attrs
                     coords.attrs[k] = v
-                f.create_dataset("slide_id", data=np.array([r["slide_id"] for r in rows], dtype="S"))
-                f.create_dataset("label", data=np.array([r["label"] for r in rows], dtype="S"))
+                text = h5py.string_dtype("utf-8")  # numpy's "S" is ASCII: a slide named Fall-ü failed to write
+                f.create_dataset("slide_id", data=[r["slide_id"] for r in rows], dtype=text)
+                f.create_dataset("label", data=[r["label"] for r in rows], dtype=text)
     elif fmt == "eva":
         labels = [r["label"] for r in rows]
         splits = group_split([r["slide_id"] for r in rows], seed, labels=labels if all(labels) else None)
@@ -140,8 +141,8 @@ def write_embeddings(fmt: str, out: Path, emb: np.ndarray, tiles: TileSet, seed:
                 rel = f"embeddings/{i:06d}.pt"
                 torch.save(torch.from_numpy(np.ascontiguousarray(e, dtype=np.float32)), tmp / rel)
                 man.append({"origin": absolute_origin(r["origin"]), "embeddings": rel, "target": r["label"],
-                            "split": s})
-            write_manifest(tmp / "manifest.csv", man, ["origin", "embeddings", "target", "split"])
+                            "split": s, "slide_id": r["slide_id"]})
+            write_manifest(tmp / "manifest.csv", man, ["origin", "embeddings", "target", "split", "slide_id"])
     else:
         raise ValueError(fmt)
 
@@ -292,6 +293,36 @@ class SlideTables:
                 with atomic_path(self.path) as tmp:
                     np.savez(tmp, **merged)
         return len(merged)
+
+
+def write_eva_manifest(run_dir: Path, folders: list[Path], seed: int) -> int | None:
+    """The manifest eva reads (``eva_manifest.csv``, root = the run folder): every labelled row of the run's
+    eva outputs with the target as an integer, the index of its class in ``eva_classes.json`` (eva's
+    loader takes int64 targets), and one seeded 70/15/15 split by slide, stratified by class, over all
+    inputs (the per-input manifests split each input alone: a one-slide input is all train). Rebuilt
+    under a lock at the end of every invocation, like ``slides.npz``; returns its rows, or None when
+    some row has no label (eva's classification tasks need one for every row)."""
+    from .probing import sorted_classes
+
+    path = run_dir / "eva_manifest.csv"
+    with ItemLock(path).waiting():
+        rows = []
+        for folder in folders:
+            with open(folder / "manifest.csv", newline="") as f:
+                for r in csv.DictReader(f):
+                    rows.append({**r, "embeddings": os.path.relpath(folder / r["embeddings"], run_dir)})
+        if not rows or not all(r["target"] for r in rows):
+            return None
+        classes = sorted_classes([r["target"] for r in rows])
+        index = {c: i for i, c in enumerate(classes)}
+        slides = [r.get("slide_id") or r["origin"] for r in rows]  # outputs of an older tub have no slide_id
+        splits = group_split(slides, seed, labels=[r["target"] for r in rows])
+        union = [{**r, "target": index[r["target"]], "split": s, "slide_id": sid}
+                 for r, s, sid in zip(rows, splits, slides)]
+        write_json(run_dir / "eva_classes.json", classes)
+        with atomic_path(path) as tmp:
+            write_manifest(tmp, union, ["origin", "embeddings", "target", "split", "slide_id"])
+    return len(union)
 
 
 def _union(tables: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -18,7 +18,9 @@ from .rollout import attention_rollout
 from .tiles import read_image, read_input
 
 
-def build_target(encoder: Encoder, cfg, device):
+def build_target(encoder: Encoder, cfg, device, info: dict | None = None, log=None):
+    """The LRP target and what it explains in words. ``info``: this encoder's settings (``load_encoder``),
+    which a probe's recorded encoder must match (``check_probe_encoder``)."""
     if cfg.target == "dim":
         if cfg.index >= encoder.dim:
             raise TubError(f"--index {cfg.index} is outside the embedding (dim {encoder.dim})")
@@ -28,19 +30,77 @@ def build_target(encoder: Encoder, cfg, device):
             raise TubError("--target probe needs --probe probe.safetensors (from 'tub atlas evaluate')")
         from tubcli.io import load_safetensors
 
+        record = read_probe_record(Path(cfg.probe), log)
+        recorded = record.get("encoder")
+        if info is not None and recorded:
+            check_probe_encoder(Path(cfg.probe), recorded, info, log)
+        elif log is not None:
+            log.warning("%s records no encoder (an older evaluate, or features from outside 'tub atlas embed'): "
+                        "its --arch/--pool cannot be checked against this encoder's", cfg.probe)
         tensors, _ = load_safetensors(cfg.probe)
         W, b = tensors.get("weight"), tensors.get("bias")
-        if W is None or b is None or W.shape[1] != encoder.dim:
-            raise TubError(f"{cfg.probe} is not a linear probe for this encoder (dim {encoder.dim})")
+        if W is None or b is None or W.ndim != 2:
+            raise TubError(f"{cfg.probe} is not a linear probe (tensors 'weight' and 'bias' from 'tub atlas evaluate')")
+        if W.shape[1] != encoder.dim:
+            pool = f" (pool {recorded['pool']}, arch {recorded['arch']})" if recorded else ""
+            raise TubError(f"{cfg.probe} expects {W.shape[1]}-dim features{pool}, but this encoder gives "
+                           f"{encoder.dim} (pool {info['pool'] if info else encoder.pool}); pass the --arch, "
+                           "--weights and --pool of the embed run the probe was trained on")
+        classes = record.get("classes") or [str(i) for i in range(W.shape[0])]
         if cfg.index >= W.shape[0]:
-            raise TubError(f"--index {cfg.index}: the probe has {W.shape[0]} classes")
-        return make_target("probe", cfg.index, probe=(W.to(device), b.to(device))), f"probe class {cfg.index}"
+            raise TubError(f"--index {cfg.index}: the probe has {W.shape[0]} classes ("
+                           f"{', '.join(f'{i} = {c}' for i, c in enumerate(classes))})")
+        name = classes[cfg.index] if len(classes) == W.shape[0] else str(cfg.index)
+        return (make_target("probe", cfg.index, probe=(W.to(device), b.to(device))),
+                f"probe class {name!r} (index {cfg.index})", name)
     if cfg.reference is None:
         raise TubError("--target similarity needs --reference TILE.png")
     ref = uint8_to_float(read_image(Path(cfg.reference))[None]).to(device)
     with torch.no_grad():
         e = encoder(ref)[0]
     return make_target("similarity", reference=e), f"similarity to {Path(cfg.reference).name}"
+
+
+def read_probe_record(probe: Path, log=None) -> dict:
+    """``probe.json`` beside ``probe.safetensors`` (classes, dim, encoder); {} (with a warning) without one."""
+    from tubcli.io import read_json
+
+    path = probe.with_suffix(".json")
+    if not path.is_file():
+        if log is not None:
+            log.warning("no %s beside the probe: its class names and encoder are unknown", path.name)
+        return {}
+    record = read_json(path)
+    return record if isinstance(record, dict) else {}
+
+
+def check_probe_encoder(probe: Path, recorded: dict, info: dict, log=None) -> None:
+    """A probe learnt on one encoder's features explains nothing on another's, even at the same width
+    (CLS vs mean-pooled tokens): a different pooling or architecture is an error, other weights or
+    preprocessing a warning (a copied checkpoint has another path)."""
+    import os
+
+    run = f" (embed run {recorded['embed_run']})" if recorded.get("embed_run") else ""
+    for key, flag in (("pool", "--pool"), ("arch", "--arch")):
+        want, have = recorded.get(key), info.get(key)
+        if key == "arch" and "auto" in (want, have):  # no preset name to compare: the weights say more
+            continue
+        if want is not None and have is not None and want != have:
+            raise TubError(f"{probe} was trained on {key} {want!r} features{run}, but this explain uses {key} "
+                           f"{have!r}; pass {flag} {want} (and the embed run's --weights)")
+    if log is None:
+        return
+    want, have = recorded.get("weights"), info.get("weights")
+    if recorded.get("random_init") or info.get("random_init"):
+        same = recorded.get("random_init") == info.get("random_init") and want == have
+    else:
+        same = want is None or os.path.realpath(want) == os.path.realpath(os.path.abspath(have))
+    if not same:
+        log.warning("%s was trained on features of the weights %s, this explain uses %s: check they are the same "
+                    "model", probe, want, have)
+    if recorded.get("transform") and info.get("transform") and recorded["transform"] != info["transform"]:
+        log.warning("%s was trained on features preprocessed as %s, this explain preprocesses as %s", probe,
+                    recorded["transform"], info["transform"])
 
 
 LRP_RULES = {"lrp": "cp", "attnlrp": "attn"}  # --method -> lrp.lrp_rules rule set
@@ -63,13 +123,17 @@ def patch_relevance(encoder: Encoder, x01: torch.Tensor, method: str, target=Non
     return patch_map(R.float(), encoder.vit.cfg.patch_size)[0], True, err
 
 
-def explain_inputs(encoder: Encoder, names: dict[Path, str], cfg, run) -> dict:
+def explain_inputs(encoder: Encoder, names: dict[Path, str], cfg, run, info: dict | None = None) -> dict:
     """Maps of each input (path -> output name, checked by the caller) in ``outputs/<name>/``. Each
-    input is read inside its batch item, so a bad one is its line in failures.jsonl and the rest go on."""
+    input is read inside its batch item, so a bad one is its line in failures.jsonl and the rest go on.
+    ``info``: the encoder's settings, checked against a probe's (``--target probe``) before any input."""
     device = run.device
     if cfg.precision == "fp64":
         encoder.double()
-    target, what = build_target(encoder, cfg, device) if cfg.method in LRP_RULES else (None, "CLS attention flow")
+    target, what, probe_class = None, "CLS attention flow", None
+    if cfg.method in LRP_RULES:
+        target, what, *named = build_target(encoder, cfg, device, info, run.log)
+        probe_class = named[0] if named else None
     n_done, worst = 0, 0.0
     for path, out in run.batch(names, output_for=lambda p: run.outputs_dir / names[p]):
         with run.item(path):
@@ -99,6 +163,8 @@ def explain_inputs(encoder: Encoder, names: dict[Path, str], cfg, run) -> dict:
                                ["row", *MANIFEST_FIELDS, "overlay"])
             n_done += n
     out = {"method": cfg.method, "explains": what, "tiles": n_done, "outputs": str(run.outputs_dir)}
+    if probe_class is not None:
+        out["probe_class"] = probe_class
     if cfg.method in LRP_RULES:  # AttnLRP: the balance includes the softmax rule's Taylor biases
         out["conservation_max_rel_error"] = worst
     return out

@@ -4,7 +4,11 @@
 * a folder with eva's ``manifest.csv`` (origin, embeddings, target, split) + ``.pt`` tensors;
 * a folder of PathoROB ``{center}.npz`` files + ``--metadata`` CSV (rows in metadata order);
 * an ``.npz`` with ``features``/``embeddings`` and ``labels`` (optional ``slide_id``, ``split``);
-* an ``embed --format h5`` file (``features``, ``label``, ``slide_id``).
+* an ``embed --format h5`` file (``features``, ``label``, ``slide_id``), a TRIDENT/CLAM features h5
+  (``features``, ``coords``; slide id = file stem), or a folder of such h5 files (one slide each);
+* embed's ``slides.npz`` (one embedding per slide, key = slide id).
+
+Inputs without labels take them from ``--labels CSV`` (``LabelTable``), matched on slide_id (and patch_id).
 
 Every input is checked here, so that a bad one is a one-line error naming the file: features must be
 finite (a NaN row silently turns the linear probe into NaN weights and skews kNN), and a ``split``
@@ -15,6 +19,7 @@ ignored in favour of a random split).
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +37,11 @@ PATHOROB_COLUMNS = ("slide_id", "patch_id", "biological_class", "medical_center"
 @dataclass
 class LabelledFeatures:
     x: np.ndarray  # (N, D) float32
-    labels: list[str]
+    labels: list[str]  # "" where the input has none (``--labels`` may fill them in)
     slide_id: list[str]
     split: list[str] | None  # train/val/test per row; None when the input has no split column
+    patch_id: list[str] | None = None  # per row where the input records it (h5: "x_y" of its coords)
+    source: list[str] | None = None  # the file or folder each row was read from (predictions.csv, errors)
 
 
 def split_column(source, values, first_line: int | None = None) -> list[str]:
@@ -70,81 +77,206 @@ def _csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def read_features(path: Path, metadata: Path | None = None) -> LabelledFeatures:
-    feats = _read_features(Path(path), metadata)
-    _check_finite(path, feats.x)
+FEATURE_KEYS = ("features", "embeddings", "x")
+LABEL_KEYS = ("labels", "label", "y", "target")
+LABELS_HINT = "--labels CSV (columns slide_id[,patch_id],label[,split])"
+
+
+def read_features(path: Path, metadata: Path | None = None, labels: "LabelTable | None" = None) -> LabelledFeatures:
+    """One input's rows, checked (finite features, a label for every row) before any probe runs.
+    ``metadata`` (PathoROB CSV) is read by npy folders and PathoROB folders only; ``labels`` (``--labels``)
+    attaches labels, and splits where it has them, to any input by slide_id (and patch_id)."""
+    path = Path(path)
+    if metadata is not None and labels is not None:
+        raise TubError("--metadata and --labels both give labels; use --metadata for PathoROB {center}.npz "
+                       "folders, --labels CSV for any other input (or an npy folder)")
+    kind = feature_kind(path)
+    if metadata is not None and kind not in ("npy", "pathorob"):
+        raise TubError(f"--metadata (a PathoROB metadata CSV) is read for npy embedding folders and PathoROB "
+                       f"{{center}}.npz folders only, and {path} is {KIND_NAMES[kind]}; label it with {LABELS_HINT}")
+    feats = READERS[kind](path, metadata)
+    if kind != "h5_folder":  # an h5 folder checks each file, naming it
+        _check_finite(path, feats.x)
+    if feats.source is None:  # absolute, as embed's origins: predictions.csv joins from any folder
+        feats.source = [os.path.abspath(path)] * len(feats.x)
+    if labels is not None:
+        feats = labels.attach(path, feats)
+    missing = [i for i, lab in enumerate(feats.labels) if lab == ""]
+    if missing:
+        src = feats.source[missing[0]]
+        where = f"{path}" if src == os.path.abspath(path) else f"{src} (in {path})"
+        raise TubError(f"{where} has no label for {len(missing)} of {len(feats.x)} row(s), e.g. slide "
+                       f"{feats.slide_id[missing[0]]!r}; give {LABELS_HINT}")
     return feats
 
 
-def _read_features(path: Path, metadata: Path | None) -> LabelledFeatures:
+KIND_NAMES = {"npz": "an .npz", "h5": "an h5 file", "npy": "an npy embedding folder", "eva": "an eva folder",
+              "pathorob": "a PathoROB folder", "h5_folder": "a folder of h5 feature files"}
+
+
+def feature_kind(path: Path) -> str:
+    """Which layout ``path`` holds, from its name and the files in it (nothing is read yet)."""
     if not path.exists():
         raise TubError(f"features {path} do not exist; give the output folder of 'tub atlas embed' or an .npz")
     if path.is_file() and path.suffix == ".npz":
-        with load_numpy(path) as z:
-            key = next((k for k in ("features", "embeddings", "x") if k in z), None)
-            lab = next((k for k in ("labels", "label", "y", "target") if k in z), None)
-            if key is None or lab is None:
-                raise TubError(f"{path} needs arrays 'features' and 'labels' (has {list(z.keys())})")
-            x = z[key]
-            n = len(x)
-            labels = [str(v) for v in z[lab].tolist()]
-            slides = [str(v) for v in z["slide_id"].tolist()] if "slide_id" in z else [str(i) for i in range(n)]
-            split = split_column(path, z["split"].tolist()) if "split" in z else None
-        return LabelledFeatures(np.asarray(x, np.float32), labels, slides, split)
+        return "npz"
     if path.is_file() and path.suffix in (".h5", ".hdf5"):
-        import h5py
+        return "h5"
+    if path.is_dir():
+        if (path / "embeddings.npy").is_file():
+            return "npy"
+        if (path / "manifest.csv").is_file():
+            return "eva"
+        if list(path.glob("*.npz")):
+            return "pathorob"
+        if _h5_files(path):
+            return "h5_folder"
+    raise TubError(f"{path}: not an embeddings folder (embeddings.npy, eva manifest, {{center}}.npz, h5 feature "
+                   "files), .npz or .h5")
 
-        with h5py.File(path, "r") as f:
-            if "features" not in f or "label" not in f:
-                raise TubError(f"{path} needs datasets 'features' and 'label' (an 'embed --format h5' output)")
-            x = f["features"][()]
-            dec = lambda a: [v.decode() if isinstance(v, bytes) else str(v) for v in a]  # noqa: E731
-            labels = dec(f["label"][()])
-            slides = dec(f["slide_id"][()]) if "slide_id" in f else [path.stem] * len(x)
-        return LabelledFeatures(x.astype(np.float32), labels, slides, None)
-    if path.is_dir() and (path / "embeddings.npy").is_file():
-        x = load_numpy(path / "embeddings.npy")
-        rows = _csv(path / "manifest.csv")
-        if len(rows) != len(x):
-            raise TubError(f"{path}: manifest.csv has {len(rows)} rows for {len(x)} embeddings")
-        labels = [r.get("label", "") for r in rows] if metadata is None else _metadata_labels(path, rows, metadata)
-        return LabelledFeatures(x.astype(np.float32), labels,
-                                [r.get("slide_id", "") for r in rows], _csv_split(path / "manifest.csv", rows))
-    if path.is_dir() and (path / "manifest.csv").is_file():
-        import torch
 
-        rows = _csv(path / "manifest.csv")
-        if not rows or "embeddings" not in rows[0]:
-            raise TubError(f"{path}/manifest.csv is not an eva manifest (origin, embeddings, target, split)")
-        # eva may have saved GPU or bf16 tensors: load onto the CPU, widen before numpy
-        x = np.stack([torch.load(path / r["embeddings"], map_location="cpu", weights_only=True).float().numpy()
-                      for r in rows])
-        return LabelledFeatures(x.astype(np.float32), [r["target"] for r in rows],
-                                [r["origin"] for r in rows], _csv_split(path / "manifest.csv", rows))
-    if path.is_dir() and list(path.glob("*.npz")):
-        if metadata is None:
-            raise TubError(f"{path} holds PathoROB {{center}}.npz files; give --metadata CSV for labels and order")
-        rows = _csv(Path(metadata))
-        missing = [c for c in PATHOROB_COLUMNS if not rows or c not in rows[0]]
-        if missing:
-            raise TubError(f"{metadata}: metadata is missing column(s) {', '.join(missing)}; a PathoROB metadata "
-                           f"CSV has {', '.join(PATHOROB_COLUMNS)} (one row per embedded tile)")
-        files = {}
-        xs = []
-        for r in rows:
-            center = r["medical_center"].replace(" ", "_")
-            if center not in files:
-                f = path / f"{center}.npz"
-                if not f.is_file():
-                    raise TubError(f"no features {f} for medical_center {r['medical_center']!r}")
-                files[center] = load_numpy(f)
-            key = f"{r['slide_id']}-{r['patch_id']}"
-            if key not in files[center]:
-                raise TubError(f"{path}/{center}.npz has no key {key!r}")
-            xs.append(files[center][key])
-        return LabelledFeatures(np.stack(xs).astype(np.float32), [r["biological_class"] for r in rows],
-                                [r["slide_id"] for r in rows], _csv_split(Path(metadata), rows))
-    raise TubError(f"{path}: not an embeddings folder (embeddings.npy, eva manifest, {{center}}.npz) or .npz")
+def _h5_files(folder: Path) -> list[Path]:
+    return sorted(q for q in folder.iterdir() if q.is_file() and q.suffix in (".h5", ".hdf5")
+                  and not q.name.startswith("."))
+
+
+def _read_npz(path: Path, metadata=None) -> LabelledFeatures:
+    with load_numpy(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    key = next((k for k in FEATURE_KEYS if k in arrays and arrays[k].ndim == 2), None)
+    if key is None and _is_slide_table(arrays):
+        return _slide_table(arrays)
+    if key is None:
+        raise TubError(f"{path} needs a 2-D array 'features' (rows x dim) and 'labels', or one embedding per "
+                       f"slide as embed's slides.npz (has {list(arrays)})")
+    x = arrays[key]
+    n = len(x)
+    lab = next((k for k in LABEL_KEYS if k in arrays), None)
+    labels = _strings(path, arrays, lab, n) if lab else [""] * n
+    slides = _strings(path, arrays, "slide_id", n) if "slide_id" in arrays else [str(i) for i in range(n)]
+    patches = _strings(path, arrays, "patch_id", n) if "patch_id" in arrays else None
+    split = split_column(path, arrays["split"].tolist()) if "split" in arrays else None
+    return LabelledFeatures(np.asarray(x, np.float32), labels, slides, split, patches)
+
+
+def _strings(path: Path, arrays, key: str, n: int) -> list[str]:
+    values = arrays[key]
+    if len(values) != n:
+        raise TubError(f"{path}: '{key}' has {len(values)} entries for {n} feature rows; give one per row")
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in np.asarray(values).tolist()]
+
+
+def _is_slide_table(arrays: dict) -> bool:
+    """embed's ``slides.npz`` (and ``slides/<input>.npz``): one 1-D numeric embedding per slide, key = slide id."""
+    shapes = {a.shape for a in arrays.values()}
+    return bool(arrays) and len(shapes) == 1 and len(next(iter(shapes))) == 1 and all(
+        np.issubdtype(a.dtype, np.number) for a in arrays.values())
+
+
+def _slide_table(arrays: dict) -> LabelledFeatures:
+    """One row per slide, unlabelled (``--labels`` gives the labels)."""
+    slides = list(arrays)
+    return LabelledFeatures(np.stack([arrays[s] for s in slides]).astype(np.float32), [""] * len(slides), slides,
+                            None, None)
+
+
+def _read_h5(path: Path, metadata=None) -> LabelledFeatures:
+    """``embed --format h5`` (features, coords, slide_id, label) or TRIDENT/CLAM features (features, coords;
+    no labels, slide id = file stem). Patch ids are ``x_y`` of the coords, as embed names whole-slide tiles."""
+    import h5py
+
+    dec = lambda a: [v.decode() if isinstance(v, bytes) else str(v) for v in a]  # noqa: E731
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise TubError(f"{path} cannot be read as HDF5 ({exc})") from None
+    with f:
+        if "features" not in f:
+            raise TubError(f"{path} has no 'features' dataset (has {list(f)}); give an 'embed --format h5' output "
+                           "or a TRIDENT/CLAM features h5")
+        x = f["features"][()]
+        if x.ndim != 2:
+            raise TubError(f"{path}: 'features' has shape {x.shape}; one row per tile, (N, D), is expected")
+        n = len(x)
+        columns = {}
+        for key in ("label", "slide_id"):
+            if key in f:
+                columns[key] = dec(f[key][()])
+                if len(columns[key]) != n:
+                    raise TubError(f"{path}: '{key}' has {len(columns[key])} entries for {n} feature rows")
+        coords = f["coords"][()] if "coords" in f else None
+    # tiles from arrays without coordinates carry (-1, -1): they have no position to name them by
+    located = coords is not None and coords.shape == (n, 2) and bool((coords >= 0).all())
+    patches = [f"{int(a)}_{int(b)}" for a, b in coords] if located else None
+    return LabelledFeatures(x.astype(np.float32), columns.get("label", [""] * n),
+                            columns.get("slide_id", [path.stem] * n), None, patches)
+
+
+def _read_h5_folder(path: Path, metadata=None) -> LabelledFeatures:
+    """A folder of h5 feature files (TRIDENT's/CLAM's features folder): one slide per file."""
+    parts = []
+    for f in _h5_files(path):
+        part = _read_h5(f)
+        _check_finite(f, part.x)
+        part.source = [os.path.abspath(f)] * len(part.x)
+        parts.append(part)
+    return concat(parts)
+
+
+def _read_npy_folder(path: Path, metadata) -> LabelledFeatures:
+    x = load_numpy(path / "embeddings.npy")
+    rows = _csv(path / "manifest.csv")
+    if len(rows) != len(x):
+        raise TubError(f"{path}: manifest.csv has {len(rows)} rows for {len(x)} embeddings")
+    labels = [r.get("label") or "" for r in rows] if metadata is None else _metadata_labels(path, rows, metadata)
+    patches = [r["patch_id"] for r in rows] if rows and "patch_id" in rows[0] else None
+    return LabelledFeatures(x.astype(np.float32), labels, [r.get("slide_id", "") for r in rows],
+                            _csv_split(path / "manifest.csv", rows), patches)
+
+
+def _read_eva(path: Path, metadata=None) -> LabelledFeatures:
+    """eva's manifest (origin, embeddings, target, split); a row's slide is its slide_id (embed writes
+    one), else its origin."""
+    import torch
+
+    rows = _csv(path / "manifest.csv")
+    if not rows or "embeddings" not in rows[0]:
+        raise TubError(f"{path}/manifest.csv is not an eva manifest (origin, embeddings, target, split)")
+    # eva may have saved GPU or bf16 tensors: load onto the CPU, widen before numpy
+    x = np.stack([torch.load(path / r["embeddings"], map_location="cpu", weights_only=True).float().numpy()
+                  for r in rows])
+    return LabelledFeatures(x.astype(np.float32), [r.get("target") or "" for r in rows],
+                            [r.get("slide_id") or r["origin"] for r in rows], _csv_split(path / "manifest.csv", rows))
+
+
+def _read_pathorob(path: Path, metadata) -> LabelledFeatures:
+    if metadata is None:
+        raise TubError(f"{path} holds PathoROB {{center}}.npz files; give --metadata CSV for labels and order")
+    rows = _csv(Path(metadata))
+    missing = [c for c in PATHOROB_COLUMNS if not rows or c not in rows[0]]
+    if missing:
+        raise TubError(f"{metadata}: metadata is missing column(s) {', '.join(missing)}; a PathoROB metadata "
+                       f"CSV has {', '.join(PATHOROB_COLUMNS)} (one row per embedded tile)")
+    files = {}
+    xs = []
+    for r in rows:
+        center = r["medical_center"].replace(" ", "_")
+        if center not in files:
+            f = path / f"{center}.npz"
+            if not f.is_file():
+                raise TubError(f"no features {f} for medical_center {r['medical_center']!r}")
+            files[center] = load_numpy(f)
+        key = f"{r['slide_id']}-{r['patch_id']}"
+        if key not in files[center]:
+            raise TubError(f"{path}/{center}.npz has no key {key!r}")
+        xs.append(files[center][key])
+    return LabelledFeatures(np.stack(xs).astype(np.float32), [r["biological_class"] for r in rows],
+                            [r["slide_id"] for r in rows], _csv_split(Path(metadata), rows),
+                            [r["patch_id"] for r in rows])
+
+
+READERS = {"npz": _read_npz, "h5": _read_h5, "h5_folder": _read_h5_folder, "npy": _read_npy_folder,
+           "eva": _read_eva, "pathorob": _read_pathorob}
 
 
 def _metadata_labels(path: Path, rows: list[dict], metadata) -> list[str]:
@@ -171,5 +303,114 @@ def concat(parts: list[LabelledFeatures]) -> LabelledFeatures:
     if any(given) and not all(given):
         raise TubError("some feature inputs have a split column and others do not; give it for all or none")
     split = sum((p.split for p in parts), []) if all(given) else None
+
+    def rows(field: str):  # a per-row column that only some parts record: "" for the others
+        if all(getattr(p, field) is None for p in parts):
+            return None
+        return sum((getattr(p, field) or [""] * len(p.x) for p in parts), [])
+
     return LabelledFeatures(np.concatenate([p.x for p in parts]), sum((p.labels for p in parts), []),
-                            sum((p.slide_id for p in parts), []), split)
+                            sum((p.slide_id for p in parts), []), split, rows("patch_id"), rows("source"))
+
+
+class LabelTable:
+    """``--labels CSV``: slide_id[,patch_id],label[,split]. A row with a patch_id labels that tile, one
+    without (no patch_id column, or an empty cell) the whole slide; a tile's own row wins over its
+    slide's. A ``split`` column, where there is one, replaces the inputs' splits."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise TubError(f"--labels {self.path} does not exist; give a CSV with columns slide_id[,patch_id],"
+                           "label[,split]")
+        with open(self.path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            columns = reader.fieldnames or []
+        missing = [c for c in ("slide_id", "label") if c not in columns]
+        if missing:
+            have = ", ".join(columns) or "none"
+            raise TubError(f"--labels {self.path} has no {' or '.join(missing)} column (has {have}); give columns "
+                           "slide_id[,patch_id],label[,split]")
+        labelled = [(i, r) for i, r in enumerate(rows) if (r["label"] or "").strip()]
+        if not labelled:
+            raise TubError(f"--labels {self.path} has no row with a label")
+        self.has_split = "split" in columns
+        splits = [self._split(r["split"], i + 2) for i, r in labelled] if self.has_split else None
+        self.tiles: dict[tuple[str, str], tuple[str, str | None]] = {}
+        self.slides: dict[str, tuple[str, str | None]] = {}
+        lines: dict = {}
+        for j, (i, r) in enumerate(labelled):
+            patch = (r.get("patch_id") or "").strip()
+            key = (r["slide_id"], patch) if patch else r["slide_id"]
+            table = self.tiles if patch else self.slides
+            value = (r["label"].strip(), splits[j] if splits else None)
+            if key in table and table[key] != value:
+                what = f"slide {key[0]!r} patch {key[1]!r}" if patch else f"slide {key!r}"
+                raise TubError(f"--labels {self.path}: {what} is on lines {lines[key]} and {i + 2} with different "
+                               "labels or splits; keep one row per slide (or tile)")
+            table[key], lines[key] = value, i + 2
+
+    def _split(self, value: str | None, line: int) -> str:
+        """A labelled row's split, checked as an input's split column is (never silently replaced)."""
+        name = SPLIT_ALIASES.get((value or "").strip().lower())
+        if name is None:
+            raise TubError(f"--labels {self.path}: line {line} has split {value or ''!r}; use train, val (or valid, "
+                           "validation) or test in every labelled row, or drop the split column for a seeded split")
+        return name
+
+    def attach(self, path: Path, feats: LabelledFeatures) -> LabelledFeatures:
+        """``feats`` with this table's labels (and splits); a row it does not label is an error naming
+        how many there are and the first one."""
+        patches = feats.patch_id or [""] * len(feats.x)
+        found = [self.tiles.get((s, p)) if p else None for s, p in zip(feats.slide_id, patches)]
+        found = [v or self.slides.get(s) for v, s in zip(found, feats.slide_id)]
+        missing = [i for i, v in enumerate(found) if v is None]
+        if missing:
+            i = missing[0]
+            if self.tiles and feats.patch_id is None and not self.slides:
+                raise TubError(f"--labels {self.path} labels tiles (slide_id, patch_id), but {path} records no "
+                               "patch ids; label its slides with rows whose patch_id is empty (or no patch_id column)")
+            tile = f" patch {patches[i]!r}" if patches[i] else ""
+            raise TubError(f"--labels {self.path} has no label for {len(missing)} of {len(found)} row(s) of {path}, "
+                           f"e.g. slide {feats.slide_id[i]!r}{tile}; add them to the CSV")
+        return LabelledFeatures(feats.x, [v[0] for v in found], feats.slide_id,
+                                [v[1] for v in found] if self.has_split else feats.split, feats.patch_id, feats.source)
+
+
+def embed_run_encoder(path: Path) -> dict | None:
+    """The encoder settings of the ``tub atlas embed`` run that wrote ``path`` (its run folder, up to three
+    folders up: ``encoder.json``), with the weights path made absolute from the run's cwd; None when
+    ``path`` lies in no embed run (hand-made or TRIDENT/CLAM features). ``evaluate`` records it in
+    probe.json so that ``explain`` can refuse a probe trained on other features (pool, architecture)."""
+    from tubcli.io import read_json
+
+    p = Path(path).resolve()
+    for d in [p, *p.parents][:4]:
+        if not ((d / "env.json").is_file() and (d / "encoder.json").is_file()):
+            continue
+        env = read_json(d / "env.json")
+        if "atlas embed" not in str(env.get("command", "")):
+            return None
+        enc = read_json(d / "encoder.json")
+        weights = enc.get("weights")
+        if weights and not enc.get("random_init") and not os.path.isabs(weights):
+            weights = os.path.normpath(os.path.join(env.get("cwd") or str(d), weights))
+        return {"arch": enc.get("arch"), "pool": enc.get("pool"), "dim": enc.get("dim"), "weights": weights,
+                "random_init": enc.get("random_init"), "transform": enc.get("transform"), "vit": enc.get("vit"),
+                "embed_run": str(d)}
+    return None
+
+
+def common_encoder(paths: list[Path]) -> dict | None:
+    """The one encoder the embed runs behind ``paths`` used (``embed_run_encoder``), or None when none is
+    known; inputs from encoders with another architecture, pooling or weights are an error, since one
+    probe cannot serve both."""
+    known = [(p, rec) for p in paths if (rec := embed_run_encoder(p)) is not None]
+    for p, rec in known[1:]:
+        first_path, first = known[0]
+        for key in ("arch", "pool", "weights"):
+            if rec.get(key) != first.get(key):
+                raise TubError(f"{first_path} and {p} come from different encoders ({key} {first.get(key)!r} vs "
+                               f"{rec.get(key)!r}); probe one encoder's features at a time")
+    return known[0][1] if known else None

@@ -37,8 +37,8 @@ app = PluginApp(
         Verb("evaluate", "tub_atlas.cli:evaluate", config="tub_atlas.config:EvaluateConfig",
              help="Linear and kNN probes on frozen embeddings (balanced accuracy, repeated runs).",
              args=["features"],
-             options={"metadata": "metadata", "method": "method", "k": "k", "vote": "vote", "runs": "runs",
-                      "max-steps": "max_steps", "patience": "patience"}),
+             options={"metadata": "metadata", "labels": "labels", "method": "method", "k": "k", "vote": "vote",
+                      "runs": "runs", "max-steps": "max_steps", "patience": "patience", "bootstrap": "bootstrap"}),
         Verb("explain", "tub_atlas.cli:explain", config="tub_atlas.config:ExplainConfig",
              help="Heatmaps of tiles or whole slides: attention rollout, conservative LRP or AttnLRP (dim, "
                   "probe class, similarity); PNG overlays.",
@@ -69,7 +69,8 @@ app = PluginApp(
     ],
     demo="tub_atlas.demo:run_demo",
     requires={"torch": "pip install torch==2.13.0 (CPU build; on a GPU the build for your CUDA)", "safetensors": "pip install safetensors", "h5py": "pip install h5py",
-              "PIL": "pip install pillow", "matplotlib": "pip install matplotlib"},
+              "PIL": "pip install pillow", "matplotlib": "pip install matplotlib",
+              "sklearn": "pip install scikit-learn"},
     optional={"timm": "a separate venv only (it brings torchvision and its own torch): README, Parity procedure",
               "openslide": "pip install 'tub-atlas[slides]'  (whole-slide images)"},
 )

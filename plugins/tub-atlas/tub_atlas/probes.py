@@ -79,19 +79,21 @@ def top_k_stable(sim: torch.Tensor, k: int) -> torch.Tensor:
 
 def knn_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n_classes: int, k: int = 20,
                 vote: str = "uniform", temperature: float = 0.07, chunk: int | None = None,
-                memory_budget: int = KNN_MEMORY) -> np.ndarray:
+                memory_budget: int = KNN_MEMORY, return_votes: bool = False):
     """Cosine kNN on L2-normalised embeddings; labels are ints 0..n_classes-1.
 
     Test rows go in blocks of ``chunk`` (default: as many as fit ``memory_budget`` bytes of float64
     similarities, at most ``KNN_CHUNK``); neighbours are the k most similar training rows, equal
-    similarities in training-index order (as a stable sort of distances), whatever the block size."""
+    similarities in training-index order (as a stable sort of distances), whatever the block size.
+    ``return_votes``: also each class's share of the (weighted) votes, (n_test, n_classes), rows sum to 1
+    (scikit-learn's ``predict_proba`` for the uniform vote)."""
     tr = F.normalize(torch.as_tensor(train_x, dtype=torch.float64), dim=1)
     te = F.normalize(torch.as_tensor(test_x, dtype=torch.float64), dim=1)
     ty = torch.as_tensor(train_y, dtype=torch.long)
     k = min(k, tr.shape[0])
     if chunk is None:
         chunk = max(1, min(KNN_CHUNK, memory_budget // (8 * max(1, tr.shape[0]))))
-    preds = []
+    preds, votes = [], []
     for s in range(0, te.shape[0], chunk):
         sim = te[s:s + chunk] @ tr.T
         order = top_k_stable(sim, k)
@@ -101,9 +103,14 @@ def knn_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n_
         w = torch.ones_like(top_sim) if vote == "uniform" else torch.exp(top_sim / temperature)
         scores = torch.zeros(top_sim.shape[0], n_classes, dtype=torch.float64).scatter_add_(1, labels, w)
         preds.append(scores.argmax(1))  # argmax returns the first maximum: ties -> smallest label
+        if return_votes:
+            votes.append(scores / scores.sum(1, keepdim=True))
     if not preds:
-        return np.zeros(0, dtype=np.int64)
-    return torch.cat(preds).numpy()
+        pred, share = np.zeros(0, dtype=np.int64), np.zeros((0, n_classes))
+    else:
+        pred = torch.cat(preds).numpy()
+        share = torch.cat(votes).numpy() if return_votes else None
+    return (pred, share) if return_votes else pred
 
 
 # ------------------------------------------------------------------ linear probe
@@ -162,6 +169,56 @@ def _train_linear_probe(train_x, train_y, val_x, val_y, n_classes, seed, lr, bat
 def predict_linear(probe: nn.Linear, x) -> np.ndarray:
     with torch.no_grad():
         return probe(torch.as_tensor(x, dtype=torch.float32)).argmax(1).numpy()
+
+
+def linear_probabilities(probe: nn.Linear, x) -> np.ndarray:
+    """Softmax of the probe's logits in float64 (rows sum to 1, as AUROC's one-vs-rest form needs)."""
+    with torch.no_grad():
+        logits = probe(torch.as_tensor(x, dtype=torch.float32)).double()
+    return torch.softmax(logits, dim=1).numpy()
+
+
+# ------------------------------------------------------------------ ranking metrics and intervals
+def auroc(y_true: np.ndarray, proba: np.ndarray, classes: list[str]) -> tuple[float, str | None]:
+    """(AUROC, None), or (NaN, why) where it is undefined. Binary: the AUROC of the positive class (the
+    second sorted class, column 1); more classes: the macro mean of one-vs-rest AUROCs, which needs
+    every class among the rows (a class without rows has no ROC curve)."""
+    from sklearn.metrics import roc_auc_score
+
+    y_true = np.asarray(y_true, dtype=np.int64)
+    absent = [classes[i] for i in np.flatnonzero(np.bincount(y_true, minlength=len(classes)) == 0)]
+    if absent:
+        return float("nan"), f"class(es) {', '.join(map(repr, absent))} have no test rows"
+    if len(classes) == 2:
+        return float(roc_auc_score(y_true == 1, proba[:, 1])), None
+    return float(roc_auc_score(y_true, proba, multi_class="ovr", average="macro",
+                               labels=list(range(len(classes))))), None
+
+
+def slide_bootstrap(metric_fn, slide_of_row, resamples: int, seed: int = 0, level: float = 0.95) -> dict:
+    """Percentile bootstrap intervals over slides (Efron & Tibshirani 1993, ch. 13): each draw takes as
+    many slides as there are, with replacement, and all rows of every drawn slide (tiles of one slide are
+    not independent, so resampling rows would make the intervals too narrow). ``metric_fn(rows)`` returns
+    {name: value}; a draw where a metric is NaN (e.g. AUROC with a class missing) is left out for it, and
+    a metric defined in fewer than half the draws gets no interval (null). As tub-xmil's
+    ``bootstrap_intervals``: {"level", "resamples", name: [low, high] | None, "resamples_used": {name: n}}."""
+    slide_of_row = np.asarray(slide_of_row, dtype=object)
+    slides, inverse = np.unique(slide_of_row.astype(str), return_inverse=True)
+    rows_of = [np.flatnonzero(inverse == i) for i in range(len(slides))]
+    rng = np.random.default_rng(seed)
+    draws: dict = {}
+    for _ in range(resamples):
+        pick = rng.integers(0, len(slides), len(slides))
+        for name, value in metric_fn(np.concatenate([rows_of[i] for i in pick])).items():
+            draws.setdefault(name, []).append(value)
+    out, used = {}, {}
+    for name, values in draws.items():
+        v = np.asarray(values, float)
+        v = v[np.isfinite(v)]
+        used[name] = int(len(v))
+        out[name] = ([float(q) for q in np.quantile(v, [(1 - level) / 2, (1 + level) / 2])]
+                     if len(v) and len(v) >= resamples / 2 else None)
+    return {"level": level, "resamples": resamples, "slides": int(len(slides)), **out, "resamples_used": used}
 
 
 def summarise(runs: list[dict]) -> dict:

@@ -8,7 +8,8 @@ from tubcli.errors import TubError
 
 from .embedding import group_split
 from .features import LabelledFeatures
-from .probes import classification_metrics, knn_predict, predict_linear, summarise, train_linear_probe
+from .probes import (auroc, classification_metrics, knn_predict, linear_probabilities, slide_bootstrap, summarise,
+                     train_linear_probe)
 
 
 def resolve_splits(feats: LabelledFeatures, seed: int) -> list[str]:
@@ -27,9 +28,12 @@ def sorted_classes(labels) -> list[str]:
         return sorted(names)
 
 
-def run_probes(feats: LabelledFeatures, cfg, run) -> dict:
+def run_probes(feats: LabelledFeatures, cfg, run, encoder: dict | None = None) -> dict:
+    """Both probes on one split; writes ``outputs/predictions.csv`` (every test row), ``outputs/splits.csv``
+    (every slide) and the best linear probe with ``probe.json`` (classes, dim and ``encoder``: the embed
+    run's encoder settings, for ``explain`` to check)."""
     if any(lab == "" for lab in feats.labels):
-        raise TubError("some embeddings have no label; probing needs a label for every row")
+        raise TubError("some embeddings have no label; probing needs a label for every row (--labels CSV)")
     classes = sorted_classes(feats.labels)
     if len(classes) < 2:
         raise TubError(f"probing needs at least two classes, found {classes}")
@@ -50,35 +54,130 @@ def run_probes(feats: LabelledFeatures, cfg, run) -> dict:
         if missing:  # balanced accuracy then averages the recall of the other classes only
             run.log.warning("class(es) %s have no %s rows, so the scores say nothing about them; add slides "
                             "of those classes or give a split column", ", ".join(missing), part)
+    slides = np.asarray(feats.slide_id, dtype=object)
     out: dict = {"classes": classes, "n_train": int(tr.sum()), "n_val": int((split == "val").sum()),
-                 "n_test": int(te.sum()), "dim": int(x.shape[1]), "support": support}
+                 "n_test": int(te.sum()), "dim": int(x.shape[1]), "support": support,
+                 **{f"n_{part}_slides": len(set(slides[split == part])) for part in ("train", "val", "test")}}
+    write_splits(run, feats.slide_id, split)
+    columns: dict[str, list] = {}  # predictions.csv columns of the probes that ran
+    test_slides = slides[te]
     if cfg.method in ("knn", "both"):
         k = min(cfg.k, int(tr.sum()))
         if k < cfg.k:
             run.log.warning("--k %d is more than the %d training rows; kNN uses k = %d", cfg.k, k, k)
-        pred = knn_predict(x[tr], y[tr], x[te], len(classes), k, cfg.vote, cfg.temperature)
+        pred, votes = knn_predict(x[tr], y[tr], x[te], len(classes), k, cfg.vote, cfg.temperature,
+                                  return_votes=True)
         m = classification_metrics(y[te], pred, len(classes))
         out["knn"] = {"k": k, "k_requested": cfg.k, "vote": cfg.vote, **m}
+        if cfg.bootstrap:
+            out["knn"]["ci"] = _intervals(lambda rows: {"balanced_accuracy": _bacc(y[te][rows], pred[rows], classes)},
+                                          test_slides, cfg, run, "knn")
+        columns["knn_pred"] = [classes[i] for i in pred]
+        columns.update({f"knn_vote_{c}": votes[:, j] for j, c in enumerate(classes)})
     if cfg.method in ("linear", "both"):
-        runs, best = [], None
-        for i in range(cfg.runs):
-            seed = run.item_seed(f"linear-probe-{i}")
-            probe, rec = train_linear_probe(x[tr], y[tr], x[va], y[va], len(classes), seed=seed, lr=cfg.lr,
-                                            batch_size=cfg.batch_size, max_steps=cfg.max_steps,
-                                            patience=cfg.patience, eval_every=cfg.eval_every)
-            m = classification_metrics(y[te], predict_linear(probe, x[te]), len(classes))
-            runs.append({**{k: v for k, v in m.items() if isinstance(v, float)}, **rec, "seed": seed})
-            if best is None or rec["best_val_balanced_accuracy"] > best[0]:
-                best = (rec["best_val_balanced_accuracy"], probe)
-            run.log.info("linear probe run %d: test balanced accuracy %.4f", i, m["balanced_accuracy"])
-        out["linear"] = {**summarise(runs), "runs": runs}
+        out["linear"], probe, proba = _linear_runs(x, y, tr, va, te, classes, cfg, run)
+        if cfg.bootstrap:
+            out["linear"]["ci"] = _intervals(lambda rows: _linear_scores(y[te][rows], proba[rows], classes),
+                                             test_slides, cfg, run, "linear (best run)")
+        columns["linear_pred"] = [classes[i] for i in proba.argmax(1)]
+        columns.update({f"linear_prob_{c}": proba[:, j] for j, c in enumerate(classes)})
         from tubcli.io import save_safetensors, write_json
 
-        probe = best[1]
         save_safetensors(run.outputs_dir / "probe.safetensors",
                          {"weight": probe.weight.detach().contiguous(), "bias": probe.bias.detach().contiguous()})
-        write_json(run.outputs_dir / "probe.json", {"classes": classes, "dim": int(x.shape[1])})
+        write_json(run.outputs_dir / "probe.json", {"classes": classes, "dim": int(x.shape[1]), "encoder": encoder})
+        if encoder is None:
+            run.log.warning("the features come from no 'tub atlas embed' run folder: probe.json records no encoder, "
+                            "so 'explain --target probe' cannot check its --arch/--pool against them")
+    write_predictions(run, feats, np.flatnonzero(te), split, columns)
     return out
+
+
+def _bacc(y_true, y_pred, classes) -> float:
+    return classification_metrics(y_true, y_pred, len(classes))["balanced_accuracy"]
+
+
+def _linear_scores(y_true, proba, classes) -> dict:
+    return {"balanced_accuracy": _bacc(y_true, proba.argmax(1), classes), "auroc": auroc(y_true, proba, classes)[0]}
+
+
+def _linear_runs(x, y, tr, va, te, classes, cfg, run):
+    """``cfg.runs`` seeded linear probes: their summary (mean, sd, each run, AUROC), and the best-on-
+    validation probe with its test-row probabilities (saved, and in predictions.csv)."""
+    runs, best = [], None
+    for i in range(cfg.runs):
+        seed = run.item_seed(f"linear-probe-{i}")
+        probe, rec = train_linear_probe(x[tr], y[tr], x[va], y[va], len(classes), seed=seed, lr=cfg.lr,
+                                        batch_size=cfg.batch_size, max_steps=cfg.max_steps,
+                                        patience=cfg.patience, eval_every=cfg.eval_every)
+        proba = linear_probabilities(probe, x[te])
+        m = classification_metrics(y[te], proba.argmax(1), len(classes))
+        m["auroc"], why = auroc(y[te], proba, classes)
+        runs.append({**{k: v for k, v in m.items() if isinstance(v, float)}, **rec, "seed": seed})
+        if best is None or rec["best_val_balanced_accuracy"] > best[0]:
+            best = (rec["best_val_balanced_accuracy"], i, probe, proba)
+        run.log.info("linear probe run %d: test balanced accuracy %.4f", i, m["balanced_accuracy"])
+    _, i, probe, proba = best
+    out = {**summarise(runs), "runs": runs, "best_run": i}
+    if why is not None:  # the same test rows in every run: undefined in all of them
+        run.log.warning("linear probe AUROC is undefined (null): %s", why)
+        out["auroc_undefined"] = why
+    return out, probe, proba
+
+
+def _intervals(metric_fn, test_slides, cfg, run, what: str) -> dict | None:
+    """Slide-level bootstrap 95 % intervals (``--bootstrap N``), seeded from ``--seed``; None (with a
+    warning) when the test rows come from a single slide, which gives no spread to resample."""
+    if len(set(test_slides)) < 2:
+        run.log.warning("%s: the test rows come from one slide, so --bootstrap gives no interval (null)", what)
+        return None
+    return slide_bootstrap(metric_fn, test_slides, cfg.bootstrap, seed=run.item_seed(f"bootstrap-{what}"))
+
+
+def write_splits(run, slide_ids, split) -> None:
+    """``outputs/splits.csv``: each slide once with its split, so a study can report and reuse it. A slide
+    whose rows a given split column puts in several splits is listed as e.g. ``train+test`` and warned
+    about: its tiles on both sides make the test scores optimistic."""
+    parts: dict[str, set] = {}
+    for s, p in zip(slide_ids, split):
+        parts.setdefault(s, set()).add(p)
+    order = {"train": 0, "val": 1, "test": 2}
+    mixed = sorted(s for s, ps in parts.items() if len(ps) > 1)
+    if mixed:
+        run.log.warning("%d slide(s) have rows in more than one split (e.g. %r): the test scores are optimistic; "
+                        "split by slide", len(mixed), mixed[0])
+    rows = [{"slide_id": s, "split": "+".join(sorted(ps, key=order.get))} for s, ps in sorted(parts.items())]
+    _write_csv(run.outputs_dir / "splits.csv", rows, ["slide_id", "split"])
+
+
+def write_predictions(run, feats: LabelledFeatures, test_rows: np.ndarray, split, columns: dict) -> None:
+    """``outputs/predictions.csv``: one line per test row (``row`` = its index among all input rows, in
+    input order), with each probe's predicted class and per-class kNN vote shares / linear probabilities."""
+    n = len(test_rows)
+    base = {"row": test_rows.tolist(), "source": [feats.source[i] if feats.source else "" for i in test_rows],
+            "slide_id": [feats.slide_id[i] for i in test_rows],
+            "patch_id": [feats.patch_id[i] if feats.patch_id else "" for i in test_rows],
+            "split": [split[i] for i in test_rows], "label": [feats.labels[i] for i in test_rows]}
+    table = {**base, **columns}
+    rows = [{k: (_number(v[j])) for k, v in table.items()} for j in range(n)]
+    _write_csv(run.outputs_dir / "predictions.csv", rows, list(table))
+
+
+def _number(v):
+    return repr(float(v)) if isinstance(v, (float, np.floating)) else v
+
+
+def _write_csv(path, rows: list[dict], fields: list[str]) -> None:
+    import csv
+    import io
+
+    from tubcli.io import write_text
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    write_text(path, buf.getvalue())
 
 
 def teacher_student_knn(teacher, student, student_norm, tiles, sets, cfg, run) -> dict:

@@ -26,6 +26,7 @@ Pixels outside the scanned area (alpha 0 in ``read_region``) become white.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from pathlib import Path
 
@@ -38,6 +39,12 @@ from tubcli.io import refuse_broken_link
 from .tissue import TissueParams, otsu_threshold, saturation, segment_tissue, tissue_mask  # noqa: F401 (API)
 
 SLIDE_EXT = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".tif", ".tiff"}
+OPENSLIDE_HINT = "reading whole slides needs OpenSlide: pip install 'tub-atlas[slides]'"
+MPP_TOLERANCE = 0.05  # a scan up to 5% coarser than asked is read as is: 20x scanners record 0.49-0.51 µm/px
+
+
+def openslide_available() -> bool:
+    return importlib.util.find_spec("openslide") is not None
 
 
 def is_whole_slide(path: Path) -> bool:
@@ -49,8 +56,7 @@ def is_whole_slide(path: Path) -> bool:
     except ImportError:
         if path.suffix.lower() in (".tif", ".tiff"):
             return False
-        raise TubError(f"{path} is a whole-slide image; install openslide-python (and OpenSlide) to read it") \
-            from None
+        raise TubError(f"{path} is a whole-slide image; {OPENSLIDE_HINT}") from None
     return openslide.OpenSlide.detect_format(str(path)) is not None
 
 
@@ -171,8 +177,12 @@ class SlideTiles:
                 raise TubError(f"{path} does not record its resolution (openslide.mpp-x); give --slide-base-mpp, "
                                "or drop --slide-mpp and choose --slide-level instead")
             factor = mpp / self.mpp0  # level-0 pixels per output pixel
-            if factor < 1 - 1e-6:
-                raise TubError(f"--slide-mpp {mpp} is finer than the slide's {self.mpp0} µm/px; use >= {self.mpp0}")
+            if factor < 1 - MPP_TOLERANCE:
+                hint = f", or --slide-mag {self.mag0:g} (its nominal magnification)" if self.mag0 else ""
+                raise TubError(f"--slide-mpp {mpp} is finer than the slide's {self.mpp0} µm/px by more than "
+                               f"{MPP_TOLERANCE:.0%}; use >= {self.mpp0}{hint}")
+            if factor < 1:  # within the tolerance: level 0 as scanned, recorded at its own resolution
+                factor, mpp = 1.0, self.mpp0
             self.level = s.get_best_level_for_downsample(factor + 1e-6)
             self.footprint0 = int(round(tile_px * factor))
         else:
@@ -551,6 +561,8 @@ def check_slide_file(path: Path) -> None:
 def check_slide_path(path: Path) -> None:
     """When the slide's turn comes: also that OpenSlide opens it."""
     check_slide_file(path)
+    if not openslide_available():  # else a pyramidal .tif would be called "not a whole-slide image"
+        raise TubError(f"{path}: {OPENSLIDE_HINT}")
     if not is_whole_slide(path):
         raise TubError(f"{path} is not a whole-slide image OpenSlide can open "
                        "(.svs, .ndpi, .mrxs, pyramidal .tif, …)")
