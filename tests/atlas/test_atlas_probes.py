@@ -107,3 +107,12 @@ def test_group_split_with_one_slide_per_class_still_has_a_test_split():
 def test_summarise_mean_std():
     s = summarise([{"a": 1.0}, {"a": 3.0}])
     assert s["a"]["mean"] == 2.0 and s["a"]["std"] == pytest.approx(np.sqrt(2))
+
+
+def test_atlas_macro_f1_counts_predicted_only_classes_as_sklearn():
+    from sklearn.metrics import f1_score
+    from tub_atlas.probes import classification_metrics
+    y = np.array([0, 0, 1, 1, 1])
+    p = np.array([0, 2, 1, 1, 0])  # class 2 predicted, never true
+    got = classification_metrics(y, p, 3)["macro_f1"]
+    assert got == pytest.approx(f1_score(y, p, average="macro"))

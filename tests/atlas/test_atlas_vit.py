@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -151,3 +152,16 @@ def test_bf16_autocast_path_stays_close_to_fp32():
             low = m(x)
     rel = (low.float() - ref).norm() / ref.norm()
     assert 0 < rel < 0.02  # really computed in bf16 (not identical), and close
+
+
+def test_pos_embed_resampling_equals_pil_bicubic_without_timm():
+    from PIL import Image
+    from tub_atlas.vit import resample_pos_embed
+    g = torch.Generator().manual_seed(0)
+    pos = torch.randn(1, 1 + 16, 3, generator=g)
+    for grid in [(7, 7), (3, 3), (6, 5)]:
+        out = resample_pos_embed(pos, grid, 1)[0, 1:].reshape(*grid, 3).numpy()
+        table = pos[0, 1:].reshape(4, 4, 3).numpy()
+        for c in range(3):
+            im = Image.fromarray(table[..., c].astype(np.float32), mode="F").resize((grid[1], grid[0]), Image.BICUBIC)
+            assert np.abs(out[..., c] - np.asarray(im)).max() < 1e-5

@@ -332,3 +332,37 @@ def test_md_average_takes_the_thermostat_temperature_and_refuses_runs_at_two(cap
     with caplog.at_level(logging.WARNING, logger="md-average-test"):
         assert _md_temperature(cfg, [frame(0, None, 300), frame(1, None, 320)], run) == 310.0
     assert "do not record their thermostat's temperature" in caplog.text
+
+
+def test_block_error_is_the_standard_error_of_the_block_means():
+    from tub_mlff.diffusion import diffusion_coefficient
+    rng = np.random.default_rng(3)
+    pos = np.cumsum(rng.normal(size=(400, 20, 3)), axis=0)
+    res = diffusion_coefficient(pos, 1.0, blocks=4)
+    vals = np.array([diffusion_coefficient(pos[b * 100:(b + 1) * 100], 1.0).D for b in range(4)])
+    assert res.D == pytest.approx(vals.mean(), rel=1e-12)
+    assert res.D_err == pytest.approx(vals.std(ddof=1) / 2.0, rel=1e-12)
+
+
+def test_unweighted_arrhenius_covariance_matches_ols():
+    from tub_mlff.diffusion import KB_EV, arrhenius_fit
+    T = np.array([500.0, 600.0, 700.0, 800.0, 900.0])
+    D = 1e-3 * np.exp(-0.25 / (KB_EV * T)) * np.exp(np.array([0.1, -0.05, 0.08, -0.12, 0.02]))
+    fit = arrhenius_fit(T, D)
+    x, y = 1 / (KB_EV * T), np.log(D)
+    p, V = np.polyfit(x, y, 1, cov=True)  # numpy scales by resid^2 / (n - 2)
+    assert fit.Ea_err == pytest.approx(np.sqrt(V[0, 0]), rel=1e-9)
+
+
+def test_average_voltage_is_x_weighted():
+    from tub_mlff.battery import average_voltage, voltage_profile
+    steps = voltage_profile([0.0, 0.25, 1.0], [0.0, -0.25, -0.4])  # 1.0 V over 0.25, 0.2 V over 0.75
+    assert average_voltage(steps) == pytest.approx((0.25 * 1.0 + 0.75 * 0.2) / 1.0)
+
+
+def test_collinear_points_are_not_hull_vertices():
+    from tub_mlff.battery import lower_convex_hull, voltage_profile
+    x = np.array([0.0, 0.5, 1.0])
+    e = -0.3 * x
+    assert lower_convex_hull(x, e).tolist() == [0, 2]
+    assert len(voltage_profile(x, e)) == 1

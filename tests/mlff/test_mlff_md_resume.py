@@ -192,3 +192,12 @@ def test_a_resume_indexes_the_trajectory_without_parsing_every_frame(tmp_path, m
         assert np.array_equal(frames[k].positions, expected.positions)
         assert np.array_equal(frames[k].get_momenta(), expected.get_momenta())
     assert len(calls) <= 4
+
+
+def test_langevin_friction_is_per_fs():
+    from ase import units
+    from ase.build import bulk
+    from tub_mlff.md import make_dynamics
+    a = bulk("Cu", cubic=True)
+    dyn = make_dynamics(a, "nvt-langevin", 1.0, 300.0, 0.02, 20.0, 0.0, 100.0, 0)
+    assert dyn.fr * units.fs == pytest.approx(0.02)  # ASE friction is per ASE time unit

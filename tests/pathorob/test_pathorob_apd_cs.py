@@ -169,3 +169,15 @@ def test_apd_refuses_rows_whose_blocks_are_not_one_slide():
     cols["slide_id"][cols["slide_id"] == cols["slide_id"][30]] = first  # one slide of 60 tiles
     with pytest.raises(TubError, match=f"slide '{first}' fills more than one block"):
         apd_accuracies(X, Metadata(cols, "m.csv"), "tcga", iterations=1)
+
+
+def test_pathorob_clustering_std_is_sample_std_over_trials():
+    from tub_pathorob.clustering_score import clustering_score
+    from tub_pathorob.synthetic import synthetic_features
+    X, meta = synthetic_features(slides_per_cell=2, tiles_per_slide=10, bio=0.2, center=0.2, seed=1)
+    res = clustering_score(X, meta, K=3, trials=4)
+    by = {}
+    for name, _, _, _, cs in res.aris:
+        by.setdefault(name, []).append(cs)
+    want = np.mean([np.std(v, ddof=1) for v in by.values()])
+    assert want > 0 and res.summary["clustering_score_mean_std"] == pytest.approx(want)

@@ -226,3 +226,21 @@ def test_knn_exact_with_duplicates_and_ties():
     got = np.take_along_axis(d, idx, axis=1)
     want = np.sort(d, axis=1)[:, :20]
     assert np.allclose(got, want, atol=1e-12) and np.all(np.diff(got, axis=1) >= -1e-12)
+
+
+def test_confounder_auc_is_folded_above_one_half_without_center_signal():
+    from tub_pathorob.robustness_index import confounder_auc
+    rng = np.random.default_rng(0)
+    n_slides, per = 20, 10
+    center = np.repeat(np.array(["A", "B"] * (n_slides // 2)), per)
+    groups = np.repeat(np.arange(n_slides), per)
+    vals = [confounder_auc(rng.normal(size=(n_slides * per, 16)), center, groups) for _ in range(5)]
+    assert all(v >= 0.5 for v in vals)  # spec §2.2: fold AUC < 0.5 -> 1 - AUC
+
+
+def test_pathorob_balanced_accuracy_on_imbalanced_classes():
+    from sklearn.metrics import balanced_accuracy_score
+    from tub_pathorob.robustness_index import balanced_accuracy
+    y = np.array([0] * 8 + [1] * 2)
+    p = np.array([0] * 8 + [0, 1])
+    assert balanced_accuracy(y, p) == pytest.approx(balanced_accuracy_score(y, p))

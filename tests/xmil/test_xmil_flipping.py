@@ -1,6 +1,7 @@
 """Patch flipping and task metrics (spec §2.5, §2.6)."""
 
 import numpy as np
+import pytest
 import torch
 
 from tub_xmil.attention_mil import AttentionMIL
@@ -78,3 +79,14 @@ def test_metrics_against_definitions():
     ev = np.array([1, 1, 0, -1, -1])
     assert auprc2(ev, np.array([2.0, 1, 0, -1, -2])) == 1.0
     assert auprc2(np.zeros(5), np.arange(5.0)) is None
+
+
+def test_xmil_symmetric_gain_is_add_morf_minus_drop_morf():
+    from tub_xmil.attention_mil import AttentionMIL
+    from tub_xmil.flipping import slide_flipping
+    torch.manual_seed(0)
+    m = AttentionMIL(4, 2, features_dim=8).eval()
+    x = torch.randn(30, 4)
+    s = np.random.default_rng(0).normal(size=30)
+    r = slide_flipping(m, x, s, target=1, strategy="10%-of-all")
+    assert r["symmetric_gain"] == pytest.approx(r["add"]["morf"].mean() - r["drop"]["morf"].mean())

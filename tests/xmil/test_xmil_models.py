@@ -263,3 +263,15 @@ def test_r2_of_a_constant_target_is_undefined_even_when_its_mean_rounds():
     assert np.isnan(m["r2"]) and np.isnan(m["pearson_r"])
     assert undefined_reason("regression", labels=[0.1, 0.1, 0.1]).startswith("R² is undefined")
     assert regression_metrics([0.1, 0.2], [0.2, 0.2])["r2"] == pytest.approx(-1.0)
+
+
+def test_xmil_gamma_rule_adds_positive_weights():
+    from tub_xmil.lrp import gamma_module
+    lin = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, -2.0, 0.5], [-1.0, 3.0, -0.5]]))
+        lin.bias.copy_(torch.tensor([0.2, -0.3]))
+    g = gamma_module(lin, 0.25, no_bias=False)
+    W = lin.weight.detach()
+    assert torch.allclose(g.weight, W + 0.25 * W.clamp(min=0))
+    assert torch.allclose(g.bias, lin.bias + 0.25 * lin.bias.clamp(min=0))
