@@ -368,28 +368,20 @@ def test_float32_total_energy_of_a_large_cell_is_summed_accurately():
     assert abs(parts[1].item() - atomic[500:].double().sum().item()) < 0.003
 
 
-def test_stress_of_a_left_handed_cell_equals_the_right_handed_one(tmp_path):
+def test_stress_of_a_left_handed_cell_equals_the_right_handed_one(tmp_path, tiny_model):
     """The virial is divided by |det(cell)|: a left-handed cell (negative determinant) gave NaN or a sign flip."""
     from ase.build import bulk
 
     from tub_mlff.calculator import SpookyNetCalculator
-    from tub_mlff.spookynet import SpookyNet, SpookyNetConfig
 
-    torch.manual_seed(0)
-    m = SpookyNet(SpookyNetConfig(num_features=8, num_basis_functions=4, num_modules=1, use_electrostatics=False,
-                                  use_d4_dispersion=False), seed=0)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    d = tmp_path
-    save_model(m.eval(), d / "m", extra={"elements": [1, 6, 7, 11]})
+    weights = tiny_model(tmp_path / "m")
     a = bulk("Na", "bcc", a=4.2, cubic=True)
     a.rattle(0.05, seed=1)
     b = a.copy()
     b.set_cell(a.cell[[1, 0, 2]], scale_atoms=False)  # same lattice, left-handed
     out = []
     for at in (a, b):
-        at.calc = SpookyNetCalculator(str(d / "m.safetensors"), dtype=torch.float64, check=False)
+        at.calc = SpookyNetCalculator(str(weights), dtype=torch.float64, check=False)
         out.append(at.get_stress())
     assert np.all(np.isfinite(out[1]))
     np.testing.assert_allclose(out[1], out[0], atol=1e-9)

@@ -232,7 +232,7 @@ def test_validation_split_is_stratified_and_keeps_patients_together():
 
 
 def test_bootstrap_intervals_match_the_normal_theory_of_a_mean_and_skip_undefined_draws():
-    from tub_xmil.metrics import bootstrap_intervals
+    from tubcli.stats import bootstrap_intervals
 
     x = np.random.default_rng(0).normal(size=400)
     ci = bootstrap_intervals(lambda idx: {"mean": float(x[idx].mean())}, len(x), 2000, seed=1)

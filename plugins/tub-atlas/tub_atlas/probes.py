@@ -200,25 +200,15 @@ def slide_bootstrap(metric_fn, slide_of_row, resamples: int, seed: int = 0, leve
     many slides as there are, with replacement, and all rows of every drawn slide (tiles of one slide are
     not independent, so resampling rows would make the intervals too narrow). ``metric_fn(rows)`` returns
     {name: value}; a draw where a metric is NaN (e.g. AUROC with a class missing) is left out for it, and
-    a metric defined in fewer than half the draws gets no interval (null). As tub-xmil's
-    ``bootstrap_intervals``: {"level", "resamples", name: [low, high] | None, "resamples_used": {name: n}}."""
-    slide_of_row = np.asarray(slide_of_row, dtype=object)
-    slides, inverse = np.unique(slide_of_row.astype(str), return_inverse=True)
+    a metric defined in fewer than half the draws gets no interval (null). The draws and keys are
+    ``tubcli.stats.bootstrap_intervals``' (as tub-xmil's slide intervals), plus ``slides``."""
+    from tubcli.stats import bootstrap_intervals
+
+    slides, inverse = np.unique(np.asarray(slide_of_row, dtype=object).astype(str), return_inverse=True)
     rows_of = [np.flatnonzero(inverse == i) for i in range(len(slides))]
-    rng = np.random.default_rng(seed)
-    draws: dict = {}
-    for _ in range(resamples):
-        pick = rng.integers(0, len(slides), len(slides))
-        for name, value in metric_fn(np.concatenate([rows_of[i] for i in pick])).items():
-            draws.setdefault(name, []).append(value)
-    out, used = {}, {}
-    for name, values in draws.items():
-        v = np.asarray(values, float)
-        v = v[np.isfinite(v)]
-        used[name] = int(len(v))
-        out[name] = ([float(q) for q in np.quantile(v, [(1 - level) / 2, (1 + level) / 2])]
-                     if len(v) and len(v) >= resamples / 2 else None)
-    return {"level": level, "resamples": resamples, "slides": int(len(slides)), **out, "resamples_used": used}
+    ci = bootstrap_intervals(lambda pick: metric_fn(np.concatenate([rows_of[i] for i in pick])), len(slides),
+                             resamples, seed=seed, level=level)
+    return {**ci, "slides": int(len(slides))}
 
 
 def summarise(runs: list[dict]) -> dict:

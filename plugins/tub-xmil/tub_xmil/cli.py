@@ -284,7 +284,7 @@ def evaluate(cfg, run) -> dict:
     _warn_undefined(run, slides, task, "evaluated")
     out = {"slides": len(slides), **task_metrics(slides, preds, task)}
     if cfg.bootstrap and len(slides) > 1:  # how far the slides' sample leaves the metrics uncertain
-        from tub_xmil.metrics import bootstrap_intervals
+        from tubcli.stats import bootstrap_intervals
 
         out["ci"] = bootstrap_intervals(lambda idx: task_metrics([slides[i] for i in idx], preds[idx], task),
                                         len(slides), cfg.bootstrap, seed=run.seed)

@@ -1,0 +1,28 @@
+"""Statistics every plugin reports the same way."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def bootstrap_intervals(metric_fn, n: int, resamples: int, seed: int = 0, level: float = 0.95) -> dict:
+    """Percentile bootstrap intervals of every metric ``metric_fn(indices)`` returns, over ``resamples``
+    draws of n units (slides, patients) with replacement (Efron & Tibshirani 1993, ch. 13): {name: [low, high]}, plus
+    ``resamples_used`` per metric (draws where it is undefined, e.g. one class for AUROC, are left out;
+    a metric defined in fewer than half of them gets no interval)."""
+    rng = np.random.default_rng(seed)
+    draws: dict = {}
+    for _ in range(resamples):
+        for name, value in metric_fn(rng.integers(0, n, n)).items():
+            draws.setdefault(name, []).append(value)
+    out, used = {}, {}
+    for name, values in draws.items():
+        v = np.asarray(values, float)
+        v = v[np.isfinite(v)]
+        used[name] = int(len(v))
+        if len(v) >= resamples / 2:
+            lo, hi = np.quantile(v, [(1 - level) / 2, (1 + level) / 2])
+            out[name] = [float(lo), float(hi)]
+        else:
+            out[name] = None
+    return {"level": level, "resamples": resamples, **out, "resamples_used": used}
