@@ -3,6 +3,7 @@ traceback, a crash per slide or a silently wrong result: name collisions, labels
 tiling parameters, explanation targets and methods, foreign model files."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -465,3 +466,13 @@ def test_features_without_an_encoder_plugin_name_the_install(monkeypatch):
     monkeypatch.setattr(tubcli.plugins, "patch_encoders", lambda: {})
     with pytest.raises(TubError, match=r"no patch encoders are installed .*pip install 'tub-xmil\[encoders\]'"):
         get_encoder("vit-t8-demo")
+
+
+def test_a_slide_without_openslide_names_the_install(tmp_path, monkeypatch):
+    from tub_xmil.slides import open_slide
+
+    img, _, _ = render_slide(256, 256, True)
+    path = write_pyramid(tmp_path / "s.tiff", img, mpp=0.5, levels=1)
+    monkeypatch.setitem(sys.modules, "openslide", None)  # `import openslide` fails
+    with pytest.raises(TubError, match="s.tiff needs OpenSlide.*pip install openslide-python openslide-bin"):
+        open_slide(path)

@@ -12,7 +12,11 @@ SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mr
 
 def open_slide(path: str | Path):
     """An ``openslide.OpenSlide``; unreadable or non-slide files raise a TubError."""
-    import openslide
+    try:
+        import openslide
+    except ImportError as exc:  # a declared dependency, but a broken or partial environment happens
+        raise TubError(f"reading {Path(path).name} needs OpenSlide, which does not load here ({exc}); "
+                       "pip install openslide-python openslide-bin") from None
 
     path = Path(path)
     if not path.is_file():
