@@ -327,6 +327,19 @@ def test_explain_refuses_a_probe_of_another_pooling_and_names_the_class(atlas_de
     r = _ok(*base, "--pool", "mean", "-o", tmp_path / "y")
     assert r["probe_class"] == classes[1] and repr(classes[1]) in r["explains"]
     assert "check they are the same" not in (tmp_path / "y/tub.log").read_text()  # same weights: no warning
+    import shutil
+
+    shutil.copy(W, tmp_path / "copy.safetensors")  # the same bytes elsewhere: the same model (sha256)
+    _ok(*[tmp_path / "copy.safetensors" if a == W else a for a in base], "--pool", "mean", "-o", tmp_path / "c")
+    assert "check they are the same" not in (tmp_path / "c/tub.log").read_text()
+    other = tmp_path / "other.safetensors"  # other bytes: warned
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(W))
+    sd["cls_token"] = sd["cls_token"] + 1.0
+    save_file(sd, str(other))
+    _ok(*[other if a == W else a for a in base], "--pool", "mean", "-o", tmp_path / "o")
+    assert "check they are the same" in (tmp_path / "o/tub.log").read_text()
     msg = _fails(*base, "--pool", "cls+mean", "-o", tmp_path / "z")  # 384 wide: still named by its pooling
     assert "pool 'mean'" in msg and "--pool mean" in msg
 

@@ -77,7 +77,7 @@ def read_probe_record(probe: Path, log=None) -> dict:
 def check_probe_encoder(probe: Path, recorded: dict, info: dict, log=None) -> None:
     """A probe learnt on one encoder's features explains nothing on another's, even at the same width
     (CLS vs mean-pooled tokens): a different pooling or architecture is an error, other weights or
-    preprocessing a warning (a copied checkpoint has another path)."""
+    preprocessing a warning (weights compared by their sha256 where the embed run recorded it, else by path)."""
     import os
 
     run = f" (embed run {recorded['embed_run']})" if recorded.get("embed_run") else ""
@@ -93,6 +93,10 @@ def check_probe_encoder(probe: Path, recorded: dict, info: dict, log=None) -> No
     want, have = recorded.get("weights"), info.get("weights")
     if recorded.get("random_init") or info.get("random_init"):
         same = recorded.get("random_init") == info.get("random_init") and want == have
+    elif recorded.get("weights_sha256"):  # the bytes decide: a copy elsewhere is the same model
+        from tubcli.io import file_sha256
+
+        same = file_sha256(have) == recorded["weights_sha256"]
     else:
         same = want is None or os.path.realpath(want) == os.path.realpath(os.path.abspath(have))
     if not same:

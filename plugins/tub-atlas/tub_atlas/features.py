@@ -397,7 +397,7 @@ def embed_run_encoder(path: Path) -> dict | None:
         if weights and not enc.get("random_init") and not os.path.isabs(weights):
             weights = os.path.normpath(os.path.join(env.get("cwd") or str(d), weights))
         return {"arch": enc.get("arch"), "pool": enc.get("pool"), "dim": enc.get("dim"), "weights": weights,
-                "random_init": enc.get("random_init"), "transform": enc.get("transform"), "vit": enc.get("vit"),
+                "weights_sha256": enc.get("weights_sha256"), "random_init": enc.get("random_init"), "transform": enc.get("transform"), "vit": enc.get("vit"),
                 "embed_run": str(d)}
     return None
 
