@@ -219,6 +219,20 @@ def test_heatmap_writes_each_method_and_skips_only_when_all_exist(tmp_path, bags
     assert json.loads(res.stdout)["batch"]["skipped_existing"] == 1
 
 
+def test_heatmaps_of_a_model_retrained_in_place_are_not_skipped_as_done(tmp_path, bags, model):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, tmp_path / "ck")
+    cmd = ["xmil", "heatmap", bags / "s1.h5", "--model", tmp_path / "ck", "--method", "attention", "-o", tmp_path / "hm"]
+    _ok(invoke(cmd))
+    sd = load_file(str(tmp_path / "ck" / "model.safetensors"))
+    save_file({k: v + 0.01 for k, v in sd.items()}, str(tmp_path / "ck" / "model.safetensors"))
+    expect_error_line(invoke(cmd), "--model", "is not the file", "sha256 changed", "--overwrite")
+    _ok(invoke([*cmd, "--overwrite"]))
+
+
 # ---------------------------------------------------------------- 7: explained target
 @pytest.mark.parametrize("target", ["2", "-1"])
 def test_target_outside_the_model_classes(tmp_path, bags, model, target):

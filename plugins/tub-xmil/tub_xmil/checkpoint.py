@@ -113,16 +113,21 @@ def _is_model_json(mj) -> bool:
     return mj.get("arch") in ARCHS and isinstance(kw, dict) and {"input_dim", "head_dim"} <= set(kw)
 
 
+def model_file(path: str | Path) -> Path:
+    """The weights file ``--model`` names: itself, or ``model.safetensors`` of a checkpoints/ folder or of
+    a train run directory."""
+    path = Path(path)
+    if path.is_dir() and not (path / "model.safetensors").exists() and (path / "checkpoints" / "model.safetensors").exists():
+        path = path / "checkpoints"  # a train run directory: its weights are in checkpoints/
+    return path / "model.safetensors" if path.is_dir() else path
+
+
 def load_model(path: str | Path, model_json: dict | None = None) -> tuple[torch.nn.Module, dict]:
     """A model and its config from tub weights (``model.safetensors`` + ``model.json``) or an
     xMIL AttnMIL checkpoint (architecture inferred from the tensor shapes)."""
     import json
 
-    path = Path(path)
-    if path.is_dir() and not (path / "model.safetensors").exists() and (path / "checkpoints" / "model.safetensors").exists():
-        path = path / "checkpoints"  # a train run directory: its weights are in checkpoints/
-    if path.is_dir():
-        path = path / "model.safetensors"
+    path = model_file(path)
     sd = map_reference_keys(read_state_dict(path))
     if model_json is None:
         mj = path.with_suffix(".json")

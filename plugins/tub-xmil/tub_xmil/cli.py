@@ -386,6 +386,11 @@ def heatmap(cfg, run) -> dict:
         if spec.dim != meta["kwargs"]["input_dim"]:
             raise TubError(f"encoder {spec.name} gives {spec.dim}-d features but the model expects "
                            f"{meta['kwargs']['input_dim']}-d; use the encoder the model was trained on")
+        if cfg.weights is not None:
+            run.refuse_replaced_file("--weights", cfg.weights)
+    from tub_xmil.checkpoint import model_file
+
+    run.refuse_replaced_file("--model", model_file(cfg.model))  # a model retrained into the same run folder
 
     def pending(p):
         """The first method overlay of this input still missing (the item is done when none is), else the last."""
