@@ -2,6 +2,7 @@
 traceback, a crash per slide or a silently wrong result: name collisions, labels and classes, NaN,
 tiling parameters, explanation targets and methods, foreign model files."""
 
+import csv
 import json
 import sys
 
@@ -490,3 +491,48 @@ def test_a_slide_without_openslide_names_the_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "openslide", None)  # `import openslide` fails
     with pytest.raises(TubError, match="s.tiff needs OpenSlide.*pip install openslide-python openslide-bin"):
         open_slide(path)
+
+
+def test_cross_validation_folds_partition_patients_stratified():
+    """Every slide is held out in exactly one fold; a patient's slides share a fold; each class spreads evenly."""
+    from tub_xmil.dataset import Slide
+    from tub_xmil.splits import cross_validation_fold
+
+    slides = [Slide(f"s{i}", torch.zeros(1, 2), label=float(i % 3 == 0), extra={"case_id": f"p{i // 2}"})
+              for i in range(40)]  # 20 patients of two slides each
+    held = [cross_validation_fold(slides, k, 5, "classification", seed=7) for k in range(5)]
+    tested = [s.slide_id for rest, out in held for s in out]
+    assert sorted(tested) == sorted(s.slide_id for s in slides)  # a partition
+    for rest, out in held:
+        assert not {s.slide_id for s in rest} & {s.slide_id for s in out}
+        assert len({s.extra["case_id"] for s in out} & {s.extra["case_id"] for s in rest}) == 0
+    per_fold = [[sum(s.label == c for s in out) for c in (0.0, 1.0)] for _, out in held]
+    for c in (0, 1):
+        counts = [f[c] for f in per_fold]
+        assert max(counts) - min(counts) <= 2  # one patient (two slides) of the class at most
+    again = cross_validation_fold(slides, 2, 5, "classification", seed=7)[1]
+    assert [s.slide_id for s in again] == [s.slide_id for s in held[2][1]]  # same seed, same fold in every job
+    with pytest.raises(TubError, match="20 patients/slides cannot fill 25 folds"):
+        cross_validation_fold(slides, 0, 25, "classification", seed=7)
+
+
+def test_train_one_fold_holds_it_out_and_records_it_for_evaluate(tmp_path, bags):
+    labels = _csv(tmp_path / "labels.csv", "Slide_ID,label", [(f"s{i}", ["neg", "pos"][i % 2]) for i in range(N_SLIDES)])
+    res = json.loads(_ok(_train(tmp_path / "f1", bags, labels, "--fold", "1/2")).stdout)
+    assert res["fold"] == "1/2" and res["test_slides"] == 2 and res["train_slides"] == 2
+    with open(res["fold_labels"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["slide_id"] for r in rows] == [f"s{i}" for i in range(N_SLIDES)]
+    assert sorted(r["split"] for r in rows) == ["test", "test", "train", "train"]
+    assert {r["label"] for r in rows if r["split"] == "test"} == {"neg", "pos"}  # stratified
+    ev = json.loads(_ok(invoke(["xmil", "evaluate", "--model", tmp_path / "f1" / "checkpoints", "--features", bags,
+                                "--labels", res["fold_labels"], "-o", tmp_path / "ev", "--json"])).stdout)
+    assert ev["slides"] == 2  # the held-out fold
+    other = json.loads(_ok(_train(tmp_path / "f0", bags, labels, "--fold", "0/2")).stdout)
+    with open(other["fold_labels"], newline="") as f:
+        assert {r["slide_id"] for r in csv.DictReader(f) if r["split"] == "test"} == \
+            {r["slide_id"] for r in rows if r["split"] == "train"}  # the two folds' test sets partition the slides
+    split = _csv(tmp_path / "split.csv", "slide_id,label,split", [("s0", "neg", "train"), ("s1", "pos", "train"),
+                                                                   ("s2", "neg", "test"), ("s3", "pos", "train")])
+    expect_error_line(_train(tmp_path / "f2", bags, split, "--fold", "0/2"), "--fold 0/2", "drop its split column")
+    expect_error_line(_train(tmp_path / "f3", bags, labels, "--fold", "2/2"), "--fold", "0..K-1")

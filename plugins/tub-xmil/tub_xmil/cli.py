@@ -92,10 +92,19 @@ def train(cfg, run) -> dict:
     train_s, val_s, test_s = ([s for s in slides if s.split == name] for name in ("train", "val", "test"))
     if not train_s:
         raise TubError(f"{cfg.labels}: no rows with split 'train' (or an empty split cell, or no split column)")
+    if cfg.fold is not None:
+        if val_s or test_s:  # the folds make the test split; a fixed one beside them would leak or vanish
+            raise TubError(f"--fold {cfg.fold} holds out a fold of the slides as the test set, but {cfg.labels} "
+                           "names val/test rows; drop its split column (or --fold)")
+        from tub_xmil.splits import cross_validation_fold, parse_fold
+
+        train_s, test_s = cross_validation_fold(train_s, *parse_fold(cfg.fold), cfg.task, run.seed)
     if not val_s and cfg.val_fraction > 0:
         from tub_xmil.splits import validation_split
 
         train_s, val_s = validation_split(train_s, cfg.val_fraction, cfg.task, run.seed)
+    if cfg.fold is not None:
+        _write_fold_labels(cfg.labels, cfg.task, run.outputs_dir / "fold_labels.csv", train_s, val_s, test_s)
     if cfg.task == "classification":
         _check_trained_classes(cfg.labels, classes, train_s, val_s, test_s)
     model, meta = train_model(cfg, run, train_s, val_s, classes)
@@ -111,7 +120,30 @@ def train(cfg, run) -> dict:
         _warn_undefined(run, test_s, cfg.task, "test")
         out.update({f"test_{k}": v for k, v in task_metrics(test_s, predict(model, test_s, cfg.task), cfg.task).items()})
     out["weights"] = str(run.checkpoints_dir / "model.safetensors")
+    if cfg.fold is not None:
+        out["fold"] = cfg.fold
+        out["fold_labels"] = str(run.outputs_dir / "fold_labels.csv")
     return out
+
+
+def _write_fold_labels(labels: Path, task: str, out: Path, train_s, val_s, test_s) -> None:
+    """The labels CSV with this fold's split column (``evaluate --labels`` it: ``--split test`` is the held-out
+    fold), so the partition is on record and every fold can be evaluated again."""
+    import csv
+    import io
+
+    from tub_xmil.dataset import read_labels
+    from tubcli.io import write_text
+
+    split = {s.slide_id: name for name, group in (("train", train_s), ("val", val_s), ("test", test_s)) for s in group}
+    rows = [r for _, r in read_labels(labels, task)]  # column names as training read them (Slide_ID -> slide_id)
+    fields = [c for c in rows[0] if c not in ("split", None)] + ["split"]  # None: cells beyond the header
+    rows = [{**{k: v for k, v in r.items() if k in fields}, "split": split[r["slide_id"]]} for r in rows]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    write_text(out, buf.getvalue())
 
 
 def _warn_undefined(run, slides, task: str, which: str) -> None:

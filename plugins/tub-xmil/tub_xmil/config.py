@@ -9,7 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from tubcli.config import Section, TubConfig, given_fields, split_commas
 
-from tub_xmil.splits import ACCEPTED, split_name
+from tub_xmil.splits import ACCEPTED, parse_fold, split_name
 
 Arch = Literal["attnmil", "transmil", "mambamil", "additivemil"]
 Task = Literal["classification", "regression", "survival"]
@@ -91,10 +91,20 @@ class TrainConfig(TubConfig):
     val_fraction: float = Field(0.0, ge=0, lt=1, description="share of train slides held out when there is no 'val' "
                                 "split (stratified by class; a case_id/patient_id column keeps a patient's slides "
                                 "together)")
+    fold: Optional[str] = Field(None, description="k/K: hold out fold k (0-based) of a seeded K-fold partition of the "
+                                "slides (stratified, patients together) as the test set; one job per fold")
     n_bins: int = Field(4, ge=1, description="survival: number of time bins (training quartiles)")
     class_weight: Literal["none", "balanced"] = Field(
         "none", description="classification: weight each slide's loss by n / (classes x n_class) of the training "
                             "slides (balanced, as scikit-learn's), so a rare class counts as much as a common one")
+
+    @field_validator("fold")
+    @classmethod
+    def _fold(cls, value: Optional[str]) -> Optional[str]:
+        if value is None:
+            return None
+        k, n = parse_fold(value)
+        return f"{k}/{n}"
 
 
 class ModelInput(TubConfig):
