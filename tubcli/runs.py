@@ -789,9 +789,14 @@ class Run:
         digests = json.loads(record.read_text()) if record.is_file() else {}
         earlier = digests.get(option)
         outputs = self.outputs_dir.is_dir() and any(self.outputs_dir.iterdir())
-        if earlier is not None and earlier != digest and outputs and not self.overwrite:
-            raise TubError(f"{option} {path} is not the file {self.dir} was made with (its sha256 changed); use a "
-                           "new -o, or --overwrite to compute again")
+        if outputs and not self.overwrite:
+            if earlier is None:  # outputs of a run that recorded no digest: which bytes made them is unknown
+                self.log.warning("%s records no sha256 of %s %s: the outputs it skips cannot be checked against "
+                                 "this file (--overwrite recomputes them)", self.dir, option, path)
+                return digest
+            if earlier != digest:
+                raise TubError(f"{option} {path} is not the file {self.dir} was made with (its sha256 changed); "
+                               "use a new -o, or --overwrite to compute again")
         if self.is_main and earlier != digest:
             write_json(record, {**digests, option: digest})
         return digest

@@ -26,3 +26,10 @@ def bootstrap_intervals(metric_fn, n: int, resamples: int, seed: int = 0, level:
         else:
             out[name] = None
     return {"level": level, "resamples": resamples, **out, "resamples_used": used}
+
+
+def say_if_few_resamples(log, resamples: int, usual: int = 1000) -> None:
+    """Percentiles of a few hundred draws move from seed to seed: say so, rather than print them as 95% limits."""
+    if resamples < usual // 5:
+        log.warning("--bootstrap %d: the 95%% interval of so few resamples is rough; %d or more is usual",
+                    resamples, usual)

@@ -55,6 +55,21 @@ def test_eva_manifest_splits_slides_over_all_inputs(data, tmp_path):
     split = {r["slide_id"]: r["split"] for r in union}
     assert len(split) == 16 and sorted(split.values()).count("test") >= 2
     assert {r["target"] for r in union if r["split"] == "test"} == {"0", "1"}  # both classes tested
+    # evaluate on the run folder probes that split (each input alone was all train: "0 test rows")
+    res = json.loads(ok(["evaluate", tmp_path / "eva", "--method", "knn", "--json", "-o", tmp_path / "ev"]).stdout)
+    assert res["classes"] == ["class0", "class1"]
+    assert res["n_test_slides"] == sorted(split.values()).count("test") and res["n_test"] > 0
+    # an output of an older tub has no slide ids: its tiles would each count as a slide, so no manifest
+    first = tmp_path / "eva/outputs" / inputs[0].name / "manifest.csv"
+    rows = list(csv.DictReader(open(first)))
+    with open(first, "w", newline="") as f:
+        w = csv.DictWriter(f, ["origin", "embeddings", "target", "split"], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    r = ok(["embed", *inputs, "--weights", data / "vit-t8-demo-random.safetensors", "--format", "eva",
+            "-o", tmp_path / "eva", "--json"])
+    assert json.loads(r.stdout)["eva_manifest"] is None and "older tub without slide ids" in r.stderr
+    assert not (tmp_path / "eva/eva_manifest.csv").exists()  # the earlier one is not left to be taken for this
 
 
 def test_weights_replaced_at_the_same_path_are_not_taken_for_the_embedded_ones(data, tmp_path):

@@ -182,6 +182,9 @@ def test_bootstrap_intervals_are_seeded_and_bracket_the_score(tmp_path):
     lo, hi = a["linear"]["ci"]["auroc"]
     assert lo <= a["linear"]["runs"][0]["auroc"] <= hi
     assert "ci" not in _ok("evaluate", f, "--method", "knn", "-o", tmp_path / "d")["knn"]  # default: none
+    assert "rough" not in (tmp_path / "a/tub.log").read_text()
+    _ok("evaluate", f, "--method", "knn", "--bootstrap", "20", "-o", tmp_path / "e")
+    assert "--bootstrap 20: the 95% interval of so few resamples is rough" in (tmp_path / "e/tub.log").read_text()
 
 
 # ---------------------------------------------------------------- (B) --labels CSV for any input
@@ -204,6 +207,15 @@ def test_labels_csv_labels_embeds_slides_npz(tmp_path):
     short = _write_csv(tmp_path / "short.csv", ["slide_id", "label"], [(s, "neg") for s in ids[:21]])
     msg = _fails("evaluate", tmp_path / "slides.npz", "--labels", short, "-o", tmp_path / "r2")
     assert "short.csv has no label for 3 of 24 row(s)" in msg and "'case-21'" in msg
+    tiles = tmp_path / "tiles.npz"  # one row per tile, same width: one probe over both would mix two tasks
+    np.savez(tiles, features=rng.standard_normal((4, 8)).astype(np.float32), labels=np.array(["neg", "pos"] * 2),
+             slide_id=np.array(ids[:4]))
+    msg = _fails("evaluate", tmp_path / "slides.npz", tiles, "--labels", labels, "-o", tmp_path / "r3")
+    assert "mix slide embeddings (slides.npz) and tile embeddings" in msg
+    bom = tmp_path / "bom.csv"  # Excel's "CSV UTF-8" starts with a byte-order mark
+    bom.write_bytes(b"\xef\xbb\xbf" + labels.read_bytes())
+    assert _ok("evaluate", tmp_path / "slides.npz", "--labels", bom, "--method", "knn", "--k", "3",
+               "-o", tmp_path / "r4")["n_test"] == 6
 
 
 def _trident_h5(path, x, coords):
@@ -353,3 +365,22 @@ def test_explain_says_what_width_a_probe_without_provenance_expects(atlas_demo_t
     msg = _fails("explain", atlas_demo_tiles / "tiles.npz", "--arch", "vit-t8-demo", "--random-init", "--target",
                  "probe", "--probe", tmp_path / "probe.safetensors", "-o", tmp_path / "x")
     assert "expects 5-dim features" in msg and "gives 384 (pool cls+mean)" in msg and "--pool" in msg
+
+
+def test_embed_runs_of_one_weights_file_copied_to_two_places_are_one_encoder(atlas_demo_tiles, tmp_path):
+    """Node-local copies of the weights (same bytes, other paths) are one encoder; other bytes are not."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    W = atlas_demo_tiles / "vit-t8-demo-random.safetensors"
+    for name in ("a", "b"):
+        shutil.copy(W, tmp_path / f"{name}.safetensors")
+        _ok("embed", atlas_demo_tiles / "tiles.npz", "--weights", tmp_path / f"{name}.safetensors", "-o", tmp_path / name)
+    assert _ok("evaluate", tmp_path / "a", tmp_path / "b", "--method", "knn", "-o", tmp_path / "ev")["n_test"] > 0
+    sd = load_file(str(W))
+    sd["cls_token"] = sd["cls_token"] + 1.0
+    save_file(sd, str(tmp_path / "c.safetensors"))
+    _ok("embed", atlas_demo_tiles / "tiles.npz", "--weights", tmp_path / "c.safetensors", "-o", tmp_path / "c")
+    msg = _fails("evaluate", tmp_path / "a", tmp_path / "c", "--method", "knn", "-o", tmp_path / "ev2")
+    assert "come from different encoders (weights_sha256" in msg

@@ -186,6 +186,15 @@ def test_slides_in_class_folders_are_not_taken_for_tiles(slide, tmp_path):
     (svs / "t.svs").write_bytes(b"")  # no tile image at all: the slide is still named
     r = invoke(["atlas", "embed", tmp_path / "svstree", "--arch", "vit-t8-demo", "--random-init", "-o", tmp_path / "s"])
     assert r.exit_code == 1 and "t.svs is a whole slide, not a tile" in r.stderr
+    # tiles saved as tiled TIFFs (OpenSlide opens any tiled TIFF) are still tiles: no pyramid
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "tt" / cls).mkdir(parents=True)
+        for i in range(2):
+            tifffile.imwrite(tmp_path / "tt" / cls / f"s{i}_p0.tif", rng.integers(0, 255, (64, 64, 3), dtype=np.uint8),
+                             tile=(16, 16), photometric="rgb")
+    r = invoke(["atlas", "embed", tmp_path / "tt", "--arch", "vit-t8-demo", "--random-init", "--json", "-o", tmp_path / "t"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["tiles"] == 4, r.stderr
 
 
 def test_a_20x_scan_at_0504_um_per_px_is_read_as_is_for_05(tmp_path):

@@ -792,3 +792,9 @@ def test_a_file_replaced_in_place_is_refused_once_outputs_exist(tmp_path):
     assert redo.refuse_replaced_file("--weights", weights) != first
     redo.finish({})
     assert json.loads((tmp_path / "r" / "file_digests.json").read_text())["--weights"] != first
+    (tmp_path / "r" / "file_digests.json").unlink()  # a folder of an older tub: outputs, no record
+    older = Run("toy", "label", TubConfig(), out=tmp_path / "r")
+    older.refuse_replaced_file("--weights", weights)
+    older.finish({})
+    assert not (tmp_path / "r" / "file_digests.json").exists()  # not vouched for: these bytes may not have made them
+    assert "records no sha256 of --weights" in (tmp_path / "r" / "tub.log").read_text()

@@ -227,11 +227,14 @@ def test_heatmaps_of_a_model_retrained_in_place_are_not_skipped_as_done(tmp_path
 
     shutil.copytree(model, tmp_path / "ck")
     cmd = ["xmil", "heatmap", bags / "s1.h5", "--model", tmp_path / "ck", "--method", "attention", "-o", tmp_path / "hm"]
+    explain = ["xmil", "explain", bags / "s1.h5", "--model", tmp_path / "ck", "--method", "attention", "-o", tmp_path / "ex"]
     _ok(invoke(cmd))
+    _ok(invoke(explain))
     sd = load_file(str(tmp_path / "ck" / "model.safetensors"))
     save_file({k: v + 0.01 for k, v in sd.items()}, str(tmp_path / "ck" / "model.safetensors"))
-    expect_error_line(invoke(cmd), "--model", "is not the file", "sha256 changed", "--overwrite")
-    _ok(invoke([*cmd, "--overwrite"]))
+    for args in (cmd, explain):
+        expect_error_line(invoke(args), "--model", "is not the file", "sha256 changed", "--overwrite")
+        _ok(invoke([*args, "--overwrite"]))
 
 
 # ---------------------------------------------------------------- 7: explained target

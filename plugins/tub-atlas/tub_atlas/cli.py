@@ -176,9 +176,10 @@ def embed(cfg: EmbedConfig, run) -> dict:
         result["whole_slides"] = tiling
     if cfg.format == "eva":
         # every eva output of the run folder: also of earlier invocations and other shards
-        rows = write_eva_manifest(run.dir, sorted(p.parent for p in run.outputs_dir.glob("*/manifest.csv")), run.seed)
-        if rows is None:
-            run.log.warning("no eva_manifest.csv: some tiles have no label (eva's classification tasks need one)")
+        rows, why = write_eva_manifest(run.dir, sorted(p.parent for p in run.outputs_dir.glob("*/manifest.csv")),
+                                       run.seed)
+        if why is not None:
+            run.log.warning("no eva_manifest.csv: %s", why)
         result["eva_manifest"] = None if rows is None else str(run.dir / "eva_manifest.csv")
     if cfg.format == "pathorob":  # center -> file, as tub pathorob and the official scripts look it up
         result["centers"] = {center: out_for(name).name for center, name in names.items()}
@@ -297,12 +298,15 @@ def evaluate(cfg: EvaluateConfig, run) -> dict:
 
 def _embed_outputs(path: Path) -> list[Path]:
     """An ``embed`` run directory (or its ``outputs/``) stands for the embeddings in it: its pathorob
-    folder of {center}.npz, or each npy/eva folder and h5 file; anything else is itself."""
+    folder of {center}.npz, its ``eva_manifest.csv``, or each npy/eva folder and h5 file; anything else is
+    itself."""
     outputs = path / "outputs" if (path / "env.json").is_file() and (path / "outputs").is_dir() else path
     if not (outputs.name == "outputs" and (outputs.parent / "env.json").is_file()):
         return [path]
     if list(outputs.glob("*.npz")):
         return [outputs]
+    if (outputs.parent / "eva_manifest.csv").is_file():  # eva outputs: the run's one split over all inputs
+        return [outputs.parent / "eva_manifest.csv"]
     found = sorted(q for q in outputs.iterdir() if not q.name.startswith(".")
                    and (q.is_dir() or q.suffix in (".h5", ".npz")))
     if not found:
@@ -327,6 +331,9 @@ def explain(cfg: ExplainConfig, run) -> dict:
     if cfg.slide_coords is not None:
         check_coords_file(Path(cfg.slide_coords), list(names))
     encoder, info = _encoder(cfg.encoder, run)
+    for option, path in (("--weights", cfg.encoder.weights), ("--probe", cfg.probe)):
+        if path is not None:  # retrained into the same file: the maps a rerun skips were made with other bytes
+            run.refuse_replaced_file(option, path)
     write_json(run.dir / "encoder.json", info)
     return explain_inputs(encoder, names, cfg, run, info)
 

@@ -295,13 +295,15 @@ class SlideTables:
         return len(merged)
 
 
-def write_eva_manifest(run_dir: Path, folders: list[Path], seed: int) -> int | None:
+def write_eva_manifest(run_dir: Path, folders: list[Path], seed: int) -> tuple[int | None, str | None]:
     """The manifest eva reads (``eva_manifest.csv``, root = the run folder): every labelled row of the run's
     eva outputs with the target as an integer, the index of its class in ``eva_classes.json`` (eva's
     loader takes int64 targets), and one seeded 70/15/15 split by slide, stratified by class, over all
     inputs (the per-input manifests split each input alone: a one-slide input is all train). Rebuilt
-    under a lock at the end of every invocation, like ``slides.npz``; returns its rows, or None when
-    some row has no label (eva's classification tasks need one for every row)."""
+    under a lock at the end of every invocation, like ``slides.npz``; returns (rows, None), or (None, why)
+    when it cannot be made (a row without a label, which eva's classification tasks need; an output of an
+    older tub without slide ids, whose tiles would each count as a slide and leak across the split), and
+    then no earlier manifest is left behind to be taken for this run's."""
     from .probing import sorted_classes
 
     path = run_dir / "eva_manifest.csv"
@@ -311,18 +313,22 @@ def write_eva_manifest(run_dir: Path, folders: list[Path], seed: int) -> int | N
             with open(folder / "manifest.csv", newline="") as f:
                 for r in csv.DictReader(f):
                     rows.append({**r, "embeddings": os.path.relpath(folder / r["embeddings"], run_dir)})
-        if not rows or not all(r["target"] for r in rows):
-            return None
+        why = ("some eva outputs come from an older tub without slide ids; embed them again with --overwrite"
+               if any(not r.get("slide_id") for r in rows) else
+               "some tiles have no label (eva's classification tasks need one)" if not all(r["target"] for r in rows)
+               else None)
+        if why is not None or not rows:
+            for stale in (path, run_dir / "eva_classes.json"):
+                stale.unlink(missing_ok=True)
+            return None, why
         classes = sorted_classes([r["target"] for r in rows])
         index = {c: i for i, c in enumerate(classes)}
-        slides = [r.get("slide_id") or r["origin"] for r in rows]  # outputs of an older tub have no slide_id
-        splits = group_split(slides, seed, labels=[r["target"] for r in rows])
-        union = [{**r, "target": index[r["target"]], "split": s, "slide_id": sid}
-                 for r, s, sid in zip(rows, splits, slides)]
+        splits = group_split([r["slide_id"] for r in rows], seed, labels=[r["target"] for r in rows])
+        union = [{**r, "target": index[r["target"]], "split": s} for r, s in zip(rows, splits)]
         write_json(run_dir / "eva_classes.json", classes)
         with atomic_path(path) as tmp:
             write_manifest(tmp, union, ["origin", "embeddings", "target", "split", "slide_id"])
-    return len(union)
+    return len(union), None
 
 
 def _union(tables: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -42,6 +42,7 @@ class LabelledFeatures:
     split: list[str] | None  # train/val/test per row; None when the input has no split column
     patch_id: list[str] | None = None  # per row where the input records it (h5: "x_y" of its coords)
     source: list[str] | None = None  # the file or folder each row was read from (predictions.csv, errors)
+    per_slide: bool = False  # one row per slide (embed's slides.npz), not per tile
 
 
 def split_column(source, values, first_line: int | None = None) -> list[str]:
@@ -111,6 +112,7 @@ def read_features(path: Path, metadata: Path | None = None, labels: "LabelTable 
 
 
 KIND_NAMES = {"npz": "an .npz", "h5": "an h5 file", "npy": "an npy embedding folder", "eva": "an eva folder",
+              "eva_manifest": "an eva manifest",
               "pathorob": "a PathoROB folder", "h5_folder": "a folder of h5 feature files"}
 
 
@@ -122,6 +124,8 @@ def feature_kind(path: Path) -> str:
         return "npz"
     if path.is_file() and path.suffix in (".h5", ".hdf5"):
         return "h5"
+    if path.is_file() and path.suffix == ".csv":
+        return "eva_manifest"
     if path.is_dir():
         if (path / "embeddings.npy").is_file():
             return "npy"
@@ -177,7 +181,7 @@ def _slide_table(arrays: dict) -> LabelledFeatures:
     """One row per slide, unlabelled (``--labels`` gives the labels)."""
     slides = list(arrays)
     return LabelledFeatures(np.stack([arrays[s] for s in slides]).astype(np.float32), [""] * len(slides), slides,
-                            None, None)
+                            None, None, per_slide=True)
 
 
 def _read_h5(path: Path, metadata=None) -> LabelledFeatures:
@@ -235,18 +239,31 @@ def _read_npy_folder(path: Path, metadata) -> LabelledFeatures:
 
 
 def _read_eva(path: Path, metadata=None) -> LabelledFeatures:
-    """eva's manifest (origin, embeddings, target, split); a row's slide is its slide_id (embed writes
-    one), else its origin."""
+    """An eva folder: its ``manifest.csv``, embeddings relative to the folder."""
+    return _read_eva_manifest(path / "manifest.csv")
+
+
+def _read_eva_manifest(manifest: Path, metadata=None) -> LabelledFeatures:
+    """eva's manifest (origin, embeddings, target, split), embeddings relative to its folder; a row's slide
+    is its slide_id (embed writes one), else its origin. An embed run's ``eva_manifest.csv`` holds integer
+    targets, named by ``eva_classes.json`` beside it, and the run's one split over all inputs."""
     import torch
 
-    rows = _csv(path / "manifest.csv")
+    from tubcli.io import read_json
+
+    rows = _csv(manifest)
     if not rows or "embeddings" not in rows[0]:
-        raise TubError(f"{path}/manifest.csv is not an eva manifest (origin, embeddings, target, split)")
+        raise TubError(f"{manifest} is not an eva manifest (origin, embeddings, target, split)")
+    names = manifest.parent / "eva_classes.json"
+    classes = read_json(names) if manifest.name == "eva_manifest.csv" and names.is_file() else None
+    labels = [r.get("target") or "" for r in rows]
+    if classes:
+        labels = [classes[int(t)] if t else "" for t in labels]
     # eva may have saved GPU or bf16 tensors: load onto the CPU, widen before numpy
-    x = np.stack([torch.load(path / r["embeddings"], map_location="cpu", weights_only=True).float().numpy()
+    x = np.stack([torch.load(manifest.parent / r["embeddings"], map_location="cpu", weights_only=True).float().numpy()
                   for r in rows])
-    return LabelledFeatures(x.astype(np.float32), [r.get("target") or "" for r in rows],
-                            [r.get("slide_id") or r["origin"] for r in rows], _csv_split(path / "manifest.csv", rows))
+    return LabelledFeatures(x.astype(np.float32), labels, [r.get("slide_id") or r["origin"] for r in rows],
+                            _csv_split(manifest, rows))
 
 
 def _read_pathorob(path: Path, metadata) -> LabelledFeatures:
@@ -276,7 +293,7 @@ def _read_pathorob(path: Path, metadata) -> LabelledFeatures:
 
 
 READERS = {"npz": _read_npz, "h5": _read_h5, "h5_folder": _read_h5_folder, "npy": _read_npy_folder,
-           "eva": _read_eva, "pathorob": _read_pathorob}
+           "eva": _read_eva, "eva_manifest": _read_eva_manifest, "pathorob": _read_pathorob}
 
 
 def _metadata_labels(path: Path, rows: list[dict], metadata) -> list[str]:
@@ -296,6 +313,8 @@ def _metadata_labels(path: Path, rows: list[dict], metadata) -> list[str]:
 
 
 def concat(parts: list[LabelledFeatures]) -> LabelledFeatures:
+    if len({p.per_slide for p in parts}) > 1:  # one probe over slide means and tiles mixes two tasks
+        raise TubError("the inputs mix slide embeddings (slides.npz) and tile embeddings; probe one level at a time")
     dims = {p.x.shape[1] for p in parts}
     if len(dims) != 1:
         raise TubError(f"feature inputs have different widths {sorted(dims)}; probe one encoder at a time")
@@ -310,7 +329,8 @@ def concat(parts: list[LabelledFeatures]) -> LabelledFeatures:
         return sum((getattr(p, field) or [""] * len(p.x) for p in parts), [])
 
     return LabelledFeatures(np.concatenate([p.x for p in parts]), sum((p.labels for p in parts), []),
-                            sum((p.slide_id for p in parts), []), split, rows("patch_id"), rows("source"))
+                            sum((p.slide_id for p in parts), []), split, rows("patch_id"), rows("source"),
+                            per_slide=parts[0].per_slide)
 
 
 class LabelTable:
@@ -323,7 +343,7 @@ class LabelTable:
         if not self.path.is_file():
             raise TubError(f"--labels {self.path} does not exist; give a CSV with columns slide_id[,patch_id],"
                            "label[,split]")
-        with open(self.path, newline="") as f:
+        with open(self.path, newline="", encoding="utf-8-sig") as f:  # an Excel "CSV UTF-8" byte-order mark
             reader = csv.DictReader(f)
             rows = list(reader)
             columns = reader.fieldnames or []
@@ -375,7 +395,8 @@ class LabelTable:
             raise TubError(f"--labels {self.path} has no label for {len(missing)} of {len(found)} row(s) of {path}, "
                            f"e.g. slide {feats.slide_id[i]!r}{tile}; add them to the CSV")
         return LabelledFeatures(feats.x, [v[0] for v in found], feats.slide_id,
-                                [v[1] for v in found] if self.has_split else feats.split, feats.patch_id, feats.source)
+                                [v[1] for v in found] if self.has_split else feats.split, feats.patch_id, feats.source,
+                                per_slide=feats.per_slide)
 
 
 def embed_run_encoder(path: Path) -> dict | None:
@@ -409,7 +430,8 @@ def common_encoder(paths: list[Path]) -> dict | None:
     known = [(p, rec) for p in paths if (rec := embed_run_encoder(p)) is not None]
     for p, rec in known[1:]:
         first_path, first = known[0]
-        for key in ("arch", "pool", "weights"):
+        for key in ("arch", "pool", "weights_sha256" if rec.get("weights_sha256") and first.get("weights_sha256")
+                    else "weights", "random_init"):  # the weights by their bytes where both runs recorded them
             if rec.get(key) != first.get(key):
                 raise TubError(f"{first_path} and {p} come from different encoders ({key} {first.get(key)!r} vs "
                                f"{rec.get(key)!r}); probe one encoder's features at a time")

@@ -60,6 +60,22 @@ def is_whole_slide(path: Path) -> bool:
     return openslide.OpenSlide.detect_format(str(path)) is not None
 
 
+def is_pyramid(path: Path) -> bool:
+    """A whole slide for certain, not a tile that is a tiled TIFF (OpenSlide opens any tiled TIFF, a 64 px
+    tile too): a slide-only format (.svs, .ndpi, ...) or a file OpenSlide opens with more than one level."""
+    if path.suffix.lower() in SLIDE_EXT - {".tif", ".tiff"}:
+        return True
+    if not is_whole_slide(path):
+        return False
+    import openslide
+
+    try:
+        with openslide.OpenSlide(str(path)) as s:
+            return s.level_count > 1
+    except Exception:  # noqa: BLE001 - unreadable: not known to be a slide; read as a tile, it fails there
+        return False
+
+
 def nominal_magnification(mpp0: float | None, objective_power: str | None) -> float | None:
     """The slide's nominal objective magnification, as TRIDENT estimates it: binned from the level-0
     resolution (< 0.16 µm/px: 80x, < 0.2: 60x, < 0.3: 40x, < 0.6: 20x, < 1.2: 10x, < 2.4: 5x), else the

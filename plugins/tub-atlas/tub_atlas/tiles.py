@@ -210,12 +210,12 @@ def _row_from_name(path: Path, label: str | None, root: Path) -> dict:
 def read_folder(root: Path) -> TileSet:
     """Flat image folder, or an ImageFolder tree ``root/<class>/**/*.png`` (label = class folder), read
     as ``tubcli.images.image_files`` finds them (symlinked folders followed, hidden ones skipped)."""
-    from .slides import SLIDE_EXT, is_whole_slide
+    from .slides import SLIDE_EXT, is_pyramid
 
     files = image_files(root)
     tiffs = [p for p in files if p.suffix.lower() in (".tif", ".tiff")]
-    slide = next((p for p in tiffs[:8] if is_whole_slide(p)), None) if tiffs else \
-        next((p for p in root.rglob("*") if p.suffix.lower() in SLIDE_EXT and p.is_file()), None)
+    slide = next((p for p in tiffs[:8] if is_pyramid(p)), None) if files else next(
+        (p for p in root.rglob("*") if p.suffix.lower() in SLIDE_EXT and p.is_file() and is_pyramid(p)), None)
     if slide is not None:  # a Camelyon-style tree root/<class>/*.tif: not tiles, each slide would become one
         raise TubError(f"{slide} is a whole slide, not a tile; give the folders that hold the slides (e.g. "
                        f"{slide.parent}) or the slides themselves as inputs")

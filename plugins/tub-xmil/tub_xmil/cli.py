@@ -199,6 +199,13 @@ def _task(cfg, meta: dict) -> str:
     return cfg.task
 
 
+def _refuse_replaced_model(cfg, run) -> None:
+    """Outputs a rerun skips must come from this model: one retrained into its run folder has the same path."""
+    from tub_xmil.checkpoint import model_file
+
+    run.refuse_replaced_file("--model", model_file(cfg.model))
+
+
 def _load(cfg, log=None):
     """(model, meta, task) with every model-dependent option checked before any slide is read; ``log``
     (explain, heatmap) warns when --target cannot change any of the maps asked for."""
@@ -247,6 +254,7 @@ def explain(cfg, run) -> dict:
 
     _warn_ignored_compute(cfg, run)
     model, meta, task = _load(cfg, run.log)
+    _refuse_replaced_model(cfg, run)
     rel = cfg.lrp.explained_rel if task == "classification" else None  # as explain_bag passes it
     bags = expand_inputs(cfg.bags, BAG_SUFFIXES)
     for path, out in run.batch(bags, output_for=lambda p: run.outputs_dir / f"{Path(p).stem}.json"):
@@ -316,8 +324,9 @@ def evaluate(cfg, run) -> dict:
     _warn_undefined(run, slides, task, "evaluated")
     out = {"slides": len(slides), **task_metrics(slides, preds, task)}
     if cfg.bootstrap and len(slides) > 1:  # how far the slides' sample leaves the metrics uncertain
-        from tubcli.stats import bootstrap_intervals
+        from tubcli.stats import bootstrap_intervals, say_if_few_resamples
 
+        say_if_few_resamples(run.log, cfg.bootstrap)
         out["ci"] = bootstrap_intervals(lambda idx: task_metrics([slides[i] for i in idx], preds[idx], task),
                                         len(slides), cfg.bootstrap, seed=run.seed)
     if not cfg.flipping:
@@ -420,9 +429,7 @@ def heatmap(cfg, run) -> dict:
                            f"{meta['kwargs']['input_dim']}-d; use the encoder the model was trained on")
         if cfg.weights is not None:
             run.refuse_replaced_file("--weights", cfg.weights)
-    from tub_xmil.checkpoint import model_file
-
-    run.refuse_replaced_file("--model", model_file(cfg.model))  # a model retrained into the same run folder
+    _refuse_replaced_model(cfg, run)
 
     def pending(p):
         """The first method overlay of this input still missing (the item is done when none is), else the last."""
