@@ -99,6 +99,15 @@ def test_signed_colour_scale_centres_zero():
     s = np.concatenate([np.full(40, -3e-5), [1.4, 1.7]])
     v = normalise(s, signed=True)
     assert v[-1] == 1.0 and v[-2] > 0.9 and np.allclose(v[:40], 0.5, atol=1e-3)
+    # one overflowed score is not drawn; it no longer blanks the map (every tile NaN, rendered black)
+    v = normalise(np.array([-2.0, np.inf, 0.0, 1.0]), signed=True)
+    assert np.isnan(v[1]) and (v[[0, 2, 3]] == [0.0, 0.5, 0.75]).all()
+    from tub_xmil.heatmap import render_overlay
+
+    thumb = np.full((8, 32, 3), 200, np.uint8)
+    _, heat = render_overlay(thumb, np.array([[0, 0], [8, 0], [16, 0], [24, 0]]), np.array([-2.0, np.nan, 0.0, 1.0]),
+                             8, 1.0, signed=True)
+    assert (heat[:, 8:16] == 0).all() and heat[:, 24:].any() and heat[:, :8].any()
 
 
 def test_bad_slides_give_one_line_errors(tmp_path):

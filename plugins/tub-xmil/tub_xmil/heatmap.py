@@ -29,7 +29,15 @@ def whisker_clip(s: np.ndarray, keep_percent: float = 1.0) -> np.ndarray:
 
 
 def normalise(scores: np.ndarray, signed: bool) -> np.ndarray:
+    """Scores to [0, 1] colour values; a non-finite score (overflow) stays NaN and is not drawn, and the
+    others are scaled among themselves (one NaN made every tile NaN, a black map)."""
     s = np.asarray(scores, float)
+    finite = np.isfinite(s)
+    if not finite.all():
+        out = np.full_like(s, np.nan)
+        if finite.any():
+            out[finite] = normalise(s[finite], signed)
+        return out
     if signed:  # clip magnitudes, so that clipping never flips or moves a score across 0
         s = np.sign(s) * whisker_clip(np.abs(s))
     else:
@@ -65,8 +73,9 @@ def render_overlay(thumb: np.ndarray, coords: np.ndarray, scores: np.ndarray, si
     colors = (np.asarray(cmap(v))[:, :3] * 255).astype(np.uint8)
     h, w = thumb.shape[:2]
     heat = np.zeros((h, w, 3), np.uint8)
-    for (x0, y0, x1, y1), col in zip(tile_boxes(coords, size_level0, downsample), colors):
-        heat[y0:y1, x0:x1] = col
+    for (x0, y0, x1, y1), col, drawn in zip(tile_boxes(coords, size_level0, downsample), colors, np.isfinite(v)):
+        if drawn:
+            heat[y0:y1, x0:x1] = col
     # spec §2.7: the black canvas with its tiles is blended onto the thumbnail with opacity alpha,
     # so the tissue stays readable under the colours (and unscored areas dim by alpha)
     over = (1 - alpha) * thumb.astype(np.float32) + alpha * heat.astype(np.float32)
@@ -77,7 +86,8 @@ def geojson(coords: np.ndarray, scores: np.ndarray, size_level0: int, method: st
             size_source: str | None = None) -> dict:
     """QuPath-importable FeatureCollection of level-0 tile polygons with a score measurement.
 
-    A non-finite score becomes null (strict JSON has no NaN; see :func:`write_heatmap`).
+    A non-finite score is left out of the tile's measurements: strict JSON has no NaN, and QuPath reads a
+    null measurement as an error, a missing one as NaN.
     ``size_source`` (where the tile side came from) goes into the collection's ``properties``, so a
     reviewer sees when the polygons' size was only inferred from the coordinate grid."""
     feats = []
@@ -86,7 +96,7 @@ def geojson(coords: np.ndarray, scores: np.ndarray, size_level0: int, method: st
         feats.append({"type": "Feature", "id": str(i),
                       "geometry": {"type": "Polygon", "coordinates": [ring]},
                       "properties": {"objectType": "tile", "name": f"patch {i}",
-                                     "measurements": {f"xmil_{method}": s if np.isfinite(s) else None}}})
+                                     "measurements": {f"xmil_{method}": s} if np.isfinite(s) else {}}})
     out = {"type": "FeatureCollection", "features": feats}
     if size_source is not None:
         out["properties"] = {"patch_size_level0": int(size_level0), "patch_size_level0_source": size_source}
