@@ -4,7 +4,7 @@ Heavy imports happen lazily: ``from tub_knnlrp import explain`` loads numpy/scik
 (the implementation lives in :mod:`tub_knnlrp.explanation`; no submodule shares a name with the API).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["explain", "NeuralizedExplainer", "Explanation", "__version__"]
 

@@ -1,3 +1,3 @@
 """tub-mlff: SpookyNet force fields and the sodium-storage workflow."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,3 +1,3 @@
 """tub-pathorob: PathoROB robustness metrics for pathology foundation-model features."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

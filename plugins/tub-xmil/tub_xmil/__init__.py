@@ -1,3 +1,3 @@
 """tub-xmil: whole-slide multiple instance learning with faithful explanations (xMIL)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
