@@ -109,7 +109,10 @@ def test_overlay_of_a_centre_cropping_model_covers_the_crop_only():
     tile = np.full((224, 320, 3), 200, np.uint8)
     heat = np.zeros((28, 28))
     heat[:, 0] = 1.0  # the left-most patch column of the crop
-    blend = overlay(tile, heat, signed=False, alpha=0.5, box=t.seen_box(224, 320))[:, 320:]
+    panels = overlay(tile, heat, signed=False, alpha=0.5, box=t.seen_box(224, 320))
+    blend, alone = panels[:, 320:640], panels[:, 640:]
+    assert panels.shape == (224, 960, 3) and (panels[:, :320] == tile).all()
+    assert (alone[:, :48] == 255).all() and (alone[:, 48:56] != 255).any()  # the map alone, where it lies
     assert (blend[:, :48] == 200).all() and (blend[:, 272:] == 200).all()  # outside the crop: the tile
     hot = blend[100, 48:56].astype(int)
     assert (np.abs(hot - blend[100, 200]).sum(-1) > 30).all()  # the hot column sits at tile x 48..55

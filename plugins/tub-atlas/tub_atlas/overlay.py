@@ -33,7 +33,8 @@ def colourise(heat: np.ndarray, signed: bool) -> np.ndarray:
 
 
 def overlay(tile: np.ndarray, heat: np.ndarray, signed: bool, alpha: float = 0.5, box=None) -> np.ndarray:
-    """Blend a colourised map over an (H, W, 3) uint8 tile, side by side with the tile itself.
+    """Three panels side by side: the tile, the colourised map blended over it, and the map alone (on
+    white outside ``box``): blended, negative relevance in blue cannot be told from haematoxylin.
 
     ``box`` (top, left, height, width in tile pixels; ``Transform.seen_box``) is the part of the tile
     the map covers (a centre-cropping model sees only the middle of a non-square tile); the rest of
@@ -46,7 +47,9 @@ def overlay(tile: np.ndarray, heat: np.ndarray, signed: bool, alpha: float = 0.5
     colour = colourise(upsample(heat, (r1 - r0, c1 - c0)), signed)
     region = tile[r0:r1, c0:c1].astype(float)
     blend[r0:r1, c0:c1] = ((1 - alpha) * region + alpha * colour.astype(float)).astype(np.uint8)
-    return np.concatenate([tile, blend], axis=1)
+    alone = np.full_like(tile, 255)
+    alone[r0:r1, c0:c1] = colour
+    return np.concatenate([tile, blend, alone], axis=1)
 
 
 def save_png(path: Path, image: np.ndarray) -> None:
