@@ -384,3 +384,15 @@ def test_embed_runs_of_one_weights_file_copied_to_two_places_are_one_encoder(atl
     _ok("embed", atlas_demo_tiles / "tiles.npz", "--weights", tmp_path / "c.safetensors", "-o", tmp_path / "c")
     msg = _fails("evaluate", tmp_path / "a", tmp_path / "c", "--method", "knn", "-o", tmp_path / "ev2")
     assert "come from different encoders (weights_sha256" in msg
+
+
+def test_a_knn_rerun_leaves_no_earlier_probe_and_shared_slide_ids_are_said(tmp_path):
+    x, labels, slides, _ = _study(n_slides=30)
+    f = _npz(tmp_path / "f.npz", x, labels, slides, split=_split_by_slide(slides))
+    _ok("evaluate", f, "--runs", "1", "--max-steps", "50", "-o", tmp_path / "r")
+    assert (tmp_path / "r/outputs/probe.json").is_file()
+    _ok("evaluate", f, "--method", "knn", "--overwrite", "-o", tmp_path / "r")
+    assert not (tmp_path / "r/outputs/probe.json").exists() and not (tmp_path / "r/outputs/probe.safetensors").exists()
+    g = _npz(tmp_path / "g.npz", x, labels, slides, split=_split_by_slide(slides))  # the same ids from another input
+    _ok("evaluate", f, g, "--method", "knn", "-o", tmp_path / "both")
+    assert "30 slide id(s) come from more than one input" in (tmp_path / "both/tub.log").read_text()

@@ -55,6 +55,7 @@ def run_probes(feats: LabelledFeatures, cfg, run, encoder: dict | None = None) -
             run.log.warning("class(es) %s have no %s rows, so the scores say nothing about them; add slides "
                             "of those classes or give a split column", ", ".join(missing), part)
     slides = np.asarray(feats.slide_id, dtype=object)
+    _say_slides_shared_by_inputs(feats, run.log)
     out: dict = {"classes": classes, "n_train": int(tr.sum()), "n_val": int((split == "val").sum()),
                  "n_test": int(te.sum()), "dim": int(x.shape[1]), "support": support,
                  **{f"n_{part}_slides": len(set(slides[split == part])) for part in ("train", "val", "test")}}
@@ -89,8 +90,26 @@ def run_probes(feats: LabelledFeatures, cfg, run, encoder: dict | None = None) -
         if encoder is None:
             run.log.warning("the features come from no 'tub atlas embed' run folder: probe.json records no encoder, "
                             "so 'explain --target probe' cannot check its --arch/--pool against them")
+    else:  # a probe an earlier invocation left here would be taken for this run's (its provenance too)
+        for name in ("probe.safetensors", "probe.json"):
+            (run.outputs_dir / name).unlink(missing_ok=True)
     write_predictions(run, feats, np.flatnonzero(te), split, columns)
     return out
+
+
+def _say_slides_shared_by_inputs(feats: LabelledFeatures, log) -> None:
+    """One slide id in two inputs (two feature folders that both hold 001.h5) is one slide to the split,
+    splits.csv and the bootstrap: right for one slide's tiles spread over inputs, wrong for two slides."""
+    if not feats.source:
+        return
+    sources: dict = {}
+    for sid, src in zip(feats.slide_id, feats.source):
+        sources.setdefault(sid, set()).add(src)
+    shared = sorted(s for s, v in sources.items() if len(v) > 1)
+    if shared:
+        log.warning("%d slide id(s) come from more than one input (e.g. %r from %s) and are treated as one slide "
+                    "(split, bootstrap); if they are different slides, give them distinct ids", len(shared),
+                    shared[0], ", ".join(sorted(sources[shared[0]])[:2]))
 
 
 def _bacc(y_true, y_pred, classes) -> float:
