@@ -716,13 +716,16 @@ def evaluate(cfg, run) -> dict:
     if cfg.plots:
         n = np.array([len(g.Z) for g in graphs])
         parity_plot(run.outputs_dir / "parity_energy.png", [g.energy / len(g.Z) for g in graphs],
-                    preds["energy"] / n, "energy per atom", "eV")
+                    preds["energy"] / n, "energy per atom", "eV/atom", metrics["energy_mae_meV_atom"],
+                    metrics["energy_rmse_meV_atom"], "meV/atom")
     if cfg.plots and with_forces:
         parity_plot(run.outputs_dir / "parity_forces.png", np.concatenate([g.forces for g in graphs]),
-                    np.concatenate(preds["forces"]), "force", "eV/A")
+                    np.concatenate(preds["forces"]), "force", "eV/Å", metrics.get("forces_mae_meV_A"),
+                    metrics.get("forces_rmse_meV_A"), "meV/Å")
     if cfg.plots and stressed:
         parity_plot(run.outputs_dir / "parity_stress.png", np.stack([graphs[k].stress for k in stressed]),
-                    preds["stress"][stressed], "stress", "eV/A^3")
+                    preds["stress"][stressed], "stress", "eV/Å³", metrics["stress_mae_meV_A3"],
+                    metrics["stress_rmse_meV_A3"], "meV/Å³")
     # per frame; forces to 1e-6 eV/A, stress as ASE's Voigt-6 (xx yy zz yz xz xy, eV/A^3), null without a cell
     stress = preds.get("stress")
     write_json(run.outputs_dir / "predictions.json",
@@ -850,7 +853,7 @@ def ocv(cfg, run) -> dict:
                         "max_voltage_difference_V": res["reference"]["max_voltage_difference_V"],
                         "max_voltage_difference_same_mu_V": res["reference"]["max_voltage_difference_same_mu_V"]})
     voltage_plot(run.outputs_dir / "voltage_profile.png", res["x"], res["formation_energy_eV"], res["steps"],
-                 res["capacity_per_x_mAh_g"], reference=res.get("reference"))
+                 res["capacity_per_x_mAh_g"], reference=res.get("reference"), capacity_mAh_g=res["capacity_mAh_g"])
     _write_extxyz(run.outputs_dir / "relaxed.extxyz", _relaxed_frames(relaxed))
     write_json(run.outputs_dir / "ocv.json", res)
     return {**summary, "model": _model_names(cfg.model), "output": str(run.outputs_dir / "ocv.json")}
@@ -1037,7 +1040,7 @@ def diffusion(cfg, run) -> dict:
     from .data import read_structures
     from .diffusion import (A2_PER_FS_TO_CM2_PER_S, arrhenius_fit, ase_diffusion_coefficient, diffusion_coefficient,
                             msd, unwrap)
-    from .plots import msd_plot
+    from .plots import block_mean_msd, msd_plot
 
     paths = _need(cfg.trajectories, "TRAJECTORIES", "one or more MD trajectories (extxyz or ASE .traj)")
     ase_style = cfg.estimator == "ase"
@@ -1108,8 +1111,11 @@ def diffusion(cfg, run) -> dict:
             per_run[-1]["D_std_ase_cm2_s"] = res.D_std * A2_PER_FS_TO_CM2_PER_S
         m = msd(pos, sel, cfg.axes, drift_atoms=drift)  # whole run, all origins: FFT, O(T log T)
         name = Path(p).parent.parent.name if Path(p).stem == "trajectory" else Path(p).stem  # tub md's layout
-        curves[f"{name} ({T:.0f} K)"] = (np.arange(len(m)) * dt, m)
-    msd_plot(run.outputs_dir / "msd.png", curves)
+        bt, bm = block_mean_msd(pos, sel, cfg.axes, dt, cfg.blocks, drift, one_origin=ase_style)
+        curves[f"{name} ({T:.0f} K)"] = {"t": np.arange(len(m)) * dt, "msd": m, "block_t": bt, "block_msd": bm,
+                                        "window": (res.fit_start_fs, res.fit_end_fs), "D_cm2_s": res.D_cm2_s,
+                                        "D_err_cm2_s": res.D_err_cm2_s, "dims": res.dims}
+    msd_plot(run.outputs_dir / "msd.png", curves, cfg.axes, cfg.element, cfg.estimator)
     out = {"runs": per_run}
     if len(per_run) < 2:
         problem = "one trajectory; an Arrhenius fit needs runs at two or more temperatures"

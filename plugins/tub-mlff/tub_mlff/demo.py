@@ -41,7 +41,7 @@ def run_demo(run) -> dict:
 
     ocv, _ = sodiation_series(frames, calc_for, relax_steps=20, fmax=0.1)
     voltage_plot(run.outputs_dir / "voltage_profile.png", ocv["x"], ocv["formation_energy_eV"], ocv["steps"],
-                 ocv["capacity_per_x_mAh_g"])
+                 ocv["capacity_per_x_mAh_g"], capacity_mAh_g=ocv["capacity_mAh_g"])
     write_json(run.outputs_dir / "ocv.json", ocv)
     return {"md_steps": md["steps_done"], "md_mean_T_K": round(md["mean_temperature_K"], 1),
             "ocv_average_V": round(ocv["average_voltage_V"], 3) if np.isfinite(ocv["average_voltage_V"]) else None,
