@@ -194,8 +194,9 @@ def explain(cfg, run) -> dict:
         from tub_knnlrp.plots import relevance_heatmaps
 
         with atomic_path(out / "heatmaps.png") as tmp:
-            relevance_heatmaps(tmp, e.data[: cfg.max_heatmaps], e.values[: cfg.max_heatmaps], side,
-                               titles=[f"pred {p}" for p in e.prediction[: cfg.max_heatmaps]])
+            n_h = cfg.max_heatmaps
+            relevance_heatmaps(tmp, e.data[:n_h], e.values[:n_h], side, prediction=e.prediction[:n_h],
+                               positive=e.positive[:n_h], negative=e.negative[:n_h], output=e.output[:n_h])
         figures["heatmaps"] = str(out / "heatmaps.png")
     return {
         "rows": int(len(e.values)),
@@ -284,7 +285,7 @@ def evaluate(cfg, run) -> dict:
         from tub_knnlrp.plots import flipping_curves_plot
 
         with atomic_path(run.outputs_dir / "flipping.png") as tmp:
-            flipping_curves_plot(tmp, rows_out)
+            flipping_curves_plot(tmp, rows_out, n_rows=len(Z))
     else:
         run.log.info("matplotlib is not installed; no flipping.png")
     metrics["fidelity"] = _logged(run, check_report, tm.pipeline, X, X_train, y_train if X_train is not None else None,

@@ -53,8 +53,8 @@ def run_demo(run) -> dict:
     if importlib.util.find_spec("matplotlib") is not None:
         from tub_knnlrp.plots import relevance_heatmaps
 
-        relevance_heatmaps(out / "digits49_heatmaps.png", de.data, de.values, 8,
-                           titles=[f"pred {p}" for p in de.prediction])
+        relevance_heatmaps(out / "digits49_heatmaps.png", de.data, de.values, 8, prediction=de.prediction,
+                           positive=de.positive, negative=de.negative, output=de.output)
     else:
         run.log.info("matplotlib missing: no heatmap figure")
     return {

@@ -10,42 +10,87 @@ import numpy as np
 from tubcli.io import pyplot, save_figure
 
 COLORS = {"SS": "#4c72b0", "SO": "#55a868", "OS": "#c44e52", "OO": "#8c8c8c"}
+CATEGORY_LABELS = {
+    "SO": "SO: same class, other center",
+    "OS": "OS: other class, same center",
+    "SS": "SS: same class, same center",
+    "OO": "OO: other class, other center",
+}
+STACK = ("SO", "OS", "SS", "OO")
+"""Stacking order, bottom to top: the two shares that define RI = SO / (SO + OS) at the bottom."""
 
 
-def composition_bars(bd: dict, path: Path) -> Path:
+def composition_figure(bd: dict):
+    """The figure of :func:`composition_bars` (not saved, not closed): top row the stacked SO/OS/SS/OO
+    shares of the first k neighbours by query class and by query center, bottom row SO and OS alone
+    (the shares that define RI), legend outside the axes."""
     plt = pyplot()
     groups = [("class", bd["per_class"]), ("center", bd["per_center"])]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, (title, table) in zip(axes, groups):
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7.2), sharey="row", gridspec_kw={"height_ratios": [3, 2]})
+    for col, (title, table) in enumerate(groups):
+        ax, ax2 = axes[0, col], axes[1, col]
         names = list(table)
+        x = np.arange(len(names))
         bottom = np.zeros(len(names))
-        for cat in ("SO", "SS", "OS", "OO"):
-            vals = np.array([table[n][cat] for n in names])
-            ax.bar(names, vals, bottom=bottom, color=COLORS[cat], label=cat)
+        for cat in STACK:
+            vals = np.array([table[n][cat] for n in names], dtype=float)
+            ax.bar(x, vals, bottom=bottom, color=COLORS[cat], label=CATEGORY_LABELS[cat])
             bottom += vals
         for i, n in enumerate(names):
             ax.text(i, 1.01, f"RI {table[n]['robustness_index']:.2f}", ha="center", fontsize=8)
         ax.set_title(f"first {bd['k']} neighbours by query {title}")
-        ax.tick_params(axis="x", rotation=45)
+        ax.set_xticks(x, names, rotation=30, ha="right")
         ax.set_ylim(0, 1.1)
-    axes[0].set_ylabel("fraction of neighbours")
-    axes[1].legend(loc="lower right", fontsize=8)
-    return save_figure(fig, path, dpi=110)
+        w = 0.38
+        for off, cat in ((-w / 2, "SO"), (w / 2, "OS")):
+            vals = np.array([table[n][cat] for n in names], dtype=float)
+            ax2.bar(x + off, vals, width=w, color=COLORS[cat], label=CATEGORY_LABELS[cat])
+        ax2.set_xticks(x, names, rotation=30, ha="right")
+        ax2.set_title(f"SO and OS only (RI = SO / (SO + OS)), by query {title}", fontsize=9)
+    axes[0, 0].set_ylabel("fraction of neighbours")
+    axes[1, 0].set_ylabel("fraction of neighbours")
+    top = max([max(t[n]["SO"], t[n]["OS"]) for _, t in groups for n in t] + [0.0])
+    axes[1, 0].set_ylim(0, 1.15 * top if top > 0 else 1.0)
+    # legend in stack order (top of the stack first), outside the axes on the right
+    handles, labels = axes[0, 1].get_legend_handles_labels()
+    axes[0, 1].legend(handles[::-1], labels[::-1], loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                      borderaxespad=0.0, fontsize=8, title="neighbour vs query", title_fontsize=8)
+    fig.text(0.01, 0.005, "S/O: same/other biological class (first letter) × same/other medical center "
+             "(second letter) of a neighbour relative to its query; RI = SO / (SO + OS).", fontsize=8)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return fig
+
+
+def composition_bars(bd: dict, path: Path) -> Path:
+    return save_figure(composition_figure(bd), path, dpi=110)
+
+
+def ri_curve_figure(curves: dict, k: int, k_max: int = 200):
+    """The figure of :func:`ri_curve` (not saved, not closed)."""
+    plt = pyplot()
+    ri = np.asarray(curves["robustness_index"][:k_max], dtype=float)
+    ks = np.arange(1, len(ri) + 1)
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    ax.plot(ks, ri, color="k", label="robustness index (SO / (SO + OS))")
+    ax.plot(ks, curves["ID_performance"][:k_max], color=COLORS["SS"], label="ID performance")
+    ax.plot(ks, curves["OOD_performance"][:k_max], color=COLORS["SO"], label="OOD performance")
+    label = f"k_opt = {k}"
+    if 1 <= k <= len(ri):
+        label += f" (RI {ri[k - 1]:.3f})"
+    ax.axvline(k, ls="--", color="grey", label=label)
+    ax.annotate(f"k_opt = {k}", xy=(k, 0.02), xytext=(4, 0), textcoords="offset points", fontsize=8,
+                color="dimgrey")
+    ax.set_xlabel("k (number of nearest neighbours)")
+    ax.set_ylabel("robustness index / kNN performance")
+    ax.set_title(f"robustness index and kNN performance vs k (k = 1 … {len(ri)})", fontsize=10)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    fig.tight_layout()
+    return fig
 
 
 def ri_curve(curves: dict, k: int, path: Path, k_max: int = 200) -> Path:
-    plt = pyplot()
-    ri = curves["robustness_index"][:k_max]
-    ks = np.arange(1, len(ri) + 1)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(ks, ri, color="k", label="robustness index")
-    ax.plot(ks, curves["ID_performance"][:k_max], color=COLORS["SS"], label="ID performance")
-    ax.plot(ks, curves["OOD_performance"][:k_max], color=COLORS["SO"], label="OOD performance")
-    ax.axvline(k, ls="--", color="grey")
-    ax.set_xlabel("k")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
-    return save_figure(fig, path, dpi=110)
+    return save_figure(ri_curve_figure(curves, k, k_max), path, dpi=110)
 
 
 def pair_heatmap(bd: dict, path: Path) -> Path:
@@ -64,21 +109,37 @@ def pair_heatmap(bd: dict, path: Path) -> Path:
     return save_figure(fig, path, dpi=110)
 
 
-def projection(X: np.ndarray, classes: np.ndarray, centers: np.ndarray, path: Path, seed: int = 0,
-               max_points: int = 5000) -> Path:
-    """PCA of the L2-normalised features, two panels coloured by class and by center."""
+def projection_figure(X: np.ndarray, classes: np.ndarray, centers: np.ndarray, seed: int = 0,
+                      max_points: int = 5000):
+    """The figure of :func:`projection` (not saved, not closed)."""
     from sklearn.decomposition import PCA
 
     plt = pyplot()
+    n = len(X)
     rng = np.random.default_rng(seed)
-    idx = rng.permutation(len(X))[:max_points]
+    idx = rng.permutation(n)[:max_points]
     Xn = X[idx] / np.linalg.norm(X[idx], axis=1, keepdims=True)
-    Z = PCA(n_components=2, random_state=seed).fit_transform(Xn)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    pca = PCA(n_components=2, random_state=seed)
+    Z = pca.fit_transform(Xn)
+    ev = 100 * pca.explained_variance_ratio_
+    shown = f"{len(idx)} of {n} tiles shown (random subsample)" if len(idx) < n else f"all {n} tiles shown"
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    classes, centers = np.asarray(classes), np.asarray(centers)
     for ax, labels, title in ((axes[0], classes[idx], "biological class"), (axes[1], centers[idx], "medical center")):
         for i, name in enumerate(sorted(set(labels))):
             m = labels == name
             ax.scatter(Z[m, 0], Z[m, 1], s=4, alpha=0.6, label=name, color=plt.cm.tab10(i % 10))
-        ax.set_title(f"PCA coloured by {title}")
-        ax.legend(markerscale=3, fontsize=7)
-    return save_figure(fig, path, dpi=110)
+        ax.set_title(f"colour = {title}")
+        ax.set_xlabel(f"PC1 ({ev[0]:.1f}% of variance)")
+        ax.set_ylabel(f"PC2 ({ev[1]:.1f}% of variance)")
+        ax.legend(markerscale=3, fontsize=7, title=title, title_fontsize=7, loc="upper left",
+                  bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    fig.suptitle(f"PCA of the L2-normalised features; {shown}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def projection(X: np.ndarray, classes: np.ndarray, centers: np.ndarray, path: Path, seed: int = 0,
+               max_points: int = 5000) -> Path:
+    """PCA of the L2-normalised features, two panels coloured by class and by center."""
+    return save_figure(projection_figure(X, classes, centers, seed, max_points), path, dpi=110)
