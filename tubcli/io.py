@@ -112,6 +112,18 @@ def read_json(path: str | os.PathLike) -> Any:
         raise TubError(f"{path} is not valid JSON: {exc}") from None
 
 
+def write_csv(path: str | os.PathLike, rows: list[dict], fields: list[str]) -> Path:
+    """A CSV of dict rows with header ``fields``, written atomically (:func:`write_text`)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return write_text(path, buf.getvalue())
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """sha256 of a file's bytes, read in 1 MiB chunks: recorded with outputs so that a rerun notices
     another file at the same path (e.g. weights replaced in place)."""

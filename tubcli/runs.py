@@ -22,7 +22,8 @@ from typing import Callable, Iterable, Iterator
 
 from tubcli import device as _device
 from tubcli.errors import ItemFailures, TubError
-from tubcli.io import atomic_path, remove_stale_temporaries, to_json, write_bytes, write_json, write_text
+from tubcli.io import (atomic_path, file_sha256, remove_stale_temporaries, to_json, write_bytes, write_json,
+                       write_text)
 from tubcli.progress import get_logger, setup_logging, track
 
 DONE = "DONE"
@@ -782,8 +783,6 @@ class Run:
         folder's ``file_digests.json``: outputs a rerun would skip must come from the same bytes, and
         weights are often replaced in place (a model retrained into the same file). A copy with the
         same bytes is the same file."""
-        from tubcli.io import file_sha256
-
         digest = file_sha256(path)
         record = self.dir / "file_digests.json"
         digests = json.loads(record.read_text()) if record.is_file() else {}

@@ -331,9 +331,10 @@ def explain(cfg: ExplainConfig, run) -> dict:
     if cfg.slide_coords is not None:
         check_coords_file(Path(cfg.slide_coords), list(names))
     encoder, info = _encoder(cfg.encoder, run)
-    for option, path in (("--weights", cfg.encoder.weights), ("--probe", cfg.probe)):
-        if path is not None:  # retrained into the same file: the maps a rerun skips were made with other bytes
-            run.refuse_replaced_file(option, path)
+    if cfg.encoder.weights is not None:  # retrained into the same file: skipped maps were made with other bytes
+        info["weights_sha256"] = run.refuse_replaced_file("--weights", cfg.encoder.weights)
+    if cfg.probe is not None:
+        run.refuse_replaced_file("--probe", cfg.probe)
     write_json(run.dir / "encoder.json", info)
     return explain_inputs(encoder, names, cfg, run, info)
 

@@ -93,10 +93,8 @@ def check_probe_encoder(probe: Path, recorded: dict, info: dict, log=None) -> No
     want, have = recorded.get("weights"), info.get("weights")
     if recorded.get("random_init") or info.get("random_init"):
         same = recorded.get("random_init") == info.get("random_init") and want == have
-    elif recorded.get("weights_sha256"):  # the bytes decide: a copy elsewhere is the same model
-        from tubcli.io import file_sha256
-
-        same = file_sha256(have) == recorded["weights_sha256"]
+    elif recorded.get("weights_sha256") and info.get("weights_sha256"):  # the bytes decide: a copy is the same model
+        same = info["weights_sha256"] == recorded["weights_sha256"]
     else:
         same = want is None or os.path.realpath(want) == os.path.realpath(os.path.abspath(have))
     if not same:

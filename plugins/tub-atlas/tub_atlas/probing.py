@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from tubcli.errors import TubError
+from tubcli.io import write_csv
 
 from .embedding import group_split
 from .features import LabelledFeatures
@@ -169,7 +170,7 @@ def write_splits(run, slide_ids, split) -> None:
         run.log.warning("%d slide(s) have rows in more than one split (e.g. %r): the test scores are optimistic; "
                         "split by slide", len(mixed), mixed[0])
     rows = [{"slide_id": s, "split": "+".join(sorted(ps, key=order.get))} for s, ps in sorted(parts.items())]
-    _write_csv(run.outputs_dir / "splits.csv", rows, ["slide_id", "split"])
+    write_csv(run.outputs_dir / "splits.csv", rows, ["slide_id", "split"])
 
 
 def write_predictions(run, feats: LabelledFeatures, test_rows: np.ndarray, split, columns: dict) -> None:
@@ -182,24 +183,11 @@ def write_predictions(run, feats: LabelledFeatures, test_rows: np.ndarray, split
             "split": [split[i] for i in test_rows], "label": [feats.labels[i] for i in test_rows]}
     table = {**base, **columns}
     rows = [{k: (_number(v[j])) for k, v in table.items()} for j in range(n)]
-    _write_csv(run.outputs_dir / "predictions.csv", rows, list(table))
+    write_csv(run.outputs_dir / "predictions.csv", rows, list(table))
 
 
 def _number(v):
     return repr(float(v)) if isinstance(v, (float, np.floating)) else v
-
-
-def _write_csv(path, rows: list[dict], fields: list[str]) -> None:
-    import csv
-    import io
-
-    from tubcli.io import write_text
-
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    write_text(path, buf.getvalue())
 
 
 def teacher_student_knn(teacher, student, student_norm, tiles, sets, cfg, run) -> dict:

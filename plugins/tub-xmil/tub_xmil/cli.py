@@ -129,21 +129,14 @@ def train(cfg, run) -> dict:
 def _write_fold_labels(labels: Path, task: str, out: Path, train_s, val_s, test_s) -> None:
     """The labels CSV with this fold's split column (``evaluate --labels`` it: ``--split test`` is the held-out
     fold), so the partition is on record and every fold can be evaluated again."""
-    import csv
-    import io
-
     from tub_xmil.dataset import read_labels
-    from tubcli.io import write_text
+    from tubcli.io import write_csv
 
     split = {s.slide_id: name for name, group in (("train", train_s), ("val", val_s), ("test", test_s)) for s in group}
     rows = [r for _, r in read_labels(labels, task)]  # column names as training read them (Slide_ID -> slide_id)
     fields = [c for c in rows[0] if c not in ("split", None)] + ["split"]  # None: cells beyond the header
-    rows = [{**{k: v for k, v in r.items() if k in fields}, "split": split[r["slide_id"]]} for r in rows]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    write_text(out, buf.getvalue())
+    write_csv(out, [{**{k: v for k, v in r.items() if k in fields}, "split": split[r["slide_id"]]} for r in rows],
+              fields)
 
 
 def _warn_undefined(run, slides, task: str, which: str) -> None:
