@@ -117,12 +117,38 @@ def train(cfg, run) -> dict:
     out = {"train_slides": len(train_s), "val_slides": len(val_s), "test_slides": len(test_s),
            "best_epoch": meta["best_epoch"], "selected_on": meta["selected_on"], "selected_by": meta["selected_by"]}
     if test_s:
+        from tub_xmil.predictions import write_predictions
+
         _warn_undefined(run, test_s, cfg.task, "test")
-        out.update({f"test_{k}": v for k, v in task_metrics(test_s, predict(model, test_s, cfg.task), cfg.task).items()})
+        preds = predict(model, test_s, cfg.task)
+        out.update({f"test_{k}": v for k, v in task_metrics(test_s, preds, cfg.task).items()})
+        out["test_predictions"] = str(write_predictions(run.outputs_dir / "test_predictions.csv", test_s, preds,
+                                                        cfg.task, classes if cfg.task == "classification" else None,
+                                                        split="test"))
     out["weights"] = str(run.checkpoints_dir / "model.safetensors")
     if cfg.fold is not None:
         out["fold"] = cfg.fold
         out["fold_labels"] = str(run.outputs_dir / "fold_labels.csv")
+    return out
+
+
+def cv_summary(cfg, run) -> dict:
+    from tub_xmil.cross_validation import read_folds, summarize
+    from tub_xmil.predictions import prediction_fields
+    from tubcli.io import write_csv
+
+    if not cfg.runs:
+        raise TubError("give the run folders of `tub xmil train --fold k/K`, e.g. runs/cv/fold*")
+    folds = read_folds(cfg.runs, run.log)
+    out, rows, pooled, preds = summarize(folds, cfg.bootstrap, run.seed, run.log)
+    write_csv(run.outputs_dir / "folds.csv", rows, list(rows[0]))
+    oof = []
+    for f in folds:  # every fold's rows as written, with the fold it was held out in
+        import csv
+
+        with open(f["predictions"], newline="", encoding="utf-8") as fh:
+            oof += [{"fold": f"{f['fold']}/{f['folds']}", **r} for r in csv.DictReader(fh)]
+    write_csv(run.outputs_dir / "oof_predictions.csv", oof, ["fold", *prediction_fields(out["task"], folds[0]["classes"])])
     return out
 
 
@@ -314,6 +340,9 @@ def evaluate(cfg, run) -> dict:
     slides, _ = load_slides(cfg.features, cfg.labels, task, split=cfg.split, classes=classes,
                             input_dim=meta["kwargs"].get("input_dim"))
     preds = predict(model, slides, task)
+    from tub_xmil.predictions import write_predictions
+
+    write_predictions(run.outputs_dir / "predictions.csv", slides, preds, task, classes)
     _warn_undefined(run, slides, task, "evaluated")
     out = {"slides": len(slides), **task_metrics(slides, preds, task)}
     if cfg.bootstrap and len(slides) > 1:  # how far the slides' sample leaves the metrics uncertain

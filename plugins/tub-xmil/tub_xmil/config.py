@@ -107,6 +107,12 @@ class TrainConfig(TubConfig):
         return f"{k}/{n}"
 
 
+class CvSummaryConfig(TubConfig):
+    runs: list[Path] = Field(default_factory=list, description="run folders of `train --fold k/K`, one per fold")
+    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples of the pooled slides for 95% intervals of "
+                                                   "the pooled metrics (0: none)")
+
+
 class ModelInput(TubConfig):
     model: Optional[Path] = Field(None, description="weights: a run's checkpoints/ folder, model.safetensors, or an xMIL .pt")
     task: Optional[Task] = Field(None, description="the model's task (default: from model.json; another is an error)")

@@ -1,0 +1,120 @@
+"""Cross-validation as one result: per-slide predictions of train (test slides) and evaluate, and
+`cv-summary` over the folds of `train --fold k/K`: per-fold metrics as each fold reported them, mean ± sd,
+pooled out-of-fold metrics recomputed independently, and folds that do not belong together refused."""
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from tubcli.testing import expect_error_line, invoke
+
+from tub_xmil.bags import write_features_h5
+
+N = 9
+
+
+def _ok(res):
+    assert res.exit_code == 0, (res.stdout, res.stderr)
+    return res
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """Nine slides, two classes (the planted signal in feature 0), and the three folds' run folders."""
+    d = tmp_path_factory.mktemp("cv")
+    (d / "bags").mkdir()
+    for i in range(N):
+        rng = np.random.default_rng(i)
+        x = rng.standard_normal((5, 8)).astype(np.float32)
+        x[:, 0] += 2.0 * (i % 2)
+        coords = np.stack([np.arange(5) * 64, np.zeros(5)], 1).astype(np.int64)
+        write_features_h5(d / "bags" / f"s{i}.h5", x, coords, {"patch_size_level0": 64})
+    labels = d / "labels.csv"
+    labels.write_text("slide_id,label\n" + "".join(f"s{i},{['neg', 'pos'][i % 2]}\n" for i in range(N)))
+    runs = [d / f"fold{k}" for k in range(3)]
+    for k, run in enumerate(runs):
+        _ok(invoke(["xmil", "train", "--features", d / "bags", "--labels", labels, "--epochs", "3", "--set", "lr=0.01",
+                    "--set", "model.features_dim=8", "--fold", f"{k}/3", "-o", run, "-q"]))
+    return d, labels, runs
+
+
+def test_cv_summary_pools_the_folds_as_each_reported_them(cohort, tmp_path):
+    d, labels, runs = cohort
+    res = json.loads(_ok(invoke(["xmil", "cv-summary", *runs, "--bootstrap", "200", "-o", tmp_path / "s",
+                                 "--json"])).stdout)
+    assert (res["folds"], res["of_folds"], res["slides"]) == (3, 3, N)
+    folds = _rows(tmp_path / "s" / "outputs" / "folds.csv")
+    per_fold = []
+    for run, row in zip(runs, folds):
+        reported = json.loads((run / "metrics.json").read_text())
+        assert row["fold"] == reported["fold"] and int(row["test_slides"]) == reported["test_slides"]
+        for name in ("auroc", "balanced_accuracy"):  # recomputed from the predictions file = what train said
+            assert float(row[name]) == pytest.approx(reported[f"test_{name}"], abs=1e-9)
+        per_fold.append([reported["test_auroc"], reported["test_balanced_accuracy"]])
+    per_fold = np.array(per_fold)
+    assert res["mean_auroc"] == pytest.approx(per_fold[:, 0].mean())
+    assert res["sd_balanced_accuracy"] == pytest.approx(per_fold[:, 1].std(ddof=1))
+    oof = _rows(tmp_path / "s" / "outputs" / "oof_predictions.csv")
+    assert sorted(r["slide_id"] for r in oof) == sorted(f"s{i}" for i in range(N))  # each slide once
+    assert {r["split"] for r in oof} == {"test"}
+    y = [r["label"] == "pos" for r in oof]
+    p = [float(r["p_pos"]) for r in oof]
+    assert res["pooled_auroc"] == pytest.approx(roc_auc_score(y, p), abs=1e-12)  # independent of tub's metrics
+    assert all(abs(float(r["p_pos"]) + float(r["p_neg"]) - 1) < 1e-6 for r in oof)
+    lo, hi = res["pooled_ci"]["auroc"]
+    assert lo <= res["pooled_auroc"] <= hi
+
+
+def test_evaluate_writes_the_same_predictions_as_the_fold_that_held_the_slides_out(cohort, tmp_path):
+    d, labels, runs = cohort
+    _ok(invoke(["xmil", "evaluate", "--model", runs[1] / "checkpoints", "--features", d / "bags", "--labels",
+                runs[1] / "outputs" / "fold_labels.csv", "--set", "flipping=false", "--bootstrap", "0", "-o", tmp_path / "e"]))
+    ev = {r["slide_id"]: r for r in _rows(tmp_path / "e" / "outputs" / "predictions.csv")}
+    tr = {r["slide_id"]: r for r in _rows(runs[1] / "outputs" / "test_predictions.csv")}
+    assert ev.keys() == tr.keys() and len(ev) == 3
+    for sid, r in tr.items():
+        assert ev[sid]["label"] == r["label"] and ev[sid]["predicted"] == r["predicted"]
+        assert float(ev[sid]["p_pos"]) == pytest.approx(float(r["p_pos"]), abs=1e-6)
+
+
+def test_cv_summary_refuses_runs_that_are_not_folds_of_one_partition(cohort, tmp_path):
+    d, labels, runs = cohort
+    out = tmp_path / "s"
+    expect_error_line(invoke(["xmil", "cv-summary", runs[0], runs[0], "-o", out]), "fold 0/3 is given twice")
+    expect_error_line(invoke(["xmil", "cv-summary", labels, "-o", out]), "not a run folder", "--fold k/K")
+    other_seed = tmp_path / "seed1"
+    _ok(invoke(["xmil", "train", "--features", d / "bags", "--labels", labels, "--epochs", "1", "--set",
+                "model.features_dim=8", "--fold", "2/3", "--seed", "1", "-o", other_seed, "-q"]))
+    expect_error_line(invoke(["xmil", "cv-summary", runs[0], other_seed, "-o", out]), "--seed", "not folds of one")
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(runs[2], unfinished)
+    (unfinished / "DONE").unlink()
+    expect_error_line(invoke(["xmil", "cv-summary", runs[0], unfinished, "-o", out]), "has not finished")
+    res = _ok(invoke(["xmil", "cv-summary", runs[0], runs[2], "--bootstrap", "0", "-o", tmp_path / "two", "--json"]))
+    assert "folds 1 of 3 are missing" in res.stderr
+    assert json.loads(res.stdout)["slides"] < N
+
+
+@pytest.mark.parametrize("task", ["regression", "survival"])
+def test_predictions_file_round_trips_the_task_metrics(tmp_path, task):
+    from types import SimpleNamespace
+
+    from tub_xmil.predictions import read_predictions, write_predictions
+    from tub_xmil.training import task_metrics
+
+    rng = np.random.default_rng(0)
+    slides = [SimpleNamespace(slide_id=f"s{i}", split="test", label=float(rng.normal()), time=float(rng.uniform(1, 9)),
+                              event=int(i % 3 != 0)) for i in range(12)]
+    preds = rng.normal(size=(12, 1))
+    write_predictions(tmp_path / "p.csv", slides, preds, task, None)
+    back, p = read_predictions(tmp_path / "p.csv", task, None)
+    assert task_metrics(back, p, task) == task_metrics(slides, preds, task)  # full float precision kept
