@@ -104,6 +104,9 @@ def test_traj_input_and_default_estimator(md, capsys):
     assert 200 < traj["temperature_K"] < 2000
     default = _run([md / "na.traj", "--timestep", DT_FS], md / "d")
     assert default["estimator"] == "einstein" and default["D_err_cm2_s"] > 0
+    start, end = default["fit_window_fs"]  # on record: 0.2-0.8 of the longest lag of a block (4 blocks of 201 frames)
+    lag = (201 // default["blocks"] - 1) * DT_FS
+    assert (start, end) == pytest.approx((0.2 * lag, 0.8 * lag), abs=DT_FS) and default["dims"] == len(default["axes"])
     assert 1 / 3 < default["D_cm2_s"] / xyz["D_cm2_s"] < 3
     with capsys.disabled():
         print(f"\n  same MD: default (einstein, 4 blocks) {default['D_cm2_s']:.3e} +- {default['D_err_cm2_s']:.1e}, "

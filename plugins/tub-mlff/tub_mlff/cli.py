@@ -1106,7 +1106,10 @@ def diffusion(cfg, run) -> dict:
                 run.log.warning("%s: its frames say %.0f K; --temperature %g K is used", p, T, cfg.temperatures[k_run])
             T = float(cfg.temperatures[k_run])
         per_run.append({"trajectory": str(p), "temperature_K": T, "D_cm2_s": res.D_cm2_s,
-                        "D_err_cm2_s": res.D_err_cm2_s, "frames": len(frames), "estimator": cfg.estimator})
+                        "D_err_cm2_s": res.D_err_cm2_s, "frames": len(frames), "estimator": cfg.estimator,
+                        # what the slope was fitted over, so that D can be checked against the MSD curve
+                        "fit_window_fs": [float(res.fit_start_fs), float(res.fit_end_fs)], "axes": cfg.axes,
+                        "dims": int(res.dims), "blocks": cfg.blocks})
         if ase_style:
             per_run[-1]["D_std_ase_cm2_s"] = res.D_std * A2_PER_FS_TO_CM2_PER_S
         m = msd(pos, sel, cfg.axes, drift_atoms=drift)  # whole run, all origins: FFT, O(T log T)
