@@ -6,6 +6,7 @@ dimension) before the first training step and before anything is written."""
 import json
 import weakref
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,13 +123,15 @@ def test_lazy_training_and_evaluation_match_eager_loading(tmp_path, data, monkey
             model = tmp_path / mode / "checkpoints"
             ev = json.loads(_ok(invoke(_eval_cmd(data, model, tmp_path / f"ev_{mode}"))).stdout)
         res.pop("weights")
-        outs[mode] = {"train": res, "evaluate": ev,
+        test_predictions = Path(res.pop("test_predictions")).read_text()
+        outs[mode] = {"train": res, "evaluate": ev, "test_predictions": test_predictions,
                       "metrics": (tmp_path / mode / "metrics.jsonl").read_text(),
                       "weights": load_file(str(model / "model.safetensors")),
                       "last": torch.load(model / "last.pt"),
                       "flipping": (tmp_path / f"ev_{mode}" / "outputs" / "flipping.json").read_text()}
     lazy, eager = outs["lazy"], outs["eager"]
     assert lazy["train"] == eager["train"] and lazy["train"]["test_slides"] == 2
+    assert lazy["test_predictions"] == eager["test_predictions"]
     assert lazy["metrics"] == eager["metrics"] and len(lazy["metrics"].splitlines()) == 3
     assert lazy["evaluate"] == eager["evaluate"] and lazy["flipping"] == eager["flipping"]
     a, b = lazy["weights"], eager["weights"]

@@ -14,7 +14,7 @@ app = PluginApp(
              help="Write small synthetic pyramidal slides with a planted signal.",
              options={"out-dir": "out_dir", "n-slides": "n_slides", "aperio": "aperio"}),
         Verb("tile", "tub_xmil.cli:tile", config="tub_xmil.config:TileConfig",
-             help="Tissue detection (Otsu on HSV saturation) and a patch grid at a target mpp.",
+             help="Tissue detection (Otsu on median-blurred HSV saturation, closed) and a patch grid at a target mpp.",
              args=["slides"], options={"mpp": "mpp", "target-mpp": "tiling.target_mpp",
                                        "patch-size": "tiling.patch_size"}, batch=True),
         Verb("features", "tub_xmil.cli:features", config="tub_xmil.config:FeaturesConfig",
