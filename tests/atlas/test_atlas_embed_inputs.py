@@ -74,6 +74,9 @@ def test_slides_npz_covers_every_output_of_the_run_folder(tmp_path):
     for i in range(2):  # two shards of one job array, one run folder
         atlas("embed", a, b, *ENC, "--shard", f"{i}/2", "-o", tmp_path / "s")
     assert slides_in(tmp_path / "s") == ["sA", "sB"]
+    # the per-input tables are not a PathoROB folder: the error points at their union
+    r = atlas("evaluate", run / "slides", "-o", tmp_path / "p", code=2)
+    assert f"give their union {run / 'slides.npz'}" in r.stderr and "PathoROB" not in r.stderr
 
 
 def test_a_slide_in_two_inputs_is_a_failure_not_an_overwrite(tmp_path):

@@ -132,6 +132,9 @@ def feature_kind(path: Path) -> str:
         if (path / "manifest.csv").is_file():
             return "eva"
         if list(path.glob("*.npz")):
+            if path.name == "slides" and (path.parent / "slides.npz").is_file():  # embed's per-input tables
+                raise TubError(f"{path} holds embed's slide tables, one per input; give their union "
+                               f"{path.parent / 'slides.npz'} (one embedding per slide)")
             return "pathorob"
         if _h5_files(path):
             return "h5_folder"
