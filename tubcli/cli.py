@@ -175,7 +175,7 @@ def demo_command(
     """Run each plugin's quick-start pipeline on small generated data into one run directory."""
     import datetime as _dt
 
-    from tubcli.config import TubConfig
+    from tubcli.config import TubConfig, resolve_config
     from tubcli.runs import Run
     from tubcli.verbs import report_error, resolve_ref
 
@@ -189,6 +189,8 @@ def demo_command(
         for plugin_app in apps:
             if not plugin_app.demo:
                 raise TubError(f"plugin {plugin_app.name!r} declares no demo")
+        # the common settings from the environment too (TUB_DEVICE, TUB_VECTOR_FIGURES, ...); --device wins
+        cfg = resolve_config(TubConfig, "demo", flags={} if device == "auto" else {"device": device})
     except TubError as exc:
         _fail(exc)
     from tubcli.runs import default_runs_root
@@ -202,7 +204,7 @@ def demo_command(
         start = time.perf_counter()
         row = {"plugin": plugin_app.name, "status": "ok", "seconds": 0.0, "figures": {}, "dir": str(root / plugin_app.name)}
         try:
-            run = Run(plugin_app.name, "demo", TubConfig(device=device), out=root / plugin_app.name,
+            run = Run(plugin_app.name, "demo", cfg, out=root / plugin_app.name,
                       plugin_version=plugin_app.version)
             figures = resolve_ref(plugin_app.demo, plugin_app.hints)(run) or {}
             run.finish(figures)

@@ -2,7 +2,7 @@
 
 Precedence: command-line flags and ``--set`` > ``TUB_*`` environment variables > config file >
 defaults. Only values the user actually gave are merged, so a default never overrides the file.
-Environment variables: ``TUB_DEVICE``, ``TUB_PRECISION``, ``TUB_SEED`` for the common fields and
+Environment variables: ``TUB_DEVICE``, ``TUB_PRECISION``, ``TUB_SEED``, ``TUB_VECTOR_FIGURES`` for the common fields and
 ``TUB_<PLUGIN>_<FIELD>`` for a plugin's own (``__`` separates nested fields).
 """
 
@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tubcli.errors import TubError
 
 Precision = Literal["fp32", "fp64", "bf16", "fp16"]
-COMMON_FIELDS = ("device", "precision", "seed")
+COMMON_FIELDS = ("device", "precision", "seed", "vector_figures")
 
 
 class Section(BaseModel):
@@ -49,6 +49,9 @@ class TubConfig(Section):
     precision: Precision = Field("fp32", description="compute dtype where it applies")
     seed: int = Field(0, ge=0, le=2**32 - 1,
                       description="one seed for everything (0 … 2**32 − 1, the range numpy and scikit-learn take)")
+    vector_figures: Literal["none", "pdf", "svg"] = Field(
+        "none", description="also write each plot as a vector file beside its PNG (pdf | svg, editable text), "
+                            "for papers; none: PNG only")
 
     @field_validator("device")
     @classmethod

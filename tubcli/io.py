@@ -317,11 +317,28 @@ def pyplot():
     return plt
 
 
+_VECTOR_FIGURES = "none"  # the running verb's ``vector_figures`` (set by its Run)
+
+
+def set_vector_figures(fmt: str) -> None:
+    """``pdf`` or ``svg``: :func:`save_figure` also writes each PNG plot in that format; ``none``: PNG only."""
+    global _VECTOR_FIGURES
+    _VECTOR_FIGURES = fmt
+
+
 def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
-    """Save a matplotlib figure atomically (format from the suffix) and close it."""
+    """Save a matplotlib figure atomically (format from the suffix) and close it; a PNG also as a vector
+    file beside it when the verb's ``vector_figures`` asks (TrueType fonts in PDF, text kept as text in SVG,
+    so a journal's tools can edit the labels)."""
+    import matplotlib
+
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
+    if _VECTOR_FIGURES != "none" and path.suffix.lower() == ".png":
+        with matplotlib.rc_context({"pdf.fonttype": 42, "svg.fonttype": "none"}):
+            with atomic_path(path.with_suffix(f".{_VECTOR_FIGURES}")) as tmp:
+                fig.savefig(tmp, bbox_inches="tight", format=_VECTOR_FIGURES)
     pyplot().close(fig)
     return path
 

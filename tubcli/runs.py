@@ -22,8 +22,8 @@ from typing import Callable, Iterable, Iterator
 
 from tubcli import device as _device
 from tubcli.errors import ItemFailures, TubError
-from tubcli.io import (atomic_path, file_sha256, remove_stale_temporaries, to_json, write_bytes, write_json,
-                       write_text)
+from tubcli.io import (atomic_path, file_sha256, remove_stale_temporaries, set_vector_figures, to_json, write_bytes,
+                       write_json, write_text)
 from tubcli.progress import get_logger, setup_logging, track
 
 DONE = "DONE"
@@ -225,7 +225,7 @@ def environment_record(plugin_version: str = "", command: str = "") -> dict:
     return record
 
 
-EXECUTION_FIELDS = frozenset({"device", "batch_size", "threads", "num_workers"})
+EXECUTION_FIELDS = frozenset({"device", "batch_size", "threads", "num_workers", "vector_figures"})
 
 
 def changed_settings(earlier: dict, now: dict, ignore: set[str], prefix: str = "", earlier_cwd: str | None = None) -> str:
@@ -407,6 +407,7 @@ class Run:
         self.plugin, self.verb, self.cfg = plugin, verb, cfg
         self.overwrite = overwrite
         self.seed = int(getattr(cfg, "seed", 0))
+        set_vector_figures(getattr(cfg, "vector_figures", "none"))
         self.shard = parse_shard(shard)
         self.failures: list[dict] = []
         self._held_elsewhere: list[Path] = []  # batch outputs another job's lock kept this run from

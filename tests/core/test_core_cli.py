@@ -8,7 +8,7 @@ from typing import Literal
 
 import pytest
 
-from tubcli.testing import check_plugin, invoke
+from tubcli.testing import check_plugin, expect_error_line, invoke
 
 
 def test_broken_plugin_is_listed_and_others_work(toy_plugins, tmp_path):
@@ -110,6 +110,23 @@ def test_demo_runs_into_one_directory(toy_plugins, tmp_path):
     result = invoke(["demo", "toy", "-o", tmp_path / "demo" / "toy"])  # a verb's run directory is not a demo folder
     assert result.exit_code == 2 and "run directory of another verb" in result.stderr
     assert not (tmp_path / "demo" / "toy" / "toy").exists()
+
+
+@pytest.mark.parametrize("fmt", ["pdf", "svg"])
+def test_vector_figures_beside_each_png_plot(toy_plugins, tmp_path, fmt):
+    """TUB_VECTOR_FIGURES (or --set vector_figures) adds a vector copy of every plot for papers: TrueType fonts
+    in the PDF (Type 3 glyphs are refused by journals' tools), text kept as text in the SVG; PNG only by default."""
+    out = tmp_path / fmt
+    assert invoke(["demo", "toy", "-o", out], env={"TUB_VECTOR_FIGURES": fmt}).exit_code == 0
+    png, vector = out / "toy" / "outputs" / "loss.png", out / "toy" / "outputs" / f"loss.{fmt}"
+    assert png.stat().st_size > 0
+    data = vector.read_bytes()
+    assert (data.startswith(b"%PDF") and b"/FontFile2" in data) if fmt == "pdf" else b">epoch</text>" in data
+    assert invoke(["demo", "toy", "-o", tmp_path / "plain"]).exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "plain" / "toy" / "outputs").glob("loss.*")) == ["loss.png"]
+    line = expect_error_line(invoke(["demo", "toy", "-o", tmp_path / "bad"], env={"TUB_VECTOR_FIGURES": "eps"}),
+                             "vector_figures", "'pdf' or 'svg'")
+    assert not (tmp_path / "bad").exists(), line
 
 
 def test_patch_encoders_hook(toy_plugins):

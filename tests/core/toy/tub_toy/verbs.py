@@ -115,6 +115,12 @@ def demo(run):
     data = run.dir / "data.csv"
     data.write_text("\n".join(f"{x},{2 * x},{5 * x}" for x in range(1, 6)))
     metrics = train(TrainConfig(data=data, epochs=50, optim=Optim(lr=0.01)), run)
+    from tubcli.io import pyplot, save_figure
+
+    fig, ax = pyplot().subplots()
+    ax.plot([1, 2, 3], [3, 2, 1])
+    ax.set_xlabel("epoch")
+    save_figure(fig, run.outputs_dir / "loss.png")  # a plot, as plugins draw them
     return {"loss": metrics["loss"]}
 
 
