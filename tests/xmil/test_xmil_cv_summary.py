@@ -118,3 +118,64 @@ def test_predictions_file_round_trips_the_task_metrics(tmp_path, task):
     write_predictions(tmp_path / "p.csv", slides, preds, task, None)
     back, p = read_predictions(tmp_path / "p.csv", task, None)
     assert task_metrics(back, p, task) == task_metrics(slides, preds, task)  # full float precision kept
+
+
+def test_kaplan_meier_and_logrank_equal_scipys():
+    """Own product-limit estimator and log-rank test against scipy.stats.ecdf / logrank (censoring, tied times)."""
+    from scipy.stats import CensoredData, ecdf, logrank as scipy_logrank
+
+    from tub_xmil.metrics import kaplan_meier, logrank
+
+    rng = np.random.default_rng(1)
+    t = np.round(rng.exponential(5, 60), 0) + 1  # rounded: many ties between events and censorings
+    e = rng.random(60) < 0.7
+    g = rng.random(60) < 0.5
+    t[g] *= 0.6
+    at, s = kaplan_meier(t, e)
+    assert np.allclose(s, ecdf(CensoredData.right_censored(t, ~e)).sf.evaluate(at), atol=1e-12)
+    chi, p = logrank(t, e, g)
+    ref = scipy_logrank(CensoredData.right_censored(t[g], ~e[g]), CensoredData.right_censored(t[~g], ~e[~g]))
+    assert chi == pytest.approx(float(ref.statistic) ** 2, rel=1e-9) and p == pytest.approx(float(ref.pvalue), rel=1e-9)
+    assert p < 0.05  # the groups differ (times scaled by 0.6)
+    same = np.concatenate([t, t]), np.concatenate([e, e]), np.r_[np.ones(60, bool), np.zeros(60, bool)]
+    assert logrank(*same)[0] == pytest.approx(0, abs=1e-12)  # two identical groups: no difference at all
+
+
+def test_survival_folds_split_risk_at_each_folds_median(tmp_path):
+    from scipy.stats import CensoredData, logrank as scipy_logrank
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "bags").mkdir()
+    rows = ["slide_id,time,event"]
+    for i in range(18):
+        r = rng.normal()
+        x = rng.standard_normal((4, 8)).astype(np.float32)
+        x[:, 0] += r
+        write_features_h5(tmp_path / "bags" / f"s{i}.h5", x, np.stack([np.arange(4) * 64, np.zeros(4)], 1).astype(np.int64),
+                          {"patch_size_level0": 64})
+        rows.append(f"s{i},{rng.exponential(10 * np.exp(-r)):.3f},{int(rng.random() < 0.8)}")
+    labels = tmp_path / "surv.csv"
+    labels.write_text("\n".join(rows) + "\n")
+    runs = [tmp_path / f"f{k}" for k in range(2)]
+    for k, run in enumerate(runs):
+        _ok(invoke(["xmil", "train", "--features", tmp_path / "bags", "--labels", labels, "--task", "survival",
+                    "--epochs", "2", "--set", "model.features_dim=8", "--fold", f"{k}/2", "-o", run, "-q"]))
+    res = json.loads(_ok(invoke(["xmil", "cv-summary", *runs, "--bootstrap", "0", "-o", tmp_path / "s",
+                                 "--json"])).stdout)
+    oof = _rows(tmp_path / "s" / "outputs" / "oof_predictions.csv")
+    t = np.array([float(r["time"]) for r in oof])
+    e = np.array([r["event"] == "1" for r in oof])
+    risk = np.array([float(r["risk"]) for r in oof])
+    fold = np.array([r["fold"] for r in oof])
+    high = np.zeros(len(oof), bool)
+    for k in set(fold):
+        high[fold == k] = risk[fold == k] > np.median(risk[fold == k])
+    assert res["pooled_high_risk_slides"] == high.sum() and res["pooled_low_risk_slides"] == (~high).sum()
+    ref = scipy_logrank(CensoredData.right_censored(t[high], ~e[high]), CensoredData.right_censored(t[~high], ~e[~high]))
+    assert res["pooled_logrank_p"] == pytest.approx(float(ref.pvalue), rel=1e-9)
+    assert (tmp_path / "s" / "outputs" / "km_risk_groups.png").stat().st_size > 0
+    ev = json.loads(_ok(invoke(["xmil", "evaluate", "--model", runs[0] / "checkpoints", "--features", tmp_path / "bags",
+                                "--labels", runs[0] / "outputs" / "fold_labels.csv", "--set", "flipping=false",
+                                "--bootstrap", "0", "-o", tmp_path / "e", "--json"])).stdout)
+    assert ev["high_risk_slides"] + ev["low_risk_slides"] == ev["slides"] == 9
+    assert (tmp_path / "e" / "outputs" / "km_risk_groups.png").stat().st_size > 0

@@ -141,6 +141,16 @@ def cv_summary(cfg, run) -> dict:
         raise TubError("give the run folders of `tub xmil train --fold k/K`, e.g. runs/cv/fold*")
     folds = read_folds(cfg.runs, run.log)
     out, rows, pooled, preds = summarize(folds, cfg.bootstrap, run.seed, run.log)
+    if out["task"] == "survival":  # each fold's model split at its own median: risks of K models share no scale
+        from tub_xmil.metrics import median_split
+
+        fold_of = np.array([s.fold for s in pooled])
+        high = np.zeros(len(pooled), bool)
+        for k in np.unique(fold_of):
+            high[fold_of == k] = median_split(preds[fold_of == k, 0])
+        groups = _risk_groups(run, [s.time for s in pooled], [s.event for s in pooled], high, out["pooled_c_index"],
+                              note=" of each fold")
+        out.update({f"pooled_{k}": v for k, v in groups.items()})
     write_csv(run.outputs_dir / "folds.csv", rows, list(rows[0]))
     oof = []
     for f in folds:  # every fold's rows as written, with the fold it was held out in
@@ -150,6 +160,19 @@ def cv_summary(cfg, run) -> dict:
             oof += [{"fold": f"{f['fold']}/{f['folds']}", **r} for r in csv.DictReader(fh)]
     write_csv(run.outputs_dir / "oof_predictions.csv", oof, ["fold", *prediction_fields(out["task"], folds[0]["classes"])])
     return out
+
+
+def _risk_groups(run, times, events, high, c_index: float, note: str = "") -> dict:
+    """Log-rank test of the high- vs low-risk slides (``high``: bool per slide) and their Kaplan-Meier curves
+    in ``outputs/km_risk_groups.png``."""
+    from tub_xmil.metrics import risk_groups
+    from tub_xmil.plots import risk_group_plot
+
+    groups = risk_groups(times, events, high)
+    risk_group_plot(run.outputs_dir / "km_risk_groups.png", times, events, high, groups, c_index, note)
+    if not np.isfinite(groups["logrank_p"]):
+        run.log.warning("no log-rank test of the risk groups: a group is empty or no slide has an event")
+    return groups
 
 
 def _write_fold_labels(labels: Path, task: str, out: Path, train_s, val_s, test_s) -> None:
@@ -345,6 +368,11 @@ def evaluate(cfg, run) -> dict:
     write_predictions(run.outputs_dir / "predictions.csv", slides, preds, task, classes)
     _warn_undefined(run, slides, task, "evaluated")
     out = {"slides": len(slides), **task_metrics(slides, preds, task)}
+    if task == "survival":
+        from tub_xmil.metrics import median_split
+
+        out.update(_risk_groups(run, [s.time for s in slides], [s.event for s in slides], median_split(preds[:, 0]),
+                                out["c_index"]))
     if cfg.bootstrap and len(slides) > 1:  # how far the slides' sample leaves the metrics uncertain
         from tubcli.stats import bootstrap_intervals, say_if_few_resamples
 

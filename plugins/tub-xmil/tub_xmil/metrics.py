@@ -1,4 +1,5 @@
-"""Task metrics: AUROC and balanced accuracy, R^2 and Pearson r, Harrell's C-index; AUPRC-2."""
+"""Task metrics: AUROC and balanced accuracy, R^2 and Pearson r, Harrell's C-index, Kaplan-Meier and the log-rank
+test of risk groups; AUPRC-2."""
 
 from __future__ import annotations
 
@@ -69,6 +70,54 @@ def concordance_index(times, events, risks) -> float:
         den += comp.sum()
         num += (r[i] > r[comp]).sum() + 0.5 * (r[i] == r[comp]).sum()
     return float(num / den) if den else float("nan")
+
+
+def kaplan_meier(times, events) -> tuple[np.ndarray, np.ndarray]:
+    """(event times, S(t) just after each): the product-limit estimator S(t) = prod_{t_j <= t} (1 - d_j / n_j)
+    over the distinct event times t_j, with d_j events among the n_j still at risk (Kaplan & Meier 1958).
+    A patient censored at t_j counts as at risk at t_j."""
+    t, e = np.asarray(times, float), np.asarray(events, bool)
+    at = np.unique(t[e])
+    n = np.array([(t >= u).sum() for u in at], float)
+    d = np.array([(t[e] == u).sum() for u in at], float)
+    return at, np.cumprod(1 - d / n)
+
+
+def logrank(times, events, group) -> tuple[float, float]:
+    """(chi², p) of the two-sample log-rank test of ``group`` (bool) against the rest (Mantel 1966; Peto &
+    Peto 1972): over the distinct event times, observed minus expected events of the group, with the
+    hypergeometric variance, chi² = (O - E)² / V on 1 degree of freedom."""
+    from scipy.stats import chi2
+
+    t, e, g = np.asarray(times, float), np.asarray(events, bool), np.asarray(group, bool)
+    o_minus_e = var = 0.0
+    for u in np.unique(t[e]):
+        at_risk = t >= u
+        n, n1 = at_risk.sum(), (at_risk & g).sum()
+        d, d1 = (e & (t == u)).sum(), (e & (t == u) & g).sum()
+        o_minus_e += d1 - d * n1 / n
+        if n > 1:
+            var += d * (n1 / n) * (1 - n1 / n) * (n - d) / (n - 1)
+    if var <= 0:
+        return float("nan"), float("nan")
+    stat = o_minus_e ** 2 / var
+    return float(stat), float(chi2.sf(stat, 1))
+
+
+def median_split(risks) -> np.ndarray:
+    """True for the high-risk slides: predicted risk above the median (the usual survival-MIL figure, e.g.
+    PORPOISE, Chen et al. 2022)."""
+    r = np.asarray(risks, float)
+    return r > np.median(r)
+
+
+def risk_groups(times, events, high) -> dict:
+    """The log-rank test of the high-risk slides (``high``: bool per slide) against the others; null where a
+    group is empty or no slide has an event."""
+    high = np.asarray(high, bool)
+    chi, p = logrank(times, events, high) if 0 < high.sum() < len(high) else (float("nan"), float("nan"))
+    return {"logrank_chi2": chi, "logrank_p": p, "high_risk_slides": int(high.sum()),
+            "low_risk_slides": int((~high).sum())}
 
 
 def auprc2(evidence: np.ndarray, scores: np.ndarray) -> float | None:
