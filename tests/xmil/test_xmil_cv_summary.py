@@ -72,6 +72,19 @@ def test_cv_summary_pools_the_folds_as_each_reported_them(cohort, tmp_path):
     assert all(abs(float(r["p_pos"]) + float(r["p_neg"]) - 1) < 1e-6 for r in oof)
     lo, hi = res["pooled_ci"]["auroc"]
     assert lo <= res["pooled_auroc"] <= hi
+    assert (tmp_path / "s" / "outputs" / "roc.png").stat().st_size > 0
+
+
+def test_roc_plot_per_class_and_none_for_one_class(tmp_path):
+    from tub_xmil.plots import roc_plot
+
+    rng = np.random.default_rng(0)
+    y = np.arange(30) % 3
+    p = rng.dirichlet(np.ones(3), 30)
+    fig = roc_plot(tmp_path / "roc3.png", y, p, ["a", "b", "c"], folds=np.arange(30) % 2)
+    assert fig is not None and fig.stat().st_size > 0
+    assert roc_plot(tmp_path / "one.png", np.zeros(5, int), p[:5], ["a", "b", "c"]) is None
+    assert not (tmp_path / "one.png").exists()
 
 
 def test_evaluate_writes_the_same_predictions_as_the_fold_that_held_the_slides_out(cohort, tmp_path):
@@ -81,6 +94,7 @@ def test_evaluate_writes_the_same_predictions_as_the_fold_that_held_the_slides_o
     ev = {r["slide_id"]: r for r in _rows(tmp_path / "e" / "outputs" / "predictions.csv")}
     tr = {r["slide_id"]: r for r in _rows(runs[1] / "outputs" / "test_predictions.csv")}
     assert ev.keys() == tr.keys() and len(ev) == 3
+    assert (tmp_path / "e" / "outputs" / "roc.png").stat().st_size > 0
     for sid, r in tr.items():
         assert ev[sid]["label"] == r["label"] and ev[sid]["predicted"] == r["predicted"]
         assert float(ev[sid]["p_pos"]) == pytest.approx(float(r["p_pos"]), abs=1e-6)

@@ -141,6 +141,11 @@ def cv_summary(cfg, run) -> dict:
         raise TubError("give the run folders of `tub xmil train --fold k/K`, e.g. runs/cv/fold*")
     folds = read_folds(cfg.runs, run.log)
     out, rows, pooled, preds = summarize(folds, cfg.bootstrap, run.seed, run.log)
+    if out["task"] == "classification":
+        from tub_xmil.plots import roc_plot
+
+        roc_plot(run.outputs_dir / "roc.png", [s.label for s in pooled], preds, folds[0]["classes"],
+                 folds=[s.fold for s in pooled], title=f"{len(folds)} of {folds[0]['folds']} folds, out-of-fold")
     if out["task"] == "survival":  # each fold's model split at its own median: risks of K models share no scale
         from tub_xmil.metrics import median_split
 
@@ -368,6 +373,11 @@ def evaluate(cfg, run) -> dict:
     write_predictions(run.outputs_dir / "predictions.csv", slides, preds, task, classes)
     _warn_undefined(run, slides, task, "evaluated")
     out = {"slides": len(slides), **task_metrics(slides, preds, task)}
+    if task == "classification":
+        from tub_xmil.plots import roc_plot
+
+        roc_plot(run.outputs_dir / "roc.png", [s.label for s in slides], preds, classes,
+                 title=f"{len(slides)} {cfg.split or 'all'} slides")
     if task == "survival":
         from tub_xmil.metrics import median_split
 
