@@ -133,7 +133,7 @@ def train(cfg, run) -> dict:
 
 
 def cv_summary(cfg, run) -> dict:
-    from tub_xmil.cross_validation import read_folds, summarize
+    from tub_xmil.cross_validation import out_of_fold_rows, per_fold_median_split, read_folds, summarize
     from tub_xmil.predictions import prediction_fields
     from tubcli.io import write_csv
 
@@ -146,24 +146,13 @@ def cv_summary(cfg, run) -> dict:
 
         roc_plot(run.outputs_dir / "roc.png", [s.label for s in pooled], preds, folds[0]["classes"],
                  folds=[s.fold for s in pooled], title=f"{len(folds)} of {folds[0]['folds']} folds, out-of-fold")
-    if out["task"] == "survival":  # each fold's model split at its own median: risks of K models share no scale
-        from tub_xmil.metrics import median_split
-
-        fold_of = np.array([s.fold for s in pooled])
-        high = np.zeros(len(pooled), bool)
-        for k in np.unique(fold_of):
-            high[fold_of == k] = median_split(preds[fold_of == k, 0])
-        groups = _risk_groups(run, [s.time for s in pooled], [s.event for s in pooled], high, out["pooled_c_index"],
-                              note=" of each fold")
+    if out["task"] == "survival":
+        groups = _risk_groups(run, [s.time for s in pooled], [s.event for s in pooled],
+                              per_fold_median_split(pooled, preds), out["pooled_c_index"], note=" of each fold")
         out.update({f"pooled_{k}": v for k, v in groups.items()})
     write_csv(run.outputs_dir / "folds.csv", rows, list(rows[0]))
-    oof = []
-    for f in folds:  # every fold's rows as written, with the fold it was held out in
-        import csv
-
-        with open(f["predictions"], newline="", encoding="utf-8") as fh:
-            oof += [{"fold": f"{f['fold']}/{f['folds']}", **r} for r in csv.DictReader(fh)]
-    write_csv(run.outputs_dir / "oof_predictions.csv", oof, ["fold", *prediction_fields(out["task"], folds[0]["classes"])])
+    write_csv(run.outputs_dir / "oof_predictions.csv", out_of_fold_rows(folds),
+              ["fold", *prediction_fields(out["task"], folds[0]["classes"])])
     return out
 
 

@@ -56,14 +56,14 @@ def read_folds(run_dirs: list[Path], log) -> list[dict]:
     classes or slides; a fold given twice; overlapping test sets), a warning when some are missing."""
     folds = sorted((_read_fold(Path(d)) for d in run_dirs), key=lambda f: f["fold"])
     first = folds[0]
-    for f in folds[1:]:
+    for before, f in zip(folds, folds[1:]):
         for key, what in (("folds", "K"), ("seed", "--seed"), ("task", "task"), ("classes", "classes")):
             if f[key] != first[key]:
                 raise TubError(f"{f['dir']} has {what} {f[key]}, {first['dir']} has {first[key]}: not folds of one "
                                "cross-validation; give the runs of one partition")
-        if f["fold"] == folds[folds.index(f) - 1]["fold"]:
-            raise TubError(f"fold {f['fold']}/{f['folds']} is given twice ({folds[folds.index(f) - 1]['dir']} and "
-                           f"{f['dir']}); give each fold's run once")
+        if f["fold"] == before["fold"]:
+            raise TubError(f"fold {f['fold']}/{f['folds']} is given twice ({before['dir']} and {f['dir']}); give "
+                           "each fold's run once")
     all_ids, held = None, set()
     for f in folds:
         ids, test = _slides_of(f["fold_labels"])
@@ -116,3 +116,27 @@ def summarize(folds: list[dict], bootstrap: int, seed: int, log) -> tuple[dict, 
                                  len(pooled), bootstrap, seed=seed)
         out["pooled_ci"] = ci
     return out, rows, pooled, preds
+
+
+def per_fold_median_split(pooled: list, preds: np.ndarray) -> np.ndarray:
+    """High risk (bool per pooled slide): above the median risk of its own fold's model, as survival-MIL
+    papers stratify cross-validated cohorts; the risks of K models share no scale, so one pooled median
+    would split by model as much as by patient."""
+    from tub_xmil.metrics import median_split
+
+    fold_of = np.array([s.fold for s in pooled])
+    high = np.zeros(len(pooled), bool)
+    for k in np.unique(fold_of):
+        high[fold_of == k] = median_split(preds[fold_of == k, 0])
+    return high
+
+
+def out_of_fold_rows(folds: list[dict]) -> list[dict]:
+    """Every fold's prediction rows as written, each with the fold it was held out in."""
+    import csv
+
+    rows = []
+    for f in folds:
+        with open(f["predictions"], newline="", encoding="utf-8") as fh:
+            rows += [{"fold": f"{f['fold']}/{f['folds']}", **r} for r in csv.DictReader(fh)]
+    return rows
