@@ -453,6 +453,13 @@ def test_a_resume_continues_the_recorded_training_only(toy_plugins, tmp_path):
     assert "only epochs may change" in result.stderr and (out / "config.yaml").read_text() == record
     assert invoke(["toy", "train", data, "--epochs", "3", "-o", out, "--resume", "auto"]).exit_code == 0
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    # a run of tub 0.2.0 has no vector_figures in its record: it only changes how plots are saved, so a resume
+    # (here with vector figures asked for) continues it
+    config = out / "config.yaml"
+    config.write_text("".join(ln for ln in config.read_text().splitlines(True) if not ln.startswith("vector_figures")))
+    result = invoke(["toy", "train", data, "--epochs", "4", "-o", out, "--resume", "auto", "--set",
+                     "vector_figures=pdf"])
+    assert result.exit_code == 0, result.stderr
 
 
 def test_a_training_killed_before_its_first_checkpoint_starts_its_log_over(toy_plugins, tmp_path):
