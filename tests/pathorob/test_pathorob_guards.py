@@ -524,3 +524,17 @@ def test_precision_and_device_that_do_not_apply_are_said(data, tmp_path):
     r = invoke(["pathorob", "ri", out / "features.npy", "--metadata", out / "metadata.csv", "--k", "5", "--no-auc",
                 "-o", tmp_path / "r2"])
     assert "do not change that" not in r.stderr
+
+
+def test_an_undefined_robustness_index_is_explained(tmp_path):
+    """Features that keep every (class, center) cell apart leave no SO or OS neighbour: RI = 0/0 is null (as the
+    reference's NaN) and the log says why, instead of a bare null."""
+    expect_ok(invoke(["pathorob", "make-data", "--classes", "2", "--centers", "2", "--slides-per-cell", "3",
+                      "--tiles-per-slide", "20", "--dim", "16", "--bio", "5", "--center", "5", "--slide", "0",
+                      "--noise", "0.01", "-o", tmp_path / "d", "-q"]))
+    out = tmp_path / "d" / "outputs"
+    r = expect_ok(invoke(["pathorob", "ri", out / "features", "--metadata", out / "metadata.csv", "--k", "5",
+                          "--no-auc", "-o", tmp_path / "ri", "--json"]))
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["robustness_index"] is None and res["bio_vs_confounding"] == 1.0
+    assert "robustness index is undefined at k=5" in r.stderr and "SO + OS = 0" in r.stderr

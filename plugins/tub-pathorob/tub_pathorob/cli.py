@@ -148,6 +148,10 @@ def _ri(cfg, run, X, meta, root: Path | None = None):
     res = robustness_index(X, meta, k=cfg.k, k_search=cfg.k_search, dataset=cfg.dataset, paired=cfg.paired,
                            max_patches_per_combi=cfg.max_patches_per_combi, bootstrap=cfg.bootstrap, seed=run.seed,
                            auc=cfg.auc, max_k=cfg.max_k)
+    if not np.isfinite(res.summary["robustness_index"]):  # SO / (SO + OS) = 0 / 0, reported as NaN like the reference
+        run.log.warning("the robustness index is undefined at k=%d: no neighbour differs from its query in exactly one "
+                        "of class and center (SO + OS = 0), so the features separate classes and centers alike; "
+                        "bio_vs_confounding and the k-NN accuracy still describe them", res.summary["k_opt"])
     write_ri(folder, res)
     return res
 
