@@ -53,7 +53,7 @@ def roc_plot(path: Path, labels, proba, classes: list[str], folds=None, title: s
     fig, ax = plt.subplots(figsize=(4.8, 4.5))
     for c in shown:
         colour = f"C{c % 10}"
-        name = classes[c] if p.shape[1] > 2 else f"{classes[1]} vs {classes[0]}"
+        name = f"{classes[c]} vs rest" if p.shape[1] > 2 else f"{classes[1]} vs {classes[0]}"
         if folds is not None:
             folds = np.asarray(folds)
             for f in np.unique(folds):
