@@ -113,6 +113,11 @@ def test_cv_summary_refuses_runs_that_are_not_folds_of_one_partition(cohort, tmp
     shutil.copytree(runs[2], unfinished)
     (unfinished / "DONE").unlink()
     expect_error_line(invoke(["xmil", "cv-summary", runs[0], unfinished, "-o", out]), "has not finished")
+    older = tmp_path / "older"  # a fold of an earlier tub-xmil: no predictions to pool
+    shutil.copytree(runs[2], older)
+    (older / "outputs" / "test_predictions.csv").unlink()
+    expect_error_line(invoke(["xmil", "cv-summary", runs[0], older, "-o", out]), "no outputs/test_predictions.csv",
+                      "train that fold again")
     res = _ok(invoke(["xmil", "cv-summary", runs[0], runs[2], "--bootstrap", "0", "-o", tmp_path / "two", "--json"]))
     assert "folds 1 of 3 are missing" in res.stderr
     assert json.loads(res.stdout)["slides"] < N

@@ -34,7 +34,7 @@ def _read_fold(run_dir: Path) -> dict:
         raise TubError(f"{run_dir}: fold {cfg['fold']} has not finished (no {DONE}); wait for its job or rerun it")
     preds = run_dir / "outputs" / "test_predictions.csv"
     if not preds.is_file():
-        raise TubError(f"{run_dir}: no outputs/test_predictions.csv (a run of tub-xmil before 0.2.1); train that "
+        raise TubError(f"{run_dir}: no outputs/test_predictions.csv (a run of an earlier tub-xmil); train that "
                        "fold again with this version")
     meta = read_json(run_dir / "checkpoints" / "model.json")
     k, n = (int(v) for v in str(cfg["fold"]).split("/"))
