@@ -292,6 +292,81 @@ def test_calculator_refuses_impossible_charge_spin_and_names_dtype_errors(models
         SpookyNetCalculator(path, dtype="float16")
 
 
+def test_calculator_takes_charge_and_spin_as_ase_parameters(models):
+    """calc.set(charge=1) was silently ignored (the energy stayed neutral) and a typo such as Charge=1 ran neutral."""
+    from tub_mlff.demo import MODEL  # trained: its electronic embedding tells charges and spins apart
+
+    path = str(MODEL)
+    ch4 = molecule("CH4")
+    ch4.calc = calc = SpookyNetCalculator(path, dtype=torch.float64)
+    neutral = ch4.get_potential_energy()
+    cation = molecule("CH4")
+    cation.calc = SpookyNetCalculator(path, dtype=torch.float64, charge=1)
+    assert calc.set(charge=1) == {"charge": 1.0}
+    assert ch4.get_potential_energy() == pytest.approx(cation.get_potential_energy(), abs=1e-12) != neutral
+    calc.charge = 0  # the attribute is the parameter: no stale result
+    assert ch4.get_potential_energy() == pytest.approx(neutral, abs=1e-12)
+    calc.spin = 2  # a triplet CH4
+    assert ch4.get_potential_energy() != pytest.approx(neutral, abs=1e-9) and calc.todict() == {"charge": 0.0, "spin": 2.0}
+    with pytest.raises(TypeError, match="unknown keyword.*Charge"):
+        SpookyNetCalculator(path, Charge=1)
+    with pytest.raises(TypeError, match="charge and spin, not multiplicity"):
+        calc.set(multiplicity=3)
+
+
+def test_calculator_checks_each_new_geometry_not_only_the_first(models):
+    """Overlaps, NaN and non-finite energies were only caught on the first call or a change of atoms/cell/pbc."""
+    from tubcli.errors import TubError
+
+    calc = SpookyNetCalculator(str(models / "w8.safetensors"), dtype=torch.float64)
+    ok = molecule("CH4")
+    ok.calc = calc
+    ok.get_potential_energy()
+    other = molecule("CH4")  # a new Atoms object with the same composition on the same calculator
+    other.positions[1] = other.positions[0]
+    other.calc = calc
+    with pytest.raises(TubError, match="atoms 0 and 1 overlap"):
+        other.get_potential_energy()
+    ok.positions[2] = ok.positions[3] + 0.01  # moved onto another atom after the first call
+    with pytest.raises(TubError, match="overlap"):
+        ok.get_potential_energy()
+    ok.positions[2, 0] = np.nan
+    with pytest.raises(TubError, match="non-finite"):
+        ok.get_potential_energy()
+
+
+def test_calculator_converts_a_copy_of_a_module_of_another_dtype(models):
+    """Two calculators of one module in two dtypes: the first broke (double != float) when the second converted it."""
+    m = SpookyNet(SpookyNetConfig(num_features=8, num_basis_functions=4, num_modules=1, use_electrostatics=False,
+                                  use_d4_dispersion=False), seed=0).eval()
+    c64 = SpookyNetCalculator(m, dtype=torch.float64)
+    c32 = SpookyNetCalculator(m, dtype=torch.float32)
+    a, b = molecule("CH4"), molecule("CH4")
+    a.calc, b.calc = c64, c32
+    assert a.get_potential_energy() == pytest.approx(b.get_potential_energy(), abs=1e-4)
+    assert next(m.parameters()).dtype == torch.float32 and c32.models[0] is m  # no conversion: used as it is
+
+
+def test_committee_spread_is_an_ase_property(models):
+    from ase.build import bulk
+
+    calc = SpookyNetCalculator([str(models / "w8.safetensors"), str(models / "w16.safetensors")],
+                               dtype=torch.float64, lr_cutoff=None)
+    na = bulk("Na", "bcc", a=4.3, cubic=True)
+    na.rattle(0.05, seed=0)
+    na.calc = calc
+    assert calc.get_property("energy_std", na) >= 0 and calc.get_property("forces_std", na).shape == (2, 3)
+    stresses = [s.get_stress() for s in _members(na, models)]
+    assert np.allclose(calc.get_property("stress_std", na), np.std(stresses, axis=0), atol=1e-12)
+
+
+def _members(atoms, models):
+    for width in (8, 16):
+        a = atoms.copy()
+        a.calc = SpookyNetCalculator(str(models / f"w{width}.safetensors"), dtype=torch.float64, lr_cutoff=None)
+        yield a
+
+
 # -- 2-D periodic sheets ---------------------------------------------------------------------------
 def test_sheet_without_c_vector_is_open_along_z(models):
     from tub_mlff.validation import check_structure
@@ -308,6 +383,9 @@ def test_sheet_without_c_vector_is_open_along_z(models):
         energies.append((a.get_potential_energy(), a.get_forces()))
     assert energies[0][0] == pytest.approx(energies[1][0], abs=1e-9)
     assert np.abs(energies[0][1] - energies[1][1]).max() < 1e-9
+    sheet.calc = SpookyNetCalculator(str(models / "w8.safetensors"), dtype=torch.float64)
+    with pytest.raises(TubError, match="stress needs a cell with a volume.*vacuum length"):
+        sheet.get_stress()
     bad = sheet.copy()
     bad.pbc = True  # periodic along c, but c = 0
     with pytest.raises(TubError, match="no cell vector c"):

@@ -1,13 +1,16 @@
 """ASE calculator for SpookyNet models and committees of them.
 
 Properties: energy, free_energy, forces, stress (periodic), charges, dipole, energies (per atom),
-features (the members' mean; left out for a committee whose members differ in width), plus ``energy_std``/``forces_std``/``force_disagreement`` for committees (the spread of the members,
-Politis-style query-by-committee uncertainty). The neighbour list uses a Verlet skin: it is rebuilt
-only when an atom moved more than skin/2 or the cell, pbc, or atoms changed.
+features (the members' mean; left out for a committee whose members differ in width), hessian, plus
+``energy_std``/``forces_std``/``stress_std``/``charges_std``/``dipole_std``/``hessian_std``/``force_disagreement``
+for committees (the spread of the members, Politis-style query-by-committee uncertainty). The neighbour
+list uses a Verlet skin: it is rebuilt (and the structure checked) only when an atom moved more than
+skin/2 or the cell, pbc, or atoms changed.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 
@@ -41,16 +44,39 @@ class SpookyNetCalculator(Calculator):
     model without ``lr_cutoff`` gets ``lr_cutoff=10 A`` (a warning says so) so that Coulomb and
     D4 end smoothly instead of at the neighbour-list radius. ``ewald_kmax`` switches the Coulomb
     term of periodic cells to an Ewald sum (``SpookyNet.set_ewald``).
+
+    ``charge`` and ``spin`` are ASE parameters: ``calc.set(charge=1)`` (or ``calc.charge = 1``) changes them
+    and discards the results; ``atoms.info`` and initial charges or magnetic moments are not read (the CLI
+    verbs read ``info['charge']``/``info['spin']``). A keyword that is neither these nor ASE's is an error.
+    A module passed in is used as it is (put in eval mode; ``lr_cutoff`` and ``ewald_kmax`` are set on
+    it) unless it must be converted to ``dtype`` or ``device``: then the calculator converts a copy and
+    the caller's module is left as it was.
+
+    Finite differences (of forces, for Hessians or phonons) need ``dtype=torch.float64``: float32 energies
+    round at ~1e-5 relative. The nonlocal attention of SpookyNet (as the reference implements it and tub
+    reproduces for parity) subtracts the maximum of its keys inside the feature map, beside a small
+    constant, so forces jump by ~1e-4–1e-3 eV/A where that maximum passes from one atom to another: a
+    finite-difference Hessian with a tiny step is then not symmetric, and NVE drift does not shrink as dt^2
+    below ~0.25 fs. The ``hessian`` property is analytic (exact between such points).
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "charges", "dipole", "energies",
-                              "hessian", "features"]
+                              "hessian", "features",
+                              # committees only: the members' spread (absent from a single model's results)
+                              "energy_std", "forces_std", "stress_std", "charges_std", "dipole_std", "hessian_std",
+                              "force_disagreement"]
+    _ASE_KEYWORDS = {"restart", "ignore_bad_restart_file", "label", "atoms", "directory"}
 
     def __init__(self, model, charge: float = 0.0, spin: float | None = None, dtype=torch.float32,
                  device: str | torch.device = "cpu", lr_cutoff: float | str | None = "auto",
                  skin: float = 0.5, elements: set[int] | None = None, check: bool = True,
                  ewald_kmax: int | None = None, **kwargs):
-        super().__init__(**kwargs)
+        unknown = sorted(set(kwargs) - self._ASE_KEYWORDS)
+        if unknown:  # ASE would keep them as parameters nobody reads (a typo such as Charge=1 would run neutral)
+            raise TypeError(f"SpookyNetCalculator got unknown keyword(s) {', '.join(unknown)}; it takes charge, spin, "
+                            "dtype, device, lr_cutoff, skin, elements, check, ewald_kmax and ASE's "
+                            f"{', '.join(sorted(self._ASE_KEYWORDS))}")
+        super().__init__(charge=_charge(charge), spin=_spin(spin), **kwargs)
         from .checkpoints import load_model, model_composition_span, model_elements, model_files
 
         dtype = _torch_dtype(dtype)
@@ -71,12 +97,13 @@ class SpookyNetCalculator(Calculator):
                 # autograd records no graph for the weights-only parts (embeddings, MLP weights),
                 # ~10 % less time per MD step on small cells; forces (d/dR) are unchanged
                 m.requires_grad_(False)
+            elif any(t.dtype != dtype or t.device != torch.device(device) for t in _tensors(m)):
+                m = copy.deepcopy(m)  # converting the caller's module would break whatever else uses it
             models.append(m.to(device=device, dtype=dtype).eval())
         if ewald_kmax is not None:
             for m in models:
                 m.set_ewald(ewald_kmax)
         self.models = models
-        self.charge, self.spin = float(charge), None if spin is None else float(spin)
         self.dtype, self.device = dtype, torch.device(device)
         self.skin = float(skin)
         self.lr_option = lr_cutoff
@@ -90,6 +117,34 @@ class SpookyNetCalculator(Calculator):
             raise ValueError("committee members must share the short-range cutoff")
         self._nl_key = None
         self._nl = None
+
+    # -- parameters ----------------------------------------------------------------------------
+    @property
+    def charge(self) -> float:
+        return self.parameters["charge"]
+
+    @charge.setter
+    def charge(self, value) -> None:
+        self.set(charge=value)
+
+    @property
+    def spin(self) -> float | None:
+        return self.parameters["spin"]
+
+    @spin.setter
+    def spin(self, value) -> None:
+        self.set(spin=value)
+
+    def set(self, **kwargs) -> dict:
+        """ASE's ``set``: ``charge`` and ``spin`` (checked); a change discards the results."""
+        unknown = sorted(set(kwargs) - {"charge", "spin"})
+        if unknown:
+            raise TypeError(f"SpookyNetCalculator.set takes charge and spin, not {', '.join(unknown)}")
+        checked = {k: (_charge if k == "charge" else _spin)(v) for k, v in kwargs.items()}
+        changed = super().set(**checked)
+        if changed:
+            self.reset()
+        return changed
 
     # -- neighbour list ----------------------------------------------------------------------
     def _configure_lr(self, periodic: bool) -> None:
@@ -117,15 +172,29 @@ class SpookyNetCalculator(Calculator):
                 radius = max(radius, mm.lr_cutoff)
         return radius + self.skin
 
+    @staticmethod
+    def _list_key(atoms) -> bytes:
+        return b"|".join([np.asarray(atoms.numbers, np.int64).tobytes(), np.asarray(atoms.pbc, bool).tobytes(),
+                          np.asarray(atoms.cell, np.float64).tobytes()])
+
+    def _list_is_current(self, atoms) -> bool:
+        """The neighbour list still holds every pair within the cutoff: same atoms, cell and pbc, and no atom
+        moved more than half the skin since it was built."""
+        if self._nl is None or self._nl_key != self._list_key(atoms):
+            return False
+        return np.sqrt(((atoms.get_positions() - self._nl_pos) ** 2).sum(-1).max()) < 0.5 * self.skin
+
+    def _needs_check(self, atoms, system_changes) -> bool:
+        """Check the structure whenever the neighbour list is rebuilt: atoms that came close since the last
+        check moved more than half the skin, so an overlap never goes unnoticed for long."""
+        return bool({"numbers", "cell", "pbc"} & set(system_changes)) or not self._list_is_current(atoms)
+
     def _neighbors(self, atoms):
         periodic = bool(np.any(atoms.pbc))
-        key = b"|".join([np.asarray(atoms.numbers, np.int64).tobytes(), np.asarray(atoms.pbc, bool).tobytes(),
-                         np.asarray(atoms.cell, np.float64).tobytes()])
+        key = self._list_key(atoms)
         pos = atoms.get_positions()
-        if self._nl is not None and self._nl_key == key:
-            moved = np.sqrt(((pos - self._nl_pos) ** 2).sum(-1).max())
-            if moved < 0.5 * self.skin:
-                return self._nl
+        if self._list_is_current(atoms):
+            return self._nl
         self._configure_lr(periodic)
         radius = self._list_radius()
         if radius is None:  # molecule with untruncated long range: all pairs
@@ -173,16 +242,24 @@ class SpookyNetCalculator(Calculator):
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
-        if self.check and (self._nl is None or "numbers" in system_changes or "cell" in system_changes
-                           or "pbc" in system_changes or self._nl_key is None):
-            check_structure(atoms, self.elements)
-            check_charge_spin(atoms, self.charge, self.spin)
+        if self.check:
+            if not np.isfinite(atoms.positions).all():
+                raise TubError("the structure has non-finite (NaN or inf) coordinates; fix the structure")
+            if self._needs_check(atoms, system_changes):  # overlaps, elements, cell: at every neighbour-list rebuild
+                check_structure(atoms, self.elements)
+                check_charge_spin(atoms, self.charge, self.spin)
         batch = self.batch_for(atoms)
         periodic = batch["cell"] is not None and abs(np.linalg.det(np.asarray(atoms.cell))) > 1e-9
-        want_stress = periodic and "stress" in properties
+        if {"stress", "stress_std"} & set(properties) and batch["cell"] is not None and not periodic:
+            raise TubError("stress needs a cell with a volume; this periodic structure has a zero cell vector along "
+                           "its open direction: give it a vacuum length (e.g. atoms.cell[2, 2] = 20)")
+        want_stress = periodic and bool({"stress", "stress_std"} & set(properties))
         want_hessian = "hessian" in properties
         outs = [compute(m, batch, forces=True, stress=want_stress, hessian=want_hessian) for m in self.models]
         e = np.array([o["energy"].item() for o in outs])
+        if not np.isfinite(e).all():
+            raise TubError("the model's energy is not finite for this structure (overlapping atoms?); fix the "
+                           "geometry")
         f = np.stack([o["forces"].detach().cpu().numpy() for o in outs]).astype(np.float64)
         q = np.stack([o["charges"].detach().cpu().numpy() for o in outs]).astype(np.float64)
         ea = np.stack([o["atomic_energy"].detach().cpu().numpy() for o in outs]).astype(np.float64)
@@ -195,6 +272,8 @@ class SpookyNetCalculator(Calculator):
         if want_stress:
             s = np.stack([o["stress"][0].detach().cpu().numpy() for o in outs]).astype(np.float64)
             self.results["stress"] = full_3x3_to_voigt_6_stress(s.mean(0))
+            if len(outs) > 1:
+                self.results["stress_std"] = full_3x3_to_voigt_6_stress(s.std(0, ddof=0))
         feats = [o["features"].detach().cpu().numpy() for o in outs]
         if len({f.shape for f in feats}) == 1:  # members of different widths have no common feature space
             self.results["features"] = np.mean(feats, axis=0)
@@ -214,6 +293,19 @@ class SpookyNetCalculator(Calculator):
             # per-atom force disagreement: RMS deviation of member force vectors from the mean
             dev = np.sqrt(((f - f.mean(0)) ** 2).sum(-1).mean(0))
             self.results["force_disagreement"] = dev
+
+
+def _charge(value) -> float:
+    return float(value)
+
+
+def _spin(value) -> float | None:
+    """None (the lowest multiplicity the electron count allows) or the number of unpaired electrons."""
+    return None if value is None else float(value)
+
+
+def _tensors(module):
+    return [*module.parameters(), *module.buffers()]
 
 
 def _torch_dtype(dtype):
