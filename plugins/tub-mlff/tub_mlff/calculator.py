@@ -1,6 +1,6 @@
 """ASE calculator for SpookyNet models and committees of them.
 
-Properties: energy, free_energy, forces, stress (periodic), charges, dipole, energies (per atom),
+Properties: energy, free_energy, forces, stress (periodic), charges, dipole (molecules), energies (per atom),
 features (the members' mean; left out for a committee whose members differ in width), hessian, plus
 ``energy_std``/``forces_std``/``stress_std``/``charges_std``/``dipole_std``/``hessian_std``/``force_disagreement``
 for committees (the spread of the members, Politis-style query-by-committee uncertainty). The neighbour
@@ -268,7 +268,9 @@ class SpookyNetCalculator(Calculator):
         self.results["forces"] = f.mean(0)
         self.results["charges"] = q.mean(0)
         self.results["energies"] = ea.mean(0)
-        self.results["dipole"] = (q.mean(0)[:, None] * atoms.get_positions()).sum(0)
+        molecule = not np.any(atoms.pbc)  # sum q r of a cell depends on which image of each atom is taken
+        if molecule:
+            self.results["dipole"] = (q.mean(0)[:, None] * atoms.get_positions()).sum(0)
         if want_stress:
             s = np.stack([o["stress"][0].detach().cpu().numpy() for o in outs]).astype(np.float64)
             self.results["stress"] = full_3x3_to_voigt_6_stress(s.mean(0))
@@ -288,8 +290,9 @@ class SpookyNetCalculator(Calculator):
             self.results["energy_std"] = float(e.std(ddof=0))
             self.results["forces_std"] = f.std(0, ddof=0)
             self.results["charges_std"] = q.std(0, ddof=0)
-            dip = (q[:, :, None] * atoms.get_positions()[None]).sum(1)
-            self.results["dipole_std"] = dip.std(0, ddof=0)
+            if molecule:
+                dip = (q[:, :, None] * atoms.get_positions()[None]).sum(1)
+                self.results["dipole_std"] = dip.std(0, ddof=0)
             # per-atom force disagreement: RMS deviation of member force vectors from the mean
             dev = np.sqrt(((f - f.mean(0)) ** 2).sum(-1).mean(0))
             self.results["force_disagreement"] = dev
