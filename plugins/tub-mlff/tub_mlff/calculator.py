@@ -76,7 +76,7 @@ class SpookyNetCalculator(Calculator):
             raise TypeError(f"SpookyNetCalculator got unknown keyword(s) {', '.join(unknown)}; it takes charge, spin, "
                             "dtype, device, lr_cutoff, skin, elements, check, ewald_kmax and ASE's "
                             f"{', '.join(sorted(self._ASE_KEYWORDS))}")
-        super().__init__(charge=_charge(charge), spin=_spin(spin), **kwargs)
+        super().__init__(charge=float(charge), spin=_spin(spin), **kwargs)
         from .checkpoints import load_model, model_composition_span, model_elements, model_files
 
         dtype = _torch_dtype(dtype)
@@ -140,10 +140,11 @@ class SpookyNetCalculator(Calculator):
         unknown = sorted(set(kwargs) - {"charge", "spin"})
         if unknown:
             raise TypeError(f"SpookyNetCalculator.set takes charge and spin, not {', '.join(unknown)}")
-        checked = {k: (_charge if k == "charge" else _spin)(v) for k, v in kwargs.items()}
+        checked = {k: float(v) if k == "charge" else _spin(v) for k, v in kwargs.items()}
         changed = super().set(**checked)
         if changed:
             self.reset()
+            self._nl = None  # the next call rebuilds the list and checks the new charge and spin
         return changed
 
     # -- neighbour list ----------------------------------------------------------------------
@@ -184,17 +185,15 @@ class SpookyNetCalculator(Calculator):
             return False
         return np.sqrt(((atoms.get_positions() - self._nl_pos) ** 2).sum(-1).max()) < 0.5 * self.skin
 
-    def _needs_check(self, atoms, system_changes) -> bool:
-        """Check the structure whenever the neighbour list is rebuilt: atoms that came close since the last
-        check moved more than half the skin, so an overlap never goes unnoticed for long."""
-        return bool({"numbers", "cell", "pbc"} & set(system_changes)) or not self._list_is_current(atoms)
-
     def _neighbors(self, atoms):
         periodic = bool(np.any(atoms.pbc))
         key = self._list_key(atoms)
         pos = atoms.get_positions()
         if self._list_is_current(atoms):
             return self._nl
+        if self.check:  # at every rebuild: atoms that came close since the last check moved more than skin/2
+            check_structure(atoms, self.elements)
+            check_charge_spin(atoms, self.charge, self.spin)
         self._configure_lr(periodic)
         radius = self._list_radius()
         if radius is None:  # molecule with untruncated long range: all pairs
@@ -242,18 +241,15 @@ class SpookyNetCalculator(Calculator):
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
-        if self.check:
-            if not np.isfinite(atoms.positions).all():
-                raise TubError("the structure has non-finite (NaN or inf) coordinates; fix the structure")
-            if self._needs_check(atoms, system_changes):  # overlaps, elements, cell: at every neighbour-list rebuild
-                check_structure(atoms, self.elements)
-                check_charge_spin(atoms, self.charge, self.spin)
+        if self.check and not np.isfinite(atoms.positions).all():  # overlaps etc.: at neighbour-list rebuilds
+            raise TubError("the structure has non-finite (NaN or inf) coordinates; fix the structure")
         batch = self.batch_for(atoms)
         periodic = batch["cell"] is not None and abs(np.linalg.det(np.asarray(atoms.cell))) > 1e-9
-        if {"stress", "stress_std"} & set(properties) and batch["cell"] is not None and not periodic:
+        stress_asked = bool({"stress", "stress_std"} & set(properties))
+        if stress_asked and batch["cell"] is not None and not periodic:
             raise TubError("stress needs a cell with a volume; this periodic structure has a zero cell vector along "
                            "its open direction: give it a vacuum length (e.g. atoms.cell[2, 2] = 20)")
-        want_stress = periodic and bool({"stress", "stress_std"} & set(properties))
+        want_stress = periodic and stress_asked
         want_hessian = "hessian" in properties
         outs = [compute(m, batch, forces=True, stress=want_stress, hessian=want_hessian) for m in self.models]
         e = np.array([o["energy"].item() for o in outs])
@@ -296,10 +292,6 @@ class SpookyNetCalculator(Calculator):
             # per-atom force disagreement: RMS deviation of member force vectors from the mean
             dev = np.sqrt(((f - f.mean(0)) ** 2).sum(-1).mean(0))
             self.results["force_disagreement"] = dev
-
-
-def _charge(value) -> float:
-    return float(value)
 
 
 def _spin(value) -> float | None:

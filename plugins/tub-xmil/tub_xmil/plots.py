@@ -1,4 +1,4 @@
-"""Figures of survival evaluation: Kaplan-Meier curves of the predicted high- and low-risk slides."""
+"""Evaluation figures: ROC curves of classifiers, Kaplan-Meier curves of the predicted high- and low-risk slides."""
 
 from __future__ import annotations
 
@@ -49,13 +49,13 @@ def roc_plot(path: Path, labels, proba, classes: list[str], folds=None, title: s
     if len(present) < 2:
         return None
     shown = [1] if p.shape[1] == 2 else list(present)
+    folds = None if folds is None else np.asarray(folds)
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.8, 4.5))
     for c in shown:
         colour = f"C{c % 10}"
         name = f"{classes[c]} vs rest" if p.shape[1] > 2 else f"{classes[1]} vs {classes[0]}"
         if folds is not None:
-            folds = np.asarray(folds)
             for f in np.unique(folds):
                 sel = folds == f
                 if len(np.unique(y[sel] == c)) == 2:
