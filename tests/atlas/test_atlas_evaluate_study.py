@@ -105,6 +105,7 @@ def test_predictions_csv_holds_every_test_row_and_agrees_with_sklearn(tmp_path):
         balanced_accuracy_score(labels[te], [r["linear_pred"] for r in pred]), abs=1e-12)
     assert best["auroc"] == pytest.approx(roc_auc_score(labels[te] == "tumour", proba[:, 1]), abs=1e-12)
     assert 0.5 < best["auroc"] < 1 and m["linear"]["auroc"]["mean"] is not None
+    assert (tmp_path / "r/outputs/roc.png").stat().st_size > 0  # the best run's curve
     # slide counts and the split of every slide, once
     assert (m["n_train_slides"], m["n_val_slides"], m["n_test_slides"]) == (10, 10, 10)
     splits = _csv(tmp_path / "r/outputs/splits.csv")

@@ -75,18 +75,6 @@ def test_cv_summary_pools_the_folds_as_each_reported_them(cohort, tmp_path):
     assert (tmp_path / "s" / "outputs" / "roc.png").stat().st_size > 0
 
 
-def test_roc_plot_per_class_and_none_for_one_class(tmp_path):
-    from tub_xmil.plots import roc_plot
-
-    rng = np.random.default_rng(0)
-    y = np.arange(30) % 3
-    p = rng.dirichlet(np.ones(3), 30)
-    fig = roc_plot(tmp_path / "roc3.png", y, p, ["a", "b", "c"], folds=np.arange(30) % 2)
-    assert fig is not None and fig.stat().st_size > 0
-    assert roc_plot(tmp_path / "one.png", np.zeros(5, int), p[:5], ["a", "b", "c"]) is None
-    assert not (tmp_path / "one.png").exists()
-
-
 def test_evaluate_writes_the_same_predictions_as_the_fold_that_held_the_slides_out(cohort, tmp_path):
     d, labels, runs = cohort
     _ok(invoke(["xmil", "evaluate", "--model", runs[1] / "checkpoints", "--features", d / "bags", "--labels",

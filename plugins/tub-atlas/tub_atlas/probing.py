@@ -31,8 +31,8 @@ def sorted_classes(labels) -> list[str]:
 
 def run_probes(feats: LabelledFeatures, cfg, run, encoder: dict | None = None) -> dict:
     """Both probes on one split; writes ``outputs/predictions.csv`` (every test row), ``outputs/splits.csv``
-    (every slide) and the best linear probe with ``probe.json`` (classes, dim and ``encoder``: the embed
-    run's encoder settings, for ``explain`` to check)."""
+    (every slide), and the best linear probe with its ROC curves (``outputs/roc.png``) and ``probe.json``
+    (classes, dim and ``encoder``: the embed run's encoder settings, for ``explain`` to check)."""
     if any(lab == "" for lab in feats.labels):
         raise TubError("some embeddings have no label; probing needs a label for every row (--labels CSV)")
     classes = sorted_classes(feats.labels)
@@ -82,6 +82,10 @@ def run_probes(feats: LabelledFeatures, cfg, run, encoder: dict | None = None) -
             out["linear"]["ci"] = _intervals(lambda rows: _linear_scores(y[te][rows], proba[rows], classes),
                                              test_slides, cfg, run, "linear (best run)")
         columns["linear_pred"] = [classes[i] for i in proba.argmax(1)]
+        from tubcli.plots import roc_plot
+
+        roc_plot(run.outputs_dir / "roc.png", y[te], proba, classes, unit="test rows",
+                 title=f"linear probe (best of {cfg.runs} runs on validation)")
         columns.update({f"linear_prob_{c}": proba[:, j] for j, c in enumerate(classes)})
         from tubcli.io import save_safetensors, write_json
 
@@ -92,7 +96,7 @@ def run_probes(feats: LabelledFeatures, cfg, run, encoder: dict | None = None) -
             run.log.warning("the features come from no 'tub atlas embed' run folder: probe.json records no encoder, "
                             "so 'explain --target probe' cannot check its --arch/--pool against them")
     else:  # a probe an earlier invocation left here would be taken for this run's (its provenance too)
-        for name in ("probe.safetensors", "probe.json"):
+        for name in ("probe.safetensors", "probe.json", "roc.png", "roc.pdf", "roc.svg"):
             (run.outputs_dir / name).unlink(missing_ok=True)
     write_predictions(run, feats, np.flatnonzero(te), split, columns)
     return out

@@ -142,7 +142,7 @@ def cv_summary(cfg, run) -> dict:
     folds = read_folds(cfg.runs, run.log)
     out, rows, pooled, preds = summarize(folds, cfg.bootstrap, run.seed, run.log)
     if out["task"] == "classification":
-        from tub_xmil.plots import roc_plot
+        from tubcli.plots import roc_plot
 
         roc_plot(run.outputs_dir / "roc.png", [s.label for s in pooled], preds, folds[0]["classes"],
                  folds=[s.fold for s in pooled], title=f"{len(folds)} of {folds[0]['folds']} folds, out-of-fold")
@@ -363,7 +363,7 @@ def evaluate(cfg, run) -> dict:
     _warn_undefined(run, slides, task, "evaluated")
     out = {"slides": len(slides), **task_metrics(slides, preds, task)}
     if task == "classification":
-        from tub_xmil.plots import roc_plot
+        from tubcli.plots import roc_plot
 
         roc_plot(run.outputs_dir / "roc.png", [s.label for s in slides], preds, classes,
                  title=f"{len(slides)} {cfg.split or 'all'} slides")

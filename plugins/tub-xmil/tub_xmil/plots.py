@@ -1,4 +1,4 @@
-"""Evaluation figures: ROC curves of classifiers, Kaplan-Meier curves of the predicted high- and low-risk slides."""
+"""Evaluation figures: Kaplan-Meier curves of the predicted high- and low-risk slides (ROC curves: ``tubcli.plots``)."""
 
 from __future__ import annotations
 
@@ -36,38 +36,4 @@ def risk_group_plot(path: Path, times, events, high, groups: dict, c_index: floa
     ax.set_ylabel("survival probability (Kaplan-Meier)")
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=8, loc="lower left")
-    return save_figure(fig, path, dpi=120)
-
-
-def roc_plot(path: Path, labels, proba, classes: list[str], folds=None, title: str = "") -> Path | None:
-    """ROC curves: the positive class of a binary task, or one-vs-rest per class present; with ``folds``
-    (one name per slide) each fold's curve thin beside the pooled one. None where no curve exists (one class)."""
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    y, p = np.asarray(labels).astype(int), np.asarray(proba, float)
-    present = np.unique(y)
-    if len(present) < 2:
-        return None
-    shown = [1] if p.shape[1] == 2 else list(present)
-    folds = None if folds is None else np.asarray(folds)
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(4.8, 4.5))
-    for c in shown:
-        colour = f"C{c % 10}"
-        name = f"{classes[c]} vs rest" if p.shape[1] > 2 else f"{classes[1]} vs {classes[0]}"
-        if folds is not None:
-            for f in np.unique(folds):
-                sel = folds == f
-                if len(np.unique(y[sel] == c)) == 2:
-                    fpr, tpr, _ = roc_curve(y[sel] == c, p[sel, c])
-                    ax.plot(fpr, tpr, color=colour, lw=0.7, alpha=0.35)
-        fpr, tpr, _ = roc_curve(y == c, p[:, c])
-        pooled = " pooled" if folds is not None else ""
-        ax.plot(fpr, tpr, color=colour, lw=2, label=f"{name}{pooled}: AUROC {roc_auc_score(y == c, p[:, c]):.3f}")
-    ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1)
-    ax.set_xlabel("false positive rate (1 - specificity)")
-    ax.set_ylabel("true positive rate (sensitivity)")
-    ax.set_aspect("equal")
-    ax.set_title(title + (" (thin: each fold)" if folds is not None else "") + f"\nn = {len(y)} slides", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
     return save_figure(fig, path, dpi=120)
