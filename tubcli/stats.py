@@ -28,8 +28,13 @@ def bootstrap_intervals(metric_fn, n: int, resamples: int, seed: int = 0, level:
     return {"level": level, "resamples": resamples, **out, "resamples_used": used}
 
 
-def say_if_few_resamples(log, resamples: int, usual: int = 1000) -> None:
-    """Percentiles of a few hundred draws move from seed to seed: say so, rather than print them as 95% limits."""
+def say_if_rough(log, resamples: int, units: int, unit: str = "slides", usual: int = 1000) -> None:
+    """Say when a bootstrap interval is rough rather than print it as 95% limits: percentiles of a few
+    hundred draws move from seed to seed, and draws of fewer than ten units repeat the same few (two
+    slides give three distinct samples), so the interval understates the uncertainty."""
     if resamples < usual // 5:
         log.warning("--bootstrap %d: the 95%% interval of so few resamples is rough; %d or more is usual",
                     resamples, usual)
+    if units < 10:
+        log.warning("the 95%% bootstrap interval resamples only %d %s: it understates the uncertainty; "
+                    "report it with the sample size, or evaluate more %s", units, unit, unit)

@@ -459,6 +459,7 @@ def test_results_name_the_lrp_settings_used_and_evaluate_warns_when_no_slide_is_
             warned.append("every slide (4) was excluded as a false prediction" in res.stderr)
         assert out["lrp_settings"]["no_bias"] is True
         assert out["ci"]["resamples"] == 1000 and len(out["ci"]["balanced_accuracy"]) == 2  # bootstrap over slides
+        assert "resamples only 4 slides: it understates the uncertainty" in res.stderr
     assert warned == [True]
 
 

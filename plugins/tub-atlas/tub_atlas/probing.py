@@ -155,9 +155,9 @@ def _intervals(metric_fn, test_slides, cfg, run, what: str) -> dict | None:
     if len(set(test_slides)) < 2:
         run.log.warning("%s: the test rows come from one slide, so --bootstrap gives no interval (null)", what)
         return None
-    from tubcli.stats import say_if_few_resamples
+    from tubcli.stats import say_if_rough
 
-    say_if_few_resamples(run.log, cfg.bootstrap)
+    say_if_rough(run.log, cfg.bootstrap, len(set(test_slides)), "test slides")
     return slide_bootstrap(metric_fn, test_slides, cfg.bootstrap, seed=run.item_seed(f"bootstrap-{what}"))
 
 

@@ -373,9 +373,9 @@ def evaluate(cfg, run) -> dict:
         out.update(_risk_groups(run, [s.time for s in slides], [s.event for s in slides], median_split(preds[:, 0]),
                                 out["c_index"]))
     if cfg.bootstrap and len(slides) > 1:  # how far the slides' sample leaves the metrics uncertain
-        from tubcli.stats import bootstrap_intervals, say_if_few_resamples
+        from tubcli.stats import bootstrap_intervals, say_if_rough
 
-        say_if_few_resamples(run.log, cfg.bootstrap)
+        say_if_rough(run.log, cfg.bootstrap, len(slides))
         out["ci"] = bootstrap_intervals(lambda idx: task_metrics([slides[i] for i in idx], preds[idx], task),
                                         len(slides), cfg.bootstrap, seed=run.seed)
     if not cfg.flipping:

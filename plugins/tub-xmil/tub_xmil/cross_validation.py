@@ -109,9 +109,9 @@ def summarize(folds: list[dict], bootstrap: int, seed: int, log) -> tuple[dict, 
         out[f"sd_{name}"] = float(ok.std(ddof=1)) if len(ok) > 1 else float("nan")
     out.update({f"pooled_{k}": v for k, v in task_metrics(pooled, preds, task).items()})
     if bootstrap and len(pooled) > 1:
-        from tubcli.stats import bootstrap_intervals, say_if_few_resamples
+        from tubcli.stats import bootstrap_intervals, say_if_rough
 
-        say_if_few_resamples(log, bootstrap)
+        say_if_rough(log, bootstrap, len(pooled))
         ci = bootstrap_intervals(lambda idx: task_metrics([pooled[i] for i in idx], preds[idx], task),
                                  len(pooled), bootstrap, seed=seed)
         out["pooled_ci"] = ci
