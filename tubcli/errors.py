@@ -18,6 +18,31 @@ class TubError(Exception):
         return self.message
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch system's time limit or preemption): unwinds like Ctrl-C, so item locks are
+    released and temporary outputs removed, and a requeued job finds nothing held."""
+
+
+_SIGTERM_RECEIVED = False
+
+
+def on_sigterm(signum=None, frame=None):
+    """The SIGTERM handler: raise :class:`Terminated`. Raised while a C extension runs (h5py, ``torch.save``),
+    it reaches Python as that extension's SystemError or RuntimeError; :func:`terminating` still tells."""
+    global _SIGTERM_RECEIVED
+    _SIGTERM_RECEIVED = True
+    raise Terminated()
+
+
+def terminating(reset: bool = False) -> bool:
+    """Whether SIGTERM arrived (since the last ``reset``)."""
+    global _SIGTERM_RECEIVED
+    received = _SIGTERM_RECEIVED
+    if reset:
+        _SIGTERM_RECEIVED = False
+    return received
+
+
 class ItemFailures(TubError):
     """Raised at the end of a batch verb when some items failed; the others were processed."""
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from tubcli import device as _device
-from tubcli.errors import ItemFailures, TubError
+from tubcli.errors import ItemFailures, Terminated, TubError, terminating
 from tubcli.io import (atomic_path, file_sha256, remove_stale_temporaries, set_vector_figures, to_json, write_bytes,
                        write_json, write_text)
 from tubcli.progress import get_logger, setup_logging, track
@@ -770,6 +770,8 @@ class Run:
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:
+            if terminating():  # SIGTERM inside a C extension, reworded by it: stop, not an item's failure
+                raise Terminated() from exc
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if not isinstance(exc, TubError):
                 message = f"{type(exc).__name__}: {message}"

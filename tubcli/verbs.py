@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from tubcli.errors import ItemFailures, TubError, first_line
+from tubcli.errors import ItemFailures, Terminated, TubError, first_line, on_sigterm, terminating
 from tubcli.io import to_json
 from tubcli.progress import log_file_only
 
@@ -316,15 +316,6 @@ def _overwrite_help(verb: Verb) -> str:
 RESULTS_PIPE_CLOSED = False  # a verb found stdout closed and handled it itself
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a batch system's time limit or preemption): unwinds like Ctrl-C, so item locks are
-    released and temporary outputs removed, and a requeued job finds nothing held."""
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated()
-
-
 def execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
     """Resolve the config, run the verb in a run directory, print results; return the exit code."""
     import signal
@@ -332,7 +323,8 @@ def execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
 
     if threading.current_thread() is not threading.main_thread():  # signal handlers: main thread only
         return _execute(app, verb, model, flags, opts)
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    terminating(reset=True)
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         return _execute(app, verb, model, flags, opts)
     finally:
@@ -374,12 +366,15 @@ def _execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
         except ItemFailures as exc:  # the other items' results are real: metrics.json has them, stdout too
             failures, metrics = exc, exc.metrics
         except BaseException as exc:
-            if isinstance(exc, TubError) and run.batch_stats:
+            terminated = isinstance(exc, Terminated) or terminating()  # also when a C extension reworded it
+            if isinstance(exc, TubError) and run.batch_stats and not terminated:
                 run.write_metrics({"batch": run.batch_stats})
-            log_file_only(run.log, "stopped: " + ("terminated (SIGTERM)" if isinstance(exc, Terminated) else
+            log_file_only(run.log, "stopped: " + ("terminated (SIGTERM)" if terminated else
                                                   "interrupted (SIGINT)" if isinstance(exc, KeyboardInterrupt) else
                                                   f"{type(exc).__name__}: {first_line(exc)}"))
             run.undo_if_unused()
+            if terminated and not isinstance(exc, Terminated):
+                raise Terminated() from exc
             raise
         if run.is_main:
             try:
@@ -393,13 +388,11 @@ def _execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
     except TubError as exc:
         report_error(exc, opts.get("traceback"))
         return exc.exit_code
-    except Terminated:
-        typer.echo("error: terminated (SIGTERM); rerun with the same -o to continue where it stopped (training "
-                   "verbs: with --resume auto)", err=True)
-        return 143
-    except KeyboardInterrupt:
-        typer.echo("error: interrupted", err=True)
-        return 130
+    except KeyboardInterrupt as exc:
+        how, code = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+        typer.echo(f"error: {how}; rerun with the same -o to continue where it stopped (training verbs: with "
+                   "--resume auto)", err=True)
+        return code
     except MemoryError as exc:
         typer.echo(f"error: not enough memory ({first_line(exc)}); ask for less: smaller sizes, fewer items or "
                    "a smaller --batch-size", err=True)

@@ -276,6 +276,18 @@ def test_sigterm_releases_the_item_locks_and_exits_143(toy_env, tmp_path):
     assert stderr.decode().count("terminated") == 1  # the terminal gets its one line, not a second
 
 
+def test_sigterm_reworded_by_a_c_extension_still_exits_143_and_fails_no_item(toy_env, tmp_path):
+    """SIGTERM that lands inside h5py or torch.save surfaces as their SystemError/RuntimeError: it was an
+    item's failure (and the batch went on) or 'error: RuntimeError' with exit 1, which a requeue-on-143
+    wrapper takes for a crash."""
+    proc, out, _, _ = _stopped_after_two_items({**toy_env, "TOY_REWORD_SIGNALS": "1"}, tmp_path, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    assert stderr.decode().strip().splitlines()[-1].startswith("error: terminated (SIGTERM)")
+    assert not (out / "failures.jsonl").exists() and not (out / "DONE").exists()
+    assert (out / "tub.log").read_text().splitlines()[-1].endswith("ERROR stopped: terminated (SIGTERM)")
+
+
 def test_resume_auto_continues_from_last_epoch(toy_env, tmp_path):
     data = tmp_path / "d.csv"
     data.write_text("\n".join(f"{x},{x % 3},{2 * x - (x % 3)}" for x in range(1, 9)))
