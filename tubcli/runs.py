@@ -384,6 +384,13 @@ def new_run_dir(base: Path) -> Path:
     raise TubError(f"cannot create a new run directory beside {base}; pass -o DIR")
 
 
+def unreadable_output(path: Path, exc: BaseException) -> TubError:
+    """The one-line error for a finished output that no longer reads: what to delete, not a rerun of all."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return TubError(f"{path} exists but cannot be read ({reason}); delete it to make it again "
+                    "(--overwrite makes every item again)")
+
+
 class Run:
     """Everything a verb needs besides its config: directory, device, seeds, logging, batch, checkpoints."""
 
@@ -716,11 +723,14 @@ class Run:
             f.write(to_json(row) + "\n")
 
     # ---- batch verbs
-    def batch(self, items: Iterable, output_for: Callable, key: Callable = str) -> Iterator[tuple]:
+    def batch(self, items: Iterable, output_for: Callable, key: Callable = str,
+              check_output: Callable | None = None) -> Iterator[tuple]:
         """Sorted, sharded, skip-existing, locked iteration over ``items``; yields ``(item, output)``.
 
         Wrap the body in ``with run.item(item):`` so that one bad item is recorded in
-        ``failures.jsonl`` and the others go on.
+        ``failures.jsonl`` and the others go on. ``check_output(path)`` reads an output that would be
+        skipped; where it raises, the run stops with :func:`unreadable_output` (outputs are written
+        atomically, so a damaged one was damaged afterwards, and counting it as done would hide that).
         """
         index, count = self.shard
         all_items = list(items)
@@ -738,6 +748,11 @@ class Run:
                 stats["failed"] += 1
                 continue
             if out.exists() and not self.overwrite:
+                if check_output is not None:
+                    try:
+                        check_output(out)
+                    except Exception as exc:
+                        raise unreadable_output(out, exc) from None
                 stats["skipped_existing"] += 1
                 continue
             lock = ItemLock(out)

@@ -157,6 +157,10 @@ def test_embed_formats_and_skip_existing(data, tmp_path, monkeypatch):
     ok(["embed", tmp_path / "slide1.h5", *base, "--format", "h5", "-o", tmp_path / "h5"])
     with h5py.File(tmp_path / "h5/outputs/slide1.h5") as f:
         assert f["features"].shape == (5, 384) and f["coords"][4].tolist() == [2048, 2304]
+    done = tmp_path / "h5/outputs/slide1.h5"
+    done.write_bytes(done.read_bytes()[:100])  # damaged after it was written
+    r = invoke(["atlas", "embed", tmp_path / "slide1.h5", *base, "--format", "h5", "-o", tmp_path / "h5"])
+    assert r.exit_code == 2 and f"{done} exists but cannot be read" in r.stderr and "delete it" in r.stderr
     # non-ASCII slide and class names (numpy's "S" strings are ASCII only: the item failed)
     (tmp_path / "uni" / "Tumör").mkdir(parents=True)
     for p in sorted((data / "tiles" / "class0").iterdir())[:2]:

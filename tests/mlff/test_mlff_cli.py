@@ -495,6 +495,11 @@ def test_label_with_xtb(workdir):
     r = _ok(invoke(["mlff", "label", path, "-o", out, "--overwrite", "--json"]))
     assert json.loads(r.stdout)["labelled_now"] == 1
     assert np.allclose(read(out / "labelled.extxyz").positions, moved.positions)
+    [item] = (out / "outputs").glob("*.extxyz")  # damaged after it was written: named, not an ASE traceback
+    item.write_text(item.read_text()[:200])
+    r = invoke(["mlff", "label", path, "-o", out])
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"{item} exists but cannot be read" in r.stderr and "delete it to make it again" in r.stderr
     # a shard's merge is labelled.partial.extxyz until every item is done
     two = workdir / "two.extxyz"
     write(two, [moved, moved.copy()], format="extxyz")

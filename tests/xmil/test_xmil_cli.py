@@ -61,6 +61,16 @@ def test_tile_then_skip_existing_and_bad_slides_reported(data):
     (data / "tiles2" / "outputs" / "patches" / ".tmp-slide_001-abcd1234.h5").write_bytes(b"")  # a killed writer's
     res = _ok(invoke(["xmil", "tile", sl, "--mpp", "0.5", "-o", data / "tiles2", "--patch-size", "128", "--json"]))
     assert json.loads(res.stdout)["patches"] == first
+    # a finished output damaged afterwards is named, not skipped as done (it died in a traceback at the end)
+    damaged = data / "tiles2" / "outputs" / "patches" / "slide_002.h5"
+    kept = damaged.read_bytes()
+    damaged.write_bytes(kept[:50])
+    res = invoke(["xmil", "tile", sl, "--mpp", "0.5", "-o", data / "tiles2", "--patch-size", "128"])
+    assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert f"{damaged} exists but cannot be read" in res.stderr and "delete it to make it again" in res.stderr
+    damaged.unlink()
+    res = _ok(invoke(["xmil", "tile", sl, "--mpp", "0.5", "-o", data / "tiles2", "--patch-size", "128", "--json"]))
+    assert json.loads(res.stdout)["batch"]["processed"] == 1 and json.loads(res.stdout)["patches"] == first
 
 
 def test_features_tile_like_tile_with_the_same_options(data, tiny_encoder):

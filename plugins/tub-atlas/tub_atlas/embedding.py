@@ -24,7 +24,7 @@ import torch
 from tubcli.device import autocast
 from tubcli.errors import TubError
 from tubcli.io import atomic_path, write_json
-from tubcli.runs import ItemLock
+from tubcli.runs import ItemLock, unreadable_output
 
 from .encoder import Encoder, uint8_to_float
 from .tiles import TileSet, too_long
@@ -167,7 +167,7 @@ def recorded_origin(fmt: str, out: Path) -> str | None:
             with h5py.File(out, "r") as f:
                 origin = f.attrs.get("origin")
         except OSError as exc:
-            raise TubError(f"{out} exists but cannot be read ({exc}); pass --overwrite to replace it") from None
+            raise unreadable_output(out, exc) from None
         return None if origin is None else (origin.decode() if isinstance(origin, bytes) else str(origin))
     try:
         with open(out / "manifest.csv", newline="") as f:
@@ -234,7 +234,7 @@ def check_existing_output(fmt: str, out: Path, source: Path | TileSet) -> None:
             with zipfile.ZipFile(out) as z:
                 have = {n[:-4] for n in z.namelist() if n.endswith(".npy")}
         except (OSError, zipfile.BadZipFile) as exc:
-            raise TubError(f"{out} exists but cannot be read ({exc}); pass --overwrite to replace it") from None
+            raise unreadable_output(out, exc) from None
         if have != want:
             other = sorted(have - want) or sorted(want - have)
             center = source.rows[0].get("medical_center", source.name) if source.rows else source.name

@@ -263,7 +263,12 @@ def _check_label_sources(items, run, cache) -> None:
         out = _label_output(run, item)
         if not out.exists():
             continue
-        stored = read(str(out)).info.get("source_digest")
+        try:
+            stored = read(str(out)).info.get("source_digest")
+        except Exception as exc:  # damaged after it was written (outputs are atomic): named, not a traceback
+            from tubcli.runs import unreadable_output
+
+            raise unreadable_output(out, exc) from None
         if stored is None:  # labelled before outputs recorded their source
             continue
         _, idx, _, path = item.split("::", 3)

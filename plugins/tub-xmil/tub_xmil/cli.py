@@ -41,7 +41,8 @@ def tile(cfg, run) -> dict:
 
     _warn_ignored_compute(cfg, run)
     slides = expand_inputs(cfg.slides, SLIDE_SUFFIXES)
-    for path, out in run.batch(slides, output_for=lambda p: run.outputs_dir / "patches" / f"{Path(p).stem}.h5"):
+    for path, out in run.batch(slides, output_for=lambda p: run.outputs_dir / "patches" / f"{Path(p).stem}.h5",
+                               check_output=_count_patches):
         with run.item(path):
             tile_one(Path(path), out, run.outputs_dir, cfg.tiling, cfg.mpp)
     return {"patches": _patches_in(run.outputs_dir / "patches")}
@@ -50,13 +51,22 @@ def tile(cfg, run) -> dict:
 def _patches_in(folder: Path) -> int:
     """Tiles over every output of the run directory: a rerun that completes an interrupted run reports the
     run's total, not the part it did itself."""
-    import h5py
+    from tubcli.runs import unreadable_output
 
     n = 0
     for path in sorted(q for q in folder.glob("*.h5") if not q.name.startswith(".")):  # not a writer's temporary
-        with h5py.File(path, "r") as f:
-            n += len(f["coords"])
+        try:
+            n += _count_patches(path)
+        except Exception as exc:  # damaged after it was written, or another shard's: named, not a traceback
+            raise unreadable_output(path, exc) from None
     return n
+
+
+def _count_patches(path: Path) -> int:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return len(f["coords"])
 
 
 def features(cfg, run) -> dict:
@@ -75,7 +85,8 @@ def features(cfg, run) -> dict:
                  "" if cfg.weights else " -- no weights given: " + (spec.description or "preset defaults"))
     if cfg.weights is not None:
         run.refuse_replaced_file("--weights", cfg.weights)
-    for path, out in run.batch(slides, output_for=lambda p: run.outputs_dir / "features" / f"{Path(p).stem}.h5"):
+    for path, out in run.batch(slides, output_for=lambda p: run.outputs_dir / "features" / f"{Path(p).stem}.h5",
+                               check_output=_count_patches):
         with run.item(path):
             features_one(Path(path), out, cfg, spec, module, run.device, run.dtype)
     return {"patches": _patches_in(run.outputs_dir / "features"), "encoder": spec.name, "dim": spec.dim}
