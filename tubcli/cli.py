@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     on_devnull = _stdout_is_devnull()
     try:
-        build_app()(args=argv, prog_name="tub")
+        sys.exit(_run(argv))
     except SystemExit as exc:
         # the reader closed stdout early (`tub plugins | head -1`): click (typer's copy) then wraps
         # stdout, rich (help pages) points it at /dev/null, and both exit 1; end quietly with 0, as the
@@ -269,6 +269,26 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as exc:  # e.g. a full disk under `tub plugins > out.txt`
         typer.echo(f"error: cannot write the output: {exc.strerror or exc}", err=True)
         sys.exit(1)
+
+
+def _run(argv: list[str] | None) -> int:
+    """The app's exit code; a usage error (unknown option, bad value) is one ``error:`` line naming the
+    command's help, as every other error, not a boxed panel in a batch job's log."""
+    # typer >= 0.22 raises its own copy of click's exceptions: take the base class from a public one
+    click_exception = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+    try:
+        code = build_app()(args=argv, prog_name="tub", standalone_mode=False)
+    except click_exception as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `tub` or `tub <plugin>` alone: its help is printed
+            return exc.exit_code
+        ctx = getattr(exc, "ctx", None)
+        see = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
+        typer.echo(f"error: {exc.format_message().rstrip('.')}{see}", err=True)
+        return exc.exit_code
+    except typer.Abort:
+        typer.echo("error: aborted", err=True)
+        return 1
+    return code if isinstance(code, int) else 0
 
 
 def _stdout_is_devnull() -> bool:

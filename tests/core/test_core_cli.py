@@ -181,6 +181,26 @@ def test_core_commands_into_a_closed_pipe_exit_0(toy_env, args):
     assert "Traceback" not in stderr
 
 
+@pytest.mark.parametrize("args, says", [
+    (["toy", "train", "--bogus"], "error: No such option: --bogus"),
+    (["toy", "train", "--epochs", "many"], "error: Invalid value for '--epochs'"),
+    (["nosuch"], "error: No such command 'nosuch'; see 'tub --help'"),
+])
+def test_usage_errors_are_one_line_as_every_other_error(toy_env, args, says):
+    """A mistyped option was a boxed panel (box-drawing characters in a batch job's log) of five lines."""
+    proc = subprocess.run([sys.executable, "-m", "tub_toy.run_cli", *args], env=toy_env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith(says), proc.stderr
+    assert "╭" not in proc.stderr
+
+
+def test_the_bare_command_prints_its_help(toy_env):
+    proc = subprocess.run([sys.executable, "-m", "tub_toy.run_cli", "toy"], env=toy_env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "Usage: tub toy" in proc.stdout + proc.stderr and "error" not in proc.stderr
+
+
 def test_a_full_disk_is_a_one_line_error(toy_env):
     if not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full on this system")
