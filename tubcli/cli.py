@@ -139,7 +139,7 @@ def config_command(
     schema: bool = typer.Option(False, "--schema", help="Print the JSON schema instead."),
 ):
     """Print a verb's fully resolved config (defaults < file < TUB_* env < --set) and validate it."""
-    from tubcli.config import config_yaml, resolve_config
+    from tubcli.config import config_yaml, resolve_config, unknown_env_warnings
 
     try:
         plugin_app = get_app(plugin)
@@ -150,6 +150,8 @@ def config_command(
         cfg = resolve_config(model, plugin_app.name, config, sets)
     except TubError as exc:
         _fail(exc)
+    for warning in unknown_env_warnings([plugin_app.config_model(v) for v in plugin_app.verbs], plugin_app.name):
+        typer.echo(f"warning: {warning}", err=True)
     sys.stdout.write(config_yaml(cfg))
 
 

@@ -222,6 +222,16 @@ def env_values(model: type[BaseModel], plugin: str, environ=None) -> dict:
     return out
 
 
+def env_variable(loc, plugin: str, environ=None) -> str:
+    """The ``TUB_*`` variable that set the field at ``loc`` (a plugin's own wins over a common one), so
+    that an error names what the user exported, not "the environment"."""
+    environ = os.environ if environ is None else environ
+    keys = [f"TUB_{plugin.upper()}_" + "__".join(str(p).upper() for p in loc)]
+    if len(loc) == 1 and loc[0] in COMMON_FIELDS:
+        keys.append(f"TUB_{str(loc[0]).upper()}")
+    return next((k for k in keys if k in environ), "the environment")
+
+
 def unknown_env_vars(models: list[type[BaseModel]], plugin: str, environ=None) -> list[str]:
     """``TUB_<PLUGIN>_*`` variables that name no field of any of the plugin's verbs: a typo
     (``TUB_XMIL_EPOCS``) would otherwise be ignored without a word."""
@@ -229,6 +239,13 @@ def unknown_env_vars(models: list[type[BaseModel]], plugin: str, environ=None) -
     prefix = f"TUB_{plugin.upper()}_"
     return sorted(key for key in environ if key.startswith(prefix) and not any(
         field_info(m, ".".join(p.lower() for p in key[len(prefix):].split("__"))) for m in models))
+
+
+def unknown_env_warnings(models: list[type[BaseModel]], plugin: str, environ=None) -> list[str]:
+    """One warning per :func:`unknown_env_vars` entry, worded alike by runs, ``--print-config`` and
+    ``tub config`` (the commands a user checks a variable with)."""
+    return [f"{key} names no setting of 'tub {plugin}' and is ignored; see 'tub {plugin} <verb> --help' for the "
+            "settings" for key in unknown_env_vars(models, plugin, environ)]
 
 
 def field_info(model: type[BaseModel] | None, dotted: str):
@@ -297,17 +314,20 @@ def resolve_config(
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
         source = next((name for name, data in reversed(layers) if _has_path(data, err["loc"])), "defaults")
+        if source == "the environment":
+            source = env_variable(err["loc"], plugin, environ)
         msg = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own message
         if not loc:  # a check across fields (a model validator): its message names the options
             raise TubError(f"invalid config: {msg}") from None
         raise TubError(f"invalid config value for {loc!r} (from {source}): {msg}") from None
     global _DEVICE_SOURCE
     _DEVICE_SOURCE = next((name for name, data in reversed(layers) if "device" in data), None)
-    if _DEVICE_SOURCE == "the environment":  # name the variable (a plugin's own wins over TUB_DEVICE)
-        env = os.environ if environ is None else environ
-        _DEVICE_SOURCE = next(k for k in (f"TUB_{plugin.upper()}_DEVICE", "TUB_DEVICE") if k in env)
+    if _DEVICE_SOURCE == "the environment":
+        _DEVICE_SOURCE = env_variable(("device",), plugin, environ)
     for loc, value in _non_finite(cfg.model_dump()):
         source = next((name for name, data in reversed(layers) if _has_path(data, loc)), None)
+        if source == "the environment":
+            source = env_variable(loc, plugin, environ)
         if source is not None:  # a user's inf/nan (a default may be inf on purpose, e.g. no time limit)
             raise TubError(f"invalid config value for {'.'.join(map(str, loc))!r} (from {source}): {value} is not "
                            "a finite number")

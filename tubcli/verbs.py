@@ -333,7 +333,7 @@ def execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
 
 def _execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
     global RESULTS_PIPE_CLOSED
-    from tubcli.config import config_yaml, resolve_config, unknown_env_vars
+    from tubcli.config import config_yaml, resolve_config, unknown_env_warnings
     from tubcli.progress import log_every
     from tubcli.runs import EXECUTION_FIELDS, Run
 
@@ -343,7 +343,10 @@ def _execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
     try:
         cfg = resolve_config(model, app.name, opts.get("config"), opts.get("set"), flags)
         log_every()  # a bad TUB_LOG_EVERY is refused before a run directory exists
+        unknown_env = unknown_env_warnings([app.config_model(v) for v in app.verbs], app.name)
         if opts.get("print_config"):
+            for warning in unknown_env:
+                typer.echo(f"warning: {warning}", err=True)
             sys.stdout.write(config_yaml(cfg))
             return 0
         func = resolve_ref(verb.run, app.hints)
@@ -357,9 +360,8 @@ def _execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
                   overwrite=bool(opts.get("overwrite")), verbosity=verbosity, plugin_version=app.version,
                   same_outputs_except={*verb.args, *verb.item_fields, *EXECUTION_FIELDS} if verb.batch else None,
                   training=verb.training, resume_may_change=set(verb.resume_may_change))
-        for key in unknown_env_vars([app.config_model(v) for v in app.verbs], app.name):
-            run.log.warning("%s names no setting of 'tub %s' and is ignored; see 'tub %s <verb> --help' for the "
-                            "settings", key, app.name, app.name)
+        for warning in unknown_env:
+            run.log.warning("%s", warning)
         failures = None
         try:
             metrics = run.finish(func(cfg, run))

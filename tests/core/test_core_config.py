@@ -94,6 +94,28 @@ def test_a_bad_list_item_names_the_layer_it_came_from():
         resolve_config(Cfg, "toy", flags={"metrics": ["ri", "foo"]}, environ={})
 
 
+def test_a_bad_value_from_the_environment_names_its_variable():
+    from pydantic import BaseModel
+
+    from tubcli.config import TubConfig, resolve_config
+
+    class Inner(BaseModel):
+        k: int = 3
+
+    class Cfg(TubConfig):
+        inner: Inner = Inner()
+        lr: float = 0.1
+
+    with pytest.raises(TubError, match=r"'inner.k' \(from TUB_TOY_INNER__K\)"):
+        resolve_config(Cfg, "toy", environ={"TUB_TOY_INNER__K": "many"})
+    with pytest.raises(TubError, match=r"'seed' \(from TUB_SEED\)"):
+        resolve_config(Cfg, "toy", environ={"TUB_SEED": "x"})
+    with pytest.raises(TubError, match=r"'seed' \(from TUB_TOY_SEED\)"):  # the plugin's own wins
+        resolve_config(Cfg, "toy", environ={"TUB_SEED": "1", "TUB_TOY_SEED": "x"})
+    with pytest.raises(TubError, match=r"'lr' \(from TUB_TOY_LR\): nan is not a finite number"):
+        resolve_config(Cfg, "toy", environ={"TUB_TOY_LR": "nan"})
+
+
 def test_set_values_for_text_fields_stay_text():
     from typing import Literal, Optional
 
@@ -130,6 +152,10 @@ def test_a_misspelt_plugin_variable_is_named_not_ignored(toy_plugins, tmp_path):
     assert result.exit_code == 0, result.output
     assert "TUB_TOY_EPOCS names no setting of 'tub toy'" in result.stderr
     assert "TUB_TOY_WEIGHTS" not in result.stderr
+    for checking in (["toy", "train", data, "--print-config"], ["config", "toy", "train"]):  # where one looks
+        result = invoke(checking, env=env)
+        assert result.exit_code == 0 and "warning: TUB_TOY_EPOCS names no setting" in result.stderr, result.stderr
+        assert "TUB_TOY_WEIGHTS" not in result.stderr and "epochs" in result.stdout
 
 
 def test_a_runs_config_yaml_reruns_it_from_another_folder(toy_plugins, tmp_path, monkeypatch):
