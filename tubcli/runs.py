@@ -791,7 +791,8 @@ class Run:
             if not isinstance(exc, TubError):
                 message = f"{type(exc).__name__}: {message}"
             self.failures.append({"item": str(item), "error": message})
-            self.log.error("%s: %s", item, message)
+            named = message.startswith((str(item), f"{Path(str(item)).name}:"))  # the item named once
+            self.log.error("%s", message if named else f"{item}: {message}")
             self.log.debug("traceback", exc_info=True)
             line = json.dumps({"item": str(item), "error": message, "shard": f"{self.shard[0]}/{self.shard[1]}"})
             self._rewrite_failures(item, line)

@@ -46,6 +46,7 @@ def test_tile_then_skip_existing_and_bad_slides_reported(data):
     fails = [json.loads(line) for line in (data / "tiles" / "failures.jsonl").read_text().splitlines()]
     assert sorted(f["item"].split("/")[-1] for f in fails) == ["blank.tiff", "corrupt.svs", "nompp.tiff"]
     assert all("\n" not in f["error"] for f in fails)
+    assert "ERROR corrupt.svs: not a slide" in res.stderr  # the log names the slide once
     patches = sorted((data / "tiles" / "outputs" / "patches").glob("*.h5"))
     assert [p.stem for p in patches] == [f"slide_{i:03d}" for i in range(4)]  # nothing partial for bad ones
     assert not list((data / "tiles" / "outputs").rglob(".tmp-*"))
