@@ -126,7 +126,7 @@ def doctor_command(as_json: bool = typer.Option(False, "--json", help="Machine-r
             for kind in ("requires", "optional"):
                 for module, state in entry[kind].items():
                     mark = "ok" if state["found"] else f"missing ({state['hint']})"
-                    typer.echo(f"  {kind[:-1] if kind == 'requires' else 'optional'} {module:<18} {mark}")
+                    typer.echo(f"  {'require' if kind == 'requires' else 'optional':<8} {module:<18} {mark}")
     raise typer.Exit(0 if report["ok"] else 1)
 
 
@@ -224,7 +224,7 @@ def demo_command(
         from tubcli.verbs import flatten, format_value
 
         typer.echo(f"\ntub demo: {root}")
-        typer.echo(f"{'plugin':<12} {'status':<8} {'seconds':>8}  figures")
+        typer.echo(f"{'plugin':<12} {'status':<8} {'seconds':>8}  results")
         for row in summary:
             figures = ", ".join(f"{k}={format_value(v)}" for k, v in flatten(row["figures"]) if not isinstance(v, (list, dict)))
             typer.echo(f"{row['plugin']:<12} {row['status'][:60]:<8} {row['seconds']:>8}  {figures}")
