@@ -135,7 +135,36 @@ def test_npt_refuses_a_slab(tmp_path, setup):
     write(tmp_path / "slab.extxyz", slab, format="extxyz")
     r = invoke(["mlff", "md", tmp_path / "slab.extxyz", "--model", setup / "tiny.safetensors", "--ensemble", "npt",
                 "--steps", "2", "-o", tmp_path / "o"])
-    assert r.exit_code == 2 and "without a vacuum gap" in r.stderr
+    assert r.exit_code == 2 and "without a vacuum gap (this one is a slab)" in r.stderr
+    # the same slab as ASE writes it, without tub's stacking tag: found by its geometry (it ran, and the cell drifted)
+    del slab.info["stacking"]
+    write(tmp_path / "plain.extxyz", slab, format="extxyz")
+    r = invoke(["mlff", "md", tmp_path / "plain.extxyz", "--model", setup / "tiny.safetensors", "--ensemble", "npt",
+                "--steps", "2", "-o", tmp_path / "o2"])
+    assert r.exit_code == 2 and "(this one has 13.5 Å of vacuum along c)" in r.stderr, r.stderr
+    # NVT runs it, without a pressure averaged over the vacuum
+    r = invoke(["mlff", "md", tmp_path / "plain.extxyz", "--model", setup / "tiny.safetensors", "--ensemble", "nve",
+                "--steps", "2", "--interval", "1", "-o", tmp_path / "o3"])
+    assert r.exit_code == 0 and "13.5 Å of vacuum along c" in r.stderr, r.stderr
+    rows = (tmp_path / "o3" / "outputs" / "thermo.csv").read_text().splitlines()[1:]
+    assert len(rows) == 3 and all(row.split(",")[7] == "nan" for row in rows)
+
+
+def test_vacuum_gap_is_the_thickest_atom_free_slab_between_lattice_planes():
+    from ase import Atoms
+
+    from tub_mlff.md import vacuum_gap
+    from tub_mlff.structures import janus_graphene
+
+    gallery = janus_graphene(3, 1, stacking="gallery")
+    assert vacuum_gap(gallery)[0] < 4  # the groups fill the gallery
+    # two atoms 2 Å apart along c in a 10 Å cell tilted 30° from the normal: planes 10 cos 30° apart
+    c = 10 * np.array([0, np.sin(np.pi / 6), np.cos(np.pi / 6)])
+    pair = Atoms("H2", scaled_positions=[[0, 0, 0.1], [0, 0, 0.3]], cell=[[3, 0, 0], [0, 3, 0], c], pbc=True)
+    gap, axis = vacuum_gap(pair)
+    assert axis == 2 and gap == pytest.approx(0.8 * 10 * np.cos(np.pi / 6))
+    pair.pbc = [True, True, False]
+    assert vacuum_gap(pair)[1] != 2  # an open axis is no periodic gap
 
 
 def test_md_frames_are_not_training_labels_and_old_runs_are_not_resumed_across_fixes(tmp_path, setup):

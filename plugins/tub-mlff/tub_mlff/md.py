@@ -119,6 +119,26 @@ def degrees_of_freedom(atoms, ensemble: str) -> int:
     return max(atoms.get_number_of_degrees_of_freedom() - (3 if at_rest else 0), 1)
 
 
+VACUUM_GAP_A = 6.0  # an atom-free slab this thick across a periodic cell is vacuum (gallery cells: ~3 Å)
+
+
+def vacuum_gap(atoms) -> tuple[float, int]:
+    """The thickest atom-free slab across the cell (Å, measured between lattice planes) and its cell axis
+    (0, 1, 2 for a, b, c); (0.0, -1) without a periodic axis. A slab stored as periodic in 3-D (as ASE
+    builds them) has one: its stress is no pressure and its cell has no restoring force along it."""
+    best, axis = 0.0, -1
+    if len(atoms) == 0:
+        return best, axis
+    reciprocal = atoms.cell.reciprocal()
+    fractions = atoms.get_scaled_positions(wrap=True)
+    for i in np.flatnonzero(atoms.pbc):
+        s = np.sort(fractions[:, i])
+        gap = float(np.diff(np.r_[s, s[0] + 1.0]).max() / np.linalg.norm(reciprocal[i]))
+        if gap > best:
+            best, axis = gap, int(i)
+    return best, axis
+
+
 def make_dynamics(atoms, ensemble: str, timestep_fs: float, temperature_K: float, friction_per_fs: float,
                   taut_fs: float, pressure_GPa: float, taup_fs: float, seed: int, hydrostatic: bool = False):
     """The ASE integrator of ``ensemble``. NPT is ASE's Langevin BAOAB barostat (every cell component
@@ -152,9 +172,18 @@ def make_dynamics(atoms, ensemble: str, timestep_fs: float, temperature_K: float
     if ensemble == "npt":
         from ase.md.langevinbaoab import LangevinBAOAB
 
-        if not atoms.pbc.all() or atoms.info.get("stacking") in ("slab", "bilayer"):  # vacuum: no restoring stress
-            raise TubError("NPT needs a cell periodic in all three directions without a vacuum gap (this one is "
-                           f"a {atoms.info.get('stacking', 'slab')}); use nvt-* for slabs and bilayers")
+        gap, axis = vacuum_gap(atoms)
+        if not atoms.pbc.all():
+            what = f"is not periodic along {', '.join('abc'[i] for i in np.flatnonzero(~atoms.pbc))}"
+        elif atoms.info.get("stacking") in ("slab", "bilayer"):
+            what = f"is a {atoms.info['stacking']}"
+        elif gap > VACUUM_GAP_A:
+            what = f"has {gap:.1f} Å of vacuum along {'abc'[axis]}"
+        else:
+            what = None
+        if what is not None:  # vacuum: no restoring stress, the barostat would collapse or inflate it
+            raise TubError(f"NPT needs a cell periodic in all three directions without a vacuum gap (this one "
+                           f"{what}); use nvt-* for slabs and bilayers")
         import warnings
 
         with warnings.catch_warnings():  # ASE's note that it sets the barostat mass from P_tau (in its units)
@@ -298,7 +327,8 @@ def _thermo_rows(thermo: Path, steps: set[int]) -> list[str]:
 
 
 def _thermo_summary(thermo: Path) -> dict:
-    """Mean temperature, last potential energy and largest committee energy spread of the whole run,
+    """Mean temperature (all rows, and the second half: past the equilibration of a run that started
+    elsewhere), last potential energy and largest committee energy spread of the whole run,
     from its thermo log: a resumed or rerun run reports all of its frames, not only this call's."""
     import csv
 
@@ -306,7 +336,9 @@ def _thermo_summary(thermo: Path) -> dict:
         rows = [r for r in csv.DictReader(f) if r.get("temperature_K")]
     temps = [float(r["temperature_K"]) for r in rows]
     stds = np.array([float(r.get("energy_std_eV") or "nan") for r in rows])
+    later = temps[len(temps) // 2:]  # equilibrated, for a run that starts away from its temperature
     return {"mean_temperature_K": float(np.mean(temps)) if temps else float("nan"),
+            "mean_temperature_second_half_K": float(np.mean(later)) if later else float("nan"),
             "final_epot_eV": float(rows[-1]["epot_eV"]) if rows else float("nan"),
             "max_energy_std_eV": float(np.nanmax(stds)) if np.isfinite(stds).any() else None}
 
@@ -323,7 +355,7 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
     """
     from ase import units
     from ase.calculators.singlepoint import SinglePointCalculator
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+    from ase.md import velocitydistribution
 
     if steps < 1 or interval < 1 or timestep_fs <= 0:
         raise ValueError("steps and interval must be at least 1 and timestep_fs positive")
@@ -352,8 +384,12 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
         atoms.positions = saved["positions"] if saved else last.positions
         atoms.set_momenta(saved["momenta"] if saved else last.get_momenta())
     else:
-        MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=np.random.default_rng(seed))
-        Stationary(atoms)
+        rng = np.random.default_rng(seed)
+        if hasattr(velocitydistribution, "thermalize_momenta"):  # ASE >= 3.29 (the same draws)
+            velocitydistribution.thermalize_momenta(atoms, temperature_K, rng=rng)
+        else:
+            velocitydistribution.MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
+        velocitydistribution.Stationary(atoms)
     atoms.calc = calc
     if start >= steps:
         if log:
@@ -364,7 +400,11 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
                         hydrostatic=npt_cell == "iso")  # checks the ensemble before anything is written
     if saved:
         _restore_dynamics(dyn, saved)
-    periodic3 = bool(atoms.pbc.all())
+    gap, axis = vacuum_gap(atoms)
+    periodic3 = bool(atoms.pbc.all()) and gap <= VACUUM_GAP_A  # else no pressure: the volume is partly vacuum
+    if atoms.pbc.all() and not periodic3 and log and not frames:
+        log.warning("the cell has %.1f Å of vacuum along %s: thermo.csv's pressure_GPa and volume_A3 are left "
+                    "empty (NaN), as for a slab (a pressure averaged over vacuum describes nothing)", gap, "abc"[axis])
     ndof = degrees_of_freedom(atoms, ensemble)
 
     def thermo_line(step: int) -> tuple[str, float, float, float]:
