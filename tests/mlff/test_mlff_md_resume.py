@@ -52,6 +52,9 @@ def test_resumed_md_is_the_uninterrupted_run(tmp_path, setup, ensemble):
     for key in ("positions", "momenta", "cell"):
         assert np.abs(np.array(sa[key]) - np.array(sb[key])).max() <= 1e-9, key
     assert sa["rng"] == sb["rng"]
+    cons = [[float(row.split(",")[-1]) for row in (out / "outputs" / "thermo.csv").read_text().splitlines()[1:]]
+            for out in (whole, split)]
+    assert np.allclose(cons[0], cons[1], atol=1e-6, equal_nan=True)  # Bussi's tally continues too
     if ensemble == "npt":
         assert np.abs(np.array(sa["p_eps"]) - np.array(sb["p_eps"])).max() <= 1e-12
         start = read(setup / "na.extxyz").cell.array
@@ -125,6 +128,38 @@ def test_frames_carry_energy_and_forces_and_bussi_counts_3n_minus_3(tmp_path, se
     assert degrees_of_freedom(a, "nvt-langevin") == 3 * n
     dyn = make_dynamics(a, "nvt-bussi", 1.0, 300.0, 0.01, 20.0, 0.0, 100.0, 0)
     assert dyn.target_kinetic_energy == pytest.approx(0.5 * 300 * units.kB * (3 * n - 3))
+
+
+def test_bussi_logs_the_energy_it_conserves_and_older_logs_get_the_column(tmp_path):
+    """Under Bussi's thermostat E_pot + E_kin swings with the heat exchanged; less that exchange it is the
+    integrator's conserved quantity (Bussi, Donadio & Parrinello 2007, Eq. 12), whose drift shows the time
+    step's error as NVE's total energy does. EMT copper, 2 fs."""
+    import csv
+
+    from ase.calculators.emt import EMT
+
+    from tub_mlff.md import run_md
+
+    cu = bulk("Cu", cubic=True) * 2
+    spread = {}
+    for ensemble in ("nvt-bussi", "nve", "nvt-langevin"):
+        thermo = tmp_path / f"{ensemble}.csv"
+        run_md(cu, EMT(), tmp_path / f"{ensemble}.extxyz", thermo, steps=600, ensemble=ensemble, timestep_fs=2.0,
+               temperature_K=300.0, taut_fs=50.0, interval=10)
+        rows = list(csv.DictReader(open(thermo)))
+        etot, cons = (np.array([float(r[k]) for r in rows]) for k in ("etot_eV", "conserved_eV"))
+        spread[ensemble] = (np.ptp(etot), np.ptp(cons) if np.isfinite(cons).all() else None)
+    assert spread["nvt-bussi"][0] > 0.3 and spread["nvt-bussi"][1] < 0.01  # eV: the heat bath, not the integrator
+    assert spread["nve"][0] == spread["nve"][1] < 0.01
+    assert spread["nvt-langevin"][1] is None  # Langevin tracks no exchanged energy: NaN, not a made-up number
+    # a run logged before the column: its rows get NaN there, the extension the value
+    thermo = tmp_path / "nvt-bussi.csv"
+    lines = thermo.read_text().splitlines()
+    thermo.write_text("".join(",".join(line.split(",")[:-1]) + "\n" for line in lines))
+    run_md(cu, EMT(), tmp_path / "nvt-bussi.extxyz", thermo, steps=620, ensemble="nvt-bussi", timestep_fs=2.0,
+           temperature_K=300.0, taut_fs=50.0, interval=10)
+    rows = list(csv.DictReader(open(thermo)))
+    assert len(rows) == 63 and rows[0]["conserved_eV"] == "nan" and np.isfinite(float(rows[-1]["conserved_eV"]))
 
 
 def test_npt_refuses_a_slab(tmp_path, setup):

@@ -30,7 +30,8 @@ from tubcli.errors import TubError
 from tubcli.io import read_json, to_json, write_json, write_text
 
 ENSEMBLES = ("nvt-langevin", "nvt-bussi", "nve", "npt")
-THERMO_HEADER = "step,time_fs,epot_eV,ekin_eV,etot_eV,temperature_K,volume_A3,pressure_GPa,energy_std_eV,max_force_disagreement_eVA\n"
+THERMO_HEADER = ("step,time_fs,epot_eV,ekin_eV,etot_eV,temperature_K,volume_A3,pressure_GPa,energy_std_eV,"
+                 "max_force_disagreement_eVA,conserved_eV\n")
 
 
 class SavedFrames:
@@ -317,6 +318,8 @@ def _thermo_rows(thermo: Path, steps: set[int]) -> list[str]:
     text = thermo.read_text() if thermo.exists() else ""
     for line in text.splitlines(keepends=True):
         fields = line.split(",")
+        if line.endswith("\n") and len(fields) == THERMO_HEADER.count(","):  # a run logged before conserved_eV
+            line, fields = line[:-1] + ",nan\n", fields + ["nan"]
         if not line.endswith("\n") or len(fields) != THERMO_HEADER.count(",") + 1 or not fields[0].isdigit():
             continue
         step = int(fields[0])
@@ -419,8 +422,12 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
         std = calc.results.get("energy_std", float("nan"))
         dis = calc.results.get("force_disagreement")
         dmax = float(np.max(dis)) if dis is not None else float("nan")
+        # what the integrator conserves: the total energy (NVE), less the energy Bussi's thermostat added
+        # (Bussi 2007, Eq. 12's effective energy); Langevin and the NPT barostat track none
+        conserved = {"nve": epot + ekin, "nvt-bussi": epot + ekin - getattr(dyn, "transferred_energy", np.nan)
+                     }.get(ensemble, float("nan"))
         line = (f"{step},{step * timestep_fs:.3f},{epot:.8f},{ekin:.8f},{epot + ekin:.8f},{T:.3f},"
-                f"{vol:.4f},{press:.6f},{std:.6g},{dmax:.6g}\n")
+                f"{vol:.4f},{press:.6f},{std:.6g},{dmax:.6g},{conserved:.8f}\n")
         return line, epot, T, std
 
     if frames:
