@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
 def _run(argv: list[str] | None) -> int:
     """The app's exit code; a usage error (unknown option, bad value) is one ``error:`` line naming the
     command's help, as every other error, not a boxed panel in a batch job's log."""
-    # typer >= 0.22 raises its own copy of click's exceptions: take the base class from a public one
+    # recent typer raises its own copy of click's exceptions: take their base class from a public one
     click_exception = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
     try:
         code = build_app()(args=argv, prog_name="tub", standalone_mode=False)
