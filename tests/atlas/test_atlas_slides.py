@@ -153,6 +153,10 @@ def test_a_folder_of_slides_is_tiled_slide_by_slide(slide, tmp_path):
     r = invoke(["atlas", "tile", folder, "--slide-tile-size", "64", "--json", "-o", tmp_path / "t"])
     assert r.exit_code == 0, r.stderr
     assert sorted(p.name for p in (tmp_path / "t" / "outputs" / "patches").iterdir()) == ["a.h5", "b.h5"]
+    damaged = tmp_path / "t" / "outputs" / "patches" / "a.h5"
+    damaged.write_bytes(damaged.read_bytes()[:64])  # after it was written: named, not skipped as done
+    r = invoke(["atlas", "tile", folder, "--slide-tile-size", "64", "-o", tmp_path / "t"])
+    assert r.exit_code == 2 and f"{damaged} exists but cannot be read" in r.stderr, r.stderr
     # an unreadable slide (sorted first) fails alone; the folder is still one of slides (it was refused)
     (folder / "0_truncated.tiff").write_bytes(b"garbage")
     r = invoke(["atlas", "tile", folder, "--slide-tile-size", "64", "--json", "-o", tmp_path / "t3"])

@@ -268,13 +268,22 @@ def tile(cfg: TileConfig, run) -> dict:
     opts = cfg.slide_options()
     check_slide_options(opts)
     names = _input_names(slides, check=check_slide_file)
-    for path, out in run.batch(names, output_for=lambda p: run.outputs_dir / "patches" / f"{names[p]}.h5"):
+    for path, out in run.batch(names, output_for=lambda p: run.outputs_dir / "patches" / f"{names[p]}.h5",
+                               check_output=_read_coords):
         with run.item(path):
             tile_slide(path, out, run.outputs_dir, opts, log=run.log, record=partial(run.record_item, out))
     done = run.item_records()  # the run's, also of earlier invocations and other shards
     failed = [f["item"] for f in run.failures]
     return {"slides": len(done), "tiles": int(sum(d["tissue_tiles"] for d in done)), "whole_slides": done,
             "failed": failed, "outputs": str(run.outputs_dir)}
+
+
+def _read_coords(path: Path) -> None:
+    """Read a finished patches file's coordinates (one damaged after it was written is no finished slide)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        f["coords"][()]
 
 
 # ------------------------------------------------------------------ evaluate
