@@ -343,6 +343,14 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
     return path
 
 
+def remove_figure(path: str | os.PathLike) -> None:
+    """Remove a figure and the vector copies :func:`save_figure` may have put beside it: an earlier
+    invocation's plot that this one does not draw must not pass for its own."""
+    path = Path(path)
+    for stale in (path, path.with_suffix(".pdf"), path.with_suffix(".svg")):
+        stale.unlink(missing_ok=True)
+
+
 def refuse_broken_link(path: Path) -> None:
     """A link to a file that is gone, found in an input folder, is an error: left out silently, the run
     would cover fewer inputs than the folder lists and still report success."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tubcli.io import pyplot, save_figure
+from tubcli.io import pyplot, remove_figure, save_figure
 
 
 def roc_points(positive, score) -> tuple[np.ndarray, np.ndarray]:
@@ -36,8 +36,7 @@ def roc_plot(path: Path, labels, proba, classes: list[str], folds=None, title: s
     y, p = np.asarray(labels).astype(int), np.asarray(proba, float)
     present = np.unique(y)
     if len(present) < 2:  # a curve an earlier invocation left here is not this one's
-        for stale in (path, path.with_suffix(".pdf"), path.with_suffix(".svg")):
-            stale.unlink(missing_ok=True)
+        remove_figure(path)
         return None
     shown = [1] if p.shape[1] == 2 else list(present)
     folds = None if folds is None else np.asarray(folds)

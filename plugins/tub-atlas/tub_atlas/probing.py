@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from tubcli.errors import TubError
-from tubcli.io import write_csv
+from tubcli.io import remove_figure, write_csv
 
 from .embedding import group_split
 from .features import LabelledFeatures
@@ -96,8 +96,9 @@ def run_probes(feats: LabelledFeatures, cfg, run, encoder: dict | None = None) -
             run.log.warning("the features come from no 'tub atlas embed' run folder: probe.json records no encoder, "
                             "so 'explain --target probe' cannot check its --arch/--pool against them")
     else:  # a probe an earlier invocation left here would be taken for this run's (its provenance too)
-        for name in ("probe.safetensors", "probe.json", "roc.png", "roc.pdf", "roc.svg"):
+        for name in ("probe.safetensors", "probe.json"):
             (run.outputs_dir / name).unlink(missing_ok=True)
+        remove_figure(run.outputs_dir / "roc.png")
     write_predictions(run, feats, np.flatnonzero(te), split, columns)
     return out
 
