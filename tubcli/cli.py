@@ -14,12 +14,14 @@ import typer
 
 from tubcli.errors import TubError
 from tubcli.plugins import get_plugins
+from tubcli.verbs import SuggestingGroup, did_you_mean
 
 app = typer.Typer(
     name="tub",
     help="tub: research methods from TU Berlin / BIFOLD as everyday tools. `tub <plugin> <verb> --help` for details.",
     no_args_is_help=True,
     add_completion=False,
+    cls=SuggestingGroup,
     pretty_exceptions_enable=False,
 )
 
@@ -285,7 +287,12 @@ def _run(argv: list[str] | None) -> int:
             return exc.exit_code
         ctx = getattr(exc, "ctx", None)
         see = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
-        typer.echo(f"error: {exc.format_message().rstrip('.')}{see}", err=True)
+        message = exc.format_message().rstrip(".")
+        message = message[:1].lower() + message[1:]  # as tub's own errors: "error: invalid value for …"
+        if type(exc).__name__ == "NoSuchOption" and ctx is not None:  # click's suggestions match by the dashes
+            options = [o for p in ctx.command.get_params(ctx) for o in p.opts + p.secondary_opts]
+            message = f"no such option {exc.option_name}{did_you_mean(exc.option_name, options, strip='-')}"
+        typer.echo(f"error: {message}{see}", err=True)
         return exc.exit_code
     except typer.Abort:
         typer.echo("error: aborted", err=True)

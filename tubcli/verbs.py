@@ -108,7 +108,28 @@ class PluginApp:
 
 
 # --------------------------------------------------------------------------- click glue
-class PluginGroup(TyperGroup):
+class SuggestingGroup(TyperGroup):
+    """A command group that answers a mistyped command with the close names (typer's own suggestion looks
+    only at eagerly registered commands, which a plugin's lazy verbs are not)."""
+
+    def resolve_command(self, ctx, args):
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and self.get_command(ctx, name) is None:
+            ctx.fail(f"no such command '{name}'{did_you_mean(name, self.list_commands(ctx))}")
+        return super().resolve_command(ctx, args)
+
+
+def did_you_mean(typo: str, names: list[str], strip: str = "") -> str:
+    """`` (did you mean 'x'?)`` for the names close to ``typo`` (compared without the ``strip`` prefix
+    characters, so that every ``--option`` is not 'close' to ``--bogus`` by its dashes), or ``""``."""
+    from difflib import get_close_matches
+
+    bare = {n.lstrip(strip): n for n in names}
+    close = [bare[m] for m in get_close_matches(typo.lstrip(strip), list(bare), n=3)]
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
+class PluginGroup(SuggestingGroup):
     """A plugin's sub-command group whose verb commands are built only when needed."""
 
     def __init__(self, app: PluginApp):

@@ -182,12 +182,15 @@ def test_core_commands_into_a_closed_pipe_exit_0(toy_env, args):
 
 
 @pytest.mark.parametrize("args, says", [
-    (["toy", "train", "--bogus"], "error: No such option: --bogus"),
-    (["toy", "train", "--epochs", "many"], "error: Invalid value for '--epochs'"),
-    (["nosuch"], "error: No such command 'nosuch'; see 'tub --help'"),
+    (["toy", "train", "--bogus"], "error: no such option --bogus; see 'tub toy train --help'"),
+    (["toy", "train", "--epoch", "2"], "error: no such option --epoch (did you mean '--epochs'?)"),
+    (["toy", "train", "--epochs", "many"], "error: invalid value for '--epochs'"),
+    (["nosuch"], "error: no such command 'nosuch'; see 'tub --help'"),
+    (["toy", "trian"], "error: no such command 'trian' (did you mean 'train'?); see 'tub toy --help'"),
 ])
 def test_usage_errors_are_one_line_as_every_other_error(toy_env, args, says):
-    """A mistyped option was a boxed panel (box-drawing characters in a batch job's log) of five lines."""
+    """A mistyped option was a boxed panel (box-drawing characters in a batch job's log) of five lines; the
+    suggestions are the close names (click's matched every option by its dashes, a lazy verb by none)."""
     proc = subprocess.run([sys.executable, "-m", "tub_toy.run_cli", *args], env=toy_env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
