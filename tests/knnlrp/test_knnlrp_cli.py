@@ -272,6 +272,67 @@ def test_check_reports_multiclass_vote_ties(tmp_path):
     assert m["kappa0"]["sign_agreement_without_ties"] == m["kappa0"]["sign_agreement_majority"] == 1.0
 
 
+def test_check_reports_distance_ties_of_a_binary_knn(tmp_path):
+    """Integer features: many rows with g = 0 exactly (equidistant deciding neighbours), which scikit-learn
+    breaks by row order; without them the sign agreement at κ = 0 is exact."""
+    rng = np.random.default_rng(0)
+    X = rng.integers(0, 3, (140, 4))
+    y = (X.sum(1) + rng.integers(0, 2, 140) > 4).astype(int)
+    for name, rows in (("train", slice(0, 80)), ("test", slice(80, 140))):
+        (tmp_path / f"{name}.csv").write_text("a,b,c,d,target\n" + "".join(
+            ",".join(map(str, [*x, t])) + "\n" for x, t in zip(X[rows], y[rows])))
+    res = invoke(["knnlrp", "train", str(tmp_path / "train.csv"), "--k", "3", "--scaler", "none",
+                  "-o", str(tmp_path / "t")])
+    assert res.exit_code == 0, res.stderr
+    res = invoke(["knnlrp", "check", str(tmp_path / "test.csv"), "--model", str(tmp_path / "t"),
+                  "-o", str(tmp_path / "c"), "--json"])
+    assert res.exit_code == 0, res.stderr
+    m = json.loads(res.stdout)["kappa0"]
+    assert m["distance_ties"] > 0 and m["sign_agreement"] < 1.0
+    assert m["sign_agreement_without_distance_ties"] == 1.0
+
+
+def test_check_reports_pairwise_vote_ties_of_a_multiclass_svm():
+    from sklearn.svm import SVC
+
+    from tub_knnlrp.fidelity import check_report
+
+    rng = np.random.default_rng(0)
+    svc = SVC(gamma=1.0).fit(rng.normal(size=(60, 2)), rng.integers(0, 3, 60))
+    m = check_report(svc, rng.normal(size=(200, 2)) * 2)
+    assert m["vote_ties"] == 1 and m["sign_agreement"] == 0.995  # libsvm gives the tie to the first class
+    assert m["sign_agreement_without_ties"] == 1.0
+
+
+def test_explain_leaves_out_columns_the_model_was_not_trained_on(knn_run, data_dir, tmp_path):
+    """A file that still holds its label under another name than --target (and an id column), columns in
+    another order: the model's features are taken by name; was "has 15 feature columns, the model expects 13"."""
+    with open(data_dir / "test.csv") as fh:
+        rows = list(csv.reader(fh))
+    header = rows[0]
+    order = [header.index("target")] + list(range(len(header) - 2, -1, -1))  # label first, features reversed
+    with open(tmp_path / "mixed.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        for i, r in enumerate(rows):
+            w.writerow(["id" if i == 0 else str(i)] + [("species" if i == 0 and j == order[0] else r[j]) for j in order])
+    res = invoke(["knnlrp", "explain", str(tmp_path / "mixed.csv"), "--model", str(knn_run), "--rule", "midpoint",
+                  "-o", str(tmp_path / "a"), "--json"])
+    assert res.exit_code == 0, res.stderr
+    assert "column(s) id, species are not features of the model; left out" in res.stderr
+    res = invoke(["knnlrp", "explain", str(data_dir / "test.csv"), "--model", str(knn_run), "--rule", "midpoint",
+                  "-o", str(tmp_path / "b"), "--json"])
+    assert res.exit_code == 0, res.stderr
+    a, b = (np.load(tmp_path / d / "outputs" / "relevances.npz") for d in "ab")
+    np.testing.assert_array_equal(a["values"], b["values"])
+    assert list(a["feature_names"]) == list(b["feature_names"])
+
+
+def test_beta_mc_is_an_option():
+    res = invoke(["knnlrp", "explain", "--multiclass", "softmin", "--beta-mc", "0.5", "--print-config"])
+    assert res.exit_code == 0, res.stderr
+    assert "beta_mc: 0.5" in res.stdout
+
+
 def test_a_pickled_dataframe_pipeline_runs_without_feature_name_warnings(data_dir, tmp_path):
     pd = pytest.importorskip("pandas")
     import warnings

@@ -55,6 +55,7 @@ def test_parquet(tmp_path):
         ("a,b,target\n1,-inf,0\n", "infinite value"),
         ("a,a,c,target\n1,2,3,0\n", "two columns named 'a'"),
         ("6.3,2.9,5.6,1\n5.1,3.5,1.4,0\n", "first line holds numbers"),  # no header line
+        ("6.3,2.9,5.6,setosa\n5.1,3.5,1.4,setosa\n", "first line holds numbers"),  # ... and a text label
     ],
 )
 def test_bad_csv_is_a_one_line_error(tmp_path, text, words):

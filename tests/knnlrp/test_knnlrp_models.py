@@ -165,7 +165,9 @@ def test_svm_default_eta_without_the_training_set_warns(wine):
     [
         (KNeighborsClassifier(5, weights="distance"), "weights"),
         (KNeighborsClassifier(5, metric="manhattan"), "metric 'manhattan' is not supported"),
-        (KNeighborsClassifier(5, p=3), "metric 'minkowski' with p=3 is not supported"),
+        (KNeighborsClassifier(5, p=3), "metric 'minkowski' (p=3) is not supported"),
+        (KNeighborsClassifier(5, metric="seuclidean", metric_params={"V": np.ones(4)}),
+         "metric 'seuclidean' (metric_params 'V') is not supported"),
         (KNeighborsClassifier(4), "odd"),
         (SVC(kernel="linear"), "kernel"),
         (LogisticRegression(), "not supported"),
@@ -179,6 +181,53 @@ def test_unsupported_models_raise_one_line_errors(model, words):
     msg = str(info.value)
     assert words in msg and "\n" not in msg
     assert isinstance(info.value, TubError)
+
+
+def test_sqeuclidean_knn_is_the_euclidean_one():
+    """Squared distances rank the neighbours as Euclidean ones: the same classifier, the same relevances."""
+    t = bundled("iris_binary")
+    a = explain(KNeighborsClassifier(5).fit(t.X, t.y), t.X)
+    b = explain(KNeighborsClassifier(5, metric="sqeuclidean").fit(t.X, t.y), t.X)
+    np.testing.assert_array_equal(a.values, b.values)
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda t: explain(KNeighborsClassifier(1).fit(t.X[:10], ["a"] * 10), t.X[:2]), "fitted on one class ('a')"),
+    (lambda t: explain(KNeighborsClassifier(5).fit(t.X, t.y), t.X, with_intercept=False), "a kNN has none"),
+    # the sklearn habit fit(X, y): string labels were converted as if they were X_train ("could not convert")
+    (lambda t: NeuralizedExplainer().fit(t.X, np.array(["x", "y"] * (len(t.X) // 2))), "ndarray is not supported"),
+])
+def test_settings_and_models_without_a_meaning_are_named(call, words):
+    t = bundled("iris_binary")
+    with pytest.raises((UnsupportedModelError, ValueError), match=words.replace("(", r"\(").replace(")", r"\)")):
+        call(t)
+
+
+def test_a_dataframe_with_another_number_of_columns_is_named_as_such():
+    pd = pytest.importorskip("pandas")
+    t = bundled("iris_binary")
+    knn = KNeighborsClassifier(5).fit(t.X, t.y)
+    with pytest.raises(ValueError, match="X has 5 columns, the model expects 4"):  # was "5 feature names given"
+        explain(knn, pd.DataFrame(t.X, columns=list("abcd")).assign(z=1.0))
+
+
+def test_to_shap_warns_where_the_values_do_not_add_up_to_g():
+    pytest.importorskip("shap")
+    t = bundled("iris_binary")
+    knn = KNeighborsClassifier(5).fit(t.X, t.y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        explain(knn, t.X[:3], rule="midpoint").to_shap()  # conservative: silent
+    with pytest.warns(UserWarning, match="do not add up"):
+        explain(SVC().fit(t.X, t.y), t.X[:3], rule="midpoint", eta=None).to_shap()
+    with pytest.warns(UserWarning, match="do not add up"):
+        explain(knn, t.X[:3], rule="hybrid").to_shap()
+
+
+def test_an_explanation_prints_its_settings_not_its_arrays():
+    t = bundled("iris_binary")
+    e = explain(KNeighborsClassifier(5).fit(t.X, t.y), t.X)
+    assert repr(e) == "Explanation(kind='knn', rule='hybrid', eta=0.8, kappa=2, rows=100, features=4)"
 
 
 def test_unfitted_model_is_an_error():

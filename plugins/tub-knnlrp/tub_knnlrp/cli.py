@@ -38,7 +38,21 @@ def _load(cfg, run):
     default = [f"x{i}" for i in range(d)]  # an NPZ without feature_names, a model fitted on bare arrays
     if tm.feature_names == default and table.feature_names != default and table.X.shape[1] == d:
         tm = replace(tm, feature_names=table.feature_names)  # a model fitted on bare arrays: the table names its columns
-    return tm, _model_rows(tm, table, cfg.data)
+    return tm, _model_rows(tm, _by_name(table, tm.feature_names, cfg.data, run), cfg.data)
+
+
+def _by_name(table, names, path, run):
+    """The table's columns that the model was trained on, in its order, when the file names them all and has
+    others too (an id, a label column not named by --target) or another order; else the table as it is."""
+    if table.feature_names == list(names) or not set(names) <= set(table.feature_names):
+        return table
+    extra = [n for n in table.feature_names if n not in set(names)]
+    if extra:
+        run.log.info("%s: column(s) %s%s are not features of the model; left out", Path(path).name,
+                     ", ".join(extra[:5]), " ..." if len(extra) > 5 else "")
+    keep = [table.feature_names.index(n) for n in names]
+    return replace(table, X=table.X[:, keep], feature_names=list(names),
+                   text={k: v for k, v in table.text.items() if k in set(names)})
 
 
 def _model_rows(tm, table, path):
@@ -72,7 +86,7 @@ def _model_rows(tm, table, path):
     return X
 
 
-def _training_set(cfg, tm):
+def _training_set(cfg, tm, run):
     """(X_train, y_train) in the input space: the model's own (tub knnlrp train), the rows of --train-data
     (a user's model), or (None, None)."""
     if getattr(cfg, "train_data", None) is None:
@@ -87,7 +101,7 @@ def _training_set(cfg, tm):
         raise TubError(f"{Path(cfg.train_data).name}: label(s) {', '.join(map(repr, unknown[:3]))} in column "
                        f"{cfg.target!r} are not classes of the model ({', '.join(map(str, tm.classes_[:5]))}); "
                        "pass the rows it was fitted on")
-    return _model_rows(tm, table, cfg.train_data), table.y
+    return _model_rows(tm, _by_name(table, tm.feature_names, cfg.train_data, run), cfg.train_data), table.y
 
 
 def _logged(run, func, *args, **kwargs):
@@ -165,7 +179,7 @@ def explain(cfg, run) -> dict:
     from tub_knnlrp.fidelity import sign_agreement
 
     tm, X = _load(cfg, run)
-    X_train, y_train = _training_set(cfg, tm)
+    X_train, y_train = _training_set(cfg, tm, run)
     t0 = time.perf_counter()
     e = _logged(run, explain_rows, tm.pipeline, X, X_train=X_train, y_train=y_train if X_train is not None else None,
                 feature_names=tm.feature_names, **_explain_kwargs(cfg.explain))
@@ -237,7 +251,7 @@ def evaluate(cfg, run) -> dict:
     from tub_knnlrp.neuralize import split_pipeline, transform_steps
 
     tm, X = _load(cfg, run)
-    X_train, y_train = _training_set(cfg, tm)
+    X_train, y_train = _training_set(cfg, tm, run)
     X = X[: cfg.rows]
     steps, est, _ = split_pipeline(tm.pipeline)
     if X_train is not None:

@@ -101,8 +101,8 @@ def _read_frame(path, suffix, target, require_target, text_ok=False):
 
 
 def _looks_like_data(header: list[str]) -> bool:
-    """All fields numbers and one at least not an integer: no one names columns 6.3, -0.5, 1e-3
-    (integer names such as pixel indices 0, 1, 2 stay allowed)."""
+    """Most fields numbers and one at least not an integer: no one names columns 6.3, -0.5, 1e-3 (a data
+    row may end in its text label: 6.3,2.9,setosa); integer names such as pixel indices 0, 1, 2 stay allowed."""
     def number(v):
         try:
             float(v)
@@ -110,7 +110,8 @@ def _looks_like_data(header: list[str]) -> bool:
         except ValueError:
             return False
 
-    return all(number(h) for h in header) and any(not h.lstrip("+-").isdigit() for h in header)
+    numbers = [h for h in header if number(h)]
+    return 2 * len(numbers) > len(header) and any(not h.lstrip("+-").isdigit() for h in numbers)
 
 
 def _check_unique(path, names) -> None:

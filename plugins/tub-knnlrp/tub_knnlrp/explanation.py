@@ -38,11 +38,17 @@ RULE_ETA = {"gi": 0.0, "midpoint": 1.0}
 class Explanation:
     """Relevances for n rows and d features, with what they explain.
 
-    values : (n, d) relevance per input feature (sums to ``output`` for the kNN midpoint rule)
+    values : (n, d) relevance per input feature, in squared-distance units (sums to ``output`` for the
+        kNN's midpoint rule only; an SVM's misses g by γ, the pooled offsets and the entropy terms, §2.2)
     output : (n,) the neuralized output g being explained
     prediction : (n,) the model's ``predict``
     positive, negative : (n,) the class pair each row's g compares (g > 0 favours ``positive``)
-    data : (n, d) the inputs in the space of ``feature_names``
+    data : (n, d) the inputs in the space of ``feature_names`` (NaN where an imputer filled them in: the
+        imputed value is what the relevance is given to)
+    feature_names : the d names (input names for per-feature pipelines, else the transformed features')
+    rule, eta : the LRP rule and its hybrid mixing (0 for ``gi``, 1 for ``midpoint``)
+    kappa : the kNN's rank half-window (None for an SVM); beta : the SVM's pooling stiffness (None for a kNN)
+    kind : ``"knn"`` or ``"svm"``; info : k, or γ and ``with_intercept``
     """
 
     values: np.ndarray
@@ -59,18 +65,29 @@ class Explanation:
     kind: str = ""
     info: dict = field(default_factory=dict)
 
+    def __repr__(self) -> str:  # the arrays would fill the screen
+        n, d = self.values.shape
+        settings = ", ".join(f"{k}={v!r}" for k, v in (("eta", self.eta), ("kappa", self.kappa), ("beta", self.beta))
+                             if v is not None)
+        return f"Explanation(kind={self.kind!r}, rule={self.rule!r}, {settings}, rows={n}, features={d})"
+
     @property
     def base_values(self) -> np.ndarray:
         return np.zeros(len(self.values))
 
     def to_shap(self):
         """A ``shap.Explanation`` (base value 0) for shap's waterfall, beeswarm and bar plots. The values
-        add up to ``output`` only under a conservative rule (``midpoint``, or the kNN's η = 1): with
-        ``hybrid`` or ``gi`` the f(x) a waterfall prints is Σ R, not the explained g."""
+        add up to ``output`` only for the kNN's midpoint rule (η = 1): otherwise, and for every SVM
+        (relevances in squared-distance units, §2.2), the f(x) a waterfall prints is Σ R, not the
+        explained g; a warning says so."""
         try:
             import shap
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise ImportError("to_shap() needs shap: pip install shap") from exc
+        if self.kind == "svm" or self.eta != 1.0:
+            warnings.warn(f"the {self.kind or 'model'}'s {self.rule} relevances do not add up to the explained output g: "
+                          "the f(x) a shap waterfall prints is their sum (only the kNN's midpoint rule is conservative)",
+                          UserWarning, stacklevel=2)
         return shap.Explanation(values=self.values, base_values=self.base_values, data=self.data,
                                 feature_names=list(self.feature_names))
 
@@ -88,7 +105,8 @@ class NeuralizedExplainer(BaseEstimator):
     kappa : kNN rank half-window, 0 … (k − 1)/2; default (k − 1)/2
     beta : SVM pooling stiffness; default γ
     with_intercept : SVM intercept as a virtual support vector (default, makes sign(g) = sign(f))
-    multiclass : "min" (hard min over competitors) or "softmin"
+    multiclass : "min" (hard min over competitors) or "softmin"; a binary model has one pair, where both
+        are that pair's g
     beta_mc : stiffness of the multiclass soft-min
     """
 
@@ -139,6 +157,9 @@ class NeuralizedExplainer(BaseEstimator):
         if self.network_.kind == "knn":
             if self.beta is not None:
                 raise ValueError("beta is the SVM's pooling stiffness; a kNN has none (kappa sets its pooling)")
+            if not self.with_intercept:
+                raise ValueError("with_intercept is the SVM's intercept as a virtual support vector; a kNN has none: "
+                                 "drop with_intercept")
             k = self.network_.k
             if self.kappa is not None and not self.kappa <= (k - 1) // 2:
                 raise ValueError(f"kappa must be in 0..{(k - 1) // 2} for k={k}, got {self.kappa}")
@@ -159,6 +180,7 @@ class NeuralizedExplainer(BaseEstimator):
         return self.network_.network(pos, neg, kappa=self.kappa, with_intercept=self.with_intercept)
 
     def explain(self, X) -> Explanation:
+        """Relevances for the rows X (input space of the fitted model) as an :class:`Explanation`."""
         if not hasattr(self, "network_"):
             raise NotFittedError("call fit(model) before explain(X)")
         X = dense(X)
@@ -235,11 +257,19 @@ def explain(model, X, rule="hybrid", eta=None, kappa=None, beta=None, *, with_in
             multiclass="min", beta_mc=1.0, X_train=None, y_train=None, feature_names=None) -> Explanation:
     """Explain ``model.predict(X)`` for a fitted kNN/RBF-SVC or a Pipeline ending in one.
 
-    See :class:`NeuralizedExplainer` for the parameters; returns an :class:`Explanation`.
+    rule : "gi" | "midpoint" | "hybrid"; eta : hybrid mixing [0.8 kNN, the γ heuristic SVM];
+    kappa : kNN rank half-window [(k − 1)/2]; beta : SVM pooling stiffness [γ];
+    with_intercept, multiclass, beta_mc : see :class:`NeuralizedExplainer`;
+    X_train, y_train : the training set (a kNN's is read from the model; an SVM's sets the default η);
+    feature_names : names of the input features [X's columns, or the model's ``feature_names_in_``].
+    Returns an :class:`Explanation`.
     """
     explainer = NeuralizedExplainer(rule=rule, eta=eta, kappa=kappa, beta=beta, with_intercept=with_intercept,
                                     multiclass=multiclass, beta_mc=beta_mc)
     if feature_names is None and hasattr(X, "columns"):  # the input features, by the DataFrame's columns
+        n_in = getattr(model, "n_features_in_", None)
+        if n_in is not None and len(X.columns) != n_in:
+            raise ValueError(f"X has {len(X.columns)} columns, the model expects {n_in}")
         feature_names = [str(c) for c in X.columns]
     return explainer.fit(model, X_train, y_train, feature_names=feature_names).explain(X)
 

@@ -11,6 +11,13 @@
   row of a binary model): its k_d nearest points are then also its k_d nearest against each single
   competitor. Rows with a plurality but no majority can disagree without a tie. ``check`` reports
   both counts and the sign agreement without ties and on majority rows (1.0 at κ = 0).
+* **distance ties** (kNN): rows with g = 0 exactly: the deciding neighbours of the two classes are
+  equally far (common on integer or one-hot features) and scikit-learn breaks the tie by the training
+  rows' order, which the network cannot know; ``check`` reports their count and the sign agreement
+  without them.
+* **pairwise vote ties** (multiclass SVM, one-vs-one): rows where several classes win the most pairwise
+  votes; libsvm predicts the first of them in ``classes_``, which has lost one of its pairs, so g_c < 0.
+  Rows whose predicted class wins by votes but loses one pair disagree the same way without a tie.
 * **conservation** (kNN, midpoint rule): |Σ_d R_d − g_κ| / max(1, |g_κ|), exact for every κ.
 * **SVM identity** (β = γ): γ(Σp⁻z⁻ − Σp⁺z⁺) = g − (H(p⁺) − H(p⁻)); the midpoint relevances sum
   to Σp⁻z⁻ − Σp⁺z⁺ minus the pooled constants (log-α terms and the intercept), so
@@ -92,6 +99,31 @@ def vote_structure(model, X) -> tuple[np.ndarray, np.ndarray]:
     return (P == top[:, None]).sum(axis=1) > 1, top > 0.5
 
 
+def pairwise_vote_ties(explainer: NeuralizedExplainer, Z) -> np.ndarray:
+    """Mask of rows (model space Z) where several classes share the most one-vs-one votes of a multiclass
+    SVM; each pair's vote is the sign of its network's g, which is the sign of its decision function."""
+    n_classes = len(explainer.network_.classes_)
+    votes = np.zeros((len(Z), n_classes), dtype=int)
+    for i in range(n_classes):
+        for j in range(i + 1, n_classes):
+            wins = explainer.network(i, j).forward(Z) > 0
+            votes[:, i] += wins
+            votes[:, j] += ~wins
+    return (votes == votes.max(axis=1, keepdims=True)).sum(axis=1) > 1
+
+
+def _take(X, mask):
+    return X.iloc[mask] if hasattr(X, "iloc") else np.atleast_2d(np.asarray(X))[mask]
+
+
+def _rows(e, mask):
+    """The explanation restricted to the rows of ``mask`` (what sign_agreement reads)."""
+    from dataclasses import replace
+
+    return replace(e, values=e.values[mask], output=e.output[mask], prediction=np.asarray(e.prediction)[mask],
+                   positive=np.asarray(e.positive)[mask], negative=np.asarray(e.negative)[mask], data=e.data[mask])
+
+
 def _share_positive(g: np.ndarray) -> float | None:
     return float(np.mean(g > 0)) if len(g) else None
 
@@ -113,6 +145,10 @@ def check_report(model, X, X_train=None, y_train=None, kappa=None, beta=None, wi
             e = ex.explain(X)
             err = conservation_error(e.values, e.output)
             entry = {"sign_agreement": sign_agreement(model, X, e), "conservation_max_rel_error": float(err.max())}
+            tied = e.output == 0
+            entry["distance_ties"] = int(tied.sum())
+            entry["sign_agreement_without_distance_ties"] = (sign_agreement(model, _take(X, ~tied), _rows(e, ~tied))
+                                                            if (~tied).any() else None)
             if multiclass:
                 entry["sign_agreement_without_ties"] = _share_positive(e.output[~ties])
                 entry["sign_agreement_majority"] = _share_positive(e.output[majority])
@@ -123,6 +159,10 @@ def check_report(model, X, X_train=None, y_train=None, kappa=None, beta=None, wi
     report["gamma"] = float(net.gamma)
     report["sign_agreement"] = sign_agreement(model, X, e)
     Z = transform_steps(base.steps_, X)
+    if len(net.classes_) > 2:
+        ties = pairwise_vote_ties(base, Z)
+        report["vote_ties"] = int(ties.sum())
+        report["sign_agreement_without_ties"] = _share_positive(e.output[~ties])
     ident, mid = [], []
     pairs = {(int(a), int(b)) for a, b in zip(np.searchsorted(net.classes_, e.positive),
                                                np.searchsorted(net.classes_, e.negative))}

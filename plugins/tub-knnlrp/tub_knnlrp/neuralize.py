@@ -3,7 +3,7 @@
 Accepted (spec §2.3–2.5):
 
 * ``KNeighborsClassifier`` with ``weights="uniform"``, Euclidean metric (``euclidean``, its alias
-  ``l2``, or ``minkowski`` with p = 2), odd k, dense input;
+  ``l2``, ``sqeuclidean`` — the same neighbours — or ``minkowski`` with p = 2), odd k, dense input;
 * ``SVC(kernel="rbf")``, binary or multiclass (one-vs-one pairs are rebuilt from the dual
   coefficients), γ taken from the *fitted* numeric value (``"scale"`` and ``"auto"`` resolved);
 * either of them as the last step of a ``Pipeline`` whose earlier steps are per-feature (affine
@@ -129,12 +129,17 @@ def check_knn(knn) -> None:
         )
     metric = knn.effective_metric_  # scikit-learn resolves minkowski with p = 1, 2 to manhattan, euclidean
     params = {k: v for k, v in (knn.effective_metric_params_ or {}).items() if v is not None}
-    if metric not in ("euclidean", "l2") or params:
-        settings = " and ".join(f"p={v}" if k == "p" else f"{k} weights" for k, v in params.items())
-        shown = repr(metric) + (f" with {settings}" if settings else "")
+    # squared Euclidean distances rank the neighbours as Euclidean ones do: the same classifier
+    if metric not in ("euclidean", "l2", "sqeuclidean") or params:
+        settings = ", ".join(f"p={v}" if k == "p" else f"metric_params {k!r}" for k, v in params.items())
+        shown = repr(metric) + (f" ({settings})" if settings else "")
         raise UnsupportedModelError(
-            f"kNN metric {shown} is not supported; use metric='euclidean' (or 'l2', or 'minkowski' with p=2)"
+            f"kNN metric {shown} is not supported; use metric='euclidean' (or 'l2', 'sqeuclidean', or "
+            "'minkowski' with p=2)"
         )
+    if len(knn.classes_) < 2:
+        raise UnsupportedModelError(f"the kNN was fitted on one class ({knn.classes_.tolist()[0]!r}): it has no decision to "
+                                    "explain; fit it on two classes or more")
     if knn.n_neighbors % 2 == 0:
         raise UnsupportedModelError(
             f"kNN with even k={knn.n_neighbors} is not supported; the neuralization needs an odd k"
@@ -248,6 +253,11 @@ def neuralize(model, X_train=None, y_train=None) -> tuple[list, NeuralizedClassi
     from sklearn.svm import SVC
 
     steps, est, affine = split_pipeline(model)
+    if not isinstance(est, (KNeighborsClassifier, SVC)):  # before X_train goes through anything
+        raise UnsupportedModelError(
+            f"{type(est).__name__} is not supported; use KNeighborsClassifier or SVC(kernel='rbf'), "
+            "alone or as the last step of a Pipeline"
+        )
     if not affine:
         names = ", ".join(type(s).__name__ for s in steps if not _per_feature(s))
         warnings.warn(
@@ -319,7 +329,3 @@ def neuralize(model, X_train=None, y_train=None) -> tuple[list, NeuralizedClassi
                                    sv_class=sv_class, intercepts=intercepts, median_sqdist=m)
         net.median_from = "training set" if Xt is not None else "support vectors"
         return steps, net, affine
-    raise UnsupportedModelError(
-        f"{type(est).__name__} is not supported; use KNeighborsClassifier or SVC(kernel='rbf'), "
-        "alone or as the last step of a Pipeline"
-    )

@@ -10,6 +10,7 @@ _EXPLAIN_OPTIONS = {
     "kappa": "explain.kappa",
     "beta": "explain.beta",
     "multiclass": "explain.multiclass",
+    "beta-mc": "explain.beta_mc",
     "allow-pickle": "allow_pickle",
     "train-data": "train_data",
 }
