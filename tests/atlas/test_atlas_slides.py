@@ -356,3 +356,104 @@ def test_coords_from_a_features_file_do_not_carry_its_encoder(slide, tmp_path):
         f["coords"].attrs.update({"patch_size": 64, "patch_level": 0, "encoder": "geo", "precision": "bf16"})
     attrs = read_slide(path, tile_px=64, coords=coords).extra["tiler"].coords_attrs()
     assert "encoder" not in attrs and "precision" not in attrs and attrs["patch_size"] == 64
+
+
+def _warnings(run, needle: str) -> list[str]:
+    """The WARNING lines of a run's tub.log that contain ``needle``."""
+    return [line for line in (run / "tub.log").read_text().splitlines() if "WARNING" in line and needle in line]
+
+
+def test_slide_base_mpp_over_a_recorded_mpp_is_used_and_warned_once_per_slide(tmp_path):
+    """--slide-base-mpp replaced a recorded mpp silently, for every slide of the batch: it is still used as
+    asked, but a slide recording another mpp (> 5% off) gets one WARNING line naming both values; a slide
+    without an mpp, or one within 5%, gets none."""
+    rec, nores, near = tmp_path / "rec.tif", tmp_path / "nores.tif", tmp_path / "near.tif"
+    make_slide(rec, mpp=0.25)
+    make_slide(nores, mpp=None)
+    make_slide(near, mpp=0.49)
+    run = tmp_path / "t"
+    r = invoke(["atlas", "tile", str(rec), str(nores), str(near), "--slide-base-mpp", "0.5", "--slide-mpp", "0.5",
+                "--slide-tile-size", "64", "-o", str(run)])
+    assert r.exit_code == 0, r.stderr
+    for name in ("rec", "nores"):  # the override is used: 0.5 µm/px tiles are 64 level-0 px, not 128
+        with h5py.File(run / f"outputs/patches/{name}.h5") as f:
+            assert (f["coords"].attrs["patch_size_level0"], f["coords"].attrs["level0_mpp"]) == (64, 0.5)
+    said = _warnings(run, "--slide-base-mpp")
+    assert len(said) == 1 and "rec.tif" in said[0], said
+    assert "--slide-base-mpp 0.5" in said[0] and "0.25 µm/px the slide records" in said[0]
+    # embed (and explain) tile through the same code: the warning is in their logs too, once per slide
+    e = tmp_path / "e"
+    r = invoke(["atlas", "embed", str(rec), str(nores), "--slide-base-mpp", "0.5", "--slide-mpp", "0.5",
+                "--slide-tile-size", "64", "--arch", "vit-t8-demo", "--random-init", "--format", "h5", "-o", str(e)])
+    assert r.exit_code == 0, r.stderr
+    said = _warnings(e, "--slide-base-mpp")
+    assert len(said) == 1 and "rec.tif" in said[0] and "0.25" in said[0], said
+
+
+def test_level_dim_is_the_size_of_patch_level_as_clam_writes_it(slide, tmp_path):
+    """CLAM's create_patches_fp stores the patch_level's dimensions as level_dim (= downsampled_level_dim);
+    tub wrote level 0's. Coordinates carried from an older tub patch file are rewritten to the level written."""
+    path = slide[0]
+    tiler = SlideTiles(path, tile_px=64, mpp=0.5, tissue_min=0.25)
+    a = tiler.coords_attrs()
+    assert a["patch_level"] == 1 and a["level_dim"] == a["downsampled_level_dim"] == [512, 384]
+    assert (a["level0_width"], a["level0_height"]) == (1024, 768)
+    old = tmp_path / "case01.h5"  # an older tub tile file: level 0's size as level_dim beside patch_level 1
+    with h5py.File(old, "w") as f:
+        f["coords"] = np.array([[256, 128]], np.int64)
+        f["coords"].attrs.update({"patch_size": 64, "patch_level": 1, "patch_size_level0": 128,
+                                  "downsample": [2.0, 2.0], "downsampled_level_dim": [512, 384],
+                                  "level_dim": [1024, 768]})
+    a = SlideTiles.from_coords(path, old).coords_attrs()
+    assert a["patch_level"] == 1 and a["level_dim"] == a["downsampled_level_dim"] == [512, 384]
+
+
+def test_probe_records_its_tiling_and_explain_warns_on_another(slide, tmp_path):
+    """probe.json recorded arch/pool/weights but not the tiling of its embeddings, so explaining slides at
+    1 µm/px with a probe trained on 0.5 µm/px tiles ran without a word. evaluate records what the features
+    h5 (and the embed run) say; explain warns, one line naming both values; an older probe.json is not checked."""
+    import csv
+    import shutil
+
+    path = slide[0]
+    e, ev = tmp_path / "e", tmp_path / "ev"
+    r = invoke(["atlas", "embed", str(path), "--slide-mpp", "0.5", "--slide-tile-size", "64", "--arch", "vit-t8-demo",
+                "--random-init", "--format", "h5", "-o", str(e)])
+    assert r.exit_code == 0, r.stderr
+    with h5py.File(e / "outputs/case01.h5") as f:
+        patches = [f"{x}_{y}" for x, y in f["coords"][()]]
+    assert len(patches) == 6
+    with open(tmp_path / "labels.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["slide_id", "patch_id", "label", "split"])
+        for i, p in enumerate(patches):
+            w.writerow(["case01", p, "ab"[i % 2], ("train", "val", "test")[i // 2]])
+    r = invoke(["atlas", "evaluate", str(e), "--labels", str(tmp_path / "labels.csv"), "--method", "linear",
+                "--runs", "1", "--max-steps", "20", "-o", str(ev)])
+    assert r.exit_code == 0, r.stderr
+    probe = ev / "outputs/probe.safetensors"
+    record = json.loads(probe.with_suffix(".json").read_text())
+    assert record["tiling"] == {"slides": 1, "target_mpp": 0.5, "tile_px": 64}
+    from tub_atlas.features import features_tiling
+
+    assert features_tiling([e / "slides.npz"]) == record["tiling"]  # slide embeddings: the embed run's records
+    assert features_tiling([tmp_path / "labels.csv"]) is None
+
+    base = ["atlas", "explain", str(path), "--arch", "vit-t8-demo", "--random-init", "--method", "lrp", "--target",
+            "probe", "--index", "0", "--max-tiles", "1"]
+
+    def explain(probe_file, *tiling, out):
+        r = invoke([*base, "--probe", str(probe_file), *tiling, "-o", str(tmp_path / out)])
+        assert r.exit_code == 0, r.stderr
+        return _warnings(tmp_path / out, "the probe was trained on")
+
+    said = explain(probe, "--slide-mpp", "1.0", "--slide-tile-size", "64", out="x1")
+    assert len(said) == 1 and "1 µm/px" in said[0] and "0.5 µm/px" in said[0] and "--slide-mpp 1" in said[0], said
+    said = explain(probe, "--slide-mpp", "0.5", "--slide-tile-size", "32", out="x2")
+    assert len(said) == 1 and "32-px tiles" in said[0] and "64-px tiles" in said[0], said
+    assert explain(probe, "--slide-mpp", "0.5", "--slide-tile-size", "64", out="x3") == []
+    older = tmp_path / "older"  # a probe.json of an earlier evaluate: no tiling, no check, no error
+    older.mkdir()
+    shutil.copy(probe, older / "probe.safetensors")
+    (older / "probe.json").write_text(json.dumps({k: v for k, v in record.items() if k != "tiling"}))
+    assert explain(older / "probe.safetensors", "--slide-mpp", "1.0", "--slide-tile-size", "64", out="x4") == []

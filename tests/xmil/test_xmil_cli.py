@@ -131,6 +131,8 @@ def test_pipeline_features_train_explain_evaluate_heatmap(data, tiny_encoder, mo
     rec = json.loads((data / "expl" / "outputs" / "slide_001.json").read_text())
     n = rec["n_patches"]
     assert all(len(rec[f"patch_scores_{m}"]) == n for m in ("lrp", "ig", "single", "attention"))
+    # the tiles' extent goes with their corners, for a pathologist taking the file elsewhere
+    assert (rec["patch_size_level0"], rec["mpp"], rec["target_mpp"]) == (128, 0.5, 0.5) and len(rec["coords"]) == n
     csv_text = (data / "expl" / "test_predictions.csv").read_text()
     assert csv_text.splitlines()[0] == "slide_id,target,prediction,patch_scores_lrp,patch_scores_ig,patch_scores_single,patch_scores_attention"
     # evaluate: task metrics and patch flipping incl. random baseline
@@ -310,6 +312,8 @@ def test_features_precision_and_slide_metadata(tmp_path, tiny_encoder):
             attrs = dict(f.attrs)
         assert attrs["precision"] == prec and attrs["mpp"] == 0.5
         assert attrs["patch_size_level0"] == 128 and attrs["patch_size"] == 128
+        # the 128 px tiles are resized to the encoder's 16: it sees 0.5 * 128 / 16 = 4 µm/px, recorded
+        assert attrs["encoder_tile_size"] == 16 and attrs["encoder_mpp"] == 4.0
         assert (attrs["level0_width"], attrs["level0_height"]) == (1024, 768)
     assert not np.array_equal(feats["fp32"], feats["bf16"])
     np.testing.assert_allclose(feats["bf16"], feats["fp32"], rtol=0.02, atol=0.02)

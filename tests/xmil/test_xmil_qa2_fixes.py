@@ -165,7 +165,7 @@ def test_inferred_tile_size_warns_and_is_recorded(tmp_path, caplog):
     rec = json.loads((tmp_path / "h" / "outputs" / "s_attention_scores.json").read_text())
     gj = json.loads((tmp_path / "h" / "outputs" / "s_attention.geojson").read_text())
     assert rec["patch_size_level0_source"] == "inferred from the coordinate grid"
-    assert gj["properties"] == {"patch_size_level0": 512,
+    assert gj["properties"] == {"patch_size_level0": 512, "origin_level0": [0, 0],
                                 "patch_size_level0_source": "inferred from the coordinate grid"}
     _ok(invoke(["xmil", "heatmap", tmp_path / "s.h5", "--model", model, "--method", "attention",
                 "--patch-size-level0", "256", "-o", tmp_path / "h2"]))

@@ -212,3 +212,83 @@ def test_xmil_bag_with_patch_metadata_gives_coords(tmp_path):
         '2,"(512, 0)","(2, 0)",256,[]\n0,"(0, 0)","(0, 0)",256,[]\n1,"(256, 0)","(1, 0)",256,[]\n')
     x, coords, attrs = read_bag(tmp_path / "features" / "s1.pt")
     assert coords.tolist() == [[0, 0], [256, 0], [512, 0]] and attrs["patch_size_level0"] == 256
+
+
+def test_a_target_finer_than_the_scan_is_refused(big_slide):
+    """0.5 µm/px asked for 0.25: every tile would be upsampled 2x and labelled with detail the scan lacks."""
+    path, _ = big_slide
+    with pytest.raises(TubError, match="finer than the slide's 0.5 µm/px by more than 5%"):
+        tile_slide(open_slide(path), 0.5, target_mpp=0.25, patch_size=128)
+    assert tile_slide(open_slide(path), 0.5, target_mpp=0.48, patch_size=128).patch_size_level0 == 123  # within 5%
+
+
+def test_an_mpp_override_that_contradicts_the_slide_is_a_warning(big_slide, caplog):
+    path, _ = big_slide
+    with caplog.at_level("WARNING", logger="tub"):
+        assert slide_mpp(open_slide(path), path, override=0.51) == 0.51  # within 5%: silent
+        assert not caplog.records
+        assert slide_mpp(open_slide(path), path, override=0.25) == 0.25
+    assert "--mpp 0.25 replaces the 0.5 µm/px the slide records" in caplog.text
+
+
+def test_patches_name_the_pyramid_level_they_are_read_at(big_slide, tmp_path):
+    """CLAM readers cut read_region(coord, patch_level, patch_size): with the level the tiles are really read
+    at, they get the same pixels as tub (a fake patch_level 0 cut half the physical tile)."""
+    from tub_xmil.slides import read_tile
+
+    path, _ = big_slide
+    s = open_slide(path)
+    t = tile_slide(s, 0.5, target_mpp=1.0, patch_size=128)  # 256 level-0 px, level 1 has them at 128 px
+    write_patches_h5(tmp_path / "p.h5", t, "s")
+    coords, attrs = read_coords_h5(tmp_path / "p.h5")
+    assert (attrs["patch_level"], attrs["read_size"], attrs["patch_size"]) == (1, 128, 128)
+    assert list(attrs["downsample"]) == [2.0, 2.0] and list(attrs["level_dim"]) == list(s.level_dimensions[1])
+    x, y = coords[len(coords) // 2]
+    clam = np.asarray(s.read_region((int(x), int(y)), attrs["patch_level"], (attrs["patch_size"],) * 2).convert("RGB"))
+    np.testing.assert_array_equal(clam, read_tile(s, x, y, attrs["patch_size_level0"], 128))
+
+
+def test_geojson_is_in_qupaths_frame_for_slides_with_bounds():
+    """QuPath shows a slide with openslide.bounds-x/-y (MRXS) cropped to them: its pixel (0, 0) is the
+    level-0 point (bounds-x, bounds-y), so the polygons are shifted by it and the origin is recorded."""
+    from tub_xmil.slides import slide_bounds
+
+    class Mrxs:
+        properties = {"openslide.bounds-x": "1200", "openslide.bounds-y": "3400"}
+
+    assert slide_bounds(Mrxs()) == (1200, 3400) and slide_bounds(type("T", (), {"properties": {}})()) == (0, 0)
+    coords = np.array([[1200, 3400], [1456, 3400]])
+    gj = json.loads(json.dumps(geojson(coords, np.array([0.1, 0.2]), 256, "lrp", origin=(1200, 3400))))
+    assert gj["features"][0]["geometry"]["coordinates"][0][0] == [0, 0]
+    assert gj["features"][1]["geometry"]["coordinates"][0][2] == [512, 256]
+    assert gj["properties"]["origin_level0"] == [1200, 3400]
+    np.testing.assert_array_equal(geojson_coords(gj), coords)
+
+
+def test_a_damaged_tile_names_where_it_is():
+    from tub_xmil.slides import read_tile
+
+    class Damaged:
+        level_downsamples = (1.0,)
+
+        def get_best_level_for_downsample(self, ds):
+            return 0
+
+        def read_region(self, *args):
+            raise RuntimeError("TIFFRGBAImageGet failed")
+
+    with pytest.raises(TubError, match=r"tile at level-0 \(512, 768\), level 0: TIFFRGBAImageGet failed"):
+        read_tile(Damaged(), 512, 768, 256, 256)
+
+
+def test_a_file_that_is_no_image_is_not_sent_to_tiff_conversion(tmp_path):
+    (tmp_path / "notes.svs").write_text("patient notes\n")
+    with pytest.raises(TubError, match="not a slide in a format OpenSlide knows") as info:
+        open_slide(tmp_path / "notes.svs")
+    assert "convert" not in str(info.value)
+
+
+def test_aperio_objective_power_follows_the_mpp(tmp_path):
+    img, _, _ = render_slide(512, 512, positive=False, seed=0)
+    s = open_slide(write_pyramid(tmp_path / "a.svs", img, mpp=0.25, aperio=True, levels=1))
+    assert float(s.properties["openslide.objective-power"]) == 40 and slide_mpp(s, tmp_path / "a.svs") == 0.25

@@ -289,7 +289,7 @@ def _read_coords(path: Path) -> None:
 # ------------------------------------------------------------------ evaluate
 def evaluate(cfg: EvaluateConfig, run) -> dict:
     _warn_ignored_compute(cfg, run, ("fp32",), uses_device=False)
-    from .features import LabelTable, common_encoder, concat, read_features
+    from .features import LabelTable, common_encoder, concat, features_tiling, read_features
     from .probing import run_probes
 
     other = {"knn": ("runs", "lr", "batch_size", "max_steps", "patience", "eval_every"),
@@ -302,7 +302,7 @@ def evaluate(cfg: EvaluateConfig, run) -> dict:
     paths = [q for p in _need(cfg.features, "FEATURES") for q in _embed_outputs(Path(p))]
     labels = LabelTable(cfg.labels) if cfg.labels is not None else None
     feats = concat([read_features(p, cfg.metadata, labels) for p in paths])
-    return run_probes(feats, cfg, run, encoder=common_encoder(paths))
+    return run_probes(feats, cfg, run, encoder=common_encoder(paths), tiling=features_tiling(paths))
 
 
 def _embed_outputs(path: Path) -> list[Path]:

@@ -52,7 +52,9 @@ class SlideTiling(TubConfig):
     slide_mag: float | None = Field(None, gt=0, description="whole slides: target magnification (TRIDENT's --mag, "
                                                             "e.g. 20), instead of --slide-mpp")
     slide_level: int = Field(0, ge=0, description="whole slides without --slide-mpp/--slide-mag: pyramid level")
-    slide_base_mpp: float | None = Field(None, gt=0, description="level-0 µm/px for slides that do not record it")
+    slide_base_mpp: float | None = Field(None, gt=0, description="level-0 µm/px for slides that do not record it "
+                                         "(or record it wrong); used for every slide, with a warning where it "
+                                         "differs from a recorded one by > 5%")
     slide_tissue_min: float = Field(0.25, ge=0, le=1, description="whole slides: min tissue fraction per tile")
     slide_overlap: float = Field(0, ge=0, description="tile overlap: pixels at the tile resolution, or a fraction "
                                                         "of the tile if < 1")

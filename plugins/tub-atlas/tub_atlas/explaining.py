@@ -105,6 +105,36 @@ def check_probe_encoder(probe: Path, recorded: dict, info: dict, log=None) -> No
                     recorded["transform"], info["transform"])
 
 
+def tiling_flags(cfg) -> str:
+    """The options an explain run tiles whole slides by, in words."""
+    if cfg.slide_coords is not None:
+        return f"--slide-coords {cfg.slide_coords}"
+    how = f"--slide-mpp {cfg.slide_mpp:g}" if cfg.slide_mpp is not None else \
+        f"--slide-mag {cfg.slide_mag:g}" if cfg.slide_mag is not None else f"--slide-level {cfg.slide_level}"
+    return f"{how}, --slide-tile-size {cfg.slide_tile_size}"
+
+
+def probe_tiling_differs(trained: dict, mpp: float | None, tile_px: int, flags: str = "explain's settings",
+                         tolerance: float = 0.05) -> str | None:
+    """How the tiling of an explained slide (``mpp`` µm/px, ``tile_px`` px, by ``flags``) differs from the
+    one the probe's embeddings record (probe.json ``tiling``, written by ``evaluate``), in words; None when
+    it does not, or cannot be told (an older probe.json, a slide or embeddings without a resolution). µm/px agree within
+    ``tolerance`` (as --slide-mpp reads a scan up to 5% off), or within the recorded range of a mixed cohort."""
+    if not isinstance(trained, dict):
+        return None
+    want_mpp, want_px = trained.get("target_mpp"), trained.get("tile_px")
+    lo, hi = trained.get("target_mpp_range") or (want_mpp, want_mpp)
+    pxs = trained.get("tile_px_values") or ([want_px] if want_px else [])
+    off_mpp = bool(mpp and want_mpp) and not lo * (1 - tolerance) <= mpp <= hi * (1 + tolerance)
+    off_px = bool(pxs) and tile_px not in pxs
+    if not (off_mpp or off_px):
+        return None
+    want = " and ".join(([f"{lo:.4g}-{hi:.4g} µm/px" if lo != hi else f"{want_mpp:.4g} µm/px"] if want_mpp else [])
+                        + ([f"{'/'.join(map(str, pxs))}-px tiles"] if pxs else []))
+    have = " and ".join(([f"{mpp:.4g} µm/px"] if mpp and want_mpp else []) + ([f"{tile_px}-px tiles"] if pxs else []))
+    return f"tiled at {have} ({flags}), but the probe was trained on embeddings of {want}"
+
+
 LRP_RULES = {"lrp": "cp", "attnlrp": "attn"}  # --method -> lrp.lrp_rules rule set
 
 
@@ -136,10 +166,21 @@ def explain_inputs(encoder: Encoder, names: dict[Path, str], cfg, run, info: dic
     if cfg.method in LRP_RULES:
         target, what, *named = build_target(encoder, cfg, device, info, run.log)
         probe_class = named[0] if named else None
+    # the tiling of the embeddings the probe was trained on (probe.json of a newer evaluate), for whole slides
+    trained = read_probe_record(Path(cfg.probe)).get("tiling") if cfg.method in LRP_RULES and \
+        cfg.target == "probe" else None
+    said: set = set()
     n_done, worst = 0, 0.0
     for path, out in run.batch(names, output_for=lambda p: run.outputs_dir / names[p]):
         with run.item(path):
             ts = read_input(path, slide_options={**cfg.slide_options(), "qc": False, "coords": cfg.slide_coords})
+            tiler = ts.extra.get("tiler")
+            differs = probe_tiling_differs(trained, tiler.target_mpp, tiler.tile_px, tiling_flags(cfg)) \
+                if trained and tiler else None
+            if differs and differs not in said:  # once per run for each tiling (a whole cohort at one setting: one line)
+                said.add(differs)
+                run.log.warning("%s: %s ('tiling' in %s); explain at the probe's resolution", Path(path).name,
+                                differs, Path(cfg.probe).with_suffix(".json").name)
             n = min(len(ts), cfg.max_tiles)
             if n < len(ts):
                 run.log.warning("%s: explaining its first %d of %d tiles (--max-tiles)", path, n, len(ts))

@@ -439,3 +439,89 @@ def common_encoder(paths: list[Path]) -> dict | None:
                 raise TubError(f"{first_path} and {p} come from different encoders ({key} {first.get(key)!r} vs "
                                f"{rec.get(key)!r}); probe one encoder's features at a time")
     return known[0][1] if known else None
+
+
+def _h5_tiling(path: Path) -> tuple[float | None, int | None] | None:
+    """(target µm/px, tile px) that a features h5's ``coords`` attributes record (tub embed, TRIDENT, CLAM):
+    ``patch_size`` and ``target_mpp``, or the level-0 mpp × ``patch_size_level0`` / ``patch_size``; None
+    when it records neither."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            if "coords" not in f:
+                return None
+            attrs = {k: (v.item() if hasattr(v, "item") and np.ndim(v) == 0 else v) for k, v in f["coords"].attrs.items()}
+    except OSError:
+        return None
+
+    def number(key):
+        v = attrs.get(key)
+        return float(v) if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) \
+            and np.isfinite(v) and v > 0 else None
+
+    px, mpp = number("patch_size"), number("target_mpp")
+    mpp0, size0 = number("level0_mpp") or number("mpp"), number("patch_size_level0")
+    if mpp is None and mpp0 and size0 and px:
+        mpp = mpp0 * size0 / px
+    return None if mpp is None and px is None else (mpp, int(px) if px else None)
+
+
+def _run_tiling(run_dir: Path) -> dict[Path, tuple[float | None, int | None]]:
+    """Output path -> (target µm/px, tile px) of each whole slide an embed run records (``items/*.json``,
+    ``slide``), for the outputs that exist."""
+    import json
+
+    found = {}
+    for p in sorted((run_dir / "items").glob("*.json")):
+        try:
+            rec = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        slide = rec.get("slide") if isinstance(rec, dict) else None
+        out = (run_dir / str(rec.get("output", ""))).resolve() if isinstance(rec, dict) else None
+        if isinstance(slide, dict) and out is not None and out.exists():
+            found[out] = (slide.get("target_mpp"), slide.get("tile_px"))
+    return found
+
+
+def features_tiling(paths: list[Path], tolerance: float = 0.05) -> dict | None:
+    """How the whole-slide tiles behind the embeddings at ``paths`` were cut, as the embed outputs record it:
+    the ``coords`` attributes of h5 feature files (an h5, or those in a folder; tub embed, TRIDENT, CLAM),
+    and the slide records of the ``tub atlas embed`` run that wrote them for what those lack and for its
+    other formats (npy/eva folders, ``slides.npz``). ``evaluate`` writes it to probe.json as ``tiling``:
+    ``target_mpp`` (the median over the slides; ``target_mpp_range`` [min, max] when they differ by more
+    than ``tolerance``), ``tile_px`` (the most common; ``tile_px_values`` when there are several) and
+    ``slides`` (how many recorded one), for ``explain`` to compare its own tiling with. None when nothing
+    records a tiling (tile folders, arrays)."""
+    found: dict = {}  # output file (or run record) -> (target_mpp, tile_px)
+    for path in paths:
+        path = Path(path)
+        rec = embed_run_encoder(path)
+        recorded = _run_tiling(Path(rec["embed_run"])) if rec is not None else {}
+        files = [path] if path.is_file() and path.suffix in (".h5", ".hdf5") else \
+            _h5_files(path) if path.is_dir() else []
+        for f in files:
+            attrs, run = _h5_tiling(f), recorded.get(f.resolve())
+            if attrs is None and run is None:
+                continue
+            mpp, px = attrs or (None, None)
+            found[f.resolve()] = (mpp or (run[0] if run else None), px or (run[1] if run else None))
+        if not files:  # an npy/eva folder, slides.npz, an eva manifest: the slides its run records
+            mine = {o: t for o, t in recorded.items() if path.is_dir() and path.resolve() in (o, *o.parents)}
+            found.update(mine or recorded)
+    mpps = [float(m) for m, _ in found.values() if m]
+    pxs = [int(p) for _, p in found.values() if p]
+    if not mpps and not pxs:
+        return None
+    out: dict = {"slides": len(found)}
+    if mpps:
+        out["target_mpp"] = round(float(np.median(mpps)), 6)
+        if max(mpps) > min(mpps) * (1 + tolerance):
+            out["target_mpp_range"] = [round(min(mpps), 6), round(max(mpps), 6)]
+    if pxs:
+        values, counts = np.unique(pxs, return_counts=True)
+        out["tile_px"] = int(values[counts.argmax()])
+        if len(values) > 1:
+            out["tile_px_values"] = [int(v) for v in values]
+    return out

@@ -29,10 +29,11 @@ def sorted_classes(labels) -> list[str]:
         return sorted(names)
 
 
-def run_probes(feats: LabelledFeatures, cfg, run, encoder: dict | None = None) -> dict:
+def run_probes(feats: LabelledFeatures, cfg, run, encoder: dict | None = None, tiling: dict | None = None) -> dict:
     """Both probes on one split; writes ``outputs/predictions.csv`` (every test row), ``outputs/splits.csv``
     (every slide), and the best linear probe with its ROC curves (``outputs/roc.png``) and ``probe.json``
-    (classes, dim and ``encoder``: the embed run's encoder settings, for ``explain`` to check)."""
+    (classes, dim, ``encoder``: the embed run's encoder settings, and ``tiling``: the whole-slide tiling the
+    features record (``features.features_tiling``), for ``explain`` to check)."""
     if any(lab == "" for lab in feats.labels):
         raise TubError("some embeddings have no label; probing needs a label for every row (--labels CSV)")
     classes = sorted_classes(feats.labels)
@@ -91,7 +92,8 @@ def run_probes(feats: LabelledFeatures, cfg, run, encoder: dict | None = None) -
 
         save_safetensors(run.outputs_dir / "probe.safetensors",
                          {"weight": probe.weight.detach().contiguous(), "bias": probe.bias.detach().contiguous()})
-        write_json(run.outputs_dir / "probe.json", {"classes": classes, "dim": int(x.shape[1]), "encoder": encoder})
+        write_json(run.outputs_dir / "probe.json", {"classes": classes, "dim": int(x.shape[1]), "encoder": encoder,
+                                                        "tiling": tiling})
         if encoder is None:
             run.log.warning("the features come from no 'tub atlas embed' run folder: probe.json records no encoder, "
                             "so 'explain --target probe' cannot check its --arch/--pool against them")

@@ -153,6 +153,21 @@ def tissue_fractions(mask: np.ndarray, coords: np.ndarray, footprint0: int, scal
     return inside / ((x1 - x0) * (y1 - y0))
 
 
+def say_base_mpp_override(name: str, base_mpp: float, recorded: float) -> bool:
+    """``--slide-base-mpp`` is used as given (it is for slides that lack their resolution or record it
+    wrong), but it applies to every slide of the run: where a slide records a level-0 mpp that differs
+    from it by more than ``MPP_TOLERANCE``, one WARNING line for that slide names both values. True when said."""
+    if recorded <= 0 or abs(base_mpp - recorded) <= MPP_TOLERANCE * recorded:
+        return False
+    import logging
+
+    logging.getLogger("tub.atlas").warning(
+        "%s: --slide-base-mpp %g replaces the %g µm/px the slide records (openslide.mpp-x), %+.0f%%: its tile "
+        "footprints, levels and µm² areas follow %g; drop --slide-base-mpp for slides that record their resolution",
+        name, base_mpp, recorded, 100 * (base_mpp / recorded - 1), base_mpp)
+    return True
+
+
 class SlideTiles:
     """Tissue tiles of one slide; ``read(start, stop)`` returns (n, tile_px, tile_px, 3) uint8."""
 
@@ -172,6 +187,8 @@ class SlideTiles:
         self.tissue_min = tissue_min
         recorded = s.properties.get(openslide.PROPERTY_NAME_MPP_X)
         self.mpp0 = float(base_mpp) if base_mpp is not None else (float(recorded) if recorded else None)
+        if base_mpp is not None and recorded:
+            say_base_mpp_override(self.path.name, float(base_mpp), float(recorded))
         self.mag0 = nominal_magnification(self.mpp0, s.properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
         self.target_mag = mag
         if mpp is not None and mag is not None:
@@ -340,19 +357,22 @@ class SlideTiles:
 
     def coords_attrs(self) -> dict:
         """Attributes of the h5 ``coords`` dataset, named as CLAM (patch_size, patch_level, downsample,
-        level_dim) and TRIDENT (patch_size_level0, level0/target_magnification with mag = 10 / mpp,
-        overlap, level0_width/height) write them; tub adds level0_mpp, target_mpp and read_size (the side
-        read at patch_level before resizing to patch_size; CLAM's readers assume the two are equal)."""
+        level_dim and downsampled_level_dim: both the size of patch_level, as CLAM's create_patches_fp writes
+        them) and TRIDENT (patch_size_level0, level0/target_magnification with mag = 10 / mpp, overlap,
+        level0_width/height) write them; tub adds level0_mpp, target_mpp and read_size (the side read at
+        patch_level before resizing to patch_size; CLAM's readers assume the two are equal)."""
         s = self.slide
         W0, H0 = s.dimensions
         ds = float(s.level_downsamples[self.level])
+        level = {"downsample": [ds, ds], "downsampled_level_dim": list(s.level_dimensions[self.level]),
+                 "level_dim": list(s.level_dimensions[self.level])}  # of patch_level
         if getattr(self, "_attrs_in", None) is not None:  # coordinates from a patch file: keep its attributes
             kept = {k: v for k, v in self._attrs_in.items() if k not in FEATURE_PROVENANCE}  # not these features'
-            return {**kept, "patch_level": self.level, "patch_size_level0": self.footprint0}
+            # those that describe patch_level follow the level written here (an older tub wrote level 0's size)
+            return {**kept, **{k: v for k, v in level.items() if k in kept}, "patch_level": self.level,
+                    "patch_size_level0": self.footprint0}
         a = {"patch_size": self.tile_px, "patch_level": self.level, "patch_size_level0": self.footprint0,
-             "read_size": self.read_px,
-             "downsample": [ds, ds], "downsampled_level_dim": list(s.level_dimensions[self.level]),
-             "level_dim": [W0, H0], "level0_width": W0, "level0_height": H0, "overlap": self.overlap_px,
+             "read_size": self.read_px, **level, "level0_width": W0, "level0_height": H0, "overlap": self.overlap_px,
              "step_level0": self.step0, "min_tissue_proportion": self.tissue_min, "name": self.path.stem}
         if self.mpp0 is not None:
             a["level0_mpp"] = self.mpp0

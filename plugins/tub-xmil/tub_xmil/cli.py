@@ -83,6 +83,10 @@ def features(cfg, run) -> dict:
     spec, module = get_encoder(cfg.encoder, cfg.weights, run.device, run.dtype)
     run.log.info("encoder %s (%d-d, %d px tiles)%s", spec.name, spec.dim, spec.tile_size,
                  "" if cfg.weights else " -- no weights given: " + (spec.description or "preset defaults"))
+    if cfg.coords_dir is None and spec.tile_size != cfg.tiling.patch_size:  # what the encoder sees (in each .h5 too)
+        t = cfg.tiling
+        run.log.info("the %d px tiles at %g µm/px are resized to the encoder's %d px: it sees %.3g µm/px",
+                     t.patch_size, t.target_mpp, spec.tile_size, t.target_mpp * t.patch_size / spec.tile_size)
     if cfg.weights is not None:
         run.refuse_replaced_file("--weights", cfg.weights)
     for path, out in run.batch(slides, output_for=lambda p: run.outputs_dir / "features" / f"{Path(p).stem}.h5",
@@ -306,7 +310,7 @@ def explain(cfg, run) -> dict:
     bags = expand_inputs(cfg.bags, BAG_SUFFIXES)
     for path, out in run.batch(bags, output_for=lambda p: run.outputs_dir / f"{Path(p).stem}.json"):
         with run.item(path):
-            x, coords, _ = read_bag(path)
+            x, coords, attrs = read_bag(path)
             if x.shape[1] != meta["kwargs"]["input_dim"]:
                 raise TubError(f"{Path(path).name}: features are {x.shape[1]}-d, the model expects "
                                f"{meta['kwargs']['input_dim']}-d")
@@ -334,7 +338,8 @@ def explain(cfg, run) -> dict:
                 rec["lrp_cls_relevance"] = det["cls_relevance"]
                 rec["lrp_output_relevance"] = float(det["output_relevance"].sum())
             if coords is not None:
-                rec["coords"] = coords.tolist()
+                rec["coords"] = coords.tolist()  # level-0 top-left corners, of tiles this wide at this mpp:
+                rec.update({k: attrs[k] for k in ("patch_size_level0", "mpp", "target_mpp") if k in attrs})
             with atomic_path(out) as tmp:
                 tmp.write_text(to_json(rec))  # strict JSON: a NaN score would be null, never bare NaN
     # test_predictions.csv over everything this run directory holds
@@ -466,7 +471,7 @@ def heatmap(cfg, run) -> dict:
     from tub_xmil.heatmap import write_heatmap
     from tub_xmil.pipeline import (SLIDE_SUFFIXES, check_coords_fit, choose_target, explain_bag, expand_inputs,
                                    slide_coords, thumbnail_for)
-    from tub_xmil.slides import open_slide
+    from tub_xmil.slides import open_slide, slide_bounds
     from tub_xmil.tiling import tile_size_level0_source
     from tubcli.io import to_json
 
@@ -542,7 +547,9 @@ def heatmap(cfg, run) -> dict:
                 if slide is not None:
                     W, H = slide.dimensions
                     thumb, _ = thumbnail_for(slide)
+                    origin = slide_bounds(slide)
                 else:
+                    origin = (int(attrs.get("bounds_x", 0) or 0), int(attrs.get("bounds_y", 0) or 0))
                     W = int(attrs.get("level0_width") or (coords[:, 0].max() + size0))
                     H = int(attrs.get("level0_height") or (coords[:, 1].max() + size0))
                     thumb = np.zeros((max(1, H // HEAT_DOWNSAMPLE), max(1, W // HEAT_DOWNSAMPLE), 3), np.uint8)
@@ -558,7 +565,7 @@ def heatmap(cfg, run) -> dict:
                                             "patch_size_level0": size0, "patch_size_level0_source": size_source,
                                             "background": background}))
                 write_heatmap(run.outputs_dir, path.stem, thumb, coords, sc, size0, HEAT_DOWNSAMPLE, SIGNED[m], m,
-                              size_source)
+                              size_source, origin)
     out = _with_lrp_settings({"methods": list(cfg.method)}, model, cfg, task)
     if tiling_used:  # how slides were tiled and embedded, and where each setting came from
         out["slides"] = tiling_used

@@ -83,33 +83,42 @@ def render_overlay(thumb: np.ndarray, coords: np.ndarray, scores: np.ndarray, si
 
 
 def geojson(coords: np.ndarray, scores: np.ndarray, size_level0: int, method: str,
-            size_source: str | None = None) -> dict:
-    """QuPath-importable FeatureCollection of level-0 tile polygons with a score measurement.
+            size_source: str | None = None, origin: tuple[int, int] = (0, 0)) -> dict:
+    """QuPath-importable FeatureCollection of tile polygons with a score measurement.
+
+    The polygons are in QuPath's pixel frame: level-0 coordinates minus ``origin``, the slide's
+    openslide.bounds-x/-y (QuPath shows a slide that records bounds, as MRXS do, cropped to them); the
+    collection's ``properties`` keep that origin, so level-0 = polygon + origin.
 
     A non-finite score is left out of the tile's measurements: strict JSON has no NaN, and QuPath reads a
     null measurement as an error, a missing one as NaN.
     ``size_source`` (where the tile side came from) goes into the collection's ``properties``, so a
     reviewer sees when the polygons' size was only inferred from the coordinate grid."""
     feats = []
-    for i, ((x, y), s) in enumerate(zip(np.asarray(coords, int).tolist(), np.asarray(scores, float).tolist())):
+    ox, oy = (int(v) for v in origin)
+    for i, ((x, y), s) in enumerate(zip((np.asarray(coords, int) - [ox, oy]).tolist(),
+                                        np.asarray(scores, float).tolist())):
         ring = [[x, y], [x + size_level0, y], [x + size_level0, y + size_level0], [x, y + size_level0], [x, y]]
         feats.append({"type": "Feature", "id": str(i),
                       "geometry": {"type": "Polygon", "coordinates": [ring]},
                       "properties": {"objectType": "tile", "name": f"patch {i}",
                                      "measurements": {f"xmil_{method}": s} if np.isfinite(s) else {}}})
-    out = {"type": "FeatureCollection", "features": feats}
+    out = {"type": "FeatureCollection", "features": feats,
+           "properties": {"patch_size_level0": int(size_level0), "origin_level0": [ox, oy]}}
     if size_source is not None:
-        out["properties"] = {"patch_size_level0": int(size_level0), "patch_size_level0_source": size_source}
+        out["properties"]["patch_size_level0_source"] = size_source
     return out
 
 
 def geojson_coords(data: dict) -> np.ndarray:
     """Top-left level-0 corners back from a GeoJSON written by :func:`geojson`."""
-    return np.asarray([f["geometry"]["coordinates"][0][0] for f in data["features"]], np.int64)
+    origin = data.get("properties", {}).get("origin_level0", [0, 0])
+    corners = np.asarray([f["geometry"]["coordinates"][0][0] for f in data["features"]], np.int64)
+    return corners + np.asarray(origin, np.int64)
 
 
 def write_heatmap(out_dir: Path, name: str, thumb, coords, scores, size_level0, downsample, signed, method,
-                  size_source: str | None = None):
+                  size_source: str | None = None, origin: tuple[int, int] = (0, 0)):
     """Write ``{name}_{method}.png`` (overlay), ``{name}_{method}_heat.png`` and ``.geojson``
     atomically; returns the paths. The GeoJSON is strict JSON (``tubcli.io.to_json``: NaN -> null)."""
     from PIL import Image
@@ -121,7 +130,7 @@ def write_heatmap(out_dir: Path, name: str, thumb, coords, scores, size_level0, 
     with atomic_path(paths["heat"]) as tmp:
         Image.fromarray(heat).save(tmp, format="PNG")
     with atomic_path(paths["geojson"]) as tmp:
-        Path(tmp).write_text(to_json(geojson(coords, scores, size_level0, method, size_source)))
+        Path(tmp).write_text(to_json(geojson(coords, scores, size_level0, method, size_source, origin)))
     with atomic_path(paths["overlay"]) as tmp:
         Image.fromarray(over).save(tmp, format="PNG")
     return paths

@@ -145,8 +145,11 @@ def features_one(path: Path, out_h5: Path, cfg, spec, module, device, dtype=None
         feats = embed_tiles(slide, coords, size0, spec, module, cfg.batch_size, device, dtype)
     finally:
         slide.close()
+    seen = {"encoder_tile_size": spec.tile_size}  # the tiles are resized to it: the resolution the encoder sees
+    if attrs.get("mpp"):
+        seen["encoder_mpp"] = float(attrs["mpp"]) * size0 / spec.tile_size
     with atomic_path(out_h5) as tmp:
-        write_features_h5(tmp, feats, coords, {**attrs, "encoder": spec.name, "precision": cfg.precision,
+        write_features_h5(tmp, feats, coords, {**attrs, **seen, "encoder": spec.name, "precision": cfg.precision,
                                                "name": path.stem})
     return {"patches": len(coords), "dim": int(feats.shape[1])}
 

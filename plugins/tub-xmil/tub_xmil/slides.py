@@ -26,18 +26,21 @@ def open_slide(path: str | Path):
     except Exception:  # noqa: BLE001
         fmt = None
     if fmt is None:
-        raise TubError(f"{path.name}: not a slide OpenSlide can read (untiled image, OME-TIFF or "
-                       "corrupt file); convert it to a tiled pyramidal TIFF")
+        with open(path, "rb") as fh:
+            tiff = fh.read(4) in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+        if tiff:
+            raise TubError(f"{path.name}: a TIFF that OpenSlide cannot read as a slide (untiled, OME-TIFF or "
+                           "damaged); convert it to a tiled pyramidal TIFF")
+        raise TubError(f"{path.name}: not a slide in a format OpenSlide knows (a damaged file, or not an image "
+                       "at all?); check the file")
     try:
         return openslide.OpenSlide(str(path))
     except Exception as exc:  # noqa: BLE001
         raise TubError(f"{path.name}: OpenSlide cannot open it ({str(exc).splitlines()[0][:100]})") from None
 
 
-def slide_mpp(slide, path: str | Path, override: float | None = None) -> float:
-    """Microns per pixel at level 0: ``override`` if given, else openslide.mpp-x."""
-    if override is not None:
-        return float(override)
+def recorded_mpp(slide) -> float | None:
+    """Microns per pixel at level 0 as the slide records it (openslide.mpp-x, aperio.MPP), or None."""
     props = slide.properties
     for key in ("openslide.mpp-x", "aperio.MPP"):
         if key in props:
@@ -47,8 +50,43 @@ def slide_mpp(slide, path: str | Path, override: float | None = None) -> float:
                 continue
             if v > 0:
                 return v
+    return None
+
+
+def slide_mpp(slide, path: str | Path, override: float | None = None) -> float:
+    """Microns per pixel at level 0: ``override`` if given (a WARNING when it contradicts the slide's
+    own value by more than 5%: it applies to every slide of the batch), else the recorded one."""
+    recorded = recorded_mpp(slide)
+    if override is not None:
+        if recorded is not None and abs(float(override) - recorded) > 0.05 * recorded:
+            import logging
+
+            logging.getLogger("tub").warning("%s: --mpp %g replaces the %g µm/px the slide records (tiles %.2fx the "
+                                             "physical size they would have)", Path(path).name, float(override),
+                                             recorded, recorded / float(override))
+        return float(override)
+    if recorded is not None:
+        return recorded
     raise TubError(f"{Path(path).name}: slide has no mpp (microns per pixel); pass --mpp, "
                    "e.g. --mpp 0.25 for 40x or 0.5 for 20x")
+
+
+def slide_bounds(slide) -> tuple[int, int]:
+    """(openslide.bounds-x, -y): where the scanned area starts in level-0 pixels (MRXS and others record it;
+    QuPath shows such a slide cropped to it, so its image (0, 0) is this level-0 point); (0, 0) if none."""
+    props = slide.properties
+    try:
+        return int(props.get("openslide.bounds-x", 0) or 0), int(props.get("openslide.bounds-y", 0) or 0)
+    except ValueError:
+        return 0, 0
+
+
+def read_level(slide, size_level0: int, out_size: int) -> tuple[int, float, int]:
+    """(pyramid level, its downsample, side read there) for a level-0 box of ``size_level0`` px that
+    becomes ``out_size`` px: the deepest level not coarser than the output, then resized."""
+    level = slide.get_best_level_for_downsample(max(size_level0 / out_size, 1.0))
+    lds = float(slide.level_downsamples[level])
+    return level, lds, max(1, int(round(size_level0 / lds)))
 
 
 def read_tile(slide, x: int, y: int, size_level0: int, out_size: int):
@@ -57,11 +95,12 @@ def read_tile(slide, x: int, y: int, size_level0: int, out_size: int):
     import numpy as np
     from PIL import Image
 
-    ds = size_level0 / out_size
-    level = slide.get_best_level_for_downsample(max(ds, 1.0))
-    lds = slide.level_downsamples[level]
-    sz = int(round(size_level0 / lds))
-    region = slide.read_region((int(x), int(y)), level, (sz, sz))
+    level, _, sz = read_level(slide, size_level0, out_size)
+    try:
+        region = slide.read_region((int(x), int(y)), level, (sz, sz))
+    except Exception as exc:  # noqa: BLE001 - OpenSlideError on damaged tile data: say where
+        raise TubError(f"cannot read the tile at level-0 ({int(x)}, {int(y)}), level {level}: "
+                       f"{str(exc).splitlines()[0][:120]}") from None
     bg = Image.new("RGB", region.size, (255, 255, 255))
     bg.paste(region, mask=region.split()[3])  # transparent background -> white
     if sz != out_size:

@@ -51,10 +51,11 @@ def write_pyramid(path: str | Path, img: np.ndarray, mpp: float | None = 0.5, le
             extra = {}
             if mpp is not None:
                 extra = dict(resolution=(1e4 / mpp / f, 1e4 / mpp / f), resolutionunit="CENTIMETER")
-            if aperio and lvl == 0:
+            if aperio and lvl == 0:  # the objective that gives this mpp (10 / mpp: 0.25 -> 40x, 0.5 -> 20x)
+                app_mag = f"{10 / mpp:g}" if mpp is not None else "20"
                 mpp_txt = f"|MPP = {mpp}" if mpp is not None else ""
                 extra["description"] = (f"Aperio Image Library v12.0.0\r\n{w}x{h} [0,0 {w}x{h}] "
-                                        f"({tile}x{tile}) ZLIB |AppMag = 20{mpp_txt}")
+                                        f"({tile}x{tile}) ZLIB |AppMag = {app_mag}{mpp_txt}")
             tw.write(np.ascontiguousarray(img[::f, ::f]), tile=(tile, tile), photometric="rgb",
                      compression="zlib", metadata=None, subfiletype=0 if lvl == 0 else 1, **extra)
     return path

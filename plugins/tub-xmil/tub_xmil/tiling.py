@@ -70,6 +70,11 @@ class Tiling:
     thumb_downsample: float
     min_tissue: float           # the tissue filter that kept these tiles
     min_std: float
+    read_level: int = 0         # the pyramid level the tiles are read at (CLAM's patch_level) ...
+    read_downsample: float = 1.0
+    read_size: int = 0          # ... and their side there, before resizing to patch_size
+    read_level_dim: tuple = (0, 0)
+    bounds: tuple = (0, 0)      # openslide.bounds-x/-y: QuPath's image origin in level-0 px
 
 
 def thumbnail_level(slide, patch_size_level0: int, min_px_per_tile: int = 8) -> int:
@@ -83,6 +88,11 @@ def thumbnail_level(slide, patch_size_level0: int, min_px_per_tile: int = 8) -> 
 
 def tile_slide(slide, mpp: float, target_mpp: float = 0.5, patch_size: int = 256,
                min_tissue: float = 0.5, min_std: float = 8.0, name: str = "slide") -> Tiling:
+    from tub_xmil.slides import read_level, slide_bounds
+
+    if target_mpp < 0.95 * mpp:  # the tiles would be upsampled: detail the scan does not hold
+        raise TubError(f"{name}: --target-mpp {target_mpp:g} is finer than the slide's {mpp:g} µm/px by more than "
+                       f"5% (the tiles would be upsampled); use --target-mpp {mpp:g} or coarser")
     size0 = int(round(patch_size * target_mpp / mpp))
     if size0 < 1:
         raise TubError(f"{name}: a {patch_size} px tile at {target_mpp} mpp is < 1 px at the slide's {mpp} mpp; "
@@ -116,14 +126,16 @@ def tile_slide(slide, mpp: float, target_mpp: float = 0.5, patch_size: int = 256
     if not coords:
         raise TubError(f"{name}: no tissue found (Otsu on saturation kept no tile); check the slide "
                        "or lower --set tiling.min_tissue")
+    level, level_ds, read_size = read_level(slide, size0, patch_size)
     return Tiling(np.asarray(coords, np.int64), patch_size, size0, mpp, target_mpp, W, H, thumb, mask, ds,
-                  float(min_tissue), float(min_std))
+                  float(min_tissue), float(min_std), level, level_ds, read_size,
+                  tuple(int(v) for v in slide.level_dimensions[level]), slide_bounds(slide))
 
 
 # how the tiles were cut (TRIDENT and CLAM names, plus tub's tissue filter); features .h5 files carry them on, too
 TILING_KEYS = ("patch_size", "patch_size_level0", "level0_magnification", "target_magnification", "overlap",
                "level0_width", "level0_height", "mpp", "target_mpp", "patch_level", "downsample", "level_dim",
-               "min_tissue", "min_std")
+               "downsampled_level_dim", "read_size", "bounds_x", "bounds_y", "min_tissue", "min_std")
 
 
 def tiling_attrs(t: Tiling) -> dict:
@@ -131,9 +143,12 @@ def tiling_attrs(t: Tiling) -> dict:
             "level0_magnification": 10.0 / t.mpp, "target_magnification": 10.0 / t.target_mpp,
             "overlap": 0, "level0_width": t.level0_width, "level0_height": t.level0_height,
             "mpp": t.mpp, "target_mpp": t.target_mpp,
-            # CLAM readers: coords at patch_level 0; CLAM's patch_size means size at patch_level
-            "patch_level": 0, "downsample": [1.0, 1.0],
-            "level_dim": [t.level0_width, t.level0_height],
+            # CLAM: the level the tiles are read at (coords stay level 0) with its downsample and size;
+            # read_size is the side read there (CLAM's readers take patch_size, equal to it whenever the
+            # pyramid has a level at the target resolution, as 0.25 -> 0.5 µm/px at level 1)
+            "patch_level": t.read_level, "downsample": [t.read_downsample, t.read_downsample],
+            "level_dim": list(t.read_level_dim), "downsampled_level_dim": list(t.read_level_dim),
+            "read_size": t.read_size, "bounds_x": t.bounds[0], "bounds_y": t.bounds[1],
             "min_tissue": t.min_tissue, "min_std": t.min_std}
 
 
@@ -146,7 +161,6 @@ def write_patches_h5(path: str | Path, t: Tiling, name: str) -> None:
         for k, v in {**tiling_attrs(t), "name": name}.items():
             d.attrs[k] = v
             f.attrs[k] = v
-        d.attrs["clam_patch_size"] = t.patch_size_level0
 
 
 def read_coords_h5(path: str | Path) -> tuple[np.ndarray, dict]:
