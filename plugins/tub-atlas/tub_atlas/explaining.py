@@ -177,8 +177,10 @@ def explain_inputs(encoder: Encoder, names: dict[Path, str], cfg, run, info: dic
             tiler = ts.extra.get("tiler")
             differs = probe_tiling_differs(trained, tiler.target_mpp, tiler.tile_px, tiling_flags(cfg)) \
                 if trained and tiler else None
-            if differs and differs not in said:  # once per run for each tiling (a whole cohort at one setting: one line)
-                said.add(differs)
+            # once per run for each tiling (a cohort at one setting: one line; scanners 0.25/0.2527 µm/px: one)
+            key = (f"{tiler.target_mpp:.2g}" if tiler.target_mpp else None, tiler.tile_px) if differs else None
+            if differs and key not in said:
+                said.add(key)
                 run.log.warning("%s: %s ('tiling' in %s); explain at the probe's resolution", Path(path).name,
                                 differs, Path(cfg.probe).with_suffix(".json").name)
             n = min(len(ts), cfg.max_tiles)
