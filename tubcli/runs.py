@@ -173,11 +173,26 @@ def default_runs_root() -> Path:
     return Path(os.environ.get("TUB_RUNS_DIR", "runs")).expanduser()  # a quoted '~/runs' means home
 
 
-def find_resumable(parent: Path, chash: str) -> Path | None:
-    """The newest run under ``parent`` with this config hash and a ``checkpoints/last.pt``."""
+def find_resumable(parent: Path, chash: str, now: dict | None = None, may_change: set[str] = frozenset()) -> Path | None:
+    """The newest run under ``parent`` with a ``checkpoints/last.pt`` and this config hash, else (given the
+    config ``now``) the newest whose recorded config differs only in ``may_change`` and execution fields
+    (``--epochs 6 --resume auto`` extends the run of ``--epochs 3``, whose directory has another hash)."""
     if not parent.is_dir():
         return None
-    candidates = [d for d in parent.iterdir() if d.name.endswith(chash) and (d / "checkpoints" / "last.pt").is_file()]
+    resumable = [d for d in parent.iterdir() if (d / "checkpoints" / "last.pt").is_file()]
+    candidates = [d for d in resumable if d.name.endswith(chash)]
+    if not candidates and now is not None:
+        import yaml
+
+        for d in resumable:
+            try:
+                earlier = yaml.safe_load((d / "config.yaml").read_text())
+                cwd = json.loads((d / "env.json").read_text()).get("cwd")
+            except (OSError, ValueError, AttributeError, yaml.YAMLError):
+                continue
+            if isinstance(earlier, dict) and not changed_settings(earlier, now, (EXECUTION_FIELDS - {"batch_size"}) |
+                                                                  set(may_change), earlier_cwd=cwd):
+                candidates.append(d)
     return max(candidates, key=lambda d: d.name) if candidates else None
 
 
@@ -302,6 +317,30 @@ def _holds_nan(state) -> bool:
     if isinstance(state, (list, tuple)):
         return any(_holds_nan(v) for v in state)
     return False
+
+
+_PLAIN = (int, float, bool, str, bytes, type(None))
+
+
+def not_loadable_without_pickle(state, where: str = "state") -> str | None:
+    """Where ``state`` holds something that ``--resume`` could not load with ``torch.load(weights_only=True)``
+    (a numpy scalar or array, an object), as ``state['key'] (type)``; None when all of it loads."""
+    import collections
+
+    import torch
+
+    if isinstance(state, torch.Tensor) or type(state) in _PLAIN or isinstance(state, (torch.dtype, torch.device)):
+        return None  # exact types: numpy.float64 is a float subclass that needs pickle
+    if type(state) in (dict, collections.OrderedDict):
+        for key, value in state.items():
+            found = (None if type(key) in _PLAIN else f"{where} (key {key!r}: {type(key).__name__})") or \
+                not_loadable_without_pickle(value, f"{where}[{key!r}]")
+            if found:
+                return found
+        return None
+    if type(state) in (list, tuple, torch.Size):
+        return next((f for i, v in enumerate(state) if (f := not_loadable_without_pickle(v, f"{where}[{i}]"))), None)
+    return f"{where} ({type(state).__module__}.{type(state).__qualname__})"
 
 
 MODEL_FIELDS = frozenset({"model", "init_from"})  # may name a tub run directory (tub's output, not user data)
@@ -437,7 +476,8 @@ class Run:
                 what = f"-o {run_dir}" if run_dir is not None else f"the runs folder {default_runs_root()} (TUB_RUNS_DIR)"
                 raise TubError(f"{what}: {folder} is a file, not a folder; pass a run directory under a folder")
         if resume:
-            self.resume_from, found_dir = self._resolve_resume(resume, run_dir, parent, chash)
+            self.resume_from, found_dir = self._resolve_resume(resume, run_dir, parent, chash, cfg,
+                                                               resume_may_change or set())
             run_dir = run_dir or found_dir
         checked = False  # the run directory against the inputs
         if run_dir is None:
@@ -462,6 +502,9 @@ class Run:
             self._claim(cfg, resume, overwrite, verbosity, plugin_version, same_outputs_except, training,
                         resume_may_change or set())
         self.log.debug("run directory %s", self.dir)
+        if training and resume and self.resume_from is None:  # asked to continue, but there is nothing to continue
+            where = f"in {self.dir}" if out else f"of an earlier run with these settings under {parent}"
+            self.log.info("--resume %s: no checkpoint %s; starting fresh", resume, where)
 
     CLAIM = ".claim"
 
@@ -856,12 +899,12 @@ class Run:
                 path.unlink()
 
     # ---- checkpoints and weights
-    def _resolve_resume(self, resume: str, run_dir: Path | None, parent: Path, chash: str):
+    def _resolve_resume(self, resume: str, run_dir: Path | None, parent: Path, chash: str, cfg, may_change: set[str]):
         if resume == "auto":
             if run_dir is not None:
                 ckpt = run_dir / "checkpoints" / "last.pt"
                 return (ckpt if ckpt.is_file() else None), run_dir
-            found = find_resumable(parent, chash)
+            found = find_resumable(parent, chash, cfg.model_dump(mode="json"), may_change)
             return (found / "checkpoints" / "last.pt", found) if found else (None, None)
         path = Path(resume)
         if path.is_dir():
@@ -870,13 +913,21 @@ class Run:
             raise TubError(f"--resume {resume}: no checkpoint there; give a run directory or a last.pt file")
         return path, path.parent.parent if path.parent.name == "checkpoints" else None
 
-    def save_checkpoint(self, state: dict, best: bool = False) -> None:
-        """``checkpoints/last.pt`` (and ``best.pt``): plain dicts of tensors and numbers, rank 0 only."""
+    def save_checkpoint(self, state: dict, best: bool = False, nan_allowed: tuple[str, ...] = ()) -> None:
+        """``checkpoints/last.pt`` (and ``best.pt``), rank 0 only: plain dicts, lists and tuples of tensors,
+        Python numbers and strings, which ``--resume`` loads without pickle; anything else (a numpy scalar or
+        array) is a TypeError here, at the save, not days later at the resume. A NaN in a floating tensor stops
+        the run as a diverged training, except under the top-level keys ``nan_allowed`` (a buffer of samples
+        whose non-finite values are data)."""
         if not self.is_main:
             return
         import torch
 
-        if _holds_nan(state):  # a diverged training is stopped before its broken weights are kept
+        found = not_loadable_without_pickle(state)
+        if found:
+            raise TypeError(f"checkpoint {found} needs pickle to load, which --resume refuses; store tensors, Python "
+                            "numbers and strings (float(x), torch.as_tensor(array))")
+        if _holds_nan({k: v for k, v in state.items() if k not in nan_allowed}):  # broken weights are not kept
             raise TubError("training diverged: the weights hold NaN; lower the learning rate (the lr setting) or "
                            "check the data for extreme values", exit_code=1)
         log = self.dir / "metrics.jsonl"

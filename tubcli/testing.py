@@ -14,8 +14,29 @@ from pathlib import Path
 from tubcli.errors import TubError
 
 
+CALLER_VARIABLES = ("TUB_", "SLURM_ARRAY_", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+"""Prefixes of the environment variables that change what a tub command does (settings, shards of an
+array job, torchrun ranks): tests must not inherit them from the shell or job that runs pytest."""
+
+
+def caller_variables(environ=None) -> list[str]:
+    """The variables of this environment that :data:`CALLER_VARIABLES` names (``TUB_NO_PROGRESS`` aside)."""
+    environ = os.environ if environ is None else environ
+    return [k for k in environ if k.startswith(CALLER_VARIABLES) and k != "TUB_NO_PROGRESS"]
+
+
+def isolate_environment(monkeypatch) -> None:
+    """Drop the caller's tub-relevant variables for one test (``monkeypatch``: pytest's fixture), so that
+    a suite run inside a SLURM array job or with ``TUB_DEVICE=cuda`` exported tests what it means to. Use
+    it in an autouse fixture of the plugin's ``conftest.py``; a test then sets what it needs itself."""
+    for key in caller_variables():
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("TUB_NO_PROGRESS", "1")
+
+
 def invoke(args: list[str], env: dict | None = None, catch_exceptions: bool = False):
-    """Run ``tub ARGS`` in-process with click's CliRunner; ``result.stdout``/``stderr`` are separate."""
+    """Run ``tub ARGS`` in-process with click's CliRunner; ``result.stdout``/``stderr`` are separate.
+    The process environment is seen (see :func:`isolate_environment`), with ``env`` on top (None unsets)."""
     from click.testing import CliRunner
 
     from tubcli.cli import build_app
@@ -48,6 +69,11 @@ def check_plugin(name: str, subprocess_checks: bool = True) -> None:
     from tubcli.config import TubConfig, config_yaml, resolve_config
     from tubcli.verbs import PluginApp, _field_info, _plain_type, build_verb_command, resolve_ref
 
+    clean = dict.fromkeys(caller_variables())  # the checks mean the defaults, not the caller's TUB_DEVICE
+
+    def tub(args):  # this suite's calls, in the clean environment
+        return invoke(args, env=clean)
+
     app = _plugin(name)
     assert isinstance(app, PluginApp)
     names = [v.name for v in app.verbs]
@@ -66,7 +92,7 @@ def check_plugin(name: str, subprocess_checks: bool = True) -> None:
             assert issubclass(model, TubConfig), f"{name} {verb.name}: config must subclass tubcli.config.TubConfig"
             assert model.model_config.get("extra") == "forbid", f"{name} {verb.name}: config must forbid extra keys"
             build_verb_command(app, verb)
-            result = invoke([name, verb.name, "--help"])
+            result = tub([name, verb.name, "--help"])
             assert result.exit_code == 0, f"{name} {verb.name} --help failed: {result.output}"
 
             try:
@@ -81,7 +107,7 @@ def check_plugin(name: str, subprocess_checks: bool = True) -> None:
 
             bad = tmp / f"{verb.name}-bad.yaml"
             bad.write_text("definitely_not_a_key: 1\n")
-            result = invoke([name, verb.name, "-c", str(bad), "--print-config"])
+            result = tub([name, verb.name, "-c", str(bad), "--print-config"])
             assert result.exit_code == 2, f"{name} {verb.name}: misspelt key gave exit {result.exit_code}"
             assert "definitely_not_a_key" in result.stderr and str(bad) in result.stderr
 
@@ -89,7 +115,7 @@ def check_plugin(name: str, subprocess_checks: bool = True) -> None:
                 base, _ = _plain_type(_field_info(model, arg).annotation)
                 if base is Path:
                     missing = tmp / "does-not-exist" / "input.bin"
-                    result = invoke([name, verb.name, str(missing), "-o", str(tmp / "run" / verb.name)])
+                    result = tub([name, verb.name, str(missing), "-o", str(tmp / "run" / verb.name)])
                     assert result.exit_code == 2, (
                         f"{name} {verb.name}: a missing input gave exit {result.exit_code}, want 2: {result.output}")
                     lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
@@ -112,7 +138,7 @@ def check_plugin(name: str, subprocess_checks: bool = True) -> None:
             "    assert e.code in (0, None), e.code\n"
             "assert 'torch' not in sys.modules, 'torch imported by tub --help'\n"
         )
-        env = {**os.environ, "TUB_NO_PROGRESS": "1"}
+        env = {k: v for k, v in os.environ.items() if k not in clean} | {"TUB_NO_PROGRESS": "1"}
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
         assert proc.returncode == 0, f"`tub {name} --help` imported torch or failed: {proc.stderr[-2000:]}"
 

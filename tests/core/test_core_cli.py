@@ -147,6 +147,21 @@ def test_check_plugin_on_toy(toy_plugins):
     check_plugin("toy", subprocess_checks=False)
 
 
+def test_the_callers_variables_do_not_reach_the_checks(toy_plugins, monkeypatch):
+    """Inside an array job or with TUB_DEVICE=cuda exported, a plugin's tests ran other settings (and the
+    missing-input check passed on the device error's exit 2)."""
+    from tubcli.testing import caller_variables, isolate_environment
+
+    for key, value in {"TUB_DEVICE": "cuda", "SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "2",
+                       "WORLD_SIZE": "2", "TUB_TOY_EPOCHS": "9"}.items():
+        monkeypatch.setenv(key, value)
+    assert sorted(caller_variables()) == ["SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_ID", "TUB_DEVICE",
+                                          "TUB_TOY_EPOCHS", "WORLD_SIZE"]
+    check_plugin("toy", subprocess_checks=False)  # the suite itself runs in a clean environment
+    isolate_environment(monkeypatch)
+    assert caller_variables() == [] and os.environ["TUB_NO_PROGRESS"] == "1"
+
+
 def test_help_imports_no_torch():
     code = ("import sys\nfrom tubcli.cli import main\n"
             "for argv in (['--help'], ['plugins']):\n"

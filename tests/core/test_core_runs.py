@@ -474,6 +474,24 @@ def test_a_resume_continues_the_recorded_training_only(toy_plugins, tmp_path):
     assert result.exit_code == 0, result.stderr
 
 
+def test_resume_auto_without_o_finds_the_run_whose_epochs_were_extended(toy_plugins, tmp_path):
+    """`--epochs 3 --resume auto` after `--epochs 2`: epochs may change, but the run directory's name holds the
+    hash of the whole config, so the lookup found nothing and silently started a second training."""
+    data = tmp_path / "d.csv"
+    data.write_text("1,0,2\n0,1,3\n")
+    assert invoke(["toy", "train", data, "--epochs", "2"]).exit_code == 0
+    (first,) = (tmp_path / "runs" / "toy" / "train").iterdir()
+    result = invoke(["toy", "train", data, "--epochs", "3", "--resume", "auto"])
+    assert result.exit_code == 0, result.stderr
+    assert [p.name for p in (tmp_path / "runs" / "toy" / "train").iterdir()] == [first.name]
+    assert len((first / "metrics.jsonl").read_text().splitlines()) == 3 and "resuming from" in result.stderr
+    # another lr is another training: nothing to resume, and the log says so
+    result = invoke(["toy", "train", data, "--epochs", "3", "--lr", "0.5", "--resume", "auto"])
+    assert result.exit_code == 0, result.stderr
+    assert "--resume auto: no checkpoint of an earlier run with these settings" in result.stderr
+    assert len(list((tmp_path / "runs" / "toy" / "train").iterdir())) == 2
+
+
 def test_a_training_killed_before_its_first_checkpoint_starts_its_log_over(toy_plugins, tmp_path):
     data, out = tmp_path / "d.csv", tmp_path / "t"
     data.write_text("1,0,2\n0,1,3\n")
@@ -817,3 +835,28 @@ def test_a_file_replaced_in_place_is_refused_once_outputs_exist(tmp_path):
     older.finish({})
     assert not (tmp_path / "r" / "file_digests.json").exists()  # not vouched for: these bytes may not have made them
     assert "records no sha256 of --weights" in (tmp_path / "r" / "tub.log").read_text()
+
+
+def test_a_checkpoint_that_resume_could_not_load_is_refused_at_the_save(tmp_path):
+    """A numpy scalar saved without a word made `--resume` fail days later, telling the user to re-save a file
+    the plugin wrote; a NaN in a buffer of samples (data, not weights) may be kept where the plugin says so."""
+    import numpy as np
+    import torch
+
+    from tubcli.config import TubConfig
+    from tubcli.runs import Run
+
+    run = Run("toy", "train", TubConfig(), out=tmp_path / "r", training=True)
+    with pytest.raises(TypeError, match=r"checkpoint state\['best_loss'\] \(numpy.float64\) needs pickle"):
+        run.save_checkpoint({"w": torch.zeros(2), "best_loss": np.float64(0.1)})
+    with pytest.raises(TypeError, match=r"state\['extra'\]\[1\] \(numpy.ndarray\)"):
+        run.save_checkpoint({"extra": [1, np.zeros(2)]})
+    assert not (tmp_path / "r" / "checkpoints" / "last.pt").exists()
+    samples = {"w": torch.zeros(2), "energies": torch.tensor([1.0, float("nan")])}
+    with pytest.raises(TubError, match="training diverged"):
+        run.save_checkpoint(samples)
+    run.save_checkpoint(samples, nan_allowed=("energies",))
+    run.finish({})
+    again = Run("toy", "train", TubConfig(), out=tmp_path / "r", training=True, resume="auto")
+    assert torch.isnan(again.load_checkpoint()["energies"][1])
+    again.finish({})
