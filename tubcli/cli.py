@@ -195,6 +195,10 @@ def demo_command(
                 raise TubError(f"plugin {plugin_app.name!r} declares no demo")
         # the common settings from the environment too (TUB_DEVICE, TUB_VECTOR_FIGURES, ...); --device wins
         cfg = resolve_config(TubConfig, "demo", flags={} if device == "auto" else {"device": device})
+        if cfg.device != "auto":  # an absent device fails every demo alike: say it once, as a usage error
+            from tubcli.device import resolve_device
+
+            resolve_device(cfg.device)
     except TubError as exc:
         _fail(exc)
     from tubcli.runs import default_runs_root
@@ -228,8 +232,10 @@ def demo_command(
         typer.echo(f"\ntub demo: {root}")
         typer.echo(f"{'plugin':<12} {'status':<8} {'seconds':>8}  results")
         for row in summary:
-            figures = ", ".join(f"{k}={format_value(v)}" for k, v in flatten(row["figures"]) if not isinstance(v, (list, dict)))
-            typer.echo(f"{row['plugin']:<12} {row['status'][:60]:<8} {row['seconds']:>8}  {figures}")
+            status, _, why = row["status"].partition(": ")  # a failure's reason goes where its results would
+            figures = why or ", ".join(f"{k}={format_value(v)}" for k, v in flatten(row["figures"])
+                                       if not isinstance(v, (list, dict)))
+            typer.echo(f"{row['plugin']:<12} {status:<8} {row['seconds']:>8}  {figures}")
     raise typer.Exit(0 if all(r["status"] == "ok" for r in summary) else 1)
 
 

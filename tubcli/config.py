@@ -1,6 +1,6 @@
 """Configs: pydantic models with ``extra="forbid"`` and one precedence rule (DESIGN §4).
 
-Precedence: command-line flags and ``--set`` > ``TUB_*`` environment variables > config file >
+Precedence: command-line flags > ``--set`` > ``TUB_*`` environment variables > config file >
 defaults. Only values the user actually gave are merged, so a default never overrides the file.
 Environment variables: ``TUB_DEVICE``, ``TUB_PRECISION``, ``TUB_SEED``, ``TUB_VECTOR_FIGURES`` for the common fields and
 ``TUB_<PLUGIN>_<FIELD>`` for a plugin's own (``__`` separates nested fields).

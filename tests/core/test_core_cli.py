@@ -143,6 +143,19 @@ def test_patch_encoders_hook(toy_plugins):
         get_patch_encoder("atlas-nonexistent")
 
 
+def test_demo_names_a_failure_in_full_and_an_absent_device_once(toy_plugins, tmp_path, monkeypatch):
+    monkeypatch.setenv("TOY_DEMO_FAILS", "1")
+    result = invoke(["demo", "toy", "-o", tmp_path / "d"])
+    assert result.exit_code == 1
+    row = next(ln for ln in result.stdout.splitlines() if ln.startswith("toy "))
+    assert row.split()[1] == "failed" and row.endswith("with a reason longer than sixty characters to show")
+    import torch
+
+    if not torch.cuda.is_available():
+        line = expect_error_line(invoke(["demo", "toy", "-o", tmp_path / "c", "--device", "cuda"]), "cuda")
+        assert not (tmp_path / "c").exists(), line
+
+
 def test_check_plugin_on_toy(toy_plugins):
     check_plugin("toy", subprocess_checks=False)
 
