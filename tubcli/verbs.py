@@ -133,7 +133,7 @@ class PluginGroup(SuggestingGroup):
     """A plugin's sub-command group whose verb commands are built only when needed."""
 
     def __init__(self, app: PluginApp):
-        super().__init__(name=app.name, help=app.help, no_args_is_help=True)
+        super().__init__(name=app.name, help=app.help, no_args_is_help=True, subcommand_metavar="VERB [ARGS]...")
         self.app = app
 
     def list_commands(self, ctx):
@@ -157,7 +157,8 @@ class LazyVerbCommand(TyperCommand):
     """Stands in for a verb until it is invoked or asked for help, then builds the real command."""
 
     def __init__(self, app: PluginApp, verb: Verb):
-        super().__init__(name=verb.name, help=verb.help, short_help=verb.help.split("\n")[0])
+        super().__init__(name=verb.name, help=verb.help, short_help=verb.help.split("\n")[0],
+                         rich_help_panel="Verbs")  # a plugin's help lists verbs, as tub's docs call them
         self.app, self.verb = app, verb
         self._real: TyperCommand | None = None
 
