@@ -388,6 +388,13 @@ def test_slide_base_mpp_over_a_recorded_mpp_is_used_and_warned_once_per_slide(tm
     assert r.exit_code == 0, r.stderr
     said = _warnings(e, "--slide-base-mpp")
     assert len(said) == 1 and "rec.tif" in said[0] and "0.25" in said[0], said
+    # at the coordinates of patch files it was ignored without a word: it gives them their resolution too
+    c = tmp_path / "c"
+    r = invoke(["atlas", "embed", str(nores), "--slide-coords", str(run / "outputs/patches"), "--slide-base-mpp",
+                "0.25", "--arch", "vit-t8-demo", "--random-init", "--format", "h5", "-o", str(c)])
+    assert r.exit_code == 0, r.stderr
+    with h5py.File(c / "outputs/nores.h5") as f:
+        assert (f["coords"].attrs["level0_mpp"], f["coords"].attrs["target_mpp"]) == (0.25, 0.25)
 
 
 def test_level_dim_is_the_size_of_patch_level_as_clam_writes_it(slide, tmp_path):

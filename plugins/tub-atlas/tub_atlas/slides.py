@@ -262,10 +262,12 @@ class SlideTiles:
         self._geojson: dict | None = None
 
     @classmethod
-    def from_coords(cls, path: Path, h5_path: Path) -> "SlideTiles":
+    def from_coords(cls, path: Path, h5_path: Path, base_mpp: float | None = None) -> "SlideTiles":
         """Tiles at the coordinates of an existing patch file instead of segmenting: ``tub atlas tile``
         and TRIDENT (``patch_size`` at the target resolution + ``patch_size_level0``) or CLAM
-        (``patch_size`` + ``patch_level``: the tile is ``patch_size`` pixels of that level)."""
+        (``patch_size`` + ``patch_level``: the tile is ``patch_size`` pixels of that level). ``base_mpp``
+        (--slide-base-mpp) is the level-0 µm/px recorded for them (the tiles' resolution follows), as
+        when tiling anew."""
         import h5py
         import openslide
 
@@ -301,7 +303,9 @@ class SlideTiles:
             and s.level_downsamples[int(level)] <= factor + 1e-6 else s.get_best_level_for_downsample(factor + 1e-6)
         self.read_px = max(1, int(round(self.footprint0 / s.level_downsamples[self.level])))
         recorded = s.properties.get(openslide.PROPERTY_NAME_MPP_X)
-        self.mpp0 = float(recorded) if recorded else attrs.get("level0_mpp")
+        if base_mpp is not None and recorded:
+            say_base_mpp_override(self.path.name, float(base_mpp), float(recorded))
+        self.mpp0 = float(base_mpp) if base_mpp is not None else float(recorded) if recorded else attrs.get("level0_mpp")
         self.target_mpp = self.mpp0 * factor if self.mpp0 else None
         self.mag0 = nominal_magnification(self.mpp0, s.properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
         self.target_mag = self.mag0 / factor if self.mag0 else None
@@ -369,7 +373,9 @@ class SlideTiles:
         if getattr(self, "_attrs_in", None) is not None:  # coordinates from a patch file: keep its attributes
             kept = {k: v for k, v in self._attrs_in.items() if k not in FEATURE_PROVENANCE}  # not these features'
             # those that describe patch_level follow the level written here (an older tub wrote level 0's size)
-            return {**kept, **{k: v for k, v in level.items() if k in kept}, "patch_level": self.level,
+            # the resolution is this slide's (recorded, or --slide-base-mpp), not what the file's run assumed
+            res = {"level0_mpp": self.mpp0, "target_mpp": self.target_mpp} if self.mpp0 is not None else {}
+            return {**kept, **{k: v for k, v in level.items() if k in kept}, **res, "patch_level": self.level,
                     "patch_size_level0": self.footprint0}
         a = {"patch_size": self.tile_px, "patch_level": self.level, "patch_size_level0": self.footprint0,
              "read_size": self.read_px, **level, "level0_width": W0, "level0_height": H0, "overlap": self.overlap_px,
@@ -503,7 +509,7 @@ def read_slide(path: Path, tile_px: int = 224, mpp: float | None = None, level: 
     from .tiles import TileSet
 
     if coords is not None:
-        tiler = SlideTiles.from_coords(path, find_coords_file(Path(path), Path(coords)))
+        tiler = SlideTiles.from_coords(path, find_coords_file(Path(path), Path(coords)), base_mpp=base_mpp)
     else:
         tiler = SlideTiles(path, tile_px=tile_px, mpp=mpp, level=level, tissue_min=tissue_min, overlap=overlap,
                            tissue=tissue, base_mpp=base_mpp, thumb_max=thumb_max, mag=mag)
