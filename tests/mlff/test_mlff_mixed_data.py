@@ -244,8 +244,9 @@ def test_train_warns_when_the_data_fix_an_element_ratio(tmp_path, data):
     r = _ok(invoke(["mlff", "train", data / "cells.extxyz", "--epochs", "1", *SMALL, *NO_COULOMB,
                     "-o", tmp_path / "c"]))
     assert "linearly dependent" not in r.stderr
-    assert json.loads((tmp_path / "c" / "checkpoints" / "model.json").read_text())["composition_span"] == \
-        {"elements": [11], "basis": [[1.0]]}
+    meta = json.loads((tmp_path / "c" / "checkpoints" / "model.json").read_text())
+    assert meta["composition_span"] == {"elements": [11], "basis": [[1.0]]}
+    assert meta["trained_charges"] == [0]  # the calculator warns at another charge (see test_mlff_spookynet)
 
 
 def test_fine_tuning_corrects_the_element_bias_by_the_shift_of_the_new_labels():

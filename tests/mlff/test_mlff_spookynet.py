@@ -385,3 +385,98 @@ def test_stress_of_a_left_handed_cell_equals_the_right_handed_one(tmp_path, tiny
         out.append(at.get_stress())
     assert np.all(np.isfinite(out[1]))
     np.testing.assert_allclose(out[1], out[0], atol=1e-9)
+
+
+def test_a_molecule_gets_all_pairs_again_after_a_cell_on_one_calculator():
+    """lr_cutoff "auto" gave the first periodic cell 10 A for Coulomb and kept it: the same calculator then gave
+    a molecule another energy than a fresh one (all pairs)."""
+    import warnings
+
+    from ase.build import bulk, molecule
+
+    from tub_mlff.calculator import SpookyNetCalculator
+
+    torch.manual_seed(0)
+    m = SpookyNet(SpookyNetConfig(num_features=8, num_basis_functions=4, num_modules=1, use_d4_dispersion=False),
+                  seed=0).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    big = molecule("C60")  # pairs beyond 10 A: a truncated Coulomb sum differs
+    fresh = SpookyNetCalculator(m, dtype=torch.float64, check=False)
+    e_fresh = fresh.get_potential_energy(big)
+    calc = SpookyNetCalculator(m, dtype=torch.float64, check=False)
+    cell = bulk("C", "diamond", a=3.6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "periodic cell and no lr_cutoff: using 10 A"
+        calc.get_potential_energy(cell)
+    assert m.lr_cutoff == 10.0
+    assert calc.get_potential_energy(big) == pytest.approx(e_fresh, abs=1e-10)
+    assert m.lr_cutoff is None
+
+
+def test_npt_evaluates_the_model_once_per_step():
+    """NPT integrators and cell filters ask forces, then stress, at every configuration: two model evaluations
+    per step (`md --ensemble npt` paid both); forces alone (NVT) compute no stress."""
+    from ase import units
+    from ase.build import bulk
+    from ase.md.langevin import Langevin
+
+    from tub_mlff.calculator import SpookyNetCalculator
+    from tub_mlff.md import make_dynamics
+
+    atoms = bulk("Na", "bcc", a=4.2, cubic=True).repeat(2)
+    atoms.rattle(0.05, seed=0)
+    calc = SpookyNetCalculator(_tiny_in_memory(), dtype=torch.float64, check=False)
+    calls = []
+    original = calc.calculate
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    calc.calculate = counted
+    atoms.calc = calc
+    dyn = make_dynamics(atoms, "npt", 1.0, 300.0, 0.01, 100.0, 0.0, 1000.0, seed=0)
+    dyn.run(10)
+    assert len(calls) == 12, len(calls)  # one per step once the pattern is seen (was 2 per step: 21)
+    nvt = atoms.copy()
+    nvt.calc = SpookyNetCalculator(_tiny_in_memory(), dtype=torch.float64, check=False)
+    Langevin(nvt, 1 * units.fs, temperature_K=300, friction=0.01).run(3)
+    assert "stress" not in nvt.calc.results
+
+
+def _tiny_in_memory():
+    torch.manual_seed(0)
+    m = SpookyNet(SpookyNetConfig(num_features=8, num_basis_functions=4, num_modules=1, use_electrostatics=False,
+                                  use_d4_dispersion=False), seed=0)
+    return m.double().eval()
+
+
+def test_a_charge_no_training_frame_had_is_warned_once():
+    """The demo model was trained on neutral frames only: its charge embedding never learned, and every charge
+    gave one energy without a word."""
+    import warnings
+
+    from ase.build import molecule
+
+    from tub_mlff.calculator import SpookyNetCalculator
+    from tub_mlff.demo import MODEL
+
+    atoms = molecule("NH3")
+    atoms.calc = SpookyNetCalculator(MODEL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        atoms.get_potential_energy()  # neutral: trained
+    atoms.calc.set(charge=1)
+    with pytest.warns(UserWarning, match="total charge 1: the model was trained on total charge 0 only"):
+        atoms.get_potential_energy()
+    atoms.positions[0] += 1.0  # a rebuild of the list checks again, but says it once
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        atoms.get_potential_energy()
+    other = molecule("NH3")  # a module passed in records no training states: nothing to say
+    other.calc = SpookyNetCalculator(_tiny_in_memory(), charge=1, check=True, elements={1, 7})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        other.get_potential_energy()

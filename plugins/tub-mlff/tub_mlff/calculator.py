@@ -77,7 +77,7 @@ class SpookyNetCalculator(Calculator):
                             "dtype, device, lr_cutoff, skin, elements, check, ewald_kmax and ASE's "
                             f"{', '.join(sorted(self._ASE_KEYWORDS))}")
         super().__init__(charge=float(charge), spin=_spin(spin), **kwargs)
-        from .checkpoints import load_model, model_composition_span, model_elements, model_files
+        from .checkpoints import load_model, model_composition_span, model_elements, model_files, model_trained_states
 
         dtype = _torch_dtype(dtype)
         device = device if isinstance(device, torch.device) else \
@@ -112,11 +112,17 @@ class SpookyNetCalculator(Calculator):
             elements = model_elements(metas)
         self.elements = elements if elements is not None else models[0].supported_elements()
         self.composition_span = model_composition_span(metas)  # None: the model does not record it
+        # total charges / spins of the training frames (None: not recorded, a module passed in)
+        self.trained_charges, self.trained_spins = model_trained_states(metas) if metas else (None, None)
+        self._untrained_said: set = set()
         cut = {m.cutoff for m in models}
         if len(cut) != 1:
             raise ValueError("committee members must share the short-range cutoff")
         self._nl_key = None
         self._nl = None
+        self._auto_lr: set[int] = set()  # models given DEFAULT_PERIODIC_LR_CUTOFF by "auto" for a cell
+        self._stress_asked_here = False  # stress was asked at the current configuration
+        self._stress_rate = 0.0  # how often it was asked at the recent ones (halving weights)
 
     # -- parameters ----------------------------------------------------------------------------
     @property
@@ -160,8 +166,12 @@ class SpookyNetCalculator(Calculator):
                     warnings.warn(f"periodic cell and no lr_cutoff: using lr_cutoff={DEFAULT_PERIODIC_LR_CUTOFF} A "
                                   "for Coulomb and D4 (pass lr_cutoff= to choose)", stacklevel=3)
                     m.set_lr_cutoff(DEFAULT_PERIODIC_LR_CUTOFF)
+                    self._auto_lr.add(id(m))
                 else:
                     raise ValueError("periodic cells need an lr_cutoff for the long-range terms")
+            elif not periodic and id(m) in self._auto_lr:  # a molecule after a cell: all pairs again, as
+                m.set_lr_cutoff(None)  # on a fresh calculator (the energy must not depend on what came before)
+                self._auto_lr.discard(id(m))
 
     def _list_radius(self) -> float | None:
         m = self.models[0]
@@ -193,7 +203,8 @@ class SpookyNetCalculator(Calculator):
             return self._nl
         if self.check:  # at every rebuild: atoms that came close since the last check moved more than skin/2
             check_structure(atoms, self.elements)
-            check_charge_spin(atoms, self.charge, self.spin)
+            q, s = check_charge_spin(atoms, self.charge, self.spin)
+            self._say_untrained(q, s)
         self._configure_lr(periodic)
         radius = self._list_radius()
         if radius is None:  # molecule with untruncated long range: all pairs
@@ -221,6 +232,16 @@ class SpookyNetCalculator(Calculator):
         self._nl_key, self._nl_pos = key, pos.copy()
         return self._nl
 
+    def _say_untrained(self, charge: int, spin: int) -> None:
+        """A warning (once per value) for a total charge or spin that no training frame had: the charge and
+        spin embeddings never learned it (a model trained on neutral frames gives every charge one energy)."""
+        for what, value, trained in (("total charge", charge, self.trained_charges), ("spin", spin, self.trained_spins)):
+            if trained is not None and value not in trained and (what, value) not in self._untrained_said:
+                self._untrained_said.add((what, value))
+                warnings.warn(f"{what} {value}: the model was trained on {what} {', '.join(map(str, sorted(trained)))} "
+                              "only; its energies and forces here are not determined by its training data",
+                              stacklevel=4)
+
     def batch_for(self, atoms) -> dict:
         """The model input for one structure (also used by `explain`)."""
         i, j, off, lr_pairs = self._neighbors(atoms)
@@ -238,6 +259,12 @@ class SpookyNetCalculator(Calculator):
         }
 
     # -- ASE interface ---------------------------------------------------------------------------
+    def get_property(self, name, atoms=None, allow_calculation=True):
+        value = super().get_property(name, atoms, allow_calculation)
+        if name in ("stress", "stress_std"):  # also when served from the results computed with the forces
+            self._stress_asked_here = True
+        return value
+
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
@@ -249,7 +276,13 @@ class SpookyNetCalculator(Calculator):
         if stress_asked and batch["cell"] is not None and not periodic:
             raise TubError("stress needs a cell with a volume; this periodic structure has a zero cell vector along "
                            "its open direction: give it a vacuum length (e.g. atoms.cell[2, 2] = 20)")
-        want_stress = periodic and stress_asked
+        if system_changes:  # a new configuration: how often was the stress asked at the recent ones?
+            self._stress_rate = 0.5 * self._stress_rate + 0.5 * self._stress_asked_here
+            self._stress_asked_here = False
+        # NPT integrators and cell filters ask forces, then stress, at (nearly) every configuration: the stress
+        # then comes with the forces from one evaluation instead of a second one; an NVT run that logs the
+        # pressure every N steps computes it once more after each such step
+        want_stress = periodic and (stress_asked or self._stress_rate >= 0.3)
         want_hessian = "hessian" in properties
         outs = [compute(m, batch, forces=True, stress=want_stress, hessian=want_hessian) for m in self.models]
         e = np.array([o["energy"].item() for o in outs])

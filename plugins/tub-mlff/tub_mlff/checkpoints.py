@@ -169,6 +169,16 @@ def model_elements(metas: list[dict]) -> set[int] | None:
     return set.intersection(*sets) if sets else None
 
 
+def model_trained_states(metas: list[dict]) -> tuple[set[int] | None, set[int] | None]:
+    """The total charges and spins the training frames had (model.json ``trained_charges``/``trained_spins``,
+    every member's), each None when a member does not record it (models of older tub versions)."""
+    def union(key):
+        values = [meta.get(key) for meta in metas]
+        return None if not values or any(v is None for v in values) else {int(x) for v in values for x in v}
+
+    return union("trained_charges"), union("trained_spins")
+
+
 def model_composition_span(metas: list[dict]) -> dict | None:
     """The span of the training compositions (``data.composition_span``) from model.json, None for
     models that do not record it (reference files, older tub models)."""

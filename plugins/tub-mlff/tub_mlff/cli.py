@@ -661,6 +661,9 @@ def train(cfg, run) -> dict:
                                 init_from if base is not None else None)
             save_model(res["model"], run.checkpoints_dir / name,
                        extra={"elements": elements, "composition_span": span,
+                              # the calculator warns at another total charge or spin: nothing trained it there
+                              "trained_charges": sorted({int(round(g.Q)) for g in train_g}),
+                              "trained_spins": sorted({int(round(g.S)) for g in train_g}),
                               "trained_on": str(data), "member": member,
                               # with the --init-from model's: evaluate warns on any file the weights saw
                               "training_data": (base_meta.get("training_data") or []) + training_data,

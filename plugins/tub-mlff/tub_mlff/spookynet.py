@@ -625,7 +625,9 @@ class SpookyNet(nn.Module):
                     e_ele = e_ele + self.electrostatics.reciprocal_energy(qa, R, cell, batch_seg, num_batch)
             if self.d4 is not None:
                 if not self.d4.has_tables:
-                    raise RuntimeError("D4 dispersion is on but no D4 tables are loaded")
+                    raise RuntimeError("D4 dispersion is on but no D4 tables are loaded: load a model that has them "
+                                       "(tub_mlff.checkpoints.load_model of a reference .pth or a tub model saved "
+                                       "with D4), or build this one with SpookyNetConfig(use_d4_dispersion=False)")
                 e_vdw, pol, c6 = self.d4.atomic_energy(n, Z, qa, lrr, li, lj, self.config.compute_d4_atomic)
         return {"features": f, "e_nn": ea, "charges": qa, "e_zbl": e_rep, "e_coulomb": e_ele,
                 "e_d4": e_vdw, "polarizabilities": pol, "c6": c6, "batch_seg": batch_seg,
