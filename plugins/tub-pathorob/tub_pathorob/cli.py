@@ -147,18 +147,45 @@ def _ri(cfg, run, X, meta, root: Path | None = None):
     run.log.info("robustness index on %d rows (dataset %s)", len(meta), _dataset_key(cfg))
     res = robustness_index(X, meta, k=cfg.k, k_search=cfg.k_search, dataset=cfg.dataset, paired=cfg.paired,
                            max_patches_per_combi=cfg.max_patches_per_combi, bootstrap=cfg.bootstrap, seed=run.seed,
-                           auc=cfg.auc, max_k=cfg.max_k)
+                           auc=cfg.auc, max_k=cfg.max_k, bootstrap_unit=cfg.bootstrap_unit)
+    if cfg.bootstrap:
+        from tubcli.stats import say_if_rough
+
+        say_if_rough(run.log, cfg.bootstrap, res.bootstrap_units, f"{cfg.bootstrap_unit}s")
+        if cfg.bootstrap_unit == "tile":
+            run.log.info("--bootstrap resamples query tiles (the reference's protocol); tiles of one slide are "
+                         "correlated, so its interval understates the uncertainty: --bootstrap-unit slide "
+                         "resamples whole slides")
     if not np.isfinite(res.summary["robustness_index"]):  # SO / (SO + OS) = 0 / 0, reported as NaN like the reference
         run.log.warning("the robustness index is undefined at k=%d: no neighbour differs from its query in exactly one "
                         "of class and center (SO + OS = 0), so the features separate classes and centers alike; "
                         "bio_vs_confounding and the k-NN accuracy still describe them", res.summary["k_opt"])
     write_ri(folder, res)
+    _study_table(cfg, run, "robustness_index", root)
     return res
+
+
+def _study_table(cfg, run, metric: str, root: Path | None = None) -> None:
+    """With ``--layout official``: rebuild ``outputs/study_<metric>.csv`` (one row per model, dataset and
+    setting) from every model's summary on disk, so that models written into one study one after another
+    are all listed (metrics.json holds the last run's only)."""
+    from .results import write_study_table
+
+    if cfg.layout != "official":
+        return
+    table, n = write_study_table(root or run.outputs_dir, metric)
+    if table is not None:
+        run.log.info("study table %s: %d row(s) (model, dataset, setting)", table, n)
+
+
+def _with_model(cfg, out: dict) -> dict:
+    """The verb's result (metrics.json, stdout): with ``--layout official`` it names the model it is for."""
+    return {**out, "model_name": cfg.model_name} if cfg.layout == "official" else out
 
 
 def _ri_impl(cfg: RIConfig, run) -> dict:
     X, meta = _inputs(cfg)
-    return _ri(cfg, run, X, meta).summary
+    return _with_model(cfg, _ri(cfg, run, X, meta).summary)
 
 
 def _tolkach_splits(cfg) -> dict | None:
@@ -185,13 +212,14 @@ def _apd(cfg, run, X, meta, splits: dict | None = None, root: Path | None = None
     summary = dataset_summary(raw)
     write_json(raw_file, raw)
     write_json(summary_file, summary)
+    _study_table(cfg, run, "apd", root)
     return summary
 
 
 def _apd_impl(cfg: APDConfig, run) -> dict:
     X, meta = _inputs(cfg)
     s = _apd(cfg, run, X, meta)
-    return {"apd_id": s["apd_id"], "apd_ood": s["apd_ood"]}
+    return _with_model(cfg, {"apd_id": s["apd_id"], "apd_ood": s["apd_ood"]})
 
 
 def apd_from_raw(cfg: APDRawConfig, run) -> dict:
@@ -232,12 +260,13 @@ def _cs(cfg, run, X, meta, K, min_k, max_k, trials, root: Path | None = None) ->
     res = clustering_score(X, meta, K=K, min_k=min_k, max_k=max_k, trials=trials, progress=run.progress,
                            max_k_flag="--max-k-clusters" if run.verb == "evaluate" else "--max-k")
     write_cs(folder, res)
+    _study_table(cfg, run, "clustering_score", root)
     return res.summary
 
 
 def _clustering_impl(cfg: ClusteringConfig, run) -> dict:
     X, meta = _inputs(cfg)
-    return _cs(cfg, run, X, meta, cfg.K, cfg.min_k, cfg.max_k, cfg.trials)
+    return _with_model(cfg, _cs(cfg, run, X, meta, cfg.K, cfg.min_k, cfg.max_k, cfg.trials))
 
 
 def _rows_of(features, metadata: Path | None, X, meta):
@@ -255,7 +284,7 @@ def _rows_of(features, metadata: Path | None, X, meta):
 METRIC_OPTIONS = {
     "ri": {"ri_metadata": "--ri-metadata", "k": "--k", "k_search": "--k-search", "max_k": "--max-k",
            "paired": "--paired", "max_patches_per_combi": "--max-patches-per-combi", "bootstrap": "--bootstrap",
-           "auc": "--no-auc"},
+           "bootstrap_unit": "--bootstrap-unit", "auc": "--no-auc"},
     "apd": {"iterations": "--iterations", "tolkach_splits": "--tolkach-splits"},
     "cs": {"cs_metadata": "--cs-metadata", "K": "--K", "min_k": "--min-k", "max_k_clusters": "--max-k-clusters",
            "trials": "--trials"},
@@ -302,6 +331,7 @@ def _evaluate_impl(cfg: EvaluateConfig, run) -> dict:
     if "cs" in cfg.metrics:
         out["clustering_score"] = _cs(cfg, run, *own["cs"], cfg.K, cfg.min_k, cfg.max_k_clusters, cfg.trials,
                                       root("clustering_score"))
+    out = _with_model(cfg, out)
     write_json(run.outputs_dir / "results.json", out)
     return out
 
@@ -310,8 +340,48 @@ def _robustness_pair(X, Y, meta, k):
     from .robustness_index import robustness_index
 
     before = robustness_index(X, meta, k=k, auc=False)
-    after = robustness_index(Y, meta, k=k, auc=False)
+    after = robustness_index(Y, meta, k=k, auc=False, warn=False)  # the same rows: their warnings are said once
     return before.summary, after.summary
+
+
+CONFOUNDING_V = 0.3  # Cramér's V of the center x class table above which train warns
+
+
+def cramers_v(centers, classes) -> tuple[float, int]:
+    """Cramér's V = sqrt(chi2 / (n (min(r, c) - 1))) of the center x class contingency table (tile counts,
+    Pearson chi-square without continuity correction), and n. 0: the same class proportions at every center;
+    1: each class at one center only. An effect size, unlike a chi-square p-value, which with thousands of tiles
+    flags negligible imbalances."""
+    _, ci = np.unique(np.asarray(centers).astype(str), return_inverse=True)
+    _, bi = np.unique(np.asarray(classes).astype(str), return_inverse=True)
+    table = np.zeros((ci.max() + 1, bi.max() + 1))
+    np.add.at(table, (ci.ravel(), bi.ravel()), 1)
+    n = table.sum()
+    if min(table.shape) < 2:
+        return 0.0, int(n)
+    expected = table.sum(1, keepdims=True) * table.sum(0, keepdims=True) / n
+    chi2 = float(((table - expected) ** 2 / expected).sum())
+    return float(np.sqrt(chi2 / (n * (min(table.shape) - 1)))), int(n)
+
+
+def _warn_confounded(cfg, run, meta) -> None:
+    """A WARNING when classes and centers of the fit rows are strongly associated: removing each center's
+    location (and scale) then removes class signal along with it, while the in-sample RI still rises."""
+    v, n = cramers_v(meta.medical_center, meta.biological_class)
+    if v <= CONFOUNDING_V:
+        return
+    if "biological_class" in cfg.covariates:
+        hint = "--covariates biological_class keeps the class effect in the ComBat fit (it uses the labels)"
+    elif cfg.method == "combat":
+        hint = ("to keep it, fit ComBat with --covariates biological_class (it uses the labels), or fit on a "
+                "subset of slides with balanced classes per center")
+    else:
+        hint = ("center-mean takes no covariates: use --method combat --covariates biological_class (it uses "
+                "the labels), or fit on a subset of slides with balanced classes per center")
+    run.log.warning("the fit rows are confounded: class proportions differ strongly between centers (Cramér's V "
+                    "of the center x class table = %.3f over %d tiles, > %.1f), so %s removes biology along with "
+                    "the center and the RI gain it reports can come from erased class signal; %s",
+                    v, n, CONFOUNDING_V, cfg.method, hint)
 
 
 def _train_impl(cfg: TrainConfig, run) -> dict:
@@ -326,6 +396,7 @@ def _train_impl(cfg: TrainConfig, run) -> dict:
             raise TubError(f"covariate column {c!r} is not in the metadata (columns: {', '.join(mf.columns)})")
     if cfg.method == "center-mean" and cfg.covariates:
         raise TubError("center-mean alignment takes no covariates; drop --covariates or use --method combat")
+    _warn_confounded(cfg, run, mf)
     model = METHODS[cfg.method]()
     stem = run.checkpoints_dir / "robustification"
     _refuse_overwrite(cfg, [stem.with_suffix(".safetensors"), stem.with_suffix(".json")])
@@ -337,7 +408,12 @@ def _train_impl(cfg: TrainConfig, run) -> dict:
     out = {"method": cfg.method, "centers": len(model.centers_), "rows": int(len(Xf)), "saved": str(st),
            "robustness_index_before": before["robustness_index"], "robustness_index_after": after["robustness_index"],
            "knn_balanced_accuracy_before": before["balanced_accuracy"],
-           "knn_balanced_accuracy_after": after["balanced_accuracy"], "k": cfg.k}
+           "knn_balanced_accuracy_after": after["balanced_accuracy"], "k": cfg.k,
+           "before_after": "in-sample on the fit rows (unpaired), not the protocol RI"}
+    run.log.info("robustness_index_before/after are in-sample, on the %d rows the robustification was fitted on "
+                 "(k=%d, unpaired), not the protocol RI: for that, fit on some slides, `tub pathorob robustify` "
+                 "held-out slides' features with --model %s and run `tub pathorob ri` on its output",
+                 len(Xf), cfg.k, run.dir)
     if model.ood_centers_:
         out["ood_centers_excluded"] = model.ood_centers_
     return out

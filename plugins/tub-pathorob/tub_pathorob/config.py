@@ -34,7 +34,12 @@ class RIConfig(FeaturesConfig):
     paired: Optional[bool] = Field(None, description="evaluate each subset (2x2) separately and pool (default: tcga)")
     max_patches_per_combi: Optional[int] = Field(None, description="keep at most M (>= 1) rows per (subset, "
                                                                     "class-center); omit to keep all rows")
-    bootstrap: int = Field(0, ge=0, description="bootstrap resamples for robustness_index-mean/-std (official 1000)")
+    bootstrap: int = Field(0, ge=0, description="bootstrap resamples for robustness_index-mean/-std/-ci95 "
+                                                 "(official 1000)")
+    bootstrap_unit: Literal["tile", "slide"] = Field(
+        "tile", description="what --bootstrap resamples: tile (query tiles, the reference's protocol) or slide "
+                            "(slides with all their tiles: tiles of a slide are correlated, so the tile bootstrap "
+                            "understates the uncertainty)")
     auc: bool = Field(True, description="compute confounder_log_reg_AUC (logistic regression, 5 folds)")
 
     @field_validator("bootstrap")
@@ -51,6 +56,12 @@ class RIConfig(FeaturesConfig):
         if value is not None and value < 1:  # the reference's -1 means "all rows": here that is the default
             raise ValueError(f"{value} is not a row count; give M >= 1, or omit the option to keep all rows")
         return value
+
+    @model_validator(mode="after")
+    def _unit_needs_bootstrap(self):
+        if self.bootstrap_unit != "tile" and not self.bootstrap:  # it would be recorded, not used
+            raise ValueError(f"--bootstrap-unit {self.bootstrap_unit} needs --bootstrap B (e.g. 1000)")
+        return self
 
 
 class APDConfig(FeaturesConfig):

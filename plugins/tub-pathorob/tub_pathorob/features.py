@@ -312,8 +312,12 @@ def load_features(path: Path | str, meta: Metadata | None) -> tuple[np.ndarray, 
         raise TubError(f"{path}: features have {X.shape[0]} rows but the metadata {len(meta)}; they must be row-aligned")
     if not np.issubdtype(X.dtype, np.floating):
         X = X.astype(np.float64)
-    if not np.all(np.isfinite(X)):
-        raise TubError(f"{path}: features contain NaN or inf values")
+    finite = np.isfinite(X).all(axis=1)
+    if not finite.all():
+        r = int(np.flatnonzero(~finite)[0])
+        raise TubError(f"{path}: feature row {r} (slide {meta.slide_id[r]}, patch {meta.patch_id[r]}, center "
+                       f"{meta.medical_center[r]}) contains NaN or inf values ({int((~finite).sum())} row(s) in all); "
+                       "fix or drop those rows")
     return X, meta
 
 

@@ -6,7 +6,8 @@ from tubcli import PluginApp, Verb, hookimpl
 _F = {"metadata": "metadata", "dataset": "dataset", "model-name": "model_name", "layout": "layout",
       "threads": "threads"}
 _RI = {"k": "k", "k-search": "k_search", "max-k": "max_k", "paired": "paired",
-       "max-patches-per-combi": "max_patches_per_combi", "bootstrap": "bootstrap", "auc": "auc"}
+       "max-patches-per-combi": "max_patches_per_combi", "bootstrap": "bootstrap",
+       "bootstrap-unit": "bootstrap_unit", "auc": "auc"}
 
 app = PluginApp(
     name="pathorob",

@@ -61,3 +61,69 @@ def read_aris(path: Path) -> list[tuple[str, float]]:
     with open(path, newline="") as f:
         r = csv.DictReader(f)
         return [(row["combination"], float(row["clustering_score"])) for row in r]
+
+
+# per-model summaries of the official tree: (glob under outputs/, the path parts that name the row)
+STUDY_SOURCES = {
+    "robustness_index": ("robustness_index/*/*/*/results_summary.json", ("model", "dataset", "setting")),
+    "clustering_score": ("clustering_score/*/*/results_summary.json", ("model", "dataset")),
+    "apd": ("apd/*/*_summary.json", ("model", "dataset")),
+}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _cell(v) -> str:
+    import json
+
+    if v is None:
+        return ""
+    if isinstance(v, (list, tuple)):
+        return json.dumps(v)
+    return repr(v) if isinstance(v, float) else str(v)
+
+
+def study_rows(outputs: Path, metric: str) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of ``metric``'s study table: one row per summary file of the official tree under
+    ``outputs`` (every model, dataset and setting written there), sorted by them; unreadable files are left out."""
+    import json
+
+    pattern, id_cols = STUDY_SOURCES[metric]
+    records = []
+    for f in sorted(Path(outputs).glob(pattern)):
+        if not f.is_file() or f.name == "aggregated_summary.json":
+            continue
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue
+        if not isinstance(data, dict):
+            continue
+        parts = f.relative_to(outputs).parts[1:]
+        ids = list(parts[:len(id_cols)])
+        if metric == "apd":
+            ids[1] = f.name[: -len("_summary.json")]
+        records.append((ids, _flat(data)))
+    keys: list[str] = []
+    for _, data in records:
+        keys += [k for k in data if k not in keys]
+    rows = [ids + [_cell(data.get(k)) for k in keys] for ids, data in records]
+    return [*id_cols, *keys], rows
+
+
+def write_study_table(outputs: Path, metric: str) -> tuple[Path | None, int]:
+    """``outputs/study_<metric>.csv`` rebuilt from the summaries on disk (see :func:`study_rows`)."""
+    header, rows = study_rows(outputs, metric)
+    if not rows:
+        return None, 0
+    path = Path(outputs) / f"study_{metric}.csv"
+    write_text(path, _csv(rows, header))
+    return path, len(rows)

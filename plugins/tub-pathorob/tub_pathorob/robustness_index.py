@@ -55,6 +55,54 @@ def check_nonzero_rows(X: np.ndarray, meta: Metadata, rows: np.ndarray) -> None:
                        f"{meta.medical_center[r]}) is all zeros; the metrics need non-zero embeddings")
 
 
+def _log():
+    from tubcli.progress import get_logger
+
+    return get_logger()
+
+
+def identical_rows_across_slides(Xn: np.ndarray, slide: np.ndarray) -> int:
+    """How many rows of ``Xn`` are bit-identical to a row of another slide (duplicate tiles, blank background,
+    float16 exports): their distances tie, so the row order decides which of them is the nearer neighbour."""
+    Xn = np.ascontiguousarray(Xn)
+    if len(Xn) < 2:
+        return 0
+    rows = Xn.view(np.dtype((np.void, Xn.dtype.itemsize * Xn.shape[1]))).ravel()
+    _, inverse, count = np.unique(rows, return_inverse=True, return_counts=True)
+    inverse = inverse.ravel()
+    dup = np.flatnonzero(count[inverse] > 1)
+    if len(dup) == 0:
+        return 0
+    _, slide_codes = np.unique(np.asarray(slide).astype(str), return_inverse=True)
+    pairs = np.unique(np.stack([inverse[dup], slide_codes.ravel()[dup]], axis=1), axis=0)  # (row value, slide)
+    slides_per_value = np.bincount(pairs[:, 0], minlength=len(count))
+    return int(np.count_nonzero(slides_per_value[inverse[dup]] > 1))
+
+
+def duplicate_tiles(meta: Metadata) -> tuple[int, tuple[str, str], list[str]]:
+    """Rows that repeat a tile (slide_id, patch_id) seen earlier in ``meta``, the first such tile and the
+    subsets it occurs in."""
+    keys = np.array([f"{s}\x00{p}" for s, p in zip(meta.slide_id, meta.patch_id)], dtype=object)
+    _, first, inverse, count = np.unique(keys, return_index=True, return_inverse=True, return_counts=True)
+    inverse = inverse.ravel()
+    repeats = int(len(keys) - len(first))
+    if not repeats:
+        return 0, ("", ""), []
+    i = int(np.flatnonzero(count[inverse] > 1).min())  # the first row (in this order) of a repeated tile
+    rows = np.flatnonzero(inverse == inverse[i])
+    return repeats, (str(meta.slide_id[i]), str(meta.patch_id[i])), sorted({str(s) for s in meta.subset[rows]})
+
+
+def single_center_classes(meta: Metadata) -> dict[str, str]:
+    """{class: its only medical center} for the classes of ``meta`` seen at one center only."""
+    out = {}
+    for c in np.unique(meta.biological_class):
+        centers = np.unique(meta.medical_center[meta.biological_class == c])
+        if len(centers) == 1:
+            out[str(c)] = str(centers[0])
+    return out
+
+
 def l2_normalize(X: np.ndarray) -> np.ndarray:
     """Row-wise L2 normalisation (sklearn ``normalize``, as the reference's ``Normalizer``)."""
     from sklearn.preprocessing import normalize
@@ -218,6 +266,7 @@ class RobustnessResult:
     curves: dict[str, np.ndarray]           # over k = 1..m
     sets: list[tuple[str, np.ndarray, NeighbourSet]] = field(default_factory=list)  # (subset, rows, neighbours)
     meta: Metadata | None = None
+    bootstrap_units: int = 0                # tiles or slides the bootstrap resampled (0: no bootstrap)
 
 
 def robustness_index(
@@ -235,6 +284,8 @@ def robustness_index(
     shuffle: bool = True,
     max_k: int | None = None,
     min_neighbours: int = 0,
+    bootstrap_unit: str = "tile",
+    warn: bool = True,
 ) -> RobustnessResult:
     """PathoROB robustness index and its companion metrics (spec §2.2).
 
@@ -244,6 +295,9 @@ def robustness_index(
     counts (default for ``tcga``). ``max_patches_per_combi`` (None: all rows) keeps the first M rows per
     (subset, class-center). ``min_neighbours`` queries more neighbours (for RI(k) curves);
     it changes only ``normalized_confounder_insensitivity``, which depends on the truncation length.
+    ``bootstrap_unit`` is what ``bootstrap`` resamples: ``tile`` (query rows, the reference's) or ``slide``
+    (slides with all their query rows). ``warn`` logs the input warnings (duplicate feature rows, a class at
+    one center, k candidates dropped from the search grid).
     """
     if X.shape[0] != len(meta):
         raise TubError(f"features have {X.shape[0]} rows but the metadata {len(meta)}")
@@ -282,6 +336,14 @@ def robustness_index(
     rows_all = id_rows[order]
     check_nonzero_rows(X, meta, rows_all)
     meta_s = meta.take(rows_all)
+    if not paired:  # paired-shaped subsets merged into one set: a tile shared by subsets would count twice
+        repeats, (slide_id, patch_id), where = duplicate_tiles(meta_s)
+        if repeats:
+            raise TubError(
+                f"{meta.source}: tile (slide_id {slide_id}, patch_id {patch_id}) occurs more than once in the unpaired "
+                f"evaluation set (subsets {', '.join(where)}; {repeats} repeated row(s) in all), so it would be "
+                "counted twice as a query and as a tied neighbour; pass --paired (ri, evaluate, explain) to evaluate "
+                "each subset on its own, or drop the duplicate rows")
     Xn = l2_normalize(np.asarray(X)[rows_all])
 
     if paired:
@@ -292,8 +354,12 @@ def robustness_index(
 
     case_groups = dataset == "tcga"
     sets, accs, counts, aucs, eff_k = [], [], [], [], None
+    identical, lonely = 0, {}
     for name, rows in groups:
         sub = meta_s.take(rows)
+        if warn:
+            identical += identical_rows_across_slides(Xn[rows], sub.slide_id)
+            lonely.update(single_center_classes(sub))
         if len(np.unique(sub.medical_center)) < 2 or len(np.unique(sub.biological_class)) < 2:
             raise TubError(f"subset {name!r} needs two classes and two centers; fix the paired metadata")
         if paired and not k_search:  # each subset is its own kNN problem: the pooled class sizes do not tell
@@ -317,12 +383,26 @@ def robustness_index(
             g = sub.case_id if case_groups else sub.slide_id
             aucs.append(confounder_auc(Xn[rows], sub.medical_center, np.asarray(g, dtype=str)))
 
+    if identical:
+        _log().warning(
+            "%d feature row(s) of the evaluation set are identical to a row of another slide (duplicate tiles, blank "
+            "background, float16 exports?): their distances tie, and tub breaks ties by row order (stable, after "
+            "the seed-123 shuffle) where scikit-learn's NearestNeighbors may order them otherwise, so the "
+            "neighbours and the RI depend on that order; deduplicate or drop such tiles", identical)
+    if lonely:
+        _log().warning(
+            "class(es) %s occur at one medical center only: no neighbour of the same class can come from "
+            "another center (SO = 0), so their queries add only to OS and lower the RI structurally, for every "
+            "model alike; drop the class or add its tiles from another center to compare centers on it",
+            ", ".join(f"{c} (only at {ctr})" for c, ctr in sorted(lonely.items())))
     m = min(c.shape[1] for c in counts)
     pooled = sum(c[:, :m] for c in counts)
     curves = metrics_from_counts(pooled)
     n_acc = min(len(a) for a in accs)
     k_grid = (eff_k if paired else candidates[candidates <= m])[:n_acc]
     n_acc = min(n_acc, len(k_grid))
+    if warn and k_search:
+        _log_cut_grid(candidates, k_grid[:n_acc], m, paired, max(int(np.bincount(s.slide).max()) for _, _, s in sets))
     acc_mat = np.array([a[:n_acc] for a in accs])
     bal, bal_std = acc_mat.mean(0), acc_mat.std(0)
     i_opt = int(np.argmax(bal))
@@ -337,11 +417,39 @@ def robustness_index(
                 "prediction_performance"):
         summary[key] = float(curves[key][j])
     summary["confounder_log_reg_AUC"] = float(np.mean(aucs)) if auc else None
+    bootstrap_units = 0
     if bootstrap:
-        mean, std = bootstrap_robustness_index(sets, k_opt, bootstrap, seed)
-        summary["robustness_index-mean"] = mean
-        summary["robustness_index-std"] = std
-    return RobustnessResult(summary, k_grid[:n_acc], bal, bal_std, curves, sets, meta_s)
+        boot = bootstrap_robustness_index(sets, k_opt, bootstrap, seed, unit=bootstrap_unit,
+                                          slides=np.concatenate([meta_s.slide_id[rows] for _, rows, _ in sets]))
+        summary["robustness_index-mean"] = boot["mean"]
+        summary["robustness_index-std"] = boot["std"]
+        summary["robustness_index-ci95"] = boot["ci95"]
+        summary["bootstrap_unit"] = bootstrap_unit
+        bootstrap_units = boot["units"]
+    return RobustnessResult(summary, k_grid[:n_acc], bal, bal_std, curves, sets, meta_s, bootstrap_units)
+
+
+def _log_cut_grid(candidates: np.ndarray, k_grid: np.ndarray, m: int, paired: bool, max_tiles: int) -> None:
+    """One line when the k search evaluated fewer (or lower) k than its grid holds, and why."""
+    cand = [int(c) for c in candidates]
+    grid = [int(k) for k in k_grid]
+    if not paired:
+        dropped = [c for c in cand if c not in set(grid)]
+        if dropped:
+            _log().warning("--k-search: k = %s dropped from the grid: only %d neighbours remain after excluding "
+                           "each query's own slide (largest slide: %d tiles), so k is searched up to %d",
+                           ", ".join(map(str, dropped)), m, max_tiles, grid[-1] if grid else 0)
+        return
+    dropped = cand[len(grid):]
+    clamped = [c for c, k in zip(cand, grid) if c != k]
+    parts = []
+    if dropped:
+        parts.append(f"k = {', '.join(map(str, dropped))} dropped from the grid (more than the rows of a subset)")
+    if clamped:
+        parts.append(f"k = {', '.join(map(str, clamped))} evaluated at the {m} neighbours a subset has left "
+                     f"after excluding each query's own slide (largest slide: {max_tiles} tiles)")
+    if parts:
+        _log().warning("--k-search (paired): %s", "; ".join(parts))
 
 
 def per_query_cumulative(ns: NeighbourSet, k: int) -> np.ndarray:
@@ -350,15 +458,34 @@ def per_query_cumulative(ns: NeighbourSet, k: int) -> np.ndarray:
     return np.stack([(sb & sc).sum(1), (sb & ~sc).sum(1), (~sb & sc).sum(1), (~sb & ~sc).sum(1)], axis=1)
 
 
-def bootstrap_robustness_index(sets, k: int, n_bootstrap: int, seed: int = 0) -> tuple[float, float]:
-    """Bootstrap over query rows (pooled over subsets): mean and std (ddof 1) of RI at k."""
+def bootstrap_robustness_index(sets, k: int, n_bootstrap: int, seed: int = 0, unit: str = "tile",
+                               slides: np.ndarray | None = None) -> dict:
+    """Bootstrap of RI at k: ``unit="tile"`` resamples the query rows (pooled over subsets; the reference's
+    protocol), ``unit="slide"`` resamples slides (as many as there are, with replacement) with all their query
+    rows in every subset (a cluster bootstrap: tiles of one slide are correlated, so resampling tiles
+    understates the uncertainty). Each draw is ``tubcli.stats.bootstrap_intervals``' (``n`` draws of ``n``
+    units from ``numpy.random.default_rng(seed)``). {mean, std (ddof 1), ci95: 95 % percentile interval
+    [low, high] (None when RI is undefined in more than half the draws), units}."""
+    from tubcli.stats import bootstrap_intervals
+
+    if unit not in ("tile", "slide"):
+        raise TubError(f"--bootstrap-unit must be tile or slide, got {unit!r}")
     q = np.concatenate([per_query_cumulative(ns, k) for _, _, ns in sets])
     so, os_ = q[:, 1].astype(np.float64), q[:, 2].astype(np.float64)
-    n = len(q)
-    rng = np.random.default_rng(seed)
-    ri = np.empty(n_bootstrap)
-    for b in range(n_bootstrap):
-        w = np.bincount(rng.integers(0, n, n), minlength=n)
-        s, o = w @ so, w @ os_
-        ri[b] = s / (s + o)
-    return float(ri.mean()), float(ri.std(ddof=1)) if n_bootstrap > 1 else float("nan")
+    if unit == "slide":
+        if slides is None or len(slides) != len(q):
+            raise ValueError("a slide bootstrap needs the slide of every query row")
+        _, of = np.unique(np.asarray(slides).astype(str), return_inverse=True)
+        so, os_ = np.bincount(of.ravel(), weights=so), np.bincount(of.ravel(), weights=os_)
+    draws = []
+
+    def ri(idx):
+        s, o = so[idx].sum(), os_[idx].sum()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            draws.append(s / (s + o))
+        return {"robustness_index": draws[-1]}
+
+    ci = bootstrap_intervals(ri, len(so), n_bootstrap, seed=seed)
+    draws = np.asarray(draws, dtype=np.float64)
+    return {"mean": float(draws.mean()), "std": float(draws.std(ddof=1)) if n_bootstrap > 1 else float("nan"),
+            "ci95": ci["robustness_index"], "units": int(len(so))}
