@@ -196,12 +196,56 @@ def find_resumable(parent: Path, chash: str, now: dict | None = None, may_change
     return max(candidates, key=lambda d: d.name) if candidates else None
 
 
-def git_commit() -> str | None:
+def git_commit() -> tuple[str | None, bool | None]:
+    """(commit, has local changes) of the git checkout tub itself runs from (an editable install), not of
+    the working folder (a user's analysis repository); (None, None) for an installed wheel."""
+    import tubcli
+
+    source = Path(tubcli.__file__).resolve().parent
+
+    def git(*args):
+        out = subprocess.run(["git", "-C", str(source), *args], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else None
+
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=2)
+        top = git("rev-parse", "--show-toplevel")
+        if not top or Path(top).resolve() != source.parent:  # tubcli/ in another repository (a venv in a project)
+            return None, None
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return git("rev-parse", "HEAD"), None if dirty is None else bool(dirty)
     except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+        return None, None
+
+
+# the packages whose versions decide a plugin's numbers (the ones installed are recorded)
+RECORDED_PACKAGES = ("numpy", "scipy", "scikit-learn", "pandas", "torch", "safetensors", "h5py", "ase", "tblite",
+                     "pyscf", "openslide-python", "openslide-bin", "tifffile", "pillow", "shap", "pydantic")
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+HASH_LIMIT = 64 << 20  # inputs up to this size get a sha256 in env.json (bigger: size and mtime only) ...
+HASH_BUDGET = 512 << 20  # ... up to this many bytes in all (a batch of slides is not read twice)
+
+
+def input_record(cfg) -> list[dict]:
+    """What identifies the inputs a run read: path, size, mtime and (small files) sha256; folders with the
+    number of their entries. An auditor can then tell whether the data changed since."""
+    from tubcli.io import file_sha256
+
+    out, budget = [], HASH_BUDGET
+    for field, path in given_paths(cfg)[:1000]:
+        entry = {"field": field, "path": str(path)}
+        try:
+            if path.is_dir():
+                entry["entries"] = sum(1 for _ in path.iterdir())
+            else:
+                st = path.stat()
+                entry.update(size=st.st_size, mtime=_dt.datetime.fromtimestamp(st.st_mtime).isoformat(timespec="seconds"))
+                if st.st_size <= min(HASH_LIMIT, budget):
+                    entry["sha256"] = file_sha256(path)
+                    budget -= st.st_size
+        except OSError:
+            pass
+        out.append(entry)
+    return out
 
 
 def _cwd() -> str:
@@ -211,7 +255,10 @@ def _cwd() -> str:
         raise TubError("the current folder no longer exists; cd into an existing folder and rerun") from None
 
 
-def environment_record(plugin_version: str = "", command: str = "") -> dict:
+def environment_record(plugin_version: str = "", command: str = "", cfg=None) -> dict:
+    """What env.json keeps of the run's environment: the command, versions (tub, its git commit and whether
+    it had local changes, the numerical packages), threads (a multi-threaded CPU reduction may differ in
+    the last bits between runs: OMP_NUM_THREADS=1 makes training bit-reproducible), host and inputs."""
     from importlib.metadata import PackageNotFoundError, version
 
     def ver(name):
@@ -220,6 +267,7 @@ def environment_record(plugin_version: str = "", command: str = "") -> dict:
         except PackageNotFoundError:
             return None
 
+    commit, dirty = git_commit()
     record = {
         "command": command,  # `tub <plugin> <verb>`: a run directory belongs to one verb
         "argv": sys.argv,
@@ -229,14 +277,20 @@ def environment_record(plugin_version: str = "", command: str = "") -> dict:
         "plugin": plugin_version,
         "torch": ver("torch"),
         "host": socket.gethostname(),
-        "git_commit": git_commit(),
+        "git_commit": commit,
+        "git_local_changes": dirty,
         "time": _dt.datetime.now().isoformat(timespec="seconds"),
         "slurm": {k: v for k, v in os.environ.items() if k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")},
+        "packages": {p: v for p in RECORDED_PACKAGES if (v := ver(p))},
+        "threads": {"cpu_count": os.cpu_count(), **{k: os.environ[k] for k in THREAD_VARIABLES if k in os.environ}},
     }
     if "torch" in sys.modules:
         import torch
 
         record["cuda"] = torch.version.cuda if torch.cuda.is_available() else None
+        record["threads"]["torch"] = torch.get_num_threads()
+    if cfg is not None:
+        record["inputs"] = input_record(cfg)
     return record
 
 
@@ -599,7 +653,12 @@ class Run:
                 from tubcli.config import config_yaml
 
                 write_text(self.dir / "config.yaml", config_yaml(cfg))
-                write_json(self.dir / "env.json", environment_record(plugin_version, self.command))
+                env = environment_record(plugin_version, self.command, cfg)
+                if self.shard[1] > 1:  # every shard's own record is kept (hosts and versions may differ)
+                    shards = {**self._earlier_env().get("shards", {}),
+                              f"{self.shard[0]}/{self.shard[1]}": {k: env[k] for k in ("argv", "host", "time", "threads")}}
+                    env["shards"] = dict(sorted(shards.items()))
+                write_json(self.dir / "env.json", env)
         except BaseException:
             self.undo_if_unused()
             raise

@@ -860,3 +860,32 @@ def test_a_checkpoint_that_resume_could_not_load_is_refused_at_the_save(tmp_path
     again = Run("toy", "train", TubConfig(), out=tmp_path / "r", training=True, resume="auto")
     assert torch.isnan(again.load_checkpoint()["energies"][1])
     again.finish({})
+
+
+def test_env_json_records_what_an_auditor_needs(toy_plugins, tmp_path, monkeypatch):
+    """env.json named the working folder's git commit (null outside a repository, another project's inside
+    one), no numerical package versions, no threads, inputs by path only, and a shard replaced the other's."""
+    import hashlib
+
+    import tubcli
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    items = make_inputs(tmp_path / "in", 4)
+    out = tmp_path / "r"
+    for shard in ("0/2", "1/2"):
+        result = invoke(["toy", "evaluate", *items, "--shard", shard, "-o", out])
+        assert result.exit_code == 0, result.stderr
+    env = json.loads((out / "env.json").read_text())
+    assert set(env["shards"]) == {"0/2", "1/2"} and all(s["host"] for s in env["shards"].values())
+    assert env["packages"]["numpy"] and env["packages"]["torch"]
+    assert env["threads"]["OMP_NUM_THREADS"] == "1" and env["threads"]["cpu_count"] >= 1
+    first = next(e for e in env["inputs"] if e["path"] == str(items[0]))
+    assert first["sha256"] == hashlib.sha256(items[0].read_bytes()).hexdigest() and first["size"] == 1
+    source = Path(tubcli.__file__).resolve().parents[1]
+    if (source / ".git").exists():  # tub from a checkout (an editable install): its commit, from any folder
+        import subprocess
+
+        head = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+        assert env["git_commit"] == head.strip() and isinstance(env["git_local_changes"], bool)
+    else:
+        assert env["git_commit"] is None

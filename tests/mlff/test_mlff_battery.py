@@ -366,3 +366,17 @@ def test_collinear_points_are_not_hull_vertices():
     e = -0.3 * x
     assert lower_convex_hull(x, e).tolist() == [0, 2]
     assert len(voltage_profile(x, e)) == 1
+
+
+@pytest.mark.parametrize("seed", [1, 5])
+def test_two_na_over_the_rings_are_placed_for_any_seed(seed, tmp_path):
+    """The README's `build --n 3 --x 0 --x 1 --x 2 --sites ring` failed for seeds 1 and 5: a first Na placed
+    off-centre left no room for the second, and the placement never started again."""
+    from ase.io import read
+    from tubcli.testing import expect_ok, invoke
+
+    expect_ok(invoke(["mlff", "build", "--n", "3", "--x", "0", "--x", "1", "--x", "2", "--sites", "ring",
+                      "--seed", str(seed), "-o", tmp_path / "b"]))
+    two = read(tmp_path / "b" / "outputs" / "structures.extxyz", index=-1)
+    na = [i for i, s in enumerate(two.get_chemical_symbols()) if s == "Na"]
+    assert len(na) == 2 and two.get_distance(na[0], na[1], mic=True) > 3.0

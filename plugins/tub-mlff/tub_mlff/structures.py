@@ -134,6 +134,9 @@ def _sheets(host) -> tuple[list[float], list[tuple[np.ndarray, np.ndarray]]]:
     return z, rings
 
 
+RESTARTS, TRIES_PER_ATOM = 50, 500  # placement starts, and draws for one Na before a start is given up
+
+
 def add_sodium(host, count: int, sites: str = "random", seed: int = 0, min_distance: float = 2.3):
     """Place ``count`` Na atoms at ``sites`` (one of SITES); returns a new Atoms."""
     from ase import Atoms
@@ -150,36 +153,41 @@ def add_sodium(host, count: int, sites: str = "random", seed: int = 0, min_dista
     if sites == "ring" and count > 2 * len(ring_centres):  # one Na over each face of each group ring
         raise ValueError(f"{count} Na do not fit at 'ring' sites: this cell has {len(ring_centres)} group ring(s), "
                          f"so at most {2 * len(ring_centres)} ring sites; use more --groups or other --sites")
-    placed = []
-    tries = 0
-    while len(placed) < count:
-        tries += 1
-        if tries > 5000:
-            raise ValueError(f"could not place {count} Na at '{sites}' sites without overlaps; use fewer")
-        kind = sites
-        if kind == "random":
-            kind = rng.choice(["ring", "amine", "top", "bottom"] if ring_centres else ["top", "bottom"])
-        if kind == "ring" and ring_centres:
-            centre, normal = ring_centres[rng.integers(len(ring_centres))]
-            p = centre + rng.choice([-1, 1]) * 2.45 * normal + rng.normal(scale=0.2, size=3)
-        elif kind == "amine" and amines:
-            p = amines[rng.integers(len(amines))] + 2.4 * _unit(rng.normal(size=3) * [1, 1, 0.3])
-        elif kind == "gallery":  # midway between two sheets (a slab: 3.2 A above its sheet)
-            p = rng.uniform(0, 1, 3) @ cell
-            p[2] = {"gallery": z_sheet + 0.5 * c, "bilayer": 0.5 * (z_sheet + z_top)}.get(
-                host.info.get("stacking"), z_sheet + 3.2)
-        elif kind == "bottom":
-            p = rng.uniform(0, 1, 3) @ cell
-            p[2] = z_sheet - 2.3
-        else:  # top face (of the upper sheet), between groups
-            p = rng.uniform(0, 1, 3) @ cell
-            p[2] = z_top + 2.3
-        trial = atoms + Atoms("Na", positions=[p])
-        d = trial.get_distances(len(trial) - 1, range(len(trial) - 1), mic=True)
-        need = np.where(np.array(trial.get_chemical_symbols()[:-1]) == "Na", 3.0, min_distance)
-        if np.all(d > need):
-            atoms = trial
-            placed.append(kind)
+    # random sequential placement; when the atoms placed so far leave no room for the next one (an unlucky
+    # first Na over a ring takes the spot a second needs), start again from the host: any seed builds the cell
+    for _restart in range(RESTARTS):
+        atoms, placed, stuck = host.copy(), [], 0
+        while len(placed) < count and stuck < TRIES_PER_ATOM:
+            stuck += 1
+            kind = sites
+            if kind == "random":
+                kind = rng.choice(["ring", "amine", "top", "bottom"] if ring_centres else ["top", "bottom"])
+            if kind == "ring" and ring_centres:
+                centre, normal = ring_centres[rng.integers(len(ring_centres))]
+                p = centre + rng.choice([-1, 1]) * 2.45 * normal + rng.normal(scale=0.2, size=3)
+            elif kind == "amine" and amines:
+                p = amines[rng.integers(len(amines))] + 2.4 * _unit(rng.normal(size=3) * [1, 1, 0.3])
+            elif kind == "gallery":  # midway between two sheets (a slab: 3.2 A above its sheet)
+                p = rng.uniform(0, 1, 3) @ cell
+                p[2] = {"gallery": z_sheet + 0.5 * c, "bilayer": 0.5 * (z_sheet + z_top)}.get(
+                    host.info.get("stacking"), z_sheet + 3.2)
+            elif kind == "bottom":
+                p = rng.uniform(0, 1, 3) @ cell
+                p[2] = z_sheet - 2.3
+            else:  # top face (of the upper sheet), between groups
+                p = rng.uniform(0, 1, 3) @ cell
+                p[2] = z_top + 2.3
+            trial = atoms + Atoms("Na", positions=[p])
+            d = trial.get_distances(len(trial) - 1, range(len(trial) - 1), mic=True)
+            need = np.where(np.array(trial.get_chemical_symbols()[:-1]) == "Na", 3.0, min_distance)
+            if np.all(d > need):
+                atoms, stuck = trial, 0
+                placed.append(kind)
+        if len(placed) == count:
+            break
+    else:
+        raise ValueError(f"could not place {count} Na at '{sites}' sites without overlaps ({RESTARTS} starts); use "
+                         "fewer")
     atoms.info["na_sites"] = ",".join(placed)
     return atoms
 
