@@ -88,6 +88,8 @@ def test_evaluate_knn_both_replacements(knn_run, data_dir, tmp_path):
     with open(out / "outputs" / "flipping.csv") as fh:
         rows = list(csv.reader(fh))
     assert len(rows) == 5 and rows[0][-1] == "flip_13"  # 13 flips + the start: end point kept
+    assert rows[0][:5] == ["replacement", "method", "aupc", "aupc_normalised", "flip_0"]  # no wall-clock column
+    assert set(m["explain_seconds_kde"]) == {"lrp", "random"}
 
 
 def test_explain_digits_draws_heatmaps(tmp_path):

@@ -310,3 +310,15 @@ def test_k_search_says_which_k_it_dropped(tmp_path):
         assert [int(row["k"]) for row in csv.DictReader(fh)] == [1, 3, 5, 7, 9, 11, 21]
     r = _ok(["pathorob", "ri", f, "--metadata", m, "--k-search", "--max-k", "21", "--no-auc", "-o", tmp_path / "r2"])
     assert not _warnings(r, "--k-search")
+
+
+def test_a_seed_that_changes_nothing_is_said(tmp_path):
+    """--seed was recorded in config.yaml although the protocol fixes its own seeds: only --bootstrap draws."""
+    X, meta = synthetic_features(classes=("a", "b"), centers=("x", "y"), slides_per_cell=3, tiles_per_slide=8,
+                                 dim=8, seed=4)
+    f, m = _write(tmp_path, "s", X, meta)
+    r = _ok(["pathorob", "ri", f, "--metadata", m, "--k", "5", "--no-auc", "--seed", "3", "-o", tmp_path / "a"])
+    assert _warnings(r, "--seed 3 changes nothing here")
+    r = _ok(["pathorob", "ri", f, "--metadata", m, "--k", "5", "--no-auc", "--seed", "3", "--bootstrap", "20",
+             "-o", tmp_path / "b"])
+    assert not _warnings(r, "changes nothing")

@@ -145,6 +145,9 @@ def _ri(cfg, run, X, meta, root: Path | None = None):
     _refuse_overwrite(cfg, [folder / name for name in RI_FILES])
     _warn_unofficial_file(run, meta, "ri", cfg.dataset)
     run.log.info("robustness index on %d rows (dataset %s)", len(meta), _dataset_key(cfg))
+    if "seed" in given_fields(cfg, ["seed"]) and not cfg.bootstrap:  # recorded in config.yaml, but not used
+        run.log.warning("--seed %d changes nothing here: the protocol fixes its own seeds (the row shuffle, the "
+                        "clustering trials); only --bootstrap draws from it", cfg.seed)
     res = robustness_index(X, meta, k=cfg.k, k_search=cfg.k_search, dataset=cfg.dataset, paired=cfg.paired,
                            max_patches_per_combi=cfg.max_patches_per_combi, bootstrap=cfg.bootstrap, seed=run.seed,
                            auc=cfg.auc, max_k=cfg.max_k, bootstrap_unit=cfg.bootstrap_unit)
