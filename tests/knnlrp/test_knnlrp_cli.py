@@ -255,20 +255,25 @@ def test_an_edited_model_is_a_one_line_error(knn_run, data_dir, tmp_path):
     expect_error_line(res, "is not a valid tub-knnlrp model")
 
 
+def _train_k3_and_check(folder, X, y, n_train: int) -> dict:
+    """`train --k 3` on the first n_train rows (CSV with a header), then `check` on the rest: its report."""
+    header = ",".join("abcdefgh"[:X.shape[1]]) + ",target\n"
+    for name, rows in (("train", slice(0, n_train)), ("test", slice(n_train, None))):
+        (folder / f"{name}.csv").write_text(header + "".join(",".join(map(str, [*x, t])) + "\n"
+                                                             for x, t in zip(X[rows], y[rows])))
+    res = invoke(["knnlrp", "train", str(folder / "train.csv"), "--k", "3", "--scaler", "none", "-o", str(folder / "t")])
+    assert res.exit_code == 0, res.stderr
+    res = invoke(["knnlrp", "check", str(folder / "test.csv"), "--model", str(folder / "t"), "-o", str(folder / "c"),
+                  "--json"])
+    assert res.exit_code == 0, res.stderr
+    return json.loads(res.stdout)
+
+
 def test_check_reports_multiclass_vote_ties(tmp_path):
     from sklearn.datasets import make_blobs
 
     X, y = make_blobs(300, centers=4, cluster_std=4, random_state=0)
-    for name, rows in (("train", slice(0, 200)), ("test", slice(200, 300))):
-        (tmp_path / f"{name}.csv").write_text("a,b,target\n" + "".join(f"{a},{b},{t}\n" for (a, b), t in
-                                                                       zip(X[rows], y[rows])))
-    res = invoke(["knnlrp", "train", str(tmp_path / "train.csv"), "--k", "3", "--scaler", "none",
-                  "-o", str(tmp_path / "t")])
-    assert res.exit_code == 0, res.stderr
-    res = invoke(["knnlrp", "check", str(tmp_path / "test.csv"), "--model", str(tmp_path / "t"),
-                  "-o", str(tmp_path / "c"), "--json"])
-    assert res.exit_code == 0, res.stderr
-    m = json.loads(res.stdout)
+    m = _train_k3_and_check(tmp_path, X, y, 200)
     assert m["vote_ties"] > 0 and m["no_majority"] == m["vote_ties"]  # k = 3: no plurality without a tie
     assert m["kappa0"]["sign_agreement"] < 1.0  # sklearn breaks a tie by class order, the networks cannot
     assert m["kappa0"]["sign_agreement_without_ties"] == m["kappa0"]["sign_agreement_majority"] == 1.0
@@ -280,16 +285,7 @@ def test_check_reports_distance_ties_of_a_binary_knn(tmp_path):
     rng = np.random.default_rng(0)
     X = rng.integers(0, 3, (140, 4))
     y = (X.sum(1) + rng.integers(0, 2, 140) > 4).astype(int)
-    for name, rows in (("train", slice(0, 80)), ("test", slice(80, 140))):
-        (tmp_path / f"{name}.csv").write_text("a,b,c,d,target\n" + "".join(
-            ",".join(map(str, [*x, t])) + "\n" for x, t in zip(X[rows], y[rows])))
-    res = invoke(["knnlrp", "train", str(tmp_path / "train.csv"), "--k", "3", "--scaler", "none",
-                  "-o", str(tmp_path / "t")])
-    assert res.exit_code == 0, res.stderr
-    res = invoke(["knnlrp", "check", str(tmp_path / "test.csv"), "--model", str(tmp_path / "t"),
-                  "-o", str(tmp_path / "c"), "--json"])
-    assert res.exit_code == 0, res.stderr
-    m = json.loads(res.stdout)["kappa0"]
+    m = _train_k3_and_check(tmp_path, X, y, 80)["kappa0"]
     assert m["distance_ties"] > 0 and m["sign_agreement"] < 1.0
     assert m["sign_agreement_without_distance_ties"] == 1.0
 
