@@ -4,13 +4,15 @@ Spec §2.1 (key table and inference rules) and §2.6 (DINOv2 conversion), plus R
 DINOv3's layout (``storage_tokens``, ``rope_embed.periods``, ``w1/w2/w3`` SwiGLU, masked k bias) and
 the register/q-k-norm layout RudolfV-2 is described with. Everything is decided from tensor shapes;
 only the head count cannot be for learned-position ViTs (qkv is (3D, D) for any head count), so it
-comes from a preset, a ``model.json`` next to the weights, or the width table. RoPE checkpoints give
+comes from a preset, the ``<stem>.json`` beside the weights (as ``convert`` and ``train`` write it),
+``--heads``, or the width table. RoPE checkpoints give
 it away: their period buffer has head_dim / 4 entries.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -36,10 +38,17 @@ TOP_KEYS = {"cls_token", "reg_token", "pos_embed", "rope_embed.periods", "patch_
             "patch_embed.proj.bias", "norm.weight", "norm.bias"}
 DINOV3_NORM_EPS = 1e-5  # DINOv3's LayerNorms (timm's DINOv3 models use the same)
 BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+# DINOv2/iBOT training heads (projection MLP + prototypes) of a teacher/student checkpoint: never part of
+# the backbone, dropped with an INFO line
+SSL_HEAD_PREFIXES = ("dino_head.", "ibot_head.")
+# Hugging Face transformers ViT/Dinov2/DINOv3 names (embeddings.*, encoder.layer.N.*): no converter
+HF_LAYOUT_RE = re.compile(r"(?:^|\.)(?:embeddings\.(?:cls_token|patch_embeddings|position_embeddings)|"
+                          r"encoder\.layer\.\d+\.)")
+log = logging.getLogger("tub.atlas")
 # How a verb's user sets each encoder setting (embed, explain, inspect). A verb with other options
 # passes its own (train's teacher: --teacher-arch, …) so that an error names options it has.
 OPTION_NAMES = {"arch": "--arch", "weights": "--weights", "random_init": "--random-init", "heads": "--heads",
-                "img_size": "--img-size", "arch_auto": True}
+                "img_size": "--img-size", "norm": "--norm", "pool": "--pool", "arch_auto": True}
 
 
 def option_names(options: dict | None = None) -> dict:
@@ -78,7 +87,23 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         obj = obj[nested[0]]
     if not isinstance(obj, dict):
         raise TubError(f"{path} is not a state dict; save model.state_dict(), never a pickled model")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    check_finite(tensors, path)
+    return tensors
+
+
+def check_finite(sd: dict[str, torch.Tensor], path) -> None:
+    """NaN or inf in any floating-point tensor is a one-line error naming the first (in key order) and how
+    many others have them: such weights give NaN embeddings for every tile. DINOv3's ``qkv.bias_mask``
+    is left to :func:`convert_rope`, which says what an all-NaN one means."""
+    bad = [k for k in sorted(sd) if sd[k].is_floating_point() and not k.endswith("bias_mask")
+           and not bool(torch.isfinite(sd[k]).all())]
+    if bad:
+        t = sd[bad[0]]
+        n = int((~torch.isfinite(t)).sum())
+        more = f"; {len(bad) - 1} more tensors too" if len(bad) > 1 else ""
+        raise TubError(f"{path}: tensor {bad[0]} holds NaN or inf ({n} of {t.numel()} values){more}; the "
+                       "checkpoint is damaged or was saved after training diverged: use another one")
 
 
 def strip_wrappers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -183,10 +208,34 @@ def convert_rope(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def refuse_hf_layout(sd: dict[str, torch.Tensor]) -> None:
+    """Hugging Face ``transformers`` key names (``embeddings.patch_embeddings``, ``encoder.layer.N``) are a
+    one-line error: tub reads timm, DINOv2 and DINOv3 layouts and has no converter for this one."""
+    hf = sorted(k for k in sd if HF_LAYOUT_RE.search(k))
+    if hf:
+        raise TubError(f"checkpoint is in the Hugging Face transformers layout ({', '.join(hf[:2])}, …), which tub "
+                       "does not read and has no converter for (neither embed nor convert): save the backbone in "
+                       "timm's layout (timm's ViT/DINOv2 models) or the original DINOv2/DINOv3 layout")
+
+
+def drop_ssl_heads(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A DINOv2 training checkpoint's ``dino_head.*``/``ibot_head.*`` removed, with an INFO line."""
+    heads = sorted(k for k in sd if k.startswith(SSL_HEAD_PREFIXES))
+    if not heads:
+        return sd
+    kinds = sorted({k.split(".", 1)[0] for k in heads})
+    log.info("dropped the DINOv2 self-supervision heads (%s: %d tensors); they are not part of the backbone",
+             ", ".join(f"{k}.*" for k in kinds), len(heads))
+    return {k: v for k, v in sd.items() if not k.startswith(SSL_HEAD_PREFIXES)}
+
+
 def to_timm_layout(sd: dict[str, torch.Tensor], source: str = "auto") -> dict[str, torch.Tensor]:
     """Wrapper prefixes stripped, DINOv2 or DINOv3/RoPE converted (``source`` auto|dinov2|dinov3|timm),
-    head dropped."""
+    head and DINOv2 training heads (``dino_head.*``, ``ibot_head.*``, logged) dropped; a Hugging Face
+    transformers layout is an error."""
     sd = strip_wrappers(sd)
+    refuse_hf_layout(sd)
+    sd = drop_ssl_heads(sd)
     layout = detect_layout(sd, source)
     if layout == "dinov3":
         if not is_rope(sd):
@@ -209,9 +258,11 @@ def _square(n: int) -> int | None:
 
 
 def infer_config(sd: dict[str, torch.Tensor], num_heads: int | None = None,
-                 norm_eps: float | None = None, options: dict | None = None) -> ViTConfig:
+                 norm_eps: float | None = None, options: dict | None = None,
+                 converting: bool = False) -> ViTConfig:
     """Architecture from shapes (spec §2.1 inference rules); unknown keys and bad shapes are errors
-    (naming the caller's ``options``, see ``OPTION_NAMES``)."""
+    (naming the caller's ``options``, see ``OPTION_NAMES``; ``converting``: called by ``convert``, whose
+    errors must not send the user to ``convert``)."""
     heads_opt = option_names(options)["heads"]
 
     def known(key: str) -> bool:
@@ -221,8 +272,10 @@ def infer_config(sd: dict[str, torch.Tensor], num_heads: int | None = None,
     unknown = sorted(k for k in sd if not known(k))
     if unknown:
         shown = ", ".join(unknown[:12]) + (f" … (+{len(unknown) - 12})" if len(unknown) > 12 else "")
-        raise TubError(f"checkpoint has keys the timm ViT layout does not know: {shown}; "
-                       "convert it (tub atlas convert) or remove them")
+        fix = "tub atlas convert cannot map them either (it reads timm, DINOv2 and DINOv3 layouts): remove " \
+            "them from the state dict if they are not part of the backbone" if converting else \
+            "convert it (tub atlas convert --from dinov2|dinov3) or remove them"
+        raise TubError(f"checkpoint has keys the timm ViT layout does not know: {shown}; {fix}")
     rope = "pos_embed" not in sd and "rope_embed.periods" in sd
     for req in ("cls_token", "patch_embed.proj.weight", "norm.weight") + (() if rope else ("pos_embed",)):
         if req not in sd:
@@ -321,10 +374,8 @@ def apply_preset(cfg: ViTConfig, preset: Preset, options: dict | None = None) ->
     copies of a preset are what tests and quick experiments use).
     """
     if preset.depth is not None and cfg.depth != preset.depth:
-        import logging
-
-        logging.getLogger("tub.atlas").warning("checkpoint has %d blocks, preset %s has %d; using %d",
-                                               cfg.depth, preset.name, preset.depth, cfg.depth)
+        log.warning("checkpoint has %d blocks, preset %s has %d; using %d", cfg.depth, preset.name, preset.depth,
+                    cfg.depth)
     checks = {"patch_size": preset.patch_size, "embed_dim": preset.embed_dim,
               "reg_tokens": preset.reg_tokens, "pos_layout": preset.pos_layout, "mlp": preset.mlp,
               "mlp_hidden": preset.mlp_hidden, "layer_scale": preset.layer_scale,
@@ -340,12 +391,20 @@ def apply_preset(cfg: ViTConfig, preset: Preset, options: dict | None = None) ->
     return cfg
 
 
+def check_heads_option(heads: int | None, preset: Preset | None, options: dict | None = None) -> None:
+    """A head count given by the user (``--heads``) that contradicts the preset's is a usage error naming
+    both: the preset's count would otherwise be used silently."""
+    if heads is not None and preset is not None and preset.num_heads is not None and heads != preset.num_heads:
+        opt = option_names(options)
+        raise TubError(f"{opt['heads']} {heads} contradicts preset {preset.name}, which has {preset.num_heads} heads; "
+                       f"drop {opt['heads']} or choose another {opt['arch']}")
+
+
 def model_json_for(weights: Path) -> Path | None:
-    """``<stem>.json`` or ``model.json`` next to the weights, if present."""
-    for cand in (weights.with_suffix(".json"), weights.parent / "model.json"):
-        if cand.is_file():
-            return cand
-    return None
+    """``<stem>.json`` next to the weights (what ``convert`` and ``train`` write), if present. A generic
+    ``model.json`` beside weights of another name is not read: a folder may hold several models."""
+    cand = Path(weights).with_suffix(".json")
+    return cand if cand.is_file() else None
 
 
 def read_model_json(path: Path) -> dict:
@@ -406,6 +465,7 @@ def read_checkpoint(path: str | Path, source: str = "auto", num_heads: int | Non
     """Load, convert to timm layout and infer; returns (config, state dict, model.json or {}). Errors
     name the caller's ``options`` (see ``OPTION_NAMES``)."""
     path = Path(path)
+    check_heads_option(num_heads, preset, options)
     raw = load_tensors(path)
     sd = to_timm_layout(raw, source)
     num_heads, eps, meta = stored_settings(path, raw, num_heads)

@@ -40,7 +40,8 @@ def _check_gemm(gemm: str, device, flag: str = "--gemm") -> None:
 
 # train's frozen teacher: its own option names (error messages must name options train has)
 TEACHER_OPTIONS = {"arch": "--teacher-arch", "weights": "--teacher-weights", "random_init": "--teacher-random-init",
-                   "heads": "--set teacher.heads", "img_size": "--set teacher.img_size", "gemm": "--set teacher.gemm"}
+                   "heads": "--set teacher.heads", "img_size": "--set teacher.img_size", "gemm": "--set teacher.gemm",
+                   "norm": "--set teacher.norm", "pool": "--set teacher.pool"}
 STUDENT_OPTIONS = {"arch": "--student-arch", "arch_auto": False}
 
 
@@ -79,8 +80,8 @@ def inspect(cfg: InspectConfig, run) -> dict:
 
 def convert(cfg: ConvertConfig, run) -> dict:
     _warn_ignored_compute(cfg, run, ("fp32",), uses_device=False)
-    from .checkpoint import (apply_preset, describe, infer_config, load_tensors, model_json, native_norm_eps,
-                             save_weights, to_timm_layout)
+    from .checkpoint import (apply_preset, check_heads_option, describe, infer_config, load_tensors, model_json,
+                             native_norm_eps, save_weights, to_timm_layout)
     from .presets import get_preset
 
     src = Path(_need(cfg.weights, "WEIGHTS (input checkpoint)"))
@@ -95,12 +96,14 @@ def convert(cfg: ConvertConfig, run) -> dict:
     if existing and not run.overwrite:
         raise TubError(f"{existing[0]} exists; choose another output path or pass --overwrite")
     preset = get_preset(cfg.preset) if cfg.preset else None
+    options = {"arch": "--preset", "arch_auto": False}
+    check_heads_option(cfg.heads, preset, options)
     raw = load_tensors(src)
     sd = to_timm_layout(raw, cfg.source)
     heads = cfg.heads or (preset.num_heads if preset else None)
-    vit_cfg = infer_config(sd, heads, native_norm_eps(raw))
+    vit_cfg = infer_config(sd, heads, native_norm_eps(raw), options, converting=True)
     if preset is not None:
-        vit_cfg = apply_preset(vit_cfg, preset)
+        vit_cfg = apply_preset(vit_cfg, preset, options)
     norm = cfg.norm or (preset.norm if preset else None)
     pool = cfg.pool or (preset.pool if preset else "cls")
     meta = model_json(vit_cfg, norm=norm, pool=pool, preset=preset.name if preset else None,
@@ -116,7 +119,7 @@ def embed(cfg: EmbedConfig, run) -> dict:
     from .embedding import (SlideTables, check_existing_output, embed_tileset, output_path, slide_embeddings,
                             write_embeddings, write_eva_manifest)
     from .slides import check_coords_file, check_slide_options, write_slide_qc
-    from .tiles import read_input, read_pathorob_metadata
+    from .tiles import read_input, read_pathorob_metadata, say_exif_rotated
 
     if cfg.format == "pathorob":
         if cfg.metadata is None:
@@ -154,7 +157,7 @@ def embed(cfg: EmbedConfig, run) -> dict:
     if info["random_init"]:
         run.log.warning("embedding with a RANDOMLY INITIALISED %s (no weights given)", info["arch"])
     tables = SlideTables(run.dir, has_output=lambda name: out_for(name).exists())
-    resized_said = False
+    resized_said = exif_said = False
     for item, out in run.batch(names, output_for=lambda item: out_for(names[item])):
         with run.item(item):
             name, ts = names[item], load(item)
@@ -162,7 +165,10 @@ def embed(cfg: EmbedConfig, run) -> dict:
                 resized_said = _say_slide_tiles_resized(ts.extra["tiler"], info["transform"]["img_size"], run.log)
             if cfg.slide_qc and "tiler" in ts.extra and ts.extra["tiler"].has_qc:
                 write_slide_qc(ts.extra["tiler"], run.dir / "qc", name)
-            emb = embed_tileset(encoder, ts, cfg.batch_size, run.device, dtype)
+            try:
+                emb = embed_tileset(encoder, ts, cfg.batch_size, run.device, dtype)
+            finally:  # also when the input fails for another reason
+                exif_said = exif_said or say_exif_rotated(ts, run.log)
             tables.add(name, slide_embeddings(ts.rows, emb, cfg.slide_pool))
             # whole slides: how each was tiled (level, footprint, tissue tiles)
             run.record_item(out, {"tiles": len(ts), "slide": ts.extra.get("slide")})

@@ -16,9 +16,10 @@ Norm = Literal["imagenet", "h-optimus", "rudolfv-2"]
 class EncoderSection(Section):
     arch: str = Field("auto", description="preset name (uni2-h, virchow2, h-optimus-0, vit-s8-reg8, …) or auto")
     weights: Path | None = Field(None, description="local weights (.safetensors/.pt); never downloaded")
-    heads: int | None = Field(None, description="attention heads when neither preset nor model.json says")
+    heads: int | None = Field(None, description="attention heads for weights whose preset does not fix them "
+                                                     "(overrides <weights>.json; contradicting the preset is an error)")
     pool: Pool | None = Field(None, description="cls | mean | cls+mean (registers excluded) [preset default]")
-    norm: Norm | None = Field(None, description="normalisation constants [preset/model.json default]")
+    norm: Norm | None = Field(None, description="normalisation constants [<weights>.json, else preset default]")
     img_size: int | None = Field(None, description="input side after resizing [preset default]")
     random_init: bool = Field(False, description="random weights for tests/demos when no --weights (NOT a pretrained model)")
     gemm: Literal["auto", "onednn", "aten"] = Field(

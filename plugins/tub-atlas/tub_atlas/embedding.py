@@ -35,7 +35,9 @@ MANIFEST_FIELDS = ["tile_id", "origin", "label", "slide_id", "patch_id", "x", "y
 @torch.inference_mode()
 def embed_tileset(encoder: Encoder, tiles: TileSet, batch_size: int = 32, device="cpu",
                   dtype: torch.dtype | None = None) -> np.ndarray:
-    """(N, dim) float32 embeddings of every tile, in the tile set's order."""
+    """(N, dim) float32 embeddings of every tile, in the tile set's order. A NaN or inf embedding (fp16
+    overflow, weights at the edge of the range) is an error naming its tile: checked once per batch, on
+    the device, so the input fails (failures.jsonl) instead of writing values no probe can use."""
     device = torch.device(device)
     out = []
     for start in range(0, len(tiles), batch_size):
@@ -43,8 +45,23 @@ def embed_tileset(encoder: Encoder, tiles: TileSet, batch_size: int = 32, device
         encoder.check_tile_size(*batch.shape[1:3], tiles.rows[start]["origin"])
         x = uint8_to_float(batch).to(device)
         with autocast(device, dtype):
-            out.append(encoder(x).float().cpu().numpy())
+            emb = encoder(x).float()
+        finite = torch.isfinite(emb).all(dim=1)
+        if not bool(finite.all()):
+            raise TubError(non_finite_message(tiles, start, finite, dtype))
+        out.append(emb.cpu().numpy())
     return np.concatenate(out, axis=0)
+
+
+def non_finite_message(tiles: TileSet, start: int, finite: torch.Tensor, dtype=None) -> str:
+    """The error for NaN/inf embeddings of a batch starting at row ``start`` (``finite``: per tile)."""
+    bad = torch.nonzero(~finite.cpu()).flatten().tolist()
+    row = tiles.rows[start + bad[0]]
+    which = row["origin"] if row.get("origin") else f"{tiles.name} tile {start + bad[0]}"
+    more = f" (and of {len(bad) - 1} more tiles of its batch)" if len(bad) > 1 else ""
+    why = "fp16 overflows in this model: use --precision bf16 or fp32" if dtype == torch.float16 else \
+        "the weights are finite, so its activations overflowed: check the weights (or try --precision fp64)"
+    return f"{which}: its embedding{more} is NaN or inf, nothing was written for this input; {why}"
 
 
 def group_split(slide_ids: list[str], seed: int, fractions=(0.7, 0.15, 0.15), labels=None) -> list[str]:

@@ -17,7 +17,7 @@ from torch import nn
 
 from tubcli.errors import TubError
 
-from .checkpoint import option_names, read_checkpoint
+from .checkpoint import model_json_for, option_names, read_checkpoint
 from .presets import NORMALISATIONS, Preset, get_preset
 from .vit import ViTConfig, VisionTransformer, pool_tokens, pooled_dim
 
@@ -111,13 +111,20 @@ class Encoder(nn.Module):
                            f"{self.transform.img_size} px (shorter side), not whole {P}-px patches; "
                            "crop the tiles square")
 
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """RGB in [0, 1] -> the ViT's input. Resize (antialiased) and normalisation run in float32 (float64
+        for a float64 model); only the normalised tensor is cast to the weights' dtype, so bf16/fp16 weights
+        see no pixels quantised before resizing (and interpolate's antialias has no bf16 CPU kernel)."""
+        dtype = next(self.vit.parameters()).dtype
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        return self.transform(x.to(work)).to(dtype)
+
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.transform(x.to(next(self.vit.parameters()).dtype))
-        return self.vit.forward_features(x)
+        return self.vit.forward_features(self.preprocess(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pool == "cls":  # only the CLS token is needed: the last block runs on it alone
-            return self.vit.forward_cls(self.transform(x.to(next(self.vit.parameters()).dtype)))
+            return self.vit.forward_cls(self.preprocess(x))
         return pool_tokens(self.tokens(x), self.vit.num_prefix_tokens, self.pool)
 
 
@@ -139,6 +146,49 @@ def transform_for(preset: Preset | None, meta: dict, cfg: ViTConfig, norm: str |
     size = img_size or meta.get("img_size") or (preset.img_size if preset else None) or cfg.img_size
     return Transform(img_size=size, interpolation=preset.interpolation if preset else "bilinear",
                      crop=preset.crop if preset else False, mean=tuple(mean), std=tuple(std))
+
+
+def _norm_name(mean, std) -> str:
+    for name, (m, s) in NORMALISATIONS.items():
+        if tuple(m) == tuple(mean) and tuple(s) == tuple(std):
+            return name
+    return f"mean {tuple(mean)} std {tuple(std)}"
+
+
+def say_stored_settings(path: Path, meta: dict, preset: Preset | None, cfg: ViTConfig, transform: Transform,
+                        pool: str, given: dict, options: dict | None = None) -> None:
+    """What the ``<stem>.json`` beside the weights set (INFO: heads, norm, img size, pool), and a WARNING for
+    each setting where it differs from an explicitly chosen preset's (the file's is used, except the head
+    count: a preset fixes the architecture). ``given``: the user's own heads/norm/img_size/pool (None if not
+    given), which the file did not set."""
+    opt = option_names(options)
+    vit = meta.get("vit") or {}
+    used = []
+    if given["heads"] is None and vit.get("num_heads") == cfg.num_heads:
+        used.append(f"heads {cfg.num_heads}")
+    if given["norm"] is None and meta.get("mean"):
+        used.append(f"norm {_norm_name(transform.mean, transform.std)}")
+    if given["img_size"] is None and meta.get("img_size"):
+        used.append(f"img size {transform.img_size}")
+    if given["pool"] is None and meta.get("pool"):
+        used.append(f"pool {pool}")
+    if used:
+        log.info("settings from %s: %s", path, ", ".join(used))
+    if preset is None:
+        return
+    differ = []
+    if given["heads"] is None and vit.get("num_heads") not in (None, preset.num_heads) and preset.num_heads is not None:
+        differ.append(f"heads {vit['num_heads']} (preset {preset.num_heads}; the preset's are used)")
+    if given["norm"] is None and meta.get("mean") and (tuple(transform.mean), tuple(transform.std)) != \
+            tuple(tuple(v) for v in preset.mean_std):
+        differ.append(f"norm {_norm_name(transform.mean, transform.std)} (preset {preset.norm})")
+    if given["img_size"] is None and meta.get("img_size") and transform.img_size != preset.img_size:
+        differ.append(f"img size {transform.img_size} (preset {preset.img_size})")
+    if given["pool"] is None and meta.get("pool") and pool != preset.pool:
+        differ.append(f"pool {pool} (preset {preset.pool})")
+    if differ:
+        log.warning("%s beside the weights differs from preset %s: %s; its settings are used (give %s, %s or %s "
+                    "to choose)", path, preset.name, ", ".join(differ), opt["norm"], opt["img_size"], opt["pool"])
 
 
 def load_encoder(arch: str = "auto", weights: str | Path | None = None, pool: str | None = None,
@@ -181,8 +231,12 @@ def load_encoder(arch: str = "auto", weights: str | Path | None = None, pool: st
                        f"or {opt['random_init']} for a randomly initialised test model")
     if preset is not None and not preset.verified:
         log.warning("preset %s is unverified against published weights: %s", preset.name, preset.description)
+    given = {"heads": heads, "norm": norm, "img_size": img_size, "pool": pool}
     pool = pool or meta.get("pool") or (preset.pool if preset else "cls")
     transform = transform_for(preset, meta, cfg, norm, img_size, options)
+    if meta:
+        say_stored_settings(model_json_for(Path(weights)), meta, preset if arch not in (None, "auto") else None,
+                            cfg, transform, pool, given, options)
     enc = Encoder(vit, transform, pool).eval()
     enc.to(device=device, dtype=dtype) if dtype is not None else enc.to(device)
     info = {"arch": preset.name if preset else "auto", "weights": origin, "pool": pool, "dim": enc.dim,

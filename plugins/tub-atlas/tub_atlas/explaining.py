@@ -15,7 +15,7 @@ from .encoder import Encoder, uint8_to_float
 from .lrp import lrp, make_target, patch_map
 from .overlay import overlay, save_png
 from .rollout import attention_rollout
-from .tiles import read_image, read_input
+from .tiles import read_image, read_input, say_exif_rotated
 
 
 def build_target(encoder: Encoder, cfg, device, info: dict | None = None, log=None):
@@ -146,7 +146,7 @@ def patch_relevance(encoder: Encoder, x01: torch.Tensor, method: str, target=Non
     """
     if method == "rollout":
         with torch.no_grad():
-            xn = encoder.transform(x01.to(next(encoder.vit.parameters()).dtype))
+            xn = encoder.preprocess(x01)
         return attention_rollout(encoder.vit, xn, head_fusion)[0], False, None
     if method not in LRP_RULES:
         raise ValueError(f"unknown explanation method {method!r}; use rollout, lrp or attnlrp")
@@ -170,6 +170,7 @@ def explain_inputs(encoder: Encoder, names: dict[Path, str], cfg, run, info: dic
     trained = read_probe_record(Path(cfg.probe)).get("tiling") if cfg.method in LRP_RULES and \
         cfg.target == "probe" else None
     said: set = set()
+    exif_said = False
     n_done, worst = 0, 0.0
     for path, out in run.batch(names, output_for=lambda p: run.outputs_dir / names[p]):
         with run.item(path):
@@ -187,12 +188,16 @@ def explain_inputs(encoder: Encoder, names: dict[Path, str], cfg, run, info: dic
             if n < len(ts):
                 run.log.warning("%s: explaining its first %d of %d tiles (--max-tiles)", path, n, len(ts))
             tiles = ts.read(0, n)
+            exif_said = exif_said or say_exif_rotated(ts, run.log)
             maps = []
             with atomic_dir(out) as tmp:
                 for i in range(n):
                     x01 = uint8_to_float(tiles[i:i + 1]).to(device)
                     heat, signed, err = patch_relevance(encoder, x01, cfg.method, target, cfg.head_fusion)
                     heat = heat.cpu().numpy()
+                    if not np.isfinite(heat).all():  # an overflow: NaN maps would be written as blank overlays
+                        raise TubError(f"{ts.rows[i]['origin']}: its {cfg.method} map is NaN or inf (the model's "
+                                       "activations overflow on it); nothing was written for this input")
                     if err is not None:
                         worst = max(worst, err)
                     maps.append(heat)

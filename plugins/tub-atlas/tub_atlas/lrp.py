@@ -115,7 +115,7 @@ def relevance_budget(encoder: Encoder, x01: torch.Tensor, target: Target, rule: 
     """
     model = encoder.vit
     with torch.no_grad():
-        xn = encoder.transform(x01.to(next(model.parameters()).dtype))
+        xn = encoder.preprocess(x01)
     xn = xn.clone().requires_grad_(True)
     terms = additive_terms(model)
     frozen = [p for p in terms if not p.requires_grad]

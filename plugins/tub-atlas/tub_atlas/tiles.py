@@ -95,12 +95,51 @@ class TileSet:
         """Image files as one array; all tiles of an input must have the size of its first one, so a
         stray file of another size is named instead of failing inside ``np.stack``."""
         images = [read_image(p) for p in paths]
+        if "exif_rotated" not in self.extra:  # until the first one is found: one header read per JPEG
+            self.extra.update(exif_rotated=first_exif_rotated(paths))
+            if self.extra["exif_rotated"] is None:
+                del self.extra["exif_rotated"]
         first, shape = self.extra.setdefault("first_tile", (paths[0], images[0].shape))
         for p, im in zip(paths, images):
             if im.shape != shape:
                 raise TubError(f"{p} is {im.shape[1]}x{im.shape[0]} px but {first} is {shape[1]}x{shape[0]}; "
                                "the tiles of one input must share one size: resize them or embed them separately")
         return np.stack(images)
+
+
+JPEG_EXT = (".jpg", ".jpeg")
+EXIF_ORIENTATION = 0x0112
+
+
+def first_exif_rotated(paths: list[Path]) -> tuple[Path, int] | None:
+    """(path, orientation) of the first JPEG whose EXIF orientation tag is not 1 (a phone or viewer export
+    meant to be shown rotated or mirrored); None if none. Only the header is read. Tiles are embedded as
+    stored, as torchvision and ``tubcli.images.read_rgb`` read them, so the caller warns."""
+    from PIL import Image
+
+    for p in paths:
+        if Path(p).suffix.lower() not in JPEG_EXT:
+            continue
+        try:
+            with Image.open(p) as im:
+                orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+        except Exception:  # noqa: BLE001 - the decoder names a broken file; this is only a hint
+            continue
+        if orientation not in (None, 1):
+            return Path(p), int(orientation)
+    return None
+
+
+def say_exif_rotated(ts: TileSet, log) -> bool:
+    """A WARNING naming the first JPEG of ``ts`` read so far with an EXIF orientation other than 1; True when
+    said (callers say it once per run)."""
+    found = ts.extra.get("exif_rotated")
+    if not found:
+        return False
+    log.warning("%s has EXIF orientation %d (not 1): tiles are read as their pixels are stored, not rotated "
+                "as a viewer shows them (as torchvision reads JPEGs); rotate the files if the viewer's "
+                "orientation is meant (said for the first such file of the run only)", *found)
+    return True
 
 
 def _runs(idx: np.ndarray) -> list[tuple[int, int]]:

@@ -6,7 +6,8 @@ Heavy imports happen lazily: ``from tub_knnlrp import explain`` loads numpy/scik
 
 __version__ = "0.2.0"
 
-__all__ = ["explain", "NeuralizedExplainer", "Explanation", "__version__"]
+__all__ = ["explain", "NeuralizedExplainer", "Explanation", "UnsupportedModelError", "MixingTransformWarning",
+           "__version__"]
 
 
 def __getattr__(name):
@@ -14,4 +15,8 @@ def __getattr__(name):
         import importlib
 
         return getattr(importlib.import_module("tub_knnlrp.explanation"), name)
+    if name in ("UnsupportedModelError", "MixingTransformWarning"):  # to catch / filter them
+        import importlib
+
+        return getattr(importlib.import_module("tub_knnlrp.neuralize"), name)
     raise AttributeError(f"module 'tub_knnlrp' has no attribute {name!r}")
