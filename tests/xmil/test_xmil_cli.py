@@ -131,15 +131,19 @@ def test_pipeline_features_train_explain_evaluate_heatmap(data, tiny_encoder, mo
     rec = json.loads((data / "expl" / "outputs" / "slide_001.json").read_text())
     n = rec["n_patches"]
     assert all(len(rec[f"patch_scores_{m}"]) == n for m in ("lrp", "ig", "single", "attention"))
+    # the LRP budget: AttnMIL without biases puts all of the explained output on the patches
+    assert abs(rec["lrp_remainder"]) <= 1e-4 * max(1.0, abs(rec["lrp_output_relevance"]))
+    assert rec["lrp_output_relevance"] == pytest.approx(sum(rec["patch_scores_lrp"]), abs=1e-4)
     # the tiles' extent goes with their corners, for a pathologist taking the file elsewhere
     assert (rec["patch_size_level0"], rec["mpp"], rec["target_mpp"]) == (128, 0.5, 0.5) and len(rec["coords"]) == n
     csv_text = (data / "expl" / "test_predictions.csv").read_text()
     assert csv_text.splitlines()[0] == "slide_id,target,prediction,patch_scores_lrp,patch_scores_ig,patch_scores_single,patch_scores_attention"
     # evaluate: task metrics and patch flipping incl. random baseline
     res = _ok(invoke(["xmil", "evaluate", "--model", model, "--features", fdir, "--labels", labels, "--set",
-                      "split=null", "--method", "lrp", "--method", "random", "-o", data / "eval", "--json"]))
+                      "split=null", "--method", "lrp", "--method", "random", "--set", "flipping_ties=rank",
+                      "-o", data / "eval", "--json"]))
     ev = json.loads(res.stdout)
-    assert "balanced_accuracy" in ev and ev["slides"] == 4
+    assert "balanced_accuracy" in ev and ev["slides"] == 4 and ev["flipping_ties"] == "rank"
     # spec §2.5: by default 1%-of-all blocks (101 points); --score-order absolute ranks by |score|
     res = _ok(invoke(["xmil", "evaluate", "--model", model, "--features", fdir, "--labels", labels, "--set",
                       "split=null", "--method", "lrp", "--score-order", "absolute", "-o", data / "eval_abs", "--json"]))

@@ -90,3 +90,33 @@ def test_xmil_symmetric_gain_is_add_morf_minus_drop_morf():
     s = np.random.default_rng(0).normal(size=30)
     r = slide_flipping(m, x, s, target=1, strategy="10%-of-all")
     assert r["symmetric_gain"] == pytest.approx(r["add"]["morf"].mean() - r["drop"]["morf"].mean())
+
+
+class _CountsPlanted(torch.nn.Module):
+    """Class-1 logit grows with the number of planted patches (feature 0 = 1) in the bag."""
+
+    def forward(self, x):
+        x = x if x.dim() == 3 else x[None]
+        z = 3.0 * x[..., 0].sum(1) - 6.0
+        return torch.stack([torch.zeros_like(z), z], dim=-1)
+
+
+def test_tied_scores_merge_histogram_blocks_and_rank_blocks_credit_a_perfect_map():
+    """Five decisive patches among 95 tied ones: the spec's histogram puts the ties in one block, so a perfect
+    0/1 explanation scored SRG 0 at 10%-of-all (random: ~0); equal blocks from the ranking give it its due."""
+    from tub_xmil.flipping import tied_blocks
+
+    x = torch.zeros(100, 4)
+    x[:5, 0] = 1.0
+    oracle = np.zeros(100)
+    oracle[:5] = 1.0
+    assert block_sizes(oracle, "10%-of-all").tolist() == [0] * 9 + [100] and tied_blocks(oracle, "10%-of-all")
+    assert block_sizes(oracle, "10%-of-all", ties="rank").tolist() == [10] * 10
+    model = _CountsPlanted()
+    spec = slide_flipping(model, x, oracle, "classification", 1, "10%-of-all", approaches=("drop",))
+    rank = slide_flipping(model, x, oracle, "classification", 1, "10%-of-all", approaches=("drop",), ties="rank")
+    one = slide_flipping(model, x, oracle, "classification", 1, "one-by-one", approaches=("drop",))
+    assert spec["drop"]["srg"] == pytest.approx(0.0, abs=1e-12)
+    assert rank["drop"]["srg"] > 0.5 and one["drop"]["srg"] > 0.5
+    untied = np.random.default_rng(0).random(100)
+    assert not tied_blocks(untied, "10%-of-all") and not tied_blocks(untied, "1%-of-all")

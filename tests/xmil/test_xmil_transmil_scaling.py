@@ -209,4 +209,7 @@ def test_cli_explain_runs_transmil_lrp_once(tmp_path, monkeypatch, explained_rel
     assert np.allclose(rec["patch_scores_lrp"], s, rtol=0, atol=1e-7)
     assert rec["lrp_cls_relevance"] == pytest.approx(det["cls_relevance"], rel=1e-6, abs=1e-9)
     assert rec["lrp_output_relevance"] == pytest.approx(float(det["output_relevance"].sum()), rel=1e-6)
+    # what biases, ε and the LayerNorm rule absorbed: reported, so that patches + CLS + remainder = output
+    assert rec["lrp_remainder"] == pytest.approx(rec["lrp_output_relevance"] - sum(rec["patch_scores_lrp"])
+                                                 - rec["lrp_cls_relevance"], abs=1e-6)
     assert np.allclose(rec["patch_scores_attention"], model.attention_rollout(x)[0].numpy(), rtol=0, atol=1e-8)

@@ -320,23 +320,24 @@ def explain(cfg, run) -> dict:
                 pred = float(prediction_score(model(x[None]), task, target)[0])
             rec = {"slide_id": Path(path).stem, "task": task, "target": target, "prediction": pred,
                    "n_patches": int(len(x))}
-            # spec §2.3: TransMIL leaves part of the relevance on the CLS token; report it
-            cls_report = "lrp" in cfg.method and getattr(model, "kind", "") == "transmil"
-            det = None
             for m in cfg.method:
                 seed = run.item_seed(Path(path).stem)
-                if m == "lrp" and cls_report:
-                    # the LRP pass that gives the scores also gives the CLS relevance, for the same
-                    # explained output (logit, softmax or contrastive): scores + CLS = output relevance
+                if m == "lrp":
+                    # the relevance budget of the same pass: what was put on the explained output (logit, softmax
+                    # or contrastive), what TransMIL leaves on its CLS token (spec §2.3), and the remainder that
+                    # biases, ε and the LayerNorm rule absorbed (0 for AttnMIL without biases)
                     sc, det = explain_scores(model, x, m, task, target, lrp=lrp_params_for(model, cfg.lrp),
                                              ig_steps=cfg.ig_steps, seed=seed, explained_rel=rel,
                                              return_details=True)
+                    total = float(det["output_relevance"].sum())
+                    cls = det.get("cls_relevance")
+                    rec["lrp_output_relevance"] = total
+                    if cls is not None:
+                        rec["lrp_cls_relevance"] = cls
+                    rec["lrp_remainder"] = total - float(np.sum(sc)) - (cls or 0.0)
                 else:
                     sc = explain_bag(model, x, m, task, target, cfg, seed=seed)
                 rec[f"patch_scores_{m}"] = sc.tolist()
-            if cls_report:
-                rec["lrp_cls_relevance"] = det["cls_relevance"]
-                rec["lrp_output_relevance"] = float(det["output_relevance"].sum())
             if coords is not None:
                 rec["coords"] = coords.tolist()  # level-0 top-left corners, of tiles this wide at this mpp:
                 rec.update({k: attrs[k] for k in ("patch_size_level0", "mpp", "target_mpp") if k in attrs})
@@ -361,7 +362,7 @@ def explain(cfg, run) -> dict:
 
 def evaluate(cfg, run) -> dict:
     from tub_xmil.dataset import load_slides
-    from tub_xmil.flipping import false_prediction, slide_flipping
+    from tub_xmil.flipping import false_prediction, slide_flipping, tied_blocks
     from tub_xmil.pipeline import explain_bag
     from tub_xmil.training import predict, task_metrics
 
@@ -396,7 +397,7 @@ def evaluate(cfg, run) -> dict:
                                         len(slides), cfg.bootstrap, seed=run.seed)
     if not cfg.flipping:
         return out
-    per_slide = []
+    per_slide, merged = [], {}
     for s in run.progress(slides, total=len(slides), desc="patch flipping"):
         # classification explains --target when given, else the slide's label class (spec §2.2)
         target = (int(s.label) if cfg.target is None else cfg.target) if task == "classification" else 0
@@ -409,17 +410,24 @@ def evaluate(cfg, run) -> dict:
                 scores = explain_bag(model, x, m, task, target, cfg, seed=run.item_seed(s.slide_id))
                 if cfg.score_order == "absolute":  # ranks and blocks by magnitude (spec §2.5)
                     scores = np.abs(scores)
-                res = slide_flipping(model, x, scores, task, target, cfg.strategy)
+                res = slide_flipping(model, x, scores, task, target, cfg.strategy, ties=cfg.flipping_ties)
                 rec[m] = {a: {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in r.items()}
                           if isinstance(r, dict) else r for a, r in res.items()}
+                if cfg.flipping_ties == "histogram" and tied_blocks(scores, cfg.strategy):
+                    rec[m]["tied_blocks"] = True
+                    merged.setdefault(m, []).append(s.slide_id)
             per_slide.append(rec)
         del x  # before the next slide's bag is read
+    for m, ids in merged.items():  # the curve skips the steps inside a merged block: a tied map scores too low
+        run.log.warning("%s: tied scores merged flipping blocks on %d slide(s) (e.g. %s; spec §2.5's histogram rule), "
+                        "so its curves skip steps and its SRG understates it; --set flipping_ties=rank cuts equal "
+                        "blocks from the ranking", m, len(ids), ids[0])
     kept = [r for r in per_slide if not r["false_pred"]]
     if per_slide and not kept:
         run.log.warning("every slide (%d) was excluded as a false prediction (p(target) <= 0.5, spec §2.5): no "
                         "faithfulness metrics; check --target, or evaluate slides the model gets right", len(per_slide))
     _with_lrp_settings(out, model, cfg, task)
-    out["score_order"] = cfg.score_order
+    out["score_order"], out["flipping_ties"] = cfg.score_order, cfg.flipping_ties
     out["flipping_slides"] = len(kept)
     out["excluded_false_pred"] = len(per_slide) - len(kept)
     for m in cfg.method:

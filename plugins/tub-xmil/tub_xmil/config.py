@@ -155,6 +155,9 @@ class EvaluateConfig(ModelInput):
                                  description="methods scored by patch flipping")
     strategy: str = Field("1%-of-all", description="flipping blocks: 'P%-of-all' (1%: 101 points, spec §2.5 for "
                                                    "real slides; 10% for a quick look) or 'one-by-one'")
+    flipping_ties: Literal["histogram", "rank"] = Field(
+        "histogram", description="flipping blocks of tied scores: histogram (spec §2.5: ties share one block) or "
+                                 "rank (equal blocks cut from the ranking)")
     score_order: Literal["original", "absolute"] = Field(
         "original", description="rank patches by their signed score or by its magnitude (spec §2.5; random "
                                 "order: --method random)")
