@@ -99,8 +99,8 @@ def test_non_finite_message_names_fp16_overflow():
 # ------------------------------------------------------------------ 2: which settings file is read
 def test_a_generic_model_json_is_not_read_and_the_stem_json_is_said(tmp_path):
     """A model.json of another model beside weights of another name once replaced heads, normalisation,
-    input size and pooling silently; only <stem>.json is read, with an INFO line, and a WARNING where it
-    contradicts the explicit preset."""
+    input size and pooling silently; only <stem>.json is read, recorded in encoder.json, and a WARNING
+    names it where it contradicts the explicit preset."""
     from tub_atlas.checkpoint import model_json
     from tub_atlas.vit import ViTConfig
 
@@ -114,12 +114,13 @@ def test_a_generic_model_json_is_not_read_and_the_stem_json_is_said(tmp_path):
     enc = json.loads((tmp_path / "e1/encoder.json").read_text())
     assert enc["vit"]["num_heads"] == 3 and enc["pool"] == "cls+mean" and enc["transform"]["img_size"] == 64
     assert enc["transform"]["mean"] == [0.485, 0.456, 0.406] and "model.json" not in r.stderr
-    # the same file under the weights' stem is read: said, and its differences from the preset warned about
+    assert "settings_file" not in enc
+    # the same file under the weights' stem is read: recorded, and its differences from the preset warned about
     (folder / "model.json").rename(folder / "a.json")
-    r = atlas("embed", tiles, "--arch", "vit-t8-demo", "--weights", w, "-o", tmp_path / "e2")
-    info = [ln for ln in r.stderr.splitlines() if "settings from" in ln]
-    assert len(info) == 1 and "INFO" in info[0] and "a.json" in info[0]
-    assert "norm h-optimus" in info[0] and "img size 32" in info[0] and "pool cls" in info[0]
+    r = atlas("embed", tiles, "--arch", "vit-t8-demo", "--weights", w, "-o", tmp_path / "e2", "-v")
+    debug = [ln for ln in r.stderr.splitlines() if "settings from" in ln]
+    assert len(debug) == 1 and "a.json" in debug[0]
+    assert "norm h-optimus" in debug[0] and "img size 32" in debug[0] and "pool cls" in debug[0]
     warn = [ln for ln in r.stderr.splitlines() if "differs from preset vit-t8-demo" in ln]
     assert len(warn) == 1 and "WARNING" in warn[0]
     for part in ("heads 6 (preset 3", "norm h-optimus (preset imagenet)", "img size 32 (preset 64)",
@@ -127,6 +128,8 @@ def test_a_generic_model_json_is_not_read_and_the_stem_json_is_said(tmp_path):
         assert part in warn[0], warn[0]
     enc = json.loads((tmp_path / "e2/encoder.json").read_text())
     assert enc["vit"]["num_heads"] == 3 and enc["pool"] == "cls" and enc["transform"]["img_size"] == 32
+    assert enc["settings_file"] == {"file": str(folder / "a.json"),
+                                    "set": ["norm h-optimus", "img size 32", "pool cls"]}
     # inspect names the file the heads came from; a generic model.json is not it
     (folder / "a.json").rename(folder / "model.json")
     out = json.loads(atlas("inspect", w, "--json", "-o", tmp_path / "i").stdout)
@@ -141,6 +144,8 @@ def test_heads_contradicting_the_preset_are_a_usage_error(tmp_path):
                             "-o", tmp_path / "e", code=2), "--heads 6", "vit-t8-demo", "3 heads")
     expect_error_line(atlas("convert", w, tmp_path / "c.safetensors", "--preset", "vit-t8-demo", "--heads", "6",
                             "-o", tmp_path / "c", code=2), "--heads 6", "vit-t8-demo", "3 heads", "--preset")
+    expect_error_line(atlas("explain", tiles, "--arch", "vit-t8-demo", "--random-init", "--heads", "4",
+                            "-o", tmp_path / "x", code=2), "--heads 4", "3 heads")
     atlas("embed", tiles, "--arch", "vit-t8-demo", "--weights", w, "--heads", "3", "-o", tmp_path / "same")
     # a preset that leaves the count open takes --heads
     atlas("embed", tiles, "--arch", "atlas2-s", "--weights", w, "--heads", "6", "--img-size", "64",
@@ -160,10 +165,13 @@ def test_convert_drops_dinov2_ssl_heads_with_an_info_line(tmp_path):
               "-o", tmp_path / "c1")
     said = [ln for ln in r.stderr.splitlines() if "self-supervision heads" in ln]
     assert len(said) == 1 and "INFO" in said[0] and "dino_head.*, ibot_head.*: 3 tensors" in said[0]
-    atlas("convert", tmp_path / "plain.pth", tmp_path / "b.safetensors", "--preset", "vit-t8-demo", "-o", tmp_path / "c2")
+    atlas("convert", tmp_path / "plain.pth", tmp_path / "b.safetensors", "--preset", "vit-t8-demo",
+          "-o", tmp_path / "c2")
     a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not any("_head." in k for k in a)
+    out = json.loads(atlas("inspect", tmp_path / "teacher_checkpoint.pth", "--json", "-o", tmp_path / "i").stdout)
+    assert out["ignored_keys"] == sorted(heads) and out["depth"] == 2
 
 
 def test_unknown_keys_inside_convert_do_not_send_the_user_to_convert(tmp_path):
@@ -206,10 +214,10 @@ def test_bf16_load_encoder_preprocesses_in_float32_and_resizes(tmp_path):
     enc32, _ = load_encoder("vit-t8-demo", w)
     x = torch.rand(2, 3, 80, 80, generator=torch.Generator().manual_seed(0))  # resized to 64
     with torch.no_grad():
+        a, b = enc16(x).float(), enc32(x)  # was NotImplementedError: "compute_index_ranges_weights" for BFloat16
+        assert a.shape == (2, 384) and 0 < float((a - b).norm() / b.norm()) < 3e-2
         pre = enc16.preprocess(x)
         assert pre.dtype == torch.bfloat16 and torch.equal(pre, enc32.preprocess(x).to(torch.bfloat16))
-        a, b = enc16(x).float(), enc32(x)
-        assert a.shape == (2, 384) and 0 < float((a - b).norm() / b.norm()) < 3e-2
         hook = load_vit_t8_demo(w, "cpu", torch.bfloat16)
         assert torch.equal(hook(x), enc16(x))
         assert enc32.double().preprocess(x).dtype == torch.float64  # fp64 models preprocess in fp64

@@ -96,11 +96,16 @@ def check_finite(sd: dict[str, torch.Tensor], path) -> None:
     """NaN or inf in any floating-point tensor is a one-line error naming the first (in key order) and how
     many others have them: such weights give NaN embeddings for every tile. DINOv3's ``qkv.bias_mask``
     is left to :func:`convert_rope`, which says what an all-NaN one means."""
+    def finite(t: torch.Tensor) -> torch.Tensor:
+        if t.dtype.itemsize == 1:  # float8: no isfinite kernel for every format; judged in float16
+            t = t.to(torch.float16)
+        return torch.isfinite(t)
+
     bad = [k for k in sorted(sd) if sd[k].is_floating_point() and not k.endswith("bias_mask")
-           and not bool(torch.isfinite(sd[k]).all())]
+           and not bool(finite(sd[k]).all())]
     if bad:
         t = sd[bad[0]]
-        n = int((~torch.isfinite(t)).sum())
+        n = int((~finite(t)).sum())
         more = f"; {len(bad) - 1} more tensors too" if len(bad) > 1 else ""
         raise TubError(f"{path}: tensor {bad[0]} holds NaN or inf ({n} of {t.numel()} values){more}; the "
                        "checkpoint is damaged or was saved after training diverged: use another one")

@@ -58,8 +58,8 @@ def _encoder(sec: EncoderSection, run, options: dict | None = None):
 
 # ------------------------------------------------------------------ inspect / convert
 def inspect(cfg: InspectConfig, run) -> dict:
-    from .checkpoint import (describe, detect_layout, infer_config, load_tensors, model_json_for, stored_settings,
-                             strip_wrappers, to_timm_layout)
+    from .checkpoint import (SSL_HEAD_PREFIXES, describe, detect_layout, infer_config, load_tensors, model_json_for,
+                             stored_settings, strip_wrappers, to_timm_layout)
 
     path = _need(cfg.weights, "WEIGHTS (a checkpoint file)")
     raw = load_tensors(path)
@@ -74,7 +74,7 @@ def inspect(cfg: InspectConfig, run) -> dict:
     out["checkpoint"] = str(path)
     stripped = strip_wrappers(raw)
     out["layout"] = detect_layout(stripped, cfg.source)
-    out["ignored_keys"] = sorted(k for k in stripped if k.startswith("head."))
+    out["ignored_keys"] = sorted(k for k in stripped if k.startswith(("head.", *SSL_HEAD_PREFIXES)))
     return out
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from tubcli.errors import TubError
 
-from .checkpoint import model_json_for, option_names, read_checkpoint
+from .checkpoint import check_heads_option, model_json_for, option_names, read_checkpoint
 from .presets import NORMALISATIONS, Preset, get_preset
 from .vit import ViTConfig, VisionTransformer, pool_tokens, pooled_dim
 
@@ -156,11 +156,12 @@ def _norm_name(mean, std) -> str:
 
 
 def say_stored_settings(path: Path, meta: dict, preset: Preset | None, cfg: ViTConfig, transform: Transform,
-                        pool: str, given: dict, options: dict | None = None) -> None:
-    """What the ``<stem>.json`` beside the weights set (INFO: heads, norm, img size, pool), and a WARNING for
-    each setting where it differs from an explicitly chosen preset's (the file's is used, except the head
-    count: a preset fixes the architecture). ``given``: the user's own heads/norm/img_size/pool (None if not
-    given), which the file did not set."""
+                        pool: str, given: dict, options: dict | None = None) -> list[str]:
+    """What the ``<stem>.json`` beside the weights set (heads, norm, img size, pool: a DEBUG line, in tub.log
+    and with -v; embed/explain record the file in encoder.json), and one WARNING naming each setting where it
+    differs from an explicitly chosen preset's (the file's is used, except the head count: a preset fixes
+    the architecture). ``given``: the user's own heads/norm/img_size/pool (None if not given), which the
+    file did not set. Returns the DEBUG line's list (what the file set)."""
     opt = option_names(options)
     vit = meta.get("vit") or {}
     used = []
@@ -172,10 +173,11 @@ def say_stored_settings(path: Path, meta: dict, preset: Preset | None, cfg: ViTC
         used.append(f"img size {transform.img_size}")
     if given["pool"] is None and meta.get("pool"):
         used.append(f"pool {pool}")
-    if used:
-        log.info("settings from %s: %s", path, ", ".join(used))
+    if used:  # DEBUG, not INFO: the file is the one written with these weights, and a verb that then stops
+        # on a usage error must print one line (its encoder.json names the file)
+        log.debug("settings from %s: %s", path, ", ".join(used))
     if preset is None:
-        return
+        return used
     differ = []
     if given["heads"] is None and vit.get("num_heads") not in (None, preset.num_heads) and preset.num_heads is not None:
         differ.append(f"heads {vit['num_heads']} (preset {preset.num_heads}; the preset's are used)")
@@ -189,6 +191,7 @@ def say_stored_settings(path: Path, meta: dict, preset: Preset | None, cfg: ViTC
     if differ:
         log.warning("%s beside the weights differs from preset %s: %s; its settings are used (give %s, %s or %s "
                     "to choose)", path, preset.name, ", ".join(differ), opt["norm"], opt["img_size"], opt["pool"])
+    return used
 
 
 def load_encoder(arch: str = "auto", weights: str | Path | None = None, pool: str | None = None,
@@ -206,6 +209,7 @@ def load_encoder(arch: str = "auto", weights: str | Path | None = None, pool: st
     opt = option_names(options)
 
     preset = None if arch in (None, "auto") else get_preset(arch)
+    check_heads_option(heads, preset, options)  # also for random weights, whose heads are the preset's
     meta: dict = {}
     if weights is not None:
         cfg, sd, meta = read_checkpoint(weights, num_heads=heads, preset=preset, options=options)
@@ -234,11 +238,16 @@ def load_encoder(arch: str = "auto", weights: str | Path | None = None, pool: st
     given = {"heads": heads, "norm": norm, "img_size": img_size, "pool": pool}
     pool = pool or meta.get("pool") or (preset.pool if preset else "cls")
     transform = transform_for(preset, meta, cfg, norm, img_size, options)
+    settings = None
     if meta:
-        say_stored_settings(model_json_for(Path(weights)), meta, preset if arch not in (None, "auto") else None,
-                            cfg, transform, pool, given, options)
+        mj = model_json_for(Path(weights))
+        explicit = preset if arch not in (None, "auto") else None  # not one named by the file itself
+        settings = {"file": str(mj),
+                    "set": say_stored_settings(mj, meta, explicit, cfg, transform, pool, given, options)}
     enc = Encoder(vit, transform, pool).eval()
     enc.to(device=device, dtype=dtype) if dtype is not None else enc.to(device)
     info = {"arch": preset.name if preset else "auto", "weights": origin, "pool": pool, "dim": enc.dim,
             "vit": cfg.to_dict(), "transform": transform.to_dict(), "random_init": weights is None}
+    if settings is not None:  # the <stem>.json beside the weights and what it set
+        info["settings_file"] = settings
     return enc, info
