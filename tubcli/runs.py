@@ -228,8 +228,6 @@ HASH_BUDGET = 512 << 20  # ... up to this many bytes in all (a batch of slides i
 def input_record(cfg) -> list[dict]:
     """What identifies the inputs a run read: path, size, mtime and (small files) sha256; folders with the
     number of their entries. An auditor can then tell whether the data changed since."""
-    from tubcli.io import file_sha256
-
     out, budget = [], HASH_BUDGET
     for field, path in given_paths(cfg)[:1000]:
         entry = {"field": field, "path": str(path)}

@@ -76,7 +76,9 @@ def _execute(run, what: str, setting: str, spec: str, requested: str | None = No
         tb = exc.__traceback__
         line = None
         while tb is not None:  # the deepest frame in the user's file
-            if Path(tb.tb_frame.f_code.co_filename).name == Path(what).name or what in tb.tb_frame.f_code.co_filename:
+            # the user's file: FILE.py itself, or MODULE's last part (pkg.targets -> targets.py)
+            if Path(tb.tb_frame.f_code.co_filename).stem == (Path(what).stem if what.endswith(".py")
+                                                             else what.rpartition(".")[2]):
                 line = tb.tb_lineno
             tb = tb.tb_next
         at = f" (line {line})" if line else ""

@@ -31,6 +31,7 @@ def test_a_file_and_a_module_of_the_working_folder_give_the_function_and_its_fil
     ("missing.py:f", "no such file missing.py"),
     ("missing:f", "no module 'missing' here or on the Python path"),
     ("broken.py:f", "importing broken.py failed (line 2): ZeroDivisionError: division by zero"),
+    ("broken:f", "importing broken failed (line 2): ZeroDivisionError: division by zero"),
     ("needs.py:f", "needs the package 'a_package_nobody_has', which is not installed"),
     ("needs:f", "needs the package 'a_package_nobody_has', which is not installed"),
 ])
