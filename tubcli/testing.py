@@ -27,11 +27,28 @@ def caller_variables(environ=None) -> list[str]:
 
 def isolate_environment(monkeypatch) -> None:
     """Drop the caller's tub-relevant variables for one test (``monkeypatch``: pytest's fixture), so that
-    a suite run inside a SLURM array job or with ``TUB_DEVICE=cuda`` exported tests what it means to. Use
+    a suite run inside a SLURM array job or with ``TUB_DEVICE=cuda`` exported tests what it means to, and
+    reset the ``tub`` logger (see :func:`reset_tub_logger`). Use
     it in an autouse fixture of the plugin's ``conftest.py``; a test then sets what it needs itself."""
     for key in caller_variables():
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("TUB_NO_PROGRESS", "1")
+    reset_tub_logger()
+
+
+def reset_tub_logger() -> None:
+    """Give the ``tub`` logger a fresh process's state: a CLI run in an earlier test configured it to
+    stop propagating (and left its handlers), so pytest's ``caplog`` saw its records only in some orders."""
+    import logging
+
+    from tubcli.progress import LOGGER_NAME
+
+    log = logging.getLogger(LOGGER_NAME)
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    log.propagate = True
+    log.setLevel(logging.NOTSET)
 
 
 def invoke(args: list[str], env: dict | None = None, catch_exceptions: bool = False):

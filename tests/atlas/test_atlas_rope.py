@@ -168,16 +168,9 @@ def test_periods_stay_fp32_under_half_precision():
 
 
 def test_unverified_preset_says_so(caplog):
-    import logging
-
     from tub_atlas.encoder import load_encoder
 
-    log = logging.getLogger("tub.atlas")  # after a CLI run the "tub" logger no longer propagates
-    log.addHandler(caplog.handler)
-    try:
-        with caplog.at_level("WARNING", logger="tub.atlas"):
-            enc, info = load_encoder("rudolfv-2-s", random_init=True)
-    finally:
-        log.removeHandler(caplog.handler)
+    with caplog.at_level("WARNING", logger="tub.atlas"):
+        enc, info = load_encoder("rudolfv-2-s", random_init=True)
     assert "unverified" in caplog.text and "DINOv3 layout assumed" in caplog.text
     assert enc.dim == 768 and info["vit"]["pos_layout"] == "rope"

@@ -43,3 +43,17 @@ def test_a_bad_log_interval_is_a_one_line_error_naming_the_variable(monkeypatch,
         log_every()
     monkeypatch.setenv("TUB_LOG_EVERY", "2.5")
     assert log_every() == 2.5
+
+
+def test_each_test_starts_with_a_propagating_tub_logger(monkeypatch, caplog):
+    """A CLI run stops the "tub" logger propagating; the autouse isolation resets it, else caplog sees
+    its records only when no CLI test ran before (CI's order failed where the local one passed)."""
+    from tubcli.progress import get_logger, setup_logging
+    from tubcli.testing import isolate_environment
+
+    setup_logging()
+    assert not get_logger().propagate
+    isolate_environment(monkeypatch)
+    with caplog.at_level("WARNING", logger="tub"):
+        get_logger().warning("seen by caplog")
+    assert "seen by caplog" in caplog.text and not get_logger().handlers

@@ -150,7 +150,7 @@ def test_inferred_tile_size_warns_and_is_recorded(tmp_path, caplog):
     from tub_xmil.tiling import tile_size_level0_source
 
     sparse = np.array([[0, 0], [512, 0], [0, 512], [512, 512]])  # 256-px tiles at a 512-px stride?
-    log = logging.getLogger("xmil-qa2-test")  # the "tub" logger does not propagate to caplog
+    log = logging.getLogger("tub.xmil")
     with caplog.at_level(logging.INFO, logger=log.name):
         got = tile_size_level0_source({}, sparse, name="s.h5", log=log)
     assert got == (512, "inferred from the coordinate grid")
