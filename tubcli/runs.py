@@ -640,7 +640,8 @@ class Run:
                 if earlier is not None and changed_settings(earlier, now, ignore, earlier_cwd=cwd):
                     self._archived = archive_config(self.dir)  # keep the record of the earlier settings
                 self.outputs_dir.mkdir(parents=True, exist_ok=True)
-                self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+                if training:  # other verbs' weights (knnlrp's model, pathorob's robustification) make it on saving
+                    self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
                 (self.dir / DONE).unlink(missing_ok=True)  # a reused directory is incomplete again
                 if self.shard[1] > 1:
                     (self.dir / f"{DONE}.{self.shard[0]}of{self.shard[1]}").unlink(missing_ok=True)

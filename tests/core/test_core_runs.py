@@ -90,6 +90,19 @@ def test_done_waits_for_items_another_job_holds(toy_plugins, tmp_path):
     assert len(list((out / "outputs").glob("*.txt"))) == 3
 
 
+def test_only_a_training_makes_an_empty_checkpoints_folder(toy_plugins, tmp_path):
+    """An evaluate run has no checkpoints; an empty folder of that name made users look for missing weights."""
+    from tubcli.config import TubConfig
+    from tubcli.runs import Run
+
+    inputs = make_inputs(tmp_path / "in", 2)
+    result = invoke(["toy", "evaluate", *map(str, inputs), "-o", str(tmp_path / "ev")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "ev" / "DONE").exists() and not (tmp_path / "ev" / "checkpoints").exists()
+    Run("toy", "train", TubConfig(), out=tmp_path / "tr", training=True).finish({})
+    assert (tmp_path / "tr" / "checkpoints").is_dir()
+
+
 def make_inputs(folder: Path, n: int, bad: tuple = ()) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
