@@ -292,3 +292,25 @@ def test_aperio_objective_power_follows_the_mpp(tmp_path):
     img, _, _ = render_slide(512, 512, positive=False, seed=0)
     s = open_slide(write_pyramid(tmp_path / "a.svs", img, mpp=0.25, aperio=True, levels=1))
     assert float(s.properties["openslide.objective-power"]) == 40 and slide_mpp(s, tmp_path / "a.svs") == 0.25
+
+
+def test_non_finite_tile_embeddings_fail_the_slide(big_slide):
+    """An fp16 overflow in the encoder gave NaN bags without a word; atlas refuses them, and so does xmil."""
+    from types import SimpleNamespace
+
+    from tub_xmil.features import embed_tiles
+
+    path, _ = big_slide
+    s = open_slide(path)
+    coords = np.array([[0, 0], [256, 0], [512, 0]])
+
+    def overflowing(x):  # the second tile overflows
+        out = torch.ones(len(x), 4, dtype=x.dtype)
+        out[1, 2] = float("inf")
+        return out
+
+    spec = SimpleNamespace(tile_size=32)
+    with pytest.raises(TubError, match=r"tile at level-0 \(256, 0\) is NaN or inf.*use --precision bf16 or fp32"):
+        embed_tiles(s, coords, 256, spec, overflowing, dtype=torch.float16)
+    ok = embed_tiles(s, coords[[0, 2]], 256, spec, lambda x: torch.ones(len(x), 4))
+    assert ok.shape == (2, 4) and np.isfinite(ok).all()

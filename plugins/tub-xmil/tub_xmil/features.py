@@ -36,5 +36,18 @@ def embed_tiles(slide, coords: np.ndarray, size_level0: int, spec, module, batch
         for s in range(0, len(coords), batch_size):
             tiles = np.stack([read_tile(slide, x, y, size_level0, spec.tile_size) for x, y in coords[s:s + batch_size]])
             x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float().div(255).to(device)
-            out.append(module(x).float().cpu().numpy())
+            emb = module(x).float()
+            finite = torch.isfinite(emb).all(dim=1).cpu()
+            if not bool(finite.all()):  # a bag of NaN would only show up as a "diverged" training later
+                raise TubError(_non_finite_message(coords[s:s + batch_size], finite, dtype))
+            out.append(emb.cpu().numpy())
     return np.concatenate(out).astype(np.float32)
+
+
+def _non_finite_message(coords: np.ndarray, finite: torch.Tensor, dtype) -> str:
+    bad = torch.nonzero(~finite).flatten().tolist()
+    x, y = (int(v) for v in coords[bad[0]])
+    more = f" (and {len(bad) - 1} more of its batch)" if len(bad) > 1 else ""
+    why = "fp16 overflows in this encoder: use --precision bf16 or fp32" if dtype == torch.float16 else \
+        "check the encoder's weights (or try --precision fp32)"
+    return f"the embedding of the tile at level-0 ({x}, {y}){more} is NaN or inf, nothing was written; {why}"
