@@ -157,6 +157,13 @@ def test_embed_formats_and_skip_existing(data, tmp_path, monkeypatch):
     ok(["embed", tmp_path / "slide1.h5", *base, "--format", "h5", "-o", tmp_path / "h5"])
     with h5py.File(tmp_path / "h5/outputs/slide1.h5") as f:
         assert f["features"].shape == (5, 384) and f["coords"][4].tolist() == [2048, 2304]
+        # the encoder as tub-xmil reads it: the hook loader's name when it gives the same features
+        assert (f.attrs["encoder"], f.attrs["encoder_pool"], f.attrs["encoder_tile_size"]) == \
+            ("vit-t8-demo", "cls+mean", 64)
+        assert len(f.attrs["encoder_weights_sha256"]) == 64
+    ok(["embed", tmp_path / "slide1.h5", *base, "--pool", "mean", "--format", "h5", "-o", tmp_path / "h5m"])
+    with h5py.File(tmp_path / "h5m/outputs/slide1.h5") as f:  # no loader pools by mean: a name none has
+        assert (f.attrs["encoder"], f.attrs["encoder_pool"]) == ("tub atlas vit-t8-demo (pool mean)", "mean")
     done = tmp_path / "h5/outputs/slide1.h5"
     done.write_bytes(done.read_bytes()[:100])  # damaged after it was written
     r = invoke(["atlas", "embed", tmp_path / "slide1.h5", *base, "--format", "h5", "-o", tmp_path / "h5"])

@@ -116,8 +116,8 @@ def convert(cfg: ConvertConfig, run) -> dict:
 def embed(cfg: EmbedConfig, run) -> dict:
     """Options, input paths and the encoder are checked up front (one-line errors, exit 2); each input is
     read, tiled and embedded inside the batch loop, so a bad one becomes its line in failures.jsonl."""
-    from .embedding import (SlideTables, check_existing_output, embed_tileset, output_path, slide_embeddings,
-                            write_embeddings, write_eva_manifest)
+    from .embedding import (SlideTables, check_existing_output, embed_tileset, encoder_attrs, output_path,
+                            slide_embeddings, write_embeddings, write_eva_manifest)
     from .slides import check_coords_file, check_slide_options, write_slide_qc
     from .tiles import read_input, read_pathorob_metadata, say_exif_rotated
 
@@ -154,6 +154,7 @@ def embed(cfg: EmbedConfig, run) -> dict:
     if cfg.encoder.weights is not None:
         info["weights_sha256"] = run.refuse_replaced_file("--weights", cfg.encoder.weights)
     write_json(run.dir / "encoder.json", info)
+    attrs = encoder_attrs(cfg.encoder, info, cfg.precision, run.seed)
     if info["random_init"]:
         run.log.warning("embedding with a RANDOMLY INITIALISED %s (no weights given)", info["arch"])
     tables = SlideTables(run.dir, has_output=lambda name: out_for(name).exists())
@@ -172,7 +173,7 @@ def embed(cfg: EmbedConfig, run) -> dict:
             tables.add(name, slide_embeddings(ts.rows, emb, cfg.slide_pool))
             # whole slides: how each was tiled (level, footprint, tissue tiles)
             run.record_item(out, {"tiles": len(ts), "slide": ts.extra.get("slide")})
-            write_embeddings(cfg.format, out, emb, ts, seed=run.seed)
+            write_embeddings(cfg.format, out, emb, ts, seed=run.seed, attrs=attrs)
     done = run.item_records()  # the run's, also of earlier invocations and other shards
     tiling = [r["slide"] for r in done if r["slide"] is not None]
     result = {"tiles": sum(r["tiles"] for r in done), "slides": tables.write(), "dim": info["dim"], "pool": info["pool"],

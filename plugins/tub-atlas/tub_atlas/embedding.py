@@ -124,7 +124,30 @@ def output_path(fmt: str, outputs: Path, name: str) -> Path:
     return out
 
 
-def write_embeddings(fmt: str, out: Path, emb: np.ndarray, tiles: TileSet, seed: int = 0) -> None:
+def encoder_attrs(section, info: dict, precision: str, seed: int) -> dict:
+    """What an .h5 output records of its encoder, for tub-xmil (which reads ``encoder`` as xmil's own
+    features record it). ``encoder`` is the name of the ``tub_patch_encoders`` loader that gives the same
+    features, or, where none does (another pooling, normalisation or tile size), a description no loader
+    has: ``xmil heatmap`` then cannot re-embed slides with the wrong features (a mean-pooled bag explained
+    with CLS features) and says to heatmap the feature files instead."""
+    from .plugin import ENCODERS
+
+    changed = [f"{k} {getattr(section, k)}" for k in ("pool", "norm", "img_size", "heads")
+               if getattr(section, k) is not None]
+    if info["random_init"] and seed != 0:  # the loader's random weights are those of seed 0
+        changed.append(f"random weights of seed {seed}")
+    hook = info["arch"] in ENCODERS and not changed
+    attrs = {"encoder": info["arch"] if hook else f"tub atlas {info['arch']} ({', '.join(changed) or 'no preset'})",
+             "encoder_pool": info["pool"], "encoder_tile_size": int(info["transform"]["img_size"]),
+             "precision": precision}
+    if info.get("weights_sha256"):
+        attrs["encoder_weights_sha256"] = info["weights_sha256"]
+    return attrs
+
+
+def write_embeddings(fmt: str, out: Path, emb: np.ndarray, tiles: TileSet, seed: int = 0,
+                     attrs: dict | None = None) -> None:
+    """``attrs``: the encoder's record (:func:`encoder_attrs`), kept by the .h5 format."""
     rows = tiles.rows
     if fmt == "npy":
         with atomic_dir(out) as tmp:
@@ -141,6 +164,7 @@ def write_embeddings(fmt: str, out: Path, emb: np.ndarray, tiles: TileSet, seed:
         with atomic_path(out) as tmp:
             with h5py.File(tmp, "w") as f:
                 f.attrs["origin"] = absolute_origin(rows[0]["origin"])  # checked before a rerun skips this output
+                f.attrs.update(attrs or {})
                 f.create_dataset("features", data=emb.astype(np.float32))
                 coords = f.create_dataset("coords", data=np.array([[r["x"], r["y"]] for r in rows], dtype=np.int64))
                 for k, v in tiles.extra.get("coords_attrs", {}).items():  # whole slides: CLAM/TRIDENT attrs

@@ -314,6 +314,7 @@ def explain(cfg, run) -> dict:
             if x.shape[1] != meta["kwargs"]["input_dim"]:
                 raise TubError(f"{Path(path).name}: features are {x.shape[1]}-d, the model expects "
                                f"{meta['kwargs']['input_dim']}-d")
+            _warn_other_bags(Path(path).name, attrs, meta.get("features", {}), run.log)
             target = choose_target(model, x, task, cfg.target)
             import torch
             with torch.no_grad():
@@ -440,6 +441,18 @@ def evaluate(cfg, run) -> dict:
     return out
 
 
+def _warn_other_bags(name: str, attrs: dict, trained: dict, log) -> None:
+    """A bag made at another resolution or by another encoder than the model's training bags (model.json)
+    gives it inputs it never saw: explained all the same, but said (as for slides, :func:`_slide_settings`)."""
+    mpp, trained_mpp = attrs.get("target_mpp"), trained.get("target_mpp")
+    if mpp is not None and trained_mpp is not None and abs(float(mpp) - float(trained_mpp)) > 1e-6 * float(trained_mpp):
+        log.warning("%s: its tiles are at %g µm/px, the model was trained on bags at %g µm/px", name, float(mpp),
+                    float(trained_mpp))
+    encoder, trained_encoder = attrs.get("encoder"), trained.get("encoder")
+    if encoder is not None and trained_encoder is not None and encoder != trained_encoder:
+        log.warning("%s: embedded by %s, the model was trained on bags embedded by %s", name, encoder, trained_encoder)
+
+
 SLIDE_DEFAULTS = {"encoder": "vit-t8-demo", "target_mpp": 0.5, "patch_size": 256, "min_tissue": 0.5, "min_std": 8.0}
 SLIDE_FLAGS = {"encoder": "--encoder", "target_mpp": "--target-mpp", "patch_size": "--patch-size",
                "min_tissue": "tiling.min_tissue", "min_std": "tiling.min_std"}
@@ -450,6 +463,16 @@ def _slide_settings(cfg, trained: dict, log):
     the model was trained on (model.json), else the defaults; a given value that differs from the
     training features' is warned about (the model never saw such features or bags)."""
     given = {"encoder": cfg.encoder, **{k: getattr(cfg.tiling, k) for k in SLIDE_DEFAULTS if k != "encoder"}}
+    if cfg.coords_dir is not None:  # the patches files fix the tiles
+        tiling = [SLIDE_FLAGS[k] for k, v in given.items() if k != "encoder" and v is not None]
+        if tiling:
+            raise TubError(f"{', '.join(tiling)} do not apply with --coords-dir (the tiles are those of its patches "
+                           "files); drop them, or drop --coords-dir to tile anew")
+        given = {"encoder": cfg.encoder}
+    elif "target_mpp" in trained and "min_tissue" not in trained:
+        log.warning("the model's bags were tiled by another tool (they record no xmil tissue filter); xmil's own "
+                    "detector may keep other tiles than the model saw: pass --coords-dir with their patches files "
+                    "(e.g. the tub atlas tile outputs), or heatmap the feature files")
     used, source = {}, {}
     for key, value in given.items():
         if value is not None:
@@ -464,6 +487,16 @@ def _slide_settings(cfg, trained: dict, log):
                            "--encoder (and --weights) as they were made, or heatmap their feature files instead")
         else:
             used[key], source[key] = SLIDE_DEFAULTS[key], "default"
+    if source["encoder"] != "given":
+        from tubcli.plugins import patch_encoders
+
+        if used["encoder"] not in patch_encoders():
+            raise TubError(f"the model's training features were embedded by {used['encoder']}, which no patch encoder "
+                           "offers (another pooling, normalisation or tile size than a preset's); heatmap their "
+                           "feature files: tub xmil heatmap FEATURES/*.h5 --slide-dir SLIDES")
+    if cfg.coords_dir is not None:
+        used["coords_dir"], source["tiles"] = str(cfg.coords_dir), "--coords-dir"
+        return cfg.model_copy(update={"encoder": str(used["encoder"])}), {**used, "source": source}
     tiling = cfg.tiling.model_copy(update={"target_mpp": float(used["target_mpp"]), "patch_size": int(used["patch_size"]),
                                            "min_tissue": float(used["min_tissue"]), "min_std": float(used["min_std"])})
     cfg = cfg.model_copy(update={"encoder": str(used["encoder"]), "tiling": tiling})
@@ -491,6 +524,8 @@ def heatmap(cfg, run) -> dict:
     needs_encoder = any(Path(p).suffix.lower() not in bag_suffixes for p in inputs)
     if not needs_encoder:  # feature files only: no tile encoder to move or cast
         _warn_ignored_compute(cfg, run)
+        if cfg.coords_dir is not None:
+            raise TubError("--coords-dir gives the tiles of slide inputs; feature files hold their own coords: drop it")
     spec = module = None
     tiling_used = None
     if needs_encoder:
@@ -523,6 +558,7 @@ def heatmap(cfg, run) -> dict:
                                    "patches/<slide>/metadata/df.csv); cannot place the heatmap")
                 size0, size_source = tile_size_level0_source(attrs, coords, cfg.patch_size_level0, name=path.name,
                                                              log=run.log)
+                _warn_other_bags(path.name, attrs, meta.get("features", {}), run.log)
                 found = _slide_named(Path(cfg.slide_dir), path.stem) if cfg.slide_dir else None
                 if cfg.slide_dir and found is None:
                     background = f"black: no {path.stem}.<slide suffix> in {cfg.slide_dir}"
@@ -539,8 +575,9 @@ def heatmap(cfg, run) -> dict:
                         raise
             else:
                 background = str(path)
-                slide, coords, size0, _ = slide_coords(path, cfg, None)
-                size_source = "tiled from the slide (--target-mpp, --patch-size)"
+                slide, coords, size0, _ = slide_coords(path, cfg, cfg.coords_dir)
+                size_source = "tiled from the slide (--target-mpp, --patch-size)" if cfg.coords_dir is None \
+                    else "patches file in --coords-dir"
                 if cfg.patch_size_level0 is not None and cfg.patch_size_level0 != size0:
                     run.log.warning("%s: --patch-size-level0 is for feature files; this slide is tiled at "
                                     "%d px (level 0) from --target-mpp/--patch-size", path.name, size0)

@@ -207,6 +207,9 @@ class HeatmapConfig(ModelInput):
                                    "the training features', else vit-t8-demo)")
     weights: Optional[Path] = Field(None, description="encoder weights file")
     slide_dir: Optional[Path] = Field(None, description="where to find slides for feature-file inputs (thumbnail)", json_schema_extra={"lookup": True})
+    coords_dir: Optional[Path] = Field(None, description="patches/*.h5 (tub xmil or atlas tile, CLAM, TRIDENT) whose "
+                                       "tiles slide inputs are embedded at: those the model's bags were made from",
+                                       json_schema_extra={"lookup": True})
     patch_size_level0: Optional[int] = Field(
         None, gt=0, description="tile side in level-0 px of feature-file inputs (default: from the file's "
         "attributes, else inferred from the coords grid)")

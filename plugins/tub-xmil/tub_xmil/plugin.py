@@ -41,7 +41,8 @@ app = PluginApp(
         Verb("heatmap", "tub_xmil.cli:heatmap", config="tub_xmil.config:HeatmapConfig",
              help="Slides or feature files -> explanation -> PNG overlay and QuPath GeoJSON.",
              args=["inputs"], options={**MODEL, "method": "method", "encoder": "encoder", "weights": "weights",
-                                       "slide-dir": "slide_dir", "mpp": "mpp", "target-mpp": "tiling.target_mpp",
+                                       "slide-dir": "slide_dir", "coords-dir": "coords_dir", "mpp": "mpp",
+                                       "target-mpp": "tiling.target_mpp",
                                        "patch-size": "tiling.patch_size",
                                        "patch-size-level0": "patch_size_level0"}, batch=True,
              item_fields=("method",)),  # one set of files per method
