@@ -112,13 +112,12 @@ def _refuse_foreign_run(cfg, run, verb: str, marker: set[str], products: tuple[s
 
 
 def _inputs(cfg):
-    from .features import load_features
-    from .metadata import read_metadata
+    from .features import read_inputs
 
     if cfg.features is None:
-        raise TubError("no features given; pass FEATURES (a folder of per-center .npz, a .npy/.npz, or an atlas folder)")
-    meta = read_metadata(cfg.metadata) if cfg.metadata is not None else None
-    return load_features(cfg.features, meta)
+        raise TubError("no features given; pass FEATURES (a folder of per-center .npz, a .npy/.npz, an atlas "
+                       "folder or a folder of per-slide .h5 features)")
+    return read_inputs(cfg.features, cfg.metadata)
 
 
 def _warn_unofficial_file(run, meta, metric: str, dataset: str | None) -> None:
@@ -277,10 +276,9 @@ def _rows_of(features, metadata: Path | None, X, meta):
     or ``X, meta`` when it has none."""
     if metadata is None:
         return X, meta
-    from .features import load_features
-    from .metadata import read_metadata
+    from .features import read_inputs
 
-    return load_features(features, read_metadata(metadata))
+    return read_inputs(features, metadata)
 
 
 # evaluate's options that only one metric reads

@@ -15,9 +15,12 @@ Metric = Literal["ri", "apd", "cs"]
 
 class FeaturesConfig(TubConfig):
     features: Optional[Path] = Field(None, description="features: folder of per-center .npz (official / tub atlas embed), "
-                                                        "a .npy/.npz matrix, or an atlas folder with embeddings.npy")
+                                                        "a .npy/.npz matrix, an atlas folder with embeddings.npy (or "
+                                                        "a folder of them), or a folder of per-slide .h5 (features, "
+                                                        "coords; patch_id = x_y)")
     metadata: Optional[Path] = Field(None, description="PathoROB metadata CSV (subset, slide_id, patch_id, "
-                                                        "biological_class, medical_center)")
+                                                        "biological_class, medical_center; per-slide .h5 features: "
+                                                        "patch_id may be omitted, all tiles of each slide)")
     dataset: Dataset = Field(None, description="official dataset whose settings apply: camelyon | tcga | tolkach_esca")
     model_name: str = Field("model", description="model name for the official results layout")
     layout: Literal["flat", "official"] = Field("flat", description="flat files in outputs/, or the official "

@@ -6,7 +6,12 @@
 * **plain**: ``features.npy`` (N, D) or an ``.npz`` with one array (or key ``features``/``embeddings``),
   row-aligned with the metadata CSV.
 * **atlas npy**: a folder with ``embeddings.npy`` + ``manifest.csv`` (``tub atlas embed --format npy``);
-  rows are matched to the metadata by ``(slide_id, patch_id)`` when the manifest has them.
+  rows are matched to the metadata by ``(slide_id, patch_id)`` when the manifest has them. A folder of
+  such folders (``--format npy`` on whole slides: one per slide) is read as one input, matched the same way.
+* **per-slide h5**: a folder of ``<slide_id>.h5`` files with ``features`` (N, D) and ``coords`` (N, 2)
+  (``tub atlas embed --format h5`` on slides, tub xmil, CLAM, TRIDENT); the patch_id of row i is
+  ``f"{x}_{y}"`` of its level-0 coords, as tub atlas names whole-slide tiles. The metadata may be
+  slide-level (no patch_id): each row then stands for all tiles of its slide.
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ def detect_layout(path: Path) -> str:
         raise TubError(f"{path}: unsupported features file (expected .npy or .npz)")
     if (path / "env.json").is_file() and (path / "outputs").is_dir():  # a tub run: its files are not features
         out = path / "outputs"
-        holds = any(out.glob("*.npz")) or (out / "embeddings.npy").is_file() or (out / "features.npy").is_file()
+        holds = (any(out.glob("*.npz")) or (out / "embeddings.npy").is_file() or (out / "features.npy").is_file()
+                 or bool(_h5_files(out)) or bool(_atlas_dirs(out)))
         where = [out] if holds else sorted(d for d in out.iterdir() if d.is_dir() and not d.name.startswith("."))
         raise TubError(f"{path} is a run directory; give the features in it ({', '.join(map(str, where[:3])) or out})")
     if (path / "embeddings.npy").is_file():
@@ -57,7 +63,30 @@ def detect_layout(path: Path) -> str:
         return "official"
     if (path / "features.npy").is_file():
         return "plain-dir"
-    raise TubError(f"{path}: folder has no per-center .npz files and no embeddings.npy; check the path")
+    if _h5_files(path):
+        return "h5"
+    if _atlas_dirs(path):
+        return "atlas-dirs"
+    raise TubError(f"{path}: folder has no per-center .npz files, no embeddings.npy (or sub-folders with one) and "
+                   "no per-slide .h5 features; check the path")
+
+
+def _h5_files(folder: Path) -> dict[str, Path]:
+    """Per-slide feature files in ``folder``: slide id (file stem) -> path. Hidden files (unfinished writes)
+    are left out; two files of one slide are an error, since either could be meant."""
+    files: dict[str, Path] = {}
+    for q in sorted(folder.iterdir()):
+        if q.suffix in (".h5", ".hdf5") and not q.name.startswith(".") and q.is_file():
+            if q.stem in files:
+                raise TubError(f"{folder}: {files[q.stem].name} and {q.name} are both slide {q.stem!r}; keep one")
+            files[q.stem] = q
+    return files
+
+
+def _atlas_dirs(folder: Path) -> list[Path]:
+    """Sub-folders holding an atlas npy output (``tub atlas embed --format npy`` writes one per slide)."""
+    return sorted(d for d in folder.iterdir()
+                  if not d.name.startswith(".") and d.is_dir() and (d / "embeddings.npy").is_file())
 
 
 def _load_plain_array(path: Path) -> np.ndarray:
@@ -235,18 +264,152 @@ def _load_official(folder: Path, meta: Metadata) -> np.ndarray:
     return out
 
 
-def _align_manifest(manifest: Metadata, meta: Metadata, X: np.ndarray, src: Path) -> np.ndarray:
+def _manifest_rows(manifest: Metadata, meta: Metadata, src: Path, where: str = "manifest.csv") -> np.ndarray | None:
+    """The manifest row of each metadata row, by ``(slide_id, patch_id)``; None when the manifest has no such
+    keys (then it must be row-aligned)."""
     if "slide_id" in manifest.columns and "patch_id" in manifest.columns:
         index = {k: i for i, k in enumerate(manifest.keys())}
         missing = [k for k in meta.keys() if k not in index]
         if missing:
             raise TubError(
-                f"{src}: {len(missing)} metadata row(s) are not in manifest.csv, e.g. {missing[0]!r} (unknown slide id?)"
+                f"{src}: {len(missing)} metadata row(s) are not in {where}, e.g. {missing[0]!r} (unknown slide id?)"
             )
-        return X[[index[k] for k in meta.keys()]]
+        return np.array([index[k] for k in meta.keys()], dtype=np.int64)
+    return None
+
+
+def _align_manifest(manifest: Metadata, meta: Metadata, X: np.ndarray, src: Path) -> np.ndarray:
+    rows = _manifest_rows(manifest, meta, src)
+    if rows is not None:
+        return X[rows]
     if len(manifest) != len(meta):
         raise TubError(f"{src}: manifest has {len(manifest)} rows but the metadata {len(meta)}; they must match")
     return X
+
+
+def _manifest_metadata(man: Metadata, man_path: Path) -> Metadata:
+    """An atlas manifest as the metadata (``label`` is the class), when no ``--metadata`` is given."""
+    if "biological_class" not in man.columns and "label" in man.columns:  # tub atlas manifest
+        man.columns["biological_class"] = man.columns["label"]
+    missing = [c for c in ("slide_id", "patch_id", "biological_class", "medical_center") if c not in man.columns]
+    if missing:
+        raise TubError(f"{man_path}: manifest lacks {', '.join(missing)}; pass --metadata CSV (PathoROB columns)")
+    return Metadata.from_columns(str(man_path), **man.columns)
+
+
+def _load_atlas_dirs(folder: Path, meta: Metadata | None) -> tuple[np.ndarray, Metadata]:
+    """A folder of atlas npy folders (``tub atlas embed --format npy`` on slides: one per slide) as one
+    input: the manifests, concatenated in folder order, are matched to the metadata as one folder's
+    manifest is; each embeddings.npy is read once and only its matched rows kept."""
+    dirs = _atlas_dirs(folder)
+    mans = []
+    for d in dirs:
+        if not (d / "manifest.csv").is_file():
+            raise TubError(f"{d}: embeddings.npy without manifest.csv; each sub-folder needs its manifest "
+                           "(slide_id, patch_id) to be matched to the metadata")
+        man = _read_manifest(d / "manifest.csv")
+        if "slide_id" not in man.columns or "patch_id" not in man.columns:
+            raise TubError(f"{d / 'manifest.csv'}: no slide_id/patch_id columns to match the metadata on")
+        mans.append(man)
+    common = [c for c in mans[0].columns if all(c in m.columns for m in mans)]
+    man = Metadata({c: np.concatenate([m.columns[c] for m in mans]) for c in common}, str(folder))
+    if meta is None:
+        meta = _manifest_metadata(man, folder)
+        rows = np.arange(len(man))
+    else:
+        rows = _manifest_rows(man, meta, folder, "any sub-folder's manifest.csv")
+    out, start = None, 0
+    for d, m in zip(dirs, mans):
+        X = _load_plain_array(d / "embeddings.npy")
+        if len(X) != len(m):
+            raise TubError(f"{d}: embeddings.npy has {len(X)} rows but manifest.csv {len(m)}; they must match")
+        out = np.empty((len(rows), X.shape[1]), dtype=X.dtype) if out is None else out
+        if X.shape[1] != out.shape[1]:
+            raise TubError(f"{d}: embeddings have {X.shape[1]} dimensions, those of {dirs[0].name} {out.shape[1]}")
+        take = np.flatnonzero((rows >= start) & (rows < start + len(m)))
+        out[take] = X[rows[take] - start]
+        start += len(m)
+    return out, meta
+
+
+def _read_h5_slide(path: Path, patches: np.ndarray | None) -> tuple[np.ndarray, list[str]]:
+    """The rows of one slide's features h5 whose patch_id (``x_y`` of coords) is in ``patches``, in that
+    order, or all rows (None), with their patch ids. One open per slide; the features are read as one
+    contiguous span (h5py's point selections are slow) and the rows picked in memory."""
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise TubError(f"{path}: cannot be read as HDF5 ({first_line(e)})") from None
+    with f:
+        if "features" not in f or "coords" not in f:
+            raise TubError(f"{path}: needs datasets 'features' (N, D) and 'coords' (N, 2), has {list(f) or 'none'}; "
+                           "give per-slide features of tub atlas embed --format h5, tub xmil, CLAM or TRIDENT")
+        feats, coords = f["features"], f["coords"][()]
+        if feats.ndim != 2 or coords.shape != (feats.shape[0], 2):
+            raise TubError(f"{path}: 'features' {feats.shape} and 'coords' {coords.shape} must be (N, D) and (N, 2)")
+        if coords.size and not (np.all(coords >= 0) and np.array_equal(coords, np.floor(coords))):
+            raise TubError(f"{path}: coords are not non-negative integer level-0 positions (tub atlas writes -1 for "
+                           "tiles without one); embed whole slides, or give tile inputs as --format npy/pathorob")
+        names = [f"{x}_{y}" for x, y in coords.astype(np.int64).tolist()]
+        index: dict[str, int] = {}
+        for i, p in enumerate(names):
+            if index.setdefault(p, i) != i:
+                raise TubError(f"{path}: tile {p} (x_y of coords) is in rows {index[p]} and {i}; each tile must be "
+                               "there once: extract the slide's features again")
+        if patches is None:
+            rows = np.arange(len(names))
+        else:
+            missing = [p for p in patches if p not in index]
+            if missing:
+                raise TubError(f"{path}: {len(missing)} metadata row(s) of slide {path.stem} have no tile there, e.g. "
+                               f"patch_id {missing[0]!r}; patch_id must be f\"{{x}}_{{y}}\" of the h5 coords (level-0 "
+                               "top-left), e.g. " + repr(names[0] if names else "1024_2048"))
+            rows = np.array([index[p] for p in patches], dtype=np.int64)
+        lo, hi = (int(rows.min()), int(rows.max()) + 1) if rows.size else (0, 0)
+        X = feats[lo:hi][rows - lo]
+    return X, [names[i] for i in rows]
+
+
+def _load_h5(folder: Path, meta: Metadata) -> tuple[np.ndarray, Metadata]:
+    """A folder of per-slide features h5 files: rows matched to the metadata's (slide_id, patch_id) in
+    metadata order. Slide-level metadata (no patch_id) is expanded to every tile of each slide, in file
+    order: classes and centers are slide properties, the RI neighbourhoods are over tiles."""
+    from tubcli.progress import get_logger
+
+    files = _h5_files(folder)
+    by_slide: dict[str, list[int]] = {}
+    for i, s in enumerate(meta.slide_id):
+        by_slide.setdefault(s, []).append(i)
+    absent = [s for s in by_slide if s not in files]
+    if absent:
+        raise TubError(f"{folder}: no features file for slide_id {absent[0]!r} (expected {absent[0]}.h5; "
+                       f"{len(absent)} slide(s) of the metadata have none); check the slide ids (unknown slide id?)")
+    unused = [s for s in files if s not in by_slide]
+    if unused:
+        get_logger().info("%s: %d of %d slide file(s) are not named by the metadata and not read (e.g. %s)",
+                          folder, len(unused), len(files), files[unused[0]].name)
+    slide_level = "patch_id" not in meta.columns
+    read = {s: _read_h5_slide(files[s], None if slide_level else meta.patch_id[rows])
+            for s, rows in by_slide.items()}
+    first = next(iter(read))
+    dim = read[first][0].shape[1]
+    for s, (X, _) in read.items():
+        if X.shape[1] != dim:
+            raise TubError(f"{files[s]}: features have {X.shape[1]} dimensions, those of {files[first].name} {dim}; "
+                           "give features of one model")
+    if slide_level:
+        counts = [len(read[s][1]) for s in meta.slide_id]
+        tiles = meta.take(np.repeat(np.arange(len(meta)), counts))
+        tiles.columns["patch_id"] = np.array([p for s in meta.slide_id for p in read[s][1]], dtype=object)
+        get_logger().info("%s: slide-level metadata, %d tile rows from %d slides (patch_id = x_y of the h5 coords)",
+                          meta.source, len(tiles), len(by_slide))
+        return np.concatenate([read[s][0] for s in meta.slide_id]), tiles
+    out = np.empty((len(meta), dim), dtype=np.result_type(*(X.dtype for X, _ in read.values())))
+    for s, rows in by_slide.items():
+        out[rows] = read[s][0]
+    return out, meta
 
 
 def _write_manifest_like(src: Path, dst: Path, meta: Metadata) -> None:
@@ -280,8 +443,16 @@ def _read_manifest(path: Path) -> Metadata:
     return Metadata({h: np.array([r[j] for r in body], dtype=object) for j, h in enumerate(header)}, str(path))
 
 
+def read_inputs(path: Path | str, metadata: Path | str | None) -> tuple[np.ndarray, Metadata]:
+    """:func:`load_features` with the metadata CSV read here: per-slide h5 features name their own tiles,
+    so for them the CSV may be slide-level (no patch_id)."""
+    slide_level = metadata is not None and detect_layout(Path(path)) == "h5"
+    return load_features(path, None if metadata is None else read_metadata(metadata, slide_level=slide_level))
+
+
 def load_features(path: Path | str, meta: Metadata | None) -> tuple[np.ndarray, Metadata]:
-    """Features (N, D) in metadata row order, and the metadata (from the atlas manifest if not given)."""
+    """Features (N, D) in metadata row order, and the metadata (from the atlas manifest if not given; per-slide
+    h5 features with slide-level metadata: expanded to one row per tile)."""
     path = Path(path)
     layout = detect_layout(path)
     if layout == "atlas":
@@ -290,21 +461,19 @@ def load_features(path: Path | str, meta: Metadata | None) -> tuple[np.ndarray, 
         if meta is None:
             if not man_path.is_file():
                 raise TubError(f"{path}: embeddings.npy without manifest.csv; pass --metadata CSV")
-            man = _read_manifest(man_path)
-            if "biological_class" not in man.columns and "label" in man.columns:  # tub atlas manifest
-                man.columns["biological_class"] = man.columns["label"]
-            missing = [c for c in ("slide_id", "patch_id", "biological_class", "medical_center") if c not in man.columns]
-            if missing:
-                raise TubError(f"{man_path}: manifest lacks {', '.join(missing)}; pass --metadata CSV (PathoROB columns)")
-            meta = Metadata.from_columns(str(man_path), **man.columns)
+            meta = _manifest_metadata(_read_manifest(man_path), man_path)
         elif man_path.is_file():
             X = _align_manifest(_read_manifest(man_path), meta, X, path)
+    elif layout == "atlas-dirs":
+        X, meta = _load_atlas_dirs(path, meta)
     elif meta is None:
         meta_guess = path / "metadata.csv" if path.is_dir() else path.with_name("metadata.csv")
         if not meta_guess.is_file():
             raise TubError(f"{path}: no metadata given; pass --metadata CSV (5 PathoROB columns)")
-        meta = read_metadata(meta_guess)
-    if layout == "official":
+        meta = read_metadata(meta_guess, slide_level=layout == "h5")
+    if layout == "h5":
+        X, meta = _load_h5(path, meta)
+    elif layout == "official":
         X = _load_official(path, meta)
     elif layout in ("plain", "plain-dir"):
         X = _load_plain_array(path if layout == "plain" else path / "features.npy")
@@ -349,7 +518,8 @@ def write_plain(path: Path, X: np.ndarray) -> None:
 
 def like_paths(src: Path, dst: Path) -> tuple[str, list[Path]]:
     """The layout of ``src`` and the paths :func:`write_like` writes for it under ``dst`` (a folder for the
-    official and atlas layouts; the ``.npy`` and the ``metadata.csv`` beside it for the plain layout)."""
+    official and atlas layouts; the ``.npy`` and the ``metadata.csv`` beside it for the others: plain,
+    and per-slide h5 or atlas sub-folders, whose rows are then the metadata's, one matrix)."""
     layout = detect_layout(Path(src))
     dst = Path(dst)
     if layout in ("official", "atlas"):

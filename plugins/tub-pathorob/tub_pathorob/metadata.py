@@ -88,8 +88,10 @@ class Metadata:
                 w.writerows(zip(*(self.columns[c] for c in names)))
 
 
-def read_metadata(path: Path | str) -> Metadata:
-    """Read a metadata CSV as strings (as the reference does with ``dtype=str``)."""
+def read_metadata(path: Path | str, slide_level: bool = False) -> Metadata:
+    """Read a metadata CSV as strings (as the reference does with ``dtype=str``). ``slide_level``: the
+    features name their own tiles (per-slide h5 files), so ``patch_id`` may be missing; the rows are then
+    slides, expanded to their tiles by the feature reader."""
     path = Path(path)
     if not path.is_file():
         raise TubError(f"metadata file not found: {path}; pass --metadata with an existing CSV")
@@ -101,11 +103,14 @@ def read_metadata(path: Path | str) -> Metadata:
             raise TubError(f"{path}: metadata CSV is empty; it needs the columns {', '.join(COLUMNS)}") from None
         rows = list(reader)
     header = [h.strip() for h in header]
-    missing = [c for c in REQUIRED if c not in header]
+    required = [c for c in REQUIRED if c != "patch_id" or not slide_level or "patch_id" in header]
+    missing = [c for c in required if c not in header]
     if missing:
+        hint = (" (slide-level rows without patch_id are read only with a folder of per-slide h5 features)"
+                if missing == ["patch_id"] else "")
         raise TubError(
             f"{path}: metadata is missing column(s) {', '.join(missing)}; "
-            f"a PathoROB metadata CSV has {', '.join(COLUMNS)}"
+            f"a PathoROB metadata CSV has {', '.join(COLUMNS)}{hint}"
         )
     kept = [(i + 2, r) for i, r in enumerate(rows) if any(x.strip() for x in r)]  # (file line, row)
     lines, rows = [line for line, _ in kept], [r for _, r in kept]
@@ -115,17 +120,20 @@ def read_metadata(path: Path | str) -> Metadata:
     if bad:
         raise TubError(f"{path}: line {bad[0]} has a different number of fields than the header; fix the CSV")
     cols = {h: np.array([r[j] for r in rows], dtype=object) for j, h in enumerate(header)}
-    for c in REQUIRED:
+    for c in required:
         empty = np.flatnonzero(cols[c] == "")
         if len(empty):
             raise TubError(f"{path}: column {c} is empty on line {lines[empty[0]]}; every row needs a value")
     # one tile twice in one subset would count its vector twice (paired subsets may share tiles)
     subsets = cols.get("subset", np.full(len(rows), "", dtype=object))
     seen: dict = {}
-    for line, key in zip(lines, zip(subsets, cols["slide_id"], cols["patch_id"])):
+    patches = cols.get("patch_id", [None] * len(rows))  # None: slide-level rows
+    for line, key in zip(lines, zip(subsets, cols["slide_id"], patches)):
         if key in seen:
-            raise TubError(f"{path}: lines {seen[key]} and {line} are the same tile (slide_id {key[1]}, patch_id "
-                           f"{key[2]}{', subset ' + key[0] if key[0] else ''}); drop the duplicate")
+            what = "slide" if key[2] is None else "tile"
+            raise TubError(f"{path}: lines {seen[key]} and {line} are the same {what} (slide_id {key[1]}"
+                           f"{'' if key[2] is None else ', patch_id ' + key[2]}"
+                           f"{', subset ' + key[0] if key[0] else ''}); drop the duplicate")
         seen[key] = line
     return Metadata.from_columns(str(path), **cols)
 
