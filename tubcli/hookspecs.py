@@ -17,13 +17,15 @@ class EncoderSpec:
     ``loader`` is a lazy ``"module:function"`` reference, called as
     ``loader(weights: Path | None, device, dtype) -> torch.nn.Module``. The module maps a float
     tensor ``(B, 3, tile_size, tile_size)`` with RGB in [0, 1] to ``(B, dim)`` embeddings and does
-    its own normalisation.
+    its own normalisation. ``dim``/``tile_size`` None: known only from the weights (an encoder whose
+    settings come with its checkpoint); the loaded module then has ``.dim`` and ``.tile_size``, and
+    :meth:`resolved` gives the spec with them.
     """
 
     name: str
     loader: str
-    dim: int
-    tile_size: int = 224
+    dim: int | None
+    tile_size: int | None = 224
     mpp: float = 0.5
     description: str = ""
 
@@ -31,6 +33,13 @@ class EncoderSpec:
         from tubcli.verbs import resolve_ref
 
         return resolve_ref(self.loader)(weights, device, dtype)
+
+    def resolved(self, module) -> "EncoderSpec":
+        """This spec with ``dim``/``tile_size`` taken from a loaded module where the spec leaves them open."""
+        import dataclasses
+
+        return dataclasses.replace(self, dim=self.dim if self.dim is not None else int(module.dim),
+                                   tile_size=self.tile_size if self.tile_size is not None else int(module.tile_size))
 
 
 @hookspec

@@ -380,8 +380,8 @@ def test_every_advertised_encoder_loads_through_the_hook(tmp_path):
     from tub_atlas.synthetic import preset_config, random_vit
 
     names = sorted(n for n, spec in patch_encoders().items() if spec.loader.startswith("tub_atlas."))
-    assert {"rudolfv-2", "rudolfv-2-b", "rudolfv-2-s", "uni2-h", "vit-t8-demo"} <= set(names)
-    for name in names:
+    assert {"rudolfv-2", "rudolfv-2-b", "rudolfv-2-s", "uni2-h", "vit-t8-demo", "atlas"} <= set(names)
+    for name in [n for n in names if n != "atlas"]:
         path = tmp_path / f"{name}.safetensors"
         save_file(random_vit(preset_config(name, depth=1), seed=0).state_dict(), path)  # no model.json
         spec = get_patch_encoder(name)
@@ -391,12 +391,40 @@ def test_every_advertised_encoder_loads_through_the_hook(tmp_path):
         path.unlink()
 
 
+def test_the_atlas_encoder_takes_its_settings_from_the_checkpoint(tmp_path):
+    """`--encoder atlas --weights W` (tub-xmil) is `tub atlas embed --weights W`: shapes, pooling, norm and
+    tile size from W's model.json (a trained student, Atlas 2), so dim and tile size are known on loading."""
+    from tubcli.errors import TubError
+    from tubcli.plugins import get_patch_encoder
+    from tub_atlas.checkpoint import model_json, save_weights
+    from tub_atlas.encoder import load_encoder
+    from tub_atlas.synthetic import preset_config, random_vit
+
+    cfg = preset_config("vit-t8-demo")
+    path = tmp_path / "student.safetensors"
+    save_weights(path, random_vit(cfg, seed=1).state_dict(), model_json(cfg, norm="h-optimus", pool="mean",
+                                                                        img_size=96))
+    spec = get_patch_encoder("atlas")
+    assert spec.dim is None and spec.tile_size is None
+    module = spec.load(path, "cpu", None)
+    got = spec.resolved(module)
+    assert (got.dim, got.tile_size) == (192, 96)
+    x = torch.rand(2, 3, 96, 96)
+    enc, info = load_encoder("auto", path)
+    with torch.no_grad():
+        assert torch.equal(module(x), enc(x)) and info["pool"] == "mean"
+    with pytest.raises(TubError, match="needs a local weights file"):
+        spec.load(None, "cpu", None)
+
+
 def test_hook_table_matches_presets():
     from tub_atlas.plugin import ENCODERS, TILE_SIZE
     from tub_atlas.presets import PRESETS
     from tub_atlas.vit import pooled_dim
 
     for name, (dim, _, _) in ENCODERS.items():
+        if dim is None:  # "atlas": from the weights' model.json
+            continue
         p = PRESETS[name]
         assert dim == pooled_dim(p.embed_dim, p.pool)
         assert TILE_SIZE.get(name, 224) == p.img_size

@@ -22,17 +22,17 @@ def _ok(res):
     return res
 
 
-def _model(folder, features: dict):
+def _model(folder, features: dict, dim: int = DIM):
     """An untrained AttnMIL checkpoint whose model.json records the training bags' provenance."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    m = build_model("attnmil", DIM, 2, features_dim=8, inner_attention_dim=4).eval()
+    m = build_model("attnmil", dim, 2, features_dim=8, inner_attention_dim=4).eval()
     save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(folder / "model.safetensors"))
     (folder / "model.json").write_text(json.dumps({
         "arch": "attnmil", "task": "classification", "classes": ["0", "1"], "features": features,
-        "kwargs": {"input_dim": DIM, "head_dim": 2, "features_dim": 8, "inner_attention_dim": 4}}))
+        "kwargs": {"input_dim": dim, "head_dim": 2, "features_dim": 8, "inner_attention_dim": 4}}))
     return folder
 
 
@@ -99,3 +99,34 @@ def test_a_bag_unlike_the_training_bags_is_warned(tmp_path, tiny_encoder):
         assert "s2.h5: embedded by virchow2, the model was trained on bags embedded by uni2-h" in res.stderr
     expect_error_line(invoke(["xmil", "heatmap", bag, "--model", model, "--coords-dir", tmp_path, "-o",
                               tmp_path / "x"]), "--coords-dir gives the tiles of slide inputs")
+
+
+def test_a_tub_atlas_checkpoint_embeds_slides_by_its_own_settings(tmp_path, slide):
+    """`--encoder atlas` takes any tub atlas checkpoint (a trained student, Atlas 2) with the settings of
+    the model.json beside it; the features record the weights' digest, which heatmap compares."""
+    pytest.importorskip("tub_atlas")
+    from tub_atlas.checkpoint import model_json, save_weights
+    from tub_atlas.synthetic import preset_config, random_vit
+
+    cfg = preset_config("vit-t8-demo")
+    weights = tmp_path / "student.safetensors"
+    save_weights(weights, random_vit(cfg, seed=1).state_dict(), model_json(cfg, norm="h-optimus", pool="mean",
+                                                                           img_size=96))
+    patches = _patches(tmp_path / "tiles", [[128, 128], [256, 128]])
+    res = _ok(invoke(["xmil", "features", slide, "--encoder", "atlas", "--weights", weights, "--coords-dir", patches,
+                      "-o", tmp_path / "f", "--json"]))
+    assert json.loads(res.stdout)["dim"] == 192
+    with h5py.File(tmp_path / "f" / "outputs" / "features" / "s1.h5") as f:
+        assert f["features"].shape == (2, 192) and f.attrs["encoder"] == "atlas"
+        assert f.attrs["encoder_tile_size"] == 96 and len(f.attrs["encoder_weights_sha256"]) == 64
+        digest = f.attrs["encoder_weights_sha256"]
+    model = _model(tmp_path / "m", {"encoder": "atlas", "encoder_weights_sha256": digest}, dim=192)
+    res = _ok(invoke(["xmil", "heatmap", slide, "--model", model, "--weights", weights, "--coords-dir", patches,
+                      "--method", "attention", "-o", tmp_path / "hm"]))
+    assert "are not the weights" not in res.stderr
+    other = tmp_path / "other.safetensors"
+    save_weights(other, random_vit(cfg, seed=2).state_dict(), model_json(cfg, norm="h-optimus", pool="mean",
+                                                                         img_size=96))
+    res = _ok(invoke(["xmil", "heatmap", slide, "--model", model, "--weights", other, "--coords-dir", patches,
+                      "--method", "attention", "-o", tmp_path / "hm2"]))
+    assert "are not the weights the model's training bags were embedded with" in res.stderr

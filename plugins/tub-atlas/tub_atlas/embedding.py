@@ -130,14 +130,21 @@ def encoder_attrs(section, info: dict, precision: str, seed: int) -> dict:
     features, or, where none does (another pooling, normalisation or tile size), a description no loader
     has: ``xmil heatmap`` then cannot re-embed slides with the wrong features (a mean-pooled bag explained
     with CLS features) and says to heatmap the feature files instead."""
-    from .plugin import ENCODERS
+    from .plugin import ENCODERS, FROM_WEIGHTS
 
     changed = [f"{k} {getattr(section, k)}" for k in ("pool", "norm", "img_size", "heads")
                if getattr(section, k) is not None]
     if info["random_init"] and seed != 0:  # the loader's random weights are those of seed 0
         changed.append(f"random weights of seed {seed}")
-    hook = info["arch"] in ENCODERS and not changed
-    attrs = {"encoder": info["arch"] if hook else f"tub atlas {info['arch']} ({', '.join(changed) or 'no preset'})",
+    if changed:
+        name = f"tub atlas {info['arch']} ({', '.join(changed)})"
+    elif info["arch"] in ENCODERS:
+        name = info["arch"]
+    elif section.arch == "auto" and section.weights is not None:  # what the loader reads beside the weights too
+        name = FROM_WEIGHTS
+    else:
+        name = f"tub atlas {info['arch']}"
+    attrs = {"encoder": name,
              "encoder_pool": info["pool"], "encoder_tile_size": int(info["transform"]["img_size"]),
              "precision": precision}
     if info.get("weights_sha256"):

@@ -100,6 +100,7 @@ class Encoder(nn.Module):
         self.transform = transform
         self.pool = pool
         self.dim = pooled_dim(vit.cfg.embed_dim, pool)
+        self.tile_size = transform.img_size  # the side tiles are resized to (tub_patch_encoders' tile_size)
 
     def check_tile_size(self, H: int, W: int, src) -> None:
         """An H x W tile that this model's preprocessing cannot turn into whole patches is a one-line

@@ -14,7 +14,7 @@ import torch
 from tubcli.errors import TubError
 
 from .encoder import Encoder, load_encoder
-from .plugin import ENCODERS, loader_name
+from .plugin import ENCODERS, FROM_WEIGHTS, loader_name
 
 RANDOM_OK = {"vit-t8-demo"}
 
@@ -23,8 +23,8 @@ def load_patch_encoder(name: str, weights: str | Path | None, device="cpu", dtyp
     if weights is None and name not in RANDOM_OK:
         raise TubError(f"encoder {name} needs a local weights file (tub never downloads weights); "
                        "pass its path")
-    enc, _ = load_encoder(name, weights, random_init=weights is None, device=device,
-                          dtype=dtype if dtype not in (None, torch.float32) else None)
+    enc, _ = load_encoder("auto" if name == FROM_WEIGHTS else name, weights, random_init=weights is None,
+                          device=device, dtype=dtype if dtype not in (None, torch.float32) else None)
     return enc.requires_grad_(False)
 
 

@@ -87,7 +87,10 @@ ENCODERS = {
     "rudolfv-2-s": (768, 0.5, "RudolfV-2-S ViT-S/8-reg8, CLS+mean (as RudolfV-2)"),
     "vit-s8-reg8": (768, 0.5, "ViT-S/8-reg8 student, CLS+mean (e.g. from 'tub atlas train')"),
     "vit-t8-demo": (384, 0.5, "tiny ViT/8 for demos/tests; RANDOM weights when no weights path is given"),
+    "atlas": (None, 0.5, "any tub atlas checkpoint (tub atlas train, convert, Atlas 2): shapes, normalisation, "
+                         "pooling and tile size from the model.json beside the weights"),
 }
+FROM_WEIGHTS = "atlas"  # the entry whose settings come with the weights, as `tub atlas embed --weights W` reads them
 TILE_SIZE = {"vit-t8-demo": 64}
 
 
@@ -106,6 +109,7 @@ def tub_register(registry):
 def tub_patch_encoders():
     return {
         name: EncoderSpec(name=name, loader=f"tub_atlas.encoders:{loader_name(name)}", dim=dim,
-                          tile_size=TILE_SIZE.get(name, 224), mpp=mpp, description=desc)
+                          tile_size=None if name == FROM_WEIGHTS else TILE_SIZE.get(name, 224), mpp=mpp,
+                          description=desc)
         for name, (dim, mpp, desc) in ENCODERS.items()
     }

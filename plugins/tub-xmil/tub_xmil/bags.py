@@ -175,7 +175,7 @@ def _load_tensor(path: Path, mmap: bool = False, with_coords: bool = False):
     return (t, coords) if with_coords else t
 
 
-PROVENANCE_KEYS = ("encoder", "target_mpp", "patch_size", "min_tissue", "min_std")
+PROVENANCE_KEYS = ("encoder", "target_mpp", "patch_size", "min_tissue", "min_std", "encoder_weights_sha256")
 
 
 def features_provenance(paths) -> dict:
@@ -194,7 +194,7 @@ def features_provenance(paths) -> dict:
             if "coords" in f:
                 attrs.update({k: _py(v) for k, v in f["coords"].attrs.items()})
         if "target_mpp" not in attrs:  # CLAM's patch_size is at its patch_level, not at a µm/px
-            attrs = {k: v for k, v in attrs.items() if k == "encoder"}
+            attrs = {k: v for k, v in attrs.items() if k in ("encoder", "encoder_weights_sha256")}
         for k in PROVENANCE_KEYS:
             v = attrs.get(k)
             seen.setdefault(k, set()).add(v if isinstance(v, (str, int, float)) else None)

@@ -87,12 +87,11 @@ def features(cfg, run) -> dict:
         t = cfg.tiling
         run.log.info("the %d px tiles at %g µm/px are resized to the encoder's %d px: it sees %.3g µm/px",
                      t.patch_size, t.target_mpp, spec.tile_size, t.target_mpp * t.patch_size / spec.tile_size)
-    if cfg.weights is not None:
-        run.refuse_replaced_file("--weights", cfg.weights)
+    digest = run.refuse_replaced_file("--weights", cfg.weights) if cfg.weights is not None else None
     for path, out in run.batch(slides, output_for=lambda p: run.outputs_dir / "features" / f"{Path(p).stem}.h5",
                                check_output=_count_patches):
         with run.item(path):
-            features_one(Path(path), out, cfg, spec, module, run.device, run.dtype)
+            features_one(Path(path), out, cfg, spec, module, run.device, run.dtype, weights_sha256=digest)
     return {"patches": _patches_in(run.outputs_dir / "features"), "encoder": spec.name, "dim": spec.dim}
 
 
@@ -536,7 +535,12 @@ def heatmap(cfg, run) -> dict:
             raise TubError(f"encoder {spec.name} gives {spec.dim}-d features but the model expects "
                            f"{meta['kwargs']['input_dim']}-d; use the encoder the model was trained on")
         if cfg.weights is not None:
-            run.refuse_replaced_file("--weights", cfg.weights)
+            digest = run.refuse_replaced_file("--weights", cfg.weights)
+            trained = meta.get("features", {}).get("encoder_weights_sha256")
+            if trained and trained != digest:
+                run.log.warning("--weights %s are not the weights the model's training bags were embedded with "
+                                "(sha256 %s…, model.json): the model gets features it never saw", cfg.weights,
+                                trained[:12])
     _refuse_replaced_model(cfg, run)
 
     def pending(p):

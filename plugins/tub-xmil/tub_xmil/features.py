@@ -22,7 +22,7 @@ def get_encoder(name: str, weights=None, device="cpu", dtype=None):
         raise TubError(f"unknown patch encoder {name!r}; installed: {', '.join(sorted(offered))}")
     spec = offered[name]
     module = spec.load(weights, device, dtype)
-    return spec, module
+    return spec.resolved(module), module
 
 
 def embed_tiles(slide, coords: np.ndarray, size_level0: int, spec, module, batch_size: int = 64,

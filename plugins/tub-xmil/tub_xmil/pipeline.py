@@ -134,9 +134,10 @@ def slide_coords(path: Path, cfg, coords_dir: Path | None):
         raise
 
 
-def features_one(path: Path, out_h5: Path, cfg, spec, module, device, dtype=None) -> dict:
+def features_one(path: Path, out_h5: Path, cfg, spec, module, device, dtype=None,
+                 weights_sha256: str | None = None) -> dict:
     """Features of one slide, with how its tiles were cut (TRIDENT/CLAM attributes) and the
-    encoder and precision that embedded them."""
+    encoder (and its weights' digest) and precision that embedded them."""
     from tub_xmil.bags import write_features_h5
     from tub_xmil.features import embed_tiles
 
@@ -148,6 +149,8 @@ def features_one(path: Path, out_h5: Path, cfg, spec, module, device, dtype=None
     seen = {"encoder_tile_size": spec.tile_size}  # the tiles are resized to it: the resolution the encoder sees
     if attrs.get("mpp"):
         seen["encoder_mpp"] = float(attrs["mpp"]) * size0 / spec.tile_size
+    if weights_sha256:
+        seen["encoder_weights_sha256"] = weights_sha256
     with atomic_path(out_h5) as tmp:
         write_features_h5(tmp, feats, coords, {**attrs, **seen, "encoder": spec.name, "precision": cfg.precision,
                                                "name": path.stem})
