@@ -653,11 +653,15 @@ class Run:
 
                 write_text(self.dir / "config.yaml", config_yaml(cfg))
                 env = environment_record(plugin_version, self.command, cfg)
-                if self.shard[1] > 1:  # every shard's own record is kept (hosts and versions may differ)
-                    shards = {**self._earlier_env().get("shards", {}),
-                              f"{self.shard[0]}/{self.shard[1]}": {k: env[k] for k in ("argv", "host", "time", "threads")}}
-                    env["shards"] = dict(sorted(shards.items()))
-                write_json(self.dir / "env.json", env)
+                with ItemLock(self.dir / "env.json").waiting():  # the shards of an array job share the file
+                    if self.shard[1] > 1:  # every shard's own record is kept (hosts and versions may differ)
+                        shards = {**self._earlier_env().get("shards", {}),
+                                  f"{self.shard[0]}/{self.shard[1]}": {k: env[k] for k in ("argv", "host", "time",
+                                                                                          "threads")}}
+                        env["shards"] = dict(sorted(shards.items()))
+                    if self._device is not None:
+                        env.update(self._device_record())
+                    write_json(self.dir / "env.json", env)
         except BaseException:
             self.undo_if_unused()
             raise
@@ -785,7 +789,32 @@ class Run:
         if self._device is None:
             self._device = _device.resolve_device(getattr(self.cfg, "device", "auto"),
                                                   getattr(self.cfg, "precision", "fp32"))
+            self._record_device()
         return self._device
+
+    def _record_device(self) -> None:
+        """Add the device the run computes on to ``env.json`` (``--device auto`` names none; a GPU's model and
+        cuDNN tell GPU from CPU results afterwards, e.g. an LRP conservation error). A device resolved
+        before the run directory exists (torchrun) is added when env.json is first written."""
+        if not self.is_main or not hasattr(self, "dir") or not (self.dir / "env.json").is_file():
+            return
+        with ItemLock(self.dir / "env.json").waiting():  # the shards of an array job share the file
+            env = self._earlier_env()
+            if env:
+                write_json(self.dir / "env.json", {**env, **self._device_record()})
+
+    def _device_record(self) -> dict:
+        import torch
+
+        record = {"device": str(self._device)}
+        if self._device.type == "cuda":
+            index = self._device.index if self._device.index is not None else torch.cuda.current_device()
+            record.update({"gpu": torch.cuda.get_device_name(index),
+                           "gpu_capability": ".".join(map(str, torch.cuda.get_device_capability(index))),
+                           "cudnn": torch.backends.cudnn.version()})
+        if self.world_size > 1:
+            record["world_size"] = self.world_size
+        return record
 
     @property
     def dtype(self):

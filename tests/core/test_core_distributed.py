@@ -1,5 +1,6 @@
 """A two-process torchrun (gloo, CPU) run: same final weights on both ranks, one run directory."""
 
+import json
 import subprocess
 import sys
 
@@ -21,6 +22,8 @@ def test_torchrun_two_ranks_agree_and_write_once(toy_env, tmp_path):
     lines = (runs[0] / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 4  # rank 0 only: one line per epoch
     assert (runs[0] / "DONE").exists() and (runs[0] / "checkpoints" / "model.safetensors").exists()
+    env_record = json.loads((runs[0] / "env.json").read_text())  # resolved before the run directory existed
+    assert (env_record["device"], env_record["world_size"]) == ("cpu", 2)
 
 
 def test_torchrun_ranks_take_their_own_gpu(monkeypatch):

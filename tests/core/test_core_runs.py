@@ -902,3 +902,16 @@ def test_env_json_records_what_an_auditor_needs(toy_plugins, tmp_path, monkeypat
         assert env["git_commit"] == head.strip() and isinstance(env["git_local_changes"], bool)
     else:
         assert env["git_commit"] is None
+
+
+def test_env_json_names_the_device_the_run_resolved(tmp_path):
+    """--device auto records no device in config.yaml: env.json gets the one used once a verb asks for it."""
+    from tubcli.config import TubConfig
+    from tubcli.runs import Run
+
+    run = Run("toy", "train", TubConfig(device="auto"), out=tmp_path / "r", training=True)
+    assert "device" not in json.loads((tmp_path / "r" / "env.json").read_text())
+    device = str(run.device)
+    env = json.loads((tmp_path / "r" / "env.json").read_text())
+    assert env["device"] == device and env["packages"] and not (tmp_path / "r" / "env.json.lock").exists()
+    run.finish({})
