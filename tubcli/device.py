@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -23,8 +24,8 @@ def resolve_device(spec: str = "auto", precision: str = "fp32"):
     spec = (spec or "auto").strip().lower()
     if spec == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", _local_gpu(torch))
-        if _mps_available() and precision != "fp64":
+            return _say_slow_bf16(torch.device("cuda", _local_gpu(torch)), precision)
+        if _mps_available() and precision != "fp64" and "LOCAL_RANK" not in os.environ:  # gloo has no MPS
             return torch.device("mps")
         return torch.device("cpu")
     if spec == "cpu":
@@ -33,7 +34,7 @@ def resolve_device(spec: str = "auto", precision: str = "fp32"):
         if not torch.cuda.is_available():
             raise TubError(f"--device {spec}{_origin()}: CUDA is not available here; use --device cpu or auto")
         if ":" not in spec:  # under torchrun each local rank takes its own GPU, as with auto
-            return torch.device("cuda", _local_gpu(torch))
+            return _say_slow_bf16(torch.device("cuda", _local_gpu(torch)), precision)
         index = int(spec.split(":", 1)[1])
         ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         if ranks_here > 1:
@@ -42,14 +43,31 @@ def resolve_device(spec: str = "auto", precision: str = "fp32"):
         if index >= torch.cuda.device_count():
             raise TubError(f"--device {spec}{_origin()}: only {torch.cuda.device_count()} CUDA device(s); pick one "
                            "of them")
-        return torch.device("cuda", index)
+        return _say_slow_bf16(torch.device("cuda", index), precision)
     if spec == "mps":
         if not _mps_available():
             raise TubError(f"--device mps{_origin()}: Apple MPS is not available here; use --device cpu or auto")
         if precision == "fp64":
             raise TubError(f"--device mps{_origin()} has no float64; use --precision fp32, or --device cpu for fp64")
+        if "LOCAL_RANK" in os.environ:
+            raise TubError(f"--device mps{_origin()} under torchrun: no process-group backend reduces MPS tensors; "
+                           "use --device cpu (gloo)")
         return torch.device("mps")
     raise TubError(f"unknown device {spec!r}{_origin()}; use auto, cpu, cuda, cuda:N or mps")
+
+
+def _say_slow_bf16(device, precision: str):
+    """``device``; bf16 asked for on a GPU before Ampere (V100, T4: compute capability < 8) is emulated,
+    often slower than fp32, which the user would otherwise only see in the job's run time."""
+    import torch
+
+    if precision in ("bf16", "bf16-weights"):
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            logging.getLogger("tub").warning(
+                "--precision bf16 on %s (compute capability %d.%d) has no bf16 units and is emulated, often slower "
+                "than fp32; use --precision fp16 (or fp32)", torch.cuda.get_device_name(device), major, minor)
+    return device
 
 
 def say_device_unused(cfg, run) -> None:
@@ -181,7 +199,9 @@ def init_distributed(device) -> DistInfo:
             import torch
 
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend)
+            dist.init_process_group(backend=backend, device_id=device)  # the rank's GPU, not a best guess
+        else:
+            dist.init_process_group(backend=backend)
         import atexit
 
         atexit.register(_destroy_process_group)

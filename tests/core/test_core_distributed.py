@@ -65,3 +65,39 @@ def test_mps_has_no_float64(monkeypatch):
     assert device.resolve_device("auto", "fp64") == torch.device("cpu")
     with pytest.raises(TubError, match="--device mps has no float64; use --precision fp32"):
         device.resolve_device("mps", "fp64")
+
+
+def test_torchrun_on_a_mac_computes_on_the_cpu(monkeypatch):
+    """gloo cannot all-reduce MPS tensors: under torchrun auto takes the CPU and an explicit mps is refused."""
+    import pytest
+    import torch
+
+    from tubcli import device
+    from tubcli.errors import TubError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(device, "_mps_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert device.resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(TubError, match="--device mps under torchrun: no process-group backend"):
+        device.resolve_device("mps")
+
+
+def test_bf16_on_a_gpu_before_ampere_is_said_to_be_emulated(monkeypatch, caplog):
+    import torch
+
+    from tubcli import device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla V100")
+    capability = {"now": (7, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability["now"])
+    with caplog.at_level("WARNING", logger="tub"):
+        assert device.resolve_device("cuda", "bf16") == torch.device("cuda", 0)
+        assert "bf16 on Tesla V100 (compute capability 7.0) has no bf16 units" in caplog.text
+        caplog.clear()
+        device.resolve_device("auto", "fp16")
+        capability["now"] = (8, 0)
+        device.resolve_device("cuda:0", "bf16")
+    assert not caplog.records

@@ -31,10 +31,11 @@ def _grown(model: SpookyNet, seed: int, **changes) -> SpookyNet:
 
 
 def _finish(model: SpookyNet, grown: SpookyNet, state: dict) -> SpookyNet:
+    """The grown network (built and filled on the CPU) on the device of ``model``."""
     grown.load_state_dict(state)
     if model.d4 is not None and model.d4.has_tables:
         grown.d4.load_tables(model.d4.tables())
-    return grown.eval()
+    return grown.to(next(model.parameters()).device).eval()
 
 
 def deepen(model: SpookyNet, modules: int, seed: int = 1) -> SpookyNet:
@@ -68,7 +69,7 @@ def widen(model: SpookyNet, features: int, seed: int = 1) -> SpookyNet:
         raise ValueError(f"the model already has {F} features; give at least {F}")
     m = model.config.num_random_features or F
     wide = _grown(model, seed, num_features=features, num_random_features=m)
-    old, state = model.state_dict(), wide.state_dict()
+    old, state = {k: v.cpu() for k, v in model.state_dict().items()}, wide.state_dict()
     gen = torch.Generator().manual_seed(seed)
     for k, v in old.items():
         w = state[k]

@@ -225,6 +225,12 @@ def fit(model, train: list[Graph], valid: list[Graph], s: TrainSettings, run, dt
                                                            min_lr=s.min_lr)
     else:
         raise ValueError(f"unknown lr_schedule {s.lr_schedule!r}: use plateau or cosine")
+    # torchrun: DDP wrapper (averages gradients) and a per-rank shard of the frames; both are
+    # no-ops in a single process, where the numpy shuffle below is used. Wrapped before the EMA copies the
+    # weights: DDP gives every rank rank 0's, so the ranks' EMAs start equal (on CUDA the per-rank element
+    # bias fit differs in rounding, as scatter's atomics sum in any order)
+    net = run.ddp(model) if getattr(run, "world_size", 1) > 1 else model
+    sampler = run.sampler(train, shuffle=True) if getattr(run, "world_size", 1) > 1 else None
     ema = EMA(model, s.ema_decay)
     start, best, bad, best_state = 0, math.inf, 0, None
     if state is not None:
@@ -241,10 +247,6 @@ def fit(model, train: list[Graph], valid: list[Graph], s: TrainSettings, run, dt
     rng = np.random.default_rng(seed + 7919 * member)
     for _ in range(start):  # replay the shuffles so a resumed run sees the same batches
         rng.permutation(len(train))
-    # torchrun: DDP wrapper (averages gradients) and a per-rank shard of the frames; both are
-    # no-ops in a single process, where the numpy shuffle above is used
-    net = run.ddp(model) if getattr(run, "world_size", 1) > 1 else model
-    sampler = run.sampler(train, shuffle=True) if getattr(run, "world_size", 1) > 1 else None
     t0 = time.time()
     metrics = {}
     for epoch in range(start, s.epochs):
