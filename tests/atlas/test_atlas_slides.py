@@ -358,6 +358,20 @@ def test_coords_from_a_features_file_do_not_carry_its_encoder(slide, tmp_path):
     assert "encoder" not in attrs and "precision" not in attrs and attrs["patch_size"] == 64
 
 
+def test_an_empty_coords_file_is_named_not_the_tissue_settings(slide, tmp_path):
+    """With --slide-coords nothing is segmented: "lower --slide-tissue-min" was advice that could not help."""
+    from tubcli.errors import TubError
+    from tub_atlas.slides import read_slide
+
+    coords = tmp_path / "case01.h5"
+    with h5py.File(coords, "w") as f:
+        f["coords"] = np.zeros((0, 2), np.int64)
+        f["coords"].attrs.update({"patch_size": 64, "patch_level": 0})
+    with pytest.raises(TubError, match=r"case01.h5 holds no tiles; tile the slide again") as err:
+        read_slide(slide[0], tile_px=64, coords=coords)
+    assert "tissue-min" not in str(err.value)
+
+
 def _warnings(run, needle: str) -> list[str]:
     """The WARNING lines of a run's tub.log that contain ``needle``."""
     return [line for line in (run / "tub.log").read_text().splitlines() if "WARNING" in line and needle in line]

@@ -509,7 +509,11 @@ def read_slide(path: Path, tile_px: int = 224, mpp: float | None = None, level: 
     from .tiles import TileSet
 
     if coords is not None:
-        tiler = SlideTiles.from_coords(path, find_coords_file(Path(path), Path(coords)), base_mpp=base_mpp)
+        found = find_coords_file(Path(path), Path(coords))
+        tiler = SlideTiles.from_coords(path, found, base_mpp=base_mpp)
+        if len(tiler) == 0:  # no segmentation here: the tissue settings cannot help
+            raise TubError(f"{path.name}: its coords file {found} holds no tiles; tile the slide again (the "
+                           "tiler found no tissue) or leave it out")
     else:
         tiler = SlideTiles(path, tile_px=tile_px, mpp=mpp, level=level, tissue_min=tissue_min, overlap=overlap,
                            tissue=tissue, base_mpp=base_mpp, thumb_max=thumb_max, mag=mag)
