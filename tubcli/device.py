@@ -62,7 +62,10 @@ def _say_slow_bf16(device, precision: str):
     import torch
 
     if precision in ("bf16", "bf16-weights"):
-        major, minor = torch.cuda.get_device_capability(device)
+        try:
+            major, minor = torch.cuda.get_device_capability(device)
+        except (RuntimeError, AssertionError):  # a driver that cannot say: the run goes on unwarned
+            return device
         if major < 8:
             logging.getLogger("tub").warning(
                 "--precision bf16 on %s (compute capability %d.%d) has no bf16 units and is emulated, often slower "

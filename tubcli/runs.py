@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from tubcli import device as _device
-from tubcli.errors import ItemFailures, Terminated, TubError, terminating
+from tubcli.errors import ItemFailures, Terminated, TubError, first_line, terminating
 from tubcli.io import (atomic_path, file_sha256, remove_stale_temporaries, set_vector_figures, to_json, write_bytes,
                        write_json, write_text)
 from tubcli.progress import get_logger, setup_logging, track
@@ -808,10 +808,13 @@ class Run:
 
         record = {"device": str(self._device)}
         if self._device.type == "cuda":
-            index = self._device.index if self._device.index is not None else torch.cuda.current_device()
-            record.update({"gpu": torch.cuda.get_device_name(index),
-                           "gpu_capability": ".".join(map(str, torch.cuda.get_device_capability(index))),
-                           "cudnn": torch.backends.cudnn.version()})
+            try:  # a record: a driver that cannot say must not stop the run
+                index = self._device.index if self._device.index is not None else torch.cuda.current_device()
+                record.update({"gpu": torch.cuda.get_device_name(index),
+                               "gpu_capability": ".".join(map(str, torch.cuda.get_device_capability(index))),
+                               "cudnn": torch.backends.cudnn.version()})
+            except (RuntimeError, AssertionError) as exc:
+                record["gpu"] = f"unknown ({first_line(exc)})"
         if self.world_size > 1:
             record["world_size"] = self.world_size
         return record

@@ -38,12 +38,14 @@ def embed_tileset(encoder: Encoder, tiles: TileSet, batch_size: int = 32, device
     """(N, dim) float32 embeddings of every tile, in the tile set's order. A NaN or inf embedding (fp16
     overflow, weights at the edge of the range) is an error naming its tile: checked once per batch, on
     the device, so the input fails (failures.jsonl) instead of writing values no probe can use."""
+    from tubcli.prefetch import read_ahead
+
     device = torch.device(device)
     out = []
-    for start in range(0, len(tiles), batch_size):
-        batch = tiles.read(start, min(start + batch_size, len(tiles)))
+    starts = range(0, len(tiles), batch_size)
+    for start, batch in read_ahead(lambda s: tiles.read(s, min(s + batch_size, len(tiles))), starts):
         encoder.check_tile_size(*batch.shape[1:3], tiles.rows[start]["origin"])
-        x = uint8_to_float(batch).to(device)
+        x = uint8_to_float(batch, device)
         with autocast(device, dtype):
             emb = encoder(x).float()
         finite = torch.isfinite(emb).all(dim=1)

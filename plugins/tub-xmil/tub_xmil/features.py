@@ -30,12 +30,16 @@ def embed_tiles(slide, coords: np.ndarray, size_level0: int, spec, module, batch
     """(n, dim) float32 embeddings of the tiles at ``coords`` (level 0), resized to the encoder's
     tile size, computed in ``dtype`` (the run's --precision)."""
     from tub_xmil.slides import read_tile
+    from tubcli.prefetch import read_ahead
+
+    def read(s):
+        return np.stack([read_tile(slide, x, y, size_level0, spec.tile_size) for x, y in coords[s:s + batch_size]])
 
     out = []
     with torch.no_grad(), autocast(device, dtype):
-        for s in range(0, len(coords), batch_size):
-            tiles = np.stack([read_tile(slide, x, y, size_level0, spec.tile_size) for x, y in coords[s:s + batch_size]])
-            x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float().div(255).to(device)
+        for s, tiles in read_ahead(read, range(0, len(coords), batch_size)):  # the next batch read meanwhile
+            # uint8 to the device (a quarter of float32's bytes), converted there: exact on any device
+            x = torch.from_numpy(tiles).to(device).permute(0, 3, 1, 2).float().div(255)
             emb = module(x).float()
             finite = torch.isfinite(emb).all(dim=1).cpu()
             if not bool(finite.all()):  # a bag of NaN would only show up as a "diverged" training later
