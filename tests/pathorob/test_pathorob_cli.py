@@ -182,7 +182,7 @@ def test_stain_tiles(tmp_path):
         assert len(list((tmp_path / method / "outputs" / "tiles").glob("*.png"))) == 4  # outputs/<folder name>/
 
 
-@pytest.mark.parametrize("case", ["missing_column", "single_center", "small_class", "unknown_slide"])
+@pytest.mark.parametrize("case", ["missing_column", "single_center", "small_class", "unknown_slide", "semicolons"])
 def test_bad_metadata_exit_2(made, tmp_path, case):
     _, out = made
     lines = (out / "metadata.csv").read_text().splitlines()
@@ -198,11 +198,13 @@ def test_bad_metadata_exit_2(made, tmp_path, case):
     elif case == "unknown_slide":
         rows[0][header.index("slide_id")] = "nope"
     bad = tmp_path / "bad.csv"
-    bad.write_text("\n".join(",".join(r) for r in [header] + rows) + "\n")
+    sep = ";" if case == "semicolons" else ","  # European Excel
+    bad.write_text("\n".join(sep.join(r) for r in [header] + rows) + "\n")
     r = invoke(["pathorob", "ri", out / "features", "--metadata", bad, "--k", k, "-o", tmp_path / "run"])
     assert r.exit_code == 2, r.output
     err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(err) == 1 and "Traceback" not in r.output
+    assert case != "semicolons" or "is not comma-separated" in err[0]
     assert not (tmp_path / "run" / "outputs" / "results_summary.json").exists()
 
 

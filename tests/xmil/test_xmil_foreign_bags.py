@@ -66,6 +66,11 @@ def test_slides_are_embedded_at_the_tiles_of_coords_dir(tmp_path, slide, tiny_en
     # without it, xmil's own detector tiles the slide: said, since its tiles need not be the model's
     res = _ok(invoke(["xmil", "heatmap", slide, "--model", model, "--method", "attention", "-o", tmp_path / "hm2"]))
     assert "tiled by another tool" in res.stderr and "--coords-dir" in res.stderr
+    # a tiler that found no tissue left an empty patches file: named, not a numpy error
+    empty = _patches(tmp_path / "empty_tiles", np.zeros((0, 2)))
+    for verb in (["heatmap", slide, "--model", model], ["features", slide, "--encoder", tiny_encoder]):
+        res = invoke(["xmil", *verb, "--coords-dir", empty, "-o", tmp_path / f"e_{verb[0]}"])
+        assert res.exit_code == 1 and "s1.h5: holds no tiles (its tiler found no tissue" in res.stderr
     # tiling flags contradict the patches files; feature files hold their own coords
     expect_error_line(invoke(["xmil", "heatmap", slide, "--model", model, "--coords-dir", patches, "--patch-size",
                               "64", "-o", tmp_path / "hm3"]), "--patch-size do not apply with --coords-dir")

@@ -264,6 +264,10 @@ def test_foreign_model_files_and_tile_arrays(tmp_path, bags, model):
     np.savez(tmp_path / "t2.npz", features=np.zeros((4, 16, 16, 3), np.float32))
     with pytest.raises(TubError, match=r"shape \(4, 16, 16, 3\)"):
         read_bag(tmp_path / "t2.npz")
+    np.savez(tmp_path / "empty.npz", features=np.zeros((0, 384), np.float32))  # a features file, no tissue
+    with pytest.raises(TubError, match="the bag has no patches") as err:
+        read_bag(tmp_path / "empty.npz")
+    assert "not tiles" not in str(err.value)
 
 
 @pytest.mark.parametrize("strategy,ok", [("bogus", False), ("0%-of-all", False), ("25%-of-all", True),

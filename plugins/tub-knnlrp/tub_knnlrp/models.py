@@ -104,7 +104,7 @@ def fit_model(X, y, kind="knn", scaler="standard", k=None, gamma=None, C=None, f
         # every class needs k_d + κ = k points for the default κ
         grid["model__n_neighbors"] = [v for v in grid["model__n_neighbors"] if v <= counts.min()]
         if not grid["model__n_neighbors"]:
-            raise TubError(f"the smallest class has {counts.min()} rows; k must not exceed it")
+            raise TubError(f"the smallest class has {_rows(counts.min())}; k must not exceed it")
     else:
         grid = {"model__gamma": [float(gamma)] if gamma is not None else SVM_GAMMA_GRID,
                 "model__C": [float(C)] if C is not None else SVM_C_GRID}
@@ -114,7 +114,7 @@ def fit_model(X, y, kind="knn", scaler="standard", k=None, gamma=None, C=None, f
     if n_grid > 1:
         n_folds = min(int(folds), int(counts.min()))
         if n_folds < 2:
-            raise TubError(f"the smallest class has {counts.min()} rows; grid search needs at least 2 per class")
+            raise TubError(f"the smallest class has {_rows(counts.min())}; grid search needs at least 2 per class")
         if log:
             log.info("grid search over %d settings, %d-fold", n_grid, n_folds)
         search = GridSearchCV(pipe, grid, cv=StratifiedKFold(n_folds, shuffle=True, random_state=seed), n_jobs=1)
@@ -134,6 +134,10 @@ def fit_model(X, y, kind="knn", scaler="standard", k=None, gamma=None, C=None, f
 def _class_encoding(y):
     classes = np.unique(y)
     return classes, np.searchsorted(classes, y).astype(np.int64)
+
+
+def _rows(n: int) -> str:
+    return f"{n} row" if n == 1 else f"{n} rows"
 
 
 def save_model(tm: TrainedModel, directory, name: str = "model") -> tuple[Path, Path]:

@@ -102,6 +102,8 @@ def read_metadata(path: Path | str, slide_level: bool = False) -> Metadata:
         except StopIteration:
             raise TubError(f"{path}: metadata CSV is empty; it needs the columns {', '.join(COLUMNS)}") from None
         rows = list(reader)
+    if len(header) == 1 and any(d in header[0] for d in ";\t|"):  # European Excel (;) or a TSV named .csv
+        raise TubError(f"{path} is not comma-separated (its header is {header[0][:40]!r}); save it with commas")
     header = [h.strip() for h in header]
     required = [c for c in REQUIRED if c != "patch_id" or not slide_level or "patch_id" in header]
     missing = [c for c in required if c not in header]

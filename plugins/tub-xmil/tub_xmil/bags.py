@@ -22,7 +22,10 @@ def read_bag(path: str | Path) -> tuple[torch.Tensor, np.ndarray | None, dict]:
     GeoJSON value of the slide into NaN, and an array of tiles is not a bag of features."""
     path = Path(path)
     feats, coords, attrs = _read(path)
-    if feats.dim() != 2 or len(feats) == 0:
+    if feats.dim() == 2 and len(feats) == 0:
+        raise TubError(f"{path.name}: the bag has no patches (a slide without tissue tiles); leave that slide out "
+                       "or tile it again with a lower tissue threshold")
+    if feats.dim() != 2:
         raise TubError(f"{path.name}: features have shape {tuple(feats.shape)}, expected (patches, dim); "
                        "give a features file (tub xmil features), not tiles")
     bad = int((~torch.isfinite(feats)).any(1).sum())

@@ -118,6 +118,9 @@ def slide_coords(path: Path, cfg, coords_dir: Path | None):
             return slide, t.coords, t.patch_size_level0, tiling_attrs(t)
         h5 = coords_file(Path(coords_dir), path.stem)
         coords, found = read_coords_h5(h5)
+        if len(coords) == 0:  # a tiler that found no tissue wrote an empty file (tub atlas tile does)
+            raise TubError(f"{h5}: holds no tiles (its tiler found no tissue on {path.name}); leave the slide out "
+                           "or tile it again with a lower tissue threshold")
         attrs = {k: found[k] for k in TILING_KEYS if k in found}
         attrs["patch_size_level0"], source = tile_size_level0_source(found, coords, name=h5.name)
         if source == SIZE_FROM_GRID:  # carried into the features file, so heatmap can still say so
