@@ -116,3 +116,20 @@ def test_overlay_of_a_centre_cropping_model_covers_the_crop_only():
     assert (blend[:, :48] == 200).all() and (blend[:, 272:] == 200).all()  # outside the crop: the tile
     hot = blend[100, 48:56].astype(int)
     assert (np.abs(hot - blend[100, 200]).sum(-1) > 30).all()  # the hot column sits at tile x 48..55
+
+
+def test_an_unreadable_probe_is_the_error_without_warnings_about_its_records(tmp_path, caplog):
+    """Warnings that the probe has no probe.json and records no encoder came first and misled."""
+    import logging
+    from types import SimpleNamespace
+
+    from tubcli.errors import TubError
+    from tub_atlas.explaining import build_target
+
+    probe = tmp_path / "text.safetensors"
+    probe.write_text("not a safetensors file")
+    cfg = SimpleNamespace(target="probe", probe=probe, index=0)
+    encoder = SimpleNamespace(dim=8, pool="cls")
+    with caplog.at_level(logging.WARNING, logger="tub.atlas"), pytest.raises(TubError, match="text.safetensors"):
+        build_target(encoder, cfg, "cpu", info=None, log=logging.getLogger("tub.atlas"))
+    assert not caplog.records

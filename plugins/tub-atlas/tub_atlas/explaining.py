@@ -30,6 +30,10 @@ def build_target(encoder: Encoder, cfg, device, info: dict | None = None, log=No
             raise TubError("--target probe needs --probe probe.safetensors (from 'tub atlas evaluate')")
         from tubcli.io import load_safetensors
 
+        tensors, _ = load_safetensors(cfg.probe)  # an unreadable file is the error, before any warning about it
+        W, b = tensors.get("weight"), tensors.get("bias")
+        if W is None or b is None or W.ndim != 2:
+            raise TubError(f"{cfg.probe} is not a linear probe (tensors 'weight' and 'bias' from 'tub atlas evaluate')")
         record = read_probe_record(Path(cfg.probe), log)
         recorded = record.get("encoder")
         if info is not None and recorded:
@@ -37,10 +41,6 @@ def build_target(encoder: Encoder, cfg, device, info: dict | None = None, log=No
         elif log is not None:
             log.warning("%s records no encoder (an older evaluate, or features from outside 'tub atlas embed'): "
                         "its --arch/--pool cannot be checked against this encoder's", cfg.probe)
-        tensors, _ = load_safetensors(cfg.probe)
-        W, b = tensors.get("weight"), tensors.get("bias")
-        if W is None or b is None or W.ndim != 2:
-            raise TubError(f"{cfg.probe} is not a linear probe (tensors 'weight' and 'bias' from 'tub atlas evaluate')")
         if W.shape[1] != encoder.dim:
             pool = f" (pool {recorded['pool']}, arch {recorded['arch']})" if recorded else ""
             raise TubError(f"{cfg.probe} expects {W.shape[1]}-dim features{pool}, but this encoder gives "
