@@ -438,12 +438,16 @@ def os_error_hint(exc: OSError) -> str | None:
     import errno
 
     shown = Path(exc.filename) if exc.filename else None
-    if shown is not None and shown.name.startswith("."):  # tub's own temporary or lock file: name its folder
+    ours = shown is not None and shown.name.startswith(".")
+    if ours:  # tub's own temporary or lock file: name its folder
         shown = shown.parent
     where = f": {shown}" if shown is not None else ""
     if exc.errno in (errno.EACCES, errno.EPERM):
-        return (f"permission denied{where}; check that the inputs are readable and that the run directory "
-                "(-o, or TUB_RUNS_DIR for the default one) lies in a folder you can write")
+        return (f"permission denied{where}; check that the inputs are readable and that the outputs (the run "
+                "directory: -o, or TUB_RUNS_DIR for the default one; an OUTPUT you named) lie in a folder you can "
+                "write")
+    if exc.errno == errno.ENOENT and ours:  # e.g. -o /proc/x: a folder that takes no new files
+        return f"cannot create files in {shown} (it is gone, or takes no new files); give -o a writable folder"
     if exc.errno == errno.EROFS:
         return f"read-only file system{where}; give -o (or TUB_RUNS_DIR) a writable folder"
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -311,3 +311,16 @@ def test_version_lists_tub_and_each_plugin(toy_plugins):
     result = invoke(["--version"])
     lines = result.stdout.splitlines()
     assert result.exit_code == 0 and lines[0].startswith("tub ") and any(line.startswith("toy ") for line in lines)
+
+
+def test_file_system_refusals_are_one_line_without_tubs_own_file_names():
+    """-o /proc/x failed with "No such file or directory: '/proc/..x.claim.lock.13120'": an internal name."""
+    import errno
+
+    from tubcli.verbs import os_error_hint
+
+    hint = os_error_hint(FileNotFoundError(errno.ENOENT, "No such file or directory", "/proc/..tubx.claim.lock.13120"))
+    assert hint.startswith("cannot create files in /proc ") and "claim" not in hint
+    assert os_error_hint(FileNotFoundError(errno.ENOENT, "No such file or directory", "/data/in.csv")) is None
+    hint = os_error_hint(PermissionError(errno.EACCES, "Permission denied", "/ro/out.safetensors"))
+    assert "permission denied: /ro/out.safetensors" in hint and "an OUTPUT you named" in hint
