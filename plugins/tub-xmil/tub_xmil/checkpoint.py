@@ -114,9 +114,11 @@ def _is_model_json(mj) -> bool:
 
 
 def model_file(path: str | Path) -> Path:
-    """The weights file ``--model`` names: itself, or ``model.safetensors`` of a checkpoints/ folder or of
-    a train run directory."""
+    """The weights file ``--model`` names: itself, ``model.safetensors`` of a checkpoints/ folder or of
+    a train run directory, or the weights beside a ``model.json`` given instead of them."""
     path = Path(path)
+    if path.suffix.lower() == ".json" and path.with_suffix(".safetensors").is_file():
+        return path.with_suffix(".safetensors")
     if path.is_dir() and not (path / "model.safetensors").exists() and (path / "checkpoints" / "model.safetensors").exists():
         path = path / "checkpoints"  # a train run directory: its weights are in checkpoints/
     return path / "model.safetensors" if path.is_dir() else path
