@@ -241,7 +241,7 @@ def test_heatmaps_of_a_model_retrained_in_place_are_not_skipped_as_done(tmp_path
 def test_the_model_json_names_the_model_too(tmp_path, bags, model):
     """knnlrp takes --model model.json; xmil said "not a PyTorch checkpoint" for it."""
     _ok(invoke(["xmil", "explain", bags, "--model", model / "model.json", "--method", "attention", "-o",
-                    tmp_path / "a", "--json"]))
+                tmp_path / "a", "--json"]))
     _ok(invoke(["xmil", "explain", bags, "--model", model, "--method", "attention", "-o", tmp_path / "b"]))
     assert (tmp_path / "a" / "outputs" / "s0.json").read_text() == (tmp_path / "b" / "outputs" / "s0.json").read_text()
 
