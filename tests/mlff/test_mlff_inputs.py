@@ -11,7 +11,7 @@ import torch
 from ase import Atoms
 from ase.build import graphene, molecule
 from ase.io import read, write
-from tubcli.testing import expect_ok as _ok, expect_one_line_error as _err, invoke
+from tubcli.testing import expect_error_line, expect_ok as _ok, expect_one_line_error as _err, invoke
 
 from tub_mlff.calculator import SpookyNetCalculator
 from tub_mlff.checkpoints import save_model
@@ -586,3 +586,66 @@ def test_a_count_line_beyond_the_end_of_the_file_is_a_one_line_error_not_an_hour
     (tmp_path / "cut.extxyz").write_text("".join(lines[:-3]))  # the second frame cut short
     with pytest.raises(TubError, match="line 11 declares 8 atoms but only 5 atom lines follow"):
         read_structures(tmp_path / "cut.extxyz")
+
+
+# -- structures every model verb refuses the same way ----------------------------------------------
+def _uranium(path):
+    host = Atoms("UH2", positions=[[0, 0, 0], [0, 0, 2.0], [0, 2.0, 0]])
+    loaded = host + Atoms("Na", positions=[[2.5, 2.5, 2.5]])
+    write(path, [host, loaded], format="extxyz")
+    return path
+
+
+@pytest.mark.parametrize("verb", ["train", "train --valid", "evaluate", "md", "explain", "ocv"])
+def test_elements_beyond_rn_are_one_line_errors_in_every_model_verb(tmp_path, models, methane, verb):
+    """U (Z=92) gave train an IndexError (exit 1), the others "not trained on": no model's tables hold it."""
+    u, out, model = _uranium(tmp_path / "u.extxyz"), tmp_path / "out", ["--model", models / "w8.safetensors"]
+    args = {"train": ["train", u, *SMALL, "--epochs", "1"],
+            "train --valid": ["train", methane / "full.extxyz", "--valid", u, *SMALL, "--epochs", "1"],
+            "evaluate": ["evaluate", u, *model], "md": ["md", u, *model, "--steps", "2"],
+            "explain": ["explain", u, *model], "ocv": ["ocv", "--structures", u, *model, "--relax-steps", "0"]}[verb]
+    expect_error_line(invoke(["mlff", *args, "-o", out]), "u.extxyz", "U (Z=92)", "Rn (Z=86)")
+    assert not _written(out)
+
+
+@pytest.mark.parametrize("verb", ["explain", "ocv"])
+def test_a_frame_without_atoms_is_named_before_its_spin_or_host(tmp_path, models, verb):
+    """explain said "spin 1 (unpaired electrons) is impossible with 0 electrons", ocv "not the host"."""
+    ch4, empty = molecule("CH4"), Atoms(info={"spin": 1})  # a spin, as the frames of `build` carry
+    path = tmp_path / "empty.extxyz"
+    write(path, [empty, ch4, ch4 + Atoms("Na", positions=[[3, 3, 3]])], format="extxyz")
+    args = ["explain", path] if verb == "explain" else ["ocv", "--structures", path, "--relax-steps", "0"]
+    expect_error_line(invoke(["mlff", *args, "--model", models / "w8.safetensors", "-o", tmp_path / "o"]),
+                      "empty.extxyz frame 0 has no atoms")
+
+
+def test_unknown_symbols_short_rows_and_text_values_name_their_line(tmp_path):
+    """ASE said "('Xx')" (a KeyError) and "could not assign tuple of length 7 to structure with 8 fields."."""
+    from tubcli.errors import TubError
+
+    from tub_mlff.data import read_structures
+
+    a = molecule("CH4")
+    a.arrays["forces"] = np.zeros((5, 3))
+    write(tmp_path / "ok.extxyz", [a, a], format="extxyz")
+    lines = (tmp_path / "ok.extxyz").read_text().splitlines(keepends=True)
+
+    def damaged(name, line_no, change):  # line_no counts from 1, as the messages do
+        bad = lines.copy()
+        bad[line_no - 1] = change(bad[line_no - 1])
+        (tmp_path / name).write_text("".join(bad))
+        return tmp_path / name
+
+    elem = damaged("elem.extxyz", 10, lambda ln: "Xx" + ln[1:])  # the second frame's first atom
+    with pytest.raises(TubError, match=r"elem.extxyz line 10: unknown element symbol 'Xx'; use a chemical symbol"):
+        read_structures(elem)
+    short = damaged("short.extxyz", 4, lambda ln: " ".join(ln.split()[:-1]) + "\n")
+    with pytest.raises(TubError, match=r"short.extxyz line 4 has 6 columns, fewer than the 7 that Properties= on "
+                                       r"line 2 declares \(species:S:1:pos:R:3:forces:R:3\)"):
+        read_structures(short)
+    text = damaged("text.extxyz", 5, lambda ln: ln.split()[0] + " abc " + " ".join(ln.split()[2:]) + "\n")
+    with pytest.raises(TubError, match=r"text.extxyz line 5: column 2 \('abc'\) is not a number"):
+        read_structures(text)
+    out = tmp_path / "ev"
+    expect_error_line(invoke(["mlff", "evaluate", elem, "-o", out]), "line 10", "'Xx'")
+    assert not _written(out)

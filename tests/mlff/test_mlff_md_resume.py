@@ -61,6 +61,44 @@ def test_resumed_md_is_the_uninterrupted_run(tmp_path, setup, ensemble):
         assert np.abs(np.array(sa["cell"]) - start).max() > 1e-6  # the barostat moved the cell
 
 
+@pytest.mark.parametrize("state_saved", [True, False])
+def test_a_run_interrupted_after_frame_0_resumes_without_a_second_frame_0(tmp_path, setup, monkeypatch, state_saved):
+    """Ctrl-C before the first --interval left frame 0 alone; the rerun resumed from step 0 and wrote frame 0 and
+    its thermo row again, and diffusion refused the trajectory as runs joined together. Killed before frame 0's
+    state was saved, the rerun starts afresh (a resume from the 8-decimal frame would not be exact)."""
+    import tub_mlff.md as md
+
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    _ok(_md(setup, whole, "nvt-langevin", 10))
+    save = md._save_state
+
+    def stop_after_frame_0(path, dyn, atoms, step):  # the signal after frame 0 (and its state) was written
+        if state_saved or step:
+            save(path, dyn, atoms, step)
+        if step == 0:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(md, "_save_state", stop_after_frame_0)
+        assert _md(setup, split, "nvt-langevin", 10).exit_code == 130
+    assert [f.info["step"] for f in read(split / "outputs" / "trajectory.extxyz", ":")] == [0]
+    r = _ok(_md(setup, split, "nvt-langevin", 10))
+    assert ("resuming from step 0" in r.stderr and "exact continuation" in r.stderr) == state_saved
+    assert "statistical" not in r.stderr
+    fa, fb = (read(out / "outputs" / "trajectory.extxyz", ":") for out in (whole, split))
+    assert [f.info["step"] for f in fb] == [f.info["step"] for f in fa] == [0, 5, 10]
+    for a, b in zip(fa, fb):
+        assert np.abs(a.positions - b.positions).max() <= 1e-6
+        assert np.abs(a.get_momenta() - b.get_momenta()).max() <= 1e-6
+    ta, tb = ((out / "outputs" / "thermo.csv").read_text().splitlines() for out in (whole, split))
+    assert [row.split(",")[0] for row in tb] == [row.split(",")[0] for row in ta] == ["step", "0", "5", "10"]
+    assert np.allclose(np.genfromtxt(ta[1:], delimiter=","), np.genfromtxt(tb[1:], delimiter=","), atol=1e-6,
+                       equal_nan=True)
+    sa, sb = (json.loads((out / "outputs" / "trajectory.state.json").read_text()) for out in (whole, split))
+    for key in ("positions", "momenta"):  # a fresh start is the same run bit for bit
+        assert np.abs(np.array(sa[key]) - np.array(sb[key])).max() <= (1e-9 if state_saved else 0.0), key
+
+
 def test_run_without_the_state_file_still_resumes(tmp_path, setup):
     out = tmp_path / "old"
     _ok(_md(setup, out, "nvt-langevin", 10))

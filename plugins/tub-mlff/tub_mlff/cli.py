@@ -66,7 +66,8 @@ def _model_names(model_paths) -> list[str]:
     return [str(p) for p in model_paths] or [f"{DEMO_MODEL.name} (the shipped demo model)"]
 
 
-def _calculator(run, model_paths, atoms=None, charge=None, spin=None, lr_cutoff=None, ewald_kmax=None):
+def _calculator(run, model_paths, atoms=None, charge=None, spin=None, lr_cutoff=None, ewald_kmax=None,
+                name: str = "structure"):
     from .calculator import SpookyNetCalculator
     from .checkpoints import CheckpointError
 
@@ -77,7 +78,7 @@ def _calculator(run, model_paths, atoms=None, charge=None, spin=None, lr_cutoff=
     if atoms is not None:  # before any output: the calculator would refuse them only at its first step
         from .validation import check_charge_spin
 
-        q, s = check_charge_spin(atoms, q, s)
+        q, s = check_charge_spin(atoms, q, s, name)
     try:
         return SpookyNetCalculator([str(p) for p in _models(model_paths)], charge=q, spin=float(s or 0.0),
                                    dtype=_dtype(run), device=run.device,
@@ -197,7 +198,7 @@ def _label_items(cfg, files, run) -> tuple[list[str], int]:
     items, without, elements, shortest = [], 0, set(), np.inf
     for f in files:
         for k, atoms in enumerate(read_structures(f)):
-            check_structure(atoms, None, name=f"{f} frame {k}")
+            check_structure(atoms, None, name=f"{f} frame {k}", model=False)  # DFT may cover more than the model
             elements |= set(atoms.get_chemical_symbols())
             if atoms.pbc.any():
                 shortest = min(shortest, float(atoms.cell.lengths()[atoms.pbc].min()))
@@ -576,6 +577,8 @@ def train(cfg, run) -> dict:
     elif m.d4:
         raise TubError("--set model.d4=true needs D4 tables: start from a reference model with --init-from")
     valid_frames = read_structures(cfg.valid) if cfg.valid is not None else []
+    for k, a in enumerate(valid_frames):
+        check_structure(a, None, name=f"{cfg.valid} frame {k}")
     periodic = any(np.any(a.pbc) for a in frames + valid_frames)
     if periodic and (mcfg.use_electrostatics or mcfg.use_d4_dispersion) and mcfg.lr_cutoff is None:
         mcfg.lr_cutoff = _default_lr_cutoff([base] if base is not None else [], run)
@@ -765,7 +768,7 @@ def md(cfg, run) -> dict:
     if cfg.ewald_kmax is not None and not atoms.pbc.all():
         raise TubError(f"{path}: Ewald summation needs a cell periodic in all three directions "
                        f"(pbc={atoms.pbc.tolist()}); drop ewald_kmax")
-    calc = _calculator(run, cfg.model, atoms, cfg.charge, cfg.spin, cfg.lr_cutoff, cfg.ewald_kmax)
+    calc = _calculator(run, cfg.model, atoms, cfg.charge, cfg.spin, cfg.lr_cutoff, cfg.ewald_kmax, name=str(path))
     from .validation import check_structure
 
     check_structure(atoms, calc.elements, name=str(path))
@@ -813,9 +816,6 @@ def ocv(cfg, run) -> dict:
                 frames.append(add_sodium(host, x, "random", seed=run.item_seed(f"ocv-{x}-{v}")))
         for f in frames:
             f.info["groups"] = host.info["groups"]
-    _check_host_series(frames, str(cfg.structures) if cfg.structures is not None
-                       else f"the built series (--x-max {cfg.x_max})")
-    temperature = _md_temperature(cfg, frames, run) if cfg.md_average else None
     from .validation import check_structure
 
     calcs = {}
@@ -828,8 +828,11 @@ def ocv(cfg, run) -> dict:
         c.spin = 0.0 if atoms is None else float(spin_for(atoms))
         return c
 
-    for k, f in enumerate(frames):  # every structure is checked before the first relaxation
-        check_structure(f, calc_for(f).elements, name=f"{cfg.structures or 'built structure'} frame {k}")
+    for k, f in enumerate(frames):  # every structure is checked first (bcc Na's calculator: no charge or spin read)
+        check_structure(f, calc_for(None).elements, name=f"{cfg.structures or 'built structure'} frame {k}")
+    _check_host_series(frames, str(cfg.structures) if cfg.structures is not None
+                       else f"the built series (--x-max {cfg.x_max})")
+    temperature = _md_temperature(cfg, frames, run) if cfg.md_average else None
     _warn_composition(run, calc_for(frames[0]).composition_span, frames, str(cfg.structures or "the built series"))
     cell = cfg.cell
     if cell == "auto":
@@ -1239,7 +1242,7 @@ def explain(cfg, run) -> dict:
     summary = {"structures": len(frames), "sites": {}}
     rows = []
     for k, atoms in enumerate(frames):
-        calc = _calculator(run, cfg.model, atoms, cfg.charge, cfg.spin)
+        calc = _calculator(run, cfg.model, atoms, cfg.charge, cfg.spin, name=f"{path} frame {k}")
         check_structure(atoms, calc.elements, name=f"{path} frame {k}")
         if k == 0:
             _warn_composition(run, calc.composition_span, frames, str(path))

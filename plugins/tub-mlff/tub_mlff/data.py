@@ -43,6 +43,8 @@ def read_structures(path: str | Path, index: str = ":"):
     try:
         frames = read(str(path), index=index)
     except Exception as exc:  # noqa: BLE001
+        if path.suffix.lower() in (".xyz", ".extxyz") and (problem := xyz_row_problem(path)):
+            raise TubError(problem) from None
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise TubError(f"cannot read {path} as structures ({msg}); give a valid extxyz file") from None
     frames = frames if isinstance(frames, list) else [frames]
@@ -73,6 +75,46 @@ def check_xyz_counts(path: Path) -> None:
                 raise TubError(f"{path.name} line {line_no} declares {n} atoms but only {max(got - 1, 0)} atom "
                                "lines follow; the file is cut short or its count line is wrong")
             line_no += got
+
+
+def xyz_row_problem(path: Path) -> str | None:
+    """After ASE failed to read an (ext)xyz file: the first atom line with fewer columns than its frame's
+    Properties= declare, a value that is not a number, or an unknown element symbol, as a one-line message
+    with the line number; None when no line is at fault. Only run on failure, so reads cost nothing more."""
+    from ase.data import atomic_numbers
+    from ase.io.extxyz import key_val_str_to_dict, parse_properties
+
+    with open(path, errors="replace") as f:
+        lines = enumerate(f, 1)
+        for _, first in lines:
+            if not first.strip():
+                continue
+            try:
+                n = int(first.split()[0])
+                header_no, comment = next(lines)
+                info = key_val_str_to_dict(comment.strip()) if comment.strip() else {}
+                declared = info.get("Properties", "species:S:1:pos:R:3")
+                props, names, _, convs = parse_properties(declared)
+            except Exception:  # noqa: BLE001 -- a bad count or header: ASE's own message says it
+                return None
+            species = sum(props[k][1] for k in names[:names.index("species")]) if "species" in names else None
+            for _ in range(n):
+                line_no, line = next(lines, (0, ""))
+                values = line.split()
+                if len(values) < len(convs):
+                    return (f"{path} line {line_no} has {len(values)} columns, fewer than the {len(convs)} that "
+                            f"Properties= on line {header_no} declares ({declared}); give every atom line all "
+                            f"{len(convs)} columns, or fix Properties=")
+                if species is not None and values[species].capitalize() not in atomic_numbers:
+                    return (f"{path} line {line_no}: unknown element symbol '{values[species]}'; use a chemical "
+                            "symbol such as C or Na")
+                for k, (conv, value) in enumerate(zip(convs, values)):
+                    try:
+                        conv(value)
+                    except ValueError:
+                        return (f"{path} line {line_no}: column {k + 1} ('{value}') is not a number as Properties= "
+                                f"(line {header_no}) declares; fix the value or the Properties")
+    return None
 
 
 def frame_fingerprints(frames) -> np.ndarray:

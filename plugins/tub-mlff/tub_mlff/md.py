@@ -383,6 +383,9 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
     if frames:
         last = frames[-1]
         saved, why = _load_state(state_path(traj), start, last)
+        if start == 0 and not saved:  # frame 0 alone, killed before its state was saved: a fresh start is exact
+            frames = []
+    if frames:
         atoms.cell = saved["cell"] if saved else last.cell
         atoms.positions = saved["positions"] if saved else last.positions
         atoms.set_momenta(saved["momenta"] if saved else last.get_momenta())
@@ -457,6 +460,7 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
                      "uninterrupted one would have made", start, traj, why, lost)
     else:
         kept = 0
+        traj.unlink(missing_ok=True)  # an empty file, or a frame 0 without its state: written again
         write_json(settings_path(traj), settings)
         write_text(thermo, THERMO_HEADER)
     written = 0  # frames this call writes
@@ -500,7 +504,7 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
                            "and start again in a new -o", exit_code=1)
 
     dyn.attach(guard, interval=1)
-    if start == 0:
+    if not kept:  # a fresh run (a resume from step 0 kept frame 0: no second one)
         record(0)
     done = start
     while done < steps:

@@ -5,26 +5,35 @@ from __future__ import annotations
 import numpy as np
 from tubcli.errors import TubError
 
+from .elements import ZMAX
+
 MIN_DISTANCE = 0.5  # Angstrom; closer atoms are treated as overlapping
 
 
 def check_structure(atoms, elements: set[int] | None = None, name: str = "structure",
-                    min_distance: float = MIN_DISTANCE, fix: str = "fix the geometry") -> None:
+                    min_distance: float = MIN_DISTANCE, fix: str = "fix the geometry", model: bool = True) -> None:
     """Raise TubError for non-finite or overlapping atoms, unknown elements, or a bad periodic cell.
 
+    ``model``: the structure is for a SpookyNet model, whose element tables end at Rn (``ZMAX``), whatever
+    ``elements`` says (``label``, whose DFT covers heavier elements, passes False).
     A cell vector may be zero only along a non-periodic direction (e.g. a sheet periodic in x and
     y with c = 0, as ``ase.build.graphene(vacuum=None)`` makes): that direction is open.
     """
     from scipy.spatial import cKDTree
 
-    n = len(atoms)
-    if n == 0:
-        raise TubError(f"{name} has no atoms; give a structure with at least one atom")
+    check_atoms(atoms, name)
     if not (np.isfinite(atoms.positions).all() and np.isfinite(np.asarray(atoms.cell)).all()):
         raise TubError(f"{name} has non-finite (NaN or inf) coordinates or cell; fix the structure")
     pbc = np.asarray(atoms.pbc, dtype=bool)
     if pbc.any():
         check_cell(atoms.cell, pbc, name)
+    heavy = sorted(set(int(z) for z in atoms.numbers if z >= ZMAX)) if model else []
+    if heavy:
+        from ase.data import chemical_symbols
+
+        names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in heavy)
+        raise TubError(f"{name} contains {names}, beyond Rn (Z={ZMAX - 1}) where SpookyNet's element tables end; "
+                       "leave out the structures with elements heavier than Rn")
     if elements is not None:
         bad = sorted(set(int(z) for z in atoms.numbers) - set(elements))
         if bad:
@@ -57,6 +66,12 @@ def check_structure(atoms, elements: set[int] | None = None, name: str = "struct
                        f"minimum {min_distance} A); {fix}")
 
 
+def check_atoms(atoms, name: str = "structure") -> None:
+    """TubError for a structure without atoms: checked before anything that counts its electrons."""
+    if len(atoms) == 0:
+        raise TubError(f"{name} has no atoms; give a structure with at least one atom")
+
+
 def check_cell(cell, pbc, name: str = "structure") -> None:
     """TubError unless every periodic direction has a cell vector and the periodic vectors span a lattice."""
     from ase.geometry import complete_cell
@@ -76,6 +91,7 @@ def check_charge_spin(atoms, charge: float, spin: float | None, name: str = "str
     """The total charge and unpaired-electron count as integers, or a one-line TubError when they are
     impossible for this structure's electron count (fractional, negative electron count, or a spin whose
     parity or size the electrons cannot make). ``spin`` None: the lowest state the count allows (0 or 1)."""
+    check_atoms(atoms, name)  # else "spin 1 is impossible with 0 electrons"
     formula = atoms.get_chemical_formula()
     if abs(float(charge) - round(float(charge))) > 1e-6:
         raise TubError(f"{name} ({formula}): total charge {charge} is not a whole number of electrons; "
