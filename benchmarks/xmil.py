@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -20,14 +21,29 @@ import numpy as np
 import torch
 
 
-def timed(fn, repeat=1):
-    best = float("inf")
-    out = None
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
+def timed(fn, prepare=lambda: None):
+    """Seconds of one call of ``fn(prepare())``: the argument is made outside the timer."""
+    arg = prepare()
+    t = time.perf_counter()
+    out = fn(arg)
+    return time.perf_counter() - t, out
+
+
+def compare(tub, ref, prepare, rounds):
+    """One warm-up call each, then ``rounds`` interleaved rounds in alternating order (a load change hits
+    both sides alike): per-side median seconds, per-round ratios ref/tub, and the last outputs."""
+    out_tub, out_ref = tub(None), ref(prepare()) if ref else None
+    t_tub, t_ref = [], []
+    for r in range(rounds):
+        for side in ((0, 1) if r % 2 == 0 else (1, 0)):
+            if side == 0:
+                dt, out_tub = timed(tub)
+                t_tub.append(dt)
+            elif ref is not None:
+                dt, out_ref = timed(ref, prepare)
+                t_ref.append(dt)
+    ratios = [b / a for a, b in zip(t_tub, t_ref)]
+    return statistics.median(t_tub), (statistics.median(t_ref) if t_ref else None), ratios, out_tub, out_ref
 
 
 def reference_explainer(state_dict):
@@ -49,6 +65,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=5000)
     ap.add_argument("--json", default="benchmarks/xmil.json")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds per method and side")
     a = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     torch.manual_seed(0)
@@ -62,14 +79,19 @@ def main(argv=None):
         xref = None
     rows = {}
     for ours, theirs in methods.items():
-        t_tub, s_tub = timed(lambda: explain(model, x, ours, target=1), repeat=2 if ours != "ig" else 1)
-        row = {"tub_patches_per_s": a.n / t_tub}
-        if xref is not None:
+        def ref(batch, theirs=theirs):
             xref.explained_rel = "softmax" if theirs.startswith("perturbation") else "logit"
-            batch = lambda: {"features": x.clone(), "bag_size": torch.tensor([a.n]), "targets": torch.tensor([1])}  # noqa: E731
-            t_ref, (s_ref, _) = timed(lambda: xref.get_heatmap(batch(), theirs),
-                                      repeat=1 if theirs in ("ig", "perturbation_keep") else 2)
-            row.update({"ref_patches_per_s": a.n / t_ref, "ratio": t_ref / t_tub,
+            return xref.get_heatmap(batch, theirs)[0]
+
+        def batch():  # a fresh bag per call (the reference may change it), made outside the timer
+            return {"features": x.clone(), "bag_size": torch.tensor([a.n]), "targets": torch.tensor([1])}
+
+        t_tub, t_ref, ratios, s_tub, s_ref = compare(lambda _, ours=ours: explain(model, x, ours, target=1),
+                                                     ref if xref is not None else None, batch, a.rounds)
+        row = {"tub_patches_per_s": a.n / t_tub}
+        if t_ref is not None:
+            row.update({"ref_patches_per_s": a.n / t_ref, "ratio": statistics.median(ratios),
+                        "ratio_min_max": [min(ratios), max(ratios)],
                         "max_abs_diff": float(np.abs(np.asarray(s_ref).ravel() - s_tub).max())})
         rows[ours] = row
     with torch.no_grad():
@@ -81,12 +103,15 @@ def main(argv=None):
               "ig_output_difference": logit - zero, "ig_completeness_abs_err": abs(ig_sum - (logit - zero))}
     print(f"LRP sum {lrp_sum:.6f} vs logit {logit:.6f}; IG sum {ig_sum:.6f} vs f(x) - f(0) {logit - zero:.6f}")
     print(f"AttnMIL 256-d, D=1536, N={a.n}, torch threads {torch.get_num_threads()}")
-    print(f"{'method':10s} {'tub p/s':>10s} {'ref p/s':>10s} {'ratio':>7s} {'max|diff|':>10s}")
+    print(f"median of {a.rounds} interleaved rounds after a warm-up; ratio = ref time / tub time per round")
+    print(f"{'method':10s} {'tub p/s':>10s} {'ref p/s':>10s} {'ratio':>7s} {'[min-max]':>15s} {'max|diff|':>10s}")
     for m, r in rows.items():
+        lo, hi = r.get("ratio_min_max", (float("nan"), float("nan")))
         print(f"{m:10s} {r['tub_patches_per_s']:10.0f} {r.get('ref_patches_per_s', float('nan')):10.0f} "
-              f"{r.get('ratio', float('nan')):7.2f} {r.get('max_abs_diff', float('nan')):10.2e}")
+              f"{r.get('ratio', float('nan')):7.2f} {f'[{lo:.2f}-{hi:.2f}]':>15s} {r.get('max_abs_diff', float('nan')):10.2e}")
     with open(a.json, "w") as f:
-        json.dump({"machine": "2-core CPU dev box", "n": a.n, "rows": rows, "checks": checks}, f, indent=1)
+        json.dump({"machine": "2-core CPU dev box", "n": a.n, "rounds": a.rounds, "rows": rows, "checks": checks},
+                  f, indent=1)
     return rows
 
 
