@@ -275,3 +275,27 @@ def test_xmil_gamma_rule_adds_positive_weights():
     W = lin.weight.detach()
     assert torch.allclose(g.weight, W + 0.25 * W.clamp(min=0))
     assert torch.allclose(g.bias, lin.bias + 0.25 * lin.bias.clamp(min=0))
+
+
+def test_the_python_explain_defaults_as_the_cli_and_checks_its_bag():
+    """From a notebook, explain() explained class 0, used no_bias=True for TransMIL (the CLI: False, spec §3),
+    returned zeros for a class the model lacks and NaN scores for a NaN bag."""
+    from tub_xmil.config import ExplainConfig
+    from tub_xmil.pipeline import choose_target, lrp_params_for
+
+    torch.manual_seed(6)
+    m = TransMIL(24, 3, n_feat=32).eval()
+    x = _bag(n=10)
+    cli_target = choose_target(m, x, "classification", None)
+    cli = explain(m, x, "lrp", target=cli_target, lrp=lrp_params_for(m, ExplainConfig().lrp))
+    assert np.array_equal(explain(m, x.numpy(), "lrp"), cli)  # numpy in, the predicted class, TransMIL's rule
+    with pytest.raises(ValueError, match="target 3 is not a class of this model; use an index 0..2"):
+        explain(m, x, "lrp", target=3)
+    bad = x.clone()
+    bad[2, 5] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        explain(m, bad, "ig")
+    with pytest.raises(ValueError, match="features are 20-d, the model expects 24-d"):
+        explain(m, x[:, :20], "gi")
+    with pytest.raises(ValueError, match="explain one bag at a time"):
+        explain(m, torch.stack([x, x]), "lrp")

@@ -28,6 +28,23 @@ def _bag(x: torch.Tensor) -> torch.Tensor:
     return x if x.dim() == 3 else x[None]
 
 
+def _checked_bag(model, x) -> torch.Tensor:
+    """One bag (N, D) as float32 on the model's device, or a ValueError saying what is wrong with it (a
+    batch would be explained for its first bag only, a NaN patch makes every score NaN)."""
+    x = torch.as_tensor(x)
+    if x.dim() == 3 and len(x) == 1:
+        x = x[0]
+    if x.dim() != 2 or len(x) == 0:
+        raise ValueError(f"a bag is (patches, dim) features; got shape {tuple(x.shape)} (explain one bag at a time)")
+    dim = getattr(model, "input_dim", None)
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(f"features are {x.shape[1]}-d, the model expects {dim}-d")
+    if not torch.isfinite(x).all():
+        raise ValueError("the bag holds NaN or infinite features; re-extract them")
+    param = next(model.parameters(), None)
+    return x.to(dtype=torch.float32, device=param.device if param is not None else None)
+
+
 def attention_scores(model, x) -> np.ndarray:
     """Softmax attention a_i (AttnMIL, MambaMIL) or attention rollout (TransMIL)."""
     with torch.no_grad():
@@ -218,10 +235,12 @@ def random_scores(x, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(n)
 
 
-def explain(model, x, method: str, task: str = "classification", target: int = 0,
+def explain(model, x, method: str, task: str = "classification", target: int | None = None,
             lrp: LRPParams | None = None, ig_steps: int = 50, seed: int = 0,
             explained_rel: str | None = None, return_details: bool = False):
-    """Dispatch one explanation method; the model is put in eval mode and left as found.
+    """Dispatch one explanation method on one bag ``x`` (N, D) (a tensor or array); the model is put in
+    eval mode and left as found. As ``tub xmil explain``: ``target`` None explains the predicted class,
+    and ``lrp`` None takes the spec's defaults for the architecture (TransMIL keeps its biases, §3).
 
     ``return_details`` (method lrp only) returns (scores, details) as :func:`lrp_scores` does, so
     that a caller needing the CLS/output relevance does not run LRP a second time."""
@@ -230,8 +249,20 @@ def explain(model, x, method: str, task: str = "classification", target: int = 0
         raise ValueError(f"unknown explanation method {method!r}; choose from {', '.join(METHODS)}")
     if return_details and method != "lrp":
         raise ValueError("return_details is available for method lrp only")
+    x = _checked_bag(model, x)
     was_training = model.training
     model.eval()
+    if task == "classification":
+        n_classes = getattr(model, "head_dim", None)
+        if target is None:
+            with torch.no_grad():
+                target = int(model(x[None]).argmax(-1)[0])
+        elif n_classes is not None and not 0 <= int(target) < n_classes:
+            raise ValueError(f"target {target} is not a class of this model; use an index 0..{n_classes - 1}")
+    else:
+        target = 0
+    if lrp is None:
+        lrp = LRPParams(no_bias=getattr(model, "kind", "") != "transmil")
     try:
         if method == "lrp":
             return lrp_scores(model, x, task, target, lrp, explained_rel=explained_rel,
