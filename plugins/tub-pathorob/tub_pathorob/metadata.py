@@ -77,6 +77,33 @@ class Metadata:
             cols["subset"] = np.full(n.pop(), "ID", dtype=object)
         return cls(cols, source)
 
+    @classmethod
+    def of(cls, meta, needed=("slide_id", "biological_class", "medical_center")) -> "Metadata":
+        """``meta`` as Metadata: itself, or a pandas DataFrame / dict of columns taken **by position** (a
+        shuffled or filtered DataFrame keeps its old index labels), with the ``needed`` columns present
+        and no empty cell: the checks ``read_metadata`` makes on a CSV, for callers from Python."""
+        if isinstance(meta, cls):
+            return meta
+        if hasattr(meta, "columns") and hasattr(meta, "to_numpy"):  # a DataFrame
+            cols = {str(c): meta[c].to_numpy() for c in meta.columns}
+        elif isinstance(meta, dict):
+            cols = dict(meta)
+        else:
+            raise TubError(f"metadata must be a Metadata, a pandas DataFrame or a dict of columns, not "
+                           f"{type(meta).__name__}")
+        missing = [c for c in needed if c not in cols]
+        if missing:
+            raise TubError(f"metadata is missing column(s) {', '.join(missing)}; PathoROB metadata has "
+                           f"{', '.join(COLUMNS)}")
+        out = {}
+        for c, v in cols.items():
+            v = np.asarray(v, dtype=object)
+            empty = [i for i, x in enumerate(v) if x is None or x == "" or (isinstance(x, float) and x != x)]
+            if empty and c in (*needed, "subset"):
+                raise TubError(f"metadata column {c} is empty (NaN/None) in row {empty[0]}; every row needs a value")
+            out[c] = np.array([str(x) for x in v], dtype=object) if c in COLUMNS else v  # read as strings
+        return cls.from_columns("<memory>", **out)
+
     def write_csv(self, path: Path) -> None:
         from tubcli.io import atomic_path
 

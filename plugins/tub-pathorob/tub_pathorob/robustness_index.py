@@ -299,8 +299,13 @@ def robustness_index(
     (slides with all their query rows). ``warn`` logs the input warnings (duplicate feature rows, a class at
     one center, k candidates dropped from the search grid).
     """
+    meta = Metadata.of(meta)  # a DataFrame by position, checked as a CSV is
+    X = np.asarray(X)
     if X.shape[0] != len(meta):
         raise TubError(f"features have {X.shape[0]} rows but the metadata {len(meta)}")
+    bad = np.flatnonzero(~np.isfinite(X).all(axis=1)) if X.ndim == 2 else []
+    if len(bad):
+        raise TubError(f"feature row {bad[0]} (slide {meta.slide_id[bad[0]]}) holds NaN or inf; re-extract it")
     from .metadata import subset_kind
 
     subsets = subset_kind(meta) != "id"
