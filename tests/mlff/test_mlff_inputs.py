@@ -649,3 +649,17 @@ def test_unknown_symbols_short_rows_and_text_values_name_their_line(tmp_path):
     out = tmp_path / "ev"
     expect_error_line(invoke(["mlff", "evaluate", elem, "-o", out]), "line 10", "'Xx'")
     assert not _written(out)
+
+
+def test_the_calculator_takes_the_shipped_demo_model_by_default():
+    """From Python the demo model was reachable only through tub_mlff.cli: SpookyNetCalculator() failed."""
+    from ase.build import molecule
+
+    from tub_mlff import DEMO_MODEL
+    from tub_mlff.calculator import SpookyNetCalculator
+
+    atoms = molecule("CH4")
+    atoms.calc = SpookyNetCalculator()
+    e_default = atoms.get_potential_energy()
+    atoms.calc = SpookyNetCalculator(str(DEMO_MODEL))
+    assert atoms.get_potential_energy() == e_default

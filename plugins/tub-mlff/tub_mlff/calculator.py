@@ -30,7 +30,8 @@ DEFAULT_PERIODIC_LR_CUTOFF = 10.0  # Angstrom
 
 
 class SpookyNetCalculator(Calculator):
-    """ASE calculator: ``SpookyNetCalculator(model_or_models_or_path, charge=0, spin=None)``.
+    """ASE calculator: ``SpookyNetCalculator(model_or_models_or_path, charge=0, spin=None)``; ``"demo"``
+    (the default) is the small model shipped for trying things out, every CLI verb's default ``--model``.
 
     ``spin`` is the number of unpaired electrons (0 singlet, 2 triplet). None (the default) takes
     the lowest multiplicity the electron count allows (0 or 1, ``structures.spin_for``), as the CLI
@@ -67,7 +68,7 @@ class SpookyNetCalculator(Calculator):
                               "force_disagreement"]
     _ASE_KEYWORDS = {"restart", "ignore_bad_restart_file", "label", "atoms", "directory"}
 
-    def __init__(self, model, charge: float = 0.0, spin: float | None = None, dtype=torch.float32,
+    def __init__(self, model="demo", charge: float = 0.0, spin: float | None = None, dtype=torch.float32,
                  device: str | torch.device = "cpu", lr_cutoff: float | str | None = "auto",
                  skin: float = 0.5, elements: set[int] | None = None, check: bool = True,
                  ewald_kmax: int | None = None, **kwargs):
@@ -83,6 +84,10 @@ class SpookyNetCalculator(Calculator):
         device = device if isinstance(device, torch.device) else \
             resolve_device(str(device), "fp64" if dtype == torch.float64 else "fp32")
 
+        if isinstance(model, str) and model == "demo":
+            from tub_mlff import DEMO_MODEL
+
+            model = DEMO_MODEL
         members = model if isinstance(model, (list, tuple)) else [model]
         # a `tub mlff train` run directory stands for its model (every member of a committee)
         members = [f for m in members for f in (model_files(m) if isinstance(m, (str, Path)) else [m])]

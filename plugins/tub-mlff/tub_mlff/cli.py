@@ -9,7 +9,7 @@ from tubcli.config import given_fields
 from tubcli.errors import TubError
 from tubcli.io import atomic_path, file_sha256, write_json
 
-DEMO_MODEL = Path(__file__).parent / "models" / "demo_nacnh.safetensors"
+from tub_mlff import DEMO_MODEL
 
 
 # -- helpers ---------------------------------------------------------------------------------
