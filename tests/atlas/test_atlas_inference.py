@@ -3,6 +3,7 @@ buffers that never leak into results, the CLS-only last block, and when the path
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -147,3 +148,18 @@ def test_bf16_weights_path_stays_close_to_fp32():
     assert low.dtype == torch.bfloat16
     rel = ((low.float() - ref).norm() / ref.norm()).item()
     assert 0 < rel < 0.03
+
+
+def test_the_encoder_takes_uint8_tiles_as_read_and_refuses_other_shapes():
+    """From a notebook, enc(uint8 (N, H, W, 3) array) failed with "'numpy.ndarray' has no attribute 'to'" and a
+    1-channel tensor was broadcast by the normalisation into a silently wrong embedding."""
+    from tubcli.errors import TubError
+    from tub_atlas.encoder import load_encoder, uint8_to_float
+
+    enc, _ = load_encoder("vit-t8-demo", random_init=True)
+    tiles = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    with torch.inference_mode():
+        want = enc(uint8_to_float(tiles))
+        assert torch.equal(enc(tiles), want) and torch.equal(enc(torch.from_numpy(tiles)), want)
+        with pytest.raises(TubError, match=r"tiles must be \(B, 3, H, W\).*\(2, 1, 64, 64\)"):
+            enc(torch.rand(2, 1, 64, 64))

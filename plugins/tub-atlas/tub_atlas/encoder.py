@@ -117,9 +117,14 @@ class Encoder(nn.Module):
         """RGB in [0, 1] -> the ViT's input. Resize (antialiased) and normalisation run in float32 (float64
         for a float64 model); only the normalised tensor is cast to the weights' dtype, so bf16/fp16 weights
         see no pixels quantised before resizing (and interpolate's antialias has no bf16 CPU kernel)."""
-        dtype = next(self.vit.parameters()).dtype
-        work = torch.float64 if dtype == torch.float64 else torch.float32
-        return self.transform(x.to(work)).to(dtype)
+        param = next(self.vit.parameters())
+        if isinstance(x, np.ndarray) or x.dtype == torch.uint8:  # tiles as read, (B, H, W, 3): a notebook's form
+            x = uint8_to_float(np.asarray(x.cpu() if torch.is_tensor(x) else x), param.device)
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise TubError(f"tiles must be (B, 3, H, W) RGB in [0, 1] or (B, H, W, 3) uint8, got shape "
+                           f"{tuple(x.shape)} ({x.dtype})")
+        work = torch.float64 if param.dtype == torch.float64 else torch.float32
+        return self.transform(x.to(work)).to(param.dtype)
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         return self.vit.forward_features(self.preprocess(x))
