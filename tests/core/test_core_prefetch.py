@@ -9,18 +9,21 @@ from tubcli.prefetch import read_ahead
 
 
 def test_reads_come_back_in_order_and_run_ahead_of_the_consumer():
+    done = {k: threading.Event() for k in range(6)}
     started = []
 
     def read(k):
         started.append(k)
+        done[k].set()
         return k * k
 
     got = []
     for k, v in read_ahead(read, range(6), depth=2):
-        time.sleep(0.01)  # the consumer computes: the reader gets ahead meanwhile
-        got.append((k, v, len(started)))
-    assert [(k, v) for k, v, _ in got] == [(k, k * k) for k in range(6)]
-    assert got[0][2] == 3  # when the first batch is computed, the next two are already read (or being read)
+        if k == 0:  # while the first batch is computed, the next two are read; the third waits its turn
+            assert done[1].wait(10) and done[2].wait(10)
+            assert 3 not in started
+        got.append((k, v))
+    assert got == [(k, k * k) for k in range(6)]
 
 
 def test_a_read_error_is_raised_at_its_item_after_the_earlier_ones():

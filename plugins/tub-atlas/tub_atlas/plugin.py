@@ -90,8 +90,8 @@ ENCODERS = {
     "atlas": (None, 0.5, "any tub atlas checkpoint (tub atlas train, convert, Atlas 2): shapes, normalisation, "
                          "pooling and tile size from the model.json beside the weights"),
 }
-FROM_WEIGHTS = "atlas"  # the entry whose settings come with the weights, as `tub atlas embed --weights W` reads them
-TILE_SIZE = {"vit-t8-demo": 64}
+FROM_WEIGHTS = "atlas"  # the entry whose settings come with its weights, as `tub atlas embed --weights W` reads them
+TILE_SIZE = {"vit-t8-demo": 64, FROM_WEIGHTS: None}  # None: from the weights' model.json
 
 
 def loader_name(name: str) -> str:
@@ -109,7 +109,6 @@ def tub_register(registry):
 def tub_patch_encoders():
     return {
         name: EncoderSpec(name=name, loader=f"tub_atlas.encoders:{loader_name(name)}", dim=dim,
-                          tile_size=None if name == FROM_WEIGHTS else TILE_SIZE.get(name, 224), mpp=mpp,
-                          description=desc)
+                          tile_size=TILE_SIZE.get(name, 224), mpp=mpp, description=desc)
         for name, (dim, mpp, desc) in ENCODERS.items()
     }

@@ -95,13 +95,13 @@ class Metadata:
         if missing:
             raise TubError(f"metadata is missing column(s) {', '.join(missing)}; PathoROB metadata has "
                            f"{', '.join(COLUMNS)}")
-        out = {}
-        for c, v in cols.items():
-            v = np.asarray(v, dtype=object)
-            empty = [i for i, x in enumerate(v) if x is None or x == "" or (isinstance(x, float) and x != x)]
-            if empty and c in (*needed, "subset"):
+        out = {c: np.asarray(v, dtype=object) for c, v in cols.items()}
+        for c in (c for c in (*needed, "subset") if c in out):
+            empty = [i for i, x in enumerate(out[c]) if x is None or x == "" or (isinstance(x, float) and x != x)]
+            if empty:
                 raise TubError(f"metadata column {c} is empty (NaN/None) in row {empty[0]}; every row needs a value")
-            out[c] = np.array([str(x) for x in v], dtype=object) if c in COLUMNS else v  # read as strings
+        for c in (c for c in COLUMNS if c in out):
+            out[c] = np.array([str(x) for x in out[c]], dtype=object)  # read as strings, as from a CSV
         return cls.from_columns("<memory>", **out)
 
     def write_csv(self, path: Path) -> None:
