@@ -24,7 +24,7 @@ from tubcli import device as _device
 from tubcli.errors import ItemFailures, Terminated, TubError, first_line, terminating
 from tubcli.io import (atomic_path, file_sha256, remove_stale_temporaries, set_vector_figures, to_json, write_bytes,
                        write_json, write_text)
-from tubcli.progress import get_logger, setup_logging, track
+from tubcli.progress import setup_logging, track
 
 DONE = "DONE"
 

@@ -7,7 +7,6 @@ import shlex
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from tub_pathorob.stain import HE_REF, synthetic_tile

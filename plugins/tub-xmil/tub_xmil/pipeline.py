@@ -10,7 +10,7 @@ import torch
 from tubcli.errors import TubError
 from tubcli.io import atomic_path, refuse_broken_link
 
-from tub_xmil.slides import SLIDE_SUFFIXES, open_slide, slide_mpp  # noqa: F401 (SLIDE_SUFFIXES re-exported)
+from tub_xmil.slides import open_slide, slide_mpp
 
 
 def expand_inputs(paths, suffixes) -> list[Path]:
