@@ -17,7 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tubcli.errors import TubError
 
@@ -40,6 +40,38 @@ class Section(BaseModel):
         if isinstance(value, list) and value and all(isinstance(v, Path) for v in value):
             return [v.expanduser() for v in value]
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _file_values_as_flags_take_them(cls, data):
+        """A config file, ``TUB_*`` variable or ``--set`` may give a list of one item as the item
+        (``model: x.safetensors``) and a text setting as a YAML number (``target: 2020``), as the flags do."""
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, value in data.items():
+            info = cls.model_fields.get(name)
+            if info is None:
+                continue
+            if isinstance(value, (str, Path)) and _is_list(info.annotation):
+                out[name] = [value]
+            elif isinstance(value, (int, float)) and not isinstance(value, bool) and _is_text(info.annotation):
+                out[name] = str(value)
+        return out
+
+
+def _is_list(annotation) -> bool:
+    """list[...] or Optional[list[...]]."""
+    return typing.get_origin(annotation) is list or any(typing.get_origin(a) is list
+                                                        for a in typing.get_args(annotation))
+
+
+def _is_text(annotation) -> bool:
+    """str, Optional[str] or a Literal of strings: a setting whose value is text."""
+    options = [a for a in (typing.get_args(annotation) or (annotation,)) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Literal:
+        return all(isinstance(a, str) for a in options)
+    return options == [str]
 
 
 class TubConfig(Section):
@@ -87,19 +119,19 @@ def read_config_file(path: str | os.PathLike) -> dict:
     """Read a YAML, TOML or JSON config file into a dict."""
     path = Path(path)
     if path.is_dir():
-        raise TubError(f"config file {path} is a directory; pass a YAML or TOML file to -c")
+        raise TubError(f"config file {path} is a directory; pass a YAML, TOML or JSON file to -c")
     if not path.is_file():
-        raise TubError(f"config file {path} does not exist; pass an existing YAML or TOML file to -c")
+        raise TubError(f"config file {path} does not exist; pass an existing YAML, TOML or JSON file to -c")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
-        raise TubError(f"config file {path} is not UTF-8 text; pass a YAML or TOML file to -c") from None
+        raise TubError(f"config file {path} is not UTF-8 text; pass a YAML, TOML or JSON file to -c") from None
     try:
-        if path.suffix == ".toml":
+        if path.suffix.lower() == ".toml":
             import tomllib
 
             data = tomllib.loads(text)
-        elif path.suffix == ".json":
+        elif path.suffix.lower() == ".json":
             data = json.loads(text)
         else:
             import yaml
@@ -213,20 +245,39 @@ def env_values(model: type[BaseModel], plugin: str, environ=None) -> dict:
             out[name] = typed_value(model, name, environ[key])
     prefix = f"TUB_{plugin.upper()}_"
     for key, text in environ.items():
-        if not key.startswith(prefix):
-            continue
-        dotted = ".".join(p.lower() for p in key[len(prefix):].split("__"))
-        if field_info(model, dotted) is None:
-            continue  # belongs to another verb of the same plugin
+        dotted = env_field(model, key[len(prefix):]) if key.startswith(prefix) else None
+        if dotted is None:
+            continue  # not tub's, or a setting of another verb of the same plugin
         set_path(out, dotted, typed_value(model, dotted, text))
     return out
+
+
+def env_field(model: type[BaseModel], name: str) -> str | None:
+    """The dotted field that ``TUB_<PLUGIN>_<name>`` sets (``__`` between nested fields), or None. Each
+    part matches a field of the same spelling first, else the one field equal to it up to case: so
+    ``EPOCHS`` sets ``epochs``, ``C`` sets ``C``, and where two fields differ only in case (pathorob's
+    ``k`` and ``K``) ``..._K`` sets ``K`` and ``..._k`` sets ``k``."""
+    node: type[BaseModel] | None = model
+    out: list[str] = []
+    for part in name.split("__"):
+        if node is None:
+            return None
+        fields = node.model_fields
+        same_case = [f for f in fields if f.lower() == part.lower()]
+        match = part if part in fields else (same_case[0] if len(same_case) == 1 else None)
+        if match is None:
+            return None
+        out.append(match)
+        node = field_model(node, match)
+    return ".".join(out)
 
 
 def env_variable(loc, plugin: str, environ=None) -> str:
     """The ``TUB_*`` variable that set the field at ``loc`` (a plugin's own wins over a common one), so
     that an error names what the user exported, not "the environment"."""
     environ = os.environ if environ is None else environ
-    keys = [f"TUB_{plugin.upper()}_" + "__".join(str(p).upper() for p in loc)]
+    keys = [f"TUB_{plugin.upper()}_" + "__".join(str(p) for p in loc),
+            f"TUB_{plugin.upper()}_" + "__".join(str(p).upper() for p in loc)]
     if len(loc) == 1 and loc[0] in COMMON_FIELDS:
         keys.append(f"TUB_{str(loc[0]).upper()}")
     return next((k for k in keys if k in environ), "the environment")
@@ -238,7 +289,7 @@ def unknown_env_vars(models: list[type[BaseModel]], plugin: str, environ=None) -
     environ = os.environ if environ is None else environ
     prefix = f"TUB_{plugin.upper()}_"
     return sorted(key for key in environ if key.startswith(prefix) and not any(
-        field_info(m, ".".join(p.lower() for p in key[len(prefix):].split("__"))) for m in models))
+        env_field(m, key[len(prefix):]) for m in models))
 
 
 def unknown_env_warnings(models: list[type[BaseModel]], plugin: str, environ=None) -> list[str]:
@@ -273,13 +324,7 @@ def typed_value(model: type[BaseModel] | None, dotted: str, text: str) -> Any:
     info = field_info(model, dotted)
     if info is None or isinstance(value, str) or value is None:
         return value
-    ann = info.annotation
-    options = [a for a in (getattr(ann, "__args__", None) or (ann,)) if a is not type(None)]
-    literal = typing.get_origin(ann) is typing.Literal
-    if ann is str or (literal and all(isinstance(a, str) for a in options)) \
-            or (options == [str]):  # str, Literal["a", "b"], Optional[str]
-        return text.strip()
-    return value
+    return text.strip() if _is_text(info.annotation) else value
 
 
 def resolve_config(
@@ -308,6 +353,7 @@ def resolve_config(
     merged: dict = {}
     for _, data in layers:
         merged = deep_merge(merged, data)
+    _refuse_trust_from_afar(model, layers, plugin, environ)
     try:
         cfg = model.model_validate(merged)
     except ValidationError as exc:
@@ -332,6 +378,23 @@ def resolve_config(
             raise TubError(f"invalid config value for {'.'.join(map(str, loc))!r} (from {source}): {value} is not "
                            "a finite number")
     return cfg
+
+
+def _refuse_trust_from_afar(model: type[BaseModel], layers: list[tuple[str, dict]], plugin: str, environ) -> None:
+    """A setting marked ``json_schema_extra={"flag_only": True}`` (knnlrp's ``allow_pickle``: the model
+    file may run code) is switched on by its flag in this command only, never by a shared config file, an
+    exported ``TUB_*`` variable or ``--set``."""
+    for name, info in model.model_fields.items():
+        extra = info.json_schema_extra
+        if not (isinstance(extra, dict) and extra.get("flag_only")) or layers[-1][1].get(name):
+            continue
+        source = next((where for where, data in layers[:-1] if data.get(name)), None)
+        if source == "the environment":
+            source = env_variable((name,), plugin, environ)
+        if source is not None:
+            flag = "--" + name.replace("_", "-")
+            raise TubError(f"{name} is on in {source}, but it lets a file run code and is taken only from the "
+                           f"command line: add {flag} to this command if you trust the file")
 
 
 _DEVICE_SOURCE: str | None = None  # where the last resolved config's device came from

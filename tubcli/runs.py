@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -63,7 +64,7 @@ def shard_items(items: Iterable, index: int, count: int, key: Callable = str) ->
     return ordered[index::count]
 
 
-# an output's name, so that `.{name}.lock.{pid}` and `.tmp-{stem}-XXXXXXXX{suffix}` stay within NAME_MAX (255)
+# an output's name, so that `.{name}.lock.XXXXXXXX` (a lock's private file) and `.tmp-{stem}-XXXXXXXX{suffix}` stay within NAME_MAX (255)
 MAX_OUTPUT_NAME = 255 - len("..lock.") - 9
 
 
@@ -97,8 +98,13 @@ class ItemLock:
         is then hard-linked to the lock name (atomic, fails if the lock exists). A job killed between
         an ``O_EXCL`` create and its write would leave an empty lock that no one could prove stale."""
         owner = f"{socket.gethostname()} {os.getpid()}\n"
-        private = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        private.write_text(owner)
+        # a fresh name, created exclusively: a predictable one could be a link another user planted in a
+        # shared folder, through which the write would truncate that link's target
+        fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        private = Path(name)
+        os.fchmod(fd, 0o644)  # other jobs (the group's, on a shared -o) read the owner to tell a stale lock
+        with os.fdopen(fd, "w") as f:
+            f.write(owner)
         try:
             os.link(private, self.path)
         except FileExistsError:
@@ -520,6 +526,7 @@ class Run:
         if self._dist.enabled:
             _device.init_distributed(self.device)
         run_dir = Path(out).expanduser() if out else None  # --out=~/x: the shell leaves that ~ alone
+        self._folder_was_there = run_dir is not None and run_dir.is_dir()  # made by the user: never removed
         if run_dir is not None and run_dir.exists() and not run_dir.is_dir():
             raise TubError(f"-o {run_dir} is a file; pass a directory for the run (a new or an earlier run's)")
         target = run_dir if run_dir is not None else parent
@@ -614,7 +621,8 @@ class Run:
         if fresh_start and not overwrite:
             raise TubError(f"{self.dir} holds a training checkpoint; pass --resume auto to continue it, "
                            "--overwrite to start again, or a new -o")
-        # a directory this run creates (or finds empty) is removed again if the run fails before any output
+        # a directory this run creates is removed again if the run fails before any output (one the user
+        # made, found empty, is emptied again)
         self.fresh = self.is_main and not (self.dir.is_dir() and any(
             p.name != f"{self.CLAIM}.lock" and not p.name.startswith(f".{self.CLAIM}.lock.") for p in self.dir.iterdir()))
         self._before = None if self.fresh or not self.is_main else self._snapshot()
@@ -746,7 +754,14 @@ class Run:
         if self._product_state() or (self.dir / "metrics.json").exists():
             return
         setup_logging(-1)  # closes tub.log
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if not self._folder_was_there:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            return
+        for child in self.dir.iterdir():  # an empty folder the user made (its permissions, ACLs, group) stays
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
 
     def _release_training(self) -> None:
         if self._training_lock is not None:

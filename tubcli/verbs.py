@@ -292,7 +292,7 @@ def build_verb_command(app: PluginApp, verb: Verb) -> TyperCommand:
             add(pname, annotation, typer.Option(None, f"--{flag}", help=_describe(info), show_default=False))
         bindings[pname] = path
 
-    add("config", Optional[Path], typer.Option(None, "-c", "--config", help="YAML or TOML file with this verb's config.", rich_help_panel="Shared options"))
+    add("config", Optional[Path], typer.Option(None, "-c", "--config", help="YAML, TOML or JSON file with this verb's config.", rich_help_panel="Shared options"))
     add("set", Optional[list[str]], typer.Option(None, "--set", help="Override any config field: key.sub=value (repeatable).", rich_help_panel="Shared options"))
     add("device", Optional[str], typer.Option(None, "--device", help="auto | cpu | cuda[:i] | mps", rich_help_panel="Shared options"))
     precisions = " | ".join(_choices(model.model_fields["precision"].annotation))  # a verb may allow more

@@ -146,3 +146,36 @@ def test_eva_manifest_with_bf16_embeddings_is_read(tmp_path):
         w.writerows(rows)
     feats = read_features(tmp_path)
     assert feats.x.dtype == np.float32 and feats.x[:, 0].tolist() == [0.5, 1.5, 2.5, 3.5]
+
+
+def test_an_eva_embedding_that_pickles_code_is_refused_in_one_line(tmp_path):
+    """Loaded with weights_only like every other .pt: the error says why, never torch's advice to retry
+    with weights_only=False."""
+    import pickle
+
+    import torch
+
+    from tub_atlas.features import read_features
+    from tubcli.errors import TubError
+
+    torch.save(torch.ones(3), tmp_path / "e0.pt")
+    torch.save({"x": torch.ones(3), "fn": print}, tmp_path / "e1.pt", pickle_protocol=pickle.DEFAULT_PROTOCOL)
+    (tmp_path / "manifest.csv").write_text("origin,embeddings,target,split\nt0,e0.pt,0,train\nt1,e1.pt,1,train\n")
+    with pytest.raises(TubError) as err:
+        read_features(tmp_path)
+    assert "e1.pt cannot be loaded safely: it " in str(err.value)
+    assert "weights_only=False" not in str(err.value) and "\n" not in str(err.value)
+    (tmp_path / "manifest.csv").write_text("origin,embeddings,target,split\nt0,e0.pt,0,train\nt1,e9.pt,1,train\n")
+    with pytest.raises(TubError, match="e9.pt does not exist"):
+        read_features(tmp_path)
+
+
+def test_make_data_out_is_a_path_with_the_home_folder(tmp_path, monkeypatch):
+    """OUT was plain text: `~/d` made a folder named `~` here instead of d in the home folder."""
+    from tubcli.testing import invoke
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    res = invoke(["atlas", "make-data", "~/d", "--n-per-class", "2", "-o", tmp_path / "r"])
+    assert res.exit_code == 0, res.stderr
+    assert (tmp_path / "home" / "d" / "tiles").is_dir() and not (tmp_path / "~").exists()

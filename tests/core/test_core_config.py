@@ -138,6 +138,56 @@ def test_set_values_for_text_fields_stay_text():
     assert cfg.target == "1e3"
 
 
+def test_a_file_may_give_a_text_setting_as_a_number_and_a_one_item_list_as_its_item(tmp_path):
+    from pathlib import Path
+    from typing import Optional
+
+    from tubcli.config import TubConfig, resolve_config
+
+    class Cfg(TubConfig):
+        target: Optional[str] = None
+        model: list[Path] = []
+        k: int = 3
+
+    conf = tmp_path / "c.yaml"
+    conf.write_text("target: 2020\nmodel: m.safetensors\nk: 5\n")  # YAML makes 2020 an int
+    cfg = resolve_config(Cfg, "toy", file=conf, environ={})
+    assert (cfg.target, cfg.model, cfg.k) == ("2020", [Path("m.safetensors")], 5)
+    assert resolve_config(Cfg, "toy", environ={"TUB_TOY_MODEL": "a.pt"}).model == [Path("a.pt")]
+    assert resolve_config(Cfg, "toy", sets=["model=b.pt"], environ={}).model == [Path("b.pt")]
+    conf.write_text("target: true\n")  # a boolean is not silently the text "True"
+    with pytest.raises(TubError, match="'target'"):
+        resolve_config(Cfg, "toy", file=conf, environ={})
+
+
+def test_upper_case_fields_have_an_environment_spelling():
+    """Each part of TUB_<PLUGIN>_<FIELD> matches a field of the same spelling first, else the one field
+    equal up to case: TUB_X_C sets C; with fields k and K (pathorob), _K sets K and _k sets k."""
+    from tubcli.config import TubConfig, resolve_config, unknown_env_vars
+
+    class Cfg(TubConfig):
+        C: float = 1.0
+        k: int = 5
+        K: int | None = None
+        epochs: int = 1
+
+    cfg = resolve_config(Cfg, "toy", environ={"TUB_TOY_C": "10", "TUB_TOY_K": "7", "TUB_TOY_EPOCHS": "3"})
+    assert (cfg.C, cfg.K, cfg.k, cfg.epochs) == (10.0, 7, 5, 3)
+    assert resolve_config(Cfg, "toy", environ={"TUB_TOY_k": "9"}).k == 9
+    assert unknown_env_vars([Cfg], "toy", {"TUB_TOY_C": "1", "TUB_TOY_K": "1", "TUB_TOY_CC": "1"}) == ["TUB_TOY_CC"]
+    with pytest.raises(TubError, match=r"'C' \(from TUB_TOY_C\)"):
+        resolve_config(Cfg, "toy", environ={"TUB_TOY_C": "big"})
+
+
+def test_a_config_file_suffix_is_read_in_any_case(tmp_path):
+    from tubcli.config import read_config_file
+
+    (tmp_path / "c.TOML").write_text("k = 3\n[inner]\nx = 1\n")
+    (tmp_path / "c.JSON").write_text('{"k": 4}')
+    assert read_config_file(tmp_path / "c.TOML") == {"k": 3, "inner": {"x": 1}}
+    assert read_config_file(tmp_path / "c.JSON") == {"k": 4}
+
+
 def test_tub_config_rejects_an_unknown_device_as_the_verb_would(toy_plugins):
     result = invoke(["config", "toy", "train", "--set", "device=tpu"])
     assert result.exit_code == 2

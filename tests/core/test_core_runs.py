@@ -57,6 +57,21 @@ def test_item_lock_is_exclusive_and_stale_locks_are_taken(tmp_path):
     assert ItemLock(out).acquire()
 
 
+def test_taking_a_lock_never_writes_through_a_planted_link(tmp_path):
+    """In a group-writable folder another user could plant links at the names a lock's private owner file
+    would take; the write must never reach their target."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    out = tmp_path / "a.h5"
+    for pid in range(os.getpid() - 50, os.getpid() + 50):  # the old predictable names (`.{lock}.{pid}`)
+        (tmp_path / f".a.h5.lock.{pid}").symlink_to(victim)
+    lock = ItemLock(out)
+    assert lock.acquire()
+    assert victim.read_text() == "keep me" and lock.owner().split()[1] == str(os.getpid())
+    assert oct(Path(str(out) + ".lock").stat().st_mode & 0o777) == oct(0o644)  # other jobs read the owner
+    lock.release()
+
+
 def test_a_job_killed_while_taking_its_lock_never_blocks_the_item(tmp_path):
     # a SLURM kill can land at any instruction; the lock it leaves must always be provably stale
     out = tmp_path / "a.h5"
@@ -734,6 +749,29 @@ def test_a_failure_while_writing_the_records_leaves_no_half_made_run(toy_plugins
     assert result.exit_code == 1 and not (tmp_path / "run").exists()
     assert result.stderr.strip().splitlines()[-1].startswith("error: no space left on the device or quota exceeded: ")
     assert invoke(["toy", "evaluate", *inputs, "-o", tmp_path / "run"]).exit_code == 0  # the rerun works
+
+
+def test_a_failed_run_empties_but_keeps_an_empty_folder_the_user_made(toy_plugins, tmp_path, monkeypatch):
+    """A prepared scratch folder (setgid, group, ACLs) given as -o is the user's: a run that fails before
+    any output takes its own records out again and leaves the folder itself."""
+    import errno
+    import stat
+
+    import tubcli.runs as runs
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    scratch.chmod(0o2770)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(scratch / "env.json"))
+
+    with monkeypatch.context() as m:
+        m.setattr(runs, "write_json", full)
+        result = invoke(["toy", "evaluate", *make_inputs(tmp_path / "in", 2), "-o", scratch])
+    assert result.exit_code == 1
+    assert scratch.is_dir() and list(scratch.iterdir()) == []
+    assert stat.S_IMODE(scratch.stat().st_mode) == 0o2770
 
 
 def test_home_in_paths_the_shell_left_alone_is_expanded(toy_plugins, tmp_path, monkeypatch):

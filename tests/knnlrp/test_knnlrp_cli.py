@@ -158,6 +158,37 @@ def test_explain_a_joblib_model_only_with_allow_pickle(data_dir, tmp_path):
     assert [h for h in header if h in t.feature_names] == t.feature_names and "x0" not in header
 
 
+def test_only_the_command_line_lets_a_pickle_run_code(data_dir, tmp_path):
+    """A shared config file or an exported variable must not switch allow_pickle on behind the user's
+    back; and the "executes code" warning is given also when the file then fails to load."""
+    import joblib
+
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.joblib"
+    joblib.dump(_Payload(str(marker)), path)
+    conf = tmp_path / "shared.yaml"
+    conf.write_text("allow_pickle: true\n")
+    common = ["knnlrp", "explain", str(data_dir / "test.csv"), "--model", str(path)]
+    res = invoke([*common, "-c", str(conf), "-o", str(tmp_path / "a")])
+    assert res.exit_code == 2 and "allow_pickle is on in " + str(conf) in res.stderr and "add --allow-pickle" in res.stderr
+    res = invoke([*common, "-o", str(tmp_path / "b")], env={"TUB_KNNLRP_ALLOW_PICKLE": "1"})
+    assert res.exit_code == 2 and "TUB_KNNLRP_ALLOW_PICKLE" in res.stderr
+    assert not marker.exists()
+    res = invoke([*common, "-c", str(conf), "--allow-pickle", "-o", str(tmp_path / "c")])  # the user's own word
+    assert res.exit_code == 2 and marker.exists() and "holds an object of type TextIOWrapper" in res.stderr
+    assert "executes code from the file" in res.stderr
+
+
+class _Payload:
+    """Unpickling this touches a file: the stand-in for a model file that runs code."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
 def test_a_model_fitted_on_a_dataframe_without_pandas_here_is_a_clear_error(data_dir, tmp_path, monkeypatch):
     import joblib
     import pandas as pd

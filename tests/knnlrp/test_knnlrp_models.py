@@ -522,5 +522,5 @@ def test_a_pickle_that_is_no_model_is_named(tmp_path):
 
     path = tmp_path / "d.joblib"
     joblib.dump({"a": 1}, path)
-    with pytest.warns(UserWarning, match="executes code"), pytest.raises(TubError, match="holds a dict, not a"):
+    with pytest.warns(UserWarning, match="executes code"), pytest.raises(TubError, match="holds an object of type dict, not a"):
         load_model(path, allow_pickle=True)

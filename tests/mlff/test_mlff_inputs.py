@@ -158,8 +158,8 @@ def test_label_rejects_elements_beyond_xtb_before_any_work(tmp_path):
 
 
 @pytest.mark.parametrize("setting, expect", [("spin=0", "spin 0 (unpaired electrons) is impossible with 9"),
-                                              ("spin=-1", "spin -1"), ("charge=0.5", "not a whole number"),
-                                              ("charge=30", "removes more electrons")])
+                                              ("spin=-1", "'spin' (from --set): Input should be greater than or equal to 0"),
+                                              ("charge=0.5", "not a whole number"), ("charge=30", "removes more electrons")])
 def test_md_refuses_a_charge_or_spin_the_electrons_cannot_make(tmp_path, models, setting, expect):
     path = tmp_path / "ch3.extxyz"  # CH3: 9 electrons, so no singlet
     write(path, Atoms("CH3", positions=[[0, 0, 0], [1.09, 0, 0], [-0.55, 0.94, 0], [-0.55, -0.94, 0]]),
@@ -663,3 +663,12 @@ def test_the_calculator_takes_the_shipped_demo_model_by_default():
     e_default = atoms.get_potential_energy()
     atoms.calc = SpookyNetCalculator(str(DEMO_MODEL))
     assert atoms.get_potential_energy() == e_default
+
+
+@pytest.mark.parametrize("verb, setting, key", [
+    ("train", "model.num_features=0", "'model.num_features'"), ("train", "model.cutoff=-1", "'model.cutoff'"),
+    ("train", "model.module_keep_prob=2", "'model.module_keep_prob'"), ("md", "lr_cutoff=-3", "'lr_cutoff'"),
+    ("ocv", "x_max=-1", "'x_max'"), ("md", "spin=-1", "'spin'")])
+def test_settings_out_of_range_are_refused_by_tub_config_as_by_the_verb(verb, setting, key):
+    res = invoke(["config", "mlff", verb, "--set", setting])
+    assert res.exit_code == 2 and f"invalid config value for {key} (from --set)" in res.stderr, res.stderr

@@ -263,6 +263,32 @@ def test_md_frames_are_not_training_labels_and_old_runs_are_not_resumed_across_f
     assert r.exit_code == 2 and "degrees of freedom" in r.stderr
 
 
+def test_md_frames_do_not_inherit_the_start_frames_reference_labels(tmp_path, setup):
+    """MD from a labelled frame (active learning): the frames keep the structure's metadata but none of
+    its labels, which train would otherwise fit as every frame's (MACE-style REF_* keys included)."""
+    a = read(setup / "na.extxyz")
+    n = len(a)
+    a.info.update({"REF_energy": -1.5, "REF_stress": np.ones(6), "REF_virial": np.ones(9), "config_type": "bulk",
+                   "groups": 2, "stacking": "gallery", "dipole": np.zeros(3)})
+    a.arrays["REF_forces"] = np.ones((n, 3))
+    a.arrays["initial_charges"] = np.zeros(n)
+    start = tmp_path / "labelled.extxyz"
+    write(start, a, format="extxyz")
+    out = tmp_path / "al"
+    r = invoke(["mlff", "md", start, "--model", setup / "tiny.safetensors", "--steps", "10", "--interval", "5",
+                "--timestep", "1", "-o", out])
+    _ok(r)
+    frames = read(out / "outputs" / "trajectory.extxyz", ":")
+    assert len(frames) == 3
+    for f in frames:
+        assert not {"REF_energy", "REF_stress", "REF_virial", "dipole"} & set(f.info)
+        assert not {"REF_forces", "initial_charges"} & set(f.arrays)
+        assert (f.info["groups"], f.info["stacking"], f.info["config_type"]) == (2, "gallery", "bulk")
+    r = invoke(["mlff", "train", out / "outputs" / "trajectory.extxyz", "--energy-key", "REF_energy",
+                "--forces-key", "REF_forces", "-o", tmp_path / "t"])
+    assert r.exit_code == 2 and "not reference labels" in r.stderr
+
+
 def test_a_resume_indexes_the_trajectory_without_parsing_every_frame(tmp_path, monkeypatch):
     """A resume read and parsed the whole trajectory (10^5 frames of 800 atoms: ~37 GB of memory); the
     index keeps offsets and steps only, parses frames on demand and still drops a half-written last frame."""

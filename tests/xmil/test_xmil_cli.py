@@ -32,6 +32,19 @@ def test_make_data_writes_readable_slides(data):
     assert (data / "data" / "labels.csv").read_text().startswith("slide_id,label,split")
 
 
+def test_make_data_never_replaces_a_users_folder_and_checks_its_sizes(tmp_path):
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "labels.csv").write_text("slide_id,label\npatientA,1\n")
+    res = invoke(["xmil", "make-data", "--out-dir", mine, "--n-slides", "2", "-o", tmp_path / "r1"])
+    assert res.exit_code == 2 and "exists and is not empty; choose a new folder" in res.stderr
+    assert (mine / "labels.csv").read_text() == "slide_id,label\npatientA,1\n"
+    for bad, key in (("width=-5", "'width'"), ("mpp=-0.5", "'mpp'"), ("n_slides=0", "'n_slides'")):
+        res = invoke(["xmil", "make-data", "--out-dir", tmp_path / "new", "--set", bad, "-o", tmp_path / "r2"])
+        assert res.exit_code == 2 and f"invalid config value for {key} (from --set)" in res.stderr, res.stderr
+    assert not (tmp_path / "new").exists()
+
+
 def test_tile_then_skip_existing_and_bad_slides_reported(data):
     sl = data / "data" / "slides"
     bad = data / "bad"

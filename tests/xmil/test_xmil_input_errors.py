@@ -150,6 +150,14 @@ def test_every_slide_without_a_bag_is_named_at_once(tmp_path, bags):
     expect_error_line(res, "for 3 slide(s) of", "gone0, gone1, gone2; drop their rows")
 
 
+@pytest.mark.parametrize("outside", ["../elsewhere/s0", "/abs/s1"])
+def test_a_slide_id_never_reads_a_bag_outside_the_features_folder(tmp_path, bags, outside):
+    _bag(tmp_path / "s9.h5")  # beside the features folder, reachable as ../s9 were it allowed
+    rows = [(f"s{i}", i % 2) for i in range(N_SLIDES)] + [(outside, 1), (f"../{tmp_path.name}/s9", 0)]
+    res = _train(tmp_path / "r", bags, _csv(tmp_path / "l.csv", "slide_id,label", rows))
+    expect_error_line(res, f"slide_id {outside!r} points outside the features folder", "fix the labels CSV")
+
+
 def test_non_finite_features_are_refused_at_load(tmp_path, bags, model):
     bad = _bag(tmp_path / "nan.h5")
     import h5py

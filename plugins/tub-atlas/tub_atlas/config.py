@@ -240,7 +240,8 @@ class BenchConfig(TubConfig):
 
 
 class MakeDataConfig(TubConfig):
-    out: str | None = Field(None, description="folder to create (must not exist or be empty)")
+    out: Path | None = Field(None, description="folder to create (must not exist or be empty)",
+                             json_schema_extra={"output": True})
     n_per_class: int = Field(32, ge=1, description="tiles per class and centre")
     n_classes: int = Field(2, ge=2, description="tissue classes (the labels)")
     n_centers: int = Field(2, ge=1, description="medical centres (stain styles, the confounder)")

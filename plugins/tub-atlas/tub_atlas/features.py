@@ -250,8 +250,6 @@ def _read_eva_manifest(manifest: Path, metadata=None) -> LabelledFeatures:
     """eva's manifest (origin, embeddings, target, split), embeddings relative to its folder; a row's slide
     is its slide_id (embed writes one), else its origin. An embed run's ``eva_manifest.csv`` holds integer
     targets, named by ``eva_classes.json`` beside it, and the run's one split over all inputs."""
-    import torch
-
     from tubcli.io import read_json
 
     rows = _csv(manifest)
@@ -263,10 +261,25 @@ def _read_eva_manifest(manifest: Path, metadata=None) -> LabelledFeatures:
     if classes:
         labels = [classes[int(t)] if t else "" for t in labels]
     # eva may have saved GPU or bf16 tensors: load onto the CPU, widen before numpy
-    x = np.stack([torch.load(manifest.parent / r["embeddings"], map_location="cpu", weights_only=True).float().numpy()
-                  for r in rows])
+    x = np.stack([_eva_embedding(manifest.parent / r["embeddings"]) for r in rows])
     return LabelledFeatures(x.astype(np.float32), labels, [r.get("slide_id") or r["origin"] for r in rows],
                             _csv_split(manifest, rows))
+
+
+def _eva_embedding(path: Path) -> np.ndarray:
+    """One eva ``.pt`` embedding, loaded with ``weights_only`` (never a pickled object), as float32 numpy."""
+    from tubcli.io import check_torch_file, torch_load_weights, weights_only_reason
+
+    if not path.is_file():
+        raise TubError(f"eva embedding {path} does not exist; the manifest's paths are relative to its folder")
+    check_torch_file(path)
+    try:
+        tensor = torch_load_weights(path)
+    except Exception as exc:
+        raise TubError(f"eva embedding {path} cannot be loaded safely: {weights_only_reason(exc)}") from None
+    if not hasattr(tensor, "float"):
+        raise TubError(f"eva embedding {path} holds a {type(tensor).__name__}, not a tensor")
+    return tensor.float().numpy()
 
 
 def _read_pathorob(path: Path, metadata) -> LabelledFeatures:

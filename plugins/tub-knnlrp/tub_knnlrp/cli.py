@@ -31,9 +31,11 @@ def _load(cfg, run):
     table = read_table(cfg.data, cfg.target, text_ok=True)  # validate the data before the (re)fit of the model
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        tm = load_model(cfg.model, allow_pickle=cfg.allow_pickle)
-    for w in caught:
-        run.log.warning(str(w.message))
+        try:
+            tm = load_model(cfg.model, allow_pickle=cfg.allow_pickle)
+        finally:  # "executes code from the file" is said also when that file then fails to load
+            for w in caught:
+                run.log.warning(str(w.message))
     d = len(tm.feature_names)
     default = [f"x{i}" for i in range(d)]  # an NPZ without feature_names, a model fitted on bare arrays
     if tm.feature_names == default and table.feature_names != default and table.X.shape[1] == d:

@@ -39,7 +39,8 @@ class ExplainConfig(TubConfig):
     max_heatmaps: int = Field(16, ge=0, description="rows drawn in heatmaps.png")
     train_data: Optional[Path] = Field(None, description="the rows a model of your own (--allow-pickle) was fitted on, "
                                        "with the label column: sets the SVM's default η")
-    allow_pickle: bool = Field(False, description="allow a .joblib/.pkl model (executes code from the file)")
+    allow_pickle: bool = Field(False, description="allow a .joblib/.pkl model (executes code from the file)",
+                               json_schema_extra={"flag_only": True})
 
 
 class EvaluateConfig(TubConfig):
@@ -61,7 +62,8 @@ class EvaluateConfig(TubConfig):
     shap_samples: int = Field(500, ge=10, description="KernelSHAP samples per row")
     train_data: Optional[Path] = Field(None, description="the rows a model of your own (--allow-pickle) was fitted on, "
                                        "with the label column: sets the SVM's default η; an SVC needs it (a kNN keeps its own)")
-    allow_pickle: bool = Field(False, description="allow a .joblib/.pkl model (executes code from the file)")
+    allow_pickle: bool = Field(False, description="allow a .joblib/.pkl model (executes code from the file)",
+                               json_schema_extra={"flag_only": True})
 
 
 class CheckConfig(TubConfig):
@@ -69,7 +71,8 @@ class CheckConfig(TubConfig):
     model: Optional[Path] = Field(None, description="run directory or model.json of `tub knnlrp train`")
     target: str = Field("target", description="label column to drop from the data if present")
     kappa: Optional[int] = Field(None, ge=0, description="kNN κ to report besides κ = 0")
-    allow_pickle: bool = Field(False, description="allow a .joblib/.pkl model (executes code from the file)")
+    allow_pickle: bool = Field(False, description="allow a .joblib/.pkl model (executes code from the file)",
+                               json_schema_extra={"flag_only": True})
 
 
 class MakeDataConfig(TubConfig):

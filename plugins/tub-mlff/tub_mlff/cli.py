@@ -349,6 +349,53 @@ def label(cfg, run) -> dict:
 
 
 # -- train ---------------------------------------------------------------------------------------
+ISOLATED_ATOM = "IsolatedAtom"  # MACE's config_type of the frames that carry the E0s
+
+
+def _isolated_atoms(frames, e0s, data) -> tuple[list, list]:
+    """(other frames, isolated-atom frames): the frames with ``config_type=IsolatedAtom`` are set apart
+    for the E0s (``e0s`` auto or isolated), so that no split puts one into validation or test."""
+    iso = [a for a in frames if a.info.get("config_type") == ISOLATED_ATOM]
+    if e0s == "isolated" and not iso:
+        raise TubError(f"--e0s isolated: {data} has no frame with config_type={ISOLATED_ATOM}; add one per element "
+                       "(one atom, its energy), give --e0s Cu=...,Au=... or use --e0s fit")
+    if e0s not in ("auto", "isolated") or not iso:
+        return frames, []
+    for a in iso:
+        if len(a) != 1:
+            raise TubError(f"{data}: a config_type={ISOLATED_ATOM} frame has {len(a)} atoms; it must hold one")
+    return [a for a in frames if a.info.get("config_type") != ISOLATED_ATOM], iso
+
+
+def _e0_graphs(isolated_frames, e0s, keys, data, radius) -> list | None:
+    """One-atom graphs whose energies are the E0s: the isolated-atom frames (forces zero by symmetry if
+    absent), or one atom per element of a given ``Cu=3.51,...`` mapping; None to fit E0s by least squares."""
+    from ase import Atoms
+
+    from .data import to_graph
+
+    if isolated_frames:
+        graphs = _graphs(isolated_frames, radius, keys, f"{data} ({ISOLATED_ATOM})", need_forces=False)
+    elif isinstance(e0s, dict):
+        graphs = []
+        for symbol, energy in e0s.items():
+            atom = Atoms(symbol)
+            atom.info[keys.energy] = energy
+            graphs.append(to_graph(atom, radius, keys, name=f"e0s {symbol}", need_forces=False))
+    else:
+        return None
+    for g in graphs:
+        if g.forces is None:
+            g.forces = np.zeros((1, 3))
+    return graphs
+
+
+def _e0_table(isolated) -> dict:
+    from ase.data import chemical_symbols
+
+    return {chemical_symbols[int(g.Z[0])]: float(g.energy) for g in isolated}
+
+
 def _graphs(frames, radius, keys, name, need_forces: bool = True):
     from .data import to_graph
 
@@ -376,7 +423,15 @@ def _stress_coverage(graphs, key: str, what: str, run) -> int:
     if 0 < n < cells:
         run.log.warning("%d of %d periodic frames have no stress under '%s'; %s uses the other %d",
                         cells - n, cells, key, what, n)
+    largest = max((float(np.abs(g.stress).max()) for g in graphs if g.stress is not None), default=0.0)
+    if largest > STRESS_UNIT_LIMIT:  # 160 GPa: far past the stress of almost any training set
+        run.log.warning("a stress label reaches %.3g eV/A^3 (%.0f GPa): tub reads stress in eV/A^3 with ASE's sign; "
+                        "a stress in GPa or kbar, or a virial (eV: give it with --virials-key), under '%s' would be "
+                        "fitted as the wrong target", largest, largest * 160.21766, key)
     return n
+
+
+STRESS_UNIT_LIMIT = 1.0  # eV/A^3
 
 
 def _check_architecture(state: dict, model, path) -> None:
@@ -554,6 +609,7 @@ def train(cfg, run) -> dict:
     keys = Keys(**cfg.keys.model_dump())
     for k, a in enumerate(frames):
         check_structure(a, None, name=f"{data} frame {k}")
+    frames, isolated_frames = _isolated_atoms(frames, cfg.e0s, data)
     m = cfg.model
     mcfg = SpookyNetConfig(num_features=m.num_features, num_basis_functions=m.num_basis_functions,
                            num_modules=m.num_modules, cutoff=m.cutoff, lr_cutoff=m.lr_cutoff,
@@ -587,6 +643,7 @@ def train(cfg, run) -> dict:
         radius = 1e4  # molecules: all pairs
     need_forces = cfg.forces_weight > 0
     graphs = _graphs(frames, radius, keys, str(data), need_forces)
+    isolated = _e0_graphs(isolated_frames, cfg.e0s, keys, data, radius)
     groups = _split_groups(frames, cfg.split_by, data, run)
     prints = frame_fingerprints(frames)
     if cfg.valid is not None:  # the file replaces the validation share: none is taken from DATA
@@ -600,6 +657,18 @@ def train(cfg, run) -> dict:
         train_g, valid, test_g = [graphs[i] for i in tr], [graphs[i] for i in va], [graphs[i] for i in te]
     if not train_g:
         raise TubError(f"{data} has too few frames to train ({len(graphs)}); give more labelled structures")
+    if isolated:  # E0s: trained on too, so the isolated atoms keep their energies as the weights move
+        elements_with_e0 = {int(g.Z[0]) for g in isolated}
+        missing = sorted({int(z) for g in train_g for z in g.Z} - elements_with_e0)
+        if missing:
+            from ase.data import chemical_symbols
+
+            raise TubError(f"e0s: no isolated-atom energy for {', '.join(chemical_symbols[z] for z in missing)}; "
+                           "give every element of the training frames one (or --e0s fit)")
+        isolated = [g for g in isolated if int(g.Z[0]) in {int(z) for t in train_g for z in t.Z}]  # no others
+        train_g = train_g + isolated
+        run.log.info("E0s (%s): %s", "isolated-atom frames" if isolated_frames else "given",
+                     ", ".join(f"{a}={e:.6g} eV" for a, e in _e0_table(isolated).items()))
     if not valid:
         run.log.warning("no validation frames (%d frames in all): early stopping and keep=best follow the training "
                         "loss and the validation errors are not measured; give --valid or more frames", len(graphs))
@@ -611,13 +680,19 @@ def train(cfg, run) -> dict:
     if cfg.stress_weight > 0 and not _stress_coverage(train_g + valid, cfg.keys.stress, "the stress loss", run):
         raise TubError(f"stress_weight > 0 but no periodic frame has a stress (info) under '{cfg.keys.stress}'; "
                        "set --set keys.stress=KEY or drop the weight")
+    if cfg.stress_weight == 0 and any(g.stress is not None for g in train_g):
+        run.log.info("the training frames have stress labels, but stress_weight is 0: the stress is not trained "
+                        "(--set stress_weight=W to fit it; 1 weighs 1 eV/A^3 like 1 eV/atom)")
+    run.log.info("frames: %d train, %d validation (%s), %d test (%s of %s)", len(train_g), len(valid),
+                 cfg.valid if cfg.valid is not None else f"{cfg.valid_fraction:g} of {data}", len(test_g),
+                 f"{cfg.test_fraction:g}", data)
     settings = TrainSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, lr_schedule=cfg.lr_schedule,
                              lr_patience=cfg.lr_patience, lr_factor=cfg.lr_factor, min_lr=cfg.min_lr,
                              energy_weight=cfg.energy_weight,
                              forces_weight=cfg.forces_weight, stress_weight=cfg.stress_weight,
                              charges_weight=cfg.charges_weight, dipole_weight=cfg.dipole_weight,
                              ema_decay=cfg.ema_decay, patience=cfg.patience, max_minutes=cfg.max_minutes,
-                             fine_tune=base is not None, keep=cfg.keep,
+                             fine_tune=base is not None, keep=cfg.keep, isolated=isolated,
                              loss=cfg.loss, huber_delta=cfg.huber_delta)
     # the elements the model learned: those of its training frames (and of the model it started from)
     elements = sorted({int(z) for g in train_g for z in g.Z} | set(base_meta.get("elements") or []))
@@ -693,7 +768,7 @@ def evaluate(cfg, run) -> dict:
 
     from .checkpoints import load_model, model_composition_span, model_elements
     from .data import Keys, read_structures, stress_frames
-    from .evaluation import error_metrics, predict
+    from .evaluation import error_metrics, metrics_by_config_type, predict
     from .plots import parity_plot
     from .validation import check_structure
 
@@ -720,6 +795,9 @@ def evaluate(cfg, run) -> dict:
     _stress_coverage(graphs, cfg.keys.stress, "the stress MAE/RMSE", run)
     preds = predict(models, graphs, _dtype(run), run.device)
     metrics = error_metrics(graphs, preds)
+    by_type = metrics_by_config_type(graphs, preds, [a.info.get("config_type") for a in frames])
+    if by_type:
+        metrics["by_config_type"] = by_type
     if "charges_mae_e" in metrics and (untrained := _untrained_charges(cfg.model)):
         run.log.warning("%s learned no charges (charges_weight and dipole_weight 0 in its training config): "
                         "charges_mae_e measures charges that only carry the total charge", untrained)
@@ -1198,8 +1276,9 @@ def _explain_walks(calc, atoms, cfg, path) -> dict:
     d = atoms.get_all_distances(mic=bool(np.any(atoms.pbc)))
     batch = calc.batch_for(atoms)
     w = committee_mean([walk_relevances(m, batch, d, order=cfg.walks, radius=cfg.walk_radius) for m in calc.models])
-    np.savez_compressed(path, one_body=w.one_body, two_body=w.two_body, triples=w.triples, three_body=w.three_body,
-                        walks_total=w.walks_total, bias=w.bias, reference=w.reference, e_nn=w.e_nn, distances=d)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, one_body=w.one_body, two_body=w.two_body, triples=w.triples, three_body=w.three_body,
+                            walks_total=w.walks_total, bias=w.bias, reference=w.reference, e_nn=w.e_nn, distances=d)
     sym = atoms.get_chemical_symbols()
     iu, ju = np.triu_indices(len(atoms), 1)
     by_elements: dict[str, float] = {}
@@ -1271,7 +1350,8 @@ def explain(cfg, run) -> dict:
                                                   "force_disagreement_eV_A": float(dis[i])}
         rows.append(out)
         if cfg.attention:
-            np.savez_compressed(run.outputs_dir / f"attention_{k:04d}.npz", **attention_maps(calc, atoms))
+            with atomic_path(run.outputs_dir / f"attention_{k:04d}.npz") as tmp, open(tmp, "wb") as f:
+                np.savez_compressed(f, **attention_maps(calc, atoms))
         if cfg.walks:
             walks = _explain_walks(calc, atoms, cfg, run.outputs_dir / f"walks_{k:04d}.npz")
             out.arrays["mlff_walk_1body"] = walks.pop("one_body")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from pydantic import Field, field_validator
 from tubcli.config import Section, TubConfig
@@ -12,7 +12,10 @@ from tubcli.config import Section, TubConfig
 class KeysSection(Section):
     energy: str = Field("energy", description="extxyz info key of the energy (eV)")
     forces: str = Field("forces", description="extxyz array key of the forces (eV/A)")
-    stress: str = Field("stress", description="extxyz info key of the stress (eV/A^3)")
+    stress: str = Field("stress", description="extxyz info key of the stress (eV/A^3, ASE's sign and Voigt order "
+                        "xx yy zz yz xz xy, or 3x3)")
+    virial: str = Field("virials", description="extxyz info key of a virial (eV; MACE/NequIP), read as stress -W/V "
+                        "where a frame has no stress")
     charge: str = Field("charge", description="extxyz info key of the total charge (e)")
     spin: str = Field("spin", description="extxyz info key of the unpaired electrons")
     charges: str = Field("ref_charges", description="extxyz array key of reference atomic charges (e; optional)")
@@ -20,16 +23,16 @@ class KeysSection(Section):
 
 
 class ModelSection(Section):
-    num_features: int = Field(64, description="feature size F")
-    num_basis_functions: int = Field(16, description="radial basis size K")
-    num_modules: int = Field(3, description="interaction modules T")
-    cutoff: float = Field(5.291772105638412, description="short-range cutoff (A)")
-    lr_cutoff: Optional[float] = Field(None, description="long-range cutoff for Coulomb/D4 (A)")
+    num_features: int = Field(64, ge=1, description="feature size F")
+    num_basis_functions: int = Field(16, ge=1, description="radial basis size K")
+    num_modules: int = Field(3, ge=1, description="interaction modules T")
+    cutoff: float = Field(5.291772105638412, gt=0, description="short-range cutoff (A)")
+    lr_cutoff: Optional[float] = Field(None, gt=0, description="long-range cutoff for Coulomb/D4 (A)")
     zbl: bool = Field(True, description="ZBL repulsion term")
     electrostatics: bool = Field(True, description="Coulomb term of the predicted charges")
     d4: bool = Field(False, description="D4 dispersion; its tables are buffers of a model file with D4 (a "
                      "reference .pth or a tub model made from one): use --init-from that file; from scratch d4=false")
-    module_keep_prob: float = Field(1.0, description="module dropout keep probability")
+    module_keep_prob: float = Field(1.0, gt=0, le=1, description="module dropout keep probability")
 
 
 class BuildConfig(TubConfig):
@@ -61,7 +64,7 @@ class LabelConfig(TubConfig):
     basis: str = Field("def2-SVP", description="DFT basis (method=dft)")
     density_fit: bool = Field(False, description="RI density fitting for the DFT SCF (method=dft; faster)")
     cluster_radius: Optional[float] = Field(
-        None, description="carve H-capped clusters of this radius (A) from periodic cells (method=dft)")
+        None, gt=0, description="carve H-capped clusters of this radius (A) from periodic cells (method=dft)")
     cluster_center: str = Field("Na", description="cluster centres: an element (one cluster per atom) or indices '0,12'")
 
 
@@ -94,11 +97,40 @@ class TrainConfig(TubConfig):
                                   description="weight of the atomic-charge loss (needs reference charges)")
     dipole_weight: float = Field(0.0, ge=0, allow_inf_nan=False,
                                  description="weight of the dipole loss, as SpookyNet's paper trains (molecules)")
-    ema_decay: float = Field(0.99, ge=0, lt=1, description="EMA decay of the weights (0 = no averaging)")
+    e0s: Union[Literal["auto", "fit", "isolated"], dict[str, float]] = Field(
+        "auto", description="per-element energies E0 (MACE's --E0s): isolated = from the frames with "
+        "config_type=IsolatedAtom (always in the training share; forces optional); fit = least squares on the "
+        "training energies; Cu=3.51,Au=3.80 = given (eV); auto = isolated if the data has such frames, else fit")
+    ema_decay: float = Field(0.99, ge=0, lt=1, description="EMA decay of the weights (0 = no averaging; warmed up "
+                             "over the first steps as torch_ema/MACE do)")
     patience: int = Field(30, ge=1, description="early-stopping patience (epochs)")
-    max_minutes: Optional[float] = Field(None, description="stop a member after this many minutes")
+    max_minutes: Optional[float] = Field(None, gt=0, description="stop a member after this many minutes")
     ensemble: int = Field(1, ge=1, description="committee size (members differ by seed)")
     keep: Literal["best", "last"] = Field("best", description="save the EMA weights of the best validation loss or the last epoch")
+
+
+    @field_validator("e0s", mode="before")
+    @classmethod
+    def _e0_pairs(cls, value):
+        """``Cu=3.51,Au=3.80`` (or a YAML mapping): element symbols or atomic numbers to eV."""
+        if isinstance(value, str) and "=" in value:
+            pairs = [item.partition("=") for item in value.split(",") if item.strip()]
+            try:
+                value = {k.strip(): float(v) for k, _, v in pairs}
+            except ValueError:
+                raise ValueError(f"e0s {value!r}: write element=eV pairs, e.g. Cu=3.51,Au=3.80") from None
+        if isinstance(value, dict):
+            from ase.data import atomic_numbers, chemical_symbols
+
+            out = {}
+            for key, energy in value.items():
+                key = str(key).strip()
+                symbol = chemical_symbols[int(key)] if key.isdigit() and 0 < int(key) < len(chemical_symbols) else key
+                if symbol not in atomic_numbers or symbol == "X":
+                    raise ValueError(f"e0s: {key!r} is not an element; use symbols (Cu) or atomic numbers (29)")
+                out[symbol] = energy
+            return out
+        return value
 
 
 class EvaluateConfig(TubConfig):
@@ -126,8 +158,8 @@ class MDConfig(TubConfig):
     taup: float = Field(1000.0, gt=0, allow_inf_nan=False, description="barostat time constant (fs)")
     interval: int = Field(10, ge=1, description="steps between saved frames")
     charge: Optional[float] = Field(None, description="total charge (default: from the structure, else 0)")
-    spin: Optional[float] = Field(None, description="unpaired electrons (default: from the structure or parity)")
-    lr_cutoff: Optional[float] = Field(None, description="long-range cutoff for periodic runs (A; default 10)")
+    spin: Optional[float] = Field(None, ge=0, description="unpaired electrons (default: from the structure or parity)")
+    lr_cutoff: Optional[float] = Field(None, gt=0, description="long-range cutoff for periodic runs (A; default 10)")
     ewald_kmax: Optional[int] = Field(
         None, ge=1, description="Ewald-sum the Coulomb term over reciprocal vectors |n| <= kmax (periodic cells)")
 
@@ -136,11 +168,11 @@ class OCVConfig(TubConfig):
     model: list[Path] = Field(default_factory=list, description="model file(s) or train run directories [default: "
                               "the shipped demo model, demo_nacnh: Na/C/N/H]")
     structures: Optional[Path] = Field(None, description="extxyz of Na_x host cells incl. the bare host (x=0)")
-    n: int = Field(3, description="graphene supercell when building structures")
-    groups: int = Field(1, description="aminophenyl groups when building")
+    n: int = Field(3, ge=2, description="graphene supercell when building structures")
+    groups: int = Field(1, ge=0, description="aminophenyl groups when building")
     stacking: Literal["slab", "gallery", "bilayer"] = Field("gallery", description="stacking when building")
-    interlayer: float = Field(9.0, description="sheet spacing when building (A)")
-    x_max: int = Field(3, description="largest Na count per cell when building")
+    interlayer: float = Field(9.0, gt=0, description="sheet spacing when building (A)")
+    x_max: int = Field(3, ge=0, description="largest Na count per cell when building")
     variants: int = Field(2, ge=1, description="random site sets per Na count when building")
     relax_steps: int = Field(200, ge=0, description="most BFGS steps per structure (0 = single points)")
     fmax: float = Field(0.05, gt=0, description="relaxation force threshold (eV/A)")
@@ -203,7 +235,7 @@ class ExplainConfig(TubConfig):
     walks: int = Field(0, description="GNN-LRP relevant walks: 0 off, 2 = 1- and 2-body, 3 = also 3-body")
     walk_radius: float = Field(3.0, gt=0, description="3-body terms only for triples closer than this (A)")
     charge: Optional[float] = Field(None, description="total charge (default: from the structure)")
-    spin: Optional[float] = Field(None, description="unpaired electrons (default: from the structure or parity)")
+    spin: Optional[float] = Field(None, ge=0, description="unpaired electrons (default: from the structure or parity)")
 
     @field_validator("walks")
     @classmethod

@@ -16,6 +16,7 @@ import torch
 from tubcli.errors import TubError
 
 from .neighbors import neighbor_list
+from .validation import check_charge_spin
 
 
 @dataclass
@@ -23,6 +24,7 @@ class Keys:
     energy: str = "energy"
     forces: str = "forces"
     stress: str = "stress"
+    virial: str = "virials"
     charge: str = "charge"
     spin: str = "spin"
     charges: str = "ref_charges"
@@ -154,6 +156,8 @@ def labels(atoms, keys: Keys, need_forces: bool = True, name: str = "frame"):
                        "reference labels; label the frames first (tub mlff label, or any code that writes new "
                        "energies and forces)")
     f = _get(atoms, keys.forces, "arrays")
+    if f is None and len(atoms) == 1 and not atoms.pbc.any():
+        f = np.zeros((1, 3))  # a lone atom: zero by symmetry (MACE-style IsolatedAtom frames store none)
     if e is None:
         raise TubError(f"{name} has no energy under '{keys.energy}'; set --energy-key to the info key that holds it")
     if need_forces and f is None:
@@ -170,8 +174,16 @@ def labels(atoms, keys: Keys, need_forces: bool = True, name: str = "frame"):
             s = s.reshape(3, 3)
         else:
             raise TubError(f"{name}: stress under '{keys.stress}' must have 6 or 9 numbers")
+    elif (v := atoms.info.get(keys.virial)) is not None:
+        s = stress_from_virial(atoms, v, keys.virial, name)
     q = float(atoms.info.get(keys.charge, 0.0))
     spin = atoms.info.get(keys.spin)
+    try:  # a spin the electrons cannot make would train a model the calculator then refuses to run
+        check_charge_spin(atoms, q, spin, name)
+    except TubError as exc:
+        hint = (f" ('{keys.spin}' must hold the unpaired electrons 2S, not the multiplicity 2S+1)"
+                if spin is not None and "spin" in str(exc) else "")
+        raise TubError(f"{exc}{hint}") from None
     if spin is None:
         spin = float((int(atoms.numbers.sum()) - int(round(q))) % 2)
     try:  # one bad label would silently drop a metric (NaN) or end in a bare ValueError
@@ -183,6 +195,20 @@ def labels(atoms, keys: Keys, need_forces: bool = True, name: str = "frame"):
     if not np.isfinite(e) or (f is not None and not np.isfinite(f).all()) or (s is not None and not np.isfinite(s).all()):
         raise TubError(f"{name}: non-finite energy, forces or stress (NaN or inf); fix or drop the frame")
     return e, f, s, q, float(spin)
+
+
+def stress_from_virial(atoms, virial, key: str, name: str) -> np.ndarray:
+    """The stress (eV/A^3, ASE's sign) of a virial W (eV) as MACE and NequIP store it: sigma = -W / V."""
+    w = np.asarray(virial, dtype=float)
+    if w.size not in (6, 9):
+        raise TubError(f"{name}: virial under '{key}' must have 6 or 9 numbers")
+    if not atoms.pbc.all() or atoms.cell.rank < 3:
+        raise TubError(f"{name}: a virial under '{key}' needs a 3-D periodic cell to become a stress")
+    if w.size == 6:
+        from ase.stress import voigt_6_to_full_3x3_stress
+
+        w = voigt_6_to_full_3x3_stress(w)
+    return -w.reshape(3, 3) / atoms.get_volume()
 
 
 @dataclass
@@ -202,6 +228,24 @@ class Graph:
     stress: np.ndarray | None = None
     charges: np.ndarray | None = None
     dipole: np.ndarray | None = None
+    weights: tuple = (1.0, 1.0, 1.0)  # the frame's energy, force and stress loss weights (MACE's config_weight)
+
+
+CONFIG_WEIGHTS = ("config_energy_weight", "config_forces_weight", "config_stress_weight")
+
+
+def config_weights(atoms, name: str) -> tuple:
+    """(energy, forces, stress) loss weights of a frame, as MACE reads them from its info: ``config_weight``
+    times ``config_energy_weight`` / ``config_forces_weight`` / ``config_stress_weight`` (each default 1);
+    0 drops that label of the frame from the loss."""
+    try:
+        base = float(atoms.info.get("config_weight", 1.0))
+        weights = tuple(base * float(atoms.info.get(key, 1.0)) for key in CONFIG_WEIGHTS)
+    except (TypeError, ValueError):
+        raise TubError(f"{name}: config_weight and config_*_weight must be numbers") from None
+    if not all(np.isfinite(w) and w >= 0 for w in weights):
+        raise TubError(f"{name}: config weights must be finite and >= 0, got {weights}")
+    return weights
 
 
 def _charge_labels(atoms, keys: Keys, periodic: bool, name: str):
@@ -241,7 +285,8 @@ def to_graph(atoms, radius: float, keys: Keys | None = None, labelled: bool = Tr
     return Graph(Z=atoms.numbers.astype(np.int64), R=atoms.positions.astype(np.float64),
                  cell=np.asarray(atoms.cell, dtype=np.float64) if periodic else None,
                  idx_i=i, idx_j=j, offsets=off if periodic else None, Q=q, S=float(sp),
-                 energy=e, forces=f, stress=s, charges=charges, dipole=dipole)
+                 energy=e, forces=f, stress=s, charges=charges, dipole=dipole,
+                 weights=config_weights(atoms, name) if labelled else (1.0, 1.0, 1.0))
 
 
 def stress_frames(graphs: list[Graph]) -> list[int]:
@@ -287,6 +332,12 @@ def collate(graphs: list[Graph], dtype=torch.float32, device="cpu") -> dict:
         batch["charges"] = t(np.concatenate([g.charges for g in graphs]))
     if all(g.dipole is not None for g in graphs):
         batch["dipole"] = t(np.stack([g.dipole for g in graphs]))
+    if any(g.weights != (1.0, 1.0, 1.0) for g in graphs):  # per-frame loss weights (absent: all 1)
+        w = np.array([g.weights for g in graphs])
+        batch["weight_energy"] = t(w[:, 0])
+        batch["weight_forces"] = t(np.repeat(w[:, 1], [len(g.Z) for g in graphs])[:, None])
+        if stressed:
+            batch["weight_stress"] = t(w[stressed, 2][:, None, None])
     return batch
 
 

@@ -51,6 +51,33 @@ def predict(models, graphs, dtype=torch.float32, device="cpu", batch_size: int =
     return res
 
 
+def select(preds: dict, idx: list[int]) -> dict:
+    """The predictions of frames ``idx`` (a :func:`predict` result restricted to them)."""
+    out = {}
+    for key, value in preds.items():
+        if isinstance(value, dict):
+            out[key] = {name: np.asarray(v)[idx] for name, v in value.items()}
+        elif isinstance(value, list):
+            out[key] = [value[i] for i in idx]
+        else:
+            out[key] = np.asarray(value)[idx]
+    return out
+
+
+def metrics_by_config_type(graphs, preds, config_types: list) -> dict:
+    """:func:`error_metrics` of each ``config_type`` (MACE's test tables), when the frames have several."""
+    groups: dict[str, list[int]] = {}
+    for k, ct in enumerate(config_types):
+        groups.setdefault(str(ct) if ct is not None else "(none)", []).append(k)
+    if len(groups) < 2:
+        return {}
+    out = {}
+    for name, idx in sorted(groups.items()):
+        m = error_metrics([graphs[k] for k in idx], select(preds, idx))
+        out[name] = {k: v for k, v in m.items() if k != "energy_terms_meV_atom"}
+    return out
+
+
 def error_metrics(graphs, preds) -> dict:
     """Energy MAE/RMSE per atom (meV/atom), force MAE/RMSE (meV/A), also per element, stress MAE/RMSE (meV/A^3,
     over the periodic frames with stress labels; ``stress_frames`` says how many),

@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -346,6 +347,24 @@ def _thermo_summary(thermo: Path) -> dict:
             "max_energy_std_eV": float(np.nanmax(stds)) if np.isfinite(stds).any() else None}
 
 
+# the start structure's reference labels (MACE's REF_*, energy, stress, virials, dipoles …): an MD frame
+# carrying them would hand the start frame's labels to every later frame, which train would then fit
+LABEL_NAME = re.compile(r"^(ref|dft|xtb|mp2|ccsd|pbe)_|energ|stress|virial|force|dipole|charges", re.IGNORECASE)
+STRUCTURE_ARRAYS = ("numbers", "positions", "momenta", "masses", "tags")
+
+
+def without_labels(atoms):
+    """A copy of ``atoms`` for an MD frame: its structure and metadata (tub build's groups, stacking, …,
+    charge and spin), none of the start frame's labels: per-atom arrays other than the structure's and
+    info keys named like a label (:data:`LABEL_NAME`) are left out."""
+    frame = atoms.copy()
+    frame.calc = None
+    for name in [n for n in frame.arrays if n not in STRUCTURE_ARRAYS]:
+        del frame.arrays[name]
+    frame.info = {k: v for k, v in frame.info.items() if not LABEL_NAME.search(str(k))}
+    return frame
+
+
 def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "nvt-langevin",
            timestep_fs: float = 0.5, temperature_K: float = 300.0, friction_per_fs: float = 0.01,
            taut_fs: float = 100.0, pressure_GPa: float = 0.0, taup_fs: float = 1000.0,
@@ -467,7 +486,7 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
 
     def record(step: int) -> None:
         line, epot, T, _ = thermo_line(step)
-        frame = atoms.copy()
+        frame = without_labels(atoms)
         frame.info.update({"step": step, "time_fs": step * timestep_fs, "epot": epot, "temperature": T,
                            "traj": traj_id,  # train's split keeps this run's frames in one share
                            "predicted_by": "tub mlff md"})  # train/evaluate refuse them as labels

@@ -5,7 +5,7 @@ from tubcli import PluginApp, Verb, hookimpl
 _C = "tub_mlff.config:"
 _F = "tub_mlff.cli:"
 _KEYS = {"energy-key": "keys.energy", "forces-key": "keys.forces", "stress-key": "keys.stress",
-         "charge-key": "keys.charge", "spin-key": "keys.spin"}
+         "virials-key": "keys.virial", "charge-key": "keys.charge", "spin-key": "keys.spin"}
 
 app = PluginApp(
     name="mlff",
@@ -23,7 +23,7 @@ app = PluginApp(
         Verb("train", _F + "train", config=_C + "TrainConfig",
              help="Train SpookyNet on energies + forces (+ stress); EMA, early stopping, --ensemble N.",
              args=["data"], options={"valid": "valid", "epochs": "epochs", "batch-size": "batch_size", "lr": "lr",
-                                     "ensemble": "ensemble", "init-from": "init_from", "max-minutes": "max_minutes",
+                                     "ensemble": "ensemble", "init-from": "init_from", "max-minutes": "max_minutes", "e0s": "e0s",
                                      **_KEYS},
              training=True, resume_may_change=("epochs", "max_minutes")),
         Verb("evaluate", _F + "evaluate", config=_C + "EvaluateConfig",

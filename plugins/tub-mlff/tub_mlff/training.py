@@ -52,22 +52,29 @@ class TrainSettings:
     fit_element_energies: bool = True
     fine_tune: bool = False  # the model came from --init-from: its element bias is corrected, not replaced
     keep: str = "best"  # "best": EMA weights at the lowest validation loss; "last": final EMA weights
+    isolated: list | None = None  # one-atom Graphs with the E0 energies (--e0s): the bias fits them, not least squares
     loss: str = "mse"  # "mse", or "huber": quadratic below huber_delta, linear above (MACE's choice)
     huber_delta: float = 0.01  # eV/atom, eV/A, eV/A^3
 
 
 class EMA:
-    """Exponential moving average of the trainable parameters."""
+    """Exponential moving average of the trainable parameters, with the warm-up of torch_ema's
+    ``use_num_updates`` (as MACE trains): update n uses decay min(d, (1 + n) / (10 + n)), so the
+    average follows the weights while they move most. With a fixed d = 0.99, a run of 100 steps would
+    keep 0.99**100 = 37 % of the random initial weights in the model it saves."""
 
-    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+    def __init__(self, model: torch.nn.Module, decay: float, updates: int = 0) -> None:
         self.decay = decay
+        self.updates = updates
         self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        self.updates += 1
         for k, v in model.state_dict().items():
             if v.dtype.is_floating_point:
-                self.shadow[k].mul_(self.decay).add_(v.detach(), alpha=1 - self.decay)
+                self.shadow[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
             else:
                 self.shadow[k].copy_(v)
 
@@ -77,18 +84,21 @@ class EMA:
         return m
 
 
-def _penalty(err: torch.Tensor, s: TrainSettings) -> torch.Tensor:
-    """Mean of err**2 ("mse"), or of 2*Huber(err; delta) ("huber"), so both equal err**2 for small errors.
+def _penalty(err: torch.Tensor, s: TrainSettings, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of err**2 ("mse"), or of 2*Huber(err; delta) ("huber"), so both equal err**2 for small errors;
+    ``weight`` (broadcast to ``err``: the frames' config weights) multiplies each term, as in MACE.
 
     Huber (Huber 1964) grows only linearly past delta, so the fit chases the mean absolute error
     instead of the few largest errors; MACE trains its foundation models with it (Batatia et al.
     2023). The factor 2 keeps the weights of an MSE run meaningful when switching.
     """
     if s.loss == "mse":
-        return (err ** 2).mean()
-    if s.loss == "huber":
-        return 2 * torch.nn.functional.huber_loss(err, torch.zeros_like(err), delta=s.huber_delta)
-    raise ValueError(f"unknown loss {s.loss!r}: use mse or huber")
+        terms = err ** 2
+    elif s.loss == "huber":
+        terms = 2 * torch.nn.functional.huber_loss(err, torch.zeros_like(err), delta=s.huber_delta, reduction="none")
+    else:
+        raise ValueError(f"unknown loss {s.loss!r}: use mse or huber")
+    return (terms if weight is None else terms * weight).mean()
 
 
 def batch_loss(model, batch: dict, s: TrainSettings, create_graph: bool = True) -> tuple[torch.Tensor, dict]:
@@ -96,16 +106,16 @@ def batch_loss(model, batch: dict, s: TrainSettings, create_graph: bool = True) 
     out = compute(model, batch, forces="forces" in batch, stress=want_stress, create_graph=create_graph)
     n = batch["n_atoms"]
     de = (out["energy"] - batch["energy"]) / n
-    loss = s.energy_weight * _penalty(de, s)
+    loss = s.energy_weight * _penalty(de, s, batch.get("weight_energy"))
     parts = {"e_mae_atom": de.abs().mean().item()}
     if "forces" in batch:
         df = out["forces"] - batch["forces"]
-        loss = loss + s.forces_weight * _penalty(df, s)
+        loss = loss + s.forces_weight * _penalty(df, s, batch.get("weight_forces"))
         parts["f_mae"] = df.abs().mean().item()
     if want_stress:  # only the frames with stress labels (stress_index: some of them)
         pred = out["stress"] if "stress_index" not in batch else out["stress"][batch["stress_index"]]
         ds = pred - batch["stress"]
-        loss = loss + s.stress_weight * _penalty(ds, s)
+        loss = loss + s.stress_weight * _penalty(ds, s, batch.get("weight_stress"))
         parts["s_mae"] = ds.abs().mean().item()
     if s.charges_weight > 0 and "charges" in batch:
         dq = out["charges"] - batch["charges"]
@@ -168,9 +178,13 @@ def evaluate_loss(model, graphs: list[Graph], s: TrainSettings, dtype, device) -
             "forces_mae": f_abs / f_cnt if f_cnt else None}  # None: frames without forces (energies only)
 
 
-def init_element_bias(model, graphs: list[Graph], dtype=torch.float32, device="cpu", keep: bool = False) -> None:
+def init_element_bias(model, graphs: list[Graph], dtype=torch.float32, device="cpu", keep: bool = False,
+                      isolated: list[Graph] | None = None) -> None:
     """Fit per-element energies to what the initial model misses (labels minus its prediction,
     which includes the physical terms) and store them in the element bias.
+
+    ``isolated`` (one-atom graphs with the E0s, MACE's ``--E0s``): each element's bias is set so that the
+    initial model gives its isolated atom exactly that energy, instead of the least-squares fit.
 
     A new model (``keep=False``) starts from a zero bias. A model being fine-tuned (``keep=True``,
     ``--init-from``) keeps its bias and gets the least-norm correction, as MACE re-estimates E0s for
@@ -179,18 +193,19 @@ def init_element_bias(model, graphs: list[Graph], dtype=torch.float32, device="c
     """
     was_training = model.training
     model.eval()
+    fitted = isolated or graphs  # a one-atom graph's residual is its element's bias, exactly
     with torch.no_grad():
         if not keep:
             model.element_bias[:, 0] = 0.0
         predicted = []
-        for chunk in _batches(graphs, 32, None):
+        for chunk in _batches(fitted, 32, None):
             b = collate(chunk, dtype, device)
             predicted.append(model(b["Z"], b["Q"], b["S"], b["R"], b["idx_i"], b["idx_j"], b.get("cell"),
                                    b.get("cell_offsets"), b["batch_seg"], b["num_batch"])["energy"].cpu().numpy())
     predicted = np.concatenate(predicted)
     residual = [Graph(g.Z, g.R, g.cell, g.idx_i, g.idx_j, g.offsets, g.Q, g.S, energy=g.energy - p)
-                for g, p in zip(graphs, predicted)]
-    e0 = element_energies(residual, model.config.zmax)
+                for g, p in zip(fitted, predicted)]
+    e0 = element_energies(residual, model.config.zmax)  # one-atom graphs: the residuals themselves
     with torch.no_grad():
         model.element_bias[:, 0] += torch.as_tensor(e0, dtype=model.element_bias.dtype, device=model.element_bias.device)
     model.train(was_training)
@@ -214,7 +229,7 @@ def fit(model, train: list[Graph], valid: list[Graph], s: TrainSettings, run, dt
                             "per-element energies are not identifiable and the model's energy can be off by eV on "
                             "other stoichiometries; add frames of other compositions", dependent)
     if state is None and s.fit_element_energies:
-        init_element_bias(model, train, dtype, device, keep=s.fine_tune)
+        init_element_bias(model, train, dtype, device, keep=s.fine_tune, isolated=s.isolated)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, amsgrad=True,
                             foreach=True)  # one multi-tensor update, not ~400 small ones: ~13% of a CPU step
@@ -242,6 +257,7 @@ def fit(model, train: list[Graph], valid: list[Graph], s: TrainSettings, run, dt
             for group, base in zip(opt.param_groups, sched.base_lrs):  # new curve's value at this epoch
                 group["lr"] = s.min_lr + (base - s.min_lr) * (1 + math.cos(math.pi * e / sched.T_max)) / 2
         ema.shadow = {k: v.to(device) for k, v in state["ema"].items()}
+        ema.updates = int(state.get("ema_updates", 10**9))  # a checkpoint from before the warm-up: past it
         start, best, bad = int(state["epoch"]) + 1, float(state["best_val"]), int(state["bad_epochs"])
         best_state = state.get("best_ema")
     rng = np.random.default_rng(seed + 7919 * member)
@@ -294,7 +310,7 @@ def fit(model, train: list[Graph], valid: list[Graph], s: TrainSettings, run, dt
                      1000 * (val.get("energy_mae_per_atom") or float("nan")),
                      1000 * (val.get("forces_mae") or float("nan")))
         ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "ema": ema.shadow, "epoch": epoch, "best_val": best, "bad_epochs": bad, "member": member,
+                "ema": ema.shadow, "ema_updates": ema.updates, "epoch": epoch, "best_val": best, "bad_epochs": bad, "member": member,
                 "best_ema": best_state, "epochs": s.epochs, **(record or {})}
         run.save_checkpoint(ckpt, best=improved)
         if on_epoch is not None:

@@ -205,7 +205,11 @@ def features_provenance(paths) -> dict:
 
 
 def find_bag(folder: str | Path, slide_id: str) -> Path | None:
+    """The bag of ``slide_id`` in ``folder`` (or its CLAM/TRIDENT subfolders); never one outside it."""
     folder = Path(folder)
+    if Path(slide_id).is_absolute() or ".." in Path(slide_id).parts:
+        raise TubError(f"slide_id {slide_id!r} points outside the features folder {folder}; slide ids name bags "
+                       "inside it (fix the labels CSV)")
     for sub in ("", "features", "h5_files", "pt_files"):
         for suf in (*BAG_SUFFIXES, *(s.upper() for s in BAG_SUFFIXES)):
             p = folder / sub / f"{slide_id}{suf}"

@@ -32,12 +32,15 @@ def make_data(cfg, run) -> dict:
     _warn_ignored_compute(cfg, run)
 
     out = Path(cfg.out_dir) if cfg.out_dir is not None else run.outputs_dir
+    if out != run.outputs_dir and out.is_dir() and any(out.iterdir()):
+        raise TubError(f"{out} exists and is not empty; choose a new folder (make-data never replaces data)")
     rows = make_dataset(out, cfg.n_slides, cfg.width, cfg.height, cfg.mpp, seed=cfg.seed, aperio=cfg.aperio)
     return {"slides": len(rows), "positive": sum(r["label"] for r in rows), "dir": str(out)}
 
 
 def tile(cfg, run) -> dict:
-    from tub_xmil.pipeline import SLIDE_SUFFIXES, expand_inputs, tile_one
+    from tub_xmil.pipeline import expand_inputs, tile_one
+    from tub_xmil.slides import SLIDE_SUFFIXES
 
     _warn_ignored_compute(cfg, run)
     slides = expand_inputs(cfg.slides, SLIDE_SUFFIXES)
@@ -72,7 +75,8 @@ def _count_patches(path: Path) -> int:
 def features(cfg, run) -> dict:
     from tub_xmil.features import get_encoder
     from tubcli.config import given_fields
-    from tub_xmil.pipeline import SLIDE_SUFFIXES, expand_inputs, features_one
+    from tub_xmil.pipeline import expand_inputs, features_one
+    from tub_xmil.slides import SLIDE_SUFFIXES
 
     if cfg.coords_dir is not None:  # the patches files fix the tiles: these settings would be recorded, not used
         given = given_fields(cfg.tiling)
@@ -509,9 +513,9 @@ def heatmap(cfg, run) -> dict:
     from tub_xmil.bags import read_bag
     from tub_xmil.explain import SIGNED
     from tub_xmil.heatmap import write_heatmap
-    from tub_xmil.pipeline import (SLIDE_SUFFIXES, check_coords_fit, choose_target, explain_bag, expand_inputs,
-                                   slide_coords, thumbnail_for)
-    from tub_xmil.slides import open_slide, slide_bounds
+    from tub_xmil.pipeline import (check_coords_fit, choose_target, explain_bag, expand_inputs, slide_coords,
+                                   thumbnail_for)
+    from tub_xmil.slides import SLIDE_SUFFIXES, open_slide, slide_bounds
     from tub_xmil.tiling import tile_size_level0_source
     from tubcli.io import to_json
 
@@ -623,7 +627,7 @@ def heatmap(cfg, run) -> dict:
 
 def _slide_named(folder: Path, stem: str) -> Path | None:
     """The slide ``<stem>.<slide suffix>`` in ``folder``, the suffix in lower or upper case (``S1.SVS``)."""
-    from tub_xmil.pipeline import SLIDE_SUFFIXES
+    from tub_xmil.slides import SLIDE_SUFFIXES
 
     cand = [folder / f"{stem}{s}" for s in sorted(SLIDE_SUFFIXES)] + [folder / f"{stem}{s.upper()}"
                                                                        for s in sorted(SLIDE_SUFFIXES)]

@@ -24,8 +24,8 @@ class TilingSection(Section):
 
 
 class LRPSection(Section):
-    gamma: float = Field(0.0, description="gamma rule: W + gamma W+")
-    eps: float = Field(1e-8, description="epsilon stabiliser")
+    gamma: float = Field(0.0, ge=0, description="gamma rule: W + gamma W+")
+    eps: float = Field(1e-8, ge=0, description="epsilon stabiliser")
     no_bias: Optional[bool] = Field(None, description="drop biases in the rules (default: True, TransMIL False)")
     explained_rel: Optional[Literal["logit", "softmax", "contrastive"]] = Field(
         None, description="output relevance for classification (default: logit)")
@@ -54,10 +54,10 @@ class ModelSection(Section):
 
 class MakeDataConfig(TubConfig):
     out_dir: Optional[Path] = Field(None, description="folder for slides/, masks/, labels.csv (default: the run's outputs/)", json_schema_extra={"output": True})
-    n_slides: int = Field(8, description="number of slides (every second one carries the signal)")
-    width: int = Field(3072, description="level-0 width in px")
-    height: int = Field(2048, description="level-0 height in px")
-    mpp: float = Field(0.5, description="microns per pixel written into the slides")
+    n_slides: int = Field(8, ge=2, description="number of slides (every second one carries the signal)")
+    width: int = Field(3072, ge=256, description="level-0 width in px")
+    height: int = Field(2048, ge=256, description="level-0 height in px")
+    mpp: float = Field(0.5, gt=0, description="microns per pixel written into the slides")
     aperio: bool = Field(False, description="write Aperio .svs files instead of generic tiled TIFF")
 
 
@@ -75,7 +75,7 @@ class FeaturesConfig(TubConfig):
     coords_dir: Optional[Path] = Field(None, description="existing patches/*.h5 (tub, CLAM, TRIDENT) to reuse", json_schema_extra={"lookup": True})
     mpp: Optional[float] = Field(None, gt=0, description="level-0 µm/px, used instead of the slide's own (for "
                                  "slides that lack it or record it wrong)")
-    batch_size: int = Field(64, description="tiles per encoder batch")
+    batch_size: int = Field(64, ge=1, description="tiles per encoder batch")
     tiling: TilingSection = TilingSection()
 
 
@@ -118,7 +118,7 @@ class ModelInput(TubConfig):
     task: Optional[Task] = Field(None, description="the model's task (default: from model.json; another is an error)")
     target: Optional[int] = Field(None, description="explained class index (default: the predicted class)")
     lrp: LRPSection = LRPSection()
-    ig_steps: int = Field(50, description="IG Gauss-Legendre steps")
+    ig_steps: int = Field(50, ge=1, description="IG Gauss-Legendre steps")
 
     @field_validator("method", mode="before", check_fields=False)
     @classmethod
