@@ -92,6 +92,24 @@ def test_additive_single_patch_bag_scores_the_zero_bag():
         assert torch.isnan(drop_one_closed_form(torch.zeros(1), torch.ones(1, 2))).all()
 
 
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("n", [2, 17, 300])
+def test_attnmil_closed_form_equals_rerunning_every_drop_one_bag(gated, n):
+    """AttnMIL's O(N F) drop-one (closed-form renormalised pooling) equals the masked O(N^2 F) path and
+    the model run on each bag X minus {x_i} (a dominant patch: test_additive_closed_form_with_a_dominant_patch)."""
+    from tub_xmil.attention_mil import AttentionMIL
+
+    torch.manual_seed(n)
+    m = AttentionMIL(24, 3, features_dim=16, gated=gated).double().eval()
+    x = _x(n, seed=n)
+    with torch.no_grad():
+        closed, masked = m.drop_one_logits(x), m.drop_one_logits_masked(x)
+        rerun = torch.cat([m(torch.cat([x[:i], x[i + 1:]])[None]) for i in range(n)])
+        assert _rel(closed, masked) < 1e-10 and _rel(closed, rerun) < 1e-10
+        x32 = x.float()
+        assert _rel(m.float().drop_one_logits(x32), m.drop_one_logits_masked(x32)) < 1e-5
+
+
 def test_additive_keeps_the_batched_path_where_psi_is_not_affine(monkeypatch):
     m = AdditiveMIL(24, 2, features_dim=16, n_out_layers=1, bias=True).eval()
     assert m._psi_affine() is None  # ReLU(W a h + b) is not a (.) + b

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from tub_xmil.attention_mil import AttentionMIL
+from tub_xmil.attention_mil import AttentionMIL, drop_one_closed_form  # noqa: F401 (re-exported)
 from tub_xmil.lrp import LRPParams, linear_block
 
 
@@ -82,7 +82,7 @@ class AdditiveMIL(AttentionMIL):
     def drop_one_logits_batched(self, x: torch.Tensor) -> torch.Tensor:
         """Drop-one logits by re-running psi on every kept a^(i)_j h_j (any psi): AttentionMIL's
         drop-one, in blocks of :meth:`drop_bags_per_block` bags."""
-        return super().drop_one_logits(x)
+        return self.drop_one_logits_masked(x)
 
     def drop_bags_per_block(self, h: torch.Tensor) -> int:
         """At most ``drop_chunk`` bags and ``drop_budget_bytes`` of (bags, N, F) tensors per block."""
@@ -103,30 +103,3 @@ class AdditiveMIL(AttentionMIL):
         blocks.append(("classifier", linear_block(self.linear_head, params, act=None)))
         blocks.append(("sum", lambda c: (c.sum(1), None)))
         return blocks
-
-
-def drop_one_closed_form(s: torch.Tensor, g: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits of the N drop-one bags of an additive model with psi(a h) = a g + b: row i is
-    (sum_{j != i} e^{s_j} g_j) / (sum_{j != i} e^{s_j}) + (N - 1) b.  s: (N,) attention logits,
-    g: (N, K). Accumulated in float64 (at least) after shifting s by its maximum (log-sum-exp); the
-    sums over j != i are the full sums minus term i. Where patch i holds more than half the softmax
-    mass, Z - e_i cancels: that row (at most one) is summed directly over the other patches with
-    their own maximum shift. N = 1 leaves an empty bag: NaN, as the softmax over no patch
-    (:meth:`AdditiveMIL.drop_one_logits` scores that bag by spec §2.5's zero-bag rule instead)."""
-    n = s.shape[0]
-    acc = torch.promote_types(g.dtype, torch.float64)
-    s64, g64 = s.to(acc), g.to(acc)
-    e = torch.exp(s64 - s64.max())
-    z = e.sum()
-    out = ((e @ g64)[None] - e[:, None] * g64) / (z - e)[:, None]
-    for i in torch.nonzero(e > 0.5 * z).flatten().tolist():
-        if n == 1:
-            out[i] = float("nan")
-            continue
-        keep = torch.ones(n, dtype=torch.bool, device=s.device)
-        keep[i] = False
-        ek = torch.exp(s64[keep] - s64[keep].max())
-        out[i] = (ek @ g64[keep]) / ek.sum()
-    if b is not None:
-        out = out + (n - 1) * b.to(acc)
-    return out.to(g.dtype)

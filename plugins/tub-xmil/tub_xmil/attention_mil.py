@@ -101,10 +101,21 @@ class AttentionMIL(nn.Module):
     drop_chunk = 256  # bags per batch in drop_one_logits
 
     def drop_one_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of the N bags X minus {x_i}, from one encoder pass (softmax renormalised).
+        """Logits of the N bags X minus {x_i}, from one encoder pass in O(N F): an attention logit depends
+        on its own patch only, so bag i pools z_i = (sum_{j != i} e^{s_j} h_j) / (sum_{j != i} e^{s_j})
+        (:func:`drop_one_closed_form`), and the head runs on the N pooled vectors.
 
         A bag of one leaves the empty bag, whose softmax over no patch is NaN; spec §2.5 scores the
         empty bag as the all-zero bag of the original size, f(zeros(1, D))."""
+        x = x if x.dim() == 2 else x[0]
+        if len(x) == 1:
+            return self(torch.zeros_like(x)[None])
+        h = self.encode(x)
+        return self.head(drop_one_closed_form(self.attention_logits(h)[:, 0], h))
+
+    def drop_one_logits_masked(self, x: torch.Tensor) -> torch.Tensor:
+        """The same N bags by a masked softmax per bag, in blocks of :meth:`drop_bags_per_block` bags:
+        O(N^2 F), for models whose pooling of the kept patches (:meth:`pool_kept`) has no closed form."""
         x = x if x.dim() == 2 else x[0]
         if len(x) == 1:
             return self(torch.zeros_like(x)[None])
@@ -128,3 +139,30 @@ class AttentionMIL(nn.Module):
     def pool_kept(self, a: torch.Tensor, h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Logits of bags given their attention ``a`` (B, N) over the patches ``h`` (N, F) they keep."""
         return self.head(a @ h)
+
+
+def drop_one_closed_form(s: torch.Tensor, g: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """Row i: (sum_{j != i} e^{s_j} g_j) / (sum_{j != i} e^{s_j}) + (N - 1) b, the drop-one bags' pooled
+    features of AttnMIL (g = h, no b) or logits of an additive model with psi(a h) = a g + b.
+    s: (N,) attention logits, g: (N, K). Accumulated in float64 (at least) after shifting s by its maximum (log-sum-exp); the
+    sums over j != i are the full sums minus term i. Where patch i holds more than half the softmax
+    mass, Z - e_i cancels: that row (at most one) is summed directly over the other patches with
+    their own maximum shift. N = 1 leaves an empty bag: NaN, as the softmax over no patch
+    (:meth:`AdditiveMIL.drop_one_logits` scores that bag by spec §2.5's zero-bag rule instead)."""
+    n = s.shape[0]
+    acc = torch.promote_types(g.dtype, torch.float64)
+    s64, g64 = s.to(acc), g.to(acc)
+    e = torch.exp(s64 - s64.max())
+    z = e.sum()
+    out = ((e @ g64)[None] - e[:, None] * g64) / (z - e)[:, None]
+    for i in torch.nonzero(e > 0.5 * z).flatten().tolist():
+        if n == 1:
+            out[i] = float("nan")
+            continue
+        keep = torch.ones(n, dtype=torch.bool, device=s.device)
+        keep[i] = False
+        ek = torch.exp(s64[keep] - s64[keep].max())
+        out[i] = (ek @ g64[keep]) / ek.sum()
+    if b is not None:
+        out = out + (n - 1) * b.to(acc)
+    return out.to(g.dtype)
