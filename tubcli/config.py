@@ -57,6 +57,8 @@ class Section(BaseModel):
                 out[name] = [value]
             elif isinstance(value, (int, float)) and not isinstance(value, bool) and _is_text(info.annotation):
                 out[name] = str(value)
+            elif isinstance(value, bool) and _is_number(info.annotation):  # pydantic would read true as 1
+                raise ValueError(f"{name}: expected a number, got {str(value).lower()}")
         return out
 
 
@@ -64,6 +66,12 @@ def _is_list(annotation) -> bool:
     """list[...] or Optional[list[...]]."""
     return typing.get_origin(annotation) is list or any(typing.get_origin(a) is list
                                                         for a in typing.get_args(annotation))
+
+
+def _is_number(annotation) -> bool:
+    """int, float or Optional of one of them."""
+    options = [a for a in (typing.get_args(annotation) or (annotation,)) if a is not type(None)]
+    return bool(options) and all(a in (int, float) for a in options)
 
 
 def _is_text(annotation) -> bool:
@@ -198,6 +206,11 @@ def check_keys(model: type[BaseModel], data: dict, source: str, prefix: str = ""
     """Raise a TubError naming the first key of ``data`` that ``model`` does not know."""
     for key, value in data.items():
         if key not in model.model_fields:
+            import difflib
+
+            close = difflib.get_close_matches(str(key), list(model.model_fields), n=1, cutoff=0.7)
+            if close:
+                raise TubError(f"unknown config key {prefix + key!r} in {source}; did you mean {prefix + close[0]!r}?")
             known = ", ".join(sorted(model.model_fields))
             raise TubError(f"unknown config key {prefix + key!r} in {source}; known keys here: {known}")
         sub = field_model(model, key)

@@ -41,7 +41,25 @@ def test_misspelt_key_names_key_and_file(toy_plugins, tmp_path):
     result = invoke(["toy", "train", "-c", file])
     assert result.exit_code == 2
     assert "optim.lerning_rate" in result.stderr and str(file) in result.stderr
+    assert "known keys here: lr" in result.stderr  # nothing close: the keys of that section
     assert len(result.stderr.strip().splitlines()) == 1
+    file.write_text("epoch: 3\n")
+    result = invoke(["toy", "train", "-c", file])
+    assert result.exit_code == 2 and "unknown config key 'epoch'" in result.stderr
+    assert "did you mean 'epochs'?" in result.stderr
+
+
+def test_a_boolean_is_not_read_as_a_number():
+    """pydantic's lax mode would take `k: true` as k = 1."""
+    from tubcli.config import TubConfig, resolve_config
+
+    class Cfg(TubConfig):
+        k: int = 3
+        lr: float | None = None
+
+    for sets in (["k=true"], ["lr=false"]):
+        with pytest.raises(TubError, match="expected a number, got (true|false)"):
+            resolve_config(Cfg, "toy", sets=sets, environ={})
 
 
 def test_misspelt_set_and_bad_value(toy_plugins):

@@ -451,10 +451,10 @@ def test_a_train_run_directory_is_a_model(tmp_path, bags, model):
 
 def test_settings_of_a_method_that_does_not_run_are_refused(tmp_path, bags, model):
     """`--method ig --set lrp.gamma=5` gave byte-identical output to no gamma (and recorded gamma 5)."""
-    for extra, named in ((["--method", "ig", "--set", "lrp.gamma=5"], "lrp.gamma (lrp)"),
-                         (["--method", "attention", "--set", "ig_steps=7"], "ig_steps (ig)")):
+    for extra, named in ((["--method", "ig", "--set", "lrp.gamma=5"], "lrp.gamma set but method is ig"),
+                         (["--method", "attention", "--set", "ig_steps=7"], "ig_steps set but method is attention")):
         expect_error_line(invoke(["xmil", "explain", bags / "s0.h5", "--model", model, *extra, "-o", tmp_path / "e"]),
-                          named, "does not use them")
+                          named, "to the methods (--method) or drop it")
     _ok(invoke(["xmil", "explain", bags / "s0.h5", "--model", model, "--method", "lrp,ig", "--set", "ig_steps=7",
                 "--set", "lrp.gamma=0.5", "-o", tmp_path / "ok"]))
 

@@ -133,9 +133,10 @@ class ModelInput(TubConfig):
         unused = [f"lrp.{k}" for k in given_fields(self.lrp)] if "lrp" not in methods else []
         unused += given_fields(self, ["ig_steps"]) if "ig" not in methods else []
         if unused:
-            named = ", ".join(f"{k} ({'lrp' if k.startswith('lrp') else 'ig'})" for k in unused)
-            raise ValueError(f"{named} set but --method is {','.join(methods)}, which does not use them; add the "
-                             "method in brackets or drop them")
+            needs = sorted({"lrp" if k.startswith("lrp") else "ig" for k in unused})
+            raise ValueError(f"{', '.join(unused)} set but method is {','.join(methods)}, which does not use them; "
+                             f"add {' and '.join(needs)} to the methods (--method) or drop "
+                             f"{'it' if len(unused) == 1 else 'them'}")
         return self
 
 
