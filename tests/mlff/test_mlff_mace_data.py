@@ -127,11 +127,17 @@ def test_train_takes_isolated_atoms_as_e0s_and_never_validates_on_them(data, tmp
 def test_e0s_given_or_missing_and_stress_in_the_wrong_units(data, tmp_path):
     common = ["mlff", "train", data / "train.extxyz", "--energy-key", "REF_energy", "--forces-key", "REF_forces",
               "--epochs", "1", *TINY]
-    line = _err(invoke([*common, "--e0s", "Cu=3.5", "-o", tmp_path / "a"]))
+    line = _err(invoke([*common, "--e0s", "Cu=3.5", "-q", "-o", tmp_path / "a"]))
     assert "no isolated-atom energy for Au" in line
     assert "not an element" in _err(invoke([*common, "--e0s", "Qq=1,Cu=3", "-o", tmp_path / "b"]))
-    res = _ok(invoke([*common, "--e0s", "Cu=3.5,Au=3.9", "-o", tmp_path / "c"]))
-    assert "E0s (given): Cu=3.5 eV, Au=3.9 eV" in (tmp_path / "c" / "tub.log").read_text()
+    res = _ok(invoke([*common, "--e0s", "{29: 3.5, 79: 3.9}", "--set", "valid_fraction=0.25",
+                      "--set", "test_fraction=0.25", "-o", tmp_path / "c", "--json"]))
+    log = (tmp_path / "c" / "tub.log").read_text()
+    assert "E0s (given): Cu=3.5 eV, Au=3.9 eV" in log and "the 2 IsolatedAtom frames" in log
+    import json
+
+    m = json.loads(res.stdout)  # the file's isolated atoms left out; the given E0s' atoms train
+    assert m["train_frames"] == 6 + 2 and m["valid_frames"] + m["test_frames"] == 6
     # a virial (eV) given as the stress: 100x too large, which the warning names
     res = _ok(invoke([*common, "--stress-key", "REF_virial", "--set", "stress_weight=1", "-o", tmp_path / "d"]))
     assert "a stress label reaches" in res.stderr and "--virials-key" in res.stderr
@@ -187,3 +193,24 @@ def test_config_weights_scale_each_frames_terms_of_the_loss():
     b.info["config_forces_weight"] = -1
     with pytest.raises(TubError, match="config weights must be finite and >= 0"):
         loss([a, b])
+
+
+def test_frames_at_weight_zero_neither_shift_the_e0_fit_nor_need_their_labels():
+    from tub_mlff.data import element_energies
+
+    keys = Keys(energy="REF_energy", forces="REF_forces")
+    good = [to_graph(_cell(k), 5.0, keys) for k in range(40, 46)]
+    junk = []
+    for k in range(46, 50):
+        a = _cell(k)
+        a.info.update(REF_energy=1e3, config_energy_weight=0.0, config_forces_weight=0.0)
+        del a.arrays["REF_forces"]  # not needed at weight 0
+        junk.append(to_graph(a, 5.0, keys))
+    assert all(g.forces is not None and not g.forces.any() for g in junk)
+    np.testing.assert_allclose(element_energies(good + junk), element_energies(good), atol=1e-9)
+
+
+def test_a_virial_without_a_3d_cell_is_skipped_like_a_stress():
+    a = Atoms("Cu2", positions=[[0, 0, 0], [2.5, 0, 0]], info={"REF_energy": -1.0, "REF_virial": np.ones(9)})
+    a.arrays["REF_forces"] = np.zeros((2, 3))
+    assert labels(a, Keys(energy="REF_energy", forces="REF_forces", virial="REF_virial"))[2] is None

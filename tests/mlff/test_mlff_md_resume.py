@@ -269,7 +269,8 @@ def test_md_frames_do_not_inherit_the_start_frames_reference_labels(tmp_path, se
     a = read(setup / "na.extxyz")
     n = len(a)
     a.info.update({"REF_energy": -1.5, "REF_stress": np.ones(6), "REF_virial": np.ones(9), "config_type": "bulk",
-                   "groups": 2, "stacking": "gallery", "dipole": np.zeros(3)})
+                   "groups": 2, "stacking": "gallery", "dipole": np.zeros(3), "E_dft": -2.0, "U0": -3.0,
+                   "temperature_set_K": 900.0})
     a.arrays["REF_forces"] = np.ones((n, 3))
     a.arrays["initial_charges"] = np.zeros(n)
     start = tmp_path / "labelled.extxyz"
@@ -281,7 +282,8 @@ def test_md_frames_do_not_inherit_the_start_frames_reference_labels(tmp_path, se
     frames = read(out / "outputs" / "trajectory.extxyz", ":")
     assert len(frames) == 3
     for f in frames:
-        assert not {"REF_energy", "REF_stress", "REF_virial", "dipole"} & set(f.info)
+        assert not {"REF_energy", "REF_stress", "REF_virial", "dipole", "E_dft", "U0"} & set(f.info)
+        assert f.info["temperature_set_K"] == 300.0  # this run's thermostat, not the start frame's
         assert not {"REF_forces", "initial_charges"} & set(f.arrays)
         assert (f.info["groups"], f.info["stacking"], f.info["config_type"]) == (2, "gallery", "bulk")
     r = invoke(["mlff", "train", out / "outputs" / "trajectory.extxyz", "--energy-key", "REF_energy",

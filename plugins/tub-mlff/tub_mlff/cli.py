@@ -354,17 +354,20 @@ ISOLATED_ATOM = "IsolatedAtom"  # MACE's config_type of the frames that carry th
 
 def _isolated_atoms(frames, e0s, data) -> tuple[list, list]:
     """(other frames, isolated-atom frames): the frames with ``config_type=IsolatedAtom`` are set apart
-    for the E0s (``e0s`` auto or isolated), so that no split puts one into validation or test."""
+    for the E0s (``e0s`` auto or isolated), so that no split puts one into validation or test; with
+    given E0s they are left out (their energies would contradict the given ones); ``fit`` keeps them as
+    ordinary frames."""
     iso = [a for a in frames if a.info.get("config_type") == ISOLATED_ATOM]
     if e0s == "isolated" and not iso:
         raise TubError(f"--e0s isolated: {data} has no frame with config_type={ISOLATED_ATOM}; add one per element "
                        "(one atom, its energy), give --e0s Cu=...,Au=... or use --e0s fit")
-    if e0s not in ("auto", "isolated") or not iso:
+    if e0s == "fit" or not iso:
         return frames, []
     for a in iso:
         if len(a) != 1:
             raise TubError(f"{data}: a config_type={ISOLATED_ATOM} frame has {len(a)} atoms; it must hold one")
-    return [a for a in frames if a.info.get("config_type") != ISOLATED_ATOM], iso
+    rest = [a for a in frames if a.info.get("config_type") != ISOLATED_ATOM]
+    return rest, ([] if isinstance(e0s, dict) else iso)  # given E0s replace the file's isolated atoms
 
 
 def _e0_graphs(isolated_frames, e0s, keys, data, radius) -> list | None:
@@ -609,7 +612,10 @@ def train(cfg, run) -> dict:
     keys = Keys(**cfg.keys.model_dump())
     for k, a in enumerate(frames):
         check_structure(a, None, name=f"{data} frame {k}")
+    n_frames = len(frames)
     frames, isolated_frames = _isolated_atoms(frames, cfg.e0s, data)
+    if isinstance(cfg.e0s, dict) and len(frames) < n_frames:
+        run.log.info("--e0s given: the %d %s frames of %s are left out", n_frames - len(frames), ISOLATED_ATOM, data)
     m = cfg.model
     mcfg = SpookyNetConfig(num_features=m.num_features, num_basis_functions=m.num_basis_functions,
                            num_modules=m.num_modules, cutoff=m.cutoff, lr_cutoff=m.lr_cutoff,

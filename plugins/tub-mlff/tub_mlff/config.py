@@ -99,8 +99,9 @@ class TrainConfig(TubConfig):
                                  description="weight of the dipole loss, as SpookyNet's paper trains (molecules)")
     e0s: Union[Literal["auto", "fit", "isolated"], dict[str, float]] = Field(
         "auto", description="per-element energies E0 (MACE's --E0s): isolated = from the frames with "
-        "config_type=IsolatedAtom (always in the training share; forces optional); fit = least squares on the "
-        "training energies; Cu=3.51,Au=3.80 = given (eV); auto = isolated if the data has such frames, else fit")
+        "config_type=IsolatedAtom (always in the training share; forces optional); fit (or average) = least squares "
+        "on the training energies; Cu=3.51,Au=3.80 or {29: 3.51, 79: 3.80} = given (eV; the file's IsolatedAtom "
+        "frames are then left out); auto = isolated if the data has such frames, else fit")
     ema_decay: float = Field(0.99, ge=0, lt=1, description="EMA decay of the weights (0 = no averaging; warmed up "
                              "over the first steps as torch_ema/MACE do)")
     patience: int = Field(30, ge=1, description="early-stopping patience (epochs)")
@@ -112,7 +113,17 @@ class TrainConfig(TubConfig):
     @field_validator("e0s", mode="before")
     @classmethod
     def _e0_pairs(cls, value):
-        """``Cu=3.51,Au=3.80`` (or a YAML mapping): element symbols or atomic numbers to eV."""
+        """``Cu=3.51,Au=3.80``, ``{29: 3.51, 79: 3.80}`` or a YAML mapping: element symbols or atomic
+        numbers to eV; ``average`` (MACE's name for the least-squares fit) is ``fit``."""
+        if isinstance(value, str) and value.strip() == "average":
+            return "fit"
+        if isinstance(value, str) and value.strip().startswith("{"):
+            import yaml
+
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ValueError(f"e0s {value!r} is not a mapping; write {{29: 3.51, 79: 3.80}} or Cu=3.51,Au=3.80") from None
         if isinstance(value, str) and "=" in value:
             pairs = [item.partition("=") for item in value.split(",") if item.strip()]
             try:
@@ -128,7 +139,9 @@ class TrainConfig(TubConfig):
                 symbol = chemical_symbols[int(key)] if key.isdigit() and 0 < int(key) < len(chemical_symbols) else key
                 if symbol not in atomic_numbers or symbol == "X":
                     raise ValueError(f"e0s: {key!r} is not an element; use symbols (Cu) or atomic numbers (29)")
-                out[symbol] = energy
+                if not isinstance(energy, (int, float)) or isinstance(energy, bool):
+                    raise ValueError(f"e0s: the energy of {symbol} must be a number (eV), not {energy!r}")
+                out[symbol] = float(energy)
             return out
         return value
 

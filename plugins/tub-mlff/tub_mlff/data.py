@@ -158,6 +158,9 @@ def labels(atoms, keys: Keys, need_forces: bool = True, name: str = "frame"):
     f = _get(atoms, keys.forces, "arrays")
     if f is None and len(atoms) == 1 and not atoms.pbc.any():
         f = np.zeros((1, 3))  # a lone atom: zero by symmetry (MACE-style IsolatedAtom frames store none)
+    if f is None and need_forces and config_weights(atoms, name)[1] == 0:
+        f = np.zeros((len(atoms), 3))  # never fitted (weight 0): a placeholder so the batch keeps the others'
+        need_forces = False
     if e is None:
         raise TubError(f"{name} has no energy under '{keys.energy}'; set --energy-key to the info key that holds it")
     if need_forces and f is None:
@@ -197,13 +200,14 @@ def labels(atoms, keys: Keys, need_forces: bool = True, name: str = "frame"):
     return e, f, s, q, float(spin)
 
 
-def stress_from_virial(atoms, virial, key: str, name: str) -> np.ndarray:
-    """The stress (eV/A^3, ASE's sign) of a virial W (eV) as MACE and NequIP store it: sigma = -W / V."""
+def stress_from_virial(atoms, virial, key: str, name: str) -> np.ndarray | None:
+    """The stress (eV/A^3, ASE's sign) of a virial W (eV) as MACE and NequIP store it: sigma = -W / V;
+    None for a frame without a 3-D periodic cell."""
     w = np.asarray(virial, dtype=float)
     if w.size not in (6, 9):
         raise TubError(f"{name}: virial under '{key}' must have 6 or 9 numbers")
     if not atoms.pbc.all() or atoms.cell.rank < 3:
-        raise TubError(f"{name}: a virial under '{key}' needs a 3-D periodic cell to become a stress")
+        return None  # no stress without a 3-D cell (a molecule, a slab): skipped, as a stress there would be
     if w.size == 6:
         from ase.stress import voigt_6_to_full_3x3_stress
 
@@ -420,10 +424,15 @@ def outside_composition_span(numbers, span: dict) -> bool:
 
 
 def element_energies(graphs: list[Graph], zmax: int = 87) -> np.ndarray:
-    """Per-element reference energies E0[Z] by least squares on total energies (MACE's E0s)."""
+    """Per-element reference energies E0[Z] by least squares on total energies (MACE's E0s), each frame
+    weighted by its energy weight (``config_weight`` x ``config_energy_weight``; 0 leaves it out)."""
+    graphs = [g for g in graphs if g.weights[0] > 0]
+    if not graphs:
+        return np.zeros(zmax)
     elems, A = composition_matrix(graphs)
     y = np.array([g.energy for g in graphs])
-    coef = np.linalg.lstsq(A, y, rcond=None)[0]
+    w = np.sqrt([g.weights[0] for g in graphs])
+    coef = np.linalg.lstsq(A * w[:, None], y * w, rcond=None)[0]
     e0 = np.zeros(zmax)
     e0[elems] = coef
     return e0

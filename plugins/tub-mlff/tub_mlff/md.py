@@ -23,7 +23,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -347,21 +346,22 @@ def _thermo_summary(thermo: Path) -> dict:
             "max_energy_std_eV": float(np.nanmax(stds)) if np.isfinite(stds).any() else None}
 
 
-# the start structure's reference labels (MACE's REF_*, energy, stress, virials, dipoles …): an MD frame
-# carrying them would hand the start frame's labels to every later frame, which train would then fit
-LABEL_NAME = re.compile(r"^(ref|dft|xtb|mp2|ccsd|pbe)_|energ|stress|virial|force|dipole|charges", re.IGNORECASE)
+# what an MD frame keeps of its start structure: the structure, the metadata of `tub mlff build` (ocv's
+# --md-average reads it), charge, spin and config_type. Nothing else: any other key may be a label of the
+# start frame (REF_energy, E_dft, U0, virials, …), which train would otherwise fit as every frame's
+KEPT_INFO = ("anchors", "groups", "stacking", "n", "sheets", "block", "na_sites", "x", "na_count", "charge",
+             "spin", "config_type")
 STRUCTURE_ARRAYS = ("numbers", "positions", "momenta", "masses", "tags")
 
 
 def without_labels(atoms):
-    """A copy of ``atoms`` for an MD frame: its structure and metadata (tub build's groups, stacking, …,
-    charge and spin), none of the start frame's labels: per-atom arrays other than the structure's and
-    info keys named like a label (:data:`LABEL_NAME`) are left out."""
+    """A copy of ``atoms`` for an MD frame: its structure and the metadata of :data:`KEPT_INFO`; every
+    other info key and per-atom array of the start frame (its labels, whatever their names) is left out."""
     frame = atoms.copy()
     frame.calc = None
     for name in [n for n in frame.arrays if n not in STRUCTURE_ARRAYS]:
         del frame.arrays[name]
-    frame.info = {k: v for k, v in frame.info.items() if not LABEL_NAME.search(str(k))}
+    frame.info = {k: v for k, v in frame.info.items() if k in KEPT_INFO}
     return frame
 
 

@@ -203,7 +203,7 @@ def init_element_bias(model, graphs: list[Graph], dtype=torch.float32, device="c
             predicted.append(model(b["Z"], b["Q"], b["S"], b["R"], b["idx_i"], b["idx_j"], b.get("cell"),
                                    b.get("cell_offsets"), b["batch_seg"], b["num_batch"])["energy"].cpu().numpy())
     predicted = np.concatenate(predicted)
-    residual = [Graph(g.Z, g.R, g.cell, g.idx_i, g.idx_j, g.offsets, g.Q, g.S, energy=g.energy - p)
+    residual = [Graph(g.Z, g.R, g.cell, g.idx_i, g.idx_j, g.offsets, g.Q, g.S, energy=g.energy - p, weights=g.weights)
                 for g, p in zip(fitted, predicted)]
     e0 = element_energies(residual, model.config.zmax)  # one-atom graphs: the residuals themselves
     with torch.no_grad():
