@@ -284,6 +284,7 @@ def test_md_frames_do_not_inherit_the_start_frames_reference_labels(tmp_path, se
     for f in frames:
         assert not {"REF_energy", "REF_stress", "REF_virial", "dipole", "E_dft", "U0"} & set(f.info)
         assert f.info["temperature_set_K"] == 300.0  # this run's thermostat, not the start frame's
+        assert f.info["charge"] == 0  # the state the model ran at
         assert not {"REF_forces", "initial_charges"} & set(f.arrays)
         assert (f.info["groups"], f.info["stacking"], f.info["config_type"]) == (2, "gallery", "bulk")
     r = invoke(["mlff", "train", out / "outputs" / "trajectory.extxyz", "--energy-key", "REF_energy",

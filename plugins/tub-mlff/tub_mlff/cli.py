@@ -429,8 +429,8 @@ def _stress_coverage(graphs, key: str, what: str, run) -> int:
     largest = max((float(np.abs(g.stress).max()) for g in graphs if g.stress is not None), default=0.0)
     if largest > STRESS_UNIT_LIMIT:  # 160 GPa: far past the stress of almost any training set
         run.log.warning("a stress label reaches %.3g eV/A^3 (%.0f GPa): tub reads stress in eV/A^3 with ASE's sign; "
-                        "a stress in GPa or kbar, or a virial (eV: give it with --virials-key), under '%s' would be "
-                        "fitted as the wrong target", largest, largest * 160.21766, key)
+                        "a stress in GPa or kbar, or a virial (eV: give it with --virials-key), under '%s' is read as "
+                        "the wrong quantity", largest, largest * 160.21766, key)
     return n
 
 

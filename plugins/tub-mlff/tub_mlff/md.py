@@ -487,6 +487,9 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
     def record(step: int) -> None:
         line, epot, T, _ = thermo_line(step)
         frame = without_labels(atoms)
+        for key in ("charge", "spin"):  # the state the model ran at, for labelling the frame later
+            if getattr(calc, key, None) is not None:
+                frame.info[key] = getattr(calc, key)
         frame.info.update({"step": step, "time_fs": step * timestep_fs, "epot": epot, "temperature": T,
                            "traj": traj_id,  # train's split keeps this run's frames in one share
                            "predicted_by": "tub mlff md"})  # train/evaluate refuse them as labels
