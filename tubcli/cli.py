@@ -149,10 +149,11 @@ def config_command(
         if schema:
             typer.echo(json.dumps(model.model_json_schema(), indent=2))
             return
-        cfg = resolve_config(model, plugin_app.name, config, sets)
+        siblings = [plugin_app.config_model(v) for v in plugin_app.verbs]
+        cfg = resolve_config(model, plugin_app.name, config, sets, siblings=siblings)
     except TubError as exc:
         _fail(exc)
-    for warning in unknown_env_warnings([plugin_app.config_model(v) for v in plugin_app.verbs], plugin_app.name):
+    for warning in unknown_env_warnings(siblings, plugin_app.name):
         typer.echo(f"warning: {warning}", err=True)
     sys.stdout.write(config_yaml(cfg))
 

@@ -248,8 +248,9 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def env_values(model: type[BaseModel], plugin: str, environ=None) -> dict:
-    """Values from ``TUB_*`` variables that name fields of ``model``."""
+def env_values(model: type[BaseModel], plugin: str, environ=None, siblings=None) -> dict:
+    """Values from ``TUB_*`` variables that name fields of ``model`` (``siblings``: the configs of all
+    the plugin's verbs, see :func:`env_field`)."""
     environ = os.environ if environ is None else environ
     out: dict = {}
     for name in COMMON_FIELDS:
@@ -257,32 +258,44 @@ def env_values(model: type[BaseModel], plugin: str, environ=None) -> dict:
         if key in environ and name in model.model_fields:
             out[name] = typed_value(model, name, environ[key])
     prefix = f"TUB_{plugin.upper()}_"
+    spelled = spelled_fields(siblings)
     for key, text in environ.items():
-        dotted = env_field(model, key[len(prefix):]) if key.startswith(prefix) else None
+        dotted = env_field(model, key[len(prefix):], spelled) if key.startswith(prefix) else None
         if dotted is None:
             continue  # not tub's, or a setting of another verb of the same plugin
         set_path(out, dotted, typed_value(model, dotted, text))
     return out
 
 
-def env_field(model: type[BaseModel], name: str) -> str | None:
+def env_field(model: type[BaseModel], name: str, spelled: frozenset[str] = frozenset()) -> str | None:
     """The dotted field that ``TUB_<PLUGIN>_<name>`` sets (``__`` between nested fields), or None. Each
-    part matches a field of the same spelling first, else the one field equal to it up to case: so
-    ``EPOCHS`` sets ``epochs``, ``C`` sets ``C``, and where two fields differ only in case (pathorob's
-    ``k`` and ``K``) ``..._K`` sets ``K`` and ``..._k`` sets ``k``."""
+    part matches a field of the same spelling first, else the one field equal to it up to case
+    (``EPOCHS`` sets ``epochs``, ``C`` sets ``C``), unless a verb of the plugin has a field spelled like
+    the part (``spelled``: the top-level field names of all its verbs), which the variable then names:
+    pathorob's ``..._K`` sets the cluster count ``K`` (clustering, evaluate), never ``ri``'s ``k``."""
     node: type[BaseModel] | None = model
     out: list[str] = []
-    for part in name.split("__"):
+    for depth, part in enumerate(name.split("__")):
         if node is None:
             return None
         fields = node.model_fields
         same_case = [f for f in fields if f.lower() == part.lower()]
-        match = part if part in fields else (same_case[0] if len(same_case) == 1 else None)
+        if part in fields:
+            match = part
+        elif depth == 0 and part in spelled:
+            return None  # another verb's field of exactly this name
+        else:
+            match = same_case[0] if len(same_case) == 1 else None
         if match is None:
             return None
         out.append(match)
         node = field_model(node, match)
     return ".".join(out)
+
+
+def spelled_fields(models) -> frozenset[str]:
+    """The top-level field names of a plugin's verb configs (for :func:`env_field`)."""
+    return frozenset(name for m in models or () for name in m.model_fields)
 
 
 def env_variable(loc, plugin: str, environ=None) -> str:
@@ -301,8 +314,9 @@ def unknown_env_vars(models: list[type[BaseModel]], plugin: str, environ=None) -
     (``TUB_XMIL_EPOCS``) would otherwise be ignored without a word."""
     environ = os.environ if environ is None else environ
     prefix = f"TUB_{plugin.upper()}_"
+    spelled = spelled_fields(models)
     return sorted(key for key in environ if key.startswith(prefix) and not any(
-        env_field(m, key[len(prefix):]) for m in models))
+        env_field(m, key[len(prefix):], spelled) for m in models))
 
 
 def unknown_env_warnings(models: list[type[BaseModel]], plugin: str, environ=None) -> list[str]:
@@ -347,15 +361,17 @@ def resolve_config(
     sets: list[str] | None = None,
     flags: dict | None = None,
     environ=None,
+    siblings=None,
 ) -> BaseModel:
-    """Merge defaults < file < environment < ``--set`` < flags and validate."""
+    """Merge defaults < file < environment < ``--set`` < flags and validate. ``siblings``: the configs of
+    all the plugin's verbs, which tell which ``TUB_<PLUGIN>_*`` spelling names which field."""
     layers: list[tuple[str, dict]] = []
     if file is not None:
         data = read_config_file(file)
         check_keys(model, data, str(file))
         data = run_config_paths_from_anywhere(model, data, file)
         layers.append((str(file), data))
-    layers.append(("the environment", env_values(model, plugin, environ)))
+    layers.append(("the environment", env_values(model, plugin, environ, siblings)))
     set_data = parse_sets(sets, model)
     check_keys(model, set_data, "--set")
     layers.append(("--set", set_data))

@@ -363,9 +363,10 @@ def _execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
 
     verbosity = -1 if opts.get("quiet") else int(opts.get("verbose") or 0)
     try:
-        cfg = resolve_config(model, app.name, opts.get("config"), opts.get("set"), flags)
+        siblings = [app.config_model(v) for v in app.verbs]
+        cfg = resolve_config(model, app.name, opts.get("config"), opts.get("set"), flags, siblings=siblings)
         log_every()  # a bad TUB_LOG_EVERY is refused before a run directory exists
-        unknown_env = unknown_env_warnings([app.config_model(v) for v in app.verbs], app.name)
+        unknown_env = unknown_env_warnings(siblings, app.name)
         if opts.get("print_config"):
             for warning in unknown_env:
                 typer.echo(f"warning: {warning}", err=True)

@@ -196,6 +196,19 @@ def test_upper_case_fields_have_an_environment_spelling():
     with pytest.raises(TubError, match=r"'C' \(from TUB_TOY_C\)"):
         resolve_config(Cfg, "toy", environ={"TUB_TOY_C": "big"})
 
+    class Neighbours(TubConfig):  # another verb of the plugin has only the lower-case k (pathorob's ri) ...
+        k: int = 5
+
+    class Clusters(TubConfig):  # ... and another only the upper-case K (clustering)
+        K: int | None = None
+
+    verbs = [Cfg, Neighbours, Clusters]
+    env = {"TUB_TOY_K": "7", "TUB_TOY_k": "9"}  # each names its own field, in every verb
+    assert resolve_config(Neighbours, "toy", environ=env, siblings=verbs).k == 9
+    assert resolve_config(Neighbours, "toy", environ={"TUB_TOY_K": "7"}, siblings=verbs).k == 5
+    assert resolve_config(Clusters, "toy", environ={"TUB_TOY_k": "9"}, siblings=verbs).K is None
+    assert resolve_config(Clusters, "toy", environ=env, siblings=verbs).K == 7
+
 
 def test_a_config_file_suffix_is_read_in_any_case(tmp_path):
     from tubcli.config import read_config_file
