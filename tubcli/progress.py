@@ -13,14 +13,16 @@ LOGGER_NAME = "tub"
 
 
 def setup_logging(verbosity: int = 0, logfile=None) -> logging.Logger:
-    """Configure the ``tub`` logger: stderr (WARNING with -q, INFO, DEBUG with -v) and ``tub.log``."""
+    """Configure the ``tub`` logger: stderr (WARNING with -q, INFO, DEBUG with -v; ERROR at -2, the
+    other ranks of a torchrun job, whose warnings would repeat rank 0's) and ``tub.log``."""
     log = logging.getLogger(LOGGER_NAME)
     for handler in list(log.handlers):
         log.removeHandler(handler)
         handler.close()
     log.setLevel(logging.DEBUG)
     log.propagate = False
-    level = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
+    level = logging.ERROR if verbosity < -1 else logging.WARNING if verbosity < 0 else \
+        logging.DEBUG if verbosity > 0 else logging.INFO
     stream = logging.StreamHandler(sys.stderr)
     stream.setLevel(level)
     stream.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))

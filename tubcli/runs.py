@@ -653,7 +653,7 @@ class Run:
                 (self.dir / DONE).unlink(missing_ok=True)  # a reused directory is incomplete again
                 if self.shard[1] > 1:
                     (self.dir / f"{DONE}.{self.shard[0]}of{self.shard[1]}").unlink(missing_ok=True)
-            self.log = setup_logging(verbosity if self.is_main else -1, self.dir / "tub.log" if self.is_main else None)
+            self.log = setup_logging(verbosity if self.is_main else -2, self.dir / "tub.log" if self.is_main else None)
             _device.seed_everything(self.seed)
             _device.exact_fp32()
             if self.is_main:

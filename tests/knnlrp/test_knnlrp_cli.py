@@ -80,10 +80,12 @@ def test_evaluate_knn_both_replacements(knn_run, data_dir, tmp_path):
     out = tmp_path / "ev"
     res = invoke(["knnlrp", "evaluate", str(data_dir / "test.csv"), "--model", str(knn_run), "--rows", "8",
                   "--replacement", "both", "--methods", "lrp", "--methods", "random", "--set", "kde_samples=5",
-                  "-o", str(out), "--json"])
+                  "--set", "vector_figures=svg", "-o", str(out), "--json"])
     assert res.exit_code == 0, res.stderr
     m = json.loads(res.stdout)
     assert set(m["aupc_kde_normalised"]) == {"lrp", "random"}
+    produced = sorted(p.name for p in (out / "outputs").iterdir())  # the vector copy named as its PNG
+    assert "flipping.svg" in produced and not [n for n in produced if n.startswith(".")], produced
     assert "kappa0" in m["fidelity"]
     with open(out / "outputs" / "flipping.csv") as fh:
         rows = list(csv.reader(fh))

@@ -209,10 +209,9 @@ def explain(cfg, run) -> dict:
     if side and has_mpl and cfg.heatmaps is not False:
         from tub_knnlrp.plots import relevance_heatmaps
 
-        with atomic_path(out / "heatmaps.png") as tmp:
-            n_h = cfg.max_heatmaps
-            relevance_heatmaps(tmp, e.data[:n_h], e.values[:n_h], side, prediction=e.prediction[:n_h],
-                               positive=e.positive[:n_h], negative=e.negative[:n_h], output=e.output[:n_h])
+        n_h = cfg.max_heatmaps  # save_figure writes atomically, the vector copy beside the PNG too
+        relevance_heatmaps(out / "heatmaps.png", e.data[:n_h], e.values[:n_h], side, prediction=e.prediction[:n_h],
+                           positive=e.positive[:n_h], negative=e.negative[:n_h], output=e.output[:n_h])
         figures["heatmaps"] = str(out / "heatmaps.png")
     return {
         "rows": int(len(e.values)),
@@ -301,8 +300,7 @@ def evaluate(cfg, run) -> dict:
     if importlib.util.find_spec("matplotlib") is not None:
         from tub_knnlrp.plots import flipping_curves_plot
 
-        with atomic_path(run.outputs_dir / "flipping.png") as tmp:
-            flipping_curves_plot(tmp, rows_out, n_rows=len(Z))
+        flipping_curves_plot(run.outputs_dir / "flipping.png", rows_out, n_rows=len(Z))  # atomic, vector copy too
     else:
         run.log.info("matplotlib is not installed; no flipping.png")
     metrics["fidelity"] = _logged(run, check_report, tm.pipeline, X, X_train, y_train if X_train is not None else None,
