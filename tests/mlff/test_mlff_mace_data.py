@@ -122,6 +122,7 @@ def test_train_takes_isolated_atoms_as_e0s_and_never_validates_on_them(data, tmp
     m = json.loads(res.stdout)
     assert m["train_frames"] == 6 + 2 and m["valid_frames"] + m["test_frames"] == 6  # both lone atoms train
     assert "stress_mae_meV_A3" in m["test"]  # the virials became stress labels
+    assert m["valid"]["frames"] == m["valid_frames"] and m["valid"]["forces_mae_meV_A"] > 0  # the saved model's
 
 
 def test_e0s_given_or_missing_and_stress_in_the_wrong_units(data, tmp_path):

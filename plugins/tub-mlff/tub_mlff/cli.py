@@ -761,10 +761,13 @@ def train(cfg, run) -> dict:
                "test_frames": len(test_g), "elements": elements}
     if run.world_size > 1:
         metrics["world_size"] = run.world_size
-    if test_g and run.is_main:
-        preds = predict([r["model"] for r in results], test_g, dtype, run.device)
-        metrics["test"] = error_metrics(test_g, preds)
+    for name, frames_of in (("valid", valid), ("test", test_g)):  # the saved model (committee mean) on each share
+        if frames_of and run.is_main:
+            preds = predict([r["model"] for r in results], frames_of, dtype, run.device)
+            metrics[name] = error_metrics(frames_of, preds)
     metrics["model"] = str(run.checkpoints_dir / ("model.safetensors" if cfg.ensemble == 1 else "model_0.safetensors"))
+    if cfg.ensemble > 1:
+        metrics["models"] = [str(run.checkpoints_dir / f"model_{k}.safetensors") for k in range(cfg.ensemble)]
     return metrics
 
 
