@@ -258,6 +258,7 @@ def test_target_magnification_follows_trident(tmp_path):
     assert (a["level0_magnification"], a["target_magnification"], a["patch_size_level0"]) == (40.0, 20, 128)
     by_mpp = SlideTiles(path, tile_px=64, mpp=0.5, tissue_min=0.25)
     assert by_mpp.footprint0 == 127
+    assert by_mpp.describe()["target_mag"] == by_mpp.coords_attrs()["target_magnification"] == 20.0  # not None
     base = ["atlas", "tile", str(path), "--slide-tile-size", "64"]
     r = invoke([*base, "--slide-mag", "20", "--slide-mpp", "0.5", "-o", str(tmp_path / "both")])
     assert r.exit_code == 2 and "either" in r.stderr

@@ -391,10 +391,14 @@ class SlideTiles:
         return a
 
     def describe(self) -> dict:
+        """The tiling in a few numbers; ``target_mag`` is the magnification the h5 records (10 / target_mpp
+        when the tiles were chosen by µm/px)."""
+        mag = self.target_mag if self.target_mag is not None else (
+            round(10.0 / self.target_mpp, 6) if self.target_mpp else None)
         return {"slide": str(self.path), "level": self.level, "tile_px": self.tile_px,
                 "footprint_level0_px": self.footprint0, "step_level0_px": self.step0, "overlap_px": self.overlap_px,
                 "mpp0": self.mpp0, "target_mpp": self.target_mpp, "mag0": self.mag0,
-                "target_mag": self.target_mag, "grid": list(self.grid) if self.grid else None,
+                "target_mag": mag, "grid": list(self.grid) if self.grid else None,
                 "tissue_tiles": len(self), **self.tissue_summary}
 
     def qc_image(self, max_side: int = 1024):
