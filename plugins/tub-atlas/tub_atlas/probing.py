@@ -64,6 +64,10 @@ def run_probes(feats: LabelledFeatures, cfg, run, encoder: dict | None = None, t
     write_splits(run, feats.slide_id, split)
     columns: dict[str, list] = {}  # predictions.csv columns of the probes that ran
     test_slides = slides[te]
+    if cfg.bootstrap and len(set(test_slides)) >= 2:  # once: both probes resample the same test slides
+        from tubcli.stats import say_if_rough
+
+        say_if_rough(run.log, cfg.bootstrap, len(set(test_slides)), "test slides")
     if cfg.method in ("knn", "both"):
         k = min(cfg.k, int(tr.sum()))
         if k < cfg.k:
@@ -154,13 +158,11 @@ def _linear_runs(x, y, tr, va, te, classes, cfg, run):
 
 def _intervals(metric_fn, test_slides, cfg, run, what: str) -> dict | None:
     """Slide-level bootstrap 95 % intervals (``--bootstrap N``), seeded from ``--seed``; None (with a
-    warning) when the test rows come from a single slide, which gives no spread to resample."""
+    warning) when the test rows come from a single slide, which gives no spread to resample (whether the
+    interval is rough is said once, by the caller)."""
     if len(set(test_slides)) < 2:
         run.log.warning("%s: the test rows come from one slide, so --bootstrap gives no interval (null)", what)
         return None
-    from tubcli.stats import say_if_rough
-
-    say_if_rough(run.log, cfg.bootstrap, len(set(test_slides)), "test slides")
     return slide_bootstrap(metric_fn, test_slides, cfg.bootstrap, seed=run.item_seed(f"bootstrap-{what}"))
 
 
