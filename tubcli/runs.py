@@ -64,7 +64,8 @@ def shard_items(items: Iterable, index: int, count: int, key: Callable = str) ->
     return ordered[index::count]
 
 
-# an output's name, so that `.{name}.lock.XXXXXXXX` (a lock's private file) and `.tmp-{stem}-XXXXXXXX{suffix}` stay within NAME_MAX (255)
+# an output's name, so that `.{name}.lock.XXXXXXXX` (a lock's private file) and `.tmp-{stem}-XXXXXXXX{suffix}`
+# stay within NAME_MAX (255)
 MAX_OUTPUT_NAME = 255 - len("..lock.") - 9
 
 

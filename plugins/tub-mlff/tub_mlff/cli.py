@@ -664,14 +664,14 @@ def train(cfg, run) -> dict:
     if not train_g:
         raise TubError(f"{data} has too few frames to train ({len(graphs)}); give more labelled structures")
     if isolated:  # E0s: trained on too, so the isolated atoms keep their energies as the weights move
-        elements_with_e0 = {int(g.Z[0]) for g in isolated}
-        missing = sorted({int(z) for g in train_g for z in g.Z} - elements_with_e0)
+        missing = sorted({int(z) for g in train_g for z in g.Z} - {int(g.Z[0]) for g in isolated})
         if missing:
             from ase.data import chemical_symbols
 
             raise TubError(f"e0s: no isolated-atom energy for {', '.join(chemical_symbols[z] for z in missing)}; "
                            "give every element of the training frames one (or --e0s fit)")
-        isolated = [g for g in isolated if int(g.Z[0]) in {int(z) for t in train_g for z in t.Z}]  # no others
+        trained = {int(z) for g in train_g for z in g.Z}
+        isolated = [g for g in isolated if int(g.Z[0]) in trained]  # not an element the data lacks
         train_g = train_g + isolated
         run.log.info("E0s (%s): %s", "isolated-atom frames" if isolated_frames else "given",
                      ", ".join(f"{a}={e:.6g} eV" for a, e in _e0_table(isolated).items()))
@@ -688,7 +688,7 @@ def train(cfg, run) -> dict:
                        "set --set keys.stress=KEY or drop the weight")
     if cfg.stress_weight == 0 and any(g.stress is not None for g in train_g):
         run.log.info("the training frames have stress labels, but stress_weight is 0: the stress is not trained "
-                        "(--set stress_weight=W to fit it; 1 weighs 1 eV/A^3 like 1 eV/atom)")
+                     "(--set stress_weight=W to fit it; 1 weighs 1 eV/A^3 like 1 eV/atom)")
     run.log.info("frames: %d train, %d validation (%s), %d test (%s of %s)", len(train_g), len(valid),
                  cfg.valid if cfg.valid is not None else f"{cfg.valid_fraction:g} of {data}", len(test_g),
                  f"{cfg.test_fraction:g}", data)

@@ -63,9 +63,9 @@ class EMA:
     average follows the weights while they move most. With a fixed d = 0.99, a run of 100 steps would
     keep 0.99**100 = 37 % of the random initial weights in the model it saves."""
 
-    def __init__(self, model: torch.nn.Module, decay: float, updates: int = 0) -> None:
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
         self.decay = decay
-        self.updates = updates
+        self.updates = 0  # a resumed training sets the count its checkpoint recorded
         self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     @torch.no_grad()
@@ -310,8 +310,8 @@ def fit(model, train: list[Graph], valid: list[Graph], s: TrainSettings, run, dt
                      1000 * (val.get("energy_mae_per_atom") or float("nan")),
                      1000 * (val.get("forces_mae") or float("nan")))
         ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "ema": ema.shadow, "ema_updates": ema.updates, "epoch": epoch, "best_val": best, "bad_epochs": bad, "member": member,
-                "best_ema": best_state, "epochs": s.epochs, **(record or {})}
+                "ema": ema.shadow, "ema_updates": ema.updates, "epoch": epoch, "best_val": best, "bad_epochs": bad,
+                "member": member, "best_ema": best_state, "epochs": s.epochs, **(record or {})}
         run.save_checkpoint(ckpt, best=improved)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
