@@ -343,8 +343,8 @@ def _load_pickled(path: Path, allow_pickle: bool) -> TrainedModel:
         raise TubError(f"cannot load {path.name} with joblib ({type(exc).__name__}: {first}); is it a model file?") from None
     _, est, _ = split_pipeline(model)
     if not isinstance(est, (KNeighborsClassifier, SVC)):
-        raise TubError(f"{path.name} holds an object of type {type(est).__name__}, not a scikit-learn model this explains; "
-                       "save a fitted KNeighborsClassifier or SVC (alone or at the end of a Pipeline)")
+        raise TubError(f"{path.name} holds an object of type {type(est).__name__}, not a scikit-learn model this "
+                       "explains; save a fitted KNeighborsClassifier or SVC (alone or at the end of a Pipeline)")
     kind = "knn" if isinstance(est, KNeighborsClassifier) else "svm"
     d = getattr(model, "n_features_in_", None) or getattr(est, "n_features_in_", 0)
     names = [str(n) for n in getattr(model, "feature_names_in_", [f"x{i}" for i in range(d)])]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from tub_xmil.attention_mil import AttentionMIL, drop_one_closed_form  # noqa: F401 (re-exported)
+from tub_xmil.attention_mil import AttentionMIL, drop_one_closed_form
 from tub_xmil.lrp import LRPParams, linear_block
 
 
