@@ -43,22 +43,16 @@ class Section(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _file_values_as_flags_take_them(cls, data):
+    def _one_item_lists(cls, data):
         """A config file, ``TUB_*`` variable or ``--set`` may give a list of one item as the item
-        (``model: x.safetensors``) and a text setting as a YAML number (``target: 2020``), as the flags do."""
+        (``model: x.safetensors``, ``x: 2``), as the flags do."""
         if not isinstance(data, dict):
             return data
         out = dict(data)
         for name, value in data.items():
             info = cls.model_fields.get(name)
-            if info is None:
-                continue
-            if isinstance(value, (str, Path)) and _is_list(info.annotation):
+            if info is not None and isinstance(value, (str, Path, int, float)) and _is_list(info.annotation):
                 out[name] = [value]
-            elif isinstance(value, (int, float)) and not isinstance(value, bool) and _is_text(info.annotation):
-                out[name] = str(value)
-            elif isinstance(value, bool) and _is_number(info.annotation):  # pydantic would read true as 1
-                raise ValueError(f"{name}: expected a number, got {str(value).lower()}")
         return out
 
 
@@ -379,6 +373,8 @@ def resolve_config(
     for dotted, value in (flags or {}).items():
         set_path(flag_data, dotted, value)
     layers.append(("command-line flags", flag_data))
+    for where, data in layers:
+        _check_scalar_kinds(model, data, where if where != "the environment" else None, plugin, environ)
     merged: dict = {}
     for _, data in layers:
         merged = deep_merge(merged, data)
@@ -409,21 +405,61 @@ def resolve_config(
     return cfg
 
 
+def _check_scalar_kinds(model: type[BaseModel], data: dict, where: str | None, plugin: str, environ,
+                        prefix: tuple = ()) -> None:
+    """What pydantic would silently convert: a YAML/TOML/JSON number where text is expected (``target: 0017``
+    is the octal 15, ``2020.10`` the float 2020.1: the text the user typed is gone, so it is refused, with
+    the quotes to add) and a boolean where a number is expected (``k: true`` would be 1)."""
+    for key, value in data.items():
+        info = model.model_fields.get(key)
+        if info is None:
+            continue
+        loc = (*prefix, key)
+        sub = field_model(model, key)
+        if sub is not None and isinstance(value, dict):
+            _check_scalar_kinds(sub, value, where, plugin, environ, loc)
+            continue
+        source = where or env_variable(loc, plugin, environ)
+        name = ".".join(loc)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and _is_text(info.annotation):
+            raise TubError(f"invalid config value for {name!r} (from {source}): a number where text is expected; "
+                           f"quote it ({key}: '...') so that it is read as typed")
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(v, bool) for v in items) and (_is_number(info.annotation) or _is_number_list(info.annotation)):
+            raise TubError(f"invalid config value for {name!r} (from {source}): true/false where a number is expected")
+
+
+def _is_number_list(annotation) -> bool:
+    """list[int], list[float] or Optional of one."""
+    lists = [a for a in (annotation, *typing.get_args(annotation)) if typing.get_origin(a) is list]
+    return any(_is_number(typing.get_args(a)[0]) for a in lists if typing.get_args(a))
+
+
 def _refuse_trust_from_afar(model: type[BaseModel], layers: list[tuple[str, dict]], plugin: str, environ) -> None:
     """A setting marked ``json_schema_extra={"flag_only": True}`` (knnlrp's ``allow_pickle``: the model
     file may run code) is switched on by its flag in this command only, never by a shared config file, an
     exported ``TUB_*`` variable or ``--set``."""
     for name, info in model.model_fields.items():
         extra = info.json_schema_extra
-        if not (isinstance(extra, dict) and extra.get("flag_only")) or layers[-1][1].get(name):
-            continue
-        source = next((where for where, data in layers[:-1] if data.get(name)), None)
+        if not (isinstance(extra, dict) and extra.get("flag_only")) or name in layers[-1][1]:
+            continue  # not such a setting, or the flag decides (--allow-pickle or --no-allow-pickle)
+        source = next((where for where, data in layers[:-1] if _truthy(data.get(name))), None)
         if source == "the environment":
             source = env_variable((name,), plugin, environ)
         if source is not None:
             flag = "--" + name.replace("_", "-")
             raise TubError(f"{name} is on in {source}, but it lets a file run code and is taken only from the "
                            f"command line: add {flag} to this command if you trust the file")
+
+
+def _truthy(value) -> bool:
+    """``value`` as pydantic reads a boolean ("false", "no", "off", "0" are false); other values count as on."""
+    from pydantic import TypeAdapter
+
+    try:
+        return bool(TypeAdapter(bool).validate_python(value))
+    except ValidationError:
+        return value is not None
 
 
 _DEVICE_SOURCE: str | None = None  # where the last resolved config's device came from

@@ -211,7 +211,8 @@ def git_commit() -> tuple[str | None, bool | None]:
     source = Path(tubcli.__file__).resolve().parent
 
     def git(*args):
-        out = subprocess.run(["git", "-C", str(source), *args], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "--no-optional-locks", "-C", str(source), *args], capture_output=True, text=True,
+                             timeout=5)  # no index refresh: a run never writes into tub's own .git
         return out.stdout.strip() if out.returncode == 0 else None
 
     try:

@@ -49,17 +49,21 @@ def test_misspelt_key_names_key_and_file(toy_plugins, tmp_path):
     assert "did you mean 'epochs'?" in result.stderr
 
 
-def test_a_boolean_is_not_read_as_a_number():
-    """pydantic's lax mode would take `k: true` as k = 1."""
+def test_a_boolean_is_not_read_as_a_number(tmp_path):
+    """pydantic's lax mode would take `k: true` as k = 1; the error names where the value came from."""
     from tubcli.config import TubConfig, resolve_config
 
     class Cfg(TubConfig):
         k: int = 3
         lr: float | None = None
+        ks: list[int] = []
 
-    for sets in (["k=true"], ["lr=false"]):
-        with pytest.raises(TubError, match="expected a number, got (true|false)"):
-            resolve_config(Cfg, "toy", sets=sets, environ={})
+    conf = tmp_path / "b.yaml"
+    conf.write_text("ks: [true, 2]\n")
+    for kwargs, source in ((dict(sets=["k=true"]), "--set"), (dict(sets=["lr=no"]), "--set"),
+                           (dict(environ={"TUB_TOY_K": "on"}), "TUB_TOY_K"), (dict(file=conf), str(conf))):
+        with pytest.raises(TubError, match=f"from {source}\\): true/false where a number is expected"):
+            resolve_config(Cfg, "toy", **{"environ": {}, **kwargs})
 
 
 def test_misspelt_set_and_bad_value(toy_plugins):
@@ -156,7 +160,10 @@ def test_set_values_for_text_fields_stay_text():
     assert cfg.target == "1e3"
 
 
-def test_a_file_may_give_a_text_setting_as_a_number_and_a_one_item_list_as_its_item(tmp_path):
+def test_a_file_may_give_a_one_item_list_as_its_item_but_no_number_as_text(tmp_path):
+    """`model: m.safetensors` and `x: 2` are lists of one, as with the flags; `target: 0017` in YAML is the
+    octal number 15 and `2020.10` the float 2020.1, so a number where text is expected is refused (with
+    the quotes to add) rather than turned into other text; --set and TUB_* keep the text as typed."""
     from pathlib import Path
     from typing import Optional
 
@@ -165,17 +172,23 @@ def test_a_file_may_give_a_text_setting_as_a_number_and_a_one_item_list_as_its_i
     class Cfg(TubConfig):
         target: Optional[str] = None
         model: list[Path] = []
+        x: list[int] = []
         k: int = 3
 
     conf = tmp_path / "c.yaml"
-    conf.write_text("target: 2020\nmodel: m.safetensors\nk: 5\n")  # YAML makes 2020 an int
+    conf.write_text("model: m.safetensors\nx: 2\nk: 5\n")
     cfg = resolve_config(Cfg, "toy", file=conf, environ={})
-    assert (cfg.target, cfg.model, cfg.k) == ("2020", [Path("m.safetensors")], 5)
+    assert (cfg.model, cfg.x, cfg.k) == ([Path("m.safetensors")], [2], 5)
     assert resolve_config(Cfg, "toy", environ={"TUB_TOY_MODEL": "a.pt"}).model == [Path("a.pt")]
-    assert resolve_config(Cfg, "toy", sets=["model=b.pt"], environ={}).model == [Path("b.pt")]
-    conf.write_text("target: true\n")  # a boolean is not silently the text "True"
-    with pytest.raises(TubError, match="'target'"):
-        resolve_config(Cfg, "toy", file=conf, environ={})
+    assert resolve_config(Cfg, "toy", sets=["model=b.pt", "x=3"], environ={}).x == [3]
+    for text in ("target: 0017\n", "target: 2020.10\n"):
+        conf.write_text(text)
+        with pytest.raises(TubError, match=r"'target' \(from .*c.yaml\): a number where text is expected; quote it"):
+            resolve_config(Cfg, "toy", file=conf, environ={})
+    conf.write_text("target: '0017'\n")
+    assert resolve_config(Cfg, "toy", file=conf, environ={}).target == "0017"
+    assert resolve_config(Cfg, "toy", sets=["target=0017"], environ={}).target == "0017"
+    assert resolve_config(Cfg, "toy", environ={"TUB_TOY_TARGET": "0017"}).target == "0017"
 
 
 def test_upper_case_fields_have_an_environment_spelling():

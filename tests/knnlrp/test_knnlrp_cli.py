@@ -176,6 +176,13 @@ def test_only_the_command_line_lets_a_pickle_run_code(data_dir, tmp_path):
     res = invoke([*common, "-o", str(tmp_path / "b")], env={"TUB_KNNLRP_ALLOW_PICKLE": "1"})
     assert res.exit_code == 2 and "TUB_KNNLRP_ALLOW_PICKLE" in res.stderr
     assert not marker.exists()
+    conf.write_text("allow_pickle: 'false'\n")  # off, as pydantic reads it: the usual refusal of a pickle
+    res = invoke([*common, "-c", str(conf), "-o", str(tmp_path / "off")])
+    assert res.exit_code == 2 and "is a pickle, and loading it executes code" in res.stderr
+    conf.write_text("allow_pickle: true\n")
+    res = invoke([*common, "-c", str(conf), "--no-allow-pickle", "-o", str(tmp_path / "no")])  # the flag decides
+    assert res.exit_code == 2 and "is a pickle, and loading it executes code" in res.stderr
+    assert not marker.exists()
     res = invoke([*common, "-c", str(conf), "--allow-pickle", "-o", str(tmp_path / "c")])  # the user's own word
     assert res.exit_code == 2 and marker.exists() and "holds an object of type TextIOWrapper" in res.stderr
     assert "executes code from the file" in res.stderr
