@@ -283,6 +283,7 @@ def environment_record(plugin_version: str = "", command: str = "", cfg=None) ->
         "plugin": plugin_version,
         "torch": ver("torch"),
         "host": socket.gethostname(),
+        "pid": os.getpid(),  # which job wrote the record (a failed run undoes only its own)
         "git_commit": commit,
         "git_local_changes": dirty,
         "time": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -701,10 +702,11 @@ class Run:
 
     RECORDS = ("config.yaml", "env.json", "metrics.json", DONE)
 
-    def _snapshot(self) -> tuple[dict, list]:
-        """The run records and the outputs' names and times of a directory this run reuses."""
+    def _snapshot(self) -> tuple[dict, list, set]:
+        """The run records, the outputs' names and times, and the names present, of a directory this run
+        reuses (or a user's folder that holds other files)."""
         records = {n: (self.dir / n).read_bytes() for n in self.RECORDS if (self.dir / n).is_file()}
-        return records, self._product_state()
+        return records, self._product_state(), {p.name for p in self.dir.iterdir()}
 
     def _product_state(self) -> list:
         folders = [self.outputs_dir, self.checkpoints_dir]
@@ -744,14 +746,23 @@ class Run:
             return
         self._release_training()
         self._restore_aside()
+        if self._claimed_since():
+            return  # another job on this -o has claimed the directory since: its records are not ours to undo
         if self._before is not None:
-            records, state = self._before
+            records, state, names = self._before
             if self._product_state() == state:
                 for name in self.RECORDS:
                     if name in records:
                         write_bytes(self.dir / name, records[name])
                 if self._archived is not None:
                     self._archived.unlink(missing_ok=True)
+                setup_logging(-1)  # closes tub.log
+                for name in ("config.yaml", "env.json", "tub.log", "outputs", "checkpoints"):  # what this run added
+                    path = self.dir / name
+                    if name not in names and path.is_dir():
+                        shutil.rmtree(path, ignore_errors=True)
+                    elif name not in names:
+                        path.unlink(missing_ok=True)
             return
         if self._product_state() or (self.dir / "metrics.json").exists():
             return
@@ -764,6 +775,18 @@ class Run:
                 shutil.rmtree(child, ignore_errors=True)
             else:
                 child.unlink(missing_ok=True)
+
+    def _claimed_since(self) -> bool:
+        """Whether env.json was written by another job after this run claimed the directory."""
+        path = self.dir / "env.json"
+        try:
+            text = path.read_bytes()
+        except OSError:
+            return False
+        if self._before is not None and text == self._before[0].get("env.json"):
+            return False  # the earlier run's record, as this run found it
+        env = self._earlier_env()
+        return (env.get("pid"), env.get("host")) not in ((None, None), (os.getpid(), socket.gethostname()))
 
     def _release_training(self) -> None:
         if self._training_lock is not None:

@@ -773,6 +773,34 @@ def test_a_failed_run_empties_but_keeps_an_empty_folder_the_user_made(toy_plugin
     assert scratch.is_dir() and list(scratch.iterdir()) == []
     assert stat.S_IMODE(scratch.stat().st_mode) == 0o2770
 
+    keep = tmp_path / "prepared"  # a folder kept in git by a .keep: this run's records go, the .keep stays
+    keep.mkdir()
+    (keep / ".keep").write_text("")
+    with monkeypatch.context() as m:
+        m.setattr(runs, "write_json", full)
+        assert invoke(["toy", "evaluate", *make_inputs(tmp_path / "in", 2), "-o", keep]).exit_code == 1
+    assert sorted(p.name for p in keep.iterdir()) == [".keep"]
+    assert invoke(["toy", "evaluate", *make_inputs(tmp_path / "in", 2), "-o", keep]).exit_code == 0
+
+
+def test_a_failed_run_leaves_alone_a_directory_another_job_has_claimed_since(toy_plugins, tmp_path, monkeypatch):
+    """Two jobs on one -o: the first fails after the second has written its records; undoing the first
+    must not delete the second's (it then ended with DONE but no config.yaml or env.json)."""
+    import json
+
+    import tubcli.runs as runs
+
+    out = tmp_path / "shared"
+
+    def other_job_then_fail(path, data, *args, **kwargs):
+        Path(path).write_text(json.dumps({**data, "pid": 1, "host": "another-node"}))
+        raise OSError(28, "No space left on device", str(path))
+
+    with monkeypatch.context() as m:
+        m.setattr(runs, "write_json", other_job_then_fail)
+        assert invoke(["toy", "evaluate", *make_inputs(tmp_path / "in", 2), "-o", out]).exit_code == 1
+    assert json.loads((out / "env.json").read_text())["host"] == "another-node" and (out / "config.yaml").exists()
+
 
 def test_home_in_paths_the_shell_left_alone_is_expanded(toy_plugins, tmp_path, monkeypatch):
     """`--out=~/x`, a quoted TUB_RUNS_DIR='~/runs' or `data: ~/x` in YAML made a folder literally named `~`."""
