@@ -419,14 +419,16 @@ def _check_scalar_kinds(model: type[BaseModel], data: dict, where: str | None, p
         if sub is not None and isinstance(value, dict):
             _check_scalar_kinds(sub, value, where, plugin, environ, loc)
             continue
-        source = where or env_variable(loc, plugin, environ)
-        name = ".".join(loc)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and _is_text(info.annotation):
-            raise TubError(f"invalid config value for {name!r} (from {source}): a number where text is expected; "
-                           f"quote it ({key}: '...') so that it is read as typed")
         items = value if isinstance(value, list) else [value]
-        if any(isinstance(v, bool) for v in items) and (_is_number(info.annotation) or _is_number_list(info.annotation)):
-            raise TubError(f"invalid config value for {name!r} (from {source}): true/false where a number is expected")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and _is_text(info.annotation):
+            problem = f"a number where text is expected; quote it ({key}: '...') so that it is read as typed"
+        elif any(isinstance(v, bool) for v in items) and (_is_number(info.annotation)
+                                                         or _is_number_list(info.annotation)):
+            problem = "true/false where a number is expected"
+        else:
+            continue
+        source = where or env_variable(loc, plugin, environ)
+        raise TubError(f"invalid config value for {'.'.join(loc)!r} (from {source}): {problem}")
 
 
 def _is_number_list(annotation) -> bool:

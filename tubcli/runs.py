@@ -626,9 +626,9 @@ class Run:
                            "--overwrite to start again, or a new -o")
         # a directory this run creates is removed again if the run fails before any output (one the user
         # made, found empty, is emptied again)
-        self.fresh = self.is_main and not (self.dir.is_dir() and any(
+        fresh = not (self.dir.is_dir() and any(
             p.name != f"{self.CLAIM}.lock" and not p.name.startswith(f".{self.CLAIM}.lock.") for p in self.dir.iterdir()))
-        self._before = None if self.fresh or not self.is_main else self._snapshot()
+        self._before = None if fresh or not self.is_main else self._snapshot()
         self._archived: Path | None = None
         self._previous: Path | None = None
         try:  # a failure while the records are written (disk full, a deleted working folder) leaves no
