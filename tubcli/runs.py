@@ -84,34 +84,60 @@ class ItemLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(2):
             try:
-                self._create()
+                self._create(self.path)
             except FileExistsError:
-                if self._stale():
-                    self.path.unlink(missing_ok=True)
+                if self._break_if_stale():
                     continue
                 return False
             self.held = True
             return True
         return False
 
-    def _create(self) -> None:
+    def _break_if_stale(self) -> bool:
+        """Remove a stale lock, re-checking it under a short-lived ``.break`` lock. Two jobs that both
+        found the lock stale used to both remove it: the second removed the lock the first had just made,
+        and both went on to process the item. Only the holder of ``.break`` removes a stale lock, and it
+        looks again first, so it never removes a live one."""
+        if not self._stale(self.path):
+            return False
+        guard = Path(str(self.path) + ".break")
+        for _ in range(2):
+            try:
+                self._create(guard)
+                break
+            except FileExistsError:  # another job is breaking it now; a guard left by a killed job is stale
+                if not self._stale(guard):
+                    return False
+                guard.unlink(missing_ok=True)
+        else:
+            return False
+        try:
+            if not self._stale(self.path):
+                return False
+            self.path.unlink(missing_ok=True)
+            return True
+        finally:
+            guard.unlink(missing_ok=True)
+
+    @staticmethod
+    def _create(path: Path) -> None:
         """Create the lock with its owner already inside: the owner is written to a private file that
         is then hard-linked to the lock name (atomic, fails if the lock exists). A job killed between
         an ``O_EXCL`` create and its write would leave an empty lock that no one could prove stale."""
         owner = f"{socket.gethostname()} {os.getpid()}\n"
         # a fresh name, created exclusively: a predictable one could be a link another user planted in a
         # shared folder, through which the write would truncate that link's target
-        fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         private = Path(name)
         os.fchmod(fd, 0o644)  # other jobs (the group's, on a shared -o) read the owner to tell a stale lock
         with os.fdopen(fd, "w") as f:
             f.write(owner)
         try:
-            os.link(private, self.path)
+            os.link(private, path)
         except FileExistsError:
             raise
         except OSError:  # a file system without hard links: exclusive create, then write
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             with os.fdopen(fd, "w") as f:
                 f.write(owner)
         finally:
@@ -119,13 +145,14 @@ class ItemLock:
 
     UNREADABLE_STALE_AFTER = 60.0  # s; a live owner fills its lock within microseconds of creating it
 
-    def _stale(self) -> bool:
+    @classmethod
+    def _stale(cls, path: Path) -> bool:
         try:
-            host, pid = self.path.read_text().split()
+            host, pid = path.read_text().split()
             pid = int(pid)
         except ValueError:  # empty or garbled: an O_EXCL create killed before its write
             with contextlib.suppress(OSError):
-                return time.time() - self.path.stat().st_mtime > self.UNREADABLE_STALE_AFTER
+                return time.time() - path.stat().st_mtime > cls.UNREADABLE_STALE_AFTER
             return False
         except OSError:
             return False

@@ -90,6 +90,34 @@ def test_a_job_killed_while_taking_its_lock_never_blocks_the_item(tmp_path):
         lock.release()
 
 
+def test_two_jobs_finding_one_stale_lock_never_both_take_it(tmp_path, monkeypatch):
+    """Job B found a dead job's lock stale; before B removed it, job A removed it and made its own. B then
+    removed A's live lock and both processed the item (4 of 30 trials with 8 processes). The stale lock is
+    now re-checked under a ``.break`` guard before it goes."""
+    out = tmp_path / "a.h5"
+    path = Path(str(out) + ".lock")
+    path.write_text(f"{os.uname().nodename} 999999999\n")  # a dead process's lock
+    first, second = ItemLock(out), ItemLock(out)
+    real_stale = ItemLock._stale
+    calls = []
+
+    def stale_then_first_takes_it(path_):
+        found = real_stale(path_)
+        if not calls:
+            calls.append(found)
+            assert first.acquire()  # A takes the stale lock over between B's look and B's removal
+        return found
+
+    monkeypatch.setattr(second, "_stale", stale_then_first_takes_it)
+    assert not second.acquire()
+    assert calls == [True] and first.held and path.exists()
+    assert not Path(str(path) + ".break").exists()
+    first.release()
+    Path(str(path) + ".break").write_text(f"{os.uname().nodename} 999999999\n")  # a breaker killed midway
+    path.write_text(f"{os.uname().nodename} 999999999\n")
+    assert ItemLock(out).acquire()  # the dead breaker's guard is stale too
+
+
 def test_done_waits_for_items_another_job_holds(toy_plugins, tmp_path):
     inputs = make_inputs(tmp_path / "in", 3)
     out = tmp_path / "run"
@@ -703,7 +731,7 @@ def test_a_lock_made_just_before_a_signal_is_still_released(tmp_path):
     """SIGTERM between the lock file's creation and ``held = True`` left the lock (a flaky CI run): a rerun
     elsewhere would skip the item as taken. release() removes a lock that names this process."""
     lock = ItemLock(tmp_path / "a.txt")
-    lock._create()  # ... and interrupted before acquire() set held
+    lock._create(lock.path)  # ... and interrupted before acquire() set held
     assert lock.path.exists() and not lock.held
     lock.release()
     assert not lock.path.exists()
