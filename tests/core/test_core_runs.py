@@ -752,7 +752,7 @@ def test_an_existing_run_directory_in_a_folder_not_ours_to_write(toy_plugins, tm
     monkeypatch.setattr(runs.os, "access", lambda p, mode: False if str(p) == parent else real_access(p, mode))
     seen = []
     real_create = ItemLock._create
-    monkeypatch.setattr(ItemLock, "_create", lambda self: (seen.append(self.path), real_create(self))[1])
+    monkeypatch.setattr(ItemLock, "_create", staticmethod(lambda path: (seen.append(path), real_create(path))[1]))
     result = invoke(["toy", "evaluate", *make_inputs(tmp_path / "in", 2), "-o", tmp_path / "scratch" / "me"])
     assert result.exit_code == 0, result.stderr
     assert seen[0].parent == tmp_path / "scratch" / "me"  # the claim lock inside the run directory
