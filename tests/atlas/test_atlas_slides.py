@@ -22,7 +22,7 @@ from tub_atlas.slides import SlideTiles, is_whole_slide, otsu_threshold, tissue_
 BG = 240
 
 
-def make_slide(path, mpp=0.25, tissue=(slice(128, 384), slice(192, 512)), blank=False):
+def make_slide(path, mpp=0.25, tissue=(slice(128, 384), slice(192, 512)), blank=False, mpp_y=None):
     """1024 x 768 RGB level 0 + a 2x mean-downsampled level 1, both 256-px tiled; returns both arrays."""
     rng = np.random.default_rng(0)
     img = np.full((768, 1024, 3), BG, np.uint8)
@@ -34,7 +34,7 @@ def make_slide(path, mpp=0.25, tissue=(slice(128, 384), slice(192, 512)), blank=
         img[ys, xs] = np.clip(pink, 0, 255).astype(np.uint8)
     l1 = img.reshape(384, 2, 512, 2, 3).mean((1, 3)).round().astype(np.uint8)
     kw = dict(tile=(256, 256), photometric="rgb", compression="zlib")
-    res = dict(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER") if mpp else {}
+    res = dict(resolution=(1e4 / mpp, 1e4 / (mpp_y or mpp)), resolutionunit="CENTIMETER") if mpp else {}
     with tifffile.TiffWriter(path) as tw:
         tw.write(img, subfiletype=0, **kw, **res)
         tw.write(l1, subfiletype=1, **kw)
@@ -479,3 +479,12 @@ def test_probe_records_its_tiling_and_explain_warns_on_another(slide, tmp_path):
     shutil.copy(probe, older / "probe.safetensors")
     (older / "probe.json").write_text(json.dumps({k: v for k, v in record.items() if k != "tiling"}))
     assert explain(older / "probe.safetensors", "--slide-mpp", "1.0", "--slide-tile-size", "64", out="x4") == []
+
+
+def test_a_slide_with_non_square_pixels_is_refused_unless_the_base_mpp_is_given(tmp_path):
+    """0.25 x 0.5 µm pixels (openslide.mpp-y) made rectangular tiles and µm² areas off by 2x, without a word."""
+    path = tmp_path / "ns.tif"
+    make_slide(path, mpp=0.25, mpp_y=0.5)
+    with pytest.raises(TubError, match=r"pixels are not square \(0.25 x 0.5 µm.*--slide-base-mpp"):
+        SlideTiles(path, tile_px=128)
+    assert SlideTiles(path, tile_px=128, base_mpp=0.25).mpp0 == 0.25

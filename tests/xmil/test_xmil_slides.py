@@ -314,3 +314,17 @@ def test_non_finite_tile_embeddings_fail_the_slide(big_slide):
         embed_tiles(s, coords, 256, spec, overflowing, dtype=torch.float16)
     ok = embed_tiles(s, coords[[0, 2]], 256, spec, lambda x: torch.ones(len(x), 4))
     assert ok.shape == (2, 4) and np.isfinite(ok).all()
+
+
+def test_a_slide_with_non_square_pixels_is_refused_unless_mpp_is_given(tmp_path):
+    """0.25 x 0.5 µm pixels (openslide.mpp-y) made 64 x 128 µm tiles without a word."""
+    tifffile = pytest.importorskip("tifffile")
+    img, _, _ = render_slide(512, 512, positive=False, seed=0)
+    path = tmp_path / "ns.tif"
+    tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb", resolution=(1e4 / 0.25, 1e4 / 0.5),
+                     resolutionunit="CENTIMETER", metadata=None)
+    slide = open_slide(path)
+    assert float(slide.properties["openslide.mpp-y"]) == pytest.approx(0.5)
+    with pytest.raises(TubError, match=r"pixels are not square \(0.25 x 0.5 µm.*give --mpp"):
+        slide_mpp(slide, path)
+    assert slide_mpp(slide, path, override=0.25) == 0.25

@@ -168,6 +168,28 @@ def say_base_mpp_override(name: str, base_mpp: float, recorded: float) -> bool:
     return True
 
 
+def recorded_mpp(slide) -> float | None:
+    """The level-0 µm/px the slide records (openslide.mpp-x), or None if absent or not a positive number."""
+    try:
+        value = float(slide.properties.get("openslide.mpp-x", "nan"))
+    except ValueError:
+        return None
+    return value if value > 0 else None
+
+
+def check_square_pixels(slide, mpp_x: float, name: str) -> None:
+    """Refuse a slide whose pixels are not square (openslide.mpp-y differs from mpp-x by more than
+    MPP_TOLERANCE): its square tiles would cover a rectangle of tissue and its µm² areas would be wrong."""
+    try:
+        mpp_y = float(slide.properties.get("openslide.mpp-y", mpp_x))
+    except ValueError:
+        return
+    if mpp_y > 0 and abs(mpp_y - mpp_x) > MPP_TOLERANCE * mpp_x:
+        raise TubError(f"{name}: its pixels are not square ({mpp_x:g} x {mpp_y:g} µm, openslide.mpp-x x mpp-y), so "
+                       f"a tile would cover {mpp_y / mpp_x:.2f}x more tissue down than across; resample the slide to "
+                       "square pixels, or give --slide-base-mpp to treat them as square")
+
+
 class SlideTiles:
     """Tissue tiles of one slide; ``read(start, stop)`` returns (n, tile_px, tile_px, 3) uint8."""
 
@@ -185,10 +207,12 @@ class SlideTiles:
         s = self.slide
         self.tile_px = tile_px
         self.tissue_min = tissue_min
-        recorded = s.properties.get(openslide.PROPERTY_NAME_MPP_X)
-        self.mpp0 = float(base_mpp) if base_mpp is not None else (float(recorded) if recorded else None)
+        recorded = recorded_mpp(s)
+        self.mpp0 = float(base_mpp) if base_mpp is not None else recorded
         if base_mpp is not None and recorded:
-            say_base_mpp_override(self.path.name, float(base_mpp), float(recorded))
+            say_base_mpp_override(self.path.name, float(base_mpp), recorded)
+        elif recorded:
+            check_square_pixels(s, recorded, self.path.name)
         self.mag0 = nominal_magnification(self.mpp0, s.properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
         self.target_mag = mag
         if mpp is not None and mag is not None:
