@@ -488,3 +488,29 @@ def test_a_slide_with_non_square_pixels_is_refused_unless_the_base_mpp_is_given(
     with pytest.raises(TubError, match=r"pixels are not square \(0.25 x 0.5 µm.*--slide-base-mpp"):
         SlideTiles(path, tile_px=128)
     assert SlideTiles(path, tile_px=128, base_mpp=0.25).mpp0 == 0.25
+
+
+def test_a_greyscale_slide_fails_with_the_reason_instead_of_an_empty_coords_file(tmp_path):
+    path = tmp_path / "g.tif"
+    img, _ = make_slide(path)
+    grey = np.repeat(img.mean(-1, keepdims=True).astype(np.uint8), 3, -1)
+    tifffile.imwrite(path, grey, tile=(256, 256), photometric="rgb", resolution=(4e4, 4e4),
+                     resolutionunit="CENTIMETER")
+    with pytest.raises(TubError, match="no colour .greyscale.*--slide-coords"):
+        SlideTiles(path, tile_px=128)
+    blank = tmp_path / "b.tif"
+    make_slide(blank, blank=True)
+    assert len(SlideTiles(blank, tile_px=128)) == 0  # glass: empty, as documented
+
+
+def test_a_damaged_tile_names_where_it_is(slide):
+    path, _, _ = slide
+    tiler = SlideTiles(path, tile_px=128)
+
+    def damaged(*args):
+        raise RuntimeError("TIFFRGBAImageGet failed, last error: ZIPDecode")
+
+    tiler.slide.read_region = damaged
+    x, y = tiler.coords[0]
+    with pytest.raises(TubError, match=rf"case01.tif: cannot read the tile at level-0 \({x}, {y}\), level 0: TIFF"):
+        tiler.read(0, 2)

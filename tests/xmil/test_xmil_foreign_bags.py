@@ -97,11 +97,12 @@ def test_a_bag_unlike_the_training_bags_is_warned(tmp_path, tiny_encoder):
         f.attrs.update({"encoder": "virchow2"})
         f.create_dataset("features", data=np.random.default_rng(0).standard_normal((4, DIM)).astype(np.float32))
         d = f.create_dataset("coords", data=np.array([[0, 0], [448, 0], [0, 448], [448, 448]]))
-        d.attrs.update({"target_mpp": 1.0, "patch_size": 224, "patch_size_level0": 448})
+        d.attrs.update({"target_mpp": 1.0, "patch_size": 112, "patch_size_level0": 224})
     for verb in (["heatmap", bag], ["explain", bag]):
         res = _ok(invoke(["xmil", *verb, "--model", model, "--method", "attention", "-o", tmp_path / verb[0]]))
         assert "s2.h5: its tiles are at 1 µm/px, the model was trained on bags at 0.5 µm/px" in res.stderr
         assert "s2.h5: embedded by virchow2, the model was trained on bags embedded by uni2-h" in res.stderr
+        assert "s2.h5: its tiles are 112 px, the model was trained on bags of 224 px tiles" in res.stderr
     expect_error_line(invoke(["xmil", "heatmap", bag, "--model", model, "--coords-dir", tmp_path, "-o",
                               tmp_path / "x"]), "--coords-dir gives the tiles of slide inputs")
 

@@ -328,3 +328,27 @@ def test_a_slide_with_non_square_pixels_is_refused_unless_mpp_is_given(tmp_path)
     with pytest.raises(TubError, match=r"pixels are not square \(0.25 x 0.5 µm.*give --mpp"):
         slide_mpp(slide, path)
     assert slide_mpp(slide, path, override=0.25) == 0.25
+
+
+def test_a_greyscale_slide_says_why_no_tissue_is_found(tmp_path):
+    """Saturation is zero on a greyscale slide: 'lower tiling.min_tissue' could not help."""
+    img, _, _ = render_slide(1024, 768, positive=False, seed=0)
+    grey = np.repeat(img.mean(-1, keepdims=True).astype(np.uint8), 3, -1)
+    path = write_pyramid(tmp_path / "g.tif", grey, mpp=0.5, levels=2)
+    slide = open_slide(path)
+    with pytest.raises(TubError, match="no colour .greyscale.*--coords-dir"):
+        tile_slide(slide, 0.5, 0.5, 128, name="g.tif")
+    colour = write_pyramid(tmp_path / "c.tif", img, mpp=0.5, levels=2)
+    assert len(tile_slide(open_slide(colour), 0.5, 0.5, 128, name="c.tif").coords) > 0
+
+
+def test_files_in_a_slide_folder_that_are_not_slides_are_named(tmp_path, caplog):
+    """A PNG beside the slides was left out without a word ('2 of 2 items failed' for a folder of 4)."""
+    from tub_xmil.pipeline import expand_inputs
+    from tub_xmil.slides import SLIDE_SUFFIXES
+
+    for name in ("a.svs", "b.png", "c.jpg", ".hidden"):
+        (tmp_path / name).write_bytes(b"x")
+    with caplog.at_level("INFO", logger="tub"):
+        assert [p.name for p in expand_inputs([tmp_path], SLIDE_SUFFIXES)] == ["a.svs"]
+    assert "2 file(s) without a slide or bag suffix left out (b.png, c.jpg)" in caplog.text

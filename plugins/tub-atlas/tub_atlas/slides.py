@@ -36,7 +36,7 @@ from tubcli.errors import TubError
 from tubcli.images import check_thumbnail_level
 from tubcli.io import refuse_broken_link
 
-from .tissue import TissueParams, otsu_threshold, saturation, segment_tissue, tissue_mask  # noqa: F401 (API)
+from .tissue import TissueParams, looks_greyscale, otsu_threshold, saturation, segment_tissue, tissue_mask  # noqa: F401 (API)
 
 SLIDE_EXT = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".tif", ".tiff"}
 OPENSLIDE_HINT = "reading whole slides needs OpenSlide: pip install 'tub-atlas[slides]'"
@@ -271,6 +271,10 @@ class SlideTiles:
             self.tissue = segment_tissue(self.thumb, mask_mpp, self.params)
         except ValueError as exc:
             raise TubError(f"{path.name}: {exc}") from None
+        if not self.tissue.mask.any() and looks_greyscale(self.thumb):
+            raise TubError(f"{path.name}: the slide has no colour (greyscale), so tissue detection, which thresholds "
+                           "saturation, cannot see tissue; tile it with another tool and pass its patches with "
+                           "--slide-coords")
 
         xs = grid_positions(W0, self.footprint0, self.step0)
         ys = grid_positions(H0, self.footprint0, self.step0)
@@ -377,7 +381,11 @@ class SlideTiles:
 
         out = []
         for x0, y0 in self.coords[start:stop]:
-            region = self.slide.read_region((int(x0), int(y0)), self.level, (self.read_px, self.read_px))
+            try:
+                region = self.slide.read_region((int(x0), int(y0)), self.level, (self.read_px, self.read_px))
+            except Exception as exc:  # noqa: BLE001 - OpenSlideError on damaged tile data: say where
+                raise TubError(f"{self.path.name}: cannot read the tile at level-0 ({int(x0)}, {int(y0)}), level "
+                               f"{self.level}: {str(exc).splitlines()[0][:120]}") from None
             if self.read_px != self.tile_px:
                 region = region.resize((self.tile_px, self.tile_px), Image.BILINEAR)
             out.append(_to_rgb(region))

@@ -445,7 +445,7 @@ def evaluate(cfg, run) -> dict:
 
 
 def _warn_other_bags(name: str, attrs: dict, trained: dict, log) -> None:
-    """A bag made at another resolution or by another encoder than the model's training bags (model.json)
+    """A bag made at another resolution, tile size or by another encoder than the model's training bags (model.json)
     gives it inputs it never saw: explained all the same, but said (as for slides, :func:`_slide_settings`)."""
     mpp, trained_mpp = attrs.get("target_mpp"), trained.get("target_mpp")
     if mpp is not None and trained_mpp is not None and abs(float(mpp) - float(trained_mpp)) > 1e-6 * float(trained_mpp):
@@ -454,6 +454,10 @@ def _warn_other_bags(name: str, attrs: dict, trained: dict, log) -> None:
     encoder, trained_encoder = attrs.get("encoder"), trained.get("encoder")
     if encoder is not None and trained_encoder is not None and encoder != trained_encoder:
         log.warning("%s: embedded by %s, the model was trained on bags embedded by %s", name, encoder, trained_encoder)
+    size, trained_size = attrs.get("patch_size"), trained.get("patch_size")
+    if size is not None and trained_size is not None and int(size) != int(trained_size):
+        log.warning("%s: its tiles are %d px, the model was trained on bags of %d px tiles (each instance is another "
+                    "field of view)", name, int(size), int(trained_size))
 
 
 SLIDE_DEFAULTS = {"encoder": "vit-t8-demo", "target_mpp": 0.5, "patch_size": 256, "min_tissue": 0.5, "min_std": 8.0}

@@ -25,7 +25,14 @@ def expand_inputs(paths, suffixes) -> list[Path]:
         if not p.exists():
             raise TubError(f"{p}: no such file or folder")
         if p.is_dir() and not _is_pt_folder(p):
-            found = sorted(q for q in p.iterdir() if q.suffix.lower() in suffixes)
+            entries = sorted(p.iterdir())
+            found = [q for q in entries if q.suffix.lower() in suffixes]
+            others = [q.name for q in entries if q not in found and not q.name.startswith(".") and q.is_file()]
+            if others:  # a PNG or JPEG is no slide OpenSlide reads; said, so that a missing file is explained
+                import logging
+
+                logging.getLogger("tub").info("%s: %d file(s) without a slide or bag suffix left out (%s%s)", p,
+                                              len(others), ", ".join(others[:3]), ", ..." if len(others) > 3 else "")
             for q in found:
                 refuse_broken_link(q)
             found = [q for q in found if q.is_file()]
