@@ -163,3 +163,20 @@ def test_the_encoder_takes_uint8_tiles_as_read_and_refuses_other_shapes():
         assert torch.equal(enc(tiles), want) and torch.equal(enc(torch.from_numpy(tiles)), want)
         with pytest.raises(TubError, match=r"tiles must be \(B, 3, H, W\).*\(2, 1, 64, 64\)"):
             enc(torch.rand(2, 1, 64, 64))
+
+
+def test_float_tiles_outside_0_1_are_refused_whatever_their_container():
+    """A float tensor in 0..255 gave wrong embeddings without a word (max |Δ| 2.4), while the same values as
+    a numpy array were divided by 255 when their maximum exceeded 1: a guess per batch."""
+    from tubcli.errors import TubError
+    from tub_atlas.encoder import load_encoder
+
+    enc, _ = load_encoder("vit-t8-demo", random_init=True)
+    tiles = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    with torch.inference_mode():
+        for bad in (torch.from_numpy(tiles).permute(0, 3, 1, 2).float(), tiles.astype(np.float32)):
+            with pytest.raises(TubError, match=r"float tiles must lie in \[0, 1\], these span 0..255; pass uint8"):
+                enc(bad)
+        with pytest.raises(TubError, match="these span nan"):
+            enc(torch.full((1, 3, 64, 64), float("nan")))
+        assert torch.equal(enc(tiles.astype(np.float32) / 255), enc(tiles))  # [0, 1] floats, as uint8

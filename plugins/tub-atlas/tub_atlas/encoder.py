@@ -89,7 +89,20 @@ def uint8_to_float(tiles, device=None) -> torch.Tensor:
     if array.ndim != 4 or array.shape[-1] != 3:
         raise TubError(f"tiles must be (N, H, W, 3) RGB, got shape {tuple(array.shape)}")
     t = torch.from_numpy(array).to(device).permute(0, 3, 1, 2).float()
-    return t / 255.0 if array.dtype.kind in "ui" or t.max() > 1.0 else t
+    return t / 255.0 if array.dtype.kind in "ui" else check_unit_range(t)
+
+
+def check_unit_range(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself if its values lie in [0, 1] (1e-3 of rounding allowed), else a one-line TubError: float
+    tiles in 0..255 were divided by 255 only when their maximum exceeded 1 (a guess per batch), and as a
+    tensor not at all, giving wrong embeddings without a word."""
+    if x.numel() == 0:
+        return x
+    lo, hi = (float(v) for v in torch.aminmax(x.detach()))
+    if not (-1e-3 <= lo and hi <= 1 + 1e-3):  # also NaN
+        raise TubError(f"float tiles must lie in [0, 1], these span {lo:g}..{hi:g}; pass uint8 tiles (0..255) "
+                       "or divide by 255")
+    return x
 
 
 class Encoder(nn.Module):
@@ -123,6 +136,7 @@ class Encoder(nn.Module):
         if x.ndim != 4 or x.shape[1] != 3:
             raise TubError(f"tiles must be (B, 3, H, W) RGB in [0, 1] or (B, H, W, 3) uint8, got shape "
                            f"{tuple(x.shape)} ({x.dtype})")
+        check_unit_range(x)
         work = torch.float64 if param.dtype == torch.float64 else torch.float32
         return self.transform(x.to(work)).to(param.dtype)
 
