@@ -256,6 +256,7 @@ def build_app():
 def main(argv: list[str] | None = None) -> None:
     import os
 
+    os.environ["MPLBACKEND"] = "Agg"  # figures are files: no display, no GUI toolkit to import
     for name in ("stdout", "stderr"):  # closed by the caller (`tub ... >&-`): the output is not wanted
         if getattr(sys, name) is None:
             setattr(sys, name, open(os.devnull, "w"))

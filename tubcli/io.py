@@ -308,10 +308,8 @@ def load_torch_state(path: str | os.PathLike) -> Any:
 
 
 def pyplot():
-    """``matplotlib.pyplot`` on the non-interactive Agg backend: batch jobs have no display."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """``matplotlib.pyplot`` on the backend in use: the ``tub`` command sets Agg (``cli.main``; batch jobs
+    have no display), a notebook calling a plugin's plot function keeps its inline backend."""
     import matplotlib.pyplot as plt
 
     return plt

@@ -35,3 +35,21 @@ def test_roc_plot_per_class_with_folds_and_none_for_one_class(tmp_path):
     assert fig is not None and fig.stat().st_size > 0
     assert roc_plot(tmp_path / "one.png", np.zeros(5, int), p[:5], ["a", "b", "c"]) is None
     assert not (tmp_path / "one.png").exists()
+
+
+def test_a_library_caller_keeps_its_matplotlib_backend_and_the_command_draws_on_agg(tmp_path):
+    """pyplot() switched every caller to Agg: a notebook's inline figures stopped showing after one call of
+    a plugin's plot function. Only the `tub` command chooses Agg now."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import matplotlib; matplotlib.use('svg'); from tubcli.io import pyplot; pyplot().figure(); "
+            "print(matplotlib.get_backend())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "svg"
+    code = ("import os, sys; from tubcli.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\n"
+            "sys.stderr.write(os.environ['MPLBACKEND'])")
+    env = {**os.environ, "MPLBACKEND": "TkAgg"}  # a desktop setting does not reach a batch job's figures
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stderr
+    assert err.strip().endswith("Agg") and not err.strip().endswith("TkAgg")
