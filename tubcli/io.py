@@ -63,6 +63,24 @@ def remove_stale_temporaries(path: str | os.PathLike) -> int:
     return removed
 
 
+def remove_orphaned_temporaries(folder: str | os.PathLike, before: float) -> int:
+    """Delete the ``.tmp-*`` files and folders that :func:`atomic_path` left anywhere under ``folder`` and
+    that nothing has written to since ``before`` (a time): what a killed job left beside an item's side
+    outputs (figures, GeoJSON, QC images), which the per-item sweep of :func:`remove_stale_temporaries`
+    does not reach. Call it when a run is complete and no other job is writing there. Returns how many."""
+    pattern = re.compile(r"\.tmp-.+-[a-z0-9_]{8}(\.[^.]+)?")
+    removed = 0
+    for stale in sorted(Path(folder).rglob(".tmp-*")) if Path(folder).is_dir() else []:
+        try:
+            if not pattern.fullmatch(stale.name) or stale.lstat().st_mtime >= before:
+                continue
+        except FileNotFoundError:  # inside a temporary folder removed just before
+            continue
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -23,8 +23,8 @@ from typing import Callable, Iterable, Iterator
 
 from tubcli import device as _device
 from tubcli.errors import ItemFailures, Terminated, TubError, first_line, terminating
-from tubcli.io import (atomic_path, file_sha256, remove_stale_temporaries, set_vector_figures, to_json, write_bytes,
-                       write_json, write_text)
+from tubcli.io import (atomic_path, file_sha256, remove_orphaned_temporaries, remove_stale_temporaries,
+                       set_vector_figures, to_json, write_bytes, write_json, write_text)
 from tubcli.progress import setup_logging, track
 
 DONE = "DONE"
@@ -73,8 +73,15 @@ MAX_OUTPUT_NAME = 255 - len("..lock.") - 9
 class ItemLock:
     """An ``O_CREAT|O_EXCL`` lock file beside an output: two jobs never process one item.
 
-    A lock left by a dead process on this host is stale and is taken over.
+    A lock left by a dead process on this host is stale and is taken over. A lock is also a lease: its
+    holder touches it every ``LEASE_REFRESH`` seconds, so one from another host that no one has touched
+    for ``LEASE_EXPIRES`` is a job killed there (a node failure, a requeue elsewhere) and is taken over too.
     """
+
+    LEASE_REFRESH = 60.0  # s
+    LEASE_EXPIRES = 900.0  # s; beyond any clock skew between nodes and any stall of the refreshing thread
+    _held: set = set()  # the lock files this process holds, refreshed by one daemon thread
+    _refresher = None
 
     def __init__(self, output: str | os.PathLike):
         self.path = Path(str(output) + ".lock")
@@ -90,8 +97,31 @@ class ItemLock:
                     continue
                 return False
             self.held = True
+            ItemLock._held.add(self.path)
+            self._start_refreshing()
             return True
         return False
+
+    @classmethod
+    def refresh_held(cls) -> None:
+        """Touch every lock this process holds: its lease stays alive."""
+        for path in list(cls._held):
+            with contextlib.suppress(OSError):
+                os.utime(path)
+
+    @classmethod
+    def _start_refreshing(cls) -> None:
+        if cls._refresher is not None and cls._refresher.is_alive():
+            return
+        import threading
+
+        def loop():
+            while True:
+                time.sleep(cls.LEASE_REFRESH)
+                cls.refresh_held()
+
+        cls._refresher = threading.Thread(target=loop, name="tub-lock-lease", daemon=True)
+        cls._refresher.start()
 
     def _break_if_stale(self) -> bool:
         """Remove a stale lock, re-checking it under a short-lived ``.break`` lock. Two jobs that both
@@ -156,7 +186,9 @@ class ItemLock:
             return False
         except OSError:
             return False
-        if host != socket.gethostname():
+        if host != socket.gethostname():  # its process cannot be asked: the lease tells
+            with contextlib.suppress(OSError):
+                return time.time() - path.stat().st_mtime > cls.LEASE_EXPIRES
             return False
         try:
             os.kill(pid, 0)
@@ -177,6 +209,7 @@ class ItemLock:
         """Remove the lock if this process holds it, also when a signal (SIGTERM, Ctrl-C) interrupted
         ``acquire`` after the lock file was made but before ``held`` was set."""
         if self.held or self.owner() == f"{socket.gethostname()} {os.getpid()}":
+            ItemLock._held.discard(self.path)
             self.path.unlink(missing_ok=True)
             self.held = False
 
@@ -539,6 +572,7 @@ class Run:
         from tubcli.config import config_hash
 
         self.plugin, self.verb, self.cfg = plugin, verb, cfg
+        self.began = time.time()
         self.overwrite = overwrite
         self.seed = int(getattr(cfg, "seed", 0))
         set_vector_figures(getattr(cfg, "vector_figures", "none"))
@@ -1139,9 +1173,11 @@ class Run:
             lock = ItemLock(unfinished[0])
             self.log.warning("%d item(s) were locked by another job and have no output yet (e.g. %s, held by %s); "
                              "%s not written: rerun when that job has ended, or delete its lock %s if no job is "
-                             "running (a job killed on another host leaves one)", len(unfinished), unfinished[0].name,
+                             "running (a job killed on another host leaves one, taken over 15 min after its last refresh)", len(unfinished), unfinished[0].name,
                              lock.owner(), DONE, lock.path)
         elif self.is_main:
+            if self.shard[1] == 1 and remove_orphaned_temporaries(self.outputs_dir, before=self.began):
+                self.log.info("removed the partial files an earlier, interrupted job left in %s", self.outputs_dir)
             name = DONE if self.shard[1] == 1 else f"{DONE}.{self.shard[0]}of{self.shard[1]}"
             write_text(self.dir / name, "")
             if self.shard[1] == 1:  # the whole input is done: markers of earlier sharded runs are stale

@@ -58,6 +58,8 @@ class Verb:
     values adds outputs instead of being refused. ``resume_may_change`` are the settings a resumed
     training may change (how long it runs, how often it logs or saves); any other change is
     refused, since the checkpoint continues the training that the recorded settings describe.
+    ``continues``: a rerun with the same ``-o`` continues where an interrupted run stopped (batch verbs
+    always do, by item); what a stopped run is told to do depends on it.
     """
 
     name: str
@@ -71,6 +73,7 @@ class Verb:
     overwrite: bool = False
     item_fields: tuple[str, ...] = ()
     resume_may_change: tuple[str, ...] = ()
+    continues: bool = False
 
 
 @dataclass
@@ -376,8 +379,9 @@ def _execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
         if opts.get("shard") and not verb.batch:
             raise TubError(f"--shard applies to batch verbs only; '{verb.name}' does its whole input in one run")
         if opts.get("resume") and not verb.training:  # it would be ignored (or start a fresh run elsewhere)
-            raise TubError(f"--resume continues a training; '{verb.name}' does not train: rerun it with the same -o "
-                           "to continue where it stopped")
+            then = "rerun it with the same -o to continue where it stopped" if verb.batch or verb.continues else \
+                "rerun it without --resume"
+            raise TubError(f"--resume continues a training; '{verb.name}' does not train: {then}")
         shard = opts.get("shard") if verb.batch else "0/1"  # a SLURM array does not split a non-batch verb
         run = Run(app.name, verb.name, cfg, out=opts.get("out"), resume=opts.get("resume"), shard=shard,
                   overwrite=bool(opts.get("overwrite")), verbosity=verbosity, plugin_version=app.version,
@@ -415,8 +419,13 @@ def _execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
         return exc.exit_code
     except KeyboardInterrupt as exc:
         how, code = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
-        typer.echo(f"error: {how}; rerun with the same -o to continue where it stopped (training verbs: with "
-                   "--resume auto)", err=True)
+        if verb.training:
+            then = "rerun with the same -o and --resume auto to continue from its last checkpoint"
+        elif verb.batch or verb.continues:
+            then = "rerun with the same -o to continue where it stopped"
+        else:  # e.g. an evaluation: a rerun computes it all again
+            then = f"'{verb.name}' keeps no partial result; rerun it to start over"
+        typer.echo(f"error: {how}; {then}", err=True)
         return code
     except MemoryError as exc:
         typer.echo(f"error: not enough memory ({first_line(exc)}); ask for less: smaller sizes, fewer items or "

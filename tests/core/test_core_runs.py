@@ -57,6 +57,25 @@ def test_item_lock_is_exclusive_and_stale_locks_are_taken(tmp_path):
     assert ItemLock(out).acquire()
 
 
+def test_a_lock_from_another_host_is_a_lease_taken_over_when_no_one_refreshes_it(tmp_path):
+    """A job killed on another node (node failure, requeue elsewhere) left a lock that no rerun could prove
+    stale: the item was skipped and the run ended without it, exit 0. Holders now refresh their locks, and
+    one from another host untouched for LEASE_EXPIRES is taken over."""
+    out = tmp_path / "a.h5"
+    path = Path(str(out) + ".lock")
+    path.write_text("othernode 12345\n")
+    assert not ItemLock(out).acquire()  # a live job there, as far as anyone can tell
+    old = time.time() - ItemLock.LEASE_EXPIRES - 60
+    os.utime(path, (old, old))
+    lock = ItemLock(out)
+    assert lock.acquire() and lock.owner().split()[1] == str(os.getpid())
+    os.utime(path, (old, old))  # ... and this process's own lease is kept alive by its refresher
+    ItemLock.refresh_held()
+    assert time.time() - path.stat().st_mtime < 60
+    lock.release()
+    assert path not in ItemLock._held
+
+
 def test_taking_a_lock_never_writes_through_a_planted_link(tmp_path):
     """In a group-writable folder another user could plant links at the names a lock's private owner file
     would take; the write must never reach their target."""
@@ -330,6 +349,25 @@ def test_sigterm_releases_the_item_locks_and_exits_143(toy_env, tmp_path):
     # tub.log says how the run ended (it stopped at the last progress line: a killed job read as a running one)
     assert (out / "tub.log").read_text().splitlines()[-1].endswith("ERROR stopped: terminated (SIGTERM)")
     assert stderr.decode().count("terminated") == 1  # the terminal gets its one line, not a second
+
+
+@pytest.mark.parametrize("verb, then", [
+    ("evaluate", "rerun with the same -o to continue where it stopped"),
+    ("train", "rerun with the same -o and --resume auto to continue from its last checkpoint"),
+    ("explain", "'explain' keeps no partial result; rerun it to start over")])
+def test_a_stopped_run_is_told_what_a_rerun_does(toy_plugins, tmp_path, monkeypatch, verb, then):
+    """Every verb said 'rerun with the same -o to continue where it stopped', also those that start over
+    (a 6-minute pathorob evaluate stopped after its first metric recomputed it)."""
+    import tub_toy.verbs
+
+    def stopped(cfg, run):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tub_toy.verbs, verb, stopped)
+    data = tmp_path / "x.txt"
+    data.write_text("3\n")
+    result = invoke(["toy", verb, data, "-o", tmp_path / "run"])
+    assert result.exit_code == 130 and result.stderr.strip().splitlines()[-1] == f"error: interrupted; {then}"
 
 
 def test_sigterm_reworded_by_a_c_extension_still_exits_143_and_fails_no_item(toy_env, tmp_path):
@@ -725,6 +763,32 @@ def test_identical_trainings_write_identical_checkpoint_files(toy_plugins, tmp_p
     for run in ("a", "b"):
         assert invoke(["toy", "train", data, "--epochs", "2", "-o", tmp_path / run]).exit_code == 0
     assert (tmp_path / "a/checkpoints/last.pt").read_bytes() == (tmp_path / "b/checkpoints/last.pt").read_bytes()
+
+
+def test_a_complete_run_sweeps_what_a_killed_job_left_beside_side_outputs(toy_plugins, tmp_path):
+    """kill -9 while an item wrote a figure or GeoJSON left its .tmp-* file for good: the rerun redid the item
+    (its main output was missing) and wrote DONE, but only that output's temporaries were looked for. A
+    complete run now removes every temporary no one has written since it began; a live writer's stays."""
+    out = tmp_path / "run"
+    inputs = make_inputs(tmp_path / "in", 3)
+    assert invoke(["toy", "evaluate", *map(str, inputs[:2]), "-o", str(out)]).exit_code == 0
+    figs = out / "outputs" / "figures"
+    figs.mkdir()
+    stale = [figs / ".tmp-item002_lrp-mihxa_dv.geojson", out / "outputs" / ".tmp-item002_scores-ab12cd34.json"]
+    for p in stale:
+        p.write_text("{half")
+        os.utime(p, (time.time() - 5, time.time() - 5))
+    live = figs / ".tmp-item000_ig-zz99yy88.png"  # another job writing right now (modified after we began)
+    live.write_text("...")
+    os.utime(live, (time.time() + 60, time.time() + 60))
+    keep = figs / ".tmp-notes.txt"  # not a name atomic_path makes
+    keep.write_text("mine")
+    os.utime(keep, (time.time() - 5, time.time() - 5))
+    result = invoke(["toy", "evaluate", *map(str, inputs), "-o", str(out)])
+    assert result.exit_code == 0, result.stderr
+    assert (out / "DONE").exists() and not any(p.exists() for p in stale)
+    assert live.exists() and keep.exists()
+    assert "removed the partial files an earlier, interrupted job left" in result.stderr
 
 
 def test_a_lock_made_just_before_a_signal_is_still_released(tmp_path):

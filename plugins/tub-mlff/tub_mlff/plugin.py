@@ -34,7 +34,7 @@ app = PluginApp(
              args=["structure"], options={"model": "model", "temp": "temp", "steps": "steps",
                                           "ensemble": "ensemble", "timestep": "timestep", "interval": "interval",
                                           "pressure": "pressure", "friction": "friction", "taut": "taut",
-                                          "taup": "taup", "npt-cell": "npt_cell"}),
+                                          "taup": "taup", "npt-cell": "npt_cell"}, continues=True),
         Verb("ocv", _F + "ocv", config=_C + "OCVConfig",
              help="Formation energies vs x, convex hull, voltage profile, capacity, volume change.",
              options={"model": "model", "structures": "structures", "x-max": "x_max",
