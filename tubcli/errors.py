@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 
 class TubError(Exception):
     """A one-line message that says what was wrong and what to do.
@@ -41,6 +43,25 @@ def terminating(reset: bool = False) -> bool:
     if reset:
         _SIGTERM_RECEIVED = False
     return received
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGTERM and SIGINT back for the block (steps that must happen together, such as a trajectory
+    frame and the state that resumes after it); they arrive as soon as it ends. Outside the main thread,
+    where signals cannot be masked, the block runs as is."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    held = {signal.SIGTERM, signal.SIGINT}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 class ItemFailures(TubError):

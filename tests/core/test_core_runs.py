@@ -1073,3 +1073,15 @@ def test_env_json_names_the_device_the_run_resolved(tmp_path):
     env = json.loads((tmp_path / "r" / "env.json").read_text())
     assert env["device"] == device and env["packages"] and not (tmp_path / "r" / "env.json.lock").exists()
     run.finish({})
+
+
+def test_signals_wait_for_a_block_that_must_happen_whole():
+    """md wrote a frame, then the state that resumes after it: a SIGTERM between the two made the resume
+    statistical. Inside signals_deferred() SIGTERM arrives when the block ends."""
+    code = ("import os, signal\nfrom tubcli.errors import Terminated, on_sigterm, signals_deferred\n"
+            "signal.signal(signal.SIGTERM, on_sigterm)\n"
+            "try:\n    with signals_deferred():\n        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "        print('block finished', flush=True)\n    print('after the block', flush=True)\n"
+            "except Terminated:\n    print('terminated', flush=True)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    assert out.split("\n")[:2] == ["block finished", "terminated"]

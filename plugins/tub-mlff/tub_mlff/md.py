@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from tubcli.errors import TubError
+from tubcli.errors import TubError, signals_deferred
 from tubcli.io import read_json, to_json, write_json, write_text
 
 ENSEMBLES = ("nvt-langevin", "nvt-bussi", "nve", "npt")
@@ -503,9 +503,12 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
         if res.get("force_disagreement") is not None:  # committee: per-atom spread, for picking frames to label
             frame.arrays["force_disagreement"] = np.asarray(res["force_disagreement"], dtype=float)
             frame.info["energy_std"] = float(res.get("energy_std", float("nan")))
-        _append(thermo, line)  # the row first: a kill between the two leaves a row without a frame, dropped on resume
-        _append(traj, _frame_text(frame))
-        _save_state(state_path(traj), dyn, atoms, step)  # after the frame: a kill between leaves a stale state
+        text = _frame_text(frame)
+        with signals_deferred():  # SIGTERM waits for all three: a resume after it is always exact
+            _append(thermo, line)  # the row first: a kill -9 between the two leaves a row without a frame,
+            _append(traj, text)  # dropped on resume
+            _save_state(state_path(traj), dyn, atoms, step)  # after the frame: a kill -9 between leaves a stale
+            # state, and the resume is statistical (it says so)
         nonlocal written
         written += 1
 
