@@ -20,3 +20,7 @@ def __getattr__(name):
 
         return getattr(importlib.import_module("tub_knnlrp.neuralize"), name)
     raise AttributeError(f"module 'tub_knnlrp' has no attribute {name!r}")
+
+
+def __dir__():  # help(), dir() and tab completion show the lazy names too
+    return sorted({*globals(), *__all__})
