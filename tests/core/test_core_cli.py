@@ -324,3 +324,24 @@ def test_file_system_refusals_are_one_line_without_tubs_own_file_names():
     assert os_error_hint(FileNotFoundError(errno.ENOENT, "No such file or directory", "/data/in.csv")) is None
     hint = os_error_hint(PermissionError(errno.EACCES, "Permission denied", "/ro/out.safetensors"))
     assert "permission denied: /ro/out.safetensors" in hint and "an OUTPUT you named" in hint
+
+
+def test_doctor_calls_nothing_optional_that_a_plugin_requires():
+    """pathorob's doctor listed matplotlib and pillow as optional while its pyproject requires them: one
+    of the two was wrong about what an install holds."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from tubcli.plugins import get_plugins
+
+    import_name = {"scikit-learn": "sklearn", "pillow": "PIL", "openslide-python": "openslide"}
+    root = Path(__file__).resolve().parents[2]
+    for app in get_plugins().apps.values():
+        pyproject = root / "plugins" / f"tub-{app.name}" / "pyproject.toml"
+        if not pyproject.is_file():
+            continue
+        deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+        names = {re.split(r"[<>=!\[ ;]", d, maxsplit=1)[0].strip().lower() for d in deps}
+        required = {import_name.get(n, n) for n in names}
+        assert not required & set(app.optional), (app.name, required & set(app.optional))

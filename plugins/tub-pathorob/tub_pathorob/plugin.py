@@ -55,9 +55,9 @@ app = PluginApp(
     ],
     demo="tub_pathorob.demo:run_demo",
     requires={"numpy": "pip install numpy", "sklearn": "pip install scikit-learn", "scipy": "pip install scipy",
-              "safetensors": "pip install safetensors"},
-    optional={"matplotlib": "pip install matplotlib  (explain plots)", "PIL": "pip install pillow  (stainnorm)",
-              "neuroCombat": "pip install neurocombat pandas  (ComBat parity check)"},
+              "safetensors": "pip install safetensors", "matplotlib": "pip install matplotlib",
+              "PIL": "pip install pillow", "threadpoolctl": "pip install threadpoolctl", "h5py": "pip install h5py"},
+    optional={"neuroCombat": "pip install neurocombat pandas  (ComBat parity check)"},
 )
 
 
