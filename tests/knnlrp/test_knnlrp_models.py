@@ -304,6 +304,8 @@ def test_api_misuse_is_an_error_not_ignored():
         explain(knn, X[:3], y_train=y)
     with pytest.raises(NotFittedError):
         NeuralizedExplainer().explain(X)
+    with pytest.raises(NotFittedError, match="call fit.model. first: explain.X. and transform.X."):
+        NeuralizedExplainer().transform(X)  # named the method it was not
     frame = pd.DataFrame(X[:3]).astype("Float64")  # pandas' nullable dtype
     assert np.allclose(explain(knn, frame).values, explain(knn, X[:3]).values)
     frame.iloc[0, 0] = pd.NA

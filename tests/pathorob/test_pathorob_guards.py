@@ -538,3 +538,10 @@ def test_an_undefined_robustness_index_is_explained(tmp_path):
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["robustness_index"] is None and res["bio_vs_confounding"] == 1.0
     assert "robustness index is undefined at k=5" in r.stderr and "SO + OS = 0" in r.stderr
+
+
+def test_one_dimensional_features_are_a_one_line_error():
+    """X[:, 0] passed to robustness_index raised numpy's AxisError from deep inside."""
+    X, meta = synthetic_features(slides_per_cell=3, tiles_per_slide=10, seed=2)
+    with pytest.raises(TubError, match=r"features must be a 2-D array \(rows, dims\), got shape \(\d+,\)"):
+        robustness_index(X[:, 0], meta, k=5)

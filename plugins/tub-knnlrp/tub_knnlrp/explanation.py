@@ -182,7 +182,7 @@ class NeuralizedExplainer(BaseEstimator):
     def explain(self, X) -> Explanation:
         """Relevances for the rows X (input space of the fitted model) as an :class:`Explanation`."""
         if not hasattr(self, "network_"):
-            raise NotFittedError("call fit(model) before explain(X)")
+            raise NotFittedError("call fit(model) first: explain(X) and transform(X) use the fitted network")
         X = dense(X)
         if self.per_feature_:
             X_in = _as_2d(X, self.network_.n_features, allow_nan=imputes(self.steps_))

@@ -301,9 +301,11 @@ def robustness_index(
     """
     meta = Metadata.of(meta)  # a DataFrame by position, checked as a CSV is
     X = np.asarray(X)
+    if X.ndim != 2:
+        raise TubError(f"features must be a 2-D array (rows, dims), got shape {X.shape}")
     if X.shape[0] != len(meta):
         raise TubError(f"features have {X.shape[0]} rows but the metadata {len(meta)}")
-    bad = np.flatnonzero(~np.isfinite(X).all(axis=1)) if X.ndim == 2 else []
+    bad = np.flatnonzero(~np.isfinite(X).all(axis=1))
     if len(bad):
         raise TubError(f"feature row {bad[0]} (slide {meta.slide_id[bad[0]]}) holds NaN or inf; re-extract it")
     from .metadata import subset_kind
