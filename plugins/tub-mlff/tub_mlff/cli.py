@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from tubcli.config import given_fields
 from tubcli.errors import TubError
-from tubcli.io import atomic_path, file_sha256, write_json
+from tubcli.io import atomic_path, file_sha256, write_json, write_text
 
 from tub_mlff import DEMO_MODEL
 
@@ -832,6 +832,75 @@ def evaluate(cfg, run) -> dict:
                 "stress": [None if stress is None or g.cell is None else full_3x3_to_voigt_6_stress(stress[k]).tolist()
                            for k, g in enumerate(graphs)]})
     return {**metrics, "model": _model_names(cfg.model)}
+
+
+# -- predict -------------------------------------------------------------------------------------
+def predict(cfg, run) -> dict:
+    """Energies, forces, stress, atomic charges and the committee spread of structures, labelled or not
+    (what MACE's ``eval_configs`` writes): one extxyz and one CSV per input file. The predictions go under
+    ``<prefix>`` keys beside what the frames hold, so a labelled file keeps its reference labels and the two
+    can be compared; the input is never modified."""
+    from ase.stress import full_3x3_to_voigt_6_stress
+
+    from .checkpoints import load_model, model_composition_span, model_elements
+    from .data import Keys, read_structures, to_graph
+    from .evaluation import predict as predict_frames
+    from .validation import check_charge_spin, check_structure
+
+    files = [Path(f) for f in _need(cfg.structures, "STRUCTURES", "one or more structure files")]
+    by_stem: dict[str, Path] = {}
+    for f in files:
+        if not f.exists():  # before any work: a mistyped name is not one failed item of a batch
+            raise TubError(f"{f} not found; give structure files (extxyz or any format ASE reads)")
+        if f.stem in by_stem and by_stem[f.stem].resolve() != f.resolve():
+            raise TubError(f"two inputs are named {f.stem!r} ({by_stem[f.stem]}, {f}); their outputs would collide "
+                           "— rename one")
+        by_stem[f.stem] = f
+    loaded = [load_model(p, _dtype(run)) for p in _models(cfg.model)]
+    models = [m for m, _ in loaded]
+    elements = model_elements([meta for _, meta in loaded])
+    span = model_composition_span([meta for _, meta in loaded])
+    mc = models[0].config
+    trained_lr = mc.lr_cutoff  # decided per file below, as `evaluate` and the calculator do
+    long_range = mc.use_electrostatics or mc.use_d4_dispersion
+    keys = Keys(**cfg.keys.model_dump())
+    p, frames_done = cfg.prefix, 0
+    for path, out in run.batch(list(by_stem.values()), output_for=lambda f: run.outputs_dir / f"{Path(f).stem}.extxyz"):
+        with run.item(path):
+            frames = read_structures(path)
+            for k, a in enumerate(frames):
+                name = f"{path} frame {k}"
+                check_structure(a, elements, name=name)
+                check_charge_spin(a, float(a.info.get(keys.charge, 0.0)), a.info.get(keys.spin), name)
+            _warn_composition(run, span, frames, str(path))
+            radius = max(mc.cutoff, trained_lr or 0.0)
+            if long_range and trained_lr is None:  # cells: 10 A with a warning; molecules: all pairs
+                periodic = any(np.any(a.pbc) for a in frames)
+                radius = _default_lr_cutoff(models, run) if periodic else 1e4
+                if not periodic:
+                    for m in models:
+                        m.set_lr_cutoff(None)
+            graphs = [to_graph(a, radius, keys, labelled=False, name=f"{path} frame {k}") for k, a in enumerate(frames)]
+            preds = predict_frames(models, graphs, _dtype(run), run.device, batch_size=cfg.batch_size)
+            rows = ["frame,formula,n_atoms,energy_eV,energy_per_atom_eV,energy_std_eV,fmax_eV_A"]
+            for k, (a, g) in enumerate(zip(frames, graphs)):
+                e, f = float(preds["energy"][k]), np.asarray(preds["forces"][k])
+                a.info[f"{p}energy"] = e
+                a.arrays[f"{p}forces"] = f
+                a.arrays[f"{p}charges"] = np.asarray(preds["charges"][k])
+                if g.cell is not None and "stress" in preds:
+                    a.info[f"{p}stress"] = full_3x3_to_voigt_6_stress(preds["stress"][k])
+                if g.cell is None:  # a cell's dipole depends on the images chosen
+                    a.info[f"{p}dipole"] = np.asarray(preds["dipole"][k])
+                if len(models) > 1:
+                    a.info[f"{p}energy_std"] = float(preds["energy_std"][k])
+                fmax = float(np.linalg.norm(f, axis=1).max())
+                std = f"{preds['energy_std'][k]:.6f}" if len(models) > 1 else ""
+                rows.append(f"{k},{a.get_chemical_formula()},{len(a)},{e:.6f},{e / len(a):.6f},{std},{fmax:.6f}")
+            write_text(out.with_suffix(".csv"), "\n".join(rows) + "\n")
+            _write_extxyz(out, frames)  # last: its existence marks the file done
+            frames_done += len(frames)
+    return {"frames": frames_done, "files": len(by_stem), "prefix": p, "model": _model_names(cfg.model)}
 
 
 # -- md ------------------------------------------------------------------------------------------

@@ -154,6 +154,17 @@ class EvaluateConfig(TubConfig):
     plots: bool = Field(True, description="write parity plots")
 
 
+class PredictConfig(TubConfig):
+    structures: list[Path] = Field(default_factory=list, description="structure files (extxyz or any format ASE "
+                                   "reads), labelled or not")
+    model: list[Path] = Field(default_factory=list, description="model file(s) or train run directories; several = "
+                              "committee [default: the shipped demo model, demo_nacnh: Na/C/N/H]")
+    keys: KeysSection = KeysSection()
+    prefix: str = Field("mlff_", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                        description="prefix of the predictions' info/array keys (mlff_energy, mlff_forces, ...)")
+    batch_size: int = Field(16, ge=1, description="structures per model call")
+
+
 class MDConfig(TubConfig):
     structure: Optional[Path] = Field(None, description="starting structure (extxyz, last frame used)")
     model: list[Path] = Field(default_factory=list, description="model file(s) or train run directories; several = "
