@@ -14,7 +14,7 @@ import pytest
 from tubcli.testing import invoke
 
 from tub_atlas.slides import grid_positions, overlap_pixels, tissue_fractions
-from tub_atlas.tissue import TissueParams, hsv, mask_outlines, median_filter, pen_mask, ring_area, segment_tissue
+from tub_atlas.tissue import TissueParams, close_mask, hsv, mask_outlines, median_filter, pen_mask, ring_area, segment_tissue
 
 PINK, GREEN_INK, BLUE_INK, BLACK_INK = (200, 80, 150), (40, 160, 90), (40, 60, 190), (20, 20, 25)
 
@@ -53,10 +53,24 @@ def test_median_filter_equals_scipys(size):
     from scipy import ndimage
 
     rng = np.random.default_rng(size)
-    for shape in [(61, 47), (3, 2), (size + 1, 2 * size)]:
+    for shape in [(61, 47), (3, 2), (1, 5), (5, 1), (size + 1, 2 * size)]:
         img = rng.integers(0, 256, shape).astype(np.uint8)
         img[: shape[0] // 3] = rng.integers(0, 3, (shape[0] // 3, shape[1]))  # many ties
-        assert np.array_equal(median_filter(img, size), ndimage.median_filter(img, size=size, mode="nearest"))
+        want = ndimage.median_filter(img, size=size, mode="nearest")
+        assert np.array_equal(median_filter(img, size), want)
+        assert np.array_equal(median_filter(img, size, strip=7), want)  # strips that do not divide the rows
+
+
+@pytest.mark.parametrize("size", [2, 3, 4, 5, 8])
+def test_closing_by_separated_square_equals_the_square(size):
+    from scipy import ndimage
+
+    rng = np.random.default_rng(size)
+    mask = ndimage.binary_opening(rng.random((70, 90)) < 0.45)
+    mask[:, :3] = mask[:2] = True  # tissue at the image edge
+    st = np.ones((size, size), bool)
+    want = ndimage.binary_erosion(ndimage.binary_dilation(np.pad(mask, size), st), st)[size:-size, size:-size]
+    assert np.array_equal(close_mask(mask, size), want) and not np.array_equal(want, mask)
 
 
 def test_segmentation_keeps_real_holes_drops_debris_and_excludes_pen():
