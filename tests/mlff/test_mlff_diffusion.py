@@ -6,6 +6,7 @@ multi-origin estimator is reported next to it."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -166,3 +167,52 @@ def test_lammps_dumps_take_their_elements_from_species_and_temperatures_from_the
                                                             "--timestep", DT_FS, "-o", tmp_path / "e2"]))
     assert "one per trajectory" in _err(invoke(["mlff", "diffusion", md / "na.traj", "--temperature", 300,
                                                 "--temperature", 400, "--timestep", DT_FS, "-o", tmp_path / "e3"]))
+
+
+def test_diffusive_regime_slope_and_displacement():
+    from tub_mlff.diffusion import diffusive_regime
+
+    t = np.arange(0, 101) * 10.0
+    assert diffusive_regime(t, 1e-3 * t**2, (200, 800)) == pytest.approx((2.0, 640.0))  # free flight
+    assert diffusive_regime(t, 0.01 * t, (200, 800))[0] == pytest.approx(1.0)  # Einstein regime
+
+
+def _walk(path, step_A: float, velocity_A_fs: float, T_info=None, T_set=None, n=120, dt=10.0):
+    """Eight Na atoms in a 30 A box: a Gaussian random walk of ``step_A`` per frame plus a constant velocity of
+    ``velocity_A_fs`` in a random direction per atom."""
+    rng = np.random.default_rng(3)
+    v = rng.normal(size=(8, 3))
+    v *= velocity_A_fs / np.linalg.norm(v, axis=1, keepdims=True)
+    x = np.cumsum(rng.normal(0, step_A, (n, 8, 3)), axis=0) + dt * np.arange(n)[:, None, None] * v
+    frames = []
+    for k, p in enumerate(x):
+        a = Atoms("Na8", positions=p + 15.0, cell=[30, 30, 30], pbc=True)
+        a.info["time_fs"] = k * dt
+        if T_info is not None:
+            a.info.update({"temperature": T_info, "temperature_set_K": T_set})
+        frames.append(a)
+    write(path, frames, format="extxyz")
+
+
+def test_a_d_from_the_ballistic_start_or_from_no_hop_is_flagged(tmp_path):
+    """A 400-step run fitted its 'D' where the MSD still grew as t^2 and the Arrhenius D(300 K) came from it,
+    without a word."""
+    _walk(tmp_path / "diff.extxyz", step_A=1.0, velocity_A_fs=0.0)
+    _walk(tmp_path / "fly.extxyz", step_A=0.0, velocity_A_fs=0.01)  # free flight: MSD = (v t)^2
+    _walk(tmp_path / "rattle.extxyz", step_A=0.02, velocity_A_fs=0.0)
+    r = _ok(invoke(["mlff", "diffusion", tmp_path / "diff.extxyz", "--element", "Na", "-o", tmp_path / "a"]))
+    assert "not a diffusion coefficient" not in r.stderr
+    r = _ok(invoke(["mlff", "diffusion", tmp_path / "fly.extxyz", tmp_path / "rattle.extxyz", "--temperature", 400,
+                    "--temperature", 600, "--element", "Na", "-o", tmp_path / "b", "--json"]))
+    runs = {Path(x["trajectory"]).stem: x for x in json.loads(r.stdout)["runs"]}
+    assert runs["fly"]["msd_loglog_slope"] == pytest.approx(2.0, abs=0.01) and "ballistic" in runs["fly"]["not_diffusive"]
+    assert "no hop yet" in runs["rattle"]["not_diffusive"] and runs["rattle"]["msd_at_fit_end_A2"] < 1.0
+    assert "fly.extxyz: its MSD grows as t^2.0" in r.stderr and "Arrhenius fit takes D from 2 run(s)" in r.stderr
+    assert "not in the diffusive regime" in json.loads(r.stdout)["arrhenius"]["unreliable"]
+
+
+def test_frames_far_from_the_thermostat_temperature_are_named(tmp_path):
+    _walk(tmp_path / "hot.extxyz", step_A=1.0, velocity_A_fs=0.0, T_info=473.0, T_set=600.0)
+    r = _ok(invoke(["mlff", "diffusion", tmp_path / "hot.extxyz", "--element", "Na", "-o", tmp_path / "a", "--json"]))
+    assert "its frames average 473 K, the thermostat was set to 600 K: not equilibrated" in r.stderr
+    assert json.loads(r.stdout)["runs"][0]["temperature_set_K"] == 600.0

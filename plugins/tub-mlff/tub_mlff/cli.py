@@ -1206,6 +1206,7 @@ def diffusion(cfg, run) -> dict:
     """
     from .data import read_structures
     from .diffusion import (A2_PER_FS_TO_CM2_PER_S, arrhenius_fit, ase_diffusion_coefficient, diffusion_coefficient,
+                            diffusive_regime,
                             msd, unwrap)
     from .plots import block_mean_msd, msd_plot
 
@@ -1268,20 +1269,37 @@ def diffusion(cfg, run) -> dict:
         if all(t is None for t in temps) and frames[0].has("momenta"):
             temps = [f.get_temperature() for f in frames]  # e.g. ASE .traj: kinetic temperature of the saved momenta
         T = float(np.mean([t for t in temps if t is not None])) if any(t is not None for t in temps) else float("nan")
+        set_T = {f.info.get("temperature_set_K") for f in frames}  # the thermostat's, as `tub mlff md` writes it
+        set_T = float(set_T.pop()) if len(set_T) == 1 and None not in set_T else None
         if cfg.temperatures:
             if np.isfinite(T) and abs(T - cfg.temperatures[k_run]) > 0.1 * cfg.temperatures[k_run]:
                 run.log.warning("%s: its frames say %.0f K; --temperature %g K is used", p, T, cfg.temperatures[k_run])
             T = float(cfg.temperatures[k_run])
-        per_run.append({"trajectory": str(p), "temperature_K": T, "D_cm2_s": res.D_cm2_s,
-                        "D_err_cm2_s": res.D_err_cm2_s, "frames": len(frames), "estimator": cfg.estimator,
-                        # what the slope was fitted over, so that D can be checked against the MSD curve
-                        "fit_window_fs": [float(res.fit_start_fs), float(res.fit_end_fs)], "axes": cfg.axes,
-                        "dims": int(res.dims), "blocks": cfg.blocks})
-        if ase_style:
-            per_run[-1]["D_std_ase_cm2_s"] = res.D_std * A2_PER_FS_TO_CM2_PER_S
+        elif set_T and np.isfinite(T) and abs(T - set_T) > 0.1 * set_T:
+            run.log.warning("%s: its frames average %.0f K, the thermostat was set to %g K: not equilibrated (raise "
+                            "--equilibration, ps, or run longer); the fit takes %.0f K (--temperature to choose)",
+                            p, T, set_T, T)
         m = msd(pos, sel, cfg.axes, drift_atoms=drift)  # whole run, all origins: FFT, O(T log T)
         name = Path(p).parent.parent.name if Path(p).stem == "trajectory" else Path(p).stem  # tub md's layout
         bt, bm = block_mean_msd(pos, sel, cfg.axes, dt, cfg.blocks, drift, one_origin=ase_style)
+        slope, msd_end = diffusive_regime(bt, bm, (res.fit_start_fs, res.fit_end_fs))
+        regime = None
+        if slope > 1.5:
+            regime = (f"its MSD grows as t^{slope:.1f} in the fit window ({res.fit_start_fs:g}-{res.fit_end_fs:g} fs): "
+                      "the ballistic start, not diffusion")
+        elif msd_end < 1.0:
+            regime = (f"its {cfg.element} atoms moved {np.sqrt(max(msd_end, 0)):.2f} A (rms) by the fit window's end: "
+                      "vibration about their sites, no hop yet")
+        if regime:
+            run.log.warning("%s: %s; its D is not a diffusion coefficient: run longer MD", p, regime)
+        per_run.append({"trajectory": str(p), "temperature_K": T, "temperature_set_K": set_T, "D_cm2_s": res.D_cm2_s,
+                        "D_err_cm2_s": res.D_err_cm2_s, "frames": len(frames), "estimator": cfg.estimator,
+                        # what the slope was fitted over, so that D can be checked against the MSD curve
+                        "fit_window_fs": [float(res.fit_start_fs), float(res.fit_end_fs)], "axes": cfg.axes,
+                        "dims": int(res.dims), "blocks": cfg.blocks,
+                        "msd_loglog_slope": slope, "msd_at_fit_end_A2": msd_end, "not_diffusive": regime})
+        if ase_style:
+            per_run[-1]["D_std_ase_cm2_s"] = res.D_std * A2_PER_FS_TO_CM2_PER_S
         curves[f"{name} ({T:.0f} K)"] = {"t": np.arange(len(m)) * dt, "msd": m, "block_t": bt, "block_msd": bm,
                                         "window": (res.fit_start_fs, res.fit_end_fs), "D_cm2_s": res.D_cm2_s,
                                         "D_err_cm2_s": res.D_err_cm2_s, "dims": res.dims}
@@ -1300,6 +1318,10 @@ def diffusion(cfg, run) -> dict:
         out["arrhenius"] = {"Ea_eV": fit.Ea, "Ea_err_eV": fit.Ea_err, "D0_cm2_s": fit.D0,
                             f"D_{cfg.target_temperature:.0f}K_cm2_s": fit.D(cfg.target_temperature),
                             f"D_{cfg.target_temperature:.0f}K_err_cm2_s": fit.D_err(cfg.target_temperature)}
+        if not_diffusive := [r["trajectory"] for r in per_run if r["not_diffusive"]]:
+            out["arrhenius"]["unreliable"] = f"not in the diffusive regime: {', '.join(not_diffusive)}"
+            run.log.warning("the Arrhenius fit takes D from %d run(s) not in the diffusive regime; its Ea and D(%g K) "
+                            "mean nothing until they are longer", len(not_diffusive), cfg.target_temperature)
     write_json(run.outputs_dir / "diffusion.json", out)
     return out
 
