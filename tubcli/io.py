@@ -64,16 +64,19 @@ def remove_stale_temporaries(path: str | os.PathLike) -> int:
 
 
 def remove_orphaned_temporaries(folder: str | os.PathLike, before: float) -> int:
-    """Delete the ``.tmp-*`` files and folders that :func:`atomic_path` left anywhere under ``folder`` and
-    that nothing has written to since ``before`` (a time): what a killed job left beside an item's side
-    outputs (figures, GeoJSON, QC images), which the per-item sweep of :func:`remove_stale_temporaries`
-    does not reach. Call it when a run is complete and no other job is writing there. Returns how many."""
-    pattern = re.compile(r"\.tmp-.+-[a-z0-9_]{8}(\.[^.]+)?")
+    """Delete the ``.tmp-<stem>-XXXXXXXX<suffix>`` files and folders that :func:`atomic_path` left anywhere
+    under ``folder`` beside a finished ``<stem><suffix>``, and that nothing has written to since ``before``
+    (a time): what a killed job left of an item's side outputs (figures, GeoJSON, QC images), which the
+    per-item sweep of :func:`remove_stale_temporaries` does not reach, once the rerun has made them. Call
+    it when a run is complete and no other job is writing there. Returns how many."""
+    pattern = re.compile(r"\.tmp-(.+)-[a-z0-9_]{8}(\.[^.]+)?")
     removed = 0
     for stale in sorted(Path(folder).rglob(".tmp-*")) if Path(folder).is_dir() else []:
+        match = pattern.fullmatch(stale.name)
+        final = stale.with_name(match[1] + (match[2] or "")) if match else None
         try:
-            if not pattern.fullmatch(stale.name) or stale.lstat().st_mtime >= before:
-                continue
+            if final is None or not final.exists() or stale.lstat().st_mtime >= before:
+                continue  # a user's own file, or a write not yet redone (or going on)
         except FileNotFoundError:  # inside a temporary folder removed just before
             continue
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)

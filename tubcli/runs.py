@@ -208,9 +208,11 @@ class ItemLock:
     def release(self) -> None:
         """Remove the lock if this process holds it, also when a signal (SIGTERM, Ctrl-C) interrupted
         ``acquire`` after the lock file was made but before ``held`` was set."""
-        if self.held or self.owner() == f"{socket.gethostname()} {os.getpid()}":
+        mine = f"{socket.gethostname()} {os.getpid()}"
+        if self.held or self.owner() == mine:
             ItemLock._held.discard(self.path)
-            self.path.unlink(missing_ok=True)
+            if self.owner() in (mine, "owner unknown"):  # not a lock another job took over meanwhile (a job
+                self.path.unlink(missing_ok=True)  # suspended past its lease, e.g. a stopped process)
             self.held = False
 
     def __enter__(self):
@@ -958,13 +960,15 @@ class Run:
 
     # ---- batch verbs
     def batch(self, items: Iterable, output_for: Callable, key: Callable = str,
-              check_output: Callable | None = None) -> Iterator[tuple]:
+              check_output: Callable | None = None, lock_for: Callable | None = None) -> Iterator[tuple]:
         """Sorted, sharded, skip-existing, locked iteration over ``items``; yields ``(item, output)``.
 
         Wrap the body in ``with run.item(item):`` so that one bad item is recorded in
         ``failures.jsonl`` and the others go on. ``check_output(path)`` reads an output that would be
         skipped; where it raises, the run stops with :func:`unreadable_output` (outputs are written
         atomically, so a damaged one was damaged afterwards, and counting it as done would hide that).
+        ``lock_for(item)`` names the file locked for an item whose ``output_for`` changes as it is made
+        (the first of several outputs still missing), so that two jobs never work on one item.
         """
         index, count = self.shard
         all_items = list(items)
@@ -989,7 +993,7 @@ class Run:
                         raise unreadable_output(out, exc) from None
                 stats["skipped_existing"] += 1
                 continue
-            lock = ItemLock(out)
+            lock = ItemLock(lock_for(item) if lock_for is not None else out)
             failed_before = len(self.failures)
             try:  # from the lock's creation on: a signal at any point must not leave it behind
                 if not lock.acquire():

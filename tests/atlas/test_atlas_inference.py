@@ -180,3 +180,5 @@ def test_float_tiles_outside_0_1_are_refused_whatever_their_container():
         with pytest.raises(TubError, match="these span nan"):
             enc(torch.full((1, 3, 64, 64), float("nan")))
         assert torch.equal(enc(tiles.astype(np.float32) / 255), enc(tiles))  # [0, 1] floats, as uint8
+        with pytest.raises(TubError, match=r"integer tiles must lie in 0..255, these \(uint16\) span 0..65535"):
+            enc((tiles.astype(np.uint16) * 257))

@@ -74,6 +74,11 @@ def test_a_lock_from_another_host_is_a_lease_taken_over_when_no_one_refreshes_it
     assert time.time() - path.stat().st_mtime < 60
     lock.release()
     assert path not in ItemLock._held
+    lock = ItemLock(out)  # suspended past its lease: another job took the item over; its lock stays
+    assert lock.acquire()
+    path.write_text("othernode 999\n")
+    lock.release()
+    assert path.read_text() == "othernode 999\n" and not lock.held
 
 
 def test_taking_a_lock_never_writes_through_a_planted_link(tmp_path):
@@ -778,6 +783,11 @@ def test_a_complete_run_sweeps_what_a_killed_job_left_beside_side_outputs(toy_pl
     for p in stale:
         p.write_text("{half")
         os.utime(p, (time.time() - 5, time.time() - 5))
+    for final in (figs / "item002_lrp.geojson", out / "outputs" / "item002_scores.json", figs / "item000_ig.png"):
+        final.write_text("{}")  # what the rerun made of them
+    notes = figs / ".tmp-my-notes-20241231"  # a user's own file, named alike, with no output beside it
+    notes.write_text("mine")
+    os.utime(notes, (time.time() - 5, time.time() - 5))
     live = figs / ".tmp-item000_ig-zz99yy88.png"  # another job writing right now (modified after we began)
     live.write_text("...")
     os.utime(live, (time.time() + 60, time.time() + 60))
@@ -787,7 +797,7 @@ def test_a_complete_run_sweeps_what_a_killed_job_left_beside_side_outputs(toy_pl
     result = invoke(["toy", "evaluate", *map(str, inputs), "-o", str(out)])
     assert result.exit_code == 0, result.stderr
     assert (out / "DONE").exists() and not any(p.exists() for p in stale)
-    assert live.exists() and keep.exists()
+    assert live.exists() and keep.exists() and notes.exists()
     assert "removed the partial files an earlier, interrupted job left" in result.stderr
 
 
@@ -1085,3 +1095,20 @@ def test_signals_wait_for_a_block_that_must_happen_whole():
             "except Terminated:\n    print('terminated', flush=True)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
     assert out.split("\n")[:2] == ["block finished", "terminated"]
+
+
+def test_an_item_whose_output_changes_as_it_is_made_is_locked_by_one_name(tmp_path):
+    """xmil heatmap marks a slide done by its first missing method overlay: a job that had drawn one method
+    locked the next name, and a second job took the slide at the same time (4 of 24 slides, 3 jobs)."""
+    from tubcli.config import TubConfig
+    from tubcli.runs import Run
+
+    run = Run("toy", "evaluate", TubConfig(), out=tmp_path / "r")
+    other = ItemLock(run.outputs_dir / "a.heatmaps")
+    assert other.acquire()  # another job is drawing slide a (its 'lrp' overlay exists, 'ig' does not yet)
+    (run.outputs_dir / "a_lrp.png").write_text("x")
+    pending = lambda item: run.outputs_dir / (f"{item}_ig.png")  # noqa: E731
+    got = [item for item, _ in run.batch(["a", "b"], output_for=pending,
+                                         lock_for=lambda item: run.outputs_dir / f"{item}.heatmaps")]
+    assert got == ["b"] and run.batch_stats["skipped_locked"] == 1
+    other.release()

@@ -351,4 +351,4 @@ def test_files_in_a_slide_folder_that_are_not_slides_are_named(tmp_path, caplog)
         (tmp_path / name).write_bytes(b"x")
     with caplog.at_level("INFO", logger="tub"):
         assert [p.name for p in expand_inputs([tmp_path], SLIDE_SUFFIXES)] == ["a.svs"]
-    assert "2 file(s) without a slide or bag suffix left out (b.png, c.jpg)" in caplog.text
+    assert "2 file(s) of other kinds left out (b.png, c.jpg)" in caplog.text

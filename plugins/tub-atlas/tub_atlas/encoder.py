@@ -88,6 +88,9 @@ def uint8_to_float(tiles, device=None) -> torch.Tensor:
     array = np.array(tiles)  # a copy: PIL arrays are read-only
     if array.ndim != 4 or array.shape[-1] != 3:
         raise TubError(f"tiles must be (N, H, W, 3) RGB, got shape {tuple(array.shape)}")
+    if array.dtype.kind in "ui" and array.size and (array.min() < 0 or array.max() > 255):
+        raise TubError(f"integer tiles must lie in 0..255, these ({array.dtype}) span {array.min()}..{array.max()}; "
+                       "convert 16-bit tiles to uint8 (divide by 257)")
     t = torch.from_numpy(array).to(device).permute(0, 3, 1, 2).float()
     return t / 255.0 if array.dtype.kind in "ui" else check_unit_range(t)
 

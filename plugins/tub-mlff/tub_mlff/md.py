@@ -470,7 +470,8 @@ def run_md(atoms, calc, traj: Path, thermo: Path, steps: int, ensemble: str = "n
         if not settings_path(traj).exists():
             write_json(settings_path(traj), settings)
         if log and saved:
-            log.info("resuming from step %d (%s) with the saved integrator state: an exact continuation", start, traj)
+            log.info("resuming from step %d (%s) with the saved integrator state: the same continuation up to float "
+                     "rounding (the neighbour list is rebuilt)", start, traj)
         elif log:
             lost = {"nve": " (NVE: close to, not exactly, the uninterrupted run)",
                     "npt": ", a new random stream and the barostat's cell momentum at 0"}.get(ensemble, ", a new random stream")

@@ -556,7 +556,10 @@ def heatmap(cfg, run) -> dict:
         outs = [run.outputs_dir / f"{Path(p).stem}_{m}.png" for m in cfg.method]
         return next((o for o in outs if not o.exists()), outs[-1])
 
-    for path, out in run.batch(inputs, output_for=pending):
+    # one lock per slide, whatever method it is at: locked by its first missing overlay, a slide was drawn by
+    # two jobs at once when one had finished a method
+    for path, out in run.batch(inputs, output_for=pending,
+                               lock_for=lambda p: run.outputs_dir / f"{Path(p).stem}.heatmaps"):
         with run.item(path):
             path = Path(path)
             # only the methods whose overlay is missing (all of them with --overwrite)

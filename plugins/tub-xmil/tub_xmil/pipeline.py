@@ -31,7 +31,7 @@ def expand_inputs(paths, suffixes) -> list[Path]:
             if others:  # a PNG or JPEG is no slide OpenSlide reads; said, so that a missing file is explained
                 import logging
 
-                logging.getLogger("tub").info("%s: %d file(s) without a slide or bag suffix left out (%s%s)", p,
+                logging.getLogger("tub").info("%s: %d file(s) of other kinds left out (%s%s)", p,
                                               len(others), ", ".join(others[:3]), ", ..." if len(others) > 3 else "")
             for q in found:
                 refuse_broken_link(q)
