@@ -186,3 +186,40 @@ def test_survival_folds_split_risk_at_each_folds_median(tmp_path):
                                 "--bootstrap", "0", "-o", tmp_path / "e", "--json"])).stdout)
     assert ev["high_risk_slides"] + ev["low_risk_slides"] == ev["slides"] == 9
     assert (tmp_path / "e" / "outputs" / "km_risk_groups.png").stat().st_size > 0
+
+
+def test_a_patient_column_in_any_case_keeps_patients_together(tmp_path):
+    """A 'Patient_ID' header was read as no patient column: 6 patients' slides landed in train and test."""
+    from tub_xmil.dataset import load_slides
+    from tub_xmil.splits import cross_validation_fold
+
+    (tmp_path / "bags").mkdir()
+    for i in range(12):
+        write_features_h5(tmp_path / "bags" / f"s{i}.h5", np.ones((2, 4), np.float32), np.zeros((2, 2), np.int64), {})
+    labels = tmp_path / "labels.csv"
+    labels.write_text("Slide_ID,Label,Patient_ID\n" + "".join(f"s{i},{i % 2},p{i // 2}\n" for i in range(12)))
+    slides, _ = load_slides(tmp_path / "bags", labels, "classification")
+    assert [s.extra["case_id"] for s in slides] == [f"p{i // 2}" for i in range(12)]
+    for k in range(3):
+        train, test = cross_validation_fold(slides, k, 3, "classification", seed=0)
+        assert not {s.extra["case_id"] for s in train} & {s.extra["case_id"] for s in test}
+
+
+def test_intervals_resample_patients_and_one_class_draws_give_no_balanced_accuracy(tmp_path):
+    """A one-class draw's balanced accuracy is that class's recall (1.0 for a model that says one class
+    everywhere): it inflated fold means and intervals. A patient's slides are resampled together."""
+    from types import SimpleNamespace
+
+    from tub_xmil.predictions import read_predictions, write_predictions
+    from tub_xmil.training import bootstrap_slides, pooled_metrics
+
+    slides = [SimpleNamespace(slide_id=f"s{i}", split="test", label=float(i % 2), extra={"case_id": f"p{i // 4}"})
+              for i in range(16)]
+    constant = np.tile([0.9, 0.1], (16, 1))  # says class 0 for every slide: balanced accuracy 0.5
+    assert pooled_metrics(slides, constant, "classification")["balanced_accuracy"] == 0.5
+    assert np.isnan(pooled_metrics(slides[::2], constant[::2], "classification")["balanced_accuracy"])
+    write_predictions(tmp_path / "p.csv", slides, constant, "classification", ["neg", "pos"])
+    back, p = read_predictions(tmp_path / "p.csv", "classification", ["neg", "pos"])
+    assert [s.extra["case_id"] for s in back] == [s.extra["case_id"] for s in slides]
+    ci = bootstrap_slides(back, p, "classification", 300, seed=0)
+    assert (ci["unit"], ci["units"]) == ("patient", 4) and ci["balanced_accuracy"] == [0.5, 0.5]

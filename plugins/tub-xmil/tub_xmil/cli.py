@@ -168,7 +168,9 @@ def cv_summary(cfg, run) -> dict:
         groups = _risk_groups(run, [s.time for s in pooled], [s.event for s in pooled],
                               per_fold_median_split(pooled, preds), out["pooled_c_index"], note=" of each fold")
         out.update({f"pooled_{k}": v for k, v in groups.items()})
-    write_csv(run.outputs_dir / "folds.csv", rows, list(rows[0]))
+    undefined = lambda v: isinstance(v, float) and not np.isfinite(v)  # noqa: E731 - an empty cell, as JSON's null
+    write_csv(run.outputs_dir / "folds.csv", [{k: "" if undefined(v) else v for k, v in r.items()} for r in rows],
+              list(rows[0]))
     write_csv(run.outputs_dir / "oof_predictions.csv", out_of_fold_rows(folds),
               ["fold", *prediction_fields(out["task"], folds[0]["classes"])])
     return out
@@ -393,12 +395,13 @@ def evaluate(cfg, run) -> dict:
 
         out.update(_risk_groups(run, [s.time for s in slides], [s.event for s in slides], median_split(preds[:, 0]),
                                 out["c_index"]))
-    if cfg.bootstrap and len(slides) > 1:  # how far the slides' sample leaves the metrics uncertain
-        from tubcli.stats import bootstrap_intervals, say_if_rough
+    if cfg.bootstrap and len(slides) > 1:  # how far the slides' (patients') sample leaves the metrics uncertain
+        from tubcli.stats import say_if_rough
 
-        say_if_rough(run.log, cfg.bootstrap, len(slides))
-        out["ci"] = bootstrap_intervals(lambda idx: task_metrics([slides[i] for i in idx], preds[idx], task),
-                                        len(slides), cfg.bootstrap, seed=run.seed)
+        from tub_xmil.training import bootstrap_slides
+
+        out["ci"] = bootstrap_slides(slides, preds, task, cfg.bootstrap, run.seed)
+        say_if_rough(run.log, cfg.bootstrap, out["ci"]["units"], unit=f"{out['ci']['unit']}s")
     if not cfg.flipping:
         return out
     per_slide, merged = [], {}

@@ -84,7 +84,7 @@ def read_folds(run_dirs: list[Path], log) -> list[dict]:
 def summarize(folds: list[dict], bootstrap: int, seed: int, log) -> tuple[dict, list[dict], list, np.ndarray]:
     """(metrics, one row per fold, pooled slides, pooled predictions) of :func:`read_folds`'s folds."""
     from tub_xmil.predictions import read_predictions
-    from tub_xmil.training import task_metrics
+    from tub_xmil.training import bootstrap_slides, pooled_metrics, task_metrics
 
     task, classes = folds[0]["task"], folds[0]["classes"]
     rows, pooled, preds = [], [], []
@@ -93,7 +93,7 @@ def summarize(folds: list[dict], bootstrap: int, seed: int, log) -> tuple[dict, 
         for s in slides:
             s.fold = f["fold"]
         rows.append({"fold": f"{f['fold']}/{f['folds']}", "run": str(f["dir"]), "test_slides": len(slides),
-                     **task_metrics(slides, p, task)})
+                     **pooled_metrics(slides, p, task)})
         pooled += slides
         preds.append(p)
     preds = np.concatenate(preds)
@@ -109,11 +109,10 @@ def summarize(folds: list[dict], bootstrap: int, seed: int, log) -> tuple[dict, 
         out[f"sd_{name}"] = float(ok.std(ddof=1)) if len(ok) > 1 else float("nan")
     out.update({f"pooled_{k}": v for k, v in task_metrics(pooled, preds, task).items()})
     if bootstrap and len(pooled) > 1:
-        from tubcli.stats import bootstrap_intervals, say_if_rough
+        from tubcli.stats import say_if_rough
 
-        say_if_rough(log, bootstrap, len(pooled))
-        ci = bootstrap_intervals(lambda idx: task_metrics([pooled[i] for i in idx], preds[idx], task),
-                                 len(pooled), bootstrap, seed=seed)
+        ci = bootstrap_slides(pooled, preds, task, bootstrap, seed)
+        say_if_rough(log, bootstrap, ci["units"], unit=f"{ci['unit']}s")
         out["pooled_ci"] = ci
     return out, rows, pooled, preds
 

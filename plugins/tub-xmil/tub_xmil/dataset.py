@@ -116,8 +116,8 @@ def _column_names(path, header: list[str]) -> list[str]:
     names = []
     for h in header:
         key = (h or "").strip().lower()
-        names.append(key if key in LABEL_COLUMNS else h)
-    twice = next((n for n in LABEL_COLUMNS if names.count(n) > 1), None)
+        names.append(key if key in LABEL_COLUMNS + CASE_COLUMNS else h)  # Patient_ID too: patients stay together
+    twice = next((n for n in LABEL_COLUMNS + CASE_COLUMNS if names.count(n) > 1), None)
     if twice:
         raise TubError(f"{path}: two columns read as {twice!r} ({', '.join(h for h, n in zip(header, names) if n == twice)}); "
                        "keep one")

@@ -41,7 +41,17 @@ def write_predictions(path: Path, slides, preds: np.ndarray, task: str, classes:
         else:
             row.update(time=repr(float(s.time)), event=int(s.event), risk=repr(float(p[0])))
         rows.append(row)
-    return write_csv(path, rows, prediction_fields(task, classes))
+    fields = prediction_fields(task, classes)
+    if any(case_of(s) for s in slides):  # the patients, for intervals that resample them
+        fields.append("case_id")
+        for row, s in zip(rows, slides):
+            row["case_id"] = case_of(s) or ""
+    return write_csv(path, rows, fields)
+
+
+def case_of(slide) -> str | None:
+    """The patient/case of a slide (a labels CSV's case_id/patient_id column), or None."""
+    return (getattr(slide, "extra", None) or {}).get("case_id") or None
 
 
 def read_predictions(path: Path, task: str, classes: list[str] | None) -> tuple[list, np.ndarray]:
@@ -57,15 +67,16 @@ def read_predictions(path: Path, task: str, classes: list[str] | None) -> tuple[
         rows = list(reader)
     slides, preds = [], []
     for r in rows:
+        case = {"extra": {"case_id": r["case_id"]}} if r.get("case_id") else {}
         try:
             if task == "classification":
-                slides.append(SimpleNamespace(slide_id=r["slide_id"], label=float(classes.index(r["label"]))))
+                slides.append(SimpleNamespace(slide_id=r["slide_id"], label=float(classes.index(r["label"])), **case))
                 preds.append([float(r[f"p_{c}"]) for c in classes])
             elif task == "regression":
-                slides.append(SimpleNamespace(slide_id=r["slide_id"], label=float(r["target"])))
+                slides.append(SimpleNamespace(slide_id=r["slide_id"], label=float(r["target"]), **case))
                 preds.append([float(r["prediction"])])
             else:
-                slides.append(SimpleNamespace(slide_id=r["slide_id"], time=float(r["time"]), event=int(r["event"])))
+                slides.append(SimpleNamespace(slide_id=r["slide_id"], time=float(r["time"]), event=int(r["event"]), **case))
                 preds.append([float(r["risk"])])
         except ValueError as e:
             raise TubError(f"{path}: slide {r.get('slide_id')!r}: {e}; the file is not as tub xmil wrote it") from None

@@ -71,6 +71,37 @@ def task_metrics(slides, preds, task: str) -> dict:
     return {"c_index": concordance_index([s.time for s in slides], [s.event for s in slides], preds[:, 0])}
 
 
+def pooled_metrics(slides, preds, task: str) -> dict:
+    """``task_metrics`` for a mean over folds or an interval over bootstrap draws: balanced accuracy is left
+    undefined on slides of one class, as AUROC is, since it is then that class's recall, another quantity
+    (one-class folds and draws of 1.0 inflated the mean and the interval)."""
+    out = task_metrics(slides, preds, task)
+    if task == "classification" and len({int(s.label) for s in slides}) < 2:
+        out["balanced_accuracy"] = float("nan")
+    return out
+
+
+def bootstrap_slides(slides, preds, task: str, resamples: int, seed: int) -> dict:
+    """Percentile intervals of the task metrics resampling patients with all their slides where the slides
+    name them (case_id), else slides: a patient's slides are not independent, and resampling them one by
+    one gives intervals too narrow."""
+    from tubcli.stats import bootstrap_intervals
+
+    from tub_xmil.predictions import case_of
+
+    units: dict[str, list[int]] = {}
+    for i, s in enumerate(slides):
+        units.setdefault(case_of(s) or f"slide:{s.slide_id}", []).append(i)
+    members = list(units.values())
+
+    def metrics(idx):
+        rows = [i for u in idx for i in members[u]]
+        return pooled_metrics([slides[i] for i in rows], preds[rows], task)
+
+    ci = bootstrap_intervals(metrics, len(members), resamples, seed=seed)
+    return {**ci, "unit": "patient" if len(members) < len(slides) else "slide", "units": len(members)}
+
+
 def slides_undefined_reason(slides, task: str) -> str | None:
     """Why the task's headline metric cannot be computed on these slides (see metrics.undefined_reason)."""
     if task == "survival":
