@@ -292,6 +292,13 @@ def test_md_average_takes_the_mean_energy_per_x_and_the_thermal_mu_na():
     assert np.isnan(mean["volume_change"]["2"])  # one cell (NVT, or one frame): its volume is not a measurement
     lowest = hull_report(frames, energies, mu_na=-1.0)
     assert lowest["formation_energy_eV"] == pytest.approx([0.0, -14 + 12 + 1, -13.0 + 12 + 2])
+    # cells given with different volumes (relaxed elsewhere) have their ΔV/V, also unrelaxed here; built
+    # cells of one volume have none (0 by construction)
+    assert lowest["volume_change"]["1"] == pytest.approx(1.05 / 1.02 - 1)
+    assert np.isnan(hull_report([frame(n, 1.0) for n in (0, 1, 2)], [-10, -14, -13], mu_na=-1.0)["volume_change"]["1"])
+    assert not lowest["capacity_limited_by_sampled_x"]  # plating from x = 1
+    inserting = hull_report([frame(n, 1.0) for n in (0, 1, 2)], [-10, -12, -14], mu_na=-1.0)
+    assert inserting["plating_from_x"] is None and inserting["capacity_limited_by_sampled_x"]
     nvt = [frame(n, 1.0) for n in (0, 0, 1, 1, 2)]
     assert np.isnan(hull_report(nvt, energies, mu_na=-1.0, per_x="mean")["volume_change"]["1"])
     assert mean["plating_from_x"] == 1.0 and [s["plating"] for s in mean["steps"]] == [False, True]

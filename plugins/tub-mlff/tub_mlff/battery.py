@@ -229,7 +229,8 @@ def hull_report(structures, energies, mu_na: float, na_symbol: str = "Na", cell_
     ``lowest`` energy per x (relaxed structures: several site sets sample the configurations) or the
     ``mean`` over the frames of each x (MD frames: the finite-T potential energy, ΔG ≈ ΔU, spec §2.8;
     with their mean volume and spacing, so NPT frames give ΔV/V₀ from NPT). ΔV/V needs cells that
-    could change (relaxed, or varying over the frames); NaN otherwise, as 0 would be by construction.
+    could change (relaxed, given with different volumes, or varying over the frames); NaN otherwise, as 0
+    would be by construction.
     """
     counts = _sodium_counts(structures, na_symbol)
     host = structures[counts.index(0)]
@@ -244,7 +245,9 @@ def hull_report(structures, energies, mu_na: float, na_symbol: str = "Na", cell_
                  for c, g in by_count.items()}
     else:
         chosen = {c: [min(g, key=lambda ae: ae[1])] for c, g in by_count.items()}
-        moved = dict.fromkeys(by_count, cell_relaxed)
+        # cells relaxed here, or given with volumes that differ (relaxed elsewhere: DFT, an earlier ocv run)
+        given = [a.get_volume() for a in structures] if host.pbc.all() else [0.0]
+        moved = dict.fromkeys(by_count, cell_relaxed or np.ptp(given) > 1e-9 * max(given))
     lowest, volumes, spacings = {}, {}, {}
     for c, g in chosen.items():
         lowest[c] = float(np.mean([e for _, e in g]))
@@ -266,6 +269,8 @@ def hull_report(structures, energies, mu_na: float, na_symbol: str = "Na", cell_
             "plating_from_x": min(plating) if plating else None,  # V <= 0: Na plates instead of inserting
             "x_max_before_plating": x_max, "host_molar_mass_g_mol": host_mass,
             "capacity_mAh_g": capacity_mah_per_g(x_max, host_mass),
+            # no plating up to the largest x sampled: the capacity is a lower bound set by the sampling
+            "capacity_limited_by_sampled_x": bool(not plating and len(x) and x_max >= float(x.max())),
             "capacity_per_x_mAh_g": capacity_mah_per_g(1.0, host_mass),
             "volume_change": {str(c): float(volume_change(volumes[c], volumes[0])) for c in cs},
             "spacing_change": {str(c): float(volume_change(spacings[c], spacings[0])) for c in cs}}

@@ -1003,7 +1003,12 @@ def ocv(cfg, run) -> dict:
                         "their energies and volumes are not minima: raise --relax-steps", res["relaxations_unconverged"],
                         len(frames), cfg.fmax, f" and {cfg.stress_tol:g} GPa" if cell != "fixed" else "",
                         cfg.relax_steps)
+    if res["capacity_limited_by_sampled_x"]:
+        run.log.warning("no Na plates up to x = %g, the largest x given: the capacity %.1f mAh/g is a lower bound; "
+                        "sample higher x (build --x) to find where plating starts", max(res["x"]),
+                        res["capacity_mAh_g"])
     summary = {"average_voltage_V": res["average_voltage_V"], "capacity_mAh_g": res["capacity_mAh_g"],
+               "capacity_limited_by_sampled_x": res["capacity_limited_by_sampled_x"],
                "mu_na_eV": res["mu_na_eV"], "mu_na_lattice_A": res.get("mu_na_lattice_A"),
                "hull_points": len(res["hull_vertices"]), "plateaus": len(res["steps"]),
                "cell_relaxation": res["cell_relaxation"],
