@@ -387,3 +387,22 @@ def test_two_na_over_the_rings_are_placed_for_any_seed(seed, tmp_path):
     two = read(tmp_path / "b" / "outputs" / "structures.extxyz", index=-1)
     na = [i for i, s in enumerate(two.get_chemical_symbols()) if s == "Na"]
     assert len(na) == 2 and two.get_distance(na[0], na[1], mic=True) > 3.0
+
+
+def test_the_cohesive_energy_of_the_na_metal_reference_is_reported():
+    """The demo model bound bcc Na by 1.5 meV/atom (experiment 1.11 eV): its mu_Na was nearly a free atom's
+    and the 'voltages vs Na metal' were binding energies to free atoms, with no number to show it."""
+    from ase import Atoms
+    from ase.build import bulk
+    from ase.calculators.lj import LennardJones
+
+    from tub_mlff.battery import sodiation_series
+
+    lj = lambda a=None: LennardJones(sigma=3.3, epsilon=0.05, rc=8.0, smooth=True)  # noqa: E731
+    host = Atoms("C2", positions=[[0, 0, 0], [0, 0, 3.0]], cell=[8, 8, 8], pbc=True)
+    loaded = host + Atoms("Na", positions=[[4, 4, 1.5]])
+    rep, _ = sodiation_series([host, loaded], lj, relax_steps=0)
+    probe = bulk("Na", "bcc", a=12.0, cubic=True).repeat(2)  # neighbours 10.4 A apart: beyond rc, energy 0
+    probe.calc = lj()
+    assert probe.get_potential_energy() == pytest.approx(0.0, abs=1e-12)
+    assert rep["na_cohesive_energy_eV"] == pytest.approx(-rep["mu_na_eV"]) and rep["na_cohesive_energy_eV"] > 0.1

@@ -115,6 +115,18 @@ BCC_SCAN = np.round(np.arange(3.8, 6.21, 0.1), 2)  # A: wide, so that a poor Na 
 BCC_NA_EXPERIMENT = 4.23  # A, bcc Na at low temperature (4.29 A at room temperature)
 
 
+SEPARATED_NA_LATTICE = 12.0  # A: bcc Na with 10.4 A between neighbours, beyond any short-range cutoff
+
+
+def bcc_sodium_energy(calc, a: float, repeat: int = 2) -> float:
+    """Energy per atom of bcc Na at cubic lattice constant ``a`` (a ``repeat``^3 supercell of the 2-atom cell)."""
+    from ase.build import bulk
+
+    atoms = bulk("Na", "bcc", a=float(a), cubic=True).repeat(repeat)
+    atoms.calc = calc
+    return atoms.get_potential_energy() / len(atoms)
+
+
 def bcc_sodium_chemical_potential(calc, a_grid=None, repeat: int = 2, lattice: float | None = None
                                   ) -> tuple[float, float]:
     """mu_Na: energy per atom of bcc Na at the lattice constant that minimises it (or at ``lattice``).
@@ -128,12 +140,8 @@ def bcc_sodium_chemical_potential(calc, a_grid=None, repeat: int = 2, lattice: f
     Na metal is poor (GFN1-xTB's Gamma-point bcc Na has its minimum near 5.7 A): then ``lattice``
     takes mu at a fixed lattice constant instead, the same for every method compared.
     """
-    from ase.build import bulk
-
     def per_atom(a: float) -> float:
-        atoms = bulk("Na", "bcc", a=float(a), cubic=True).repeat(repeat)
-        atoms.calc = calc
-        return atoms.get_potential_energy() / len(atoms)
+        return bcc_sodium_energy(calc, a, repeat)
 
     if lattice is not None:
         return float(per_atom(lattice)), float(lattice)
@@ -292,6 +300,7 @@ def sodiation_series(frames, calc_for, relax_steps: int = 50, fmax: float = 0.05
     a0 = None
     if mu_na is None:
         mu_na, a0 = bcc_sodium_chemical_potential(calc_for(None), lattice=mu_na_lattice)
+    mu_static = mu_na
     if temperature_K is not None:
         from ase import units
 
@@ -307,6 +316,8 @@ def sodiation_series(frames, calc_for, relax_steps: int = 50, fmax: float = 0.05
         report["relaxation"] = [{k: a.info[k] for k in ("relax_converged", "relax_max_force_eV_A",
                                                          "relax_max_stress_GPa") if k in a.info} for a in structures]
         report["relaxations_unconverged"] = sum(not a.info["relax_converged"] for a in structures)
+    if a0 is not None and mu_na_lattice is None:  # how strongly the potential binds its Na metal (expt 1.11 eV)
+        report["na_cohesive_energy_eV"] = bcc_sodium_energy(calc_for(None), SEPARATED_NA_LATTICE) - mu_static
     if a0 is not None:  # a minimum at the edge of the lattice scan is not a minimum: say so
         report.update(mu_na_lattice_A=a0, mu_na_choice="fixed lattice" if mu_na_lattice is not None else "minimum",
                       mu_na_at_scan_edge=bool(mu_na_lattice is None and (a0 <= BCC_SCAN[0] or a0 >= BCC_SCAN[-1])))

@@ -1110,6 +1110,11 @@ def _largest(changes) -> float:
 def _warn_scan_edge(report: dict, who: str, run) -> None:
     from .battery import BCC_NA_EXPERIMENT
 
+    cohesive = report.get("na_cohesive_energy_eV")
+    if cohesive is not None and cohesive < 0.1:
+        run.log.warning("bcc Na: %s binds Na metal by %.3f eV/atom (experiment 1.11 eV), so mu_Na is near the energy "
+                        "of free Na atoms and the voltages are not against Na metal; use a model trained on bcc Na",
+                        who, cohesive)
     a0 = report.get("mu_na_lattice_A")
     if report.get("mu_na_at_scan_edge"):
         run.log.warning("bcc Na: %s's energy still falls at the end of the lattice scan (a = %.2f A); mu_Na is "
