@@ -672,3 +672,17 @@ def test_the_calculator_takes_the_shipped_demo_model_by_default():
 def test_settings_out_of_range_are_refused_by_tub_config_as_by_the_verb(verb, setting, key):
     res = invoke(["config", "mlff", verb, "--set", setting])
     assert res.exit_code == 2 and f"invalid config value for {key} (from --set)" in res.stderr, res.stderr
+
+
+def test_md_names_a_strained_starting_cell(tmp_path):
+    """An unrelaxed built cell (3.7 GPa with the demo model) ran NVT at that strain without a word."""
+    from ase.io import write
+
+    from tub_mlff.structures import add_sodium, janus_graphene
+
+    write(tmp_path / "built.extxyz", add_sodium(janus_graphene(3, 1, stacking="gallery"), 3, "random", seed=1))
+    res = invoke(["mlff", "md", tmp_path / "built.extxyz", "--steps", 2, "--interval", 1, "-o", tmp_path / "m"])
+    assert res.exit_code == 0, res.stderr
+    assert "the starting cell is under" in res.stderr and "relax the cell first" in res.stderr
+    res = invoke(["mlff", "md", tmp_path / "built.extxyz", "--steps", 4, "--interval", 1, "-o", tmp_path / "m"])
+    assert res.exit_code == 0 and "the starting cell is under" not in res.stderr  # a resume: its own state

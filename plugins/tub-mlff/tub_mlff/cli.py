@@ -842,44 +842,53 @@ def predict(cfg, run) -> dict:
     can be compared; the input is never modified."""
     from ase.stress import full_3x3_to_voigt_6_stress
 
-    from .checkpoints import load_model, model_composition_span, model_elements
+    from .checkpoints import load_model, model_composition_span, model_elements, model_trained_states
     from .data import Keys, read_structures, to_graph
     from .evaluation import predict as predict_frames
     from .validation import check_charge_spin, check_structure
 
     files = [Path(f) for f in _need(cfg.structures, "STRUCTURES", "one or more structure files")]
-    by_stem: dict[str, Path] = {}
+    outputs: dict[str, Path] = {}  # output name -> input
     for f in files:
         if not f.exists():  # before any work: a mistyped name is not one failed item of a batch
             raise TubError(f"{f} not found; give structure files (extxyz or any format ASE reads)")
-        if f.stem in by_stem and by_stem[f.stem].resolve() != f.resolve():
-            raise TubError(f"two inputs are named {f.stem!r} ({by_stem[f.stem]}, {f}); their outputs would collide "
-                           "— rename one")
-        by_stem[f.stem] = f
+        name = _predicted_name(f)
+        if name in outputs and outputs[name].resolve() != f.resolve():
+            raise TubError(f"two inputs would both write {name} ({outputs[name]}, {f}); rename one")
+        outputs[name] = f
     loaded = [load_model(p, _dtype(run)) for p in _models(cfg.model)]
     models = [m for m, _ in loaded]
     elements = model_elements([meta for _, meta in loaded])
     span = model_composition_span([meta for _, meta in loaded])
-    mc = models[0].config
-    trained_lr = mc.lr_cutoff  # decided per file below, as `evaluate` and the calculator do
-    long_range = mc.use_electrostatics or mc.use_d4_dispersion
+    trained_charges, trained_spins = model_trained_states([meta for _, meta in loaded])
+    trained_lr = [m.config.lr_cutoff for m in models]  # decided per file below, per model, as the calculator does
+    open_lr = [lr is None and (m.config.use_electrostatics or m.config.use_d4_dispersion)
+               for m, lr in zip(models, trained_lr)]
     keys = Keys(**cfg.keys.model_dump())
-    p, frames_done = cfg.prefix, 0
-    for path, out in run.batch(list(by_stem.values()), output_for=lambda f: run.outputs_dir / f"{Path(f).stem}.extxyz"):
+    p, frames_done, said = cfg.prefix, 0, set()
+    for path, out in run.batch(list(outputs.values()), output_for=lambda f: run.outputs_dir / _predicted_name(f)):
         with run.item(path):
             frames = read_structures(path)
             for k, a in enumerate(frames):
                 name = f"{path} frame {k}"
                 check_structure(a, elements, name=name)
-                check_charge_spin(a, float(a.info.get(keys.charge, 0.0)), a.info.get(keys.spin), name)
+                q, spin = check_charge_spin(a, float(a.info.get(keys.charge, 0.0)), a.info.get(keys.spin), name)
+                for what, value, trained in (("total charge", q, trained_charges), ("spin", spin, trained_spins)):
+                    if trained is not None and value not in trained and (what, value) not in said:
+                        said.add((what, value))  # as the calculator warns: once per value
+                        run.log.warning("%s: %s %s, the model was trained on %s %s only; its predictions there are "
+                                        "not determined by its training data", name, what, value, what,
+                                        ", ".join(map(str, sorted(trained))))
             _warn_composition(run, span, frames, str(path))
-            radius = max(mc.cutoff, trained_lr or 0.0)
-            if long_range and trained_lr is None:  # cells: 10 A with a warning; molecules: all pairs
-                periodic = any(np.any(a.pbc) for a in frames)
-                radius = _default_lr_cutoff(models, run) if periodic else 1e4
-                if not periodic:
-                    for m in models:
-                        m.set_lr_cutoff(None)
+            periodic = any(np.any(a.pbc) for a in frames)
+            if any(open_lr) and periodic:  # cells: 10 A for Coulomb/D4 with a warning; molecules: all pairs
+                _default_lr_cutoff([m for m, o in zip(models, open_lr) if o], run)
+            for m, o in zip(models, open_lr):
+                if o and not periodic:
+                    m.set_lr_cutoff(None)
+            radius = max(max(m.config.cutoff, m.config.lr_cutoff or 0.0) for m in models)
+            if any(open_lr) and not periodic:
+                radius = 1e4
             graphs = [to_graph(a, radius, keys, labelled=False, name=f"{path} frame {k}") for k, a in enumerate(frames)]
             preds = predict_frames(models, graphs, _dtype(run), run.device, batch_size=cfg.batch_size)
             rows = ["frame,formula,n_atoms,energy_eV,energy_per_atom_eV,energy_std_eV,fmax_eV_A"]
@@ -900,7 +909,15 @@ def predict(cfg, run) -> dict:
             write_text(out.with_suffix(".csv"), "\n".join(rows) + "\n")
             _write_extxyz(out, frames)  # last: its existence marks the file done
             frames_done += len(frames)
-    return {"frames": frames_done, "files": len(by_stem), "prefix": p, "model": _model_names(cfg.model)}
+    return {"frames": frames_done, "files": len(outputs), "prefix": p, "model": _model_names(cfg.model)}
+
+
+def _predicted_name(path: Path) -> str:
+    """``<stem>.extxyz``, with POSCAR/CONTCAR in lower case: ASE reads any file named ``*POSCAR*`` as VASP."""
+    stem = path.stem
+    for vasp in ("POSCAR", "CONTCAR", "CENTCAR"):
+        stem = stem.replace(vasp, vasp.lower())
+    return f"{stem}.extxyz"
 
 
 # -- md ------------------------------------------------------------------------------------------
@@ -929,6 +946,17 @@ def md(cfg, run) -> dict:
 
     check_structure(atoms, calc.elements, name=str(path))
     _warn_composition(run, calc.composition_span, [atoms], str(path))
+    fresh = not (run.outputs_dir / "trajectory.extxyz").exists()  # a resume goes on from its own state
+    if fresh and atoms.pbc.all() and cfg.ensemble != "npt":  # a built, unrelaxed cell stays strained at constant volume
+        from ase import units
+
+        probe = atoms.copy()
+        probe.calc = calc
+        strain = float(np.abs(probe.get_stress()).max()) / units.GPa
+        if strain > 1.0:
+            run.log.warning("%s: the starting cell is under %.1f GPa (largest stress component) and %s keeps its "
+                            "volume; relax the cell first (tub mlff ocv --cell auto writes outputs/relaxed.extxyz) or "
+                            "run --ensemble npt", path, strain, cfg.ensemble)
     models = _models(cfg.model)
     settings = {"model": [str(p) for p in models], "model_sha256": [file_sha256(p) for p in models],
                 "charge": calc.charge, "spin": calc.spin, "lr_cutoff": cfg.lr_cutoff, "ewald_kmax": cfg.ewald_kmax,
