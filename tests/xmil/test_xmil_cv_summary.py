@@ -223,3 +223,23 @@ def test_intervals_resample_patients_and_one_class_draws_give_no_balanced_accura
     assert [s.extra["case_id"] for s in back] == [s.extra["case_id"] for s in slides]
     ci = bootstrap_slides(back, p, "classification", 300, seed=0)
     assert (ci["unit"], ci["units"]) == ("patient", 4) and ci["balanced_accuracy"] == [0.5, 0.5]
+
+
+def test_cv_summary_of_a_cohort_with_patients_resamples_them(cohort, tmp_path):
+    """With a patient column the folds' predictions carry case_id, and cv-summary stopped on it ('dict
+    contains fields not in fieldnames'): patient intervals were out of reach from the command line."""
+    d, _, _ = cohort
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,label,Patient_ID\n" + "".join(f"s{i},{['neg', 'pos'][i % 2]},p{i // 3}\n"
+                                                              for i in range(N)))
+    runs = [tmp_path / f"fold{k}" for k in range(3)]
+    for k, run in enumerate(runs):
+        _ok(invoke(["xmil", "train", "--features", d / "bags", "--labels", labels, "--epochs", "2", "--set",
+                    "model.features_dim=8", "--fold", f"{k}/3", "-o", run, "-q"]))
+    res = json.loads(_ok(invoke(["xmil", "cv-summary", *runs, "--bootstrap", "200", "-o", tmp_path / "s",
+                                 "--json"])).stdout)
+    assert (res["pooled_ci"]["unit"], res["pooled_ci"]["units"]) == ("patient", 3)
+    oof = _rows(tmp_path / "s" / "outputs" / "oof_predictions.csv")
+    assert sorted({r["case_id"] for r in oof}) == ["p0", "p1", "p2"]
+    for r in oof:  # each patient's slides held out together
+        assert len({o["fold"] for o in oof if o["case_id"] == r["case_id"]}) == 1

@@ -1325,9 +1325,9 @@ def diffusion(cfg, run) -> dict:
         if slope > 1.5:
             regime = (f"its MSD grows as t^{slope:.1f} in the fit window ({res.fit_start_fs:g}-{res.fit_end_fs:g} fs): "
                       "the ballistic start, not diffusion")
-        elif msd_end < 1.0:
-            regime = (f"its {cfg.element} atoms moved {np.sqrt(max(msd_end, 0)):.2f} A (rms) by the fit window's end: "
-                      "vibration about their sites, no hop yet")
+        elif msd_end * 3 / res.dims < 1.0:  # less than 1 A^2 in 3-D terms (1/3 A^2 per axis)
+            regime = (f"its {cfg.element} atoms moved {np.sqrt(max(msd_end, 0)):.2f} A (rms over {cfg.axes}) by the "
+                      "fit window's end: vibration about their sites, no hop yet")
         if regime:
             run.log.warning("%s: %s; its D is not a diffusion coefficient: run longer MD", p, regime)
         per_run.append({"trajectory": str(p), "temperature_K": T, "temperature_set_K": set_T, "D_cm2_s": res.D_cm2_s,

@@ -171,8 +171,10 @@ def cv_summary(cfg, run) -> dict:
     undefined = lambda v: isinstance(v, float) and not np.isfinite(v)  # noqa: E731 - an empty cell, as JSON's null
     write_csv(run.outputs_dir / "folds.csv", [{k: "" if undefined(v) else v for k, v in r.items()} for r in rows],
               list(rows[0]))
-    write_csv(run.outputs_dir / "oof_predictions.csv", out_of_fold_rows(folds),
-              ["fold", *prediction_fields(out["task"], folds[0]["classes"])])
+    oof = out_of_fold_rows(folds)
+    patients = ["case_id"] if any("case_id" in r for r in oof) else []  # as the folds' files carry them
+    write_csv(run.outputs_dir / "oof_predictions.csv", oof,
+              ["fold", *prediction_fields(out["task"], folds[0]["classes"]), *patients])
     return out
 
 
