@@ -383,22 +383,17 @@ def test_stainnorm_of_a_folder_without_tiles_is_a_one_line_error(tmp_path):
                                                         "-o", tmp_path / "run"]))
 
 
-def _normalised(tmp_path, name, pixels):
+def test_stainnorm_scales_16_bit_greyscale_tiles_instead_of_saturating_them(tmp_path):
     from PIL import Image
 
-    folder = tmp_path / name
-    folder.mkdir()
-    Image.fromarray(pixels).save(folder / "t.png")
-    expect_ok(invoke(["pathorob", "stainnorm", folder, "-o", tmp_path / f"run_{name}"]))
-    return _read_rgb(folder / "t.png"), _read_rgb(tmp_path / f"run_{name}" / "outputs" / name / "t.png")
-
-
-def test_stainnorm_scales_16_bit_greyscale_tiles_instead_of_saturating_them(tmp_path):
     grey = synthetic_tile(HE_REF, 32, seed=3).mean(-1).astype(np.uint8)  # 8-bit greyscale tile, 40..240
-    read8, out8 = _normalised(tmp_path, "g8", grey)
-    read16, out16 = _normalised(tmp_path, "g16", grey.astype(np.uint16) * 257)  # PIL mode I;16
+    Image.fromarray(grey).save(tmp_path / "g8.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "g16.png")  # PIL mode I;16
+    read8, read16 = _read_rgb(tmp_path / "g8.png"), _read_rgb(tmp_path / "g16.png")
     assert read16.min() < 200 and np.array_equal(read16, read8)  # was all white (PIL clips 16-bit to 255)
-    assert np.array_equal(out16, out8)
+    for name in ("g8", "g16"):  # read alike, both refused alike: a greyscale tile has no stains to normalise
+        r = invoke(["pathorob", "stainnorm", tmp_path / f"{name}.png", "-o", tmp_path / f"run_{name}"])
+        assert r.exit_code == 1 and "tile is greyscale" in (tmp_path / f"run_{name}" / "failures.jsonl").read_text()
 
 
 def test_stainnorm_16_bit_rgb_tiff_normalises_like_its_8_bit_tile(tmp_path):

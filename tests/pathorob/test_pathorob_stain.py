@@ -63,3 +63,22 @@ def test_normalisation_moves_towards_target_stain():
     he_img, _, _ = Macenko().stains(img)
     assert np.abs(he_out - he_tgt).max() < np.abs(he_img - he_tgt).max() / 3
     assert np.allclose(Macenko().stain_matrix_, HE_REF)
+
+
+def test_tiles_and_targets_without_stain_colour_are_refused_not_coloured_in():
+    """A greyscale tile came out of Macenko pink, and out of Reinhard with 23-38 grey levels of random colour
+    (its a*/b* rounding noise scaled up); a blank or grey Reinhard target turned every tile into one colour."""
+    from tubcli.errors import TubError
+
+    he = synthetic_tile(HE_REF, seed=0)
+    grey = np.repeat(he.mean(-1, keepdims=True).astype(np.uint8), 3, -1)
+    with pytest.raises(TubError, match="tile is greyscale"):
+        Macenko().transform(grey)
+    with pytest.raises(TubError, match="tile is greyscale"):
+        Macenko().fit(grey)
+    with pytest.raises(TubError, match="constant colour channel"):
+        Reinhard().fit(he).transform(grey)
+    for target, what in ((np.full((32, 32, 3), 254, np.uint8), "no tissue"), (grey, "no colour")):
+        with pytest.raises(TubError, match=f"the Reinhard target has {what}"):
+            Reinhard().fit(target)
+    assert Macenko().transform(he).shape == he.shape and Reinhard().fit(he).transform(he).shape == he.shape

@@ -54,6 +54,11 @@ class Macenko:
         tissue = od[~np.any(od < self.beta, axis=1)]
         if len(tissue) < 10:
             raise TubError("tile has almost no stained tissue (OD >= beta on fewer than 10 pixels); skip it")
+        grey = np.ones(3) / np.sqrt(3)
+        if np.percentile(tissue @ grey / np.linalg.norm(tissue, axis=1), 1) > np.cos(np.radians(3)):
+            # every pixel's optical density points along grey: no two stains to separate (the two vectors
+            # found would be one, and the output a made-up pink)
+            raise TubError("tile is greyscale (no stain colour to separate); Macenko normalisation needs an H&E tile")
         _, vecs = np.linalg.eigh(np.cov(tissue.T))
         plane = vecs[:, 1:3]  # eigenvectors of the two largest eigenvalues
         proj = tissue @ plane
@@ -116,10 +121,15 @@ def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
 class Reinhard:
     """Reinhard colour transfer in L*a*b*: match channel means and standard deviations."""
 
+    FLAT = 0.5  # L*a*b* units: a channel spread below this is no tissue (lightness) or no colour (a*, b*)
+
     def fit(self, target: np.ndarray) -> "Reinhard":
         lab = rgb_to_lab(_check_rgb(target).astype(np.float32) / 255)
         self.means_ = np.array([lab[..., i].mean() for i in range(3)])
         self.stds_ = np.array([lab[..., i].std() for i in range(3)])
+        if self.stds_[0] < self.FLAT or max(self.stds_[1:]) < self.FLAT:  # every tile would come out flat or grey
+            raise TubError(f"the Reinhard target has {'no tissue' if self.stds_[0] < self.FLAT else 'no colour'} "
+                           f"(L*a*b* spreads {', '.join(f'{v:.2g}' for v in self.stds_)}); choose a stained tile")
         return self
 
     def transform(self, img: np.ndarray) -> np.ndarray:
@@ -130,8 +140,9 @@ class Reinhard:
         for i in range(3):
             ch = lab[..., i]
             mu, sd = ch.mean(), ch.std()
-            if sd == 0:
-                raise TubError("tile has a constant colour channel; Reinhard normalisation is undefined for it")
+            if sd < 1e-3:  # constant but for rounding (a grey tile's a*, b*): scaling it up would invent colour
+                raise TubError("tile has a constant colour channel (a blank or greyscale tile); Reinhard "
+                               "normalisation is undefined for it")
             out[..., i] = (ch - mu) / sd * self.stds_[i] + self.means_[i]
         return (lab_to_rgb(out) * 255).astype(np.uint8)
 
