@@ -243,3 +243,16 @@ def test_cv_summary_of_a_cohort_with_patients_resamples_them(cohort, tmp_path):
     assert sorted({r["case_id"] for r in oof}) == ["p0", "p1", "p2"]
     for r in oof:  # each patient's slides held out together
         assert len({o["fold"] for o in oof if o["case_id"] == r["case_id"]}) == 1
+
+
+def test_labels_that_differ_only_in_case_are_named(tmp_path, caplog):
+    from tub_xmil.dataset import load_slides
+
+    (tmp_path / "bags").mkdir()
+    for i in range(4):
+        write_features_h5(tmp_path / "bags" / f"s{i}.h5", np.ones((2, 4), np.float32), np.zeros((2, 2), np.int64), {})
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,label\ns0,pos\ns1,Pos\ns2,neg\ns3,neg\n")
+    with caplog.at_level("WARNING", logger="tub"):
+        _, classes = load_slides(tmp_path / "bags", labels, "classification")
+    assert classes == ["Pos", "neg", "pos"] and "the labels 'Pos' and 'pos' differ only in case" in caplog.text

@@ -215,6 +215,15 @@ def load_slides(features: Path, labels: Path, task: str, split: str | None = Non
         if len(classes) < 2:
             raise TubError(f"{labels}: classification needs at least 2 classes, the labels are all "
                            f"{classes[0]!r}; use --task regression or add slides of another class")
+        folded: dict[str, list[str]] = {}
+        for c in classes:
+            folded.setdefault(c.casefold(), []).append(c)
+        if alike := [names for names in folded.values() if len(names) > 1]:  # 'pos' and 'Pos': a typo, or two?
+            import logging
+
+            logging.getLogger("tub").warning("%s: the labels %s differ only in case and are %d classes; write them "
+                                             "alike if they are one", labels, " and ".join(map(repr, alike[0])),
+                                             len(alike[0]))
     splits = {line: _split(labels, line, r) for line, r in rows}
     if split is not None:
         wanted = split_name(split)
