@@ -1177,8 +1177,8 @@ class Run:
             lock = ItemLock(unfinished[0])
             self.log.warning("%d item(s) were locked by another job and have no output yet (e.g. %s, held by %s); "
                              "%s not written: rerun when that job has ended, or delete its lock %s if no job is "
-                             "running (a job killed on another host leaves one, taken over 15 min after its last refresh)", len(unfinished), unfinished[0].name,
-                             lock.owner(), DONE, lock.path)
+                             "running (a job killed on another host leaves one, taken over 15 min after its last "
+                             "refresh)", len(unfinished), unfinished[0].name, lock.owner(), DONE, lock.path)
         elif self.is_main:
             if self.shard[1] == 1 and remove_orphaned_temporaries(self.outputs_dir, before=self.began):
                 self.log.info("removed the partial files an earlier, interrupted job left in %s", self.outputs_dir)
