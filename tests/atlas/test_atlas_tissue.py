@@ -14,7 +14,8 @@ import pytest
 from tubcli.testing import invoke
 
 from tub_atlas.slides import grid_positions, overlap_pixels, tissue_fractions
-from tub_atlas.tissue import TissueParams, close_mask, hsv, mask_outlines, median_filter, pen_mask, ring_area, segment_tissue
+from tub_atlas.tissue import (TissueParams, close_mask, hsv, mask_outlines, median_filter, pen_mask, ring_area,
+                              segment_tissue)
 
 PINK, GREEN_INK, BLUE_INK, BLACK_INK = (200, 80, 150), (40, 160, 90), (40, 60, 190), (20, 20, 25)
 

@@ -36,7 +36,8 @@ from tubcli.errors import TubError
 from tubcli.images import check_thumbnail_level
 from tubcli.io import refuse_broken_link
 
-from .tissue import TissueParams, looks_greyscale, otsu_threshold, saturation, segment_tissue, tissue_mask  # noqa: F401 (API)
+from .tissue import (TissueParams, looks_greyscale, otsu_threshold, saturation, segment_tissue,  # noqa: F401 (API)
+                     tissue_mask)
 
 SLIDE_EXT = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".tif", ".tiff"}
 OPENSLIDE_HINT = "reading whole slides needs OpenSlide: pip install 'tub-atlas[slides]'"

@@ -76,7 +76,8 @@ def read_predictions(path: Path, task: str, classes: list[str] | None) -> tuple[
                 slides.append(SimpleNamespace(slide_id=r["slide_id"], label=float(r["target"]), **case))
                 preds.append([float(r["prediction"])])
             else:
-                slides.append(SimpleNamespace(slide_id=r["slide_id"], time=float(r["time"]), event=int(r["event"]), **case))
+                slides.append(SimpleNamespace(slide_id=r["slide_id"], time=float(r["time"]), event=int(r["event"]),
+                                              **case))
                 preds.append([float(r["risk"])])
         except ValueError as e:
             raise TubError(f"{path}: slide {r.get('slide_id')!r}: {e}; the file is not as tub xmil wrote it") from None
