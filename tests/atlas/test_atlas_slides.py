@@ -514,3 +514,13 @@ def test_a_damaged_tile_names_where_it_is(slide):
     x, y = tiler.coords[0]
     with pytest.raises(TubError, match=rf"case01.tif: cannot read the tile at level-0 \({x}, {y}\), level 0: TIFF"):
         tiler.read(0, 2)
+
+
+def test_files_beside_the_slides_of_a_folder_are_named(tmp_path, caplog):
+    from tub_atlas.slides import slides_in_folder
+
+    make_slide(tmp_path / "a.tif")
+    (tmp_path / "labels.csv").write_text("slide_id\n")
+    with caplog.at_level("INFO", logger="tub"):
+        assert [p.name for p in slides_in_folder(tmp_path)] == ["a.tif"]
+    assert "1 file(s) of other kinds left out (labels.csv)" in caplog.text

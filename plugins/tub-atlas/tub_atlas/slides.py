@@ -629,6 +629,11 @@ def slides_in_folder(folder: Path) -> list[Path] | None:
     if tiles:
         raise TubError(f"{folder} holds whole slides ({slides[0].name}) and tile images ({tiles[0].name}); "
                        "put them in separate folders")
+    if others := [p.name for p in files if p not in slides]:  # a labels CSV, notes: said, so none goes missing unseen
+        import logging
+
+        logging.getLogger("tub").info("%s: %d file(s) of other kinds left out (%s%s)", folder, len(others),
+                                      ", ".join(others[:3]), ", ..." if len(others) > 3 else "")
     return sorted(slides)
 
 
