@@ -686,3 +686,6 @@ def test_md_names_a_strained_starting_cell(tmp_path):
     assert "the starting cell is under" in res.stderr and "relax the cell first" in res.stderr
     res = invoke(["mlff", "md", tmp_path / "built.extxyz", "--steps", 4, "--interval", 1, "-o", tmp_path / "m"])
     assert res.exit_code == 0 and "the starting cell is under" not in res.stderr  # a resume: its own state
+    write(tmp_path / "slab.extxyz", add_sodium(janus_graphene(3, 1, stacking="slab"), 1, "random", seed=1))
+    res = invoke(["mlff", "md", tmp_path / "slab.extxyz", "--steps", 2, "--interval", 1, "-o", tmp_path / "s"])
+    assert res.exit_code == 0 and "the starting cell is under" not in res.stderr  # vacuum: no pressure to name

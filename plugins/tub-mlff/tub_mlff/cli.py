@@ -913,11 +913,12 @@ def predict(cfg, run) -> dict:
 
 
 def _predicted_name(path: Path) -> str:
-    """``<stem>.extxyz``, with POSCAR/CONTCAR in lower case: ASE reads any file named ``*POSCAR*`` as VASP."""
-    stem = path.stem
-    for vasp in ("POSCAR", "CONTCAR", "CENTCAR"):
-        stem = stem.replace(vasp, vasp.lower())
-    return f"{stem}.extxyz"
+    """``<stem>.extxyz``, in lower case where ASE would read that name as another format (``*POSCAR*``,
+    ``*XDATCAR*``, ``*OUTCAR*``, ``*CONFIG*``: its globs are upper case)."""
+    from ase.io.formats import filetype
+
+    name = f"{path.stem}.extxyz"
+    return name if filetype(name, read=False) == "extxyz" else name.lower()
 
 
 # -- md ------------------------------------------------------------------------------------------
@@ -946,8 +947,12 @@ def md(cfg, run) -> dict:
 
     check_structure(atoms, calc.elements, name=str(path))
     _warn_composition(run, calc.composition_span, [atoms], str(path))
+    from .md import VACUUM_GAP_A, vacuum_gap
+
     fresh = not (run.outputs_dir / "trajectory.extxyz").exists()  # a resume goes on from its own state
-    if fresh and atoms.pbc.all() and cfg.ensemble != "npt":  # a built, unrelaxed cell stays strained at constant volume
+    bulk = (atoms.pbc.all() and vacuum_gap(atoms)[0] <= VACUUM_GAP_A  # a slab's stress is no pressure (NPT
+            and atoms.info.get("stacking") not in ("slab", "bilayer"))  # refuses it)
+    if fresh and bulk and cfg.ensemble != "npt":  # a built, unrelaxed cell stays strained at constant volume
         from ase import units
 
         probe = atoms.copy()

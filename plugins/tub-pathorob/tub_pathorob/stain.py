@@ -40,6 +40,19 @@ def optical_density(img: np.ndarray, io: float = 240.0) -> np.ndarray:
     return -np.log((img.reshape(-1, 3).astype(np.float64) + 1.0) / io)
 
 
+GREY_CHROMA = 3.0  # mean L*a*b* chroma below which a tile has no stain colour (H&E tiles: 15-40)
+
+
+def colourless(img: np.ndarray) -> bool:
+    """A greyscale tile, also with a few grey levels of per-channel noise: the mean chroma sqrt(a*² + b*²) of
+    its tissue (L* < 85) is below GREY_CHROMA. Normalising it would invent colour (Macenko: pink or blue; Reinhard: its noise
+    scaled up to the target's colour spread)."""
+    lab = rgb_to_lab(_check_rgb(img).astype(np.float32) / 255)
+    chroma = np.hypot(lab[..., 1], lab[..., 2])
+    tissue = lab[..., 0] < 85  # not the white background, which has no colour in any tile
+    return float((chroma[tissue] if tissue.sum() >= 10 else chroma).mean()) < GREY_CHROMA
+
+
 class Macenko:
     """Macenko H&E normalisation; ``fit(target)`` sets the reference stain matrix and maxima."""
 
@@ -54,10 +67,7 @@ class Macenko:
         tissue = od[~np.any(od < self.beta, axis=1)]
         if len(tissue) < 10:
             raise TubError("tile has almost no stained tissue (OD >= beta on fewer than 10 pixels); skip it")
-        grey = np.ones(3) / np.sqrt(3)
-        if np.percentile(tissue @ grey / np.linalg.norm(tissue, axis=1), 1) > np.cos(np.radians(3)):
-            # every pixel's optical density points along grey: no two stains to separate (the two vectors
-            # found would be one, and the output a made-up pink)
+        if colourless(img):  # no two stains to separate: the vectors found would be noise, the output made up
             raise TubError("tile is greyscale (no stain colour to separate); Macenko normalisation needs an H&E tile")
         _, vecs = np.linalg.eigh(np.cov(tissue.T))
         plane = vecs[:, 1:3]  # eigenvectors of the two largest eigenvalues
@@ -127,14 +137,17 @@ class Reinhard:
         lab = rgb_to_lab(_check_rgb(target).astype(np.float32) / 255)
         self.means_ = np.array([lab[..., i].mean() for i in range(3)])
         self.stds_ = np.array([lab[..., i].std() for i in range(3)])
-        if self.stds_[0] < self.FLAT or max(self.stds_[1:]) < self.FLAT:  # every tile would come out flat or grey
-            raise TubError(f"the Reinhard target has {'no tissue' if self.stds_[0] < self.FLAT else 'no colour'} "
-                           f"(L*a*b* spreads {', '.join(f'{v:.2g}' for v in self.stds_)}); choose a stained tile")
+        flat, grey = self.stds_[0] < self.FLAT, colourless(target)
+        if flat or grey:  # every tile would come out one colour, or grey
+            raise TubError(f"the Reinhard target has {'no tissue' if flat else 'no colour'} (L*a*b* spreads "
+                           f"{', '.join(f'{v:.2g}' for v in self.stds_)}); choose a stained tile")
         return self
 
     def transform(self, img: np.ndarray) -> np.ndarray:
         if not hasattr(self, "means_"):
             raise TubError("Reinhard normalisation needs a target; pass --target IMG")
+        if colourless(img):
+            raise TubError("tile is greyscale (no stain colour); Reinhard normalisation would colour in its noise")
         lab = rgb_to_lab(_check_rgb(img).astype(np.float32) / 255)
         out = np.empty_like(lab)
         for i in range(3):
