@@ -211,13 +211,13 @@ def test_intervals_resample_patients_and_one_class_draws_give_no_balanced_accura
     from types import SimpleNamespace
 
     from tub_xmil.predictions import read_predictions, write_predictions
-    from tub_xmil.training import bootstrap_slides, pooled_metrics
+    from tub_xmil.training import bootstrap_slides, task_metrics
 
     slides = [SimpleNamespace(slide_id=f"s{i}", split="test", label=float(i % 2), extra={"case_id": f"p{i // 4}"})
               for i in range(16)]
     constant = np.tile([0.9, 0.1], (16, 1))  # says class 0 for every slide: balanced accuracy 0.5
-    assert pooled_metrics(slides, constant, "classification")["balanced_accuracy"] == 0.5
-    assert np.isnan(pooled_metrics(slides[::2], constant[::2], "classification")["balanced_accuracy"])
+    assert task_metrics(slides, constant, "classification")["balanced_accuracy"] == 0.5
+    assert np.isnan(task_metrics(slides[::2], constant[::2], "classification")["balanced_accuracy"])
     write_predictions(tmp_path / "p.csv", slides, constant, "classification", ["neg", "pos"])
     back, p = read_predictions(tmp_path / "p.csv", "classification", ["neg", "pos"])
     assert [s.extra["case_id"] for s in back] == [s.extra["case_id"] for s in slides]

@@ -97,7 +97,10 @@ def test_evaluate_uses_the_model_classes(tmp_path, bags, model):
     m, _ = load_model(model)
     with torch.no_grad():
         said_pos = [int(m(read_bag(bags / f"{sid}.h5")[0][None]).argmax()) == 1 for sid, _, _ in rows]
-    assert json.loads(res.stdout)["balanced_accuracy"] == pytest.approx(np.mean(said_pos))
+    with open(tmp_path / "ev" / "outputs" / "predictions.csv", newline="") as f:
+        written = {r["slide_id"]: (r["label"], r["predicted"]) for r in csv.DictReader(f)}
+    assert written == {sid: ("pos", "pos" if p else "neg") for (sid, _, _), p in zip(rows, said_pos)}
+    assert json.loads(res.stdout)["balanced_accuracy"] is None  # one class: undefined, as AUROC
     unknown = _csv(tmp_path / "u.csv", "slide_id,label,split", [("s0", "maybe", "test")])
     expect_error_line(invoke(["xmil", "evaluate", "--model", model, "--features", bags, "--labels", unknown,
                          "-o", tmp_path / "ev2"]), "'maybe' is not a class of the model", "line 2")
@@ -379,7 +382,7 @@ def test_help_strings_survive_rich_markup():
 
 # ---------------------------------------------------------------- undefined validation / test metrics
 @pytest.mark.parametrize("task,rows,rule", [
-    ("classification", [("neg", "train"), ("pos", "train"), ("neg", "val"), ("neg", "val")], "balanced_accuracy"),
+    ("classification", [("neg", "train"), ("pos", "train"), ("neg", "val"), ("neg", "val")], "last epoch"),
     ("regression", [(1.0, "train"), (2.0, "train"), (3.0, "val"), (3.0, "val")], "last epoch"),
 ])
 def test_an_undefined_validation_metric_is_said_and_recorded(tmp_path, bags, task, rows, rule):

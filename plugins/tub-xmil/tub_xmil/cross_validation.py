@@ -84,7 +84,7 @@ def read_folds(run_dirs: list[Path], log) -> list[dict]:
 def summarize(folds: list[dict], bootstrap: int, seed: int, log) -> tuple[dict, list[dict], list, np.ndarray]:
     """(metrics, one row per fold, pooled slides, pooled predictions) of :func:`read_folds`'s folds."""
     from tub_xmil.predictions import read_predictions
-    from tub_xmil.training import bootstrap_slides, pooled_metrics, task_metrics
+    from tub_xmil.training import bootstrap_slides, task_metrics
 
     task, classes = folds[0]["task"], folds[0]["classes"]
     rows, pooled, preds = [], [], []
@@ -93,7 +93,7 @@ def summarize(folds: list[dict], bootstrap: int, seed: int, log) -> tuple[dict, 
         for s in slides:
             s.fold = f["fold"]
         rows.append({"fold": f"{f['fold']}/{f['folds']}", "run": str(f["dir"]), "test_slides": len(slides),
-                     **pooled_metrics(slides, p, task)})
+                     **task_metrics(slides, p, task)})
         pooled += slides
         preds.append(p)
     preds = np.concatenate(preds)

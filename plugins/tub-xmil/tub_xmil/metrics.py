@@ -13,12 +13,14 @@ def classification_metrics(y_true, proba) -> dict:
 
     y_true = np.asarray(y_true).astype(int)
     proba = np.asarray(proba, float)
-    with warnings.catch_warnings():  # balanced accuracy averages recall over the classes present, as intended
-        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
-        warnings.filterwarnings("ignore", message="A single label was found")
-        out = {"balanced_accuracy": float(balanced_accuracy_score(y_true, proba.argmax(1)))}
     present = np.unique(y_true)
-    out["auroc"] = float("nan")  # undefined on one class: reported as null, and said why (undefined_reason)
+    # undefined on one class, as AUROC: it would be that class's recall, another quantity (1.0 for a model that
+    # says one class everywhere), which inflated fold means and bootstrap intervals; reported as null, and said why
+    out = {"balanced_accuracy": float("nan"), "auroc": float("nan")}
+    with warnings.catch_warnings():  # over the classes present (an evaluation set may lack some of the model's)
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        if len(present) > 1:
+            out["balanced_accuracy"] = float(balanced_accuracy_score(y_true, proba.argmax(1)))
     if len(present) > 1:  # multi-class: macro one-vs-rest over the classes present (an evaluation set may lack some)
         out["auroc"] = float(roc_auc_score(y_true, proba[:, 1]) if proba.shape[1] == 2
                              else np.mean([roc_auc_score(y_true == c, proba[:, c]) for c in present]))
@@ -44,7 +46,8 @@ def undefined_reason(task: str, labels=None, times=None, events=None) -> str | N
     the caller says so instead of letting a fallback (or a missing key) pass unnoticed."""
     if task == "classification":
         present = np.unique(np.asarray(labels).astype(int))
-        return None if len(present) > 1 else f"AUROC is undefined: all {len(labels)} slides have one class"
+        return None if len(present) > 1 else (f"AUROC and balanced accuracy are undefined: all {len(labels)} slides "
+                                              "have one class")
     if task == "regression":
         y = np.asarray(labels, float)
         return None if len(y) > 1 and np.ptp(y) > 0 else f"R² is undefined: the target is constant over {len(y)} slides"

@@ -71,16 +71,6 @@ def task_metrics(slides, preds, task: str) -> dict:
     return {"c_index": concordance_index([s.time for s in slides], [s.event for s in slides], preds[:, 0])}
 
 
-def pooled_metrics(slides, preds, task: str) -> dict:
-    """``task_metrics`` for a mean over folds or an interval over bootstrap draws: balanced accuracy is left
-    undefined on slides of one class, as AUROC is, since it is then that class's recall, another quantity
-    (one-class folds and draws of 1.0 inflated the mean and the interval)."""
-    out = task_metrics(slides, preds, task)
-    if task == "classification" and len({int(s.label) for s in slides}) < 2:
-        out["balanced_accuracy"] = float("nan")
-    return out
-
-
 def bootstrap_slides(slides, preds, task: str, resamples: int, seed: int) -> dict:
     """Percentile intervals of the task metrics resampling patients with all their slides where the slides
     name them (case_id), else slides: a patient's slides are not independent, and resampling them one by
@@ -96,7 +86,7 @@ def bootstrap_slides(slides, preds, task: str, resamples: int, seed: int) -> dic
 
     def metrics(idx):
         rows = [i for u in idx for i in members[u]]
-        return pooled_metrics([slides[i] for i in rows], preds[rows], task)
+        return task_metrics([slides[i] for i in rows], preds[rows], task)
 
     ci = bootstrap_intervals(metrics, len(members), resamples, seed=seed)
     return {**ci, "unit": "patient" if len(members) < len(slides) else "slide", "units": len(members)}
@@ -112,12 +102,12 @@ def slides_undefined_reason(slides, task: str) -> str | None:
 def selection_rule(slides, task: str) -> tuple[str, str | None]:
     """The metric the best epoch is chosen by, and why the headline one cannot be (or None).
 
-    AUROC / R² / C-index; on a one-class set balanced accuracy; where no metric is defined (a constant
-    target, no comparable pair) the last epoch."""
+    AUROC / R² / C-index; where it is undefined (one class, a constant target, no comparable pair) the last
+    epoch."""
     why = slides_undefined_reason(slides, task)
     if why is None:
         return {"classification": "auroc", "regression": "r2", "survival": "c_index"}[task], None
-    return ("balanced_accuracy" if task == "classification" else "last epoch"), why
+    return "last epoch", why
 
 
 def selection_score(metrics: dict, key: str) -> float:
