@@ -256,3 +256,9 @@ def test_labels_that_differ_only_in_case_are_named(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="tub"):
         _, classes = load_slides(tmp_path / "bags", labels, "classification")
     assert classes == ["Pos", "neg", "pos"] and "the labels 'Pos' and 'pos' differ only in case" in caplog.text
+    labels.write_text("slide_id,label,patient_id,split\ns0,pos,p0,train\ns1,neg,p0,test\ns2,neg,p1,train\n"
+                      "s3,pos,p2,test\n")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tub"):
+        load_slides(tmp_path / "bags", labels, "classification")
+    assert "1 patient(s) have slides in more than one split (e.g. p0: test, train)" in caplog.text

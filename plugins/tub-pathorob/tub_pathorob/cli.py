@@ -591,7 +591,7 @@ def stainnorm(cfg: StainConfig, run) -> dict:
         try:
             norm.fit(read_rgb(cfg.target))
         except TubError as exc:
-            raise TubError(f"--target {cfg.target}: {exc}; choose a target tile with tissue") from None
+            raise TubError(f"--target {cfg.target}: {exc}") from None
     done = 0
     for item, out in run.batch(outputs, output_for=outputs.get):
         with run.item(item):

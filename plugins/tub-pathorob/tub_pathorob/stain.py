@@ -61,14 +61,16 @@ class Macenko:
         self.stain_matrix_ = HE_REF.copy()
         self.max_concentrations_ = MAX_C_REF.copy()
 
-    def stains(self, img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(stain matrix 3×2 with H first, concentrations 2×P, 99th-percentile maxima)."""
+    def stains(self, img: np.ndarray, what: str = "tile") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(stain matrix 3×2 with H first, concentrations 2×P, 99th-percentile maxima); ``what`` names the
+        image in errors (a tile is skipped, a target replaced)."""
         od = optical_density(_check_rgb(img), self.io)
         tissue = od[~np.any(od < self.beta, axis=1)]
+        advice = "skip it" if what == "tile" else "choose a stained tile"
         if len(tissue) < 10:
-            raise TubError("tile has almost no stained tissue (OD >= beta on fewer than 10 pixels); skip it")
+            raise TubError(f"{what} has almost no stained tissue (OD >= beta on fewer than 10 pixels); {advice}")
         if colourless(img):  # no two stains to separate: the vectors found would be noise, the output made up
-            raise TubError("tile is greyscale (no stain colour to separate); Macenko normalisation needs an H&E tile")
+            raise TubError(f"{what} is greyscale (no stain colour to separate); {advice}")
         _, vecs = np.linalg.eigh(np.cov(tissue.T))
         plane = vecs[:, 1:3]  # eigenvectors of the two largest eigenvalues
         proj = tissue @ plane
@@ -82,7 +84,7 @@ class Macenko:
         return he, conc, max_c
 
     def fit(self, target: np.ndarray) -> "Macenko":
-        he, _, max_c = self.stains(target)
+        he, _, max_c = self.stains(target, what="the Macenko target")
         self.stain_matrix_, self.max_concentrations_ = he, max_c
         return self
 

@@ -221,9 +221,9 @@ def load_slides(features: Path, labels: Path, task: str, split: str | None = Non
         if alike := [names for names in folded.values() if len(names) > 1]:  # 'pos' and 'Pos': a typo, or two?
             import logging
 
-            logging.getLogger("tub").warning("%s: the labels %s differ only in case and are %d classes; write them "
-                                             "alike if they are one", labels, " and ".join(map(repr, alike[0])),
-                                             len(alike[0]))
+            logging.getLogger("tub").warning("%s: the labels %s differ only in case and are separate classes; write "
+                                             "them alike if they are one", labels,
+                                             "; ".join(" and ".join(map(repr, names)) for names in alike))
     splits = {line: _split(labels, line, r) for line, r in rows}
     if split is not None:
         wanted = split_name(split)
@@ -261,4 +261,20 @@ def load_slides(features: Path, labels: Path, task: str, split: str | None = Non
                             extra={"case_id": case} if case else None))
     if not slides:
         raise TubError(f"{labels}: no slides{' in split ' + split if split else ''}")
+    _warn_patients_across_splits(labels, slides)
     return slides, classes or []
+
+
+def _warn_patients_across_splits(labels, slides) -> None:
+    """A patient whose slides the labels put in two splits (train and test) leaks between them: the model
+    is tested on a patient it was trained on, and the test metrics come out too good."""
+    splits: dict[str, set] = {}
+    for s in slides:
+        if s.extra and s.extra.get("case_id"):
+            splits.setdefault(s.extra["case_id"], set()).add(s.split)
+    if leaking := sorted(c for c, sp in splits.items() if len(sp) > 1):
+        import logging
+
+        logging.getLogger("tub").warning("%s: %d patient(s) have slides in more than one split (e.g. %s: %s); their "
+                                         "slides leak between the splits: give each patient one split", labels,
+                                         len(leaking), leaking[0], ", ".join(sorted(splits[leaking[0]])))
