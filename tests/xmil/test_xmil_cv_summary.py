@@ -262,3 +262,8 @@ def test_labels_that_differ_only_in_case_are_named(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="tub"):
         load_slides(tmp_path / "bags", labels, "classification")
     assert "1 patient(s) have slides in more than one split (e.g. p0: test, train)" in caplog.text
+    labels.write_text("slide_id,label,patient_id\ns0,pos,p0\ns1,neg,p0\ns2,neg,\ns3,pos,p2\n")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tub"):
+        load_slides(tmp_path / "bags", labels, "classification")
+    assert "1 slide(s) have no patient (e.g. s2) while the others do" in caplog.text

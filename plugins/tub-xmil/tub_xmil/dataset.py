@@ -272,6 +272,13 @@ def _warn_patients_across_splits(labels, slides) -> None:
     for s in slides:
         if s.extra and s.extra.get("case_id"):
             splits.setdefault(s.extra["case_id"], set()).add(s.split)
+    alone = [s.slide_id for s in slides if not (s.extra and s.extra.get("case_id"))]
+    if splits and alone:  # an empty patient cell: that slide is a patient of its own in splits and intervals
+        import logging
+
+        logging.getLogger("tub").warning("%s: %d slide(s) have no patient (e.g. %s) while the others do; each counts "
+                                         "as a patient of its own in splits and bootstrap intervals", labels,
+                                         len(alone), alone[0])
     if leaking := sorted(c for c, sp in splits.items() if len(sp) > 1):
         import logging
 
