@@ -261,13 +261,14 @@ def load_slides(features: Path, labels: Path, task: str, split: str | None = Non
                             extra={"case_id": case} if case else None))
     if not slides:
         raise TubError(f"{labels}: no slides{' in split ' + split if split else ''}")
-    _warn_patients_across_splits(labels, slides)
+    _warn_patient_gaps(labels, slides)
     return slides, classes or []
 
 
-def _warn_patients_across_splits(labels, slides) -> None:
+def _warn_patient_gaps(labels, slides) -> None:
     """A patient whose slides the labels put in two splits (train and test) leaks between them: the model
-    is tested on a patient it was trained on, and the test metrics come out too good."""
+    is tested on a patient it was trained on, and the test metrics come out too good. A slide without a
+    patient beside slides with one is a patient of its own (an empty cell, or a typo)."""
     splits: dict[str, set] = {}
     for s in slides:
         if s.extra and s.extra.get("case_id"):
