@@ -4,6 +4,7 @@ PIL's RGB conversion saturates 16-bit, 32-bit and float greyscale to white, so t
 :func:`to_uint8` instead. Transparent pixels are composited on white, as a slide's area outside its
 scan is read (OpenSlide's transparent RGBA), so a tile cut from a slide and saved as RGBA PNG embeds
 like the slide region. EXIF orientation is not applied (torchvision's loaders do not either).
+The checks both whole-slide tilers (xmil and atlas) make of a slide live here too.
 """
 
 from __future__ import annotations
@@ -28,6 +29,39 @@ def check_thumbnail_level(name: str, width: int, height: int) -> None:
         raise TubError(f"{name}: no pyramid level small enough for a thumbnail (the nearest is {width}x{height} px); "
                        "the slide is not pyramidal: convert it to a tiled pyramidal TIFF (e.g. vips tiffsave "
                        "in.tif out.tif --tile --pyramid)")
+
+
+def check_square_pixels(properties, mpp_x: float, name: str, flag: str, tolerance: float = 0.05) -> None:
+    """Refuse a slide whose pixels are not square (openslide.mpp-y differs from mpp-x by more than
+    ``tolerance``): its square tiles would cover a rectangle of tissue, which no encoder trained on square
+    pixels expects, and its µm² areas would be wrong. ``flag`` is the option that overrides the mpp."""
+    try:
+        mpp_y = float(properties.get("openslide.mpp-y", mpp_x))
+    except ValueError:
+        return
+    if mpp_y > 0 and abs(mpp_y - mpp_x) > tolerance * mpp_x:
+        raise TubError(f"{name}: its pixels are not square ({mpp_x:g} x {mpp_y:g} µm, openslide.mpp-x x mpp-y), so "
+                       f"a tile would cover {mpp_y / mpp_x:.2f}x more tissue down than across; resample the slide to "
+                       f"square pixels, or give {flag} to treat them as square")
+
+
+def looks_greyscale(rgb: np.ndarray, min_std: float = 8.0) -> bool:
+    """True for a greyscale image with something on it (R = G = B up to compression noise in 99% of pixels,
+    grey levels that vary by ``min_std``): saturation is zero everywhere, so no saturation threshold can find
+    its tissue. Blank glass (uniform grey) is not counted: it has no tissue to find."""
+    rgb = rgb[..., :3]
+    no_colour = float(np.percentile(rgb.max(-1).astype(np.int16) - rgb.min(-1), 99)) <= 2
+    return no_colour and float(rgb.mean(-1).std()) >= min_std
+
+
+def say_left_out(folder, names: list[str]) -> None:
+    """An INFO line naming the files of an input folder that are not read (a labels CSV, a PNG beside the
+    slides), so that a file that goes missing from the outputs is explained."""
+    if names:
+        import logging
+
+        logging.getLogger("tub").info("%s: %d file(s) of other kinds left out (%s%s)", folder, len(names),
+                                      ", ".join(names[:3]), ", ..." if len(names) > 3 else "")
 
 
 def to_uint8(arr: np.ndarray, src) -> np.ndarray:

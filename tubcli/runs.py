@@ -580,7 +580,7 @@ class Run:
         set_vector_figures(getattr(cfg, "vector_figures", "none"))
         self.shard = parse_shard(shard)
         self.failures: list[dict] = []
-        self._held_elsewhere: list[tuple[Path, Path]] = []  # (output, lock file) another job kept this run from
+        self._held_elsewhere: list[tuple[Path, ItemLock]] = []  # (output, the lock another job kept it under)
         self.batch_stats: dict = {}
         self._device = None
         self._dist = _device.dist_info()
@@ -998,7 +998,7 @@ class Run:
             try:  # from the lock's creation on: a signal at any point must not leave it behind
                 if not lock.acquire():
                     stats["skipped_locked"] += 1
-                    self._held_elsewhere.append((out, lock.path))
+                    self._held_elsewhere.append((out, lock))
                     self.log.info("skipping %s: another job holds its lock", item)
                     continue
                 if out.exists() and not self.overwrite:  # finished by another job while we looked
@@ -1172,9 +1172,9 @@ class Run:
         if self.failures:
             raise ItemFailures(len(self.failures), self.batch_stats.get("in_shard", len(self.failures)),
                                self.dir / "failures.jsonl", metrics)
-        unfinished = [(out, held) for out, held in self._held_elsewhere if not out.exists()]
+        unfinished = [(out, lock) for out, lock in self._held_elsewhere if not out.exists()]
         if unfinished:  # another job (or a dead one's lock) still holds these: the run is not complete
-            lock = ItemLock(str(unfinished[0][1])[:-len(".lock")])  # the lock it found (lock_for's, or the output's)
+            lock = unfinished[0][1]  # the lock it found (lock_for's, or the output's)
             self.log.warning("%d item(s) were locked by another job and have no output yet (e.g. %s, held by %s); "
                              "%s not written: rerun when that job has ended, or delete its lock %s if no job is "
                              "running (a job killed on another host leaves one, taken over 15 min after its last "

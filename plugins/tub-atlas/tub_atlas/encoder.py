@@ -135,11 +135,12 @@ class Encoder(nn.Module):
         see no pixels quantised before resizing (and interpolate's antialias has no bf16 CPU kernel)."""
         param = next(self.vit.parameters())
         if isinstance(x, np.ndarray) or x.dtype == torch.uint8:  # tiles as read, (B, H, W, 3): a notebook's form
-            x = uint8_to_float(np.asarray(x.cpu() if torch.is_tensor(x) else x), param.device)
+            x = uint8_to_float(np.asarray(x.cpu() if torch.is_tensor(x) else x), param.device)  # range checked there
+        else:
+            check_unit_range(x)
         if x.ndim != 4 or x.shape[1] != 3:
             raise TubError(f"tiles must be (B, 3, H, W) RGB in [0, 1] or (B, H, W, 3) uint8, got shape "
                            f"{tuple(x.shape)} ({x.dtype})")
-        check_unit_range(x)
         work = torch.float64 if param.dtype == torch.float64 else torch.float32
         return self.transform(x.to(work)).to(param.dtype)
 

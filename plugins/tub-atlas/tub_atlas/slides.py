@@ -33,11 +33,10 @@ from pathlib import Path
 import numpy as np
 
 from tubcli.errors import TubError
-from tubcli.images import check_thumbnail_level
+from tubcli.images import check_square_pixels, check_thumbnail_level, looks_greyscale, say_left_out
 from tubcli.io import refuse_broken_link
 
-from .tissue import (TissueParams, looks_greyscale, otsu_threshold, saturation, segment_tissue,  # noqa: F401 (API)
-                     tissue_mask)
+from .tissue import TissueParams, otsu_threshold, saturation, segment_tissue, tissue_mask  # noqa: F401 (API)
 
 SLIDE_EXT = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".tif", ".tiff"}
 OPENSLIDE_HINT = "reading whole slides needs OpenSlide: pip install 'tub-atlas[slides]'"
@@ -178,17 +177,17 @@ def recorded_mpp(slide) -> float | None:
     return value if value > 0 else None
 
 
-def check_square_pixels(slide, mpp_x: float, name: str) -> None:
-    """Refuse a slide whose pixels are not square (openslide.mpp-y differs from mpp-x by more than
-    MPP_TOLERANCE): its square tiles would cover a rectangle of tissue and its µm² areas would be wrong."""
-    try:
-        mpp_y = float(slide.properties.get("openslide.mpp-y", mpp_x))
-    except ValueError:
-        return
-    if mpp_y > 0 and abs(mpp_y - mpp_x) > MPP_TOLERANCE * mpp_x:
-        raise TubError(f"{name}: its pixels are not square ({mpp_x:g} x {mpp_y:g} µm, openslide.mpp-x x mpp-y), so "
-                       f"a tile would cover {mpp_y / mpp_x:.2f}x more tissue down than across; resample the slide to "
-                       "square pixels, or give --slide-base-mpp to treat them as square")
+def level0_mpp(slide, name: str, base_mpp: float | None) -> float | None:
+    """The level-0 µm/px: ``--slide-base-mpp`` if given (a WARNING where the slide records another), else the
+    slide's own (refused if its pixels are not square), else None."""
+    recorded = recorded_mpp(slide)
+    if base_mpp is not None:
+        if recorded:
+            say_base_mpp_override(name, float(base_mpp), recorded)
+        return float(base_mpp)
+    if recorded:
+        check_square_pixels(slide.properties, recorded, name, "--slide-base-mpp", MPP_TOLERANCE)
+    return recorded
 
 
 class SlideTiles:
@@ -208,12 +207,7 @@ class SlideTiles:
         s = self.slide
         self.tile_px = tile_px
         self.tissue_min = tissue_min
-        recorded = recorded_mpp(s)
-        self.mpp0 = float(base_mpp) if base_mpp is not None else recorded
-        if base_mpp is not None and recorded:
-            say_base_mpp_override(self.path.name, float(base_mpp), recorded)
-        elif recorded:
-            check_square_pixels(s, recorded, self.path.name)
+        self.mpp0 = level0_mpp(s, self.path.name, base_mpp)
         self.mag0 = nominal_magnification(self.mpp0, s.properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
         self.target_mag = mag
         if mpp is not None and mag is not None:
@@ -331,10 +325,7 @@ class SlideTiles:
         self.level = int(level) if level is not None and 0 <= int(level) < s.level_count \
             and s.level_downsamples[int(level)] <= factor + 1e-6 else s.get_best_level_for_downsample(factor + 1e-6)
         self.read_px = max(1, int(round(self.footprint0 / s.level_downsamples[self.level])))
-        recorded = s.properties.get(openslide.PROPERTY_NAME_MPP_X)
-        if base_mpp is not None and recorded:
-            say_base_mpp_override(self.path.name, float(base_mpp), float(recorded))
-        self.mpp0 = float(base_mpp) if base_mpp is not None else float(recorded) if recorded else attrs.get("level0_mpp")
+        self.mpp0 = level0_mpp(s, self.path.name, base_mpp) or attrs.get("level0_mpp")
         self.target_mpp = self.mpp0 * factor if self.mpp0 else None
         self.mag0 = nominal_magnification(self.mpp0, s.properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
         self.target_mag = self.mag0 / factor if self.mag0 else None
@@ -629,11 +620,7 @@ def slides_in_folder(folder: Path) -> list[Path] | None:
     if tiles:
         raise TubError(f"{folder} holds whole slides ({slides[0].name}) and tile images ({tiles[0].name}); "
                        "put them in separate folders")
-    if others := [p.name for p in files if p not in slides]:  # a labels CSV, notes: said, so none goes missing unseen
-        import logging
-
-        logging.getLogger("tub").info("%s: %d file(s) of other kinds left out (%s%s)", folder, len(others),
-                                      ", ".join(others[:3]), ", ..." if len(others) > 3 else "")
+    say_left_out(folder, [p.name for p in files if p not in slides])
     return sorted(slides)
 
 

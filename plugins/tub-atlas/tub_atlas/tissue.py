@@ -194,15 +194,6 @@ def _median_rows(padded: np.ndarray, k: int, H: int, W: int) -> np.ndarray:
     return c[kth]
 
 
-def looks_greyscale(rgb: np.ndarray) -> bool:
-    """True for a greyscale image with something on it (R = G = B up to compression noise in 99% of pixels,
-    grey levels that vary): saturation is zero everywhere, so no saturation threshold can find its tissue.
-    Blank glass (uniform grey) is not counted: it has no tissue to find."""
-    rgb = rgb[..., :3]
-    no_colour = float(np.percentile(rgb.max(-1).astype(np.int16) - rgb.min(-1), 99)) <= 2
-    return no_colour and float(rgb.mean(-1).std()) >= 8
-
-
 def tissue_mask(rgb: np.ndarray, min_saturation: int = 15) -> np.ndarray:
     """The threshold step alone: saturation above its Otsu threshold (and above ``min_saturation``)."""
     s = saturation(rgb)

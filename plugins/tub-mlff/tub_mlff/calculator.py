@@ -240,12 +240,12 @@ class SpookyNetCalculator(Calculator):
     def _say_untrained(self, charge: int, spin: int) -> None:
         """A warning (once per value) for a total charge or spin that no training frame had: the charge and
         spin embeddings never learned it (a model trained on neutral frames gives every charge one energy)."""
-        for what, value, trained in (("total charge", charge, self.trained_charges), ("spin", spin, self.trained_spins)):
-            if trained is not None and value not in trained and (what, value) not in self._untrained_said:
-                self._untrained_said.add((what, value))
-                warnings.warn(f"{what} {value}: the model was trained on {what} {', '.join(map(str, sorted(trained)))} "
-                              "only; its energies and forces here are not determined by its training data",
-                              stacklevel=4)
+        from .checkpoints import untrained_states
+
+        for what, value, trained in untrained_states(charge, spin, self.trained_charges, self.trained_spins,
+                                                     self._untrained_said):
+            warnings.warn(f"{what} {value}: the model was trained on {what} {trained} only; its energies and forces "
+                          "here are not determined by its training data", stacklevel=4)
 
     def batch_for(self, atoms) -> dict:
         """The model input for one structure (also used by `explain`)."""

@@ -179,6 +179,18 @@ def model_trained_states(metas: list[dict]) -> tuple[set[int] | None, set[int] |
     return union("trained_charges"), union("trained_spins")
 
 
+def untrained_states(charge: int, spin: int, trained_charges, trained_spins, said: set) -> list[tuple[str, int, str]]:
+    """(what, value, trained values) for each total charge or spin that no training frame had and that is
+    not in ``said`` yet (added to it): the charge and spin embeddings never learned it (a model trained on
+    neutral frames gives every charge one energy). The calculator warns of them, and so does `predict`."""
+    out = []
+    for what, value, trained in (("total charge", charge, trained_charges), ("spin", spin, trained_spins)):
+        if trained is not None and value not in trained and (what, value) not in said:
+            said.add((what, value))
+            out.append((what, value, ", ".join(map(str, sorted(trained)))))
+    return out
+
+
 def model_composition_span(metas: list[dict]) -> dict | None:
     """The span of the training compositions (``data.composition_span``) from model.json, None for
     models that do not record it (reference files, older tub models)."""

@@ -417,6 +417,25 @@ def _default_lr_cutoff(models, run) -> float:
     return lr_cutoff
 
 
+def _open_long_range(models) -> list[bool]:
+    """Per model: Coulomb or D4 without a long-range cutoff of its own (decided per structure set)."""
+    return [m.config.lr_cutoff is None and (m.config.use_electrostatics or m.config.use_d4_dispersion)
+            for m in models]
+
+
+def _pair_radius(models, open_lr: list[bool], periodic: bool, run) -> float:
+    """The pair-list radius for a set of structures, each model's long-range cutoff set as the calculator
+    sets it: a model in ``open_lr`` gets 10 A in cells (with a warning) and all pairs in molecules."""
+    if any(open_lr) and periodic:
+        _default_lr_cutoff([m for m, o in zip(models, open_lr) if o], run)
+    for m, o in zip(models, open_lr):
+        if o and not periodic:
+            m.set_lr_cutoff(None)
+    if any(open_lr) and not periodic:
+        return 1e4  # molecules: all pairs
+    return max(max(m.config.cutoff, m.config.lr_cutoff or 0.0) for m in models)
+
+
 def _stress_coverage(graphs, key: str, what: str, run) -> int:
     """How many frames have a cell and a stress label; warns when some periodic frames lack one
     (``what`` then uses the others; molecules never have stress)."""
@@ -791,11 +810,7 @@ def evaluate(cfg, run) -> dict:
     _warn_composition(run, model_composition_span([meta for _, meta in loaded]), frames, str(data))
     if not _warn_fitted_frames(run, _models(cfg.model), frames, data):
         _warn_training_files(run, [meta for _, meta in loaded], data)
-    mc = models[0].config
-    radius = max(mc.cutoff, mc.lr_cutoff or 0.0)
-    periodic = any(np.any(a.pbc) for a in frames)
-    if (mc.use_electrostatics or mc.use_d4_dispersion) and mc.lr_cutoff is None:
-        radius = _default_lr_cutoff(models, run) if periodic else 1e4  # molecules only: all pairs
+    radius = _pair_radius(models, _open_long_range(models), any(np.any(a.pbc) for a in frames), run)
     graphs = _graphs(frames, radius, Keys(**cfg.keys.model_dump()), str(data), need_forces=False)
     with_forces = all(g.forces is not None for g in graphs)
     if not with_forces:
@@ -842,7 +857,7 @@ def predict(cfg, run) -> dict:
     can be compared; the input is never modified."""
     from ase.stress import full_3x3_to_voigt_6_stress
 
-    from .checkpoints import load_model, model_composition_span, model_elements, model_trained_states
+    from .checkpoints import load_model, model_composition_span, model_elements, model_trained_states, untrained_states
     from .data import Keys, read_structures, to_graph
     from .evaluation import predict as predict_frames
     from .validation import check_charge_spin, check_structure
@@ -861,9 +876,7 @@ def predict(cfg, run) -> dict:
     elements = model_elements([meta for _, meta in loaded])
     span = model_composition_span([meta for _, meta in loaded])
     trained_charges, trained_spins = model_trained_states([meta for _, meta in loaded])
-    trained_lr = [m.config.lr_cutoff for m in models]  # decided per file below, per model, as the calculator does
-    open_lr = [lr is None and (m.config.use_electrostatics or m.config.use_d4_dispersion)
-               for m, lr in zip(models, trained_lr)]
+    open_lr = _open_long_range(models)  # their cutoffs are decided per file below, as the calculator does
     keys = Keys(**cfg.keys.model_dump())
     p, frames_done, said = cfg.prefix, 0, set()
     for path, out in run.batch(list(outputs.values()), output_for=lambda f: run.outputs_dir / _predicted_name(f)):
@@ -873,22 +886,11 @@ def predict(cfg, run) -> dict:
                 name = f"{path} frame {k}"
                 check_structure(a, elements, name=name)
                 q, spin = check_charge_spin(a, float(a.info.get(keys.charge, 0.0)), a.info.get(keys.spin), name)
-                for what, value, trained in (("total charge", q, trained_charges), ("spin", spin, trained_spins)):
-                    if trained is not None and value not in trained and (what, value) not in said:
-                        said.add((what, value))  # as the calculator warns: once per value
-                        run.log.warning("%s: %s %s, the model was trained on %s %s only; its predictions there are "
-                                        "not determined by its training data", name, what, value, what,
-                                        ", ".join(map(str, sorted(trained))))
+                for what, value, trained in untrained_states(q, spin, trained_charges, trained_spins, said):
+                    run.log.warning("%s: %s %s, the model was trained on %s %s only; its predictions there are not "
+                                    "determined by its training data", name, what, value, what, trained)
             _warn_composition(run, span, frames, str(path))
-            periodic = any(np.any(a.pbc) for a in frames)
-            if any(open_lr) and periodic:  # cells: 10 A for Coulomb/D4 with a warning; molecules: all pairs
-                _default_lr_cutoff([m for m, o in zip(models, open_lr) if o], run)
-            for m, o in zip(models, open_lr):
-                if o and not periodic:
-                    m.set_lr_cutoff(None)
-            radius = max(max(m.config.cutoff, m.config.lr_cutoff or 0.0) for m in models)
-            if any(open_lr) and not periodic:
-                radius = 1e4
+            radius = _pair_radius(models, open_lr, any(np.any(a.pbc) for a in frames), run)
             graphs = [to_graph(a, radius, keys, labelled=False, name=f"{path} frame {k}") for k, a in enumerate(frames)]
             preds = predict_frames(models, graphs, _dtype(run), run.device, batch_size=cfg.batch_size)
             rows = ["frame,formula,n_atoms,energy_eV,energy_per_atom_eV,energy_std_eV,fmax_eV_A"]

@@ -45,8 +45,8 @@ GREY_CHROMA = 3.0  # mean L*a*b* chroma below which a tile has no stain colour (
 
 def colourless(img: np.ndarray) -> bool:
     """A greyscale tile, also with a few grey levels of per-channel noise: the mean chroma sqrt(a*² + b*²) of
-    its tissue (L* < 85) is below GREY_CHROMA. Normalising it would invent colour (Macenko: pink or blue; Reinhard: its noise
-    scaled up to the target's colour spread)."""
+    its tissue (L* < 85) is below GREY_CHROMA. Normalising it would invent colour (Macenko: pink or blue;
+    Reinhard: its noise scaled up to the target's colour spread)."""
     lab = rgb_to_lab(_check_rgb(img).astype(np.float32) / 255)
     chroma = np.hypot(lab[..., 1], lab[..., 2])
     tissue = lab[..., 0] < 85  # not the white background, which has no colour in any tile

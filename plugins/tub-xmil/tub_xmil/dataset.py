@@ -269,20 +269,18 @@ def _warn_patient_gaps(labels, slides) -> None:
     """A patient whose slides the labels put in two splits (train and test) leaks between them: the model
     is tested on a patient it was trained on, and the test metrics come out too good. A slide without a
     patient beside slides with one is a patient of its own (an empty cell, or a typo)."""
+    import logging
+
+    log = logging.getLogger("tub")
     splits: dict[str, set] = {}
     for s in slides:
         if s.extra and s.extra.get("case_id"):
             splits.setdefault(s.extra["case_id"], set()).add(s.split)
     alone = [s.slide_id for s in slides if not (s.extra and s.extra.get("case_id"))]
     if splits and alone:  # an empty patient cell: that slide is a patient of its own in splits and intervals
-        import logging
-
-        logging.getLogger("tub").warning("%s: %d slide(s) have no patient (e.g. %s) while the others do; each counts "
-                                         "as a patient of its own in splits and bootstrap intervals", labels,
-                                         len(alone), alone[0])
+        log.warning("%s: %d slide(s) have no patient (e.g. %s) while the others do; each counts as a patient of its "
+                    "own in splits and bootstrap intervals", labels, len(alone), alone[0])
     if leaking := sorted(c for c, sp in splits.items() if len(sp) > 1):
-        import logging
-
-        logging.getLogger("tub").warning("%s: %d patient(s) have slides in more than one split (e.g. %s: %s); their "
-                                         "slides leak between the splits: give each patient one split", labels,
-                                         len(leaking), leaking[0], ", ".join(sorted(splits[leaking[0]])))
+        log.warning("%s: %d patient(s) have slides in more than one split (e.g. %s: %s); their slides leak between "
+                    "the splits: give each patient one split", labels, len(leaking), leaking[0],
+                    ", ".join(sorted(splits[leaking[0]])))

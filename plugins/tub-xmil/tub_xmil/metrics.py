@@ -17,11 +17,11 @@ def classification_metrics(y_true, proba) -> dict:
     # undefined on one class, as AUROC: it would be that class's recall, another quantity (1.0 for a model that
     # says one class everywhere), which inflated fold means and bootstrap intervals; reported as null, and said why
     out = {"balanced_accuracy": float("nan"), "auroc": float("nan")}
-    with warnings.catch_warnings():  # over the classes present (an evaluation set may lack some of the model's)
-        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
-        if len(present) > 1:
+    if len(present) > 1:  # over the classes present (an evaluation set may lack some of the model's)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
             out["balanced_accuracy"] = float(balanced_accuracy_score(y_true, proba.argmax(1)))
-    if len(present) > 1:  # multi-class: macro one-vs-rest over the classes present (an evaluation set may lack some)
+        # multi-class: macro one-vs-rest over the classes present
         out["auroc"] = float(roc_auc_score(y_true, proba[:, 1]) if proba.shape[1] == 2
                              else np.mean([roc_auc_score(y_true == c, proba[:, c]) for c in present]))
     return out

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from tubcli.errors import TubError
+from tubcli.images import say_left_out
 from tubcli.io import atomic_path, refuse_broken_link
 
 from tub_xmil.slides import open_slide, slide_mpp
@@ -27,12 +28,7 @@ def expand_inputs(paths, suffixes) -> list[Path]:
         if p.is_dir() and not _is_pt_folder(p):
             entries = sorted(p.iterdir())
             found = [q for q in entries if q.suffix.lower() in suffixes]
-            others = [q.name for q in entries if q not in found and not q.name.startswith(".") and q.is_file()]
-            if others:  # a PNG or JPEG is no slide OpenSlide reads; said, so that a missing file is explained
-                import logging
-
-                logging.getLogger("tub").info("%s: %d file(s) of other kinds left out (%s%s)", p,
-                                              len(others), ", ".join(others[:3]), ", ..." if len(others) > 3 else "")
+            say_left_out(p, [q.name for q in entries if q not in found and not q.name.startswith(".") and q.is_file()])
             for q in found:
                 refuse_broken_link(q)
             found = [q for q in found if q.is_file()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tubcli.errors import TubError
+from tubcli.images import check_square_pixels
 
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".czi",
                   ".dcm", ".svslide"}
@@ -53,19 +54,6 @@ def recorded_mpp(slide) -> float | None:
     return None
 
 
-def check_square_pixels(slide, mpp_x: float, name: str, flag: str) -> None:
-    """Refuse a slide whose pixels are not square (openslide.mpp-y differs from mpp-x by more than 5%):
-    its square tiles would cover a rectangle of tissue, which no encoder trained on square pixels expects."""
-    try:
-        mpp_y = float(slide.properties.get("openslide.mpp-y", mpp_x))
-    except ValueError:
-        return
-    if mpp_y > 0 and abs(mpp_y - mpp_x) > 0.05 * mpp_x:
-        raise TubError(f"{name}: its pixels are not square ({mpp_x:g} x {mpp_y:g} µm, openslide.mpp-x x mpp-y), so "
-                       f"a tile would cover {mpp_y / mpp_x:.2f}x more tissue down than across; resample the slide to "
-                       f"square pixels, or give {flag} to treat them as square")
-
-
 def slide_mpp(slide, path: str | Path, override: float | None = None) -> float:
     """Microns per pixel at level 0: ``override`` if given (a WARNING when it contradicts the slide's
     own value by more than 5%: it applies to every slide of the batch), else the recorded one."""
@@ -79,7 +67,7 @@ def slide_mpp(slide, path: str | Path, override: float | None = None) -> float:
                                              recorded, recorded / float(override))
         return float(override)
     if recorded is not None:
-        check_square_pixels(slide, recorded, Path(path).name, "--mpp")
+        check_square_pixels(slide.properties, recorded, Path(path).name, "--mpp")
         return recorded
     raise TubError(f"{Path(path).name}: slide has no mpp (microns per pixel); pass --mpp, "
                    "e.g. --mpp 0.25 for 40x or 0.5 for 20x")

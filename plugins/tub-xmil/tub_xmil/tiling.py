@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from tubcli.errors import TubError
-from tubcli.images import check_thumbnail_level
+from tubcli.images import check_thumbnail_level, looks_greyscale
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -123,8 +123,7 @@ def tile_slide(slide, mpp: float, target_mpp: float = 0.5, patch_size: int = 256
             if grey[y0:y1, x0:x1].std() < min_std:
                 continue
             coords.append((x, y))
-    no_colour = np.percentile(thumb.max(-1).astype(np.int16) - thumb.min(-1), 99) <= 2
-    if not coords and no_colour and grey.std() >= min_std:  # saturation 0 everywhere, yet something is there
+    if not coords and looks_greyscale(thumb, min_std):  # saturation 0 everywhere, yet something is there
         raise TubError(f"{name}: the slide has no colour (greyscale), so tissue detection, which thresholds "
                        "saturation, cannot see tissue; tile it with another tool and give its patches files to "
                        "'tub xmil features --coords-dir'")
