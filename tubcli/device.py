@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -118,8 +119,6 @@ def resolve_dtype(precision: str = "fp32"):
 def autocast(device, dtype):
     """bf16/fp16 autocast for inference (weights stay fp32, also for encoders whose loader ignores the
     dtype); a no-op context for fp32/fp64."""
-    import contextlib
-
     import torch
 
     device = torch.device(device)
@@ -155,6 +154,33 @@ def exact_fp32() -> None:
         return
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
+
+
+@contextlib.contextmanager
+def denormals_flushed(on: bool = True):
+    """Flush subnormal floats to zero (x86 FTZ/DAZ, ARM FZ) on the calling thread inside the block, and put
+    back the thread's previous mode after it.
+
+    Why: products of small filter values and their gradients fall below the smallest normal float, and a CPU
+    computes with such numbers 10x slower (an fp32 multiply of two [5848, 64] tensors: 0.26 ms normal, 2.9 ms
+    subnormal). Flushing changes results by less than 1e-38 (fp32) or 1e-308 (fp64). Scoped rather than
+    global because other C code may not expect it: scipy's cKDTree build crashes (SIGSEGV) with DAZ set, so
+    ``on=False`` also guards such code against a caller who flushes. GPUs are not affected."""
+    import torch
+
+    before = _flushing(torch)
+    if before != on:
+        torch.set_flush_denormal(on)
+    try:
+        yield
+    finally:
+        if before != on:
+            torch.set_flush_denormal(before)
+
+
+def _flushing(torch) -> bool:
+    """Whether this thread flushes subnormals: a subnormal fp32 input multiplied by one comes out zero."""
+    return torch.tensor([1e-40], dtype=torch.float32).mul_(1.0).item() == 0.0
 
 
 def item_seed(seed: int, item_id: str) -> int:

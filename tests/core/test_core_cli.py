@@ -345,3 +345,32 @@ def test_doctor_calls_nothing_optional_that_a_plugin_requires():
         names = {re.split(r"[<>=!\[ ;]", d, maxsplit=1)[0].strip().lower() for d in deps}
         required = {import_name.get(n, n) for n in names}
         assert not required & set(app.optional), (app.name, required & set(app.optional))
+
+
+def test_denormals_flushed_holds_inside_the_block_only_and_restores_the_callers_mode():
+    """Flushing subnormals speeds up the mlff model on a CPU, but is process state that other C code may not
+    expect: inside the block only, and a caller's own choice is put back either way."""
+    import torch
+
+    from tubcli.device import denormals_flushed
+
+    def flushing():
+        return torch.tensor([1e-40], dtype=torch.float32).mul(1.0).item() == 0.0
+
+    assert not flushing()
+    try:
+        with denormals_flushed():
+            assert flushing()
+            with denormals_flushed(False):
+                assert not flushing()
+            assert flushing()
+        assert not flushing()
+        torch.set_flush_denormal(True)  # a caller who flushes keeps flushing after a block that turned it off
+        with denormals_flushed(False):
+            assert not flushing()
+        assert flushing()
+        with pytest.raises(ValueError), denormals_flushed(False):
+            raise ValueError
+        assert flushing()
+    finally:
+        torch.set_flush_denormal(False)

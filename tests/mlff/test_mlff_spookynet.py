@@ -276,6 +276,51 @@ def test_neighbor_list_matches_ase(cutoff):
     assert d.max() < cutoff
 
 
+def test_neighbor_list_survives_a_caller_who_flushes_subnormals():
+    """scipy's cKDTree build crashed (SIGSEGV) on this bilayer cell once torch.set_flush_denormal(True) was on,
+    a common CPU speed setting; the list is built with flushing off and the caller's mode is put back."""
+    import subprocess
+    import sys
+
+    code = """
+import numpy as np, torch
+from ase.build import graphene
+from tub_mlff.neighbors import neighbor_list
+a = graphene(size=(6, 6, 1), vacuum=None)
+b = a.copy(); b.positions += [1.23, 0.71, 3.7]; a += b
+pos = np.vstack([a.positions, [[x, y, 5.55] for x in (1.0, 5.0, 9.0) for y in (1.0, 5.0, 9.0)]])
+cell = a.cell.array.copy(); cell[2, 2] = 7.4
+plain = neighbor_list(pos, cell, True, 5.3)
+torch.set_flush_denormal(True)
+flushed = neighbor_list(pos, cell, True, 5.3)
+assert all(np.array_equal(x, y) for x, y in zip(plain, flushed))
+assert torch.tensor([1e-40]).mul(1.0).item() == 0.0
+print(len(plain[0]))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert int(r.stdout) > 1000
+
+
+def test_model_evaluation_flushes_subnormals_inside_and_leaves_the_threads_mode(monkeypatch):
+    """compute() runs the model with subnormals flushed (10x slower on a CPU otherwise); the results equal an
+    unflushed evaluation, and the thread's mode afterwards is what it was."""
+    import contextlib
+
+    import tub_mlff.properties as properties
+
+    from tub_mlff.calculator import SpookyNetCalculator
+
+    model = _random_model(seed=4)
+    batch = SpookyNetCalculator(model, dtype=torch.float64, lr_cutoff=8.0).batch_for(_na_graphene())
+    flushed = compute(model, batch, forces=True, stress=True)
+    assert torch.tensor([1e-40]).mul(1.0).item() != 0.0
+    monkeypatch.setattr(properties, "denormals_flushed", lambda on=True: contextlib.nullcontext())
+    plain = compute(model, batch, forces=True, stress=True)
+    for key in ("energy", "forces", "stress"):
+        torch.testing.assert_close(flushed[key], plain[key], rtol=1e-12, atol=1e-300)
+
+
 def test_fresh_model_random_features_are_seeded():
     a = SpookyNet(SpookyNetConfig(num_features=16), seed=5)
     b = SpookyNet(SpookyNetConfig(num_features=16), seed=5)

@@ -13,6 +13,8 @@ import itertools
 import numpy as np
 from scipy.spatial import cKDTree
 
+from tubcli.device import denormals_flushed
+
 
 def _inv3(m: np.ndarray) -> np.ndarray:
     """3x3 inverse by cofactors (no LAPACK call: avoids BLAS thread start-up per MD step)."""
@@ -35,8 +37,8 @@ def neighbor_list(positions: np.ndarray, cell: np.ndarray | None, pbc, cutoff: f
         e = np.zeros(0, dtype=np.int64)
         return e, e, np.zeros((0, 3), dtype=np.int64), np.zeros(0)
     if not pbc.any():
-        tree = cKDTree(pos)
-        pairs = tree.query_pairs(cutoff, output_type="ndarray")
+        with denormals_flushed(False):
+            pairs = cKDTree(pos).query_pairs(cutoff, output_type="ndarray")
         i = np.concatenate([pairs[:, 0], pairs[:, 1]]).astype(np.int64)
         j = np.concatenate([pairs[:, 1], pairs[:, 0]]).astype(np.int64)
         d = np.linalg.norm(pos[j] - pos[i], axis=1)
@@ -61,9 +63,8 @@ def neighbor_list(positions: np.ndarray, cell: np.ndarray | None, pbc, cutoff: f
     nrep = np.where(pbc, np.ceil(cutoff / spacing).astype(np.int64), 0)
     images = np.array(list(itertools.product(*[range(-k, k + 1) for k in nrep])), dtype=np.int64)
     img_pos = (wrapped[None, :, :] + (images @ cell)[:, None, :]).reshape(-1, 3)
-    tree_img = cKDTree(img_pos)
-    tree = cKDTree(wrapped)
-    coo = tree.sparse_distance_matrix(tree_img, cutoff, output_type="ndarray")
+    with denormals_flushed(False):  # cKDTree crashes when a caller flushes subnormals (see there)
+        coo = cKDTree(wrapped).sparse_distance_matrix(cKDTree(img_pos), cutoff, output_type="ndarray")
     i = coo["i"].astype(np.int64)
     k = coo["j"].astype(np.int64)
     s, j = np.divmod(k, n)

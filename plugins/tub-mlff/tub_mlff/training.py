@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tubcli.device import denormals_flushed
 from tubcli.runs import require_finite_loss
 
 from .data import Graph, collate, dependent_element_counts, element_energies
@@ -277,12 +278,13 @@ def fit(model, train: list[Graph], valid: list[Graph], s: TrainSettings, run, dt
         for chunk in _batches(train, s.batch_size, rng, order):
             batch = collate(chunk, dtype, device)
             opt.zero_grad(set_to_none=True)
-            loss, _ = batch_loss(net, batch, s)
-            require_finite_loss(loss, f"{epoch + 1} (epoch)")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 10.0)
-            opt.step()
-            ema.update(model)
+            with denormals_flushed():  # the parameter gradients too (compute() flushes the forward pass)
+                loss, _ = batch_loss(net, batch, s)
+                require_finite_loss(loss, f"{epoch + 1} (epoch)")
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 10.0)
+                opt.step()
+                ema.update(model)
             train_loss += loss.item() * len(chunk)
             seen += len(chunk)
         train_loss, seen = _all_reduce_sum([train_loss, seen])
