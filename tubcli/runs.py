@@ -535,11 +535,10 @@ def archive_config(run_dir: Path) -> Path:
 def new_run_dir(base: Path) -> Path:
     """Create ``base`` (or ``base-2``, ``base-3``, ...) exclusively: two runs of the same config
     started in the same second never share a directory."""
-    base.parent.mkdir(parents=True, exist_ok=True)
     for n in range(1, 10_000):
         path = base if n == 1 else base.with_name(f"{base.name}-{n}")
         try:
-            path.mkdir()
+            path.mkdir(parents=True)  # parents again each time: a failed run removes the empty folders it made
             return path
         except FileExistsError:
             continue
@@ -596,6 +595,9 @@ class Run:
         if run_dir is not None and run_dir.exists() and not run_dir.is_dir():
             raise TubError(f"-o {run_dir} is a file; pass a directory for the run (a new or an earlier run's)")
         target = run_dir if run_dir is not None else parent
+        # the folders above the run directory that this run makes (deepest first): a run that fails before any
+        # output removes them again if they are still empty (`tub atlas inspect` with no file left ./runs/...)
+        self._new_folders = [f for f in [*([parent] if run_dir is None else []), *target.parents] if not f.exists()]
         for folder in target.parents:
             if folder.exists() and not folder.is_dir():
                 what = f"-o {run_dir}" if run_dir is not None else f"the runs folder {default_runs_root()} (TUB_RUNS_DIR)"
@@ -832,6 +834,11 @@ class Run:
         setup_logging(-1)  # closes tub.log
         if not self._folder_was_there:
             shutil.rmtree(self.dir, ignore_errors=True)
+            for folder in self._new_folders:
+                try:
+                    folder.rmdir()  # only while empty: another run may have put its directory there since
+                except OSError:
+                    break
             return
         for child in self.dir.iterdir():  # an empty folder the user made (its permissions, ACLs, group) stays
             if child.is_dir() and not child.is_symlink():

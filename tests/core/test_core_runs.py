@@ -1114,3 +1114,19 @@ def test_an_item_whose_output_changes_as_it_is_made_is_locked_by_one_name(tmp_pa
     run.finish({})  # 'delete its lock' names the lock that is there, not one the output would have had
     assert f"delete its lock {other.path} if no job" in (run.dir / "tub.log").read_text()
     other.release()
+
+
+def test_a_run_that_fails_before_any_output_removes_the_empty_folders_it_made(toy_plugins, tmp_path, monkeypatch):
+    """`tub atlas inspect` with no file left ./runs/atlas/inspect behind; folders that were there (or that hold
+    another run) stay."""
+    monkeypatch.setenv("TUB_RUNS_DIR", str(tmp_path / "runs"))
+    assert invoke(["toy", "evaluate", str(tmp_path / "absent.txt")]).exit_code == 2
+    assert not (tmp_path / "runs").exists()
+    assert invoke(["toy", "evaluate", str(tmp_path / "absent.txt"), "-o", tmp_path / "a" / "b" / "c"]).exit_code == 2
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "mine").mkdir()
+    assert invoke(["toy", "evaluate", str(tmp_path / "absent.txt"), "-o", tmp_path / "mine" / "b"]).exit_code == 2
+    assert (tmp_path / "mine").is_dir() and not (tmp_path / "mine" / "b").exists()
+    assert invoke(["toy", "evaluate", *make_inputs(tmp_path / "in", 1)]).exit_code == 0
+    assert invoke(["toy", "evaluate", str(tmp_path / "absent.txt")]).exit_code == 2
+    assert len(list((tmp_path / "runs" / "toy" / "evaluate").iterdir())) == 1  # the finished run's
