@@ -1,5 +1,6 @@
 """End-to-end: every xmil verb through the real CLI on tiny generated data."""
 
+import csv
 import json
 
 import h5py
@@ -138,7 +139,7 @@ def test_pipeline_features_train_explain_evaluate_heatmap(data, tiny_encoder, mo
                 "--set", "model.features_dim=16", "-o", data / "train_attnmil", "--resume", "auto"]))
     lines = (data / "train_attnmil" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [0, 1, 2, 3]
-    # explain: all methods, test_predictions.csv with JSON columns
+    # explain: all methods, outputs/explanations.csv with JSON columns
     res = _ok(invoke(["xmil", "explain", fdir, "--model", model, "--method", "lrp", "--method", "ig",
                       "--method", "single", "--method", "attention", "-o", data / "expl", "--json"]))
     rec = json.loads((data / "expl" / "outputs" / "slide_001.json").read_text())
@@ -149,8 +150,13 @@ def test_pipeline_features_train_explain_evaluate_heatmap(data, tiny_encoder, mo
     assert rec["lrp_output_relevance"] == pytest.approx(sum(rec["patch_scores_lrp"]), abs=1e-4)
     # the tiles' extent goes with their corners, for a pathologist taking the file elsewhere
     assert (rec["patch_size_level0"], rec["mpp"], rec["target_mpp"]) == (128, 0.5, 0.5) and len(rec["coords"]) == n
-    csv_text = (data / "expl" / "test_predictions.csv").read_text()
-    assert csv_text.splitlines()[0] == "slide_id,target,prediction,patch_scores_lrp,patch_scores_ig,patch_scores_single,patch_scores_attention"
+    table = list(csv.DictReader((data / "expl" / "outputs" / "explanations.csv").open()))
+    assert list(table[0]) == ["slide_id", "task", "target", "target_class", "prediction", "n_patches", "patch_scores_lrp",
+                              "patch_scores_ig", "patch_scores_single", "patch_scores_attention"]
+    classes = json.loads((model / "model.json").read_text())["classes"]
+    row = next(r for r in table if r["slide_id"] == "slide_001")
+    assert row["target_class"] == classes[rec["target"]] and float(row["prediction"]) == pytest.approx(rec["prediction"])
+    assert json.loads(row["patch_scores_lrp"]) == rec["patch_scores_lrp"] and int(row["n_patches"]) == n
     # evaluate: task metrics and patch flipping incl. random baseline
     res = _ok(invoke(["xmil", "evaluate", "--model", model, "--features", fdir, "--labels", labels, "--set",
                       "split=null", "--method", "lrp", "--method", "random", "--set", "flipping_ties=rank",

@@ -351,20 +351,25 @@ def explain(cfg, run) -> dict:
                 rec.update({k: attrs[k] for k in ("patch_size_level0", "mpp", "target_mpp") if k in attrs})
             with atomic_path(out) as tmp:
                 tmp.write_text(to_json(rec))  # strict JSON: a NaN score would be null, never bare NaN
-    # test_predictions.csv over everything this run directory holds
+    # outputs/explanations.csv over every slide this run directory holds (not the test split of `train`'s
+    # outputs/test_predictions.csv): the explained class by index and by name, and the model's output for it
     import csv
 
     from tubcli.runs import ItemLock
 
-    with ItemLock(run.dir / "test_predictions.csv").waiting():  # shards ending together: the last gathers all
+    table = run.outputs_dir / "explanations.csv"
+    classes = _classes(meta) if task == "classification" else None
+    with ItemLock(table).waiting():  # shards ending together: the last gathers all
         recs = [json.loads(p.read_text()) for p in sorted(run.outputs_dir.glob("*.json"))]
-        with atomic_path(run.dir / "test_predictions.csv") as tmp:
+        with atomic_path(table) as tmp:
             with open(tmp, "w", newline="") as f:
                 w = csv.writer(f)
                 cols = [f"patch_scores_{m}" for m in cfg.method]
-                w.writerow(["slide_id", "target", "prediction", *cols])
+                w.writerow(["slide_id", "task", "target", "target_class", "prediction", "n_patches", *cols])
                 for r in recs:
-                    w.writerow([r["slide_id"], r["target"], r["prediction"], *[json.dumps(r.get(c)) for c in cols]])
+                    name = classes[r["target"]] if classes and isinstance(r["target"], int) else ""
+                    w.writerow([r["slide_id"], r["task"], r["target"], name, r["prediction"], r["n_patches"],
+                                *[json.dumps(r.get(c)) for c in cols]])
     return _with_lrp_settings({"methods": list(cfg.method)}, model, cfg, task)
 
 
