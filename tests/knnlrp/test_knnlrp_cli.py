@@ -104,6 +104,11 @@ def test_explain_digits_draws_heatmaps(tmp_path):
     res = invoke(["knnlrp", "explain", str(d / "test.csv"), "--model", str(tmp_path / "t"), "-o", str(tmp_path / "e")])
     assert res.exit_code == 0, res.stderr
     assert (tmp_path / "e" / "outputs" / "heatmaps.png").stat().st_size > 1000
+    # the same -o, rows that are not images: the digits' heatmaps do not stay beside the new relevances
+    res = invoke(["knnlrp", "explain", str(d / "test.csv"), "--model", str(tmp_path / "t"), "--set", "heatmaps=false",
+                  "-o", str(tmp_path / "e")])
+    assert res.exit_code == 0, res.stderr
+    assert not (tmp_path / "e" / "outputs" / "heatmaps.png").exists()
 
 
 @pytest.mark.parametrize(

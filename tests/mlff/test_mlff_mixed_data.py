@@ -146,6 +146,11 @@ def test_stress_is_trained_and_scored_on_the_frames_that_have_it(tmp_path, data)
     pred = json.loads((tmp_path / "ev" / "outputs" / "predictions.json").read_text())
     assert len(pred["forces"]) == 8 and np.shape(pred["forces"][0]) == (4, 3) and len(pred["stress"][0]) == 6
     assert np.allclose(pred["stress"][0], frames[0].get_stress(), atol=1e-6)
+    # the same -o on molecules (no stress): the stress parity plot of the first run does not stay beside its results
+    m = json.loads(_ok(invoke(["mlff", "evaluate", data / "molecules.extxyz", "--model", teacher, "-o", tmp_path / "ev",
+                               "--json"])).stdout)
+    assert "stress_mae_meV_A3" not in m and not (tmp_path / "ev" / "outputs" / "parity_stress.png").exists()
+    assert (tmp_path / "ev" / "outputs" / "parity_energy.png").exists()
 
     r = invoke(["mlff", "train", partial, "--epochs", "1", "--set", "stress_weight=10", *SMALL, *NO_COULOMB,
                 "-o", tmp_path / "tp"])

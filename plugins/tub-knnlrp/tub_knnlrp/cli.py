@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from tubcli.errors import TubError
-from tubcli.io import atomic_path
+from tubcli.io import atomic_path, remove_figure
 
 
 def _need(value, what: str, hint: str):
@@ -204,6 +204,7 @@ def explain(cfg, run) -> dict:
                      prediction=np.asarray(e.prediction).astype(str), positive=np.asarray(e.positive).astype(str),
                      negative=np.asarray(e.negative).astype(str), feature_names=np.asarray(e.feature_names, dtype=str))
     figures = {}
+    remove_figure(out / "heatmaps.png")  # an earlier run's heatmaps (other rows, other data) are not this one's
     if cfg.heatmaps is None and side and not has_mpl:
         run.log.warning("matplotlib is not installed: no heatmaps.png (pip install matplotlib)")
     if side and has_mpl and cfg.heatmaps is not False:
@@ -297,6 +298,7 @@ def evaluate(cfg, run) -> dict:
             w.writerow(["replacement", "method", "aupc", "aupc_normalised"] + [f"flip_{t}" for t in range(n_points)])
             # results only: the wall-clock seconds (metrics.json) would make two identical runs' files differ
             w.writerows(r[:4] + r[5:] for r in rows_out)
+    remove_figure(run.outputs_dir / "flipping.png")
     if importlib.util.find_spec("matplotlib") is not None:
         from tub_knnlrp.plots import flipping_curves_plot
 

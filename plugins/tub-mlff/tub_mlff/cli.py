@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from tubcli.config import given_fields
 from tubcli.errors import TubError
-from tubcli.io import atomic_path, file_sha256, write_json, write_text
+from tubcli.io import atomic_path, file_sha256, remove_figure, write_json, write_text
 
 from tub_mlff import DEMO_MODEL
 
@@ -826,6 +826,8 @@ def evaluate(cfg, run) -> dict:
         run.log.warning("%s learned no charges (charges_weight and dipole_weight 0 in its training config): "
                         "charges_mae_e measures charges that only carry the total charge", untrained)
     stressed = stress_frames(graphs) if "stress_mae_meV_A3" in metrics else []
+    for name in ("energy", "forces", "stress"):  # a parity plot an earlier run left here is not this one's
+        remove_figure(run.outputs_dir / f"parity_{name}.png")
     if cfg.plots:
         n = np.array([len(g.Z) for g in graphs])
         parity_plot(run.outputs_dir / "parity_energy.png", [g.energy / len(g.Z) for g in graphs],

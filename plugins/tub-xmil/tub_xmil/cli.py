@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from tubcli.errors import TubError
-from tubcli.io import atomic_path, write_json
+from tubcli.io import atomic_path, remove_figure, write_json
 
 HEAT_DOWNSAMPLE = 32  # PNG heatmaps at level-0 dimensions // 32 (QuPath overlay size)
 
@@ -392,6 +392,8 @@ def evaluate(cfg, run) -> dict:
     write_predictions(run.outputs_dir / "predictions.csv", slides, preds, task, classes)
     _warn_undefined(run, slides, task, "evaluated")
     out = {"slides": len(slides), **task_metrics(slides, preds, task)}
+    for name in ("roc.png", "km_risk_groups.png"):  # an earlier evaluation's figures (another task) are not this one's
+        remove_figure(run.outputs_dir / name)
     if task == "classification":
         from tubcli.plots import roc_plot
 
