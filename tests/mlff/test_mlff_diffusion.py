@@ -210,6 +210,11 @@ def test_a_d_from_the_ballistic_start_or_from_no_hop_is_flagged(tmp_path):
     assert "no hop yet" in runs["rattle"]["not_diffusive"] and runs["rattle"]["msd_at_fit_end_A2"] < 1.0
     assert "fly.extxyz: its MSD grows as t^2.0" in r.stderr and "Arrhenius fit takes D from 2 run(s)" in r.stderr
     assert "not in the diffusive regime" in json.loads(r.stdout)["arrhenius"]["unreliable"]
+    # the figures say it too, not only the log and the JSON; one trajectory into the same -o: no Arrhenius figure
+    assert (tmp_path / "b" / "outputs" / "arrhenius.png").stat().st_size > 0
+    assert not (tmp_path / "a" / "outputs" / "arrhenius.png").exists()
+    _ok(invoke(["mlff", "diffusion", tmp_path / "diff.extxyz", "--element", "Na", "-o", tmp_path / "b"]))
+    assert not (tmp_path / "b" / "outputs" / "arrhenius.png").exists()
 
 
 def test_frames_far_from_the_thermostat_temperature_are_named(tmp_path):

@@ -174,6 +174,37 @@ def test_msd_fit_line_is_the_reported_d(estimator, axes):
     assert any("block length" in t for t in _legend_texts(ax))
 
 
+def test_arrhenius_figure_draws_the_fit_and_marks_runs_not_diffusive(tmp_path):
+    from tub_mlff.diffusion import arrhenius_fit
+
+    T = np.array([500.0, 600.0, 700.0, 800.0])
+    D = 1e-3 * np.exp(-0.2 / (8.617333262e-5 * T)) * np.array([1.05, 0.97, 1.02, 0.99])
+    runs = [{"temperature_K": t, "D_cm2_s": d, "D_err_cm2_s": 0.1 * d, "not_diffusive": "MSD ∝ t^1.9" if k == 0 else None}
+            for k, (t, d) in enumerate(zip(T, D))]
+    fit = arrhenius_fit(T, D, 0.1 * D)
+    fig = plots.arrhenius_figure(runs, fit, 300.0, "Na", unreliable="not in the diffusive regime: a")
+    ax = fig.axes[0]
+    line = _by_gid(ax, "fit")
+    x, y = np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float)
+    np.testing.assert_allclose(y, fit.D(1000 / x), rtol=1e-12)  # ln D linear in 1/T: the fitted line itself
+    assert x.min() == pytest.approx(1000 / 800) and x.max() == pytest.approx(1000 / 500)
+    texts = " | ".join(_legend_texts(ax))
+    assert f"Ea = {fit.Ea:.3f} ± {fit.Ea_err:.3f} eV" in texts and "not in the diffusive regime" in texts
+    assert f"D(300 K) = {fit.D(300.0):.2e}" in texts and "extrapolated" in texts
+    assert "UNRELIABLE" in ax.get_title() and ax.get_yscale() == "log" and "1000 / T" in ax.get_xlabel()
+    assert plots.arrhenius_plot(tmp_path / "a.png", runs, fit, 300.0).stat().st_size > 0
+
+
+def test_msd_legend_marks_a_run_that_is_not_diffusive():
+    t = np.arange(40) * 10.0
+    r = {"t": t, "msd": 1e-3 * t**2, "block_t": t[1:30], "block_msd": 1e-3 * t[1:30] ** 2, "window": (50.0, 200.0),
+         "D_cm2_s": 1e-4, "D_err_cm2_s": 1e-5, "dims": 2}
+    texts = _legend_texts(plots.msd_figure({"a (300 K)": {**r, "not_diffusive": "MSD ∝ t^2.0: ballistic"},
+                                            "b (600 K)": {**r, "window": (60.0, 250.0)}}).axes[0])
+    assert any("a (300 K)" in x and "NOT DIFFUSIVE (MSD ∝ t^2.0: ballistic)" in x for x in texts)
+    assert not any("b (600 K)" in x and "NOT DIFFUSIVE" in x for x in texts)
+
+
 def test_msd_plain_curves_still_plot(tmp_path):
     t = np.arange(50) * 20.0
     fig = plots.msd_figure({"a (300 K)": (t, 0.01 * t)}, "xyz", "Li")

@@ -1255,7 +1255,7 @@ def diffusion(cfg, run) -> dict:
     from .diffusion import (A2_PER_FS_TO_CM2_PER_S, arrhenius_fit, ase_diffusion_coefficient, diffusion_coefficient,
                             diffusive_regime,
                             msd, unwrap)
-    from .plots import block_mean_msd, msd_plot
+    from .plots import arrhenius_plot, block_mean_msd, msd_plot
 
     paths = _need(cfg.trajectories, "TRAJECTORIES", "one or more MD trajectories (extxyz or ASE .traj)")
     ase_style = cfg.estimator == "ase"
@@ -1330,13 +1330,15 @@ def diffusion(cfg, run) -> dict:
         name = Path(p).parent.parent.name if Path(p).stem == "trajectory" else Path(p).stem  # tub md's layout
         bt, bm = block_mean_msd(pos, sel, cfg.axes, dt, cfg.blocks, drift, one_origin=ase_style)
         slope, msd_end = diffusive_regime(bt, bm, (res.fit_start_fs, res.fit_end_fs))
-        regime = None
+        regime = short = None
         if slope > 1.5:
             regime = (f"its MSD grows as t^{slope:.1f} in the fit window ({res.fit_start_fs:g}-{res.fit_end_fs:g} fs): "
                       "the ballistic start, not diffusion")
+            short = f"MSD ∝ t^{slope:.1f}: ballistic"
         elif msd_end * 3 / res.dims < 1.0:  # less than 1 A^2 in 3-D terms (1/3 A^2 per axis)
             regime = (f"its {cfg.element} atoms moved {np.sqrt(max(msd_end, 0)):.2f} A (rms over {cfg.axes}) by the "
                       "fit window's end: vibration about their sites, no hop yet")
+            short = f"rms {np.sqrt(max(msd_end, 0)):.2f} Å: no hop yet"
         if regime:
             run.log.warning("%s: %s; its D is not a diffusion coefficient: run longer MD", p, regime)
         per_run.append({"trajectory": str(p), "temperature_K": T, "temperature_set_K": set_T, "D_cm2_s": res.D_cm2_s,
@@ -1349,8 +1351,9 @@ def diffusion(cfg, run) -> dict:
             per_run[-1]["D_std_ase_cm2_s"] = res.D_std * A2_PER_FS_TO_CM2_PER_S
         curves[f"{name} ({T:.0f} K)"] = {"t": np.arange(len(m)) * dt, "msd": m, "block_t": bt, "block_msd": bm,
                                         "window": (res.fit_start_fs, res.fit_end_fs), "D_cm2_s": res.D_cm2_s,
-                                        "D_err_cm2_s": res.D_err_cm2_s, "dims": res.dims}
+                                        "D_err_cm2_s": res.D_err_cm2_s, "dims": res.dims, "not_diffusive": short}
     msd_plot(run.outputs_dir / "msd.png", curves, cfg.axes, cfg.element, cfg.estimator)
+    remove_figure(run.outputs_dir / "arrhenius.png")  # drawn again below only where this run fits one
     out = {"runs": per_run}
     if len(per_run) < 2:
         problem = "one trajectory; an Arrhenius fit needs runs at two or more temperatures"
@@ -1369,6 +1372,8 @@ def diffusion(cfg, run) -> dict:
             out["arrhenius"]["unreliable"] = f"not in the diffusive regime: {', '.join(not_diffusive)}"
             run.log.warning("the Arrhenius fit takes D from %d run(s) not in the diffusive regime; its Ea and D(%g K) "
                             "mean nothing until they are longer", len(not_diffusive), cfg.target_temperature)
+        arrhenius_plot(run.outputs_dir / "arrhenius.png", per_run, fit, cfg.target_temperature, cfg.element,
+                       out["arrhenius"].get("unreliable"))
     write_json(run.outputs_dir / "diffusion.json", out)
     return out
 

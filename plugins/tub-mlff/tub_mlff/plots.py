@@ -235,7 +235,8 @@ def msd_figure(curves: dict, axes: str = "xy", element: str = "Na", estimator: s
     dims = {"x": 1, "y": 1, "z": 1, "xy": 2, "xz": 2, "yz": 2, "xyz": 3}.get(axes, len(axes))
     runs = {k: (v if isinstance(v, dict) else {"t": v[0], "msd": v[1]}) for k, v in curves.items()}
     fitted = [r for r in runs.values() if r.get("block_t") is not None]
-    n_entries = len(runs) + (4 + len({tuple(r["window"]) for r in fitted}) if fitted else 0)
+    n_entries = len(runs) + (3 + len({tuple(r["window"]) for r in fitted})
+                             + len({float(np.max(r["block_t"])) for r in fitted}) if fitted else 0)
     fig, ax = plt.subplots(figsize=(5.8, 3.6 + 0.21 * n_entries), layout="constrained")
     t_all = [np.asarray(r["t"], dtype=float) for r in runs.values()]
     t_end = max((float(t[-1]) for t in t_all if len(t)), default=1.0)
@@ -257,9 +258,8 @@ def msd_figure(curves: dict, axes: str = "xy", element: str = "Na", estimator: s
             bt, bm = np.asarray(r["block_t"], dtype=float), np.asarray(r["block_msd"], dtype=float)
             t0, t1 = r["window"]
             ax.plot(bt * f, bm, "o", color=c, ms=3.5, zorder=3)
-            if (t0, t1) not in windows:
-                windows[(t0, t1)] = ax.axvspan(t0 * f, t1 * f, color="tab:blue" if len(fitted) > 1 else c,
-                                               alpha=0.12, lw=0, gid=f"{label}-window")
+            if (t0, t1) not in windows:  # in the run's colour: two runs' windows are told apart
+                windows[(t0, t1)] = ax.axvspan(t0 * f, t1 * f, color=c, alpha=0.12, lw=0, gid=f"{label}-window")
             else:
                 ax.axvspan(t0 * f, t1 * f, alpha=0.0, lw=0, gid=f"{label}-window")  # same window, drawn once
             slope, b = fit_line(bt, bm, (t0, t1), r["D_cm2_s"], r.get("dims", dims))
@@ -268,6 +268,8 @@ def msd_figure(curves: dict, axes: str = "xy", element: str = "Na", estimator: s
             te = np.array([0.0, float(bt[-1])])
             ax.plot(te * f, slope * te + b, "--", color="k", lw=0.8, alpha=0.7, zorder=4)
             text = f"{label}: {_d_text(r['D_cm2_s'], r.get('D_err_cm2_s'))}"
+            if r.get("not_diffusive"):  # as diffusion.json and the log say: a reader of the figure alone sees it
+                text += f" — NOT DIFFUSIVE ({r['not_diffusive']})"
         ln.set_label(text)
         handles.append(ln)
     if fitted:
@@ -276,11 +278,11 @@ def msd_figure(curves: dict, axes: str = "xy", element: str = "Na", estimator: s
         handles += [Line2D([], [], color="grey", lw=1.0, alpha=0.6, label="whole run, all time origins (line)"),
                     Line2D([], [], color="grey", ls="", marker="o", ms=3.5, label=f"{what} (fitted, markers)"),
                     Line2D([], [], color="k", lw=1.6, label=f"fit MSD = {2 * d_fit}·D·t + b (dashed: extended)")]
-        handles += [Patch(color="tab:blue" if len(fitted) > 1 else h.get_facecolor(), alpha=0.12,
-                          label=f"fit window {t0 * f:g}–{t1 * f:g} {tu}") for (t0, t1), h in windows.items()]
-    if block_end is not None:
-        handles.append(ax.axvline(block_end * f, color="grey", ls=":", lw=1,
-                                  label=f"block length {block_end * f:g} {tu}"))
+        handles += [Patch(color=h.get_facecolor(), label=f"fit window {t0 * f:g}–{t1 * f:g} {tu}")
+                    for (t0, t1), h in windows.items()]
+    block_ends = sorted({float(np.max(r["block_t"])) for r in fitted})
+    for end in block_ends:  # each run's own block length (runs of different lengths have different ones)
+        handles.append(ax.axvline(end * f, color="grey", ls=":", lw=1, label=f"block length {end * f:g} {tu}"))
     ax.set_xlim(0, xmax * f)
     ax.set_ylim(bottom=0)
     ax.set_xlabel(f"lag time ({tu})")
@@ -294,3 +296,49 @@ def msd_figure(curves: dict, axes: str = "xy", element: str = "Na", estimator: s
 
 def msd_plot(path: Path, curves: dict, axes: str = "xy", element: str = "Na", estimator: str = "einstein") -> Path:
     return save_figure(msd_figure(curves, axes, element, estimator), path, dpi=DPI)
+
+
+def arrhenius_figure(runs: list[dict], fit, target_T: float, element: str = "Na", unreliable: str | None = None):
+    """D(T) on a log axis against 1000/T: each run's D with its standard error (open markers: runs not in
+    the diffusive regime), the weighted fit ln D = ln D0 - Ea/(kB T) over the runs' range (solid) and its
+    extrapolation to ``target_T`` (dashed, with the fit's error of D there). ``runs``: the ``runs`` of
+    diffusion.json; ``fit``: :class:`~tub_mlff.diffusion.ArrheniusFit`."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 4.4), layout="constrained")
+    T = np.array([r["temperature_K"] for r in runs], dtype=float)
+    D = np.array([r["D_cm2_s"] for r in runs], dtype=float)
+    err = np.array([np.nan if r.get("D_err_cm2_s") is None else r["D_err_cm2_s"] for r in runs], dtype=float)
+    bad = np.array([bool(r.get("not_diffusive")) for r in runs])
+    for mask, face, label in ((~bad, "tab:blue", "MD runs (D ± standard error)"),
+                              (bad, "none", "not in the diffusive regime")):
+        if mask.any():
+            ax.errorbar(1000 / T[mask], D[mask], yerr=np.where(np.isfinite(err[mask]), err[mask], 0), fmt="o",
+                        color="tab:blue", mfc=face, ms=6, capsize=3, label=label, zorder=3, gid=f"points-{face}")
+    lo, hi = T.min(), T.max()
+    tt = np.linspace(lo, hi, 50)
+    ea = f"Ea = {fit.Ea:.3f} ± {fit.Ea_err:.3f} eV" if np.isfinite(fit.Ea_err) else f"Ea = {fit.Ea:.3f} eV"
+    ax.plot(1000 / tt, fit.D(tt), "-", color="k", lw=1.4, label=f"fit: {ea}", gid="fit")
+    if not lo <= target_T <= hi:
+        te = np.linspace(min(lo, target_T), max(hi, target_T), 50)
+        ax.plot(1000 / te, fit.D(te), "--", color="k", lw=0.9, alpha=0.7, label="extrapolated")
+    d_t, d_err = fit.D(target_T), fit.D_err(target_T)
+    known = np.isfinite(d_err)
+    below = min(d_err, 0.99 * d_t) if known else 0.0  # a bar below zero has no place on a log axis
+    ax.errorbar([1000 / target_T], [d_t], yerr=[[below], [d_err if known else 0.0]], fmt="s", color="tab:red", ms=6,
+                capsize=3, zorder=4, gid="target", label=f"D({target_T:g} K) = {_d_text(d_t, d_err)[4:]}")
+    ax.set_yscale("log")
+    ax.set_xlabel("1000 / T (1/K)")
+    ax.set_ylabel(f"D of {element} (cm²/s)")
+    title = f"Arrhenius fit, {element}, {len(runs)} temperatures"
+    if unreliable:
+        title += "\nUNRELIABLE: runs not in the diffusive regime"
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False, fontsize=9)
+    _style(ax)
+    return fig
+
+
+def arrhenius_plot(path: Path, runs: list[dict], fit, target_T: float, element: str = "Na",
+                   unreliable: str | None = None) -> Path:
+    return save_figure(arrhenius_figure(runs, fit, target_T, element, unreliable), path, dpi=DPI)
