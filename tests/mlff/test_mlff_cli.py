@@ -354,7 +354,7 @@ def test_nve_conserves_energy(built, trained):
     assert np.ptp(etot) < 0.05 * max(np.ptp(ekin), 1e-3)
 
 
-def test_diffusion_and_explain_and_ocv(workdir, built, trained):
+def test_diffusion_and_explain_and_ocv(workdir, built, trained, monkeypatch):
     model = trained[0] / "checkpoints" / "model.safetensors"
     traj = workdir / "md" / "outputs" / "trajectory.extxyz"
     if not traj.exists():
@@ -390,9 +390,18 @@ def test_diffusion_and_explain_and_ocv(workdir, built, trained):
         b = a.copy()
         b.calc = SpookyNetCalculator(str(model), spin=spin_for(b))
         assert a.get_potential_energy() == pytest.approx(b.get_potential_energy(), abs=1e-5)  # wrong spin: 2e-4
+    import tub_mlff.plots
+
+    drawn = {}
+    real_plot = tub_mlff.plots.voltage_plot
+    monkeypatch.setattr(tub_mlff.plots, "voltage_plot", lambda *a, **k: drawn.update(k) or real_plot(*a, **k))
     r = _ok(invoke(["mlff", "ocv", "--model", model, "--structures", built, "--relax-steps", "3", "--cell", "c",
                     "--mu-na-lattice", "4.23", "-o", workdir / "ocv_c", "--json"]))
     res = json.loads(r.stdout)
+    # the figure carries what the run warned: unconverged relaxations, a capacity the sampled x limit
+    assert f"{res['relaxations_unconverged']} of {len(read(built, ':'))} relaxations did not converge" in \
+        " ".join(drawn["caveats"])
+    assert drawn["capacity_is_lower_bound"] == res["capacity_limited_by_sampled_x"]
     assert res["cell_relaxation"] == "c" and res["mu_na_lattice_A"] == 4.23
     assert res["max_spacing_change"] != 0.0 and res["max_volume_change"] == pytest.approx(res["max_spacing_change"])
     assert res["relaxations_unconverged"] > 0 and "did not reach fmax" in r.stderr  # 3 steps: flagged, not hidden

@@ -109,6 +109,11 @@ def test_voltage_without_plating_and_demo_call(tmp_path):
     np.testing.assert_allclose(_by_gid(a2, "capacity-cutoff").get_xdata(), [3 * PER_X] * 2)
     out = plots.voltage_plot(tmp_path / "v.png", x, ef, steps, PER_X, capacity_mAh_g=3 * PER_X)
     assert out.stat().st_size > 0
+    # a capacity the sampled x cap is a lower bound, and what the run warned about stays with the figure
+    fig = plots.voltage_figure(x, ef, steps, PER_X, capacity_mAh_g=3 * PER_X, capacity_is_lower_bound=True,
+                               caveats=["3 of 3 relaxations did not converge"])
+    assert any(t.startswith(f"capacity ≥ {3 * PER_X:.1f} mAh/g\n(no plating") for t in _legend_texts(fig.axes[1]))
+    assert "CAVEAT: 3 of 3 relaxations did not converge" in fig._supxlabel.get_text()
 
 
 def _assert_d_in_legend(texts: str, D: float, err: float) -> None:

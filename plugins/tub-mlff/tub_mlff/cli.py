@@ -1062,7 +1062,8 @@ def ocv(cfg, run) -> dict:
                         "max_voltage_difference_V": res["reference"]["max_voltage_difference_V"],
                         "max_voltage_difference_same_mu_V": res["reference"]["max_voltage_difference_same_mu_V"]})
     voltage_plot(run.outputs_dir / "voltage_profile.png", res["x"], res["formation_energy_eV"], res["steps"],
-                 res["capacity_per_x_mAh_g"], reference=res.get("reference"), capacity_mAh_g=res["capacity_mAh_g"])
+                 res["capacity_per_x_mAh_g"], reference=res.get("reference"), capacity_mAh_g=res["capacity_mAh_g"],
+                 capacity_is_lower_bound=res["capacity_limited_by_sampled_x"], caveats=_ocv_caveats(res, len(frames)))
     _write_extxyz(run.outputs_dir / "relaxed.extxyz", _relaxed_frames(relaxed))
     write_json(run.outputs_dir / "ocv.json", res)
     return {**summary, "model": _model_names(cfg.model), "output": str(run.outputs_dir / "ocv.json")}
@@ -1142,6 +1143,21 @@ def _largest(changes) -> float:
     """The change of largest magnitude; NaN when none was measured (fixed cell, no interlayer)."""
     measured = [v for v in changes if np.isfinite(v)]
     return max(measured, key=abs) if measured else float("nan")
+
+
+def _ocv_caveats(report: dict, n_structures: int) -> list[str]:
+    """The warnings of an ocv run about its own result, in short, for the voltage figure."""
+    out = []
+    cohesive = report.get("na_cohesive_energy_eV")
+    if cohesive is not None and cohesive < 0.1:
+        out.append(f"the model binds bcc Na by {cohesive:.3f} eV/atom (experiment 1.11): the voltages are not "
+                   "against Na metal")
+    if report.get("mu_na_at_scan_edge"):
+        out.append(f"mu_Na taken at the end of the bcc lattice scan (a = {report.get('mu_na_lattice_A'):.2f} Å)")
+    if report.get("relaxations_unconverged"):
+        out.append(f"{report['relaxations_unconverged']} of {n_structures} relaxations did not converge: their "
+                   "energies are not minima")
+    return out
 
 
 def _warn_scan_edge(report: dict, who: str, run) -> None:

@@ -90,12 +90,15 @@ def _staircase(steps: list[dict], scale: float) -> tuple[np.ndarray, np.ndarray]
 
 
 def voltage_figure(x, e_formation, steps: list[dict], capacity_per_x: float | None = None,
-                   reference: dict | None = None, capacity_mAh_g: float | None = None):
+                   reference: dict | None = None, capacity_mAh_g: float | None = None,
+                   capacity_is_lower_bound: bool = False, caveats: list[str] | None = None):
     """Formation energies with their lower hull (left) and the hull voltage profile (right).
 
     Steps flagged as Na plating (``plating``, V ≤ 0) are drawn grey and hatched and the capacity
-    cut-off (``capacity_mAh_g`` of the report: the end of the last V > 0 step) is marked; the
-    profile is a staircase. ``reference`` (another hull report, e.g. xTB's) is drawn dashed.
+    cut-off (``capacity_mAh_g`` of the report: the end of the last V > 0 step) is marked, as "≥" where
+    no sampled x plates yet; the profile is a staircase. ``reference`` (another hull report, e.g. xTB's)
+    is drawn dashed. ``caveats`` (what the run warned about its own result) are printed under the panels,
+    so that the figure is not quoted without them.
     """
     plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 4.2), layout="constrained")
@@ -144,9 +147,11 @@ def voltage_figure(x, e_formation, steps: list[dict], capacity_per_x: float | No
     if capacity_mAh_g is None:  # as battery.hull_report: the end of the last V > 0 step
         capacity_mAh_g = max((s["x_end"] for s in steps if not _plating(s)), default=0.0) * scale
     cut = capacity_mAh_g if capacity_per_x else capacity_mAh_g / scale
+    at_least = "≥ " if capacity_is_lower_bound else ""
     a2.axvline(cut, color="k", ls=":", lw=1.2,
-               label=(f"capacity {capacity_mAh_g:.1f} mAh/g" if capacity_per_x else f"cut-off x = {cut:.3g}"),
-               gid="capacity-cutoff")
+               label=(f"capacity {at_least}{capacity_mAh_g:.1f} mAh/g" if capacity_per_x else
+                      f"cut-off x {'≥' if at_least else '='} {cut:.3g}")
+               + ("\n(no plating up to the highest x sampled)" if at_least else ""), gid="capacity-cutoff")
     ref_cap = (reference or {}).get("capacity_mAh_g")
     if ref_cap is not None and capacity_per_x and not np.isclose(ref_cap, capacity_mAh_g):
         a2.axvline(ref_cap, color="tab:red", ls=":", lw=1.2, label=f"reference capacity {ref_cap:.1f} mAh/g",
@@ -166,16 +171,20 @@ def voltage_figure(x, e_formation, steps: list[dict], capacity_per_x: float | No
     # legends below the panels: outside the data, never over the hull or the staircase
     for ax in (a1, a2):
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=2, frameon=False, fontsize=9)
+    if caveats:
+        fig.get_layout_engine().set(h_pad=0.1)
+        fig.supxlabel("\n".join(f"CAVEAT: {c}" for c in caveats), fontsize=8.5, color="darkred", ha="left", x=0.01)
     _style(a1, a2)
     return fig
 
 
 def voltage_plot(path: Path, x, e_formation, steps: list[dict], capacity_per_x: float | None = None,
-                 reference: dict | None = None, capacity_mAh_g: float | None = None) -> Path:
+                 reference: dict | None = None, capacity_mAh_g: float | None = None,
+                 capacity_is_lower_bound: bool = False, caveats: list[str] | None = None) -> Path:
     """Formation energies with their lower hull, and the hull voltage profile (steps as in
-    ``battery.hull_report``); ``reference`` (another hull report, e.g. xTB's) is drawn dashed."""
-    return save_figure(voltage_figure(x, e_formation, steps, capacity_per_x, reference, capacity_mAh_g), path,
-                       dpi=DPI)
+    ``battery.hull_report``); see :func:`voltage_figure`."""
+    return save_figure(voltage_figure(x, e_formation, steps, capacity_per_x, reference, capacity_mAh_g,
+                                      capacity_is_lower_bound, caveats), path, dpi=DPI)
 
 
 # -- MSD -----------------------------------------------------------------------------------------
