@@ -465,6 +465,14 @@ def test_embed_gemm_backends_agree_and_are_recorded(data, tmp_path):
     assert np.abs(a - d).max() < 1e-5
     assert json.loads((tmp_path / "a/encoder.json").read_text())["gemm"] == "aten"
     fails(["embed", data / "tiles.npz", "--weights", W, "--gemm", "blas", "-o", tmp_path / "x"])
+    # where the oneDNN inference path cannot run, --gemm onednn is refused before any input (it was silently not
+    # used under bf16, failed on every input at fp64, and was ignored by explain's gradients), no run folder left
+    for precision, words in (("bf16", "runs in fp32 only"), ("fp64", "runs in fp32 only")):
+        err = fails(["embed", data / "tiles.npz", "--weights", W, "--gemm", "onednn", "--precision", precision,
+                     "-o", tmp_path / precision]).stderr
+        assert words in err and not (tmp_path / precision).exists()
+    err = fails(["explain", data / "tiles.npz", "--weights", W, "--gemm", "onednn", "-o", tmp_path / "e"]).stderr
+    assert "applies to inference only" in err and not (tmp_path / "e").exists()
 
 
 def test_onednn_gemm_on_a_gpu_device_is_refused_up_front():

@@ -33,9 +33,20 @@ def _warn_ignored_compute(cfg, run, honoured: tuple[str, ...] = ("fp32",), uses_
         say_device_unused(cfg, run)
 
 
-def _check_gemm(gemm: str, device, flag: str = "--gemm") -> None:
-    if gemm == "onednn" and device.type != "cpu":
+def _check_gemm(gemm: str, device, flag: str = "--gemm", precision: str = "fp32", gradients: bool = False) -> None:
+    """--gemm onednn where tub's oneDNN inference path cannot run is refused before any input is read (it
+    was used silently not at all, or failed on every input): CPU, fp32 (bf16/fp16 run under autocast, which
+    that path leaves to aten; fp64 has no oneDNN GEMM), and no gradients (explain)."""
+    if gemm != "onednn":
+        return
+    if device.type != "cpu":
         raise TubError(f"{flag} onednn runs on the CPU only (device is {device}); use {flag} auto or --device cpu")
+    if gradients:
+        raise TubError(f"{flag} onednn applies to inference only; explaining takes gradients through aten's GEMMs: "
+                       f"use {flag} auto")
+    if precision != "fp32":
+        raise TubError(f"{flag} onednn runs in fp32 only (--precision {precision}: bf16/fp16 run under autocast, "
+                       f"fp64 has no oneDNN GEMM); use {flag} auto or --precision fp32")
 
 
 # train's frozen teacher: its own option names (error messages must name options train has)
@@ -45,10 +56,10 @@ TEACHER_OPTIONS = {"arch": "--teacher-arch", "weights": "--teacher-weights", "ra
 STUDENT_OPTIONS = {"arch": "--student-arch", "arch_auto": False}
 
 
-def _encoder(sec: EncoderSection, run, options: dict | None = None):
+def _encoder(sec: EncoderSection, run, options: dict | None = None, precision: str = "fp32", gradients: bool = False):
     from .encoder import load_encoder
 
-    _check_gemm(sec.gemm, run.device, (options or {}).get("gemm", "--gemm"))
+    _check_gemm(sec.gemm, run.device, (options or {}).get("gemm", "--gemm"), precision, gradients)
     enc, info = load_encoder(sec.arch, sec.weights, pool=sec.pool, heads=sec.heads, norm=sec.norm,
                              img_size=sec.img_size, random_init=sec.random_init, seed=run.seed,
                              device=run.device, options=options)
@@ -147,7 +158,7 @@ def embed(cfg: EmbedConfig, run) -> dict:
         out = out_for(name)
         if not run.overwrite:
             check_existing_output(cfg.format, out, sources(item))
-    encoder, info = _encoder(cfg.encoder, run)
+    encoder, info = _encoder(cfg.encoder, run, precision=cfg.precision)
     dtype = run.dtype if cfg.precision in ("bf16", "fp16") else None
     if cfg.precision == "fp64":
         encoder.double()
@@ -346,7 +357,7 @@ def explain(cfg: ExplainConfig, run) -> dict:
     check_slide_options({**cfg.slide_options(), "coords": cfg.slide_coords})
     if cfg.slide_coords is not None:
         check_coords_file(Path(cfg.slide_coords), list(names))
-    encoder, info = _encoder(cfg.encoder, run)
+    encoder, info = _encoder(cfg.encoder, run, gradients=True)
     if cfg.encoder.weights is not None:  # retrained into the same file: skipped maps were made with other bytes
         info["weights_sha256"] = run.refuse_replaced_file("--weights", cfg.encoder.weights)
     if cfg.probe is not None:

@@ -23,7 +23,7 @@ class EncoderSection(Section):
     img_size: int | None = Field(None, description="input side after resizing [preset default]")
     random_init: bool = Field(False, description="random weights for tests/demos when no --weights (NOT a pretrained model)")
     gemm: Literal["auto", "onednn", "aten"] = Field(
-        "auto", description="inference GEMMs: auto (oneDNN on CPU fp32/bf16), onednn, aten (bit-identical to timm)")
+        "auto", description="inference GEMMs: auto (oneDNN for CPU fp32 inference), onednn, aten (bit-identical to timm)")
 
 
 class InspectConfig(TubConfig):
