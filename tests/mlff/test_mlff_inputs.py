@@ -689,3 +689,14 @@ def test_md_names_a_strained_starting_cell(tmp_path):
     write(tmp_path / "slab.extxyz", add_sodium(janus_graphene(3, 1, stacking="slab"), 1, "random", seed=1))
     res = invoke(["mlff", "md", tmp_path / "slab.extxyz", "--steps", 2, "--interval", 1, "-o", tmp_path / "s"])
     assert res.exit_code == 0 and "the starting cell is under" not in res.stderr  # vacuum: no pressure to name
+
+
+@pytest.mark.parametrize("verb", ["train", "evaluate", "predict", "md", "ocv", "explain"])
+def test_model_verbs_offer_fp32_and_fp64_only(verb, tmp_path, monkeypatch):
+    """--help, config files and TUB_PRECISION offered bf16/fp16, which every model verb then refused at run time."""
+    assert "fp32 | fp64 " in invoke(["mlff", verb, "--help"]).stdout
+    given = [] if verb == "ocv" else ["x.extxyz"]  # ocv builds its structures unless --structures
+    line = _err(invoke(["mlff", verb, *given, "--precision", "bf16", "-o", tmp_path / "r"]))
+    assert "'precision'" in line and "'fp32' or 'fp64'" in line and not (tmp_path / "r").exists()
+    monkeypatch.setenv("TUB_PRECISION", "fp16")
+    assert "from TUB_PRECISION" in _err(invoke(["config", "mlff", verb]))

@@ -16,10 +16,7 @@ from tub_mlff import DEMO_MODEL
 def _dtype(run):
     import torch
 
-    if run.cfg.precision not in ("fp32", "fp64"):
-        raise TubError(f"--precision {run.cfg.precision} is not supported by mlff (forces need fp32 or fp64); "
-                       "use --precision fp32 or fp64")
-    return torch.float64 if run.cfg.precision == "fp64" else torch.float32
+    return torch.float64 if run.cfg.precision == "fp64" else torch.float32  # config.ModelVerbConfig: fp32 or fp64
 
 
 def _command_line() -> str:

@@ -35,6 +35,14 @@ class ModelSection(Section):
     module_keep_prob: float = Field(1.0, gt=0, le=1, description="module dropout keep probability")
 
 
+class ModelVerbConfig(TubConfig):
+    """A verb that runs the model: forces need fp32 or fp64, so --help, config files and TUB_PRECISION offer
+    only those."""
+
+    precision: Literal["fp32", "fp64"] = Field("fp32", description="compute dtype of the model (forces need fp32 "
+                                                                     "or fp64)")
+
+
 class BuildConfig(TubConfig):
     n: int = Field(4, ge=2, description="graphene supercell n x n")
     groups: int = Field(1, ge=0, description="aminophenyl groups on the top face (of each sheet)")
@@ -68,7 +76,7 @@ class LabelConfig(TubConfig):
     cluster_center: str = Field("Na", description="cluster centres: an element (one cluster per atom) or indices '0,12'")
 
 
-class TrainConfig(TubConfig):
+class TrainConfig(ModelVerbConfig):
     data: Optional[Path] = Field(None, description="labelled extxyz training data")
     valid: Optional[Path] = Field(None, description="separate validation extxyz (else split from data)")
     valid_fraction: float = Field(0.1, ge=0, lt=1, description="validation share when no --valid")
@@ -146,7 +154,7 @@ class TrainConfig(TubConfig):
         return value
 
 
-class EvaluateConfig(TubConfig):
+class EvaluateConfig(ModelVerbConfig):
     data: Optional[Path] = Field(None, description="labelled extxyz test data")
     model: list[Path] = Field(default_factory=list, description="model file(s) or train run directories; several = "
                               "committee [default: the shipped demo model, demo_nacnh: Na/C/N/H]")
@@ -154,7 +162,7 @@ class EvaluateConfig(TubConfig):
     plots: bool = Field(True, description="write parity plots")
 
 
-class PredictConfig(TubConfig):
+class PredictConfig(ModelVerbConfig):
     structures: list[Path] = Field(default_factory=list, description="structure files (extxyz or any format ASE "
                                    "reads), labelled or not")
     model: list[Path] = Field(default_factory=list, description="model file(s) or train run directories; several = "
@@ -165,7 +173,7 @@ class PredictConfig(TubConfig):
     batch_size: int = Field(16, ge=1, description="structures per model call")
 
 
-class MDConfig(TubConfig):
+class MDConfig(ModelVerbConfig):
     structure: Optional[Path] = Field(None, description="starting structure (extxyz, last frame used)")
     model: list[Path] = Field(default_factory=list, description="model file(s) or train run directories; several = "
                               "committee [default: the shipped demo model, demo_nacnh: Na/C/N/H]")
@@ -188,7 +196,7 @@ class MDConfig(TubConfig):
         None, ge=1, description="Ewald-sum the Coulomb term over reciprocal vectors |n| <= kmax (periodic cells)")
 
 
-class OCVConfig(TubConfig):
+class OCVConfig(ModelVerbConfig):
     model: list[Path] = Field(default_factory=list, description="model file(s) or train run directories [default: "
                               "the shipped demo model, demo_nacnh: Na/C/N/H]")
     structures: Optional[Path] = Field(None, description="extxyz of Na_x host cells incl. the bare host (x=0)")
@@ -250,7 +258,7 @@ class DiffusionConfig(TubConfig):
         return [v.strip() if isinstance(v, str) else v for v in parts if not isinstance(v, str) or v.strip()]
 
 
-class ExplainConfig(TubConfig):
+class ExplainConfig(ModelVerbConfig):
     structures: Optional[Path] = Field(None, description="extxyz structures to explain")
     model: list[Path] = Field(default_factory=list,
                               description="model file(s) or train run directories; several = committee, adds each "

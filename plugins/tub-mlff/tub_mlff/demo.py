@@ -21,9 +21,12 @@ def run_demo(run) -> dict:
     from tubcli.io import write_json
 
     torch.set_num_threads(1)  # a 33-atom cell: one thread is fastest, and robust on shared CPUs
+    if run.cfg.precision not in ("fp32", "fp64"):  # `tub demo` takes the shared precision setting
+        run.log.warning("the mlff demo computes in fp32, not %s (forces need fp32 or fp64)", run.cfg.precision)
+    dtype = torch.float64 if run.cfg.precision == "fp64" else torch.float32
     host = janus_graphene(3, 1, stacking="gallery", interlayer=9.0)
     atoms = add_sodium(host, 2, "random", seed=run.seed + 1)
-    calc = SpookyNetCalculator(str(MODEL), spin=spin_for(atoms), dtype=torch.float32, device=run.device)
+    calc = SpookyNetCalculator(str(MODEL), spin=spin_for(atoms), dtype=dtype, device=run.device)
     md = run_md(atoms, calc, run.outputs_dir / "trajectory.extxyz", run.outputs_dir / "thermo.csv",
                 steps=400, ensemble="nvt-langevin", timestep_fs=0.5, temperature_K=300.0,
                 friction_per_fs=0.02, interval=20, seed=run.seed, log=run.log)
@@ -37,7 +40,7 @@ def run_demo(run) -> dict:
         f.info["groups"] = 1
 
     def calc_for(a):
-        return SpookyNetCalculator(str(MODEL), spin=0 if a is None else spin_for(a), dtype=torch.float32,
+        return SpookyNetCalculator(str(MODEL), spin=0 if a is None else spin_for(a), dtype=dtype,
                                    device=run.device)
 
     ocv, _ = sodiation_series(frames, calc_for, relax_steps=20, fmax=0.1)
