@@ -188,7 +188,7 @@ def test_pipeline_features_train_explain_evaluate_heatmap(data, tiny_encoder, mo
     # heatmap from slides (encoder via hook) and from feature files (+ slide dir)
     meta = json.loads((model / "model.json").read_text())
     assert meta["features"] == {"encoder": tiny_encoder, "target_mpp": 0.5, "patch_size": 128, "min_tissue": 0.2,
-                                "min_std": 8.0}
+                                "min_std": 8.0, "precision": "fp32"}
     # from a slide, the encoder and tiling default to the training features' (model.json)
     res = _ok(invoke(["xmil", "heatmap", sl / "slide_001.tiff", "--model", model, "--method", "lrp", "-o", data / "hm",
                       "--json"]))

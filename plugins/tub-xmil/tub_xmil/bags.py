@@ -178,30 +178,42 @@ def _load_tensor(path: Path, mmap: bool = False, with_coords: bool = False):
     return (t, coords) if with_coords else t
 
 
-PROVENANCE_KEYS = ("encoder", "target_mpp", "patch_size", "min_tissue", "min_std", "encoder_weights_sha256")
+PROVENANCE_KEYS = ("encoder", "target_mpp", "patch_size", "min_tissue", "min_std", "encoder_weights_sha256",
+                   "precision")
 
 
 def features_provenance(paths) -> dict:
-    """How the bags were made (encoder, tile µm/px and size, tissue filter), where every .h5 bag records the same:
-    ``heatmap`` tiles and embeds slides the same way for the model trained on them."""
+    """How the bags were made (encoder, tile µm/px and size, tissue filter, precision), where every .h5 bag records
+    the same: ``heatmap`` tiles and embeds slides the same way for the model trained on them."""
+    return {k: v.pop() for k, v in provenance_values(paths).items() if len(v) == 1 and None not in v}
+
+
+def mixed_provenance(paths) -> dict[str, list]:
+    """The provenance keys in which the .h5 bags differ (e.g. some embedded in bf16, some in fp32), with the values."""
+    return {k: sorted(v, key=str) for k, v in provenance_values(paths).items() if len(v) > 1 and None not in v}
+
+
+def provenance_values(paths) -> dict[str, set]:
+    """Per provenance key the set of values the .h5 bags record (None where a bag records none); empty where a
+    bag is not an .h5 file (held in memory, .pt/.npz: nothing recorded)."""
     import h5py
 
     from tub_xmil.tiling import _py
 
     seen: dict = {}
     for p in paths:
-        if p is None or Path(p).suffix.lower() != ".h5":  # bags held in memory, .pt/.npz: nothing recorded
+        if p is None or Path(p).suffix.lower() != ".h5":
             return {}
         with h5py.File(p, "r") as f:
             attrs = {k: _py(v) for k, v in f.attrs.items()}
             if "coords" in f:
                 attrs.update({k: _py(v) for k, v in f["coords"].attrs.items()})
         if "target_mpp" not in attrs:  # CLAM's patch_size is at its patch_level, not at a µm/px
-            attrs = {k: v for k, v in attrs.items() if k in ("encoder", "encoder_weights_sha256")}
+            attrs = {k: v for k, v in attrs.items() if k in ("encoder", "encoder_weights_sha256", "precision")}
         for k in PROVENANCE_KEYS:
             v = attrs.get(k)
             seen.setdefault(k, set()).add(v if isinstance(v, (str, int, float)) else None)
-    return {k: v.pop() for k, v in seen.items() if len(v) == 1 and None not in v}
+    return seen
 
 
 def find_bag(folder: str | Path, slide_id: str) -> Path | None:

@@ -126,11 +126,14 @@ def train(cfg, run) -> dict:
     if cfg.task == "classification":
         _check_trained_classes(cfg.labels, classes, train_s, val_s, test_s)
     model, meta = train_model(cfg, run, train_s, val_s, classes)
-    from tub_xmil.bags import features_provenance
+    from tub_xmil.bags import features_provenance, mixed_provenance
 
     provenance = features_provenance([s.path for s in train_s + val_s])
     if provenance:
         meta["features"] = provenance
+    for key, values in mixed_provenance([s.path for s in train_s + val_s]).items():
+        run.log.warning("the training bags differ in %s (%s): the model learns from features made differently; "
+                        "make them alike (model.json records no %s)", key, ", ".join(map(str, values)), key)
     run.save_weights({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, meta)
     out = {"train_slides": len(train_s), "val_slides": len(val_s), "test_slides": len(test_s),
            "best_epoch": meta["best_epoch"], "selected_on": meta["selected_on"], "selected_by": meta["selected_by"]}
@@ -470,6 +473,10 @@ def _warn_other_bags(name: str, attrs: dict, trained: dict, log) -> None:
     if size is not None and trained_size is not None and int(size) != int(trained_size):
         log.warning("%s: its tiles are %d px, the model was trained on bags of %d px tiles (each instance is another "
                     "field of view)", name, int(size), int(trained_size))
+    precision, trained_precision = attrs.get("precision"), trained.get("precision")
+    if precision is not None and trained_precision is not None and precision != trained_precision:
+        log.warning("%s: embedded in %s, the model was trained on bags embedded in %s", name, precision,
+                    trained_precision)
 
 
 SLIDE_DEFAULTS = {"encoder": "vit-t8-demo", "target_mpp": 0.5, "patch_size": 256, "min_tissue": 0.5, "min_std": 8.0}
@@ -492,6 +499,9 @@ def _slide_settings(cfg, trained: dict, log):
         log.warning("the model's bags were tiled by another tool (they record no xmil tissue filter); xmil's own "
                     "detector may keep other tiles than the model saw: pass --coords-dir with their patches files "
                     "(e.g. the tub atlas tile outputs), or heatmap the feature files")
+    if trained.get("precision") not in (None, cfg.precision):
+        log.warning("the model was trained on features embedded in %s; --precision %s embeds these slides otherwise",
+                    trained["precision"], cfg.precision)
     used, source = {}, {}
     for key, value in given.items():
         if value is not None:
