@@ -541,3 +541,23 @@ def test_features_named_like_the_output_columns_keep_the_csv_readable(tmp_path):
     back = pd.read_csv(tmp_path / "e" / "outputs" / "relevances.csv")
     assert list(back.columns) == ["g", "pred", "knnlrp_g", "knnlrp_pred", "knnlrp_positive", "knnlrp_negative"]
     assert back["knnlrp_pred"].isin([0, 1]).all()
+
+
+def test_load_model_from_the_package_explains_as_the_cli_does(tmp_path):
+    """The README's Python route to a trained model: tub_knnlrp.load_model(run) and explain(m.pipeline, X, ...)."""
+    import tub_knnlrp
+
+    assert "load_model" in dir(tub_knnlrp)
+    d = tmp_path / "mk" / "outputs"
+    assert invoke(["knnlrp", "make-data", "wine01", "-o", str(tmp_path / "mk")]).exit_code == 0
+    assert invoke(["knnlrp", "train", str(d / "train.csv"), "--k", "5", "-o", str(tmp_path / "t")]).exit_code == 0
+    res = invoke(["knnlrp", "explain", str(d / "test.csv"), "--model", str(tmp_path / "t"), "-o", str(tmp_path / "e")])
+    assert res.exit_code == 0, res.stderr
+    m = tub_knnlrp.load_model(tmp_path / "t")
+    with open(d / "test.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    X = np.array([[float(r[c]) for c in m.feature_names] for r in rows])
+    e = tub_knnlrp.explain(m.pipeline, X, X_train=m.X_train, y_train=m.y_train)
+    with open(tmp_path / "e" / "outputs" / "relevances.csv") as fh:
+        cli = np.array([[float(r[c]) for c in m.feature_names] for r in csv.DictReader(fh)])
+    np.testing.assert_allclose(e.values, cli, rtol=1e-12, atol=1e-15)

@@ -6,8 +6,8 @@ Heavy imports happen lazily: ``from tub_knnlrp import explain`` loads numpy/scik
 
 __version__ = "0.2.0"
 
-__all__ = ["explain", "NeuralizedExplainer", "Explanation", "UnsupportedModelError", "MixingTransformWarning",
-           "__version__"]
+__all__ = ["explain", "NeuralizedExplainer", "Explanation", "load_model", "UnsupportedModelError",
+           "MixingTransformWarning", "__version__"]
 
 
 def __getattr__(name):
@@ -15,6 +15,10 @@ def __getattr__(name):
         import importlib
 
         return getattr(importlib.import_module("tub_knnlrp.explanation"), name)
+    if name == "load_model":  # a model `tub knnlrp train` stored (run directory or model.json), without pickle
+        from tub_knnlrp.models import load_model
+
+        return load_model
     if name in ("UnsupportedModelError", "MixingTransformWarning"):  # to catch / filter them
         import importlib
 
