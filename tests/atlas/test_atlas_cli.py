@@ -265,6 +265,8 @@ def test_evaluate_probes_and_explain_probe_class(data, tmp_path):
     assert [r["row"] for r in manifest] == ["0", "1"] and [r["slide_id"] for r in manifest] == first
     assert all((tmp_path / "x/outputs/tiles" / r["overlay"]).is_file() for r in manifest)
     assert all(os.path.isabs(r["origin"]) for r in manifest)  # as embed's manifests: joins from any folder
+    for r, m in zip(manifest, maps):  # each overlay's own colour scale (signed LRP: ±max|R|), so tiles compare
+        assert float(r["colour_max"]) == pytest.approx(np.abs(m).max(), rel=1e-6) == -float(r["colour_min"])
     r = ok(["explain", data / "tiles.npz", "--arch", "vit-t8-demo", "--weights", W, "--method", "rollout",
             "--max-tiles", "1", "-o", tmp_path / "y"])
     assert "explaining its first 1 of" in r.stderr  # the cap is said, not silent

@@ -13,7 +13,7 @@ from tubcli.errors import TubError
 from .embedding import MANIFEST_FIELDS, absolute_origin, atomic_dir, write_manifest
 from .encoder import Encoder, uint8_to_float
 from .lrp import lrp, make_target, patch_map
-from .overlay import overlay, save_png
+from .overlay import colour_range, overlay, save_png
 from .rollout import attention_rollout
 from .tiles import read_image, read_input, say_exif_rotated
 
@@ -206,11 +206,12 @@ def explain_inputs(encoder: Encoder, names: dict[Path, str], cfg, run, info: dic
                     box = encoder.transform.seen_box(*tiles.shape[1:3])
                     save_png(tmp / png, overlay(tiles[i], heat, signed, cfg.alpha, box))
                     ts.rows[i]["overlay"] = png
+                    ts.rows[i]["colour_min"], ts.rows[i]["colour_max"] = colour_range(heat, signed)
                 np.save(tmp / "maps.npy", np.stack(maps).astype(np.float32))
                 # row i of maps.npy is the tile of manifest row i (joins on tile_id / slide_id, x, y)
                 write_manifest(tmp / "manifest.csv", [{**r, "row": k, "origin": absolute_origin(r["origin"])}
                                                       for k, r in enumerate(ts.rows[:n])],
-                               ["row", *MANIFEST_FIELDS, "overlay"])
+                               ["row", *MANIFEST_FIELDS, "overlay", "colour_min", "colour_max"])
             n_done += n
     out = {"method": cfg.method, "explains": what, "tiles": n_done, "outputs": str(run.outputs_dir)}
     if probe_class is not None:

@@ -17,18 +17,23 @@ def upsample(heat: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return t[0, 0].numpy()
 
 
-def colourise(heat: np.ndarray, signed: bool) -> np.ndarray:
-    """(H, W) map -> (H, W, 3) uint8: ``bwr`` centred on 0 for signed relevance, ``inferno`` otherwise."""
-    from matplotlib import colormaps
-
+def colour_range(heat: np.ndarray, signed: bool) -> tuple[float, float]:
+    """The map values at the two ends of the colour scale (each tile's own: recorded in the manifest so that
+    overlays can be compared): ±max|R| for signed relevance, the map's min and max otherwise."""
     if signed:
         m = float(np.abs(heat).max()) or 1.0
-        norm = 0.5 + 0.5 * heat / m
-        rgba = colormaps["bwr"](norm)
-    else:
-        lo, hi = float(heat.min()), float(heat.max())
-        norm = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
-        rgba = colormaps["inferno"](norm)
+        return -m, m
+    return float(heat.min()), float(heat.max())
+
+
+def colourise(heat: np.ndarray, signed: bool) -> np.ndarray:
+    """(H, W) map -> (H, W, 3) uint8: ``bwr`` centred on 0 for signed relevance, ``inferno`` otherwise, over
+    :func:`colour_range`."""
+    from matplotlib import colormaps
+
+    lo, hi = colour_range(heat, signed)
+    norm = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
+    rgba = colormaps["bwr" if signed else "inferno"](norm)
     return (rgba[..., :3] * 255).astype(np.uint8)
 
 
