@@ -158,11 +158,18 @@ def test_pipeline_features_train_explain_evaluate_heatmap(data, tiny_encoder, mo
     assert row["target_class"] == classes[rec["target"]] and float(row["prediction"]) == pytest.approx(rec["prediction"])
     assert json.loads(row["patch_scores_lrp"]) == rec["patch_scores_lrp"] and int(row["n_patches"]) == n
     # evaluate: task metrics and patch flipping incl. random baseline
+    import tubcli.plots
+
+    titles = []
+    real_roc = tubcli.plots.roc_plot
+    monkeypatch.setattr(tubcli.plots, "roc_plot", lambda *a, **k: titles.append(k.get("title")) or real_roc(*a, **k))
     res = _ok(invoke(["xmil", "evaluate", "--model", model, "--features", fdir, "--labels", labels, "--set",
                       "split=null", "--method", "lrp", "--method", "random", "--set", "flipping_ties=rank",
                       "-o", data / "eval", "--json"]))
     ev = json.loads(res.stdout)
     assert "balanced_accuracy" in ev and ev["slides"] == 4 and ev["flipping_ties"] == "rank"
+    lo, hi = ev["ci"]["auroc"]  # the figure states the interval metrics.json has
+    assert titles == [f"all slides, AUROC 95% CI {lo:.3f}–{hi:.3f} (slide bootstrap)"]
     # spec §2.5: by default 1%-of-all blocks (101 points); --score-order absolute ranks by |score|
     res = _ok(invoke(["xmil", "evaluate", "--model", model, "--features", fdir, "--labels", labels, "--set",
                       "split=null", "--method", "lrp", "--score-order", "absolute", "-o", data / "eval_abs", "--json"]))

@@ -397,11 +397,6 @@ def evaluate(cfg, run) -> dict:
     out = {"slides": len(slides), **task_metrics(slides, preds, task)}
     for name in ("roc.png", "km_risk_groups.png"):  # an earlier evaluation's figures (another task) are not this one's
         remove_figure(run.outputs_dir / name)
-    if task == "classification":
-        from tubcli.plots import roc_plot
-
-        roc_plot(run.outputs_dir / "roc.png", [s.label for s in slides], preds, classes,
-                 title=f"{len(slides)} {cfg.split or 'all'} slides")
     if task == "survival":
         from tub_xmil.metrics import median_split
 
@@ -414,6 +409,13 @@ def evaluate(cfg, run) -> dict:
 
         out["ci"] = bootstrap_slides(slides, preds, task, cfg.bootstrap, run.seed)
         say_if_rough(run.log, cfg.bootstrap, out["ci"]["units"], unit=f"{out['ci']['unit']}s")
+    if task == "classification":
+        from tubcli.plots import roc_plot
+
+        ci = out.get("ci", {}).get("auroc")
+        title = f"{cfg.split or 'all'} slides" + (f", AUROC 95% CI {ci[0]:.3f}–{ci[1]:.3f} ({out['ci']['unit']} "
+                                                  f"bootstrap)" if ci else "")
+        roc_plot(run.outputs_dir / "roc.png", [s.label for s in slides], preds, classes, title=title)
     if not cfg.flipping:
         return out
     per_slide, merged = [], {}
