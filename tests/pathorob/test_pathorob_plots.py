@@ -68,6 +68,8 @@ def test_projection_pc_labels_and_subsampling_note(made, tmp_path):
         assert ax.get_ylabel().startswith("PC2 (") and "%" in ax.get_ylabel()
         assert _outside(fig, ax, ax.get_legend())
     assert "biological class" in fig.axes[0].get_title() and "medical center" in fig.axes[1].get_title()
+    class_colours, center_colours = ({tuple(h.get_color()) for h in ax.get_legend().legend_handles} for ax in fig.axes)
+    assert not class_colours & center_colours  # no class shares a colour with a center
     fig = projection_figure(X, meta.biological_class, meta.medical_center, max_points=10 * n)
     assert f"all {n}" in fig._suptitle.get_text()
     assert projection(X, meta.biological_class, meta.medical_center, tmp_path / "p.png",
@@ -86,3 +88,6 @@ def test_ri_curve_labels_and_selected_k(made, tmp_path):
     assert res.summary["robustness_index"] == pytest.approx(ri_k)  # the number of the results JSON
     assert _outside(fig, ax, ax.get_legend())
     assert ri_curve(res.curves, 5, tmp_path / "r.png", 40).stat().st_size > 1000
+    assert "ID performance (SS / (SS + OS))" in labels and "OOD performance (SO / (SO + OO))" in labels
+    chosen = [t.get_text() for t in ri_curve_figure(res.curves, 5, k_max=40, k_name="k").axes[0].get_legend().get_texts()]
+    assert f"k = 5 (RI {ri_k:.3f})" in chosen and not any("k_opt" in t for t in chosen)  # a --k, not optimised

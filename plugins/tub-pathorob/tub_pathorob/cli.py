@@ -631,7 +631,7 @@ def _explain_impl(cfg: ExplainConfig, run) -> dict:
     write_json(f["robustness_curves"], {kk: np.asarray(v).tolist() for kk, v in res.curves.items()})
     if cfg.plots:
         composition_bars(bd, f["composition"])
-        ri_curve(res.curves, k, f["ri_curve"], cfg.max_k_curve)
+        ri_curve(res.curves, k, f["ri_curve"], cfg.max_k_curve, k_name="k" if cfg.k else "k_opt")
         pair_heatmap(bd, f["center_pairs"])
         ID = meta.subset != "OOD"
         projection(X[ID], meta.biological_class[ID], meta.medical_center[ID], f["projection"], seed=run.seed)

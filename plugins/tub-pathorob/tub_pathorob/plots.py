@@ -65,20 +65,21 @@ def composition_bars(bd: dict, path: Path) -> Path:
     return save_figure(composition_figure(bd), path, dpi=110)
 
 
-def ri_curve_figure(curves: dict, k: int, k_max: int = 200):
-    """The figure of :func:`ri_curve` (not saved, not closed)."""
+def ri_curve_figure(curves: dict, k: int, k_max: int = 200, k_name: str = "k_opt"):
+    """The figure of :func:`ri_curve` (not saved, not closed); ``k_name``: "k_opt" for the dataset's optimal k,
+    "k" for one the user chose."""
     plt = pyplot()
     ri = np.asarray(curves["robustness_index"][:k_max], dtype=float)
     ks = np.arange(1, len(ri) + 1)
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     ax.plot(ks, ri, color="k", label="robustness index (SO / (SO + OS))")
-    ax.plot(ks, curves["ID_performance"][:k_max], color=COLORS["SS"], label="ID performance")
-    ax.plot(ks, curves["OOD_performance"][:k_max], color=COLORS["SO"], label="OOD performance")
-    label = f"k_opt = {k}"
+    ax.plot(ks, curves["ID_performance"][:k_max], color=COLORS["SS"], label="ID performance (SS / (SS + OS))")
+    ax.plot(ks, curves["OOD_performance"][:k_max], color=COLORS["SO"], label="OOD performance (SO / (SO + OO))")
+    label = f"{k_name} = {k}"
     if 1 <= k <= len(ri):
         label += f" (RI {ri[k - 1]:.3f})"
     ax.axvline(k, ls="--", color="grey", label=label)
-    ax.annotate(f"k_opt = {k}", xy=(k, 0.02), xytext=(4, 0), textcoords="offset points", fontsize=8,
+    ax.annotate(f"{k_name} = {k}", xy=(k, 0.02), xytext=(4, 0), textcoords="offset points", fontsize=8,
                 color="dimgrey")
     ax.set_xlabel("k (number of nearest neighbours)")
     ax.set_ylabel("robustness index / kNN performance")
@@ -89,8 +90,8 @@ def ri_curve_figure(curves: dict, k: int, k_max: int = 200):
     return fig
 
 
-def ri_curve(curves: dict, k: int, path: Path, k_max: int = 200) -> Path:
-    return save_figure(ri_curve_figure(curves, k, k_max), path, dpi=110)
+def ri_curve(curves: dict, k: int, path: Path, k_max: int = 200, k_name: str = "k_opt") -> Path:
+    return save_figure(ri_curve_figure(curves, k, k_max, k_name), path, dpi=110)
 
 
 def pair_heatmap(bd: dict, path: Path) -> Path:
@@ -123,16 +124,23 @@ def projection_figure(X: np.ndarray, classes: np.ndarray, centers: np.ndarray, s
     Z = pca.fit_transform(Xn)
     ev = 100 * pca.explained_variance_ratio_
     shown = f"{len(idx)} of {n} tiles shown (random subsample)" if len(idx) < n else f"all {n} tiles shown"
+    from matplotlib.lines import Line2D
+
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     classes, centers = np.asarray(classes), np.asarray(centers)
-    for ax, labels, title in ((axes[0], classes[idx], "biological class"), (axes[1], centers[idx], "medical center")):
-        for i, name in enumerate(sorted(set(labels))):
-            m = labels == name
-            ax.scatter(Z[m, 0], Z[m, 1], s=4, alpha=0.6, label=name, color=plt.cm.tab10(i % 10))
+    # two palettes (no class shares a colour with a center, which reads as a class-center link), and the points
+    # drawn in the subsample's random order, not group by group (the last group would cover the others)
+    panels = ((axes[0], classes[idx], "biological class", plt.cm.tab10, 10),
+              (axes[1], centers[idx], "medical center", plt.cm.Dark2, 8))
+    for ax, labels, title, palette, size in panels:
+        names = sorted(set(labels))
+        colour = {name: palette(i % size) for i, name in enumerate(names)}
+        ax.scatter(Z[:, 0], Z[:, 1], s=4, alpha=0.6, c=[colour[v] for v in labels])
+        handles = [Line2D([], [], ls="", marker="o", ms=4, color=colour[name], label=name) for name in names]
         ax.set_title(f"colour = {title}")
         ax.set_xlabel(f"PC1 ({ev[0]:.1f}% of variance)")
         ax.set_ylabel(f"PC2 ({ev[1]:.1f}% of variance)")
-        ax.legend(markerscale=3, fontsize=7, title=title, title_fontsize=7, loc="upper left",
+        ax.legend(handles=handles, fontsize=7, title=title, title_fontsize=7, loc="upper left",
                   bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.suptitle(f"PCA of the L2-normalised features; {shown}", fontsize=10)
     fig.tight_layout()
