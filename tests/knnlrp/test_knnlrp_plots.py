@@ -82,3 +82,6 @@ def test_flipping_legend_says_aupc_lower_is_better_and_rows(tmp_path):
         assert "37 rows" in ax.get_title() + ax.get_ylabel()
     labels = {t.get_text() for ax in axes for t in ax.get_legend().get_texts()}
     assert labels == {"lrp (0.123)", "random (0.568)", "lrp (0.346)"}  # the numbers of flipping.csv
+    fig = flipping_curves_plot(tmp_path / "g.png", rows, n_rows=37, kind="knn")
+    assert all(ax.get_ylabel().startswith("p(explained class) − max p(other class)") for ax in fig.axes)
+    assert fig.axes[0].get_ylim() == fig.axes[1].get_ylim()  # the panels compare on one scale

@@ -302,7 +302,7 @@ def evaluate(cfg, run) -> dict:
     if importlib.util.find_spec("matplotlib") is not None:
         from tub_knnlrp.plots import flipping_curves_plot
 
-        flipping_curves_plot(run.outputs_dir / "flipping.png", rows_out, n_rows=len(Z))  # atomic, vector copy too
+        flipping_curves_plot(run.outputs_dir / "flipping.png", rows_out, n_rows=len(Z), kind=tm.kind)  # atomic
     else:
         run.log.info("matplotlib is not installed; no flipping.png")
     metrics["fidelity"] = _logged(run, check_report, tm.pipeline, X, X_train, y_train if X_train is not None else None,

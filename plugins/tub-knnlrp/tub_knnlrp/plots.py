@@ -70,11 +70,16 @@ def relevance_heatmaps(path, data, values, side: int, titles=None, *, prediction
     return fig
 
 
-def flipping_curves_figure(rows, n_rows: int | None = None):
-    """The figure of :func:`flipping_curves_plot` (not saved, not closed)."""
+SCORES = {"knn": "p(explained class) − max p(other class)", "svm": "decision value against the nearest other class"}
+
+
+def flipping_curves_figure(rows, n_rows: int | None = None, kind: str | None = None):
+    """The figure of :func:`flipping_curves_plot` (not saved, not closed); ``kind`` ("knn", "svm") names the
+    score on the y axis (scores.FlippingScore.soft), shared by the panels."""
     plt = pyplot()
     repls = sorted({r[0] for r in rows})
-    fig, axes = plt.subplots(1, max(len(repls), 1), figsize=(7 * max(len(repls), 1), 3.9), squeeze=False)
+    fig, axes = plt.subplots(1, max(len(repls), 1), figsize=(7 * max(len(repls), 1), 3.9), squeeze=False,
+                             sharey=True)
     over = f"mean over {n_rows} rows" if n_rows is not None else "mean over the rows"
     for ax, repl in zip(axes[0], repls):
         for j, r in enumerate(r for r in rows if r[0] == repl):
@@ -82,17 +87,17 @@ def flipping_curves_figure(rows, n_rows: int | None = None):
             ax.plot(np.linspace(0, 1, len(curve)), curve, label=f"{r[1]} ({r[2]:.3f})",
                     lw=2.2 if r[1] == "lrp" else 1.0, ls=("-", "--", ":")[(j // 10) % 3])
         ax.set_xlabel("fraction of features flipped (most relevant first)")
-        ax.set_ylabel(f"score of the explained class\n({over})")
-        ax.set_title(f"feature flipping ({repl} replacement), {over}", fontsize=10)
+        ax.set_ylabel(f"{SCORES.get(kind, 'score of the explained class')}\n({over})")
+        ax.set_title(f"feature flipping ({repl} replacement)", fontsize=10)
         ax.legend(fontsize=8, title="method (raw AUPC,\nlower is better)", title_fontsize=8, loc="upper left",
                   bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     return fig
 
 
-def flipping_curves_plot(path, rows, n_rows: int | None = None):
+def flipping_curves_plot(path, rows, n_rows: int | None = None, kind: str | None = None):
     """rows: [replacement, method, aupc, aupc_normalised, seconds, *curve] as written to flipping.csv; the
     curves are means over ``n_rows`` explained rows. Returns the (closed) figure."""
-    fig = flipping_curves_figure(rows, n_rows)
+    fig = flipping_curves_figure(rows, n_rows, kind)
     save_figure(fig, path, dpi=110)
     return fig
