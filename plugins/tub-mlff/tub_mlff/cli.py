@@ -832,7 +832,7 @@ def evaluate(cfg, run) -> dict:
                     metrics["energy_rmse_meV_atom"], "meV/atom")
     if cfg.plots and with_forces:
         parity_plot(run.outputs_dir / "parity_forces.png", np.concatenate([g.forces for g in graphs]),
-                    np.concatenate(preds["forces"]), "force", "eV/Å", metrics.get("forces_mae_meV_A"),
+                    np.concatenate(preds["forces"]), "force component", "eV/Å", metrics.get("forces_mae_meV_A"),
                     metrics.get("forces_rmse_meV_A"), "meV/Å")
     if cfg.plots and stressed:
         parity_plot(run.outputs_dir / "parity_stress.png", np.stack([graphs[k].stress for k in stressed]),
