@@ -417,6 +417,10 @@ def test_the_atlas_encoder_takes_its_settings_from_the_checkpoint(tmp_path):
         assert torch.equal(module(x), enc(x)) and info["pool"] == "mean"
     with pytest.raises(TubError, match="needs a local weights file"):
         spec.load(None, "cpu", None)
+    for spelling in ("bf16", "bfloat16", torch.bfloat16):  # the CLI's spelling was a raw torch TypeError
+        assert next(spec.load(path, "cpu", spelling).parameters()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="is not one of fp32, fp64, bf16, fp16"):
+        spec.load(path, "cpu", "half-precision")
 
 
 def test_hook_table_matches_presets():

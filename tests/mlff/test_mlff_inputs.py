@@ -286,7 +286,7 @@ def test_calculator_refuses_impossible_charge_spin_and_names_dtype_errors(models
             ch4.get_potential_energy()
     ch4.calc = SpookyNetCalculator(path, charge=1, spin=1)  # CH4+: 9 electrons, a doublet
     assert np.isfinite(ch4.get_potential_energy())
-    for spelling in ("float64", np.float64, torch.float64):  # the usual spellings, not a "bad model file"
+    for spelling in ("float64", "fp64", np.float64, torch.float64):  # the usual spellings (and the CLI's)
         assert SpookyNetCalculator(path, dtype=spelling).dtype == torch.float64
     with pytest.raises(ValueError, match="use torch.float32 or torch.float64"):
         SpookyNetCalculator(path, dtype="float16")

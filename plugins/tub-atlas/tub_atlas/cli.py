@@ -28,7 +28,7 @@ def _warn_ignored_compute(cfg, run, honoured: tuple[str, ...] = ("fp32",), uses_
     layers, and the file verbs run on the CPU)."""
     if cfg.precision not in honoured:
         run.log.warning("tub atlas %s does not compute in --precision %s (it keeps its own precision; only %s "
-                        "apply here)", run.verb, cfg.precision, "/".join(honoured))
+                        "%s here)", run.verb, cfg.precision, "/".join(honoured), "applies" if len(honoured) == 1 else "apply")
     if not uses_device:
         say_device_unused(cfg, run)
 
