@@ -263,6 +263,11 @@ def test_robustify_with_a_class_covariate_warns_that_it_reads_labels(made):
          "-o", tmp / "rbf"])
     a, b = (np.load(tmp / d / "outputs" / "features" / "features.npy") for d in ("rbc", "rbf"))
     assert np.abs(a - b).max() > 1e-3  # through the per-center scaling of the class-adjusted residuals
+    half = tmp / "half.npy"  # output in the input's layout: float16 stays float16 (it came out float64, 4x the size)
+    np.save(half, np.load(out / "features.npy").astype(np.float16))
+    _ok(["pathorob", "robustify", half, "--metadata", out / "metadata.csv", "--model", tmp / "trc", "-o", tmp / "r16"])
+    y16 = np.load(tmp / "r16" / "outputs" / "features" / "features.npy")
+    assert y16.dtype == np.float16 and np.abs(y16.astype(np.float32) - a).max() < 0.05 * np.abs(a).max()
 
 
 def test_a_center_named_by_a_path_is_refused_never_read_or_overwritten(tmp_path):

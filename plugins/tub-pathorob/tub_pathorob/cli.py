@@ -450,7 +450,7 @@ def _robustify_impl(cfg: RobustifyConfig, run) -> dict:
                         "labels being evaluated (an upper bound, as in PathoROB); fit without --covariates for a "
                         "robustification that needs no labels", ", ".join(model.covariate_levels_), meta.source)
     Y = model.transform(X, meta.medical_center, covs)
-    Y = Y.astype(X.dtype) if X.dtype == np.float32 else Y
+    Y = Y.astype(X.dtype) if X.dtype in (np.float16, np.float32) else Y  # the input's layout (float16 stayed 4x)
     _clear_products(cfg, run, mine, inputs=[meta.source])
     out = write_like(cfg.features, dst, Y, meta)
     return {"method": model.method, "rows": int(len(Y)), "output": str(out),
