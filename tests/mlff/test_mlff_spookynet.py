@@ -276,9 +276,10 @@ def test_neighbor_list_matches_ase(cutoff):
     assert d.max() < cutoff
 
 
-def test_neighbor_list_survives_a_caller_who_flushes_subnormals():
+def test_neighbor_list_and_structure_check_survive_a_caller_who_flushes_subnormals():
     """scipy's cKDTree build crashed (SIGSEGV) on this bilayer cell once torch.set_flush_denormal(True) was on,
-    a common CPU speed setting; the list is built with flushing off and the caller's mode is put back."""
+    a common CPU speed setting; every k-d tree (neighbour list, overlap check) is built with flushing off and the
+    caller's mode is put back."""
     import subprocess
     import sys
 
@@ -294,6 +295,11 @@ plain = neighbor_list(pos, cell, True, 5.3)
 torch.set_flush_denormal(True)
 flushed = neighbor_list(pos, cell, True, 5.3)
 assert all(np.array_equal(x, y) for x, y in zip(plain, flushed))
+from ase import Atoms
+from tub_mlff.validation import check_structure
+cell_atoms = Atoms(numbers=[6] * 144 + [11] * 9, positions=pos, cell=cell, pbc=True)
+check_structure(cell_atoms, {6, 11}, name="cell")  # the calculator's structure check: k-d trees of its own
+check_structure(Atoms(numbers=[6] * 144 + [11] * 9, positions=pos), {6, 11}, name="molecule")
 assert torch.tensor([1e-40]).mul(1.0).item() == 0.0
 print(len(plain[0]))
 """

@@ -25,6 +25,13 @@ def _inv3(m: np.ndarray) -> np.ndarray:
     return c.T / det
 
 
+def close_pairs(points: np.ndarray, cutoff: float) -> np.ndarray:
+    """(P, 2) index pairs i < j of ``points`` closer than ``cutoff`` (scipy's k-d tree, built with subnormal
+    flushing off: it crashed for a caller who had turned flushing on, see tubcli.device.denormals_flushed)."""
+    with denormals_flushed(False):
+        return cKDTree(points).query_pairs(cutoff, output_type="ndarray")
+
+
 def neighbor_list(positions: np.ndarray, cell: np.ndarray | None, pbc, cutoff: float):
     """All pairs (i, j, offset) with |R_j + offset.cell - R_i| < cutoff, i != j or offset != 0.
 
@@ -37,8 +44,7 @@ def neighbor_list(positions: np.ndarray, cell: np.ndarray | None, pbc, cutoff: f
         e = np.zeros(0, dtype=np.int64)
         return e, e, np.zeros((0, 3), dtype=np.int64), np.zeros(0)
     if not pbc.any():
-        with denormals_flushed(False):
-            pairs = cKDTree(pos).query_pairs(cutoff, output_type="ndarray")
+        pairs = close_pairs(pos, cutoff)
         i = np.concatenate([pairs[:, 0], pairs[:, 1]]).astype(np.int64)
         j = np.concatenate([pairs[:, 1], pairs[:, 0]]).astype(np.int64)
         d = np.linalg.norm(pos[j] - pos[i], axis=1)

@@ -19,7 +19,7 @@ def check_structure(atoms, elements: set[int] | None = None, name: str = "struct
     A cell vector may be zero only along a non-periodic direction (e.g. a sheet periodic in x and
     y with c = 0, as ``ase.build.graphene(vacuum=None)`` makes): that direction is open.
     """
-    from scipy.spatial import cKDTree
+    from .neighbors import close_pairs, neighbor_list
 
     check_atoms(atoms, name)
     if not (np.isfinite(atoms.positions).all() and np.isfinite(np.asarray(atoms.cell)).all()):
@@ -45,19 +45,15 @@ def check_structure(atoms, elements: set[int] | None = None, name: str = "struct
                            f"(it knows {known}); use a model trained on these elements")
     pos = atoms.get_positions()
     if pbc.any():
-        from .neighbors import neighbor_list
-
         i, j, _, d = neighbor_list(pos, atoms.cell, pbc, min_distance)
         # exact duplicates (d == 0) are missed by the sparse search; look for them directly
         if len(i) == 0:
             frac = atoms.get_scaled_positions(wrap=True)
-            tree = cKDTree(frac @ np.asarray(atoms.cell))
-            dup = tree.query_pairs(1e-8, output_type="ndarray")
+            dup = close_pairs(frac @ np.asarray(atoms.cell), 1e-8)
             if len(dup):
                 i, j, d = dup[:, 0], dup[:, 1], np.zeros(len(dup))
     else:
-        tree = cKDTree(pos)
-        pairs = tree.query_pairs(min_distance, output_type="ndarray")
+        pairs = close_pairs(pos, min_distance)
         i, j = (pairs[:, 0], pairs[:, 1]) if len(pairs) else (np.zeros(0, int), np.zeros(0, int))
         d = np.linalg.norm(pos[j] - pos[i], axis=1) if len(i) else np.zeros(0)
     if len(i):
