@@ -186,6 +186,15 @@ def test_survival_folds_split_risk_at_each_folds_median(tmp_path):
                                 "--bootstrap", "0", "-o", tmp_path / "e", "--json"])).stdout)
     assert ev["high_risk_slides"] + ev["low_risk_slides"] == ev["slides"] == 9
     assert (tmp_path / "e" / "outputs" / "km_risk_groups.png").stat().st_size > 0
+    # reruns into the same -o: what an earlier run of another task or with flipping left there does not stay
+    (tmp_path / "s" / "outputs" / "roc.png").write_bytes(b"a classification summary's figure")
+    _ok(invoke(["xmil", "cv-summary", *runs, "--bootstrap", "0", "-o", tmp_path / "s"]))
+    assert not (tmp_path / "s" / "outputs" / "roc.png").exists()
+    (tmp_path / "e" / "outputs" / "flipping.json").write_text("[]")
+    _ok(invoke(["xmil", "evaluate", "--model", runs[0] / "checkpoints", "--features", tmp_path / "bags", "--labels",
+                runs[0] / "outputs" / "fold_labels.csv", "--set", "flipping=false", "--bootstrap", "0",
+                "-o", tmp_path / "e"]))
+    assert not (tmp_path / "e" / "outputs" / "flipping.json").exists()
 
 
 def test_a_patient_column_in_any_case_keeps_patients_together(tmp_path):

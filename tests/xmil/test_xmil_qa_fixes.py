@@ -301,3 +301,7 @@ def test_the_precision_of_the_features_is_part_of_their_provenance(tmp_path):
     r = _ok(invoke(["xmil", "explain", tmp_path / "mixed" / "s0.h5", "--model", tmp_path / "m2" / "checkpoints",
                     "-o", tmp_path / "e"]))
     assert "s0.h5: embedded in bf16, the model was trained on bags embedded in fp32" in r.stderr
+    r = _ok(invoke(["xmil", "evaluate", "--model", tmp_path / "m2" / "checkpoints", "--features", tmp_path / "mixed",
+                    "--labels", tmp_path / "labels.csv", "--set", "flipping=false", "--set", "split=null",
+                    "--bootstrap", "0", "-o", tmp_path / "ev"]))
+    assert "s0.h5: embedded in bf16, the model was trained on bags embedded in fp32" in r.stderr

@@ -196,24 +196,30 @@ def mixed_provenance(paths) -> dict[str, list]:
 def provenance_values(paths) -> dict[str, set]:
     """Per provenance key the set of values the .h5 bags record (None where a bag records none); empty where a
     bag is not an .h5 file (held in memory, .pt/.npz: nothing recorded)."""
-    import h5py
-
-    from tub_xmil.tiling import _py
-
     seen: dict = {}
     for p in paths:
         if p is None or Path(p).suffix.lower() != ".h5":
             return {}
-        with h5py.File(p, "r") as f:
-            attrs = {k: _py(v) for k, v in f.attrs.items()}
-            if "coords" in f:
-                attrs.update({k: _py(v) for k, v in f["coords"].attrs.items()})
+        attrs = h5_attributes(p)
         if "target_mpp" not in attrs:  # CLAM's patch_size is at its patch_level, not at a µm/px
             attrs = {k: v for k, v in attrs.items() if k in ("encoder", "encoder_weights_sha256", "precision")}
         for k in PROVENANCE_KEYS:
             v = attrs.get(k)
             seen.setdefault(k, set()).add(v if isinstance(v, (str, int, float)) else None)
     return seen
+
+
+def h5_attributes(path) -> dict:
+    """An .h5 bag's attributes, of the file and of its ``coords`` (how tub, CLAM and TRIDENT record them)."""
+    import h5py
+
+    from tub_xmil.tiling import _py
+
+    with h5py.File(path, "r") as f:
+        attrs = {k: _py(v) for k, v in f.attrs.items()}
+        if "coords" in f:
+            attrs.update({k: _py(v) for k, v in f["coords"].attrs.items()})
+    return attrs
 
 
 def find_bag(folder: str | Path, slide_id: str) -> Path | None:

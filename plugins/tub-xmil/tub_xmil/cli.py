@@ -162,6 +162,8 @@ def cv_summary(cfg, run) -> dict:
         raise TubError("give the run folders of `tub xmil train --fold k/K`, e.g. runs/cv/fold*")
     folds = read_folds(cfg.runs, run.log)
     out, rows, pooled, preds = summarize(folds, cfg.bootstrap, run.seed, run.log)
+    for name in ("roc.png", "km_risk_groups.png"):  # an earlier summary's figures (another task) are not this one's
+        remove_figure(run.outputs_dir / name)
     if out["task"] == "classification":
         from tubcli.plots import roc_plot
 
@@ -389,6 +391,12 @@ def evaluate(cfg, run) -> dict:
     # slides are lazy: each bag is read again when it is predicted / flipped, one at a time
     slides, _ = load_slides(cfg.features, cfg.labels, task, split=cfg.split, classes=classes,
                             input_dim=meta["kwargs"].get("input_dim"))
+    if trained := meta.get("features", {}):  # bags made otherwise than the training bags are said, as in explain
+        from tub_xmil.bags import h5_attributes
+
+        for s in slides:
+            if s.path is not None and s.path.suffix.lower() == ".h5":
+                _warn_other_bags(s.path.name, h5_attributes(s.path), trained, run.log)
     preds = predict(model, slides, task)
     from tub_xmil.predictions import write_predictions
 
@@ -417,6 +425,7 @@ def evaluate(cfg, run) -> dict:
                                                   f"bootstrap)" if ci else "")
         roc_plot(run.outputs_dir / "roc.png", [s.label for s in slides], preds, classes, title=title)
     if not cfg.flipping:
+        (run.outputs_dir / "flipping.json").unlink(missing_ok=True)  # an earlier evaluation's, not this one's
         return out
     per_slide, merged = [], {}
     for s in run.progress(slides, total=len(slides), desc="patch flipping"):
@@ -502,8 +511,8 @@ def _slide_settings(cfg, trained: dict, log):
                     "detector may keep other tiles than the model saw: pass --coords-dir with their patches files "
                     "(e.g. the tub atlas tile outputs), or heatmap the feature files")
     if trained.get("precision") not in (None, cfg.precision):
-        log.warning("the model was trained on features embedded in %s; --precision %s embeds these slides otherwise",
-                    trained["precision"], cfg.precision)
+        log.warning("the model was trained on features embedded in %s; this run embeds the slides in %s (set "
+                    "--precision %s to match)", trained["precision"], cfg.precision, trained["precision"])
     used, source = {}, {}
     for key, value in given.items():
         if value is not None:
