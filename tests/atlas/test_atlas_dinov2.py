@@ -310,6 +310,11 @@ def test_cli_train_dinov2_end_to_end(tmp_path):
         assert meta["vit"]["depth"] == 1 and "DINOv2" in meta["source"]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2, 3, 4] and all("loss_ibot" in row for row in rows)
+    # the prototype layer is frozen for 1 % of the steps (it was one pass over the tiles: here the whole run, so
+    # student and EMA teacher kept the initial prototypes, 1e-8 apart)
+    state = torch.load(ck / "last.pt", weights_only=False)
+    key = "dino_head.last_layer.weight_v"
+    assert (state["student"][key] - state["teacher"][key]).abs().max() > 1e-5
     emb = invoke(["atlas", "embed", tmp_path / "d" / "tiles.npz", "--weights", ck / "model.safetensors",
                   "-o", tmp_path / "emb"])
     assert emb.exit_code == 0, emb.stderr

@@ -194,8 +194,8 @@ class DINOv2Section(Section):
     weight_decay_end: float = Field(0.4, ge=0, description="weight decay at the end, cosine (cfg 0.4)")
     layer_decay: float = Field(0.9, gt=0, le=1, description="layer-wise lr decay (cfg 0.9; ViT-g 1.0)")
     patch_embed_lr_mult: float = Field(0.2, gt=0, description="patch-embedding lr factor (cfg 0.2)")
-    freeze_last_layer_epochs: float = Field(1.0, ge=0, description="prototype layer lr 0 for this many "
-                                                                   "passes over the tiles (cfg 1)")
+    freeze_last_layer: float = Field(0.01, ge=0, lt=1, description="prototype layer lr 0 for this fraction of the "
+                                                                  "steps (cfg 1 of 100 epochs)")
     drop_path: float = Field(0.1, ge=0, lt=1, description="stochastic depth (DINO ViT-S 0.1; cfg ViT-L 0.3)")
 
 

@@ -11,7 +11,7 @@ its public default config (``ssl_default_config.yaml``), each with its source:
   P_s = softmax(g_s / τ_s), τ_s = 0.1, and the teacher sharpened (τ_t warmed 0.04 → 0.07) and centred.
 * Head: 3-layer MLP (GELU) to a bottleneck, L2 normalisation, then a weight-normalised linear layer
   without bias onto K prototypes (DINO §3.1 / App.); that last layer's learning rate is 0 for the
-  first epoch (DINO App. "freeze the last layer").
+  first epoch (DINO App. "freeze the last layer"): the first 1 % of the steps, as DINOv2's 1 of 100 epochs.
 * iBOT (Zhou et al., arXiv 2111.07832, §3.2, L_MIM): masked image modelling with an online tokenizer; the
   student sees block-masked global crops (masked patch embeddings replaced by a learned mask token),
   the teacher the unmasked crops, and the cross-entropy runs over the masked patches only.
@@ -575,10 +575,10 @@ def train_ssl(backbone: VisionTransformer, normalise, tiles, run, hp: dict, *, s
     groups = param_groups(student, hp["layer_decay"], hp["patch_embed_lr_mult"])
     opt = torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.999))
     n = len(tiles)
-    epoch = max(1, math.ceil(n / (batch_size * world)))
     warm_lr = int(round(hp["warmup"] * steps))
     warm_tt = int(round(hp["teacher_temp_warmup"] * steps))
-    freeze = int(round(hp["freeze_last_layer_epochs"] * epoch))
+    # a fraction of the run, as the warm-ups: one pass over the tiles froze it for all of a run shorter than that
+    freeze = int(round(hp["freeze_last_layer"] * steps))
     aug = {k: hp[k] for k in ("brightness", "contrast", "saturation", "hue", "jitter_p", "grey_p", "rotate")}
     start, history = 0, []
     state = run.load_checkpoint()
