@@ -685,6 +685,16 @@ class Run:
                 allowed = f" (only {', '.join(sorted(resume_may_change))} may change)" if resume_may_change else ""
                 raise TubError(f"{self.dir} was trained with other settings ({changed}); --resume continues that "
                                f"training: give the same settings{allowed}, or a new -o")
+        source = self.resume_from.parent.parent if self.resume_from is not None else None
+        if training and source is not None and source.resolve() != self.dir.resolve() and not overwrite:
+            recorded = self._earlier_config(source)  # --resume PATH into a new -o: the checkpoint's own run settings
+            changed = recorded is not None and changed_settings(
+                recorded, now, (EXECUTION_FIELDS - {"batch_size"}) | resume_may_change,
+                earlier_cwd=self._earlier_env(source).get("cwd"))
+            if changed:
+                allowed = f" (only {', '.join(sorted(resume_may_change))} may change)" if resume_may_change else ""
+                raise TubError(f"--resume {self.resume_from}: that run was trained with other settings ({changed}); "
+                               f"the checkpoint continues that training: give the same settings{allowed}")
         fresh_start = training and not resume and checkpoint
         if fresh_start and not overwrite:
             raise TubError(f"{self.dir} holds a training checkpoint; pass --resume auto to continue it, "
@@ -746,15 +756,15 @@ class Run:
         """The verb an existing run directory was made by (None: new, or written before tub recorded it)."""
         return self._earlier_env().get("command") or None
 
-    def _earlier_env(self) -> dict:
+    def _earlier_env(self, folder: Path | None = None) -> dict:
         try:
-            env = json.loads((self.dir / "env.json").read_text())
+            env = json.loads(((folder or self.dir) / "env.json").read_text())
         except (OSError, ValueError):
             return {}
         return env if isinstance(env, dict) else {}
 
-    def _earlier_config(self) -> dict | None:
-        path = self.dir / "config.yaml"
+    def _earlier_config(self, folder: Path | None = None) -> dict | None:
+        path = (folder or self.dir) / "config.yaml"
         if not path.is_file():
             return None
         import yaml

@@ -571,6 +571,11 @@ def test_a_resume_continues_the_recorded_training_only(toy_plugins, tmp_path):
     result = invoke(["toy", "train", data, "--epochs", "4", "-o", out, "--resume", "auto", "--set",
                      "vector_figures=pdf"])
     assert result.exit_code == 0, result.stderr
+    # --resume PATH into a new -o checks against the checkpoint's own run (there was no record to compare with)
+    result = invoke(["toy", "train", data, "--epochs", "5", "--lr", "0.5", "-o", tmp_path / "new", "--resume", out])
+    assert result.exit_code == 2 and "that run was trained with other settings (optim.lr: 0.1 -> 0.5)" in result.stderr
+    assert not (tmp_path / "new").exists()
+    assert invoke(["toy", "train", data, "--epochs", "5", "-o", tmp_path / "new", "--resume", out]).exit_code == 0
 
 
 def test_resume_auto_without_o_finds_the_run_whose_epochs_were_extended(toy_plugins, tmp_path):
