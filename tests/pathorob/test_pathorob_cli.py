@@ -67,6 +67,22 @@ def test_clustering_verb(made):
              "--trials", "2", "--json", "-o", tmp / "cs"])
     s = json.loads(r.stdout.strip().splitlines()[-1])
     assert s["num_combinations"] == 3 and s["num_trials"] == 2
+    # an empty class/center cell leaves its experiments out of the mean: said, not silent; and --seed is not used
+    import csv
+
+    with open(out / "metadata.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    classes = sorted({r["biological_class"] for r in rows})
+    for r in rows:
+        if r["biological_class"] == classes[0] and r["medical_center"] == "center2":
+            r["medical_center"] = "center0"
+    with open(tmp / "gap.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    r = _ok(["pathorob", "clustering", out / "features.npy", "--metadata", tmp / "gap.csv", "--K", "2", "--trials", "2",
+             "--seed", "7", "-o", tmp / "cs_gap"])
+    assert "2 of 3 class/center experiments have an empty cell" in r.stderr and "--seed 7 changes nothing" in r.stderr
 
 
 def test_train_and_robustify(made):

@@ -150,6 +150,11 @@ def test_apd_from_raw_same_dataset_twice_is_an_error(tmp_path):
     r = invoke(["pathorob", "apd-from-raw", tmp_path / "m1" / "camelyon_raw.json", tmp_path / "m2" / "camelyon_raw.json",
                 "-o", tmp_path / "run"])
     assert "both dataset 'camelyon'" in _one_error(r)
+    for bad, words in (({**raw, "ID_test_accuracies": [[0.8, 0.9], [0.7]]}, "not a table of numbers"),
+                       ({**raw, "OOD_test_accuracies": [[0.7, 0.8, 0.9], [0.6, 0.7, 0.8]]}, "both are splits")):
+        (tmp_path / "m1" / "camelyon_raw.json").write_text(json.dumps(bad))  # was a raw numpy ValueError, exit 1
+        assert words in _one_error(invoke(["pathorob", "apd-from-raw", tmp_path / "m1" / "camelyon_raw.json",
+                                           "-o", tmp_path / "bad"]))
 
 
 # ----------------------------------------------------------------- 3: --metrics syntax

@@ -106,7 +106,8 @@ def _cells(meta: Metadata, proto: APDProtocol, dataset: str) -> list[list[list[i
             if len(cell) <= need:
                 raise TubError(
                     f"{meta.source}: {name} has {len(cell)} ID tiles; the {dataset} "
-                    f"protocol needs more than {need} ({proto.slides_per_cell} slides × {proto.tiles_per_slide})"
+                    f"protocol needs more than {need} ({proto.max_train_slides + 1} slides × {proto.tiles_per_slide}: the "
+                    f"most training slides and a test slide; its cells hold {proto.slides_per_cell} slides)"
                 )
             _check_slide_blocks(meta, cell, proto.tiles_per_slide, name)
     return cells
@@ -240,8 +241,16 @@ def read_raw(path: Path) -> tuple[str, dict]:
     for key in ("ID_test_accuracies", "OOD_test_accuracies"):
         if key not in raw:
             raise TubError(f"{path}: missing key {key}; expected a PathoROB {{dataset}}_raw.json")
-    a = np.asarray(raw["ID_test_accuracies"], dtype=float)
-    if a.ndim != 2 or a.shape[0] < 2:
+    shapes = {}
+    for key in ("ID_test_accuracies", "OOD_test_accuracies"):
+        try:
+            shapes[key] = np.asarray(raw[key], dtype=float).shape
+        except (TypeError, ValueError):  # ragged lists or text: numpy's own message is no help
+            raise TubError(f"{path}: {key} is not a table of numbers (splits × iterations, equal rows)") from None
+    if len(shapes["ID_test_accuracies"]) != 2 or shapes["ID_test_accuracies"][0] < 2:
         raise TubError(f"{path}: ID_test_accuracies must be splits × iterations with at least two splits")
+    if shapes["OOD_test_accuracies"] != shapes["ID_test_accuracies"]:
+        raise TubError(f"{path}: OOD_test_accuracies is {shapes['OOD_test_accuracies']}, ID_test_accuracies "
+                       f"{shapes['ID_test_accuracies']}; both are splits × iterations of the same runs")
     name = path.name[: -len("_raw.json")] if path.name.endswith("_raw.json") else path.stem
     return name, raw

@@ -218,7 +218,14 @@ def _apd(cfg, run, X, meta, splits: dict | None = None, root: Path | None = None
     return summary
 
 
+def _say_fixed_seeds(cfg, run) -> None:
+    """APD and the clustering score follow the protocol's own seeds: a --seed given is recorded, not used."""
+    if "seed" in given_fields(cfg, ["seed"]):
+        run.log.warning("--seed %d changes nothing here: the protocol fixes its own seeds", cfg.seed)
+
+
 def _apd_impl(cfg: APDConfig, run) -> dict:
+    _say_fixed_seeds(cfg, run)
     X, meta = _inputs(cfg)
     s = _apd(cfg, run, X, meta)
     return _with_model(cfg, {"apd_id": s["apd_id"], "apd_ood": s["apd_ood"]})
@@ -261,12 +268,16 @@ def _cs(cfg, run, X, meta, K, min_k, max_k, trials, root: Path | None = None) ->
     _warn_unofficial_file(run, meta, "cs", cfg.dataset)
     res = clustering_score(X, meta, K=K, min_k=min_k, max_k=max_k, trials=trials, progress=run.progress,
                            max_k_flag="--max-k-clusters" if run.verb == "evaluate" else "--max-k")
+    if res.skipped:  # the score's mean covers the others only (num_combinations still counts all, as the reference)
+        run.log.warning("clustering score: %d of %d class/center experiments have an empty cell and are left out of "
+                        "the mean: %s", len(res.skipped), res.summary["num_combinations"], ", ".join(res.skipped))
     write_cs(folder, res)
     _study_table(cfg, run, "clustering_score", root)
     return res.summary
 
 
 def _clustering_impl(cfg: ClusteringConfig, run) -> dict:
+    _say_fixed_seeds(cfg, run)
     X, meta = _inputs(cfg)
     return _with_model(cfg, _cs(cfg, run, X, meta, cfg.K, cfg.min_k, cfg.max_k, cfg.trials))
 

@@ -25,6 +25,7 @@ class ClusteringResult:
     summary: dict
     aris: list[tuple[str, int, float, float, float]] = field(default_factory=list)  # combination, trial, ari_bio, ari_mc, cs
     silhouettes: list[tuple[str, int, float]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # experiments with an empty class/center cell (not in the mean)
 
 
 def cosine_silhouette(Z: np.ndarray, labels: np.ndarray) -> float:
@@ -104,11 +105,13 @@ def clustering_score(X: np.ndarray, meta: Metadata, K: int | None = None, min_k:
             if len(r):
                 cell_rows[(b, c)] = r
     experiments = list(product(combinations(classes, 2), combinations(centers, 2)))
-    runnable = []  # (name, rows) of the experiments with all four cells, in the reference's order
+    runnable, skipped = [], []  # (name, rows) of the experiments with all four cells, in the reference's order
     for (b1, b2), (c1, c2) in experiments:
         cells = [(b1, c1), (b1, c2), (b2, c1), (b2, c2)]
         if all(cc in cell_rows for cc in cells):
             runnable.append((f"{b1}-{b2}-{c1}-{c2}", np.concatenate([cell_rows[cc] for cc in cells])))
+        else:
+            skipped.append(f"{b1}-{b2}-{c1}-{c2}")
     if not runnable:
         raise TubError(f"{meta.source}: no 2×2 class/center experiment has all four cells; check the metadata")
     smallest, rows = min(runnable, key=lambda e: len(e[1]))
@@ -118,7 +121,7 @@ def clustering_score(X: np.ndarray, meta: Metadata, K: int | None = None, min_k:
         raise TubError(f"experiment {smallest} has {len(rows)} rows, fewer than --K {K}; lower --K")
     if check_only:
         return None
-    res = ClusteringResult({})
+    res = ClusteringResult({}, skipped=skipped)
     Ks, per_mean = [], []
     todo = progress(runnable, total=len(runnable), desc="clustering") if progress else runnable
     for name, rows in todo:
