@@ -421,6 +421,8 @@ def test_the_atlas_encoder_takes_its_settings_from_the_checkpoint(tmp_path):
         assert next(spec.load(path, "cpu", spelling).parameters()).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="is not one of fp32, fp64, bf16, fp16"):
         spec.load(path, "cpu", "half-precision")
+    enc, _ = load_encoder("auto", path, dtype="fp64")  # the documented builder takes them too
+    assert next(enc.parameters()).dtype == torch.float64
 
 
 def test_hook_table_matches_presets():

@@ -13,19 +13,14 @@ import torch
 
 from tubcli.errors import TubError
 
-from .encoder import Encoder, load_encoder
+from .encoder import Encoder, load_encoder, torch_dtype
 from .plugin import ENCODERS, FROM_WEIGHTS, loader_name
 
 RANDOM_OK = {"vit-t8-demo"}
 
 
 def load_patch_encoder(name: str, weights: str | Path | None, device="cpu", dtype=None) -> Encoder:
-    if isinstance(dtype, str):  # the CLI's spellings ("bf16") and torch's names ("bfloat16")
-        from tubcli.device import DTYPES
-
-        if DTYPES.get(dtype, dtype) not in DTYPES.values():
-            raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)} (or a torch dtype)")
-        dtype = getattr(torch, DTYPES.get(dtype, dtype))
+    dtype = torch_dtype(dtype)  # the CLI's spellings ("bf16") and torch's names ("bfloat16") too
     if weights is None and name not in RANDOM_OK:
         raise TubError(f"encoder {name} needs a local weights file (tub never downloads weights); "
                        "pass its path")
