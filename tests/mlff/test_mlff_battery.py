@@ -148,6 +148,10 @@ def test_arrhenius_errors_two_points_analytic():
     assert fit.D_err(500.0) == pytest.approx(D[0] * s[0], rel=1e-9)
     assert fit.D_err(900.0) == pytest.approx(D[1] * s[1], rel=1e-9)
     assert fit.D_err(300.0) > fit.D(300.0) * s.max()  # extrapolation widens the error
+    # the range ×/÷ exp(σ ln D): at a measured point exactly that point's relative error, and positive anywhere
+    np.testing.assert_allclose(fit.D_interval(500.0), [D[0] / np.exp(s[0]), D[0] * np.exp(s[0])], rtol=1e-9)
+    lo, hi = fit.D_interval(100.0)
+    assert 0 < lo < fit.D(100.0) < hi and fit.D_err(100.0) > fit.D(100.0)  # where the linear ± would cross 0
     assert np.isnan(arrhenius_fit(T, D).D_err(300.0))  # two points, no errors: no covariance
 
 

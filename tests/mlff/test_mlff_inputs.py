@@ -700,3 +700,9 @@ def test_model_verbs_offer_fp32_and_fp64_only(verb, tmp_path, monkeypatch):
     assert "'precision'" in line and "'fp32' or 'fp64'" in line and not (tmp_path / "r").exists()
     monkeypatch.setenv("TUB_PRECISION", "fp16")
     assert "from TUB_PRECISION" in _err(invoke(["config", "mlff", verb]))
+
+
+def test_verbs_without_a_model_say_that_precision_changes_nothing(tmp_path):
+    r = _ok(invoke(["mlff", "build", "--n", "3", "--x", "1", "--precision", "fp64", "-o", tmp_path / "b"]))
+    assert "tub mlff build runs no model: --precision fp64 changes nothing here" in r.stderr
+    assert "changes nothing" not in _ok(invoke(["mlff", "build", "--n", "3", "--x", "1", "-o", tmp_path / "b2"])).stderr

@@ -195,7 +195,9 @@ def test_arrhenius_figure_draws_the_fit_and_marks_runs_not_diffusive(tmp_path):
     assert x.min() == pytest.approx(1000 / 800) and x.max() == pytest.approx(1000 / 500)
     texts = " | ".join(_legend_texts(ax))
     assert f"Ea = {fit.Ea:.3f} ± {fit.Ea_err:.3f} eV" in texts and "not in the diffusive regime" in texts
-    assert f"D(300 K) = {fit.D(300.0):.2e}" in texts and "extrapolated" in texts
+    lo, hi = fit.D_interval(300.0)
+    assert f"D(300 K) = {fit.D(300.0):.2e} cm²/s (1σ: {lo:.1e}–{hi:.1e})" in texts and "extrapolated" in texts
+    assert 0 < lo < fit.D(300.0) < hi and hi / fit.D(300.0) == pytest.approx(fit.D(300.0) / lo)  # ×/÷, never < 0
     assert "UNRELIABLE" in ax.get_title() and ax.get_yscale() == "log" and "1000 / T" in ax.get_xlabel()
     assert plots.arrhenius_plot(tmp_path / "a.png", runs, fit, 300.0).stat().st_size > 0
 

@@ -319,8 +319,11 @@ def test_model_evaluation_flushes_subnormals_inside_and_leaves_the_threads_mode(
 
     model = _random_model(seed=4)
     batch = SpookyNetCalculator(model, dtype=torch.float64, lr_cutoff=8.0).batch_for(_na_graphene())
+    seen = []  # the thread's mode inside the model's forward pass
+    hook = model.register_forward_hook(lambda *_: seen.append(torch.tensor([1e-40]).mul(1.0).item() == 0.0))
     flushed = compute(model, batch, forces=True, stress=True)
-    assert torch.tensor([1e-40]).mul(1.0).item() != 0.0
+    hook.remove()
+    assert seen == [True] and torch.tensor([1e-40]).mul(1.0).item() != 0.0
     monkeypatch.setattr(properties, "denormals_flushed", lambda on=True: contextlib.nullcontext())
     plain = compute(model, batch, forces=True, stress=True)
     for key in ("energy", "forces", "stress"):

@@ -19,6 +19,13 @@ def _dtype(run):
     return torch.float64 if run.cfg.precision == "fp64" else torch.float32  # config.ModelVerbConfig: fp32 or fp64
 
 
+def _say_precision_unused(cfg, run) -> None:
+    """build, label (xTB, PySCF) and diffusion (numpy) run no model: a --precision other than the default is said,
+    not only recorded in config.yaml."""
+    if cfg.precision != "fp32":
+        run.log.warning("tub mlff %s runs no model: --precision %s changes nothing here", run.verb, cfg.precision)
+
+
 def _command_line() -> str:
     """The command that is running, as a user would type it (recorded in a trained model's JSON)."""
     import shlex
@@ -133,6 +140,7 @@ def build(cfg, run) -> dict:
     from .structures import add_sodium, close_contact, host_formula, janus_graphene, spin_for
     from .validation import check_structure
 
+    _say_precision_unused(cfg, run)
     try:
         host = janus_graphene(cfg.n, cfg.groups, cfg.stacking, cfg.interlayer, cfg.vacuum, seed=cfg.seed)
         apart = janus_graphene(cfg.n, cfg.groups, cfg.stacking, max(cfg.interlayer, 40.0), max(cfg.vacuum, 40.0),
@@ -290,6 +298,7 @@ def label(cfg, run) -> dict:
     from .labelling import label_pyscf, label_xtb
 
     files = _need(cfg.structures, "STRUCTURES", "one or more extxyz files")
+    _say_precision_unused(cfg, run)
     items, without = _label_items(cfg, files, run)
     cache: dict[str, list] = {}
     if not run.overwrite:
@@ -1271,6 +1280,7 @@ def diffusion(cfg, run) -> dict:
     from .plots import arrhenius_plot, block_mean_msd, msd_plot
 
     paths = _need(cfg.trajectories, "TRAJECTORIES", "one or more MD trajectories (extxyz or ASE .traj)")
+    _say_precision_unused(cfg, run)
     ase_style = cfg.estimator == "ase"
     if ase_style and (fixed := sorted({"drift", "fit_start", "fit_end"} & cfg.model_fields_set)):
         raise TubError(f"--estimator ase has no {'/'.join(fixed)} setting (one time origin per block, no drift "
@@ -1380,7 +1390,9 @@ def diffusion(cfg, run) -> dict:
         fit = arrhenius_fit(Ts, [r["D_cm2_s"] for r in per_run], [r["D_err_cm2_s"] for r in per_run])
         out["arrhenius"] = {"Ea_eV": fit.Ea, "Ea_err_eV": fit.Ea_err, "D0_cm2_s": fit.D0,
                             f"D_{cfg.target_temperature:.0f}K_cm2_s": fit.D(cfg.target_temperature),
-                            f"D_{cfg.target_temperature:.0f}K_err_cm2_s": fit.D_err(cfg.target_temperature)}
+                            f"D_{cfg.target_temperature:.0f}K_err_cm2_s": fit.D_err(cfg.target_temperature),
+                            # ×/÷ exp(σ ln D): the fit is in ln D, and an extrapolated ± can exceed D itself
+                            f"D_{cfg.target_temperature:.0f}K_interval_cm2_s": list(fit.D_interval(cfg.target_temperature))}
         if not_diffusive := [r["trajectory"] for r in per_run if r["not_diffusive"]]:
             out["arrhenius"]["unreliable"] = f"not in the diffusive regime: {', '.join(not_diffusive)}"
             run.log.warning("the Arrhenius fit takes D from %d run(s) not in the diffusive regime; its Ea and D(%g K) "

@@ -298,12 +298,22 @@ class ArrheniusFit:
     def D(self, T: float) -> float:
         return self.D0 * np.exp(-self.Ea / (KB_EV * T))
 
-    def D_err(self, T: float) -> float:
-        """Standard error of D(T) from the fit's covariance (first order in ln D); NaN without one."""
+    def lnD_err(self, T: float) -> float:
+        """Standard error of ln D(T) from the fit's covariance (the fit is linear in ln D); NaN without one."""
         if self.cov is None:
             return float("nan")
         g = np.array([1.0 / (KB_EV * T), 1.0])
-        return float(self.D(T) * np.sqrt(g @ self.cov @ g))
+        return float(np.sqrt(g @ self.cov @ g))
+
+    def D_err(self, T: float) -> float:
+        """D(T) · σ(ln D): the first-order standard error of D(T); far from the data it can exceed D, where
+        :meth:`D_interval` is the meaningful range."""
+        return float(self.D(T) * self.lnD_err(T))
+
+    def D_interval(self, T: float) -> tuple[float, float]:
+        """D(T) ×/÷ exp(σ(ln D)): the one-standard-error range, which stays positive."""
+        f = float(np.exp(self.lnD_err(T)))
+        return float(self.D(T) / f), float(self.D(T) * f)
 
 
 def arrhenius_fit(temperatures, diffusivities, errors=None) -> ArrheniusFit:

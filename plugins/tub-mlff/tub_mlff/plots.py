@@ -310,7 +310,8 @@ def msd_plot(path: Path, curves: dict, axes: str = "xy", element: str = "Na", es
 def arrhenius_figure(runs: list[dict], fit, target_T: float, element: str = "Na", unreliable: str | None = None):
     """D(T) on a log axis against 1000/T: each run's D with its standard error (open markers: runs not in
     the diffusive regime), the weighted fit ln D = ln D0 - Ea/(kB T) over the runs' range (solid) and its
-    extrapolation to ``target_T`` (dashed, with the fit's error of D there). ``runs``: the ``runs`` of
+    extrapolation to ``target_T`` (dashed, with the fit's one-standard-error range of D there, ×/÷ exp(σ ln D)).
+    ``runs``: the ``runs`` of
     diffusion.json; ``fit``: :class:`~tub_mlff.diffusion.ArrheniusFit`."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 4.4), layout="constrained")
@@ -330,15 +331,16 @@ def arrhenius_figure(runs: list[dict], fit, target_T: float, element: str = "Na"
     if not lo <= target_T <= hi:
         te = np.linspace(min(lo, target_T), max(hi, target_T), 50)
         ax.plot(1000 / te, fit.D(te), "--", color="k", lw=0.9, alpha=0.7, label="extrapolated")
-    d_t, d_err = fit.D(target_T), fit.D_err(target_T)
-    known = np.isfinite(d_err)
-    below = min(d_err, 0.99 * d_t) if known else 0.0  # a bar below zero has no place on a log axis
-    ax.errorbar([1000 / target_T], [d_t], yerr=[[below], [d_err if known else 0.0]], fmt="s", color="tab:red", ms=6,
-                capsize=3, zorder=4, gid="target", label=f"D({target_T:g} K) = {_d_text(d_t, d_err)[4:]}")
+    d_t, (lo_t, hi_t) = fit.D(target_T), fit.D_interval(target_T)
+    known = np.isfinite(lo_t)
+    span = f" (1σ: {lo_t:.1e}–{hi_t:.1e})" if known else ""  # ×/÷ exp(σ ln D): the fit is linear in ln D
+    ax.errorbar([1000 / target_T], [d_t], yerr=[[d_t - lo_t if known else 0.0], [hi_t - d_t if known else 0.0]],
+                fmt="s", color="tab:red", ms=6, capsize=3, zorder=4, gid="target",
+                label=f"D({target_T:g} K) = {d_t:.2e} cm²/s{span}")
     ax.set_yscale("log")
     ax.set_xlabel("1000 / T (1/K)")
     ax.set_ylabel(f"D of {element} (cm²/s)")
-    title = f"Arrhenius fit, {element}, {len(runs)} temperatures"
+    title = f"Arrhenius fit, {element}, {len(set(T.tolist()))} temperatures"
     if unreliable:
         title += "\nUNRELIABLE: runs not in the diffusive regime"
     ax.set_title(title, fontsize=10)
