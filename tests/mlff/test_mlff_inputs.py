@@ -706,3 +706,13 @@ def test_verbs_without_a_model_say_that_precision_changes_nothing(tmp_path):
     r = _ok(invoke(["mlff", "build", "--n", "3", "--x", "1", "--precision", "fp64", "-o", tmp_path / "b"]))
     assert "tub mlff build runs no model: --precision fp64 changes nothing here" in r.stderr
     assert "changes nothing" not in _ok(invoke(["mlff", "build", "--n", "3", "--x", "1", "-o", tmp_path / "b2"])).stderr
+
+
+def test_the_voltage_figure_caveats_follow_the_runs_warnings():
+    from tub_mlff.cli import _ocv_caveats
+
+    said = _ocv_caveats({"na_cohesive_energy_eV": 0.002, "mu_na_choice": "minimum", "mu_na_lattice_A": 5.40,
+                         "relaxations_unconverged": 2}, 5)
+    assert len(said) == 3 and "not against Na metal" in said[0] and "a = 5.40 Å (experiment 4.23 Å)" in said[1]
+    assert said[2].startswith("2 of 5 relaxations")
+    assert _ocv_caveats({"na_cohesive_energy_eV": 1.0, "mu_na_choice": "minimum", "mu_na_lattice_A": 4.3}, 5) == []

@@ -1158,8 +1158,14 @@ def _ocv_caveats(report: dict, n_structures: int) -> list[str]:
     if cohesive is not None and cohesive < 0.1:
         out.append(f"the model binds bcc Na by {cohesive:.3f} eV/atom (experiment 1.11): the voltages are not "
                    "against Na metal")
+    from .battery import BCC_NA_EXPERIMENT
+
+    a0 = report.get("mu_na_lattice_A")
     if report.get("mu_na_at_scan_edge"):
-        out.append(f"mu_Na taken at the end of the bcc lattice scan (a = {report.get('mu_na_lattice_A'):.2f} Å)")
+        out.append(f"mu_Na taken at the end of the bcc lattice scan (a = {a0:.2f} Å)")
+    elif report.get("mu_na_choice") == "minimum" and abs(a0 / BCC_NA_EXPERIMENT - 1) > 0.05:
+        out.append(f"the model's bcc Na minimum is at a = {a0:.2f} Å (experiment {BCC_NA_EXPERIMENT:.2f} Å): the "
+                   "voltages shift with that mu_Na")
     if report.get("relaxations_unconverged"):
         out.append(f"{report['relaxations_unconverged']} of {n_structures} relaxations did not converge: their "
                    "energies are not minima")
