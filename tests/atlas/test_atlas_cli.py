@@ -492,3 +492,25 @@ def test_onednn_gemm_on_a_gpu_device_is_refused_up_front():
     _check_gemm("auto", torch.device("cuda", 1))
     with pytest.raises(TubError, match="onednn runs on the CPU only"):
         _check_gemm("onednn", torch.device("cuda", 1))
+
+
+def test_a_student_from_scratch_starts_from_a_training_initialisation(data, tmp_path, monkeypatch):
+    """Students started from the test initialisation (every tensor N(0, 0.02), LayerScale 0.1, biases non-zero);
+    DINOv2 and timm start from truncated N(0, 0.02) weights, zero biases, LayerNorm (1, 0), LayerScale 1e-5."""
+    from tub_atlas.synthetic import preset_config
+    from tub_atlas.vit import VisionTransformer
+
+    m = VisionTransformer(preset_config("vit-s8-reg8", depth=2)).init_for_training(torch.Generator().manual_seed(0))
+    p = dict(m.named_parameters())
+    assert all(torch.all(v == 1e-5) for k, v in p.items() if k.endswith("gamma"))
+    assert all(torch.all(v == 0) for k, v in p.items() if k.endswith("bias"))
+    assert torch.all(p["norm.weight"] == 1) and p["cls_token"].abs().max() < 1e-5
+    w = p["blocks.0.mlp.fc1.weight"]
+    assert w.abs().max() <= 0.04 and 0.015 < w.std() < 0.02  # N(0, 0.02) cut at ±2σ: std 0.0176
+    started = []
+    real = VisionTransformer.init_for_training
+    monkeypatch.setattr(VisionTransformer, "init_for_training", lambda self, g=None: started.append(1) or real(self, g))
+    ok(["train", data / "tiles", "--teacher-arch", "vit-t8-demo", "--teacher-weights", data / "vit-t8-demo-random.safetensors",
+        "--student-arch", "vit-t8-demo", "--student-depth", "1", "--batch-size", "8", "--crop-size", "64",
+        "--steps", "1", "-o", tmp_path / "t"])
+    assert started == [1]

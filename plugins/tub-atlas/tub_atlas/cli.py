@@ -434,7 +434,9 @@ def _student(cfg: TrainConfig, run, sets):
     from .checkpoint import read_checkpoint
     from .encoder import Transform
     from .presets import get_preset
-    from .synthetic import preset_config, random_vit
+    import torch
+
+    from .synthetic import preset_config
     from .vit import VisionTransformer
 
     sp = get_preset(cfg.student.arch)
@@ -448,7 +450,7 @@ def _student(cfg: TrainConfig, run, sets):
                                   pos_grid=max(1, cfg.crop_size // (sp.patch_size or 1)))
         except ValueError as exc:
             raise TubError(f"{exc}; choose a student preset with fixed shapes") from None
-        student = random_vit(s_cfg, seed=run.seed)
+        student = VisionTransformer(s_cfg).init_for_training(torch.Generator().manual_seed(run.seed))
     # read on demand: each step decodes the tiles it samples, never the whole corpus up front
     tiles = tiles_mod.TileStream(sets)
     if cfg.crop_size % s_cfg.patch_size:

@@ -386,6 +386,28 @@ class VisionTransformer(nn.Module):
                     p.copy_(std * noise)
         return self
 
+    def init_for_training(self, generator: torch.Generator | None = None) -> "VisionTransformer":
+        """The start of a student trained from scratch, as DINOv2 and timm train ViTs: truncated N(0, 0.02)
+        (at ±2σ) for weights and positions, zero biases, LayerNorm (1, 0), LayerScale 1e-5 (DINOv2's
+        ``layerscale``: each block starts near the identity), CLS, register and mask tokens N(0, 1e-6).
+        (:meth:`init_random` is the test initialisation: every tensor non-trivial.)"""
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                leaf = name.rsplit(".", 1)[-1]
+                if leaf == "gamma":
+                    p.fill_(1e-5)
+                elif "norm" in name:
+                    p.fill_(1.0 if leaf == "weight" else 0.0)
+                elif leaf == "bias":
+                    p.zero_()
+                elif "token" in name:
+                    p.copy_(1e-6 * torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p))
+                else:
+                    w = torch.empty(p.shape, dtype=torch.float32)
+                    nn.init.trunc_normal_(w, std=0.02, a=-0.04, b=0.04, generator=generator)
+                    p.copy_(w.to(p))
+        return self
+
     def rope(self, grid: tuple[int, int], like: torch.Tensor):
         """(sin, cos) tables of the patch grid, or None without RoPE."""
         return None if self.rope_embed is None else self.rope_embed(grid, like.dtype, like.device)
