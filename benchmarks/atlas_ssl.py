@@ -31,10 +31,16 @@ from tub_atlas.embedding import group_split
 from tub_atlas.encoder import Encoder, Transform, uint8_to_float
 from tub_atlas.probes import classification_metrics, knn_predict
 from tub_atlas.synthetic import preset_config, random_vit, synthetic_tiles
-from tub_atlas.vit import ViTConfig
+from tub_atlas.vit import VisionTransformer, ViTConfig
 
 TINY = ViTConfig(patch_size=4, embed_dim=64, depth=2, num_heads=4, reg_tokens=1, pos_grid=8, mlp="gelu",
                  mlp_hidden=128)
+
+
+def student_start(seed: int):
+    """A student from scratch as `tub atlas train` starts it (the training initialisation: LayerScale 1e-5, zero
+    biases, truncated N(0, 0.02)); the random-init baseline is that same network untrained."""
+    return VisionTransformer(TINY).init_for_training(torch.Generator().manual_seed(seed))
 
 
 def _run(root, name, seed):
@@ -57,9 +63,9 @@ def probe_comparison(seeds: int, steps: int, root: str) -> dict:
                        head_bottleneck_dim=32, ibot_prototypes=256, base_lr=0.02).model_dump()
     rows, curves = [], []
     for seed in range(seeds):
-        row = {"seed": seed, "random_init": knn_bacc(random_vit(TINY, seed=seed), data["tiles"], y, tr, te)}
+        row = {"seed": seed, "random_init": knn_bacc(student_start(seed), data["tiles"], y, tr, te)}
         t0 = time.perf_counter()
-        res = train_ssl(random_vit(TINY, seed=seed), Transform(img_size=32).normalise, data["tiles"],
+        res = train_ssl(student_start(seed), Transform(img_size=32).normalise, data["tiles"],
                         _run(root, f"ssl{seed}", seed), hp, steps=steps, batch_size=32, global_size=32, local_size=16,
                         clip=3.0, checkpoint_every=10**6, log_every=10**6)
         row["ssl_seconds"] = time.perf_counter() - t0
@@ -71,7 +77,7 @@ def probe_comparison(seeds: int, steps: int, root: str) -> dict:
         teacher = Encoder(random_vit(preset_config("vit-t8-demo", depth=2), seed=100 + seed), Transform(img_size=64),
                           "cls+mean")
         row["distil_teacher"] = knn_bacc(teacher.vit, data["tiles"], y, tr, te, size=64)
-        student = random_vit(TINY, seed=seed)
+        student = student_start(seed)
         dres = train_student(teacher, student, Transform(img_size=32).normalise, data["tiles"],
                              _run(root, f"distil{seed}", seed), steps=steps, batch_size=32, crop_size=32,
                              crop_scale_min=0.4, lr=5e-4 * 8, weight_decay=0.05, warmup=0.05, clip=3.0,
@@ -105,7 +111,7 @@ def ablation(seeds: int, steps: int, root: str) -> dict:
                                      head_bottleneck_dim=32, ibot_prototypes=256, base_lr=0.02), **change}).model_dump()
         accs = []
         for seed in range(seeds):
-            res = train_ssl(random_vit(TINY, seed=seed), Transform(img_size=32).normalise, data["tiles"],
+            res = train_ssl(student_start(seed), Transform(img_size=32).normalise, data["tiles"],
                             _run(root, f"abl-{name}{seed}", seed), hp, steps=steps, batch_size=32, global_size=32,
                             local_size=16, clip=3.0, checkpoint_every=10**6, log_every=10**6)
             accs.append(knn_bacc(res["student"].backbone, data["tiles"], y, tr, te))
