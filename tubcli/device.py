@@ -116,6 +116,20 @@ def resolve_dtype(precision: str = "fp32"):
     return getattr(torch, DTYPES[precision])
 
 
+def as_torch_dtype(dtype):
+    """A torch dtype from the CLI's spellings ("fp64"), torch's names ("float64"), numpy's types (np.float64) or a
+    torch dtype, for Python APIs that take what the CLI takes; None stays None."""
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = dtype if isinstance(dtype, str) else str(getattr(dtype, "__name__", dtype)).removeprefix("torch.")
+    name = DTYPES.get(name, name)
+    if name not in DTYPES.values():
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)} (or a torch dtype)")
+    return getattr(torch, name)
+
+
 def autocast(device, dtype):
     """bf16/fp16 autocast for inference (weights stay fp32, also for encoders whose loader ignores the
     dtype); a no-op context for fp32/fp64."""

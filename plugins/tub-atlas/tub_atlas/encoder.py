@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tubcli.device import as_torch_dtype
 from tubcli.errors import TubError
 
 from .checkpoint import check_heads_option, model_json_for, option_names, read_checkpoint
@@ -219,18 +220,6 @@ def say_stored_settings(path: Path, meta: dict, preset: Preset | None, cfg: ViTC
     return used
 
 
-def torch_dtype(dtype):
-    """A torch dtype from the CLI's spellings ("bf16"), torch's names ("bfloat16") or a torch dtype; None stays None."""
-    if not isinstance(dtype, str):
-        return dtype
-    from tubcli.device import DTYPES
-
-    name = DTYPES.get(dtype, dtype)
-    if name not in DTYPES.values():
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)} (or a torch dtype)")
-    return getattr(torch, name)
-
-
 def load_encoder(arch: str = "auto", weights: str | Path | None = None, pool: str | None = None,
                  heads: int | None = None, norm: str | None = None, img_size: int | None = None,
                  random_init: bool = False, seed: int = 0, device="cpu", dtype=None,
@@ -243,7 +232,7 @@ def load_encoder(arch: str = "auto", weights: str | Path | None = None, pool: st
     """
     from .synthetic import preset_config, random_vit
 
-    dtype = torch_dtype(dtype)
+    dtype = as_torch_dtype(dtype)  # the CLI's spellings ("bf16") and torch's names ("bfloat16") too
     opt = option_names(options)
 
     preset = None if arch in (None, "auto") else get_preset(arch)

@@ -11,16 +11,17 @@ from pathlib import Path
 
 import torch
 
+from tubcli.device import as_torch_dtype
 from tubcli.errors import TubError
 
-from .encoder import Encoder, load_encoder, torch_dtype
+from .encoder import Encoder, load_encoder
 from .plugin import ENCODERS, FROM_WEIGHTS, loader_name
 
 RANDOM_OK = {"vit-t8-demo"}
 
 
 def load_patch_encoder(name: str, weights: str | Path | None, device="cpu", dtype=None) -> Encoder:
-    dtype = torch_dtype(dtype)  # the CLI's spellings ("bf16") and torch's names ("bfloat16") too
+    dtype = as_torch_dtype(dtype)  # the CLI's spellings ("bf16") and torch's names ("bfloat16") too
     if weights is None and name not in RANDOM_OK:
         raise TubError(f"encoder {name} needs a local weights file (tub never downloads weights); "
                        "pass its path")

@@ -344,10 +344,12 @@ def _tensors(module):
 def _torch_dtype(dtype):
     """``torch.float64``, ``"float64"``, ``"fp64"`` (the CLI's spelling), ``np.float64``: the torch dtype (float32 or
     float64), or a clear error."""
-    from tubcli.device import DTYPES
+    from tubcli.device import as_torch_dtype
 
-    name = dtype if isinstance(dtype, str) else str(getattr(dtype, "__name__", dtype)).removeprefix("torch.")
-    name = DTYPES.get(name, name)
-    if name not in ("float32", "float64"):
+    try:
+        found = as_torch_dtype(dtype)
+    except ValueError:
+        found = None
+    if found not in (torch.float32, torch.float64):
         raise ValueError(f"dtype {dtype!r} is not supported; use torch.float32 or torch.float64 ('fp32', 'fp64')")
-    return getattr(torch, name)
+    return found

@@ -144,9 +144,8 @@ def _ri(cfg, run, X, meta, root: Path | None = None):
     _refuse_overwrite(cfg, [folder / name for name in RI_FILES])
     _warn_unofficial_file(run, meta, "ri", cfg.dataset)
     run.log.info("robustness index on %d rows (dataset %s)", len(meta), _dataset_key(cfg))
-    if "seed" in given_fields(cfg, ["seed"]) and not cfg.bootstrap:  # recorded in config.yaml, but not used
-        run.log.warning("--seed %d changes nothing here: the protocol fixes its own seeds (the row shuffle, the "
-                        "clustering trials); only --bootstrap draws from it", cfg.seed)
+    if not cfg.bootstrap:
+        _say_fixed_seeds(cfg, run, " (the row shuffle, the clustering trials); only --bootstrap draws from it")
     res = robustness_index(X, meta, k=cfg.k, k_search=cfg.k_search, dataset=cfg.dataset, paired=cfg.paired,
                            max_patches_per_combi=cfg.max_patches_per_combi, bootstrap=cfg.bootstrap, seed=run.seed,
                            auc=cfg.auc, max_k=cfg.max_k, bootstrap_unit=cfg.bootstrap_unit)
@@ -218,10 +217,10 @@ def _apd(cfg, run, X, meta, splits: dict | None = None, root: Path | None = None
     return summary
 
 
-def _say_fixed_seeds(cfg, run) -> None:
-    """APD and the clustering score follow the protocol's own seeds: a --seed given is recorded, not used."""
+def _say_fixed_seeds(cfg, run, which: str = "") -> None:
+    """The metrics follow the protocol's own seeds: a --seed given is recorded in config.yaml, not used."""
     if "seed" in given_fields(cfg, ["seed"]):
-        run.log.warning("--seed %d changes nothing here: the protocol fixes its own seeds", cfg.seed)
+        run.log.warning("--seed %d changes nothing here: the protocol fixes its own seeds%s", cfg.seed, which)
 
 
 def _apd_impl(cfg: APDConfig, run) -> dict:

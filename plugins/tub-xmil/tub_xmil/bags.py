@@ -182,15 +182,14 @@ PROVENANCE_KEYS = ("encoder", "target_mpp", "patch_size", "min_tissue", "min_std
                    "precision")
 
 
-def features_provenance(paths) -> dict:
+def features_provenance(paths) -> tuple[dict, dict[str, list]]:
     """How the bags were made (encoder, tile µm/px and size, tissue filter, precision), where every .h5 bag records
-    the same: ``heatmap`` tiles and embeds slides the same way for the model trained on them."""
-    return {k: v.pop() for k, v in provenance_values(paths).items() if len(v) == 1 and None not in v}
-
-
-def mixed_provenance(paths) -> dict[str, list]:
-    """The provenance keys in which the .h5 bags differ (e.g. some embedded in bf16, some in fp32), with the values."""
-    return {k: sorted(v, key=str) for k, v in provenance_values(paths).items() if len(v) > 1 and None not in v}
+    the same (``heatmap`` tiles and embeds slides the same way for the model trained on them), and the keys in
+    which they differ (e.g. some embedded in bf16, some in fp32), with the values."""
+    values = provenance_values(paths)
+    agreed = {k: next(iter(v)) for k, v in values.items() if len(v) == 1 and None not in v}
+    mixed = {k: sorted(v, key=str) for k, v in values.items() if len(v) > 1 and None not in v}
+    return agreed, mixed
 
 
 def provenance_values(paths) -> dict[str, set]:

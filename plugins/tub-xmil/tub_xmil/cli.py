@@ -126,12 +126,12 @@ def train(cfg, run) -> dict:
     if cfg.task == "classification":
         _check_trained_classes(cfg.labels, classes, train_s, val_s, test_s)
     model, meta = train_model(cfg, run, train_s, val_s, classes)
-    from tub_xmil.bags import features_provenance, mixed_provenance
+    from tub_xmil.bags import features_provenance
 
-    provenance = features_provenance([s.path for s in train_s + val_s])
+    provenance, mixed = features_provenance([s.path for s in train_s + val_s])  # each bag's attributes read once
     if provenance:
         meta["features"] = provenance
-    for key, values in mixed_provenance([s.path for s in train_s + val_s]).items():
+    for key, values in mixed.items():
         run.log.warning("the training bags differ in %s (%s): the model learns from features made differently; "
                         "make them alike (model.json records no %s)", key, ", ".join(map(str, values)), key)
     run.save_weights({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, meta)
