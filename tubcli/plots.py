@@ -1,7 +1,10 @@
-"""Figures that several plugins draw the same way: ROC curves of a classifier's probabilities."""
+"""Figures that several plugins draw the same way: ROC curves of a classifier's probabilities, and the
+training curves of a run's ``metrics.jsonl``."""
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -60,4 +63,69 @@ def roc_plot(path: Path, labels, proba, classes: list[str], folds=None, title: s
     ax.set_aspect("equal")
     ax.set_title(title + (" (thin: each fold)" if folds is not None else "") + f"\nn = {len(y)} {unit}", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
+    return save_figure(fig, path, dpi=120)
+
+
+def metric_rows(path: Path, x: str, group: str | None = None) -> list[dict]:
+    """The rows of a ``metrics.jsonl`` that have ``x``, one per (``group``, ``x``): a resumed run logs again
+    the epochs its killed predecessor logged after the last checkpoint, and the later row is the one whose
+    weights went on. Sorted by ``x``; a line that does not parse (a job killed mid-write) is left out."""
+    rows: dict = {}
+    path = Path(path)
+    if not path.is_file():
+        return []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get(x), (int, float)):
+            rows[(row.get(group) if group else None, row[x])] = row
+    return sorted(rows.values(), key=lambda r: r[x])
+
+
+def training_curves(path: Path, rows: list[dict], x: str, panels: list[list[str]], group: str | None = None,
+                    best=None, title: str = "") -> Path | None:
+    """Training curves: one panel per list of metric names in ``panels``, a line per metric (and per value
+    of ``group``, e.g. a committee member) against ``x`` (epoch or step). A panel whose values are all
+    positive and span more than a decade (losses, learning rates) gets a log axis. ``best``, an ``x`` or
+    ``{group value: x}``, is drawn as a dashed line: the weights the run kept. None, and no file, where no
+    row has a finite value of any metric."""
+    def values(rs, key):
+        v = [r.get(key) for r in rs]
+        return np.array([float(a) if isinstance(a, (int, float)) else math.nan for a in v])
+
+    panels = [[k for k in keys if any(np.isfinite(values(rows, k)))] for keys in panels]
+    panels = [keys for keys in panels if keys]
+    if not panels:
+        remove_figure(path)  # an earlier run's curves are not this one's
+        return None
+    groups = list(dict.fromkeys(r.get(group) for r in rows)) if group else [None]
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, keys in zip(axes[0], panels):
+        shown = []
+        for i, key in enumerate(keys):
+            for j, g in enumerate(groups):
+                rs = [r for r in rows if group is None or r.get(group) == g]
+                y = values(rs, key)
+                label = key if g is None else (f"{key}, {group} {g}" if len(keys) > 1 else f"{group} {g}")
+                style = dict(color=f"C{(j if len(keys) == 1 else i) % 10}", lw=1.4,
+                             ls="-" if len(keys) == 1 or len(groups) == 1 else ["-", "--", ":", "-."][j % 4])
+                ax.plot(values(rs, x), y, marker="o" if len(rs) <= 30 else None, ms=3, label=label, **style)
+                shown.append(y[np.isfinite(y)])
+        finite = np.concatenate(shown)
+        if finite.size and finite.min() > 0 and finite.max() > 10 * finite.min():
+            ax.set_yscale("log")
+        marks = sorted(set(best.values() if isinstance(best, dict) else [] if best is None else [best]))
+        for j, bx in enumerate(marks):
+            ax.axvline(bx, color="grey", ls="--", lw=0.9, label="weights kept" if j == 0 else None)
+        ax.set_xlabel(x)
+        ax.set_ylabel(keys[0] if len(keys) == 1 else "")
+        if len(keys) > 1 or len(groups) > 1 or marks:
+            ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
     return save_figure(fig, path, dpi=120)

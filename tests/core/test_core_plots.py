@@ -53,3 +53,33 @@ def test_a_library_caller_keeps_its_matplotlib_backend_and_the_command_draws_on_
     env = {**os.environ, "MPLBACKEND": "TkAgg"}  # a desktop setting does not reach a batch job's figures
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stderr
     assert err.strip().endswith("Agg") and not err.strip().endswith("TkAgg")
+
+
+def test_metric_rows_keep_a_resumed_runs_later_row_and_skip_a_torn_line(tmp_path):
+    from tubcli.plots import metric_rows
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"member": 0, "epoch": 0, "loss": 3}\n{"member": 0, "epoch": 1, "loss": 2}\n'
+                   '{"member": 1, "epoch": 0, "loss": 5}\n{"member": 0, "epoch": 1, "loss": 1.5}\n{"member": 0, "ep')
+    rows = metric_rows(log, "epoch", group="member")
+    assert [(r["member"], r["epoch"], r["loss"]) for r in rows] == [(0, 0, 3), (1, 0, 5), (0, 1, 1.5)]
+    assert metric_rows(tmp_path / "absent.jsonl", "epoch") == []
+
+
+def test_training_curves_log_axis_for_losses_a_line_per_member_and_none_without_values(tmp_path, monkeypatch):
+    import tubcli.plots as plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, dpi=120: drawn.append(fig) or path)
+    rows = [{"member": m, "epoch": e, "train_loss": 10.0 ** -e, "val_mae": None if e == 0 else 0.5 / e}
+            for m in (0, 1) for e in range(4)]
+    assert plots.training_curves(tmp_path / "t.png", rows, "epoch", [["train_loss"], ["val_mae", "absent"]],
+                                 group="member", best={0: 2, 1: 3}) == tmp_path / "t.png"
+    loss, mae = drawn[0].axes
+    assert loss.get_yscale() == "log" and mae.get_yscale() == "linear"  # 1e-3..1 spans decades; 0.17..0.5 not
+    assert len([ln for ln in loss.get_lines() if ln.get_label().startswith("member")]) == 2
+    assert sorted(ln.get_xdata()[0] for ln in loss.get_lines() if ln.get_linestyle() == "--"
+                  and ln.get_color() == "grey") == [2, 3]  # the kept epoch of each member
+    stale = tmp_path / "stale.png"
+    stale.write_bytes(b"old")
+    assert plots.training_curves(stale, rows, "epoch", [["absent"]]) is None and not stale.exists()

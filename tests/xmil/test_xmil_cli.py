@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -132,6 +133,7 @@ def test_pipeline_features_train_explain_evaluate_heatmap(data, tiny_encoder, mo
         rows = [json.loads(x) for x in (data / f"train_{arch}" / "metrics.jsonl").read_text().splitlines()]
         score = [r["train_auroc"] for r in rows]  # no validation slides: chosen on the training slides
         assert out["selected_on"].startswith("training") and score[out["best_epoch"]] == max(score)
+        assert Path(out["training_curves"]).is_file()  # the loss and the selection scores per epoch
     model = data / "train_attnmil" / "checkpoints"
     assert (model / "model.safetensors").is_file() and json.loads((model / "model.json").read_text())["arch"] == "attnmil"
     # resume: a finished run resumes at its last epoch and trains two more

@@ -99,6 +99,18 @@ def features(cfg, run) -> dict:
     return {"patches": _patches_in(run.outputs_dir / "features"), "encoder": spec.name, "dim": spec.dim}
 
 
+def _training_figure(run, meta):
+    """outputs/training.png: the training loss and the selection set's metrics per epoch, the kept epoch
+    marked, so over- and under-fitting show at a glance."""
+    from tubcli.plots import metric_rows, training_curves
+
+    rows = metric_rows(run.dir / "metrics.jsonl", "epoch")
+    scores = [k for k in (rows[-1] if rows else {}) if k not in ("epoch", "train_loss")]
+    return training_curves(run.outputs_dir / "training.png", rows, "epoch", [["train_loss"], scores],
+                           best=meta["best_epoch"], title=f"{meta['task']}: weights kept from the best epoch by "
+                           f"{meta['selected_by'].replace('_', ' ')} on the {meta['selected_on'].split(' ')[0]} slides")
+
+
 def train(cfg, run) -> dict:
     from tub_xmil.dataset import load_slides
     from tub_xmil.training import predict, task_metrics, train_model
@@ -137,6 +149,8 @@ def train(cfg, run) -> dict:
     run.save_weights({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, meta)
     out = {"train_slides": len(train_s), "val_slides": len(val_s), "test_slides": len(test_s),
            "best_epoch": meta["best_epoch"], "selected_on": meta["selected_on"], "selected_by": meta["selected_by"]}
+    if run.is_main and _training_figure(run, meta):
+        out["training_curves"] = str(run.outputs_dir / "training.png")
     if test_s:
         from tub_xmil.predictions import write_predictions
 
