@@ -101,6 +101,8 @@ def training_curves(path: Path, rows: list[dict], x: str, panels: list[list[str]
         remove_figure(path)  # an earlier run's curves are not this one's
         return None
     groups = list(dict.fromkeys(r.get(group) for r in rows)) if group else [None]
+    from matplotlib.ticker import MaxNLocator
+
     plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, keys in zip(axes[0], panels):
@@ -121,6 +123,7 @@ def training_curves(path: Path, rows: list[dict], x: str, panels: list[list[str]
         for j, bx in enumerate(marks):
             ax.axvline(bx, color="grey", ls="--", lw=0.9, label="weights kept" if j == 0 else None)
         ax.set_xlabel(x)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs and steps
         ax.set_ylabel(keys[0] if len(keys) == 1 else "")
         if len(keys) > 1 or len(groups) > 1 or marks:
             ax.legend(fontsize=7)

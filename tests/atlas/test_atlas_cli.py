@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -299,7 +300,7 @@ def test_train_distils_saves_loadable_student_and_resumes(data, tmp_path):
             "--set", "checkpoint_every=3", "--json"]
     r = ok([*args, "--steps", "6", "-o", tmp_path / "t"])
     m = json.loads(r.stdout)
-    assert m["steps"] == 6 and "student_knn_balanced_accuracy" in m
+    assert m["steps"] == 6 and "student_knn_balanced_accuracy" in m and Path(m["training_curves"]).is_file()
     student = tmp_path / "t/checkpoints/model.safetensors"
     assert json.loads((tmp_path / "t/checkpoints/model.json").read_text())["vit"]["depth"] == 1
     ok(["embed", data / "tiles.npz", "--weights", student, "-o", tmp_path / "se"])  # arch from model.json

@@ -304,6 +304,7 @@ def test_cli_train_dinov2_end_to_end(tmp_path):
     assert r.exit_code == 0, r.stderr + r.stdout
     m = json.loads(r.stdout)
     assert m["objective"] == "dinov2" and m["steps"] == 4 and "student_knn_balanced_accuracy" in m
+    assert m["training_curves"] == str(tmp_path / "run" / "outputs" / "training.png")
     ck = tmp_path / "run" / "checkpoints"
     for name in ("model", "teacher"):
         meta = json.loads((ck / f"{name}.json").read_text())

@@ -141,8 +141,12 @@ def test_train_resumes_from_checkpoint(trained, labelled):
                 "--set", "model.num_features=8", "--set", "model.num_modules=1",
                 "--set", "model.num_basis_functions=4", "--set", "model.electrostatics=false",
                 "--set", "valid_fraction=0.2", "--set", "test_fraction=0.2"]))
-    epochs = [json.loads(ln)["epoch"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [0, 1, 2]  # only the missing epoch ran
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]  # only the missing epoch ran
+    # the kept (best) epoch survives the resume: the first with the lowest validation loss, marked in training.png
+    losses = [r["val_loss"] for r in rows]
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=False)["best_epoch"] == losses.index(min(losses))
+    assert (out / "outputs" / "training.png").is_file()
 
 
 def test_a_train_run_directory_is_a_calculator_model_and_zero_loss_weights_are_refused(trained, labelled, workdir):
@@ -202,7 +206,7 @@ def test_train_ensemble_and_evaluate_committee(workdir, labelled, trained):
                 "--set", "model.num_features=8", "--set", "model.num_modules=1",
                 "--set", "model.num_basis_functions=4", "--set", "model.electrostatics=false"]))
     models = [out / "checkpoints" / f"model_{k}.safetensors" for k in range(2)]
-    assert all(m.exists() for m in models)
+    assert all(m.exists() for m in models) and (out / "outputs" / "training.png").is_file()
     r = _ok(invoke(["mlff", "evaluate", labelled, "--model", models[0], "--model", models[1],
                     "-o", workdir / "eval", "--json"]))
     m = json.loads(r.stdout)

@@ -419,12 +419,24 @@ def train(cfg: TrainConfig, run) -> dict:
                      name="projections")
     result["teacher"] = t_info["weights"]
     result["student"] = sp.name
+    _training_figure(run, result, [["loss", "loss_cls", "loss_patch"], ["lr"], ["grad_norm"]],
+                     "distillation: CLS and patch-token losses")
     labels = [r["label"] for ts in sets for r in ts.rows]
     if len(set(labels) - {""}) >= 2:
         from .probing import teacher_student_knn
 
         result.update(teacher_student_knn(teacher, student, s_norm, tiles, sets, cfg, run))
     return result
+
+
+def _training_figure(run, result: dict, panels: list[list[str]], title: str) -> None:
+    """outputs/training.png from metrics.jsonl (every --log-every steps): the losses, the learning rate and
+    the gradient norm per step, so a diverging or collapsing run shows at a glance."""
+    from tubcli.plots import metric_rows, training_curves
+
+    if run.is_main and training_curves(run.outputs_dir / "training.png", metric_rows(run.dir / "metrics.jsonl", "step"),
+                                       "step", panels, title=title):
+        result["training_curves"] = str(run.outputs_dir / "training.png")
 
 
 def _student(cfg: TrainConfig, run, sets):
@@ -498,6 +510,9 @@ def _train_dinov2(cfg: TrainConfig, run, sets) -> dict:
     res.update({"objective": "dinov2", "student": sp.name,
                 "weights": str(run.checkpoints_dir / "model.safetensors"),
                 "teacher_weights": str(run.checkpoints_dir / "teacher.safetensors")})
+    _training_figure(run, res, [["loss", "loss_dino", "loss_ibot", "loss_koleo"],
+                                ["teacher_entropy", "teacher_marginal_entropy"], ["lr"], ["grad_norm"]],
+                     "DINOv2: a marginal entropy falling to 0 is a collapsed teacher")
     labels = [r["label"] for ts in sets for r in ts.rows]
     if len(set(labels) - {""}) >= 2:
         from .encoder import Encoder, Transform

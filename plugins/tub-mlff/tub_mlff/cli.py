@@ -793,7 +793,23 @@ def train(cfg, run) -> dict:
     metrics["model"] = str(run.checkpoints_dir / ("model.safetensors" if cfg.ensemble == 1 else "model_0.safetensors"))
     if cfg.ensemble > 1:
         metrics["models"] = [str(run.checkpoints_dir / f"model_{k}.safetensors") for k in range(cfg.ensemble)]
+    if run.is_main and _training_figure(run, cfg.ensemble, results, cfg.keep):
+        metrics["training_curves"] = str(run.outputs_dir / "training.png")
     return metrics
+
+
+def _training_figure(run, members: int, results: list[dict], keep: str):
+    """outputs/training.png: losses, validation errors and learning rate per epoch (a line per committee
+    member), each member's kept epoch marked: whether the model converged, over-fitted or stopped early."""
+    from tubcli.plots import metric_rows, training_curves
+
+    group = "member" if members > 1 else None
+    kept = {k: r["kept_epoch"] for k, r in enumerate(results) if r.get("kept_epoch") is not None}
+    return training_curves(run.outputs_dir / "training.png", metric_rows(run.dir / "metrics.jsonl", "epoch", group),
+                           "epoch", [["train_loss", "val_loss"], ["val_energy_mae_per_atom"], ["val_forces_mae"], ["lr"]],
+                           group=group, best=kept, title=f"EMA weights kept: {keep} "
+                           f"({'lowest validation loss' if keep == 'best' else 'last epoch'}); energies in eV/atom, "
+                           "forces in eV/A")
 
 
 # -- evaluate ------------------------------------------------------------------------------------

@@ -248,7 +248,7 @@ def fit(model, train: list[Graph], valid: list[Graph], s: TrainSettings, run, dt
     net = run.ddp(model) if getattr(run, "world_size", 1) > 1 else model
     sampler = run.sampler(train, shuffle=True) if getattr(run, "world_size", 1) > 1 else None
     ema = EMA(model, s.ema_decay)
-    start, best, bad, best_state = 0, math.inf, 0, None
+    start, best, bad, best_state, best_epoch = 0, math.inf, 0, None, None
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -261,6 +261,7 @@ def fit(model, train: list[Graph], valid: list[Graph], s: TrainSettings, run, dt
         ema.updates = int(state.get("ema_updates", 10**9))  # a checkpoint from before the warm-up: past it
         start, best, bad = int(state["epoch"]) + 1, float(state["best_val"]), int(state["bad_epochs"])
         best_state = state.get("best_ema")
+        best_epoch = state.get("best_epoch")  # None in a checkpoint from before it was recorded
     rng = np.random.default_rng(seed + 7919 * member)
     for _ in range(start):  # replay the shuffles so a resumed run sees the same batches
         rng.permutation(len(train))
@@ -299,7 +300,7 @@ def fit(model, train: list[Graph], valid: list[Graph], s: TrainSettings, run, dt
             sched.step()
         improved = val["loss"] < best - 1e-12
         if improved:
-            best, bad = val["loss"], 0
+            best, bad, best_epoch = val["loss"], 0, epoch
             best_state = {k: v.detach().clone() for k, v in ema.shadow.items()}
         else:
             bad += 1
@@ -313,7 +314,8 @@ def fit(model, train: list[Graph], valid: list[Graph], s: TrainSettings, run, dt
                      1000 * (val.get("forces_mae") or float("nan")))
         ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "ema": ema.shadow, "ema_updates": ema.updates, "epoch": epoch, "best_val": best, "bad_epochs": bad,
-                "member": member, "best_ema": best_state, "epochs": s.epochs, **(record or {})}
+                "member": member, "best_ema": best_state, "best_epoch": best_epoch, "epochs": s.epochs,
+                **(record or {})}
         run.save_checkpoint(ckpt, best=improved)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
@@ -327,4 +329,5 @@ def fit(model, train: list[Graph], valid: list[Graph], s: TrainSettings, run, dt
     final = copy.deepcopy(model)
     final.load_state_dict(best_state if (s.keep == "best" and best_state is not None) else ema.shadow)
     final.eval()
-    return {"model": final, "best_val_loss": best, "epochs": metrics.get("epoch", start) + 1}
+    kept = best_epoch if (s.keep == "best" and best_state is not None) else metrics.get("epoch", start - 1)
+    return {"model": final, "best_val_loss": best, "epochs": metrics.get("epoch", start) + 1, "kept_epoch": kept}
