@@ -253,3 +253,37 @@ def test_kernelshap_on_fewer_training_rows_than_background_centres():
     ev = FlippingEvaluation(KNeighborsClassifier(3).fit(X, y), X, y)
     res = ev.run(X[:3], ["kernelshap", "random"])
     assert np.isfinite(res["kernelshap"].aupc)
+
+
+def test_occlusion_relevance_is_the_soft_score_difference_also_for_hard_curves():
+    """Spec §2.7: occlusion is F(x) − F(x with x_d ← baseline_d) with F the soft score, whichever score the
+    curves use (with the hard ±1 score almost every occlusion relevance was 0: features flipped in column order)."""
+    t = bundled("breast_cancer")
+    Xtr, Xte, ytr, _ = standard_split(t.X, t.y)
+    m, s = Xtr.mean(0), Xtr.std(0)
+    Ztr, Z = (Xtr - m) / s, ((Xte - m) / s)[:15]
+    svc = SVC(gamma=0.03).fit(Ztr, ytr)
+    hard = FlippingEvaluation(svc, Ztr, ytr, score="hard").run(Z, ["occlusion"])["occlusion"]
+    soft = FlippingEvaluation(svc, Ztr, ytr, score="soft").run(Z, ["occlusion"])["occlusion"]
+    np.testing.assert_allclose(hard.extra["relevance"], soft.extra["relevance"], rtol=1e-12)
+    c = np.searchsorted(svc.classes_, svc.predict(Z))
+    sign = np.where(c == 1, 1.0, -1.0)  # the predicted class's soft score is ±decision_function
+    d = 5
+    occluded = Z.copy()
+    occluded[:, d] = Ztr.mean(0)[d]
+    want = sign * (svc.decision_function(Z) - svc.decision_function(occluded))
+    np.testing.assert_allclose(soft.extra["relevance"][:, d], want, rtol=1e-9, atol=1e-12)
+    assert np.mean(soft.extra["relevance"] == 0) < 0.01
+
+
+def test_variance_prior_ties_after_a_standard_scaler_keep_the_column_order():
+    """After a StandardScaler every variance is 1 ± 1e-15: the order must not come from those bits."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 6)) * [1, 5, 0.1, 3, 2, 7]
+    for perm in (np.arange(200), rng.permutation(200)):
+        Xp = X[perm]
+        Z = (Xp - Xp.mean(0)) / Xp.std(0)
+        R = baselines.variance_prior(Z[:3], Z)
+        assert (R == R[0, 0]).all()  # one tie: flipped in column order, the same for any row order
+    R = baselines.variance_prior(X[:2], X)
+    assert list(np.argsort(-R[0], kind="stable")) == [5, 1, 3, 4, 0, 2]

@@ -38,7 +38,14 @@ def random_relevance(Z, seed: int = 0) -> np.ndarray:
 
 
 def variance_prior(Z, Z_train) -> np.ndarray:
-    return np.broadcast_to(Z_train.var(axis=0), Z.shape).copy()
+    """R_d = Var_train(z_d), the same for every row. Variances equal to 9 significant digits count as equal:
+    after a StandardScaler every one is 1 ± 1e-15, and the flipping order must not come from those last bits
+    (ties keep the column order)."""
+    v = Z_train.var(axis=0)
+    top = float(np.max(np.abs(v))) if v.size else 0.0
+    if top > 0:
+        v = np.round(v / top, 9) * top
+    return np.broadcast_to(v, Z.shape).copy()
 
 
 def centroid_difference(Z, c, competitor, Z_train, y_train_idx) -> np.ndarray:

@@ -11,7 +11,8 @@ relevances explain g. Multiclass models (our extension, spec §2.4) explain the 
 against its strongest competitor: g_c = min_{c'} g_{c,c'} over the binary networks of c against each
 other class c', with R from the arg-min pair (``multiclass="min"``), or a soft-min mixture
 R = Σ_{c'} w_{c'} R_{c,c'}, g = Σ_{c'} w_{c'} g_{c,c'}, w = softmin(β_mc g_{c,c'}) (``"softmin"``),
-which keeps the kNN midpoint rule conservative. For the kNN at κ = 0, g_c > 0 on every row where c holds
+which keeps the kNN midpoint rule conservative; that g is ≥ the hard min (at a small β_mc it can be > 0
+where one competitor beats c pairwise). For the kNN at κ = 0, g_c > 0 on every row where c holds
 a majority of the k votes; on a vote tie scikit-learn picks the tied class first in ``classes_`` and g_c
 may be negative (see :mod:`tub_knnlrp.fidelity`, which reports such rows).
 """

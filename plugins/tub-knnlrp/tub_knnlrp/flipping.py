@@ -186,7 +186,8 @@ class FlippingEvaluation:
         if method == "neuralized_ig":
             return baselines.neuralized_ig(self.explainer, Z, c, competitor)
         if method == "occlusion":
-            return baselines.occlusion(self.score, Z, c, self.baseline)
+            return baselines.occlusion(self.score.soft, Z, c, self.baseline)  # spec 2.7: F is the soft score,
+            # also when the curves use the hard one (±1 hardly moves when one feature is occluded)
         if method == "random":
             return baselines.random_relevance(Z, self.seed)
         if method == "variance":
