@@ -130,7 +130,10 @@ def read_config_file(path: str | os.PathLike) -> dict:
         raise TubError(f"config file {path} is not UTF-8 text; pass a YAML, TOML or JSON file to -c") from None
     try:
         if path.suffix.lower() == ".toml":
-            import tomllib
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10: the same parser as a package
+                import tomli as tomllib
 
             data = tomllib.loads(text)
         elif path.suffix.lower() == ".json":
