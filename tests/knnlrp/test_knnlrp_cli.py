@@ -46,6 +46,7 @@ def test_explain_writes_csv_and_npz(knn_run, data_dir, tmp_path):
     with open(out / "outputs" / "relevances.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 39 and "alcohol" in rows[0] and "g" in rows[0]
+    assert [int(r["row"]) for r in rows] == list(range(39))  # the input file's data rows, to join back on
     z = np.load(out / "outputs" / "relevances.npz", allow_pickle=False)
     # the midpoint rule conserves g for the kNN
     np.testing.assert_allclose(z["values"].sum(1), z["output"], rtol=1e-9, atol=1e-9)
@@ -539,7 +540,8 @@ def test_features_named_like_the_output_columns_keep_the_csv_readable(tmp_path):
     res = invoke(["knnlrp", "explain", str(tmp_path / "d.csv"), "--model", str(tmp_path / "m"), "-o", str(tmp_path / "e")])
     assert res.exit_code == 0 and "knnlrp_g" in res.stderr
     back = pd.read_csv(tmp_path / "e" / "outputs" / "relevances.csv")
-    assert list(back.columns) == ["g", "pred", "knnlrp_g", "knnlrp_pred", "knnlrp_positive", "knnlrp_negative"]
+    assert list(back.columns) == ["g", "pred", "knnlrp_g", "knnlrp_pred", "knnlrp_positive", "knnlrp_negative",
+                                  "knnlrp_row"]
     assert back["knnlrp_pred"].isin([0, 1]).all()
 
 

@@ -194,8 +194,8 @@ def explain(cfg, run) -> dict:
         raise TubError("heatmaps need matplotlib: pip install matplotlib (or pass --no-heatmaps)")
     out = run.outputs_dir
     if relevance_columns(e.feature_names)[0] != "g":
-        run.log.warning("a feature is named g, pred, positive or negative: relevances.csv names the output columns "
-                        "knnlrp_g, knnlrp_pred, knnlrp_positive, knnlrp_negative")
+        run.log.warning("a feature is named g, pred, positive, negative or row: relevances.csv names the output "
+                        "columns knnlrp_g, knnlrp_pred, knnlrp_positive, knnlrp_negative, knnlrp_row")
     with atomic_path(out / "relevances.csv") as tmp:
         _write_relevance_csv(tmp, e)
     with atomic_path(out / "relevances.npz") as tmp:
@@ -228,9 +228,10 @@ def explain(cfg, run) -> dict:
 
 
 def relevance_columns(feature_names) -> list[str]:
-    """The columns after the features in relevances.csv: g, pred, positive, negative, or knnlrp_g, ... when
-    a feature already has one of those names (a CSV with two columns of one name reads back wrong)."""
-    extra = ["g", "pred", "positive", "negative"]
+    """The columns after the features in relevances.csv: g, pred, positive, negative and row (the row's
+    0-based position among the data rows of the input file, to join back on), or knnlrp_g, ... when a
+    feature already has one of those names (a CSV with two columns of one name reads back wrong)."""
+    extra = ["g", "pred", "positive", "negative", "row"]
     return [f"knnlrp_{c}" for c in extra] if set(extra) & set(feature_names) else extra
 
 
@@ -242,7 +243,7 @@ def _write_relevance_csv(path, e) -> None:
         w.writerow(list(e.feature_names) + relevance_columns(e.feature_names))
         for i in range(len(e.values)):
             w.writerow([repr(float(v)) for v in e.values[i]] + [repr(float(e.output[i])), e.prediction[i],
-                                                              e.positive[i], e.negative[i]])
+                                                              e.positive[i], e.negative[i], i])
 
 
 # --------------------------------------------------------------------------------------- evaluate
