@@ -175,7 +175,9 @@ def test_pipeline_features_train_explain_evaluate_heatmap(data, tiny_encoder, mo
     # spec §2.5: by default 1%-of-all blocks (101 points); --score-order absolute ranks by |score|
     res = _ok(invoke(["xmil", "evaluate", "--model", model, "--features", fdir, "--labels", labels, "--set",
                       "split=null", "--method", "lrp", "--score-order", "absolute", "-o", data / "eval_abs", "--json"]))
-    assert json.loads(res.stdout)["score_order"] == "absolute"
+    ev_abs = json.loads(res.stdout)
+    assert ev_abs["score_order"] == "absolute"
+    assert bool(ev_abs["flipping_slides"]) == (data / "eval_abs" / "outputs" / "flipping.png").is_file()
     from tub_xmil.bags import read_bag
     from tub_xmil.checkpoint import load_model
     from tub_xmil.config import EvaluateConfig

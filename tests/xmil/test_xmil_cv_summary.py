@@ -191,10 +191,12 @@ def test_survival_folds_split_risk_at_each_folds_median(tmp_path):
     _ok(invoke(["xmil", "cv-summary", *runs, "--bootstrap", "0", "-o", tmp_path / "s"]))
     assert not (tmp_path / "s" / "outputs" / "roc.png").exists()
     (tmp_path / "e" / "outputs" / "flipping.json").write_text("[]")
+    (tmp_path / "e" / "outputs" / "flipping.png").write_bytes(b"an earlier evaluation's curves")
     _ok(invoke(["xmil", "evaluate", "--model", runs[0] / "checkpoints", "--features", tmp_path / "bags", "--labels",
                 runs[0] / "outputs" / "fold_labels.csv", "--set", "flipping=false", "--bootstrap", "0",
                 "-o", tmp_path / "e"]))
     assert not (tmp_path / "e" / "outputs" / "flipping.json").exists()
+    assert not (tmp_path / "e" / "outputs" / "flipping.png").exists()
 
 
 def test_a_patient_column_in_any_case_keeps_patients_together(tmp_path):

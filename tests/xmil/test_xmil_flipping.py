@@ -120,3 +120,22 @@ def test_tied_scores_merge_histogram_blocks_and_rank_blocks_credit_a_perfect_map
     assert rank["drop"]["srg"] > 0.5 and one["drop"]["srg"] > 0.5
     untied = np.random.default_rng(0).random(100)
     assert not tied_blocks(untied, "10%-of-all") and not tied_blocks(untied, "1%-of-all")
+
+
+def test_flipping_plot_averages_slides_of_any_size_on_the_flipped_fraction(tmp_path, monkeypatch):
+    """One-by-one curves of bags of 3 and 5 patches average on a common 0..1 grid: the plotted mean is
+    the mean of each curve interpolated there."""
+    import tub_xmil.plots as plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, dpi=120: drawn.append(fig) or path)
+    recs = []
+    for n in (3, 5):
+        down, up = np.linspace(1, 0, n + 1), np.linspace(0, 1, n + 1)
+        recs.append({"m": {a: {"morf": down, "lerf": up, "aupc_morf": down.mean(), "srg": (up - down).mean()}
+                           for a in ("drop", "add")}})
+    plots.flipping_plot(tmp_path / "f.png", recs, ["m"], "classification", "one-by-one")
+    ax = drawn[0].axes[0]
+    morf = ax.get_lines()[0]
+    np.testing.assert_allclose(morf.get_ydata(), 1 - morf.get_xdata(), atol=1e-12)  # both curves are 1 - fraction
+    assert len(drawn[0].axes) == 2 and "AUPC-MoRF 0.500" in morf.get_label()

@@ -438,8 +438,9 @@ def evaluate(cfg, run) -> dict:
         title = f"{cfg.split or 'all'} slides" + (f", AUROC 95% CI {ci[0]:.3f}–{ci[1]:.3f} ({out['ci']['unit']} "
                                                   f"bootstrap)" if ci else "")
         roc_plot(run.outputs_dir / "roc.png", [s.label for s in slides], preds, classes, title=title)
+    remove_figure(run.outputs_dir / "flipping.png")  # an earlier evaluation's, not this one's
     if not cfg.flipping:
-        (run.outputs_dir / "flipping.json").unlink(missing_ok=True)  # an earlier evaluation's, not this one's
+        (run.outputs_dir / "flipping.json").unlink(missing_ok=True)
         return out
     per_slide, merged = [], {}
     for s in run.progress(slides, total=len(slides), desc="patch flipping"):
@@ -481,6 +482,11 @@ def evaluate(cfg, run) -> dict:
                     out[f"{m}.{a}.{k}"] = float(np.mean([r[m][a][k] for r in kept]))
             out[f"{m}.symmetric_gain"] = float(np.mean([r[m]["symmetric_gain"] for r in kept]))
     write_json(run.outputs_dir / "flipping.json", per_slide)
+    if kept:
+        from tub_xmil.plots import flipping_plot
+
+        out["flipping_figure"] = str(flipping_plot(run.outputs_dir / "flipping.png", kept, list(cfg.method), task,
+                                                   cfg.strategy))
     return out
 
 
