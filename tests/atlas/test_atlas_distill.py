@@ -109,3 +109,22 @@ def test_distillation_target_200_steps_512_tiles(tmp_path):
     print(f"TARGET8 loss {res['loss_first']:.4f} -> {res['loss_last']:.4f}; teacher {t_acc:.4f} student {s_acc:.4f}")
     assert res["loss_last"] <= 0.5 * res["loss_first"]
     assert s_acc >= t_acc - 0.05
+
+
+def test_weight_decay_acts_on_weight_matrices_only_and_an_older_run_resumes_with_its_single_group(tmp_path,
+                                                                                                    monkeypatch):
+    d = Distiller(random_vit(preset_config("vit-t8-demo", depth=1)), 10)
+    decay, plain = distill.decay_groups(d, 0.05)
+    names = {id(p): n for n, p in d.named_parameters()}
+    plain_names = {names[id(p)] for p in plain["params"]}
+    assert decay["weight_decay"] == 0.05 and plain["weight_decay"] == 0.0
+    assert all(p.ndim == 2 or p.ndim == 4 for p in decay["params"])  # linear and patch-embedding weights
+    for kind in ("cls_token", "pos_embed", ".bias", "norm", "gamma"):
+        assert any(kind in n for n in plain_names), kind
+    assert len(decay["params"]) + len(plain["params"]) == len(list(d.parameters()))
+    tiles = synthetic_tiles(8, 2, 1, 64)["tiles"]
+    real = distill.decay_groups
+    monkeypatch.setattr(distill, "decay_groups", lambda net, wd, everything=False: real(net, wd, everything=True))
+    _distil(tiles, _run(tmp_path, "old"), steps=5)  # a run from before the rule: its optimizer has one group
+    monkeypatch.setattr(distill, "decay_groups", real)
+    assert _distil(tiles, _run(tmp_path, "old", resume="auto"), steps=8)[1]["steps"] == 8

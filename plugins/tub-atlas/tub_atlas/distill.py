@@ -7,7 +7,8 @@ both networks (each with its own normalisation). With trainable projections W_c,
     L = λ_cls·(1 − cos(W_c s_cls, t_cls)) + λ_patch·mean_p(1 − cos(W_p s̃_p, t_p)),
 
 where s̃ is the student patch grid resized (bilinear, antialiased) to the teacher grid.
-AdamW (lr 5e-4·batch/256, weight decay 0.05), 5 % linear warm-up then cosine to 1e-6, gradient
+AdamW (lr 5e-4·batch/256, weight decay 0.05 on weight matrices only: not on biases, norms, LayerScale,
+tokens or position embeddings, as DeiT and DINOv2 do), 5 % linear warm-up then cosine to 1e-6, gradient
 clipping 3.0.
 """
 
@@ -117,6 +118,20 @@ def teacher_tokens(teacher: Encoder, x01: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ training loop
+def decay_groups(net: torch.nn.Module, weight_decay: float, everything: bool = False) -> list[dict]:
+    """AdamW parameter groups: weight decay on weight matrices, none on biases, norms, LayerScale, tokens and
+    position embeddings (decaying a norm's gain or a bias towards 0 only hurts; DeiT, DINOv2). ``everything``:
+    one group decaying all, as runs before this rule did (a resumed one keeps its optimizer's layout)."""
+    if everything:
+        return [{"params": [p for p in net.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+    decay, plain = [], []
+    for name, p in net.named_parameters():
+        if p.requires_grad:
+            skip = p.ndim < 2 or name.endswith(("cls_token", "reg_token", "pos_embed", "mask_token"))
+            (plain if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
 def train_student(teacher: Encoder, student: VisionTransformer, student_norm, tiles, run, *,
                   steps: int, batch_size: int, crop_size: int, crop_scale_min: float, lr: float,
                   weight_decay: float, warmup: float, clip: float, lambda_cls: float, lambda_patch: float,
@@ -131,9 +146,10 @@ def train_student(teacher: Encoder, student: VisionTransformer, student_norm, ti
     distiller = Distiller(student, teacher.vit.cfg.embed_dim).to(device)
     t_cfg = teacher.vit.cfg
     base_lr = lr * batch_size * run.world_size / 256
-    opt = torch.optim.AdamW(distiller.parameters(), lr=base_lr, weight_decay=weight_decay)
-    start, history = 0, []
     state = run.load_checkpoint()
+    old_run = state is not None and len(state.get("optimizer", {}).get("param_groups", [])) == 1
+    opt = torch.optim.AdamW(decay_groups(distiller, weight_decay, everything=old_run), lr=base_lr)
+    start, history = 0, []
     if state is not None:
         if "distiller" not in state:
             from tubcli.errors import TubError
