@@ -94,6 +94,9 @@ def test_bad_dft_inputs_are_one_line_errors():
         label_pyscf(bad_spin, "PBE", "sto-3g")
     with pytest.raises(TubError, match="basis"):
         label_pyscf(molecule("H2O"), "PBE", "no-such-basis")
+    hi = Atoms("HI", positions=[[0, 0, 0], [0, 0, 1.61]])  # def2 past Kr: made for an ECP, wrong all-electron
+    with pytest.raises(TubError, match="effective core potential.*ANO-RCC"):
+        label_pyscf(hi, "PBE", "def2-SVP")
     cell = molecule("H2O")
     cell.cell, cell.pbc = [5, 5, 5], True
     with pytest.raises(TubError, match="cluster"):

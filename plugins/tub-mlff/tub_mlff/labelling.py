@@ -83,6 +83,14 @@ def check_dft_settings(xc: str, basis: str, elements) -> None:
             shells = None
         if not shells:
             raise TubError(f"PySCF has no basis '{basis}' for {el}; give a basis PySCF knows for it, e.g. def2-SVP")
+        try:
+            core = gto.basis.load_ecp(basis, el)  # def2 past Kr: valence shells made for a core potential
+        except Exception:  # noqa: BLE001 - a basis without ECP data
+            core = None
+        if core:
+            raise TubError(f"the '{basis}' basis of {el} is made for an effective core potential, and the labels are "
+                           f"all-electron (without its ECP the energies and forces are wrong); give an all-electron "
+                           f"basis for {el} with --basis, e.g. ANO-RCC or dyall-v2z")
 
 
 def label_pyscf(atoms, xc: str = "PBE", basis: str = "def2-SVP", density_fit: bool = False,
