@@ -522,6 +522,11 @@ def test_label_with_xtb(workdir):
     _ok(invoke(["mlff", "label", two, "-o", workdir / "sh", "--shard", "1/2"]))
     assert len(read(workdir / "sh" / "labelled.extxyz", ":")) == 2
     assert not (workdir / "sh" / "labelled.partial.extxyz").exists()
+    # the input shrinks to one frame: the merge is of this run's structures, not of every file in outputs/
+    write(two, [moved], format="extxyz")
+    r = _ok(invoke(["mlff", "label", two, "-o", workdir / "sh", "--json"]))
+    assert json.loads(r.stdout)["labelled_total"] == 1 and len(read(workdir / "sh" / "labelled.extxyz", ":")) == 1
+    assert "1 labelled file(s)" in r.stderr and "are not of this run's structures" in r.stderr
 
 
 def test_label_warns_that_small_periodic_cells_are_gamma_only(workdir):

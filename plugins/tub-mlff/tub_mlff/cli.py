@@ -330,7 +330,9 @@ def label(cfg, run) -> dict:
     from tubcli.runs import ItemLock
 
     with ItemLock(run.dir / "labelled.extxyz").waiting():  # shards ending together: the last gathers all
-        parts = sorted(p for p in run.outputs_dir.glob("*.extxyz") if re.fullmatch(_LABELLED, p.name))
+        mine = {_label_output(run, it) for it in items}  # not files an earlier run on other inputs left here
+        parts = sorted(p for p in mine if p.exists())
+        others = [p for p in run.outputs_dir.glob("*.extxyz") if re.fullmatch(_LABELLED, p.name) and p not in mine]
         merged = [read(str(p)) for p in parts]
         pending = sum(not _label_output(run, it).exists() for it in items)
         # while shards (or failed items) are missing, the merge is labelled.partial.extxyz: a file named
@@ -341,6 +343,9 @@ def label(cfg, run) -> dict:
             _write_extxyz(target, merged)
         if not pending:
             partial.unlink(missing_ok=True)
+    if others:
+        run.log.warning("%d labelled file(s) in %s (e.g. %s) are not of this run's structures (an earlier run on other "
+                        "inputs); %s leaves them out", len(others), run.outputs_dir, others[0].name, target.name)
     if pending:
         run.log.warning("%d of %d items are not labelled yet (other shards, or failures): %s holds the %d done; "
                         "labelled.extxyz is written when all are", pending, len(items), partial.name, len(merged))
