@@ -621,3 +621,23 @@ def test_md_warns_when_the_structure_lies_outside_the_models_training_compositio
         write(tmp_path / f"{name}.extxyz", atoms)
         r = _ok(invoke(["mlff", "md", tmp_path / f"{name}.extxyz", "--steps", "1", "-o", tmp_path / name]))
         assert ("no combination of the model's training compositions" in r.stderr) is warned, name
+
+
+def test_build_orients_several_groups_on_a_sheet_so_that_none_clash(workdir):
+    """Random ring orientations of two or more groups on one sheet once put H atoms 0.575 A apart (n 4, groups 2,
+    seed 8); they are drawn again until every group clears the others and its own periodic images."""
+    from tub_mlff.structures import MIN_GROUP_GAP, janus_graphene
+
+    for n, groups in ((4, 2), (3, 2), (4, 4)):
+        for seed in range(8):
+            a = janus_graphene(n, groups, "slab", seed=seed)
+            sheet = 2 * n * n
+            heavy = a.get_all_distances(mic=True)[sheet:, sheet:]  # group atoms against group atoms
+            same = np.arange(len(a) - sheet) // 13
+            apart = heavy[same[:, None] != same[None, :]]
+            assert apart.min() >= MIN_GROUP_GAP, (n, groups, seed)
+    out = workdir / "groups2"
+    _ok(invoke(["mlff", "build", "--n", "4", "--groups", "2", "--x", "0", "--seed", "8", "-o", out]))
+    d = read(out / "outputs" / "structures.extxyz").get_all_distances(mic=True)
+    np.fill_diagonal(d, 9)
+    assert d.min() > 0.9

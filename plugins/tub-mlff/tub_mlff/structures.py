@@ -49,6 +49,23 @@ def _aminophenyl(anchor: np.ndarray, phi: float) -> tuple[list[str], np.ndarray]
     return symbols, np.asarray(pos)
 
 
+MIN_GROUP_GAP = 2.0  # A between atoms of two groups (or of a group and its periodic image): H...H contact
+ORIENTATION_TRIES = 200
+
+
+def _group_gap(cell: np.ndarray, placed: np.ndarray, group: np.ndarray) -> float:
+    """Shortest distance from ``group``'s atoms to ``placed`` atoms and to the group's own in-plane periodic
+    images (the 3x3 nearest cells, enough for the cells janus_graphene makes)."""
+    shifts = [i * cell[0] + j * cell[1] for i in (-1, 0, 1) for j in (-1, 0, 1)]
+    best = np.inf
+    for s in shifts:
+        if len(placed):
+            best = min(best, np.linalg.norm(group[:, None] - placed[None] - s, axis=-1).min())
+        if np.any(s):
+            best = min(best, np.linalg.norm(group[:, None] - group[None] - s, axis=-1).min())
+    return float(best)
+
+
 def janus_graphene(n: int = 4, groups: int = 1, stacking: str = "slab", interlayer: float = 9.5,
                    vacuum: float = 20.0, seed: int = 0):
     """Aminophenyl-functionalised graphene cell (no Na). Returns ASE Atoms with pbc on.
@@ -91,9 +108,16 @@ def janus_graphene(n: int = 4, groups: int = 1, stacking: str = "slab", interlay
     positions = sheet.positions.copy()
     positions[:, 2] = 0.0
     symbols = list(sheet.get_chemical_symbols())
-    for a in anchors:
-        positions[a, 2] += 0.30  # sp3 pucker
-        s, p = _aminophenyl(positions[a], phi=rng.uniform(0, np.pi))
+    positions[anchors, 2] += 0.30  # sp3 pucker
+    for _ in range(ORIENTATION_TRIES):  # random ring orientations, drawn again until no two groups clash
+        placed = [_aminophenyl(positions[a], phi=rng.uniform(0, np.pi)) for a in anchors]
+        if all(_group_gap(sheet.cell.array, np.vstack([p for _, p in placed[:k]] or [np.zeros((0, 3))]), p)
+               >= MIN_GROUP_GAP for k, (_, p) in enumerate(placed)):
+            break
+    else:
+        raise ValueError(f"{groups} aminophenyl groups do not fit on a {n}x{n} sheet without two of them coming "
+                         f"closer than {MIN_GROUP_GAP:g} A; give fewer --groups or a larger --n")
+    for s, p in placed:
         symbols += s
         positions = np.vstack([positions, p])
     atoms = Atoms(symbols, positions=positions, cell=sheet.cell, pbc=True)
