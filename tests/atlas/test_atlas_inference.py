@@ -182,3 +182,16 @@ def test_float_tiles_outside_0_1_are_refused_whatever_their_container():
         assert torch.equal(enc(tiles.astype(np.float32) / 255), enc(tiles))  # [0, 1] floats, as uint8
         with pytest.raises(TubError, match=r"integer tiles must lie in 0..255, these \(uint16\) span 0..65535"):
             enc((tiles.astype(np.uint16) * 257))
+
+
+def test_bf16_goes_to_aten_on_a_cpu_without_onednn_bf16_kernels(monkeypatch):
+    """An AVX2-only CPU has no oneDNN bf16 inner product: `bench --precision bf16-weights` failed there with
+    "could not create a primitive descriptor"; auto now takes aten's GEMMs, --gemm onednn says why not."""
+    from tub_atlas import inference
+
+    x = torch.zeros(2, 8, dtype=torch.bfloat16)
+    monkeypatch.setattr(inference, "onednn_bf16", lambda: False)
+    assert inference.use_onednn("auto", x) is False
+    assert inference.use_onednn("auto", x.float()) is inference.onednn_available()
+    with pytest.raises(ValueError, match="no oneDNN bf16 kernels"):
+        inference.use_onednn("onednn", x)

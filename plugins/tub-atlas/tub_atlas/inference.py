@@ -91,6 +91,12 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def onednn_bf16() -> bool:
+    """Whether this CPU has oneDNN's bf16 GEMM kernels (AVX-512 with avx512_bf16 or AMX, or an ARM with bf16);
+    without them creating the bf16 primitive fails (an AVX2-only AMD EPYC)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def use_onednn(gemm: str, x: torch.Tensor) -> bool:
     """Whether the block GEMMs go through oneDNN (CPU, fp32/bf16) rather than aten's BLAS (MKL).
 
@@ -102,6 +108,11 @@ def use_onednn(gemm: str, x: torch.Tensor) -> bool:
     if gemm == "aten":
         return False
     ok = x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and onednn_available()
+    if ok and x.dtype == torch.bfloat16 and not onednn_bf16():
+        if gemm == "onednn":  # its bf16 kernels need AVX-512 (avx512_bf16, AMX) or an ARM with bf16
+            raise ValueError(f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no oneDNN bf16 kernels; use "
+                             "--gemm aten (or auto) for bf16, or fp32")
+        return False
     if gemm == "onednn" and not ok:
         raise ValueError(f"the oneDNN GEMM needs a CPU tensor in fp32/bf16 and a torch built with oneDNN "
                          f"(got {x.dtype} on {x.device.type}); use --gemm aten or auto")
