@@ -159,6 +159,11 @@ def carve_cluster(atoms, centre: int, radius: float, bond_scale: float = 1.2, ma
         if not prune:
             break
         heavy -= prune
+    in_sphere = sum(symbols[nd[0]] in COVALENT and symbols[nd[0]] not in MONOVALENT for nd in sphere)
+    if in_sphere and not heavy:  # only the ions would be left: an isolated atom, not its environment
+        raise ClusterError(f"every one of the {in_sphere} bonded atom(s) within {radius:g} A of atom {centre} was "
+                           "pruned as a dangling fragment, which would leave the bare ion(s); use a larger "
+                           "--cluster-radius")
 
     kept = sorted(heavy) + sorted(ionic - heavy) + sorted(loose)
     caps = []  # (host node, direction)
