@@ -251,3 +251,16 @@ def test_cli_labels_clusters_carved_from_periodic_cells(tmp_path):
     assert "functional" in _err(invoke(["mlff", "label", path, "--set", "method=dft", "--cluster-radius", "3",
                                         "--set", "xc=NOPE", "-o", tmp_path / "e7"]))
     assert path.read_bytes() == original
+
+
+def test_spin_comes_from_info_then_from_ase_initial_magnetic_moments():
+    """O2 from ase.build carries moments 1, 1: a triplet (labelled a closed-shell singlet, 1.7 eV too high, before)."""
+    from tub_mlff.labelling import _charge_spin
+
+    o2 = molecule("O2")
+    assert _charge_spin(o2) == (0, 2)
+    o2.info["spin"] = 0  # an explicit spin wins
+    assert _charge_spin(o2) == (0, 0)
+    assert _charge_spin(molecule("H2O")) == (0, 0)
+    with pytest.raises(TubError, match="impossible"):
+        _charge_spin(Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]], magmoms=[1, 0, 0]))

@@ -18,8 +18,15 @@ from .validation import check_charge_spin
 
 
 def _charge_spin(atoms) -> tuple[int, int]:
-    """info['charge'] and info['spin'] (unpaired electrons; default the lowest state), checked."""
-    return check_charge_spin(atoms, atoms.info.get("charge", 0), atoms.info.get("spin"))
+    """info['charge'] and info['spin'] (unpaired electrons), checked. Without info['spin'], ASE's initial
+    magnetic moments give it (|sum| in Bohr magnetons = unpaired electrons: O2 from ase.build is a triplet),
+    else the lowest state the electron count allows."""
+    spin = atoms.info.get("spin")
+    if spin is None and atoms.has("initial_magmoms"):
+        moments = atoms.get_initial_magnetic_moments()
+        if moments.ndim == 1 and np.any(moments):  # (collinear moments only)
+            spin = int(round(abs(float(moments.sum()))))
+    return check_charge_spin(atoms, atoms.info.get("charge", 0), spin)
 
 
 def require_tblite():
