@@ -8,6 +8,7 @@ that verb runs or its own ``--help`` is shown.
 from __future__ import annotations
 
 import importlib
+import json
 import inspect
 import os
 import sys
@@ -373,11 +374,16 @@ def _execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
         if opts.get("print_config"):
             for warning in unknown_env:
                 typer.echo(f"warning: {warning}", err=True)
-            sys.stdout.write(config_yaml(cfg))
+            sys.stdout.write(json.dumps(cfg.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n"
+                             if opts.get("json") else config_yaml(cfg))
             return 0
         func = resolve_ref(verb.run, app.hints)
         if opts.get("shard") and not verb.batch:
             raise TubError(f"--shard applies to batch verbs only; '{verb.name}' does its whole input in one run")
+        if opts.get("overwrite") and not (verb.batch or verb.training or verb.overwrite):
+            raise TubError(f"--overwrite applies to batch and training verbs; '{verb.name}' "
+                           + ("continues its outputs on a rerun with the same -o: give a new -o to start again"
+                              if verb.continues else "replaces its outputs on every run: drop --overwrite"))
         if opts.get("resume") and not verb.training:  # it would be ignored (or start a fresh run elsewhere)
             then = "rerun it with the same -o to continue where it stopped" if verb.batch or verb.continues else \
                 "rerun it without --resume"
@@ -386,7 +392,7 @@ def _execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
         run = Run(app.name, verb.name, cfg, out=opts.get("out"), resume=opts.get("resume"), shard=shard,
                   overwrite=bool(opts.get("overwrite")), verbosity=verbosity, plugin_version=app.version,
                   same_outputs_except={*verb.args, *verb.item_fields, *EXECUTION_FIELDS} if verb.batch else None,
-                  training=verb.training, resume_may_change=set(verb.resume_may_change))
+                  training=verb.training, resume_may_change=set(verb.resume_may_change), continues=verb.continues)
         for warning in unknown_env:
             run.log.warning("%s", warning)
         failures = None

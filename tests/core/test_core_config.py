@@ -1,5 +1,7 @@
 """Config precedence: flag > TUB_* env > file > default; misspelt keys name the key and the file."""
 
+import json
+
 import pytest
 import yaml
 
@@ -33,6 +35,8 @@ def test_flag_defaults_do_not_override_the_file(toy_plugins, tmp_path):
     file.write_text('epochs = 8\ndevice = "cpu"\n')
     cfg = resolved(invoke(["toy", "train", "-c", file, "--print-config"]))
     assert cfg["epochs"] == 8 and cfg["device"] == "cpu"
+    as_json = invoke(["toy", "train", "-c", file, "--print-config", "--json"])  # printed YAML before
+    assert json.loads(as_json.stdout) == cfg
 
 
 def test_misspelt_key_names_key_and_file(toy_plugins, tmp_path):
