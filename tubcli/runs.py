@@ -569,10 +569,12 @@ class Run:
         same_outputs_except: set[str] | None = None,
         training: bool = False,
         resume_may_change: set[str] | None = None,
+        continues: bool = False,
     ):
         from tubcli.config import config_hash
 
         self.plugin, self.verb, self.cfg = plugin, verb, cfg
+        self._continues = continues  # a rerun goes on from the outputs there (mlff md's trajectory)
         self.began = time.time()
         self.overwrite = overwrite
         self.seed = int(getattr(cfg, "seed", 0))
@@ -705,6 +707,7 @@ class Run:
             p.name != f"{self.CLAIM}.lock" and not p.name.startswith(f".{self.CLAIM}.lock.") for p in self.dir.iterdir()))
         self._before = None if fresh or not self.is_main else self._snapshot()
         self._archived: Path | None = None
+        self._archived_outputs: Path | None = None
         self._previous: Path | None = None
         try:  # a failure while the records are written (disk full, a deleted working folder) leaves no
             # half-made run directory that a rerun would refuse
@@ -725,6 +728,8 @@ class Run:
                 ignore = same_outputs_except if same_outputs_except is not None else EXECUTION_FIELDS
                 if earlier is not None and changed_settings(earlier, now, ignore, earlier_cwd=cwd):
                     self._archived = archive_config(self.dir)  # keep the record of the earlier settings
+                    if same_outputs_except is None and not (training or self._continues):
+                        self._archived_outputs = self._archive_outputs(self._archived)
                 self.outputs_dir.mkdir(parents=True, exist_ok=True)
                 if training:  # other verbs' weights (knnlrp's model, pathorob's robustification) make it on saving
                     self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
@@ -800,6 +805,19 @@ class Run:
                 os.replace(self.dir / name, aside / name)
         return aside
 
+    def _archive_outputs(self, archived_config: Path) -> Path | None:
+        """Move ``outputs/`` to ``outputs.<n>/``, n that of ``config.<n>.yaml``: a one-shot verb rerun with other
+        settings writes a new set of outputs, and files only the earlier settings made (a class the data no
+        longer has, a metric not asked for) must not pass for this run's. Batch verbs refuse such a rerun
+        instead (their jobs share the folder), training verbs keep their checkpoints."""
+        if not (self.outputs_dir.is_dir() and any(self.outputs_dir.iterdir())):
+            return None
+        target = self.dir / f"outputs.{archived_config.name.split('.')[1]}"
+        if target.exists():  # a stale one of that number (its config was removed by hand)
+            raise TubError(f"{target} is in the way of the earlier outputs; move it, or use a new -o")
+        os.replace(self.outputs_dir, target)
+        return target
+
     def _restore_aside(self) -> None:
         if self._previous is None or not self._previous.is_dir():
             return
@@ -821,6 +839,10 @@ class Run:
             return
         self._release_training()
         self._restore_aside()
+        archived = self._archived_outputs
+        if archived is not None and archived.is_dir() and not (self.outputs_dir.is_dir() and any(self.outputs_dir.iterdir())):
+            shutil.rmtree(self.outputs_dir, ignore_errors=True)  # nothing made: the earlier outputs go back
+            os.replace(archived, self.outputs_dir)
         if self._claimed_since():
             return  # another job on this -o has claimed the directory since: its records are not ours to undo
         if self._before is not None:
