@@ -707,7 +707,7 @@ class Run:
             p.name != f"{self.CLAIM}.lock" and not p.name.startswith(f".{self.CLAIM}.lock.") for p in self.dir.iterdir()))
         self._before = None if fresh or not self.is_main else self._snapshot()
         self._archived: Path | None = None
-        self._archived_outputs: Path | None = None
+        self._archived_outputs: dict[Path, Path] = {}  # outputs/ or checkpoints/ -> where they went
         self._previous: Path | None = None
         try:  # a failure while the records are written (disk full, a deleted working folder) leaves no
             # half-made run directory that a rerun would refuse
@@ -805,18 +805,22 @@ class Run:
                 os.replace(self.dir / name, aside / name)
         return aside
 
-    def _archive_outputs(self, archived_config: Path) -> Path | None:
-        """Move ``outputs/`` to ``outputs.<n>/``, n that of ``config.<n>.yaml``: a one-shot verb rerun with other
-        settings writes a new set of outputs, and files only the earlier settings made (a class the data no
-        longer has, a metric not asked for) must not pass for this run's. Batch verbs refuse such a rerun
-        instead (their jobs share the folder), training verbs keep their checkpoints."""
-        if not (self.outputs_dir.is_dir() and any(self.outputs_dir.iterdir())):
-            return None
-        target = self.dir / f"outputs.{archived_config.name.split('.')[1]}"
-        if target.exists():  # a stale one of that number (its config was removed by hand)
-            raise TubError(f"{target} is in the way of the earlier outputs; move it, or use a new -o")
-        os.replace(self.outputs_dir, target)
-        return target
+    def _archive_outputs(self, archived_config: Path) -> dict[Path, Path]:
+        """Move ``outputs/`` (and ``checkpoints/``) to ``outputs.<n>/`` (``checkpoints.<n>/``), n that of
+        ``config.<n>.yaml``: a one-shot verb rerun with other settings writes a new set of outputs, and files only
+        the earlier settings made (a class the data no longer has, a metric not asked for) must not pass for this
+        run's, nor its model be replaced under the path an earlier run recorded (knnlrp, pathorob ``train``).
+        Batch verbs refuse such a rerun instead (their jobs share the folder), training verbs keep checkpoints."""
+        moved = {}
+        for folder in (self.outputs_dir, self.checkpoints_dir):
+            if not (folder.is_dir() and any(folder.iterdir())):
+                continue
+            target = self.dir / f"{folder.name}.{archived_config.name.split('.')[1]}"
+            if target.exists():  # a stale one of that number (its config was removed by hand)
+                raise TubError(f"{target} is in the way of the earlier {folder.name}; move it, or use a new -o")
+            os.replace(folder, target)
+            moved[folder] = target
+        return moved
 
     def _restore_aside(self) -> None:
         if self._previous is None or not self._previous.is_dir():
@@ -839,10 +843,10 @@ class Run:
             return
         self._release_training()
         self._restore_aside()
-        archived = self._archived_outputs
-        if archived is not None and archived.is_dir() and not (self.outputs_dir.is_dir() and any(self.outputs_dir.iterdir())):
-            shutil.rmtree(self.outputs_dir, ignore_errors=True)  # nothing made: the earlier outputs go back
-            os.replace(archived, self.outputs_dir)
+        for folder, archived in self._archived_outputs.items():
+            if archived.is_dir() and not (folder.is_dir() and any(folder.iterdir())):
+                shutil.rmtree(folder, ignore_errors=True)  # nothing made: the earlier outputs go back
+                os.replace(archived, folder)
         if self._claimed_since():
             return  # another job on this -o has claimed the directory since: its records are not ours to undo
         if self._before is not None:

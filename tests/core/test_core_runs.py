@@ -1148,10 +1148,13 @@ def test_a_one_shot_verb_rerun_with_other_settings_moves_the_earlier_outputs_asi
     out = tmp_path / "r"
     assert invoke(["toy", "explain", w, "-o", out]).exit_code == 0
     (out / "outputs" / "only_the_first_settings.txt").write_text("stale")
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "model.bin").write_text("the first settings' model")  # as knnlrp train saves one
     assert invoke(["toy", "explain", w, "-o", out]).exit_code == 0  # same settings: outputs stay
     assert (out / "outputs" / "only_the_first_settings.txt").exists() and not (out / "outputs.1").exists()
     assert invoke(["toy", "explain", w, "--seed", "7", "-o", out]).exit_code == 0
     assert (out / "outputs.1" / "only_the_first_settings.txt").read_text() == "stale"
+    assert (out / "checkpoints.1" / "model.bin").exists() and not (out / "checkpoints").exists()
     assert (out / "config.1.yaml").exists() and not (out / "outputs" / "only_the_first_settings.txt").exists()
     (out / "outputs" / "second.txt").write_text("made with seed 7")
     result = invoke(["toy", "explain", tmp_path / "missing.safetensors", "-o", out])  # fails before any output
