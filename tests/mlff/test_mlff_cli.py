@@ -495,6 +495,7 @@ def test_label_with_xtb(workdir):
     a = read(out / "labelled.extxyz")
     forces = a.get_forces()  # ASE's extxyz reader hands labels back through a calculator
     assert a.info["label_method"] == "GFN1-xTB" and forces.shape == (5, 3)
+    assert a.info["label_settings"] == "tblite accuracy=1 electronic_temperature=300K max_iterations=250"
     assert np.abs(forces.sum(0)).max() < 1e-6  # no net force on a free molecule
     assert a.get_potential_energy() < 0
     r = _ok(invoke(["mlff", "label", path, "-o", out, "--json"]))  # skip-existing on rerun

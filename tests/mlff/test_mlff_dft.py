@@ -220,6 +220,7 @@ def test_cli_labels_clusters_carved_from_periodic_cells(tmp_path):
     for k, a in enumerate(frames):
         assert a.get_chemical_formula() == "H3N" and not a.pbc.any()
         assert a.info["parent_frame"] == k and a.info["label_method"] == "PBE/sto-3g"
+        assert a.info["label_settings"].startswith("pyscf ") and "conv_tol=1e-09 grid_level=3" in a.info["label_settings"]
         pi = a.arrays["parent_index"]
         assert sorted(pi) == [-1, n_index, n_index + 1, n_index + 2]
         np.testing.assert_allclose(a.positions[pi >= 0], cells[k].positions[pi[pi >= 0]], atol=1e-6)

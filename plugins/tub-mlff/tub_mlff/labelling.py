@@ -65,7 +65,10 @@ def label_xtb(atoms, method: str = "GFN1-xTB", accuracy: float = 1.0, max_iterat
         charges = out.get_charges()
     except Exception:  # noqa: BLE001 - charges are optional
         charges = None
-    return _finish(out, energy, forces, stress, charges, charge, spin, method)
+    labelled = _finish(out, energy, forces, stress, charges, charge, spin, method)
+    labelled.info["label_settings"] = (f"tblite accuracy={accuracy:g} electronic_temperature={electronic_temperature:g}K "
+                                       f"max_iterations={max_iterations}")
+    return labelled
 
 
 def check_dft_settings(xc: str, basis: str, elements) -> None:
@@ -157,6 +160,8 @@ def label_pyscf(atoms, xc: str = "PBE", basis: str = "def2-SVP", density_fit: bo
     labelled = _finish(out, e * Hartree, -np.asarray(grad) * Hartree / Bohr, None, charges, charge, spin,
                        f"{xc}/{basis}" + ("/RI" if density_fit else ""))
     labelled.info["scf_solver"] = solver
+    labelled.info["label_settings"] = (f"pyscf {'UKS' if spin else 'RKS'} conv_tol={conv_tol:g} grid_level={grid_level} "
+                                       f"max_cycle={max_cycle}" + (" density_fit" if density_fit else ""))
     if spin:
         labelled.info["s_squared"] = float(mf.spin_square()[0])
     return labelled
