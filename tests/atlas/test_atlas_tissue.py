@@ -235,6 +235,9 @@ def test_tile_verb_writes_trident_coords_qc_and_contours(scene_slide, tmp_path):
     assert len(gj["features"]) == 2 and sorted(f["properties"]["holes"] for f in gj["features"]) == [0, 2]
     ext = np.array(gj["features"][0]["geometry"]["coordinates"][0])
     assert ext[:, 0].max() <= 3072 and ext[:, 1].max() <= 2048  # level-0 pixels
+    # QuPath's measurement table: the areas, summing to the reported tissue area
+    assert sum(f["properties"]["measurements"]["area_um2"] for f in gj["features"]) == \
+        pytest.approx(res["tissue_area_um2"], rel=1e-3)
 
 
 def test_overlap_changes_count_and_embed_writes_coords_attrs(scene_slide, tmp_path):

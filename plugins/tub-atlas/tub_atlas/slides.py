@@ -464,6 +464,8 @@ class SlideTiles:
         gj = outlines_geojson(polys, (1 / self.scale[0], 1 / self.scale[1]), {"slide": self.path.stem})
         for feat, p in zip([f for f in gj["features"]], [p for p in polys if p["exterior"] is not None]):
             feat["properties"]["area_um2"] = p["area_um2"]
+            if p["area_um2"] is not None:
+                feat["properties"]["measurements"]["area_um2"] = p["area_um2"]
         return gj
 
 

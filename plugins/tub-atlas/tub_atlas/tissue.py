@@ -397,5 +397,7 @@ def outlines_geojson(polys: list[dict], scale: tuple[float, float], props: dict 
         feats.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": coords},
                       "properties": {"objectType": "annotation", "classification": {"name": "Tissue"},  # QuPath
                                      "tissue_id": p["id"], "holes": len(p["holes"]), **(props or {}),
-                                     "area_level0_px2": round(p["area"] * sx * sy, 1)}})
+                                     "area_level0_px2": round(p["area"] * sx * sy, 1),
+                                     # QuPath lists these in its measurement table
+                                     "measurements": {"area_level0_px2": round(p["area"] * sx * sy, 1)}}})
     return {"type": "FeatureCollection", "features": feats}
