@@ -707,8 +707,8 @@ class Run:
             p.name != f"{self.CLAIM}.lock" and not p.name.startswith(f".{self.CLAIM}.lock.") for p in self.dir.iterdir()))
         self._before = None if fresh or not self.is_main else self._snapshot()
         self._archived: Path | None = None
-        self._archived_outputs: dict[Path, Path] = {}  # outputs/ or checkpoints/ -> where they went
         self._previous: Path | None = None
+        mixed = None  # a warning for the log, once it is open
         try:  # a failure while the records are written (disk full, a deleted working folder) leaves no
             # half-made run directory that a rerun would refuse
             if training and self.is_main:  # one training job per directory (its checkpoints, metrics.jsonl)
@@ -726,10 +726,14 @@ class Run:
                 elif training and not checkpoint:  # a training killed before its first checkpoint starts over:
                     (self.dir / "metrics.jsonl").unlink(missing_ok=True)  # its rows would repeat the new ones
                 ignore = same_outputs_except if same_outputs_except is not None else EXECUTION_FIELDS
-                if earlier is not None and changed_settings(earlier, now, ignore, earlier_cwd=cwd):
+                changed = earlier is not None and changed_settings(earlier, now, ignore, earlier_cwd=cwd)
+                if changed:
                     self._archived = archive_config(self.dir)  # keep the record of the earlier settings
-                    if same_outputs_except is None and not (training or self._continues):
-                        self._archived_outputs = self._archive_outputs(self._archived)
+                    goes_on = self._continues or (training and self.resume_from is not None)  # from what is there
+                    if not goes_on and self.outputs_dir.is_dir() and any(self.outputs_dir.iterdir()):
+                        mixed = (f"{self.dir}/outputs holds files of an earlier run with other settings ({changed}; "
+                                 f"now {self._archived.name}): those this run does not write stay beside its own; "
+                                 "use a new -o for a set of this run's only")
                 self.outputs_dir.mkdir(parents=True, exist_ok=True)
                 if training:  # other verbs' weights (knnlrp's model, pathorob's robustification) make it on saving
                     self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
@@ -737,6 +741,8 @@ class Run:
                 if self.shard[1] > 1:
                     (self.dir / f"{DONE}.{self.shard[0]}of{self.shard[1]}").unlink(missing_ok=True)
             self.log = setup_logging(verbosity if self.is_main else -2, self.dir / "tub.log" if self.is_main else None)
+            if mixed:
+                self.log.warning("%s", mixed)
             _device.seed_everything(self.seed)
             _device.exact_fp32()
             if self.is_main:
@@ -805,23 +811,6 @@ class Run:
                 os.replace(self.dir / name, aside / name)
         return aside
 
-    def _archive_outputs(self, archived_config: Path) -> dict[Path, Path]:
-        """Move ``outputs/`` (and ``checkpoints/``) to ``outputs.<n>/`` (``checkpoints.<n>/``), n that of
-        ``config.<n>.yaml``: a one-shot verb rerun with other settings writes a new set of outputs, and files only
-        the earlier settings made (a class the data no longer has, a metric not asked for) must not pass for this
-        run's, nor its model be replaced under the path an earlier run recorded (knnlrp, pathorob ``train``).
-        Batch verbs refuse such a rerun instead (their jobs share the folder), training verbs keep checkpoints."""
-        moved = {}
-        for folder in (self.outputs_dir, self.checkpoints_dir):
-            if not (folder.is_dir() and any(folder.iterdir())):
-                continue
-            target = self.dir / f"{folder.name}.{archived_config.name.split('.')[1]}"
-            if target.exists():  # a stale one of that number (its config was removed by hand)
-                raise TubError(f"{target} is in the way of the earlier {folder.name}; move it, or use a new -o")
-            os.replace(folder, target)
-            moved[folder] = target
-        return moved
-
     def _restore_aside(self) -> None:
         if self._previous is None or not self._previous.is_dir():
             return
@@ -843,10 +832,6 @@ class Run:
             return
         self._release_training()
         self._restore_aside()
-        for folder, archived in self._archived_outputs.items():
-            if archived.is_dir() and not (folder.is_dir() and any(folder.iterdir())):
-                shutil.rmtree(folder, ignore_errors=True)  # nothing made: the earlier outputs go back
-                os.replace(archived, folder)
         if self._claimed_since():
             return  # another job on this -o has claimed the directory since: its records are not ours to undo
         if self._before is not None:

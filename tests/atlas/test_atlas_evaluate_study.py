@@ -393,7 +393,7 @@ def test_a_knn_rerun_leaves_no_earlier_probe_and_shared_slide_ids_are_said(tmp_p
     f = _npz(tmp_path / "f.npz", x, labels, slides, split=_split_by_slide(slides))
     _ok("evaluate", f, "--runs", "1", "--max-steps", "50", "-o", tmp_path / "r")
     assert (tmp_path / "r/outputs/probe.json").is_file()
-    _ok("evaluate", f, "--method", "knn", "--overwrite", "-o", tmp_path / "r")
+    _ok("evaluate", f, "--method", "knn", "-o", tmp_path / "r")
     assert not (tmp_path / "r/outputs/probe.json").exists() and not (tmp_path / "r/outputs/probe.safetensors").exists()
     g = _npz(tmp_path / "g.npz", x, labels, slides, split=_split_by_slide(slides))  # the same ids from another input
     _ok("evaluate", f, g, "--method", "knn", "-o", tmp_path / "both")

@@ -1137,9 +1137,9 @@ def test_a_run_that_fails_before_any_output_removes_the_empty_folders_it_made(to
     assert len(list((tmp_path / "runs" / "toy" / "evaluate").iterdir())) == 1  # the finished run's
 
 
-def test_a_one_shot_verb_rerun_with_other_settings_moves_the_earlier_outputs_aside(toy_plugins, tmp_path):
-    """Files only the earlier settings made must not sit beside this run's config as if it made them: they go
-    to outputs.<n>/ beside config.<n>.yaml, and come back when the rerun fails before making anything."""
+def test_a_rerun_with_other_settings_says_that_earlier_outputs_stay(toy_plugins, tmp_path):
+    """Files only the earlier settings made must not pass silently for this run's: the rerun's log says the
+    folder holds them (its config.yaml is kept as config.<n>.yaml); a rerun with the same settings says nothing."""
     import numpy as np
     from safetensors.numpy import save_file
 
@@ -1148,18 +1148,10 @@ def test_a_one_shot_verb_rerun_with_other_settings_moves_the_earlier_outputs_asi
     out = tmp_path / "r"
     assert invoke(["toy", "explain", w, "-o", out]).exit_code == 0
     (out / "outputs" / "only_the_first_settings.txt").write_text("stale")
-    (out / "checkpoints").mkdir()
-    (out / "checkpoints" / "model.bin").write_text("the first settings' model")  # as knnlrp train saves one
-    assert invoke(["toy", "explain", w, "-o", out]).exit_code == 0  # same settings: outputs stay
-    assert (out / "outputs" / "only_the_first_settings.txt").exists() and not (out / "outputs.1").exists()
-    assert invoke(["toy", "explain", w, "--seed", "7", "-o", out]).exit_code == 0
-    assert (out / "outputs.1" / "only_the_first_settings.txt").read_text() == "stale"
-    assert (out / "checkpoints.1" / "model.bin").exists() and not (out / "checkpoints").exists()
-    assert (out / "config.1.yaml").exists() and not (out / "outputs" / "only_the_first_settings.txt").exists()
-    (out / "outputs" / "second.txt").write_text("made with seed 7")
-    result = invoke(["toy", "explain", tmp_path / "missing.safetensors", "-o", out])  # fails before any output
-    assert result.exit_code == 2
-    assert (out / "outputs" / "second.txt").exists() and not (out / "outputs.2").exists()
-    assert not (out / "config.2.yaml").exists() and "seed: 7" in (out / "config.yaml").read_text()
+    same = invoke(["toy", "explain", w, "-o", out])
+    assert same.exit_code == 0 and "earlier run with other settings" not in same.stderr
+    other = invoke(["toy", "explain", w, "--seed", "7", "-o", out])
+    assert other.exit_code == 0 and (out / "config.1.yaml").exists()
+    assert "outputs holds files of an earlier run with other settings (seed: 0 -> 7; now config.1.yaml)" in other.stderr
     result = invoke(["toy", "explain", w, "--overwrite", "-o", out])  # accepted and ignored before
     assert result.exit_code == 2 and "replaces its outputs on every run: drop --overwrite" in result.stderr

@@ -17,6 +17,9 @@ from tub_mlff.calculator import SpookyNetCalculator
 def test_predictions_equal_the_calculator_for_molecules_and_cells(cell, tmp_path):
     ch4, nh3 = molecule("CH4"), molecule("NH3")
     nh3.rattle(0.05, seed=1)
+    # exact Td symmetry ties the largest attention key over the four H, and which one wins is rounding (the
+    # README's nonlocal-attention caveat): forces then differ by 1e-3 eV/A between two evaluation orders
+    ch4.rattle(0.05, seed=2)
     write(tmp_path / "mixed.extxyz", [ch4, cell, nh3])
     res = invoke(["mlff", "predict", tmp_path / "mixed.extxyz", "--precision", "fp64", "-o", tmp_path / "p"])
     assert res.exit_code == 0, res.stderr
