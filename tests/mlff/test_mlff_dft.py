@@ -128,8 +128,8 @@ def test_clusters_have_full_valences_no_clashes_and_map_to_the_parent(radius):
         for c in centres_of(cell, "Na"):
             try:
                 cl = carve_cluster(cell, c, radius)
-            except ClusterError as exc:  # 3 A around some Na: every C inside is a dangling fragment
-                assert radius == 3.0 and "would leave the bare ion" in str(exc)
+            except ClusterError as exc:  # 3 A around some Na: every C inside is a dangling fragment, or none is
+                assert radius == 3.0 and ("would leave the bare ion" in str(exc) or "that atom alone" in str(exc))
                 refused.append(c)
                 continue
             sym = np.array(cl.get_chemical_symbols())
@@ -174,7 +174,10 @@ def test_clusters_have_full_valences_no_clashes_and_map_to_the_parent(radius):
         np.testing.assert_array_equal(before[0], after[0])
         np.testing.assert_array_equal(before[1], after[1])
         assert before[2].keys() == after[2].keys() and np.array_equal(before[3], after[3])
-    assert len(refused) == (2 if radius == 3.0 else 0)  # of 9 Na; a bare Na was labelled as a cluster before
+    assert (len(refused) >= 2) if radius == 3.0 else not refused  # of 9 Na; a bare Na was labelled before
+    if radius == 3.0:  # nothing but the centre within the radius: refused too
+        with pytest.raises(ClusterError, match="that atom alone"):
+            carve_cluster(cell, centres_of(cell, "Na")[0], 2.0)
 
 
 def test_cluster_beyond_half_the_cell_takes_several_images():
@@ -231,12 +234,16 @@ def test_cli_labels_clusters_carved_from_periodic_cells(tmp_path):
                     "--cluster-radius", "1.2", "-o", out, "--json"]))
     assert json.loads(r.stdout)["labelled_now"] == 0  # skip-existing
 
-    # one cluster per Na; the bare host has none (a warning, not an error); a lone Na is a UKS doublet
-    r = _ok(invoke(["mlff", "label", path, "--set", "method=dft", "--set", "basis=sto-3g",
-                    "--cluster-radius", "2.0", "-o", tmp_path / "na", "--json"]))
-    res = json.loads(r.stdout)
-    assert res["clusters"] == 1 and res["frames_without_center"] == 1
-    na = read(tmp_path / "na" / "labelled.extxyz")
+    # one cluster per Na; the bare host has none (a warning, not an error); a radius with no other atom inside
+    # would make the Na alone its "cluster": that item fails (it was labelled as the Na's environment)
+    r = invoke(["mlff", "label", path, "--set", "method=dft", "--set", "basis=sto-3g",
+                "--cluster-radius", "2.0", "-o", tmp_path / "na", "--json"])
+    assert r.exit_code == 1 and "that atom alone" in (tmp_path / "na" / "failures.jsonl").read_text()
+    assert json.loads(r.stdout)["frames_without_center"] == 1
+    lone = tmp_path / "lone.extxyz"  # a Na atom given as a structure of its own is a UKS doublet
+    write(lone, Atoms("Na", positions=[[0, 0, 0]]), format="extxyz")
+    _ok(invoke(["mlff", "label", lone, "--set", "method=dft", "--set", "basis=sto-3g", "-o", tmp_path / "na1"]))
+    na = read(tmp_path / "na1" / "labelled.extxyz")
     assert na.get_chemical_formula() == "Na" and na.info["spin"] == 1 and na.info["s_squared"] > 0.74
 
     assert "--cluster-radius" in _err(invoke(["mlff", "label", path, "--set", "method=dft", "-o", tmp_path / "e1"]))

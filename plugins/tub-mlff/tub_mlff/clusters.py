@@ -164,6 +164,9 @@ def carve_cluster(atoms, centre: int, radius: float, bond_scale: float = 1.2, ma
         raise ClusterError(f"every one of the {in_sphere} bonded atom(s) within {radius:g} A of atom {centre} was "
                            "pruned as a dangling fragment, which would leave the bare ion(s); use a larger "
                            "--cluster-radius")
+    if len(sphere) == 1 and len(atoms) > 1:
+        raise ClusterError(f"no other atom lies within {radius:g} A of atom {centre}: the cluster would be that atom "
+                           "alone, not its environment; use a larger --cluster-radius")
 
     kept = sorted(heavy) + sorted(ionic - heavy) + sorted(loose)
     caps = []  # (host node, direction)
