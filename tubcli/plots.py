@@ -123,7 +123,11 @@ def training_curves(path: Path, rows: list[dict], x: str, panels: list[list[str]
         for j, bx in enumerate(marks):
             ax.axvline(bx, color="grey", ls="--", lw=0.9, label="weights kept" if j == 0 else None)
         ax.set_xlabel(x)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs and steps
+        xs = sorted({r[x] for r in rows})
+        if len(xs) == 1:  # one epoch: a tick there, not -0.04 ... 0.04
+            ax.set_xticks(xs)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs and steps
         ax.set_ylabel(keys[0] if len(keys) == 1 else "")
         if len(keys) > 1 or len(groups) > 1 or marks:
             ax.legend(fontsize=7)

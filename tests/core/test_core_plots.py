@@ -80,6 +80,8 @@ def test_training_curves_log_axis_for_losses_a_line_per_member_and_none_without_
     assert len([ln for ln in loss.get_lines() if ln.get_label().startswith("member")]) == 2
     assert sorted(ln.get_xdata()[0] for ln in loss.get_lines() if ln.get_linestyle() == "--"
                   and ln.get_color() == "grey") == [2, 3]  # the kept epoch of each member
+    plots.training_curves(tmp_path / "one.png", rows[:1], "epoch", [["train_loss"]])
+    assert list(drawn[1].axes[0].get_xticks()) == [0]  # one epoch: one tick there, not -0.04 ... 0.04
     stale = tmp_path / "stale.png"
     stale.write_bytes(b"old")
     assert plots.training_curves(stale, rows, "epoch", [["absent"]]) is None and not stale.exists()

@@ -207,6 +207,8 @@ def test_train_ensemble_and_evaluate_committee(workdir, labelled, trained):
                 "--set", "model.num_basis_functions=4", "--set", "model.electrostatics=false"]))
     models = [out / "checkpoints" / f"model_{k}.safetensors" for k in range(2)]
     assert all(m.exists() for m in models) and (out / "outputs" / "training.png").is_file()
+    # each member's kept epoch is in its model.json: a resumed committee marks the finished members' too
+    assert [json.loads(m.with_suffix(".json").read_text())["kept_epoch"] for m in models] == [0, 0]
     r = _ok(invoke(["mlff", "evaluate", labelled, "--model", models[0], "--model", models[1],
                     "-o", workdir / "eval", "--json"]))
     m = json.loads(r.stdout)

@@ -758,7 +758,8 @@ def train(cfg, run) -> dict:
         name = "model" if cfg.ensemble == 1 else f"model_{member}"
         if member < first_member and (run.checkpoints_dir / f"{name}.safetensors").exists():
             # finished before the interruption: loaded, so that the test metrics cover the whole committee
-            results.append({"model": load_model(run.checkpoints_dir / f"{name}.safetensors", dtype)[0]})
+            done_model, done_meta = load_model(run.checkpoints_dir / f"{name}.safetensors", dtype)
+            results.append({"model": done_model, "kept_epoch": done_meta.get("kept_epoch")})
             continue
         torch.manual_seed(cfg.seed + member)
         model = SpookyNet(SpookyNetConfig.from_dict(mcfg.to_dict()), seed=cfg.seed + member) if base is None \
@@ -778,7 +779,7 @@ def train(cfg, run) -> dict:
                               # the calculator warns at another total charge or spin: nothing trained it there
                               "trained_charges": sorted({int(round(g.Q)) for g in train_g}),
                               "trained_spins": sorted({int(round(g.S)) for g in train_g}),
-                              "trained_on": str(data), "member": member,
+                              "trained_on": str(data), "member": member, "kept_epoch": res["kept_epoch"],
                               # with the --init-from model's: evaluate warns on any file the weights saw
                               "training_data": (base_meta.get("training_data") or []) + training_data,
                               "train_frames": len(train_g), "world_size": run.world_size,
@@ -813,8 +814,8 @@ def _training_figure(run, members: int, results: list[dict], keep: str):
     return training_curves(run.outputs_dir / "training.png", metric_rows(run.dir / "metrics.jsonl", "epoch", group),
                            "epoch", [["train_loss", "val_loss"], ["val_energy_mae_per_atom"], ["val_forces_mae"], ["lr"]],
                            group=group, best=kept, title=f"EMA weights kept: {keep} "
-                           f"({'lowest validation loss' if keep == 'best' else 'last epoch'}); energies in eV/atom, "
-                           "forces in eV/A")
+                           f"({'lowest val_loss' if keep == 'best' else 'last epoch'}; without validation frames "
+                           "val_loss is the training loss); energies in eV/atom, forces in eV/A")
 
 
 # -- evaluate ------------------------------------------------------------------------------------

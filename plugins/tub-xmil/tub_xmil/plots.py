@@ -65,6 +65,7 @@ def flipping_plot(path: Path, records: list[dict], methods: list[str], task: str
         ax.set_title(f"{a}: solid most relevant first (MoRF), dashed least (LeRF)", fontsize=9)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"patch flipping, mean over {len(records)} correctly predicted slide(s)", fontsize=9)
+    kept = "correctly predicted slide(s), p(target) > 0.5" if task == "classification" else "slide(s)"
+    fig.suptitle(f"patch flipping, mean over {len(records)} {kept}", fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path, dpi=120)
