@@ -341,6 +341,9 @@ def test_bench_weight_precision_and_bad_options(tmp_path):
     assert json.loads(r.stdout)["gemm_used"] == "aten"
     err = fails([*base, "--precision", "fp16", "--gemm", "onednn", "-o", tmp_path / "g"]).stderr
     assert "--gemm onednn does not run under autocast" in err and "ValueError" not in err
+    from tub_atlas.inference import onednn_bf16
+
+    assert ("bf16-weights" in err) == onednn_bf16()  # suggested only where oneDNN has bf16 kernels
     err = fails([*base, "--precision", "fp16-weights", "--gemm", "onednn", "-o", tmp_path / "g2"]).stderr
     assert "use --gemm aten or auto" in err and "ValueError" not in err
 

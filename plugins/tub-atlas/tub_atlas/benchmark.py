@@ -159,8 +159,10 @@ def time_models(arch: str = "vit-s8-reg8", depth: int | None = None, batch_size:
         theirs = theirs.to(dtype) if theirs is not None else None
     autocast = bool(dtype) and not cast_weights
     if autocast and gemm == "onednn":  # inference.usable(): the oneDNN path is off under autocast
-        raise TubError(f"--gemm onednn does not run under autocast (--precision {precision}); use --gemm auto or "
-                       "aten, or --precision bf16-weights (weights cast to bf16, run by oneDNN)")
+        from .inference import onednn_bf16
+
+        raise TubError(f"--gemm onednn does not run under autocast (--precision {precision}); use --gemm auto or aten"
+                       + (", or --precision bf16-weights (weights cast to bf16, run by oneDNN)" if onednn_bf16() else ""))
     try:
         onednn = use_onednn(gemm, x) and not autocast
     except ValueError as exc:  # --gemm onednn where oneDNN cannot run (fp16, fp64, not a CPU)

@@ -60,7 +60,8 @@ def flipping_plot(path: Path, records: list[dict], methods: list[str], task: str
             srg = np.mean([r[m][a]["srg"] for r in records])
             ax.plot(grid, mean["morf"], color=f"C{i % 10}", lw=1.6, label=f"{m}: AUPC-MoRF {aupc:.3f}, SRG {srg:.3f}")
             ax.plot(grid, mean["lerf"], color=f"C{i % 10}", lw=1.2, ls="--")
-        ax.set_xlabel(f"fraction of patches {'removed' if a == 'drop' else 'added'} ({strategy} blocks)")
+        ax.set_xlabel(f"patches {'removed' if a == 'drop' else 'added'}: share of the {strategy} steps (tied scores "
+                      "merge blocks)")
         ax.set_ylabel(f"model output: {what}")
         ax.set_title(f"{a}: solid most relevant first (MoRF), dashed least (LeRF)", fontsize=9)
         ax.legend(fontsize=7)
