@@ -85,3 +85,5 @@ def test_training_curves_log_axis_for_losses_a_line_per_member_and_none_without_
     stale = tmp_path / "stale.png"
     stale.write_bytes(b"old")
     assert plots.training_curves(stale, rows, "epoch", [["absent"]]) is None and not stale.exists()
+    for fig in drawn:  # save_figure, replaced here, would have closed them
+        plots.pyplot().close(fig)

@@ -139,3 +139,4 @@ def test_flipping_plot_averages_slides_of_any_size_on_the_flipped_fraction(tmp_p
     morf = ax.get_lines()[0]
     np.testing.assert_allclose(morf.get_ydata(), 1 - morf.get_xdata(), atol=1e-12)  # both curves are 1 - fraction
     assert len(drawn[0].axes) == 2 and "AUPC-MoRF 0.500" in morf.get_label()
+    plots.pyplot().close(drawn[0])  # save_figure, replaced here, would have closed it
