@@ -8,8 +8,8 @@ that verb runs or its own ``--help`` is shown.
 from __future__ import annotations
 
 import importlib
-import json
 import inspect
+import json
 import os
 import sys
 import types
