@@ -366,6 +366,12 @@ def environment_record(plugin_version: str = "", command: str = "", cfg=None) ->
 EXECUTION_FIELDS = frozenset({"device", "batch_size", "threads", "num_workers", "vector_figures"})
 
 
+def execution_fields(cfg) -> frozenset:
+    """EXECUTION_FIELDS less those a verb's config names in ``RESULT_FIELDS``: a field of an execution name
+    that changes the results there (atlas evaluate's ``batch_size`` is the linear probe's)."""
+    return EXECUTION_FIELDS - frozenset(getattr(type(cfg), "RESULT_FIELDS", ()))
+
+
 def changed_settings(earlier: dict, now: dict, ignore: set[str], prefix: str = "", earlier_cwd: str | None = None) -> str:
     """``key: old -> new`` for the first settings that differ, ignoring the top-level ``ignore`` keys
     (a batch verb's inputs, execution-only fields); empty if none. A relative path recorded by a run
@@ -725,7 +731,7 @@ class Run:
                     self._previous = self._set_aside(("checkpoints", "metrics.jsonl"))
                 elif training and not checkpoint:  # a training killed before its first checkpoint starts over:
                     (self.dir / "metrics.jsonl").unlink(missing_ok=True)  # its rows would repeat the new ones
-                ignore = same_outputs_except if same_outputs_except is not None else EXECUTION_FIELDS
+                ignore = same_outputs_except if same_outputs_except is not None else execution_fields(cfg)
                 changed = earlier is not None and changed_settings(earlier, now, ignore, earlier_cwd=cwd)
                 if changed:
                     self._archived = archive_config(self.dir)  # keep the record of the earlier settings

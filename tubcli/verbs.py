@@ -361,7 +361,7 @@ def _execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
     global RESULTS_PIPE_CLOSED
     from tubcli.config import config_yaml, resolve_config, unknown_env_warnings
     from tubcli.progress import log_every
-    from tubcli.runs import EXECUTION_FIELDS, Run
+    from tubcli.runs import Run, execution_fields
 
     RESULTS_PIPE_CLOSED = False  # per command (tests run many in one process)
 
@@ -391,7 +391,7 @@ def _execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
         shard = opts.get("shard") if verb.batch else "0/1"  # a SLURM array does not split a non-batch verb
         run = Run(app.name, verb.name, cfg, out=opts.get("out"), resume=opts.get("resume"), shard=shard,
                   overwrite=bool(opts.get("overwrite")), verbosity=verbosity, plugin_version=app.version,
-                  same_outputs_except={*verb.args, *verb.item_fields, *EXECUTION_FIELDS} if verb.batch else None,
+                  same_outputs_except={*verb.args, *verb.item_fields, *execution_fields(cfg)} if verb.batch else None,
                   training=verb.training, resume_may_change=set(verb.resume_may_change), continues=verb.continues)
         for warning in unknown_env:
             run.log.warning("%s", warning)

@@ -395,6 +395,12 @@ def test_a_knn_rerun_leaves_no_earlier_probe_and_shared_slide_ids_are_said(tmp_p
     assert (tmp_path / "r/outputs/probe.json").is_file()
     _ok("evaluate", f, "--method", "knn", "-o", tmp_path / "r")
     assert not (tmp_path / "r/outputs/probe.json").exists() and not (tmp_path / "r/outputs/probe.safetensors").exists()
+    # batch_size here is the linear probe's (it changes results): a setting, not an execution detail
+    probe = ["evaluate", f, "--runs", "1", "--max-steps", "50", "-o", tmp_path / "r"]
+    _ok(*probe)
+    before = len(list((tmp_path / "r").glob("config.*.yaml")))
+    _ok(*probe, "--set", "batch_size=64")  # only the probe's batch size differs: the earlier config is kept
+    assert len(list((tmp_path / "r").glob("config.*.yaml"))) == before + 1
     g = _npz(tmp_path / "g.npz", x, labels, slides, split=_split_by_slide(slides))  # the same ids from another input
     _ok("evaluate", f, g, "--method", "knn", "-o", tmp_path / "both")
     assert "30 slide id(s) come from more than one input" in (tmp_path / "both/tub.log").read_text()

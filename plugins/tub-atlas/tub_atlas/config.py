@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -103,6 +103,8 @@ class TileConfig(SlideTiling):
 
 
 class EvaluateConfig(TubConfig):
+    RESULT_FIELDS: ClassVar[frozenset] = frozenset({"batch_size"})  # the probe's, not a forward pass's
+
     features: list[Path] = Field(default_factory=list, description="embed outputs (an embed run directory, npy/eva folders, h5 files, "
                                                                   "pathorob folder, .npz)")
     metadata: Path | None = Field(None, description="PathoROB metadata CSV for pathorob feature folders (and npy folders)")
