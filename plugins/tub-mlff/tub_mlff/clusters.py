@@ -126,6 +126,7 @@ def carve_cluster(atoms, centre: int, radius: float, bond_scale: float = 1.2, ma
     j_in, s_in = _images_within(atoms, centre, radius)
     sphere = {(int(j), tuple(int(x) for x in s)) for j, s in zip(j_in, s_in)}
     heavy = {nd for nd in sphere if symbols[nd[0]] in COVALENT and symbols[nd[0]] not in MONOVALENT}
+    in_sphere = len(heavy)  # the bonded atoms the sphere itself holds
     ionic = {nd for nd in sphere if symbols[nd[0]] not in COVALENT}
     # monovalent atoms bonded to nothing (e.g. an H2 molecule, a lone H) follow the sphere rule
     loose = {nd for nd in sphere if symbols[nd[0]] in MONOVALENT
@@ -159,7 +160,6 @@ def carve_cluster(atoms, centre: int, radius: float, bond_scale: float = 1.2, ma
         if not prune:
             break
         heavy -= prune
-    in_sphere = sum(symbols[nd[0]] in COVALENT and symbols[nd[0]] not in MONOVALENT for nd in sphere)
     if in_sphere and not heavy:  # only the ions would be left: an isolated atom, not its environment
         raise ClusterError(f"every one of the {in_sphere} bonded atom(s) within {radius:g} A of atom {centre} was "
                            "pruned as a dangling fragment, which would leave the bare ion(s); use a larger "
