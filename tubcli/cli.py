@@ -23,6 +23,7 @@ app = typer.Typer(
     add_completion=False,
     cls=SuggestingGroup,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: rich's import alone (0.15 s) would put `tub --help` over half a second
 )
 
 
@@ -250,6 +251,9 @@ def build_app():
             group.add_command(record.app.click_group(), name)
         elif record.error:
             group.add_command(BrokenPlugin(name, record.error), name)
+    for command in group.commands.values():  # the whole first paragraph, wrapped, not cut at 45 characters
+        if command.short_help is None and command.help:
+            command.short_help = " ".join(command.help.split("\n\n")[0].split())
     return group
 
 

@@ -185,6 +185,20 @@ def test_help_imports_no_torch():
     assert proc.returncode == 0, proc.stderr
 
 
+def test_root_help_is_plain_and_whole():
+    """`tub --help` draws no rich panels (importing rich alone costs 0.15 s of its half-second budget) and
+    gives each command's whole first paragraph, not click's 45-character cut."""
+    code = ("import sys\nfrom tubcli.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code in (0, None)\n"
+            "assert not [m for m in sys.modules if m.split('.')[0] in ('rich', 'markdown_it')]\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "TUB_NO_PROGRESS": "1", "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert "Check versions, plugin requirements, torch/CUDA/MPS and the OpenSlide library." in text
+    assert "..." not in text.split("Commands:")[1]
+
+
 def test_installed_plugins_load():
     """Every plugin installed in this environment loads (CI also runs with TUB_STRICT_PLUGINS=1)."""
     from tubcli.plugins import Plugins
