@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.abc
+import importlib.util
 import logging
 import os
 import random
+import sys
 from dataclasses import dataclass
 
 from tubcli.errors import TubError
@@ -142,7 +145,7 @@ def autocast(device, dtype):
 
 
 def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all of them, so a run repeats)."""
+    """Seed python, numpy and torch (all of them, so a run repeats); torch when it is imported."""
     random.seed(seed)
     try:
         import numpy as np
@@ -150,24 +153,68 @@ def seed_everything(seed: int) -> None:
         np.random.seed(seed % 2**32)
     except ImportError:
         pass
-    try:
-        import torch
+    when_torch_imported("seed", lambda torch: torch.manual_seed(seed))
 
-        torch.manual_seed(seed)
-    except ImportError:
-        pass
+
+def when_torch_imported(key: str, action) -> None:
+    """Call ``action(torch)`` now if torch is imported, else right after its import.
+
+    Importing torch takes 2-4 s on a small CPU box: a verb that never uses it (knnlrp, pathorob's metrics,
+    tiling) should not pay that to seed it. A later ``action`` of the same ``key`` replaces an earlier one
+    (the last run's seed is the one that counts)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        action(torch)
+        return
+    _AFTER_TORCH_IMPORT[key] = action
+    if not any(isinstance(finder, _TorchImportHook) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _TorchImportHook())
+
+
+_AFTER_TORCH_IMPORT: dict = {}
+
+
+class _TorchImportHook(importlib.abc.MetaPathFinder):
+    """Finds torch as the other finders do and runs the waiting actions once its module has executed.
+    It stays in place until then: a bare ``importlib.util.find_spec("torch")`` (is it installed?) imports
+    nothing."""
+
+    finding = False
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "torch" or self.finding:
+            return None
+        self.finding = True
+        try:
+            spec = importlib.util.find_spec(name)  # the finders below give the real spec
+        finally:
+            self.finding = False
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            execute = spec.loader.exec_module
+
+            def exec_module(module):
+                execute(module)
+                if self in sys.meta_path:
+                    sys.meta_path.remove(self)
+                actions = list(_AFTER_TORCH_IMPORT.values())
+                _AFTER_TORCH_IMPORT.clear()
+                for action in actions:
+                    action(module)
+
+            spec.loader.exec_module = exec_module
+        return spec
 
 
 def exact_fp32() -> None:
     """fp32 means fp32 on GPUs too: cuDNN convolutions default to TF32 (10-bit mantissa), which put the
     atlas demo's LRP conservation error at 1.5e-3 on an H100 (7.5e-7 on CPU). bf16/fp16 runs ask for
     low precision explicitly (autocast), so nothing is lost there."""
-    try:
-        import torch
-    except ImportError:
-        return
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+
+    def no_tf32(torch):
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    when_torch_imported("exact_fp32", no_tf32)
 
 
 @contextlib.contextmanager

@@ -622,6 +622,29 @@ def test_a_run_turns_tf32_off(toy_plugins, tmp_path):
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
+def test_a_run_imports_torch_only_when_its_verb_does(toy_env, tmp_path):
+    """Seeding torch at the start of every run imported it (2-4 s) also for verbs that never use it; the
+    seed and the TF32 switch now wait for torch's import and apply right after it."""
+    number = tmp_path / "n.txt"
+    number.write_text("3\n")
+    code = ("import runpy, sys\n"
+            "sys.argv = ['tub', 'toy', 'evaluate', sys.argv[1], '-o', sys.argv[2], '--seed', '5', '-q']\n"
+            "try:\n    runpy.run_module('tub_toy.run_cli', run_name='__main__')\n"
+            "except SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+            "assert 'torch' not in sys.modules\n"
+            "import importlib.util\n"
+            "assert importlib.util.find_spec('torch') is not None  # a look imports nothing: the hook stays\n"
+            "import torch\n"
+            "drawn = torch.rand(4)\n"
+            "assert torch.backends.cuda.matmul.allow_tf32 is False and torch.backends.cudnn.allow_tf32 is False\n"
+            "torch.manual_seed(5)\n"
+            "assert torch.equal(drawn, torch.rand(4)), 'torch was not seeded with the run seed'\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(number), str(tmp_path / "run")], env=toy_env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "run" / "outputs" / "n.txt").read_text().startswith("9.0")
+
+
 def test_a_run_directory_belongs_to_one_verb(toy_plugins, tmp_path):
     inputs = make_inputs(tmp_path / "in", 2)
     out = tmp_path / "run"
