@@ -227,6 +227,9 @@ def denormals_flushed(on: bool = True):
     subnormal). Flushing changes results by less than 1e-38 (fp32) or 1e-308 (fp64). Scoped rather than
     global because other C code may not expect it: scipy's cKDTree build crashes (SIGSEGV) with DAZ set, so
     ``on=False`` also guards such code against a caller who flushes. GPUs are not affected."""
+    if not on and "torch" not in sys.modules:  # nothing has flushed through torch: no need to import it
+        yield
+        return
     import torch
 
     before = _flushing(torch)

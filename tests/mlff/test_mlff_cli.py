@@ -644,3 +644,17 @@ def test_build_orients_several_groups_on_a_sheet_so_that_none_clash(workdir):
     d = read(out / "outputs" / "structures.extxyz").get_all_distances(mic=True)
     np.fill_diagonal(d, 9)
     assert d.min() > 0.9
+
+
+def test_build_imports_no_torch(tmp_path):
+    """Building cells is ASE and numpy: it pays no torch import (2-4 s on a small CPU box)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom tubcli.cli import main\n"
+            "try:\n    main(['mlff', 'build', '--x', '1', '-o', 'B', '-q'])\n"
+            "except SystemExit as e:\n    assert e.code in (0, None)\n"
+            "assert 'torch' not in sys.modules\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "B" / "outputs" / "structures.extxyz").is_file()

@@ -397,3 +397,18 @@ def test_heatmap_from_slides_needs_the_encoder_of_the_training_features():
         _slide_settings(HeatmapConfig(), {"target_mpp": 0.5, "patch_size": 64}, log)
     cfg, used = _slide_settings(HeatmapConfig(encoder="uni2-h"), {"target_mpp": 0.5, "patch_size": 64}, log)
     assert cfg.encoder == "uni2-h" and used["source"]["patch_size"] == "model.json (training features)"
+
+
+def test_tiling_imports_no_torch(tmp_path):
+    """make-data and tile need OpenSlide, not torch (2-4 s to import on a small CPU box, per job of an array)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom tubcli.cli import main\n"
+            "for argv in (['xmil', 'make-data', '--n-slides', '2', '-o', 'D', '-q'],\n"
+            "             ['xmil', 'tile', 'D/outputs/slides', '-o', 'T', '-q']):\n"
+            "    try:\n        main(argv)\n    except SystemExit as e:\n        assert e.code in (0, None), argv\n"
+            "assert 'torch' not in sys.modules\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert list((tmp_path / "T" / "outputs").rglob("*.h5"))

@@ -1,13 +1,13 @@
 """Reading feature bags: tub/TRIDENT/CLAM ``.h5`` (``features`` + ``coords``), CLAM/xMIL ``.pt``
 tensors (N, D) in ascending patch_id order, ``.npz`` (``features``[, ``coords``] or patch_id ->
-vector), and xMIL directories of per-patch ``{idx}.pt`` files."""
+vector), and xMIL directories of per-patch ``{idx}.pt`` files. torch is imported where a tensor is made:
+tiling lists folders with this module and needs no torch (2-4 s to import)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from tubcli.errors import TubError
 from tubcli.io import load_numpy, torch_load_weights, weights_only_reason
@@ -20,6 +20,8 @@ def read_bag(path: str | Path) -> tuple[torch.Tensor, np.ndarray | None, dict]:
 
     Checked at load time: a NaN/inf feature would otherwise turn every score, prediction and
     GeoJSON value of the slide into NaN, and an array of tiles is not a bag of features."""
+    import torch
+
     path = Path(path)
     feats, coords, attrs = _read(path)
     if feats.dim() == 2 and len(feats) == 0:
@@ -39,6 +41,8 @@ def read_bag(path: str | Path) -> tuple[torch.Tensor, np.ndarray | None, dict]:
 
 
 def _read(path: Path) -> tuple[torch.Tensor, np.ndarray | None, dict]:
+    import torch
+
     if path.is_dir():
         files = sorted(path.glob("*.pt"), key=lambda p: int(p.stem) if p.stem.isdigit() else p.stem)
         if not files:
@@ -119,6 +123,8 @@ def is_patch_folder(folder: Path) -> bool:
 def _stack_patch_vectors(files: list[Path]) -> torch.Tensor:
     """(N, D) from per-patch files, each 1-D or (1, D) of one length D; checked before stacking so
     that an odd file is named instead of surfacing as torch.stack's RuntimeError."""
+    import torch
+
     vecs, dim = [], None
     for q in files:
         t = _load_tensor(q)
@@ -159,6 +165,8 @@ def xmil_metadata(bag: Path, n: int) -> tuple[np.ndarray | None, dict]:
 
 
 def _load_tensor(path: Path, mmap: bool = False, with_coords: bool = False):
+    import torch
+
     try:
         import zipfile
         mmap = mmap and zipfile.is_zipfile(path)  # legacy (non-zip) torch files cannot be memory-mapped

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from tubcli.errors import TubError
 from tubcli.images import say_left_out
@@ -168,6 +167,8 @@ def choose_target(model, x, task, target):
         return 0
     if target is not None:
         return int(target)
+    import torch  # here, not at the top: tiling needs no torch (2-4 s to import)
+
     with torch.no_grad():
         return int(model(x[None]).argmax(-1)[0])
 
