@@ -295,7 +295,9 @@ def _run(argv: list[str] | None) -> int:
     try:
         code = build_app()(args=argv, prog_name="tub", standalone_mode=False)
     except click_exception as exc:
-        if type(exc).__name__ == "NoArgsIsHelpError":  # `tub` or `tub <plugin>` alone: its help is printed
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `tub` or `tub <plugin>` alone: its help, as --help's
+            if exc.format_message():  # plain help comes with the error; rich help was printed already
+                typer.echo(exc.format_message())
             return exc.exit_code
         ctx = getattr(exc, "ctx", None)
         see = f"; see '{ctx.command_path} --help'" if ctx is not None else ""

@@ -137,7 +137,8 @@ class PluginGroup(SuggestingGroup):
     """A plugin's sub-command group whose verb commands are built only when needed."""
 
     def __init__(self, app: PluginApp):
-        super().__init__(name=app.name, help=app.help, no_args_is_help=True, subcommand_metavar="VERB [ARGS]...")
+        super().__init__(name=app.name, help=app.help, no_args_is_help=True, subcommand_metavar="VERB [ARGS]...",
+                         rich_markup_mode=None)  # plain, as `tub --help`: a list of verbs needs no rich (0.2 s)
         self.app = app
 
     def list_commands(self, ctx):

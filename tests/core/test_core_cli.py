@@ -240,10 +240,12 @@ def test_usage_errors_are_one_line_as_every_other_error(toy_env, args, says):
     assert "╭" not in proc.stderr
 
 
-def test_the_bare_command_prints_its_help(toy_env):
-    proc = subprocess.run([sys.executable, "-m", "tub_toy.run_cli", "toy"], env=toy_env, capture_output=True,
+@pytest.mark.parametrize("args, usage", [([], "Usage: tub [OPTIONS] COMMAND"), (["toy"], "Usage: tub toy")])
+def test_the_bare_command_prints_its_help(toy_env, args, usage):
+    proc = subprocess.run([sys.executable, "-m", "tub_toy.run_cli", *args], env=toy_env, capture_output=True,
                           text=True, timeout=120)
-    assert proc.returncode == 2 and "Usage: tub toy" in proc.stdout + proc.stderr and "error" not in proc.stderr
+    assert proc.returncode == 2 and proc.stdout.startswith(usage) and proc.stderr == ""
+    assert "Commands:" in proc.stdout if not args else "Verbs:" in proc.stdout
 
 
 def test_a_full_disk_is_a_one_line_error(toy_env):
