@@ -541,7 +541,7 @@ def _refuse_foreign_tiles(run, outputs: dict[str, Path], method: str, target: st
                else f"was made from {rec.get('input')}, not {want['input']}" if rec.get("input") != want["input"]
                else f"was made from an earlier version of {item}" if (rec.get("size"), rec.get("mtime_ns"))
                != (want["size"], want["mtime_ns"]) else "was made with another method or --target image")
-        raise TubError(f"-o {run.dir}: {name} {why}; pass a new -o, or --overwrite to remake it")
+        raise TubError(f"-o {run.dir}: {name} {why}; delete that file or pass --overwrite to remake it, or use a new -o")
 
 
 def _append_records(path: Path, records: list[dict]) -> None:
@@ -609,7 +609,8 @@ def stainnorm(cfg: StainConfig, run) -> dict:
             img = norm.transform(read_rgb(Path(item)))
             with atomic_path(out) as tmp:
                 Image.fromarray(img).save(tmp, format="PNG")
-            _append_records(manifest, [record])
+                _append_records(manifest, [record])  # before the tile is in place: a kill between leaves no tile
+                # without its record (which every rerun would refuse), only a record without a tile (redone)
             done += 1
     _compact_manifest(manifest)
     return {"method": cfg.method, "tiles": len(outputs), "written": done}
