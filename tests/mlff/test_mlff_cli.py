@@ -530,6 +530,13 @@ def test_label_with_xtb(workdir):
     r = _ok(invoke(["mlff", "label", two, "-o", workdir / "sh", "--json"]))
     assert json.loads(r.stdout)["labelled_total"] == 1 and len(read(workdir / "sh" / "labelled.extxyz", ":")) == 1
     assert "1 labelled file(s)" in r.stderr and "are not of this run's structures" in r.stderr
+    # the input grows (active learning) and one shard ends: the earlier, smaller labelled.extxyz goes
+    third = moved.copy()
+    third.positions[2] += 0.05
+    write(two, [moved, moved.copy(), third], format="extxyz")
+    r = _ok(invoke(["mlff", "label", two, "-o", workdir / "sh", "--shard", "1/2"]))
+    assert not (workdir / "sh" / "labelled.extxyz").exists() and "removed labelled.extxyz of an earlier run" in r.stderr
+    assert len(read(workdir / "sh" / "labelled.partial.extxyz", ":")) == 2
 
 
 def test_label_warns_that_small_periodic_cells_are_gamma_only(workdir):

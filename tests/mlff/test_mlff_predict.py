@@ -3,6 +3,8 @@ what the ASE calculator gives for the same structures, beside (never over) a fil
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -53,6 +55,9 @@ def test_a_labelled_file_keeps_its_labels_and_a_committee_gives_its_spread(tmp_p
     out = read(tmp_path / "p" / "outputs" / "lab.extxyz")
     assert out.get_potential_energy() == -1.5 and np.array_equal(out.get_forces(), np.ones((5, 3)))
     assert out.info["pred_energy_std"] > 0 and "pred_energy" in out.info and data.read_bytes() == before
+    again = invoke(["mlff", "predict", data, "--model", m0, "--model", m1, "--prefix", "pred_", "-o", tmp_path / "p",
+                    "--json"])  # all done (by this job or others): the totals are the outputs', not this job's
+    assert json.loads(again.stdout)["frames"] == 1 and json.loads(again.stdout)["frames_now"] == 0
     expect_error_line(invoke(["mlff", "predict", data, "--prefix", "1bad", "-o", tmp_path / "q"]), "prefix")
 
 

@@ -343,6 +343,9 @@ def label(cfg, run) -> dict:
             _write_extxyz(target, merged)
         if not pending:
             partial.unlink(missing_ok=True)
+        elif full.exists():  # an earlier complete run's set, smaller than this one: not the whole data set now
+            full.unlink()
+            run.log.warning("removed %s of an earlier run: it lacks this run's %d pending item(s)", full.name, pending)
     if others:
         run.log.warning("%d labelled file(s) in %s (e.g. %s) are not of this run's structures (an earlier run on other "
                         "inputs); %s leaves them out", len(others), run.outputs_dir, others[0].name, target.name)
@@ -941,7 +944,11 @@ def predict(cfg, run) -> dict:
             write_text(out.with_suffix(".csv"), "\n".join(rows) + "\n")
             _write_extxyz(out, frames)  # last: its existence marks the file done
             frames_done += len(frames)
-    return {"frames": frames_done, "files": len(outputs), "prefix": p, "model": _model_names(cfg.model)}
+    # the totals of the outputs, as every batch verb reports them: also those of other shards and earlier jobs
+    tables = [run.outputs_dir / _predicted_name(f) for f in outputs.values()]
+    total = sum(len(t.with_suffix(".csv").read_text().splitlines()) - 1 for t in tables if t.exists())
+    return {"frames": total, "frames_now": frames_done, "files": len(outputs), "prefix": p,
+            "model": _model_names(cfg.model)}
 
 
 def _predicted_name(path: Path) -> str:
