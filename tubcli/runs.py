@@ -34,6 +34,8 @@ DONE = "DONE"
 def parse_shard(text: str | None, environ=None) -> tuple[int, int]:
     """``"i/n"`` (0-based i) or, when absent, SLURM array variables; ``(0, 1)`` otherwise."""
     env = os.environ if environ is None else environ
+    if text is not None and not text.strip():  # `--shard "$SHARD"` with SHARD unset: every task would do all
+        raise TubError("--shard is empty; give i/n (e.g. 0/4), or leave the option out to take the SLURM array's")
     if text:
         try:
             i_text, n_text = text.split("/")

@@ -379,7 +379,7 @@ def _execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
                              if opts.get("json") else config_yaml(cfg))
             return 0
         func = resolve_ref(verb.run, app.hints)
-        if opts.get("shard") and not verb.batch:
+        if opts.get("shard") is not None and not verb.batch:
             raise TubError(f"--shard applies to batch verbs only; '{verb.name}' does its whole input in one run")
         if opts.get("overwrite") and not (verb.batch or verb.training or verb.overwrite):
             raise TubError(f"--overwrite applies to batch and training verbs; '{verb.name}' "

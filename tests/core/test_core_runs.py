@@ -31,7 +31,7 @@ def test_shard_from_slurm_and_flags():
     assert parse_shard("2/5") == (2, 5)
     assert parse_shard(None, {"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "1"}) == (3, 4)
     assert parse_shard(None, {}) == (0, 1)
-    for bad in ("5/5", "a/b", "1"):
+    for bad in ("5/5", "a/b", "1", "", " "):  # empty: `--shard "$SHARD"` with SHARD unset
         with pytest.raises(TubError):
             parse_shard(bad)
     # --array=0-4:2 runs tasks 0, 2, 4: shards 0, 1, 2 of 3
