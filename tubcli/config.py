@@ -69,7 +69,9 @@ def _is_number(annotation) -> bool:
 
 
 def _is_text(annotation) -> bool:
-    """str, Optional[str] or a Literal of strings: a setting whose value is text."""
+    """str, Optional[str] or a Literal of strings: a setting whose value is text (a list of strings is not)."""
+    if _is_list(annotation):
+        return False
     options = [a for a in (typing.get_args(annotation) or (annotation,)) if a is not type(None)]
     if typing.get_origin(annotation) is typing.Literal:
         return all(isinstance(a, str) for a in options)
@@ -137,18 +139,47 @@ def read_config_file(path: str | os.PathLike) -> dict:
 
             data = tomllib.loads(text)
         elif path.suffix.lower() == ".json":
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_no_repeated_keys)
         else:
-            import yaml
-
-            data = yaml.safe_load(text)
+            data = _load_yaml(text)
     except Exception as exc:
-        raise TubError(f"cannot parse config file {path}: {str(exc).splitlines()[0]}") from exc
+        mark = getattr(exc, "problem_mark", None)  # YAML puts the position on a later line of its message
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise TubError(f"cannot parse config file {path}: {str(exc).splitlines()[0]}{where}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise TubError(f"config file {path} must hold a mapping of keys to values")
     return data
+
+
+def _no_repeated_keys(pairs: list) -> dict:
+    """A mapping whose keys are each given once: a key repeated in a long hand-edited file would otherwise
+    change the run silently (the last value wins in YAML and JSON; TOML refuses it itself)."""
+    keys = [k for k, _ in pairs]
+    repeated = next((k for k in keys if keys.count(k) > 1), None)
+    if repeated is not None:
+        raise ValueError(f"the key {repeated!r} is given twice in one mapping; keep one")
+    return dict(pairs)
+
+
+def _load_yaml(text: str):
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice in one "
+                                                            "mapping; keep one", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader)
 
 
 def is_path_type(annotation) -> bool:

@@ -285,16 +285,19 @@ def build_verb_command(app: PluginApp, verb: Verb) -> TyperCommand:
         info = _field_info(model, path)
         base, is_list = _plain_type(info.annotation)
         pname = "opt_" + flag.replace("-", "_")
+        described = _describe(info)
+        if flag.replace("-", "_") != path:  # what to write in a -c file, --set or TUB_* for this flag
+            described = f"{described} (config key: {path})".strip()
         if base is bool and not is_list:
-            add(pname, Optional[bool], typer.Option(None, f"--{flag}/--no-{flag}", help=_describe(info), show_default=False))
+            add(pname, Optional[bool], typer.Option(None, f"--{flag}/--no-{flag}", help=described, show_default=False))
         elif is_list and base is not Path:  # the config model converts the items (numbers, choices)
             comma_lists.add(pname)
             add(pname, Optional[list[str]], typer.Option(None, f"--{flag}", show_default=False,
                                                          metavar=f"<{base.__name__}>",
-                                                         help=f"{_describe(info)} (a,b or repeated)".strip()))
+                                                         help=f"{described} (a,b or repeated)".strip()))
         else:
             annotation = Optional[list[base]] if is_list else Optional[base]
-            add(pname, annotation, typer.Option(None, f"--{flag}", help=_describe(info), show_default=False))
+            add(pname, annotation, typer.Option(None, f"--{flag}", help=described, show_default=False))
         bindings[pname] = path
 
     add("config", Optional[Path], typer.Option(None, "-c", "--config", help="YAML, TOML or JSON file with this verb's config.", rich_help_panel="Shared options"))

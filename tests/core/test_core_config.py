@@ -273,3 +273,42 @@ def test_a_runs_config_yaml_reruns_it_from_another_folder(toy_plugins, tmp_path,
     mine = elsewhere / "mine.yaml"  # a user's own config file: its paths are read from here, as written
     mine.write_text("data: data/d.csv\n")
     assert resolved(invoke(["toy", "train", "-c", mine, "--print-config"]))["data"] == "data/d.csv"
+
+
+def test_a_list_of_text_takes_a_yaml_list_from_set_and_env():
+    """`--set covariates=[a, b]` kept the literal text '[a, b]' for a list[str] field (QA configrt), while a
+    str field still keeps text that YAML would read otherwise."""
+    from pydantic import BaseModel
+
+    from tubcli.config import typed_value
+
+    class Cfg(BaseModel):
+        names: list[str] = []
+        target: str = ""
+
+    assert typed_value(Cfg, "names", "[a, b]") == ["a", "b"]
+    assert typed_value(Cfg, "target", "2020") == "2020" and typed_value(Cfg, "target", "[a]") == "[a]"
+
+
+def test_config_files_refuse_repeated_keys_and_yaml_errors_say_where(tmp_path):
+    """A key given twice silently took the last value in YAML and JSON (TOML refuses it); YAML's error
+    position was cut off with the rest of its message."""
+    from tubcli.config import read_config_file
+
+    for name, text in [("d.yaml", "epochs: 5\nlr: 0.1\nepochs: 200\n"), ("n.yaml", "optim:\n  lr: 1\n  lr: 2\n"),
+                       ("d.json", '{"epochs": 5, "epochs": 7}')]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(TubError, match="the key '(epochs|lr)' is given twice"):
+            read_config_file(tmp_path / name)
+    (tmp_path / "merge.yaml").write_text("base: &b {lr: 1, wd: 0}\noptim:\n  <<: *b\n  lr: 2\n")  # an override
+    assert read_config_file(tmp_path / "merge.yaml")["optim"] == {"lr": 2, "wd": 0}
+    (tmp_path / "indent.yaml").write_text("seed: 1\nexplain:\n  rule: gi\n   eta: 0.5\n")
+    with pytest.raises(TubError, match=r"mapping values are not allowed here \(line 4, column 7\)"):
+        read_config_file(tmp_path / "indent.yaml")
+
+
+def test_help_names_the_config_key_of_a_flag_spelt_otherwise(toy_plugins):
+    result = invoke(["toy", "train", "--help"], env={"COLUMNS": "200"})
+    text = " ".join(result.stdout.replace("│", " ").split())
+    assert "learning rate (config default: 0.1) (config key: optim.lr)" in text
+    assert "(config key: epochs)" not in text  # --epochs sets epochs

@@ -131,6 +131,8 @@ def test_e0s_given_or_missing_and_stress_in_the_wrong_units(data, tmp_path):
     line = _err(invoke([*common, "--e0s", "Cu=3.5", "-q", "-o", tmp_path / "a"]))
     assert "no isolated-atom energy for Au" in line
     assert "not an element" in _err(invoke([*common, "--e0s", "Qq=1,Cu=3", "-o", tmp_path / "b"]))
+    (tmp_path / "e0.yaml").write_text("e0s: {Cu: -1e-3}\n")  # YAML 1.1 reads -1e-3 as text; it is a number
+    assert "Cu: -0.001" in invoke(["mlff", "train", "-c", tmp_path / "e0.yaml", "--print-config"]).stdout
     res = _ok(invoke([*common, "--e0s", "{29: 3.5, 79: 3.9}", "--set", "valid_fraction=0.25",
                       "--set", "test_fraction=0.25", "-o", tmp_path / "c", "--json"]))
     log = (tmp_path / "c" / "tub.log").read_text()

@@ -545,3 +545,14 @@ def test_one_dimensional_features_are_a_one_line_error():
     X, meta = synthetic_features(slides_per_cell=3, tiles_per_slide=10, seed=2)
     with pytest.raises(TubError, match=r"features must be a 2-D array \(rows, dims\), got shape \(\d+,\)"):
         robustness_index(X[:, 0], meta, k=5)
+
+
+def test_covariates_from_set_split_as_from_the_flag():
+    """`--set covariates=a,b` was the one column 'a,b' (the flag splits it) and `--set covariates=[a, b]` the
+    column '[a, b]' (QA configrt)."""
+    import yaml
+
+    for given in (["--covariates", "biological_class,slide_id"], ["--set", "covariates=biological_class,slide_id"],
+                  ["--set", "covariates=[biological_class, slide_id]"]):
+        r = expect_ok(invoke(["pathorob", "train", *given, "--print-config"]))
+        assert yaml.safe_load(r.stdout)["covariates"] == ["biological_class", "slide_id"], given

@@ -350,6 +350,12 @@ def test_split_names_are_normalised_in_train_and_evaluate(tmp_path, bags, model)
         res = _ok(invoke([*ev, *args, "-o", tmp_path / f"e_{split}"]))
         assert json.loads(res.stdout)["slides"] == n, split
     expect_error_line(invoke([*ev, "--split", "dev", "-o", tmp_path / "e_dev"]), "'split'", "unknown split 'dev'")
+    assert "split: all" in (tmp_path / "e_all" / "config.yaml").read_text()  # not null, which TOML cannot say
+    toml = tmp_path / "all.toml"
+    toml.write_text('split = "all"\nflipping = false\n')
+    res = _ok(invoke(["xmil", "evaluate", "--model", model, "--features", bags, "--labels", labels, "-c", toml,
+                      "--json", "-o", tmp_path / "e_toml"]))
+    assert json.loads(res.stdout)["slides"] == 4
 
 
 def _help(verb) -> str:

@@ -147,6 +147,11 @@ class TrainConfig(ModelVerbConfig):
                 symbol = chemical_symbols[int(key)] if key.isdigit() and 0 < int(key) < len(chemical_symbols) else key
                 if symbol not in atomic_numbers or symbol == "X":
                     raise ValueError(f"e0s: {key!r} is not an element; use symbols (Cu) or atomic numbers (29)")
+                if isinstance(energy, str):  # YAML 1.1 reads -1e-3 (no dot) as text; other float fields take it
+                    try:
+                        energy = float(energy)
+                    except ValueError:
+                        pass
                 if not isinstance(energy, (int, float)) or isinstance(energy, bool):
                     raise ValueError(f"e0s: the energy of {symbol} must be a number (eV), not {energy!r}")
                 out[symbol] = float(energy)

@@ -122,6 +122,12 @@ class TrainConfig(FeaturesConfig):
     include_ood: bool = Field(False, description="fit on all rows, OOD included (default: ID rows only, as the "
                                                  "protocol keeps OOD centers unseen)")
 
+    @field_validator("covariates", mode="before")
+    @classmethod
+    def _split_commas(cls, value):
+        """``--set covariates=a,b`` as the flag ``--covariates a,b``, a YAML list or repeated flags."""
+        return split_commas(value)
+
 
 class RobustifyConfig(FeaturesConfig):
     model: Optional[Path] = Field(None, description="fitted robustification: the run directory of `tub pathorob "

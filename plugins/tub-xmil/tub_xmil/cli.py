@@ -403,7 +403,8 @@ def evaluate(cfg, run) -> dict:
     classes = _classes(meta) if task == "classification" else None
     # every bag is checked here (also against the model's input dimension) before any output; the
     # slides are lazy: each bag is read again when it is predicted / flipped, one at a time
-    slides, _ = load_slides(cfg.features, cfg.labels, task, split=cfg.split, classes=classes,
+    split = None if cfg.split == "all" else cfg.split
+    slides, _ = load_slides(cfg.features, cfg.labels, task, split=split, classes=classes,
                             input_dim=meta["kwargs"].get("input_dim"))
     if trained := meta.get("features", {}):  # bags made otherwise than the training bags are said, as in explain
         from tub_xmil.bags import h5_attributes
@@ -435,7 +436,7 @@ def evaluate(cfg, run) -> dict:
         from tubcli.plots import roc_plot
 
         ci = out.get("ci", {}).get("auroc")
-        title = f"{cfg.split or 'all'} slides" + (f", AUROC 95% CI {ci[0]:.3f}–{ci[1]:.3f} ({out['ci']['unit']} "
+        title = f"{cfg.split} slides" + (f", AUROC 95% CI {ci[0]:.3f}–{ci[1]:.3f} ({out['ci']['unit']} "
                                                   f"bootstrap)" if ci else "")
         roc_plot(run.outputs_dir / "roc.png", [s.label for s in slides], preds, classes, title=title)
     remove_figure(run.outputs_dir / "flipping.png")  # an earlier evaluation's, not this one's

@@ -169,9 +169,10 @@ class EvaluateConfig(ModelInput):
     @field_validator("split")
     @classmethod
     def _split(cls, v: Optional[str]) -> Optional[str]:
-        """The canonical name, so that --split valid finds the rows train reads as validation."""
+        """The canonical name, so that --split valid finds the rows train reads as validation; 'all' stays
+        'all' (a config file in TOML, which has no null, must be able to say it), as null (older runs) does."""
         if v is None or v.strip().lower() == "all":
-            return None
+            return "all"
         name = split_name(v) if v.strip() else None  # an empty cell means train, an empty --split nothing
         if name is None:
             raise ValueError(f"unknown split {v!r}; use 'all' or one of (any case) {ACCEPTED}")
