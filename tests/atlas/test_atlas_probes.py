@@ -116,3 +116,16 @@ def test_atlas_macro_f1_counts_predicted_only_classes_as_sklearn():
     p = np.array([0, 2, 1, 1, 0])  # class 2 predicted, never true
     got = classification_metrics(y, p, 3)["macro_f1"]
     assert got == pytest.approx(f1_score(y, p, average="macro"))
+
+
+def test_class_order_of_labels_that_read_as_one_number_does_not_follow_the_hash_seed():
+    """'1' and '01' tied under key=int, so their order (the class indices, kNN tie-breaks, the probe's
+    outputs) followed the string-hash order of a set, which changes with PYTHONHASHSEED (QA atlasprobe)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from tub_atlas.probing import sorted_classes; print(sorted_classes(['2', '01', '1', '10', '1']))"
+    orders = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip() for seed in range(6)}
+    assert orders == {"['01', '1', '2', '10']"}

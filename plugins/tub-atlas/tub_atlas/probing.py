@@ -21,10 +21,11 @@ def resolve_splits(feats: LabelledFeatures, seed: int) -> list[str]:
 
 def sorted_classes(labels) -> list[str]:
     """Sorted class names: numerically when all are integers (1, 2, 10, as scikit-learn orders integer
-    labels, so kNN ties go to the same class), else as text."""
+    labels, so kNN ties go to the same class), else as text. Labels of one number ('1', '01') are ordered
+    by their text, not by the set's hash order, which changed class indices and kNN ties between runs."""
     names = set(labels)
     try:
-        return sorted(names, key=int)
+        return sorted(names, key=lambda name: (int(name), name))
     except ValueError:
         return sorted(names)
 
