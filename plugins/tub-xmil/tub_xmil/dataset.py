@@ -138,7 +138,7 @@ def sorted_classes(names) -> list[str]:
     """Sorted class names: numerically when all are integers, else as text."""
     names = set(names)
     try:
-        return sorted(names, key=int)
+        return sorted(names, key=lambda name: (int(name), name))  # text breaks ties, not the hash order
     except ValueError:
         return sorted(names)
 
