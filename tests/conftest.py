@@ -1,4 +1,5 @@
-"""Shared by every test: one torch thread, and none of the caller's TUB_*/SLURM_ARRAY_*/torchrun variables.
+"""Shared by every test: one torch thread, none of the caller's TUB_*/SLURM_ARRAY_*/torchrun variables,
+no figure left open.
 
 The tests use tiny models, for which a second thread only adds synchronisation overhead (on a busy
 2-core machine it made some of them many times slower); results do not depend on the thread count.
@@ -23,3 +24,15 @@ def no_caller_variables(monkeypatch):
     from tubcli.testing import isolate_environment
 
     isolate_environment(monkeypatch)
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    """Figures a test draws itself (a plot function's return value) are closed after it: hundreds of tests
+    in one process otherwise keep them all in memory (matplotlib warned of more than 20 open)."""
+    yield
+    import sys
+
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is not None:
+        plt.close("all")
