@@ -534,3 +534,29 @@ def test_a_charge_no_training_frame_had_is_warned_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         other.get_potential_energy()
+
+
+def test_batched_forces_stress_and_gradients_repeat_bit_for_bit_on_threads():
+    """Repeated evaluations of one batch give identical bits with several CPU threads. Advanced indexing
+    (``x[batch_seg]``) differentiates through ``index_put_(accumulate=True)``, whose threads add in a
+    changing order on a CPU: forces of ``predict`` differed in the last digits between identical runs."""
+    from tub_mlff.data import Keys, collate, to_graph
+    from tub_mlff.structures import add_sodium, janus_graphene
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        model = _random_model(use_electrostatics=True, lr_cutoff=8.0).float()
+        frames = [add_sodium(janus_graphene(2, 1, stacking="gallery", interlayer=9.0), 2, "random", seed=s)
+                  for s in range(3)]
+        batch = collate([to_graph(a, 8.0, Keys(), labelled=False) for a in frames], torch.float32)
+        seen = set()
+        for _ in range(8):
+            out = compute(model, batch, forces=True, stress=True, create_graph=True)
+            model.zero_grad()
+            (out["energy"].sum() + out["forces"].square().sum()).backward()
+            parts = [out["forces"], out["stress"]] + [p.grad for p in model.parameters() if p.grad is not None]
+            seen.add(b"".join(t.detach().numpy().tobytes() for t in parts))
+        assert len(seen) == 1, f"{len(seen)} different results in 8 repeats"
+    finally:
+        torch.set_num_threads(threads)

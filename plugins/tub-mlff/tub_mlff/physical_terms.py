@@ -52,11 +52,11 @@ class ZBLRepulsion(nn.Module):
     def pair_energy(self, zf: torch.Tensor, r: torch.Tensor, fc: torch.Tensor,
                     idx_i: torch.Tensor, idx_j: torch.Tensor) -> torch.Tensor:
         zp = zf ** F.softplus(self.apow_raw)
-        a = ((zp[idx_i] + zp[idx_j]) * F.softplus(self.adiv_raw)).unsqueeze(-1) * F.softplus(self.a_raw)
+        a = ((zp.index_select(0, idx_i) + zp.index_select(0, idx_j)) * F.softplus(self.adiv_raw)).unsqueeze(-1) * F.softplus(self.a_raw)
         c = F.softplus(self.c_raw)
         c = c / c.sum()
         screening = (c * torch.exp(-a * r.unsqueeze(-1))).sum(-1)
-        return KE * zf[idx_i] * zf[idx_j] / r * screening * fc
+        return KE * zf.index_select(0, idx_i) * zf.index_select(0, idx_j) / r * screening * fc
 
 
 class Electrostatics(nn.Module):

@@ -79,7 +79,7 @@ class NuclearEmbedding(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         # recomputed on every call: no cached table that could go stale between train/eval
-        return self.element[z] + self.config_map(self.electron_config[z].to(self.element.dtype))
+        return self.element.index_select(0, z) + self.config_map(self.electron_config[z].to(self.element.dtype))
 
 
 class ElectronicEmbedding(nn.Module):
@@ -108,11 +108,11 @@ class ElectronicEmbedding(nn.Module):
             e = F.relu(torch.stack([E, -E], dim=-1))
         else:
             e = torch.abs(E).unsqueeze(-1)
-        k = self.key(e / torch.clamp(e, min=1.0))[batch_seg]
-        v = self.value(e)[batch_seg]
+        k = self.key(e / torch.clamp(e, min=1.0)).index_select(0, batch_seg)
+        v = self.value(e).index_select(0, batch_seg)
         q = self.query(x)
         a = F.softplus((q * k).sum(-1) / math.sqrt(k.shape[-1]))
-        anorm = scatter_sum(a, batch_seg, num_batch)[batch_seg]
+        anorm = scatter_sum(a, batch_seg, num_batch).index_select(0, batch_seg)
         return self.mlp((a / (anorm + eps)).unsqueeze(-1) * v)
 
 
@@ -140,17 +140,17 @@ class NonlinearElectronicEmbedding(nn.Module):
     def forward(self, x: torch.Tensor, E: torch.Tensor, batch_seg: torch.Tensor, num_batch: int,
                 eps: float = 1e-8) -> torch.Tensor:
         e = E.unsqueeze(-1)
-        k = self.key_mlp(self.key(e))[batch_seg]
-        v = self.value_mlp(self.value(e))[batch_seg]
+        k = self.key_mlp(self.key(e)).index_select(0, batch_seg)
+        v = self.value_mlp(self.value(e)).index_select(0, batch_seg)
         dot = (self.query(x) * k).sum(-1)
         if num_batch == 1:
             shift = dot.max()
         else:
             segmax = dot.new_full((num_batch,), -torch.inf).scatter_reduce(0, batch_seg, dot, reduce="amax")
             others = torch.bincount(batch_seg, minlength=num_batch) < dot.shape[0]
-            shift = torch.where(others, segmax.clamp(min=0.0), segmax)[batch_seg]
+            shift = torch.where(others, segmax.clamp(min=0.0), segmax).index_select(0, batch_seg)
         a = torch.exp((dot - shift) / math.sqrt(k.shape[-1]))
-        anorm = scatter_sum(a, batch_seg, num_batch)[batch_seg]
+        anorm = scatter_sum(a, batch_seg, num_batch).index_select(0, batch_seg)
         return (a / (anorm + eps)).unsqueeze(-1) * v
 
 
@@ -400,7 +400,7 @@ class NonlocalInteraction(nn.Module):
             rowmax = U.max(dim=-1).values
             segmax = rowmax.new_full((num_batch,), -torch.inf).scatter_reduce(
                 0, batch_seg, rowmax, reduce="amax", include_self=True)
-            mx = segmax[batch_seg].unsqueeze(-1)
+            mx = segmax.index_select(0, batch_seg).unsqueeze(-1)
         return (torch.exp(U - h - mx) + eps) / math.sqrt(m)
 
     def forward(self, x: torch.Tensor, batch_seg: torch.Tensor, num_batch: int, eps: float = 1e-8,
@@ -416,8 +416,8 @@ class NonlocalInteraction(nn.Module):
             return (q @ (k.T @ v)) / norm.unsqueeze(-1)
         kv = scatter_sum(k.unsqueeze(-1) * v.unsqueeze(-2), batch_seg, num_batch)  # [B, m, F]
         ksum = scatter_sum(k, batch_seg, num_batch)  # [B, m]
-        num = torch.einsum("nm,nmf->nf", q, kv[batch_seg])
-        norm = (q * ksum[batch_seg]).sum(-1, keepdim=True) + eps
+        num = torch.einsum("nm,nmf->nf", q, kv.index_select(0, batch_seg))
+        norm = (q * ksum.index_select(0, batch_seg)).sum(-1, keepdim=True) + eps
         return num / norm
 
 
@@ -547,7 +547,7 @@ class SpookyNet(nn.Module):
         if num_batch is None:
             num_batch = int(batch_seg.max().item()) + 1 if n else 1
         if strain is not None:
-            R = R + torch.einsum("ni,nij->nj", R, strain[batch_seg])
+            R = R + torch.einsum("ni,nij->nj", R, strain.index_select(0, batch_seg))
             if cell is not None:
                 cell = cell + torch.bmm(cell, strain)
         def pair_vectors(ii, jj, off):
@@ -556,7 +556,7 @@ class SpookyNet(nn.Module):
                 if num_batch == 1:
                     v = v + off.to(R.dtype) @ cell[0]
                 else:
-                    v = v + torch.einsum("pi,pij->pj", off.to(R.dtype), cell[batch_seg[ii]])
+                    v = v + torch.einsum("pi,pij->pj", off.to(R.dtype), cell.index_select(0, batch_seg[ii]))
             return v
 
         vij = pair_vectors(idx_i, idx_j, cell_offsets)
@@ -590,15 +590,15 @@ class SpookyNet(nn.Module):
         for module in self.interactions:
             x, y = module(x, layout, batch_seg, num_batch)
             if drop:  # module dropout: module 1 always kept, a dropped module drops all later ones
-                y = y * keep[batch_seg]
+                y = y * keep.index_select(0, batch_seg)
                 keep = keep * torch.bernoulli(torch.full_like(keep, p_keep))
             f = f + y
-        out = self.readout(f) + self.element_bias[Z]
+        out = self.readout(f) + self.element_bias.index_select(0, Z)
         ea, qa = out[:, 0], out[:, 1]
         # charge conservation: spread the leftover charge uniformly (Eq. 15)
         counts = scatter_sum(torch.ones_like(qa), batch_seg, num_batch)
         leftover = Q.to(qa.dtype) - scatter_sum(qa, batch_seg, num_batch)
-        qa = qa + (leftover / counts)[batch_seg]
+        qa = qa + (leftover / counts).index_select(0, batch_seg)
 
         zeros = torch.zeros_like(ea)
         e_rep = zeros
