@@ -6,7 +6,8 @@ import logging
 import os
 import sys
 import time
-from typing import Iterable, Iterator, TypeVar
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 LOGGER_NAME = "tub"
@@ -76,8 +77,12 @@ def log_every() -> float:
     return seconds
 
 
+_BAR = None  # the rich Progress that track() is drawing, where steps() adds its line
+
+
 def track(iterable: Iterable[T], total: int | None = None, desc: str = "", every: float | None = None) -> Iterator[T]:
     """Iterate with progress: a rich bar on a terminal, else a log line every ``every`` seconds."""
+    global _BAR
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)  # type: ignore[arg-type]
     if use_bars():
@@ -87,10 +92,14 @@ def track(iterable: Iterable[T], total: int | None = None, desc: str = "", every
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         # on stderr, where use_bars() found the terminal: stdout carries only the results
         with Progress(*columns, transient=True, console=Console(stderr=True)) as bar:
-            task = bar.add_task(desc or "working", total=total)
-            for item in iterable:
-                yield item
-                bar.advance(task)
+            outer, _BAR = _BAR, bar
+            try:
+                task = bar.add_task(desc or "working", total=total)
+                for item in iterable:
+                    yield item
+                    bar.advance(task)
+            finally:
+                _BAR = outer
         return
     every = log_every() if every is None else every
     log = get_logger()
@@ -102,6 +111,60 @@ def track(iterable: Iterable[T], total: int | None = None, desc: str = "", every
         now = time.monotonic()
         if now - last >= every:
             last = now
-            of = f"/{total}" if total else ""
-            rate = done / max(now - start, 1e-9)
-            log.info("%s %d%s (%.2f/s)", desc or "progress", done, of, rate)
+            log.info("%s %s", desc or "progress", _status(done, total, now - start))
+
+
+@contextmanager
+def steps(total: int, desc: str, every: float | None = None) -> Iterator[Callable[[int], None]]:
+    """Progress inside one long item (the steps of an integral, the bags of an occlusion): yields
+    ``advance(n)``. On a terminal a second line under the items' bar once the item has run a second;
+    in batch logs a line every ``every`` seconds (``TUB_LOG_EVERY``) with the time left, so that an item
+    of minutes or hours is not silent. Items shorter than that print nothing."""
+    start = last = time.monotonic()
+    done = 0
+    if _BAR is not None:
+        bar, task = _BAR, None
+
+        def advance(n: int = 1) -> None:
+            nonlocal done, task
+            done += n
+            if task is None and time.monotonic() - start >= 1.0:
+                task = bar.add_task(f"  {desc}", total=total, completed=done)
+            elif task is not None:
+                bar.update(task, completed=done)
+        try:
+            yield advance
+        finally:
+            if task is not None:
+                bar.remove_task(task)
+        return
+    every = log_every() if every is None else every
+    log = get_logger()
+
+    def advance(n: int = 1) -> None:
+        nonlocal done, last
+        done += n
+        now = time.monotonic()
+        if now - last >= every and done < total:
+            last = now
+            log.info("%s %s", desc, _status(done, total, now - start))
+    yield advance
+
+
+def _status(done: int, total: int | None, elapsed: float) -> str:
+    """'12/40 (3.1 s each, about 1.5 min left)': the rate as items per second or seconds per item."""
+    rate = done / max(elapsed, 1e-9)
+    pace = f"{rate:.2f}/s" if rate >= 1 else f"{duration(1 / rate)} each" if done else "starting"
+    if not total:
+        return f"{done} ({pace})"
+    left = f", about {duration((total - done) / rate)} left" if done and done < total else ""
+    return f"{done}/{total} ({pace}{left})"
+
+
+def duration(seconds: float) -> str:
+    """A human length of time: seconds, minutes or hours."""
+    if seconds < 90:
+        return f"{seconds:.1f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

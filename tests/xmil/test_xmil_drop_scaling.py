@@ -183,7 +183,9 @@ def test_generic_bags_per_forward_shrink_with_n(arch, monkeypatch):
     assert drop_bags_per_forward(m, 100, 24, 4, 2 ** 40) == 64
 
 
-def test_generic_drop_warns_on_large_bags(monkeypatch):
+def test_generic_drop_warns_from_the_time_its_first_forward_predicts(monkeypatch):
+    """The warning came at a fixed 5000 patches, where MambaMIL's drop-one runs for hours (~12 min already
+    at 1000): it now comes from the first forward's time times the number of forwards."""
     import tub_xmil.explain as ex
 
     class _Keep(logging.Handler):
@@ -195,18 +197,43 @@ def test_generic_drop_warns_on_large_bags(monkeypatch):
             self.messages.append(record.getMessage())
 
     m = _generic("transmil")
-    monkeypatch.setattr(ex, "DROP_WARN_PATCHES", 8)
     keep, log = _Keep(), logging.getLogger("tub")  # the CLI may have stopped "tub" propagating
     log.addHandler(keep)
     try:
-        drop_one_scores(m, _x(9, dtype=torch.float32))
+        monkeypatch.setattr(ex, "DROP_WARN_SECONDS", 0.0)
+        drop_one_scores(m, _x(9, dtype=torch.float32), batch=3)
         warned = [msg for msg in keep.messages if "forward passes" in msg]
-        assert len(warned) == 1 and "lrp or ig" in warned[0]
+        assert len(warned) == 1 and "9 patches will take about" in warned[0] and "lrp or ig" in warned[0]
         keep.messages.clear()
-        drop_one_scores(m, _x(8, dtype=torch.float32))
+        drop_one_scores(m, _x(9, dtype=torch.float32), batch=9)  # one forward: done before any warning
+        monkeypatch.setattr(ex, "DROP_WARN_SECONDS", 3600.0)
+        drop_one_scores(m, _x(9, dtype=torch.float32), batch=3)
         assert not [msg for msg in keep.messages if "forward passes" in msg]
     finally:
         log.removeHandler(keep)
+
+
+def test_long_drop_and_ig_log_their_progress_inside_the_item(monkeypatch):
+    """A slide's drop-one or IG ran for minutes without a line: they now log done/total and the time
+    left every TUB_LOG_EVERY seconds."""
+    import tub_xmil.explain as ex
+    from tubcli.progress import setup_logging
+
+    lines = []
+    setup_logging()
+    log = logging.getLogger("tub")
+    monkeypatch.setattr(log.handlers[0], "emit", lambda record: lines.append(record.getMessage()))
+    monkeypatch.setenv("TUB_LOG_EVERY", "1e-9")
+    m = _generic("transmil")
+    drop_one_scores(m, _x(9, dtype=torch.float32), batch=3)
+    assert [line.split(" (")[0] for line in lines] == ["drop-one, 9 bags of 8 patches 3/9",
+                                                       "drop-one, 9 bags of 8 patches 6/9"]
+    assert "left)" in lines[0]
+    lines.clear()
+    monkeypatch.setattr(ex, "DROP_BUDGET_BYTES", 1)  # one step per forward
+    ex.integrated_gradients(m, _x(9, dtype=torch.float32), target=1, n_steps=4)
+    assert [line.split(" (")[0] for line in lines] == [f"integrated gradients, 4 steps of 9 patches {k}/4"
+                                                       for k in (1, 2, 3)]
 
 
 def test_ig_batches_its_steps_within_the_activation_budget(monkeypatch):
@@ -222,8 +249,34 @@ def test_ig_batches_its_steps_within_the_activation_budget(monkeypatch):
     whole = ex.integrated_gradients(m, x, target=1, n_steps=12)
     calls = []
     monkeypatch.setattr(ex, "DROP_BUDGET_BYTES", 41 * ex._widest_layer(m, 24) * 4 * ex.DROP_ACTIVATION_FACTOR * 3)
+    monkeypatch.setattr(ex, "saved_bytes_per_bag", lambda *a, **k: 1)  # the drop-one formula alone
     handle = m.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
     batched = ex.integrated_gradients(m, x, target=1, n_steps=12)
     handle.remove()
     assert max(calls) < 12 and sum(calls) == 12
     np.testing.assert_allclose(batched, whole, rtol=1e-4, atol=1e-6)
+
+
+def test_ig_steps_per_forward_count_what_autograd_keeps_per_bag(monkeypatch):
+    """TransMIL's Nystrom iterations keep a fixed amount per bag for the backward, whatever its size, so
+    IG on small bags ran all 50 steps in one forward (3 GB at 100 patches, 1 GB at 5000). Steps per
+    forward now also divide the budget by the bytes autograd keeps for one bag."""
+    import tub_xmil.explain as ex
+    from tub_xmil.transmil import TransMIL
+
+    torch.manual_seed(0)
+    m = TransMIL(input_dim=24, head_dim=2, n_feat=32).eval()
+    x = torch.randn(40, 24)
+    per_bag = ex.saved_bytes_per_bag(m, x, target=1)
+    # a linear layer keeps its input: at least the bag itself and the 32-wide tokens
+    assert per_bag >= 40 * (24 + 32) * 4
+    # a long bag is extrapolated from two probes; linear models make that exact
+    long = torch.randn(300, 24)
+    exact = ex.saved_bytes_per_bag(m, long, target=1, probe=512)
+    assert abs(ex.saved_bytes_per_bag(m, long, target=1, probe=128) - exact) < 0.1 * exact
+    monkeypatch.setattr(ex, "DROP_BUDGET_BYTES", 3 * per_bag)
+    calls = []
+    handle = m.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    ex.integrated_gradients(m, x[None], target=1, n_steps=12)
+    handle.remove()
+    assert calls[0] == 1 and max(calls[1:]) == 3 and sum(calls[1:]) == 12  # the probe, then 3 steps a forward

@@ -9,10 +9,12 @@ The explained output is the class logit (classification), output 0 (regression) 
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import torch
 
+from tubcli.progress import duration, steps
 from tub_xmil.lrp import DEFAULT_OUTPUT_RELEVANCE, LRPParams, lrp_chain, output_relevance
 from tub_xmil.tasks import explained_output, prediction_score
 
@@ -91,10 +93,13 @@ def integrated_gradients(model, x, task="classification", target=0, n_steps: int
     chunk = max(1, min(n_steps, max_elements // max(per_step, 1)))
     # a model's activations can outgrow the interpolated inputs many times (TransMIL's attention: ~6 GB
     # for 50 steps of a 1000-patch bag): at most as many steps per forward as drop-one runs bags of that
-    # size within its activation budget
-    chunk = min(chunk, drop_bags_per_forward(model, x.shape[1] + 1, x.shape[-1], x.element_size()))
+    # size within its activation budget, and as the budget holds of what autograd keeps per bag
+    # (TransMIL's Nystrom iterations keep a fixed ~50 MB a bag, whatever its size)
+    chunk = min(chunk, drop_bags_per_forward(model, x.shape[1] + 1, x.shape[-1], x.element_size()),
+                max(1, DROP_BUDGET_BYTES // max(saved_bytes_per_bag(model, x[0], task, target), 1)))
     total = torch.zeros_like(x[0])
-    with torch.enable_grad():
+    with torch.enable_grad(), steps(n_steps, f"integrated gradients, {n_steps} steps of {x.shape[1]} patches") \
+            as advance:
         for s in range(0, n_steps, chunk):
             a = torch.tensor(alphas[s:s + chunk], dtype=x.dtype, device=x.device)
             w = torch.tensor(weights[s:s + chunk], dtype=x.dtype, device=x.device)
@@ -102,6 +107,7 @@ def integrated_gradients(model, x, task="classification", target=0, n_steps: int
             y = explained_output(model(xs), task, target)
             (g,) = torch.autograd.grad(y.sum(), xs)
             total += (w[:, None, None] * g).sum(0)
+            advance(len(a))
     rel = total * x[0]
     return rel.cpu().numpy() if return_features else rel.sum(-1).cpu().numpy()
 
@@ -147,7 +153,7 @@ def keep_one_scores(model, x, task="classification", target=0, batch: int = 512)
 DROP_BUDGET_BYTES = 512 * 2 ** 20
 DROP_ACTIVATION_FACTOR = 14
 DROP_MAX_BAGS = 64  # the former fixed batch: small bags keep the old batching
-DROP_WARN_PATCHES = 5000
+DROP_WARN_SECONDS = 600  # drop-one predicted to run longer than this (from its first forward) is warned about
 
 
 def _widest_layer(model, d: int) -> int:
@@ -162,6 +168,36 @@ def drop_bags_per_forward(model, n: int, d: int, itemsize: int = 4, budget: int 
     dtypes = [p.dtype.itemsize for p in model.parameters()] or [4]
     per_bag = max(n - 1, 1) * _widest_layer(model, d) * max(itemsize, *dtypes) * DROP_ACTIVATION_FACTOR
     return int(max(1, min(DROP_MAX_BAGS, n, budget // per_bag)))
+
+
+def saved_bytes_per_bag(model, x, task="classification", target=0, probe: int = 256) -> int:
+    """Bytes autograd keeps for the backward of one bag of ``x``'s size (parameters excluded): measured
+    on the bag itself up to ``probe`` patches, beyond that extrapolated linearly from bags of
+    ``probe``/2 and ``probe`` patches (every architecture here is linear in N past a fixed part)."""
+    n = len(x)
+    if n > probe:
+        small, large = (saved_bytes_per_bag(model, x[:m], task, target, probe) for m in (probe // 2, probe))
+        return int(large + (large - small) * (n - probe) / (probe - probe // 2))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        xs = x[None].detach().clone().requires_grad_(True)
+        explained_output(model(xs), task, target).sum()
+    return sum(kept.values())
+
+
+def _warn_if_long(n: int, predicted: float) -> None:
+    if predicted > DROP_WARN_SECONDS:
+        logging.getLogger("tub").warning(
+            "drop-one on %d patches will take about %s (%d forward passes of %d patches: time grows as N^2); "
+            "lrp or ig explain a bag in about one backward pass", n, duration(predicted), n, n - 1)
 
 
 def drop_one_scores(model, x, task="classification", target=0, batch: int | None = None,
@@ -185,17 +221,18 @@ def drop_one_scores(model, x, task="classification", target=0, batch: int | None
         elif hasattr(model, "drop_one_logits"):
             logits = model.drop_one_logits(x)
         else:
-            if n > DROP_WARN_PATCHES:
-                logging.getLogger("tub").warning(
-                    "drop-one on %d patches runs %d forward passes of %d patches (time grows as N^2); "
-                    "lrp or ig explain a bag in about one backward pass", n, n, n - 1)
             if batch is None:
                 batch = drop_bags_per_forward(model, n, x.shape[-1], x.element_size(), budget)
             cols = torch.arange(max(n - 1, 0), device=x.device)
             parts = []
-            for s in range(0, n, batch):
-                rows = torch.arange(s, min(n, s + batch), device=x.device)
-                parts.append(model(x[cols[None] + (cols[None] >= rows[:, None])]))  # bag i: x without x_i
+            start = time.monotonic()
+            with steps(n, f"drop-one, {n} bags of {n - 1} patches") as advance:
+                for s in range(0, n, batch):
+                    rows = torch.arange(s, min(n, s + batch), device=x.device)
+                    parts.append(model(x[cols[None] + (cols[None] >= rows[:, None])]))  # bag i: x without x_i
+                    advance(len(rows))
+                    if s == 0 and len(rows) < n:
+                        _warn_if_long(n, (time.monotonic() - start) * n / len(rows))
             logits = torch.cat(parts)
         return (full - prediction_score(logits, task, target)).cpu().numpy()
 
