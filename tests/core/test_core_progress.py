@@ -11,12 +11,15 @@ import pytest
 from tubcli.errors import TubError
 from tubcli.progress import log_every
 
-BAR = ("import time; from tubcli.progress import setup_logging, track; setup_logging()\n"
-       "for _ in track(range(30), desc='tiles'): time.sleep(0.01)\n"
+BAR = ("import time; from tubcli.progress import setup_logging, steps, track; setup_logging()\n"
+       "for _ in track(range(2), desc='tiles'):\n"
+       "    with steps(25, 'inner steps') as advance:\n"
+       "        for _ in range(25): time.sleep(0.06); advance(1)\n"
        "print('{\"result\": 1}')")
 
 
 def test_bars_are_drawn_on_the_terminal_stderr_and_stdout_keeps_only_the_results():
+    """The items' bar, and under it the steps of a long item, go to the terminal's stderr."""
     master, slave = os.openpty()  # stderr is a terminal, stdout a pipe (`tub ... --json > out.json`)
     env = {k: v for k, v in os.environ.items() if k != "TUB_NO_PROGRESS"}
     proc = subprocess.run([sys.executable, "-c", BAR], stdout=subprocess.PIPE, stderr=slave, env=env, timeout=60)
@@ -33,7 +36,7 @@ def test_bars_are_drawn_on_the_terminal_stderr_and_stdout_keeps_only_the_results
     os.close(master)
     assert proc.returncode == 0
     assert proc.stdout == b'{"result": 1}\n'
-    assert b"tiles" in terminal
+    assert b"tiles" in terminal and b"inner steps" in terminal
 
 
 @pytest.mark.parametrize("value", ["30s", "0", "-5", "nan"])
