@@ -719,14 +719,17 @@ class Run:
         mixed = None  # a warning for the log, once it is open
         try:  # a failure while the records are written (disk full, a deleted working folder) leaves no
             # half-made run directory that a rerun would refuse
-            if training and self.is_main:  # one training job per directory (its checkpoints, metrics.jsonl)
+            # one training job per directory (its checkpoints, metrics.jsonl), and one job continuing its outputs
+            # (mlff md: two would append every step twice to one trajectory)
+            if (training or self._continues) and self.is_main:
                 self._training_lock = lock = ItemLock(self.dir / "training")
-                if not lock.acquire() and resume and lock.owner().split()[0] != socket.gethostname():
+                if not lock.acquire() and training and resume and lock.owner().split()[0] != socket.gethostname():
                     # a requeued job resuming on another node: the lock's owner there was killed with its job
                     lock.path.unlink(missing_ok=True)
                     lock.acquire()
                 if not lock.held:
-                    raise TubError(f"another job is training in {self.dir} ({self._training_lock.owner()}); wait for it "
+                    doing = "training" if training else f"running {self.plugin} {self.verb}"
+                    raise TubError(f"another job is {doing} in {self.dir} ({self._training_lock.owner()}); wait for it "
                                    f"to end or use a new -o (if no job is running, delete {self._training_lock.path})")
             if self.is_main:
                 if fresh_start:  # --overwrite: the old training moves aside until this one has produced something

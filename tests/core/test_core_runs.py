@@ -259,6 +259,21 @@ def test_one_training_job_per_run_directory(tmp_path):
     Run("toy", "train", TubConfig(), out=tmp_path / "r", training=True).finish({})
 
 
+def test_one_job_per_run_directory_that_a_verb_continues(tmp_path):
+    """Two `mlff md` jobs on one -o (a script submitted twice) both ran and wrote every step twice into one
+    trajectory; a verb that continues its outputs now takes the directory's lock as training does."""
+    from tubcli.config import TubConfig
+    from tubcli.runs import Run
+
+    first = Run("toy", "md", TubConfig(), out=tmp_path / "r", continues=True)
+    with pytest.raises(TubError, match="another job is running toy md in"):
+        Run("toy", "md", TubConfig(), out=tmp_path / "r", continues=True)
+    first.finish({})
+    Run("toy", "md", TubConfig(), out=tmp_path / "r", continues=True).finish({})
+    Run("toy", "evaluate", TubConfig(), out=tmp_path / "e")  # a batch verb locks its items, not the directory
+    Run("toy", "evaluate", TubConfig(), out=tmp_path / "e").finish({})
+
+
 def test_shards_cover_all_items_once(toy_plugins, tmp_path):
     inputs = make_inputs(tmp_path / "in", 7)
     out = tmp_path / "run"
