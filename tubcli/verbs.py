@@ -378,8 +378,8 @@ def _execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
         if opts.get("print_config"):
             for warning in unknown_env:
                 typer.echo(f"warning: {warning}", err=True)
-            sys.stdout.write(json.dumps(cfg.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n"
-                             if opts.get("json") else config_yaml(cfg))
+            _to_stdout(lambda: sys.stdout.write(json.dumps(cfg.model_dump(mode="json"), indent=2, ensure_ascii=False)
+                                                + "\n" if opts.get("json") else config_yaml(cfg)), "the config")
             return 0
         func = resolve_ref(verb.run, app.hints)
         if opts.get("shard") is not None and not verb.batch:
@@ -416,11 +416,8 @@ def _execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
                 raise Terminated() from exc
             raise
         if run.is_main:
-            try:
-                print_results(metrics, as_json=bool(opts.get("json")))
-            except BrokenPipeError:  # the reader closed stdout early (`| head`); the run itself is complete
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-                RESULTS_PIPE_CLOSED = True  # main() keeps this run's own exit code (failed items: 1)
+            RESULTS_PIPE_CLOSED = not _to_stdout(lambda: print_results(metrics, as_json=bool(opts.get("json"))),
+                                                 "the results", f"; the run directory has them: {run.dir}/metrics.json")
         if failures is not None:
             raise failures
         return 0
@@ -451,6 +448,22 @@ def _execute(app: PluginApp, verb: Verb, model, flags: dict, opts: dict) -> int:
     except Exception as exc:  # the last line of defence: one line, exit 1
         report_error(exc, opts.get("traceback"))
         return 1
+
+
+def _to_stdout(write, what: str, then: str = "") -> bool:
+    """Run ``write`` (to stdout) and flush; False when the reader closed stdout early (`| head`): the
+    rest is dropped without a second error at exit. A full disk under `> out.txt` is a TubError about
+    stdout, not about the run directory."""
+    try:
+        write()
+        sys.stdout.flush()
+        return True
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return False
+    except OSError as exc:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the buffer is not flushed again at exit
+        raise TubError(f"cannot write {what} to stdout: {exc.strerror or exc}{then}") from None
 
 
 def os_error_hint(exc: OSError) -> str | None:

@@ -212,7 +212,8 @@ def test_square_brackets_in_field_descriptions_survive_the_help(toy_plugins):
     assert result.exit_code == 0 and "epochs [one pass over the data each]" in result.stdout
 
 
-@pytest.mark.parametrize("args", [["plugins"], ["doctor"], ["toy", "train", "--help"], ["--help"]])
+@pytest.mark.parametrize("args", [["plugins"], ["doctor"], ["toy", "train", "--help"], ["--help"],
+                                  ["toy", "train", "--print-config"]])
 def test_core_commands_into_a_closed_pipe_exit_0(toy_env, args):
     """`tub plugins | head -1` under `set -o pipefail`: the early reader is not an error (the verbs agree)."""
     proc = subprocess.Popen([sys.executable, "-m", "tub_toy.run_cli", *args], env=toy_env,
@@ -256,6 +257,24 @@ def test_a_full_disk_is_a_one_line_error(toy_env):
                               stderr=subprocess.PIPE, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == \
         ["error: cannot write the output: No space left on device"]
+
+
+def test_a_full_stdout_is_named_and_not_blamed_on_the_run_directory(toy_env, tmp_path):
+    """`tub ... > out.txt` on a full disk told the user to give -o another file system; the run directory
+    was fine, stdout was not."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    item = tmp_path / "item.txt"
+    item.write_text("3")
+    runs = [(["toy", "train", "--print-config"], "error: cannot write the config to stdout: No space left on device"),
+            (["toy", "evaluate", str(item), "-o", str(tmp_path / "r"), "-q"],
+             "error: cannot write the results to stdout: No space left on device; the run directory has them: ")]
+    for args, says in runs:
+        with open("/dev/full", "w") as full:
+            proc = subprocess.run([sys.executable, "-m", "tub_toy.run_cli", *args], env=toy_env, stdout=full,
+                                  stderr=subprocess.PIPE, text=True, timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(says), proc.stderr
 
 
 def test_help_lists_a_literal_field_choices_and_a_list_default():
