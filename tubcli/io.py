@@ -37,12 +37,40 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         # group directories on clusters rely on the umask)
         os.chmod(tmp_path, (0o777 if tmp_path.is_dir() else 0o666) & ~_umask())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as exc:
+        # torch.save says "unexpected pos 926912 vs 926800" on a full disk: ask the folder (before the
+        # partial file frees its space) so that the user reads "no space left", not the writer's words
+        refused = None
+        if isinstance(exc, Exception) and not isinstance(exc, (OSError, TubError)):
+            rust = re.search(r"\(os error (\d+)\)", str(exc))  # safetensors: "I/O error: ... (os error 28)"
+            refused = OSError(int(rust.group(1)), os.strerror(int(rust.group(1)))) if rust else \
+                _write_refused(path.parent)
         if tmp_path.is_dir():
             shutil.rmtree(tmp_path, ignore_errors=True)
         else:
             tmp_path.unlink(missing_ok=True)
+        if refused is not None:
+            raise OSError(refused.errno, refused.strerror, str(path)) from exc
         raise
+
+
+def _write_refused(folder: Path, size: int = 2 ** 20) -> OSError | None:
+    """The OSError that writing ``size`` bytes into ``folder`` gets now (a full disk, a quota), or None."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".tmp-probe-", dir=folder)
+    except OSError as exc:
+        return exc
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"\0" * size)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        return exc
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+    return None
 
 
 def remove_stale_temporaries(path: str | os.PathLike) -> int:

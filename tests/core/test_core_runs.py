@@ -451,6 +451,39 @@ def test_atomic_outputs_get_the_umask_mode_not_mkstemps_0600(tmp_path):
     assert (tmp_path / "d.out").stat().st_mode & 0o777 == 0o755
 
 
+def test_a_writer_that_rewords_a_full_disk_gives_the_full_disk_error(tmp_path, monkeypatch):
+    """torch.save on a full disk says "unexpected pos 926912 vs 926800" and safetensors "I/O error: ... (os
+    error 28)": a training's checkpoint on a full quota read as a crash. atomic_path asks the folder and
+    raises the OSError that os_error_hint turns into "no space left"; a writer's own bug stays as it is."""
+    import errno
+
+    from tubcli import io
+    from tubcli.verbs import os_error_hint
+
+    def torch_like(tmp):
+        tmp.write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 926912 vs 926800")
+
+    def full_fsync(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as m:
+        m.setattr(io.os, "fsync", full_fsync)
+        with pytest.raises(OSError) as caught:
+            with io.atomic_path(tmp_path / "last.pt") as tmp:
+                torch_like(tmp)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path / "last.pt")
+    assert os_error_hint(caught.value).startswith("no space left on the device or quota exceeded")
+    with pytest.raises(OSError) as caught:
+        with io.atomic_path(tmp_path / "w.safetensors"):
+            raise RuntimeError("Error while serializing: I/O error: Disk quota exceeded (os error 122)")
+    assert caught.value.errno == errno.EDQUOT
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # the folder takes writes: not a full disk
+        with io.atomic_path(tmp_path / "last.pt") as tmp:
+            torch_like(tmp)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temporary or probe left
+
+
 def test_stale_temporaries_of_exactly_one_output_are_removed(tmp_path):
     from tubcli.io import atomic_path, remove_stale_temporaries
 
