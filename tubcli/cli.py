@@ -257,10 +257,47 @@ def build_app():
     return group
 
 
+def _private_matplotlib_dir_if_home_is_read_only() -> None:
+    """Matplotlib writes its config and font cache under HOME (or MPLCONFIGDIR, XDG_*_HOME); where it cannot
+    (a read-only home in a container or on compute nodes) it warns in two lines on every run, under -q too.
+    Give it a private temporary folder then, as it would take itself, without the warning."""
+    import os
+
+    def writable(folder: str) -> bool:
+        while not os.path.exists(folder):  # matplotlib creates it where its parent takes files
+            parent = os.path.dirname(folder)
+            if parent == folder:
+                return False
+            folder = parent
+        return os.path.isdir(folder) and os.access(folder, os.W_OK)
+
+    if os.environ.get("MPLCONFIGDIR"):
+        folders = [os.environ["MPLCONFIGDIR"]]
+    else:
+        home = os.path.expanduser("~")
+        if home == "~":  # no HOME: matplotlib uses a temporary folder quietly
+            return
+        folders = [os.path.join(os.environ.get(var) or os.path.join(home, default), "matplotlib")
+                   for var, default in (("XDG_CONFIG_HOME", ".config"), ("XDG_CACHE_HOME", ".cache"))]
+    if all(writable(f) for f in folders):
+        return
+    import atexit
+    import shutil
+    import tempfile
+
+    try:
+        private = tempfile.mkdtemp(prefix="tub-matplotlib-")
+    except OSError:  # no writable temporary folder either: matplotlib's own warning says so
+        return
+    os.environ["MPLCONFIGDIR"] = private
+    atexit.register(shutil.rmtree, private, True)
+
+
 def main(argv: list[str] | None = None) -> None:
     import os
 
     os.environ["MPLBACKEND"] = "Agg"  # figures are files: no display, no GUI toolkit to import
+    _private_matplotlib_dir_if_home_is_read_only()
     for name in ("stdout", "stderr"):  # closed by the caller (`tub ... >&-`): the output is not wanted
         if getattr(sys, name) is None:
             setattr(sys, name, open(os.devnull, "w"))

@@ -409,3 +409,23 @@ def test_denormals_flushed_holds_inside_the_block_only_and_restores_the_callers_
         assert flushing()
     finally:
         torch.set_flush_denormal(False)
+
+
+def test_a_read_only_home_gives_matplotlib_a_private_folder_without_its_warning(tmp_path, monkeypatch):
+    """With a read-only HOME (containers, compute nodes) every plotting verb printed matplotlib's two-line
+    cache warning, under -q too."""
+    from tubcli.cli import _private_matplotlib_dir_if_home_is_read_only as private_dir
+
+    home = tmp_path / "home"
+    home.mkdir()
+    for var in ("MPLCONFIGDIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(home))
+    private_dir()
+    assert "MPLCONFIGDIR" not in os.environ  # a writable home is matplotlib's business
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: not str(p).startswith(str(home)) and real_access(p, mode))
+    private_dir()
+    private = os.environ["MPLCONFIGDIR"]
+    assert os.path.isdir(private) and not private.startswith(str(home))
+    os.rmdir(private)
