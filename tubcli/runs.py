@@ -12,6 +12,7 @@ import datetime as _dt
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -176,6 +177,20 @@ class ItemLock:
             private.unlink(missing_ok=True)
 
     UNREADABLE_STALE_AFTER = 60.0  # s; a live owner fills its lock within microseconds of creating it
+    _PRIVATE = re.compile(r"\..+\.lock(\.break)?\.[a-z0-9_]{8}")  # the owner file _create links from
+
+    @classmethod
+    def remove_orphaned_private_files(cls, folder: Path, before: float) -> int:
+        """Delete the owner files that :meth:`_create` makes and unlinks within microseconds, which a job
+        killed in between (``kill -9``) left for good in ``folder`` (and below), untouched since ``before``.
+        Call it when a run is complete and no other job is writing there."""
+        removed = 0
+        for leftover in sorted(folder.rglob(".*.lock.*")) if folder.is_dir() else []:
+            with contextlib.suppress(OSError):
+                if cls._PRIVATE.fullmatch(leftover.name) and leftover.lstat().st_mtime < before:
+                    leftover.unlink()
+                    removed += 1
+        return removed
 
     @classmethod
     def _stale(cls, path: Path) -> bool:
@@ -192,6 +207,8 @@ class ItemLock:
             with contextlib.suppress(OSError):
                 return time.time() - path.stat().st_mtime > cls.LEASE_EXPIRES
             return False
+        if pid == os.getpid():  # ours only if this process took it; else an earlier process with our pid (a
+            return path not in cls._held  # container restarted under the same host name) left it
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
@@ -1219,7 +1236,8 @@ class Run:
                              "running (a job killed on another host leaves one, taken over 15 min after its last "
                              "refresh)", len(unfinished), unfinished[0][0].name, lock.owner(), DONE, lock.path)
         elif self.is_main:
-            if self.shard[1] == 1 and remove_orphaned_temporaries(self.outputs_dir, before=self.began):
+            if self.shard[1] == 1 and (remove_orphaned_temporaries(self.outputs_dir, before=self.began)
+                                       + ItemLock.remove_orphaned_private_files(self.outputs_dir, self.began)):
                 self.log.info("removed the partial files an earlier, interrupted job left in %s", self.outputs_dir)
             name = DONE if self.shard[1] == 1 else f"{DONE}.{self.shard[0]}of{self.shard[1]}"
             write_text(self.dir / name, "")
