@@ -352,3 +352,22 @@ def test_files_in_a_slide_folder_that_are_not_slides_are_named(tmp_path, caplog)
     with caplog.at_level("INFO", logger="tub"):
         assert [p.name for p in expand_inputs([tmp_path], SLIDE_SUFFIXES)] == ["a.svs"]
     assert "2 file(s) of other kinds left out (b.png, c.jpg)" in caplog.text
+
+
+def test_links_of_other_names_to_one_slide_are_named_in_a_warning(tmp_path, caplog):
+    """A folder of links into a slide archive with two names for one slide gave one output under the first
+    name and not a word about the other: its labels then found no features."""
+    from tub_xmil.pipeline import expand_inputs
+    from tub_xmil.slides import SLIDE_SUFFIXES
+
+    archive, links = tmp_path / "archive", tmp_path / "links"
+    archive.mkdir(), links.mkdir()
+    (archive / "s1.svs").write_bytes(b"x")
+    (archive / "s2.svs").write_bytes(b"y")
+    for name, target in (("a.svs", "s1.svs"), ("b.svs", "s1.svs"), ("c.svs", "s2.svs")):
+        (links / name).symlink_to(archive / target)
+    with caplog.at_level("WARNING", logger="tub"):
+        found = expand_inputs([links, links / "c.svs"], SLIDE_SUFFIXES)  # c named twice: once, silently
+    assert [p.name for p in found] == ["a.svs", "c.svs"]
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and warned[0].startswith("1 input(s) are the same file as a.svs (links: b.svs)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ def expand_inputs(paths, suffixes) -> list[Path]:
     ``b/s.tiff``, or ``s.tiff`` and ``s.svs``) are an error before any work starts; otherwise the
     second would be silently skipped as already done."""
     out: dict[Path, Path] = {}  # resolved -> as given; the same file named twice counts once
+    aliases: dict[Path, list[str]] = {}  # other names of one file
     for p in paths:
         p = Path(p)
         if not p.exists():
@@ -34,7 +36,14 @@ def expand_inputs(paths, suffixes) -> list[Path]:
         else:
             found = [p]
         for q in found:
-            out.setdefault(q.resolve(), q)
+            first = out.setdefault(q.resolve(), q)
+            if first.stem != q.stem:  # e.g. a folder of links into a slide archive: its outputs carry one name
+                aliases.setdefault(first, []).append(q.name)
+    for first, names in aliases.items():
+        logging.getLogger("tub").warning(
+            "%d input(s) are the same file as %s (links: %s%s); it is processed once, under the name %r: labels "
+            "under the other names find no outputs", len(names), first.name, ", ".join(names[:3]),
+            ", ..." if len(names) > 3 else "", first.stem)
     if not out:
         raise TubError("no inputs; give slide/feature files or folders that contain them")
     by_stem: dict[str, Path] = {}
