@@ -429,3 +429,22 @@ def test_a_read_only_home_gives_matplotlib_a_private_folder_without_its_warning(
     private = os.environ["MPLCONFIGDIR"]
     assert os.path.isdir(private) and not private.startswith(str(home))
     os.rmdir(private)
+
+
+def test_demo_stopped_by_sigterm_says_so_and_marks_its_run(toy_env, tmp_path):
+    """`tub demo` died silently at a batch system's time limit (exit 143, no line, a half-made run directory
+    whose tub.log ended as a run still going): it now stops as the verbs do."""
+    import signal
+    import time
+
+    out = tmp_path / "demo"
+    proc = subprocess.Popen([sys.executable, "-m", "tub_toy.run_cli", "demo", "-o", str(out)],
+                            env={**toy_env, "TOY_DEMO_WAITS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (out / "toy" / "started").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=60)[1].decode()
+    assert proc.returncode == 143
+    assert stderr.strip().splitlines()[-1].startswith("error: terminated (SIGTERM) during the toy demo; rerun")
+    assert not (out / "toy").exists()  # it had no outputs yet: no half-made run directory is left

@@ -126,6 +126,9 @@ def explain(cfg: ExplainConfig, run):
 def demo(run):
     if os.environ.get("TOY_DEMO_FAILS"):  # a demo that fails, for tub demo's summary
         raise RuntimeError("the toy demo failed on purpose, with a reason longer than sixty characters to show")
+    if os.environ.get("TOY_DEMO_WAITS"):  # a demo still running when a batch system's time limit comes
+        (run.dir / "started").write_text("")
+        time.sleep(60)
     data = run.dir / "data.csv"
     data.write_text("\n".join(f"{x},{2 * x},{5 * x}" for x in range(1, 6)))
     metrics = train(TrainConfig(data=data, epochs=50, optim=Optim(lr=0.01)), run)
