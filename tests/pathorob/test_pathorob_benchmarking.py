@@ -322,3 +322,26 @@ def test_a_seed_that_changes_nothing_is_said(tmp_path):
     r = _ok(["pathorob", "ri", f, "--metadata", m, "--k", "5", "--no-auc", "--seed", "3", "--bootstrap", "20",
              "-o", tmp_path / "b"])
     assert not _warnings(r, "changes nothing")
+
+
+@pytest.mark.parametrize("dtype, dim", [(np.float32, 16), (np.float64, 7), (np.float16, 5)])
+def test_identical_rows_across_slides_counts_as_a_sort_of_the_rows_does(dtype, dim):
+    """The count now hashes rows and compares only repeated hashes (a byte sort of the whole matrix held ~6
+    copies of it); it must equal the plain count: rows equal to a row of another slide, -0.0 apart from 0.0."""
+    from tub_pathorob.robustness_index import identical_rows_across_slides, row_hashes
+
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((3000, dim)).astype(dtype)
+    slide = rng.integers(0, 40, len(X)).astype(str)
+    X[100:110] = X[5]  # a blank tile on many slides
+    X[200] = X[201]
+    slide[201] = slide[200]  # repeated within one slide only: not counted
+    X[300, 0], X[301] = 0.0, X[300]
+    X[301, 0] = -0.0  # equal as numbers, not as bits
+    plain = {}
+    for r, s in zip(X, slide):
+        plain.setdefault(r.tobytes(), set()).add(s)
+    want = sum(len(plain[r.tobytes()]) > 1 for r in X)
+    assert identical_rows_across_slides(X, slide) == want == 11
+    h = row_hashes(X, block=7)
+    assert h[100] == h[5] and len(np.unique(h)) == len(plain)

@@ -63,20 +63,44 @@ def _log():
 
 def identical_rows_across_slides(Xn: np.ndarray, slide: np.ndarray) -> int:
     """How many rows of ``Xn`` are bit-identical to a row of another slide (duplicate tiles, blank background,
-    float16 exports): their distances tie, so the row order decides which of them is the nearer neighbour."""
-    Xn = np.ascontiguousarray(Xn)
+    float16 exports): their distances tie, so the row order decides which of them is the nearer neighbour.
+
+    Rows are hashed first and compared bit for bit only where hashes repeat: a sort of the whole matrix
+    as byte strings held several copies of it (1.3 GB for a 196 MB feature matrix)."""
     if len(Xn) < 2:
         return 0
-    rows = Xn.view(np.dtype((np.void, Xn.dtype.itemsize * Xn.shape[1]))).ravel()
+    hashes = row_hashes(Xn)
+    _, inverse, count = np.unique(hashes, return_inverse=True, return_counts=True)
+    candidates = np.flatnonzero(count[inverse.ravel()] > 1)
+    if len(candidates) == 0:
+        return 0
+    Xc = np.ascontiguousarray(Xn[candidates])
+    rows = Xc.view(np.dtype((np.void, Xc.dtype.itemsize * Xc.shape[1]))).ravel()
     _, inverse, count = np.unique(rows, return_inverse=True, return_counts=True)
     inverse = inverse.ravel()
     dup = np.flatnonzero(count[inverse] > 1)
     if len(dup) == 0:
         return 0
+    slide = np.asarray(slide)[candidates]
     _, slide_codes = np.unique(np.asarray(slide).astype(str), return_inverse=True)
     pairs = np.unique(np.stack([inverse[dup], slide_codes.ravel()[dup]], axis=1), axis=0)  # (row value, slide)
     slides_per_value = np.bincount(pairs[:, 0], minlength=len(count))
     return int(np.count_nonzero(slides_per_value[inverse[dup]] > 1))
+
+
+def row_hashes(X: np.ndarray, block: int = 1024) -> np.ndarray:
+    """A 64-bit hash of each row's bytes (a random linear form modulo 2^64 over its 32- or 8-bit words),
+    in blocks of rows: equal rows get equal hashes, unequal ones collide with probability ~2^-64."""
+    X = np.asarray(X)
+    width = X.dtype.itemsize * X.shape[1]
+    word = np.uint32 if width % 4 == 0 else np.uint8
+    multipliers = np.random.default_rng(0).integers(1, 2 ** 63, width // np.dtype(word).itemsize,
+                                                    dtype=np.uint64) * 2 + 1
+    out = np.empty(len(X), dtype=np.uint64)
+    for s in range(0, len(X), block):
+        words = np.ascontiguousarray(X[s:s + block]).view(np.uint8).view(word).reshape(-1, len(multipliers))
+        out[s:s + block] = (words.astype(np.uint64) * multipliers).sum(axis=1, dtype=np.uint64)
+    return out
 
 
 def duplicate_tiles(meta: Metadata) -> tuple[int, tuple[str, str], list[str]]:
@@ -103,11 +127,17 @@ def single_center_classes(meta: Metadata) -> dict[str, str]:
     return out
 
 
-def l2_normalize(X: np.ndarray) -> np.ndarray:
-    """Row-wise L2 normalisation (sklearn ``normalize``, as the reference's ``Normalizer``)."""
+def l2_normalize(X: np.ndarray, copy: bool = True) -> np.ndarray:
+    """Row-wise L2 normalisation (sklearn ``normalize``, as the reference's ``Normalizer``); ``copy=False``
+    normalises a float array of one's own in place."""
     from sklearn.preprocessing import normalize
 
-    return normalize(X, norm="l2")
+    return normalize(X, norm="l2", copy=copy)
+
+
+def _take(X: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``X[rows]``, without the copy when ``rows`` is every row in order (an unpaired evaluation set)."""
+    return X if len(rows) == len(X) and np.array_equal(rows, np.arange(len(X))) else X[rows]
 
 
 def _codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -351,7 +381,7 @@ def robustness_index(
                 f"evaluation set (subsets {', '.join(where)}; {repeats} repeated row(s) in all), so it would be "
                 "counted twice as a query and as a tied neighbour; pass --paired (ri, evaluate, explain) to evaluate "
                 "each subset on its own, or drop the duplicate rows")
-    Xn = l2_normalize(np.asarray(X)[rows_all])
+    Xn = l2_normalize(np.asarray(X)[rows_all], copy=False)  # the fancy index made a copy of our own
 
     if paired:
         names = np.unique(meta_s.subset)
@@ -365,7 +395,7 @@ def robustness_index(
     for name, rows in groups:
         sub = meta_s.take(rows)
         if warn:
-            identical += identical_rows_across_slides(Xn[rows], sub.slide_id)
+            identical += identical_rows_across_slides(_take(Xn, rows), sub.slide_id)
             lonely.update(single_center_classes(sub))
         if len(np.unique(sub.medical_center)) < 2 or len(np.unique(sub.biological_class)) < 2:
             raise TubError(f"subset {name!r} needs two classes and two centers; fix the paired metadata")
@@ -374,7 +404,7 @@ def robustness_index(
         ks = candidates[candidates <= len(rows)]
         if len(ks) == 0:
             raise TubError(f"subset {name!r} has {len(rows)} rows, fewer than k={candidates[0]}")
-        ns = neighbour_set(Xn[rows], sub, max(int(ks[-1]), min_neighbours))
+        ns = neighbour_set(_take(Xn, rows), sub, max(int(ks[-1]), min_neighbours))
         if not paired or len(candidates) == 1:  # (a k search of paired subsets keeps one grid for all)
             ks = ks[ks <= ns.m]
             if len(ks) == 0:
@@ -388,7 +418,7 @@ def robustness_index(
         sets.append((name, rows, ns))
         if auc:
             g = sub.case_id if case_groups else sub.slide_id
-            aucs.append(confounder_auc(Xn[rows], sub.medical_center, np.asarray(g, dtype=str)))
+            aucs.append(confounder_auc(_take(Xn, rows), sub.medical_center, np.asarray(g, dtype=str)))
 
     if identical:
         _log().warning(
