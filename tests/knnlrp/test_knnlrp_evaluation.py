@@ -73,12 +73,22 @@ def test_kde_fixed_point_and_no_side_effects():
 
     from tub_knnlrp.networks import squared_distances
 
-    d = squared_distances(kde.points_, kde.points_)
-    d = d[~np.eye(N, dtype=bool)].reshape(N, N - 1)
+    from scipy.special import logsumexp
+
+    full = squared_distances(kde.points_, kde.points_)
+    d = full[~np.eye(N, dtype=bool)].reshape(N, N - 1)
     w = softmax(-kde.scale_ * d, axis=1)
     s_next = 1 / (2 * (w * d).sum() / (N * D))
     assert s_next == pytest.approx(kde.scale_, rel=1e-3)
-    assert kde._loo(d, kde.scale_, D) > kde._loo(d, 1 / d.mean(), D)
+
+    def loo(s):
+        return np.sum(logsumexp(-s * d, axis=1) - np.log(N - 1) + 0.5 * D * np.log(s / np.pi))
+
+    assert loo(kde.scale_) > loo(1 / d.mean())
+    # the fit's blockwise pass (blocks of 7 rows here) equals the plain formulas on the (N, N-1) matrix
+    loss, sigma2 = kde._loo_and_variance(full, kde.scale_, D, cells=7 * N)
+    assert loss == pytest.approx(loo(kde.scale_), rel=1e-12)
+    assert 1 / (2 * sigma2) == pytest.approx(s_next, rel=1e-12)
 
 
 def test_kde_conditional_samples_keep_kept_features():
