@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from tubcli.progress import duration, steps
+
 from tub_xmil.lrp import DEFAULT_OUTPUT_RELEVANCE, LRPParams, lrp_chain, output_relevance
 from tub_xmil.tasks import explained_output, prediction_score
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from tubcli.progress import steps
+
 from tub_xmil.tasks import prediction_score
 
 
@@ -79,12 +81,16 @@ def flip_curve(model, x: torch.Tensor, scores: np.ndarray, task: str = "classifi
     for k, keep in subsets.items():
         if k not in values:
             by_len.setdefault(len(keep), []).append(k)
-    for ks in by_len.values():
-        for s in range(0, len(ks), batch):
-            chunk = ks[s:s + batch]
-            bags = torch.stack([x[torch.as_tensor(subsets[k])] for k in chunk])
-            for k, v in zip(chunk, f(bags)):
-                values[k] = float(v)
+    todo = sum(len(ks) for ks in by_len.values())
+    with steps(todo, f"patch flipping ({approach}, {'MoRF' if order == 'descending' else 'LeRF'}), {todo} bags "
+                     f"of up to {n} patches") as advance:
+        for ks in by_len.values():
+            for s in range(0, len(ks), batch):
+                chunk = ks[s:s + batch]
+                bags = torch.stack([x[torch.as_tensor(subsets[k])] for k in chunk])
+                for k, v in zip(chunk, f(bags)):
+                    values[k] = float(v)
+                advance(len(chunk))
     return np.asarray(curve + [values[k] for k in consumed], float)
 
 
