@@ -216,30 +216,35 @@ def demo_command(
     from tubcli.progress import log_file_only
 
     terminating(reset=True)
-    signal.signal(signal.SIGTERM, on_sigterm)  # a batch job's time limit: one line and the run marked stopped
-    for plugin_app in apps:
-        start = time.perf_counter()
-        row = {"plugin": plugin_app.name, "status": "ok", "seconds": 0.0, "figures": {}, "dir": str(root / plugin_app.name)}
-        run = None
-        try:
-            run = Run(plugin_app.name, "demo", cfg, out=root / plugin_app.name,
-                      plugin_version=plugin_app.version)
-            figures = resolve_ref(plugin_app.demo, plugin_app.hints)(run) or {}
-            run.finish(figures)
-            row["figures"] = figures
-        except KeyboardInterrupt as exc:
-            stopped = isinstance(exc, Terminated) or terminating()
-            if run is not None:
-                log_file_only(run.log, "stopped: " + ("terminated (SIGTERM)" if stopped else "interrupted (SIGINT)"))
-                run.undo_if_unused()
-            typer.echo(f"error: {'terminated (SIGTERM)' if stopped else 'interrupted'} during the {plugin_app.name} "
-                       f"demo; rerun tub demo (with -o {root} it starts each demo again there)", err=True)
-            raise typer.Exit(143 if stopped else 130) from None
-        except Exception as exc:  # one failing demo must not hide the others
-            report_error(exc, traceback)
-            row["status"] = f"failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-        row["seconds"] = round(time.perf_counter() - start, 1)
-        summary.append(row)
+    previous = signal.signal(signal.SIGTERM, on_sigterm)  # a batch job's time limit: one line, the run marked stopped
+    try:
+        for plugin_app in apps:
+            start = time.perf_counter()
+            row = {"plugin": plugin_app.name, "status": "ok", "seconds": 0.0, "figures": {},
+                   "dir": str(root / plugin_app.name)}
+            run = None
+            try:
+                run = Run(plugin_app.name, "demo", cfg, out=root / plugin_app.name,
+                          plugin_version=plugin_app.version)
+                figures = resolve_ref(plugin_app.demo, plugin_app.hints)(run) or {}
+                run.finish(figures)
+                row["figures"] = figures
+            except KeyboardInterrupt as exc:
+                stopped = isinstance(exc, Terminated) or terminating()
+                if run is not None:
+                    log_file_only(run.log, "stopped: " + ("terminated (SIGTERM)" if stopped else
+                                                          "interrupted (SIGINT)"))
+                    run.undo_if_unused()
+                typer.echo(f"error: {'terminated (SIGTERM)' if stopped else 'interrupted'} during the {plugin_app.name} "
+                           f"demo; rerun tub demo (with -o {root} it starts each demo again there)", err=True)
+                raise typer.Exit(143 if stopped else 130) from None
+            except Exception as exc:  # one failing demo must not hide the others
+                report_error(exc, traceback)
+                row["status"] = f"failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            row["seconds"] = round(time.perf_counter() - start, 1)
+            summary.append(row)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if as_json:
         from tubcli.io import to_json
 
