@@ -3,7 +3,9 @@
 PIL's RGB conversion saturates 16-bit, 32-bit and float greyscale to white, so those go through
 :func:`to_uint8` instead. Transparent pixels are composited on white, as a slide's area outside its
 scan is read (OpenSlide's transparent RGBA), so a tile cut from a slide and saved as RGBA PNG embeds
-like the slide region. EXIF orientation is not applied (torchvision's loaders do not either).
+like the slide region. EXIF orientation is not applied (torchvision's loaders do not either), except in
+TIFF, whose loader in PIL applies its orientation tag itself; ICC colour profiles are not applied either
+(the stored values are read as sRGB, as torchvision and the foundation models' training data do).
 The checks both whole-slide tilers (xmil and atlas) make of a slide live here too.
 """
 
@@ -90,10 +92,15 @@ def to_uint8(arr: np.ndarray, src) -> np.ndarray:
                    "store uint8, uint16 or float (0..1)")
 
 
-def read_rgb(path: Path) -> np.ndarray:
+EXIF_ORIENTATION = 0x0112
+
+
+def read_rgb(path: Path, rotated: list | None = None) -> np.ndarray:
     """(H, W, 3) uint8 RGB. 8-bit modes go through PIL's RGB conversion (which reads 16-bit RGB PNG/TIFF
     by their high byte, within one grey level of v/257); greyscale modes I;16*, I and F through
-    :func:`to_uint8`."""
+    :func:`to_uint8`. ``rotated``, a list, gets ``(path, orientation)`` when the file carries an EXIF
+    orientation other than 1 (JPEG, PNG, WebP; read from the loaded image, so at no extra decode), for
+    the caller to warn that the stored pixels are used."""
     import warnings
 
     from PIL import Image
@@ -105,18 +112,34 @@ def read_rgb(path: Path) -> np.ndarray:
                 mode = im.mode
                 high = mode.startswith("I") or mode == "F"
                 arr = np.asarray(im) if high else np.asarray(_on_white(im))
+                orientation = im.getexif().get(EXIF_ORIENTATION, 1) if rotated is not None else 1
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise TubError(f"{path} has more pixels than PIL reads safely ({Image.MAX_IMAGE_PIXELS} at most); tiles are "
                        "expected here (whole slides go through the slide readers)") from None
     except Exception as exc:  # noqa: BLE001  (PIL raises many types for a damaged file)
-        raise TubError(f"cannot read image {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") \
-            from None
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if Path(path).suffix.lower() in (".tif", ".tiff") and "cannot identify" in why:
+            why += " (PIL reads no float or multi-sample RGB TIFF: save tiles as 8- or 16-bit RGB, or as an array)"
+        raise TubError(f"cannot read image {path}: {why}") from None
     if high:
         if arr.ndim != 2:
             raise TubError(f"{path}: {arr.ndim}-D pixel array of mode {mode}; store tiles as 8-bit or 16-bit "
                            "greyscale/RGB images")
         arr = np.repeat(to_uint8(arr, path)[..., None], 3, axis=-1)
+    if orientation not in (None, 1):
+        rotated.append((Path(path), int(orientation)))
     return arr
+
+
+def say_rotated(rotated: list, log) -> bool:
+    """A WARNING naming the first tile of ``rotated`` (see :func:`read_rgb`); True when said (callers say it
+    once per run)."""
+    if not rotated:
+        return False
+    log.warning("%s has EXIF orientation %d (not 1): tiles are read as their pixels are stored, not rotated "
+                "as a viewer shows them (as torchvision reads them); rotate the files if the viewer's "
+                "orientation is meant (said for the first such file of the run only)", *rotated[0])
+    return True
 
 
 def _on_white(im):
@@ -133,18 +156,32 @@ def _on_white(im):
 def image_files(root: Path) -> list[Path]:
     """Tile images anywhere below ``root``, sorted: flat folders and ImageFolder trees. Symlinked
     folders are followed (a tree of linked class folders, as torchvision's ImageFolder reads it), each
-    real folder once; hidden files and folders (``.ipynb_checkpoints/``, ``._x.png``) are left out."""
-    out, seen = [], set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    real folder once; hidden files and folders (``.ipynb_checkpoints/``, ``._x.png``) are left out, and
+    files of other kinds are named in an INFO line. A folder that cannot be read, or a link to one that
+    is gone, is an error: skipped, a whole class would be missing from a run that reports success."""
+    out, seen, other = [], set(), []
+
+    def unreadable(err: OSError) -> None:
+        raise TubError(f"{err.filename}: cannot read this folder ({err.strerror}), so its tiles would be left out; "
+                       f"make it readable or move it out of {root}")
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:  # a link back up the tree, or a second link to one folder
             dirnames[:] = []
             continue
         seen.add(real)
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        tiles = [Path(dirpath) / f for f in filenames
-                 if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
-        for tile in tiles:
-            refuse_broken_link(tile)
-        out += [tile for tile in tiles if tile.is_file()]
+        for f in filenames:
+            path = Path(dirpath) / f
+            suffix = path.suffix.lower()
+            if f.startswith("."):
+                continue
+            if suffix in IMAGE_EXTENSIONS or not suffix:  # a tile, or a folder link whose target is gone
+                refuse_broken_link(path)
+            if suffix in IMAGE_EXTENSIONS and path.is_file():
+                out.append(path)
+            elif path.is_file():
+                other.append(str(path.relative_to(root)))
+    say_left_out(root, sorted(other))
     return sorted(out)

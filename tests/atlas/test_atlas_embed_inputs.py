@@ -299,3 +299,76 @@ def test_options_of_the_probe_or_model_that_is_not_made_are_refused(tmp_path):
     assert "--method linear does not use --k" in line
     line = expect_one_line_error(invoke(["atlas", "make-data", tmp_path / "d", "--depth", "5", "-o", tmp_path / "m"]))
     assert "--depth sets the depth of the --checkpoint model" in line and not (tmp_path / "d").exists()
+
+
+def test_a_class_folder_that_cannot_be_read_or_is_a_broken_link_is_an_error(tmp_path, monkeypatch):
+    """An unreadable class folder (group permissions on a shared file system) or a link to one on a volume
+    the node lacks was skipped without a word: the run reported success with a class missing."""
+    import os
+
+    from tubcli.images import image_files
+
+    tree = tmp_path / "tiles"
+    tile_folder(tree / "tum", "s1")
+    tile_folder(tree / "norm", "s2")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if str(path).endswith("norm"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "scandir", scandir)
+        with pytest.raises(TubError, match=r"norm: cannot read this folder \(Permission denied\)"):
+            image_files(tree)
+    (tree / "gone").symlink_to(tmp_path / "scratch" / "gone")
+    with pytest.raises(TubError, match="gone is a broken link"):
+        image_files(tree)
+
+
+def test_an_image_at_the_top_of_class_folders_is_left_out_with_a_warning(tmp_path):
+    """One overview.png beside the class folders made the whole tree flat: every label empty, the overview
+    embedded as a tile. It is left out now, as torchvision's ImageFolder leaves it, with a warning; files of
+    other kinds in the tree are named in an INFO line."""
+    tree = tmp_path / "tiles"
+    tile_folder(tree / "tum", "s1")
+    tile_folder(tree / "norm", "s2")
+    Image.new("RGB", (64, 64), (255, 255, 255)).save(tree / "overview.png")
+    (tree / "tum" / "notes.gif").write_bytes(b"GIF89a")
+    r = atlas("embed", tree, *ENC, "-o", tmp_path / "run")
+    assert "1 image(s) at the top of a tree of class folders are left out (overview.png)" in r.stderr
+    assert "1 file(s) of other kinds left out (tum/notes.gif)" in r.stderr
+    import csv
+
+    rows = list(csv.DictReader(open(next((tmp_path / "run" / "outputs").rglob("manifest.csv")))))
+    assert sorted(row["label"] for row in rows) == ["norm", "norm", "tum", "tum"]
+
+
+def test_exif_orientation_of_png_is_warned_in_embed_and_stainnorm_and_tiff_is_rotated_by_pil(tmp_path):
+    """Only JPEGs were checked: a PNG or WebP with orientation 6 was embedded as stored without a word, and
+    stainnorm dropped the tag silently. PIL's TIFF loader rotates by the tag itself."""
+    from tubcli.images import read_rgb
+
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    Image.fromarray(pixels).save(folder / "s_0_0.png", exif=exif.tobytes())
+    Image.fromarray(pixels).save(tmp_path / "t.tif", exif=exif.tobytes())
+    assert read_rgb(tmp_path / "t.tif").shape == (40, 20, 3)
+    rotated = []
+    assert read_rgb(folder / "s_0_0.png", rotated).shape == (20, 40, 3) and rotated[0][1] == 6
+    r = atlas("embed", folder, *ENC, "-o", tmp_path / "run")
+    assert "s_0_0.png has EXIF orientation 6 (not 1)" in r.stderr
+    r = invoke(["pathorob", "stainnorm", str(folder), "-o", str(tmp_path / "sn")])
+    assert "s_0_0.png has EXIF orientation 6 (not 1)" in r.stderr, r.stderr
+
+
+def test_tiles_far_from_the_encoders_input_size_are_warned(tmp_path):
+    tile_folder(tmp_path / "thumbs", "s1", size=(8, 8))
+    r = atlas("embed", tmp_path / "thumbs", *ENC, "-o", tmp_path / "run")
+    assert "is 8x8 px, resized" in r.stderr
+    tile_folder(tmp_path / "tiles", "s1", size=(64, 64))
+    assert "resized" not in atlas("embed", tmp_path / "tiles", *ENC, "-o", tmp_path / "run2").stderr

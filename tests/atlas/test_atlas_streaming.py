@@ -89,9 +89,9 @@ def test_training_decodes_only_the_sampled_tiles(data, tmp_path, monkeypatch, ob
     decoded, reads = [], []
     real_image, real_read = tiles_mod.read_image, tiles_mod.TileSet.read_indices
 
-    def counting_image(p):
+    def counting_image(p, *rest):
         decoded.append(p)
-        return real_image(p)
+        return real_image(p, *rest)
 
     def counting_read(self, idx):
         reads.append(len(idx))

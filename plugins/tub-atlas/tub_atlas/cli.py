@@ -169,7 +169,7 @@ def embed(cfg: EmbedConfig, run) -> dict:
     if info["random_init"]:
         run.log.warning("embedding with a RANDOMLY INITIALISED %s (no weights given)", info["arch"])
     tables = SlideTables(run.dir, has_output=lambda name: out_for(name).exists())
-    resized_said = exif_said = False
+    resized_said = exif_said = scale_said = False
     for item, out in run.batch(names, output_for=lambda item: out_for(names[item])):
         with run.item(item):
             name, ts = names[item], load(item)
@@ -181,6 +181,7 @@ def embed(cfg: EmbedConfig, run) -> dict:
                 emb = embed_tileset(encoder, ts, cfg.batch_size, run.device, dtype)
             finally:  # also when the input fails for another reason
                 exif_said = exif_said or say_exif_rotated(ts, run.log)
+            scale_said = scale_said or _say_tiles_far_from_input(ts, info["transform"]["img_size"], run.log)
             tables.add(name, slide_embeddings(ts.rows, emb, cfg.slide_pool))
             # whole slides: how each was tiled (level, footprint, tissue tiles)
             run.record_item(out, {"tiles": len(ts), "slide": ts.extra.get("slide")})
@@ -239,6 +240,22 @@ def _refuse_slide_options(cfg, inputs: list[Path], why: str = "none of the input
     if idle:
         raise TubError(f"{', '.join('--' + f.replace('_', '-') for f in idle)} act on whole slides only and {why}; "
                        "drop them")
+
+
+def _say_tiles_far_from_input(ts, img_size: int, log) -> bool:
+    """Tiles more than 4x smaller or larger than the encoder's input (thumbnails, a wrong pyramid level or
+    magnification) are resized to it as the spec says, but are almost never meant. Said once per run."""
+    first = ts.extra.get("first_tile")
+    if first is None:
+        return False
+    path, shape = first
+    scale = img_size / min(shape[:2])
+    if 0.25 <= scale <= 4:
+        return False
+    log.warning("%s is %dx%d px, resized %.3gx to the encoder's %d px input; tiles at the magnification the "
+                "encoder was trained on are about that size (said for the first such input of the run only)",
+                path, shape[1], shape[0], scale, img_size)
+    return True
 
 
 def _say_slide_tiles_resized(tiler, img_size: int, log) -> bool:

@@ -16,7 +16,7 @@ import numpy as np
 
 from tubcli.errors import TubError
 from tubcli.images import IMAGE_EXTENSIONS as IMAGE_EXT, image_files
-from tubcli.images import read_rgb as read_image, to_uint8  # one tile rule, shared with pathorob
+from tubcli.images import read_rgb as read_image, say_rotated, to_uint8  # one tile rule, shared with pathorob
 from tubcli.io import plain_name_problem
 
 ARRAY_KEYS = ("tiles", "imgs", "images", "x")
@@ -94,11 +94,8 @@ class TileSet:
     def _stack(self, paths: list[Path]) -> np.ndarray:
         """Image files as one array; all tiles of an input must have the size of its first one, so a
         stray file of another size is named instead of failing inside ``np.stack``."""
-        images = [read_image(p) for p in paths]
-        if "exif_rotated" not in self.extra:  # until the first one is found: one header read per JPEG
-            self.extra.update(exif_rotated=first_exif_rotated(paths))
-            if self.extra["exif_rotated"] is None:
-                del self.extra["exif_rotated"]
+        rotated = self.extra.setdefault("exif_rotated", [])
+        images = [read_image(p, rotated if not rotated else None) for p in paths]  # the first one is enough
         first, shape = self.extra.setdefault("first_tile", (paths[0], images[0].shape))
         for p, im in zip(paths, images):
             if im.shape != shape:
@@ -107,39 +104,10 @@ class TileSet:
         return np.stack(images)
 
 
-JPEG_EXT = (".jpg", ".jpeg")
-EXIF_ORIENTATION = 0x0112
-
-
-def first_exif_rotated(paths: list[Path]) -> tuple[Path, int] | None:
-    """(path, orientation) of the first JPEG whose EXIF orientation tag is not 1 (a phone or viewer export
-    meant to be shown rotated or mirrored); None if none. Only the header is read. Tiles are embedded as
-    stored, as torchvision and ``tubcli.images.read_rgb`` read them, so the caller warns."""
-    from PIL import Image
-
-    for p in paths:
-        if Path(p).suffix.lower() not in JPEG_EXT:
-            continue
-        try:
-            with Image.open(p) as im:
-                orientation = im.getexif().get(EXIF_ORIENTATION, 1)
-        except Exception:  # noqa: BLE001 - the decoder names a broken file; this is only a hint
-            continue
-        if orientation not in (None, 1):
-            return Path(p), int(orientation)
-    return None
-
-
 def say_exif_rotated(ts: TileSet, log) -> bool:
-    """A WARNING naming the first JPEG of ``ts`` read so far with an EXIF orientation other than 1; True when
+    """A WARNING naming the first tile of ``ts`` read so far with an EXIF orientation other than 1; True when
     said (callers say it once per run)."""
-    found = ts.extra.get("exif_rotated")
-    if not found:
-        return False
-    log.warning("%s has EXIF orientation %d (not 1): tiles are read as their pixels are stored, not rotated "
-                "as a viewer shows them (as torchvision reads JPEGs); rotate the files if the viewer's "
-                "orientation is meant (said for the first such file of the run only)", *found)
-    return True
+    return say_rotated(ts.extra.get("exif_rotated", []), log)
 
 
 def _runs(idx: np.ndarray) -> list[tuple[int, int]]:
@@ -261,7 +229,16 @@ def read_folder(root: Path) -> TileSet:
     if not files:
         raise TubError(f"{root} contains no PNG/JPEG/TIFF tiles")
     top_level = [p for p in files if p.parent == root]
-    image_folder = not top_level
+    image_folder = len(top_level) < len(files)  # a tree of class folders, as torchvision's ImageFolder reads it
+    if top_level and image_folder:  # a stray overview.png at its top made every tile unlabelled
+        import logging
+
+        logging.getLogger("tub").warning(
+            "%s: %d image(s) at the top of a tree of class folders are left out (%s%s), as torchvision's "
+            "ImageFolder leaves them: the labels are the folders' names; move them into a class folder or out "
+            "of %s", root, len(top_level), ", ".join(p.name for p in top_level[:3]), ", ..." if len(top_level) > 3
+            else "", root)
+        files = [p for p in files if p.parent != root]
     rows = []
     for p in files:
         label = p.relative_to(root).parts[0] if image_folder else None
@@ -490,10 +467,15 @@ def center_file_stem(center: str, source: Path | str = "metadata") -> str:
     return stem
 
 
+# the image suffixes a folder of tiles is read with, in the order looked for (upper-case too: .PNG, .TIF)
+FIND_EXTENSIONS = tuple(e for ext in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+                        for e in (ext, ext.upper()))
+
+
 def _find_image(root: Path, r: dict) -> Path:
     s, p, c = r["slide_id"], r["patch_id"], r["medical_center"]
     for base in (root, root / "images"):
-        for ext in (".png", ".jpg", ".jpeg", ".tif"):
+        for ext in FIND_EXTENSIONS:
             for cand in (base / s / f"{p}{ext}", base / c / s / f"{p}{ext}", base / f"{s}-{p}{ext}",
                          base / f"{p}{ext}"):
                 if cand.is_file():

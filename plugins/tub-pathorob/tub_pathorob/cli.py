@@ -576,7 +576,7 @@ def stainnorm(cfg: StainConfig, run) -> dict:
 
     from PIL import Image
 
-    from tubcli.images import read_rgb
+    from tubcli.images import read_rgb, say_rotated
     from tubcli.io import atomic_path
 
     from .stain import NORMALIZERS
@@ -602,16 +602,17 @@ def stainnorm(cfg: StainConfig, run) -> dict:
             norm.fit(read_rgb(cfg.target))
         except TubError as exc:
             raise TubError(f"--target {cfg.target}: {exc}") from None
-    done = 0
+    done, rotated = 0, []
     for item, out in run.batch(outputs, output_for=outputs.get):
         with run.item(item):
             record = _tile_record(item, out, run.outputs_dir, cfg.method, target)
-            img = norm.transform(read_rgb(Path(item)))
+            img = norm.transform(read_rgb(Path(item), rotated if not rotated else None))
             with atomic_path(out) as tmp:
                 Image.fromarray(img).save(tmp, format="PNG")
                 _append_records(manifest, [record])  # before the tile is in place: a kill between leaves no tile
                 # without its record (which every rerun would refuse), only a record without a tile (redone)
             done += 1
+    say_rotated(rotated, run.log)  # the normalised PNGs keep the stored orientation, without the tag
     _compact_manifest(manifest)
     return {"method": cfg.method, "tiles": len(outputs), "written": done}
 
