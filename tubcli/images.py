@@ -177,8 +177,7 @@ def image_files(root: Path) -> list[Path]:
             suffix = path.suffix.lower()
             if f.startswith("."):
                 continue
-            if suffix in IMAGE_EXTENSIONS or not suffix:  # a tile, or a folder link whose target is gone
-                refuse_broken_link(path)
+            refuse_broken_link(path)  # a tile, or a class folder ('grade_2.5') on a volume this node lacks
             if suffix in IMAGE_EXTENSIONS and path.is_file():
                 out.append(path)
             elif path.is_file():

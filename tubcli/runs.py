@@ -73,6 +73,15 @@ MAX_OUTPUT_NAME = 255 - len("..lock.") - 9
 
 
 # --------------------------------------------------------------------------- locks
+def _zombie(pid: int) -> bool:
+    """Whether ``pid`` has exited and waits only to be reaped (Linux /proc; False where unknown)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2:].startswith("Z")
+
+
 class ItemLock:
     """An ``O_CREAT|O_EXCL`` lock file beside an output: two jobs never process one item.
 
@@ -215,7 +224,7 @@ class ItemLock:
             return True
         except PermissionError:
             return False
-        return False
+        return _zombie(pid)  # killed, but its parent (a script that never waits) has not reaped it yet
 
     def owner(self) -> str:
         """``host pid`` of the job holding the lock, as far as the file tells."""

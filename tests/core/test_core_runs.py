@@ -70,6 +70,26 @@ def test_a_lock_naming_this_process_that_it_did_not_take_is_stale(tmp_path):
     mine.release()
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_a_lock_of_a_killed_job_not_yet_reaped_is_stale(tmp_path):
+    """After kill -9 a rerun was refused while the dead job's parent had not reaped it (a zombie answers
+    os.kill(pid, 0)): forever under a script that never waits for its children."""
+    import socket
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 30
+    while time.time() < deadline and not Path(f"/proc/{child.pid}/stat").read_text().split(") ")[1].startswith("Z"):
+        time.sleep(0.05)  # exited, not waited for: a zombie
+    out = tmp_path / "a.h5"
+    Path(str(out) + ".lock").write_text(f"{socket.gethostname()} {child.pid}\n")
+    try:
+        lock = ItemLock(out)
+        assert lock.acquire()
+        lock.release()
+    finally:
+        child.wait()
+
+
 def test_a_lock_from_another_host_is_a_lease_taken_over_when_no_one_refreshes_it(tmp_path):
     """A job killed on another node (node failure, requeue elsewhere) left a lock that no rerun could prove
     stale: the item was skipped and the run ended without it, exit 0. Holders now refresh their locks, and

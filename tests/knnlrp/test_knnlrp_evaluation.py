@@ -297,3 +297,12 @@ def test_variance_prior_ties_after_a_standard_scaler_keep_the_column_order():
         assert (R == R[0, 0]).all()  # one tie: flipped in column order, the same for any row order
     R = baselines.variance_prior(X[:2], X)
     assert list(np.argsort(-R[0], kind="stable")) == [5, 1, 3, 4, 0, 2]
+
+
+def test_kde_on_rows_that_all_repeat_is_an_error_not_a_nan_bandwidth():
+    """Each row's nearest neighbour was itself: the LOO fixed point went to s = inf and NaN without a word."""
+    from tubcli.errors import TubError
+
+    X = np.repeat(np.random.default_rng(0).standard_normal((20, 3)), 10, axis=0)
+    with pytest.raises(TubError, match="bandwidth collapses to 0: 180 of its 200 training rows repeat"):
+        GaussianKDE().fit(X)

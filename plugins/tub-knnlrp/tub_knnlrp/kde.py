@@ -19,6 +19,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import logsumexp
 
+from tubcli.errors import TubError
+
 from tub_knnlrp.networks import squared_distances
 
 
@@ -40,9 +42,12 @@ class GaussianKDE:
         N, D = X.shape
         d = squared_distances(X, X)  # the one N x N matrix; the iterations work on blocks of its rows
         np.fill_diagonal(d, 0.0)
-        s = 1.0 / (d.sum() / (N * (N - 1)))
+        mean = d.sum() / (N * (N - 1))
+        self._refuse_collapse(X, mean)
+        s = 1.0 / mean
         loss, sigma2 = self._loo_and_variance(d, s, D)
         for it in range(self.max_iter):
+            self._refuse_collapse(X, sigma2)
             s = 1.0 / (2.0 * sigma2)
             old, (loss, sigma2) = loss, self._loo_and_variance(d, s, D)
             if abs(loss - old) <= self.tol:
@@ -51,6 +56,15 @@ class GaussianKDE:
         self.n_iter_ = it + 1
         self.loo_loglik_ = loss
         return self
+
+    @staticmethod
+    def _refuse_collapse(X, variance) -> None:
+        """Rows that repeat exactly pull the LOO bandwidth to 0 (each one's nearest neighbour is itself):
+        the fixed point would be NaN, and the in-painted samples copies."""
+        if not (np.isfinite(variance) and variance > 0):
+            repeats = len(X) - len(np.unique(X, axis=0))
+            raise TubError(f"the KDE's bandwidth collapses to 0: {repeats} of its {len(X)} training rows repeat "
+                           "another exactly; drop the duplicate rows or flip with --replacement mean")
 
     @staticmethod
     def _loo_and_variance(d, s, D, cells: int = 2 ** 23):
